@@ -1,0 +1,52 @@
+"""buzzdask: find bee buzzing in months of field audio with Dask.
+
+ffmpeg decode tasks on CPU workers, a TensorFlow scorer actor (YAMNet + a buzzdetect head) per
+GPU or CPU scoring worker, and a partitioned Parquet dataset with the run's metadata.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from buzzdask import config  # noqa: F401  (first: registers the defaults in dask.config)
+from buzzdask.decode import decode_file, probe_audio
+from buzzdask.errors import (
+    BuzzdaskError,
+    BuzzdaskWarning,
+    DecodeError,
+    InputError,
+    ModelError,
+    OutputConflictError,
+    ParameterError,
+    ScorerError,
+)
+from buzzdask.frames import FrameSpec
+from buzzdask.graph import AnalysisResult, analyze
+from buzzdask.models import ModelSpec, resolve_model
+from buzzdask.project import init_project
+
+try:
+    __version__ = version("buzzdask")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0+unknown"
+
+__all__ = [
+    # functions
+    "analyze",
+    "decode_file",
+    "init_project",
+    "probe_audio",
+    "resolve_model",
+    # classes
+    "AnalysisResult",
+    "FrameSpec",
+    "ModelSpec",
+    # exceptions and warnings
+    "BuzzdaskError",
+    "BuzzdaskWarning",
+    "DecodeError",
+    "InputError",
+    "ModelError",
+    "OutputConflictError",
+    "ParameterError",
+    "ScorerError",
+    "__version__",
+]

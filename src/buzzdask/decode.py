@@ -1,0 +1,354 @@
+"""Decoding audio with ffmpeg: probe, plan frame-aligned chunks, decode a chunk sample-exactly.
+
+The samples handed to the embedder are made exactly as buzzdetect's training pipeline made them:
+the **mean** of the channels, then **soxr** resampling to the embedder's rate, as float32. A plain
+``ffmpeg -ac 1 -ar 16000`` is not that (it mixes stereo to (L+R)/sqrt(2) and resamples otherwise).
+
+A chunk is decoded with margins on both sides (the decoder and the resampler need them to settle)
+starting at an instant that lies on both the input and the output sample grids, so its samples
+equal those of a whole-file decode: results do not depend on the chunking.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import ffmpeg
+import numpy as np
+
+from buzzdask.errors import DecodeError
+from buzzdask.frames import FrameSpec
+
+__all__ = [
+    "AudioInfo",
+    "ChunkPlan",
+    "DecodedChunk",
+    "decode_chunk",
+    "decode_file",
+    "plan_chunks",
+    "preprocess_filters",
+    "probe_audio",
+]
+
+_STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What ffprobe says of a file's first audio stream.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+    codec : str
+        ffmpeg's codec name (``"mp3"``, ``"pcm_s16le"``...).
+    sample_rate : int > 0 [Hz]
+    channels : int > 0
+    duration_s : float or None [s]
+        ffprobe's estimate (not trusted for frame counts: MP3 estimates are often off).
+    size_bytes : int
+    mtime_ns : int
+    """
+
+    path: str
+    codec: str
+    sample_rate: int
+    channels: int
+    duration_s: float | None
+    size_bytes: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One decode task: frames ``first_frame ... first_frame + n_frames - 1`` of a file.
+
+    ``n_frames=None`` marks the file's last chunk, which runs to the real end of the audio
+    (counted from decoded samples, not from the duration estimate).
+    """
+
+    index: int
+    first_frame: int
+    n_frames: int | None
+
+
+@dataclass
+class DecodedChunk:
+    """Decoded samples of one chunk, ready for the scorer.
+
+    Parameters
+    ----------
+    samples : np.ndarray [shape=(n_samples,), dtype=float32]
+        Mono audio at the embedder's rate from the chunk's first frame start on;
+        ``n_samples <= spec.span(n_frames)`` (shorter only at the end of the file, where the
+        embedder's context past the last frame is zero, as in a whole-file computation).
+    first_frame : int >= 0
+        Index of the first frame in the file.
+    n_frames : int >= 0
+        Complete frames in this chunk (a frame overrunning the end of the file is dropped).
+    messages : str
+        What ffmpeg reported while decoding (damaged frames), empty when clean.
+    """
+
+    samples: np.ndarray
+    first_frame: int
+    n_frames: int
+    messages: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of decoded audio held."""
+        return int(self.samples.nbytes)
+
+
+def probe_audio(path: str | os.PathLike[str], *, ffprobe: str = "ffprobe") -> AudioInfo:
+    """Read a file's audio stream parameters with ffprobe.
+
+    Parameters
+    ----------
+    path : str or path-like
+    ffprobe : str
+        The ffprobe executable.
+
+    Returns
+    -------
+    AudioInfo
+
+    Raises
+    ------
+    DecodeError
+        If the file is empty, unreadable, not audio, or has no audio stream.
+    """
+    path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise DecodeError(path, f"cannot read the file: {error.strerror}") from None
+    if not os.path.isfile(path):
+        raise DecodeError(path, "not a regular file")
+    if stat.st_size == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise DecodeError(path, "permission denied")
+    try:
+        probe = ffmpeg.probe(path, cmd=ffprobe, v="error")
+    except ffmpeg.Error as error:
+        raise DecodeError(path, "ffprobe cannot read it as audio", _tail(error.stderr)) from None
+    streams = [s for s in probe.get("streams", []) if s.get("codec_type") == "audio"]
+    if not streams:
+        raise DecodeError(path, "no audio stream")
+    stream = streams[0]
+    try:
+        sample_rate = int(stream["sample_rate"])
+        channels = int(stream["channels"])
+    except (KeyError, ValueError):
+        raise DecodeError(path, "audio stream without a sample rate or channel count") from None
+    if sample_rate <= 0 or channels <= 0:
+        raise DecodeError(path, f"invalid audio stream ({sample_rate} Hz, {channels} channels)")
+    duration = stream.get("duration") or probe.get("format", {}).get("duration")
+    try:
+        duration_s = float(duration) if duration not in (None, "N/A") else None
+    except ValueError:
+        duration_s = None
+    return AudioInfo(
+        path=path,
+        codec=str(stream.get("codec_name", "unknown")),
+        sample_rate=sample_rate,
+        channels=channels,
+        duration_s=duration_s,
+        size_bytes=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+    )
+
+
+def plan_chunks(info: AudioInfo, spec: FrameSpec, *, frames_per_chunk: int) -> list[ChunkPlan]:
+    """Cut a file into chunks of ``frames_per_chunk`` frames, the last one open-ended.
+
+    The plan depends only on the file's probed duration and the settings, so a rerun (resume)
+    plans the same chunks. Chunks past the real end come back with no frames.
+    """
+    estimated = None
+    if info.duration_s is not None:
+        estimated = spec.n_complete_frames(int(info.duration_s * spec.sample_rate))
+    if estimated is None or estimated <= frames_per_chunk:
+        return [ChunkPlan(index=0, first_frame=0, n_frames=None)]
+    n_chunks = math.ceil(estimated / frames_per_chunk)
+    return [
+        ChunkPlan(
+            index=i,
+            first_frame=i * frames_per_chunk,
+            n_frames=frames_per_chunk if i < n_chunks - 1 else None,
+        )
+        for i in range(n_chunks)
+    ]
+
+
+def preprocess_filters(channels: int, sample_rate: int) -> str:
+    """The ffmpeg ``-af`` chain that reproduces buzzdetect's preprocessing.
+
+    Float samples, the mean of the channels (``pan`` with weight ``1/channels`` each: ffmpeg's
+    own downmix weighs surround channels differently and mixes stereo to (L+R)/sqrt(2)), then
+    soxr resampling (a no-op when the input is already at ``sample_rate``).
+
+    Parameters
+    ----------
+    channels : int > 0
+        Channels of the input stream.
+    sample_rate : int > 0 [Hz]
+        The embedder's rate.
+
+    Returns
+    -------
+    str
+        E.g. ``"aformat=sample_fmts=flt,pan=mono|c0=0.5*c0+0.5*c1,aresample=osr=16000:resampler=soxr"``.
+    """
+    filters = ["aformat=sample_fmts=flt"]
+    if channels > 1:
+        weight = repr(1.0 / channels)
+        filters.append("pan=mono|c0=" + "+".join(f"{weight}*c{i}" for i in range(channels)))
+    filters.append(f"aresample=osr={sample_rate}:resampler=soxr")
+    return ",".join(filters)
+
+
+def decode_file(
+    path: str | os.PathLike[str],
+    *,
+    sample_rate: int,
+    ffmpeg_cmd: str = "ffmpeg",
+    ffprobe: str = "ffprobe",
+) -> np.ndarray:
+    """Decode a whole file to mono float32 at ``sample_rate`` with the model's preprocessing.
+
+    Returns
+    -------
+    np.ndarray [shape=(n_samples,), dtype=float32]
+    """
+    info = probe_audio(path, ffprobe=ffprobe)
+    samples, _ = _run_ffmpeg(info, sample_rate=sample_rate, ffmpeg_cmd=ffmpeg_cmd)
+    return samples
+
+
+def decode_chunk(
+    info: AudioInfo,
+    chunk: ChunkPlan,
+    *,
+    spec: FrameSpec,
+    margin_s: float = 0.5,
+    seekable_codecs: tuple[str, ...] = ("mp3", "flac", "pcm_*"),
+    ffmpeg_cmd: str = "ffmpeg",
+) -> DecodedChunk:
+    """Decode the samples one chunk's frames need, sample-exactly.
+
+    Parameters
+    ----------
+    info : AudioInfo
+        From :func:`probe_audio`.
+    chunk : ChunkPlan
+        Which frames.
+    spec : FrameSpec
+        Frame geometry at the embedder's rate.
+    margin_s : float >= 0 [s]
+        Audio decoded before and after the chunk and thrown away.
+    seekable_codecs : tuple of str
+        Codec name patterns whose input seeking is sample-exact; any other codec is decoded
+        from the start of the file and trimmed (exact, slower for late chunks).
+    ffmpeg_cmd : str
+        The ffmpeg executable.
+
+    Returns
+    -------
+    DecodedChunk
+
+    Raises
+    ------
+    DecodeError
+        If ffmpeg fails.
+    """
+    rate = spec.sample_rate
+    first_sample = chunk.first_frame * spec.hop_length
+    margin = int(round(margin_s * rate))
+    input_seek = any(fnmatch.fnmatchcase(info.codec, pattern) for pattern in seekable_codecs)
+    # Start on an instant that is a whole number of input samples, output samples and
+    # microseconds (ffmpeg's time unit), so the resampler's phase matches the whole-file decode.
+    grid = math.gcd(math.gcd(info.sample_rate, rate) if input_seek else rate, 10**6)
+    step = rate // grid
+    start = max(0, first_sample - margin) // step * step
+    stop = None if chunk.n_frames is None else first_sample + spec.span(chunk.n_frames)
+    decoded, messages = _run_ffmpeg(
+        info,
+        sample_rate=rate,
+        start=Fraction(start, rate),
+        duration=None if stop is None else Fraction(stop + margin - start, rate),
+        input_seek=input_seek,
+        ffmpeg_cmd=ffmpeg_cmd,
+    )
+    samples = decoded[first_sample - start : None if stop is None else stop - start]
+    if stop is not None and first_sample + len(samples) >= stop:
+        n_frames = chunk.n_frames or 0
+    else:
+        # The end of the file fell inside this chunk: count what was really decoded.
+        total = first_sample + len(samples)
+        n_frames = max(0, spec.n_complete_frames(total) - chunk.first_frame)
+        if chunk.n_frames is not None:
+            n_frames = min(n_frames, chunk.n_frames)
+        samples = samples[: spec.span(n_frames)]
+    return DecodedChunk(
+        samples=np.ascontiguousarray(samples),
+        first_frame=chunk.first_frame,
+        n_frames=n_frames,
+        messages=messages,
+    )
+
+
+def _run_ffmpeg(
+    info: AudioInfo,
+    *,
+    sample_rate: int,
+    start: Fraction = Fraction(0),
+    duration: Fraction | None = None,
+    input_seek: bool = True,
+    ffmpeg_cmd: str = "ffmpeg",
+) -> tuple[np.ndarray, str]:
+    """Run ffmpeg with the preprocessing chain; return the samples and its messages."""
+    seek: dict[str, str] = {}
+    if start > 0:
+        seek["ss"] = _timestamp(start)
+    if duration is not None:
+        seek["t"] = _timestamp(duration, round_up=True)
+    output = (
+        ffmpeg.input(info.path, **(seek if input_seek else {}))
+        .output(
+            "pipe:",
+            map="0:a:0",
+            af=preprocess_filters(info.channels, sample_rate),
+            format="f32le",
+            acodec="pcm_f32le",
+            **({} if input_seek else seek),
+        )
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+    )
+    try:
+        stdout, stderr = output.run(cmd=ffmpeg_cmd, capture_stdout=True, capture_stderr=True)
+    except ffmpeg.Error as error:
+        raise DecodeError(info.path, "ffmpeg failed to decode", _tail(error.stderr)) from None
+    except OSError as error:
+        raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
+    return np.frombuffer(stdout, dtype="<f4").astype(np.float32, copy=False), _tail(stderr)
+
+
+def _timestamp(seconds: Fraction, *, round_up: bool = False) -> str:
+    """Seconds as ffmpeg's ``S.ffffff`` (it counts microseconds), exact or rounded up."""
+    micros = seconds * 10**6
+    whole = math.ceil(micros) if round_up else math.floor(micros)
+    return f"{whole // 10**6}.{whole % 10**6:06d}"
+
+
+def _tail(stderr: bytes | None) -> str:
+    text = (stderr or b"").decode("utf-8", errors="replace").strip()
+    return text[-_STDERR_TAIL:]

@@ -1,0 +1,73 @@
+"""Exception and warning types raised by buzzdask.
+
+Every error derives from :class:`BuzzdaskError` and from the builtin it refines, so
+``except ValueError`` keeps working for callers who do not know buzzdask.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BuzzdaskError",
+    "BuzzdaskWarning",
+    "DecodeError",
+    "InputError",
+    "ModelError",
+    "OutputConflictError",
+    "ParameterError",
+    "ScorerError",
+]
+
+
+class BuzzdaskError(Exception):
+    """Root of every buzzdask error."""
+
+
+class ParameterError(BuzzdaskError, ValueError):
+    """An option has a value buzzdask cannot use."""
+
+
+class InputError(BuzzdaskError, FileNotFoundError):
+    """An input path is missing or cannot be analysed as a whole (before any work starts)."""
+
+
+class ModelError(BuzzdaskError, ValueError):
+    """A model directory or embedder is unusable (missing files, mismatched dimensions)."""
+
+
+class OutputConflictError(BuzzdaskError, FileExistsError):
+    """The output already holds results and the user did not ask to resume or start anew."""
+
+
+class ScorerError(BuzzdaskError, RuntimeError):
+    """The scorer actor could not be created or kept alive."""
+
+
+class DecodeError(BuzzdaskError, RuntimeError):
+    """ffmpeg/ffprobe could not read an audio file.
+
+    Parameters
+    ----------
+    path : str
+        The file that failed.
+    reason : str
+        What went wrong, in words.
+    stderr : str, optional
+        The tail of ffmpeg's own message.
+    """
+
+    def __init__(self, path: str, reason: str, stderr: str = "") -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.stderr = stderr
+        message = f"{self.path}: {reason}"
+        if stderr:
+            message += f" (ffmpeg: {stderr})"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[DecodeError], tuple[str, str, str]]:
+        # Sent between Dask workers and the client: keep the fields, not just the message.
+        return (type(self), (self.path, self.reason, self.stderr))
+
+
+class BuzzdaskWarning(RuntimeWarning):
+    """Something worked but deserves the user's attention."""

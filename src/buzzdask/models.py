@@ -1,0 +1,284 @@
+"""Models: a buzzdetect model directory (config + head SavedModel) and its embedder.
+
+Resolving a model (:func:`resolve_model`) reads only files, so the client never imports
+TensorFlow; :func:`load_embedder` and :func:`load_head` run where scoring happens.
+The embedder is always loaded with ``tensorflow_hub.load``, whether its handle is a TF Hub URL
+or a local SavedModel directory: one loading path for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from buzzdask import config
+from buzzdask.errors import ModelError
+from buzzdask.frames import FrameSpec
+
+__all__ = [
+    "EmbedderSpec",
+    "ModelSpec",
+    "directory_sha256",
+    "load_embedder",
+    "load_head",
+    "resolve_embedder",
+    "resolve_model",
+]
+
+CONFIG_NAME = "config_model.json"
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """An embedder and the preprocessing its models were trained on.
+
+    Parameters
+    ----------
+    name : str
+        The name model configs use (``"yamnet_k2"``).
+    handle : str
+        ``tensorflow_hub.load`` handle: TF Hub URL or local SavedModel directory.
+    sample_rate : int [Hz]
+    frame_length_s : float [s]
+        One embedding's frame.
+    frame_context_s : float [s]
+        Audio read past a frame's end.
+    downmix : str
+        How channels become one (``"mean"``).
+    resampler : str
+        ffmpeg resampler (``"soxr"``).
+    sha256 : str or None
+        Content hash when the handle is a local directory.
+    """
+
+    name: str
+    handle: str
+    sample_rate: int
+    frame_length_s: float
+    frame_context_s: float
+    downmix: str
+    resampler: str
+    sha256: str | None = None
+
+    def frame_spec(self, frame_hop_s: float | None = None) -> FrameSpec:
+        """Frame geometry with hop ``frame_hop_s`` (default: one whole frame)."""
+        return FrameSpec.from_seconds(
+            sample_rate=self.sample_rate,
+            frame_length_s=self.frame_length_s,
+            frame_hop_s=self.frame_length_s if frame_hop_s is None else frame_hop_s,
+            context_s=self.frame_context_s,
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A buzzdetect model directory, resolved and hashed.
+
+    Parameters
+    ----------
+    name : str
+        Directory name (``"model_general_v3"``).
+    path : str
+        Absolute path of the directory holding ``config_model.json`` and the head SavedModel.
+    classes : tuple of str
+        Output classes in column order.
+    embedder : EmbedderSpec
+    digits_results : int or None
+        Decimals the lab rounds activations to in CSV (buzzdask stores raw float32).
+    sha256 : str
+        Content hash of the config and the SavedModel files.
+    """
+
+    name: str
+    path: str
+    classes: tuple[str, ...]
+    embedder: EmbedderSpec
+    digits_results: int | None
+    sha256: str
+
+    def as_metadata(self) -> dict[str, Any]:
+        """JSON-ready description for run metadata."""
+        return asdict(self)
+
+
+def directory_sha256(path: str | os.PathLike[str], *, names: Sequence[str] | None = None) -> str:
+    """SHA-256 over the relative paths and contents of the files under ``path``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A directory.
+    names : sequence of str, optional
+        Only these top-level entries (files or directories); default every file.
+    """
+    root = Path(path)
+    tops = [root / name for name in names] if names is not None else [root]
+    files: list[Path] = []
+    for top in tops:
+        if top.is_file():
+            files.append(top)
+        elif top.is_dir():
+            files.extend(p for p in top.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        digest.update(file.relative_to(root).as_posix().encode())
+        with file.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_embedder(name: str, *, handle: str | None = None) -> EmbedderSpec:
+    """Look up an embedder by name in ``buzzdask.embedders`` (``handle`` overrides its handle).
+
+    Raises
+    ------
+    ModelError
+        If the name is unknown or a local handle does not exist.
+    """
+    known = config.get("embedders")
+    if name not in known:
+        raise ModelError(
+            f"unknown embedder {name!r}; known: {sorted(known)} "
+            f"(add it under buzzdask.embedders in the dask config)"
+        )
+    settings = known[name]
+    handle = str(handle or settings["handle"])
+    sha256 = None
+    if "://" not in handle:
+        if not Path(handle).is_dir():
+            raise ModelError(f"embedder {name!r}: handle {handle!r} is not a directory or URL")
+        handle = str(Path(handle).resolve())
+        sha256 = directory_sha256(handle)
+    return EmbedderSpec(
+        name=name,
+        handle=handle,
+        sample_rate=int(settings["sample-rate"]),
+        frame_length_s=float(settings["frame-length-seconds"]),
+        frame_context_s=float(settings["frame-context-seconds"]),
+        downmix=str(settings["downmix"]),
+        resampler=str(settings["resampler"]),
+        sha256=sha256,
+    )
+
+
+def resolve_model(
+    model: str | os.PathLike[str],
+    *,
+    embedder: str | None = None,
+    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+) -> ModelSpec:
+    """Find a model directory by path or name and read its configuration.
+
+    Parameters
+    ----------
+    model : str or path-like
+        A directory, or a name looked up in ``search_dirs`` (``"general_v3"`` also finds
+        ``model_general_v3``).
+    embedder : str, optional
+        Embedder handle overriding the configured one (TF Hub URL or local directory).
+    search_dirs : sequence of path-like, optional
+        Where names are looked up; default ``buzzdask.model-dirs``.
+
+    Returns
+    -------
+    ModelSpec
+
+    Raises
+    ------
+    ModelError
+        If the directory is missing or is not a buzzdetect model.
+    """
+    path = _find_model_dir(
+        model, search_dirs if search_dirs is not None else config.get("model-dirs")
+    )
+    config_path = path / CONFIG_NAME
+    try:
+        settings = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} is not a buzzdetect model: no {CONFIG_NAME}") from None
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{config_path}: invalid JSON ({error})") from None
+    classes = settings.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ModelError(f"{config_path}: 'classes' must be a non-empty list of names")
+    if len(set(classes)) != len(classes):
+        raise ModelError(f"{config_path}: duplicate class names in {classes}")
+    if "embeddername" not in settings:
+        raise ModelError(f"{config_path}: no 'embeddername'")
+    if not (path / "saved_model.pb").is_file():
+        raise ModelError(f"{path} has no saved_model.pb: the head must be a TF SavedModel there")
+    digits = settings.get("digits_results")
+    return ModelSpec(
+        name=path.name,
+        path=str(path),
+        classes=tuple(classes),
+        embedder=resolve_embedder(str(settings["embeddername"]), handle=embedder),
+        digits_results=int(digits) if digits is not None else None,
+        sha256=directory_sha256(path, names=[CONFIG_NAME, "saved_model.pb", "variables"]),
+    )
+
+
+def _find_model_dir(model: str | os.PathLike[str], search_dirs: Sequence[Any]) -> Path:
+    direct = Path(model).expanduser()
+    if direct.is_dir():
+        return direct.resolve()
+    name = str(model)
+    candidates = [Path(d).expanduser() / n for d in search_dirs for n in (name, f"model_{name}")]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise ModelError(
+        f"model {name!r} not found: not a directory, nor in {[str(d) for d in search_dirs]} "
+        f"(set buzzdask.model-dirs or give the model's path)"
+    )
+
+
+def load_embedder(handle: str) -> Any:
+    """Load an embedder with ``tensorflow_hub.load`` (TF Hub URL or local directory)."""
+    import tensorflow_hub as hub
+
+    try:
+        return hub.load(handle)
+    except Exception as error:
+        raise ModelError(f"cannot load embedder {handle!r}: {error}") from error
+
+
+def load_head(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """Load a head SavedModel's ``serving_default`` signature.
+
+    Returns
+    -------
+    score : callable
+        ``score(embeddings [shape=(n, d), float32]) -> activations [shape=(n, n_classes)]``.
+    input_size : int
+        ``d``, the embedding size the head expects.
+    """
+    import tensorflow as tf
+
+    try:
+        signature = tf.saved_model.load(path).signatures["serving_default"]
+    except (OSError, KeyError, ValueError) as error:
+        raise ModelError(f"cannot load the head SavedModel in {path}: {error}") from error
+    inputs = signature.structured_input_signature[1]
+    outputs = signature.structured_outputs
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(
+            f"head in {path}: serving_default must take one input and give one output, "
+            f"has inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+        )
+    (input_name, input_spec), (output_name,) = next(iter(inputs.items())), list(outputs)
+    input_size = input_spec.shape[-1]
+
+    def score(embeddings: np.ndarray) -> np.ndarray:
+        result = signature(**{input_name: tf.constant(embeddings, dtype=tf.float32)})
+        return result[output_name].numpy()
+
+    return score, int(input_size) if input_size is not None else -1

@@ -1,0 +1,45 @@
+"""``buzzdask init``: the project directory layout the README documents."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["init_project"]
+
+LAYOUT = {
+    "audio_in": "Field recordings to analyse (any format ffmpeg reads). Subfolders are kept:\n"
+    "results mirror this tree. Run: buzzdask analyze audio_in --model models/<model> --output results/<run>\n",
+    "models": "Model directories in buzzdetect's format: config_model.json (classes, embeddername,\n"
+    "digits_results) and the head SavedModel (saved_model.pb, variables/).\n",
+    "results": "One directory per analysis: buzzdask.json (metadata), errors.parquet, journal.jsonl and\n"
+    "scores/ (the Parquet dataset: pandas.read_parquet('results/<run>/scores')).\n",
+    "logs": "Logs of batch jobs and Dask workers (point SLURM --output and worker logs here).\n",
+}
+
+
+def init_project(directory: str | os.PathLike[str]) -> list[Path]:
+    """Create ``audio_in/``, ``models/``, ``results/`` and ``logs/`` with a short README in each.
+
+    Existing files are never overwritten.
+
+    Parameters
+    ----------
+    directory : path-like
+        The project directory (created if missing).
+
+    Returns
+    -------
+    list of Path
+        The READMEs created (empty when everything existed).
+    """
+    root = Path(directory)
+    created = []
+    for name, text in LAYOUT.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        readme = folder / "README.md"
+        if not readme.exists():
+            readme.write_text(f"# {name}/\n\n{text}", encoding="utf-8")
+            created.append(readme)
+    return created

@@ -1,0 +1,219 @@
+"""The scorer actor: holds the embedder and the head once per scoring worker.
+
+Decoded chunks reach it through :func:`score_chunks`, a task pinned to the actor's worker, so
+Dask moves each array from the decoding worker straight to the scorer. The actor batches frames
+across chunks: frame runs are laid out on the embedder's own patch grid in one waveform,
+so one embedder call scores many chunks, and every frame still sees exactly the samples it would
+see in a whole-file computation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from buzzdask.decode import DecodedChunk
+from buzzdask.errors import ModelError
+from buzzdask.frames import FrameSpec
+from buzzdask.models import load_embedder, load_head
+
+__all__ = ["Scorer", "score_chunks"]
+
+
+@dataclass
+class _Run:
+    """Consecutive frames of one chunk placed in a batch waveform."""
+
+    chunk: int
+    first: int
+    n_frames: int
+    samples: np.ndarray
+
+
+class Scorer:
+    """Dask actor scoring decoded chunks with an embedder and a head.
+
+    Parameters
+    ----------
+    head_path : str
+        Directory of the head SavedModel (``serving_default``: embeddings -> activations).
+    embedder_handle : str
+        ``tensorflow_hub.load`` handle of the embedder (waveform -> scores, embeddings, ...).
+    spec : FrameSpec
+        Frame geometry; the hop may differ from the embedder's own patch hop.
+    n_classes : int > 0
+        Columns the head must give.
+    batch_frames : int > 0
+        Most embedder patches per call.
+    intra_op_threads, inter_op_threads : int, optional
+        TensorFlow thread pools (default: TensorFlow's choice).
+
+    Raises
+    ------
+    ModelError
+        If the embedder's output size does not match the head's input, or the head's output
+        does not match the class list.
+    """
+
+    def __init__(
+        self,
+        *,
+        head_path: str,
+        embedder_handle: str,
+        spec: FrameSpec,
+        n_classes: int,
+        batch_frames: int,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+    ) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        if intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        if inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        self._tf = tf
+        self.spec = spec
+        self.batch_frames = max(1, int(batch_frames))
+        self._embedder = load_embedder(embedder_handle)
+        self._head, head_input = load_head(head_path)
+
+        one = self._embed(np.zeros(spec.window, np.float32))
+        if one.shape[0] != 1:
+            raise ModelError(
+                f"embedder {embedder_handle!r} gives {one.shape[0]} frames for one "
+                f"{spec.window}-sample window; frame length or context is misconfigured"
+            )
+        self.embedding_size = int(one.shape[1])
+        if head_input not in (-1, self.embedding_size):
+            raise ModelError(
+                f"embedder {embedder_handle!r} gives {self.embedding_size}-d embeddings but the "
+                f"head in {head_path} expects {head_input}-d input"
+            )
+        out = self._head(one)
+        if out.shape[1] != n_classes:
+            raise ModelError(
+                f"head in {head_path} gives {out.shape[1]} outputs but its config lists "
+                f"{n_classes} classes"
+            )
+        # The embedder's own patch hop, measured: patches for a window plus two frames.
+        n_patches = self._embed(np.zeros(spec.window + 2 * spec.frame_length, np.float32)).shape[0]
+        self.native_hop = (2 * spec.frame_length) // max(1, n_patches - 1)
+        # Frames on the patch grid come from one contiguous call; others are scored one by one.
+        self._stride = (
+            spec.hop_length // self.native_hop if spec.hop_length % self.native_hop == 0 else None
+        )
+        self.n_classes = n_classes
+        self.frames_scored = 0
+        self.seconds_scoring = 0.0
+        self.calls = 0
+
+    def _embed(self, waveform: np.ndarray) -> np.ndarray:
+        outputs = self._embedder(self._tf.constant(waveform, dtype=self._tf.float32))
+        return outputs[1].numpy()
+
+    def score(self, chunks: list[DecodedChunk]) -> list[np.ndarray]:
+        """Score decoded chunks.
+
+        Parameters
+        ----------
+        chunks : list of DecodedChunk
+
+        Returns
+        -------
+        list of np.ndarray [shape=(chunk.n_frames, n_classes), dtype=float32]
+            Raw head activations, one array per chunk, in order.
+        """
+        started = time.perf_counter()
+        results: list[np.ndarray] = []
+        pieces: list[list[tuple[int, np.ndarray]]] = [[] for _ in chunks]
+        batch: list[_Run] = []
+        batch_patches = 0
+        for run in self._runs(chunks):
+            patches = self._padded_length(run.n_frames) // self.native_hop
+            if batch and batch_patches + patches > self.batch_frames:
+                self._score_batch(batch, pieces)
+                batch, batch_patches = [], 0
+            batch.append(run)
+            batch_patches += patches
+        if batch:
+            self._score_batch(batch, pieces)
+        for chunk_pieces in pieces:
+            ordered = [a for _, a in sorted(chunk_pieces, key=_first)]
+            results.append(
+                np.concatenate(ordered) if ordered else np.zeros((0, self.n_classes), np.float32)
+            )
+        self.frames_scored += sum(len(r) for r in results)
+        self.seconds_scoring += time.perf_counter() - started
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the actor started: frames, embedder calls, seconds spent scoring."""
+        return {
+            "frames_scored": self.frames_scored,
+            "embedder_calls": self.calls,
+            "seconds_scoring": self.seconds_scoring,
+            "native_hop": self.native_hop,
+            "pid": os.getpid(),
+        }
+
+    def _padded_length(self, n_frames: int) -> int:
+        span = self.spec.span(n_frames)
+        return -(-span // self.native_hop) * self.native_hop
+
+    def _runs(self, chunks: list[DecodedChunk]) -> list[_Run]:
+        spec = self.spec
+        if self._stride is None:
+            run_frames = 1
+        else:
+            # Largest run whose padded waveform fits one batch.
+            run_frames = max(
+                1, (self.batch_frames * self.native_hop - spec.window) // spec.hop_length
+            )
+        runs = []
+        for index, chunk in enumerate(chunks):
+            for first in range(0, chunk.n_frames, run_frames):
+                n_frames = min(run_frames, chunk.n_frames - first)
+                start = first * spec.hop_length
+                samples = chunk.samples[start : start + spec.span(n_frames)]
+                runs.append(_Run(index, first, n_frames, samples))
+        return runs
+
+    def _score_batch(self, batch: list[_Run], pieces: list[list[tuple[int, np.ndarray]]]) -> None:
+        lengths = [self._padded_length(run.n_frames) for run in batch]
+        waveform = np.zeros(sum(lengths), np.float32)
+        rows: list[np.ndarray] = []
+        offset = 0
+        stride = self._stride or 1
+        for run, length in zip(batch, lengths):
+            # Past the end of the file the embedder's context is zero, as in a whole-file call.
+            waveform[offset : offset + len(run.samples)] = run.samples
+            rows.append(offset // self.native_hop + stride * np.arange(run.n_frames))
+            offset += length
+        embeddings = self._embed(waveform)
+        activations = self._head(embeddings[np.concatenate(rows)]).astype(np.float32, copy=False)
+        self.calls += 1
+        position = 0
+        for run in batch:
+            pieces[run.chunk].append((run.first, activations[position : position + run.n_frames]))
+            position += run.n_frames
+
+
+def _first(piece: tuple[int, np.ndarray]) -> int:
+    return piece[0]
+
+
+def score_chunks(scorer: Any, *chunks: DecodedChunk) -> list[tuple[int, np.ndarray, str]]:
+    """Task run on the scorer's worker: hand the chunks Dask brought here to the actor.
+
+    Returns
+    -------
+    list of (first_frame, activations [shape=(n_frames, n_classes)], ffmpeg messages)
+    """
+    activations = scorer.score(list(chunks)).result()
+    return [(c.first_frame, a, c.messages) for c, a in zip(chunks, activations, strict=True)]

@@ -1,0 +1,234 @@
+"""Output: a partitioned Parquet dataset, its metadata, the errors table and the run journal.
+
+Layout under the output directory::
+
+    buzzdask.json             run metadata (model, hash, frames, versions, times, summary)
+    errors.parquet            one row per problem: file, chunk, stage, reason, detail
+    journal.jsonl             one line per finished chunk (what resume skips)
+    scores/<file>/chunk-NNNNNN.parquet   one partition per chunk, mirroring the input tree
+
+Partitions are written under a hidden temporary name and renamed into place, so a reader
+never sees half a file and a crash leaves nothing that resume would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from buzzdask.errors import OutputConflictError, ParameterError
+from buzzdask.frames import FrameSpec
+
+__all__ = [
+    "ERROR_COLUMNS",
+    "OnConflict",
+    "OutputLayout",
+    "frames_table",
+    "prepare_output",
+    "write_errors",
+    "write_json",
+]
+
+OnConflict = Literal["error", "resume", "new"]
+ERROR_COLUMNS = ["file", "chunk", "stage", "reason", "detail"]
+
+
+class OutputLayout:
+    """Paths inside one analysis output directory.
+
+    Parameters
+    ----------
+    root : path-like
+        The output directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.scores = self.root / "scores"
+        self.metadata = self.root / "buzzdask.json"
+        self.errors = self.root / "errors.parquet"
+        self.journal = self.root / "journal.jsonl"
+
+    def partition(self, relative: str, chunk_index: int) -> Path:
+        """Where chunk ``chunk_index`` of input ``relative`` is written (inside ``scores/``)."""
+        parts = PurePosixPath(relative).parts
+        if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
+            raise ParameterError(f"unsafe input name {relative!r}: would write outside the output")
+        path = self.scores.joinpath(*parts) / f"chunk-{chunk_index:06d}.parquet"
+        if not path.resolve().is_relative_to(self.scores.resolve()):
+            raise ParameterError(f"input name {relative!r} resolves outside {self.scores}")
+        return path
+
+    def read_journal(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """Finished chunks recorded by earlier runs, keyed by (file, chunk index)."""
+        done: dict[tuple[str, int], dict[str, Any]] = {}
+        if self.journal.exists():
+            for line in self.journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: that chunk is simply redone
+                done[(entry["file"], int(entry["chunk"]))] = entry
+        return done
+
+    def append_journal(self, entry: Mapping[str, Any]) -> None:
+        """Record one finished chunk (after its partition is in place)."""
+        with self.journal.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(entry, sort_keys=True) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+
+
+def prepare_output(
+    output: str | os.PathLike[str], *, on_conflict: OnConflict, fingerprint: Mapping[str, Any]
+) -> OutputLayout:
+    """Check the output before any work starts; return where this run writes.
+
+    Parameters
+    ----------
+    output : path-like
+        Requested output directory.
+    on_conflict : {"error", "resume", "new"}
+        What to do when it already holds results: refuse, continue that run (its settings must
+        match ``fingerprint``), or write to a new sibling directory named with the time.
+    fingerprint : mapping
+        The settings that change results.
+
+    Raises
+    ------
+    OutputConflictError
+        If the output holds results and ``on_conflict="error"``, or holds something that is not a
+        buzzdask output, or a resume's settings differ (the message names each difference).
+    """
+    if on_conflict not in ("error", "resume", "new"):
+        raise ParameterError(
+            f"on_conflict={on_conflict!r} is not one of ('error', 'resume', 'new')"
+        )
+    layout = OutputLayout(output)
+    if layout.root.exists() and not layout.root.is_dir():
+        raise OutputConflictError(f"output {layout.root} exists and is not a directory")
+    holds_anything = layout.root.is_dir() and any(layout.root.iterdir())
+    if not holds_anything:
+        return layout
+    if on_conflict == "new":
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        candidate = layout.root.with_name(f"{layout.root.name}-{stamp}")
+        counter = 1
+        while candidate.exists():
+            candidate = layout.root.with_name(f"{layout.root.name}-{stamp}-{counter}")
+            counter += 1
+        return OutputLayout(candidate)
+    if not layout.metadata.exists():
+        raise OutputConflictError(
+            f"output {layout.root} is not empty and holds no buzzdask results; "
+            "choose an empty or new directory"
+        )
+    if on_conflict == "error":
+        raise OutputConflictError(
+            f"output {layout.root} already holds results; pass on_conflict='resume' "
+            "(CLI --resume) to finish that run, on_conflict='new' (CLI --new) to write to a "
+            "new timestamped directory, or choose another output"
+        )
+    previous = json.loads(layout.metadata.read_text(encoding="utf-8")).get("fingerprint", {})
+    differing = [
+        f"{key}: {previous.get(key)!r} before, {value!r} now"
+        for key, value in fingerprint.items()
+        if previous.get(key) != value
+    ]
+    if differing:
+        raise OutputConflictError(
+            f"cannot resume into {layout.root}: settings differ ({'; '.join(differing)}); "
+            "use the earlier settings or a new output"
+        )
+    return layout
+
+
+def frames_table(
+    relative: str,
+    first_frame: int,
+    activations: np.ndarray,
+    *,
+    spec: FrameSpec,
+    classes: Sequence[str],
+    thresholds: Mapping[str, float],
+    metadata: Mapping[str, Any],
+) -> pa.Table:
+    """One chunk's rows.
+
+    Parameters
+    ----------
+    relative : str
+        The input's relative name (``file`` column).
+    first_frame : int >= 0
+        Index of the chunk's first frame in the file.
+    activations : np.ndarray [shape=(n_frames, n_classes), dtype=float32]
+        Raw head outputs.
+    spec : FrameSpec
+        ``start[i] = (first_frame + i) * hop_length / sample_rate``,
+        ``end[i] = start[i] + frame_length / sample_rate`` (seconds).
+    classes : sequence of str
+    thresholds : mapping of class -> float
+        ``detection_<class> = activation_<class> >= threshold``.
+    metadata : mapping
+        Run metadata stored in the Parquet schema under ``b"buzzdask"``.
+    """
+    n_frames = len(activations)
+    index = first_frame + np.arange(n_frames, dtype=np.int64)
+    start = index * spec.hop_length / spec.sample_rate
+    columns: dict[str, pa.Array] = {
+        "file": pa.array([relative] * n_frames, pa.string()),
+        "start": pa.array(start, pa.float64()),
+        "end": pa.array(start + spec.frame_length / spec.sample_rate, pa.float64()),
+    }
+    activations = np.asarray(activations, dtype=np.float32).reshape(n_frames, len(classes))
+    for column, name in enumerate(classes):
+        columns[f"activation_{name}"] = pa.array(activations[:, column], pa.float32())
+    for name, threshold in thresholds.items():
+        columns[f"detection_{name}"] = pa.array(
+            activations[:, list(classes).index(name)] >= threshold, pa.bool_()
+        )
+    table = pa.table(columns)
+    return table.replace_schema_metadata({b"buzzdask": json.dumps(metadata, sort_keys=True)})
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file atomically: hidden temporary name, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_errors(path: Path, errors: Sequence[Mapping[str, Any]]) -> None:
+    """Write the errors table (always, empty when nothing failed)."""
+    frame = pd.DataFrame(list(errors), columns=ERROR_COLUMNS).astype(
+        {"file": "string", "stage": "string", "reason": "string", "detail": "string"}
+    )
+    frame["chunk"] = frame["chunk"].astype("Int64")
+    write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+
+
+def write_json(path: Path, document: Mapping[str, Any]) -> None:
+    """Write JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
