@@ -83,14 +83,15 @@ class AnalysisResult:
 
     def to_pandas(self) -> pd.DataFrame:
         """All frames, sorted by file and start."""
-        frame = pd.read_parquet(self.dataset)
+        # No hive partitioning: an input folder named "site=A" is a name, not a column.
+        frame = pd.read_parquet(self.dataset, partitioning=None)
         return frame.sort_values(["file", "start"], ignore_index=True)
 
     def to_dask(self) -> Any:
         """All frames as a dask DataFrame (one partition per chunk file)."""
         import dask.dataframe as dd
 
-        return dd.read_parquet(self.dataset)
+        return dd.read_parquet(self.dataset, dataset={"partitioning": None})
 
 
 @dataclass
@@ -317,6 +318,7 @@ class _Run:
         self.files: dict[str, _FileState] = {}
         self.errors: list[dict[str, Any]] = []
         self.scorers: list[tuple[str, Any]] = []
+        self._actor_futures: list[Future] = []
         self.tensorflow_version = "unknown"
         self.frames_written = 0
         self.chunks_written = 0
@@ -363,7 +365,9 @@ class _Run:
             ).__module__.startswith("buzzdask"):
                 raise
             raise ScorerError(f"could not start the scorer: {error}") from error
-        self.scorers = list(zip(hosts, actors))
+        # Hold the actor futures: once released, Dask forgets the actors and their tasks fail.
+        self._actor_futures = futures
+        self.scorers = list(zip(hosts, actors, strict=True))
         self.tensorflow_version = str(
             self.client.run(_tensorflow_version, workers=hosts[:1]).popitem()[1]
         )

@@ -1,0 +1,219 @@
+"""End to end on real parts: ffmpeg, a LocalCluster of worker processes, tiny real SavedModels."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import buzzdask
+from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
+from tests.conftest import CLASSES, requires_ffmpeg
+from tests.reference import reference_activations
+
+pytestmark = requires_ffmpeg
+FRAME = 15360  # samples in one 0.96 s frame at 16 kHz
+
+
+@pytest.fixture
+def run(dask_client, tiny_embedder, tiny_model, tmp_path):
+    """analyze() on the session's cluster with the tiny models."""
+
+    def run_analyze(paths, *, output=None, embedder=None, model=None, **options):
+        options.setdefault("progress", False)
+        return buzzdask.analyze(
+            paths,
+            model or tiny_model,
+            output=output or tmp_path / "results",
+            client=dask_client,
+            embedder=str(embedder or tiny_embedder),
+            **options,
+        )
+
+    return run_analyze
+
+
+def activations(frame: pd.DataFrame) -> np.ndarray:
+    return frame[[f"activation_{c}" for c in CLASSES]].to_numpy()
+
+
+AWKWARD = {
+    "one_frame.wav": FRAME,
+    "one_short_of_two.wav": 2 * FRAME - 1,
+    "several_chunks_plus_partial.wav": 11 * FRAME + 5000,
+    "context_cut.wav": 3 * FRAME + 100,  # last frame complete, its 15 ms context past the end
+}
+
+
+@pytest.mark.parametrize(
+    ("frame_hop_s", "chunk_seconds", "embedder_fixture"),
+    [
+        (0.96, 2.0, "tiny_embedder"),
+        (0.96, 3.5, "tiny_embedder"),  # not a multiple of the hop
+        (0.96, 600, "tiny_embedder"),
+        (0.96, 2.0, "tiny_embedder_halfhop"),  # TF Hub's 0.48 s patch hop, scored every 2nd patch
+        (0.48, 1.5, "tiny_embedder_halfhop"),
+        (0.5, 2.0, "tiny_embedder"),  # hop off the embedder's patch grid: frames scored alone
+    ],
+)
+def test_equals_whole_file_reference(
+    run, make_audio, tiny_model, request, tmp_path, frame_hop_s, chunk_seconds, embedder_fixture
+):
+    embedder = request.getfixturevalue(embedder_fixture)
+    for seed, (name, n_samples) in enumerate(AWKWARD.items()):
+        make_audio(name, n_samples=n_samples, seed=seed)
+    result = run(
+        tmp_path / "audio",
+        embedder=embedder,
+        frame_hop_s=frame_hop_s,
+        chunk_seconds=chunk_seconds,
+        batch_frames=5,
+    )
+    assert result.ok, result.errors
+    frame = result.to_pandas()
+    for name, n_samples in AWKWARD.items():
+        starts, expected = reference_activations(
+            tmp_path / "audio" / name, embedder=embedder, model=tiny_model, frame_hop_s=frame_hop_s
+        )
+        rows = frame[frame.file == name]
+        assert len(rows) == len(starts) > 0, name
+        np.testing.assert_array_equal(rows.start.to_numpy(), starts)
+        np.testing.assert_allclose(rows.end - rows.start, 0.96)
+        np.testing.assert_allclose(activations(rows), expected, atol=1e-5, rtol=0)
+
+
+def test_output_reads_back_everywhere(run, make_audio, tmp_path):
+    make_audio("site1/a.wav", n_samples=5 * FRAME)
+    make_audio("site2/deep/b.flac", n_samples=4 * 44100 + 9, rate=44100, channels=2)
+    result = run(tmp_path / "audio", thresholds={"ins_buzz": 0.0}, chunk_seconds=2.0)
+    pandas_frame = result.to_pandas()
+    assert sorted(pandas_frame.file.unique()) == ["site1/a.wav", "site2/deep/b.flac"]
+    assert (result.dataset / "site1" / "a.wav" / "chunk-000000.parquet").is_file()
+    dask_frame = dd.read_parquet(result.dataset).compute()
+    assert len(dask_frame) == len(pandas_frame) == 5 + 4
+    assert len(pd.read_parquet(result.dataset)) == len(pandas_frame)
+    assert pandas_frame["activation_ins_buzz"].dtype == np.float32
+    assert (pandas_frame["detection_ins_buzz"] == (pandas_frame["activation_ins_buzz"] >= 0)).all()
+
+    metadata = json.loads((result.output / "buzzdask.json").read_text())
+    assert metadata["status"] == "complete"
+    assert metadata["classes"] == CLASSES
+    assert metadata["frame_length_s"] == metadata["frame_hop_s"] == 0.96
+    assert metadata["sample_rate"] == 16000
+    assert len(metadata["model"]["sha256"]) == 64
+    assert {"buzzdask", "dask", "tensorflow"} <= set(metadata["versions"])
+    assert metadata["started"] <= metadata["finished"]
+    schema_metadata = pq.read_schema(next(result.dataset.rglob("*.parquet"))).metadata
+    assert json.loads(schema_metadata[b"buzzdask"])["model"]["sha256"] == metadata["model"]["sha256"]
+    assert result.summary["files_done"] == 2
+    assert result.summary["realtime_factor"] > 0
+    assert all(v["worker"] > 0 for v in result.summary["peak_rss_bytes"].values())
+
+
+def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
+    audio = tmp_path / "audio"
+    make_audio("good.wav", n_samples=4 * FRAME)
+    make_audio("good.mp3", n_samples=4 * 44100, rate=44100, channels=2)
+    make_audio("too_short.wav", n_samples=FRAME - 1)
+    (audio / "empty.mp3").write_bytes(b"")
+    (audio / "not_audio.mp3").write_text("a text file with an audio extension\n" * 50)
+    good = (audio / "good.mp3").read_bytes()
+    (audio / "truncated_header.mp3").write_bytes(b"\x00" * 64 + good[len(good) // 2 :][:200])
+    os.symlink(audio / "missing.wav", audio / "broken_link.wav")
+    (audio / "folder.mp3").mkdir()
+
+    result = run(audio)
+
+    errors = result.errors.set_index("file")
+    assert set(errors.index) == {
+        "too_short.wav",
+        "empty.mp3",
+        "not_audio.mp3",
+        "truncated_header.mp3",
+        "broken_link.wav",
+    }
+    assert "shorter than one frame" in errors.loc["too_short.wav", "reason"]
+    assert "empty file" in errors.loc["empty.mp3", "reason"]
+    assert "broken symlink" in errors.loc["broken_link.wav", "reason"]
+    frame = result.to_pandas()
+    assert set(frame.file) == {"good.wav", "good.mp3"}
+    assert result.summary["files_failed"] == 5
+    on_disk = pd.read_parquet(result.output / "errors.parquet")
+    assert sorted(on_disk.file) == sorted(errors.index)
+
+
+def test_conflict_is_detected_before_work(run, make_audio, tmp_path):
+    make_audio("a.wav", n_samples=3 * FRAME)
+    first = run(tmp_path / "audio", chunk_seconds=1.0)
+    before = {p: p.stat().st_mtime_ns for p in first.output.rglob("*")}
+    with pytest.raises(OutputConflictError, match="already holds results"):
+        run(tmp_path / "audio", chunk_seconds=1.0)
+    assert {p: p.stat().st_mtime_ns for p in first.output.rglob("*")} == before
+
+    resumed = run(tmp_path / "audio", chunk_seconds=1.0, on_conflict="resume")
+    assert resumed.summary["chunks_written"] == 0
+    assert resumed.summary["chunks_skipped_resume"] == 3
+    pd.testing.assert_frame_equal(resumed.to_pandas(), first.to_pandas())
+
+    with pytest.raises(OutputConflictError, match="thresholds"):
+        run(tmp_path / "audio", chunk_seconds=1.0, on_conflict="resume", thresholds={"ins_buzz": 1})
+
+    fresh = run(tmp_path / "audio", chunk_seconds=1.0, on_conflict="new")
+    assert fresh.output != first.output and fresh.output.name.startswith("results-")
+    pd.testing.assert_frame_equal(fresh.to_pandas(), first.to_pandas())
+
+
+def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
+    make_audio("a.wav", n_samples=6 * FRAME)
+    make_audio("b.wav", n_samples=4 * FRAME, seed=1)
+    complete = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "complete")
+    partial = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "partial")
+    # Simulate a kill: b.wav's partitions and journal lines are lost.
+    for path in (partial.dataset / "b.wav").iterdir():
+        path.unlink()
+    journal = partial.output / "journal.jsonl"
+    kept = [line for line in journal.read_text().splitlines() if '"b.wav"' not in line]
+    journal.write_text("\n".join(kept) + "\n")
+    resumed = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "partial", on_conflict="resume")
+    assert resumed.summary["chunks_written"] == 2
+    pd.testing.assert_frame_equal(resumed.to_pandas(), complete.to_pandas())
+
+
+def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):
+    from tests.model_fixtures import build_tiny_head
+
+    make_audio("a.wav", n_samples=2 * FRAME)
+    with pytest.raises(InputError, match="not found"):
+        run(tmp_path / "nowhere")
+    with pytest.raises(ModelError, match="not found"):
+        run(tmp_path / "audio", model=tmp_path / "no_model")
+    with pytest.raises(ParameterError, match="unknown class"):
+        run(tmp_path / "audio", thresholds={"frog": 0.0})
+    narrow = build_tiny_head(tmp_path / "narrow", classes=CLASSES, embedding_size=16)
+    with pytest.raises(ModelError, match="1024-d embeddings but the head"):
+        run(tmp_path / "audio", model=narrow, output=tmp_path / "narrow_out")
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "narrow_out" / "scores").exists()
+
+
+def test_local_cluster_is_started_when_no_client(make_audio, tmp_path, tiny_embedder, tiny_model, capsys):
+    import dask
+
+    make_audio("a.wav", n_samples=2 * FRAME)
+    with dask.config.set({"buzzdask.local-cluster.dashboard-address": ":0"}):
+        result = buzzdask.analyze(
+            tmp_path / "audio",
+            tiny_model,
+            output=tmp_path / "out",
+            embedder=str(tiny_embedder),
+            progress=False,
+            verbose=True,
+        )
+    assert len(result.to_pandas()) == 2
+    assert "dashboard" in capsys.readouterr().out

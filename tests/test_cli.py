@@ -1,0 +1,70 @@
+"""The command line, run as users run it: a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+
+import buzzdask
+from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
+from tests.conftest import requires_ffmpeg
+
+FRAME = 15360
+
+
+def buzzdask_cli(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "buzzdask", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        env={**__import__("os").environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"},
+    )
+
+
+def test_version() -> None:
+    done = buzzdask_cli("--version")
+    assert done.returncode == EXIT_OK
+    assert done.stdout.strip() == f"buzzdask {buzzdask.__version__}"
+
+
+def test_init_creates_the_documented_layout(tmp_path) -> None:
+    done = buzzdask_cli("init", str(tmp_path / "project"))
+    assert done.returncode == EXIT_OK, done.stderr
+    for name in ("audio_in", "models", "results", "logs"):
+        assert (tmp_path / "project" / name / "README.md").is_file()
+    again = buzzdask_cli("init", str(tmp_path / "project"))
+    assert again.returncode == EXIT_OK and again.stdout == ""
+
+
+@requires_ffmpeg
+def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> None:
+    make_audio("a.wav", n_samples=3 * FRAME)
+    (tmp_path / "audio" / "broken.mp3").write_text("not audio")
+    args = [
+        "analyze", str(tmp_path / "audio"),
+        "--model", str(tiny_model),
+        "--embedder", str(tiny_embedder),
+        "--output", str(tmp_path / "out"),
+        "--threshold", "ins_buzz=0.5",
+        "--chunk-seconds", "1",
+        "-v",
+    ]  # fmt: skip
+    done = buzzdask_cli(*args)
+    assert done.returncode == EXIT_FILES_FAILED, done.stderr
+    assert "decoding a.wav [0.96–1.94 s]" in done.stderr
+    assert "scoring a.wav" in done.stderr
+    assert "failed: broken.mp3" in done.stderr
+    frame = pd.read_parquet(tmp_path / "out" / "scores")
+    assert len(frame) == 3 and "detection_ins_buzz" in frame
+
+    conflict = buzzdask_cli(*args)
+    assert conflict.returncode == EXIT_ERROR
+    assert "already holds results" in conflict.stderr
+
+    bad_threshold = buzzdask_cli(*args[:-3], "--threshold", "ins_buzz")
+    assert bad_threshold.returncode == 2
+    assert "CLASS=VALUE" in bad_threshold.stderr

@@ -1,0 +1,103 @@
+"""Decoding reproduces buzzdetect's preprocessing, and chunked decodes equal the whole file."""
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from buzzdask import DecodeError, decode_file, probe_audio
+from buzzdask.decode import decode_chunk, plan_chunks, preprocess_filters
+from tests.conftest import field_like, requires_ffmpeg, write_wav
+from tests.test_frames import spec
+
+pytestmark = requires_ffmpeg
+
+
+def relative_rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2)))
+
+
+def soxr_mean(channels: np.ndarray, rate: int) -> np.ndarray:
+    soxr = pytest.importorskip("soxr")
+    return soxr.resample(channels.mean(axis=1), rate, 16000, quality="HQ").astype(np.float32)
+
+
+@pytest.mark.parametrize(("channels", "rate"), [(2, 44100), (4, 48000), (1, 32000)])
+def test_mean_of_channels_then_soxr(tmp_path: Path, channels: int, rate: int) -> None:
+    source = field_like(5 * rate + 123, rate, channels, seed=channels)
+    path = write_wav(tmp_path / "x.wav", source, rate)
+    pcm = np.round(source * 32767) / 32768  # what the 16-bit file holds, as soundfile reads it
+    expected = soxr_mean(pcm, rate)
+    decoded = decode_file(path, sample_rate=16000)
+    assert len(decoded) == len(expected)
+    assert relative_rms(decoded, expected) <= 1e-5
+
+
+def test_plain_ffmpeg_downmix_is_not_the_model_input(tmp_path: Path) -> None:
+    """Guards the rule: `-ac 1 -ar 16000` gives different samples than the model was trained on."""
+    rate = 44100
+    source = field_like(3 * rate, rate, 2, seed=7)
+    path = write_wav(tmp_path / "stereo.wav", source, rate)
+    plain = np.frombuffer(
+        subprocess.run(
+            ["ffmpeg", "-v", "error", "-i", str(path), "-ac", "1", "-ar", "16000", "-f", "f32le", "-"],
+            capture_output=True,
+            check=True,
+        ).stdout,
+        np.float32,
+    )
+    expected = soxr_mean(np.round(source * 32767) / 32768, rate)
+    n = min(len(plain), len(expected))
+    assert relative_rms(plain[:n], expected[:n]) > 0.05
+    assert relative_rms(decode_file(path, sample_rate=16000), expected) <= 1e-5
+
+
+def test_input_at_model_rate_is_not_resampled(tmp_path: Path) -> None:
+    source = field_like(40000, 16000, 1, seed=3)[:, 0]
+    path = write_wav(tmp_path / "mono16k.wav", source, 16000)
+    decoded = decode_file(path, sample_rate=16000)
+    np.testing.assert_array_equal(decoded, (np.round(source * 32767) / 32768).astype(np.float32))
+
+
+def test_filter_chain_names_the_rule() -> None:
+    assert preprocess_filters(2, 16000) == (
+        "aformat=sample_fmts=flt,pan=mono|c0=0.5*c0+0.5*c1,aresample=osr=16000:resampler=soxr"
+    )
+    assert "pan" not in preprocess_filters(1, 16000)
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".mp3", ".flac", ".ogg", ".m4a"])
+@pytest.mark.parametrize("frames_per_chunk", [1, 3, 7])
+def test_chunks_equal_the_whole_file(make_audio, suffix: str, frames_per_chunk: int) -> None:
+    path = make_audio(f"long{suffix}", n_samples=44100 * 12 + 777, rate=44100, channels=2)
+    info = probe_audio(path)
+    whole = decode_file(path, sample_rate=16000)
+    frame_spec = spec()
+    total = 0
+    for plan in plan_chunks(info, frame_spec, frames_per_chunk=frames_per_chunk):
+        chunk = decode_chunk(info, plan, spec=frame_spec, seekable_codecs=("mp3", "flac", "pcm_*"))
+        first = plan.first_frame * frame_spec.hop_length
+        reference = whole[first : first + len(chunk.samples)]
+        assert len(chunk.samples) == len(reference)
+        if len(reference):
+            assert relative_rms(chunk.samples, reference) <= 1e-5, plan
+        total += chunk.n_frames
+    assert total == frame_spec.n_complete_frames(len(whole))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"", "empty file"), (b"this is not audio at all" * 40, "ffprobe cannot read it")],
+)
+def test_unreadable_files_name_the_file_and_reason(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "bad.mp3"
+    path.write_bytes(content)
+    with pytest.raises(DecodeError, match=reason) as raised:
+        probe_audio(path)
+    assert raised.value.path == str(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DecodeError, match="cannot read the file"):
+        probe_audio(tmp_path / "nope.wav")

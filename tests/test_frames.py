@@ -1,0 +1,42 @@
+import pytest
+
+from buzzdask import FrameSpec, ParameterError
+
+
+def spec(hop_s: float = 0.96) -> FrameSpec:
+    return FrameSpec.from_seconds(sample_rate=16000, frame_length_s=0.96, frame_hop_s=hop_s, context_s=0.015)
+
+
+def test_samples_are_exact() -> None:
+    s = spec()
+    assert (s.frame_length, s.hop_length, s.context, s.window) == (15360, 15360, 240, 15600)
+
+
+@pytest.mark.parametrize(
+    ("n_samples", "expected"),
+    [(0, 0), (15359, 0), (15360, 1), (2 * 15360 - 1, 1), (2 * 15360, 2), (10 * 15360 + 7, 10)],
+)
+def test_last_partial_frame_is_dropped(n_samples: int, expected: int) -> None:
+    assert spec().n_complete_frames(n_samples) == expected
+
+
+def test_hop_other_than_frame_length() -> None:
+    s = spec(0.5)
+    assert s.hop_length == 8000
+    assert s.n_complete_frames(15360 + 8000) == 2
+    assert s.span(3) == 2 * 8000 + 15600
+
+
+def test_inexact_hop_is_refused_with_its_name() -> None:
+    with pytest.raises(ParameterError, match=r"frame_hop_s=0\.12345"):
+        spec(0.12345)
+
+
+@pytest.mark.parametrize(("seconds", "frames"), [(0.5, 1), (0.96, 1), (10.0, 10), (9.7, 10), (600, 625)])
+def test_chunks_are_whole_hops(seconds: float, frames: int) -> None:
+    assert spec().frames_per_chunk(seconds) == frames
+
+
+def test_chunk_seconds_must_be_positive() -> None:
+    with pytest.raises(ParameterError, match="chunk_seconds"):
+        spec().frames_per_chunk(0)
