@@ -23,7 +23,9 @@ CLASSES = ["ins_buzz", "ambient_noise", "mech_plane"]
 HAS_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
 
 
-def _require(condition: bool, reason: str, *, strict_env: str | None = None) -> pytest.MarkDecorator:
+def _require(
+    condition: bool, reason: str, *, strict_env: str | None = None
+) -> pytest.MarkDecorator:
     if strict_env and os.environ.get(strict_env) == "1" and not condition:
         raise RuntimeError(f"{strict_env}=1 but: {reason}")
     return pytest.mark.skipif(not condition, reason=reason)
@@ -73,7 +75,9 @@ def dask_client() -> Iterator[object]:
     from distributed import Client, LocalCluster
 
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
         Client(cluster) as client,
     ):
         yield client
@@ -100,7 +104,11 @@ def field_like(n_samples: int, rate: int, channels: int = 1, *, seed: int = 0) -
     columns = []
     for channel in range(channels):
         tone = 0.2 * np.sin(2 * np.pi * (220 + 170 * channel) * t)
-        buzz = 0.3 * np.sign(np.sin(2 * np.pi * (180 + 40 * channel) * t)) * (np.sin(2 * np.pi * 0.2 * t) > 0.5)
+        buzz = (
+            0.3
+            * np.sign(np.sin(2 * np.pi * (180 + 40 * channel) * t))
+            * (np.sin(2 * np.pi * 0.2 * t) > 0.5)
+        )
         columns.append(tone + buzz + 0.1 * (channel + 1) * rng.standard_normal(n_samples))
     return np.clip(np.stack(columns, axis=1), -0.99, 0.99)
 

@@ -1,4 +1,4 @@
-"""The plain computation buzzdask must reproduce: whole file decoded, framed, scored, in one process."""
+"""The plain computation buzzdask must reproduce: whole file decoded, framed, scored."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import dask.dataframe as dd
 import numpy as np
@@ -77,7 +76,7 @@ def test_equals_whole_file_reference(
     )
     assert result.ok, result.errors
     frame = result.to_pandas()
-    for name, n_samples in AWKWARD.items():
+    for name in AWKWARD:
         starts, expected = reference_activations(
             tmp_path / "audio" / name, embedder=embedder, model=tiny_model, frame_hop_s=frame_hop_s
         )
@@ -110,7 +109,9 @@ def test_output_reads_back_everywhere(run, make_audio, tmp_path):
     assert {"buzzdask", "dask", "tensorflow"} <= set(metadata["versions"])
     assert metadata["started"] <= metadata["finished"]
     schema_metadata = pq.read_schema(next(result.dataset.rglob("*.parquet"))).metadata
-    assert json.loads(schema_metadata[b"buzzdask"])["model"]["sha256"] == metadata["model"]["sha256"]
+    assert (
+        json.loads(schema_metadata[b"buzzdask"])["model"]["sha256"] == metadata["model"]["sha256"]
+    )
     assert result.summary["files_done"] == 2
     assert result.summary["realtime_factor"] > 0
     assert all(v["worker"] > 0 for v in result.summary["peak_rss_bytes"].values())
@@ -148,6 +149,19 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert sorted(on_disk.file) == sorted(errors.index)
 
 
+def test_memory_budget_bounds_decoded_audio_in_flight(run, make_audio, tmp_path):
+    for seed in range(4):
+        make_audio(f"f{seed}.wav", n_samples=8 * FRAME, seed=seed)
+    # One 2-frame chunk with its margins is about 0.2 MB of float32: allow two at a time.
+    result = run(tmp_path / "audio", chunk_seconds=2.0, memory_budget="420kB")
+    assert len(result.to_pandas()) == 32
+    summary = result.summary
+    assert 0 < summary["peak_decoded_bytes_in_flight"] <= summary["memory_budget_bytes"] == 420_000
+    unbounded = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "unbounded")
+    assert unbounded.summary["peak_decoded_bytes_in_flight"] > 420_000
+    pd.testing.assert_frame_equal(unbounded.to_pandas(), result.to_pandas())
+
+
 def test_conflict_is_detected_before_work(run, make_audio, tmp_path):
     make_audio("a.wav", n_samples=3 * FRAME)
     first = run(tmp_path / "audio", chunk_seconds=1.0)
@@ -180,7 +194,9 @@ def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
     journal = partial.output / "journal.jsonl"
     kept = [line for line in journal.read_text().splitlines() if '"b.wav"' not in line]
     journal.write_text("\n".join(kept) + "\n")
-    resumed = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "partial", on_conflict="resume")
+    resumed = run(
+        tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "partial", on_conflict="resume"
+    )
     assert resumed.summary["chunks_written"] == 2
     pd.testing.assert_frame_equal(resumed.to_pandas(), complete.to_pandas())
 
@@ -202,7 +218,9 @@ def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):
     assert not (tmp_path / "narrow_out" / "scores").exists()
 
 
-def test_local_cluster_is_started_when_no_client(make_audio, tmp_path, tiny_embedder, tiny_model, capsys):
+def test_local_cluster_is_started_when_no_client(
+    make_audio, tmp_path, tiny_embedder, tiny_model, capsys
+):
     import dask
 
     make_audio("a.wav", n_samples=2 * FRAME)

@@ -41,7 +41,20 @@ def test_plain_ffmpeg_downmix_is_not_the_model_input(tmp_path: Path) -> None:
     path = write_wav(tmp_path / "stereo.wav", source, rate)
     plain = np.frombuffer(
         subprocess.run(
-            ["ffmpeg", "-v", "error", "-i", str(path), "-ac", "1", "-ar", "16000", "-f", "f32le", "-"],
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-i",
+                str(path),
+                "-ac",
+                "1",
+                "-ar",
+                "16000",
+                "-f",
+                "f32le",
+                "-",
+            ],
             capture_output=True,
             check=True,
         ).stdout,
@@ -90,7 +103,9 @@ def test_chunks_equal_the_whole_file(make_audio, suffix: str, frames_per_chunk: 
     ("content", "reason"),
     [(b"", "empty file"), (b"this is not audio at all" * 40, "ffprobe cannot read it")],
 )
-def test_unreadable_files_name_the_file_and_reason(tmp_path: Path, content: bytes, reason: str) -> None:
+def test_unreadable_files_name_the_file_and_reason(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
     path = tmp_path / "bad.mp3"
     path.write_bytes(content)
     with pytest.raises(DecodeError, match=reason) as raised:

@@ -4,7 +4,9 @@ from buzzdask import FrameSpec, ParameterError
 
 
 def spec(hop_s: float = 0.96) -> FrameSpec:
-    return FrameSpec.from_seconds(sample_rate=16000, frame_length_s=0.96, frame_hop_s=hop_s, context_s=0.015)
+    return FrameSpec.from_seconds(
+        sample_rate=16000, frame_length_s=0.96, frame_hop_s=hop_s, context_s=0.015
+    )
 
 
 def test_samples_are_exact() -> None:
@@ -32,7 +34,9 @@ def test_inexact_hop_is_refused_with_its_name() -> None:
         spec(0.12345)
 
 
-@pytest.mark.parametrize(("seconds", "frames"), [(0.5, 1), (0.96, 1), (10.0, 10), (9.7, 10), (600, 625)])
+@pytest.mark.parametrize(
+    ("seconds", "frames"), [(0.5, 1), (0.96, 1), (10.0, 10), (9.7, 10), (600, 625)]
+)
 def test_chunks_are_whole_hops(seconds: float, frames: int) -> None:
     assert spec().frames_per_chunk(seconds) == frames
 

@@ -53,7 +53,7 @@ def test_testbuzz_equals_golden(dask_client, real, tmp_path, chunk_seconds):
 
 
 def test_stereo_field_recording_independent_of_chunking(dask_client, real, tmp_path, make_audio):
-    """Channels differ; three chunk sizes (one not a multiple of the hop) equal one whole-file pass."""
+    """Channels differ; 3 chunk sizes (one not a multiple of the hop) equal a whole-file pass."""
     path = make_audio("stereo.mp3", n_samples=44100 * 9 + 1234, rate=44100, channels=2)
     mp3 = tmp_path / "stereo128k.mp3"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-b:a", "128k", str(mp3)], check=True)

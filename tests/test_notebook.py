@@ -9,11 +9,18 @@ from tests.conftest import REPO, requires_ffmpeg, requires_shared
 pytestmark = [requires_ffmpeg, requires_shared, pytest.mark.shared_data, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("notebook", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "notebook", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.name
+)
 def test_notebook_executes(notebook: Path, monkeypatch, shared_dir) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("BUZZDASK_SHARED_DIR", str(shared_dir))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     book = nbformat.read(notebook, as_version=4)
-    nbclient.NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    nbclient.NotebookClient(
+        book,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(notebook.parent)}},
+    ).execute()

@@ -16,7 +16,6 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import ffmpeg
 import numpy as np
@@ -206,7 +205,8 @@ def preprocess_filters(channels: int, sample_rate: int) -> str:
     Returns
     -------
     str
-        E.g. ``"aformat=sample_fmts=flt,pan=mono|c0=0.5*c0+0.5*c1,aresample=osr=16000:resampler=soxr"``.
+        For stereo: ``"aformat=sample_fmts=flt,pan=mono|c0=0.5*c0+0.5*c1,"``
+        ``"aresample=osr=16000:resampler=soxr"``.
     """
     filters = ["aformat=sample_fmts=flt"]
     if channels > 1:
@@ -272,7 +272,7 @@ def decode_chunk(
     """
     rate = spec.sample_rate
     first_sample = chunk.first_frame * spec.hop_length
-    margin = int(round(margin_s * rate))
+    margin = round(margin_s * rate)
     input_seek = any(fnmatch.fnmatchcase(info.codec, pattern) for pattern in seekable_codecs)
     # Start on an instant that is a whole number of input samples, output samples and
     # microseconds (ffmpeg's time unit), so the resampler's phase matches the whole-file decode.

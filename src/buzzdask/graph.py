@@ -1,5 +1,7 @@
-"""The analysis graph: probe and decode tasks on CPU workers, score tasks on scorer actors,
-Parquet partitions written as results come back.
+"""The analysis graph: decode tasks on CPU workers, score tasks on scorer actors, Parquet.
+
+Probe and decode tasks run on CPU workers, score tasks beside the scorer actors, and Parquet
+partitions are written on the client as results come back.
 
 The client drives the graph incrementally (``as_completed``) instead of submitting everything
 at once, so the decoded audio in flight stays under a memory budget and a 1,000-hour run holds
@@ -12,6 +14,7 @@ import os
 import platform
 import resource
 import time
+import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -266,6 +269,8 @@ def analyze(
         "wall_seconds": wall,
         "realtime_factor": audio_s / wall if wall > 0 else None,
         "peak_rss_bytes": peak_rss,
+        "memory_budget_bytes": budget,
+        "peak_decoded_bytes_in_flight": run.peak_in_flight_bytes,
         "scorers": scorer_stats,
     }
     metadata.update(status="complete", finished=utc_now(), summary=summary)
@@ -323,6 +328,7 @@ class _Run:
         self.frames_written = 0
         self.chunks_written = 0
         self.chunks_skipped = 0
+        self.peak_in_flight_bytes = 0
 
     # -- scorers -------------------------------------------------------------------------------
     def start_scorers(self) -> None:
@@ -353,7 +359,7 @@ class _Run:
                 actor=True,
                 workers=[address],
                 allow_other_workers=False,
-                key=f"scorer-{dask.base.tokenize(address, self.model.sha256, time.time())}",
+                key=_key("scorer", address, self.model.sha256),
             )
             for address in hosts
         ]
@@ -391,7 +397,7 @@ class _Run:
                 _probe,
                 item.path,
                 ffprobe=self.ffprobe,
-                key=f"probe-{dask.base.tokenize(item.path, time.time())}",
+                key=_key("probe", item.path),
                 workers=self.decode_workers,
                 allow_other_workers=True,
                 pure=False,
@@ -411,6 +417,7 @@ class _Run:
             ):
                 chunk = todo.popleft()
                 in_flight_bytes += chunk.nbytes
+                self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, in_flight_bytes)
                 assert chunk.file.info is not None
                 logger.info("decoding %s", self._label(chunk))
                 future = client.submit(
@@ -421,7 +428,7 @@ class _Run:
                     margin_s=self.margin_s,
                     seekable_codecs=self.seekable,
                     ffmpeg_cmd=self.ffmpeg,
-                    key=f"decode-{dask.base.tokenize(chunk.file.input.relative, chunk.plan, time.time())}",
+                    key=_key("decode", chunk.file.input.relative, chunk.plan),
                     workers=self.decode_workers,
                     allow_other_workers=True,
                     pure=False,
@@ -445,7 +452,7 @@ class _Run:
                     score_chunks,
                     actor,
                     *[f for _, f in group],
-                    key=f"score-{dask.base.tokenize([f.key for _, f in group])}",
+                    key=_key("score", [f.key for _, f in group]),
                     workers=[address],
                     allow_other_workers=False,
                     pure=False,
@@ -472,7 +479,7 @@ class _Run:
                     for chunk, _ in group:
                         self._chunk_failed(chunk, error, "score")
                 else:
-                    for (chunk, _), result in zip(group, future.result()):
+                    for (chunk, _), result in zip(group, future.result(), strict=True):
                         self._write(chunk, *result, progress=progress)
                 for chunk, _ in group:
                     in_flight_bytes -= chunk.nbytes
@@ -603,11 +610,16 @@ class _Run:
 
 
 def _probe(path: str, *, ffprobe: str) -> AudioInfo | DecodeError:
-    """Probe task: a file that is not audio is an answer, not a task failure (no worker traceback)."""
+    """Probe task: a file that is not audio is an answer, not a failure (no worker traceback)."""
     try:
         return probe_audio(path, ffprobe=ffprobe)
     except DecodeError as error:
         return error
+
+
+def _key(prefix: str, *parts: Any) -> str:
+    """A unique task key; the dashboard groups tasks by ``prefix`` (decode, score...)."""
+    return f"{prefix}-{dask.base.tokenize(*parts, uuid.uuid4().hex)}"
 
 
 def _describe(error: BaseException) -> tuple[str, str]:

@@ -8,12 +8,19 @@ from pathlib import Path
 __all__ = ["init_project"]
 
 LAYOUT = {
-    "audio_in": "Field recordings to analyse (any format ffmpeg reads). Subfolders are kept:\n"
-    "results mirror this tree. Run: buzzdask analyze audio_in --model models/<model> --output results/<run>\n",
-    "models": "Model directories in buzzdetect's format: config_model.json (classes, embeddername,\n"
-    "digits_results) and the head SavedModel (saved_model.pb, variables/).\n",
-    "results": "One directory per analysis: buzzdask.json (metadata), errors.parquet, journal.jsonl and\n"
-    "scores/ (the Parquet dataset: pandas.read_parquet('results/<run>/scores')).\n",
+    "audio_in": (
+        "Field recordings to analyse (any format ffmpeg reads). Subfolders are kept:\n"
+        "results mirror this tree. Run:\n\n"
+        "    buzzdask analyze audio_in --model models/<model> --output results/<run>\n"
+    ),
+    "models": (
+        "Model directories in buzzdetect's format: config_model.json (classes, embeddername,\n"
+        "digits_results) and the head SavedModel (saved_model.pb, variables/).\n"
+    ),
+    "results": (
+        "One directory per analysis: buzzdask.json (metadata), errors.parquet, journal.jsonl\n"
+        "and scores/ (the Parquet dataset: pandas.read_parquet('results/<run>/scores')).\n"
+    ),
     "logs": "Logs of batch jobs and Dask workers (point SLURM --output and worker logs here).\n",
 }
 

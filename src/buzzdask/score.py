@@ -190,7 +190,7 @@ class Scorer:
         rows: list[np.ndarray] = []
         offset = 0
         stride = self._stride or 1
-        for run, length in zip(batch, lengths):
+        for run, length in zip(batch, lengths, strict=True):
             # Past the end of the file the embedder's context is zero, as in a whole-file call.
             waveform[offset : offset + len(run.samples)] = run.samples
             rows.append(offset // self.native_hop + stride * np.arange(run.n_frames))
