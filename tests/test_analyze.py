@@ -235,3 +235,56 @@ def test_local_cluster_is_started_when_no_client(
         )
     assert len(result.to_pandas()) == 2
     assert "dashboard" in capsys.readouterr().out
+
+
+def test_scorer_worker_killed_mid_run_loses_nothing_after_resume(
+    make_audio, tmp_path, tiny_embedder, tiny_model
+):
+    """SIGKILL the worker process holding the actor: the run ends (no hang), reports the chunks
+    it could not score, and a resume completes the output exactly once per frame."""
+    import signal
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    for seed in range(3):
+        make_audio(f"f{seed}.wav", n_samples=30 * FRAME, seed=seed)
+    options = {"embedder": str(tiny_embedder), "chunk_seconds": 1.0, "progress": False}
+    reference = buzzdask.analyze(tmp_path / "audio", tiny_model, output=tmp_path / "ref", **options)
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        scorer = sorted(client.scheduler_info()["workers"])[0]
+        scorer_pid = client.run(os.getpid, workers=[scorer])[scorer]
+        scores = tmp_path / "out" / "scores"
+
+        def kill_when_scoring_started() -> None:
+            for _ in range(600):
+                if scores.exists() and any(scores.rglob("*.parquet")):
+                    os.kill(scorer_pid, signal.SIGKILL)
+                    return
+                threading.Event().wait(0.05)
+
+        killer = threading.Thread(target=kill_when_scoring_started)
+        killer.start()
+        interrupted = buzzdask.analyze(
+            tmp_path / "audio", tiny_model, output=tmp_path / "out", client=client, **options
+        )
+        killer.join()
+        assert not interrupted.ok
+        assert set(interrupted.errors.stage) <= {"score", "decode"}
+        client.wait_for_workers(2, timeout=60)
+        resumed = buzzdask.analyze(
+            tmp_path / "audio",
+            tiny_model,
+            output=tmp_path / "out",
+            client=client,
+            on_conflict="resume",
+            **options,
+        )
+    assert resumed.ok, resumed.errors
+    frame = resumed.to_pandas()
+    assert not frame.duplicated(["file", "start"]).any()
+    pd.testing.assert_frame_equal(frame, reference.to_pandas())

@@ -379,8 +379,14 @@ class _Run:
         )
 
     def scorer_stats(self) -> list[dict[str, Any]]:
-        """Each actor's counters."""
-        return [actor.stats().result() for _, actor in self.scorers]
+        """Each actor's counters (or why they cannot be had: its worker died)."""
+        stats = []
+        for address, actor in self.scorers:
+            try:
+                stats.append({"worker": address, **actor.stats().result()})
+            except Exception as error:  # the actor's worker is gone; the run still reports
+                stats.append({"worker": address, "error": f"{type(error).__name__}: {error}"})
+        return stats
 
     # -- the loop ------------------------------------------------------------------------------
     def execute(self, inputs: list[InputFile], *, progress: Progress) -> None:
@@ -454,7 +460,9 @@ class _Run:
                     *[f for _, f in group],
                     key=_key("score", [f.key for _, f in group]),
                     workers=[address],
-                    allow_other_workers=False,
+                    # Loose: if the actor's worker dies the task runs elsewhere and fails
+                    # (reported, redone by resume) instead of waiting forever for that worker.
+                    allow_other_workers=True,
                     pure=False,
                 )
                 scoring[address] += 1
@@ -678,7 +686,8 @@ def _peak_rss_bytes() -> dict[str, int]:
 
 
 def _peak_rss(client: Client) -> dict[str, dict[str, int]]:
-    return client.run(_peak_rss_bytes)
+    # A worker that died during the run has no answer; the others still report.
+    return client.run(_peak_rss_bytes, on_error="ignore")
 
 
 def _start_local_cluster() -> LocalCluster:
