@@ -7,7 +7,6 @@ output that already holds results); 2 usage error; 3 the run finished but some f
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -104,9 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for readme in init_project(args.directory):
             print(f"created {readme}")
         return EXIT_OK
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
-    )
+    # -v lines come from analyze(verbose=True), printed above the progress bar.
     from buzzdask import BuzzdaskError, analyze
 
     try:

@@ -482,12 +482,12 @@ class _Run:
             else:
                 address, group = payload
                 scoring[address] -= 1
-                if future.status == "error":
-                    error = future.exception()
+                results = _outcome(future)
+                if isinstance(results, BaseException):
                     for chunk, _ in group:
-                        self._chunk_failed(chunk, error, "score")
+                        self._chunk_failed(chunk, results, "score")
                 else:
-                    for (chunk, _), result in zip(group, future.result(), strict=True):
+                    for (chunk, _), result in zip(group, results, strict=True):
                         self._write(chunk, *result, progress=progress)
                 for chunk, _ in group:
                     in_flight_bytes -= chunk.nbytes
@@ -499,7 +499,7 @@ class _Run:
     def _probed(
         self, state: _FileState, future: Future, todo: deque[_Chunk], progress: Progress
     ) -> None:
-        info = future.exception() if future.status == "error" else future.result()
+        info = _outcome(future)
         if not isinstance(info, AudioInfo):
             self._fail(state, None, "probe", *_describe(info))
             return
@@ -622,6 +622,18 @@ def _probe(path: str, *, ffprobe: str) -> AudioInfo | DecodeError:
     try:
         return probe_audio(path, ffprobe=ffprobe)
     except DecodeError as error:
+        return error
+
+
+def _outcome(future: Future) -> Any:
+    """The task's result, or its exception, without raising.
+
+    A finished result can still be lost before it is fetched (its worker died); Dask then
+    recomputes it, which may fail: that is an outcome too, reported per chunk.
+    """
+    try:
+        return future.result()
+    except Exception as error:
         return error
 
 
