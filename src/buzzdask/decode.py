@@ -100,11 +100,6 @@ class DecodedChunk:
     n_frames: int
     messages: str = ""
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of decoded audio held."""
-        return int(self.samples.nbytes)
-
 
 def probe_audio(path: str | os.PathLike[str], *, ffprobe: str = "ffprobe") -> AudioInfo:
     """Read a file's audio stream parameters with ffprobe.

@@ -30,7 +30,7 @@ from distributed import Client, Future, LocalCluster, as_completed
 
 from buzzdask import config
 from buzzdask.decode import AudioInfo, ChunkPlan, decode_chunk, plan_chunks, probe_audio
-from buzzdask.errors import DecodeError, ParameterError, ScorerError
+from buzzdask.errors import BuzzdaskError, DecodeError, ParameterError, ScorerError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile, discover
 from buzzdask.models import ModelSpec, resolve_model
@@ -111,7 +111,6 @@ class _FileState:
 class _Chunk:
     file: _FileState
     plan: ChunkPlan
-    nbytes: int
 
 
 def analyze(
@@ -316,6 +315,9 @@ class _Run:
             k: metadata[k] for k in ("model", "embedder", "preprocessing", "fingerprint", "started")
         }
         self.margin_s = float(config.get("decode-margin-seconds"))
+        # Budget unit: one chunk's decoded float32 samples, context and margins included.
+        margin = round(self.margin_s * spec.sample_rate)
+        self.chunk_nbytes = 4 * (spec.span(frames_per_chunk) + 2 * margin)
         self.seekable = tuple(config.get("seekable-codecs"))
         self.ffmpeg = str(config.get("ffmpeg"))
         self.ffprobe = str(config.get("ffprobe"))
@@ -365,11 +367,9 @@ class _Run:
         ]
         try:
             actors = self.client.gather(futures)
-        except Exception as error:  # the actor's __init__ error, raised here before any decode
-            if isinstance(error, (ScorerError, ParameterError)) or type(
-                error
-            ).__module__.startswith("buzzdask"):
-                raise
+        except BuzzdaskError:  # ModelError from the actor's __init__, before any decode
+            raise
+        except Exception as error:
             raise ScorerError(f"could not start the scorer: {error}") from error
         # Hold the actor futures: once released, Dask forgets the actors and their tasks fail.
         self._actor_futures = futures
@@ -419,10 +419,10 @@ class _Run:
         def submit_more() -> None:
             nonlocal in_flight_bytes
             while todo and (
-                in_flight_bytes == 0 or in_flight_bytes + todo[0].nbytes <= self.budget
+                in_flight_bytes == 0 or in_flight_bytes + self.chunk_nbytes <= self.budget
             ):
                 chunk = todo.popleft()
-                in_flight_bytes += chunk.nbytes
+                in_flight_bytes += self.chunk_nbytes
                 self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, in_flight_bytes)
                 assert chunk.file.info is not None
                 logger.info("decoding %s", self._label(chunk))
@@ -475,7 +475,7 @@ class _Run:
                 self._probed(payload, future, todo, progress)
             elif kind == "decode":
                 if future.status == "error":
-                    in_flight_bytes -= payload.nbytes
+                    in_flight_bytes -= self.chunk_nbytes
                     self._chunk_failed(payload, future.exception(), "decode")
                 else:
                     decoded.append((payload, future))
@@ -489,8 +489,7 @@ class _Run:
                 else:
                     for (chunk, _), result in zip(group, results, strict=True):
                         self._write(chunk, *result, progress=progress)
-                for chunk, _ in group:
-                    in_flight_bytes -= chunk.nbytes
+                in_flight_bytes -= self.chunk_nbytes * len(group)
             del future
             submit_more()
         progress.close()
@@ -506,9 +505,8 @@ class _Run:
         state.info = info
         plans = plan_chunks(info, self.spec, frames_per_chunk=self.frames_per_chunk)
         state.chunks = len(plans)
-        nbytes = 4 * (
-            self.spec.span(self.frames_per_chunk) + 2 * int(self.margin_s * self.spec.sample_rate)
-        )
+        if info.duration_s:
+            progress.expect(info.duration_s / 3600)
         for plan in plans:
             entry = self.done.get((state.input.relative, plan.index))
             if (
@@ -519,12 +517,11 @@ class _Run:
                 path = self.layout.partition(state.input.relative, plan.index)
                 if entry["frames"] == 0 or path.exists():
                     self.chunks_skipped += 1
+                    progress.advance(self._hours(entry["frames"]))
                     state.chunks_done += 1
                     state.frames += entry["frames"]
                     continue
-            todo.append(_Chunk(file=state, plan=plan, nbytes=nbytes))
-        if info.duration_s:
-            progress.expect(info.duration_s / 3600)
+            todo.append(_Chunk(file=state, plan=plan))
         self._maybe_finished(state)
 
     def _write(
@@ -574,7 +571,7 @@ class _Run:
         self.frames_written += n_frames
         state.chunks_done += 1
         state.frames += n_frames
-        progress.advance(n_frames * self.spec.hop_length / self.spec.sample_rate / 3600)
+        progress.advance(self._hours(n_frames))
         self._maybe_finished(state)
 
     def _chunk_failed(self, chunk: _Chunk, error: BaseException, stage: str) -> None:
@@ -607,6 +604,9 @@ class _Run:
         if state.chunks_done == state.chunks and not state.failed and state.frames == 0:
             seconds = self.spec.frame_length / self.spec.sample_rate
             self._fail(state, None, "decode", f"audio shorter than one frame ({seconds:g} s)", "")
+
+    def _hours(self, n_frames: int) -> float:
+        return n_frames * self.spec.hop_length / self.spec.sample_rate / 3600
 
     def _label(self, chunk: _Chunk) -> str:
         rate = self.spec.sample_rate

@@ -36,7 +36,9 @@ __all__ = [
     "frames_table",
     "prepare_output",
     "write_errors",
+    "utc_now",
     "write_json",
+    "write_table",
 ]
 
 OnConflict = Literal["error", "resume", "new"]
