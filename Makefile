@@ -14,8 +14,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: setup example test lint
 
 setup: $(VENV)/.installed
-	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
-	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg; }
+	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null && command -v rclone >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg rclone; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

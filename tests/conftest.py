@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import time
 import wave
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,75 @@ requires_shared = _require(
     f"shared data not found at {SHARED_DIR} (set BUZZDASK_SHARED_DIR)",
     strict_env="BUZZDASK_REQUIRE_SHARED",
 )
+requires_rclone = _require(
+    shutil.which("rclone") is not None, "rclone not on PATH (apt-get install rclone)"
+)
+
+
+@dataclass(frozen=True)
+class RcloneRemote:
+    """rclone serving ``root`` over WebDAV on 127.0.0.1, the stand-in for SharePoint/OneDrive.
+
+    ``config`` defines the remotes ``sharepoint`` (right password), ``wrongpass`` and
+    ``offline`` (a port nothing listens on); ``flags`` points rclone at it and keeps retries short.
+    """
+
+    root: Path
+    config: Path
+    flags: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def rclone_remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneRemote]:
+    base = tmp_path_factory.mktemp("rclone")
+    root = base / "served"
+    root.mkdir()
+    config = base / "rclone.conf"
+    port, closed_port = _free_port(), _free_port()
+    server = subprocess.Popen(
+        [
+            *("rclone", "serve", "webdav", str(root), "--addr", f"127.0.0.1:{port}"),
+            *("--user", "lab", "--pass", "bees", "--config", str(config)),
+            # Files appear on the remote as tests write them (no directory cache).
+            *("--dir-cache-time", "0s"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for name, url, options in [
+            ("sharepoint", f"http://127.0.0.1:{port}", ["user=lab", "pass=bees"]),
+            ("wrongpass", f"http://127.0.0.1:{port}", ["user=lab", "pass=wasps"]),
+            ("offline", f"http://127.0.0.1:{closed_port}", []),
+        ]:
+            subprocess.run(
+                [
+                    *("rclone", "config", "create", name, "webdav", f"url={url}"),
+                    *options,
+                    *("--config", str(config)),
+                ],
+                check=True,
+                capture_output=True,
+            )
+        for _ in range(200):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield RcloneRemote(
+            root=root,
+            config=config,
+            flags=("--config", str(config), "--low-level-retries", "1", "--retries", "1"),
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -136,3 +208,45 @@ def make_audio(tmp_path: Path) -> Callable[..., Path]:
         return target
 
     return make
+
+
+SLURM_SCRIPTS = SHARED_DIR / "slurm"
+requires_slurm = _require(
+    os.geteuid() == 0 and (SLURM_SCRIPTS / "start-local-slurm.sh").is_file(),
+    f"a local SLURM needs root and {SLURM_SCRIPTS}/start-local-slurm.sh",
+    strict_env="BUZZDASK_REQUIRE_SLURM",
+)
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> Iterator[dict[str, str]]:
+    """A real single-node SLURM (cpu and gpu partitions, 2 fake GPUs) for the whole session.
+
+    Started by ../shared/slurm/start-local-slurm.sh unless already running; stopped at the end
+    only if this session started it. Yields the variables it exports (``SLURM_CONF``...).
+    """
+    started = subprocess.run(
+        ["bash", str(SLURM_SCRIPTS / "start-local-slurm.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if started.returncode != 0:
+        pytest.fail(f"start-local-slurm.sh failed:\n{started.stderr}", pytrace=False)
+    env = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in started.stdout.splitlines()
+        if line.startswith("export ")
+    )
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # sbatch/squeue run by dask-jobqueue inherit SLURM_CONF
+    try:
+        yield env
+    finally:
+        if "already running" not in started.stderr:
+            subprocess.run(["bash", str(SLURM_SCRIPTS / "stop-local-slurm.sh")], check=False)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import dask.dataframe as dd
 import numpy as np
@@ -237,54 +242,105 @@ def test_local_cluster_is_started_when_no_client(
     assert "dashboard" in capsys.readouterr().out
 
 
-def test_scorer_worker_killed_mid_run_loses_nothing_after_resume(
-    make_audio, tmp_path, tiny_embedder, tiny_model
-):
-    """SIGKILL the worker process holding the actor: the run ends (no hang), reports the chunks
-    it could not score, and a resume completes the output exactly once per frame."""
-    import signal
-    import threading
+def _kill_when_scoring_started(scores: Path, pid: int) -> threading.Thread:
+    """SIGKILL ``pid`` as soon as the first partition lands in ``scores`` (mid-run)."""
 
-    from distributed import Client, LocalCluster
+    def kill() -> None:
+        for _ in range(1200):
+            if scores.exists() and any(scores.rglob("*.parquet")):
+                os.kill(pid, signal.SIGKILL)
+                return
+            threading.Event().wait(0.05)
 
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
+
+
+def _assert_same_frames(
+    result: buzzdask.AnalysisResult, reference: buzzdask.AnalysisResult
+) -> None:
+    frame = result.to_pandas()
+    assert not frame.duplicated(["file", "start"]).any()
+    pd.testing.assert_frame_equal(frame, reference.to_pandas())
+
+
+@pytest.fixture
+def kill_corpus(make_audio, tmp_path, tiny_embedder, tiny_model):
+    """Three 30-frame files and their uninterrupted analysis (1-frame chunks: many tasks)."""
     for seed in range(3):
         make_audio(f"f{seed}.wav", n_samples=30 * FRAME, seed=seed)
-    options = {"embedder": str(tiny_embedder), "chunk_seconds": 1.0, "progress": False}
-    reference = buzzdask.analyze(tmp_path / "audio", tiny_model, output=tmp_path / "ref", **options)
+    options = {
+        "model": tiny_model,
+        "embedder": str(tiny_embedder),
+        "chunk_seconds": 1.0,
+        "progress": False,
+    }
+    reference = buzzdask.analyze(tmp_path / "audio", output=tmp_path / "ref", **options)
+    return tmp_path / "audio", options, reference
 
+
+@pytest.mark.parametrize("victim", ["scorer", "decoder"])
+def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim):
+    """SIGKILL the worker process holding the actor, or a decoding one, mid-run: the actor is
+    re-created on a live worker, lost chunks are re-sent or recomputed, and the same run
+    finishes with every frame exactly once."""
+    from distributed import Client, LocalCluster
+
+    audio, options, reference = kill_corpus
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        scorer = sorted(client.scheduler_info()["workers"])[0]
-        scorer_pid = client.run(os.getpid, workers=[scorer])[scorer]
-        scores = tmp_path / "out" / "scores"
-
-        def kill_when_scoring_started() -> None:
-            for _ in range(600):
-                if scores.exists() and any(scores.rglob("*.parquet")):
-                    os.kill(scorer_pid, signal.SIGKILL)
-                    return
-                threading.Event().wait(0.05)
-
-        killer = threading.Thread(target=kill_when_scoring_started)
-        killer.start()
-        interrupted = buzzdask.analyze(
-            tmp_path / "audio", tiny_model, output=tmp_path / "out", client=client, **options
-        )
+        # The scorer goes to the first worker in address order, decoding to the other.
+        workers = sorted(client.scheduler_info()["workers"])
+        target = workers[0] if victim == "scorer" else workers[1]
+        pid = client.run(os.getpid, workers=[target])[target]
+        killer = _kill_when_scoring_started(tmp_path / "out" / "scores", pid)
+        result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
         killer.join()
-        assert not interrupted.ok
-        assert set(interrupted.errors.stage) <= {"score", "decode"}
-        client.wait_for_workers(2, timeout=60)
-        resumed = buzzdask.analyze(
-            tmp_path / "audio",
-            tiny_model,
-            output=tmp_path / "out",
-            client=client,
-            on_conflict="resume",
-            **options,
-        )
+    assert result.ok, result.errors
+    assert result.summary["scorer_restarts"] == (1 if victim == "scorer" else 0)
+    _assert_same_frames(result, reference)
+
+
+def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
+    """SIGKILL the process running analyze(); a resume finishes the output exactly once."""
+    audio, options, reference = kill_corpus
+    script = (
+        "import sys, buzzdask\n"
+        "buzzdask.analyze(sys.argv[1], sys.argv[2], output=sys.argv[3], embedder=sys.argv[4],"
+        " chunk_seconds=1.0, progress=False)\n"
+    )
+    output = tmp_path / "out"
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    command = [sys.executable, "-c", script, audio, options["model"], output, options["embedder"]]
+    process = subprocess.Popen([str(c) for c in command], env=env, start_new_session=True)
+    killer = _kill_when_scoring_started(output / "scores", process.pid)
+    process.wait(timeout=300)
+    killer.join()
+    assert process.returncode == -signal.SIGKILL
+    os.killpg(process.pid, signal.SIGKILL)  # its local cluster's orphaned worker processes
+    written = len(list((output / "scores").rglob("*.parquet")))
+    assert 0 < written < 90
+
+    resumed = buzzdask.analyze(audio, output=output, on_conflict="resume", **options)
     assert resumed.ok, resumed.errors
-    frame = resumed.to_pandas()
-    assert not frame.duplicated(["file", "start"]).any()
-    pd.testing.assert_frame_equal(frame, reference.to_pandas())
+    assert resumed.summary["chunks_skipped_resume"] >= written - 1
+    _assert_same_frames(resumed, reference)
+
+
+def test_node_local_staging_gives_the_same_frames(run, make_audio, tmp_path):
+    """With staging, each decode reads a copy on the worker's local disk: same frames."""
+    import dask
+
+    make_audio("a.mp3", n_samples=5 * FRAME)
+    make_audio("b.wav", n_samples=3 * FRAME, seed=1)
+    in_place = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "in_place")
+    local_disk = tmp_path / "node-local"
+    settings = {"buzzdask.staging.enabled": True, "buzzdask.staging.directory": str(local_disk)}
+    with dask.config.set(settings):
+        staged = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "staged")
+    assert staged.ok, staged.errors
+    assert local_disk.is_dir()  # the workers staged their copies there
+    pd.testing.assert_frame_equal(staged.to_pandas(), in_place.to_pandas())

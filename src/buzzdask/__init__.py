@@ -11,6 +11,7 @@ from buzzdask.decode import decode_file, probe_audio
 from buzzdask.errors import (
     BuzzdaskError,
     BuzzdaskWarning,
+    ClusterError,
     DecodeError,
     InputError,
     ModelError,
@@ -22,6 +23,8 @@ from buzzdask.frames import FrameSpec
 from buzzdask.graph import AnalysisResult, analyze
 from buzzdask.models import ModelSpec, resolve_model
 from buzzdask.project import init_project
+from buzzdask.train import TrainingResult, train
+from buzzdask.transfer import TransferError, TransferResult, transfer, upload
 
 try:
     __version__ = version("buzzdask")
@@ -35,18 +38,34 @@ __all__ = [
     "init_project",
     "probe_audio",
     "resolve_model",
+    "transfer",
+    "upload",
+    "train",
     # classes
     "AnalysisResult",
     "FrameSpec",
     "ModelSpec",
+    "TransferResult",
+    "TrainingResult",
     # exceptions and warnings
     "BuzzdaskError",
     "BuzzdaskWarning",
+    "ClusterError",
     "DecodeError",
     "InputError",
     "ModelError",
     "OutputConflictError",
     "ParameterError",
     "ScorerError",
+    "TransferError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # buzzdask.cluster (dask-jobqueue) loads on first use, so `import buzzdask` stays light.
+    if name == "cluster":
+        import importlib
+
+        return importlib.import_module("buzzdask.cluster")
+    raise AttributeError(f"module 'buzzdask' has no attribute {name!r}")

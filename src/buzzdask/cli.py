@@ -1,4 +1,4 @@
-"""The ``buzzdask`` command line: ``analyze``, ``init``, ``--version``.
+"""The ``buzzdask`` command line: ``analyze`` (``--watch``), ``init``, ``transfer``, ``--version``.
 
 Exit codes: 0 everything analysed; 1 nothing could start (bad input path, model, option or an
 output that already holds results); 2 usage error; 3 the run finished but some files failed.
@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
 
@@ -81,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="use a running Dask scheduler instead of a local cluster",
     )
+    analyze.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep analysing files as they arrive in the one INPUT directory, until the "
+        "transfer-complete marker or the idle timeout",
+    )
+    analyze.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --watch: stop after this long without new files (default 3600)",
+    )
+    analyze.add_argument(
+        "--poll",
+        type=float,
+        metavar="SECONDS",
+        help="with --watch: seconds between looks at the input (default 30)",
+    )
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
     analyze.add_argument(
         "-v",
@@ -91,11 +113,79 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init", help="create the project directory layout")
     init.add_argument("directory", help="project directory")
+
+    transfer = commands.add_parser(
+        "transfer", help="copy recordings from an rclone remote in batches, or --upload results"
+    )
+    transfer.add_argument(
+        "source", help="rclone remote path, e.g. teams:Recordings (with --upload: local directory)"
+    )
+    transfer.add_argument("destination", help="local directory (with --upload: rclone remote path)")
+    transfer.add_argument(
+        "--batch-size", type=int, metavar="N", help="files per rclone call (default 20)"
+    )
+    transfer.add_argument(
+        "--upload", action="store_true", help="send the local SOURCE directory to DESTINATION"
+    )
+    _add_train_parser(commands)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code."""
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="train a detector head on labelled audio; write a model directory"
+    )
+    train.add_argument(
+        "audio_dirs", nargs="+", metavar="AUDIO_DIR", help="directories the labels' files are in"
+    )
+    train.add_argument(
+        "--labels", required=True, help="CSV of labelled segments: file,start,end,label[,group]"
+    )
+    train.add_argument("--output", required=True, help="model directory to write (new or empty)")
+    train.add_argument(
+        "--ambient",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory whose every frame is ambient; repeatable",
+    )
+    train.add_argument(
+        "--unlabeled-ambient",
+        type=int,
+        metavar="N",
+        help="unlabeled frames drawn per labelled file as ambient (default 0)",
+    )
+    train.add_argument(
+        "--holdout",
+        action="append",
+        metavar="GROUP",
+        help="group held out for early stopping and evaluation; repeatable "
+        "(default: a seeded 20%% of the groups)",
+    )
+    train.add_argument(
+        "--embedder", help="embedder handle: TF Hub URL or local SavedModel directory"
+    )
+    train.add_argument(
+        "--framehop", type=float, metavar="SECONDS", help="seconds between frames (default 0.48)"
+    )
+    train.add_argument("--epochs", type=int, metavar="N", help="most epochs (default 200)")
+    train.add_argument("--seed", type=int, help="seed of the draws and of TensorFlow (default 0)")
+    train.add_argument(
+        "--cache-dir", metavar="DIR", help="embedding cache (default ./embedding-cache)"
+    )
+    train.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="use a running Dask scheduler instead of a local cluster",
+    )
+
+
+def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> int:
+    """Run the command line; return the exit code.
+
+    ``client`` is the cluster an ``analyze`` command runs on, overriding ``--scheduler``
+    (``python -m buzzdask.cluster ... analyze ...`` passes the SLURM cluster's client).
+    """
     args = build_parser().parse_args(argv)
     if args.command == "init":
         from buzzdask.project import init_project
@@ -103,25 +193,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         for readme in init_project(args.directory):
             print(f"created {readme}")
         return EXIT_OK
+    if args.command == "transfer":
+        return _transfer(args)
+    if args.command == "train":
+        return _train(args)
+    if args.watch and len(args.inputs) != 1:
+        build_parser().error("--watch takes exactly one INPUT directory")
     # -v lines come from analyze(verbose=True), printed above the progress bar.
     from buzzdask import BuzzdaskError, analyze
+    from buzzdask.watch import watch
 
+    options = {
+        "output": args.output,
+        "client": client if client is not None else args.scheduler,
+        "embedder": args.embedder,
+        "frame_hop_s": args.framehop,
+        "chunk_seconds": args.chunk_seconds,
+        "thresholds": dict(args.threshold),
+        "on_conflict": "resume" if args.resume else "new" if args.new else "error",
+        "memory_budget": args.memory_budget,
+        "batch_frames": args.batch_frames,
+        "progress": not args.no_progress,
+        "verbose": args.verbose,
+    }
     try:
-        result = analyze(
-            args.inputs,
-            args.model,
-            output=args.output,
-            client=args.scheduler,
-            embedder=args.embedder,
-            frame_hop_s=args.framehop,
-            chunk_seconds=args.chunk_seconds,
-            thresholds=dict(args.threshold),
-            on_conflict="resume" if args.resume else "new" if args.new else "error",
-            memory_budget=args.memory_budget,
-            batch_frames=args.batch_frames,
-            progress=not args.no_progress,
-            verbose=args.verbose,
-        )
+        if args.watch:
+            result = watch(
+                args.inputs[0],
+                args.model,
+                poll_seconds=args.poll,
+                idle_timeout_s=args.idle_timeout,
+                **options,
+            )
+        else:
+            result = analyze(args.inputs, args.model, **options)
     except BuzzdaskError as error:
         print(f"buzzdask: error: {error}", file=sys.stderr)
         return EXIT_ERROR
@@ -135,6 +240,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunk = "" if row.chunk is None or row.chunk != row.chunk else f" chunk {row.chunk}"
         print(f"buzzdask: failed: {row.file}{chunk}: {row.reason}", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_FILES_FAILED
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from buzzdask import BuzzdaskError
+    from buzzdask.transfer import transfer, upload
+
+    try:
+        if args.upload:
+            result = upload(args.source, args.destination)
+        else:
+            result = transfer(args.source, args.destination, batch_size=args.batch_size)
+    except BuzzdaskError as error:
+        print(f"buzzdask: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(
+        f"buzzdask: {len(result.files)} files ({result.bytes} bytes) in {result.batches} "
+        f"batch(es) -> {result.destination}"
+        + (f"; {len(result.skipped)} already there" if result.skipped else "")
+    )
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    from buzzdask import BuzzdaskError, train
+
+    try:
+        result = train(
+            args.labels,
+            args.audio_dirs,
+            output=args.output,
+            client=args.scheduler,
+            ambient_dirs=args.ambient,
+            unlabeled_ambient=args.unlabeled_ambient,
+            holdout=args.holdout,
+            embedder=args.embedder,
+            frame_hop_s=args.framehop,
+            epochs=args.epochs,
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+        )
+    except BuzzdaskError as error:
+        print(f"buzzdask: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    summary, cache = result.summary, result.summary["embedding_cache"]
+    print(
+        f"buzzdask: trained {len(result.classes)} classes on {summary['frames_train']} frames "
+        f"({summary['frames_holdout']} held out), {summary['epochs']} epochs, "
+        f"{cache['frames_cached']} frames from the cache, {cache['frames_embedded']} embedded "
+        f"-> {result.output}"
+    )
+    for row in result.evaluation.to_dict(orient="records"):
+        print(
+            f"buzzdask: {row['class']}: threshold {row['threshold']:g} gives precision "
+            f"{row['precision']:.2f}, recall {row['recall']:.2f} on the held-out groups"
+        )
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BuzzdaskError",
     "BuzzdaskWarning",
+    "ClusterError",
     "DecodeError",
     "InputError",
     "ModelError",
@@ -40,6 +41,10 @@ class OutputConflictError(BuzzdaskError, FileExistsError):
 
 class ScorerError(BuzzdaskError, RuntimeError):
     """The scorer actor could not be created or kept alive."""
+
+
+class ClusterError(BuzzdaskError, RuntimeError):
+    """Cluster workers could not be started: a job rejected by the scheduler or never running."""
 
 
 class DecodeError(BuzzdaskError, RuntimeError):

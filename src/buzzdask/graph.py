@@ -10,32 +10,38 @@ no more than that.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
 import time
-import uuid
-from collections import deque
-from collections.abc import Mapping, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask
-import dask.base
-import distributed
 import pandas as pd
 from dask.utils import parse_bytes
-from distributed import Client, Future, LocalCluster, as_completed
+from distributed import Client, Future, as_completed
 
 from buzzdask import config
-from buzzdask.decode import AudioInfo, ChunkPlan, decode_chunk, plan_chunks, probe_audio
+from buzzdask.decode import (
+    AudioInfo,
+    ChunkPlan,
+    DecodedChunk,
+    decode_chunk,
+    plan_chunks,
+    probe_audio,
+)
 from buzzdask.errors import BuzzdaskError, DecodeError, ParameterError, ScorerError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile, discover
 from buzzdask.models import ModelSpec, resolve_model
 from buzzdask.progress import Progress, logger
 from buzzdask.score import Scorer, score_chunks
+from buzzdask.session import connect, has_gpu, package_versions, scorer_hosts, task_key
+from buzzdask.transfer import decode_chunk_staged
 from buzzdask.write import (
     ERROR_COLUMNS,
     OnConflict,
@@ -111,6 +117,7 @@ class _FileState:
 class _Chunk:
     file: _FileState
     plan: ChunkPlan
+    score_attempts: int = 0
 
 
 def analyze(
@@ -128,6 +135,7 @@ def analyze(
     batch_frames: int | None = None,
     progress: bool = True,
     verbose: bool = False,
+    watch: bool = False,
 ) -> AnalysisResult:
     """Score every frame of the audio under ``paths`` and write partitioned Parquet.
 
@@ -162,6 +170,9 @@ def analyze(
         Show a progress bar of audio hours.
     verbose : bool, default: False
         Log "decoding <file> [start–end]" and "scoring <file> [start–end]" per chunk.
+    watch : bool, default: False
+        ``paths`` is one directory files are still arriving in: analyse them as they arrive,
+        until the transfer-complete marker or the idle timeout (:func:`buzzdask.watch.watch`).
 
     Returns
     -------
@@ -179,6 +190,15 @@ def analyze(
     the run: it is reported in ``result.errors`` and ``errors.parquet``, and every other file
     finishes. The last frame of a file, if it would overrun the end, is dropped, never padded.
     """
+    if watch:  # the same keywords, pass after pass, until the transfer is complete
+        from buzzdask.watch import watch as watch_directory
+
+        return watch_directory(
+            paths, model, output=output, client=client, embedder=embedder,
+            frame_hop_s=frame_hop_s, chunk_seconds=chunk_seconds, thresholds=thresholds,
+            on_conflict=on_conflict, memory_budget=memory_budget, batch_frames=batch_frames,
+            progress=progress, verbose=verbose,
+        )  # fmt: skip
     started_wall = time.perf_counter()
     started = utc_now()
     spec_model = resolve_model(model, embedder=embedder)
@@ -214,7 +234,7 @@ def analyze(
         "frame_context_s": spec.context / spec.sample_rate,
         "chunk_seconds": frames_per_chunk * spec.hop_length / spec.sample_rate,
         "thresholds": thresholds,
-        "versions": _versions(),
+        "versions": package_versions(),
         "inputs": {
             "root": root,
             "paths": [
@@ -224,37 +244,26 @@ def analyze(
         },
         "fingerprint": fingerprint,
     }
-    own_cluster = None
-    if client is None:
-        own_cluster = _start_local_cluster()
-        client = Client(own_cluster)
-        print(f"buzzdask: started a local Dask cluster; dashboard: {client.dashboard_link}")
-    elif isinstance(client, str):
-        client = Client(client)
-    run = _Run(
-        client=client,
-        model=spec_model,
-        spec=spec,
-        layout=layout,
-        frames_per_chunk=frames_per_chunk,
-        thresholds=thresholds,
-        budget=budget,
-        batch_frames=batch,
-        done=done,
-        metadata=metadata,
-    )
-    try:
+    with connect(client) as connected:
+        run = _Run(
+            client=connected,
+            model=spec_model,
+            spec=spec,
+            layout=layout,
+            frames_per_chunk=frames_per_chunk,
+            thresholds=thresholds,
+            budget=budget,
+            batch_frames=batch,
+            done=done,
+            metadata=metadata,
+        )
         layout.root.mkdir(parents=True, exist_ok=True)
         write_json(layout.metadata, metadata)
         run.start_scorers()
         metadata["versions"]["tensorflow"] = run.tensorflow_version
         run.execute(inputs, progress=Progress(enabled=progress, verbose=verbose))
-        peak_rss = _peak_rss(client)
+        peak_rss = _peak_rss(connected)
         scorer_stats = run.scorer_stats()
-    finally:
-        if own_cluster is not None:
-            client.close()
-            own_cluster.close()
     wall = time.perf_counter() - started_wall
     audio_s = run.frames_written * spec.hop_length / spec.sample_rate
     summary = {
@@ -271,6 +280,7 @@ def analyze(
         "memory_budget_bytes": budget,
         "peak_decoded_bytes_in_flight": run.peak_in_flight_bytes,
         "scorers": scorer_stats,
+        "scorer_restarts": run.scorer_restarts,
     }
     metadata.update(status="complete", finished=utc_now(), summary=summary)
     errors = pd.DataFrame(run.errors, columns=ERROR_COLUMNS)
@@ -321,11 +331,23 @@ class _Run:
         self.seekable = tuple(config.get("seekable-codecs"))
         self.ffmpeg = str(config.get("ffmpeg"))
         self.ffprobe = str(config.get("ffprobe"))
+        self.decode: Callable[..., DecodedChunk] = decode_chunk
+        if config.get("staging.enabled"):
+            # Each decode reads a node-local copy: spares the shared parallel file system.
+            self.decode = functools.partial(
+                decode_chunk_staged,
+                staging_directory=config.get("staging.directory"),
+                keep_files=int(config.get("staging.keep-files")),
+            )
         self.tasks_per_scorer = int(config.get("score-tasks-per-actor"))
         self.files: dict[str, _FileState] = {}
         self.errors: list[dict[str, Any]] = []
-        self.scorers: list[tuple[str, Any]] = []
-        self._actor_futures: list[Future] = []
+        self.scorers: dict[str, Any] = {}
+        self._actor_futures: dict[str, Future] = {}
+        self.gpu_scoring = False
+        self.decode_workers: list[str] | None = None
+        self.scorer_restarts = 0
+        self.score_attempts = int(config.get("score-attempts"))
         self.tensorflow_version = "unknown"
         self.frames_written = 0
         self.chunks_written = 0
@@ -335,19 +357,22 @@ class _Run:
     # -- scorers -------------------------------------------------------------------------------
     def start_scorers(self) -> None:
         """One scorer actor per GPU worker, else one on a CPU worker; loads the model there."""
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        workers = self._live_workers()
         if not workers:
             self.client.wait_for_workers(1, timeout=300)
-            workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        gpu = sorted(a for a, w in workers.items() if w.get("resources", {}).get("GPU", 0) > 0)
-        if gpu:
-            hosts = gpu
-        else:
-            hosts = sorted(workers)[:1]
+            workers = self._live_workers()
+        hosts = scorer_hosts(workers)
+        self.gpu_scoring = has_gpu(workers[hosts[0]])
+        if not self.gpu_scoring:
             logger.info("no GPU workers: scoring on CPU worker %s", hosts[0])
-        self.scorer_workers = set(hosts)
-        decoders = sorted(set(workers) - self.scorer_workers)
-        self.decode_workers = decoders or None
+        actors = self._start_actors(hosts)
+        self.scorers = dict(zip(hosts, actors, strict=True))
+        self._update_decode_workers(workers)
+        self.tensorflow_version = str(
+            self.client.run(_tensorflow_version, workers=hosts[:1]).popitem()[1]
+        )
+
+    def _start_actors(self, hosts: list[str]) -> list[Any]:
         futures = [
             self.client.submit(
                 Scorer,
@@ -361,7 +386,7 @@ class _Run:
                 actor=True,
                 workers=[address],
                 allow_other_workers=False,
-                key=_key("scorer", address, self.model.sha256),
+                key=task_key("scorer", address, self.model.sha256),
             )
             for address in hosts
         ]
@@ -370,20 +395,82 @@ class _Run:
         except BuzzdaskError:  # ModelError from the actor's __init__, before any decode
             raise
         except Exception as error:
-            raise ScorerError(f"could not start the scorer: {error}") from error
+            raise ScorerError(f"could not start the scorer on {hosts}: {error}") from error
         # Hold the actor futures: once released, Dask forgets the actors and their tasks fail.
-        self._actor_futures = futures
-        self.scorers = list(zip(hosts, actors, strict=True))
-        self.tensorflow_version = str(
-            self.client.run(_tensorflow_version, workers=hosts[:1]).popitem()[1]
+        self._actor_futures.update(zip(hosts, futures, strict=True))
+        return actors
+
+    def _live_workers(self) -> dict[str, Any]:
+        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def _update_decode_workers(self, workers: Mapping[str, Any]) -> None:
+        # Decode tasks prefer workers without a scorer or a GPU, so they never take a GPU
+        # worker's slot; loosely, so that a run whose decode workers all left still finishes.
+        decoders = sorted(
+            address
+            for address, worker in workers.items()
+            if address not in self.scorers and not has_gpu(worker)
         )
+        self.decode_workers = decoders or None
+
+    def scorer_alive(self, address: str) -> bool:
+        """Whether the actor on ``address`` still answers (its worker may have died or retired)."""
+        actor = self.scorers.get(address)
+        if actor is None:
+            return False
+        try:
+            actor.stats().result(timeout=float(config.get("scorer-ping-seconds")))
+        except Exception:
+            return False
+        return True
+
+    def replace_scorer(self, address: str) -> str:
+        """Start a new actor in place of the lost one on ``address``; return its worker.
+
+        A GPU run waits for a GPU worker (a SLURM cluster replaces retired jobs); otherwise any
+        live worker without a scorer will do.
+
+        Raises
+        ------
+        ScorerError
+            If no suitable worker arrives within ``buzzdask.scorer-restart-seconds``.
+        """
+        self.scorers.pop(address, None)
+        self._actor_futures.pop(address, None)
+        deadline = time.monotonic() + float(config.get("scorer-restart-seconds"))
+        while True:
+            workers = self._live_workers()
+            candidates = sorted(
+                a
+                for a, w in workers.items()
+                if a not in self.scorers and (not self.gpu_scoring or has_gpu(w))
+            )
+            if candidates:
+                break
+            if time.monotonic() > deadline:
+                kind = "GPU worker" if self.gpu_scoring else "worker"
+                raise ScorerError(
+                    f"the scorer on {address} was lost and no {kind} was free to replace it "
+                    "within buzzdask.scorer-restart-seconds; finish with on_conflict='resume'"
+                )
+            time.sleep(1.0)
+        # Prefer a worker that decodes nothing yet, so decoding keeps its workers.
+        host = candidates[-1]
+        logger.warning("scorer on %s was lost: restarting it on %s", address, host)
+        (actor,) = self._start_actors([host])
+        self.scorers[host] = actor
+        self.scorer_restarts += 1
+        self._update_decode_workers(workers)
+        return host
 
     def scorer_stats(self) -> list[dict[str, Any]]:
         """Each actor's counters (or why they cannot be had: its worker died)."""
         stats = []
-        for address, actor in self.scorers:
+        for address, actor in self.scorers.items():
             try:
-                stats.append({"worker": address, **actor.stats().result()})
+                stats.append(
+                    {"worker": address, "gpu_worker": self.gpu_scoring, **actor.stats().result()}
+                )
             except Exception as error:  # the actor's worker is gone; the run still reports
                 stats.append({"worker": address, "error": f"{type(error).__name__}: {error}"})
         return stats
@@ -403,7 +490,7 @@ class _Run:
                 _probe,
                 item.path,
                 ffprobe=self.ffprobe,
-                key=_key("probe", item.path),
+                key=task_key("probe", item.path),
                 workers=self.decode_workers,
                 allow_other_workers=True,
                 pure=False,
@@ -414,7 +501,7 @@ class _Run:
         todo: deque[_Chunk] = deque()
         decoded: deque[tuple[_Chunk, Future]] = deque()
         in_flight_bytes = 0
-        scoring: dict[str, int] = {address: 0 for address, _ in self.scorers}
+        scoring: defaultdict[str, int] = defaultdict(int)  # score tasks queued per actor
 
         def submit_more() -> None:
             nonlocal in_flight_bytes
@@ -427,14 +514,14 @@ class _Run:
                 assert chunk.file.info is not None
                 logger.info("decoding %s", self._label(chunk))
                 future = client.submit(
-                    decode_chunk,
+                    self.decode,
                     chunk.file.info,
                     chunk.plan,
                     spec=self.spec,
                     margin_s=self.margin_s,
                     seekable_codecs=self.seekable,
                     ffmpeg_cmd=self.ffmpeg,
-                    key=_key("decode", chunk.file.input.relative, chunk.plan),
+                    key=task_key("decode", chunk.file.input.relative, chunk.plan),
                     workers=self.decode_workers,
                     allow_other_workers=True,
                     pure=False,
@@ -442,9 +529,10 @@ class _Run:
                 kinds[future.key] = ("decode", chunk)
                 pending.add(future)
             while decoded:
-                address, actor = min(self.scorers, key=lambda s: scoring[s[0]])
+                address = min(self.scorers, key=scoring.__getitem__)
                 if scoring[address] >= self.tasks_per_scorer:
                     break
+                actor = self.scorers[address]
                 group: list[tuple[_Chunk, Future]] = []
                 frames = 0
                 while decoded and (
@@ -458,7 +546,7 @@ class _Run:
                     score_chunks,
                     actor,
                     *[f for _, f in group],
-                    key=_key("score", [f.key for _, f in group]),
+                    key=task_key("score", [f.key for _, f in group]),
                     workers=[address],
                     # Loose: if the actor's worker dies the task runs elsewhere and fails
                     # (reported, redone by resume) instead of waiting forever for that worker.
@@ -483,16 +571,36 @@ class _Run:
                 address, group = payload
                 scoring[address] -= 1
                 results = _outcome(future)
-                if isinstance(results, BaseException):
+                if isinstance(results, BaseException) and self._scorer_lost(address):
+                    # Re-send what the lost actor held; Dask recomputes any decoded array
+                    # that died with its worker.
+                    for chunk, chunk_future in reversed(group):
+                        chunk.score_attempts += 1
+                        if chunk.score_attempts < self.score_attempts:
+                            decoded.appendleft((chunk, chunk_future))
+                        else:
+                            in_flight_bytes -= self.chunk_nbytes
+                            self._chunk_failed(chunk, results, "score")
+                elif isinstance(results, BaseException):
+                    in_flight_bytes -= self.chunk_nbytes * len(group)
                     for chunk, _ in group:
                         self._chunk_failed(chunk, results, "score")
                 else:
+                    in_flight_bytes -= self.chunk_nbytes * len(group)
                     for (chunk, _), result in zip(group, results, strict=True):
                         self._write(chunk, *result, progress=progress)
-                in_flight_bytes -= self.chunk_nbytes * len(group)
             del future
             submit_more()
         progress.close()
+
+    def _scorer_lost(self, address: str) -> bool:
+        """After a failed score task: was its actor lost? If so, it has been replaced."""
+        if address not in self.scorers:  # lost earlier, already replaced
+            return True
+        if self.scorer_alive(address):
+            return False
+        self.replace_scorer(address)
+        return True
 
     # -- steps ---------------------------------------------------------------------------------
     def _probed(
@@ -637,11 +745,6 @@ def _outcome(future: Future) -> Any:
         return error
 
 
-def _key(prefix: str, *parts: Any) -> str:
-    """A unique task key; the dashboard groups tasks by ``prefix`` (decode, score...)."""
-    return f"{prefix}-{dask.base.tokenize(*parts, uuid.uuid4().hex)}"
-
-
 def _describe(error: BaseException) -> tuple[str, str]:
     if isinstance(error, DecodeError):
         return error.reason, error.stderr
@@ -668,21 +771,6 @@ def _fingerprint(
     }
 
 
-def _versions() -> dict[str, str]:
-    import pyarrow
-
-    from buzzdask import __version__
-
-    return {
-        "buzzdask": __version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "pandas": pd.__version__,
-        "pyarrow": pyarrow.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _tensorflow_version() -> str:
     import tensorflow as tf
 
@@ -700,16 +788,3 @@ def _peak_rss_bytes() -> dict[str, int]:
 def _peak_rss(client: Client) -> dict[str, dict[str, int]]:
     # A worker that died during the run has no answer; the others still report.
     return client.run(_peak_rss_bytes, on_error="ignore")
-
-
-def _start_local_cluster() -> LocalCluster:
-    """Worker processes: one holds the scorer, the others decode (at least one of each)."""
-    cores = os.cpu_count() or 1
-    n_workers = config.get("local-cluster.n-workers") or 2
-    threads = config.get("local-cluster.threads-per-worker") or cores
-    return LocalCluster(
-        n_workers=int(n_workers),
-        threads_per_worker=int(threads),
-        processes=True,
-        dashboard_address=config.get("local-cluster.dashboard-address"),
-    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import load_embedder, load_head
 
-__all__ = ["Scorer", "score_chunks"]
+__all__ = ["Scorer", "embed_chunks", "score_chunks"]
 
 
 @dataclass
@@ -39,14 +40,15 @@ class Scorer:
 
     Parameters
     ----------
-    head_path : str
+    head_path : str or None
         Directory of the head SavedModel (``serving_default``: embeddings -> activations).
+        ``None``: no head; the actor only gives embeddings (:meth:`embed`, for training).
     embedder_handle : str
         ``tensorflow_hub.load`` handle of the embedder (waveform -> scores, embeddings, ...).
     spec : FrameSpec
         Frame geometry; the hop may differ from the embedder's own patch hop.
-    n_classes : int > 0
-        Columns the head must give.
+    n_classes : int >= 0
+        Columns the head must give (ignored without a head).
     batch_frames : int > 0
         Most embedder patches per call.
     intra_op_threads, inter_op_threads : int, optional
@@ -62,7 +64,7 @@ class Scorer:
     def __init__(
         self,
         *,
-        head_path: str,
+        head_path: str | None,
         embedder_handle: str,
         spec: FrameSpec,
         n_classes: int,
@@ -81,7 +83,7 @@ class Scorer:
         self.spec = spec
         self.batch_frames = max(1, int(batch_frames))
         self._embedder = load_embedder(embedder_handle)
-        self._head, head_input = load_head(head_path)
+        self._head, head_input = load_head(head_path) if head_path else (None, -1)
 
         one = self._embed(np.zeros(spec.window, np.float32))
         if one.shape[0] != 1:
@@ -95,10 +97,10 @@ class Scorer:
                 f"embedder {embedder_handle!r} gives {self.embedding_size}-d embeddings but the "
                 f"head in {head_path} expects {head_input}-d input"
             )
-        out = self._head(one)
-        if out.shape[1] != n_classes:
+        n_outputs = n_classes if self._head is None else self._head(one).shape[1]
+        if n_outputs != n_classes:
             raise ModelError(
-                f"head in {head_path} gives {out.shape[1]} outputs but its config lists "
+                f"head in {head_path} gives {n_outputs} outputs but its config lists "
                 f"{n_classes} classes"
             )
         # The embedder's own patch hop, measured: patches for a window plus two frames.
@@ -110,6 +112,7 @@ class Scorer:
         )
         self.n_classes = n_classes
         self.frames_scored = 0
+        self.frames_embedded = 0
         self.seconds_scoring = 0.0
         self.calls = 0
 
@@ -128,7 +131,41 @@ class Scorer:
         -------
         list of np.ndarray [shape=(chunk.n_frames, n_classes), dtype=float32]
             Raw head activations, one array per chunk, in order.
+
+        Raises
+        ------
+        ModelError
+            If the actor was started without a head.
         """
+        if self._head is None:
+            raise ModelError("this scorer has no head (started for embeddings only)")
+        results = self._batched(chunks, self._head, self.n_classes)
+        self.frames_scored += sum(len(r) for r in results)
+        return results
+
+    def embed(self, chunks: list[DecodedChunk]) -> list[np.ndarray]:
+        """Embed decoded chunks (the same batching as :meth:`score`, without the head).
+
+        Parameters
+        ----------
+        chunks : list of DecodedChunk
+
+        Returns
+        -------
+        list of np.ndarray [shape=(chunk.n_frames, embedding_size), dtype=float32]
+            The embedder's output for each frame, one array per chunk, in order.
+        """
+        results = self._batched(chunks, None, self.embedding_size)
+        self.frames_embedded += sum(len(r) for r in results)
+        return results
+
+    def _batched(
+        self,
+        chunks: list[DecodedChunk],
+        head: Callable[[np.ndarray], np.ndarray] | None,
+        width: int,
+    ) -> list[np.ndarray]:
+        """Frames of ``chunks`` through the embedder in batches, then ``head`` if given."""
         started = time.perf_counter()
         results: list[np.ndarray] = []
         pieces: list[list[tuple[int, np.ndarray]]] = [[] for _ in chunks]
@@ -137,18 +174,15 @@ class Scorer:
         for run in self._runs(chunks):
             patches = self._padded_length(run.n_frames) // self.native_hop
             if batch and batch_patches + patches > self.batch_frames:
-                self._score_batch(batch, pieces)
+                self._run_batch(batch, pieces, head)
                 batch, batch_patches = [], 0
             batch.append(run)
             batch_patches += patches
         if batch:
-            self._score_batch(batch, pieces)
+            self._run_batch(batch, pieces, head)
         for chunk_pieces in pieces:
             ordered = [a for _, a in sorted(chunk_pieces, key=_first)]
-            results.append(
-                np.concatenate(ordered) if ordered else np.zeros((0, self.n_classes), np.float32)
-            )
-        self.frames_scored += sum(len(r) for r in results)
+            results.append(np.concatenate(ordered) if ordered else np.zeros((0, width), np.float32))
         self.seconds_scoring += time.perf_counter() - started
         return results
 
@@ -156,6 +190,7 @@ class Scorer:
         """Counters since the actor started: frames, embedder calls, seconds spent scoring."""
         return {
             "frames_scored": self.frames_scored,
+            "frames_embedded": self.frames_embedded,
             "embedder_calls": self.calls,
             "seconds_scoring": self.seconds_scoring,
             "native_hop": self.native_hop,
@@ -184,7 +219,12 @@ class Scorer:
                 runs.append(_Run(index, first, n_frames, samples))
         return runs
 
-    def _score_batch(self, batch: list[_Run], pieces: list[list[tuple[int, np.ndarray]]]) -> None:
+    def _run_batch(
+        self,
+        batch: list[_Run],
+        pieces: list[list[tuple[int, np.ndarray]]],
+        head: Callable[[np.ndarray], np.ndarray] | None,
+    ) -> None:
         lengths = [self._padded_length(run.n_frames) for run in batch]
         waveform = np.zeros(sum(lengths), np.float32)
         rows: list[np.ndarray] = []
@@ -195,12 +235,12 @@ class Scorer:
             waveform[offset : offset + len(run.samples)] = run.samples
             rows.append(offset // self.native_hop + stride * np.arange(run.n_frames))
             offset += length
-        embeddings = self._embed(waveform)
-        activations = self._head(embeddings[np.concatenate(rows)]).astype(np.float32, copy=False)
+        embeddings = self._embed(waveform)[np.concatenate(rows)]
+        outputs = (embeddings if head is None else head(embeddings)).astype(np.float32, copy=False)
         self.calls += 1
         position = 0
         for run in batch:
-            pieces[run.chunk].append((run.first, activations[position : position + run.n_frames]))
+            pieces[run.chunk].append((run.first, outputs[position : position + run.n_frames]))
             position += run.n_frames
 
 
@@ -217,3 +257,14 @@ def score_chunks(scorer: Any, *chunks: DecodedChunk) -> list[tuple[int, np.ndarr
     """
     activations = scorer.score(list(chunks)).result()
     return [(c.first_frame, a, c.messages) for c, a in zip(chunks, activations, strict=True)]
+
+
+def embed_chunks(scorer: Any, *chunks: DecodedChunk) -> list[tuple[int, np.ndarray, str]]:
+    """Task run on the scorer's worker: the embeddings of the chunks Dask brought here.
+
+    Returns
+    -------
+    list of (first_frame, embeddings [shape=(n_frames, embedding_size)], ffmpeg messages)
+    """
+    embeddings = scorer.embed(list(chunks)).result()
+    return [(c.first_frame, e, c.messages) for c, e in zip(chunks, embeddings, strict=True)]

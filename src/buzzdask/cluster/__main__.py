@@ -1,0 +1,149 @@
+r"""``python -m buzzdask.cluster``: start a cluster, then analyse on it or hold it for a notebook.
+
+    python -m buzzdask.cluster --config osc-cardinal --account PAS1234 --gpus 2 --cpu-workers 8 \\
+        analyze field_audio/ --model general_v3 --output results/
+
+starts the worker jobs, prints the dashboard (and how to reach it), runs ``buzzdask analyze`` on
+them, cancels the jobs and exits with analyze's exit code. Without ``analyze ...`` it prints the
+scheduler address for ``Client(address)`` and holds the cluster until Ctrl-C or SIGTERM.
+``--print-job-script`` prints the worker job scripts it would submit, and submits nothing;
+``--print-batch-script`` prints one sbatch script that runs the whole analysis inside a single
+job (scheduler, client and workers as its tasks: see :mod:`buzzdask.cluster.batch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from buzzdask.cli import EXIT_ERROR, EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m buzzdask.cluster``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m buzzdask.cluster",
+        description="Start a Dask cluster (SLURM jobs or local) and analyse on it.",
+    )
+    parser.add_argument(
+        "--config",
+        default="local",
+        help="cluster configuration: a name in cluster_configs/ or a YAML path (default local)",
+    )
+    parser.add_argument("--account", help="SLURM account / OSC project, e.g. PAS1234")
+    parser.add_argument("--gpus", type=int, default=0, help="GPU scorer workers (one GPU each)")
+    parser.add_argument("--cpu-workers", type=int, default=1, help="CPU decode worker jobs")
+    parser.add_argument("--walltime", help="HH:MM:SS of every job")
+    parser.add_argument("--queue", help="partition of the CPU jobs")
+    parser.add_argument("--gpu-queue", help="partition of the GPU jobs")
+    parser.add_argument("--cores", type=int, help="cores of each CPU job")
+    parser.add_argument("--memory", help="memory of each CPU job, e.g. 32GiB")
+    parser.add_argument("--log-directory", help="where the jobs' logs go")
+    parser.add_argument("--timeout", type=float, help="seconds to wait for the workers")
+    parser.add_argument(
+        "--print-job-script",
+        action="store_true",
+        help="print the batch scripts that would be submitted, and exit",
+    )
+    parser.add_argument(
+        "--print-batch-script",
+        action="store_true",
+        help="print an sbatch script running the whole analysis inside one job, and exit",
+    )
+    parser.add_argument("--in-job", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="optional: analyze INPUT... --model M --output O [options of buzzdask analyze]",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m buzzdask.cluster``; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command and args.command[0] != "analyze":
+        parser.error(f"unknown command {args.command[0]!r}: only 'analyze ...' can follow")
+    from buzzdask import BuzzdaskError, cli
+    from buzzdask.cluster import dashboard_hints, job_scripts, start
+
+    if args.command:  # check analyze's options before any job is submitted
+        cli.build_parser().parse_args(args.command)
+    options = {
+        "account": args.account,
+        "walltime": args.walltime,
+        "queue": args.queue,
+        "gpu_queue": args.gpu_queue,
+        "cores": args.cores,
+        "memory": args.memory,
+        "log_directory": args.log_directory,
+    }
+    if args.in_job:  # a task of the --print-batch-script job
+        from buzzdask.cluster.batch import run_in_job
+
+        return run_in_job(args.command, gpus=args.gpus)
+    try:
+        if args.print_batch_script:
+            if not args.command:
+                parser.error("--print-batch-script needs the analyze ... command to run")
+            from buzzdask.cluster.batch import batch_script
+
+            print(
+                batch_script(
+                    args.config,
+                    args.command,
+                    gpus=args.gpus,
+                    cpu_workers=args.cpu_workers,
+                    account=args.account,
+                    walltime=args.walltime,
+                    queue=args.gpu_queue if args.gpus else args.queue,
+                ),
+                end="",
+            )
+            return EXIT_OK
+        if args.print_job_script:
+            for kind, script in job_scripts(args.config, **options).items():
+                print(f"# ---- {kind} worker job ----\n{script}")
+            return EXIT_OK
+        if not args.gpus:
+            print("buzzdask: no GPU workers (--gpus 0): the scorer runs on a CPU worker")
+        client = start(
+            args.config,
+            gpus=args.gpus,
+            cpu_workers=args.cpu_workers,
+            timeout=args.timeout,
+            **options,
+        )
+    except BuzzdaskError as error:
+        print(f"buzzdask: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        print(f"buzzdask: scheduler at {client.scheduler.address}")
+        for line in dashboard_hints(client, args.config):
+            print(f"buzzdask: {line}")
+        sys.stdout.flush()
+        if args.command:
+            return cli.main(args.command, client=client)
+        print("buzzdask: in Python: Client(<scheduler address above>); Ctrl-C stops the cluster")
+        _wait_for_stop()
+        return EXIT_OK
+    finally:
+        client.shutdown()
+
+
+def _wait_for_stop() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

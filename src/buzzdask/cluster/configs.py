@@ -1,0 +1,87 @@
+"""Cluster configurations: the YAML files of ``cluster_configs/``, one per system.
+
+Each file holds a ``buzzdask.clusters.<name>`` entry (the kind of cluster and, for SLURM, the
+names of its two ``jobqueue`` sections: CPU decode workers and GPU scorer workers) and those
+complete ``jobqueue.<section>`` sections. They enter ``dask.config`` as defaults, so a user's own
+``~/.config/dask/*.yaml`` or ``DASK_JOBQUEUE__...`` variables still override any key.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import yaml
+
+from buzzdask import config
+from buzzdask.errors import ParameterError
+
+__all__ = ["available_configs", "config_dirs", "load_cluster_config"]
+
+
+def config_dirs() -> list[Path]:
+    """Directories searched for ``<name>.yaml``, first match wins.
+
+    ``buzzdask.cluster-config-dirs``, then ``./cluster_configs``, then the source tree's
+    ``cluster_configs/`` (an editable install), then ``<prefix>/share/buzzdask/cluster_configs``
+    (a wheel install).
+    """
+    own = [Path(os.path.expanduser(d)) for d in config.get("cluster-config-dirs") or []]
+    return [
+        *own,
+        Path.cwd() / "cluster_configs",
+        Path(__file__).resolve().parents[3] / "cluster_configs",
+        Path(sys.prefix) / "share" / "buzzdask" / "cluster_configs",
+    ]
+
+
+def available_configs() -> dict[str, Path]:
+    """Every configuration found, by name."""
+    found: dict[str, Path] = {}
+    for directory in reversed(config_dirs()):
+        if directory.is_dir():
+            found.update({path.stem: path for path in sorted(directory.glob("*.yaml"))})
+    return dict(sorted(found.items()))
+
+
+def load_cluster_config(name: str | os.PathLike[str]) -> dict[str, Any]:
+    """Register a cluster configuration's sections in ``dask.config``; return its entry.
+
+    Parameters
+    ----------
+    name : str or path-like
+        A name from :func:`available_configs` (``"osc-cardinal"``) or a YAML file's path.
+
+    Returns
+    -------
+    dict
+        ``buzzdask.clusters.<name>``: ``kind`` ("slurm" or "local") and its settings, plus
+        ``name``.
+
+    Raises
+    ------
+    ParameterError
+        If no such configuration exists, or it lacks its ``buzzdask.clusters`` entry.
+    """
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        configs = available_configs()
+        if str(name) not in configs:
+            raise ParameterError(
+                f"no cluster configuration {str(name)!r}; available: {sorted(configs)} "
+                f"(searched {[str(d) for d in config_dirs()]})"
+            )
+        path = configs[str(name)]
+    elif not path.is_file():
+        raise ParameterError(f"cluster configuration file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    entry = data.get("buzzdask", {}).get("clusters", {}).get(path.stem)
+    if not isinstance(entry, dict) or entry.get("kind") not in ("slurm", "local"):
+        raise ParameterError(
+            f"{path} needs a buzzdask.clusters.{path.stem} entry with kind: slurm or local"
+        )
+    dask.config.update_defaults(data)
+    return {"name": path.stem, **dask.config.get(f"buzzdask.clusters.{path.stem}")}

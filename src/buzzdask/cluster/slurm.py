@@ -1,0 +1,269 @@
+"""A dask-jobqueue SLURMCluster with two kinds of worker jobs on one scheduler.
+
+CPU workers decode; GPU workers (one SLURM job per GPU, ``--resources GPU=1``) hold the scorer
+actors. Workers retire before their job's walltime (``--lifetime``); the cluster submits a job of
+the same kind for every worker that leaves, so a run longer than one walltime completes.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from dask.utils import parse_timedelta
+from dask_jobqueue import SLURMCluster
+from dask_jobqueue.slurm import SLURMJob
+from distributed.core import Status
+from distributed.deploy.adaptive import Adaptive
+from tornado.ioloop import PeriodicCallback
+
+from buzzdask.errors import ClusterError
+
+__all__ = ["BuzzdaskSLURMCluster", "job_script"]
+
+SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
+
+
+class _Job(SLURMJob):
+    """A SLURM worker job that keeps sbatch's refusal, so waiting can report it."""
+
+    submit_error: Exception | None = None
+
+    async def start(self) -> None:
+        try:
+            await super().start()
+        except Exception as error:
+            self.submit_error = error
+            self.status = Status.failed  # so closing the cluster accepts a job that never ran
+            raise
+
+
+def job_script(config_name: str, **job_kwargs: Any) -> str:
+    """The batch script of one worker job, without starting a scheduler.
+
+    Parameters
+    ----------
+    config_name : str
+        The ``jobqueue.<config_name>`` section.
+    **job_kwargs
+        Overrides of that section (``account``, ``walltime``, ``cores``...).
+    """
+    return _Job(
+        scheduler=SCHEDULER_PLACEHOLDER, name="buzzdask", config_name=config_name, **job_kwargs
+    ).job_script()
+
+
+class _DecodeWorkersAdaptive(Adaptive):
+    """Adaptive scaling of the CPU (decode) workers; the GPU workers keep their number."""
+
+    @property
+    def plan(self) -> set[str]:
+        return self.cluster.plan - self.cluster.gpu_worker_names
+
+    @property
+    def requested(self) -> set[str]:
+        return self.cluster.requested - self.cluster.gpu_worker_names
+
+    @property
+    def observed(self) -> set[str]:
+        return self.cluster.observed - self.cluster.gpu_worker_names
+
+    async def target(self) -> int:
+        # The scheduler counts every worker; the GPU ones are not ours to add or remove.
+        return max(0, await super().target() - len(self.cluster.gpu_worker_names))
+
+    async def workers_to_close(self, target: int) -> list[str]:
+        gpu = self.cluster.gpu_worker_names
+        names = await super().workers_to_close(target + len(gpu))
+        return [name for name in names if name not in gpu]
+
+
+class BuzzdaskSLURMCluster(SLURMCluster):
+    """SLURMCluster whose jobs are CPU decode workers or GPU scorer workers.
+
+    Parameters
+    ----------
+    gpu_config_name : str
+        The ``jobqueue`` section of the GPU worker jobs (``--gpus-per-node=1`` and
+        ``--resources GPU=1`` in it).
+    gpu_job_kwargs : mapping, optional
+        Overrides of that section.
+    keepalive_interval : str, default: "5s"
+        How often lost workers (retired, walltime, ``scancel``) are replaced by new jobs.
+    **kwargs
+        :class:`dask_jobqueue.SLURMCluster` options of the CPU worker jobs (``config_name``...).
+
+    Notes
+    -----
+    ``scale(jobs=n)`` sets the number of CPU worker jobs and leaves the GPU ones alone;
+    ``scale(gpus=n)`` sets the GPU worker jobs (one GPU each); ``adapt(minimum_jobs=...,
+    maximum_jobs=...)`` scales the CPU jobs with the load.
+    """
+
+    job_cls = _Job
+
+    def __init__(
+        self,
+        *,
+        gpu_config_name: str,
+        gpu_job_kwargs: Mapping[str, Any] | None = None,
+        keepalive_interval: str = "5s",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        shared = {k: self._job_kwargs[k] for k in ("interface", "protocol", "security")}
+        self._gpu_spec = {
+            "cls": self.job_cls,
+            "options": {**shared, "config_name": gpu_config_name, **(gpu_job_kwargs or {})},
+        }
+        self._gpu_names: set[str] = set()
+        self._gpu_count = 0
+        keepalive = PeriodicCallback(
+            self._replace_lost_workers, parse_timedelta(keepalive_interval) * 1000
+        )
+        self.periodic_callbacks["buzzdask-keepalive"] = keepalive
+        self.loop.add_callback(keepalive.start)
+
+    # -- job scripts ---------------------------------------------------------------------------
+    def gpu_job_script(self) -> str:
+        """The batch script of a GPU worker job."""
+        return self.job_cls(
+            self.scheduler.address, name="dummy-name", **self._gpu_spec["options"]
+        ).job_script()
+
+    # -- scaling -------------------------------------------------------------------------------
+    def scale(
+        self,
+        n: int | None = None,
+        jobs: int = 0,
+        memory: str | None = None,
+        cores: int | None = None,
+        *,
+        gpus: int | None = None,
+    ) -> Any:
+        """Set the number of CPU worker jobs (``n`` workers or ``jobs``) and of GPU jobs."""
+        if gpus is not None:
+            self._gpu_count = gpus
+        gpu_specs = {name: self.worker_spec.pop(name) for name in list(self._gpu_names)}
+        try:
+            result = super().scale(n, jobs=jobs, memory=memory, cores=cores)
+        finally:
+            self.worker_spec.update(gpu_specs)
+        self._scale_gpu(self._gpu_count)
+        return result
+
+    def _scale_gpu(self, n: int) -> None:
+        for name in sorted(self._gpu_names, reverse=True)[: max(0, len(self._gpu_names) - n)]:
+            self._gpu_names.discard(name)
+            del self.worker_spec[name]
+        index = 0
+        while len(self._gpu_names) < n:
+            name = f"{self._name}-gpu-{index}"
+            if name not in self._gpu_names:
+                self._gpu_names.add(name)
+                self.worker_spec[name] = self._gpu_spec
+            index += 1
+        self.loop.add_callback(self._correct_state)
+
+    @property
+    def gpu_worker_names(self) -> set[str]:
+        """Names of the GPU worker jobs (in ``worker_spec``)."""
+        return set(self._gpu_names)
+
+    def adapt(self, *args: Any, **kwargs: Any) -> Adaptive:
+        """Scale the CPU (decode) jobs with the load, as :meth:`SLURMCluster.adapt`.
+
+        ``minimum_jobs``/``maximum_jobs`` count CPU jobs; the GPU jobs stay as
+        ``scale(gpus=...)`` set them.
+        """
+        return super().adapt(*args, Adaptive=_DecodeWorkersAdaptive, **kwargs)
+
+    def _new_worker_name(self, worker_number: int) -> str:
+        return f"{self._name}-cpu-{worker_number}"
+
+    def _replace_lost_workers(self) -> None:
+        # A worker that left (lifetime, walltime, scancel) stays in worker_spec but not in
+        # self.workers; correcting the state submits a new job under its name and kind.
+        if self.status == Status.running and set(self.worker_spec) - set(self.workers):
+            self._correct_state()
+
+    async def _close(self) -> None:
+        # SpecCluster closes by scaling to 0, which only counts CPU jobs here.
+        self._gpu_count = 0
+        self._scale_gpu(0)
+        await super()._close()
+
+    # -- waiting -------------------------------------------------------------------------------
+    def wait_for_workers_by_kind(self, *, gpus: int, cpu_workers: int, timeout: float) -> None:
+        """Block until ``gpus`` GPU workers and ``cpu_workers`` CPU workers have arrived.
+
+        Raises
+        ------
+        ClusterError
+            At once with sbatch's own message if it rejected a job; after ``timeout`` seconds
+            with each missing job's squeue state and log file.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            rejected = [
+                (name, job.submit_error)
+                for name, job in list(self.workers.items())
+                if getattr(job, "submit_error", None) is not None
+            ]
+            if rejected:
+                name, error = rejected[0]
+                kind = "GPU" if name in self._gpu_names else "CPU"
+                raise ClusterError(f"sbatch rejected the {kind} worker job: {_stderr(error)}")
+            have_gpu, have_cpu = self._arrived()
+            if have_gpu >= gpus and have_cpu >= cpu_workers:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"after {timeout:g} s, {have_gpu}/{gpus} GPU and {have_cpu}/{cpu_workers} "
+                    "CPU workers have arrived. Jobs:\n" + self._job_report()
+                )
+            time.sleep(0.5)
+
+    def _arrived(self) -> tuple[int, int]:
+        workers = self.scheduler_info.get("workers", {}).values()
+        gpu = sum(1 for w in workers if w.get("resources", {}).get("GPU", 0) > 0)
+        return gpu, len(workers) - gpu
+
+    def _job_report(self) -> str:
+        lines = []
+        for name, job in sorted(self.workers.items()):
+            job_id = getattr(job, "job_id", None)
+            state = _squeue_state(job_id) if job_id else "not submitted"
+            if job.log_directory:
+                log = f"{job.log_directory}/{job.job_name or 'worker'}-{job_id}.err"
+            else:
+                log = f"slurm-{job_id}.out in the submitting directory"
+            lines.append(f"  {name}: job {job_id} {state}; log: {log}")
+        return "\n".join(lines)
+
+
+def _stderr(error: Exception) -> str:
+    """The words of sbatch itself, out of dask-jobqueue's "Command exited..." error."""
+    text = str(error)
+    match = re.search(r"stderr:\s*(.*)", text, flags=re.DOTALL)
+    return (match.group(1) if match else text).strip()
+
+
+def _squeue_state(job_id: str) -> str:
+    """``PENDING (Resources)``-like state of a job, or why it cannot be had."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T|%r"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"state unknown ({error})"
+    state, _, reason = out.stdout.strip().partition("|")
+    if not state:
+        return "no longer in squeue (ended: read its log)"
+    return f"{state} ({reason})" if reason and reason != "None" else state

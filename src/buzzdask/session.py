@@ -1,0 +1,93 @@
+"""Where work runs, for analyze, train and watch alike.
+
+The caller's cluster or a local one started for one call; which workers hold scorer actors;
+task keys the dashboard groups by; the package versions recorded with every result.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import dask
+import dask.base
+import distributed
+import pandas as pd
+from distributed import Client, LocalCluster
+
+from buzzdask import config
+
+__all__ = [
+    "connect",
+    "has_gpu",
+    "package_versions",
+    "scorer_hosts",
+    "start_local_cluster",
+    "task_key",
+]
+
+
+@contextmanager
+def connect(client: Client | str | None) -> Iterator[Client]:
+    """The client to run on: ``client`` itself, one for a scheduler address, or a local cluster.
+
+    A client made here (for an address, or with its local cluster) is closed on exit; the
+    caller's own client is left open.
+    """
+    if isinstance(client, Client):
+        yield client
+    elif isinstance(client, str):
+        with Client(client) as connected:
+            yield connected
+    else:
+        with start_local_cluster() as cluster, Client(cluster) as local:
+            print(f"buzzdask: started a local Dask cluster; dashboard: {local.dashboard_link}")
+            yield local
+
+
+def start_local_cluster() -> LocalCluster:
+    """Worker processes: one holds the scorer, the others decode (at least one of each)."""
+    n_workers = config.get("local-cluster.n-workers") or 2
+    threads = config.get("local-cluster.threads-per-worker") or os.cpu_count() or 1
+    return LocalCluster(
+        n_workers=int(n_workers),
+        threads_per_worker=int(threads),
+        processes=True,
+        dashboard_address=config.get("local-cluster.dashboard-address"),
+    )
+
+
+def has_gpu(worker: Mapping[str, Any]) -> bool:
+    """Whether a worker (an entry of ``scheduler_info()["workers"]``) declares a GPU resource."""
+    return worker.get("resources", {}).get("GPU", 0) > 0
+
+
+def scorer_hosts(workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Workers for scorer actors: every GPU worker, else the first worker by address."""
+    gpu = sorted(address for address, worker in workers.items() if has_gpu(worker))
+    return gpu or sorted(workers)[:1]
+
+
+def task_key(prefix: str, *parts: Any) -> str:
+    """A unique task key; the dashboard groups tasks by ``prefix`` (decode, score...)."""
+    return f"{prefix}-{dask.base.tokenize(*parts, uuid.uuid4().hex)}"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions recorded in results' metadata (TensorFlow's comes from the scorer's worker)."""
+    import pyarrow
+
+    from buzzdask import __version__
+
+    return {
+        "buzzdask": __version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "pandas": pd.__version__,
+        "pyarrow": pyarrow.__version__,
+        "python": platform.python_version(),
+    }

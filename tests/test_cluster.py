@@ -1,0 +1,442 @@
+"""Cluster configurations, their job scripts, and analyses on a real local SLURM.
+
+Job-script tests need no scheduler (as dask-jobqueue's own ``test_job_script``); the ``slurm``
+tests submit real jobs to the single-node SLURM of ../shared/slurm (fake GPUs: jobs get
+``CUDA_VISIBLE_DEVICES`` but TensorFlow finds no device, so "GPU" workers score on their CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dask
+import pandas as pd
+import pytest
+import yaml
+
+import buzzdask
+from buzzdask import ClusterError, ParameterError
+from buzzdask.cluster import available_configs, job_scripts, load_cluster_config, start
+from buzzdask.cluster.__main__ import main as cluster_main
+from tests.conftest import REPO, requires_ffmpeg, requires_slurm
+
+OSC = {
+    "osc-cardinal": {"cpu_partition": "cpu", "gpu_partition": "gpu"},
+    "osc-ascend": {"cpu_partition": "quad", "gpu_partition": "quad"},
+    "osc-pitzer": {"cpu_partition": "cpu", "gpu_partition": "gpu"},
+}
+FRAME = 15360
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    # Job objects create their log directory (relative in the OSC configs) on construction.
+    monkeypatch.chdir(tmp_path)
+
+
+def test_every_system_has_a_complete_configuration():
+    slurm_keys = set(dask.config.get("jobqueue.slurm"))
+    assert {"osc-cardinal", "osc-ascend", "osc-pitzer", "local-slurm", "local"} <= set(
+        available_configs()
+    )
+    for path in sorted((REPO / "cluster_configs").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        entry = data["buzzdask"]["clusters"][path.stem]
+        if entry["kind"] == "slurm":
+            for section in (entry["cpu-config"], entry["gpu-config"]):
+                # dask-jobqueue reads every key of a named section: a missing one is a KeyError.
+                assert set(data["jobqueue"][section]) == slurm_keys, (path.name, section)
+
+
+@pytest.mark.parametrize("name", sorted(OSC))
+def test_osc_job_scripts(name):
+    scripts = job_scripts(name, account="PAS1234", walltime="02:00:00")
+    cpu, gpu = scripts["cpu"], scripts["gpu"]
+    for script in (cpu, gpu):
+        assert "#SBATCH -A PAS1234" in script
+        assert "#SBATCH -t 02:00:00" in script
+        assert "--local-directory $TMPDIR" in script
+        assert "--lifetime 55m --lifetime-stagger 4m" in script
+        assert "module load ffmpeg" in script
+        assert "#SBATCH -e buzzdask-logs/" in script
+        assert f"{sys.executable} -m distributed.cli.dask_worker" in script
+    assert f"#SBATCH -p {OSC[name]['cpu_partition']}" in cpu
+    assert f"#SBATCH -p {OSC[name]['gpu_partition']}" in gpu
+    # Only GPU jobs ask SLURM for a GPU and advertise it to Dask (where the actors go).
+    assert "#SBATCH --gpus-per-node=1" in gpu and "--resources GPU=1" in gpu
+    assert "--gpus-per-node" not in cpu and "--resources" not in cpu
+    assert "module load cuda" in gpu
+    assert "#SBATCH --mem=" in cpu and "#SBATCH --cpus-per-task=" in cpu
+
+
+def test_job_script_overrides_from_keywords_and_dask_config():
+    with dask.config.set({"jobqueue.osc-cardinal.cores": 12}):
+        scripts = job_scripts(
+            "osc-cardinal",
+            account="PAS9",
+            queue="debug-cpu",
+            memory="16GiB",
+            job_kwargs={"job_extra_directives": ["--mail-type=END"]},
+        )
+    assert "#SBATCH --cpus-per-task=12" in scripts["cpu"]
+    assert "--nthreads 12" in scripts["cpu"]
+    assert "#SBATCH -p debug-cpu" in scripts["cpu"] and "#SBATCH --mem=16G" in scripts["cpu"]
+    assert "#SBATCH --mail-type=END" in scripts["cpu"]
+    assert "#SBATCH -p gpu" in scripts["gpu"]  # the GPU jobs keep their own partition
+
+
+def test_batch_script_for_one_job_mode(capsys):
+    command = ["analyze", "audio dir/", "--model", "general_v3", "--output", "results/"]
+    code = cluster_main(
+        [
+            *("--config", "osc-cardinal", "--account", "PAS1234", "--gpus", "2"),
+            *("--cpu-workers", "3", "--print-batch-script", *command),
+        ]
+    )
+    script = capsys.readouterr().out
+    assert code == 0
+    assert "#SBATCH -A PAS1234" in script and "#SBATCH -p gpu" in script
+    assert "#SBATCH --ntasks=7" in script  # scheduler + client + 2 GPU + 3 CPU workers
+    assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --nodes=1" in script
+    assert "#SBATCH --cpus-per-task=24" in script and "#SBATCH --mem=" in script
+    assert "module load ffmpeg" in script
+    assert script.rstrip().endswith(
+        "--config osc-cardinal --gpus 2 --in-job analyze 'audio dir/' --model general_v3 "
+        "--output results/"
+    )
+
+
+def test_unknown_configuration_names_the_available_ones():
+    with pytest.raises(ParameterError, match="osc-cardinal"):
+        load_cluster_config("osc-owens")
+    with pytest.raises(ParameterError, match="local cluster: it has no jobs"):
+        job_scripts("local")
+
+
+def test_print_job_script_submits_nothing(capsys):
+    code = cluster_main(["--config", "osc-pitzer", "--account", "PAS1234", "--print-job-script"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "# ---- cpu worker job ----" in out and "# ---- gpu worker job ----" in out
+    assert out.count("#SBATCH -A PAS1234") == 2
+
+
+def test_command_line_checks_analyze_options_before_submitting(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cluster_main(["--config", "local-slurm", "analyze", "audio/"])  # no --model/--output
+    assert exit_.value.code == 2
+    assert "--model" in capsys.readouterr().err
+
+
+# -- real SLURM --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm_corpus(tmp_path_factory, tiny_embedder, tiny_model):
+    """Three 30-frame WAVs and their analysis on the session's local cluster, for comparison."""
+    from tests.conftest import field_like, write_wav
+
+    audio = tmp_path_factory.mktemp("slurm_audio")
+    for seed in range(3):
+        write_wav(audio / f"f{seed}.wav", field_like(30 * FRAME, 16000, seed=seed), 16000)
+    options = {
+        "model": tiny_model,
+        "embedder": str(tiny_embedder),
+        "chunk_seconds": 1.0,
+        "progress": False,
+    }
+    with dask.config.set({"buzzdask.local-cluster.dashboard-address": ":0"}):
+        reference = buzzdask.analyze(
+            audio, output=tmp_path_factory.mktemp("slurm_ref") / "out", **options
+        )
+    return audio, options, reference.to_pandas()
+
+
+def _same_frames(result: buzzdask.AnalysisResult, reference: pd.DataFrame) -> None:
+    assert result.ok, result.errors
+    frame = result.to_pandas()
+    assert not frame.duplicated(["file", "start"]).any()
+    pd.testing.assert_frame_equal(frame, reference)
+
+
+def _job_ids(job_name: str) -> list[str]:
+    """Pending or running jobs named ``job_name``."""
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "PENDING,RUNNING", "-o", "%i %j"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split()[1] == job_name]
+
+
+def _assert_no_jobs_left() -> None:
+    # scancel is asynchronous: a cancelled job stays in squeue for a moment.
+    deadline = time.monotonic() + 30
+    while _job_ids("buzzdask-cpu") + _job_ids("buzzdask-gpu"):
+        assert time.monotonic() < deadline, "worker jobs left behind"
+        time.sleep(0.5)
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(local_slurm, slurm_corpus, tmp_path):
+    audio, options, reference = slurm_corpus
+    client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        gpu_worker = next(a for a, w in workers.items() if w["resources"].get("GPU"))
+        visible = client.run(os.getenv, "CUDA_VISIBLE_DEVICES", workers=[gpu_worker])
+        assert visible[gpu_worker] == "0"  # SLURM gave the job its (fake) GPU
+        result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
+        _same_frames(result, reference)
+        # The actor lives on the GPU worker, decoding happens on the CPU worker.
+        assert [s["worker"] for s in result.summary["scorers"]] == [gpu_worker]
+
+        # Scale CPU jobs up and down; the GPU job stays.
+        cluster = client.cluster
+        cluster.scale(jobs=2)
+        cluster.wait_for_workers_by_kind(gpus=1, cpu_workers=2, timeout=120)
+        assert len(_job_ids("buzzdask-cpu")) == 2
+        cluster.scale(jobs=1)
+        deadline = time.monotonic() + 60
+        while len(client.scheduler_info(n_workers=-1)["workers"]) > 2:
+            assert time.monotonic() < deadline, "scale down did not retire a worker"
+            time.sleep(0.5)
+        assert len(_job_ids("buzzdask-gpu")) == 1
+    finally:
+        client.shutdown()
+    _assert_no_jobs_left()
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+@pytest.mark.parametrize("victim", ["buzzdask-gpu", "buzzdask-cpu"])
+def test_scancel_a_worker_job_mid_run_loses_nothing(local_slurm, slurm_corpus, tmp_path, victim):
+    """scancel the job holding the actor (or a decoding one) mid-run: a replacement job is
+    submitted, the actor is re-created on it, and the same run finishes exactly once."""
+    audio, options, reference = slurm_corpus
+    scores = tmp_path / "out" / "scores"
+    # Replace lost workers quickly (default 15 s) so the test stays short.
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
+        try:
+            (job,) = _job_ids(victim)
+
+            def cancel_when_scoring_started() -> None:
+                for _ in range(1200):
+                    if scores.exists() and any(scores.rglob("*.parquet")):
+                        subprocess.run(["scancel", job], check=True)
+                        return
+                    time.sleep(0.05)
+
+            killer = threading.Thread(target=cancel_when_scoring_started)
+            killer.start()
+            result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
+            killer.join()
+            assert job not in _job_ids(victim)
+        finally:
+            client.shutdown()
+    _same_frames(result, reference)
+    if victim == "buzzdask-gpu":
+        assert result.summary["scorer_restarts"] == 1
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+def test_scorer_worker_retiring_mid_run_is_replaced(local_slurm, slurm_corpus, tmp_path):
+    """The GPU worker retires mid-run, as ``--lifetime`` makes it before an OSC walltime: a new
+    GPU job takes its place, the actor is re-created there, and the run completes."""
+    audio, options, reference = slurm_corpus
+    scores = tmp_path / "out" / "scores"
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
+        try:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            (gpu_worker,) = [a for a, w in workers.items() if w["resources"].get("GPU")]
+
+            def reach_lifetime(dask_worker: Any) -> None:
+                # What --lifetime does when it expires: a graceful close, then the job ends.
+                # (Dask refuses to *retire* a worker holding an actor; this closes anyway.)
+                # Nested, so the SLURM worker gets it by value (it cannot import tests/).
+                dask_worker.loop.add_callback(
+                    dask_worker.close_gracefully, reason="worker-lifetime-reached"
+                )
+
+            def retire_when_scoring_started() -> None:
+                for _ in range(1200):
+                    if scores.exists() and any(scores.rglob("*.parquet")):
+                        client.run(reach_lifetime, workers=[gpu_worker])
+                        return
+                    time.sleep(0.05)
+
+            retirer = threading.Thread(target=retire_when_scoring_started)
+            retirer.start()
+            result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
+            retirer.join()
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+        finally:
+            client.shutdown()
+    _same_frames(result, reference)
+    assert result.summary["scorer_restarts"] == 1
+    (new_gpu_worker,) = [a for a, w in workers.items() if w["resources"].get("GPU")]
+    assert new_gpu_worker != gpu_worker
+    assert [s["worker"] for s in result.summary["scorers"]] == [new_gpu_worker]
+
+
+@requires_slurm
+@pytest.mark.slurm
+def test_adaptive_scaling_moves_cpu_jobs_only(local_slurm, tmp_path):
+    client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
+    try:
+        client.cluster.adapt(minimum_jobs=1, maximum_jobs=3, interval="500ms", wait_count=2)
+        work = client.map(time.sleep, [1.0] * 40, pure=False)
+        deadline = time.monotonic() + 120
+        while len(_job_ids("buzzdask-cpu")) < 2:
+            assert time.monotonic() < deadline, "adapt did not add CPU jobs under load"
+            time.sleep(0.5)
+        assert len(_job_ids("buzzdask-gpu")) == 1
+        client.gather(work)
+        del work
+        deadline = time.monotonic() + 120
+        while len(_job_ids("buzzdask-cpu")) > 1:
+            assert time.monotonic() < deadline, "adapt did not remove idle CPU jobs"
+            time.sleep(0.5)
+        assert len(_job_ids("buzzdask-gpu")) == 1  # the scorer's worker was never retired
+    finally:
+        client.shutdown()
+    _assert_no_jobs_left()
+
+
+@requires_slurm
+@pytest.mark.slurm
+def test_worker_reaching_its_lifetime_gets_a_new_job(local_slurm, tmp_path):
+    lifetime = ["--lifetime", "5s", "--lifetime-stagger", "1s"]
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        client = start(
+            "local-slurm",
+            cpu_workers=1,
+            log_directory=str(tmp_path / "logs"),
+            job_kwargs={"worker_extra_args": lifetime},
+        )
+        try:
+            seen = set(client.scheduler_info()["workers"])
+            first_jobs = set(_job_ids("buzzdask-cpu"))
+            deadline = time.monotonic() + 90
+            while not (set(client.scheduler_info()["workers"]) - seen):
+                assert time.monotonic() < deadline, "no replacement worker arrived"
+                time.sleep(0.5)
+            assert set(_job_ids("buzzdask-cpu")) - first_jobs  # a new SLURM job
+        finally:
+            client.shutdown()
+    _assert_no_jobs_left()
+
+
+@requires_slurm
+@pytest.mark.slurm
+def test_rejected_job_reports_sbatch_message(local_slurm, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="sbatch rejected the CPU worker job: sbatch: error"):
+        start("local-slurm", cpu_workers=1, memory="5000GiB", timeout=120)
+    assert time.monotonic() - started < 60  # at once, not after the timeout
+
+
+@requires_slurm
+@pytest.mark.slurm
+def test_workers_that_never_arrive_time_out_with_state_and_log(local_slurm, tmp_path):
+    # Three GPU jobs on a node with two GPUs: the third stays PENDING.
+    logs = tmp_path / "logs"
+    expected = r"(?s)2/3 GPU .*PENDING \(Resources\).*logs/buzzdask-gpu"
+    with pytest.raises(ClusterError, match=expected):
+        start("local-slurm", gpus=3, cpu_workers=1, log_directory=str(logs), timeout=20)
+    _assert_no_jobs_left()  # the failed start cancelled its jobs
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path):
+    audio, options, reference = slurm_corpus
+    command = [
+        *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm"),
+        *("--gpus", "1", "--cpu-workers", "1", "--log-directory", str(tmp_path / "logs")),
+        *("analyze", str(audio), "--model", str(options["model"])),
+        *("--embedder", options["embedder"], "--output", str(tmp_path / "out")),
+        *("--chunk-seconds", "1", "--no-progress"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "buzzdask: scheduler at tcp://127.0.0.1:" in done.stdout
+    assert "dashboard: http://" in done.stdout
+    assert "3/3 files" in done.stdout
+    frame = pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)
+    pd.testing.assert_frame_equal(
+        frame.sort_values(["file", "start"], ignore_index=True), reference
+    )
+    _assert_no_jobs_left()
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus, tmp_path):
+    audio, options, reference = slurm_corpus
+    analyze = [
+        *("analyze", str(audio), "--model", str(options["model"])),
+        *("--embedder", options["embedder"], "--output", str(tmp_path / "out")),
+        *("--chunk-seconds", "1", "--no-progress"),
+    ]
+    script = tmp_path / "job.sh"
+    printed = subprocess.run(
+        [
+            *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm"),
+            *("--gpus", "1", "--cpu-workers", "1", "--print-batch-script", *analyze),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    script.write_text(printed.stdout)
+    log = tmp_path / "job.out"
+    done = subprocess.run(
+        ["sbatch", "--wait", "-o", str(log), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, log.read_text()[-3000:]
+    assert "3/3 files" in log.read_text()
+    frame = pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)
+    frame = frame.sort_values(["file", "start"], ignore_index=True)
+    pd.testing.assert_frame_equal(frame, reference)
+    # The actor went to the GPU task (rank 2), as in the cluster mode.
+    metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())
+    assert metadata["summary"]["scorers"][0]["gpu_worker"] is True
+
+
+def test_local_configuration_starts_a_local_cluster():
+    with dask.config.set({"buzzdask.clusters.local.dashboard-address": ":0"}):
+        client = start("local", cpu_workers=1)
+    try:
+        assert len(client.scheduler_info()["workers"]) == 2
+    finally:
+        client.shutdown()
+    with pytest.raises(ParameterError, match="gpus=1"):
+        start("local", gpus=1)
+
+
+def test_cluster_package_is_importable_without_tensorflow():
+    probe = "import sys, buzzdask.cluster; print('tensorflow' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+    assert Path(buzzdask.cluster.__file__).parent.name == "cluster"

@@ -1,0 +1,329 @@
+"""Training a head on real parts: generated labelled audio, ffmpeg, a LocalCluster, tiny YAMNet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import buzzdask
+from buzzdask import InputError, OutputConflictError, ParameterError
+from buzzdask.cli import EXIT_ERROR, EXIT_OK
+from buzzdask.embeddings import EmbeddingCache
+from buzzdask.models import load_head, resolve_embedder, resolve_model
+from buzzdask.train import precision_recall
+from tests.conftest import requires_ffmpeg, write_wav
+
+RATE = 16000
+# Each labelled file: quiet, buzz-like tone, quiet, noise, ... (seconds). Tones are "ins_buzz",
+# noise is "mech_noise"; quiet stretches are unlabeled (some drawn as ambient).
+PATTERN = [
+    ("quiet", 3.0),
+    ("tone", 3.0),
+    ("quiet", 3.0),
+    ("noise", 3.0),
+    ("quiet", 3.0),
+    ("tone", 2.5),
+    ("quiet", 3.0),
+    ("noise", 2.0),  # ends 0.5 s before the end of the file
+    ("quiet", 0.5),
+]
+LABEL_OF = {"tone": "ins_buzz", "noise": "mech_noise"}
+# folder, file, group, tone frequency [Hz]: two directories, three groups; siteC is held out.
+RECORDINGS = [
+    ("2023", "siteA_1.wav", "siteA", 180.0),
+    ("2023", "siteA_2.wav", "siteA", 300.0),
+    ("2024", "siteB_1.wav", "siteB", 220.0),
+    ("2024", "siteC_1.wav", "siteC", 260.0),
+]
+
+
+def recording(tone_hz: float, seed: int) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """Samples at 16 kHz and the labelled (start, end, label) segments."""
+    rng = np.random.default_rng(seed)
+    pieces, segments, at = [], [], 0.0
+    for kind, seconds in PATTERN:
+        n = round(seconds * RATE)
+        t = np.arange(n) / RATE
+        quiet = 0.003 * rng.standard_normal(n)
+        if kind == "tone":
+            pieces.append(0.3 * np.sign(np.sin(2 * np.pi * tone_hz * t)) + quiet)
+        elif kind == "noise":
+            pieces.append(rng.uniform(0.15, 0.35) * rng.standard_normal(n))
+        else:
+            pieces.append(quiet)
+        if kind in LABEL_OF:
+            segments.append((at, at + seconds, LABEL_OF[kind]))
+        at += seconds
+    return np.clip(np.concatenate(pieces), -0.99, 0.99), segments
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """audio/2023, audio/2024 (labelled), audio/ambient (quiet) and labels.csv."""
+    root = tmp_path_factory.mktemp("train")
+    rows = []
+    for seed, (folder, name, group, tone_hz) in enumerate(RECORDINGS):
+        samples, segments = recording(tone_hz, seed)
+        (root / "audio" / folder).mkdir(parents=True, exist_ok=True)
+        write_wav(root / "audio" / folder / name, samples, RATE)
+        rows += [
+            {"file": name, "start": s, "end": e, "label": label, "group": group}
+            for s, e, label in segments
+        ]
+    (root / "audio" / "ambient").mkdir()
+    rng = np.random.default_rng(99)
+    write_wav(root / "audio" / "ambient" / "quiet.wav", 0.003 * rng.standard_normal(8 * RATE), RATE)
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+def train_options(dataset: Path, dask_client, tiny_embedder: Path) -> dict:
+    return {
+        "client": dask_client,
+        "embedder": str(tiny_embedder),
+        "ambient_dirs": [dataset / "audio" / "ambient"],
+        "unlabeled_ambient": 4,
+        "ambient_margin_s": 0.5,
+        "holdout": ["siteC"],
+        "epochs": 80,
+        "patience": 8,
+        "learning_rate": 0.01,
+        "cache_dir": dataset / "cache",
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, dask_client, tiny_embedder):
+    """The same training twice: the first embeds, the second reads the cache."""
+    audio = [dataset / "audio" / "2023", dataset / "audio" / "2024"]
+    options = train_options(dataset, dask_client, tiny_embedder)
+    first = buzzdask.train(dataset / "labels.csv", audio, output=dataset / "model_1", **options)
+    second = buzzdask.train(dataset / "labels.csv", audio, output=dataset / "model_2", **options)
+    return first, second
+
+
+pytestmark = requires_ffmpeg
+
+
+def test_model_directory_is_a_buzzdetect_model(trained, tiny_embedder):
+    first, _ = trained
+    assert first.classes == ("ins_buzz", "mech_noise", "ambient")
+    model = resolve_model(first.output, embedder=str(tiny_embedder))
+    assert model.classes == first.classes and model.embedder.name == "yamnet_k2"
+    config = json.loads((first.output / "config_model.json").read_text())
+    assert config["embeddername"] == "yamnet_k2" and config["digits_results"] == 2
+    _, input_size = load_head(str(first.output))
+    assert input_size == 1024  # the tiny embedder's size, as YAMNet's
+    names = {p.name for p in first.output.iterdir()}
+    assert {"saved_model.pb", "variables", "weights.csv", "history.csv", "history.json"} <= names
+    assert {"training.json", "evaluation.csv", "evaluation.json"} <= names
+    assert not any(name.endswith(".pickle") for name in names)
+
+
+def test_history_has_one_row_per_epoch(trained):
+    first, _ = trained
+    history = pd.read_csv(first.output / "history.csv")
+    assert list(history["epoch"]) == list(range(1, len(history) + 1))
+    assert len(history) == first.summary["epochs"] <= 80
+    assert {"loss", "val_loss", "binary_accuracy", "val_binary_accuracy"} <= set(history)
+    as_json = json.loads((first.output / "history.json").read_text())
+    assert as_json["val_loss"] == pytest.approx(list(history["val_loss"]))
+    assert 1 <= first.summary["best_epoch"] <= len(history)
+
+
+def test_metadata_records_inputs_counts_folds(trained, dataset):
+    first, _ = trained
+    meta = json.loads((first.output / "training.json").read_text())
+    assert meta["holdout_groups"] == ["siteC"]
+    assert meta["groups"] == ["ambient", "siteA", "siteB", "siteC"]
+    assert meta["settings"]["seed"] == 0 and meta["versions"]["tensorflow"]
+    assert sorted(meta["audio_dirs"]) == [str(dataset / "audio" / d) for d in ("2023", "2024")]
+    by_name = {f["name"]: f for f in meta["files"]}
+    assert set(by_name) == {r[1] for r in RECORDINGS} | {"quiet.wav"}
+    assert by_name["siteC_1.wav"]["fold"] == "holdout"
+    assert by_name["quiet.wav"]["group"] == "ambient"
+    assert all(len(f["sha256"]) == 64 for f in meta["files"])
+    counts = meta["counts"]
+    # 3 labelled groups x 4 drawn quiet frames + 8 s of ambient audio at a 0.48 s hop (15 frames).
+    assert counts["train"]["ambient"] == 3 * 4 + 15 and counts["holdout"]["ambient"] == 4
+    assert min(counts["train"].values()) > 0 and min(counts["holdout"].values()) > 0
+    weights = pd.read_csv(first.output / "weights.csv")
+    assert list(weights["class"]) == list(first.classes)
+    assert list(weights["frames"]) == [counts["train"][c] for c in first.classes]
+
+
+def test_head_separates_the_classes_on_the_held_out_group(trained):
+    first, _ = trained
+    evaluation = first.evaluation.set_index("class")
+    for name in first.classes:
+        row = evaluation.loc[name]
+        assert row["positives"] > 0
+        assert row["precision"] >= 0.95 and row["recall"] >= 0.8, (name, row)
+    stored = json.loads((first.output / "evaluation.json").read_text())
+    assert stored["target_precision"] == 0.95
+    assert stored["classes"]["ins_buzz"]["threshold"] == pytest.approx(
+        evaluation.loc["ins_buzz", "threshold"]
+    )
+    curves = pd.read_csv(first.output / "evaluation.csv")
+    assert set(curves["class"]) == set(first.classes)
+
+
+def test_analyze_runs_with_the_trained_model(trained, dataset, dask_client, tiny_embedder):
+    first, _ = trained
+    threshold = float(first.evaluation.set_index("class").loc["ins_buzz", "threshold"])
+    result = buzzdask.analyze(
+        dataset / "audio" / "2024" / "siteC_1.wav",
+        first.output,
+        output=dataset / "analysis",
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        thresholds={"ins_buzz": threshold},
+        progress=False,
+    )
+    assert result.ok, result.errors
+    frames = result.to_pandas()
+    assert {f"activation_{c}" for c in first.classes} <= set(frames)
+    _, segments = recording(RECORDINGS[3][3], 3)
+    inside_tone = np.zeros(len(frames), bool)
+    for start, end, label in segments:
+        if label == "ins_buzz":
+            inside_tone |= (frames["start"] >= start) & (frames["end"] <= end)
+    assert frames.loc[inside_tone, "detection_ins_buzz"].all()
+    far = np.ones(len(frames), bool)
+    for start, end, _ in segments:
+        far &= (frames["end"] <= start) | (frames["start"] >= end)
+    assert not frames.loc[far, "detection_ins_buzz"].any()
+
+
+def test_second_training_reuses_the_embedding_cache(trained):
+    first, second = trained
+    assert first.summary["embedding_cache"]["frames_embedded"] > 0
+    assert first.summary["embedding_cache"]["embedder_calls"] > 0
+    assert second.summary["embedding_cache"] == {
+        "frames_cached": second.summary["frames"],
+        "frames_embedded": 0,
+        "embedder_calls": 0,
+    }
+    assert second.summary["frames_per_class"] == first.summary["frames_per_class"]
+
+
+def test_cli_train(dataset, dask_client, tiny_embedder):
+    args = [
+        "train", str(dataset / "audio" / "2023"), str(dataset / "audio" / "2024"),
+        "--labels", str(dataset / "labels.csv"),
+        "--output", str(dataset / "model_cli"),
+        "--embedder", str(tiny_embedder),
+        "--ambient", str(dataset / "audio" / "ambient"),
+        "--holdout", "siteC",
+        "--epochs", "5",
+        "--cache-dir", str(dataset / "cache"),
+        "--scheduler", dask_client.scheduler.address,
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "buzzdask", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "0 embedded" in done.stdout and "model_cli" in done.stdout
+    assert (dataset / "model_cli" / "saved_model.pb").is_file()
+    no_labels = ["--labels", str(dataset / "nope.csv"), "--output", str(dataset / "model_none")]
+    missing = subprocess.run(
+        [sys.executable, "-m", "buzzdask", *args[:3], *no_labels],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == EXIT_ERROR
+    assert "buzzdask: error: labels file not found" in missing.stderr
+
+
+# -- errors, before any training -------------------------------------------------------------
+
+
+@pytest.fixture
+def train_with(dataset, dask_client, tiny_embedder, tmp_path):
+    def run(labels: pd.DataFrame, **overrides):
+        options = {**train_options(dataset, dask_client, tiny_embedder), **overrides}
+        audio = [dataset / "audio" / "2023", dataset / "audio" / "2024"]
+        return buzzdask.train(labels, audio, output=tmp_path / "model", **options)
+
+    return run
+
+
+def labels_table(dataset: Path) -> pd.DataFrame:
+    return pd.read_csv(dataset / "labels.csv")
+
+
+def test_label_naming_a_missing_or_unreadable_file(train_with, dataset, tmp_path):
+    labels = labels_table(dataset)
+    labels.loc[3, "file"] = "siteZ.wav"
+    with pytest.raises(InputError, match=r"'siteZ\.wav' \(labels row 3\)"):
+        train_with(labels)
+    broken = tmp_path / "broken.wav"
+    broken.write_text("not audio")
+    labels.loc[3, "file"] = str(broken)  # an absolute path is taken as it is
+    with pytest.raises(InputError, match=r"broken\.wav: ffprobe cannot read it as audio \(labels"):
+        train_with(labels)
+
+
+def test_label_past_the_end_of_its_file(train_with, dataset):
+    labels = labels_table(dataset)
+    labels.loc[5, "end"] = 30.0
+    with pytest.raises(ParameterError, match=r"labels row 5: end 30 s is past the end of"):
+        train_with(labels)
+
+
+def test_bad_labels_tables(train_with, dataset, tmp_path):
+    labels = labels_table(dataset)
+    with pytest.raises(ParameterError, match=r"lack column\(s\) \['label'\]"):
+        train_with(labels.drop(columns="label"))
+    flipped = labels.copy()
+    flipped.loc[2, "end"] = flipped.loc[2, "start"]
+    with pytest.raises(ParameterError, match=r"end <= start in labels row 2"):
+        train_with(flipped)
+    csv = tmp_path / "labels.csv"
+    labels.assign(start=labels["start"].astype(object).where(labels.index != 1, "soon")).to_csv(
+        csv, index=False
+    )
+    with pytest.raises(ParameterError, match=r"not a number in labels\.csv line 3"):
+        train_with(csv)
+    with pytest.raises(ParameterError, match=r"holdout=\['siteQ'\] must name some"):
+        train_with(labels, holdout=["siteQ"])
+    with pytest.raises(ParameterError, match=r"labels \['mech_noise'\] are not in classes"):
+        train_with(labels, classes=["ins_buzz", "ambient"])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "x").write_text("")
+    with pytest.raises(OutputConflictError, match="not an empty directory"):
+        train_with(labels)
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+def test_precision_recall_counts_detections_at_or_above_each_threshold():
+    activations = np.array([2.0, 0.996, 0.5, -1.0])  # 0.996 is detected at 0.99, not at 1.0
+    curve = precision_recall(activations, np.array([True, False, True, False]))
+    assert list(curve["threshold"]) == [2.0, 0.99, 0.5, -1.0]
+    assert list(curve["precision"]) == [1.0, 0.5, 2 / 3, 0.5]
+    assert list(curve["recall"]) == [0.5, 0.5, 1.0, 1.0]
+    assert list(curve["fpr"]) == [0.0, 0.5, 0.5, 1.0]
+
+
+def test_embedding_cache_keys_and_file_end(tmp_path, tiny_embedder):
+    embedder = resolve_embedder("yamnet_k2", handle=str(tiny_embedder))
+    cache = EmbeddingCache(tmp_path, embedder=embedder, spec=embedder.frame_spec(0.48))
+    other_hop = EmbeddingCache(tmp_path, embedder=embedder, spec=embedder.frame_spec(0.96))
+    assert cache.directory != other_hop.directory
+    cache.store("abc", 2, np.ones((3, 4), np.float32))
+    cache.store("abc", 4, np.full((2, 4), 2, np.float32), file_frames=6)
+    cached = cache.load("abc")
+    assert list(cached.frames) == [2, 3, 4, 5] and cached.file_frames == 6
+    assert list(cached.missing(np.arange(9))) == [0, 1]  # 6, 7, 8 lie past the end
+    frames, embeddings = cached.take(np.array([3, 5, 7]))
+    assert list(frames) == [3, 5] and embeddings[:, 0].tolist() == [1.0, 2.0]
+    assert len(other_hop.load("abc").frames) == 0

@@ -1,0 +1,222 @@
+"""rclone transfers against rclone's own WebDAV server (the SharePoint stand-in), and staging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import buzzdask
+from buzzdask import DecodeError, ParameterError, probe_audio
+from buzzdask.cli import EXIT_ERROR, EXIT_OK
+from buzzdask.decode import decode_chunk, plan_chunks
+from buzzdask.inputs import discover
+from buzzdask.transfer import (
+    INCOMING,
+    MANIFEST,
+    TransferError,
+    decode_chunk_staged,
+    staged,
+    transfer,
+    upload,
+)
+from tests.conftest import requires_ffmpeg, requires_rclone
+from tests.test_frames import spec
+
+pytestmark = [requires_rclone, requires_ffmpeg]
+FRAME = 15360
+EXTENSIONS = buzzdask.config.get("extensions")
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    return a.read_bytes() == b.read_bytes()
+
+
+def cli(*args: str, flags: tuple[str, ...], **popen: object) -> subprocess.Popen[str]:
+    environment = {**os.environ, "DASK_BUZZDASK__TRANSFER__RCLONE_FLAGS": json.dumps(list(flags))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "buzzdask", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        **popen,
+    )
+
+
+def test_batches_arrive_whole_with_a_manifest(rclone_remote, make_audio, tmp_path):
+    remote = rclone_remote.root / "batches"
+    for seed, name in enumerate(["site1/a.wav", "site1/b.mp3", "site2/c.wav"]):
+        make_audio(name, n_samples=2 * FRAME, seed=seed, directory=remote)
+    (remote / "notes.txt").write_text("not audio\n")
+    (remote / "site1" / ".hidden.wav").write_bytes(b"")
+
+    result = transfer(
+        "sharepoint:batches", tmp_path / "dest", batch_size=2, rclone_flags=rclone_remote.flags
+    )
+
+    dest = tmp_path / "dest"
+    assert result.files == ["site1/a.wav", "site1/b.mp3", "site2/c.wav"]
+    assert result.batches == 2 and result.skipped == []
+    assert result.bytes == sum((remote / name).stat().st_size for name in result.files)
+    for name in result.files:
+        assert same_bytes(dest / name, remote / name)
+    assert not (dest / "notes.txt").exists() and not (dest / "site1" / ".hidden.wav").exists()
+    assert not (dest / INCOMING).exists()
+    manifest = [json.loads(line) for line in (dest / MANIFEST).read_text().splitlines()]
+    assert [(m["file"], m["batch"]) for m in manifest] == [
+        ("site1/a.wav", 1),
+        ("site1/b.mp3", 1),
+        ("site2/c.wav", 2),
+    ]
+    assert json.loads(result.marker.read_text())["files"] == 3
+    # The bookkeeping is invisible to an analysis of the destination.
+    assert [f.relative for f in discover(dest, extensions=EXTENSIONS)[1]] == result.files
+
+    again = transfer("sharepoint:batches", dest, batch_size=2, rclone_flags=rclone_remote.flags)
+    assert again.files == [] and again.batches == 0
+    assert again.skipped == result.files and again.marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "reason", "message"),
+    [
+        ("wrongpass:", "authentication failed", "refused the credentials"),
+        ("offline:", "remote unreachable", "cannot be reached"),
+        ("teams:Recordings", "remote not configured", "rclone config"),
+        ("sharepoint:no/such/folder", "not found", "does not exist"),
+    ],
+)
+def test_remote_problems_are_named(rclone_remote, tmp_path, source, reason, message):
+    with pytest.raises(TransferError, match=message) as caught:
+        transfer(source, tmp_path / "dest", rclone_flags=rclone_remote.flags)
+    assert caught.value.reason == reason
+    assert not any((tmp_path / "dest").rglob("*.*"))
+
+
+def test_bad_options_and_missing_rclone(tmp_path):
+    with pytest.raises(ParameterError, match="batch_size"):
+        transfer("sharepoint:", tmp_path / "dest", batch_size=0)
+    with pytest.raises(TransferError, match="not found") as caught:
+        transfer("sharepoint:", tmp_path / "dest", rclone="no-such-rclone")
+    assert caught.value.reason == "rclone missing"
+
+
+def test_killed_transfer_never_shows_half_a_file(rclone_remote, make_audio, tmp_path):
+    remote = rclone_remote.root / "killed"
+    make_audio("a_small.wav", n_samples=FRAME, directory=remote)
+    make_audio("b_large.wav", n_samples=100 * FRAME, seed=1, directory=remote)  # about 3 MB
+    dest = tmp_path / "dest"
+    slow = (*rclone_remote.flags, "--bwlimit", "400k")
+    running = cli(
+        "transfer", "sharepoint:killed", str(dest), "--batch-size", "1", flags=slow,
+        start_new_session=True,
+    )  # fmt: skip
+    partial = dest / INCOMING / "b_large.wav"
+    try:
+        for _ in range(400):
+            if partial.exists() and partial.stat().st_size > 0:
+                break
+            time.sleep(0.025)
+        os.killpg(running.pid, signal.SIGKILL)
+    finally:
+        running.communicate()
+    assert 0 < partial.stat().st_size < (remote / "b_large.wav").stat().st_size
+    visible = discover(dest, extensions=EXTENSIONS)[1]
+    assert [f.relative for f in visible] == ["a_small.wav"]
+    assert same_bytes(dest / "a_small.wav", remote / "a_small.wav")
+    assert not (dest / ".transfer-complete").exists()
+
+    finished = transfer("sharepoint:killed", dest, batch_size=1, rclone_flags=rclone_remote.flags)
+    assert finished.files == ["b_large.wav"] and finished.skipped == ["a_small.wav"]
+    assert same_bytes(dest / "b_large.wav", remote / "b_large.wav")
+    assert finished.marker.exists()
+
+
+def test_upload_sends_results_back(rclone_remote, tmp_path):
+    results = tmp_path / "results" / "run1"
+    (results / "scores" / "a.wav").mkdir(parents=True)
+    (results / "buzzdask.json").write_text('{"status": "complete"}\n')
+    (results / "scores" / "a.wav" / "chunk-000000.parquet").write_bytes(os.urandom(5000))
+
+    sent = upload(results, "sharepoint:uploads/run1", rclone_flags=rclone_remote.flags)
+
+    assert sent.files == ["buzzdask.json", "scores/a.wav/chunk-000000.parquet"]
+    for name in sent.files:
+        assert same_bytes(rclone_remote.root / "uploads" / "run1" / name, results / name)
+    with pytest.raises(TransferError, match="refused the credentials"):
+        upload(results, "wrongpass:uploads/run1", rclone_flags=rclone_remote.flags)
+
+
+def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path):
+    make_audio("x.wav", n_samples=FRAME, directory=rclone_remote.root / "cli")
+    flags = rclone_remote.flags
+    done = cli("transfer", "sharepoint:cli", str(tmp_path / "d"), flags=flags)
+    stdout, stderr = done.communicate(timeout=120)
+    assert done.returncode == EXIT_OK, stderr
+    assert "1 files" in stdout and (tmp_path / "d" / "x.wav").is_file()
+
+    back = cli("transfer", "--upload", str(tmp_path / "d"), "sharepoint:cli-back", flags=flags)
+    stdout, stderr = back.communicate(timeout=120)
+    assert back.returncode == EXIT_OK, stderr
+    assert (rclone_remote.root / "cli-back" / "x.wav").is_file()
+
+    refused = cli("transfer", "wrongpass:cli", str(tmp_path / "e"), flags=flags)
+    stdout, stderr = refused.communicate(timeout=120)
+    assert refused.returncode == EXIT_ERROR
+    assert stderr.startswith("buzzdask: error: cannot list wrongpass:cli: authentication failed")
+
+
+def test_staged_decode_equals_in_place_and_cleans_up(make_audio, tmp_path, dask_client):
+    frame_spec = spec()
+    path = make_audio("a.mp3", n_samples=7 * FRAME, rate=44100, channels=2)
+    info = probe_audio(path)
+    plans = plan_chunks(info, frame_spec, frames_per_chunk=2)
+    local = tmp_path / "node_local"
+    local.mkdir()
+
+    def staged_files() -> list[Path]:
+        return [p for p in local.rglob("*") if p.is_file()]
+
+    for plan in plans:
+        expected = decode_chunk(info, plan, spec=frame_spec)
+        got = decode_chunk_staged(
+            info, plan, spec=frame_spec, staging_directory=str(local), keep_files=0
+        )
+        np.testing.assert_array_equal(got.samples, expected.samples)
+        assert got.n_frames == expected.n_frames
+        assert staged_files() == []  # removed once no decode uses it
+
+    # Chunks in flight together share one copy; one idle copy is kept for the next chunk.
+    with staged(path, directory=str(local)) as first, staged(path, directory=str(local)) as again:
+        assert first == again and same_bytes(Path(first), path)
+    assert len(staged_files()) == 1
+    other = make_audio("b.wav", n_samples=FRAME)
+    with staged(other, directory=str(local)):
+        pass
+    assert [p.name.split("-", 1)[1] for p in staged_files()] == ["b.wav"]
+
+    # On a real worker process, into that worker's own directory.
+    future = dask_client.submit(
+        decode_chunk_staged, info, plans[0], spec=frame_spec, staging_directory=str(local)
+    )
+    np.testing.assert_array_equal(
+        future.result().samples, decode_chunk(info, plans[0], spec=frame_spec).samples
+    )
+
+    not_audio = tmp_path / "audio" / "c.mp3"
+    not_audio.write_text("text\n" * 100)
+    broken = info.__class__(**{**info.__dict__, "path": str(not_audio)})
+    with pytest.raises(DecodeError) as caught:
+        decode_chunk_staged(broken, plans[0], spec=frame_spec, staging_directory=str(local))
+    assert caught.value.path == str(not_audio)
+    unusable = not_audio / "under-a-file"  # a missing directory is made; this one cannot be
+    with pytest.raises(DecodeError, match="cannot stage"):
+        decode_chunk_staged(info, plans[0], spec=frame_spec, staging_directory=str(unusable))

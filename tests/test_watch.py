@@ -1,0 +1,131 @@
+"""Watch mode: files arriving by rclone while the analysis runs give the one-shot result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import dask
+import pandas as pd
+import pytest
+
+import buzzdask
+from buzzdask import InputError
+from buzzdask.cli import EXIT_OK, EXIT_USAGE
+from buzzdask.transfer import transfer
+from buzzdask.watch import watch
+from tests.conftest import requires_ffmpeg, requires_rclone
+
+pytestmark = [requires_ffmpeg, requires_rclone]
+FRAME = 15360
+
+
+def journal_keys(output) -> list[tuple[str, int]]:
+    lines = (output / "journal.jsonl").read_text().splitlines()
+    return [(entry["file"], entry["chunk"]) for entry in map(json.loads, lines)]
+
+
+def test_files_arriving_during_the_analysis_give_the_one_shot_rows(
+    rclone_remote, make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+):
+    remote = rclone_remote.root / "arriving"
+    (remote / "a_bad.mp3").parent.mkdir(parents=True)
+    (remote / "a_bad.mp3").write_text("not audio\n" * 200)  # fails in every pass, reported once
+    for seed, name in enumerate(["b.wav", "site1/c.wav", "site1/d.mp3", "site2/e.wav", "f.flac"]):
+        make_audio(name, n_samples=3 * FRAME + 700 * seed, seed=seed, directory=remote)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    # What rclone >= 1.63 writes while copying: never analysed (it would fail to decode).
+    (dest / "g.wav.5f2a9c1e.partial").write_bytes(b"RIFF" + b"\0" * 4000)
+    options = {"embedder": str(tiny_embedder), "chunk_seconds": 1.0, "progress": False}
+
+    # About 100 kB per file at 60 kB/s, two files per batch: batches land seconds apart.
+    arriving = threading.Thread(
+        target=transfer,
+        args=("sharepoint:arriving", dest),
+        kwargs={"batch_size": 2, "rclone_flags": (*rclone_remote.flags, "--bwlimit", "60k")},
+    )
+    arriving.start()
+    try:
+        watched = watch(
+            dest,
+            tiny_model,
+            output=tmp_path / "watched",
+            client=dask_client,
+            poll_seconds=0.2,
+            idle_timeout_s=60,
+            **options,
+        )
+    finally:
+        arriving.join()
+    one_shot = buzzdask.analyze(
+        dest, tiny_model, output=tmp_path / "one_shot", client=dask_client, **options
+    )
+
+    passes = watched.summary["watch"]["passes"]
+    assert watched.summary["watch"]["stopped"] == "marker"
+    # The analysis began before the last batch arrived.
+    assert len(passes) >= 2 and 0 < passes[0]["files"] < 6
+    pd.testing.assert_frame_equal(watched.to_pandas(), one_shot.to_pandas())
+    keys = journal_keys(watched.output)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(journal_keys(one_shot.output))
+    assert watched.summary["chunks_written"] == one_shot.summary["chunks_written"]
+    assert watched.summary["frames"] == one_shot.summary["frames"]
+    columns = ["file", "chunk", "stage", "reason"]
+    assert watched.errors[columns].equals(one_shot.errors[columns])
+    assert list(watched.errors.file) == ["a_bad.mp3"]
+    on_disk = pd.read_parquet(watched.output / "errors.parquet")
+    assert list(on_disk.file) == ["a_bad.mp3"]
+    metadata = json.loads((watched.output / "buzzdask.json").read_text())
+    assert metadata["summary"]["watch"]["passes"] == passes
+
+
+def test_idle_timeout_ends_a_watch_without_marker(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+):
+    make_audio("a.wav", n_samples=2 * FRAME)
+    timing = {"buzzdask.watch.poll-seconds": 0.1, "buzzdask.watch.idle-timeout-seconds": 0.5}
+    with dask.config.set(timing):
+        watched = buzzdask.analyze(
+            tmp_path / "audio",
+            tiny_model,
+            output=tmp_path / "out",
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            progress=False,
+            watch=True,
+        )
+    assert watched.summary["watch"]["stopped"] == "idle timeout"
+    assert len(watched.summary["watch"]["passes"]) == 1
+    assert len(watched.to_pandas()) == 2
+
+    with pytest.raises(InputError, match="did not appear"):
+        watch(
+            tmp_path / "never",
+            tiny_model,
+            output=tmp_path / "out2",
+            client=dask_client,
+            poll_seconds=0.1,
+            idle_timeout_s=0.3,
+        )
+
+
+def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path):
+    make_audio("a.wav", n_samples=2 * FRAME)
+    (tmp_path / "audio" / ".transfer-complete").write_text("{}\n")
+    arguments = [sys.executable, "-m", "buzzdask", "analyze", str(tmp_path / "audio"), "--watch"]
+    arguments += ["--model", str(tiny_model), "--embedder", str(tiny_embedder)]
+    arguments += ["--output", str(tmp_path / "out"), "--no-progress", "--poll", "0.1"]
+    arguments += ["--scheduler", dask_client.scheduler.address]
+    done = subprocess.run(arguments, capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "1/1 files" in done.stdout
+    assert len(pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)) == 2
+
+    twice = subprocess.run(
+        [*arguments[:5], str(tmp_path), *arguments[5:]], capture_output=True, text=True
+    )
+    assert twice.returncode == EXIT_USAGE
+    assert "exactly one INPUT directory" in twice.stderr
