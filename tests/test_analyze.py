@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -344,3 +345,117 @@ def test_node_local_staging_gives_the_same_frames(run, make_audio, tmp_path):
     assert staged.ok, staged.errors
     assert local_disk.is_dir()  # the workers staged their copies there
     pd.testing.assert_frame_equal(staged.to_pandas(), in_place.to_pandas())
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(8000, 1), (96000, 6)])
+def test_odd_rates_and_channel_counts_are_analysed(
+    run, tmp_path, tiny_embedder, tiny_model, rate, channels
+):
+    """8 kHz mono (old recorders) and 96 kHz 6-channel audio are inputs, not errors: chunked
+    results equal a whole-file reference built from an independent soxr decode."""
+    soxr = pytest.importorskip("soxr")
+    from tests.conftest import field_like, write_wav
+
+    source = field_like(7 * rate + 321, rate, channels, seed=channels)
+    (tmp_path / "audio").mkdir()
+    write_wav(tmp_path / "audio" / "odd.wav", source, rate)
+    pcm = np.round(source * 32767) / 32768  # what the 16-bit file holds
+    waveform = soxr.resample(pcm.mean(axis=1), rate, 16000, quality="HQ").astype(np.float32)
+    result = run(tmp_path / "audio", chunk_seconds=2.0)
+    assert result.ok, result.errors
+    frame = result.to_pandas()
+    # Chunked equals whole-file decoding (resampled chunks differ from the whole-file decode
+    # by float32 rounding, <= 4e-7 per sample, which the tiny model's log-mel amplifies)...
+    starts, whole = reference_activations(
+        tmp_path / "audio" / "odd.wav", embedder=tiny_embedder, model=tiny_model
+    )
+    np.testing.assert_array_equal(frame.start.to_numpy(), starts)
+    np.testing.assert_allclose(activations(frame), whole, atol=1e-4, rtol=1e-4)
+    # ...which is the mean-then-soxr input (the python soxr flushes the stream's last
+    # milliseconds a little differently: 1e-4 on the last frame of the 96 kHz file).
+    _, independent = reference_activations(waveform, embedder=tiny_embedder, model=tiny_model)
+    np.testing.assert_allclose(activations(frame), independent, atol=3e-4, rtol=0)
+
+
+def test_unreadable_file_and_folder_are_reported(make_audio, tmp_path, tiny_embedder, tiny_model):
+    """Permissions: a file and a folder the user may not read are reported, the rest finish.
+
+    Root reads everything, so as root the run drops the capabilities that let it ignore file
+    modes (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) and meets the modes as any user would.
+    """
+    make_audio("good.wav", n_samples=3 * FRAME)
+    make_audio("locked.wav", n_samples=3 * FRAME, seed=1).chmod(0)
+    make_audio("closed/inner.wav", n_samples=3 * FRAME, seed=2)
+    (tmp_path / "audio" / "closed").chmod(0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot drop the DAC capabilities")
+        drop = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
+    command = [
+        *prefix,
+        *(sys.executable, "-m", "buzzdask", "analyze", str(tmp_path / "audio")),
+        *("--model", str(tiny_model), "--embedder", str(tiny_embedder)),
+        *("--output", str(tmp_path / "out"), "--no-progress"),
+    ]
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        (tmp_path / "audio" / "closed").chmod(0o755)  # so pytest can clean up
+    assert done.returncode == 3, done.stderr
+    errors = pd.read_parquet(tmp_path / "out" / "errors.parquet").set_index("file")
+    assert errors.loc["locked.wav", "reason"] == "permission denied"
+    assert "cannot list directory: Permission denied" in errors.loc["closed", "reason"]
+    assert "buzzdask: failed: locked.wav: permission denied" in done.stderr
+    frame = pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)
+    assert set(frame.file) == {"good.wav"} and len(frame) == 3
+
+
+def test_nothing_is_written_outside_the_output(run, make_audio, tmp_path):
+    """Inputs named with "..", given as absolute paths from two folders, or with odd
+    characters all land under output/scores, named after the input; nothing else changes."""
+    odd_names = ["site=A/räume #1.wav", "-rf .wav", "100% buzz;'x'.wav"]
+    for seed, name in enumerate(odd_names):
+        make_audio(name, n_samples=2 * FRAME, seed=seed)
+    make_audio("elsewhere.wav", n_samples=2 * FRAME, directory=tmp_path / "other")
+    inputs = [
+        tmp_path / "audio" / "site=A" / ".." / "-rf .wav",  # ".." in the given path
+        (tmp_path / "audio").absolute(),
+        (tmp_path / "other" / "elsewhere.wav").absolute(),
+    ]
+    before = {p for p in tmp_path.rglob("*") if "results" not in p.parts}
+    result = run(inputs)
+    assert result.ok, result.errors
+    after = {p for p in tmp_path.rglob("*") if "results" not in p.parts}
+    assert after == before
+    # Names are relative to the inputs' common folder; "-rf .wav" counted once.
+    frame = result.to_pandas()
+    assert sorted(frame.file.unique()) == sorted(
+        ["audio/" + n for n in odd_names] + ["other/elsewhere.wav"]
+    )
+    written = sorted(p.relative_to(result.dataset) for p in result.dataset.rglob("*.parquet"))
+    assert all(".." not in p.parts for p in written) and len(written) == 4
+
+
+def test_memory_budget_holds_with_many_small_and_a_few_long_files(
+    run, make_audio, tmp_path, dask_client
+):
+    """Mixed load: the decoded audio in flight never exceeds the budget, and the peak resident
+    memory of every worker process and of its largest ffmpeg child is measured and reported."""
+    for seed in range(12):
+        make_audio(f"short/{seed}.wav", n_samples=2 * FRAME, seed=seed)
+    for seed in range(2):
+        make_audio(f"long/{seed}.flac", n_samples=180 * 16000, seed=seed)  # 11.5 MB decoded
+    # One 30 s chunk with margins is about 2 MB of float32: at most two in flight.
+    result = run(tmp_path / "audio", chunk_seconds=30.0, memory_budget="5MB")
+    assert result.ok, result.errors
+    assert len(result.to_pandas()) == 12 * 2 + 2 * int(180 / 0.96)
+    summary = result.summary
+    assert 0 < summary["peak_decoded_bytes_in_flight"] <= summary["memory_budget_bytes"]
+    workers = set(dask_client.scheduler_info()["workers"])
+    assert set(summary["peak_rss_bytes"]) == workers
+    peaks = summary["peak_rss_bytes"].values()
+    assert all(peak["worker"] > 0 for peak in peaks)
+    assert max(peak["largest_child"] for peak in peaks) > 0  # the decoders' ffmpeg

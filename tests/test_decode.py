@@ -23,7 +23,9 @@ def soxr_mean(channels: np.ndarray, rate: int) -> np.ndarray:
     return soxr.resample(channels.mean(axis=1), rate, 16000, quality="HQ").astype(np.float32)
 
 
-@pytest.mark.parametrize(("channels", "rate"), [(2, 44100), (4, 48000), (1, 32000)])
+@pytest.mark.parametrize(
+    ("channels", "rate"), [(2, 44100), (4, 48000), (1, 32000), (1, 8000), (6, 96000)]
+)
 def test_mean_of_channels_then_soxr(tmp_path: Path, channels: int, rate: int) -> None:
     source = field_like(5 * rate + 123, rate, channels, seed=channels)
     path = write_wav(tmp_path / "x.wav", source, rate)
