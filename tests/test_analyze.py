@@ -134,6 +134,15 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     (audio / "truncated_header.mp3").write_bytes(b"\x00" * 64 + good[len(good) // 2 :][:200])
     os.symlink(audio / "missing.wav", audio / "broken_link.wav")
     (audio / "folder.mp3").mkdir()
+    make_audio("zero_samples.wav", n_samples=0)  # a valid header and no audio
+    make_audio("long.mp3", n_samples=10 * 44100, rate=44100, channels=2, seed=3)
+    long = (audio / "long.mp3").read_bytes()
+    (audio / "truncated.mp3").write_bytes(long[: len(long) * 6 // 10])  # a copy cut short
+    (audio / "long.mp3").unlink()
+    os.symlink(audio / "loop_b.wav", audio / "loop_a.wav")
+    os.symlink(audio / "loop_a.wav", audio / "loop_b.wav")
+    (audio / "sub").mkdir()
+    os.symlink(audio, audio / "sub" / "back_to_top")  # a directory loop
 
     result = run(audio)
 
@@ -144,13 +153,23 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
         "not_audio.mp3",
         "truncated_header.mp3",
         "broken_link.wav",
+        "zero_samples.wav",
+        "loop_a.wav",
+        "loop_b.wav",
+        "sub/back_to_top",
     }
     assert "shorter than one frame" in errors.loc["too_short.wav", "reason"]
+    assert "shorter than one frame" in errors.loc["zero_samples.wav", "reason"]
     assert "empty file" in errors.loc["empty.mp3", "reason"]
+    assert "cannot read it as audio" in errors.loc["not_audio.mp3", "reason"]
     assert "broken symlink" in errors.loc["broken_link.wav", "reason"]
+    assert errors.loc["loop_a.wav", "reason"] == "symlink loop"
+    assert "directory already visited" in errors.loc["sub/back_to_top", "reason"]
     frame = result.to_pandas()
-    assert set(frame.file) == {"good.wav", "good.mp3"}
-    assert result.summary["files_failed"] == 5
+    # A copy cut short keeps the frames it holds (about 6 of 10 s); the rest are not invented.
+    assert set(frame.file) == {"good.wav", "good.mp3", "truncated.mp3"}
+    assert 4 <= (frame.file == "truncated.mp3").sum() <= 7
+    assert result.summary["files_failed"] == 9
     on_disk = pd.read_parquet(result.output / "errors.parquet")
     assert sorted(on_disk.file) == sorted(errors.index)
 

@@ -106,7 +106,11 @@ def _walk(top: str, suffixes: set[str]) -> Iterable[tuple[str, str | None]]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue  # hidden files, rclone/OS partial files
-            if entry.is_dir(follow_symlinks=True):
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:  # a symlink loop (ELOOP): reported below as a file problem
+                is_dir = False
+            if is_dir:
                 stack.append(entry.path)
             elif Path(entry.name).suffix.lower() in suffixes:
                 if entry.is_symlink() and not os.path.exists(entry.path):
