@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import buzzdask
 from buzzdask import ClusterError, ParameterError
 from buzzdask.cluster import available_configs, job_scripts, load_cluster_config, start
 from buzzdask.cluster.__main__ import main as cluster_main
-from tests.conftest import REPO, requires_ffmpeg, requires_slurm
+from tests.conftest import REPO, assert_same_frames, requires_ffmpeg, requires_slurm
 
 OSC = {
     "osc-cardinal": {"cpu_partition": "cpu", "gpu_partition": "gpu"},
@@ -163,7 +164,7 @@ def _same_frames(result: buzzdask.AnalysisResult, reference: pd.DataFrame) -> No
     assert result.ok, result.errors
     frame = result.to_pandas()
     assert not frame.duplicated(["file", "start"]).any()
-    pd.testing.assert_frame_equal(frame, reference)
+    assert_same_frames(frame, reference)
 
 
 def _job_ids(job_name: str) -> list[str]:
@@ -380,9 +381,7 @@ def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path
     assert "dashboard: http://" in done.stdout
     assert "3/3 files" in done.stdout
     frame = pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)
-    pd.testing.assert_frame_equal(
-        frame.sort_values(["file", "start"], ignore_index=True), reference
-    )
+    assert_same_frames(frame.sort_values(["file", "start"], ignore_index=True), reference)
     _assert_no_jobs_left()
 
 
@@ -418,10 +417,44 @@ def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus
     assert "3/3 files" in log.read_text()
     frame = pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)
     frame = frame.sort_values(["file", "start"], ignore_index=True)
-    pd.testing.assert_frame_equal(frame, reference)
+    assert_same_frames(frame, reference)
     # The actor went to the GPU task (rank 2), as in the cluster mode.
     metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())
     assert metadata["summary"]["scorers"][0]["gpu_worker"] is True
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+def test_command_line_holds_the_cluster_for_a_notebook(local_slurm, slurm_corpus, tmp_path):
+    """Without analyze: the cluster stays up, its address is printed for Client(address), and
+    SIGTERM cancels the jobs. With --gpus 0 it says the scorer runs on a CPU worker."""
+    from distributed import Client
+
+    audio, options, reference = slurm_corpus
+    command = [
+        *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm"),
+        *("--cpu-workers", "2", "--log-directory", str(tmp_path / "logs")),
+        # One CPU worker holds TensorFlow: 1 GiB would have Dask pause it (80 % memory).
+        *("--memory", "2GiB"),
+    ]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        lines = []
+        for line in holder.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "scheduler at" in line:
+                break
+        assert "the scorer runs on a CPU worker" in "".join(lines)
+        address = lines[-1].split("scheduler at ")[1].strip()
+        with Client(address) as client:
+            result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
+        _same_frames(result, reference)
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+    _assert_no_jobs_left()
 
 
 def test_local_configuration_starts_a_local_cluster():

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-budget", metavar="BYTES", help="decoded audio in flight, e.g. 2GiB (default 1GiB)"
     )
     analyze.add_argument(
-        "--batch-frames", type=int, metavar="N", help="frames per embedder call (default 4096)"
+        "--batch-frames", type=int, metavar="N", help="frames per embedder call (default 1024)"
     )
     analyze.add_argument(
         "--scheduler",

@@ -181,7 +181,7 @@ def analyze(
     Raises
     ------
     InputError, ModelError, ParameterError, OutputConflictError
-        Before any work starts, for a missing input, an unusable model, a bad option or an
+        Before any result is written, for a missing input, an unusable model, a bad option or an
         output that already holds results.
 
     Notes
@@ -260,8 +260,8 @@ def analyze(
         layout.root.mkdir(parents=True, exist_ok=True)
         write_json(layout.metadata, metadata)
         run.start_scorers()
-        metadata["versions"]["tensorflow"] = run.tensorflow_version
         run.execute(inputs, progress=Progress(enabled=progress, verbose=verbose))
+        metadata["versions"]["tensorflow"] = run.tensorflow_version
         peak_rss = _peak_rss(connected)
         scorer_stats = run.scorer_stats()
     wall = time.perf_counter() - started_wall
@@ -344,6 +344,7 @@ class _Run:
         self.errors: list[dict[str, Any]] = []
         self.scorers: dict[str, Any] = {}
         self._actor_futures: dict[str, Future] = {}
+        self._starting: dict[str, Future] = {}  # actors submitted, not yet up
         self.gpu_scoring = False
         self.decode_workers: list[str] | None = None
         self.scorer_restarts = 0
@@ -356,7 +357,11 @@ class _Run:
 
     # -- scorers -------------------------------------------------------------------------------
     def start_scorers(self) -> None:
-        """One scorer actor per GPU worker, else one on a CPU worker; loads the model there."""
+        """Submit one scorer actor per GPU worker, else one on a CPU worker.
+
+        Loading the model takes seconds: :meth:`execute` probes and decodes meanwhile and
+        scores once the actors are up.
+        """
         workers = self._live_workers()
         if not workers:
             self.client.wait_for_workers(1, timeout=300)
@@ -365,14 +370,20 @@ class _Run:
         self.gpu_scoring = has_gpu(workers[hosts[0]])
         if not self.gpu_scoring:
             logger.info("no GPU workers: scoring on CPU worker %s", hosts[0])
-        actors = self._start_actors(hosts)
-        self.scorers = dict(zip(hosts, actors, strict=True))
+        self._starting = dict(zip(hosts, self._submit_actors(hosts), strict=True))
         self._update_decode_workers(workers)
+
+    def _scorers_started(self) -> None:
+        """The submitted actors are up (or their ModelError is raised)."""
+        hosts = list(self._starting)
+        actors = self._gather_actors(hosts, list(self._starting.values()))
+        self.scorers = dict(zip(hosts, actors, strict=True))
+        self._starting = {}
         self.tensorflow_version = str(
             self.client.run(_tensorflow_version, workers=hosts[:1]).popitem()[1]
         )
 
-    def _start_actors(self, hosts: list[str]) -> list[Any]:
+    def _submit_actors(self, hosts: list[str]) -> list[Future]:
         futures = [
             self.client.submit(
                 Scorer,
@@ -390,15 +401,17 @@ class _Run:
             )
             for address in hosts
         ]
+        # Hold the actor futures: once released, Dask forgets the actors and their tasks fail.
+        self._actor_futures.update(zip(hosts, futures, strict=True))
+        return futures
+
+    def _gather_actors(self, hosts: list[str], futures: list[Future]) -> list[Any]:
         try:
-            actors = self.client.gather(futures)
-        except BuzzdaskError:  # ModelError from the actor's __init__, before any decode
+            return list(self.client.gather(futures))
+        except BuzzdaskError:  # ModelError from the actor's __init__, before anything is scored
             raise
         except Exception as error:
             raise ScorerError(f"could not start the scorer on {hosts}: {error}") from error
-        # Hold the actor futures: once released, Dask forgets the actors and their tasks fail.
-        self._actor_futures.update(zip(hosts, futures, strict=True))
-        return actors
 
     def _live_workers(self) -> dict[str, Any]:
         return dict(self.client.scheduler_info(n_workers=-1)["workers"])
@@ -409,7 +422,7 @@ class _Run:
         decoders = sorted(
             address
             for address, worker in workers.items()
-            if address not in self.scorers and not has_gpu(worker)
+            if address not in self.scorers and address not in self._starting and not has_gpu(worker)
         )
         self.decode_workers = decoders or None
 
@@ -457,7 +470,7 @@ class _Run:
         # Prefer a worker that decodes nothing yet, so decoding keeps its workers.
         host = candidates[-1]
         logger.warning("scorer on %s was lost: restarting it on %s", address, host)
-        (actor,) = self._start_actors([host])
+        (actor,) = self._gather_actors([host], self._submit_actors([host]))
         self.scorers[host] = actor
         self.scorer_restarts += 1
         self._update_decode_workers(workers)
@@ -498,6 +511,9 @@ class _Run:
             kinds[future.key] = ("probe", state)
             pending.add(future)
 
+        for future in self._starting.values():
+            kinds[future.key] = ("scorer", None)
+            pending.add(future)
         todo: deque[_Chunk] = deque()
         decoded: deque[tuple[_Chunk, Future]] = deque()
         in_flight_bytes = 0
@@ -528,7 +544,7 @@ class _Run:
                 )
                 kinds[future.key] = ("decode", chunk)
                 pending.add(future)
-            while decoded:
+            while decoded and self.scorers:
                 address = min(self.scorers, key=scoring.__getitem__)
                 if scoring[address] >= self.tasks_per_scorer:
                     break
@@ -559,7 +575,10 @@ class _Run:
 
         for future in pending:
             kind, payload = kinds.pop(future.key)
-            if kind == "probe":
+            if kind == "scorer":
+                if not any(f.status == "pending" for f in self._starting.values()):
+                    self._scorers_started()
+            elif kind == "probe":
                 self._probed(payload, future, todo, progress)
             elif kind == "decode":
                 if future.status == "error":
@@ -777,14 +796,11 @@ def _tensorflow_version() -> str:
     return str(tf.__version__)
 
 
-def _peak_rss_bytes() -> dict[str, int]:
-    """Peak resident memory of this worker process and of its largest finished child (ffmpeg)."""
-    return {
-        "worker": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "largest_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-    }
+def _peak_rss_bytes() -> int:
+    """Peak resident memory of this worker process (ffmpeg runs in its own processes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _peak_rss(client: Client) -> dict[str, dict[str, int]]:
+def _peak_rss(client: Client) -> dict[str, int]:
     # A worker that died during the run has no answer; the others still report.
     return client.run(_peak_rss_bytes, on_error="ignore")

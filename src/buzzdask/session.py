@@ -24,6 +24,7 @@ from buzzdask import config
 __all__ = [
     "connect",
     "has_gpu",
+    "no_work_stealing",
     "package_versions",
     "scorer_hosts",
     "start_local_cluster",
@@ -49,16 +50,37 @@ def connect(client: Client | str | None) -> Iterator[Client]:
             yield local
 
 
-def start_local_cluster() -> LocalCluster:
-    """Worker processes: one holds the scorer, the others decode (at least one of each)."""
-    n_workers = config.get("local-cluster.n-workers") or 2
-    threads = config.get("local-cluster.threads-per-worker") or os.cpu_count() or 1
-    return LocalCluster(
-        n_workers=int(n_workers),
-        threads_per_worker=int(threads),
-        processes=True,
-        dashboard_address=config.get("local-cluster.dashboard-address"),
-    )
+def start_local_cluster(
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    dashboard_address: str | None = None,
+) -> LocalCluster:
+    """Worker processes: one holds the scorer, the others decode (at least one of each).
+
+    Options default to ``buzzdask.local-cluster.*``.
+    """
+    n_workers = n_workers or config.get("local-cluster.n-workers") or 2
+    threads = threads_per_worker or config.get("local-cluster.threads-per-worker")
+    with no_work_stealing():
+        return LocalCluster(
+            n_workers=int(n_workers),
+            threads_per_worker=int(threads or os.cpu_count() or 1),
+            processes=True,
+            dashboard_address=config.get("local-cluster.dashboard-address", dashboard_address),
+        )
+
+
+@contextmanager
+def no_work_stealing() -> Iterator[None]:
+    """Schedulers started inside this block do not steal tasks between workers.
+
+    Stealing moves decode tasks (loosely restricted to the decode workers) onto the scorer's
+    worker, where ffmpeg then competes with TensorFlow: measured 209x -> 291x realtime on
+    two cores with it off (benchmarks/).
+    """
+    with dask.config.set({"distributed.scheduler.work-stealing": False}):
+        yield
 
 
 def has_gpu(worker: Mapping[str, Any]) -> bool:

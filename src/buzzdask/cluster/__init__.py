@@ -15,12 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from buzzdask import config
 from buzzdask.cluster.configs import available_configs, load_cluster_config
 from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script
 from buzzdask.errors import ParameterError
+from buzzdask.session import no_work_stealing, start_local_cluster
 
 __all__ = [
     "BuzzdaskSLURMCluster",
@@ -97,9 +98,9 @@ def start(
             raise ParameterError(
                 f"gpus={gpus}: a local cluster uses this machine's GPU, if any, by itself"
             )
-        cluster = LocalCluster(
+        cluster = start_local_cluster(
             n_workers=1 + cpu_workers,
-            threads_per_worker=entry.get("threads-per-worker") or os.cpu_count(),
+            threads_per_worker=entry.get("threads-per-worker"),
             dashboard_address=entry.get("dashboard-address"),
         )
         return Client(cluster)
@@ -114,12 +115,13 @@ def start(
         job_kwargs=job_kwargs,
         gpu_job_kwargs=gpu_job_kwargs,
     )
-    slurm = BuzzdaskSLURMCluster(
-        config_name=entry["cpu-config"],
-        gpu_config_name=entry["gpu-config"],
-        gpu_job_kwargs=gpu_options,
-        **cpu_options,
-    )
+    with no_work_stealing():  # the scheduler runs here, in this process
+        slurm = BuzzdaskSLURMCluster(
+            config_name=entry["cpu-config"],
+            gpu_config_name=entry["gpu-config"],
+            gpu_job_kwargs=gpu_options,
+            **cpu_options,
+        )
     try:
         slurm.scale(jobs=cpu_workers, gpus=gpus)
         processes = slurm._dummy_job.worker_processes

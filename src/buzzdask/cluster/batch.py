@@ -101,6 +101,7 @@ def run_in_job(command: Sequence[str], *, gpus: int, scheduler_file: str | None 
     from distributed import Client
 
     from buzzdask import cli
+    from buzzdask.session import no_work_stealing
 
     rank = int(os.environ.get("SLURM_PROCID", "-1"))
     if rank < 0:
@@ -123,6 +124,7 @@ def run_in_job(command: Sequence[str], *, gpus: int, scheduler_file: str | None 
     )
     try:
         with (
+            no_work_stealing(),  # this task's scheduler, if it is rank 0
             SLURMRunner(
                 scheduler_file=scheduler_file,
                 worker_options=worker_options,

@@ -76,9 +76,10 @@ class _DecodeWorkersAdaptive(Adaptive):
         return max(0, await super().target() - len(self.cluster.gpu_worker_names))
 
     async def workers_to_close(self, target: int) -> list[str]:
+        # The scheduler may well pick an idle GPU worker: rank them all, keep the CPU ones.
         gpu = self.cluster.gpu_worker_names
-        names = await super().workers_to_close(target + len(gpu))
-        return [name for name in names if name not in gpu]
+        ranked = [name for name in await super().workers_to_close(0) if name not in gpu]
+        return ranked[: max(0, len(self.plan) - target)]
 
 
 class BuzzdaskSLURMCluster(SLURMCluster):
