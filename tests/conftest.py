@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import wave
 from collections.abc import Callable, Iterator
@@ -163,6 +164,24 @@ def assert_same_frames(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
     with timing), at the 1e-6 level; the golden test holds the real model to 7e-6.
     """
     pd.testing.assert_frame_equal(actual, expected, check_exact=False, rtol=0, atol=1e-5)
+
+
+def when_scoring_started(scores: Path, action: Callable[[], object]) -> threading.Thread:
+    """Run ``action`` in a thread once the first partition lands in ``scores``: mid-run.
+
+    Join the returned thread after the run.
+    """
+
+    def wait_then_act() -> None:
+        for _ in range(1200):
+            if scores.exists() and any(scores.rglob("*.parquet")):
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=wait_then_act)
+    thread.start()
+    return thread
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:

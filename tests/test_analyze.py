@@ -8,8 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-from pathlib import Path
 
 import dask.dataframe as dd
 import numpy as np
@@ -19,7 +17,12 @@ import pytest
 
 import buzzdask
 from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
-from tests.conftest import CLASSES, assert_same_frames, requires_ffmpeg
+from tests.conftest import (
+    CLASSES,
+    assert_same_frames,
+    requires_ffmpeg,
+    when_scoring_started,
+)
 from tests.reference import reference_activations
 
 pytestmark = requires_ffmpeg
@@ -262,21 +265,6 @@ def test_local_cluster_is_started_when_no_client(
     assert "dashboard" in capsys.readouterr().out
 
 
-def _kill_when_scoring_started(scores: Path, pid: int) -> threading.Thread:
-    """SIGKILL ``pid`` as soon as the first partition lands in ``scores`` (mid-run)."""
-
-    def kill() -> None:
-        for _ in range(1200):
-            if scores.exists() and any(scores.rglob("*.parquet")):
-                os.kill(pid, signal.SIGKILL)
-                return
-            threading.Event().wait(0.05)
-
-    killer = threading.Thread(target=kill)
-    killer.start()
-    return killer
-
-
 def _assert_same_frames(
     result: buzzdask.AnalysisResult, reference: buzzdask.AnalysisResult
 ) -> None:
@@ -316,7 +304,9 @@ def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim):
         workers = sorted(client.scheduler_info()["workers"])
         target = workers[0] if victim == "scorer" else workers[1]
         pid = client.run(os.getpid, workers=[target])[target]
-        killer = _kill_when_scoring_started(tmp_path / "out" / "scores", pid)
+        killer = when_scoring_started(
+            tmp_path / "out" / "scores", lambda: os.kill(pid, signal.SIGKILL)
+        )
         result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
         killer.join()
     assert result.ok, result.errors
@@ -336,7 +326,7 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
     env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
     command = [sys.executable, "-c", script, audio, options["model"], output, options["embedder"]]
     process = subprocess.Popen([str(c) for c in command], env=env, start_new_session=True)
-    killer = _kill_when_scoring_started(output / "scores", process.pid)
+    killer = when_scoring_started(output / "scores", lambda: os.kill(process.pid, signal.SIGKILL))
     process.wait(timeout=300)
     killer.join()
     assert process.returncode == -signal.SIGKILL

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,13 @@ import buzzdask
 from buzzdask import ClusterError, ParameterError
 from buzzdask.cluster import available_configs, job_scripts, load_cluster_config, start
 from buzzdask.cluster.__main__ import main as cluster_main
-from tests.conftest import REPO, assert_same_frames, requires_ffmpeg, requires_slurm
+from tests.conftest import (
+    REPO,
+    assert_same_frames,
+    requires_ffmpeg,
+    requires_slurm,
+    when_scoring_started,
+)
 
 OSC = {
     "osc-cardinal": {"cpu_partition": "cpu", "gpu_partition": "gpu"},
@@ -233,15 +238,9 @@ def test_scancel_a_worker_job_mid_run_loses_nothing(local_slurm, slurm_corpus, t
         try:
             (job,) = _job_ids(victim)
 
-            def cancel_when_scoring_started() -> None:
-                for _ in range(1200):
-                    if scores.exists() and any(scores.rglob("*.parquet")):
-                        subprocess.run(["scancel", job], check=True)
-                        return
-                    time.sleep(0.05)
-
-            killer = threading.Thread(target=cancel_when_scoring_started)
-            killer.start()
+            killer = when_scoring_started(
+                scores, lambda: subprocess.run(["scancel", job], check=True)
+            )
             result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
             killer.join()
             assert job not in _job_ids(victim)
@@ -274,15 +273,9 @@ def test_scorer_worker_retiring_mid_run_is_replaced(local_slurm, slurm_corpus, t
                     dask_worker.close_gracefully, reason="worker-lifetime-reached"
                 )
 
-            def retire_when_scoring_started() -> None:
-                for _ in range(1200):
-                    if scores.exists() and any(scores.rglob("*.parquet")):
-                        client.run(reach_lifetime, workers=[gpu_worker])
-                        return
-                    time.sleep(0.05)
-
-            retirer = threading.Thread(target=retire_when_scoring_started)
-            retirer.start()
+            retirer = when_scoring_started(
+                scores, lambda: client.run(reach_lifetime, workers=[gpu_worker])
+            )
             result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
             retirer.join()
             workers = client.scheduler_info(n_workers=-1)["workers"]
