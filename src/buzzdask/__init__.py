@@ -18,13 +18,14 @@ from buzzdask.errors import (
     OutputConflictError,
     ParameterError,
     ScorerError,
+    TransferError,
 )
 from buzzdask.frames import FrameSpec
 from buzzdask.graph import AnalysisResult, analyze
 from buzzdask.models import ModelSpec, resolve_model
 from buzzdask.project import init_project
 from buzzdask.train import TrainingResult, train
-from buzzdask.transfer import TransferError, TransferResult, transfer, upload
+from buzzdask.transfer import TransferResult, transfer, upload
 
 try:
     __version__ = version("buzzdask")

@@ -6,6 +6,8 @@ Every error derives from :class:`BuzzdaskError` and from the builtin it refines,
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BuzzdaskError",
     "BuzzdaskWarning",
@@ -16,6 +18,7 @@ __all__ = [
     "OutputConflictError",
     "ParameterError",
     "ScorerError",
+    "TransferError",
 ]
 
 
@@ -76,3 +79,32 @@ class DecodeError(BuzzdaskError, RuntimeError):
 
 class BuzzdaskWarning(RuntimeWarning):
     """Something worked but deserves the user's attention."""
+
+
+class TransferError(BuzzdaskError, RuntimeError):
+    """rclone could not list, copy or upload, or a copied file is incomplete.
+
+    Parameters
+    ----------
+    message : str
+        What went wrong and what to do about it.
+    reason : str
+        ``"remote not configured"``, ``"authentication failed"``, ``"remote unreachable"``,
+        ``"not found"``, ``"incomplete file"``, ``"rclone missing"`` or ``"rclone failed"``.
+    stderr : str, optional
+        The tail of rclone's own message.
+    """
+
+    def __init__(self, message: str, *, reason: str, stderr: str = "") -> None:
+        self.reason = reason
+        self.stderr = stderr
+        super().__init__(message + (f" (rclone: {stderr})" if stderr else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_transfer_error, (self.args[0], self.reason, self.stderr))
+
+
+def _rebuild_transfer_error(message: str, reason: str, stderr: str) -> TransferError:
+    error = TransferError("", reason=reason, stderr=stderr)
+    error.args = (message,)
+    return error

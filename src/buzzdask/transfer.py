@@ -36,7 +36,7 @@ from typing import Any
 
 from buzzdask import config
 from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk, decode_chunk
-from buzzdask.errors import BuzzdaskError, DecodeError, ParameterError
+from buzzdask.errors import DecodeError, ParameterError, TransferError
 from buzzdask.progress import logger
 from buzzdask.write import utc_now
 
@@ -87,35 +87,6 @@ _DIAGNOSES = (
         "the path does not exist on the remote",
     ),
 )
-
-
-class TransferError(BuzzdaskError, RuntimeError):
-    """rclone could not list, copy or upload, or a copied file is incomplete.
-
-    Parameters
-    ----------
-    message : str
-        What went wrong and what to do about it.
-    reason : str
-        ``"remote not configured"``, ``"authentication failed"``, ``"remote unreachable"``,
-        ``"not found"``, ``"incomplete file"``, ``"rclone missing"`` or ``"rclone failed"``.
-    stderr : str, optional
-        The tail of rclone's own message.
-    """
-
-    def __init__(self, message: str, *, reason: str, stderr: str = "") -> None:
-        self.reason = reason
-        self.stderr = stderr
-        super().__init__(message + (f" (rclone: {stderr})" if stderr else ""))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_transfer_error, (self.args[0], self.reason, self.stderr))
-
-
-def _rebuild_transfer_error(message: str, reason: str, stderr: str) -> TransferError:
-    error = TransferError("", reason=reason, stderr=stderr)
-    error.args = (message,)
-    return error
 
 
 @dataclass
