@@ -172,6 +172,21 @@ def _same_frames(result: buzzdask.AnalysisResult, reference: pd.DataFrame) -> No
     assert_same_frames(frame, reference)
 
 
+def _analyze_command(audio: Path, options: dict[str, Any], output: Path) -> list[str]:
+    """``analyze ...`` arguments for the corpus with the fixture's options."""
+    return [
+        *("analyze", str(audio), "--model", str(options["model"])),
+        *("--embedder", options["embedder"], "--output", str(output)),
+        *("--chunk-seconds", "1", "--no-progress"),
+    ]
+
+
+def _read_scores(output: Path) -> pd.DataFrame:
+    """A command-line run's frames, read back with pandas, in analyze's order."""
+    frame = pd.read_parquet(output / "scores", partitioning=None)
+    return frame.sort_values(["file", "start"], ignore_index=True)
+
+
 def _job_ids(job_name: str) -> list[str]:
     """Pending or running jobs named ``job_name``."""
     out = subprocess.run(
@@ -364,17 +379,14 @@ def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path
     command = [
         *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm"),
         *("--gpus", "1", "--cpu-workers", "1", "--log-directory", str(tmp_path / "logs")),
-        *("analyze", str(audio), "--model", str(options["model"])),
-        *("--embedder", options["embedder"], "--output", str(tmp_path / "out")),
-        *("--chunk-seconds", "1", "--no-progress"),
+        *_analyze_command(audio, options, tmp_path / "out"),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "buzzdask: scheduler at tcp://127.0.0.1:" in done.stdout
     assert "dashboard: http://" in done.stdout
     assert "3/3 files" in done.stdout
-    frame = pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)
-    assert_same_frames(frame.sort_values(["file", "start"], ignore_index=True), reference)
+    assert_same_frames(_read_scores(tmp_path / "out"), reference)
     _assert_no_jobs_left()
 
 
@@ -383,11 +395,7 @@ def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path
 @pytest.mark.slurm
 def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus, tmp_path):
     audio, options, reference = slurm_corpus
-    analyze = [
-        *("analyze", str(audio), "--model", str(options["model"])),
-        *("--embedder", options["embedder"], "--output", str(tmp_path / "out")),
-        *("--chunk-seconds", "1", "--no-progress"),
-    ]
+    analyze = _analyze_command(audio, options, tmp_path / "out")
     script = tmp_path / "job.sh"
     printed = subprocess.run(
         [
@@ -408,9 +416,7 @@ def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus
     )
     assert done.returncode == 0, log.read_text()[-3000:]
     assert "3/3 files" in log.read_text()
-    frame = pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)
-    frame = frame.sort_values(["file", "start"], ignore_index=True)
-    assert_same_frames(frame, reference)
+    assert_same_frames(_read_scores(tmp_path / "out"), reference)
     # The actor went to the GPU task (rank 2), as in the cluster mode.
     metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())
     assert metadata["summary"]["scorers"][0]["gpu_worker"] is True
