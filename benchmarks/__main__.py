@@ -42,9 +42,10 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 #: buzzdask.analyze configurations: local-cluster shape plus ``buzzdask.*`` config keys.
 #: ``None`` for n_workers/threads means buzzdask's own defaults (2 workers, every core each).
 ANALYZE_CONFIGS: dict[str, dict[str, Any]] = {
+    # A scorer on each of the 2 workers, TensorFlow's threads split between them.
     "buzzdask, defaults": {},
-    # One ffmpeg at a time beside TensorFlow's threads: no oversubscription on 2 cores.
-    "buzzdask, 1 thread per worker": {"threads_per_worker": 1},
+    # The former default: one scorer using every core, the other worker only decodes.
+    "buzzdask, 1 scorer": {"cpu-scorer-workers": 1},
 }
 
 
@@ -92,6 +93,14 @@ def main(argv: list[str] | None = None) -> None:
         label: stage("analyze", label, settings=_cluster_settings(settings, n_cores))
         for label, settings in ANALYZE_CONFIGS.items()
     }
+    if args.slurm:
+        slurm_dir = shared / "slurm"
+        results["slurm_decode"] = stage(
+            "slurm_decode",
+            "decode on the local SLURM",
+            slurm_dir=str(slurm_dir),
+            worker_counts=[1, 2],
+        )
     shutil.rmtree(work_dir, ignore_errors=True)
 
     record = _record(results, n_cores=n_cores, files=files, hours=args.hours)
@@ -128,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed passes per model configuration"
+    )
+    parser.add_argument(
+        "--no-slurm",
+        dest="slurm",
+        action="store_false",
+        help="skip decode scaling on the local SLURM (it needs root: ../shared/slurm)",
     )
     return parser
 
@@ -205,6 +220,10 @@ def _record(
         _row(f"model only, {default_label}", default_model),
         _row(f"model only, best: {best_label}", best_model),
         *(_row(k, v) for k, v in results["analyze"].items()),
+        *(
+            _row(f"decode only, local SLURM, {k}", v)
+            for k, v in results.get("slurm_decode", {}).items()
+        ),
     ]
     best_analyze = max(results["analyze"].values(), key=lambda r: r["realtime_factor"])
     return {
@@ -235,6 +254,11 @@ def _record(
                 "first_chunk_written_s": result["first_chunk_s"],
             }
             for label, result in results["analyze"].items()
+        }
+        | {
+            # sbatch until the jobs' Dask workers are connected.
+            f"local SLURM, {label}": {"jobs_up_s": result["jobs_up_s"]}
+            for label, result in results.get("slurm_decode", {}).items()
         },
         "rows": rows,
         "results": results,

@@ -105,27 +105,88 @@ def decode(params: dict[str, Any]) -> dict[str, Any]:
     buzzdask's chunking, margins and preprocessing, as its decode tasks do.
     """
     _, spec = _model(params)
-    frames_per_chunk = _frames_per_chunk(params, spec)
-    margin_s = float(config.get("decode-margin-seconds"))
-    seekable = tuple(config.get("seekable-codecs"))
     with measured() as record, ThreadPoolExecutor(params["workers"]) as pool:
         infos = list(pool.map(probe_audio, params["files"]))
-        tasks = [
-            (info, plan)
-            for info in infos
-            for plan in plan_chunks(info, spec, frames_per_chunk=frames_per_chunk)
-        ]
-
-        def frames(task: tuple[Any, ChunkPlan]) -> int:
-            info, plan = task
-            return decode_chunk(
-                info, plan, spec=spec, margin_s=margin_s, seekable_codecs=seekable
-            ).n_frames
-
-        n_frames = sum(pool.map(frames, tasks))
+        tasks = _chunk_tasks(params, spec, infos)
+        n_frames = sum(pool.map(lambda task: _decoded_frames(*task), tasks))
         record["audio_s"] = n_frames * spec.hop_length / spec.sample_rate
     record.update(workers=params["workers"], chunks=len(tasks))
     return record
+
+
+def _chunk_tasks(
+    params: dict[str, Any], spec: FrameSpec, infos: list[Any]
+) -> list[tuple[Any, ChunkPlan, FrameSpec, float, tuple[str, ...]]]:
+    """Arguments of :func:`_decoded_frames` for every chunk buzzdask would decode."""
+    frames_per_chunk = _frames_per_chunk(params, spec)
+    margin_s = float(config.get("decode-margin-seconds"))
+    seekable = tuple(config.get("seekable-codecs"))
+    return [
+        (info, plan, spec, margin_s, seekable)
+        for info in infos
+        for plan in plan_chunks(info, spec, frames_per_chunk=frames_per_chunk)
+    ]
+
+
+def _decoded_frames(
+    info: Any, plan: ChunkPlan, spec: FrameSpec, margin_s: float, seekable: tuple[str, ...]
+) -> int:
+    """Decode one chunk as buzzdask's decode task does; only its frame count leaves."""
+    return decode_chunk(info, plan, spec=spec, margin_s=margin_s, seekable_codecs=seekable).n_frames
+
+
+def slurm_decode(params: dict[str, Any]) -> dict[str, Any]:
+    """Decode throughput on the local SLURM of ``../shared/slurm``, per count of CPU jobs.
+
+    For each of ``worker_counts``: ``buzzdask.cluster.start("local-slurm", gpus=0,
+    cpu_workers=n)`` (one 1-core worker per job), then every chunk of the corpus through
+    buzzdask's decode on those workers; the arrays stay there, frame counts come back. CPU
+    time is the workers' own (ffmpeg included), read from the workers before and after.
+    Also ``jobs_up_s``: from ``start()`` until the jobs' workers are connected.
+    """
+    import buzzdask.cluster
+
+    _start_local_slurm(Path(params["slurm_dir"]))
+    _, spec = _model(params)
+    results: dict[str, Any] = {}
+    for n_workers in params["worker_counts"]:
+        started = time.perf_counter()
+        client = buzzdask.cluster.start(
+            "local-slurm", gpus=0, cpu_workers=n_workers, log_directory=params["work_dir"]
+        )
+        jobs_up_s = time.perf_counter() - started
+        try:
+            cpu_before = client.run(_cpu_seconds)
+            with measured() as record:
+                infos = client.gather(client.map(probe_audio, params["files"], pure=False))
+                tasks = _chunk_tasks(params, spec, infos)
+                futures = [client.submit(_decoded_frames, *task, pure=False) for task in tasks]
+                n_frames = sum(client.gather(futures))
+                record["audio_s"] = n_frames * spec.hop_length / spec.sample_rate
+            cpu_after = client.run(_cpu_seconds)
+        finally:
+            client.cluster.close()
+            client.close()
+        record["cpu_s"] = sum(cpu_after[w] - cpu_before.get(w, 0.0) for w in cpu_after)
+        record["cpu_util"] = record["cpu_s"] / (record["wall_s"] * min(n_workers, cores()))
+        record.update(workers=n_workers, chunks=len(tasks), jobs_up_s=jobs_up_s)
+        results[f"{n_workers} CPU job{'s' if n_workers > 1 else ''}"] = record
+    return results
+
+
+def _start_local_slurm(scripts: Path) -> None:
+    """Start ../shared/slurm's SLURM unless it runs already (idempotent), and use it."""
+    started = subprocess.run(
+        ["bash", str(scripts / "start-local-slurm.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    )
+    for line in started.stdout.splitlines():
+        if line.startswith("export "):
+            key, value = line.removeprefix("export ").split("=", 1)
+            os.environ[key] = value
 
 
 def ffmpeg_settings(params: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +326,11 @@ def _split(split: dict[str, float], name: str) -> Iterator[None]:
 
 
 def analyze(params: dict[str, Any]) -> dict[str, Any]:
-    """``buzzdask.analyze`` on a fresh LocalCluster, start-up and shutdown included.
+    """``buzzdask.analyze`` on a fresh LocalCluster, its start-up included.
+
+    Wall time runs from starting the cluster until ``analyze`` returns with every partition
+    written; shutting the cluster down afterwards is not part of the analysis. CPU time is this
+    process's plus each worker's own since it started (its ffmpeg children included).
 
     ``settings`` holds the local cluster's ``n_workers``/``threads_per_worker``, ``buzzdask.*``
     config keys without their prefix (``tf-intra-op-threads``, ``score-tasks-per-actor``...)
@@ -307,9 +372,12 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
                 embedder=params["embedder"],
                 progress=False,
             )
-        client.close()
-        cluster.close()
         record["audio_s"] = result.summary["audio_hours"] * 3600
+        workers_cpu_s = sum(client.run(_cpu_seconds).values())
+    client.close()
+    cluster.close()
+    record["cpu_s"] += workers_cpu_s
+    record["cpu_util"] = record["cpu_s"] / (record["wall_s"] * cores())
     summary = result.summary
     record.update(
         settings=params["settings"],
@@ -361,9 +429,10 @@ def _task_split(
     split["actor_scoring"] = scoring
     if first_score is not None and last_score is not None:
         split["first_score_task_at"] = first_score - started_epoch
-        # Between the first and last score task, time the actor was not scoring: it waited
-        # for decoded audio (or for a transfer).
-        split["scorer_idle_while_running"] = (last_score - first_score) - scoring
+        # Between the first and last score task, time the actors were not scoring: they
+        # waited for decoded audio (or for a transfer).
+        busy = len(summary["scorers"]) * (last_score - first_score)
+        split["scorer_idle_while_running"] = busy - scoring
     return split
 
 
@@ -373,6 +442,7 @@ STAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "model": model,
     "baseline": baseline,
     "analyze": analyze,
+    "slurm_decode": slurm_decode,
 }
 
 

@@ -288,21 +288,26 @@ def kill_corpus(make_audio, tmp_path, tiny_embedder, tiny_model):
     return tmp_path / "audio", options, reference
 
 
-@pytest.mark.parametrize("victim", ["scorer", "decoder"])
-def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim):
-    """SIGKILL the worker process holding the actor, or a decoding one, mid-run: the actor is
-    re-created on a live worker, lost chunks are re-sent or recomputed, and the same run
-    finishes with every frame exactly once."""
+@pytest.mark.parametrize(
+    ("victim", "cpu_scorers"), [("scorer", 1), ("decoder", 1), ("one of two scorers", None)]
+)
+def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim, cpu_scorers):
+    """SIGKILL a worker process mid-run: the one holding the only actor (re-created on a live
+    worker), a decoding one, or one of two workers that both decode and score (the other
+    scorer goes on). Lost chunks are re-sent or recomputed, and the same run finishes with
+    every frame exactly once."""
+    import dask
     from distributed import Client, LocalCluster
 
     audio, options, reference = kill_corpus
     with (
+        dask.config.set({"buzzdask.cpu-scorer-workers": cpu_scorers}),
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        # The scorer goes to the first worker in address order, decoding to the other.
+        # With one scorer it goes to the first worker in address order, decoding to the other.
         workers = sorted(client.scheduler_info()["workers"])
-        target = workers[0] if victim == "scorer" else workers[1]
+        target = workers[1] if victim == "decoder" else workers[0]
         pid = client.run(os.getpid, workers=[target])[target]
         killer = when_scoring_started(
             tmp_path / "out" / "scores", lambda: os.kill(pid, signal.SIGKILL)
@@ -310,8 +315,47 @@ def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim):
         result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
         killer.join()
     assert result.ok, result.errors
-    assert result.summary["scorer_restarts"] == (1 if victim == "scorer" else 0)
+    summary = result.summary
+    if victim == "scorer":
+        assert (summary["scorers_lost"], summary["scorer_restarts"]) == (1, 1)
+    elif victim == "decoder":
+        assert (summary["scorers_lost"], summary["scorer_restarts"]) == (0, 0)
+    else:
+        # Not waited for; the nanny's replacement worker may join in time to get a scorer.
+        assert summary["scorers_lost"] == 1
+        assert summary["scorer_restarts"] in (0, 1)
+        assert target not in {s["worker"] for s in summary["scorers"]}
     _assert_same_frames(result, reference)
+
+
+def test_every_cpu_worker_scores_with_its_share_of_the_cores(kill_corpus, tmp_path):
+    """Without GPUs each worker holds a scorer, TensorFlow's threads split between the two
+    scorers of this host, and both score; results are those of any other layout."""
+    from distributed import Client, LocalCluster
+
+    audio, options, reference = kill_corpus
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
+        pools = client.run(_tensorflow_threads)
+    scorers = result.summary["scorers"]
+    assert sorted(s["worker"] for s in scorers) == sorted(pools)
+    assert all(s["frames_scored"] > 0 for s in scorers)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert set(pools.values()) == {(share, share)}
+    _assert_same_frames(result, reference)
+
+
+def _tensorflow_threads() -> tuple[int, int]:
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    return (
+        threading.get_intra_op_parallelism_threads(),
+        threading.get_inter_op_parallelism_threads(),
+    )
 
 
 def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):

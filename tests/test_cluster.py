@@ -427,7 +427,7 @@ def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus
 @pytest.mark.slurm
 def test_command_line_holds_the_cluster_for_a_notebook(local_slurm, slurm_corpus, tmp_path):
     """Without analyze: the cluster stays up, its address is printed for Client(address), and
-    SIGTERM cancels the jobs. With --gpus 0 it says the scorer runs on a CPU worker."""
+    SIGTERM cancels the jobs. With --gpus 0 it says the CPU workers score."""
     from distributed import Client
 
     audio, options, reference = slurm_corpus
@@ -444,7 +444,7 @@ def test_command_line_holds_the_cluster_for_a_notebook(local_slurm, slurm_corpus
             lines.append(line)
             if "scheduler at" in line:
                 break
-        assert "the scorer runs on a CPU worker" in "".join(lines)
+        assert "scorers run on the CPU workers" in "".join(lines)
         address = lines[-1].split("scheduler at ")[1].strip()
         with Client(address) as client:
             result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)

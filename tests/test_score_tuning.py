@@ -7,6 +7,7 @@ fixtures check that each tuned scorer gives the activations of the default one t
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,18 @@ def _score(embedder: str, head: str, **options: Any) -> list[np.ndarray]:
 
 
 def _score_with_threads(
-    embedder: str, head: str, *, intra: int, inter: int
+    embedder: str, head: str, *, intra: int, inter: int, share_cores: int = 1
 ) -> tuple[list[np.ndarray], tuple[int, int]]:
     """Score with TensorFlow thread pools set; also return the pools TensorFlow reports."""
     import tensorflow as tf
 
     activations = _score(
-        embedder, head, batch_frames=1024, intra_op_threads=intra, inter_op_threads=inter
+        embedder,
+        head,
+        batch_frames=1024,
+        intra_op_threads=intra or None,
+        inter_op_threads=inter or None,
+        share_cores=share_cores,
     )
     threading = tf.config.threading
     pools = (
@@ -105,3 +111,35 @@ def test_thread_pools_leave_activations_unchanged(
         ).result()
     assert pools == (intra, inter)
     _assert_equal(tuned, default_activations)
+
+
+def _score_sharing_cores(
+    embedder: str, head: str
+) -> tuple[list[np.ndarray], tuple[int, int], bool]:
+    """Score with ``share_cores=2``, then start a scorer asking for other pools in the same
+    process (TensorFlow has fixed them): its activations, the pools, and whether it warned."""
+    import warnings
+
+    from buzzdask import BuzzdaskWarning
+
+    _, pools = _score_with_threads(embedder, head, intra=0, inter=0, share_cores=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = _score(embedder, head, intra_op_threads=pools[0] + 1)
+    return again, pools, any(issubclass(w.category, BuzzdaskWarning) for w in caught)
+
+
+def test_scorers_sharing_a_host_split_its_cores(
+    tiny_embedder: Path, tiny_model: Path, default_activations: list[np.ndarray]
+) -> None:
+    """Two scorers on one host: each sizes TensorFlow's pools to half this process's cores.
+    A later scorer in the same worker keeps the pools TensorFlow fixed, with a warning."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        activations, pools, warned = pool.submit(
+            _score_sharing_cores, str(tiny_embedder), str(tiny_model)
+        ).result()
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert pools == (share, share)
+    assert warned
+    _assert_equal(activations, default_activations)

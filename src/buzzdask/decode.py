@@ -11,11 +11,16 @@ equal those of a whole-file decode: results do not depend on the chunking.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import math
 import os
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import BinaryIO
 
 import ffmpeg
 import numpy as np
@@ -35,6 +40,7 @@ __all__ = [
 ]
 
 _STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
+_PIPE_BYTES = 1 << 20  # ffmpeg stdout pipe capacity asked for (Linux allows 1 MiB unprivileged)
 
 
 @dataclass(frozen=True)
@@ -324,17 +330,76 @@ def _run_ffmpeg(
             af=preprocess_filters(info.channels, sample_rate),
             format="f32le",
             acodec="pcm_f32le",
+            # Whole 32 KiB writes rather than one per 4 KiB packet: 7x fewer reads and wake-ups.
+            flush_packets=0,
             **({} if input_seek else seek),
         )
         .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
     )
-    try:
-        stdout, stderr = output.run(cmd=ffmpeg_cmd, capture_stdout=True, capture_stderr=True)
-    except ffmpeg.Error as error:
-        raise DecodeError(info.path, "ffmpeg failed to decode", _tail(error.stderr)) from None
-    except OSError as error:
-        raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
-    return np.frombuffer(stdout, dtype="<f4").astype(np.float32, copy=False), _tail(stderr)
+    seconds = duration if duration is not None else info.duration_s
+    expected = None if seconds is None else math.ceil(seconds * sample_rate)
+    # stderr goes to a file: read after exit, it can never fill a pipe and stall ffmpeg.
+    with tempfile.TemporaryFile() as stderr_file:
+        try:
+            process = subprocess.Popen(
+                output.compile(cmd=ffmpeg_cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr_file,
+                bufsize=0,
+            )
+        except OSError as error:
+            raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
+        with process:
+            assert process.stdout is not None
+            samples = _read_samples(process.stdout, expected)
+            returncode = process.wait()
+        messages = _tail_of_file(stderr_file)
+    if returncode != 0:
+        raise DecodeError(info.path, "ffmpeg failed to decode", messages)
+    return samples, messages
+
+
+def _read_samples(pipe: BinaryIO, expected: int | None) -> np.ndarray:
+    """float32 samples from ffmpeg's stdout, read straight into one array.
+
+    One copy from the pipe, in reads of up to a megabyte: reading it through
+    ``communicate()`` (32 KiB reads, then a join) cost a quarter of a WAV chunk's decode.
+
+    Parameters
+    ----------
+    pipe : binary file
+        ffmpeg's unbuffered stdout.
+    expected : int or None
+        Samples expected (the buffer grows past it if need be).
+
+    Returns
+    -------
+    np.ndarray [shape=(n_samples,), dtype=float32]
+    """
+    with contextlib.suppress(AttributeError, OSError):  # Linux only; the default also works
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    buffer = np.empty(max(expected or 0, _PIPE_BYTES // 4) + 1, dtype="<f4")
+    filled = 0
+    while True:
+        if filled == buffer.nbytes:
+            buffer = np.concatenate([buffer, np.empty_like(buffer)])
+        read = pipe.readinto(memoryview(buffer).cast("B")[filled:])
+        if not read:
+            break
+        filled += read
+    samples = buffer[: filled // 4]
+    # Hand back an array its own size when the estimate was far off (a whole-file decode).
+    if samples.nbytes < buffer.nbytes // 2:
+        samples = samples.copy()
+    return samples.astype(np.float32, copy=False)
+
+
+def _tail_of_file(file: BinaryIO) -> str:
+    """The last messages written to ``file`` (damaged audio can make ffmpeg write megabytes)."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - 4 * _STDERR_TAIL))
+    return _tail(file.read())
 
 
 def _timestamp(seconds: Fraction, *, round_up: bool = False) -> str:

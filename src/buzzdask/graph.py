@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 from dask.utils import parse_bytes
-from distributed import Client, Future, as_completed
+from distributed import Client, Future, as_completed, wait
 
 from buzzdask import config
 from buzzdask.decode import (
@@ -39,8 +39,15 @@ from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile, discover
 from buzzdask.models import ModelSpec, resolve_model
 from buzzdask.progress import Progress, logger
-from buzzdask.score import Scorer, score_chunks
-from buzzdask.session import connect, has_gpu, package_versions, scorer_hosts, task_key
+from buzzdask.score import score_chunks, submit_scorer
+from buzzdask.session import (
+    connect,
+    has_gpu,
+    package_versions,
+    scorer_hosts,
+    scorers_per_host,
+    task_key,
+)
 from buzzdask.transfer import decode_chunk_staged
 from buzzdask.write import (
     ERROR_COLUMNS,
@@ -55,6 +62,9 @@ from buzzdask.write import (
 )
 
 __all__ = ["AnalysisResult", "analyze"]
+
+#: Seconds between looks for workers that joined (to hold a scorer) or left.
+REFRESH_EVERY_S = 5.0
 
 PREPROCESSING = (
     "mean of channels, then soxr resampling to the embedder's rate (ffmpeg pan + aresample)"
@@ -261,6 +271,7 @@ def analyze(
         write_json(layout.metadata, metadata)
         run.start_scorers()
         run.execute(inputs, progress=Progress(enabled=progress, verbose=verbose))
+        run.refresh_scorers(finished=True)
         metadata["versions"]["tensorflow"] = run.tensorflow_version
         peak_rss = _peak_rss(connected)
         scorer_stats = run.scorer_stats()
@@ -281,6 +292,7 @@ def analyze(
         "peak_decoded_bytes_in_flight": run.peak_in_flight_bytes,
         "scorers": scorer_stats,
         "scorer_restarts": run.scorer_restarts,
+        "scorers_lost": run.scorers_lost,
     }
     metadata.update(status="complete", finished=utc_now(), summary=summary)
     errors = pd.DataFrame(run.errors, columns=ERROR_COLUMNS)
@@ -346,8 +358,12 @@ class _Run:
         self._actor_futures: dict[str, Future] = {}
         self._starting: dict[str, Future] = {}  # actors submitted, not yet up
         self.gpu_scoring = False
+        limit = config.get("cpu-scorer-workers")
+        self.cpu_scorer_workers = None if limit is None else max(1, int(limit))
         self.decode_workers: list[str] | None = None
         self.scorer_restarts = 0
+        self.scorers_lost = 0
+        self._next_refresh = time.monotonic() + REFRESH_EVERY_S
         self.score_attempts = int(config.get("score-attempts"))
         self.tensorflow_version = "unknown"
         self.frames_written = 0
@@ -357,61 +373,70 @@ class _Run:
 
     # -- scorers -------------------------------------------------------------------------------
     def start_scorers(self) -> None:
-        """Submit one scorer actor per GPU worker, else one on a CPU worker.
+        """Submit one scorer actor per GPU worker, else per CPU worker (``cpu-scorer-workers``).
 
         Loading the model takes seconds: :meth:`execute` probes and decodes meanwhile and
-        scores once the actors are up.
+        scores with each actor as soon as it is up.
         """
         workers = self._live_workers()
         if not workers:
             self.client.wait_for_workers(1, timeout=300)
             workers = self._live_workers()
-        hosts = scorer_hosts(workers)
+        hosts = scorer_hosts(workers, cpu_workers=self.cpu_scorer_workers)
         self.gpu_scoring = has_gpu(workers[hosts[0]])
         if not self.gpu_scoring:
-            logger.info("no GPU workers: scoring on CPU worker %s", hosts[0])
-        self._starting = dict(zip(hosts, self._submit_actors(hosts), strict=True))
+            logger.info("no GPU workers: scoring on %d CPU worker(s)", len(hosts))
+        self._submit_actors(hosts)
         self._update_decode_workers(workers)
 
-    def _scorers_started(self) -> None:
-        """The submitted actors are up (or their ModelError is raised)."""
-        hosts = list(self._starting)
-        actors = self._gather_actors(hosts, list(self._starting.values()))
-        self.scorers = dict(zip(hosts, actors, strict=True))
-        self._starting = {}
-        self.tensorflow_version = str(
-            self.client.run(_tensorflow_version, workers=hosts[:1]).popitem()[1]
-        )
-
-    def _submit_actors(self, hosts: list[str]) -> list[Future]:
-        futures = [
-            self.client.submit(
-                Scorer,
+    def _submit_actors(self, hosts: list[str]) -> dict[str, Future]:
+        """Actors for ``hosts``, held in ``_starting`` until :meth:`_scorer_started`."""
+        # CPU scorers on one host split its cores; a GPU worker's scorer has its own device.
+        shares = {} if self.gpu_scoring else scorers_per_host([*self.scorers, *hosts])
+        futures = {
+            address: submit_scorer(
+                self.client,
+                address,
+                key=task_key("scorer", address, self.model.sha256),
+                share_cores=shares.get(address, 1),
                 head_path=self.model.path,
                 embedder_handle=self.model.embedder.handle,
                 spec=self.spec,
                 n_classes=len(self.model.classes),
                 batch_frames=self.batch_frames,
-                intra_op_threads=config.get("tf-intra-op-threads"),
-                inter_op_threads=config.get("tf-inter-op-threads"),
-                actor=True,
-                workers=[address],
-                allow_other_workers=False,
-                key=task_key("scorer", address, self.model.sha256),
             )
             for address in hosts
-        ]
+        }
         # Hold the actor futures: once released, Dask forgets the actors and their tasks fail.
-        self._actor_futures.update(zip(hosts, futures, strict=True))
+        self._actor_futures.update(futures)
+        self._starting.update(futures)
         return futures
 
-    def _gather_actors(self, hosts: list[str], futures: list[Future]) -> list[Any]:
+    def _scorer_started(self, address: str) -> None:
+        """The actor submitted on ``address`` is up; or it failed, and others go on if any.
+
+        Raises
+        ------
+        ModelError
+            From the actor's construction: the model cannot be used anywhere.
+        ScorerError
+            If it was the last scorer and it could not start.
+        """
+        future = self._starting.pop(address)
         try:
-            return list(self.client.gather(futures))
-        except BuzzdaskError:  # ModelError from the actor's __init__, before anything is scored
+            actor = future.result()
+        except BuzzdaskError:
             raise
         except Exception as error:
-            raise ScorerError(f"could not start the scorer on {hosts}: {error}") from error
+            self._actor_futures.pop(address, None)
+            if not (self.scorers or self._starting):
+                raise ScorerError(f"could not start the scorer on {address}: {error}") from error
+            logger.warning("no scorer on %s (%s): the others go on", address, error)
+            return
+        self.scorers[address] = actor
+        if self.tensorflow_version == "unknown":
+            versions = self.client.run(_tensorflow_version, workers=[address])
+            self.tensorflow_version = str(versions.popitem()[1])
 
     def _live_workers(self) -> dict[str, Any]:
         return dict(self.client.scheduler_info(n_workers=-1)["workers"])
@@ -419,12 +444,19 @@ class _Run:
     def _update_decode_workers(self, workers: Mapping[str, Any]) -> None:
         # Decode tasks prefer workers without a scorer or a GPU, so they never take a GPU
         # worker's slot; loosely, so that a run whose decode workers all left still finishes.
+        # Where every worker scores (CPU only), decoding goes everywhere.
         decoders = sorted(
             address
             for address, worker in workers.items()
             if address not in self.scorers and address not in self._starting and not has_gpu(worker)
         )
         self.decode_workers = decoders or None
+
+    def _decode_placement(self) -> dict[str, Any]:
+        """``submit`` keywords placing a probe or decode task (loosely) on the decode workers."""
+        if self.decode_workers is None:
+            return {}
+        return {"workers": self.decode_workers, "allow_other_workers": True}
 
     def scorer_alive(self, address: str) -> bool:
         """Whether the actor on ``address`` still answers (its worker may have died or retired)."""
@@ -437,11 +469,11 @@ class _Run:
             return False
         return True
 
-    def replace_scorer(self, address: str) -> str:
-        """Start a new actor in place of the lost one on ``address``; return its worker.
+    def replace_scorer(self, address: str) -> None:
+        """Go on without the lost actor on ``address``, or start a new one if it was the last.
 
         A GPU run waits for a GPU worker (a SLURM cluster replaces retired jobs); otherwise any
-        live worker without a scorer will do.
+        live worker will do. Workers that join later get actors from :meth:`refresh_scorers`.
 
         Raises
         ------
@@ -450,14 +482,16 @@ class _Run:
         """
         self.scorers.pop(address, None)
         self._actor_futures.pop(address, None)
+        self.scorers_lost += 1
+        if self.scorers or self._starting:
+            others = len(self.scorers) + len(self._starting)
+            logger.warning("scorer on %s was lost: %d other scorer(s) go on", address, others)
+            self._update_decode_workers(self._live_workers())
+            return
         deadline = time.monotonic() + float(config.get("scorer-restart-seconds"))
         while True:
             workers = self._live_workers()
-            candidates = sorted(
-                a
-                for a, w in workers.items()
-                if a not in self.scorers and (not self.gpu_scoring or has_gpu(w))
-            )
+            candidates = sorted(a for a, w in workers.items() if not self.gpu_scoring or has_gpu(w))
             if candidates:
                 break
             if time.monotonic() > deadline:
@@ -470,11 +504,47 @@ class _Run:
         # Prefer a worker that decodes nothing yet, so decoding keeps its workers.
         host = candidates[-1]
         logger.warning("scorer on %s was lost: restarting it on %s", address, host)
-        (actor,) = self._gather_actors([host], self._submit_actors([host]))
-        self.scorers[host] = actor
+        wait(self._submit_actors([host])[host])
+        self._scorer_started(host)
         self.scorer_restarts += 1
         self._update_decode_workers(workers)
-        return host
+
+    def refresh_scorers(self, *, finished: bool = False) -> dict[str, Future]:
+        """Follow the cluster: drop scorers whose workers left, start some on workers that joined.
+
+        A worker joins when a SLURM job replaces a lost one, when adapt or scale adds one, or
+        when a nanny restarts a killed one. At most every few seconds while running; returns
+        the actors submitted, for :meth:`execute` to wait on. ``finished``: the run is over;
+        departed scorers are only counted as lost.
+        """
+        now = time.monotonic()
+        if now < self._next_refresh and not finished:
+            return {}
+        self._next_refresh = now + REFRESH_EVERY_S
+        workers = self._live_workers()
+        for address in [a for a in self.scorers if a not in workers]:
+            if finished:
+                self.scorers.pop(address)
+                self._actor_futures.pop(address, None)
+                self.scorers_lost += 1
+            else:
+                self.replace_scorer(address)
+        if finished:
+            return {}
+        free = [a for a in sorted(workers) if a not in self.scorers and a not in self._starting]
+        if self.gpu_scoring:
+            new = [a for a in free if has_gpu(workers[a])]
+        else:
+            limit = self.cpu_scorer_workers
+            room = len(free) if limit is None else limit - len(self.scorers) - len(self._starting)
+            new = free[: max(0, room)]
+        if not new:
+            return {}
+        logger.info("starting scorers on workers that joined: %s", ", ".join(new))
+        futures = self._submit_actors(new)
+        self.scorer_restarts += len(new)
+        self._update_decode_workers(workers)
+        return futures
 
     def scorer_stats(self) -> list[dict[str, Any]]:
         """Each actor's counters (or why they cannot be had: its worker died)."""
@@ -504,16 +574,18 @@ class _Run:
                 item.path,
                 ffprobe=self.ffprobe,
                 key=task_key("probe", item.path),
-                workers=self.decode_workers,
-                allow_other_workers=True,
+                **self._decode_placement(),
                 pure=False,
             )
             kinds[future.key] = ("probe", state)
             pending.add(future)
 
-        for future in self._starting.values():
-            kinds[future.key] = ("scorer", None)
-            pending.add(future)
+        def wait_for_actors(futures: Mapping[str, Future]) -> None:
+            for address, future in futures.items():
+                kinds[future.key] = ("scorer", address)
+                pending.add(future)
+
+        wait_for_actors(self._starting)
         todo: deque[_Chunk] = deque()
         decoded: deque[tuple[_Chunk, Future]] = deque()
         in_flight_bytes = 0
@@ -538,24 +610,17 @@ class _Run:
                     seekable_codecs=self.seekable,
                     ffmpeg_cmd=self.ffmpeg,
                     key=task_key("decode", chunk.file.input.relative, chunk.plan),
-                    workers=self.decode_workers,
-                    allow_other_workers=True,
+                    **self._decode_placement(),
                     pure=False,
                 )
                 kinds[future.key] = ("decode", chunk)
                 pending.add(future)
             while decoded and self.scorers:
-                address = min(self.scorers, key=scoring.__getitem__)
-                if scoring[address] >= self.tasks_per_scorer:
+                free = [a for a in self.scorers if scoring[a] < self.tasks_per_scorer]
+                if not free:
                     break
+                address, group = self._next_group(decoded, sorted(free, key=scoring.__getitem__))
                 actor = self.scorers[address]
-                group: list[tuple[_Chunk, Future]] = []
-                frames = 0
-                while decoded and (
-                    not group or frames + self.frames_per_chunk <= self.batch_frames
-                ):
-                    group.append(decoded.popleft())
-                    frames += self.frames_per_chunk
                 for chunk, _ in group:
                     logger.info("scoring %s", self._label(chunk))
                 future = client.submit(
@@ -576,8 +641,8 @@ class _Run:
         for future in pending:
             kind, payload = kinds.pop(future.key)
             if kind == "scorer":
-                if not any(f.status == "pending" for f in self._starting.values()):
-                    self._scorers_started()
+                if payload in self._starting:
+                    self._scorer_started(payload)
             elif kind == "probe":
                 self._probed(payload, future, todo, progress)
             elif kind == "decode":
@@ -609,8 +674,29 @@ class _Run:
                     for (chunk, _), result in zip(group, results, strict=True):
                         self._write(chunk, *result, progress=progress)
             del future
+            wait_for_actors(self.refresh_scorers())
             submit_more()
         progress.close()
+
+    def _next_group(
+        self, decoded: deque[tuple[_Chunk, Future]], free: list[str]
+    ) -> tuple[str, list[tuple[_Chunk, Future]]]:
+        """The next scorer (of ``free``, least busy first) and the decoded chunks it gets.
+
+        Chunks already on a free scorer's worker go to that scorer: where CPU workers both
+        decode and score, most chunks then cross no network.
+        """
+        held: dict[str, list[str]] = {}
+        if not self.gpu_scoring and len(self.scorers) > 1:
+            held = dict(self.client.who_has([f for _, f in decoded]))
+        address = next(
+            (a for a in free if any(a in held.get(f.key, ()) for _, f in decoded)), free[0]
+        )
+        ordered = sorted(decoded, key=lambda item: address not in held.get(item[1].key, ()))
+        group = ordered[: max(1, self.batch_frames // self.frames_per_chunk)]
+        for item in group:
+            decoded.remove(item)
+        return address, group
 
     def _scorer_lost(self, address: str) -> bool:
         """After a failed score task: was its actor lost? If so, it has been replaced."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import platform
 import uuid
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +19,7 @@ import dask.base
 import distributed
 import pandas as pd
 from distributed import Client, LocalCluster
+from distributed.comm import get_address_host
 
 from buzzdask import config
 
@@ -27,6 +29,7 @@ __all__ = [
     "no_work_stealing",
     "package_versions",
     "scorer_hosts",
+    "scorers_per_host",
     "start_local_cluster",
     "task_key",
 ]
@@ -56,7 +59,7 @@ def start_local_cluster(
     threads_per_worker: int | None = None,
     dashboard_address: str | None = None,
 ) -> LocalCluster:
-    """Worker processes: one holds the scorer, the others decode (at least one of each).
+    """Worker processes that each decode and hold a scorer (2 unless configured).
 
     Options default to ``buzzdask.local-cluster.*``.
     """
@@ -88,10 +91,22 @@ def has_gpu(worker: Mapping[str, Any]) -> bool:
     return worker.get("resources", {}).get("GPU", 0) > 0
 
 
-def scorer_hosts(workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Workers for scorer actors: every GPU worker, else the first worker by address."""
+def scorer_hosts(
+    workers: Mapping[str, Mapping[str, Any]], *, cpu_workers: int | None = 1
+) -> list[str]:
+    """Workers for scorer actors: every GPU worker, else the first ``cpu_workers`` by address.
+
+    ``cpu_workers=None``: every worker (a CPU-only cluster scores on all of them).
+    """
     gpu = sorted(address for address, worker in workers.items() if has_gpu(worker))
-    return gpu or sorted(workers)[:1]
+    return gpu or sorted(workers)[:cpu_workers]
+
+
+def scorers_per_host(addresses: Sequence[str]) -> dict[str, int]:
+    """How many of the scorer ``addresses`` share each one's host (they split its cores)."""
+    hosts = {address: get_address_host(address) for address in addresses}
+    counts = Counter(hosts.values())
+    return {address: counts[host] for address, host in hosts.items()}
 
 
 def task_key(prefix: str, *parts: Any) -> str:

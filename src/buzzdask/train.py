@@ -44,7 +44,7 @@ from buzzdask.graph import PREPROCESSING
 from buzzdask.inputs import discover
 from buzzdask.models import CONFIG_NAME, EmbedderSpec, load_head, resolve_embedder
 from buzzdask.progress import logger
-from buzzdask.score import Scorer, embed_chunks
+from buzzdask.score import embed_chunks, submit_scorer
 from buzzdask.session import connect, package_versions, scorer_hosts, task_key
 from buzzdask.write import utc_now, write_json
 
@@ -795,19 +795,15 @@ def _start_embedder(
         client.wait_for_workers(1, timeout=300)
         workers = client.scheduler_info(n_workers=-1)["workers"]
     address = scorer_hosts(workers)[0]
-    future = client.submit(
-        Scorer,
+    future = submit_scorer(
+        client,
+        address,
+        key=task_key("embedder", address, embedder.handle),
         head_path=None,
         embedder_handle=embedder.handle,
         spec=spec,
         n_classes=0,
         batch_frames=batch_frames,
-        intra_op_threads=config.get("tf-intra-op-threads"),
-        inter_op_threads=config.get("tf-inter-op-threads"),
-        actor=True,
-        workers=[address],
-        allow_other_workers=False,
-        key=task_key("embedder", address, embedder.handle),
     )
     try:
         actor = future.result()

@@ -59,8 +59,8 @@ def start(
     account : str, optional
         SLURM account (OSC project, e.g. ``"PAS1234"``) of every job.
     gpus : int >= 0, default: 0
-        GPU worker jobs, one GPU each, each holding a scorer actor. With 0 the scorer runs on
-        a CPU worker.
+        GPU worker jobs, one GPU each, each holding a scorer actor. With 0 every CPU worker
+        holds a scorer (each job needs memory for TensorFlow then).
     cpu_workers : int > 0, default: 1
         CPU (decode) worker jobs; for ``"local"``, decoding worker processes.
     walltime : str, optional

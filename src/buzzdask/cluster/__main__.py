@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"# ---- {kind} worker job ----\n{script}")
             return EXIT_OK
         if not args.gpus:
-            print("buzzdask: no GPU workers (--gpus 0): the scorer runs on a CPU worker")
+            print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")
         client = start(
             args.config,
             gpus=args.gpus,
