@@ -222,7 +222,7 @@ def _record(
         *(_row(k, v) for k, v in results["analyze"].items()),
         *(
             _row(f"decode only, local SLURM, {k}", v)
-            for k, v in results.get("slurm_decode", {}).items()
+            for k, v in results.get("slurm_decode", {}).get("configurations", {}).items()
         ),
     ]
     best_analyze = max(results["analyze"].values(), key=lambda r: r["realtime_factor"])
@@ -258,7 +258,7 @@ def _record(
         | {
             # sbatch until the jobs' Dask workers are connected.
             f"local SLURM, {label}": {"jobs_up_s": result["jobs_up_s"]}
-            for label, result in results.get("slurm_decode", {}).items()
+            for label, result in results.get("slurm_decode", {}).get("configurations", {}).items()
         },
         "rows": rows,
         "results": results,

@@ -142,7 +142,8 @@ def slurm_decode(params: dict[str, Any]) -> dict[str, Any]:
     cpu_workers=n)`` (one 1-core worker per job), then every chunk of the corpus through
     buzzdask's decode on those workers; the arrays stay there, frame counts come back. CPU
     time is the workers' own (ffmpeg included), read from the workers before and after.
-    Also ``jobs_up_s``: from ``start()`` until the jobs' workers are connected.
+    Also ``jobs_up_s``: from ``start()`` until the jobs' workers are connected. The records
+    are under ``configurations``, by label.
     """
     import buzzdask.cluster
 
@@ -171,7 +172,7 @@ def slurm_decode(params: dict[str, Any]) -> dict[str, Any]:
         record["cpu_util"] = record["cpu_s"] / (record["wall_s"] * min(n_workers, cores()))
         record.update(workers=n_workers, chunks=len(tasks), jobs_up_s=jobs_up_s)
         results[f"{n_workers} CPU job{'s' if n_workers > 1 else ''}"] = record
-    return results
+    return {"configurations": results}
 
 
 def _start_local_slurm(scripts: Path) -> None:
