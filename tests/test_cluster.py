@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -301,6 +302,44 @@ def test_scorer_worker_retiring_mid_run_is_replaced(local_slurm, slurm_corpus, t
     (new_gpu_worker,) = [a for a, w in workers.items() if w["resources"].get("GPU")]
     assert new_gpu_worker != gpu_worker
     assert [s["worker"] for s in result.summary["scorers"]] == [new_gpu_worker]
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+def test_cpu_job_added_mid_run_decodes(local_slurm, slurm_corpus, tmp_path):
+    """A CPU job that joins a GPU run while it runs (scale, adapt, a replacement) gets decode
+    tasks within a few seconds; the frames are those of the local run."""
+    from distributed import get_task_stream
+
+    audio, options, reference = slurm_corpus
+    many = tmp_path / "audio"
+    for copy in range(4):  # 360 one-frame chunks: the run outlasts the job's start
+        shutil.copytree(audio, many / f"copy{copy}")
+    client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
+    try:
+        first = set(client.scheduler_info(n_workers=-1)["workers"])
+        scaler = when_scoring_started(
+            tmp_path / "out" / "scores", lambda: client.cluster.scale(jobs=2)
+        )
+        with get_task_stream(client) as stream:
+            # A small budget: decode tasks are handed out as the run goes, not all at once.
+            result = buzzdask.analyze(
+                many, output=tmp_path / "out", client=client, memory_budget="1MB", **options
+            )
+        scaler.join()
+        joined = set(client.scheduler_info(n_workers=-1)["workers"]) - first
+    finally:
+        client.shutdown()
+    _assert_no_jobs_left()
+    decoders = {t["worker"] for t in stream.data if str(t["key"]).startswith("decode")}
+    assert joined and joined <= decoders
+    frame = result.to_pandas()
+    assert result.ok and not frame.duplicated(["file", "start"]).any()
+    for copy in range(4):
+        ours = frame[frame["file"].str.startswith(f"copy{copy}/")].copy()
+        ours["file"] = ours["file"].str.removeprefix(f"copy{copy}/")
+        assert_same_frames(ours.reset_index(drop=True), reference)
 
 
 @requires_slurm

@@ -538,11 +538,11 @@ class _Run:
             limit = self.cpu_scorer_workers
             room = len(free) if limit is None else limit - len(self.scorers) - len(self._starting)
             new = free[: max(0, room)]
-        if not new:
-            return {}
-        logger.info("starting scorers on workers that joined: %s", ", ".join(new))
-        futures = self._submit_actors(new)
-        self.scorer_restarts += len(new)
+        futures = self._submit_actors(new) if new else {}
+        if new:
+            logger.info("starting scorers on workers that joined: %s", ", ".join(new))
+            self.scorer_restarts += len(new)
+        # CPU workers that joined a GPU run (scale, adapt, replacements) decode too.
         self._update_decode_workers(workers)
         return futures
 

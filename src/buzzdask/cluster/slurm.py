@@ -146,6 +146,14 @@ class BuzzdaskSLURMCluster(SLURMCluster):
         gpus: int | None = None,
     ) -> Any:
         """Set the number of CPU worker jobs (``n`` workers or ``jobs``) and of GPU jobs."""
+        # In one step on the event loop: SpecCluster.scale schedules _correct_state there, and
+        # it must never see worker_spec while the GPU jobs are held out of it, or it closes
+        # them (seen when scale was called from another thread mid-run).
+        return self.sync(self._scale_now, n, jobs, memory, cores, gpus)
+
+    def _scale_now(
+        self, n: int | None, jobs: int, memory: str | None, cores: int | None, gpus: int | None
+    ) -> Any:
         if gpus is not None:
             self._gpu_count = gpus
         gpu_specs = {name: self.worker_spec.pop(name) for name in list(self._gpu_names)}
