@@ -1,10 +1,11 @@
 """The scorer actor: holds the embedder and the head once per scoring worker.
 
-Decoded chunks reach it through :func:`score_chunks`, a task pinned to the actor's worker, so
-Dask moves each array from the decoding worker straight to the scorer. The actor batches frames
-across chunks: frame runs are laid out on the embedder's own patch grid in one waveform,
-so one embedder call scores many chunks, and every frame still sees exactly the samples it would
-see in a whole-file computation.
+Decoded chunks reach it through :func:`score_chunks`, a task placed on the actor's worker, so
+Dask moves each array from the decoding worker straight to the scorer (or not at all, when the
+worker that decoded it also scores), and the task calls the actor in process. The actor
+batches frames across chunks: frame runs are laid out on the embedder's own patch grid in one
+waveform, so one embedder call scores many chunks, and every frame still sees exactly the
+samples it would see in a whole-file computation.
 """
 
 from __future__ import annotations
