@@ -480,9 +480,7 @@ class _Run:
         ScorerError
             If no suitable worker arrives within ``buzzdask.scorer-restart-seconds``.
         """
-        self.scorers.pop(address, None)
-        self._actor_futures.pop(address, None)
-        self.scorers_lost += 1
+        self._forget_scorer(address)
         if self.scorers or self._starting:
             others = len(self.scorers) + len(self._starting)
             logger.warning("scorer on %s was lost: %d other scorer(s) go on", address, others)
@@ -509,6 +507,12 @@ class _Run:
         self.scorer_restarts += 1
         self._update_decode_workers(workers)
 
+    def _forget_scorer(self, address: str) -> None:
+        """Count the actor on ``address`` as lost and release it."""
+        self.scorers.pop(address, None)
+        self._actor_futures.pop(address, None)
+        self.scorers_lost += 1
+
     def refresh_scorers(self, *, finished: bool = False) -> dict[str, Future]:
         """Follow the cluster: drop scorers whose workers left, start some on workers that joined.
 
@@ -524,9 +528,7 @@ class _Run:
         workers = self._live_workers()
         for address in [a for a in self.scorers if a not in workers]:
             if finished:
-                self.scorers.pop(address)
-                self._actor_futures.pop(address, None)
-                self.scorers_lost += 1
+                self._forget_scorer(address)
             else:
                 self.replace_scorer(address)
         if finished:
@@ -615,11 +617,13 @@ class _Run:
                 )
                 kinds[future.key] = ("decode", chunk)
                 pending.add(future)
+            held = self._holders(decoded)
             while decoded and self.scorers:
                 free = [a for a in self.scorers if scoring[a] < self.tasks_per_scorer]
                 if not free:
                     break
-                address, group = self._next_group(decoded, sorted(free, key=scoring.__getitem__))
+                ranked = sorted(free, key=scoring.__getitem__)
+                address, group = self._next_group(decoded, ranked, held)
                 actor = self.scorers[address]
                 for chunk, _ in group:
                     logger.info("scoring %s", self._label(chunk))
@@ -678,17 +682,26 @@ class _Run:
             submit_more()
         progress.close()
 
+    def _holders(self, decoded: deque[tuple[_Chunk, Future]]) -> dict[str, list[str]]:
+        """Workers holding each decoded chunk, where that can decide which scorer gets it.
+
+        Asked once per pass over the queue: one scheduler round trip, not one per group.
+        """
+        if not decoded or self.gpu_scoring or len(self.scorers) < 2:
+            return {}
+        return dict(self.client.who_has([f for _, f in decoded]))
+
     def _next_group(
-        self, decoded: deque[tuple[_Chunk, Future]], free: list[str]
+        self,
+        decoded: deque[tuple[_Chunk, Future]],
+        free: list[str],
+        held: Mapping[str, Sequence[str]],
     ) -> tuple[str, list[tuple[_Chunk, Future]]]:
         """The next scorer (of ``free``, least busy first) and the decoded chunks it gets.
 
-        Chunks already on a free scorer's worker go to that scorer: where CPU workers both
-        decode and score, most chunks then cross no network.
+        Chunks already on a free scorer's worker (``held``: workers by chunk key) go to that
+        scorer: where CPU workers both decode and score, most chunks then cross no network.
         """
-        held: dict[str, list[str]] = {}
-        if not self.gpu_scoring and len(self.scorers) > 1:
-            held = dict(self.client.who_has([f for _, f in decoded]))
         address = next(
             (a for a in free if any(a in held.get(f.key, ()) for _, f in decoded)), free[0]
         )
