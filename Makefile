@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make example   set up, then analyse the bundled example recording into example-results/
 #   make test      set up, then run the test suite (CI's .ci/run calls exactly this)
+#   make lint      ruff check, ruff format --check and mypy (CI's .ci/run runs it before the tests)
 # Shared data (real recording, model, rebuilt YAMNet) is read from ../shared unless
 # BUZZDASK_SHARED_DIR points elsewhere.
 
@@ -34,6 +35,8 @@ example: setup
 test: setup
 	$(VENV)/bin/python -m pytest; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
+# mypy reads its files and options from pyproject.toml ([tool.mypy]).
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from buzzdask import config
 from buzzdask.decode import (
     ChunkPlan,
     DecodedChunk,
@@ -41,6 +40,7 @@ from buzzdask.decode import (
 )
 from buzzdask.frames import FrameSpec
 from buzzdask.models import ModelSpec, resolve_model
+from buzzdask.settings import load_settings
 from buzzdask.write import frames_table, write_table
 
 __all__ = ["STAGES", "measured"]
@@ -95,7 +95,8 @@ def _scorer(params: dict[str, Any], model: ModelSpec, spec: FrameSpec) -> Any:
 
 
 def _frames_per_chunk(params: dict[str, Any], spec: FrameSpec) -> int:
-    return spec.frames_per_chunk(float(config.get("chunk-seconds", params.get("chunk_seconds"))))
+    settings = load_settings(chunk_seconds=params.get("chunk_seconds"))
+    return spec.frames_per_chunk(settings.chunk_seconds)
 
 
 def decode(params: dict[str, Any]) -> dict[str, Any]:
@@ -119,8 +120,9 @@ def _chunk_tasks(
 ) -> list[tuple[Any, ChunkPlan, FrameSpec, float, tuple[str, ...]]]:
     """Arguments of :func:`_decoded_frames` for every chunk buzzdask would decode."""
     frames_per_chunk = _frames_per_chunk(params, spec)
-    margin_s = float(config.get("decode-margin-seconds"))
-    seekable = tuple(config.get("seekable-codecs"))
+    settings = load_settings()
+    margin_s = settings.decode_margin_seconds
+    seekable = settings.seekable_codecs
     return [
         (info, plan, spec, margin_s, seekable)
         for info in infos

@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 
 import buzzdask
-from buzzdask import InputError, OutputConflictError, ParameterError
+from buzzdask import FrameSpec, InputError, OutputConflictError, ParameterError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
-from buzzdask.embeddings import EmbeddingCache
+from buzzdask.decode import AudioInfo
 from buzzdask.models import load_head, resolve_embedder, resolve_model
-from buzzdask.train import precision_recall
+from buzzdask.training import precision_recall
+from buzzdask.training.cache import EmbeddingCache
+from buzzdask.training.labels import TrainingFile, want_frames
 from tests.conftest import requires_ffmpeg, write_wav
 
 RATE = 16000
@@ -327,3 +329,23 @@ def test_embedding_cache_keys_and_file_end(tmp_path, tiny_embedder):
     frames, embeddings = cached.take(np.array([3, 5, 7]))
     assert list(frames) == [3, 5] and embeddings[:, 0].tolist() == [1.0, 2.0]
     assert len(other_hop.load("abc").frames) == 0
+
+
+def test_frames_carry_the_labels_they_overlap_enough():
+    spec = FrameSpec(sample_rate=RATE, frame_length=15360, hop_length=7680, context=0)
+    segments = pd.DataFrame(
+        {"file": "x.wav", "start": [1.0, 3.0], "end": [2.0, 3.1], "label": ["buzz", "noise"]}
+    ).assign(row=["line 2", "line 3"])
+    settings = {"min_overlap_s": 0.5, "ambient_margin_s": 0.5, "ambient_class": "ambient"}
+    settings |= {"unlabeled_ambient": 2, "seed": 0}
+    info = AudioInfo("x.wav", "pcm_s16le", RATE, 1, 6.0, 0, 0)  # 11 frames of 0.96 s, 0.48 s hop
+    item = TrainingFile("x.wav", "x.wav", "g", segments, all_ambient=True, info=info, sha256="ab")
+    want_frames(item, spec, ["buzz", "noise", "ambient"], settings)
+    # Frames 2, 3 overlap [1, 2] by >= 0.5 s; frames 5, 6 overlap the 0.1 s segment by all of it;
+    # frames 8-10 lie 0.5 s or more from both.
+    assert list(item.frames) == [2, 3, 5, 6, 8, 9, 10]
+    assert item.targets.astype(int).tolist() == [[1, 0, 0]] * 2 + [[0, 1, 0]] * 2 + [[0, 0, 1]] * 3
+    labelled = TrainingFile("x.wav", "x.wav", "g", segments, info=info, sha256="ab")
+    want_frames(labelled, spec, ["buzz", "noise", "ambient"], settings)  # 2 of 8-10 drawn
+    assert list(labelled.frames[:4]) == [2, 3, 5, 6] and set(labelled.frames[4:]) < {8, 9, 10}
+    assert labelled.targets[4:, 2].all() and len(labelled.frames) == 6

@@ -13,26 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import buzzdask
 from buzzdask import DecodeError, ParameterError, probe_audio
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.decode import decode_chunk, plan_chunks
 from buzzdask.inputs import discover
-from buzzdask.transfer import (
-    INCOMING,
-    MANIFEST,
-    TransferError,
-    decode_chunk_staged,
-    staged,
-    transfer,
-    upload,
-)
+from buzzdask.rclone import INCOMING, MANIFEST, TransferError, transfer, upload
+from buzzdask.settings import load_settings
+from buzzdask.staging import decode_chunk_staged, staged
 from tests.conftest import requires_ffmpeg, requires_rclone
 from tests.test_frames import spec
 
 pytestmark = [requires_rclone, requires_ffmpeg]
 FRAME = 15360
-EXTENSIONS = buzzdask.config.get("extensions")
+EXTENSIONS = list(load_settings().extensions)
 
 
 def same_bytes(a: Path, b: Path) -> bool:

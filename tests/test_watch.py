@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 
 import buzzdask
-from buzzdask import InputError
+from buzzdask import InputError, watch
 from buzzdask.cli import EXIT_OK, EXIT_USAGE
-from buzzdask.transfer import transfer
-from buzzdask.watch import watch
+from buzzdask.rclone import transfer
 from tests.conftest import assert_same_frames, requires_ffmpeg, requires_rclone
 
 pytestmark = [requires_ffmpeg, requires_rclone]
@@ -88,14 +87,13 @@ def test_idle_timeout_ends_a_watch_without_marker(
     make_audio("a.wav", n_samples=2 * FRAME)
     timing = {"buzzdask.watch.poll-seconds": 0.1, "buzzdask.watch.idle-timeout-seconds": 0.5}
     with dask.config.set(timing):
-        watched = buzzdask.analyze(
+        watched = buzzdask.watch(
             tmp_path / "audio",
             tiny_model,
             output=tmp_path / "out",
             client=dask_client,
             embedder=str(tiny_embedder),
             progress=False,
-            watch=True,
         )
     assert watched.summary["watch"]["stopped"] == "idle timeout"
     assert len(watched.summary["watch"]["passes"]) == 1

@@ -7,6 +7,7 @@ GPU or CPU scoring worker, and a partitioned Parquet dataset with the run's meta
 from importlib.metadata import PackageNotFoundError, version
 
 from buzzdask import config  # noqa: F401  (first: registers the defaults in dask.config)
+from buzzdask.analysis import AnalysisResult, analyze
 from buzzdask.decode import decode_file, probe_audio
 from buzzdask.errors import (
     BuzzdaskError,
@@ -21,11 +22,11 @@ from buzzdask.errors import (
     TransferError,
 )
 from buzzdask.frames import FrameSpec
-from buzzdask.graph import AnalysisResult, analyze
 from buzzdask.models import ModelSpec, resolve_model
 from buzzdask.project import init_project
-from buzzdask.train import TrainingResult, train
-from buzzdask.transfer import TransferResult, transfer, upload
+from buzzdask.rclone import TransferResult, transfer, upload
+from buzzdask.training import TrainingResult, train
+from buzzdask.watching import watch
 
 try:
     __version__ = version("buzzdask")
@@ -42,6 +43,7 @@ __all__ = [
     "transfer",
     "upload",
     "train",
+    "watch",
     # classes
     "AnalysisResult",
     "FrameSpec",

@@ -7,14 +7,37 @@ output that already holds results); 2 usage error; 3 the run finished but some f
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ParamSpec
+
+from buzzdask.errors import BuzzdaskError
 
 if TYPE_CHECKING:
     from distributed import Client
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
+
+_P = ParamSpec("_P")
+
+
+def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
+    """Wrap a command so that a :class:`~buzzdask.errors.BuzzdaskError` ends it cleanly.
+
+    The error is printed as ``buzzdask: error: <message>`` on stderr, without a traceback, and
+    the command returns :data:`EXIT_ERROR`.
+    """
+
+    @functools.wraps(command)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> int:
+        try:
+            return command(*args, **kwargs)
+        except BuzzdaskError as error:
+            print(f"buzzdask: error: {error}", file=sys.stderr)
+            return EXIT_ERROR
+
+    return run
 
 
 def _threshold(text: str) -> tuple[str, float]:
@@ -39,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"buzzdask {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    _add_analyze_parser(commands)
+    _add_init_parser(commands)
+    _add_transfer_parser(commands)
+    _add_train_parser(commands)
+    return parser
+
+
+def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
     analyze = commands.add_parser("analyze", help="score audio files and write Parquet")
     analyze.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or directories")
     analyze.add_argument(
@@ -85,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="use a running Dask scheduler instead of a local cluster",
     )
+    _add_watch_options(analyze)
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
+    analyze.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="a line per chunk: decoding/scoring <file> [start–end]",
+    )
+
+
+def _add_watch_options(analyze: argparse.ArgumentParser) -> None:
+    """``--watch`` and the options that only apply with it."""
     analyze.add_argument(
         "--watch",
         action="store_true",
@@ -103,17 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --watch: seconds between looks at the input (default 30)",
     )
-    analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
-    analyze.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="a line per chunk: decoding/scoring <file> [start–end]",
-    )
 
+
+def _add_init_parser(commands: argparse._SubParsersAction) -> None:
     init = commands.add_parser("init", help="create the project directory layout")
     init.add_argument("directory", help="project directory")
 
+
+def _add_transfer_parser(commands: argparse._SubParsersAction) -> None:
     transfer = commands.add_parser(
         "transfer", help="copy recordings from an rclone remote in batches, or --upload results"
     )
@@ -127,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument(
         "--upload", action="store_true", help="send the local SOURCE directory to DESTINATION"
     )
-    _add_train_parser(commands)
-    return parser
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -180,6 +218,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+@reports_errors
 def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> int:
     """Run the command line; return the exit code.
 
@@ -200,8 +239,8 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     if args.watch and len(args.inputs) != 1:
         build_parser().error("--watch takes exactly one INPUT directory")
     # -v lines come from analyze(verbose=True), printed above the progress bar.
-    from buzzdask import BuzzdaskError, analyze
-    from buzzdask.watch import watch
+    from buzzdask import analyze
+    from buzzdask.watching import watch
 
     options = {
         "output": args.output,
@@ -216,20 +255,16 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         "progress": not args.no_progress,
         "verbose": args.verbose,
     }
-    try:
-        if args.watch:
-            result = watch(
-                args.inputs[0],
-                args.model,
-                poll_seconds=args.poll,
-                idle_timeout_s=args.idle_timeout,
-                **options,
-            )
-        else:
-            result = analyze(args.inputs, args.model, **options)
-    except BuzzdaskError as error:
-        print(f"buzzdask: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    if args.watch:
+        result = watch(
+            args.inputs[0],
+            args.model,
+            poll_seconds=args.poll,
+            idle_timeout_s=args.idle_timeout,
+            **options,
+        )
+    else:
+        result = analyze(args.inputs, args.model, **options)
     summary = result.summary
     print(
         f"buzzdask: {summary['files_done']}/{summary['files']} files, "
@@ -243,17 +278,12 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
 
 
 def _transfer(args: argparse.Namespace) -> int:
-    from buzzdask import BuzzdaskError
-    from buzzdask.transfer import transfer, upload
+    from buzzdask.rclone import transfer, upload
 
-    try:
-        if args.upload:
-            result = upload(args.source, args.destination)
-        else:
-            result = transfer(args.source, args.destination, batch_size=args.batch_size)
-    except BuzzdaskError as error:
-        print(f"buzzdask: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    if args.upload:
+        result = upload(args.source, args.destination)
+    else:
+        result = transfer(args.source, args.destination, batch_size=args.batch_size)
     print(
         f"buzzdask: {len(result.files)} files ({result.bytes} bytes) in {result.batches} "
         f"batch(es) -> {result.destination}"
@@ -263,26 +293,22 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from buzzdask import BuzzdaskError, train
+    from buzzdask import train
 
-    try:
-        result = train(
-            args.labels,
-            args.audio_dirs,
-            output=args.output,
-            client=args.scheduler,
-            ambient_dirs=args.ambient,
-            unlabeled_ambient=args.unlabeled_ambient,
-            holdout=args.holdout,
-            embedder=args.embedder,
-            frame_hop_s=args.framehop,
-            epochs=args.epochs,
-            seed=args.seed,
-            cache_dir=args.cache_dir,
-        )
-    except BuzzdaskError as error:
-        print(f"buzzdask: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    result = train(
+        args.labels,
+        args.audio_dirs,
+        output=args.output,
+        client=args.scheduler,
+        ambient_dirs=args.ambient,
+        unlabeled_ambient=args.unlabeled_ambient,
+        holdout=args.holdout,
+        embedder=args.embedder,
+        frame_hop_s=args.framehop,
+        epochs=args.epochs,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
     summary, cache = result.summary, result.summary["embedding_cache"]
     print(
         f"buzzdask: trained {len(result.classes)} classes on {summary['frames_train']} frames "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import fnmatch
+import io
 import math
 import os
 import subprocess
@@ -29,6 +30,7 @@ from buzzdask.errors import DecodeError
 from buzzdask.frames import FrameSpec
 
 __all__ = [
+    "PREPROCESSING",
     "AudioInfo",
     "ChunkPlan",
     "DecodedChunk",
@@ -187,6 +189,13 @@ def plan_chunks(info: AudioInfo, spec: FrameSpec, *, frames_per_chunk: int) -> l
         )
         for i in range(n_chunks)
     ]
+
+
+#: The model's training preprocessing, as recorded in run metadata and fingerprints; the ffmpeg
+#: filter chain of :func:`preprocess_filters` implements it.
+PREPROCESSING = (
+    "mean of channels, then soxr resampling to the embedder's rate (ffmpeg pan + aresample)"
+)
 
 
 def preprocess_filters(channels: int, sample_rate: int) -> str:
@@ -351,7 +360,7 @@ def _run_ffmpeg(
         except OSError as error:
             raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
         with process:
-            assert process.stdout is not None
+            assert isinstance(process.stdout, io.RawIOBase)  # bufsize=0: unbuffered
             samples = _read_samples(process.stdout, expected)
             returncode = process.wait()
         messages = _tail_of_file(stderr_file)
@@ -360,7 +369,7 @@ def _run_ffmpeg(
     return samples, messages
 
 
-def _read_samples(pipe: BinaryIO, expected: int | None) -> np.ndarray:
+def _read_samples(pipe: io.RawIOBase, expected: int | None) -> np.ndarray:
     """float32 samples from ffmpeg's stdout, read straight into one array.
 
     One copy from the pipe, in reads of up to a megabyte: reading it through
@@ -384,7 +393,7 @@ def _read_samples(pipe: BinaryIO, expected: int | None) -> np.ndarray:
     while True:
         if filled == buffer.nbytes:
             buffer = np.concatenate([buffer, np.empty_like(buffer)])
-        read = pipe.readinto(memoryview(buffer).cast("B")[filled:])
+        read = pipe.readinto(buffer.data.cast("B")[filled:])
         if not read:
             break
         filled += read

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from buzzdask import config
 from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
+from buzzdask.settings import Settings, load_settings
 
 __all__ = [
     "EmbedderSpec",
@@ -37,7 +37,9 @@ CONFIG_NAME = "config_model.json"
 
 @dataclass(frozen=True)
 class EmbedderSpec:
-    """An embedder and the preprocessing its models were trained on.
+    """An embedder and the frame geometry its models were trained on.
+
+    The preprocessing (mean of channels, soxr) is fixed: :data:`buzzdask.decode.PREPROCESSING`.
 
     Parameters
     ----------
@@ -50,10 +52,6 @@ class EmbedderSpec:
         One embedding's frame.
     frame_context_s : float [s]
         Audio read past a frame's end.
-    downmix : str
-        How channels become one (``"mean"``).
-    resampler : str
-        ffmpeg resampler (``"soxr"``).
     sha256 : str or None
         Content hash when the handle is a local directory.
     """
@@ -63,8 +61,6 @@ class EmbedderSpec:
     sample_rate: int
     frame_length_s: float
     frame_context_s: float
-    downmix: str
-    resampler: str
     sha256: str | None = None
 
     def frame_spec(self, frame_hop_s: float | None = None) -> FrameSpec:
@@ -135,22 +131,26 @@ def directory_sha256(path: str | os.PathLike[str], *, names: Sequence[str] | Non
     return digest.hexdigest()
 
 
-def resolve_embedder(name: str, *, handle: str | None = None) -> EmbedderSpec:
+def resolve_embedder(
+    name: str, *, handle: str | None = None, settings: Settings | None = None
+) -> EmbedderSpec:
     """Look up an embedder by name in ``buzzdask.embedders`` (``handle`` overrides its handle).
+
+    ``settings`` are the run's (default: :func:`~buzzdask.settings.load_settings`).
 
     Raises
     ------
     ModelError
         If the name is unknown or a local handle does not exist.
     """
-    known = config.get("embedders")
+    known = (settings or load_settings()).embedders
     if name not in known:
         raise ModelError(
             f"unknown embedder {name!r}; known: {sorted(known)} "
             f"(add it under buzzdask.embedders in the dask config)"
         )
-    settings = known[name]
-    handle = str(handle or settings["handle"])
+    configured = known[name]
+    handle = str(handle or configured.handle)
     sha256 = None
     if "://" not in handle:
         if not Path(handle).is_dir():
@@ -160,11 +160,9 @@ def resolve_embedder(name: str, *, handle: str | None = None) -> EmbedderSpec:
     return EmbedderSpec(
         name=name,
         handle=handle,
-        sample_rate=int(settings["sample-rate"]),
-        frame_length_s=float(settings["frame-length-seconds"]),
-        frame_context_s=float(settings["frame-context-seconds"]),
-        downmix=str(settings["downmix"]),
-        resampler=str(settings["resampler"]),
+        sample_rate=configured.sample_rate,
+        frame_length_s=configured.frame_length_seconds,
+        frame_context_s=configured.frame_context_seconds,
         sha256=sha256,
     )
 
@@ -174,6 +172,7 @@ def resolve_model(
     *,
     embedder: str | None = None,
     search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    settings: Settings | None = None,
 ) -> ModelSpec:
     """Find a model directory by path or name and read its configuration.
 
@@ -186,6 +185,8 @@ def resolve_model(
         Embedder handle overriding the configured one (TF Hub URL or local directory).
     search_dirs : sequence of path-like, optional
         Where names are looked up; default ``buzzdask.model-dirs``.
+    settings : Settings, optional
+        The run's settings (default: :func:`~buzzdask.settings.load_settings`).
 
     Returns
     -------
@@ -196,31 +197,32 @@ def resolve_model(
     ModelError
         If the directory is missing or is not a buzzdetect model.
     """
-    path = _find_model_dir(
-        model, search_dirs if search_dirs is not None else config.get("model-dirs")
-    )
+    settings = settings or load_settings()
+    path = _find_model_dir(model, settings.model_dirs if search_dirs is None else search_dirs)
     config_path = path / CONFIG_NAME
     try:
-        settings = json.loads(config_path.read_text(encoding="utf-8"))
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{path} is not a buzzdetect model: no {CONFIG_NAME}") from None
     except json.JSONDecodeError as error:
         raise ModelError(f"{config_path}: invalid JSON ({error})") from None
-    classes = settings.get("classes")
+    classes = model_config.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ModelError(f"{config_path}: 'classes' must be a non-empty list of names")
     if len(set(classes)) != len(classes):
         raise ModelError(f"{config_path}: duplicate class names in {classes}")
-    if "embeddername" not in settings:
+    if "embeddername" not in model_config:
         raise ModelError(f"{config_path}: no 'embeddername'")
     if not (path / "saved_model.pb").is_file():
         raise ModelError(f"{path} has no saved_model.pb: the head must be a TF SavedModel there")
-    digits = settings.get("digits_results")
+    digits = model_config.get("digits_results")
     return ModelSpec(
         name=path.name,
         path=str(path),
         classes=tuple(classes),
-        embedder=resolve_embedder(str(settings["embeddername"]), handle=embedder),
+        embedder=resolve_embedder(
+            str(model_config["embeddername"]), handle=embedder, settings=settings
+        ),
         digits_results=int(digits) if digits is not None else None,
         sha256=directory_sha256(path, names=[CONFIG_NAME, "saved_model.pb", "variables"]),
     )

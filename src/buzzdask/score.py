@@ -21,17 +21,16 @@ from typing import Any
 import numpy as np
 from distributed import Client, Future, get_worker
 
-from buzzdask import config
 from buzzdask.decode import DecodedChunk
-from buzzdask.errors import BuzzdaskWarning, ModelError
+from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import load_embedder, load_head
 
-__all__ = ["Scorer", "embed_chunks", "score_chunks", "submit_scorer"]
+__all__ = ["Scorer", "embed_chunks", "prepare_devices", "score_chunks", "submit_scorer"]
 
 
 @dataclass
-class _Run:
+class _FrameRun:
     """Consecutive frames of one chunk placed in a batch waveform."""
 
     chunk: int
@@ -63,12 +62,26 @@ class Scorer:
         cores divided by ``share_cores``: TensorFlow then does not contend with the other
         scorers, and one single-threaded TensorFlow scores more frames per core than one
         spread over two (615x against 565x per core, benchmarks/).
+    gpus : int >= 0
+        GPUs the worker declares (its Dask resource ``GPU``): TensorFlow must see exactly these,
+        checked before the model loads. 0: none is required (TensorFlow uses what it sees).
+    worker : str
+        The worker's address, for messages.
 
     Raises
     ------
+    ScorerError
+        If the worker declares GPUs and TensorFlow does not see exactly that many.
     ModelError
         If the embedder's output size does not match the head's input, or the head's output
         does not match the class list.
+
+    Notes
+    -----
+    TensorFloat-32 is off: on Ampere and later GPUs TensorFlow would otherwise round the
+    convolutions' and matrix products' inputs to 10-bit mantissas, far beyond this project's
+    1e-4 fidelity to the lab's model. GPU memory grows as needed, and a batch that runs out of
+    it is split in halves and run again (:attr:`oom_splits` counts them), never lost.
     """
 
     def __init__(
@@ -82,6 +95,8 @@ class Scorer:
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
         share_cores: int = 1,
+        gpus: int = 0,
+        worker: str = "",
     ) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
@@ -91,10 +106,13 @@ class Scorer:
             intra_op_threads = intra_op_threads or share
             inter_op_threads = inter_op_threads or share
         _set_threads(tf, intra_op_threads, inter_op_threads)
+        # Before the model loads: a worker without its GPU stops the run here, not after hours.
+        self.device = prepare_devices(tf, gpus=gpus, worker=worker)
         self._tf = tf
         self.spec = spec
         self.batch_frames = max(1, int(batch_frames))
         self._embedder = load_embedder(embedder_handle)
+        self._head: Callable[[np.ndarray], np.ndarray] | None
         self._head, head_input = load_head(head_path) if head_path else (None, -1)
 
         one = self._embed(np.zeros(spec.window, np.float32))
@@ -127,6 +145,7 @@ class Scorer:
         self.frames_embedded = 0
         self.seconds_scoring = 0.0
         self.calls = 0
+        self.oom_splits = 0
         # Score tasks call in from the worker's threads (see _call): one batch at a time.
         self._lock = threading.Lock()
 
@@ -185,7 +204,7 @@ class Scorer:
         started = time.perf_counter()
         results: list[np.ndarray] = []
         pieces: list[list[tuple[int, np.ndarray]]] = [[] for _ in chunks]
-        batch: list[_Run] = []
+        batch: list[_FrameRun] = []
         batch_patches = 0
         for run in self._runs(chunks):
             patches = self._padded_length(run.n_frames) // self.native_hop
@@ -210,6 +229,8 @@ class Scorer:
             "embedder_calls": self.calls,
             "seconds_scoring": self.seconds_scoring,
             "native_hop": self.native_hop,
+            "device": self.device,
+            "oom_splits": self.oom_splits,
             "pid": os.getpid(),
         }
 
@@ -217,7 +238,7 @@ class Scorer:
         span = self.spec.span(n_frames)
         return -(-span // self.native_hop) * self.native_hop
 
-    def _runs(self, chunks: list[DecodedChunk]) -> list[_Run]:
+    def _runs(self, chunks: list[DecodedChunk]) -> list[_FrameRun]:
         spec = self.spec
         if self._stride is None:
             run_frames = 1
@@ -232,15 +253,36 @@ class Scorer:
                 n_frames = min(run_frames, chunk.n_frames - first)
                 start = first * spec.hop_length
                 samples = chunk.samples[start : start + spec.span(n_frames)]
-                runs.append(_Run(index, first, n_frames, samples))
+                runs.append(_FrameRun(index, first, n_frames, samples))
         return runs
 
     def _run_batch(
         self,
-        batch: list[_Run],
+        batch: list[_FrameRun],
         pieces: list[list[tuple[int, np.ndarray]]],
         head: Callable[[np.ndarray], np.ndarray] | None,
     ) -> None:
+        """Score ``batch`` into ``pieces``; out of GPU memory, in two halves instead."""
+        try:
+            outputs = self._batch_outputs(batch, head)
+        except self._tf.errors.ResourceExhaustedError:
+            halves = _halves(batch, self.spec)
+            if halves is None:  # one frame does not fit: nothing smaller to try
+                raise
+            self.oom_splits += 1
+            for half in halves:
+                self._run_batch(half, pieces, head)
+            return
+        self.calls += 1
+        position = 0
+        for run in batch:
+            pieces[run.chunk].append((run.first, outputs[position : position + run.n_frames]))
+            position += run.n_frames
+
+    def _batch_outputs(
+        self, batch: list[_FrameRun], head: Callable[[np.ndarray], np.ndarray] | None
+    ) -> np.ndarray:
+        """The runs of ``batch`` laid out on the patch grid in one waveform, through the models."""
         lengths = [self._padded_length(run.n_frames) for run in batch]
         waveform = np.zeros(sum(lengths), np.float32)
         rows: list[np.ndarray] = []
@@ -252,16 +294,75 @@ class Scorer:
             rows.append(offset // self.native_hop + stride * np.arange(run.n_frames))
             offset += length
         embeddings = self._embed(waveform)[np.concatenate(rows)]
-        outputs = (embeddings if head is None else head(embeddings)).astype(np.float32, copy=False)
-        self.calls += 1
-        position = 0
-        for run in batch:
-            pieces[run.chunk].append((run.first, outputs[position : position + run.n_frames]))
-            position += run.n_frames
+        return (embeddings if head is None else head(embeddings)).astype(np.float32, copy=False)
 
 
 def _first(piece: tuple[int, np.ndarray]) -> int:
     return piece[0]
+
+
+def _halves(
+    batch: list[_FrameRun], spec: FrameSpec
+) -> tuple[list[_FrameRun], list[_FrameRun]] | None:
+    """``batch`` in two smaller batches (a lone run cut between frames); ``None`` for one frame."""
+    if len(batch) > 1:
+        middle = len(batch) // 2
+        return batch[:middle], batch[middle:]
+    run = batch[0]
+    if run.n_frames < 2:
+        return None
+    first_frames = run.n_frames // 2
+    offset = first_frames * spec.hop_length
+    return (
+        [_FrameRun(run.chunk, run.first, first_frames, run.samples[: spec.span(first_frames)])],
+        [
+            _FrameRun(
+                run.chunk,
+                run.first + first_frames,
+                run.n_frames - first_frames,
+                run.samples[offset : offset + spec.span(run.n_frames - first_frames)],
+            )
+        ],
+    )
+
+
+def prepare_devices(tf: Any, *, gpus: int, worker: str) -> str:
+    """Set TensorFlow up before it runs anything; describe the device it will score on.
+
+    TensorFloat-32 off and GPU memory growth on; with ``gpus > 0`` (the worker declares them),
+    TensorFlow must see exactly that many GPUs.
+
+    Returns
+    -------
+    str
+        ``"GPU:0 NVIDIA H100 80GB HBM3"`` (the first GPU's name) or ``"CPU"``.
+
+    Raises
+    ------
+    ScorerError
+        If the worker declares GPUs TensorFlow does not see (one line: the worker, what
+        TensorFlow sees, ``CUDA_VISIBLE_DEVICES`` and the likely fix).
+    """
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    visible = tf.config.list_physical_devices("GPU")
+    if gpus and len(visible) != gpus:
+        cuda = "" if tf.test.is_built_with_cuda() else ", built without CUDA"
+        raise ScorerError(
+            f"worker {worker or '?'} declares GPU={gpus} but TensorFlow {tf.__version__}{cuda} "
+            f"sees {len(visible)} GPU(s) {[d.name for d in visible]} with CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}; install TensorFlow with CUDA "
+            "in the workers' environment (pip install 'buzzdask[gpu]') or start the worker "
+            "without --resources GPU"
+        )
+    for device in visible:
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except RuntimeError:  # an earlier actor in this process already started the GPU
+            pass
+    if not visible:
+        return "CPU"
+    details = tf.config.experimental.get_device_details(visible[0])
+    return f"GPU:0 {details.get('device_name', visible[0].name)}"
 
 
 def _set_threads(tf: Any, intra_op_threads: int | None, inter_op_threads: int | None) -> None:
@@ -287,21 +388,14 @@ def _set_threads(tf: Any, intra_op_threads: int | None, inter_op_threads: int | 
             )
 
 
-def submit_scorer(
-    client: Client, address: str, *, key: str, share_cores: int = 1, **options: Any
-) -> Future:
+def submit_scorer(client: Client, address: str, *, key: str, **options: Any) -> Future:
     """Start a :class:`Scorer` actor on the worker ``address``.
 
-    TensorFlow's thread pools come from ``buzzdask.tf-intra-op-threads`` and
-    ``buzzdask.tf-inter-op-threads``; ``options`` are the other :class:`Scorer` parameters.
-    Hold the returned future for as long as the actor is used: once it is released, Dask
-    forgets the actor.
+    ``options`` are the :class:`Scorer` parameters. Hold the returned future for as long as
+    the actor is used: once it is released, Dask forgets the actor.
     """
     return client.submit(
         Scorer,
-        intra_op_threads=config.get("tf-intra-op-threads"),
-        inter_op_threads=config.get("tf-inter-op-threads"),
-        share_cores=share_cores,
         **options,
         actor=True,
         workers=[address],

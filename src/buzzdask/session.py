@@ -21,7 +21,7 @@ import pandas as pd
 from distributed import Client, LocalCluster
 from distributed.comm import get_address_host
 
-from buzzdask import config
+from buzzdask.settings import LocalClusterSettings
 
 __all__ = [
     "connect",
@@ -32,15 +32,16 @@ __all__ = [
     "scorers_per_host",
     "start_local_cluster",
     "task_key",
+    "tensorflow_version",
 ]
 
 
 @contextmanager
-def connect(client: Client | str | None) -> Iterator[Client]:
+def connect(client: Client | str | None, *, local: LocalClusterSettings) -> Iterator[Client]:
     """The client to run on: ``client`` itself, one for a scheduler address, or a local cluster.
 
-    A client made here (for an address, or with its local cluster) is closed on exit; the
-    caller's own client is left open.
+    A client made here (for an address, or with its local cluster, sized by ``local``) is
+    closed on exit; the caller's own client is left open.
     """
     if isinstance(client, Client):
         yield client
@@ -48,29 +49,23 @@ def connect(client: Client | str | None) -> Iterator[Client]:
         with Client(client) as connected:
             yield connected
     else:
-        with start_local_cluster() as cluster, Client(cluster) as local:
-            print(f"buzzdask: started a local Dask cluster; dashboard: {local.dashboard_link}")
-            yield local
+        with start_local_cluster(local) as cluster, Client(cluster) as started:
+            print(f"buzzdask: started a local Dask cluster; dashboard: {started.dashboard_link}")
+            yield started
 
 
-def start_local_cluster(
-    *,
-    n_workers: int | None = None,
-    threads_per_worker: int | None = None,
-    dashboard_address: str | None = None,
-) -> LocalCluster:
+def start_local_cluster(settings: LocalClusterSettings) -> LocalCluster:
     """Worker processes that each decode and hold a scorer (2 unless configured).
 
-    Options default to ``buzzdask.local-cluster.*``.
+    ``settings`` are ``buzzdask.local-cluster.*``: workers (null: 2), threads per worker
+    (null: every core; decode threads only wait on ffmpeg), dashboard address.
     """
-    n_workers = n_workers or config.get("local-cluster.n-workers") or 2
-    threads = threads_per_worker or config.get("local-cluster.threads-per-worker")
     with no_work_stealing():
         return LocalCluster(
-            n_workers=int(n_workers),
-            threads_per_worker=int(threads or os.cpu_count() or 1),
+            n_workers=settings.n_workers or 2,
+            threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
             processes=True,
-            dashboard_address=config.get("local-cluster.dashboard-address", dashboard_address),
+            dashboard_address=settings.dashboard_address,
         )
 
 
@@ -112,6 +107,13 @@ def scorers_per_host(addresses: Sequence[str]) -> dict[str, int]:
 def task_key(prefix: str, *parts: Any) -> str:
     """A unique task key; the dashboard groups tasks by ``prefix`` (decode, score...)."""
     return f"{prefix}-{dask.base.tokenize(*parts, uuid.uuid4().hex)}"
+
+
+def tensorflow_version() -> str:
+    """TensorFlow's version in this process (imports it: call it where it is loaded anyway)."""
+    import tensorflow as tf
+
+    return str(tf.__version__)
 
 
 def package_versions() -> dict[str, str]:

@@ -71,17 +71,46 @@ class OutputLayout:
             raise ParameterError(f"input name {relative!r} resolves outside {self.scores}")
         return path
 
-    def read_journal(self) -> dict[tuple[str, int], dict[str, Any]]:
-        """Finished chunks recorded by earlier runs, keyed by (file, chunk index)."""
-        done: dict[tuple[str, int], dict[str, Any]] = {}
+    def journal_entries(self) -> list[dict[str, Any]]:
+        """Every finished chunk the journal records, in the order they were written."""
+        entries = []
         if self.journal.exists():
             for line in self.journal.read_text(encoding="utf-8").splitlines():
                 try:
-                    entry = json.loads(line)
+                    entries.append(json.loads(line))
                 except json.JSONDecodeError:
                     continue  # a line cut short by a kill: that chunk is simply redone
-                done[(entry["file"], int(entry["chunk"]))] = entry
-        return done
+        return entries
+
+    def read_journal(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """Finished chunks recorded by earlier runs, keyed by (file, chunk index)."""
+        return {(entry["file"], int(entry["chunk"])): entry for entry in self.journal_entries()}
+
+    def write_chunk(
+        self,
+        relative: str,
+        chunk_index: int,
+        table: pa.Table | None,
+        *,
+        size: int,
+        mtime_ns: int,
+    ) -> None:
+        """Write one chunk's partition (``None``: it has no frame), then its journal line.
+
+        ``size`` and ``mtime_ns`` identify the input's version: a resume redoes the chunk when
+        the file has changed since.
+        """
+        if table is not None:
+            write_table(table, self.partition(relative, chunk_index))
+        self.append_journal(
+            {
+                "file": relative,
+                "chunk": chunk_index,
+                "frames": 0 if table is None else table.num_rows,
+                "size": size,
+                "mtime_ns": mtime_ns,
+            }
+        )
 
     def append_journal(self, entry: Mapping[str, Any]) -> None:
         """Record one finished chunk (after its partition is in place)."""

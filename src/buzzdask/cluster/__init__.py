@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import getpass
 import os
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
 from distributed import Client
 
-from buzzdask import config
 from buzzdask.cluster.configs import available_configs, load_cluster_config
+from buzzdask.cluster.options import JobOptions
 from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script
 from buzzdask.errors import ParameterError
 from buzzdask.session import no_work_stealing, start_local_cluster
+from buzzdask.settings import load_settings
 
 __all__ = [
     "BuzzdaskSLURMCluster",
+    "JobOptions",
     "available_configs",
     "dashboard_hints",
     "job_scripts",
@@ -36,18 +37,10 @@ __all__ = [
 def start(
     name: str | os.PathLike[str] = "local",
     *,
-    account: str | None = None,
     gpus: int = 0,
     cpu_workers: int = 1,
-    walltime: str | None = None,
-    queue: str | None = None,
-    gpu_queue: str | None = None,
-    cores: int | None = None,
-    memory: str | None = None,
-    log_directory: str | None = None,
-    job_kwargs: Mapping[str, Any] | None = None,
-    gpu_job_kwargs: Mapping[str, Any] | None = None,
     timeout: float | None = None,
+    **job_options: Any,
 ) -> Client:
     """Start the cluster of a configuration and return a client once its workers are up.
 
@@ -56,25 +49,17 @@ def start(
     name : str or path-like, default: "local"
         A configuration of ``cluster_configs/`` (``"osc-cardinal"``, ``"osc-ascend"``,
         ``"osc-pitzer"``, ``"local-slurm"``, ``"local"``) or the path of such a YAML file.
-    account : str, optional
-        SLURM account (OSC project, e.g. ``"PAS1234"``) of every job.
     gpus : int >= 0, default: 0
         GPU worker jobs, one GPU each, each holding a scorer actor. With 0 every CPU worker
         holds a scorer (each job needs memory for TensorFlow then).
     cpu_workers : int > 0, default: 1
         CPU (decode) worker jobs; for ``"local"``, decoding worker processes.
-    walltime : str, optional
-        ``HH:MM:SS`` of every job. Keep ``--lifetime`` in the configuration below it.
-    queue, gpu_queue : str, optional
-        Partitions of the CPU and of the GPU jobs.
-    cores, memory : optional
-        Cores and memory (``"32GiB"``) of each CPU job.
-    log_directory : str, optional
-        Where the jobs' ``.out``/``.err`` logs go.
-    job_kwargs, gpu_job_kwargs : mapping, optional
-        Any other ``jobqueue`` option of the CPU or GPU jobs (``job_extra_directives``...).
     timeout : float > 0 [s], optional
         How long to wait for the workers (default ``buzzdask.cluster-wait-seconds``).
+    **job_options
+        The fields of :class:`JobOptions`, overriding the configuration's worker jobs:
+        ``account="PAS1234"``, ``walltime``, ``queue``, ``gpu_queue``, ``memory``... A
+        ``"local"`` cluster has no jobs and ignores them.
 
     Returns
     -------
@@ -85,48 +70,41 @@ def start(
     ------
     ParameterError
         For an unknown configuration or a bad count.
+    TypeError
+        For a keyword that is not a job option.
     ClusterError
         With sbatch's own message if it rejects a job, or the jobs' squeue states and log
         files if the workers do not arrive in time.
     """
+    options = JobOptions(**job_options)
     if gpus < 0 or cpu_workers < 1:
         raise ParameterError(f"gpus={gpus} must be >= 0 and cpu_workers={cpu_workers} >= 1")
     entry = load_cluster_config(name)
-    timeout = float(config.get("cluster-wait-seconds", timeout))
+    local = {
+        "n_workers": 1 + cpu_workers,
+        "threads_per_worker": entry.get("threads-per-worker"),
+        "dashboard_address": entry.get("dashboard-address"),
+    }
+    settings = load_settings(cluster_wait_seconds=timeout, local_cluster=local)
+    wait_s = settings.cluster_wait_seconds
     if entry["kind"] == "local":
         if gpus:
             raise ParameterError(
                 f"gpus={gpus}: a local cluster uses this machine's GPU, if any, by itself"
             )
-        cluster = start_local_cluster(
-            n_workers=1 + cpu_workers,
-            threads_per_worker=entry.get("threads-per-worker"),
-            dashboard_address=entry.get("dashboard-address"),
-        )
-        return Client(cluster)
-    cpu_options, gpu_options = _job_options(
-        account=account,
-        walltime=walltime,
-        queue=queue,
-        gpu_queue=gpu_queue,
-        cores=cores,
-        memory=memory,
-        log_directory=log_directory,
-        job_kwargs=job_kwargs,
-        gpu_job_kwargs=gpu_job_kwargs,
-    )
+        return Client(start_local_cluster(settings.local_cluster))
     with no_work_stealing():  # the scheduler runs here, in this process
         slurm = BuzzdaskSLURMCluster(
             config_name=entry["cpu-config"],
             gpu_config_name=entry["gpu-config"],
-            gpu_job_kwargs=gpu_options,
-            **cpu_options,
+            gpu_job_kwargs=options.overrides("gpu"),
+            **options.overrides("cpu"),
         )
     try:
         slurm.scale(jobs=cpu_workers, gpus=gpus)
         processes = slurm._dummy_job.worker_processes
         slurm.wait_for_workers_by_kind(
-            gpus=gpus, cpu_workers=cpu_workers * processes, timeout=timeout
+            gpus=gpus, cpu_workers=cpu_workers * processes, timeout=wait_s
         )
     except BaseException:
         slurm.close()
@@ -134,31 +112,28 @@ def start(
     return Client(slurm)
 
 
-def job_scripts(
-    name: str | os.PathLike[str],
-    **options: Any,
-) -> dict[str, str]:
+def job_scripts(name: str | os.PathLike[str], **job_options: Any) -> dict[str, str]:
     """The batch scripts :func:`start` would submit, without submitting or starting anything.
 
     Parameters
     ----------
     name : str or path-like
         A SLURM configuration (see :func:`start`).
-    **options
-        The job options of :func:`start` (``account``, ``walltime``, ``queue``...).
+    **job_options
+        The fields of :class:`JobOptions` (``account``, ``walltime``, ``queue``...).
 
     Returns
     -------
     dict
         ``{"cpu": script, "gpu": script}``.
     """
+    options = JobOptions(**job_options)
     entry = load_cluster_config(name)
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
-    cpu_options, gpu_options = _job_options(**options)
     return {
-        "cpu": job_script(entry["cpu-config"], **cpu_options),
-        "gpu": job_script(entry["gpu-config"], **gpu_options),
+        "cpu": job_script(entry["cpu-config"], **options.overrides("cpu")),
+        "gpu": job_script(entry["gpu-config"], **options.overrides("gpu")),
     }
 
 
@@ -178,25 +153,3 @@ def dashboard_hints(client: Client, name: str | os.PathLike[str] = "local") -> l
         proxy = entry["dashboard-proxy"].format(host=parsed.hostname, port=parsed.port)
         hints.append(f"  from OnDemand (Jupyter on a compute node): {proxy}")
     return hints
-
-
-def _job_options(
-    *,
-    account: str | None = None,
-    walltime: str | None = None,
-    queue: str | None = None,
-    gpu_queue: str | None = None,
-    cores: int | None = None,
-    memory: str | None = None,
-    log_directory: str | None = None,
-    job_kwargs: Mapping[str, Any] | None = None,
-    gpu_job_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword overrides of the CPU and GPU ``jobqueue`` sections; unset ones keep the YAML."""
-    common = {"account": account, "walltime": walltime, "log_directory": log_directory}
-    cpu = {**common, "queue": queue, "cores": cores, "memory": memory, **(job_kwargs or {})}
-    gpu = {**common, "queue": gpu_queue, **(gpu_job_kwargs or {})}
-    return (
-        {k: v for k, v in cpu.items() if v is not None},
-        {k: v for k, v in gpu.items() if v is not None},
-    )

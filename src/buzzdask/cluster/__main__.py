@@ -19,7 +19,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from buzzdask.cli import EXIT_ERROR, EXIT_OK
+from buzzdask.cli import EXIT_OK, reports_errors
+from buzzdask.cluster.options import JobOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,15 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="cluster configuration: a name in cluster_configs/ or a YAML path (default local)",
     )
-    parser.add_argument("--account", help="SLURM account / OSC project, e.g. PAS1234")
     parser.add_argument("--gpus", type=int, default=0, help="GPU scorer workers (one GPU each)")
     parser.add_argument("--cpu-workers", type=int, default=1, help="CPU decode worker jobs")
-    parser.add_argument("--walltime", help="HH:MM:SS of every job")
-    parser.add_argument("--queue", help="partition of the CPU jobs")
-    parser.add_argument("--gpu-queue", help="partition of the GPU jobs")
-    parser.add_argument("--cores", type=int, help="cores of each CPU job")
-    parser.add_argument("--memory", help="memory of each CPU job, e.g. 32GiB")
-    parser.add_argument("--log-directory", help="where the jobs' logs go")
+    JobOptions.add_arguments(parser)
     parser.add_argument("--timeout", type=float, help="seconds to wait for the workers")
     parser.add_argument(
         "--print-job-script",
@@ -62,66 +57,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m buzzdask.cluster``; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command and args.command[0] != "analyze":
         parser.error(f"unknown command {args.command[0]!r}: only 'analyze ...' can follow")
-    from buzzdask import BuzzdaskError, cli
+    from buzzdask import cli
     from buzzdask.cluster import dashboard_hints, job_scripts, start
 
     if args.command:  # check analyze's options before any job is submitted
         cli.build_parser().parse_args(args.command)
-    options = {
-        "account": args.account,
-        "walltime": args.walltime,
-        "queue": args.queue,
-        "gpu_queue": args.gpu_queue,
-        "cores": args.cores,
-        "memory": args.memory,
-        "log_directory": args.log_directory,
-    }
+    options = JobOptions.keywords(args)
     if args.in_job:  # a task of the --print-batch-script job
         from buzzdask.cluster.batch import run_in_job
+        from buzzdask.cluster.configs import load_cluster_config
 
+        load_cluster_config(args.config)  # its buzzdask.* keys (check-gpus) hold in the job too
         return run_in_job(args.command, gpus=args.gpus)
-    try:
-        if args.print_batch_script:
-            if not args.command:
-                parser.error("--print-batch-script needs the analyze ... command to run")
-            from buzzdask.cluster.batch import batch_script
+    if args.print_batch_script:
+        if not args.command:
+            parser.error("--print-batch-script needs the analyze ... command to run")
+        from buzzdask.cluster.batch import batch_script
 
-            print(
-                batch_script(
-                    args.config,
-                    args.command,
-                    gpus=args.gpus,
-                    cpu_workers=args.cpu_workers,
-                    account=args.account,
-                    walltime=args.walltime,
-                    queue=args.gpu_queue if args.gpus else args.queue,
-                ),
-                end="",
-            )
-            return EXIT_OK
-        if args.print_job_script:
-            for kind, script in job_scripts(args.config, **options).items():
-                print(f"# ---- {kind} worker job ----\n{script}")
-            return EXIT_OK
-        if not args.gpus:
-            print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")
-        client = start(
-            args.config,
-            gpus=args.gpus,
-            cpu_workers=args.cpu_workers,
-            timeout=args.timeout,
-            **options,
+        script = batch_script(
+            args.config, args.command, gpus=args.gpus, cpu_workers=args.cpu_workers, **options
         )
-    except BuzzdaskError as error:
-        print(f"buzzdask: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+        print(script, end="")
+        return EXIT_OK
+    if args.print_job_script:
+        for kind, script in job_scripts(args.config, **options).items():
+            print(f"# ---- {kind} worker job ----\n{script}")
+        return EXIT_OK
+    if not args.gpus:
+        print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")
+    client = start(
+        args.config, gpus=args.gpus, cpu_workers=args.cpu_workers, timeout=args.timeout, **options
+    )
     try:
+        assert client.scheduler is not None  # connected
         print(f"buzzdask: scheduler at {client.scheduler.address}")
         for line in dashboard_hints(client, args.config):
             print(f"buzzdask: {line}")

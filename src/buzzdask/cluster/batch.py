@@ -19,6 +19,7 @@ import dask.config
 from dask.utils import parse_bytes
 
 from buzzdask.cluster.configs import load_cluster_config
+from buzzdask.cluster.options import JobOptions
 from buzzdask.errors import ParameterError
 
 __all__ = ["batch_script", "run_in_job"]
@@ -32,9 +33,7 @@ def batch_script(
     *,
     gpus: int = 0,
     cpu_workers: int = 1,
-    account: str | None = None,
-    walltime: str | None = None,
-    queue: str | None = None,
+    **job_options: Any,
 ) -> str:
     """The sbatch script running ``command`` (``analyze ...``) on a cluster inside one job.
 
@@ -47,30 +46,35 @@ def batch_script(
         ``buzzdask`` command line arguments, e.g. ``["analyze", "audio/", "--model", ...]``.
     gpus, cpu_workers : int
         GPU worker tasks (one GPU each) and CPU (decode) worker tasks.
-    account, walltime, queue : str, optional
-        Override the configuration's account, walltime and partition (default: the GPU
-        section's partition when ``gpus`` > 0).
+    **job_options
+        The fields of :class:`~buzzdask.cluster.options.JobOptions`. Of them ``account``,
+        ``walltime`` and the partition (``gpu_queue`` when ``gpus`` > 0, else ``queue``) apply
+        to the job; the workers' cores, memory and the log directory come from the
+        configuration's sections.
 
     Returns
     -------
     str
         The script; submit it with ``sbatch``.
     """
+    options = JobOptions(**job_options)
     entry = load_cluster_config(name)
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
     cpu = dask.config.get(f"jobqueue.{entry['cpu-config']}")
     gpu = dask.config.get(f"jobqueue.{entry['gpu-config']}")
     main = gpu if gpus else cpu
+    account = options.account or main["account"]
+    queue = (options.gpu_queue if gpus else options.queue) or main["queue"]
     tasks = FIRST_WORKER_RANK + gpus + cpu_workers
     memory = cpu_workers * parse_bytes(cpu["memory"]) + gpus * parse_bytes(gpu["memory"])
     memory += 2 * 2**30  # scheduler and client
     lines = [
         "#!/usr/bin/env bash",
         "#SBATCH -J buzzdask",
-        f"#SBATCH -p {queue or main['queue']}",
-        *([f"#SBATCH -A {account or main['account']}"] if account or main["account"] else []),
-        f"#SBATCH -t {walltime or main['walltime']}",
+        f"#SBATCH -p {queue}",
+        *([f"#SBATCH -A {account}"] if account else []),
+        f"#SBATCH -t {options.walltime or main['walltime']}",
         "#SBATCH --nodes=1",
         f"#SBATCH --ntasks={tasks}",
         f"#SBATCH --cpus-per-task={cpu['cores']}",

@@ -16,8 +16,8 @@ from typing import Any
 import dask.config
 import yaml
 
-from buzzdask import config
 from buzzdask.errors import ParameterError
+from buzzdask.settings import load_settings
 
 __all__ = ["available_configs", "config_dirs", "load_cluster_config"]
 
@@ -29,7 +29,7 @@ def config_dirs() -> list[Path]:
     ``cluster_configs/`` (an editable install), then ``<prefix>/share/buzzdask/cluster_configs``
     (a wheel install).
     """
-    own = [Path(os.path.expanduser(d)) for d in config.get("cluster-config-dirs") or []]
+    own = [Path(os.path.expanduser(d)) for d in load_settings().cluster_config_dirs]
     return [
         *own,
         Path.cwd() / "cluster_configs",

@@ -59,16 +59,20 @@ def job_script(config_name: str, **job_kwargs: Any) -> str:
 class _DecodeWorkersAdaptive(Adaptive):
     """Adaptive scaling of the CPU (decode) workers; the GPU workers keep their number."""
 
+    cluster: BuzzdaskSLURMCluster
+
+    # distributed annotates plan/requested/observed as sets of WorkerState, but Adaptive's own
+    # properties return the cluster's worker names, as these do.
     @property
-    def plan(self) -> set[str]:
+    def plan(self) -> set[str]:  # type: ignore[override]
         return self.cluster.plan - self.cluster.gpu_worker_names
 
     @property
-    def requested(self) -> set[str]:
+    def requested(self) -> set[str]:  # type: ignore[override]
         return self.cluster.requested - self.cluster.gpu_worker_names
 
     @property
-    def observed(self) -> set[str]:
+    def observed(self) -> set[str]:  # type: ignore[override]
         return self.cluster.observed - self.cluster.gpu_worker_names
 
     async def target(self) -> int:
@@ -126,17 +130,12 @@ class BuzzdaskSLURMCluster(SLURMCluster):
             self._replace_lost_workers, parse_timedelta(keepalive_interval) * 1000
         )
         self.periodic_callbacks["buzzdask-keepalive"] = keepalive
+        assert self.loop is not None  # the cluster has started its event loop
         self.loop.add_callback(keepalive.start)
 
-    # -- job scripts ---------------------------------------------------------------------------
-    def gpu_job_script(self) -> str:
-        """The batch script of a GPU worker job."""
-        return self.job_cls(
-            self.scheduler.address, name="dummy-name", **self._gpu_spec["options"]
-        ).job_script()
-
     # -- scaling -------------------------------------------------------------------------------
-    def scale(
+    # JobQueueCluster.scale's signature (jobs after n), which already differs from SpecCluster's.
+    def scale(  # type: ignore[override]
         self,
         n: int | None = None,
         jobs: int = 0,
@@ -175,6 +174,7 @@ class BuzzdaskSLURMCluster(SLURMCluster):
                 self._gpu_names.add(name)
                 self.worker_spec[name] = self._gpu_spec
             index += 1
+        assert self.loop is not None
         self.loop.add_callback(self._correct_state)
 
     @property

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from buzzdask.decode import PREPROCESSING
 from buzzdask.frames import FrameSpec
 from buzzdask.models import EmbedderSpec
 from buzzdask.write import write_json, write_table
@@ -95,8 +96,7 @@ class EmbeddingCache:
             "format": _FORMAT,
             "embedder": embedder.name,
             "embedder_id": embedder.sha256 or embedder.handle,
-            "downmix": embedder.downmix,
-            "resampler": embedder.resampler,
+            "preprocessing": PREPROCESSING,
             "sample_rate": spec.sample_rate,
             "frame_length": spec.frame_length,
             "frame_hop": spec.hop_length,

@@ -1,43 +1,31 @@
-"""Moving recordings: cloud remote → shared scratch (rclone), and scratch → a worker's local disk.
+"""Moving recordings between a cloud remote and the cluster's file system, with rclone.
 
-**rclone.** The lab's recordings live in Microsoft Teams (SharePoint/OneDrive). ``rclone`` reaches
-them once the user has configured a remote with ``rclone config``. :func:`transfer` copies the
-audio files under ``REMOTE:path`` to a local directory in batches. Each batch is copied into a
-hidden directory inside the destination (``.buzzdask-incoming/``) and each file is renamed into
-place only after rclone has finished and verified it. An analysis skips hidden names, so it
-never sees half a file, whichever rclone version writes it. A line per arrived file goes into the
-manifest ``.buzzdask-transfer.jsonl``, and the marker ``.transfer-complete`` is written last:
-:mod:`buzzdask.watch` stops there. :func:`upload` sends a results directory back.
-
-**Node-local staging.** Hundreds of decode tasks reading their files from a parallel file system
-(OSC's ``/fs/scratch``) load its metadata servers and share its bandwidth with every other job.
-:func:`staged` copies a file once to the worker's node-local disk (``$TMPDIR`` in an OSC job),
-ffmpeg reads it from there, and the copy is removed once no decode uses it any more.
-:func:`decode_chunk_staged` is :func:`buzzdask.decode.decode_chunk` with that copy.
+Runs on the login (or data-mover) node, never on a worker. The lab's recordings live in Microsoft
+Teams (SharePoint/OneDrive); ``rclone`` reaches them once the user has configured a remote with
+``rclone config``. :func:`transfer` copies the audio files under ``REMOTE:path`` to a local
+directory in batches. Each batch is copied into a hidden directory inside the destination
+(``.buzzdask-incoming/``) and each file is renamed into place only after rclone has finished and
+verified it. An analysis skips hidden names, so it never sees half a file, whichever rclone
+version writes it. A line per arrived file goes into the manifest ``.buzzdask-transfer.jsonl``,
+and the marker ``.transfer-complete`` is written last: :func:`buzzdask.watch` stops there.
+:func:`upload` sends a results directory back.
 """
 
 from __future__ import annotations
 
-import atexit
-import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
-import uuid
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from buzzdask import config
-from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk, decode_chunk
-from buzzdask.errors import DecodeError, ParameterError, TransferError
+from buzzdask.errors import ParameterError, TransferError
 from buzzdask.progress import logger
+from buzzdask.settings import TransferSettings, load_settings
 from buzzdask.write import utc_now
 
 __all__ = [
@@ -45,8 +33,6 @@ __all__ = [
     "MANIFEST",
     "TransferError",
     "TransferResult",
-    "decode_chunk_staged",
-    "staged",
     "transfer",
     "upload",
 ]
@@ -162,22 +148,23 @@ def transfer(
     ParameterError
         If ``batch_size`` is not a positive integer.
     """
-    size = int(config.get("transfer.batch-size", batch_size))
-    if size <= 0:
-        raise ParameterError(f"batch_size={size} must be a positive integer")
-    runner = _Rclone(rclone, rclone_flags)
-    suffixes = {e.lower() for e in config.get("extensions", extensions)}
+    settings = load_settings(
+        extensions=None if extensions is None else list(extensions),
+        transfer={"batch_size": batch_size, "rclone": rclone, "rclone_flags": rclone_flags},
+    )
+    size = settings.transfer.batch_size
+    runner = _Rclone(settings.transfer)
+    suffixes = {e.lower() for e in settings.extensions}
     target = Path(destination).absolute()
     target.mkdir(parents=True, exist_ok=True)
-    marker = target / str(config.get("watch.marker"))
+    marker = target / settings.watch.marker
     marker.unlink(missing_ok=True)  # a new transfer: analyses watching must wait for its end
-    incoming = target / INCOMING
     result = TransferResult(
         source=source, destination=os.fspath(target), manifest=target / MANIFEST, marker=marker
     )
 
     wanted: list[tuple[str, int]] = []
-    for entry in sorted(runner.list(source), key=lambda entry: str(entry["Path"])):
+    for entry in sorted(runner.list_files(source), key=lambda entry: str(entry["Path"])):
         relative = _safe_relative(entry["Path"])
         if PurePosixPath(relative).suffix.lower() not in suffixes or any(
             part.startswith(".") for part in PurePosixPath(relative).parts
@@ -190,30 +177,13 @@ def transfer(
             wanted.append((relative, int(entry["Size"])))
     batches = [wanted[i : i + size] for i in range(0, len(wanted), size)]
     for number, batch in enumerate(batches, start=1):
-        runner.copy_files(source, incoming, [relative for relative, _ in batch])
-        arrived = []
-        for relative, expected in batch:
-            parts = PurePosixPath(relative).parts
-            copied = incoming.joinpath(*parts)
-            actual = copied.stat().st_size if copied.is_file() else None
-            if actual != expected:
-                raise TransferError(
-                    f"{relative}: rclone finished but the copy holds {actual} of {expected} "
-                    f"bytes; it stays hidden in {incoming} and is not analysed",
-                    reason="incomplete file",
-                )
-            final = target.joinpath(*parts)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(copied, final)  # same file system: the file appears whole or not at all
-            arrived.append(
-                {"file": relative, "size": expected, "batch": number, "arrived": utc_now()}
-            )
+        arrived = _copy_batch(runner, source, batch, target=target, number=number)
         _append_lines(target / MANIFEST, arrived)
         result.files += [entry["file"] for entry in arrived]
         result.bytes += sum(entry["size"] for entry in arrived)
         result.batches += 1
         logger.info("transfer batch %d/%d: %d files arrived", number, len(batches), len(batch))
-    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.rmtree(target / INCOMING, ignore_errors=True)
     marker.write_text(
         json.dumps(
             {
@@ -261,7 +231,8 @@ def upload(
     local = Path(source).absolute()
     if not local.is_dir():
         raise ParameterError(f"upload source {local} is not a directory")
-    runner = _Rclone(rclone, rclone_flags)
+    settings = load_settings(transfer={"rclone": rclone, "rclone_flags": rclone_flags})
+    runner = _Rclone(settings.transfer)
     runner.run(["copy", os.fspath(local), destination], what=f"upload to {destination}")
     files = sorted(p for p in local.rglob("*") if p.is_file())
     return TransferResult(
@@ -276,11 +247,11 @@ def upload(
 class _Rclone:
     """One configured rclone executable; every failure becomes a :class:`TransferError`."""
 
-    def __init__(self, executable: str | None, flags: Sequence[str] | None) -> None:
-        self.executable = str(config.get("transfer.rclone", executable))
-        self.flags = [str(flag) for flag in config.get("transfer.rclone-flags", flags)]
+    def __init__(self, settings: TransferSettings) -> None:
+        self.executable = settings.rclone
+        self.flags = list(settings.rclone_flags)
 
-    def list(self, source: str) -> list[dict[str, Any]]:
+    def list_files(self, source: str) -> list[dict[str, Any]]:
         done = self.run(
             ["lsjson", "--recursive", "--files-only", "--no-mimetype", source],
             what=f"list {source}",
@@ -325,6 +296,35 @@ class _Rclone:
         return done
 
 
+def _copy_batch(
+    runner: _Rclone, source: str, batch: Sequence[tuple[str, int]], *, target: Path, number: int
+) -> list[dict[str, Any]]:
+    """Copy one batch into ``target``'s hidden incoming directory, check, move into place.
+
+    ``batch`` holds ``(relative path, size listed by the remote [bytes])`` pairs; ``number``
+    (from 1) goes into each returned manifest entry (``file``, ``size``, ``batch``,
+    ``arrived``), one per file in ``batch`` order.
+    """
+    incoming = target / INCOMING
+    runner.copy_files(source, incoming, [relative for relative, _ in batch])
+    arrived: list[dict[str, Any]] = []
+    for relative, expected in batch:
+        parts = PurePosixPath(relative).parts
+        copied = incoming.joinpath(*parts)
+        actual = copied.stat().st_size if copied.is_file() else None
+        if actual != expected:
+            raise TransferError(
+                f"{relative}: rclone finished but the copy holds {actual} of {expected} "
+                f"bytes; it stays hidden in {incoming} and is not analysed",
+                reason="incomplete file",
+            )
+        final = target.joinpath(*parts)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(copied, final)  # same file system: the file appears whole or not at all
+        arrived.append({"file": relative, "size": expected, "batch": number, "arrived": utc_now()})
+    return arrived
+
+
 def _diagnose(stderr: str) -> tuple[str, str]:
     text = stderr.lower()
     for reason, needles, advice in _DIAGNOSES:
@@ -345,148 +345,3 @@ def _append_lines(path: Path, entries: Iterable[dict[str, Any]]) -> None:
         stream.write("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
         stream.flush()
         os.fsync(stream.fileno())
-
-
-# -- node-local staging ------------------------------------------------------------------------
-
-
-@dataclass
-class _Copy:
-    """A file staged in this worker process, shared by the decodes that use it."""
-
-    local: str
-    users: int = 0
-    ready: threading.Event = field(default_factory=threading.Event)
-    error: OSError | None = None
-
-
-_STAGE_LOCK = threading.Lock()
-_COPIES: OrderedDict[tuple[str, int, int], _Copy] = OrderedDict()
-_STAGE_DIRS: dict[str, str] = {}
-
-
-@contextmanager
-def staged(
-    path: str | os.PathLike[str], *, directory: str | None = None, keep_files: int = 1
-) -> Iterator[str]:
-    """Copy a file to node-local disk for as long as the ``with`` block needs it.
-
-    The copy is made once per worker process and shared by concurrent decodes of the same
-    file (its chunks). When no decode uses it, it is kept while it is among the ``keep_files``
-    most recently staged idle files, so the file's next chunk finds it, and removed after that.
-    Whatever is left is removed when the process exits.
-
-    Parameters
-    ----------
-    path : path-like
-        The file on shared storage.
-    directory : str, optional
-        Node-local directory; default ``$TMPDIR`` of the process that runs this (an OSC job's
-        local disk), else the system's temporary directory.
-    keep_files : int >= 0
-        Idle staged files kept for reuse.
-
-    Yields
-    ------
-    str
-        The local copy's path (same name, in a private directory of this process).
-
-    Raises
-    ------
-    OSError
-        If the copy cannot be made (full or missing local disk); nothing is left behind.
-    """
-    source = os.path.abspath(os.fspath(path))
-    status = os.stat(source)
-    key = (source, status.st_size, status.st_mtime_ns)
-    with _STAGE_LOCK:
-        copy = _COPIES.get(key)
-        owner = copy is None
-        if copy is None:
-            private = _stage_directory(directory)
-            copy = _COPIES[key] = _Copy(
-                local=os.path.join(private, f"{uuid.uuid4().hex[:8]}-{os.path.basename(source)}")
-            )
-        copy.users += 1
-        _COPIES.move_to_end(key)
-    try:
-        if owner:
-            try:
-                shutil.copyfile(source, copy.local)
-            except OSError as error:
-                copy.error = error
-            finally:
-                copy.ready.set()
-        else:
-            copy.ready.wait()
-        if copy.error is not None:
-            raise copy.error
-        yield copy.local
-    finally:
-        with _STAGE_LOCK:
-            copy.users -= 1
-            if copy.error is not None and copy.users == 0:
-                _COPIES.pop(key, None)
-                _remove(copy.local)
-            idle = [k for k, c in _COPIES.items() if c.users == 0]
-            for stale in idle[: max(0, len(idle) - keep_files)]:
-                _remove(_COPIES.pop(stale).local)
-
-
-def decode_chunk_staged(
-    info: AudioInfo,
-    plan: ChunkPlan,
-    *,
-    staging_directory: str | None = None,
-    keep_files: int = 1,
-    **decode_options: Any,
-) -> DecodedChunk:
-    """:func:`buzzdask.decode.decode_chunk` reading a node-local copy of the file.
-
-    Parameters
-    ----------
-    info, plan
-        As for :func:`~buzzdask.decode.decode_chunk`.
-    staging_directory, keep_files
-        As ``directory`` and ``keep_files`` of :func:`staged`.
-    **decode_options
-        The keyword arguments of :func:`~buzzdask.decode.decode_chunk`.
-
-    Returns
-    -------
-    DecodedChunk
-        The same samples as decoding the file in place.
-
-    Raises
-    ------
-    DecodeError
-        Naming the original file: ffmpeg failed, or the local copy could not be made.
-    """
-    try:
-        with staged(info.path, directory=staging_directory, keep_files=keep_files) as local:
-            try:
-                return decode_chunk(dataclasses.replace(info, path=local), plan, **decode_options)
-            except DecodeError as error:
-                raise DecodeError(info.path, error.reason, error.stderr) from None
-    except OSError as error:
-        raise DecodeError(
-            info.path, f"cannot stage a copy on node-local disk: {error.strerror or error}"
-        ) from None
-
-
-def _stage_directory(directory: str | None) -> str:
-    """The calling process' own directory under ``directory`` (made once, removed at exit)."""
-    base = directory or os.environ.get("TMPDIR") or tempfile.gettempdir()
-    if base not in _STAGE_DIRS or not os.path.isdir(_STAGE_DIRS[base]):
-        os.makedirs(base, exist_ok=True)  # a configured directory may not exist yet
-        private = tempfile.mkdtemp(prefix=f"buzzdask-stage-{os.getpid()}-", dir=base)
-        atexit.register(shutil.rmtree, private, ignore_errors=True)
-        _STAGE_DIRS[base] = private
-    return _STAGE_DIRS[base]
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

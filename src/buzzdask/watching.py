@@ -1,14 +1,14 @@
 """Watch mode: analyse a directory while files are still arriving in it.
 
 The watch looks at the directory every ``poll_seconds``. When complete files have appeared or
-changed since the last pass, it runs :func:`buzzdask.graph.analyze` on the whole directory again
+changed since the last pass, it runs :func:`buzzdask.analyze` on the whole directory again
 into the same output, resuming after the first pass. The resume journal skips every chunk already
 written (same relative name, size and modification time), so every file is scored exactly once
 and the rows equal those of one analysis of the finished directory. The directory is always passed
 whole, so every pass computes the same root and the same relative names.
 
 A file counts as complete when it is unchanged between two looks, or once the transfer-complete
-marker is there. Files that :func:`buzzdask.transfer.transfer` is still copying are hidden
+marker is there. Files that :func:`buzzdask.rclone.transfer` is still copying are hidden
 (``.buzzdask-incoming/``), and newer rclone versions write ``*.partial`` names; an analysis skips
 both. The watch ends at the marker (written by the transfer after its last file) or after
 ``idle_timeout_s`` without new files.
@@ -16,7 +16,6 @@ both. The watch ends at the marker (written by the transfer after its last file)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -27,12 +26,12 @@ from typing import Any
 import pandas as pd
 from distributed import Client
 
-from buzzdask import config
+from buzzdask.analysis import AnalysisResult, analyze
 from buzzdask.errors import InputError, ParameterError
-from buzzdask.graph import AnalysisResult, analyze
 from buzzdask.inputs import discover
 from buzzdask.progress import logger
 from buzzdask.session import connect
+from buzzdask.settings import load_settings
 from buzzdask.write import ERROR_COLUMNS, OnConflict, OutputLayout, write_errors, write_json
 
 __all__ = ["watch"]
@@ -58,7 +57,7 @@ def watch(
     Parameters
     ----------
     directory : path-like, or a sequence of one
-        The directory files arrive in (e.g. a :func:`~buzzdask.transfer.transfer` destination).
+        The directory files arrive in (e.g. a :func:`~buzzdask.rclone.transfer` destination).
         It may not exist yet.
     model : str or path-like
         As for :func:`buzzdask.analyze`.
@@ -102,11 +101,17 @@ def watch(
     a resume does, and reported once.
     """
     started = time.monotonic()
-    poll = float(config.get("watch.poll-seconds", poll_seconds))
-    idle = config.get("watch.idle-timeout-seconds", idle_timeout_s)
-    idle = math.inf if idle is None else float(idle)
-    if poll <= 0 or idle <= 0:
-        raise ParameterError(f"poll_seconds={poll} and idle_timeout_s={idle} must be positive")
+    never = idle_timeout_s == math.inf  # only the marker ends the watch
+    settings = load_settings(
+        watch={
+            "marker": marker,
+            "poll_seconds": poll_seconds,
+            "idle_timeout_seconds": None if never else idle_timeout_s,
+        }
+    )
+    poll = settings.watch.poll_seconds
+    idle = settings.watch.idle_timeout_seconds
+    idle = math.inf if never or idle is None else idle
     if not isinstance(directory, (str, os.PathLike)):
         if len(directory) != 1:
             raise ParameterError(f"watch needs exactly one directory, got {len(directory)} paths")
@@ -114,10 +119,10 @@ def watch(
     root = Path(directory).absolute()
     if root.exists() and not root.is_dir():
         raise ParameterError(f"watch needs a directory; {root} is not one")
-    marker_path = root / str(config.get("watch.marker", marker))
-    extensions = config.get("extensions")
+    marker_path = root / settings.watch.marker
+    extensions = list(settings.extensions)
 
-    with connect(client) as connected:
+    with connect(client, local=settings.local_cluster) as connected:
         passes = _Passes(root, model, output, connected, on_conflict, analyze_options)
         previous: _Snapshot | None = None
         stopped: str | None = None
@@ -179,8 +184,7 @@ class _Passes:
         self.errors: dict[str, pd.DataFrame] = {}
 
     def run(self, n_files: int) -> None:
-        journal = OutputLayout(self.output).journal
-        lines_before = len(_lines(journal))
+        entries_before = len(OutputLayout(self.output).journal_entries())
         logger.info("watch: pass %d over %d files", len(self.results) + 1, n_files)
         result = analyze(
             self.root,
@@ -191,10 +195,10 @@ class _Passes:
             **self.options,
         )
         if result.output != OutputLayout(self.output).root:  # on_conflict="new" chose a sibling
-            lines_before = 0
+            entries_before = 0
         self.output, self.on_conflict = result.output, "resume"
-        new_lines = _lines(result.output / journal.name)[lines_before:]
-        written = {json.loads(line)["file"] for line in new_lines}
+        new_entries = OutputLayout(result.output).journal_entries()[entries_before:]
+        written = {entry["file"] for entry in new_entries}
         for file in written | set(result.errors.file):
             self.errors[file] = result.errors[result.errors.file == file]
         self.results.append(result)
@@ -259,7 +263,3 @@ def _snapshot(root: Path, extensions: list[str]) -> _Snapshot | None:
         except OSError:
             snapshot[item.relative] = None  # broken link: analyze reports it
     return snapshot
-
-
-def _lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []

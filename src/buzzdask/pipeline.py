@@ -1,0 +1,389 @@
+"""The chunk loop on the client: admission under the memory budget, dispatch, completion, retries.
+
+The client drives decode and score tasks incrementally (``as_completed``) instead of submitting
+everything at once, so the decoded audio in flight stays under a memory budget and a 1,000-hour
+run holds no more than that. :class:`ChunkPipeline` holds the loop's state; its decisions are
+the plain functions beside it (:class:`Budget`, :func:`free_scorers`, :func:`next_group`,
+:func:`split_failed_group`), tested without a cluster. What happens to a finished chunk (a
+Parquet partition, an embedding cache entry) is the caller's ``on_result``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from distributed import Client, Future, as_completed
+
+from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk
+from buzzdask.frames import FrameSpec
+from buzzdask.progress import logger
+from buzzdask.scorers import ScorerPool
+from buzzdask.session import task_key
+from buzzdask.settings import Settings
+
+__all__ = [
+    "Budget",
+    "ChunkJob",
+    "ChunkPipeline",
+    "chunk_label",
+    "chunk_nbytes",
+    "free_scorers",
+    "next_group",
+    "outcome",
+    "split_failed_group",
+]
+
+_Item = TypeVar("_Item")
+
+
+@dataclass(eq=False)
+class ChunkJob:
+    """One chunk to decode and score.
+
+    Attributes
+    ----------
+    name : str
+        The file's name in messages and task keys.
+    info : AudioInfo
+    plan : ChunkPlan
+    label : str
+        ``"<name> [start–end s]"``, for the "decoding"/"scoring" lines.
+    owner : object
+        The caller's record of the file (given back in ``on_result`` and ``on_failure``).
+    attempts : int
+        Score tasks of this chunk whose scorer was lost.
+    """
+
+    name: str
+    info: AudioInfo
+    plan: ChunkPlan
+    label: str
+    owner: Any = None
+    attempts: int = 0
+
+
+def chunk_label(name: str, plan: ChunkPlan, spec: FrameSpec) -> str:
+    """``"<name> [start–end s]"`` (``end`` for an open last chunk), in seconds of the file."""
+    start = plan.first_frame * spec.hop_length / spec.sample_rate
+    if plan.n_frames is None:
+        return f"{name} [{start:.2f}–end s]"
+    end = start + spec.span(plan.n_frames) / spec.sample_rate
+    return f"{name} [{start:.2f}–{end:.2f} s]"
+
+
+def chunk_nbytes(spec: FrameSpec, frames_per_chunk: int, margin_s: float) -> int:
+    """The budget's unit: one chunk's decoded float32 samples, context and margins included.
+
+    ``4 * (span(frames_per_chunk) + 2 * round(margin_s * sample_rate))`` bytes.
+    """
+    margin = round(margin_s * spec.sample_rate)
+    return 4 * (spec.span(frames_per_chunk) + 2 * margin)
+
+
+@dataclass
+class Budget:
+    """Decoded audio in flight, counted in chunks of ``chunk_bytes``.
+
+    Parameters
+    ----------
+    limit_bytes : int >= 0 [bytes]
+        Most decoded audio in flight; one chunk is always admitted, however large.
+    chunk_bytes : int > 0 [bytes]
+        One chunk's decoded float32 samples, context and margins included.
+    """
+
+    limit_bytes: int
+    chunk_bytes: int
+    in_flight_bytes: int = 0
+    peak_bytes: int = 0
+
+    def admits(self) -> bool:
+        """Whether one more chunk fits (or nothing is in flight)."""
+        return (
+            self.in_flight_bytes == 0 or self.in_flight_bytes + self.chunk_bytes <= self.limit_bytes
+        )
+
+    def take(self) -> None:
+        """Count one chunk submitted for decoding."""
+        self.in_flight_bytes += self.chunk_bytes
+        self.peak_bytes = max(self.peak_bytes, self.in_flight_bytes)
+
+    def release(self, n_chunks: int = 1) -> None:
+        """Count ``n_chunks`` done with (scored, or failed)."""
+        self.in_flight_bytes -= self.chunk_bytes * n_chunks
+
+
+def free_scorers(load: Mapping[str, int], scorers: Iterable[str], *, most: int) -> list[str]:
+    """Scorers with fewer than ``most`` score tasks queued, least busy first."""
+    free = [address for address in scorers if load.get(address, 0) < most]
+    return sorted(free, key=lambda address: load.get(address, 0))
+
+
+def next_group(
+    decoded: Sequence[tuple[_Item, Future]],
+    free: Sequence[str],
+    held: Mapping[Any, Sequence[str]],
+    *,
+    size: int,
+) -> tuple[str, list[tuple[_Item, Future]]]:
+    """The next scorer (of ``free``, least busy first) and the decoded chunks it gets.
+
+    Chunks already on a free scorer's worker (``held``: workers by chunk key) go to that
+    scorer: where CPU workers both decode and score, most chunks then cross no network.
+
+    Parameters
+    ----------
+    decoded : sequence of (item, future)
+        Decoded chunks waiting, oldest first.
+    free : sequence of str, non-empty
+    held : mapping of future key -> worker addresses
+    size : int > 0
+        Most chunks in one group.
+    """
+    address = next((a for a in free if any(a in held.get(f.key, ()) for _, f in decoded)), free[0])
+    ordered = sorted(decoded, key=lambda item: address not in held.get(item[1].key, ()))
+    return address, ordered[:size]
+
+
+def split_failed_group(
+    group: Sequence[tuple[ChunkJob, _Item]], *, scorer_lost: bool, most_attempts: int
+) -> tuple[list[tuple[ChunkJob, _Item]], list[tuple[ChunkJob, _Item]]]:
+    """After a failed score task: the chunks to send again and those that failed.
+
+    A chunk whose scorer was lost is sent again until it has been lost with ``most_attempts``
+    scorers (``attempts`` counts them); a task that failed on a live scorer fails its chunks.
+    """
+    if not scorer_lost:
+        return [], list(group)
+    retry: list[tuple[ChunkJob, _Item]] = []
+    failed: list[tuple[ChunkJob, _Item]] = []
+    for item in group:
+        item[0].attempts += 1
+        (retry if item[0].attempts < most_attempts else failed).append(item)
+    return retry, failed
+
+
+def outcome(future: Future) -> Any:
+    """The task's result, or its exception, without raising.
+
+    A finished result can still be lost before it is fetched (its worker died); Dask then
+    recomputes it, which may fail: that is an outcome too, reported per chunk.
+    """
+    try:
+        return future.result()
+    except Exception as error:
+        return error
+
+
+class ChunkPipeline:
+    """Decode tasks on the decode workers, score tasks beside the actors of a :class:`ScorerPool`.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    pool : ScorerPool
+        Started (:meth:`ScorerPool.start`); actors still starting are waited for in :meth:`run`.
+    decode : callable
+        ``decode(info, plan, **decode_options) -> DecodedChunk``, run on a worker.
+    decode_options : mapping
+    score : callable
+        ``score(actor, *decoded) -> list of results``, run on the actor's worker
+        (:func:`buzzdask.score.score_chunks` or :func:`~buzzdask.score.embed_chunks`).
+    score_prefix : str
+        Task-key prefix of the score tasks (the dashboard groups by it).
+    budget : Budget
+    group_chunks : int > 0
+        Most chunks in one score task.
+    tasks_per_scorer : int > 0
+        Score tasks queued per actor, so transfers overlap scoring.
+    score_attempts : int > 0
+        Scorers a chunk may lose before it is reported failed.
+    on_result : callable
+        ``on_result(job, result)`` for each scored chunk, ``result`` one item of ``score``'s list.
+    on_failure : callable
+        ``on_failure(job, error, stage)``, ``stage`` ``"decode"`` or ``"score"``; it may raise
+        to end the run.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        pool: ScorerPool,
+        *,
+        decode: Callable[..., DecodedChunk],
+        decode_options: Mapping[str, Any],
+        score: Callable[..., list[Any]],
+        score_prefix: str,
+        budget: Budget,
+        group_chunks: int,
+        tasks_per_scorer: int,
+        score_attempts: int,
+        on_result: Callable[[ChunkJob, Any], None],
+        on_failure: Callable[[ChunkJob, BaseException, str], None],
+    ) -> None:
+        self.client = client
+        self.pool = pool
+        self.decode = decode
+        self.decode_options = dict(decode_options)
+        self.score = score
+        self.score_prefix = score_prefix
+        self.budget = budget
+        self.group_chunks = max(1, group_chunks)
+        self.tasks_per_scorer = tasks_per_scorer
+        self.score_attempts = score_attempts
+        self.on_result = on_result
+        self.on_failure = on_failure
+        self._pending = as_completed()
+        self._handlers: dict[Any, Callable[[Future], None]] = {}  # by task key
+        self._todo: deque[ChunkJob] = deque()
+        self._decoded: deque[tuple[ChunkJob, Future]] = deque()
+        self._load: defaultdict[str, int] = defaultdict(int)  # score tasks queued per actor
+
+    @classmethod
+    def from_settings(
+        cls,
+        client: Client,
+        pool: ScorerPool,
+        settings: Settings,
+        *,
+        spec: FrameSpec,
+        frames_per_chunk: int,
+        decode: Callable[..., DecodedChunk],
+        score: Callable[..., list[Any]],
+        score_prefix: str,
+        on_result: Callable[[ChunkJob, Any], None],
+        on_failure: Callable[[ChunkJob, BaseException, str], None],
+    ) -> ChunkPipeline:
+        """A pipeline with the budget, batching, decoding and retry settings of a run."""
+        return cls(
+            client,
+            pool,
+            decode=decode,
+            decode_options={
+                "spec": spec,
+                "margin_s": settings.decode_margin_seconds,
+                "seekable_codecs": settings.seekable_codecs,
+                "ffmpeg_cmd": settings.ffmpeg,
+            },
+            score=score,
+            score_prefix=score_prefix,
+            budget=Budget(
+                limit_bytes=settings.memory_budget,
+                chunk_bytes=chunk_nbytes(spec, frames_per_chunk, settings.decode_margin_seconds),
+            ),
+            group_chunks=settings.batch_frames // frames_per_chunk,
+            tasks_per_scorer=settings.score_tasks_per_actor,
+            score_attempts=settings.score_attempts,
+            on_result=on_result,
+            on_failure=on_failure,
+        )
+
+    def submit(
+        self, function: Callable[..., Any], *args: Any, key: str, then: Callable[[Future], None]
+    ) -> None:
+        """Run ``function(*args)`` on a decode worker; ``then(future)`` once it is done."""
+        future = self.client.submit(
+            function, *args, key=key, **self.pool.decode_placement(), pure=False
+        )
+        self._track(future, then)
+
+    def enqueue(self, job: ChunkJob) -> None:
+        """Add a chunk to decode when the budget admits it."""
+        self._todo.append(job)
+
+    def run(self) -> None:
+        """Until every submitted task and enqueued chunk is done."""
+        self._track_actors(self.pool.starting)
+        self._submit_more()
+        for future in self._pending:
+            self._handlers.pop(future.key)(future)
+            del future
+            self._track_actors(self.pool.refresh())
+            self._submit_more()
+
+    # -- tracking ----------------------------------------------------------------------------
+    def _track(self, future: Future, then: Callable[[Future], None]) -> None:
+        self._handlers[future.key] = then
+        self._pending.add(future)
+
+    def _track_actors(self, futures: Mapping[str, Future]) -> None:
+        for address, future in futures.items():
+            self._track(future, functools.partial(self._actor_up, address))
+
+    def _actor_up(self, address: str, future: Future) -> None:
+        if address in self.pool.starting:  # not already given up on by a replacement
+            self.pool.started(address)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def _submit_more(self) -> None:
+        while self._todo and self.budget.admits():
+            self._decode(self._todo.popleft())
+        held = self.pool.holders([f for _, f in self._decoded])
+        while self._decoded and self.pool.scorers:
+            free = free_scorers(self._load, self.pool.scorers, most=self.tasks_per_scorer)
+            if not free:
+                break
+            address, group = next_group(self._decoded, free, held, size=self.group_chunks)
+            for item in group:
+                self._decoded.remove(item)
+            self._score(address, group)
+
+    def _decode(self, job: ChunkJob) -> None:
+        self.budget.take()
+        logger.info("decoding %s", job.label)
+        future = self.client.submit(
+            self.decode,
+            job.info,
+            job.plan,
+            **self.decode_options,
+            key=task_key("decode", job.name, job.plan),
+            **self.pool.decode_placement(),
+            pure=False,
+        )
+        self._track(future, functools.partial(self._decoded_done, job))
+
+    def _score(self, address: str, group: list[tuple[ChunkJob, Future]]) -> None:
+        for job, _ in group:
+            logger.info("scoring %s", job.label)
+        future = self.client.submit(
+            self.score,
+            self.pool.scorers[address],
+            *[f for _, f in group],
+            key=task_key(self.score_prefix, [f.key for _, f in group]),
+            workers=[address],
+            # Loose: if the actor's worker dies the task runs elsewhere and fails (reported,
+            # redone by resume) instead of waiting forever for that worker.
+            allow_other_workers=True,
+            pure=False,
+        )
+        self._load[address] += 1
+        self._track(future, functools.partial(self._scored, address, group))
+
+    # -- completion --------------------------------------------------------------------------
+    def _decoded_done(self, job: ChunkJob, future: Future) -> None:
+        if future.status == "error":
+            self.budget.release()
+            self.on_failure(job, future.exception(), "decode")
+        else:
+            self._decoded.append((job, future))
+
+    def _scored(self, address: str, group: list[tuple[ChunkJob, Future]], future: Future) -> None:
+        self._load[address] -= 1
+        results = outcome(future)
+        if not isinstance(results, BaseException):
+            self.budget.release(len(group))
+            for (job, _), result in zip(group, results, strict=True):
+                self.on_result(job, result)
+            return
+        # Re-send what a lost actor held; Dask recomputes any decoded array that died with it.
+        retry, failed = split_failed_group(
+            group, scorer_lost=self.pool.was_lost(address), most_attempts=self.score_attempts
+        )
+        self._decoded.extendleft(reversed(retry))
+        self.budget.release(len(failed))
+        for job, _ in failed:
+            self.on_failure(job, results, "score")

@@ -1,0 +1,390 @@
+"""The client's side of the scorer actors: start, placement, refresh, loss and re-creation.
+
+One :class:`ScorerPool` serves an analysis (actors with a head) and a training (actors without
+one, for embeddings). It decides which workers hold an actor (every GPU worker, else up to
+``cpu_scorer_workers`` CPU workers, whose cores the actors on one host split), which workers
+decode, when a failed score task means its actor was lost, and how to go on without it. The
+actor itself is :class:`buzzdask.score.Scorer`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from distributed import Client, Future, wait
+
+from buzzdask.errors import BuzzdaskError, ScorerError
+from buzzdask.frames import FrameSpec
+from buzzdask.progress import logger
+from buzzdask.score import submit_scorer
+from buzzdask.session import has_gpu, scorer_hosts, scorers_per_host, task_key, tensorflow_version
+from buzzdask.settings import Settings
+
+__all__ = ["REFRESH_EVERY_S", "ScorerOptions", "ScorerPool", "decode_workers"]
+
+#: Seconds between looks for workers that joined (to hold a scorer) or left.
+REFRESH_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """What every actor of a pool is started with (see :class:`buzzdask.score.Scorer`).
+
+    Parameters
+    ----------
+    head_path : str or None
+        The head SavedModel; ``None`` for embeddings only.
+    embedder_handle : str
+    spec : FrameSpec
+    n_classes : int >= 0
+    batch_frames : int > 0
+    intra_op_threads, inter_op_threads : int or None
+        TensorFlow's thread pools (``None``: its default, or a share of the host's cores).
+    key_prefix : str
+        Task-key prefix the dashboard shows (``"scorer"``, ``"embedder"``).
+    key_token : str
+        Part of every actor's key that tells one model from another (a content hash).
+    """
+
+    head_path: str | None
+    embedder_handle: str
+    spec: FrameSpec
+    n_classes: int
+    batch_frames: int
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    key_prefix: str = "scorer"
+    key_token: str = ""
+
+
+def decode_workers(
+    workers: Mapping[str, Mapping[str, Any]], scorers: set[str] | frozenset[str]
+) -> list[str] | None:
+    """Workers that decode: those without a scorer or a GPU (``None``: every worker).
+
+    Decode tasks prefer them, so they never take a GPU worker's slot; loosely, so a run whose
+    decode workers all left still finishes. Where every worker scores (CPU only), decoding
+    goes everywhere.
+    """
+    decoders = sorted(a for a, w in workers.items() if a not in scorers and not has_gpu(w))
+    return decoders or None
+
+
+class ScorerPool:
+    """Scorer actors on a cluster, followed as workers join and leave.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    options : ScorerOptions
+    cpu_scorer_workers : int >= 1 or None
+        Without GPU workers, how many workers hold an actor (``None``: every worker).
+    ping_seconds : float > 0 [s]
+        How long an actor has to answer before it counts as lost.
+    restart_seconds : float > 0 [s]
+        How long to wait for a worker to restart the last actor on.
+    check_gpus : bool
+        Whether actors on workers that declare GPUs check that TensorFlow sees them.
+
+    Attributes
+    ----------
+    scorers : dict of str -> actor
+        Actors that are up, by worker address.
+    starting : dict of str -> Future
+        Actors submitted and not yet up.
+    gpu : bool
+        Whether the actors run on GPU workers.
+    restarts, lost : int
+        Actors started on workers that joined or replaced lost ones; actors lost.
+    tensorflow_version : str
+        TensorFlow's version on the first actor's worker.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        options: ScorerOptions,
+        cpu_scorer_workers: int | None,
+        ping_seconds: float,
+        restart_seconds: float,
+        check_gpus: bool = True,
+    ) -> None:
+        self.client = client
+        self.check_gpus = check_gpus
+        self.options = options
+        self.cpu_scorer_workers = cpu_scorer_workers
+        self.ping_seconds = ping_seconds
+        self.restart_seconds = restart_seconds
+        self.scorers: dict[str, Any] = {}
+        self.starting: dict[str, Future] = {}
+        # Held: once an actor's future is released, Dask forgets the actor and its tasks fail.
+        self._actor_futures: dict[str, Future] = {}
+        self.gpu = False
+        self.decode_workers: list[str] | None = None
+        self.restarts = 0
+        self.lost = 0
+        self.tensorflow_version = "unknown"
+        self._next_refresh = time.monotonic() + REFRESH_EVERY_S
+
+    @classmethod
+    def from_settings(
+        cls,
+        client: Client,
+        settings: Settings,
+        *,
+        head_path: str | None,
+        embedder_handle: str,
+        spec: FrameSpec,
+        n_classes: int,
+        key_prefix: str,
+        key_token: str,
+        cpu_scorer_workers: int | None,
+    ) -> ScorerPool:
+        """A pool of actors for one model, with the batch, thread and loss settings of a run."""
+        options = ScorerOptions(
+            head_path=head_path,
+            embedder_handle=embedder_handle,
+            spec=spec,
+            n_classes=n_classes,
+            batch_frames=settings.batch_frames,
+            intra_op_threads=settings.tf_intra_op_threads,
+            inter_op_threads=settings.tf_inter_op_threads,
+            key_prefix=key_prefix,
+            key_token=key_token,
+        )
+        return cls(
+            client,
+            options=options,
+            cpu_scorer_workers=cpu_scorer_workers,
+            ping_seconds=settings.scorer_ping_seconds,
+            restart_seconds=settings.scorer_restart_seconds,
+            check_gpus=settings.check_gpus,
+        )
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> dict[str, Future]:
+        """Submit one actor per GPU worker, else per CPU worker (up to ``cpu_scorer_workers``).
+
+        Loading the model takes seconds: the caller decodes meanwhile and calls
+        :meth:`started` as each returned future finishes.
+        """
+        workers = self._live_workers()
+        if not workers:
+            self.client.wait_for_workers(1, timeout=300)
+            workers = self._live_workers()
+        hosts = scorer_hosts(workers, cpu_workers=self.cpu_scorer_workers)
+        self.gpu = has_gpu(workers[hosts[0]])
+        if not self.gpu:
+            logger.info("no GPU workers: scoring on %d CPU worker(s)", len(hosts))
+        futures = self._submit(hosts, workers)
+        self._update_decode_workers(workers)
+        return futures
+
+    def _submit(self, hosts: list[str], workers: Mapping[str, Any]) -> dict[str, Future]:
+        """Actors for ``hosts`` (of ``workers``), held in :attr:`starting` until :meth:`started`.
+
+        An actor on a worker that declares GPUs checks that TensorFlow sees them.
+        """
+        # CPU scorers on one host split its cores; a GPU worker's scorer has its own device.
+        shares = {} if self.gpu else scorers_per_host([*self.scorers, *hosts])
+        options = self.options
+        futures = {
+            address: submit_scorer(
+                self.client,
+                address,
+                key=task_key(options.key_prefix, address, options.key_token),
+                share_cores=shares.get(address, 1),
+                gpus=self._declared_gpus(workers[address]),
+                worker=address,
+                intra_op_threads=options.intra_op_threads,
+                inter_op_threads=options.inter_op_threads,
+                head_path=options.head_path,
+                embedder_handle=options.embedder_handle,
+                spec=options.spec,
+                n_classes=options.n_classes,
+                batch_frames=options.batch_frames,
+            )
+            for address in hosts
+        }
+        self._actor_futures.update(futures)
+        self.starting.update(futures)
+        return futures
+
+    def _declared_gpus(self, worker: Mapping[str, Any]) -> int:
+        """GPUs TensorFlow must see in an actor on ``worker`` (0: no check)."""
+        return int(worker.get("resources", {}).get("GPU", 0)) if self.check_gpus else 0
+
+    def started(self, address: str) -> None:
+        """The actor submitted on ``address`` is up; or it failed, and others go on if any.
+
+        Raises
+        ------
+        ModelError
+            From the actor's construction: the model cannot be used anywhere.
+        ScorerError
+            If it was the last scorer and it could not start.
+        """
+        future = self.starting.pop(address)
+        try:
+            actor = future.result()
+        except BuzzdaskError:
+            raise
+        except Exception as error:
+            self._actor_futures.pop(address, None)
+            if not (self.scorers or self.starting):
+                raise ScorerError(f"could not start the scorer on {address}: {error}") from error
+            logger.warning("no scorer on %s (%s): the others go on", address, error)
+            return
+        self.scorers[address] = actor
+        if self.tensorflow_version == "unknown":
+            versions = self.client.run(tensorflow_version, workers=[address])
+            self.tensorflow_version = str(versions.popitem()[1])
+
+    def start_and_wait(self) -> None:
+        """:meth:`start`, then wait until every actor is up (or has failed)."""
+        for address, future in self.start().items():
+            wait(future)
+            self.started(address)
+
+    # -- placement ---------------------------------------------------------------------------
+    def _live_workers(self) -> dict[str, Any]:
+        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def _update_decode_workers(self, workers: Mapping[str, Any]) -> None:
+        self.decode_workers = decode_workers(workers, {*self.scorers, *self.starting})
+
+    def decode_placement(self) -> dict[str, Any]:
+        """``submit`` keywords placing a probe or decode task (loosely) on the decode workers."""
+        if self.decode_workers is None:
+            return {}
+        return {"workers": self.decode_workers, "allow_other_workers": True}
+
+    def holders(self, futures: list[Future]) -> dict[str, list[str]]:
+        """Workers holding each future's data, where that can decide which scorer gets it.
+
+        Asked once per pass over the queue: one scheduler round trip, not one per group.
+        """
+        if not futures or self.gpu or len(self.scorers) < 2:
+            return {}
+        return dict(self.client.who_has(futures))
+
+    # -- loss --------------------------------------------------------------------------------
+    def alive(self, address: str) -> bool:
+        """Whether the actor on ``address`` still answers (its worker may have died or retired)."""
+        actor = self.scorers.get(address)
+        if actor is None:
+            return False
+        try:
+            actor.stats().result(timeout=self.ping_seconds)
+        except Exception:
+            return False
+        return True
+
+    def was_lost(self, address: str) -> bool:
+        """After a failed score task: was its actor lost? If so, it has been replaced."""
+        if address not in self.scorers:  # lost earlier, already replaced
+            return True
+        if self.alive(address):
+            return False
+        self.replace(address)
+        return True
+
+    def replace(self, address: str) -> None:
+        """Go on without the lost actor on ``address``, or start a new one if it was the last.
+
+        A GPU run waits for a GPU worker (a SLURM cluster replaces retired jobs); otherwise any
+        live worker will do. Workers that join later get actors from :meth:`refresh`.
+
+        Raises
+        ------
+        ScorerError
+            If no suitable worker arrives within ``restart_seconds``.
+        """
+        self._forget(address)
+        if self.scorers or self.starting:
+            others = len(self.scorers) + len(self.starting)
+            logger.warning("scorer on %s was lost: %d other scorer(s) go on", address, others)
+            self._update_decode_workers(self._live_workers())
+            return
+        workers, host = self._wait_for_replacement(address)
+        logger.warning("scorer on %s was lost: restarting it on %s", address, host)
+        wait(self._submit([host], workers)[host])
+        self.started(host)
+        self.restarts += 1
+        self._update_decode_workers(workers)
+
+    def _wait_for_replacement(self, address: str) -> tuple[dict[str, Any], str]:
+        """Live workers and the one to restart the lost scorer on (waits for one to arrive)."""
+        deadline = time.monotonic() + self.restart_seconds
+        while True:
+            workers = self._live_workers()
+            candidates = sorted(a for a, w in workers.items() if not self.gpu or has_gpu(w))
+            if candidates:
+                # Prefer a worker that decodes nothing yet, so decoding keeps its workers.
+                return workers, candidates[-1]
+            if time.monotonic() > deadline:
+                kind = "GPU worker" if self.gpu else "worker"
+                raise ScorerError(
+                    f"the scorer on {address} was lost and no {kind} was free to replace it "
+                    "within buzzdask.scorer-restart-seconds; finish with on_conflict='resume'"
+                )
+            time.sleep(1.0)
+
+    def _forget(self, address: str) -> None:
+        """Count the actor on ``address`` as lost and release it."""
+        self.scorers.pop(address, None)
+        self._actor_futures.pop(address, None)
+        self.lost += 1
+
+    # -- follow the cluster ------------------------------------------------------------------
+    def refresh(self, *, finished: bool = False) -> dict[str, Future]:
+        """Follow the cluster: drop scorers whose workers left, start some on workers that joined.
+
+        A worker joins when a SLURM job replaces a lost one, when adapt or scale adds one, or
+        when a nanny restarts a killed one. At most every few seconds while running; returns
+        the actors submitted, for the caller to wait on. ``finished``: the run is over;
+        departed scorers are only counted as lost.
+        """
+        now = time.monotonic()
+        if now < self._next_refresh and not finished:
+            return {}
+        self._next_refresh = now + REFRESH_EVERY_S
+        workers = self._live_workers()
+        for address in [a for a in self.scorers if a not in workers]:
+            if finished:
+                self._forget(address)
+            else:
+                self.replace(address)
+        if finished:
+            return {}
+        new = self._joined(workers)
+        futures = self._submit(new, workers) if new else {}
+        if new:
+            logger.info("starting scorers on workers that joined: %s", ", ".join(new))
+            self.restarts += len(new)
+        # CPU workers that joined a GPU run (scale, adapt, replacements) decode too.
+        self._update_decode_workers(workers)
+        return futures
+
+    def _joined(self, workers: Mapping[str, Any]) -> list[str]:
+        """Workers without an actor that should get one."""
+        free = [a for a in sorted(workers) if a not in self.scorers and a not in self.starting]
+        if self.gpu:
+            return [a for a in free if has_gpu(workers[a])]
+        limit = self.cpu_scorer_workers
+        room = len(free) if limit is None else limit - len(self.scorers) - len(self.starting)
+        return free[: max(0, room)]
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each actor's counters (or why they cannot be had: its worker died)."""
+        stats = []
+        for address, actor in self.scorers.items():
+            try:
+                stats.append({"worker": address, "gpu_worker": self.gpu, **actor.stats().result()})
+            except Exception as error:  # the actor's worker is gone; the run still reports
+                stats.append({"worker": address, "error": f"{type(error).__name__}: {error}"})
+        return stats

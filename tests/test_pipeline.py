@@ -1,0 +1,98 @@
+"""The chunk loop's decisions as plain functions: no cluster (the wiring is tested end to end)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from buzzdask.decode import AudioInfo, ChunkPlan
+from buzzdask.frames import FrameSpec
+from buzzdask.pipeline import (
+    Budget,
+    ChunkJob,
+    chunk_label,
+    chunk_nbytes,
+    free_scorers,
+    next_group,
+    split_failed_group,
+)
+from buzzdask.scorers import decode_workers
+
+SPEC = FrameSpec(sample_rate=16000, frame_length=15360, hop_length=15360, context=240)
+
+
+@dataclass(frozen=True)
+class Key:
+    """Stands in for a Future in decisions that only read its key."""
+
+    key: str
+
+
+def job(index: int) -> ChunkJob:
+    info = AudioInfo(
+        path="a.wav",
+        codec="pcm_s16le",
+        sample_rate=16000,
+        channels=1,
+        duration_s=60.0,
+        size_bytes=1,
+        mtime_ns=1,
+    )
+    plan = ChunkPlan(index, index * 10, 10)
+    return ChunkJob("a.wav", info, plan, label=chunk_label("a.wav", plan, SPEC))
+
+
+def test_budget_admits_one_chunk_however_large_then_up_to_the_limit():
+    budget = Budget(limit_bytes=250, chunk_bytes=100)
+    assert budget.admits()
+    budget.take()
+    budget.take()
+    assert not budget.admits()
+    budget.release()
+    assert budget.admits()
+    assert budget.peak_bytes == 200
+    huge = Budget(limit_bytes=10, chunk_bytes=100)
+    assert huge.admits()
+    huge.take()
+    assert not huge.admits()
+
+
+def test_chunk_bytes_count_context_and_both_margins():
+    # 10 frames of 15360 samples, 240 of context, 0.5 s margins: float32.
+    assert chunk_nbytes(SPEC, 10, 0.5) == 4 * (10 * 15360 + 240 + 2 * 8000)
+
+
+def test_free_scorers_least_busy_first():
+    load = {"a": 2, "b": 0, "c": 1}
+    assert free_scorers(load, ["a", "b", "c", "d"], most=2) == ["b", "d", "c"]
+    assert free_scorers({"a": 2}, ["a"], most=2) == []
+
+
+def test_next_group_prefers_the_scorer_that_holds_the_chunks():
+    decoded = [(job(i), Key(f"k{i}")) for i in range(4)]
+    held = {"k2": ["w2"], "k3": ["w2"]}
+    address, group = next_group(decoded, ["w1", "w2"], held, size=3)
+    assert address == "w2"
+    assert [item[1].key for item in group] == ["k2", "k3", "k0"]
+    address, group = next_group(decoded, ["w1"], {}, size=2)
+    assert (address, [item[1].key for item in group]) == ("w1", ["k0", "k1"])
+
+
+def test_failed_group_is_sent_again_only_when_its_scorer_was_lost():
+    group = [(job(0), Key("k0")), (job(1), Key("k1"))]
+    retry, failed = split_failed_group(group, scorer_lost=False, most_attempts=3)
+    assert (retry, failed) == ([], group)
+    group[1][0].attempts = 2
+    retry, failed = split_failed_group(group, scorer_lost=True, most_attempts=3)
+    assert retry == group[:1] and failed == group[1:]
+    assert [item[0].attempts for item in group] == [1, 3]
+
+
+def test_chunk_labels_in_seconds_of_the_file():
+    assert chunk_label("x.mp3", ChunkPlan(1, 10, 10), SPEC) == "x.mp3 [9.60–19.21 s]"
+    assert chunk_label("x.mp3", ChunkPlan(2, 20, None), SPEC) == "x.mp3 [19.20–end s]"
+
+
+def test_decode_workers_leave_scorers_and_gpus_alone():
+    workers = {"a": {}, "b": {"resources": {"GPU": 1}}, "c": {}}
+    assert decode_workers(workers, {"c"}) == ["a"]
+    assert decode_workers({"c": {}}, {"c"}) is None
