@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import dask.dataframe as dd
 import numpy as np
@@ -511,3 +512,30 @@ def test_memory_budget_holds_with_many_small_and_a_few_long_files(
     workers = set(dask_client.scheduler_info()["workers"])
     assert set(summary["peak_rss_bytes"]) == workers
     assert all(peak > 0 for peak in summary["peak_rss_bytes"].values())
+
+
+def test_workers_write_the_partitions_and_the_client_only_journals(
+    run, make_audio, tmp_path, monkeypatch
+):
+    """A client on a login node does none of the output's I/O: every partition comes from a
+    worker process; the client writes only the journal, buzzdask.json and errors.parquet."""
+    import buzzdask.write
+
+    written_here: list[str] = []
+    write_table = buzzdask.write.write_table
+
+    def record_then_write(table, path):
+        written_here.append(str(path))
+        write_table(table, path)
+
+    monkeypatch.setattr(buzzdask.write, "write_table", record_then_write)
+    make_audio("site/a.wav", n_samples=5 * FRAME)
+    make_audio("site/b.wav", n_samples=3 * FRAME + 7, seed=1)
+    result = run(tmp_path / "audio", chunk_seconds=2 * 0.96)
+    assert result.ok and result.summary["frames"] == 8
+    assert [Path(p).name for p in written_here] == ["errors.parquet"]
+    partitions = sorted(result.dataset.rglob("chunk-*.parquet"))
+    assert (
+        len(partitions) == 5
+        and len(result.output.joinpath("journal.jsonl").read_text().splitlines()) == 5
+    )

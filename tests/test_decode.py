@@ -103,7 +103,7 @@ def test_chunks_equal_the_whole_file(make_audio, suffix: str, frames_per_chunk: 
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(b"", "empty file"), (b"this is not audio at all" * 40, "ffprobe cannot read it")],
+    [(b"", "empty file"), (b"this is not audio at all" * 40, "cannot read it as audio")],
 )
 def test_unreadable_files_name_the_file_and_reason(
     tmp_path: Path, content: bytes, reason: str

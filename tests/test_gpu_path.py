@@ -16,7 +16,7 @@ from typing import Any
 import dask
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 import buzzdask
 from buzzdask import ScorerError
@@ -163,3 +163,47 @@ def test_a_frame_that_does_not_fit_is_an_error(tiny_embedder: Path, tiny_model: 
     ).scorer
     with pytest.raises(tf.errors.ResourceExhaustedError):
         small.score(_chunks())
+
+
+@requires_ffmpeg
+def test_gpu_worker_spare_threads_decode_beside_its_scorer(
+    make_audio, tmp_path, tiny_embedder, tiny_model
+):
+    """A GPU worker with more threads than its score tasks decodes too; CPU workers decode."""
+    for index in range(4):
+        make_audio(f"f{index}.wav", n_samples=12 * FRAME + 100, seed=index)
+    with (
+        dask.config.set({"buzzdask.check-gpus": False}),  # its GPU is declared, not real
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        gpu_worker = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address),
+                *("--nthreads", "4", "--resources", "GPU=1", "--no-dashboard"),
+            ]
+        )
+        try:
+            client.wait_for_workers(2, timeout=120)
+            (gpu_address,) = [
+                a for a, w in client.scheduler_info()["workers"].items() if w["resources"]
+            ]
+            with get_task_stream(client) as stream:
+                result = buzzdask.analyze(
+                    tmp_path / "audio",
+                    tiny_model,
+                    output=tmp_path / "out",
+                    client=client,
+                    embedder=str(tiny_embedder),
+                    chunk_seconds=1.92,
+                    progress=False,
+                )
+        finally:
+            gpu_worker.terminate()
+            gpu_worker.wait(timeout=60)
+    assert result.ok and result.summary["frames"] == 4 * 12
+    assert [s["worker"] for s in result.summary["scorers"]] == [gpu_address]
+    decoders = {t["worker"] for t in stream.data if str(t["key"]).startswith("decode-")}
+    assert gpu_address in decoders and len(decoders) == 2

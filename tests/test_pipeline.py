@@ -92,7 +92,9 @@ def test_chunk_labels_in_seconds_of_the_file():
     assert chunk_label("x.mp3", ChunkPlan(2, 20, None), SPEC) == "x.mp3 [19.20–end s]"
 
 
-def test_decode_workers_leave_scorers_and_gpus_alone():
-    workers = {"a": {}, "b": {"resources": {"GPU": 1}}, "c": {}}
-    assert decode_workers(workers, {"c"}) == ["a"]
-    assert decode_workers({"c": {}}, {"c"}) is None
+def test_decode_workers_are_the_non_scorers_and_gpu_workers_with_spare_threads():
+    gpu = {"resources": {"GPU": 1}, "nthreads": 2}
+    spare = {"resources": {"GPU": 1}, "nthreads": 8}
+    workers = {"a": {"nthreads": 4}, "b": gpu, "c": {"nthreads": 4}, "d": spare}
+    assert decode_workers(workers, {"b", "c", "d"}, score_slots=2) == ["a", "d"]
+    assert decode_workers({"c": {}}, {"c"}, score_slots=2) is None

@@ -24,6 +24,7 @@ from distributed import Client
 
 from buzzdask.decode import PREPROCESSING, AudioInfo, decode_chunk, probe_audio
 from buzzdask.errors import DecodeError, ParameterError
+from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile, discover
 from buzzdask.ledger import FileLedger, FileState
@@ -98,6 +99,7 @@ class _Plan:
     frames_per_chunk: int
     thresholds: dict[str, float]
     settings: Settings
+    ffmpeg: FFmpegTools
 
 
 def analyze(
@@ -238,12 +240,15 @@ def _plan(
             f"thresholds for unknown class(es) {unknown}; the model's classes are "
             f"{list(spec_model.classes)}"
         )
+    ffmpeg = find_ffmpeg(ffmpeg=settings.ffmpeg, ffprobe=settings.ffprobe)
     return _Plan(
         model=spec_model,
         spec=spec,
         frames_per_chunk=spec.frames_per_chunk(settings.chunk_seconds),
         thresholds=thresholds,
-        settings=settings,
+        # Decode tasks run the ffmpeg found here, by its absolute path, on every node.
+        settings=settings.with_overrides(ffmpeg=ffmpeg.ffmpeg),
+        ffmpeg=ffmpeg,
     )
 
 
@@ -271,10 +276,11 @@ def _run(
         spec=spec,
         frames_per_chunk=plan.frames_per_chunk,
         decode=_decoder(settings),
-        score=score_chunks,
+        score=functools.partial(score_chunks, writer=ledger.writer()),
         score_prefix="score",
         on_result=ledger.scored,
         on_failure=ledger.chunk_failed,
+        score_keywords=lambda jobs: {"targets": ledger.targets(jobs)},
     )
     for item in inputs:
         state = ledger.add(item)
@@ -282,7 +288,7 @@ def _run(
             pipeline.submit(
                 probe_task,
                 item.path,
-                settings.ffprobe,
+                plan.ffmpeg,
                 key=task_key("probe", item.path),
                 then=functools.partial(_probed, ledger, pipeline, state),
             )
@@ -308,10 +314,10 @@ def _decoder(settings: Settings) -> Any:
     )
 
 
-def probe_task(path: str, ffprobe: str) -> AudioInfo | DecodeError:
+def probe_task(path: str, tools: FFmpegTools) -> AudioInfo | DecodeError:
     """Probe task: a file that is not audio is an answer, not a failure (no worker traceback)."""
     try:
-        return probe_audio(path, ffprobe=ffprobe)
+        return probe_audio(path, tools=tools)
     except DecodeError as error:
         return error
 
@@ -361,6 +367,7 @@ def _metadata(
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
         "thresholds": plan.thresholds,
         "versions": package_versions(),
+        "ffmpeg": plan.ffmpeg.as_metadata(),
         "inputs": {"root": root, "paths": [os.fspath(p) for p in given], "files": n_files},
         "fingerprint": _fingerprint(plan),
     }

@@ -1,5 +1,9 @@
 """Decoding audio with ffmpeg: probe, plan frame-aligned chunks, decode a chunk sample-exactly.
 
+The executables are those of :func:`buzzdask.ffmpeg_tools.find_ffmpeg`: given by the caller (the
+client resolves them once for a run), or found on this machine. Without ffprobe (the
+``imageio-ffmpeg`` wheel has none) a file is probed from ffmpeg's own report of its input.
+
 The samples handed to the embedder are made exactly as buzzdetect's training pipeline made them:
 the **mean** of the channels, then **soxr** resampling to the embedder's rate, as float32. A plain
 ``ffmpeg -ac 1 -ar 16000`` is not that (it mixes stereo to (L+R)/sqrt(2) and resamples otherwise).
@@ -14,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import fnmatch
+import functools
 import io
 import math
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ import ffmpeg
 import numpy as np
 
 from buzzdask.errors import DecodeError
+from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
 
 __all__ = [
@@ -44,10 +51,20 @@ __all__ = [
 _STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
 _PIPE_BYTES = 1 << 20  # ffmpeg stdout pipe capacity asked for (Linux allows 1 MiB unprivileged)
 
+# ffmpeg's report of its input (``ffmpeg -i FILE``), read when there is no ffprobe.
+_INPUT = re.compile(r"^Input #0, ", re.MULTILINE)
+_DURATION = re.compile(r"^\s+Duration: (?:(\d+):(\d\d):(\d\d(?:\.\d+)?)|N/A)", re.MULTILINE)
+# "  Stream #0:1[0x2](eng): Audio: aac (LC) (mp4a / 0x6134706D), 44100 Hz, stereo, fltp, ..."
+_AUDIO_STREAM = re.compile(
+    r"^\s+Stream #0:\d+\S*: Audio: (?P<codec>[^\s,]+)(?P<rest>.*)$", re.MULTILINE
+)
+_RATE_LAYOUT = re.compile(r", (?P<rate>\d+) Hz, (?P<layout>[^,]+)")
+_N_CHANNELS = re.compile(r"^(\d+) channels\b")  # a layout without a name: "3 channels (FL+FR+LFE)"
+
 
 @dataclass(frozen=True)
 class AudioInfo:
-    """What ffprobe says of a file's first audio stream.
+    """What probing says of a file's first audio stream.
 
     Parameters
     ----------
@@ -58,7 +75,8 @@ class AudioInfo:
     sample_rate : int > 0 [Hz]
     channels : int > 0
     duration_s : float or None [s]
-        ffprobe's estimate (not trusted for frame counts: MP3 estimates are often off).
+        The demuxer's estimate (not trusted for frame counts: MP3 estimates are often off); to
+        0.01 s when probed without ffprobe (ffmpeg reports it so).
     size_bytes : int
     mtime_ns : int
     """
@@ -109,18 +127,19 @@ class DecodedChunk:
     messages: str = ""
 
 
-def probe_audio(path: str | os.PathLike[str], *, ffprobe: str = "ffprobe") -> AudioInfo:
-    """Read a file's audio stream parameters with ffprobe.
+def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = None) -> AudioInfo:
+    """Read a file's first audio stream parameters: with ffprobe, else from ffmpeg's report.
 
     Parameters
     ----------
     path : str or path-like
-    ffprobe : str
-        The ffprobe executable.
+    tools : FFmpegTools, optional
+        The executables; default: :func:`~buzzdask.ffmpeg_tools.find_ffmpeg` on this machine.
 
     Returns
     -------
     AudioInfo
+        The same either way, but for ``duration_s``: ffmpeg reports it rounded to 0.01 s.
 
     Raises
     ------
@@ -138,10 +157,35 @@ def probe_audio(path: str | os.PathLike[str], *, ffprobe: str = "ffprobe") -> Au
         raise DecodeError(path, "empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise DecodeError(path, "permission denied")
+    tools = tools or find_ffmpeg()
+    if tools.ffprobe is not None:
+        codec, sample_rate, channels, duration_s = _ffprobe_stream(path, tools.ffprobe)
+    else:
+        codec, sample_rate, channels, duration_s = _ffmpeg_stream(path, tools.ffmpeg)
+    if sample_rate <= 0 or channels <= 0:
+        raise DecodeError(path, f"invalid audio stream ({sample_rate} Hz, {channels} channels)")
+    return AudioInfo(
+        path=path,
+        codec=codec,
+        sample_rate=sample_rate,
+        channels=channels,
+        duration_s=duration_s,
+        size_bytes=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+    )
+
+
+_Stream = tuple[str, int, int, "float | None"]  # codec, sample rate, channels, duration [s]
+
+
+def _ffprobe_stream(path: str, ffprobe: str) -> _Stream:
+    """The first audio stream, as ffprobe describes it."""
     try:
         probe = ffmpeg.probe(path, cmd=ffprobe, v="error")
     except ffmpeg.Error as error:
         raise DecodeError(path, "ffprobe cannot read it as audio", _tail(error.stderr)) from None
+    except OSError as error:
+        raise DecodeError(path, f"cannot run {ffprobe!r}: {error}") from None
     streams = [s for s in probe.get("streams", []) if s.get("codec_type") == "audio"]
     if not streams:
         raise DecodeError(path, "no audio stream")
@@ -151,22 +195,74 @@ def probe_audio(path: str | os.PathLike[str], *, ffprobe: str = "ffprobe") -> Au
         channels = int(stream["channels"])
     except (KeyError, ValueError):
         raise DecodeError(path, "audio stream without a sample rate or channel count") from None
-    if sample_rate <= 0 or channels <= 0:
-        raise DecodeError(path, f"invalid audio stream ({sample_rate} Hz, {channels} channels)")
     duration = stream.get("duration") or probe.get("format", {}).get("duration")
     try:
         duration_s = float(duration) if duration not in (None, "N/A") else None
     except ValueError:
         duration_s = None
-    return AudioInfo(
-        path=path,
-        codec=str(stream.get("codec_name", "unknown")),
-        sample_rate=sample_rate,
-        channels=channels,
-        duration_s=duration_s,
-        size_bytes=stat.st_size,
-        mtime_ns=stat.st_mtime_ns,
-    )
+    return str(stream.get("codec_name", "unknown")), sample_rate, channels, duration_s
+
+
+def _ffmpeg_stream(path: str, ffmpeg_cmd: str) -> _Stream:
+    """The first audio stream, as ``ffmpeg -i`` reports it (it opens the input as ffprobe does).
+
+    ffmpeg exits 1 here whatever the file ("At least one output file must be specified"): the
+    input was read when its report is there.
+    """
+    try:
+        answer = subprocess.run(
+            [ffmpeg_cmd, "-nostdin", "-hide_banner", "-i", path],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
+    except OSError as error:
+        raise DecodeError(path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
+    report = answer.stderr.decode("utf-8", errors="replace")
+    opened = _INPUT.search(report)
+    if opened is None:
+        raise DecodeError(path, "ffmpeg cannot read it as audio", _tail(answer.stderr))
+    report = report[opened.start() :]
+    stream = _AUDIO_STREAM.search(report)
+    if stream is None:
+        raise DecodeError(path, "no audio stream")
+    rate_layout = _RATE_LAYOUT.search(stream["rest"])
+    channels = None if rate_layout is None else _channel_count(rate_layout["layout"], ffmpeg_cmd)
+    if rate_layout is None or channels is None:
+        raise DecodeError(path, "audio stream without a sample rate or channel count")
+    duration = _DURATION.search(report)
+    duration_s = None
+    if duration is not None and duration[1] is not None:
+        duration_s = int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3])
+    return stream["codec"], int(rate_layout["rate"]), channels, duration_s
+
+
+def _channel_count(layout: str, ffmpeg_cmd: str) -> int | None:
+    """Channels of a layout as ffmpeg prints it: ``"stereo"``, ``"5.1(side)"``, ``"3 channels"``."""
+    unnamed = _N_CHANNELS.match(layout)
+    if unnamed is not None:
+        return int(unnamed[1])
+    return _layouts(ffmpeg_cmd).get(layout.strip())
+
+
+@functools.lru_cache(maxsize=4)
+def _layouts(ffmpeg_cmd: str) -> dict[str, int]:
+    """The named channel layouts of ``ffmpeg_cmd`` and their channel counts (``-layouts``).
+
+    Its table, not a copy: newer versions name more layouts (``5.1.2``, ``binaural``...).
+    """
+    listing = subprocess.run(
+        [ffmpeg_cmd, "-nostdin", "-hide_banner", "-layouts"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    ).stdout.decode("utf-8", errors="replace")
+    # "NAME DECOMPOSITION" rows after "Standard channel layouts:", e.g. "5.1  FL+FR+FC+LFE+BL+BR"
+    counts = {}
+    for line in listing.partition("Standard channel layouts:")[2].splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] != "NAME":
+            counts[words[0]] = words[1].count("+") + 1
+    return counts
 
 
 def plan_chunks(info: AudioInfo, spec: FrameSpec, *, frames_per_chunk: int) -> list[ChunkPlan]:
@@ -230,17 +326,24 @@ def decode_file(
     path: str | os.PathLike[str],
     *,
     sample_rate: int,
-    ffmpeg_cmd: str = "ffmpeg",
-    ffprobe: str = "ffprobe",
+    tools: FFmpegTools | None = None,
 ) -> np.ndarray:
     """Decode a whole file to mono float32 at ``sample_rate`` with the model's preprocessing.
+
+    Parameters
+    ----------
+    path : str or path-like
+    sample_rate : int > 0 [Hz]
+    tools : FFmpegTools, optional
+        The executables; default: :func:`~buzzdask.ffmpeg_tools.find_ffmpeg` on this machine.
 
     Returns
     -------
     np.ndarray [shape=(n_samples,), dtype=float32]
     """
-    info = probe_audio(path, ffprobe=ffprobe)
-    samples, _ = _run_ffmpeg(info, sample_rate=sample_rate, ffmpeg_cmd=ffmpeg_cmd)
+    tools = tools or find_ffmpeg()
+    info = probe_audio(path, tools=tools)
+    samples, _ = _run_ffmpeg(info, sample_rate=sample_rate, ffmpeg_cmd=tools.ffmpeg)
     return samples
 
 
@@ -251,7 +354,7 @@ def decode_chunk(
     spec: FrameSpec,
     margin_s: float = 0.5,
     seekable_codecs: tuple[str, ...] = ("mp3", "flac", "pcm_*"),
-    ffmpeg_cmd: str = "ffmpeg",
+    ffmpeg_cmd: str | None = None,
 ) -> DecodedChunk:
     """Decode the samples one chunk's frames need, sample-exactly.
 
@@ -268,8 +371,9 @@ def decode_chunk(
     seekable_codecs : tuple of str
         Codec name patterns whose input seeking is sample-exact; any other codec is decoded
         from the start of the file and trimmed (exact, slower for late chunks).
-    ffmpeg_cmd : str
-        The ffmpeg executable.
+    ffmpeg_cmd : str, optional
+        The ffmpeg executable (built with libsoxr); default: that of
+        :func:`~buzzdask.ffmpeg_tools.find_ffmpeg` on this machine.
 
     Returns
     -------
@@ -296,7 +400,7 @@ def decode_chunk(
         start=Fraction(start, rate),
         duration=None if stop is None else Fraction(stop + margin - start, rate),
         input_seek=input_seek,
-        ffmpeg_cmd=ffmpeg_cmd,
+        ffmpeg_cmd=ffmpeg_cmd or find_ffmpeg().ffmpeg,
     )
     samples = decoded[first_sample - start : None if stop is None else stop - start]
     if stop is not None and first_sample + len(samples) >= stop:
@@ -323,7 +427,7 @@ def _run_ffmpeg(
     start: Fraction = Fraction(0),
     duration: Fraction | None = None,
     input_seek: bool = True,
-    ffmpeg_cmd: str = "ffmpeg",
+    ffmpeg_cmd: str,
 ) -> tuple[np.ndarray, str]:
     """Run ffmpeg with the preprocessing chain; return the samples and its messages."""
     seek: dict[str, str] = {}

@@ -1,12 +1,13 @@
 """What happened to each input file of an analysis: chunks to do and done, frames, errors.
 
 :class:`FileLedger` turns a probed file into the chunks still to do (a resume skips those its
-journal records), writes each scored chunk's partition and journal line, and reports every
-problem once, per file: a file that fails does not stop the others.
+journal records), journals each chunk a worker scored and wrote, and reports every problem
+once, per file: a file that fails does not stop the others.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
 from buzzdask.pipeline import ChunkJob, chunk_label
 from buzzdask.progress import Progress, logger
-from buzzdask.write import OutputLayout, frames_table
+from buzzdask.write import OutputLayout, PartitionWriter
 
 __all__ = ["FileLedger", "FileState", "describe"]
 
@@ -130,28 +131,31 @@ class FileLedger:
         path = self.layout.partition(state.input.relative, chunk_index)
         return int(entry["frames"]) if entry["frames"] == 0 or path.exists() else None
 
-    def scored(self, job: ChunkJob, result: tuple[int, Any, str]) -> None:
-        """Write a scored chunk's partition and journal line (``result`` from score_chunks)."""
-        first_frame, activations, messages = result
+    def writer(self) -> PartitionWriter:
+        """What score tasks write partitions with, on the workers."""
+        return PartitionWriter(
+            output=str(self.layout.root),
+            spec=self.spec,
+            classes=self.classes,
+            thresholds=tuple(self.thresholds.items()),
+            metadata_json=json.dumps(self.partition_metadata, sort_keys=True),
+        )
+
+    @staticmethod
+    def targets(jobs: list[ChunkJob]) -> list[tuple[str, int]]:
+        """Where the partitions of a score task's chunks go: (input name, chunk index)."""
+        return [(job.name, job.plan.index) for job in jobs]
+
+    def scored(self, job: ChunkJob, result: tuple[int, int, str]) -> None:
+        """Journal a chunk a worker scored and wrote (``result`` from ``score_chunks``)."""
+        _, n_frames, messages = result
         state: FileState = job.owner
         relative = state.input.relative
-        n_frames = len(activations)
-        table = None
-        if n_frames:
-            table = frames_table(
-                relative,
-                first_frame,
-                activations,
-                spec=self.spec,
-                classes=self.classes,
-                thresholds=self.thresholds,
-                metadata=self.partition_metadata,
-            )
         assert state.info is not None
-        self.layout.write_chunk(
+        self.layout.record_chunk(
             relative,
             job.plan.index,
-            table,
+            frames=n_frames,
             size=state.info.size_bytes,
             mtime_ns=state.info.mtime_ns,
         )

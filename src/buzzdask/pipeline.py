@@ -191,8 +191,8 @@ class ChunkPipeline:
         ``decode(info, plan, **decode_options) -> DecodedChunk``, run on a worker.
     decode_options : mapping
     score : callable
-        ``score(actor, *decoded) -> list of results``, run on the actor's worker
-        (:func:`buzzdask.score.score_chunks` or :func:`~buzzdask.score.embed_chunks`).
+        ``score(actor, *decoded, **score_keywords(jobs)) -> list of results``, run on the actor's
+        worker (:func:`buzzdask.score.score_chunks` or :func:`~buzzdask.score.embed_chunks`).
     score_prefix : str
         Task-key prefix of the score tasks (the dashboard groups by it).
     budget : Budget
@@ -207,6 +207,9 @@ class ChunkPipeline:
     on_failure : callable
         ``on_failure(job, error, stage)``, ``stage`` ``"decode"`` or ``"score"``; it may raise
         to end the run.
+    score_keywords : callable, optional
+        ``score_keywords(jobs) -> dict``: keywords of the score task for a group of chunks
+        (where their results go); none by default.
     """
 
     def __init__(
@@ -224,8 +227,10 @@ class ChunkPipeline:
         score_attempts: int,
         on_result: Callable[[ChunkJob, Any], None],
         on_failure: Callable[[ChunkJob, BaseException, str], None],
+        score_keywords: Callable[[list[ChunkJob]], dict[str, Any]] | None = None,
     ) -> None:
         self.client = client
+        self.score_keywords = score_keywords
         self.pool = pool
         self.decode = decode
         self.decode_options = dict(decode_options)
@@ -257,6 +262,7 @@ class ChunkPipeline:
         score_prefix: str,
         on_result: Callable[[ChunkJob, Any], None],
         on_failure: Callable[[ChunkJob, BaseException, str], None],
+        score_keywords: Callable[[list[ChunkJob]], dict[str, Any]] | None = None,
     ) -> ChunkPipeline:
         """A pipeline with the budget, batching, decoding and retry settings of a run."""
         return cls(
@@ -280,6 +286,7 @@ class ChunkPipeline:
             score_attempts=settings.score_attempts,
             on_result=on_result,
             on_failure=on_failure,
+            score_keywords=score_keywords,
         )
 
     def submit(
@@ -349,15 +356,19 @@ class ChunkPipeline:
     def _score(self, address: str, group: list[tuple[ChunkJob, Future]]) -> None:
         for job, _ in group:
             logger.info("scoring %s", job.label)
+        keywords = self.score_keywords([job for job, _ in group]) if self.score_keywords else {}
         future = self.client.submit(
             self.score,
             self.pool.scorers[address],
             *[f for _, f in group],
+            **keywords,
             key=task_key(self.score_prefix, [f.key for _, f in group]),
             workers=[address],
             # Loose: if the actor's worker dies the task runs elsewhere and fails (reported,
             # redone by resume) instead of waiting forever for that worker.
             allow_other_workers=True,
+            # Where a GPU worker also decodes, its next free thread feeds the GPU first.
+            priority=1 if self.pool.gpu else 0,
             pure=False,
         )
         self._load[address] += 1

@@ -2,7 +2,8 @@
 
 Decoded chunks reach it through :func:`score_chunks`, a task placed on the actor's worker, so
 Dask moves each array from the decoding worker straight to the scorer (or not at all, when the
-worker that decoded it also scores), and the task calls the actor in process. The actor
+worker that decoded it also scores), and the task calls the actor in process and writes the
+chunks' partitions there: the client only receives frame counts. The actor
 batches frames across chunks: frame runs are laid out on the embedder's own patch grid in one
 waveform, so one embedder call scores many chunks, and every frame still sees exactly the
 samples it would see in a whole-file computation.
@@ -14,7 +15,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from buzzdask.decode import DecodedChunk
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import load_embedder, load_head
+from buzzdask.write import PartitionWriter
 
 __all__ = ["Scorer", "embed_chunks", "prepare_devices", "score_chunks", "submit_scorer"]
 
@@ -404,15 +406,32 @@ def submit_scorer(client: Client, address: str, *, key: str, **options: Any) -> 
     )
 
 
-def score_chunks(scorer: Any, *chunks: DecodedChunk) -> list[tuple[int, np.ndarray, str]]:
-    """Task run on the scorer's worker: hand the chunks Dask brought here to the actor.
+def score_chunks(
+    scorer: Any,
+    *chunks: DecodedChunk,
+    targets: Sequence[tuple[str, int]],
+    writer: PartitionWriter,
+) -> list[tuple[int, int, str]]:
+    """Task run on the scorer's worker: score the chunks Dask brought here, write their partitions.
+
+    Parameters
+    ----------
+    scorer : actor
+    *chunks : DecodedChunk
+    targets : sequence of (input name, chunk index)
+        Where each chunk's partition goes, in the order of ``chunks``.
+    writer : PartitionWriter
 
     Returns
     -------
-    list of (first_frame, activations [shape=(n_frames, n_classes)], ffmpeg messages)
+    list of (first_frame, n_frames, ffmpeg messages)
+        One per chunk, for the client's journal: the activations stay on the worker.
     """
     activations = _call(scorer, "score", list(chunks))
-    return [(c.first_frame, a, c.messages) for c, a in zip(chunks, activations, strict=True)]
+    return [
+        (chunk.first_frame, writer.write(name, index, chunk.first_frame, scores), chunk.messages)
+        for chunk, scores, (name, index) in zip(chunks, activations, targets, strict=True)
+    ]
 
 
 def embed_chunks(scorer: Any, *chunks: DecodedChunk) -> list[tuple[int, np.ndarray, str]]:

@@ -61,15 +61,24 @@ class ScorerOptions:
 
 
 def decode_workers(
-    workers: Mapping[str, Mapping[str, Any]], scorers: set[str] | frozenset[str]
+    workers: Mapping[str, Mapping[str, Any]],
+    scorers: set[str] | frozenset[str],
+    *,
+    score_slots: int,
 ) -> list[str] | None:
-    """Workers that decode: those without a scorer or a GPU (``None``: every worker).
+    """Workers that decode (``None``: every worker).
 
-    Decode tasks prefer them, so they never take a GPU worker's slot; loosely, so a run whose
-    decode workers all left still finishes. Where every worker scores (CPU only), decoding
-    goes everywhere.
+    Those without a scorer or a GPU, and GPU workers with more threads than their score tasks
+    take (``score_slots``): a GPU job's spare cores decode beside its scorer. Decode tasks
+    prefer these workers, so they never take the slot a GPU worker's scorer needs; loosely, so
+    a run whose decode workers all left still finishes. Where every worker scores (CPU only),
+    decoding goes everywhere.
     """
-    decoders = sorted(a for a, w in workers.items() if a not in scorers and not has_gpu(w))
+    decoders = sorted(
+        address
+        for address, worker in workers.items()
+        if (worker.get("nthreads", 1) > score_slots if has_gpu(worker) else address not in scorers)
+    )
     return decoders or None
 
 
@@ -88,6 +97,8 @@ class ScorerPool:
         How long to wait for a worker to restart the last actor on.
     check_gpus : bool
         Whether actors on workers that declare GPUs check that TensorFlow sees them.
+    score_slots : int >= 1
+        Threads a scorer's worker keeps for score tasks; a GPU worker with more also decodes.
 
     Attributes
     ----------
@@ -112,9 +123,11 @@ class ScorerPool:
         ping_seconds: float,
         restart_seconds: float,
         check_gpus: bool = True,
+        score_slots: int = 2,
     ) -> None:
         self.client = client
         self.check_gpus = check_gpus
+        self.score_slots = score_slots
         self.options = options
         self.cpu_scorer_workers = cpu_scorer_workers
         self.ping_seconds = ping_seconds
@@ -163,6 +176,7 @@ class ScorerPool:
             ping_seconds=settings.scorer_ping_seconds,
             restart_seconds=settings.scorer_restart_seconds,
             check_gpus=settings.check_gpus,
+            score_slots=settings.score_tasks_per_actor,
         )
 
     # -- start -------------------------------------------------------------------------------
@@ -255,7 +269,9 @@ class ScorerPool:
         return dict(self.client.scheduler_info(n_workers=-1)["workers"])
 
     def _update_decode_workers(self, workers: Mapping[str, Any]) -> None:
-        self.decode_workers = decode_workers(workers, {*self.scorers, *self.starting})
+        self.decode_workers = decode_workers(
+            workers, {*self.scorers, *self.starting}, score_slots=self.score_slots
+        )
 
     def decode_placement(self) -> dict[str, Any]:
         """``submit`` keywords placing a probe or decode task (loosely) on the decode workers."""

@@ -21,6 +21,7 @@ import pandas as pd
 from distributed import Client, LocalCluster
 from distributed.comm import get_address_host
 
+from buzzdask.dashboard import local_dashboard_lines
 from buzzdask.settings import LocalClusterSettings
 
 __all__ = [
@@ -50,7 +51,9 @@ def connect(client: Client | str | None, *, local: LocalClusterSettings) -> Iter
             yield connected
     else:
         with start_local_cluster(local) as cluster, Client(cluster) as started:
-            print(f"buzzdask: started a local Dask cluster; dashboard: {started.dashboard_link}")
+            print("buzzdask: started a local Dask cluster")
+            for line in local_dashboard_lines(started):
+                print(f"buzzdask: {line}")
             yield started
 
 

@@ -365,8 +365,11 @@ class Settings:
         File name extensions picked up when an input is a directory (case-insensitive).
     model_dirs : tuple of str
         Directories searched, in order, for a model given by name.
-    ffmpeg, ffprobe : str
-        The ffmpeg and ffprobe executables.
+    ffmpeg : str or None
+        The ffmpeg executable (built with libsoxr); None: the system ffmpeg if it has soxr, else
+        the ``imageio-ffmpeg`` wheel's (:func:`buzzdask.ffmpeg_tools.find_ffmpeg`).
+    ffprobe : str or None
+        The ffprobe executable; None: the one beside ffmpeg, or none (ffmpeg then probes).
     transfer : TransferSettings
         ``buzzdask.transfer.*``.
     watch : WatchSettings
@@ -401,8 +404,10 @@ class Settings:
     seekable_codecs: tuple[str, ...] = field(metadata=_rule(_texts))
     extensions: tuple[str, ...] = field(metadata=_rule(_texts))
     model_dirs: tuple[str, ...] = field(metadata=_rule(_texts))
-    ffmpeg: str = field(metadata=_rule(_text))
-    ffprobe: str = field(metadata=_rule(_text))
+    ffmpeg: str | None = field(
+        metadata=_rule(_optional(_text, "the system ffmpeg with soxr, else imageio-ffmpeg's"))
+    )
+    ffprobe: str | None = field(metadata=_rule(_optional(_text, "beside ffmpeg, or none")))
     transfer: TransferSettings = field(metadata={"section": TransferSettings})
     watch: WatchSettings = field(metadata={"section": WatchSettings})
     staging: StagingSettings = field(metadata={"section": StagingSettings})

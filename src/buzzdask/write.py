@@ -17,6 +17,7 @@ import json
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -33,6 +34,7 @@ __all__ = [
     "ERROR_COLUMNS",
     "OnConflict",
     "OutputLayout",
+    "PartitionWriter",
     "frames_table",
     "prepare_output",
     "write_errors",
@@ -86,27 +88,19 @@ class OutputLayout:
         """Finished chunks recorded by earlier runs, keyed by (file, chunk index)."""
         return {(entry["file"], int(entry["chunk"])): entry for entry in self.journal_entries()}
 
-    def write_chunk(
-        self,
-        relative: str,
-        chunk_index: int,
-        table: pa.Table | None,
-        *,
-        size: int,
-        mtime_ns: int,
+    def record_chunk(
+        self, relative: str, chunk_index: int, *, frames: int, size: int, mtime_ns: int
     ) -> None:
-        """Write one chunk's partition (``None``: it has no frame), then its journal line.
+        """Journal one finished chunk whose partition (if it has frames) is in place.
 
         ``size`` and ``mtime_ns`` identify the input's version: a resume redoes the chunk when
         the file has changed since.
         """
-        if table is not None:
-            write_table(table, self.partition(relative, chunk_index))
         self.append_journal(
             {
                 "file": relative,
                 "chunk": chunk_index,
-                "frames": 0 if table is None else table.num_rows,
+                "frames": frames,
                 "size": size,
                 "mtime_ns": mtime_ns,
             }
@@ -118,6 +112,48 @@ class OutputLayout:
             stream.write(json.dumps(entry, sort_keys=True) + "\n")
             stream.flush()
             os.fsync(stream.fileno())
+
+
+@dataclass(frozen=True)
+class PartitionWriter:
+    """Writes scored chunks as partitions, where they are scored (a worker, not the client).
+
+    A plain value sent with each score task: the worker writes each partition atomically into
+    the output on the shared file system, and the client only journals what was written, so a
+    client on a login node does none of the output's I/O.
+
+    Parameters
+    ----------
+    output : str
+        The output directory (see :class:`OutputLayout`).
+    spec : FrameSpec
+    classes : tuple of str
+    thresholds : tuple of (class, threshold)
+    metadata_json : str
+        Run metadata stored in every partition's schema (JSON).
+    """
+
+    output: str
+    spec: FrameSpec
+    classes: tuple[str, ...]
+    thresholds: tuple[tuple[str, float], ...]
+    metadata_json: str
+
+    def write(self, relative: str, chunk_index: int, first_frame: int, activations: Any) -> int:
+        """Write one chunk's partition (none for a chunk without frames); its frame count."""
+        n_frames = len(activations)
+        if n_frames:
+            table = frames_table(
+                relative,
+                first_frame,
+                activations,
+                spec=self.spec,
+                classes=self.classes,
+                thresholds=dict(self.thresholds),
+                metadata=json.loads(self.metadata_json),
+            )
+            write_table(table, OutputLayout(self.output).partition(relative, chunk_index))
+        return n_frames
 
 
 def prepare_output(

@@ -9,16 +9,15 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 from typing import Any
-from urllib.parse import urlparse
 
 from distributed import Client
 
 from buzzdask.cluster.configs import available_configs, load_cluster_config
-from buzzdask.cluster.options import JobOptions
+from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobKind, JobOptions
 from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script
+from buzzdask.dashboard import local_dashboard_lines
 from buzzdask.errors import ParameterError
 from buzzdask.session import no_work_stealing, start_local_cluster
 from buzzdask.settings import load_settings
@@ -69,7 +68,8 @@ def start(
     Raises
     ------
     ParameterError
-        For an unknown configuration or a bad count.
+        For an unknown configuration or a bad count, or, before any job is submitted, when
+        the configuration requires an account (the OSC ones) and none is given.
     TypeError
         For a keyword that is not a job option.
     ClusterError
@@ -93,6 +93,7 @@ def start(
                 f"gpus={gpus}: a local cluster uses this machine's GPU, if any, by itself"
             )
         return Client(start_local_cluster(settings.local_cluster))
+    options.require_account(entry, ("cpu", "gpu") if gpus else ("cpu",))
     with no_work_stealing():  # the scheduler runs here, in this process
         slurm = BuzzdaskSLURMCluster(
             config_name=entry["cpu-config"],
@@ -125,31 +126,43 @@ def job_scripts(name: str | os.PathLike[str], **job_options: Any) -> dict[str, s
     Returns
     -------
     dict
-        ``{"cpu": script, "gpu": script}``.
+        ``{"cpu": script, "gpu": script}``. Where the configuration requires an account and
+        none is given, the scripts show ``-A <PROJECT>``: they are for reading (:func:`start`
+        refuses to submit without one), and sbatch would refuse that line rather than charge a
+        default project.
     """
     options = JobOptions(**job_options)
     entry = load_cluster_config(name)
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
-    return {
-        "cpu": job_script(entry["cpu-config"], **options.overrides("cpu")),
-        "gpu": job_script(entry["gpu-config"], **options.overrides("gpu")),
-    }
+    kinds: tuple[JobKind, ...] = ("cpu", "gpu")
+    scripts = {}
+    for kind in kinds:
+        overrides = options.overrides(kind)
+        if options.missing_accounts(entry, (kind,)):
+            overrides["account"] = ACCOUNT_PLACEHOLDER
+        scripts[kind] = job_script(entry[f"{kind}-config"], **overrides)
+    return scripts
 
 
 def dashboard_hints(client: Client, name: str | os.PathLike[str] = "local") -> list[str]:
-    """How to reach the dashboard: its link, an ssh tunnel and OnDemand's proxy form."""
-    link = client.dashboard_link
-    hints = [f"dashboard: {link}"]
+    """How to reach the dashboard of a cluster whose scheduler runs in this process.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Connected to the cluster (from :func:`start`).
+    name : str or path-like, default: "local"
+        Its configuration: ``login-host`` gives the ssh tunnel, ``dashboard-proxy`` the
+        OnDemand link.
+
+    Returns
+    -------
+    list of str
+        Lines to print: the link by this node's name and real port, an ssh tunnel from your
+        computer, OnDemand's proxy (see :func:`buzzdask.dashboard.dashboard_links`).
+    """
     entry = load_cluster_config(name)
-    parsed = urlparse(link)
-    if entry.get("login-host") and parsed.hostname and parsed.port:
-        hints.append(
-            f"  from your computer: ssh -N -L {parsed.port}:{parsed.hostname}:{parsed.port} "
-            f"{getpass.getuser()}@{entry['login-host']}, then open "
-            f"http://localhost:{parsed.port}/status"
-        )
-    if entry.get("dashboard-proxy") and parsed.hostname and parsed.port:
-        proxy = entry["dashboard-proxy"].format(host=parsed.hostname, port=parsed.port)
-        hints.append(f"  from OnDemand (Jupyter on a compute node): {proxy}")
-    return hints
+    return local_dashboard_lines(
+        client, proxy=entry.get("dashboard-proxy"), login_host=entry.get("login-host")
+    )

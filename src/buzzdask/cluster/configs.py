@@ -1,25 +1,66 @@
 """Cluster configurations: the YAML files of ``cluster_configs/``, one per system.
 
 Each file holds a ``buzzdask.clusters.<name>`` entry (the kind of cluster and, for SLURM, the
-names of its two ``jobqueue`` sections: CPU decode workers and GPU scorer workers) and those
-complete ``jobqueue.<section>`` sections. They enter ``dask.config`` as defaults, so a user's own
+names of its two ``jobqueue`` sections: CPU decode workers and GPU scorer workers, whether jobs
+need an account, and the size of one node of each partition) and those complete
+``jobqueue.<section>`` sections. They enter ``dask.config`` as defaults, so a user's own
 ``~/.config/dask/*.yaml`` or ``DASK_JOBQUEUE__...`` variables still override any key.
+Files named ``*-nodes.yaml`` beside them are node-size tables with their sources
+(``osc-nodes.yaml``), not configurations.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dask.config
 import yaml
+from dask.utils import parse_bytes
 
 from buzzdask.errors import ParameterError
 from buzzdask.settings import load_settings
 
-__all__ = ["available_configs", "config_dirs", "load_cluster_config"]
+__all__ = ["NodeSize", "available_configs", "config_dirs", "load_cluster_config", "node_size"]
+
+NODE_TABLE_SUFFIX = "-nodes"  # osc-nodes.yaml: a table of node sizes, not a configuration
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSize:
+    """What one node of a partition gives a job.
+
+    Attributes
+    ----------
+    cores : int > 0
+        Cores a job may ask for on one node.
+    memory : int > 0 [bytes]
+        Memory a job may ask for on one node.
+    memory_per_core : int > 0 [bytes]
+        The partition's default memory per core: a job asking for more than
+        ``cores * memory_per_core`` is charged (on OSC) for the cores that memory comes with.
+    gpus : int >= 0
+        GPUs per node.
+    """
+
+    cores: int
+    memory: int
+    memory_per_core: int
+    gpus: int = 0
+
+    @classmethod
+    def from_mapping(cls, size: Mapping[str, Any]) -> NodeSize:
+        """From ``{cores: 96, memory: 475776MiB, memory-per-core: 4956MiB, gpus: 0}``."""
+        return cls(
+            cores=int(size["cores"]),
+            memory=parse_bytes(size["memory"]),
+            memory_per_core=parse_bytes(size["memory-per-core"]),
+            gpus=int(size.get("gpus", 0)),
+        )
 
 
 def config_dirs() -> list[Path]:
@@ -43,7 +84,13 @@ def available_configs() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for directory in reversed(config_dirs()):
         if directory.is_dir():
-            found.update({path.stem: path for path in sorted(directory.glob("*.yaml"))})
+            found.update(
+                {
+                    path.stem: path
+                    for path in sorted(directory.glob("*.yaml"))
+                    if not path.stem.endswith(NODE_TABLE_SUFFIX)
+                }
+            )
     return dict(sorted(found.items()))
 
 
@@ -85,3 +132,22 @@ def load_cluster_config(name: str | os.PathLike[str]) -> dict[str, Any]:
         )
     dask.config.update_defaults(data)
     return {"name": path.stem, **dask.config.get(f"buzzdask.clusters.{path.stem}")}
+
+
+def node_size(entry: Mapping[str, Any], partition: str | None) -> NodeSize | None:
+    """One node of ``partition`` as the configuration ``entry`` declares it (``nodes:``).
+
+    Parameters
+    ----------
+    entry : mapping
+        A configuration's entry, as :func:`load_cluster_config` returns it.
+    partition : str or None
+        A SLURM partition (``jobqueue.<section>.queue``, ``--queue``).
+
+    Returns
+    -------
+    NodeSize or None
+        ``None`` when the configuration declares no node for that partition.
+    """
+    size = (entry.get("nodes") or {}).get(partition)
+    return None if size is None else NodeSize.from_mapping(size)

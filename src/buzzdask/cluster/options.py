@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["JobOptions"]
+import dask.config
+
+from buzzdask.errors import ParameterError
+
+__all__ = ["ACCOUNT_PLACEHOLDER", "JobOptions"]
 
 JobKind = Literal["cpu", "gpu"]
+
+# What a printed job script shows for a missing account: sbatch would refuse it, not charge a
+# default project.
+ACCOUNT_PLACEHOLDER = "<PROJECT>"
 
 
 def _option(
@@ -95,6 +103,54 @@ class JobOptions:
         }
         extra = self.job_kwargs if kind == "cpu" else self.gpu_job_kwargs
         return {k: v for k, v in {**chosen, **(extra or {})}.items() if v is not None}
+
+    def missing_accounts(
+        self, entry: Mapping[str, Any], kinds: Iterable[JobKind] = ("cpu", "gpu")
+    ) -> list[str]:
+        """The ``jobqueue`` sections whose jobs would carry no account where one is required.
+
+        Parameters
+        ----------
+        entry : mapping
+            A configuration's entry (:func:`~buzzdask.cluster.configs.load_cluster_config`);
+            ``account-required: true`` (the OSC configurations) makes an account necessary.
+        kinds : iterable of {"cpu", "gpu"}
+            The worker jobs to be submitted.
+
+        Returns
+        -------
+        list of str
+            Section names (``"osc-cardinal-gpu"``); empty when every job has its account.
+        """
+        if not entry.get("account-required"):
+            return []
+        return [
+            entry[f"{kind}-config"]
+            for kind in kinds
+            if not (
+                self.overrides(kind).get("account")
+                or dask.config.get(f"jobqueue.{entry[f'{kind}-config']}.account", None)
+            )
+        ]
+
+    def require_account(
+        self, entry: Mapping[str, Any], kinds: Iterable[JobKind] = ("cpu", "gpu")
+    ) -> None:
+        """Refuse, before any job is written or submitted, jobs that need an account and lack it.
+
+        Raises
+        ------
+        ParameterError
+            Naming the flag (``--account``), the keyword and the configuration keys.
+        """
+        missing = self.missing_accounts(entry, kinds)
+        if missing:
+            keys = " and ".join(f"jobqueue.{section}.account" for section in missing)
+            raise ParameterError(
+                f"{entry['name']} jobs need an account (your OSC project, e.g. PAS1234) and "
+                f"none was given: pass --account PAS1234 (account='PAS1234' in Python), or set "
+                f"{keys} in ~/.config/dask/jobqueue.yaml"
+            )
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

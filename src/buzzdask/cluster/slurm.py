@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dask.utils import parse_timedelta
@@ -22,15 +22,31 @@ from tornado.ioloop import PeriodicCallback
 
 from buzzdask.errors import ClusterError
 
-__all__ = ["BuzzdaskSLURMCluster", "job_script"]
+__all__ = ["LMOD_INIT", "BuzzdaskSLURMCluster", "job_prologue", "job_script"]
 
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
+# Lmod's own start-up file on OSC's nodes (OSC's OnDemand apps source it where no login shell
+# ran); a job whose environment already has ``module`` skips it.
+LMOD_INIT = "type module >/dev/null 2>&1 || source /etc/profile.d/lmod.sh"
 
 
 class _Job(SLURMJob):
-    """A SLURM worker job that keeps sbatch's refusal, so waiting can report it."""
+    """A SLURM worker job that keeps sbatch's refusal, so waiting can report it.
 
+    It runs in the environment of the process that submits it, wherever that is: a login
+    shell or a notebook of an OnDemand session (see :func:`job_prologue`).
+    """
+
+    # On the command line, where it beats the SLURM_EXPORT_ENV an OnDemand session may hold
+    # (OnDemand submits its jobs with --export=NONE, which their own sbatch calls inherit): an
+    # #SBATCH line would lose to it. The workers need the client's environment: its Python's
+    # libraries, PATH (ffmpeg), DASK_* settings.
+    submit_command = "sbatch --export=ALL"
     submit_error: Exception | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._job_script_prologue = job_prologue(self._job_script_prologue)
 
     async def start(self) -> None:
         try:
@@ -39,6 +55,29 @@ class _Job(SLURMJob):
             self.submit_error = error
             self.status = Status.failed  # so closing the cluster accepts a job that never ran
             raise
+
+
+def job_prologue(lines: Sequence[str]) -> list[str]:
+    """A job script's prologue, made to work whether or not ``module`` came with the job.
+
+    OSC's OnDemand apps export the ``module`` shell function (``BASH_FUNC_module%%``) to the
+    sessions they start, and the job inherits it from there as from a login shell; a notebook
+    started otherwise has none. A prologue calling ``module`` starts Lmod itself when the
+    function is missing.
+
+    Parameters
+    ----------
+    lines : sequence of str
+        The configuration's ``job-script-prologue``.
+
+    Returns
+    -------
+    list of str
+        ``lines``, after :data:`LMOD_INIT` if one of them calls ``module``.
+    """
+    if any(line.split()[:1] == ["module"] for line in lines):
+        return [LMOD_INIT, *lines]
+    return list(lines)
 
 
 def job_script(config_name: str, **job_kwargs: Any) -> str:

@@ -17,6 +17,7 @@ from distributed import Client
 
 from buzzdask.decode import AudioInfo, ChunkPlan, decode_chunk, probe_audio
 from buzzdask.errors import BuzzdaskError, DecodeError, InputError, ScorerError
+from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.models import EmbedderSpec
 from buzzdask.pipeline import ChunkJob, ChunkPipeline, chunk_label
@@ -31,27 +32,27 @@ from buzzdask.training.labels import TrainingFile, cite_rows
 __all__ = ["embed_missing", "inspect_files"]
 
 
-def _inspect(path: str, *, ffprobe: str) -> tuple[AudioInfo, str] | DecodeError:
+def _inspect(path: str, *, tools: FFmpegTools) -> tuple[AudioInfo, str] | DecodeError:
     """Probe task: the file's audio parameters and content hash (a bad file is an answer)."""
     try:
-        return probe_audio(path, ffprobe=ffprobe), file_sha256(path)
+        return probe_audio(path, tools=tools), file_sha256(path)
     except DecodeError as error:
         return error
 
 
-def inspect_files(client: Client, files: list[TrainingFile], *, ffprobe: str) -> None:
+def inspect_files(client: Client, files: list[TrainingFile], *, tools: FFmpegTools) -> None:
     """Probe and hash every file on the cluster; set each file's ``info`` and ``sha256``.
 
     Raises
     ------
     InputError
-        Naming every file ffprobe cannot read or gives no duration for (and its label rows).
+        Naming every file that cannot be probed or gives no duration estimate (and its label rows).
     """
     futures = [
         client.submit(
             _inspect,
             f.path,
-            ffprobe=ffprobe,
+            tools=tools,
             key=task_key("inspect", f.path),
             pure=False,
         )
@@ -65,7 +66,7 @@ def inspect_files(client: Client, files: list[TrainingFile], *, ffprobe: str) ->
             continue
         item.info, item.sha256 = answer
         if item.info.duration_s is None:
-            unreadable.append(f"{item.name}: ffprobe gives no duration")
+            unreadable.append(f"{item.name}: no duration estimate (the file gives none)")
     if unreadable:
         raise InputError(f"cannot train on unreadable audio: {'; '.join(unreadable)}")
 
@@ -179,7 +180,7 @@ def _chunk_plans(
     """Decode tasks covering ``missing`` frames: runs (small gaps bridged), cut into chunks.
 
     A run reaching the estimated last frame ends in an open chunk (``n_frames=None``), which
-    decodes to the real end of the file: ffprobe's duration is only an estimate.
+    decodes to the real end of the file: the probed duration is only an estimate.
     """
     gap = max(1, spec.frame_length // spec.hop_length)  # bridged: cheaper than a new ffmpeg
     breaks = np.flatnonzero(np.diff(missing) > gap + 1) + 1

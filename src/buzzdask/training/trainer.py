@@ -22,6 +22,7 @@ import pandas as pd
 from distributed import Client
 
 from buzzdask.errors import OutputConflictError, ParameterError
+from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.models import resolve_embedder
 from buzzdask.session import connect
 from buzzdask.settings import Settings, load_settings
@@ -295,8 +296,11 @@ def _embed_on_cluster(client: Client | str | None, inputs: TrainingInputs) -> di
 
     Returns the cache and embedder counts (:func:`~buzzdask.training.embed.embed_missing`).
     """
+    tools = find_ffmpeg(ffmpeg=inputs.base.ffmpeg, ffprobe=inputs.base.ffprobe)
+    # Decode tasks run the ffmpeg found here, by its absolute path, on every node.
+    base = inputs.base.with_overrides(ffmpeg=tools.ffmpeg)
     with connect(client, local=inputs.base.local_cluster) as connected:
-        inspect_files(connected, inputs.files, ffprobe=inputs.base.ffprobe)
+        inspect_files(connected, inputs.files, tools=tools)
         check_label_ends(inputs.files)
         for item in inputs.files:
             want_frames(item, inputs.spec, inputs.classes, inputs.settings)
@@ -307,7 +311,7 @@ def _embed_on_cluster(client: Client | str | None, inputs: TrainingInputs) -> di
             embedder=inputs.embedder,
             spec=inputs.spec,
             frames_per_chunk=inputs.frames_per_chunk,
-            settings=inputs.base,
+            settings=base,
         )
 
 
