@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,8 @@ import buzzdask
 from buzzdask import ClusterError, ParameterError
 from buzzdask.cluster import available_configs, job_scripts, load_cluster_config, start
 from buzzdask.cluster.__main__ import main as cluster_main
+from buzzdask.cluster.batch import batch_script
+from buzzdask.cluster.configs import NodeSize, node_size
 from tests.conftest import (
     REPO,
     assert_same_frames,
@@ -36,10 +39,13 @@ from tests.conftest import (
 
 OSC = {
     "osc-cardinal": {"cpu_partition": "cpu", "gpu_partition": "gpu"},
-    "osc-ascend": {"cpu_partition": "quad", "gpu_partition": "quad"},
-    "osc-pitzer": {"cpu_partition": "cpu", "gpu_partition": "gpu"},
+    "osc-ascend": {"cpu_partition": "cpuonly", "gpu_partition": "quad"},
+    "osc-pitzer": {"cpu_partition": "batch", "gpu_partition": "gpu"},
 }
+# OSC's documented node sizes, with their sources: what every OSC job must fit.
+NODE_TABLE = yaml.safe_load((REPO / "cluster_configs" / "osc-nodes.yaml").read_text())
 FRAME = 15360
+ANALYZE = ["analyze", "audio/", "--model", "general_v3", "--output", "results/"]
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +59,10 @@ def test_every_system_has_a_complete_configuration():
     assert {"osc-cardinal", "osc-ascend", "osc-pitzer", "local-slurm", "local"} <= set(
         available_configs()
     )
+    assert "osc-nodes" not in available_configs()  # the node-size table is no configuration
     for path in sorted((REPO / "cluster_configs").glob("*.yaml")):
+        if path.stem.endswith("-nodes"):
+            continue
         data = yaml.safe_load(path.read_text())
         entry = data["buzzdask"]["clusters"][path.stem]
         if entry["kind"] == "slurm":
@@ -111,12 +120,19 @@ def test_batch_script_for_one_job_mode(capsys):
     script = capsys.readouterr().out
     assert code == 0
     assert "#SBATCH -A PAS1234" in script and "#SBATCH -p gpu" in script
-    assert "#SBATCH --ntasks=7" in script  # scheduler + client + 2 GPU + 3 CPU workers
     assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --nodes=1" in script
-    assert "#SBATCH --cpus-per-task=24" in script and "#SBATCH --mem=" in script
-    assert "module load" not in script
+    # One core for scheduler and client, 8 per GPU worker, the CPU workers' 24 each (they fit):
+    # 1 + 2 x 8 + 3 x 24 = 89 of the node's 96; 2 GiB + 2 x 72 GiB + 3 x 116 GiB of memory.
+    assert "#SBATCH --ntasks=1\n#SBATCH --cpus-per-task=89\n" in script
+    assert f"#SBATCH --mem={(2 + 2 * 72 + 3 * 116) * 1024}M" in script
+    # The log directory exists before sbatch opens the log, wherever sbatch is run from.
+    logs = Path.cwd() / "buzzdask-logs"
+    assert f"#SBATCH -o {logs}/buzzdask-%j.out" in script and logs.is_dir()
+    # scheduler + client + 2 GPU + 3 CPU tasks, sharing the job's cores by their threads
+    assert "srun --ntasks=7 --cpus-per-task=1 --overcommit --cpu-bind=none " in script
     assert script.rstrip().endswith(
-        "--config osc-cardinal --gpus 2 --in-job analyze 'audio dir/' --model general_v3 "
+        "--config osc-cardinal --gpus 2 --in-job --worker-threads 8,24 "
+        "--worker-memory 73728MiB,118784MiB analyze 'audio dir/' --model general_v3 "
         "--output results/"
     )
 
@@ -141,6 +157,150 @@ def test_command_line_checks_analyze_options_before_submitting(capsys):
         cluster_main(["--config", "local-slurm", "analyze", "audio/"])  # no --model/--output
     assert exit_.value.code == 2
     assert "--model" in capsys.readouterr().err
+
+
+# -- OSC's documented nodes, accounts ---------------------------------------------------------
+
+
+def _documented_node(name: str, partition: str) -> NodeSize:
+    """One node of ``partition`` on cluster ``name``, as osc-nodes.yaml documents it."""
+    return NodeSize.from_mapping(NODE_TABLE["clusters"][name]["partitions"][partition])
+
+
+def _requests(script: str) -> dict[str, Any]:
+    """What a job script asks SLURM for: partition, cores, memory [bytes], GPUs per node."""
+    found = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH "):
+            option, _, value = line.removeprefix("#SBATCH ").replace("=", " ", 1).partition(" ")
+            found[option] = value.strip()
+    size = re.fullmatch(r"(\d+)([KMGT])", found["--mem"])
+    assert size, found["--mem"]
+    number, unit = size.groups()
+    tasks = int(found.get("-n") or found["--ntasks"])
+    return {
+        "partition": found["-p"],
+        "cores": tasks * int(found["--cpus-per-task"]),
+        "memory": int(number) * 2 ** (10 * "KMGT".index(unit) + 10),
+        "gpus": int(found.get("--gpus-per-node", 0)),
+    }
+
+
+def _assert_fits(script: str, name: str, partition: str) -> dict[str, Any]:
+    """The script's job fits one documented node of ``partition``, memory within its default."""
+    asked = _requests(script)
+    node = _documented_node(name, partition)
+    assert asked["partition"] == partition
+    assert 1 <= asked["cores"] <= node.cores, asked
+    assert asked["memory"] <= min(node.memory, asked["cores"] * node.memory_per_core), asked
+    assert asked["gpus"] <= node.gpus, asked
+    return asked
+
+
+@pytest.mark.parametrize("name", sorted(OSC))
+def test_osc_configurations_declare_their_documented_nodes(name):
+    documented = NODE_TABLE["clusters"][name]
+    assert NODE_TABLE["read"] and documented["sources"]
+    entry = load_cluster_config(name)
+    assert entry["account-required"] is True
+    for kind in ("cpu", "gpu"):
+        partition = dask.config.get(f"jobqueue.{entry[f'{kind}-config']}.queue")
+        assert partition == OSC[name][f"{kind}_partition"]
+        assert node_size(entry, partition) == _documented_node(name, partition)
+
+
+@pytest.mark.parametrize("name", sorted(OSC))
+def test_osc_worker_jobs_fit_one_documented_node(name):
+    scripts = job_scripts(name, account="PAS1234")
+    assert _assert_fits(scripts["cpu"], name, OSC[name]["cpu_partition"])["gpus"] == 0
+    assert _assert_fits(scripts["gpu"], name, OSC[name]["gpu_partition"])["gpus"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(OSC))
+@pytest.mark.parametrize("gpus, cpu_workers", [(0, 1), (0, 3), (1, 1), (2, 6), (2, 0)])
+def test_osc_batch_scripts_fit_one_documented_node(name, gpus, cpu_workers):
+    script = batch_script(name, ANALYZE, gpus=gpus, cpu_workers=cpu_workers, account="PAS1234")
+    partition = OSC[name]["gpu_partition" if gpus else "cpu_partition"]
+    asked = _assert_fits(script, name, partition)
+    assert asked["gpus"] == gpus
+    # The workers' threads and memory limits add up to what the job asked for, less the
+    # scheduler's and the client's core and 2 GiB.
+    srun = script.splitlines()[-1]
+    assert f"srun --ntasks={2 + gpus + cpu_workers} " in srun
+    threads = re.search(r"--worker-threads (\d+),(\d+)", srun)
+    memory = re.search(r"--worker-memory (\d+)MiB,(\d+)MiB", srun)
+    assert threads and memory, srun
+    gpu_threads, cpu_threads = map(int, threads.groups())
+    gpu_mib, cpu_mib = map(int, memory.groups())
+    assert 1 + gpus * gpu_threads + cpu_workers * cpu_threads == asked["cores"]
+    assert 2048 + gpus * gpu_mib + cpu_workers * cpu_mib == asked["memory"] // 2**20
+
+
+def test_batch_script_refuses_what_one_node_cannot_hold(capsys):
+    too_many: dict[str, dict[str, Any]] = {
+        "5 GPU workers do not fit one node of partition 'gpu' of osc-cardinal: it has 4 GPUs": {
+            "gpus": 5
+        },
+        r"\(96 cores\).* GPU workers 16 \(8 each\), which leaves 79 for the CPU workers": {
+            "gpus": 2,
+            "cpu_workers": 80,
+        },
+        r"need 502\.00 GiB .*one node of partition 'cpu' of osc-cardinal has 464\.62 GiB": {
+            "memory": "500GiB"
+        },
+    }
+    for message, request in too_many.items():
+        with pytest.raises(ParameterError, match=message):
+            batch_script("osc-cardinal", ANALYZE, account="PAS1", **request)
+    code = cluster_main(
+        [
+            *("--config", "osc-pitzer", "--account", "PAS1", "--gpus", "3"),
+            *("--print-batch-script", *ANALYZE),
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert (
+        "3 GPU workers do not fit one node of partition 'gpu' of osc-pitzer: it has 2 GPUs" in err
+    )
+
+
+@pytest.mark.parametrize("name", sorted(OSC))
+def test_osc_configuration_without_account_fails_before_any_job(name, capsys):
+    started = time.monotonic()
+    account = rf"--account PAS1234 .*jobqueue\.{name}\.account and jobqueue\.{name}-gpu\.account"
+    with pytest.raises(ParameterError, match=account):
+        start(name, gpus=1, cpu_workers=1)
+    assert time.monotonic() - started < 10
+    # dask-jobqueue makes the jobs' log directory as it builds the first job: none was built.
+    assert not Path("buzzdask-logs").exists()
+    assert cluster_main(["--config", name, "--gpus", "1", *ANALYZE]) == 1
+    assert f"jobqueue.{name}-gpu.account" in capsys.readouterr().err
+    # The batch script goes to sbatch as printed: refused too.
+    with pytest.raises(ParameterError, match=rf"--account .*jobqueue\.{name}\.account"):
+        batch_script(name, ANALYZE, cpu_workers=1)
+    assert not Path("buzzdask-logs").exists()
+
+
+def test_osc_job_scripts_without_account_show_a_placeholder(capsys):
+    assert cluster_main(["--config", "osc-ascend", "--print-job-script"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("#SBATCH -A <PROJECT>") == 2
+    assert "submitting them needs --account" in err
+    # An account in the configuration's section counts, for that section's jobs.
+    with dask.config.set({"jobqueue.osc-pitzer.account": "PAS9"}):
+        scripts = job_scripts("osc-pitzer")
+        assert "#SBATCH -A PAS9" in batch_script("osc-pitzer", ANALYZE, cpu_workers=1)
+    assert "#SBATCH -A PAS9" in scripts["cpu"] and "#SBATCH -A <PROJECT>" in scripts["gpu"]
+
+
+def test_local_slurm_needs_no_account():
+    scripts = job_scripts("local-slurm")
+    script = batch_script("local-slurm", ANALYZE, gpus=1, cpu_workers=1)
+    for text in (*scripts.values(), script):
+        assert "#SBATCH -A" not in text
+    # It declares no node size: the workers keep their sections' cores and memory.
+    assert "#SBATCH --cpus-per-task=3\n#SBATCH --mem=5120M\n" in script
 
 
 # -- real SLURM --------------------------------------------------------------------------------

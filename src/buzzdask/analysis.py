@@ -339,6 +339,9 @@ def _fingerprint(plan: _Plan) -> dict[str, Any]:
         "frames_per_chunk": plan.frames_per_chunk,
         "thresholds": dict(sorted(plan.thresholds.items())),
         "buzzdask_version": __version__,
+        # Builds differ in duration estimates (chunk plans) and AAC's last samples.
+        "ffmpeg_version": plan.ffmpeg.version,
+        "probe": "ffprobe" if plan.ffmpeg.ffprobe else "ffmpeg",
     }
 
 

@@ -75,7 +75,7 @@ def in_ondemand(environ: Mapping[str, str]) -> bool:
 
 
 def node_name() -> str:
-    """This machine's name as ``hostname`` gives it, fully qualified where it resolves so."""
+    """The name ``hostname`` gives this machine, fully qualified where it resolves so."""
     name = socket.gethostname()
     if "." not in name:
         qualified = socket.getfqdn(name)
@@ -142,18 +142,16 @@ def local_dashboard_lines(
     ----------
     client : distributed.Client
         Connected to a cluster started here (``LocalCluster``, a dask-jobqueue cluster), so
-        the dashboard runs on this node, on the port the scheduler reports (``:0`` picks one).
+        the dashboard runs on this node, on the port its scheduler reports (``:0`` picks one).
     proxy, login_host : str, optional
         As for :func:`dashboard_links`.
 
     Returns
     -------
     list of str
-        :meth:`DashboardLinks.lines`, or one line saying the dashboard is off.
+        :meth:`DashboardLinks.lines`.
     """
-    port = client.scheduler_info()["services"].get("dashboard")
-    if port is None:
-        return ["dashboard: off (its address is null)"]
+    port = client.scheduler_info()["services"]["dashboard"]
     links = dashboard_links(
         node_name(), port, environ=os.environ, proxy=proxy, login_host=login_host
     )

@@ -175,7 +175,7 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
     )
 
 
-_Stream = tuple[str, int, int, "float | None"]  # codec, sample rate, channels, duration [s]
+_Stream = tuple[str, int, int, float | None]  # codec, sample rate, channels, duration [s]
 
 
 def _ffprobe_stream(path: str, ffprobe: str) -> _Stream:

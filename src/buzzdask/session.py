@@ -52,8 +52,9 @@ def connect(client: Client | str | None, *, local: LocalClusterSettings) -> Iter
     else:
         with start_local_cluster(local) as cluster, Client(cluster) as started:
             print("buzzdask: started a local Dask cluster")
-            for line in local_dashboard_lines(started):
-                print(f"buzzdask: {line}")
+            if local.dashboard_address is not None:
+                for line in local_dashboard_lines(started):
+                    print(f"buzzdask: {line}")
             yield started
 
 

@@ -136,7 +136,7 @@ def job_scripts(name: str | os.PathLike[str], **job_options: Any) -> dict[str, s
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
     kinds: tuple[JobKind, ...] = ("cpu", "gpu")
-    scripts = {}
+    scripts: dict[str, str] = {}
     for kind in kinds:
         overrides = options.overrides(kind)
         if options.missing_accounts(entry, (kind,)):

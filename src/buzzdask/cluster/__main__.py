@@ -17,10 +17,12 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from dask.utils import parse_bytes
 
 from buzzdask.cli import EXIT_OK, reports_errors
-from buzzdask.cluster.options import JobOptions
+from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,15 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-batch-script",
         action="store_true",
-        help="print an sbatch script running the whole analysis inside one job, and exit",
+        help="print an sbatch script running the whole analysis inside one job (within one node;"
+        " its log directory is created), and exit",
     )
     parser.add_argument("--in-job", action="store_true", help=argparse.SUPPRESS)
+    # The batch script's plan for its worker tasks: GPU,CPU threads and memory limits.
+    parser.add_argument("--worker-threads", type=_pair(int), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-memory", type=_pair(parse_bytes), help=argparse.SUPPRESS)
     parser.add_argument(
         "command",
         nargs=argparse.REMAINDER,
         help="optional: analyze INPUT... --model M --output O [options of buzzdask analyze]",
     )
     return parser
+
+
+def _pair(convert: Callable[[str], int]) -> Callable[[str], tuple[int, int]]:
+    """An argparse type for ``GPU,CPU`` (``8,13``, ``72GiB,54GiB``)."""
+
+    def parse(text: str) -> tuple[int, int]:
+        first, second = text.split(",")
+        return convert(first), convert(second)
+
+    return parse
 
 
 @reports_errors
@@ -71,11 +87,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.build_parser().parse_args(args.command)
     options = JobOptions.keywords(args)
     if args.in_job:  # a task of the --print-batch-script job
-        from buzzdask.cluster.batch import run_in_job
+        from buzzdask.cluster.batch import WorkerShare, run_in_job
         from buzzdask.cluster.configs import load_cluster_config
 
-        load_cluster_config(args.config)  # its buzzdask.* keys (check-gpus) hold in the job too
-        return run_in_job(args.command, gpus=args.gpus)
+        # Its buzzdask.* keys (check-gpus) hold in the job too; its entry names the proxy.
+        entry = load_cluster_config(args.config)
+        if args.worker_threads is None or args.worker_memory is None:
+            parser.error("--in-job needs the script of --print-batch-script: print it again")
+        gpu_threads, cpu_threads = args.worker_threads
+        gpu_memory, cpu_memory = args.worker_memory
+        return run_in_job(
+            args.command,
+            gpus=args.gpus,
+            gpu=WorkerShare(gpu_threads, gpu_memory),
+            cpu=WorkerShare(cpu_threads, cpu_memory),
+            entry=entry,
+        )
     if args.print_batch_script:
         if not args.command:
             parser.error("--print-batch-script needs the analyze ... command to run")
@@ -87,8 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(script, end="")
         return EXIT_OK
     if args.print_job_script:
-        for kind, script in job_scripts(args.config, **options).items():
+        scripts = job_scripts(args.config, **options)
+        for kind, script in scripts.items():
             print(f"# ---- {kind} worker job ----\n{script}")
+        if any(f"-A {ACCOUNT_PLACEHOLDER}" in script for script in scripts.values()):
+            print(
+                f"buzzdask: no account given: the scripts show -A {ACCOUNT_PLACEHOLDER}; "
+                "submitting them needs --account PAS1234 (your OSC project)",
+                file=sys.stderr,
+            )
         return EXIT_OK
     if not args.gpus:
         print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")

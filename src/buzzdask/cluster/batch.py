@@ -1,10 +1,11 @@
 """One-batch-job mode: scheduler, client and workers as the tasks of a single ``sbatch`` job.
 
 For users who cannot keep a login-node process alive for the whole run. The batch script
-(:func:`batch_script`) runs ``srun python -m buzzdask.cluster --in-job ...``; in each task
-dask-jobqueue's :class:`~dask_jobqueue.slurm.SLURMRunner` picks a role by ``SLURM_PROCID``:
-task 0 is the scheduler, task 1 runs the analysis, tasks 2 .. 1+gpus are GPU workers (one GPU
-each, ``resources={"GPU": 1}``) and the rest decode.
+(:func:`batch_script`) asks for one node's worth of the partition at most (:func:`plan_batch_job`)
+and runs ``srun python -m buzzdask.cluster --in-job ...``; in each task dask-jobqueue's
+:class:`~dask_jobqueue.slurm.SLURMRunner` picks a role by ``SLURM_PROCID``: task 0 is the
+scheduler, task 1 runs the analysis, tasks 2 .. 1+gpus are GPU workers (one GPU each,
+``resources={"GPU": 1}``) and the rest decode.
 """
 
 from __future__ import annotations
@@ -12,19 +13,138 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask.config
-from dask.utils import parse_bytes
+from dask.utils import format_bytes, parse_bytes
 
-from buzzdask.cluster.configs import load_cluster_config
+from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size
 from buzzdask.cluster.options import JobOptions
 from buzzdask.errors import ParameterError
 
-__all__ = ["batch_script", "run_in_job"]
+__all__ = ["BatchPlan", "WorkerShare", "batch_script", "plan_batch_job", "run_in_job"]
 
 FIRST_WORKER_RANK = 2  # SLURMRunner: rank 0 scheduler, rank 1 client
+# The scheduler and the client mostly wait on the network: one core and a little memory.
+RESERVED_CORES = 1
+RESERVED_MEMORY = 2 * 2**30  # [bytes]
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    """What one worker task of the batch job gets.
+
+    Attributes
+    ----------
+    threads : int > 0
+        Its Dask threads (``nthreads``).
+    memory : int > 0 [bytes]
+        Its Dask memory limit.
+    """
+
+    threads: int
+    memory: int
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What the batch job asks SLURM for, and how its worker tasks share it.
+
+    Attributes
+    ----------
+    cores : int > 0
+        ``RESERVED_CORES + gpus * gpu.threads + cpu_workers * cpu.threads``.
+    memory : int > 0 [bytes]
+        ``RESERVED_MEMORY + gpus * gpu.memory + cpu_workers * cpu.memory``.
+    gpu, cpu : WorkerShare
+        One GPU worker task, one CPU worker task.
+    """
+
+    cores: int
+    memory: int
+    gpu: WorkerShare
+    cpu: WorkerShare
+
+
+def plan_batch_job(
+    node: NodeSize | None,
+    *,
+    gpus: int,
+    cpu_workers: int,
+    gpu: WorkerShare,
+    cpu: WorkerShare,
+    where: str,
+) -> BatchPlan:
+    """Share one node between the scheduler, the client and the workers of a batch job.
+
+    The scheduler and the client take ``RESERVED_CORES`` and ``RESERVED_MEMORY``. Each GPU
+    worker keeps the cores and memory of its job section (``gpu``). The CPU workers share the
+    cores left: ``cpu.threads[i] = min(cpu.threads, (node.cores - RESERVED_CORES -
+    gpus * gpu.threads) // cpu_workers)``, with the section's memory per core:
+    ``cpu.memory[i] = cpu.memory * cpu.threads[i] / cpu.threads``.
+
+    Parameters
+    ----------
+    node : NodeSize or None
+        One node of the job's partition; ``None`` (undeclared): the sections' sizes, unchecked.
+    gpus, cpu_workers : int >= 0
+        GPU and CPU worker tasks; at least one in all.
+    gpu, cpu : WorkerShare
+        The cores and memory of one GPU and one CPU worker job of the configuration.
+    where : str
+        The node's name in messages (``"partition 'gpu' of osc-cardinal"``).
+
+    Returns
+    -------
+    BatchPlan
+
+    Raises
+    ------
+    ParameterError
+        When the workers do not fit the node: more GPUs than it has, less than one core per
+        CPU worker, or more memory than it has; the message gives the numbers.
+    """
+    if gpus < 0 or cpu_workers < 0 or gpus + cpu_workers < 1:
+        raise ParameterError(
+            f"gpus={gpus}, cpu_workers={cpu_workers}: a batch job needs at least one worker "
+            "and no negative count"
+        )
+    gpu_cores = gpus * gpu.threads
+    threads = cpu.threads
+    if node is not None:
+        if gpus > node.gpus:
+            raise ParameterError(
+                f"{gpus} GPU workers do not fit one node of {where}: it has {node.gpus} GPUs"
+            )
+        left = node.cores - RESERVED_CORES - gpu_cores
+        if cpu_workers:
+            threads = min(threads, max(left, 0) // cpu_workers)
+        if left < 0 or threads < 1:
+            raise ParameterError(
+                f"{gpus} GPU and {cpu_workers} CPU workers do not fit one node of {where} "
+                f"({node.cores} cores): the scheduler and client take {RESERVED_CORES}, the GPU "
+                f"workers {gpu_cores} ({gpu.threads} each), which leaves {max(left, 0)} for the "
+                "CPU workers, at least 1 each. Ask for fewer workers, or leave out "
+                "--print-batch-script to run the workers as jobs of their own"
+            )
+    # In whole MiB: the script passes them as such.
+    share = WorkerShare(threads, cpu.memory * threads // cpu.threads // 2**20 * 2**20)
+    plan = BatchPlan(
+        cores=RESERVED_CORES + gpu_cores + cpu_workers * share.threads,
+        memory=RESERVED_MEMORY + gpus * gpu.memory + cpu_workers * share.memory,
+        gpu=gpu,
+        cpu=share,
+    )
+    if node is not None and plan.memory > node.memory:
+        raise ParameterError(
+            f"{gpus} GPU and {cpu_workers} CPU workers need {format_bytes(plan.memory)} "
+            f"(with {format_bytes(RESERVED_MEMORY)} for the scheduler and client); one node of "
+            f"{where} has {format_bytes(node.memory)}. Ask for fewer workers or less memory "
+            "per worker (--memory)"
+        )
+    return plan
 
 
 def batch_script(
@@ -37,6 +157,12 @@ def batch_script(
 ) -> str:
     """The sbatch script running ``command`` (``analyze ...``) on a cluster inside one job.
 
+    The job asks for one node of the partition: ``RESERVED_CORES`` and ``RESERVED_MEMORY``
+    for the scheduler and the client, and what :func:`plan_batch_job` gives the workers, never
+    more than the configuration's node of that partition (``buzzdask.clusters.<name>.nodes``).
+    Its log directory is made now, as an absolute path, since SLURM opens the log before the
+    script runs and fails silently on a missing directory.
+
     Parameters
     ----------
     name : str or path-like
@@ -44,56 +170,110 @@ def batch_script(
         of the workers, the partitions, module lines and log directory.
     command : sequence of str
         ``buzzdask`` command line arguments, e.g. ``["analyze", "audio/", "--model", ...]``.
-    gpus, cpu_workers : int
+    gpus, cpu_workers : int >= 0
         GPU worker tasks (one GPU each) and CPU (decode) worker tasks.
     **job_options
-        The fields of :class:`~buzzdask.cluster.options.JobOptions`. Of them ``account``,
-        ``walltime`` and the partition (``gpu_queue`` when ``gpus`` > 0, else ``queue``) apply
-        to the job; the workers' cores, memory and the log directory come from the
-        configuration's sections.
+        The fields of :class:`~buzzdask.cluster.options.JobOptions`, over the configuration's
+        sections; the GPU section's account, walltime, partition and log directory apply when
+        ``gpus`` > 0, else the CPU section's.
 
     Returns
     -------
     str
         The script; submit it with ``sbatch``.
+
+    Raises
+    ------
+    ParameterError
+        For a configuration that is not SLURM, a missing account where one is required, or
+        workers that do not fit one node (:func:`plan_batch_job`).
     """
     options = JobOptions(**job_options)
     entry = load_cluster_config(name)
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
-    cpu = dask.config.get(f"jobqueue.{entry['cpu-config']}")
-    gpu = dask.config.get(f"jobqueue.{entry['gpu-config']}")
+    options.require_account(entry, ("gpu",) if gpus else ("cpu",))
+    cpu = _section(entry["cpu-config"], options.overrides("cpu"))
+    gpu = _section(entry["gpu-config"], options.overrides("gpu"))
     main = gpu if gpus else cpu
-    account = options.account or main["account"]
-    queue = (options.gpu_queue if gpus else options.queue) or main["queue"]
-    tasks = FIRST_WORKER_RANK + gpus + cpu_workers
-    memory = cpu_workers * parse_bytes(cpu["memory"]) + gpus * parse_bytes(gpu["memory"])
-    memory += 2 * 2**30  # scheduler and client
+    plan = plan_batch_job(
+        node_size(entry, main["queue"]),
+        gpus=gpus,
+        cpu_workers=cpu_workers,
+        gpu=WorkerShare(gpu["cores"], parse_bytes(gpu["memory"])),
+        cpu=WorkerShare(cpu["cores"], parse_bytes(cpu["memory"])),
+        where=f"partition {main['queue']!r} of {entry['name']}",
+    )
     lines = [
         "#!/usr/bin/env bash",
         "#SBATCH -J buzzdask",
-        f"#SBATCH -p {queue}",
-        *([f"#SBATCH -A {account}"] if account else []),
-        f"#SBATCH -t {options.walltime or main['walltime']}",
+        *([f"#SBATCH -p {main['queue']}"] if main["queue"] else []),
+        *([f"#SBATCH -A {main['account']}"] if main["account"] else []),
+        f"#SBATCH -t {main['walltime']}",
         "#SBATCH --nodes=1",
-        f"#SBATCH --ntasks={tasks}",
-        f"#SBATCH --cpus-per-task={cpu['cores']}",
-        f"#SBATCH --mem={memory // 2**20}M",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={plan.cores}",
+        f"#SBATCH --mem={plan.memory // 2**20}M",
         *([f"#SBATCH --gpus-per-node={gpus}"] if gpus else []),
     ]
     if main["log-directory"]:
-        lines.append(f"#SBATCH -o {main['log-directory']}/buzzdask-%j.out")
-    lines += [*main["job-script-prologue"], ""]
+        logs = os.path.abspath(os.path.expanduser(main["log-directory"]))
+        os.makedirs(logs, exist_ok=True)
+        lines.append(f"#SBATCH -o {logs}/buzzdask-%j.out")
+    lines += [
+        *main["job-script-prologue"],
+        # A job submitted from a notebook's job (OnDemand Jupyter) inherits its SLURM_* variables:
+        # its per-CPU memory clashes with this job's --mem in srun, and an inherited
+        # SLURM_EXPORT_ENV=NONE would start the tasks with an empty environment.
+        "unset SLURM_MEM_PER_CPU SLURM_MEM_PER_GPU",
+        "export SLURM_EXPORT_ENV=ALL",
+        "",
+    ]
     in_job = [
         *(sys.executable, "-m", "buzzdask.cluster", "--config", entry["name"]),
-        *("--gpus", str(gpus), "--in-job", *command),
+        *("--gpus", str(gpus), "--in-job"),
+        *("--worker-threads", f"{plan.gpu.threads},{plan.cpu.threads}"),
+        *("--worker-memory", f"{plan.gpu.memory // 2**20}MiB,{plan.cpu.memory // 2**20}MiB"),
+        *command,
     ]
-    lines.append("srun " + shlex.join(in_job))
+    tasks = FIRST_WORKER_RANK + gpus + cpu_workers
+    # The step takes all the job's cores; its tasks share them unbound (--overcommit: the
+    # scheduler and the client share one), each worker running the threads it is given.
+    srun = f"srun --ntasks={tasks} --cpus-per-task=1 --overcommit --cpu-bind=none "
+    lines.append(srun + shlex.join(in_job))
     return "\n".join(lines) + "\n"
 
 
-def run_in_job(command: Sequence[str], *, gpus: int, scheduler_file: str | None = None) -> int:
+def _section(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``jobqueue.<name>`` with :meth:`JobOptions.overrides` (underscored keywords) applied."""
+    section = dict(dask.config.get(f"jobqueue.{name}"))
+    section.update({key.replace("_", "-"): value for key, value in overrides.items()})
+    return section
+
+
+def run_in_job(
+    command: Sequence[str],
+    *,
+    gpus: int,
+    gpu: WorkerShare,
+    cpu: WorkerShare,
+    entry: Mapping[str, Any],
+    scheduler_file: str | None = None,
+) -> int:
     """Play this task's part in a one-batch-job run (see the module docstring); run under ``srun``.
+
+    Parameters
+    ----------
+    command : sequence of str
+        The ``buzzdask`` command the client task runs.
+    gpus : int >= 0
+        GPU worker tasks (ranks 2 .. 1+gpus).
+    gpu, cpu : WorkerShare
+        Threads and memory limit of a GPU and of a CPU worker task (:func:`plan_batch_job`).
+    entry : mapping
+        The configuration's ``buzzdask.clusters`` entry (its dashboard proxy and login host).
+    scheduler_file : str, optional
+        Where the scheduler's address is shared (default: in the job's ``$TMPDIR``).
 
     Returns
     -------
@@ -105,15 +285,18 @@ def run_in_job(command: Sequence[str], *, gpus: int, scheduler_file: str | None 
     from distributed import Client
 
     from buzzdask import cli
+    from buzzdask.dashboard import local_dashboard_lines
     from buzzdask.session import no_work_stealing
 
     rank = int(os.environ.get("SLURM_PROCID", "-1"))
     if rank < 0:
         raise ParameterError("--in-job runs as a task of a SLURM job step (srun)")
-    worker_options: dict[str, Any] = {"nthreads": len(os.sched_getaffinity(0))}
+    gpu_index = rank - FIRST_WORKER_RANK
+    share = gpu if 0 <= gpu_index < gpus else cpu
+    # The tasks are not bound to cores: the planned threads keep the workers within the job's.
+    worker_options: dict[str, Any] = {"nthreads": share.threads, "memory_limit": share.memory}
     if os.environ.get("TMPDIR"):
         worker_options["local_directory"] = os.environ["TMPDIR"]
-    gpu_index = rank - FIRST_WORKER_RANK
     if 0 <= gpu_index < gpus:
         # One GPU per GPU worker, chosen among the job's own (SLURM sets the list).
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
@@ -132,12 +315,17 @@ def run_in_job(command: Sequence[str], *, gpus: int, scheduler_file: str | None 
             SLURMRunner(
                 scheduler_file=scheduler_file,
                 worker_options=worker_options,
-                scheduler_options={"dashboard_address": ":8787"},
+                # A free port: other jobs' dashboards may share the node.
+                scheduler_options={"dashboard_address": ":0"},
             ) as runner,
             Client(runner) as client,
         ):
             client.wait_for_workers(runner.n_workers)  # tasks minus scheduler and client
-            print(f"buzzdask: dashboard: {client.dashboard_link} (job {job_id})", flush=True)
+            print(f"buzzdask: job {job_id}", flush=True)
+            for line in local_dashboard_lines(
+                client, proxy=entry.get("dashboard-proxy"), login_host=entry.get("login-host")
+            ):
+                print(f"buzzdask: {line}", flush=True)
             return cli.main(list(command), client=client)
     except KeyboardInterrupt:  # SLURMRunner ends the scheduler and worker tasks with SIGINT
         return 0

@@ -37,10 +37,10 @@ class _Job(SLURMJob):
     shell or a notebook of an OnDemand session (see :func:`job_prologue`).
     """
 
-    # On the command line, where it beats the SLURM_EXPORT_ENV an OnDemand session may hold
-    # (OnDemand submits its jobs with --export=NONE, which their own sbatch calls inherit): an
-    # #SBATCH line would lose to it. The workers need the client's environment: its Python's
-    # libraries, PATH (ffmpeg), DASK_* settings.
+    # The workers need the client's environment (its Python's libraries, PATH for ffmpeg, DASK_*
+    # settings). sbatch exports it unless SBATCH_EXPORT says otherwise (OnDemand submits its
+    # own jobs with it set to NONE); the command line beats that variable and any #SBATCH line.
+    # sbatch ignores SLURM_EXPORT_ENV (srun's), which OSC's apps set to ALL in their sessions.
     submit_command = "sbatch --export=ALL"
     submit_error: Exception | None = None
 
