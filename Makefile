@@ -12,15 +12,24 @@ VENV := .venv
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup example test lint
+.PHONY: setup test-setup example test lint
 
+# What the example needs: the package in a venv. No root: without a system ffmpeg built with
+# soxr, buzzdask uses the imageio-ffmpeg wheel's.
 setup: $(VENV)/.installed
+
+# The tests also make audio with a system ffmpeg/ffprobe and copy with rclone (apt, as root).
+test-setup: $(VENV)/.installed-test
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null && command -v rclone >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg rclone; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	$(VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
@@ -32,11 +41,11 @@ example: setup
 	  --output example-results --new --threshold ins_buzz=-1.2 --chunk-seconds 2 -v
 
 # pytest exits 5 when it collected no test: that is not a failure of the suite.
-test: setup
+test: test-setup
 	$(VENV)/bin/python -m pytest; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 # mypy reads its files and options from pyproject.toml ([tool.mypy]).
-lint: setup
+lint: test-setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy

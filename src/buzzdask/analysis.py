@@ -10,6 +10,7 @@ a resume must match, the metadata and the summary.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import resource
@@ -26,10 +27,11 @@ from buzzdask.decode import PREPROCESSING, AudioInfo, decode_chunk, probe_audio
 from buzzdask.errors import DecodeError, ParameterError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
-from buzzdask.inputs import InputFile, discover
+from buzzdask.inputs import InputFile, describe_skipped, scan
 from buzzdask.ledger import FileLedger, FileState
+from buzzdask.logs import quiet_environment, run_log
 from buzzdask.models import ModelSpec, resolve_model
-from buzzdask.pipeline import Budget, ChunkPipeline, outcome
+from buzzdask.pipeline import Budget, ChunkJob, ChunkPipeline, outcome
 from buzzdask.progress import Progress
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
@@ -46,6 +48,8 @@ from buzzdask.write import (
 )
 
 __all__ = ["AnalysisResult", "analyze"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -173,16 +177,29 @@ def analyze(
     finishes. The last frame of a file, if it would overrun the end, is dropped, never padded.
     """
     started_wall = time.perf_counter()
+    quiet_environment()  # before the model's check loads TensorFlow here
     settings = load_settings(
         chunk_seconds=chunk_seconds, memory_budget=memory_budget, batch_frames=batch_frames
     )
+    # Inputs first: a mistyped or empty folder is reported in a second, before any model loads.
+    found = scan(paths, extensions=settings.extensions)
+    found.require_audio()
+    if found.visible_skipped:  # hidden names (.DS_Store, a watch's marker) are not news
+        logger.warning(
+            "not audio under %s: %s", found.root, describe_skipped(found.visible_skipped)
+        )
+    root, inputs = found.root, found.files
     plan = _plan(model, settings, embedder=embedder, frame_hop_s=frame_hop_s, thresholds=thresholds)
-    root, inputs = discover(paths, extensions=list(settings.extensions))
     fingerprint = _fingerprint(plan)
-    layout = prepare_output(output, on_conflict=on_conflict, fingerprint=fingerprint)
+    layout = prepare_output(
+        output, on_conflict=on_conflict, fingerprint=fingerprint, options=_options(plan)
+    )
     done = layout.read_journal() if on_conflict == "resume" else {}
     metadata = _metadata(plan, paths=paths, root=root, n_files=len(inputs))
-    with connect(client, local=settings.local_cluster) as connected:
+    with (
+        connect(client, local=settings.local_cluster) as connected,
+        run_log(layout.log, connected, verbose=verbose),
+    ):
         layout.root.mkdir(parents=True, exist_ok=True)
         write_json(layout.metadata, metadata)
         ledger = FileLedger(
@@ -208,7 +225,12 @@ def analyze(
             "scorers_lost": pool.lost,
         }
     summary = _summary(
-        ledger, plan, n_files=len(inputs), wall=time.perf_counter() - started_wall, **run_stats
+        ledger,
+        plan,
+        n_files=len(inputs),
+        n_skipped=len(found.visible_skipped),
+        wall=time.perf_counter() - started_wall,
+        **run_stats,
     )
     metadata.update(status="complete", finished=utc_now(), summary=summary)
     write_errors(layout.errors, ledger.errors)
@@ -278,7 +300,7 @@ def _run(
         decode=_decoder(settings),
         score=functools.partial(score_chunks, writer=ledger.writer()),
         score_prefix="score",
-        on_result=ledger.scored,
+        on_result=functools.partial(_written, ledger),
         on_failure=ledger.chunk_failed,
         score_keywords=lambda jobs: {"targets": ledger.targets(jobs)},
     )
@@ -296,6 +318,11 @@ def _run(
     ledger.progress.close()
     pool.refresh(finished=True)
     return pool, pipeline.budget
+
+
+def _written(ledger: FileLedger, job: ChunkJob, result: tuple[int, int, str]) -> None:
+    ledger.scored(job, result)
+    logger.info("written %s: %d frames", job.label, result[1])
 
 
 def _probed(ledger: FileLedger, pipeline: ChunkPipeline, state: FileState, future: Any) -> None:
@@ -329,7 +356,8 @@ def _fingerprint(plan: _Plan) -> dict[str, Any]:
     model, spec = plan.model, plan.spec
     return {
         "model_sha256": model.sha256,
-        "embedder": model.embedder.handle,
+        # A TF Hub copy's path depends on the machine's cache; its URL and content do not.
+        "embedder": model.embedder.source or model.embedder.handle,
         "embedder_sha256": model.embedder.sha256,
         "preprocessing": PREPROCESSING,
         "sample_rate": spec.sample_rate,
@@ -342,6 +370,18 @@ def _fingerprint(plan: _Plan) -> dict[str, Any]:
         # Builds differ in duration estimates (chunk plans) and AAC's last samples.
         "ffmpeg_version": plan.ffmpeg.version,
         "probe": "ffprobe" if plan.ffmpeg.ffprobe else "ffmpeg",
+    }
+
+
+def _options(plan: _Plan) -> dict[str, Any]:
+    """The run's options, resolved, by their keyword: what a resume with other ones should pass."""
+    spec = plan.spec
+    return {
+        "model": str(plan.model.path),
+        "embedder": plan.model.embedder.handle,
+        "frame_hop_s": spec.hop_length / spec.sample_rate,
+        "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
+        "thresholds": dict(sorted(plan.thresholds.items())),
     }
 
 
@@ -373,19 +413,24 @@ def _metadata(
         "ffmpeg": plan.ffmpeg.as_metadata(),
         "inputs": {"root": root, "paths": [os.fspath(p) for p in given], "files": n_files},
         "fingerprint": _fingerprint(plan),
+        "options": _options(plan),
     }
 
 
 def _summary(
-    ledger: FileLedger, plan: _Plan, *, n_files: int, wall: float, **run_stats: Any
+    ledger: FileLedger, plan: _Plan, *, n_files: int, n_skipped: int, wall: float, **run_stats: Any
 ) -> dict[str, Any]:
-    """Files, frames, audio hours, wall time and realtime factor, plus ``run_stats``."""
+    """Files, frames, audio hours, wall time and realtime factor, plus ``run_stats``.
+
+    ``n_skipped`` counts what the input directories hold besides audio and hidden names.
+    """
     spec = plan.spec
     audio_s = ledger.frames_written * spec.hop_length / spec.sample_rate
     return {
         "files": n_files,
         "files_done": len(ledger.files) - ledger.files_failed,
         "files_failed": ledger.files_failed,
+        "files_skipped": n_skipped,
         "chunks_written": ledger.chunks_written,
         "chunks_skipped_resume": ledger.chunks_skipped,
         "frames": ledger.frames_written,

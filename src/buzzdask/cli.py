@@ -1,4 +1,7 @@
-"""The ``buzzdask`` command line: ``analyze`` (``--watch``), ``init``, ``transfer``, ``--version``.
+"""The ``buzzdask`` command line.
+
+Commands: ``analyze`` (``--watch``), ``init``, ``transfer``, ``train``, ``embedder fetch``;
+``--version``.
 
 Exit codes: 0 everything analysed; 1 nothing could start (bad input path, model, option or an
 output that already holds results); 2 usage error; 3 the run finished but some files failed.
@@ -8,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shlex
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec
 
-from buzzdask.errors import BuzzdaskError
+from buzzdask.errors import BuzzdaskError, OutputConflictError
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -34,10 +38,37 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
         try:
             return command(*args, **kwargs)
         except BuzzdaskError as error:
-            print(f"buzzdask: error: {error}", file=sys.stderr)
+            print(f"buzzdask: error: {_in_flags(error)}", file=sys.stderr)
             return EXIT_ERROR
 
     return run
+
+
+# analyze's keywords -> its flags, for messages that tell how to pass an earlier setting.
+_FLAGS = {
+    "model": "--model",
+    "embedder": "--embedder",
+    "frame_hop_s": "--framehop",
+    "chunk_seconds": "--chunk-seconds",
+}
+
+
+def _flag(name: str, value: Any) -> str:
+    if name == "thresholds":
+        return " ".join(f"--threshold {k}={v}" for k, v in value.items()) or "no --threshold"
+    return f"{_FLAGS.get(name, name)} {shlex.quote(str(value))}"
+
+
+def _in_flags(error: BuzzdaskError) -> str:
+    """The message, naming flags where it names the ways on (an output conflict)."""
+    if isinstance(error, OutputConflictError):
+        from buzzdask.write import OutputConflict, Vocabulary
+
+        conflict = error.args[0] if error.args else None
+        if isinstance(conflict, OutputConflict):
+            words = Vocabulary(resume="--resume", new="--new", output="--output", option=_flag)
+            return conflict.render(words)
+    return str(error)
 
 
 def _threshold(text: str) -> tuple[str, float]:
@@ -66,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_parser(commands)
     _add_transfer_parser(commands)
     _add_train_parser(commands)
+    _add_embedder_parser(commands)
     return parser
 
 
@@ -122,7 +154,12 @@ def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
         "-v",
         "--verbose",
         action="store_true",
-        help="a line per chunk: decoding/scoring <file> [start–end]",
+        help="a line per chunk (decoding/scoring/written <file> [start–end]), and Dask's warnings",
+    )
+    analyze.add_argument(
+        "--debug",
+        action="store_true",
+        help="everything TensorFlow, absl, gRPC and Dask log, local workers' stderr included",
     )
 
 
@@ -218,6 +255,25 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_embedder_parser(commands: argparse._SubParsersAction) -> None:
+    embedder = commands.add_parser("embedder", help="manage embedders (download ahead of a run)")
+    actions = embedder.add_subparsers(dest="action", required=True)
+    fetch = actions.add_parser(
+        "fetch",
+        help="download an embedder into the cache (on a machine with internet, e.g. a login "
+        "node), so runs on offline compute nodes find it",
+    )
+    fetch.add_argument(
+        "handle",
+        nargs="?",
+        metavar="HANDLE",
+        help="TF Hub URL (default: the configured handle of --name)",
+    )
+    fetch.add_argument(
+        "--name", default="yamnet_k2", help="embedder in buzzdask.embedders (default yamnet_k2)"
+    )
+
+
 @reports_errors
 def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> int:
     """Run the command line; return the exit code.
@@ -236,9 +292,14 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         return _transfer(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "embedder":
+        return _embedder(args)
     if args.watch and len(args.inputs) != 1:
         build_parser().error("--watch takes exactly one INPUT directory")
-    # -v lines come from analyze(verbose=True), printed above the progress bar.
+    from buzzdask.logs import configure_console
+
+    # Before anything loads TensorFlow or starts workers, which inherit it.
+    configure_console(2 if args.debug else 1 if args.verbose else 0)
     from buzzdask import analyze
     from buzzdask.watching import watch
 
@@ -253,7 +314,7 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         "memory_budget": args.memory_budget,
         "batch_frames": args.batch_frames,
         "progress": not args.no_progress,
-        "verbose": args.verbose,
+        "verbose": args.verbose or args.debug,
     }
     if args.watch:
         result = watch(
@@ -321,6 +382,19 @@ def _train(args: argparse.Namespace) -> int:
             f"buzzdask: {row['class']}: threshold {row['threshold']:g} gives precision "
             f"{row['precision']:.2f}, recall {row['recall']:.2f} on the held-out groups"
         )
+    return EXIT_OK
+
+
+def _embedder(args: argparse.Namespace) -> int:
+    from buzzdask.models import resolve_embedder
+
+    spec = resolve_embedder(args.name, handle=args.handle)
+    print(f"buzzdask: embedder {spec.source or spec.handle} is in {spec.handle}")
+    print(
+        f"buzzdask: use it with --embedder {spec.handle}, or set "
+        f"buzzdask.embedders.{args.name}.handle: {spec.handle}"
+        + (" (runs given the URL find it there too)" if spec.source else "")
+    )
     return EXIT_OK
 
 

@@ -1,16 +1,24 @@
-"""Finding the audio files an analysis covers, and naming them relative to their root."""
+"""Finding the audio files an analysis covers, and naming them relative to their root.
+
+What the input directories hold besides (other suffixes, hidden names, copies in progress) is
+recorded, so that an input without audio is an error that says why.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from buzzdask.errors import InputError
 
-__all__ = ["InputFile", "discover"]
+__all__ = ["Discovery", "InputFile", "Skipped", "describe_skipped", "discover", "scan"]
+
+# Names a copy in progress leaves (rclone's --partial-suffix, browsers, editors): not audio yet.
+_PARTIAL_SUFFIXES = (".partial", ".part", ".tmp", ".crdownload")
+_SHOWN = 3  # names shown per reason when reporting skipped files
 
 
 @dataclass(frozen=True)
@@ -33,10 +41,93 @@ class InputFile:
     problem: str | None = None
 
 
-def discover(
+@dataclass(frozen=True)
+class Skipped:
+    """A name in an input directory that is not analysed.
+
+    Parameters
+    ----------
+    relative : str
+        Path relative to the inputs' root (``/``-separated; a directory ends with ``/``).
+    reason : {"other suffix", "hidden", "partial transfer"}
+        Its suffix is not in ``buzzdask.extensions``; its name starts with ``.`` (a hidden
+        directory counts once, unwalked); or it is a copy in progress (``.partial``, ``.part``,
+        ``.tmp``, ``.crdownload``).
+    """
+
+    relative: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What :func:`scan` found under the inputs.
+
+    Parameters
+    ----------
+    paths : tuple of str
+        The inputs, absolute.
+    root : str
+        The common directory the ``relative`` names start from.
+    files : list of InputFile
+        The audio files, sorted by relative name.
+    skipped : list of Skipped
+        What the directories held besides, sorted by relative name.
+    suffixes : tuple of str
+        The suffixes taken in directories (lower case, with the dot).
+    """
+
+    paths: tuple[str, ...]
+    root: str
+    files: list[InputFile]
+    skipped: list[Skipped] = field(default_factory=list)
+    suffixes: tuple[str, ...] = ()
+
+    @property
+    def visible_skipped(self) -> list[Skipped]:
+        """What was skipped, less hidden names (all a run with audio reports)."""
+        return [item for item in self.skipped if item.reason != "hidden"]
+
+    def require_audio(self) -> None:
+        """Raise :class:`InputError` when no audio file was found, saying where and why.
+
+        Raises
+        ------
+        InputError
+            Naming the paths looked in, the suffixes taken (``buzzdask.extensions``) and what
+            was skipped, with the fix.
+        """
+        if self.files:
+            return
+        skipped = f"; {describe_skipped(self.skipped)}" if self.skipped else "; they hold no files"
+        raise InputError(
+            f"no audio files in {', '.join(self.paths)} (looked for "
+            f"{' '.join(self.suffixes)}, from buzzdask.extensions, in every subdirectory)"
+            f"{skipped}. Give the directory that holds the recordings, or add their suffix to "
+            'buzzdask.extensions (e.g. DASK_BUZZDASK__EXTENSIONS=\'[".wav", ".mp3"]\')'
+        )
+
+
+def describe_skipped(skipped: Sequence[Skipped]) -> str:
+    """What was skipped, by reason, with the first names.
+
+    For example ``"5 skipped: 4 other suffix (a.txt, b.txt, c.txt, ...), 1 hidden (.x)"``.
+    """
+    by_reason: dict[str, list[str]] = {}
+    for item in skipped:
+        by_reason.setdefault(item.reason, []).append(item.relative)
+    parts = [
+        f"{len(names)} {reason} ({', '.join(names[:_SHOWN])}"
+        + (", ...)" if len(names) > _SHOWN else ")")
+        for reason, names in sorted(by_reason.items(), key=lambda item: -len(item[1]))
+    ]
+    return f"{len(skipped)} skipped: {', '.join(parts)}"
+
+
+def scan(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, extensions: Iterable[str]
-) -> tuple[str, list[InputFile]]:
-    """List the audio files under ``paths``.
+) -> Discovery:
+    """List the audio files under ``paths``, and what the directories hold besides.
 
     Parameters
     ----------
@@ -49,10 +140,7 @@ def discover(
 
     Returns
     -------
-    root : str
-        The common directory the ``relative`` names start from.
-    files : list of InputFile
-        Sorted by relative name.
+    Discovery
 
     Raises
     ------
@@ -71,14 +159,37 @@ def discover(
     tops = [p if os.path.isdir(p) else os.path.dirname(p) for p in absolute]
     root = tops[0] if len(tops) == 1 else os.path.commonpath(tops)
     found: dict[str, InputFile] = {}
+    skipped: dict[str, Skipped] = {}
     for path in absolute:
         if os.path.isdir(path):
-            for file, problem in _walk(path, suffixes):
+            for file, problem in _walk(path, suffixes, skipped=skipped, root=root):
                 _add(found, root, file, problem)
         else:
             problem = None if os.path.exists(path) else _dangling(path)
             _add(found, root, path, problem)
-    return root, sorted(found.values(), key=lambda f: f.relative)
+    return Discovery(
+        paths=tuple(absolute),
+        root=root,
+        files=sorted(found.values(), key=lambda f: f.relative),
+        skipped=sorted(skipped.values(), key=lambda s: s.relative),
+        suffixes=tuple(sorted(suffixes)),
+    )
+
+
+def discover(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, extensions: Iterable[str]
+) -> tuple[str, list[InputFile]]:
+    """The root and audio files of :func:`scan` (for callers that need nothing else).
+
+    Returns
+    -------
+    root : str
+        The common directory the ``relative`` names start from.
+    files : list of InputFile
+        Sorted by relative name.
+    """
+    found = scan(paths, extensions=extensions)
+    return found.root, found.files
 
 
 def _add(found: dict[str, InputFile], root: str, path: str, problem: str | None) -> None:
@@ -88,7 +199,10 @@ def _add(found: dict[str, InputFile], root: str, path: str, problem: str | None)
     found.setdefault(str(relative), InputFile(path=path, relative=str(relative), problem=problem))
 
 
-def _walk(top: str, suffixes: set[str]) -> Iterable[tuple[str, str | None]]:
+def _walk(
+    top: str, suffixes: set[str], *, skipped: dict[str, Skipped], root: str
+) -> Iterable[tuple[str, str | None]]:
+    """Audio files under ``top`` (with a problem or None); the rest goes into ``skipped``."""
     seen: set[str] = set()
     stack = [top]
     while stack:
@@ -104,19 +218,33 @@ def _walk(top: str, suffixes: set[str]) -> Iterable[tuple[str, str | None]]:
             yield directory, f"cannot list directory: {error.strerror}"
             continue
         for entry in entries:
-            if entry.name.startswith("."):
-                continue  # hidden files, rclone/OS partial files
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:  # a symlink loop (ELOOP): reported below as a file problem
                 is_dir = False
-            if is_dir:
+            reason = _skip_reason(entry.name, is_dir=is_dir, suffixes=suffixes)
+            if reason is not None:
+                relative = Path(os.path.relpath(entry.path, root)).as_posix()
+                relative += "/" if is_dir else ""
+                skipped.setdefault(relative, Skipped(relative=relative, reason=reason))
+            elif is_dir:
                 stack.append(entry.path)
-            elif Path(entry.name).suffix.lower() in suffixes:
-                if entry.is_symlink() and not os.path.exists(entry.path):
-                    yield entry.path, _dangling(entry.path)
-                elif entry.is_file(follow_symlinks=True):
-                    yield entry.path, None
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                yield entry.path, _dangling(entry.path)
+            elif entry.is_file(follow_symlinks=True):
+                yield entry.path, None
+
+
+def _skip_reason(name: str, *, is_dir: bool, suffixes: set[str]) -> str | None:
+    """Why a directory entry is not analysed (None: it is audio, or a directory to walk)."""
+    lower = name.lower()
+    if lower.endswith(_PARTIAL_SUFFIXES) and not is_dir:
+        return "partial transfer"
+    if name.startswith("."):
+        return "hidden"  # also OS metadata (.DS_Store) and rclone's hidden temporary copies
+    if is_dir or Path(lower).suffix in suffixes:
+        return None
+    return "other suffix"
 
 
 def _dangling(path: str) -> str:

@@ -1,9 +1,9 @@
 """Models: a buzzdetect model directory (config + head SavedModel) and its embedder.
 
 Resolving a model (:func:`resolve_model`) reads only files, so the client never imports
-TensorFlow; :func:`load_embedder` and :func:`load_head` run where scoring happens.
-The embedder is always loaded with ``tensorflow_hub.load``, whether its handle is a TF Hub URL
-or a local SavedModel directory: one loading path for both.
+TensorFlow (except to download an embedder once: :mod:`buzzdask.embedders`);
+:func:`load_embedder` and :func:`load_head` run where scoring happens. Workers always get the
+embedder as a local SavedModel directory, so they never need the internet.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from buzzdask.embedders import is_remote, local_embedder
 from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
 from buzzdask.settings import Settings, load_settings
@@ -46,14 +47,16 @@ class EmbedderSpec:
     name : str
         The name model configs use (``"yamnet_k2"``).
     handle : str
-        ``tensorflow_hub.load`` handle: TF Hub URL or local SavedModel directory.
+        The local SavedModel directory workers load (absolute).
     sample_rate : int [Hz]
     frame_length_s : float [s]
         One embedding's frame.
     frame_context_s : float [s]
         Audio read past a frame's end.
     sha256 : str or None
-        Content hash when the handle is a local directory.
+        Content hash of the directory.
+    source : str or None
+        The URL it was downloaded from (into the cache); None when given as a directory.
     """
 
     name: str
@@ -62,6 +65,7 @@ class EmbedderSpec:
     frame_length_s: float
     frame_context_s: float
     sha256: str | None = None
+    source: str | None = None
 
     def frame_spec(self, frame_hop_s: float | None = None) -> FrameSpec:
         """Frame geometry with hop ``frame_hop_s`` (default: one whole frame)."""
@@ -136,34 +140,34 @@ def resolve_embedder(
 ) -> EmbedderSpec:
     """Look up an embedder by name in ``buzzdask.embedders`` (``handle`` overrides its handle).
 
-    ``settings`` are the run's (default: :func:`~buzzdask.settings.load_settings`).
+    A URL handle is downloaded once into the cache (:func:`buzzdask.embedders.local_embedder`);
+    the result names the local directory and its content hash. ``settings`` are the run's
+    (default: :func:`~buzzdask.settings.load_settings`).
 
     Raises
     ------
     ModelError
-        If the name is unknown or a local handle does not exist.
+        If the name is unknown, or the handle is not a complete SavedModel directory and cannot
+        be downloaded (one line naming the handle, the cause and the fix).
     """
-    known = (settings or load_settings()).embedders
+    settings = settings or load_settings()
+    known = settings.embedders
     if name not in known:
         raise ModelError(
             f"unknown embedder {name!r}; known: {sorted(known)} "
             f"(add it under buzzdask.embedders in the dask config)"
         )
     configured = known[name]
-    handle = str(handle or configured.handle)
-    sha256 = None
-    if "://" not in handle:
-        if not Path(handle).is_dir():
-            raise ModelError(f"embedder {name!r}: handle {handle!r} is not a directory or URL")
-        handle = str(Path(handle).resolve())
-        sha256 = directory_sha256(handle)
+    given = str(handle or configured.handle)
+    path = local_embedder(given, name=name, settings=settings)
     return EmbedderSpec(
         name=name,
-        handle=handle,
+        handle=str(path),
         sample_rate=configured.sample_rate,
         frame_length_s=configured.frame_length_seconds,
         frame_context_s=configured.frame_context_seconds,
-        sha256=sha256,
+        sha256=directory_sha256(path),
+        source=given if is_remote(given) else None,
     )
 
 
@@ -182,7 +186,8 @@ def resolve_model(
         A directory, or a name looked up in ``search_dirs`` (``"general_v3"`` also finds
         ``model_general_v3``).
     embedder : str, optional
-        Embedder handle overriding the configured one (TF Hub URL or local directory).
+        Embedder handle overriding the configured one (TF Hub URL or local directory); a URL
+        is downloaded into the cache here, on the client.
     search_dirs : sequence of path-like, optional
         Where names are looked up; default ``buzzdask.model-dirs``.
     settings : Settings, optional
@@ -244,7 +249,7 @@ def _find_model_dir(model: str | os.PathLike[str], search_dirs: Sequence[Any]) -
 
 
 def load_embedder(handle: str) -> Any:
-    """Load an embedder with ``tensorflow_hub.load`` (TF Hub URL or local directory)."""
+    """Load an embedder with ``tensorflow_hub.load`` (the local directory resolved above)."""
     import tensorflow_hub as hub
 
     try:

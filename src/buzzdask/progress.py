@@ -7,15 +7,16 @@ import sys
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "logger"]
+__all__ = ["Progress", "TqdmHandler", "logger"]
 
 logger = logging.getLogger("buzzdask")
 
 
-class _TqdmHandler(logging.Handler):
+class TqdmHandler(logging.Handler):
     """Print log lines above the progress bar instead of through it."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Write the formatted record to stderr, clear of the bar."""
         tqdm.write(self.format(record), file=sys.stderr)
 
 
@@ -42,7 +43,7 @@ class Progress:
         if verbose:
             logger.setLevel(logging.INFO)
             if not logger.handlers:
-                self._handler = _TqdmHandler()
+                self._handler = TqdmHandler()
                 self._handler.setFormatter(logging.Formatter("%(message)s"))
                 logger.addHandler(self._handler)
 

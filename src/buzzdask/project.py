@@ -21,7 +21,13 @@ LAYOUT = {
         "One directory per analysis: buzzdask.json (metadata), errors.parquet, journal.jsonl\n"
         "and scores/ (the Parquet dataset: pandas.read_parquet('results/<run>/scores')).\n"
     ),
-    "logs": "Logs of batch jobs and Dask workers (point SLURM --output and worker logs here).\n",
+    "logs": (
+        "Logs of batch jobs and Dask workers. Run from this project's directory with\n"
+        "--log-directory logs (python -m buzzdask.cluster ...; the configs' own\n"
+        "log-directory, buzzdask-logs, is relative to where the run starts) and the SLURM\n"
+        "job and worker logs land here. Each analysis also writes its own log,\n"
+        "results/<run>/buzzdask.log: the client's lines and the workers' buzzdask lines.\n"
+    ),
 }
 
 

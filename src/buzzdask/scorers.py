@@ -346,7 +346,8 @@ class ScorerPool:
                 kind = "GPU worker" if self.gpu else "worker"
                 raise ScorerError(
                     f"the scorer on {address} was lost and no {kind} was free to replace it "
-                    "within buzzdask.scorer-restart-seconds; finish with on_conflict='resume'"
+                    "within buzzdask.scorer-restart-seconds; finish the run with a resume "
+                    "(--resume; in Python on_conflict='resume')"
                 )
             time.sleep(1.0)
 

@@ -22,6 +22,7 @@ from distributed import Client, LocalCluster
 from distributed.comm import get_address_host
 
 from buzzdask.dashboard import local_dashboard_lines
+from buzzdask.logs import check_main_guard, quiet_environment
 from buzzdask.settings import LocalClusterSettings
 
 __all__ = [
@@ -62,8 +63,17 @@ def start_local_cluster(settings: LocalClusterSettings) -> LocalCluster:
     """Worker processes that each decode and hold a scorer (2 unless configured).
 
     ``settings`` are ``buzzdask.local-cluster.*``: workers (null: 2), threads per worker
-    (null: every core; decode threads only wait on ffmpeg), dashboard address.
+    (null: every core; decode threads only wait on ffmpeg), dashboard address. The worker
+    processes inherit :func:`~buzzdask.logs.quiet_environment`'s settings.
+
+    Raises
+    ------
+    BuzzdaskError
+        Called from a script's top level without a ``__main__`` guard (see
+        :func:`~buzzdask.logs.check_main_guard`).
     """
+    check_main_guard()
+    quiet_environment()
     with no_work_stealing():
         return LocalCluster(
             n_workers=settings.n_workers or 2,

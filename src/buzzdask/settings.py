@@ -365,6 +365,10 @@ class Settings:
         File name extensions picked up when an input is a directory (case-insensitive).
     model_dirs : tuple of str
         Directories searched, in order, for a model given by name.
+    cache_dir : str or None
+        buzzdask's cache; embedders downloaded from TF Hub go to ``<cache_dir>/tfhub`` unless
+        ``TFHUB_CACHE_DIR`` is set. None: ``$XDG_CACHE_HOME/buzzdask``, else
+        ``~/.cache/buzzdask`` (:func:`buzzdask.embedders.cache_directory`).
     ffmpeg : str or None
         The ffmpeg executable (built with libsoxr); None: the system ffmpeg if it has soxr, else
         the ``imageio-ffmpeg`` wheel's (:func:`buzzdask.ffmpeg_tools.find_ffmpeg`).
@@ -404,6 +408,7 @@ class Settings:
     seekable_codecs: tuple[str, ...] = field(metadata=_rule(_texts))
     extensions: tuple[str, ...] = field(metadata=_rule(_texts))
     model_dirs: tuple[str, ...] = field(metadata=_rule(_texts))
+    cache_dir: str | None = field(metadata=_rule(_optional(_text, "~/.cache/buzzdask")))
     ffmpeg: str | None = field(
         metadata=_rule(_optional(_text, "the system ffmpeg with soxr, else imageio-ffmpeg's"))
     )

@@ -5,6 +5,7 @@ Layout under the output directory::
     buzzdask.json             run metadata (model, hash, frames, versions, times, summary)
     errors.parquet            one row per problem: file, chunk, stage, reason, detail
     journal.jsonl             one line per finished chunk (what resume skips)
+    buzzdask.log              the client's and the workers' log lines of every run
     scores/<file>/chunk-NNNNNN.parquet   one partition per chunk, mirroring the input tree
 
 Partitions are written under a hidden temporary name and renamed into place, so a reader
@@ -14,9 +15,10 @@ never sees half a file and a crash leaves nothing that resume would trust.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -32,9 +34,12 @@ from buzzdask.frames import FrameSpec
 
 __all__ = [
     "ERROR_COLUMNS",
+    "PYTHON_WORDS",
     "OnConflict",
+    "OutputConflict",
     "OutputLayout",
     "PartitionWriter",
+    "Vocabulary",
     "frames_table",
     "prepare_output",
     "write_errors",
@@ -43,7 +48,10 @@ __all__ = [
     "write_table",
 ]
 
+logger = logging.getLogger(__name__)
+
 OnConflict = Literal["error", "resume", "new"]
+ConflictReason = Literal["not a directory", "not buzzdask", "holds results", "settings differ"]
 ERROR_COLUMNS = ["file", "chunk", "stage", "reason", "detail"]
 
 
@@ -62,6 +70,7 @@ class OutputLayout:
         self.metadata = self.root / "buzzdask.json"
         self.errors = self.root / "errors.parquet"
         self.journal = self.root / "journal.jsonl"
+        self.log = self.root / "buzzdask.log"
 
     def partition(self, relative: str, chunk_index: int) -> Path:
         """Where chunk ``chunk_index`` of input ``relative`` is written (inside ``scores/``)."""
@@ -83,6 +92,10 @@ class OutputLayout:
                 except json.JSONDecodeError:
                     continue  # a line cut short by a kill: that chunk is simply redone
         return entries
+
+    def holds_chunks(self) -> bool:
+        """Whether an earlier run wrote any chunk here (journalled, or a partition in place)."""
+        return bool(self.journal_entries()) or any(self.scores.rglob("chunk-*.parquet"))
 
     def read_journal(self) -> dict[tuple[str, int], dict[str, Any]]:
         """Finished chunks recorded by earlier runs, keyed by (file, chunk index)."""
@@ -156,10 +169,111 @@ class PartitionWriter:
         return n_frames
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """How a caller names the ways on from an output conflict: Python keywords or CLI flags.
+
+    Parameters
+    ----------
+    resume, new : str
+        How to ask to finish the earlier run, or to write to a new directory.
+    output : str
+        How to name another output.
+    option : callable (name, value) -> str
+        One earlier setting as the caller passes it, from its keyword name in ``analyze``
+        (``"chunk_seconds", 600.0`` -> ``"chunk_seconds=600.0"`` or ``"--chunk-seconds 600"``).
+    separator : str
+        Between settings: ``", "`` between keywords, ``" "`` between flags.
+    """
+
+    resume: str
+    new: str
+    output: str
+    option: Callable[[str, Any], str]
+    separator: str = " "
+
+
+PYTHON_WORDS = Vocabulary(
+    resume="on_conflict='resume'",
+    new="on_conflict='new'",
+    output="output",
+    option=lambda name, value: f"{name}={value!r}",
+    separator=", ",
+)
+
+
+@dataclass(frozen=True)
+class OutputConflict:
+    """Why an output cannot be used as asked, as data each caller words its own way.
+
+    The argument of :class:`~buzzdask.errors.OutputConflictError`; ``str()`` gives the Python
+    wording, ``render`` another (the CLI's flags).
+
+    Parameters
+    ----------
+    output : Path
+    reason : {"not a directory", "not buzzdask", "holds results", "settings differ"}
+    chunks : int
+        Chunks the earlier run journalled.
+    differences : tuple of (key, before, now)
+        Fingerprint entries that differ (``"settings differ"``).
+    earlier : tuple of (option, value)
+        The earlier run's options (keyword names of ``analyze``) that differ from this run's:
+        passing them resumes it (empty when no option restores the difference).
+    """
+
+    output: Path
+    reason: ConflictReason
+    chunks: int = 0
+    differences: tuple[tuple[str, Any, Any], ...] = ()
+    earlier: tuple[tuple[str, Any], ...] = ()
+
+    def render(self, words: Vocabulary) -> str:
+        """The message, naming the caller's flags or keywords."""
+        if self.reason == "not a directory":
+            return (
+                f"output {self.output} exists and is not a directory; choose another {words.output}"
+            )
+        if self.reason == "not buzzdask":
+            return (
+                f"output {self.output} is not empty and holds no buzzdask results; "
+                f"choose an empty or new directory as {words.output}"
+            )
+        if self.reason == "holds results":
+            return (
+                f"output {self.output} already holds results ({self.chunks} chunks done); pass "
+                f"{words.resume} to finish that run, {words.new} to write to a new timestamped "
+                f"directory, or choose another {words.output}"
+            )
+        differing = "; ".join(
+            f"{key}: {before!r} before, {now!r} now" for key, before, now in self.differences
+        )
+        settings = words.separator.join(words.option(name, value) for name, value in self.earlier)
+        back = (
+            f"resume with the earlier settings ({settings})"
+            if self.earlier
+            else "resume with the earlier model, embedder, buzzdask and ffmpeg"
+        )
+        return (
+            f"cannot resume into {self.output}: settings differ ({differing}); either pass "
+            f"{words.new} instead of {words.resume} to write to a new directory, or {back}"
+        )
+
+    def __str__(self) -> str:
+        return self.render(PYTHON_WORDS)
+
+
 def prepare_output(
-    output: str | os.PathLike[str], *, on_conflict: OnConflict, fingerprint: Mapping[str, Any]
+    output: str | os.PathLike[str],
+    *,
+    on_conflict: OnConflict,
+    fingerprint: Mapping[str, Any],
+    options: Mapping[str, Any],
 ) -> OutputLayout:
     """Check the output before any work starts; return where this run writes.
+
+    An output whose earlier run wrote no chunk (it failed to start) is reused as if empty,
+    with a log line, unless ``on_conflict="new"``: nothing in it depends on its settings.
 
     Parameters
     ----------
@@ -170,12 +284,16 @@ def prepare_output(
         match ``fingerprint``), or write to a new sibling directory named with the time.
     fingerprint : mapping
         The settings that change results.
+    options : mapping
+        This run's options, by their keyword in ``analyze`` (stored in ``buzzdask.json`` as
+        ``options``): a refused resume names the earlier ones that differ.
 
     Raises
     ------
     OutputConflictError
-        If the output holds results and ``on_conflict="error"``, or holds something that is not a
-        buzzdask output, or a resume's settings differ (the message names each difference).
+        Its argument an :class:`OutputConflict`: the output holds results and
+        ``on_conflict="error"``, or holds something that is not a buzzdask output, or a
+        resume's settings differ (the message names each difference and both ways on).
     """
     if on_conflict not in ("error", "resume", "new"):
         raise ParameterError(
@@ -183,8 +301,11 @@ def prepare_output(
         )
     layout = OutputLayout(output)
     if layout.root.exists() and not layout.root.is_dir():
-        raise OutputConflictError(f"output {layout.root} exists and is not a directory")
-    holds_anything = layout.root.is_dir() and any(layout.root.iterdir())
+        raise OutputConflictError(OutputConflict(layout.root, "not a directory"))
+    # The run's log alone (a run that stopped before its metadata) holds no results.
+    holds_anything = layout.root.is_dir() and any(
+        path != layout.log for path in layout.root.iterdir()
+    )
     if not holds_anything:
         return layout
     if on_conflict == "new":
@@ -196,26 +317,35 @@ def prepare_output(
             counter += 1
         return OutputLayout(candidate)
     if not layout.metadata.exists():
-        raise OutputConflictError(
-            f"output {layout.root} is not empty and holds no buzzdask results; "
-            "choose an empty or new directory"
+        raise OutputConflictError(OutputConflict(layout.root, "not buzzdask"))
+    if not layout.holds_chunks():
+        logger.warning(
+            "reusing %s: the run that created it wrote no chunk, so nothing in it depends on "
+            "its settings",
+            layout.root,
         )
+        return layout
     if on_conflict == "error":
-        raise OutputConflictError(
-            f"output {layout.root} already holds results; pass on_conflict='resume' "
-            "(CLI --resume) to finish that run, on_conflict='new' (CLI --new) to write to a "
-            "new timestamped directory, or choose another output"
-        )
-    previous = json.loads(layout.metadata.read_text(encoding="utf-8")).get("fingerprint", {})
-    differing = [
-        f"{key}: {previous.get(key)!r} before, {value!r} now"
+        chunks = len(layout.journal_entries())
+        raise OutputConflictError(OutputConflict(layout.root, "holds results", chunks=chunks))
+    previous = json.loads(layout.metadata.read_text(encoding="utf-8"))
+    before = previous.get("fingerprint", {})
+    differences = tuple(
+        (key, before.get(key), value)
         for key, value in fingerprint.items()
-        if previous.get(key) != value
-    ]
-    if differing:
+        if before.get(key) != value
+    )
+    if differences:
+        earlier = previous.get("options", {})
         raise OutputConflictError(
-            f"cannot resume into {layout.root}: settings differ ({'; '.join(differing)}); "
-            "use the earlier settings or a new output"
+            OutputConflict(
+                layout.root,
+                "settings differ",
+                differences=differences,
+                earlier=tuple(
+                    (name, value) for name, value in earlier.items() if options.get(name) != value
+                ),
+            )
         )
     return layout
 

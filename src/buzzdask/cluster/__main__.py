@@ -82,9 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown command {args.command[0]!r}: only 'analyze ...' can follow")
     from buzzdask import cli
     from buzzdask.cluster import dashboard_hints, job_scripts, start
+    from buzzdask.logs import quiet_environment
 
+    verbosity = 0
     if args.command:  # check analyze's options before any job is submitted
-        cli.build_parser().parse_args(args.command)
+        analyze = cli.build_parser().parse_args(args.command)
+        verbosity = 2 if analyze.debug else 1 if analyze.verbose else 0
+    quiet_environment(verbosity)  # before the cluster starts: its chatter too
     options = JobOptions.keywords(args)
     if args.in_job:  # a task of the --print-batch-script job
         from buzzdask.cluster.batch import WorkerShare, run_in_job

@@ -243,9 +243,10 @@ def _resolve(
     embedder: str | None,
     base: Settings,
 ) -> TrainingInputs:
-    """Resolve the embedder, read the labels, find the files."""
-    spec_embedder = resolve_embedder(embedder_name, handle=embedder, settings=base)
-    spec = spec_embedder.frame_spec(settings["frame_hop_s"])
+    """Read the labels, find the files, check the output, then resolve the embedder.
+
+    The local checks come first: they take no time, and a TF Hub embedder may be downloaded.
+    """
     table = read_labels(labels, group_column=settings["group_column"])
     label_classes = sorted(table["label"].unique())
     files = collect_files(
@@ -264,6 +265,8 @@ def _resolve(
         else None,
     )
     output_path = _check_output(output)
+    spec_embedder = resolve_embedder(embedder_name, handle=embedder, settings=base)
+    spec = spec_embedder.frame_spec(settings["frame_hop_s"])
     cache = EmbeddingCache(base.train.cache_dir, embedder=spec_embedder, spec=spec)
     return TrainingInputs(
         labels=labels,

@@ -1,0 +1,240 @@
+"""Where log lines go: a quiet console, ``OUTPUT/buzzdask.log``, and the workers' lines.
+
+Verbosity, the same in every process (client, local and SLURM workers):
+
+- 0 (default): the console shows buzzdask's warnings and errors; TensorFlow's C++ log, absl,
+  gRPC and Dask's own loggers show errors at most (TensorFlow's C++ nothing below FATAL).
+- 1 (``-v``): also buzzdask's per-chunk lines, and the others' warnings (Dask's nannies).
+- 2 (``--debug``): everything, at INFO and below.
+
+Below 2, the workers of a LocalCluster in this process send their stderr (TensorFlow's C++ lines
+as it loads: oneDNN, ``cudart_stub``) to the run's log instead of the console.
+
+Whatever the verbosity, each run's ``buzzdask.log`` gets buzzdask's INFO lines from the client
+and, forwarded as they happen, from the workers.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from distributed import LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from buzzdask.errors import BuzzdaskError
+from buzzdask.progress import TqdmHandler, logger
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = [
+    "WorkerLogging",
+    "check_main_guard",
+    "configure_console",
+    "quiet_environment",
+    "run_log",
+]
+
+# Read by TensorFlow's C++ and gRPC when they load, so set before TensorFlow is imported and
+# before worker processes start (they inherit it); a value the user set is kept.
+_ENVIRONMENT = {
+    "TF_CPP_MIN_LOG_LEVEL": ("3", "1", "0"),
+    "GRPC_VERBOSITY": ("ERROR", "ERROR", "INFO"),
+}
+# Python loggers of the libraries buzzdask runs, by verbosity.
+_THIRD_PARTY = ("distributed", "absl", "tensorflow", "h5py", "bokeh", "tornado")
+_THIRD_PARTY_LEVEL = (logging.ERROR, logging.WARNING, logging.INFO)
+_BUZZDASK_LEVEL = (logging.WARNING, logging.INFO, logging.DEBUG)
+_FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s%(where)s: %(message)s"
+
+_configured: list[int] = []  # the verbosity configure_console chose, if it ran
+
+
+def quiet_environment(verbosity: int | None = None) -> None:
+    """Silence TensorFlow, absl, gRPC and Dask in this process and in workers it starts.
+
+    Parameters
+    ----------
+    verbosity : {0, 1, 2}, optional
+        See the module's docstring; default: the command line's (:func:`configure_console`),
+        else 0. Environment variables the user set are left alone.
+    """
+    if verbosity is None:
+        verbosity = _configured[-1] if _configured else 0
+    for name, values in _ENVIRONMENT.items():
+        os.environ.setdefault(name, values[verbosity])
+    for name in _THIRD_PARTY:
+        logging.getLogger(name).setLevel(_THIRD_PARTY_LEVEL[verbosity])
+
+
+def configure_console(verbosity: int) -> None:
+    """The command line's console: buzzdask's lines at ``verbosity``, the others quiet.
+
+    Parameters
+    ----------
+    verbosity : {0, 1, 2}
+        0 (default), 1 (``-v``) or 2 (``--debug``); see the module's docstring.
+    """
+    _configured.append(verbosity)
+    quiet_environment(verbosity)
+    for old in [h for h in logger.handlers if isinstance(h, TqdmHandler)]:
+        logger.removeHandler(old)  # main() run again in one process
+    handler = TqdmHandler(level=_BUZZDASK_LEVEL[verbosity])
+    handler.setFormatter(logging.Formatter("buzzdask: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(_BUZZDASK_LEVEL[verbosity])
+
+
+class _WhereFilter(logging.Filter):
+    """Fill ``%(where)s``: `` [worker ADDRESS]`` on a line forwarded from a worker."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        worker = getattr(record, "worker", None)
+        record.where = f" [worker {worker}]" if worker else ""
+        return True
+
+
+class WorkerLogging(WorkerPlugin):
+    """On each worker: the client's quiet libraries, and buzzdask's INFO lines handled (forwarded).
+
+    Made on the client, it carries the client's settings (environment, library log level).
+    Registered before the scorers load TensorFlow, so its environment applies there too: SLURM
+    workers, started by their job script, get the client's verbosity this way.
+    """
+
+    name = "buzzdask-logging"
+
+    def __init__(self, *, stderr: Path | None = None) -> None:
+        self.environment = {name: os.environ[name] for name in _ENVIRONMENT if name in os.environ}
+        self.level = logging.getLogger(_THIRD_PARTY[0]).getEffectiveLevel()
+        self.stderr = stderr
+
+    def setup(self, worker: Any) -> None:
+        """Apply the client's settings in this worker process; send its fd 2 to ``stderr``."""
+        if self.stderr is not None:
+            # TensorFlow's C++ logs as its libraries load, before any setting is read
+            # (oneDNN, cudart_stub): only the file descriptor can keep it off the console.
+            log = os.open(self.stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.dup2(log, 2)
+            os.close(log)
+        os.environ.update(self.environment)
+        for name in _THIRD_PARTY:
+            logging.getLogger(name).setLevel(self.level)
+        logger.setLevel(logging.INFO)
+
+
+@contextmanager
+def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[None]:
+    """Log the run into ``path``: the client's buzzdask lines and the workers' (forwarded).
+
+    Workers' lines are forwarded as they are logged (``Client.forward_logging``), not fetched at
+    the end (``get_worker_logs``): what was logged before a crash of the client or a worker is
+    already in the file, which is flushed line by line. An exception leaving the block is
+    written with its traceback (to the file only: the caller reports it).
+
+    Parameters
+    ----------
+    path : Path
+        The log file (appended to: a resumed run continues it).
+    client : distributed.Client
+        The run's client; its workers get :class:`WorkerLogging` and forward buzzdask's lines.
+    verbose : bool, default: False
+        With no console handler configured (the Python API), show buzzdask's INFO lines on
+        stderr for the run, not only its warnings.
+
+    Notes
+    -----
+    Workers of a ``LocalCluster`` started in this process write to this process's console:
+    but with ``--debug``, their stderr goes to ``path`` too (TensorFlow's C++ lines).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    handler.addFilter(_WhereFilter())
+    handlers: list[logging.Handler] = [handler]
+    if not logger.handlers:  # the console that the logger's last resort would have been
+        handlers.append(TqdmHandler(level=_BUZZDASK_LEVEL[int(verbose)]))
+        handlers[-1].setFormatter(logging.Formatter("buzzdask: %(message)s"))
+    old_level = logger.level
+    logger.setLevel(min(logging.INFO, old_level or logging.WARNING))
+    for added in handlers:
+        logger.addHandler(added)
+    local = isinstance(getattr(client, "cluster", None), LocalCluster)
+    quiet = local and not (_configured and _configured[-1] == 2)
+    client.register_plugin(WorkerLogging(stderr=path if quiet else None))
+    client.forward_logging("buzzdask", level=logging.INFO)
+    try:
+        yield
+    except BaseException as error:
+        handler.handle(
+            logger.makeRecord(
+                logger.name, logging.ERROR, __file__, 0, "run failed: %r", (error,), sys.exc_info()
+            )
+        )
+        raise
+    finally:
+        for added in handlers:
+            logger.removeHandler(added)
+        logger.setLevel(old_level)
+        handler.close()
+
+
+def check_main_guard() -> None:
+    """Refuse to start a local cluster from a script's top level without a ``__main__`` guard.
+
+    Worker processes are spawned: each imports the script again, which without the guard
+    would start a cluster of its own (hundreds of lines, then ``Nanny failed to start``).
+
+    Raises
+    ------
+    BuzzdaskError
+        Called from a spawned process's import of the script, or from module-level code of the
+        running script that is not under ``if __name__ == "__main__":``.
+    """
+    if multiprocessing.parent_process() is not None and "__mp_main__" in sys.modules:
+        raise BuzzdaskError(_GUARD_FIX.format(script=sys.modules["__mp_main__"].__file__))
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and not (
+        main is not None and frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"
+    ):
+        frame = frame.f_back
+    # multiprocessing's spawn does not run a package's __main__ again (python -m buzzdask).
+    spec_name = getattr(getattr(main, "__spec__", None), "name", "")
+    if frame is None or script is None or spec_name.endswith("__main__"):
+        return
+    try:
+        tree = ast.parse(Path(script).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return
+    if not any(_guards(node, frame.f_lineno) for node in tree.body):
+        raise BuzzdaskError(_GUARD_FIX.format(script=script))
+
+
+_GUARD_FIX = (
+    "{script} starts a local Dask cluster at its top level: put the call under "
+    "'if __name__ == \"__main__\":' (the cluster's worker processes import the script again), "
+    "or pass client= a Client of a cluster started elsewhere"
+)
+
+
+def _guards(node: ast.stmt, line: int) -> bool:
+    """Whether ``node`` is ``if __name__ == "__main__":`` and holds source line ``line``."""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    sides = [node.test.left, *node.test.comparators]
+    names = {s.id for s in sides if isinstance(s, ast.Name)}
+    values = {s.value for s in sides if isinstance(s, ast.Constant)}
+    inside = node.lineno <= line <= (node.end_lineno or node.lineno)
+    return names == {"__name__"} and values == {"__main__"} and inside

@@ -1,0 +1,87 @@
+"""The console a user sees (quiet by default, chunk lines with -v) and each run's buzzdask.log."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+from buzzdask.cli import EXIT_FILES_FAILED, EXIT_OK
+from tests.conftest import requires_ffmpeg
+from tests.test_cli import buzzdask_cli
+
+# What TensorFlow, absl, CUDA and Dask print when nothing silences them.
+NOISE = re.compile(r"E0000|W0000|I0000|cuInit|oneDNN|cudart|absl|Nanny|nanny|distributed\.")
+TENSORFLOW = re.compile(r"[EWI]0000|cuInit|oneDNN|cudart")
+CHUNK_LINES = ("decoding ", "scoring ", "written ")
+
+
+def _analyze(tmp_path, tiny_model, tiny_embedder, *flags: str) -> subprocess.CompletedProcess[str]:
+    return buzzdask_cli(
+        "analyze", str(tmp_path / "audio"),
+        "--model", str(tiny_model),
+        "--embedder", str(tiny_embedder),
+        "--output", str(tmp_path / "out"),
+        "--no-progress",
+        *flags,
+    )  # fmt: skip
+
+
+@requires_ffmpeg
+def test_default_console_is_quiet_and_the_log_has_every_chunk(
+    tmp_path, make_audio, tiny_model, tiny_embedder
+):
+    make_audio("good.wav", n_samples=16000 * 3)
+    (tmp_path / "audio" / "broken.wav").write_bytes(b"RIFF not really audio")
+    done = _analyze(tmp_path, tiny_model, tiny_embedder)
+    assert done.returncode == EXIT_FILES_FAILED, done.stderr
+    assert not NOISE.search(done.stderr), done.stderr
+    assert not any(line in done.stderr for line in CHUNK_LINES), done.stderr
+    assert "broken.wav" in done.stderr  # the failure is still reported, once, plainly
+    log = (tmp_path / "out" / "buzzdask.log").read_text()
+    for line in CHUNK_LINES:
+        assert f"{line}good.wav" in log, log
+    assert "broken.wav" in log and "WARNING" in log, log
+
+
+@requires_ffmpeg
+def test_verbose_shows_the_chunk_lines(tmp_path, make_audio, tiny_model, tiny_embedder):
+    make_audio("good.wav", n_samples=16000 * 3)
+    done = _analyze(tmp_path, tiny_model, tiny_embedder, "-v")
+    assert done.returncode == EXIT_OK, done.stderr
+    for line in CHUNK_LINES:
+        assert f"buzzdask: {line}good.wav" in done.stderr, done.stderr
+    assert not TENSORFLOW.search(done.stderr), done.stderr  # that is --debug's
+
+
+@requires_ffmpeg
+def test_a_script_without_main_guard_gets_one_line(tmp_path, make_audio, tiny_model, tiny_embedder):
+    make_audio("good.wav", n_samples=16000 * 3)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(f"""
+            import buzzdask
+
+            buzzdask.analyze(
+                {str(tmp_path / "audio")!r},
+                {str(tiny_model)!r},
+                embedder={str(tiny_embedder)!r},
+                output={str(tmp_path / "out")!r},
+                progress=False,
+            )
+        """)
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"},
+    )
+    assert done.returncode != 0
+    assert "Nanny" not in done.stderr, done.stderr
+    fix = [line for line in done.stderr.splitlines() if '__name__ == "__main__"' in line]
+    assert len(fix) == 1 and str(script) in fix[0], done.stderr
+    assert len(done.stderr.splitlines()) < 30, done.stderr

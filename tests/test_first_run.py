@@ -1,0 +1,174 @@
+"""A first run as a new user makes it, through the CLI: no audio is an error, and no dead ends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+
+import buzzdask
+from buzzdask import InputError, OutputConflictError
+from buzzdask.cli import EXIT_ERROR, EXIT_OK
+from tests.conftest import CLASSES, requires_ffmpeg
+from tests.test_cli import buzzdask_cli
+
+FRAME = 15360
+CLUSTER_LINE = "started a local Dask cluster"
+
+
+def timed_cli(*args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    started = time.perf_counter()
+    done = buzzdask_cli(*args)
+    return time.perf_counter() - started, done
+
+
+@pytest.mark.parametrize("folder", ["empty", "mistyped", "text_only"])
+def test_no_audio_fails_fast_before_any_cluster(tmp_path, tiny_model, tiny_embedder, folder):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    if folder == "text_only":
+        for name in ("a.txt", "b.txt", "notes.md", ".DS_Store", "c.wav.partial"):
+            (audio / name).write_text("not audio")
+    given = tmp_path / "audoi" if folder == "mistyped" else audio
+    seconds, done = timed_cli(
+        "analyze", str(given),
+        "--model", str(tiny_model),
+        "--embedder", str(tiny_embedder),
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert done.returncode == EXIT_ERROR, done.stderr
+    assert seconds < 10
+    assert CLUSTER_LINE not in done.stdout + done.stderr
+    assert not (tmp_path / "out").exists()
+    if folder == "mistyped":
+        assert f"input path(s) not found: {given}" in done.stderr
+        return
+    assert f"no audio files in {audio}" in done.stderr
+    assert ".wav" in done.stderr and "buzzdask.extensions" in done.stderr
+    if folder == "text_only":
+        assert "5 skipped: 3 other suffix (a.txt, b.txt, notes.md)" in done.stderr
+        assert "1 hidden (.DS_Store)" in done.stderr
+        assert "1 partial transfer (c.wav.partial)" in done.stderr
+    else:
+        assert "they hold no files" in done.stderr
+
+
+@requires_ffmpeg
+def test_other_files_beside_audio_are_counted(
+    make_audio, dask_client, tiny_model, tiny_embedder, tmp_path, caplog
+):
+    make_audio("a.wav", n_samples=2 * FRAME)
+    (tmp_path / "audio" / "field notes.txt").write_text("rain at 10:00")
+    (tmp_path / "audio" / ".DS_Store").write_text("")  # hidden: not news
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        result = buzzdask.analyze(
+            tmp_path / "audio",
+            tiny_model,
+            output=tmp_path / "out",
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            progress=False,
+        )
+    assert result.ok and len(result.to_pandas()) == 2
+    assert result.summary["files_skipped"] == 1
+    assert "1 skipped: 1 other suffix (field notes.txt)" in caplog.text
+
+
+@requires_ffmpeg
+def test_a_failed_start_leaves_an_output_the_right_command_reuses(
+    make_audio, dask_client, tiny_model, tiny_embedder, tmp_path
+):
+    from tests.model_fixtures import build_tiny_head
+
+    make_audio("a.wav", n_samples=3 * FRAME)
+    narrow = build_tiny_head(tmp_path / "narrow", classes=CLASSES, embedding_size=16)
+    out = tmp_path / "out"
+    args = [
+        "analyze", str(tmp_path / "audio"),
+        "--embedder", str(tiny_embedder),
+        "--output", str(out),
+        "--scheduler", dask_client.scheduler.address,
+        "--no-progress",
+    ]  # fmt: skip
+    failed = buzzdask_cli(*args, "--model", str(narrow))
+    assert failed.returncode == EXIT_ERROR
+    assert "embeddings but the head" in failed.stderr
+    assert not (out / "scores").exists()
+    # Caught on a worker, the run had written buzzdask.json ("running"); on the client, nothing.
+    started = (out / "buzzdask.json").exists()
+
+    # The right model and another chunk size: nothing was scored, so both are fine.
+    right = buzzdask_cli(*args, "--model", str(tiny_model), "--chunk-seconds", "1")
+    assert right.returncode == EXIT_OK, right.stderr
+    assert (f"reusing {out}: the run that created it wrote no chunk" in right.stderr) == started
+    assert "1/1 files" in right.stdout
+    assert len(pd.read_parquet(out / "scores", partitioning=None)) == 3
+
+    again = buzzdask_cli(*args, "--model", str(tiny_model), "--chunk-seconds", "1")
+    assert again.returncode == EXIT_ERROR
+    assert "already holds results (3 chunks done)" in again.stderr
+    assert "--resume" in again.stderr and "--new" in again.stderr and "--output" in again.stderr
+    assert "on_conflict" not in again.stderr
+
+    differ = buzzdask_cli(
+        *args, "--model", str(tiny_model), "--resume", "--threshold", "ins_buzz=1"
+    )
+    assert differ.returncode == EXIT_ERROR
+    assert "frames_per_chunk: 1 before, 625 now" in differ.stderr
+    assert "thresholds: {} before, {'ins_buzz': 1.0} now" in differ.stderr
+    assert "pass --new instead of --resume" in differ.stderr
+    assert "--chunk-seconds 0.96 no --threshold" in differ.stderr
+    assert "on_conflict" not in differ.stderr
+
+    with pytest.raises(OutputConflictError) as python:
+        buzzdask.analyze(
+            tmp_path / "audio",
+            tiny_model,
+            output=out,
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            on_conflict="resume",
+            progress=False,
+        )
+    assert "pass on_conflict='new' instead of on_conflict='resume'" in str(python.value)
+    assert "chunk_seconds=0.96" in str(python.value)
+    assert "--" not in str(python.value).replace(str(out), "")
+
+
+@requires_ffmpeg
+@pytest.mark.parametrize("on_conflict", ["error", "resume"])
+def test_an_output_without_chunks_is_reused_whatever_its_settings(
+    make_audio, dask_client, tiny_model, tiny_embedder, tmp_path, caplog, on_conflict
+):
+    make_audio("a.wav", n_samples=2 * FRAME)
+    out = tmp_path / "out"
+    out.mkdir()
+    # What a run that failed as its scorers started leaves: metadata, no journal, no partition.
+    started = {"status": "running", "fingerprint": {"frames_per_chunk": 1}, "options": {}}
+    (out / "buzzdask.json").write_text(json.dumps(started))
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        result = buzzdask.analyze(
+            tmp_path / "audio",
+            tiny_model,
+            output=out,
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            on_conflict=on_conflict,
+            progress=False,
+        )
+    assert result.output == out and len(result.to_pandas()) == 2
+    assert f"reusing {out}" in caplog.text
+
+
+def test_no_audio_in_python_is_an_input_error(tmp_path, tiny_model, tiny_embedder):
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "readme.txt").write_text("")
+    with pytest.raises(InputError, match=r"no audio files in .*1 other suffix \(readme.txt\)"):
+        buzzdask.analyze(
+            tmp_path / "audio", tiny_model, output=tmp_path / "out", embedder=str(tiny_embedder)
+        )
+    assert not (tmp_path / "out").exists()
