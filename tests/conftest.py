@@ -215,6 +215,25 @@ def field_like(n_samples: int, rate: int, channels: int = 1, *, seed: int = 0) -
 
 
 @pytest.fixture
+def run(dask_client, tiny_embedder, tiny_model, tmp_path):
+    """analyze() on the session's cluster with the tiny models."""
+    import buzzdask
+
+    def run_analyze(paths, *, output=None, embedder=None, model=None, **options):
+        options.setdefault("progress", False)
+        return buzzdask.analyze(
+            paths,
+            model or tiny_model,
+            output=output or tmp_path / "results",
+            client=dask_client,
+            embedder=str(embedder or tiny_embedder),
+            **options,
+        )
+
+    return run_analyze
+
+
+@pytest.fixture
 def make_audio(tmp_path: Path) -> Callable[..., Path]:
     """Write a generated recording with an exact number of samples, in any format ffmpeg writes."""
 

@@ -31,24 +31,6 @@ pytestmark = requires_ffmpeg
 FRAME = 15360  # samples in one 0.96 s frame at 16 kHz
 
 
-@pytest.fixture
-def run(dask_client, tiny_embedder, tiny_model, tmp_path):
-    """analyze() on the session's cluster with the tiny models."""
-
-    def run_analyze(paths, *, output=None, embedder=None, model=None, **options):
-        options.setdefault("progress", False)
-        return buzzdask.analyze(
-            paths,
-            model or tiny_model,
-            output=output or tmp_path / "results",
-            client=dask_client,
-            embedder=str(embedder or tiny_embedder),
-            **options,
-        )
-
-    return run_analyze
-
-
 def activations(frame: pd.DataFrame) -> np.ndarray:
     return frame[[f"activation_{c}" for c in CLASSES]].to_numpy()
 

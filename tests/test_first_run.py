@@ -58,21 +58,12 @@ def test_no_audio_fails_fast_before_any_cluster(tmp_path, tiny_model, tiny_embed
 
 
 @requires_ffmpeg
-def test_other_files_beside_audio_are_counted(
-    make_audio, dask_client, tiny_model, tiny_embedder, tmp_path, caplog
-):
+def test_other_files_beside_audio_are_counted(run, make_audio, tmp_path, caplog):
     make_audio("a.wav", n_samples=2 * FRAME)
     (tmp_path / "audio" / "field notes.txt").write_text("rain at 10:00")
     (tmp_path / "audio" / ".DS_Store").write_text("")  # hidden: not news
     with caplog.at_level(logging.WARNING, logger="buzzdask"):
-        result = buzzdask.analyze(
-            tmp_path / "audio",
-            tiny_model,
-            output=tmp_path / "out",
-            client=dask_client,
-            embedder=str(tiny_embedder),
-            progress=False,
-        )
+        result = run(tmp_path / "audio")
     assert result.ok and len(result.to_pandas()) == 2
     assert result.summary["files_skipped"] == 1
     assert "1 skipped: 1 other suffix (field notes.txt)" in caplog.text

@@ -94,17 +94,10 @@ def _tensor_float_32() -> bool:
 
 @requires_ffmpeg
 def test_scorer_turns_tensor_float_32_off_and_records_its_device(
-    dask_client, make_audio, tmp_path, tiny_embedder, tiny_model
+    run, dask_client, make_audio, tmp_path
 ):
     make_audio("a.wav", n_samples=3 * FRAME)
-    result = buzzdask.analyze(
-        tmp_path / "audio",
-        tiny_model,
-        output=tmp_path / "out",
-        client=dask_client,
-        embedder=str(tiny_embedder),
-        progress=False,
-    )
+    result = run(tmp_path / "audio")
     scorers = result.summary["scorers"]
     assert scorers and {s["device"] for s in scorers} == {"CPU"}
     assert result.metadata["summary"]["scorers"] == scorers  # buzzdask.json holds them too
