@@ -31,7 +31,7 @@ from buzzdask.inputs import InputFile, describe_skipped, scan
 from buzzdask.ledger import FileLedger, FileState
 from buzzdask.logs import quiet_environment, run_log
 from buzzdask.models import ModelSpec, resolve_model
-from buzzdask.pipeline import Budget, ChunkJob, ChunkPipeline, outcome
+from buzzdask.pipeline import Budget, ChunkPipeline, outcome
 from buzzdask.progress import Progress
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
@@ -300,7 +300,7 @@ def _run(
         decode=_decoder(settings),
         score=functools.partial(score_chunks, writer=ledger.writer()),
         score_prefix="score",
-        on_result=functools.partial(_written, ledger),
+        on_result=ledger.scored,
         on_failure=ledger.chunk_failed,
         score_keywords=lambda jobs: {"targets": ledger.targets(jobs)},
     )
@@ -318,11 +318,6 @@ def _run(
     ledger.progress.close()
     pool.refresh(finished=True)
     return pool, pipeline.budget
-
-
-def _written(ledger: FileLedger, job: ChunkJob, result: tuple[int, int, str]) -> None:
-    ledger.scored(job, result)
-    logger.info("written %s: %d frames", job.label, result[1])
 
 
 def _probed(ledger: FileLedger, pipeline: ChunkPipeline, state: FileState, future: Any) -> None:

@@ -159,6 +159,7 @@ class FileLedger:
             size=state.info.size_bytes,
             mtime_ns=state.info.mtime_ns,
         )
+        logger.info("written %s: %d frames", job.label, n_frames)
         if messages:
             self.errors.append(
                 {
