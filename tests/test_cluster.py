@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from tests.conftest import (
     requires_slurm,
     when_scoring_started,
 )
+from tests.test_console import NOISE
 
 OSC = {
     "osc-cardinal": {"cpu_partition": "cpu", "gpu_partition": "gpu"},
@@ -383,6 +385,17 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(local_slurm, slurm_
         _same_frames(result, reference)
         # The actor lives on the GPU worker, decoding happens on the CPU worker.
         assert [s["worker"] for s in result.summary["scorers"]] == [gpu_worker]
+        # The buzzdask page, served by this cluster's dashboard, has the run's numbers.
+        page = client.dashboard_link.rsplit("/status", 1)[0] + "/buzzdask/status.json"
+        with urllib.request.urlopen(page, timeout=10) as answer:
+            (shown,) = json.loads(answer.read())["runs"]
+        assert (shown["status"], shown["files_done"], shown["files_failed"]) == ("finished", 3, 0)
+        assert shown["scorers"] == {
+            gpu_worker: {
+                "frames": 90,
+                "frames_per_s": pytest.approx(shown["scorers"][gpu_worker]["frames_per_s"]),
+            }
+        }
 
         # Scale CPU jobs up and down; the GPU job stays.
         cluster = client.cluster
@@ -587,6 +600,12 @@ def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path
     assert "dashboard: http://" in done.stdout
     assert "3/3 files" in done.stdout
     assert_same_frames(_read_scores(tmp_path / "out"), reference)
+    # Quiet on the console; the workers' chatter is in their job logs, their lines in the run's.
+    assert not NOISE.search(done.stderr), done.stderr
+    job_logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("buzzdask-gpu-*.err"))
+    assert "Start worker" in job_logs
+    run_log = (tmp_path / "out" / "buzzdask.log").read_text()
+    assert "written f0.wav" in run_log
     _assert_no_jobs_left()
 
 

@@ -7,9 +7,13 @@ export, ``SLURM_EXPORT_ENV``). The dashboards are real, and so are the SLURM job
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+import threading
+import time
+import urllib.error
 import urllib.request
 
 import dask
@@ -21,7 +25,9 @@ from buzzdask.cluster.slurm import LMOD_INIT
 from buzzdask.dashboard import ONDEMAND_PROXY, dashboard_links, in_ondemand, local_dashboard_lines
 from buzzdask.session import connect
 from buzzdask.settings import LocalClusterSettings
-from tests.conftest import requires_slurm
+from tests.conftest import requires_ffmpeg, requires_slurm
+
+FRAME = 15360  # samples of one 0.96 s frame at 16 kHz
 
 OSC_CONFIGS = ["osc-cardinal", "osc-ascend", "osc-pitzer"]
 NODE = "c0312.ten.osc.edu"  # the form of `hostname` on an OSC compute node
@@ -73,7 +79,10 @@ def test_ondemand_link_has_the_documented_form():
     # The session's own host (what OnDemand's Jupyter link uses) wins over the short name.
     assert links.direct == f"http://{NODE}:40123/status"
     assert links.tunnel is None  # no login host known
-    assert links.lines()[-1] == f"  in a browser logged in to OnDemand: {links.ondemand}"
+    assert links.lines()[-2:] == [
+        f"  in a browser logged in to OnDemand: {links.ondemand}",
+        f"  buzzdask page through OnDemand: https://ondemand.osc.edu/rnode/{NODE}/40123/buzzdask",
+    ]
 
 
 def test_links_outside_ondemand():
@@ -131,9 +140,11 @@ def test_hints_for_an_osc_configuration_in_a_notebook(notebook_env, dashboard_cl
     lines = dashboard_hints(dashboard_client, "osc-cardinal")
     assert lines == [
         f"dashboard: http://{NODE}:{port}/status",
+        f"  buzzdask page: http://{NODE}:{port}/buzzdask",
         f"  from your computer: ssh -N -L {port}:{NODE}:{port} bee@cardinal.osc.edu, "
         f"then open http://localhost:{port}/status",
         f"  in a browser logged in to OnDemand: https://ondemand.osc.edu/rnode/{NODE}/{port}/status",
+        f"  buzzdask page through OnDemand: https://ondemand.osc.edu/rnode/{NODE}/{port}/buzzdask",
     ]
 
 
@@ -212,3 +223,60 @@ def test_worker_job_submitted_from_a_notebook_connects(
         assert called.read_text().strip() == "load ffmpeg"  # the exported module function ran
     finally:
         client.shutdown()
+
+
+# -- the buzzdask page -------------------------------------------------------------------------
+
+
+def _fetch_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+@requires_ffmpeg
+def test_buzzdask_page_shows_the_run_live_on_a_local_cluster(
+    run, make_audio, dask_client, tmp_path
+):
+    for seed in range(4):
+        make_audio(f"site{seed % 2}/f{seed}.wav", n_samples=40 * FRAME, seed=seed)
+    (tmp_path / "audio" / "broken.wav").write_bytes(b"RIFF not really")
+    base = dask_client.dashboard_link.rsplit("/status", 1)[0]
+    output = tmp_path / "out"
+    seen: list[dict] = []
+    running = threading.Event()
+
+    def poll() -> None:
+        while not running.is_set():
+            try:  # 404 until analyze() adds the page
+                runs = _fetch_json(f"{base}/buzzdask/status.json")["runs"]
+            except urllib.error.HTTPError as error:
+                assert error.code == 404 and not seen
+                runs = []
+            seen.extend(found for found in runs if found["output"] == str(output))
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        result = run(tmp_path / "audio", output=output, chunk_seconds=1.0)
+    finally:
+        time.sleep(0.5)
+        running.set()
+        poller.join()
+
+    live = [s for s in seen if s["status"] == "running" and 0 < s["audio_done_s"]]
+    assert live, "the page never showed the run while it ran"
+    assert live[0]["audio_left_s"] > 0 and live[0]["realtime_factor"] > 0
+    done = seen[-1]
+    assert done["status"] == "finished"
+    assert done["audio_done_s"] == pytest.approx(result.summary["audio_hours"] * 3600)
+    assert done["audio_left_s"] == 0
+    assert (done["files"], done["files_done"], done["files_failed"]) == (5, 5, 1)
+    assert sum(s["frames"] for s in done["scorers"].values()) == result.summary["frames"]
+    assert set(done["scorers"]) == {s["worker"] for s in result.summary["scorers"]}
+    assert done["errors"][0]["file"] == "broken.wav"
+    with urllib.request.urlopen(f"{base}/buzzdask", timeout=10) as answer:
+        page = answer.read().decode()
+    assert str(output) in page and "finished" in page and "broken.wav" in page
+    assert "<svg" in page  # the realtime factor over time
+    assert "href='status'" in page  # relative: it stays under OnDemand's /rnode/ prefix

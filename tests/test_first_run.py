@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import time
 
@@ -12,7 +13,8 @@ import pytest
 
 import buzzdask
 from buzzdask import InputError, OutputConflictError
-from buzzdask.cli import EXIT_ERROR, EXIT_OK
+from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
+from buzzdask.progress import format_audio
 from tests.conftest import CLASSES, requires_ffmpeg
 from tests.test_cli import buzzdask_cli
 
@@ -88,14 +90,14 @@ def test_a_failed_start_leaves_an_output_the_right_command_reuses(
     failed = buzzdask_cli(*args, "--model", str(narrow))
     assert failed.returncode == EXIT_ERROR
     assert "embeddings but the head" in failed.stderr
-    assert not (out / "scores").exists()
-    # Caught on a worker, the run had written buzzdask.json ("running"); on the client, nothing.
-    started = (out / "buzzdask.json").exists()
+    # Caught as the scorer loaded the model: the output holds the run's log and nothing else.
+    assert [p.name for p in out.iterdir()] == ["buzzdask.log"]
+    assert "embeddings but the head" in (out / "buzzdask.log").read_text()
 
     # The right model and another chunk size: nothing was scored, so both are fine.
     right = buzzdask_cli(*args, "--model", str(tiny_model), "--chunk-seconds", "1")
     assert right.returncode == EXIT_OK, right.stderr
-    assert (f"reusing {out}: the run that created it wrote no chunk" in right.stderr) == started
+    assert "reusing" not in right.stderr
     assert "1/1 files" in right.stdout
     assert len(pd.read_parquet(out / "scores", partitioning=None)) == 3
 
@@ -163,3 +165,33 @@ def test_no_audio_in_python_is_an_input_error(tmp_path, tiny_model, tiny_embedde
             tmp_path / "audio", tiny_model, output=tmp_path / "out", embedder=str(tiny_embedder)
         )
     assert not (tmp_path / "out").exists()
+
+
+@requires_ffmpeg
+def test_the_bar_ends_at_exactly_the_audio_analysed(
+    make_audio, dask_client, tiny_model, tiny_embedder, tmp_path
+):
+    make_audio("good.wav", n_samples=6 * FRAME)
+    # Its header promises 12 frames, the data holds 4: the probe overestimates.
+    cut = make_audio("cut.wav", n_samples=12 * FRAME)
+    cut.write_bytes(cut.read_bytes()[: 44 + 2 * 4 * FRAME + 100])
+    (tmp_path / "audio" / "broken.mp3").write_bytes(b"ID3 and nothing else")
+    out = tmp_path / "out"
+    done = buzzdask_cli(
+        "analyze", str(tmp_path / "audio"),
+        "--model", str(tiny_model),
+        "--embedder", str(tiny_embedder),
+        "--output", str(out),
+        "--scheduler", dask_client.scheduler.address,
+        "--chunk-seconds", "1",
+    )  # fmt: skip
+    assert done.returncode == EXIT_FILES_FAILED, done.stderr
+    bars = [line for line in re.split(r"[\r\n]", done.stderr) if "% |" in line or "%|" in line]
+    last = bars[-1]
+    summary = json.loads((out / "buzzdask.json").read_text())["summary"]
+    analysed = format_audio(summary["audio_hours"] * 3600)
+    assert analysed == "10 s"  # 6 + 4 frames of 0.96 s
+    assert last.startswith("100%|"), bars
+    assert f"| 3/3 files (1 failed), {analysed}/{analysed} audio, " in last
+    assert re.search(r"audio, [\d.,]+x realtime$", last.rstrip()), last
+    assert re.search(r"2/3 files, 10 s of audio in \d+\.\d s \([\d.,]+x realtime\)", done.stdout)

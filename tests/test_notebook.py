@@ -24,3 +24,8 @@ def test_notebook_executes(notebook: Path, monkeypatch, shared_dir) -> None:
         kernel_name="python3",
         resources={"metadata": {"path": str(notebook.parent)}},
     ).execute()
+    if notebook.name == "example.ipynb":
+        # analyze()'s progress bar is tqdm's notebook widget, not text in the cell's output.
+        outputs = [o for cell in book.cells if "buzzdask.analyze(" in cell.source
+                   for o in cell.get("outputs", [])]  # fmt: skip
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)

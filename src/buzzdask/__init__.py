@@ -21,10 +21,16 @@ from buzzdask.errors import (
     ScorerError,
     TransferError,
 )
+from buzzdask.exports import ExportResult, export
 from buzzdask.frames import FrameSpec
 from buzzdask.models import ModelSpec, resolve_model
+from buzzdask.plots import plot_activation, plot_daily_activity, plot_run
 from buzzdask.project import init_project
 from buzzdask.rclone import TransferResult, transfer, upload
+from buzzdask.recording_time import recording_start, recording_starts
+from buzzdask.results import Run, open_run
+from buzzdask.summaries import summarize
+from buzzdask.thresholds import resolve_thresholds, thresholds_for_precision
 from buzzdask.training import TrainingResult, train
 from buzzdask.watching import watch
 
@@ -37,17 +43,29 @@ __all__ = [
     # functions
     "analyze",
     "decode_file",
+    "export",
     "init_project",
+    "open_run",
+    "plot_activation",
+    "plot_daily_activity",
+    "plot_run",
     "probe_audio",
+    "recording_start",
+    "recording_starts",
     "resolve_model",
+    "resolve_thresholds",
+    "summarize",
+    "thresholds_for_precision",
     "transfer",
     "upload",
     "train",
     "watch",
     # classes
     "AnalysisResult",
+    "ExportResult",
     "FrameSpec",
     "ModelSpec",
+    "Run",
     "TransferResult",
     "TrainingResult",
     # exceptions and warnings

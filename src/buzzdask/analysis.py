@@ -15,7 +15,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,21 +23,25 @@ from typing import Any
 import pandas as pd
 from distributed import Client
 
+from buzzdask.dashboard_page import RunPublisher
 from buzzdask.decode import PREPROCESSING, AudioInfo, decode_chunk, probe_audio
-from buzzdask.errors import DecodeError, ParameterError
+from buzzdask.errors import DecodeError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile, describe_skipped, scan
 from buzzdask.ledger import FileLedger, FileState
+from buzzdask.lock import OutputLock, refuse_if_in_use
 from buzzdask.logs import quiet_environment, run_log
 from buzzdask.models import ModelSpec, resolve_model
 from buzzdask.pipeline import Budget, ChunkPipeline, outcome
 from buzzdask.progress import Progress
+from buzzdask.results import read_frames
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import connect, package_versions, task_key
 from buzzdask.settings import Settings, load_settings
 from buzzdask.staging import decode_chunk_staged
+from buzzdask.thresholds import ThresholdChoice, choose_thresholds
 from buzzdask.write import (
     ERROR_COLUMNS,
     OnConflict,
@@ -89,9 +93,7 @@ class AnalysisResult:
 
     def to_dask(self) -> Any:
         """All frames as a dask DataFrame (one partition per chunk file)."""
-        import dask.dataframe as dd
-
-        return dd.read_parquet(self.dataset, dataset={"partitioning": None})
+        return read_frames(self.dataset)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class _Plan:
     model: ModelSpec
     spec: FrameSpec
     frames_per_chunk: int
-    thresholds: dict[str, float]
+    thresholds: ThresholdChoice
     settings: Settings
     ffmpeg: FFmpegTools
 
@@ -116,6 +118,7 @@ def analyze(
     frame_hop_s: float | None = None,
     chunk_seconds: float | None = None,
     thresholds: Mapping[str, float] | None = None,
+    precision: float | None = None,
     on_conflict: OnConflict = "error",
     memory_budget: int | str | None = None,
     batch_frames: int | None = None,
@@ -143,7 +146,10 @@ def analyze(
     chunk_seconds : float > 0 [s], optional
         Audio per decode task, rounded down to whole hops. Results do not depend on it.
     thresholds : mapping of class -> float, optional
-        Adds ``detection_<class>`` columns: ``activation >= threshold``.
+        Adds ``detection_<class>`` columns: ``activation > threshold``, as buzzdetect and buzzr.
+    precision : float in (0, 1), optional
+        Instead of ``thresholds``: the thresholds the model's ``tests/metrics.csv`` gives for
+        this precision, as buzzdetect computes them (:func:`buzzdask.thresholds_for_precision`).
     on_conflict : {"error", "resume", "new"}, default: "error"
         When ``output`` already holds results: refuse, finish that run (skipping every chunk it
         completed), or write into a new timestamped sibling directory.
@@ -189,33 +195,56 @@ def analyze(
             "not audio under %s: %s", found.root, describe_skipped(found.visible_skipped)
         )
     root, inputs = found.root, found.files
-    plan = _plan(model, settings, embedder=embedder, frame_hop_s=frame_hop_s, thresholds=thresholds)
+    plan = _plan(
+        model,
+        settings,
+        embedder=embedder,
+        frame_hop_s=frame_hop_s,
+        thresholds=thresholds,
+        precision=precision,
+    )
     fingerprint = _fingerprint(plan)
+    if on_conflict != "new":  # a new run goes elsewhere when another holds the output
+        refuse_if_in_use(Path(output), stale_s=settings.lock_stale_seconds)
     layout = prepare_output(
         output, on_conflict=on_conflict, fingerprint=fingerprint, options=_options(plan)
     )
-    done = layout.read_journal() if on_conflict == "resume" else {}
     metadata = _metadata(plan, paths=paths, root=root, n_files=len(inputs))
     with (
+        OutputLock(layout.root, started=metadata["started"], stale_s=settings.lock_stale_seconds),
         connect(client, local=settings.local_cluster) as connected,
         run_log(layout.log, connected, verbose=verbose),
     ):
-        layout.root.mkdir(parents=True, exist_ok=True)
-        write_json(layout.metadata, metadata)
+        done = layout.read_journal() if on_conflict == "resume" else {}
         ledger = FileLedger(
             layout=layout,
             spec=plan.spec,
             classes=plan.model.classes,
-            thresholds=plan.thresholds,
+            thresholds=plan.thresholds.values,
             partition_metadata={
                 k: metadata[k]
                 for k in ("model", "embedder", "preprocessing", "fingerprint", "started")
             },
             frames_per_chunk=plan.frames_per_chunk,
             done=done,
-            progress=Progress(enabled=progress, verbose=verbose),
+            progress=Progress(
+                enabled=progress,
+                verbose=verbose,
+                files=len(inputs),
+                publish=RunPublisher(
+                    connected,
+                    {
+                        "output": str(layout.root),
+                        "model": plan.model.name,
+                        "host": platform.node(),
+                    },
+                ),
+            ),
         )
-        pool, budget = _run(connected, plan, ledger, inputs)
+        # buzzdask.json once a scorer has loaded the model: a run that cannot start leaves
+        # nothing but its log in the output.
+        started = functools.partial(write_json, layout.metadata, metadata)
+        pool, budget = _run(connected, plan, ledger, inputs, on_scorer_ready=started)
         metadata["versions"]["tensorflow"] = pool.tensorflow_version
         run_stats = {
             "peak_rss_bytes": _peak_rss(connected),
@@ -251,23 +280,23 @@ def _plan(
     embedder: str | None,
     frame_hop_s: float | None,
     thresholds: Mapping[str, float] | None,
+    precision: float | None,
 ) -> _Plan:
-    """Resolve the model and frame geometry and check the thresholds' classes."""
+    """Resolve the model and frame geometry and check the thresholds (or the precision's)."""
     spec_model = resolve_model(model, embedder=embedder, settings=settings)
     spec = spec_model.embedder.frame_spec(frame_hop_s)
-    thresholds = dict(thresholds or {})
-    unknown = sorted(set(thresholds) - set(spec_model.classes))
-    if unknown:
-        raise ParameterError(
-            f"thresholds for unknown class(es) {unknown}; the model's classes are "
-            f"{list(spec_model.classes)}"
-        )
+    choice = choose_thresholds(
+        model_dir=spec_model.path,
+        classes=spec_model.classes,
+        precision=precision,
+        thresholds=thresholds,
+    )
     ffmpeg = find_ffmpeg(ffmpeg=settings.ffmpeg, ffprobe=settings.ffprobe)
     return _Plan(
         model=spec_model,
         spec=spec,
         frames_per_chunk=spec.frames_per_chunk(settings.chunk_seconds),
-        thresholds=thresholds,
+        thresholds=choice,
         # Decode tasks run the ffmpeg found here, by its absolute path, on every node.
         settings=settings.with_overrides(ffmpeg=ffmpeg.ffmpeg),
         ffmpeg=ffmpeg,
@@ -275,7 +304,12 @@ def _plan(
 
 
 def _run(
-    client: Client, plan: _Plan, ledger: FileLedger, inputs: list[InputFile]
+    client: Client,
+    plan: _Plan,
+    ledger: FileLedger,
+    inputs: list[InputFile],
+    *,
+    on_scorer_ready: Callable[[], None],
 ) -> tuple[ScorerPool, Budget]:
     """Start the scorers, then probe, decode, score and write every file."""
     settings, spec = plan.settings, plan.spec
@@ -290,7 +324,7 @@ def _run(
         key_token=plan.model.sha256,
         cpu_scorer_workers=settings.cpu_scorer_workers,
     )
-    pool.start()
+    pool.start(on_ready=on_scorer_ready)
     pipeline = ChunkPipeline.from_settings(
         client,
         pool,
@@ -314,8 +348,10 @@ def _run(
                 key=task_key("probe", item.path),
                 then=functools.partial(_probed, ledger, pipeline, state),
             )
-    pipeline.run()
-    ledger.progress.close()
+    try:
+        pipeline.run()
+    finally:  # the bar and the dashboard page end with the run, however it ends
+        ledger.progress.close()
     pool.refresh(finished=True)
     return pool, pipeline.budget
 
@@ -360,7 +396,7 @@ def _fingerprint(plan: _Plan) -> dict[str, Any]:
         "frame_hop": spec.hop_length,
         "frame_context": spec.context,
         "frames_per_chunk": plan.frames_per_chunk,
-        "thresholds": dict(sorted(plan.thresholds.items())),
+        "thresholds": dict(sorted(plan.thresholds.values.items())),
         "buzzdask_version": __version__,
         # Builds differ in duration estimates (chunk plans) and AAC's last samples.
         "ffmpeg_version": plan.ffmpeg.version,
@@ -376,7 +412,8 @@ def _options(plan: _Plan) -> dict[str, Any]:
         "embedder": plan.model.embedder.handle,
         "frame_hop_s": spec.hop_length / spec.sample_rate,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
-        "thresholds": dict(sorted(plan.thresholds.items())),
+        "thresholds": dict(sorted(plan.thresholds.values.items())),
+        "precision": plan.thresholds.precision,
     }
 
 
@@ -403,7 +440,8 @@ def _metadata(
         "frame_hop_s": spec.hop_length / spec.sample_rate,
         "frame_context_s": spec.context / spec.sample_rate,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
-        "thresholds": plan.thresholds,
+        # The values, how they compare, and the precision and metrics rows they came from.
+        "thresholds": plan.thresholds.as_metadata(),
         "versions": package_versions(),
         "ffmpeg": plan.ffmpeg.as_metadata(),
         "inputs": {"root": root, "paths": [os.fspath(p) for p in given], "files": n_files},

@@ -1,6 +1,7 @@
 """The ``buzzdask`` command line.
 
-Commands: ``analyze`` (``--watch``), ``init``, ``transfer``, ``train``, ``embedder fetch``;
+Commands: ``analyze`` (``--watch``), ``init``, ``transfer``, ``train``, ``embedder fetch``,
+``export``, ``summarize``, ``plot``;
 ``--version``.
 
 Exit codes: 0 everything analysed; 1 nothing could start (bad input path, model, option or an
@@ -50,12 +51,15 @@ _FLAGS = {
     "embedder": "--embedder",
     "frame_hop_s": "--framehop",
     "chunk_seconds": "--chunk-seconds",
+    "precision": "--precision",
 }
 
 
 def _flag(name: str, value: Any) -> str:
     if name == "thresholds":
         return " ".join(f"--threshold {k}={v}" for k, v in value.items()) or "no --threshold"
+    if value is None:
+        return f"no {_FLAGS.get(name, name)}"
     return f"{_FLAGS.get(name, name)} {shlex.quote(str(value))}"
 
 
@@ -98,7 +102,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transfer_parser(commands)
     _add_train_parser(commands)
     _add_embedder_parser(commands)
+    _add_export_parser(commands)
+    _add_summarize_parser(commands)
+    _add_plot_parser(commands)
     return parser
+
+
+def _add_detection_options(parser: argparse.ArgumentParser, *, threshold_help: str) -> None:
+    """``--threshold CLASS=VALUE ...`` or ``--precision P``: the thresholds of detections."""
+    detection = parser.add_mutually_exclusive_group()
+    detection.add_argument(
+        "--threshold",
+        type=_threshold,
+        action="append",
+        default=[],
+        metavar="CLASS=VALUE",
+        help=threshold_help,
+    )
+    detection.add_argument(
+        "--precision",
+        type=float,
+        metavar="P",
+        help="thresholds from the model's tests/metrics.csv for this precision (e.g. 0.95), "
+        "as buzzdetect computes them; instead of --threshold",
+    )
 
 
 def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
@@ -120,13 +147,8 @@ def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
     analyze.add_argument(
         "--chunk-seconds", type=float, metavar="SECONDS", help="audio per decode task (default 600)"
     )
-    analyze.add_argument(
-        "--threshold",
-        type=_threshold,
-        action="append",
-        default=[],
-        metavar="CLASS=VALUE",
-        help="add a detection_CLASS column (activation >= VALUE); repeatable",
+    _add_detection_options(
+        analyze, threshold_help="add a detection_CLASS column (activation > VALUE); repeatable"
     )
     conflict = analyze.add_mutually_exclusive_group()
     conflict.add_argument(
@@ -274,6 +296,202 @@ def _add_embedder_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+def _classes(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected class names separated by commas, got {text!r}")
+    return names
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="write a run's scores as buzzdetect CSVs, one CSV or Raven tables"
+    )
+    export.add_argument("output", metavar="OUTPUT", help="the output directory of a run")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=["buzzdetect", "csv", "raven"],
+        help="buzzdetect: one <recording>_buzzdetect.csv per recording (what buzzr reads); "
+        "csv: one combined frames.csv; raven: a Raven Pro selection table per recording",
+    )
+    export.add_argument("--dest", metavar="DIR", help="default: OUTPUT/export/FORMAT")
+    export.add_argument(
+        "--classes", type=_classes, metavar="A,B", help="only these classes (default: all)"
+    )
+    _add_detection_options(export, threshold_help="detections: activation > VALUE; repeatable")
+    export.add_argument(
+        "--gap-frames", type=int, default=0, metavar="N", help="raven: gap inside an event"
+    )
+    export.add_argument(
+        "--min-frames", type=int, default=1, metavar="N", help="raven: shortest event"
+    )
+    export.add_argument(
+        "--time-format", metavar="FORMAT", help="csv: strptime format of recording start times"
+    )
+    export.add_argument("--tz", metavar="ZONE", help="csv: time zone (e.g. America/New_York)")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace export files that already exist"
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from buzzdask.exports import export
+
+    result = export(
+        args.output,
+        format=args.format,
+        dest=args.dest,
+        classes=args.classes,
+        precision=args.precision,
+        thresholds=dict(args.threshold),
+        gap_frames=args.gap_frames,
+        min_frames=args.min_frames,
+        time_format=args.time_format,
+        tz=args.tz,
+        overwrite=args.overwrite,
+    )
+    used = ", ".join(f"{name} > {value:g}" for name, value in result.thresholds.values.items())
+    print(
+        f"buzzdask: exported {len(result.files)} file(s) -> {result.dest}"
+        + (f" (detections: {used})" if used else "")
+    )
+    if result.untimed:
+        print(
+            f"buzzdask: no start time for {len(result.untimed)} recording(s), time left blank: "
+            + ", ".join(result.untimed[:5])
+            + (" ..." if len(result.untimed) > 5 else ""),
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _by(text: str) -> int | list[int] | str | None:
+    """``--by``: ``file``, ``all`` or folder levels (``1``, ``1,2``)."""
+    if text in ("file", "all"):
+        return None if text == "all" else text
+    try:
+        levels = [int(part) for part in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected file, all, or folder levels such as 1 or 1,2 (1 = top folder), got {text!r}"
+        )
+    return levels[0] if len(levels) == 1 else levels
+
+
+def _add_binning_options(parser: argparse.ArgumentParser, *, by_default: str) -> None:
+    """The options ``summarize`` and ``plot`` share: bins, groups, thresholds, start times."""
+    parser.add_argument("output", metavar="OUTPUT", help="the output directory of a run")
+    parser.add_argument(
+        "--bin",
+        default="5min",
+        metavar="WIDTH",
+        help="bin width: 5min, 20min, 1h... (default 5min)",
+    )
+    parser.add_argument(
+        "--by",
+        type=_by,
+        default=_by(by_default),
+        metavar="LEVEL|file|all",
+        help="groups: a folder level of the recordings' paths (1 = top folder, e.g. the site; "
+        f"1,2 for two levels), file, or all (default {by_default})",
+    )
+    _add_detection_options(
+        parser,
+        threshold_help="detections: activation > VALUE; repeatable "
+        "(default: the run's own thresholds)",
+    )
+    parser.add_argument(
+        "--dest", metavar="DIR", help="where the files go (default OUTPUT/summaries)"
+    )
+    parser.add_argument(
+        "--time-format",
+        action="append",
+        metavar="FORMAT",
+        help="how names spell the start time: strptime (%%y%%m%%d_%%H%%M) or a regex with "
+        "named groups year, month, day[, hour, minute, second]; repeatable (default: "
+        "AudioMoth and buzzr's formats)",
+    )
+    parser.add_argument(
+        "--tz", metavar="ZONE", help="time zone, e.g. America/New_York (default: local clock)"
+    )
+    parser.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="do not read AudioMoth comments or GUANO timestamps from the WAV files",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+
+def _add_summarize_parser(commands: argparse._SubParsersAction) -> None:
+    summarize = commands.add_parser(
+        "summarize",
+        help="frames, detections and detection rates per group and time bin (Parquet and CSV)",
+    )
+    _add_binning_options(summarize, by_default="file")
+
+
+def _add_plot_parser(commands: argparse._SubParsersAction) -> None:
+    plot = commands.add_parser(
+        "plot",
+        help="PNGs: detection rate over the time of day per group, one recording's activation",
+    )
+    _add_binning_options(plot, by_default="1")
+    plot.add_argument(
+        "--recording",
+        action="append",
+        metavar="RELATIVE",
+        help="recording whose activation is drawn, as in the file column; repeatable "
+        "(default: the first)",
+    )
+
+
+def _binning(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "bin": args.bin,
+        "by": args.by,
+        "precision": args.precision,
+        "thresholds": dict(args.threshold) or None,
+        "dest": args.dest,
+        "overwrite": args.overwrite,
+        "time_format": args.time_format,
+        "tz": args.tz,
+        "read_metadata": not args.no_metadata,
+    }
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from buzzdask.summaries import summarize
+
+    table = summarize(args.output, **_binning(args))
+    used = ", ".join(f"{name} > {value:g}" for name, value in table.attrs["thresholds"].items())
+    print(
+        f"buzzdask: {len(table)} bins of {table.attrs['bin']} (detections: {used}) -> "
+        + ", ".join(table.attrs["paths"].values())
+    )
+    untimed = table.attrs["untimed_files"]
+    if untimed:
+        print(
+            f"buzzdask: no start time for {len(untimed)} recording(s), binned by offset from "
+            "the file start: " + ", ".join(untimed[:5]) + (" ..." if len(untimed) > 5 else ""),
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never look for a display
+    from buzzdask.plots import plot_run
+
+    for path in plot_run(args.output, recordings=args.recording, **_binning(args)):
+        print(f"buzzdask: wrote {path}")
+    return EXIT_OK
+
+
 @reports_errors
 def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> int:
     """Run the command line; return the exit code.
@@ -294,6 +512,12 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         return _train(args)
     if args.command == "embedder":
         return _embedder(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "summarize":
+        return _summarize(args)
+    if args.command == "plot":
+        return _plot(args)
     if args.watch and len(args.inputs) != 1:
         build_parser().error("--watch takes exactly one INPUT directory")
     from buzzdask.logs import configure_console
@@ -301,6 +525,7 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     # Before anything loads TensorFlow or starts workers, which inherit it.
     configure_console(2 if args.debug else 1 if args.verbose else 0)
     from buzzdask import analyze
+    from buzzdask.progress import format_audio, format_factor
     from buzzdask.watching import watch
 
     options = {
@@ -310,6 +535,7 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         "frame_hop_s": args.framehop,
         "chunk_seconds": args.chunk_seconds,
         "thresholds": dict(args.threshold),
+        "precision": args.precision,
         "on_conflict": "resume" if args.resume else "new" if args.new else "error",
         "memory_budget": args.memory_budget,
         "batch_frames": args.batch_frames,
@@ -329,8 +555,9 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     summary = result.summary
     print(
         f"buzzdask: {summary['files_done']}/{summary['files']} files, "
-        f"{summary['audio_hours']:.3f} audio h in {summary['wall_seconds']:.1f} s "
-        f"({summary['realtime_factor'] or 0:.0f}x realtime) -> {result.dataset}"
+        f"{format_audio(summary['audio_hours'] * 3600)} of audio "
+        f"in {summary['wall_seconds']:.1f} s "
+        f"({format_factor(summary['realtime_factor'])} realtime) -> {result.dataset}"
     )
     for row in result.errors.itertuples():
         chunk = "" if row.chunk is None or row.chunk != row.chunk else f" chunk {row.chunk}"

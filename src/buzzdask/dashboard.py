@@ -22,16 +22,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ONDEMAND_PROXY",
+    "PAGE_ROUTE",
     "DashboardLinks",
     "dashboard_links",
     "in_ondemand",
     "local_dashboard_lines",
     "node_name",
+    "page_link",
 ]
 
 # OSC's portal, for a dashboard started inside an OnDemand session without a cluster
 # configuration (``analyze`` in a notebook); the OSC configurations carry the same template.
 ONDEMAND_PROXY = "https://ondemand.osc.edu/rnode/{host}/{port}/status"
+# The buzzdask page's route on the dashboard server (buzzdask.dashboard_page serves it).
+PAGE_ROUTE = "/buzzdask"
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,18 @@ class DashboardLinks:
 
     def lines(self) -> list[str]:
         """The links as the lines buzzdask prints (the first names the dashboard)."""
-        lines = [f"dashboard: {self.direct}"]
+        lines = [f"dashboard: {self.direct}", f"  buzzdask page: {page_link(self.direct)}"]
         if self.tunnel:
             lines.append(f"  from your computer: {self.tunnel}")
         if self.ondemand:
             lines.append(f"  in a browser logged in to OnDemand: {self.ondemand}")
+            lines.append(f"  buzzdask page through OnDemand: {page_link(self.ondemand)}")
         return lines
+
+
+def page_link(status_link: str) -> str:
+    """The buzzdask page beside a dashboard's ``.../status`` link."""
+    return status_link.rsplit("/status", 1)[0] + PAGE_ROUTE
 
 
 def in_ondemand(environ: Mapping[str, str]) -> bool:

@@ -10,7 +10,13 @@ the **mean** of the channels, then **soxr** resampling to the embedder's rate, a
 
 A chunk is decoded with margins on both sides (the decoder and the resampler need them to settle)
 starting at an instant that lies on both the input and the output sample grids, so its samples
-equal those of a whole-file decode: results do not depend on the chunking.
+equal those of a whole-file decode: results do not depend on the chunking. A codec that cannot
+seek exactly (AAC, Vorbis, Opus) is decoded once per node, whole, into a node-local copy that
+its chunks slice (:mod:`buzzdask.pcm_cache`): the same samples, in one decoding pass.
+
+Chunks are planned from the probed duration, an estimate; no chunk is open-ended, so one that is
+far too short cannot make a chunk outgrow the memory budget (:func:`plan_chunks`,
+:func:`chunks_after`).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import contextlib
 import fcntl
 import fnmatch
 import functools
+import hashlib
 import io
 import math
 import os
 import re
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +40,7 @@ from typing import BinaryIO
 import ffmpeg
 import numpy as np
 
+from buzzdask import pcm_cache
 from buzzdask.errors import DecodeError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
@@ -41,13 +50,18 @@ __all__ = [
     "AudioInfo",
     "ChunkPlan",
     "DecodedChunk",
+    "chunks_after",
     "decode_chunk",
     "decode_file",
     "plan_chunks",
     "preprocess_filters",
     "probe_audio",
+    "release_decoded_copy",
+    "seeks_exactly",
+    "uses_decoded_copy",
 ]
 
+_SEEKABLE = ("mp3", "flac", "pcm_*")  # decode_chunk's default; runs take buzzdask.seekable-codecs
 _STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
 _PIPE_BYTES = 1 << 20  # ffmpeg stdout pipe capacity asked for (Linux allows 1 MiB unprivileged)
 
@@ -94,8 +108,10 @@ class AudioInfo:
 class ChunkPlan:
     """One decode task: frames ``first_frame ... first_frame + n_frames - 1`` of a file.
 
-    ``n_frames=None`` marks the file's last chunk, which runs to the real end of the audio
-    (counted from decoded samples, not from the duration estimate).
+    Fewer frames come back where the real end of the audio falls inside the chunk, none when it
+    lies before the chunk. ``n_frames=None`` runs to the real end of the audio, however far
+    (training's wanted frames use it; :func:`plan_chunks` never does, so that no chunk outgrows
+    the memory budget when a duration estimate is short).
     """
 
     index: int
@@ -266,24 +282,72 @@ def _layouts(ffmpeg_cmd: str) -> dict[str, int]:
 
 
 def plan_chunks(info: AudioInfo, spec: FrameSpec, *, frames_per_chunk: int) -> list[ChunkPlan]:
-    """Cut a file into chunks of ``frames_per_chunk`` frames, the last one open-ended.
+    """Cut a file into chunks of ``frames_per_chunk`` frames covering its estimated duration.
 
-    The plan depends only on the file's probed duration and the settings, so a rerun (resume)
-    plans the same chunks. Chunks past the real end come back with no frames.
+    Chunk ``i`` starts at frame ``i * frames_per_chunk``. The plan depends only on the file's
+    probed duration and the settings, so a rerun (resume) plans the same chunks. The duration
+    is an estimate (an MP3 without a Xing/VBRI header is timed from its first frame's bitrate,
+    and can be off several times over), so:
+
+    - the last chunk holds one frame more than the others: when it comes back full, the audio
+      went on past the estimate (the frame past the estimate is there), and the chunks of
+      :func:`chunks_after` follow; an exact estimate never fills it;
+    - chunks past the real end come back with no frames.
+
+    Returns
+    -------
+    list of ChunkPlan
+        At least one; ``n_frames == frames_per_chunk``, the last ``frames_per_chunk + 1``.
     """
-    estimated = None
+    estimated = 0
     if info.duration_s is not None:
         estimated = spec.n_complete_frames(int(info.duration_s * spec.sample_rate))
-    if estimated is None or estimated <= frames_per_chunk:
-        return [ChunkPlan(index=0, first_frame=0, n_frames=None)]
-    n_chunks = math.ceil(estimated / frames_per_chunk)
+    n_chunks = max(1, math.ceil(estimated / frames_per_chunk))
     return [
         ChunkPlan(
             index=i,
             first_frame=i * frames_per_chunk,
-            n_frames=frames_per_chunk if i < n_chunks - 1 else None,
+            n_frames=frames_per_chunk + (i == n_chunks - 1),
         )
         for i in range(n_chunks)
+    ]
+
+
+def chunks_after(
+    plan: ChunkPlan, n_frames: int, *, frames_per_chunk: int, count: int = 1
+) -> list[ChunkPlan]:
+    """The chunks that follow the last one of a file when it came back full.
+
+    The audio went on past its estimated duration: ``count`` more chunks follow (those past
+    the real end come back empty). A chunk that came back short ended the audio: none follow.
+
+    Parameters
+    ----------
+    plan : ChunkPlan
+        The file's last chunk so far.
+    n_frames : int >= 0
+        The frames it came back with.
+    frames_per_chunk : int > 0
+    count : int >= 1
+        Chunks to add.
+
+    Returns
+    -------
+    list of ChunkPlan
+        ``plan.index + k`` for ``k = 1 ... count``, each of ``frames_per_chunk`` frames, the
+        first right after ``plan``; empty unless ``n_frames == plan.n_frames``.
+    """
+    # More than n_frames: an open-ended last chunk of an earlier version, which read to the end.
+    if plan.n_frames is None or n_frames != plan.n_frames:
+        return []
+    after = plan.first_frame + plan.n_frames
+    return [
+        ChunkPlan(
+            index=plan.index + k,
+            first_frame=after + (k - 1) * frames_per_chunk,
+            n_frames=frames_per_chunk,
+        )
+        for k in range(1, count + 1)
     ]
 
 
@@ -353,8 +417,9 @@ def decode_chunk(
     *,
     spec: FrameSpec,
     margin_s: float = 0.5,
-    seekable_codecs: tuple[str, ...] = ("mp3", "flac", "pcm_*"),
+    seekable_codecs: tuple[str, ...] = _SEEKABLE,
     ffmpeg_cmd: str | None = None,
+    copy_directory: str | None = None,
 ) -> DecodedChunk:
     """Decode the samples one chunk's frames need, sample-exactly.
 
@@ -369,15 +434,23 @@ def decode_chunk(
     margin_s : float >= 0 [s]
         Audio decoded before and after the chunk and thrown away.
     seekable_codecs : tuple of str
-        Codec name patterns whose input seeking is sample-exact; any other codec is decoded
-        from the start of the file and trimmed (exact, slower for late chunks).
+        Codec name patterns whose input seeking is sample-exact. A file of any other codec
+        that does not fit in this one chunk is decoded once per node, whole, into a node-local
+        float32 copy that its chunks slice (:mod:`buzzdask.pcm_cache`): one decoding pass per
+        file, not one from the start per chunk. Without room for the copy, the chunk is decoded
+        from the start of the file and trimmed (the same samples, slower for late chunks).
     ffmpeg_cmd : str, optional
         The ffmpeg executable (built with libsoxr); default: that of
         :func:`~buzzdask.ffmpeg_tools.find_ffmpeg` on this machine.
+    copy_directory : str, optional
+        Node-local directory of those copies; default ``$TMPDIR``, else the system's temporary
+        directory. :func:`release_decoded_copy` removes a file's copy.
 
     Returns
     -------
     DecodedChunk
+        ``n_frames < chunk.n_frames`` only where the real end of the audio falls in the chunk
+        (0 for a chunk wholly past it: a duration estimate that was too long).
 
     Raises
     ------
@@ -385,24 +458,46 @@ def decode_chunk(
         If ffmpeg fails.
     """
     rate = spec.sample_rate
+    ffmpeg_cmd = ffmpeg_cmd or find_ffmpeg().ffmpeg
     first_sample = chunk.first_frame * spec.hop_length
+    stop = None if chunk.n_frames is None else first_sample + spec.span(chunk.n_frames)
+    if uses_decoded_copy(
+        info, chunk, spec=spec, margin_s=margin_s, seekable_codecs=seekable_codecs
+    ):
+        copied = pcm_cache.read_span(
+            _copy_key(info, sample_rate=rate, ffmpeg_cmd=ffmpeg_cmd),
+            directory=copy_directory,
+            start=first_sample,
+            stop=stop,
+            make=functools.partial(_decode_to_file, info, sample_rate=rate, ffmpeg_cmd=ffmpeg_cmd),
+            size_hint=None if info.duration_s is None else 4 * math.ceil(info.duration_s * rate),
+        )
+        if copied is not None:
+            return _chunk_of(copied[0], chunk, spec=spec, stop=stop, messages=copied[1])
     margin = round(margin_s * rate)
-    input_seek = any(fnmatch.fnmatchcase(info.codec, pattern) for pattern in seekable_codecs)
+    input_seek = seeks_exactly(info.codec, seekable_codecs)
     # Start on an instant that is a whole number of input samples, output samples and
     # microseconds (ffmpeg's time unit), so the resampler's phase matches the whole-file decode.
     grid = math.gcd(math.gcd(info.sample_rate, rate) if input_seek else rate, 10**6)
     step = rate // grid
     start = max(0, first_sample - margin) // step * step
-    stop = None if chunk.n_frames is None else first_sample + spec.span(chunk.n_frames)
     decoded, messages = _run_ffmpeg(
         info,
         sample_rate=rate,
         start=Fraction(start, rate),
         duration=None if stop is None else Fraction(stop + margin - start, rate),
         input_seek=input_seek,
-        ffmpeg_cmd=ffmpeg_cmd or find_ffmpeg().ffmpeg,
+        ffmpeg_cmd=ffmpeg_cmd,
     )
     samples = decoded[first_sample - start : None if stop is None else stop - start]
+    return _chunk_of(samples, chunk, spec=spec, stop=stop, messages=messages)
+
+
+def _chunk_of(
+    samples: np.ndarray, chunk: ChunkPlan, *, spec: FrameSpec, stop: int | None, messages: str
+) -> DecodedChunk:
+    """The chunk's frames in ``samples`` (decoded from its first frame's start, up to ``stop``)."""
+    first_sample = chunk.first_frame * spec.hop_length
     if stop is not None and first_sample + len(samples) >= stop:
         n_frames = chunk.n_frames or 0
     else:
@@ -420,6 +515,131 @@ def decode_chunk(
     )
 
 
+def uses_decoded_copy(
+    info: AudioInfo,
+    chunk: ChunkPlan,
+    *,
+    spec: FrameSpec,
+    margin_s: float = 0.5,
+    seekable_codecs: tuple[str, ...] = _SEEKABLE,
+) -> bool:
+    """Whether :func:`decode_chunk` reads this chunk from the file's node-local decoded copy.
+
+    It does for a codec that cannot seek exactly, unless the chunk starts at the beginning of
+    the file and reaches its (estimated) end: decoding it directly is then one pass already.
+    """
+    if seeks_exactly(info.codec, seekable_codecs):
+        return False
+    if chunk.first_frame > 0:
+        return True
+    if chunk.n_frames is None:
+        return False
+    margin = round(margin_s * spec.sample_rate)
+    return info.duration_s is None or math.ceil(
+        info.duration_s * spec.sample_rate
+    ) + margin > spec.span(chunk.n_frames)
+
+
+def release_decoded_copy(
+    info: AudioInfo,
+    *,
+    spec: FrameSpec,
+    ffmpeg_cmd: str | None = None,
+    copy_directory: str | None = None,
+    **decode_options: object,
+) -> bool:
+    """Remove this node's decoded copy of a file (run on every worker once its chunks are done).
+
+    Parameters
+    ----------
+    info, spec, ffmpeg_cmd, copy_directory
+        As given to :func:`decode_chunk`.
+    **decode_options
+        :func:`decode_chunk`'s other keywords, ignored: a caller may pass all of them.
+
+    Returns
+    -------
+    bool
+        Whether no copy is left on this node (False while a task is making one).
+    """
+    key = _copy_key(
+        info, sample_rate=spec.sample_rate, ffmpeg_cmd=ffmpeg_cmd or find_ffmpeg().ffmpeg
+    )
+    return pcm_cache.remove(key, directory=copy_directory)
+
+
+def seeks_exactly(codec: str, seekable_codecs: tuple[str, ...]) -> bool:
+    """Whether input seeking in ``codec`` is sample-exact (it matches a ``seekable_codecs``)."""
+    return any(fnmatch.fnmatchcase(codec, pattern) for pattern in seekable_codecs)
+
+
+def _copy_key(info: AudioInfo, *, sample_rate: int, ffmpeg_cmd: str) -> str:
+    """Names a file's decoded copy on this node: the file as probed, and how it is decoded.
+
+    The host name keeps copies apart when the directory is shared between nodes by mistake.
+    """
+    identity = repr(
+        (
+            os.path.abspath(info.path),
+            info.size_bytes,
+            info.mtime_ns,
+            preprocess_filters(info.channels, sample_rate),
+            ffmpeg_cmd,
+        )
+    )
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return f"{socket.gethostname()}-{digest}"
+
+
+def _decode_to_file(info: AudioInfo, target: str, *, sample_rate: int, ffmpeg_cmd: str) -> str:
+    """Decode the whole file to raw float32 at ``target`` (ffmpeg writes it); its messages."""
+    command = _command(info, target, sample_rate=sample_rate, ffmpeg_cmd=ffmpeg_cmd)
+    with tempfile.TemporaryFile() as stderr_file:
+        try:
+            returncode = subprocess.run(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_file
+            ).returncode
+        except OSError as error:
+            raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
+        messages = _tail_of_file(stderr_file)
+    if returncode != 0:
+        raise DecodeError(info.path, "ffmpeg failed to decode", messages)
+    return messages
+
+
+def _command(
+    info: AudioInfo,
+    target: str,
+    *,
+    sample_rate: int,
+    start: Fraction = Fraction(0),
+    duration: Fraction | None = None,
+    input_seek: bool = True,
+    ffmpeg_cmd: str,
+) -> list[str]:
+    """The ffmpeg command decoding ``info.path`` with the preprocessing chain to ``target``."""
+    seek: dict[str, str] = {}
+    if start > 0:
+        seek["ss"] = _timestamp(start)
+    if duration is not None:
+        seek["t"] = _timestamp(duration, round_up=True)
+    output = (
+        ffmpeg.input(info.path, **(seek if input_seek else {}))
+        .output(
+            target,
+            map="0:a:0",
+            af=preprocess_filters(info.channels, sample_rate),
+            format="f32le",
+            acodec="pcm_f32le",
+            # Whole 32 KiB writes rather than one per 4 KiB packet: 7x fewer reads and wake-ups.
+            flush_packets=0,
+            **({} if input_seek else seek),
+        )
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-y")
+    )
+    return list(output.compile(cmd=ffmpeg_cmd))
+
+
 def _run_ffmpeg(
     info: AudioInfo,
     *,
@@ -430,24 +650,14 @@ def _run_ffmpeg(
     ffmpeg_cmd: str,
 ) -> tuple[np.ndarray, str]:
     """Run ffmpeg with the preprocessing chain; return the samples and its messages."""
-    seek: dict[str, str] = {}
-    if start > 0:
-        seek["ss"] = _timestamp(start)
-    if duration is not None:
-        seek["t"] = _timestamp(duration, round_up=True)
-    output = (
-        ffmpeg.input(info.path, **(seek if input_seek else {}))
-        .output(
-            "pipe:",
-            map="0:a:0",
-            af=preprocess_filters(info.channels, sample_rate),
-            format="f32le",
-            acodec="pcm_f32le",
-            # Whole 32 KiB writes rather than one per 4 KiB packet: 7x fewer reads and wake-ups.
-            flush_packets=0,
-            **({} if input_seek else seek),
-        )
-        .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+    command = _command(
+        info,
+        "pipe:",
+        sample_rate=sample_rate,
+        start=start,
+        duration=duration,
+        input_seek=input_seek,
+        ffmpeg_cmd=ffmpeg_cmd,
     )
     seconds = duration if duration is not None else info.duration_s
     expected = None if seconds is None else math.ceil(seconds * sample_rate)
@@ -455,7 +665,7 @@ def _run_ffmpeg(
     with tempfile.TemporaryFile() as stderr_file:
         try:
             process = subprocess.Popen(
-                output.compile(cmd=ffmpeg_cmd),
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr_file,

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from buzzdask.decode import AudioInfo, plan_chunks
+from buzzdask.decode import AudioInfo, ChunkPlan, chunks_after, plan_chunks
 from buzzdask.errors import DecodeError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
@@ -21,6 +21,12 @@ from buzzdask.progress import Progress, logger
 from buzzdask.write import OutputLayout, PartitionWriter
 
 __all__ = ["FileLedger", "FileState", "describe"]
+
+#: Most chunks added at once after a file's last chunk came back full (its duration estimate was
+#: short). Each time, as many as the file has so far, up to this: a file far longer than its
+#: estimate is not read one chunk at a time, and at most this many chunks past its real end
+#: (cheap: they decode nothing) are asked for.
+MOST_FOLLOW_ONS = 8
 
 
 @dataclass
@@ -90,32 +96,73 @@ class FileLedger:
         state = self.files[item.relative] = FileState(input=item)
         if item.problem:
             self._fail(state, None, "discover", item.problem, "")
+            self.progress.finished(item.relative, failed=True)
             return None
         return state
 
     def probed(self, state: FileState, answer: AudioInfo | BaseException) -> list[ChunkJob]:
         """The chunks of a probed file still to do (those a resume finds done are skipped)."""
+        relative = state.input.relative
         if not isinstance(answer, AudioInfo):
             self._fail(state, None, "probe", *describe(answer))
+            self.progress.finished(relative, failed=True)
             return []
         state.info = answer
         plans = plan_chunks(answer, self.spec, frames_per_chunk=self.frames_per_chunk)
         state.chunks = len(plans)
-        if answer.duration_s:
-            self.progress.expect(answer.duration_s / 3600)
-        relative = state.input.relative
-        jobs = []
-        for plan in plans:
-            frames = self._frames_done(state, plan.index)
-            if frames is None:
-                label = chunk_label(relative, plan, self.spec)
-                jobs.append(ChunkJob(relative, answer, plan, label=label, owner=state))
-                continue
-            self.chunks_skipped += 1
-            self.progress.advance(self._hours(frames))
-            state.chunks_done += 1
-            state.frames += frames
+        self.progress.expect(relative, answer.duration_s or 0.0)
+        jobs = [job for plan in plans if (job := self._job(state, plan)) is not None]
+        # An earlier run may have found audio past the estimate: the chunks it added follow.
+        jobs += self._follow_ons(state, plans[-1], self._frames_done(state, plans[-1].index))
         self._maybe_finished(state)
+        return jobs
+
+    def _job(self, state: FileState, plan: ChunkPlan) -> ChunkJob | None:
+        """The chunk to decode, or ``None`` when an earlier run wrote it (counted done here)."""
+        assert state.info is not None
+        relative = state.input.relative
+        frames = self._frames_done(state, plan.index)
+        if frames is None:
+            label = chunk_label(relative, plan, self.spec, duration_s=state.info.duration_s)
+            return ChunkJob(relative, state.info, plan, label=label, owner=state)
+        self.chunks_skipped += 1
+        self.progress.advance(relative, self._seconds(frames), resumed=True)
+        state.chunks_done += 1
+        state.frames += frames
+        return None
+
+    def _follow_ons(
+        self, state: FileState, plan: ChunkPlan, n_frames: int | None
+    ) -> list[ChunkJob]:
+        """The chunks after ``plan`` when it is the file's last so far and came back full.
+
+        The duration estimate was short (an MP3 without a Xing header): the audio may go on.
+        ``n_frames`` is what ``plan`` came back with (``None``: not back yet). Chunks an earlier
+        run wrote are skipped; when the last of those is full too, more follow.
+        """
+        assert state.info is not None
+        jobs: list[ChunkJob] = []
+        while n_frames is not None and plan.index == state.chunks - 1:
+            more = chunks_after(
+                plan,
+                n_frames,
+                frames_per_chunk=self.frames_per_chunk,
+                count=min(state.chunks, MOST_FOLLOW_ONS),
+            )
+            if not more:
+                break
+            state.chunks += len(more)
+            reached = self._seconds(more[0].first_frame + (more[0].n_frames or 0))
+            logger.info(
+                "%s goes on past its estimated duration (%.1f s): %d more chunks",
+                state.input.relative,
+                state.info.duration_s or 0.0,
+                len(more),
+            )
+            self.progress.expect(state.input.relative, max(state.info.duration_s or 0.0, reached))
+            jobs += [job for follow in more if (job := self._job(state, follow)) is not None]
+            plan = more[-1]
+            n_frames = self._frames_done(state, plan.index)
         return jobs
 
     def _frames_done(self, state: FileState, chunk_index: int) -> int | None:
@@ -146,8 +193,15 @@ class FileLedger:
         """Where the partitions of a score task's chunks go: (input name, chunk index)."""
         return [(job.name, job.plan.index) for job in jobs]
 
-    def scored(self, job: ChunkJob, result: tuple[int, int, str]) -> None:
-        """Journal a chunk a worker scored and wrote (``result`` from ``score_chunks``)."""
+    def scored(self, job: ChunkJob, result: tuple[int, int, str]) -> list[ChunkJob]:
+        """Journal a chunk a worker scored and wrote (``result`` from ``score_chunks``).
+
+        Returns
+        -------
+        list of ChunkJob
+            Chunks to decode after it: the file's last chunk came back full, so its audio may
+            go on past the estimated duration (empty almost always).
+        """
         _, n_frames, messages = result
         state: FileState = job.owner
         relative = state.input.relative
@@ -172,10 +226,12 @@ class FileLedger:
             )
         self.chunks_written += 1
         self.frames_written += n_frames
+        more = self._follow_ons(state, job.plan, n_frames)  # before the file can count as done
         state.chunks_done += 1
         state.frames += n_frames
-        self.progress.advance(self._hours(n_frames))
+        self.progress.advance(relative, self._seconds(n_frames), scorer=job.scorer, frames=n_frames)
         self._maybe_finished(state)
+        return more
 
     def chunk_failed(self, job: ChunkJob, error: BaseException, stage: str) -> None:
         """A chunk could not be decoded or scored: its file is reported failed."""
@@ -195,6 +251,7 @@ class FileLedger:
         state.failed = True
         where = "" if chunk is None else f" chunk {chunk}"
         logger.warning("failed: %s%s: %s", state.input.relative, where, reason)
+        self.progress.error(state.input.relative, reason)
         self.errors.append(
             {
                 "file": state.input.relative,
@@ -206,9 +263,12 @@ class FileLedger:
         )
 
     def _maybe_finished(self, state: FileState) -> None:
-        if state.chunks_done == state.chunks and not state.failed and state.frames == 0:
+        if state.chunks_done < state.chunks:
+            return
+        if not state.failed and state.frames == 0:
             seconds = self.spec.frame_length / self.spec.sample_rate
             self._fail(state, None, "decode", f"audio shorter than one frame ({seconds:g} s)", "")
+        self.progress.finished(state.input.relative, failed=state.failed)
 
-    def _hours(self, n_frames: int) -> float:
-        return n_frames * self.spec.hop_length / self.spec.sample_rate / 3600
+    def _seconds(self, n_frames: int) -> float:
+        return n_frames * self.spec.hop_length / self.spec.sample_rate

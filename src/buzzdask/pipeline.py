@@ -11,14 +11,14 @@ Parquet partition, an embedding cache entry) is the caller's ``on_result``.
 from __future__ import annotations
 
 import functools
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from distributed import Client, Future, as_completed
 
-from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk
+from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk, release_decoded_copy, seeks_exactly
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
 from buzzdask.scorers import ScorerPool
@@ -56,6 +56,8 @@ class ChunkJob:
         The caller's record of the file (given back in ``on_result`` and ``on_failure``).
     attempts : int
         Score tasks of this chunk whose scorer was lost.
+    scorer : str or None
+        The address of the scorer that scored it (set before ``on_result``).
     """
 
     name: str
@@ -64,14 +66,21 @@ class ChunkJob:
     label: str
     owner: Any = None
     attempts: int = 0
+    scorer: str | None = None
 
 
-def chunk_label(name: str, plan: ChunkPlan, spec: FrameSpec) -> str:
-    """``"<name> [start–end s]"`` (``end`` for an open last chunk), in seconds of the file."""
+def chunk_label(
+    name: str, plan: ChunkPlan, spec: FrameSpec, *, duration_s: float | None = None
+) -> str:
+    """``"<name> [start–end s]"``, in seconds of the file.
+
+    ``end`` for an open last chunk, and for one reaching past the file's estimated
+    ``duration_s`` (a one-chunk file reads "[0.00–end s]", not the chunk length).
+    """
     start = plan.first_frame * spec.hop_length / spec.sample_rate
-    if plan.n_frames is None:
+    end = None if plan.n_frames is None else start + spec.span(plan.n_frames) / spec.sample_rate
+    if end is None or (duration_s is not None and start < duration_s < end):
         return f"{name} [{start:.2f}–end s]"
-    end = start + spec.span(plan.n_frames) / spec.sample_rate
     return f"{name} [{start:.2f}–{end:.2f} s]"
 
 
@@ -204,6 +213,7 @@ class ChunkPipeline:
         Scorers a chunk may lose before it is reported failed.
     on_result : callable
         ``on_result(job, result)`` for each scored chunk, ``result`` one item of ``score``'s list.
+        It may return more chunks of the file to decode (its audio went on past the estimate).
     on_failure : callable
         ``on_failure(job, error, stage)``, ``stage`` ``"decode"`` or ``"score"``; it may raise
         to end the run.
@@ -225,7 +235,7 @@ class ChunkPipeline:
         group_chunks: int,
         tasks_per_scorer: int,
         score_attempts: int,
-        on_result: Callable[[ChunkJob, Any], None],
+        on_result: Callable[[ChunkJob, Any], Iterable[ChunkJob] | None],
         on_failure: Callable[[ChunkJob, BaseException, str], None],
         score_keywords: Callable[[list[ChunkJob]], dict[str, Any]] | None = None,
     ) -> None:
@@ -247,6 +257,7 @@ class ChunkPipeline:
         self._todo: deque[ChunkJob] = deque()
         self._decoded: deque[tuple[ChunkJob, Future]] = deque()
         self._load: defaultdict[str, int] = defaultdict(int)  # score tasks queued per actor
+        self._open: Counter[str] = Counter()  # chunks enqueued and not yet done with, per file
 
     @classmethod
     def from_settings(
@@ -260,7 +271,7 @@ class ChunkPipeline:
         decode: Callable[..., DecodedChunk],
         score: Callable[..., list[Any]],
         score_prefix: str,
-        on_result: Callable[[ChunkJob, Any], None],
+        on_result: Callable[[ChunkJob, Any], Iterable[ChunkJob] | None],
         on_failure: Callable[[ChunkJob, BaseException, str], None],
         score_keywords: Callable[[list[ChunkJob]], dict[str, Any]] | None = None,
     ) -> ChunkPipeline:
@@ -274,12 +285,17 @@ class ChunkPipeline:
                 "margin_s": settings.decode_margin_seconds,
                 "seekable_codecs": settings.seekable_codecs,
                 "ffmpeg_cmd": settings.ffmpeg,
+                # Decoded copies of files that cannot seek go where staged copies do.
+                "copy_directory": settings.staging.directory,
             },
             score=score,
             score_prefix=score_prefix,
             budget=Budget(
                 limit_bytes=settings.memory_budget,
-                chunk_bytes=chunk_nbytes(spec, frames_per_chunk, settings.decode_margin_seconds),
+                # A file's last planned chunk holds one frame more (decode.plan_chunks).
+                chunk_bytes=chunk_nbytes(
+                    spec, frames_per_chunk + 1, settings.decode_margin_seconds
+                ),
             ),
             group_chunks=settings.batch_frames // frames_per_chunk,
             tasks_per_scorer=settings.score_tasks_per_actor,
@@ -300,6 +316,7 @@ class ChunkPipeline:
 
     def enqueue(self, job: ChunkJob) -> None:
         """Add a chunk to decode when the budget admits it."""
+        self._open[job.info.path] += 1
         self._todo.append(job)
 
     def run(self) -> None:
@@ -379,6 +396,7 @@ class ChunkPipeline:
         if future.status == "error":
             self.budget.release()
             self.on_failure(job, future.exception(), "decode")
+            self._chunk_over(job)
         else:
             self._decoded.append((job, future))
 
@@ -388,7 +406,10 @@ class ChunkPipeline:
         if not isinstance(results, BaseException):
             self.budget.release(len(group))
             for (job, _), result in zip(group, results, strict=True):
-                self.on_result(job, result)
+                job.scorer = address
+                for more in self.on_result(job, result) or ():
+                    self.enqueue(more)
+                self._chunk_over(job)
             return
         # Re-send what a lost actor held; Dask recomputes any decoded array that died with it.
         retry, failed = split_failed_group(
@@ -398,3 +419,21 @@ class ChunkPipeline:
         self.budget.release(len(failed))
         for job, _ in failed:
             self.on_failure(job, results, "score")
+            self._chunk_over(job)
+
+    def _chunk_over(self, job: ChunkJob) -> None:
+        """A chunk is scored or failed; after a file's last, its decoded copies go."""
+        path = job.info.path
+        self._open[path] -= 1
+        if self._open[path] > 0:
+            return
+        del self._open[path]
+        if not seeks_exactly(job.info.codec, self.decode_options.get("seekable_codecs", ())):
+            # Each node that decoded the file whole holds a copy (an hour: 230 MB): remove it
+            # now, not at the end of the run. Not waited for: it only deletes files.
+            self.client.run(_release_copy, job.info, **self.decode_options, wait=False)
+
+
+async def _release_copy(info: AudioInfo, **decode_options: Any) -> None:
+    """:func:`release_decoded_copy` on a worker; a coroutine, as ``run(wait=False)`` requires."""
+    release_decoded_copy(info, **decode_options)

@@ -1,15 +1,30 @@
-"""Progress bar (audio hours done) and verbose per-chunk lines, on the client."""
+"""A run's live numbers on the client: the progress bar, the ``-v`` lines, the dashboard feed.
+
+:class:`Progress` counts audio seconds expected and done, files finished and failed, and frames
+per scorer. The bar's total starts from the probes' duration estimates and is corrected as each
+file finishes (to the audio it really held, or to what was analysed before it failed), so a
+finished run ends at exactly 100 %. :meth:`Progress.snapshot` is what the buzzdask page of the
+Dask dashboard shows (:mod:`buzzdask.dashboard_page`).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "TqdmHandler", "logger"]
+__all__ = ["Progress", "TqdmHandler", "format_audio", "format_factor", "logger"]
 
 logger = logging.getLogger("buzzdask")
+
+# Latest errors kept for the dashboard page, and the realtime-factor history's length.
+_ERRORS_KEPT = 20
+_HISTORY_KEPT = 600
 
 
 class TqdmHandler(logging.Handler):
@@ -20,24 +35,86 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def format_audio(seconds: float, *, total_s: float | None = None) -> str:
+    """An amount of audio in the unit that reads well for ``total_s`` (default ``seconds``).
+
+    >>> format_audio(42.0), format_audio(750.0), format_audio(9000.0), format_audio(4.2e6)
+    ('42 s', '12.5 min', '2.50 h', '1,167 h')
+    """
+    scale = max(seconds, total_s or 0.0)
+    if scale < 120:
+        return f"{seconds:.0f} s"
+    if scale < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if scale < 1000 * 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 3600:,.0f} h"
+
+
+def format_factor(factor: float | None) -> str:
+    """A realtime factor with three significant figures at most (``0.42x``, ``12.3x``, ``1,234x``).
+
+    >>> format_factor(0.4213), format_factor(12.34), format_factor(291.6), format_factor(None)
+    ('0.42x', '12.3x', '292x', '-')
+    """
+    if factor is None:
+        return "-"
+    if factor < 10:
+        return f"{factor:.2f}x"
+    if factor < 100:
+        return f"{factor:.1f}x"
+    return f"{factor:,.0f}x"
+
+
 class Progress:
-    """Audio hours scored, as a tqdm bar, plus "decoding"/"scoring" lines when verbose.
+    """Audio analysed, files finished and frames per scorer, shown as a tqdm bar.
 
     Parameters
     ----------
     enabled : bool
-        Show the bar.
+        Show the bar (tqdm's notebook bar in Jupyter, where ipywidgets is installed).
     verbose : bool
         Log a line per chunk stage at INFO (a handler is added if the ``buzzdask`` logger has none).
+    files : int >= 0
+        Input files of the run (the files bar's total).
+    publish : callable, optional
+        ``publish(snapshot)``, called at most every ``publish_interval_s`` and once at the end:
+        the dashboard page's feed.
+    publish_interval_s : float >= 0 [s], default: 1.0
     """
 
-    def __init__(self, *, enabled: bool, verbose: bool) -> None:
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        verbose: bool,
+        files: int = 0,
+        publish: Callable[[Mapping[str, Any]], None] | None = None,
+        publish_interval_s: float = 1.0,
+    ) -> None:
+        self.files_total = files
+        self.files_done = 0
+        self.files_failed = 0
+        self.audio_done_s = 0.0
+        self.audio_skipped_s = 0.0  # done by an earlier run (resume): not in the rate
+        self._expected: dict[str, float] = {}
+        self._done: dict[str, float] = {}
+        self._finished: set[str] = set()
+        self._scorer_frames: Counter[str] = Counter()
+        self._errors: deque[dict[str, str]] = deque(maxlen=_ERRORS_KEPT)
+        self._history: deque[tuple[float, float]] = deque(maxlen=_HISTORY_KEPT)
+        self._started = time.monotonic()
+        self._started_wall = time.time()
+        self._publish = publish
+        self._publish_interval_s = publish_interval_s
+        self._published = 0.0
+        self._closed = False
         self._bar = tqdm(
             total=0.0,
-            unit="h",
             disable=not enabled,
             dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} audio h [{elapsed}<{remaining}]",
+            mininterval=0.5,
+            bar_format="{percentage:3.0f}%|{bar}| {desc}",
         )
         self._handler: logging.Handler | None = None
         if verbose:
@@ -46,18 +123,144 @@ class Progress:
                 self._handler = TqdmHandler()
                 self._handler.setFormatter(logging.Formatter("%(message)s"))
                 logger.addHandler(self._handler)
+        self._show()
 
-    def expect(self, hours: float) -> None:
-        """Add audio to the total."""
-        self._bar.total = (self._bar.total or 0.0) + hours
-        self._bar.refresh()
+    # -- what the run reports ----------------------------------------------------------------
+    def expect(self, name: str, audio_s: float) -> None:
+        """A file's probed duration (an estimate, corrected when the file finishes)."""
+        self._expected[name] = audio_s
+        self._show()
 
-    def advance(self, hours: float) -> None:
-        """Mark audio as scored and written."""
-        self._bar.update(hours)
+    def advance(
+        self,
+        name: str,
+        audio_s: float,
+        *,
+        scorer: str | None = None,
+        frames: int = 0,
+        resumed: bool = False,
+    ) -> None:
+        """Audio of ``name`` scored and written (``resumed``: by an earlier run)."""
+        self._done[name] = self._done.get(name, 0.0) + audio_s
+        self.audio_done_s += audio_s
+        if resumed:
+            self.audio_skipped_s += audio_s
+        if scorer is not None:
+            self._scorer_frames[scorer] += frames
+        self._show(update=audio_s)
+
+    def finished(self, name: str, *, failed: bool) -> None:
+        """A file is done: its total becomes the audio analysed (idempotent)."""
+        if name in self._finished:
+            return
+        self._finished.add(name)
+        self.files_done += 1
+        self.files_failed += failed
+        self._expected[name] = self._done.get(name, 0.0)
+        self._show()
+
+    def error(self, name: str, reason: str) -> None:
+        """A problem with a file, for the dashboard page's latest errors."""
+        self._errors.append({"file": name, "reason": reason, "at": _clock()})
+        self._show()
+
+    # -- what is shown -----------------------------------------------------------------------
+    @property
+    def audio_expected_s(self) -> float:
+        """The run's audio: estimates for files not yet finished, the truth for the others."""
+        if self._closed:  # exactly, without the sums' rounding
+            return self.audio_done_s
+        return max(sum(self._expected.values()), self.audio_done_s)
+
+    @property
+    def realtime_factor(self) -> float | None:
+        """Audio analysed by this run per wall second since it started."""
+        elapsed = time.monotonic() - self._started
+        analysed = self.audio_done_s - self.audio_skipped_s
+        return analysed / elapsed if elapsed > 0 and analysed > 0 else None
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the realtime factor so far."""
+        factor = self.realtime_factor
+        if not factor:
+            return None
+        return max(self.audio_expected_s - self.audio_done_s, 0.0) / factor
+
+    def describe(self) -> str:
+        """The text beside the bar: files, audio, realtime factor and time left."""
+        total = self.audio_expected_s
+        failed = f" ({self.files_failed} failed)" if self.files_failed else ""
+        eta = None if self._closed else self.eta_s()
+        left = "" if eta is None else f", {_duration(eta)} left"
+        return (
+            f"{self.files_done}/{self.files_total} files{failed}, "
+            f"{format_audio(self.audio_done_s, total_s=total)}"
+            f"/{format_audio(total)} audio, "
+            f"{format_factor(self.realtime_factor)} realtime{left}"
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The numbers of the dashboard page (plain JSON types)."""
+        elapsed = time.monotonic() - self._started
+        return {
+            "status": "finished" if self._closed else "running",
+            "started": self._started_wall,
+            "elapsed_s": elapsed,
+            "files": self.files_total,
+            "files_done": self.files_done,
+            "files_failed": self.files_failed,
+            "audio_done_s": self.audio_done_s,
+            "audio_expected_s": self.audio_expected_s,
+            "audio_left_s": max(self.audio_expected_s - self.audio_done_s, 0.0),
+            "realtime_factor": self.realtime_factor,
+            "eta_s": self.eta_s(),
+            "history": [list(point) for point in self._history],
+            "scorers": {
+                address: {
+                    "frames": frames,
+                    "frames_per_s": frames / elapsed if elapsed > 0 else None,
+                }
+                for address, frames in sorted(self._scorer_frames.items())
+            },
+            "errors": list(self._errors),
+        }
 
     def close(self) -> None:
-        """Close the bar and remove the handler this object added."""
+        """End the bar at exactly the audio analysed, publish the last numbers, clean up."""
+        self._closed = True
+        self._bar.total = self.audio_done_s
+        self._bar.n = self.audio_done_s
+        self._bar.set_description_str(self.describe(), refresh=False)
+        self._bar.refresh()
         self._bar.close()
+        self._send(force=True)
         if self._handler is not None:
             logger.removeHandler(self._handler)
+
+    def _show(self, *, update: float = 0.0) -> None:
+        self._bar.total = self.audio_expected_s
+        self._bar.set_description_str(self.describe(), refresh=False)
+        self._bar.update(update)  # redraws at most every ``mininterval``, even for 0
+        self._send()
+
+    def _send(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._published < self._publish_interval_s:
+            return
+        self._published = now
+        factor = self.realtime_factor
+        if factor is not None:
+            self._history.append((now - self._started, factor))
+        if self._publish is not None:
+            self._publish(self.snapshot())
+
+
+def _duration(seconds: float) -> str:
+    """``1:02:03`` or ``2:03``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _clock() -> str:
+    return time.strftime("%H:%M:%S")

@@ -10,7 +10,7 @@ actor itself is :class:`buzzdask.score.Scorer`.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,7 @@ class ScorerPool:
         self.restarts = 0
         self.lost = 0
         self.tensorflow_version = "unknown"
+        self._on_ready: Callable[[], None] | None = None
         self._next_refresh = time.monotonic() + REFRESH_EVERY_S
 
     @classmethod
@@ -180,12 +181,14 @@ class ScorerPool:
         )
 
     # -- start -------------------------------------------------------------------------------
-    def start(self) -> dict[str, Future]:
+    def start(self, *, on_ready: Callable[[], None] | None = None) -> dict[str, Future]:
         """Submit one actor per GPU worker, else per CPU worker (up to ``cpu_scorer_workers``).
 
         Loading the model takes seconds: the caller decodes meanwhile and calls
-        :meth:`started` as each returned future finishes.
+        :meth:`started` as each returned future finishes. ``on_ready()`` is called once, when
+        the first actor is up: the model is known to load.
         """
+        self._on_ready = on_ready
         workers = self._live_workers()
         if not workers:
             self.client.wait_for_workers(1, timeout=300)
@@ -254,6 +257,9 @@ class ScorerPool:
             logger.warning("no scorer on %s (%s): the others go on", address, error)
             return
         self.scorers[address] = actor
+        if self._on_ready is not None:
+            ready, self._on_ready = self._on_ready, None
+            ready()
         if self.tensorflow_version == "unknown":
             versions = self.client.run(tensorflow_version, workers=[address])
             self.tensorflow_version = str(versions.popitem()[1])

@@ -352,6 +352,9 @@ class Settings:
         Score tasks queued per scorer actor, so transfers overlap scoring.
     score_attempts : int >= 1 [attempts]
         Times a chunk is sent to a scorer whose worker then dies before it is reported failed.
+    lock_stale_seconds : float > 0 [s]
+        A lock on an output whose holder on another host has not touched it for this long is
+        taken over (:mod:`buzzdask.lock`).
     scorer_ping_seconds : float > 0 [s]
         Time a failed score task's actor has to answer a ping before it counts as lost.
     scorer_restart_seconds : float > 0 [s]
@@ -402,6 +405,7 @@ class Settings:
     cpu_scorer_workers: int | None = field(metadata=_rule(_optional(_whole(1), "every worker")))
     score_tasks_per_actor: int = field(metadata=_rule(_whole(1, "tasks")))
     score_attempts: int = field(metadata=_rule(_whole(1, "attempts")))
+    lock_stale_seconds: float = field(metadata=_rule(_real("> 0", "s")))
     scorer_ping_seconds: float = field(metadata=_rule(_real("> 0", "s")))
     scorer_restart_seconds: float = field(metadata=_rule(_real("> 0", "s")))
     decode_margin_seconds: float = field(metadata=_rule(_real(">= 0", "s")))

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk, decode_chunk
+from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk, decode_chunk, uses_decoded_copy
 from buzzdask.errors import DecodeError
 
 __all__ = ["decode_chunk_staged", "staged"]
@@ -38,6 +38,7 @@ class _Copy:
     error: OSError | None = None
 
 
+_COPY_OPTIONS = ("spec", "margin_s", "seekable_codecs")  # what decides the decoded-copy path
 _STAGE_LOCK = threading.Lock()
 _COPIES: OrderedDict[tuple[str, int, int], _Copy] = OrderedDict()
 _STAGE_DIRS: dict[str, str] = {}
@@ -133,13 +134,19 @@ def decode_chunk_staged(
     Returns
     -------
     DecodedChunk
-        The same samples as decoding the file in place.
+        The same samples as decoding the file in place. A chunk that
+        :func:`~buzzdask.decode.decode_chunk` reads from the node's decoded copy of its file
+        (a codec that cannot seek exactly) is not staged: that copy is made in one reading of
+        the file, and is keyed by the file's own path, shared by every worker on the node.
 
     Raises
     ------
     DecodeError
         Naming the original file: ffmpeg failed, or the local copy could not be made.
     """
+    copy_options = {k: decode_options[k] for k in _COPY_OPTIONS if k in decode_options}
+    if uses_decoded_copy(info, plan, **copy_options):
+        return decode_chunk(info, plan, **decode_options)
     try:
         with staged(info.path, directory=staging_directory, keep_files=keep_files) as local:
             try:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.frames import FrameSpec
+from buzzdask.thresholds import detected
 
 __all__ = [
     "ERROR_COLUMNS",
@@ -51,7 +52,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OnConflict = Literal["error", "resume", "new"]
-ConflictReason = Literal["not a directory", "not buzzdask", "holds results", "settings differ"]
+ConflictReason = Literal[
+    "not a directory", "not buzzdask", "holds results", "settings differ", "in use"
+]
+# The lock file of buzzdask.lock (and the name a stale one is set aside under): no results.
+_LOCK_PREFIX = ".buzzdask.lock"
 ERROR_COLUMNS = ["file", "chunk", "stage", "reason", "detail"]
 
 
@@ -220,6 +225,10 @@ class OutputConflict:
     earlier : tuple of (option, value)
         The earlier run's options (keyword names of ``analyze``) that differ from this run's:
         passing them resumes it (empty when no option restores the difference).
+    holder : str
+        The run holding the output (``"in use"``): host, pid, start time.
+    stale_s : float [s]
+        After how long without a sign of life another host's lock is taken over (``"in use"``).
     """
 
     output: Path
@@ -227,6 +236,8 @@ class OutputConflict:
     chunks: int = 0
     differences: tuple[tuple[str, Any, Any], ...] = ()
     earlier: tuple[tuple[str, Any], ...] = ()
+    holder: str = ""
+    stale_s: float = 0.0
 
     def render(self, words: Vocabulary) -> str:
         """The message, naming the caller's flags or keywords."""
@@ -238,6 +249,13 @@ class OutputConflict:
             return (
                 f"output {self.output} is not empty and holds no buzzdask results; "
                 f"choose an empty or new directory as {words.output}"
+            )
+        if self.reason == "in use":
+            return (
+                f"output {self.output} is in use by another buzzdask run ({self.holder}); wait "
+                f"for it to end or choose another {words.output}. A dead run's lock is taken "
+                f"over by the next run: at once on its own host, from another host after "
+                f"{self.stale_s:g} s without a sign of life (buzzdask.lock-stale-seconds)"
             )
         if self.reason == "holds results":
             return (
@@ -302,9 +320,11 @@ def prepare_output(
     layout = OutputLayout(output)
     if layout.root.exists() and not layout.root.is_dir():
         raise OutputConflictError(OutputConflict(layout.root, "not a directory"))
-    # The run's log alone (a run that stopped before its metadata) holds no results.
+    # The run's log alone (a run that stopped before its metadata) holds no results; nor does
+    # a lock, which the caller has checked (a new run goes elsewhere rather than wait on it).
     holds_anything = layout.root.is_dir() and any(
-        path != layout.log for path in layout.root.iterdir()
+        path != layout.log and (on_conflict == "new" or not path.name.startswith(_LOCK_PREFIX))
+        for path in layout.root.iterdir()
     )
     if not holds_anything:
         return layout
@@ -375,7 +395,8 @@ def frames_table(
         ``end[i] = start[i] + frame_length / sample_rate`` (seconds).
     classes : sequence of str
     thresholds : mapping of class -> float
-        ``detection_<class> = activation_<class> >= threshold``.
+        ``detection_<class> = activation_<class> > threshold``
+        (:func:`buzzdask.thresholds.detected`).
     metadata : mapping
         Run metadata stored in the Parquet schema under ``b"buzzdask"``.
     """
@@ -392,7 +413,7 @@ def frames_table(
         columns[f"activation_{name}"] = pa.array(activations[:, column], pa.float32())
     for name, threshold in thresholds.items():
         columns[f"detection_{name}"] = pa.array(
-            activations[:, list(classes).index(name)] >= threshold, pa.bool_()
+            detected(activations[:, list(classes).index(name)], threshold), pa.bool_()
         )
     table = pa.table(columns)
     return table.replace_schema_metadata({b"buzzdask": json.dumps(metadata, sort_keys=True)})

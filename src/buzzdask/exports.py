@@ -1,0 +1,507 @@
+"""Exporting a run's frames to the files the lab's other tools read.
+
+Formats (``format=``):
+
+``"buzzdetect"``
+    One CSV per recording, exactly as buzzdetect writes it, so buzzr (``read_directory``,
+    ``bin_directory``) reads the export as it reads buzzdetect's own results. Recording
+    ``site/day/230809_0000.wav`` becomes ``DEST/site/day/230809_0000_buzzdetect.csv`` (the
+    extension dropped, as buzzdetect's ``build_ident``). Columns ``start`` then
+    ``activation_<class>`` in the model's order; or, with thresholds (buzzdetect's detection
+    mode), ``start`` then ``detections_<class>`` as 0/1. Written as buzzdetect's writer does
+    (``src/write/formatting.py`` and ``worker.py``): activations rounded with ``numpy.round``
+    to the model's ``digits_results`` in float32, ``start`` rounded to the frame length's
+    decimals (``digits_time``, 2 for YAMNet), pandas' CSV text with an unquoted header, newline
+    (LF) line ends, rows sorted by ``start``.
+``"csv"``
+    One combined ``frames.csv``: ``file, start, end[, time], activation_<class>...,
+    detections_<class>...``, numbers as in ``"buzzdetect"``; ``time`` (the frame's wall-clock
+    start) when a recording start is known (:mod:`buzzdask.recording_time`), blank otherwise.
+``"raven"``
+    One Raven Pro selection table per recording (``<stem>.Table.1.selections.txt``,
+    tab-separated) listing its detection events (:mod:`buzzdask.events`): ``Selection, View,
+    Channel, Begin Time (s), End Time (s), Low Freq (Hz), High Freq (Hz), Class, Peak
+    Activation, Mean Activation, Frames``; a recording without events gets the header alone.
+
+Every format reads one recording's partitions at a time, so memory is bounded by the longest
+recording, never the dataset. Nothing is written if any target already exists (unless
+``overwrite=True``), and each file is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, get_args
+
+import numpy as np
+import pandas as pd
+
+from buzzdask.errors import OutputConflictError, ParameterError
+from buzzdask.events import stored_recording_events
+from buzzdask.results import Run, open_run
+from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
+
+__all__ = [
+    "BUZZDETECT_TAG",
+    "RAVEN_COLUMNS",
+    "ExportFormat",
+    "ExportResult",
+    "buzzdetect_name",
+    "buzzdetect_table",
+    "export",
+    "raven_name",
+]
+
+logger = logging.getLogger(__name__)
+
+ExportFormat = Literal["buzzdetect", "csv", "raven"]
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+# buzzdetect's src/config.py: SUFFIX_RESULT_COMPLETE and PREFIX_COLUMN_DETECTION; buzzr's
+# VARIABLES.R: TAG_RESULTS and PREFIX_DETECTION (the plural is what both read and write).
+BUZZDETECT_TAG = "_buzzdetect"
+ACTIVATION_PREFIX = "activation_"
+DETECTION_PREFIX = "detections_"
+COMBINED_NAME = "frames.csv"
+RAVEN_SUFFIX = ".Table.1.selections.txt"
+RAVEN_COLUMNS = [
+    "Selection",
+    "View",
+    "Channel",
+    "Begin Time (s)",
+    "End Time (s)",
+    "Low Freq (Hz)",
+    "High Freq (Hz)",
+    "Class",
+    "Peak Activation",
+    "Mean Activation",
+    "Frames",
+]
+RAVEN_TIME_DECIMALS = 6  # Raven shows times to the microsecond; hides float sums' last bits
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote.
+
+    Attributes
+    ----------
+    format : {"buzzdetect", "csv", "raven"}
+    dest : Path
+        The directory written into.
+    files : list of Path
+        The files written, in recording order.
+    thresholds : ThresholdChoice
+        The thresholds used and their origin (empty: activations only).
+    untimed : list of str
+        Recordings whose start time is unknown (``"csv"``: their ``time`` is blank).
+    """
+
+    format: str
+    dest: Path
+    files: list[Path]
+    thresholds: ThresholdChoice
+    untimed: list[str] = field(default_factory=list)
+
+
+def buzzdetect_name(relative: str) -> PurePosixPath:
+    """A recording's buzzdetect result file, relative to the export (extension dropped).
+
+    >>> buzzdetect_name("soybean/9/230809_0000.mp3").as_posix()
+    'soybean/9/230809_0000_buzzdetect.csv'
+    """
+    path = PurePosixPath(relative)
+    return path.with_name(path.stem + BUZZDETECT_TAG + ".csv")
+
+
+def raven_name(relative: str) -> PurePosixPath:
+    """A recording's Raven selection table, relative to the export.
+
+    >>> raven_name("soybean/9/230809_0000.mp3").as_posix()
+    'soybean/9/230809_0000.Table.1.selections.txt'
+    """
+    path = PurePosixPath(relative)
+    return path.with_name(path.stem + RAVEN_SUFFIX)
+
+
+def time_digits(frame_length_s: float) -> int:
+    """Decimals of ``start`` in buzzdetect's CSVs (its ``digits_time``): 2 for a 0.96 s frame."""
+    for digits in range(10):
+        if round(frame_length_s, digits) == frame_length_s:
+            return digits
+    return 9
+
+
+def _buzzdetect_values(activation: Any, digits: int | None) -> np.ndarray:
+    """Activations as buzzdetect's CSV holds them, as float64.
+
+    buzzdetect rounds its float32 activations (``np.round``, still float32), appends them to a
+    partial CSV, reads that back (float64) and writes the sorted final file: the final text is
+    float64's repr of pandas' float32 text. The same path here gives the same bytes
+    (``0.96``, never ``0.9599999785423279``).
+    """
+    values = np.asarray(activation, dtype=np.float32)
+    if digits is not None:
+        values = np.round(values, digits)
+    text = pd.DataFrame({"a": values}).to_csv(index=False, header=False, lineterminator="\n")
+    parsed = pd.read_csv(io.StringIO(text), header=None, names=["a"], dtype={"a": "float64"})
+    return parsed["a"].to_numpy()
+
+
+def buzzdetect_table(
+    frames: pd.DataFrame,
+    *,
+    classes: Sequence[str],
+    thresholds: Mapping[str, float],
+    digits_results: int | None,
+    frame_length_s: float,
+) -> pd.DataFrame:
+    """One recording's buzzdetect result table, sorted by ``start``.
+
+    Parameters
+    ----------
+    frames : pandas.DataFrame [shape=(n_frames, n_columns)]
+        The recording's frames (``start`` and ``activation_<class>``).
+    classes : sequence of str
+        The activation columns to keep, in the model's order (ignored with ``thresholds``).
+    thresholds : mapping of class -> float
+        Non-empty: buzzdetect's detection mode, ``detections_<class> = activation > threshold``
+        as 0/1 for each class given, and no activation columns.
+    digits_results : int or None
+        Decimals of the activations (the model's ``digits_results``; None: not rounded).
+    frame_length_s : float > 0 [s]
+        ``start`` is rounded to its decimals (buzzdetect's ``digits_time``).
+
+    Returns
+    -------
+    pandas.DataFrame [shape=(n_frames, 1 + n_columns)]
+    """
+    ordered = frames.sort_values("start", kind="stable", ignore_index=True)
+    table = {"start": np.round(ordered["start"].to_numpy(np.float64), time_digits(frame_length_s))}
+    if thresholds:
+        for name, threshold in thresholds.items():
+            hits = detected(ordered[f"{ACTIVATION_PREFIX}{name}"].to_numpy(), threshold)
+            table[f"{DETECTION_PREFIX}{name}"] = hits.astype(np.int64)
+    else:
+        for name in classes:
+            column = f"{ACTIVATION_PREFIX}{name}"
+            table[column] = _buzzdetect_values(ordered[column].to_numpy(), digits_results)
+    return pd.DataFrame(table)
+
+
+def _csv_text(table: pd.DataFrame, *, header: bool = True, sep: str = ",") -> str:
+    # pandas' own CSV text, as buzzdetect's to_csv(index=False); "\n" whatever the platform.
+    return str(table.to_csv(index=False, header=header, sep=sep, lineterminator="\n"))
+
+
+def _write_text(path: Path, chunks: Iterator[str] | Sequence[str]) -> None:
+    """Write text atomically: a hidden temporary name, then renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8", newline="") as stream:
+            for chunk in chunks:
+                stream.write(chunk)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _selected_classes(run: Run, classes: Sequence[str] | str | None) -> list[str] | None:
+    if classes is None:
+        return None
+    asked = [classes] if isinstance(classes, str) else list(classes)
+    unknown = [name for name in asked if name not in run.classes]
+    if unknown or not asked:
+        raise ParameterError(
+            f"classes={asked!r}: unknown {unknown}; the run's classes are {list(run.classes)}"
+        )
+    return [name for name in run.classes if name in asked]  # model order
+
+
+def _check_free(targets: Sequence[Path], *, overwrite: bool) -> None:
+    existing = [path for path in targets if path.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputConflictError(
+            f"export file {existing[0]} already exists{more}; pass overwrite=True "
+            f"(--overwrite) to replace the export, or choose another dest (--dest)"
+        )
+
+
+def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath]) -> None:
+    # buzzdetect drops the extension: a.wav and a.mp3 would write the same file.
+    seen: dict[PurePosixPath, str] = {}
+    for relative in recordings:
+        target = name(relative)
+        if target in seen:
+            raise ParameterError(
+                f"{seen[target]!r} and {relative!r} would both export to {target} (names that "
+                f"differ only in extension); export them from separate runs or rename one"
+            )
+        seen[target] = relative
+
+
+def export(
+    output: str | os.PathLike[str],
+    *,
+    format: ExportFormat,
+    dest: str | os.PathLike[str] | None = None,
+    classes: Sequence[str] | str | None = None,
+    precision: float | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    gap_frames: int = 0,
+    min_frames: int = 1,
+    time_format: str | Sequence[str] | None = None,
+    tz: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export a run's frames as buzzdetect CSVs, one combined CSV, or Raven selection tables.
+
+    Parameters
+    ----------
+    output : path-like
+        A buzzdask output directory (finished, or partial: what is written so far).
+    format : {"buzzdetect", "csv", "raven"}
+        See :mod:`buzzdask.exports`.
+    dest : path-like, optional
+        Directory to write into; default ``output / "export" / format``.
+    classes : sequence of str, optional
+        Only these classes' columns (activations; detections and events of those among them
+        with a threshold); default all, in the model's order.
+    precision : float in (0, 1), optional
+        Detection thresholds from the model's ``tests/metrics.csv``, as buzzdetect
+        (:func:`buzzdask.thresholds.thresholds_for_precision`; ``ins_buzz`` only).
+    thresholds : mapping of class -> float, optional
+        Detection thresholds given directly (not with ``precision``). A detection is
+        ``activation > threshold``. Default for ``"csv"`` and ``"raven"``: the run's own.
+        With either, ``"buzzdetect"`` writes buzzdetect's detection mode.
+    model : path-like, optional
+        The model directory whose metrics serve ``precision``; default the run's (as recorded
+        in ``buzzdask.json``).
+    gap_frames : int >= 0, default: 0
+        ``"raven"``: most sub-threshold frames inside one event (:mod:`buzzdask.events`).
+    min_frames : int >= 1, default: 1
+        ``"raven"``: fewest frames per event.
+    time_format : str or sequence of str, optional
+        ``"csv"``: how recording start times are written in file names
+        (:func:`buzzdask.recording_time.recording_starts`).
+    tz : str, optional
+        ``"csv"``: IANA time zone of the recording times; default naive local clock time.
+    overwrite : bool, default: False
+        Replace export files that already exist (otherwise an error, before writing anything).
+
+    Returns
+    -------
+    ExportResult
+
+    Raises
+    ------
+    InputError
+        ``output`` is not a buzzdask output, or holds no scores yet.
+    ParameterError, ModelError
+        A bad option, an unknown class, a precision the model's metrics cannot give, or a
+        ``"raven"`` export without thresholds; before anything is written.
+    OutputConflictError
+        An export file already exists and ``overwrite`` is False.
+    """
+    if format not in FORMATS:
+        raise ParameterError(f"format={format!r} is not one of {FORMATS}")
+    run = open_run(output)
+    recordings = run.recordings()
+    if not recordings:
+        raise ParameterError(f"{run.output} holds no scored frames yet: nothing to export")
+    if not run.complete:
+        logger.warning(
+            "%s: the run has not finished; exporting the frames written so far", run.output
+        )
+    selected = _selected_classes(run, classes)
+    choice = choose_thresholds(
+        model_dir=model if model is not None else run.model_path,
+        classes=run.classes,
+        precision=precision,
+        thresholds=thresholds,
+    )
+    if choice.source == "none" and format != "buzzdetect" and run.thresholds:
+        choice = ThresholdChoice(
+            values={n: run.thresholds[n] for n in run.classes if n in run.thresholds},
+            source="given",
+        )
+    values = choice.values
+    if selected is not None and values:
+        values = {name: value for name, value in values.items() if name in selected}
+        if not values and format != "csv":
+            raise ParameterError(
+                f"no threshold for the classes asked ({selected}); thresholds are given for "
+                f"{list(choice.values)}"
+            )
+    target = Path(dest) if dest is not None else run.output / "export" / format
+    target = target.absolute()
+    if format == "raven" and not values:
+        raise ParameterError(
+            "a Raven export lists detection events: pass precision= or thresholds= "
+            "(--precision or --threshold CLASS=VALUE)"
+        )
+    writer: dict[str, Callable[..., tuple[list[Path], list[str]]]] = {
+        "buzzdetect": _export_buzzdetect,
+        "csv": _export_csv,
+        "raven": _export_raven,
+    }
+    files, untimed = writer[format](
+        run,
+        recordings,
+        target,
+        classes=selected if selected is not None else list(run.classes),
+        thresholds=values,
+        overwrite=overwrite,
+        gap_frames=gap_frames,
+        min_frames=min_frames,
+        time_format=time_format,
+        tz=tz,
+    )
+    chosen = ThresholdChoice(
+        values=values,
+        source=choice.source,
+        precision=choice.precision,
+        metrics=choice.metrics,
+        rows=choice.rows,
+    )
+    return ExportResult(format=format, dest=target, files=files, thresholds=chosen, untimed=untimed)
+
+
+def _export_buzzdetect(
+    run: Run,
+    recordings: Sequence[str],
+    dest: Path,
+    *,
+    classes: Sequence[str],
+    thresholds: Mapping[str, float],
+    overwrite: bool,
+    **_: Any,
+) -> tuple[list[Path], list[str]]:
+    _check_unique(recordings, buzzdetect_name)
+    targets = [dest.joinpath(*buzzdetect_name(relative).parts) for relative in recordings]
+    _check_free(targets, overwrite=overwrite)
+    needed = list(thresholds) if thresholds else list(classes)
+    columns = ["start", *(f"{ACTIVATION_PREFIX}{name}" for name in needed)]
+    for relative, path in zip(recordings, targets, strict=True):
+        table = buzzdetect_table(
+            run.recording_frames(relative, columns=columns),
+            classes=classes,
+            thresholds=thresholds,
+            digits_results=run.digits_results,
+            frame_length_s=run.frame_length_s,
+        )
+        _write_text(path, [_csv_text(table)])
+    return targets, []
+
+
+def _starts(
+    run: Run, recordings: Sequence[str], *, time_format: Any, tz: str | None
+) -> dict[str, pd.Timestamp | None]:
+    from buzzdask.recording_time import recording_starts
+
+    table = recording_starts(recordings, root=run.input_root, time_format=time_format, tz=tz)
+    return {
+        str(name): (None if pd.isna(start) else pd.Timestamp(start))
+        for name, start in table["start"].items()
+    }
+
+
+def _export_csv(
+    run: Run,
+    recordings: Sequence[str],
+    dest: Path,
+    *,
+    classes: Sequence[str],
+    thresholds: Mapping[str, float],
+    overwrite: bool,
+    time_format: Any,
+    tz: str | None,
+    **_: Any,
+) -> tuple[list[Path], list[str]]:
+    path = dest / COMBINED_NAME
+    _check_free([path], overwrite=overwrite)
+    starts = _starts(run, recordings, time_format=time_format, tz=tz)
+    untimed = [name for name in recordings if starts.get(name) is None]
+    with_time = len(untimed) < len(recordings)
+    digits = time_digits(run.frame_length_s)
+    needed = [name for name in run.classes if name in classes or name in thresholds]
+    columns = ["file", "start", "end", *(f"{ACTIVATION_PREFIX}{name}" for name in needed)]
+
+    def pieces() -> Iterator[str]:
+        for number, relative in enumerate(recordings):
+            frames = run.recording_frames(relative, columns=columns)
+            table: dict[str, Any] = {
+                "file": frames["file"].astype("string"),
+                "start": np.round(frames["start"].to_numpy(np.float64), digits),
+                "end": np.round(frames["end"].to_numpy(np.float64), digits),
+            }
+            if with_time:
+                start = starts.get(relative)
+                table["time"] = (
+                    start + pd.to_timedelta(frames["start"].to_numpy(np.float64), unit="s")
+                    if start is not None
+                    else pd.Series(pd.NaT, index=frames.index)
+                )
+            for name in classes:
+                column = f"{ACTIVATION_PREFIX}{name}"
+                table[column] = _buzzdetect_values(frames[column].to_numpy(), run.digits_results)
+            for name, threshold in thresholds.items():
+                hits = detected(frames[f"{ACTIVATION_PREFIX}{name}"].to_numpy(), threshold)
+                table[f"{DETECTION_PREFIX}{name}"] = hits.astype(np.int64)
+            yield _csv_text(pd.DataFrame(table), header=number == 0)
+
+    _write_text(path, pieces())
+    return [path], untimed
+
+
+def _raven_value(value: float, digits: int | None) -> float:
+    return float(value if digits is None else round(float(value), digits))
+
+
+def _export_raven(
+    run: Run,
+    recordings: Sequence[str],
+    dest: Path,
+    *,
+    thresholds: Mapping[str, float],
+    overwrite: bool,
+    gap_frames: int,
+    min_frames: int,
+    **_: Any,
+) -> tuple[list[Path], list[str]]:
+    _check_unique(recordings, raven_name)
+    targets = [dest.joinpath(*raven_name(relative).parts) for relative in recordings]
+    _check_free(targets, overwrite=overwrite)
+    nyquist = run.sample_rate / 2  # the embedder hears nothing above it
+    for relative, path in zip(recordings, targets, strict=True):
+        events = stored_recording_events(
+            run, relative, thresholds, gap_frames=gap_frames, min_frames=min_frames
+        ).sort_values(["start", "class"], kind="stable", ignore_index=True)
+        digits = run.digits_results
+        table = pd.DataFrame(
+            {
+                "Selection": np.arange(1, len(events) + 1),
+                "View": "Spectrogram 1",
+                "Channel": 1,
+                "Begin Time (s)": np.round(events["start"].to_numpy(), RAVEN_TIME_DECIMALS),
+                "End Time (s)": np.round(events["end"].to_numpy(), RAVEN_TIME_DECIMALS),
+                "Low Freq (Hz)": 0.0,
+                "High Freq (Hz)": float(nyquist),
+                "Class": events["class"].astype(str).to_numpy(),
+                "Peak Activation": [_raven_value(v, digits) for v in events["peak_activation"]],
+                "Mean Activation": [_raven_value(v, digits) for v in events["mean_activation"]],
+                "Frames": events["frames"].to_numpy(),
+            },
+            columns=RAVEN_COLUMNS,
+        )
+        _write_text(path, [_csv_text(table, sep="\t")])
+    return targets, []

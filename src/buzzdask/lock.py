@@ -1,0 +1,212 @@
+"""One writer per output: ``OUTPUT/.buzzdask.lock``, safe on shared file systems.
+
+Two runs pointed at one output (two batch jobs, a job and a notebook) would both analyse and
+both journal every chunk. The lock file is created with ``O_CREAT | O_EXCL``, which GPFS and NFS
+(v3 and later) perform atomically on the server, unlike ``flock``, which does not reach across
+nodes on every mount. It names its holder (host, pid, the process's start time, when the run
+began), and the holder touches it every ``stale_s / 4`` seconds.
+
+A lock is taken over, with a warning, when its holder is known dead: on this host, no process
+with its pid and start time; on another host, no touch for ``stale_s`` seconds (a killed job's
+node cannot be asked). The stale file is first renamed away, which only one contender can do,
+so two runs finding the same stale lock do not both take it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+from buzzdask.errors import OutputConflictError
+from buzzdask.write import OutputConflict
+
+__all__ = ["LOCK_NAME", "LockHolder", "OutputLock", "current_holder", "refuse_if_in_use"]
+
+LOCK_NAME = ".buzzdask.lock"
+
+logger = logging.getLogger("buzzdask")
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds an output, from its lock file.
+
+    Attributes
+    ----------
+    host, pid, started : str, int, str
+        The holding process and when its run began (ISO 8601, UTC).
+    process_started : float
+        The process's start time (``psutil``), against pid reuse.
+    token : str
+        Unique to one acquisition.
+    age_s : float
+        Seconds since the holder last touched the file.
+    """
+
+    host: str
+    pid: int
+    started: str
+    process_started: float
+    token: str
+    age_s: float
+
+    def describe(self) -> str:
+        """``host n0001, pid 4242, since 2026-06-01T05:30:00+00:00``."""
+        return f"host {self.host}, pid {self.pid}, since {self.started}"
+
+    def is_alive(self, *, stale_s: float) -> bool:
+        """Whether the holder may still be running (see the module's notes)."""
+        if self.host != platform.node():
+            return self.age_s < stale_s
+        try:
+            process = psutil.Process(self.pid)
+            return abs(process.create_time() - self.process_started) < 1.0
+        except psutil.Error:
+            return False
+
+
+def current_holder(root: Path) -> LockHolder | None:
+    """The holder named by ``root``'s lock file; None without one (or one cut short)."""
+    path = root / LOCK_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+        age = time.time() - path.stat().st_mtime
+        entry = json.loads(text)
+        return LockHolder(
+            host=str(entry["host"]),
+            pid=int(entry["pid"]),
+            started=str(entry["started"]),
+            process_started=float(entry["process_started"]),
+            token=str(entry["token"]),
+            age_s=max(age, 0.0),
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        # Written by a process killed between create and write: its holder is gone.
+        return LockHolder("?", -1, "?", 0.0, "", float("inf"))
+
+
+def refuse_if_in_use(root: Path, *, stale_s: float) -> None:
+    """Raise ``OutputConflictError`` ("in use") if a live run holds ``root``.
+
+    Checked before an output's other conflicts, so that a second run hears that another is
+    writing there, not that the output holds results.
+    """
+    holder = current_holder(root)
+    if holder is not None and holder.is_alive(stale_s=stale_s):
+        raise _in_use(root, holder, stale_s=stale_s)
+
+
+def _in_use(root: Path, holder: LockHolder | None, *, stale_s: float) -> OutputConflictError:
+    described = holder.describe() if holder else "another run"
+    return OutputConflictError(OutputConflict(root, "in use", holder=described, stale_s=stale_s))
+
+
+class OutputLock:
+    """Hold ``root`` for this process's run; a context manager.
+
+    Parameters
+    ----------
+    root : Path
+        The output directory (created if missing).
+    started : str
+        When the run began, for the message another run gets.
+    stale_s : float > 0 [s]
+        A holder on another host that has not touched the lock for this long is dead.
+
+    Raises
+    ------
+    OutputConflictError
+        From ``__enter__``: a live run holds ``root`` (reason ``"in use"``, naming it).
+    """
+
+    def __init__(self, root: Path, *, started: str, stale_s: float) -> None:
+        self.root = Path(root)
+        self.path = self.root / LOCK_NAME
+        self.started = started
+        self.stale_s = stale_s
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            if self._create():
+                break
+            holder = current_holder(self.root)
+            if holder is None:
+                continue  # released meanwhile
+            if holder.is_alive(stale_s=self.stale_s):
+                raise _in_use(self.root, holder, stale_s=self.stale_s)
+            self._set_aside(holder)
+        else:  # it kept changing hands
+            raise _in_use(self.root, current_holder(self.root), stale_s=self.stale_s)
+        self._heartbeat = threading.Thread(
+            target=self._touch, name="buzzdask-output-lock", daemon=True
+        )
+        self._heartbeat.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        holder = current_holder(self.root)
+        if holder is not None and holder.token == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def _create(self) -> bool:
+        entry: dict[str, Any] = {
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "started": self.started,
+            "process_started": psutil.Process().create_time(),
+            "token": self.token,
+        }
+        try:
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            json.dump(entry, stream)
+        return True
+
+    def _set_aside(self, holder: LockHolder) -> None:
+        """Rename a dead holder's lock away (one contender wins), with a warning."""
+        aside = self.path.with_name(f"{LOCK_NAME}.{self.token}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another contender set it aside first
+        aside.unlink(missing_ok=True)
+        logger.warning(
+            "took over %s from a run that is gone (%s; last sign of life %.0f s ago)",
+            self.root,
+            holder.describe(),
+            holder.age_s,
+        )
+
+    def _touch(self) -> None:
+        while not self._stop.wait(self.stale_s / 4):
+            try:
+                os.utime(self.path)
+            except OSError:  # the output vanished or filled up; the run reports that itself
+                pass

@@ -1,0 +1,270 @@
+"""Node-local decoded copies: one float32 file per input and node, sliced by the chunk tasks.
+
+Runs on the workers. A codec that cannot seek sample-exactly (AAC, Vorbis, Opus) must be decoded
+from the start of the file to reach any chunk, so decoding each chunk on its own costs
+``O(length**2)`` for a file. Instead the first chunk task of a file on a node decodes the whole
+file once, in one streaming pass, into a raw float32 file on node-local disk (ffmpeg writes it;
+no process holds the file in memory), and every chunk task on that node reads its samples from
+it with ``pread``: each chunk costs its own size in memory, whatever the file's length.
+
+The copy is made once per node, however many worker processes and threads ask at once: the
+maker holds an exclusive ``flock`` on a lock file (node-local disk, so the lock is reliable, and
+the kernel drops it if the maker dies), writes ``<key>.partial`` and renames it to ``<key>.f32``
+when complete. Tasks waiting for it read their span from the partial file as soon as ffmpeg has
+written past it, so scoring starts while the rest of the file is still being decoded.
+A maker that fails leaves ``<key>.failed`` (its reason), which the waiting tasks raise too.
+
+:func:`remove` deletes a copy (the client asks every worker once a file's chunks are done);
+whatever a worker process made is also removed when it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from buzzdask.errors import DecodeError
+
+__all__ = ["copy_directory", "read_span", "remove"]
+
+_SAMPLE_BYTES = 4  # float32
+_POLL_S = (0.02, 0.25)  # first and longest wait between looks at a copy another task makes
+_SUFFIXES = (".f32", ".partial", ".failed", ".lock")
+_MADE_HERE: set[str] = set()  # stems of the copies this process made (removed at exit)
+_MADE_LOCK = threading.Lock()
+
+
+def copy_directory(directory: str | None) -> str:
+    """Where this node's decoded copies go: ``<directory>/buzzdask-pcm``.
+
+    Parameters
+    ----------
+    directory : str or None
+        Node-local directory; default ``$TMPDIR`` of the process that runs this (an OSC job's
+        local disk), else the system's temporary directory.
+    """
+    base = directory or os.environ.get("TMPDIR") or tempfile.gettempdir()
+    return os.path.join(base, "buzzdask-pcm")
+
+
+def read_span(
+    key: str,
+    *,
+    directory: str | None,
+    start: int,
+    stop: int | None,
+    make: Callable[[str], str],
+    size_hint: int | None = None,
+) -> tuple[np.ndarray, str] | None:
+    """Samples ``start ... stop - 1`` of the node's decoded copy ``key``, made once if need be.
+
+    Parameters
+    ----------
+    key : str
+        Names the copy (a digest of the file and of how it is decoded); same key, same samples.
+    directory : str or None
+        As for :func:`copy_directory`.
+    start : int >= 0 [samples]
+    stop : int > start or None [samples]
+        ``None``: to the end of the audio.
+    make : callable
+        ``make(path) -> messages``: writes the whole decoded file (raw float32) to ``path``;
+        raises :class:`~buzzdask.errors.DecodeError` if it cannot.
+    size_hint : int, optional [bytes]
+        The copy's expected size: when the disk has less room than that, no copy is made.
+
+    Returns
+    -------
+    (np.ndarray [shape=(n,), dtype=float32], str) or None
+        The samples (``n < stop - start`` only at the end of the audio) and ``make``'s messages
+        when this call made the copy (else ``""``: the maker's own chunk reports them once).
+        ``None`` when no copy can be made here (the disk lacks room or cannot be written): the
+        caller decodes its chunk directly instead.
+
+    Raises
+    ------
+    DecodeError
+        From ``make``, in this task or in the one that tried to make the copy.
+    """
+    stem = os.path.join(copy_directory(directory), key)
+    try:
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+    except OSError:
+        return None
+    wait = _POLL_S[0]
+    while True:
+        samples = _read_file(stem + ".f32", start, stop, complete=True)
+        if samples is not None:
+            return samples, ""
+        failure = _failure(stem)
+        if failure is not None:
+            raise failure
+        with _exclusive(stem + ".lock") as mine:
+            if mine:
+                if os.path.exists(stem + ".f32") or os.path.exists(stem + ".failed"):
+                    continue  # made (or failed) between the look above and the lock
+                if size_hint is not None and _free_bytes(stem) < size_hint * 1.1:
+                    return None
+                messages = _make(stem, make)
+                samples = _read_file(stem + ".f32", start, stop, complete=True)
+                if samples is None:  # removed at once by a run that finished with this file
+                    continue
+                return samples, messages
+        # Another task is making it: the span may already be written.
+        samples = _read_file(stem + ".partial", start, stop, complete=False)
+        if samples is not None:
+            return samples, ""
+        time.sleep(wait)
+        wait = min(2 * wait, _POLL_S[1])
+
+
+def remove(key: str, *, directory: str | None) -> bool:
+    """Delete the node's decoded copy ``key`` unless a task is making it right now.
+
+    Tasks still reading it have it open and read on; a later task makes it again.
+
+    Returns
+    -------
+    bool
+        Whether nothing of the copy is left.
+    """
+    return _remove_stem(os.path.join(copy_directory(directory), key))
+
+
+def _remove_stem(stem: str) -> bool:
+    if not os.path.exists(stem + ".lock"):
+        return True
+    with _exclusive(stem + ".lock") as mine:
+        if not mine:
+            return False
+        for suffix in _SUFFIXES:  # the lock last, while held: a late maker then sees it gone
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stem + suffix)
+    with _MADE_LOCK:
+        _MADE_HERE.discard(stem)
+    return True
+
+
+def _make(stem: str, make: Callable[[str], str]) -> str:
+    """Make the copy under the lock: ``.partial`` then renamed; ``.failed`` if ``make`` fails."""
+    with _MADE_LOCK:
+        if not _MADE_HERE:
+            atexit.register(_remove_made_here)
+        _MADE_HERE.add(stem)
+    try:
+        messages = make(stem + ".partial")
+    except DecodeError as error:
+        _write_failure(stem, error)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stem + ".partial")
+        raise
+    # Rename (atomic): a reader never takes a copy still being written for a complete one.
+    with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the caller looks again
+        os.replace(stem + ".partial", stem + ".f32")
+    return messages
+
+
+def _read_file(path: str, start: int, stop: int | None, *, complete: bool) -> np.ndarray | None:
+    """Samples ``start ... stop - 1`` of a raw float32 file, or ``None`` when not there (yet).
+
+    A complete file gives what it holds of the span (nothing past its end); a partial one only
+    the whole span, once written.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        n_samples = os.fstat(descriptor).st_size // _SAMPLE_BYTES
+        if not complete and (stop is None or n_samples < stop):
+            return None
+        end = n_samples if stop is None else min(stop, n_samples)
+        samples = np.empty(max(0, end - start), dtype="<f4")
+        view = samples.data.cast("B")
+        filled = 0
+        while filled < len(view):
+            read = os.preadv(descriptor, [view[filled:]], start * _SAMPLE_BYTES + filled)
+            if not read:  # a partial file rewritten from the start by a new maker
+                return None
+            filled += read
+        return samples.astype(np.float32, copy=False)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str) -> Iterator[bool]:
+    """Hold ``path``'s exclusive ``flock`` for the block if it is free; yield whether it was.
+
+    A lock file removed by :func:`remove` while this waited on it is not a lock any more:
+    the inode locked must still be the one the path names.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            yield False
+            return
+        try:
+            linked = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            linked = False
+        if linked:
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield linked
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
+def _failure(stem: str) -> DecodeError | None:
+    """The error of a maker that failed, as it raised it."""
+    try:
+        with open(stem + ".failed", encoding="utf-8") as file:
+            saved = json.load(file)
+    except (FileNotFoundError, ValueError):
+        return None
+    return DecodeError(saved["path"], saved["reason"], saved["stderr"])
+
+
+def _write_failure(stem: str, error: DecodeError) -> None:
+    record = {"path": error.path, "reason": error.reason, "stderr": error.stderr}
+    with contextlib.suppress(OSError):
+        with open(stem + ".failed.tmp", "w", encoding="utf-8") as file:
+            json.dump(record, file)
+        os.replace(stem + ".failed.tmp", stem + ".failed")
+
+
+def _free_bytes(stem: str) -> int:
+    try:
+        return shutil.disk_usage(os.path.dirname(stem)).free
+    except OSError:
+        return 0
+
+
+def _remove_made_here() -> None:
+    """At exit: the copies this process made that no task is making again right now."""
+    with _MADE_LOCK:
+        stems = list(_MADE_HERE)
+    for stem in stems:
+        with contextlib.suppress(OSError):
+            _remove_stem(stem)

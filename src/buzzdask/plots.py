@@ -1,0 +1,318 @@
+"""Pictures of a run: detection rate over the time of day per group, activation of one recording.
+
+Figures are built with matplotlib's object interface (:class:`matplotlib.figure.Figure`, no
+``pyplot``): nothing touches a display or a global figure list, so they draw the same in a
+notebook, in a batch job and on a compute node. matplotlib is imported only when a plot is made.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from buzzdask.errors import OutputConflictError, ParameterError
+from buzzdask.recording_time import TimeFormat, recording_starts
+from buzzdask.results import Run, open_run
+from buzzdask.summaries import By, resolve_summary, summarize
+from buzzdask.thresholds import detected
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_activation", "plot_daily_activity", "plot_run"]
+
+_SUMMED = ("bin_datetime", "bin_filetime", "frames")
+_MAX_LEGEND = 12  # more groups than this are drawn without a legend
+
+
+def _group_columns(summary: pd.DataFrame) -> list[str]:
+    return [
+        column
+        for column in summary.columns
+        if column not in _SUMMED and not column.startswith(("detections_", "detection_rate_"))
+    ]
+
+
+def _rate_class(summary: pd.DataFrame, class_name: str | None) -> str:
+    classes = [
+        c.removeprefix("detections_") for c in summary.columns if c.startswith("detections_")
+    ]
+    if class_name is None:
+        if not classes:
+            raise ParameterError("the summary has no detections_<class> column to plot")
+        return classes[0]
+    if class_name not in classes:
+        raise ParameterError(f"class_name={class_name!r} is not in the summary; it has {classes}")
+    return class_name
+
+
+def plot_daily_activity(
+    summary: pd.DataFrame, *, class_name: str | None = None, title: str | None = None
+) -> Figure:
+    """Detection rate over the time of day, a line per group (site, folder, file).
+
+    Bins of every day are pooled by their clock time (buzzr's ``commontime``): the rate at
+    06:00 is the detections of all 06:00 bins over their frames. Rows of untimed recordings
+    are left out (the figure says how many); a summary with only untimed rows is drawn against
+    the time since the file start instead.
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        A table from :func:`buzzdask.summaries.summarize`.
+    class_name : str, optional
+        The class whose rate is drawn; default the summary's first.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    name = _rate_class(summary, class_name)
+    detections = f"detections_{name}"
+    groups = _group_columns(summary)
+    timed = summary[summary["bin_datetime"].notna()]
+    untimed_rows = len(summary) - len(timed)
+    if len(timed):
+        clock = timed["bin_datetime"].dt
+        x = clock.hour + clock.minute / 60 + clock.second / 3600
+        zone = getattr(timed["bin_datetime"].dt, "tz", None)
+        xlabel = f"time of day (h{', ' + str(zone) if zone is not None else ''})"
+        rows = timed
+    else:
+        span = float(summary["bin_filetime"].max()) if len(summary) else 0.0
+        unit, size = ("s", 1) if span < 600 else ("min", 60) if span < 3 * 3600 else ("h", 3600)
+        x = summary["bin_filetime"] / size
+        xlabel = f"time since the start of the file ({unit}; no start times known)"
+        rows = summary
+    data = rows.assign(_x=x.to_numpy())
+    keys = [*groups, "_x"] if groups else ["_x"]
+    pooled = data.groupby(keys, sort=True, dropna=False)[["frames", detections]].sum()
+    pooled["rate"] = pooled[detections] / pooled["frames"]
+    pooled = pooled.reset_index()
+
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    axes = figure.add_subplot()
+    lines = pooled.groupby(groups, sort=True) if groups else [("all recordings", pooled)]
+    count = 0
+    for label, line in lines:
+        text = " / ".join(map(str, label)) if isinstance(label, tuple) else str(label)
+        axes.plot(line["_x"], line["rate"], marker=".", linewidth=1, label=text)
+        count += 1
+    if len(timed):
+        axes.set_xlim(0, 24)
+        axes.set_xticks(np.arange(0, 25, 3))
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(f"detection rate, {name}")
+    span_text = "over the day" if len(timed) else "over the recording"
+    heading = title or f"{name}: detections per frame {span_text}" + (
+        f", by {', '.join(groups)}" if groups else ""
+    )
+    if untimed_rows and len(timed):
+        heading += f"\n({untimed_rows} bin(s) of recordings without a start time not shown)"
+    axes.set_title(heading, fontsize="medium")
+    if 1 < count <= _MAX_LEGEND:
+        axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def plot_activation(
+    output: str | os.PathLike[str] | Run,
+    recording: str,
+    *,
+    class_name: str | None = None,
+    precision: float | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    time_format: TimeFormat | None = None,
+    tz: str | None = None,
+    read_metadata: bool = True,
+) -> Figure:
+    """One recording's activation over time, the threshold drawn and the detections marked.
+
+    Parameters
+    ----------
+    output : path-like or Run
+    recording : str
+        Its relative name, as in the ``file`` column.
+    class_name : str, optional
+        Default: the first thresholded class, else the model's first class.
+    precision, thresholds : optional
+        As in :func:`buzzdask.summaries.summarize`; default the run's own thresholds. Without
+        any, no threshold is drawn.
+    time_format, tz, read_metadata : optional
+        As in :func:`buzzdask.recording_time.recording_starts`: with a known start the x axis
+        is clock time, else seconds from the start of the file.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    run = output if isinstance(output, Run) else open_run(output)
+    values = _thresholds(run, precision=precision, thresholds=thresholds)
+    name = class_name or (next(iter(values)) if values else run.classes[0])
+    if name not in run.classes:
+        raise ParameterError(f"class_name={name!r} is not a class of the run: {run.classes}")
+    column = f"activation_{name}"
+    frames = run.recording_frames(recording, columns=["start", column])
+    starts = recording_starts(
+        [recording],
+        root=run.input_root,
+        time_format=time_format,
+        tz=tz,
+        read_metadata=read_metadata,
+    )
+    origin = starts["start"].iloc[0]
+    if pd.isna(origin):
+        x: Any = frames["start"]
+        xlabel = "seconds from the start of the file"
+    else:
+        x = origin + pd.to_timedelta(frames["start"], unit="s")
+        xlabel = f"time{' (' + str(tz) + ')' if tz else ''}"
+
+    figure = Figure(figsize=(9, 3.5), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(x, frames[column], linewidth=0.8, color="0.3", label=column)
+    threshold = values.get(name)
+    if threshold is not None:
+        hits = detected(frames[column].to_numpy(), threshold)
+        axes.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
+        axes.plot(
+            np.asarray(x)[hits],
+            frames[column].to_numpy()[hits],
+            linestyle="none",
+            marker="o",
+            markersize=3,
+            color="tab:red",
+            label=f"detections ({int(hits.sum())} of {len(hits)} frames)",
+        )
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(column)
+    axes.set_title(f"{recording}: {name} per frame", fontsize="medium")
+    axes.legend(fontsize="small", loc="upper right")
+    axes.grid(alpha=0.3)
+    if not pd.isna(origin):
+        figure.autofmt_xdate()
+    return figure
+
+
+def _thresholds(
+    run: Run, *, precision: float | None, thresholds: Mapping[str, float] | None
+) -> dict[str, float]:
+    if precision is None and not thresholds and not run.thresholds:
+        return {}
+    return resolve_summary(
+        run, bin="1min", by=None, precision=precision, thresholds=thresholds
+    ).thresholds
+
+
+def plot_run(
+    output: str | os.PathLike[str] | Run,
+    *,
+    bin: str | timedelta | pd.Timedelta = "5min",
+    by: By = 1,
+    precision: float | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    recordings: Sequence[str] | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    time_format: TimeFormat | None = None,
+    tz: str | None = None,
+    read_metadata: bool = True,
+    dpi: int = 120,
+) -> list[Path]:
+    """Write a run's pictures as PNG files (what ``buzzdask plot`` does).
+
+    Writes, under ``dest`` (default ``<output>/summaries``, beside the summaries):
+    ``detection-rate-<class>-<label>.png`` per thresholded class (:func:`plot_daily_activity`
+    of ``summarize(output, bin=bin, by=by, ...)``; ``label`` as the summary's, e.g.
+    ``bins-5min-by-level_1``) and ``activation-<recording>-<class>.png`` per recording asked
+    for (default: the first recording) and thresholded class (:func:`plot_activation`).
+
+    Parameters
+    ----------
+    output : path-like or Run
+    bin, by, precision, thresholds, time_format, tz, read_metadata
+        As in :func:`buzzdask.summaries.summarize` (``by`` defaults to the top folder, ``1``).
+    recordings : sequence of str, optional
+        Relative names whose activation is drawn.
+    dest : path-like, optional
+    overwrite : bool, default: False
+        Replace existing PNG files of the same names; otherwise they are an error.
+    dpi : int > 0, default: 120
+
+    Returns
+    -------
+    list of Path
+        The files written.
+
+    Raises
+    ------
+    OutputConflictError
+        A file exists and ``overwrite`` is False (checked before anything is drawn).
+    """
+    run = output if isinstance(output, Run) else open_run(output)
+    settings = resolve_summary(run, bin=bin, by=by, precision=precision, thresholds=thresholds)
+    folder = Path(dest) if dest is not None else run.output / "summaries"
+    chosen = list(recordings) if recordings is not None else run.recordings()[:1]
+    known = set(run.recordings())
+    missing = [name for name in chosen if name not in known]
+    if missing:
+        raise ParameterError(f"recordings {missing} have no scores in {run.output}")
+    planned: dict[Path, tuple[str, str]] = {}
+    for name in settings.thresholds:
+        planned[folder / f"detection-rate-{_safe(name)}-{settings.label}.png"] = ("daily", name)
+        for recording in chosen:
+            planned[folder / f"activation-{_safe(recording)}-{_safe(name)}.png"] = (
+                recording,
+                name,
+            )
+    existing = [str(path) for path in planned if path.exists()]
+    if existing and not overwrite:
+        raise OutputConflictError(
+            f"plot files already exist: {', '.join(existing)}; pass overwrite=True "
+            "(--overwrite) to replace them, or another dest (--dest)"
+        )
+    summary = summarize(
+        run,
+        bin=settings.width,
+        by=by,
+        thresholds=settings.thresholds,
+        write=False,
+        time_format=time_format,
+        tz=tz,
+        read_metadata=read_metadata,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, (what, name) in planned.items():
+        if what == "daily":
+            figure = plot_daily_activity(summary, class_name=name)
+        else:
+            figure = plot_activation(
+                run,
+                what,
+                class_name=name,
+                thresholds=settings.thresholds,
+                time_format=time_format,
+                tz=tz,
+                read_metadata=read_metadata,
+            )
+        figure.savefig(path, dpi=dpi)
+    return list(planned)
+
+
+def _safe(text: str) -> str:
+    """A recording's relative name as part of a file name (``site/a.wav`` -> ``site_a.wav``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "recording"

@@ -1,0 +1,247 @@
+"""Reading a run's output directory: its metadata and its frames, whole or one recording at a time.
+
+Works on a finished run and on one still going or stopped part-way (only partitions already
+renamed into place are read; see :mod:`buzzdask.write` for the layout). Exports, summaries and
+plots all start here, so each reads the output the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from buzzdask.errors import InputError
+from buzzdask.write import OutputLayout
+
+__all__ = ["Run", "open_run", "read_frames"]
+
+PARTITION_GLOB = "chunk-*.parquet"
+
+
+def read_frames(dataset: str | os.PathLike[str], *, columns: Sequence[str] | None = None) -> Any:
+    """A partitioned scores dataset as a dask DataFrame (one partition per chunk file).
+
+    Parameters
+    ----------
+    dataset : path-like
+        The ``scores/`` directory of an output.
+    columns : sequence of str, optional
+        Only these columns (default: all).
+
+    Returns
+    -------
+    dask.dataframe.DataFrame
+        Columns ``file``, ``start``, ``end`` [s], ``activation_<class>`` (float32) and any
+        ``detection_<class>`` (bool); rows in no particular order across partitions.
+    """
+    import dask.dataframe as dd
+
+    # No hive partitioning: an input folder named "site=A" is a name, not a column.
+    return dd.read_parquet(
+        os.fspath(dataset),
+        columns=list(columns) if columns is not None else None,
+        dataset={"partitioning": None},
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One analysis output, opened for reading.
+
+    Attributes
+    ----------
+    output : Path
+        The output directory (absolute).
+    metadata : dict
+        ``buzzdask.json`` as written by :func:`buzzdask.analyze` (``status`` is ``"running"``
+        until the run finishes).
+    """
+
+    output: Path
+    metadata: dict[str, Any] = field(repr=False)
+
+    @property
+    def layout(self) -> OutputLayout:
+        """The output's paths."""
+        return OutputLayout(self.output)
+
+    @property
+    def dataset(self) -> Path:
+        """The partitioned Parquet dataset (``output / "scores"``)."""
+        return self.layout.scores
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished (``status == "complete"``); a partial run is still readable."""
+        return self.metadata.get("status") == "complete"
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The model's classes, in its output order (the order of the activation columns)."""
+        return tuple(self.metadata["classes"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The model's description (:meth:`buzzdask.ModelSpec.as_metadata`)."""
+        return dict(self.metadata["model"])
+
+    @property
+    def model_path(self) -> Path:
+        """The model directory the run used (it may since have moved)."""
+        return Path(self.metadata["model"]["path"])
+
+    @property
+    def digits_results(self) -> int | None:
+        """Decimals buzzdetect rounds activations to in its CSVs (``None``: not rounded)."""
+        digits = self.metadata["model"].get("digits_results")
+        return int(digits) if digits is not None else None
+
+    @property
+    def sample_rate(self) -> int:
+        """The embedder's sample rate [Hz]."""
+        return int(self.metadata["sample_rate"])
+
+    @property
+    def frame_hop_s(self) -> float:
+        """Distance between frame starts [s]: ``start[i] = i * frame_hop_s``."""
+        return float(self.metadata["frame_hop_s"])
+
+    @property
+    def frame_length_s(self) -> float:
+        """One frame's length [s]: ``end = start + frame_length_s``."""
+        return float(self.metadata["frame_length_s"])
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds the run wrote ``detection_<class>`` columns for (may be empty)."""
+        recorded = self.metadata.get("thresholds") or {}
+        # Either {class: value} or a record of their origin holding them under "values".
+        if isinstance(recorded.get("values"), dict):
+            recorded = recorded["values"]
+        return {name: float(value) for name, value in recorded.items()}
+
+    @property
+    def input_root(self) -> Path:
+        """The directory the ``file`` column's relative names are relative to."""
+        return Path(self.metadata["inputs"]["root"])
+
+    def recordings(self) -> list[str]:
+        """The input files with at least one partition written: relative POSIX names, sorted."""
+        scores = self.dataset
+        if not scores.is_dir():
+            return []
+        names = {
+            path.parent.relative_to(scores).as_posix() for path in scores.rglob(PARTITION_GLOB)
+        }
+        return sorted(names)
+
+    def partitions(self, relative: str) -> list[Path]:
+        """The partition files of one recording, in chunk order."""
+        return sorted(self._recording_dir(relative).glob(PARTITION_GLOB))
+
+    def frames(self, columns: Sequence[str] | None = None) -> Any:
+        """Every frame written so far, as a dask DataFrame (see :func:`read_frames`).
+
+        Raises
+        ------
+        InputError
+            If the run has not written any partition yet.
+        """
+        if not self.recordings():
+            raise InputError(f"{self.output} holds no scored frames yet (nothing under scores/)")
+        return read_frames(self.dataset, columns=columns)
+
+    def recording_frames(
+        self, relative: str, *, columns: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """One recording's frames, read from its own partitions only, sorted by ``start``.
+
+        Parameters
+        ----------
+        relative : str
+            The recording's relative name, as in the ``file`` column (``"site/a.wav"``).
+        columns : sequence of str, optional
+            Only these columns (default: all).
+
+        Returns
+        -------
+        pandas.DataFrame [shape=(n_frames, n_columns)]
+            With a fresh ``RangeIndex``.
+
+        Raises
+        ------
+        InputError
+            If no partition of ``relative`` exists.
+        """
+        import pyarrow.parquet as pq
+
+        paths = self.partitions(relative)
+        if not paths:
+            raise InputError(
+                f"no scores for {relative!r} in {self.output}; recordings with scores: "
+                f"{_some(self.recordings())}"
+            )
+        wanted = list(columns) if columns is not None else None
+        tables = [pq.read_table(path, columns=wanted) for path in paths]
+        frame = pd.concat([table.to_pandas() for table in tables], ignore_index=True)
+        if "start" in frame.columns:
+            frame = frame.sort_values("start", kind="stable", ignore_index=True)
+        return frame
+
+    def _recording_dir(self, relative: str) -> Path:
+        parts = PurePosixPath(relative).parts
+        if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
+            raise InputError(f"{relative!r} is not a recording's relative name")
+        return self.dataset.joinpath(*parts)
+
+
+def open_run(output: str | os.PathLike[str]) -> Run:
+    """Open a buzzdask output directory (finished or partial) for reading.
+
+    Parameters
+    ----------
+    output : path-like
+        A directory :func:`buzzdask.analyze` wrote (it holds ``buzzdask.json``).
+
+    Returns
+    -------
+    Run
+
+    Raises
+    ------
+    InputError
+        If ``output`` is missing, is not a directory, or holds no readable ``buzzdask.json``.
+    """
+    layout = OutputLayout(output)
+    if not layout.root.exists():
+        raise InputError(f"output {layout.root} does not exist")
+    if not layout.root.is_dir():
+        raise InputError(f"output {layout.root} is not a directory")
+    try:
+        metadata = json.loads(layout.metadata.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(
+            f"{layout.root} is not a buzzdask output: no buzzdask.json (pass the directory "
+            f"given to analyze as output)"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{layout.metadata}: invalid JSON ({error})") from None
+    required = ("classes", "model", "frame_hop_s", "frame_length_s", "inputs")
+    missing = [key for key in required if not isinstance(metadata, dict) or key not in metadata]
+    if missing:
+        raise InputError(f"{layout.metadata} is not buzzdask run metadata (missing {missing})")
+    return Run(output=layout.root, metadata=metadata)
+
+
+def _some(names: Sequence[str], limit: int = 5) -> str:
+    """A few names for a message, with how many more."""
+    if not names:
+        return "none"
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,337 @@
+"""Files whose duration estimate is wrong, and long files of codecs that cannot seek exactly.
+
+MP3s without a Xing/VBRI header are timed from their first frame's bitrate: made here by
+concatenating CBR streams of different bitrates, the estimate is several times too short or too
+long. AAC (m4a) and Vorbis (ogg) cannot seek sample-exactly: each node decodes such a file once
+into a decoded copy that its chunks slice. Every analysis is compared with one made in a single
+chunk: the same frames, starts exact, none lost or read twice.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import buzzdask
+from buzzdask.decode import (
+    AudioInfo,
+    ChunkPlan,
+    chunks_after,
+    decode_chunk,
+    decode_file,
+    plan_chunks,
+    probe_audio,
+)
+from buzzdask.frames import FrameSpec
+from buzzdask.inputs import InputFile
+from buzzdask.ledger import FileLedger
+from buzzdask.progress import Progress
+from buzzdask.write import OutputLayout
+from tests.conftest import assert_same_frames, field_like, requires_ffmpeg, write_wav
+from tests.test_frames import spec
+
+pytestmark = requires_ffmpeg
+
+HOP_S = 0.96  # the tiny embedder's frame hop
+ONE_CHUNK = 100_000.0  # chunk_seconds of the reference runs: every file in one chunk
+
+
+def _mp3_of_parts(
+    tmp_path: Path, name: str, parts: list[tuple[float, str]], *, seed: int = 0
+) -> Path:
+    """An MP3 without a Xing header: CBR parts of (seconds, bitrate) one after the other.
+
+    Without the header the demuxer estimates the duration from the first frame's bitrate and
+    the file's size; parts of other bitrates make that estimate wrong. Not below 96 kb/s: LAME
+    then cuts the band the embedder's top mel bins hold, whose logs turn decoding's 1e-7
+    rounding (a chunk's resampler starts mid-stream) into 1e-4 in activations.
+    """
+    rate = 44100
+    target = tmp_path / "audio" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pieces = []
+    for i, (seconds, bitrate) in enumerate(parts):
+        wav = write_wav(
+            tmp_path / f".{name}.{i}.wav",
+            field_like(int(seconds * rate), rate, 2, seed=seed + i),
+            rate,
+        )
+        piece = tmp_path / f".{name}.{i}.mp3"
+        subprocess.run(
+            [
+                *("ffmpeg", "-v", "error", "-y", "-i", str(wav), "-c:a", "libmp3lame"),
+                *("-b:a", bitrate, "-write_xing", "0", "-id3v2_version", "0", str(piece)),
+            ],
+            check=True,
+        )
+        pieces.append(piece.read_bytes())
+    target.write_bytes(b"".join(pieces))
+    return target
+
+
+def _frames(result: buzzdask.AnalysisResult) -> pd.DataFrame:
+    frame = result.to_pandas()
+    assert not frame.duplicated(["file", "start"]).any()
+    return frame
+
+
+def _assert_same_run(chunked: buzzdask.AnalysisResult, whole: buzzdask.AnalysisResult) -> None:
+    """Same frames as the one-chunk run, starts exactly ``i * hop``, no error."""
+    assert chunked.ok, chunked.errors
+    assert whole.ok, whole.errors
+    got, expected = _frames(chunked), _frames(whole)
+    assert_same_frames(got, expected)
+    np.testing.assert_array_equal(got["start"], expected["start"])  # exactly
+    frame_spec = spec()
+    for _, starts in got.groupby("file")["start"]:
+        index = np.arange(len(starts))
+        np.testing.assert_array_equal(
+            starts, index * frame_spec.hop_length / frame_spec.sample_rate
+        )
+
+
+def _partition_rows(result: buzzdask.AnalysisResult) -> list[int]:
+    return [pq.read_metadata(path).num_rows for path in sorted(result.dataset.rglob("*.parquet"))]
+
+
+# -- plans --------------------------------------------------------------------------------------
+def test_plans_are_bounded_and_follow_ons_continue_them() -> None:
+    frame_spec = spec()
+    info = AudioInfo("x.mp3", "mp3", 44100, 2, 10 * 0.96, 1, 1)
+    plans = plan_chunks(info, frame_spec, frames_per_chunk=4)
+    # The last chunk reads one frame past the estimate: full, it shows the audio goes on.
+    assert plans == [ChunkPlan(0, 0, 4), ChunkPlan(1, 4, 4), ChunkPlan(2, 8, 5)]
+    unknown = AudioInfo("x", "mp3", 8000, 1, None, 1, 1)
+    assert plan_chunks(unknown, frame_spec, frames_per_chunk=4) == [ChunkPlan(0, 0, 5)]
+    assert chunks_after(plans[-1], 2, frames_per_chunk=4) == []  # frames 8, 9: as estimated
+    assert chunks_after(plans[-1], 5, frames_per_chunk=4, count=2) == [
+        ChunkPlan(3, 13, 4),
+        ChunkPlan(4, 17, 4),
+    ]
+    assert chunks_after(ChunkPlan(2, 8, None), 9, frames_per_chunk=4) == []
+    assert chunks_after(plans[-1], 9, frames_per_chunk=4) == []  # an older open chunk: the end
+    # An exact estimate that is a whole number of chunks does not fill the last one.
+    exact = AudioInfo("x.wav", "pcm_s16le", 16000, 1, (7 * 15360 + 15360) / 16000, 1, 1)
+    assert plan_chunks(exact, frame_spec, frames_per_chunk=4)[-1] == ChunkPlan(1, 4, 5)
+
+
+def _ledger(tmp_path: Path, *, frames_per_chunk: int, done: dict[Any, Any]) -> FileLedger:
+    layout = OutputLayout(tmp_path / "out")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    return FileLedger(
+        layout=layout,
+        spec=spec(),
+        classes=("a",),
+        thresholds={},
+        partition_metadata={},
+        frames_per_chunk=frames_per_chunk,
+        done=done,
+        progress=Progress(enabled=False, verbose=False, files=1),
+    )
+
+
+def test_ledger_adds_chunks_while_the_last_comes_back_full(tmp_path: Path) -> None:
+    """A file 4x longer than estimated: chunks follow in growing batches, totals corrected."""
+    frame_spec = spec()
+    seconds_per_frame = frame_spec.hop_length / frame_spec.sample_rate
+    info = AudioInfo("a.mp3", "mp3", 44100, 2, 5 * seconds_per_frame, 1, 1)
+    real_frames = 21
+    ledger = _ledger(tmp_path, frames_per_chunk=2, done={})
+    state = ledger.add(InputFile("a.mp3", "a.mp3"))
+    assert state is not None
+    todo = ledger.probed(state, info)
+    assert [job.plan.index for job in todo] == [0, 1, 2]
+    batches = []
+    while todo:
+        job = todo.pop(0)
+        first = job.plan.first_frame
+        n_frames = max(0, min(job.plan.n_frames or 0, real_frames - first))
+        more = ledger.scored(job, (first, n_frames, ""))
+        assert all(m.plan.n_frames == 2 for m in more)
+        if more:
+            batches.append(len(more))
+        todo += more
+        if todo:
+            assert ledger.progress.files_done == 0  # not done while chunks follow
+    assert batches == [3, 6]  # doubling (capped at MOST_FOLLOW_ONS); chunk 11 came back empty
+    assert state.frames == real_frames and not state.failed
+    assert state.chunks == state.chunks_done == 12
+    assert ledger.progress.audio_expected_s == pytest.approx(real_frames * seconds_per_frame)
+    assert ledger.errors == []
+
+    # A resume finds the follow-on chunks in the journal and redoes only what is missing.
+    entries = [json.loads(line) for line in ledger.layout.journal.read_text().splitlines()]
+    done = {(e["file"], e["chunk"]): e for e in entries if e["chunk"] != 9}
+    for entry in done.values():
+        if entry["frames"]:
+            path = ledger.layout.partition("a.mp3", entry["chunk"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    resumed = _ledger(tmp_path, frames_per_chunk=2, done=done)
+    state = resumed.add(InputFile("a.mp3", "a.mp3"))
+    assert state is not None
+    todo = resumed.probed(state, info)
+    assert [job.plan.index for job in todo] == [9]
+    assert resumed.scored(todo[0], (todo[0].plan.first_frame, 2, "")) == []
+    assert state.frames == real_frames and state.chunks_done == state.chunks
+
+
+# -- MP3s whose duration estimate is wrong --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("parts", "estimate"),
+    [
+        # 320 kb/s first: timed from it, the 96 kb/s rest looks 3.3x shorter than it is.
+        ([(6.0, "320k"), (30.0, "96k")], "short"),
+        # 96 kb/s first: the 320 kb/s rest looks 3.3x longer than it is.
+        ([(6.0, "96k"), (30.0, "320k")], "long"),
+    ],
+)
+def test_mp3_with_a_wrong_duration_estimate(
+    run, tmp_path: Path, parts: list[tuple[float, str]], estimate: str
+) -> None:
+    path = _mp3_of_parts(tmp_path, f"{estimate}.mp3", parts)
+    info = probe_audio(path)
+    real_s = len(decode_file(path, sample_rate=16000)) / 16000
+    assert info.duration_s is not None
+    # The premise: ffprobe's estimate is far off.
+    assert (info.duration_s < real_s / 2) if estimate == "short" else (info.duration_s > real_s * 2)
+
+    chunk_seconds = 4 * HOP_S
+    chunked = run(tmp_path / "audio", chunk_seconds=chunk_seconds, output=tmp_path / "chunked")
+    whole = run(tmp_path / "audio", chunk_seconds=ONE_CHUNK, output=tmp_path / "whole")
+    _assert_same_run(chunked, whole)
+    assert len(_frames(chunked)) == spec().n_complete_frames(round(real_s * 16000))
+    # No chunk outgrew its length: a short estimate no longer leaves one chunk to read the rest.
+    assert max(_partition_rows(chunked)) <= 4 + 1  # the planned last chunk: one frame more
+    assert chunked.summary["audio_hours"] == pytest.approx(len(_frames(chunked)) * HOP_S / 3600)
+
+
+def test_mp3_short_estimate_resumes(run, tmp_path: Path) -> None:
+    """A run killed after the follow-on chunks: resume redoes exactly what is missing."""
+    _mp3_of_parts(tmp_path, "short.mp3", [(4.0, "320k"), (24.0, "96k")])
+    chunk_seconds = 2 * HOP_S
+    complete = run(tmp_path / "audio", chunk_seconds=chunk_seconds, output=tmp_path / "complete")
+    partial = run(tmp_path / "audio", chunk_seconds=chunk_seconds, output=tmp_path / "partial")
+    journal = partial.output / "journal.jsonl"
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    last = max(e["chunk"] for e in entries if e["frames"])
+    lost = {last, last - 3}  # follow-on chunks: the planned ones cover 2 frames or so
+    for entry in entries:
+        if entry["chunk"] in lost:
+            (partial.dataset / "short.mp3" / f"chunk-{entry['chunk']:06d}.parquet").unlink()
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries if e["chunk"] not in lost))
+    resumed = run(
+        tmp_path / "audio",
+        chunk_seconds=chunk_seconds,
+        output=tmp_path / "partial",
+        on_conflict="resume",
+    )
+    assert resumed.summary["chunks_written"] == 2
+    _assert_same_run(resumed, complete)
+
+
+# -- codecs that cannot seek exactly ------------------------------------------------------------
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's finished children (the ffmpegs a worker ran)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _own_decode_cpu_s(path: Path) -> float:
+    before = _children_cpu_s()
+    decode_file(path, sample_rate=16000)
+    return _children_cpu_s() - before
+
+
+@pytest.mark.parametrize("suffix", [".m4a", ".ogg"])
+def test_unseekable_codec_is_decoded_once(
+    run, dask_client, make_audio, tmp_path: Path, suffix: str
+) -> None:
+    import dask
+
+    path = make_audio(f"long{suffix}", n_samples=44100 * 240 + 321, rate=44100, channels=2)
+    node = tmp_path / "node-local"
+    chunk_seconds = 8 * HOP_S  # 32 chunks: decoding each from the start would cost ~16 passes
+    with dask.config.set({"buzzdask.staging.directory": str(node)}):
+        before = sum(dask_client.run(_children_cpu_s).values())
+        chunked = run(tmp_path / "audio", chunk_seconds=chunk_seconds, output=tmp_path / "chunked")
+        used = sum(dask_client.run(_children_cpu_s).values()) - before
+        whole = run(tmp_path / "audio", chunk_seconds=ONE_CHUNK, output=tmp_path / "whole")
+    _assert_same_run(chunked, whole)
+    one_pass = min(_own_decode_cpu_s(path) for _ in range(2))
+    # One decoding pass (and the probe), far from the 16 of decoding each chunk from the start.
+    assert used < 2.5 * one_pass + 0.3, (used, one_pass)
+    assert max(_partition_rows(chunked)) <= 8 + 1
+    # The decoded copy is removed once the file's chunks are done (asked for, not waited on).
+    for _ in range(100):
+        left = [p.name for p in node.rglob("*") if p.is_file()]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert left == []
+
+
+def _decode_chunks(args: tuple[str, list[ChunkPlan], str]) -> tuple[list[np.ndarray], float]:
+    """In a separate process: decode some chunks; their samples and the ffmpeg CPU it used."""
+    path, plans, directory = args
+    info = probe_audio(path)
+    before = _children_cpu_s()
+    samples = [
+        decode_chunk(info, plan, spec=spec(), copy_directory=directory).samples for plan in plans
+    ]
+    return samples, _children_cpu_s() - before
+
+
+def test_processes_share_one_decoded_copy_per_node(make_audio, tmp_path: Path) -> None:
+    """Chunks of one file decoded by 3 processes at once: one decode, exact samples."""
+    path = make_audio("shared.m4a", n_samples=44100 * 240, rate=44100, channels=2)
+    frame_spec: FrameSpec = spec()
+    plans = plan_chunks(probe_audio(path), frame_spec, frames_per_chunk=20)
+    whole = decode_file(path, sample_rate=16000)
+    one_pass = min(_own_decode_cpu_s(path) for _ in range(2))
+    jobs = [(str(path), plans[i::3], str(tmp_path / "node")) for i in range(3)]
+    pool = multiprocessing.get_context("spawn").Pool(3)
+    try:
+        answers = pool.map(_decode_chunks, jobs)
+    finally:
+        pool.close()  # the processes exit normally (not terminated): their exit clean-up runs
+        pool.join()
+    cpu = sum(used for _, used in answers)
+    assert cpu < 1.7 * one_pass, (cpu, one_pass)
+    for (_, group, _), (samples, _) in zip(jobs, answers, strict=True):
+        for plan, got in zip(group, samples, strict=True):
+            first = plan.first_frame * frame_spec.hop_length
+            np.testing.assert_array_equal(got, whole[first : first + len(got)])
+    # Each process removed what it made when it exited.
+    assert [p for p in (tmp_path / "node").rglob("*") if p.is_file()] == []
+
+
+def test_decoded_copy_failure_is_reported_by_every_waiting_chunk(tmp_path: Path) -> None:
+    """A file ffmpeg cannot decode: the chunk that tried and those after it get the error."""
+    from buzzdask import pcm_cache
+    from buzzdask.errors import DecodeError
+
+    calls: list[str] = []
+
+    def make(target: str) -> str:
+        calls.append(target)
+        raise DecodeError("x.m4a", "ffmpeg failed to decode", "moov atom not found")
+
+    for _ in range(2):
+        with pytest.raises(DecodeError, match="moov atom"):
+            pcm_cache.read_span(
+                "k", directory=str(tmp_path), start=0, stop=10, make=make, size_hint=None
+            )
+    assert len(calls) == 1
+    assert pcm_cache.remove("k", directory=str(tmp_path))
+    assert list((tmp_path / "buzzdask-pcm").iterdir()) == []

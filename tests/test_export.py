@@ -1,0 +1,518 @@
+"""Exports of real runs: buzzdetect CSVs read back as buzzr reads them, combined CSV, Raven tables.
+
+One analysis of a nested site/recorder tree (buzzr- and AudioMoth-named recordings, one without a
+time) is shared by the module's read-only tests; the tests that need their own model or input
+run their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import shutil
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import buzzdask
+from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
+from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
+from buzzdask.events import recording_events, run_events
+from buzzdask.exports import RAVEN_COLUMNS
+from tests.conftest import CLASSES, field_like, requires_ffmpeg, requires_shared, write_wav
+
+pytestmark = requires_ffmpeg
+FRAME = 15360  # samples in one 0.96 s frame at 16 kHz
+GENERAL_V3_METRICS = Path("data/models/model_general_v3/tests/metrics.csv")
+
+# relative name -> (samples, seed); the names carry buzzr's and AudioMoth's start times.
+TREE = {
+    "soybean/9/230809_0000.wav": (9 * FRAME + 700, 1),
+    "soybean/9/230809_0005.flac": (4 * FRAME, 2),  # extension dropped in the export's name
+    "mustard/am1/20240601_053000.wav": (6 * FRAME + 10, 3),
+    "mustard/am1/notes.wav": (3 * FRAME, 4),  # no time in its name
+}
+STARTS = {
+    "soybean/9/230809_0000.wav": datetime(2023, 8, 9, 0, 0),
+    "soybean/9/230809_0005.flac": datetime(2023, 8, 9, 0, 5),
+    "mustard/am1/20240601_053000.wav": datetime(2024, 6, 1, 5, 30),
+}
+
+
+@pytest.fixture(scope="module")
+def tree_run(dask_client, tiny_embedder, tiny_model, tmp_path_factory):
+    """analyze() of the TREE on the session's cluster (chunks of 2 frames: several partitions)."""
+    root = tmp_path_factory.mktemp("export") / "audio"
+    for relative, (samples, seed) in TREE.items():
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        wav = target.with_suffix(".wav")
+        write_wav(wav, field_like(samples, 16000, seed=seed), 16000)
+        if target != wav:
+            subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), str(target)], check=True)
+            wav.unlink()
+    result = buzzdask.analyze(
+        root,
+        tiny_model,
+        output=root.parent / "results",
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        chunk_seconds=2.0,
+        progress=False,
+    )
+    assert result.ok
+    return result
+
+
+def frames_of(result) -> pd.DataFrame:
+    return result.to_pandas()
+
+
+def as_buzzdetect(value: float) -> float:
+    """A float32 activation as buzzdetect's CSV holds it: np.round to 2 in float32, its text."""
+    return float(str(np.float32(np.round(np.float32(value), 2))))
+
+
+def a_rounded_threshold(frame: pd.DataFrame, name: str = "ins_buzz") -> float:
+    """A threshold equal to a rounded activation that occurs: ties decide '>' against '>='."""
+    values = np.sort(frame[f"activation_{name}"].map(as_buzzdetect).unique())
+    return float(values[len(values) // 2])
+
+
+# -- buzzr, re-implemented from its R sources (R/files.R, R/results.R, R/time.R) -----------------
+
+
+def buzzr_list_results(dir_results: Path) -> list[Path]:
+    """list_results: every file whose name without extension ends in the tag."""
+    return sorted(
+        p for p in dir_results.rglob("*") if p.is_file() and p.stem.endswith("_buzzdetect")
+    )
+
+
+def buzzr_ident(path: Path, dir_results: Path) -> str:
+    """get_ident: path minus extension, tag and results directory."""
+    sans = path.with_suffix("").as_posix()
+    sans = re.sub("_buzzdetect$", "", sans)
+    return re.sub("^/", "", sans.removeprefix(dir_results.as_posix()))
+
+
+def buzzr_file_start_time(path: Path, posix_format: str) -> datetime | None:
+    """file_start_time: the format, as a regex of digits, searched in the base name."""
+    pattern = re.sub(r"%[yHMdmS]", lambda m: r"\d{2}", posix_format).replace("%Y", r"\d{4}")
+    match = re.search(pattern, path.with_suffix("").name)
+    return datetime.strptime(match.group(0), posix_format) if match else None
+
+
+def buzzr_bin_directory(
+    dir_results: Path, thresholds: dict[str, float], posix_formats: list[str], binwidth: int
+) -> pd.DataFrame:
+    """bin_directory(dir_results, thresholds, posix_formats, return_ident = TRUE, binwidth)."""
+    pieces = []
+    for path in buzzr_list_results(dir_results):
+        results = pd.read_csv(path).rename(columns={"start": "start_filetime"})  # fread
+        starts = {buzzr_file_start_time(path, f) for f in posix_formats} - {None}
+        if len(starts) != 1:
+            continue  # NA start: R's floor_date puts these in an NA bin; not compared here
+        start = starts.pop()
+        results.insert(0, "ident", buzzr_ident(path, dir_results))
+        results["start_datetime"] = start + pd.to_timedelta(results.pop("start_filetime"), "s")
+        for name, threshold in thresholds.items():  # call_detections: `>`
+            results[f"detections_{name}"] = results.pop(f"activation_{name}") > threshold
+        results = results.drop(columns=[c for c in results if c.startswith("activation_")])
+        results["bin_datetime"] = results.pop("start_datetime").dt.floor(f"{binwidth}min")
+        results["frames"] = 1
+        pieces.append(results)
+    table = pd.concat(pieces, ignore_index=True)
+    return table.groupby(["ident", "bin_datetime"], as_index=False).sum(numeric_only=True)
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_buzzdetect_export_mirrors_the_tree_with_buzzdetect_bytes(tree_run):
+    result = buzzdask.export(tree_run.output, format="buzzdetect")
+    dest = tree_run.output / "export" / "buzzdetect"
+    assert result.dest == dest and result.format == "buzzdetect"
+    assert sorted(p.relative_to(dest).as_posix() for p in result.files) == [
+        "mustard/am1/20240601_053000_buzzdetect.csv",
+        "mustard/am1/notes_buzzdetect.csv",
+        "soybean/9/230809_0000_buzzdetect.csv",
+        "soybean/9/230809_0005_buzzdetect.csv",
+    ]
+    frames = frames_of(tree_run)
+    one = frames[frames["file"] == "soybean/9/230809_0005.flac"].sort_values("start")
+    # buzzdetect: pandas to_csv(index=False) of float64 read back from its partial file.
+    expected = "start," + ",".join(f"activation_{c}" for c in CLASSES) + "\n"
+    for row in one.itertuples(index=False):
+        values = [repr(as_buzzdetect(getattr(row, f"activation_{c}"))) for c in CLASSES]
+        expected += ",".join([repr(round(row.start, 2)), *values]) + "\n"
+    written = (dest / "soybean/9/230809_0005_buzzdetect.csv").read_bytes()
+    assert written == expected.encode()
+    assert [line.split(",")[0] for line in written.decode().splitlines()[1:]] == [
+        "0.0",
+        "0.96",
+        "1.92",
+        "2.88",
+    ]
+    for path in result.files:  # two decimals at most, never 0.9600000000000001
+        for line in path.read_text().splitlines()[1:]:
+            assert all(re.fullmatch(r"-?\d+(\.\d{1,2})?", cell) for cell in line.split(","))
+
+
+def test_buzzr_reads_the_export_as_buzzdetect_results(tree_run, tmp_path):
+    dest = tmp_path / "for_buzzr"
+    buzzdask.export(tree_run.output, format="buzzdetect", classes=["ins_buzz"], dest=dest)
+    frames = frames_of(tree_run)
+    threshold = a_rounded_threshold(frames)
+    formats = ["%y%m%d_%H%M", "%Y%m%d_%H%M%S"]
+    binned = buzzr_bin_directory(dest, {"ins_buzz": threshold}, formats, binwidth=5)
+
+    # The same bins straight from the Parquet frames, as buzzr would see buzzdetect's own CSVs.
+    frames = frames[frames["file"].isin(STARTS)].copy()
+    frames["ident"] = frames["file"].str.replace(r"\.[^./]+$", "", regex=True)
+    frames["bin_datetime"] = (
+        frames["file"].map(STARTS) + pd.to_timedelta(frames["start"].round(2), "s")
+    ).dt.floor("5min")
+    frames["detections_ins_buzz"] = frames["activation_ins_buzz"].map(as_buzzdetect) > threshold
+    frames["frames"] = 1
+    expected = frames.groupby(["ident", "bin_datetime"], as_index=False)[
+        ["detections_ins_buzz", "frames"]
+    ].sum()
+    pd.testing.assert_frame_equal(
+        binned.astype({"detections_ins_buzz": "int64"}).reset_index(drop=True),
+        expected.astype({"detections_ins_buzz": "int64"}).reset_index(drop=True),
+    )
+    assert set(binned["ident"]) == {
+        "soybean/9/230809_0000",
+        "soybean/9/230809_0005",
+        "mustard/am1/20240601_053000",
+    }
+    assert binned["detections_ins_buzz"].sum() > 0  # the comparison was exercised
+
+
+def test_detection_mode_writes_buzzdetect_detections(tree_run):
+    frames = frames_of(tree_run)
+    threshold = float(frames["activation_mech_plane"].median())
+    result = buzzdask.export(
+        tree_run.output,
+        format="buzzdetect",
+        dest=tree_run.output / "detections",
+        thresholds={"mech_plane": threshold},
+    )
+    assert result.thresholds.values == {"mech_plane": threshold}
+    path = tree_run.output / "detections/mustard/am1/20240601_053000_buzzdetect.csv"
+    written = pd.read_csv(path)
+    assert list(written.columns) == ["start", "detections_mech_plane"]
+    one = frames[frames["file"] == "mustard/am1/20240601_053000.wav"].sort_values("start")
+    assert written["detections_mech_plane"].tolist() == [
+        int(float(a) > threshold) for a in one["activation_mech_plane"]
+    ]
+    assert set(written["detections_mech_plane"]) == {0, 1}
+
+
+@pytest.mark.shared_data
+@requires_shared
+def test_precision_threshold_equals_buzzdetect_on_general_v3(shared_dir):
+    if not (shared_dir / GENERAL_V3_METRICS).is_file():
+        pytest.skip(f"{shared_dir / GENERAL_V3_METRICS} not found")
+    model = shared_dir / GENERAL_V3_METRICS.parents[1]
+    with (shared_dir / GENERAL_V3_METRICS).open(newline="") as stream:
+        rows = [(float(r["threshold"]), float(r["precision"])) for r in csv.DictReader(stream)]
+    for precision in (0.85, 0.9, 0.95, 0.99):
+        # buzzdetect's calculate_threshold: mean threshold where |precision - p| <= 0.01 / 2.
+        near = [t for t, p in rows if abs(p - precision) <= 0.01 / 2]
+        assert near, precision
+        expected = sum(near) / len(near)
+        got = buzzdask.thresholds_for_precision(model, precision)
+        assert got == {"ins_buzz": pytest.approx(expected, abs=1e-12)}
+    assert buzzdask.thresholds_for_precision(model, 0.95)["ins_buzz"] == pytest.approx(-1.205)
+    with pytest.raises(ParameterError, match=r"precision=0\.6 is not in .*metrics\.csv.*0\.59"):
+        buzzdask.thresholds_for_precision(model, 0.6)
+    for bad in (0, 1, 1.5, "high"):
+        with pytest.raises(ParameterError, match="precision="):
+            buzzdask.thresholds_for_precision(model, bad)  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match=r"ins_buzz.* only"):
+        buzzdask.thresholds_for_precision(model, 0.95, classes=["mech_plane"])
+
+
+def test_precision_export_uses_the_models_metrics(run, make_audio, tiny_model, tmp_path):
+    model = tmp_path / "model_with_metrics"
+    shutil.copytree(tiny_model, model)
+    result = run(make_audio("site/230809_0600.wav", n_samples=8 * FRAME), model=model)
+    frames = result.to_pandas()
+    low, high = np.quantile(frames["activation_ins_buzz"], [0.3, 0.7])
+    (model / "tests").mkdir()
+    (model / "tests/metrics.csv").write_text(
+        '"threshold","precision","sensitivity","fpr"\n'
+        f"{high + 1},1,0.01,0\n{high},0.953,0.2,0.01\n{low},0.948,0.3,0.02\n{low - 1},0.5,0.9,0.5\n"
+    )
+    exported = buzzdask.export(result.output, format="buzzdetect", precision=0.95)
+    threshold = (high + low) / 2
+    assert exported.thresholds.values == {"ins_buzz": pytest.approx(threshold)}
+    metadata = exported.thresholds.as_metadata()
+    assert metadata["precision"] == 0.95 and len(metadata["rows"]) == 2
+    assert metadata["comparison"] == "activation > threshold"
+    written = pd.read_csv(exported.files[0])
+    assert list(written.columns) == ["start", "detections_ins_buzz"]
+    expected = (frames["activation_ins_buzz"].astype("float64") > threshold).astype(int)
+    assert written["detections_ins_buzz"].tolist() == expected.tolist()
+
+    # analyze() takes the same precision: its detection columns and buzzdask.json say so.
+    again = run(
+        result.output.parent / "audio", output=tmp_path / "again", model=model, precision=0.95
+    )
+    frame = again.to_pandas()
+    assert frame["detection_ins_buzz"].tolist() == expected.astype(bool).tolist()
+    recorded = again.metadata["thresholds"]
+    assert recorded["values"] == {"ins_buzz": pytest.approx(threshold)}
+    assert recorded["precision"] == 0.95 and recorded["comparison"] == "activation > threshold"
+    assert again.metadata["options"]["precision"] == 0.95
+    with pytest.raises(ModelError, match="no test metrics"):
+        run(result.output.parent / "audio", output=tmp_path / "none", precision=0.95)
+    assert not (tmp_path / "none").exists()
+
+    with pytest.raises(ParameterError, match=r"precision=0\.7 is not in .*metrics\.csv"):
+        buzzdask.export(result.output, format="buzzdetect", precision=0.7, overwrite=True)
+    with pytest.raises(ParameterError, match="either precision or thresholds"):
+        buzzdask.export(result.output, format="csv", precision=0.95, thresholds={"ins_buzz": 0.0})
+
+
+def test_errors_before_anything_is_written(tree_run, tmp_path):
+    with pytest.raises(ModelError, match=r"no test metrics \(.*tests/metrics\.csv not found\)"):
+        buzzdask.export(tree_run.output, format="buzzdetect", precision=0.95, dest=tmp_path / "x")
+    with pytest.raises(ParameterError, match=r"unknown \['ins_bzz'\]"):
+        buzzdask.export(tree_run.output, format="csv", classes=["ins_bzz"], dest=tmp_path / "x")
+    with pytest.raises(ParameterError, match="Raven export lists detection events"):
+        buzzdask.export(tree_run.output, format="raven", dest=tmp_path / "x")
+    with pytest.raises(ParameterError, match="format='tsv'"):
+        buzzdask.export(tree_run.output, format="tsv", dest=tmp_path / "x")  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(InputError, match="not a buzzdask output"):
+        buzzdask.export(tmp_path, format="csv")
+    with pytest.raises(InputError, match="does not exist"):
+        buzzdask.open_run(tmp_path / "missing")
+
+
+def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):
+    dest = tmp_path / "again"
+    first = buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
+    target = first.files[0]
+    target.write_text("edited by hand\n")
+    with pytest.raises(OutputConflictError, match=rf"{re.escape(str(target))} already exists"):
+        buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
+    assert target.read_text() == "edited by hand\n"
+    buzzdask.export(tree_run.output, format="buzzdetect", dest=dest, overwrite=True)
+    assert target.read_text().startswith("start,activation_ins_buzz,")
+    assert not list(dest.rglob(".*.tmp"))
+
+
+def test_combined_csv_has_times_where_known(tree_run, tmp_path):
+    frames = frames_of(tree_run)
+    threshold = a_rounded_threshold(frames)
+    result = buzzdask.export(
+        tree_run.output, format="csv", dest=tmp_path, thresholds={"ins_buzz": threshold}
+    )
+    assert result.files == [tmp_path / "frames.csv"]
+    assert result.untimed == ["mustard/am1/notes.wav"]
+    table = pd.read_csv(tmp_path / "frames.csv", keep_default_na=False)
+    assert list(table.columns) == [
+        "file",
+        "start",
+        "end",
+        "time",
+        *(f"activation_{c}" for c in CLASSES),
+        "detections_ins_buzz",
+    ]
+    assert len(table) == len(frames)
+    expected = frames.sort_values(["file", "start"], ignore_index=True)
+    table = table.sort_values(["file", "start"], ignore_index=True)
+    assert (table["file"] == expected["file"]).all()
+    assert table["activation_ins_buzz"].tolist() == [
+        as_buzzdetect(a) for a in expected["activation_ins_buzz"]
+    ]
+    assert table["detections_ins_buzz"].tolist() == [
+        int(float(a) > threshold) for a in expected["activation_ins_buzz"]
+    ]
+    for name, start in STARTS.items():
+        rows = table[table["file"] == name]
+        times = pd.to_datetime(rows["time"])
+        assert (times == start + pd.to_timedelta(rows["start"], "s")).all()
+    assert (table.loc[table["file"] == "mustard/am1/notes.wav", "time"] == "").all()
+
+
+def plain_events(frame: pd.DataFrame, threshold: float, *, gap: int, least: int) -> list[tuple]:
+    """The event rule, one frame at a time."""
+    events, current = [], None
+    rows = frame.sort_values("start").reset_index(drop=True)
+    for position, row in rows.iterrows():
+        index = round(row["start"] / 0.96)
+        if float(row["activation"]) <= threshold:
+            continue
+        if current is not None and index - current["last"] - 1 <= gap:
+            current.update(last=index, last_row=position, hits=current["hits"] + 1)
+        else:
+            if current is not None:
+                events.append(current)
+            current = {"first": index, "last": index, "row": position, "last_row": position}
+            current["hits"] = 1
+    if current is not None:
+        events.append(current)
+    out = []
+    for event in events:
+        span = event["last"] - event["first"] + 1
+        if span < least:
+            continue
+        inside = rows.loc[event["row"] : event["last_row"], "activation"].astype(float)
+        out.append(
+            (
+                rows.loc[event["row"], "start"],
+                rows.loc[event["last_row"], "start"] + 0.96,
+                span,
+                event["hits"],
+                inside.max(),
+                inside.mean(),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize(("gap", "least"), [(0, 1), (1, 2), (3, 1)])
+def test_events_equal_a_plain_computation(tree_run, gap, least):
+    run = buzzdask.open_run(tree_run.output)
+    frames = frames_of(tree_run)
+    threshold = float(np.quantile(frames["activation_ins_buzz"], 0.5))
+    starts = {name: pd.Timestamp(start) for name, start in STARTS.items()}
+    events = run_events(
+        run, {"ins_buzz": threshold}, gap_frames=gap, min_frames=least, starts=starts
+    )
+    for name in run.recordings():
+        one = frames[frames["file"] == name].rename(columns={"activation_ins_buzz": "activation"})
+        expected = plain_events(one, threshold, gap=gap, least=least)
+        got = events[events["file"] == name]
+        assert len(got) == len(expected), name
+        for row, (start, end, span, hits, peak, mean) in zip(
+            got.itertuples(index=False), expected, strict=True
+        ):
+            assert (row.start, row.end, row.frames, row.detections) == pytest.approx(
+                (start, end, span, hits)
+            )
+            assert row.peak_activation == pytest.approx(peak)
+            assert row.mean_activation == pytest.approx(mean)
+            if name in starts:
+                assert row.time == starts[name] + pd.Timedelta(seconds=start)
+            else:
+                assert pd.isna(row.time)
+    assert len(events) > 0
+
+
+def test_events_on_a_recording_with_a_missing_chunk():
+    frames = pd.DataFrame(
+        {
+            "file": "a.wav",
+            # frames 0-2 and 6-7: 3-5 missing (a failed chunk) count as below the threshold
+            "start": np.array([0, 1, 2, 6, 7]) * 0.96,
+            "activation_x": np.array([0.5, -1, 0.9, 0.7, 0.8], dtype=np.float32),
+        }
+    )
+    spec = {"frame_hop_s": 0.96, "frame_length_s": 0.96}
+    merged = recording_events(frames, {"x": 0.0}, gap_frames=1, **spec)
+    assert merged[["start", "frames", "detections"]].values.tolist() == [
+        [0.0, 3, 2],
+        [pytest.approx(5.76), 2, 2],
+    ]
+    bridged = recording_events(frames, {"x": 0.0}, gap_frames=3, min_frames=6, **spec)
+    assert bridged["frames"].tolist() == [8] and bridged["detections"].tolist() == [4]
+    assert bridged["mean_activation"].tolist() == [pytest.approx((0.5 - 1 + 0.9 + 0.7 + 0.8) / 5)]
+    assert recording_events(frames, {"x": 0.9}, **spec).empty  # '>' : 0.9 itself is no detection
+    with pytest.raises(ParameterError, match="gap_frames=-1"):
+        recording_events(frames, {"x": 0.0}, gap_frames=-1, **spec)
+
+
+def test_raven_tables_list_the_events(tree_run, tmp_path):
+    frames = frames_of(tree_run)
+    threshold = float(np.quantile(frames["activation_ins_buzz"], 0.6))
+    result = buzzdask.export(
+        tree_run.output,
+        format="raven",
+        dest=tmp_path,
+        thresholds={"ins_buzz": threshold},
+        gap_frames=1,
+    )
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in result.files) == [
+        "mustard/am1/20240601_053000.Table.1.selections.txt",
+        "mustard/am1/notes.Table.1.selections.txt",
+        "soybean/9/230809_0000.Table.1.selections.txt",
+        "soybean/9/230809_0005.Table.1.selections.txt",
+    ]
+    events = run_events(buzzdask.open_run(tree_run.output), {"ins_buzz": threshold}, gap_frames=1)
+    total = 0
+    for path in result.files:
+        rows = list(csv.reader(io.StringIO(path.read_text()), delimiter="\t"))
+        assert rows[0] == RAVEN_COLUMNS
+        relative = path.relative_to(tmp_path).as_posix().replace(".Table.1.selections.txt", "")
+        name = next(f for f in TREE if f.rsplit(".", 1)[0] == relative)
+        expected = events[events["file"] == name]
+        assert len(rows) - 1 == len(expected)
+        for number, (row, event) in enumerate(
+            zip(rows[1:], expected.itertuples(index=False), strict=True), start=1
+        ):
+            assert row[:3] == [str(number), "Spectrogram 1", "1"]
+            assert float(row[3]) == pytest.approx(event.start)
+            assert float(row[4]) == pytest.approx(event.end)
+            assert (float(row[5]), float(row[6]), row[7]) == (0.0, 8000.0, "ins_buzz")
+            assert float(row[8]) == pytest.approx(as_buzzdetect(event.peak_activation))
+            assert int(row[10]) == event.frames
+        total += len(rows) - 1
+    assert total > 0
+
+
+def test_cli_export(tree_run, tmp_path, capsys):
+    dest = tmp_path / "cli"
+    code = main(
+        [
+            *("export", str(tree_run.output), "--format", "buzzdetect", "--dest", str(dest)),
+            *("--classes", "mech_plane,ins_buzz"),
+        ]
+    )
+    assert code == EXIT_OK
+    assert "exported 4 file(s)" in capsys.readouterr().out
+    header = (dest / "soybean/9/230809_0000_buzzdetect.csv").read_text().splitlines()[0]
+    assert header == "start,activation_ins_buzz,activation_mech_plane"  # the model's order
+    assert main(
+        ["export", str(tree_run.output), "--format", "buzzdetect", "--dest", str(dest)]
+    ) == (EXIT_ERROR)
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(tree_run.output), "--format", "raven", "--precision", "0.9"]) == (
+        EXIT_ERROR
+    )
+    assert "no test metrics" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *("export", str(tree_run.output), "--format", "csv", "--precision", "0.9"),
+                *("--threshold", "ins_buzz=0"),
+            ]
+        )
+
+
+@pytest.mark.shared_data
+@requires_shared
+def test_testbuzz_exports_like_buzzdetect(run, shared_dir, tmp_path):
+    result = run(shared_dir / "data/audio_in/testbuzz.mp3")
+    exported = buzzdask.export(result.output, format="buzzdetect", dest=tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in exported.files] == [
+        "testbuzz_buzzdetect.csv"
+    ]
+    written = pd.read_csv(exported.files[0])
+    frames = result.to_pandas()
+    assert list(written.columns) == ["start", *(f"activation_{c}" for c in CLASSES)]
+    assert written["start"].tolist() == [round(i * 0.96, 2) for i in range(len(frames))]
+    for name in CLASSES:
+        assert written[f"activation_{name}"].tolist() == [
+            as_buzzdetect(a) for a in frames[f"activation_{name}"]
+        ]

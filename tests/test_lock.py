@@ -1,0 +1,162 @@
+"""One writer per output: a second run is refused; a dead run's lock is taken over.
+
+Two real processes contend (no ``flock``: the lock is a file created with ``O_EXCL``, which
+shared file systems perform atomically); another host's run is stood in for by its lock file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from buzzdask import OutputConflictError
+from buzzdask.cli import EXIT_ERROR, EXIT_OK
+from buzzdask.lock import LOCK_NAME, OutputLock
+from tests.conftest import requires_ffmpeg
+from tests.test_cli import buzzdask_cli
+
+FRAME = 15360
+OTHER_NODE = "c0312.ten.osc.edu"
+
+
+def _lock_file(root: Path, *, host: str, pid: int, age_s: float = 0.0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    entry = {
+        "host": host,
+        "pid": pid,
+        "started": "2026-06-01T05:30:00+00:00",
+        "process_started": 1.0e9,
+        "token": "theirs",
+    }
+    path.write_text(json.dumps(entry))
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
+
+
+def _gone_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    pid = int(done.stdout)
+    assert not psutil.pid_exists(pid)
+    return pid
+
+
+@requires_ffmpeg
+def test_a_second_run_is_refused_while_the_first_writes(
+    make_audio, dask_client, tiny_model, tiny_embedder, tmp_path
+):
+    for seed in range(3):
+        make_audio(f"f{seed}.wav", n_samples=60 * FRAME, seed=seed)
+    out = tmp_path / "out"
+    args = [
+        sys.executable, "-m", "buzzdask", "analyze", str(tmp_path / "audio"),
+        "--model", str(tiny_model), "--embedder", str(tiny_embedder), "--output", str(out),
+        "--scheduler", dask_client.scheduler.address, "--chunk-seconds", "1", "--no-progress",
+    ]  # fmt: skip
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "journal.jsonl").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = buzzdask_cli(*args[3:], "--resume")
+        assert first.poll() is None, "the first run ended before the second tried: not a race"
+    finally:
+        _, stderr = first.communicate(timeout=300)
+    assert second.returncode == EXIT_ERROR
+    assert f"output {out} is in use by another buzzdask run" in second.stderr
+    assert f"host {platform.node()}, pid {first.pid}, since 20" in second.stderr
+    assert "buzzdask.lock-stale-seconds" in second.stderr
+    assert first.returncode == EXIT_OK, stderr
+    journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    chunks = [(entry["file"], entry["chunk"]) for entry in journal]
+    assert len(chunks) == len(set(chunks)) == 180  # every chunk once: the second wrote nothing
+    frames = pd.read_parquet(out / "scores", partitioning=None)
+    assert len(frames) == 180 and not frames.duplicated(["file", "start"]).any()
+    assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+@requires_ffmpeg
+def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(
+    run, make_audio, tmp_path, caplog
+):
+    make_audio("a.wav", n_samples=3 * FRAME)
+    out = tmp_path / "out"
+    _lock_file(out, host=platform.node(), pid=_gone_pid(), age_s=1)
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        result = run(tmp_path / "audio", output=out)
+    assert result.ok and len(result.to_pandas()) == 3
+    assert f"took over {out} from a run that is gone (host {platform.node()}" in caplog.text
+    assert not (out / LOCK_NAME).exists()
+
+
+@requires_ffmpeg
+def test_another_hosts_lock_holds_until_it_goes_stale(run, make_audio, tmp_path, caplog):
+    make_audio("a.wav", n_samples=3 * FRAME)
+    out = tmp_path / "out"
+    _lock_file(out, host=OTHER_NODE, pid=os.getpid(), age_s=30)
+    with pytest.raises(
+        OutputConflictError, match=f"in use by another buzzdask run .host {OTHER_NODE}"
+    ):
+        run(tmp_path / "audio", output=out, on_conflict="resume")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
+
+    _lock_file(out, host=OTHER_NODE, pid=os.getpid(), age_s=200)  # silent past 120 s
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        result = run(tmp_path / "audio", output=out)
+    assert result.ok
+    assert "last sign of life 200 s ago" in caplog.text
+
+
+def test_a_lock_cut_short_is_taken_over(tmp_path, caplog):
+    (tmp_path / LOCK_NAME).write_text("")  # killed between creating and writing it
+    with (
+        caplog.at_level(logging.WARNING, logger="buzzdask"),
+        OutputLock(tmp_path, started="now", stale_s=120) as lock,
+    ):
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert "took over" in caplog.text
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_the_holder_keeps_its_lock_alive(tmp_path):
+    with OutputLock(tmp_path, started="now", stale_s=0.4) as lock:
+        time.sleep(0.5)
+        assert time.time() - lock.path.stat().st_mtime < 0.4
+
+
+def _contend(root: str, results: multiprocessing.Queue) -> None:
+    try:
+        with OutputLock(Path(root), started="now", stale_s=60):
+            results.put("won")
+            time.sleep(1.0)
+    except OutputConflictError:
+        results.put("refused")
+
+
+@pytest.mark.parametrize("existing", ["none", "stale"])
+def test_two_processes_never_both_hold_an_output(tmp_path, existing):
+    if existing == "stale":
+        _lock_file(tmp_path, host=OTHER_NODE, pid=1, age_s=600)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    contenders = [context.Process(target=_contend, args=(str(tmp_path), results)) for _ in range(2)]
+    for process in contenders:
+        process.start()
+    for process in contenders:
+        process.join(60)
+    assert sorted(results.get(timeout=5) for _ in contenders) == ["refused", "won"]

@@ -1,0 +1,89 @@
+"""The run's live numbers: the progress bar's totals, its units, and the dashboard page's HTML."""
+
+from __future__ import annotations
+
+import pytest
+
+from buzzdask.dashboard_page import render_page
+from buzzdask.progress import Progress, format_audio, format_factor
+
+
+def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
+    published = []
+    progress = Progress(enabled=True, verbose=False, files=3, publish=published.append)
+    progress.expect("short.mp3", 100.0)  # the probe overestimates: 40 s are really there
+    progress.expect("long.mp3", 100.0)  # it underestimates: 130 s
+    progress.advance("short.mp3", 40.0, scorer="tcp://w1", frames=41)
+    progress.finished("short.mp3", failed=False)
+    assert progress.audio_expected_s == 140.0
+    progress.advance("long.mp3", 90.0, scorer="tcp://w1", frames=93)
+    progress.advance("long.mp3", 40.0, scorer="tcp://w2", frames=41)
+    assert progress.audio_expected_s == 170.0  # never below what is done
+    progress.finished("long.mp3", failed=False)
+    progress.finished("long.mp3", failed=False)  # once only
+    progress.error("bad.mp3", "ffprobe cannot read it as audio")
+    progress.finished("bad.mp3", failed=True)  # failed at its probe: it adds nothing
+    progress.close()
+
+    assert (progress.files_done, progress.files_failed) == (3, 1)
+    assert progress.audio_expected_s == progress.audio_done_s == 170.0
+    last = published[-1]
+    assert last["status"] == "finished"
+    assert last["audio_done_s"] == 170.0 and last["audio_left_s"] == 0.0
+    assert {address: s["frames"] for address, s in last["scorers"].items()} == {
+        "tcp://w1": 134,
+        "tcp://w2": 41,
+    }
+    assert last["errors"][0]["file"] == "bad.mp3"
+    assert progress.describe().startswith("3/3 files (1 failed), 2.8 min/2.8 min audio, ")
+    assert "left" not in progress.describe()
+
+
+def test_a_failed_file_takes_its_unanalysed_audio_out_of_the_total():
+    progress = Progress(enabled=False, verbose=False, files=2)
+    progress.expect("a.wav", 600.0)
+    progress.expect("b.wav", 600.0)
+    progress.advance("a.wav", 120.0)
+    progress.finished("a.wav", failed=True)  # a chunk failed after 2 of 10 minutes
+    assert progress.audio_expected_s == 720.0
+
+
+def test_resumed_audio_counts_as_done_but_not_in_the_realtime_factor():
+    progress = Progress(enabled=False, verbose=False, files=1)
+    progress.expect("a.wav", 3600.0)
+    progress.advance("a.wav", 1800.0, resumed=True)
+    assert progress.audio_done_s == 1800.0
+    assert progress.realtime_factor is None and progress.eta_s() is None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "total", "text"),
+    [
+        (7.0, None, "7 s"),
+        (7.0, 3600.0, "0.1 min"),
+        (750.0, None, "12.5 min"),
+        (5400.0, None, "90.0 min"),
+        (9000.0, None, "2.50 h"),
+        (3600.0 * 1160, None, "1,160 h"),
+        (3600.0 * 12, 3600.0 * 1160, "12 h"),
+    ],
+)
+def test_audio_reads_well_from_seconds_to_thousands_of_hours(seconds, total, text):
+    assert format_audio(seconds, total_s=total) == text
+
+
+@pytest.mark.parametrize(
+    ("factor", "text"),
+    [(0.4213, "0.42x"), (1.0, "1.00x"), (12.34, "12.3x"), (291.6, "292x"), (4321.0, "4,321x")],
+)
+def test_realtime_factor_has_three_significant_figures_at_most(factor, text):
+    assert format_factor(factor) == text
+
+
+def test_page_escapes_what_it_shows():
+    progress = Progress(enabled=False, verbose=False, files=1)
+    progress.error("<script>alert(1)</script>.wav", "not audio & worse")
+    page = render_page([{"output": "/runs/a<b>", **progress.snapshot()}])
+    assert "<script>alert" not in page and "&lt;script&gt;" in page
+    assert "not audio &amp; worse" in page and "/runs/a&lt;b&gt;" in page
+    assert "No buzzdask run" in render_page([])

@@ -1,0 +1,219 @@
+"""Recording start times from names (buzzr's, AudioMoth's, a user's) and from WAV metadata."""
+
+from __future__ import annotations
+
+import wave
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from buzzdask import ParameterError
+from buzzdask.recording_time import (
+    recording_start,
+    recording_starts,
+    start_from_metadata,
+    start_from_name,
+)
+from tests.conftest import write_wav
+from tests.wav_metadata import add_metadata, audiomoth_comment
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # buzzr's example data (inst/extdata) and its tests: the lab's Sony recorders.
+        ("soybean/9/230809_0000_buzzdetect.csv", "2023-08-09 00:00:00"),
+        ("chicory/1_104/250704_0000.mp3", "2025-07-04 00:00:00"),
+        ("path/240727_1430.wav", "2024-07-27 14:30:00"),
+        # AudioMoth, with and without its upper-case suffix, and with a site prefix (Song Meter).
+        ("20240601_053000.WAV", "2024-06-01 05:30:00"),
+        ("siteA/2024-06-01/20240601_053012.wav", "2024-06-01 05:30:12"),
+        ("SM4A_20240601_053000.wav", "2024-06-01 05:30:00"),
+        # buzzr's time vignette's third example.
+        ("2023-08-09_06-15-00.flac", "2023-08-09 06:15:00"),
+    ],
+)
+def test_built_in_name_formats(name, expected):
+    assert start_from_name(name) == pd.Timestamp(expected)
+
+
+def test_audiomoth_seconds_are_not_also_read_as_a_sony_name():
+    # buzzr warns that %y%m%d_%H%M matches inside "20230809_060030" (06:00, not 06:00:30); the
+    # built-in formats only take whole digit runs, so AudioMoth names have one reading.
+    assert start_from_name("20230809_060030.WAV") == pd.Timestamp("2023-08-09 06:00:30")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "no_date_here.wav",  # buzzr's test: no match
+        "site-A_0600.wav",  # a time without a date
+        "20241301_053000.WAV",  # month 13
+        "231332_0000.mp3",  # not a real date
+        "2023080_0600.wav",  # a digit short
+        "20230809_0600301.wav",  # a digit too many
+    ],
+)
+def test_names_without_a_time(name):
+    assert start_from_name(name) is None
+    table = recording_starts([name], read_metadata=False)
+    assert pd.isna(table.loc[name, "start"])
+    assert table.loc[name, "problem"] == "no time in the name"
+
+
+def test_names_that_two_formats_read_differently_have_no_time():
+    name = "20230809_060030_then_230810_0700.wav"
+    assert start_from_name(name) is None
+    (problem,) = recording_starts([name], read_metadata=False)["problem"]
+    assert problem.startswith("formats disagree")
+    # The same reading twice is one time (buzzr: duplicates are not a conflict).
+    assert start_from_name("x.wav", time_format=["%y%m%d", "%y%m%d"]) is None
+    assert start_from_name("230809.wav", time_format=["%y%m%d", "%y%m%d"]) == pd.Timestamp(
+        "2023-08-09"
+    )
+
+
+def test_user_strptime_format_is_searched_anywhere_as_buzzr_does():
+    # buzzr's vignette: extra characters around the time do not matter.
+    name = "tmp_230809_1359_corrected_bad_time_whoops.wav"
+    assert start_from_name(name, time_format="%y%m%d_%H%M") == pd.Timestamp("2023-08-09 13:59")
+    # buzzr's conflict example: %y%m%d and %y%d%m read "230809" differently.
+    assert start_from_name("230809.wav", time_format=["%y%m%d", "%y%d%m"]) is None
+    assert start_from_name("a_2024-06-01T0530.wav", time_format="%Y-%m-%dT%H%M") == pd.Timestamp(
+        "2024-06-01 05:30"
+    )
+
+
+def test_user_regex_with_named_groups():
+    pattern = (
+        r"(?P<day>\d{2})\.(?P<month>\d{2})\.(?P<year>\d{2,4})-(?P<hour>\d{2})h(?P<minute>\d{2})"
+    )
+    assert start_from_name("S1_01.06.2024-05h30.wav", time_format=pattern) == pd.Timestamp(
+        "2024-06-01 05:30"
+    )
+    assert start_from_name("S1_01.06.24-05h30.wav", time_format=pattern) == pd.Timestamp(
+        "2024-06-01 05:30"
+    )
+    assert start_from_name("S1_41.06.24-05h30.wav", time_format=pattern) is None
+
+
+@pytest.mark.parametrize(
+    ("time_format", "message"),
+    [
+        ("%Q%m", "%Q is not supported"),
+        ("%c", "%c is not supported"),
+        ("230809", "has no strptime directive"),
+        (r"(?P<year>\d{4})(?P<month>\d{2})", r"lacks the named groups \['day'\]"),
+        (r"(?P<year>\d{4}", "not a valid regex"),
+        ("", "must be a strptime format"),
+        ([], "must be a strptime format"),
+    ],
+)
+def test_bad_user_patterns(time_format, message):
+    with pytest.raises(ParameterError, match=message):
+        start_from_name("20240601_053000.wav", time_format=time_format)
+    with pytest.raises(ParameterError, match=message):
+        recording_starts(["a.wav"], time_format=time_format)
+
+
+def test_time_zone_localizes_names_and_rejects_unknown_zones():
+    start = start_from_name("20240601_053000.WAV", tz="America/New_York")
+    assert start == pd.Timestamp("2024-06-01 05:30", tz="America/New_York")
+    table = recording_starts(["20240601_053000.WAV", "x.wav"], tz="UTC", read_metadata=False)
+    assert str(table["start"].dtype) == "datetime64[ns, UTC]"
+    # 02:30 on 10 March 2024 does not exist in New York: no start, with the reason.
+    (problem,) = recording_starts(
+        ["20240310_023000.WAV"], tz="America/New_York", read_metadata=False
+    )["problem"]
+    assert "daylight saving" in problem
+    with pytest.raises(ParameterError, match="not a time zone"):
+        start_from_name("20240601_053000.WAV", tz="Mars/Olympus")
+
+
+def _wav(path, seconds=0.5):
+    write_wav(path, np.zeros(int(8000 * seconds)), 8000)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("zone", "clock", "expected_naive", "expected_utc"),
+    [
+        ("UTC", "05:30:00 01/06/2024", "2024-06-01 05:30:00", "2024-06-01 05:30:00"),
+        ("UTC-4", "01:30:15 01/06/2024", "2024-06-01 01:30:15", "2024-06-01 05:30:15"),
+        ("UTC+5:30", "11:00:00 01/06/2024", "2024-06-01 11:00:00", "2024-06-01 05:30:00"),
+        ("UTC-0:30", "05:00:00 01/06/2024", "2024-06-01 05:00:00", "2024-06-01 05:30:00"),
+    ],
+)
+def test_audiomoth_comment(tmp_path, zone, clock, expected_naive, expected_utc):
+    path = add_metadata(_wav(tmp_path / "NONAME.WAV"), comment=audiomoth_comment(clock, zone))
+    # The file is still a WAV that readers accept.
+    with wave.open(str(path)) as stream:
+        assert stream.getnframes() == 4000
+    assert start_from_metadata(path) == pd.Timestamp(expected_naive)
+    assert recording_start(path, tz="UTC") == pd.Timestamp(expected_utc, tz="UTC")
+    (source,) = recording_starts([str(path)])["source"]
+    assert source == "AudioMoth comment"
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected_naive", "expected_ny"),
+    [
+        ("2024-06-01T05:30:00-04:00", "2024-06-01 05:30:00", "2024-06-01 05:30:00"),
+        ("2024-06-01T09:30:00Z", "2024-06-01 09:30:00", "2024-06-01 05:30:00"),
+        ("2024-06-01 09:30:00+0000", "2024-06-01 09:30:00", "2024-06-01 05:30:00"),
+        # No offset: local time, localized like a name.
+        ("2024-06-01T05:30:00", "2024-06-01 05:30:00", "2024-06-01 05:30:00"),
+    ],
+)
+def test_guano_timestamp(tmp_path, stamp, expected_naive, expected_ny):
+    guano = f"GUANO|Version: 1.0\nMake: Wildlife Acoustics\nTimestamp: {stamp}\nSamplerate: 8000\n"
+    path = add_metadata(_wav(tmp_path / "rec.wav"), guano=guano)
+    assert start_from_metadata(path) == pd.Timestamp(expected_naive)
+    assert recording_start(path, tz="America/New_York") == pd.Timestamp(
+        expected_ny, tz="America/New_York"
+    )
+    assert recording_starts([str(path)])["source"].iloc[0] == "GUANO Timestamp"
+
+
+def test_metadata_and_name_precedence(tmp_path):
+    # Metadata first (seconds, zone), unless the user said how the names are written.
+    path = add_metadata(
+        _wav(tmp_path / "20240601_000000.WAV"),
+        comment=audiomoth_comment("05:30:07 01/06/2024", "UTC"),
+    )
+    assert recording_start(path) == pd.Timestamp("2024-06-01 05:30:07")
+    assert recording_start(path, read_metadata=False) == pd.Timestamp("2024-06-01 00:00:00")
+    assert recording_start(path, time_format="%Y%m%d_%H%M%S") == pd.Timestamp("2024-06-01")
+    # A name the user's format does not fit falls back to the metadata.
+    assert recording_start(path, time_format="%y-%m-%d") == pd.Timestamp("2024-06-01 05:30:07")
+
+
+def test_unreadable_or_plain_files_fall_back_to_the_name(tmp_path):
+    plain = _wav(tmp_path / "230809_0600.wav")
+    assert recording_start(plain) == pd.Timestamp("2023-08-09 06:00")
+    broken = tmp_path / "20240601_053000.wav"
+    broken.write_bytes(b"RIFF\x00\x00")
+    assert recording_start(broken) == pd.Timestamp("2024-06-01 05:30")
+    assert recording_start(tmp_path / "missing" / "20240601_053000.wav") == pd.Timestamp(
+        "2024-06-01 05:30"
+    )
+    assert start_from_metadata(broken) is None
+
+
+def test_recording_starts_reads_metadata_under_root(tmp_path):
+    (tmp_path / "siteC").mkdir()
+    add_metadata(
+        _wav(tmp_path / "siteC" / "rec.wav"),
+        comment=audiomoth_comment("06:00:00 02/06/2024", "UTC+1"),
+    )
+    names = ["siteC/rec.wav", "siteB/230809_0600.mp3", "siteB/notime.wav"]
+    table = recording_starts(names, root=tmp_path)
+    assert list(table.index) == names
+    assert table["start"].tolist()[:2] == [
+        pd.Timestamp("2024-06-02 06:00"),
+        pd.Timestamp("2023-08-09 06:00"),
+    ]
+    assert pd.isna(table["start"].iloc[2])
+    assert table["source"].tolist()[:2] == ["AudioMoth comment", "name %y%m%d_%H%M"]
+    assert pd.isna(table["source"].iloc[2])

@@ -1,0 +1,292 @@
+"""Time bins (buzzr's bin_directory semantics) and plots, on a real run of a site/date tree.
+
+One analysis (real ffmpeg, real Dask workers, the tiny models) of recordings named as AudioMoth
+and the lab's Sony recorders write them, one timed only by its AudioMoth comment and one without
+any time; every binned table is checked against a plain pandas computation on all its frames.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from buzzdask import OutputConflictError, ParameterError
+from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
+from buzzdask.plots import plot_activation, plot_daily_activity, plot_run
+from buzzdask.results import open_run
+from buzzdask.summaries import summarize
+from tests.conftest import field_like, requires_ffmpeg, write_wav
+from tests.wav_metadata import add_metadata, audiomoth_comment
+
+pytestmark = requires_ffmpeg
+
+RATE = 16000
+# name -> (seconds of audio, start time it should get or None)
+TREE = {
+    # One AudioMoth's consecutive files: both feed the 06:00 bin.
+    "siteA/2024-06-01/20240601_055830.WAV": (130, "2024-06-01 05:58:30"),
+    "siteA/2024-06-01/20240601_060040.WAV": (100, "2024-06-01 06:00:40"),
+    # The lab's Sony recorder (buzzr's YYMMDD_HHMM), as MP3.
+    "siteB/230809_0600.mp3": (90, "2023-08-09 06:00:00"),
+    # No time in the name or the file: binned by offset, listed.
+    "siteB/notime.wav": (70, None),
+    # Timed by its AudioMoth comment only (local clock, UTC-4).
+    "siteC/deep/rec.wav": (61, "2024-06-02 04:59:31"),
+    # At the top of the tree: no folder at level 1.
+    "loose_20240601_053000.wav": (30, "2024-06-01 05:30:00"),
+}
+
+
+@pytest.fixture(scope="module")
+def lab_run(dask_client, tiny_embedder, tiny_model, tmp_path_factory):
+    import buzzdask
+
+    base = tmp_path_factory.mktemp("summaries")
+    audio = base / "audio"
+    for seed, (name, (seconds, _)) in enumerate(TREE.items()):
+        target = audio / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        wav = target if target.suffix.lower() == ".wav" else target.with_suffix(".src.wav")
+        write_wav(wav, field_like(seconds * RATE, RATE, seed=seed), RATE)
+        if wav != target:
+            subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), str(target)], check=True)
+            wav.unlink()
+    add_metadata(
+        audio / "siteC/deep/rec.wav", comment=audiomoth_comment("04:59:31 02/06/2024", "UTC-4")
+    )
+    result = buzzdask.analyze(
+        audio,
+        tiny_model,
+        output=base / "run",
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        progress=False,
+    )
+    assert result.ok, result.errors
+    frames = open_run(result.output).frames().compute()
+    # A threshold that is itself an activation: the frames equal to it show the > rule.
+    values = np.sort(frames["activation_ins_buzz"].to_numpy(dtype=np.float64))
+    threshold = float(values[len(values) // 2])
+    return result.output, frames.reset_index(drop=True), threshold
+
+
+def expected_bins(frames, *, width, by, thresholds, tz=None):
+    """buzzr's bin_directory, spelled out in pandas over every frame."""
+    starts = {name: pd.Timestamp(start) if start else pd.NaT for name, (_, start) in TREE.items()}
+    data = frames.copy()
+    origin = data["file"].map(starts).astype("datetime64[ns]")
+    if tz is not None:
+        origin = origin.dt.tz_localize(tz)
+    data["bin_datetime"] = (origin + pd.to_timedelta(data["start"], unit="s")).dt.floor(width)
+    width_s = pd.Timedelta(width).total_seconds()
+    data["bin_filetime"] = np.where(
+        origin.isna(), np.floor(data["start"] / width_s) * width_s, np.nan
+    )
+    parts = data["file"].str.split("/")
+    groups = []
+    if by == "file":
+        groups = ["file"]
+    elif by is not None:
+        for level in [by] if isinstance(by, int) else by:
+            column = f"level_{level}"
+            data[column] = parts.map(lambda p, k=level: p[k - 1] if k < len(p) else ".")
+            groups.append(column)
+    data["frames"] = 1
+    for name, value in thresholds.items():
+        data[f"detections_{name}"] = (data[f"activation_{name}"] > value).astype("int64")
+    keys = [*groups, "bin_datetime", "bin_filetime"]
+    sums = ["frames", *(f"detections_{name}" for name in thresholds)]
+    table = data.groupby(keys, dropna=False)[sums].sum().reset_index()
+    for name in thresholds:
+        table[f"detection_rate_{name}"] = table[f"detections_{name}"] / table["frames"]
+    table = table.sort_values(keys, ignore_index=True)
+    for column in groups:
+        table[column] = table[column].astype("string")
+    return table
+
+
+def assert_bins(actual, expected):
+    actual = actual.sort_values(list(expected.columns[:-1]), ignore_index=True)
+    pd.testing.assert_frame_equal(actual, expected, check_dtype=False)
+
+
+@pytest.mark.parametrize("by", ["file", 1, [1, 2], None])
+def test_bins_match_plain_pandas(lab_run, tmp_path, by):
+    output, frames, threshold = lab_run
+    thresholds = {"ins_buzz": threshold, "mech_plane": 0.0}
+    table = summarize(output, bin="1min", by=by, thresholds=thresholds, dest=tmp_path)
+    assert_bins(table, expected_bins(frames, width="1min", by=by, thresholds=thresholds))
+    assert table["frames"].sum() == len(frames)
+    assert table.attrs["untimed_files"] == ["siteB/notime.wav"]
+
+
+def test_bins_semantics(lab_run, tmp_path):
+    output, frames, threshold = lab_run
+    table = summarize(
+        output, bin="1min", by="file", thresholds={"ins_buzz": threshold}, write=False
+    )
+    # Strictly greater: frames equal to the threshold are not detections.
+    ties = int((frames["activation_ins_buzz"] == np.float32(threshold)).sum())
+    assert ties >= 1
+    above = int((frames["activation_ins_buzz"] > threshold).sum())
+    assert table["detections_ins_buzz"].sum() == above
+    # Wall-clock bins: the AudioMoth file that starts at 05:58:30 fills half of its first bin.
+    first = table[table["file"] == "siteA/2024-06-01/20240601_055830.WAV"].iloc[0]
+    assert first["bin_datetime"] == pd.Timestamp("2024-06-01 05:58")
+    assert first["frames"] == 32  # starts 0, 0.96, ... 29.76 s fall before 05:59:00
+    # The comment-timed file, and the untimed one by offset (from 0 s, one row per minute).
+    comment = table[table["file"] == "siteC/deep/rec.wav"]
+    assert comment["bin_datetime"].iloc[0] == pd.Timestamp("2024-06-02 04:59")
+    untimed = table[table["file"] == "siteB/notime.wav"]
+    assert untimed["bin_datetime"].isna().all()
+    assert untimed["bin_filetime"].tolist() == [0.0, 60.0]
+    # By site: consecutive files of one recorder share the 06:00 bin.
+    sites = summarize(output, bin="1min", by=1, thresholds={"ins_buzz": threshold}, write=False)
+    six = sites[(sites["level_1"] == "siteA") & (sites["bin_datetime"] == "2024-06-01 06:00")]
+    assert len(six) == 1
+    in_six = frames[
+        frames["file"].str.startswith("siteA/")
+        & (
+            frames["file"].map({n: pd.Timestamp(s or "NaT") for n, (_, s) in TREE.items()})
+            + pd.to_timedelta(frames["start"], unit="s")
+        ).between("2024-06-01 06:00", "2024-06-01 06:00:59.999")
+    ]
+    assert six["frames"].iloc[0] == len(in_six) > 0
+    assert in_six["file"].nunique() == 2
+
+
+def test_time_zone_and_the_runs_own_thresholds(lab_run, tmp_path, dask_client, tiny_model):
+    output, frames, threshold = lab_run
+    thresholds = {"ins_buzz": threshold}
+    zoned = summarize(
+        output, bin="5min", by=1, thresholds=thresholds, tz="America/New_York", write=False
+    )
+    assert str(zoned["bin_datetime"].dt.tz) == "America/New_York"
+    assert_bins(
+        zoned,
+        expected_bins(frames, width="5min", by=1, thresholds=thresholds, tz="America/New_York"),
+    )
+    # The AudioMoth comment said UTC-4 (EDT): its clock time is kept, now as New York time.
+    naive = summarize(output, bin="5min", by=1, thresholds=thresholds, write=False)
+    timed = naive["bin_datetime"].notna()
+    assert (
+        zoned.loc[timed, "bin_datetime"].dt.tz_localize(None) == naive.loc[timed, "bin_datetime"]
+    ).all()
+
+
+def test_files_written_and_never_overwritten_silently(lab_run, tmp_path):
+    output, _, threshold = lab_run
+    dest = tmp_path / "out"
+    table = summarize(output, bin="2min", by=1, thresholds={"ins_buzz": threshold}, dest=dest)
+    paths = {
+        kind: dest / name
+        for kind, name in [
+            ("parquet", "bins-2min-by-level_1.parquet"),
+            ("csv", "bins-2min-by-level_1.csv"),
+            ("files", "bins-2min-by-level_1-files.csv"),
+        ]
+    }
+    assert table.attrs["paths"] == {kind: str(path) for kind, path in paths.items()}
+    back = pd.read_parquet(paths["parquet"])
+    pd.testing.assert_frame_equal(back, table.assign(), check_dtype=False, check_like=False)
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv.columns) == list(table.columns)
+    assert csv["frames"].tolist() == table["frames"].tolist()
+    listing = pd.read_csv(paths["files"]).set_index("file")
+    assert listing.loc["siteC/deep/rec.wav", "source"] == "AudioMoth comment"
+    assert listing.loc["siteB/230809_0600.mp3", "source"] == "name %y%m%d_%H%M"
+    assert listing.loc["siteB/notime.wav", "problem"] == "no time in the name"
+    with pytest.raises(OutputConflictError, match="overwrite=True"):
+        summarize(output, bin="2min", by=1, thresholds={"ins_buzz": threshold}, dest=dest)
+    summarize(output, bin="2min", by=1, thresholds={"ins_buzz": 0.0}, dest=dest, overwrite=True)
+    assert pd.read_parquet(paths["parquet"])["detections_ins_buzz"].sum() == int(
+        (lab_run[1]["activation_ins_buzz"] > 0.0).sum()
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bin": "often"}, "is not a duration"),
+        ({"bin": "-5min"}, "must be a positive duration"),
+        ({"by": "site"}, "must be 'file', a folder level"),
+        ({"by": 0}, "folder levels are integers >= 1"),
+        ({"thresholds": {"wasp": 1.0}}, "unknown class"),
+        ({}, "no thresholds"),
+        ({"thresholds": {"ins_buzz": 0.0}, "tz": "Nowhere/Land"}, "not a time zone"),
+        ({"thresholds": {"ins_buzz": 0.0}, "time_format": "%y%Q"}, "%Q is not supported"),
+    ],
+)
+def test_bad_options_fail_before_reading(lab_run, options, message):
+    output, _, _ = lab_run
+    with pytest.raises(ParameterError, match=message):
+        summarize(output, write=False, **options)
+
+
+def test_cli_summarize(lab_run, tmp_path, capsys):
+    output, frames, threshold = lab_run
+    dest = tmp_path / "cli"
+    argv = ["summarize", str(output), "--bin", "1min", "--by", "1,2", "--dest", str(dest)]
+    argv += ["--threshold", f"ins_buzz={threshold!r}"]
+    assert main(argv) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert "bins-1min-by-level_1-level_2.parquet" in out
+    assert "siteB/notime.wav" in err
+    written = pd.read_parquet(dest / "bins-1min-by-level_1-level_2.parquet")
+    assert_bins(
+        written,
+        expected_bins(frames, width="1min", by=[1, 2], thresholds={"ins_buzz": threshold}),
+    )
+    assert main(argv) == EXIT_ERROR  # exists: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == EXIT_OK
+
+
+def test_plots(lab_run, tmp_path, capsys):
+    from matplotlib.figure import Figure
+
+    output, _, threshold = lab_run
+    summary = summarize(output, bin="1min", by=1, thresholds={"ins_buzz": threshold}, write=False)
+    figure = plot_daily_activity(summary)
+    assert isinstance(figure, Figure)
+    (axes,) = figure.axes
+    # One line per site folder (the top-level file is the "." group).
+    assert sorted(line.get_label() for line in axes.get_lines()) == [
+        ".",
+        "siteA",
+        "siteB",
+        "siteC",
+    ]
+    assert "not shown" in axes.get_title()  # the untimed file's bins
+    untimed = plot_daily_activity(summary[summary["bin_datetime"].isna()])
+    assert untimed.axes[0].get_xlabel().startswith("time since the start of the file (s")
+    activation = plot_activation(
+        output,
+        "siteA/2024-06-01/20240601_055830.WAV",
+        thresholds={"ins_buzz": threshold},
+    )
+    labels = [line.get_label() for line in activation.axes[0].get_lines()]
+    assert f"threshold {threshold:g}" in labels
+    written = plot_run(output, bin="1min", thresholds={"ins_buzz": threshold}, dest=tmp_path)
+    assert sorted(path.name for path in written) == [
+        "activation-loose_20240601_053000.wav-ins_buzz.png",
+        "detection-rate-ins_buzz-bins-1min-by-level_1.png",
+    ]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(OutputConflictError, match="plot files already exist"):
+        plot_run(output, bin="1min", thresholds={"ins_buzz": threshold}, dest=tmp_path)
+    # The command: every recording asked for, into the summaries folder by default.
+    argv = ["plot", str(output), "--threshold", f"ins_buzz={threshold!r}"]
+    argv += ["--recording", "siteB/notime.wav", "--recording", "siteC/deep/rec.wav"]
+    assert main(argv) == EXIT_OK
+    pngs = sorted(path.name for path in (output / "summaries").glob("*.png"))
+    assert pngs == [
+        "activation-siteB_notime.wav-ins_buzz.png",
+        "activation-siteC_deep_rec.wav-ins_buzz.png",
+        "detection-rate-ins_buzz-bins-5min-by-level_1.png",
+    ]
+    assert "wrote" in capsys.readouterr().out
