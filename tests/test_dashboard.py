@@ -280,3 +280,16 @@ def test_buzzdask_page_shows_the_run_live_on_a_local_cluster(
     assert str(output) in page and "finished" in page and "broken.wav" in page
     assert "<svg" in page  # the realtime factor over time
     assert "href='status'" in page  # relative: it stays under OnDemand's /rnode/ prefix
+
+
+def test_the_scheduler_keeps_only_the_latest_runs(dask_client):
+    from buzzdask.dashboard_page import METADATA_KEY, RunPublisher
+
+    old = {f"/runs/{i}@{i}": {"output": f"/runs/{i}", "started": float(i)} for i in range(30)}
+    dask_client.set_metadata([METADATA_KEY], old)
+    publisher = RunPublisher(dask_client, {"output": "/runs/new", "model": "m", "host": "h"})
+    publisher({"status": "running", "started": 1e12})
+    kept = dask_client.get_metadata([METADATA_KEY])
+    assert len(kept) == 21 and publisher.key in kept  # the 20 newest, and the new run
+    assert "/runs/29@29" in kept and "/runs/9@9" not in kept
+    dask_client.set_metadata([METADATA_KEY], {})

@@ -29,8 +29,10 @@ __all__ = ["METADATA_KEY", "ROUTE", "DashboardPage", "RunPublisher", "render_pag
 
 METADATA_KEY = "buzzdask-runs"
 _RELOAD_S = 2
-# Runs shown (newest first): a long-lived notebook cluster serves many runs.
+# Runs shown (newest first) and kept: a long-lived notebook cluster, or a watch that analyses
+# every few minutes for days, serves many runs; the scheduler keeps only the latest.
 _RUNS_SHOWN = 5
+_RUNS_KEPT = 20
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ class RunPublisher:
         self.key = f"{run['output']}@{time.time():.3f}"
         try:
             client.register_plugin(DashboardPage())
+            runs = client.get_metadata([METADATA_KEY], default={})
+            if len(runs) >= _RUNS_KEPT:
+                newest = sorted(runs, key=lambda key: runs[key].get("started", 0))[-_RUNS_KEPT:]
+                client.set_metadata([METADATA_KEY], {key: runs[key] for key in newest})
         except Exception as error:  # the run goes on without its page
             logger.warning("no buzzdask page in the dashboard: %s", error)
 
