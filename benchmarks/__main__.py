@@ -1,12 +1,19 @@
 """``python -m benchmarks``: measure buzzdask's throughput against its stage limits.
 
-On one generated corpus, in one run: the decode stage alone (1 and N ffmpeg processes), ffmpeg
-preprocessing variants, the model stage alone (a sweep of batch sizes and TensorFlow threads),
-a sequential single-process analyzer, and ``buzzdask.analyze`` on a local cluster. Writes
+On three generated corpora (:data:`benchmarks.corpus.CORPORA`: 15-minute MP3s, 1-hour WAVs,
+30-second WAVs in site/date folders), each reported on its own, and in rounds (every
+configuration once per round, so the machine's drift falls on all alike): the decode stage alone
+(1 and N ffmpeg processes), the model stage alone (a sweep of batch sizes and TensorFlow
+threads), both stages at once as plain processes (:mod:`benchmarks.corun`), a sequential
+single-process analyzer, and ``buzzdask.analyze`` on a fresh local cluster; then, once per
+round, the ``buzzdask analyze`` command on a 7-second file. ffmpeg preprocessing variants (and
+decode scaling on the local SLURM) run once. Every configuration's activations are checked
+equal to the sequential baseline's (:mod:`benchmarks.outputs`). Writes
 ``<out>/<UTC time>-<host>.json`` and a ``.png`` plot of the realtime factors.
 
-The bound on N cores is ``B = N / (c_decode + c_model)``, with each stage's cost measured alone
-in core-seconds per audio second (``c = N / realtime factor`` of the stage using all N cores).
+The bound on N cores is ``B = N / (c_decode + c_model)``, with each stage's cost its CPU time
+per audio second in its cheapest configuration; the co-run bound ``B₂`` keeps the two stages'
+interference (:mod:`benchmarks.summary`).
 """
 
 from __future__ import annotations
@@ -15,14 +22,15 @@ import argparse
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from benchmarks.corpus import build_corpus, default_cache_dir, plan_corpus
+from benchmarks.corpus import CORPORA, build_named_corpus, default_cache_dir, plan_named_corpus
 from benchmarks.measure import REPO, run_stage
-from benchmarks.report import describe_machine, plot, table, write_record
+from benchmarks.outputs import check_analyze, check_baseline, check_chunks
+from benchmarks.record import build_record
+from benchmarks.report import plot, table, write_record
 
 #: Model-stage configurations swept: Scorer options (batch_frames, TensorFlow thread pools).
 #: The first, TensorFlow's thread choice at the former default batch of 4096, is the reference
@@ -39,8 +47,12 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "batch 1024, 1 thread": {"batch_frames": 1024, "intra_op_threads": 1, "inter_op_threads": 1},
 }
 
-#: buzzdask.analyze configurations: local-cluster shape plus ``buzzdask.*`` config keys.
-#: ``None`` for n_workers/threads means buzzdask's own defaults (2 workers, every core each).
+#: ``--model-sweep short``: the two candidates for the cheapest model stage by CPU time
+#: (TensorFlow's own threads, one thread), at buzzdask's batch, for quick runs.
+SHORT_SWEEP = ("batch 1024 (default)", "batch 1024, 1 thread")
+
+#: buzzdask.analyze configurations: ``buzzdask.*`` config keys (without the prefix) on the local
+#: cluster ``analyze()`` starts (2 workers, every core each, unless a key says otherwise).
 ANALYZE_CONFIGS: dict[str, dict[str, Any]] = {
     # A scorer on each of the 2 workers, TensorFlow's threads split between them.
     "buzzdask, defaults": {},
@@ -48,9 +60,14 @@ ANALYZE_CONFIGS: dict[str, dict[str, Any]] = {
     "buzzdask, 1 scorer": {"cpu-scorer-workers": 1},
 }
 
+#: The configuration the targets are read from: what a user gets.
+TARGET_CONFIG = "buzzdask, defaults"
+
+Stage = Callable[..., dict[str, Any]]
+
 
 def main(argv: list[str] | None = None) -> None:
-    """Build the corpus, run every stage, write the JSON record and the plot."""
+    """Build the corpora, run every configuration in rounds, write the JSON record and the plot."""
     args = _parser().parse_args(argv)
     n_cores = len(os.sched_getaffinity(0))
     load_start = os.getloadavg()
@@ -63,41 +80,61 @@ def main(argv: list[str] | None = None) -> None:
     if not model_dir.is_dir() or not embedder.is_dir():
         raise SystemExit(f"benchmarks: shared data not found under {shared} (--shared-dir)")
     cache_dir = Path(args.cache_dir).expanduser()
-    files = [str(p) for p in build_corpus(args.hours, cache_dir, jobs=n_cores)]
+    corpora = {
+        name: build_named_corpus(
+            name, cache_dir, hours=args.hours, small_files=args.small_files, jobs=n_cores
+        )
+        for name in args.corpora
+    }
     work_dir = cache_dir / "work"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    common = {"files": files, "model": str(model_dir), "embedder": str(embedder)}
+    common = {"model": str(model_dir), "embedder": str(embedder), "work_dir": str(work_dir)}
 
-    def stage(name: str, label: str, **params: Any) -> dict[str, Any]:
+    def stage(name: str, label: str, module: str = "benchmarks.stages", **params: Any) -> Any:
         print(f"benchmarks: {label} ...", flush=True)
-        result = run_stage(name, {**common, "work_dir": str(work_dir), **params})
+        result = run_stage(name, {**common, **params}, module=module)
         if "realtime_factor" in result:
-            print(f"benchmarks:   {result['realtime_factor']:.0f}x realtime", flush=True)
+            cost = result.get("core_s_per_audio_s") or result["cpu_s"] / result["audio_s"]
+            print(
+                f"benchmarks:   {result['realtime_factor']:.0f}x realtime, "
+                f"{cost * 1e3:.3f} CPU-ms per audio second",
+                flush=True,
+            )
         return result
 
-    results: dict[str, Any] = {}
-    results["decode"] = {
-        f"{workers} ffmpeg": stage("decode", f"decode, {workers} ffmpeg", workers=workers)
-        for workers in sorted({1, n_cores})
+    all_files = [str(p) for _, files in corpora.values() for p in files]
+    results: dict[str, Any] = {
+        "ffmpeg_settings": stage(
+            "ffmpeg_settings", "ffmpeg settings", files=_one_per_format(all_files), seconds=600
+        ),
+        "corpora": {name: [] for name in corpora},
+        "cli_short_file": [],
     }
-    results["ffmpeg_settings"] = stage(
-        "ffmpeg_settings", "ffmpeg settings", files=_one_per_format(files), seconds=600
-    )
-    results["model"] = _model_sweep(stage, work_dir, args, n_cores)
-    _, best_model = _best_model(results["model"])
-    results["baseline"] = stage(
-        "baseline", "sequential baseline", batch_frames=best_model["batch_frames"]
-    )
-    results["analyze"] = {
-        label: stage("analyze", label, settings=_cluster_settings(settings, n_cores))
-        for label, settings in ANALYZE_CONFIGS.items()
-    }
+    for round_index in range(args.repeats):
+        for name, (root, paths) in corpora.items():
+            files = [str(p) for p in paths]
+            inputs = [str(root)] if name == "small-files" else files
+            results["corpora"][name].append(
+                _round(stage, name, files, inputs, args, n_cores, work_dir, round_index)
+            )
+        if args.cli:
+            output = work_dir / f"cli-{round_index}"
+            results["cli_short_file"].append(
+                stage(
+                    "cli_short_file",
+                    f"round {round_index + 1}: the buzzdask command on a 7-second file",
+                    file=str(shared / "data" / "audio_in" / "testbuzz.mp3"),
+                    output=str(output),
+                )
+            )
+            shutil.rmtree(output, ignore_errors=True)
     if args.slurm:
         try:
             results["slurm_decode"] = stage(
                 "slurm_decode",
                 "decode on the local SLURM",
+                files=[str(p) for p in next(iter(corpora.values()))[1]],
                 slurm_dir=str(shared / "slurm"),
                 worker_counts=[1, 2],
             )
@@ -106,7 +143,15 @@ def main(argv: list[str] | None = None) -> None:
             results["slurm_decode"] = {"error": str(error)}
     shutil.rmtree(work_dir, ignore_errors=True)
 
-    record = _record(results, n_cores=n_cores, files=files, hours=args.hours)
+    record = build_record(
+        results,
+        cores=n_cores,
+        corpora={
+            name: (root, paths, _hours(name, args)) for name, (root, paths) in corpora.items()
+        },
+        tf_default=next(iter(MODEL_CONFIGS)),
+        target=TARGET_CONFIG,
+    )
     record["load_average_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     record["started"] = started
     record["command"] = "python -m benchmarks " + " ".join(argv or [])
@@ -118,9 +163,126 @@ def main(argv: list[str] | None = None) -> None:
     print(f"benchmarks: wrote {json_path} and {stem}.png")
 
 
+def _round(
+    stage: Stage,
+    name: str,
+    files: list[str],
+    inputs: list[str],
+    args: argparse.Namespace,
+    n_cores: int,
+    work_dir: Path,
+    round_index: int,
+) -> dict[str, Any]:
+    """Every configuration once on one corpus; every output checked against the baseline's.
+
+    The first round's baseline output is the corpus's reference until the run ends; every
+    other output is checked as soon as it is written (a failed check stops the run), then
+    removed.
+    """
+    title = f"round {round_index + 1}, {name}"
+    scratch = work_dir / f"{name}-{round_index}"
+    scratch.mkdir()
+    reference = work_dir / f"{name}-reference"
+    one: dict[str, Any] = {
+        "decode": {
+            f"{workers} ffmpeg": stage(
+                "decode", f"{title}: decode, {workers} ffmpeg", files=files, workers=workers
+            )
+            for workers in sorted({1, n_cores})
+        },
+        "model": _model_sweep(stage, title, files, scratch, args, n_cores),
+    }
+    cheapest = min(one["model"].values(), key=lambda m: m["core_s_per_audio_s"])
+    baseline_dir = reference if round_index == 0 else scratch / "baseline"
+    one["baseline"] = stage(
+        "baseline",
+        f"{title}: sequential baseline",
+        files=files,
+        batch_frames=cheapest["batch_frames"],
+        output=str(baseline_dir),
+    )
+    if round_index:
+        one["baseline"]["max_abs_diff_vs_baseline"] = check_baseline(
+            f"{title}: baseline", baseline_dir, reference, len(files)
+        )
+    for label, result in one["decode"].items():
+        if result["frames"] != one["baseline"]["frames"]:
+            raise AssertionError(
+                f"{title}: decode, {label} gave {result['frames']} frames, the baseline "
+                f"{one['baseline']['frames']}"
+            )
+    for label, result in one["model"].items():
+        result["max_abs_diff_vs_baseline"] = check_chunks(
+            f"{title}: model, {label}", Path(result.pop("saved")), reference
+        )
+    one["corun"] = stage(
+        "corun",
+        f"{title}: co-run, decode beside the model, no Dask",
+        module="benchmarks.corun",
+        files=files,
+        seconds=args.model_seconds,
+        batch_frames=1024,
+        decode_workers=max(1, n_cores // 2),
+        model_threads=max(1, n_cores - n_cores // 2),
+        min_seconds=args.corun_seconds,
+        save=str(scratch / "corun.npz"),
+    )
+    one["corun"]["max_abs_diff_vs_baseline"] = check_chunks(
+        f"{title}: co-run", scratch / "corun.npz", reference
+    )
+    one["analyze"] = {}
+    for label, settings in ANALYZE_CONFIGS.items():
+        output = scratch / f"analyze-{len(one['analyze'])}"
+        result = stage(
+            "analyze",
+            f"{title}: {label}",
+            module="benchmarks.analyze_stage",
+            files=files,
+            inputs=inputs,
+            settings=settings,
+            output=str(output),
+        )
+        result["max_abs_diff_vs_baseline"] = check_analyze(
+            f"{title}: {label}", output, files, reference
+        )
+        one["analyze"][label] = result
+    shutil.rmtree(scratch)
+    return one
+
+
+def _corpora_list(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CORPORA]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown corpus {unknown or value!r}: choose among {', '.join(CORPORA)}"
+        )
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--hours", type=float, default=8.0, help="corpus size (default 8 h)")
+    parser.add_argument(
+        "--corpora",
+        type=_corpora_list,
+        default=list(CORPORA),
+        help=f"corpora to run, comma-separated (default {','.join(CORPORA)})",
+    )
+    parser.add_argument(
+        "--hours", type=float, default=8.0, help="audio in the mp3 and wav corpora (default 8 h)"
+    )
+    parser.add_argument(
+        "--small-files",
+        type=int,
+        default=1000,
+        help="30-second files in the small-files corpus (default 1000)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds: every configuration runs once per round, interleaved (default 3)",
+    )
     parser.add_argument(
         "--cache-dir",
         default=str(default_cache_dir()),
@@ -136,10 +298,32 @@ def _parser() -> argparse.ArgumentParser:
         "--model-seconds",
         type=float,
         default=1200.0,
-        help="pre-decoded audio each model-stage configuration scores (default 1200 s)",
+        help="pre-decoded audio the model stage and the co-run's model side score (default 1200)",
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed passes per model configuration"
+        "--model-sweep",
+        choices=("full", "short"),
+        default="full",
+        help="model-stage configurations: all of MODEL_CONFIGS, or the default batch with "
+        "TensorFlow's threads and with one thread (default full)",
+    )
+    parser.add_argument(
+        "--model-passes",
+        type=int,
+        default=3,
+        help="timed passes in each model-stage process; the median counts (default 3)",
+    )
+    parser.add_argument(
+        "--corun-seconds",
+        type=float,
+        default=20.0,
+        help="least seconds both co-run sides overlap (the decode side repeats the corpus)",
+    )
+    parser.add_argument(
+        "--no-cli",
+        dest="cli",
+        action="store_false",
+        help="skip timing the buzzdask command on a 7-second file",
     )
     parser.add_argument(
         "--no-slurm",
@@ -157,126 +341,48 @@ def _one_per_format(files: list[str]) -> list[str]:
     """
     chosen: dict[str, str] = {}
     for path in sorted(files, key=os.path.getsize, reverse=True):
-        chosen.setdefault(Path(path).suffix, path)
+        chosen.setdefault(Path(path).suffix.lower(), path)
     return list(chosen.values())
 
 
-def _model_sweep(
-    stage: Any, work_dir: Path, args: argparse.Namespace, n_cores: int
-) -> dict[str, Any]:
-    """Every model configuration on the same pre-decoded audio; activations checked equal.
+def _hours(name: str, args: argparse.Namespace) -> float:
+    """Audio hours of one corpus, from its plan."""
+    planned = plan_named_corpus(name, hours=args.hours, small_files=args.small_files)
+    return sum(f.seconds for f in planned) / 3600
 
-    Each result gets ``cores_used`` (the intra-op pool, else every core) and its cost
-    ``core_s_per_audio_s = cores_used / realtime factor``.
+
+def _model_sweep(
+    stage: Stage,
+    title: str,
+    files: list[str],
+    scratch: Path,
+    args: argparse.Namespace,
+    n_cores: int,
+) -> dict[str, Any]:
+    """Every model configuration on the same pre-decoded audio of the corpus.
+
+    Each result gets ``cores_used`` (the intra-op pool, else every core),
+    ``wall_core_s_per_audio_s = cores_used / realtime factor`` (the earlier records' cost) and
+    ``saved``, its activations for :func:`benchmarks.outputs.check_chunks`.
     """
     results: dict[str, Any] = {}
-    reference = None
     for label, options in MODEL_CONFIGS.items():
-        save = work_dir / f"activations-{len(results)}.npy"
+        if args.model_sweep == "short" and label not in SHORT_SWEEP:
+            continue
+        save = scratch / f"model-{len(results)}.npz"
         result = stage(
             "model",
-            f"model stage, {label}",
+            f"{title}: model stage, {label}",
+            files=files,
             seconds=args.model_seconds,
-            repeats=args.repeats,
+            passes=args.model_passes,
             save=str(save),
             **options,
         )
-        activations = np.load(save)
-        if reference is None:
-            reference = activations
-        result["max_abs_diff_vs_default"] = float(np.max(np.abs(activations - reference)))
         result["cores_used"] = min(n_cores, options.get("intra_op_threads") or n_cores)
-        result["core_s_per_audio_s"] = result["cores_used"] / result["realtime_factor"]
-        results[label] = {**options, **result}
+        result["wall_core_s_per_audio_s"] = result["cores_used"] / result["realtime_factor"]
+        results[label] = {**options, **result, "saved": str(save)}
     return results
-
-
-def _best_model(models: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The fastest model configuration among those using every core (c_model's definition)."""
-    full = {
-        k: v
-        for k, v in models.items()
-        if v["cores_used"] == max(m["cores_used"] for m in models.values())
-    }
-    return max(full.items(), key=lambda item: item[1]["realtime_factor"])
-
-
-def _cluster_settings(settings: dict[str, Any], n_cores: int) -> dict[str, Any]:
-    """buzzdask's local-cluster defaults (2 workers, every core each) unless overridden."""
-    return {"n_workers": 2, "threads_per_worker": n_cores, **settings}
-
-
-def _record(
-    results: dict[str, Any], *, n_cores: int, files: list[str], hours: float
-) -> dict[str, Any]:
-    """The run's JSON record: results, the bound, targets, and one headline row per config."""
-    decode_all = results["decode"][f"{n_cores} ffmpeg"]
-    models = results["model"]
-    default_label, default_model = next(iter(models.items()))
-    best_label, best_model = _best_model(models)
-    c_decode = n_cores / decode_all["realtime_factor"]
-    c_model = n_cores / best_model["realtime_factor"]
-    bound = n_cores / (c_decode + c_model)
-    rows = [
-        _row("sequential baseline (1 process)", results["baseline"]),
-        *(_row(f"decode only, {k}", v) for k, v in results["decode"].items()),
-        _row(f"model only, {default_label}", default_model),
-        _row(f"model only, best: {best_label}", best_model),
-        *(_row(k, v) for k, v in results["analyze"].items()),
-        *(
-            _row(f"decode only, local SLURM, {k}", v)
-            for k, v in results.get("slurm_decode", {}).get("configurations", {}).items()
-        ),
-    ]
-    best_analyze = max(results["analyze"].values(), key=lambda r: r["realtime_factor"])
-    return {
-        "machine": describe_machine(),
-        "corpus": {
-            "hours": sum(f.seconds for f in plan_corpus(hours)) / 3600,
-            "files": [Path(p).name for p in files],
-        },
-        "bound": {
-            "cores": n_cores,
-            "c_decode_core_s_per_audio_s": c_decode,
-            "c_model_core_s_per_audio_s": c_model,
-            "realtime_factor": bound,
-        },
-        "targets": {
-            "buzzdask_fraction_of_bound": best_analyze["realtime_factor"] / bound,
-            "buzzdask_over_baseline": best_analyze["realtime_factor"]
-            / results["baseline"]["realtime_factor"],
-            "model_best_over_tf_default": best_model["realtime_factor"]
-            / default_model["realtime_factor"],
-        },
-        "start_up": {
-            label: {
-                "cluster_start_s": result["cluster_start_s"],
-                # The actor's construction task: TensorFlow import and model load.
-                "scorer_load_s": result["split_s"].get("scorer_compute"),
-                "first_score_task_s": result["split_s"].get("first_score_task_at"),
-                "first_chunk_written_s": result["first_chunk_s"],
-            }
-            for label, result in results["analyze"].items()
-        }
-        | {
-            # sbatch until the jobs' Dask workers are connected.
-            f"local SLURM, {label}": {"jobs_up_s": result["jobs_up_s"]}
-            for label, result in results.get("slurm_decode", {}).get("configurations", {}).items()
-        },
-        "rows": rows,
-        "results": results,
-    }
-
-
-def _row(label: str, result: dict[str, Any]) -> dict[str, Any]:
-    rss = [p["peak_rss_bytes"] for p in result.get("peak_rss_per_process", [])]
-    return {
-        "label": label,
-        "realtime_factor": result["realtime_factor"],
-        "cpu_util": result["cpu_util"],
-        "wall_s": result["wall_s"],
-        "largest_rss_bytes": max(rss) if rss else None,
-    }
 
 
 if __name__ == "__main__":

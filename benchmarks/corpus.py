@@ -1,10 +1,15 @@
-"""A corpus of field-recording-like files generated with ffmpeg, cached between runs.
+"""Corpora of field-recording-like files generated with ffmpeg, cached between runs.
 
 Each file is pink noise plus a steady tone and a tremolo "buzz" tone, in one of the two formats
 the lab's recorders write: MP3 at 128 kb/s, 44.1 kHz stereo (each channel its own noise), or
-16-bit WAV at 48 kHz mono (AudioMoth). Durations run from 1 minute to 2 hours. A file is named
-by its format, duration and seed, so corpora of different sizes share the files they have in
-common and a rerun generates nothing.
+16-bit WAV at 48 kHz mono (AudioMoth). A file is named by its format, duration and seed, so
+corpora of different sizes share the files they have in common and a rerun generates nothing.
+
+:func:`build_corpus` makes the mixed corpus (1 minute to 2 hours, both formats; the GPU check
+uses it). :func:`build_named_corpus` makes the throughput benchmark's three corpora
+(:data:`CORPORA`), each measured on its own: ``mp3`` (15-minute MP3s), ``wav`` (1-hour
+AudioMoth-like WAVs) and ``small-files`` (30-second AudioMoth-like WAVs in site/date folders,
+where the per-file costs dominate).
 """
 
 from __future__ import annotations
@@ -13,9 +18,19 @@ import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
-__all__ = ["PATTERN", "CorpusFile", "build_corpus", "default_cache_dir", "plan_corpus"]
+__all__ = [
+    "CORPORA",
+    "PATTERN",
+    "CorpusFile",
+    "build_corpus",
+    "build_named_corpus",
+    "default_cache_dir",
+    "plan_corpus",
+    "plan_named_corpus",
+]
 
 #: The durations (s) and formats the corpus cycles through: 1 minute to 2 hours, both formats.
 PATTERN: tuple[tuple[int, str], ...] = (
@@ -31,6 +46,15 @@ PATTERN: tuple[tuple[int, str], ...] = (
     (3600, "wav"),
 )
 _SHORTEST_S = 60  # the last file is cut to fit the requested hours, but never below 1 minute
+
+#: The throughput benchmark's corpora: name -> (seconds per file, format, description).
+CORPORA: dict[str, tuple[int, str, str]] = {
+    "mp3": (900, "mp3", "15-minute MP3s, 128 kb/s, 44.1 kHz stereo"),
+    "wav": (3600, "wav", "1-hour AudioMoth-like WAVs, 16-bit, 48 kHz mono"),
+    "small-files": (30, "wav", "30-second AudioMoth-like WAVs in site/date folders"),
+}
+_SITES = 4  # small-files: recorders, each writing one file every half hour
+_FILES_PER_DAY = 48
 
 
 @dataclass(frozen=True)
@@ -50,10 +74,19 @@ class CorpusFile:
     seconds: int
     fmt: str
     seed: int
+    folder: str = ""
+    stem: str = ""
 
     @property
     def name(self) -> str:
-        """File name: format, duration and seed, so equal files are shared between corpora."""
+        """Path relative to the corpus directory.
+
+        By default format, duration and seed, so equal files are shared between corpora; with
+        ``folder`` and ``stem`` (the small-files layout) ``<folder>/<stem>.WAV``, as AudioMoths
+        name their files.
+        """
+        if self.stem:
+            return f"{self.folder}/{self.stem}.{self.fmt.upper()}"
         return f"field-{self.fmt}-{self.seconds:05d}s-{self.seed:03d}.{self.fmt}"
 
 
@@ -76,15 +109,58 @@ def plan_corpus(hours: float) -> list[CorpusFile]:
     -------
     list of CorpusFile
     """
+    return _cycle(hours, PATTERN)
+
+
+def _cycle(hours: float, pattern: tuple[tuple[int, str], ...]) -> list[CorpusFile]:
+    """Files cycling through ``pattern`` until they hold ``hours``; the last one cut to fit."""
     if hours <= 0:
         raise ValueError(f"hours={hours!r} must be > 0")
     remaining = round(hours * 3600)
     files: list[CorpusFile] = []
     while remaining > 0:
-        seconds, fmt = PATTERN[len(files) % len(PATTERN)]
+        seconds, fmt = pattern[len(files) % len(pattern)]
         seconds = max(_SHORTEST_S, min(seconds, remaining))
         files.append(CorpusFile(seconds=seconds, fmt=fmt, seed=len(files)))
         remaining -= seconds
+    return files
+
+
+def plan_named_corpus(name: str, *, hours: float, small_files: int) -> list[CorpusFile]:
+    """The files of one of :data:`CORPORA`.
+
+    Parameters
+    ----------
+    name : {"mp3", "wav", "small-files"}
+    hours : float > 0 [h]
+        Audio in ``mp3`` and ``wav`` (their last file is shortened to fit, to at least a minute).
+    small_files : int > 0
+        Files in ``small-files``: 30 s each, from :data:`_SITES` sites, one file every half
+        hour, in ``site-NN/YYYY-MM-DD/YYYYMMDD_HHMMSS.WAV`` (AudioMoth's names).
+
+    Returns
+    -------
+    list of CorpusFile
+    """
+    seconds, fmt, _ = CORPORA[name]
+    if name != "small-files":
+        return _cycle(hours, ((seconds, fmt),))
+    if small_files <= 0:
+        raise ValueError(f"small_files={small_files!r} must be > 0")
+    files = []
+    for index in range(small_files):
+        site, slot = index % _SITES, index // _SITES
+        day = date(2026, 6, 1) + timedelta(days=slot // _FILES_PER_DAY)
+        minutes = 30 * (slot % _FILES_PER_DAY)
+        files.append(
+            CorpusFile(
+                seconds=seconds,
+                fmt=fmt,
+                seed=index,
+                folder=f"site-{site + 1:02d}/{day.isoformat()}",
+                stem=f"{day:%Y%m%d}_{minutes // 60:02d}{minutes % 60:02d}00",
+            )
+        )
     return files
 
 
@@ -104,9 +180,33 @@ def build_corpus(hours: float, cache_dir: Path, *, jobs: int) -> list[Path]:
     list of Path
         The corpus files, in plan order.
     """
+    return _build(plan_corpus(hours), cache_dir / "corpus", jobs=jobs)
+
+
+def build_named_corpus(
+    name: str, cache_dir: Path, *, hours: float, small_files: int, jobs: int
+) -> tuple[Path, list[Path]]:
+    """Generate the missing files of one of :data:`CORPORA` (see :func:`plan_named_corpus`).
+
+    Returns
+    -------
+    root : Path
+        ``small-files``: its own directory (``cache_dir/corpus/small-files-<count>``, holding
+        exactly these files, so analysing the directory analyses them). Otherwise the shared
+        ``cache_dir/corpus``, which may hold other files too.
+    files : list of Path
+        The corpus files, in plan order.
+    """
     directory = cache_dir / "corpus"
+    if name == "small-files":
+        directory = directory / f"small-files-{small_files}"
+    planned = plan_named_corpus(name, hours=hours, small_files=small_files)
+    return directory, _build(planned, directory, jobs=jobs)
+
+
+def _build(files: list[CorpusFile], directory: Path, *, jobs: int) -> list[Path]:
+    """Generate the files of ``files`` missing under ``directory``; all their paths, in order."""
     directory.mkdir(parents=True, exist_ok=True)
-    files = plan_corpus(hours)
     missing = [f for f in files if not (directory / f.name).is_file()]
     if missing:
         hours_missing = sum(f.seconds for f in missing) / 3600
@@ -144,6 +244,7 @@ def _generate(file: CorpusFile, target: Path) -> None:
             "[n][t1][t2]amix=inputs=3:normalize=0[out]"
         )
         codec = ["-c:a", "pcm_s16le"]
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial{target.suffix}")
     subprocess.run(
         [

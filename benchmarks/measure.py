@@ -2,7 +2,11 @@
 
 psutil reads the resident memory of the stage process and all its descendants (Dask workers,
 ffmpeg) every ``interval`` seconds. Each process's peak is kept; ffmpeg processes, short-lived
-and many, are summarised by the largest one seen.
+and many, are summarised by the largest one seen. The sum over the tree at each sample is kept
+too, as a time series (``tree_rss``): what the machine must hold for the whole run. It is a sum
+of resident set sizes, so pages shared between processes (TensorFlow's libraries in two
+workers) count once per process: an upper bound of the tree's own memory, and an ffmpeg that
+lives between two samples is missed.
 """
 
 from __future__ import annotations
@@ -25,16 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_stage(
-    name: str, params: dict[str, Any], *, interval: float = 0.1, timeout: float = 3600
+    name: str,
+    params: dict[str, Any],
+    *,
+    module: str = "benchmarks.stages",
+    interval: float = 0.1,
+    timeout: float = 3600,
 ) -> dict[str, Any]:
-    """Run ``benchmarks.stages`` stage ``name`` with ``params`` in a new Python process.
+    """Run stage ``name`` of ``module`` with ``params`` in a new Python process.
 
     Parameters
     ----------
     name : str
-        A key of :data:`benchmarks.stages.STAGES`.
+        A key of the module's ``STAGES`` (:data:`benchmarks.stages.STAGES`,
+        :data:`benchmarks.corun.STAGES`).
     params : dict
         JSON-ready parameters of the stage.
+    module : str
+        The module run with ``python -m``; its ``main`` takes ``NAME PARAMS_JSON RESULT_PATH``.
     interval : float > 0 [s]
         Memory sampling period.
     timeout : float > 0 [s]
@@ -43,9 +55,12 @@ def run_stage(
     Returns
     -------
     dict
-        The stage's own record, plus ``process_wall_s`` (interpreter start-up included) and
+        The stage's own record, plus ``process_wall_s`` (interpreter start-up included),
         ``peak_rss_per_process`` (list of ``{"pid", "name", "peak_rss_bytes", "cpu_s"}``, largest
-        first; ``cpu_s`` is the CPU time last seen, so it misses at most ``interval``).
+        first; ``cpu_s`` is the CPU time last seen, so it misses at most ``interval``) and
+        ``tree_rss`` (``peak_bytes``: the largest sum over the process tree at one sample;
+        ``series``: ``[seconds since start, bytes]``, at most :data:`_SERIES_POINTS` points,
+        each the largest sum in its time bin).
 
     Raises
     ------
@@ -54,10 +69,12 @@ def run_stage(
     """
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as scratch:
         result_path = Path(scratch) / "result.json"
+        params_path = Path(scratch) / "params.json"
+        params_path.write_text(json.dumps(params), encoding="utf-8")
         environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
         started = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.stages", name, json.dumps(params), result_path],
+            [sys.executable, "-m", module, name, f"@{params_path}", result_path],
             cwd=REPO,
             env=environment,
             stdout=subprocess.DEVNULL,
@@ -65,9 +82,10 @@ def run_stage(
             text=True,
         )
         peaks: dict[int, tuple[str, int, float]] = {}
+        tree: list[tuple[float, int]] = []
         done = threading.Event()
         sampler = threading.Thread(
-            target=_sample, args=(process.pid, peaks, done, interval), daemon=True
+            target=_sample, args=(process.pid, peaks, tree, done, interval), daemon=True
         )
         sampler.start()
         try:
@@ -81,22 +99,37 @@ def run_stage(
         record = json.loads(result_path.read_text(encoding="utf-8"))
     record["process_wall_s"] = wall
     record["peak_rss_per_process"] = _summarise(peaks)
+    record["tree_rss"] = {
+        "peak_bytes": max((rss for _, rss in tree), default=0),
+        "interval_s": interval,
+        "series": _downsample(tree, _SERIES_POINTS),
+    }
     return record
 
 
+#: Points kept of each stage's tree-RSS series (a 60 s stage sampled every 0.1 s has 600).
+_SERIES_POINTS = 200
+
+
 def _sample(
-    root: int, peaks: dict[int, tuple[str, int, float]], done: threading.Event, interval: float
+    root: int,
+    peaks: dict[int, tuple[str, int, float]],
+    tree: list[tuple[float, int]],
+    done: threading.Event,
+    interval: float,
 ) -> None:
-    """Keep each process's largest resident set size and last CPU time until ``done`` is set."""
+    """Until ``done``: each process's largest RSS and last CPU time, and the tree's RSS sum."""
     try:
         parent = psutil.Process(root)
     except psutil.NoSuchProcess:
         return
+    started = time.perf_counter()
     while not done.is_set():
         try:
             processes = [parent, *parent.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
+        total = 0
         for process in processes:
             try:
                 with process.oneshot():
@@ -105,9 +138,20 @@ def _sample(
                     times = process.cpu_times()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+            total += rss
             peak = max(rss, peaks.get(process.pid, ("", 0, 0.0))[1])
             peaks[process.pid] = (name, peak, times.user + times.system)
+        tree.append((time.perf_counter() - started, total))
         done.wait(interval)
+
+
+def _downsample(series: list[tuple[float, int]], points: int) -> list[list[float]]:
+    """At most ``points`` of ``series``: the largest value of each of ``points`` equal bins."""
+    if len(series) <= points:
+        return [[round(t, 2), rss] for t, rss in series]
+    size = -(-len(series) // points)
+    bins = (series[i : i + size] for i in range(0, len(series), size))
+    return [[round(b[0][0], 2), max(rss for _, rss in b)] for b in bins]
 
 
 def _summarise(peaks: dict[int, tuple[str, int, float]]) -> list[dict[str, Any]]:

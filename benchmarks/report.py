@@ -50,52 +50,145 @@ def write_record(record: dict[str, Any], out_dir: Path, stem: str) -> Path:
 
 
 def table(record: dict[str, Any]) -> str:
-    """The headline rows as a Markdown table (what the README's Performance section shows)."""
-    lines = [
-        "| configuration | realtime factor | CPU use | wall (s) | largest process RSS |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in record["rows"]:
-        rss = row.get("largest_rss_bytes")
-        lines.append(
-            f"| {row['label']} | {row['realtime_factor']:.0f}x | {row['cpu_util']:.0%} "
-            f"| {row['wall_s']:.1f} | {'' if rss is None else f'{rss / 2**20:.0f} MiB'} |"
-        )
-    bound = record["bound"]
-    lines.append(
-        f"| bound B = N / (c_decode + c_model), N = {bound['cores']} | "
-        f"{bound['realtime_factor']:.0f}x | | | |"
-    )
+    """The headline rows per corpus and the targets, as Markdown (the README's tables)."""
+    lines: list[str] = []
+    for name, corpus in record["corpus"]["corpora"].items():
+        bound = record["bounds"][name]
+        lines += [
+            "",
+            f"**{name}**: {corpus['description']}, {corpus['hours']:.2f} h, "
+            f"{corpus['files']} files (medians of {record['targets'][name]['rounds']} rounds)",
+            "",
+            "| configuration | realtime factor (min–max) | CPU-ms per audio s | CPU use "
+            "| wall (s) | largest process RSS | tree RSS peak |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in (r for r in record["rows"] if r["corpus"] == name):
+            low, high = row["realtime_factor_spread"]
+            lines.append(
+                f"| {row['label'].split(': ', 1)[1]} | {row['realtime_factor']:.0f}x "
+                f"({low:.0f}–{high:.0f}) | {row['core_s_per_audio_s'] * 1e3:.3f} "
+                f"| {row['cpu_util']:.0%} | {row['wall_s']:.1f} | {_mib(row['largest_rss_bytes'])} "
+                f"| {_mib(row['tree_rss_peak_bytes'])} |"
+            )
+        corun = bound["corun"]
+        lines += [
+            f"| bound B = N / (c_decode + c_model), CPU time, N = {bound['cores']} "
+            f"| {bound['realtime_factor']:.0f}x | {_cost_ms(bound)} | | | | |",
+            f"| co-run bound B₂ (decode beside the model) | {corun['realtime_factor']:.0f}x "
+            f"| {_cost_ms(corun)} | | | | |",
+            f"| earlier B (stages' wall-clock speeds) | {bound['wall_realtime_factor']:.0f}x "
+            "| | | | | |",
+        ]
+    lines += ["", *_targets_table(record["targets"])]
     return "\n".join(lines)
 
 
+def _targets_table(targets: dict[str, Any]) -> list[str]:
+    """The targets: per corpus (median, min–max over the rounds), start-up and memory."""
+    metrics = [
+        "fraction_of_bound",
+        "fraction_of_corun_bound",
+        "cpu_over_stages",
+        "cpu_over_corun_stages",
+        "over_baseline",
+        "realtime_factor",
+    ]
+    corpora = {
+        name: values
+        for name, values in targets.items()
+        if isinstance(values, dict) and "realtime_factor" in values
+    }
+    label = next(iter(corpora.values()))["configuration"]
+    lines = [
+        f"| corpus ({label}) | " + " | ".join(metrics) + " |",
+        "|---|" + "---:|" * len(metrics),
+    ]
+    for name, values in corpora.items():
+        cells = [
+            f"{values[m]:.2f} ({values['spread'][m][0]:.2f}–{values['spread'][m][1]:.2f})"
+            if m != "realtime_factor"
+            else f"{values[m]:.0f}x"
+            for m in metrics
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    start = targets["start_up"]
+    small = targets.get("small-files", {}).get("small_files_over_wav_realtime_factor")
+    lines += [
+        "",
+        f"- first partition written: {start['first_partition_s']:.1f} s after the start "
+        f"(goal {targets['goals']['first_partition_s']} s)",
+    ]
+    if "cli_short_file_s" in start:
+        lines.append(
+            f"- `buzzdask analyze` on a 7-second file: {start['cli_short_file_s']:.1f} s end to "
+            f"end (goal {targets['goals']['cli_short_file_s']} s)"
+        )
+    if small is not None:
+        lines.append(
+            f"- small files' realtime factor over the 1-hour WAVs': {small:.2f} "
+            f"(goal {targets['goals']['small_files_over_wav_realtime_factor']})"
+        )
+    peak = targets["memory"]["peak_tree_rss_bytes"]
+    if peak is not None:
+        lines.append(
+            f"- process tree's peak RSS, defaults, MP3 corpus: {peak / 1e9:.2f} GB "
+            f"(goal {targets['goals']['peak_tree_rss_bytes']})"
+        )
+    return lines
+
+
+def _cost_ms(bound: dict[str, Any]) -> str:
+    """``c_decode + c_model`` in CPU-milliseconds per audio second."""
+    cost = bound["c_decode_core_s_per_audio_s"] + bound["c_model_core_s_per_audio_s"]
+    return f"{cost * 1e3:.3f}"
+
+
+def _mib(value: float | None) -> str:
+    return "" if not value else f"{value / 2**20:.0f} MiB"
+
+
 def plot(record: dict[str, Any], path: Path) -> Path:
-    """Bar chart of the realtime factor per configuration, with the bound B as a line."""
+    """Bar charts of the realtime factor per configuration, one per corpus, with B and B₂."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = record["rows"]
-    figure, axes = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
-    labels = [row["label"] for row in rows]
-    values = [row["realtime_factor"] for row in rows]
-    axes.barh(labels, values, color="tab:blue")
-    for y, value in enumerate(values):
-        axes.text(value, y, f" {value:.0f}x", va="center", fontsize=8)
-    bound = record["bound"]["realtime_factor"]
-    axes.axvline(bound, color="tab:red", linestyle="--", label=f"bound B = {bound:.0f}x")
-    axes.axvline(0.9 * bound, color="tab:orange", linestyle=":", label="90 % of B")
-    axes.invert_yaxis()
-    axes.set_xlabel("realtime factor (audio seconds per wall second)")
-    machine = record["machine"]
-    axes.set_title(
-        f"buzzdask, {record['corpus']['hours']:.1f} h corpus, {machine['cores_available']} cores "
-        f"({machine['cpu']})",
-        fontsize=9,
+    names = list(record["corpus"]["corpora"])
+    counts = [sum(1 for r in record["rows"] if r["corpus"] == n) for n in names]
+    figure, panels = plt.subplots(
+        len(names),
+        1,
+        figsize=(8, 0.4 * sum(counts) + 1.4 * len(names)),
+        gridspec_kw={"height_ratios": counts},
+        squeeze=False,
     )
-    axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
+    for axes, name in zip(panels[:, 0], names, strict=True):
+        rows = [r for r in record["rows"] if r["corpus"] == name]
+        values = [r["realtime_factor"] for r in rows]
+        errors = [
+            [v - r["realtime_factor_spread"][0] for v, r in zip(values, rows, strict=True)],
+            [r["realtime_factor_spread"][1] - v for v, r in zip(values, rows, strict=True)],
+        ]
+        axes.barh(
+            [r["label"].split(": ", 1)[1] for r in rows], values, xerr=errors, color="tab:blue"
+        )
+        for y, value in enumerate(values):
+            axes.text(value, y, f" {value:.0f}x", va="center", fontsize=7)
+        bound = record["bounds"][name]
+        corun = bound["corun"]["realtime_factor"]
+        axes.axvline(bound["realtime_factor"], color="tab:red", linestyle="--", label="B")
+        axes.axvline(corun, color="tab:purple", linestyle="--", label="B₂ (co-run)")
+        axes.axvline(0.9 * corun, color="tab:orange", linestyle=":", label="90 % of B₂")
+        axes.invert_yaxis()
+        axes.tick_params(labelsize=7)
+        axes.set_title(f"{name}: {record['corpus']['corpora'][name]['description']}", fontsize=8)
+        axes.legend(fontsize=7, loc="lower right")
+    panels[-1, 0].set_xlabel("realtime factor (audio seconds per wall second; bars: min–max)")
+    machine = record["machine"]
+    figure.suptitle(f"buzzdask, {machine['cores_available']} cores ({machine['cpu']})", fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.985))  # room for the machine's line above
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -4,22 +4,22 @@ A fresh process per configuration keeps TensorFlow's thread pools (fixed when Te
 and the memory peaks of one configuration out of the next. Each stage times its own work with
 :func:`measured`: wall time and the CPU time of the process and of every child it reaped
 (ffmpeg, Dask worker processes), so CPU use is counted even when other jobs share the machine.
+``buzzdask.analyze`` has its own module (:mod:`benchmarks.analyze_stage`), and so has the
+co-run of both stages (:mod:`benchmarks.corun`).
 
 Run one stage by hand::
 
     python -m benchmarks.stages decode '{"files": [...], "workers": 2, ...}' result.json
+    python -m benchmarks.stages decode @params.json result.json
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import resource
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +43,18 @@ from buzzdask.models import ModelSpec, resolve_model
 from buzzdask.settings import load_settings
 from buzzdask.write import frames_table, write_table
 
-__all__ = ["STAGES", "measured"]
+__all__ = [
+    "STAGES",
+    "cpu_seconds",
+    "decode_corpus",
+    "groups_of",
+    "make_scorer",
+    "measured",
+    "model_and_frames",
+    "predecoded",
+    "save_activations",
+    "warm_decoder",
+]
 
 
 def cores() -> int:
@@ -51,7 +62,8 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of every child it has reaped."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -65,21 +77,23 @@ def measured(audio_s: float | None = None) -> Iterator[dict[str, Any]]:
     Set ``record["audio_s"]`` inside the block (or pass it) to get ``realtime_factor``.
     """
     record: dict[str, Any] = {} if audio_s is None else {"audio_s": audio_s}
-    wall, cpu = time.perf_counter(), _cpu_seconds()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     yield record
     record["wall_s"] = time.perf_counter() - wall
-    record["cpu_s"] = _cpu_seconds() - cpu
+    record["cpu_s"] = cpu_seconds() - cpu
     record["cpu_util"] = record["cpu_s"] / (record["wall_s"] * cores())
     if record.get("audio_s"):
         record["realtime_factor"] = record["audio_s"] / record["wall_s"]
 
 
-def _model(params: dict[str, Any]) -> tuple[ModelSpec, FrameSpec]:
+def model_and_frames(params: dict[str, Any]) -> tuple[ModelSpec, FrameSpec]:
+    """The model of ``params["model"]`` on ``params["embedder"]``, and its frame geometry."""
     model = resolve_model(params["model"], embedder=params["embedder"])
     return model, model.embedder.frame_spec()
 
 
-def _scorer(params: dict[str, Any], model: ModelSpec, spec: FrameSpec) -> Any:
+def make_scorer(params: dict[str, Any], model: ModelSpec, spec: FrameSpec) -> Any:
+    """A :class:`~buzzdask.score.Scorer` (not an actor) with the options in ``params``."""
     from buzzdask.score import Scorer
 
     return Scorer(
@@ -103,16 +117,64 @@ def decode(params: dict[str, Any]) -> dict[str, Any]:
     """The decode stage alone: every chunk of the corpus through buzzdask's ffmpeg decode.
 
     ``workers`` ffmpeg processes run at once (threads here only wait on their pipes), with
-    buzzdask's chunking, margins and preprocessing, as its decode tasks do.
+    buzzdask's probing, chunking, margins and preprocessing, as its tasks do. Its cost,
+    ``core_s_per_audio_s``, is the CPU time of this process and of every ffmpeg and ffprobe it
+    ran, per audio second.
     """
-    _, spec = _model(params)
+    _, spec = model_and_frames(params)
+    warm_decoder(params, spec)
     with measured() as record, ThreadPoolExecutor(params["workers"]) as pool:
-        infos = list(pool.map(probe_audio, params["files"]))
-        tasks = _chunk_tasks(params, spec, infos)
-        n_frames = sum(pool.map(lambda task: _decoded_frames(*task), tasks))
+        n_frames, chunks = decode_corpus(params, spec, pool)
         record["audio_s"] = n_frames * spec.hop_length / spec.sample_rate
-    record.update(workers=params["workers"], chunks=len(tasks))
+    record.update(
+        workers=params["workers"],
+        chunks=chunks,
+        frames=n_frames,
+        core_s_per_audio_s=record["cpu_s"] / record["audio_s"],
+    )
     return record
+
+
+def warm_decoder(params: dict[str, Any], spec: FrameSpec) -> None:
+    """Pay this process's one-time costs before measuring: decode the first chunk once.
+
+    The first probe finds ffmpeg and checks what it can do (a few ffmpeg runs), and the first
+    decode is dearer than the next ones (imports, and memory the allocator has not reused
+    yet): 0.35 CPU-s against 0.20 s for a 6-minute WAV measured here. A stage's cost is its
+    steady cost per audio second. Counted in, these would weigh on a small corpus, and on the
+    decode stage alone more than on the co-run's decode side, which goes round the corpus
+    several times. buzzdask's workers pay them once each, within buzzdask's CPU time.
+    """
+    info = probe_audio(params["files"][0])
+    plan = plan_chunks(info, spec, frames_per_chunk=_frames_per_chunk(params, spec))[0]
+    decode_chunk(info, plan, spec=spec)
+
+
+def decode_corpus(
+    params: dict[str, Any],
+    spec: FrameSpec,
+    pool: ThreadPoolExecutor,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Probe every file of ``params["files"]``, then decode each of its chunks, on ``pool``.
+
+    ``on_chunk(frames so far)`` is called after each chunk, in chunk order.
+
+    Returns
+    -------
+    frames : int
+        Frames decoded.
+    chunks : int
+        Chunks decoded.
+    """
+    infos = list(pool.map(probe_audio, params["files"]))
+    tasks = _chunk_tasks(params, spec, infos)
+    n_frames = 0
+    for frames in pool.map(lambda task: _decoded_frames(*task), tasks):
+        n_frames += frames
+        if on_chunk is not None:
+            on_chunk(n_frames)
+    return n_frames, len(tasks)
 
 
 def _chunk_tasks(
@@ -150,7 +212,7 @@ def slurm_decode(params: dict[str, Any]) -> dict[str, Any]:
     import buzzdask.cluster
 
     _start_local_slurm(Path(params["slurm_dir"]))
-    _, spec = _model(params)
+    _, spec = model_and_frames(params)
     results: dict[str, Any] = {}
     for n_workers in params["worker_counts"]:
         started = time.perf_counter()
@@ -159,14 +221,14 @@ def slurm_decode(params: dict[str, Any]) -> dict[str, Any]:
         )
         jobs_up_s = time.perf_counter() - started
         try:
-            cpu_before = client.run(_cpu_seconds)
+            cpu_before = client.run(cpu_seconds)
             with measured() as record:
                 infos = client.gather(client.map(probe_audio, params["files"], pure=False))
                 tasks = _chunk_tasks(params, spec, infos)
                 futures = [client.submit(_decoded_frames, *task, pure=False) for task in tasks]
                 n_frames = sum(client.gather(futures))
                 record["audio_s"] = n_frames * spec.hop_length / spec.sample_rate
-            cpu_after = client.run(_cpu_seconds)
+            cpu_after = client.run(cpu_seconds)
         finally:
             client.cluster.close()
             client.close()
@@ -199,7 +261,7 @@ def ffmpeg_settings(params: dict[str, Any]) -> dict[str, Any]:
     instead of soxr, and decoding alone (no downmix, no resampling). Output goes to /dev/null,
     so only ffmpeg's CPU time is counted.
     """
-    _, spec = _model(params)
+    _, spec = model_and_frames(params)
     seconds = params["seconds"]
     results: dict[str, Any] = {}
     for path in params["files"]:
@@ -222,23 +284,39 @@ def ffmpeg_settings(params: dict[str, Any]) -> dict[str, Any]:
     return {"variants": results}
 
 
-def _predecoded(params: dict[str, Any], spec: FrameSpec) -> list[DecodedChunk]:
-    """``seconds`` of corpus audio decoded up front, cut into chunks as buzzdask cuts them."""
+def predecoded(
+    params: dict[str, Any], spec: FrameSpec
+) -> tuple[list[DecodedChunk], list[tuple[int, int, int]]]:
+    """``seconds`` of corpus audio decoded up front, cut into chunks as buzzdask cuts them.
+
+    Returns
+    -------
+    chunks : list of DecodedChunk
+    origins : list of (file index in ``params["files"]``, first frame, frames)
+        Where each chunk's frames are in the sequential baseline's output.
+    """
     frames_per_chunk = _frames_per_chunk(params, spec)
     wanted = spec.n_complete_frames(round(params["seconds"] * spec.sample_rate))
     chunks: list[DecodedChunk] = []
-    for path in params["files"]:
+    origins: list[tuple[int, int, int]] = []
+    for index, path in enumerate(params["files"]):
         info = probe_audio(path)
         for plan in plan_chunks(info, spec, frames_per_chunk=frames_per_chunk):
             if wanted <= 0:
-                return chunks
+                return chunks, origins
             chunk = decode_chunk(info, plan, spec=spec)
             chunks.append(chunk)
+            origins.append((index, chunk.first_frame, chunk.n_frames))
             wanted -= chunk.n_frames
-    return chunks
+    return chunks, origins
 
 
-def _groups(chunks: list[DecodedChunk], batch_frames: int) -> list[list[DecodedChunk]]:
+def save_activations(path: str, activations: list[np.ndarray], origins: list[Any]) -> None:
+    """Chunks' activations and their origins (see :func:`predecoded`), for the equality check."""
+    np.savez(path, activations=np.concatenate(activations), origins=np.asarray(origins))
+
+
+def groups_of(chunks: list[DecodedChunk], batch_frames: int) -> list[list[DecodedChunk]]:
     """Chunks grouped as buzzdask's client groups them into score tasks (up to a batch each)."""
     groups: list[list[DecodedChunk]] = []
     frames = 0
@@ -255,31 +333,35 @@ def _groups(chunks: list[DecodedChunk], batch_frames: int) -> list[list[DecodedC
 def model(params: dict[str, Any]) -> dict[str, Any]:
     """The model stage alone: the scorer (embedder + head) on pre-decoded chunks.
 
-    Scores the same chunks ``repeats`` times after one warm-up pass and reports every pass
-    (the best is the least disturbed by other jobs). Saves the activations to ``save`` if given.
+    Scores the same chunks ``passes`` times after one warm-up pass and reports every pass; the
+    record's own numbers are the median pass by CPU time. Its cost, ``core_s_per_audio_s``, is
+    that pass's CPU time (every TensorFlow thread) per audio second; loading the model is not
+    part of it (``load_cpu_s``). Saves the activations and their origins to ``save`` if given.
     """
-    model_spec, spec = _model(params)
-    chunks = _predecoded(params, spec)
+    model_spec, spec = model_and_frames(params)
+    chunks, origins = predecoded(params, spec)
     with measured() as start:
-        scorer = _scorer(params, model_spec, spec)
-    groups = _groups(chunks, params["batch_frames"])
+        scorer = make_scorer(params, model_spec, spec)
+    groups = groups_of(chunks, params["batch_frames"])
     audio_s = sum(c.n_frames for c in chunks) * spec.hop_length / spec.sample_rate
     with measured(audio_s) as warm_up:
         activations = [a for group in groups for a in scorer.score(group)]
     passes = []
-    for _ in range(params["repeats"]):
+    for _ in range(params["passes"]):
         with measured(audio_s) as record:
             for group in groups:
                 scorer.score(group)
         passes.append(record)
     if params.get("save"):
-        np.save(params["save"], np.concatenate(activations))
-    best = max(passes, key=lambda r: r["realtime_factor"])
+        save_activations(params["save"], activations, origins)
+    median = sorted(passes, key=lambda r: r["cpu_s"])[(len(passes) - 1) // 2]
     return {
-        **best,
+        **median,
+        "core_s_per_audio_s": median["cpu_s"] / audio_s,
         "passes": passes,
         "warm_up": warm_up,
         "start_up_s": start["wall_s"],
+        "load_cpu_s": start["cpu_s"],
         "native_hop": scorer.native_hop,
     }
 
@@ -288,14 +370,17 @@ def baseline(params: dict[str, Any]) -> dict[str, Any]:
     """A sequential single-process analyzer: per file, decode it whole, score it, write it.
 
     No overlap between decoding and scoring; the model is loaded once (start-up included).
+    Writes ``<output>/<file index:04d>.parquet``, the reference every other configuration's
+    activations are checked against.
     """
-    model_spec, spec = _model(params)
-    output = Path(tempfile.mkdtemp(prefix="bench-baseline-", dir=params["work_dir"]))
+    model_spec, spec = model_and_frames(params)
+    output = Path(params["output"])
+    output.mkdir(parents=True, exist_ok=True)
     split = {"start_up": 0.0, "decode": 0.0, "score": 0.0, "write": 0.0}
     n_frames = 0
     with measured() as record:
         with _split(split, "start_up"):
-            scorer = _scorer(params, model_spec, spec)
+            scorer = make_scorer(params, model_spec, spec)
         for index, path in enumerate(params["files"]):
             with _split(split, "decode"):
                 samples = decode_file(path, sample_rate=spec.sample_rate)
@@ -317,6 +402,7 @@ def baseline(params: dict[str, Any]) -> dict[str, Any]:
             n_frames += frames
         record["audio_s"] = n_frames * spec.hop_length / spec.sample_rate
     record["split_s"] = split
+    record["frames"] = n_frames
     record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return record
 
@@ -328,115 +414,26 @@ def _split(split: dict[str, float], name: str) -> Iterator[None]:
     split[name] += time.perf_counter() - started
 
 
-def analyze(params: dict[str, Any]) -> dict[str, Any]:
-    """``buzzdask.analyze`` on a fresh LocalCluster, its start-up included.
+def cli_short_file(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``buzzdask analyze`` command on one short file, end to end, as a user runs it.
 
-    Wall time runs from starting the cluster until ``analyze`` returns with every partition
-    written; shutting the cluster down afterwards is not part of the analysis. CPU time is this
-    process's plus each worker's own since it started (its ffmpeg children included).
-
-    ``settings`` holds the local cluster's ``n_workers``/``threads_per_worker``, ``buzzdask.*``
-    config keys without their prefix (``tf-intra-op-threads``, ``score-tasks-per-actor``...)
-    and full ``distributed.*`` keys (``distributed.scheduler.work-stealing``). The
-    time split comes from Dask's task stream (decode compute, transfers to the scorer, score
-    tasks) and the actor's own counter (seconds scoring).
+    From starting the command (its interpreter included) until it exits: it starts its own
+    local cluster, loads the scorers, writes the output and shuts the cluster down. CPU time is
+    the command's and its descendants' (reaped by then).
     """
-    import dask
-    from distributed import Client, LocalCluster, get_task_stream
-
-    import buzzdask
-
-    settings = dict(params["settings"])
-    cluster_options = {k: settings.pop(k) for k in ("n_workers", "threads_per_worker")}
-    output = Path(tempfile.mkdtemp(prefix="bench-analyze-", dir=params["work_dir"])) / "out"
-    first_chunk: dict[str, float] = {}
-    started_epoch = time.time()
-    watcher = threading.Thread(
-        target=_watch_first_chunk, args=(output / "journal.jsonl", first_chunk), daemon=True
-    )
-    watcher.start()
-    with (
-        dask.config.set(
-            {k if k.startswith("distributed.") else f"buzzdask.{k}": v for k, v in settings.items()}
-        ),
-        measured() as record,
-    ):
-        cluster = LocalCluster(
-            **cluster_options, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
-        )
-        client = Client(cluster)
-        record["cluster_start_s"] = time.time() - started_epoch
-        with get_task_stream(client) as stream:
-            result = buzzdask.analyze(
-                params["files"],
-                params["model"],
-                output=output,
-                client=client,
-                embedder=params["embedder"],
-                progress=False,
-            )
-        record["audio_s"] = result.summary["audio_hours"] * 3600
-        workers_cpu_s = sum(client.run(_cpu_seconds).values())
-    client.close()
-    cluster.close()
-    record["cpu_s"] += workers_cpu_s
-    record["cpu_util"] = record["cpu_s"] / (record["wall_s"] * cores())
-    summary = result.summary
-    record.update(
-        settings=params["settings"],
-        errors=len(result.errors),
-        first_chunk_s=first_chunk.get("seen", float("nan")) - started_epoch,
-        analyze_wall_s=summary["wall_seconds"],
-        peak_rss_bytes=summary["peak_rss_bytes"],
-        scorers=summary["scorers"],
-        split_s=_task_split(stream.data, summary, started_epoch),
-    )
+    output = Path(params["output"])
+    executable = Path(sys.executable).with_name("buzzdask")
+    command = [str(executable)] if executable.is_file() else [sys.executable, "-m", "buzzdask"]
+    command += [
+        *("analyze", params["file"], "--model", params["model"]),
+        *("--embedder", params["embedder"], "--output", str(output), "--no-progress"),
+    ]
+    with measured(probe_audio(params["file"]).duration_s) as record:
+        finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    if finished.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    record["command"] = command
     return record
-
-
-def _watch_first_chunk(journal: Path, seen: dict[str, float]) -> None:
-    """Note when the first chunk is journaled (scored and written): the start-up latency."""
-    while True:
-        if journal.is_file() and journal.stat().st_size > 0:
-            seen["seen"] = time.time()
-            return
-        time.sleep(0.02)
-
-
-def _task_split(
-    tasks: list[dict[str, Any]], summary: dict[str, Any], started_epoch: float
-) -> dict[str, Any]:
-    """Seconds per kind of work, summed over tasks, from Dask's task stream records.
-
-    Keys are ``<task prefix>_<action>``; work done on the scorer's own worker is also counted
-    under ``on_scorer_worker`` (decode or probe tasks there compete with TensorFlow).
-    """
-    totals: dict[str, float] = {}
-    on_scorer: dict[str, float] = {}
-    scorer_workers = {s.get("worker") for s in summary["scorers"]}
-    first_score = last_score = None
-    for task in tasks:
-        prefix = str(task["key"]).split("-", 1)[0]
-        for part in task["startstops"]:
-            name = f"{prefix}_{part['action']}"
-            seconds = part["stop"] - part["start"]
-            totals[name] = totals.get(name, 0.0) + seconds
-            if task.get("worker") in scorer_workers:
-                on_scorer[name] = on_scorer.get(name, 0.0) + seconds
-            if prefix == "score" and part["action"] == "compute":
-                first_score = min(first_score or part["start"], part["start"])
-                last_score = max(last_score or part["stop"], part["stop"])
-    scoring = sum(s.get("seconds_scoring", 0.0) for s in summary["scorers"])
-    split: dict[str, Any] = {k: round(v, 3) for k, v in sorted(totals.items())}
-    split["on_scorer_worker"] = {k: round(v, 3) for k, v in sorted(on_scorer.items())}
-    split["actor_scoring"] = scoring
-    if first_score is not None and last_score is not None:
-        split["first_score_task_at"] = first_score - started_epoch
-        # Between the first and last score task, time the actors were not scoring: they
-        # waited for decoded audio (or for a transfer).
-        busy = len(summary["scorers"]) * (last_score - first_score)
-        split["scorer_idle_while_running"] = busy - scoring
-    return split
 
 
 STAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -444,15 +441,23 @@ STAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "ffmpeg_settings": ffmpeg_settings,
     "model": model,
     "baseline": baseline,
-    "analyze": analyze,
     "slurm_decode": slurm_decode,
+    "cli_short_file": cli_short_file,
 }
 
 
-def main(argv: list[str]) -> None:
-    """``python -m benchmarks.stages NAME PARAMS_JSON RESULT_PATH``: run one stage."""
+def main(
+    argv: list[str], stages: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = STAGES
+) -> None:
+    """``python -m benchmarks.stages NAME PARAMS RESULT_PATH``: run one of ``stages``.
+
+    ``PARAMS`` is JSON, or ``@`` and the path of a JSON file: a thousand file paths would come
+    near Linux's limit on one command-line argument (128 KiB).
+    """
     name, params, result_path = argv
-    result = STAGES[name](json.loads(params))
+    if params.startswith("@"):
+        params = Path(params[1:]).read_text(encoding="utf-8")
+    result = stages[name](json.loads(params))
     Path(result_path).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
 
 

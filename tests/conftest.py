@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -182,6 +183,101 @@ def when_scoring_started(scores: Path, action: Callable[[], object]) -> threadin
     thread = threading.Thread(target=wait_then_act)
     thread.start()
     return thread
+
+
+@dataclass(frozen=True)
+class Kill:
+    """What a :class:`MidRunKiller` saw when it struck.
+
+    Attributes
+    ----------
+    tasks : list of str
+        Keys of the tasks it waited for that the victim held (empty for a client).
+    written : int
+        Partitions in the output.
+    """
+
+    tasks: list[str]
+    written: int
+
+
+class MidRunKiller:
+    """SIGKILL a process from a thread, around a run, once the run is provably under way.
+
+    It strikes while some but not all of the run's ``total`` partitions are written and, for a
+    worker, ``in_flight()`` lists tasks the victim holds. Leaving the ``with`` block normally
+    fails the test if it never struck: a kill that came after the run proves nothing.
+
+    Parameters
+    ----------
+    pid : int
+        The victim process.
+    scores : Path
+        The output's partitions (``OUTPUT/scores``).
+    total : int > 0
+        Partitions of the whole run.
+    in_flight : callable, optional
+        ``in_flight() -> list of str``: keys of the victim's tasks of the kind that matters.
+
+    Attributes
+    ----------
+    kill : Kill or None
+        What it saw when it struck; ``None`` until then.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        scores: Path,
+        *,
+        total: int,
+        in_flight: Callable[[], list[str]] | None = None,
+    ) -> None:
+        self.pid = pid
+        self.scores = scores
+        self.total = total
+        self.in_flight = in_flight
+        self.kill: Kill | None = None
+        self._over = threading.Event()
+        self._thread = threading.Thread(target=self._wait_then_kill, daemon=True)
+
+    def __enter__(self) -> MidRunKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._over.set()
+        self._thread.join()
+        if kind is None and self.kill is None:
+            pytest.fail(f"the run ended before pid {self.pid} could be killed mid-run")
+
+    def written(self) -> int:
+        """Partitions in the output (written under a hidden name, then renamed into place)."""
+        return sum(1 for _ in self.scores.rglob("*.parquet")) if self.scores.exists() else 0
+
+    def _due(self, written: int) -> list[str] | None:
+        """The victim's tasks that matter (none for a client), or ``None`` while not due."""
+        if not 0 < written < self.total:
+            return None
+        if self.in_flight is None:
+            return []
+        return self.in_flight() or None
+
+    def _wait_then_kill(self) -> None:
+        while not self._over.is_set():
+            if self._due(self.written()) is not None:
+                # Stopped, the victim can finish nothing more: once the scheduler has heard of
+                # what it finished before, the tasks still listed are those it holds when killed.
+                os.kill(self.pid, signal.SIGSTOP)
+                time.sleep(0.1)
+                written = self.written()
+                tasks = self._due(written)
+                if tasks is not None:
+                    os.kill(self.pid, signal.SIGKILL)
+                    self.kill = Kill(tasks=tasks, written=written)
+                    return
+                os.kill(self.pid, signal.SIGCONT)
+            time.sleep(0.02)
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:

@@ -21,14 +21,18 @@ from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
 from buzzdask.write import OutputLayout
 from tests.conftest import (
     CLASSES,
+    MidRunKiller,
     assert_same_frames,
     requires_ffmpeg,
-    when_scoring_started,
 )
 from tests.reference import reference_activations
 
 pytestmark = requires_ffmpeg
 FRAME = 15360  # samples in one 0.96 s frame at 16 kHz
+KILL_CHUNKS = 90  # partitions of kill_corpus: three 30-frame files in 1-frame chunks
+# Small score tasks and few chunks decoded ahead keep the workers decoding and scoring, and
+# partitions landing, throughout a killed run: a kill has many moments to land mid-run.
+KILL_PACING = {"batch_frames": 4, "memory_budget": "2MiB"}
 
 
 def activations(frame: pd.DataFrame) -> np.ndarray:
@@ -278,12 +282,14 @@ def kill_corpus(make_audio, tmp_path, tiny_embedder, tiny_model):
 def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim, cpu_scorers):
     """SIGKILL a worker process mid-run: the one holding the only actor (re-created on a live
     worker), a decoding one, or one of two workers that both decode and score (the other
-    scorer goes on). Lost chunks are re-sent or recomputed, and the same run finishes with
-    every frame exactly once."""
+    scorer goes on). The kill lands while the victim holds score (or decode) tasks and chunks
+    are still to be written; the chunks it held are re-sent or recomputed, and the same run
+    finishes with every frame exactly once."""
     import dask
     from distributed import Client, LocalCluster
 
     audio, options, reference = kill_corpus
+    kind = "decode" if victim == "decoder" else "score"  # the tasks it must hold when killed
     with (
         dask.config.set({"buzzdask.cpu-scorer-workers": cpu_scorers}),
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
@@ -293,13 +299,23 @@ def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim, cpu_
         workers = sorted(client.scheduler_info()["workers"])
         target = workers[1] if victim == "decoder" else workers[0]
         pid = client.run(os.getpid, workers=[target])[target]
-        killer = when_scoring_started(
-            tmp_path / "out" / "scores", lambda: os.kill(pid, signal.SIGKILL)
-        )
-        result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
-        killer.join()
+
+        def in_flight() -> list[str]:
+            keys = client.processing(workers=[target])[target]
+            return [key for key in keys if key.startswith(f"{kind}-")]
+
+        with MidRunKiller(
+            pid, tmp_path / "out" / "scores", total=KILL_CHUNKS, in_flight=in_flight
+        ) as killer:
+            result = buzzdask.analyze(
+                audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
+            )
+    assert killer.kill is not None and killer.kill.tasks
+    assert 0 < killer.kill.written < KILL_CHUNKS
     assert result.ok, result.errors
     summary = result.summary
+    # The score tasks a killed scorer held failed with it: their chunks went to a live scorer.
+    assert summary["chunks_resent"] >= 1 if kind == "score" else summary["chunks_resent"] == 0
     if victim == "scorer":
         assert (summary["scorers_lost"], summary["scorer_restarts"]) == (1, 1)
     elif victim == "decoder":
@@ -313,8 +329,9 @@ def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim, cpu_
 
 
 def test_every_cpu_worker_scores_with_its_share_of_the_cores(kill_corpus, tmp_path):
-    """Without GPUs each worker holds a scorer, with TensorFlow's threads split between the
-    two scorers of this host; results are those of any other layout."""
+    """Without GPUs each worker holds a scorer once work waits for one (small score tasks
+    here), with TensorFlow's threads split between the two scorers of this host; results are
+    those of any other layout."""
     from distributed import Client, LocalCluster
 
     audio, options, reference = kill_corpus
@@ -322,7 +339,9 @@ def test_every_cpu_worker_scores_with_its_share_of_the_cores(kill_corpus, tmp_pa
         LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
+        result = buzzdask.analyze(
+            audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
+        )
         pools = client.run(_tensorflow_threads)
     scorers = result.summary["scorers"]
     assert sorted(s["worker"] for s in scorers) == sorted(pools)
@@ -331,6 +350,14 @@ def test_every_cpu_worker_scores_with_its_share_of_the_cores(kill_corpus, tmp_pa
     share = max(1, len(os.sched_getaffinity(0)) // 2)
     assert set(pools.values()) == {(share, share)}
     _assert_same_frames(result, reference)
+
+
+def test_a_short_run_loads_the_model_once(run, make_audio, tmp_path):
+    """One scorer is enough for one short file: the second worker's is never started."""
+    make_audio("short.wav", n_samples=7 * FRAME)
+    result = run(tmp_path / "audio")
+    assert result.ok, result.errors
+    assert len(result.summary["scorers"]) == 1
 
 
 def _tensorflow_threads() -> tuple[int, int]:
@@ -344,25 +371,35 @@ def _tensorflow_threads() -> tuple[int, int]:
 
 
 def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
-    """SIGKILL the process running analyze(); a resume finishes the output exactly once."""
+    """SIGKILL the process running analyze() with chunks written and chunks to go; a resume
+    finishes the output exactly once, the same frames as an uninterrupted run."""
     audio, options, reference = kill_corpus
     script = (
         "import sys, buzzdask\n"
         "buzzdask.analyze(sys.argv[1], sys.argv[2], output=sys.argv[3], embedder=sys.argv[4],"
-        " chunk_seconds=1.0, progress=False)\n"
+        f" chunk_seconds=1.0, progress=False, **{KILL_PACING!r})\n"
     )
     output = tmp_path / "out"
     env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
     command = [sys.executable, "-c", script, audio, options["model"], output, options["embedder"]]
     process = subprocess.Popen([str(c) for c in command], env=env, start_new_session=True)
-    killer = when_scoring_started(output / "scores", lambda: os.kill(process.pid, signal.SIGKILL))
-    process.wait(timeout=300)
-    killer.join()
+    journal = OutputLayout(output).journal
+    # Due once a chunk is journalled too: the resume must then skip it.
+    with MidRunKiller(
+        process.pid,
+        output / "scores",
+        total=KILL_CHUNKS,
+        in_flight=lambda: journal.read_text().splitlines() if journal.exists() else [],
+    ) as killer:
+        process.wait(timeout=300)
+    assert killer.kill is not None and 0 < killer.kill.written < KILL_CHUNKS
     assert process.returncode == -signal.SIGKILL
     os.killpg(process.pid, signal.SIGKILL)  # its local cluster's orphaned worker processes
-    written = len(list((output / "scores").rglob("*.parquet")))
-    assert 0 < written < 90
+    # Its workers may finish what they held after the client died, not the whole run.
+    written = killer.written()
+    assert 0 < written < KILL_CHUNKS
     journaled = len(OutputLayout(output).read_journal())
+    assert journaled >= 1
 
     resumed = buzzdask.analyze(audio, output=output, on_conflict="resume", **options)
     assert resumed.ok, resumed.errors

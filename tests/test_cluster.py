@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,12 @@ OSC = {
     "osc-ascend": {"cpu_partition": "cpuonly", "gpu_partition": "quad"},
     "osc-pitzer": {"cpu_partition": "batch", "gpu_partition": "gpu"},
 }
+# One whole GPU node of each system in one batch job, and the configuration it extends.
+NODE_LAYOUTS = {
+    "osc-cardinal-node": "osc-cardinal",
+    "osc-ascend-node": "osc-ascend",
+    "osc-pitzer-node": "osc-pitzer",
+}
 # OSC's documented node sizes, with their sources: what every OSC job must fit.
 NODE_TABLE = yaml.safe_load((REPO / "cluster_configs" / "osc-nodes.yaml").read_text())
 FRAME = 15360
@@ -61,16 +68,30 @@ def test_every_system_has_a_complete_configuration():
     assert {"osc-cardinal", "osc-ascend", "osc-pitzer", "local-slurm", "local"} <= set(
         available_configs()
     )
+    assert set(NODE_LAYOUTS) <= set(available_configs())
     assert "osc-nodes" not in available_configs()  # the node-size table is no configuration
     for path in sorted((REPO / "cluster_configs").glob("*.yaml")):
         if path.stem.endswith("-nodes"):
             continue
         data = yaml.safe_load(path.read_text())
         entry = data["buzzdask"]["clusters"][path.stem]
+        if "extends" in entry:  # its sections are those of the configuration it extends
+            assert "jobqueue" not in data, path.name
+            entry = load_cluster_config(entry["extends"])
+            data = yaml.safe_load(available_configs()[entry["name"]].read_text())
         if entry["kind"] == "slurm":
             for section in (entry["cpu-config"], entry["gpu-config"]):
                 # dask-jobqueue reads every key of a named section: a missing one is a KeyError.
                 assert set(data["jobqueue"][section]) == slurm_keys, (path.name, section)
+
+
+def test_configurations_extending_each_other_in_a_loop_are_refused(tmp_path):
+    for name, other in (("a", "b"), ("b", "a")):
+        entry = {"kind": "slurm", "extends": str(tmp_path / f"{other}.yaml")}
+        config = {"buzzdask": {"clusters": {name: entry}}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ParameterError, match=r"in a loop: a -> b -> .*a\.yaml"):
+        load_cluster_config(tmp_path / "a.yaml")
 
 
 @pytest.mark.parametrize("name", sorted(OSC))
@@ -303,6 +324,116 @@ def test_local_slurm_needs_no_account():
         assert "#SBATCH -A" not in text
     # It declares no node size: the workers keep their sections' cores and memory.
     assert "#SBATCH --cpus-per-task=3\n#SBATCH --mem=5120M\n" in script
+
+
+# -- one whole GPU node in one batch job -------------------------------------------------------
+
+
+def test_whole_cardinal_gpu_node_in_one_batch_job(capsys):
+    code = cluster_main(
+        [
+            *("--config", "osc-cardinal-node", "--account", "PAS1234", "--print-batch-script"),
+            *ANALYZE,
+            "--resume",
+        ]
+    )
+    assert code == 0
+    logs = Path.cwd() / "buzzdask-logs"
+    # The whole node: 96 cores, 96 x 9 GiB, 4 GPUs. 9 tasks: scheduler, client, a scorer worker
+    # per GPU (8 threads, 72 GiB each) and 3 decode workers sharing what is left: (96 - 1 -
+    # 4 x 8) / 3 = 21 threads, (884736 - 2048 - 4 x 73728) MiB / 3 = 195925 MiB.
+    assert capsys.readouterr().out == (
+        "#!/usr/bin/env bash\n"
+        "#SBATCH -J buzzdask\n"
+        "#SBATCH -p gpu\n"
+        "#SBATCH -A PAS1234\n"
+        "#SBATCH -t 01:00:00\n"
+        "#SBATCH --nodes=1\n"
+        "#SBATCH --ntasks=1\n"
+        "#SBATCH --cpus-per-task=96\n"
+        "#SBATCH --mem=884736M\n"
+        "#SBATCH --gpus-per-node=4\n"
+        f"#SBATCH -o {logs}/buzzdask-%j.out\n"
+        "unset SLURM_MEM_PER_CPU SLURM_MEM_PER_GPU\n"
+        "export SLURM_EXPORT_ENV=ALL\n"
+        "\n"
+        "srun --ntasks=9 --cpus-per-task=1 --overcommit --cpu-bind=none "
+        f"{shlex.quote(sys.executable)} -m buzzdask.cluster --config osc-cardinal-node --gpus 4 "
+        "--in-job --worker-threads 8,21 --worker-memory 73728MiB,195925MiB "
+        "analyze audio/ --model general_v3 --output results/ --resume\n"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(NODE_LAYOUTS))
+def test_node_layouts_fill_one_documented_gpu_node(name):
+    system = NODE_LAYOUTS[name]
+    entry, base = load_cluster_config(name), load_cluster_config(system)
+    # The system's sections and nodes, not copies of them.
+    for key in ("cpu-config", "gpu-config", "nodes", "account-required", "dashboard-proxy"):
+        assert entry[key] == base[key], key
+    partition = OSC[system]["gpu_partition"]
+    node = _documented_node(system, partition)
+    assert entry["whole-node"] is True and entry["gpus"] == node.gpus
+    script = batch_script(name, ANALYZE, account="PAS1234")
+    asked = _assert_fits(script, system, partition)
+    # The whole node: every core, its memory within the default per core, every GPU.
+    assert asked["cores"] == node.cores
+    assert asked["memory"] == min(node.memory, node.cores * node.memory_per_core)
+    assert asked["gpus"] == node.gpus
+    # A scorer worker per GPU, with its section's size; the decode workers share the rest.
+    srun = script.splitlines()[-1]
+    assert f"srun --ntasks={2 + node.gpus + entry['cpu-workers']} " in srun
+    assert f"--config {name} --gpus {node.gpus} --in-job " in srun
+    threads = re.search(r"--worker-threads (\d+),(\d+)", srun)
+    memory = re.search(r"--worker-memory (\d+)MiB,(\d+)MiB", srun)
+    assert threads and memory, srun
+    gpu_threads, cpu_threads = map(int, threads.groups())
+    gpu_mib, cpu_mib = map(int, memory.groups())
+    gpu_section = dask.config.get(f"jobqueue.{entry['gpu-config']}")
+    assert gpu_threads == gpu_section["cores"]
+    assert gpu_mib * 2**20 == dask.utils.parse_bytes(gpu_section["memory"])
+    # The counts divide the cores left evenly; the memory is split to the MiB.
+    assert 1 + node.gpus * gpu_threads + entry["cpu-workers"] * cpu_threads == node.cores
+    spare = asked["memory"] // 2**20 - (2048 + node.gpus * gpu_mib + entry["cpu-workers"] * cpu_mib)
+    assert 0 <= spare < entry["cpu-workers"]
+    # Accounts as for the system's jobs.
+    with pytest.raises(ParameterError, match=rf"--account .*jobqueue\.{system}-gpu\.account"):
+        batch_script(name, ANALYZE)
+
+
+def test_node_layout_counts_from_flags_and_dask_config(capsys):
+    """--gpus and --cpu-workers, or the layout's dask.config keys, change the workers; the job
+    still asks for the whole node."""
+    code = cluster_main(
+        [
+            *("--config", "osc-cardinal-node", "--account", "PAS1", "--gpus", "2"),
+            *("--cpu-workers", "4", "--print-batch-script", *ANALYZE),
+        ]
+    )
+    script = capsys.readouterr().out
+    assert code == 0
+    assert "#SBATCH --cpus-per-task=96\n#SBATCH --mem=884736M\n" in script
+    assert "#SBATCH --gpus-per-node=2\n" in script
+    # (96 - 1 - 2 x 8) // 4 = 19 threads, (884736 - 2048 - 2 x 73728) // 4 = 183808 MiB
+    assert "srun --ntasks=8 " in script
+    assert "--gpus 2 --in-job --worker-threads 8,19 --worker-memory 73728MiB,183808MiB " in script
+    with dask.config.set({"buzzdask.clusters.osc-cardinal-node.cpu-workers": 7}):
+        script = batch_script("osc-cardinal-node", ANALYZE, account="PAS1")
+    assert "srun --ntasks=13 " in script and "--worker-threads 8,9 " in script
+
+
+def test_node_layout_is_one_batch_job_only(capsys):
+    with pytest.raises(ParameterError, match=r"--print-batch-script .*--config osc-cardinal "):
+        start("osc-cardinal-node", account="PAS1234")
+    with pytest.raises(ParameterError, match="one whole node in one batch job"):
+        job_scripts("osc-ascend-node", account="PAS1234")
+    assert cluster_main(["--config", "osc-pitzer-node", "--print-job-script"]) == 1
+    assert "--config osc-pitzer for worker jobs" in capsys.readouterr().err
+    # Its decode workers share what the GPU workers leave: a CPU job's size does not apply.
+    for size in ({"cores": 12}, {"memory": "32GiB"}):
+        with pytest.raises(ParameterError, match="--cores and --memory do not apply"):
+            batch_script("osc-cardinal-node", ANALYZE, account="PAS1", **size)
+    assert not Path("buzzdask-logs").exists()  # nothing was built
 
 
 # -- real SLURM --------------------------------------------------------------------------------
@@ -639,6 +770,78 @@ def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus
     # The actor went to the GPU task (rank 2), as in the cluster mode.
     metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())
     assert metadata["summary"]["scorers"][0]["gpu_worker"] is True
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+def test_whole_node_layout_runs_inside_one_job(local_slurm, slurm_corpus, tmp_path):
+    """osc-cardinal-node's layout on the local SLURM's node: its (fake) GPUs, cores and memory
+    in one job, a scorer worker per GPU, two decode workers, all of them on loopback. Its
+    configuration is a file, given by a relative path and submitted from another directory."""
+    audio, options, reference = slurm_corpus
+    partition = local_slurm["SLURM_LOCAL_GPU_PARTITION"]
+    cores, memory, gres = subprocess.run(
+        ["sinfo", "-h", "-N", "-p", partition, "-o", "%c %m %G"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    found = re.search(r"gpu:(\d+)", gres)
+    assert found, gres
+    gpus = int(found.group(1))
+    node = {
+        "cores": int(cores),
+        "memory": f"{memory}MiB",
+        "memory-per-core": f"{int(memory) // int(cores)}MiB",  # its DefMemPerCPU
+        "gpus": gpus,
+    }
+    layout = {
+        "kind": "slurm",
+        "extends": "local-slurm",
+        "whole-node": True,
+        "gpus": gpus,
+        "cpu-workers": 2,
+        "nodes": {partition: node},
+    }
+    config = {"buzzdask": {"clusters": {"local-slurm-node": layout}}}
+    (tmp_path / "local-slurm-node.yaml").write_text(yaml.safe_dump(config))
+    printed = subprocess.run(
+        [
+            *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm-node.yaml"),
+            *("--print-batch-script", *_analyze_command(audio, options, tmp_path / "out")),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    script = printed.stdout
+    assert f"#SBATCH --cpus-per-task={cores}\n#SBATCH --mem={memory}M\n" in script
+    assert f"#SBATCH --gpus-per-node={gpus}\n" in script
+    assert f"srun --ntasks={2 + gpus + 2} " in script
+    assert f"--config {tmp_path / 'local-slurm-node.yaml'} --gpus {gpus} --in-job" in script
+    (tmp_path / "job.sh").write_text(script)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    log = tmp_path / "job.out"
+    done = subprocess.run(
+        ["sbatch", "--wait", "-o", str(log), str(tmp_path / "job.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=elsewhere,
+    )
+    output = log.read_text()
+    assert done.returncode == 0, output[-3000:]
+    assert "3/3 files" in output
+    assert "scheduler at tcp://127.0.0.1:" in output
+    assert_same_frames(_read_scores(tmp_path / "out"), reference)
+    # A scorer on each GPU worker, each its own task; every worker listens on loopback only.
+    metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())
+    scorers = metadata["summary"]["scorers"]
+    assert [s["gpu_worker"] for s in scorers] == [True] * gpus
+    assert len({s["worker"] for s in scorers}) == gpus
+    assert all(s["worker"].startswith("tcp://127.0.0.1:") for s in scorers), scorers
 
 
 @requires_ffmpeg

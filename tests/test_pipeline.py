@@ -27,7 +27,7 @@ class Key:
     key: str
 
 
-def job(index: int) -> ChunkJob:
+def job(index: int, *, n_frames: int = 10) -> ChunkJob:
     info = AudioInfo(
         path="a.wav",
         codec="pcm_s16le",
@@ -37,7 +37,7 @@ def job(index: int) -> ChunkJob:
         size_bytes=1,
         mtime_ns=1,
     )
-    plan = ChunkPlan(index, index * 10, 10)
+    plan = ChunkPlan(index, index * n_frames, n_frames)
     return ChunkJob("a.wav", info, plan, label=chunk_label("a.wav", plan, SPEC))
 
 
@@ -70,11 +70,20 @@ def test_free_scorers_least_busy_first():
 def test_next_group_prefers_the_scorer_that_holds_the_chunks():
     decoded = [(job(i), Key(f"k{i}")) for i in range(4)]
     held = {"k2": ["w2"], "k3": ["w2"]}
-    address, group = next_group(decoded, ["w1", "w2"], held, size=3)
+    address, group = next_group(decoded, ["w1", "w2"], held, most_frames=30)
     assert address == "w2"
     assert [item[1].key for item in group] == ["k2", "k3", "k0"]
-    address, group = next_group(decoded, ["w1"], {}, size=2)
+    address, group = next_group(decoded, ["w1"], {}, most_frames=25)
     assert (address, [item[1].key for item in group]) == ("w1", ["k0", "k1"])
+
+
+def test_next_group_fills_a_batch_with_short_chunks_and_takes_one_long_one():
+    short = [(job(i, n_frames=31), Key(f"s{i}")) for i in range(40)]  # 30-second files
+    _, group = next_group(short, ["w1"], {}, most_frames=1024)
+    assert len(group) == 33  # 33 x 31 = 1023 frames
+    long = [(job(0, n_frames=625), Key("l0")), (job(1, n_frames=625), Key("l1"))]
+    _, group = next_group(long, ["w1"], {}, most_frames=512)
+    assert [item[1].key for item in group] == ["l0"]  # more than a batch: alone
 
 
 def test_failed_group_is_sent_again_only_when_its_scorer_was_lost():
@@ -98,3 +107,12 @@ def test_decode_workers_are_the_non_scorers_and_gpu_workers_with_spare_threads()
     workers = {"a": {"nthreads": 4}, "b": gpu, "c": {"nthreads": 4}, "d": spare}
     assert decode_workers(workers, {"b", "c", "d"}, score_slots=2) == ["a", "d"]
     assert decode_workers({"c": {}}, {"c"}, score_slots=2) is None
+
+
+def test_probe_batches_grow_to_the_most_per_task() -> None:
+    from buzzdask.analysis import probe_batches
+
+    batches = list(probe_batches(list(range(100)), most=32))
+    assert [len(b) for b in batches] == [1, 2, 4, 8, 16, 32, 32, 5]
+    assert [i for b in batches for i in b] == list(range(100))
+    assert list(probe_batches([], most=32)) == []

@@ -15,10 +15,10 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 from distributed import Client
@@ -33,9 +33,10 @@ from buzzdask.ledger import FileLedger, FileState
 from buzzdask.lock import OutputLock, refuse_if_in_use
 from buzzdask.logs import quiet_environment, run_log
 from buzzdask.models import ModelSpec, resolve_model
-from buzzdask.pipeline import Budget, ChunkPipeline, outcome
+from buzzdask.pipeline import ChunkPipeline, outcome
 from buzzdask.progress import Progress
 from buzzdask.results import read_frames
+from buzzdask.resume import ResumeCheck, check_resume
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import connect, package_versions, task_key
@@ -54,6 +55,10 @@ from buzzdask.write import (
 __all__ = ["AnalysisResult", "analyze"]
 
 logger = logging.getLogger(__name__)
+_Item = TypeVar("_Item")
+
+#: Most files one probe task reads: a WAV's header takes microseconds, an ffprobe 0.05 CPU-s.
+PROBES_PER_TASK = 32
 
 
 @dataclass
@@ -215,7 +220,11 @@ def analyze(
         connect(client, local=settings.local_cluster) as connected,
         run_log(layout.log, connected, verbose=verbose),
     ):
-        done = layout.read_journal() if on_conflict == "resume" else {}
+        resumed = (
+            check_resume(layout, fingerprint=fingerprint, input_root=root)
+            if on_conflict == "resume"
+            else ResumeCheck()
+        )
         ledger = FileLedger(
             layout=layout,
             spec=plan.spec,
@@ -226,7 +235,7 @@ def analyze(
                 for k in ("model", "embedder", "preprocessing", "fingerprint", "started")
             },
             frames_per_chunk=plan.frames_per_chunk,
-            done=done,
+            done=resumed.done,
             progress=Progress(
                 enabled=progress,
                 verbose=verbose,
@@ -244,14 +253,17 @@ def analyze(
         # buzzdask.json once a scorer has loaded the model: a run that cannot start leaves
         # nothing but its log in the output.
         started = functools.partial(write_json, layout.metadata, metadata)
-        pool, budget = _run(connected, plan, ledger, inputs, on_scorer_ready=started)
+        with ledger.stops_when_output_full():
+            pool, pipeline = _run(connected, plan, ledger, inputs, on_scorer_ready=started)
         metadata["versions"]["tensorflow"] = pool.tensorflow_version
         run_stats = {
             "peak_rss_bytes": _peak_rss(connected),
-            "peak_decoded_bytes_in_flight": budget.peak_bytes,
+            "peak_decoded_bytes_in_flight": pipeline.budget.peak_bytes,
+            "chunks_resent": pipeline.resent,
             "scorers": pool.stats(),
             "scorer_restarts": pool.restarts,
             "scorers_lost": pool.lost,
+            "resume": resumed.as_summary(),
         }
     summary = _summary(
         ledger,
@@ -262,8 +274,9 @@ def analyze(
         **run_stats,
     )
     metadata.update(status="complete", finished=utc_now(), summary=summary)
-    write_errors(layout.errors, ledger.errors)
-    write_json(layout.metadata, metadata)
+    with ledger.stops_when_output_full():
+        write_errors(layout.errors, ledger.errors)
+        write_json(layout.metadata, metadata)
     return AnalysisResult(
         output=layout.root,
         dataset=layout.scores,
@@ -310,7 +323,7 @@ def _run(
     inputs: list[InputFile],
     *,
     on_scorer_ready: Callable[[], None],
-) -> tuple[ScorerPool, Budget]:
+) -> tuple[ScorerPool, ChunkPipeline]:
     """Start the scorers, then probe, decode, score and write every file."""
     settings, spec = plan.settings, plan.spec
     pool = ScorerPool.from_settings(
@@ -338,27 +351,46 @@ def _run(
         on_failure=ledger.chunk_failed,
         score_keywords=lambda jobs: {"targets": ledger.targets(jobs)},
     )
-    for item in inputs:
-        state = ledger.add(item)
-        if state is not None:
-            pipeline.submit(
-                probe_task,
-                item.path,
-                plan.ffmpeg,
-                key=task_key("probe", item.path),
-                then=functools.partial(_probed, ledger, pipeline, state),
-            )
+    states = [state for item in inputs if (state := ledger.add(item)) is not None]
+    for batch in probe_batches(states, most=PROBES_PER_TASK):
+        paths = [state.input.path for state in batch]
+        pipeline.submit(
+            probe_task,
+            paths,
+            plan.ffmpeg,
+            key=task_key("probe", *paths),
+            then=functools.partial(_probed, ledger, pipeline, batch),
+        )
     try:
         pipeline.run()
     finally:  # the bar and the dashboard page end with the run, however it ends
         ledger.progress.close()
     pool.refresh(finished=True)
-    return pool, pipeline.budget
+    return pool, pipeline
 
 
-def _probed(ledger: FileLedger, pipeline: ChunkPipeline, state: FileState, future: Any) -> None:
-    for job in ledger.probed(state, outcome(future)):
-        pipeline.enqueue(job)
+def probe_batches(items: Sequence[_Item], *, most: int) -> Iterator[list[_Item]]:
+    """``items`` in batches of 1, 2, 4... up to ``most``.
+
+    The first file decodes at once, and a folder of short recordings costs one probe task per
+    ``most`` files, not one each.
+    """
+    size, start = 1, 0
+    while start < len(items):
+        yield list(items[start : start + size])
+        start += size
+        size = min(2 * size, most)
+
+
+def _probed(
+    ledger: FileLedger, pipeline: ChunkPipeline, batch: list[FileState], future: Any
+) -> None:
+    answers = outcome(future)
+    if isinstance(answers, BaseException):  # the task itself failed: so did each probe
+        answers = [answers] * len(batch)
+    for state, answer in zip(batch, answers, strict=True):
+        for job in ledger.probed(state, answer):
+            pipeline.enqueue(job)
 
 
 def _decoder(settings: Settings) -> Any:
@@ -372,12 +404,15 @@ def _decoder(settings: Settings) -> Any:
     )
 
 
-def probe_task(path: str, tools: FFmpegTools) -> AudioInfo | DecodeError:
+def probe_task(paths: Sequence[str], tools: FFmpegTools) -> list[AudioInfo | DecodeError]:
     """Probe task: a file that is not audio is an answer, not a failure (no worker traceback)."""
-    try:
-        return probe_audio(path, tools=tools)
-    except DecodeError as error:
-        return error
+    answers: list[AudioInfo | DecodeError] = []
+    for path in paths:
+        try:
+            answers.append(probe_audio(path, tools=tools))
+        except DecodeError as error:
+            answers.append(error)
+    return answers
 
 
 def _fingerprint(plan: _Plan) -> dict[str, Any]:
@@ -466,6 +501,8 @@ def _summary(
         "files_skipped": n_skipped,
         "chunks_written": ledger.chunks_written,
         "chunks_skipped_resume": ledger.chunks_skipped,
+        # Chunks sent again because their scorer was lost (each is still written once).
+        "chunks_resent": run_stats["chunks_resent"],
         "frames": ledger.frames_written,
         "audio_hours": audio_s / 3600,
         "wall_seconds": wall,
@@ -476,6 +513,8 @@ def _summary(
         "scorers": run_stats["scorers"],
         "scorer_restarts": run_stats["scorer_restarts"],
         "scorers_lost": run_stats["scorers_lost"],
+        # What a resume found it could trust, and removed (zeros for a run not resumed).
+        "resume": run_stats["resume"],
     }
 
 

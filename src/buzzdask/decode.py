@@ -44,6 +44,7 @@ from buzzdask import pcm_cache
 from buzzdask.errors import DecodeError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
+from buzzdask.wav import read_wav_header
 
 __all__ = [
     "PREPROCESSING",
@@ -144,7 +145,9 @@ class DecodedChunk:
 
 
 def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = None) -> AudioInfo:
-    """Read a file's first audio stream parameters: with ffprobe, else from ffmpeg's report.
+    """Read a file's first audio stream parameters: a plain WAV's header, else ffprobe's answer.
+
+    Without ffprobe, ffmpeg's report of the input is read instead.
 
     Parameters
     ----------
@@ -155,7 +158,8 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
     Returns
     -------
     AudioInfo
-        The same either way, but for ``duration_s``: ffmpeg reports it rounded to 0.01 s.
+        The same either way, but for ``duration_s``: ffmpeg reports it rounded to 0.01 s, a
+        WAV header gives it exactly (and the real length of a WAV cut short).
 
     Raises
     ------
@@ -173,11 +177,16 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
         raise DecodeError(path, "empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise DecodeError(path, "permission denied")
-    tools = tools or find_ffmpeg()
-    if tools.ffprobe is not None:
-        codec, sample_rate, channels, duration_s = _ffprobe_stream(path, tools.ffprobe)
+    header = read_wav_header(path)
+    if header is not None:  # most field recordings: no process to start
+        codec, sample_rate, channels = header.codec, header.sample_rate, header.channels
+        duration_s: float | None = header.duration_s
     else:
-        codec, sample_rate, channels, duration_s = _ffmpeg_stream(path, tools.ffmpeg)
+        tools = tools or find_ffmpeg()
+        if tools.ffprobe is not None:
+            codec, sample_rate, channels, duration_s = _ffprobe_stream(path, tools.ffprobe)
+        else:
+            codec, sample_rate, channels, duration_s = _ffmpeg_stream(path, tools.ffmpeg)
     if sample_rate <= 0 or channels <= 0:
         raise DecodeError(path, f"invalid audio stream ({sample_rate} Hz, {channels} channels)")
     return AudioInfo(

@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "OutputConflictError",
+    "OutputFullError",
     "ParameterError",
     "ScorerError",
     "TransferError",
@@ -40,6 +41,17 @@ class ModelError(BuzzdaskError, ValueError):
 
 class OutputConflictError(BuzzdaskError, FileExistsError):
     """The output already holds results and the user did not ask to resume or start anew."""
+
+
+class OutputFullError(BuzzdaskError, OSError):
+    """The output's file system is full, or its quota reached: the run stops, a resume finishes it.
+
+    Built as ``OutputFullError(errno, message)``, like the ``OSError`` it stands for; ``str()``
+    is the message alone.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ScorerError(BuzzdaskError, RuntimeError):

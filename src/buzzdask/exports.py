@@ -33,7 +33,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -46,6 +45,7 @@ from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.events import stored_recording_events
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
+from buzzdask.write import atomic_path
 
 __all__ = [
     "BUZZDETECT_TAG",
@@ -201,16 +201,13 @@ def _csv_text(table: pd.DataFrame, *, header: bool = True, sep: str = ",") -> st
 
 
 def _write_text(path: Path, chunks: Iterator[str] | Sequence[str]) -> None:
-    """Write text atomically: a hidden temporary name, then renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("w", encoding="utf-8", newline="") as stream:
-            for chunk in chunks:
-                stream.write(chunk)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write text atomically (:func:`buzzdask.write.atomic_path`)."""
+    with (
+        atomic_path(path) as temporary,
+        temporary.open("w", encoding="utf-8", newline="") as stream,
+    ):
+        for chunk in chunks:
+            stream.write(chunk)
 
 
 def _selected_classes(run: Run, classes: Sequence[str] | str | None) -> list[str] | None:

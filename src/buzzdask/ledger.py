@@ -8,7 +8,8 @@ once, per file: a file that fails does not stop the others.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
 from buzzdask.pipeline import ChunkJob, chunk_label
 from buzzdask.progress import Progress, logger
-from buzzdask.write import OutputLayout, PartitionWriter
+from buzzdask.write import OutputLayout, PartitionWriter, is_output_full, output_full_error
 
 __all__ = ["FileLedger", "FileState", "describe"]
 
@@ -61,7 +62,7 @@ class FileLedger:
         Stored in every partition's schema.
     frames_per_chunk : int > 0
     done : mapping of (file, chunk) -> journal entry
-        Chunks an earlier run finished (empty unless resuming).
+        Chunks an earlier run finished and a resume verified (empty unless resuming).
     progress : Progress
     """
 
@@ -166,7 +167,11 @@ class FileLedger:
         return jobs
 
     def _frames_done(self, state: FileState, chunk_index: int) -> int | None:
-        """Frames of a chunk an earlier run wrote (same file size and time), else ``None``."""
+        """Frames of a chunk an earlier run wrote, else ``None``.
+
+        ``done`` holds only verified chunks (:func:`buzzdask.resume.check_resume`); the file
+        is compared once more, as probed, in case it changed since.
+        """
         assert state.info is not None
         entry = self.done.get((state.input.relative, chunk_index))
         if (
@@ -175,8 +180,7 @@ class FileLedger:
             or entry.get("mtime_ns") != state.info.mtime_ns
         ):
             return None
-        path = self.layout.partition(state.input.relative, chunk_index)
-        return int(entry["frames"]) if entry["frames"] == 0 or path.exists() else None
+        return int(entry["frames"])
 
     def writer(self) -> PartitionWriter:
         """What score tasks write partitions with, on the workers."""
@@ -234,11 +238,36 @@ class FileLedger:
         return more
 
     def chunk_failed(self, job: ChunkJob, error: BaseException, stage: str) -> None:
-        """A chunk could not be decoded or scored: its file is reported failed."""
+        """A chunk could not be decoded or scored: its file is reported failed.
+
+        Unless its partition could not be written for a full output: that stops the run
+        (:meth:`stops_when_output_full`), every later chunk would fail the same way.
+        """
+        if is_output_full(error):
+            raise error
         state: FileState = job.owner
         state.chunks_done += 1
         self._fail(state, job.plan.index, stage, *describe(error))
         self._maybe_finished(state)
+
+    @contextmanager
+    def stops_when_output_full(self) -> Iterator[None]:
+        """Turn a full output file system into :class:`~buzzdask.errors.OutputFullError`.
+
+        Raised by a worker writing a partition, or here writing the journal or metadata: the
+        message names the output, the space still needed and how to go on.
+        """
+        try:
+            yield
+        except OSError as error:
+            if not is_output_full(error):
+                raise
+            raise output_full_error(
+                self.layout,
+                error,
+                audio_done_s=self.progress.audio_done_s,
+                audio_left_s=self.progress.audio_left_s,
+            ) from error
 
     @property
     def files_failed(self) -> int:

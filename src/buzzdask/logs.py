@@ -132,6 +132,31 @@ class WorkerLogging(WorkerPlugin):
         logger.setLevel(logging.INFO)
 
 
+class _RunLogFile(logging.FileHandler):
+    """The run's log file, which stops at the first line it cannot write (a full disk).
+
+    ``logging`` would print a traceback on the console for that line and every later one; one
+    line says it instead, and the run goes on (or stops on its own error).
+    """
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+        error = sys.exc_info()[1]
+        sys.stderr.write(f"buzzdask: cannot write {self.baseFilename} any more ({error})\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # what it still held could not be written either
+            self.failed = True
+
+
 @contextmanager
 def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[None]:
     """Log the run into ``path``: the client's buzzdask lines and the workers' (forwarded).
@@ -157,7 +182,7 @@ def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[No
     but with ``--debug``, their stderr goes to ``path`` too (TensorFlow's C++ lines).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogFile(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     handler.addFilter(_WhereFilter())

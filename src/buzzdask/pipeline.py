@@ -11,6 +11,7 @@ Parquet partition, an embedding cache entry) is the caller's ``on_result``.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,29 +134,39 @@ def free_scorers(load: Mapping[str, int], scorers: Iterable[str], *, most: int) 
 
 
 def next_group(
-    decoded: Sequence[tuple[_Item, Future]],
+    decoded: Sequence[tuple[ChunkJob, Future]],
     free: Sequence[str],
     held: Mapping[Any, Sequence[str]],
     *,
-    size: int,
-) -> tuple[str, list[tuple[_Item, Future]]]:
+    most_frames: int,
+) -> tuple[str, list[tuple[ChunkJob, Future]]]:
     """The next scorer (of ``free``, least busy first) and the decoded chunks it gets.
 
     Chunks already on a free scorer's worker (``held``: workers by chunk key) go to that
-    scorer: where CPU workers both decode and score, most chunks then cross no network.
+    scorer: where CPU workers both decode and score, most chunks then cross no network. A
+    group holds chunks up to ``most_frames`` frames in all (at least one chunk): the 30-second
+    files of a recorder go to a scorer dozens at a time, in one task and full batches.
 
     Parameters
     ----------
-    decoded : sequence of (item, future)
+    decoded : sequence of (ChunkJob, future)
         Decoded chunks waiting, oldest first.
     free : sequence of str, non-empty
     held : mapping of future key -> worker addresses
-    size : int > 0
-        Most chunks in one group.
+    most_frames : int > 0
+        Most frames in one group, counted as planned (``ChunkPlan.n_frames``).
     """
     address = next((a for a in free if any(a in held.get(f.key, ()) for _, f in decoded)), free[0])
     ordered = sorted(decoded, key=lambda item: address not in held.get(item[1].key, ()))
-    return address, ordered[:size]
+    group: list[tuple[ChunkJob, Future]] = []
+    frames = 0
+    for item in ordered:
+        n_frames = item[0].plan.n_frames or most_frames  # open-ended: a group of its own
+        if group and frames + n_frames > most_frames:
+            break
+        group.append(item)
+        frames += n_frames
+    return address, group
 
 
 def split_failed_group(
@@ -205,8 +216,8 @@ class ChunkPipeline:
     score_prefix : str
         Task-key prefix of the score tasks (the dashboard groups by it).
     budget : Budget
-    group_chunks : int > 0
-        Most chunks in one score task.
+    group_frames : int > 0
+        Most frames in one score task (as planned; one chunk at least).
     tasks_per_scorer : int > 0
         Score tasks queued per actor, so transfers overlap scoring.
     score_attempts : int > 0
@@ -220,6 +231,11 @@ class ChunkPipeline:
     score_keywords : callable, optional
         ``score_keywords(jobs) -> dict``: keywords of the score task for a group of chunks
         (where their results go); none by default.
+
+    Attributes
+    ----------
+    resent : int
+        Chunks sent to a scorer again because the one they were sent to was lost.
     """
 
     def __init__(
@@ -232,7 +248,7 @@ class ChunkPipeline:
         score: Callable[..., list[Any]],
         score_prefix: str,
         budget: Budget,
-        group_chunks: int,
+        group_frames: int,
         tasks_per_scorer: int,
         score_attempts: int,
         on_result: Callable[[ChunkJob, Any], Iterable[ChunkJob] | None],
@@ -247,7 +263,7 @@ class ChunkPipeline:
         self.score = score
         self.score_prefix = score_prefix
         self.budget = budget
-        self.group_chunks = max(1, group_chunks)
+        self.group_frames = max(1, group_frames)
         self.tasks_per_scorer = tasks_per_scorer
         self.score_attempts = score_attempts
         self.on_result = on_result
@@ -258,6 +274,7 @@ class ChunkPipeline:
         self._decoded: deque[tuple[ChunkJob, Future]] = deque()
         self._load: defaultdict[str, int] = defaultdict(int)  # score tasks queued per actor
         self._open: Counter[str] = Counter()  # chunks enqueued and not yet done with, per file
+        self.resent = 0
 
     @classmethod
     def from_settings(
@@ -297,7 +314,7 @@ class ChunkPipeline:
                     spec, frames_per_chunk + 1, settings.decode_margin_seconds
                 ),
             ),
-            group_chunks=settings.batch_frames // frames_per_chunk,
+            group_frames=settings.batch_frames,
             tasks_per_scorer=settings.score_tasks_per_actor,
             score_attempts=settings.score_attempts,
             on_result=on_result,
@@ -328,6 +345,9 @@ class ChunkPipeline:
             del future
             self._track_actors(self.pool.refresh())
             self._submit_more()
+            if self.pool.deferred and self.pool.scorers and self._a_group_waits():
+                # The first scorer is up and a whole score task still waits: the others pay off.
+                self._track_actors(self.pool.start_deferred())
 
     # -- tracking ----------------------------------------------------------------------------
     def _track(self, future: Future, then: Callable[[Future], None]) -> None:
@@ -342,6 +362,12 @@ class ChunkPipeline:
         if address in self.pool.starting:  # not already given up on by a replacement
             self.pool.started(address)
 
+    def _a_group_waits(self) -> bool:
+        """Whether chunks of a whole score task (``group_frames``) wait for a free scorer."""
+        waiting = itertools.chain(self._todo, (job for job, _ in self._decoded))
+        frames = itertools.accumulate(job.plan.n_frames or self.group_frames for job in waiting)
+        return any(total >= self.group_frames for total in frames)
+
     # -- dispatch ----------------------------------------------------------------------------
     def _submit_more(self) -> None:
         while self._todo and self.budget.admits():
@@ -351,7 +377,7 @@ class ChunkPipeline:
             free = free_scorers(self._load, self.pool.scorers, most=self.tasks_per_scorer)
             if not free:
                 break
-            address, group = next_group(self._decoded, free, held, size=self.group_chunks)
+            address, group = next_group(self._decoded, free, held, most_frames=self.group_frames)
             for item in group:
                 self._decoded.remove(item)
             self._score(address, group)
@@ -416,6 +442,7 @@ class ChunkPipeline:
             group, scorer_lost=self.pool.was_lost(address), most_attempts=self.score_attempts
         )
         self._decoded.extendleft(reversed(retry))
+        self.resent += len(retry)
         self.budget.release(len(failed))
         for job, _ in failed:
             self.on_failure(job, results, "score")

@@ -173,6 +173,11 @@ class Progress:
         return max(sum(self._expected.values()), self.audio_done_s)
 
     @property
+    def audio_left_s(self) -> float:
+        """Audio not yet done: estimates for files not yet finished (also once closed)."""
+        return max(sum(self._expected.values()) - self.audio_done_s, 0.0)
+
+    @property
     def realtime_factor(self) -> float | None:
         """Audio analysed by this run per wall second since it started."""
         elapsed = time.monotonic() - self._started
@@ -184,7 +189,7 @@ class Progress:
         factor = self.realtime_factor
         if not factor:
             return None
-        return max(self.audio_expected_s - self.audio_done_s, 0.0) / factor
+        return self.audio_left_s / factor
 
     def describe(self) -> str:
         """The text beside the bar: files, audio, realtime factor and time left."""

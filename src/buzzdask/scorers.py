@@ -106,6 +106,9 @@ class ScorerPool:
         Actors that are up, by worker address.
     starting : dict of str -> Future
         Actors submitted and not yet up.
+    deferred : list of str
+        CPU workers to hold a scorer once the first is up and work is waiting
+        (:meth:`start_deferred`): a short run loads the model once.
     gpu : bool
         Whether the actors run on GPU workers.
     restarts, lost : int
@@ -134,6 +137,7 @@ class ScorerPool:
         self.restart_seconds = restart_seconds
         self.scorers: dict[str, Any] = {}
         self.starting: dict[str, Future] = {}
+        self.deferred: list[str] = []
         # Held: once an actor's future is released, Dask forgets the actor and its tasks fail.
         self._actor_futures: dict[str, Future] = {}
         self.gpu = False
@@ -182,11 +186,14 @@ class ScorerPool:
 
     # -- start -------------------------------------------------------------------------------
     def start(self, *, on_ready: Callable[[], None] | None = None) -> dict[str, Future]:
-        """Submit one actor per GPU worker, else per CPU worker (up to ``cpu_scorer_workers``).
+        """Submit one actor per GPU worker, else one now and the other CPU workers' later.
 
         Loading the model takes seconds: the caller decodes meanwhile and calls
         :meth:`started` as each returned future finishes. ``on_ready()`` is called once, when
-        the first actor is up: the model is known to load.
+        the first actor is up: the model is known to load. Without GPUs, the workers after the
+        first (up to ``cpu_scorer_workers``) are :attr:`deferred`: loading TensorFlow and the
+        model costs each about 5 CPU-seconds, more than a short run's whole scoring, and the
+        first loads faster alone.
         """
         self._on_ready = on_ready
         workers = self._live_workers()
@@ -196,8 +203,20 @@ class ScorerPool:
         hosts = scorer_hosts(workers, cpu_workers=self.cpu_scorer_workers)
         self.gpu = has_gpu(workers[hosts[0]])
         if not self.gpu:
-            logger.info("no GPU workers: scoring on %d CPU worker(s)", len(hosts))
+            logger.info("no GPU workers: scoring on up to %d CPU worker(s)", len(hosts))
+            hosts, self.deferred = hosts[:1], hosts[1:]
         futures = self._submit(hosts, workers)
+        self._update_decode_workers(workers)
+        return futures
+
+    def start_deferred(self) -> dict[str, Future]:
+        """Submit the :attr:`deferred` actors (on those of their workers still alive)."""
+        workers = self._live_workers()
+        hosts = [address for address in self.deferred if address in workers]
+        self.deferred = []
+        futures = self._submit(hosts, workers) if hosts else {}
+        if hosts:
+            logger.info("work is waiting: starting scorers on %s too", ", ".join(hosts))
         self._update_decode_workers(workers)
         return futures
 
@@ -207,7 +226,7 @@ class ScorerPool:
         An actor on a worker that declares GPUs checks that TensorFlow sees them.
         """
         # CPU scorers on one host split its cores; a GPU worker's scorer has its own device.
-        shares = {} if self.gpu else scorers_per_host([*self.scorers, *hosts])
+        shares = {} if self.gpu else scorers_per_host([*self.scorers, *hosts, *self.deferred])
         options = self.options
         futures = {
             address: submit_scorer(
@@ -263,12 +282,6 @@ class ScorerPool:
         if self.tensorflow_version == "unknown":
             versions = self.client.run(tensorflow_version, workers=[address])
             self.tensorflow_version = str(versions.popitem()[1])
-
-    def start_and_wait(self) -> None:
-        """:meth:`start`, then wait until every actor is up (or has failed)."""
-        for address, future in self.start().items():
-            wait(future)
-            self.started(address)
 
     # -- placement ---------------------------------------------------------------------------
     def _live_workers(self) -> dict[str, Any]:
@@ -395,11 +408,12 @@ class ScorerPool:
 
     def _joined(self, workers: Mapping[str, Any]) -> list[str]:
         """Workers without an actor that should get one."""
-        free = [a for a in sorted(workers) if a not in self.scorers and a not in self.starting]
+        taken = {*self.scorers, *self.starting, *self.deferred}
+        free = [a for a in sorted(workers) if a not in taken]
         if self.gpu:
             return [a for a in free if has_gpu(workers[a])]
         limit = self.cpu_scorer_workers
-        room = len(free) if limit is None else limit - len(self.scorers) - len(self.starting)
+        room = len(free) if limit is None else limit - len(taken)
         return free[: max(0, room)]
 
     def stats(self) -> list[dict[str, Any]]:

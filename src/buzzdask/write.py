@@ -14,11 +14,14 @@ never sees half a file and a crash leaves nothing that resume would trust.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -28,13 +31,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from dask.utils import format_bytes
 
-from buzzdask.errors import OutputConflictError, ParameterError
+from buzzdask.errors import OutputConflictError, OutputFullError, ParameterError
 from buzzdask.frames import FrameSpec
+from buzzdask.progress import format_audio
 from buzzdask.thresholds import detected
 
 __all__ = [
     "ERROR_COLUMNS",
+    "atomic_path",
     "PYTHON_WORDS",
     "OnConflict",
     "OutputConflict",
@@ -42,6 +48,9 @@ __all__ = [
     "PartitionWriter",
     "Vocabulary",
     "frames_table",
+    "is_output_full",
+    "output_full_error",
+    "partition_problem",
     "prepare_output",
     "write_errors",
     "utc_now",
@@ -88,23 +97,55 @@ class OutputLayout:
         return path
 
     def journal_entries(self) -> list[dict[str, Any]]:
-        """Every finished chunk the journal records, in the order they were written."""
+        """Every line of the journal, in the order they were written (removals included)."""
         entries = []
         if self.journal.exists():
-            for line in self.journal.read_text(encoding="utf-8").splitlines():
+            lines = self.journal.read_text(encoding="utf-8").splitlines()
+            for number, line in enumerate(lines, start=1):
                 try:
                     entries.append(json.loads(line))
                 except json.JSONDecodeError:
-                    continue  # a line cut short by a kill: that chunk is simply redone
+                    # The last line cut short by a kill: that chunk is simply redone.
+                    where = "its last line" if number == len(lines) else f"line {number}"
+                    logger.warning(
+                        "%s: %s is unreadable (cut short?); its chunk is analysed again",
+                        self.journal,
+                        where,
+                    )
         return entries
+
+    def repair_journal(self) -> None:
+        """Cut a last line a kill left unfinished, so that the next line starts on its own."""
+        if not self.journal.exists():
+            return
+        with self.journal.open("rb+") as stream:
+            content = stream.read()
+            if not content or content.endswith(b"\n"):
+                return
+            logger.warning(
+                "%s: its last line was cut short (a run killed while writing it); removed, "
+                "its chunk is analysed again",
+                self.journal,
+            )
+            stream.truncate(content.rfind(b"\n") + 1)
 
     def holds_chunks(self) -> bool:
         """Whether an earlier run wrote any chunk here (journalled, or a partition in place)."""
         return bool(self.journal_entries()) or any(self.scores.rglob("chunk-*.parquet"))
 
     def read_journal(self) -> dict[tuple[str, int], dict[str, Any]]:
-        """Finished chunks recorded by earlier runs, keyed by (file, chunk index)."""
-        return {(entry["file"], int(entry["chunk"])): entry for entry in self.journal_entries()}
+        """Finished chunks recorded by earlier runs, keyed by (file, chunk index).
+
+        A later line about the same chunk replaces an earlier one; a removal drops it.
+        """
+        done: dict[tuple[str, int], dict[str, Any]] = {}
+        for entry in self.journal_entries():
+            key = (entry["file"], int(entry["chunk"]))
+            if entry.get("removed"):
+                done.pop(key, None)
+            else:
+                done[key] = entry
+        return done
 
     def record_chunk(
         self, relative: str, chunk_index: int, *, frames: int, size: int, mtime_ns: int
@@ -124,12 +165,52 @@ class OutputLayout:
             }
         )
 
+    def record_removed(self, relative: str, chunk_index: int) -> None:
+        """Journal that a chunk's partition was removed: no later run trusts it."""
+        self.append_journal({"file": relative, "chunk": chunk_index, "removed": True})
+
     def append_journal(self, entry: Mapping[str, Any]) -> None:
-        """Record one finished chunk (after its partition is in place)."""
+        """Add one line: a chunk finished (after its partition is in place) or removed.
+
+        A line that cannot be written whole (the disk filled) is taken back, so the journal
+        never holds half a line.
+        """
         with self.journal.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(entry, sort_keys=True) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
+            end = stream.tell()
+            try:
+                stream.write(json.dumps(entry, sort_keys=True) + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+            except OSError:
+                stream.truncate(end)
+                raise
+
+    def partitions(self) -> list[Path]:
+        """Every partition file under ``scores/``, and the temporary files a kill left there."""
+        if not self.scores.is_dir():
+            return []
+        return [*self.scores.rglob("chunk-*.parquet"), *self.scores.rglob(".chunk-*.tmp")]
+
+
+def partition_problem(path: Path, *, frames: int, fingerprint: Mapping[str, Any]) -> str | None:
+    """Why a journalled partition cannot be trusted, or ``None`` when it can.
+
+    Cheap: only the Parquet footer is read. It must be readable, hold ``frames`` rows, and
+    carry ``fingerprint`` in its schema metadata (the settings it was written with).
+    """
+    try:
+        footer = pq.read_metadata(path)
+    except FileNotFoundError:
+        return "its partition is missing"
+    except (OSError, pa.ArrowException) as error:
+        return f"its partition is unreadable ({error})"
+    if footer.num_rows != frames:
+        return f"its partition holds {footer.num_rows} frames, the journal says {frames}"
+    stored = json.loads((footer.metadata or {}).get(b"buzzdask", b"{}"))
+    expected = json.loads(json.dumps(fingerprint, sort_keys=True))
+    if stored.get("fingerprint") != expected:
+        return "its partition was written with other settings"
+    return None
 
 
 @dataclass(frozen=True)
@@ -346,7 +427,7 @@ def prepare_output(
         )
         return layout
     if on_conflict == "error":
-        chunks = len(layout.journal_entries())
+        chunks = len(layout.read_journal())
         raise OutputConflictError(OutputConflict(layout.root, "holds results", chunks=chunks))
     previous = json.loads(layout.metadata.read_text(encoding="utf-8"))
     before = previous.get("fingerprint", {})
@@ -368,6 +449,49 @@ def prepare_output(
             )
         )
     return layout
+
+
+#: What a file system says when it is full, or the user's quota on it is.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_output_full(error: BaseException) -> bool:
+    """Whether ``error`` (raised here or on a worker) means the file system is full."""
+    return isinstance(error, OSError) and error.errno in _FULL
+
+
+def output_full_error(
+    layout: OutputLayout, error: OSError, *, audio_done_s: float, audio_left_s: float
+) -> OutputFullError:
+    """What to tell the user when the output filled: where, how much more space, what next.
+
+    The space needed is the space the partitions took per audio second so far times the audio
+    left, plus a tenth for the journal and the log.
+
+    Parameters
+    ----------
+    layout : OutputLayout
+    error : OSError
+        ``ENOSPC`` or ``EDQUOT``.
+    audio_done_s, audio_left_s : float [s]
+        Audio whose partitions are written (by this run or an earlier one), and still to do.
+    """
+    # Space taken, not bytes: a file system stores small files in whole blocks.
+    written = sum(path.stat().st_blocks * 512 for path in layout.scores.rglob("chunk-*.parquet"))
+    left = format_audio(audio_left_s)
+    if written and audio_done_s > 0:
+        needed = format_bytes(int(1.1 * written / audio_done_s * audio_left_s))
+        space = f"about {needed} more is needed for the {left} of audio left"
+    else:
+        space = f"{left} of audio is left, and no partition was written yet to tell its size"
+    free = format_bytes(shutil.disk_usage(layout.root).free)
+    why = os.strerror(error.errno or errno.ENOSPC)
+    return OutputFullError(
+        error.errno,
+        f"the file system of output {layout.root} is full ({why}): {space}, "
+        f"{free} is free now. Free space (or raise the quota), then finish the run with a resume "
+        f"(--resume, or on_conflict='resume'): what was written is checked and kept",
+    )
 
 
 def frames_table(
@@ -419,15 +543,25 @@ def frames_table(
     return table.replace_schema_metadata({b"buzzdask": json.dumps(metadata, sort_keys=True)})
 
 
-def write_table(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file atomically: hidden temporary name, then rename into place."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A hidden temporary name beside ``path``: renamed to it if the block succeeds, else removed.
+
+    A reader never sees half a file, and a failed write (a full disk) leaves nothing behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, temporary)
+        yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary)
 
 
 def write_errors(path: Path, errors: Sequence[Mapping[str, Any]]) -> None:
@@ -440,11 +574,10 @@ def write_errors(path: Path, errors: Sequence[Mapping[str, Any]]) -> None:
 
 
 def write_json(path: Path, document: Mapping[str, Any]) -> None:
-    """Write JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temporary.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(temporary, path)
+    """Write JSON atomically (:func:`atomic_path`)."""
+    text = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def utc_now() -> str:

@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from distributed import Client
 
-from buzzdask.cluster.configs import available_configs, load_cluster_config
+from buzzdask.cluster.configs import available_configs, load_cluster_config, worker_counts
 from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobKind, JobOptions
 from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script
 from buzzdask.dashboard import local_dashboard_lines
@@ -36,8 +37,8 @@ __all__ = [
 def start(
     name: str | os.PathLike[str] = "local",
     *,
-    gpus: int = 0,
-    cpu_workers: int = 1,
+    gpus: int | None = None,
+    cpu_workers: int | None = None,
     timeout: float | None = None,
     **job_options: Any,
 ) -> Client:
@@ -48,11 +49,13 @@ def start(
     name : str or path-like, default: "local"
         A configuration of ``cluster_configs/`` (``"osc-cardinal"``, ``"osc-ascend"``,
         ``"osc-pitzer"``, ``"local-slurm"``, ``"local"``) or the path of such a YAML file.
-    gpus : int >= 0, default: 0
+    gpus : int >= 0, optional
         GPU worker jobs, one GPU each, each holding a scorer actor. With 0 every CPU worker
-        holds a scorer (each job needs memory for TensorFlow then).
-    cpu_workers : int > 0, default: 1
-        CPU (decode) worker jobs; for ``"local"``, decoding worker processes.
+        holds a scorer (each job needs memory for TensorFlow then). Default: the
+        configuration's ``gpus``, else 0.
+    cpu_workers : int > 0, optional
+        CPU (decode) worker jobs; for ``"local"``, decoding worker processes. Default: the
+        configuration's ``cpu-workers``, else 1.
     timeout : float > 0 [s], optional
         How long to wait for the workers (default ``buzzdask.cluster-wait-seconds``).
     **job_options
@@ -68,8 +71,10 @@ def start(
     Raises
     ------
     ParameterError
-        For an unknown configuration or a bad count, or, before any job is submitted, when
-        the configuration requires an account (the OSC ones) and none is given.
+        For an unknown configuration or a bad count, for a whole-node layout
+        (``osc-cardinal-node``: one batch job, :func:`~buzzdask.cluster.batch.batch_script`),
+        or, before any job is submitted, when the configuration requires an account (the OSC
+        ones) and none is given.
     TypeError
         For a keyword that is not a job option.
     ClusterError
@@ -77,9 +82,10 @@ def start(
         files if the workers do not arrive in time.
     """
     options = JobOptions(**job_options)
+    entry = load_cluster_config(name)
+    gpus, cpu_workers = worker_counts(entry, gpus=gpus, cpu_workers=cpu_workers)
     if gpus < 0 or cpu_workers < 1:
         raise ParameterError(f"gpus={gpus} must be >= 0 and cpu_workers={cpu_workers} >= 1")
-    entry = load_cluster_config(name)
     local = {
         "n_workers": 1 + cpu_workers,
         "threads_per_worker": entry.get("threads-per-worker"),
@@ -93,6 +99,7 @@ def start(
                 f"gpus={gpus}: a local cluster uses this machine's GPU, if any, by itself"
             )
         return Client(start_local_cluster(settings.local_cluster))
+    _refuse_whole_node(entry)
     options.require_account(entry, ("cpu", "gpu") if gpus else ("cpu",))
     with no_work_stealing():  # the scheduler runs here, in this process
         slurm = BuzzdaskSLURMCluster(
@@ -130,11 +137,17 @@ def job_scripts(name: str | os.PathLike[str], **job_options: Any) -> dict[str, s
         none is given, the scripts show ``-A <PROJECT>``: they are for reading (:func:`start`
         refuses to submit without one), and sbatch would refuse that line rather than charge a
         default project.
+
+    Raises
+    ------
+    ParameterError
+        For a configuration without worker jobs of its own: ``"local"``, a whole-node layout.
     """
     options = JobOptions(**job_options)
     entry = load_cluster_config(name)
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
+    _refuse_whole_node(entry)
     kinds: tuple[JobKind, ...] = ("cpu", "gpu")
     scripts: dict[str, str] = {}
     for kind in kinds:
@@ -143,6 +156,22 @@ def job_scripts(name: str | os.PathLike[str], **job_options: Any) -> dict[str, s
             overrides["account"] = ACCOUNT_PLACEHOLDER
         scripts[kind] = job_script(entry[f"{kind}-config"], **overrides)
     return scripts
+
+
+def _refuse_whole_node(entry: Mapping[str, Any]) -> None:
+    """Refuse worker jobs of their own for a layout that is one whole node in one batch job.
+
+    Raises
+    ------
+    ParameterError
+        Naming ``--print-batch-script`` and the system's configuration (``extends``).
+    """
+    if entry.get("whole-node"):
+        raise ParameterError(
+            f"{entry['name']} is one whole node in one batch job: print its script with "
+            f"--print-batch-script (buzzdask.cluster.batch.batch_script), or use --config "
+            f"{entry.get('extends', '<system>')} for worker jobs of their own"
+        )
 
 
 def dashboard_hints(client: Client, name: str | os.PathLike[str] = "local") -> list[str]:

@@ -8,7 +8,8 @@ them, cancels the jobs and exits with analyze's exit code. Without ``analyze ...
 scheduler address for ``Client(address)`` and holds the cluster until Ctrl-C or SIGTERM.
 ``--print-job-script`` prints the worker job scripts it would submit, and submits nothing;
 ``--print-batch-script`` prints one sbatch script that runs the whole analysis inside a single
-job (scheduler, client and workers as its tasks: see :mod:`buzzdask.cluster.batch`).
+job (scheduler, client and workers as its tasks: see :mod:`buzzdask.cluster.batch`);
+``--config osc-cardinal-node`` makes that job one whole GPU node.
 """
 
 from __future__ import annotations
@@ -36,8 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="cluster configuration: a name in cluster_configs/ or a YAML path (default local)",
     )
-    parser.add_argument("--gpus", type=int, default=0, help="GPU scorer workers (one GPU each)")
-    parser.add_argument("--cpu-workers", type=int, default=1, help="CPU decode worker jobs")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        help="GPU scorer workers, one GPU each (default: the configuration's gpus, else 0)",
+    )
+    parser.add_argument(
+        "--cpu-workers",
+        type=int,
+        help="CPU decode workers (default: the configuration's cpu-workers, else 1)",
+    )
     JobOptions.add_arguments(parser)
     parser.add_argument("--timeout", type=float, help="seconds to wait for the workers")
     parser.add_argument(
@@ -82,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown command {args.command[0]!r}: only 'analyze ...' can follow")
     from buzzdask import cli
     from buzzdask.cluster import dashboard_hints, job_scripts, start
+    from buzzdask.cluster.configs import load_cluster_config, worker_counts
     from buzzdask.logs import quiet_environment
 
     verbosity = 0
@@ -90,19 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbosity = 2 if analyze.debug else 1 if analyze.verbose else 0
     quiet_environment(verbosity)  # before the cluster starts: its chatter too
     options = JobOptions.keywords(args)
+    # Its buzzdask.* keys (check-gpus) hold here, in a batch job's tasks too; its entry names
+    # the dashboard proxy and may give the worker counts (a layout such as osc-cardinal-node).
+    entry = load_cluster_config(args.config)
+    gpus, cpu_workers = worker_counts(entry, gpus=args.gpus, cpu_workers=args.cpu_workers)
     if args.in_job:  # a task of the --print-batch-script job
         from buzzdask.cluster.batch import WorkerShare, run_in_job
-        from buzzdask.cluster.configs import load_cluster_config
 
-        # Its buzzdask.* keys (check-gpus) hold in the job too; its entry names the proxy.
-        entry = load_cluster_config(args.config)
         if args.worker_threads is None or args.worker_memory is None:
             parser.error("--in-job needs the script of --print-batch-script: print it again")
         gpu_threads, cpu_threads = args.worker_threads
         gpu_memory, cpu_memory = args.worker_memory
         return run_in_job(
             args.command,
-            gpus=args.gpus,
+            gpus=gpus,
             gpu=WorkerShare(gpu_threads, gpu_memory),
             cpu=WorkerShare(cpu_threads, cpu_memory),
             entry=entry,
@@ -113,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from buzzdask.cluster.batch import batch_script
 
         script = batch_script(
-            args.config, args.command, gpus=args.gpus, cpu_workers=args.cpu_workers, **options
+            args.config, args.command, gpus=gpus, cpu_workers=cpu_workers, **options
         )
         print(script, end="")
         return EXIT_OK
@@ -128,11 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return EXIT_OK
-    if not args.gpus:
+    if not gpus:
         print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")
-    client = start(
-        args.config, gpus=args.gpus, cpu_workers=args.cpu_workers, timeout=args.timeout, **options
-    )
+    client = start(args.config, gpus=gpus, cpu_workers=cpu_workers, timeout=args.timeout, **options)
     try:
         assert client.scheduler is not None  # connected
         print(f"buzzdask: scheduler at {client.scheduler.address}")

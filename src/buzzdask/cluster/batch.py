@@ -5,7 +5,12 @@ For users who cannot keep a login-node process alive for the whole run. The batc
 and runs ``srun python -m buzzdask.cluster --in-job ...``; in each task dask-jobqueue's
 :class:`~dask_jobqueue.slurm.SLURMRunner` picks a role by ``SLURM_PROCID``: task 0 is the
 scheduler, task 1 runs the analysis, tasks 2 .. 1+gpus are GPU workers (one GPU each,
-``resources={"GPU": 1}``) and the rest decode.
+``resources={"GPU": 1}``) and the rest decode. A layout with ``whole-node: true``
+(``osc-cardinal-node``) asks for the whole node and gives the decode workers all that the GPU
+workers leave of it.
+
+The tasks share one node (``--nodes=1``) and talk over loopback (127.0.0.1): decoded audio goes
+from a decode worker to a scorer through the kernel, never a network interface.
 """
 
 from __future__ import annotations
@@ -14,13 +19,13 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dask.config
 from dask.utils import format_bytes, parse_bytes
 
-from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size
+from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size, worker_counts
 from buzzdask.cluster.options import JobOptions
 from buzzdask.errors import ParameterError
 
@@ -30,6 +35,10 @@ FIRST_WORKER_RANK = 2  # SLURMRunner: rank 0 scheduler, rank 1 client
 # The scheduler and the client mostly wait on the network: one core and a little memory.
 RESERVED_CORES = 1
 RESERVED_MEMORY = 2 * 2**30  # [bytes]
+# All tasks run on one node, and nothing off it needs the scheduler or the workers: listening on
+# loopback keeps them (unauthenticated) off the network. The dashboard (":0") listens everywhere,
+# for OnDemand's proxy and ssh tunnels.
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -55,9 +64,11 @@ class BatchPlan:
     Attributes
     ----------
     cores : int > 0
-        ``RESERVED_CORES + gpus * gpu.threads + cpu_workers * cpu.threads``.
+        ``RESERVED_CORES + gpus * gpu.threads + cpu_workers * cpu.threads``; a whole node's
+        cores for a whole-node job (the scheduler and the client keep what does not divide).
     memory : int > 0 [bytes]
-        ``RESERVED_MEMORY + gpus * gpu.memory + cpu_workers * cpu.memory``.
+        ``RESERVED_MEMORY + gpus * gpu.memory + cpu_workers * cpu.memory``; a whole node's
+        memory within its default per core for a whole-node job.
     gpu, cpu : WorkerShare
         One GPU worker task, one CPU worker task.
     """
@@ -76,6 +87,7 @@ def plan_batch_job(
     gpu: WorkerShare,
     cpu: WorkerShare,
     where: str,
+    whole_node: bool = False,
 ) -> BatchPlan:
     """Share one node between the scheduler, the client and the workers of a batch job.
 
@@ -84,6 +96,13 @@ def plan_batch_job(
     cores left: ``cpu.threads[i] = min(cpu.threads, (node.cores - RESERVED_CORES -
     gpus * gpu.threads) // cpu_workers)``, with the section's memory per core:
     ``cpu.memory[i] = cpu.memory * cpu.threads[i] / cpu.threads``.
+
+    A ``whole_node`` job asks for all the node's cores and its memory within the default per
+    core, ``usable = min(node.memory, node.cores * node.memory_per_core)`` (more would be
+    charged as more cores), and its CPU workers share all the GPU workers leave, whatever their
+    section's size: ``cpu.threads[i] = (node.cores - RESERVED_CORES - gpus * gpu.threads) //
+    cpu_workers``, ``cpu.memory[i] = (usable - RESERVED_MEMORY - gpus * gpu.memory) //
+    cpu_workers``.
 
     Parameters
     ----------
@@ -95,6 +114,8 @@ def plan_batch_job(
         The cores and memory of one GPU and one CPU worker job of the configuration.
     where : str
         The node's name in messages (``"partition 'gpu' of osc-cardinal"``).
+    whole_node : bool, default: False
+        Ask for the whole node (``node`` must be declared).
 
     Returns
     -------
@@ -104,74 +125,99 @@ def plan_batch_job(
     ------
     ParameterError
         When the workers do not fit the node: more GPUs than it has, less than one core per
-        CPU worker, or more memory than it has; the message gives the numbers.
+        CPU worker, or more memory than it has; the message gives the numbers. For a
+        ``whole_node`` job whose node is not declared.
     """
     if gpus < 0 or cpu_workers < 0 or gpus + cpu_workers < 1:
         raise ParameterError(
             f"gpus={gpus}, cpu_workers={cpu_workers}: a batch job needs at least one worker "
             "and no negative count"
         )
+    if node is None:
+        if whole_node:
+            raise ParameterError(
+                f"a whole-node job needs the size of one node of {where}: declare it under "
+                "buzzdask.clusters.<name>.nodes.<partition> (see osc-nodes.yaml)"
+            )
+        return _added_up(gpus, cpu_workers, gpu, _in_mib(cpu))
+    if gpus > node.gpus:
+        raise ParameterError(
+            f"{gpus} GPU workers do not fit one node of {where}: it has {node.gpus} GPUs"
+        )
     gpu_cores = gpus * gpu.threads
+    left = node.cores - RESERVED_CORES - gpu_cores
     threads = cpu.threads
-    if node is not None:
-        if gpus > node.gpus:
-            raise ParameterError(
-                f"{gpus} GPU workers do not fit one node of {where}: it has {node.gpus} GPUs"
-            )
-        left = node.cores - RESERVED_CORES - gpu_cores
-        if cpu_workers:
-            threads = min(threads, max(left, 0) // cpu_workers)
-        if left < 0 or threads < 1:
-            raise ParameterError(
-                f"{gpus} GPU and {cpu_workers} CPU workers do not fit one node of {where} "
-                f"({node.cores} cores): the scheduler and client take {RESERVED_CORES}, the GPU "
-                f"workers {gpu_cores} ({gpu.threads} each), which leaves {max(left, 0)} for the "
-                "CPU workers, at least 1 each. Ask for fewer workers, or leave out "
-                "--print-batch-script to run the workers as jobs of their own"
-            )
-    # In whole MiB: the script passes them as such.
-    share = WorkerShare(threads, cpu.memory * threads // cpu.threads // 2**20 * 2**20)
-    plan = BatchPlan(
-        cores=RESERVED_CORES + gpu_cores + cpu_workers * share.threads,
-        memory=RESERVED_MEMORY + gpus * gpu.memory + cpu_workers * share.memory,
-        gpu=gpu,
-        cpu=share,
-    )
-    if node is not None and plan.memory > node.memory:
+    if cpu_workers:
+        shared = max(left, 0) // cpu_workers
+        threads = shared if whole_node else min(threads, shared)
+    if left < 0 or threads < 1:
+        raise ParameterError(
+            f"{gpus} GPU and {cpu_workers} CPU workers do not fit one node of {where} "
+            f"({node.cores} cores): the scheduler and client take {RESERVED_CORES}, the GPU "
+            f"workers {gpu_cores} ({gpu.threads} each), which leaves {max(left, 0)} for the "
+            "CPU workers, at least 1 each. Ask for fewer workers, or leave out "
+            "--print-batch-script to run the workers as jobs of their own"
+        )
+    if whole_node:
+        usable = min(node.memory, node.cores * node.memory_per_core)
+        spare = max(usable - RESERVED_MEMORY - gpus * gpu.memory, 0)
+        share = WorkerShare(threads, spare // max(cpu_workers, 1))
+    else:
+        usable = node.memory
+        share = WorkerShare(threads, cpu.memory * threads // cpu.threads)
+    plan = _added_up(gpus, cpu_workers, gpu, _in_mib(share))
+    if plan.memory > usable:
         raise ParameterError(
             f"{gpus} GPU and {cpu_workers} CPU workers need {format_bytes(plan.memory)} "
             f"(with {format_bytes(RESERVED_MEMORY)} for the scheduler and client); one node of "
-            f"{where} has {format_bytes(node.memory)}. Ask for fewer workers or less memory "
+            f"{where} has {format_bytes(usable)}. Ask for fewer workers or less memory "
             "per worker (--memory)"
         )
-    return plan
+    return replace(plan, cores=node.cores, memory=usable) if whole_node else plan
+
+
+def _in_mib(share: WorkerShare) -> WorkerShare:
+    """``share`` with its memory in whole MiB, as the script passes it."""
+    return WorkerShare(share.threads, share.memory // 2**20 * 2**20)
+
+
+def _added_up(gpus: int, cpu_workers: int, gpu: WorkerShare, cpu: WorkerShare) -> BatchPlan:
+    """The plan asking for what the workers' shares and the scheduler's and client's add up to."""
+    return BatchPlan(
+        cores=RESERVED_CORES + gpus * gpu.threads + cpu_workers * cpu.threads,
+        memory=RESERVED_MEMORY + gpus * gpu.memory + cpu_workers * cpu.memory,
+        gpu=gpu,
+        cpu=cpu,
+    )
 
 
 def batch_script(
     name: str | os.PathLike[str],
     command: Sequence[str],
     *,
-    gpus: int = 0,
-    cpu_workers: int = 1,
+    gpus: int | None = None,
+    cpu_workers: int | None = None,
     **job_options: Any,
 ) -> str:
     """The sbatch script running ``command`` (``analyze ...``) on a cluster inside one job.
 
     The job asks for one node of the partition: ``RESERVED_CORES`` and ``RESERVED_MEMORY``
     for the scheduler and the client, and what :func:`plan_batch_job` gives the workers, never
-    more than the configuration's node of that partition (``buzzdask.clusters.<name>.nodes``).
+    more than the configuration's node of that partition (``buzzdask.clusters.<name>.nodes``);
+    with ``whole-node: true`` in the configuration's entry, the whole node.
     Its log directory is made now, as an absolute path, since SLURM opens the log before the
     script runs and fails silently on a missing directory.
 
     Parameters
     ----------
     name : str or path-like
-        A SLURM configuration of ``cluster_configs/``: its sections give the cores and memory
-        of the workers, the partitions, module lines and log directory.
+        A SLURM configuration of ``cluster_configs/`` or its path: its sections give the cores
+        and memory of the workers, the partitions, module lines and log directory.
     command : sequence of str
         ``buzzdask`` command line arguments, e.g. ``["analyze", "audio/", "--model", ...]``.
-    gpus, cpu_workers : int >= 0
-        GPU worker tasks (one GPU each) and CPU (decode) worker tasks.
+    gpus, cpu_workers : int >= 0, optional
+        GPU worker tasks (one GPU each) and CPU (decode) worker tasks (default: the
+        configuration's ``gpus`` and ``cpu-workers``, else 0 and 1: :func:`worker_counts`).
     **job_options
         The fields of :class:`~buzzdask.cluster.options.JobOptions`, over the configuration's
         sections; the GPU section's account, walltime, partition and log directory apply when
@@ -185,13 +231,22 @@ def batch_script(
     Raises
     ------
     ParameterError
-        For a configuration that is not SLURM, a missing account where one is required, or
-        workers that do not fit one node (:func:`plan_batch_job`).
+        For a configuration that is not SLURM, a missing account where one is required,
+        workers that do not fit one node (:func:`plan_batch_job`), or the size of a CPU job
+        (``cores``, ``memory``) given for a whole node, whose CPU workers share what is left.
     """
     options = JobOptions(**job_options)
     entry = load_cluster_config(name)
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
+    whole_node = bool(entry.get("whole-node"))
+    if whole_node and (options.cores or options.memory):
+        raise ParameterError(
+            f"{entry['name']} fills one node: its decode workers share the cores and memory the "
+            "GPU workers leave, so --cores and --memory do not apply; change their number "
+            "(--cpu-workers) instead"
+        )
+    gpus, cpu_workers = worker_counts(entry, gpus=gpus, cpu_workers=cpu_workers)
     options.require_account(entry, ("gpu",) if gpus else ("cpu",))
     cpu = _section(entry["cpu-config"], options.overrides("cpu"))
     gpu = _section(entry["gpu-config"], options.overrides("gpu"))
@@ -203,6 +258,7 @@ def batch_script(
         gpu=WorkerShare(gpu["cores"], parse_bytes(gpu["memory"])),
         cpu=WorkerShare(cpu["cores"], parse_bytes(cpu["memory"])),
         where=f"partition {main['queue']!r} of {entry['name']}",
+        whole_node=whole_node,
     )
     lines = [
         "#!/usr/bin/env bash",
@@ -229,8 +285,11 @@ def batch_script(
         "export SLURM_EXPORT_ENV=ALL",
         "",
     ]
+    # The tasks load the configuration again: a name, or a file by its absolute path (the job may
+    # start in another directory).
+    config = entry["name"] if str(name) == entry["name"] else os.path.abspath(name)
     in_job = [
-        *(sys.executable, "-m", "buzzdask.cluster", "--config", entry["name"]),
+        *(sys.executable, "-m", "buzzdask.cluster", "--config", config),
         *("--gpus", str(gpus), "--in-job"),
         *("--worker-threads", f"{plan.gpu.threads},{plan.cpu.threads}"),
         *("--worker-memory", f"{plan.gpu.memory // 2**20}MiB,{plan.cpu.memory // 2**20}MiB"),
@@ -294,7 +353,11 @@ def run_in_job(
     gpu_index = rank - FIRST_WORKER_RANK
     share = gpu if 0 <= gpu_index < gpus else cpu
     # The tasks are not bound to cores: the planned threads keep the workers within the job's.
-    worker_options: dict[str, Any] = {"nthreads": share.threads, "memory_limit": share.memory}
+    worker_options: dict[str, Any] = {
+        "nthreads": share.threads,
+        "memory_limit": share.memory,
+        "host": LOOPBACK,
+    }
     if os.environ.get("TMPDIR"):
         worker_options["local_directory"] = os.environ["TMPDIR"]
     if 0 <= gpu_index < gpus:
@@ -316,12 +379,12 @@ def run_in_job(
                 scheduler_file=scheduler_file,
                 worker_options=worker_options,
                 # A free port: other jobs' dashboards may share the node.
-                scheduler_options={"dashboard_address": ":0"},
+                scheduler_options={"dashboard_address": ":0", "host": LOOPBACK},
             ) as runner,
             Client(runner) as client,
         ):
             client.wait_for_workers(runner.n_workers)  # tasks minus scheduler and client
-            print(f"buzzdask: job {job_id}", flush=True)
+            print(f"buzzdask: job {job_id}, scheduler at {runner.scheduler_address}", flush=True)
             for line in local_dashboard_lines(
                 client, proxy=entry.get("dashboard-proxy"), login_host=entry.get("login-host")
             ):

@@ -7,6 +7,10 @@ need an account, and the size of one node of each partition) and those complete
 ``~/.config/dask/*.yaml`` or ``DASK_JOBQUEUE__...`` variables still override any key.
 Files named ``*-nodes.yaml`` beside them are node-size tables with their sources
 (``osc-nodes.yaml``), not configurations.
+
+A layout of a system's workers names that system's configuration in ``extends`` and adds its own
+keys (``osc-cardinal-node``: ``whole-node``, ``gpus``, ``cpu-workers``), so it shares the
+system's sections and node sizes instead of copying them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from dask.utils import parse_bytes
 from buzzdask.errors import ParameterError
 from buzzdask.settings import load_settings
 
-__all__ = ["NodeSize", "available_configs", "config_dirs", "load_cluster_config", "node_size"]
+__all__ = [
+    "NodeSize",
+    "available_configs",
+    "config_dirs",
+    "load_cluster_config",
+    "node_size",
+    "worker_counts",
+]
 
 NODE_TABLE_SUFFIX = "-nodes"  # osc-nodes.yaml: a table of node sizes, not a configuration
 
@@ -94,19 +105,24 @@ def available_configs() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def load_cluster_config(name: str | os.PathLike[str]) -> dict[str, Any]:
+def load_cluster_config(
+    name: str | os.PathLike[str], *, extended_by: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Register a cluster configuration's sections in ``dask.config``; return its entry.
 
     Parameters
     ----------
     name : str or path-like
         A name from :func:`available_configs` (``"osc-cardinal"``) or a YAML file's path.
+    extended_by : tuple of str
+        The configurations whose ``extends`` led here (a loop is an error, not a recursion).
 
     Returns
     -------
     dict
         ``buzzdask.clusters.<name>``: ``kind`` ("slurm" or "local") and its settings, plus
-        ``name``.
+        ``name``; with ``extends: <other>``, over the entry of that configuration (loaded
+        first, its sections registered too).
 
     Raises
     ------
@@ -130,8 +146,17 @@ def load_cluster_config(name: str | os.PathLike[str]) -> dict[str, Any]:
         raise ParameterError(
             f"{path} needs a buzzdask.clusters.{path.stem} entry with kind: slurm or local"
         )
+    chain = (*extended_by, path.stem)
+    base = {}
+    if entry.get("extends"):
+        if Path(entry["extends"]).stem in chain:
+            raise ParameterError(
+                f"cluster configurations extend each other in a loop: {' -> '.join(chain)} "
+                f"-> {entry['extends']}"
+            )
+        base = load_cluster_config(entry["extends"], extended_by=chain)
     dask.config.update_defaults(data)
-    return {"name": path.stem, **dask.config.get(f"buzzdask.clusters.{path.stem}")}
+    return {**base, "name": path.stem, **dask.config.get(f"buzzdask.clusters.{path.stem}")}
 
 
 def node_size(entry: Mapping[str, Any], partition: str | None) -> NodeSize | None:
@@ -151,3 +176,28 @@ def node_size(entry: Mapping[str, Any], partition: str | None) -> NodeSize | Non
     """
     size = (entry.get("nodes") or {}).get(partition)
     return None if size is None else NodeSize.from_mapping(size)
+
+
+def worker_counts(
+    entry: Mapping[str, Any], *, gpus: int | None = None, cpu_workers: int | None = None
+) -> tuple[int, int]:
+    """The GPU and CPU worker counts of a run: those given, else the configuration's.
+
+    Parameters
+    ----------
+    entry : mapping
+        A configuration's entry (:func:`load_cluster_config`). Its ``gpus`` and
+        ``cpu-workers`` (a layout's, such as ``osc-cardinal-node``'s: ``dask.config`` keys
+        ``buzzdask.clusters.<name>.gpus`` ...) are the defaults; without them, 0 and 1.
+    gpus, cpu_workers : int, optional
+        Counts given by the caller (``--gpus``, ``--cpu-workers``): they win.
+
+    Returns
+    -------
+    tuple of int
+        ``(gpus, cpu_workers)``.
+    """
+    return (
+        int(entry.get("gpus", 0)) if gpus is None else gpus,
+        int(entry.get("cpu-workers", 1)) if cpu_workers is None else cpu_workers,
+    )

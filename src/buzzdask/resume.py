@@ -1,0 +1,158 @@
+"""What a resume may trust: journalled chunks whose partitions verify, of unchanged inputs.
+
+A resume skips each chunk an earlier run journalled, so before it starts every journal line is
+checked, cheaply: the input must still be there, unchanged (same size and modification time),
+and the partition's Parquet footer must be readable, hold the journal's frame count and carry the
+run's fingerprint. Whatever fails is analysed again. Afterwards ``scores/`` holds only partitions
+the journal vouches for: those of vanished or changed inputs, of failed checks, and any a kill
+left unjournalled are removed (and the journal says so), so the dataset never mixes in stale or
+broken files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from buzzdask.write import OutputLayout, partition_problem
+
+__all__ = ["ResumeCheck", "check_resume"]
+
+logger = logging.getLogger(__name__)
+
+#: Footers read at once: on a parallel file system each read waits mostly on the network.
+_READERS = 16
+
+
+@dataclass
+class ResumeCheck:
+    """The outcome of checking an output before a resume.
+
+    Attributes
+    ----------
+    done : dict of (file, chunk index) -> journal entry
+        The chunks to skip.
+    rejected : int
+        Journalled chunks analysed again: partition missing, unreadable, short or written with
+        other settings.
+    changed, vanished : list of str
+        Inputs that changed since the earlier run (analysed again), or are gone (their
+        partitions removed).
+    partitions_removed : int
+        Partition files removed: stale, broken, or written by a killed run but never journalled.
+    """
+
+    done: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    rejected: int = 0
+    changed: list[str] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)
+    partitions_removed: int = 0
+
+    def as_summary(self) -> dict[str, Any]:
+        """The counts for the run's summary."""
+        return {
+            "chunks_trusted": len(self.done),
+            "chunks_rejected": self.rejected,
+            "files_changed": len(self.changed),
+            "files_vanished": len(self.vanished),
+            "partitions_removed": self.partitions_removed,
+        }
+
+
+def check_resume(
+    layout: OutputLayout, *, fingerprint: Mapping[str, Any], input_root: str | os.PathLike[str]
+) -> ResumeCheck:
+    """Check every journalled chunk of ``layout``; remove what cannot be trusted.
+
+    Parameters
+    ----------
+    layout : OutputLayout
+        The output being resumed (its lock held by the caller).
+    fingerprint : mapping
+        The run's settings, as stored in every partition's schema metadata.
+    input_root : path-like
+        This run's input directory. The journal's file names are relative to the earlier run's
+        (from ``buzzdask.json``), which is the same unless the inputs were given differently.
+
+    Returns
+    -------
+    ResumeCheck
+    """
+    layout.repair_journal()
+    journal = layout.read_journal()
+    if layout.metadata.exists():
+        earlier = json.loads(layout.metadata.read_text(encoding="utf-8"))
+        input_root = earlier.get("inputs", {}).get("root", input_root)
+    versions = {relative: _version(Path(input_root, relative)) for relative, _ in journal}
+    check = ResumeCheck()
+    rejected: dict[tuple[str, int], str] = {}
+    to_verify = []
+    for key, entry in journal.items():
+        version = versions[key[0]]
+        if version is None:
+            rejected[key] = "vanished"
+        elif version != (entry.get("size"), entry.get("mtime_ns")):
+            rejected[key] = "changed"
+        elif entry["frames"]:
+            to_verify.append(key)
+        else:
+            check.done[key] = entry  # no frames: no partition to check
+    with ThreadPoolExecutor(_READERS) as pool:
+        problems = pool.map(
+            lambda key: partition_problem(
+                layout.partition(*key), frames=int(journal[key]["frames"]), fingerprint=fingerprint
+            ),
+            to_verify,
+        )
+        for key, problem in zip(to_verify, problems, strict=True):
+            if problem is None:
+                check.done[key] = journal[key]
+            else:
+                rejected[key] = problem
+                check.rejected += 1
+                logger.warning("resume: %s chunk %d: %s; analysed again", *key, problem)
+    for reason, files, message in (
+        ("vanished", check.vanished, "is gone since the earlier run: its %d chunks are removed"),
+        (
+            "changed",
+            check.changed,
+            "changed since the earlier run (size or time differ): its %d chunks are analysed again",
+        ),
+    ):
+        counts = Counter(relative for (relative, _), why in rejected.items() if why == reason)
+        files.extend(sorted(counts))
+        for relative in files:
+            logger.warning("resume: %s " + message, relative, counts[relative])
+    check.partitions_removed = _remove_untrusted(layout, check.done)
+    for key in rejected:
+        layout.record_removed(*key)
+    return check
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    """An input's (size, modification time), as the journal records it; ``None`` if gone."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _remove_untrusted(layout: OutputLayout, done: Mapping[tuple[str, int], Any]) -> int:
+    """Remove every partition file ``done`` does not vouch for; how many there were."""
+    trusted = {layout.partition(*key) for key, entry in done.items() if entry["frames"]}
+    untrusted = [path for path in layout.partitions() if path not in trusted]
+    for path in untrusted:
+        path.unlink(missing_ok=True)
+    if untrusted:
+        logger.info(
+            "resume: removed %d partition files the journal does not vouch for", len(untrusted)
+        )
+    return len(untrusted)

@@ -1,0 +1,108 @@
+"""A resume trusts only what it verifies: partitions, the journal's last line, the inputs.
+
+Each damaged output is resumed and compared, frame by frame, with an independent uninterrupted
+run; the dataset must then read back whole with pandas and dask.dataframe.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dask.dataframe as dd
+import pyarrow.parquet as pq
+
+from buzzdask.write import OutputLayout
+from tests.conftest import assert_same_frames, requires_ffmpeg
+
+pytestmark = requires_ffmpeg
+FRAME = 15360  # samples in one 0.96 s frame at 16 kHz
+CHUNK_S = 2.0  # two frames a chunk
+
+
+def _partition(result_dir: Path, name: str, chunk: int) -> Path:
+    return result_dir / "scores" / name / f"chunk-{chunk:06d}.parquet"
+
+
+def _assert_vouched_for(output: Path) -> None:
+    """The journal's chunks and the partitions on disk are the same set."""
+    layout = OutputLayout(output)
+    journalled = {layout.partition(*key) for key, e in layout.read_journal().items() if e["frames"]}
+    assert set(layout.partitions()) == journalled
+    for line in layout.journal.read_text().splitlines():
+        json.loads(line)  # every line whole
+
+
+def test_resume_redoes_what_does_not_verify(run, make_audio, tmp_path):
+    make_audio("a.wav", n_samples=6 * FRAME)
+    make_audio("b.wav", n_samples=4 * FRAME, seed=1)
+    complete = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "complete")
+    damaged = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "damaged").output
+
+    # A partition cut short, one with a row missing, one written with other settings.
+    cut = _partition(damaged, "a.wav", 0)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    short = _partition(damaged, "a.wav", 1)
+    pq.write_table(pq.read_table(short).slice(1), short)
+    foreign = _partition(damaged, "b.wav", 0)
+    table = pq.read_table(foreign)
+    stored = json.loads(table.schema.metadata[b"buzzdask"])
+    stored["fingerprint"]["thresholds"] = {"ins_buzz": 0.5}
+    pq.write_table(table.replace_schema_metadata({b"buzzdask": json.dumps(stored)}), foreign)
+    # A kill while journalling b.wav's last chunk: the line is half there.
+    journal = damaged / "journal.jsonl"
+    lines = sorted(
+        journal.read_text().splitlines(),
+        key=lambda line: (json.loads(line)["file"], json.loads(line)["chunk"]),
+    )
+    journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    # And what a killed run leaves unjournalled: a partition, a temporary file.
+    shutil.copy(_partition(damaged, "a.wav", 2), _partition(damaged, "a.wav", 9))
+    (damaged / "scores" / "a.wav" / ".chunk-000002.parquet.0123abcd.tmp").write_bytes(b"PAR1")
+
+    resumed = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=damaged, on_conflict="resume")
+    assert resumed.ok, resumed.errors
+    assert resumed.summary["resume"] == {
+        "chunks_trusted": 1,  # a.wav's last chunk
+        "chunks_rejected": 3,
+        "files_changed": 0,
+        "files_vanished": 0,
+        "partitions_removed": 6,  # the three rejected, b.wav's last, the orphan, the temporary
+    }
+    assert resumed.summary["chunks_written"] == 4
+    assert_same_frames(resumed.to_pandas(), complete.to_pandas())
+    assert len(dd.read_parquet(damaged / "scores").compute()) == 10
+    _assert_vouched_for(damaged)
+    log = (damaged / "buzzdask.log").read_text()
+    assert "its last line was cut short" in log
+    assert "a.wav chunk 0: its partition is unreadable" in log
+    assert "a.wav chunk 1: its partition holds 1 frames, the journal says 2" in log
+    assert "b.wav chunk 0: its partition was written with other settings" in log
+
+
+def test_resume_after_inputs_changed_or_vanished(run, make_audio, tmp_path):
+    make_audio("a.wav", n_samples=6 * FRAME)
+    make_audio("b.wav", n_samples=4 * FRAME, seed=1)
+    make_audio("c.wav", n_samples=3 * FRAME, seed=2)
+    earlier = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "out").output
+    make_audio("a.wav", n_samples=3 * FRAME, seed=3)  # re-recorded: shorter, other audio
+    (tmp_path / "audio" / "b.wav").unlink()
+
+    resumed = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=earlier, on_conflict="resume")
+    fresh = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "fresh")
+    assert resumed.ok, resumed.errors
+    assert resumed.summary["resume"] == {
+        "chunks_trusted": 2,  # c.wav's
+        "chunks_rejected": 0,
+        "files_changed": 1,
+        "files_vanished": 1,
+        "partitions_removed": 5,  # a.wav's three, b.wav's two
+    }
+    assert resumed.summary["chunks_written"] == 2  # a.wav, as it is now
+    assert_same_frames(resumed.to_pandas(), fresh.to_pandas())
+    assert not list((earlier / "scores" / "b.wav").glob("*"))
+    _assert_vouched_for(earlier)
+    log = (earlier / "buzzdask.log").read_text()
+    assert "resume: a.wav changed since the earlier run (size or time differ): its 3" in log
+    assert "resume: b.wav is gone since the earlier run: its 2 chunks are removed" in log
