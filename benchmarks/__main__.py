@@ -54,10 +54,10 @@ SHORT_SWEEP = ("batch 1024 (default)", "batch 1024, 1 thread")
 #: buzzdask.analyze configurations: ``buzzdask.*`` config keys (without the prefix) on the local
 #: cluster ``analyze()`` starts (2 workers, every core each, unless a key says otherwise).
 ANALYZE_CONFIGS: dict[str, dict[str, Any]] = {
-    # A scorer on each of the 2 workers, TensorFlow's threads split between them.
+    # One scorer using every core, the other worker only decodes (local-cluster.scorers: 1).
     "buzzdask, defaults": {},
-    # The former default: one scorer using every core, the other worker only decodes.
-    "buzzdask, 1 scorer": {"cpu-scorer-workers": 1},
+    # The former default: a scorer on each of the 2 workers, TensorFlow's threads split.
+    "buzzdask, a scorer per worker": {"local-cluster.scorers": None},
 }
 
 #: The configuration the targets are read from: what a user gets.

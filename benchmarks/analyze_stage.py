@@ -59,10 +59,13 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
     ):
         before = own_snapshot()
         with measured() as record:
-            cluster = start_local_cluster(load_settings().local_cluster)
+            local = load_settings().local_cluster
+            cluster = start_local_cluster(local)
             client = Client(cluster)
             record["cluster_start_s"] = time.time() - started_epoch
-            with get_task_stream(client) as stream:
+            # Its scorers, as analyze() places them on the local cluster it starts itself.
+            scorers = {"buzzdask.cpu-scorer-workers": local.scorers}
+            with get_task_stream(client) as stream, dask.config.set(scorers):
                 result = buzzdask.analyze(
                     params.get("inputs", params["files"]),
                     params["model"],

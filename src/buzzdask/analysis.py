@@ -254,7 +254,19 @@ def analyze(
         # nothing but its log in the output.
         started = functools.partial(write_json, layout.metadata, metadata)
         with ledger.stops_when_output_full():
-            pool, pipeline = _run(connected, plan, ledger, inputs, on_scorer_ready=started)
+            pool, pipeline = _run(
+                connected,
+                plan,
+                ledger,
+                inputs,
+                on_scorer_ready=started,
+                # The local cluster started here has its own (a laptop holds one model).
+                scorer_workers=(
+                    settings.local_cluster.scorers
+                    if client is None
+                    else settings.cpu_scorer_workers
+                ),
+            )
         metadata["versions"]["tensorflow"] = pool.tensorflow_version
         run_stats = {
             "peak_rss_bytes": _peak_rss(connected),
@@ -323,8 +335,12 @@ def _run(
     inputs: list[InputFile],
     *,
     on_scorer_ready: Callable[[], None],
+    scorer_workers: int | None,
 ) -> tuple[ScorerPool, ChunkPipeline]:
-    """Start the scorers, then probe, decode, score and write every file."""
+    """Start the scorers, then probe, decode, score and write every file.
+
+    Without GPUs, up to ``scorer_workers`` workers hold a scorer (None: every worker).
+    """
     settings, spec = plan.settings, plan.spec
     pool = ScorerPool.from_settings(
         client,
@@ -335,7 +351,7 @@ def _run(
         n_classes=len(plan.model.classes),
         key_prefix="scorer",
         key_token=plan.model.sha256,
-        cpu_scorer_workers=settings.cpu_scorer_workers,
+        cpu_scorer_workers=scorer_workers,
     )
     pool.start(on_ready=on_scorer_ready)
     pipeline = ChunkPipeline.from_settings(

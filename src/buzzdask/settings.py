@@ -243,11 +243,15 @@ class LocalClusterSettings:
     dashboard_address : str or None
         Dashboard address (``":0"`` picks a free port; a bare port ``p`` becomes ``":p"``); None
         disables the dashboard.
+    scorers : int >= 1 or None
+        Its workers holding a scorer (``cpu-scorer-workers`` for this cluster); None: every
+        worker.
     """
 
     n_workers: int | None = field(metadata=_rule(_optional(_whole(1), "2 workers")))
     threads_per_worker: int | None = field(metadata=_rule(_optional(_whole(1), "every core")))
     dashboard_address: str | None = field(metadata=_rule(_optional(_address, "no dashboard")))
+    scorers: int | None = field(metadata=_rule(_optional(_whole(1), "every worker")))
 
 
 @dataclass(frozen=True, slots=True)
