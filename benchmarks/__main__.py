@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.corpus import CORPORA, build_named_corpus, default_cache_dir, plan_named_corpus
-from benchmarks.measure import REPO, run_stage
+from benchmarks.measure import REPO, run_stage, shared_models
 from benchmarks.outputs import check_analyze, check_baseline, check_chunks
 from benchmarks.record import build_record
 from benchmarks.report import plot, table, write_record
@@ -72,13 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     n_cores = len(os.sched_getaffinity(0))
     load_start = os.getloadavg()
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    shared = Path(
-        args.shared_dir or os.environ.get("BUZZDASK_SHARED_DIR") or REPO.parent / "shared"
-    )
-    model_dir = shared / "data" / "models" / "model_general_v3"
-    embedder = shared / "models" / "yamnet" / "saved_model_wholehop"
-    if not model_dir.is_dir() or not embedder.is_dir():
-        raise SystemExit(f"benchmarks: shared data not found under {shared} (--shared-dir)")
+    shared, model_dir, embedder = shared_models(args.shared_dir)
     cache_dir = Path(args.cache_dir).expanduser()
     corpora = {
         name: build_named_corpus(

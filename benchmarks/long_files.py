@@ -56,7 +56,7 @@ import numpy as np
 import psutil
 
 from benchmarks.corpus import default_cache_dir
-from benchmarks.measure import REPO
+from benchmarks.measure import REPO, shared_models
 from benchmarks.report import describe_machine
 from buzzdask.decode import (
     chunks_after,
@@ -494,13 +494,7 @@ def _decode(args: argparse.Namespace, directory: Path) -> list[dict[str, Any]]:
 
 def _analyze(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     """``measure_analysis`` of a WAV and an MP3, reference length then ``args.hours`` (24)."""
-    shared = Path(
-        args.shared_dir or os.environ.get("BUZZDASK_SHARED_DIR") or REPO.parent / "shared"
-    )
-    model = shared / "data" / "models" / "model_general_v3"
-    embedder = shared / "models" / "yamnet" / "saved_model_wholehop"
-    if not model.is_dir() or not embedder.is_dir():
-        raise SystemExit(f"benchmarks: shared data not found under {shared} (--shared-dir)")
+    _, model, embedder = shared_models(args.shared_dir)
     hours = args.hours or 24.0
     load_start = os.getloadavg()[0]
     results = []

@@ -23,9 +23,26 @@ from typing import Any
 
 import psutil
 
-__all__ = ["run_stage"]
+__all__ = ["run_stage", "shared_models"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_models(shared_dir: str | None) -> tuple[Path, Path, Path]:
+    """The shared data (``--shared-dir``), the lab's model and the rebuilt YAMNet in it.
+
+    Default: ``$BUZZDASK_SHARED_DIR``, else ``../shared`` beside the repository.
+
+    Returns
+    -------
+    (shared directory, model directory, embedder directory)
+    """
+    shared = Path(shared_dir or os.environ.get("BUZZDASK_SHARED_DIR") or REPO.parent / "shared")
+    model = shared / "data" / "models" / "model_general_v3"
+    embedder = shared / "models" / "yamnet" / "saved_model_wholehop"
+    if not model.is_dir() or not embedder.is_dir():
+        raise SystemExit(f"benchmarks: shared data not found under {shared} (--shared-dir)")
+    return shared, model, embedder
 
 
 def run_stage(

@@ -131,8 +131,7 @@ def check_resume(
         for relative in files:
             logger.warning("resume: %s " + message, relative, counts[relative])
     check.partitions_removed = _remove_untrusted(layout, check.done)
-    for key in rejected:
-        layout.record_removed(*key)
+    layout.record_removed(rejected)
     return check
 
 

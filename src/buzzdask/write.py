@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -165,20 +165,24 @@ class OutputLayout:
             }
         )
 
-    def record_removed(self, relative: str, chunk_index: int) -> None:
-        """Journal that a chunk's partition was removed: no later run trusts it."""
-        self.append_journal({"file": relative, "chunk": chunk_index, "removed": True})
+    def record_removed(self, chunks: Iterable[tuple[str, int]]) -> None:
+        """Journal that these chunks' partitions were removed: no later run trusts them."""
+        self.append_journal(
+            *({"file": relative, "chunk": index, "removed": True} for relative, index in chunks)
+        )
 
-    def append_journal(self, entry: Mapping[str, Any]) -> None:
-        """Add one line: a chunk finished (after its partition is in place) or removed.
+    def append_journal(self, *entries: Mapping[str, Any]) -> None:
+        """Add lines, one per entry: a chunk finished (its partition in place) or removed.
 
-        A line that cannot be written whole (the disk filled) is taken back, so the journal
-        never holds half a line.
+        One write and one ``fsync`` for all. What cannot be written whole (the disk filled) is
+        taken back, so the journal never holds half a line.
         """
+        if not entries:
+            return
         with self.journal.open("a", encoding="utf-8") as stream:
             end = stream.tell()
             try:
-                stream.write(json.dumps(entry, sort_keys=True) + "\n")
+                stream.write("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
                 stream.flush()
                 os.fsync(stream.fileno())
             except OSError:
