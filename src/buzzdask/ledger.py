@@ -241,9 +241,10 @@ class FileLedger:
         """A chunk could not be decoded or scored: its file is reported failed.
 
         Unless its partition could not be written for a full output: that stops the run
-        (:meth:`stops_when_output_full`), every later chunk would fail the same way.
+        (:meth:`stops_when_output_full`), every later chunk would fail the same way. (A full
+        node-local disk while decoding, staging or caching a copy, fails only its file.)
         """
-        if is_output_full(error):
+        if stage == "score" and is_output_full(error):
             raise error
         state: FileState = job.owner
         state.chunks_done += 1
