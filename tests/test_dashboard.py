@@ -150,7 +150,9 @@ def test_hints_for_an_osc_configuration_in_a_notebook(notebook_env, dashboard_cl
 
 def test_analyze_without_a_client_prints_the_ondemand_link(notebook_env, capsys):
     # analyze(), watch() and train() started without a client all go through connect().
-    local = LocalClusterSettings(n_workers=1, threads_per_worker=1, dashboard_address=":0")
+    local = LocalClusterSettings(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", scorers=1
+    )
     with connect(None, local=local) as client:
         port = client.cluster.scheduler.http_server.port
         out = capsys.readouterr().out
@@ -159,7 +161,9 @@ def test_analyze_without_a_client_prints_the_ondemand_link(notebook_env, capsys)
 
 
 def test_no_dashboard_no_link(capsys):
-    local = LocalClusterSettings(n_workers=1, threads_per_worker=1, dashboard_address=None)
+    local = LocalClusterSettings(
+        n_workers=1, threads_per_worker=1, dashboard_address=None, scorers=1
+    )
     with connect(None, local=local):
         pass
     assert capsys.readouterr().out == "buzzdask: started a local Dask cluster\n"

@@ -237,7 +237,7 @@ class LocalClusterSettings:
     Attributes
     ----------
     n_workers : int >= 1 or None
-        Worker processes, each decoding and scoring; None: 2.
+        Worker processes, each decoding (``scorers`` of them scoring too); None: 2.
     threads_per_worker : int >= 1 or None
         Threads per worker; None: every core (decode threads only wait on ffmpeg).
     dashboard_address : str or None
