@@ -17,11 +17,9 @@ from typing import Any
 import pandas as pd
 
 from buzzdask.errors import InputError
-from buzzdask.write import OutputLayout
+from buzzdask.write import PARTITION_GLOB, OutputLayout
 
 __all__ = ["Run", "open_run", "read_frames"]
-
-PARTITION_GLOB = "chunk-*.parquet"
 
 
 def read_frames(dataset: str | os.PathLike[str], *, columns: Sequence[str] | None = None) -> Any:

@@ -40,6 +40,7 @@ from buzzdask.thresholds import detected
 
 __all__ = [
     "ERROR_COLUMNS",
+    "PARTITION_GLOB",
     "atomic_path",
     "PYTHON_WORDS",
     "OnConflict",
@@ -67,6 +68,8 @@ ConflictReason = Literal[
 # The lock file of buzzdask.lock (and the name a stale one is set aside under): no results.
 _LOCK_PREFIX = ".buzzdask.lock"
 ERROR_COLUMNS = ["file", "chunk", "stage", "reason", "detail"]
+#: The names :meth:`OutputLayout.partition` gives partitions.
+PARTITION_GLOB = "chunk-*.parquet"
 
 
 class OutputLayout:
@@ -131,7 +134,7 @@ class OutputLayout:
 
     def holds_chunks(self) -> bool:
         """Whether an earlier run wrote any chunk here (journalled, or a partition in place)."""
-        return bool(self.journal_entries()) or any(self.scores.rglob("chunk-*.parquet"))
+        return bool(self.journal_entries()) or any(self.scores.rglob(PARTITION_GLOB))
 
     def read_journal(self) -> dict[tuple[str, int], dict[str, Any]]:
         """Finished chunks recorded by earlier runs, keyed by (file, chunk index).
@@ -193,7 +196,7 @@ class OutputLayout:
         """Every partition file under ``scores/``, and the temporary files a kill left there."""
         if not self.scores.is_dir():
             return []
-        return [*self.scores.rglob("chunk-*.parquet"), *self.scores.rglob(".chunk-*.tmp")]
+        return [*self.scores.rglob(PARTITION_GLOB), *self.scores.rglob(f".{PARTITION_GLOB}.*.tmp")]
 
 
 def partition_problem(path: Path, *, frames: int, fingerprint: Mapping[str, Any]) -> str | None:
@@ -481,7 +484,7 @@ def output_full_error(
         Audio whose partitions are written (by this run or an earlier one), and still to do.
     """
     # Space taken, not bytes: a file system stores small files in whole blocks.
-    written = sum(path.stat().st_blocks * 512 for path in layout.scores.rglob("chunk-*.parquet"))
+    written = sum(path.stat().st_blocks * 512 for path in layout.scores.rglob(PARTITION_GLOB))
     left = format_audio(audio_left_s)
     if written and audio_done_s > 0:
         needed = format_bytes(int(1.1 * written / audio_done_s * audio_left_s))
