@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import psutil
@@ -139,13 +140,15 @@ def test_the_holder_keeps_its_lock_alive(tmp_path):
         assert time.time() - lock.path.stat().st_mtime < 0.4
 
 
-def _contend(root: str, results: multiprocessing.Queue) -> None:
+def _contend(root: str, results: multiprocessing.Queue, ready: Any, tried: Any) -> None:
+    ready.wait(60)  # both started: they contend at the same moment, however slow a spawn is
     try:
         with OutputLock(Path(root), started="now", stale_s=60):
             results.put("won")
-            time.sleep(1.0)
+            tried.wait(60)  # hold the lock until the other has tried
     except OutputConflictError:
         results.put("refused")
+        tried.wait(60)
 
 
 @pytest.mark.parametrize("existing", ["none", "stale"])
@@ -154,7 +157,11 @@ def test_two_processes_never_both_hold_an_output(tmp_path, existing):
         _lock_file(tmp_path, host=OTHER_NODE, pid=1, age_s=600)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    contenders = [context.Process(target=_contend, args=(str(tmp_path), results)) for _ in range(2)]
+    ready, tried = context.Barrier(2), context.Barrier(2)
+    contenders = [
+        context.Process(target=_contend, args=(str(tmp_path), results, ready, tried))
+        for _ in range(2)
+    ]
     for process in contenders:
         process.start()
     for process in contenders:

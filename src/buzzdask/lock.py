@@ -1,19 +1,24 @@
 """One writer per output: ``OUTPUT/.buzzdask.lock``, safe on shared file systems.
 
 Two runs pointed at one output (two batch jobs, a job and a notebook) would both analyse and
-both journal every chunk. The lock file is created with ``O_CREAT | O_EXCL``, which GPFS and NFS
-(v3 and later) perform atomically on the server, unlike ``flock``, which does not reach across
-nodes on every mount. It names its holder (host, pid, the process's start time, when the run
-began), and the holder touches it every ``stale_s / 4`` seconds.
+both journal every chunk. The lock file is written whole under a name of its own, then
+hard-linked to the lock's name, which GPFS and NFS perform atomically on the server (unlike
+``flock``, which does not reach across nodes on every mount): a contender never sees a lock
+without its holder, which it would take for one a kill cut short. (Without hard links,
+``O_CREAT | O_EXCL`` does the same but for that moment.) It names its holder (host, pid, the
+process's start time, when the run began), and the holder touches it every ``stale_s / 4``
+seconds.
 
 A lock is taken over, with a warning, when its holder is known dead: on this host, no process
 with its pid and start time; on another host, no touch for ``stale_s`` seconds (a killed job's
-node cannot be asked). The stale file is first renamed away, which only one contender can do,
-so two runs finding the same stale lock do not both take it.
+node cannot be asked). Only the contender holding a second, short-lived lock (the takeover
+guard) may remove a stale file, and only while it is still the one found dead: two runs finding
+the same stale lock do not both take it, nor does one remove the lock the other just took.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,6 +39,8 @@ from buzzdask.write import OutputConflict
 __all__ = ["LOCK_NAME", "LockHolder", "OutputLock", "current_holder", "refuse_if_in_use"]
 
 LOCK_NAME = ".buzzdask.lock"
+# Seconds after which a takeover guard is a dead contender's: a takeover takes milliseconds.
+_GUARD_STALE_S = 30.0
 
 logger = logging.getLogger("buzzdask")
 
@@ -173,7 +180,9 @@ class OutputLock:
         if holder is not None and holder.token == self.token:
             self.path.unlink(missing_ok=True)
 
-    def _create(self) -> bool:
+    def _create(self, path: Path | None = None) -> bool:
+        """Create the lock file (or ``path``) naming this holder; False if it exists."""
+        path = path or self.path
         entry: dict[str, Any] = {
             "host": platform.node(),
             "pid": os.getpid(),
@@ -181,8 +190,25 @@ class OutputLock:
             "process_started": psutil.Process().create_time(),
             "token": self.token,
         }
+        written = self.path.with_name(f"{LOCK_NAME}.{self.token}.new")
+        written.write_text(json.dumps(entry), encoding="utf-8")
         try:
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(written, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return self._create_exclusive(path, entry)
+        finally:
+            written.unlink(missing_ok=True)
+
+    @staticmethod
+    def _create_exclusive(path: Path, entry: dict[str, Any]) -> bool:
+        """Create ``path`` with ``O_EXCL`` (a file system without hard links)."""
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
@@ -190,13 +216,28 @@ class OutputLock:
         return True
 
     def _set_aside(self, holder: LockHolder) -> None:
-        """Rename a dead holder's lock away (one contender wins), with a warning."""
-        aside = self.path.with_name(f"{LOCK_NAME}.{self.token}.stale")
+        """Remove a dead holder's lock, with a warning, if this contender holds the guard.
+
+        Otherwise (another contender is taking over) wait a moment: the caller looks again.
+        """
+        guard = self.path.with_name(f"{LOCK_NAME}.takeover")
+        if not self._create(guard):
+            try:  # a contender killed in the middle of a takeover leaves its guard
+                if time.time() - guard.stat().st_mtime > _GUARD_STALE_S:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+            return
         try:
+            current = current_holder(self.root)
+            if current is None or current.token != holder.token:
+                return  # it changed hands meanwhile: not the lock found dead
+            aside = self.path.with_name(f"{LOCK_NAME}.{self.token}.stale")
             os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # another contender set it aside first
-        aside.unlink(missing_ok=True)
+            aside.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
         logger.warning(
             "took over %s from a run that is gone (%s; last sign of life %.0f s ago)",
             self.root,
