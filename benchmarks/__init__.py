@@ -14,4 +14,8 @@ once: the co-run bound), :mod:`benchmarks.analyze_stage` (``buzzdask.analyze``),
 :mod:`benchmarks.outputs` (activations checked against the baseline's),
 :mod:`benchmarks.summary` (bounds and targets over the rounds), :mod:`benchmarks.record` (the
 JSON record) and :mod:`benchmarks.report` (machine description, tables, plot).
+
+Other runs: ``python -m benchmarks.heads`` (several heads in one run, re-scoring an embedding
+store, float16 and the store's size), ``python -m benchmarks.long_files`` (single very long
+files) and ``benchmarks/device-check`` (a GPU).
 """

@@ -38,6 +38,11 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
     is what ``analyze`` is given: files, or the small-files corpus's directory. The time split
     comes from Dask's task stream (decode compute, transfers to the scorer, score tasks) and
     the actors' own counters (seconds scoring).
+
+    ``model`` may be a list of heads (one run, ``output/<model name>/`` each; the figures are
+    the first head's summary, which every head shares); ``keep_embeddings`` (default false) is
+    passed on; with ``store``, the stage re-scores that embedding store
+    (``buzzdask.rescore``) instead of analysing ``files`` (:mod:`benchmarks.heads`).
     """
     import dask
     from distributed import Client, get_task_stream
@@ -48,11 +53,13 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
 
     config = {"local-cluster.dashboard-address": ":0", **params["settings"]}
     output = Path(params["output"])
+    models = params["model"]
+    several = isinstance(models, list)
+    # Several heads: each writes output/<model name>/; the first one's journal is watched.
+    journal = (output / Path(models[0]).resolve().name if several else output) / "journal.jsonl"
     first_chunk: dict[str, float] = {}
     started_epoch = time.time()
-    watcher = threading.Thread(
-        target=_watch_first_chunk, args=(output / "journal.jsonl", first_chunk), daemon=True
-    )
+    watcher = threading.Thread(target=_watch_first_chunk, args=(journal, first_chunk), daemon=True)
     watcher.start()
     with dask.config.set(
         {k if k.startswith("distributed.") else f"buzzdask.{k}": v for k, v in config.items()}
@@ -66,14 +73,27 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
             # Its scorers, as analyze() places them on the local cluster it starts itself.
             scorers = {"buzzdask.cpu-scorer-workers": local.scorers}
             with get_task_stream(client) as stream, dask.config.set(scorers):
-                result = buzzdask.analyze(
-                    params.get("inputs", params["files"]),
-                    params["model"],
-                    output=output,
-                    client=client,
-                    embedder=params["embedder"],
-                    progress=False,
-                )
+                if params.get("store"):
+                    returned = buzzdask.rescore(
+                        params["store"],
+                        models,
+                        output=output,
+                        client=client,
+                        embedder=params["embedder"],
+                        progress=False,
+                    )
+                else:
+                    returned = buzzdask.analyze(
+                        params.get("inputs", params["files"]),
+                        models,
+                        output=output,
+                        client=client,
+                        embedder=params["embedder"],
+                        keep_embeddings=params.get("keep_embeddings", False),
+                        progress=False,
+                    )
+            results = returned if several else {"": returned}
+            result = next(iter(results.values()))
             record["audio_s"] = result.summary["audio_hours"] * 3600
         summary = result.summary
         split = cluster_cpu(client, before, {s["pid"] for s in summary["scorers"] if "pid" in s})
@@ -85,7 +105,10 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
     record.update(
         settings=params["settings"],
         cluster={"workers": len(workers), "threads": [w["nthreads"] for w in workers]},
-        errors=len(result.errors),
+        errors=sum(len(r.errors) for r in results.values()),
+        heads=len(results),
+        chunks_written=summary["chunks_written"],
+        chunks_from_store=summary.get("chunks_from_store"),
         core_s_per_audio_s=record["cpu_s"] / record["audio_s"],
         cpu_split=split,
         first_chunk_s=first_chunk.get("seen", float("nan")) - started_epoch,

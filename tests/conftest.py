@@ -7,17 +7,20 @@ skip with the reason when it is absent; with ``BUZZDASK_REQUIRE_SHARED=1`` (CI) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -329,29 +332,53 @@ def run(dask_client, tiny_embedder, tiny_model, tmp_path):
     return run_analyze
 
 
+def write_audio(
+    root: Path, name: str, *, n_samples: int, rate: int = 16000, channels: int = 1, seed: int = 0
+) -> Path:
+    """A generated recording with an exact number of samples, in any format ffmpeg writes."""
+    target = root / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    wav = target if target.suffix == ".wav" else target.with_name(f".{target.stem}.src.wav")
+    write_wav(wav, field_like(n_samples, rate, channels, seed=seed), rate)
+    if wav != target:
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), str(target)], check=True)
+        wav.unlink()
+    return target
+
+
 @pytest.fixture
 def make_audio(tmp_path: Path) -> Callable[..., Path]:
     """Write a generated recording with an exact number of samples, in any format ffmpeg writes."""
 
-    def make(
-        name: str,
-        *,
-        n_samples: int,
-        rate: int = 16000,
-        channels: int = 1,
-        seed: int = 0,
-        directory: Path | None = None,
-    ) -> Path:
-        target = (directory or tmp_path / "audio") / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        wav = target if target.suffix == ".wav" else target.with_name(f".{target.stem}.src.wav")
-        write_wav(wav, field_like(n_samples, rate, channels, seed=seed), rate)
-        if wav != target:
-            subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), str(target)], check=True)
-            wav.unlink()
-        return target
+    def make(name: str, *, directory: Path | None = None, **options: Any) -> Path:
+        return write_audio(directory or tmp_path / "audio", name, **options)
 
     return make
+
+
+def kill_client_mid_run(script: str, *args: object, output: Path, total: int) -> MidRunKiller:
+    """Run ``script`` (``python -c``, a client analysing into ``output``) and kill it mid-run.
+
+    The client runs in a session of its own with its local cluster; it is killed by
+    :class:`MidRunKiller` once at least one of the ``total`` chunks is journalled (so a resume
+    provably skips it) and before all are, then its orphaned workers are killed too.
+    """
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    command = [sys.executable, "-c", script, *(str(arg) for arg in args)]
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    journal = output / "journal.jsonl"
+    with MidRunKiller(
+        process.pid,
+        output / "scores",
+        total=total,
+        in_flight=lambda: journal.read_text().splitlines() if journal.exists() else [],
+    ) as killer:
+        process.wait(timeout=300)
+    assert killer.kill is not None and 0 < killer.kill.written < total
+    assert process.returncode == -signal.SIGKILL
+    with contextlib.suppress(ProcessLookupError):  # none left when its cluster was threads
+        os.killpg(process.pid, signal.SIGKILL)  # its local cluster's orphaned worker processes
+    return killer
 
 
 SLURM_SCRIPTS = SHARED_DIR / "slurm"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.conftest import (
     CLASSES,
     MidRunKiller,
     assert_same_frames,
+    kill_client_mid_run,
     requires_ffmpeg,
 )
 from tests.reference import reference_activations
@@ -380,21 +380,15 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
         f" chunk_seconds=1.0, progress=False, **{KILL_PACING!r})\n"
     )
     output = tmp_path / "out"
-    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
-    command = [sys.executable, "-c", script, audio, options["model"], output, options["embedder"]]
-    process = subprocess.Popen([str(c) for c in command], env=env, start_new_session=True)
-    journal = OutputLayout(output).journal
-    # Due once a chunk is journalled too: the resume must then skip it.
-    with MidRunKiller(
-        process.pid,
-        output / "scores",
+    killer = kill_client_mid_run(
+        script,
+        audio,
+        options["model"],
+        output,
+        options["embedder"],
+        output=output,
         total=KILL_CHUNKS,
-        in_flight=lambda: journal.read_text().splitlines() if journal.exists() else [],
-    ) as killer:
-        process.wait(timeout=300)
-    assert killer.kill is not None and 0 < killer.kill.written < KILL_CHUNKS
-    assert process.returncode == -signal.SIGKILL
-    os.killpg(process.pid, signal.SIGKILL)  # its local cluster's orphaned worker processes
+    )
     # Its workers may finish what they held after the client died, not the whole run.
     written = killer.written()
     assert 0 < written < KILL_CHUNKS

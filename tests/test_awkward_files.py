@@ -34,9 +34,9 @@ from buzzdask.decode import (
 )
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
-from buzzdask.ledger import FileLedger
+from buzzdask.ledger import FileLedger, HeadOutput
 from buzzdask.progress import Progress
-from buzzdask.write import OutputLayout
+from buzzdask.write import OutputLayout, PartitionWriter
 from tests.conftest import assert_same_frames, field_like, requires_ffmpeg, write_wav
 from tests.test_frames import spec
 
@@ -128,14 +128,13 @@ def test_plans_are_bounded_and_follow_ons_continue_them() -> None:
 def _ledger(tmp_path: Path, *, frames_per_chunk: int, done: dict[Any, Any]) -> FileLedger:
     layout = OutputLayout(tmp_path / "out")
     layout.root.mkdir(parents=True, exist_ok=True)
+    writer = PartitionWriter(
+        output=str(layout.root), spec=spec(), classes=("a",), thresholds=(), metadata_json="{}"
+    )
     return FileLedger(
-        layout=layout,
+        heads=[HeadOutput(layout, writer, done)],
         spec=spec(),
-        classes=("a",),
-        thresholds={},
-        partition_metadata={},
         frames_per_chunk=frames_per_chunk,
-        done=done,
         progress=Progress(enabled=False, verbose=False, files=1),
     )
 

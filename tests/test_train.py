@@ -16,8 +16,8 @@ from buzzdask import FrameSpec, InputError, OutputConflictError, ParameterError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.decode import AudioInfo
 from buzzdask.models import load_head, resolve_embedder, resolve_model
+from buzzdask.store import EmbeddingStore
 from buzzdask.training import precision_recall
-from buzzdask.training.cache import EmbeddingCache
 from buzzdask.training.labels import TrainingFile, want_frames
 from tests.conftest import requires_ffmpeg, write_wav
 
@@ -318,11 +318,11 @@ def test_precision_recall_counts_detections_at_or_above_each_threshold():
 
 def test_embedding_cache_keys_and_file_end(tmp_path, tiny_embedder):
     embedder = resolve_embedder("yamnet_k2", handle=str(tiny_embedder))
-    cache = EmbeddingCache(tmp_path, embedder=embedder, spec=embedder.frame_spec(0.48))
-    other_hop = EmbeddingCache(tmp_path, embedder=embedder, spec=embedder.frame_spec(0.96))
+    cache = EmbeddingStore(tmp_path, embedder=embedder, spec=embedder.frame_spec(0.48))
+    other_hop = EmbeddingStore(tmp_path, embedder=embedder, spec=embedder.frame_spec(0.96))
     assert cache.directory != other_hop.directory
-    cache.store("abc", 2, np.ones((3, 4), np.float32))
-    cache.store("abc", 4, np.full((2, 4), 2, np.float32), file_frames=6)
+    cache.store("abc", 2, np.ones((3, 4), np.float32), at_end=False)
+    cache.store("abc", 4, np.full((2, 4), 2, np.float32), at_end=True)
     cached = cache.load("abc")
     assert list(cached.frames) == [2, 3, 4, 5] and cached.file_frames == 6
     assert list(cached.missing(np.arange(9))) == [0, 1]  # 6, 7, 8 lie past the end

@@ -29,6 +29,7 @@ from buzzdask.plots import plot_activation, plot_daily_activity, plot_run
 from buzzdask.project import init_project
 from buzzdask.rclone import TransferResult, transfer, upload
 from buzzdask.recording_time import recording_start, recording_starts
+from buzzdask.rescore import rescore
 from buzzdask.results import Run, open_run
 from buzzdask.summaries import summarize
 from buzzdask.thresholds import resolve_thresholds, thresholds_for_precision
@@ -53,6 +54,7 @@ __all__ = [
     "probe_audio",
     "recording_start",
     "recording_starts",
+    "rescore",
     "resolve_model",
     "resolve_thresholds",
     "summarize",

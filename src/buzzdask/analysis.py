@@ -10,13 +10,14 @@ a resume must match, the metadata and the summary.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import platform
 import resource
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,14 +26,14 @@ from distributed import Client
 
 from buzzdask.dashboard_page import RunPublisher
 from buzzdask.decode import PREPROCESSING, AudioInfo, decode_chunk, probe_audio
-from buzzdask.errors import DecodeError
+from buzzdask.errors import DecodeError, ModelError, ParameterError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile, describe_skipped, scan
-from buzzdask.ledger import FileLedger, FileState
+from buzzdask.ledger import FileLedger, FileState, HeadOutput
 from buzzdask.lock import OutputLock, refuse_if_in_use
 from buzzdask.logs import quiet_environment, run_log
-from buzzdask.models import ModelSpec, resolve_model
+from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
 from buzzdask.pipeline import ChunkPipeline, outcome
 from buzzdask.progress import Progress
 from buzzdask.results import read_frames
@@ -42,21 +43,28 @@ from buzzdask.scorers import ScorerPool
 from buzzdask.session import connect, package_versions, task_key
 from buzzdask.settings import Settings, load_settings
 from buzzdask.staging import decode_chunk_staged
+from buzzdask.store import EmbeddingStore, file_sha256
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds
 from buzzdask.write import (
     ERROR_COLUMNS,
     OnConflict,
+    OutputLayout,
+    PartitionWriter,
+    check_run_directory,
+    new_sibling,
     prepare_output,
     utc_now,
     write_errors,
     write_json,
 )
 
-__all__ = ["AnalysisResult", "analyze"]
+__all__ = ["AnalysisResult", "RunInputs", "analyze", "plan_run", "run_plan"]
 
 logger = logging.getLogger(__name__)
 _Item = TypeVar("_Item")
 
+#: What every partition's schema carries of the run's metadata.
+_PARTITION_METADATA = ("model", "embedder", "preprocessing", "fingerprint", "started")
 #: Most files one probe task reads: a WAV's header takes microseconds, an ffprobe 0.05 CPU-s.
 PROBES_PER_TASK = 32
 
@@ -103,19 +111,49 @@ class AnalysisResult:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything an analysis was asked to do, checked before any work starts."""
+    """Everything a run was asked to do, checked before any work starts.
 
-    model: ModelSpec
+    ``models`` share one embedder and frame geometry; ``thresholds`` holds one choice per model.
+    ``ffmpeg`` is ``None`` for a re-scoring (:func:`buzzdask.rescore`): no audio is read.
+    ``several``: the models were given as a list, and each gets a directory of the output.
+    """
+
+    models: tuple[ModelSpec, ...]
     spec: FrameSpec
     frames_per_chunk: int
-    thresholds: ThresholdChoice
+    thresholds: tuple[ThresholdChoice, ...]
     settings: Settings
-    ffmpeg: FFmpegTools
+    ffmpeg: FFmpegTools | None
+    store: EmbeddingStore | None
+    several: bool
+    store_in_output: bool = False
+
+    @property
+    def embedder(self) -> EmbedderSpec:
+        """The embedder every model shares."""
+        return self.models[0].embedder
+
+
+@dataclass
+class RunInputs:
+    """What a run reads and how its files enter the chunk loop.
+
+    ``feed(pipeline, ledger, states)`` starts the files of ``states`` (probe tasks for audio, the
+    store's catalog for a re-scoring); ``versions(name)`` gives an input's (size, modification
+    time) as journalled, for a resume (``None``: the file on disk under ``root``).
+    """
+
+    root: str
+    files: list[InputFile]
+    described: dict[str, Any]
+    feed: Callable[[ChunkPipeline, FileLedger, list[FileState]], None]
+    n_skipped: int = 0
+    versions: Callable[[str], tuple[int, int] | None] | None = None
 
 
 def analyze(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     output: str | os.PathLike[str],
     client: Client | str | None = None,
@@ -125,19 +163,23 @@ def analyze(
     thresholds: Mapping[str, float] | None = None,
     precision: float | None = None,
     on_conflict: OnConflict = "error",
+    keep_embeddings: bool | str | os.PathLike[str] = False,
     memory_budget: int | str | None = None,
     batch_frames: int | None = None,
     progress: bool = True,
     verbose: bool = False,
-) -> AnalysisResult:
+) -> Any:
     """Score every frame of the audio under ``paths`` and write partitioned Parquet.
 
     Parameters
     ----------
     paths : path-like or sequence of path-like
         Audio files and directories (walked recursively for known extensions).
-    model : str or path-like
-        A buzzdetect model directory, or its name in ``buzzdask.model-dirs``.
+    model : str, path-like, or list of them
+        A buzzdetect model directory, or its name in ``buzzdask.model-dirs``. A list: several
+        heads on one embedder, each scoring the same embeddings in the same scorer call (the
+        audio is decoded and embedded once); each gets a complete output of its own,
+        ``output/<model name>/``.
     output : path-like
         Output directory (see :mod:`buzzdask.write` for its layout).
     client : distributed.Client or str, optional
@@ -152,12 +194,18 @@ def analyze(
         Audio per decode task, rounded down to whole hops. Results do not depend on it.
     thresholds : mapping of class -> float, optional
         Adds ``detection_<class>`` columns: ``activation > threshold``, as buzzdetect and buzzr.
+        With several models, each takes the classes it has.
     precision : float in (0, 1), optional
         Instead of ``thresholds``: the thresholds the model's ``tests/metrics.csv`` gives for
         this precision, as buzzdetect computes them (:func:`buzzdask.thresholds_for_precision`).
     on_conflict : {"error", "resume", "new"}, default: "error"
         When ``output`` already holds results: refuse, finish that run (skipping every chunk it
         completed), or write into a new timestamped sibling directory.
+    keep_embeddings : bool or path-like, default: False
+        Keep the embeddings in an embedding store (:mod:`buzzdask.store`): ``True`` for
+        ``output/embeddings``, or a store's directory (the training's ``embedding-cache`` is
+        one). Chunks the store already holds are read from it instead of decoded and embedded;
+        :func:`buzzdask.rescore` scores the store with another head without the audio.
     memory_budget : int or str, optional
         Most decoded audio in flight, in bytes or as ``"1GiB"``.
     batch_frames : int > 0, optional
@@ -169,17 +217,19 @@ def analyze(
 
     Returns
     -------
-    AnalysisResult
+    AnalysisResult, or dict of str -> AnalysisResult
+        One result; for a list of models, one per model, by its name.
 
     Raises
     ------
     InputError, ModelError, ParameterError, OutputConflictError
-        Before any result is written, for a missing input, an unusable model, a bad option or an
-        output that already holds results.
+        Before any result is written, for a missing input, an unusable model (or models on
+        different embedders), a bad option or an output that already holds results.
 
     See Also
     --------
     buzzdask.watch : the same, on a directory files are still arriving in.
+    buzzdask.rescore : another head on the embeddings an analysis kept.
 
     Notes
     -----
@@ -199,67 +249,209 @@ def analyze(
         logger.warning(
             "not audio under %s: %s", found.root, describe_skipped(found.visible_skipped)
         )
-    root, inputs = found.root, found.files
-    plan = _plan(
+    plan = plan_run(
         model,
         settings,
         embedder=embedder,
         frame_hop_s=frame_hop_s,
         thresholds=thresholds,
         precision=precision,
+        ffmpeg=find_ffmpeg(ffmpeg=settings.ffmpeg, ffprobe=settings.ffprobe),
+        store=keep_embeddings,
+        output=output,
     )
-    fingerprint = _fingerprint(plan)
+    given = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    inputs = RunInputs(
+        root=found.root,
+        files=found.files,
+        described={"root": found.root, "paths": [os.fspath(p) for p in given]},
+        feed=functools.partial(_probe_files, plan),
+        n_skipped=len(found.visible_skipped),
+    )
+    return run_plan(
+        plan,
+        inputs,
+        output=output,
+        client=client,
+        on_conflict=on_conflict,
+        progress=progress,
+        verbose=verbose,
+        started_wall=started_wall,
+    )
+
+
+def plan_run(
+    model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    settings: Settings,
+    *,
+    embedder: str | None,
+    frame_hop_s: float | None,
+    thresholds: Mapping[str, float] | None,
+    precision: float | None,
+    ffmpeg: FFmpegTools | None,
+    store: bool | str | os.PathLike[str] | EmbeddingStore,
+    output: str | os.PathLike[str],
+) -> _Plan:
+    """Resolve the models and frame geometry and check the thresholds (or the precision's).
+
+    Raises
+    ------
+    ModelError
+        If the models do not share one embedder (naming each model's), or two have one name.
+    ParameterError
+        A threshold for a class no model has.
+    """
+    given: list[str | os.PathLike[str]] = (
+        [model] if isinstance(model, (str, os.PathLike)) else list(model)
+    )
+    several = not isinstance(model, (str, os.PathLike))
+    if not given:
+        raise ParameterError("no model given")
+    models = tuple(resolve_model(m, embedder=embedder, settings=settings) for m in given)
+    _check_models(models)
+    spec = models[0].embedder.frame_spec(frame_hop_s)
+    known = {name for m in models for name in m.classes}
+    unknown = sorted(set(thresholds or {}) - known)
+    if unknown:
+        raise ParameterError(
+            f"thresholds for unknown class(es) {unknown}; the models' classes are "
+            + "; ".join(f"{m.name}: {list(m.classes)}" for m in models)
+        )
+    choices = tuple(
+        choose_thresholds(
+            model_dir=m.path,
+            classes=m.classes,
+            precision=precision,
+            thresholds={k: v for k, v in (thresholds or {}).items() if k in m.classes},
+        )
+        for m in models
+    )
+    kept: EmbeddingStore | None
+    if isinstance(store, EmbeddingStore):
+        kept = store
+    elif store is False:
+        kept = None
+    else:
+        # True: in the output, once it is known (on_conflict="new" may choose another).
+        root = Path(output) / "embeddings" if store is True else Path(store)
+        kept = EmbeddingStore(root, embedder=models[0].embedder, spec=spec)
+    return _Plan(
+        models=models,
+        spec=spec,
+        frames_per_chunk=spec.frames_per_chunk(settings.chunk_seconds),
+        thresholds=choices,
+        # Decode tasks run the ffmpeg found here, by its absolute path, on every node.
+        settings=settings if ffmpeg is None else settings.with_overrides(ffmpeg=ffmpeg.ffmpeg),
+        ffmpeg=ffmpeg,
+        store=kept,
+        several=several,
+        store_in_output=store is True,
+    )
+
+
+def _check_models(models: Sequence[ModelSpec]) -> None:
+    """Several heads must share one embedder (their scorer embeds once) and have distinct names."""
+    embedders = {(m.embedder.name, m.embedder.sha256, m.embedder.handle) for m in models}
+    if len(embedders) > 1:
+        raise ModelError(
+            "the models do not share one embedder, so they cannot score the same embeddings: "
+            + "; ".join(
+                f"{m.name} uses {m.embedder.name} ({m.embedder.handle}, sha256 "
+                f"{(m.embedder.sha256 or '?')[:12]}…)"
+                for m in models
+            )
+            + ". Run them separately"
+        )
+    names = [m.name for m in models]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ModelError(
+            f"two models are named {twice[0]!r} ({[m.path for m in models if m.name in twice]}); "
+            "each model's results go to output/<name>: rename one directory"
+        )
+
+
+def run_plan(
+    plan: _Plan,
+    inputs: RunInputs,
+    *,
+    output: str | os.PathLike[str],
+    client: Client | str | None,
+    on_conflict: OnConflict,
+    progress: bool,
+    verbose: bool,
+    started_wall: float,
+) -> Any:
+    """Check the outputs, then score every chunk of ``inputs`` with ``plan``'s heads.
+
+    Returns an :class:`AnalysisResult`, or one per model by name when ``plan.several``.
+    """
+    settings = plan.settings
+    fingerprints = [_fingerprint(plan, i) for i in range(len(plan.models))]
     if on_conflict != "new":  # a new run goes elsewhere when another holds the output
         refuse_if_in_use(Path(output), stale_s=settings.lock_stale_seconds)
-    layout = prepare_output(
-        output, on_conflict=on_conflict, fingerprint=fingerprint, options=_options(plan)
-    )
-    metadata = _metadata(plan, paths=paths, root=root, n_files=len(inputs))
+    root, layouts = _prepare_outputs(plan, output, on_conflict, fingerprints)
+    if plan.store_in_output:
+        store = EmbeddingStore(root / "embeddings", embedder=plan.embedder, spec=plan.spec)
+        plan = replace(plan, store=store)
+    started = utc_now()
+    metadata = [
+        _metadata(plan, i, inputs=inputs.described, n_files=len(inputs.files), started=started)
+        for i in range(len(plan.models))
+    ]
     with (
-        OutputLock(layout.root, started=metadata["started"], stale_s=settings.lock_stale_seconds),
-        connect(client, local=settings.local_cluster) as connected,
-        run_log(layout.log, connected, verbose=verbose),
+        OutputLock(root, started=started, stale_s=settings.lock_stale_seconds),
+        # A re-scoring decodes nothing: its local cluster is threads in this process.
+        connect(
+            client, local=settings.local_cluster, processes=plan.ffmpeg is not None
+        ) as connected,
+        run_log(root / "buzzdask.log", connected, verbose=verbose),
     ):
-        resumed = (
-            check_resume(layout, fingerprint=fingerprint, input_root=root)
+        resumed = [
+            check_resume(layout, fingerprint=fp, input_root=inputs.root, versions=inputs.versions)
             if on_conflict == "resume"
             else ResumeCheck()
-        )
+            for layout, fp in zip(layouts, fingerprints, strict=True)
+        ]
         ledger = FileLedger(
-            layout=layout,
+            heads=[
+                HeadOutput(layout, _writer(plan, i, layout, meta), check.done)
+                for i, (layout, meta, check) in enumerate(
+                    zip(layouts, metadata, resumed, strict=True)
+                )
+            ],
             spec=plan.spec,
-            classes=plan.model.classes,
-            thresholds=plan.thresholds.values,
-            partition_metadata={
-                k: metadata[k]
-                for k in ("model", "embedder", "preprocessing", "fingerprint", "started")
-            },
             frames_per_chunk=plan.frames_per_chunk,
-            done=resumed.done,
             progress=Progress(
                 enabled=progress,
                 verbose=verbose,
-                files=len(inputs),
+                files=len(inputs.files),
                 publish=RunPublisher(
                     connected,
                     {
-                        "output": str(layout.root),
-                        "model": plan.model.name,
+                        "output": str(root),
+                        "model": ", ".join(m.name for m in plan.models),
                         "host": platform.node(),
                     },
                 ),
             ),
+            store=plan.store,
+            exact_plans=plan.ffmpeg is None,
         )
-        # buzzdask.json once a scorer has loaded the model: a run that cannot start leaves
-        # nothing but its log in the output.
-        started = functools.partial(write_json, layout.metadata, metadata)
+
+        def scorer_ready() -> None:
+            # buzzdask.json once a scorer has loaded the model: a run that cannot start leaves
+            # nothing but its log in the output.
+            for layout, meta in zip(layouts, metadata, strict=True):
+                write_json(layout.metadata, meta)
+
         with ledger.stops_when_output_full():
             pool, pipeline = _run(
                 connected,
                 plan,
                 ledger,
                 inputs,
-                on_scorer_ready=started,
+                on_scorer_ready=scorer_ready,
                 # The local cluster started here has its own (a laptop holds one model).
                 scorer_workers=(
                     settings.local_cluster.scorers
@@ -267,7 +459,6 @@ def analyze(
                     else settings.cpu_scorer_workers
                 ),
             )
-        metadata["versions"]["tensorflow"] = pool.tensorflow_version
         run_stats = {
             "peak_rss_bytes": _peak_rss(connected),
             "peak_decoded_bytes_in_flight": pipeline.budget.peak_bytes,
@@ -275,56 +466,79 @@ def analyze(
             "scorers": pool.stats(),
             "scorer_restarts": pool.restarts,
             "scorers_lost": pool.lost,
-            "resume": resumed.as_summary(),
         }
-    summary = _summary(
-        ledger,
-        plan,
-        n_files=len(inputs),
-        n_skipped=len(found.visible_skipped),
-        wall=time.perf_counter() - started_wall,
-        **run_stats,
-    )
-    metadata.update(status="complete", finished=utc_now(), summary=summary)
-    with ledger.stops_when_output_full():
-        write_errors(layout.errors, ledger.errors)
-        write_json(layout.metadata, metadata)
-    return AnalysisResult(
-        output=layout.root,
-        dataset=layout.scores,
-        summary=summary,
-        errors=pd.DataFrame(ledger.errors, columns=ERROR_COLUMNS),
-        metadata=metadata,
-    )
+    wall = time.perf_counter() - started_wall
+    results = {}
+    for layout, meta, check, model in zip(layouts, metadata, resumed, plan.models, strict=True):
+        summary = _summary(
+            ledger,
+            plan,
+            n_files=len(inputs.files),
+            n_skipped=inputs.n_skipped,
+            wall=wall,
+            resume=check.as_summary(),
+            **run_stats,
+        )
+        meta["versions"]["tensorflow"] = pool.tensorflow_version
+        meta.update(status="complete", finished=utc_now(), summary=summary)
+        with ledger.stops_when_output_full():
+            write_errors(layout.errors, ledger.errors)
+            write_json(layout.metadata, meta)
+        results[model.name] = AnalysisResult(
+            output=layout.root,
+            dataset=layout.scores,
+            summary=summary,
+            errors=pd.DataFrame(ledger.errors, columns=ERROR_COLUMNS),
+            metadata=meta,
+        )
+    return results if plan.several else results[plan.models[0].name]
 
 
-def _plan(
-    model: str | os.PathLike[str],
-    settings: Settings,
-    *,
-    embedder: str | None,
-    frame_hop_s: float | None,
-    thresholds: Mapping[str, float] | None,
-    precision: float | None,
-) -> _Plan:
-    """Resolve the model and frame geometry and check the thresholds (or the precision's)."""
-    spec_model = resolve_model(model, embedder=embedder, settings=settings)
-    spec = spec_model.embedder.frame_spec(frame_hop_s)
-    choice = choose_thresholds(
-        model_dir=spec_model.path,
-        classes=spec_model.classes,
-        precision=precision,
-        thresholds=thresholds,
-    )
-    ffmpeg = find_ffmpeg(ffmpeg=settings.ffmpeg, ffprobe=settings.ffprobe)
-    return _Plan(
-        model=spec_model,
-        spec=spec,
-        frames_per_chunk=spec.frames_per_chunk(settings.chunk_seconds),
-        thresholds=choice,
-        # Decode tasks run the ffmpeg found here, by its absolute path, on every node.
-        settings=settings.with_overrides(ffmpeg=ffmpeg.ffmpeg),
-        ffmpeg=ffmpeg,
+def _prepare_outputs(
+    plan: _Plan,
+    output: str | os.PathLike[str],
+    on_conflict: OnConflict,
+    fingerprints: Sequence[Mapping[str, Any]],
+) -> tuple[Path, list[OutputLayout]]:
+    """The run's directory and each model's output in it, checked (:func:`prepare_output`).
+
+    One model: the output itself. Several: ``<output>/<model name>`` each, beside the run's log
+    and lock (and kept embeddings); ``on_conflict="new"`` moves the whole run to a new sibling.
+    """
+    if not plan.several:
+        layout = prepare_output(
+            output, on_conflict=on_conflict, fingerprint=fingerprints[0], options=_options(plan, 0)
+        )
+        return layout.root, [layout]
+    root = Path(output).absolute()
+    names = {m.name for m in plan.models}
+    check_run_directory(root, names=names)
+    if on_conflict == "new" and root.is_dir() and any(root.iterdir()):
+        root = new_sibling(root)
+    layouts = [
+        prepare_output(
+            root / model.name,
+            on_conflict="error" if on_conflict == "new" else on_conflict,
+            fingerprint=fingerprint,
+            options=_options(plan, i),
+        )
+        for i, (model, fingerprint) in enumerate(zip(plan.models, fingerprints, strict=True))
+    ]
+    return root, layouts
+
+
+def _writer(
+    plan: _Plan, index: int, layout: OutputLayout, metadata: Mapping[str, Any]
+) -> PartitionWriter:
+    """What score tasks write model ``index``'s partitions with, on the workers."""
+    return PartitionWriter(
+        output=str(layout.root),
+        spec=plan.spec,
+        classes=plan.models[index].classes,
+        thresholds=tuple(plan.thresholds[index].values.items()),
+        metadata_json=json.dumps(
+            {key: metadata[key] for key in _PARTITION_METADATA}, sort_keys=True
+        ),
     )
 
 
@@ -332,12 +546,12 @@ def _run(
     client: Client,
     plan: _Plan,
     ledger: FileLedger,
-    inputs: list[InputFile],
+    inputs: RunInputs,
     *,
     on_scorer_ready: Callable[[], None],
     scorer_workers: int | None,
 ) -> tuple[ScorerPool, ChunkPipeline]:
-    """Start the scorers, then probe, decode, score and write every file.
+    """Start the scorers, then feed every file through the chunk loop (decode, score, write).
 
     Without GPUs, up to ``scorer_workers`` workers hold a scorer (None: every worker).
     """
@@ -345,12 +559,14 @@ def _run(
     pool = ScorerPool.from_settings(
         client,
         settings,
-        head_path=plan.model.path,
-        embedder_handle=plan.model.embedder.handle,
+        head_path=tuple(m.path for m in plan.models),
+        # A re-scoring loads no embedder: its heads take the stored embeddings.
+        embedder_handle=plan.embedder.handle if plan.ffmpeg is not None else None,
+        embedding_size=plan.store.embedding_size() if plan.ffmpeg is None and plan.store else None,
         spec=spec,
-        n_classes=len(plan.model.classes),
+        n_classes=tuple(len(m.classes) for m in plan.models),
         key_prefix="scorer",
-        key_token=plan.model.sha256,
+        key_token="-".join(m.sha256[:16] for m in plan.models),
         cpu_scorer_workers=scorer_workers,
     )
     pool.start(on_ready=on_scorer_ready)
@@ -367,22 +583,31 @@ def _run(
         on_failure=ledger.chunk_failed,
         score_keywords=lambda jobs: {"targets": ledger.targets(jobs)},
     )
-    states = [state for item in inputs if (state := ledger.add(item)) is not None]
-    for batch in probe_batches(states, most=PROBES_PER_TASK):
-        paths = [state.input.path for state in batch]
-        pipeline.submit(
-            probe_task,
-            paths,
-            plan.ffmpeg,
-            key=task_key("probe", *paths),
-            then=functools.partial(_probed, ledger, pipeline, batch),
-        )
+    states = [state for item in inputs.files if (state := ledger.add(item)) is not None]
+    inputs.feed(pipeline, ledger, states)
     try:
         pipeline.run()
     finally:  # the bar and the dashboard page end with the run, however it ends
         ledger.progress.close()
     pool.refresh(finished=True)
     return pool, pipeline
+
+
+def _probe_files(
+    plan: _Plan, pipeline: ChunkPipeline, ledger: FileLedger, states: list[FileState]
+) -> None:
+    """Probe the audio files in batches (hashing them where embeddings are kept)."""
+    assert plan.ffmpeg is not None
+    for batch in probe_batches(states, most=PROBES_PER_TASK):
+        paths = [state.input.path for state in batch]
+        pipeline.submit(
+            probe_task,
+            paths,
+            plan.ffmpeg,
+            plan.store is not None,
+            key=task_key("probe", *paths),
+            then=functools.partial(_probed, ledger, pipeline, batch),
+        )
 
 
 def probe_batches(items: Sequence[_Item], *, most: int) -> Iterator[list[_Item]]:
@@ -420,23 +645,29 @@ def _decoder(settings: Settings) -> Any:
     )
 
 
-def probe_task(paths: Sequence[str], tools: FFmpegTools) -> list[AudioInfo | DecodeError]:
-    """Probe task: a file that is not audio is an answer, not a failure (no worker traceback)."""
+def probe_task(
+    paths: Sequence[str], tools: FFmpegTools, content_hash: bool = False
+) -> list[AudioInfo | DecodeError]:
+    """Probe task: a file that is not audio is an answer, not a failure (no worker traceback).
+
+    ``content_hash``: also read each file's SHA-256, which keys the embedding store.
+    """
     answers: list[AudioInfo | DecodeError] = []
     for path in paths:
         try:
-            answers.append(probe_audio(path, tools=tools))
+            info = probe_audio(path, tools=tools)
+            answers.append(replace(info, sha256=file_sha256(path)) if content_hash else info)
         except DecodeError as error:
             answers.append(error)
     return answers
 
 
-def _fingerprint(plan: _Plan) -> dict[str, Any]:
-    """The settings that change results: a resume must match them."""
+def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
+    """The settings that change model ``index``'s results: a resume must match them."""
     from buzzdask import __version__
 
-    model, spec = plan.model, plan.spec
-    return {
+    model, spec = plan.models[index], plan.spec
+    fingerprint = {
         "model_sha256": model.sha256,
         # A TF Hub copy's path depends on the machine's cache; its URL and content do not.
         "embedder": model.embedder.source or model.embedder.handle,
@@ -447,40 +678,41 @@ def _fingerprint(plan: _Plan) -> dict[str, Any]:
         "frame_hop": spec.hop_length,
         "frame_context": spec.context,
         "frames_per_chunk": plan.frames_per_chunk,
-        "thresholds": dict(sorted(plan.thresholds.values.items())),
+        "thresholds": dict(sorted(plan.thresholds[index].values.items())),
         "buzzdask_version": __version__,
+    }
+    if plan.ffmpeg is None:  # a re-scoring: what was decoded, the store says
+        assert plan.store is not None
+        return {**fingerprint, "embeddings": str(plan.store.directory)}
+    return {
+        **fingerprint,
         # Builds differ in duration estimates (chunk plans) and AAC's last samples.
         "ffmpeg_version": plan.ffmpeg.version,
         "probe": "ffprobe" if plan.ffmpeg.ffprobe else "ffmpeg",
     }
 
 
-def _options(plan: _Plan) -> dict[str, Any]:
+def _options(plan: _Plan, index: int) -> dict[str, Any]:
     """The run's options, resolved, by their keyword: what a resume with other ones should pass."""
-    spec = plan.spec
+    spec, model = plan.spec, plan.models[index]
     return {
-        "model": str(plan.model.path),
-        "embedder": plan.model.embedder.handle,
+        "model": str(model.path),
+        "embedder": model.embedder.handle,
         "frame_hop_s": spec.hop_length / spec.sample_rate,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
-        "thresholds": dict(sorted(plan.thresholds.values.items())),
-        "precision": plan.thresholds.precision,
+        "thresholds": dict(sorted(plan.thresholds[index].values.items())),
+        "precision": plan.thresholds[index].precision,
     }
 
 
 def _metadata(
-    plan: _Plan,
-    *,
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    root: str,
-    n_files: int,
+    plan: _Plan, index: int, *, inputs: Mapping[str, Any], n_files: int, started: str
 ) -> dict[str, Any]:
-    """``buzzdask.json`` of a run that starts now."""
-    spec, model = plan.spec, plan.model
-    given = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    """``buzzdask.json`` of model ``index``'s output, for a run that starts now."""
+    spec, model = plan.spec, plan.models[index]
     return {
         "status": "running",
-        "started": utc_now(),
+        "started": started,
         "host": platform.node(),
         "model": model.as_metadata(),
         "embedder": model.embedder.handle,
@@ -492,12 +724,15 @@ def _metadata(
         "frame_context_s": spec.context / spec.sample_rate,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
         # The values, how they compare, and the precision and metrics rows they came from.
-        "thresholds": plan.thresholds.as_metadata(),
+        "thresholds": plan.thresholds[index].as_metadata(),
         "versions": package_versions(),
-        "ffmpeg": plan.ffmpeg.as_metadata(),
-        "inputs": {"root": root, "paths": [os.fspath(p) for p in given], "files": n_files},
-        "fingerprint": _fingerprint(plan),
-        "options": _options(plan),
+        "ffmpeg": plan.ffmpeg.as_metadata() if plan.ffmpeg else None,
+        "embeddings": str(plan.store.directory) if plan.store else None,
+        # The other heads of the run, which scored the same embeddings.
+        "heads": [m.name for m in plan.models],
+        "inputs": {**inputs, "files": n_files},
+        "fingerprint": _fingerprint(plan, index),
+        "options": _options(plan, index),
     }
 
 
@@ -531,6 +766,8 @@ def _summary(
         "scorers_lost": run_stats["scorers_lost"],
         # What a resume found it could trust, and removed (zeros for a run not resumed).
         "resume": run_stats["resume"],
+        # Chunks whose embeddings came from the store rather than from decoding the audio.
+        "chunks_from_store": ledger.chunks_from_store,
     }
 
 

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     _add_analyze_parser(commands)
+    _add_rescore_parser(commands)
     _add_init_parser(commands)
     _add_transfer_parser(commands)
     _add_train_parser(commands)
@@ -128,29 +129,29 @@ def _add_detection_options(parser: argparse.ArgumentParser, *, threshold_help: s
     )
 
 
-def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
-    analyze = commands.add_parser("analyze", help="score audio files and write Parquet")
-    analyze.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or directories")
-    analyze.add_argument(
-        "--model", required=True, help="model directory or name in buzzdask.model-dirs"
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The flags ``analyze`` and ``rescore`` share: models, output, geometry, conflicts, cluster."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="model directory or name in buzzdask.model-dirs; repeat for several heads on one "
+        "embedder (scored together, each into OUTPUT/<model name>)",
     )
-    analyze.add_argument("--output", required=True, help="output directory")
-    analyze.add_argument(
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument(
         "--embedder", help="embedder handle: TF Hub URL or local SavedModel directory"
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--framehop",
         type=float,
         metavar="SECONDS",
         help="seconds between frame starts (default: one frame, 0.96)",
     )
-    analyze.add_argument(
-        "--chunk-seconds", type=float, metavar="SECONDS", help="audio per decode task (default 600)"
-    )
     _add_detection_options(
-        analyze, threshold_help="add a detection_CLASS column (activation > VALUE); repeatable"
+        parser, threshold_help="add a detection_CLASS column (activation > VALUE); repeatable"
     )
-    conflict = analyze.add_mutually_exclusive_group()
+    conflict = parser.add_mutually_exclusive_group()
     conflict.add_argument(
         "--resume", action="store_true", help="finish the run already in --output"
     )
@@ -159,30 +160,60 @@ def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="if --output holds results, write to OUTPUT-<time> instead",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--memory-budget", metavar="BYTES", help="decoded audio in flight, e.g. 2GiB (default 1GiB)"
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--batch-frames", type=int, metavar="N", help="frames per embedder call (default 1024)"
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--scheduler",
         metavar="ADDRESS",
         help="use a running Dask scheduler instead of a local cluster",
     )
-    _add_watch_options(analyze)
-    analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
-    analyze.add_argument(
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
         help="a line per chunk (decoding/scoring/written <file> [start–end]), and Dask's warnings",
     )
-    analyze.add_argument(
+    parser.add_argument(
         "--debug",
         action="store_true",
         help="everything TensorFlow, absl, gRPC and Dask log, local workers' stderr included",
     )
+
+
+def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
+    analyze = commands.add_parser("analyze", help="score audio files and write Parquet")
+    analyze.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or directories")
+    _add_run_options(analyze)
+    analyze.add_argument(
+        "--chunk-seconds", type=float, metavar="SECONDS", help="audio per decode task (default 600)"
+    )
+    analyze.add_argument(
+        "--keep-embeddings",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="STORE",
+        help="keep the embeddings in an embedding store (default OUTPUT/embeddings; the "
+        "training's embedding-cache works too), so that `buzzdask rescore` can score them with "
+        "another head without the audio; chunks already there are not decoded again",
+    )
+    _add_watch_options(analyze)
+
+
+def _add_rescore_parser(commands: argparse._SubParsersAction) -> None:
+    rescore = commands.add_parser(
+        "rescore",
+        help="score the embeddings an analysis kept with other heads (no audio, no embedder)",
+    )
+    rescore.add_argument(
+        "store", metavar="STORE", help="an embedding store (an analysis' OUTPUT/embeddings)"
+    )
+    _add_run_options(rescore)
 
 
 def _add_watch_options(analyze: argparse.ArgumentParser) -> None:
@@ -518,22 +549,25 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         return _summarize(args)
     if args.command == "plot":
         return _plot(args)
-    if args.watch and len(args.inputs) != 1:
-        build_parser().error("--watch takes exactly one INPUT directory")
+    if args.command == "analyze" and args.watch:
+        if len(args.inputs) != 1:
+            build_parser().error("--watch takes exactly one INPUT directory")
+        if len(args.model) != 1:
+            build_parser().error("--watch takes one --model")
     from buzzdask.logs import configure_console
 
     # Before anything loads TensorFlow or starts workers, which inherit it.
     configure_console(2 if args.debug else 1 if args.verbose else 0)
-    from buzzdask import analyze
-    from buzzdask.progress import format_audio, format_factor
+    from buzzdask import analyze, rescore
     from buzzdask.watching import watch
 
+    # One --model: its output is OUTPUT itself; several: OUTPUT/<model name> each.
+    model = args.model[0] if len(args.model) == 1 else args.model
     options = {
         "output": args.output,
         "client": client if client is not None else args.scheduler,
         "embedder": args.embedder,
         "frame_hop_s": args.framehop,
-        "chunk_seconds": args.chunk_seconds,
         "thresholds": dict(args.threshold),
         "precision": args.precision,
         "on_conflict": "resume" if args.resume else "new" if args.new else "error",
@@ -542,16 +576,34 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         "progress": not args.no_progress,
         "verbose": args.verbose or args.debug,
     }
-    if args.watch:
+    if args.command == "rescore":
+        result = rescore(args.store, model, **options)
+    elif args.watch:
         result = watch(
             args.inputs[0],
-            args.model,
+            model,
             poll_seconds=args.poll,
             idle_timeout_s=args.idle_timeout,
+            chunk_seconds=args.chunk_seconds,
+            keep_embeddings=args.keep_embeddings,
             **options,
         )
     else:
-        result = analyze(args.inputs, args.model, **options)
+        result = analyze(
+            args.inputs,
+            model,
+            chunk_seconds=args.chunk_seconds,
+            keep_embeddings=args.keep_embeddings,
+            **options,
+        )
+    results = result if isinstance(result, dict) else {"": result}
+    return max(_report(one) for one in results.values())
+
+
+def _report(result: Any) -> int:
+    """Print a run's one-line summary and its failures; its exit code."""
+    from buzzdask.progress import format_audio, format_factor
+
     summary = result.summary
     print(
         f"buzzdask: {summary['files_done']}/{summary['files']} files, "

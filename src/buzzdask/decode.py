@@ -94,6 +94,8 @@ class AudioInfo:
         0.01 s when probed without ffprobe (ffmpeg reports it so).
     size_bytes : int
     mtime_ns : int
+    sha256 : str or None
+        The content hash, where an embedding store needs it (read by the probe task).
     """
 
     path: str
@@ -103,6 +105,7 @@ class AudioInfo:
     duration_s: float | None
     size_bytes: int
     mtime_ns: int
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)

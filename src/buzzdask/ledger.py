@@ -1,13 +1,13 @@
 """What happened to each input file of an analysis: chunks to do and done, frames, errors.
 
-:class:`FileLedger` turns a probed file into the chunks still to do (a resume skips those its
-journal records), journals each chunk a worker scored and wrote, and reports every problem
-once, per file: a file that fails does not stop the others.
+:class:`FileLedger` turns a probed file into the chunks still to do (a resume skips those every
+head's journal records; the embedding store serves those it holds without decoding), journals
+each chunk a worker scored and wrote, once per head, and reports every problem once, per file: a
+file that fails does not stop the others.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,9 +19,11 @@ from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
 from buzzdask.pipeline import ChunkJob, chunk_label
 from buzzdask.progress import Progress, logger
+from buzzdask.score import ChunkTarget, ChunkWriter
+from buzzdask.store import STORED_CODEC, EmbeddingStore
 from buzzdask.write import OutputLayout, PartitionWriter, is_output_full, output_full_error
 
-__all__ = ["FileLedger", "FileState", "describe"]
+__all__ = ["FileLedger", "FileState", "HeadOutput", "describe"]
 
 #: Most chunks added at once after a file's last chunk came back full (its duration estimate was
 #: short). Each time, as many as the file has so far, up to this: a file far longer than its
@@ -40,6 +42,24 @@ class FileState:
     chunks_done: int = 0
     frames: int = 0
     failed: bool = False
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """Where one head's results go: its output directory and partition writer.
+
+    Parameters
+    ----------
+    layout : OutputLayout
+    writer : PartitionWriter
+    done : mapping of (file, chunk) -> journal entry
+        Chunks an earlier run finished and a resume verified (empty unless resuming).
+    """
+
+    layout: OutputLayout
+    writer: PartitionWriter
+    done: Mapping[tuple[str, int], Mapping[str, Any]]
 
 
 def describe(error: BaseException) -> tuple[str, str]:
@@ -54,43 +74,41 @@ class FileLedger:
 
     Parameters
     ----------
-    layout : OutputLayout
+    heads : sequence of HeadOutput
+        One per head, in the order the scorers give their activations.
     spec : FrameSpec
-    classes : sequence of str
-    thresholds : mapping of class -> float
-    partition_metadata : mapping
-        Stored in every partition's schema.
     frames_per_chunk : int > 0
-    done : mapping of (file, chunk) -> journal entry
-        Chunks an earlier run finished and a resume verified (empty unless resuming).
     progress : Progress
+    store : EmbeddingStore, optional
+        Where embeddings are kept; chunks it holds whole are read from it, not decoded.
+    exact_plans : bool
+        Whether the chunk plans given are the files' real ones (a re-scoring's, from the
+        store's catalog): no chunks are added past the last.
     """
 
     def __init__(
         self,
         *,
-        layout: OutputLayout,
+        heads: Sequence[HeadOutput],
         spec: FrameSpec,
-        classes: Sequence[str],
-        thresholds: Mapping[str, float],
-        partition_metadata: Mapping[str, Any],
         frames_per_chunk: int,
-        done: Mapping[tuple[str, int], Mapping[str, Any]],
         progress: Progress,
+        store: EmbeddingStore | None = None,
+        exact_plans: bool = False,
     ) -> None:
-        self.layout = layout
+        self.heads = tuple(heads)
+        self.layout = self.heads[0].layout
         self.spec = spec
-        self.classes = tuple(classes)
-        self.thresholds = dict(thresholds)
-        self.partition_metadata = dict(partition_metadata)
         self.frames_per_chunk = frames_per_chunk
-        self.done = done
+        self.store = store
+        self.exact_plans = exact_plans
         self.progress = progress
         self.files: dict[str, FileState] = {}
         self.errors: list[dict[str, Any]] = []
         self.frames_written = 0
         self.chunks_written = 0
         self.chunks_skipped = 0
+        self.chunks_from_store = 0
 
     def add(self, item: InputFile) -> FileState | None:
         """Track an input file; ``None`` when discovery already found it unusable."""
@@ -108,10 +126,19 @@ class FileLedger:
             self._fail(state, None, "probe", *describe(answer))
             self.progress.finished(relative, failed=True)
             return []
-        state.info = answer
-        plans = plan_chunks(answer, self.spec, frames_per_chunk=self.frames_per_chunk)
+        return self.planned(
+            state, answer, plan_chunks(answer, self.spec, frames_per_chunk=self.frames_per_chunk)
+        )
+
+    def planned(
+        self, state: FileState, info: AudioInfo, plans: Sequence[ChunkPlan]
+    ) -> list[ChunkJob]:
+        """The chunks of ``plans`` still to do, for a file whose parameters are ``info``."""
+        relative = state.input.relative
+        state.info = info
+        state.sha256 = state.sha256 or info.sha256
         state.chunks = len(plans)
-        self.progress.expect(relative, answer.duration_s or 0.0)
+        self.progress.expect(relative, info.duration_s or 0.0)
         jobs = [job for plan in plans if (job := self._job(state, plan)) is not None]
         # An earlier run may have found audio past the estimate: the chunks it added follow.
         jobs += self._follow_ons(state, plans[-1], self._frames_done(state, plans[-1].index))
@@ -125,7 +152,14 @@ class FileLedger:
         frames = self._frames_done(state, plan.index)
         if frames is None:
             label = chunk_label(relative, plan, self.spec, duration_s=state.info.duration_s)
-            return ChunkJob(relative, state.info, plan, label=label, owner=state)
+            job = ChunkJob(relative, state.info, plan, label=label, owner=state)
+            if self.store is not None and state.sha256 is not None:
+                stored = self.store.frames_of(
+                    state.sha256, plan.first_frame, plan.n_frames or self.frames_per_chunk
+                )
+                if stored is not None:
+                    job.stored = self.store.ref(state.sha256, plan.first_frame, plan.n_frames)
+            return job
         self.chunks_skipped += 1
         self.progress.advance(relative, self._seconds(frames), resumed=True)
         state.chunks_done += 1
@@ -143,7 +177,7 @@ class FileLedger:
         """
         assert state.info is not None
         jobs: list[ChunkJob] = []
-        while n_frames is not None and plan.index == state.chunks - 1:
+        while not self.exact_plans and n_frames is not None and plan.index == state.chunks - 1:
             more = chunks_after(
                 plan,
                 n_frames,
@@ -167,35 +201,37 @@ class FileLedger:
         return jobs
 
     def _frames_done(self, state: FileState, chunk_index: int) -> int | None:
-        """Frames of a chunk an earlier run wrote, else ``None``.
+        """Frames of a chunk an earlier run wrote for every head, else ``None``.
 
         ``done`` holds only verified chunks (:func:`buzzdask.resume.check_resume`); the file
-        is compared once more, as probed, in case it changed since.
+        is compared once more, as probed, in case it changed since. A chunk some head lacks
+        (one added to the run) is scored again for all.
         """
         assert state.info is not None
-        entry = self.done.get((state.input.relative, chunk_index))
-        if (
-            not entry
-            or entry.get("size") != state.info.size_bytes
-            or entry.get("mtime_ns") != state.info.mtime_ns
-        ):
-            return None
-        return int(entry["frames"])
+        key = (state.input.relative, chunk_index)
+        frames = set()
+        for head in self.heads:
+            entry = head.done.get(key)
+            if (
+                not entry
+                or entry.get("size") != state.info.size_bytes
+                or entry.get("mtime_ns") != state.info.mtime_ns
+            ):
+                return None
+            frames.add(int(entry["frames"]))
+        return frames.pop() if len(frames) == 1 else None
 
-    def writer(self) -> PartitionWriter:
-        """What score tasks write partitions with, on the workers."""
-        return PartitionWriter(
-            output=str(self.layout.root),
-            spec=self.spec,
-            classes=self.classes,
-            thresholds=tuple(self.thresholds.items()),
-            metadata_json=json.dumps(self.partition_metadata, sort_keys=True),
-        )
+    def writer(self) -> ChunkWriter:
+        """What score tasks write partitions (and kept embeddings) with, on the workers."""
+        return ChunkWriter(heads=tuple(head.writer for head in self.heads), store=self.store)
 
     @staticmethod
-    def targets(jobs: list[ChunkJob]) -> list[tuple[str, int]]:
-        """Where the partitions of a score task's chunks go: (input name, chunk index)."""
-        return [(job.name, job.plan.index) for job in jobs]
+    def targets(jobs: list[ChunkJob]) -> list[ChunkTarget]:
+        """Where the results of a score task's chunks go."""
+        return [
+            ChunkTarget(job.name, job.plan.index, job.owner.sha256, job.plan.n_frames)
+            for job in jobs
+        ]
 
     def scored(self, job: ChunkJob, result: tuple[int, int, str]) -> list[ChunkJob]:
         """Journal a chunk a worker scored and wrote (``result`` from ``score_chunks``).
@@ -210,13 +246,31 @@ class FileLedger:
         state: FileState = job.owner
         relative = state.input.relative
         assert state.info is not None
-        self.layout.record_chunk(
-            relative,
-            job.plan.index,
-            frames=n_frames,
-            size=state.info.size_bytes,
-            mtime_ns=state.info.mtime_ns,
-        )
+        for head in self.heads:
+            head.layout.record_chunk(
+                relative,
+                job.plan.index,
+                frames=n_frames,
+                size=state.info.size_bytes,
+                mtime_ns=state.info.mtime_ns,
+            )
+        # A re-scoring's chunks came from the catalog: it reads the store, never adds to it.
+        if self.store is not None and state.sha256 is not None and state.info.codec != STORED_CODEC:
+            self.store.record(
+                [
+                    {
+                        "file": relative,
+                        "sha256": state.sha256,
+                        "size": state.info.size_bytes,
+                        "mtime_ns": state.info.mtime_ns,
+                        "duration_s": state.info.duration_s,
+                        "chunk": job.plan.index,
+                        "first_frame": job.plan.first_frame,
+                        "frames": n_frames,
+                        "frames_per_chunk": self.frames_per_chunk,
+                    }
+                ]
+            )
         logger.info("written %s: %d frames", job.label, n_frames)
         if messages:
             self.errors.append(
@@ -229,6 +283,7 @@ class FileLedger:
                 }
             )
         self.chunks_written += 1
+        self.chunks_from_store += job.stored is not None
         self.frames_written += n_frames
         more = self._follow_ons(state, job.plan, n_frames)  # before the file can count as done
         state.chunks_done += 1

@@ -196,8 +196,10 @@ def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[No
         logger.addHandler(added)
     local = isinstance(getattr(client, "cluster", None), LocalCluster)
     quiet = local and not (_configured and _configured[-1] == 2)
-    client.register_plugin(WorkerLogging(stderr=path if quiet else None))
-    client.forward_logging("buzzdask", level=logging.INFO)
+    # Workers in this process (a cluster of threads) log through these handlers already.
+    if not str(client.scheduler.address).startswith("inproc://"):
+        client.register_plugin(WorkerLogging(stderr=path if quiet else None))
+        client.forward_logging("buzzdask", level=logging.INFO)
     try:
         yield
     except BaseException as error:

@@ -25,6 +25,7 @@ from buzzdask.progress import logger
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import task_key
 from buzzdask.settings import Settings
+from buzzdask.store import STORED_CODEC, StoredRef, load_stored
 
 __all__ = [
     "Budget",
@@ -59,6 +60,9 @@ class ChunkJob:
         Score tasks of this chunk whose scorer was lost.
     scorer : str or None
         The address of the scorer that scored it (set before ``on_result``).
+    stored : StoredRef or None
+        Where its embeddings are stored: read back (:func:`buzzdask.store.load_stored`)
+        instead of decoded.
     """
 
     name: str
@@ -68,6 +72,7 @@ class ChunkJob:
     owner: Any = None
     attempts: int = 0
     scorer: str | None = None
+    stored: StoredRef | None = None
 
 
 def chunk_label(
@@ -208,7 +213,8 @@ class ChunkPipeline:
     pool : ScorerPool
         Started (:meth:`ScorerPool.start`); actors still starting are waited for in :meth:`run`.
     decode : callable
-        ``decode(info, plan, **decode_options) -> DecodedChunk``, run on a worker.
+        ``decode(info, plan, **decode_options) -> DecodedChunk``, run on a worker (a chunk whose
+        embeddings are stored is read back instead, :attr:`ChunkJob.stored`).
     decode_options : mapping
     score : callable
         ``score(actor, *decoded, **score_keywords(jobs)) -> list of results``, run on the actor's
@@ -226,8 +232,8 @@ class ChunkPipeline:
         ``on_result(job, result)`` for each scored chunk, ``result`` one item of ``score``'s list.
         It may return more chunks of the file to decode (its audio went on past the estimate).
     on_failure : callable
-        ``on_failure(job, error, stage)``, ``stage`` ``"decode"`` or ``"score"``; it may raise
-        to end the run.
+        ``on_failure(job, error, stage)``, ``stage`` ``"decode"`` (``"load"`` for a chunk read
+        back from the embedding store) or ``"score"``; it may raise to end the run.
     score_keywords : callable, optional
         ``score_keywords(jobs) -> dict``: keywords of the score task for a group of chunks
         (where their results go); none by default.
@@ -384,6 +390,18 @@ class ChunkPipeline:
 
     def _decode(self, job: ChunkJob) -> None:
         self.budget.take()
+        future: Future
+        if job.stored is not None:
+            logger.info("reading stored embeddings of %s", job.label)
+            future = self.client.submit(
+                load_stored,
+                job.stored,
+                key=task_key("load", job.name, job.plan),
+                **self.pool.decode_placement(),
+                pure=False,
+            )
+            self._track(future, functools.partial(self._decoded_done, job))
+            return
         logger.info("decoding %s", job.label)
         future = self.client.submit(
             self.decode,
@@ -419,12 +437,24 @@ class ChunkPipeline:
 
     # -- completion --------------------------------------------------------------------------
     def _decoded_done(self, job: ChunkJob, future: Future) -> None:
-        if future.status == "error":
-            self.budget.release()
-            self.on_failure(job, future.exception(), "decode")
-            self._chunk_over(job)
-        else:
+        if future.status != "error":
             self._decoded.append((job, future))
+            return
+        self.budget.release()
+        if job.stored is not None and job.info.codec != STORED_CODEC:
+            # A damaged store does not fail audio that is at hand: it is decoded instead.
+            logger.warning(
+                "%s: its stored embeddings cannot be read (%s); decoding it instead",
+                job.label,
+                future.exception(),
+            )
+            job.stored = None
+            self._todo.appendleft(job)
+            return
+        # A chunk read back from the embedding store was not decoded: its stage is "load".
+        stage = "decode" if job.stored is None else "load"
+        self.on_failure(job, future.exception(), stage)
+        self._chunk_over(job)
 
     def _scored(self, address: str, group: list[tuple[ChunkJob, Future]], future: Future) -> None:
         self._load[address] -= 1
@@ -455,7 +485,9 @@ class ChunkPipeline:
         if self._open[path] > 0:
             return
         del self._open[path]
-        if not seeks_exactly(job.info.codec, self.decode_options.get("seekable_codecs", ())):
+        if job.info.codec != STORED_CODEC and not seeks_exactly(
+            job.info.codec, self.decode_options.get("seekable_codecs", ())
+        ):
             # Each node that decoded the file whole holds a copy (an hour: 230 MB): remove it
             # now, not at the end of the run. Not waited for: it only deletes files.
             self.client.run(_release_copy, job.info, **self.decode_options, wait=False)

@@ -224,6 +224,12 @@ def open_run(output: str | os.PathLike[str]) -> Run:
     try:
         metadata = json.loads(layout.metadata.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        heads = sorted(p.parent.name for p in layout.root.glob("*/buzzdask.json"))
+        if heads:  # a run of several models: one output per model inside
+            raise InputError(
+                f"{layout.root} holds the outputs of several models: open one of "
+                f"{', '.join(str(layout.root / name) for name in heads)}"
+            ) from None
         raise InputError(
             f"{layout.root} is not a buzzdask output: no buzzdask.json (pass the directory "
             f"given to analyze as output)"

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +67,11 @@ class ResumeCheck:
 
 
 def check_resume(
-    layout: OutputLayout, *, fingerprint: Mapping[str, Any], input_root: str | os.PathLike[str]
+    layout: OutputLayout,
+    *,
+    fingerprint: Mapping[str, Any],
+    input_root: str | os.PathLike[str],
+    versions: Callable[[str], tuple[int, int] | None] | None = None,
 ) -> ResumeCheck:
     """Check every journalled chunk of ``layout``; remove what cannot be trusted.
 
@@ -80,6 +84,9 @@ def check_resume(
     input_root : path-like
         This run's input directory. The journal's file names are relative to the earlier run's
         (from ``buzzdask.json``), which is the same unless the inputs were given differently.
+    versions : callable, optional
+        ``versions(name)``: an input's (size, modification time) now, ``None`` if gone. Default:
+        the file's under the input directory (a re-scoring asks its store's catalog).
 
     Returns
     -------
@@ -90,12 +97,13 @@ def check_resume(
     if layout.metadata.exists():
         earlier = json.loads(layout.metadata.read_text(encoding="utf-8"))
         input_root = earlier.get("inputs", {}).get("root", input_root)
-    versions = {relative: _version(Path(input_root, relative)) for relative, _ in journal}
+    version_of = versions or (lambda relative: _version(Path(input_root, relative)))
+    current = {relative: version_of(relative) for relative, _ in journal}
     check = ResumeCheck()
     rejected: dict[tuple[str, int], str] = {}
     to_verify = []
     for key, entry in journal.items():
-        version = versions[key[0]]
+        version = current[key[0]]
         if version is None:
             rejected[key] = "vanished"
         elif version != (entry.get("size"), entry.get("mtime_ns")):

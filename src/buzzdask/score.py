@@ -15,9 +15,9 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client, Future, get_worker
@@ -26,9 +26,18 @@ from buzzdask.decode import DecodedChunk
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import load_embedder, load_head
+from buzzdask.store import EmbeddingStore, StoredChunk
 from buzzdask.write import PartitionWriter
 
-__all__ = ["Scorer", "embed_chunks", "prepare_devices", "score_chunks", "submit_scorer"]
+__all__ = [
+    "ChunkTarget",
+    "ChunkWriter",
+    "Scorer",
+    "embed_chunks",
+    "prepare_devices",
+    "score_chunks",
+    "submit_scorer",
+]
 
 
 @dataclass
@@ -42,21 +51,25 @@ class _FrameRun:
 
 
 class Scorer:
-    """Dask actor scoring decoded chunks with an embedder and a head.
+    """Dask actor scoring decoded chunks with an embedder and one or more heads.
 
     Parameters
     ----------
-    head_path : str or None
-        Directory of the head SavedModel (``serving_default``: embeddings -> activations).
-        ``None``: no head; the actor only gives embeddings (:meth:`embed`, for training).
-    embedder_handle : str
+    head_path : str, sequence of str, or None
+        Directory of a head SavedModel (``serving_default``: embeddings -> activations), or of
+        several heads that score the same embeddings (their activations side by side, in this
+        order). ``None``: no head; the actor only gives embeddings (:meth:`embed`, training).
+    embedder_handle : str or None
         ``tensorflow_hub.load`` handle of the embedder (waveform -> scores, embeddings, ...).
+        ``None``: no embedder; the heads score stored embeddings only (a re-scoring).
     spec : FrameSpec
         Frame geometry; the hop may differ from the embedder's own patch hop.
-    n_classes : int >= 0
-        Columns the head must give (ignored without a head).
+    n_classes : int or sequence of int
+        Columns each head must give (ignored without a head).
     batch_frames : int > 0
         Most embedder patches per call.
+    embedding_size : int, optional
+        Without an embedder: the size of the stored embeddings the heads take.
     intra_op_threads, inter_op_threads : int, optional
         TensorFlow thread pools (default: TensorFlow's choice, or a share of the cores).
     share_cores : int >= 1
@@ -75,8 +88,8 @@ class Scorer:
     ScorerError
         If the worker declares GPUs and TensorFlow does not see exactly that many.
     ModelError
-        If the embedder's output size does not match the head's input, or the head's output
-        does not match the class list.
+        If the embedder's output size does not match a head's input, or a head's output
+        does not match its class list.
 
     Notes
     -----
@@ -89,11 +102,12 @@ class Scorer:
     def __init__(
         self,
         *,
-        head_path: str | None,
-        embedder_handle: str,
+        head_path: str | Sequence[str] | None,
+        embedder_handle: str | None,
         spec: FrameSpec,
-        n_classes: int,
+        n_classes: int | Sequence[int],
         batch_frames: int,
+        embedding_size: int | None = None,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
         share_cores: int = 1,
@@ -113,36 +127,34 @@ class Scorer:
         self._tf = tf
         self.spec = spec
         self.batch_frames = max(1, int(batch_frames))
-        self._embedder = load_embedder(embedder_handle)
-        self._head: Callable[[np.ndarray], np.ndarray] | None
-        self._head, head_input = load_head(head_path) if head_path else (None, -1)
-
-        one = self._embed(np.zeros(spec.window, np.float32))
-        if one.shape[0] != 1:
-            raise ModelError(
-                f"embedder {embedder_handle!r} gives {one.shape[0]} frames for one "
-                f"{spec.window}-sample window; frame length or context is misconfigured"
-            )
-        self.embedding_size = int(one.shape[1])
-        if head_input not in (-1, self.embedding_size):
-            raise ModelError(
-                f"embedder {embedder_handle!r} gives {self.embedding_size}-d embeddings but the "
-                f"head in {head_path} expects {head_input}-d input"
-            )
-        n_outputs = n_classes if self._head is None else self._head(one).shape[1]
-        if n_outputs != n_classes:
-            raise ModelError(
-                f"head in {head_path} gives {n_outputs} outputs but its config lists "
-                f"{n_classes} classes"
-            )
-        # The embedder's own patch hop, measured: patches for a window plus two frames.
-        n_patches = self._embed(np.zeros(spec.window + 2 * spec.frame_length, np.float32)).shape[0]
-        self.native_hop = (2 * spec.frame_length) // max(1, n_patches - 1)
-        # Frames on the patch grid come from one contiguous call; others are scored one by one.
-        self._stride = (
-            spec.hop_length // self.native_hop if spec.hop_length % self.native_hop == 0 else None
-        )
-        self.n_classes = n_classes
+        head_paths = (head_path,) if isinstance(head_path, str) else tuple(head_path or ())
+        classes = (n_classes,) if isinstance(n_classes, int) else tuple(n_classes)
+        classes = classes if head_paths else ()
+        self._heads = [load_head(path) for path in head_paths]
+        self._embedder = load_embedder(embedder_handle) if embedder_handle else None
+        if self._embedder is None:
+            if embedding_size is None:
+                raise ModelError("a scorer without an embedder needs the stored embedding size")
+            self.embedding_size = embedding_size
+            self.native_hop = spec.hop_length
+        else:
+            self.embedding_size = self._measure_embedder(str(embedder_handle))
+        for (score, head_input), path, n_head_classes in zip(
+            self._heads, head_paths, classes, strict=True
+        ):
+            if head_input not in (-1, self.embedding_size):
+                source = f"embedder {embedder_handle!r}" if embedder_handle else "the store"
+                raise ModelError(
+                    f"{source} gives {self.embedding_size}-d embeddings but the head in {path} "
+                    f"expects {head_input}-d input"
+                )
+            n_outputs = score(np.zeros((1, self.embedding_size), np.float32)).shape[1]
+            if n_outputs != n_head_classes:
+                raise ModelError(
+                    f"head in {path} gives {n_outputs} outputs but its config lists "
+                    f"{n_head_classes} classes"
+                )
+        self.n_classes = sum(classes) if self._heads else 0
         self.frames_scored = 0
         self.frames_embedded = 0
         self.seconds_scoring = 0.0
@@ -151,36 +163,85 @@ class Scorer:
         # Score tasks call in from the worker's threads (see _call): one batch at a time.
         self._lock = threading.Lock()
 
+    def _measure_embedder(self, handle: str) -> int:
+        """Check the embedder gives one frame per window; its embedding size and patch hop."""
+        spec = self.spec
+        one = self._embed(np.zeros(spec.window, np.float32))
+        if one.shape[0] != 1:
+            raise ModelError(
+                f"embedder {handle!r} gives {one.shape[0]} frames for one "
+                f"{spec.window}-sample window; frame length or context is misconfigured"
+            )
+        # The embedder's own patch hop, measured: patches for a window plus two frames.
+        n_patches = self._embed(np.zeros(spec.window + 2 * spec.frame_length, np.float32)).shape[0]
+        self.native_hop = (2 * spec.frame_length) // max(1, n_patches - 1)
+        # Frames on the patch grid come from one contiguous call; others are scored one by one.
+        self._stride = (
+            spec.hop_length // self.native_hop if spec.hop_length % self.native_hop == 0 else None
+        )
+        return int(one.shape[1])
+
     def _embed(self, waveform: np.ndarray) -> np.ndarray:
+        assert self._embedder is not None
         outputs = self._embedder(self._tf.constant(waveform, dtype=self._tf.float32))
         return outputs[1].numpy()
 
-    def score(self, chunks: list[DecodedChunk]) -> list[np.ndarray]:
-        """Score decoded chunks.
+    def score(self, chunks: Sequence[DecodedChunk | StoredChunk]) -> list[np.ndarray]:
+        """Score decoded chunks, or stored embeddings, with every head.
 
         Parameters
         ----------
-        chunks : list of DecodedChunk
+        chunks : sequence of DecodedChunk or StoredChunk
 
         Returns
         -------
         list of np.ndarray [shape=(chunk.n_frames, n_classes), dtype=float32]
-            Raw head activations, one array per chunk, in order.
+            Raw head activations, one array per chunk, in order; with several heads, their
+            columns side by side in the heads' order.
 
         Raises
         ------
         ModelError
-            If the actor was started without a head.
+            If the actor was started without a head, or a decoded chunk reaches an actor
+            started without an embedder.
         """
-        if self._head is None:
+        return [activations for _, activations in self.score_and_embed(chunks)]
+
+    def score_and_embed(
+        self, chunks: Sequence[DecodedChunk | StoredChunk]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`score`, with each chunk's embeddings: ``(embeddings, activations)`` per chunk.
+
+        A stored chunk's embeddings are the ones it brought.
+        """
+        if not self._heads:
             raise ModelError("this scorer has no head (started for embeddings only)")
         with self._lock:
-            results = self._batched(chunks, self._head, self.n_classes)
-            self.frames_scored += sum(len(r) for r in results)
-        return results
+            started = time.perf_counter()
+            decoded = [c for c in chunks if isinstance(c, DecodedChunk)]
+            fresh = iter(self._batched(decoded) if decoded else [])
+            embeddings = [
+                next(fresh)
+                if isinstance(c, DecodedChunk)
+                else c.embeddings.reshape(c.n_frames, self.embedding_size)
+                for c in chunks
+            ]
+            self.frames_embedded += sum(c.n_frames for c in decoded)
+            stacked = np.concatenate(embeddings)
+            # One call per head for the whole task: a head costs next to nothing per frame.
+            activations = np.concatenate(
+                [score(stacked).astype(np.float32, copy=False) for score, _ in self._heads]
+                if len(stacked)
+                else [np.zeros((0, self.n_classes), np.float32)],
+                axis=1,
+            )
+            bounds = np.cumsum([len(e) for e in embeddings])[:-1]
+            self.frames_scored += len(stacked)
+            self.seconds_scoring += time.perf_counter() - started
+        return list(zip(embeddings, np.split(activations, bounds), strict=True))
 
     def embed(self, chunks: list[DecodedChunk]) -> list[np.ndarray]:
-        """Embed decoded chunks (the same batching as :meth:`score`, without the head).
+        """Embed decoded chunks (the same batching as :meth:`score`, without the heads).
 
         Parameters
         ----------
@@ -192,18 +253,18 @@ class Scorer:
             The embedder's output for each frame, one array per chunk, in order.
         """
         with self._lock:
-            results = self._batched(chunks, None, self.embedding_size)
+            started = time.perf_counter()
+            results = self._batched(chunks)
             self.frames_embedded += sum(len(r) for r in results)
+            self.seconds_scoring += time.perf_counter() - started
         return results
 
-    def _batched(
-        self,
-        chunks: list[DecodedChunk],
-        head: Callable[[np.ndarray], np.ndarray] | None,
-        width: int,
-    ) -> list[np.ndarray]:
-        """Frames of ``chunks`` through the embedder in batches, then ``head`` if given."""
-        started = time.perf_counter()
+    def _batched(self, chunks: list[DecodedChunk]) -> list[np.ndarray]:
+        """Frames of ``chunks`` through the embedder in batches: their embeddings, per chunk."""
+        if self._embedder is None:
+            raise ModelError(
+                "this scorer has no embedder (started to re-score stored embeddings only)"
+            )
         results: list[np.ndarray] = []
         pieces: list[list[tuple[int, np.ndarray]]] = [[] for _ in chunks]
         batch: list[_FrameRun] = []
@@ -211,16 +272,19 @@ class Scorer:
         for run in self._runs(chunks):
             patches = self._padded_length(run.n_frames) // self.native_hop
             if batch and batch_patches + patches > self.batch_frames:
-                self._run_batch(batch, pieces, head)
+                self._run_batch(batch, pieces)
                 batch, batch_patches = [], 0
             batch.append(run)
             batch_patches += patches
         if batch:
-            self._run_batch(batch, pieces, head)
+            self._run_batch(batch, pieces)
         for chunk_pieces in pieces:
             ordered = [a for _, a in sorted(chunk_pieces, key=_first)]
-            results.append(np.concatenate(ordered) if ordered else np.zeros((0, width), np.float32))
-        self.seconds_scoring += time.perf_counter() - started
+            results.append(
+                np.concatenate(ordered)
+                if ordered
+                else np.zeros((0, self.embedding_size), np.float32)
+            )
         return results
 
     def stats(self) -> dict[str, Any]:
@@ -259,21 +323,18 @@ class Scorer:
         return runs
 
     def _run_batch(
-        self,
-        batch: list[_FrameRun],
-        pieces: list[list[tuple[int, np.ndarray]]],
-        head: Callable[[np.ndarray], np.ndarray] | None,
+        self, batch: list[_FrameRun], pieces: list[list[tuple[int, np.ndarray]]]
     ) -> None:
         """Score ``batch`` into ``pieces``; out of GPU memory, in two halves instead."""
         try:
-            outputs = self._batch_outputs(batch, head)
+            outputs = self._batch_outputs(batch)
         except self._tf.errors.ResourceExhaustedError:
             halves = _halves(batch, self.spec)
             if halves is None:  # one frame does not fit: nothing smaller to try
                 raise
             self.oom_splits += 1
             for half in halves:
-                self._run_batch(half, pieces, head)
+                self._run_batch(half, pieces)
             return
         self.calls += 1
         position = 0
@@ -281,10 +342,8 @@ class Scorer:
             pieces[run.chunk].append((run.first, outputs[position : position + run.n_frames]))
             position += run.n_frames
 
-    def _batch_outputs(
-        self, batch: list[_FrameRun], head: Callable[[np.ndarray], np.ndarray] | None
-    ) -> np.ndarray:
-        """The runs of ``batch`` laid out on the patch grid in one waveform, through the models."""
+    def _batch_outputs(self, batch: list[_FrameRun]) -> np.ndarray:
+        """The runs of ``batch`` laid out on the patch grid in one waveform, embedded."""
         lengths = [self._padded_length(run.n_frames) for run in batch]
         waveform = np.zeros(sum(lengths), np.float32)
         rows: list[np.ndarray] = []
@@ -295,8 +354,7 @@ class Scorer:
             waveform[offset : offset + len(run.samples)] = run.samples
             rows.append(offset // self.native_hop + stride * np.arange(run.n_frames))
             offset += length
-        embeddings = self._embed(waveform)[np.concatenate(rows)]
-        return (embeddings if head is None else head(embeddings)).astype(np.float32, copy=False)
+        return self._embed(waveform)[np.concatenate(rows)].astype(np.float32, copy=False)
 
 
 def _first(piece: tuple[int, np.ndarray]) -> int:
@@ -406,31 +464,99 @@ def submit_scorer(client: Client, address: str, *, key: str, **options: Any) -> 
     )
 
 
+class ChunkTarget(NamedTuple):
+    """Where one chunk's results go.
+
+    Attributes
+    ----------
+    name : str
+        The input's relative name (the partitions' ``file``).
+    chunk_index : int
+    audio_sha256 : str or None
+        The audio's content hash, where embeddings are kept.
+    planned_frames : int or None
+        Frames the chunk was planned with: fewer came back when the audio ended inside it.
+    """
+
+    name: str
+    chunk_index: int
+    audio_sha256: str | None = None
+    planned_frames: int | None = None
+
+
+@dataclass(frozen=True)
+class ChunkWriter:
+    """Writes a scored chunk where it was scored: a partition per head, and its embeddings.
+
+    Parameters
+    ----------
+    heads : tuple of PartitionWriter
+        One per head, in the order of the scorer's activation columns.
+    store : EmbeddingStore or None
+        Where freshly computed embeddings are kept (``None``: not kept).
+    """
+
+    heads: tuple[PartitionWriter, ...]
+    store: EmbeddingStore | None = None
+
+    def write(
+        self,
+        target: ChunkTarget,
+        chunk: DecodedChunk | StoredChunk,
+        embeddings: np.ndarray | None,
+        activations: np.ndarray,
+    ) -> int:
+        """Write one chunk's partitions (none without frames) and embeddings; its frame count."""
+        column = 0
+        for head in self.heads:
+            width = len(head.classes)
+            head.write(
+                target.name,
+                target.chunk_index,
+                chunk.first_frame,
+                activations[:, column : column + width],
+            )
+            column += width
+        # What came from the store is there already.
+        if self.store is not None and isinstance(chunk, DecodedChunk) and target.audio_sha256:
+            assert embeddings is not None
+            self.store.store(
+                target.audio_sha256,
+                chunk.first_frame,
+                embeddings,
+                at_end=target.planned_frames is None or chunk.n_frames < target.planned_frames,
+            )
+        return chunk.n_frames
+
+
 def score_chunks(
     scorer: Any,
-    *chunks: DecodedChunk,
-    targets: Sequence[tuple[str, int]],
-    writer: PartitionWriter,
+    *chunks: DecodedChunk | StoredChunk,
+    targets: Sequence[ChunkTarget],
+    writer: ChunkWriter,
 ) -> list[tuple[int, int, str]]:
-    """Task run on the scorer's worker: score the chunks Dask brought here, write their partitions.
+    """Task run on the scorer's worker: score the chunks Dask brought here, write their results.
 
     Parameters
     ----------
     scorer : actor
-    *chunks : DecodedChunk
-    targets : sequence of (input name, chunk index)
-        Where each chunk's partition goes, in the order of ``chunks``.
-    writer : PartitionWriter
+    *chunks : DecodedChunk or StoredChunk
+    targets : sequence of ChunkTarget
+        Where each chunk's results go, in the order of ``chunks``.
+    writer : ChunkWriter
 
     Returns
     -------
     list of (first_frame, n_frames, ffmpeg messages)
         One per chunk, for the client's journal: the activations stay on the worker.
     """
-    activations = _call(scorer, "score", list(chunks))
+    if writer.store is None:
+        scored = [(None, a) for a in _call(scorer, "score", list(chunks))]
+    else:
+        scored = _call(scorer, "score_and_embed", list(chunks))
     return [
-        (chunk.first_frame, writer.write(name, index, chunk.first_frame, scores), chunk.messages)
-        for chunk, scores, (name, index) in zip(chunks, activations, targets, strict=True)
+        (chunk.first_frame, writer.write(target, chunk, embeddings, activations), chunk.messages)
+        for chunk, (embeddings, activations), target in zip(chunks, scored, targets, strict=True)
     ]
 
 
@@ -445,7 +571,7 @@ def embed_chunks(scorer: Any, *chunks: DecodedChunk) -> list[tuple[int, np.ndarr
     return [(c.first_frame, e, c.messages) for c, e in zip(chunks, embeddings, strict=True)]
 
 
-def _call(scorer: Any, method: str, chunks: list[DecodedChunk]) -> list[np.ndarray]:
+def _call(scorer: Any, method: str, chunks: list[Any]) -> list[Any]:
     """``scorer.<method>(chunks)``: in process when the actor lives on this task's worker.
 
     Through the actor handle, the worker would send the chunks to itself over a socket (a

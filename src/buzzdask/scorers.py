@@ -35,11 +35,13 @@ class ScorerOptions:
 
     Parameters
     ----------
-    head_path : str or None
-        The head SavedModel; ``None`` for embeddings only.
-    embedder_handle : str
+    head_path : tuple of str, str or None
+        The heads' SavedModels; ``None`` for embeddings only.
+    embedder_handle : str or None
+        ``None``: heads only, on stored embeddings of ``embedding_size`` values.
     spec : FrameSpec
-    n_classes : int >= 0
+    n_classes : int or tuple of int
+        Classes of each head.
     batch_frames : int > 0
     intra_op_threads, inter_op_threads : int or None
         TensorFlow's thread pools (``None``: its default, or a share of the host's cores).
@@ -49,11 +51,12 @@ class ScorerOptions:
         Part of every actor's key that tells one model from another (a content hash).
     """
 
-    head_path: str | None
-    embedder_handle: str
+    head_path: tuple[str, ...] | str | None
+    embedder_handle: str | None
     spec: FrameSpec
-    n_classes: int
+    n_classes: tuple[int, ...] | int
     batch_frames: int
+    embedding_size: int | None = None
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
     key_prefix: str = "scorer"
@@ -154,13 +157,14 @@ class ScorerPool:
         client: Client,
         settings: Settings,
         *,
-        head_path: str | None,
-        embedder_handle: str,
+        head_path: tuple[str, ...] | str | None,
+        embedder_handle: str | None,
         spec: FrameSpec,
-        n_classes: int,
+        n_classes: tuple[int, ...] | int,
         key_prefix: str,
         key_token: str,
         cpu_scorer_workers: int | None,
+        embedding_size: int | None = None,
     ) -> ScorerPool:
         """A pool of actors for one model, with the batch, thread and loss settings of a run."""
         options = ScorerOptions(
@@ -168,6 +172,7 @@ class ScorerPool:
             embedder_handle=embedder_handle,
             spec=spec,
             n_classes=n_classes,
+            embedding_size=embedding_size,
             batch_frames=settings.batch_frames,
             intra_op_threads=settings.tf_intra_op_threads,
             inter_op_threads=settings.tf_inter_op_threads,
@@ -243,6 +248,7 @@ class ScorerPool:
                 spec=options.spec,
                 n_classes=options.n_classes,
                 batch_frames=options.batch_frames,
+                embedding_size=options.embedding_size,
             )
             for address in hosts
         }

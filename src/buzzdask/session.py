@@ -39,11 +39,14 @@ __all__ = [
 
 
 @contextmanager
-def connect(client: Client | str | None, *, local: LocalClusterSettings) -> Iterator[Client]:
+def connect(
+    client: Client | str | None, *, local: LocalClusterSettings, processes: bool = True
+) -> Iterator[Client]:
     """The client to run on: ``client`` itself, one for a scheduler address, or a local cluster.
 
-    A client made here (for an address, or with its local cluster, sized by ``local``) is
-    closed on exit; the caller's own client is left open.
+    A client made here (for an address, or with its local cluster, sized by ``local``, of
+    worker processes unless ``processes`` is false) is closed on exit; the caller's own client
+    is left open.
     """
     if isinstance(client, Client):
         yield client
@@ -51,7 +54,10 @@ def connect(client: Client | str | None, *, local: LocalClusterSettings) -> Iter
         with Client(client) as connected:
             yield connected
     else:
-        with start_local_cluster(local) as cluster, Client(cluster) as started:
+        with (
+            start_local_cluster(local, processes=processes) as cluster,
+            Client(cluster) as started,
+        ):
             print("buzzdask: started a local Dask cluster")
             if local.dashboard_address is not None:
                 for line in local_dashboard_lines(started):
@@ -59,12 +65,16 @@ def connect(client: Client | str | None, *, local: LocalClusterSettings) -> Iter
             yield started
 
 
-def start_local_cluster(settings: LocalClusterSettings) -> LocalCluster:
+def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = True) -> LocalCluster:
     """Worker processes that each decode and hold a scorer (2 unless configured).
 
     ``settings`` are ``buzzdask.local-cluster.*``: workers (null: 2), threads per worker
     (null: every core; decode threads only wait on ffmpeg), dashboard address. The worker
     processes inherit :func:`~buzzdask.logs.quiet_environment`'s settings.
+
+    ``processes=False``: one worker of threads in this process instead, which starts in a
+    fraction of the time; for work that decodes nothing (a re-scoring), where a worker process
+    would isolate nothing and only cost its start.
 
     Raises
     ------
@@ -72,13 +82,14 @@ def start_local_cluster(settings: LocalClusterSettings) -> LocalCluster:
         Called from a script's top level without a ``__main__`` guard (see
         :func:`~buzzdask.logs.check_main_guard`).
     """
-    check_main_guard()
+    if processes:
+        check_main_guard()
     quiet_environment()
     with no_work_stealing():
         return LocalCluster(
-            n_workers=settings.n_workers or 2,
+            n_workers=(settings.n_workers or 2) if processes else 1,
             threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
-            processes=True,
+            processes=processes,
             dashboard_address=settings.dashboard_address,
         )
 

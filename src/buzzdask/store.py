@@ -1,15 +1,25 @@
-"""Embedding cache: frames already embedded are read back instead of embedded again.
+"""The embedding store: embeddings of audio frames on disk, shared by analysis and training.
 
-One directory per embedder and frame geometry (``<root>/<settings key>/``, its ``settings.json``
-says what the key stands for), inside it one directory per audio content hash, holding Parquet
-parts of ``frame`` (int64, index in the file) and ``embedding`` (fixed-size list of float32)::
+An embedder (YAMNet) is most of a model's cost and a head almost none, so what an analysis or a
+training embedded is kept, and neither embeds those frames again: another head re-scores a
+season from the store without touching the audio (:func:`buzzdask.rescore`). One directory per
+embedder and frame geometry, its name a hash of what ``settings.json`` records (the embedder's
+content hash, the preprocessing, the sample rate and the frame length, hop and context); inside
+it, one directory per audio content hash::
 
     <root>/<settings key>/settings.json
-    <root>/<settings key>/<audio sha256>/part-<first frame>-<uuid>.parquet
+    <root>/<settings key>/catalog.jsonl        which file names the stored audio had
+    <root>/<settings key>/<audio sha256>/part-<first frame>-<frames>[-end].parquet
 
-A file's content hash, not its path, names it, so moving or renaming audio keeps its cache, and a
-changed file is embedded anew. A part written by a decode that reached the end of the file also
-records the file's real frame count, so frames past the end are not asked for again.
+A part holds consecutive frames: ``frame`` (int64, index in the file) and ``embedding``
+(fixed-size list of float32, the embedder's output as it gave it). ``-end``: the decode that
+made it reached the end of the audio, which has ``first + frames`` frames in all. A file's
+content hash, not its path, names it, so moving or renaming audio keeps its embeddings, and a
+changed file is embedded anew. The catalog, one line per chunk an analysis stored, gives the
+names and chunks of the audio, which is what a re-scoring walks.
+
+Embeddings stay float32: float16 would halve the store but move activations of the lab's model
+by more than the 1e-4 a re-scoring must keep (``benchmarks/heads.py`` measures both).
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +38,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from buzzdask.decode import PREPROCESSING
+from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import EmbedderSpec
 from buzzdask.write import write_json, write_table
 
-__all__ = ["CachedEmbeddings", "EmbeddingCache", "file_sha256"]
+__all__ = [
+    "STORED_CODEC",
+    "CachedEmbeddings",
+    "EmbeddingStore",
+    "StoredChunk",
+    "file_sha256",
+    "load_stored",
+    "open_store",
+]
 
-_METADATA_KEY = b"buzzdask-embeddings"
-_FORMAT = 1  # bump when the part layout changes: older caches are then simply not found
+# Bump when the part layout changes: older stores are then simply not found.
+_FORMAT = 2
+_PART = re.compile(r"part-(\d{9})-(\d{6})(-end)?\.parquet$")
+_SETTINGS = "settings.json"
+_CATALOG = "catalog.jsonl"
+#: The codec a re-scoring's inputs give: embeddings, read from the store, never decoded.
+STORED_CODEC = "stored embeddings"
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -48,7 +73,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 @dataclass
 class CachedEmbeddings:
-    """What the cache holds for one audio file.
+    """What the store holds for one audio file.
 
     Parameters
     ----------
@@ -65,26 +90,55 @@ class CachedEmbeddings:
     file_frames: int | None
 
     def missing(self, wanted: np.ndarray) -> np.ndarray:
-        """Frames of ``wanted`` that are neither cached nor known to lie past the end."""
+        """Frames of ``wanted`` that are neither stored nor known to lie past the end."""
         wanted = np.asarray(wanted, dtype=np.int64)
         absent = wanted[~np.isin(wanted, self.frames)]
         return absent if self.file_frames is None else absent[absent < self.file_frames]
 
     def take(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The cached frames among ``wanted`` and their embeddings (rows in ``frames`` order)."""
+        """The stored frames among ``wanted`` and their embeddings (rows in ``frames`` order)."""
         present = np.isin(self.frames, wanted)
         return self.frames[present], self.embeddings[present]
 
 
-class EmbeddingCache:
-    """Embeddings of audio frames on disk, keyed by audio content, embedder and frame geometry.
+@dataclass
+class StoredChunk:
+    """A chunk's embeddings read back from the store: what a scorer's heads take directly.
+
+    Parameters
+    ----------
+    embeddings : np.ndarray [shape=(n_frames, embedding_size), dtype=float32]
+    first_frame : int >= 0
+    n_frames : int >= 0
+    messages : str
+        Always empty (what ffmpeg said was reported when the audio was decoded).
+    """
+
+    embeddings: np.ndarray
+    first_frame: int
+    n_frames: int
+    messages: str = ""
+
+
+@dataclass(frozen=True)
+class StoredRef:
+    """Where a chunk's embeddings are: a plain value sent to the task that reads them."""
+
+    directory: str
+    audio_sha256: str
+    first_frame: int
+    n_frames: int | None
+
+
+class EmbeddingStore:
+    """Embeddings on disk, keyed by audio content, embedder and frame geometry.
 
     Parameters
     ----------
     root : path-like
-        The cache directory (shared by every embedder and geometry).
+        The store (shared by every embedder and geometry).
     embedder : EmbedderSpec
-        A local embedder is identified by its content hash, a URL handle by the URL.
+        Identified by its content hash (a URL handle without one, by the URL).
     spec : FrameSpec
         Frame length, hop and context, in samples at the embedder's rate.
     """
@@ -92,6 +146,7 @@ class EmbeddingCache:
     def __init__(
         self, root: str | os.PathLike[str], *, embedder: EmbedderSpec, spec: FrameSpec
     ) -> None:
+        self.root = Path(root).expanduser().absolute()
         self.settings: dict[str, Any] = {
             "format": _FORMAT,
             "embedder": embedder.name,
@@ -102,38 +157,16 @@ class EmbeddingCache:
             "frame_hop": spec.hop_length,
             "frame_context": spec.context,
         }
-        key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
-        self.directory = Path(root).expanduser().absolute() / key
+        self.directory = self.root / _key(self.settings)
 
-    def load(self, audio_sha256: str) -> CachedEmbeddings:
-        """Everything cached for the audio with this content hash (empty when nothing is)."""
-        frames: list[np.ndarray] = []
-        embeddings: list[np.ndarray] = []
-        file_frames: int | None = None
-        for part in sorted((self.directory / audio_sha256).glob("part-*.parquet")):
-            table = pq.read_table(part)
-            column = table.column("embedding").combine_chunks()
-            frames.append(table.column("frame").to_numpy())
-            embeddings.append(
-                column.flatten().to_numpy().reshape(len(table), column.type.list_size)
-            )
-            recorded = json.loads((table.schema.metadata or {}).get(_METADATA_KEY, b"{}"))
-            if recorded.get("file_frames") is not None:
-                file_frames = int(recorded["file_frames"])
-        if not frames:
-            return CachedEmbeddings(np.zeros(0, np.int64), np.zeros((0, 0), np.float32), None)
-        all_frames = np.concatenate(frames)
-        # Parts may overlap (a run embedded again around a newly wanted frame): keep one copy.
-        unique, first = np.unique(all_frames, return_index=True)
-        return CachedEmbeddings(unique, np.concatenate(embeddings)[first], file_frames)
+    @property
+    def catalog_path(self) -> Path:
+        """The catalog: one line per chunk an analysis stored."""
+        return self.directory / _CATALOG
 
+    # -- writing -----------------------------------------------------------------------------
     def store(
-        self,
-        audio_sha256: str,
-        first_frame: int,
-        embeddings: np.ndarray,
-        *,
-        file_frames: int | None = None,
+        self, audio_sha256: str, first_frame: int, embeddings: np.ndarray, *, at_end: bool
     ) -> None:
         """Write the embeddings of frames ``first_frame, first_frame + 1, ...`` as one part.
 
@@ -143,11 +176,18 @@ class EmbeddingCache:
             Content hash of the audio file (:func:`file_sha256`).
         first_frame : int >= 0
         embeddings : np.ndarray [shape=(n_frames, embedding_size), dtype=float32]
-        file_frames : int, optional
-            The file's real frame count, when this decode reached the end of the file.
+            ``n_frames`` may be 0 for a part that only records where the audio ends.
+        at_end : bool
+            Whether the decode reached the end of the audio (it has ``first_frame + n_frames``
+            frames).
+
+        Notes
+        -----
+        The part's name says which frames it holds, so writing the same frames again (a resumed
+        run) replaces it with the same values rather than adding a copy.
         """
-        if not (self.directory / "settings.json").exists():
-            write_json(self.directory / "settings.json", self.settings)
+        if not (self.directory / _SETTINGS).exists():
+            write_json(self.directory / _SETTINGS, self.settings)
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         n_frames, size = embeddings.shape
         table = pa.table(
@@ -157,6 +197,211 @@ class EmbeddingCache:
                     pa.array(embeddings.reshape(-1)), size
                 ),
             }
-        ).replace_schema_metadata({_METADATA_KEY: json.dumps({"file_frames": file_frames})})
-        name = f"part-{first_frame:09d}-{uuid.uuid4().hex[:8]}.parquet"
+        )
+        name = f"part-{first_frame:09d}-{n_frames:06d}{'-end' if at_end else ''}.parquet"
         write_table(table, self.directory / audio_sha256 / name)
+
+    def record(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """Add catalog lines for chunks whose parts are in place.
+
+        Each names the audio (``file``, ``sha256``, ``size``, ``mtime_ns``, ``duration_s``) and
+        the chunk (``chunk``, ``first_frame``, ``frames``, ``frames_per_chunk``).
+        """
+        lines = "".join(json.dumps(dict(entry), sort_keys=True) + "\n" for entry in entries)
+        if lines:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with self.catalog_path.open("a", encoding="utf-8") as stream:
+                stream.write(lines)
+
+    # -- reading -----------------------------------------------------------------------------
+    def load(self, audio_sha256: str) -> CachedEmbeddings:
+        """Everything stored for the audio with this content hash (empty when nothing is)."""
+        frames: list[np.ndarray] = []
+        embeddings: list[np.ndarray] = []
+        for part in self._parts(audio_sha256):
+            table = pq.read_table(part.path)
+            frames.append(table.column("frame").to_numpy())
+            embeddings.append(_embedding_rows(table))
+        file_frames = self.file_frames(audio_sha256)
+        if not frames:
+            empty = np.zeros((0, 0), np.float32)
+            return CachedEmbeddings(np.zeros(0, np.int64), empty, file_frames)
+        all_frames = np.concatenate(frames)
+        # Parts may overlap (training embeds around its labels): keep one copy.
+        unique, first = np.unique(all_frames, return_index=True)
+        return CachedEmbeddings(unique, np.concatenate(embeddings)[first], file_frames)
+
+    def file_frames(self, audio_sha256: str) -> int | None:
+        """The audio's number of frames, once a decode reached its end (from part names)."""
+        ends = [p.first + p.n_frames for p in self._parts(audio_sha256) if p.at_end]
+        return min(ends) if ends else None
+
+    def frames_of(self, audio_sha256: str, first_frame: int, n_frames: int) -> int | None:
+        """How many of frames ``first_frame ... + n_frames - 1`` the audio has, if all are stored.
+
+        Read from the parts' names, not their contents; ``None`` when some are not stored.
+        """
+        parts = self._parts(audio_sha256)
+        ends = [p.first + p.n_frames for p in parts if p.at_end]
+        stop = min([first_frame + n_frames, *ends])
+        covered = first_frame
+        for part in sorted(parts, key=lambda p: p.first):
+            if part.first > covered:
+                break
+            covered = max(covered, part.first + part.n_frames)
+        return max(0, stop - first_frame) if covered >= stop else None
+
+    def catalog(self) -> dict[str, list[dict[str, Any]]]:
+        """The chunks an analysis stored, by file name, in chunk order.
+
+        A name's latest audio (by the last line naming it) replaces any earlier one. Analyses
+        with other chunk lengths chunk a file differently: the chunks of one of them are given,
+        the one that stored the most frames (of equals, the latest), never a mix that would
+        give frames twice.
+        """
+        # name -> (audio sha256, {frames per chunk -> {chunk index -> entry}}, latest last)
+        files: dict[str, tuple[str, dict[int, dict[int, dict[str, Any]]]]] = {}
+        if self.catalog_path.exists():
+            for line in self.catalog_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a last line cut short by a kill
+                    continue
+                known = files.get(entry["file"])
+                if known is None or known[0] != entry["sha256"]:
+                    # New, or the file changed and was analysed again.
+                    known = files[entry["file"]] = (entry["sha256"], {})
+                chunkings = known[1]
+                per_chunk = int(entry["frames_per_chunk"])
+                chunks = chunkings.pop(per_chunk, {})
+                chunks[int(entry["chunk"])] = entry
+                chunkings[per_chunk] = chunks
+        catalog = {}
+        for name, (_, chunkings) in sorted(files.items()):
+            chunks = max(
+                reversed(chunkings.values()),
+                key=lambda c: sum(int(e["frames"]) for e in c.values()),
+            )
+            catalog[name] = [chunks[i] for i in sorted(chunks)]
+        return catalog
+
+    def _parts(self, audio_sha256: str) -> list[_Part]:
+        folder = self.directory / audio_sha256
+        if not folder.is_dir():
+            return []
+        return [
+            _Part(folder / m.group(0), int(m.group(1)), int(m.group(2)), bool(m.group(3)))
+            for path in folder.iterdir()
+            if (m := _PART.fullmatch(path.name))
+        ]
+
+    def embedding_size(self) -> int:
+        """Values per stored embedding (from the first part's schema).
+
+        Raises
+        ------
+        ModelError
+            If the store holds no part.
+        """
+        for part in self.directory.glob("*/part-*.parquet"):
+            return int(pq.read_schema(part).field("embedding").type.list_size)
+        raise ModelError(f"{self.directory} holds no embeddings")
+
+    def ref(self, audio_sha256: str, first_frame: int, n_frames: int | None) -> StoredRef:
+        """What :func:`load_stored` needs to read these frames back on a worker."""
+        return StoredRef(str(self.directory), audio_sha256, first_frame, n_frames)
+
+
+@dataclass(frozen=True)
+class _Part:
+    path: Path
+    first: int
+    n_frames: int
+    at_end: bool
+
+
+def load_stored(ref: StoredRef) -> StoredChunk:
+    """Task: the stored embeddings of frames ``ref.first_frame ...`` (to the audio's end).
+
+    Raises
+    ------
+    ModelError
+        If a frame is not stored (a part removed since the run was planned).
+    """
+    folder = Path(ref.directory) / ref.audio_sha256
+    stop = ref.first_frame + (ref.n_frames if ref.n_frames is not None else 1 << 62)
+    frames: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
+    for path in sorted(folder.glob("part-*.parquet")):
+        match = _PART.fullmatch(path.name)
+        if match is None:
+            continue
+        first, count, at_end = int(match.group(1)), int(match.group(2)), bool(match.group(3))
+        if at_end:
+            stop = min(stop, first + count)
+        if first < stop and first + count > ref.first_frame and count:
+            table = pq.read_table(path)
+            frames.append(table.column("frame").to_numpy())
+            rows.append(_embedding_rows(table))
+    wanted = np.arange(ref.first_frame, max(ref.first_frame, stop), dtype=np.int64)
+    if not frames:
+        if len(wanted):
+            raise ModelError(f"{folder}: frames {ref.first_frame}–{stop - 1} are not stored")
+        return StoredChunk(np.zeros((0, 0), np.float32), ref.first_frame, 0)
+    all_frames = np.concatenate(frames)
+    unique, first_rows = np.unique(all_frames, return_index=True)
+    positions = np.searchsorted(unique, wanted)
+    if len(wanted) and (
+        positions[-1] >= len(unique) or not np.array_equal(unique[positions], wanted)
+    ):
+        raise ModelError(f"{folder}: some of frames {ref.first_frame}–{stop - 1} are not stored")
+    embeddings = np.concatenate(rows)[first_rows][positions]
+    return StoredChunk(embeddings, ref.first_frame, len(wanted))
+
+
+def open_store(
+    root: str | os.PathLike[str], *, embedder: EmbedderSpec, spec: FrameSpec
+) -> EmbeddingStore:
+    """The store under ``root`` for this embedder and geometry; it must hold a catalog.
+
+    Raises
+    ------
+    ModelError
+        If ``root`` holds embeddings of other embedders, preprocessing or frames only (named
+        with their content hashes), or none.
+    """
+    store = EmbeddingStore(root, embedder=embedder, spec=spec)
+    if store.catalog_path.exists():
+        return store
+    found = []
+    for settings_path in sorted(Path(store.root).glob(f"*/{_SETTINGS}")):
+        other = json.loads(settings_path.read_text(encoding="utf-8"))
+        if (settings_path.parent / _CATALOG).exists():
+            found.append(_describe(other))
+    wanted = _describe(store.settings)
+    if not found:
+        raise ModelError(
+            f"{store.root} holds no embeddings an analysis stored (no */{_CATALOG}); "
+            f"analyse with --keep-embeddings first"
+        )
+    raise ModelError(
+        f"{store.root} holds embeddings of {'; '.join(found)}, not of {wanted}: re-scoring "
+        "needs embeddings made by the model's own embedder, preprocessing and frames"
+    )
+
+
+def _describe(settings: Mapping[str, Any]) -> str:
+    hop_s = settings["frame_hop"] / settings["sample_rate"]
+    return (
+        f"embedder {settings['embedder']} (sha256 {str(settings['embedder_id'])[:12]}…, "
+        f"{settings['preprocessing']}, hop {hop_s:g} s, format {settings['format']})"
+    )
+
+
+def _key(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _embedding_rows(table: pa.Table) -> np.ndarray:
+    column = table.column("embedding").combine_chunks()
+    return column.flatten().to_numpy().reshape(len(table), column.type.list_size)

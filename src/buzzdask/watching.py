@@ -116,6 +116,9 @@ def watch(
         if len(directory) != 1:
             raise ParameterError(f"watch needs exactly one directory, got {len(directory)} paths")
         directory = directory[0]
+    if not isinstance(model, (str, os.PathLike)):
+        # Each pass's results are followed in one output; several heads would need one each.
+        raise ParameterError("watch takes one model; run several heads with analyze")
     root = Path(directory).absolute()
     if root.exists() and not root.is_dir():
         raise ParameterError(f"watch needs a directory; {root} is not one")

@@ -8,6 +8,9 @@ Layout under the output directory::
     buzzdask.log              the client's and the workers' log lines of every run
     scores/<file>/chunk-NNNNNN.parquet   one partition per chunk, mirroring the input tree
 
+A run of several models writes this layout once per model, in ``<output>/<model name>/``, beside
+the run's log (and its embedding store, :mod:`buzzdask.store`, when embeddings are kept).
+
 Partitions are written under a hidden temporary name and renamed into place, so a reader
 never sees half a file and a crash leaves nothing that resume would trust.
 """
@@ -42,6 +45,8 @@ __all__ = [
     "ERROR_COLUMNS",
     "PARTITION_GLOB",
     "atomic_path",
+    "check_run_directory",
+    "new_sibling",
     "PYTHON_WORDS",
     "OnConflict",
     "OutputConflict",
@@ -63,7 +68,12 @@ logger = logging.getLogger(__name__)
 
 OnConflict = Literal["error", "resume", "new"]
 ConflictReason = Literal[
-    "not a directory", "not buzzdask", "holds results", "settings differ", "in use"
+    "not a directory",
+    "not buzzdask",
+    "holds results",
+    "settings differ",
+    "in use",
+    "holds other files",
 ]
 # The lock file of buzzdask.lock (and the name a stale one is set aside under): no results.
 _LOCK_PREFIX = ".buzzdask.lock"
@@ -317,6 +327,9 @@ class OutputConflict:
         The run holding the output (``"in use"``): host, pid, start time.
     stale_s : float [s]
         After how long without a sign of life another host's lock is taken over (``"in use"``).
+    others : tuple of str
+        What the output holds that a run of several models does not write there
+        (``"holds other files"``).
     """
 
     output: Path
@@ -326,6 +339,7 @@ class OutputConflict:
     earlier: tuple[tuple[str, Any], ...] = ()
     holder: str = ""
     stale_s: float = 0.0
+    others: tuple[str, ...] = ()
 
     def render(self, words: Vocabulary) -> str:
         """The message, naming the caller's flags or keywords."""
@@ -337,6 +351,13 @@ class OutputConflict:
             return (
                 f"output {self.output} is not empty and holds no buzzdask results; "
                 f"choose an empty or new directory as {words.output}"
+            )
+        if self.reason == "holds other files":
+            shown = ", ".join(self.others[:5]) + (" ..." if len(self.others) > 5 else "")
+            return (
+                f"output {self.output} holds other files ({shown}); a run of several models "
+                f"writes one directory per model there: choose an empty or new directory as "
+                f"{words.output}"
             )
         if self.reason == "in use":
             return (
@@ -417,13 +438,7 @@ def prepare_output(
     if not holds_anything:
         return layout
     if on_conflict == "new":
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        candidate = layout.root.with_name(f"{layout.root.name}-{stamp}")
-        counter = 1
-        while candidate.exists():
-            candidate = layout.root.with_name(f"{layout.root.name}-{stamp}-{counter}")
-            counter += 1
-        return OutputLayout(candidate)
+        return OutputLayout(new_sibling(layout.root))
     if not layout.metadata.exists():
         raise OutputConflictError(OutputConflict(layout.root, "not buzzdask"))
     if not layout.holds_chunks():
@@ -456,6 +471,42 @@ def prepare_output(
             )
         )
     return layout
+
+
+def new_sibling(root: Path) -> Path:
+    """A directory beside ``root`` that does not exist yet, named with the time."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = root.with_name(f"{root.name}-{stamp}")
+    counter = 1
+    while candidate.exists():
+        candidate = root.with_name(f"{root.name}-{stamp}-{counter}")
+        counter += 1
+    return candidate
+
+
+def check_run_directory(root: Path, *, names: Iterable[str]) -> None:
+    """Refuse a run of several models in ``root`` if it holds anything but such a run's.
+
+    Such a run writes an output per model (``root/<name>``), its log and lock, and maybe kept
+    embeddings; anything else (a one-model output, the user's files) is not overwritten.
+
+    Raises
+    ------
+    OutputConflictError
+        ``"holds other files"``, naming some of them.
+    """
+    if root.exists() and not root.is_dir():
+        raise OutputConflictError(OutputConflict(root, "not a directory"))
+    if not root.is_dir():
+        return
+    allowed = {*names, "embeddings", "buzzdask.log"}
+    others = sorted(
+        path.name
+        for path in root.iterdir()
+        if path.name not in allowed and not path.name.startswith(_LOCK_PREFIX)
+    )
+    if others:
+        raise OutputConflictError(OutputConflict(root, "holds other files", others=tuple(others)))
 
 
 #: What a file system says when it is full, or the user's quota on it is.

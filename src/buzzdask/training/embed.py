@@ -3,7 +3,7 @@
 The frames are embedded exactly as an analysis embeds them, by the same chunk loop
 (:mod:`buzzdask.pipeline`): :func:`~buzzdask.decode.decode_chunk` tasks on the CPU workers and a
 :class:`~buzzdask.score.Scorer` actor (started without a head) on the scoring worker. Each
-embedded chunk goes straight into the :class:`~buzzdask.training.cache.EmbeddingCache`, so a
+embedded chunk goes straight into the :class:`~buzzdask.store.EmbeddingStore`, so a
 failed run keeps what it embedded.
 """
 
@@ -26,7 +26,7 @@ from buzzdask.score import embed_chunks
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import task_key
 from buzzdask.settings import Settings
-from buzzdask.training.cache import EmbeddingCache, file_sha256
+from buzzdask.store import EmbeddingStore, file_sha256
 from buzzdask.training.labels import TrainingFile, cite_rows
 
 __all__ = ["embed_missing", "inspect_files"]
@@ -74,7 +74,7 @@ def inspect_files(client: Client, files: list[TrainingFile], *, tools: FFmpegToo
 def embed_missing(
     client: Client,
     files: list[TrainingFile],
-    cache: EmbeddingCache,
+    cache: EmbeddingStore,
     *,
     embedder: EmbedderSpec,
     spec: FrameSpec,
@@ -91,7 +91,7 @@ def embed_missing(
     client : distributed.Client
     files : list of TrainingFile
         Probed, with their wanted frames set.
-    cache : EmbeddingCache
+    cache : EmbeddingStore
     embedder : EmbedderSpec
     spec : FrameSpec
         The embedder's frame geometry.
@@ -152,7 +152,7 @@ def embed_missing(
 
 
 def _missing_chunks(
-    files: list[TrainingFile], cache: EmbeddingCache, *, spec: FrameSpec, frames_per_chunk: int
+    files: list[TrainingFile], cache: EmbeddingStore, *, spec: FrameSpec, frames_per_chunk: int
 ) -> tuple[list[ChunkJob], int]:
     """The chunks to decode for the wanted frames the cache lacks, and how many it holds."""
     jobs: list[ChunkJob] = []
@@ -194,19 +194,14 @@ def _chunk_plans(
     return plans
 
 
-def _store(cache: EmbeddingCache, stats: dict[str, int], job: ChunkJob, result: Any) -> None:
+def _store(cache: EmbeddingStore, stats: dict[str, int], job: ChunkJob, result: Any) -> None:
     """Write one embedded chunk into the cache (``result`` from :func:`embed_chunks`)."""
     first_frame, embeddings, messages = result
     item: TrainingFile = job.owner
     if messages:
         logger.warning("%s: ffmpeg reported damaged audio: %s", item.name, messages)
     reached_end = job.plan.n_frames is None or len(embeddings) < job.plan.n_frames
-    cache.store(
-        item.sha256,
-        first_frame,
-        embeddings,
-        file_frames=first_frame + len(embeddings) if reached_end else None,
-    )
+    cache.store(item.sha256, first_frame, embeddings, at_end=reached_end)
     stats["frames_embedded"] += len(embeddings)
 
 

@@ -27,7 +27,7 @@ from buzzdask.frames import FrameSpec
 from buzzdask.models import CONFIG_NAME, EmbedderSpec
 from buzzdask.session import package_versions
 from buzzdask.settings import Settings
-from buzzdask.training.cache import EmbeddingCache, file_sha256
+from buzzdask.store import EmbeddingStore, file_sha256
 from buzzdask.training.head import DIGITS
 from buzzdask.training.labels import TrainingFile, as_list, class_counts
 from buzzdask.write import utc_now, write_json
@@ -96,7 +96,7 @@ class TrainingInputs:
         The training frames (``frame_hop_s`` apart).
     output : Path
         The model directory to write (absolute).
-    cache : EmbeddingCache
+    cache : EmbeddingStore
         The embedding cache of this embedder and frame spec.
     frames_per_chunk : int > 0
         Most frames per decode task.
@@ -114,7 +114,7 @@ class TrainingInputs:
     embedder: EmbedderSpec
     spec: FrameSpec
     output: Path
-    cache: EmbeddingCache
+    cache: EmbeddingStore
     frames_per_chunk: int
     base: Settings
 

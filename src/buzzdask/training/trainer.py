@@ -2,7 +2,7 @@
 
 :func:`train` runs the steps of the other modules in order: :mod:`~buzzdask.training.labels`
 (labels to files, frames and targets), :mod:`~buzzdask.training.embed` (probing and embedding on
-the cluster, into the :mod:`~buzzdask.training.cache`) and :mod:`~buzzdask.training.head`
+the cluster, into the :mod:`~buzzdask.store`) and :mod:`~buzzdask.training.head`
 (fitting and evaluation), then :mod:`~buzzdask.training.records` (``training.json`` and the
 rest, beside the head), and moves the finished model directory into place.
 """
@@ -26,7 +26,7 @@ from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.models import resolve_embedder
 from buzzdask.session import connect
 from buzzdask.settings import Settings, load_settings
-from buzzdask.training.cache import EmbeddingCache
+from buzzdask.store import EmbeddingStore
 from buzzdask.training.embed import embed_missing, inspect_files
 from buzzdask.training.head import evaluate, fit_and_save
 from buzzdask.training.labels import (
@@ -138,7 +138,7 @@ def train(
     target_precision : float in (0, 1], optional
         The evaluation reports, per class, the lowest threshold reaching this precision.
     cache_dir : path-like, optional
-        The embedding cache (:mod:`buzzdask.training.cache`).
+        The embedding cache (:mod:`buzzdask.store`).
     chunk_seconds : float > 0 [s], optional
         Most audio per decode task.
     memory_budget : int or str, optional
@@ -267,7 +267,7 @@ def _resolve(
     output_path = _check_output(output)
     spec_embedder = resolve_embedder(embedder_name, handle=embedder, settings=base)
     spec = spec_embedder.frame_spec(settings["frame_hop_s"])
-    cache = EmbeddingCache(base.train.cache_dir, embedder=spec_embedder, spec=spec)
+    cache = EmbeddingStore(base.train.cache_dir, embedder=spec_embedder, spec=spec)
     return TrainingInputs(
         labels=labels,
         audio_dirs=audio_dirs,
@@ -356,7 +356,7 @@ def _training_set(inputs: TrainingInputs) -> TrainingSet:
 
 
 def _assemble(
-    files: list[TrainingFile], cache: EmbeddingCache
+    files: list[TrainingFile], cache: EmbeddingStore
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings, targets, group and file of every wanted frame that exists (from the cache)."""
     xs, ys, groups, names = [], [], [], []

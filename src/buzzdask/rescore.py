@@ -1,0 +1,191 @@
+"""``rescore()``: other heads on the embeddings an analysis kept, without touching the audio.
+
+An analysis run with ``keep_embeddings`` leaves an embedding store (:mod:`buzzdask.store`) whose
+catalog names every file and chunk it stored. A re-scoring walks that catalog: each chunk's
+embeddings are read back on the workers and scored by heads alone (no ffmpeg, no embedder), and
+the results are written exactly as an analysis writes them, through the same chunk loop, ledger,
+journal, resume and conflict checks (:func:`buzzdask.analysis.run_plan`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from distributed import Client
+
+from buzzdask.analysis import RunInputs, plan_run, run_plan
+from buzzdask.decode import AudioInfo, ChunkPlan
+from buzzdask.errors import InputError, ModelError
+from buzzdask.inputs import InputFile
+from buzzdask.ledger import FileLedger, FileState
+from buzzdask.logs import quiet_environment
+from buzzdask.pipeline import ChunkPipeline
+from buzzdask.settings import load_settings
+from buzzdask.store import STORED_CODEC, EmbeddingStore, open_store
+from buzzdask.write import OnConflict
+
+__all__ = ["rescore"]
+
+
+def rescore(
+    store: str | os.PathLike[str],
+    model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    output: str | os.PathLike[str],
+    client: Client | str | None = None,
+    embedder: str | None = None,
+    frame_hop_s: float | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    precision: float | None = None,
+    on_conflict: OnConflict = "error",
+    memory_budget: int | str | None = None,
+    batch_frames: int | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+) -> Any:
+    """Score the embeddings an analysis kept with other heads; write what ``analyze`` writes.
+
+    Parameters
+    ----------
+    store : path-like
+        An embedding store an analysis wrote (``analyze(..., keep_embeddings=...)``; by default
+        ``<its output>/embeddings``).
+    model : str, path-like, or list of them
+        The heads, as for :func:`buzzdask.analyze`; they must use the embedder, preprocessing
+        and frame hop the store was made with (checked by content hash before any work).
+    output : path-like
+        Output directory, laid out as an analysis' (:mod:`buzzdask.write`).
+    client : distributed.Client or str, optional
+        The cluster to use. Default: a local cluster, started and closed here.
+    embedder : str, optional
+        The embedder handle the analysis used, if not the configured one (it is not loaded:
+        its content hash finds the store's embeddings).
+    frame_hop_s : float > 0 [s], optional
+        The hop the analysis used (default: one whole frame).
+    thresholds, precision
+        As for :func:`buzzdask.analyze`.
+    on_conflict : {"error", "resume", "new"}, default: "error"
+        As for :func:`buzzdask.analyze`; a resume checks each journalled chunk as an analysis'.
+    memory_budget : int or str, optional
+        Most embeddings in flight, counted as the decoded audio they stand for.
+    batch_frames : int > 0, optional
+        Most frames per score task.
+    progress, verbose : bool
+        As for :func:`buzzdask.analyze` ("reading stored embeddings of <file> [start–end]").
+
+    Returns
+    -------
+    AnalysisResult, or dict of str -> AnalysisResult
+        As :func:`buzzdask.analyze` returns for ``model``. Partitions, chunks, journal and
+        metadata are an analysis' with the same chunk length (the store's).
+
+    Raises
+    ------
+    ModelError
+        If the store holds no embeddings of the models' embedder, preprocessing and frame hop
+        (it names what it holds), or the models do not share one embedder.
+    InputError
+        If the store's catalog names no file.
+    OutputConflictError, ParameterError
+        As for :func:`buzzdask.analyze`, before any work.
+
+    Notes
+    -----
+    A chunk whose embeddings are no longer in the store is reported per file in the errors, and
+    every other file finishes.
+    """
+    started_wall = time.perf_counter()
+    quiet_environment()
+    if client is None:
+        # Its scorer runs in this process (a local cluster of threads): TensorFlow's import,
+        # most of a re-scoring's time, goes on while the store and the cluster are opened.
+        threading.Thread(
+            target=importlib.import_module, args=("tensorflow",), name="import-tensorflow"
+        ).start()
+    settings = load_settings(memory_budget=memory_budget, batch_frames=batch_frames)
+    plan = plan_run(
+        model,
+        settings,
+        embedder=embedder,
+        frame_hop_s=frame_hop_s,
+        thresholds=thresholds,
+        precision=precision,
+        ffmpeg=None,
+        store=False,
+        output=output,
+    )
+    kept = open_store(store, embedder=plan.embedder, spec=plan.spec)
+    catalog = kept.catalog()
+    if not catalog:
+        raise InputError(f"the catalog of {kept.directory} names no file: nothing to re-score")
+    first = next(iter(catalog.values()))[0]
+    plan = replace(plan, store=kept, frames_per_chunk=int(first["frames_per_chunk"]))
+    files = [
+        InputFile(path=f"{kept.directory}/{entries[0]['sha256']}", relative=name)
+        for name, entries in catalog.items()
+    ]
+    inputs = RunInputs(
+        root=str(kept.root),
+        files=files,
+        described={"root": str(kept.root), "store": str(kept.directory)},
+        feed=functools.partial(_feed, kept, catalog),
+        versions=functools.partial(_version, catalog),
+    )
+    return run_plan(
+        plan,
+        inputs,
+        output=output,
+        client=client,
+        on_conflict=on_conflict,
+        progress=progress,
+        verbose=verbose,
+        started_wall=started_wall,
+    )
+
+
+def _feed(
+    store: EmbeddingStore,
+    catalog: Mapping[str, list[dict[str, Any]]],
+    pipeline: ChunkPipeline,
+    ledger: FileLedger,
+    states: list[FileState],
+) -> None:
+    """Every stored chunk of each file, read back from the store (no probe: the catalog tells)."""
+    for state in states:
+        entries = catalog[state.input.relative]
+        info = AudioInfo(
+            path=state.input.path,
+            codec=STORED_CODEC,
+            sample_rate=ledger.spec.sample_rate,
+            channels=1,
+            duration_s=entries[0].get("duration_s"),
+            size_bytes=int(entries[0]["size"]),
+            mtime_ns=int(entries[0]["mtime_ns"]),
+            sha256=str(entries[0]["sha256"]),
+        )
+        plans = [
+            ChunkPlan(int(e["chunk"]), int(e["first_frame"]), int(e["frames"])) for e in entries
+        ]
+        for job in ledger.planned(state, info, plans):
+            if job.stored is None:
+                last = job.plan.first_frame + (job.plan.n_frames or 1) - 1
+                missing = ModelError(
+                    f"its embeddings of frames {job.plan.first_frame}–{last} are no longer in "
+                    f"{store.directory / str(entries[0]['sha256'])}"
+                )
+                ledger.chunk_failed(job, missing, "load")
+            else:
+                pipeline.enqueue(job)
+
+
+def _version(catalog: Mapping[str, list[dict[str, Any]]], name: str) -> tuple[int, int] | None:
+    """A stored file's (size, modification time) as the analysis saw it; ``None`` if gone."""
+    entries = catalog.get(name)
+    return (int(entries[0]["size"]), int(entries[0]["mtime_ns"])) if entries else None
