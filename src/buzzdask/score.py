@@ -25,7 +25,7 @@ from distributed import Client, Future, get_worker
 from buzzdask.decode import DecodedChunk
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError
 from buzzdask.frames import FrameSpec
-from buzzdask.models import load_embedder, load_head
+from buzzdask.models import head_weights, load_embedder, load_head
 from buzzdask.store import EmbeddingStore, StoredChunk
 from buzzdask.write import PartitionWriter
 
@@ -114,22 +114,26 @@ class Scorer:
         gpus: int = 0,
         worker: str = "",
     ) -> None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-
-        if share_cores > 1:
-            share = max(1, len(os.sched_getaffinity(0)) // share_cores)
-            intra_op_threads = intra_op_threads or share
-            inter_op_threads = inter_op_threads or share
-        _set_threads(tf, intra_op_threads, inter_op_threads)
-        # Before the model loads: a worker without its GPU stops the run here, not after hours.
-        self.device = prepare_devices(tf, gpus=gpus, worker=worker)
-        self._tf = tf
-        self.spec = spec
-        self.batch_frames = max(1, int(batch_frames))
         head_paths = (head_path,) if isinstance(head_path, str) else tuple(head_path or ())
         classes = (n_classes,) if isinstance(n_classes, int) else tuple(n_classes)
         classes = classes if head_paths else ()
+        # Heads with NumPy weights and no embedder (a re-scoring) need no TensorFlow at all.
+        self._tf: Any = None
+        self.device = "CPU (NumPy heads)"
+        if embedder_handle or any(head_weights(path) is None for path in head_paths):
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            import tensorflow as tf
+
+            if share_cores > 1:
+                share = max(1, len(os.sched_getaffinity(0)) // share_cores)
+                intra_op_threads = intra_op_threads or share
+                inter_op_threads = inter_op_threads or share
+            _set_threads(tf, intra_op_threads, inter_op_threads)
+            # Before the model loads: a worker without its GPU stops the run here, not later.
+            self.device = prepare_devices(tf, gpus=gpus, worker=worker)
+            self._tf = tf
+        self.spec = spec
+        self.batch_frames = max(1, int(batch_frames))
         self._heads = [load_head(path) for path in head_paths]
         self._embedder = load_embedder(embedder_handle) if embedder_handle else None
         if self._embedder is None:

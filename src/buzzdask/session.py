@@ -6,8 +6,10 @@ task keys the dashboard groups by; the package versions recorded with every resu
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -135,10 +137,19 @@ def task_key(prefix: str, *parts: Any) -> str:
 
 
 def tensorflow_version() -> str:
-    """TensorFlow's version in this process (imports it: call it where it is loaded anyway)."""
-    import tensorflow as tf
+    """TensorFlow's version in this process: the loaded module's, else the installed one's.
 
-    return str(tf.__version__)
+    Not imported here: a scorer with NumPy heads only never loads it.
+    """
+    module = sys.modules.get("tensorflow")
+    if module is not None:
+        return str(module.__version__)
+    for distribution in ("tensorflow", "tensorflow-cpu", "tensorflow-macos"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
 
 
 def package_versions() -> dict[str, str]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from buzzdask.models import load_head
+from buzzdask.models import load_head, save_head_weights
 from buzzdask.session import tensorflow_version
 
 __all__ = ["DIGITS", "evaluate", "fit_and_save", "precision_recall"]
@@ -91,6 +91,14 @@ def fit_and_save(
         verbose=0,
     )
     model.save(str(directory), save_format="tf", include_optimizer=False)
+    # Its weights for NumPy too: a re-scoring with this head then needs no TensorFlow.
+    save_head_weights(
+        directory,
+        [
+            (layer.kernel.numpy(), layer.bias.numpy(), layer.activation.__name__)
+            for layer in model.layers
+        ],
+    )
     history = pd.DataFrame(fitted.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
     versions = {"tensorflow": tensorflow_version(), "tf_keras": str(keras.__version__)}
