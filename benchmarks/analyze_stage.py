@@ -51,15 +51,8 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
     from buzzdask.session import start_local_cluster
 
     config = {"local-cluster.dashboard-address": ":0", **params["settings"]}
-    output = Path(params["output"])
-    models = params["model"]
-    several = isinstance(models, list)
-    # Several heads: each writes output/<model name>/; the first one's journal is watched.
-    journal = (output / Path(models[0]).resolve().name if several else output) / "journal.jsonl"
-    first_chunk: dict[str, float] = {}
-    started_epoch = time.time()
-    watcher = threading.Thread(target=_watch_first_chunk, args=(journal, first_chunk), daemon=True)
-    watcher.start()
+    output, models = Path(params["output"]), params["model"]
+    several, first_chunk, started_epoch = _watch_output(output, models)
     with dask.config.set(
         {k if k.startswith("distributed.") else f"buzzdask.{k}": v for k, v in config.items()}
     ):
@@ -107,6 +100,20 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
         split_s=_task_split(stream.data, summary, started_epoch),
     )
     return record
+
+
+def _watch_output(output: Path, models: str | list[str]) -> tuple[bool, dict[str, float], float]:
+    """Start watching for the run's first partition: whether ``models`` are several heads,
+    the dict :func:`_watch_first_chunk` fills, and the time the watch started (epoch s).
+
+    Several heads each write ``output/<model name>/``; the first one's journal is watched.
+    """
+    several = isinstance(models, list)
+    journal = (output / Path(models[0]).resolve().name if several else output) / "journal.jsonl"
+    first_chunk: dict[str, float] = {}
+    started_epoch = time.time()
+    threading.Thread(target=_watch_first_chunk, args=(journal, first_chunk), daemon=True).start()
+    return several, first_chunk, started_epoch
 
 
 def _watch_first_chunk(journal: Path, seen: dict[str, float]) -> None:
@@ -171,13 +178,8 @@ def rescore(params: dict[str, Any]) -> dict[str, Any]:
     import buzzdask
 
     config = {"local-cluster.dashboard-address": ":0", **params["settings"]}
-    output = Path(params["output"])
-    models = params["model"]
-    several = isinstance(models, list)
-    journal = (output / Path(models[0]).resolve().name if several else output) / "journal.jsonl"
-    first_chunk: dict[str, float] = {}
-    started_epoch = time.time()
-    threading.Thread(target=_watch_first_chunk, args=(journal, first_chunk), daemon=True).start()
+    output, models = Path(params["output"]), params["model"]
+    several, first_chunk, started_epoch = _watch_output(output, models)
     with dask.config.set({f"buzzdask.{k}": v for k, v in config.items()}), measured() as record:
         returned = buzzdask.rescore(
             params["store"], models, output=output, embedder=params["embedder"], progress=False

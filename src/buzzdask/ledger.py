@@ -42,7 +42,6 @@ class FileState:
     chunks_done: int = 0
     frames: int = 0
     failed: bool = False
-    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,6 @@ class FileLedger:
         """The chunks of ``plans`` still to do, for a file whose parameters are ``info``."""
         relative = state.input.relative
         state.info = info
-        state.sha256 = state.sha256 or info.sha256
         state.chunks = len(plans)
         self.progress.expect(relative, info.duration_s or 0.0)
         jobs = [job for plan in plans if (job := self._job(state, plan)) is not None]
@@ -153,12 +151,13 @@ class FileLedger:
         if frames is None:
             label = chunk_label(relative, plan, self.spec, duration_s=state.info.duration_s)
             job = ChunkJob(relative, state.info, plan, label=label, owner=state)
-            if self.store is not None and state.sha256 is not None:
+            sha256 = state.info.sha256
+            if self.store is not None and sha256 is not None:
                 stored = self.store.frames_of(
-                    state.sha256, plan.first_frame, plan.n_frames or self.frames_per_chunk
+                    sha256, plan.first_frame, plan.n_frames or self.frames_per_chunk
                 )
                 if stored is not None:
-                    job.stored = self.store.ref(state.sha256, plan.first_frame, plan.n_frames)
+                    job.stored = self.store.ref(sha256, plan.first_frame, plan.n_frames)
             return job
         self.chunks_skipped += 1
         self.progress.advance(relative, self._seconds(frames), resumed=True)
@@ -229,7 +228,7 @@ class FileLedger:
     def targets(jobs: list[ChunkJob]) -> list[ChunkTarget]:
         """Where the results of a score task's chunks go."""
         return [
-            ChunkTarget(job.name, job.plan.index, job.owner.sha256, job.plan.n_frames)
+            ChunkTarget(job.name, job.plan.index, job.info.sha256, job.plan.n_frames)
             for job in jobs
         ]
 
@@ -255,12 +254,13 @@ class FileLedger:
                 mtime_ns=state.info.mtime_ns,
             )
         # A re-scoring's chunks came from the catalog: it reads the store, never adds to it.
-        if self.store is not None and state.sha256 is not None and state.info.codec != STORED_CODEC:
+        sha256 = state.info.sha256
+        if self.store is not None and sha256 is not None and state.info.codec != STORED_CODEC:
             self.store.record(
                 [
                     {
                         "file": relative,
-                        "sha256": state.sha256,
+                        "sha256": sha256,
                         "size": state.info.size_bytes,
                         "mtime_ns": state.info.mtime_ns,
                         "duration_s": state.info.duration_s,
