@@ -3,13 +3,14 @@
 On three generated corpora (:data:`benchmarks.corpus.CORPORA`: 15-minute MP3s, 1-hour WAVs,
 30-second WAVs in site/date folders), each reported on its own, and in rounds (every
 configuration once per round, so the machine's drift falls on all alike): the decode stage alone
-(1 and N ffmpeg processes), the model stage alone (a sweep of batch sizes and TensorFlow
-threads), both stages at once as plain processes (:mod:`benchmarks.corun`), a sequential
-single-process analyzer, and ``buzzdask.analyze`` on a fresh local cluster; then, once per
-round, the ``buzzdask analyze`` command on a 7-second file. ffmpeg preprocessing variants (and
-decode scaling on the local SLURM) run once. Every configuration's activations are checked
-equal to the sequential baseline's (:mod:`benchmarks.outputs`). Writes
-``<out>/<UTC time>-<host>.json`` and a ``.png`` plot of the realtime factors.
+(1 and N chunks at a time, as buzzdask decodes them: ffmpeg processes, or plain WAVs read in
+process), the model stage alone (a sweep of batch sizes and TensorFlow threads), both stages at
+once as plain processes (:mod:`benchmarks.corun`), a sequential single-process analyzer, and
+``buzzdask.analyze`` on a fresh local cluster; then, once per round, the ``buzzdask analyze``
+command on a 7-second file. ffmpeg preprocessing variants (and decode scaling on the local
+SLURM) run once. Every configuration's activations are checked equal to the sequential
+baseline's (:mod:`benchmarks.outputs`). Writes ``<out>/<UTC time>-<host>.json`` and a ``.png``
+plot of the realtime factors.
 
 The bound on N cores is ``B = N / (c_decode + c_model)``, with each stage's cost its CPU time
 per audio second in its cheapest configuration; the co-run bound ``B₂`` keeps the two stages'
@@ -52,12 +53,12 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 SHORT_SWEEP = ("batch 1024 (default)", "batch 1024, 1 thread")
 
 #: buzzdask.analyze configurations: ``buzzdask.*`` config keys (without the prefix) on the local
-#: cluster ``analyze()`` starts (2 workers, every core each, unless a key says otherwise).
+#: cluster ``analyze()`` starts (one worker of every core, unless a key says otherwise).
 ANALYZE_CONFIGS: dict[str, dict[str, Any]] = {
-    # One scorer using every core, the other worker only decodes (local-cluster.scorers: 1).
+    # One worker process that decodes and scores (local-cluster.n-workers: null).
     "buzzdask, defaults": {},
-    # The former default: a scorer on each of the 2 workers, TensorFlow's threads split.
-    "buzzdask, a scorer per worker": {"local-cluster.scorers": None},
+    # The former default: two worker processes, one of them scoring, the other only decoding.
+    "buzzdask, 2 workers (one scores)": {"local-cluster.n-workers": 2},
 }
 
 #: The configuration the targets are read from: what a user gets.
@@ -179,8 +180,8 @@ def _round(
     reference = work_dir / f"{name}-reference"
     one: dict[str, Any] = {
         "decode": {
-            f"{workers} ffmpeg": stage(
-                "decode", f"{title}: decode, {workers} ffmpeg", files=files, workers=workers
+            f"{workers} at a time": stage(
+                "decode", f"{title}: decode, {workers} at a time", files=files, workers=workers
             )
             for workers in sorted({1, n_cores})
         },

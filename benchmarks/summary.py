@@ -61,7 +61,7 @@ def round_costs(one: dict[str, Any], cores: int) -> dict[str, Any]:
     c_decode, c_model = decode["core_s_per_audio_s"], model["core_s_per_audio_s"]
     corun = one["corun"]
     full = [m for m in one["model"].values() if m["cores_used"] == cores]
-    wall_decode = one["decode"][f"{cores} ffmpeg"]["realtime_factor"]
+    wall_decode = one["decode"][f"{cores} at a time"]["realtime_factor"]
     wall_model = max(m["realtime_factor"] for m in full) if full else float("nan")
     return {
         "c_decode": c_decode,

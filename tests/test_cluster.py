@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -619,8 +618,13 @@ def test_cpu_job_added_mid_run_decodes(local_slurm, slurm_corpus, tmp_path):
 
     audio, options, reference = slurm_corpus
     many = tmp_path / "audio"
-    for copy in range(4):  # 360 one-frame chunks: the run outlasts the job's start
-        shutil.copytree(audio, many / f"copy{copy}")
+    # 360 one-frame chunks, each an ffmpeg run (FLAC: the WAVs' samples, not read in process),
+    # so the run outlasts the job's start.
+    for copy in range(4):
+        (many / f"copy{copy}").mkdir(parents=True)
+        for wav in audio.glob("*.wav"):
+            flac = many / f"copy{copy}" / wav.with_suffix(".flac").name
+            subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), str(flac)], check=True)
     client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
     try:
         first = set(client.scheduler_info(n_workers=-1)["workers"])
@@ -643,7 +647,7 @@ def test_cpu_job_added_mid_run_decodes(local_slurm, slurm_corpus, tmp_path):
     assert result.ok and not frame.duplicated(["file", "start"]).any()
     for copy in range(4):
         ours = frame[frame["file"].str.startswith(f"copy{copy}/")].copy()
-        ours["file"] = ours["file"].str.removeprefix(f"copy{copy}/")
+        ours["file"] = ours["file"].str.removeprefix(f"copy{copy}/").str.replace(".flac", ".wav")
         assert_same_frames(ours.reset_index(drop=True), reference)
 
 

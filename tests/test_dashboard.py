@@ -241,8 +241,10 @@ def _fetch_json(url: str) -> dict:
 def test_buzzdask_page_shows_the_run_live_on_a_local_cluster(
     run, make_audio, dask_client, tmp_path
 ):
+    # FLAC: every one-second chunk is an ffmpeg run (WAVs are read in process), so the run
+    # lasts long enough to be seen running.
     for seed in range(4):
-        make_audio(f"site{seed % 2}/f{seed}.wav", n_samples=40 * FRAME, seed=seed)
+        make_audio(f"site{seed % 2}/f{seed}.flac", n_samples=40 * FRAME, seed=seed)
     (tmp_path / "audio" / "broken.wav").write_bytes(b"RIFF not really")
     base = dask_client.dashboard_link.rsplit("/status", 1)[0]
     output = tmp_path / "out"

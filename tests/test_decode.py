@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from buzzdask import DecodeError, decode_file, probe_audio
-from buzzdask.decode import chunks_after, decode_chunk, plan_chunks, preprocess_filters
+from buzzdask.decode import (
+    _run_ffmpeg,
+    chunks_after,
+    decode_chunk,
+    plan_chunks,
+    preprocess_filters,
+)
+from buzzdask.ffmpeg_tools import find_ffmpeg
 from tests.conftest import field_like, requires_ffmpeg, write_wav
 from tests.test_frames import spec
 
@@ -123,3 +130,71 @@ def test_unreadable_files_name_the_file_and_reason(
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="cannot read the file"):
         probe_audio(tmp_path / "nope.wav")
+
+
+def _generated_wav(path: Path, *, codec: str, channels: int, rate: int, n_samples: int) -> Path:
+    subprocess.run(
+        [
+            *("ffmpeg", "-v", "error", "-y", "-f", "lavfi"),
+            *("-i", f"anoisesrc=r={rate}:a=0.3,aformat=channel_layouts={channels}c"),
+            *("-af", f"atrim=end_sample={n_samples}", "-c:a", codec, str(path)),
+        ],
+        check=True,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("codec", "channels", "rate"),
+    [
+        ("pcm_s16le", 1, 48000),  # AudioMoth
+        ("pcm_s16le", 2, 44100),  # Song Meter
+        ("pcm_u8", 1, 32000),
+        ("pcm_s24le", 2, 48000),
+        ("pcm_s32le", 1, 22050),
+        ("pcm_f32le", 2, 96000),
+        ("pcm_f64le", 1, 44100),
+        ("pcm_s16le", 1, 16000),  # at the model's rate: not resampled
+    ],
+)
+def test_plain_wavs_decode_in_process_to_ffmpegs_bits(
+    tmp_path: Path, codec: str, channels: int, rate: int
+) -> None:
+    """A WAV is read and resampled in process: ffmpeg's chain to the bit, and no ffmpeg started."""
+    path = _generated_wav(
+        tmp_path / "a.wav", codec=codec, channels=channels, rate=rate, n_samples=13 * rate + 777
+    )
+    info = probe_audio(path)
+    by_ffmpeg, _ = _run_ffmpeg(info, sample_rate=16000, ffmpeg_cmd=find_ffmpeg().ffmpeg)
+    whole = decode_file(path, sample_rate=16000)
+    np.testing.assert_array_equal(whole, by_ffmpeg)
+    frame_spec = spec()
+    frames = 0
+    for plan in plan_chunks(info, frame_spec, frames_per_chunk=3):
+        chunk = decode_chunk(info, plan, spec=frame_spec, ffmpeg_cmd="/no/such/ffmpeg")
+        first = plan.first_frame * frame_spec.hop_length
+        np.testing.assert_allclose(
+            chunk.samples, whole[first : first + len(chunk.samples)], atol=1e-6
+        )
+        frames += chunk.n_frames
+    assert frames == frame_spec.n_complete_frames(len(whole))
+
+
+def test_a_wav_cut_short_decodes_what_it_holds_as_ffmpeg_does(tmp_path: Path) -> None:
+    path = _generated_wav(
+        tmp_path / "cut.wav", codec="pcm_s16le", channels=2, rate=44100, n_samples=9 * 44100
+    )
+    path.write_bytes(path.read_bytes()[:-4001])  # the recorder stopped mid-sample
+    info = probe_audio(path)
+    by_ffmpeg, _ = _run_ffmpeg(info, sample_rate=16000, ffmpeg_cmd=find_ffmpeg().ffmpeg)
+    np.testing.assert_array_equal(decode_file(path, sample_rate=16000), by_ffmpeg)
+
+
+def test_wavs_of_more_channels_go_through_ffmpeg(tmp_path: Path) -> None:
+    path = _generated_wav(
+        tmp_path / "six.wav", codec="pcm_s16le", channels=6, rate=48000, n_samples=48000 * 3
+    )
+    info = probe_audio(path)
+    (plan,) = plan_chunks(info, spec(), frames_per_chunk=10)
+    with pytest.raises(DecodeError, match="cannot run"):
+        decode_chunk(info, plan, spec=spec(), ffmpeg_cmd="/no/such/ffmpeg")

@@ -50,8 +50,10 @@ def _pages(directory: Path) -> int:
 
 
 def test_disk_full_mid_run_then_resume(run, make_audio, tmp_path, small_disk):
+    # FLAC: each one-second chunk is an ffmpeg run, so chunks reach the scorer a few at a time
+    # and some are recorded before the disk fills (WAVs, read in process, all come at once).
     for seed in range(3):
-        make_audio(f"f{seed}.wav", n_samples=12 * FRAME, seed=seed)
+        make_audio(f"f{seed}.flac", n_samples=12 * FRAME, seed=seed)
     reference = run(tmp_path / "audio", chunk_seconds=1.0, output=tmp_path / "reference")
     partitions = list(reference.dataset.rglob("*.parquet"))
     # Room for the run's own files and about half of its 36 partitions.

@@ -59,8 +59,9 @@ def _gone_pid() -> int:
 def test_a_second_run_is_refused_while_the_first_writes(
     make_audio, dask_client, tiny_model, tiny_embedder, tmp_path
 ):
+    # FLAC: each one-second chunk is an ffmpeg run, so the first run lasts (WAVs are quicker).
     for seed in range(3):
-        make_audio(f"f{seed}.wav", n_samples=60 * FRAME, seed=seed)
+        make_audio(f"f{seed}.flac", n_samples=60 * FRAME, seed=seed)
     out = tmp_path / "out"
     args = [
         sys.executable, "-m", "buzzdask", "analyze", str(tmp_path / "audio"),

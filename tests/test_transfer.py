@@ -79,6 +79,24 @@ def test_batches_arrive_whole_with_a_manifest(rclone_remote, make_audio, tmp_pat
 
 
 @pytest.mark.parametrize(
+    ("stderr", "reason"),
+    [
+        # A port that holds the digits 401 is not an HTTP 401 (this once failed by chance).
+        (
+            'couldn\'t list files: Propfind "http://127.0.0.1:40103/": dial tcp '
+            "127.0.0.1:40103: connect: connection refused",
+            "remote unreachable",
+        ),
+        ('Propfind "http://127.0.0.1:8080/": 401 Unauthorized', "authentication failed"),
+    ],
+)
+def test_rclone_messages_are_read_by_their_words(stderr: str, reason: str) -> None:
+    from buzzdask.rclone import _diagnose
+
+    assert _diagnose(stderr)[0] == reason
+
+
+@pytest.mark.parametrize(
     ("source", "reason", "message"),
     [
         ("wrongpass:", "authentication failed", "refused the credentials"),

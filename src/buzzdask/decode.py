@@ -1,4 +1,4 @@
-"""Decoding audio with ffmpeg: probe, plan frame-aligned chunks, decode a chunk sample-exactly.
+"""Decoding audio: probe, plan frame-aligned chunks, decode a chunk sample-exactly.
 
 The executables are those of :func:`buzzdask.ffmpeg_tools.find_ffmpeg`: given by the caller (the
 client resolves them once for a run), or found on this machine. Without ffprobe (the
@@ -7,6 +7,10 @@ client resolves them once for a run), or found on this machine. Without ffprobe 
 The samples handed to the embedder are made exactly as buzzdetect's training pipeline made them:
 the **mean** of the channels, then **soxr** resampling to the embedder's rate, as float32. A plain
 ``ffmpeg -ac 1 -ar 16000`` is not that (it mixes stereo to (L+R)/sqrt(2) and resamples otherwise).
+ffmpeg does it with the filter chain of :func:`preprocess_filters`. A plain PCM WAV of one or two
+channels (what field recorders write) is decoded in process instead: its samples read with
+:func:`buzzdask.wav.read_wav_samples`, their mean, then the same libsoxr through the ``soxr``
+package. The result is the same, bit for bit (tested), without an ffmpeg process per chunk.
 
 A chunk is decoded with margins on both sides (the decoder and the resampler need them to settle)
 starting at an instant that lies on both the input and the output sample grids, so its samples
@@ -39,12 +43,13 @@ from typing import BinaryIO
 
 import ffmpeg
 import numpy as np
+import soxr
 
 from buzzdask import pcm_cache
 from buzzdask.errors import DecodeError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
-from buzzdask.wav import read_wav_header
+from buzzdask.wav import WavHeader, read_wav_header, read_wav_samples
 
 __all__ = [
     "PREPROCESSING",
@@ -364,7 +369,8 @@ def chunks_after(
 
 
 #: The model's training preprocessing, as recorded in run metadata and fingerprints; the ffmpeg
-#: filter chain of :func:`preprocess_filters` implements it.
+#: filter chain of :func:`preprocess_filters` implements it, and so does the in-process decoding
+#: of plain WAVs, to the same bits (so the text, which outputs and stores are checked by, stays).
 PREPROCESSING = (
     "mean of channels, then soxr resampling to the embedder's rate (ffmpeg pan + aresample)"
 )
@@ -417,9 +423,13 @@ def decode_file(
     -------
     np.ndarray [shape=(n_samples,), dtype=float32]
     """
-    tools = tools or find_ffmpeg()
     info = probe_audio(path, tools=tools)
-    samples, _ = _run_ffmpeg(info, sample_rate=sample_rate, ffmpeg_cmd=tools.ffmpeg)
+    header = _in_process_header(info)
+    if header is not None:
+        return _decode_wav(info, header, sample_rate=sample_rate, start=0, stop=None)
+    samples, _ = _run_ffmpeg(
+        info, sample_rate=sample_rate, ffmpeg_cmd=(tools or find_ffmpeg()).ffmpeg
+    )
     return samples
 
 
@@ -470,10 +480,12 @@ def decode_chunk(
         If ffmpeg fails.
     """
     rate = spec.sample_rate
-    ffmpeg_cmd = ffmpeg_cmd or find_ffmpeg().ffmpeg
     first_sample = chunk.first_frame * spec.hop_length
     stop = None if chunk.n_frames is None else first_sample + spec.span(chunk.n_frames)
-    if uses_decoded_copy(
+    header = _in_process_header(info)
+    # ffmpeg is looked for only where it decodes: a folder of WAVs never needs it.
+    ffmpeg_cmd = ffmpeg_cmd or ("" if header is not None else find_ffmpeg().ffmpeg)
+    if header is None and uses_decoded_copy(
         info, chunk, spec=spec, margin_s=margin_s, seekable_codecs=seekable_codecs
     ):
         copied = pcm_cache.read_span(
@@ -487,22 +499,74 @@ def decode_chunk(
         if copied is not None:
             return _chunk_of(copied[0], chunk, spec=spec, stop=stop, messages=copied[1])
     margin = round(margin_s * rate)
-    input_seek = seeks_exactly(info.codec, seekable_codecs)
+    input_seek = header is not None or seeks_exactly(info.codec, seekable_codecs)
     # Start on an instant that is a whole number of input samples, output samples and
     # microseconds (ffmpeg's time unit), so the resampler's phase matches the whole-file decode.
     grid = math.gcd(math.gcd(info.sample_rate, rate) if input_seek else rate, 10**6)
     step = rate // grid
     start = max(0, first_sample - margin) // step * step
-    decoded, messages = _run_ffmpeg(
-        info,
-        sample_rate=rate,
-        start=Fraction(start, rate),
-        duration=None if stop is None else Fraction(stop + margin - start, rate),
-        input_seek=input_seek,
-        ffmpeg_cmd=ffmpeg_cmd,
-    )
+    if header is not None:
+        decoded = _decode_wav(
+            info,
+            header,
+            sample_rate=rate,
+            start=start,
+            stop=None if stop is None else stop + margin,
+        )
+        messages = ""
+    else:
+        decoded, messages = _run_ffmpeg(
+            info,
+            sample_rate=rate,
+            start=Fraction(start, rate),
+            duration=None if stop is None else Fraction(stop + margin - start, rate),
+            input_seek=input_seek,
+            ffmpeg_cmd=ffmpeg_cmd,
+        )
     samples = decoded[first_sample - start : None if stop is None else stop - start]
     return _chunk_of(samples, chunk, spec=spec, stop=stop, messages=messages)
+
+
+def _in_process_header(info: AudioInfo) -> WavHeader | None:
+    """The WAV header of a file decoded in process: PCM of one or two channels, as probed.
+
+    More channels go through ffmpeg, whose ``pan`` sums them in an order of its own.
+    """
+    if not info.codec.startswith("pcm_") or info.channels > 2:
+        return None
+    header = read_wav_header(info.path)
+    if header is None or (header.codec, header.sample_rate, header.channels) != (
+        info.codec,
+        info.sample_rate,
+        info.channels,
+    ):
+        return None
+    return header
+
+
+def _decode_wav(
+    info: AudioInfo, header: WavHeader, *, sample_rate: int, start: int, stop: int | None
+) -> np.ndarray:
+    """The preprocessing chain, in process: samples ``start`` to ``stop`` at ``sample_rate``.
+
+    ``start`` lies on the input's sample grid (:func:`decode_chunk` sees to it); ``stop=None``
+    runs to the end of the file, where soxr's last output sample is ffmpeg's.
+    """
+    in_rate = header.sample_rate
+    try:
+        channels = read_wav_samples(
+            info.path,
+            header,
+            start=start * in_rate // sample_rate,
+            stop=None if stop is None else -(-stop * in_rate // sample_rate),
+        )
+    except OSError as error:
+        raise DecodeError(info.path, f"cannot read the file: {error.strerror}") from None
+    # The mean of two float32 channels is pan's 0.5*c0+0.5*c1 to the bit (halving is exact).
+    mono = channels[:, 0] if header.channels == 1 else channels.mean(axis=1, dtype=np.float32)
+    if in_rate == sample_rate or len(mono) == 0:
+        return np.ascontiguousarray(mono)
+    return np.asarray(soxr.resample(mono, in_rate, sample_rate, quality="HQ"), dtype=np.float32)
 
 
 def _chunk_of(

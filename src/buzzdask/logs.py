@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from buzzdask import preload
 from buzzdask.errors import BuzzdaskError
 from buzzdask.progress import TqdmHandler, logger
 
@@ -130,6 +131,7 @@ class WorkerLogging(WorkerPlugin):
         for name in _THIRD_PARTY:
             logging.getLogger(name).setLevel(self.level)
         logger.setLevel(logging.INFO)
+        preload.logging_set.set()  # TensorFlow may load now (where preloaded)
 
 
 class _RunLogFile(logging.FileHandler):

@@ -50,7 +50,8 @@ _DIAGNOSES = (
     ),
     (
         "authentication failed",
-        ("401", "403 forbidden", "unauthorized", "invalid_grant", "token expired", "auth"),
+        # " 401": a status code, not the digits of a port such as 127.0.0.1:40103.
+        (" 401", "403 forbidden", "unauthorized", "invalid_grant", "token expired", "auth"),
         "the remote refused the credentials: refresh them with `rclone config reconnect REMOTE:`",
     ),
     (

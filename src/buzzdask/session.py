@@ -30,7 +30,7 @@ from buzzdask.settings import LocalClusterSettings
 __all__ = [
     "connect",
     "has_gpu",
-    "no_work_stealing",
+    "lean_dask",
     "package_versions",
     "scorer_hosts",
     "scorers_per_host",
@@ -68,13 +68,16 @@ def connect(
 
 
 def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = True) -> LocalCluster:
-    """Worker processes that each decode and hold a scorer (2 unless configured).
+    """One worker process that decodes and holds the scorer, unless configured otherwise.
 
-    ``settings`` are ``buzzdask.local-cluster.*``: workers (null: 2), threads per worker
-    (null: every core; decode threads only wait on ffmpeg), dashboard address. The worker
-    processes inherit :func:`~buzzdask.logs.quiet_environment`'s settings.
+    ``settings`` are ``buzzdask.local-cluster.*``: workers (null: 1), threads per worker
+    (null: every core), dashboard address. One process on one machine: decoded
+    audio never crosses a socket, ffmpeg runs in processes of its own anyway, and plain WAVs
+    are resampled in threads that let go of the GIL. The worker process inherits
+    :func:`~buzzdask.logs.quiet_environment`'s settings and :func:`lean_dask`'s, and starts
+    importing TensorFlow at once (:mod:`buzzdask.preload`).
 
-    ``processes=False``: one worker of threads in this process instead, which starts in a
+    ``processes=False``: the worker's threads run in this process instead, which starts in a
     fraction of the time; for work that decodes nothing (a re-scoring), where a worker process
     would isolate nothing and only cost its start.
 
@@ -87,24 +90,36 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
     if processes:
         check_main_guard()
     quiet_environment()
-    with no_work_stealing():
+    with lean_dask():
         return LocalCluster(
-            n_workers=(settings.n_workers or 2) if processes else 1,
+            n_workers=(settings.n_workers or 1) if processes else 1,
             threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
             processes=processes,
             dashboard_address=settings.dashboard_address,
+            preload=["buzzdask.preload"] if processes else [],
         )
 
 
-@contextmanager
-def no_work_stealing() -> Iterator[None]:
-    """Schedulers started inside this block do not steal tasks between workers.
+#: Dask settings of the schedulers and workers buzzdask starts. No work stealing: it moved
+#: decode tasks onto the scorer's worker, where ffmpeg then competed with TensorFlow (209x ->
+#: 291x realtime on two cores with it off). Dask's own periodic work, slowed or off: the
+#: workers' statistical profiler (a thread sampling every thread's stack every 10 ms), the
+#: memory and system monitors (psutil every 0.1 s and 0.5 s) and the event loop's watchdog
+#: (every 20 ms). Together about 3 % of a run's CPU on two cores (benchmarks/); the dashboard
+#: keeps its task stream and progress, not its profile page.
+LEAN_DASK: dict[str, Any] = {
+    "distributed.scheduler.work-stealing": False,
+    "distributed.worker.profile.enabled": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.tick.interval": "1s",
+}
 
-    Stealing moves decode tasks (loosely restricted to the decode workers) onto the scorer's
-    worker, where ffmpeg then competes with TensorFlow: measured 209x -> 291x realtime on
-    two cores with it off (benchmarks/).
-    """
-    with dask.config.set({"distributed.scheduler.work-stealing": False}):
+
+@contextmanager
+def lean_dask() -> Iterator[None]:
+    """Schedulers and local workers started inside this block take :data:`LEAN_DASK`."""
+    with dask.config.set(LEAN_DASK):
         yield
 
 

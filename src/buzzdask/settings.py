@@ -237,9 +237,9 @@ class LocalClusterSettings:
     Attributes
     ----------
     n_workers : int >= 1 or None
-        Worker processes, each decoding (``scorers`` of them scoring too); None: 2.
+        Worker processes, each decoding (``scorers`` of them scoring too); None: 1.
     threads_per_worker : int >= 1 or None
-        Threads per worker; None: every core (decode threads only wait on ffmpeg).
+        Threads per worker; None: every core (decode threads mostly wait on ffmpeg).
     dashboard_address : str or None
         Dashboard address (``":0"`` picks a free port; a bare port ``p`` becomes ``":p"``); None
         disables the dashboard.
@@ -248,7 +248,7 @@ class LocalClusterSettings:
         worker.
     """
 
-    n_workers: int | None = field(metadata=_rule(_optional(_whole(1), "2 workers")))
+    n_workers: int | None = field(metadata=_rule(_optional(_whole(1), "1 worker")))
     threads_per_worker: int | None = field(metadata=_rule(_optional(_whole(1), "every core")))
     dashboard_address: str | None = field(metadata=_rule(_optional(_address, "no dashboard")))
     scorers: int | None = field(metadata=_rule(_optional(_whole(1), "every worker")))

@@ -20,7 +20,7 @@ from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobKind, JobOptions
 from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script
 from buzzdask.dashboard import local_dashboard_lines
 from buzzdask.errors import ParameterError
-from buzzdask.session import no_work_stealing, start_local_cluster
+from buzzdask.session import lean_dask, start_local_cluster
 from buzzdask.settings import load_settings
 
 __all__ = [
@@ -101,7 +101,7 @@ def start(
         return Client(start_local_cluster(settings.local_cluster))
     _refuse_whole_node(entry)
     options.require_account(entry, ("cpu", "gpu") if gpus else ("cpu",))
-    with no_work_stealing():  # the scheduler runs here, in this process
+    with lean_dask():  # the scheduler runs here, in this process
         slurm = BuzzdaskSLURMCluster(
             config_name=entry["cpu-config"],
             gpu_config_name=entry["gpu-config"],

@@ -345,7 +345,7 @@ def run_in_job(
 
     from buzzdask import cli
     from buzzdask.dashboard import local_dashboard_lines
-    from buzzdask.session import no_work_stealing
+    from buzzdask.session import lean_dask
 
     rank = int(os.environ.get("SLURM_PROCID", "-1"))
     if rank < 0:
@@ -374,7 +374,7 @@ def run_in_job(
     )
     try:
         with (
-            no_work_stealing(),  # this task's scheduler, if it is rank 0
+            lean_dask(),  # this task's scheduler (rank 0) or worker
             SLURMRunner(
                 scheduler_file=scheduler_file,
                 worker_options=worker_options,
