@@ -179,10 +179,13 @@ def read_wav_samples(
         shifted = np.zeros((len(stored) // 3, 4), dtype="u1")
         shifted[:, 1:] = stored.reshape(-1, 3)
         stored = shifted.view("<i4").ravel()
-    samples = stored.astype(np.float32)
-    if header.codec in _TO_FLOAT:
-        offset, scale = _TO_FLOAT[header.codec]
-        if offset:
-            samples -= offset
+    if header.codec not in _TO_FLOAT:
+        return stored.astype(np.float32).reshape(-1, header.channels)
+    offset, scale = _TO_FLOAT[header.codec]
+    # One pass over the samples where it can (each cast to float32, then scaled in float32).
+    if offset:
+        samples = np.subtract(stored, offset, dtype=np.float32)
         samples *= scale
+    else:
+        samples = np.multiply(stored, scale, dtype=np.float32)
     return samples.reshape(-1, header.channels)
