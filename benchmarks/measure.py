@@ -6,7 +6,9 @@ and many, are summarised by the largest one seen. The sum over the tree at each 
 too, as a time series (``tree_rss``): what the machine must hold for the whole run. It is a sum
 of resident set sizes, so pages shared between processes (TensorFlow's libraries in two
 workers) count once per process: an upper bound of the tree's own memory, and an ffmpeg that
-lives between two samples is missed.
+lives between two samples is missed. A child caught between its fork and its ``exec`` (same
+command line as its parent) is not counted: its pages are all its parent's, and counting them
+would count a 1.8 GB worker twice each time it starts an ffmpeg.
 """
 
 from __future__ import annotations
@@ -147,14 +149,19 @@ def _sample(
         except psutil.NoSuchProcess:
             return
         total = 0
+        command_lines: dict[int, list[str]] = {}
         for process in processes:
             try:
                 with process.oneshot():
                     rss = process.memory_info().rss
                     name = process.name()
                     times = process.cpu_times()
+                    command_lines[process.pid] = process.cmdline()
+                    parent_pid = process.ppid()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+            if command_lines.get(parent_pid) == command_lines[process.pid]:
+                continue  # forked, not yet exec'd: its parent's pages
             total += rss
             peak = max(rss, peaks.get(process.pid, ("", 0, 0.0))[1])
             peaks[process.pid] = (name, peak, times.user + times.system)
