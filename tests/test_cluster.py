@@ -886,7 +886,7 @@ def test_local_configuration_starts_a_local_cluster():
     with dask.config.set({"buzzdask.clusters.local.dashboard-address": ":0"}):
         client = start("local", cpu_workers=1)
     try:
-        assert len(client.scheduler_info()["workers"]) == 1  # n-workers of local.yaml
+        assert len(client.scheduler_info()["workers"]) == 2
     finally:
         client.shutdown()
     with pytest.raises(ParameterError, match="gpus=1"):

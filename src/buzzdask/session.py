@@ -73,9 +73,9 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
     ``settings`` are ``buzzdask.local-cluster.*``: workers (null: 1), threads per worker
     (null: every core), dashboard address. One process on one machine: decoded
     audio never crosses a socket, ffmpeg runs in processes of its own anyway, and plain WAVs
-    are resampled in threads that let go of the GIL. The worker process inherits
-    :func:`~buzzdask.logs.quiet_environment`'s settings and :func:`lean_dask`'s, and starts
-    importing TensorFlow at once (:mod:`buzzdask.preload`).
+    are resampled in threads that let go of the GIL. The worker processes inherit
+    :func:`~buzzdask.logs.quiet_environment`'s settings and :func:`lean_dask`'s; where each will
+    hold a scorer, they start importing TensorFlow at once (:mod:`buzzdask.preload`).
 
     ``processes=False``: the worker's threads run in this process instead, which starts in a
     fraction of the time; for work that decodes nothing (a re-scoring), where a worker process
@@ -90,13 +90,16 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
     if processes:
         check_main_guard()
     quiet_environment()
+    n_workers = (settings.n_workers or 1) if processes else 1
+    # Only where every worker will hold a scorer: a decode-only worker never needs TensorFlow.
+    all_score = settings.scorers is None or settings.scorers >= n_workers
     with lean_dask():
         return LocalCluster(
-            n_workers=(settings.n_workers or 1) if processes else 1,
+            n_workers=n_workers,
             threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
             processes=processes,
             dashboard_address=settings.dashboard_address,
-            preload=["buzzdask.preload"] if processes else [],
+            preload=["buzzdask.preload"] if processes and all_score else [],
         )
 
 
