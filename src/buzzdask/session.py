@@ -183,4 +183,6 @@ def package_versions() -> dict[str, str]:
         "pandas": pd.__version__,
         "pyarrow": pyarrow.__version__,
         "python": platform.python_version(),
+        # It resamples plain WAVs (decoded in process); ffmpeg's own is in "ffmpeg".
+        "soxr": importlib.metadata.version("soxr"),
     }
