@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from buzzdask.decode import AudioInfo, ChunkPlan
+from buzzdask.decode import AudioInfo, ChunkPlan, expected_frames, plan_chunks
 from buzzdask.frames import FrameSpec
 from buzzdask.pipeline import (
     Budget,
     ChunkJob,
+    budget_bytes,
     chunk_label,
     chunk_nbytes,
     free_scorers,
     next_group,
     split_failed_group,
+    useful_bytes,
 )
 from buzzdask.scorers import decode_workers
 
@@ -41,19 +43,72 @@ def job(index: int, *, n_frames: int = 10) -> ChunkJob:
     return ChunkJob("a.wav", info, plan, label=chunk_label("a.wav", plan, SPEC))
 
 
+def thirty_second_file(index: int, *, codec: str = "pcm_s16le") -> ChunkJob:
+    """A 30-second recording's one chunk, planned as the ledger plans it (10-minute chunks)."""
+    info = AudioInfo(
+        path=f"{index}.wav",
+        codec=codec,
+        sample_rate=48000,
+        channels=1,
+        duration_s=30.0,
+        size_bytes=1,
+        mtime_ns=1,
+    )
+    (plan,) = plan_chunks(info, SPEC, frames_per_chunk=625)
+    return ChunkJob(
+        info.path,
+        info,
+        plan,
+        label=chunk_label(info.path, plan, SPEC),
+        expected_frames=expected_frames(info, plan, SPEC),
+    )
+
+
 def test_budget_admits_one_chunk_however_large_then_up_to_the_limit():
     budget = Budget(limit_bytes=250, chunk_bytes=100)
-    assert budget.admits()
-    budget.take()
-    budget.take()
-    assert not budget.admits()
-    budget.release()
-    assert budget.admits()
+    assert budget.admits(100)
+    budget.take(100)
+    budget.take(100)
+    assert not budget.admits(100)
+    assert budget.admits(50)  # a short file's chunk still fits
+    budget.release(100)
+    assert budget.admits(100)
     assert budget.peak_bytes == 200
     huge = Budget(limit_bytes=10, chunk_bytes=100)
-    assert huge.admits()
-    huge.take()
-    assert not huge.admits()
+    assert huge.admits(100)
+    huge.take(100)
+    assert not huge.admits(100)
+
+
+def test_budget_holds_no_more_than_keeps_the_cluster_busy():
+    budget = Budget(limit_bytes=1000, chunk_bytes=100, useful_bytes=250)
+    budget.take(100)
+    budget.take(100)
+    assert not budget.admits(100)  # the limit would, what is useful does not
+    budget.useful_bytes = None
+    assert budget.admits(100)
+
+
+def test_useful_bytes_a_chunk_per_decode_thread_and_three_groups_per_scorer():
+    chunk, group = 38, 63
+    one_worker = useful_bytes(
+        decode_threads=2, scorers=1, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=group
+    )
+    assert one_worker == 2 * chunk + 3 * group
+    # Until a scorer has scored: only what the decode threads hold (TensorFlow starts alone).
+    assert (
+        useful_bytes(
+            decode_threads=2, scorers=0, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=group
+        )
+        == 2 * chunk
+    )
+    # Groups of less than a chunk still take a whole chunk each.
+    assert (
+        useful_bytes(
+            decode_threads=90, scorers=4, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=10
+        )
+        == 90 * chunk + 12 * chunk
+    )
 
 
 def test_chunk_bytes_count_context_and_both_margins():
@@ -78,12 +133,31 @@ def test_next_group_prefers_the_scorer_that_holds_the_chunks():
 
 
 def test_next_group_fills_a_batch_with_short_chunks_and_takes_one_long_one():
-    short = [(job(i, n_frames=31), Key(f"s{i}")) for i in range(40)]  # 30-second files
+    # 30-second files: each planned as a whole chunk (626 frames), expected to hold 31.
+    short = [(thirty_second_file(i), Key(f"s{i}")) for i in range(40)]
+    assert {item[0].plan.n_frames for item in short} == {626}
     _, group = next_group(short, ["w1"], {}, most_frames=1024)
     assert len(group) == 33  # 33 x 31 = 1023 frames
     long = [(job(0, n_frames=625), Key("l0")), (job(1, n_frames=625), Key("l1"))]
     _, group = next_group(long, ["w1"], {}, most_frames=512)
     assert [item[1].key for item in group] == ["l0"]  # more than a batch: alone
+
+
+def test_expected_frames_by_the_estimate_and_as_planned_past_it():
+    info = thirty_second_file(0).info
+    assert expected_frames(info, ChunkPlan(0, 0, 626), SPEC) == 31
+    assert expected_frames(info, ChunkPlan(0, 0, 10), SPEC) == 10
+    assert expected_frames(info, ChunkPlan(1, 31, 626), SPEC) == 626  # the audio went on
+    assert expected_frames(replace(info, duration_s=None), ChunkPlan(0, 0, 626), SPEC) == 626
+
+
+def test_a_pcm_file_counts_its_expected_audio_in_the_budget_a_lossy_one_a_whole_chunk():
+    whole = chunk_nbytes(SPEC, 626, 0.5)
+    wav = thirty_second_file(0)
+    assert budget_bytes(wav, SPEC, chunk_bytes=whole, margin_s=0.5) == chunk_nbytes(SPEC, 32, 0.5)
+    mp3 = thirty_second_file(0, codec="mp3")  # its estimate may be short: counted whole
+    assert budget_bytes(mp3, SPEC, chunk_bytes=whole, margin_s=0.5) == whole
+    assert budget_bytes(job(0), SPEC, chunk_bytes=whole, margin_s=0.5) == whole  # no estimate
 
 
 def test_failed_group_is_sent_again_only_when_its_scorer_was_lost():

@@ -59,6 +59,9 @@ __all__ = [
     "chunks_after",
     "decode_chunk",
     "decode_file",
+    "estimated_frames",
+    "expected_frames",
+    "length_is_exact",
     "plan_chunks",
     "preprocess_filters",
     "probe_audio",
@@ -316,10 +319,7 @@ def plan_chunks(info: AudioInfo, spec: FrameSpec, *, frames_per_chunk: int) -> l
     list of ChunkPlan
         At least one; ``n_frames == frames_per_chunk``, the last ``frames_per_chunk + 1``.
     """
-    estimated = 0
-    if info.duration_s is not None:
-        estimated = spec.n_complete_frames(int(info.duration_s * spec.sample_rate))
-    n_chunks = max(1, math.ceil(estimated / frames_per_chunk))
+    n_chunks = max(1, math.ceil((estimated_frames(info, spec) or 0) / frames_per_chunk))
     return [
         ChunkPlan(
             index=i,
@@ -328,6 +328,27 @@ def plan_chunks(info: AudioInfo, spec: FrameSpec, *, frames_per_chunk: int) -> l
         )
         for i in range(n_chunks)
     ]
+
+
+def estimated_frames(info: AudioInfo, spec: FrameSpec) -> int | None:
+    """Whole frames in the file by its estimated duration (``None``: no estimate)."""
+    if info.duration_s is None:
+        return None
+    return spec.n_complete_frames(int(info.duration_s * spec.sample_rate))
+
+
+def expected_frames(info: AudioInfo, plan: ChunkPlan, spec: FrameSpec) -> int | None:
+    """Frames ``plan`` should come back with by the file's estimated duration.
+
+    A 30-second file's one chunk is planned for a whole chunk of frames but holds 31: this is
+    what it adds to a score task. ``plan.n_frames`` where the estimate says nothing: no
+    estimate, or a chunk past it (the audio went on past the estimate).
+    """
+    estimated = estimated_frames(info, spec)
+    if estimated is None or plan.first_frame >= estimated:
+        return plan.n_frames
+    left = estimated - plan.first_frame
+    return left if plan.n_frames is None else min(plan.n_frames, left)
 
 
 def chunks_after(
@@ -642,6 +663,14 @@ def release_decoded_copy(
         info, sample_rate=spec.sample_rate, ffmpeg_cmd=ffmpeg_cmd or find_ffmpeg().ffmpeg
     )
     return pcm_cache.remove(key, directory=copy_directory)
+
+
+def length_is_exact(codec: str) -> bool:
+    """Whether a file of ``codec`` is as long as probed: PCM, whose length is its data's size.
+
+    Other codecs' durations are estimates, an MP3's sometimes several times too short.
+    """
+    return codec.startswith("pcm_")
 
 
 def seeks_exactly(codec: str, seekable_codecs: tuple[str, ...]) -> bool:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from buzzdask.decode import AudioInfo, ChunkPlan, chunks_after, plan_chunks
+from buzzdask.decode import AudioInfo, ChunkPlan, chunks_after, expected_frames, plan_chunks
 from buzzdask.errors import DecodeError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
@@ -150,7 +150,14 @@ class FileLedger:
         frames = self._frames_done(state, plan.index)
         if frames is None:
             label = chunk_label(relative, plan, self.spec, duration_s=state.info.duration_s)
-            job = ChunkJob(relative, state.info, plan, label=label, owner=state)
+            job = ChunkJob(
+                relative,
+                state.info,
+                plan,
+                label=label,
+                owner=state,
+                expected_frames=expected_frames(state.info, plan, self.spec),
+            )
             sha256 = state.info.sha256
             if self.store is not None and sha256 is not None:
                 stored = self.store.frames_of(

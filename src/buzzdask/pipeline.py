@@ -3,9 +3,9 @@
 The client drives decode and score tasks incrementally (``as_completed``) instead of submitting
 everything at once, so the decoded audio in flight stays under a memory budget and a 1,000-hour
 run holds no more than that. :class:`ChunkPipeline` holds the loop's state; its decisions are
-the plain functions beside it (:class:`Budget`, :func:`free_scorers`, :func:`next_group`,
-:func:`split_failed_group`), tested without a cluster. What happens to a finished chunk (a
-Parquet partition, an embedding cache entry) is the caller's ``on_result``.
+the plain functions beside it (:class:`Budget`, :func:`budget_bytes`, :func:`free_scorers`,
+:func:`next_group`, :func:`split_failed_group`), tested without a cluster. What happens to a
+finished chunk (a Parquet partition, an embedding cache entry) is the caller's ``on_result``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 from distributed import Client, Future, as_completed
 
-from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk, release_decoded_copy, seeks_exactly
+from buzzdask.decode import (
+    AudioInfo,
+    ChunkPlan,
+    DecodedChunk,
+    length_is_exact,
+    release_decoded_copy,
+    seeks_exactly,
+)
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
 from buzzdask.scorers import ScorerPool
@@ -31,12 +38,14 @@ __all__ = [
     "Budget",
     "ChunkJob",
     "ChunkPipeline",
+    "budget_bytes",
     "chunk_label",
     "chunk_nbytes",
     "free_scorers",
     "next_group",
     "outcome",
     "split_failed_group",
+    "useful_bytes",
 ]
 
 _Item = TypeVar("_Item")
@@ -63,6 +72,10 @@ class ChunkJob:
     stored : StoredRef or None
         Where its embeddings are stored: read back (:func:`buzzdask.store.load_stored`)
         instead of decoded.
+    expected_frames : int or None
+        Frames it should come back with by the file's estimated duration
+        (:func:`buzzdask.decode.expected_frames`): what it adds to a score task. ``None``:
+        ``plan.n_frames``.
     """
 
     name: str
@@ -73,6 +86,13 @@ class ChunkJob:
     attempts: int = 0
     scorer: str | None = None
     stored: StoredRef | None = None
+    expected_frames: int | None = None
+
+    def frames(self, *, default: int) -> int:
+        """Frames it should hold: expected, else planned, else ``default`` (an open end)."""
+        if self.expected_frames is not None:
+            return self.expected_frames
+        return self.plan.n_frames or default
 
 
 def chunk_label(
@@ -101,35 +121,69 @@ def chunk_nbytes(spec: FrameSpec, frames_per_chunk: int, margin_s: float) -> int
 
 @dataclass
 class Budget:
-    """Decoded audio in flight, counted in chunks of ``chunk_bytes``.
+    """Decoded audio in flight, in bytes.
 
     Parameters
     ----------
     limit_bytes : int >= 0 [bytes]
-        Most decoded audio in flight; one chunk is always admitted, however large.
+        Most decoded audio in flight (``buzzdask.memory-budget``); one chunk is always
+        admitted, however large.
     chunk_bytes : int > 0 [bytes]
-        One chunk's decoded float32 samples, context and margins included.
+        A whole chunk's decoded float32 samples, context and margins included: what a chunk
+        counts unless it is known to hold less (:func:`budget_bytes`).
+    useful_bytes : int or None [bytes]
+        What keeps the cluster busy (:func:`useful_bytes`): the budget holds no more, as more
+        only costs memory. ``None``: up to ``limit_bytes``.
     """
 
     limit_bytes: int
     chunk_bytes: int
+    useful_bytes: int | None = None
     in_flight_bytes: int = 0
     peak_bytes: int = 0
 
-    def admits(self) -> bool:
-        """Whether one more chunk fits (or nothing is in flight)."""
-        return (
-            self.in_flight_bytes == 0 or self.in_flight_bytes + self.chunk_bytes <= self.limit_bytes
-        )
+    def admits(self, nbytes: int) -> bool:
+        """Whether a chunk of ``nbytes`` fits (or nothing is in flight)."""
+        limit = min(self.limit_bytes, self.useful_bytes or self.limit_bytes)
+        return self.in_flight_bytes == 0 or self.in_flight_bytes + nbytes <= limit
 
-    def take(self) -> None:
-        """Count one chunk submitted for decoding."""
-        self.in_flight_bytes += self.chunk_bytes
+    def take(self, nbytes: int) -> None:
+        """Count a chunk of ``nbytes`` submitted for decoding."""
+        self.in_flight_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.in_flight_bytes)
 
-    def release(self, n_chunks: int = 1) -> None:
-        """Count ``n_chunks`` done with (scored, or failed)."""
-        self.in_flight_bytes -= self.chunk_bytes * n_chunks
+    def release(self, nbytes: int) -> None:
+        """Count ``nbytes`` done with (scored, or failed)."""
+        self.in_flight_bytes -= nbytes
+
+
+def budget_bytes(job: ChunkJob, spec: FrameSpec, *, chunk_bytes: int, margin_s: float) -> int:
+    """The decoded audio ``job`` counts in the budget.
+
+    A whole chunk's (``chunk_bytes``), unless the file's length is exact
+    (:func:`~buzzdask.decode.length_is_exact`) and the chunk holds less: a folder of 30-second
+    recordings then has hundreds of files in flight, not a few dozen. A lossy file's estimate
+    can be short several times over: its chunks count whole.
+    """
+    if job.expected_frames is None or not length_is_exact(job.info.codec):
+        return chunk_bytes
+    # One frame more than expected, as a file's last planned chunk holds (plan_chunks).
+    return min(chunk_bytes, chunk_nbytes(spec, job.expected_frames + 1, margin_s))
+
+
+def useful_bytes(
+    *, decode_threads: int, scorers: int, tasks_per_scorer: int, chunk_bytes: int, group_bytes: int
+) -> int:
+    """Decoded audio in flight that keeps every decode thread and scorer busy.
+
+    A chunk per decode thread, and per scorer its queued score tasks and the group that follows
+    them (a group: at least a chunk). One local worker of two threads: about 270 MB of
+    ten-minute chunks, where a 1 GiB budget let decoding run 0.8 GB ahead of the scorer.
+    ``scorers=0`` (none has scored yet): decoding further ahead would only slow TensorFlow's
+    start and the first partition.
+    """
+    score_tasks = scorers * (tasks_per_scorer + 1)
+    return decode_threads * chunk_bytes + score_tasks * max(chunk_bytes, group_bytes)
 
 
 def free_scorers(load: Mapping[str, int], scorers: Iterable[str], *, most: int) -> list[str]:
@@ -159,14 +213,14 @@ def next_group(
     free : sequence of str, non-empty
     held : mapping of future key -> worker addresses
     most_frames : int > 0
-        Most frames in one group, counted as planned (``ChunkPlan.n_frames``).
+        Most frames in one group, counted as expected (:meth:`ChunkJob.frames`).
     """
     address = next((a for a in free if any(a in held.get(f.key, ()) for _, f in decoded)), free[0])
     ordered = sorted(decoded, key=lambda item: address not in held.get(item[1].key, ()))
     group: list[tuple[ChunkJob, Future]] = []
     frames = 0
     for item in ordered:
-        n_frames = item[0].plan.n_frames or most_frames  # open-ended: a group of its own
+        n_frames = item[0].frames(default=most_frames)  # open-ended: a group of its own
         if group and frames + n_frames > most_frames:
             break
         group.append(item)
@@ -213,9 +267,11 @@ class ChunkPipeline:
     pool : ScorerPool
         Started (:meth:`ScorerPool.start`); actors still starting are waited for in :meth:`run`.
     decode : callable
-        ``decode(info, plan, **decode_options) -> DecodedChunk``, run on a worker (a chunk whose
-        embeddings are stored is read back instead, :attr:`ChunkJob.stored`).
+        ``decode(info, plan, spec=spec, **decode_options) -> DecodedChunk``, run on a worker (a
+        chunk whose embeddings are stored is read back instead, :attr:`ChunkJob.stored`).
+    spec : FrameSpec
     decode_options : mapping
+        With ``margin_s``, the seconds decoded past each end (counted in the budget).
     score : callable
         ``score(actor, *decoded, **score_keywords(jobs)) -> list of results``, run on the actor's
         worker (:func:`buzzdask.score.score_chunks` or :func:`~buzzdask.score.embed_chunks`).
@@ -250,6 +306,7 @@ class ChunkPipeline:
         pool: ScorerPool,
         *,
         decode: Callable[..., DecodedChunk],
+        spec: FrameSpec,
         decode_options: Mapping[str, Any],
         score: Callable[..., list[Any]],
         score_prefix: str,
@@ -265,7 +322,9 @@ class ChunkPipeline:
         self.score_keywords = score_keywords
         self.pool = pool
         self.decode = decode
-        self.decode_options = dict(decode_options)
+        self.spec = spec
+        self.decode_options = {"spec": spec, **decode_options}
+        self.margin_s = float(decode_options.get("margin_s", 0.0))
         self.score = score
         self.score_prefix = score_prefix
         self.budget = budget
@@ -280,6 +339,8 @@ class ChunkPipeline:
         self._decoded: deque[tuple[ChunkJob, Future]] = deque()
         self._load: defaultdict[str, int] = defaultdict(int)  # score tasks queued per actor
         self._open: Counter[str] = Counter()  # chunks enqueued and not yet done with, per file
+        self._score_tasks = 0  # submitted so far
+        self._scored_once = False
         self.resent = 0
 
     @classmethod
@@ -303,8 +364,8 @@ class ChunkPipeline:
             client,
             pool,
             decode=decode,
+            spec=spec,
             decode_options={
-                "spec": spec,
                 "margin_s": settings.decode_margin_seconds,
                 "seekable_codecs": settings.seekable_codecs,
                 "ffmpeg_cmd": settings.ffmpeg,
@@ -371,25 +432,43 @@ class ChunkPipeline:
     def _a_group_waits(self) -> bool:
         """Whether chunks of a whole score task (``group_frames``) wait for a free scorer."""
         waiting = itertools.chain(self._todo, (job for job, _ in self._decoded))
-        frames = itertools.accumulate(job.plan.n_frames or self.group_frames for job in waiting)
+        frames = itertools.accumulate(job.frames(default=self.group_frames) for job in waiting)
         return any(total >= self.group_frames for total in frames)
+
+    def _nbytes(self, job: ChunkJob) -> int:
+        return budget_bytes(
+            job,
+            self.spec,
+            chunk_bytes=self.budget.chunk_bytes,
+            margin_s=self.margin_s,
+        )
 
     # -- dispatch ----------------------------------------------------------------------------
     def _submit_more(self) -> None:
-        while self._todo and self.budget.admits():
+        self.budget.useful_bytes = useful_bytes(
+            decode_threads=self.pool.decode_threads,
+            scorers=len(self.pool.scorers) if self._scored_once else 0,
+            tasks_per_scorer=self.tasks_per_scorer,
+            chunk_bytes=self.budget.chunk_bytes,
+            group_bytes=chunk_nbytes(self.spec, self.group_frames, self.margin_s),
+        )
+        while self._todo and self.budget.admits(self._nbytes(self._todo[0])):
             self._decode(self._todo.popleft())
         held = self.pool.holders([f for _, f in self._decoded])
         while self._decoded and self.pool.scorers:
             free = free_scorers(self._load, self.pool.scorers, most=self.tasks_per_scorer)
             if not free:
                 break
-            address, group = next_group(self._decoded, free, held, most_frames=self.group_frames)
+            # The run's first score task holds one chunk: a folder of short recordings has its
+            # first partitions written while TensorFlow warms up, not after 33 files.
+            most_frames = self.group_frames if self._score_tasks else 1
+            address, group = next_group(self._decoded, free, held, most_frames=most_frames)
             for item in group:
                 self._decoded.remove(item)
             self._score(address, group)
 
     def _decode(self, job: ChunkJob) -> None:
-        self.budget.take()
+        self.budget.take(self._nbytes(job))
         future: Future
         if job.stored is not None:
             logger.info("reading stored embeddings of %s", job.label)
@@ -428,11 +507,13 @@ class ChunkPipeline:
             # Loose: if the actor's worker dies the task runs elsewhere and fails (reported,
             # redone by resume) instead of waiting forever for that worker.
             allow_other_workers=True,
-            # Where a GPU worker also decodes, its next free thread feeds the GPU first.
-            priority=1 if self.pool.gpu else 0,
+            # Before the decode tasks queued on its worker: it leaves the worker's threads to
+            # them once it runs (score._call), and the scorer waits for nothing else.
+            priority=1,
             pure=False,
         )
         self._load[address] += 1
+        self._score_tasks += 1
         self._track(future, functools.partial(self._scored, address, group))
 
     # -- completion --------------------------------------------------------------------------
@@ -440,7 +521,7 @@ class ChunkPipeline:
         if future.status != "error":
             self._decoded.append((job, future))
             return
-        self.budget.release()
+        self.budget.release(self._nbytes(job))
         if job.stored is not None and job.info.codec != STORED_CODEC:
             # A damaged store does not fail audio that is at hand: it is decoded instead.
             logger.warning(
@@ -458,9 +539,10 @@ class ChunkPipeline:
 
     def _scored(self, address: str, group: list[tuple[ChunkJob, Future]], future: Future) -> None:
         self._load[address] -= 1
+        self._scored_once = True
         results = outcome(future)
         if not isinstance(results, BaseException):
-            self.budget.release(len(group))
+            self.budget.release(sum(self._nbytes(job) for job, _ in group))
             for (job, _), result in zip(group, results, strict=True):
                 job.scorer = address
                 for more in self.on_result(job, result) or ():
@@ -473,7 +555,7 @@ class ChunkPipeline:
         )
         self._decoded.extendleft(reversed(retry))
         self.resent += len(retry)
-        self.budget.release(len(failed))
+        self.budget.release(sum(self._nbytes(job) for job, _ in failed))
         for job, _ in failed:
             self.on_failure(job, results, "score")
             self._chunk_over(job)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from distributed import Client, Future, get_worker
+from distributed import Client, Future, get_worker, secede
 
 from buzzdask.decode import DecodedChunk
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError
@@ -587,5 +587,8 @@ def _call(scorer: Any, method: str, chunks: list[Any]) -> list[Any]:
     except ValueError:  # not in a worker
         instance = None
     if isinstance(instance, Scorer):
+        # The actor scores one task at a time (its lock): a task queued behind another, or
+        # waiting on TensorFlow's own threads, would hold a worker thread that could decode.
+        secede()
         return getattr(instance, method)(chunks)
     return getattr(scorer, method)(chunks).result()

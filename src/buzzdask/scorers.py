@@ -114,6 +114,8 @@ class ScorerPool:
         (:meth:`start_deferred`): a short run loads the model once.
     gpu : bool
         Whether the actors run on GPU workers.
+    decode_threads : int
+        Threads of the workers that decode (as of the last look at the cluster).
     restarts, lost : int
         Actors started on workers that joined or replaced lost ones; actors lost.
     tensorflow_version : str
@@ -145,6 +147,7 @@ class ScorerPool:
         self._actor_futures: dict[str, Future] = {}
         self.gpu = False
         self.decode_workers: list[str] | None = None
+        self.decode_threads = 1
         self.restarts = 0
         self.lost = 0
         self.tensorflow_version = "unknown"
@@ -297,6 +300,8 @@ class ScorerPool:
         self.decode_workers = decode_workers(
             workers, {*self.scorers, *self.starting}, score_slots=self.score_slots
         )
+        decoding = self.decode_workers if self.decode_workers is not None else list(workers)
+        self.decode_threads = max(1, sum(int(workers[a].get("nthreads", 1)) for a in decoding))
 
     def decode_placement(self) -> dict[str, Any]:
         """``submit`` keywords placing a probe or decode task (loosely) on the decode workers."""

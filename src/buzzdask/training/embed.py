@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
-from buzzdask.decode import AudioInfo, ChunkPlan, decode_chunk, probe_audio
+from buzzdask.decode import (
+    AudioInfo,
+    ChunkPlan,
+    decode_chunk,
+    estimated_frames,
+    expected_frames,
+    probe_audio,
+)
 from buzzdask.errors import BuzzdaskError, DecodeError, InputError, ScorerError
 from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
@@ -163,12 +170,21 @@ def _missing_chunks(
         frames_cached += int(np.isin(item.frames, cached.frames).sum())
         if len(missing):
             assert item.info is not None and item.info.duration_s is not None
-            n_estimated = spec.n_complete_frames(int(item.info.duration_s * spec.sample_rate))
             plans = _chunk_plans(
-                missing, n_estimated=n_estimated, frames_per_chunk=frames_per_chunk, spec=spec
+                missing,
+                n_estimated=estimated_frames(item.info, spec) or 0,
+                frames_per_chunk=frames_per_chunk,
+                spec=spec,
             )
             jobs.extend(
-                ChunkJob(item.path, item.info, plan, chunk_label(item.name, plan, spec), item)
+                ChunkJob(
+                    item.path,
+                    item.info,
+                    plan,
+                    chunk_label(item.name, plan, spec),
+                    item,
+                    expected_frames=expected_frames(item.info, plan, spec),
+                )
                 for plan in plans
             )
     return jobs, frames_cached
