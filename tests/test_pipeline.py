@@ -89,12 +89,12 @@ def test_budget_holds_no_more_than_keeps_the_cluster_busy():
     assert budget.admits(100)
 
 
-def test_useful_bytes_a_chunk_per_decode_thread_and_three_groups_per_scorer():
+def test_useful_bytes_a_chunk_per_decode_thread_and_a_group_per_queued_score_task():
     chunk, group = 38, 63
     one_worker = useful_bytes(
         decode_threads=2, scorers=1, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=group
     )
-    assert one_worker == 2 * chunk + 3 * group
+    assert one_worker == 2 * chunk + 2 * group
     # Until a scorer has scored: only what the decode threads hold (TensorFlow starts alone).
     assert (
         useful_bytes(
@@ -107,7 +107,7 @@ def test_useful_bytes_a_chunk_per_decode_thread_and_three_groups_per_scorer():
         useful_bytes(
             decode_threads=90, scorers=4, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=10
         )
-        == 90 * chunk + 12 * chunk
+        == 90 * chunk + 8 * chunk
     )
 
 

@@ -176,13 +176,12 @@ def useful_bytes(
 ) -> int:
     """Decoded audio in flight that keeps every decode thread and scorer busy.
 
-    A chunk per decode thread, and per scorer its queued score tasks and the group that follows
-    them (a group: at least a chunk). One local worker of two threads: about 270 MB of
-    ten-minute chunks, where a 1 GiB budget let decoding run 0.8 GB ahead of the scorer.
-    ``scorers=0`` (none has scored yet): decoding further ahead would only slow TensorFlow's
-    start and the first partition.
+    A chunk per decode thread (the next group forms from them), and per scorer its queued score
+    tasks (a group: at least a chunk). One local worker of two threads: about 200 MB, where a
+    1 GiB budget let decoding run 0.8 GB ahead of the scorer. ``scorers=0`` (none has scored
+    yet): decoding further ahead would only slow TensorFlow's start and the first partition.
     """
-    score_tasks = scorers * (tasks_per_scorer + 1)
+    score_tasks = scorers * tasks_per_scorer
     return decode_threads * chunk_bytes + score_tasks * max(chunk_bytes, group_bytes)
 
 
