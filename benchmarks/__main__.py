@@ -35,10 +35,11 @@ from benchmarks.report import plot, table, write_record
 
 #: Model-stage configurations swept: Scorer options (batch_frames, TensorFlow thread pools).
 #: The first, TensorFlow's thread choice at the former default batch of 4096, is the reference
-#: the model stage's speed-up is measured against; batch 1024 is buzzdask's default now.
+#: the model stage's speed-up is measured against; batch 512 is buzzdask's default now.
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "TF default, batch 4096": {"batch_frames": 4096},
-    "batch 1024 (default)": {"batch_frames": 1024},
+    "batch 512 (default)": {"batch_frames": 512},
+    "batch 1024": {"batch_frames": 1024},
     "batch 256": {"batch_frames": 256},
     "batch 1024, intra 2 inter 1": {
         "batch_frames": 1024,
@@ -46,11 +47,13 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "inter_op_threads": 1,
     },
     "batch 1024, 1 thread": {"batch_frames": 1024, "intra_op_threads": 1, "inter_op_threads": 1},
+    "batch 512, 1 thread": {"batch_frames": 512, "intra_op_threads": 1, "inter_op_threads": 1},
 }
 
-#: ``--model-sweep short``: the two candidates for the cheapest model stage by CPU time
-#: (TensorFlow's own threads, one thread), at buzzdask's batch, for quick runs.
-SHORT_SWEEP = ("batch 1024 (default)", "batch 1024, 1 thread")
+#: ``--model-sweep short``: the candidates for the cheapest model stage by CPU time
+#: (TensorFlow's own threads, one thread), at buzzdask's batch and at the batch of the records
+#: before it (the co-run's), for quick runs.
+SHORT_SWEEP = ("batch 512 (default)", "batch 512, 1 thread", "batch 1024, 1 thread")
 
 #: buzzdask.analyze configurations: ``buzzdask.*`` config keys (without the prefix) on the local
 #: cluster ``analyze()`` starts (one worker of every core, unless a key says otherwise).
@@ -300,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("full", "short"),
         default="full",
         help="model-stage configurations: all of MODEL_CONFIGS, or the default batch with "
-        "TensorFlow's threads and with one thread (default full)",
+        "TensorFlow's threads and with one thread, and batch 1024 with one thread (default full)",
     )
     parser.add_argument(
         "--model-passes",

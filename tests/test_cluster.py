@@ -30,6 +30,8 @@ from buzzdask.cluster import available_configs, job_scripts, load_cluster_config
 from buzzdask.cluster.__main__ import main as cluster_main
 from buzzdask.cluster.batch import batch_script
 from buzzdask.cluster.configs import NodeSize, node_size
+from buzzdask.cluster.slurm import worker_exports
+from buzzdask.session import LEAN_DASK
 from tests.conftest import (
     REPO,
     assert_same_frames,
@@ -113,6 +115,33 @@ def test_osc_job_scripts(name):
     # TensorFlow's CUDA comes with the [gpu] extra in the workers' Python, not from a module.
     assert "module load cuda" not in gpu
     assert "#SBATCH --mem=" in cpu and "#SBATCH --cpus-per-task=" in cpu
+    # The workers get the settings of the local ones, unless the job already has its own.
+    for script in (cpu, gpu):
+        assert 'export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-16777216}"' in script
+        assert (
+            'export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="'
+            '${DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED:-False}"'
+        ) in script
+
+
+def test_worker_exports_keep_what_the_job_already_has(tmp_path):
+    script = tmp_path / "exports.sh"
+    script.write_text("\n".join([*worker_exports(), "env"]) + "\n")
+
+    def exported(**already: str) -> dict[str, str]:
+        environment = {"PATH": os.environ["PATH"], **already}
+        done = subprocess.run(
+            ["bash", str(script)], env=environment, capture_output=True, text=True, check=True
+        )
+        return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+
+    assert exported()["MALLOC_MMAP_THRESHOLD_"] == "16777216"
+    assert exported(MALLOC_MMAP_THRESHOLD_="1048576")["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+    # A worker's Dask reads the exported variables back as the local workers' settings.
+    with dask.config.set(dask.config.collect_env(exported())):
+        for key, value in LEAN_DASK.items():
+            if "pre-spawn-environ" not in key:
+                assert dask.config.get(key) == value, key
 
 
 def test_job_script_overrides_from_keywords_and_dask_config():
@@ -353,7 +382,8 @@ def test_whole_cardinal_gpu_node_in_one_batch_job(capsys):
         "#SBATCH --mem=884736M\n"
         "#SBATCH --gpus-per-node=4\n"
         f"#SBATCH -o {logs}/buzzdask-%j.out\n"
-        "unset SLURM_MEM_PER_CPU SLURM_MEM_PER_GPU\n"
+        + "".join(f"{line}\n" for line in worker_exports())
+        + "unset SLURM_MEM_PER_CPU SLURM_MEM_PER_GPU\n"
         "export SLURM_EXPORT_ENV=ALL\n"
         "\n"
         "srun --ntasks=9 --cpus-per-task=1 --overcommit --cpu-bind=none "
@@ -511,6 +541,11 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(local_slurm, slurm_
         gpu_worker = next(a for a, w in workers.items() if w["resources"].get("GPU"))
         visible = client.run(os.getenv, "CUDA_VISIBLE_DEVICES", workers=[gpu_worker])
         assert visible[gpu_worker] == "0"  # SLURM gave the job its (fake) GPU
+        # The job scripts gave both kinds of worker the local workers' settings.
+        assert set(client.run(os.getenv, "MALLOC_MMAP_THRESHOLD_").values()) == {"16777216"}
+        assert set(
+            client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()
+        ) == {False}
         result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
         _same_frames(result, reference)
         # The actor lives on the GPU worker, decoding happens on the CPU worker.

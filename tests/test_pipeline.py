@@ -13,6 +13,7 @@ from buzzdask.pipeline import (
     chunk_label,
     chunk_nbytes,
     free_scorers,
+    group_bytes,
     next_group,
     split_failed_group,
     useful_bytes,
@@ -102,13 +103,20 @@ def test_useful_bytes_a_chunk_per_decode_thread_and_a_group_per_queued_score_tas
         )
         == 2 * chunk
     )
-    # Groups of less than a chunk still take a whole chunk each.
-    assert (
-        useful_bytes(
-            decode_threads=90, scorers=4, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=10
-        )
-        == 90 * chunk + 8 * chunk
-    )
+
+
+def test_group_bytes_as_many_chunks_as_fill_a_score_task():
+    whole = chunk_nbytes(SPEC, 627, 0.5)
+    # A 10-minute chunk is a score task of its own.
+    assert group_bytes(job(0, n_frames=626), nbytes=whole, most_frames=1024) == whole
+    # 30-second WAVs: 33 of their real size; MP3s: 33 counted whole, as the budget counts them.
+    wav, mp3 = thirty_second_file(0), thirty_second_file(1, codec="mp3")
+    short = budget_bytes(wav, SPEC, chunk_bytes=whole, margin_s=0.5)
+    assert group_bytes(wav, nbytes=short, most_frames=1024) == 33 * short
+    assert group_bytes(mp3, nbytes=whole, most_frames=1024) == 33 * whole
+    # An open-ended chunk (no estimate, no planned end) is one task.
+    open_ended = ChunkJob("a.wav", wav.info, ChunkPlan(0, 0, None), label="a.wav")
+    assert group_bytes(open_ended, nbytes=whole, most_frames=1024) == whole
 
 
 def test_chunk_bytes_count_context_and_both_margins():

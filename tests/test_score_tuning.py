@@ -22,7 +22,7 @@ from tests.conftest import CLASSES, field_like
 SPEC = FrameSpec.from_seconds(
     sample_rate=16000, frame_length_s=0.96, frame_hop_s=0.96, context_s=0.015
 )
-DEFAULT_BATCH_FRAMES = 1024  # buzzdask.yaml's batch-frames
+DEFAULT_BATCH_FRAMES = 512  # buzzdask.yaml's batch-frames
 TOLERANCE = 1e-4
 
 

@@ -3,6 +3,7 @@ and TensorFlow imported early only where a worker will score."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -32,6 +33,9 @@ def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set()
             address: False for address in client.scheduler_info()["workers"]
         }
         assert cluster.scheduler.extensions.get("stealing") is None
+        # glibc reads its settings at the worker process's start, from the nanny's environment.
+        assert set(client.run(os.getenv, "MALLOC_MMAP_THRESHOLD_").values()) == {"16777216"}
+        assert set(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {"33554432"}
         # The import waits for the run's logging settings, as a scorer's own import would.
         time.sleep(1.0)
         assert not any(client.run(_tensorflow_loaded).values())

@@ -164,7 +164,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--memory-budget", metavar="BYTES", help="decoded audio in flight, e.g. 2GiB (default 1GiB)"
     )
     parser.add_argument(
-        "--batch-frames", type=int, metavar="N", help="frames per embedder call (default 1024)"
+        "--batch-frames", type=int, metavar="N", help="frames per embedder call (default 512)"
     )
     parser.add_argument(
         "--scheduler",

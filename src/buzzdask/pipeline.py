@@ -42,6 +42,7 @@ __all__ = [
     "chunk_label",
     "chunk_nbytes",
     "free_scorers",
+    "group_bytes",
     "next_group",
     "outcome",
     "split_failed_group",
@@ -171,18 +172,27 @@ def budget_bytes(job: ChunkJob, spec: FrameSpec, *, chunk_bytes: int, margin_s: 
     return min(chunk_bytes, chunk_nbytes(spec, job.expected_frames + 1, margin_s))
 
 
+def group_bytes(job: ChunkJob, *, nbytes: int, most_frames: int) -> int:
+    """The budget's count of a score task of chunks like ``job`` (which counts ``nbytes``).
+
+    As many as fit ``most_frames`` (:func:`next_group`), one at least: with 512, a 10-minute
+    chunk (626 frames) is a group of its own, 30-second files (31 frames) go 16 to a group.
+    """
+    return nbytes * max(1, most_frames // max(1, job.frames(default=most_frames)))
+
+
 def useful_bytes(
     *, decode_threads: int, scorers: int, tasks_per_scorer: int, chunk_bytes: int, group_bytes: int
 ) -> int:
     """Decoded audio in flight that keeps every decode thread and scorer busy.
 
     A chunk per decode thread (the next group forms from them), and per scorer its queued score
-    tasks (a group: at least a chunk). One local worker of two threads: about 200 MB, where a
-    1 GiB budget let decoding run 0.8 GB ahead of the scorer. ``scorers=0`` (none has scored
-    yet): decoding further ahead would only slow TensorFlow's start and the first partition.
+    tasks (a group each, :func:`group_bytes`). One local worker of two threads, 10-minute
+    chunks: about 150 MB, where a 1 GiB budget let decoding run 0.8 GB ahead of the scorer.
+    ``scorers=0`` (none has scored yet): decoding further ahead would only slow TensorFlow's
+    start and the first partition.
     """
-    score_tasks = scorers * tasks_per_scorer
-    return decode_threads * chunk_bytes + score_tasks * max(chunk_bytes, group_bytes)
+    return decode_threads * chunk_bytes + scorers * tasks_per_scorer * group_bytes
 
 
 def free_scorers(load: Mapping[str, int], scorers: Iterable[str], *, most: int) -> list[str]:
@@ -444,13 +454,19 @@ class ChunkPipeline:
 
     # -- dispatch ----------------------------------------------------------------------------
     def _submit_more(self) -> None:
-        self.budget.useful_bytes = useful_bytes(
-            decode_threads=self.pool.decode_threads,
-            scorers=len(self.pool.scorers) if self._scored_once else 0,
-            tasks_per_scorer=self.tasks_per_scorer,
-            chunk_bytes=self.budget.chunk_bytes,
-            group_bytes=chunk_nbytes(self.spec, self.group_frames, self.margin_s),
-        )
+        if self._todo:
+            # Groups like the next chunk waiting: a folder of short files and one of long ones
+            # queue different amounts of audio per score task.
+            head = self._todo[0]
+            self.budget.useful_bytes = useful_bytes(
+                decode_threads=self.pool.decode_threads,
+                scorers=len(self.pool.scorers) if self._scored_once else 0,
+                tasks_per_scorer=self.tasks_per_scorer,
+                chunk_bytes=self.budget.chunk_bytes,
+                group_bytes=group_bytes(
+                    head, nbytes=self._nbytes(head), most_frames=self.group_frames
+                ),
+            )
         while self._todo and self.budget.admits(self._nbytes(self._todo[0])):
             self._decode(self._todo.popleft())
         held = self.pool.holders([f for _, f in self._decoded])
@@ -459,7 +475,7 @@ class ChunkPipeline:
             if not free:
                 break
             # The run's first score task holds one chunk: a folder of short recordings has its
-            # first partitions written while TensorFlow warms up, not after 33 files.
+            # first partitions written while TensorFlow warms up, not after 16 files.
             most_frames = self.group_frames if self._score_tasks else 1
             address, group = next_group(self._decoded, free, held, most_frames=most_frames)
             for item in group:

@@ -31,6 +31,7 @@ __all__ = [
     "connect",
     "has_gpu",
     "lean_dask",
+    "worker_environment",
     "package_versions",
     "scorer_hosts",
     "scorers_per_host",
@@ -103,6 +104,17 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
         )
 
 
+#: glibc's malloc in the worker processes buzzdask starts. Dask's nanny sets a 64 KiB trim
+#: threshold, which also fixes glibc's mmap threshold at 128 KiB: every array of a 30-second
+#: recording (raw, float, resampled) was then a fresh mapping whose every page faulted in, and
+#: returned to the system when freed. Up to 16 MiB they now come from the heap and are reused:
+#: on two cores, 1,000 such files took 4.5 s less system CPU (2.7 million page faults fewer) and
+#: about 0.13 GB more peak memory; a 10-minute chunk (38 MB) is still mapped and given back.
+WORKER_MALLOC: dict[str, int] = {
+    "MALLOC_MMAP_THRESHOLD_": 16 * 2**20,
+    "MALLOC_TRIM_THRESHOLD_": 32 * 2**20,
+}
+
 #: Dask settings of the schedulers and workers buzzdask starts. No work stealing: it moved
 #: decode tasks onto the scorer's worker, where ffmpeg then competed with TensorFlow (209x ->
 #: 291x realtime on two cores with it off). Dask's own periodic work, slowed or off: the
@@ -116,6 +128,8 @@ LEAN_DASK: dict[str, Any] = {
     "distributed.worker.memory.monitor-interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.admin.tick.interval": "1s",
+    # Set by the nanny before it starts a worker process (a variable already set wins).
+    **{f"distributed.nanny.pre-spawn-environ.{name}": size for name, size in WORKER_MALLOC.items()},
 }
 
 
@@ -124,6 +138,22 @@ def lean_dask() -> Iterator[None]:
     """Schedulers and local workers started inside this block take :data:`LEAN_DASK`."""
     with dask.config.set(LEAN_DASK):
         yield
+
+
+def worker_environment() -> dict[str, str]:
+    """What a job script's workers need in their environment to run as local workers do.
+
+    :data:`LEAN_DASK`'s settings and :data:`WORKER_MALLOC`. Local workers take them from this
+    process's Dask configuration; a SLURM job's workers read their own, so a job script exports
+    these (``DASK_*`` variables, as Dask reads them from the environment; the malloc ones as
+    glibc does at a process's start).
+    """
+    environment = {name: str(value) for name, value in WORKER_MALLOC.items()}
+    for key, value in LEAN_DASK.items():
+        if not key.startswith("distributed.nanny.pre-spawn-environ."):
+            path = key.upper().replace("-", "_").split(".")
+            environment["DASK_" + "__".join(path)] = str(value)
+    return environment
 
 
 def has_gpu(worker: Mapping[str, Any]) -> bool:

@@ -21,8 +21,9 @@ from distributed.deploy.adaptive import Adaptive
 from tornado.ioloop import PeriodicCallback
 
 from buzzdask.errors import ClusterError
+from buzzdask.session import worker_environment
 
-__all__ = ["LMOD_INIT", "BuzzdaskSLURMCluster", "job_prologue", "job_script"]
+__all__ = ["LMOD_INIT", "BuzzdaskSLURMCluster", "job_prologue", "job_script", "worker_exports"]
 
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
 # Lmod's own start-up file on OSC's nodes (OSC's OnDemand apps source it where no login shell
@@ -63,7 +64,8 @@ def job_prologue(lines: Sequence[str]) -> list[str]:
     OSC's OnDemand apps export the ``module`` shell function (``BASH_FUNC_module%%``) to the
     sessions they start, and the job inherits it from there as from a login shell; a notebook
     started otherwise has none. A prologue calling ``module`` starts Lmod itself when the
-    function is missing.
+    function is missing. The workers get the settings of those buzzdask starts locally
+    (:func:`worker_exports`).
 
     Parameters
     ----------
@@ -73,11 +75,21 @@ def job_prologue(lines: Sequence[str]) -> list[str]:
     Returns
     -------
     list of str
-        ``lines``, after :data:`LMOD_INIT` if one of them calls ``module``.
+        :func:`worker_exports`, then ``lines``, after :data:`LMOD_INIT` if one of them calls
+        ``module``.
     """
     if any(line.split()[:1] == ["module"] for line in lines):
-        return [LMOD_INIT, *lines]
-    return list(lines)
+        return [*worker_exports(), LMOD_INIT, *lines]
+    return [*worker_exports(), *lines]
+
+
+def worker_exports() -> list[str]:
+    """``export`` lines of :func:`buzzdask.session.worker_environment`, for a job script.
+
+    A variable the job already has (from the submitting shell, or the user's own settings)
+    keeps its value.
+    """
+    return [f'export {name}="${{{name}:-{value}}}"' for name, value in worker_environment().items()]
 
 
 def job_script(config_name: str, **job_kwargs: Any) -> str:
