@@ -31,13 +31,13 @@ __all__ = [
     "connect",
     "has_gpu",
     "lean_dask",
-    "worker_environment",
     "package_versions",
     "scorer_hosts",
     "scorers_per_host",
     "start_local_cluster",
     "task_key",
     "tensorflow_version",
+    "worker_environment",
 ]
 
 
