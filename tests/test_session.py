@@ -10,7 +10,7 @@ import time
 import dask
 
 from buzzdask.logs import WorkerLogging
-from buzzdask.session import start_local_cluster
+from buzzdask.session import WORKER_MALLOC, start_local_cluster
 from buzzdask.settings import LocalClusterSettings
 
 
@@ -24,9 +24,15 @@ def _tensorflow_loaded() -> bool:
     return "tensorflow" in sys.modules
 
 
-def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set() -> None:
+def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set(
+    monkeypatch,
+) -> None:
     from distributed import Client
 
+    # A variable already in this process's environment wins; a nanny of Dask's defaults, started
+    # earlier in this process, leaves its own trim threshold there.
+    for name in WORKER_MALLOC:
+        monkeypatch.delenv(name, raising=False)
     with start_local_cluster(_settings()) as cluster, Client(cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 1
         assert client.run(lambda: dask.config.get("distributed.worker.profile.enabled")) == {

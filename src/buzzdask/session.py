@@ -128,7 +128,8 @@ LEAN_DASK: dict[str, Any] = {
     "distributed.worker.memory.monitor-interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.admin.tick.interval": "1s",
-    # Set by the nanny before it starts a worker process (a variable already set wins).
+    # Set by the nanny before it starts a worker process. A variable already in this process's
+    # environment wins, as does the trim threshold a nanny of Dask's defaults leaves there.
     **{f"distributed.nanny.pre-spawn-environ.{name}": size for name, size in WORKER_MALLOC.items()},
 }
 
