@@ -31,7 +31,7 @@ from buzzdask.cluster.__main__ import main as cluster_main
 from buzzdask.cluster.batch import batch_script
 from buzzdask.cluster.configs import NodeSize, node_size
 from buzzdask.cluster.slurm import worker_exports
-from buzzdask.session import LEAN_DASK
+from buzzdask.session import LEAN_DASK, WORKER_MALLOC
 from tests.conftest import (
     REPO,
     assert_same_frames,
@@ -533,8 +533,13 @@ def _assert_no_jobs_left() -> None:
 @requires_ffmpeg
 @requires_slurm
 @pytest.mark.slurm
-def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(local_slurm, slurm_corpus, tmp_path):
+def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
+    local_slurm, slurm_corpus, tmp_path, monkeypatch
+):
     audio, options, reference = slurm_corpus
+    # Not from this process (a local cluster's nanny leaves them here): from the job scripts.
+    for name in WORKER_MALLOC:
+        monkeypatch.delenv(name, raising=False)
     client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
     try:
         workers = client.scheduler_info(n_workers=-1)["workers"]
