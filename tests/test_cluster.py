@@ -31,7 +31,7 @@ from buzzdask.cluster.__main__ import main as cluster_main
 from buzzdask.cluster.batch import batch_script
 from buzzdask.cluster.configs import NodeSize, node_size
 from buzzdask.cluster.slurm import worker_exports
-from buzzdask.session import LEAN_DASK, WORKER_MALLOC
+from buzzdask.session import LEAN_DASK, WORKER_ENVIRON, WORKER_MALLOC
 from tests.conftest import (
     REPO,
     assert_same_frames,
@@ -136,12 +136,12 @@ def test_worker_exports_keep_what_the_job_already_has(tmp_path):
         return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
     assert exported()["MALLOC_MMAP_THRESHOLD_"] == "16777216"
+    assert exported()["TF_USE_LEGACY_KERAS"] == "1"
     assert exported(MALLOC_MMAP_THRESHOLD_="1048576")["MALLOC_MMAP_THRESHOLD_"] == "1048576"
     # A worker's Dask reads the exported variables back as the local workers' settings.
     with dask.config.set(dask.config.collect_env(exported())):
         for key, value in LEAN_DASK.items():
-            if "pre-spawn-environ" not in key:
-                assert dask.config.get(key) == value, key
+            assert dask.config.get(key) == value, key
 
 
 def test_job_script_overrides_from_keywords_and_dask_config():
@@ -538,7 +538,7 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
 ):
     audio, options, reference = slurm_corpus
     # Not from this process (a local cluster's nanny leaves them here): from the job scripts.
-    for name in WORKER_MALLOC:
+    for name in [*WORKER_MALLOC, *WORKER_ENVIRON]:
         monkeypatch.delenv(name, raising=False)
     client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
     try:
@@ -548,6 +548,7 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
         assert visible[gpu_worker] == "0"  # SLURM gave the job its (fake) GPU
         # The job scripts gave both kinds of worker the local workers' settings.
         assert set(client.run(os.getenv, "MALLOC_MMAP_THRESHOLD_").values()) == {"16777216"}
+        assert set(client.run(os.getenv, "TF_USE_LEGACY_KERAS").values()) == {"1"}
         assert set(
             client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()
         ) == {False}

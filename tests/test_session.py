@@ -1,16 +1,18 @@
 """The local cluster buzzdask starts: one worker that decodes and scores, lean Dask settings,
-and TensorFlow imported early only where a worker will score."""
+and TensorFlow imported early only where a worker will score; processes that end without
+Python's last garbage collection."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 
 import dask
 
 from buzzdask.logs import WorkerLogging
-from buzzdask.session import WORKER_MALLOC, start_local_cluster
+from buzzdask.session import WORKER_ENVIRON, WORKER_MALLOC, start_local_cluster
 from buzzdask.settings import LocalClusterSettings
 
 
@@ -31,7 +33,7 @@ def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set(
 
     # A variable already in this process's environment wins; a nanny of Dask's defaults, started
     # earlier in this process, leaves its own trim threshold there.
-    for name in WORKER_MALLOC:
+    for name in [*WORKER_MALLOC, *WORKER_ENVIRON]:
         monkeypatch.delenv(name, raising=False)
     with start_local_cluster(_settings()) as cluster, Client(cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 1
@@ -42,6 +44,9 @@ def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set(
         # glibc reads its settings at the worker process's start, from the nanny's environment.
         assert set(client.run(os.getenv, "MALLOC_MMAP_THRESHOLD_").values()) == {"16777216"}
         assert set(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {"33554432"}
+        # TensorFlow in the workers imports tf_keras; this process keeps its own Keras.
+        assert set(client.run(os.getenv, "TF_USE_LEGACY_KERAS").values()) == {"1"}
+        assert "TF_USE_LEGACY_KERAS" not in os.environ
         # The import waits for the run's logging settings, as a scorer's own import would.
         time.sleep(1.0)
         assert not any(client.run(_tensorflow_loaded).values())
@@ -62,3 +67,31 @@ def test_workers_that_only_decode_do_not_import_tensorflow() -> None:
         assert {str(spec["options"].get("preload")) for spec in cluster.worker_spec.values()} == {
             "['buzzdask.preload']"
         }
+
+
+def _exit_with_a_witness(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter whose first ``atexit`` handler, which runs last,
+    prints whether the collector was frozen by then."""
+    witness = (
+        "import atexit, gc\natexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", f"{witness}\n{code}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+
+
+def test_a_worker_preload_skips_the_final_collection_at_exit() -> None:
+    done = _exit_with_a_witness("from buzzdask import preload; preload.dask_setup(None)")
+    assert done.stdout.splitlines() == ["frozen True"]
+    assert _exit_with_a_witness("import buzzdask.preload").stdout.splitlines() == ["frozen False"]
+
+
+def test_the_command_line_skips_the_final_collection_at_exit(tmp_path) -> None:
+    done = _exit_with_a_witness(f"from buzzdask.cli import main; main(['init', {str(tmp_path)!r}])")
+    *created, witness = done.stdout.splitlines()
+    assert witness == "frozen True"
+    assert created[0] == f"created {tmp_path / 'audio_in' / 'README.md'}"

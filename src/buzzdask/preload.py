@@ -9,14 +9,20 @@ The import waits for the run's :class:`~buzzdask.logs.WorkerLogging` (registered
 the client connects), as a scorer's own import would: TensorFlow reads its log settings as it
 loads and writes its start-up lines to file descriptor 2, which that plugin sets for the run.
 Without it (another client), the import starts after :data:`WAIT_FOR_LOGGING_S`.
+
+It also spares the worker Python's last garbage collection as its process exits
+(:func:`skip_final_collection`): with TensorFlow loaded, that collection took about 1 s of every
+local cluster's close, after the work was done.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import threading
 from typing import Any
 
-__all__ = ["WAIT_FOR_LOGGING_S", "dask_setup", "logging_set"]
+__all__ = ["WAIT_FOR_LOGGING_S", "dask_setup", "logging_set", "skip_final_collection"]
 
 #: Set on a worker once the run's logging settings apply there.
 logging_set = threading.Event()
@@ -26,6 +32,7 @@ WAIT_FOR_LOGGING_S = 10.0
 
 def dask_setup(worker: Any) -> None:
     """Dask's preload hook: import TensorFlow in a daemon thread (``worker`` is unused)."""
+    skip_final_collection()
     threading.Thread(
         target=_import_tensorflow, name="buzzdask-import-tensorflow", daemon=True
     ).start()
@@ -34,3 +41,16 @@ def dask_setup(worker: Any) -> None:
 def _import_tensorflow() -> None:
     logging_set.wait(WAIT_FOR_LOGGING_S)
     import tensorflow  # noqa: F401
+
+
+def skip_final_collection() -> None:
+    """At this process's exit, skip Python's last garbage collection (:func:`gc.freeze`).
+
+    Everything is still torn down and every ``atexit`` handler registered before this call runs
+    after it (logging's flush among them); only the collector's last pass over the whole heap
+    is left out: about 1 s with TensorFlow loaded, 0.3 s for the command line's pandas, Dask
+    and pyarrow. For a process about to end whose files are written and closed. Calling it
+    again changes nothing.
+    """
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)

@@ -115,6 +115,12 @@ WORKER_MALLOC: dict[str, int] = {
     "MALLOC_TRIM_THRESHOLD_": 32 * 2**20,
 }
 
+#: Environment of the worker processes buzzdask starts, set before anything imports TensorFlow.
+#: TensorFlow's import then loads tf_keras (Keras 2) rather than Keras 3, whose import also
+#: loads matplotlib and IPython where they are installed: about 0.6 s sooner to a worker's first
+#: score. Scorers load SavedModels, no Keras model, and score the same numbers either way.
+WORKER_ENVIRON: dict[str, str] = {"TF_USE_LEGACY_KERAS": "1"}
+
 #: Dask settings of the schedulers and workers buzzdask starts. No work stealing: it moved
 #: decode tasks onto the scorer's worker, where ffmpeg then competed with TensorFlow (209x ->
 #: 291x realtime on two cores with it off). Dask's own periodic work, slowed or off: the
@@ -128,32 +134,37 @@ LEAN_DASK: dict[str, Any] = {
     "distributed.worker.memory.monitor-interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.admin.tick.interval": "1s",
-    # Set by the nanny before it starts a worker process. A variable already in this process's
-    # environment wins, as does the trim threshold a nanny of Dask's defaults leaves there.
-    **{f"distributed.nanny.pre-spawn-environ.{name}": size for name, size in WORKER_MALLOC.items()},
 }
 
 
 @contextmanager
 def lean_dask() -> Iterator[None]:
-    """Schedulers and local workers started inside this block take :data:`LEAN_DASK`."""
-    with dask.config.set(LEAN_DASK):
+    """Schedulers and local workers started inside this block take :data:`LEAN_DASK`.
+
+    Their nannies also give the worker processes :data:`WORKER_MALLOC` (before a process
+    starts, as glibc reads it then) and :data:`WORKER_ENVIRON`. A variable already in this
+    process's environment wins, as does the trim threshold a nanny of Dask's defaults, started
+    earlier in this process, leaves there.
+    """
+    nanny = {
+        **{f"distributed.nanny.pre-spawn-environ.{name}": v for name, v in WORKER_MALLOC.items()},
+        **{f"distributed.nanny.environ.{name}": v for name, v in WORKER_ENVIRON.items()},
+    }
+    with dask.config.set({**LEAN_DASK, **nanny}):
         yield
 
 
 def worker_environment() -> dict[str, str]:
     """What a job script's workers need in their environment to run as local workers do.
 
-    :data:`LEAN_DASK`'s settings and :data:`WORKER_MALLOC`. Local workers take them from this
-    process's Dask configuration; a SLURM job's workers read their own, so a job script exports
-    these (``DASK_*`` variables, as Dask reads them from the environment; the malloc ones as
-    glibc does at a process's start).
+    :data:`WORKER_MALLOC`, :data:`WORKER_ENVIRON` and :data:`LEAN_DASK`'s settings (as the
+    ``DASK_*`` variables Dask reads). Local workers take them from this process's Dask
+    configuration; a SLURM job's workers read their own, so a job script exports these.
     """
-    environment = {name: str(value) for name, value in WORKER_MALLOC.items()}
+    environment = {name: str(value) for name, value in {**WORKER_MALLOC, **WORKER_ENVIRON}.items()}
     for key, value in LEAN_DASK.items():
-        if not key.startswith("distributed.nanny.pre-spawn-environ."):
-            path = key.upper().replace("-", "_").split(".")
-            environment["DASK_" + "__".join(path)] = str(value)
+        path = key.upper().replace("-", "_").split(".")
+        environment["DASK_" + "__".join(path)] = str(value)
     return environment
 
 
