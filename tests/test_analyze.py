@@ -165,6 +165,24 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert sorted(on_disk.file) == sorted(errors.index)
 
 
+def test_short_recordings_are_decoded_several_to_a_task(run, make_audio, tmp_path, dask_client):
+    from distributed import get_task_stream
+
+    for index in range(20):
+        make_audio(f"site/{index:02d}.wav", n_samples=3 * FRAME + 99, seed=index)
+    with get_task_stream(dask_client) as stream:
+        grouped = run(tmp_path / "audio", batch_frames=16)
+    decode_tasks = [t for t in stream.data if str(t["key"]).startswith("decode-")]
+    # The first alone (its partition comes early), then up to five files (15 frames) to a task
+    # from each probe task's files (1, 2, 4, 8 and 5 of them): 6 tasks, not 20.
+    assert len(decode_tasks) <= 6
+    # One file to a task (a batch of one frame) scores the same frames.
+    alone = run(tmp_path / "audio", batch_frames=1, output=tmp_path / "alone")
+    frame = grouped.to_pandas()
+    assert frame.groupby("file").size().to_dict() == {f"site/{i:02d}.wav": 3 for i in range(20)}
+    assert_same_frames(frame, alone.to_pandas())
+
+
 def test_memory_budget_bounds_decoded_audio_in_flight(run, make_audio, tmp_path):
     for seed in range(4):
         make_audio(f"f{seed}.wav", n_samples=8 * FRAME, seed=seed)

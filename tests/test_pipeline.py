@@ -1,10 +1,22 @@
-"""The chunk loop's decisions as plain functions: no cluster (the wiring is tested end to end)."""
+"""The chunk loop's decisions as plain functions, and its tasks run in this process: no cluster
+(the wiring is tested end to end)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from buzzdask.decode import AudioInfo, ChunkPlan, expected_frames, plan_chunks
+import numpy as np
+
+from buzzdask.decode import (
+    AudioInfo,
+    ChunkPlan,
+    DecodedChunk,
+    decode_chunk,
+    expected_frames,
+    plan_chunks,
+    probe_audio,
+)
+from buzzdask.errors import DecodeError
 from buzzdask.frames import FrameSpec
 from buzzdask.pipeline import (
     Budget,
@@ -12,13 +24,18 @@ from buzzdask.pipeline import (
     budget_bytes,
     chunk_label,
     chunk_nbytes,
+    decode_several,
     free_scorers,
     group_bytes,
     next_group,
+    score_picked,
+    short_chunks,
     split_failed_group,
     useful_bytes,
 )
 from buzzdask.scorers import decode_workers
+from buzzdask.store import StoredRef
+from tests.conftest import requires_ffmpeg
 
 SPEC = FrameSpec(sample_rate=16000, frame_length=15360, hop_length=15360, context=240)
 
@@ -198,3 +215,66 @@ def test_probe_batches_grow_to_the_most_per_task() -> None:
     assert [len(b) for b in batches] == [1, 2, 4, 8, 16, 32, 32, 5]
     assert [i for b in batches for i in b] == list(range(100))
     assert list(probe_batches([], most=32)) == []
+
+
+def test_short_chunks_one_decode_task_per_score_group() -> None:
+    short = [thirty_second_file(i) for i in range(40)]
+    assert short_chunks(short, most_frames=512) == 16  # 16 x 31 = 496 frames
+    assert short_chunks(short[:3], most_frames=512) == 3
+    # A long chunk stops the count, and goes alone when it leads.
+    long = job(0, n_frames=625)
+    assert short_chunks([*short[:2], long, *short[2:]], most_frames=512) == 2
+    assert short_chunks([long, *short], most_frames=512) == 1
+    # So do a chunk read back from the store and one whose shared task failed.
+    stored = replace(
+        short[1],
+        stored=StoredRef(directory="store", audio_sha256="0" * 64, first_frame=0, n_frames=31),
+    )
+    assert short_chunks([short[0], stored, *short[2:]], most_frames=512) == 1
+    alone = replace(short[2], decode_alone=True)
+    assert short_chunks([*short[:2], alone, *short[3:]], most_frames=512) == 2
+    assert short_chunks([], most_frames=512) == 1
+
+
+@requires_ffmpeg
+def test_decode_several_gives_each_chunk_or_its_own_error(make_audio, tmp_path) -> None:
+    chunks = []
+    for index in range(3):
+        path = make_audio(f"{index}.wav", n_samples=3 * 15360, seed=index)
+        info = probe_audio(path)
+        chunks.append((info, plan_chunks(info, SPEC, frames_per_chunk=625)[0]))
+    # Replaced after it was probed (a transfer overwrote it): it can no longer be decoded.
+    (tmp_path / "audio" / "1.wav").write_text("not audio any more\n" * 99)
+
+    decoded = decode_several(decode_chunk, chunks, spec=SPEC)
+
+    assert isinstance(decoded[1], DecodeError) and "1.wav" in str(decoded[1])
+    for index in (0, 2):
+        alone = decode_chunk(*chunks[index], spec=SPEC)
+        assert isinstance(decoded[index], DecodedChunk) and decoded[index].n_frames == 3
+        np.testing.assert_array_equal(decoded[index].samples, alone.samples)
+
+
+def test_score_picked_scores_what_it_names_and_hands_back_decode_errors() -> None:
+    calls = []
+
+    def score(scorer: str, *chunks: str, targets: list[str]) -> list[str]:
+        calls.append((scorer, chunks, targets))
+        return [f"{chunk}->{target}" for chunk, target in zip(chunks, targets, strict=True)]
+
+    failed = DecodeError("b.wav", "cannot read it")
+    several, alone = ["a", failed, "c"], "d"
+    results = score_picked(
+        score,
+        "actor",
+        several,
+        alone,
+        picks=[(0, 2), (1, None), (0, 1), (0, 0)],
+        per_chunk={"targets": ["C", "D", "B", "A"]},
+    )
+    assert results == ["c->C", "d->D", failed, "a->A"]
+    assert calls == [("actor", ("c", "d", "a"), ["C", "D", "A"])]
+    assert score_picked(score, "actor", [failed], picks=[(0, 0)], per_chunk={"targets": ["B"]}) == [
+        failed
+    ]
+    assert len(calls) == 1  # nothing left to score: no call

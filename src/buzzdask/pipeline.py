@@ -2,9 +2,12 @@
 
 The client drives decode and score tasks incrementally (``as_completed``) instead of submitting
 everything at once, so the decoded audio in flight stays under a memory budget and a 1,000-hour
-run holds no more than that. :class:`ChunkPipeline` holds the loop's state; its decisions are
-the plain functions beside it (:class:`Budget`, :func:`budget_bytes`, :func:`free_scorers`,
-:func:`next_group`, :func:`split_failed_group`), tested without a cluster. What happens to a
+run holds no more than that. Short recordings are decoded several to a task
+(:func:`decode_several`), a score task's worth at a time: a folder of 30-second files then
+costs the scheduler one decode task per 16 files, not one per file. :class:`ChunkPipeline`
+holds the loop's state; its decisions are the plain functions beside it (:class:`Budget`,
+:func:`budget_bytes`, :func:`free_scorers`, :func:`next_group`, :func:`short_chunks`,
+:func:`split_failed_group`), tested without a cluster. What happens to a
 finished chunk (a Parquet partition, an embedding cache entry) is the caller's ``on_result``.
 """
 
@@ -41,10 +44,13 @@ __all__ = [
     "budget_bytes",
     "chunk_label",
     "chunk_nbytes",
+    "decode_several",
     "free_scorers",
     "group_bytes",
     "next_group",
     "outcome",
+    "score_picked",
+    "short_chunks",
     "split_failed_group",
     "useful_bytes",
 ]
@@ -77,6 +83,11 @@ class ChunkJob:
         Frames it should come back with by the file's estimated duration
         (:func:`buzzdask.decode.expected_frames`): what it adds to a score task. ``None``:
         ``plan.n_frames``.
+    slot : int or None
+        Its place in the list its decode task returned (:func:`decode_several`); ``None``
+        when the task decoded it alone.
+    decode_alone : bool
+        Decode it in a task of its own: a task decoding it with others failed as a whole.
     """
 
     name: str
@@ -88,6 +99,8 @@ class ChunkJob:
     scorer: str | None = None
     stored: StoredRef | None = None
     expected_frames: int | None = None
+    slot: int | None = None
+    decode_alone: bool = False
 
     def frames(self, *, default: int) -> int:
         """Frames it should hold: expected, else planned, else ``default`` (an open end)."""
@@ -237,6 +250,82 @@ def next_group(
     return address, group
 
 
+def short_chunks(todo: Sequence[ChunkJob], *, most_frames: int) -> int:
+    """How many chunks at the head of ``todo`` one decode task takes (one at least).
+
+    Chunks expected to hold fewer than ``most_frames`` frames each go together, up to
+    ``most_frames`` in all, which is one score task's group (:func:`next_group`): 30-second
+    files 16 to a task at 512. A chunk read back from the store, one that must be decoded alone
+    (:attr:`ChunkJob.decode_alone`) or a long one stops the count.
+    """
+    total = 0
+    for count, job in enumerate(todo):
+        frames = job.frames(default=most_frames)
+        alone = job.stored is not None or job.decode_alone or frames >= most_frames
+        if alone or total + frames > most_frames:
+            return max(1, count)
+        total += frames
+    return max(1, len(todo))
+
+
+def decode_several(
+    decode: Callable[..., DecodedChunk],
+    chunks: Sequence[tuple[AudioInfo, ChunkPlan]],
+    **options: Any,
+) -> list[DecodedChunk | Exception]:
+    """Decode task of several chunks: ``decode(info, plan, **options)`` for each, in order.
+
+    A chunk that fails gives its exception in its place (the score task hands it back,
+    :func:`score_picked`), so the others' audio is not lost with it.
+    """
+    decoded: list[DecodedChunk | Exception] = []
+    for info, plan in chunks:
+        try:
+            decoded.append(decode(info, plan, **options))
+        except Exception as error:
+            decoded.append(error)
+    return decoded
+
+
+def score_picked(
+    score: Callable[..., list[Any]],
+    scorer: Any,
+    *decoded: Any,
+    picks: Sequence[tuple[int, int | None]],
+    per_chunk: Mapping[str, Sequence[Any]],
+) -> list[Any]:
+    """Score task: ``score(scorer, *chunks, **per_chunk)`` for the chunks ``picks`` names.
+
+    Parameters
+    ----------
+    score : callable
+        The pipeline's ``score``.
+    scorer : actor
+    *decoded : DecodedChunk, StoredChunk or list
+        The decode tasks' results; a list from :func:`decode_several`.
+    picks : sequence of (int, int or None)
+        Each chunk of the group: its decode task's place in ``decoded`` and its slot in that
+        task's list (``None``: the result itself).
+    per_chunk : mapping of str -> sequence
+        Keywords of ``score`` with one value per chunk, in the order of ``picks``.
+
+    Returns
+    -------
+    list
+        ``score``'s result of each chunk, in order; a chunk whose decoding failed gives its
+        exception instead (it is not scored).
+    """
+    chunks = [decoded[task] if slot is None else decoded[task][slot] for task, slot in picks]
+    results: list[Any] = list(chunks)
+    good = [i for i, chunk in enumerate(chunks) if not isinstance(chunk, Exception)]
+    if good:
+        keywords = {name: [values[i] for i in good] for name, values in per_chunk.items()}
+        scored = score(scorer, *[chunks[i] for i in good], **keywords)
+        for i, result in zip(good, scored, strict=True):
+            results[i] = result
+    return results
+
+
 def split_failed_group(
     group: Sequence[tuple[ChunkJob, _Item]], *, scorer_lost: bool, most_attempts: int
 ) -> tuple[list[tuple[ChunkJob, _Item]], list[tuple[ChunkJob, _Item]]]:
@@ -300,8 +389,8 @@ class ChunkPipeline:
         ``on_failure(job, error, stage)``, ``stage`` ``"decode"`` (``"load"`` for a chunk read
         back from the embedding store) or ``"score"``; it may raise to end the run.
     score_keywords : callable, optional
-        ``score_keywords(jobs) -> dict``: keywords of the score task for a group of chunks
-        (where their results go); none by default.
+        ``score_keywords(jobs) -> dict``: keywords of ``score`` for a group of chunks, each a
+        list with one value per chunk (where their results go); none by default.
 
     Attributes
     ----------
@@ -349,6 +438,7 @@ class ChunkPipeline:
         self._load: defaultdict[str, int] = defaultdict(int)  # score tasks queued per actor
         self._open: Counter[str] = Counter()  # chunks enqueued and not yet done with, per file
         self._score_tasks = 0  # submitted so far
+        self._decode_tasks = 0
         self._scored_once = False
         self.resent = 0
 
@@ -468,7 +558,15 @@ class ChunkPipeline:
                 ),
             )
         while self._todo and self.budget.admits(self._nbytes(self._todo[0])):
-            self._decode(self._todo.popleft())
+            # The run's first decode task holds one chunk, as its first score task does.
+            most = short_chunks(self._todo, most_frames=self.group_frames)
+            jobs: list[ChunkJob] = []
+            while len(jobs) < (most if self._decode_tasks else 1) and (
+                not jobs or self.budget.admits(self._nbytes(self._todo[0]))
+            ):
+                jobs.append(self._todo.popleft())
+                self.budget.take(self._nbytes(jobs[-1]))
+            self._decode(jobs)
         held = self.pool.holders([f for _, f in self._decoded])
         while self._decoded and self.pool.scorers:
             free = free_scorers(self._load, self.pool.scorers, most=self.tasks_per_scorer)
@@ -482,9 +580,26 @@ class ChunkPipeline:
                 self._decoded.remove(item)
             self._score(address, group)
 
-    def _decode(self, job: ChunkJob) -> None:
-        self.budget.take(self._nbytes(job))
+    def _decode(self, jobs: list[ChunkJob]) -> None:
+        self._decode_tasks += 1
         future: Future
+        if len(jobs) > 1:
+            for slot, job in enumerate(jobs):
+                logger.info("decoding %s", job.label)
+                job.slot = slot
+            future = self.client.submit(
+                decode_several,
+                self.decode,
+                [(job.info, job.plan) for job in jobs],
+                **self.decode_options,
+                key=task_key("decode", *[(job.name, job.plan) for job in jobs]),
+                **self.pool.decode_placement(),
+                pure=False,
+            )
+            self._track(future, functools.partial(self._several_decoded, jobs))
+            return
+        (job,) = jobs
+        job.slot = None
         if job.stored is not None:
             logger.info("reading stored embeddings of %s", job.label)
             future = self.client.submit(
@@ -511,12 +626,16 @@ class ChunkPipeline:
     def _score(self, address: str, group: list[tuple[ChunkJob, Future]]) -> None:
         for job, _ in group:
             logger.info("scoring %s", job.label)
-        keywords = self.score_keywords([job for job, _ in group]) if self.score_keywords else {}
+        # Each decode task once, however many of its chunks the group holds.
+        futures = list({f.key: f for _, f in group}.values())
+        task = {f.key: i for i, f in enumerate(futures)}
         future = self.client.submit(
+            score_picked,
             self.score,
             self.pool.scorers[address],
-            *[f for _, f in group],
-            **keywords,
+            *futures,
+            picks=[(task[f.key], job.slot) for job, f in group],
+            per_chunk=self.score_keywords([job for job, _ in group]) if self.score_keywords else {},
             key=task_key(self.score_prefix, [f.key for _, f in group]),
             workers=[address],
             # Loose: if the actor's worker dies the task runs elsewhere and fails (reported,
@@ -537,19 +656,39 @@ class ChunkPipeline:
             self._decoded.append((job, future))
             return
         self.budget.release(self._nbytes(job))
+        self._not_decoded(job, future.exception())
+
+    def _several_decoded(self, jobs: list[ChunkJob], future: Future) -> None:
+        if future.status != "error":
+            self._decoded.extend((job, future) for job in jobs)
+            return
+        # Not one file's error (each is caught in the task): its worker died, for instance.
+        # Each chunk is decoded alone instead, so that one that kills workers fails alone.
+        logger.warning(
+            "decoding %d chunks in one task failed (%s); decoding them one by one",
+            len(jobs),
+            future.exception(),
+        )
+        for job in reversed(jobs):
+            self.budget.release(self._nbytes(job))
+            job.decode_alone = True
+            self._todo.appendleft(job)
+
+    def _not_decoded(self, job: ChunkJob, error: BaseException) -> None:
+        """A chunk's decode (or load) failed; its bytes are no longer in the budget."""
         if job.stored is not None and job.info.codec != STORED_CODEC:
             # A damaged store does not fail audio that is at hand: it is decoded instead.
             logger.warning(
                 "%s: its stored embeddings cannot be read (%s); decoding it instead",
                 job.label,
-                future.exception(),
+                error,
             )
             job.stored = None
             self._todo.appendleft(job)
             return
         # A chunk read back from the embedding store was not decoded: its stage is "load".
         stage = "decode" if job.stored is None else "load"
-        self.on_failure(job, future.exception(), stage)
+        self.on_failure(job, error, stage)
         self._chunk_over(job)
 
     def _scored(self, address: str, group: list[tuple[ChunkJob, Future]], future: Future) -> None:
@@ -559,6 +698,9 @@ class ChunkPipeline:
         if not isinstance(results, BaseException):
             self.budget.release(sum(self._nbytes(job) for job, _ in group))
             for (job, _), result in zip(group, results, strict=True):
+                if isinstance(result, Exception):  # decoded with others, and failed alone
+                    self._not_decoded(job, result)
+                    continue
                 job.scorer = address
                 for more in self.on_result(job, result) or ():
                     self.enqueue(more)
