@@ -78,9 +78,8 @@ def job_prologue(lines: Sequence[str]) -> list[str]:
         :func:`worker_exports`, then ``lines``, after :data:`LMOD_INIT` if one of them calls
         ``module``.
     """
-    if any(line.split()[:1] == ["module"] for line in lines):
-        return [*worker_exports(), LMOD_INIT, *lines]
-    return [*worker_exports(), *lines]
+    calls_module = any(line.split()[:1] == ["module"] for line in lines)
+    return [*worker_exports(), *([LMOD_INIT] if calls_module else []), *lines]
 
 
 def worker_exports() -> list[str]:
