@@ -234,6 +234,10 @@ def test_short_chunks_one_decode_task_per_score_group() -> None:
     alone = replace(short[2], decode_alone=True)
     assert short_chunks([*short[:2], alone, *short[3:]], most_frames=512) == 2
     assert short_chunks([], most_frames=512) == 1
+    # The chunks of a longer file keep a decode task each, however short.
+    assert short_chunks([job(i, n_frames=10) for i in range(5)], most_frames=512) == 1
+    first_of_two = replace(short[0], plan=replace(short[0].plan, n_frames=20), expected_frames=20)
+    assert short_chunks([first_of_two, *short], most_frames=512) == 1
 
 
 @requires_ffmpeg

@@ -108,6 +108,13 @@ class ChunkJob:
             return self.expected_frames
         return self.plan.n_frames or default
 
+    def whole_file(self) -> bool:
+        """Whether it is its file's only chunk: the first, and the file ends inside it."""
+        planned, expected = self.plan.n_frames, self.expected_frames
+        if self.plan.index != 0 or planned is None or expected is None:
+            return False
+        return expected < planned
+
 
 def chunk_label(
     name: str, plan: ChunkPlan, spec: FrameSpec, *, duration_s: float | None = None
@@ -253,15 +260,18 @@ def next_group(
 def short_chunks(todo: Sequence[ChunkJob], *, most_frames: int) -> int:
     """How many chunks at the head of ``todo`` one decode task takes (one at least).
 
-    Chunks expected to hold fewer than ``most_frames`` frames each go together, up to
-    ``most_frames`` in all, which is one score task's group (:func:`next_group`): 30-second
-    files 16 to a task at 512. A chunk read back from the store, one that must be decoded alone
-    (:attr:`ChunkJob.decode_alone`) or a long one stops the count.
+    Short recordings, each decoded whole in one chunk (:meth:`ChunkJob.whole_file`), go
+    together, up to ``most_frames`` frames in all, which is one score task's group
+    (:func:`next_group`): 30-second files 16 to a task at 512. A chunk of a longer file, one
+    read back from the store, one that must be decoded alone (:attr:`ChunkJob.decode_alone`)
+    or one of ``most_frames`` frames or more stops the count: the chunks of one file keep a
+    task each, so that they decode side by side.
     """
     total = 0
     for count, job in enumerate(todo):
         frames = job.frames(default=most_frames)
         alone = job.stored is not None or job.decode_alone or frames >= most_frames
+        alone = alone or not job.whole_file()
         if alone or total + frames > most_frames:
             return max(1, count)
         total += frames
