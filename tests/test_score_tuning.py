@@ -37,18 +37,22 @@ def _chunks() -> list[DecodedChunk]:
     return chunks
 
 
-def _score(embedder: str, head: str, **options: Any) -> list[np.ndarray]:
-    """Score the test chunks with a scorer built with ``options`` (module level: picklable)."""
+def _scorer(embedder: str, head: str, **options: Any) -> Any:
+    """A scorer of the test's frames built with ``options`` (default batch otherwise)."""
     from buzzdask.score import Scorer
 
-    scorer = Scorer(
+    return Scorer(
         head_path=head,
         embedder_handle=embedder,
         spec=SPEC,
         n_classes=len(CLASSES),
         **{"batch_frames": DEFAULT_BATCH_FRAMES, **options},
     )
-    return scorer.score(_chunks())
+
+
+def _score(embedder: str, head: str, **options: Any) -> list[np.ndarray]:
+    """Score the test chunks with a scorer built with ``options`` (module level: picklable)."""
+    return _scorer(embedder, head, **options).score(_chunks())
 
 
 def _score_with_threads(
@@ -139,7 +143,82 @@ def test_scorers_sharing_a_host_split_its_cores(
         activations, pools, warned = pool.submit(
             _score_sharing_cores, str(tiny_embedder), str(tiny_model)
         ).result()
+    # Each its share of the cores, as one-thread embedder calls side by side (batch 1024).
     share = max(1, len(os.sched_getaffinity(0)) // 2)
-    assert pools == (share, share)
+    assert pools == (1, share)
     assert warned
     _assert_equal(activations, default_activations)
+
+
+@pytest.mark.parametrize(
+    ("cores", "batch_frames", "configured", "shared", "on_gpu", "expected"),
+    [
+        (2, 512, (None, None), False, False, (2, 1, 2)),  # a call per core, one thread each
+        (1, 512, (None, None), False, False, (1, 1, 1)),
+        (48, 512, (None, None), False, False, (16, 48, 16)),  # calls of 32 patches, all cores
+        (8, 64, (None, 3), False, False, (2, 8, 3)),
+        (8, 512, (2, None), False, False, (1, 2, None)),  # configured pools: one call at a time
+        (8, 512, (None, None), False, True, (1, None, None)),  # a GPU: TensorFlow's own
+        (4, 512, (None, None), True, True, (1, 4, 4)),  # GPU scorers sharing the host's cores
+    ],
+)
+def test_embedder_threads(cores, batch_frames, configured, shared, on_gpu, expected) -> None:
+    from buzzdask.score import embedder_threads
+
+    threads = embedder_threads(
+        cores=cores,
+        batch_frames=batch_frames,
+        intra_op_threads=configured[0],
+        inter_op_threads=configured[1],
+        shared=shared,
+        on_gpu=on_gpu,
+    )
+    assert threads == expected
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_embedder_calls_run_side_by_side_on_a_cpu(
+    tiny_embedder: Path, tiny_model: Path, default_activations: list[np.ndarray]
+) -> None:
+    """By default a CPU scorer splits a task's frames into one-thread embedder calls on all its
+    cores at once, and the activations stay those of one call at a time."""
+    import threading
+
+    scorer = _scorer(str(tiny_embedder), str(tiny_model))
+    assert scorer.parallel_calls == min(len(os.sched_getaffinity(0)), 16)
+    embed = scorer._embed
+    lock, second_in = threading.Lock(), threading.Event()
+    running, most_running, threads = [0], [0], set()
+
+    def embed_waiting_for_another(waveform: np.ndarray) -> np.ndarray:
+        with lock:
+            running[0] += 1
+            most_running[0] = max(most_running[0], running[0])
+            threads.add(threading.current_thread().name)
+            alone = running[0] == 1
+        if alone:
+            second_in.wait(timeout=10)  # one call at a time would wait here in vain
+        else:
+            second_in.set()
+        try:
+            return embed(waveform)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    scorer._embed = embed_waiting_for_another  # type: ignore[method-assign]
+    activations = scorer.score(_chunks())  # 20, 20 and 7 frames: batches of 21 and 29 patches
+    assert most_running[0] == 2
+    assert len(threads) == 2 and all(name.startswith("buzzdask-embed") for name in threads)
+    assert scorer.stats()["embedder_calls"] == 2
+    _assert_equal(activations, default_activations)
+
+
+@pytest.mark.filterwarnings("ignore:TensorFlow's threads are already fixed")  # this process's
+def test_configured_threads_keep_one_embedder_call_at_a_time(
+    tiny_embedder: Path, tiny_model: Path
+) -> None:
+    scorer = _scorer(str(tiny_embedder), str(tiny_model), intra_op_threads=1)
+    scorer.score(_chunks())
+    assert scorer.parallel_calls == 1
+    assert scorer.stats()["embedder_calls"] == 1  # the 50 patches in one batch

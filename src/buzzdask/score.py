@@ -15,7 +15,8 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,14 +31,69 @@ from buzzdask.store import EmbeddingStore, StoredChunk
 from buzzdask.write import PartitionWriter
 
 __all__ = [
+    "MIN_CALL_PATCHES",
     "ChunkTarget",
     "ChunkWriter",
+    "EmbedderThreads",
     "Scorer",
     "embed_chunks",
+    "embedder_threads",
     "prepare_devices",
     "score_chunks",
     "submit_scorer",
 ]
+
+
+#: Fewest embedder patches a parallel embedder call is sized for (:func:`embedder_threads`).
+MIN_CALL_PATCHES = 32
+
+
+class EmbedderThreads(NamedTuple):
+    """How a scorer runs its embedder: calls side by side, and TensorFlow's thread pools."""
+
+    parallel_calls: int
+    intra_op: int | None
+    inter_op: int | None
+
+
+def embedder_threads(
+    *,
+    cores: int,
+    batch_frames: int,
+    intra_op_threads: int | None,
+    inter_op_threads: int | None,
+    shared: bool,
+    on_gpu: bool,
+) -> EmbedderThreads:
+    """The embedder's layout on ``cores`` CPU cores (a scorer's share of its host's).
+
+    On a CPU, by default, a score task's frames go to the embedder in parallel calls, one per
+    core, each run single-threaded: TensorFlow spreading one call over two cores spent 20 %
+    more CPU per frame than two one-thread calls side by side, which scored 1.3x as many
+    frames a second (benchmarks/). Each call is still given at least :data:`MIN_CALL_PATCHES`
+    patches of the task's ``batch_frames``; where that leaves fewer calls than cores, their
+    operations share all the cores. A GPU, or thread pools set in the configuration, keep one
+    call at a time; scorers sharing a host then divide its cores.
+
+    Parameters
+    ----------
+    cores : int >= 1
+        The cores this scorer may use.
+    batch_frames : int >= 1
+        Most patches per task's batch (``buzzdask.batch-frames``).
+    intra_op_threads, inter_op_threads : int or None
+        ``buzzdask.tf-intra-op-threads`` and ``tf-inter-op-threads``.
+    shared : bool
+        Other scorers share the host (``cores`` is this one's share).
+    on_gpu : bool
+        TensorFlow will run the embedder on a GPU.
+    """
+    if intra_op_threads is None and not on_gpu:
+        calls = max(1, min(cores, batch_frames // MIN_CALL_PATCHES))
+        return EmbedderThreads(calls, 1 if calls == cores else cores, inter_op_threads or calls)
+    if shared:
+        return EmbedderThreads(1, intra_op_threads or cores, inter_op_threads or cores)
+    return EmbedderThreads(1, intra_op_threads, inter_op_threads)
 
 
 @dataclass
@@ -71,12 +127,11 @@ class Scorer:
     embedding_size : int, optional
         Without an embedder: the size of the stored embeddings the heads take.
     intra_op_threads, inter_op_threads : int, optional
-        TensorFlow thread pools (default: TensorFlow's choice, or a share of the cores).
+        TensorFlow thread pools (default: parallel one-thread embedder calls on a CPU, see
+        :func:`embedder_threads`).
     share_cores : int >= 1
-        Scorers sharing this host's cores. Above 1, unset thread pools become this process's
-        cores divided by ``share_cores``: TensorFlow then does not contend with the other
-        scorers, and one single-threaded TensorFlow scores more frames per core than one
-        spread over two (615x against 565x per core, benchmarks/).
+        Scorers sharing this host's cores: this one uses this process's cores divided by
+        ``share_cores``, so that its TensorFlow does not contend with the others'.
     gpus : int >= 0
         GPUs the worker declares (its Dask resource ``GPU``): TensorFlow must see exactly these,
         checked before the model loads. 0: none is required (TensorFlow uses what it sees).
@@ -120,15 +175,32 @@ class Scorer:
         # Heads with NumPy weights and no embedder (a re-scoring) need no TensorFlow at all.
         self._tf: Any = None
         self.device = "CPU (NumPy heads)"
+        # Embedder calls side by side (embedder_threads), or one at a time without this pool.
+        self.parallel_calls = 1
+        self._calls_pool: ThreadPoolExecutor | None = None
         if embedder_handle or any(head_weights(path) is None for path in head_paths):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             import tensorflow as tf
 
-            if share_cores > 1:
-                share = max(1, len(os.sched_getaffinity(0)) // share_cores)
-                intra_op_threads = intra_op_threads or share
-                inter_op_threads = inter_op_threads or share
-            _set_threads(tf, intra_op_threads, inter_op_threads)
+            threads = embedder_threads(
+                cores=max(1, len(os.sched_getaffinity(0)) // share_cores),
+                batch_frames=batch_frames,
+                intra_op_threads=intra_op_threads,
+                inter_op_threads=inter_op_threads,
+                shared=share_cores > 1,
+                on_gpu=bool(gpus or tf.config.list_physical_devices("GPU")),
+            )
+            _set_threads(
+                tf,
+                threads.intra_op,
+                threads.inter_op,
+                configured=intra_op_threads is not None or inter_op_threads is not None,
+            )
+            self.parallel_calls = threads.parallel_calls
+            if self.parallel_calls > 1:
+                self._calls_pool = ThreadPoolExecutor(
+                    self.parallel_calls, thread_name_prefix="buzzdask-embed"
+                )
             # Before the model loads: a worker without its GPU stops the run here, not later.
             self.device = prepare_devices(tf, gpus=gpus, worker=worker)
             self._tf = tf
@@ -164,8 +236,9 @@ class Scorer:
         self.seconds_scoring = 0.0
         self.calls = 0
         self.oom_splits = 0
-        # Score tasks call in from the worker's threads (see _call): one batch at a time.
+        # Score tasks call in from the worker's threads (see _call): one task at a time.
         self._lock = threading.Lock()
+        self._counters = threading.Lock()  # the calls of one task may end side by side
 
     def _measure_embedder(self, handle: str) -> int:
         """Check the embedder gives one frame per window; its embedding size and patch hop."""
@@ -269,19 +342,18 @@ class Scorer:
             raise ModelError(
                 "this scorer has no embedder (started to re-score stored embeddings only)"
             )
-        results: list[np.ndarray] = []
+        call_patches = self._call_patches(chunks)
+        batches = list(self._batches(self._runs(chunks, call_patches), call_patches))
+        embedded = (
+            self._calls_pool.map(self._embedded_runs, batches)
+            if self._calls_pool is not None and len(batches) > 1
+            else map(self._embedded_runs, batches)
+        )
         pieces: list[list[tuple[int, np.ndarray]]] = [[] for _ in chunks]
-        batch: list[_FrameRun] = []
-        batch_patches = 0
-        for run in self._runs(chunks):
-            patches = self._padded_length(run.n_frames) // self.native_hop
-            if batch and batch_patches + patches > self.batch_frames:
-                self._run_batch(batch, pieces)
-                batch, batch_patches = [], 0
-            batch.append(run)
-            batch_patches += patches
-        if batch:
-            self._run_batch(batch, pieces)
+        for runs in embedded:
+            for run, outputs in runs:
+                pieces[run.chunk].append((run.first, outputs))
+        results: list[np.ndarray] = []
         for chunk_pieces in pieces:
             ordered = [a for _, a in sorted(chunk_pieces, key=_first)]
             results.append(
@@ -291,12 +363,43 @@ class Scorer:
             )
         return results
 
+    def _call_patches(self, chunks: list[DecodedChunk]) -> int:
+        """Most patches per embedder call.
+
+        ``batch_frames``; with parallel calls, an even share of the task's patches, so that all
+        of them are busy, each call given at most ``batch_frames``.
+        """
+        if self._calls_pool is None:
+            return self.batch_frames
+        patches = sum(self._padded_length(chunk.n_frames) // self.native_hop for chunk in chunks)
+        batches = -(-patches // self.batch_frames)
+        calls = -(-batches // self.parallel_calls) * self.parallel_calls
+        return min(self.batch_frames, max(MIN_CALL_PATCHES, -(-patches // calls)))
+
+    def _batches(self, runs: list[_FrameRun], call_patches: int) -> Iterator[list[_FrameRun]]:
+        """Consecutive ``runs`` packed into batches of at most ``call_patches`` patches."""
+        batch: list[_FrameRun] = []
+        batch_patches = 0
+        for run in runs:
+            patches = self._padded_length(run.n_frames) // self.native_hop
+            if batch and batch_patches + patches > call_patches:
+                yield batch
+                batch, batch_patches = [], 0
+            batch.append(run)
+            batch_patches += patches
+        if batch:
+            yield batch
+
     def stats(self) -> dict[str, Any]:
-        """Counters since the actor started: frames, embedder calls, seconds spent scoring."""
+        """Counters since the actor started: frames, embedder calls, seconds spent scoring.
+
+        Also the embedder calls it runs side by side, its device and its process.
+        """
         return {
             "frames_scored": self.frames_scored,
             "frames_embedded": self.frames_embedded,
             "embedder_calls": self.calls,
+            "parallel_calls": self.parallel_calls,
             "seconds_scoring": self.seconds_scoring,
             "native_hop": self.native_hop,
             "device": self.device,
@@ -308,15 +411,13 @@ class Scorer:
         span = self.spec.span(n_frames)
         return -(-span // self.native_hop) * self.native_hop
 
-    def _runs(self, chunks: list[DecodedChunk]) -> list[_FrameRun]:
+    def _runs(self, chunks: list[DecodedChunk], call_patches: int) -> list[_FrameRun]:
         spec = self.spec
         if self._stride is None:
             run_frames = 1
         else:
-            # Largest run whose padded waveform fits one batch.
-            run_frames = max(
-                1, (self.batch_frames * self.native_hop - spec.window) // spec.hop_length
-            )
+            # Largest run whose padded waveform fits one call.
+            run_frames = max(1, (call_patches * self.native_hop - spec.window) // spec.hop_length)
         runs = []
         for index, chunk in enumerate(chunks):
             for first in range(0, chunk.n_frames, run_frames):
@@ -326,25 +427,21 @@ class Scorer:
                 runs.append(_FrameRun(index, first, n_frames, samples))
         return runs
 
-    def _run_batch(
-        self, batch: list[_FrameRun], pieces: list[list[tuple[int, np.ndarray]]]
-    ) -> None:
-        """Score ``batch`` into ``pieces``; out of GPU memory, in two halves instead."""
+    def _embedded_runs(self, batch: list[_FrameRun]) -> list[tuple[_FrameRun, np.ndarray]]:
+        """Each run of ``batch`` with its embeddings; out of GPU memory, in two halves instead."""
         try:
             outputs = self._batch_outputs(batch)
         except self._tf.errors.ResourceExhaustedError:
             halves = _halves(batch, self.spec)
             if halves is None:  # one frame does not fit: nothing smaller to try
                 raise
-            self.oom_splits += 1
-            for half in halves:
-                self._run_batch(half, pieces)
-            return
-        self.calls += 1
-        position = 0
-        for run in batch:
-            pieces[run.chunk].append((run.first, outputs[position : position + run.n_frames]))
-            position += run.n_frames
+            with self._counters:
+                self.oom_splits += 1
+            return [piece for half in halves for piece in self._embedded_runs(half)]
+        with self._counters:
+            self.calls += 1
+        ends = np.cumsum([run.n_frames for run in batch])
+        return list(zip(batch, np.split(outputs, ends[:-1]), strict=True))
 
     def _batch_outputs(self, batch: list[_FrameRun]) -> np.ndarray:
         """The runs of ``batch`` laid out on the patch grid in one waveform, embedded."""
@@ -429,11 +526,14 @@ def prepare_devices(tf: Any, *, gpus: int, worker: str) -> str:
     return f"GPU:0 {details.get('device_name', visible[0].name)}"
 
 
-def _set_threads(tf: Any, intra_op_threads: int | None, inter_op_threads: int | None) -> None:
+def _set_threads(
+    tf: Any, intra_op_threads: int | None, inter_op_threads: int | None, *, configured: bool
+) -> None:
     """Size TensorFlow's thread pools, unless an earlier actor in this process already ran it.
 
     TensorFlow fixes its pools when it first runs; a later actor in the same worker (another
-    analysis on the same cluster) keeps them rather than failing to start.
+    analysis on the same cluster) keeps them rather than failing to start, with a warning
+    where the pools were ``configured`` (not this module's defaults).
     """
     setters = [
         (tf.config.threading.set_intra_op_parallelism_threads, intra_op_threads),
@@ -445,11 +545,12 @@ def _set_threads(tf: Any, intra_op_threads: int | None, inter_op_threads: int | 
         try:
             setter(threads)
         except RuntimeError as error:
-            warnings.warn(
-                f"TensorFlow's threads are already fixed in this worker: {error}",
-                BuzzdaskWarning,
-                stacklevel=3,
-            )
+            if configured:
+                warnings.warn(
+                    f"TensorFlow's threads are already fixed in this worker: {error}",
+                    BuzzdaskWarning,
+                    stacklevel=3,
+                )
 
 
 def submit_scorer(client: Client, address: str, *, key: str, **options: Any) -> Future:
