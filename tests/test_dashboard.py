@@ -21,7 +21,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 from buzzdask.cluster import dashboard_hints, job_scripts, load_cluster_config, start
-from buzzdask.cluster.slurm import LMOD_INIT
+from buzzdask.cluster.batch import batch_script
+from buzzdask.cluster.slurm import LMOD_INIT, worker_exports
 from buzzdask.dashboard import ONDEMAND_PROXY, dashboard_links, in_ondemand, local_dashboard_lines
 from buzzdask.session import connect
 from buzzdask.settings import LocalClusterSettings
@@ -160,6 +161,27 @@ def test_analyze_without_a_client_prints_the_ondemand_link(notebook_env, capsys)
     assert f"OnDemand: https://ondemand.osc.edu/rnode/{NODE}/{port}/status" in out
 
 
+def test_local_cluster_serves_the_dashboard_pages_once_started():
+    # The pages are added beside the worker's start, not before it: they arrive soon after.
+    local = LocalClusterSettings(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", scorers=1
+    )
+    with connect(None, local=local) as client:
+        status = client.dashboard_link
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(status, timeout=10) as answer:
+                    page = answer.read().decode()
+                break
+            except urllib.error.HTTPError as error:
+                assert error.code == 404 and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert "Dask" in page and "bokeh" in page.lower()
+        with urllib.request.urlopen(status.rsplit("/status", 1)[0] + "/", timeout=10) as answer:
+            assert answer.url.endswith("/status")  # the root still leads to it
+
+
 def test_no_dashboard_no_link(capsys):
     local = LocalClusterSettings(
         n_workers=1, threads_per_worker=1, dashboard_address=None, scorers=1
@@ -173,7 +195,8 @@ def test_no_dashboard_no_link(capsys):
 
 
 @pytest.mark.parametrize("name", OSC_CONFIGS)
-def test_job_scripts_do_not_depend_on_the_notebook_environment(name, monkeypatch):
+def test_job_scripts_do_not_depend_on_the_notebook_environment(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a one-job script makes its log directory
     options = {"account": "PAS1234", "job_kwargs": {"job_script_prologue": ["module load ffmpeg"]}}
     for key in JUPYTER_SESSION:
         monkeypatch.delenv(key, raising=False)
@@ -189,6 +212,12 @@ def test_job_scripts_do_not_depend_on_the_notebook_environment(name, monkeypatch
     assert not [line for line in lines if "--export" in line or "VIRTUAL_ENV" in line]
     # The configurations' own prologues load no module, so they need no Lmod.
     assert LMOD_INIT not in job_scripts(name, account="PAS1234")["gpu"]
+    # The script of a run inside one job (--print-batch-script) starts its tasks alike.
+    batch = batch_script(name, ["analyze", "audio/"], **options).splitlines()
+    exports = worker_exports()
+    start = batch.index(exports[0])
+    assert batch[start : start + len(exports) + 2] == [*exports, LMOD_INIT, "module load ffmpeg"]
+    assert LMOD_INIT not in batch_script(name, ["analyze", "audio/"], account="PAS1234")
 
 
 @requires_slurm

@@ -7,9 +7,11 @@ task keys the dashboard groups by; the package versions recorded with every resu
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import platform
 import sys
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +41,8 @@ __all__ = [
     "tensorflow_version",
     "worker_environment",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -95,13 +99,49 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
     # Only where every worker will hold a scorer: a decode-only worker never needs TensorFlow.
     all_score = settings.scorers is None or settings.scorers >= n_workers
     with lean_dask():
-        return LocalCluster(
+        cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
             processes=processes,
             dashboard_address=settings.dashboard_address,
+            # The dashboard server listens at once; its pages come once the workers have started.
+            scheduler_kwargs={"dashboard": False},
             preload=["buzzdask.preload"] if processes and all_score else [],
         )
+    if settings.dashboard_address is not None:
+        threading.Thread(
+            target=_add_dashboard_pages, args=(cluster,), name="buzzdask-dashboard"
+        ).start()
+    return cluster
+
+
+def _add_dashboard_pages(cluster: LocalCluster) -> None:
+    """Add the Dask dashboard's pages (``/status`` ...) to a started cluster's server.
+
+    The scheduler would build them before its first worker process is spawned: importing
+    bokeh takes about 0.5 s, all of it before the workers' TensorFlow import could start. Here
+    the import runs beside the workers' start, and the pages are added on the scheduler's
+    event loop, as the scheduler adds them.
+    """
+    try:
+        import distributed.dashboard.scheduler as dashboard
+    except ImportError as error:  # bokeh is a dependency; a broken install still runs
+        logger.warning("no Dask dashboard pages: %s", error)
+        return
+    scheduler, loop = cluster.scheduler, cluster.loop
+    if scheduler is None or loop is None:  # the cluster was closed meanwhile
+        return
+    prefix = cluster.scheduler_spec["options"].get("http_prefix", "/")
+    try:
+        loop.add_callback(
+            dashboard.connect,
+            scheduler.http_application,
+            scheduler.http_server,
+            scheduler,
+            prefix=prefix,
+        )
+    except RuntimeError:  # its event loop has stopped
+        pass
 
 
 #: glibc's malloc in the worker processes buzzdask starts. Dask's nanny sets a 64 KiB trim

@@ -27,7 +27,7 @@ from dask.utils import format_bytes, parse_bytes
 
 from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size, worker_counts
 from buzzdask.cluster.options import JobOptions
-from buzzdask.cluster.slurm import worker_exports
+from buzzdask.cluster.slurm import job_prologue
 from buzzdask.errors import ParameterError
 
 __all__ = ["BatchPlan", "WorkerShare", "batch_script", "plan_batch_job", "run_in_job"]
@@ -278,9 +278,8 @@ def batch_script(
         os.makedirs(logs, exist_ok=True)
         lines.append(f"#SBATCH -o {logs}/buzzdask-%j.out")
     lines += [
-        # The tasks' workers run in their own processes: glibc reads its settings at the start.
-        *worker_exports(),
-        *main["job-script-prologue"],
+        # The workers' settings, and Lmod for a prologue's module lines, as in a worker job.
+        *job_prologue(main["job-script-prologue"]),
         # A job submitted from a notebook's job (OnDemand Jupyter) inherits its SLURM_* variables:
         # its per-CPU memory clashes with this job's --mem in srun, and an inherited
         # SLURM_EXPORT_ENV=NONE would start the tasks with an empty environment.
