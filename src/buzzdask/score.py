@@ -68,12 +68,13 @@ def embedder_threads(
     """The embedder's layout on ``cores`` CPU cores (a scorer's share of its host's).
 
     On a CPU, by default, a score task's frames go to the embedder in parallel calls, one per
-    core, each run single-threaded: TensorFlow spreading one call over two cores spent 20 %
-    more CPU per frame than two one-thread calls side by side, which scored 1.3x as many
-    frames a second (benchmarks/). Each call is still given at least :data:`MIN_CALL_PATCHES`
-    patches of the task's ``batch_frames``; where that leaves fewer calls than cores, their
-    operations share all the cores. A GPU, or thread pools set in the configuration, keep one
-    call at a time; scorers sharing a host then divide its cores.
+    core, each run single-threaded: on two cores, two such calls scored 1.2-1.3x as many
+    frames a second as one call spread over both, at 0.8x its CPU per frame (README,
+    Performance; the benchmarks' model stage: 0.9-1.2x, corpus by corpus). Each call is
+    still given at least :data:`MIN_CALL_PATCHES` patches of the task's ``batch_frames``;
+    where that leaves fewer calls than cores, their operations share all the cores. A GPU,
+    or thread pools set in the configuration, keep one call at a time; scorers sharing a host
+    then divide its cores.
 
     Parameters
     ----------
