@@ -104,7 +104,7 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
             threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
             processes=processes,
             dashboard_address=settings.dashboard_address,
-            # The dashboard server listens at once; its pages come once the workers have started.
+            # The dashboard's server listens at once; its pages come once the workers have started.
             scheduler_kwargs={"dashboard": False},
             preload=["buzzdask.preload"] if processes and all_score else [],
         )
@@ -120,8 +120,8 @@ def _add_dashboard_pages(cluster: LocalCluster) -> None:
 
     The scheduler would build them before its first worker process is spawned: importing
     bokeh takes about 0.5 s, all of it before the workers' TensorFlow import could start. Here
-    the import runs beside the workers' start, and the pages are added on the scheduler's
-    event loop, as the scheduler adds them.
+    the import runs while the workers import TensorFlow, and the pages are added on the
+    scheduler's event loop, as the scheduler adds them.
     """
     try:
         import distributed.dashboard.scheduler as dashboard
