@@ -569,13 +569,14 @@ class ChunkPipeline:
             )
         while self._todo and self.budget.admits(self._nbytes(self._todo[0])):
             # The run's first decode task holds one chunk, as its first score task does.
-            most = short_chunks(self._todo, most_frames=self.group_frames)
-            jobs: list[ChunkJob] = []
-            while len(jobs) < (most if self._decode_tasks else 1) and (
-                not jobs or self.budget.admits(self._nbytes(self._todo[0]))
-            ):
+            most = (
+                short_chunks(self._todo, most_frames=self.group_frames) if self._decode_tasks else 1
+            )
+            jobs = [self._todo.popleft()]
+            self.budget.take(self._nbytes(jobs[0]))
+            while len(jobs) < most and self.budget.admits(nbytes := self._nbytes(self._todo[0])):
                 jobs.append(self._todo.popleft())
-                self.budget.take(self._nbytes(jobs[-1]))
+                self.budget.take(nbytes)
             self._decode(jobs)
         held = self.pool.holders([f for _, f in self._decoded])
         while self._decoded and self.pool.scorers:
