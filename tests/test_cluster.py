@@ -112,6 +112,8 @@ def test_osc_job_scripts(name):
     # Only GPU jobs ask SLURM for a GPU and advertise it to Dask (where the actors go).
     assert "#SBATCH --gpus-per-node=1" in gpu and "--resources GPU=1" in gpu
     assert "--gpus-per-node" not in cpu and "--resources" not in cpu
+    # The scorers' workers start importing TensorFlow as they start; the decoders never do.
+    assert "--preload buzzdask.preload" in gpu and "--preload" not in cpu
     # TensorFlow's CUDA comes with the [gpu] extra in the workers' Python, not from a module.
     assert "module load cuda" not in gpu
     assert "#SBATCH --mem=" in cpu and "#SBATCH --cpus-per-task=" in cpu
@@ -522,6 +524,11 @@ def _job_ids(job_name: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.split()[1] == job_name]
 
 
+def _preloads(client: Any) -> dict[str, list[str]]:
+    """The preload modules of each worker of ``client``'s cluster."""
+    return client.run(lambda dask_worker: [p.name for p in dask_worker.preloads])
+
+
 def _assert_no_jobs_left() -> None:
     # scancel is asynchronous: a cancelled job stays in squeue for a moment.
     deadline = time.monotonic() + 30
@@ -552,6 +559,15 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
         assert set(
             client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()
         ) == {False}
+        # The GPU worker imports TensorFlow from its start (before any run asks for a scorer),
+        # the decode worker not at all.
+        assert _preloads(client) == {
+            a: (["buzzdask.preload"] if a == gpu_worker else []) for a in workers
+        }
+        deadline = time.monotonic() + 60
+        while not client.run(lambda: "tensorflow" in sys.modules, workers=[gpu_worker])[gpu_worker]:
+            assert time.monotonic() < deadline, "the GPU worker never imported TensorFlow"
+            time.sleep(0.5)
         result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
         _same_frames(result, reference)
         # The actor lives on the GPU worker, decoding happens on the CPU worker.
@@ -914,6 +930,8 @@ def test_command_line_holds_the_cluster_for_a_notebook(local_slurm, slurm_corpus
         assert "scorers run on the CPU workers" in "".join(lines)
         address = lines[-1].split("scheduler at ")[1].strip()
         with Client(address) as client:
+            # Without GPU workers each CPU worker may hold a scorer: each preloads TensorFlow.
+            assert set(map(tuple, _preloads(client).values())) == {("buzzdask.preload",)}
             result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
         _same_frames(result, reference)
         holder.send_signal(signal.SIGTERM)

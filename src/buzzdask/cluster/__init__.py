@@ -17,7 +17,7 @@ from distributed import Client
 
 from buzzdask.cluster.configs import available_configs, load_cluster_config, worker_counts
 from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobKind, JobOptions
-from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script
+from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script, scorer_worker_args
 from buzzdask.dashboard import local_dashboard_lines
 from buzzdask.errors import ParameterError
 from buzzdask.session import lean_dask, start_local_cluster
@@ -101,12 +101,17 @@ def start(
         return Client(start_local_cluster(settings.local_cluster))
     _refuse_whole_node(entry)
     options.require_account(entry, ("cpu", "gpu") if gpus else ("cpu",))
+    cpu_job_kwargs = options.overrides("cpu")
+    if not gpus:  # every CPU worker holds a scorer, as the GPU workers otherwise do
+        cpu_job_kwargs["worker_extra_args"] = scorer_worker_args(
+            entry["cpu-config"], cpu_job_kwargs.get("worker_extra_args")
+        )
     with lean_dask():  # the scheduler runs here, in this process
         slurm = BuzzdaskSLURMCluster(
             config_name=entry["cpu-config"],
             gpu_config_name=entry["gpu-config"],
             gpu_job_kwargs=options.overrides("gpu"),
-            **options.overrides("cpu"),
+            **cpu_job_kwargs,
         )
     try:
         slurm.scale(jobs=cpu_workers, gpus=gpus)
@@ -154,6 +159,10 @@ def job_scripts(name: str | os.PathLike[str], **job_options: Any) -> dict[str, s
         overrides = options.overrides(kind)
         if options.missing_accounts(entry, (kind,)):
             overrides["account"] = ACCOUNT_PLACEHOLDER
+        if kind == "gpu":  # as BuzzdaskSLURMCluster submits them
+            overrides["worker_extra_args"] = scorer_worker_args(
+                entry["gpu-config"], overrides.get("worker_extra_args")
+            )
         scripts[kind] = job_script(entry[f"{kind}-config"], **overrides)
     return scripts
 

@@ -27,7 +27,7 @@ from dask.utils import format_bytes, parse_bytes
 
 from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size, worker_counts
 from buzzdask.cluster.options import JobOptions
-from buzzdask.cluster.slurm import job_prologue
+from buzzdask.cluster.slurm import SCORER_PRELOAD, job_prologue
 from buzzdask.errors import ParameterError
 
 __all__ = ["BatchPlan", "WorkerShare", "batch_script", "plan_batch_job", "run_in_job"]
@@ -362,6 +362,9 @@ def run_in_job(
     }
     if os.environ.get("TMPDIR"):
         worker_options["local_directory"] = os.environ["TMPDIR"]
+    if 0 <= gpu_index < gpus or (gpu_index >= 0 and not gpus):
+        # It holds a scorer (without GPUs, every worker does): TensorFlow's import starts now.
+        worker_options["preload"] = [SCORER_PRELOAD[1]]
     if 0 <= gpu_index < gpus:
         # One GPU per GPU worker, chosen among the job's own (SLURM sets the list).
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")

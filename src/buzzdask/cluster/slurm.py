@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import dask.config
 from dask.utils import parse_timedelta
 from dask_jobqueue import SLURMCluster
 from dask_jobqueue.slurm import SLURMJob
@@ -23,12 +24,23 @@ from tornado.ioloop import PeriodicCallback
 from buzzdask.errors import ClusterError
 from buzzdask.session import worker_environment
 
-__all__ = ["LMOD_INIT", "BuzzdaskSLURMCluster", "job_prologue", "job_script", "worker_exports"]
+__all__ = [
+    "LMOD_INIT",
+    "SCORER_PRELOAD",
+    "BuzzdaskSLURMCluster",
+    "job_prologue",
+    "job_script",
+    "scorer_worker_args",
+    "worker_exports",
+]
 
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
 # Lmod's own start-up file on OSC's nodes (OSC's OnDemand apps source it where no login shell
 # ran); a job whose environment already has ``module`` skips it.
 LMOD_INIT = "type module >/dev/null 2>&1 || source /etc/profile.d/lmod.sh"
+#: Worker arguments of the jobs whose workers hold a scorer: TensorFlow's import starts as the
+#: worker does (:mod:`buzzdask.preload`), not when the run creates its actor.
+SCORER_PRELOAD = ("--preload", "buzzdask.preload")
 
 
 class _Job(SLURMJob):
@@ -91,6 +103,31 @@ def worker_exports() -> list[str]:
     return [f'export {name}="${{{name}:-{value}}}"' for name, value in worker_environment().items()]
 
 
+def scorer_worker_args(config_name: str, given: Sequence[str] | None = None) -> list[str]:
+    """The worker arguments of a scorer job: its section's (or ``given``), with the preload.
+
+    On a cluster's own file system a worker's ``import tensorflow`` takes seconds (it reads
+    thousands of files); started with the worker, it overlaps the run's planning and probing
+    instead of delaying its first score, and a replacement job's scorer starts sooner too.
+
+    Parameters
+    ----------
+    config_name : str
+        The ``jobqueue.<config_name>`` section of the jobs.
+    given : sequence of str, optional
+        Worker arguments overriding the section's ``worker-extra-args``.
+
+    Returns
+    -------
+    list of str
+        Those arguments, then :data:`SCORER_PRELOAD` unless they already preload buzzdask's.
+    """
+    if given is None:
+        given = dask.config.get(f"jobqueue.{config_name}.worker-extra-args", None) or []
+    args = list(given)
+    return args if SCORER_PRELOAD[1] in args else [*args, *SCORER_PRELOAD]
+
+
 def job_script(config_name: str, **job_kwargs: Any) -> str:
     """The batch script of one worker job, without starting a scheduler.
 
@@ -143,7 +180,8 @@ class BuzzdaskSLURMCluster(SLURMCluster):
     ----------
     gpu_config_name : str
         The ``jobqueue`` section of the GPU worker jobs (``--gpus-per-node=1`` and
-        ``--resources GPU=1`` in it).
+        ``--resources GPU=1`` in it). Their workers hold the scorers and start importing
+        TensorFlow as they start (:func:`scorer_worker_args`).
     gpu_job_kwargs : mapping, optional
         Overrides of that section.
     keepalive_interval : str, default: "5s"
@@ -170,10 +208,11 @@ class BuzzdaskSLURMCluster(SLURMCluster):
     ) -> None:
         super().__init__(**kwargs)
         shared = {k: self._job_kwargs[k] for k in ("interface", "protocol", "security")}
-        self._gpu_spec = {
-            "cls": self.job_cls,
-            "options": {**shared, "config_name": gpu_config_name, **(gpu_job_kwargs or {})},
-        }
+        gpu_options = {**shared, "config_name": gpu_config_name, **(gpu_job_kwargs or {})}
+        gpu_options["worker_extra_args"] = scorer_worker_args(
+            gpu_config_name, gpu_options.get("worker_extra_args")
+        )
+        self._gpu_spec = {"cls": self.job_cls, "options": gpu_options}
         self._gpu_names: set[str] = set()
         self._gpu_count = 0
         keepalive = PeriodicCallback(
