@@ -1,4 +1,8 @@
-"""A Dask preload for the worker processes of the local clusters buzzdask starts.
+"""A Dask preload for the workers that will hold a scorer, in the clusters buzzdask starts.
+
+Local clusters' scorer workers, SLURM GPU worker jobs (and CPU ones with ``--gpus 0``,
+:func:`buzzdask.cluster.slurm.scorer_worker_args`) and the one-job script's GPU tasks (every
+worker task without GPUs).
 
 It starts importing TensorFlow early, in a thread of its own. A worker would otherwise begin
 that import (about 2 s) only when its scorer actor is created: after the client has planned
@@ -8,7 +12,8 @@ one (Python's import lock) instead of starting over.
 The import waits for the run's :class:`~buzzdask.logs.WorkerLogging` (registered as soon as
 the client connects), as a scorer's own import would: TensorFlow reads its log settings as it
 loads and writes its start-up lines to file descriptor 2, which that plugin sets for the run.
-Without it (another client), the import starts after :data:`WAIT_FOR_LOGGING_S`.
+Without it (another client, or a SLURM worker that joined before any run), the import starts
+after :data:`WAIT_FOR_LOGGING_S`.
 
 It also spares the worker Python's last garbage collection as its process exits
 (:func:`skip_final_collection`): with TensorFlow loaded, that collection took about 1 s of every
