@@ -942,10 +942,12 @@ def test_command_line_holds_the_cluster_for_a_notebook(local_slurm, slurm_corpus
 
 
 def test_local_configuration_starts_a_local_cluster():
-    with dask.config.set({"buzzdask.clusters.local.dashboard-address": ":0"}):
-        client = start("local", cpu_workers=1)
+    assert load_cluster_config("local")["cpu-workers"] == 1  # cluster_configs/local.yaml
+    local = {"dashboard-address": ":0", "cpu-workers": 2}
+    with dask.config.set({f"buzzdask.clusters.local.{k}": v for k, v in local.items()}):
+        client = start("local")
     try:
-        assert len(client.scheduler_info()["workers"]) == 2
+        assert len(client.scheduler_info()["workers"]) == 3  # the scorer's and two decoding
     finally:
         client.shutdown()
     with pytest.raises(ParameterError, match="gpus=1"):
