@@ -23,7 +23,7 @@ import argparse
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,7 @@ def _round(
             )
             for workers in sorted({1, n_cores})
         },
-        "model": _model_sweep(stage, title, files, scratch, args, n_cores),
+        "model": _model_sweep(stage, title, files, scratch, args, n_cores, round_index),
     }
     cheapest = min(one["model"].values(), key=lambda m: m["core_s_per_audio_s"])
     baseline_dir = reference if round_index == 0 else scratch / "baseline"
@@ -239,9 +239,9 @@ def _round(
     one["corun"]["max_abs_diff_vs_baseline"] = check_chunks(
         f"{title}: co-run", scratch / "corun.npz", reference
     )
-    one["analyze"] = {}
-    for label, settings in ANALYZE_CONFIGS.items():
-        output = scratch / f"analyze-{len(one['analyze'])}"
+    analyzed: dict[str, Any] = {}
+    for label, settings in _rotated(ANALYZE_CONFIGS, round_index):
+        output = scratch / f"analyze-{len(analyzed)}"
         result = stage(
             "analyze",
             f"{title}: {label}",
@@ -254,9 +254,21 @@ def _round(
         result["max_abs_diff_vs_baseline"] = check_analyze(
             f"{title}: {label}", output, files, reference
         )
-        one["analyze"][label] = result
+        analyzed[label] = result
+    one["analyze"] = {label: analyzed[label] for label in ANALYZE_CONFIGS}
     shutil.rmtree(scratch)
     return one
+
+
+def _rotated(configurations: Mapping[str, Any], round_index: int) -> list[tuple[str, Any]]:
+    """The configurations' items, starting at the ``round_index``-th (modulo their number).
+
+    Each round runs them in another order (A B C, B C A, C A B ...), so that no configuration
+    always runs first after another stage, or always last, while the machine drifts.
+    """
+    items = list(configurations.items())
+    start = round_index % len(items) if items else 0
+    return items[start:] + items[:start]
 
 
 def _corpora_list(value: str) -> list[str]:
@@ -367,17 +379,22 @@ def _model_sweep(
     scratch: Path,
     args: argparse.Namespace,
     n_cores: int,
+    round_index: int,
 ) -> dict[str, Any]:
     """Every model configuration on the same pre-decoded audio of the corpus.
 
+    In :func:`_rotated` order (round ``round_index``), reported in :data:`MODEL_CONFIGS`' order.
     Each result gets ``cores_used`` (the intra-op pool, else every core),
     ``wall_core_s_per_audio_s = cores_used / realtime factor`` (the earlier records' cost) and
     ``saved``, its activations for :func:`benchmarks.outputs.check_chunks`.
     """
     results: dict[str, Any] = {}
-    for label, options in MODEL_CONFIGS.items():
-        if args.model_sweep == "short" and label not in SHORT_SWEEP:
-            continue
+    sweep = {
+        label: options
+        for label, options in MODEL_CONFIGS.items()
+        if args.model_sweep == "full" or label in SHORT_SWEEP
+    }
+    for label, options in _rotated(sweep, round_index):
         save = scratch / f"model-{len(results)}.npz"
         result = stage(
             "model",
@@ -391,7 +408,7 @@ def _model_sweep(
         result["cores_used"] = min(n_cores, options.get("intra_op_threads") or n_cores)
         result["wall_core_s_per_audio_s"] = result["cores_used"] / result["realtime_factor"]
         results[label] = {**options, **result, "saved": str(save)}
-    return results
+    return {label: results[label] for label in sweep}
 
 
 if __name__ == "__main__":
