@@ -447,8 +447,9 @@ class ChunkPipeline:
         self._decoded: deque[tuple[ChunkJob, Future]] = deque()
         self._load: defaultdict[str, int] = defaultdict(int)  # score tasks queued per actor
         self._open: Counter[str] = Counter()  # chunks enqueued and not yet done with, per file
-        self._score_tasks = 0  # submitted so far
-        self._decode_tasks = 0
+        # Whether a decode task and a score task were submitted, and a score task came back.
+        self._decode_sent = False
+        self._score_sent = False
         self._scored_once = False
         self.resent = 0
 
@@ -570,7 +571,7 @@ class ChunkPipeline:
         while self._todo and self.budget.admits(self._nbytes(self._todo[0])):
             # The run's first decode task holds one chunk, as its first score task does.
             most = (
-                short_chunks(self._todo, most_frames=self.group_frames) if self._decode_tasks else 1
+                short_chunks(self._todo, most_frames=self.group_frames) if self._decode_sent else 1
             )
             jobs = [self._todo.popleft()]
             self.budget.take(self._nbytes(jobs[0]))
@@ -585,14 +586,14 @@ class ChunkPipeline:
                 break
             # The run's first score task holds one chunk: a folder of short recordings has its
             # first partitions written while TensorFlow warms up, not after 16 files.
-            most_frames = self.group_frames if self._score_tasks else 1
+            most_frames = self.group_frames if self._score_sent else 1
             address, group = next_group(self._decoded, free, held, most_frames=most_frames)
             for item in group:
                 self._decoded.remove(item)
             self._score(address, group)
 
     def _decode(self, jobs: list[ChunkJob]) -> None:
-        self._decode_tasks += 1
+        self._decode_sent = True
         future: Future
         if len(jobs) > 1:
             for slot, job in enumerate(jobs):
@@ -658,7 +659,7 @@ class ChunkPipeline:
             pure=False,
         )
         self._load[address] += 1
-        self._score_tasks += 1
+        self._score_sent = True
         self._track(future, functools.partial(self._scored, address, group))
 
     # -- completion --------------------------------------------------------------------------
