@@ -568,13 +568,13 @@ class ChunkPipeline:
                     head, nbytes=self._nbytes(head), most_frames=self.group_frames
                 ),
             )
-        while self._todo and self.budget.admits(self._nbytes(self._todo[0])):
+        while self._todo and self.budget.admits(nbytes := self._nbytes(self._todo[0])):
             # The run's first decode task holds one chunk, as its first score task does.
             most = (
                 short_chunks(self._todo, most_frames=self.group_frames) if self._decode_sent else 1
             )
             jobs = [self._todo.popleft()]
-            self.budget.take(self._nbytes(jobs[0]))
+            self.budget.take(nbytes)
             while len(jobs) < most and self.budget.admits(nbytes := self._nbytes(self._todo[0])):
                 jobs.append(self._todo.popleft())
                 self.budget.take(nbytes)

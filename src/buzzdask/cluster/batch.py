@@ -362,7 +362,7 @@ def run_in_job(
     }
     if os.environ.get("TMPDIR"):
         worker_options["local_directory"] = os.environ["TMPDIR"]
-    if 0 <= gpu_index < gpus or (gpu_index >= 0 and not gpus):
+    if gpu_index >= 0 and (gpu_index < gpus or not gpus):
         # It holds a scorer (without GPUs, every worker does): TensorFlow's import starts now.
         worker_options["preload"] = [SCORER_PRELOAD[1]]
     if 0 <= gpu_index < gpus:
