@@ -1,6 +1,7 @@
 """Decoding reproduces buzzdetect's preprocessing, and chunked decodes equal the whole file."""
 
 import subprocess
+import tracemalloc
 from collections import deque
 from pathlib import Path
 
@@ -178,6 +179,28 @@ def test_plain_wavs_decode_in_process_to_ffmpegs_bits(
         )
         frames += chunk.n_frames
     assert frames == frame_spec.n_complete_frames(len(whole))
+
+
+def test_a_wav_chunk_never_holds_its_input_whole(tmp_path: Path) -> None:
+    """A high-rate WAV's input goes to the resampler block by block: memory is the output's.
+
+    Twenty seconds of 192 kHz stereo (a bat detector's): 15 MB of samples, 31 MB as floats,
+    1.3 MB of output; reading it whole, as before, allocated those 46 MB at once.
+    """
+    path = _generated_wav(
+        tmp_path / "bat.wav", codec="pcm_s16le", channels=2, rate=192000, n_samples=20 * 192000
+    )
+    info = probe_audio(path)
+    (plan,) = plan_chunks(info, spec(), frames_per_chunk=100)
+    tracemalloc.start()
+    try:
+        chunk = decode_chunk(info, plan, spec=spec(), ffmpeg_cmd="/no/such/ffmpeg")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert chunk.n_frames == 20
+    input_floats = 20 * 192000 * 2 * 4
+    assert peak < 4 * chunk.samples.nbytes + 2**20 < input_floats / 4
 
 
 def test_a_wav_cut_short_decodes_what_it_holds_as_ffmpeg_does(tmp_path: Path) -> None:

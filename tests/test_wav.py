@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from buzzdask.decode import _ffprobe_stream, probe_audio
 from buzzdask.ffmpeg_tools import find_ffmpeg
-from buzzdask.wav import read_wav_header
+from buzzdask.wav import iter_wav_samples, read_wav_header
 from tests.conftest import requires_ffmpeg
 
 pytestmark = requires_ffmpeg
@@ -65,6 +66,45 @@ def test_a_wav_cut_short_has_its_real_length(tmp_path: Path) -> None:
     path.write_bytes(whole[: len(whole) - 2 * 1000])  # 1,000 samples lost off the end
     header = read_wav_header(path)
     assert header is not None and header.n_samples == N_SAMPLES - 1000
+
+
+def _ffmpeg_floats(path: Path, channels: int) -> np.ndarray:
+    """ffmpeg's own float32 samples of ``path`` (``aformat=sample_fmts=flt``), interleaved."""
+    pcm = subprocess.run(
+        [
+            *("ffmpeg", "-v", "error", "-i", str(path), "-af", "aformat=sample_fmts=flt"),
+            *("-f", "f32le", "-c:a", "pcm_f32le", "-"),
+        ],
+        check=True,
+        capture_output=True,
+    ).stdout
+    return np.frombuffer(pcm, np.float32).reshape(-1, channels)
+
+
+@pytest.mark.parametrize(
+    ("codec", "channels", "cut_bytes"),
+    [("pcm_s24le", 2, 0), ("pcm_u8", 1, 0), ("pcm_s16le", 2, 4001), ("pcm_f64le", 1, 0)],
+)
+@pytest.mark.parametrize("block_samples", [1, 1000, 1 << 16])
+def test_samples_in_blocks_are_ffmpegs_floats(
+    tmp_path: Path, codec: str, channels: int, cut_bytes: int, block_samples: int
+) -> None:
+    """Blocks of any size join into ffmpeg's float samples, to the bit, a file cut short too."""
+    path = _ffmpeg_wav(tmp_path / "a.wav", "-c:a", codec, channels=channels)
+    if cut_bytes:  # the recorder stopped mid-sample
+        path.write_bytes(path.read_bytes()[:-cut_bytes])
+    header = read_wav_header(path)
+    assert header is not None
+    expected = _ffmpeg_floats(path, channels)
+    start, stop = 12345, 3 * 48000 + 7
+    blocks = list(
+        iter_wav_samples(path, header, start=start, stop=stop, block_samples=block_samples)
+    )
+    assert all(1 <= len(b) <= block_samples and b.dtype == np.float32 for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), expected[start:stop])
+    whole = np.concatenate(list(iter_wav_samples(path, header, block_samples=block_samples)))
+    np.testing.assert_array_equal(whole, expected)
+    assert list(iter_wav_samples(path, header, start=len(expected) + 5)) == []  # past the end
 
 
 @pytest.mark.parametrize(

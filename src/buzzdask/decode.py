@@ -9,7 +9,7 @@ the **mean** of the channels, then **soxr** resampling to the embedder's rate, a
 ``ffmpeg -ac 1 -ar 16000`` is not that (it mixes stereo to (L+R)/sqrt(2) and resamples otherwise).
 ffmpeg does it with the filter chain of :func:`preprocess_filters`. A plain PCM WAV of one or two
 channels (what field recorders write) is decoded in process instead: its samples read with
-:func:`buzzdask.wav.read_wav_samples`, their mean, then the same libsoxr through the ``soxr``
+:func:`buzzdask.wav.iter_wav_samples`, their mean, then the same libsoxr through the ``soxr``
 package. The result is the same, bit for bit (tested), without an ffmpeg process per chunk.
 
 A chunk is decoded with margins on both sides (the decoder and the resampler need them to settle)
@@ -49,7 +49,7 @@ from buzzdask import pcm_cache
 from buzzdask.errors import DecodeError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
-from buzzdask.wav import WavHeader, read_wav_header, read_wav_samples
+from buzzdask.wav import WavHeader, iter_wav_samples, read_wav_header
 
 __all__ = [
     "PREPROCESSING",
@@ -571,23 +571,33 @@ def _decode_wav(
     """The preprocessing chain, in process: samples ``start`` to ``stop`` at ``sample_rate``.
 
     ``start`` lies on the input's sample grid (:func:`decode_chunk` sees to it); ``stop=None``
-    runs to the end of the file, where soxr's last output sample is ffmpeg's.
+    runs to the end of the file, where soxr's last output sample is ffmpeg's. The file's blocks
+    go through one soxr stream (:func:`~buzzdask.wav.iter_wav_samples`), whose output is a
+    whole-array ``soxr.resample``'s to the bit, so only the output is ever held whole.
     """
     in_rate = header.sample_rate
+    resampler = (
+        None
+        if in_rate == sample_rate
+        else soxr.ResampleStream(in_rate, sample_rate, 1, dtype="float32", quality="HQ")
+    )
+    pieces: list[np.ndarray] = []
     try:
-        channels = read_wav_samples(
+        for block in iter_wav_samples(
             info.path,
             header,
             start=start * in_rate // sample_rate,
             stop=None if stop is None else -(-stop * in_rate // sample_rate),
-        )
+        ):
+            # The mean of two float32 channels is pan's 0.5*c0+0.5*c1 to the bit (halving is
+            # exact).
+            mono = block[:, 0] if header.channels == 1 else block.mean(axis=1, dtype=np.float32)
+            pieces.append(mono if resampler is None else resampler.resample_chunk(mono))
     except OSError as error:
         raise DecodeError(info.path, f"cannot read the file: {error.strerror}") from None
-    # The mean of two float32 channels is pan's 0.5*c0+0.5*c1 to the bit (halving is exact).
-    mono = channels[:, 0] if header.channels == 1 else channels.mean(axis=1, dtype=np.float32)
-    if in_rate == sample_rate or len(mono) == 0:
-        return np.ascontiguousarray(mono)
-    return np.asarray(soxr.resample(mono, in_rate, sample_rate, quality="HQ"), dtype=np.float32)
+    if resampler is not None and pieces:
+        pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+    return np.concatenate(pieces, dtype=np.float32) if pieces else np.zeros(0, np.float32)
 
 
 def _chunk_of(
