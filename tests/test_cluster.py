@@ -114,6 +114,10 @@ def test_osc_job_scripts(name):
     assert "--gpus-per-node" not in cpu and "--resources" not in cpu
     # The scorers' workers start importing TensorFlow as they start; the decoders never do.
     assert "--preload buzzdask.preload" in gpu and "--preload" not in cpu
+    # Without GPU workers the CPU workers are the scorers', and no GPU job is submitted.
+    (cpu_only,) = job_scripts(name, account="PAS1234", walltime="02:00:00", gpus=0).values()
+    assert "--preload buzzdask.preload" in cpu_only
+    assert cpu_only.replace(" --preload buzzdask.preload", "") == cpu
     # TensorFlow's CUDA comes with the [gpu] extra in the workers' Python, not from a module.
     assert "module load cuda" not in gpu
     assert "#SBATCH --mem=" in cpu and "#SBATCH --cpus-per-task=" in cpu
@@ -198,11 +202,17 @@ def test_unknown_configuration_names_the_available_ones():
 
 
 def test_print_job_script_submits_nothing(capsys):
-    code = cluster_main(["--config", "osc-pitzer", "--account", "PAS1234", "--print-job-script"])
+    pitzer = ["--config", "osc-pitzer", "--account", "PAS1234", "--print-job-script"]
+    assert cluster_main([*pitzer, "--gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert code == 0
     assert "# ---- cpu worker job ----" in out and "# ---- gpu worker job ----" in out
     assert out.count("#SBATCH -A PAS1234") == 2
+    assert out.count("--preload buzzdask.preload") == 1  # the GPU job's scorer
+    # Without GPU workers (the configuration's default) the CPU jobs are all there is, and
+    # they hold the scorers: as submitted, with TensorFlow preloaded.
+    assert cluster_main(pitzer) == 0
+    out = capsys.readouterr().out
+    assert "# ---- gpu worker job ----" not in out and "--preload buzzdask.preload" in out
 
 
 def test_command_line_checks_analyze_options_before_submitting(capsys):
@@ -336,7 +346,7 @@ def test_osc_configuration_without_account_fails_before_any_job(name, capsys):
 
 
 def test_osc_job_scripts_without_account_show_a_placeholder(capsys):
-    assert cluster_main(["--config", "osc-ascend", "--print-job-script"]) == 0
+    assert cluster_main(["--config", "osc-ascend", "--gpus", "1", "--print-job-script"]) == 0
     out, err = capsys.readouterr()
     assert out.count("#SBATCH -A <PROJECT>") == 2
     assert "submitting them needs --account" in err

@@ -125,23 +125,29 @@ def start(
     return Client(slurm)
 
 
-def job_scripts(name: str | os.PathLike[str], **job_options: Any) -> dict[str, str]:
+def job_scripts(
+    name: str | os.PathLike[str], *, gpus: int | None = None, **job_options: Any
+) -> dict[str, str]:
     """The batch scripts :func:`start` would submit, without submitting or starting anything.
 
     Parameters
     ----------
     name : str or path-like
         A SLURM configuration (see :func:`start`).
+    gpus : int >= 0, optional
+        GPU workers of the run. 0: the CPU worker job alone, which then holds the scorers and
+        preloads TensorFlow, as ``start(gpus=0)`` submits it. Default: both jobs, as a run
+        with GPU workers submits them.
     **job_options
         The fields of :class:`JobOptions` (``account``, ``walltime``, ``queue``...).
 
     Returns
     -------
     dict
-        ``{"cpu": script, "gpu": script}``. Where the configuration requires an account and
-        none is given, the scripts show ``-A <PROJECT>``: they are for reading (:func:`start`
-        refuses to submit without one), and sbatch would refuse that line rather than charge a
-        default project.
+        ``{"cpu": script, "gpu": script}`` (``"cpu"`` alone with ``gpus=0``). Where the
+        configuration requires an account and none is given, the scripts show
+        ``-A <PROJECT>``: they are for reading (:func:`start` refuses to submit without one),
+        and sbatch would refuse that line rather than charge a default project.
 
     Raises
     ------
@@ -153,15 +159,15 @@ def job_scripts(name: str | os.PathLike[str], **job_options: Any) -> dict[str, s
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
     _refuse_whole_node(entry)
-    kinds: tuple[JobKind, ...] = ("cpu", "gpu")
+    kinds: tuple[JobKind, ...] = ("cpu",) if gpus == 0 else ("cpu", "gpu")
     scripts: dict[str, str] = {}
     for kind in kinds:
         overrides = options.overrides(kind)
         if options.missing_accounts(entry, (kind,)):
             overrides["account"] = ACCOUNT_PLACEHOLDER
-        if kind == "gpu":  # as BuzzdaskSLURMCluster submits them
+        if kind == "gpu" or gpus == 0:  # the scorers' jobs, as start submits them
             overrides["worker_extra_args"] = scorer_worker_args(
-                entry["gpu-config"], overrides.get("worker_extra_args")
+                entry[f"{kind}-config"], overrides.get("worker_extra_args")
             )
         scripts[kind] = job_script(entry[f"{kind}-config"], **overrides)
     return scripts

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(script, end="")
         return EXIT_OK
     if args.print_job_script:
-        scripts = job_scripts(args.config, **options)
+        scripts = job_scripts(args.config, gpus=gpus, **options)
         for kind, script in scripts.items():
             print(f"# ---- {kind} worker job ----\n{script}")
         if any(f"-A {ACCOUNT_PLACEHOLDER}" in script for script in scripts.values()):
