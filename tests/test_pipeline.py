@@ -113,12 +113,12 @@ def test_useful_bytes_a_chunk_per_decode_thread_and_a_group_per_queued_score_tas
         decode_threads=2, scorers=1, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=group
     )
     assert one_worker == 2 * chunk + 2 * group
-    # Until a scorer has scored: only what the decode threads hold (TensorFlow starts alone).
+    # Each scorer more queues its own score tasks.
     assert (
         useful_bytes(
-            decode_threads=2, scorers=0, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=group
+            decode_threads=8, scorers=4, tasks_per_scorer=2, chunk_bytes=chunk, group_bytes=group
         )
-        == 2 * chunk
+        == 8 * chunk + 4 * 2 * group
     )
 
 

@@ -209,8 +209,6 @@ def useful_bytes(
     A chunk per decode thread (the next group forms from them), and per scorer its queued score
     tasks (a group each, :func:`group_bytes`). One local worker of two threads, 10-minute
     chunks: about 150 MB, where a 1 GiB budget let decoding run 0.8 GB ahead of the scorer.
-    ``scorers=0`` (none has scored yet): decoding further ahead would only slow TensorFlow's
-    start and the first partition.
     """
     return decode_threads * chunk_bytes + scorers * tasks_per_scorer * group_bytes
 
@@ -447,10 +445,9 @@ class ChunkPipeline:
         self._decoded: deque[tuple[ChunkJob, Future]] = deque()
         self._load: defaultdict[str, int] = defaultdict(int)  # score tasks queued per actor
         self._open: Counter[str] = Counter()  # chunks enqueued and not yet done with, per file
-        # Whether a decode task and a score task were submitted, and a score task came back.
+        # Whether a decode task and a score task were submitted.
         self._decode_sent = False
         self._score_sent = False
-        self._scored_once = False
         self.resent = 0
 
     @classmethod
@@ -561,7 +558,9 @@ class ChunkPipeline:
             head = self._todo[0]
             self.budget.useful_bytes = useful_bytes(
                 decode_threads=self.pool.decode_threads,
-                scorers=len(self.pool.scorers) if self._scored_once else 0,
+                # One scorer's queue at least while the first loads: decoding fills the core
+                # that TensorFlow's import leaves idle, and the first score tasks wait for none.
+                scorers=max(1, len(self.pool.scorers)),
                 tasks_per_scorer=self.tasks_per_scorer,
                 chunk_bytes=self.budget.chunk_bytes,
                 group_bytes=group_bytes(
@@ -705,7 +704,6 @@ class ChunkPipeline:
 
     def _scored(self, address: str, group: list[tuple[ChunkJob, Future]], future: Future) -> None:
         self._load[address] -= 1
-        self._scored_once = True
         results = outcome(future)
         if not isinstance(results, BaseException):
             self.budget.release(sum(self._nbytes(job) for job, _ in group))
