@@ -17,6 +17,7 @@ import pytest
 
 from buzzdask.decode import DecodedChunk
 from buzzdask.frames import FrameSpec
+from buzzdask.score import MIN_CALL_PATCHES
 from tests.conftest import CLASSES, field_like
 
 SPEC = FrameSpec.from_seconds(
@@ -117,6 +118,24 @@ def test_thread_pools_leave_activations_unchanged(
     _assert_equal(tuned, default_activations)
 
 
+def _imports_tensorflow_hub(embedder: str, head: str) -> bool:
+    """Whether starting a scorer imported ``tensorflow_hub`` (module level: picklable)."""
+    import sys
+
+    _scorer(embedder, head)
+    return "tensorflow_hub" in sys.modules
+
+
+def test_a_scorer_starts_without_tensorflow_hub(tiny_embedder: Path, tiny_model: Path) -> None:
+    # Workers get the embedder as a local directory; the hub's import (0.2-0.5 s) would delay
+    # every run's first results. A fresh process: this one may have imported it already.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        assert not pool.submit(
+            _imports_tensorflow_hub, str(tiny_embedder), str(tiny_model)
+        ).result()
+
+
 def _score_sharing_cores(
     embedder: str, head: str
 ) -> tuple[list[np.ndarray], tuple[int, int], bool]:
@@ -212,6 +231,19 @@ def test_embedder_calls_run_side_by_side_on_a_cpu(
     assert len(threads) == 2 and all(name.startswith("buzzdask-embed") for name in threads)
     assert scorer.stats()["embedder_calls"] == 2
     _assert_equal(activations, default_activations)
+
+
+@pytest.mark.parametrize("n_frames", [31, 626])
+def test_a_chunk_takes_one_embedder_call_per_core_at_most(
+    tiny_embedder: Path, tiny_model: Path, n_frames: int
+) -> None:
+    """A 10-minute chunk (626 frames) is split evenly between the parallel calls, nothing left
+    over for a call of its own; a 30-second file (31 frames) goes in one call."""
+    scorer = _scorer(str(tiny_embedder), str(tiny_model))
+    samples = field_like(SPEC.span(n_frames), SPEC.sample_rate, seed=5)[:, 0].astype(np.float32)
+    scorer.score([DecodedChunk(samples=samples, first_frame=0, n_frames=n_frames)])
+    expected = 1 if n_frames < 2 * MIN_CALL_PATCHES else scorer.parallel_calls
+    assert scorer.stats()["embedder_calls"] == expected
 
 
 @pytest.mark.filterwarnings("ignore:TensorFlow's threads are already fixed")  # this process's

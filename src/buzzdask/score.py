@@ -117,7 +117,8 @@ class Scorer:
         several heads that score the same embeddings (their activations side by side, in this
         order). ``None``: no head; the actor only gives embeddings (:meth:`embed`, training).
     embedder_handle : str or None
-        ``tensorflow_hub.load`` handle of the embedder (waveform -> scores, embeddings, ...).
+        Local SavedModel directory of the embedder (waveform -> scores, embeddings, ...),
+        as :func:`~buzzdask.models.resolve_embedder` gives it.
         ``None``: no embedder; the heads score stored embeddings only (a re-scoring).
     spec : FrameSpec
         Frame geometry; the hop may differ from the embedder's own patch hop.
@@ -417,8 +418,11 @@ class Scorer:
         if self._stride is None:
             run_frames = 1
         else:
-            # Largest run whose padded waveform fits one call.
-            run_frames = max(1, (call_patches * self.native_hop - spec.window) // spec.hop_length)
+            # Largest run whose padded waveform fits one call: the n with
+            # window + (n - 1) * hop <= call_patches * native_hop.
+            run_frames = max(
+                1, (call_patches * self.native_hop - spec.window) // spec.hop_length + 1
+            )
         runs = []
         for index, chunk in enumerate(chunks):
             for first in range(0, chunk.n_frames, run_frames):
