@@ -344,8 +344,7 @@ class Scorer:
             raise ModelError(
                 "this scorer has no embedder (started to re-score stored embeddings only)"
             )
-        call_patches = self._call_patches(chunks)
-        batches = list(self._batches(self._runs(chunks, call_patches), call_patches))
+        batches = self._call_batches(chunks)
         embedded = (
             self._calls_pool.map(self._embedded_runs, batches)
             if self._calls_pool is not None and len(batches) > 1
@@ -365,18 +364,27 @@ class Scorer:
             )
         return results
 
-    def _call_patches(self, chunks: list[DecodedChunk]) -> int:
-        """Most patches per embedder call.
+    def _call_batches(self, chunks: list[DecodedChunk]) -> list[list[_FrameRun]]:
+        """The task's frames in runs, and the runs in embedder calls (batches).
 
-        ``batch_frames``; with parallel calls, an even share of the task's patches, so that all
-        of them are busy, each call given at most ``batch_frames``.
+        A call holds at most ``batch_frames`` patches. With parallel calls, the task's patches
+        are shared evenly between a multiple of ``parallel_calls`` calls, so that all of them
+        are busy; a chunk cut into runs pads each run on its own, so the calls grow, patch by
+        patch, until the runs fit that many (a 10-minute chunk on two cores: 313 + 313 frames,
+        not a third call for what is left over).
         """
-        if self._calls_pool is None:
-            return self.batch_frames
-        patches = sum(self._padded_length(chunk.n_frames) // self.native_hop for chunk in chunks)
-        batches = -(-patches // self.batch_frames)
-        calls = -(-batches // self.parallel_calls) * self.parallel_calls
-        return min(self.batch_frames, max(MIN_CALL_PATCHES, -(-patches // calls)))
+        call_patches = self.batch_frames
+        calls = 0
+        if self._calls_pool is not None:
+            patches = sum(self._padded_length(c.n_frames) // self.native_hop for c in chunks)
+            batches = -(-patches // self.batch_frames)
+            calls = -(-batches // self.parallel_calls) * self.parallel_calls
+            call_patches = min(self.batch_frames, max(MIN_CALL_PATCHES, -(-patches // calls)))
+        while True:
+            planned = list(self._batches(self._runs(chunks, call_patches), call_patches))
+            if len(planned) <= calls or call_patches >= self.batch_frames:
+                return planned
+            call_patches += 1
 
     def _batches(self, runs: list[_FrameRun], call_patches: int) -> Iterator[list[_FrameRun]]:
         """Consecutive ``runs`` packed into batches of at most ``call_patches`` patches."""
