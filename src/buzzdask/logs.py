@@ -54,6 +54,9 @@ _ENVIRONMENT = {
 # Python loggers of the libraries buzzdask runs, by verbosity.
 _THIRD_PARTY = ("distributed", "absl", "tensorflow", "h5py", "bokeh", "tornado")
 _THIRD_PARTY_LEVEL = (logging.ERROR, logging.WARNING, logging.INFO)
+# Loggers at ERROR below --debug: their warnings ask nothing of a user. bokeh's says that Dask's
+# dashboard takes connections from any host, which is how Dask configures it.
+_UNACTIONABLE = ("bokeh.server.util",)
 _BUZZDASK_LEVEL = (logging.WARNING, logging.INFO, logging.DEBUG)
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s%(where)s: %(message)s"
 
@@ -75,6 +78,8 @@ def quiet_environment(verbosity: int | None = None) -> None:
         os.environ.setdefault(name, values[verbosity])
     for name in _THIRD_PARTY:
         logging.getLogger(name).setLevel(_THIRD_PARTY_LEVEL[verbosity])
+    for name in _UNACTIONABLE:
+        logging.getLogger(name).setLevel(logging.ERROR if verbosity < 2 else logging.NOTSET)
 
 
 def configure_console(verbosity: int) -> None:
