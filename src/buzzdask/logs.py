@@ -4,7 +4,8 @@ Verbosity, the same in every process (client, local and SLURM workers):
 
 - 0 (default): the console shows buzzdask's warnings and errors; TensorFlow's C++ log, absl,
   gRPC and Dask's own loggers show errors at most (TensorFlow's C++ nothing below FATAL).
-- 1 (``-v``): also buzzdask's per-chunk lines, and the others' warnings (Dask's nannies).
+- 1 (``-v``): also buzzdask's per-chunk lines, and the others' warnings (Dask's nannies),
+  but for warnings that ask nothing of a user (bokeh's about the dashboard's hosts).
 - 2 (``--debug``): everything, at INFO and below.
 
 Below 2, the workers of a LocalCluster in this process send their stderr (TensorFlow's C++ lines
