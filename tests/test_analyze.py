@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dask.dataframe as dd
@@ -343,6 +344,79 @@ def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim, cpu_
         assert summary["scorers_lost"] == 1
         assert summary["scorer_restarts"] in (0, 1)
         assert target not in {s["worker"] for s in summary["scorers"]}
+    _assert_same_frames(result, reference)
+
+
+def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_path):
+    """SIGKILL the worker of the only scorer while the scorer is still loading (before any
+    chunk could be scored): the run starts one on a live worker and finishes, every frame
+    exactly once, instead of waiting for the dead worker."""
+    import signal
+    import threading
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    audio, options, reference = kill_corpus
+    with (
+        dask.config.set({"buzzdask.cpu-scorer-workers": 1}),
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        # The one scorer goes to the first worker in address order.
+        target = sorted(client.scheduler_info()["workers"])[0]
+        pid = client.run(os.getpid, workers=[target])[target]
+        killed = threading.Event()
+
+        def kill_while_loading() -> None:
+            while not killed.is_set():
+                keys = client.processing(workers=[target]).get(target, [])
+                if any(key.startswith("scorer-") for key in keys):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_while_loading, daemon=True)
+        killer.start()
+        result = buzzdask.analyze(
+            audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
+        )
+        killed.set()
+        killer.join()
+    assert result.ok, result.errors
+    summary = result.summary
+    assert (summary["scorers_lost"], summary["scorer_restarts"]) == (1, 1)
+    assert target not in {s["worker"] for s in summary["scorers"]}
+    _assert_same_frames(result, reference)
+
+
+def test_scorer_meant_for_a_paused_worker_starts_on_a_running_one(kill_corpus, tmp_path):
+    """A worker paused (its memory full) when its scorer is submitted: Dask runs the actor's
+    task elsewhere, where it refuses to load (no score task would reach it there), and the
+    run starts the scorer on a running worker and finishes."""
+    import dask
+    from distributed import Client, LocalCluster
+    from distributed.core import Status
+
+    def pause(dask_worker) -> None:
+        dask_worker.memory_manager.memory_pause_fraction = False  # or its monitor resumes it
+        dask_worker.status = Status.paused
+
+    audio, options, reference = kill_corpus
+    with (
+        dask.config.set({"buzzdask.cpu-scorer-workers": 1}),
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        # The one scorer goes to the first worker in address order.
+        paused, running = sorted(client.scheduler_info()["workers"])
+        client.run(pause, workers=[paused])
+        while client.scheduler_info()["workers"][paused]["status"] != "paused":
+            time.sleep(0.01)
+        result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
+    assert result.ok, result.errors
+    assert [s["worker"] for s in result.summary["scorers"]] == [running]
     _assert_same_frames(result, reference)
 
 

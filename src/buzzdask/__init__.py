@@ -20,6 +20,7 @@ from buzzdask.errors import (
     OutputFullError,
     ParameterError,
     ScorerError,
+    ScorerMisplacedError,
     TransferError,
 )
 from buzzdask.exports import ExportResult, export
@@ -82,6 +83,7 @@ __all__ = [
     "OutputFullError",
     "ParameterError",
     "ScorerError",
+    "ScorerMisplacedError",
     "TransferError",
     "__version__",
 ]

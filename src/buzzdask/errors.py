@@ -19,6 +19,7 @@ __all__ = [
     "OutputFullError",
     "ParameterError",
     "ScorerError",
+    "ScorerMisplacedError",
     "TransferError",
 ]
 
@@ -56,6 +57,13 @@ class OutputFullError(BuzzdaskError, OSError):
 
 class ScorerError(BuzzdaskError, RuntimeError):
     """The scorer actor could not be created or kept alive."""
+
+
+class ScorerMisplacedError(ScorerError):
+    """A scorer's task reached a worker other than its own, which had left or was paused.
+
+    buzzdask then starts a scorer elsewhere; it reaches a user only through a log line.
+    """
 
 
 class ClusterError(BuzzdaskError, RuntimeError):

@@ -534,7 +534,8 @@ class ChunkPipeline:
 
     def _actor_up(self, address: str, future: Future) -> None:
         if address in self.pool.starting:  # not already given up on by a replacement
-            self.pool.started(address)
+            # One submitted in its place if its worker left while it loaded.
+            self._track_actors(self.pool.started(address))
 
     def _a_group_waits(self) -> bool:
         """Whether chunks of a whole score task (``group_frames``) wait for a free scorer."""

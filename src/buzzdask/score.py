@@ -24,7 +24,7 @@ import numpy as np
 from distributed import Client, Future, get_worker, secede
 
 from buzzdask.decode import DecodedChunk
-from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError
+from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError, ScorerMisplacedError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import head_weights, load_embedder, load_head
 from buzzdask.store import EmbeddingStore, StoredChunk
@@ -138,12 +138,16 @@ class Scorer:
         GPUs the worker declares (its Dask resource ``GPU``): TensorFlow must see exactly these,
         checked before the model loads. 0: none is required (TensorFlow uses what it sees).
     worker : str
-        The worker's address, for messages.
+        The address of the worker it is meant for, also named in messages. Built on another
+        (Dask ran its task elsewhere: that worker had left or was paused), it refuses: no
+        score task would reach it there.
 
     Raises
     ------
     ScorerError
         If the worker declares GPUs and TensorFlow does not see exactly that many.
+    ScorerMisplacedError
+        If it is built on a worker other than ``worker``.
     ModelError
         If the embedder's output size does not match a head's input, or a head's output
         does not match its class list.
@@ -171,6 +175,12 @@ class Scorer:
         gpus: int = 0,
         worker: str = "",
     ) -> None:
+        try:
+            here = get_worker().address
+        except ValueError:  # built outside a worker: a notebook, a benchmark
+            here = worker
+        if worker and here != worker:
+            raise ScorerMisplacedError(f"the scorer meant for {worker} reached {here}")
         head_paths = (head_path,) if isinstance(head_path, str) else tuple(head_path or ())
         classes = (n_classes,) if isinstance(n_classes, int) else tuple(n_classes)
         classes = classes if head_paths else ()
@@ -577,7 +587,9 @@ def submit_scorer(client: Client, address: str, *, key: str, **options: Any) -> 
         **options,
         actor=True,
         workers=[address],
-        allow_other_workers=False,
+        # Loose: if that worker dies while the model loads, the task fails on another
+        # (Scorer stays where it was meant to be) instead of waiting forever for the dead one.
+        allow_other_workers=True,
         key=key,
     )
 

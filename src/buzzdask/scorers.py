@@ -16,7 +16,7 @@ from typing import Any
 
 from distributed import Client, Future, wait
 
-from buzzdask.errors import BuzzdaskError, ScorerError
+from buzzdask.errors import BuzzdaskError, ScorerError, ScorerMisplacedError
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
 from buzzdask.score import submit_scorer
@@ -83,6 +83,11 @@ def decode_workers(
         if (worker.get("nthreads", 1) > score_slots if has_gpu(worker) else address not in scorers)
     )
     return decoders or None
+
+
+def _running(worker: Mapping[str, Any]) -> bool:
+    """Whether a worker (as the scheduler describes it) takes tasks: not paused, not closing."""
+    return worker.get("status", "running") == "running"
 
 
 class ScorerPool:
@@ -263,8 +268,15 @@ class ScorerPool:
         """GPUs TensorFlow must see in an actor on ``worker`` (0: no check)."""
         return int(worker.get("resources", {}).get("GPU", 0)) if self.check_gpus else 0
 
-    def started(self, address: str) -> None:
+    def started(self, address: str) -> dict[str, Future]:
         """The actor submitted on ``address`` is up; or it failed, and others go on if any.
+
+        Returns
+        -------
+        dict of str -> Future
+            An actor submitted in place of this one if its worker left while it loaded and
+            it was the last (SIGKILL, a SLURM job ended): the caller waits on it as on any
+            other, and calls this again once it is done. Empty otherwise.
 
         Raises
         ------
@@ -276,14 +288,18 @@ class ScorerPool:
         future = self.starting.pop(address)
         try:
             actor = future.result()
-        except BuzzdaskError:
-            raise
         except Exception as error:
+            if isinstance(error, ScorerMisplacedError):
+                # Its worker left (or paused) before it was up: the task ran on another one.
+                self._forget(address)
+                return self._go_on_without(address)
             self._actor_futures.pop(address, None)
+            if isinstance(error, BuzzdaskError):
+                raise
             if not (self.scorers or self.starting):
                 raise ScorerError(f"could not start the scorer on {address}: {error}") from error
             logger.warning("no scorer on %s (%s): the others go on", address, error)
-            return
+            return {}
         self.scorers[address] = actor
         if self._on_ready is not None:
             ready, self._on_ready = self._on_ready, None
@@ -291,6 +307,7 @@ class ScorerPool:
         if self.tensorflow_version == "unknown":
             versions = self.client.run(tensorflow_version, workers=[address])
             self.tensorflow_version = str(versions.popitem()[1])
+        return {}
 
     # -- placement ---------------------------------------------------------------------------
     def _live_workers(self) -> dict[str, Any]:
@@ -351,24 +368,35 @@ class ScorerPool:
             If no suitable worker arrives within ``restart_seconds``.
         """
         self._forget(address)
+        futures = self._go_on_without(address)
+        # Waited for: chunks are re-sent to it as soon as this returns.
+        while futures:
+            ((host, future),) = futures.items()
+            wait(future)
+            futures = self.started(host)
+
+    def _go_on_without(self, address: str) -> dict[str, Future]:
+        """The actor submitted in place of the lost one on ``address`` if it was the last."""
         if self.scorers or self.starting:
             others = len(self.scorers) + len(self.starting)
             logger.warning("scorer on %s was lost: %d other scorer(s) go on", address, others)
             self._update_decode_workers(self._live_workers())
-            return
+            return {}
         workers, host = self._wait_for_replacement(address)
         logger.warning("scorer on %s was lost: restarting it on %s", address, host)
-        wait(self._submit([host], workers)[host])
-        self.started(host)
         self.restarts += 1
+        futures = self._submit([host], workers)
         self._update_decode_workers(workers)
+        return futures
 
     def _wait_for_replacement(self, address: str) -> tuple[dict[str, Any], str]:
         """Live workers and the one to restart the lost scorer on (waits for one to arrive)."""
         deadline = time.monotonic() + self.restart_seconds
         while True:
             workers = self._live_workers()
-            candidates = sorted(a for a, w in workers.items() if not self.gpu or has_gpu(w))
+            candidates = sorted(
+                a for a, w in workers.items() if _running(w) and (not self.gpu or has_gpu(w))
+            )
             if candidates:
                 # Prefer a worker that decodes nothing yet, so decoding keeps its workers.
                 return workers, candidates[-1]
@@ -420,7 +448,8 @@ class ScorerPool:
     def _joined(self, workers: Mapping[str, Any]) -> list[str]:
         """Workers without an actor that should get one."""
         taken = {*self.scorers, *self.starting, *self.deferred}
-        free = [a for a in sorted(workers) if a not in taken]
+        # Not a paused worker (its memory is full): Dask would run the actor's task elsewhere.
+        free = [a for a in sorted(workers) if a not in taken and _running(workers[a])]
         if self.gpu:
             return [a for a in free if has_gpu(workers[a])]
         limit = self.cpu_scorer_workers
