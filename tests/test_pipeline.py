@@ -25,6 +25,7 @@ from buzzdask.pipeline import (
     chunk_label,
     chunk_nbytes,
     decode_several,
+    decode_slots,
     free_scorers,
     group_bytes,
     next_group,
@@ -120,6 +121,15 @@ def test_useful_bytes_a_chunk_per_decode_thread_and_a_group_per_queued_score_tas
         )
         == 8 * chunk + 4 * 2 * group
     )
+
+
+def test_decode_slots_leave_the_first_score_task_its_thread_and_then_the_cores():
+    # The local worker: two threads, one loading the scorer: one decode at a time, none queued.
+    assert decode_slots(decode_threads=2, loading=1, first_score_out=False) == 1
+    assert decode_slots(decode_threads=1, loading=1, first_score_out=False) == 0
+    # The first score task out: nothing more until it is back; then what the budget admits.
+    assert decode_slots(decode_threads=2, loading=0, first_score_out=True) == 0
+    assert decode_slots(decode_threads=2, loading=0, first_score_out=False) is None
 
 
 def test_group_bytes_as_many_chunks_as_fill_a_score_task():

@@ -45,6 +45,7 @@ __all__ = [
     "chunk_label",
     "chunk_nbytes",
     "decode_several",
+    "decode_slots",
     "free_scorers",
     "group_bytes",
     "next_group",
@@ -211,6 +212,23 @@ def useful_bytes(
     chunks: about 150 MB, where a 1 GiB budget let decoding run 0.8 GB ahead of the scorer.
     """
     return decode_threads * chunk_bytes + scorers * tasks_per_scorer * group_bytes
+
+
+def decode_slots(*, decode_threads: int, loading: int, first_score_out: bool) -> int | None:
+    """Decode tasks to have out at most, on the way to the run's first partition.
+
+    A CPU scorer loads in a thread of a worker that decodes (``loading``: scorers doing so,
+    of ``decode_threads`` in all): a decode task queued there beyond the threads left took the
+    thread its construction freed, and the first score task waited for that decode to end
+    (0.25–0.7 s). Then, with the first score task on such a worker (``first_score_out``),
+    none is sent, so that TensorFlow has the cores to itself until it is back. ``None``: as
+    many as the budget admits.
+    """
+    if first_score_out:
+        return 0
+    if loading:
+        return max(0, decode_threads - loading)
+    return None
 
 
 def free_scorers(load: Mapping[str, int], scorers: Iterable[str], *, most: int) -> list[str]:
@@ -448,6 +466,9 @@ class ChunkPipeline:
         # Whether a decode task and a score task were submitted.
         self._decode_sent = False
         self._score_sent = False
+        self._decoding = 0  # decode (and load) tasks out
+        # The run's first score task is out, on a worker that decodes.
+        self._first_score_out = False
         self.resent = 0
 
     @classmethod
@@ -553,6 +574,19 @@ class ChunkPipeline:
 
     # -- dispatch ----------------------------------------------------------------------------
     def _submit_more(self) -> None:
+        # Score tasks first: one reaches its worker before the decode tasks sent with it.
+        held = self.pool.holders([f for _, f in self._decoded])
+        while self._decoded and self.pool.scorers:
+            free = free_scorers(self._load, self.pool.scorers, most=self.tasks_per_scorer)
+            if not free:
+                break
+            # The run's first score task holds one chunk: a folder of short recordings has its
+            # first partitions written while TensorFlow warms up, not after 16 files.
+            most_frames = self.group_frames if self._score_sent else 1
+            address, group = next_group(self._decoded, free, held, most_frames=most_frames)
+            for item in group:
+                self._decoded.remove(item)
+            self._score(address, group)
         if self._todo:
             # Groups like the next chunk waiting: a folder of short files and one of long ones
             # queue different amounts of audio per score task.
@@ -568,7 +602,16 @@ class ChunkPipeline:
                     head, nbytes=self._nbytes(head), most_frames=self.group_frames
                 ),
             )
-        while self._todo and self.budget.admits(nbytes := self._nbytes(self._todo[0])):
+        slots = decode_slots(
+            decode_threads=self.pool.decode_threads,
+            loading=sum(self.pool.decodes(address) for address in self.pool.starting),
+            first_score_out=self._first_score_out,
+        )
+        while (
+            self._todo
+            and (slots is None or self._decoding < slots)
+            and self.budget.admits(nbytes := self._nbytes(self._todo[0]))
+        ):
             # The run's first decode task holds one chunk, as its first score task does.
             most = (
                 short_chunks(self._todo, most_frames=self.group_frames) if self._decode_sent else 1
@@ -579,21 +622,10 @@ class ChunkPipeline:
                 jobs.append(self._todo.popleft())
                 self.budget.take(nbytes)
             self._decode(jobs)
-        held = self.pool.holders([f for _, f in self._decoded])
-        while self._decoded and self.pool.scorers:
-            free = free_scorers(self._load, self.pool.scorers, most=self.tasks_per_scorer)
-            if not free:
-                break
-            # The run's first score task holds one chunk: a folder of short recordings has its
-            # first partitions written while TensorFlow warms up, not after 16 files.
-            most_frames = self.group_frames if self._score_sent else 1
-            address, group = next_group(self._decoded, free, held, most_frames=most_frames)
-            for item in group:
-                self._decoded.remove(item)
-            self._score(address, group)
 
     def _decode(self, jobs: list[ChunkJob]) -> None:
         self._decode_sent = True
+        self._decoding += 1
         future: Future
         if len(jobs) > 1:
             for slot, job in enumerate(jobs):
@@ -659,11 +691,14 @@ class ChunkPipeline:
             pure=False,
         )
         self._load[address] += 1
+        if not self._score_sent:
+            self._first_score_out = self.pool.decodes(address)
         self._score_sent = True
         self._track(future, functools.partial(self._scored, address, group))
 
     # -- completion --------------------------------------------------------------------------
     def _decoded_done(self, job: ChunkJob, future: Future) -> None:
+        self._decoding -= 1
         if future.status != "error":
             self._decoded.append((job, future))
             return
@@ -671,6 +706,7 @@ class ChunkPipeline:
         self._not_decoded(job, future.exception())
 
     def _several_decoded(self, jobs: list[ChunkJob], future: Future) -> None:
+        self._decoding -= 1
         if future.status != "error":
             self._decoded.extend((job, future) for job in jobs)
             return
@@ -705,6 +741,7 @@ class ChunkPipeline:
 
     def _scored(self, address: str, group: list[tuple[ChunkJob, Future]], future: Future) -> None:
         self._load[address] -= 1
+        self._first_score_out = False
         results = outcome(future)
         if not isinstance(results, BaseException):
             self.budget.release(sum(self._nbytes(job) for job, _ in group))

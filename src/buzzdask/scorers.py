@@ -320,6 +320,10 @@ class ScorerPool:
         decoding = self.decode_workers if self.decode_workers is not None else list(workers)
         self.decode_threads = max(1, sum(int(workers[a].get("nthreads", 1)) for a in decoding))
 
+    def decodes(self, address: str) -> bool:
+        """Whether the worker ``address`` takes decode tasks (as of the last look)."""
+        return self.decode_workers is None or address in self.decode_workers
+
     def decode_placement(self) -> dict[str, Any]:
         """``submit`` keywords placing a probe or decode task (loosely) on the decode workers."""
         if self.decode_workers is None:
