@@ -587,8 +587,8 @@ def submit_scorer(client: Client, address: str, *, key: str, **options: Any) -> 
         **options,
         actor=True,
         workers=[address],
-        # Loose: if that worker dies while the model loads, the task fails on another
-        # (Scorer stays where it was meant to be) instead of waiting forever for the dead one.
+        # Loose: if that worker dies (or is paused) before the actor is up, the task fails on
+        # another (Scorer stays where it was meant to be) instead of waiting for it forever.
         allow_other_workers=True,
         key=key,
     )

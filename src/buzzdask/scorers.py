@@ -274,9 +274,9 @@ class ScorerPool:
         Returns
         -------
         dict of str -> Future
-            An actor submitted in place of this one if its worker left while it loaded and
-            it was the last (SIGKILL, a SLURM job ended): the caller waits on it as on any
-            other, and calls this again once it is done. Empty otherwise.
+            An actor submitted in place of this one if its worker left (SIGKILL, a SLURM job
+            ended) or was paused before it was up, and it was the last: the caller waits on it
+            as on any other, and calls this again once it is done. Empty otherwise.
 
         Raises
         ------
