@@ -391,10 +391,11 @@ def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_pat
     _assert_same_frames(result, reference)
 
 
-def test_scorer_meant_for_a_paused_worker_starts_on_a_running_one(kill_corpus, tmp_path):
-    """A worker paused (its memory full) when its scorer is submitted: Dask runs the actor's
-    task elsewhere, where it refuses to load (no score task would reach it there), and the
-    run starts the scorer on a running worker and finishes."""
+def test_the_scorer_starts_on_a_running_worker_not_a_paused_one(kill_corpus, tmp_path):
+    """A worker paused (its memory full) as the run starts does not get the scorer: Dask would
+    run the actor's task elsewhere, where it refuses to load. The scorer goes to the running
+    worker, and nothing counts as lost. (A worker lost while its scorer loads:
+    test_worker_killed_while_its_scorer_loads_loses_nothing.)"""
     import dask
     from distributed import Client, LocalCluster
     from distributed.core import Status
@@ -409,7 +410,7 @@ def test_scorer_meant_for_a_paused_worker_starts_on_a_running_one(kill_corpus, t
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        # The one scorer goes to the first worker in address order.
+        # The one scorer would go to the first worker in address order.
         paused, running = sorted(client.scheduler_info()["workers"])
         client.run(pause, workers=[paused])
         while client.scheduler_info()["workers"][paused]["status"] != "paused":
@@ -417,6 +418,7 @@ def test_scorer_meant_for_a_paused_worker_starts_on_a_running_one(kill_corpus, t
         result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
     assert result.ok, result.errors
     assert [s["worker"] for s in result.summary["scorers"]] == [running]
+    assert (result.summary["scorers_lost"], result.summary["scorer_restarts"]) == (0, 0)
     _assert_same_frames(result, reference)
 
 

@@ -20,7 +20,14 @@ from buzzdask.errors import BuzzdaskError, ScorerError, ScorerMisplacedError
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
 from buzzdask.score import submit_scorer
-from buzzdask.session import has_gpu, scorer_hosts, scorers_per_host, task_key, tensorflow_version
+from buzzdask.session import (
+    has_gpu,
+    is_running,
+    scorer_hosts,
+    scorers_per_host,
+    task_key,
+    tensorflow_version,
+)
 from buzzdask.settings import Settings
 
 __all__ = ["REFRESH_EVERY_S", "ScorerOptions", "ScorerPool", "decode_workers"]
@@ -83,11 +90,6 @@ def decode_workers(
         if (worker.get("nthreads", 1) > score_slots if has_gpu(worker) else address not in scorers)
     )
     return decoders or None
-
-
-def _running(worker: Mapping[str, Any]) -> bool:
-    """Whether a worker (as the scheduler describes it) takes tasks: not paused, not closing."""
-    return worker.get("status", "running") == "running"
 
 
 class ScorerPool:
@@ -399,7 +401,7 @@ class ScorerPool:
         while True:
             workers = self._live_workers()
             candidates = sorted(
-                a for a, w in workers.items() if _running(w) and (not self.gpu or has_gpu(w))
+                a for a, w in workers.items() if is_running(w) and (not self.gpu or has_gpu(w))
             )
             if candidates:
                 # Prefer a worker that decodes nothing yet, so decoding keeps its workers.
@@ -453,7 +455,7 @@ class ScorerPool:
         """Workers without an actor that should get one."""
         taken = {*self.scorers, *self.starting, *self.deferred}
         # Not a paused worker (its memory is full): Dask would run the actor's task elsewhere.
-        free = [a for a in sorted(workers) if a not in taken and _running(workers[a])]
+        free = [a for a in sorted(workers) if a not in taken and is_running(workers[a])]
         if self.gpu:
             return [a for a in free if has_gpu(workers[a])]
         limit = self.cpu_scorer_workers

@@ -32,6 +32,7 @@ from buzzdask.settings import LocalClusterSettings
 __all__ = [
     "connect",
     "has_gpu",
+    "is_running",
     "lean_dask",
     "package_versions",
     "scorer_hosts",
@@ -213,15 +214,22 @@ def has_gpu(worker: Mapping[str, Any]) -> bool:
     return worker.get("resources", {}).get("GPU", 0) > 0
 
 
+def is_running(worker: Mapping[str, Any]) -> bool:
+    """Whether a worker (as the scheduler describes it) takes tasks: not paused, not closing."""
+    return worker.get("status", "running") == "running"
+
+
 def scorer_hosts(
     workers: Mapping[str, Mapping[str, Any]], *, cpu_workers: int | None = 1
 ) -> list[str]:
     """Workers for scorer actors: every GPU worker, else the first ``cpu_workers`` by address.
 
+    Running CPU workers come before paused ones (their memory full): Dask would run a paused
+    worker's actor task on another worker, where the scorer refuses to load.
     ``cpu_workers=None``: every worker (a CPU-only cluster scores on all of them).
     """
     gpu = sorted(address for address, worker in workers.items() if has_gpu(worker))
-    return gpu or sorted(workers)[:cpu_workers]
+    return gpu or sorted(workers, key=lambda a: (not is_running(workers[a]), a))[:cpu_workers]
 
 
 def scorers_per_host(addresses: Sequence[str]) -> dict[str, int]:
