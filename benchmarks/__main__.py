@@ -36,14 +36,21 @@ from benchmarks.report import plot, table, write_record
 #: This machine's cores: TensorFlow's own intra-op pool (its default) has one thread per core.
 CORES = len(os.sched_getaffinity(0))
 
-#: Model-stage configurations swept: Scorer options (batch_frames, TensorFlow thread pools).
-#: The first, TensorFlow's thread choice at the former default batch of 4096, is the reference
-#: the model stage's speed-up is measured against; batch 512 is buzzdask's default now, whose
-#: embedder calls run side by side, one thread each (the scorer's default on a CPU since
-#: 2026-12-01); "one call, every core" is the default before it.
+#: Model-stage configurations swept: Scorer options (batch_frames, TensorFlow thread pools, the
+#: most frames per embedder call on a CPU: buzzdask's ``cpu-call-frames`` unless given, ``None``
+#: for whole batches). The first, TensorFlow's thread choice at the former default batch of
+#: 4096 in whole calls, is the reference the model stage's speed-up is measured against; batch
+#: 512 is buzzdask's default now, whose embedder calls (of up to ``cpu-call-frames`` since
+#: 2026-12-02, "whole calls" before) run side by side, one thread each (the scorer's default on
+#: a CPU since 2026-12-01); "one call, every core" is the default before it.
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "TF default, batch 4096": {"batch_frames": 4096, "intra_op_threads": CORES},
+    "TF default, batch 4096": {
+        "batch_frames": 4096,
+        "intra_op_threads": CORES,
+        "cpu_call_frames": None,
+    },
     "batch 512 (default)": {"batch_frames": 512},
+    "batch 512, whole calls": {"batch_frames": 512, "cpu_call_frames": None},
     "batch 512, one call, every core": {"batch_frames": 512, "intra_op_threads": CORES},
     "batch 1024": {"batch_frames": 1024},
     "batch 256": {"batch_frames": 256},
@@ -54,16 +61,24 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     },
     "batch 1024, 1 thread": {"batch_frames": 1024, "intra_op_threads": 1, "inter_op_threads": 1},
     "batch 512, 1 thread": {"batch_frames": 512, "intra_op_threads": 1, "inter_op_threads": 1},
+    "batch 512, 1 thread, whole calls": {
+        "batch_frames": 512,
+        "intra_op_threads": 1,
+        "inter_op_threads": 1,
+        "cpu_call_frames": None,
+    },
 }
 
 #: ``--model-sweep short``: the candidates for the cheapest model stage by CPU time
 #: (parallel one-thread calls, one call on TensorFlow's own threads, one thread), at
-#: buzzdask's batch and at the batch of the records before it (the co-run's), for quick runs.
+#: buzzdask's batch in its calls and in whole calls (the records before 2026-12-02), for
+#: quick runs.
 SHORT_SWEEP = (
     "batch 512 (default)",
+    "batch 512, whole calls",
     "batch 512, one call, every core",
     "batch 512, 1 thread",
-    "batch 1024, 1 thread",
+    "batch 512, 1 thread, whole calls",
 )
 
 #: buzzdask.analyze configurations: ``buzzdask.*`` config keys (without the prefix) on the local
@@ -202,13 +217,16 @@ def _round(
         "model": _model_sweep(stage, title, files, scratch, args, n_cores, round_index),
     }
     cheapest = min(one["model"].values(), key=lambda m: m["core_s_per_audio_s"])
+    batching = {
+        key: cheapest[key] for key in ("batch_frames", "cpu_call_frames") if key in cheapest
+    }
     baseline_dir = reference if round_index == 0 else scratch / "baseline"
     one["baseline"] = stage(
         "baseline",
         f"{title}: sequential baseline",
         files=files,
-        batch_frames=cheapest["batch_frames"],
         output=str(baseline_dir),
+        **batching,
     )
     if round_index:
         one["baseline"]["max_abs_diff_vs_baseline"] = check_baseline(
@@ -325,8 +343,9 @@ def _parser() -> argparse.ArgumentParser:
         "--model-sweep",
         choices=("full", "short"),
         default="full",
-        help="model-stage configurations: all of MODEL_CONFIGS, or the default batch with "
-        "TensorFlow's threads and with one thread, and batch 1024 with one thread (default full)",
+        help="model-stage configurations: all of MODEL_CONFIGS, or the default batch in "
+        "parallel calls, on TensorFlow's threads and on one thread, each in buzzdask's calls "
+        "and in whole calls (default full)",
     )
     parser.add_argument(
         "--model-passes",

@@ -43,7 +43,9 @@ FIDELITY_TARGET = 1e-4
 
 
 def _options(shared: Path, batch_frames: int) -> dict[str, Any]:
+    """A scorer's options as buzzdask gives them, at ``batch_frames`` (a GPU's calls)."""
     from buzzdask.models import resolve_model
+    from buzzdask.settings import load_settings
 
     model = resolve_model(
         shared / "data/models/model_general_v3",
@@ -55,6 +57,7 @@ def _options(shared: Path, batch_frames: int) -> dict[str, Any]:
         "spec": model.embedder.frame_spec(),
         "n_classes": len(model.classes),
         "batch_frames": batch_frames,
+        "cpu_call_frames": load_settings().cpu_call_frames,
     }
 
 
@@ -120,11 +123,15 @@ def fidelity(shared: Path, files: list[str]) -> dict[str, Any]:
 
 
 def batch_sweep(shared: Path, batch_sizes: list[int], n_frames: int) -> dict[str, Any]:
-    """Frames per second of one scorer per batch size, on the same noise (after a warm-up)."""
+    """Frames per second of one scorer per batch size, on the same noise (after a warm-up).
+
+    Also the most frames of its embedder calls: the whole batch on a GPU, on a CPU at most
+    ``cpu-call-frames``.
+    """
     from buzzdask.decode import DecodedChunk
     from buzzdask.score import Scorer
 
-    rates = {}
+    rates, call_frames = {}, {}
     for batch in batch_sizes:
         options = _options(shared, batch)
         spec = options["spec"]
@@ -136,7 +143,8 @@ def batch_sweep(shared: Path, batch_sizes: list[int], n_frames: int) -> dict[str
         started = time.perf_counter()
         scorer.score([chunk])
         rates[str(batch)] = n_frames / (time.perf_counter() - started)
-    return {"frames": n_frames, "frames_per_second": rates}
+        call_frames[str(batch)] = scorer.call_frames
+    return {"frames": n_frames, "frames_per_second": rates, "call_frames": call_frames}
 
 
 def decode_rate_per_core(path: str) -> float:

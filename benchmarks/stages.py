@@ -93,7 +93,11 @@ def model_and_frames(params: dict[str, Any]) -> tuple[ModelSpec, FrameSpec]:
 
 
 def make_scorer(params: dict[str, Any], model: ModelSpec, spec: FrameSpec) -> Any:
-    """A :class:`~buzzdask.score.Scorer` (not an actor) with the options in ``params``."""
+    """A :class:`~buzzdask.score.Scorer` (not an actor) with the options in ``params``.
+
+    Its calls on a CPU hold at most ``params["cpu_call_frames"]`` frames, buzzdask's
+    ``cpu-call-frames`` where not given (``None``: whole batches).
+    """
     from buzzdask.score import Scorer
 
     return Scorer(
@@ -102,6 +106,7 @@ def make_scorer(params: dict[str, Any], model: ModelSpec, spec: FrameSpec) -> An
         spec=spec,
         n_classes=len(model.classes),
         batch_frames=params["batch_frames"],
+        cpu_call_frames=params.get("cpu_call_frames", load_settings().cpu_call_frames),
         intra_op_threads=params.get("intra_op_threads"),
         inter_op_threads=params.get("inter_op_threads"),
         **params.get("scorer_options", {}),

@@ -40,6 +40,8 @@ def test_dry_run_on_the_cpu_writes_the_whole_record(shared_dir, tmp_path):
     assert set(fidelity["files"]) >= {"testbuzz.mp3"} and len(fidelity["files"]) == 2
     assert fidelity["within_target"]  # a CPU against a CPU: equal
     assert set(record["batch_sweep"]["frames_per_second"]) == {"256", "512"}
+    # A CPU's calls: buzzdask.yaml's cpu-call-frames.
+    assert record["batch_sweep"]["call_frames"] == {"256": 96, "512": 96}
     run = record["analyze"]
     assert run["files_failed"] == 0 and run["realtime_factor"] > 0
     assert 0 < run["fraction_of_bound"]

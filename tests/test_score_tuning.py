@@ -12,13 +12,15 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
+import pandas as pd
 import pytest
 
 from buzzdask.decode import DecodedChunk
 from buzzdask.frames import FrameSpec
 from buzzdask.score import MIN_CALL_PATCHES
-from tests.conftest import CLASSES, field_like
+from tests.conftest import CLASSES, assert_same_frames, field_like, requires_ffmpeg
 
 SPEC = FrameSpec.from_seconds(
     sample_rate=16000, frame_length_s=0.96, frame_hop_s=0.96, context_s=0.015
@@ -244,6 +246,51 @@ def test_a_chunk_takes_one_embedder_call_per_core_at_most(
     scorer.score([DecodedChunk(samples=samples, first_frame=0, n_frames=n_frames)])
     expected = 1 if n_frames < 2 * MIN_CALL_PATCHES else scorer.parallel_calls
     assert scorer.stats()["embedder_calls"] == expected
+
+
+@pytest.mark.parametrize(
+    ("batch_frames", "cpu_call_frames", "call_frames"), [(512, 8, 8), (512, 29, 29), (16, 96, 16)]
+)
+def test_cpu_calls_hold_at_most_cpu_call_frames(
+    tiny_embedder: Path,
+    tiny_model: Path,
+    default_activations: list[np.ndarray],
+    batch_frames: int,
+    cpu_call_frames: int,
+    call_frames: int,
+) -> None:
+    """On a CPU a task's frames go to the embedder in calls of at most ``cpu-call-frames``
+    patches (never more than ``batch-frames``); the activations stay those of whole calls."""
+    scorer = _scorer(
+        str(tiny_embedder),
+        str(tiny_model),
+        batch_frames=batch_frames,
+        cpu_call_frames=cpu_call_frames,
+    )
+    assert scorer.call_frames == scorer.stats()["call_frames"] == call_frames
+    calls = scorer._call_batches(_chunks())
+    patches = [
+        sum(scorer._padded_length(run.n_frames) // scorer.native_hop for run in call)
+        for call in calls
+    ]
+    assert max(patches) <= call_frames < sum(patches)  # the 50 patches in several calls
+    _assert_equal(scorer.score(_chunks()), default_activations)
+    assert scorer.stats()["embedder_calls"] == len(calls)
+
+
+@requires_ffmpeg
+def test_a_run_s_scorers_take_cpu_call_frames(run, make_audio, tmp_path: Path) -> None:
+    """``buzzdask.cpu-call-frames`` reaches the run's scorers and changes no activation."""
+    make_audio("audio/a.wav", n_samples=SPEC.span(40))
+    frames = {}
+    for cpu_call_frames in (4, None):
+        with dask.config.set({"buzzdask.cpu-call-frames": cpu_call_frames}):
+            result = run(tmp_path / "audio", output=tmp_path / f"calls-{cpu_call_frames}")
+        (scorer,) = result.summary["scorers"]
+        assert scorer["call_frames"] == (cpu_call_frames or DEFAULT_BATCH_FRAMES)
+        frames[cpu_call_frames] = pd.read_parquet(result.dataset)
+    assert len(frames[4]) == 40
+    assert_same_frames(frames[4], frames[None])
 
 
 @pytest.mark.filterwarnings("ignore:TensorFlow's threads are already fixed")  # this process's

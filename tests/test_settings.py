@@ -122,6 +122,7 @@ def test_spellings_the_configuration_can_arrive_in() -> None:
         ("batch-frames", 0, "an integer >= 1 [frames]"),
         ("batch-frames", 2.5, "an integer >= 1 [frames]"),
         ("cpu-scorer-workers", 0, "an integer >= 1, or null (every worker)"),
+        ("cpu-call-frames", 0, "an integer >= 1 [frames], or null (batch-frames)"),
         ("tf-intra-op-threads", -2, "an integer >= 1, or null (TensorFlow's default)"),
         ("seekable-codecs", "mp3", "a list of strings"),
         ("model-dirs", ["models", 3], "a list of strings"),

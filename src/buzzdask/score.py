@@ -126,6 +126,10 @@ class Scorer:
         Columns each head must give (ignored without a head).
     batch_frames : int > 0
         Most embedder patches per call.
+    cpu_call_frames : int > 0, optional
+        On a CPU, the most patches per call (``buzzdask.cpu-call-frames``), below
+        ``batch_frames``: YAMNet's intermediate arrays for a few dozen patches stay in the
+        caches, for hundreds they do not. A GPU always takes calls of ``batch_frames``.
     embedding_size : int, optional
         Without an embedder: the size of the stored embeddings the heads take.
     intra_op_threads, inter_op_threads : int, optional
@@ -168,6 +172,7 @@ class Scorer:
         spec: FrameSpec,
         n_classes: int | Sequence[int],
         batch_frames: int,
+        cpu_call_frames: int | None = None,
         embedding_size: int | None = None,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
@@ -190,18 +195,23 @@ class Scorer:
         # Embedder calls side by side (embedder_threads), or one at a time without this pool.
         self.parallel_calls = 1
         self._calls_pool: ThreadPoolExecutor | None = None
+        #: The most patches per embedder call.
+        self.call_frames = max(1, int(batch_frames))
         if embedder_handle or any(head_weights(path) is None for path in head_paths):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             import tensorflow as tf
 
+            on_gpu = bool(gpus or tf.config.list_physical_devices("GPU"))
             threads = embedder_threads(
                 cores=max(1, len(os.sched_getaffinity(0)) // share_cores),
                 batch_frames=batch_frames,
                 intra_op_threads=intra_op_threads,
                 inter_op_threads=inter_op_threads,
                 shared=share_cores > 1,
-                on_gpu=bool(gpus or tf.config.list_physical_devices("GPU")),
+                on_gpu=on_gpu,
             )
+            if cpu_call_frames is not None and not on_gpu:
+                self.call_frames = min(self.call_frames, max(1, int(cpu_call_frames)))
             _set_threads(
                 tf,
                 threads.intra_op,
@@ -217,7 +227,6 @@ class Scorer:
             self.device = prepare_devices(tf, gpus=gpus, worker=worker)
             self._tf = tf
         self.spec = spec
-        self.batch_frames = max(1, int(batch_frames))
         self._heads = [load_head(path) for path in head_paths]
         self._embedder = load_embedder(embedder_handle) if embedder_handle else None
         if self._embedder is None:
@@ -377,22 +386,22 @@ class Scorer:
     def _call_batches(self, chunks: list[DecodedChunk]) -> list[list[_FrameRun]]:
         """The task's frames in runs, and the runs in embedder calls (batches).
 
-        A call holds at most ``batch_frames`` patches. With parallel calls, the task's patches
+        A call holds at most :attr:`call_frames` patches. With parallel calls, the task's patches
         are shared evenly between a multiple of ``parallel_calls`` calls, so that all of them
         are busy; a chunk cut into runs pads each run on its own, so the calls grow, patch by
-        patch, until the runs fit that many (a 10-minute chunk on two cores: 313 + 313 frames,
-        not a third call for what is left over).
+        patch, until the runs fit that many (a 10-minute chunk on two cores, in calls of up to
+        96: eight calls of up to 79 frames, not a ninth for what is left over).
         """
-        call_patches = self.batch_frames
+        call_patches = self.call_frames
         calls = 0
         if self._calls_pool is not None:
             patches = sum(self._padded_length(c.n_frames) // self.native_hop for c in chunks)
-            batches = -(-patches // self.batch_frames)
+            batches = -(-patches // self.call_frames)
             calls = -(-batches // self.parallel_calls) * self.parallel_calls
-            call_patches = min(self.batch_frames, max(MIN_CALL_PATCHES, -(-patches // calls)))
+            call_patches = min(self.call_frames, max(MIN_CALL_PATCHES, -(-patches // calls)))
         while True:
             planned = list(self._batches(self._runs(chunks, call_patches), call_patches))
-            if len(planned) <= calls or call_patches >= self.batch_frames:
+            if len(planned) <= calls or call_patches >= self.call_frames:
                 return planned
             call_patches += 1
 
@@ -413,13 +422,15 @@ class Scorer:
     def stats(self) -> dict[str, Any]:
         """Counters since the actor started: frames, embedder calls, seconds spent scoring.
 
-        Also the embedder calls it runs side by side, its device and its process.
+        Also the embedder calls it runs side by side and the most frames of one, its device
+        and its process.
         """
         return {
             "frames_scored": self.frames_scored,
             "frames_embedded": self.frames_embedded,
             "embedder_calls": self.calls,
             "parallel_calls": self.parallel_calls,
+            "call_frames": self.call_frames,
             "seconds_scoring": self.seconds_scoring,
             "native_hop": self.native_hop,
             "device": self.device,

@@ -50,6 +50,8 @@ class ScorerOptions:
     n_classes : int or tuple of int
         Classes of each head.
     batch_frames : int > 0
+    cpu_call_frames : int > 0 or None
+        On a CPU, the most frames per embedder call (``None``: ``batch_frames``).
     intra_op_threads, inter_op_threads : int or None
         TensorFlow's thread pools (``None``: its default, or a share of the host's cores).
     key_prefix : str
@@ -63,6 +65,7 @@ class ScorerOptions:
     spec: FrameSpec
     n_classes: tuple[int, ...] | int
     batch_frames: int
+    cpu_call_frames: int | None = None
     embedding_size: int | None = None
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
@@ -184,6 +187,7 @@ class ScorerPool:
             n_classes=n_classes,
             embedding_size=embedding_size,
             batch_frames=settings.batch_frames,
+            cpu_call_frames=settings.cpu_call_frames,
             intra_op_threads=settings.tf_intra_op_threads,
             inter_op_threads=settings.tf_inter_op_threads,
             key_prefix=key_prefix,
@@ -258,6 +262,7 @@ class ScorerPool:
                 spec=options.spec,
                 n_classes=options.n_classes,
                 batch_frames=options.batch_frames,
+                cpu_call_frames=options.cpu_call_frames,
                 embedding_size=options.embedding_size,
             )
             for address in hosts

@@ -349,7 +349,10 @@ class Settings:
     memory_budget : int >= 1 [bytes]
         Most decoded audio (float32 at the embedder's rate) held across the cluster at once.
     batch_frames : int >= 1 [frames]
-        Most frames the scorer actor hands the embedder in one call.
+        Most frames the scorer actor hands the embedder in one call, and per score task.
+    cpu_call_frames : int >= 1 or None [frames]
+        On a CPU, the most frames of one embedder call (a task's batch goes in calls of at most
+        this many); None: ``batch_frames``.
     cpu_scorer_workers : int >= 1 or None
         Without GPU workers, how many workers hold a scorer actor; None: every worker.
     score_tasks_per_actor : int >= 1 [tasks]
@@ -406,6 +409,9 @@ class Settings:
     chunk_seconds: float = field(metadata=_rule(_real("> 0", "s")))
     memory_budget: int = field(metadata=_rule(_size))
     batch_frames: int = field(metadata=_rule(_whole(1, "frames")))
+    cpu_call_frames: int | None = field(
+        metadata=_rule(_optional(_whole(1, "frames"), "batch-frames"))
+    )
     cpu_scorer_workers: int | None = field(metadata=_rule(_optional(_whole(1), "every worker")))
     score_tasks_per_actor: int = field(metadata=_rule(_whole(1, "tasks")))
     score_attempts: int = field(metadata=_rule(_whole(1, "attempts")))
