@@ -36,36 +36,43 @@ from benchmarks.report import plot, table, write_record
 #: This machine's cores: TensorFlow's own intra-op pool (its default) has one thread per core.
 CORES = len(os.sched_getaffinity(0))
 
+#: Scorer options for embedder calls of the whole batch, as before ``cpu-call-frames``.
+WHOLE_CALLS: dict[str, Any] = {"cpu_call_frames": None}
+
 #: Model-stage configurations swept: Scorer options (batch_frames, TensorFlow thread pools, the
-#: most frames per embedder call on a CPU: buzzdask's ``cpu-call-frames`` unless given, ``None``
-#: for whole batches). The first, TensorFlow's thread choice at the former default batch of
-#: 4096 in whole calls, is the reference the model stage's speed-up is measured against; batch
-#: 512 is buzzdask's default now, whose embedder calls (of up to ``cpu-call-frames`` since
+#: most frames per embedder call on a CPU: buzzdask's ``cpu-call-frames`` unless given,
+#: :data:`WHOLE_CALLS` for whole batches). The first, TensorFlow's thread choice at the former
+#: default batch of 4096, is the reference the model stage's speed-up is measured against;
+#: batch 512 is buzzdask's default now, whose embedder calls (of up to ``cpu-call-frames`` since
 #: 2026-12-02, "whole calls" before) run side by side, one thread each (the scorer's default on
-#: a CPU since 2026-12-01); "one call, every core" is the default before it.
+#: a CPU since 2026-12-01); "one call, every core" is the default before it. The other batch
+#: sizes are swept in whole calls: in calls of up to ``cpu-call-frames`` they would repeat the
+#: default's.
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "TF default, batch 4096": {
-        "batch_frames": 4096,
-        "intra_op_threads": CORES,
-        "cpu_call_frames": None,
-    },
+    "TF default, batch 4096": {"batch_frames": 4096, "intra_op_threads": CORES, **WHOLE_CALLS},
     "batch 512 (default)": {"batch_frames": 512},
-    "batch 512, whole calls": {"batch_frames": 512, "cpu_call_frames": None},
+    "batch 512, whole calls": {"batch_frames": 512, **WHOLE_CALLS},
     "batch 512, one call, every core": {"batch_frames": 512, "intra_op_threads": CORES},
-    "batch 1024": {"batch_frames": 1024},
-    "batch 256": {"batch_frames": 256},
+    "batch 1024": {"batch_frames": 1024, **WHOLE_CALLS},
+    "batch 256": {"batch_frames": 256, **WHOLE_CALLS},
     "batch 1024, intra 2 inter 1": {
         "batch_frames": 1024,
         "intra_op_threads": 2,
         "inter_op_threads": 1,
+        **WHOLE_CALLS,
     },
-    "batch 1024, 1 thread": {"batch_frames": 1024, "intra_op_threads": 1, "inter_op_threads": 1},
+    "batch 1024, 1 thread": {
+        "batch_frames": 1024,
+        "intra_op_threads": 1,
+        "inter_op_threads": 1,
+        **WHOLE_CALLS,
+    },
     "batch 512, 1 thread": {"batch_frames": 512, "intra_op_threads": 1, "inter_op_threads": 1},
     "batch 512, 1 thread, whole calls": {
         "batch_frames": 512,
         "intra_op_threads": 1,
         "inter_op_threads": 1,
-        "cpu_call_frames": None,
+        **WHOLE_CALLS,
     },
 }
 
