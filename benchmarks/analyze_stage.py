@@ -97,6 +97,9 @@ def analyze(params: dict[str, Any]) -> dict[str, Any]:
         analyze_wall_s=summary["wall_seconds"],
         peak_rss_bytes=summary["peak_rss_bytes"],
         scorers=summary["scorers"],
+        scorers_lost=summary["scorers_lost"],
+        scorer_restarts=summary["scorer_restarts"],
+        chunks_resent=summary["chunks_resent"],
         split_s=_task_split(stream.data, summary, started_epoch),
     )
     return record

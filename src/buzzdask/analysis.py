@@ -686,9 +686,10 @@ def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
         return {**fingerprint, "embeddings": str(plan.store.directory)}
     return {
         **fingerprint,
-        # Builds differ in duration estimates (chunk plans) and AAC's last samples.
+        # Builds differ in duration estimates (chunk plans) and AAC's last samples; so do the
+        # probes (an MP3's header and ffprobe differ where a LAME header trims the padding).
         "ffmpeg_version": plan.ffmpeg.version,
-        "probe": "ffprobe" if plan.ffmpeg.ffprobe else "ffmpeg",
+        "probe": "MP3 headers, else " + ("ffprobe" if plan.ffmpeg.ffprobe else "ffmpeg"),
     }
 
 

@@ -1,8 +1,9 @@
 """Decoding audio: probe, plan frame-aligned chunks, decode a chunk sample-exactly.
 
 The executables are those of :func:`buzzdask.ffmpeg_tools.find_ffmpeg`: given by the caller (the
-client resolves them once for a run), or found on this machine. Without ffprobe (the
-``imageio-ffmpeg`` wheel has none) a file is probed from ffmpeg's own report of its input.
+client resolves them once for a run), or found on this machine. A plain WAV or MP3 is probed
+in process, from its header (:mod:`buzzdask.wav`, :mod:`buzzdask.mp3`); other files by ffprobe,
+or without ffprobe (the ``imageio-ffmpeg`` wheel has none) from ffmpeg's own report of its input.
 
 The samples handed to the embedder are made exactly as buzzdetect's training pipeline made them:
 the **mean** of the channels, then **soxr** resampling to the embedder's rate, as float32. A plain
@@ -49,6 +50,7 @@ from buzzdask import pcm_cache
 from buzzdask.errors import DecodeError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
+from buzzdask.mp3 import Mp3Header, read_mp3_header
 from buzzdask.wav import WavHeader, iter_wav_samples, read_wav_header
 
 __all__ = [
@@ -98,8 +100,9 @@ class AudioInfo:
     sample_rate : int > 0 [Hz]
     channels : int > 0
     duration_s : float or None [s]
-        The demuxer's estimate (not trusted for frame counts: MP3 estimates are often off); to
-        0.01 s when probed without ffprobe (ffmpeg reports it so).
+        An estimate (not trusted for frame counts: an MP3's is off where the encoder wrote no
+        Xing header and the bitrate changes); to 0.01 s when probed without ffprobe (ffmpeg
+        reports it so). Exact for a WAV, and for an MP3 with a Xing/Info header.
     size_bytes : int
     mtime_ns : int
     sha256 : str or None
@@ -156,7 +159,7 @@ class DecodedChunk:
 
 
 def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = None) -> AudioInfo:
-    """Read a file's first audio stream parameters: a plain WAV's header, else ffprobe's answer.
+    """Read a file's first audio stream parameters: a plain WAV's or MP3's header, else ffprobe's.
 
     Without ffprobe, ffmpeg's report of the input is read instead.
 
@@ -170,7 +173,8 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
     -------
     AudioInfo
         The same either way, but for ``duration_s``: ffmpeg reports it rounded to 0.01 s, a
-        WAV header gives it exactly (and the real length of a WAV cut short).
+        WAV header gives it exactly (and the real length of a WAV cut short), an MP3's header
+        as ffmpeg will decode it where a Xing/Info header counts the frames.
 
     Raises
     ------
@@ -188,7 +192,7 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
         raise DecodeError(path, "empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise DecodeError(path, "permission denied")
-    header = read_wav_header(path)
+    header: WavHeader | Mp3Header | None = read_wav_header(path) or read_mp3_header(path)
     if header is not None:  # most field recordings: no process to start
         codec, sample_rate, channels = header.codec, header.sample_rate, header.channels
         duration_s: float | None = header.duration_s

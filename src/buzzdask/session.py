@@ -275,4 +275,6 @@ def package_versions() -> dict[str, str]:
         "python": platform.python_version(),
         # It resamples plain WAVs (decoded in process); ffmpeg's own is in "ffmpeg".
         "soxr": importlib.metadata.version("soxr"),
+        # It reads MP3 headers, whose durations plan the chunks.
+        "mutagen": importlib.metadata.version("mutagen"),
     }
