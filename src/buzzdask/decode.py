@@ -102,7 +102,8 @@ class AudioInfo:
     duration_s : float or None [s]
         An estimate (not trusted for frame counts: an MP3's is off where the encoder wrote no
         Xing header and the bitrate changes); to 0.01 s when probed without ffprobe (ffmpeg
-        reports it so). Exact for a WAV, and for an MP3 with a Xing/Info header.
+        reports it so). Exact for a WAV, and for an MP3 whose LAME header gives the encoder's
+        delay and padding.
     size_bytes : int
     mtime_ns : int
     sha256 : str or None
@@ -174,7 +175,7 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
     AudioInfo
         The same either way, but for ``duration_s``: ffmpeg reports it rounded to 0.01 s, a
         WAV header gives it exactly (and the real length of a WAV cut short), an MP3's header
-        as ffmpeg will decode it where a Xing/Info header counts the frames.
+        as ffmpeg will decode it where a LAME header gives the delay and padding.
 
     Raises
     ------
