@@ -7,10 +7,11 @@ configuration once per round, so the machine's drift falls on all alike): the de
 process), the model stage alone (a sweep of batch sizes and TensorFlow threads), both stages at
 once as plain processes (:mod:`benchmarks.corun`), a sequential single-process analyzer, and
 ``buzzdask.analyze`` on a fresh local cluster; then, once per round, the ``buzzdask analyze``
-command on a 7-second file. ffmpeg preprocessing variants (and decode scaling on the local
-SLURM) run once. Every configuration's activations are checked equal to the sequential
-baseline's (:mod:`benchmarks.outputs`). Writes ``<out>/<UTC time>-<host>.json`` and a ``.png``
-plot of the realtime factors.
+command on a 7-second file and ``buzzdask.analyze`` on it (what any run costs: the corpora's
+figures are also given without it, :func:`benchmarks.summary.targets`). ffmpeg preprocessing
+variants (and decode scaling on the local SLURM) run once. Every configuration's activations
+are checked equal to the sequential baseline's (:mod:`benchmarks.outputs`). Writes
+``<out>/<UTC time>-<host>.json`` and a ``.png`` plot of the realtime factors.
 
 The bound on N cores is ``B = N / (c_decode + c_model)``, with each stage's cost its CPU time
 per audio second in its cheapest configuration; the co-run bound ``B₂`` keeps the two stages'
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "corpora": {name: [] for name in corpora},
         "cli_short_file": [],
+        "analyze_short_file": [],
     }
+    short_file = str(shared / "data" / "audio_in" / "testbuzz.mp3")
     for round_index in range(args.repeats):
         for name, (root, paths) in corpora.items():
             files = [str(p) for p in paths]
@@ -155,7 +158,20 @@ def main(argv: list[str] | None = None) -> None:
                 stage(
                     "cli_short_file",
                     f"round {round_index + 1}: the buzzdask command on a 7-second file",
-                    file=str(shared / "data" / "audio_in" / "testbuzz.mp3"),
+                    file=short_file,
+                    output=str(output),
+                )
+            )
+            shutil.rmtree(output, ignore_errors=True)
+        if args.fixed_cost:
+            output = work_dir / f"short-{round_index}"
+            results["analyze_short_file"].append(
+                stage(
+                    "analyze",
+                    f"round {round_index + 1}: analyze() on a 7-second file (a run's fixed cost)",
+                    module="benchmarks.analyze_stage",
+                    files=[short_file],
+                    settings={},
                     output=str(output),
                 )
             )
@@ -371,6 +387,13 @@ def _parser() -> argparse.ArgumentParser:
         dest="cli",
         action="store_false",
         help="skip timing the buzzdask command on a 7-second file",
+    )
+    parser.add_argument(
+        "--no-fixed-cost",
+        dest="fixed_cost",
+        action="store_false",
+        help="skip analyze() on a 7-second file, which each corpus's figures without a "
+        "run's fixed cost subtract",
     )
     parser.add_argument(
         "--no-slurm",

@@ -34,7 +34,8 @@ def build_record(
     rounds: dict[str, list[dict[str, Any]]] = results["corpora"]
     first = next(iter(rounds))
     bounds = {name: summary.bounds(one, cores) for name, one in rounds.items()}
-    targets: dict[str, Any] = summary.targets(rounds, cores, target)
+    fixed = results.get("analyze_short_file", [])
+    targets: dict[str, Any] = summary.targets(rounds, cores, target, fixed)
     best_over_default = (
         summary.spread(
             max(m["realtime_factor"] for m in one["model"].values() if m["cores_used"] == cores)
@@ -45,7 +46,7 @@ def build_record(
         else None  # --model-sweep short
     )
     targets.update(
-        start_up=summary.start_up(rounds, results["cli_short_file"], target),
+        start_up=summary.start_up(rounds, results["cli_short_file"], target, fixed),
         memory=_memory(rounds, target),
         goals=summary.GOALS,
         buzzdask_fraction_of_bound=targets[first]["fraction_of_bound"],

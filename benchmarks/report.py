@@ -88,13 +88,14 @@ def table(record: dict[str, Any]) -> str:
 
 def _targets_table(targets: dict[str, Any]) -> list[str]:
     """The targets: per corpus (median, min–max over the rounds), start-up and memory."""
-    metrics = list(METRICS)
     corpora = {
         name: values
         for name, values in targets.items()
         if isinstance(values, dict) and "realtime_factor" in values
     }
-    label = next(iter(corpora.values()))["configuration"]
+    first = next(iter(corpora.values()))
+    label = first["configuration"]
+    metrics = [m for m in METRICS if m in first]  # a run without the 7-second file has fewer
     lines = [
         f"| corpus ({label}) | " + " | ".join(metrics) + " |",
         "|---|" + "---:|" * len(metrics),
@@ -118,6 +119,13 @@ def _targets_table(targets: dict[str, Any]) -> list[str]:
         lines.append(
             f"- `buzzdask analyze` on a 7-second file: {start['cli_short_file_s']:.1f} s end to "
             f"end (goal {targets['goals']['cli_short_file_s']} s)"
+        )
+    if "fixed_cost" in start:
+        fixed = start["fixed_cost"]
+        lines.append(
+            f"- a run's fixed cost (`analyze()` on a 7-second file): "
+            f"{fixed['wall_s']['median']:.1f} s, {fixed['cpu_s']['median']:.1f} CPU-s "
+            "(taken off in the `_without_fixed` columns)"
         )
     if small is not None:
         lines.append(
