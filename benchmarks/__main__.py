@@ -152,28 +152,10 @@ def main(argv: list[str] | None = None) -> None:
             results["corpora"][name].append(
                 _round(stage, name, files, inputs, args, n_cores, work_dir, round_index)
             )
-        if args.cli:
-            output = work_dir / f"cli-{round_index}"
-            results["cli_short_file"].append(
-                stage(
-                    "cli_short_file",
-                    f"round {round_index + 1}: the buzzdask command on a 7-second file",
-                    file=short_file,
-                    output=str(output),
-                )
-            )
-            shutil.rmtree(output, ignore_errors=True)
-        if args.fixed_cost:
-            output = work_dir / f"short-{round_index}"
-            results["analyze_short_file"].append(
-                stage(
-                    "analyze",
-                    f"round {round_index + 1}: analyze() on a 7-second file (a run's fixed cost)",
-                    module="benchmarks.analyze_stage",
-                    files=[short_file],
-                    settings={},
-                    output=str(output),
-                )
+        for key, label, stage_name, params in _short_file_runs(args, short_file):
+            output = work_dir / f"{key}-{round_index}"
+            results[key].append(
+                stage(stage_name, f"round {round_index + 1}: {label}", output=str(output), **params)
             )
             shutil.rmtree(output, ignore_errors=True)
     if args.slurm:
@@ -299,6 +281,21 @@ def _round(
     one["analyze"] = {label: analyzed[label] for label in ANALYZE_CONFIGS}
     shutil.rmtree(scratch)
     return one
+
+
+def _short_file_runs(
+    args: argparse.Namespace, short_file: str
+) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """Each round's runs on the 7-second file: (results key, label, stage, its parameters)."""
+    runs: list[tuple[str, str, str, dict[str, Any]]] = []
+    if args.cli:
+        label = "the buzzdask command on a 7-second file"
+        runs.append(("cli_short_file", label, "cli_short_file", {"file": short_file}))
+    if args.fixed_cost:
+        label = "analyze() on a 7-second file (a run's fixed cost)"
+        params = {"module": "benchmarks.analyze_stage", "files": [short_file], "settings": {}}
+        runs.append(("analyze_short_file", label, "analyze", params))
+    return runs
 
 
 def _rotated(configurations: Mapping[str, Any], round_index: int) -> list[tuple[str, Any]]:

@@ -15,6 +15,7 @@ every core) for comparison.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -149,12 +150,13 @@ def targets(
             }
             if fixed:
                 short = fixed[index]
-                audio_s = run["audio_s"]
+                audio_s, wall_s = run["audio_s"], run["wall_s"] - short["wall_s"]
                 metrics["cpu_over_corun_stages_without_fixed"] = (
                     (run["cpu_s"] - short["cpu_s"]) / audio_s / corun_cost
                 )
+                # NaN where a corpus is too short to outlast the 7-second file's run.
                 metrics["fraction_of_corun_bound_without_fixed"] = (
-                    audio_s / (run["wall_s"] - short["wall_s"]) / costs["corun_bound"]
+                    audio_s / wall_s / costs["corun_bound"] if wall_s > 0 else math.nan
                 )
             per_round[name].append(metrics)
     if "small-files" in per_round and "wav" in per_round:

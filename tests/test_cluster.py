@@ -7,6 +7,7 @@ tests submit real jobs to the single-node SLURM of ../shared/slurm (fake GPUs: j
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -578,6 +579,8 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
         while not client.run(lambda: "tensorflow" in sys.modules, workers=[gpu_worker])[gpu_worker]:
             assert time.monotonic() < deadline, "the GPU worker never imported TensorFlow"
             time.sleep(0.5)
+        # Paused for that import, the garbage collector runs again.
+        assert client.run(gc.isenabled) == dict.fromkeys(workers, True)
         result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
         _same_frames(result, reference)
         # The actor lives on the GPU worker, decoding happens on the CPU worker.
