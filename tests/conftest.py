@@ -283,6 +283,18 @@ class MidRunKiller:
             time.sleep(0.02)
 
 
+def run_benchmark(module: str, *args: str) -> None:
+    """``python -m <module> <args>`` from the repository's root; a failure shows its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
     """16-bit PCM WAV; ``samples`` has shape (n,) or (n, channels) in [-1, 1]."""
     data = np.asarray(samples, dtype=np.float64)

@@ -7,32 +7,21 @@ checks (two heads equal one head, a re-scoring equals a fresh analysis) and its 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import requires_ffmpeg, requires_shared
+from tests.conftest import requires_ffmpeg, requires_shared, run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [requires_ffmpeg, requires_shared, pytest.mark.shared_data, pytest.mark.slow]
 
 
 def test_quick_run_writes_the_whole_record(shared_dir, tmp_path):
     record_path = tmp_path / "heads.json"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "benchmarks.heads", "--quick"),
-            *("--shared-dir", str(shared_dir), "--cache-dir", str(tmp_path / "cache")),
-            *("--record", str(record_path)),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    run_benchmark(
+        "benchmarks.heads",
+        *("--quick", "--shared-dir", str(shared_dir)),
+        *("--cache-dir", str(tmp_path / "cache"), "--record", str(record_path)),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(record_path.read_text())
     targets = record["targets"]
     assert set(targets) >= {

@@ -8,35 +8,24 @@ and that the record holds every target a reader checks (issue 20's "Record").
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from benchmarks.summary import GOALS, METRICS
-from tests.conftest import requires_ffmpeg, requires_shared
+from tests.conftest import requires_ffmpeg, requires_shared, run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [requires_ffmpeg, requires_shared, pytest.mark.shared_data, pytest.mark.slow]
 
 
 def test_tiny_run_writes_the_whole_record(shared_dir, tmp_path):
     out = tmp_path / "results"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "benchmarks", "--corpora", "small-files"),
-            *("--small-files", "12", "--repeats", "1", "--model-sweep", "short"),
-            *("--model-seconds", "30", "--model-passes", "1", "--corun-seconds", "1"),
-            *("--no-slurm", "--shared-dir", str(shared_dir)),
-            *("--cache-dir", str(tmp_path / "cache"), "--out", str(out)),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    run_benchmark(
+        "benchmarks",
+        *("--corpora", "small-files", "--small-files", "12", "--repeats", "1"),
+        *("--model-sweep", "short", "--model-seconds", "30", "--model-passes", "1"),
+        *("--corun-seconds", "1", "--no-slurm", "--shared-dir", str(shared_dir)),
+        *("--cache-dir", str(tmp_path / "cache"), "--out", str(out)),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     (record_path,) = out.glob("*.json")
     assert record_path.with_suffix(".png").is_file()
     record = json.loads(record_path.read_text())
