@@ -10,7 +10,9 @@ import pytest
 
 from buzzdask import DecodeError, decode_file, probe_audio
 from buzzdask.decode import (
+    SAMPLE_ALIGNMENT,
     _run_ffmpeg,
+    aligned_empty,
     chunks_after,
     decode_chunk,
     plan_chunks,
@@ -112,6 +114,26 @@ def test_chunks_equal_the_whole_file(make_audio, suffix: str, frames_per_chunk: 
             assert relative_rms(chunk.samples, reference) <= 1e-5, plan
         total += chunk.n_frames
     assert total == frame_spec.n_complete_frames(len(whole))
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".mp3"])
+@pytest.mark.parametrize("rate", [44100, 48000])
+def test_chunks_start_where_the_scorer_reads_them_in_place(
+    make_audio, suffix: str, rate: int
+) -> None:
+    # In process (WAV) and from ffmpeg (MP3): TensorFlow takes such a buffer without a copy.
+    path = make_audio(f"aligned{suffix}", n_samples=rate * 6, rate=rate, channels=2)
+    info = probe_audio(path)
+    for plan in plan_chunks(info, spec(), frames_per_chunk=2):
+        chunk = decode_chunk(info, plan, spec=spec())
+        assert chunk.samples.ctypes.data % SAMPLE_ALIGNMENT == 0, plan
+
+
+@pytest.mark.parametrize("n_samples", [1, 15, 16, 1001])
+def test_aligned_empty(n_samples: int) -> None:
+    samples = aligned_empty(n_samples)
+    assert (samples.shape, samples.dtype) == ((n_samples,), np.float32)
+    assert samples.ctypes.data % SAMPLE_ALIGNMENT == 0
 
 
 @pytest.mark.parametrize(

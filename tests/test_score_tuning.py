@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from buzzdask.decode import DecodedChunk
+from buzzdask.decode import DecodedChunk, aligned_empty
 from buzzdask.frames import FrameSpec
 from buzzdask.score import MIN_CALL_PATCHES
 from tests.conftest import CLASSES, assert_same_frames, field_like, requires_ffmpeg
@@ -233,6 +233,35 @@ def test_embedder_calls_run_side_by_side_on_a_cpu(
     assert len(threads) == 2 and all(name.startswith("buzzdask-embed") for name in threads)
     assert scorer.stats()["embedder_calls"] == 2
     _assert_equal(activations, default_activations)
+
+
+def test_aligned_runs_are_embedded_in_place(tiny_embedder: Path, tiny_model: Path) -> None:
+    """An aligned chunk's runs reach TensorFlow without a copy and score the bits a copy
+    scores; the chunk's samples stay as they were. What follows a run's last window (the
+    chunk's next samples in place) changes no activation: each frame alone, zeros after it,
+    scores the same."""
+    scorer = _scorer(str(tiny_embedder), str(tiny_model), cpu_call_frames=8)
+    source = field_like(SPEC.span(40), SPEC.sample_rate, seed=7)[:, 0].astype(np.float32)
+    aligned = aligned_empty(len(source))
+    aligned[:] = source
+    shifted = np.empty(len(source) + 1, np.float32)[1:]  # 4 bytes past malloc's alignment
+    shifted[:] = source
+    in_place_tensor, copied_tensor = scorer._tensor(aligned), scorer._tensor(shifted)
+    aligned[0] = shifted[0] = 5.0  # seen only through a tensor that holds the array itself
+    assert (float(in_place_tensor[0]), float(copied_tensor[0])) == (5.0, source[0])
+    aligned[0] = shifted[0] = source[0]
+
+    (in_place,) = scorer.score([DecodedChunk(samples=aligned, first_frame=0, n_frames=40)])
+    (copied,) = scorer.score([DecodedChunk(samples=shifted, first_frame=0, n_frames=40)])
+    np.testing.assert_array_equal(in_place, copied)
+    np.testing.assert_array_equal(aligned, source)
+    alone = scorer.score(
+        [
+            DecodedChunk(samples=source[start : start + SPEC.span(1)], first_frame=i, n_frames=1)
+            for i, start in enumerate(range(0, 40 * SPEC.hop_length, SPEC.hop_length))
+        ]
+    )
+    _assert_equal([in_place], [np.concatenate(alone)])
 
 
 @pytest.mark.parametrize("n_frames", [31, 626])

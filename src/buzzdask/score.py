@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from distributed import Client, Future, get_worker, secede
 
-from buzzdask.decode import DecodedChunk
+from buzzdask.decode import SAMPLE_ALIGNMENT, DecodedChunk, aligned_empty
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError, ScorerMisplacedError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import head_weights, load_embedder, load_head
@@ -100,7 +100,11 @@ def embedder_threads(
 
 @dataclass
 class _FrameRun:
-    """Consecutive frames of one chunk placed in a batch waveform."""
+    """Consecutive frames of one chunk placed in a batch waveform.
+
+    ``samples`` run from the first frame's start to the padded end of the run's waveform, or to
+    the chunk's end where that comes first.
+    """
 
     chunk: int
     first: int
@@ -283,8 +287,24 @@ class Scorer:
 
     def _embed(self, waveform: np.ndarray) -> np.ndarray:
         assert self._embedder is not None
-        outputs = self._embedder(self._tf.constant(waveform, dtype=self._tf.float32))
-        return outputs[1].numpy()
+        return self._embedder(self._tensor(waveform))[1].numpy()
+
+    def _tensor(self, waveform: np.ndarray) -> Any:
+        """``waveform`` (float32) as a tensor: on a CPU, its own buffer where TensorFlow takes it.
+
+        TensorFlow copies a NumPy array into a tensor of its own (``tf.constant``), but takes a
+        buffer aligned for its kernels as it is, through DLPack: a 10-minute chunk's calls then
+        copy nothing. The tensor holds the array while it lives; TensorFlow writes only into
+        buffers no one else holds, so the chunk's samples stay as they were.
+        """
+        if (
+            self.device == "CPU"
+            and waveform.ctypes.data % SAMPLE_ALIGNMENT == 0
+            and waveform.flags.c_contiguous
+            and waveform.flags.writeable
+        ):
+            return self._tf.experimental.dlpack.from_dlpack(waveform.__dlpack__())
+        return self._tf.constant(waveform, dtype=self._tf.float32)
 
     def score(self, chunks: Sequence[DecodedChunk | StoredChunk]) -> list[np.ndarray]:
         """Score decoded chunks, or stored embeddings, with every head.
@@ -459,7 +479,7 @@ class Scorer:
             for first in range(0, chunk.n_frames, run_frames):
                 n_frames = min(run_frames, chunk.n_frames - first)
                 start = first * spec.hop_length
-                samples = chunk.samples[start : start + spec.span(n_frames)]
+                samples = chunk.samples[start : start + self._padded_length(n_frames)]
                 runs.append(_FrameRun(index, first, n_frames, samples))
         return runs
 
@@ -480,17 +500,30 @@ class Scorer:
         return list(zip(batch, np.split(outputs, ends[:-1]), strict=True))
 
     def _batch_outputs(self, batch: list[_FrameRun]) -> np.ndarray:
-        """The runs of ``batch`` laid out on the patch grid in one waveform, embedded."""
+        """The runs of ``batch`` laid out on the patch grid in one waveform, embedded.
+
+        A lone run with its whole padded waveform in its chunk is embedded where it lies: what
+        follows its last frame's window reaches only patches that are thrown away.
+        """
         lengths = [self._padded_length(run.n_frames) for run in batch]
-        waveform = np.zeros(sum(lengths), np.float32)
-        rows: list[np.ndarray] = []
-        offset = 0
         stride = self._stride or 1
-        for run, length in zip(batch, lengths, strict=True):
-            # Past the end of the file the embedder's context is zero, as in a whole-file call.
-            waveform[offset : offset + len(run.samples)] = run.samples
-            rows.append(offset // self.native_hop + stride * np.arange(run.n_frames))
-            offset += length
+        if len(batch) == 1 and len(batch[0].samples) == lengths[0]:
+            waveform = batch[0].samples
+        else:
+            waveform = aligned_empty(sum(lengths))
+            offset = 0
+            for run, length in zip(batch, lengths, strict=True):
+                end = offset + len(run.samples)
+                waveform[offset:end] = run.samples
+                # Past the end of the file the embedder's context is zero, as in a whole-file
+                # call.
+                waveform[end : offset + length] = 0.0
+                offset += length
+        first_patches = np.cumsum([0, *lengths[:-1]]) // self.native_hop
+        rows = [
+            first + stride * np.arange(run.n_frames)
+            for first, run in zip(first_patches, batch, strict=True)
+        ]
         return self._embed(waveform)[np.concatenate(rows)].astype(np.float32, copy=False)
 
 
