@@ -79,9 +79,9 @@ _SEEKABLE = ("mp3", "flac", "pcm_*")  # decode_chunk's default; runs take buzzda
 _STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
 _PIPE_BYTES = 1 << 20  # ffmpeg stdout pipe capacity asked for (Linux allows 1 MiB unprivileged)
 
-#: Bytes on whose boundary decoded samples start (:func:`aligned_empty`): TensorFlow, built for
-#: AVX-512, takes a buffer so aligned as it is, where it copies any other
-#: (:meth:`buzzdask.score.Scorer`'s embedder calls).
+#: Bytes on whose boundary decoded samples start (:func:`aligned_empty`): the scorer hands such
+#: a buffer to TensorFlow as it is, through DLPack (TensorFlow, built for AVX-512, needs this
+#: alignment of it), where ``tf.constant`` would copy it (:class:`buzzdask.score.Scorer`).
 SAMPLE_ALIGNMENT = 64
 
 # ffmpeg's report of its input (``ffmpeg -i FILE``), read when there is no ffprobe.
