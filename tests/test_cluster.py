@@ -575,9 +575,13 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
         assert _preloads(client) == {
             a: (["buzzdask.preload"] if a == gpu_worker else []) for a in workers
         }
+
         # The import is over once the garbage collector, paused for it, runs again.
+        def imported() -> bool:
+            return "tensorflow" in sys.modules and gc.isenabled()
+
         deadline = time.monotonic() + 60
-        while not client.run(lambda: "tensorflow" in sys.modules and gc.isenabled())[gpu_worker]:
+        while not client.run(imported, workers=[gpu_worker])[gpu_worker]:
             assert time.monotonic() < deadline, "the GPU worker never imported TensorFlow"
             time.sleep(0.5)
         assert client.run(gc.isenabled) == dict.fromkeys(workers, True)
