@@ -235,6 +235,50 @@ def test_embedder_calls_run_side_by_side_on_a_cpu(
     _assert_equal(activations, default_activations)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_task_s_calls_start_beside_the_last_call_of_the_task_before(
+    tiny_embedder: Path, tiny_model: Path, default_activations: list[np.ndarray]
+) -> None:
+    """Two score tasks at once (as the worker runs them): the second's calls queue behind the
+    first's, not behind its end, so a core left free by the first's last call takes the next
+    task's first. Each task gets its own activations; the counters add up, and the seconds
+    scoring count the time with a task in it, not each task's."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    scorer = _scorer(str(tiny_embedder), str(tiny_model))
+    embed = scorer._embed
+    lock, first_in, second_in = threading.Lock(), threading.Event(), threading.Event()
+    first_saw_second: list[bool] = []
+
+    def embed_waiting_for_the_next_task(waveform: np.ndarray) -> np.ndarray:
+        with lock:
+            first = not first_in.is_set()
+            first_in.set()
+        if first:  # the first task's only call: the next task's would wait here in vain
+            first_saw_second.append(second_in.wait(timeout=10))
+        else:
+            second_in.set()
+        return embed(waveform)
+
+    scorer._embed = embed_waiting_for_the_next_task  # type: ignore[method-assign]
+    chunks = _chunks()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as tasks:
+        first_task = tasks.submit(scorer.score, chunks[2:])  # 7 frames: one call
+        assert first_in.wait(timeout=10)
+        second_task = tasks.submit(scorer.score, chunks[:2])
+        activations = first_task.result() + second_task.result()
+    elapsed = time.perf_counter() - started
+    assert first_saw_second == [True]
+    _assert_equal(activations, [default_activations[i] for i in (2, 0, 1)])
+    stats = scorer.stats()
+    assert stats["frames_scored"] == stats["frames_embedded"] == 47
+    assert stats["embedder_calls"] == 3
+    assert 0 < stats["seconds_scoring"] <= elapsed
+
+
 def test_aligned_runs_are_embedded_in_place(tiny_embedder: Path, tiny_model: Path) -> None:
     """An aligned chunk's runs reach TensorFlow without a copy and score the bits a copy
     scores; the chunk's samples stay as they were. What follows a run's last window (the

@@ -15,8 +15,9 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -263,9 +264,13 @@ class Scorer:
         self.seconds_scoring = 0.0
         self.calls = 0
         self.oom_splits = 0
-        # Score tasks call in from the worker's threads (see _call): one task at a time.
+        # Score tasks call in from the worker's threads (see _call). They hand their embedder
+        # calls to the pool one task after the other; without a pool (a GPU: one call at a
+        # time), they make them one task after the other.
         self._lock = threading.Lock()
-        self._counters = threading.Lock()  # the calls of one task may end side by side
+        self._counters = threading.Lock()  # calls and tasks may end side by side
+        self._tasks_scoring = 0
+        self._busy_since = 0.0
 
     def _measure_embedder(self, handle: str) -> int:
         """Check the embedder gives one frame per window; its embedding size and patch hop."""
@@ -336,8 +341,7 @@ class Scorer:
         """
         if not self._heads:
             raise ModelError("this scorer has no head (started for embeddings only)")
-        with self._lock:
-            started = time.perf_counter()
+        with self._scoring():
             decoded = [c for c in chunks if isinstance(c, DecodedChunk)]
             fresh = iter(self._batched(decoded) if decoded else [])
             embeddings = [
@@ -346,7 +350,6 @@ class Scorer:
                 else c.embeddings.reshape(c.n_frames, self.embedding_size)
                 for c in chunks
             ]
-            self.frames_embedded += sum(c.n_frames for c in decoded)
             stacked = np.concatenate(embeddings)
             # One call per head for the whole task: a head costs next to nothing per frame.
             activations = np.concatenate(
@@ -356,8 +359,9 @@ class Scorer:
                 axis=1,
             )
             bounds = np.cumsum([len(e) for e in embeddings])[:-1]
+        with self._counters:
+            self.frames_embedded += sum(c.n_frames for c in decoded)
             self.frames_scored += len(stacked)
-            self.seconds_scoring += time.perf_counter() - started
         return list(zip(embeddings, np.split(activations, bounds), strict=True))
 
     def embed(self, chunks: list[DecodedChunk]) -> list[np.ndarray]:
@@ -372,12 +376,26 @@ class Scorer:
         list of np.ndarray [shape=(chunk.n_frames, embedding_size), dtype=float32]
             The embedder's output for each frame, one array per chunk, in order.
         """
-        with self._lock:
-            started = time.perf_counter()
+        with self._scoring():
             results = self._batched(chunks)
+        with self._counters:
             self.frames_embedded += sum(len(r) for r in results)
-            self.seconds_scoring += time.perf_counter() - started
         return results
+
+    @contextmanager
+    def _scoring(self) -> Iterator[None]:
+        """A task scores in the block: :attr:`seconds_scoring` counts time with one or more."""
+        with self._counters:
+            if not self._tasks_scoring:
+                self._busy_since = time.perf_counter()
+            self._tasks_scoring += 1
+        try:
+            yield
+        finally:
+            with self._counters:
+                self._tasks_scoring -= 1
+                if not self._tasks_scoring:
+                    self.seconds_scoring += time.perf_counter() - self._busy_since
 
     def _batched(self, chunks: list[DecodedChunk]) -> list[np.ndarray]:
         """Frames of ``chunks`` through the embedder in batches: their embeddings, per chunk."""
@@ -386,11 +404,16 @@ class Scorer:
                 "this scorer has no embedder (started to re-score stored embeddings only)"
             )
         batches = self._call_batches(chunks)
-        embedded = (
-            self._calls_pool.map(self._embedded_runs, batches)
-            if self._calls_pool is not None and len(batches) > 1
-            else map(self._embedded_runs, batches)
-        )
+        embedded: Iterable[list[tuple[_FrameRun, np.ndarray]]]
+        with self._lock:
+            if self._calls_pool is None:
+                embedded = [self._embedded_runs(batch) for batch in batches]
+            else:
+                # Queued behind the calls of the task before (the pool takes them in order), not
+                # after them: its last call no longer runs alone on one core while the other
+                # waits for the next task.
+                calls = [self._calls_pool.submit(self._embedded_runs, b) for b in batches]
+                embedded = (call.result() for call in calls)
         pieces: list[list[tuple[int, np.ndarray]]] = [[] for _ in chunks]
         for runs in embedded:
             for run, outputs in runs:
@@ -759,8 +782,8 @@ def _call(scorer: Any, method: str, chunks: list[Any]) -> list[Any]:
     except ValueError:  # not in a worker
         instance = None
     if isinstance(instance, Scorer):
-        # The actor scores one task at a time (its lock): a task queued behind another, or
-        # waiting on TensorFlow's own threads, would hold a worker thread that could decode.
+        # A task waiting for its embedder calls (TensorFlow's threads, or the task before it on
+        # a GPU) would hold a worker thread that could decode.
         secede()
         return getattr(instance, method)(chunks)
     return getattr(scorer, method)(chunks).result()
