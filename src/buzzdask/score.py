@@ -104,7 +104,8 @@ class _FrameRun:
     """Consecutive frames of one chunk placed in a batch waveform.
 
     ``samples`` run from the first frame's start to the padded end of the run's waveform, or to
-    the chunk's end where that comes first.
+    the chunk's end where that comes first (a half made after running out of GPU memory,
+    :func:`_halves`, to its last frame's end). What they leave of the padded length is zeros.
     """
 
     chunk: int
