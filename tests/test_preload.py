@@ -1,14 +1,17 @@
-"""``buzzdask.preload``: the garbage collector paused for TensorFlow's import, and back after."""
+"""``buzzdask.preload``: the garbage collector paused for TensorFlow's import, and back after;
+Keras left out of that import, and loaded on first use."""
 
 from __future__ import annotations
 
 import gc
+import importlib
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from buzzdask.preload import collection_paused
+from buzzdask.preload import collection_paused, keras_left_out
 
 
 @pytest.fixture
@@ -56,3 +59,33 @@ def test_tensorflow_imports_with_fewer_full_collections():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
     )
     assert done.stdout.split() == ["0", "True"]
+
+
+def test_a_package_left_out_is_found_but_not_imported_in_the_block(tmp_path, monkeypatch):
+    (tmp_path / "left_out_package").mkdir()
+    (tmp_path / "left_out_package" / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with keras_left_out(["left_out_package"]):
+        spec = importlib.util.find_spec("left_out_package")
+        assert spec is not None and spec.submodule_search_locations is not None
+        with pytest.raises(ImportError, match="left out"):
+            importlib.import_module("left_out_package")
+        assert "left_out_package" not in sys.modules
+    assert importlib.import_module("left_out_package").VALUE == 1
+    assert not any(type(finder).__module__ == "buzzdask.preload" for finder in sys.meta_path)
+
+
+def test_tensorflow_imports_without_keras_which_loads_on_first_use():
+    """In a fresh interpreter: no Keras (nor the pandas it imports) until ``tf.keras``."""
+    script = (
+        "import gc, os, sys\n"
+        "os.environ['TF_USE_LEGACY_KERAS'] = '1'\n"
+        "from buzzdask.preload import import_tensorflow\n"
+        "tf = import_tensorflow()\n"
+        "print(sorted({'tf_keras', 'keras', 'pandas'} & set(sys.modules)), gc.isenabled())\n"
+        "print(tf.keras.layers.Dense.__module__.split('.')[0], import_tensorflow() is tf)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert done.stdout.splitlines() == ["[] True", "tf_keras True"]

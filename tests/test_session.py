@@ -1,6 +1,6 @@
 """The local cluster buzzdask starts: one worker that decodes and scores, lean Dask settings,
-and TensorFlow imported early only where a worker will score; processes that end without
-Python's last garbage collection."""
+and TensorFlow imported early only where a worker will score; workers that import only what
+their tasks use; processes that end without Python's last garbage collection."""
 
 from __future__ import annotations
 
@@ -67,6 +67,55 @@ def test_workers_that_only_decode_do_not_import_tensorflow() -> None:
         assert {str(spec["options"].get("preload")) for spec in cluster.worker_spec.values()} == {
             "['buzzdask.preload']"
         }
+
+
+#: Modules a worker process never needs: the client's planning and extras, and Keras.
+CLIENT_SIDE_MODULES = (
+    "buzzdask.analysis",
+    "buzzdask.exports",
+    "buzzdask.plots",
+    "buzzdask.training",
+    "matplotlib",
+    "tf_keras",
+    "keras",
+)
+
+
+def _client_side_modules() -> list[str]:
+    return [name for name in CLIENT_SIDE_MODULES if name in sys.modules]
+
+
+def test_a_worker_imports_only_what_its_tasks_use(tiny_embedder, tiny_model, tmp_path) -> None:
+    from distributed import Client
+
+    import buzzdask
+    from tests.conftest import SHARED_DIR
+
+    with start_local_cluster(_settings()) as cluster, Client(cluster) as client:
+        result = buzzdask.analyze(
+            [SHARED_DIR / "data" / "audio_in" / "testbuzz.mp3"],
+            tiny_model,
+            output=tmp_path / "out",
+            client=client,
+            embedder=str(tiny_embedder),
+            progress=False,
+        )
+        assert result.summary["frames"] > 0
+        assert list(client.run(_client_side_modules).values()) == [[]]
+
+
+def test_importing_buzzdask_leaves_its_public_names_to_first_use() -> None:
+    names = "import buzzdask, sys; print(sorted(set(sys.modules) & {'pandas', 'pyarrow'}))"
+    done = subprocess.run(
+        [sys.executable, "-c", names], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.splitlines() == ["[]"]
+    import buzzdask
+
+    for name in buzzdask.__all__:
+        assert getattr(buzzdask, name) is not None, name
+    assert set(buzzdask.__all__) <= set(dir(buzzdask))
+    assert buzzdask.analyze is __import__("buzzdask.analysis").analysis.analyze
 
 
 def _exit_with_a_witness(code: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,8 +24,8 @@ import pandas as pd
 from distributed import Client
 
 from buzzdask.dashboard_page import RunPublisher
-from buzzdask.decode import PREPROCESSING, AudioInfo, decode_chunk, probe_audio
-from buzzdask.errors import DecodeError, ModelError, ParameterError
+from buzzdask.decode import PREPROCESSING, decode_chunk
+from buzzdask.errors import ModelError, ParameterError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile, describe_skipped, scan
@@ -34,16 +33,16 @@ from buzzdask.ledger import FileLedger, FileState, HeadOutput
 from buzzdask.lock import OutputLock, refuse_if_in_use
 from buzzdask.logs import quiet_environment, run_log
 from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
-from buzzdask.pipeline import ChunkPipeline, outcome
+from buzzdask.pipeline import ChunkPipeline, outcome, probe_task
 from buzzdask.progress import Progress
 from buzzdask.results import read_frames
 from buzzdask.resume import ResumeCheck, check_resume
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
-from buzzdask.session import connect, package_versions, task_key
+from buzzdask.session import connect, package_versions, peak_rss_by_worker, task_key
 from buzzdask.settings import Settings, load_settings
 from buzzdask.staging import decode_chunk_staged
-from buzzdask.store import EmbeddingStore, file_sha256
+from buzzdask.store import EmbeddingStore
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds
 from buzzdask.write import (
     ERROR_COLUMNS,
@@ -460,7 +459,7 @@ def run_plan(
                 ),
             )
         run_stats = {
-            "peak_rss_bytes": _peak_rss(connected),
+            "peak_rss_bytes": peak_rss_by_worker(connected),
             "peak_decoded_bytes_in_flight": pipeline.budget.peak_bytes,
             "chunks_resent": pipeline.resent,
             "scorers": pool.stats(),
@@ -645,23 +644,6 @@ def _decoder(settings: Settings) -> Any:
     )
 
 
-def probe_task(
-    paths: Sequence[str], tools: FFmpegTools, content_hash: bool = False
-) -> list[AudioInfo | DecodeError]:
-    """Probe task: a file that is not audio is an answer, not a failure (no worker traceback).
-
-    ``content_hash``: also read each file's SHA-256, which keys the embedding store.
-    """
-    answers: list[AudioInfo | DecodeError] = []
-    for path in paths:
-        try:
-            info = probe_audio(path, tools=tools)
-            answers.append(replace(info, sha256=file_sha256(path)) if content_hash else info)
-        except DecodeError as error:
-            answers.append(error)
-    return answers
-
-
 def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
     """The settings that change model ``index``'s results: a resume must match them."""
     from buzzdask import __version__
@@ -770,13 +752,3 @@ def _summary(
         # Chunks whose embeddings came from the store rather than from decoding the audio.
         "chunks_from_store": ledger.chunks_from_store,
     }
-
-
-def _peak_rss_bytes() -> int:
-    """Peak resident memory of this worker process (ffmpeg runs in its own processes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_rss(client: Client) -> dict[str, int]:
-    # A worker that died during the run has no answer; the others still report.
-    return client.run(_peak_rss_bytes, on_error="ignore")

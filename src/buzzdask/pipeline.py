@@ -17,7 +17,7 @@ import functools
 import itertools
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from distributed import Client, Future, as_completed
@@ -27,15 +27,18 @@ from buzzdask.decode import (
     ChunkPlan,
     DecodedChunk,
     length_is_exact,
+    probe_audio,
     release_decoded_copy,
     seeks_exactly,
 )
+from buzzdask.errors import DecodeError
+from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import task_key
 from buzzdask.settings import Settings
-from buzzdask.store import STORED_CODEC, StoredRef, load_stored
+from buzzdask.store import STORED_CODEC, StoredRef, file_sha256, load_stored
 
 __all__ = [
     "Budget",
@@ -50,6 +53,7 @@ __all__ = [
     "group_bytes",
     "next_group",
     "outcome",
+    "probe_task",
     "score_picked",
     "short_chunks",
     "split_failed_group",
@@ -292,6 +296,23 @@ def short_chunks(todo: Sequence[ChunkJob], *, most_frames: int) -> int:
             return max(1, count)
         total += frames
     return max(1, len(todo))
+
+
+def probe_task(
+    paths: Sequence[str], tools: FFmpegTools, content_hash: bool = False
+) -> list[AudioInfo | DecodeError]:
+    """Probe task: a file that is not audio is an answer, not a failure (no worker traceback).
+
+    ``content_hash``: also read each file's SHA-256, which keys the embedding store.
+    """
+    answers: list[AudioInfo | DecodeError] = []
+    for path in paths:
+        try:
+            info = probe_audio(path, tools=tools)
+            answers.append(replace(info, sha256=file_sha256(path)) if content_hash else info)
+        except DecodeError as error:
+            answers.append(error)
+    return answers
 
 
 def decode_several(

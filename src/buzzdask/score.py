@@ -28,7 +28,7 @@ from buzzdask.decode import SAMPLE_ALIGNMENT, DecodedChunk, aligned_empty
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError, ScorerMisplacedError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import head_weights, load_embedder, load_head
-from buzzdask.preload import collection_paused
+from buzzdask.preload import import_tensorflow
 from buzzdask.store import EmbeddingStore, StoredChunk
 from buzzdask.write import PartitionWriter
 
@@ -206,8 +206,7 @@ class Scorer:
         self.call_frames = max(1, int(batch_frames))
         if embedder_handle or any(head_weights(path) is None for path in head_paths):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            with collection_paused():  # where no preload imported it already
-                import tensorflow as tf
+            tf = import_tensorflow()  # where no preload imported it already
 
             on_gpu = bool(gpus or tf.config.list_physical_devices("GPU"))
             threads = embedder_threads(

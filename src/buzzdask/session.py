@@ -10,6 +10,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import resource
 import sys
 import threading
 import uuid
@@ -21,7 +22,6 @@ from typing import Any
 import dask
 import dask.base
 import distributed
-import pandas as pd
 from distributed import Client, LocalCluster
 from distributed.comm import get_address_host
 
@@ -35,6 +35,7 @@ __all__ = [
     "is_running",
     "lean_dask",
     "package_versions",
+    "peak_rss_by_worker",
     "scorer_hosts",
     "scorers_per_host",
     "start_local_cluster",
@@ -157,9 +158,10 @@ WORKER_MALLOC: dict[str, int] = {
 }
 
 #: Environment of the worker processes buzzdask starts, set before anything imports TensorFlow.
-#: TensorFlow's import then loads tf_keras (Keras 2) rather than Keras 3, whose import also
-#: loads matplotlib and IPython where they are installed: about 0.6 s sooner to a worker's first
-#: score. Scorers load SavedModels, no Keras model, and score the same numbers either way.
+#: Should a worker's TensorFlow load Keras (scorers leave it out of the import,
+#: :func:`buzzdask.preload.import_tensorflow`, and load SavedModels, no Keras model), it is then
+#: tf_keras (Keras 2) rather than Keras 3, whose import also loads matplotlib and IPython where
+#: they are installed: about 0.6 s more.
 WORKER_ENVIRON: dict[str, str] = {"TF_USE_LEGACY_KERAS": "1"}
 
 #: Dask settings of the schedulers and workers buzzdask starts. No work stealing: it moved
@@ -244,6 +246,19 @@ def task_key(prefix: str, *parts: Any) -> str:
     return f"{prefix}-{dask.base.tokenize(*parts, uuid.uuid4().hex)}"
 
 
+def peak_rss_by_worker(client: Client) -> dict[str, int]:
+    """Peak resident memory of each worker process [bytes] (ffmpeg runs in its own processes).
+
+    A worker that died during the run has no answer; the others still report.
+    """
+    return client.run(_peak_rss_bytes, on_error="ignore")
+
+
+def _peak_rss_bytes() -> int:
+    # Run on a worker: a function of this module, which the workers import anyway.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def tensorflow_version() -> str:
     """TensorFlow's version in this process: the loaded module's, else the installed one's.
 
@@ -270,7 +285,8 @@ def package_versions() -> dict[str, str]:
         "buzzdask": __version__,
         "dask": dask.__version__,
         "distributed": distributed.__version__,
-        "pandas": pd.__version__,
+        # Its version without its import (0.2 s), which a worker process never needs.
+        "pandas": importlib.metadata.version("pandas"),
         "pyarrow": pyarrow.__version__,
         "python": platform.python_version(),
         # It resamples plain WAVs (decoded in process); ffmpeg's own is in "ffmpeg".

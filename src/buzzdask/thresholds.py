@@ -19,12 +19,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from buzzdask.errors import ModelError, ParameterError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "COMPARISON",
@@ -114,6 +116,8 @@ class ThresholdChoice:
 
 
 def _read_metrics(model_dir: str | os.PathLike[str]) -> tuple[Path, pd.DataFrame]:
+    import pandas as pd  # here: the workers import this module, and never need pandas
+
     path = Path(model_dir) / METRICS_PATH
     try:
         metrics = pd.read_csv(path)

@@ -31,7 +31,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dask.utils import format_bytes
@@ -624,6 +623,8 @@ def write_table(table: pa.Table, path: Path) -> None:
 
 def write_errors(path: Path, errors: Sequence[Mapping[str, Any]]) -> None:
     """Write the errors table (always, empty when nothing failed)."""
+    import pandas as pd  # here: the workers write partitions with this module, never this table
+
     frame = pd.DataFrame(list(errors), columns=ERROR_COLUMNS).astype(
         {"file": "string", "stage": "string", "reason": "string", "detail": "string"}
     )
