@@ -6,13 +6,14 @@ task keys the dashboard groups by; the package versions recorded with every resu
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import importlib.metadata
 import logging
 import os
 import platform
 import resource
 import sys
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ import dask.base
 import distributed
 from distributed import Client, LocalCluster
 from distributed.comm import get_address_host
+from tornado import web
 
 from buzzdask.dashboard import local_dashboard_lines
 from buzzdask.logs import check_main_guard, quiet_environment
@@ -106,44 +108,70 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
             threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
             processes=processes,
             dashboard_address=settings.dashboard_address,
-            # The dashboard's server listens at once; its pages come once the workers have started.
+            # The dashboard's server listens at once; its pages come on the first visit.
             scheduler_kwargs={"dashboard": False},
             preload=["buzzdask.preload"] if processes and all_score else [],
         )
     if settings.dashboard_address is not None:
-        threading.Thread(
-            target=_add_dashboard_pages, args=(cluster,), name="buzzdask-dashboard"
-        ).start()
+        _DashboardPages(cluster).build_on_first_visit()
     return cluster
 
 
-def _add_dashboard_pages(cluster: LocalCluster) -> None:
-    """Add the Dask dashboard's pages (``/status`` ...) to a started cluster's server.
+class _DashboardPages:
+    """The Dask dashboard's pages (``/status`` ...) of a started cluster, built on first visit.
 
-    The scheduler would build them before its first worker process is spawned: importing
-    bokeh takes about 0.5 s, all of it before the workers' TensorFlow import could start. Here
-    the import runs while the workers import TensorFlow, and the pages are added on the
-    scheduler's event loop, as the scheduler adds them.
+    The scheduler would build them as it starts, before its first worker process is spawned,
+    importing bokeh (0.3 CPU-s, 0.5 s), which a run whose dashboard nobody opens never needs.
+    Until the first visit, a path the scheduler's own handlers do not serve (its
+    ``/info``, ``/health``, buzzdask's ``/buzzdask`` page) leads here: bokeh is imported in a
+    thread, the pages are added on the scheduler's event loop as the scheduler adds them, and
+    the visitor is sent on to the address asked for. From then on, a path that is no page gets
+    Dask's 404.
     """
-    try:
-        import distributed.dashboard.scheduler as dashboard
-    except ImportError as error:  # bokeh is a dependency; a broken install still runs
-        logger.warning("no Dask dashboard pages: %s", error)
-        return
-    scheduler, loop = cluster.scheduler, cluster.loop
-    if scheduler is None or loop is None:  # the cluster was closed meanwhile
-        return
-    prefix = cluster.scheduler_spec["options"].get("http_prefix", "/")
-    try:
-        loop.add_callback(
-            dashboard.connect,
-            scheduler.http_application,
-            scheduler.http_server,
-            scheduler,
-            prefix=prefix,
-        )
-    except RuntimeError:  # its event loop has stopped
-        pass
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.scheduler = cluster.scheduler
+        self.prefix = cluster.scheduler_spec["options"].get("http_prefix", "/")
+        self.first_visits = web.Application([(r".*", _FirstVisit, {"pages": self})])
+        self._built: asyncio.Future[bool] | None = None
+
+    def build_on_first_visit(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.http_application.add_application(self.first_visits)
+
+    async def build(self) -> bool:
+        """Build the pages, once however many visits ask at once; False without bokeh."""
+        if self._built is None:
+            self._built = asyncio.ensure_future(self._build())
+        return await asyncio.shield(self._built)
+
+    async def _build(self) -> bool:
+        assert self.scheduler is not None
+        application = self.scheduler.http_application
+        try:
+            dashboard = await asyncio.get_running_loop().run_in_executor(
+                None, importlib.import_module, "distributed.dashboard.scheduler"
+            )
+        except ImportError as error:  # bokeh is a dependency; a broken install still runs
+            logger.warning("no Dask dashboard pages: %s", error)
+            return False
+        else:
+            dashboard.connect(
+                application, self.scheduler.http_server, self.scheduler, prefix=self.prefix
+            )
+            return True
+        finally:
+            application.applications.remove(self.first_visits)
+
+
+class _FirstVisit(web.RequestHandler):
+    def initialize(self, pages: _DashboardPages) -> None:
+        self.pages = pages
+
+    async def get(self) -> None:
+        if not await self.pages.build():
+            raise web.HTTPError(404)
+        self.redirect(self.request.uri or "/")
 
 
 #: glibc's malloc in the worker processes buzzdask starts. Dask's nanny sets a 64 KiB trim
