@@ -127,7 +127,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # Each public name's module is imported when the name is first used (PEP 562), and
     # buzzdask.cluster (dask-jobqueue) likewise: `import buzzdask` stays light. A worker process
-    # imports only what its tasks use: not pandas, plots, exports or training (about 0.2 s).
+    # imports only what its tasks use: not the client's planning, exports, plots or training.
     if name == "cluster":
         return importlib.import_module("buzzdask.cluster")
     module = _LAZY_NAMES.get(name)

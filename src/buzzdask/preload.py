@@ -4,7 +4,8 @@ Local clusters' scorer workers, SLURM GPU worker jobs (and CPU ones with ``--gpu
 :func:`buzzdask.cluster.slurm.scorer_worker_args`) and the one-job script's GPU tasks (every
 worker task without GPUs).
 
-It starts importing TensorFlow early, in a thread of its own. A worker would otherwise begin
+It starts importing TensorFlow early, in a thread of its own, after the modules the worker's
+tasks use (:data:`TASK_MODULES`). A worker would otherwise begin
 that import (about 2 s) only when its scorer actor is created: after the client has planned
 the run and probed the first files. The actor's own ``import tensorflow`` then waits for this
 one (Python's import lock) instead of starting over.
@@ -37,6 +38,8 @@ from types import ModuleType
 from typing import Any
 
 __all__ = [
+    "KERAS_PACKAGES",
+    "TASK_MODULES",
     "WAIT_FOR_LOGGING_S",
     "collection_paused",
     "dask_setup",
@@ -77,7 +80,7 @@ def _import_tensorflow() -> None:
 def import_tensorflow() -> ModuleType:
     """``import tensorflow`` as a scorer needs it: the collector paused, Keras left out.
 
-    See :func:`collection_paused` and :func:`keras_left_out`: together 0.5-0.7 s less on a
+    See :func:`collection_paused` and :func:`keras_left_out`: together 0.7-1 s less on a
     scorer's start here. A TensorFlow already imported is returned as it is.
     """
     with collection_paused(), keras_left_out():

@@ -313,7 +313,7 @@ def package_versions() -> dict[str, str]:
         "buzzdask": __version__,
         "dask": dask.__version__,
         "distributed": distributed.__version__,
-        # Its version without its import (0.2 s), which a worker process never needs.
+        # Read without importing pandas (0.2 s), which a decode-only worker never needs.
         "pandas": importlib.metadata.version("pandas"),
         "pyarrow": pyarrow.__version__,
         "python": platform.python_version(),

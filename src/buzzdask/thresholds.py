@@ -116,7 +116,7 @@ class ThresholdChoice:
 
 
 def _read_metrics(model_dir: str | os.PathLike[str]) -> tuple[Path, pd.DataFrame]:
-    import pandas as pd  # here: the workers import this module, and never need pandas
+    import pandas as pd  # here: workers import this module, never this function
 
     path = Path(model_dir) / METRICS_PATH
     try:
