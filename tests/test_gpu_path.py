@@ -191,6 +191,10 @@ def test_gpu_worker_spare_threads_decode_beside_its_scorer(
                     client=client,
                     embedder=str(tiny_embedder),
                     chunk_seconds=1.92,
+                    # Score tasks of two chunks: the budget then holds decoding back until the
+                    # scorer scores, so the CPU worker cannot decode it all while the GPU
+                    # worker's scorer loads (it did once, on a busy machine).
+                    batch_frames=4,
                     progress=False,
                 )
         finally:
