@@ -283,6 +283,14 @@ class MidRunKiller:
             time.sleep(0.02)
 
 
+def in_a_fresh_interpreter(script: str, *, timeout: float = 300) -> list[str]:
+    """The lines ``script`` prints, run by a new Python process (which must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=timeout
+    )
+    return done.stdout.splitlines()
+
+
 def run_benchmark(module: str, *args: str) -> None:
     """``python -m <module> <args>`` from the repository's root; a failure shows its stderr."""
     done = subprocess.run(

@@ -6,12 +6,12 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
-import subprocess
 import sys
 
 import pytest
 
 from buzzdask.preload import collection_paused, keras_left_out
+from tests.conftest import in_a_fresh_interpreter
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_tensorflow_imports_with_fewer_full_collections():
         "    import tensorflow\n"
         "print(gc.get_stats()[2]['collections'] - before, gc.isenabled())\n"
     )
-    assert _in_a_fresh_interpreter(script) == ["0 True"]
+    assert in_a_fresh_interpreter(script) == ["0 True"]
 
 
 def test_a_package_left_out_is_found_but_not_imported_in_the_block(tmp_path, monkeypatch):
@@ -82,12 +82,4 @@ def test_tensorflow_imports_without_keras_which_loads_on_first_use():
         "print(sorted({'tf_keras', 'keras', 'pandas'} & set(sys.modules)), gc.isenabled())\n"
         "print(tf.keras.layers.Dense.__module__.split('.')[0], import_tensorflow() is tf)\n"
     )
-    assert _in_a_fresh_interpreter(script) == ["[] True", "tf_keras True"]
-
-
-def _in_a_fresh_interpreter(script: str) -> list[str]:
-    """The lines ``script`` prints, run by a new Python process."""
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
-    )
-    return done.stdout.splitlines()
+    assert in_a_fresh_interpreter(script) == ["[] True", "tf_keras True"]

@@ -5,7 +5,6 @@ their tasks use; processes that end without Python's last garbage collection."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
@@ -14,6 +13,7 @@ import dask
 from buzzdask.logs import WorkerLogging
 from buzzdask.session import WORKER_ENVIRON, WORKER_MALLOC, start_local_cluster
 from buzzdask.settings import LocalClusterSettings
+from tests.conftest import in_a_fresh_interpreter
 
 
 def _settings(**changes: object) -> LocalClusterSettings:
@@ -106,10 +106,7 @@ def test_a_worker_imports_only_what_its_tasks_use(tiny_embedder, tiny_model, tmp
 
 def test_importing_buzzdask_leaves_its_public_names_to_first_use() -> None:
     names = "import buzzdask, sys; print(sorted(set(sys.modules) & {'pandas', 'pyarrow'}))"
-    done = subprocess.run(
-        [sys.executable, "-c", names], capture_output=True, text=True, check=True, timeout=120
-    )
-    assert done.stdout.splitlines() == ["[]"]
+    assert in_a_fresh_interpreter(names, timeout=120) == ["[]"]
     import buzzdask
 
     for name in buzzdask.__all__:
@@ -118,29 +115,23 @@ def test_importing_buzzdask_leaves_its_public_names_to_first_use() -> None:
     assert buzzdask.analyze is __import__("buzzdask.analysis").analysis.analyze
 
 
-def _exit_with_a_witness(code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter whose first ``atexit`` handler, which runs last,
-    prints whether the collector was frozen by then."""
+def _exit_with_a_witness(code: str) -> list[str]:
+    """What ``code`` prints in a fresh interpreter whose first ``atexit`` handler, which runs
+    last, prints whether the collector was frozen by then."""
     witness = (
         "import atexit, gc\natexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))"
     )
-    return subprocess.run(
-        [sys.executable, "-c", f"{witness}\n{code}"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
+    return in_a_fresh_interpreter(f"{witness}\n{code}", timeout=120)
 
 
 def test_a_worker_preload_skips_the_final_collection_at_exit() -> None:
     done = _exit_with_a_witness("from buzzdask import preload; preload.dask_setup(None)")
-    assert done.stdout.splitlines() == ["frozen True"]
-    assert _exit_with_a_witness("import buzzdask.preload").stdout.splitlines() == ["frozen False"]
+    assert done == ["frozen True"]
+    assert _exit_with_a_witness("import buzzdask.preload") == ["frozen False"]
 
 
 def test_the_command_line_skips_the_final_collection_at_exit(tmp_path) -> None:
     done = _exit_with_a_witness(f"from buzzdask.cli import main; main(['init', {str(tmp_path)!r}])")
-    *created, witness = done.stdout.splitlines()
+    *created, witness = done
     assert witness == "frozen True"
     assert created[0] == f"created {tmp_path / 'audio_in' / 'README.md'}"
