@@ -1,6 +1,8 @@
 """Decoding reproduces buzzdetect's preprocessing, and chunked decodes equal the whole file."""
 
+import io
 import subprocess
+import threading
 import tracemalloc
 from collections import deque
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 from buzzdask import DecodeError, decode_file, probe_audio
 from buzzdask.decode import (
     SAMPLE_ALIGNMENT,
+    _read_samples,
     _run_ffmpeg,
     aligned_empty,
     chunks_after,
@@ -133,6 +136,28 @@ def test_chunks_start_where_the_scorer_reads_them_in_place(
 def test_aligned_empty(n_samples: int) -> None:
     samples = aligned_empty(n_samples)
     assert (samples.shape, samples.dtype) == ((n_samples,), np.float32)
+    assert samples.ctypes.data % SAMPLE_ALIGNMENT == 0
+
+
+@pytest.mark.parametrize("expected", [None, 10, 300_000])
+def test_samples_read_past_the_estimate_stay_whole_and_aligned(expected: int | None) -> None:
+    # More than the estimate (a whole-file decode, or a probed length too short) grows the buffer.
+    sent = np.arange(1_000_003, dtype=np.float32)
+    with subprocess.Popen(
+        ["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    ) as process:
+        assert process.stdin is not None and isinstance(process.stdout, io.RawIOBase)
+        stdin = process.stdin
+
+        def send() -> None:
+            with stdin:
+                stdin.write(sent.tobytes())
+
+        writer = threading.Thread(target=send)
+        writer.start()
+        samples = _read_samples(process.stdout, expected)
+        writer.join()
+    np.testing.assert_array_equal(samples, sent)
     assert samples.ctypes.data % SAMPLE_ALIGNMENT == 0
 
 

@@ -863,7 +863,9 @@ def _read_samples(pipe: io.RawIOBase, expected: int | None) -> np.ndarray:
     filled = 0
     while True:
         if filled == buffer.nbytes:
-            buffer = np.concatenate([buffer, np.empty_like(buffer)])
+            grown = aligned_empty(2 * len(buffer))
+            grown[: len(buffer)] = buffer
+            buffer = grown
         read = pipe.readinto(buffer.data.cast("B")[filled:])
         if not read:
             break
