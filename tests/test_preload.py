@@ -83,3 +83,20 @@ def test_tensorflow_imports_without_keras_which_loads_on_first_use():
         "print(tf.keras.layers.Dense.__module__.split('.')[0], import_tensorflow() is tf)\n"
     )
     assert in_a_fresh_interpreter(script) == ["[] True", "tf_keras True"]
+
+
+def test_tensorflow_imported_once_is_left_out_of_later_collections():
+    """In a fresh interpreter: the objects the import leaves are frozen, once, and a collection
+    after it walks only what came later."""
+    script = (
+        "import gc, threading\n"
+        "from buzzdask.preload import import_tensorflow\n"
+        "threads = [threading.Thread(target=import_tensorflow) for _ in range(2)]\n"
+        "for thread in threads: thread.start()\n"
+        "for thread in threads: thread.join()\n"
+        "frozen = gc.get_freeze_count()\n"
+        "import_tensorflow()\n"
+        "print(frozen > 200_000, gc.get_freeze_count() == frozen, gc.isenabled())\n"
+        "print(len(gc.get_objects()) < frozen // 10)\n"
+    )
+    assert in_a_fresh_interpreter(script) == ["True True True", "True"]
