@@ -63,10 +63,10 @@ def dask_setup(worker: Any) -> None:
     ).start()
 
 
-#: What a scorer worker's tasks import, before TensorFlow: pyarrow imports pandas as the first
-#: partition's columns are made. A worker imports no more of buzzdask (``import buzzdask``
-#: imports its public names' modules on first use).
-TASK_MODULES = ("buzzdask.pipeline", "buzzdask.score", "pandas")
+#: What a scorer worker's tasks import, before TensorFlow. A worker imports no more of buzzdask
+#: (``import buzzdask`` imports its public names' modules on first use), nor pandas
+#: (partitions are built from their buffers, :func:`buzzdask.write.numeric_array`).
+TASK_MODULES = ("buzzdask.pipeline", "buzzdask.score")
 
 
 def _import_tensorflow() -> None:

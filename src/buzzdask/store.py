@@ -41,7 +41,7 @@ from buzzdask.decode import PREPROCESSING
 from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import EmbedderSpec
-from buzzdask.write import write_json, write_table
+from buzzdask.write import numeric_array, write_json, write_table
 
 __all__ = [
     "STORED_CODEC",
@@ -190,13 +190,14 @@ class EmbeddingStore:
             write_json(self.directory / _SETTINGS, self.settings)
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         n_frames, size = embeddings.shape
-        table = pa.table(
-            {
-                "frame": pa.array(first_frame + np.arange(n_frames, dtype=np.int64)),
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(embeddings.reshape(-1)), size
+        table = pa.Table.from_arrays(
+            [
+                numeric_array(first_frame + np.arange(n_frames, dtype=np.int64), np.int64),
+                pa.FixedSizeListArray.from_arrays(
+                    numeric_array(embeddings.reshape(-1), np.float32), size
                 ),
-            }
+            ],
+            names=["frame", "embedding"],
         )
         name = f"part-{first_frame:09d}-{n_frames:06d}{'-end' if at_end else ''}.parquet"
         write_table(table, self.directory / audio_sha256 / name)
