@@ -65,7 +65,7 @@ def run_stage(
     params : dict
         JSON-ready parameters of the stage.
     module : str
-        The module run with ``python -m``; its ``main`` takes ``NAME PARAMS_JSON RESULT_PATH``.
+        The module whose ``STAGES`` holds the stage (run by :func:`benchmarks.stages.main`).
     interval : float > 0 [s]
         Memory sampling period.
     timeout : float > 0 [s]
@@ -92,8 +92,13 @@ def run_stage(
         params_path.write_text(json.dumps(params), encoding="utf-8")
         environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
         started = time.perf_counter()
+        # Run with -c, not -m: a worker process that multiprocessing spawns (the local cluster's)
+        # imports the parent's main module again, which a notebook or the command line would not
+        # make it do (the command's main module is its small script).
+        launcher = f"import sys; from benchmarks.stages import main; from {module} import STAGES; "
+        launcher += "main(sys.argv[1:], STAGES)"
         process = subprocess.Popen(
-            [sys.executable, "-m", module, name, f"@{params_path}", result_path],
+            [sys.executable, "-c", launcher, name, f"@{params_path}", result_path],
             cwd=REPO,
             env=environment,
             stdout=subprocess.DEVNULL,
