@@ -74,24 +74,29 @@ def _import_tensorflow() -> None:
     for name in TASK_MODULES:
         importlib.import_module(name)
     logging_set.wait(WAIT_FOR_LOGGING_S)
-    import_tensorflow()
+    import_tensorflow(freeze=True)
 
 
-def import_tensorflow() -> ModuleType:
+def import_tensorflow(*, freeze: bool = False) -> ModuleType:
     """``import tensorflow`` as a scorer needs it: the collector paused, Keras left out.
 
     See :func:`collection_paused` and :func:`keras_left_out`: together 0.7-1 s less on a
-    scorer's start here. The call that imports it then moves every object the process holds
-    out of the collector's reach (:func:`gc.freeze`): the import leaves about 360,000, which live
-    as long as the process, and the first three collections after it walked them all again
-    (0.35-0.45 CPU-s here). A TensorFlow already imported, or being imported by another thread,
-    is returned as it is, once that import has finished.
+    scorer's start here. A TensorFlow already imported, or being imported by another thread, is
+    returned as it is, once that import has finished.
+
+    Parameters
+    ----------
+    freeze : bool
+        Then move every object the process holds out of the collector's reach (:func:`gc.freeze`),
+        before it runs again. The import leaves about 360,000 that live as long as the process,
+        and the first three collections after it walked them all again (0.35-0.45 CPU-s here).
+        Only for a process buzzdask started (the preload of its workers): in a user's process,
+        garbage awaiting collection would be kept for good.
     """
-    importing = "tensorflow" not in sys.modules
     with collection_paused(), keras_left_out():
         import tensorflow
 
-        if importing:
+        if freeze:
             gc.freeze()
     return tensorflow
 

@@ -190,14 +190,13 @@ class EmbeddingStore:
             write_json(self.directory / _SETTINGS, self.settings)
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         n_frames, size = embeddings.shape
-        table = pa.Table.from_arrays(
-            [
-                numeric_array(first_frame + np.arange(n_frames, dtype=np.int64), np.int64),
-                pa.FixedSizeListArray.from_arrays(
+        table = pa.table(
+            {
+                "frame": numeric_array(first_frame + np.arange(n_frames, dtype=np.int64), np.int64),
+                "embedding": pa.FixedSizeListArray.from_arrays(
                     numeric_array(embeddings.reshape(-1), np.float32), size
                 ),
-            ],
-            names=["frame", "embedding"],
+            }
         )
         name = f"part-{first_frame:09d}-{n_frames:06d}{'-end' if at_end else ''}.parquet"
         write_table(table, self.directory / audio_sha256 / name)
