@@ -90,7 +90,10 @@ def run_stage(
         result_path = Path(scratch) / "result.json"
         params_path = Path(scratch) / "params.json"
         params_path.write_text(json.dumps(params), encoding="utf-8")
-        environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+        # This checkout's buzzdask, not the one the venv has installed (an editable install may
+        # point at another checkout: a worktree benchmarked with the main one's venv).
+        sources = os.pathsep.join([str(REPO / "src"), str(REPO)])
+        environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": sources}
         started = time.perf_counter()
         # Run with -c, not -m: a worker process that multiprocessing spawns (the local cluster's)
         # imports the parent's main module again, which a notebook or the command line would not
