@@ -7,11 +7,13 @@ run; the dataset must then read back whole with pandas and dask.dataframe.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import dask.dataframe as dd
 import pyarrow.parquet as pq
+import pytest
 
 from buzzdask.write import OutputLayout
 from tests.conftest import assert_same_frames, requires_ffmpeg
@@ -106,3 +108,44 @@ def test_resume_after_inputs_changed_or_vanished(run, make_audio, tmp_path):
     log = (earlier / "buzzdask.log").read_text()
     assert "resume: a.wav changed since the earlier run (size or time differ): its 3" in log
     assert "resume: b.wav is gone since the earlier run: its 2 chunks are removed" in log
+
+
+def test_journal_lines_held_in_a_block_are_written_together_as_it_ends(tmp_path):
+    layout = OutputLayout(tmp_path)
+    layout.record_chunk("a.wav", 0, frames=2, size=10, mtime_ns=1)
+    with pytest.raises(RuntimeError, match="a result went wrong"), layout.journal_held():
+        layout.record_chunk("a.wav", 1, frames=2, size=10, mtime_ns=1)
+        with layout.journal_held():  # inside another: held for the outer block
+            layout.record_chunk("b.wav", 0, frames=1, size=20, mtime_ns=2)
+        assert set(layout.read_journal()) == {("a.wav", 0)}
+        layout.record_removed([("a.wav", 0)])
+        raise RuntimeError("a result went wrong")
+    # Written however the block ended, in order: the removal after what it removes.
+    assert set(layout.read_journal()) == {("a.wav", 1), ("b.wav", 0)}
+    assert len(layout.journal.read_text().splitlines()) == 4
+    with layout.journal_held():
+        pass
+    assert len(layout.journal.read_text().splitlines()) == 4
+
+
+def test_a_score_tasks_chunks_are_journalled_with_one_fsync(run, make_audio, tmp_path, monkeypatch):
+    names = [f"site/{index:02d}.wav" for index in range(12)]
+    for index, name in enumerate(names):
+        make_audio(name, n_samples=3 * FRAME, seed=index)
+    journal = tmp_path / "out" / "journal.jsonl"
+    journal_syncs = []
+    real_fsync = os.fsync
+
+    def counted_fsync(fd: int) -> None:  # the client's own fsync, counted where it journals
+        if Path(os.readlink(f"/proc/self/fd/{fd}")) == journal:
+            journal_syncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+    result = run(tmp_path / "audio", output=tmp_path / "out")
+    assert result.ok, result.errors
+    assert result.summary["chunks_written"] == 12
+    assert {file for file, _ in OutputLayout(tmp_path / "out").read_journal()} == set(names)
+    # Short files are scored several to a task: their lines go together.
+    assert 1 <= len(journal_syncs) < len(names) / 2
+    _assert_vouched_for(tmp_path / "out")

@@ -581,6 +581,7 @@ def _run(
         on_result=ledger.scored,
         on_failure=ledger.chunk_failed,
         score_keywords=lambda jobs: {"targets": ledger.targets(jobs)},
+        recording=ledger.recording,
     )
     states = [state for item in inputs.files if (state := ledger.add(item)) is not None]
     inputs.feed(pipeline, ledger, states)

@@ -9,7 +9,7 @@ file that fails does not stop the others.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,6 +312,18 @@ class FileLedger:
         state.chunks_done += 1
         self._fail(state, job.plan.index, stage, *describe(error))
         self._maybe_finished(state)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Chunks :meth:`scored` in the block go into each head's journal together, as it ends.
+
+        The pipeline records one score task's chunks in one block
+        (:meth:`buzzdask.write.OutputLayout.journal_held`).
+        """
+        with ExitStack() as held:
+            for head in self.heads:
+                held.enter_context(head.layout.journal_held())
+            yield
 
     @contextmanager
     def stops_when_output_full(self) -> Iterator[None]:

@@ -17,6 +17,7 @@ import functools
 import itertools
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -438,6 +439,10 @@ class ChunkPipeline:
     score_keywords : callable, optional
         ``score_keywords(jobs) -> dict``: keywords of ``score`` for a group of chunks, each a
         list with one value per chunk (where their results go); none by default.
+    recording : callable, optional
+        ``recording()``: a context entered around the ``on_result`` calls of one score task's
+        chunks, so that the caller can write what it records of them at once
+        (:meth:`buzzdask.ledger.FileLedger.recording`); none by default.
 
     Attributes
     ----------
@@ -462,9 +467,11 @@ class ChunkPipeline:
         on_result: Callable[[ChunkJob, Any], Iterable[ChunkJob] | None],
         on_failure: Callable[[ChunkJob, BaseException, str], None],
         score_keywords: Callable[[list[ChunkJob]], dict[str, Any]] | None = None,
+        recording: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> None:
         self.client = client
         self.score_keywords = score_keywords
+        self.recording = recording
         self.pool = pool
         self.decode = decode
         self.spec = spec
@@ -507,6 +514,7 @@ class ChunkPipeline:
         on_result: Callable[[ChunkJob, Any], Iterable[ChunkJob] | None],
         on_failure: Callable[[ChunkJob, BaseException, str], None],
         score_keywords: Callable[[list[ChunkJob]], dict[str, Any]] | None = None,
+        recording: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> ChunkPipeline:
         """A pipeline with the budget, batching, decoding and retry settings of a run."""
         return cls(
@@ -536,6 +544,7 @@ class ChunkPipeline:
             on_result=on_result,
             on_failure=on_failure,
             score_keywords=score_keywords,
+            recording=recording,
         )
 
     def submit(
@@ -766,14 +775,15 @@ class ChunkPipeline:
         results = outcome(future)
         if not isinstance(results, BaseException):
             self.budget.release(sum(self._nbytes(job) for job, _ in group))
-            for (job, _), result in zip(group, results, strict=True):
-                if isinstance(result, Exception):  # decoded with others, and failed alone
-                    self._not_decoded(job, result)
-                    continue
-                job.scorer = address
-                for more in self.on_result(job, result) or ():
-                    self.enqueue(more)
-                self._chunk_over(job)
+            with self.recording():
+                for (job, _), result in zip(group, results, strict=True):
+                    if isinstance(result, Exception):  # decoded with others, and failed alone
+                        self._not_decoded(job, result)
+                        continue
+                    job.scorer = address
+                    for more in self.on_result(job, result) or ():
+                        self.enqueue(more)
+                    self._chunk_over(job)
             return
         # Re-send what a lost actor held; Dask recomputes any decoded array that died with it.
         retry, failed = split_failed_group(

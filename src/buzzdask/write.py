@@ -97,6 +97,8 @@ class OutputLayout:
         self.errors = self.root / "errors.parquet"
         self.journal = self.root / "journal.jsonl"
         self.log = self.root / "buzzdask.log"
+        # Journal lines held back by journal_held(), written as its block ends.
+        self._held: list[Mapping[str, Any]] | None = None
 
     def partition(self, relative: str, chunk_index: int) -> Path:
         """Where chunk ``chunk_index`` of input ``relative`` is written (inside ``scores/``)."""
@@ -186,9 +188,13 @@ class OutputLayout:
     def append_journal(self, *entries: Mapping[str, Any]) -> None:
         """Add lines, one per entry: a chunk finished (its partition in place) or removed.
 
-        One write and one ``fsync`` for all. What cannot be written whole (the disk filled) is
-        taken back, so the journal never holds half a line.
+        One write and one ``fsync`` for all (inside :meth:`journal_held`, as its block ends).
+        What cannot be written whole (the disk filled) is taken back, so the journal never
+        holds half a line.
         """
+        if self._held is not None:
+            self._held.extend(entries)
+            return
         if not entries:
             return
         with self.journal.open("a", encoding="utf-8") as stream:
@@ -200,6 +206,25 @@ class OutputLayout:
             except OSError:
                 stream.truncate(end)
                 raise
+
+    @contextmanager
+    def journal_held(self) -> Iterator[None]:
+        """Lines journalled in the block are appended together as it ends, however it ends.
+
+        A score task's chunks finish together: sixteen 30-second files' lines then cost one
+        ``fsync`` instead of sixteen, on the client's one thread (on a parallel file system,
+        milliseconds each). Their partitions are already in place, so a kill before the block
+        ends only has those chunks analysed again. A block inside another writes nothing itself.
+        """
+        if self._held is not None:
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            self.append_journal(*held)
 
     def partitions(self) -> list[Path]:
         """Every partition file under ``scores/``, and the temporary files a kill left there."""
@@ -654,9 +679,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_table(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file atomically (:func:`atomic_path`)."""
+    """Write a Parquet file atomically (:func:`atomic_path`), in one write.
+
+    Made in memory first: written to a path, a 31-frame partition took 68 writes
+    (0.43 ms here, against 0.33), and each write to a parallel file system is a round trip.
+    """
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
     with atomic_path(path) as temporary:
-        pq.write_table(table, temporary)
+        temporary.write_bytes(sink.getvalue())
 
 
 def write_errors(path: Path, errors: Sequence[Mapping[str, Any]]) -> None:
