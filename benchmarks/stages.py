@@ -401,7 +401,7 @@ def baseline(params: dict[str, Any]) -> dict[str, Any]:
                     spec=spec,
                     classes=model_spec.classes,
                     thresholds={},
-                    metadata={},
+                    metadata_json="{}",
                 )
                 write_table(table, output / f"{index:04d}.parquet")
             n_frames += frames

@@ -1,15 +1,25 @@
-"""Partitions built from their buffers hold what ``pa.array`` would have made, without pandas."""
+"""Partitions built from their buffers hold what ``pa.array`` would have made, without pandas;
+their paths stay inside the output and cost few file system calls."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from buzzdask.errors import ParameterError
 from buzzdask.frames import FrameSpec
 from buzzdask.thresholds import detected
-from buzzdask.write import bool_array, frames_table, numeric_array, repeated_string
+from buzzdask.write import (
+    OutputLayout,
+    atomic_path,
+    bool_array,
+    frames_table,
+    numeric_array,
+    repeated_string,
+)
 from tests.conftest import in_a_fresh_interpreter
 
 SPEC = FrameSpec(sample_rate=16000, frame_length=15360, hop_length=7680, context=240)
@@ -46,7 +56,7 @@ def test_a_partition_equals_the_one_pa_table_makes(tmp_path, n_frames: int) -> N
         spec=SPEC,
         classes=CLASSES,
         thresholds=thresholds,
-        metadata=metadata,
+        metadata_json=json.dumps(metadata, sort_keys=True),
     )
     start = (40 + np.arange(n_frames)) * SPEC.hop_length / SPEC.sample_rate
     expected = {
@@ -93,3 +103,56 @@ stored = store.load("ab" * 32)
 print(stored.frames.tolist(), (stored.embeddings == embeddings).all())
 """
     assert in_a_fresh_interpreter(script, timeout=120) == ["4 False", "False", "[5, 6, 7] True"]
+
+
+def test_partition_paths_stay_inside_scores(tmp_path) -> None:
+    """Input names that lead out of ``scores/``, by name or by a symbolic link, are refused."""
+    layout = OutputLayout(tmp_path / "out")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (layout.scores / "site").mkdir(parents=True)
+    (layout.scores / "site" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (layout.scores / "alias").symlink_to(layout.scores / "site", target_is_directory=True)
+    for name in ["", "/x.wav", "../x.wav", "a/../../x.wav", "site/linked/x.wav", "site/linked"]:
+        with pytest.raises(ParameterError):
+            layout.partition(name, 0)
+        # Asked again (an answer kept by the layout): still refused.
+        with pytest.raises(ParameterError):
+            layout.partition(name, 1)
+    # A link that stays inside is followed as before.
+    assert layout.partition("alias/x.wav", 3) == layout.scores / "alias/x.wav/chunk-000003.parquet"
+    assert layout.partition("site/a.wav", 0) == layout.scores / "site/a.wav/chunk-000000.parquet"
+
+
+def test_partition_paths_check_each_directory_once(tmp_path, monkeypatch) -> None:
+    """One ``stat`` per directory a layout has not seen (an input's own: one per chunk).
+
+    Each partition's whole path was resolved twice before: about 25 calls a partition here,
+    each a round trip on a parallel file system, and a resume checks every partition.
+    """
+    layout = OutputLayout(tmp_path / "out")
+    calls: list[str] = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(
+            os, name, lambda path, *a, real=real, **k: calls.append(path) or real(path, *a, **k)
+        )
+    partitions = {
+        layout.partition(f"site{site}/2026-06-0{day}/{index:03d}.WAV", chunk)
+        for site in range(2)
+        for day in range(3)
+        for index in range(5)
+        for chunk in range(4)
+    }
+    directories = 2 + 2 * 3  # site*/ and site*/2026-06-0*/
+    assert len(partitions) == 120 and len(calls) == directories + len(partitions)
+
+
+def test_atomic_path_leaves_nothing_behind_when_its_block_fails(tmp_path) -> None:
+    target = tmp_path / "deep" / "x.parquet"
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(b"kept")
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("a full disk")
+    assert target.read_bytes() == b"kept" and os.listdir(target.parent) == ["x.parquet"]

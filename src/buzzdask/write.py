@@ -18,6 +18,7 @@ never sees half a file and a crash leaves nothing that resume would trust.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -99,16 +100,38 @@ class OutputLayout:
         self.log = self.root / "buzzdask.log"
         # Journal lines held back by journal_held(), written as its block ends.
         self._held: list[Mapping[str, Any]] | None = None
+        # Directories inside scores/ already checked by partition(), and whether they stay inside.
+        self._checked: dict[Path, bool] = {}
 
     def partition(self, relative: str, chunk_index: int) -> Path:
         """Where chunk ``chunk_index`` of input ``relative`` is written (inside ``scores/``)."""
         parts = PurePosixPath(relative).parts
         if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
             raise ParameterError(f"unsafe input name {relative!r}: would write outside the output")
-        path = self.scores.joinpath(*parts) / f"chunk-{chunk_index:06d}.parquet"
-        if not path.resolve().is_relative_to(self.scores.resolve()):
+        directory = self.scores.joinpath(*parts)
+        if not self._inside_scores(directory, remember=False):
             raise ParameterError(f"input name {relative!r} resolves outside {self.scores}")
-        return path
+        return directory / f"chunk-{chunk_index:06d}.parquet"
+
+    def _inside_scores(self, directory: Path, *, remember: bool = True) -> bool:
+        """Whether ``directory`` (in ``scores/``) stays there once symbolic links are followed.
+
+        One ``lstat`` per directory not seen before (an input's own directory is not kept: one
+        for each of its chunks). Resolving each partition's whole path twice took about 25 file
+        system calls per partition, each a round trip on a parallel file system, and a resume
+        checks every partition of the output.
+        """
+        inside = self._checked.get(directory)
+        if inside is None:
+            if directory == self.scores:
+                return True
+            inside = self._inside_scores(directory.parent) and (
+                not directory.is_symlink()
+                or directory.resolve().is_relative_to(self.scores.resolve())
+            )
+            if remember:
+                self._checked[directory] = inside
+        return inside
 
     def journal_entries(self) -> list[dict[str, Any]]:
         """Every line of the journal, in the order they were written (removals included)."""
@@ -270,7 +293,7 @@ class PartitionWriter:
     classes : tuple of str
     thresholds : tuple of (class, threshold)
     metadata_json : str
-        Run metadata stored in every partition's schema (JSON).
+        Run metadata stored in every partition's schema (JSON with sorted keys).
     """
 
     output: str
@@ -278,6 +301,11 @@ class PartitionWriter:
     classes: tuple[str, ...]
     thresholds: tuple[tuple[str, float], ...]
     metadata_json: str
+
+    @functools.cached_property
+    def layout(self) -> OutputLayout:
+        """The output's layout, one per score task: its checked directories are kept."""
+        return OutputLayout(self.output)
 
     def write(self, relative: str, chunk_index: int, first_frame: int, activations: Any) -> int:
         """Write one chunk's partition (none for a chunk without frames); its frame count."""
@@ -290,9 +318,9 @@ class PartitionWriter:
                 spec=self.spec,
                 classes=self.classes,
                 thresholds=dict(self.thresholds),
-                metadata=json.loads(self.metadata_json),
+                metadata_json=self.metadata_json,
             )
-            write_table(table, OutputLayout(self.output).partition(relative, chunk_index))
+            write_table(table, self.layout.partition(relative, chunk_index))
         return n_frames
 
 
@@ -584,7 +612,7 @@ def frames_table(
     spec: FrameSpec,
     classes: Sequence[str],
     thresholds: Mapping[str, float],
-    metadata: Mapping[str, Any],
+    metadata_json: str,
 ) -> pa.Table:
     """One chunk's rows.
 
@@ -603,8 +631,9 @@ def frames_table(
     thresholds : mapping of class -> float
         ``detection_<class> = activation_<class> > threshold``
         (:func:`buzzdask.thresholds.detected`).
-    metadata : mapping
-        Run metadata stored in the Parquet schema under ``b"buzzdask"``.
+    metadata_json : str
+        Run metadata stored in the Parquet schema under ``b"buzzdask"`` (JSON, as
+        ``json.dumps(metadata, sort_keys=True)`` makes it: made once per run, not per chunk).
     """
     n_frames = len(activations)
     index = first_frame + np.arange(n_frames, dtype=np.int64)
@@ -622,7 +651,7 @@ def frames_table(
             detected(activations[:, list(classes).index(name)], threshold)
         )
     table = pa.table(columns)
-    return table.replace_schema_metadata({b"buzzdask": json.dumps(metadata, sort_keys=True)})
+    return table.replace_schema_metadata({b"buzzdask": metadata_json})
 
 
 # Columns built from their buffers: ``pa.array`` imports pandas (pyarrow 26 checks every input
@@ -674,8 +703,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
-    finally:
+    except BaseException:
         temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_table(table: pa.Table, path: Path) -> None:
