@@ -102,6 +102,14 @@ def test_a_worker_imports_only_what_its_tasks_use(tiny_embedder, tiny_model, tmp
         # and with it the tests' pandas.
         loaded = client.run(lambda names=CLIENT_SIDE_MODULES: sorted(set(names) & set(sys.modules)))
         assert list(loaded.values()) == [[]]
+        # A worker without GPUs imported TensorFlow lean (buzzdask.preload.lean_tensorflow).
+        kinds = client.run(
+            lambda: (
+                type(sys.modules["tensorflow"]).__name__,
+                "tensorflow._api.v2.math" in sys.modules,
+            )
+        )
+        assert list(kinds.values()) == [("_LeanTensorFlow", False)]
 
 
 def test_importing_buzzdask_leaves_its_public_names_to_first_use() -> None:

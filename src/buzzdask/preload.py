@@ -17,7 +17,8 @@ Without it (another client, or a SLURM worker that joined before any run), the i
 after :data:`WAIT_FOR_LOGGING_S`.
 
 The import (:func:`import_tensorflow`) runs with Python's garbage collector paused and without
-TensorFlow's eager import of Keras, which no scorer uses. It also
+TensorFlow's eager import of Keras, which no scorer uses. On a worker without GPUs it is lean
+(:func:`lean_tensorflow`): only the modules a CPU scorer uses, not TensorFlow's whole API. It also
 spares the worker Python's last garbage collection as its process exits
 (:func:`skip_final_collection`): with TensorFlow loaded, that collection took about 1 s of every
 local cluster's close, after the work was done.
@@ -30,6 +31,9 @@ import gc
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
+import operator
+import os
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -39,15 +43,20 @@ from typing import Any
 
 __all__ = [
     "KERAS_PACKAGES",
+    "LEAN_API",
     "TASK_MODULES",
     "WAIT_FOR_LOGGING_S",
     "collection_paused",
     "dask_setup",
     "import_tensorflow",
     "keras_left_out",
+    "lean_tensorflow",
     "logging_set",
     "skip_final_collection",
 ]
+
+#: Whether this process's TensorFlow is imported lean: a worker without GPUs (:func:`dask_setup`).
+_lean_here = False
 
 #: Set on a worker once the run's logging settings apply there.
 logging_set = threading.Event()
@@ -56,8 +65,11 @@ WAIT_FOR_LOGGING_S = 10.0
 
 
 def dask_setup(worker: Any) -> None:
-    """Dask's preload hook: import TensorFlow in a daemon thread (``worker`` is unused)."""
+    """Dask's preload hook: import TensorFlow in a daemon thread, lean on a worker without GPUs."""
+    global _lean_here
     skip_final_collection()
+    # Whichever comes first, this import or a scorer's own, is lean.
+    _lean_here = worker is not None and not worker.state.total_resources.get("GPU")
     threading.Thread(
         target=_import_tensorflow, name="buzzdask-import-tensorflow", daemon=True
     ).start()
@@ -77,7 +89,7 @@ def _import_tensorflow() -> None:
     import_tensorflow(freeze=True)
 
 
-def import_tensorflow(*, freeze: bool = False) -> ModuleType:
+def import_tensorflow(*, freeze: bool = False, lean: bool | None = None) -> ModuleType:
     """``import tensorflow`` as a scorer needs it: the collector paused, Keras left out.
 
     See :func:`collection_paused` and :func:`keras_left_out`: together 0.7-1 s less on a
@@ -92,13 +104,165 @@ def import_tensorflow(*, freeze: bool = False) -> ModuleType:
         and the first three collections after it walked them all again (0.35-0.45 CPU-s here).
         Only for a process buzzdask started (the preload of its workers): in a user's process,
         garbage awaiting collection would be kept for good.
+    lean : bool, optional
+        Import only what a CPU scorer uses (:func:`lean_tensorflow`), where TensorFlow loads
+        no plugins. Only for a process buzzdask started, as ``freeze``. Default: in a worker
+        without GPUs that :func:`dask_setup` set up, else not.
     """
-    with collection_paused(), keras_left_out():
-        import tensorflow
-
+    if lean is None:
+        lean = _lean_here
+    with _IMPORT_LOCK, collection_paused():
+        if "tensorflow" not in sys.modules and lean and not _plugins():
+            lean_tensorflow()
+        with keras_left_out():
+            import tensorflow  # the lean one, where it was made
         if freeze:
             gc.freeze()
     return tensorflow
+
+
+# Held while TensorFlow is imported, lean or whole, or a lean one completed: another thread
+# waits for it, the importing thread goes on (re-entrant).
+_IMPORT_LOCK = threading.RLock()
+
+#: What a CPU scorer uses of TensorFlow's API (``tf.config.threading...``), and where it lies
+#: in TensorFlow's own modules: a lean import (:func:`lean_tensorflow`) imports only these.
+LEAN_API: dict[str, tuple[str, str]] = {
+    "__version__": ("tensorflow.python.framework.versions", "__version__"),
+    "constant": ("tensorflow.python.framework.constant_op", "constant"),
+    "float32": ("tensorflow.python.framework.dtypes", "float32"),
+    "saved_model.load": ("tensorflow.python.saved_model.load", "load"),
+    "experimental.dlpack.from_dlpack": ("tensorflow.python.dlpack.dlpack", "from_dlpack"),
+    "errors.ResourceExhaustedError": (
+        "tensorflow.python.framework.errors_impl",
+        "ResourceExhaustedError",
+    ),
+    **{
+        f"config.{name}": ("tensorflow.python.framework.config", name.rpartition(".")[2])
+        for name in (
+            "list_physical_devices",
+            "threading.set_intra_op_parallelism_threads",
+            "threading.set_inter_op_parallelism_threads",
+            "experimental.enable_tensor_float_32_execution",
+        )
+    },
+}
+
+
+def lean_tensorflow() -> ModuleType:
+    """``tensorflow`` with only :data:`LEAN_API` imported; the rest of it on first use.
+
+    ``import tensorflow`` runs TensorFlow's ``__init__.py``, which imports its whole public API:
+    about 2,100 modules, as many files read from a cluster's shared file system as each worker
+    starts. A CPU scorer uses a dozen functions of it (:data:`LEAN_API`), which lie in about
+    1,100: the import takes 0.9-1.0 CPU-s here instead of 1.3-1.4, and a fresh process that
+    imports, loads YAMNet and embeds 10 s spends 2.4-3.2 CPU-s instead of 3.5-4.1. This
+    imports those, with TensorFlow's 2.x
+    behaviour (eager execution) turned on as its ``__init__.py`` does, under a ``tensorflow``
+    package whose ``__init__.py`` has not run. The functions are TensorFlow's own: a scorer's
+    activations are the same to the bit. Any other name of ``tensorflow`` (``tf.keras``,
+    ``tf.config.set_visible_devices``), from any code in the process, runs the ``__init__.py``
+    there and then and is looked up in the whole API. Where TensorFlow's modules lie otherwise
+    (another version) the ``__init__.py`` runs at once: the import is then a whole one.
+
+    Returns
+    -------
+    ModuleType
+        The ``tensorflow`` now in :data:`sys.modules`.
+    """
+    spec = importlib.util.find_spec("tensorflow")
+    if spec is None:
+        raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+    with _IMPORT_LOCK:
+        module = importlib.util.module_from_spec(spec)
+        module.__class__ = _LeanTensorFlow
+        sys.modules["tensorflow"] = module
+        try:
+            found = {
+                name: getattr(importlib.import_module(where), attribute)
+                for name, (where, attribute) in LEAN_API.items()
+            }
+            importlib.import_module("tensorflow.python.compat.v2_compat").enable_v2_behavior()
+        except (ImportError, AttributeError):
+            try:
+                _complete(module)
+            except BaseException:
+                del sys.modules["tensorflow"]  # as a failed import leaves it
+                raise
+            return module
+        parts: dict[str, _LeanPart] = {}
+        for name, value in found.items():
+            *path, leaf = name.split(".")
+            owner: Any = module
+            for depth in range(len(path)):
+                prefix = ".".join(path[: depth + 1])
+                if prefix not in parts:
+                    parts[prefix] = _LeanPart(prefix)
+                    setattr(owner, path[depth], parts[prefix])
+                owner = parts[prefix]
+            setattr(owner, leaf, value)
+    return module
+
+
+class _LeanTensorFlow(ModuleType):
+    """A lean ``tensorflow`` (:func:`lean_tensorflow`): a name it lacks completes it first."""
+
+    def __getattr__(self, name: str) -> Any:
+        _complete(self)
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module 'tensorflow' has no attribute {name!r}") from None
+
+
+class _LeanPart:
+    """``tf.config`` and the like in a lean ``tensorflow``: a name it lacks is the whole API's."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy, pickle and the like probe for these
+            raise AttributeError(name)
+        module = sys.modules["tensorflow"]
+        _complete(module)
+        return operator.attrgetter(f"{self._path}.{name}")(module)
+
+
+_completed: set[int] = set()
+
+
+def _complete(module: ModuleType) -> None:
+    """Run TensorFlow's ``__init__.py`` in a lean ``module``, once (:func:`lean_tensorflow`).
+
+    Its API replaces the lean one's names. A name looked up while it runs (by the
+    ``__init__.py`` itself) is one it lacks so far: :class:`AttributeError`, as in any import.
+    """
+    with _IMPORT_LOCK:
+        if id(module) in _completed:
+            return
+        _completed.add(id(module))
+        assert module.__spec__ is not None and module.__spec__.loader is not None
+        with collection_paused(), keras_left_out():
+            module.__spec__.loader.exec_module(module)
+
+
+def _plugins() -> bool:
+    """Whether TensorFlow's ``__init__.py`` would load device plugins or kernel libraries here.
+
+    As it looks for them: ``TF_PLUGGABLE_DEVICE_LIBRARY_PATH``, a ``tensorflow-plugins``
+    directory among the site-packages, or ``tensorflow/core/kernels``. A lean import
+    (:func:`lean_tensorflow`) would leave them out: the import is then a whole one.
+    """
+    if os.environ.get("TF_PLUGGABLE_DEVICE_LIBRARY_PATH"):
+        return True
+    spec = importlib.util.find_spec("tensorflow")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if any(os.path.isdir(os.path.join(location, "core", "kernels")) for location in locations):
+        return True
+    site_dirs = {path for path in sys.path if "site-packages" in path}
+    site_dirs.update(os.path.dirname(location) for location in locations)
+    return any(os.path.isdir(os.path.join(path, "tensorflow-plugins")) for path in site_dirs)
 
 
 #: Keras's packages, which ``import tensorflow`` imports whole (Keras 2 with
