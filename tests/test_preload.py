@@ -143,7 +143,7 @@ def test_a_lean_import_scores_as_the_whole_one_with_half_the_modules(tmp_path):
     assert lean.shape == (11, 1024)
     np.testing.assert_array_equal(lean, whole)
     # Modules in all after the load (the whole API is imported by the last line's tf.version).
-    assert int(runs[True][2]) < int(runs[False][2])
+    assert int(runs[True][2]) < 0.7 * int(runs[False][2])
 
 
 def test_any_other_name_completes_a_lean_import():
