@@ -156,14 +156,14 @@ def lean_tensorflow() -> ModuleType:
     about 2,100 modules, as many files read from a cluster's shared file system as each worker
     starts. A CPU scorer uses a dozen functions of it (:data:`LEAN_API`), which lie in about
     1,100: the import takes 0.9-1.0 CPU-s here instead of 1.3-1.4, and a fresh process that
-    imports, loads YAMNet and embeds 10 s spends 2.4-3.2 CPU-s instead of 3.5-4.1. This
-    imports those, with TensorFlow's 2.x
-    behaviour (eager execution) turned on as its ``__init__.py`` does, under a ``tensorflow``
-    package whose ``__init__.py`` has not run. The functions are TensorFlow's own: a scorer's
-    activations are the same to the bit. Any other name of ``tensorflow`` (``tf.keras``,
-    ``tf.config.set_visible_devices``), from any code in the process, runs the ``__init__.py``
-    there and then and is looked up in the whole API. Where TensorFlow's modules lie otherwise
-    (another version) the ``__init__.py`` runs at once: the import is then a whole one.
+    imports, loads YAMNet and embeds 10 s spends 2.4-3.2 CPU-s instead of 3.5-4.1. This imports
+    those, with TensorFlow's 2.x behaviour (eager execution) turned on as its ``__init__.py``
+    does, under a ``tensorflow`` package whose ``__init__.py`` has not run. The functions are
+    TensorFlow's own: a scorer's activations are the same to the bit. Any other name of
+    ``tensorflow`` (``tf.keras``, ``tf.config.set_visible_devices``), from any code in the
+    process, runs the ``__init__.py`` there and then and is looked up in the whole API. Where
+    TensorFlow's modules lie otherwise (another version) the ``__init__.py`` runs at once: the
+    import is then a whole one.
 
     Returns
     -------
