@@ -11,12 +11,27 @@ import json
 
 import pytest
 
+from benchmarks.measure import warm_page_cache
 from benchmarks.summary import GOALS, METRICS
 from tests.conftest import requires_ffmpeg, requires_shared, run_benchmark
 
-pytestmark = [requires_ffmpeg, requires_shared, pytest.mark.shared_data, pytest.mark.slow]
+
+def test_warm_page_cache_reads_every_file_through(tmp_path):
+    sizes = {"a.wav": 5, "b.mp3": 3 * 2**20 + 7, "empty.wav": 0}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(bytes(size))
+    paths = [str(tmp_path / name) for name in sizes]
+    # A folder (the small-files corpus's root) and a missing file are the stage's to report.
+    warmed = warm_page_cache([*paths, str(tmp_path), str(tmp_path / "gone.wav")], block_bytes=2**20)
+    assert warmed["files"] == 3
+    assert warmed["bytes"] == sum(sizes.values())
+    assert warmed["read_s"] >= 0
 
 
+@requires_ffmpeg
+@requires_shared
+@pytest.mark.shared_data
+@pytest.mark.slow
 def test_tiny_run_writes_the_whole_record(shared_dir, tmp_path):
     out = tmp_path / "results"
     run_benchmark(
@@ -47,6 +62,9 @@ def test_tiny_run_writes_the_whole_record(shared_dir, tmp_path):
     for result in one_round["analyze"].values():
         assert result["max_abs_diff_vs_baseline"] <= 1e-5
         assert result["errors"] == 0
+        # Each stage found its files in the page cache: read through before it started.
+        assert result["page_cache"]["files"] == 12
+        assert result["page_cache"]["bytes"] > 12 * 44
     (short,) = record["results"]["analyze_short_file"]
     assert short["chunks_written"] == 1
     assert not (tmp_path / "cache" / "work").exists()  # scratch removed
