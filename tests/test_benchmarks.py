@@ -2,7 +2,8 @@
 
 The real run (8 hours per corpus, interleaved rounds) is a measurement, not a test; this proves
 that every stage runs, that buzzdask's outputs pass the harness's checks against the baseline,
-and that the record holds every target a reader checks (issue 20's "Record").
+and that the record holds every target a reader checks (issue 20's "Record"). Also the page-cache
+warm-up each stage starts with.
 """
 
 from __future__ import annotations
