@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -203,7 +205,6 @@ def test_embedder_calls_run_side_by_side_on_a_cpu(
 ) -> None:
     """By default a CPU scorer splits a task's frames into one-thread embedder calls on all its
     cores at once, and the activations stay those of one call at a time."""
-    import threading
 
     scorer = _scorer(str(tiny_embedder), str(tiny_model))
     assert scorer.parallel_calls == min(len(os.sched_getaffinity(0)), 16)
@@ -243,7 +244,6 @@ def test_a_task_s_calls_start_beside_the_last_call_of_the_task_before(
     first's, not behind its end, so a core left free by the first's last call takes the next
     task's first. Each task gets its own activations; the counters add up, and the seconds
     scoring count the time with a task in it, not each task's."""
-    import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -277,6 +277,75 @@ def test_a_task_s_calls_start_beside_the_last_call_of_the_task_before(
     assert stats["frames_scored"] == stats["frames_embedded"] == 47
     assert stats["embedder_calls"] == 3
     assert 0 < stats["seconds_scoring"] <= elapsed
+
+
+#: Set by and for :func:`_hold_a_core`, a task of an in-process worker (tasks are pickled).
+_CORE_HELD, _CORE_RELEASED = threading.Event(), threading.Event()
+
+
+def _hold_a_core() -> None:
+    """A task standing in for a decode: it runs until the test lets it end."""
+    _CORE_HELD.set()
+    _CORE_RELEASED.wait(timeout=30)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_task_running_on_the_worker_keeps_its_core_from_the_embedder(
+    tiny_embedder: Path, tiny_model: Path, default_activations: list[np.ndarray]
+) -> None:
+    """While another task (a decode) runs on the scorer's worker, its embedder calls run one at
+    a time, and the stats count them; once it ends, side by side again. The activations stay
+    those of one call at a time. (A worker in this process: the test reaches the actor.)"""
+    from distributed import Client, LocalCluster
+
+    from buzzdask.score import Scorer
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        future = client.submit(
+            Scorer,
+            head_path=str(tiny_model),
+            embedder_handle=str(tiny_embedder),
+            spec=SPEC,
+            n_classes=len(CLASSES),
+            batch_frames=DEFAULT_BATCH_FRAMES,
+            actor=True,
+        )
+        future.result()
+        (worker,) = cluster.workers.values()
+        scorer = worker.state.actors[future.key]
+        assert scorer.parallel_calls == 2 == scorer._lanes()
+        embed = scorer._embed
+        lock, running, most_running = threading.Lock(), [0], [0]
+
+        def embed_counting(waveform: np.ndarray) -> np.ndarray:
+            with lock:
+                running[0] += 1
+                most_running[0] = max(most_running[0], running[0])
+            try:
+                return embed(waveform)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        scorer._embed = embed_counting
+        task = client.submit(_hold_a_core, pure=False)
+        assert _CORE_HELD.wait(timeout=30)
+        assert scorer._lanes() == 1
+        activations = scorer.score(_chunks())  # 20, 20 and 7 frames: two calls
+        assert most_running[0] == 1
+        assert scorer.stats()["calls_beside_tasks"] == scorer.stats()["embedder_calls"] == 2
+        _CORE_RELEASED.set()
+        task.result()
+        deadline = time.monotonic() + 10
+        while worker.state.executing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scorer._lanes() == 2
+        _assert_equal(activations, default_activations)
 
 
 def test_aligned_runs_are_embedded_in_place(tiny_embedder: Path, tiny_model: Path) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from distributed import Client, Future, get_worker, secede
+from distributed import Client, Future, Worker, get_worker, secede
 
 from buzzdask.decode import SAMPLE_ALIGNMENT, DecodedChunk, aligned_empty
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError, ScorerMisplacedError
@@ -48,6 +48,9 @@ __all__ = [
 
 #: Fewest embedder patches a parallel embedder call is sized for (:func:`embedder_threads`).
 MIN_CALL_PATCHES = 32
+
+#: Seconds between a waiting embedder call's looks at the worker's running tasks.
+LANE_POLL_S = 0.02
 
 
 class EmbedderThreads(NamedTuple):
@@ -187,9 +190,12 @@ class Scorer:
         gpus: int = 0,
         worker: str = "",
     ) -> None:
+        self._worker: Worker | None
         try:
-            here = get_worker().address
+            self._worker = get_worker()
+            here = self._worker.address
         except ValueError:  # built outside a worker: a notebook, a benchmark
+            self._worker = None
             here = worker
         if worker and here != worker:
             raise ScorerMisplacedError(f"the scorer meant for {worker} reached {here}")
@@ -263,13 +269,17 @@ class Scorer:
         self.frames_embedded = 0
         self.seconds_scoring = 0.0
         self.calls = 0
+        #: Calls of the pool run alone because the worker's other tasks held its other cores.
+        self.calls_beside_tasks = 0
         self.oom_splits = 0
         # Score tasks call in from the worker's threads (see _call). They hand their embedder
         # calls to the pool one task after the other; without a pool (a GPU: one call at a
         # time), they make them one task after the other.
         self._lock = threading.Lock()
-        self._counters = threading.Lock()  # calls and tasks may end side by side
+        # Calls and tasks may end side by side; a call waits on it for a lane (_gated_runs).
+        self._counters = threading.Condition()
         self._tasks_scoring = 0
+        self._calls_running = 0
         self._busy_since = 0.0
 
     def _measure_embedder(self, handle: str) -> int:
@@ -412,7 +422,7 @@ class Scorer:
                 # Queued behind the calls of the task before (the pool takes them in order), not
                 # after them: its last call no longer runs alone on one core while the other
                 # waits for the next task.
-                calls = [self._calls_pool.submit(self._embedded_runs, b) for b in batches]
+                calls = [self._calls_pool.submit(self._gated_runs, b) for b in batches]
                 embedded = (call.result() for call in calls)
         pieces: list[list[tuple[int, np.ndarray]]] = [[] for _ in chunks]
         for runs in embedded:
@@ -467,14 +477,16 @@ class Scorer:
     def stats(self) -> dict[str, Any]:
         """Counters since the actor started: frames, embedder calls, seconds spent scoring.
 
-        Also the embedder calls it runs side by side and the most frames of one, its device
-        and its process.
+        Also the embedder calls it runs side by side and the most frames of one, how many of
+        them ran alone beside the worker's other tasks (:meth:`_lanes`), its device and its
+        process.
         """
         return {
             "frames_scored": self.frames_scored,
             "frames_embedded": self.frames_embedded,
             "embedder_calls": self.calls,
             "parallel_calls": self.parallel_calls,
+            "calls_beside_tasks": self.calls_beside_tasks,
             "call_frames": self.call_frames,
             "seconds_scoring": self.seconds_scoring,
             "native_hop": self.native_hop,
@@ -505,6 +517,36 @@ class Scorer:
                 samples = chunk.samples[start : start + self._padded_length(n_frames)]
                 runs.append(_FrameRun(index, first, n_frames, samples))
         return runs
+
+    def _lanes(self) -> int:
+        """Embedder calls that may run side by side now: a core each, less the worker's tasks.
+
+        Each task running on this worker (a decode: ffmpeg's pipe or in-process PCM) holds a
+        core; a second call there would only take turns with it, and two one-thread calls
+        side by side cost 5-10 % more CPU per frame than one alone (README, Performance). Score
+        tasks secede (:func:`_call`), so they do not count.
+        """
+        running = len(self._worker.state.executing) if self._worker is not None else 0
+        return max(1, self.parallel_calls - running)
+
+    def _lane_free(self) -> bool:
+        return self._calls_running < self._lanes()
+
+    def _gated_runs(self, batch: list[_FrameRun]) -> list[tuple[_FrameRun, np.ndarray]]:
+        """:meth:`_embedded_runs` in a free lane (see :meth:`_lanes`); from the calls pool."""
+        with self._counters:
+            # A decode ending does not notify the scorer: look again every few milliseconds.
+            while not self._counters.wait_for(self._lane_free, LANE_POLL_S):
+                pass
+            self._calls_running += 1
+            if self._calls_running == 1 and self._lanes() < self.parallel_calls:
+                self.calls_beside_tasks += 1
+        try:
+            return self._embedded_runs(batch)
+        finally:
+            with self._counters:
+                self._calls_running -= 1
+                self._counters.notify_all()
 
     def _embedded_runs(self, batch: list[_FrameRun]) -> list[tuple[_FrameRun, np.ndarray]]:
         """Each run of ``batch`` with its embeddings; out of GPU memory, in two halves instead."""
