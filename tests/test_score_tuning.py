@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -244,9 +244,6 @@ def test_a_task_s_calls_start_beside_the_last_call_of_the_task_before(
     first's, not behind its end, so a core left free by the first's last call takes the next
     task's first. Each task gets its own activations; the counters add up, and the seconds
     scoring count the time with a task in it, not each task's."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
     scorer = _scorer(str(tiny_embedder), str(tiny_model))
     embed = scorer._embed
     lock, first_in, second_in = threading.Lock(), threading.Event(), threading.Event()
@@ -291,15 +288,22 @@ def _hold_a_core() -> None:
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 def test_a_task_running_on_the_worker_keeps_its_core_from_the_embedder(
-    tiny_embedder: Path, tiny_model: Path, default_activations: list[np.ndarray]
+    tiny_embedder: Path,
+    tiny_model: Path,
+    default_activations: list[np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """While another task (a decode) runs on the scorer's worker, its embedder calls run one at
-    a time, and the stats count them; once it ends, side by side again. The activations stay
-    those of one call at a time. (A worker in this process: the test reaches the actor.)"""
+    """While another task (a decode) runs on the scorer's worker, a task's embedder calls run
+    one at a time, and the stats count the one run alone; as that task ends, the worker wakes
+    the call waiting for its core (not the safety net's poll, here a minute) and the two run
+    side by side. The activations stay those of one call at a time. (A worker in this
+    process: the test reaches the actor.)"""
     from distributed import Client, LocalCluster
 
+    import buzzdask.score
     from buzzdask.score import Scorer
 
+    monkeypatch.setattr(buzzdask.score, "LANE_POLL_S", 60.0)
     with (
         LocalCluster(
             n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
@@ -320,30 +324,33 @@ def test_a_task_running_on_the_worker_keeps_its_core_from_the_embedder(
         scorer = worker.state.actors[future.key]
         assert scorer.parallel_calls == 2 == scorer._lanes()
         embed = scorer._embed
-        lock, running, most_running = threading.Lock(), [0], [0]
+        lock, first_in, second_in = threading.Lock(), threading.Event(), threading.Event()
+        first_saw_second: list[bool] = []
 
-        def embed_counting(waveform: np.ndarray) -> np.ndarray:
+        def embed_waiting_for_a_second_call(waveform: np.ndarray) -> np.ndarray:
             with lock:
-                running[0] += 1
-                most_running[0] = max(most_running[0], running[0])
-            try:
-                return embed(waveform)
-            finally:
-                with lock:
-                    running[0] -= 1
+                first = not first_in.is_set()
+                first_in.set()
+            if first:
+                first_saw_second.append(second_in.wait(timeout=30))
+            else:
+                second_in.set()
+            return embed(waveform)
 
-        scorer._embed = embed_counting
+        scorer._embed = embed_waiting_for_a_second_call
         task = client.submit(_hold_a_core, pure=False)
         assert _CORE_HELD.wait(timeout=30)
         assert scorer._lanes() == 1
-        activations = scorer.score(_chunks())  # 20, 20 and 7 frames: two calls
-        assert most_running[0] == 1
-        assert scorer.stats()["calls_beside_tasks"] == scorer.stats()["embedder_calls"] == 2
-        _CORE_RELEASED.set()
+        with ThreadPoolExecutor(1) as caller:
+            scoring = caller.submit(scorer.score, _chunks())  # 20, 20 and 7 frames: two calls
+            assert first_in.wait(timeout=30)
+            assert not second_in.wait(timeout=0.5)  # the second call waits for a core
+            _CORE_RELEASED.set()
+            activations = scoring.result(timeout=60)
         task.result()
-        deadline = time.monotonic() + 10
-        while worker.state.executing and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert first_saw_second == [True]
+        assert scorer.stats()["calls_beside_tasks"] == 1
+        assert scorer.stats()["embedder_calls"] == 2
         assert scorer._lanes() == 2
         _assert_equal(activations, default_activations)
 

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from distributed import Client, Future, Worker, get_worker, secede
+from distributed import Client, Future, Worker, WorkerPlugin, get_worker, secede
+from distributed.utils import sync
 
 from buzzdask.decode import SAMPLE_ALIGNMENT, DecodedChunk, aligned_empty
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError, ScorerMisplacedError
@@ -49,8 +51,9 @@ __all__ = [
 #: Fewest embedder patches a parallel embedder call is sized for (:func:`embedder_threads`).
 MIN_CALL_PATCHES = 32
 
-#: Seconds between a waiting embedder call's looks at the worker's running tasks.
-LANE_POLL_S = 0.02
+#: Seconds a call waits for a lane before it looks again without being woken (a safety net:
+#: :class:`_TaskEnds` wakes it as a task of its worker stops running).
+LANE_POLL_S = 0.1
 
 
 class EmbedderThreads(NamedTuple):
@@ -281,6 +284,9 @@ class Scorer:
         self._tasks_scoring = 0
         self._calls_running = 0
         self._busy_since = 0.0
+        if self._calls_pool is not None and self._worker is not None:
+            name = f"buzzdask-lanes-{id(self)}"
+            sync(self._worker.loop, self._worker.plugin_add, _TaskEnds(self), name=name)
 
     def _measure_embedder(self, handle: str) -> int:
         """Check the embedder gives one frame per window; its embedding size and patch hop."""
@@ -532,10 +538,14 @@ class Scorer:
     def _lane_free(self) -> bool:
         return self._calls_running < self._lanes()
 
+    def _task_ended(self) -> None:
+        """A task of the worker stopped running: calls waiting for its core look again."""
+        with self._counters:
+            self._counters.notify_all()
+
     def _gated_runs(self, batch: list[_FrameRun]) -> list[tuple[_FrameRun, np.ndarray]]:
         """:meth:`_embedded_runs` in a free lane (see :meth:`_lanes`); from the calls pool."""
         with self._counters:
-            # A decode ending does not notify the scorer: look again every few milliseconds.
             while not self._counters.wait_for(self._lane_free, LANE_POLL_S):
                 pass
             self._calls_running += 1
@@ -590,6 +600,22 @@ class Scorer:
             for first, run in zip(first_patches, batch, strict=True)
         ]
         return self._embed(waveform)[np.concatenate(rows)].astype(np.float32, copy=False)
+
+
+class _TaskEnds(WorkerPlugin):
+    """Tells a scorer when a task of its worker stops running (its core is free again).
+
+    The worker calls :meth:`transition` on its event loop. It holds the scorer weakly: a
+    scorer released by its run leaves this plugin idle, not its model in memory.
+    """
+
+    def __init__(self, scorer: Scorer) -> None:
+        self._scorer = weakref.ref(scorer)
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        scorer = self._scorer()
+        if start == "executing" and scorer is not None:
+            scorer._task_ended()
 
 
 def _first(piece: tuple[int, np.ndarray]) -> int:
