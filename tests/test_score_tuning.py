@@ -236,6 +236,31 @@ def test_embedder_calls_run_side_by_side_on_a_cpu(
     _assert_equal(activations, default_activations)
 
 
+class _FirstCallWaitsForASecond:
+    """``scorer``'s embedder, its first call held until a second call starts beside it.
+
+    ``first_saw_second`` gets ``True`` if one did within 30 s: calls one at a time would
+    leave the first waiting in vain.
+    """
+
+    def __init__(self, scorer: Any) -> None:
+        self._embed = scorer._embed
+        self._lock = threading.Lock()
+        self.first_in, self.second_in = threading.Event(), threading.Event()
+        self.first_saw_second: list[bool] = []
+        scorer._embed = self
+
+    def __call__(self, waveform: np.ndarray) -> np.ndarray:
+        with self._lock:
+            first = not self.first_in.is_set()
+            self.first_in.set()
+        if first:
+            self.first_saw_second.append(self.second_in.wait(timeout=30))
+        else:
+            self.second_in.set()
+        return self._embed(waveform)
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 def test_a_task_s_calls_start_beside_the_last_call_of_the_task_before(
     tiny_embedder: Path, tiny_model: Path, default_activations: list[np.ndarray]
@@ -245,30 +270,17 @@ def test_a_task_s_calls_start_beside_the_last_call_of_the_task_before(
     task's first. Each task gets its own activations; the counters add up, and the seconds
     scoring count the time with a task in it, not each task's."""
     scorer = _scorer(str(tiny_embedder), str(tiny_model))
-    embed = scorer._embed
-    lock, first_in, second_in = threading.Lock(), threading.Event(), threading.Event()
-    first_saw_second: list[bool] = []
-
-    def embed_waiting_for_the_next_task(waveform: np.ndarray) -> np.ndarray:
-        with lock:
-            first = not first_in.is_set()
-            first_in.set()
-        if first:  # the first task's only call: the next task's would wait here in vain
-            first_saw_second.append(second_in.wait(timeout=10))
-        else:
-            second_in.set()
-        return embed(waveform)
-
-    scorer._embed = embed_waiting_for_the_next_task  # type: ignore[method-assign]
+    # The first task's only call: the next task's would wait for it in vain.
+    calls = _FirstCallWaitsForASecond(scorer)
     chunks = _chunks()
     started = time.perf_counter()
     with ThreadPoolExecutor(2) as tasks:
         first_task = tasks.submit(scorer.score, chunks[2:])  # 7 frames: one call
-        assert first_in.wait(timeout=10)
+        assert calls.first_in.wait(timeout=10)
         second_task = tasks.submit(scorer.score, chunks[:2])
         activations = first_task.result() + second_task.result()
     elapsed = time.perf_counter() - started
-    assert first_saw_second == [True]
+    assert calls.first_saw_second == [True]
     _assert_equal(activations, [default_activations[i] for i in (2, 0, 1)])
     stats = scorer.stats()
     assert stats["frames_scored"] == stats["frames_embedded"] == 47
@@ -323,32 +335,18 @@ def test_a_task_running_on_the_worker_keeps_its_core_from_the_embedder(
         (worker,) = cluster.workers.values()
         scorer = worker.state.actors[future.key]
         assert scorer.parallel_calls == 2 == scorer._lanes()
-        embed = scorer._embed
-        lock, first_in, second_in = threading.Lock(), threading.Event(), threading.Event()
-        first_saw_second: list[bool] = []
-
-        def embed_waiting_for_a_second_call(waveform: np.ndarray) -> np.ndarray:
-            with lock:
-                first = not first_in.is_set()
-                first_in.set()
-            if first:
-                first_saw_second.append(second_in.wait(timeout=30))
-            else:
-                second_in.set()
-            return embed(waveform)
-
-        scorer._embed = embed_waiting_for_a_second_call
+        calls = _FirstCallWaitsForASecond(scorer)
         task = client.submit(_hold_a_core, pure=False)
         assert _CORE_HELD.wait(timeout=30)
         assert scorer._lanes() == 1
         with ThreadPoolExecutor(1) as caller:
             scoring = caller.submit(scorer.score, _chunks())  # 20, 20 and 7 frames: two calls
-            assert first_in.wait(timeout=30)
-            assert not second_in.wait(timeout=0.5)  # the second call waits for a core
+            assert calls.first_in.wait(timeout=30)
+            assert not calls.second_in.wait(timeout=0.5)  # the second call waits for a core
             _CORE_RELEASED.set()
             activations = scoring.result(timeout=60)
         task.result()
-        assert first_saw_second == [True]
+        assert calls.first_saw_second == [True]
         assert scorer.stats()["calls_beside_tasks"] == 1
         assert scorer.stats()["embedder_calls"] == 2
         assert scorer._lanes() == 2
