@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,38 @@ def test_a_task_s_calls_start_beside_the_last_call_of_the_task_before(
     assert 0 < stats["seconds_scoring"] <= elapsed
 
 
+@pytest.fixture
+def worker_in_process() -> Iterator[tuple[Any, Any]]:
+    """A client and its one worker of two threads, in this process: a test reaches the actor."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        (worker,) = cluster.workers.values()
+        yield client, worker
+
+
+def _scorer_actor(client: Any, embedder: Path, head: Path) -> Any:
+    """A scorer actor (default options) started on the client's worker; its future."""
+    from buzzdask.score import Scorer
+
+    future = client.submit(
+        Scorer,
+        head_path=str(head),
+        embedder_handle=str(embedder),
+        spec=SPEC,
+        n_classes=len(CLASSES),
+        batch_frames=DEFAULT_BATCH_FRAMES,
+        actor=True,
+    )
+    future.result()
+    return future
+
+
 #: Set by and for :func:`_hold_a_core`, a task of an in-process worker (tasks are pickled).
 _CORE_HELD, _CORE_RELEASED = threading.Event(), threading.Event()
 
@@ -304,53 +337,65 @@ def test_a_task_running_on_the_worker_keeps_its_core_from_the_embedder(
     tiny_model: Path,
     default_activations: list[np.ndarray],
     monkeypatch: pytest.MonkeyPatch,
+    worker_in_process: tuple[Any, Any],
 ) -> None:
     """While another task (a decode) runs on the scorer's worker, a task's embedder calls run
     one at a time, and the stats count the one run alone; as that task ends, the worker wakes
     the call waiting for its core (not the safety net's poll, here a minute) and the two run
     side by side. The activations stay those of one call at a time. (A worker in this
     process: the test reaches the actor.)"""
-    from distributed import Client, LocalCluster
-
     import buzzdask.score
-    from buzzdask.score import Scorer
 
     monkeypatch.setattr(buzzdask.score, "LANE_POLL_S", 60.0)
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        future = client.submit(
-            Scorer,
-            head_path=str(tiny_model),
-            embedder_handle=str(tiny_embedder),
-            spec=SPEC,
-            n_classes=len(CLASSES),
-            batch_frames=DEFAULT_BATCH_FRAMES,
-            actor=True,
-        )
-        future.result()
-        (worker,) = cluster.workers.values()
-        scorer = worker.state.actors[future.key]
-        assert scorer.parallel_calls == 2 == scorer._lanes()
-        calls = _FirstCallWaitsForASecond(scorer)
-        task = client.submit(_hold_a_core, pure=False)
-        assert _CORE_HELD.wait(timeout=30)
-        assert scorer._lanes() == 1
-        with ThreadPoolExecutor(1) as caller:
-            scoring = caller.submit(scorer.score, _chunks())  # 20, 20 and 7 frames: two calls
-            assert calls.first_in.wait(timeout=30)
-            assert not calls.second_in.wait(timeout=0.5)  # the second call waits for a core
-            _CORE_RELEASED.set()
-            activations = scoring.result(timeout=60)
-        task.result()
-        assert calls.first_saw_second == [True]
-        assert scorer.stats()["calls_beside_tasks"] == 1
-        assert scorer.stats()["embedder_calls"] == 2
-        assert scorer._lanes() == 2
-        _assert_equal(activations, default_activations)
+    _CORE_HELD.clear()
+    _CORE_RELEASED.clear()
+    client, worker = worker_in_process
+    scorer = worker.state.actors[_scorer_actor(client, tiny_embedder, tiny_model).key]
+    assert scorer.parallel_calls == 2 == scorer._lanes()
+    calls = _FirstCallWaitsForASecond(scorer)
+    task = client.submit(_hold_a_core, pure=False)
+    assert _CORE_HELD.wait(timeout=30)
+    assert scorer._lanes() == 1
+    with ThreadPoolExecutor(1) as caller:
+        scoring = caller.submit(scorer.score, _chunks())  # 20, 20 and 7 frames: two calls
+        assert calls.first_in.wait(timeout=30)
+        assert not calls.second_in.wait(timeout=0.5)  # the second call waits for a core
+        _CORE_RELEASED.set()
+        activations = scoring.result(timeout=60)
+    task.result()
+    assert calls.first_saw_second == [True]
+    assert scorer.stats()["calls_beside_tasks"] == 1
+    assert scorer.stats()["embedder_calls"] == 2
+    assert scorer._lanes() == 2
+    _assert_equal(activations, default_activations)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_released_scorer_leaves_no_plugin_behind(
+    tiny_embedder: Path, tiny_model: Path, worker_in_process: tuple[Any, Any]
+) -> None:
+    """Each CPU scorer watches its worker's tasks through a plugin; the next scorer on the
+    worker removes the plugin of one its run released (another analysis on the cluster)."""
+    import gc
+
+    from buzzdask.score import _TaskEnds
+
+    client, worker = worker_in_process
+
+    def watching() -> list[Any]:
+        return [p.scorer() for p in worker.plugins.values() if isinstance(p, _TaskEnds)]
+
+    first = _scorer_actor(client, tiny_embedder, tiny_model)
+    assert watching() == [worker.state.actors[first.key]]
+    first.release()
+    del first
+    deadline = time.monotonic() + 10
+    while worker.state.actors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gc.collect()
+    assert watching() == [None]
+    second = _scorer_actor(client, tiny_embedder, tiny_model)
+    assert watching() == [worker.state.actors[second.key]]
 
 
 def test_aligned_runs_are_embedded_in_place(tiny_embedder: Path, tiny_model: Path) -> None:

@@ -285,8 +285,7 @@ class Scorer:
         self._calls_running = 0
         self._busy_since = 0.0
         if self._calls_pool is not None and self._worker is not None:
-            name = f"buzzdask-lanes-{id(self)}"
-            sync(self._worker.loop, self._worker.plugin_add, _TaskEnds(self), name=name)
+            sync(self._worker.loop, _watch_task_ends, self._worker, self)
 
     def _measure_embedder(self, handle: str) -> int:
         """Check the embedder gives one frame per window; its embedding size and patch hop."""
@@ -529,7 +528,7 @@ class Scorer:
 
         Each task running on this worker (a decode: ffmpeg's pipe or in-process PCM) holds a
         core; a second call there would only take turns with it, and two one-thread calls
-        side by side cost 5-10 % more CPU per frame than one alone (README, Performance). Score
+        side by side cost 5-11 % more CPU per frame than one alone (README, Performance). Score
         tasks secede (:func:`_call`), so they do not count.
         """
         running = len(self._worker.state.executing) if self._worker is not None else 0
@@ -606,16 +605,25 @@ class _TaskEnds(WorkerPlugin):
     """Tells a scorer when a task of its worker stops running (its core is free again).
 
     The worker calls :meth:`transition` on its event loop. It holds the scorer weakly: a
-    scorer released by its run leaves this plugin idle, not its model in memory.
+    scorer released by its run leaves this plugin idle, not its model in memory, until the
+    next scorer on the worker removes it (:func:`_watch_task_ends`).
     """
 
     def __init__(self, scorer: Scorer) -> None:
-        self._scorer = weakref.ref(scorer)
+        self.scorer = weakref.ref(scorer)
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        scorer = self._scorer()
+        scorer = self.scorer()
         if start == "executing" and scorer is not None:
             scorer._task_ended()
+
+
+async def _watch_task_ends(worker: Worker, scorer: Scorer) -> None:
+    """Add ``scorer``'s :class:`_TaskEnds` to ``worker``, removing those of released scorers."""
+    for name, plugin in list(worker.plugins.items()):
+        if isinstance(plugin, _TaskEnds) and plugin.scorer() is None:
+            await worker.plugin_remove(name)
+    await worker.plugin_add(_TaskEnds(scorer), name=f"buzzdask-lanes-{id(scorer)}")
 
 
 def _first(piece: tuple[int, np.ndarray]) -> int:
