@@ -43,17 +43,23 @@ def _chunks() -> list[DecodedChunk]:
     return chunks
 
 
+def _scorer_options(embedder: str, head: str, **options: Any) -> dict[str, Any]:
+    """Scorer keywords for the test's frames: ``options``, default batch otherwise."""
+    return {
+        "head_path": head,
+        "embedder_handle": embedder,
+        "spec": SPEC,
+        "n_classes": len(CLASSES),
+        "batch_frames": DEFAULT_BATCH_FRAMES,
+        **options,
+    }
+
+
 def _scorer(embedder: str, head: str, **options: Any) -> Any:
     """A scorer of the test's frames built with ``options`` (default batch otherwise)."""
     from buzzdask.score import Scorer
 
-    return Scorer(
-        head_path=head,
-        embedder_handle=embedder,
-        spec=SPEC,
-        n_classes=len(CLASSES),
-        **{"batch_frames": DEFAULT_BATCH_FRAMES, **options},
-    )
+    return Scorer(**_scorer_options(embedder, head, **options))
 
 
 def _score(embedder: str, head: str, **options: Any) -> list[np.ndarray]:
@@ -206,7 +212,6 @@ def test_embedder_calls_run_side_by_side_on_a_cpu(
 ) -> None:
     """By default a CPU scorer splits a task's frames into one-thread embedder calls on all its
     cores at once, and the activations stay those of one call at a time."""
-
     scorer = _scorer(str(tiny_embedder), str(tiny_model))
     assert scorer.parallel_calls == min(len(os.sched_getaffinity(0)), 16)
     embed = scorer._embed
@@ -308,15 +313,7 @@ def _scorer_actor(client: Any, embedder: Path, head: Path) -> Any:
     """A scorer actor (default options) started on the client's worker; its future."""
     from buzzdask.score import Scorer
 
-    future = client.submit(
-        Scorer,
-        head_path=str(head),
-        embedder_handle=str(embedder),
-        spec=SPEC,
-        n_classes=len(CLASSES),
-        batch_frames=DEFAULT_BATCH_FRAMES,
-        actor=True,
-    )
+    future = client.submit(Scorer, **_scorer_options(str(embedder), str(head)), actor=True)
     future.result()
     return future
 
