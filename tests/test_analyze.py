@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -389,6 +390,51 @@ def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_pat
     assert (summary["scorers_lost"], summary["scorer_restarts"]) == (1, 1)
     assert target not in {s["worker"] for s in summary["scorers"]}
     _assert_same_frames(result, reference)
+
+
+#: Set by and for :class:`_Latch` and :func:`_release`, run by in-process workers (tasks are
+#: pickled, these module globals are not): no Dask client to find from a worker's thread.
+_CALLED, _RELEASED = threading.Event(), threading.Event()
+
+
+class _Latch:
+    """An actor whose call returns once a task has run :func:`_release`."""
+
+    def score(self, chunks: list[str]) -> list[str]:
+        _CALLED.set()
+        if not _RELEASED.wait(timeout=20):
+            raise TimeoutError("no task released the call: the worker's thread was held")
+        return chunks
+
+
+def _release() -> None:
+    _RELEASED.set()
+
+
+def test_a_score_task_waiting_on_an_actor_elsewhere_leaves_its_worker_thread() -> None:
+    """A score task that runs away from its actor (its worker died: Dask ran it elsewhere) waits
+    through the actor's handle; that wait may need a task queued on its own worker (Dask runs the
+    lost actor's task again, and the handle waits for it), so it must not hold the thread."""
+    from distributed import Client, LocalCluster
+
+    from buzzdask.score import _call
+
+    _CALLED.clear()
+    _RELEASED.clear()
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        actor_worker, task_worker = sorted(cluster.scheduler.workers)
+        latch = client.submit(_Latch, actor=True, workers=[actor_worker]).result()
+        waiting = client.submit(_call, latch, "score", ["a", "b"], workers=[task_worker])
+        assert _CALLED.wait(timeout=20)
+        # The task worker's only thread was the waiting task's: this one needs it back.
+        released = client.submit(_release, workers=[task_worker])
+        assert waiting.result(timeout=60) == ["a", "b"]
+        released.result(timeout=5)
 
 
 def test_the_scorer_starts_on_a_running_worker_not_a_paused_one(kill_corpus, tmp_path):

@@ -852,14 +852,18 @@ def _call(scorer: Any, method: str, chunks: list[Any]) -> list[Any]:
     Through the actor handle, the worker would send the chunks to itself over a socket (a
     38 MB copy each way per 10-minute chunk); the task runs where the actor is unless that
     worker died, and then the handle's call fails and the chunks are re-sent.
+
+    Either way the task leaves its worker thread while it waits: for its embedder calls
+    (TensorFlow's threads, or the task before it on a GPU) that thread could decode. Through
+    the handle of an actor whose worker died, the call fails only once Dask has run the lost
+    actor's task again (on another worker it refuses: :class:`ScorerMisplacedError`), and
+    that task may be queued on this very worker.
     """
     try:
         instance = get_worker().state.actors.get(scorer.key)
     except ValueError:  # not in a worker
-        instance = None
+        return getattr(scorer, method)(chunks).result()
+    secede()
     if isinstance(instance, Scorer):
-        # A task waiting for its embedder calls (TensorFlow's threads, or the task before it on
-        # a GPU) would hold a worker thread that could decode.
-        secede()
         return getattr(instance, method)(chunks)
     return getattr(scorer, method)(chunks).result()
