@@ -860,10 +860,12 @@ def _call(scorer: Any, method: str, chunks: list[Any]) -> list[Any]:
     that task may be queued on this very worker.
     """
     try:
-        instance = get_worker().state.actors.get(scorer.key)
-    except ValueError:  # not in a worker
-        return getattr(scorer, method)(chunks).result()
-    secede()
-    if isinstance(instance, Scorer):
-        return getattr(instance, method)(chunks)
+        worker = get_worker()
+    except ValueError:  # not in a worker: no thread to leave, no actor in process
+        worker = None
+    if worker is not None:
+        secede()
+        instance = worker.state.actors.get(scorer.key)
+        if isinstance(instance, Scorer):
+            return getattr(instance, method)(chunks)
     return getattr(scorer, method)(chunks).result()
