@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 from buzzdask import DecodeError, decode_file, probe_audio
+from buzzdask.buffers import SAMPLE_ALIGNMENT
 from buzzdask.decode import (
-    SAMPLE_ALIGNMENT,
     _read_samples,
     _run_ffmpeg,
-    aligned_empty,
     chunks_after,
     decode_chunk,
     plan_chunks,
@@ -130,13 +129,6 @@ def test_chunks_start_where_the_scorer_reads_them_in_place(
     for plan in plan_chunks(info, spec(), frames_per_chunk=2):
         chunk = decode_chunk(info, plan, spec=spec())
         assert chunk.samples.ctypes.data % SAMPLE_ALIGNMENT == 0, plan
-
-
-@pytest.mark.parametrize("n_samples", [1, 15, 16, 1001])
-def test_aligned_empty(n_samples: int) -> None:
-    samples = aligned_empty(n_samples)
-    assert (samples.shape, samples.dtype) == ((n_samples,), np.float32)
-    assert samples.ctypes.data % SAMPLE_ALIGNMENT == 0
 
 
 @pytest.mark.parametrize("expected", [None, 10, 300_000])

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from buzzdask.decode import DecodedChunk, aligned_empty
+from buzzdask.buffers import aligned_empty
+from buzzdask.decode import DecodedChunk
 from buzzdask.frames import FrameSpec
 from buzzdask.score import MIN_CALL_PATCHES
 from tests.conftest import CLASSES, assert_same_frames, field_like, requires_ffmpeg

@@ -38,7 +38,7 @@ import re
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO
@@ -48,6 +48,7 @@ import numpy as np
 import soxr
 
 from buzzdask import pcm_cache
+from buzzdask.buffers import ReusedArrays, aligned_empty
 from buzzdask.errors import DecodeError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
@@ -56,11 +57,9 @@ from buzzdask.wav import WavHeader, iter_wav_samples, read_wav_header
 
 __all__ = [
     "PREPROCESSING",
-    "SAMPLE_ALIGNMENT",
     "AudioInfo",
     "ChunkPlan",
     "DecodedChunk",
-    "aligned_empty",
     "chunks_after",
     "decode_chunk",
     "decode_file",
@@ -79,10 +78,11 @@ _SEEKABLE = ("mp3", "flac", "pcm_*")  # decode_chunk's default; runs take buzzda
 _STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
 _PIPE_BYTES = 1 << 20  # ffmpeg stdout pipe capacity asked for (Linux allows 1 MiB unprivileged)
 
-#: Bytes on whose boundary decoded samples start (:func:`aligned_empty`): the scorer hands such
-#: a buffer to TensorFlow as it is, through DLPack (TensorFlow, built for AVX-512, needs this
-#: alignment of it), where ``tf.constant`` would copy it (:class:`buzzdask.score.Scorer`).
-SAMPLE_ALIGNMENT = 64
+#: Decoded chunks' arrays (10 minutes at 16 kHz: 38 MB), reused once nothing holds them; not
+#: :func:`decode_file`'s, a whole file's. Smaller arrays (numpy's threshold for huge pages)
+#: come from malloc's heap. None is kept unused past the next decode, so the pool holds about
+#: what is in flight (8 h of MP3: the tree's peak 0.03 GB higher; with two kept, 0.08).
+_DECODED = ReusedArrays(min_bytes=4 << 20, max_bytes=256 << 20, max_idle=0)
 
 # ffmpeg's report of its input (``ffmpeg -i FILE``), read when there is no ffprobe.
 _INPUT = re.compile(r"^Input #0, ", re.MULTILINE)
@@ -546,6 +546,7 @@ def decode_chunk(
             sample_rate=rate,
             start=start,
             stop=None if stop is None else stop + margin,
+            empty=_DECODED.empty,
         )
         messages = ""
     else:
@@ -556,26 +557,10 @@ def decode_chunk(
             duration=None if stop is None else Fraction(stop + margin - start, rate),
             input_seek=input_seek,
             ffmpeg_cmd=ffmpeg_cmd,
+            empty=_DECODED.empty,
         )
     samples = decoded[first_sample - start : None if stop is None else stop - start]
     return _chunk_of(samples, chunk, spec=spec, stop=stop, messages=messages)
-
-
-def aligned_empty(n_samples: int) -> np.ndarray:
-    """An uninitialised float32 array whose data starts on a :data:`SAMPLE_ALIGNMENT` boundary.
-
-    Parameters
-    ----------
-    n_samples : int >= 0
-
-    Returns
-    -------
-    np.ndarray [shape=(n_samples,), dtype=float32]
-    """
-    spare = SAMPLE_ALIGNMENT // 4
-    buffer = np.empty(n_samples + spare, np.float32)
-    skip = (-buffer.ctypes.data % SAMPLE_ALIGNMENT) // 4
-    return buffer[skip : skip + n_samples]
 
 
 def _in_process_header(info: AudioInfo) -> WavHeader | None:
@@ -596,14 +581,21 @@ def _in_process_header(info: AudioInfo) -> WavHeader | None:
 
 
 def _decode_wav(
-    info: AudioInfo, header: WavHeader, *, sample_rate: int, start: int, stop: int | None
+    info: AudioInfo,
+    header: WavHeader,
+    *,
+    sample_rate: int,
+    start: int,
+    stop: int | None,
+    empty: Callable[[int], np.ndarray] = aligned_empty,
 ) -> np.ndarray:
     """The preprocessing chain, in process: samples ``start`` to ``stop`` at ``sample_rate``.
 
     ``start`` lies on the input's sample grid (:func:`decode_chunk` sees to it); ``stop=None``
     runs to the end of the file, where soxr's last output sample is ffmpeg's. The file's blocks
     go through one soxr stream (:func:`~buzzdask.wav.iter_wav_samples`), whose output is a
-    whole-array ``soxr.resample``'s to the bit, so only the output is ever held whole.
+    whole-array ``soxr.resample``'s to the bit, so only the output is ever held whole, in an
+    array from ``empty`` (aligned, as :func:`~buzzdask.buffers.aligned_empty`'s).
     """
     in_rate = header.sample_rate
     in_start = start * in_rate // sample_rate
@@ -616,7 +608,7 @@ def _decode_wav(
     )
     # soxr makes round(n_in * sample_rate / in_rate) samples in all: written into one array as
     # they come, not gathered and joined (38 MB less to fault in and copy per 10-minute chunk).
-    samples = aligned_empty(-(-n_in * sample_rate // in_rate))
+    samples = empty(-(-n_in * sample_rate // in_rate))
     filled = 0
     try:
         blocks = iter_wav_samples(info.path, header, start=in_start, stop=in_stop)
@@ -805,8 +797,12 @@ def _run_ffmpeg(
     duration: Fraction | None = None,
     input_seek: bool = True,
     ffmpeg_cmd: str,
+    empty: Callable[[int], np.ndarray] = aligned_empty,
 ) -> tuple[np.ndarray, str]:
-    """Run ffmpeg with the preprocessing chain; return the samples and its messages."""
+    """Run ffmpeg with the preprocessing chain; return the samples and its messages.
+
+    The samples lie in an array from ``empty`` (see :func:`_read_samples`).
+    """
     command = _command(
         info,
         "pipe:",
@@ -832,7 +828,7 @@ def _run_ffmpeg(
             raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
         with process:
             assert isinstance(process.stdout, io.RawIOBase)  # bufsize=0: unbuffered
-            samples = _read_samples(process.stdout, expected)
+            samples = _read_samples(process.stdout, expected, empty=empty)
             returncode = process.wait()
         messages = _tail_of_file(stderr_file)
     if returncode != 0:
@@ -840,7 +836,12 @@ def _run_ffmpeg(
     return samples, messages
 
 
-def _read_samples(pipe: io.RawIOBase, expected: int | None) -> np.ndarray:
+def _read_samples(
+    pipe: io.RawIOBase,
+    expected: int | None,
+    *,
+    empty: Callable[[int], np.ndarray] = aligned_empty,
+) -> np.ndarray:
     """float32 samples from ffmpeg's stdout, read straight into one array.
 
     One copy from the pipe, in reads of up to a megabyte: reading it through
@@ -852,6 +853,9 @@ def _read_samples(pipe: io.RawIOBase, expected: int | None) -> np.ndarray:
         ffmpeg's unbuffered stdout.
     expected : int or None
         Samples expected (the buffer grows past it if need be).
+    empty : callable
+        Makes an uninitialised aligned float32 array of a given length: ``aligned_empty``, or
+        a pool's (:class:`~buzzdask.buffers.ReusedArrays`).
 
     Returns
     -------
@@ -859,11 +863,11 @@ def _read_samples(pipe: io.RawIOBase, expected: int | None) -> np.ndarray:
     """
     with contextlib.suppress(AttributeError, OSError):  # Linux only; the default also works
         fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-    buffer = aligned_empty(max(expected or 0, _PIPE_BYTES // 4) + 1)
+    buffer = empty(max(expected or 0, _PIPE_BYTES // 4) + 1)
     filled = 0
     while True:
         if filled == buffer.nbytes:
-            grown = aligned_empty(2 * len(buffer))
+            grown = empty(2 * len(buffer))
             grown[: len(buffer)] = buffer
             buffer = grown
         read = pipe.readinto(buffer.data.cast("B")[filled:])
@@ -873,7 +877,7 @@ def _read_samples(pipe: io.RawIOBase, expected: int | None) -> np.ndarray:
     samples = buffer[: filled // 4]
     # Hand back an array its own size when the estimate was far off (a whole-file decode).
     if samples.nbytes < buffer.nbytes // 2:
-        buffer = aligned_empty(len(samples))
+        buffer = empty(len(samples))
         buffer[:] = samples
         samples = buffer
     return samples.astype(np.float32, copy=False)

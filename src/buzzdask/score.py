@@ -26,7 +26,8 @@ import numpy as np
 from distributed import Client, Future, Worker, WorkerPlugin, get_worker, secede
 from distributed.utils import sync
 
-from buzzdask.decode import SAMPLE_ALIGNMENT, DecodedChunk, aligned_empty
+from buzzdask.buffers import SAMPLE_ALIGNMENT, aligned_empty
+from buzzdask.decode import DecodedChunk
 from buzzdask.errors import BuzzdaskWarning, ModelError, ScorerError, ScorerMisplacedError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import head_weights, load_embedder, load_head
