@@ -76,6 +76,9 @@ class ReusedArrays:
         self.max_slack = max_slack
         self._owners: list[np.ndarray] = []
         self._lock = threading.Lock()
+        # What the count reads for an array only the pool's list holds, measured, not assumed:
+        # interpreters differ in the references they take for a call (Python 3.14 takes fewer).
+        self._unused_references = _references([np.empty(0, np.float32)], 0)
 
     def empty(self, n_samples: int) -> np.ndarray:
         """What :func:`aligned_empty` gives, in an unused array's memory where one fits.
@@ -106,6 +109,10 @@ class ReusedArrays:
         return len(self._owners)
 
     def _unused(self, index: int) -> bool:
-        # Two references: the pool's list and getrefcount's argument. Every view of the array,
-        # however derived, refers to it (numpy's ``base`` is the array that owns the data).
-        return sys.getrefcount(self._owners[index]) == 2
+        # Every view of the array, however derived, refers to it (numpy's ``base`` is the array
+        # that owns the data), and so does every memoryview or DLPack capsule of those.
+        return _references(self._owners, index) == self._unused_references
+
+
+def _references(owners: list[np.ndarray], index: int) -> int:
+    return sys.getrefcount(owners[index])
