@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     record["load_average_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     record["started"] = started
-    record["command"] = "python -m benchmarks " + " ".join(argv or [])
+    # As typed: main() run as the module gets no argv and parses the interpreter's.
+    options = sys.argv[1:] if argv is None else argv
+    record["command"] = "python -m benchmarks " + " ".join(options)
     out_dir = Path(args.out)
     stem = f"{started}-{record['machine']['host']}"
     json_path = write_record(record, out_dir, stem)

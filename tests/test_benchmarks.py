@@ -45,6 +45,7 @@ def test_tiny_run_writes_the_whole_record(shared_dir, tmp_path):
     (record_path,) = out.glob("*.json")
     assert record_path.with_suffix(".png").is_file()
     record = json.loads(record_path.read_text())
+    assert record["command"].startswith("python -m benchmarks --corpora small-files")
 
     small = record["targets"]["small-files"]
     assert set(METRICS) <= set(small)
