@@ -18,9 +18,9 @@ from tests.test_frames import spec
 N_SAMPLES = 100_000  # 400 kB: inside the pools below
 
 
-def pool(*, max_idle: int = 4, max_slack: float = 0.25) -> ReusedArrays:
+def pool(*, max_idle_bytes: int = 1 << 24, max_slack: float = 0.25) -> ReusedArrays:
     return ReusedArrays(
-        min_bytes=1 << 16, max_bytes=1 << 24, max_idle=max_idle, max_slack=max_slack
+        min_bytes=1 << 16, max_bytes=1 << 24, max_idle_bytes=max_idle_bytes, max_slack=max_slack
     )
 
 
@@ -87,7 +87,7 @@ def test_an_array_tensorflow_holds_is_not_handed_out() -> None:
 
 
 def test_small_and_huge_arrays_are_not_kept() -> None:
-    arrays = ReusedArrays(min_bytes=1 << 16, max_bytes=1 << 20, max_idle=4)
+    arrays = ReusedArrays(min_bytes=1 << 16, max_bytes=1 << 20, max_idle_bytes=1 << 24)
     for n_samples in (10, (1 << 16) // 4 - 1, (1 << 20) // 4 + 1):
         samples = arrays.empty(n_samples)
         assert len(samples) == n_samples and samples.ctypes.data % SAMPLE_ALIGNMENT == 0
@@ -105,8 +105,8 @@ def test_a_shorter_request_takes_a_free_array_within_the_slack() -> None:
     assert len(arrays) == 2
 
 
-def test_at_most_max_idle_unused_arrays_are_kept() -> None:
-    arrays = pool(max_idle=2)
+def test_unused_arrays_are_kept_up_to_max_idle_bytes() -> None:
+    arrays = pool(max_idle_bytes=2 * 4 * N_SAMPLES + 1000)  # two arrays' worth, not three
     in_flight = [arrays.empty(N_SAMPLES) for _ in range(6)]
     assert len(arrays) == 6
     del in_flight
@@ -116,7 +116,7 @@ def test_at_most_max_idle_unused_arrays_are_kept() -> None:
 
 
 def test_threads_never_share_an_array() -> None:
-    arrays = pool(max_idle=8)
+    arrays = pool()
     failures: list[str] = []
     start = threading.Barrier(4)
 
@@ -135,7 +135,7 @@ def test_threads_never_share_an_array() -> None:
     for thread in threads:
         thread.join()
     assert failures == []
-    assert len(arrays) <= 4 + 8
+    assert len(arrays) <= 4 + (1 << 24) // (4 * N_SAMPLES)
 
 
 @requires_ffmpeg

@@ -13,6 +13,7 @@ again once nothing refers to it.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 
@@ -52,27 +53,27 @@ class ReusedArrays:
     The pool keeps each array it hands out, and hands its memory out again once no array,
     view, memoryview or DLPack tensor refers to it (every one of them holds a reference to the
     array that owns the data, which the pool counts: CPython's reference counts). Only arrays of
-    ``min_bytes`` to ``max_bytes`` are kept (malloc's heap reuses smaller ones already), and at
-    each call at most ``max_idle`` unused ones are kept beyond the one handed out: what the
-    pool holds is what is in use, what was let go since its last call, and those.
+    ``min_bytes`` to ``max_bytes`` are kept, and at each call unused ones of at most
+    ``max_idle_bytes`` in all beyond the one handed out: what the pool holds is what is in use,
+    what was let go since its last call, and those.
 
     Parameters
     ----------
     min_bytes, max_bytes : int > 0 [bytes]
         Sizes of array kept for reuse.
-    max_idle : int >= 0
-        Unused arrays kept between calls; others are let go.
+    max_idle_bytes : int >= 0 [bytes]
+        Unused arrays kept between calls, in all; others are let go.
     max_slack : float >= 0
         An unused array serves a request of ``n`` samples if it holds at most ``n * (1 +
         max_slack)``: the last, shorter chunk of a file may take a whole chunk's array.
     """
 
     def __init__(
-        self, *, min_bytes: int, max_bytes: int, max_idle: int, max_slack: float = 0.25
+        self, *, min_bytes: int, max_bytes: int, max_idle_bytes: int, max_slack: float = 0.25
     ) -> None:
         self.min_bytes = min_bytes
         self.max_bytes = max_bytes
-        self.max_idle = max_idle
+        self.max_idle_bytes = max_idle_bytes
         self.max_slack = max_slack
         self._owners: list[np.ndarray] = []
         self._lock = threading.Lock()
@@ -99,7 +100,11 @@ class ReusedArrays:
                 self._owners.append(np.empty(n_samples + _SPARE, np.float32))
                 chosen = len(self._owners) - 1
             samples = _aligned_view(self._owners[chosen], n_samples)
-            let_go = [i for i in idle if i != chosen][self.max_idle :]
+            others = [i for i in idle if i != chosen]
+            held = itertools.accumulate(self._owners[i].nbytes for i in others)
+            let_go = [
+                i for i, total in zip(others, held, strict=True) if total > self.max_idle_bytes
+            ]
             for i in sorted(let_go, reverse=True):
                 del self._owners[i]
         return samples

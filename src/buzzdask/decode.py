@@ -78,11 +78,10 @@ _SEEKABLE = ("mp3", "flac", "pcm_*")  # decode_chunk's default; runs take buzzda
 _STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
 _PIPE_BYTES = 1 << 20  # ffmpeg stdout pipe capacity asked for (Linux allows 1 MiB unprivileged)
 
-#: Decoded chunks' arrays (10 minutes at 16 kHz: 38 MB), reused once nothing holds them; not
-#: :func:`decode_file`'s, a whole file's. Smaller arrays (numpy's threshold for huge pages)
-#: come from malloc's heap. None is kept unused past the next decode, so the pool holds about
-#: what is in flight (8 h of MP3: the tree's peak 0.03 GB higher; with two kept, 0.08).
-_DECODED = ReusedArrays(min_bytes=4 << 20, max_bytes=256 << 20, max_idle=0)
+#: Decoded chunks' arrays (10 minutes at 16 kHz: 38 MB; a 30-second file's 1.9 MB), reused
+#: once nothing holds them; not :func:`decode_file`'s, a whole file's. Unused ones are kept up
+#: to 64 MiB: a score task of short files lets go of 16 at once, a 10-minute chunk's one.
+_DECODED = ReusedArrays(min_bytes=256 << 10, max_bytes=256 << 20, max_idle_bytes=64 << 20)
 
 # ffmpeg's report of its input (``ffmpeg -i FILE``), read when there is no ffprobe.
 _INPUT = re.compile(r"^Input #0, ", re.MULTILINE)
