@@ -5,7 +5,8 @@ On three generated corpora (:data:`benchmarks.corpus.CORPORA`: 15-minute MP3s, 1
 configuration once per round, so the machine's drift falls on all alike): the decode stage alone
 (1 and N chunks at a time, as buzzdask decodes them: ffmpeg processes, or plain WAVs read in
 process), the model stage alone (a sweep of batch sizes and TensorFlow threads), both stages at
-once as plain processes (:mod:`benchmarks.corun`), a sequential single-process analyzer, and
+once as plain processes (:mod:`benchmarks.corun`), the scorer's calls side by side against one
+at a time (:func:`benchmarks.corun.pairing`), a sequential single-process analyzer, and
 ``buzzdask.analyze`` on a fresh local cluster; then, once per round, the ``buzzdask analyze``
 command on a 7-second file and ``buzzdask.analyze`` on it (what any run costs: the corpora's
 figures are also given without it, :func:`benchmarks.summary.targets`). ffmpeg preprocessing
@@ -15,7 +16,8 @@ are checked equal to the sequential baseline's (:mod:`benchmarks.outputs`). Writ
 
 The bound on N cores is ``B = N / (c_decode + c_model)``, with each stage's cost its CPU time
 per audio second in its cheapest configuration; the co-run bound ``B₂`` keeps the two stages'
-interference (:mod:`benchmarks.summary`).
+interference, and the paired bound ``B₂ᵖ`` adds what embedder calls side by side cost
+(:mod:`benchmarks.summary`).
 """
 
 from __future__ import annotations
@@ -265,6 +267,17 @@ def _round(
     one["corun"]["max_abs_diff_vs_baseline"] = check_chunks(
         f"{title}: co-run", scratch / "corun.npz", reference
     )
+    one["pairing"] = stage(
+        "pairing",
+        f"{title}: embedder calls side by side against one at a time",
+        module="benchmarks.corun",
+        files=files,
+        seconds=args.pairing_seconds,
+        batch_frames=512,
+        passes=args.pairing_passes,
+    )
+    if one["pairing"]["max_abs_diff"] > 1e-5:
+        raise AssertionError(f"{title}: calls side by side changed the activations")
     analyzed: dict[str, Any] = {}
     for label, settings in _rotated(ANALYZE_CONFIGS, round_index):
         output = scratch / f"analyze-{len(analyzed)}"
@@ -375,6 +388,19 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="timed passes in each model-stage process; the median counts (default 3)",
+    )
+    parser.add_argument(
+        "--pairing-seconds",
+        type=float,
+        default=600.0,
+        help="pre-decoded audio scored with embedder calls side by side and one at a time "
+        "(default 600)",
+    )
+    parser.add_argument(
+        "--pairing-passes",
+        type=int,
+        default=5,
+        help="pairs of passes, one each way, their order alternating (default 5)",
     )
     parser.add_argument(
         "--corun-seconds",

@@ -17,6 +17,11 @@ pinned to cores: the operating system places them, as it places buzzdask's worke
 
 Run as stage ``corun`` of this module (:func:`benchmarks.measure.run_stage` with
 ``module="benchmarks.corun"``); it starts its two sides as ``corun_decode`` and ``corun_model``.
+
+B₂'s model side runs one embedder call at a time beside the decoding. A run on N cores runs its
+calls side by side wherever decoding leaves the cores to TensorFlow: on the WAVs, where decoding
+is a tenth of the work, most of the time. Stage ``pairing`` measures what that costs per frame
+(:func:`pairing`), and :func:`benchmarks.summary.round_costs` makes the paired bound of it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.stages import (
     cores,
     cpu_seconds,
@@ -38,13 +45,14 @@ from benchmarks.stages import (
     groups_of,
     main,
     make_scorer,
+    measured,
     model_and_frames,
     predecoded,
     save_activations,
     warm_decoder,
 )
 
-__all__ = ["STAGES", "corun"]
+__all__ = ["STAGES", "corun", "pairing"]
 
 _POLL_S = 0.01  # how often a side looks for the go and stop files
 
@@ -205,10 +213,63 @@ def _failed(process: subprocess.Popen[bytes], stderr: Path) -> None:
     raise RuntimeError(f"co-run side {process.args[3]} failed ({process.returncode}):\n{tail}")
 
 
+def pairing(params: dict[str, Any]) -> dict[str, Any]:
+    """One scorer's embedder calls side by side against one at a time, on the same audio.
+
+    buzzdask's CPU scorer (its defaults: ``batch_frames``, one-thread calls, one per core) scores
+    ``seconds`` of the corpus's pre-decoded audio in ``passes`` pairs of passes, one pass with
+    its calls side by side and one with one call at a time, the order alternating (A B, B A,
+    A B...) so that the machine's drift falls on both. One process and one model for both, so
+    that only the calls' company differs.
+
+    Returns
+    -------
+    dict
+        ``parallel_calls`` (calls side by side: the cores), ``one_call`` and ``side_by_side``
+        (each pass's CPU-seconds per audio second, every thread of the process), ``ratios``
+        (side by side over one call, pair by pair), ``ratio`` (their median; 1.0 where the
+        scorer runs one call at a time anyway) and ``max_abs_diff`` (between the two modes'
+        activations: the calls' sizes differ, their frames' activations must not).
+    """
+    model_spec, spec = model_and_frames(params)
+    chunks, _ = predecoded(params, spec)
+    scorer = make_scorer(params, model_spec, spec)
+    side_by_side = scorer.parallel_calls
+    groups = groups_of(chunks, params["batch_frames"])
+    audio_s = sum(c.n_frames for c in chunks) * spec.hop_length / spec.sample_rate
+
+    def one_pass(calls: int) -> tuple[float, np.ndarray]:
+        # The scorer's public count of calls side by side: one makes its calls take turns.
+        scorer.parallel_calls = calls
+        with measured(audio_s) as record:
+            activations = [a for group in groups for a in scorer.score(group)]
+        return record["cpu_s"] / audio_s, np.concatenate(activations)
+
+    _, reference = one_pass(side_by_side)  # the warm-up: TensorFlow's first calls allocate
+    costs: dict[str, list[float]] = {"one_call": [], "side_by_side": []}
+    max_abs_diff = 0.0
+    modes = {"one_call": 1, "side_by_side": side_by_side}
+    for index in range(params["passes"] if side_by_side > 1 else 0):
+        for mode in sorted(modes, reverse=index % 2 == 1):
+            cost, activations = one_pass(modes[mode])
+            costs[mode].append(cost)
+            max_abs_diff = max(max_abs_diff, float(np.max(np.abs(activations - reference))))
+    ratios = [b / a for a, b in zip(costs["one_call"], costs["side_by_side"], strict=True)]
+    return {
+        "parallel_calls": side_by_side,
+        **costs,
+        "ratios": ratios,
+        "ratio": float(np.median(ratios)) if ratios else 1.0,
+        "audio_s": audio_s,
+        "max_abs_diff": max_abs_diff,
+    }
+
+
 STAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "corun": corun,
     "corun_decode": decode_side,
     "corun_model": model_side,
+    "pairing": pairing,
 }
 
 

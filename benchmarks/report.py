@@ -82,6 +82,14 @@ def table(record: dict[str, Any]) -> str:
             f"| earlier B (stages' wall-clock speeds) | {bound['wall_realtime_factor']:.0f}x "
             "| | | | | |",
         ]
+        if "paired_corun" in bound:
+            paired = bound["paired_corun"]
+            cost = corun["c_decode_core_s_per_audio_s"] + paired["c_model_core_s_per_audio_s"]
+            lines.append(
+                f"| paired bound B₂ᵖ (calls side by side "
+                f"{paired['calls_side_by_side_over_one']:.3f}× one) "
+                f"| {paired['realtime_factor']:.0f}x | {cost * 1e3:.3f} | | | | |"
+            )
     lines += ["", *_targets_table(record["targets"])]
     return "\n".join(lines)
 
@@ -152,7 +160,7 @@ def _mib(value: float | None) -> str:
 
 
 def plot(record: dict[str, Any], path: Path) -> Path:
-    """Bar charts of the realtime factor per configuration, one per corpus, with B and B₂."""
+    """Bar charts of the realtime factor per configuration, one per corpus, with B, B₂ (and B₂ᵖ)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,6 +192,9 @@ def plot(record: dict[str, Any], path: Path) -> Path:
         axes.axvline(bound["realtime_factor"], color="tab:red", linestyle="--", label="B")
         axes.axvline(corun, color="tab:purple", linestyle="--", label="B₂ (co-run)")
         axes.axvline(0.9 * corun, color="tab:orange", linestyle=":", label="90 % of B₂")
+        if "paired_corun" in bound:
+            paired = bound["paired_corun"]["realtime_factor"]
+            axes.axvline(paired, color="tab:gray", linestyle="-.", label="B₂ᵖ (calls paired)")
         axes.invert_yaxis()
         axes.tick_params(labelsize=7)
         axes.set_title(f"{name}: {record['corpus']['corpora'][name]['description']}", fontsize=8)

@@ -11,6 +11,14 @@ configuration by that measure (the 1-thread scorer included); on N cores
 ``B = N / (c_decode + c_model)``. **The co-run bound B₂** is :mod:`benchmarks.corun`'s.
 ``wall_realtime_factor`` keeps the earlier records' B (from the stages' wall-clock speeds using
 every core) for comparison.
+
+**The paired bound B₂ᵖ** (not a target): B₂ with its model side's cost as a run's embedder calls
+pay where decoding does not keep them company. B₂'s model side runs one call beside the decoding;
+where decoding is less of the work than the model, what is left of the model's runs with the
+calls side by side, at the cost per frame the ``pairing`` stage measures
+(:func:`benchmarks.corun.pairing`, ratio ``r``). With ``f = min(1, c₂_decode / c₂_model)``, the
+model's share that decoding can keep company on two cores:
+``c₂ᵖ_model = c₂_model · (f + (1 - f) · r)`` and ``B₂ᵖ = N / (c₂_decode + c₂ᵖ_model)``.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ METRICS = (
     "realtime_factor",
     "cpu_over_corun_stages_without_fixed",
     "fraction_of_corun_bound_without_fixed",
+    "cpu_over_paired_corun_stages",
+    "fraction_of_paired_corun_bound",
 )
 
 
@@ -58,7 +68,11 @@ def median_record(records: list[dict[str, Any]], key: str = "realtime_factor") -
 
 
 def round_costs(one: dict[str, Any], cores: int) -> dict[str, Any]:
-    """One round of one corpus: each stage's cheapest cost, B, B₂ and the earlier wall B."""
+    """One round of one corpus: each stage's cheapest cost, B, B₂, B₂ᵖ and the earlier wall B.
+
+    B₂ᵖ (``paired_corun_bound``, ``c2p_model`` and ``calls_side_by_side_over_one``) only where
+    the round measured the pairing.
+    """
     decode_label, decode = _cheapest(one["decode"])
     model_label, model = _cheapest(one["model"])
     c_decode, c_model = decode["core_s_per_audio_s"], model["core_s_per_audio_s"]
@@ -66,7 +80,7 @@ def round_costs(one: dict[str, Any], cores: int) -> dict[str, Any]:
     full = [m for m in one["model"].values() if m["cores_used"] == cores]
     wall_decode = one["decode"][f"{cores} at a time"]["realtime_factor"]
     wall_model = max(m["realtime_factor"] for m in full) if full else float("nan")
-    return {
+    costs = {
         "c_decode": c_decode,
         "c_decode_configuration": decode_label,
         "c_model": c_model,
@@ -77,6 +91,16 @@ def round_costs(one: dict[str, Any], cores: int) -> dict[str, Any]:
         "corun_bound": corun["realtime_factor"],
         "wall_bound": cores / (cores / wall_decode + cores / wall_model),
     }
+    if "pairing" in one:  # records before 2026-12-04 have none
+        c2_decode, c2_model, ratio = costs["c2_decode"], costs["c2_model"], one["pairing"]["ratio"]
+        kept_company = min(1.0, c2_decode / c2_model)
+        c2p_model = c2_model * (kept_company + (1 - kept_company) * ratio)
+        costs.update(
+            calls_side_by_side_over_one=ratio,
+            c2p_model=c2p_model,
+            paired_corun_bound=cores / (c2_decode + c2p_model),
+        )
+    return costs
 
 
 def bounds(rounds: list[dict[str, Any]], cores: int) -> dict[str, Any]:
@@ -91,7 +115,7 @@ def bounds(rounds: list[dict[str, Any]], cores: int) -> dict[str, Any]:
 
     c2d, c2m = summary("c2_decode")["median"], summary("c2_model")["median"]
     cd, cm = summary("c_decode")["median"], summary("c_model")["median"]
-    return {
+    result: dict[str, Any] = {
         "cores": cores,
         "method": "cpu_time",
         "c_decode_core_s_per_audio_s": cd,
@@ -111,6 +135,14 @@ def bounds(rounds: list[dict[str, Any]], cores: int) -> dict[str, Any]:
         "spread": {k: summary(k) for k in ("bound", "corun_bound", "c_decode", "c_model")},
         "per_round": costs,
     }
+    if all("paired_corun_bound" in c for c in costs):
+        result["paired_corun"] = {
+            "c_model_core_s_per_audio_s": summary("c2p_model")["median"],
+            "realtime_factor": summary("paired_corun_bound")["median"],
+            "calls_side_by_side_over_one": summary("calls_side_by_side_over_one")["median"],
+        }
+        result["spread"]["paired_corun_bound"] = summary("paired_corun_bound")
+    return result
 
 
 def targets(
@@ -119,7 +151,7 @@ def targets(
     label: str,
     fixed: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per corpus: buzzdask's configuration ``label`` against B, B₂ and the baseline.
+    """Per corpus: buzzdask's configuration ``label`` against B, B₂ (and B₂ᵖ) and the baseline.
 
     Each metric is computed within each round, then summarised: the median, and its
     ``spread`` over the rounds. ``small-files`` also holds
@@ -148,6 +180,13 @@ def targets(
                 "over_baseline": run["realtime_factor"] / one["baseline"]["realtime_factor"],
                 "realtime_factor": run["realtime_factor"],
             }
+            if "paired_corun_bound" in costs:
+                metrics["cpu_over_paired_corun_stages"] = cpu / (
+                    costs["c2_decode"] + costs["c2p_model"]
+                )
+                metrics["fraction_of_paired_corun_bound"] = (
+                    run["realtime_factor"] / costs["paired_corun_bound"]
+                )
             if fixed:
                 short = fixed[index]
                 audio_s, wall_s = run["audio_s"], run["wall_s"] - short["wall_s"]
