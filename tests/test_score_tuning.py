@@ -348,7 +348,10 @@ def test_a_task_running_on_the_worker_keeps_its_core_from_the_embedder(
     _CORE_HELD.clear()
     _CORE_RELEASED.clear()
     client, worker = worker_in_process
-    scorer = worker.state.actors[_scorer_actor(client, tiny_embedder, tiny_model).key]
+    # Held to the end: a released actor future has its worker forget the actor (a race that
+    # once lost the lookup below).
+    actor = _scorer_actor(client, tiny_embedder, tiny_model)
+    scorer = worker.state.actors[actor.key]
     assert scorer.parallel_calls == 2 == scorer._lanes()
     calls = _FirstCallWaitsForASecond(scorer)
     task = client.submit(_hold_a_core, pure=False)
