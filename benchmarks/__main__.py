@@ -273,8 +273,8 @@ def _round(
         module="benchmarks.corun",
         files=files,
         seconds=args.pairing_seconds,
-        batch_frames=512,
         passes=args.pairing_passes,
+        **MODEL_CONFIGS["batch 512 (default)"],  # buzzdask's scorer as it runs
     )
     if one["pairing"]["max_abs_diff"] > 1e-5:
         raise AssertionError(f"{title}: calls side by side changed the activations")

@@ -249,11 +249,13 @@ def pairing(params: dict[str, Any]) -> dict[str, Any]:
     costs: dict[str, list[float]] = {"one_call": [], "side_by_side": []}
     max_abs_diff = 0.0
     modes = {"one_call": 1, "side_by_side": side_by_side}
-    for index in range(params["passes"] if side_by_side > 1 else 0):
-        for mode in sorted(modes, reverse=index % 2 == 1):
+    order = list(modes)
+    for _ in range(params["passes"] if side_by_side > 1 else 0):
+        for mode in order:
             cost, activations = one_pass(modes[mode])
             costs[mode].append(cost)
             max_abs_diff = max(max_abs_diff, float(np.max(np.abs(activations - reference))))
+        order.reverse()  # A B, then B A: neither mode always runs first
     ratios = [b / a for a, b in zip(costs["one_call"], costs["side_by_side"], strict=True)]
     return {
         "parallel_calls": side_by_side,
