@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import dask.dataframe as dd
@@ -444,11 +446,6 @@ def test_the_scorer_starts_on_a_running_worker_not_a_paused_one(kill_corpus, tmp
     test_worker_killed_while_its_scorer_loads_loses_nothing.)"""
     import dask
     from distributed import Client, LocalCluster
-    from distributed.core import Status
-
-    def pause(dask_worker) -> None:
-        dask_worker.memory_manager.memory_pause_fraction = False  # or its monitor resumes it
-        dask_worker.status = Status.paused
 
     audio, options, reference = kill_corpus
     with (
@@ -458,14 +455,101 @@ def test_the_scorer_starts_on_a_running_worker_not_a_paused_one(kill_corpus, tmp
     ):
         # The one scorer would go to the first worker in address order.
         paused, running = sorted(client.scheduler_info()["workers"])
-        client.run(pause, workers=[paused])
-        while client.scheduler_info()["workers"][paused]["status"] != "paused":
-            time.sleep(0.01)
+        _pause(client, paused)
         result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
     assert result.ok, result.errors
     assert [s["worker"] for s in result.summary["scorers"]] == [running]
     assert (result.summary["scorers_lost"], result.summary["scorer_restarts"]) == (0, 0)
     _assert_same_frames(result, reference)
+
+
+def test_a_stopped_worker_does_not_hold_up_the_end_of_the_run(kill_corpus, tmp_path):
+    """A worker that stops answering (its job suspended, its node hung on a file system)
+    after it took its share: the run's end asks every worker its peak memory, and would wait
+    for it until Dask gave it up (``worker-ttl``, minutes). It waits ``scorer-ping-seconds``,
+    and the summary has the other worker's memory. (Stopped while still paused here, so
+    that it holds no task: a worker stopped mid-task is Dask's to give up.)"""
+    import dask
+    from distributed import Client, LocalCluster
+
+    audio, options, reference = kill_corpus
+    with (
+        dask.config.set({"buzzdask.cpu-scorer-workers": 1, "buzzdask.scorer-ping-seconds": 1}),
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        stopped, running = sorted(client.scheduler_info()["workers"])
+        _pause(client, stopped)
+        pid = client.run(os.getpid, workers=[stopped])[stopped]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
+            took = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert result.ok, result.errors
+    assert took < 60, took
+    assert list(result.summary["peak_rss_bytes"]) == [running]
+    assert [s["worker"] for s in result.summary["scorers"]] == [running]
+    log = (tmp_path / "out" / "buzzdask.log").read_text()
+    assert "a worker has not answered for 1 s" in log
+    assert f"no answer within 1 s from {stopped}: peak memory left out" in log
+    _assert_same_frames(result, reference)
+
+
+def test_a_stopped_scorer_is_reported_not_waited_for(tiny_embedder, tiny_model):
+    """The run's end asks each scorer its counters: one whose worker has stopped answering
+    gets ``scorer-ping-seconds``, and the summary says why its counters are missing."""
+    from distributed import Client, LocalCluster
+
+    from buzzdask.models import resolve_model
+    from buzzdask.scorers import ScorerPool
+    from buzzdask.settings import load_settings
+
+    model = resolve_model(tiny_model, embedder=str(tiny_embedder))
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        pool = ScorerPool.from_settings(
+            client,
+            replace(load_settings(), scorer_ping_seconds=1),
+            head_path=model.path,
+            embedder_handle=model.embedder.handle,
+            spec=model.embedder.frame_spec(),
+            n_classes=len(model.classes),
+            key_prefix="scorer",
+            key_token="stopped",
+            cpu_scorer_workers=1,
+        )
+        ((address, future),) = pool.start().items()
+        future.result(timeout=120)
+        pool.started(address)
+        assert pool.stats()[0]["frames_scored"] == 0
+        pid = client.run(os.getpid)[address]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            stats = pool.stats()
+            took = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert stats == [{"worker": address, "error": "no answer within 1 s"}]
+    assert took < 10, took
+
+
+def _pause(client, address: str) -> None:
+    """Pause a worker as its memory being full would: Dask gives it no task."""
+    from distributed.core import Status
+
+    def pause(dask_worker) -> None:
+        dask_worker.memory_manager.memory_pause_fraction = False  # or its monitor resumes it
+        dask_worker.status = Status.paused
+
+    client.run(pause, workers=[address])
+    while client.scheduler_info()["workers"][address]["status"] != "paused":
+        time.sleep(0.01)
 
 
 def test_every_cpu_worker_scores_with_its_share_of_the_cores(kill_corpus, tmp_path):

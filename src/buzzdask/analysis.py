@@ -404,7 +404,12 @@ def run_plan(
         connect(
             client, local=settings.local_cluster, processes=plan.ffmpeg is not None
         ) as connected,
-        run_log(root / "buzzdask.log", connected, verbose=verbose),
+        run_log(
+            root / "buzzdask.log",
+            connected,
+            answer_s=settings.scorer_ping_seconds,
+            verbose=verbose,
+        ),
     ):
         resumed = [
             check_resume(layout, fingerprint=fp, input_root=inputs.root, versions=inputs.versions)
@@ -459,7 +464,7 @@ def run_plan(
                 ),
             )
         run_stats = {
-            "peak_rss_bytes": peak_rss_by_worker(connected),
+            "peak_rss_bytes": peak_rss_by_worker(connected, timeout_s=settings.scorer_ping_seconds),
             "peak_decoded_bytes_in_flight": pipeline.budget.peak_bytes,
             "chunks_resent": pipeline.resent,
             "scorers": pool.stats(),

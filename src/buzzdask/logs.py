@@ -18,11 +18,14 @@ and, forwarded as they happen, from the workers.
 from __future__ import annotations
 
 import ast
+import concurrent.futures
+import functools
 import logging
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -166,7 +169,9 @@ class _RunLogFile(logging.FileHandler):
 
 
 @contextmanager
-def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[None]:
+def run_log(
+    path: Path, client: Client, *, answer_s: float, verbose: bool = False
+) -> Iterator[None]:
     """Log the run into ``path``: the client's buzzdask lines and the workers' (forwarded).
 
     Workers' lines are forwarded as they are logged (``Client.forward_logging``), not fetched at
@@ -180,6 +185,11 @@ def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[No
         The log file (appended to: a resumed run continues it).
     client : distributed.Client
         The run's client; its workers get :class:`WorkerLogging` and forward buzzdask's lines.
+    answer_s : float > 0 [s]
+        How long the workers have to take :class:`WorkerLogging`. A worker that does not
+        answer (stopped: a suspended job, a node hung on its file system) would otherwise hold
+        the run up until Dask gives it up (``worker-ttl``, minutes); it takes the plugin when
+        it answers.
     verbose : bool, default: False
         With no console handler configured (the Python API), show buzzdask's INFO lines on
         stderr for the run, not only its warnings.
@@ -206,8 +216,12 @@ def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[No
     quiet = local and not (_configured and _configured[-1] == 2)
     # Workers in this process (a cluster of threads) log through these handlers already.
     if not str(getattr(client.scheduler, "address", "")).startswith("inproc://"):
-        client.register_plugin(WorkerLogging(stderr=path if quiet else None))
-        client.forward_logging("buzzdask", level=logging.INFO)
+        plugin = WorkerLogging(stderr=path if quiet else None)
+        _on_every_worker(
+            answer_s,
+            functools.partial(client.register_plugin, plugin),
+            functools.partial(client.forward_logging, "buzzdask", level=logging.INFO),
+        )
     try:
         yield
     except BaseException as error:
@@ -222,6 +236,38 @@ def run_log(path: Path, client: Client, *, verbose: bool = False) -> Iterator[No
             logger.removeHandler(added)
         logger.setLevel(old_level)
         handler.close()
+
+
+def _on_every_worker(timeout_s: float, *registrations: Callable[[], object]) -> None:
+    """Run each of ``registrations`` (a worker plugin's), all at once, waiting ``timeout_s``.
+
+    The scheduler holds a plugin from the start and sends it to every worker at once: the
+    workers that answer take it at once, the others when they do (or when they join), whether
+    or not this still waits. An error from a registration that ended is raised.
+    """
+    done: list[concurrent.futures.Future[object]] = []
+    for registration in registrations:
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        # Daemon threads: one still waiting on a stopped worker must not hold up the
+        # interpreter's exit.
+        threading.Thread(
+            target=_resolve, args=(future, registration), name="buzzdask-plugin", daemon=True
+        ).start()
+        done.append(future)
+    finished, waiting = concurrent.futures.wait(done, timeout=timeout_s)
+    for future in finished:
+        future.result()
+    if waiting:
+        logger.warning(
+            "a worker has not answered for %g s (stopped?): the run goes on without it", timeout_s
+        )
+
+
+def _resolve(future: concurrent.futures.Future[object], call: Callable[[], object]) -> None:
+    try:
+        future.set_result(call())
+    except BaseException as error:
+        future.set_exception(error)
 
 
 def check_main_guard() -> None:

@@ -468,11 +468,20 @@ class ScorerPool:
         return free[: max(0, room)]
 
     def stats(self) -> list[dict[str, Any]]:
-        """Each actor's counters (or why they cannot be had: its worker died)."""
-        stats = []
+        """Each actor's counters, or why they cannot be had.
+
+        Its worker died, or did not answer within :attr:`ping_seconds` (stopped: a suspended
+        job, a node hung on its file system).
+        """
+        stats: list[dict[str, Any]] = []
         for address, actor in self.scorers.items():
             try:
-                stats.append({"worker": address, "gpu_worker": self.gpu, **actor.stats().result()})
+                counters = actor.stats().result(timeout=self.ping_seconds)
+            except TimeoutError:
+                silent = f"no answer within {self.ping_seconds:g} s"
+                stats.append({"worker": address, "error": silent})
             except Exception as error:  # the actor's worker is gone; the run still reports
                 stats.append({"worker": address, "error": f"{type(error).__name__}: {error}"})
+            else:
+                stats.append({"worker": address, "gpu_worker": self.gpu, **counters})
         return stats

@@ -7,6 +7,7 @@ task keys the dashboard groups by; the package versions recorded with every resu
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -17,6 +18,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -274,12 +276,36 @@ def task_key(prefix: str, *parts: Any) -> str:
     return f"{prefix}-{dask.base.tokenize(*parts, uuid.uuid4().hex)}"
 
 
-def peak_rss_by_worker(client: Client) -> dict[str, int]:
+def peak_rss_by_worker(client: Client, *, timeout_s: float) -> dict[str, int]:
     """Peak resident memory of each worker process [bytes] (ffmpeg runs in its own processes).
 
-    A worker that died during the run has no answer; the others still report.
+    A worker that died during the run, or does not answer within ``timeout_s`` [s] (stopped:
+    a suspended job, a node hung on its file system), has no answer; the others still report.
     """
-    return client.run(_peak_rss_bytes, on_error="ignore")
+    try:
+        return client.run(_peak_rss_bytes, on_error="ignore", callback_timeout=timeout_s)
+    except TimeoutError:
+        pass  # one worker holds the whole broadcast up: each is asked alone, all at once
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    ask = functools.partial(_peak_rss_of, client, timeout_s=timeout_s)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(workers), 32))) as pool:
+        answers = dict(zip(workers, pool.map(ask, workers), strict=True))
+    silent = sorted(address for address, rss in answers.items() if rss is None)
+    if silent:
+        logger.warning(
+            "no answer within %g s from %s: peak memory left out", timeout_s, ", ".join(silent)
+        )
+    return {address: rss for address, rss in answers.items() if rss is not None}
+
+
+def _peak_rss_of(client: Client, address: str, *, timeout_s: float) -> int | None:
+    try:
+        answer = client.run(
+            _peak_rss_bytes, workers=[address], on_error="ignore", callback_timeout=timeout_s
+        )
+    except TimeoutError:
+        return None
+    return answer.get(address)
 
 
 def _peak_rss_bytes() -> int:

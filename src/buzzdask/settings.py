@@ -363,7 +363,8 @@ class Settings:
         A lock on an output whose holder on another host has not touched it for this long is
         taken over (:mod:`buzzdask.lock`).
     scorer_ping_seconds : float > 0 [s]
-        Time a failed score task's actor has to answer a ping before it counts as lost.
+        Time a failed score task's actor has to answer a ping before it counts as lost; and
+        that the run's start and end wait for a worker that does not answer (stopped, hung).
     scorer_restart_seconds : float > 0 [s]
         Time to wait for a worker to restart a lost scorer on.
     decode_margin_seconds : float >= 0 [s]
