@@ -463,12 +463,13 @@ def test_the_scorer_starts_on_a_running_worker_not_a_paused_one(kill_corpus, tmp
     _assert_same_frames(result, reference)
 
 
-def test_a_stopped_worker_does_not_hold_up_the_end_of_the_run(kill_corpus, tmp_path):
-    """A worker that stops answering (its job suspended, its node hung on a file system)
-    after it took its share: the run's end asks every worker its peak memory, and would wait
-    for it until Dask gave it up (``worker-ttl``, minutes). It waits ``scorer-ping-seconds``,
-    and the summary has the other worker's memory. (Stopped while still paused here, so
-    that it holds no task: a worker stopped mid-task is Dask's to give up.)"""
+def test_a_stopped_worker_holds_up_neither_the_start_nor_the_end_of_a_run(kill_corpus, tmp_path):
+    """A worker that does not answer (its job suspended, its node hung on a file system): the
+    run's start gives every worker its log plugins, its end asks every worker its peak memory,
+    and each would wait for it until Dask gave it up (``worker-ttl``, 300 s). Each waits
+    ``scorer-ping-seconds``, the log says so, and the summary has the other worker's memory.
+    (Stopped while paused, so that it holds no task: a worker stopped mid-task is Dask's to
+    give up.)"""
     import dask
     from distributed import Client, LocalCluster
 
@@ -489,7 +490,7 @@ def test_a_stopped_worker_does_not_hold_up_the_end_of_the_run(kill_corpus, tmp_p
         finally:
             os.kill(pid, signal.SIGCONT)
     assert result.ok, result.errors
-    assert took < 60, took
+    assert took < 120, took  # not a speed: waiting for the stopped worker takes worker-ttl
     assert list(result.summary["peak_rss_bytes"]) == [running]
     assert [s["worker"] for s in result.summary["scorers"]] == [running]
     log = (tmp_path / "out" / "buzzdask.log").read_text()
@@ -536,7 +537,7 @@ def test_a_stopped_scorer_is_reported_not_waited_for(tiny_embedder, tiny_model):
         finally:
             os.kill(pid, signal.SIGCONT)
     assert stats == [{"worker": address, "error": "no answer within 1 s"}]
-    assert took < 10, took
+    assert took < 60, took  # not a speed: waiting for the stopped worker takes worker-ttl
 
 
 def _pause(client, address: str) -> None:

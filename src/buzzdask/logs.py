@@ -259,7 +259,9 @@ def _on_every_worker(timeout_s: float, *registrations: Callable[[], object]) -> 
         future.result()
     if waiting:
         logger.warning(
-            "a worker has not answered for %g s (stopped?): the run goes on without it", timeout_s
+            "a worker has not answered for %g s (stopped?): the run goes on; its log lines "
+            "follow once it answers",
+            timeout_s,
         )
 
 
