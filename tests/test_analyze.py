@@ -521,7 +521,6 @@ def test_a_stopped_scorer_is_reported_not_waited_for(tiny_embedder, tiny_model):
             spec=model.embedder.frame_spec(),
             n_classes=len(model.classes),
             key_prefix="scorer",
-            key_token="stopped",
             cpu_scorer_workers=1,
         )
         ((address, future),) = pool.start().items()

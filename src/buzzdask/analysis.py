@@ -407,7 +407,7 @@ def run_plan(
         run_log(
             root / "buzzdask.log",
             connected,
-            answer_s=settings.scorer_ping_seconds,
+            timeout_s=settings.scorer_ping_seconds,
             verbose=verbose,
         ),
     ):
@@ -570,7 +570,6 @@ def _run(
         spec=spec,
         n_classes=tuple(len(m.classes) for m in plan.models),
         key_prefix="scorer",
-        key_token="-".join(m.sha256[:16] for m in plan.models),
         cpu_scorer_workers=scorer_workers,
     )
     pool.start(on_ready=on_scorer_ready)
@@ -610,7 +609,7 @@ def _probe_files(
             paths,
             plan.ffmpeg,
             plan.store is not None,
-            key=task_key("probe", *paths),
+            key=task_key("probe"),
             then=functools.partial(_probed, ledger, pipeline, batch),
         )
 

@@ -170,7 +170,7 @@ class _RunLogFile(logging.FileHandler):
 
 @contextmanager
 def run_log(
-    path: Path, client: Client, *, answer_s: float, verbose: bool = False
+    path: Path, client: Client, *, timeout_s: float, verbose: bool = False
 ) -> Iterator[None]:
     """Log the run into ``path``: the client's buzzdask lines and the workers' (forwarded).
 
@@ -185,7 +185,7 @@ def run_log(
         The log file (appended to: a resumed run continues it).
     client : distributed.Client
         The run's client; its workers get :class:`WorkerLogging` and forward buzzdask's lines.
-    answer_s : float > 0 [s]
+    timeout_s : float > 0 [s]
         How long the workers have to take :class:`WorkerLogging`. A worker that does not
         answer (stopped: a suspended job, a node hung on its file system) would otherwise hold
         the run up until Dask gives it up (``worker-ttl``, minutes); it takes the plugin when
@@ -218,7 +218,7 @@ def run_log(
     if not str(getattr(client.scheduler, "address", "")).startswith("inproc://"):
         plugin = WorkerLogging(stderr=path if quiet else None)
         _on_every_worker(
-            answer_s,
+            timeout_s,
             functools.partial(client.register_plugin, plugin),
             functools.partial(client.forward_logging, "buzzdask", level=logging.INFO),
         )

@@ -666,7 +666,7 @@ class ChunkPipeline:
                 self.decode,
                 [(job.info, job.plan) for job in jobs],
                 **self.decode_options,
-                key=task_key("decode", *[(job.name, job.plan) for job in jobs]),
+                key=task_key("decode"),
                 **self.pool.decode_placement(),
                 pure=False,
             )
@@ -679,7 +679,7 @@ class ChunkPipeline:
             future = self.client.submit(
                 load_stored,
                 job.stored,
-                key=task_key("load", job.name, job.plan),
+                key=task_key("load"),
                 **self.pool.decode_placement(),
                 pure=False,
             )
@@ -691,7 +691,7 @@ class ChunkPipeline:
             job.info,
             job.plan,
             **self.decode_options,
-            key=task_key("decode", job.name, job.plan),
+            key=task_key("decode"),
             **self.pool.decode_placement(),
             pure=False,
         )
@@ -710,7 +710,7 @@ class ChunkPipeline:
             *futures,
             picks=[(task[f.key], job.slot) for job, f in group],
             per_chunk=self.score_keywords([job for job, _ in group]) if self.score_keywords else {},
-            key=task_key(self.score_prefix, [f.key for _, f in group]),
+            key=task_key(self.score_prefix),
             workers=[address],
             # Loose: if the actor's worker dies the task runs elsewhere and fails (reported,
             # redone by resume) instead of waiting forever for that worker.

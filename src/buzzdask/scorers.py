@@ -56,8 +56,6 @@ class ScorerOptions:
         TensorFlow's thread pools (``None``: its default, or a share of the host's cores).
     key_prefix : str
         Task-key prefix the dashboard shows (``"scorer"``, ``"embedder"``).
-    key_token : str
-        Part of every actor's key that tells one model from another (a content hash).
     """
 
     head_path: tuple[str, ...] | str | None
@@ -70,7 +68,6 @@ class ScorerOptions:
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
     key_prefix: str = "scorer"
-    key_token: str = ""
 
 
 def decode_workers(
@@ -175,7 +172,6 @@ class ScorerPool:
         spec: FrameSpec,
         n_classes: tuple[int, ...] | int,
         key_prefix: str,
-        key_token: str,
         cpu_scorer_workers: int | None,
         embedding_size: int | None = None,
     ) -> ScorerPool:
@@ -191,7 +187,6 @@ class ScorerPool:
             intra_op_threads=settings.tf_intra_op_threads,
             inter_op_threads=settings.tf_inter_op_threads,
             key_prefix=key_prefix,
-            key_token=key_token,
         )
         return cls(
             client,
@@ -251,7 +246,7 @@ class ScorerPool:
             address: submit_scorer(
                 self.client,
                 address,
-                key=task_key(options.key_prefix, address, options.key_token),
+                key=task_key(options.key_prefix),
                 share_cores=shares.get(address, 1),
                 gpus=self._declared_gpus(workers[address]),
                 worker=address,

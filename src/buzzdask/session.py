@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import dask
-import dask.base
 import distributed
 from distributed import Client, LocalCluster
 from distributed.comm import get_address_host
@@ -271,9 +270,13 @@ def scorers_per_host(addresses: Sequence[str]) -> dict[str, int]:
     return {address: counts[host] for address, host in hosts.items()}
 
 
-def task_key(prefix: str, *parts: Any) -> str:
-    """A unique task key; the dashboard groups tasks by ``prefix`` (decode, score...)."""
-    return f"{prefix}-{dask.base.tokenize(*parts, uuid.uuid4().hex)}"
+def task_key(prefix: str) -> str:
+    """A unique task key; the dashboard groups tasks by ``prefix`` (decode, score...).
+
+    Random: a task submitted again after a failure must not share the first one's key, and a
+    hash of the task's arguments beside it would tell no more.
+    """
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def peak_rss_by_worker(client: Client, *, timeout_s: float) -> dict[str, int]:

@@ -60,7 +60,7 @@ def inspect_files(client: Client, files: list[TrainingFile], *, tools: FFmpegToo
             _inspect,
             f.path,
             tools=tools,
-            key=task_key("inspect", f.path),
+            key=task_key("inspect"),
             pure=False,
         )
         for f in files
@@ -135,7 +135,6 @@ def embed_missing(
         spec=spec,
         n_classes=0,
         key_prefix="embedder",
-        key_token=embedder.handle,
         cpu_scorer_workers=1,  # one embedder; the other workers decode
     )
     pool.start()
