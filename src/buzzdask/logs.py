@@ -186,10 +186,10 @@ def run_log(
     client : distributed.Client
         The run's client; its workers get :class:`WorkerLogging` and forward buzzdask's lines.
     timeout_s : float > 0 [s]
-        How long the workers have to take :class:`WorkerLogging`. A worker that does not
-        answer (stopped: a suspended job, a node hung on its file system) would otherwise hold
-        the run up until Dask gives it up (``worker-ttl``, minutes); it takes the plugin when
-        it answers.
+        How long the workers have to take the run's plugins (:class:`WorkerLogging`, Dask's
+        log forwarding). A worker that does not answer (stopped: a suspended job, a node hung
+        on its file system) would otherwise hold the run up until Dask gives it up
+        (``worker-ttl``, minutes); it takes the plugins when it answers.
     verbose : bool, default: False
         With no console handler configured (the Python API), show buzzdask's INFO lines on
         stderr for the run, not only its warnings.
