@@ -1,17 +1,23 @@
-"""The GPU checks: fidelity, scorer speed per batch size, and ``analyze`` against the decode bound.
+"""The GPU checks (fidelity, scorer speed per batch size, ``analyze`` against the decode bound)
+and the node's decode side (decode scaling over the cores, loopback transfer).
 
 Run by ``benchmarks/device-check`` on a machine with a GPU (it installs what is missing first);
 ``python -m benchmarks.device_check --allow-cpu --quick`` runs the same code on a CPU, which is
-how the test suite keeps it working. One JSON record under ``benchmarks/results/``:
+how the test suite keeps it working, and ``--without-tensorflow`` runs only the parts that need
+no TensorFlow (a machine it cannot reach). One JSON record under ``benchmarks/results/``:
 
 - ``scorer``: the device the scorer recorded, TensorFloat-32 as TensorFlow reports it.
 - ``fidelity``: per file (the shared testbuzz.mp3 and a generated stereo MP3), the largest
   difference between the GPU scorer's activations and a CPU scorer's (TF32 off; target 1e-4),
   and the drift with TF32 on, for the record.
 - ``batch_sweep``: frames per second of the scorer at batch sizes 256 to 8192.
+- ``decode_scaling``: buzzdask's chunk decoding in 1 to all-cores processes at once: realtime
+  factor, audio seconds per CPU second, and the cores kept busy.
+- ``loopback``: decoded chunks moved between two Dask worker processes of the machine (what a
+  scorer worker receives from the decode workers of its node).
 - ``analyze``: a generated MP3 corpus analysed with the machine's cores decoding and one GPU
   scorer, against the decode bound (cores x one ffmpeg's rate; aim: 80 %).
-- ``projection``: hours for the 67 GB (about 1,160 audio hours) experiment on one node with
+- ``projection``: minutes for the 67 GB (about 1,160 audio hours) experiment on one node with
   ``--node-cores`` decode cores and ``--node-gpus`` GPUs, from the measured rates.
 """
 
@@ -33,7 +39,14 @@ import numpy as np
 
 from benchmarks.corpus import build_corpus
 from benchmarks.report import describe_machine, write_record
-from benchmarks.stages import cores, measured
+from benchmarks.stages import (
+    chunk_tasks,
+    cores,
+    cpu_seconds,
+    decoded_frames,
+    measured,
+    model_and_frames,
+)
 
 __all__ = ["main"]
 
@@ -42,15 +55,19 @@ EXPERIMENT_HOURS = 1160.0  # the seed's 67 GB of 128 kb/s MP3s
 FIDELITY_TARGET = 1e-4
 
 
+def _model_params(shared: Path) -> dict[str, Any]:
+    """The shared model on the shared YAMNet, as ``model_and_frames`` takes them."""
+    return {
+        "model": shared / "data/models/model_general_v3",
+        "embedder": str(shared / "models/yamnet/saved_model_wholehop"),
+    }
+
+
 def _options(shared: Path, batch_frames: int) -> dict[str, Any]:
     """A scorer's options as buzzdask gives them, at ``batch_frames`` (a GPU's calls)."""
-    from buzzdask.models import resolve_model
     from buzzdask.settings import load_settings
 
-    model = resolve_model(
-        shared / "data/models/model_general_v3",
-        embedder=str(shared / "models/yamnet/saved_model_wholehop"),
-    )
+    model, _ = model_and_frames(_model_params(shared))
     return {
         "head_path": model.path,
         "embedder_handle": model.embedder.handle,
@@ -147,14 +164,134 @@ def batch_sweep(shared: Path, batch_sizes: list[int], n_frames: int) -> dict[str
     return {"frames": n_frames, "frames_per_second": rates, "call_frames": call_frames}
 
 
-def decode_rate_per_core(path: str) -> float:
-    """Audio seconds one ffmpeg decodes per CPU second (buzzdask's filter chain)."""
-    from buzzdask.decode import decode_file, probe_audio
+def _yamnet_frames() -> Any:
+    """The frames of the shared model's embedder, from buzzdask's configured geometry alone.
 
-    info = probe_audio(path)
-    with measured() as record:
-        decode_file(path, sample_rate=16000)
-    return float(info.duration_s or 0.0) / record["cpu_s"]
+    The decode side needs no model files, so that it runs where only code travels.
+    """
+    from buzzdask.models import EmbedderSpec
+    from buzzdask.settings import load_settings
+
+    name = "yamnet_k2"  # model_general_v3's embedder
+    configured = load_settings().embedders[name]
+    return EmbedderSpec(
+        name=name,
+        handle=str(configured.handle),
+        sample_rate=configured.sample_rate,
+        frame_length_s=configured.frame_length_seconds,
+        frame_context_s=configured.frame_context_seconds,
+    ).frame_spec()
+
+
+def _warm_decode_worker() -> None:
+    """Pay a decode process's imports before the clock starts (buzzdask's workers pay them once)."""
+    import buzzdask.decode  # noqa: F401
+
+
+def _timed_chunk(task: tuple[Any, ...]) -> tuple[int, float]:
+    """One chunk decoded as buzzdask's task does: its frames and its CPU-s (ffmpeg's too)."""
+    started = cpu_seconds()
+    frames = decoded_frames(*task)
+    return frames, cpu_seconds() - started
+
+
+def _wait_a_moment(_: int) -> None:
+    time.sleep(0.2)
+
+
+def decode_scaling(
+    files: list[str], *, process_counts: list[int], chunks_per_process: int
+) -> dict[str, Any]:
+    """buzzdask's chunk decoding with 1 to all cores' worth of processes at once.
+
+    Each count decodes ``chunks_per_process`` chunks per process (the corpus' chunks in turn,
+    repeated as needed), in a pool started and warmed before the clock starts; counts are
+    measured up and then down, and each entry keeps the faster of its two. One ffmpeg keeps
+    more than one core busy (its demuxer, decoder and filters run in threads), so the node's
+    rate is read with every core busy, not as one process's times the cores.
+
+    Returns
+    -------
+    dict
+        ``runs``: per count, ``processes``, ``chunks``, ``audio_s``, ``wall_s``, ``cpu_s``,
+        ``realtime_factor`` (audio s per wall s), ``audio_s_per_cpu_s`` and ``cores_busy``
+        (CPU s per wall s); ``audio_s_per_cpu_s_one_process``: one ffmpeg's rate per CPU
+        second (the decode bound's per-core rate); ``per_core_rtf_all_cores``: the realtime
+        factor with as many processes as cores, per core.
+    """
+    from buzzdask.decode import probe_audio
+
+    spec = _yamnet_frames()
+    tasks = chunk_tasks({"files": files}, spec, [probe_audio(path) for path in files])
+    runs: dict[int, dict[str, Any]] = {}
+    for processes in [*process_counts, *reversed(process_counts)]:
+        work = [tasks[i % len(tasks)] for i in range(processes * chunks_per_process)]
+        spawn = multiprocessing.get_context("spawn")
+        with spawn.Pool(processes, initializer=_warm_decode_worker) as pool:
+            pool.map(_wait_a_moment, range(processes), chunksize=1)  # every process is up
+            started = time.perf_counter()
+            done = pool.map(_timed_chunk, work, chunksize=1)
+            wall_s = time.perf_counter() - started
+        audio_s = sum(frames for frames, _ in done) * spec.hop_length / spec.sample_rate
+        cpu_s = sum(cpu for _, cpu in done)
+        run = {
+            "processes": processes,
+            "chunks": len(work),
+            "audio_s": audio_s,
+            "wall_s": wall_s,
+            "cpu_s": cpu_s,
+            "realtime_factor": audio_s / wall_s,
+            "audio_s_per_cpu_s": audio_s / cpu_s,
+            "cores_busy": cpu_s / wall_s,
+        }
+        if processes not in runs or wall_s < runs[processes]["wall_s"]:
+            runs[processes] = run
+    most = runs[max(process_counts)]
+    return {
+        "runs": [runs[count] for count in process_counts],
+        "audio_s_per_cpu_s_one_process": runs[1]["audio_s_per_cpu_s"],
+        "per_core_rtf_all_cores": most["realtime_factor"] / most["processes"],
+    }
+
+
+def _audio_like(n_samples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(n_samples, dtype=np.float32)
+
+
+def _n_bytes(array: np.ndarray) -> int:
+    return int(array.nbytes)
+
+
+def loopback_transfer(*, arrays: int, seconds_per_array: float) -> dict[str, Any]:
+    """Decoded chunks moved from one Dask worker process to another on this machine.
+
+    ``arrays`` chunks of ``seconds_per_array`` of 16 kHz float32 audio are made on one worker,
+    then each is used by a task on the other: the time from their submission to the last
+    result is what a scorer worker waits to receive them from a decode worker of its node.
+    """
+    from distributed import Client, LocalCluster, wait
+
+    n_samples = int(seconds_per_array * 16000)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        sender, receiver = sorted(client.scheduler_info()["workers"])
+        made = [
+            client.submit(_audio_like, n_samples, seed, workers=[sender], pure=False)
+            for seed in range(arrays)
+        ]
+        wait(made)
+        started = time.perf_counter()
+        moved = client.gather([client.submit(_n_bytes, m, workers=[receiver]) for m in made])
+        wall_s = time.perf_counter() - started
+    return {
+        "arrays": arrays,
+        "bytes": sum(moved),
+        "wall_s": wall_s,
+        "bytes_per_s": sum(moved) / wall_s,
+        "audio_s_per_s": arrays * seconds_per_array / wall_s,
+    }
 
 
 def analyze_on_node(shared: Path, files: list[str], *, gpu: bool, out: Path) -> dict[str, Any]:
@@ -202,52 +339,106 @@ def analyze_on_node(shared: Path, files: list[str], *, gpu: bool, out: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     """Run every check and write the record; exit 2 when no GPU is seen (unless ``--allow-cpu``)."""
     args = _parser().parse_args(argv)
-    import tensorflow as tf
-
     record: dict[str, Any] = {
         "command": "python -m benchmarks.device_check " + " ".join(argv or sys.argv[1:]),
         "machine": describe_machine(),
-        "tensorflow": tf.__version__,
-        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
     }
-    gpu = bool(record["gpus"])
-    if not gpu and not args.allow_cpu:
-        print(
-            "device-check: TensorFlow sees no GPU (install tensorflow[and-cuda])", file=sys.stderr
-        )
-        return 2
+    gpu = False
+    if not args.without_tensorflow:
+        import tensorflow as tf
+
+        record["tensorflow"] = tf.__version__
+        record["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+        gpu = bool(record["gpus"])
+        if not gpu and not args.allow_cpu:
+            print(
+                "device-check: TensorFlow sees no GPU (install tensorflow[and-cuda])",
+                file=sys.stderr,
+            )
+            return 2
     sizes = _sizes(args.quick)
     work = Path(tempfile.mkdtemp(prefix="buzzdask-device-"))
-    # The corpus' first file is a stereo 44.1 kHz MP3 (benchmarks.corpus.PATTERN).
-    stereo = build_corpus(sizes["stereo_hours"], work / "stereo", jobs=cores())[0]
-    files = [str(args.shared / "data/audio_in/testbuzz.mp3"), str(stereo)]
-    record["fidelity"] = fidelity(args.shared, files)
-    record["batch_sweep"] = batch_sweep(args.shared, sizes["batches"], sizes["frames"])
     generated = build_corpus(sizes["corpus_hours"], work / "corpus", jobs=cores())
     corpus = [str(p) for p in generated if p.suffix == ".mp3"]  # what the lab's recorders write
-    per_core = decode_rate_per_core(corpus[0])
-    run = analyze_on_node(args.shared, corpus, gpu=gpu, out=work / "results")
-    bound = per_core * cores()
-    record["analyze"] = {
-        **run,
-        "decode_bound_rtf": bound,
-        "fraction_of_bound": run["realtime_factor"] / bound,
-    }
-    gpu_rate = max(record["batch_sweep"]["frames_per_second"].values()) * 0.96  # audio s / s
-    node_rate = min(per_core * args.node_cores, gpu_rate * args.node_gpus)
-    record["projection"] = {
-        "experiment_audio_hours": EXPERIMENT_HOURS,
-        "node_cores": args.node_cores,
-        "node_gpus": args.node_gpus,
-        "decode_rtf_per_core": per_core,
-        "scorer_rtf_per_gpu": gpu_rate,
-        "minutes": EXPERIMENT_HOURS * 60 / node_rate,
-    }
+    scaling = decode_scaling(
+        corpus,
+        process_counts=_process_counts(cores()),
+        chunks_per_process=sizes["chunks_per_process"],
+    )
+    record["decode_scaling"] = scaling
+    record["loopback"] = loopback_transfer(
+        arrays=sizes["loopback_arrays"], seconds_per_array=sizes["loopback_seconds"]
+    )
+    gpu_rate = None
+    if not args.without_tensorflow:
+        # The corpus' first file is a stereo 44.1 kHz MP3 (benchmarks.corpus.PATTERN).
+        stereo = build_corpus(sizes["stereo_hours"], work / "stereo", jobs=cores())[0]
+        files = [str(args.shared / "data/audio_in/testbuzz.mp3"), str(stereo)]
+        record["fidelity"] = fidelity(args.shared, files)
+        record["batch_sweep"] = batch_sweep(args.shared, sizes["batches"], sizes["frames"])
+        run = analyze_on_node(args.shared, corpus, gpu=gpu, out=work / "results")
+        bound = scaling["audio_s_per_cpu_s_one_process"] * cores()
+        record["analyze"] = {
+            **run,
+            "decode_bound_rtf": bound,
+            "fraction_of_bound": run["realtime_factor"] / bound,
+        }
+        gpu_rate = max(record["batch_sweep"]["frames_per_second"].values()) * 0.96  # audio s/s
+    record["projection"] = projection(
+        scaling, record["loopback"], gpu_rate, node_cores=args.node_cores, node_gpus=args.node_gpus
+    )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = write_record(record, args.out, f"{stamp}-{'device' if gpu else 'device-cpu'}")
-    print(json.dumps({k: record[k] for k in ("fidelity", "analyze", "projection")}, indent=1))
+    kind = "device-decode" if args.without_tensorflow else "device" if gpu else "device-cpu"
+    path = write_record(record, args.out, f"{stamp}-{kind}")
+    shown = ("decode_scaling", "loopback", "fidelity", "analyze", "projection")
+    print(json.dumps({k: record[k] for k in shown if k in record}, indent=1))
     print(f"device-check: wrote {path}")
     return 0
+
+
+def projection(
+    scaling: dict[str, Any],
+    loopback: dict[str, Any],
+    scorer_rtf_per_gpu: float | None,
+    *,
+    node_cores: int,
+    node_gpus: int,
+) -> dict[str, Any]:
+    """Minutes for the seed's experiment on one node, from the measured rates.
+
+    The node decodes at the per-core rate measured with every core of this machine busy; with
+    no GPU scorer measured (``scorer_rtf_per_gpu`` None), the minutes are the decode side's
+    alone and ``scorer_rtf_per_gpu_needed`` says what each GPU must score to keep up.
+    """
+    decode_rtf = scaling["per_core_rtf_all_cores"] * node_cores
+    node_rtf = decode_rtf
+    if scorer_rtf_per_gpu is not None:
+        node_rtf = min(decode_rtf, scorer_rtf_per_gpu * node_gpus)
+    audio_s = EXPERIMENT_HOURS * 3600
+    return {
+        "experiment_audio_hours": EXPERIMENT_HOURS,
+        "node_cores": node_cores,
+        "node_gpus": node_gpus,
+        "decode_rtf_per_core": scaling["per_core_rtf_all_cores"],
+        "scorer_rtf_per_gpu": scorer_rtf_per_gpu,
+        "scorer_rtf_per_gpu_needed": decode_rtf / node_gpus,
+        # Each GPU's worker receives its share of the decoded audio over loopback.
+        "loopback_minutes_per_scorer": audio_s / node_gpus / loopback["audio_s_per_s"] / 60,
+        "minutes": audio_s / node_rtf / 60,
+        "bound_by": (
+            "decode (no GPU scorer measured)"
+            if scorer_rtf_per_gpu is None
+            else "decode"
+            if node_rtf == decode_rtf
+            else "scorer"
+        ),
+    }
+
+
+def _process_counts(n_cores: int) -> list[int]:
+    """1, 2, 4 ... up to the cores, and the cores themselves."""
+    counts = [1 << i for i in range(n_cores.bit_length()) if 1 << i < n_cores]
+    return [*counts, n_cores]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -257,20 +448,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (a dry run)")
     parser.add_argument("--quick", action="store_true", help="small sizes (for the test suite)")
+    parser.add_argument(
+        "--without-tensorflow",
+        action="store_true",
+        help="only the checks that need no TensorFlow: decode scaling, loopback, projection",
+    )
     parser.add_argument("--node-cores", type=int, default=92, help="decode cores of one node")
     parser.add_argument("--node-gpus", type=int, default=4, help="GPUs of one node")
     return parser
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
-    """Corpus hours, batch sizes and sweep frames: the real check's, or a CPU dry run's."""
+    """Corpora, batch sizes, sweep frames, decode and loopback work: the check's or a dry run's."""
     if quick:
-        return {"stereo_hours": 0.02, "corpus_hours": 0.05, "batches": [256, 512], "frames": 300}
+        return {
+            "stereo_hours": 0.02,
+            "corpus_hours": 0.05,
+            "batches": [256, 512],
+            "frames": 300,
+            "chunks_per_process": 2,
+            "loopback_arrays": 4,
+            "loopback_seconds": 60.0,
+        }
     return {
         "stereo_hours": 0.25,
         "corpus_hours": 8.0,
         "batches": [256, 512, 1024, 2048, 4096, 8192],
         "frames": 16384,
+        "chunks_per_process": 6,
+        "loopback_arrays": 64,
+        "loopback_seconds": 600.0,
     }
 
 

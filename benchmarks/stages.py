@@ -45,8 +45,10 @@ from buzzdask.write import frames_table, write_table
 
 __all__ = [
     "STAGES",
+    "chunk_tasks",
     "cpu_seconds",
     "decode_corpus",
+    "decoded_frames",
     "groups_of",
     "make_scorer",
     "measured",
@@ -173,19 +175,19 @@ def decode_corpus(
         Chunks decoded.
     """
     infos = list(pool.map(probe_audio, params["files"]))
-    tasks = _chunk_tasks(params, spec, infos)
+    tasks = chunk_tasks(params, spec, infos)
     n_frames = 0
-    for frames in pool.map(lambda task: _decoded_frames(*task), tasks):
+    for frames in pool.map(lambda task: decoded_frames(*task), tasks):
         n_frames += frames
         if on_chunk is not None:
             on_chunk(n_frames)
     return n_frames, len(tasks)
 
 
-def _chunk_tasks(
+def chunk_tasks(
     params: dict[str, Any], spec: FrameSpec, infos: list[Any]
 ) -> list[tuple[Any, ChunkPlan, FrameSpec, float, tuple[str, ...]]]:
-    """Arguments of :func:`_decoded_frames` for every chunk buzzdask would decode."""
+    """Arguments of :func:`decoded_frames` for every chunk buzzdask would decode."""
     frames_per_chunk = _frames_per_chunk(params, spec)
     settings = load_settings()
     margin_s = settings.decode_margin_seconds
@@ -197,7 +199,7 @@ def _chunk_tasks(
     ]
 
 
-def _decoded_frames(
+def decoded_frames(
     info: Any, plan: ChunkPlan, spec: FrameSpec, margin_s: float, seekable: tuple[str, ...]
 ) -> int:
     """Decode one chunk as buzzdask's decode task does; only its frame count leaves."""
@@ -229,8 +231,8 @@ def slurm_decode(params: dict[str, Any]) -> dict[str, Any]:
             cpu_before = client.run(cpu_seconds)
             with measured() as record:
                 infos = client.gather(client.map(probe_audio, params["files"], pure=False))
-                tasks = _chunk_tasks(params, spec, infos)
-                futures = [client.submit(_decoded_frames, *task, pure=False) for task in tasks]
+                tasks = chunk_tasks(params, spec, infos)
+                futures = [client.submit(decoded_frames, *task, pure=False) for task in tasks]
                 n_frames = sum(client.gather(futures))
                 record["audio_s"] = n_frames * spec.hop_length / spec.sample_rate
             cpu_after = client.run(cpu_seconds)
