@@ -90,7 +90,8 @@ def test_input_at_model_rate_is_not_resampled(tmp_path: Path) -> None:
 
 def test_filter_chain_names_the_rule() -> None:
     assert preprocess_filters(2, 16000) == (
-        "aformat=sample_fmts=flt,pan=mono|c0=0.5*c0+0.5*c1,aresample=osr=16000:resampler=soxr"
+        "aformat=sample_fmts=flt,pan=mono|c0=0.5*c0+0.5*c1,aresample=osr=16000:resampler=soxr,"
+        "asetnsamples=n=16384:p=0"
     )
     assert "pan" not in preprocess_filters(1, 16000)
 
