@@ -44,6 +44,7 @@ from typing import Any
 __all__ = [
     "KERAS_PACKAGES",
     "LEAN_API",
+    "MODULE",
     "TASK_MODULES",
     "WAIT_FOR_LOGGING_S",
     "collection_paused",
@@ -57,6 +58,10 @@ __all__ = [
 
 #: Whether this process's TensorFlow is imported lean: a worker without GPUs (:func:`dask_setup`).
 _lean_here = False
+
+#: What a worker's ``preload`` names to load this module (local clusters, SLURM jobs, the one-job
+#: script's tasks).
+MODULE = __name__
 
 #: Set on a worker once the run's logging settings apply there.
 logging_set = threading.Event()

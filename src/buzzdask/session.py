@@ -30,6 +30,7 @@ from tornado import web
 
 from buzzdask.dashboard import local_dashboard_lines
 from buzzdask.logs import check_main_guard, quiet_environment
+from buzzdask.preload import MODULE as SCORER_PRELOAD_MODULE
 from buzzdask.settings import LocalClusterSettings
 
 __all__ = [
@@ -111,7 +112,7 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
             dashboard_address=settings.dashboard_address,
             # The dashboard's server listens at once; its pages come on the first visit.
             scheduler_kwargs={"dashboard": False},
-            preload=["buzzdask.preload"] if processes and all_score else [],
+            preload=[SCORER_PRELOAD_MODULE] if processes and all_score else [],
         )
     if settings.dashboard_address is not None:
         _DashboardPages(cluster).build_on_first_visit()

@@ -25,9 +25,10 @@ from typing import Any
 import dask.config
 from dask.utils import format_bytes, parse_bytes
 
+from buzzdask import preload
 from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size, worker_counts
 from buzzdask.cluster.options import JobOptions
-from buzzdask.cluster.slurm import SCORER_PRELOAD, job_prologue
+from buzzdask.cluster.slurm import job_prologue
 from buzzdask.errors import ParameterError
 
 __all__ = ["BatchPlan", "WorkerShare", "batch_script", "plan_batch_job", "run_in_job"]
@@ -364,7 +365,7 @@ def run_in_job(
         worker_options["local_directory"] = os.environ["TMPDIR"]
     if gpu_index >= 0 and (gpu_index < gpus or not gpus):
         # It holds a scorer (without GPUs, every worker does): TensorFlow's import starts now.
-        worker_options["preload"] = [SCORER_PRELOAD[1]]
+        worker_options["preload"] = [preload.MODULE]
     if 0 <= gpu_index < gpus:
         # One GPU per GPU worker, chosen among the job's own (SLURM sets the list).
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")

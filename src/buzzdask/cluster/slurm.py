@@ -21,6 +21,7 @@ from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from tornado.ioloop import PeriodicCallback
 
+from buzzdask import preload
 from buzzdask.errors import ClusterError
 from buzzdask.session import worker_environment
 
@@ -40,7 +41,7 @@ SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
 LMOD_INIT = "type module >/dev/null 2>&1 || source /etc/profile.d/lmod.sh"
 #: Worker arguments of the jobs whose workers hold a scorer: TensorFlow's import starts as the
 #: worker does (:mod:`buzzdask.preload`), not when the run creates its actor.
-SCORER_PRELOAD = ("--preload", "buzzdask.preload")
+SCORER_PRELOAD = ("--preload", preload.MODULE)
 
 
 class _Job(SLURMJob):
