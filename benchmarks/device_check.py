@@ -47,6 +47,7 @@ from benchmarks.stages import (
     measured,
     model_and_frames,
 )
+from buzzdask.frames import FrameSpec
 
 __all__ = ["main"]
 
@@ -164,7 +165,7 @@ def batch_sweep(shared: Path, batch_sizes: list[int], n_frames: int) -> dict[str
     return {"frames": n_frames, "frames_per_second": rates, "call_frames": call_frames}
 
 
-def _yamnet_frames() -> Any:
+def _yamnet_frames() -> FrameSpec:
     """The frames of the shared model's embedder, from buzzdask's configured geometry alone.
 
     The decode side needs no model files, so that it runs where only code travels.
