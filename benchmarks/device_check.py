@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.corpus import build_corpus
+from benchmarks.long_files import SPEC  # YAMNet's frames: the decode side needs no model files
 from benchmarks.report import describe_machine, write_record
 from benchmarks.stages import (
     chunk_tasks,
@@ -45,9 +46,7 @@ from benchmarks.stages import (
     cpu_seconds,
     decoded_frames,
     measured,
-    model_and_frames,
 )
-from buzzdask.frames import FrameSpec
 
 __all__ = ["main"]
 
@@ -56,19 +55,15 @@ EXPERIMENT_HOURS = 1160.0  # the seed's 67 GB of 128 kb/s MP3s
 FIDELITY_TARGET = 1e-4
 
 
-def _model_params(shared: Path) -> dict[str, Any]:
-    """The shared model on the shared YAMNet, as ``model_and_frames`` takes them."""
-    return {
-        "model": shared / "data/models/model_general_v3",
-        "embedder": str(shared / "models/yamnet/saved_model_wholehop"),
-    }
-
-
 def _options(shared: Path, batch_frames: int) -> dict[str, Any]:
     """A scorer's options as buzzdask gives them, at ``batch_frames`` (a GPU's calls)."""
+    from buzzdask.models import resolve_model
     from buzzdask.settings import load_settings
 
-    model, _ = model_and_frames(_model_params(shared))
+    model = resolve_model(
+        shared / "data/models/model_general_v3",
+        embedder=str(shared / "models/yamnet/saved_model_wholehop"),
+    )
     return {
         "head_path": model.path,
         "embedder_handle": model.embedder.handle,
@@ -165,25 +160,6 @@ def batch_sweep(shared: Path, batch_sizes: list[int], n_frames: int) -> dict[str
     return {"frames": n_frames, "frames_per_second": rates, "call_frames": call_frames}
 
 
-def _yamnet_frames() -> FrameSpec:
-    """The frames of the shared model's embedder, from buzzdask's configured geometry alone.
-
-    The decode side needs no model files, so that it runs where only code travels.
-    """
-    from buzzdask.models import EmbedderSpec
-    from buzzdask.settings import load_settings
-
-    name = "yamnet_k2"  # model_general_v3's embedder
-    configured = load_settings().embedders[name]
-    return EmbedderSpec(
-        name=name,
-        handle=str(configured.handle),
-        sample_rate=configured.sample_rate,
-        frame_length_s=configured.frame_length_seconds,
-        frame_context_s=configured.frame_context_seconds,
-    ).frame_spec()
-
-
 def _warm_decode_worker() -> None:
     """Pay a decode process's imports before the clock starts (buzzdask's workers pay them once)."""
     import buzzdask.decode  # noqa: F401
@@ -222,18 +198,17 @@ def decode_scaling(
     """
     from buzzdask.decode import probe_audio
 
-    spec = _yamnet_frames()
-    tasks = chunk_tasks({"files": files}, spec, [probe_audio(path) for path in files])
+    tasks = chunk_tasks({"files": files}, SPEC, [probe_audio(path) for path in files])
+    spawn = multiprocessing.get_context("spawn")
     runs: dict[int, dict[str, Any]] = {}
     for processes in [*process_counts, *reversed(process_counts)]:
         work = [tasks[i % len(tasks)] for i in range(processes * chunks_per_process)]
-        spawn = multiprocessing.get_context("spawn")
         with spawn.Pool(processes, initializer=_warm_decode_worker) as pool:
             pool.map(_wait_a_moment, range(processes), chunksize=1)  # every process is up
             started = time.perf_counter()
             done = pool.map(_timed_chunk, work, chunksize=1)
             wall_s = time.perf_counter() - started
-        audio_s = sum(frames for frames, _ in done) * spec.hop_length / spec.sample_rate
+        audio_s = sum(frames for frames, _ in done) * SPEC.hop_length / SPEC.sample_rate
         cpu_s = sum(cpu for _, cpu in done)
         run = {
             "processes": processes,
