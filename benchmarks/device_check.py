@@ -4,7 +4,9 @@ and the node's decode side (decode scaling over the cores, loopback transfer).
 Run by ``benchmarks/device-check`` on a machine with a GPU (it installs what is missing first);
 ``python -m benchmarks.device_check --allow-cpu --quick`` runs the same code on a CPU, which is
 how the test suite keeps it working, and ``--without-tensorflow`` runs only the parts that need
-no TensorFlow (a machine it cannot reach). One JSON record under ``benchmarks/results/``:
+no TensorFlow (a machine it cannot reach). ``--print-batch-script CONFIG`` prints a SLURM job that
+runs it on a GPU node of a cluster (an OSC GPU node: :func:`batch_script`). One JSON record under
+``benchmarks/results/``:
 
 - ``scorer``: the device the scorer recorded, TensorFloat-32 as TensorFlow reports it.
 - ``fidelity``: per file (the shared testbuzz.mp3 and a generated stereo MP3), the largest
@@ -27,6 +29,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dask.utils import parse_bytes
 
 from benchmarks.corpus import build_corpus
 from benchmarks.long_files import SPEC  # YAMNet's frames: the decode side needs no model files
@@ -47,11 +51,19 @@ from benchmarks.stages import (
     decoded_frames,
     measured,
 )
+from buzzdask.cluster.batch import job_section, one_node_job_head
+from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size
+from buzzdask.cluster.options import JobOptions
+from buzzdask.errors import ParameterError
 
-__all__ = ["main"]
+__all__ = ["batch_script", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_HOURS = 1160.0  # the seed's 67 GB of 128 kb/s MP3s
+#: The projection's node unless given: a GPU node of OSC Cardinal (configuration, partition).
+PROJECTED_NODE = ("osc-cardinal", "gpu")
+#: Flags of this module a batch job's check runs with, as given to ``--print-batch-script``.
+FORWARDED_FLAGS = ("allow_cpu", "quick", "without_tensorflow")
 FIDELITY_TARGET = 1e-4
 
 
@@ -313,8 +325,19 @@ def analyze_on_node(shared: Path, files: list[str], *, gpu: bool, out: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every check and write the record; exit 2 when no GPU is seen (unless ``--allow-cpu``)."""
+    """Run every check and write the record; exit 2 when no GPU is seen (unless ``--allow-cpu``).
+
+    With ``--print-batch-script``, print the job script that runs them instead
+    (:func:`batch_script`); exit 3 when the configuration cannot make one.
+    """
     args = _parser().parse_args(argv)
+    if args.print_batch_script:
+        try:
+            print(batch_script(args), end="")
+        except ParameterError as error:
+            print(f"device-check: {error}", file=sys.stderr)
+            return 3
+        return 0
     record: dict[str, Any] = {
         "command": "python -m benchmarks.device_check " + " ".join(argv or sys.argv[1:]),
         "machine": describe_machine(),
@@ -361,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         gpu_rate = max(record["batch_sweep"]["frames_per_second"].values()) * 0.96  # audio s/s
     record["projection"] = projection(
-        scaling, record["loopback"], gpu_rate, node_cores=args.node_cores, node_gpus=args.node_gpus
+        scaling,
+        record["loopback"],
+        gpu_rate,
+        **_projected_node(args, None),
     )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     kind = "device-decode" if args.without_tensorflow else "device" if gpu else "device-cpu"
@@ -411,6 +437,94 @@ def projection(
     }
 
 
+def batch_script(args: argparse.Namespace) -> str:
+    """An sbatch script that runs ``benchmarks/device-check`` on a GPU node of a SLURM cluster.
+
+    For a cluster the device machines are not (an OSC GPU node): the job asks for one GPU and
+    the cores and memory of the configuration's GPU worker job (``--print-batch-script
+    osc-cardinal``: 8 cores, 72 GiB), or with ``--whole-node`` for the whole node its GPU
+    partition declares. It runs this checkout's ``benchmarks/device-check`` with the Python
+    running this command (a venv with ``buzzdask[gpu]``), the shared data of ``--shared`` and
+    the record written to ``--out``; the projection's node is the partition's (its cores less a
+    core per GPU's scorer, and its GPUs) unless ``--node-cores`` and ``--node-gpus`` are given.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        This module's parsed command line: ``print_batch_script`` (a configuration of
+        ``cluster_configs/`` or its path), ``account``, ``walltime``, ``whole_node``, ``shared``,
+        ``out``, ``node_cores``, ``node_gpus`` and :data:`FORWARDED_FLAGS`.
+
+    Returns
+    -------
+    str
+        The script; submit it with ``sbatch``.
+
+    Raises
+    ------
+    ParameterError
+        For a configuration that is not SLURM, a missing account where one is required, or
+        ``--whole-node`` where the configuration declares no node of its GPU partition.
+    """
+    entry = load_cluster_config(args.print_batch_script)
+    if entry["kind"] != "slurm":
+        raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
+    options = JobOptions(account=args.account, walltime=args.walltime)
+    options.require_account(entry, ("gpu",))
+    section = job_section(entry["gpu-config"], options.overrides("gpu"))
+    node = node_size(entry, section["queue"])
+    if args.whole_node and node is None:
+        raise ParameterError(
+            f"{entry['name']} declares no node of partition {section['queue']!r} "
+            "(buzzdask.clusters.<name>.nodes): --whole-node needs its size"
+        )
+    if args.whole_node:
+        assert node is not None
+        cores, memory, gpus = node.cores, node.memory, node.gpus
+    else:
+        cores, memory, gpus = section["cores"], parse_bytes(section["memory"]), 1
+    lines = one_node_job_head(
+        section, job_name="buzzdask-device-check", cores=cores, memory=memory, gpus=gpus
+    )
+    projected = _projected_node(args, node)
+    check = [
+        *("bash", "benchmarks/device-check"),
+        *("--node-cores", str(projected["node_cores"])),
+        *("--node-gpus", str(projected["node_gpus"])),
+        *(f"--{flag.replace('_', '-')}" for flag in FORWARDED_FLAGS if getattr(args, flag)),
+    ]
+    return (
+        "\n".join(
+            [
+                *lines,
+                f"cd {shlex.quote(str(REPO))}",
+                # The venv this was printed from: device-check installs nothing where it has all.
+                f"export PYTHON={shlex.quote(sys.executable)}",
+                f"export BUZZDASK_SHARED_DIR={shlex.quote(str(args.shared.resolve()))}",
+                f"export OUT={shlex.quote(str(args.out.resolve()))}",
+                shlex.join(check),
+            ]
+        )
+        + "\n"
+    )
+
+
+def _projected_node(args: argparse.Namespace, node: NodeSize | None) -> dict[str, int]:
+    """The projection's ``node_cores`` and ``node_gpus``: those given, else ``node``'s.
+
+    A node's decode cores are its cores less one per GPU (its scorer's); without ``node``, a
+    GPU node of :data:`PROJECTED_NODE` (Cardinal: 96 cores, 4 GPUs, so 92 decode cores).
+    """
+    if node is None:
+        name, partition = PROJECTED_NODE
+        node = node_size(load_cluster_config(name), partition)
+        assert node is not None, PROJECTED_NODE
+    return {
+        "node_cores": args.node_cores or node.cores - node.gpus,
+        "node_gpus": args.node_gpus or node.gpus,
+    }
+
+
 def _process_counts(n_cores: int) -> list[int]:
     """1, 2, 4 ... up to the cores, and the cores themselves."""
     counts = [1 << i for i in range(n_cores.bit_length()) if 1 << i < n_cores]
@@ -429,8 +543,28 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the checks that need no TensorFlow: decode scaling, loopback, projection",
     )
-    parser.add_argument("--node-cores", type=int, default=92, help="decode cores of one node")
-    parser.add_argument("--node-gpus", type=int, default=4, help="GPUs of one node")
+    parser.add_argument(
+        "--node-cores",
+        type=int,
+        help="decode cores of the projection's node (default: a Cardinal GPU node's 92)",
+    )
+    parser.add_argument(
+        "--node-gpus", type=int, help="GPUs of the projection's node (default: Cardinal's 4)"
+    )
+    job = parser.add_argument_group("a SLURM job instead (an OSC GPU node)")
+    job.add_argument(
+        "--print-batch-script",
+        metavar="CONFIG",
+        help="print an sbatch script that runs the check on a GPU node of this configuration "
+        "(osc-cardinal, osc-ascend, osc-pitzer, local-slurm or a file), and exit",
+    )
+    job.add_argument("--account", help="SLURM account / OSC project, e.g. PAS1234")
+    job.add_argument("--walltime", help="HH:MM:SS of the job (default: the configuration's)")
+    job.add_argument(
+        "--whole-node",
+        action="store_true",
+        help="ask for the whole node (all its cores and GPUs) instead of one GPU's share",
+    )
     return parser
 
 

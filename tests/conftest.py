@@ -409,6 +409,26 @@ requires_slurm = _require(
 )
 
 
+def run_batch_job(script: str, directory: Path, *, cwd: Path | None = None) -> str:
+    """Submit ``script`` (written to ``directory/job.sh``) with ``sbatch --wait``; its log.
+
+    Submitted from ``cwd`` (default: this process's directory); fails the test, with the log's
+    end, unless the job succeeds within 600 s.
+    """
+    path, log = directory / "job.sh", directory / "job.out"
+    path.write_text(script)
+    done = subprocess.run(
+        ["sbatch", "--wait", "-o", str(log), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+    output = log.read_text() if log.exists() else done.stderr
+    assert done.returncode == 0, output[-3000:]
+    return output
+
+
 @pytest.fixture(scope="session")
 def local_slurm() -> Iterator[dict[str, str]]:
     """A real single-node SLURM (cpu and gpu partitions, 2 fake GPUs) for the whole session.

@@ -38,6 +38,7 @@ from tests.conftest import (
     assert_same_frames,
     requires_ffmpeg,
     requires_slurm,
+    run_batch_job,
     when_scoring_started,
 )
 from tests.test_console import NOISE
@@ -824,7 +825,6 @@ def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path
 def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus, tmp_path):
     audio, options, reference = slurm_corpus
     analyze = _analyze_command(audio, options, tmp_path / "out")
-    script = tmp_path / "job.sh"
     printed = subprocess.run(
         [
             *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm"),
@@ -834,16 +834,7 @@ def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus
         text=True,
         check=True,
     )
-    script.write_text(printed.stdout)
-    log = tmp_path / "job.out"
-    done = subprocess.run(
-        ["sbatch", "--wait", "-o", str(log), str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, log.read_text()[-3000:]
-    assert "3/3 files" in log.read_text()
+    assert "3/3 files" in run_batch_job(printed.stdout, tmp_path)
     assert_same_frames(_read_scores(tmp_path / "out"), reference)
     # The actor went to the GPU task (rank 2), as in the cluster mode.
     metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())
@@ -898,19 +889,9 @@ def test_whole_node_layout_runs_inside_one_job(local_slurm, slurm_corpus, tmp_pa
     assert f"#SBATCH --gpus-per-node={gpus}\n" in script
     assert f"srun --ntasks={2 + gpus + 2} " in script
     assert f"--config {tmp_path / 'local-slurm-node.yaml'} --gpus {gpus} --in-job" in script
-    (tmp_path / "job.sh").write_text(script)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    log = tmp_path / "job.out"
-    done = subprocess.run(
-        ["sbatch", "--wait", "-o", str(log), str(tmp_path / "job.sh")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=elsewhere,
-    )
-    output = log.read_text()
-    assert done.returncode == 0, output[-3000:]
+    output = run_batch_job(script, tmp_path, cwd=elsewhere)
     assert "3/3 files" in output
     assert "scheduler at tcp://127.0.0.1:" in output
     assert_same_frames(_read_scores(tmp_path / "out"), reference)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import requires_ffmpeg, requires_shared
+from tests.conftest import requires_ffmpeg, requires_shared, requires_slurm, run_batch_job
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [requires_ffmpeg, requires_shared, pytest.mark.shared_data]
@@ -67,8 +67,23 @@ def _assert_decode_side(record: dict) -> None:
     assert record["projection"]["scorer_rtf_per_gpu_needed"] > 0
 
 
+def _path_without_ffmpeg(directory: Path) -> str:
+    """A ``PATH`` of one directory: links to every command of this one's but ffmpeg and ffprobe."""
+    directory.mkdir()
+    for entry in os.environ["PATH"].split(os.pathsep):
+        folder = Path(entry)
+        if not folder.is_dir():
+            continue
+        for command in folder.iterdir():
+            link = directory / command.name
+            if command.name not in {"ffmpeg", "ffprobe"} and not link.exists():
+                link.symlink_to(command)
+    return str(directory)
+
+
 def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(shared_dir, tmp_path):
-    """What a lent machine with no TensorFlow and no network gets from the shell script."""
+    """What a lent machine with no TensorFlow and no network gets from the shell script; with
+    no ffmpeg on PATH either (an OSC node), it uses buzzdask's (the imageio-ffmpeg wheel's)."""
     no_tensorflow = tmp_path / "no-tensorflow"
     no_tensorflow.mkdir()
     (no_tensorflow / "tensorflow.py").write_text("raise ImportError('no TensorFlow here')\n")
@@ -83,6 +98,7 @@ def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(share
             "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # nothing listens on the discard port
             "OUT": str(out),
             "BUZZDASK_SHARED_DIR": str(shared_dir),
+            "PATH": _path_without_ffmpeg(tmp_path / "bin"),
         },
         capture_output=True,
         text=True,
@@ -90,6 +106,7 @@ def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(share
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no TensorFlow and no package index" in done.stderr
+    assert "no ffmpeg on PATH: using " in done.stderr and "imageio_ffmpeg" in done.stderr
     (path,) = out.glob("*-device-decode.json")
     record = json.loads(path.read_text())
     assert "tensorflow" not in record and "fidelity" not in record
@@ -103,3 +120,69 @@ def test_without_a_gpu_it_stops_and_says_so(shared_dir, tmp_path):
     assert done.returncode == 2
     assert "sees no GPU" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def _print_batch_script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.device_check", "--print-batch-script", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_batch_script_for_an_osc_gpu_node(tmp_path):
+    """The job an OSC user submits to run the check where the device machines cannot."""
+    shared = ("--shared", str(tmp_path / "shared"), "--out", str(tmp_path / "results"))
+    one_gpu = _print_batch_script("osc-cardinal", "--account", "PAS1234", *shared, cwd=tmp_path)
+    assert one_gpu.returncode == 0, one_gpu.stderr
+    lines = one_gpu.stdout.splitlines()
+    # The GPU worker job's share of a Cardinal GPU node: one H100, 8 cores, 72 GiB.
+    for directive in ("-p gpu", "-A PAS1234", "--cpus-per-task=8", "--mem=73728M"):
+        assert f"#SBATCH {directive}" in lines
+    assert "#SBATCH --gpus-per-node=1" in lines
+    # Its log directory exists before sbatch opens the log.
+    logs = tmp_path / "buzzdask-logs"
+    assert f"#SBATCH -o {logs}/buzzdask-device-check-%j.out" in lines and logs.is_dir()
+    assert f"cd {REPO}" in lines and f"export PYTHON={sys.executable}" in lines
+    assert f"export BUZZDASK_SHARED_DIR={tmp_path / 'shared'}" in lines
+    assert f"export OUT={tmp_path / 'results'}" in lines
+    # The projection's node is the partition's: 96 cores less one per GPU's scorer, 4 GPUs.
+    assert lines[-1] == "bash benchmarks/device-check --node-cores 92 --node-gpus 4"
+    syntax = subprocess.run(["bash", "-n"], input=one_gpu.stdout, text=True, capture_output=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+    whole = _print_batch_script(
+        "osc-ascend", "--account", "PAS1234", "--whole-node", "--quick", *shared, cwd=tmp_path
+    )
+    assert whole.returncode == 0, whole.stderr
+    ascend = whole.stdout.splitlines()
+    assert "#SBATCH --cpus-per-task=88" in ascend and "#SBATCH --gpus-per-node=4" in ascend
+    assert ascend[-1] == "bash benchmarks/device-check --node-cores 84 --node-gpus 4 --quick"
+
+    no_account = _print_batch_script("osc-cardinal", cwd=tmp_path)
+    assert no_account.returncode == 3 and "need an account" in no_account.stderr
+    local = _print_batch_script("local", cwd=tmp_path)
+    assert local.returncode == 3 and "it has no jobs" in local.stderr
+
+
+@requires_slurm
+@pytest.mark.slurm
+def test_batch_script_runs_the_check_in_a_slurm_job(local_slurm, shared_dir, tmp_path):
+    """The printed script, submitted to a real SLURM's GPU partition (fake GPUs, so the decode
+    side alone), writes its record where it was told."""
+    out = tmp_path / "results"
+    printed = _print_batch_script(
+        "local-slurm",
+        *("--without-tensorflow", "--quick", "--shared", str(shared_dir), "--out", str(out)),
+        cwd=tmp_path,
+    )
+    assert printed.returncode == 0, printed.stderr
+    run_batch_job(printed.stdout, tmp_path)
+    (path,) = out.glob("*-device-decode.json")
+    record = json.loads(path.read_text())
+    assert record["decode_scaling"]["per_core_rtf_all_cores"] > 0
+    assert record["loopback"]["bytes_per_s"] > 0
+    assert record["projection"]["minutes"] > 0

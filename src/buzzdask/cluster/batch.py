@@ -31,7 +31,15 @@ from buzzdask.cluster.options import JobOptions
 from buzzdask.cluster.slurm import job_prologue
 from buzzdask.errors import ParameterError
 
-__all__ = ["BatchPlan", "WorkerShare", "batch_script", "plan_batch_job", "run_in_job"]
+__all__ = [
+    "BatchPlan",
+    "WorkerShare",
+    "batch_script",
+    "job_section",
+    "one_node_job_head",
+    "plan_batch_job",
+    "run_in_job",
+]
 
 FIRST_WORKER_RANK = 2  # SLURMRunner: rank 0 scheduler, rank 1 client
 # The scheduler and the client mostly wait on the network: one core and a little memory.
@@ -250,8 +258,8 @@ def batch_script(
         )
     gpus, cpu_workers = worker_counts(entry, gpus=gpus, cpu_workers=cpu_workers)
     options.require_account(entry, ("gpu",) if gpus else ("cpu",))
-    cpu = _section(entry["cpu-config"], options.overrides("cpu"))
-    gpu = _section(entry["gpu-config"], options.overrides("gpu"))
+    cpu = job_section(entry["cpu-config"], options.overrides("cpu"))
+    gpu = job_section(entry["gpu-config"], options.overrides("gpu"))
     main = gpu if gpus else cpu
     plan = plan_batch_job(
         node_size(entry, main["queue"]),
@@ -262,32 +270,9 @@ def batch_script(
         where=f"partition {main['queue']!r} of {entry['name']}",
         whole_node=whole_node,
     )
-    lines = [
-        "#!/usr/bin/env bash",
-        "#SBATCH -J buzzdask",
-        *([f"#SBATCH -p {main['queue']}"] if main["queue"] else []),
-        *([f"#SBATCH -A {main['account']}"] if main["account"] else []),
-        f"#SBATCH -t {main['walltime']}",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
-        f"#SBATCH --cpus-per-task={plan.cores}",
-        f"#SBATCH --mem={plan.memory // 2**20}M",
-        *([f"#SBATCH --gpus-per-node={gpus}"] if gpus else []),
-    ]
-    if main["log-directory"]:
-        logs = os.path.abspath(os.path.expanduser(main["log-directory"]))
-        os.makedirs(logs, exist_ok=True)
-        lines.append(f"#SBATCH -o {logs}/buzzdask-%j.out")
-    lines += [
-        # The workers' settings, and Lmod for a prologue's module lines, as in a worker job.
-        *job_prologue(main["job-script-prologue"]),
-        # A job submitted from a notebook's job (OnDemand Jupyter) inherits its SLURM_* variables:
-        # its per-CPU memory clashes with this job's --mem in srun, and an inherited
-        # SLURM_EXPORT_ENV=NONE would start the tasks with an empty environment.
-        "unset SLURM_MEM_PER_CPU SLURM_MEM_PER_GPU",
-        "export SLURM_EXPORT_ENV=ALL",
-        "",
-    ]
+    lines = one_node_job_head(
+        main, job_name="buzzdask", cores=plan.cores, memory=plan.memory, gpus=gpus
+    )
     # The tasks load the configuration again: a name, or a file by its absolute path (the job may
     # start in another directory).
     config = entry["name"] if str(name) == entry["name"] else os.path.abspath(name)
@@ -306,11 +291,67 @@ def batch_script(
     return "\n".join(lines) + "\n"
 
 
-def _section(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def job_section(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``jobqueue.<name>`` with :meth:`JobOptions.overrides` (underscored keywords) applied."""
     section = dict(dask.config.get(f"jobqueue.{name}"))
     section.update({key.replace("_", "-"): value for key, value in overrides.items()})
     return section
+
+
+def one_node_job_head(
+    section: Mapping[str, Any], *, job_name: str, cores: int, memory: int, gpus: int
+) -> list[str]:
+    """An sbatch script's lines up to its command: one task of ``cores`` on one node.
+
+    Its directives (partition, account, walltime and log directory from ``section``), then the
+    workers' environment and ``section``'s prologue (:func:`~buzzdask.cluster.slurm.job_prologue`).
+    The log directory is made now, as an absolute path, since SLURM opens the log before the
+    script runs and fails silently on a missing directory.
+
+    Parameters
+    ----------
+    section : mapping
+        A ``jobqueue`` section (:func:`job_section`): ``queue``, ``account``, ``walltime``,
+        ``log-directory``, ``job-script-prologue``.
+    job_name : str
+        The job's name; its log is ``<job_name>-<job id>.out``.
+    cores : int > 0
+    memory : int > 0 [bytes]
+    gpus : int >= 0
+        Of the node, for the one task.
+
+    Returns
+    -------
+    list of str
+        The lines, the last one empty.
+    """
+    lines = [
+        "#!/usr/bin/env bash",
+        f"#SBATCH -J {job_name}",
+        *([f"#SBATCH -p {section['queue']}"] if section["queue"] else []),
+        *([f"#SBATCH -A {section['account']}"] if section["account"] else []),
+        f"#SBATCH -t {section['walltime']}",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={cores}",
+        f"#SBATCH --mem={memory // 2**20}M",
+        *([f"#SBATCH --gpus-per-node={gpus}"] if gpus else []),
+    ]
+    if section["log-directory"]:
+        logs = os.path.abspath(os.path.expanduser(section["log-directory"]))
+        os.makedirs(logs, exist_ok=True)
+        lines.append(f"#SBATCH -o {logs}/{job_name}-%j.out")
+    return [
+        *lines,
+        # The workers' settings, and Lmod for a prologue's module lines, as in a worker job.
+        *job_prologue(section["job-script-prologue"]),
+        # A job submitted from a notebook's job (OnDemand Jupyter) inherits its SLURM_* variables:
+        # its per-CPU memory clashes with this job's --mem in srun, and an inherited
+        # SLURM_EXPORT_ENV=NONE would start the tasks with an empty environment.
+        "unset SLURM_MEM_PER_CPU SLURM_MEM_PER_GPU",
+        "export SLURM_EXPORT_ENV=ALL",
+        "",
+    ]
 
 
 def run_in_job(
