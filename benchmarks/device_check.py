@@ -62,6 +62,10 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_HOURS = 1160.0  # the seed's 67 GB of 128 kb/s MP3s
 #: The projection's node unless given: a GPU node of OSC Cardinal (configuration, partition).
 PROJECTED_NODE = ("osc-cardinal", "gpu")
+#: What the checks with TensorFlow read from the shared data directory (``--shared``).
+SHARED_MODEL = "data/models/model_general_v3"
+SHARED_EMBEDDER = "models/yamnet/saved_model_wholehop"
+SHARED_RECORDING = "data/audio_in/testbuzz.mp3"
 #: Flags of this module a batch job's check runs with, as given to ``--print-batch-script``.
 FORWARDED_FLAGS = ("allow_cpu", "quick", "without_tensorflow")
 FIDELITY_TARGET = 1e-4
@@ -73,8 +77,8 @@ def _options(shared: Path, batch_frames: int) -> dict[str, Any]:
     from buzzdask.settings import load_settings
 
     model = resolve_model(
-        shared / "data/models/model_general_v3",
-        embedder=str(shared / "models/yamnet/saved_model_wholehop"),
+        shared / SHARED_MODEL,
+        embedder=str(shared / SHARED_EMBEDDER),
     )
     return {
         "head_path": model.path,
@@ -308,10 +312,10 @@ def analyze_on_node(shared: Path, files: list[str], *, gpu: bool, out: Path) -> 
             with measured() as record:
                 result = buzzdask_analyze(
                     files,
-                    shared / "data/models/model_general_v3",
+                    shared / SHARED_MODEL,
                     output=out,
                     client=client,
-                    embedder=str(shared / "models/yamnet/saved_model_wholehop"),
+                    embedder=str(shared / SHARED_EMBEDDER),
                     progress=False,
                     on_conflict="new",
                 )
@@ -344,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     gpu = False
     if not args.without_tensorflow:
+        if missing := _missing_shared(args.shared):
+            print(f"device-check: {missing}", file=sys.stderr)
+            return 3
         import tensorflow as tf
 
         record["tensorflow"] = tf.__version__
@@ -372,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.without_tensorflow:
         # The corpus' first file is a stereo 44.1 kHz MP3 (benchmarks.corpus.PATTERN).
         stereo = build_corpus(sizes["stereo_hours"], work / "stereo", jobs=cores())[0]
-        files = [str(args.shared / "data/audio_in/testbuzz.mp3"), str(stereo)]
+        files = [str(args.shared / SHARED_RECORDING), str(stereo)]
         record["fidelity"] = fidelity(args.shared, files)
         record["batch_sweep"] = batch_sweep(args.shared, sizes["batches"], sizes["frames"])
         run = analyze_on_node(args.shared, corpus, gpu=gpu, out=work / "results")
@@ -463,8 +470,9 @@ def batch_script(args: argparse.Namespace) -> str:
     Raises
     ------
     ParameterError
-        For a configuration that is not SLURM, a missing account where one is required, or
-        ``--whole-node`` where the configuration declares no node of its GPU partition.
+        For a configuration that is not SLURM, a missing account where one is required,
+        ``--whole-node`` where the configuration declares no node of its GPU partition, or a
+        shared data directory without what the checks with TensorFlow read.
     """
     entry = load_cluster_config(args.print_batch_script)
     if entry["kind"] != "slurm":
@@ -473,6 +481,8 @@ def batch_script(args: argparse.Namespace) -> str:
     options.require_account(entry, ("gpu",))
     section = job_section(entry["gpu-config"], options.overrides("gpu"))
     node = node_size(entry, section["queue"])
+    if not args.without_tensorflow and (missing := _missing_shared(args.shared)):
+        raise ParameterError(missing)  # before the job waits in the queue for a GPU
     if args.whole_node and node is None:
         raise ParameterError(
             f"{entry['name']} declares no node of partition {section['queue']!r} "
@@ -506,6 +516,22 @@ def batch_script(args: argparse.Namespace) -> str:
             ]
         )
         + "\n"
+    )
+
+
+def _missing_shared(shared: Path) -> str | None:
+    """What the checks with TensorFlow need and ``shared`` lacks, said in a line; else None."""
+    missing = [
+        name
+        for name in (SHARED_MODEL, SHARED_EMBEDDER, SHARED_RECORDING)
+        if not (shared / name).exists()
+    ]
+    if not missing:
+        return None
+    return (
+        f"the shared data directory {shared} (--shared, BUZZDASK_SHARED_DIR) lacks "
+        f"{', '.join(missing)}: the buzzdetect model, YAMNet and the recording the GPU checks "
+        "score (or run --without-tensorflow)"
     )
 
 

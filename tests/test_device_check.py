@@ -133,9 +133,9 @@ def _print_batch_script(*args: str, cwd: Path) -> subprocess.CompletedProcess[st
     )
 
 
-def test_batch_script_for_an_osc_gpu_node(tmp_path):
+def test_batch_script_for_an_osc_gpu_node(shared_dir, tmp_path):
     """The job an OSC user submits to run the check where the device machines cannot."""
-    shared = ("--shared", str(tmp_path / "shared"), "--out", str(tmp_path / "results"))
+    shared = ("--shared", str(shared_dir), "--out", str(tmp_path / "results"))
     one_gpu = _print_batch_script("osc-cardinal", "--account", "PAS1234", *shared, cwd=tmp_path)
     assert one_gpu.returncode == 0, one_gpu.stderr
     lines = one_gpu.stdout.splitlines()
@@ -147,7 +147,7 @@ def test_batch_script_for_an_osc_gpu_node(tmp_path):
     logs = tmp_path / "buzzdask-logs"
     assert f"#SBATCH -o {logs}/buzzdask-device-check-%j.out" in lines and logs.is_dir()
     assert f"cd {REPO}" in lines and f"export PYTHON={sys.executable}" in lines
-    assert f"export BUZZDASK_SHARED_DIR={tmp_path / 'shared'}" in lines
+    assert f"export BUZZDASK_SHARED_DIR={shared_dir.resolve()}" in lines
     assert f"export OUT={tmp_path / 'results'}" in lines
     # The projection's node is the partition's: 96 cores less one per GPU's scorer, 4 GPUs.
     assert lines[-1] == "bash benchmarks/device-check --node-cores 92 --node-gpus 4"
@@ -162,10 +162,21 @@ def test_batch_script_for_an_osc_gpu_node(tmp_path):
     assert "#SBATCH --cpus-per-task=88" in ascend and "#SBATCH --gpus-per-node=4" in ascend
     assert ascend[-1] == "bash benchmarks/device-check --node-cores 84 --node-gpus 4 --quick"
 
-    no_account = _print_batch_script("osc-cardinal", cwd=tmp_path)
+    # Refused before the job would queue for a GPU: no account, no jobs, no shared data.
+    no_account = _print_batch_script("osc-cardinal", *shared, cwd=tmp_path)
     assert no_account.returncode == 3 and "need an account" in no_account.stderr
-    local = _print_batch_script("local", cwd=tmp_path)
+    local = _print_batch_script("local", *shared, cwd=tmp_path)
     assert local.returncode == 3 and "it has no jobs" in local.stderr
+    elsewhere = ("--shared", str(tmp_path), "--account", "PAS1234")
+    no_data = _print_batch_script("osc-cardinal", *elsewhere, cwd=tmp_path)
+    assert no_data.returncode == 3
+    assert "lacks data/models/model_general_v3, models/yamnet" in no_data.stderr
+    # The decode side reads none of it.
+    decode_side = _print_batch_script(
+        "osc-cardinal", *elsewhere, "--without-tensorflow", cwd=tmp_path
+    )
+    assert decode_side.returncode == 0, decode_side.stderr
+    assert decode_side.stdout.endswith(" --without-tensorflow\n")
 
 
 @requires_slurm
