@@ -51,17 +51,15 @@ from benchmarks.stages import (
     decoded_frames,
     measured,
 )
-from buzzdask.cluster.batch import job_section, one_node_job_head
-from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size
-from buzzdask.cluster.options import JobOptions
 from buzzdask.errors import ParameterError
 
 __all__ = ["batch_script", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_HOURS = 1160.0  # the seed's 67 GB of 128 kb/s MP3s
-#: The projection's node unless given: a GPU node of OSC Cardinal (configuration, partition).
-PROJECTED_NODE = ("osc-cardinal", "gpu")
+#: The projection's node unless given or printed for a configuration's: a GPU node of OSC
+#: Cardinal (osc-cardinal.yaml: 96 cores, 4 GPUs), less a core per GPU for its scorer.
+CARDINAL_NODE = {"node_cores": 92, "node_gpus": 4}
 #: What the checks with TensorFlow read from the shared data directory (``--shared``).
 SHARED_MODEL = "data/models/model_general_v3"
 SHARED_EMBEDDER = "models/yamnet/saved_model_wholehop"
@@ -394,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         scaling,
         record["loopback"],
         gpu_rate,
-        **_projected_node(args, None),
+        node_cores=args.node_cores or CARDINAL_NODE["node_cores"],
+        node_gpus=args.node_gpus or CARDINAL_NODE["node_gpus"],
     )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     kind = "device-decode" if args.without_tensorflow else "device" if gpu else "device-cpu"
@@ -474,6 +473,11 @@ def batch_script(args: argparse.Namespace) -> str:
         ``--whole-node`` where the configuration declares no node of its GPU partition, or a
         shared data directory without what the checks with TensorFlow read.
     """
+    # Here, not at the top: the decode side runs where dask-jobqueue is not installed.
+    from buzzdask.cluster.batch import job_section, one_node_job_head
+    from buzzdask.cluster.configs import load_cluster_config, node_size
+    from buzzdask.cluster.options import JobOptions
+
     entry = load_cluster_config(args.print_batch_script)
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
@@ -483,24 +487,26 @@ def batch_script(args: argparse.Namespace) -> str:
     node = node_size(entry, section["queue"])
     if not args.without_tensorflow and (missing := _missing_shared(args.shared)):
         raise ParameterError(missing)  # before the job waits in the queue for a GPU
-    if args.whole_node and node is None:
+    if not args.whole_node:
+        cores, memory, gpus = section["cores"], parse_bytes(section["memory"]), 1
+    elif node is None:
         raise ParameterError(
             f"{entry['name']} declares no node of partition {section['queue']!r} "
             "(buzzdask.clusters.<name>.nodes): --whole-node needs its size"
         )
-    if args.whole_node:
-        assert node is not None
-        cores, memory, gpus = node.cores, node.memory, node.gpus
     else:
-        cores, memory, gpus = section["cores"], parse_bytes(section["memory"]), 1
+        cores, memory, gpus = node.cores, node.memory, node.gpus
     lines = one_node_job_head(
         section, job_name="buzzdask-device-check", cores=cores, memory=memory, gpus=gpus
     )
-    projected = _projected_node(args, node)
+    # The partition's node, less a core per GPU for its scorer, as CARDINAL_NODE.
+    projected = (
+        {"node_cores": node.cores - node.gpus, "node_gpus": node.gpus} if node else CARDINAL_NODE
+    )
     check = [
         *("bash", "benchmarks/device-check"),
-        *("--node-cores", str(projected["node_cores"])),
-        *("--node-gpus", str(projected["node_gpus"])),
+        *("--node-cores", str(args.node_cores or projected["node_cores"])),
+        *("--node-gpus", str(args.node_gpus or projected["node_gpus"])),
         *(f"--{flag.replace('_', '-')}" for flag in FORWARDED_FLAGS if getattr(args, flag)),
     ]
     return (
@@ -533,22 +539,6 @@ def _missing_shared(shared: Path) -> str | None:
         f"{', '.join(missing)}: the buzzdetect model, YAMNet and the recording the GPU checks "
         "score (or run --without-tensorflow)"
     )
-
-
-def _projected_node(args: argparse.Namespace, node: NodeSize | None) -> dict[str, int]:
-    """The projection's ``node_cores`` and ``node_gpus``: those given, else ``node``'s.
-
-    A node's decode cores are its cores less one per GPU (its scorer's); without ``node``, a
-    GPU node of :data:`PROJECTED_NODE` (Cardinal: 96 cores, 4 GPUs, so 92 decode cores).
-    """
-    if node is None:
-        name, partition = PROJECTED_NODE
-        node = node_size(load_cluster_config(name), partition)
-        assert node is not None, PROJECTED_NODE
-    return {
-        "node_cores": args.node_cores or node.cores - node.gpus,
-        "node_gpus": args.node_gpus or node.gpus,
-    }
 
 
 def _process_counts(n_cores: int) -> list[int]:

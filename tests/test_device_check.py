@@ -83,10 +83,12 @@ def _path_without_ffmpeg(directory: Path) -> str:
 
 def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(shared_dir, tmp_path):
     """What a lent machine with no TensorFlow and no network gets from the shell script; with
-    no ffmpeg on PATH either (an OSC node), it uses buzzdask's (the imageio-ffmpeg wheel's)."""
+    no ffmpeg on PATH either (an OSC node), it uses buzzdask's (the imageio-ffmpeg wheel's).
+    Nor does it need dask-jobqueue, whose wheel a lent machine is not carried."""
     no_tensorflow = tmp_path / "no-tensorflow"
     no_tensorflow.mkdir()
-    (no_tensorflow / "tensorflow.py").write_text("raise ImportError('no TensorFlow here')\n")
+    for hidden in ("tensorflow", "dask_jobqueue"):
+        (no_tensorflow / f"{hidden}.py").write_text(f"raise ImportError('no {hidden} here')\n")
     out = tmp_path / "out"
     done = subprocess.run(
         ["bash", "benchmarks/device-check", "--quick"],
@@ -165,6 +167,10 @@ def test_batch_script_for_an_osc_gpu_node(shared_dir, tmp_path):
     # Refused before the job would queue for a GPU: no account, no jobs, no shared data.
     no_account = _print_batch_script("osc-cardinal", *shared, cwd=tmp_path)
     assert no_account.returncode == 3 and "need an account" in no_account.stderr
+    # A configuration without nodes: the projection's is a Cardinal GPU node's.
+    test_slurm = _print_batch_script("local-slurm", *shared, cwd=tmp_path)
+    assert test_slurm.returncode == 0, test_slurm.stderr
+    assert test_slurm.stdout.endswith(" --node-cores 92 --node-gpus 4\n")
     local = _print_batch_script("local", *shared, cwd=tmp_path)
     assert local.returncode == 3 and "it has no jobs" in local.stderr
     elsewhere = ("--shared", str(tmp_path), "--account", "PAS1234")
