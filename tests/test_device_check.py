@@ -84,7 +84,7 @@ def _path_without_ffmpeg(directory: Path) -> str:
 def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(shared_dir, tmp_path):
     """What a lent machine with no TensorFlow and no network gets from the shell script; with
     no ffmpeg on PATH either (an OSC node), it uses buzzdask's (the imageio-ffmpeg wheel's).
-    Nor does it need dask-jobqueue, whose wheel a lent machine is not carried."""
+    Nor does it need dask-jobqueue, which is not among the wheels carried to a lent machine."""
     no_tensorflow = tmp_path / "no-tensorflow"
     no_tensorflow.mkdir()
     for hidden in ("tensorflow", "dask_jobqueue"):
