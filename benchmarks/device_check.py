@@ -475,12 +475,10 @@ def batch_script(args: argparse.Namespace) -> str:
     """
     # Here, not at the top: the decode side runs where dask-jobqueue is not installed.
     from buzzdask.cluster.batch import job_section, one_node_job_head
-    from buzzdask.cluster.configs import load_cluster_config, node_size
+    from buzzdask.cluster.configs import load_slurm_config, node_size
     from buzzdask.cluster.options import JobOptions
 
-    entry = load_cluster_config(args.print_batch_script)
-    if entry["kind"] != "slurm":
-        raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
+    entry = load_slurm_config(args.print_batch_script)
     options = JobOptions(account=args.account, walltime=args.walltime)
     options.require_account(entry, ("gpu",))
     section = job_section(entry["gpu-config"], options.overrides("gpu"))

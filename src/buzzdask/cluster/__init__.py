@@ -15,7 +15,12 @@ from typing import Any
 
 from distributed import Client
 
-from buzzdask.cluster.configs import available_configs, load_cluster_config, worker_counts
+from buzzdask.cluster.configs import (
+    available_configs,
+    load_cluster_config,
+    load_slurm_config,
+    worker_counts,
+)
 from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobKind, JobOptions
 from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script, scorer_worker_args
 from buzzdask.dashboard import local_dashboard_lines
@@ -155,9 +160,7 @@ def job_scripts(
         For a configuration without worker jobs of its own: ``"local"``, a whole-node layout.
     """
     options = JobOptions(**job_options)
-    entry = load_cluster_config(name)
-    if entry["kind"] != "slurm":
-        raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
+    entry = load_slurm_config(name)
     _refuse_whole_node(entry)
     kinds: tuple[JobKind, ...] = ("cpu",) if gpus == 0 else ("cpu", "gpu")
     scripts: dict[str, str] = {}

@@ -26,7 +26,7 @@ import dask.config
 from dask.utils import format_bytes, parse_bytes
 
 from buzzdask import preload
-from buzzdask.cluster.configs import NodeSize, load_cluster_config, node_size, worker_counts
+from buzzdask.cluster.configs import NodeSize, load_slurm_config, node_size, worker_counts
 from buzzdask.cluster.options import JobOptions
 from buzzdask.cluster.slurm import job_prologue
 from buzzdask.errors import ParameterError
@@ -246,9 +246,7 @@ def batch_script(
         (``cores``, ``memory``) given for a whole node, whose CPU workers share what is left.
     """
     options = JobOptions(**job_options)
-    entry = load_cluster_config(name)
-    if entry["kind"] != "slurm":
-        raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
+    entry = load_slurm_config(name)
     whole_node = bool(entry.get("whole-node"))
     if whole_node and (options.cores or options.memory):
         raise ParameterError(

@@ -34,6 +34,7 @@ __all__ = [
     "available_configs",
     "config_dirs",
     "load_cluster_config",
+    "load_slurm_config",
     "node_size",
     "worker_counts",
 ]
@@ -157,6 +158,20 @@ def load_cluster_config(
         base = load_cluster_config(entry["extends"], extended_by=chain)
     dask.config.update_defaults(data)
     return {**base, "name": path.stem, **dask.config.get(f"buzzdask.clusters.{path.stem}")}
+
+
+def load_slurm_config(name: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`load_cluster_config`, refusing a configuration without jobs (``kind: local``).
+
+    Raises
+    ------
+    ParameterError
+        As :func:`load_cluster_config`, and for a configuration that is not SLURM.
+    """
+    entry = load_cluster_config(name)
+    if entry["kind"] != "slurm":
+        raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
+    return entry
 
 
 def node_size(entry: Mapping[str, Any], partition: str | None) -> NodeSize | None:
