@@ -105,8 +105,21 @@ def test_a_shorter_request_takes_a_free_array_within_the_slack() -> None:
     assert len(arrays) == 2
 
 
+def test_a_longer_request_within_the_rounding_takes_the_same_array() -> None:
+    # A file's first chunk lacks the margin before it: the next chunk, a little longer, must
+    # not need an array of its own (and the pool let the first one go for it).
+    arrays = pool()
+    first_chunk = arrays.empty(N_SAMPLES)
+    address = first_chunk.ctypes.data
+    del first_chunk
+    next_chunk = arrays.empty(N_SAMPLES + 1000)
+    assert next_chunk.ctypes.data == address
+    assert len(arrays) == 1
+
+
 def test_unused_arrays_are_kept_up_to_max_idle_bytes() -> None:
-    arrays = pool(max_idle_bytes=2 * 4 * N_SAMPLES + 1000)  # two arrays' worth, not three
+    one_array = pool().empty(N_SAMPLES).base.nbytes
+    arrays = pool(max_idle_bytes=2 * one_array + 1000)  # two arrays' worth, not three
     in_flight = [arrays.empty(N_SAMPLES) for _ in range(6)]
     assert len(arrays) == 6
     del in_flight

@@ -81,8 +81,10 @@ _PIPE_BYTES = 1 << 20  # ffmpeg stdout pipe capacity asked for (Linux allows 1 M
 
 #: Decoded chunks' arrays (10 minutes at 16 kHz: 38 MB; a 30-second file's 1.9 MB), reused
 #: once nothing holds them; not :func:`decode_file`'s, a whole file's. Unused ones are kept up
-#: to 64 MiB: a score task of short files lets go of 16 at once, a 10-minute chunk's one.
-_DECODED = ReusedArrays(min_bytes=256 << 10, max_bytes=256 << 20, max_idle_bytes=64 << 20)
+#: to 256 MiB: the six or seven 10-minute chunks a worker holds at its busiest (decoding, queued,
+#: scoring), as a score task of short files lets go of 16 at once. Fewer, and the pool let go
+#: of arrays it needed again a moment later, each faulted in afresh.
+_DECODED = ReusedArrays(min_bytes=256 << 10, max_bytes=256 << 20, max_idle_bytes=256 << 20)
 
 # ffmpeg's report of its input (``ffmpeg -i FILE``), read when there is no ffprobe.
 _INPUT = re.compile(r"^Input #0, ", re.MULTILINE)
