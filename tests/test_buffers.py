@@ -106,8 +106,8 @@ def test_a_shorter_request_takes_a_free_array_within_the_slack() -> None:
 
 
 def test_a_longer_request_within_the_rounding_takes_the_same_array() -> None:
-    # A file's first chunk lacks the margin before it: the next chunk, a little longer, must
-    # not need an array of its own (and the pool let the first one go for it).
+    # A file's first chunk lacks the margin before it: the next chunk, a little longer, takes
+    # the first one's array rather than one of its own.
     arrays = pool()
     first_chunk = arrays.empty(N_SAMPLES)
     address = first_chunk.ctypes.data
