@@ -117,6 +117,15 @@ def test_a_longer_request_within_the_rounding_takes_the_same_array() -> None:
     assert len(arrays) == 1
 
 
+def test_an_array_serves_its_own_request_again_whatever_the_slack() -> None:
+    arrays = pool(max_slack=0.0)  # rounded up, the array holds more than n * (1 + 0)
+    first = arrays.empty(N_SAMPLES + 1)
+    address = first.ctypes.data
+    del first
+    assert arrays.empty(N_SAMPLES + 1).ctypes.data == address
+    assert len(arrays) == 1
+
+
 def test_unused_arrays_are_kept_up_to_max_idle_bytes() -> None:
     one_array = pool().empty(N_SAMPLES).base.nbytes
     arrays = pool(max_idle_bytes=2 * one_array + 1000)  # two arrays' worth, not three

@@ -92,11 +92,9 @@ class ReusedArrays:
             return aligned_empty(n_samples)
         with self._lock:
             idle = [i for i in range(len(self._owners)) if self._unused(i)]
-            fitting = [
-                i
-                for i in idle
-                if n_samples <= len(self._owners[i]) - _SPARE <= n_samples * (1 + self.max_slack)
-            ]
+            # An array made for this very request (rounded up) always serves it again.
+            most = max(_capacity(n_samples), n_samples * (1 + self.max_slack))
+            fitting = [i for i in idle if n_samples <= len(self._owners[i]) - _SPARE <= most]
             chosen = min(fitting, key=lambda i: len(self._owners[i]), default=None)
             if chosen is None:
                 self._owners.append(np.empty(_capacity(n_samples) + _SPARE, np.float32))
