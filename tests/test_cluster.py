@@ -32,7 +32,7 @@ from buzzdask.cluster.__main__ import main as cluster_main
 from buzzdask.cluster.batch import batch_script
 from buzzdask.cluster.configs import NodeSize, node_size
 from buzzdask.cluster.slurm import worker_exports
-from buzzdask.session import LEAN_DASK, WORKER_ENVIRON, WORKER_MALLOC
+from buzzdask.session import LEAN_DASK, WORKER_ENVIRON, WORKER_HUGEPAGES, WORKER_MALLOC
 from tests.conftest import (
     REPO,
     assert_same_frames,
@@ -126,6 +126,7 @@ def test_osc_job_scripts(name):
     # The workers get the settings of the local ones, unless the job already has its own.
     for script in (cpu, gpu):
         assert 'export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-16777216}"' in script
+        assert 'export NUMPY_MADVISE_HUGEPAGE="${NUMPY_MADVISE_HUGEPAGE:-0}"' in script
         assert (
             'export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="'
             '${DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED:-False}"'
@@ -557,7 +558,7 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
 ):
     audio, options, reference = slurm_corpus
     # Not from this process (a local cluster's nanny leaves them here): from the job scripts.
-    for name in [*WORKER_MALLOC, *WORKER_ENVIRON]:
+    for name in [*WORKER_MALLOC, *WORKER_HUGEPAGES, *WORKER_ENVIRON]:
         monkeypatch.delenv(name, raising=False)
     client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
     try:
@@ -568,6 +569,7 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
         # The job scripts gave both kinds of worker the local workers' settings.
         assert set(client.run(os.getenv, "MALLOC_MMAP_THRESHOLD_").values()) == {"16777216"}
         assert set(client.run(os.getenv, "TF_USE_LEGACY_KERAS").values()) == {"1"}
+        assert set(client.run(os.getenv, "NUMPY_MADVISE_HUGEPAGE").values()) == {"0"}
         assert set(
             client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()
         ) == {False}

@@ -11,7 +11,12 @@ import time
 import dask
 
 from buzzdask.logs import WorkerLogging
-from buzzdask.session import WORKER_ENVIRON, WORKER_MALLOC, start_local_cluster
+from buzzdask.session import (
+    WORKER_ENVIRON,
+    WORKER_HUGEPAGES,
+    WORKER_MALLOC,
+    start_local_cluster,
+)
 from buzzdask.settings import LocalClusterSettings
 from tests.conftest import in_a_fresh_interpreter
 
@@ -26,6 +31,12 @@ def _tensorflow_loaded() -> bool:
     return "tensorflow" in sys.modules
 
 
+def _numpy_asks_for_huge_pages() -> bool:
+    from numpy._core.multiarray import _get_madvise_hugepage
+
+    return bool(_get_madvise_hugepage())
+
+
 def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set(
     monkeypatch,
 ) -> None:
@@ -33,7 +44,7 @@ def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set(
 
     # A variable already in this process's environment wins; a nanny of Dask's defaults, started
     # earlier in this process, leaves its own trim threshold there.
-    for name in [*WORKER_MALLOC, *WORKER_ENVIRON]:
+    for name in [*WORKER_MALLOC, *WORKER_HUGEPAGES, *WORKER_ENVIRON]:
         monkeypatch.delenv(name, raising=False)
     with start_local_cluster(_settings()) as cluster, Client(cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 1
@@ -44,6 +55,8 @@ def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set(
         # glibc reads its settings at the worker process's start, from the nanny's environment.
         assert set(client.run(os.getenv, "MALLOC_MMAP_THRESHOLD_").values()) == {"16777216"}
         assert set(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {"33554432"}
+        # numpy, as it was imported there, read that it asks for no huge pages.
+        assert set(client.run(_numpy_asks_for_huge_pages).values()) == {False}
         # TensorFlow in the workers imports tf_keras; this process keeps its own Keras.
         assert set(client.run(os.getenv, "TF_USE_LEGACY_KERAS").values()) == {"1"}
         assert "TF_USE_LEGACY_KERAS" not in os.environ

@@ -187,6 +187,16 @@ WORKER_MALLOC: dict[str, int] = {
     "MALLOC_TRIM_THRESHOLD_": 32 * 2**20,
 }
 
+#: numpy's requests for transparent huge pages, off in the worker processes buzzdask starts
+#: (numpy reads this as it is imported, so it is set before the process starts). numpy asks
+#: for huge pages for every array of 4 MiB or more, a decoded chunk among them. On a VM whose
+#: host takes back the memory its guest has had free for a moment (free page reporting, as on
+#: the benchmarks' machine), writing a new 200 MB array cost 1.7-2.0 s of system CPU in huge
+#: pages and 0.06-0.09 s in 4 KiB ones; elsewhere the difference is small, as the decoded
+#: arrays are reused (:mod:`buzzdask.buffers`), and a kernel that gives every process huge
+#: pages (``always``) still does.
+WORKER_HUGEPAGES: dict[str, str] = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+
 #: Environment of the worker processes buzzdask starts, set before anything imports TensorFlow.
 #: Should a worker's TensorFlow load Keras (scorers leave it out of the import,
 #: :func:`buzzdask.preload.import_tensorflow`, and load SavedModels, no Keras model), it is then
@@ -214,13 +224,17 @@ LEAN_DASK: dict[str, Any] = {
 def lean_dask() -> Iterator[None]:
     """Schedulers and local workers started inside this block take :data:`LEAN_DASK`.
 
-    Their nannies also give the worker processes :data:`WORKER_MALLOC` (before a process
-    starts, as glibc reads it then) and :data:`WORKER_ENVIRON`. A variable already in this
+    Their nannies also give the worker processes :data:`WORKER_MALLOC` and
+    :data:`WORKER_HUGEPAGES` (before a process starts, as glibc and numpy read them then) and
+    :data:`WORKER_ENVIRON`. A variable already in this
     process's environment wins, as does the trim threshold a nanny of Dask's defaults, started
     earlier in this process, leaves there.
     """
     nanny = {
-        **{f"distributed.nanny.pre-spawn-environ.{name}": v for name, v in WORKER_MALLOC.items()},
+        **{
+            f"distributed.nanny.pre-spawn-environ.{name}": v
+            for name, v in {**WORKER_MALLOC, **WORKER_HUGEPAGES}.items()
+        },
         **{f"distributed.nanny.environ.{name}": v for name, v in WORKER_ENVIRON.items()},
     }
     with dask.config.set({**LEAN_DASK, **nanny}):
@@ -230,11 +244,13 @@ def lean_dask() -> Iterator[None]:
 def worker_environment() -> dict[str, str]:
     """What a job script's workers need in their environment to run as local workers do.
 
-    :data:`WORKER_MALLOC`, :data:`WORKER_ENVIRON` and :data:`LEAN_DASK`'s settings (as the
+    :data:`WORKER_MALLOC`, :data:`WORKER_HUGEPAGES`, :data:`WORKER_ENVIRON` and
+    :data:`LEAN_DASK`'s settings (as the
     ``DASK_*`` variables Dask reads). Local workers take them from this process's Dask
     configuration; a SLURM job's workers read their own, so a job script exports these.
     """
-    environment = {name: str(value) for name, value in {**WORKER_MALLOC, **WORKER_ENVIRON}.items()}
+    worker_variables = {**WORKER_MALLOC, **WORKER_HUGEPAGES, **WORKER_ENVIRON}
+    environment = {name: str(value) for name, value in worker_variables.items()}
     for key, value in LEAN_DASK.items():
         path = key.upper().replace("-", "_").split(".")
         environment["DASK_" + "__".join(path)] = str(value)
