@@ -226,9 +226,8 @@ def lean_dask() -> Iterator[None]:
 
     Their nannies also give the worker processes :data:`WORKER_MALLOC` and
     :data:`WORKER_HUGEPAGES` (before a process starts, as glibc and numpy read them then) and
-    :data:`WORKER_ENVIRON`. A variable already in this
-    process's environment wins, as does the trim threshold a nanny of Dask's defaults, started
-    earlier in this process, leaves there.
+    :data:`WORKER_ENVIRON`. A variable already in this process's environment wins, as does the
+    trim threshold a nanny of Dask's defaults, started earlier in this process, leaves there.
     """
     nanny = {
         **{
@@ -245,9 +244,9 @@ def worker_environment() -> dict[str, str]:
     """What a job script's workers need in their environment to run as local workers do.
 
     :data:`WORKER_MALLOC`, :data:`WORKER_HUGEPAGES`, :data:`WORKER_ENVIRON` and
-    :data:`LEAN_DASK`'s settings (as the
-    ``DASK_*`` variables Dask reads). Local workers take them from this process's Dask
-    configuration; a SLURM job's workers read their own, so a job script exports these.
+    :data:`LEAN_DASK`'s settings (as the ``DASK_*`` variables Dask reads). Local workers take
+    them from this process's Dask configuration; a SLURM job's workers read their own, so a job
+    script exports these.
     """
     worker_variables = {**WORKER_MALLOC, **WORKER_HUGEPAGES, **WORKER_ENVIRON}
     environment = {name: str(value) for name, value in worker_variables.items()}
