@@ -32,7 +32,10 @@ def _tensorflow_loaded() -> bool:
 
 
 def _numpy_asks_for_huge_pages() -> bool:
-    from numpy._core.multiarray import _get_madvise_hugepage
+    try:
+        from numpy._core.multiarray import _get_madvise_hugepage
+    except ImportError:  # numpy < 2 (pyproject allows 1.26)
+        from numpy.core.multiarray import _get_madvise_hugepage
 
     return bool(_get_madvise_hugepage())
 
