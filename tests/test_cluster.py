@@ -32,7 +32,7 @@ from buzzdask.cluster.__main__ import main as cluster_main
 from buzzdask.cluster.batch import batch_script
 from buzzdask.cluster.configs import NodeSize, node_size
 from buzzdask.cluster.slurm import worker_exports
-from buzzdask.session import LEAN_DASK, WORKER_ENVIRON, WORKER_HUGEPAGES, WORKER_MALLOC
+from buzzdask.session import LEAN_DASK, worker_environment
 from tests.conftest import (
     REPO,
     assert_same_frames,
@@ -558,7 +558,7 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
 ):
     audio, options, reference = slurm_corpus
     # Not from this process (a local cluster's nanny leaves them here): from the job scripts.
-    for name in [*WORKER_MALLOC, *WORKER_HUGEPAGES, *WORKER_ENVIRON]:
+    for name in worker_environment():
         monkeypatch.delenv(name, raising=False)
     client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
     try:

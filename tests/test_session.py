@@ -11,12 +11,7 @@ import time
 import dask
 
 from buzzdask.logs import WorkerLogging
-from buzzdask.session import (
-    WORKER_ENVIRON,
-    WORKER_HUGEPAGES,
-    WORKER_MALLOC,
-    start_local_cluster,
-)
+from buzzdask.session import start_local_cluster, worker_environment
 from buzzdask.settings import LocalClusterSettings
 from tests.conftest import in_a_fresh_interpreter
 
@@ -47,7 +42,7 @@ def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set(
 
     # A variable already in this process's environment wins; a nanny of Dask's defaults, started
     # earlier in this process, leaves its own trim threshold there.
-    for name in [*WORKER_MALLOC, *WORKER_HUGEPAGES, *WORKER_ENVIRON]:
+    for name in worker_environment():
         monkeypatch.delenv(name, raising=False)
     with start_local_cluster(_settings()) as cluster, Client(cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 1
