@@ -1,6 +1,7 @@
 """The local cluster buzzdask starts: one worker that decodes and scores, lean Dask settings,
 and TensorFlow imported early only where a worker will score; workers that import only what
-their tasks use; processes that end without Python's last garbage collection."""
+their tasks use; processes that end without Python's last garbage collection; native thread
+pools held to one thread where the workers are threads of this process."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 import time
 
 import dask
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from buzzdask.logs import WorkerLogging
-from buzzdask.session import start_local_cluster, worker_environment
+from buzzdask.session import connect, start_local_cluster, worker_environment
 from buzzdask.settings import LocalClusterSettings
 from tests.conftest import in_a_fresh_interpreter
 
@@ -78,6 +80,28 @@ def test_workers_that_only_decode_do_not_import_tensorflow() -> None:
         assert {str(spec["options"].get("preload")) for spec in cluster.worker_spec.values()} == {
             "['buzzdask.preload']"
         }
+
+
+def _blas_threads() -> frozenset[int]:
+    pools = threadpool_info()
+    return frozenset(pool["num_threads"] for pool in pools if pool["user_api"] == "blas")
+
+
+def test_a_local_cluster_of_threads_runs_native_pools_on_one_thread() -> None:
+    assert _blas_threads(), "no BLAS library loaded (numpy has one)"
+    # Whatever this machine's cores, the pools hold two threads before and after.
+    with threadpool_limits(limits=2):
+        before = _blas_threads()
+        with connect(None, local=_settings(), processes=False) as client:
+            assert _blas_threads() == {1}
+            # The worker's threads are this process's: they see the same pools.
+            assert set(client.run(_blas_threads).values()) == {frozenset({1})}
+        assert _blas_threads() == before
+        # Worker processes get theirs from Dask's nanny (OPENBLAS_NUM_THREADS=1); this process
+        # keeps its own.
+        with connect(None, local=_settings(threads_per_worker=1), processes=True) as client:
+            assert set(client.run(_blas_threads).values()) == {frozenset({1})}
+            assert _blas_threads() == before
 
 
 #: Modules a worker process never needs: the client's planning and extras, pandas, and Keras.
