@@ -236,11 +236,29 @@ def test_short_chunks_one_decode_task_per_score_group() -> None:
     assert short_chunks([*short[:2], long, *short[2:]], most_frames=512) == 2
     assert short_chunks([long, *short], most_frames=512) == 1
     # So do a chunk read back from the store and one whose shared task failed.
-    stored = replace(
-        short[1],
-        stored=StoredRef(directory="store", audio_sha256="0" * 64, first_frame=0, n_frames=31),
+    stored = [
+        replace(
+            chunk,
+            stored=StoredRef(directory="store", audio_sha256="0" * 64, first_frame=0, n_frames=31),
+        )
+        for chunk in short
+    ]
+    assert short_chunks([short[0], stored[1], *short[2:]], most_frames=512) == 1
+    # Chunks read back from the store go together as well, one kind to a task; their frames
+    # are known, so a longer file's go too.
+    assert short_chunks(stored, most_frames=512) == 16
+    assert short_chunks([*stored[:3], *short[3:]], most_frames=512) == 3
+    parts = [
+        replace(stored[0], plan=ChunkPlan(i, 20 * i, 20), expected_frames=None) for i in range(3)
+    ]
+    assert short_chunks(parts, most_frames=512) == 3
+    assert (
+        short_chunks(
+            [stored[0], replace(stored[1], plan=ChunkPlan(0, 0, 625), expected_frames=None)],
+            most_frames=512,
+        )
+        == 1
     )
-    assert short_chunks([short[0], stored, *short[2:]], most_frames=512) == 1
     alone = replace(short[2], decode_alone=True)
     assert short_chunks([*short[:2], alone, *short[3:]], most_frames=512) == 2
     assert short_chunks([], most_frames=512) == 1

@@ -4,7 +4,8 @@ The client drives decode and score tasks incrementally (``as_completed``) instea
 everything at once, so the decoded audio in flight stays under a memory budget and a 1,000-hour
 run holds no more than that. Short recordings are decoded several to a task
 (:func:`decode_several`), a score task's worth at a time: a folder of 30-second files then
-costs the scheduler one decode task per 16 files, not one per file. :class:`ChunkPipeline`
+costs the scheduler one decode task per 16 files, not one per file; so are chunks read back
+from an embedding store. :class:`ChunkPipeline`
 holds the loop's state; its decisions are the plain functions beside it (:class:`Budget`,
 :func:`budget_bytes`, :func:`free_scorers`, :func:`next_group`, :func:`short_chunks`,
 :func:`split_failed_group`), tested without a cluster. What happens to a
@@ -39,7 +40,7 @@ from buzzdask.progress import logger
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import task_key
 from buzzdask.settings import Settings
-from buzzdask.store import STORED_CODEC, StoredRef, file_sha256, load_stored
+from buzzdask.store import STORED_CODEC, StoredChunk, StoredRef, file_sha256, load_stored
 
 __all__ = [
     "Budget",
@@ -279,21 +280,23 @@ def next_group(
 
 
 def short_chunks(todo: Sequence[ChunkJob], *, most_frames: int) -> int:
-    """How many chunks at the head of ``todo`` one decode task takes (one at least).
+    """How many chunks at the head of ``todo`` one decode (or load) task takes (one at least).
 
     Short recordings, each decoded whole in one chunk (:meth:`ChunkJob.whole_file`), go
     together, up to ``most_frames`` frames in all, which is one score task's group
-    (:func:`next_group`): 30-second files 16 to a task at 512. A chunk of a longer file, one
-    read back from the store, one that must be decoded alone (:attr:`ChunkJob.decode_alone`)
-    or one of ``most_frames`` frames or more stops the count: the chunks of one file keep a
-    task each, so that they decode side by side.
+    (:func:`next_group`): 30-second files 16 to a task at 512. So do chunks read back from the
+    store, whose frames are known, one kind to a task. A chunk of a longer file to decode,
+    one of the other kind, one that must be taken alone (:attr:`ChunkJob.decode_alone`) or
+    one of ``most_frames`` frames or more stops the count: the chunks of one file keep a task
+    each, so that they decode side by side.
     """
     total = 0
+    stored = bool(todo) and todo[0].stored is not None
     for count, job in enumerate(todo):
         frames = job.frames(default=most_frames)
-        alone = job.stored is not None or job.decode_alone or frames >= most_frames
-        alone = alone or not job.whole_file()
-        if alone or total + frames > most_frames:
+        together = job.plan.n_frames is not None if stored else job.whole_file()
+        alone = job.decode_alone or frames >= most_frames or (job.stored is not None) != stored
+        if alone or not together or total + frames > most_frames:
             return max(1, count)
         total += frames
     return max(1, len(todo))
@@ -317,19 +320,20 @@ def probe_task(
 
 
 def decode_several(
-    decode: Callable[..., DecodedChunk],
-    chunks: Sequence[tuple[AudioInfo, ChunkPlan]],
+    decode: Callable[..., DecodedChunk | StoredChunk],
+    chunks: Sequence[tuple[Any, ...]],
     **options: Any,
-) -> list[DecodedChunk | Exception]:
-    """Decode task of several chunks: ``decode(info, plan, **options)`` for each, in order.
+) -> list[DecodedChunk | StoredChunk | Exception]:
+    """Decode (or load) task of several chunks: ``decode(*chunk, **options)`` for each, in order.
 
+    ``chunk`` is ``(info, plan)`` for a decode, ``(ref,)`` for :func:`~buzzdask.store.load_stored`.
     A chunk that fails gives its exception in its place (the score task hands it back,
     :func:`score_picked`), so the others' audio is not lost with it.
     """
-    decoded: list[DecodedChunk | Exception] = []
-    for info, plan in chunks:
+    decoded: list[DecodedChunk | StoredChunk | Exception] = []
+    for arguments in chunks:
         try:
-            decoded.append(decode(info, plan, **options))
+            decoded.append(decode(*arguments, **options))
         except Exception as error:
             decoded.append(error)
     return decoded
@@ -659,14 +663,22 @@ class ChunkPipeline:
         future: Future
         if len(jobs) > 1:
             for slot, job in enumerate(jobs):
-                logger.info("decoding %s", job.label)
+                _log_taking(job)
                 job.slot = slot
+            decode: Callable[..., DecodedChunk | StoredChunk]
+            chunks: list[tuple[Any, ...]]
+            if jobs[0].stored is not None:  # short_chunks groups one kind
+                prefix, decode, options = "load", load_stored, {}
+                chunks = [(job.stored,) for job in jobs]
+            else:
+                prefix, decode, options = "decode", self.decode, self.decode_options
+                chunks = [(job.info, job.plan) for job in jobs]
             future = self.client.submit(
                 decode_several,
-                self.decode,
-                [(job.info, job.plan) for job in jobs],
-                **self.decode_options,
-                key=task_key("decode"),
+                decode,
+                chunks,
+                **options,
+                key=task_key(prefix),
                 **self.pool.decode_placement(),
                 pure=False,
             )
@@ -675,7 +687,7 @@ class ChunkPipeline:
         (job,) = jobs
         job.slot = None
         if job.stored is not None:
-            logger.info("reading stored embeddings of %s", job.label)
+            _log_taking(job)
             future = self.client.submit(
                 load_stored,
                 job.stored,
@@ -685,7 +697,7 @@ class ChunkPipeline:
             )
             self._track(future, functools.partial(self._decoded_done, job))
             return
-        logger.info("decoding %s", job.label)
+        _log_taking(job)
         future = self.client.submit(
             self.decode,
             job.info,
@@ -743,7 +755,8 @@ class ChunkPipeline:
         # Not one file's error (each is caught in the task): its worker died, for instance.
         # Each chunk is decoded alone instead, so that one that kills workers fails alone.
         logger.warning(
-            "decoding %d chunks in one task failed (%s); decoding them one by one",
+            "%s %d chunks in one task failed (%s); taking them one by one",
+            "reading" if jobs[0].stored is not None else "decoding",
             len(jobs),
             future.exception(),
         )
@@ -809,6 +822,14 @@ class ChunkPipeline:
             # Each node that decoded the file whole holds a copy (an hour: 230 MB): remove it
             # now, not at the end of the run. Not waited for: it only deletes files.
             self.client.run(_release_copy, job.info, **self.decode_options, wait=False)
+
+
+def _log_taking(job: ChunkJob) -> None:
+    """The chunk's "decoding [chunk]" line, or "reading stored embeddings of [chunk]"."""
+    if job.stored is None:
+        logger.info("decoding %s", job.label)
+    else:
+        logger.info("reading stored embeddings of %s", job.label)
 
 
 async def _release_copy(info: AudioInfo, **decode_options: Any) -> None:
