@@ -7,6 +7,7 @@ tests submit real jobs to the single-node SLURM of ../shared/slurm (fake GPUs: j
 
 from __future__ import annotations
 
+import ast
 import gc
 import json
 import os
@@ -146,11 +147,37 @@ def test_worker_exports_keep_what_the_job_already_has(tmp_path):
 
     assert exported()["MALLOC_MMAP_THRESHOLD_"] == "16777216"
     assert exported()["TF_USE_LEGACY_KERAS"] == "1"
+    # Dask's nanny's own settings too, for the one-batch-job mode's workers, which have none.
+    assert exported()["OPENBLAS_NUM_THREADS"] == exported()["OMP_NUM_THREADS"] == "1"
     assert exported(MALLOC_MMAP_THRESHOLD_="1048576")["MALLOC_MMAP_THRESHOLD_"] == "1048576"
     # A worker's Dask reads the exported variables back as the local workers' settings.
     with dask.config.set(dask.config.collect_env(exported())):
         for key, value in LEAN_DASK.items():
             assert dask.config.get(key) == value, key
+
+
+def test_a_job_task_without_a_nanny_runs_numpy_on_one_blas_thread(tmp_path):
+    """The one-batch-job mode's tasks are workers without a nanny (SLURMRunner): the job
+    script's exports alone give numpy the one BLAS thread a nanny gives local workers."""
+    script = tmp_path / "task.sh"
+    report = "import numpy, threadpoolctl; print(threadpoolctl.threadpool_info())"
+    script.write_text("\n".join([*worker_exports(), shlex.join([sys.executable, "-c", report])]))
+
+    def blas_threads(script_lines: Path) -> set[int]:
+        environment = {"PATH": os.environ["PATH"]}
+        done = subprocess.run(
+            ["bash", str(script_lines)], env=environment, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        pools = ast.literal_eval(done.stdout.strip())
+        return {pool["num_threads"] for pool in pools if pool["user_api"] == "blas"}
+
+    assert blas_threads(script) == {1}
+    # Without them: a thread per core it may use.
+    bare = tmp_path / "bare.sh"
+    bare.write_text(shlex.join([sys.executable, "-c", report]))
+    if len(os.sched_getaffinity(0)) > 1:
+        assert blas_threads(bare) != {1}
 
 
 def test_job_script_overrides_from_keywords_and_dask_config():

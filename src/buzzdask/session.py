@@ -251,12 +251,19 @@ def lean_dask() -> Iterator[None]:
 def worker_environment() -> dict[str, str]:
     """What a job script's workers need in their environment to run as local workers do.
 
-    :data:`WORKER_MALLOC`, :data:`WORKER_HUGEPAGES`, :data:`WORKER_ENVIRON` and
-    :data:`LEAN_DASK`'s settings (as the ``DASK_*`` variables Dask reads). Local workers take
-    them from this process's Dask configuration; a SLURM job's workers read their own, so a job
-    script exports these.
+    Dask's nanny's own variables (``distributed.nanny.pre-spawn-environ``: one thread for
+    OpenMP, MKL and OpenBLAS), then :data:`WORKER_MALLOC`, :data:`WORKER_HUGEPAGES`,
+    :data:`WORKER_ENVIRON` and :data:`LEAN_DASK`'s settings (as the ``DASK_*`` variables Dask
+    reads). Local workers take them from this process's Dask configuration; a SLURM job's
+    workers read their own, so a job script exports these. The one-batch-job mode's workers
+    have no nanny (:mod:`buzzdask.cluster.batch`): without these, numpy's OpenBLAS there
+    starts a thread per core of the job, each spinning about 0.1 s as numpy is imported and
+    again after each product of a NumPy head (:func:`connect`). At the 0.1 CPU-s a thread
+    measured on two cores, that is some 85 CPU-s at the start of a whole Cardinal GPU node's
+    nine tasks, and 9.5 after each product in a scorer.
     """
-    worker_variables = {**WORKER_MALLOC, **WORKER_HUGEPAGES, **WORKER_ENVIRON}
+    nanny = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    worker_variables = {**nanny, **WORKER_MALLOC, **WORKER_HUGEPAGES, **WORKER_ENVIRON}
     environment = {name: str(value) for name, value in worker_variables.items()}
     for key, value in LEAN_DASK.items():
         path = key.upper().replace("-", "_").split(".")
