@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,36 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     bad_threshold = buzzdask_cli(*args[:-3], "--threshold", "ins_buzz")
     assert bad_threshold.returncode == 2
     assert "CLASS=VALUE" in bad_threshold.stderr
+
+
+def test_the_command_imports_numpy_with_one_blas_thread(tmp_path) -> None:
+    """As Dask's nanny gives its workers: numpy, imported once the command runs, starts one
+    BLAS thread, not one per core; a value the user set wins."""
+    script = (
+        "import sys\n"
+        "from buzzdask.cli import main\n"
+        "assert 'numpy' not in sys.modules\n"
+        "assert main(['init', sys.argv[1]]) == 0\n"
+        "import numpy, threadpoolctl\n"
+        "pools = threadpoolctl.threadpool_info()\n"
+        "print(sorted({pool['num_threads'] for pool in pools if pool['user_api'] == 'blas'}))\n"
+    )
+
+    def blas_threads(**variables: str) -> str:
+        environment = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "project")],
+            env={**environment, **variables},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.splitlines()[-1]
+
+    assert blas_threads() == "[1]"
+    if len(os.sched_getaffinity(0)) > 1:
+        assert blas_threads(OPENBLAS_NUM_THREADS="2") == "[2]"
