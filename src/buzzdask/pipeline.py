@@ -4,9 +4,9 @@ The client drives decode and score tasks incrementally (``as_completed``) instea
 everything at once, so the decoded audio in flight stays under a memory budget and a 1,000-hour
 run holds no more than that. Short recordings are decoded several to a task
 (:func:`decode_several`), a score task's worth at a time: a folder of 30-second files then
-costs the scheduler one decode task per 16 files, not one per file; so are chunks read back
-from an embedding store. :class:`ChunkPipeline`
-holds the loop's state; its decisions are the plain functions beside it (:class:`Budget`,
+costs the scheduler one decode task per 16 files, not one per file; chunks read back from an
+embedding store go together alike. :class:`ChunkPipeline` holds the loop's state; its
+decisions are the plain functions beside it (:class:`Budget`,
 :func:`budget_bytes`, :func:`free_scorers`, :func:`next_group`, :func:`short_chunks`,
 :func:`split_failed_group`), tested without a cluster. What happens to a
 finished chunk (a Parquet partition, an embedding cache entry) is the caller's ``on_result``.

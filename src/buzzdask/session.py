@@ -65,8 +65,8 @@ def connect(
     Dask's nanny limits a worker process's (``OPENBLAS_NUM_THREADS=1`` and the like,
     ``distributed.nanny.pre-spawn-environ``): the worker's threads are the parallelism. A
     NumPy head's product on more threads left OpenBLAS's other threads spinning 0.1 s after
-    each, on every core: re-scoring 1,000 30-second files took 13.3-14.8 CPU-s against
-    8.8-9.3 with one thread, on two cores.
+    each, on every core: re-scoring 1,000 30-second files took 15.2-15.6 CPU-s against
+    9.9-10.4 with one thread, on two cores.
     """
     if isinstance(client, Client):
         yield client
