@@ -8,6 +8,7 @@ with an independent run, never with the code under test's own idea of the answer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -631,3 +632,13 @@ def test_cli_two_models_keep_embeddings_then_rescore(
     assert code == EXIT_OK
     assert "3/3 files" in capsys.readouterr().out
     assert_same_output(tmp_path / "re", corpus.fresh.output)
+
+
+def test_the_store_keys_audio_by_the_sha256_of_its_bytes(tmp_path):
+    """Read block by block into one buffer: a file of several blocks and a partial one, and
+    an empty one, hash as hashlib hashes their bytes."""
+    content = np.random.default_rng(3).bytes((5 << 19) + 7)  # 2.5 MiB and 7 bytes
+    (tmp_path / "audio.bin").write_bytes(content)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert file_sha256(tmp_path / "audio.bin") == hashlib.sha256(content).hexdigest()
+    assert file_sha256(tmp_path / "empty.bin") == hashlib.sha256(b"").hexdigest()
