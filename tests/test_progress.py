@@ -48,6 +48,17 @@ def test_a_failed_file_takes_its_unanalysed_audio_out_of_the_total():
     assert progress.audio_expected_s == 720.0
 
 
+def test_an_estimate_given_again_replaces_the_first():
+    progress = Progress(enabled=False, verbose=False, files=2)
+    progress.expect("a.wav", 100.0)
+    progress.expect("b.wav", 50.0)
+    progress.expect("a.wav", 60.0)
+    assert progress.audio_expected_s == 110.0 and progress.audio_left_s == 110.0
+    progress.advance("a.wav", 60.0)
+    progress.finished("a.wav", failed=False)
+    assert progress.audio_expected_s == 110.0 and progress.audio_left_s == 50.0
+
+
 def test_resumed_audio_counts_as_done_but_not_in_the_realtime_factor():
     progress = Progress(enabled=False, verbose=False, files=1)
     progress.expect("a.wav", 3600.0)

@@ -98,6 +98,9 @@ class Progress:
         self.audio_done_s = 0.0
         self.audio_skipped_s = 0.0  # done by an earlier run (resume): not in the rate
         self._expected: dict[str, float] = {}
+        # Their sum, kept as they change: summed at every event, a run of 20,000 files spent
+        # 12 CPU-s here (the sum's cost grows with the files, and so do the events).
+        self._expected_total = 0.0
         self._done: dict[str, float] = {}
         self._finished: set[str] = set()
         self._scorer_frames: Counter[str] = Counter()
@@ -128,7 +131,7 @@ class Progress:
     # -- what the run reports ----------------------------------------------------------------
     def expect(self, name: str, audio_s: float) -> None:
         """A file's probed duration (an estimate, corrected when the file finishes)."""
-        self._expected[name] = audio_s
+        self._set_expected(name, audio_s)
         self._show()
 
     def advance(
@@ -156,7 +159,7 @@ class Progress:
         self._finished.add(name)
         self.files_done += 1
         self.files_failed += failed
-        self._expected[name] = self._done.get(name, 0.0)
+        self._set_expected(name, self._done.get(name, 0.0))
         self._show()
 
     def error(self, name: str, reason: str) -> None:
@@ -164,18 +167,22 @@ class Progress:
         self._errors.append({"file": name, "reason": reason, "at": _clock()})
         self._show()
 
+    def _set_expected(self, name: str, audio_s: float) -> None:
+        self._expected_total += audio_s - self._expected.get(name, 0.0)
+        self._expected[name] = audio_s
+
     # -- what is shown -----------------------------------------------------------------------
     @property
     def audio_expected_s(self) -> float:
         """The run's audio: estimates for files not yet finished, the truth for the others."""
         if self._closed:  # exactly, without the sums' rounding
             return self.audio_done_s
-        return max(sum(self._expected.values()), self.audio_done_s)
+        return max(self._expected_total, self.audio_done_s)
 
     @property
     def audio_left_s(self) -> float:
         """Audio not yet done: estimates for files not yet finished (also once closed)."""
-        return max(sum(self._expected.values()) - self.audio_done_s, 0.0)
+        return max(self._expected_total - self.audio_done_s, 0.0)
 
     @property
     def realtime_factor(self) -> float | None:
