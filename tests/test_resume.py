@@ -36,7 +36,10 @@ def _assert_vouched_for(output: Path) -> None:
         json.loads(line)  # every line whole
 
 
-def test_resume_redoes_what_does_not_verify(run, make_audio, tmp_path):
+def test_resume_redoes_what_does_not_verify(run, make_audio, tmp_path, monkeypatch):
+    # Two footers to a reading task, so that each task's answers must go to their own chunks.
+    monkeypatch.setattr("buzzdask.resume._READERS", 2)
+    monkeypatch.setattr("buzzdask.resume._TASKS_PER_READER", 1)
     make_audio("a.wav", n_samples=6 * FRAME)
     make_audio("b.wav", n_samples=4 * FRAME, seed=1)
     complete = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "complete")

@@ -11,11 +11,12 @@ broken files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: Footers read at once: on a parallel file system each read waits mostly on the network.
 _READERS = 16
+#: Tasks per reader thread: enough that a slow file holds up little besides.
+_TASKS_PER_READER = 8
 
 
 @dataclass
@@ -112,13 +115,21 @@ def check_resume(
             to_verify.append(key)
         else:
             check.done[key] = entry  # no frames: no partition to check
-    with ThreadPoolExecutor(_READERS) as pool:
-        problems = pool.map(
-            lambda key: partition_problem(
+
+    def problems_of(keys: Sequence[tuple[str, int]]) -> list[str | None]:
+        return [
+            partition_problem(
                 layout.partition(*key), frames=int(journal[key]["frames"]), fingerprint=fingerprint
-            ),
-            to_verify,
-        )
+            )
+            for key in keys
+        ]
+
+    # Many footers to a task: one task per partition cost more in hand-overs between threads
+    # than the reads themselves (20,000 partitions: 5.5 of check's 10 s).
+    per_task = max(1, -(-len(to_verify) // (_READERS * _TASKS_PER_READER)))
+    batches = [to_verify[i : i + per_task] for i in range(0, len(to_verify), per_task)]
+    with ThreadPoolExecutor(_READERS) as pool:
+        problems = itertools.chain.from_iterable(pool.map(problems_of, batches))
         for key, problem in zip(to_verify, problems, strict=True):
             if problem is None:
                 check.done[key] = journal[key]
