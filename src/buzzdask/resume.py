@@ -125,7 +125,8 @@ def check_resume(
         ]
 
     # Many footers to a task: one task per partition cost more in hand-overs between threads
-    # than the reads themselves (20,000 partitions: 5.5 of check's 10 s).
+    # than the reads (0.07 CPU-ms each): a resume of 20,000 finished files took 12.3-12.6 s
+    # that way, 10.9-11.2 s this way.
     per_task = max(1, -(-len(to_verify) // (_READERS * _TASKS_PER_READER)))
     batches = [to_verify[i : i + per_task] for i in range(0, len(to_verify), per_task)]
     with ThreadPoolExecutor(_READERS) as pool:
