@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from buzzdask.decode import PREPROCESSING
 from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
-from buzzdask.models import EmbedderSpec
+from buzzdask.models import EmbedderSpec, feed_file
 from buzzdask.write import numeric_array, write_json, write_table
 
 __all__ = [
@@ -63,17 +63,9 @@ STORED_CODEC = "stored embeddings"
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's content (not its name).
-
-    Read into one buffer, unbuffered (as ``hashlib.file_digest`` of Python 3.11 does): 1.9
-    against 2.5 CPU-ms for a 30-second WAV (2.9 MB) read in new 1 MiB blocks.
-    """
+    """SHA-256 of a file's content (not its name)."""
     digest = hashlib.sha256()
-    block = bytearray(1 << 20)
-    view = memoryview(block)
-    with open(path, "rb", buffering=0) as stream:
-        while size := stream.readinto(block):
-            digest.update(view[:size])
+    feed_file(digest, path)
     return digest.hexdigest()
 
 
