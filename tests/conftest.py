@@ -283,6 +283,14 @@ class MidRunKiller:
             time.sleep(0.02)
 
 
+#: Python that prints the thread counts of its process's BLAS pools (numpy's OpenBLAS): ``[1]``.
+BLAS_THREADS_REPORT = (
+    "import numpy, threadpoolctl\n"
+    "pools = threadpoolctl.threadpool_info()\n"
+    "print(sorted({pool['num_threads'] for pool in pools if pool['user_api'] == 'blas'}))\n"
+)
+
+
 def in_a_fresh_interpreter(script: str, *, timeout: float = 300) -> list[str]:
     """The lines ``script`` prints, run by a new Python process (which must succeed)."""
     done = subprocess.run(

@@ -10,7 +10,7 @@ import pandas as pd
 
 import buzzdask
 from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
-from tests.conftest import requires_ffmpeg
+from tests.conftest import BLAS_THREADS_REPORT, requires_ffmpeg
 
 FRAME = 15360
 
@@ -80,10 +80,7 @@ def test_the_command_imports_numpy_with_one_blas_thread(tmp_path) -> None:
         "from buzzdask.cli import main\n"
         "assert 'numpy' not in sys.modules\n"
         "assert main(['init', sys.argv[1]]) == 0\n"
-        "import numpy, threadpoolctl\n"
-        "pools = threadpoolctl.threadpool_info()\n"
-        "print(sorted({pool['num_threads'] for pool in pools if pool['user_api'] == 'blas'}))\n"
-    )
+    ) + BLAS_THREADS_REPORT
 
     def blas_threads(**variables: str) -> str:
         environment = {
