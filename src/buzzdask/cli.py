@@ -578,7 +578,6 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     # Before anything loads TensorFlow or starts workers, which inherit it.
     configure_console(2 if args.debug else 1 if args.verbose else 0)
     from buzzdask import analyze, rescore
-    from buzzdask.watching import watch
 
     # One --model: its output is OUTPUT itself; several: OUTPUT/<model name> each.
     model = args.model[0] if len(args.model) == 1 else args.model
@@ -598,6 +597,8 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     if args.command == "rescore":
         result = rescore(args.store, model, **options)
     elif args.watch:
+        from buzzdask.watching import watch  # pandas: not on a plain analysis' start
+
         result = watch(
             args.inputs[0],
             model,
