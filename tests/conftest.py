@@ -291,10 +291,20 @@ BLAS_THREADS_REPORT = (
 )
 
 
-def in_a_fresh_interpreter(script: str, *, timeout: float = 300) -> list[str]:
-    """The lines ``script`` prints, run by a new Python process (which must succeed)."""
+def in_a_fresh_interpreter(
+    script: str, *, timeout: float = 300, env: dict[str, str] | None = None
+) -> list[str]:
+    """The lines ``script`` prints, run by a new Python process (which must succeed).
+
+    ``env``: the process's whole environment (default: this one's).
+    """
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=timeout
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=timeout,
+        env=env,
     )
     return done.stdout.splitlines()
 

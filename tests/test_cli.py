@@ -10,7 +10,7 @@ import pandas as pd
 
 import buzzdask
 from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
-from tests.conftest import BLAS_THREADS_REPORT, requires_ffmpeg
+from tests.conftest import BLAS_THREADS_REPORT, in_a_fresh_interpreter, requires_ffmpeg
 
 FRAME = 15360
 
@@ -79,7 +79,7 @@ def test_the_command_imports_numpy_with_one_blas_thread(tmp_path) -> None:
         "import sys\n"
         "from buzzdask.cli import main\n"
         "assert 'numpy' not in sys.modules\n"
-        "assert main(['init', sys.argv[1]]) == 0\n"
+        f"assert main(['init', {str(tmp_path / 'project')!r}]) == 0\n"
     ) + BLAS_THREADS_REPORT
 
     def blas_threads(**variables: str) -> str:
@@ -88,14 +88,7 @@ def test_the_command_imports_numpy_with_one_blas_thread(tmp_path) -> None:
             for name, value in os.environ.items()
             if name not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
         }
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(tmp_path / "project")],
-            env={**environment, **variables},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return done.stdout.splitlines()[-1]
+        return in_a_fresh_interpreter(script, env={**environment, **variables})[-1]
 
     assert blas_threads() == "[1]"
     if len(os.sched_getaffinity(0)) > 1:
