@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -394,26 +393,30 @@ def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_pat
     _assert_same_frames(result, reference)
 
 
-#: Set by and for :class:`_Latch` and :func:`_release`, run by in-process workers (tasks are
-#: pickled, these module globals are not): no Dask client to find from a worker's thread.
-_CALLED, _RELEASED = threading.Event(), threading.Event()
-
-
 class _Latch:
-    """An actor whose call returns once a task has run :func:`_release`."""
+    """An actor whose call returns once a task has run :func:`_release`.
+
+    They meet through files in ``directory``: the workers are processes of their own.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
 
     def score(self, chunks: list[str]) -> list[str]:
-        _CALLED.set()
-        if not _RELEASED.wait(timeout=20):
-            raise TimeoutError("no task released the call: the worker's thread was held")
+        (self.directory / "called").touch()
+        deadline = time.monotonic() + 60
+        while not (self.directory / "released").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("no task released the call: the worker's thread was held")
+            time.sleep(0.01)
         return chunks
 
 
-def _release() -> None:
-    _RELEASED.set()
+def _release(directory: str) -> None:
+    (Path(directory) / "released").touch()
 
 
-def test_a_score_task_waiting_on_an_actor_elsewhere_leaves_its_worker_thread() -> None:
+def test_a_score_task_waiting_on_an_actor_elsewhere_leaves_its_worker_thread(tmp_path) -> None:
     """A score task that runs away from its actor (its worker died: Dask ran it elsewhere) waits
     through the actor's handle; that wait may need a task queued on its own worker (Dask runs the
     lost actor's task again, and the handle waits for it), so it must not hold the thread."""
@@ -421,21 +424,22 @@ def test_a_score_task_waiting_on_an_actor_elsewhere_leaves_its_worker_thread() -
 
     from buzzdask.score import _call
 
-    _CALLED.clear()
-    _RELEASED.clear()
     with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
-        ) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        actor_worker, task_worker = sorted(cluster.scheduler.workers)
-        latch = client.submit(_Latch, actor=True, workers=[actor_worker]).result()
+        actor_worker, task_worker = sorted(client.scheduler_info()["workers"])
+        latch = client.submit(_Latch, str(tmp_path), actor=True, workers=[actor_worker]).result()
         waiting = client.submit(_call, latch, "score", ["a", "b"], workers=[task_worker])
-        assert _CALLED.wait(timeout=20)
+        # A task that fails before it calls the actor shows its own error, not a timeout.
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "called").exists() and not waiting.done():
+            assert time.monotonic() < deadline, f"the actor was not called: {waiting.status}"
+            time.sleep(0.01)
+        assert (tmp_path / "called").exists(), waiting.result()
         # The task worker's only thread was the waiting task's: this one needs it back.
-        released = client.submit(_release, workers=[task_worker])
-        assert waiting.result(timeout=60) == ["a", "b"]
+        released = client.submit(_release, str(tmp_path), workers=[task_worker])
+        assert waiting.result(timeout=90) == ["a", "b"]
         released.result(timeout=5)
 
 
