@@ -149,7 +149,7 @@ def test_a_worker_imports_only_what_its_tasks_use(tiny_embedder, tiny_model, tmp
 
 def test_analyze_imports_pandas_only_once_its_cluster_starts() -> None:
     # Everything imported before the local cluster's worker is spawned delays the run's start;
-    # pandas (0.2 s) only makes the results' tables (buzzdask.analysis._import_in_background).
+    # pandas (0.2 s) only makes the results' tables (buzzdask.analysis.import_in_background).
     names = "import sys, buzzdask.cli, buzzdask.analysis; print('pandas' in sys.modules)"
     assert in_a_fresh_interpreter(names, timeout=120) == ["False"]
 

@@ -419,7 +419,7 @@ def run_plan(
         ),
     ):
         # Off the start's critical path: pandas (0.2 s) only makes the results' tables.
-        _import_in_background("pandas")
+        import_in_background("pandas")
         resumed = [
             check_resume(layout, fingerprint=fp, input_root=inputs.root, versions=inputs.versions)
             if on_conflict == "resume"
@@ -509,13 +509,14 @@ def run_plan(
     return results if plan.several else results[plan.models[0].name]
 
 
-def _import_in_background(module: str) -> None:
-    """Import ``module`` in a daemon thread, while this process mostly waits on its workers.
+def import_in_background(module: str, *, daemon: bool = True) -> None:
+    """Import ``module`` in a thread of its own, while this process mostly waits on others.
 
     A later ``import`` of it here waits for this one (Python's import lock) to finish.
+    ``daemon``: the process may end before the import does.
     """
     threading.Thread(
-        target=importlib.import_module, args=(module,), name=f"import-{module}", daemon=True
+        target=importlib.import_module, args=(module,), name=f"import-{module}", daemon=daemon
     ).start()
 
 

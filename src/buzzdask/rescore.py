@@ -10,9 +10,7 @@ journal, resume and conflict checks (:func:`buzzdask.analysis.run_plan`).
 from __future__ import annotations
 
 import functools
-import importlib
 import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -20,7 +18,7 @@ from typing import Any
 
 from distributed import Client
 
-from buzzdask.analysis import RunInputs, plan_run, run_plan
+from buzzdask.analysis import RunInputs, import_in_background, plan_run, run_plan
 from buzzdask.decode import AudioInfo, ChunkPlan
 from buzzdask.errors import InputError, ModelError
 from buzzdask.inputs import InputFile
@@ -120,9 +118,7 @@ def rescore(
         # Its scorer runs in this process (a local cluster of threads) and these heads need
         # TensorFlow: its import, most of a re-scoring's time, goes on while the store and
         # the cluster are opened.
-        threading.Thread(
-            target=importlib.import_module, args=("tensorflow",), name="import-tensorflow"
-        ).start()
+        import_in_background("tensorflow", daemon=False)
     kept = open_store(store, embedder=plan.embedder, spec=plan.spec)
     catalog = kept.catalog()
     if not catalog:
