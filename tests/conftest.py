@@ -97,11 +97,9 @@ def rclone_remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneRe
                 check=True,
                 capture_output=True,
             )
-        for _ in range(200):
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        wait_until(
+            lambda: _listening(port), timeout_s=30, failure=f"rclone serve is not on port {port}"
+        )
         yield RcloneRemote(
             root=root,
             config=config,
@@ -110,6 +108,11 @@ def rclone_remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneRe
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _free_port() -> int:
@@ -161,6 +164,27 @@ def dask_client() -> Iterator[object]:
         yield client
 
 
+def wait_until(
+    condition: Callable[[], object],
+    *,
+    timeout_s: float,
+    failure: str | Callable[[], str],
+    interval_s: float = 0.05,
+) -> None:
+    """Call ``condition`` every ``interval_s`` until it is true; after ``timeout_s`` [s], fail.
+
+    The failure is a :class:`TimeoutError` saying ``failure`` (a callable gives the message
+    as it is then: a future's status, say). A timeout is a bug's symptom, not a slow machine's:
+    each caller's is far above what the wait takes here under load.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            message = failure() if callable(failure) else failure
+            raise TimeoutError(f"{message} (waited {timeout_s} s)")
+        time.sleep(interval_s)
+
+
 def assert_same_frames(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
     """Same rows, names and times; activations equal to 1e-5.
 
@@ -177,11 +201,12 @@ def when_scoring_started(scores: Path, action: Callable[[], object]) -> threadin
     """
 
     def wait_then_act() -> None:
-        for _ in range(1200):
-            if scores.exists() and any(scores.rglob("*.parquet")):
-                action()
-                return
-            time.sleep(0.05)
+        wait_until(
+            lambda: scores.exists() and any(scores.rglob("*.parquet")),
+            timeout_s=60,
+            failure=f"no partition in {scores}",
+        )
+        action()
 
     thread = threading.Thread(target=wait_then_act)
     thread.start()

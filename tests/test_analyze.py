@@ -27,6 +27,7 @@ from tests.conftest import (
     assert_same_frames,
     kill_client_mid_run,
     requires_ffmpeg,
+    wait_until,
 )
 from tests.reference import reference_activations
 
@@ -404,11 +405,12 @@ class _Latch:
 
     def score(self, chunks: list[str]) -> list[str]:
         (self.directory / "called").touch()
-        deadline = time.monotonic() + 60
-        while not (self.directory / "released").exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError("no task released the call: the worker's thread was held")
-            time.sleep(0.01)
+        wait_until(
+            (self.directory / "released").exists,
+            timeout_s=60,
+            failure="no task released the call: the worker's thread was held",
+            interval_s=0.01,
+        )
         return chunks
 
 
@@ -432,10 +434,12 @@ def test_a_score_task_waiting_on_an_actor_elsewhere_leaves_its_worker_thread(tmp
         latch = client.submit(_Latch, str(tmp_path), actor=True, workers=[actor_worker]).result()
         waiting = client.submit(_call, latch, "score", ["a", "b"], workers=[task_worker])
         # A task that fails before it calls the actor shows its own error, not a timeout.
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "called").exists() and not waiting.done():
-            assert time.monotonic() < deadline, f"the actor was not called: {waiting.status}"
-            time.sleep(0.01)
+        wait_until(
+            lambda: (tmp_path / "called").exists() or waiting.done(),
+            timeout_s=60,
+            failure=lambda: f"the actor was not called: {waiting.status}",
+            interval_s=0.01,
+        )
         assert (tmp_path / "called").exists(), waiting.result()
         # The task worker's only thread was the waiting task's: this one needs it back.
         released = client.submit(_release, str(tmp_path), workers=[task_worker])
@@ -552,8 +556,12 @@ def _pause(client, address: str) -> None:
         dask_worker.status = Status.paused
 
     client.run(pause, workers=[address])
-    while client.scheduler_info()["workers"][address]["status"] != "paused":
-        time.sleep(0.01)
+    wait_until(
+        lambda: client.scheduler_info()["workers"][address]["status"] == "paused",
+        timeout_s=30,
+        failure=f"the scheduler never saw {address} paused",
+        interval_s=0.01,
+    )
 
 
 def test_every_cpu_worker_scores_with_its_share_of_the_cores(kill_corpus, tmp_path):

@@ -13,7 +13,6 @@ import json
 import multiprocessing
 import resource
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,13 @@ from buzzdask.inputs import InputFile
 from buzzdask.ledger import FileLedger, HeadOutput
 from buzzdask.progress import Progress
 from buzzdask.write import OutputLayout, PartitionWriter
-from tests.conftest import assert_same_frames, field_like, requires_ffmpeg, write_wav
+from tests.conftest import (
+    assert_same_frames,
+    field_like,
+    requires_ffmpeg,
+    wait_until,
+    write_wav,
+)
 from tests.test_frames import spec
 
 pytestmark = requires_ffmpeg
@@ -272,12 +277,12 @@ def test_unseekable_codec_is_decoded_once(
     assert used < 2.5 * one_pass + 0.3, (used, one_pass)
     assert max(_partition_rows(chunked)) <= 8 + 1
     # The decoded copy is removed once the file's chunks are done (asked for, not waited on).
-    for _ in range(100):
-        left = [p.name for p in node.rglob("*") if p.is_file()]
-        if not left:
-            break
-        time.sleep(0.1)
-    assert left == []
+    wait_until(
+        lambda: not any(p.is_file() for p in node.rglob("*")),
+        timeout_s=10,
+        failure=lambda: f"decoded copies left: {[p.name for p in node.rglob('*')]}",
+        interval_s=0.1,
+    )
 
 
 def _decode_chunks(args: tuple[str, list[ChunkPlan], str]) -> tuple[list[np.ndarray], float]:

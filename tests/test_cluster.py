@@ -40,6 +40,7 @@ from tests.conftest import (
     requires_ffmpeg,
     requires_slurm,
     run_batch_job,
+    wait_until,
     when_scoring_started,
 )
 from tests.test_console import NOISE
@@ -570,10 +571,12 @@ def _preloads(client: Any) -> dict[str, list[str]]:
 
 def _assert_no_jobs_left() -> None:
     # scancel is asynchronous: a cancelled job stays in squeue for a moment.
-    deadline = time.monotonic() + 30
-    while _job_ids("buzzdask-cpu") + _job_ids("buzzdask-gpu"):
-        assert time.monotonic() < deadline, "worker jobs left behind"
-        time.sleep(0.5)
+    wait_until(
+        lambda: not _job_ids("buzzdask-cpu") + _job_ids("buzzdask-gpu"),
+        timeout_s=30,
+        failure="worker jobs left behind",
+        interval_s=0.5,
+    )
 
 
 @requires_ffmpeg
@@ -609,10 +612,12 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
         def imported() -> bool:
             return "tensorflow" in sys.modules and gc.isenabled()
 
-        deadline = time.monotonic() + 60
-        while not client.run(imported, workers=[gpu_worker])[gpu_worker]:
-            assert time.monotonic() < deadline, "the GPU worker never imported TensorFlow"
-            time.sleep(0.5)
+        wait_until(
+            lambda: client.run(imported, workers=[gpu_worker])[gpu_worker],
+            timeout_s=60,
+            failure="the GPU worker never imported TensorFlow",
+            interval_s=0.5,
+        )
         assert client.run(gc.isenabled) == dict.fromkeys(workers, True)
         result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
         _same_frames(result, reference)
@@ -636,10 +641,12 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
         cluster.wait_for_workers_by_kind(gpus=1, cpu_workers=2, timeout=120)
         assert len(_job_ids("buzzdask-cpu")) == 2
         cluster.scale(jobs=1)
-        deadline = time.monotonic() + 60
-        while len(client.scheduler_info(n_workers=-1)["workers"]) > 2:
-            assert time.monotonic() < deadline, "scale down did not retire a worker"
-            time.sleep(0.5)
+        wait_until(
+            lambda: len(client.scheduler_info(n_workers=-1)["workers"]) <= 2,
+            timeout_s=60,
+            failure="scale down did not retire a worker",
+            interval_s=0.5,
+        )
         assert len(_job_ids("buzzdask-gpu")) == 1
     finally:
         client.shutdown()
@@ -761,17 +768,21 @@ def test_adaptive_scaling_moves_cpu_jobs_only(local_slurm, tmp_path):
     try:
         client.cluster.adapt(minimum_jobs=1, maximum_jobs=3, interval="500ms", wait_count=2)
         work = client.map(time.sleep, [1.0] * 40, pure=False)
-        deadline = time.monotonic() + 120
-        while len(_job_ids("buzzdask-cpu")) < 2:
-            assert time.monotonic() < deadline, "adapt did not add CPU jobs under load"
-            time.sleep(0.5)
+        wait_until(
+            lambda: len(_job_ids("buzzdask-cpu")) >= 2,
+            timeout_s=120,
+            failure="adapt did not add CPU jobs under load",
+            interval_s=0.5,
+        )
         assert len(_job_ids("buzzdask-gpu")) == 1
         client.gather(work)
         del work
-        deadline = time.monotonic() + 120
-        while len(_job_ids("buzzdask-cpu")) > 1:
-            assert time.monotonic() < deadline, "adapt did not remove idle CPU jobs"
-            time.sleep(0.5)
+        wait_until(
+            lambda: len(_job_ids("buzzdask-cpu")) <= 1,
+            timeout_s=120,
+            failure="adapt did not remove idle CPU jobs",
+            interval_s=0.5,
+        )
         assert len(_job_ids("buzzdask-gpu")) == 1  # the scorer's worker was never retired
     finally:
         client.shutdown()
@@ -792,10 +803,12 @@ def test_worker_reaching_its_lifetime_gets_a_new_job(local_slurm, tmp_path):
         try:
             seen = set(client.scheduler_info()["workers"])
             first_jobs = set(_job_ids("buzzdask-cpu"))
-            deadline = time.monotonic() + 90
-            while not (set(client.scheduler_info()["workers"]) - seen):
-                assert time.monotonic() < deadline, "no replacement worker arrived"
-                time.sleep(0.5)
+            wait_until(
+                lambda: set(client.scheduler_info()["workers"]) - seen,
+                timeout_s=90,
+                failure="no replacement worker arrived",
+                interval_s=0.5,
+            )
             assert set(_job_ids("buzzdask-cpu")) - first_jobs  # a new SLURM job
         finally:
             client.shutdown()

@@ -24,7 +24,7 @@ import pytest
 from buzzdask import OutputConflictError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.lock import LOCK_NAME, OutputLock
-from tests.conftest import requires_ffmpeg
+from tests.conftest import requires_ffmpeg, wait_until
 from tests.test_cli import buzzdask_cli
 
 FRAME = 15360
@@ -70,11 +70,12 @@ def test_a_second_run_is_refused_while_the_first_writes(
     ]  # fmt: skip
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "journal.jsonl").exists():
+
+        def journal_begun() -> bool:
             assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            return (out / "journal.jsonl").exists()
+
+        wait_until(journal_begun, timeout_s=120, failure="the first run wrote no journal")
         second = buzzdask_cli(*args[3:], "--resume")
         assert first.poll() is None, "the first run ended before the second tried: not a race"
     finally:

@@ -24,7 +24,13 @@ from buzzdask.buffers import aligned_empty
 from buzzdask.decode import DecodedChunk
 from buzzdask.frames import FrameSpec
 from buzzdask.score import MIN_CALL_PATCHES
-from tests.conftest import CLASSES, assert_same_frames, field_like, requires_ffmpeg
+from tests.conftest import (
+    CLASSES,
+    assert_same_frames,
+    field_like,
+    requires_ffmpeg,
+    wait_until,
+)
 
 SPEC = FrameSpec.from_seconds(
     sample_rate=16000, frame_length_s=0.96, frame_hop_s=0.96, context_s=0.015
@@ -390,9 +396,12 @@ def test_a_released_scorer_leaves_no_plugin_behind(
     assert watching() == [worker.state.actors[first.key]]
     first.release()
     del first
-    deadline = time.monotonic() + 10
-    while worker.state.actors and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(
+        lambda: not worker.state.actors,
+        timeout_s=10,
+        failure="the released actor stayed on its worker",
+        interval_s=0.01,
+    )
     gc.collect()
     assert watching() == [None]
     second = _scorer_actor(client, tiny_embedder, tiny_model)

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from buzzdask.logs import WorkerLogging
 from buzzdask.session import connect, start_local_cluster, worker_environment
 from buzzdask.settings import LocalClusterSettings
-from tests.conftest import in_a_fresh_interpreter
+from tests.conftest import in_a_fresh_interpreter, wait_until
 
 
 def _settings(**changes: object) -> LocalClusterSettings:
@@ -64,10 +64,12 @@ def test_one_worker_with_lean_dask_that_imports_tensorflow_once_logging_is_set(
         time.sleep(1.0)
         assert not any(client.run(_tensorflow_loaded).values())
         client.register_plugin(WorkerLogging())
-        deadline = time.monotonic() + 60
-        while not all(client.run(_tensorflow_loaded).values()):
-            assert time.monotonic() < deadline, "TensorFlow was never imported"
-            time.sleep(0.2)
+        wait_until(
+            lambda: all(client.run(_tensorflow_loaded).values()),
+            timeout_s=60,
+            failure="TensorFlow was never imported",
+            interval_s=0.2,
+        )
 
 
 def test_workers_that_only_decode_do_not_import_tensorflow() -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from buzzdask.inputs import discover
 from buzzdask.rclone import INCOMING, MANIFEST, TransferError, transfer, upload
 from buzzdask.settings import load_settings
 from buzzdask.staging import decode_chunk_staged, staged
-from tests.conftest import requires_ffmpeg, requires_rclone
+from tests.conftest import requires_ffmpeg, requires_rclone, wait_until
 from tests.test_frames import spec
 
 pytestmark = [requires_rclone, requires_ffmpeg]
@@ -132,10 +131,12 @@ def test_killed_transfer_never_shows_half_a_file(rclone_remote, make_audio, tmp_
     )  # fmt: skip
     partial = dest / INCOMING / "b_large.wav"
     try:
-        for _ in range(2400):  # up to 60 s: the CLI's start is slow on a loaded machine
-            if partial.exists() and partial.stat().st_size > 0:
-                break
-            time.sleep(0.025)
+        wait_until(  # the CLI's start is slow on a loaded machine
+            lambda: partial.exists() and partial.stat().st_size > 0,
+            timeout_s=60,
+            failure=f"nothing of {partial.name} arrived",
+            interval_s=0.025,
+        )
         os.killpg(running.pid, signal.SIGKILL)
     finally:
         running.communicate()
