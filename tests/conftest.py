@@ -30,6 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("BUZZDASK_SHARED_DIR", REPO.parent / "shared")).resolve()
 CLASSES = ["ins_buzz", "ambient_noise", "mech_plane"]
 HAS_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
+#: The command as users run it: the console script pip installed beside this Python. Its worker
+#: processes (spawned) import it as their main module before anything else, which those of
+#: ``python -m buzzdask`` do not: the import order differs (it once decided how errors pickled).
+BUZZDASK = str(Path(sys.executable).with_name("buzzdask"))
 
 
 def _require(

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import buzzdask
 from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
 from buzzdask.write import OutputLayout
 from tests.conftest import (
+    BUZZDASK,
     CLASSES,
     MidRunKiller,
     assert_same_frames,
@@ -704,7 +704,7 @@ def test_unreadable_file_and_folder_are_reported(make_audio, tmp_path, tiny_embe
         prefix = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
     command = [
         *prefix,
-        *(sys.executable, "-m", "buzzdask", "analyze", str(tmp_path / "audio")),
+        *(BUZZDASK, "analyze", str(tmp_path / "audio")),
         *("--model", str(tiny_model), "--embedder", str(tiny_embedder)),
         *("--output", str(tmp_path / "out"), "--no-progress"),
     ]

@@ -10,14 +10,14 @@ import pandas as pd
 
 import buzzdask
 from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
-from tests.conftest import BLAS_THREADS_REPORT, in_a_fresh_interpreter, requires_ffmpeg
+from tests.conftest import BLAS_THREADS_REPORT, BUZZDASK, in_a_fresh_interpreter, requires_ffmpeg
 
 FRAME = 15360
 
 
 def buzzdask_cli(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "buzzdask", *args],
+        [BUZZDASK, *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -30,6 +30,10 @@ def test_version() -> None:
     done = buzzdask_cli("--version")
     assert done.returncode == EXIT_OK
     assert done.stdout.strip() == f"buzzdask {buzzdask.__version__}"
+    as_module = subprocess.run(
+        [sys.executable, "-m", "buzzdask", "--version"], capture_output=True, text=True
+    )
+    assert as_module.stdout == done.stdout
 
 
 def test_init_creates_the_documented_layout(tmp_path) -> None:
@@ -44,7 +48,8 @@ def test_init_creates_the_documented_layout(tmp_path) -> None:
 @requires_ffmpeg
 def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> None:
     make_audio("a.wav", n_samples=3 * FRAME)
-    (tmp_path / "audio" / "broken.mp3").write_text("not audio")
+    make_audio("short.wav", n_samples=FRAME // 2)
+    (tmp_path / "audio" / "broken.mp3").write_text("not audio")  # for ffprobe to refuse
     args = [
         "analyze", str(tmp_path / "audio"),
         "--model", str(tiny_model),
@@ -58,7 +63,10 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     assert done.returncode == EXIT_FILES_FAILED, done.stderr
     assert "decoding a.wav [0.96–1.94 s]" in done.stderr
     assert "scoring a.wav" in done.stderr
-    assert "failed: broken.mp3" in done.stderr
+    # Each file's own reason, as the command's worker processes send it (no unpickling error).
+    assert "failed: broken.mp3: ffprobe cannot read it as audio" in done.stderr
+    assert "failed: short.wav: audio shorter than one frame (0.96 s)" in done.stderr
+    assert "Failed to deserialize" not in done.stderr
     frame = pd.read_parquet(tmp_path / "out" / "scores")
     assert len(frame) == 3 and "detection_ins_buzz" in frame
 

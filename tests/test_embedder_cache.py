@@ -12,7 +12,6 @@ import http.server
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -28,7 +27,7 @@ from buzzdask.embedders import cache_directory, cached_path, saved_model_problem
 from buzzdask.errors import ModelError
 from buzzdask.models import directory_sha256, resolve_embedder
 from buzzdask.settings import load_settings
-from tests.conftest import requires_ffmpeg
+from tests.conftest import BUZZDASK, requires_ffmpeg
 
 FRAME = 15360  # samples in one 0.96 s frame at 16 kHz
 # Nothing listens on port 9 (discard) here: the connection is refused at once, as offline.
@@ -41,7 +40,7 @@ _PROXIES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy
 def buzzdask_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("TFHUB_CACHE_DIR", *_PROXIES)}
     return subprocess.run(
-        [sys.executable, "-m", "buzzdask", *args],
+        [BUZZDASK, *args],
         capture_output=True,
         text=True,
         timeout=120,

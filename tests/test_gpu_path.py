@@ -22,7 +22,7 @@ from distributed import Client, LocalCluster, Scheduler, SchedulerPlugin
 import buzzdask
 from buzzdask import ScorerError
 from buzzdask.cli import EXIT_ERROR
-from tests.conftest import CLASSES, requires_ffmpeg
+from tests.conftest import BUZZDASK, CLASSES, requires_ffmpeg
 from tests.test_score_tuning import DEFAULT_BATCH_FRAMES, SPEC, _assert_equal, _chunks
 
 FRAME = 15360
@@ -71,7 +71,7 @@ def test_worker_declaring_a_gpu_tensorflow_cannot_see_stops_the_run(
 
     cli = subprocess.run(
         [
-            *(sys.executable, "-m", "buzzdask", "analyze", str(tmp_path / "audio")),
+            *(BUZZDASK, "analyze", str(tmp_path / "audio")),
             *("--model", str(tiny_model), "--embedder", str(tiny_embedder)),
             *("--output", str(tmp_path / "cli"), "--no-progress"),
             *("--scheduler", gpu_declaring_cluster.scheduler.address),

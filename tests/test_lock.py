@@ -24,7 +24,7 @@ import pytest
 from buzzdask import OutputConflictError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.lock import LOCK_NAME, OutputLock
-from tests.conftest import requires_ffmpeg, wait_until
+from tests.conftest import BUZZDASK, requires_ffmpeg, wait_until
 from tests.test_cli import buzzdask_cli
 
 FRAME = 15360
@@ -64,7 +64,7 @@ def test_a_second_run_is_refused_while_the_first_writes(
         make_audio(f"f{seed}.flac", n_samples=60 * FRAME, seed=seed)
     out = tmp_path / "out"
     args = [
-        sys.executable, "-m", "buzzdask", "analyze", str(tmp_path / "audio"),
+        BUZZDASK, "analyze", str(tmp_path / "audio"),
         "--model", str(tiny_model), "--embedder", str(tiny_embedder), "--output", str(out),
         "--scheduler", dask_client.scheduler.address, "--chunk-seconds", "1", "--no-progress",
     ]  # fmt: skip
@@ -76,7 +76,7 @@ def test_a_second_run_is_refused_while_the_first_writes(
             return (out / "journal.jsonl").exists()
 
         wait_until(journal_begun, timeout_s=120, failure="the first run wrote no journal")
-        second = buzzdask_cli(*args[3:], "--resume")
+        second = buzzdask_cli(*args[1:], "--resume")
         assert first.poll() is None, "the first run ended before the second tried: not a race"
     finally:
         _, stderr = first.communicate(timeout=300)

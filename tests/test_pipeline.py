@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import copyreg
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+import ffmpeg
 import numpy as np
+import pytest
 
 from buzzdask.decode import (
     AudioInfo,
@@ -17,7 +21,9 @@ from buzzdask.decode import (
     probe_audio,
 )
 from buzzdask.errors import DecodeError
+from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.frames import FrameSpec
+from buzzdask.ledger import describe
 from buzzdask.pipeline import (
     Budget,
     ChunkJob,
@@ -29,6 +35,7 @@ from buzzdask.pipeline import (
     free_scorers,
     group_bytes,
     next_group,
+    probe_task,
     score_picked,
     short_chunks,
     split_failed_group,
@@ -285,6 +292,46 @@ def test_decode_several_gives_each_chunk_or_its_own_error(make_audio, tmp_path) 
         alone = decode_chunk(*chunks[index], spec=SPEC)
         assert isinstance(decoded[index], DecodedChunk) and decoded[index].n_frames == 3
         np.testing.assert_array_equal(decoded[index].samples, alone.samples)
+
+
+class _CommandFailed(Exception):
+    """An error whose pickle cannot be rebuilt, as ffmpeg-python's ``ffmpeg.Error``."""
+
+    def __init__(self, command: str, stderr: bytes) -> None:
+        super().__init__(f"{command} error")
+        self.stderr = stderr
+
+
+def _fails(*_: object, **__: object) -> None:
+    raise _CommandFailed("ffmpeg", b"no such filter")
+
+
+@requires_ffmpeg
+def test_errors_in_task_answers_reach_the_client_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe and decode tasks hand a file's error back in their result. Dask's workers pickle
+    exceptions with tblib, context and traceback along, and rebuild-check only a task's own
+    exception: the command's workers did so for every buzzdask error (imported before Dask),
+    and a DecodeError raised while handling ffmpeg-python's error reached the client as
+    "TypeError: Error.__init__() missing 2 required positional arguments"."""
+    from distributed.protocol import pickle as dask_pickle
+    from tblib import pickling_support
+
+    # As tblib.pickling_support.install() left those workers: for buzzdask's errors, which
+    # existed when Dask was imported, not for the other library's.
+    monkeypatch.setitem(copyreg.dispatch_table, DecodeError, pickling_support.pickle_exception)
+    for foreign in (ffmpeg.Error, _CommandFailed):
+        monkeypatch.delitem(copyreg.dispatch_table, foreign, raising=False)
+    not_audio = tmp_path / "notes.wav"  # no WAV header: ffprobe is asked, and refuses
+    not_audio.write_text("field notes, not audio\n")
+
+    (refused,) = dask_pickle.loads(dask_pickle.dumps(probe_task([str(not_audio)], find_ffmpeg())))
+    (failed,) = dask_pickle.loads(dask_pickle.dumps(decode_several(_fails, [("a.wav",)])))
+
+    assert describe(refused)[0] == "ffprobe cannot read it as audio"
+    assert "Invalid data" in describe(refused)[1]
+    assert describe(failed) == ("RuntimeError: _CommandFailed: ffmpeg error", "")
 
 
 def test_score_picked_scores_what_it_names_and_hands_back_decode_errors() -> None:

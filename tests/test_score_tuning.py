@@ -451,6 +451,18 @@ def test_a_chunk_takes_one_embedder_call_per_core_at_most(
     assert scorer.stats()["embedder_calls"] == expected
 
 
+def test_a_chunk_shorter_than_one_frame_makes_no_embedder_call(
+    tiny_embedder: Path, tiny_model: Path
+) -> None:
+    """Half a frame of audio (a file too short) scores to no frames, with no embedder call,
+    also where calls run side by side (it divided by zero there)."""
+    scorer = _scorer(str(tiny_embedder), str(tiny_model))
+    samples = field_like(SPEC.span(1) // 2, SPEC.sample_rate, seed=6)[:, 0].astype(np.float32)
+    (activations,) = scorer.score([DecodedChunk(samples=samples, first_frame=0, n_frames=0)])
+    assert activations.shape == (0, len(CLASSES))
+    assert scorer.stats()["embedder_calls"] == 0
+
+
 @pytest.mark.parametrize(
     ("batch_frames", "cpu_call_frames", "call_frames"), [(512, 8, 8), (512, 29, 29), (16, 96, 16)]
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from buzzdask.models import load_head, resolve_embedder, resolve_model
 from buzzdask.store import EmbeddingStore
 from buzzdask.training import precision_recall
 from buzzdask.training.labels import TrainingFile, want_frames
-from tests.conftest import requires_ffmpeg, write_wav
+from tests.conftest import BUZZDASK, requires_ffmpeg, write_wav
 
 RATE = 16000
 # Each labelled file: quiet, buzz-like tone, quiet, noise, ... (seconds). Tones are "ins_buzz",
@@ -252,15 +251,13 @@ def test_cli_train(dataset, dask_client, tiny_embedder):
         "--cache-dir", str(dataset / "cache"),
         "--scheduler", dask_client.scheduler.address,
     ]  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "buzzdask", *args], capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run([BUZZDASK, *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_OK, done.stderr
     assert "0 embedded" in done.stdout and "model_cli" in done.stdout
     assert (dataset / "model_cli" / "saved_model.pb").is_file()
     no_labels = ["--labels", str(dataset / "nope.csv"), "--output", str(dataset / "model_none")]
     missing = subprocess.run(
-        [sys.executable, "-m", "buzzdask", *args[:3], *no_labels],
+        [BUZZDASK, *args[:3], *no_labels],
         capture_output=True,
         text=True,
         timeout=120,

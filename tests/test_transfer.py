@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from buzzdask.inputs import discover
 from buzzdask.rclone import INCOMING, MANIFEST, TransferError, transfer, upload
 from buzzdask.settings import load_settings
 from buzzdask.staging import decode_chunk_staged, staged
-from tests.conftest import requires_ffmpeg, requires_rclone, wait_until
+from tests.conftest import BUZZDASK, requires_ffmpeg, requires_rclone, wait_until
 from tests.test_frames import spec
 
 pytestmark = [requires_rclone, requires_ffmpeg]
@@ -34,7 +33,7 @@ def same_bytes(a: Path, b: Path) -> bool:
 def cli(*args: str, flags: tuple[str, ...], **popen: object) -> subprocess.Popen[str]:
     environment = {**os.environ, "DASK_BUZZDASK__TRANSFER__RCLONE_FLAGS": json.dumps(list(flags))}
     return subprocess.Popen(
-        [sys.executable, "-m", "buzzdask", *args],
+        [BUZZDASK, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 
 import dask
@@ -15,7 +14,7 @@ import buzzdask
 from buzzdask import InputError, watch
 from buzzdask.cli import EXIT_OK, EXIT_USAGE
 from buzzdask.rclone import transfer
-from tests.conftest import assert_same_frames, requires_ffmpeg, requires_rclone
+from tests.conftest import BUZZDASK, assert_same_frames, requires_ffmpeg, requires_rclone
 
 pytestmark = [requires_ffmpeg, requires_rclone]
 FRAME = 15360
@@ -113,7 +112,7 @@ def test_idle_timeout_ends_a_watch_without_marker(
 def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path):
     make_audio("a.wav", n_samples=2 * FRAME)
     (tmp_path / "audio" / ".transfer-complete").write_text("{}\n")
-    arguments = [sys.executable, "-m", "buzzdask", "analyze", str(tmp_path / "audio"), "--watch"]
+    arguments = [BUZZDASK, "analyze", str(tmp_path / "audio"), "--watch"]
     arguments += ["--model", str(tiny_model), "--embedder", str(tiny_embedder)]
     arguments += ["--output", str(tmp_path / "out"), "--no-progress", "--poll", "0.1"]
     arguments += ["--scheduler", dask_client.scheduler.address]
@@ -123,7 +122,7 @@ def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path)
     assert len(pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)) == 2
 
     twice = subprocess.run(
-        [*arguments[:5], str(tmp_path), *arguments[5:]], capture_output=True, text=True
+        [*arguments[:3], str(tmp_path), *arguments[3:]], capture_output=True, text=True
     )
     assert twice.returncode == EXIT_USAGE
     assert "exactly one INPUT directory" in twice.stderr

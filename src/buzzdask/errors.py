@@ -6,7 +6,8 @@ Every error derives from :class:`BuzzdaskError` and from the builtin it refines,
 
 from __future__ import annotations
 
-from typing import Any
+import pickle
+from typing import Any, TypeVar
 
 __all__ = [
     "BuzzdaskError",
@@ -21,6 +22,8 @@ __all__ = [
     "ScorerError",
     "ScorerMisplacedError",
     "TransferError",
+    "as_task_answer",
+    "without_chain",
 ]
 
 
@@ -127,4 +130,37 @@ class TransferError(BuzzdaskError, RuntimeError):
 def _rebuild_transfer_error(message: str, reason: str, stderr: str) -> TransferError:
     error = TransferError("", reason=reason, stderr=stderr)
     error.args = (message,)
+    return error
+
+
+_Error = TypeVar("_Error", bound=BaseException)
+
+
+def without_chain(error: _Error) -> _Error:
+    """``error`` without its cause, context and traceback: fit to travel in a task's result.
+
+    A probe or decode task hands a file's error back as its answer. Dask's workers pickle
+    exceptions with tblib (``tblib.pickling_support``), cause, context and traceback along,
+    and check that the pickle can be rebuilt only for a task's own exception, not for one in
+    its result. A DecodeError raised while handling ffmpeg-python's error (whose pickle cannot
+    be rebuilt: its ``args`` are its message alone) reached the client as "TypeError:
+    Error.__init__() missing 2 required positional arguments", with a CRITICAL traceback. The
+    reports use an error's type and message (:func:`buzzdask.ledger.describe`), not its chain.
+    """
+    error.__cause__ = error.__context__ = None
+    error.__traceback__ = None
+    return error
+
+
+def as_task_answer(error: Exception) -> Exception:
+    """Any ``error`` :func:`without_chain`, for a task that hands back whatever a step raised.
+
+    A :class:`RuntimeError` naming its type and message takes its place where its own pickle
+    cannot be rebuilt (its ``__init__`` takes other arguments than its ``args``).
+    """
+    error = without_chain(error)
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
     return error

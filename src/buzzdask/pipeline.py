@@ -33,7 +33,7 @@ from buzzdask.decode import (
     release_decoded_copy,
     seeks_exactly,
 )
-from buzzdask.errors import DecodeError
+from buzzdask.errors import DecodeError, as_task_answer, without_chain
 from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
@@ -315,7 +315,7 @@ def probe_task(
             info = probe_audio(path, tools=tools)
             answers.append(replace(info, sha256=file_sha256(path)) if content_hash else info)
         except DecodeError as error:
-            answers.append(error)
+            answers.append(without_chain(error))
     return answers
 
 
@@ -335,7 +335,7 @@ def decode_several(
         try:
             decoded.append(decode(*arguments, **options))
         except Exception as error:
-            decoded.append(error)
+            decoded.append(as_task_answer(error))
     return decoded
 
 

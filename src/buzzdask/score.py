@@ -457,6 +457,8 @@ class Scorer:
         calls = 0
         if self._calls_pool is not None:
             patches = sum(self._padded_length(c.n_frames) // self.native_hop for c in chunks)
+            if not patches:  # files shorter than one frame: nothing to embed
+                return []
             batches = -(-patches // self.call_frames)
             calls = -(-batches // self.parallel_calls) * self.parallel_calls
             call_patches = min(self.call_frames, max(MIN_CALL_PATCHES, -(-patches // calls)))

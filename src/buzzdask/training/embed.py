@@ -23,7 +23,7 @@ from buzzdask.decode import (
     expected_frames,
     probe_audio,
 )
-from buzzdask.errors import BuzzdaskError, DecodeError, InputError, ScorerError
+from buzzdask.errors import BuzzdaskError, DecodeError, InputError, ScorerError, without_chain
 from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.models import EmbedderSpec
@@ -44,7 +44,7 @@ def _inspect(path: str, *, tools: FFmpegTools) -> tuple[AudioInfo, str] | Decode
     try:
         return probe_audio(path, tools=tools), file_sha256(path)
     except DecodeError as error:
-        return error
+        return without_chain(error)
 
 
 def inspect_files(client: Client, files: list[TrainingFile], *, tools: FFmpegTools) -> None:
