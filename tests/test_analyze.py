@@ -134,6 +134,8 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     long = (audio / "long.mp3").read_bytes()
     (audio / "truncated.mp3").write_bytes(long[: len(long) * 6 // 10])  # a copy cut short
     (audio / "long.mp3").unlink()
+    whole = make_audio("cut.wav", n_samples=10 * FRAME, seed=4).read_bytes()
+    (audio / "cut.wav").write_bytes(whole[: len(whole) // 2])  # a recording cut short
     os.symlink(audio / "loop_b.wav", audio / "loop_a.wav")
     os.symlink(audio / "loop_a.wav", audio / "loop_b.wav")
     (audio / "sub").mkdir()
@@ -152,6 +154,8 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
         "loop_a.wav",
         "loop_b.wav",
         "sub/back_to_top",
+        "truncated.mp3",
+        "cut.wav",
     }
     assert "shorter than one frame" in errors.loc["too_short.wav", "reason"]
     assert "shorter than one frame" in errors.loc["zero_samples.wav", "reason"]
@@ -160,9 +164,17 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert "broken symlink" in errors.loc["broken_link.wav", "reason"]
     assert errors.loc["loop_a.wav", "reason"] == "symlink loop"
     assert "directory already visited" in errors.loc["sub/back_to_top", "reason"]
+    # Files cut short are analysed, with a row that says so (their headers declare more).
+    assert errors.loc["truncated.mp3", "reason"].startswith(
+        "cut short: its header declares 10.0 s, the file holds 6.0 s"
+    )
+    assert errors.loc["cut.wav", "reason"] == (
+        "cut short: its header declares 9.6 s, the file holds 4.8 s (analysed what it holds)"
+    )
     frame = result.to_pandas()
     # A copy cut short keeps the frames it holds (about 6 of 10 s); the rest are not invented.
-    assert set(frame.file) == {"good.wav", "good.mp3", "truncated.mp3"}
+    assert set(frame.file) == {"good.wav", "good.mp3", "truncated.mp3", "cut.wav"}
+    assert (frame.file == "cut.wav").sum() == 4  # the header's 44 bytes short of a fifth
     assert 4 <= (frame.file == "truncated.mp3").sum() <= 7
     assert result.summary["files_failed"] == 9
     on_disk = pd.read_parquet(result.output / "errors.parquet")

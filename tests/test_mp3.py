@@ -38,7 +38,8 @@ def _ffprobe(path: Path) -> tuple[str, int, int, float | None]:
     return _ffprobe_stream(str(path), ffprobe)
 
 
-@pytest.mark.parametrize(
+#: Sample rate, channels and LAME's options: MPEG-1, 2 and 2.5, mono and stereo, CBR and VBR.
+ENCODINGS = pytest.mark.parametrize(
     ("rate", "channels", "options"),
     [
         (44100, 2, ("-b:a", "128k")),  # the lab's recorders
@@ -49,6 +50,9 @@ def _ffprobe(path: Path) -> tuple[str, int, int, float | None]:
         (11025, 2, ("-b:a", "32k", "-id3v2_version", "0")),
     ],
 )
+
+
+@ENCODINGS
 def test_header_says_what_ffprobe_says(
     tmp_path: Path, rate: int, channels: int, options: tuple[str, ...]
 ) -> None:
@@ -69,6 +73,26 @@ def test_header_says_what_ffprobe_says(
     probed = probe_audio(path, tools=tools)
     assert (probed.codec, probed.sample_rate, probed.channels) == (codec, rate, channels)
     assert probed.duration_s == header.duration_s
+    assert probed.declared_duration_s is None  # the whole stream is there
+
+
+@ENCODINGS
+def test_an_mp3_cut_short_says_what_its_header_declares(
+    tmp_path: Path, rate: int, channels: int, options: tuple[str, ...]
+) -> None:
+    """A copy cut short: its Xing/Info header's byte count says how much is missing. The
+    length it holds is in proportion: an estimate, within a few frames (72 ms each at 8 kHz)
+    of what ffmpeg decodes."""
+    path = _mp3(tmp_path / "a.mp3", *options, rate=rate, channels=channels)
+    whole = read_mp3_header(path)
+    assert whole is not None and whole.declared_duration_s is None
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) * 6 // 10])
+    cut = read_mp3_header(path)
+    assert cut is not None and cut.declared_duration_s == whole.duration_s
+    decoded_s = len(decode_file(path, sample_rate=rate)) / rate
+    assert cut.duration_s == pytest.approx(decoded_s, abs=0.25)
+    assert probe_audio(path).declared_duration_s == whole.duration_s
 
 
 @requires_shared

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,15 @@ def test_a_wav_cut_short_has_its_real_length(tmp_path: Path) -> None:
     path.write_bytes(whole[: len(whole) - 2 * 1000])  # 1,000 samples lost off the end
     header = read_wav_header(path)
     assert header is not None and header.n_samples == N_SAMPLES - 1000
+    # What its header declares is kept: the run reports the file as cut short.
+    assert header.declared_samples == N_SAMPLES
+    probed = probe_audio(path)
+    assert (probed.duration_s, probed.declared_duration_s) == (
+        (N_SAMPLES - 1000) / 48000,
+        N_SAMPLES / 48000,
+    )
+    path.write_bytes(whole)
+    assert read_wav_header(path) == replace(header, n_samples=N_SAMPLES, declared_samples=None)
 
 
 def _ffmpeg_floats(path: Path, channels: int) -> np.ndarray:

@@ -118,6 +118,9 @@ class AudioInfo:
     mtime_ns : int
     sha256 : str or None
         The content hash, where an embedding store needs it (read by the probe task).
+    declared_duration_s : float or None [s]
+        What a WAV's or an MP3's header declares, where the file holds less (a copy or a
+        recording cut short: ``duration_s`` is what it holds); ``None`` otherwise.
     """
 
     path: str
@@ -128,6 +131,7 @@ class AudioInfo:
     size_bytes: int
     mtime_ns: int
     sha256: str | None = None
+    declared_duration_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -207,12 +211,14 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
     if header is not None:  # most field recordings: no process to start
         codec, sample_rate, channels = header.codec, header.sample_rate, header.channels
         duration_s: float | None = header.duration_s
+        declared_duration_s = header.declared_duration_s
     else:
         tools = tools or find_ffmpeg()
         if tools.ffprobe is not None:
             codec, sample_rate, channels, duration_s = _ffprobe_stream(path, tools.ffprobe)
         else:
             codec, sample_rate, channels, duration_s = _ffmpeg_stream(path, tools.ffmpeg)
+        declared_duration_s = None
     if sample_rate <= 0 or channels <= 0:
         raise DecodeError(path, f"invalid audio stream ({sample_rate} Hz, {channels} channels)")
     return AudioInfo(
@@ -223,6 +229,7 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
         duration_s=duration_s,
         size_bytes=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
+        declared_duration_s=declared_duration_s,
     )
 
 

@@ -125,6 +125,16 @@ class FileLedger:
             self._fail(state, None, "probe", *describe(answer))
             self.progress.finished(relative, failed=True)
             return []
+        if answer.declared_duration_s is not None:
+            # Kept, as damaged audio is: the frames it holds are real; the row says what is not.
+            reason = (
+                f"cut short: its header declares {answer.declared_duration_s:.1f} s, "
+                f"the file holds {answer.duration_s or 0.0:.1f} s (analysed what it holds)"
+            )
+            logger.warning("%s: %s", relative, reason)
+            self.errors.append(
+                {"file": relative, "chunk": None, "stage": "probe", "reason": reason, "detail": ""}
+            )
         return self.planned(
             state, answer, plan_chunks(answer, self.spec, frames_per_chunk=self.frames_per_chunk)
         )

@@ -42,12 +42,17 @@ class Mp3Header:
         (ffprobe's is then a little longer: 6.552 s against 6.487 s for ``testbuzz.mp3``).
     codec : str
         ffmpeg's name for it, ``"mp3"``.
+    declared_duration_s : float or None [s]
+        What the header declares, where the file holds less of the stream than the header's
+        byte count (a copy or a recording cut short); ``duration_s`` is then what it holds, in
+        proportion. ``None`` when it holds it all, or the header gives no byte count.
     """
 
     sample_rate: int
     channels: int
     duration_s: float
     codec: str = "mp3"
+    declared_duration_s: float | None = None
 
 
 def read_mp3_header(path: str | os.PathLike[str]) -> Mp3Header | None:
@@ -71,15 +76,50 @@ def read_mp3_header(path: str | os.PathLike[str]) -> Mp3Header | None:
             if not _is_layer_3_sync(stream.read(2)):
                 return None
             info = MPEGInfo(stream, start)
+            stream_bytes = _xing_bytes(stream, start)
+            held_bytes = os.fstat(stream.fileno()).st_size - start
     except (OSError, MutagenError):
         return None
     if info.layer != 3 or info.bitrate_mode is BitrateMode.UNKNOWN or info.sample_rate <= 0:
         return None
+    duration_s = max(0.0, float(info.length))
+    if stream_bytes is not None and held_bytes < stream_bytes:
+        return Mp3Header(
+            sample_rate=int(info.sample_rate),
+            channels=int(info.channels),
+            duration_s=duration_s * held_bytes / stream_bytes,
+            declared_duration_s=duration_s,
+        )
     return Mp3Header(
-        sample_rate=int(info.sample_rate),
-        channels=int(info.channels),
-        duration_s=max(0.0, float(info.length)),
+        sample_rate=int(info.sample_rate), channels=int(info.channels), duration_s=duration_s
     )
+
+
+_XING_FRAMES, _XING_BYTES = 0x1, 0x2  # flags: the header holds a frame count, a byte count
+
+
+def _xing_bytes(stream: BinaryIO, frame_start: int) -> int | None:
+    """The byte count of a Xing/Info header in the frame at ``frame_start``: the whole stream's.
+
+    The header follows the frame's 4-byte header and its side information: 17 or 32 bytes in
+    MPEG-1, 9 or 17 in MPEG-2 and 2.5 (mono or not). ``None`` without one (a VBRI header).
+    """
+    stream.seek(frame_start)
+    frame_header = stream.read(4)
+    if len(frame_header) < 4:
+        return None
+    mpeg_1 = (frame_header[1] >> 3) & 0b11 == 0b11
+    mono = frame_header[3] >> 6 == 0b11
+    side_info = (17 if mono else 32) if mpeg_1 else (9 if mono else 17)
+    stream.seek(frame_start + 4 + side_info)
+    header = stream.read(16)
+    if len(header) < 16 or header[:4] not in (b"Xing", b"Info"):
+        return None
+    flags = int.from_bytes(header[4:8], "big")
+    if not flags & _XING_BYTES:
+        return None
+    at = 12 if flags & _XING_FRAMES else 8
+    return int.from_bytes(header[at : at + 4], "big") or None
 
 
 def _audio_start(stream: BinaryIO) -> int:

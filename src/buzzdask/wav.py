@@ -52,6 +52,9 @@ class WavHeader:
         Samples per channel in the file: the data chunk's, or fewer when the file was cut short.
     data_offset : int >= 0 [bytes]
         Where the first sample lies in the file.
+    declared_samples : int or None
+        Samples per channel the data chunk declares, where the file holds fewer (a copy or a
+        recording cut short); ``None`` when it holds them all.
     """
 
     codec: str
@@ -59,11 +62,17 @@ class WavHeader:
     channels: int
     n_samples: int
     data_offset: int = 0
+    declared_samples: int | None = None
 
     @property
     def duration_s(self) -> float:
         """``n_samples / sample_rate`` [s]."""
         return self.n_samples / self.sample_rate
+
+    @property
+    def declared_duration_s(self) -> float | None:
+        """``declared_samples / sample_rate`` [s], where the file holds fewer."""
+        return None if self.declared_samples is None else self.declared_samples / self.sample_rate
 
 
 def read_wav_header(path: str | os.PathLike[str]) -> WavHeader | None:
@@ -102,25 +111,30 @@ def read_wav_header(path: str | os.PathLike[str]) -> WavHeader | None:
         elif chunk_id == b"data":
             if chunk_size in (0, 0xFFFFFFFF):  # a writer that never came back to fill it in
                 return None
-            return _header(fmt, data_bytes=min(chunk_size, size - body), data_offset=body)
+            return _header(fmt, data_bytes=chunk_size, held_bytes=size - body, data_offset=body)
         offset = body + chunk_size + (chunk_size & 1)  # chunks are word-aligned
     return None
 
 
-def _header(fmt: tuple[int, ...] | None, *, data_bytes: int, data_offset: int) -> WavHeader | None:
-    """The header from a ``fmt `` chunk's fields and the data chunk's length."""
+def _header(
+    fmt: tuple[int, ...] | None, *, data_bytes: int, held_bytes: int, data_offset: int
+) -> WavHeader | None:
+    """The header from a ``fmt `` chunk's fields, the data chunk's length and the bytes after it."""
     if fmt is None:
         return None
     format_tag, channels, sample_rate, _, block_align, bits = fmt
     codec = _CODECS.get((format_tag, bits))
     if codec is None or channels <= 0 or sample_rate <= 0 or block_align != channels * bits // 8:
         return None
+    declared = data_bytes // block_align
+    held = max(min(data_bytes, held_bytes), 0) // block_align
     return WavHeader(
         codec=codec,
         sample_rate=sample_rate,
         channels=channels,
-        n_samples=max(data_bytes, 0) // block_align,
+        n_samples=held,
         data_offset=data_offset,
+        declared_samples=declared if declared > held else None,
     )
 
 
