@@ -43,9 +43,9 @@ class Mp3Header:
     codec : str
         ffmpeg's name for it, ``"mp3"``.
     declared_duration_s : float or None [s]
-        What the header declares, where the file holds less of the stream than the header's
-        byte count (a copy or a recording cut short); ``duration_s`` is then what it holds, in
-        proportion. ``None`` when it holds it all, or the header gives no byte count.
+        What the header declares, where the whole file is smaller than the stream's byte count
+        in its Xing/Info header (a copy or a recording cut short); ``duration_s`` is then what
+        it holds, in proportion. ``None`` otherwise, or where the header gives no byte count.
     """
 
     sample_rate: int
@@ -77,13 +77,16 @@ def read_mp3_header(path: str | os.PathLike[str]) -> Mp3Header | None:
                 return None
             info = MPEGInfo(stream, start)
             stream_bytes = _xing_bytes(stream, start)
-            held_bytes = os.fstat(stream.fileno()).st_size - start
+            size = os.fstat(stream.fileno()).st_size
     except (OSError, MutagenError):
         return None
     if info.layer != 3 or info.bitrate_mode is BitrateMode.UNKNOWN or info.sample_rate <= 0:
         return None
     duration_s = max(0.0, float(info.length))
-    if stream_bytes is not None and held_bytes < stream_bytes:
+    # Cut short only when the whole file is smaller than the stream: an encoder that counted
+    # its ID3v2 tags in the stream's bytes raises no false alarm.
+    if stream_bytes is not None and size < stream_bytes:
+        held_bytes = size - start
         return Mp3Header(
             sample_rate=int(info.sample_rate),
             channels=int(info.channels),
