@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import shlex
 import sys
@@ -504,14 +505,7 @@ def _summarize(args: argparse.Namespace) -> int:
         f"buzzdask: {len(table)} bins of {table.attrs['bin']} (detections: {used}) -> "
         + ", ".join(table.attrs["paths"].values())
     )
-    untimed = table.attrs["untimed_files"]
-    if untimed:
-        print(
-            f"buzzdask: no start time for {len(untimed)} recording(s), binned by offset from "
-            "the file start: " + ", ".join(untimed[:5]) + (" ..." if len(untimed) > 5 else ""),
-            file=sys.stderr,
-        )
-    return EXIT_OK
+    return EXIT_OK  # recordings without a start time: the summary's own warning said which
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -550,6 +544,12 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     # the exit (0.3 s with pandas, Dask and pyarrow loaded).
     skip_final_collection()
     _one_blas_thread()
+    if args.command not in ("init", "analyze", "rescore"):  # those two set their console below
+        from buzzdask.progress import console_lines
+
+        # The library's warnings (a recording without a start time, damaged training audio)
+        # as the command's own lines, not Python's bare last-resort ones.
+        console_lines(logging.WARNING)
     if args.command == "init":
         from buzzdask.project import init_project
 

@@ -36,7 +36,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from buzzdask import preload
 from buzzdask.errors import BuzzdaskError
-from buzzdask.progress import TqdmHandler, logger
+from buzzdask.progress import TqdmHandler, console_lines, logger
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -96,12 +96,7 @@ def configure_console(verbosity: int) -> None:
     """
     _configured.append(verbosity)
     quiet_environment(verbosity)
-    for old in [h for h in logger.handlers if isinstance(h, TqdmHandler)]:
-        logger.removeHandler(old)  # main() run again in one process
-    handler = TqdmHandler(level=_BUZZDASK_LEVEL[verbosity])
-    handler.setFormatter(logging.Formatter("buzzdask: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(_BUZZDASK_LEVEL[verbosity])
+    console_lines(_BUZZDASK_LEVEL[verbosity])
 
 
 class _WhereFilter(logging.Filter):

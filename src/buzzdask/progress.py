@@ -35,6 +35,20 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def console_lines(level: int) -> None:
+    """Lines of the buzzdask loggers from ``level`` up on the console, as ``buzzdask: ...``.
+
+    Through :class:`TqdmHandler`, clear of a progress bar. Once per process: a handler set
+    before (``main()`` run again) is replaced.
+    """
+    for old in [h for h in logger.handlers if isinstance(h, TqdmHandler)]:
+        logger.removeHandler(old)
+    handler = TqdmHandler(level=level)
+    handler.setFormatter(logging.Formatter("buzzdask: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def format_audio(seconds: float, *, total_s: float | None = None) -> str:
     """An amount of audio in the unit that reads well for ``total_s`` (default ``seconds``).
 
