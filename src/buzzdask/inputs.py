@@ -19,6 +19,10 @@ __all__ = ["Discovery", "InputFile", "Skipped", "describe_skipped", "discover", 
 # Names a copy in progress leaves (rclone's --partial-suffix, browsers, editors): not audio yet.
 _PARTIAL_SUFFIXES = (".partial", ".part", ".tmp", ".crdownload")
 _SHOWN = 3  # names shown per reason when reporting skipped files
+#: A folder's description, as ``buzzdask init`` writes in ``audio_in/``: never news to report.
+_READMES = ("readme", "readme.md", "readme.txt")
+#: Skipped without a word when there is audio beside them.
+_QUIET = ("hidden", "readme")
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,11 @@ class Skipped:
     ----------
     relative : str
         Path relative to the inputs' root (``/``-separated; a directory ends with ``/``).
-    reason : {"other suffix", "hidden", "partial transfer"}
+    reason : {"other suffix", "hidden", "readme", "partial transfer"}
         Its suffix is not in ``buzzdask.extensions``; its name starts with ``.`` (a hidden
-        directory counts once, unwalked); or it is a copy in progress (``.partial``, ``.part``,
-        ``.tmp``, ``.crdownload``).
+        directory counts once, unwalked); it is a ``README`` (as ``buzzdask init`` writes in
+        ``audio_in/``); or it is a copy in progress (``.partial``, ``.part``, ``.tmp``,
+        ``.crdownload``).
     """
 
     relative: str
@@ -85,8 +90,8 @@ class Discovery:
 
     @property
     def visible_skipped(self) -> list[Skipped]:
-        """What was skipped, less hidden names (all a run with audio reports)."""
-        return [item for item in self.skipped if item.reason != "hidden"]
+        """What was skipped, less hidden names and READMEs (all a run with audio reports)."""
+        return [item for item in self.skipped if item.reason not in _QUIET]
 
     def require_audio(self) -> None:
         """Raise :class:`InputError` when no audio file was found, saying where and why.
@@ -242,6 +247,8 @@ def _skip_reason(name: str, *, is_dir: bool, suffixes: set[str]) -> str | None:
         return "partial transfer"
     if name.startswith("."):
         return "hidden"  # also OS metadata (.DS_Store) and rclone's hidden temporary copies
+    if not is_dir and lower in _READMES:
+        return "readme"
     if is_dir or Path(lower).suffix in suffixes:
         return None
     return "other suffix"
