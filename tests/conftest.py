@@ -234,7 +234,7 @@ class Kill:
 
 
 class MidRunKiller:
-    """SIGKILL a process from a thread, around a run, once the run is provably under way.
+    """Signal a process from a thread, around a run, once the run is provably under way.
 
     It strikes while some but not all of the run's ``total`` partitions are written and, for a
     worker, ``in_flight()`` lists tasks the victim holds. Leaving the ``with`` block normally
@@ -250,6 +250,11 @@ class MidRunKiller:
         Partitions of the whole run.
     in_flight : callable, optional
         ``in_flight() -> list of str``: keys of the victim's tasks of the kind that matters.
+    signal_number : int
+        The signal: SIGKILL, or SIGINT for a Ctrl-C.
+    whole_group : bool
+        Send it to the victim's whole process group (its workers and ffmpeg too), as a
+        terminal sends Ctrl-C; the victim leads the group (``start_new_session``).
 
     Attributes
     ----------
@@ -264,11 +269,15 @@ class MidRunKiller:
         *,
         total: int,
         in_flight: Callable[[], list[str]] | None = None,
+        signal_number: int = signal.SIGKILL,
+        whole_group: bool = False,
     ) -> None:
         self.pid = pid
         self.scores = scores
         self.total = total
         self.in_flight = in_flight
+        self.signal_number = signal_number
+        self.whole_group = whole_group
         self.kill: Kill | None = None
         self._over = threading.Event()
         self._thread = threading.Thread(target=self._wait_then_kill, daemon=True)
@@ -305,7 +314,9 @@ class MidRunKiller:
                 written = self.written()
                 tasks = self._due(written)
                 if tasks is not None:
-                    os.kill(self.pid, signal.SIGKILL)
+                    (os.killpg if self.whole_group else os.kill)(self.pid, self.signal_number)
+                    if self.signal_number != signal.SIGKILL:
+                        os.kill(self.pid, signal.SIGCONT)  # to handle the signal
                     self.kill = Kill(tasks=tasks, written=written)
                     return
                 os.kill(self.pid, signal.SIGCONT)

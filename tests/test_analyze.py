@@ -19,6 +19,7 @@ import pytest
 
 import buzzdask
 from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
+from buzzdask.cli import EXIT_INTERRUPTED
 from buzzdask.write import OutputLayout
 from tests.conftest import (
     BUZZDASK,
@@ -649,6 +650,41 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
     # Workers write the partitions and the client journals them: a chunk written but not yet
     # journaled when the client died is scored again (its partition replaced atomically).
     assert resumed.summary["chunks_skipped_resume"] == journaled
+    _assert_same_frames(resumed, reference)
+
+
+def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(kill_corpus, tmp_path):
+    """Ctrl-C (SIGINT to the command's whole process group, as a terminal sends it: its
+    workers and ffmpeg too) with chunks written and chunks to go: the command says what it
+    left, without a traceback, and exits 130; --resume finishes the output exactly once."""
+    audio, options, reference = kill_corpus
+    output = tmp_path / "out"
+    command = [
+        *(BUZZDASK, "analyze", str(audio), "--output", str(output), "--no-progress"),
+        *("--model", str(options["model"]), "--embedder", options["embedder"]),
+        *("--chunk-seconds", "1", "--batch-frames", str(KILL_PACING["batch_frames"])),
+        *("--memory-budget", str(KILL_PACING["memory_budget"])),
+    ]
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    with MidRunKiller(
+        process.pid,
+        output / "scores",
+        total=KILL_CHUNKS,
+        signal_number=signal.SIGINT,
+        whole_group=True,
+    ) as killer:
+        _, stderr = process.communicate(timeout=300)
+    assert killer.kill is not None and 0 < killer.kill.written < KILL_CHUNKS
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert "buzzdask: interrupted; what was written is kept" in stderr
+    assert "Traceback" not in stderr
+
+    resumed = buzzdask.analyze(audio, output=output, on_conflict="resume", **options)
+    assert resumed.ok, resumed.errors
+    assert resumed.summary["chunks_skipped_resume"] >= 1
     _assert_same_frames(resumed, reference)
 
 

@@ -26,15 +26,17 @@ if TYPE_CHECKING:
     from distributed import Client
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command ended by SIGINT (Ctrl-C)
 
 _P = ParamSpec("_P")
 
 
 def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
-    """Wrap a command so that a :class:`~buzzdask.errors.BuzzdaskError` ends it cleanly.
+    """Wrap a command so that a :class:`~buzzdask.errors.BuzzdaskError` or Ctrl-C ends it cleanly.
 
     The error is printed as ``buzzdask: error: <message>`` on stderr, without a traceback, and
-    the command returns :data:`EXIT_ERROR`.
+    the command returns :data:`EXIT_ERROR`; Ctrl-C says what it left and returns
+    :data:`EXIT_INTERRUPTED`.
     """
 
     @functools.wraps(command)
@@ -44,6 +46,14 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
         except BuzzdaskError as error:
             print(f"buzzdask: error: {_in_flags(error)}", file=sys.stderr)
             return EXIT_ERROR
+        except KeyboardInterrupt:
+            # Each partition and journal line is written whole: what was written stays valid.
+            print(
+                "\nbuzzdask: interrupted; what was written is kept (an analysis: the same "
+                "command with --resume finishes it)",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
 
     return run
 
