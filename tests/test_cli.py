@@ -79,6 +79,16 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     assert bad_threshold.returncode == 2
     assert "CLASS=VALUE" in bad_threshold.stderr
 
+    # An output the system will not create (here under a file: a mistyped or read-only
+    # parent alike) stops the run before it starts, in one line.
+    under_a_file = tmp_path / "audio" / "a.wav" / "out"
+    nowhere = buzzdask_cli(*args[:6], "--output", str(under_a_file))
+    assert nowhere.returncode == EXIT_ERROR
+    assert nowhere.stderr.endswith(
+        f"buzzdask: error: cannot create output {under_a_file} (Not a directory); "
+        "choose another --output\n"
+    )
+
 
 def test_the_command_imports_numpy_with_one_blas_thread(tmp_path) -> None:
     """As Dask's nanny gives its workers: numpy, imported once the command runs, starts one

@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 OnConflict = Literal["error", "resume", "new"]
 ConflictReason = Literal[
     "not a directory",
+    "cannot create",
     "not buzzdask",
     "holds results",
     "settings differ",
@@ -367,7 +368,10 @@ class OutputConflict:
     Parameters
     ----------
     output : Path
-    reason : {"not a directory", "not buzzdask", "holds results", "settings differ"}
+    reason : str
+        One of :data:`ConflictReason`: ``"not a directory"``, ``"cannot create"``, ``"not
+        buzzdask"``, ``"holds results"``, ``"settings differ"``, ``"in use"``, ``"holds other
+        files"``.
     chunks : int
         Chunks the earlier run journalled.
     differences : tuple of (key, before, now)
@@ -382,6 +386,9 @@ class OutputConflict:
     others : tuple of str
         What the output holds that a run of several models does not write there
         (``"holds other files"``).
+    problem : str
+        Why the system refused to create it (``"cannot create"``): a missing or read-only
+        parent, no permission.
     """
 
     output: Path
@@ -392,12 +399,18 @@ class OutputConflict:
     holder: str = ""
     stale_s: float = 0.0
     others: tuple[str, ...] = ()
+    problem: str = ""
 
     def render(self, words: Vocabulary) -> str:
         """The message, naming the caller's flags or keywords."""
         if self.reason == "not a directory":
             return (
                 f"output {self.output} exists and is not a directory; choose another {words.output}"
+            )
+        if self.reason == "cannot create":
+            return (
+                f"cannot create output {self.output} ({self.problem}); "
+                f"choose another {words.output}"
             )
         if self.reason == "not buzzdask":
             return (
@@ -481,6 +494,14 @@ def prepare_output(
     layout = OutputLayout(output)
     if layout.root.exists() and not layout.root.is_dir():
         raise OutputConflictError(OutputConflict(layout.root, "not a directory"))
+    if not layout.root.exists():
+        # Made now, not once the cluster is up: a parent that is missing or read-only (a typo,
+        # another group's project space) stops the run before any work.
+        try:
+            layout.root.mkdir(parents=True)
+        except OSError as error:
+            refused = OutputConflict(layout.root, "cannot create", problem=error.strerror or "")
+            raise OutputConflictError(refused) from None
     # The run's log alone (a run that stopped before its metadata) holds no results; nor does
     # a lock, which the caller has checked (a new run goes elsewhere rather than wait on it).
     holds_anything = layout.root.is_dir() and any(
