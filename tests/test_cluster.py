@@ -817,11 +817,13 @@ def test_worker_reaching_its_lifetime_gets_a_new_job(local_slurm, tmp_path):
 
 @requires_slurm
 @pytest.mark.slurm
-def test_rejected_job_reports_sbatch_message(local_slurm, tmp_path):
+def test_rejected_job_reports_sbatch_message(local_slurm, tmp_path, caplog):
     started = time.monotonic()
     with pytest.raises(ClusterError, match="sbatch rejected the CPU worker job: sbatch: error"):
         start("local-slurm", cpu_workers=1, memory="5000GiB", timeout=120)
     assert time.monotonic() - started < 60  # at once, not after the timeout
+    # That line says it all: no traceback of the same error from Dask's job task before it.
+    assert not [record for record in caplog.records if record.exc_info], caplog.text
 
 
 @requires_slurm

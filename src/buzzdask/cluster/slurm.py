@@ -7,6 +7,7 @@ the same kind for every worker that leaves, so a run longer than one walltime co
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import time
@@ -68,7 +69,28 @@ class _Job(SLURMJob):
         except Exception as error:
             self.submit_error = error
             self.status = Status.failed  # so closing the cluster accepts a job that never ran
+            # Reported in one line (BuzzdaskSLURMCluster.wait_for_workers_by_kind).
+            error.__dict__[_REPORTED] = True
             raise
+
+
+_REPORTED = "_buzzdask_reported"  # the mark on an error buzzdask reports itself
+
+
+class _ReportedElsewhere(logging.Filter):
+    """Drops tornado's copy of a rejected job's error, which buzzdask reports itself.
+
+    Its traceback, once per job, came before the one line that says it all: ``sbatch rejected
+    the ... worker job: <sbatch's message>``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not getattr(error, _REPORTED, False)
+
+
+# Dask's cluster starts each job in a task whose failure tornado logs with its traceback.
+logging.getLogger("tornado.application").addFilter(_ReportedElsewhere())
 
 
 def job_prologue(lines: Sequence[str]) -> list[str]:
