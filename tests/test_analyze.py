@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -677,6 +678,8 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(kill_cor
         whole_group=True,
     ) as killer:
         _, stderr = process.communicate(timeout=300)
+    with contextlib.suppress(ProcessLookupError):  # its workers, should any outlive it
+        os.killpg(process.pid, signal.SIGKILL)
     assert killer.kill is not None and 0 < killer.kill.written < KILL_CHUNKS
     assert process.returncode == EXIT_INTERRUPTED, stderr
     assert "buzzdask: interrupted; what was written is kept" in stderr
