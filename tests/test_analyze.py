@@ -670,10 +670,14 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(kill_cor
     process = subprocess.Popen(
         command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
+    journal = output / "journal.jsonl"
     with MidRunKiller(
         process.pid,
         output / "scores",
         total=KILL_CHUNKS,
+        # Once a chunk is journalled (the client journals what the workers wrote): a resume
+        # provably skips something.
+        in_flight=lambda: journal.read_text().splitlines() if journal.exists() else [],
         signal_number=signal.SIGINT,
         whole_group=True,
     ) as killer:
@@ -685,9 +689,12 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(kill_cor
     assert "buzzdask: interrupted; what was written is kept" in stderr
     assert "Traceback" not in stderr
 
+    journaled = len(OutputLayout(output).read_journal())
+    assert 1 <= journaled < KILL_CHUNKS
+
     resumed = buzzdask.analyze(audio, output=output, on_conflict="resume", **options)
     assert resumed.ok, resumed.errors
-    assert resumed.summary["chunks_skipped_resume"] >= 1
+    assert resumed.summary["chunks_skipped_resume"] == journaled
     _assert_same_frames(resumed, reference)
 
 
