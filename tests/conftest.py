@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -434,28 +434,46 @@ def make_audio(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def kill_client_mid_run(script: str, *args: object, output: Path, total: int) -> MidRunKiller:
-    """Run ``script`` (``python -c``, a client analysing into ``output``) and kill it mid-run.
+def signal_client_mid_run(
+    command: Sequence[str],
+    *,
+    output: Path,
+    total: int,
+    signal_number: int = signal.SIGKILL,
+    whole_group: bool = False,
+) -> tuple[MidRunKiller, subprocess.CompletedProcess[str]]:
+    """Run ``command`` (a client analysing into ``output``) and signal it mid-run.
 
-    The client runs in a session of its own with its local cluster; it is killed by
-    :class:`MidRunKiller` once at least one of the ``total`` chunks is journalled (so a resume
-    provably skips it) and before all are, then its orphaned workers are killed too.
+    The client runs in a session of its own with its local cluster; :class:`MidRunKiller`
+    signals it once at least one of the ``total`` chunks is journalled (so a resume provably
+    skips it) and before all are, then any of its worker processes left are killed. Returns
+    the killer and the finished process, its stderr captured.
     """
     env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
-    command = [sys.executable, "-c", script, *(str(arg) for arg in args)]
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     journal = output / "journal.jsonl"
     with MidRunKiller(
         process.pid,
         output / "scores",
         total=total,
         in_flight=lambda: journal.read_text().splitlines() if journal.exists() else [],
+        signal_number=signal_number,
+        whole_group=whole_group,
     ) as killer:
-        process.wait(timeout=300)
-    assert killer.kill is not None and 0 < killer.kill.written < total
-    assert process.returncode == -signal.SIGKILL
+        _, stderr = process.communicate(timeout=300)
     with contextlib.suppress(ProcessLookupError):  # none left when its cluster was threads
         os.killpg(process.pid, signal.SIGKILL)  # its local cluster's orphaned worker processes
+    assert killer.kill is not None and 0 < killer.kill.written < total
+    return killer, subprocess.CompletedProcess(command, process.returncode, stderr=stderr)
+
+
+def kill_client_mid_run(script: str, *args: object, output: Path, total: int) -> MidRunKiller:
+    """Run ``script`` (``python -c``) with :func:`signal_client_mid_run`: SIGKILL, mid-run."""
+    command = [sys.executable, "-c", script, *(str(arg) for arg in args)]
+    killer, done = signal_client_mid_run(command, output=output, total=total)
+    assert done.returncode == -signal.SIGKILL, done.stderr
     return killer
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from tests.conftest import (
     assert_same_frames,
     kill_client_mid_run,
     requires_ffmpeg,
+    signal_client_mid_run,
     wait_until,
 )
 from tests.reference import reference_activations
@@ -666,26 +666,17 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(kill_cor
         *("--chunk-seconds", "1", "--batch-frames", str(KILL_PACING["batch_frames"])),
         *("--memory-budget", str(KILL_PACING["memory_budget"])),
     ]
-    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    journal = output / "journal.jsonl"
-    with MidRunKiller(
-        process.pid,
-        output / "scores",
+    # SIGINT to the whole group, once a chunk is journalled (the client journals what the
+    # workers wrote): a resume provably skips something.
+    _, done = signal_client_mid_run(
+        command,
+        output=output,
         total=KILL_CHUNKS,
-        # Once a chunk is journalled (the client journals what the workers wrote): a resume
-        # provably skips something.
-        in_flight=lambda: journal.read_text().splitlines() if journal.exists() else [],
         signal_number=signal.SIGINT,
         whole_group=True,
-    ) as killer:
-        _, stderr = process.communicate(timeout=300)
-    with contextlib.suppress(ProcessLookupError):  # its workers, should any outlive it
-        os.killpg(process.pid, signal.SIGKILL)
-    assert killer.kill is not None and 0 < killer.kill.written < KILL_CHUNKS
-    assert process.returncode == EXIT_INTERRUPTED, stderr
+    )
+    stderr = done.stderr
+    assert done.returncode == EXIT_INTERRUPTED, stderr
     assert "buzzdask: interrupted; what was written is kept" in stderr
     assert "Traceback" not in stderr
 
