@@ -132,9 +132,7 @@ class FileLedger:
                 f"the file holds {answer.duration_s or 0.0:.1f} s (analysed what it holds)"
             )
             logger.warning("%s: %s", relative, reason)
-            self.errors.append(
-                {"file": relative, "chunk": None, "stage": "probe", "reason": reason, "detail": ""}
-            )
+            self._row(relative, None, "probe", reason, "")
         return self.planned(
             state, answer, plan_chunks(answer, self.spec, frames_per_chunk=self.frames_per_chunk)
         )
@@ -290,15 +288,8 @@ class FileLedger:
             )
         logger.info("written %s: %d frames", job.label, n_frames)
         if messages:
-            self.errors.append(
-                {
-                    "file": relative,
-                    "chunk": job.plan.index,
-                    "stage": "decode",
-                    "reason": "ffmpeg reported damaged audio (decoded what it could)",
-                    "detail": messages,
-                }
-            )
+            damaged = "ffmpeg reported damaged audio (decoded what it could)"
+            self._row(relative, job.plan.index, "decode", damaged, messages)
         self.chunks_written += 1
         self.chunks_from_store += job.stored is not None
         self.frames_written += n_frames
@@ -366,14 +357,12 @@ class FileLedger:
         where = "" if chunk is None else f" chunk {chunk}"
         logger.warning("failed: %s%s: %s", state.input.relative, where, reason)
         self.progress.error(state.input.relative, reason)
+        self._row(state.input.relative, chunk, stage, reason, detail)
+
+    def _row(self, file: str, chunk: int | None, stage: str, reason: str, detail: str) -> None:
+        """A row of the errors table (:data:`buzzdask.write.ERROR_COLUMNS`)."""
         self.errors.append(
-            {
-                "file": state.input.relative,
-                "chunk": chunk,
-                "stage": stage,
-                "reason": reason,
-                "detail": detail,
-            }
+            {"file": file, "chunk": chunk, "stage": stage, "reason": reason, "detail": detail}
         )
 
     def _maybe_finished(self, state: FileState) -> None:
