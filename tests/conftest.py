@@ -424,6 +424,16 @@ def write_audio(
     return target
 
 
+def zero_a_stretch(path: Path, *, n_bytes: int = 3000) -> Path:
+    """Zero ``n_bytes`` a third of the way into ``path``: an MP3's frames lost mid-file, which
+    ffmpeg decodes around and reports ("Header missing")."""
+    data = bytearray(path.read_bytes())
+    third = len(data) // 3
+    data[third : third + n_bytes] = bytes(n_bytes)
+    path.write_bytes(data)
+    return path
+
+
 @pytest.fixture
 def make_audio(tmp_path: Path) -> Callable[..., Path]:
     """Write a generated recording with an exact number of samples, in any format ffmpeg writes."""

@@ -30,6 +30,7 @@ from tests.conftest import (
     requires_ffmpeg,
     signal_client_mid_run,
     wait_until,
+    zero_a_stretch,
 )
 from tests.reference import reference_activations
 
@@ -138,6 +139,8 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     (audio / "long.mp3").unlink()
     whole = make_audio("cut.wav", n_samples=10 * FRAME, seed=4).read_bytes()
     (audio / "cut.wav").write_bytes(whole[: len(whole) // 2])  # a recording cut short
+    # Frames lost mid-file: ffmpeg decodes around them and says so.
+    zero_a_stretch(make_audio("damaged.mp3", n_samples=4 * 44100, rate=44100, channels=2))
     os.symlink(audio / "loop_b.wav", audio / "loop_a.wav")
     os.symlink(audio / "loop_a.wav", audio / "loop_b.wav")
     (audio / "sub").mkdir()
@@ -158,6 +161,7 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
         "sub/back_to_top",
         "truncated.mp3",
         "cut.wav",
+        "damaged.mp3",
     }
     assert "shorter than one frame" in errors.loc["too_short.wav", "reason"]
     assert "shorter than one frame" in errors.loc["zero_samples.wav", "reason"]
@@ -173,14 +177,24 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert errors.loc["cut.wav", "reason"] == (
         "cut short: its header declares 9.6 s, the file holds 4.8 s (analysed what it holds)"
     )
+    assert errors.loc["damaged.mp3", "reason"] == (
+        "ffmpeg reported damaged audio (decoded what it could)"
+    )
+    assert "Header missing" in errors.loc["damaged.mp3", "detail"]
+    assert errors.loc["damaged.mp3", "chunk"] == 0
+    # Their frames are written: kept, not failed.
+    assert set(errors.index[errors.kept]) == {"truncated.mp3", "cut.wav", "damaged.mp3"}
     frame = result.to_pandas()
     # A copy cut short keeps the frames it holds (about 6 of 10 s); the rest are not invented.
-    assert set(frame.file) == {"good.wav", "good.mp3", "truncated.mp3", "cut.wav"}
+    assert set(frame.file) == {"good.wav", "good.mp3", "truncated.mp3", "cut.wav", "damaged.mp3"}
     assert (frame.file == "cut.wav").sum() == 4  # the header's 44 bytes short of a fifth
     assert 4 <= (frame.file == "truncated.mp3").sum() <= 7
+    assert 3 <= (frame.file == "damaged.mp3").sum() <= 4
     assert result.summary["files_failed"] == 9
+    # The table on disk is the result's, typed alike (a chunk is 3, not 3.0, beside a null).
     on_disk = pd.read_parquet(result.output / "errors.parquet")
-    assert sorted(on_disk.file) == sorted(errors.index)
+    pd.testing.assert_frame_equal(on_disk, result.errors)
+    assert on_disk.chunk.dtype == "Int64" and on_disk.kept.dtype == bool
 
 
 def test_short_recordings_are_decoded_several_to_a_task(run, make_audio, tmp_path, dask_client):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,13 @@ import pandas as pd
 
 import buzzdask
 from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
-from tests.conftest import BLAS_THREADS_REPORT, BUZZDASK, in_a_fresh_interpreter, requires_ffmpeg
+from tests.conftest import (
+    BLAS_THREADS_REPORT,
+    BUZZDASK,
+    in_a_fresh_interpreter,
+    requires_ffmpeg,
+    zero_a_stretch,
+)
 
 FRAME = 15360
 
@@ -50,6 +57,9 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     make_audio("a.wav", n_samples=3 * FRAME)
     make_audio("short.wav", n_samples=FRAME // 2)
     (tmp_path / "audio" / "broken.mp3").write_text("not audio")  # for ffprobe to refuse
+    whole = make_audio("cut.wav", n_samples=4 * FRAME).read_bytes()
+    (tmp_path / "audio" / "cut.wav").write_bytes(whole[: len(whole) // 2])
+    zero_a_stretch(make_audio("damaged.mp3", n_samples=4 * 44100, rate=44100, channels=2))
     args = [
         "analyze", str(tmp_path / "audio"),
         "--model", str(tiny_model),
@@ -67,8 +77,18 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     assert "failed: broken.mp3: ffprobe cannot read it as audio" in done.stderr
     assert "failed: short.wav: audio shorter than one frame (0.96 s)" in done.stderr
     assert "Failed to deserialize" not in done.stderr
+    # Files whose frames are written all the same are warned about, not called failed; a
+    # chunk's number reads as one.
+    assert "warning: cut.wav: cut short: its header declares 3.8 s" in done.stderr
+    assert re.search(r"warning: damaged.mp3 chunk \d+: ffmpeg reported damaged audio", done.stderr)
+    assert "failed: cut.wav" not in done.stderr and "failed: damaged" not in done.stderr
+    assert "buzzdask: 3/5 files, " in done.stdout
     frame = pd.read_parquet(tmp_path / "out" / "scores")
-    assert len(frame) == 3 and "detection_ins_buzz" in frame
+    assert len(frame) > 3 and "detection_ins_buzz" in frame
+    assert len(frame[frame.file == "a.wav"]) == 3
+
+    finished = buzzdask_cli(*args, "--resume")
+    assert "buzzdask: 3/5 files, nothing left to analyse (" in finished.stdout
 
     conflict = buzzdask_cli(*args)
     assert conflict.returncode == EXIT_ERROR

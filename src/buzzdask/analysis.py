@@ -45,11 +45,11 @@ from buzzdask.staging import decode_chunk_staged
 from buzzdask.store import EmbeddingStore
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds
 from buzzdask.write import (
-    ERROR_COLUMNS,
     OnConflict,
     OutputLayout,
     PartitionWriter,
     check_run_directory,
+    errors_table,
     new_sibling,
     prepare_output,
     utc_now,
@@ -84,7 +84,8 @@ class AnalysisResult:
     summary : dict
         Files done and failed, audio hours, wall time, realtime factor, peak memory per worker.
     errors : pandas.DataFrame
-        One row per problem (columns file, chunk, stage, reason, detail).
+        One row per problem (:func:`buzzdask.write.errors_table`: file, chunk, stage, reason,
+        detail, kept).
     metadata : dict
         The run metadata written to ``buzzdask.json``.
     """
@@ -481,8 +482,6 @@ def run_plan(
             "scorers_lost": pool.lost,
         }
     wall = time.perf_counter() - started_wall
-    import pandas as pd
-
     results = {}
     for layout, meta, check, model in zip(layouts, metadata, resumed, plan.models, strict=True):
         summary = _summary(
@@ -503,7 +502,7 @@ def run_plan(
             output=layout.root,
             dataset=layout.scores,
             summary=summary,
-            errors=pd.DataFrame(ledger.errors, columns=ERROR_COLUMNS),
+            errors=errors_table(ledger.errors),
             metadata=meta,
         )
     return results if plan.several else results[plan.models[0].name]

@@ -631,19 +631,27 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
 
 
 def _report(result: Any) -> int:
-    """Print a run's one-line summary and its failures; its exit code."""
+    """Print a run's one-line summary and its problems; its exit code."""
+    import pandas as pd
+
     from buzzdask.progress import format_audio, format_factor
 
     summary = result.summary
-    print(
-        f"buzzdask: {summary['files_done']}/{summary['files']} files, "
-        f"{format_audio(summary['audio_hours'] * 3600)} of audio "
-        f"in {summary['wall_seconds']:.1f} s "
-        f"({format_factor(summary['realtime_factor'])} realtime) -> {result.dataset}"
-    )
+    done_before = summary["chunks_skipped_resume"]
+    if summary["chunks_written"] == 0 and done_before:  # a resume of a finished run
+        work = f"nothing left to analyse ({done_before} chunks written before)"
+    else:
+        work = (
+            f"{format_audio(summary['audio_hours'] * 3600)} of audio "
+            f"in {summary['wall_seconds']:.1f} s "
+            f"({format_factor(summary['realtime_factor'])} realtime)"
+        )
+    print(f"buzzdask: {summary['files_done']}/{summary['files']} files, {work} -> {result.dataset}")
     for row in result.errors.itertuples():
-        chunk = "" if row.chunk is None or row.chunk != row.chunk else f" chunk {row.chunk}"
-        print(f"buzzdask: failed: {row.file}{chunk}: {row.reason}", file=sys.stderr)
+        chunk = "" if pd.isna(row.chunk) else f" chunk {row.chunk}"
+        # A kept row's frames are written (damaged audio, a file cut short): not a failure.
+        label = "warning" if row.kept else "failed"
+        print(f"buzzdask: {label}: {row.file}{chunk}: {row.reason}", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_FILES_FAILED
 
 

@@ -132,7 +132,7 @@ class FileLedger:
                 f"the file holds {answer.duration_s or 0.0:.1f} s (analysed what it holds)"
             )
             logger.warning("%s: %s", relative, reason)
-            self._row(relative, None, "probe", reason, "")
+            self._row(relative, None, "probe", reason, "", kept=True)
         return self.planned(
             state, answer, plan_chunks(answer, self.spec, frames_per_chunk=self.frames_per_chunk)
         )
@@ -289,7 +289,8 @@ class FileLedger:
         logger.info("written %s: %d frames", job.label, n_frames)
         if messages:
             damaged = "ffmpeg reported damaged audio (decoded what it could)"
-            self._row(relative, job.plan.index, "decode", damaged, messages)
+            logger.warning("%s: %s", job.label, damaged)
+            self._row(relative, job.plan.index, "decode", damaged, messages, kept=True)
         self.chunks_written += 1
         self.chunks_from_store += job.stored is not None
         self.frames_written += n_frames
@@ -357,12 +358,24 @@ class FileLedger:
         where = "" if chunk is None else f" chunk {chunk}"
         logger.warning("failed: %s%s: %s", state.input.relative, where, reason)
         self.progress.error(state.input.relative, reason)
-        self._row(state.input.relative, chunk, stage, reason, detail)
+        self._row(state.input.relative, chunk, stage, reason, detail, kept=False)
 
-    def _row(self, file: str, chunk: int | None, stage: str, reason: str, detail: str) -> None:
-        """A row of the errors table (:data:`buzzdask.write.ERROR_COLUMNS`)."""
+    def _row(
+        self, file: str, chunk: int | None, stage: str, reason: str, detail: str, *, kept: bool
+    ) -> None:
+        """A row of the errors table (:data:`buzzdask.write.ERROR_COLUMNS`).
+
+        ``kept``: the frames were written all the same (damaged audio, a file cut short).
+        """
         self.errors.append(
-            {"file": file, "chunk": chunk, "stage": stage, "reason": reason, "detail": detail}
+            {
+                "file": file,
+                "chunk": chunk,
+                "stage": stage,
+                "reason": reason,
+                "detail": detail,
+                "kept": kept,
+            }
         )
 
     def _maybe_finished(self, state: FileState) -> None:

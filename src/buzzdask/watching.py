@@ -32,7 +32,7 @@ from buzzdask.inputs import discover
 from buzzdask.progress import logger
 from buzzdask.session import connect
 from buzzdask.settings import load_settings
-from buzzdask.write import ERROR_COLUMNS, OnConflict, OutputLayout, write_errors, write_json
+from buzzdask.write import OnConflict, OutputLayout, errors_table, write_errors, write_json
 
 __all__ = ["watch"]
 
@@ -214,7 +214,7 @@ class _Passes:
                 "file", kind="stable", ignore_index=True
             )
             if errors
-            else pd.DataFrame(columns=ERROR_COLUMNS)
+            else errors_table([])
         )
         summaries = [result.summary for result in self.results]
         audio_hours = sum(s["audio_hours"] for s in summaries)

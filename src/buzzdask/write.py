@@ -3,7 +3,7 @@
 Layout under the output directory::
 
     buzzdask.json             run metadata (model, hash, frames, versions, times, summary)
-    errors.parquet            one row per problem: file, chunk, stage, reason, detail
+    errors.parquet            one row per problem: file, chunk, stage, reason, detail, kept
     journal.jsonl             one line per finished chunk (what resume skips)
     buzzdask.log              the client's and the workers' log lines of every run
     scores/<file>/chunk-NNNNNN.parquet   one partition per chunk, mirroring the input tree
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -41,11 +41,15 @@ from buzzdask.frames import FrameSpec
 from buzzdask.progress import format_audio
 from buzzdask.thresholds import detected
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = [
     "ERROR_COLUMNS",
     "PARTITION_GLOB",
     "atomic_path",
     "check_run_directory",
+    "errors_table",
     "new_sibling",
     "PYTHON_WORDS",
     "OnConflict",
@@ -78,7 +82,9 @@ ConflictReason = Literal[
 ]
 # The lock file of buzzdask.lock (and the name a stale one is set aside under): no results.
 _LOCK_PREFIX = ".buzzdask.lock"
-ERROR_COLUMNS = ["file", "chunk", "stage", "reason", "detail"]
+#: The columns of the errors table (:func:`errors_table`): ``kept`` is true where the frames were
+#: written all the same (damaged audio, a file cut short), false where the file or chunk failed.
+ERROR_COLUMNS = ["file", "chunk", "stage", "reason", "detail", "kept"]
 #: The names :meth:`OutputLayout.partition` gives partitions.
 PARTITION_GLOB = "chunk-*.parquet"
 
@@ -741,15 +747,30 @@ def write_table(table: pa.Table, path: Path) -> None:
         temporary.write_bytes(sink.getvalue())
 
 
-def write_errors(path: Path, errors: Sequence[Mapping[str, Any]]) -> None:
-    """Write the errors table (always, empty when nothing failed)."""
+def errors_table(errors: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The errors table: one row per problem, typed alike in memory and on disk.
+
+    ``chunk`` is nullable (``Int64``: a whole file's problem has none), so that chunk 3 reads
+    ``3`` and not ``3.0`` beside a null.
+    """
     import pandas as pd  # here: the workers write partitions with this module, never this table
 
-    frame = pd.DataFrame(list(errors), columns=ERROR_COLUMNS).astype(
-        {"file": "string", "stage": "string", "reason": "string", "detail": "string"}
+    frame = pd.DataFrame(list(errors), columns=ERROR_COLUMNS)
+    return frame.astype(
+        {
+            "file": "string",
+            "chunk": "Int64",
+            "stage": "string",
+            "reason": "string",
+            "detail": "string",
+            "kept": "bool",
+        }
     )
-    frame["chunk"] = frame["chunk"].astype("Int64")
-    write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+
+
+def write_errors(path: Path, errors: Sequence[Mapping[str, Any]]) -> None:
+    """Write the errors table (:func:`errors_table`; always, empty when nothing failed)."""
+    write_table(pa.Table.from_pandas(errors_table(errors), preserve_index=False), path)
 
 
 def write_json(path: Path, document: Mapping[str, Any]) -> None:
