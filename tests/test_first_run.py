@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import subprocess
 import time
 
@@ -70,6 +71,25 @@ def test_other_files_beside_audio_are_counted(run, make_audio, tmp_path, caplog)
     assert result.ok and len(result.to_pandas()) == 2
     assert result.summary["files_skipped"] == 1
     assert "1 skipped: 1 other suffix (field notes.txt)" in caplog.text
+
+
+@requires_ffmpeg
+def test_results_written_among_the_inputs_are_not_news(
+    run, make_audio, tiny_model, tmp_path, caplog
+):
+    """An --output inside the input folder: its files are not listed as skipped on a resume,
+    nor in a later run's output beside it (one model or several)."""
+    make_audio("site/a.wav", n_samples=2 * FRAME)
+    audio = tmp_path / "audio"
+    run(audio, output=audio / "results")
+    other = shutil.copytree(tiny_model, tmp_path / "model_other")
+    run(audio, output=audio / "by-model", model=[tiny_model, other])  # a directory per model
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        resumed = run(audio, output=audio / "results", on_conflict="resume")
+    assert resumed.ok and resumed.summary["files"] == 1
+    assert resumed.summary["chunks_skipped_resume"] == 1
+    assert resumed.summary["files_skipped"] == 0
+    assert "skipped" not in caplog.text
 
 
 @requires_ffmpeg

@@ -21,8 +21,12 @@ _PARTIAL_SUFFIXES = (".partial", ".part", ".tmp", ".crdownload")
 _SHOWN = 3  # names shown per reason when reporting skipped files
 #: A folder's description, as ``buzzdask init`` writes in ``audio_in/``: never news to report.
 _READMES = ("readme", "readme.md", "readme.txt")
-#: Skipped without a word when there is audio beside them.
-_QUIET = ("hidden", "readme")
+#: What every buzzdask output directory holds (:class:`buzzdask.write.OutputLayout`'s metadata,
+#: and the run log a run of several models writes at its top).
+_OUTPUT_MARKERS = ("buzzdask.json", "buzzdask.log")
+#: Skipped without a word when there is audio beside them: results written among the inputs
+#: (``--output`` inside the input folder) would otherwise be listed on every resume.
+_QUIET = ("hidden", "readme", "buzzdask output")
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,12 @@ class Skipped:
     ----------
     relative : str
         Path relative to the inputs' root (``/``-separated; a directory ends with ``/``).
-    reason : {"other suffix", "hidden", "readme", "partial transfer"}
+    reason : {"other suffix", "hidden", "readme", "partial transfer", "buzzdask output"}
         Its suffix is not in ``buzzdask.extensions``; its name starts with ``.`` (a hidden
         directory counts once, unwalked); it is a ``README`` (as ``buzzdask init`` writes in
-        ``audio_in/``); or it is a copy in progress (``.partial``, ``.part``, ``.tmp``,
-        ``.crdownload``).
+        ``audio_in/``); it is a copy in progress (``.partial``, ``.part``, ``.tmp``,
+        ``.crdownload``); or it is a directory of buzzdask's results (it holds a
+        ``buzzdask.json`` or ``buzzdask.log``: counted once, unwalked).
     """
 
     relative: str
@@ -228,6 +233,8 @@ def _walk(
             except OSError:  # a symlink loop (ELOOP): reported below as a file problem
                 is_dir = False
             reason = _skip_reason(entry.name, is_dir=is_dir, suffixes=suffixes)
+            if reason is None and is_dir and _holds_results(entry.path):
+                reason = "buzzdask output"
             if reason is not None:
                 relative = Path(os.path.relpath(entry.path, root)).as_posix()
                 relative += "/" if is_dir else ""
@@ -252,6 +259,10 @@ def _skip_reason(name: str, *, is_dir: bool, suffixes: set[str]) -> str | None:
     if is_dir or Path(lower).suffix in suffixes:
         return None
     return "other suffix"
+
+
+def _holds_results(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, name)) for name in _OUTPUT_MARKERS)
 
 
 def _dangling(path: str) -> str:
