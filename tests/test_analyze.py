@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -226,6 +227,18 @@ def test_memory_budget_bounds_decoded_audio_in_flight(run, make_audio, tmp_path)
     unbounded = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "unbounded")
     assert unbounded.summary["peak_decoded_bytes_in_flight"] > 420_000
     assert_same_frames(unbounded.to_pandas(), result.to_pandas())
+
+
+def test_a_budget_under_one_chunk_warns_and_goes_one_at_a_time(run, make_audio, tmp_path, caplog):
+    for seed in range(2):
+        make_audio(f"f{seed}.wav", n_samples=4 * FRAME, seed=seed)
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        result = run(tmp_path / "audio", chunk_seconds=2.0, memory_budget="1kB")
+    assert "memory budget 0.98 kiB holds less than one chunk of decoded audio" in caplog.text
+    assert "for 1.92 s): chunks go one at a time" in caplog.text
+    assert result.ok and len(result.to_pandas()) == 8
+    # One chunk at a time: the one a file's length says it holds (2 frames and the context).
+    assert result.summary["peak_decoded_bytes_in_flight"] < 2 * 4 * (2 * FRAME + 240 + 16000)
 
 
 def test_conflict_is_detected_before_work(run, make_audio, tmp_path):

@@ -34,6 +34,12 @@ def test_inexact_hop_is_refused_with_its_name() -> None:
         spec(0.12345)
 
 
+@pytest.mark.parametrize("hop_s", [0.0, -0.96])
+def test_a_hop_of_nothing_is_refused_as_options_are(hop_s: float) -> None:
+    with pytest.raises(ParameterError, match=rf"^frame_hop_s={hop_s} must be a number > 0 \[s\]$"):
+        spec(hop_s)
+
+
 @pytest.mark.parametrize(
     ("seconds", "frames"), [(0.5, 1), (0.96, 1), (10.0, 10), (9.7, 10), (600, 625)]
 )

@@ -81,6 +81,8 @@ class FrameSpec:
         context_s: float,
     ) -> FrameSpec:
         """Build a spec from durations in seconds (each must be a whole number of samples)."""
+        if not frame_hop_s > 0:  # a user's option: said as the other options are
+            raise ParameterError(f"frame_hop_s={frame_hop_s!r} must be a number > 0 [s]")
         return cls(
             sample_rate=sample_rate,
             frame_length=seconds_to_samples(frame_length_s, sample_rate, name="frame_length_s"),

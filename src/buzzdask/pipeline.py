@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from dask.utils import format_bytes
 from distributed import Client, Future, as_completed
 
 from buzzdask.decode import (
@@ -521,6 +522,17 @@ class ChunkPipeline:
         recording: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> ChunkPipeline:
         """A pipeline with the budget, batching, decoding and retry settings of a run."""
+        # A file's last planned chunk holds one frame more (decode.plan_chunks).
+        chunk_bytes = chunk_nbytes(spec, frames_per_chunk + 1, settings.decode_margin_seconds)
+        if settings.memory_budget < chunk_bytes:
+            logger.warning(
+                "memory budget %s holds less than one chunk of decoded audio (%s for %g s): "
+                "chunks go one at a time, decoding waits on scoring; raise memory-budget or "
+                "lower chunk-seconds",
+                format_bytes(settings.memory_budget),
+                format_bytes(chunk_bytes),
+                frames_per_chunk * spec.hop_length / spec.sample_rate,
+            )
         return cls(
             client,
             pool,
@@ -535,13 +547,7 @@ class ChunkPipeline:
             },
             score=score,
             score_prefix=score_prefix,
-            budget=Budget(
-                limit_bytes=settings.memory_budget,
-                # A file's last planned chunk holds one frame more (decode.plan_chunks).
-                chunk_bytes=chunk_nbytes(
-                    spec, frames_per_chunk + 1, settings.decode_margin_seconds
-                ),
-            ),
+            budget=Budget(limit_bytes=settings.memory_budget, chunk_bytes=chunk_bytes),
             group_frames=settings.batch_frames,
             tasks_per_scorer=settings.score_tasks_per_actor,
             score_attempts=settings.score_attempts,
