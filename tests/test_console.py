@@ -8,7 +8,9 @@ import subprocess
 import sys
 import textwrap
 
-from buzzdask.cli import EXIT_FILES_FAILED, EXIT_OK
+import pandas as pd
+
+from buzzdask.cli import EXIT_FILES_FAILED, EXIT_OK, PROBLEMS_SHOWN
 from tests.conftest import requires_ffmpeg
 from tests.test_cli import buzzdask_cli
 
@@ -87,3 +89,20 @@ def test_a_script_without_main_guard_gets_one_line(tmp_path, make_audio, tiny_mo
     fix = [line for line in done.stderr.splitlines() if '__name__ == "__main__"' in line]
     assert len(fix) == 1 and str(script) in fix[0], done.stderr
     assert len(done.stderr.splitlines()) < 30, done.stderr
+
+
+@requires_ffmpeg
+def test_a_run_ends_with_the_first_problems_and_where_the_rest_are(
+    tmp_path, make_audio, tiny_model, tiny_embedder
+) -> None:
+    make_audio("a.wav", n_samples=16000 * 3)
+    for index in range(PROBLEMS_SHOWN + 2):
+        (tmp_path / "audio" / f"notes{index:02d}.wav").write_text("not audio")
+    done = _analyze(tmp_path, tiny_model, tiny_embedder)
+    assert done.returncode == EXIT_FILES_FAILED, done.stderr
+    assert "buzzdask: 1/23 files" in done.stdout
+    # Each logged as it happened, then the first ones again at the end.
+    assert done.stderr.count("buzzdask: failed: notes") == PROBLEMS_SHOWN + 2 + PROBLEMS_SHOWN
+    errors = tmp_path / "out" / "errors.parquet"
+    assert f"buzzdask: ... and 2 more, every one in {errors}" in done.stderr
+    assert len(pd.read_parquet(errors)) == PROBLEMS_SHOWN + 2

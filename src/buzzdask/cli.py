@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command ended by SIGINT (Ctrl-C)
+#: Problems listed when a run ends (each was logged as it happened; errors.parquet has them all).
+PROBLEMS_SHOWN = 20
 
 _P = ParamSpec("_P")
 
@@ -647,11 +649,15 @@ def _report(result: Any) -> int:
             f"({format_factor(summary['realtime_factor'])} realtime)"
         )
     print(f"buzzdask: {summary['files_done']}/{summary['files']} files, {work} -> {result.dataset}")
-    for row in result.errors.itertuples():
+    for row in result.errors.head(PROBLEMS_SHOWN).itertuples():
         chunk = "" if pd.isna(row.chunk) else f" chunk {row.chunk}"
         # A kept row's frames are written (damaged audio, a file cut short): not a failure.
         label = "warning" if row.kept else "failed"
         print(f"buzzdask: {label}: {row.file}{chunk}: {row.reason}", file=sys.stderr)
+    if len(result.errors) > PROBLEMS_SHOWN:
+        more = len(result.errors) - PROBLEMS_SHOWN
+        where = result.output / "errors.parquet"
+        print(f"buzzdask: ... and {more} more, every one in {where}", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_FILES_FAILED
 
 
