@@ -23,13 +23,18 @@ FRAME = 15360
 
 
 def buzzdask_cli(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
+    """The command as a user's shell runs it: without the log settings this test process made
+    for itself (a scorer here sets ``TF_CPP_MIN_LOG_LEVEL``), and on a free dashboard port."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")
+    }
     return subprocess.run(
         [BUZZDASK, *args],
         capture_output=True,
         text=True,
         cwd=cwd,
         timeout=300,
-        env={**__import__("os").environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"},
+        env={**env, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"},
     )
 
 

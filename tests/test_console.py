@@ -7,10 +7,11 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 
-from buzzdask.cli import EXIT_FILES_FAILED, EXIT_OK, PROBLEMS_SHOWN
+from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK, PROBLEMS_SHOWN
 from tests.conftest import requires_ffmpeg
 from tests.test_cli import buzzdask_cli
 
@@ -21,11 +22,19 @@ CHUNK_LINES = ("decoding ", "scoring ", "written ")
 
 
 def _analyze(tmp_path, tiny_model, tiny_embedder, *flags: str) -> subprocess.CompletedProcess[str]:
+    return _command(
+        "analyze", tmp_path / "audio", tiny_model, tiny_embedder, tmp_path / "out", *flags
+    )
+
+
+def _command(
+    command: str, source: Path, model: Path, embedder: Path, output: Path, *flags: str
+) -> subprocess.CompletedProcess[str]:
     return buzzdask_cli(
-        "analyze", str(tmp_path / "audio"),
-        "--model", str(tiny_model),
-        "--embedder", str(tiny_embedder),
-        "--output", str(tmp_path / "out"),
+        command, str(source),
+        "--model", str(model),
+        "--embedder", str(embedder),
+        "--output", str(output),
         "--no-progress",
         *flags,
     )  # fmt: skip
@@ -106,3 +115,26 @@ def test_a_run_ends_with_the_first_problems_and_where_the_rest_are(
     errors = tmp_path / "out" / "errors.parquet"
     assert f"buzzdask: ... and 2 more, every one in {errors}" in done.stderr
     assert len(pd.read_parquet(errors)) == PROBLEMS_SHOWN + 2
+
+
+@requires_ffmpeg
+def test_a_rescoring_in_the_commands_process_is_as_quiet(
+    tmp_path, make_audio, tiny_model, tiny_embedder
+):
+    """Its scorer runs in the command's own process (a local cluster of threads): TensorFlow's
+    native start-up lines, written before any setting is read, stay off the console there too.
+    The analysis' output names its store; a path without one says so before any embedder."""
+    make_audio("good.wav", n_samples=16000 * 3)
+    assert _analyze(tmp_path, tiny_model, tiny_embedder, "--keep-embeddings").returncode == 0
+    done = _command("rescore", tmp_path / "out", tiny_model, tiny_embedder, tmp_path / "again")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "buzzdask: 1/1 files" in done.stdout
+    assert not NOISE.search(done.stderr), done.stderr
+    nowhere = _command(
+        "rescore", tmp_path / "audio", tiny_model, tmp_path / "no-embedder", tmp_path / "never"
+    )
+    assert nowhere.returncode == EXIT_ERROR
+    assert nowhere.stderr == (
+        f"buzzdask: error: {tmp_path / 'audio'} holds no embeddings an analysis stored "
+        "(no */catalog.jsonl); analyse with --keep-embeddings first\n"
+    )

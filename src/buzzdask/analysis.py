@@ -45,6 +45,7 @@ from buzzdask.staging import decode_chunk_staged
 from buzzdask.store import EmbeddingStore
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds
 from buzzdask.write import (
+    KEPT_EMBEDDINGS,
     OnConflict,
     OutputLayout,
     PartitionWriter,
@@ -340,7 +341,7 @@ def plan_run(
         kept = None
     else:
         # True: in the output, once it is known (on_conflict="new" may choose another).
-        root = Path(output) / "embeddings" if store is True else Path(store)
+        root = Path(output) / KEPT_EMBEDDINGS if store is True else Path(store)
         kept = EmbeddingStore(root, embedder=models[0].embedder, spec=spec)
     return _Plan(
         models=models,
@@ -399,7 +400,7 @@ def run_plan(
         refuse_if_in_use(Path(output), stale_s=settings.lock_stale_seconds)
     root, layouts = _prepare_outputs(plan, output, on_conflict, fingerprints)
     if plan.store_in_output:
-        store = EmbeddingStore(root / "embeddings", embedder=plan.embedder, spec=plan.spec)
+        store = EmbeddingStore(root / KEPT_EMBEDDINGS, embedder=plan.embedder, spec=plan.spec)
         plan = replace(plan, store=store)
     started = utc_now()
     metadata = [
@@ -508,14 +509,14 @@ def run_plan(
     return results if plan.several else results[plan.models[0].name]
 
 
-def import_in_background(module: str, *, daemon: bool = True) -> None:
+def import_in_background(module: str) -> None:
     """Import ``module`` in a thread of its own, while this process mostly waits on others.
 
-    A later ``import`` of it here waits for this one (Python's import lock) to finish.
-    ``daemon``: the process may end before the import does.
+    A later ``import`` of it here waits for this one (Python's import lock) to finish. The
+    process may end before the import does.
     """
     threading.Thread(
-        target=importlib.import_module, args=(module,), name=f"import-{module}", daemon=daemon
+        target=importlib.import_module, args=(module,), name=f"import-{module}", daemon=True
     ).start()
 
 

@@ -556,7 +556,7 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     # the exit (0.3 s with pandas, Dask and pyarrow loaded).
     skip_final_collection()
     _one_blas_thread()
-    if args.command not in ("init", "analyze", "rescore"):  # those two set their console below
+    if args.command not in ("init", "analyze", "rescore", "train"):  # those set theirs below
         from buzzdask.progress import console_lines
 
         # The library's warnings (a recording without a start time, damaged training audio)
@@ -678,6 +678,10 @@ def _transfer(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from buzzdask import train
+    from buzzdask.logs import configure_console
+
+    # Before the workers start, or TensorFlow loads here to fit the head.
+    configure_console(0)
 
     result = train(
         args.labels,

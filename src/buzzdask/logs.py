@@ -97,6 +97,8 @@ def configure_console(verbosity: int) -> None:
     _configured.append(verbosity)
     quiet_environment(verbosity)
     console_lines(_BUZZDASK_LEVEL[verbosity])
+    if verbosity < 2:
+        preload.console_is_stderr.set()
 
 
 class _WhereFilter(logging.Filter):

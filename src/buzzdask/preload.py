@@ -34,7 +34,9 @@ import importlib.machinery
 import importlib.util
 import operator
 import os
+import re
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +50,7 @@ __all__ = [
     "TASK_MODULES",
     "WAIT_FOR_LOGGING_S",
     "collection_paused",
+    "console_is_stderr",
     "dask_setup",
     "import_tensorflow",
     "keras_left_out",
@@ -65,6 +68,16 @@ MODULE = __name__
 
 #: Set on a worker once the run's logging settings apply there.
 logging_set = threading.Event()
+#: Set where this process's file descriptor 2 is the command line's console (the ``buzzdask``
+#: command, below ``--debug``): TensorFlow's native start-up lines are kept off it there
+#: (:func:`import_tensorflow`). Workers send that descriptor to the run's log instead.
+console_is_stderr = threading.Event()
+#: absl's lines from before its logging is set up: TensorFlow's libraries write them as they
+#: load ("oneDNN custom operations are on", "Could not find cuda drivers"), before any setting is
+#: read, ``TF_CPP_MIN_LOG_LEVEL`` included.
+_NATIVE_START_LINE = re.compile(
+    rb"WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} "
+)
 #: Longest the import waits for them [s].
 WAIT_FOR_LOGGING_S = 10.0
 
@@ -116,7 +129,7 @@ def import_tensorflow(*, freeze: bool = False, lean: bool | None = None) -> Modu
     """
     if lean is None:
         lean = _lean_here
-    with _IMPORT_LOCK, collection_paused():
+    with _IMPORT_LOCK, collection_paused(), _native_start_off_console():
         if "tensorflow" not in sys.modules and lean and not _plugins():
             lean_tensorflow()
         with keras_left_out():
@@ -129,6 +142,34 @@ def import_tensorflow(*, freeze: bool = False, lean: bool | None = None) -> Modu
 # Held while TensorFlow is imported, lean or whole, or a lean one completed: another thread
 # waits for it, the importing thread goes on (re-entrant).
 _IMPORT_LOCK = threading.RLock()
+
+
+@contextmanager
+def _native_start_off_console() -> Iterator[None]:
+    """TensorFlow's native start-up lines kept off the console while it is imported in the block.
+
+    Only where :data:`console_is_stderr` is set and TensorFlow is not imported yet: file
+    descriptor 2 then goes to a temporary file during the block, and whatever else was written
+    there meanwhile (this process's own lines, an error) goes to the console after it.
+    """
+    if not console_is_stderr.is_set() or "tensorflow" in sys.modules:
+        yield
+        return
+    sys.stderr.flush()
+    console = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(console, 2)
+            os.close(console)
+            caught.seek(0)
+            others = b"".join(line for line in caught if not _NATIVE_START_LINE.match(line))
+            if others:
+                os.write(2, others)
+
 
 #: What a CPU scorer uses of TensorFlow's API (``tf.config.threading...``), and where it lies
 #: in TensorFlow's own modules: a lean import (:func:`lean_tensorflow`) imports only these.

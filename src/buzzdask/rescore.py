@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -18,7 +19,7 @@ from typing import Any
 
 from distributed import Client
 
-from buzzdask.analysis import RunInputs, import_in_background, plan_run, run_plan
+from buzzdask.analysis import RunInputs, plan_run, run_plan
 from buzzdask.decode import AudioInfo, ChunkPlan
 from buzzdask.errors import InputError, ModelError
 from buzzdask.inputs import InputFile
@@ -26,8 +27,9 @@ from buzzdask.ledger import FileLedger, FileState
 from buzzdask.logs import quiet_environment
 from buzzdask.models import head_weights
 from buzzdask.pipeline import ChunkPipeline
+from buzzdask.preload import import_tensorflow
 from buzzdask.settings import load_settings
-from buzzdask.store import STORED_CODEC, EmbeddingStore, open_store
+from buzzdask.store import STORED_CODEC, EmbeddingStore, find_store, open_store
 from buzzdask.write import OnConflict
 
 __all__ = ["rescore"]
@@ -55,7 +57,7 @@ def rescore(
     ----------
     store : path-like
         An embedding store an analysis wrote (``analyze(..., keep_embeddings=...)``; by default
-        ``<its output>/embeddings``).
+        ``<its output>/embeddings``), or that analysis' output (its ``embeddings``).
     model : str, path-like, or list of them
         The heads, as for :func:`buzzdask.analyze`; they must use the embedder, preprocessing
         and frame hop the store was made with (checked by content hash before any work).
@@ -102,6 +104,7 @@ def rescore(
     """
     started_wall = time.perf_counter()
     quiet_environment()
+    store = find_store(store)  # before the embedder: a path without a store says so first
     settings = load_settings(memory_budget=memory_budget, batch_frames=batch_frames)
     plan = plan_run(
         model,
@@ -118,7 +121,7 @@ def rescore(
         # Its scorer runs in this process (a local cluster of threads) and these heads need
         # TensorFlow: its import, most of a re-scoring's time, goes on while the store and
         # the cluster are opened.
-        import_in_background("tensorflow", daemon=False)
+        threading.Thread(target=import_tensorflow, name="import-tensorflow").start()
     kept = open_store(store, embedder=plan.embedder, spec=plan.spec)
     catalog = kept.catalog()
     if not catalog:

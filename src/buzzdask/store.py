@@ -41,7 +41,7 @@ from buzzdask.decode import PREPROCESSING
 from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
 from buzzdask.models import EmbedderSpec, feed_file
-from buzzdask.write import numeric_array, write_json, write_table
+from buzzdask.write import KEPT_EMBEDDINGS, numeric_array, write_json, write_table
 
 __all__ = [
     "STORED_CODEC",
@@ -49,6 +49,7 @@ __all__ = [
     "EmbeddingStore",
     "StoredChunk",
     "file_sha256",
+    "find_store",
     "load_stored",
     "open_store",
 ]
@@ -357,6 +358,30 @@ def load_stored(ref: StoredRef) -> StoredChunk:
     return StoredChunk(embeddings, ref.first_frame, len(wanted))
 
 
+def find_store(path: str | os.PathLike[str]) -> Path:
+    """The embedding store at ``path``, or in the analysis output ``path`` (its ``embeddings``).
+
+    Checked before any embedder is resolved, so that a path holding no store says so first.
+
+    Raises
+    ------
+    ModelError
+        If neither holds embeddings an analysis stored (a catalog).
+    """
+    given = Path(path)
+    for root in (given, given / KEPT_EMBEDDINGS):
+        if any(root.glob(f"*/{_CATALOG}")):
+            return root
+    raise _no_catalog(given / KEPT_EMBEDDINGS if (given / KEPT_EMBEDDINGS).is_dir() else given)
+
+
+def _no_catalog(root: Path) -> ModelError:
+    return ModelError(
+        f"{root} holds no embeddings an analysis stored (no */{_CATALOG}); "
+        f"analyse with --keep-embeddings first"
+    )
+
+
 def open_store(
     root: str | os.PathLike[str], *, embedder: EmbedderSpec, spec: FrameSpec
 ) -> EmbeddingStore:
@@ -376,12 +401,9 @@ def open_store(
         other = json.loads(settings_path.read_text(encoding="utf-8"))
         if (settings_path.parent / _CATALOG).exists():
             found.append(_describe(other))
-    wanted = _describe(store.settings)
     if not found:
-        raise ModelError(
-            f"{store.root} holds no embeddings an analysis stored (no */{_CATALOG}); "
-            f"analyse with --keep-embeddings first"
-        )
+        raise _no_catalog(Path(store.root))
+    wanted = _describe(store.settings)
     raise ModelError(
         f"{store.root} holds embeddings of {'; '.join(found)}, not of {wanted}: re-scoring "
         "needs embeddings made by the model's own embedder, preprocessing and frames"

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ERROR_COLUMNS",
+    "KEPT_EMBEDDINGS",
     "PARTITION_GLOB",
     "atomic_path",
     "check_run_directory",
@@ -85,6 +86,8 @@ _LOCK_PREFIX = ".buzzdask.lock"
 #: The columns of the errors table (:func:`errors_table`): ``kept`` is true where the frames were
 #: written all the same (damaged audio, a file cut short), false where the file or chunk failed.
 ERROR_COLUMNS = ["file", "chunk", "stage", "reason", "detail", "kept"]
+#: Where an analysis keeps its embeddings in its output (``keep_embeddings=True``).
+KEPT_EMBEDDINGS = "embeddings"
 #: The names :meth:`OutputLayout.partition` gives partitions.
 PARTITION_GLOB = "chunk-*.parquet"
 
@@ -578,7 +581,7 @@ def check_run_directory(root: Path, *, names: Iterable[str]) -> None:
         raise OutputConflictError(OutputConflict(root, "not a directory"))
     if not root.is_dir():
         return
-    allowed = {*names, "embeddings", "buzzdask.log"}
+    allowed = {*names, KEPT_EMBEDDINGS, "buzzdask.log"}
     others = sorted(
         path.name
         for path in root.iterdir()

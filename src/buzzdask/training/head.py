@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from buzzdask.models import load_head, save_head_weights
+from buzzdask.preload import import_tensorflow
 from buzzdask.session import tensorflow_version
 
 __all__ = ["DIGITS", "evaluate", "fit_and_save", "precision_recall"]
@@ -62,6 +63,7 @@ def fit_and_save(
         TensorFlow and tf_keras versions.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import_tensorflow()  # its native start-up lines kept off the command's console
     import tf_keras as keras
 
     keras.utils.set_random_seed(settings["seed"])
