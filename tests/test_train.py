@@ -256,6 +256,7 @@ def test_cli_train(dataset, dask_client, tiny_embedder):
     done = buzzdask_cli(*args)
     assert done.returncode == EXIT_OK, done.stderr
     assert "0 embedded" in done.stdout and "model_cli" in done.stdout
+    assert "nan" not in done.stdout, done.stdout  # each class's held-out result said in words
     # The head is fitted in the command's process: TensorFlow's native lines stay off its console.
     assert not re.search(r"[EWI]0000|absl::InitializeLog|oneDNN|cudart", done.stderr), done.stderr
     assert (dataset / "model_cli" / "saved_model.pb").is_file()

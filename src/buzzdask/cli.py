@@ -704,11 +704,21 @@ def _train(args: argparse.Namespace) -> int:
         f"{cache['frames_cached']} frames from the cache, {cache['frames_embedded']} embedded "
         f"-> {result.output}"
     )
+    target = result.metadata["settings"]["target_precision"]
     for row in result.evaluation.to_dict(orient="records"):
-        print(
-            f"buzzdask: {row['class']}: threshold {row['threshold']:g} gives precision "
-            f"{row['precision']:.2f}, recall {row['recall']:.2f} on the held-out groups"
-        )
+        if not row["positives"]:
+            said = "no frames of it in the held-out groups to measure it on"
+        elif row["threshold"] != row["threshold"]:  # NaN: no threshold reaches the target
+            said = (
+                f"no threshold reaches precision {target:g} on its {row['positives']} frames "
+                "in the held-out groups"
+            )
+        else:
+            said = (
+                f"threshold {row['threshold']:g} gives precision {row['precision']:.2f}, "
+                f"recall {row['recall']:.2f} on the held-out groups"
+            )
+        print(f"buzzdask: {row['class']}: {said}")
     return EXIT_OK
 
 
