@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -97,14 +98,16 @@ def test_rclone_messages_are_read_by_their_words(stderr: str, reason: str) -> No
 @pytest.mark.parametrize(
     ("source", "reason", "message"),
     [
-        ("wrongpass:", "authentication failed", "refused the credentials"),
-        ("offline:", "remote unreachable", "cannot be reached"),
-        ("teams:Recordings", "remote not configured", "rclone config"),
-        ("sharepoint:no/such/folder", "not found", "does not exist"),
+        ("wrongpass:", "authentication failed", "refresh the credentials with `rclone config"),
+        ("offline:", "remote unreachable", "check the network (OSC compute nodes have none"),
+        ("teams:Recordings", "remote not configured", "set it up with `rclone config`"),
+        ("sharepoint:no/such/folder", "not found", "check the path (`rclone lsd REMOTE:`"),
     ],
 )
 def test_remote_problems_are_named(rclone_remote, tmp_path, source, reason, message):
-    with pytest.raises(TransferError, match=message) as caught:
+    """What went wrong, then what to do about it, each said once."""
+    said = re.escape(f"cannot list {source}: {reason}; {message}")
+    with pytest.raises(TransferError, match=said) as caught:
         transfer(source, tmp_path / "dest", rclone_flags=rclone_remote.flags)
     assert caught.value.reason == reason
     assert not any((tmp_path / "dest").rglob("*.*"))
@@ -162,7 +165,7 @@ def test_upload_sends_results_back(rclone_remote, tmp_path):
     assert sent.files == ["buzzdask.json", "scores/a.wav/chunk-000000.parquet"]
     for name in sent.files:
         assert same_bytes(rclone_remote.root / "uploads" / "run1" / name, results / name)
-    with pytest.raises(TransferError, match="refused the credentials"):
+    with pytest.raises(TransferError, match="authentication failed; refresh the credentials"):
         upload(results, "wrongpass:uploads/run1", rclone_flags=rclone_remote.flags)
 
 

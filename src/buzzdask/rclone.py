@@ -45,14 +45,13 @@ _DIAGNOSES = (
     (
         "remote not configured",
         ("didn't find section in config file", "config file not found"),
-        "the rclone remote is not configured: run `rclone config` (see the README, "
-        "'From Teams/SharePoint to OSC')",
+        "set it up with `rclone config` (see the README, 'From Teams/SharePoint to OSC')",
     ),
     (
         "authentication failed",
         # " 401": a status code, not the digits of a port such as 127.0.0.1:40103.
         (" 401", "403 forbidden", "unauthorized", "invalid_grant", "token expired", "auth"),
-        "the remote refused the credentials: refresh them with `rclone config reconnect REMOTE:`",
+        "refresh the credentials with `rclone config reconnect REMOTE:`",
     ),
     (
         "remote unreachable",
@@ -65,13 +64,12 @@ _DIAGNOSES = (
             "tls handshake",
             "context deadline exceeded",
         ),
-        "the remote cannot be reached: check the network (OSC compute nodes have none; "
-        "transfer from a login or data-mover node)",
+        "check the network (OSC compute nodes have none; transfer from a login or data-mover node)",
     ),
     (
         "not found",
         ("directory not found", "object not found", "file not found", "not found"),
-        "the path does not exist on the remote",
+        "check the path (`rclone lsd REMOTE:` lists the remote's top folders)",
     ),
 )
 
