@@ -61,8 +61,8 @@ class Skipped:
         Its suffix is not in ``buzzdask.extensions``; its name starts with ``.`` (a hidden
         directory counts once, unwalked); it is a ``README`` (as ``buzzdask init`` writes in
         ``audio_in/``); it is a copy in progress (``.partial``, ``.part``, ``.tmp``,
-        ``.crdownload``); or it is a directory of buzzdask's results (it holds a
-        ``buzzdask.json`` or ``buzzdask.log``: counted once, unwalked).
+        ``.crdownload``); or it is a directory of buzzdask's results below an input (it holds
+        a ``buzzdask.json`` or ``buzzdask.log``: counted once, its contents left alone).
     """
 
     relative: str
@@ -227,18 +227,19 @@ def _walk(
         except OSError as error:
             yield directory, f"cannot list directory: {error.strerror}"
             continue
+        # Known from its listing, at no cost of its own (a stat per folder is a round trip on
+        # a parallel file system); a folder named as an input is walked whatever it holds.
+        if directory != top and any(entry.name in _OUTPUT_MARKERS for entry in entries):
+            _skip(skipped, root, directory, "buzzdask output", is_dir=True)
+            continue
         for entry in entries:
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:  # a symlink loop (ELOOP): reported below as a file problem
                 is_dir = False
             reason = _skip_reason(entry.name, is_dir=is_dir, suffixes=suffixes)
-            if reason is None and is_dir and _holds_results(entry.path):
-                reason = "buzzdask output"
             if reason is not None:
-                relative = Path(os.path.relpath(entry.path, root)).as_posix()
-                relative += "/" if is_dir else ""
-                skipped.setdefault(relative, Skipped(relative=relative, reason=reason))
+                _skip(skipped, root, entry.path, reason, is_dir=is_dir)
             elif is_dir:
                 stack.append(entry.path)
             elif entry.is_symlink() and not os.path.exists(entry.path):
@@ -261,8 +262,9 @@ def _skip_reason(name: str, *, is_dir: bool, suffixes: set[str]) -> str | None:
     return "other suffix"
 
 
-def _holds_results(directory: str) -> bool:
-    return any(os.path.isfile(os.path.join(directory, name)) for name in _OUTPUT_MARKERS)
+def _skip(skipped: dict[str, Skipped], root: str, path: str, reason: str, *, is_dir: bool) -> None:
+    relative = Path(os.path.relpath(path, root)).as_posix() + ("/" if is_dir else "")
+    skipped.setdefault(relative, Skipped(relative=relative, reason=reason))
 
 
 def _dangling(path: str) -> str:
