@@ -198,6 +198,19 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert on_disk.chunk.dtype == "Int64" and on_disk.kept.dtype == bool
 
 
+def test_a_resume_keeps_the_rows_of_damaged_audio_it_skips(run, make_audio, tmp_path):
+    """ffmpeg's report of damaged audio is journalled with its chunk: a run that resumes (after
+    a crash, a walltime kill) writes the row again for the chunk it skips, never losing it."""
+    make_audio("good.wav", n_samples=2 * FRAME)
+    zero_a_stretch(make_audio("damaged.mp3", n_samples=4 * 44100, rate=44100, channels=2))
+    first = run(tmp_path / "audio")
+    assert first.errors.file.tolist() == ["damaged.mp3"] and first.errors.kept.all()
+    resumed = run(tmp_path / "audio", on_conflict="resume")
+    assert resumed.summary["chunks_written"] == 0
+    pd.testing.assert_frame_equal(resumed.errors, first.errors)
+    pd.testing.assert_frame_equal(pd.read_parquet(resumed.output / "errors.parquet"), first.errors)
+
+
 def test_short_recordings_are_decoded_several_to_a_task(run, make_audio, tmp_path, dask_client):
     from distributed import get_task_stream
 

@@ -174,6 +174,11 @@ class FileLedger:
                 if stored is not None:
                     job.stored = self.store.ref(sha256, plan.first_frame, plan.n_frames)
             return job
+        # Damaged audio an earlier run wrote still is: its row goes in this run's table too.
+        damaged = self.heads[0].done[(relative, plan.index)].get("damaged")
+        if damaged:
+            label = chunk_label(relative, plan, self.spec, duration_s=state.info.duration_s)
+            self._damaged(relative, plan.index, label, damaged)
         self.chunks_skipped += 1
         self.progress.advance(relative, self._seconds(frames), resumed=True)
         state.chunks_done += 1
@@ -267,6 +272,7 @@ class FileLedger:
                 frames=n_frames,
                 size=state.info.size_bytes,
                 mtime_ns=state.info.mtime_ns,
+                damaged=messages,
             )
         # A re-scoring's chunks came from the catalog: it reads the store, never adds to it.
         sha256 = state.info.sha256
@@ -288,9 +294,7 @@ class FileLedger:
             )
         logger.info("written %s: %d frames", job.label, n_frames)
         if messages:
-            damaged = "ffmpeg reported damaged audio (decoded what it could)"
-            logger.warning("%s: %s", job.label, damaged)
-            self._row(relative, job.plan.index, "decode", damaged, messages, kept=True)
+            self._damaged(relative, job.plan.index, job.label, messages)
         self.chunks_written += 1
         self.chunks_from_store += job.stored is not None
         self.frames_written += n_frames
@@ -359,6 +363,12 @@ class FileLedger:
         logger.warning("failed: %s%s: %s", state.input.relative, where, reason)
         self.progress.error(state.input.relative, reason)
         self._row(state.input.relative, chunk, stage, reason, detail, kept=False)
+
+    def _damaged(self, relative: str, chunk: int, label: str, messages: str) -> None:
+        """A chunk ffmpeg decoded but reported damage in: its frames are kept, with a row."""
+        damaged = "ffmpeg reported damaged audio (decoded what it could)"
+        logger.warning("%s: %s", label, damaged)
+        self._row(relative, chunk, "decode", damaged, messages, kept=True)
 
     def _row(
         self, file: str, chunk: int | None, stage: str, reason: str, detail: str, *, kept: bool

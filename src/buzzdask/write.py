@@ -195,22 +195,29 @@ class OutputLayout:
         return done
 
     def record_chunk(
-        self, relative: str, chunk_index: int, *, frames: int, size: int, mtime_ns: int
+        self,
+        relative: str,
+        chunk_index: int,
+        *,
+        frames: int,
+        size: int,
+        mtime_ns: int,
+        damaged: str = "",
     ) -> None:
         """Journal one finished chunk whose partition (if it has frames) is in place.
 
         ``size`` and ``mtime_ns`` identify the input's version: a resume redoes the chunk when
-        the file has changed since.
+        the file has changed since. ``damaged``: what ffmpeg reported of damaged audio in the
+        chunk, kept for the errors table of a run that resumes this one.
         """
-        self.append_journal(
-            {
-                "file": relative,
-                "chunk": chunk_index,
-                "frames": frames,
-                "size": size,
-                "mtime_ns": mtime_ns,
-            }
-        )
+        entry = {
+            "file": relative,
+            "chunk": chunk_index,
+            "frames": frames,
+            "size": size,
+            "mtime_ns": mtime_ns,
+        }
+        self.append_journal({**entry, "damaged": damaged} if damaged else entry)
 
     def record_removed(self, chunks: Iterable[tuple[str, int]]) -> None:
         """Journal that these chunks' partitions were removed: no later run trusts them."""
