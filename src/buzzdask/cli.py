@@ -637,6 +637,7 @@ def _report(result: Any) -> int:
     import pandas as pd
 
     from buzzdask.progress import format_audio, format_factor
+    from buzzdask.write import OutputLayout
 
     summary = result.summary
     done_before = summary["chunks_skipped_resume"]
@@ -656,7 +657,7 @@ def _report(result: Any) -> int:
         print(f"buzzdask: {label}: {row.file}{chunk}: {row.reason}", file=sys.stderr)
     if len(result.errors) > PROBLEMS_SHOWN:
         more = len(result.errors) - PROBLEMS_SHOWN
-        where = result.output / "errors.parquet"
+        where = OutputLayout(result.output).errors
         print(f"buzzdask: ... and {more} more, every one in {where}", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_FILES_FAILED
 

@@ -82,19 +82,17 @@ def read_mp3_header(path: str | os.PathLike[str]) -> Mp3Header | None:
         return None
     if info.layer != 3 or info.bitrate_mode is BitrateMode.UNKNOWN or info.sample_rate <= 0:
         return None
-    duration_s = max(0.0, float(info.length))
+    duration_s, declared_duration_s = max(0.0, float(info.length)), None
     # Cut short only when the whole file is smaller than the stream: an encoder that counted
     # its ID3v2 tags in the stream's bytes raises no false alarm.
     if stream_bytes is not None and size < stream_bytes:
-        held_bytes = size - start
-        return Mp3Header(
-            sample_rate=int(info.sample_rate),
-            channels=int(info.channels),
-            duration_s=duration_s * held_bytes / stream_bytes,
-            declared_duration_s=duration_s,
-        )
+        declared_duration_s = duration_s
+        duration_s *= (size - start) / stream_bytes  # what it holds, in proportion
     return Mp3Header(
-        sample_rate=int(info.sample_rate), channels=int(info.channels), duration_s=duration_s
+        sample_rate=int(info.sample_rate),
+        channels=int(info.channels),
+        duration_s=duration_s,
+        declared_duration_s=declared_duration_s,
     )
 
 

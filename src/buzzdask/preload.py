@@ -68,6 +68,8 @@ MODULE = __name__
 
 #: Set on a worker once the run's logging settings apply there.
 logging_set = threading.Event()
+#: Longest the import waits for them [s].
+WAIT_FOR_LOGGING_S = 10.0
 #: Set where this process's file descriptor 2 is the command line's console (the ``buzzdask``
 #: command, below ``--debug``): TensorFlow's native start-up lines are kept off it there
 #: (:func:`import_tensorflow`). Workers send that descriptor to the run's log instead.
@@ -78,8 +80,6 @@ console_is_stderr = threading.Event()
 _NATIVE_START_LINE = re.compile(
     rb"WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} "
 )
-#: Longest the import waits for them [s].
-WAIT_FOR_LOGGING_S = 10.0
 
 
 def dask_setup(worker: Any) -> None:

@@ -83,9 +83,18 @@ ConflictReason = Literal[
 ]
 # The lock file of buzzdask.lock (and the name a stale one is set aside under): no results.
 _LOCK_PREFIX = ".buzzdask.lock"
-#: The columns of the errors table (:func:`errors_table`): ``kept`` is true where the frames were
-#: written all the same (damaged audio, a file cut short), false where the file or chunk failed.
-ERROR_COLUMNS = ["file", "chunk", "stage", "reason", "detail", "kept"]
+#: The errors table's columns and their types (:func:`errors_table`): ``chunk`` is nullable (a
+#: whole file's problem has none); ``kept`` is true where the frames were written all the same
+#: (damaged audio, a file cut short), false where the file or chunk failed.
+_ERROR_TYPES = {
+    "file": "string",
+    "chunk": "Int64",
+    "stage": "string",
+    "reason": "string",
+    "detail": "string",
+    "kept": "bool",
+}
+ERROR_COLUMNS = list(_ERROR_TYPES)
 #: Where an analysis keeps its embeddings in its output (``keep_embeddings=True``).
 KEPT_EMBEDDINGS = "embeddings"
 #: The names :meth:`OutputLayout.partition` gives partitions.
@@ -760,22 +769,11 @@ def write_table(table: pa.Table, path: Path) -> None:
 def errors_table(errors: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The errors table: one row per problem, typed alike in memory and on disk.
 
-    ``chunk`` is nullable (``Int64``: a whole file's problem has none), so that chunk 3 reads
-    ``3`` and not ``3.0`` beside a null.
+    ``chunk`` is ``Int64``, so that chunk 3 reads ``3`` and not ``3.0`` beside a null.
     """
     import pandas as pd  # here: the workers write partitions with this module, never this table
 
-    frame = pd.DataFrame(list(errors), columns=ERROR_COLUMNS)
-    return frame.astype(
-        {
-            "file": "string",
-            "chunk": "Int64",
-            "stage": "string",
-            "reason": "string",
-            "detail": "string",
-            "kept": "bool",
-        }
-    )
+    return pd.DataFrame(list(errors), columns=ERROR_COLUMNS).astype(_ERROR_TYPES)
 
 
 def write_errors(path: Path, errors: Sequence[Mapping[str, Any]]) -> None:
