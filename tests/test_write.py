@@ -3,6 +3,7 @@ their paths stay inside the output and cost few file system calls."""
 
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -132,11 +133,19 @@ def test_partition_paths_check_each_directory_once(tmp_path, monkeypatch) -> Non
     """
     layout = OutputLayout(tmp_path / "out")
     calls: list[str] = []
+
+    def counted(real: Callable[..., os.stat_result]) -> Callable[..., os.stat_result]:
+        def call(path, *args, **kwargs) -> os.stat_result:
+            # Only this layout's: threads and finalizers an earlier test left (a Dask client's,
+            # a temporary directory's cleanup) stat their own files meanwhile.
+            if str(path).startswith(str(layout.root)):
+                calls.append(path)
+            return real(path, *args, **kwargs)
+
+        return call
+
     for name in ("stat", "lstat"):
-        real = getattr(os, name)
-        monkeypatch.setattr(
-            os, name, lambda path, *a, real=real, **k: calls.append(path) or real(path, *a, **k)
-        )
+        monkeypatch.setattr(os, name, counted(getattr(os, name)))
     partitions = {
         layout.partition(f"site{site}/2026-06-0{day}/{index:03d}.WAV", chunk)
         for site in range(2)
