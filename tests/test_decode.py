@@ -173,6 +173,29 @@ def test_missing_file(tmp_path: Path) -> None:
         probe_audio(tmp_path / "nope.wav")
 
 
+@pytest.mark.parametrize("suffix", [".wav", ".mp3"])
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("delete", "cannot read the file: No such file or directory"),
+        ("empty", "empty file (0 bytes)"),
+    ],
+)
+def test_a_file_changed_after_its_probe_is_said_so(
+    make_audio, suffix: str, change: str, reason: str
+) -> None:
+    """Moved, deleted or emptied mid-run (a sync tool, a scratch purge): not "failed to decode"."""
+    path = make_audio(f"gone{suffix}", n_samples=16000 * 3)
+    info = probe_audio(path)
+    if change == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(DecodeError) as raised:
+        decode_chunk(info, plan_chunks(info, spec(), frames_per_chunk=2)[0], spec=spec())
+    assert (raised.value.path, raised.value.reason, raised.value.stderr) == (str(path), reason, "")
+
+
 def _generated_wav(path: Path, *, codec: str, channels: int, rate: int, n_samples: int) -> Path:
     subprocess.run(
         [

@@ -234,3 +234,7 @@ def test_staged_decode_equals_in_place_and_cleans_up(make_audio, tmp_path, dask_
     unusable = not_audio / "under-a-file"  # a missing directory is made; this one cannot be
     with pytest.raises(DecodeError, match="cannot stage"):
         decode_chunk_staged(info, plans[0], spec=frame_spec, staging_directory=str(unusable))
+    # The original gone since its probe is said so, not blamed on node-local disk.
+    path.unlink()
+    with pytest.raises(DecodeError, match="cannot read the file: No such file"):
+        decode_chunk_staged(info, plans[0], spec=frame_spec, staging_directory=str(local))

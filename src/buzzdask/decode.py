@@ -41,6 +41,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from stat import S_ISREG
 from typing import BinaryIO
 
 import ffmpeg
@@ -70,6 +71,7 @@ __all__ = [
     "plan_chunks",
     "preprocess_filters",
     "probe_audio",
+    "readable_stat",
     "release_decoded_copy",
     "seeks_exactly",
     "uses_decoded_copy",
@@ -197,16 +199,7 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
         If the file is empty, unreadable, not audio, or has no audio stream.
     """
     path = os.fspath(path)
-    try:
-        stat = os.stat(path)
-    except OSError as error:
-        raise DecodeError(path, f"cannot read the file: {error.strerror}") from None
-    if not os.path.isfile(path):
-        raise DecodeError(path, "not a regular file")
-    if stat.st_size == 0:
-        raise DecodeError(path, "empty file (0 bytes)")
-    if not os.access(path, os.R_OK):
-        raise DecodeError(path, "permission denied")
+    stat = readable_stat(path)
     header: WavHeader | Mp3Header | None = read_wav_header(path) or read_mp3_header(path)
     if header is not None:  # most field recordings: no process to start
         codec, sample_rate, channels = header.codec, header.sample_rate, header.channels
@@ -234,6 +227,50 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
 
 
 _Stream = tuple[str, int, int, float | None]  # codec, sample rate, channels, duration [s]
+
+
+def readable_stat(path: str) -> os.stat_result:
+    """The ``os.stat`` of a file that can be read.
+
+    Parameters
+    ----------
+    path : str
+
+    Returns
+    -------
+    os.stat_result
+
+    Raises
+    ------
+    DecodeError
+        Saying what keeps it from being read: ``"cannot read the file: "`` and the system's
+        reason (``No such file or directory``...), ``"not a regular file"``, ``"empty file (0
+        bytes)"`` or ``"permission denied"``.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise DecodeError(path, f"cannot read the file: {error.strerror}") from None
+    if not S_ISREG(stat.st_mode):
+        raise DecodeError(path, "not a regular file")
+    if stat.st_size == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise DecodeError(path, "permission denied")
+    return stat
+
+
+def _decode_failure(path: str, messages: str) -> DecodeError:
+    """Ffmpeg's failure; the file's own problem where it has one now.
+
+    A file moved, deleted or emptied after it was probed (a sync tool, a scratch purge, a
+    transfer starting over) is said so, not as a decoding failure.
+    """
+    try:
+        readable_stat(path)
+    except DecodeError as problem:
+        return problem
+    return DecodeError(path, "ffmpeg failed to decode", messages)
 
 
 def _ffprobe_stream(path: str, ffprobe: str) -> _Stream:
@@ -770,7 +807,7 @@ def _decode_to_file(info: AudioInfo, target: str, *, sample_rate: int, ffmpeg_cm
             raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
         messages = _tail_of_file(stderr_file)
     if returncode != 0:
-        raise DecodeError(info.path, "ffmpeg failed to decode", messages)
+        raise _decode_failure(info.path, messages)
     return messages
 
 
@@ -850,7 +887,7 @@ def _run_ffmpeg(
             returncode = process.wait()
         messages = _tail_of_file(stderr_file)
     if returncode != 0:
-        raise DecodeError(info.path, "ffmpeg failed to decode", messages)
+        raise _decode_failure(info.path, messages)
     return samples, messages
 
 

@@ -22,7 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from buzzdask.decode import AudioInfo, ChunkPlan, DecodedChunk, decode_chunk, uses_decoded_copy
+from buzzdask.decode import (
+    AudioInfo,
+    ChunkPlan,
+    DecodedChunk,
+    decode_chunk,
+    readable_stat,
+    uses_decoded_copy,
+)
 from buzzdask.errors import DecodeError
 
 __all__ = ["decode_chunk_staged", "staged"]
@@ -154,6 +161,8 @@ def decode_chunk_staged(
             except DecodeError as error:
                 raise DecodeError(info.path, error.reason, error.stderr) from None
     except OSError as error:
+        # The original's own problem first: moved or deleted since its probe.
+        readable_stat(info.path)
         raise DecodeError(
             info.path, f"cannot stage a copy on node-local disk: {error.strerror or error}"
         ) from None
