@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from buzzdask.dashboard_page import render_page
-from buzzdask.progress import Progress, format_audio, format_factor
+from buzzdask.progress import Progress, format_audio, format_count, format_factor
 
 
 def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
@@ -89,6 +89,13 @@ def test_audio_reads_well_from_seconds_to_thousands_of_hours(seconds, total, tex
 )
 def test_realtime_factor_has_three_significant_figures_at_most(factor, text):
     assert format_factor(factor) == text
+
+
+@pytest.mark.parametrize(
+    ("count", "text"), [(0, "0 chunks"), (1, "1 chunk"), (2, "2 chunks"), (12000, "12,000 chunks")]
+)
+def test_counts_say_one_chunk_not_one_chunks(count, text):
+    assert format_count(count, "chunk") == text
 
 
 def test_page_escapes_what_it_shows():

@@ -109,8 +109,8 @@ def test_resume_after_inputs_changed_or_vanished(run, make_audio, tmp_path):
     assert not list((earlier / "scores" / "b.wav").glob("*"))
     _assert_vouched_for(earlier)
     log = (earlier / "buzzdask.log").read_text()
-    assert "resume: a.wav changed since the earlier run (size or time differ): its 3" in log
-    assert "resume: b.wav is gone since the earlier run: its 2 chunks are removed" in log
+    assert "resume: a.wav changed since the earlier run (size or time differ): 3 chunks" in log
+    assert "resume: b.wav is gone since the earlier run: 2 chunks removed" in log
 
 
 def test_journal_lines_held_in_a_block_are_written_together_as_it_ends(tmp_path):

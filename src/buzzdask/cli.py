@@ -636,13 +636,13 @@ def _report(result: Any) -> int:
     """Print a run's one-line summary and its problems; its exit code."""
     import pandas as pd
 
-    from buzzdask.progress import format_audio, format_factor
+    from buzzdask.progress import format_audio, format_count, format_factor
     from buzzdask.write import OutputLayout
 
     summary = result.summary
     done_before = summary["chunks_skipped_resume"]
     if summary["chunks_written"] == 0 and done_before:  # a resume of a finished run
-        work = f"nothing left to analyse ({done_before} chunks written before)"
+        work = f"nothing left to analyse ({format_count(done_before, 'chunk')} written before)"
     else:
         work = (
             f"{format_audio(summary['audio_hours'] * 3600)} of audio "

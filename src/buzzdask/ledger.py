@@ -18,7 +18,7 @@ from buzzdask.errors import DecodeError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
 from buzzdask.pipeline import ChunkJob, chunk_label
-from buzzdask.progress import Progress, logger
+from buzzdask.progress import Progress, format_count, logger
 from buzzdask.score import ChunkTarget, ChunkWriter
 from buzzdask.store import STORED_CODEC, EmbeddingStore
 from buzzdask.write import OutputLayout, PartitionWriter, is_output_full, output_full_error
@@ -292,7 +292,7 @@ class FileLedger:
                     }
                 ]
             )
-        logger.info("written %s: %d frames", job.label, n_frames)
+        logger.info("written %s: %s", job.label, format_count(n_frames, "frame"))
         if messages:
             self._damaged(relative, job.plan.index, job.label, messages)
         self.chunks_written += 1

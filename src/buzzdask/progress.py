@@ -18,7 +18,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "TqdmHandler", "format_audio", "format_factor", "logger"]
+__all__ = [
+    "Progress",
+    "TqdmHandler",
+    "format_audio",
+    "format_count",
+    "format_factor",
+    "logger",
+]
 
 logger = logging.getLogger("buzzdask")
 
@@ -63,6 +70,15 @@ def format_audio(seconds: float, *, total_s: float | None = None) -> str:
     if scale < 1000 * 3600:
         return f"{seconds / 3600:.2f} h"
     return f"{seconds / 3600:,.0f} h"
+
+
+def format_count(count: int, noun: str) -> str:
+    """A count and its noun, singular for one.
+
+    >>> format_count(1, "chunk"), format_count(12000, "chunk")
+    ('1 chunk', '12,000 chunks')
+    """
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def format_factor(factor: float | None) -> str:

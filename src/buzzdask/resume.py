@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from buzzdask.progress import format_count
 from buzzdask.write import OutputLayout, partition_problem
 
 __all__ = ["ResumeCheck", "check_resume"]
@@ -141,17 +142,18 @@ def check_resume(
                 check.rejected += 1
                 logger.warning("resume: %s chunk %d: %s; analysed again", *key, problem)
     for reason, files, message in (
-        ("vanished", check.vanished, "is gone since the earlier run: its %d chunks are removed"),
+        ("vanished", check.vanished, "is gone since the earlier run: %s removed"),
         (
             "changed",
             check.changed,
-            "changed since the earlier run (size or time differ): its %d chunks are analysed again",
+            "changed since the earlier run (size or time differ): %s analysed again",
         ),
     ):
         counts = Counter(relative for (relative, _), why in rejected.items() if why == reason)
         files.extend(sorted(counts))
         for relative in files:
-            logger.warning("resume: %s " + message, relative, counts[relative])
+            chunks = format_count(counts[relative], "chunk")
+            logger.warning("resume: %s " + message, relative, chunks)
     check.partitions_removed = _remove_untrusted(layout, trusted)
     layout.record_removed(rejected)
     return check

@@ -38,7 +38,7 @@ from dask.utils import format_bytes
 
 from buzzdask.errors import OutputConflictError, OutputFullError, ParameterError
 from buzzdask.frames import FrameSpec
-from buzzdask.progress import format_audio
+from buzzdask.progress import format_audio, format_count
 from buzzdask.thresholds import detected
 
 if TYPE_CHECKING:
@@ -457,8 +457,9 @@ class OutputConflict:
                 f"{self.stale_s:g} s without a sign of life (buzzdask.lock-stale-seconds)"
             )
         if self.reason == "holds results":
+            done = format_count(self.chunks, "chunk")
             return (
-                f"output {self.output} already holds results ({self.chunks} chunks done); pass "
+                f"output {self.output} already holds results ({done} done); pass "
                 f"{words.resume} to finish that run, {words.new} to write to a new timestamped "
                 f"directory, or choose another {words.output}"
             )
