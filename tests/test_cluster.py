@@ -227,6 +227,15 @@ def test_batch_script_for_one_job_mode(capsys):
 def test_unknown_configuration_names_the_available_ones():
     with pytest.raises(ParameterError, match="osc-cardinal"):
         load_cluster_config("osc-owens")
+    # The system's name alone, or misspelt, points at its configurations.
+    meant = "(did you mean 'osc-cardinal' or 'osc-cardinal-node'?)"
+    for name in ("cardinal", "Cardinal"):
+        with pytest.raises(ParameterError, match=re.escape(f"'{name}' {meant}; available")):
+            load_cluster_config(name)
+    with pytest.raises(ParameterError, match=re.escape("'ascned' (did you mean 'osc-ascend'")):
+        load_cluster_config("ascned")
+    with pytest.raises(ParameterError, match="no cluster configuration 'owens'; available"):
+        load_cluster_config("owens")
     with pytest.raises(ParameterError, match="local cluster: it has no jobs"):
         job_scripts("local")
 

@@ -15,6 +15,7 @@ system's sections and node sizes instead of copying them.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from collections.abc import Mapping
@@ -91,6 +92,13 @@ def config_dirs() -> list[Path]:
     ]
 
 
+def _did_you_mean(name: str, configs: Mapping[str, Path]) -> str:
+    """The configurations a user naming the system (``cardinal``) or misspelling one meant."""
+    meant = [config for config in sorted(configs) if name.lower() in config]
+    meant = meant or difflib.get_close_matches(name.lower(), configs, n=3)
+    return f" (did you mean {' or '.join(map(repr, meant))}?)" if meant else ""
+
+
 def available_configs() -> dict[str, Path]:
     """Every configuration found, by name."""
     found: dict[str, Path] = {}
@@ -135,8 +143,8 @@ def load_cluster_config(
         configs = available_configs()
         if str(name) not in configs:
             raise ParameterError(
-                f"no cluster configuration {str(name)!r}; available: {sorted(configs)} "
-                f"(searched {[str(d) for d in config_dirs()]})"
+                f"no cluster configuration {str(name)!r}{_did_you_mean(str(name), configs)}; "
+                f"available: {sorted(configs)} (searched {[str(d) for d in config_dirs()]})"
             )
         path = configs[str(name)]
     elif not path.is_file():
