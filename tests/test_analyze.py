@@ -303,6 +303,8 @@ def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):
         run(tmp_path / "audio", model=tmp_path / "no_model")
     with pytest.raises(ParameterError, match="unknown class"):
         run(tmp_path / "audio", thresholds={"frog": 0.0})
+    with pytest.raises(ParameterError, match=r"thresholds=0\.5 must map class names"):
+        run(tmp_path / "audio", thresholds=0.5)
     narrow = build_tiny_head(tmp_path / "narrow", classes=CLASSES, embedding_size=16)
     with pytest.raises(ModelError, match="1024-d embeddings but the head"):
         run(tmp_path / "audio", model=narrow, output=tmp_path / "narrow_out")

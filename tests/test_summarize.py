@@ -215,6 +215,7 @@ def test_files_written_and_never_overwritten_silently(lab_run, tmp_path):
         ({"by": "site"}, "must be 'file', a folder level"),
         ({"by": 0}, "folder levels are integers >= 1"),
         ({"thresholds": {"wasp": 1.0}}, "unknown class"),
+        ({"thresholds": 0.5}, "must map class names to activations"),
         ({}, "no thresholds"),
         ({"thresholds": {"ins_buzz": 0.0}, "tz": "Nowhere/Land"}, "not a time zone"),
         ({"thresholds": {"ins_buzz": 0.0}, "time_format": "%y%Q"}, "%Q is not supported"),

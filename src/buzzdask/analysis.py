@@ -43,7 +43,7 @@ from buzzdask.session import connect, package_versions, peak_rss_by_worker, task
 from buzzdask.settings import Settings, load_settings
 from buzzdask.staging import decode_chunk_staged
 from buzzdask.store import EmbeddingStore
-from buzzdask.thresholds import ThresholdChoice, choose_thresholds
+from buzzdask.thresholds import ThresholdChoice, choose_thresholds, require_mapping
 from buzzdask.write import (
     KEPT_EMBEDDINGS,
     OnConflict,
@@ -315,6 +315,7 @@ def plan_run(
     several = not isinstance(model, (str, os.PathLike))
     if not given:
         raise ParameterError("no model given")
+    require_mapping(thresholds)  # before the embedder loads (or downloads)
     models = tuple(resolve_model(m, embedder=embedder, settings=settings) for m in given)
     _check_models(models)
     spec = models[0].embedder.frame_spec(frame_hop_s)

@@ -6,6 +6,7 @@ All positions are integers in samples at the embedder's sample rate, so frame st
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from buzzdask.errors import ParameterError
@@ -81,7 +82,9 @@ class FrameSpec:
         context_s: float,
     ) -> FrameSpec:
         """Build a spec from durations in seconds (each must be a whole number of samples)."""
-        if not frame_hop_s > 0:  # a user's option: said as the other options are
+        # A user's option: said as the other options are (a string from a notebook too).
+        real = isinstance(frame_hop_s, numbers.Real) and not isinstance(frame_hop_s, bool)
+        if not real or not frame_hop_s > 0:
             raise ParameterError(f"frame_hop_s={frame_hop_s!r} must be a number > 0 [s]")
         return cls(
             sample_rate=sample_rate,

@@ -36,6 +36,7 @@ __all__ = [
     "ThresholdChoice",
     "choose_thresholds",
     "detected",
+    "require_mapping",
     "resolve_thresholds",
     "thresholds_for_precision",
 ]
@@ -220,6 +221,21 @@ def thresholds_for_precision(
     return _precision_choice(model_dir, precision, classes=classes).values
 
 
+def require_mapping(thresholds: object) -> None:
+    """Refuse ``thresholds`` that are not a mapping of class to activation (one number, a list).
+
+    Raises
+    ------
+    ParameterError
+        Saying what was given and what is wanted.
+    """
+    if thresholds is not None and not isinstance(thresholds, Mapping):
+        raise ParameterError(
+            f"thresholds={thresholds!r} must map class names to activations, "
+            "e.g. {'ins_buzz': -1.2}"
+        )
+
+
 def choose_thresholds(
     *,
     model_dir: str | os.PathLike[str],
@@ -253,6 +269,7 @@ def choose_thresholds(
     ModelError
         ``precision`` for a model without metrics.
     """
+    require_mapping(thresholds)
     if precision is not None and thresholds:
         raise ParameterError(
             "give either precision or thresholds, not both "
