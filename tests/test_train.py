@@ -271,6 +271,25 @@ def test_cli_train(dataset, dask_client, tiny_embedder):
     assert "buzzdask: error: labels file not found" in missing.stderr
 
 
+def test_cli_train_on_its_own_cluster_keeps_tensorflow_off_the_console(
+    dataset, tiny_embedder, tmp_path
+):
+    """Its local cluster's workers share the console: their embedder's TensorFlow loads there."""
+    args = [
+        "train", str(dataset / "audio" / "2023"), str(dataset / "audio" / "2024"),
+        "--labels", str(dataset / "labels.csv"),
+        "--output", str(tmp_path / "model"),
+        "--embedder", str(tiny_embedder),
+        "--holdout", "siteC",
+        "--epochs", "2",
+        "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    done = buzzdask_cli(*args)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "from the cache, 0 embedded" not in done.stdout  # embedded on its workers
+    assert not re.search(r"[EWI]0000|absl::InitializeLog|oneDNN|cudart", done.stderr), done.stderr
+
+
 # -- errors, before any training -------------------------------------------------------------
 
 
@@ -305,6 +324,16 @@ def test_label_past_the_end_of_its_file(train_with, dataset):
     labels.loc[5, "end"] = 30.0
     with pytest.raises(ParameterError, match=r"labels row 5: end 30 s is past the end of"):
         train_with(labels)
+
+
+def test_a_class_only_in_held_out_groups_fails_before_embedding(train_with, dataset, tmp_path):
+    labels = labels_table(dataset)
+    held_out_only = labels[(labels["label"] != "mech_noise") | (labels["group"] == "siteC")]
+    cache = tmp_path / "fresh-cache"
+    message = r"class\(es\) \['mech_noise'\] have no frames outside the held-out groups \['siteC'\]"
+    with pytest.raises(ParameterError, match=message):
+        train_with(held_out_only, cache_dir=cache)
+    assert not [path for path in cache.rglob("*") if path.is_file()]  # nothing embedded
 
 
 def test_bad_labels_tables(train_with, dataset, tmp_path):

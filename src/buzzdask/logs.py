@@ -9,7 +9,8 @@ Verbosity, the same in every process (client, local and SLURM workers):
 - 2 (``--debug``): everything, at INFO and below.
 
 Below 2, the workers of a LocalCluster in this process send their stderr (TensorFlow's C++ lines
-as it loads: oneDNN, ``cudart_stub``) to the run's log instead of the console.
+as it loads: oneDNN, ``cudart_stub``) to the run's log instead of the console; where there is
+no run's log (training), they keep those lines off the console (:func:`quiet_workers`).
 
 Whatever the verbosity, each run's ``buzzdask.log`` gets buzzdask's INFO lines from the client
 and, forwarded as they happen, from the workers.
@@ -120,19 +121,27 @@ class WorkerLogging(WorkerPlugin):
 
     name = "buzzdask-logging"
 
-    def __init__(self, *, stderr: Path | None = None) -> None:
+    def __init__(self, *, stderr: Path | None = None, console: bool = False) -> None:
         self.environment = {name: os.environ[name] for name in _ENVIRONMENT if name in os.environ}
         self.level = logging.getLogger(_THIRD_PARTY[0]).getEffectiveLevel()
         self.stderr = stderr
+        self.console = console
 
     def setup(self, worker: Any) -> None:
-        """Apply the client's settings in this worker process; send its fd 2 to ``stderr``."""
+        """Apply the client's settings in this worker process; send its fd 2 to ``stderr``.
+
+        Without ``stderr``, where ``console`` says fd 2 is the command's console (a local
+        cluster's, with no run log to take it), TensorFlow's native start-up lines are kept off
+        it as in the command's own process (:func:`~buzzdask.preload.import_tensorflow`).
+        """
         if self.stderr is not None:
             # TensorFlow's C++ logs as its libraries load, before any setting is read
             # (oneDNN, cudart_stub): only the file descriptor can keep it off the console.
             log = os.open(self.stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             os.dup2(log, 2)
             os.close(log)
+        elif self.console:
+            preload.console_is_stderr.set()
         os.environ.update(self.environment)
         for name in _THIRD_PARTY:
             logging.getLogger(name).setLevel(self.level)
@@ -233,6 +242,25 @@ def run_log(
             logger.removeHandler(added)
         logger.setLevel(old_level)
         handler.close()
+
+
+def quiet_workers(client: Client, *, timeout_s: float) -> None:
+    """The client's quiet settings on its workers, for work without a run log (training).
+
+    The workers of a local cluster share the command's console: below ``--debug`` (where
+    :func:`configure_console` ran), TensorFlow's native start-up lines are kept off it.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    timeout_s : float > 0 [s]
+        How long the workers have to take the plugin (as :func:`run_log`'s).
+    """
+    if str(getattr(client.scheduler, "address", "")).startswith("inproc://"):
+        return  # workers in this process: its own settings apply
+    local = isinstance(getattr(client, "cluster", None), LocalCluster)
+    plugin = WorkerLogging(console=local and preload.console_is_stderr.is_set())
+    _on_every_worker(timeout_s, functools.partial(client.register_plugin, plugin))
 
 
 def _on_every_worker(timeout_s: float, *registrations: Callable[[], object]) -> None:

@@ -23,6 +23,7 @@ from distributed import Client
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
+from buzzdask.logs import quiet_workers
 from buzzdask.models import resolve_embedder
 from buzzdask.session import connect
 from buzzdask.settings import Settings, load_settings
@@ -45,6 +46,8 @@ from buzzdask.training.records import TrainingInputs, TrainingResult, TrainingSe
 from buzzdask.write import utc_now
 
 __all__ = ["train"]
+
+_NO_FRAMES = "no labelled frame lies inside its audio; check the labels' times"
 
 
 def train(
@@ -303,10 +306,20 @@ def _embed_on_cluster(client: Client | str | None, inputs: TrainingInputs) -> di
     # Decode tasks run the ffmpeg found here, by its absolute path, on every node.
     base = inputs.base.with_overrides(ffmpeg=tools.ffmpeg)
     with connect(client, local=inputs.base.local_cluster) as connected:
+        quiet_workers(connected, timeout_s=base.scorer_ping_seconds)
         inspect_files(connected, inputs.files, tools=tools)
         check_label_ends(inputs.files)
         for item in inputs.files:
             want_frames(item, inputs.spec, inputs.classes, inputs.settings)
+        # The checks of the frames embedded, on the frames wanted, before minutes of
+        # embedding: those embedded can only be fewer (a file shorter than its header said).
+        if not any(len(item.frames) for item in inputs.files):
+            raise ParameterError(_NO_FRAMES)
+        _folds(
+            inputs,
+            np.concatenate([item.targets for item in inputs.files]),
+            np.concatenate([_groups_of(item, len(item.frames)) for item in inputs.files]),
+        )
         return embed_missing(
             connected,
             inputs.files,
@@ -326,14 +339,38 @@ def _training_set(inputs: TrainingInputs) -> TrainingSet:
     ParameterError
         If a class has no frames in the training folds, or the held-out groups have none.
     """
-    classes = inputs.classes
     x, y, frame_groups, frame_files = _assemble(inputs.files, inputs.cache)
-    groups = sorted({f.group for f in inputs.files})
-    held_out = holdout_groups(groups, inputs.settings)
+    held_out, in_holdout, counts = _folds(inputs, y, frame_groups)
+    return TrainingSet(
+        x=x,
+        y=y,
+        in_holdout=in_holdout,
+        frame_files=frame_files,
+        groups=sorted({f.group for f in inputs.files}),
+        held_out=held_out,
+        counts=counts,
+        weights=class_weights(y[~in_holdout]),
+    )
+
+
+def _folds(
+    inputs: TrainingInputs, y: np.ndarray, frame_groups: np.ndarray
+) -> tuple[list[str], np.ndarray, dict[str, dict[str, int]]]:
+    """The held-out groups, which frames are theirs, and the frames per class in each fold.
+
+    ``y`` [shape=(n_frames, n_classes)] holds the frames' targets, ``frame_groups``
+    [shape=(n_frames,)] their groups.
+
+    Raises
+    ------
+    ParameterError
+        If a class has no frames in the training folds, or the held-out groups have none.
+    """
+    held_out = holdout_groups(sorted({f.group for f in inputs.files}), inputs.settings)
     in_holdout = np.isin(frame_groups, held_out)
     counts = {
-        "train": class_counts(y[~in_holdout], classes),
-        "holdout": class_counts(y[in_holdout], classes),
+        "train": class_counts(y[~in_holdout], inputs.classes),
+        "holdout": class_counts(y[in_holdout], inputs.classes),
     }
     empty = [c for c, n in counts["train"].items() if n == 0]
     if empty:
@@ -343,16 +380,12 @@ def _training_set(inputs: TrainingInputs) -> TrainingSet:
         )
     if not in_holdout.any():
         raise ParameterError(f"the held-out groups {held_out} have no frames")
-    return TrainingSet(
-        x=x,
-        y=y,
-        in_holdout=in_holdout,
-        frame_files=frame_files,
-        groups=groups,
-        held_out=held_out,
-        counts=counts,
-        weights=class_weights(y[~in_holdout]),
-    )
+    return held_out, in_holdout, counts
+
+
+def _groups_of(item: TrainingFile, n_frames: int) -> np.ndarray:
+    """The group of ``n_frames`` of ``item``'s frames, one each."""
+    return np.full(n_frames, item.group, dtype=object)
 
 
 def _assemble(
@@ -366,10 +399,10 @@ def _assemble(
             continue
         xs.append(embeddings)
         ys.append(item.targets[np.isin(item.frames, present)])
-        groups.append(np.full(len(present), item.group, dtype=object))
+        groups.append(_groups_of(item, len(present)))
         names.append(np.full(len(present), item.path, dtype=object))
     if not xs:
-        raise ParameterError("no labelled frame lies inside its audio; check the labels' times")
+        raise ParameterError(_NO_FRAMES)
     return (
         np.concatenate(xs).astype(np.float32),
         np.concatenate(ys),
