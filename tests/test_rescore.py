@@ -202,6 +202,34 @@ def test_rescore_with_numpy_heads_needs_no_tensorflow(corpus, new_head, tiny_emb
     assert metadata["summary"]["scorers"][0]["device"] == "CPU (NumPy heads)"
 
 
+def test_rescore_takes_the_embedder_and_hop_the_store_records(
+    corpus, new_head, tiny_model, dask_client, tiny_embedder, tmp_path
+):
+    """No embedder given: the store's record of its own, never loaded (so no TF Hub on an
+    offline node, whatever the configured handle), and its frame hop."""
+    options = {**corpus.options, "frame_hop_s": 0.48}
+    audio = corpus.audio / "site1"
+    kept = tmp_path / "kept"
+    assert buzzdask.analyze(audio, tiny_model, output=kept, keep_embeddings=True, **options).ok
+    fresh = buzzdask.analyze(audio, new_head, output=tmp_path / "fresh", **options)
+    other_embedder = tmp_path / "model_vggish"
+    shutil.copytree(new_head, other_embedder)
+    config_path = other_embedder / "config_model.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "embeddername": "vggish"}))
+    with dask.config.set({"buzzdask.embedders.yamnet_k2.handle": str(tmp_path / "nowhere")}):
+        result = buzzdask.rescore(
+            kept, new_head, output=tmp_path / "re", client=dask_client, progress=False
+        )
+        with pytest.raises(ModelError, match="model_vggish is a head on embedder 'vggish', not"):
+            buzzdask.rescore(kept, other_embedder, output=tmp_path / "no", client=dask_client)
+    assert result.ok, result.errors
+    assert_same_output(result.output, fresh.output)
+    ours = resolve_embedder("yamnet_k2", handle=str(tiny_embedder)).sha256
+    assert result.metadata["frame_hop_s"] == 0.48
+    assert result.metadata["fingerprint"]["embedder_sha256"] == ours
+
+
 def test_rescore_with_two_heads(corpus, new_head, tiny_model, dask_client, tiny_embedder, tmp_path):
     """Both heads score the stored embeddings: each output equals that head's own analysis."""
     results = rescore(
@@ -623,9 +651,8 @@ def test_cli_two_models_keep_embeddings_then_rescore(
 
     code = main(
         [
-            *("rescore", str(output / "embeddings")),
-            *("--model", str(new_head), "--embedder", str(tiny_embedder)),
-            *("--output", str(tmp_path / "re"), "--no-progress"),
+            *("rescore", str(output / "embeddings")),  # no --embedder: the store's
+            *("--model", str(new_head), "--output", str(tmp_path / "re"), "--no-progress"),
         ],
         client=dask_client,
     )

@@ -292,7 +292,7 @@ def plan_run(
     model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     settings: Settings,
     *,
-    embedder: str | None,
+    embedder: str | EmbedderSpec | None,
     frame_hop_s: float | None,
     thresholds: Mapping[str, float] | None,
     precision: float | None,

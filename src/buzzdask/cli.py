@@ -144,8 +144,8 @@ def _add_detection_options(parser: argparse.ArgumentParser, *, threshold_help: s
     )
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The flags ``analyze`` and ``rescore`` share: models, output, geometry, conflicts, cluster."""
+def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = False) -> None:
+    """The flags ``analyze`` and ``rescore`` (``from_store``) share: models, output, cluster."""
     parser.add_argument(
         "--model",
         required=True,
@@ -154,14 +154,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "embedder (scored together, each into OUTPUT/<model name>)",
     )
     parser.add_argument("--output", required=True, help="output directory")
+    stores = " (default: the store's, where it holds one set of embeddings)" if from_store else ""
     parser.add_argument(
-        "--embedder", help="embedder handle: TF Hub URL or local SavedModel directory"
+        "--embedder", help=f"embedder handle: TF Hub URL or local SavedModel directory{stores}"
     )
     parser.add_argument(
         "--framehop",
         type=float,
         metavar="SECONDS",
-        help="seconds between frame starts (default: one frame, 0.96)",
+        help="seconds between frame starts "
+        + (stores.strip() if from_store else "(default: one frame, 0.96)"),
     )
     _add_detection_options(
         parser, threshold_help="add a detection_CLASS column (activation > VALUE); repeatable"
@@ -228,7 +230,7 @@ def _add_rescore_parser(commands: argparse._SubParsersAction) -> None:
     rescore.add_argument(
         "store", metavar="STORE", help="an embedding store (an analysis' OUTPUT/embeddings)"
     )
-    _add_run_options(rescore)
+    _add_run_options(rescore, from_store=True)
 
 
 def _add_watch_options(analyze: argparse.ArgumentParser) -> None:

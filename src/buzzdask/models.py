@@ -197,7 +197,7 @@ def resolve_embedder(
 def resolve_model(
     model: str | os.PathLike[str],
     *,
-    embedder: str | None = None,
+    embedder: str | EmbedderSpec | None = None,
     search_dirs: Sequence[str | os.PathLike[str]] | None = None,
     settings: Settings | None = None,
 ) -> ModelSpec:
@@ -208,9 +208,11 @@ def resolve_model(
     model : str or path-like
         A directory, or a name looked up in ``search_dirs`` (``"general_v3"`` also finds
         ``model_general_v3``).
-    embedder : str, optional
+    embedder : str or EmbedderSpec, optional
         Embedder handle overriding the configured one (TF Hub URL or local directory); a URL
-        is downloaded into the cache here, on the client.
+        is downloaded into the cache here, on the client. Or the embedder itself, resolved
+        already (a store's, :func:`~buzzdask.store.stored_embedder`): the model's must have its
+        name.
     search_dirs : sequence of path-like, optional
         Where names are looked up; default ``buzzdask.model-dirs``.
     settings : Settings, optional
@@ -244,13 +246,19 @@ def resolve_model(
     if not (path / "saved_model.pb").is_file():
         raise ModelError(f"{path} has no saved_model.pb: the head must be a TF SavedModel there")
     digits = model_config.get("digits_results")
+    embedder_name = str(model_config["embeddername"])
+    if not isinstance(embedder, EmbedderSpec):
+        embedder = resolve_embedder(embedder_name, handle=embedder, settings=settings)
+    elif embedder.name != embedder_name:
+        raise ModelError(
+            f"{path.name} is a head on embedder {embedder_name!r}, not on {embedder.name!r} "
+            f"({embedder.handle})"
+        )
     return ModelSpec(
         name=path.name,
         path=str(path),
         classes=tuple(classes),
-        embedder=resolve_embedder(
-            str(model_config["embeddername"]), handle=embedder, settings=settings
-        ),
+        embedder=embedder,
         digits_results=int(digits) if digits is not None else None,
         sha256=directory_sha256(path, names=[CONFIG_NAME, "saved_model.pb", "variables"]),
     )

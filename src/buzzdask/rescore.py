@@ -29,7 +29,7 @@ from buzzdask.models import head_weights
 from buzzdask.pipeline import ChunkPipeline
 from buzzdask.preload import import_tensorflow
 from buzzdask.settings import load_settings
-from buzzdask.store import STORED_CODEC, EmbeddingStore, find_store, open_store
+from buzzdask.store import STORED_CODEC, EmbeddingStore, find_store, open_store, stored_embedder
 from buzzdask.write import OnConflict
 
 __all__ = ["rescore"]
@@ -66,10 +66,12 @@ def rescore(
     client : distributed.Client or str, optional
         The cluster to use. Default: a local cluster, started and closed here.
     embedder : str, optional
-        The embedder handle the analysis used, if not the configured one (it is not loaded:
-        its content hash finds the store's embeddings).
+        The embedder handle the analysis used (it is not loaded: its content hash finds the
+        store's embeddings). Default: the store's record of its embedder, where it holds one
+        set of embeddings (:func:`~buzzdask.store.stored_embedder`); else the configured one.
     frame_hop_s : float > 0 [s], optional
-        The hop the analysis used (default: one whole frame).
+        The hop the analysis used (default: the store's, where it holds one set; else one
+        whole frame).
     thresholds, precision
         As for :func:`buzzdask.analyze`.
     on_conflict : {"error", "resume", "new"}, default: "error"
@@ -106,11 +108,13 @@ def rescore(
     quiet_environment()
     store = find_store(store)  # before the embedder: a path without a store says so first
     settings = load_settings(memory_budget=memory_budget, batch_frames=batch_frames)
+    # The store's own record of its embedder, which is never loaded: no TF Hub, no download.
+    stored = stored_embedder(store) if embedder is None else None
     plan = plan_run(
         model,
         settings,
-        embedder=embedder,
-        frame_hop_s=frame_hop_s,
+        embedder=embedder if stored is None else stored[0],
+        frame_hop_s=stored[1] if stored is not None and frame_hop_s is None else frame_hop_s,
         thresholds=thresholds,
         precision=precision,
         ffmpeg=None,

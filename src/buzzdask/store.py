@@ -52,6 +52,7 @@ __all__ = [
     "find_store",
     "load_stored",
     "open_store",
+    "stored_embedder",
 ]
 
 # Bump when the part layout changes: older stores are then simply not found.
@@ -380,6 +381,46 @@ def _no_catalog(root: Path) -> ModelError:
         f"{root} holds no embeddings an analysis stored (no */{_CATALOG}); "
         f"analyse with --keep-embeddings first"
     )
+
+
+def stored_embedder(root: str | os.PathLike[str]) -> tuple[EmbedderSpec, float] | None:
+    """The embedder and frame hop of the embeddings under ``root``, where it holds one set.
+
+    A re-scoring never loads the embedder: the store's record of it (name, content hash,
+    frame geometry) is all it needs, on a machine without the embedder or TF Hub.
+
+    Parameters
+    ----------
+    root : path-like
+        A store (:func:`find_store`).
+
+    Returns
+    -------
+    (EmbedderSpec, float [s]) or None
+        The embedder, its ``handle`` the set's directory (never loaded), and the hop; ``None``
+        where ``root`` holds several sets, or one of another format or preprocessing
+        (:func:`open_store` then says what it holds).
+    """
+    sets = [
+        path
+        for path in sorted(Path(root).glob(f"*/{_SETTINGS}"))
+        if (path.parent / _CATALOG).exists()
+    ]
+    if len(sets) != 1:
+        return None
+    settings = json.loads(sets[0].read_text(encoding="utf-8"))
+    if (settings.get("format"), settings.get("preprocessing")) != (_FORMAT, PREPROCESSING):
+        return None
+    rate = int(settings["sample_rate"])
+    embedder = EmbedderSpec(
+        name=str(settings["embedder"]),
+        handle=str(sets[0].parent.absolute()),
+        sample_rate=rate,
+        frame_length_s=settings["frame_length"] / rate,
+        frame_context_s=settings["frame_context"] / rate,
+        sha256=str(settings["embedder_id"]),
+    )
+    return embedder, settings["frame_hop"] / rate
 
 
 def open_store(
