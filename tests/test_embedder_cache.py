@@ -136,14 +136,15 @@ def test_cache_dir_setting_and_tfhub_cache_dir(
 
 def test_embedder_fetch_reports_a_cached_copy(tmp_path: Path, tiny_embedder: Path) -> None:
     cached = fill_cache(tmp_path / "cache" / "tfhub", YAMNET, tiny_embedder)
-    done = buzzdask_cli(
-        "embedder", "fetch", env={"DASK_BUZZDASK__CACHE_DIR": str(tmp_path / "cache")}
-    )
+    env = {"DASK_BUZZDASK__CACHE_DIR": str(tmp_path / "cache")}
+    done = buzzdask_cli("embedder", "fetch", env=env)
     assert done.returncode == EXIT_OK, done.stderr
     path = str(cached.resolve())
     assert f"embedder {YAMNET} is in {path}" in done.stdout
     assert f"--embedder {path}" in done.stdout
     assert f"buzzdask.embedders.yamnet_k2.handle: {path}" in done.stdout
+    # The embedder's name, as the models' configs say it, fetches its configured handle.
+    assert buzzdask_cli("embedder", "fetch", "yamnet_k2", env=env).stdout == done.stdout
 
 
 def test_embedder_fetch_offline_fails_with_one_line(tmp_path: Path) -> None:
@@ -153,6 +154,9 @@ def test_embedder_fetch_offline_fails_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == EXIT_ERROR
     assert done.stderr.startswith(f"buzzdask: error: cannot load embedder '{UNREACHABLE}': ")
     assert len(done.stderr.strip().splitlines()) == 1
+    # Not the advice to run the command that just failed.
+    assert "; run the fetch on a machine with internet (an OSC login node)" in done.stderr
+    assert "embedder fetch" not in done.stderr
 
 
 def test_incomplete_copy_is_refused(hub_cache: Path, tiny_embedder: Path) -> None:

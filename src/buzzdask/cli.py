@@ -337,7 +337,7 @@ def _add_embedder_parser(commands: argparse._SubParsersAction) -> None:
         "handle",
         nargs="?",
         metavar="HANDLE",
-        help="TF Hub URL (default: the configured handle of --name)",
+        help="TF Hub URL, or an embedder's name (default: the configured handle of --name)",
     )
     fetch.add_argument(
         "--name", default="yamnet_k2", help="embedder in buzzdask.embedders (default yamnet_k2)"
@@ -727,12 +727,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _embedder(args: argparse.Namespace) -> int:
     from buzzdask.models import resolve_embedder
+    from buzzdask.settings import load_settings
 
-    spec = resolve_embedder(args.name, handle=args.handle)
+    name, handle = args.name, args.handle
+    if handle in load_settings().embedders and not os.path.exists(handle):
+        name, handle = handle, None  # an embedder's name (`fetch yamnet_k2`): its handle
+    spec = resolve_embedder(name, handle=handle, fetching=True)
     print(f"buzzdask: embedder {spec.source or spec.handle} is in {spec.handle}")
     print(
         f"buzzdask: use it with --embedder {spec.handle}, or set "
-        f"buzzdask.embedders.{args.name}.handle: {spec.handle}"
+        f"buzzdask.embedders.{name}.handle: {spec.handle}"
         + (" (runs given the URL find it there too)" if spec.source else "")
     )
     return EXIT_OK

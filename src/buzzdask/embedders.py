@@ -88,7 +88,7 @@ def is_remote(handle: str) -> bool:
     return "://" in handle and urllib.parse.urlsplit(handle).scheme != "file"
 
 
-def local_embedder(handle: str, *, name: str, settings: Settings) -> Path:
+def local_embedder(handle: str, *, name: str, settings: Settings, fetching: bool = False) -> Path:
     """The local SavedModel directory for an embedder handle, downloading a URL once.
 
     Parameters
@@ -100,6 +100,9 @@ def local_embedder(handle: str, *, name: str, settings: Settings) -> Path:
         The embedder's name in ``buzzdask.embedders`` (for the fix in messages).
     settings : Settings
         The run's settings (``cache_dir``).
+    fetching : bool, default: False
+        Called by ``buzzdask embedder fetch``: a failed download's advice is then not to run
+        that command.
 
     Returns
     -------
@@ -125,7 +128,8 @@ def local_embedder(handle: str, *, name: str, settings: Settings) -> Path:
             path = _download(handle, cache)
         except Exception as error:  # whatever urllib, tarfile or TensorFlow raise
             cause = " ".join(str(error).split()) or type(error).__name__
-            raise _cannot_load(handle, cause, name=name, fix="fetch") from error
+            fix = "elsewhere" if fetching else "fetch"
+            raise _cannot_load(handle, cause, name=name, fix=fix) from error
     problem = saved_model_problem(path)
     if problem:
         raise _cannot_load(
@@ -193,6 +197,8 @@ def _cannot_load(handle: str, cause: str, *, name: str, fix: str | None) -> Mode
             f"on a machine with internet (an OSC login node), run `buzzdask embedder fetch "
             f"{handle}` once, then run again; or {local}"
         )
+    elif fix == "elsewhere":
+        advice = f"run the fetch on a machine with internet (an OSC login node); or {local}"
     elif fix == "refetch":
         advice = f"delete it and run `buzzdask embedder fetch {handle}`; or {local}"
     else:

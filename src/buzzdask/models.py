@@ -159,13 +159,17 @@ def feed_file(digest: hashlib._Hash, path: str | os.PathLike[str]) -> None:
 
 
 def resolve_embedder(
-    name: str, *, handle: str | None = None, settings: Settings | None = None
+    name: str,
+    *,
+    handle: str | None = None,
+    settings: Settings | None = None,
+    fetching: bool = False,
 ) -> EmbedderSpec:
     """Look up an embedder by name in ``buzzdask.embedders`` (``handle`` overrides its handle).
 
-    A URL handle is downloaded once into the cache (:func:`buzzdask.embedders.local_embedder`);
-    the result names the local directory and its content hash. ``settings`` are the run's
-    (default: :func:`~buzzdask.settings.load_settings`).
+    A URL handle is downloaded once into the cache (:func:`buzzdask.embedders.local_embedder`,
+    which takes ``fetching``); the result names the local directory and its content hash.
+    ``settings`` are the run's (default: :func:`~buzzdask.settings.load_settings`).
 
     Raises
     ------
@@ -182,7 +186,7 @@ def resolve_embedder(
         )
     configured = known[name]
     given = str(handle or configured.handle)
-    path = local_embedder(given, name=name, settings=settings)
+    path = local_embedder(given, name=name, settings=settings, fetching=fetching)
     return EmbedderSpec(
         name=name,
         handle=str(path),
