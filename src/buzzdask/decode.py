@@ -261,7 +261,7 @@ def readable_stat(path: str) -> os.stat_result:
 
 
 def _decode_failure(path: str, messages: str) -> DecodeError:
-    """Ffmpeg's failure; the file's own problem where it has one now.
+    """The error for a failed ffmpeg: the file's own problem where it has one now.
 
     A file moved, deleted or emptied after it was probed (a sync tool, a scratch purge, a
     transfer starting over) is said so, not as a decoding failure.
