@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK, PROBLEMS_SHOWN
+from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
+from buzzdask.progress import PROBLEMS_SHOWN
 from tests.conftest import requires_ffmpeg
 from tests.test_cli import buzzdask_cli
 
@@ -110,11 +111,14 @@ def test_a_run_ends_with_the_first_problems_and_where_the_rest_are(
     done = _analyze(tmp_path, tiny_model, tiny_embedder)
     assert done.returncode == EXIT_FILES_FAILED, done.stderr
     assert "buzzdask: 1/23 files" in done.stdout
-    # Each logged as it happened, then the first ones again at the end.
-    assert done.stderr.count("buzzdask: failed: notes") == PROBLEMS_SHOWN + 2 + PROBLEMS_SHOWN
+    # The first ones as they happened, then again at the end; the run's log has every one.
+    assert done.stderr.count("buzzdask: failed: notes") == 2 * PROBLEMS_SHOWN
+    assert f"buzzdask: more than {PROBLEMS_SHOWN} problems: the others go to" in done.stderr
     errors = tmp_path / "out" / "errors.parquet"
     assert f"buzzdask: ... and 2 more, every one in {errors}" in done.stderr
     assert len(pd.read_parquet(errors)) == PROBLEMS_SHOWN + 2
+    log = (tmp_path / "out" / "buzzdask.log").read_text()
+    assert log.count("buzzdask: failed: notes") == PROBLEMS_SHOWN + 2
 
 
 @requires_ffmpeg

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command ended by SIGINT (Ctrl-C)
-#: Problems listed when a run ends (each was logged as it happened; errors.parquet has them all).
-PROBLEMS_SHOWN = 20
 
 _P = ParamSpec("_P")
 
@@ -638,7 +636,7 @@ def _report(result: Any) -> int:
     """Print a run's one-line summary and its problems; its exit code."""
     import pandas as pd
 
-    from buzzdask.progress import format_audio, format_count, format_factor
+    from buzzdask.progress import PROBLEMS_SHOWN, format_audio, format_count, format_factor
     from buzzdask.write import OutputLayout
 
     summary = result.summary

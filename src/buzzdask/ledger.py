@@ -18,7 +18,7 @@ from buzzdask.errors import DecodeError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
 from buzzdask.pipeline import ChunkJob, chunk_label
-from buzzdask.progress import Progress, format_count, logger
+from buzzdask.progress import PROBLEMS_SHOWN, Progress, format_count, logger
 from buzzdask.score import ChunkTarget, ChunkWriter
 from buzzdask.store import STORED_CODEC, EmbeddingStore
 from buzzdask.write import OutputLayout, PartitionWriter, is_output_full, output_full_error
@@ -131,8 +131,7 @@ class FileLedger:
                 f"cut short: its header declares {answer.declared_duration_s:.1f} s, "
                 f"the file holds {answer.duration_s or 0.0:.1f} s (analysed what it holds)"
             )
-            logger.warning("%s: %s", relative, reason)
-            self._row(relative, None, "probe", reason, "", kept=True)
+            self._row(relative, None, "probe", reason, "", kept=True, line=f"{relative}: {reason}")
         return self.planned(
             state, answer, plan_chunks(answer, self.spec, frames_per_chunk=self.frames_per_chunk)
         )
@@ -359,24 +358,46 @@ class FileLedger:
         self, state: FileState, chunk: int | None, stage: str, reason: str, detail: str
     ) -> None:
         state.failed = True
+        relative = state.input.relative
         where = "" if chunk is None else f" chunk {chunk}"
-        logger.warning("failed: %s%s: %s", state.input.relative, where, reason)
-        self.progress.error(state.input.relative, reason)
-        self._row(state.input.relative, chunk, stage, reason, detail, kept=False)
+        self.progress.error(relative, reason)
+        line = f"failed: {relative}{where}: {reason}"
+        self._row(relative, chunk, stage, reason, detail, kept=False, line=line)
 
     def _damaged(self, relative: str, chunk: int, label: str, messages: str) -> None:
         """A chunk ffmpeg decoded but reported damage in: its frames are kept, with a row."""
         damaged = "ffmpeg reported damaged audio (decoded what it could)"
-        logger.warning("%s: %s", label, damaged)
-        self._row(relative, chunk, "decode", damaged, messages, kept=True)
+        line = f"{label}: {damaged}"
+        self._row(relative, chunk, "decode", damaged, messages, kept=True, line=line)
 
     def _row(
-        self, file: str, chunk: int | None, stage: str, reason: str, detail: str, *, kept: bool
+        self,
+        file: str,
+        chunk: int | None,
+        stage: str,
+        reason: str,
+        detail: str,
+        *,
+        kept: bool,
+        line: str,
     ) -> None:
-        """A row of the errors table (:data:`buzzdask.write.ERROR_COLUMNS`).
+        """A row of the errors table (:data:`buzzdask.write.ERROR_COLUMNS`), and its ``line``.
 
-        ``kept``: the frames were written all the same (damaged audio, a file cut short).
+        ``kept``: the frames were written all the same (damaged audio, a file cut short). The
+        first :data:`~buzzdask.progress.PROBLEMS_SHOWN` lines are warnings, on the console as
+        they happen; the others go to the run's log only (INFO), so that a folder of ten
+        thousand bad files does not bury the console.
         """
+        if len(self.errors) < PROBLEMS_SHOWN:
+            logger.warning("%s", line)
+        else:
+            if len(self.errors) == PROBLEMS_SHOWN:
+                logger.warning(
+                    "more than %d problems: the others go to the run's log (buzzdask.log) as "
+                    "they happen, not here; errors.parquet lists every one when the run ends",
+                    PROBLEMS_SHOWN,
+                )
+            logger.info("%s", line)
         self.errors.append(
             {
                 "file": file,

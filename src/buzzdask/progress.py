@@ -19,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 __all__ = [
+    "PROBLEMS_SHOWN",
     "Progress",
     "TqdmHandler",
     "format_audio",
@@ -28,6 +29,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("buzzdask")
+
+#: Problems (a file failed, cut short, damaged) on the console: as they happen, and listed again
+#: when a run ends. The run's log and errors.parquet have them all.
+PROBLEMS_SHOWN = 20
 
 # Latest errors kept for the dashboard page, and the realtime-factor history's length.
 _ERRORS_KEPT = 20
