@@ -293,6 +293,21 @@ def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
     assert_same_frames(resumed.to_pandas(), complete.to_pandas())
 
 
+def test_paths_from_a_notebook_expand_home_as_pandas_does(run, make_audio, tmp_path, monkeypatch):
+    """``"~/..."`` is the user's home (a folder named ``~`` before), and ``..`` is taken off."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_audio("site/a.wav", n_samples=2 * FRAME)
+    result = run("~/audio", output="~/elsewhere/../results")
+    assert result.ok, result.errors
+    assert result.output == tmp_path / "results" and result.summary["files_done"] == 1
+    run_read = buzzdask.open_run("~/results")
+    assert run_read.complete and run_read.recordings() == ["site/a.wav"]
+    table = buzzdask.summarize("~/results", thresholds={"ins_buzz": 0.0}, dest="~/summaries")
+    written = [Path(path) for path in table.attrs["paths"].values()]
+    assert written and all(path.parent == tmp_path / "summaries" for path in written)
+    assert not (tmp_path / "~").exists() and not Path("~").exists()
+
+
 def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):
     from tests.model_fixtures import build_tiny_head
 

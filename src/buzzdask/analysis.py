@@ -29,7 +29,7 @@ from buzzdask.decode import PREPROCESSING, decode_chunk
 from buzzdask.errors import ModelError, ParameterError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
-from buzzdask.inputs import InputFile, describe_skipped, scan
+from buzzdask.inputs import InputFile, describe_skipped, scan, user_path
 from buzzdask.ledger import FileLedger, FileState, HeadOutput
 from buzzdask.lock import OutputLock, refuse_if_in_use
 from buzzdask.logs import quiet_environment, run_log
@@ -342,7 +342,7 @@ def plan_run(
         kept = None
     else:
         # True: in the output, once it is known (on_conflict="new" may choose another).
-        root = Path(output) / KEPT_EMBEDDINGS if store is True else Path(store)
+        root = user_path(output) / KEPT_EMBEDDINGS if store is True else user_path(store)
         kept = EmbeddingStore(root, embedder=models[0].embedder, spec=spec)
     return _Plan(
         models=models,
@@ -398,7 +398,7 @@ def run_plan(
     settings = plan.settings
     fingerprints = [_fingerprint(plan, i) for i in range(len(plan.models))]
     if on_conflict != "new":  # a new run goes elsewhere when another holds the output
-        refuse_if_in_use(Path(output), stale_s=settings.lock_stale_seconds)
+        refuse_if_in_use(user_path(output), stale_s=settings.lock_stale_seconds)
     root, layouts = _prepare_outputs(plan, output, on_conflict, fingerprints)
     if plan.store_in_output:
         store = EmbeddingStore(root / KEPT_EMBEDDINGS, embedder=plan.embedder, spec=plan.spec)
@@ -537,7 +537,7 @@ def _prepare_outputs(
             output, on_conflict=on_conflict, fingerprint=fingerprints[0], options=_options(plan, 0)
         )
         return layout.root, [layout]
-    root = Path(output).absolute()
+    root = user_path(output)
     names = {m.name for m in plan.models}
     check_run_directory(root, names=names)
     if on_conflict == "new" and root.is_dir() and any(root.iterdir()):

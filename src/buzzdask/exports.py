@@ -43,6 +43,7 @@ import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.events import stored_recording_events
+from buzzdask.inputs import user_path
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
 from buzzdask.write import atomic_path
@@ -339,7 +340,7 @@ def export(
                 f"no threshold for the classes asked ({selected}); thresholds are given for "
                 f"{list(choice.values)}"
             )
-    target = Path(dest) if dest is not None else run.output / "export" / format
+    target = user_path(dest) if dest is not None else run.output / "export" / format
     target = target.absolute()
     if format == "raven" and not values:
         raise ParameterError(

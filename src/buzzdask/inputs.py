@@ -14,7 +14,15 @@ from pathlib import Path, PurePosixPath
 
 from buzzdask.errors import InputError
 
-__all__ = ["Discovery", "InputFile", "Skipped", "describe_skipped", "discover", "scan"]
+__all__ = [
+    "Discovery",
+    "InputFile",
+    "Skipped",
+    "describe_skipped",
+    "discover",
+    "scan",
+    "user_path",
+]
 
 # Names a copy in progress leaves (rclone's --partial-suffix, browsers, editors): not audio yet.
 _PARTIAL_SUFFIXES = (".partial", ".part", ".tmp", ".crdownload")
@@ -27,6 +35,15 @@ _OUTPUT_MARKERS = ("buzzdask.json", "buzzdask.log")
 #: Skipped without a word when there is audio beside them: results written among the inputs
 #: (``--output`` inside the input folder) would otherwise be listed on every resume.
 _QUIET = ("hidden", "readme", "buzzdask output")
+
+
+def user_path(path: str | os.PathLike[str]) -> Path:
+    """A path the user gave, absolute: ``~`` expanded, ``..`` taken off as the shell does.
+
+    From a notebook, ``output="~/results/run1"`` is the user's home, as for pandas: not a
+    folder named ``~`` in the working directory.
+    """
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 @dataclass(frozen=True)
@@ -159,7 +176,7 @@ def scan(
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    absolute = [os.path.abspath(os.fspath(p)) for p in paths]
+    absolute = [str(user_path(p)) for p in paths]
     if not absolute:
         raise InputError("no input paths given")
     missing = [p for p in absolute if not os.path.lexists(p)]

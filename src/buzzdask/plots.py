@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
+from buzzdask.inputs import user_path
 from buzzdask.recording_time import TimeFormat, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.summaries import By, resolve_summary, summarize
@@ -265,7 +266,7 @@ def plot_run(
     """
     run = output if isinstance(output, Run) else open_run(output)
     settings = resolve_summary(run, bin=bin, by=by, precision=precision, thresholds=thresholds)
-    folder = Path(dest) if dest is not None else run.output / "summaries"
+    folder = user_path(dest) if dest is not None else run.output / "summaries"
     chosen = list(recordings) if recordings is not None else run.recordings()[:1]
     known = set(run.recordings())
     missing = [name for name in chosen if name not in known]

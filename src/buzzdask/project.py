@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from buzzdask.inputs import user_path
+
 __all__ = ["init_project"]
 
 LAYOUT = {
@@ -46,7 +48,7 @@ def init_project(directory: str | os.PathLike[str]) -> list[Path]:
     list of Path
         The READMEs created (empty when everything existed).
     """
-    root = Path(directory)
+    root = user_path(directory)
     created = []
     for name, text in LAYOUT.items():
         folder = root / name

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from buzzdask.errors import ParameterError, TransferError
+from buzzdask.inputs import user_path
 from buzzdask.progress import logger
 from buzzdask.settings import TransferSettings, load_settings
 from buzzdask.write import utc_now
@@ -154,7 +155,7 @@ def transfer(
     size = settings.transfer.batch_size
     runner = _Rclone(settings.transfer)
     suffixes = {e.lower() for e in settings.extensions}
-    target = Path(destination).absolute()
+    target = user_path(destination)
     target.mkdir(parents=True, exist_ok=True)
     marker = target / settings.watch.marker
     marker.unlink(missing_ok=True)  # a new transfer: analyses watching must wait for its end
@@ -227,7 +228,7 @@ def upload(
     TransferError
         As for :func:`transfer`.
     """
-    local = Path(source).absolute()
+    local = user_path(source)
     if not local.is_dir():
         raise ParameterError(f"upload source {local} is not a directory")
     settings = load_settings(transfer={"rclone": rclone, "rclone_flags": rclone_flags})

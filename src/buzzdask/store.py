@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from buzzdask.decode import PREPROCESSING
 from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
+from buzzdask.inputs import user_path
 from buzzdask.models import EmbedderSpec, feed_file
 from buzzdask.write import KEPT_EMBEDDINGS, numeric_array, write_json, write_table
 
@@ -146,7 +147,7 @@ class EmbeddingStore:
     def __init__(
         self, root: str | os.PathLike[str], *, embedder: EmbedderSpec, spec: FrameSpec
     ) -> None:
-        self.root = Path(root).expanduser().absolute()
+        self.root = user_path(root)
         self.settings: dict[str, Any] = {
             "format": _FORMAT,
             "embedder": embedder.name,
@@ -369,7 +370,7 @@ def find_store(path: str | os.PathLike[str]) -> Path:
     ModelError
         If neither holds embeddings an analysis stored (a catalog).
     """
-    given = Path(path)
+    given = user_path(path)
     for root in (given, given / KEPT_EMBEDDINGS):
         if any(root.glob(f"*/{_CATALOG}")):
             return root

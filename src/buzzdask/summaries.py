@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
+from buzzdask.inputs import user_path
 from buzzdask.recording_time import TimeFormat, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import COMPARISON, choose_thresholds, detected
@@ -172,7 +173,7 @@ def group_values(relative: str, *, levels: Sequence[int], by_file: bool) -> tupl
 
 def summary_paths(dest: str | os.PathLike[str], label: str) -> dict[str, Path]:
     """Where a summary is written: ``<label>.parquet``, ``<label>.csv``, ``<label>-files.csv``."""
-    folder = Path(dest)
+    folder = user_path(dest)
     return {
         "parquet": folder / f"{label}.parquet",
         "csv": folder / f"{label}.csv",

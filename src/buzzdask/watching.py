@@ -28,7 +28,7 @@ from distributed import Client
 
 from buzzdask.analysis import AnalysisResult, analyze
 from buzzdask.errors import InputError, ParameterError
-from buzzdask.inputs import discover
+from buzzdask.inputs import discover, user_path
 from buzzdask.progress import logger
 from buzzdask.session import connect
 from buzzdask.settings import load_settings
@@ -119,7 +119,7 @@ def watch(
     if not isinstance(model, (str, os.PathLike)):
         # Each pass's results are followed in one output; several heads would need one each.
         raise ParameterError("watch takes one model; run several heads with analyze")
-    root = Path(directory).absolute()
+    root = user_path(directory)
     if root.exists() and not root.is_dir():
         raise ParameterError(f"watch needs a directory; {root} is not one")
     marker_path = root / settings.watch.marker

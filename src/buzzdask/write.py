@@ -38,6 +38,7 @@ from dask.utils import format_bytes
 
 from buzzdask.errors import OutputConflictError, OutputFullError, ParameterError
 from buzzdask.frames import FrameSpec
+from buzzdask.inputs import user_path
 from buzzdask.progress import format_audio, format_count
 from buzzdask.thresholds import detected
 
@@ -72,6 +73,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OnConflict = Literal["error", "resume", "new"]
+
 ConflictReason = Literal[
     "not a directory",
     "cannot create",
@@ -111,7 +113,7 @@ class OutputLayout:
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).absolute()
+        self.root = user_path(root)
         self.scores = self.root / "scores"
         self.metadata = self.root / "buzzdask.json"
         self.errors = self.root / "errors.parquet"

@@ -24,7 +24,7 @@ import pandas as pd
 from buzzdask.decode import AudioInfo
 from buzzdask.errors import InputError, ParameterError
 from buzzdask.frames import FrameSpec
-from buzzdask.inputs import discover
+from buzzdask.inputs import discover, user_path
 
 __all__ = [
     "LABEL_COLUMNS",
@@ -176,11 +176,11 @@ def directories(paths: Any, name: str) -> list[Path]:
     InputError
         If one is not a directory; the message names the option ``name``.
     """
-    found = [Path(p).expanduser() for p in as_list(paths)]
+    found = [user_path(p) for p in as_list(paths)]
     missing = [str(d) for d in found if not d.is_dir()]
     if missing:
         raise InputError(f"{name}: not a directory: {', '.join(missing)}")
-    return [d.absolute() for d in found]
+    return found
 
 
 def collect_files(

@@ -23,6 +23,7 @@ from distributed import Client
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
+from buzzdask.inputs import user_path
 from buzzdask.logs import quiet_workers
 from buzzdask.models import resolve_embedder
 from buzzdask.session import connect
@@ -178,6 +179,8 @@ def train(
     """
     started_wall = time.perf_counter()
     started = utc_now()
+    if not isinstance(labels, pd.DataFrame):
+        labels = user_path(labels)  # read here, and hashed into the records at the end
     base = load_settings(
         chunk_seconds=chunk_seconds,
         memory_budget=memory_budget,
@@ -289,7 +292,7 @@ def _resolve(
 
 
 def _check_output(output: str | os.PathLike[str]) -> Path:
-    path = Path(output).expanduser().absolute()
+    path = user_path(output)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise OutputConflictError(
             f"output {path} already exists and is not an empty directory; choose a new one"
