@@ -54,7 +54,9 @@ def test_init_creates_the_documented_layout(tmp_path) -> None:
     for name in ("audio_in", "models", "results", "logs"):
         assert (tmp_path / "project" / name / "README.md").is_file()
     again = buzzdask_cli("init", str(tmp_path / "project"))
-    assert again.returncode == EXIT_OK and again.stdout == ""
+    assert again.returncode == EXIT_OK, again.stderr
+    already = "has the project layout already: nothing created"
+    assert again.stdout == f"{tmp_path / 'project'} {already}\n"
 
 
 @requires_ffmpeg

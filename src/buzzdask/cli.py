@@ -565,8 +565,11 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     if args.command == "init":
         from buzzdask.project import init_project
 
-        for readme in init_project(args.directory):
+        created = init_project(args.directory)
+        for readme in created:
             print(f"created {readme}")
+        if not created:
+            print(f"{args.directory} has the project layout already: nothing created")
         return EXIT_OK
     if args.command == "transfer":
         return _transfer(args)
