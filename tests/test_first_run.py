@@ -207,12 +207,16 @@ def test_the_bar_ends_at_exactly_the_audio_analysed(
         "--chunk-seconds", "1",
     )  # fmt: skip
     assert done.returncode == EXIT_FILES_FAILED, done.stderr
-    bars = [line for line in re.split(r"[\r\n]", done.stderr) if "% |" in line or "%|" in line]
+    # Not a terminal: the bar's numbers as lines, the last at the end; no redraws.
+    assert "\r" not in done.stderr
+    bars = [
+        line for line in done.stderr.splitlines() if line.startswith("buzzdask: ") and "%| " in line
+    ]
     last = bars[-1]
     summary = json.loads((out / "buzzdask.json").read_text())["summary"]
     analysed = format_audio(summary["audio_hours"] * 3600)
     assert analysed == "10 s"  # 6 + 4 frames of 0.96 s
-    assert last.startswith("100%|"), bars
+    assert last.startswith("buzzdask: 100%| "), bars
     assert f"| 3/3 files (1 failed), {analysed}/{analysed} audio, " in last
     assert re.search(r"audio, [\d.,]+x realtime$", last.rstrip()), last
     assert re.search(r"2/3 files, 10 s of audio in \d+\.\d s \([\d.,]+x realtime\)", done.stdout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from buzzdask import progress as progress_module
 from buzzdask.dashboard_page import render_page
 from buzzdask.progress import Progress, format_audio, format_count, format_factor
 
@@ -37,6 +38,27 @@ def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
     assert last["errors"][0]["file"] == "bad.mp3"
     assert progress.describe().startswith("3/3 files (1 failed), 2.8 min/2.8 min audio, ")
     assert "left" not in progress.describe()
+
+
+def test_a_log_gets_a_line_a_minute_not_a_bar(capsys, monkeypatch):
+    """stderr a file (a batch job's log, here pytest's capture): lines, never a redraw."""
+    monkeypatch.setattr(progress_module, "PROGRESS_LINE_INTERVAL_S", 0.0)
+    progress = Progress(enabled=True, verbose=False, files=2)
+    progress.expect("a.wav", 60.0)
+    progress.expect("b.wav", 60.0)
+    progress.advance("a.wav", 30.0)
+    progress.advance("a.wav", 30.0)
+    progress.finished("a.wav", failed=False)
+    monkeypatch.setattr(progress_module, "PROGRESS_LINE_INTERVAL_S", 3600.0)
+    progress.advance("b.wav", 30.0)  # within the interval: no line
+    progress.advance("b.wav", 30.0)
+    progress.finished("b.wav", failed=False)
+    progress.close()  # the last numbers, whatever the interval
+    lines = capsys.readouterr().err
+    assert "\r" not in lines
+    shown = [line.split(", ")[0] for line in lines.splitlines()]
+    assert "buzzdask:  25%| 0/2 files" in shown, lines
+    assert shown[-2:] == ["buzzdask:  50%| 1/2 files", "buzzdask: 100%| 2/2 files"], lines
 
 
 def test_a_failed_file_takes_its_unanalysed_audio_out_of_the_total():

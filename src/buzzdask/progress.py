@@ -34,6 +34,9 @@ logger = logging.getLogger("buzzdask")
 #: when a run ends. The run's log and errors.parquet have them all.
 PROBLEMS_SHOWN = 20
 
+#: Seconds between progress lines where stderr is a file (a batch job's log), not a terminal.
+PROGRESS_LINE_INTERVAL_S = 60.0
+
 # Latest errors kept for the dashboard page, and the realtime-factor history's length.
 _ERRORS_KEPT = 20
 _HISTORY_KEPT = 600
@@ -107,7 +110,10 @@ class Progress:
     Parameters
     ----------
     enabled : bool
-        Show the bar (tqdm's notebook bar in Jupyter, where ipywidgets is installed).
+        Show the bar (tqdm's notebook bar in Jupyter, where ipywidgets is installed). Where
+        stderr is not a terminal (a batch job's log), a line every
+        :data:`PROGRESS_LINE_INTERVAL_S` and one at the end instead: a bar there is a redraw
+        every half second, thousands an hour, in one line of the log.
     verbose : bool
         Log a line per chunk stage at INFO (a handler is added if the ``buzzdask`` logger has none).
     files : int >= 0
@@ -147,9 +153,11 @@ class Progress:
         self._publish_interval_s = publish_interval_s
         self._published = 0.0
         self._closed = False
+        self._lines = enabled and not _interactive()
+        self._line_shown = time.monotonic()
         self._bar = tqdm(
             total=0.0,
-            disable=not enabled,
+            disable=not enabled or self._lines,
             dynamic_ncols=True,
             mininterval=0.5,
             bar_format="{percentage:3.0f}%|{bar}| {desc}",
@@ -280,6 +288,8 @@ class Progress:
         self._bar.set_description_str(self.describe(), refresh=False)
         self._bar.refresh()
         self._bar.close()
+        if self._lines:
+            self._line()
         self._send(force=True)
         if self._handler is not None:
             logger.removeHandler(self._handler)
@@ -288,7 +298,16 @@ class Progress:
         self._bar.total = self.audio_expected_s
         self._bar.set_description_str(self.describe(), refresh=False)
         self._bar.update(update)  # redraws at most every ``mininterval``, even for 0
+        if self._lines and time.monotonic() - self._line_shown >= PROGRESS_LINE_INTERVAL_S:
+            self._line()
         self._send()
+
+    def _line(self) -> None:
+        """The bar's numbers as one line of the log."""
+        self._line_shown = time.monotonic()
+        total = self.audio_expected_s
+        percent = 100 * min(self.audio_done_s / total, 1.0) if total else 0.0
+        print(f"buzzdask: {percent:3.0f}%| {self.describe()}", file=sys.stderr, flush=True)
 
     def _send(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -300,6 +319,13 @@ class Progress:
             self._history.append((now - self._started, factor))
         if self._publish is not None:
             self._publish(self.snapshot())
+
+
+def _interactive() -> bool:
+    """Whether the bar is seen as it redraws: a terminal, or a notebook's widget or output."""
+    widget = any(base.__module__ == "tqdm.notebook" for base in tqdm.__mro__)
+    kernel = type(sys.stderr).__module__.startswith("ipykernel")
+    return widget or kernel or sys.stderr.isatty()
 
 
 def _duration(seconds: float) -> str:
