@@ -118,6 +118,8 @@ def test_realtime_factor_has_three_significant_figures_at_most(factor, text):
 )
 def test_counts_say_one_chunk_not_one_chunks(count, text):
     assert format_count(count, "chunk") == text
+    batches = text.replace("chunks", "batches").replace("chunk", "batch")
+    assert format_count(count, "batch", "batches") == batches
 
 
 def test_page_escapes_what_it_shows():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dask.utils import format_bytes
 
 from buzzdask import DecodeError, ParameterError, probe_audio
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
@@ -175,7 +176,8 @@ def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path):
     done = cli("transfer", "sharepoint:cli", str(tmp_path / "d"), flags=flags)
     stdout, stderr = done.communicate(timeout=120)
     assert done.returncode == EXIT_OK, stderr
-    assert "1 files" in stdout and (tmp_path / "d" / "x.wav").is_file()
+    size = format_bytes((tmp_path / "d" / "x.wav").stat().st_size)
+    assert stdout.startswith(f"buzzdask: 1 file ({size}) in 1 batch -> "), stdout
 
     back = cli("transfer", "--upload", str(tmp_path / "d"), "sharepoint:cli-back", flags=flags)
     stdout, stderr = back.communicate(timeout=120)

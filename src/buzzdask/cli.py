@@ -672,9 +672,13 @@ def _transfer(args: argparse.Namespace) -> int:
         result = upload(args.source, args.destination)
     else:
         result = transfer(args.source, args.destination, batch_size=args.batch_size)
+    from dask.utils import format_bytes
+
+    from buzzdask.progress import format_count
+
     print(
-        f"buzzdask: {len(result.files)} files ({result.bytes} bytes) in {result.batches} "
-        f"batch(es) -> {result.destination}"
+        f"buzzdask: {format_count(len(result.files), 'file')} ({format_bytes(result.bytes)}) in "
+        f"{format_count(result.batches, 'batch', 'batches')} -> {result.destination}"
         + (f"; {len(result.skipped)} already there" if result.skipped else "")
     )
     return EXIT_OK

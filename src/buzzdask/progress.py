@@ -80,13 +80,13 @@ def format_audio(seconds: float, *, total_s: float | None = None) -> str:
     return f"{seconds / 3600:,.0f} h"
 
 
-def format_count(count: int, noun: str) -> str:
-    """A count and its noun, singular for one.
+def format_count(count: int, noun: str, plural: str | None = None) -> str:
+    """A count and its noun, singular for one (``plural`` where it is not ``noun + "s"``).
 
-    >>> format_count(1, "chunk"), format_count(12000, "chunk")
-    ('1 chunk', '12,000 chunks')
+    >>> format_count(1, "chunk"), format_count(12000, "chunk"), format_count(2, "batch", "batches")
+    ('1 chunk', '12,000 chunks', '2 batches')
     """
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
 
 def format_factor(factor: float | None) -> str:
