@@ -153,8 +153,10 @@ def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = Fals
     )
     parser.add_argument("--output", required=True, help="output directory")
     stores = " (default: the store's, where it holds one set of embeddings)" if from_store else ""
+    configured = " (default: buzzdask.embedders' handle for the model's embedder: YAMNet, TF Hub)"
     parser.add_argument(
-        "--embedder", help=f"embedder handle: TF Hub URL or local SavedModel directory{stores}"
+        "--embedder",
+        help="embedder handle: TF Hub URL or local SavedModel directory" + (stores or configured),
     )
     parser.add_argument(
         "--framehop",
