@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "PROBLEMS_SHOWN",
+    "PROGRESS_LINE_INTERVAL_S",
     "Progress",
     "TqdmHandler",
     "format_audio",
