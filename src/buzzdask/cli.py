@@ -668,16 +668,15 @@ def _report(result: Any) -> int:
 
 
 def _transfer(args: argparse.Namespace) -> int:
+    from dask.utils import format_bytes
+
+    from buzzdask.progress import format_count
     from buzzdask.rclone import transfer, upload
 
     if args.upload:
         result = upload(args.source, args.destination)
     else:
         result = transfer(args.source, args.destination, batch_size=args.batch_size)
-    from dask.utils import format_bytes
-
-    from buzzdask.progress import format_count
-
     print(
         f"buzzdask: {format_count(len(result.files), 'file')} ({format_bytes(result.bytes)}) in "
         f"{format_count(result.batches, 'batch', 'batches')} -> {result.destination}"
