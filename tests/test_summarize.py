@@ -282,6 +282,9 @@ def test_plots(lab_run, tmp_path, capsys):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(OutputConflictError, match="plot files already exist"):
         plot_run(output, bin="1min", thresholds={"ins_buzz": threshold}, dest=tmp_path)
+    # A recording named without its folders: the names it has, the closest first.
+    with pytest.raises(ParameterError, match=r"as in its file column, e\.g\. 'siteB/notime\.wav'"):
+        plot_run(output, thresholds={"ins_buzz": threshold}, recordings=["notime.wav"])
     # The command: every recording asked for, into the summaries folder by default.
     argv = ["plot", str(output), "--threshold", f"ins_buzz={threshold!r}"]
     argv += ["--recording", "siteB/notime.wav", "--recording", "siteC/deep/rec.wav"]

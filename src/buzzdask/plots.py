@@ -7,6 +7,7 @@ notebook, in a batch job and on a compute node. matplotlib is imported only when
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -268,10 +269,15 @@ def plot_run(
     settings = resolve_summary(run, bin=bin, by=by, precision=precision, thresholds=thresholds)
     folder = user_path(dest) if dest is not None else run.output / "summaries"
     chosen = list(recordings) if recordings is not None else run.recordings()[:1]
-    known = set(run.recordings())
-    missing = [name for name in chosen if name not in known]
+    known = run.recordings()
+    missing = [name for name in chosen if name not in set(known)]
     if missing:
-        raise ParameterError(f"recordings {missing} have no scores in {run.output}")
+        # Names as the file column gives them (relative to the input, with their folders).
+        meant = difflib.get_close_matches(missing[0], known, n=3) or known[:3]
+        raise ParameterError(
+            f"recordings {missing} have no scores in {run.output}; names are as in its file "
+            f"column, e.g. {', '.join(map(repr, meant))}"
+        )
     planned: dict[Path, tuple[str, str]] = {}
     for name in settings.thresholds:
         planned[folder / f"detection-rate-{_safe(name)}-{settings.label}.png"] = ("daily", name)
