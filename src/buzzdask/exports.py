@@ -341,7 +341,6 @@ def export(
                 f"{list(choice.values)}"
             )
     target = user_path(dest) if dest is not None else run.output / "export" / format
-    target = target.absolute()
     if format == "raven" and not values:
         raise ParameterError(
             "a Raven export lists detection events: pass precision= or thresholds= "
