@@ -342,7 +342,7 @@ def plan_run(
         kept = None
     else:
         # True: in the output, once it is known (on_conflict="new" may choose another).
-        root = user_path(output) / KEPT_EMBEDDINGS if store is True else user_path(store)
+        root = Path(output) / KEPT_EMBEDDINGS if store is True else Path(store)
         kept = EmbeddingStore(root, embedder=models[0].embedder, spec=spec)
     return _Plan(
         models=models,
@@ -397,8 +397,9 @@ def run_plan(
     """
     settings = plan.settings
     fingerprints = [_fingerprint(plan, i) for i in range(len(plan.models))]
+    output = user_path(output)  # once: the lock, the checks and the layouts take it as it is
     if on_conflict != "new":  # a new run goes elsewhere when another holds the output
-        refuse_if_in_use(user_path(output), stale_s=settings.lock_stale_seconds)
+        refuse_if_in_use(output, stale_s=settings.lock_stale_seconds)
     root, layouts = _prepare_outputs(plan, output, on_conflict, fingerprints)
     if plan.store_in_output:
         store = EmbeddingStore(root / KEPT_EMBEDDINGS, embedder=plan.embedder, spec=plan.spec)
@@ -523,7 +524,7 @@ def import_in_background(module: str) -> None:
 
 def _prepare_outputs(
     plan: _Plan,
-    output: str | os.PathLike[str],
+    output: Path,
     on_conflict: OnConflict,
     fingerprints: Sequence[Mapping[str, Any]],
 ) -> tuple[Path, list[OutputLayout]]:
@@ -537,7 +538,7 @@ def _prepare_outputs(
             output, on_conflict=on_conflict, fingerprint=fingerprints[0], options=_options(plan, 0)
         )
         return layout.root, [layout]
-    root = user_path(output)
+    root = output
     names = {m.name for m in plan.models}
     check_run_directory(root, names=names)
     if on_conflict == "new" and root.is_dir() and any(root.iterdir()):

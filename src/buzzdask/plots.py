@@ -270,7 +270,8 @@ def plot_run(
     folder = user_path(dest) if dest is not None else run.output / "summaries"
     chosen = list(recordings) if recordings is not None else run.recordings()[:1]
     known = run.recordings()
-    missing = [name for name in chosen if name not in set(known)]
+    scored = set(known)
+    missing = [name for name in chosen if name not in scored]
     if missing:
         # Names as the file column gives them (relative to the input, with their folders).
         meant = difflib.get_close_matches(missing[0], known, n=3) or known[:3]

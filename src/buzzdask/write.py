@@ -73,7 +73,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OnConflict = Literal["error", "resume", "new"]
-
 ConflictReason = Literal[
     "not a directory",
     "cannot create",
