@@ -314,6 +314,10 @@ def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):
     make_audio("a.wav", n_samples=2 * FRAME)
     with pytest.raises(InputError, match="not found"):
         run(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="must be a path or a list of paths, not None"):
+        run(None)
+    with pytest.raises(InputError, match=r"must be paths \(str or pathlib.Path\), not 3"):
+        run([tmp_path / "audio", 3])
     with pytest.raises(ModelError, match="not found"):
         run(tmp_path / "audio", model=tmp_path / "no_model")
     with pytest.raises(ParameterError, match="unknown class"):

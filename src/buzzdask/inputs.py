@@ -172,10 +172,16 @@ def scan(
     Raises
     ------
     InputError
-        If an input path does not exist or nothing is given.
+        If an input path does not exist, nothing is given, or an input is not a path.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    elif not isinstance(paths, Iterable) or isinstance(paths, bytes):
+        raise InputError(f"inputs must be a path or a list of paths, not {paths!r}")
+    paths = list(paths)
+    wrong = [p for p in paths if not isinstance(p, (str, os.PathLike))]
+    if wrong:
+        raise InputError(f"inputs must be paths (str or pathlib.Path), not {wrong[0]!r}")
     absolute = [str(user_path(p)) for p in paths]
     if not absolute:
         raise InputError("no input paths given")
