@@ -101,7 +101,7 @@ def expected_bins(frames, *, width, by, thresholds, tz=None):
     sums = ["frames", *(f"detections_{name}" for name in thresholds)]
     table = data.groupby(keys, dropna=False)[sums].sum().reset_index()
     for name in thresholds:
-        table[f"detection_rate_{name}"] = table[f"detections_{name}"] / table["frames"]
+        table[f"detectionrate_{name}"] = table[f"detections_{name}"] / table["frames"]
     table = table.sort_values(keys, ignore_index=True)
     for column in groups:
         table[column] = table[column].astype("string")
@@ -128,6 +128,15 @@ def test_bins_semantics(lab_run, tmp_path):
     table = summarize(
         output, bin="1min", by="file", thresholds={"ins_buzz": threshold}, write=False
     )
+    # buzzr's column names (R/VARIABLES.R: PREFIX_DETECTION, PREFIX_DETECTIONRATE, COL_FRAMES).
+    assert list(table.columns) == [
+        "file",
+        "bin_datetime",
+        "bin_filetime",
+        "frames",
+        "detections_ins_buzz",
+        "detectionrate_ins_buzz",
+    ]
     # Strictly greater: frames equal to the threshold are not detections.
     ties = int((frames["activation_ins_buzz"] == np.float32(threshold)).sum())
     assert ties >= 1
@@ -212,6 +221,8 @@ def test_files_written_and_never_overwritten_silently(lab_run, tmp_path):
     [
         ({"bin": "often"}, "is not a duration"),
         ({"bin": "-5min"}, "must be a positive duration"),
+        ({"bin": "5"}, r"bin='5' has no unit: give one, e.g. '5min' \(buzzr's binwidth"),
+        ({"bin": 20}, "bin=20 has no unit"),
         ({"by": "site"}, "must be 'file', a folder level"),
         ({"by": 0}, "folder levels are integers >= 1"),
         ({"thresholds": {"wasp": 1.0}}, "unknown class"),

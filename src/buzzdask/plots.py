@@ -38,7 +38,7 @@ def _group_columns(summary: pd.DataFrame) -> list[str]:
     return [
         column
         for column in summary.columns
-        if column not in _SUMMED and not column.startswith(("detections_", "detection_rate_"))
+        if column not in _SUMMED and not column.startswith(("detections_", "detectionrate_"))
     ]
 
 

@@ -12,7 +12,7 @@ Semantics, those of buzzr (``call_detections``, ``floor_start``, ``bin``, ``bin_
   consecutive files of one recorder line up. Otherwise ``bin_filetime = floor(start / width) *
   width`` seconds from the start of the file, and the file is listed as untimed;
 - per group and bin: ``frames`` (frames whose start is in the bin), ``detections_<class>`` (their
-  detections) and ``detection_rate_<class> = detections_<class> / frames``. Frames of different
+  detections) and ``detectionrate_<class> = detections_<class> / frames``. Frames of different
   files in the same group and bin add up (buzzr bins per file, then bins again across files).
 
 The dataset is read with dask.dataframe, partition by partition (one chunk file each), and only
@@ -95,13 +95,20 @@ def bin_width(bin: str | timedelta | pd.Timedelta) -> pd.Timedelta:
     Raises
     ------
     ParameterError
-        Not a duration, not positive, or not whole milliseconds.
+        Not a duration (a number without a unit included), not positive, or not whole
+        milliseconds.
 
     Examples
     --------
     >>> bin_width("5min")
     Timedelta('0 days 00:05:00')
     """
+    if isinstance(bin, (int, float)) or (isinstance(bin, str) and _is_number(bin)):
+        # pandas reads a bare number as nanoseconds; buzzr's binwidth is a number of minutes.
+        raise ParameterError(
+            f"bin={bin!r} has no unit: give one, e.g. '{bin}min' (buzzr's binwidth is in "
+            "minutes), '30s' or '1h'"
+        )
     try:
         width = pd.Timedelta(bin)
     except (ValueError, TypeError):
@@ -113,6 +120,14 @@ def bin_width(bin: str | timedelta | pd.Timedelta) -> pd.Timedelta:
     if width.value % 1_000_000:
         raise ParameterError(f"bin={bin!r} must be a whole number of milliseconds")
     return width
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _width_label(width: pd.Timedelta) -> str:
@@ -232,7 +247,7 @@ def summarize(
         Columns: the group columns (``level_<k>`` or ``file``), ``bin_datetime``
         (datetime64[ns], NaT for untimed files), ``bin_filetime`` (float64 [s] from the file's
         start, NaN for timed files), ``frames`` (int64), then per thresholded class
-        ``detections_<class>`` (int64) and ``detection_rate_<class>`` (float64), sorted by
+        ``detections_<class>`` (int64) and ``detectionrate_<class>`` (float64), sorted by
         group and bin. ``attrs``: ``untimed_files`` (list of str), ``thresholds``, ``bin``,
         ``paths`` (what was written).
 
@@ -424,7 +439,7 @@ def _finish(
         column = f"detections_{name}"
         table[column] = table[column].astype("int64")
     for name in classes:
-        table[f"detection_rate_{name}"] = table[f"detections_{name}"] / table["frames"]
+        table[f"detectionrate_{name}"] = table[f"detections_{name}"] / table["frames"]
     for column in settings.group_columns:
         table[column] = table[column].astype("string")
     return table
