@@ -217,3 +217,26 @@ def test_recording_starts_reads_metadata_under_root(tmp_path):
     assert pd.isna(table["start"].iloc[2])
     assert table["source"].tolist()[:2] == ["AudioMoth comment", "name %y%m%d_%H%M"]
     assert pd.isna(table["source"].iloc[2])
+
+
+def test_starts_on_different_clocks_are_warned_of_without_a_zone(tmp_path, caplog):
+    # An AudioMoth left at its default (UTC) beside a Song Meter named in local time.
+    add_metadata(
+        _wav(tmp_path / "moth.WAV"), comment=audiomoth_comment("09:30:00 01/06/2024", "UTC")
+    )
+    _wav(tmp_path / "SM4_20240601_053000.wav")
+    names = ["moth.WAV", "SM4_20240601_053000.wav"]
+    with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
+        naive = recording_starts(names, root=tmp_path)
+    assert (
+        naive["start"].tolist() == pd.to_datetime(["2024-06-01 09:30", "2024-06-01 05:30"]).tolist()
+    )
+    (message,) = caplog.messages
+    assert "written on different clocks: 1 UTC (moth.WAV); 1 with no zone (SM4_" in message
+    assert "--tz America/New_York" in message
+    # With the zone given, one clock and no warning; nor when every start shares a zone.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
+        zoned = recording_starts(names, root=tmp_path, tz="America/New_York")
+        recording_starts(["moth.WAV"], root=tmp_path)
+    assert zoned["start"].nunique() == 1 and not caplog.messages

@@ -18,9 +18,11 @@ A name that no format matches, or that two formats read as different times, has 
 (``None``; buzzr returns ``NA`` with a warning): callers list such files, nothing is guessed.
 
 Time zones: by default times are **naive local clock times**, as recorders write them (metadata
-that carries an offset gives its own clock reading). With ``tz`` (e.g. ``"America/New_York"``)
-naive times are localized to that zone and times with an offset are converted to it; a clock
-time that the zone skips or repeats (daylight saving changes) then has no start.
+that carries an offset gives its own clock reading; where recordings' starts are written in
+different zones, :func:`recording_starts` warns that they are not on one clock). With ``tz``
+(e.g. ``"America/New_York"``) naive times are localized to that zone and times with an offset
+are converted to it; a clock time that the zone skips or repeats (daylight saving changes) then
+has no start.
 """
 
 from __future__ import annotations
@@ -368,13 +370,18 @@ def recording_starts(
     starts: list[pd.Timestamp | None] = []
     sources: list[str | None] = []
     problems: list[str | None] = []
+    clocks: dict[str, list[str]] = {}
     for name in names:
         path = Path(root) / name if root is not None else Path(name)
         time, source, problem = _start(name, path, parser, read_metadata=read_metadata)
+        if time is not None:
+            clocks.setdefault(_clock(time), []).append(name)
         start, lost = (None, "") if time is None else _in_zone(time, tz)
         starts.append(start)
         sources.append(source if start is not None else None)
         problems.append(None if start is not None else (lost or problem))
+    if tz is None and len(clocks) > 1:
+        _warn_mixed_clocks(clocks)
     dtype = "datetime64[ns]" if tz is None else pd.DatetimeTZDtype("ns", tz)
     return pd.DataFrame(
         {
@@ -383,6 +390,33 @@ def recording_starts(
             "problem": pd.Series(problems, dtype="string"),
         }
     ).set_axis(pd.Index(names, name="file", dtype="string"))
+
+
+def _clock(time: datetime) -> str:
+    """The zone a start was written in: ``"UTC-04:00"``, ``"UTC"``, or ``""`` when it names none."""
+    offset = time.utcoffset()
+    if offset is None:
+        return ""
+    if not offset:
+        return "UTC"
+    sign, size = ("-", -offset) if offset < timedelta(0) else ("+", offset)
+    hours, seconds = divmod(int(size.total_seconds()), 3600)
+    return f"UTC{sign}{hours:02d}:{seconds // 60:02d}"
+
+
+def _warn_mixed_clocks(clocks: dict[str, list[str]]) -> None:
+    """Without a time zone, starts written in different zones are not on one clock: say so."""
+    groups = [
+        f"{len(files)} {clock or 'with no zone'} ({', '.join(files[:2])}"
+        + (", ...)" if len(files) > 2 else ")")
+        for clock, files in sorted(clocks.items(), key=lambda item: -len(item[1]))
+    ]
+    logger.warning(
+        "recording start times are written on different clocks: %s. Without a time zone "
+        "(--tz, tz=) each is taken as written, so they may be hours apart: give the recorders' "
+        "zone, e.g. --tz America/New_York (times with a zone are converted to it)",
+        "; ".join(groups),
+    )
 
 
 def _start(
