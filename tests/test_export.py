@@ -291,6 +291,30 @@ def test_errors_before_anything_is_written(tree_run, tmp_path):
         buzzdask.export(tree_run.output, format="raven", dest=tmp_path / "x")
     with pytest.raises(ParameterError, match="format='tsv'"):
         buzzdask.export(tree_run.output, format="tsv", dest=tmp_path / "x")  # type: ignore[arg-type]
+    # Options the format does not use, and a threshold for a class left out, are not ignored.
+    with pytest.raises(ParameterError, match=r"tz applies to format='csv' only, not 'buzzdetect'"):
+        buzzdask.export(
+            tree_run.output, format="buzzdetect", tz="Mars/Olympus", dest=tmp_path / "x"
+        )
+    with pytest.raises(ParameterError, match="time_format, read_metadata applies to format='csv'"):
+        buzzdask.export(
+            tree_run.output,
+            format="raven",
+            thresholds={"ins_buzz": 0.0},
+            time_format="%y",
+            read_metadata=False,
+            dest=tmp_path / "x",
+        )
+    with pytest.raises(ParameterError, match=r"gap_frames applies to .*'raven' only.*--gap-frames"):
+        buzzdask.export(tree_run.output, format="csv", gap_frames=2, dest=tmp_path / "x")
+    with pytest.raises(ParameterError, match=r"thresholds for \['mech_plane'\], not among the"):
+        buzzdask.export(
+            tree_run.output,
+            format="csv",
+            classes="ins_buzz",
+            thresholds={"mech_plane": -2.0},
+            dest=tmp_path / "x",
+        )
     assert not (tmp_path / "x").exists()
     with pytest.raises(InputError, match="not a buzzdask output"):
         buzzdask.export(tmp_path, format="csv")
@@ -491,6 +515,17 @@ def test_cli_export(tree_run, tmp_path, capsys):
         EXIT_ERROR
     )
     assert "no test metrics" in capsys.readouterr().err
+    # --time-format is repeatable, as in summarize and plot.
+    code = main(
+        [
+            *("export", str(tree_run.output), "--format", "csv", "--dest", str(tmp_path / "csv")),
+            *("--time-format", "%y%m%d_%H%M", "--time-format", "%Y%m%d_%H%M%S"),
+        ]
+    )
+    assert code == EXIT_OK
+    assert "no start time for 1 recording(s), time left blank: mustard/am1/notes.wav" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         main(
             [

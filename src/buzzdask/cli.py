@@ -374,10 +374,7 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--min-frames", type=int, default=1, metavar="N", help="raven: shortest event"
     )
-    export.add_argument(
-        "--time-format", metavar="FORMAT", help="csv: strptime format of recording start times"
-    )
-    export.add_argument("--tz", metavar="ZONE", help="csv: time zone (e.g. America/New_York)")
+    _add_start_time_options(export, applies_to="csv: ")
     export.add_argument(
         "--overwrite", action="store_true", help="replace export files that already exist"
     )
@@ -397,6 +394,7 @@ def _export(args: argparse.Namespace) -> int:
         min_frames=args.min_frames,
         time_format=args.time_format,
         tz=args.tz,
+        read_metadata=not args.no_metadata,
         overwrite=args.overwrite,
     )
     used = ", ".join(f"{name} > {value:g}" for name, value in result.thresholds.values.items())
@@ -454,23 +452,30 @@ def _add_binning_options(parser: argparse.ArgumentParser, *, by_default: str) ->
     parser.add_argument(
         "--dest", metavar="DIR", help="where the files go (default OUTPUT/summaries)"
     )
+    _add_start_time_options(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+
+def _add_start_time_options(parser: argparse.ArgumentParser, *, applies_to: str = "") -> None:
+    """Where recordings' start times come from (``summarize``, ``plot``, ``export``)."""
     parser.add_argument(
         "--time-format",
         action="append",
         metavar="FORMAT",
-        help="how names spell the start time: strptime (%%y%%m%%d_%%H%%M) or a regex with "
-        "named groups year, month, day[, hour, minute, second]; repeatable (default: "
-        "AudioMoth and buzzr's formats)",
+        help=f"{applies_to}how names spell the start time: strptime (%%y%%m%%d_%%H%%M) or a "
+        "regex with named groups year, month, day[, hour, minute, second]; repeatable "
+        "(default: AudioMoth and buzzr's formats)",
     )
     parser.add_argument(
-        "--tz", metavar="ZONE", help="time zone, e.g. America/New_York (default: local clock)"
+        "--tz",
+        metavar="ZONE",
+        help=f"{applies_to}time zone, e.g. America/New_York (default: local clock)",
     )
     parser.add_argument(
         "--no-metadata",
         action="store_true",
-        help="do not read AudioMoth comments or GUANO timestamps from the WAV files",
+        help=f"{applies_to}do not read AudioMoth comments or GUANO timestamps from the WAV files",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
 def _add_summarize_parser(commands: argparse._SubParsersAction) -> None:

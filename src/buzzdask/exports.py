@@ -259,6 +259,7 @@ def export(
     min_frames: int = 1,
     time_format: str | Sequence[str] | None = None,
     tz: str | None = None,
+    read_metadata: bool = True,
     overwrite: bool = False,
 ) -> ExportResult:
     """Export a run's frames as buzzdetect CSVs, one combined CSV, or Raven selection tables.
@@ -293,6 +294,8 @@ def export(
         (:func:`buzzdask.recording_time.recording_starts`).
     tz : str, optional
         ``"csv"``: IANA time zone of the recording times; default naive local clock time.
+    read_metadata : bool, default: True
+        ``"csv"``: read start times from AudioMoth comments and GUANO timestamps of WAV files.
     overwrite : bool, default: False
         Replace export files that already exist (otherwise an error, before writing anything).
 
@@ -305,13 +308,19 @@ def export(
     InputError
         ``output`` is not a buzzdask output, or holds no scores yet.
     ParameterError, ModelError
-        A bad option, an unknown class, a precision the model's metrics cannot give, or a
-        ``"raven"`` export without thresholds; before anything is written.
+        A bad option (or one the format does not use), an unknown class, a threshold for a
+        class not exported, a precision the model's metrics cannot give, or a ``"raven"``
+        export without thresholds; before anything is written.
     OutputConflictError
         An export file already exists and ``overwrite`` is False.
     """
     if format not in FORMATS:
         raise ParameterError(f"format={format!r} is not one of {FORMATS}")
+    _refuse_unused_options(
+        format,
+        csv={"time_format": time_format, "tz": tz, "read_metadata": not read_metadata},
+        raven={"gap_frames": gap_frames != 0, "min_frames": min_frames != 1},
+    )
     run = open_run(output)
     recordings = run.recordings()
     if not recordings:
@@ -335,6 +344,12 @@ def export(
     values = choice.values
     if selected is not None and values:
         values = {name: value for name, value in values.items() if name in selected}
+        left_out = [name for name in choice.values if name not in values]
+        if left_out and (precision is not None or thresholds is not None):
+            raise ParameterError(
+                f"thresholds for {left_out}, not among the classes exported ({selected}): "
+                "add them to classes= (--classes) or leave their thresholds out"
+            )
         if not values and format != "csv":
             raise ParameterError(
                 f"no threshold for the classes asked ({selected}); thresholds are given for "
@@ -362,6 +377,7 @@ def export(
         min_frames=min_frames,
         time_format=time_format,
         tz=tz,
+        read_metadata=read_metadata,
     )
     chosen = ThresholdChoice(
         values=values,
@@ -371,6 +387,17 @@ def export(
         rows=choice.rows,
     )
     return ExportResult(format=format, dest=target, files=files, thresholds=chosen, untimed=untimed)
+
+
+def _refuse_unused_options(format: str, **options_of: dict[str, object]) -> None:
+    """An option given to a format that does not use it is an error, not silently nothing."""
+    for owner, options in options_of.items():
+        given = [name for name, value in options.items() if value not in (None, False)]
+        if given and format != owner:
+            raise ParameterError(
+                f"{', '.join(given)} applies to format={owner!r} only, not {format!r} "
+                f"(CLI: --{given[0].replace('_', '-')})"
+            )
 
 
 def _export_buzzdetect(
@@ -401,11 +428,22 @@ def _export_buzzdetect(
 
 
 def _starts(
-    run: Run, recordings: Sequence[str], *, time_format: Any, tz: str | None
+    run: Run,
+    recordings: Sequence[str],
+    *,
+    time_format: Any,
+    tz: str | None,
+    read_metadata: bool,
 ) -> dict[str, pd.Timestamp | None]:
     from buzzdask.recording_time import recording_starts
 
-    table = recording_starts(recordings, root=run.input_root, time_format=time_format, tz=tz)
+    table = recording_starts(
+        recordings,
+        root=run.input_root,
+        time_format=time_format,
+        tz=tz,
+        read_metadata=read_metadata,
+    )
     return {
         str(name): (None if pd.isna(start) else pd.Timestamp(start))
         for name, start in table["start"].items()
@@ -422,11 +460,12 @@ def _export_csv(
     overwrite: bool,
     time_format: Any,
     tz: str | None,
+    read_metadata: bool,
     **_: Any,
 ) -> tuple[list[Path], list[str]]:
     path = dest / COMBINED_NAME
     _check_free([path], overwrite=overwrite)
-    starts = _starts(run, recordings, time_format=time_format, tz=tz)
+    starts = _starts(run, recordings, time_format=time_format, tz=tz, read_metadata=read_metadata)
     untimed = [name for name in recordings if starts.get(name) is None]
     with_time = len(untimed) < len(recordings)
     digits = time_digits(run.frame_length_s)
