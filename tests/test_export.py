@@ -432,6 +432,11 @@ def test_events_equal_a_plain_computation(tree_run, gap, least):
             else:
                 assert pd.isna(row.time)
     assert len(events) > 0
+    # Starts in a time zone: the untimed recording's NaT share it (one datetime column).
+    zoned = {name: start.tz_localize("America/New_York") for name, start in starts.items()}
+    events = run_events(run, {"ins_buzz": threshold}, gap_frames=gap, starts=zoned)
+    assert events["time"].dtype == pd.DatetimeTZDtype("ns", "America/New_York")
+    assert events["time"].isna().any() and events["time"].dt.hour.notna().any()
 
 
 def test_events_on_a_recording_with_a_missing_chunk():

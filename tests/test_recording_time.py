@@ -59,7 +59,12 @@ def test_names_without_a_time(name):
     assert start_from_name(name) is None
     table = recording_starts([name], read_metadata=False)
     assert pd.isna(table.loc[name, "start"])
-    assert table.loc[name, "problem"] == "no time in the name"
+    # A name that looks like a time but is none says so (a typo to fix, not a missing time).
+    impossible = {
+        "20241301_053000.WAV": "'20241301_053000' as %Y%m%d_%H%M%S is no real time",
+        "231332_0000.mp3": "'231332_0000' as %y%m%d_%H%M is no real time",
+    }
+    assert table.loc[name, "problem"] == impossible.get(name, "no time in the name")
 
 
 def test_names_that_two_formats_read_differently_have_no_time():
@@ -127,8 +132,15 @@ def test_time_zone_localizes_names_and_rejects_unknown_zones():
         ["20240310_023000.WAV"], tz="America/New_York", read_metadata=False
     )["problem"]
     assert "daylight saving" in problem
-    with pytest.raises(ParameterError, match="not a time zone"):
+    with pytest.raises(ParameterError, match=r"'Mars/Olympus' is not a time zone; use an IANA"):
         start_from_name("20240601_053000.WAV", tz="Mars/Olympus")
+    with pytest.raises(ParameterError, match=r"not a time zone \(did you mean 'America/New_York'"):
+        recording_starts(["x.wav"], tz="america/newyork")
+    with pytest.raises(ParameterError, match=r"'UTC-4' is not .*a fixed offset: 'UTC-04:00'"):
+        recording_starts(["x.wav"], tz="UTC-4")
+    assert start_from_name("20240601_053000.WAV", tz="UTC-04:00") == pd.Timestamp(
+        "2024-06-01 05:30-04:00"
+    )
 
 
 def _wav(path, seconds=0.5):

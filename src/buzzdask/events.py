@@ -237,22 +237,33 @@ def run_events(
     unknown = sorted(set(thresholds) - set(run.classes))
     if unknown:
         raise ParameterError(f"unknown class(es) {unknown}; the run's classes are {run.classes}")
-    starts = starts or {}
+    known = {name: _known(start) for name, start in (starts or {}).items()}
+    # Untimed recordings' NaT take the zone of the timed ones: one datetime column, not objects.
+    zone = next((start.tz for start in known.values() if start is not None and start.tz), None)
     pieces = [
-        stored_recording_events(
-            run,
-            relative,
-            thresholds,
-            gap_frames=gap_frames,
-            min_frames=min_frames,
-            recording_start=_known(starts.get(relative)),
+        _in_zone(
+            stored_recording_events(
+                run,
+                relative,
+                thresholds,
+                gap_frames=gap_frames,
+                min_frames=min_frames,
+                recording_start=known.get(relative),
+            ),
+            zone,
         )
         for relative in (run.recordings() if recordings is None else recordings)
     ]
     pieces = [piece for piece in pieces if not piece.empty]
     if not pieces:
-        return _empty("datetime64[ns]")
+        return _empty("datetime64[ns]" if zone is None else pd.DatetimeTZDtype("ns", zone))
     return pd.concat(pieces, ignore_index=True)[EVENT_COLUMNS]
+
+
+def _in_zone(events: pd.DataFrame, zone: Any) -> pd.DataFrame:
+    if zone is not None and events["time"].dt.tz is None:
+        events["time"] = events["time"].dt.tz_localize(zone)
+    return events
 
 
 def _known(start: Any) -> pd.Timestamp | None:

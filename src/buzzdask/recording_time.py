@@ -27,6 +27,7 @@ has no start.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -145,6 +146,7 @@ class TimeParser:
         # "S1_2024.06.01-05h30" keeps its dots.
         stem = re.sub(r"\.[A-Za-z0-9]+$", "", PurePosixPath(name).name)
         found: dict[datetime, str] = {}
+        impossible: list[str] = []
         for pattern in self.patterns:
             match = pattern.regex.search(stem)
             if match is None:
@@ -152,8 +154,10 @@ class TimeParser:
             time = _read_match(match, pattern)
             if time is not None:
                 found.setdefault(time, pattern.label)
+            else:
+                impossible.append(f"{match.group(0)!r} as {pattern.label} is no real time")
         if not found:
-            return None, "no time in the name"
+            return None, "; ".join(impossible) or "no time in the name"
         if len(found) > 1:
             labels = ", ".join(f"{label} -> {time}" for time, label in found.items())
             return None, f"formats disagree ({labels})"
@@ -224,11 +228,22 @@ def _check_tz(tz: str | None) -> None:
         return
     try:
         pd.Timestamp("2000-01-01").tz_localize(tz)
-    except Exception as error:  # zoneinfo and pandas raise several kinds
+    except Exception:  # zoneinfo and pandas raise several kinds, none of them telling
         raise ParameterError(
-            f"tz={tz!r} is not a time zone ({error}); use an IANA name such as "
-            "'America/New_York' or 'UTC'"
+            f"tz={tz!r} is not a time zone{_closest_zones(str(tz))}; use an IANA name such as "
+            "'America/New_York' or 'UTC' (a fixed offset: 'UTC-04:00')"
         ) from None
+
+
+def _closest_zones(name: str) -> str:
+    """``" (did you mean 'America/New_York'?)"`` for a misspelled zone name, else ``""``."""
+    import zoneinfo
+
+    zones = {zone.lower(): zone for zone in zoneinfo.available_timezones()}
+    key = name.lower().replace(" ", "_")
+    meant = [zones[key]] if key in zones else []
+    meant = meant or [zones[z] for z in difflib.get_close_matches(key, zones, n=2, cutoff=0.8)]
+    return f" (did you mean {' or '.join(map(repr, meant))}?)" if meant else ""
 
 
 def _in_zone(time: datetime, tz: str | None) -> tuple[pd.Timestamp | None, str]:
