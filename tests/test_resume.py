@@ -15,6 +15,7 @@ import dask.dataframe as dd
 import pyarrow.parquet as pq
 import pytest
 
+from buzzdask import OutputConflictError
 from buzzdask.write import OutputLayout
 from tests.conftest import assert_same_frames, requires_ffmpeg
 
@@ -152,3 +153,37 @@ def test_a_score_tasks_chunks_are_journalled_with_one_fsync(run, make_audio, tmp
     # Short files are scored several to a task: their lines go together.
     assert 1 <= len(journal_syncs) < len(names) / 2
     _assert_vouched_for(tmp_path / "out")
+
+
+def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audio, tmp_path):
+    audio = tmp_path / "audio"
+    make_audio("a.wav", directory=audio / "siteA", n_samples=4 * FRAME)
+    make_audio("b.wav", directory=audio / "siteB", n_samples=3 * FRAME, seed=1)
+    paths = [audio / "siteA", audio / "siteB"]
+    complete = run(paths, chunk_seconds=CHUNK_S, output=tmp_path / "complete")
+    out = run(paths, chunk_seconds=CHUNK_S, output=tmp_path / "out").output
+    names = ["siteA/a.wav", "siteB/b.wav"]
+
+    # One folder of the two: named from the earlier root (not "a.wav"), the other one kept.
+    resumed = run(audio / "siteA", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    assert resumed.ok and resumed.summary["resume"]["chunks_trusted"] == 4
+    assert sorted(resumed.to_pandas()["file"].unique()) == names
+    again = run(audio / "siteB", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    assert again.summary["resume"]["files_vanished"] == 0
+    assert_same_frames(again.to_pandas(), complete.to_pandas())
+
+    # A file outside the earlier root would rename every recording: refused before any work.
+    elsewhere = make_audio("c.wav", directory=tmp_path / "card2", n_samples=2 * FRAME)
+    with pytest.raises(OutputConflictError, match=r"c\.wav: it is not under .*audio, the folder"):
+        run([*paths, elsewhere], chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+
+    # The inputs moved (a scratch copy, another mount): matched by their earlier names.
+    moved = tmp_path / "moved"
+    audio.rename(moved)
+    resumed = run(moved, chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    assert resumed.summary["resume"]["files_vanished"] == 0
+    assert resumed.summary["chunks_written"] == 0
+    assert_same_frames(resumed.to_pandas(), complete.to_pandas())
+    assert json.loads((out / "buzzdask.json").read_text())["inputs"]["root"] == str(moved)
+    assert "now under" in (out / "buzzdask.log").read_text()
+    _assert_vouched_for(out)

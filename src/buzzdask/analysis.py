@@ -29,14 +29,14 @@ from buzzdask.decode import PREPROCESSING, decode_chunk
 from buzzdask.errors import ModelError, ParameterError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
-from buzzdask.inputs import InputFile, describe_skipped, scan, user_path
+from buzzdask.inputs import InputFile, describe_skipped, named_from, scan, user_path
 from buzzdask.ledger import FileLedger, FileState, HeadOutput
 from buzzdask.lock import OutputLock, refuse_if_in_use
 from buzzdask.logs import quiet_environment, run_log
 from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
 from buzzdask.pipeline import ChunkPipeline, outcome, probe_task
 from buzzdask.progress import Progress
-from buzzdask.resume import ResumeCheck, check_resume
+from buzzdask.resume import ResumeCheck, check_resume, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import connect, package_versions, peak_rss_by_worker, task_key
@@ -405,10 +405,6 @@ def run_plan(
         store = EmbeddingStore(root / KEPT_EMBEDDINGS, embedder=plan.embedder, spec=plan.spec)
         plan = replace(plan, store=store)
     started = utc_now()
-    metadata = [
-        _metadata(plan, i, inputs=inputs.described, n_files=len(inputs.files), started=started)
-        for i in range(len(plan.models))
-    ]
     with (
         OutputLock(root, started=started, stale_s=settings.lock_stale_seconds),
         # A re-scoring decodes nothing: its local cluster is threads in this process.
@@ -424,6 +420,14 @@ def run_plan(
     ):
         # Off the start's critical path: pandas (0.2 s) only makes the results' tables.
         import_in_background("pandas")
+        if on_conflict == "resume" and inputs.versions is None:
+            inputs = _named_from(
+                inputs, resume_root(layouts, [f.path for f in inputs.files], root=inputs.root)
+            )
+        metadata = [
+            _metadata(plan, i, inputs=inputs.described, n_files=len(inputs.files), started=started)
+            for i in range(len(plan.models))
+        ]
         resumed = [
             check_resume(layout, fingerprint=fp, input_root=inputs.root, versions=inputs.versions)
             if on_conflict == "resume"
@@ -520,6 +524,18 @@ def import_in_background(module: str) -> None:
     threading.Thread(
         target=importlib.import_module, args=(module,), name=f"import-{module}", daemon=True
     ).start()
+
+
+def _named_from(inputs: RunInputs, root: str) -> RunInputs:
+    """``inputs`` named from ``root`` (a resume's: :func:`~buzzdask.resume.resume_root`)."""
+    if root == inputs.root:
+        return inputs
+    return replace(
+        inputs,
+        root=root,
+        files=named_from(inputs.files, root),
+        described={**inputs.described, "root": root},
+    )
 
 
 def _prepare_outputs(

@@ -20,6 +20,7 @@ __all__ = [
     "Skipped",
     "describe_skipped",
     "discover",
+    "named_from",
     "scan",
     "user_path",
 ]
@@ -223,6 +224,14 @@ def discover(
     """
     found = scan(paths, extensions=extensions)
     return found.root, found.files
+
+
+def named_from(files: Iterable[InputFile], root: str) -> list[InputFile]:
+    """The same files named from ``root``, a folder above them all (a resume's), in name order."""
+    found: dict[str, InputFile] = {}
+    for file in files:
+        _add(found, root, file.path, file.problem)
+    return sorted(found.values(), key=lambda f: f.relative)
 
 
 def _add(found: dict[str, InputFile], root: str, path: str, problem: str | None) -> None:

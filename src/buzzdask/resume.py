@@ -7,6 +7,11 @@ run's fingerprint. Whatever fails is analysed again. Afterwards ``scores/`` hold
 the journal vouches for: those of vanished or changed inputs, of failed checks, and any a kill
 left unjournalled are removed (and the journal says so), so the dataset never mixes in stale or
 broken files.
+
+A resume names its recordings as the earlier run did (:func:`resume_root`): from the earlier
+run's input folder when the inputs lie under it, from where they were moved to when they did
+(found by the earlier names), and not at all otherwise: names from another folder would
+analyse the same recordings again under new names, twice in the results.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
+from buzzdask.errors import OutputConflictError
 from buzzdask.progress import format_count
 from buzzdask.write import OutputLayout, partition_problem
 
-__all__ = ["ResumeCheck", "check_resume"]
+__all__ = ["ResumeCheck", "check_resume", "resume_root"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +76,78 @@ class ResumeCheck:
         }
 
 
+def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: str) -> str:
+    """The folder a resume names its inputs from, so each recording keeps its earlier name.
+
+    Parameters
+    ----------
+    layouts : sequence of OutputLayout
+        The outputs being resumed (one per head; they share their inputs), their lock held.
+    paths : sequence of str
+        This run's input files, absolute.
+    root : str
+        Their common folder (:func:`buzzdask.inputs.scan`): the names a new run would give.
+
+    Returns
+    -------
+    str
+        The earlier run's input folder where every input lies under it (a resume naming fewer
+        or other folders of it); else, where the earlier recordings are found to have been
+        moved (the folder that, joined to their names, gives these inputs' paths) when every
+        input lies under it; else ``root`` when nothing was journalled yet.
+
+    Raises
+    ------
+    OutputConflictError
+        An input lies outside the earlier run's folder (and outside any it was moved to): its
+        recordings would be named anew and analysed twice.
+    """
+    for layout in layouts:
+        if not layout.metadata.exists():
+            continue
+        earlier = json.loads(layout.metadata.read_text(encoding="utf-8"))
+        earlier_root = earlier.get("inputs", {}).get("root")
+        layout.repair_journal()
+        names = {name for name, _ in layout.read_journal()}
+        if earlier_root is None or earlier_root == root or not names:
+            continue
+        if all(_under(path, earlier_root) for path in paths):
+            return str(earlier_root)
+        moved = _moved_to(paths, names)
+        if moved is not None and all(_under(path, moved) for path in paths):
+            logger.warning(
+                "resume: the earlier run's recordings are now under %s (it read them under %s)",
+                moved,
+                earlier_root,
+            )
+            return moved
+        outside = next(path for path in paths if not _under(path, earlier_root))
+        raise OutputConflictError(
+            f"cannot resume {layout.root} with {outside}: it is not under {earlier_root}, the "
+            f"folder the earlier run named its {format_count(len(names), 'recording')} from, "
+            "so recordings would be named anew and analysed twice. Resume with inputs under "
+            f"{earlier_root} (or the folder it was moved to), and analyse the others into "
+            "another output"
+        )
+    return root
+
+
+def _under(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == os.path.normpath(folder)
+
+
+def _moved_to(paths: Sequence[str], names: set[str]) -> str | None:
+    """The folder most inputs' paths end in an earlier name under, or None."""
+    folders: Counter[str] = Counter()
+    for path in paths:
+        parts = PurePath(path).parts
+        for start in range(1, len(parts)):
+            if "/".join(parts[start:]) in names:
+                folders[str(PurePath(*parts[:start]))] += 1
+                break
+    return folders.most_common(1)[0][0] if folders else None
+
+
 def check_resume(
     layout: OutputLayout,
     *,
@@ -86,8 +164,8 @@ def check_resume(
     fingerprint : mapping
         The run's settings, as stored in every partition's schema metadata.
     input_root : path-like
-        This run's input directory. The journal's file names are relative to the earlier run's
-        (from ``buzzdask.json``), which is the same unless the inputs were given differently.
+        This run's input directory, which the journal's file names are relative to
+        (:func:`resume_root`).
     versions : callable, optional
         ``versions(name)``: an input's (size, modification time) now, ``None`` if gone. Default:
         the file's under the input directory (a re-scoring asks its store's catalog).
@@ -98,9 +176,6 @@ def check_resume(
     """
     layout.repair_journal()
     journal = layout.read_journal()
-    if layout.metadata.exists():
-        earlier = json.loads(layout.metadata.read_text(encoding="utf-8"))
-        input_root = earlier.get("inputs", {}).get("root", input_root)
     version_of = versions or (lambda relative: _version(Path(input_root, relative)))
     current = {relative: version_of(relative) for relative, _ in journal}
     check = ResumeCheck()
