@@ -15,6 +15,7 @@ import pytest
 import buzzdask
 from buzzdask import InputError, OutputConflictError
 from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
+from buzzdask.inputs import describe_skipped, scan
 from buzzdask.progress import format_audio
 from tests.conftest import CLASSES, requires_ffmpeg
 from tests.test_cli import buzzdask_cli
@@ -220,3 +221,19 @@ def test_the_bar_ends_at_exactly_the_audio_analysed(
     assert f"| 3/3 files (1 failed), {analysed}/{analysed} audio, " in last
     assert re.search(r"audio, [\d.,]+x realtime$", last.rstrip()), last
     assert re.search(r"2/3 files, 10 s of audio in \d+\.\d s \([\d.,]+x realtime\)", done.stdout)
+
+
+def test_a_folder_reached_twice_is_walked_once_by_its_own_path(tmp_path):
+    # A by-site view of date folders (symlinks), and a link back to the top: no failures.
+    audio = tmp_path / "audio"
+    (audio / "2026-06-01").mkdir(parents=True)
+    (audio / "2026-06-01" / "rec1.mp3").write_bytes(b"ID3")
+    (audio / "by_site").mkdir()
+    (audio / "by_site" / "siteA").symlink_to("../2026-06-01", target_is_directory=True)
+    (audio / "by_site" / "back").symlink_to(audio, target_is_directory=True)
+    found = scan(audio, extensions=[".mp3"])
+    assert [(f.relative, f.problem) for f in found.files] == [("2026-06-01/rec1.mp3", None)]
+    assert describe_skipped(found.visible_skipped) == (
+        "2 skipped: 1 link to the input folder, walked once (by_site/back/), "
+        "1 link to 2026-06-01/, walked once (by_site/siteA/)"
+    )

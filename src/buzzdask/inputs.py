@@ -244,16 +244,23 @@ def _add(found: dict[str, InputFile], root: str, path: str, problem: str | None)
 def _walk(
     top: str, suffixes: set[str], *, skipped: dict[str, Skipped], root: str
 ) -> Iterable[tuple[str, str | None]]:
-    """Audio files under ``top`` (with a problem or None); the rest goes into ``skipped``."""
-    seen: set[str] = set()
-    stack = [top]
-    while stack:
-        directory = stack.pop()
+    """Audio files under ``top`` (with a problem or None); the rest goes into ``skipped``.
+
+    A folder reached twice (a symlink to a folder walked already, or a loop) is walked once,
+    by its own path where it has one: folders reached through a symlink are walked last.
+    """
+    walked: dict[str, str] = {}  # real path -> the path it was walked by
+    stacks: tuple[list[str], list[str]] = ([top], [])  # own paths, paths through a symlink
+    while any(stacks):
+        through_link = not stacks[0]
+        directory = stacks[through_link].pop()
         real = os.path.realpath(directory)
-        if real in seen:
-            yield directory, "symlink loop: directory already visited"
+        if real in walked:
+            first = Path(os.path.relpath(walked[real], root)).as_posix()
+            reason = f"link to {'the input folder' if first == '.' else first + '/'}, walked once"
+            _skip(skipped, root, directory, reason, is_dir=True)
             continue
-        seen.add(real)
+        walked[real] = directory
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as error:
@@ -273,7 +280,7 @@ def _walk(
             if reason is not None:
                 _skip(skipped, root, entry.path, reason, is_dir=is_dir)
             elif is_dir:
-                stack.append(entry.path)
+                stacks[through_link or entry.is_symlink()].append(entry.path)
             elif entry.is_symlink() and not os.path.exists(entry.path):
                 yield entry.path, _dangling(entry.path)
             elif entry.is_file(follow_symlinks=True):
