@@ -257,8 +257,8 @@ def _walk(
         real = os.path.realpath(directory)
         if real in walked:
             first = Path(os.path.relpath(walked[real], root)).as_posix()
-            reason = f"link to {'the input folder' if first == '.' else first + '/'}, walked once"
-            _skip(skipped, root, directory, reason, is_dir=True)
+            alias = f"link to {'the input folder' if first == '.' else first + '/'}, walked once"
+            _skip(skipped, root, directory, alias, is_dir=True)
             continue
         walked[real] = directory
         try:
