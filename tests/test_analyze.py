@@ -140,6 +140,7 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     (audio / "long.mp3").unlink()
     whole = make_audio("cut.wav", n_samples=10 * FRAME, seed=4).read_bytes()
     (audio / "cut.wav").write_bytes(whole[: len(whole) // 2])  # a recording cut short
+    (audio / "stub.wav").write_bytes(whole[: 44 + FRAME])  # cut to half a frame
     # Frames lost mid-file: ffmpeg decodes around them and says so.
     zero_a_stretch(make_audio("damaged.mp3", n_samples=4 * 44100, rate=44100, channels=2))
     os.symlink(audio / "loop_b.wav", audio / "loop_a.wav")
@@ -161,8 +162,16 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
         "loop_b.wav",
         "truncated.mp3",
         "cut.wav",
+        "stub.wav",
         "damaged.mp3",
     }
+    # One row a file: cut to less than a frame is a failure that says it was cut, not a
+    # "kept" row beside a failed one.
+    assert not result.errors["file"].duplicated().any()
+    assert errors.loc["stub.wav", "reason"] == (
+        "audio shorter than one frame (0.96 s); cut short: its header declares 9.6 s, the file "
+        "holds 0.5 s"
+    )
     assert "shorter than one frame" in errors.loc["too_short.wav", "reason"]
     assert "shorter than one frame" in errors.loc["zero_samples.wav", "reason"]
     assert "empty file" in errors.loc["empty.mp3", "reason"]
@@ -189,7 +198,7 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert (frame.file == "cut.wav").sum() == 4  # the header's 44 bytes short of a fifth
     assert 4 <= (frame.file == "truncated.mp3").sum() <= 7
     assert 3 <= (frame.file == "damaged.mp3").sum() <= 4
-    assert result.summary["files_failed"] == 8
+    assert result.summary["files_failed"] == 9
     assert result.summary["files_skipped"] == 1  # sub/back_to_top: the input folder, walked once
     # The table on disk is the result's, typed alike (a chunk is 3, not 3.0, beside a null).
     on_disk = pd.read_parquet(result.output / "errors.parquet")

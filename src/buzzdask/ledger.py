@@ -125,12 +125,11 @@ class FileLedger:
             self._fail(state, None, "probe", *describe(answer))
             self.progress.finished(relative, failed=True)
             return []
-        if answer.declared_duration_s is not None:
+        cut = _cut_short(answer)
+        if cut and (answer.duration_s or 0.0) >= self.spec.frame_length / self.spec.sample_rate:
             # Kept, as damaged audio is: the frames it holds are real; the row says what is not.
-            reason = (
-                f"cut short: its header declares {answer.declared_duration_s:.1f} s, "
-                f"the file holds {answer.duration_s or 0.0:.1f} s (analysed what it holds)"
-            )
+            # (Less than a frame fails below, and says it was cut.)
+            reason = f"{cut} (analysed what it holds)"
             self._row(relative, None, "probe", reason, "", kept=True, line=f"{relative}: {reason}")
         return self.planned(
             state, answer, plan_chunks(answer, self.spec, frames_per_chunk=self.frames_per_chunk)
@@ -414,8 +413,20 @@ class FileLedger:
             return
         if not state.failed and state.frames == 0:
             seconds = self.spec.frame_length / self.spec.sample_rate
-            self._fail(state, None, "decode", f"audio shorter than one frame ({seconds:g} s)", "")
+            cut = _cut_short(state.info) if state.info is not None else ""
+            reason = f"audio shorter than one frame ({seconds:g} s)" + (f"; {cut}" if cut else "")
+            self._fail(state, None, "decode", reason, "")
         self.progress.finished(state.input.relative, failed=state.failed)
 
     def _seconds(self, n_frames: int) -> float:
         return n_frames * self.spec.hop_length / self.spec.sample_rate
+
+
+def _cut_short(info: AudioInfo) -> str:
+    """What a file cut short holds against what its header declares; ``""`` for a whole one."""
+    if info.declared_duration_s is None:
+        return ""
+    return (
+        f"cut short: its header declares {info.declared_duration_s:.1f} s, "
+        f"the file holds {info.duration_s or 0.0:.1f} s"
+    )
