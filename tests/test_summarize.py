@@ -7,13 +7,15 @@ any time; every binned table is checked against a plain pandas computation on al
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from buzzdask import OutputConflictError, ParameterError
+from buzzdask import OutputConflictError, ParameterError, export
 from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
 from buzzdask.plots import plot_activation, plot_daily_activity, plot_run
 from buzzdask.results import open_run
@@ -307,3 +309,21 @@ def test_plots(lab_run, tmp_path, capsys):
         "detection-rate-ins_buzz-bins-5min-by-level_1.png",
     ]
     assert "wrote" in capsys.readouterr().out
+
+
+def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
+    # A run stopped by Ctrl-C or a walltime kill: buzzdask.json still says "running".
+    output, frames, threshold = lab_run
+    partial = tmp_path / "partial"
+    shutil.copytree(output, partial)
+    metadata = json.loads((partial / "buzzdask.json").read_text())
+    (partial / "buzzdask.json").write_text(json.dumps({**metadata, "status": "running"}))
+    with caplog.at_level("WARNING", logger="buzzdask"):
+        table = summarize(partial, thresholds={"ins_buzz": threshold}, write=False)
+        export(partial, format="csv", dest=tmp_path / "csv")
+    assert table["frames"].sum() == len(frames)
+    assert [m for m in caplog.messages if "not finished" in m] == [
+        f"{partial}: the run has not finished (it is running, or was stopped: analyze with "
+        f"--resume finishes it); {doing} the frames written so far"
+        for doing in ("summarizing", "exporting")
+    ]

@@ -325,10 +325,7 @@ def export(
     recordings = run.recordings()
     if not recordings:
         raise ParameterError(f"{run.output} holds no scored frames yet: nothing to export")
-    if not run.complete:
-        logger.warning(
-            "%s: the run has not finished; exporting the frames written so far", run.output
-        )
+    run.warn_if_unfinished("exporting")
     selected = _selected_classes(run, classes)
     choice = choose_thresholds(
         model_dir=model if model is not None else run.model_path,

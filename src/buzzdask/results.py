@@ -8,6 +8,7 @@ plots all start here, so each reads the output the same way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from buzzdask.errors import InputError
 from buzzdask.write import PARTITION_GLOB, OutputLayout
 
 __all__ = ["Run", "open_run", "read_frames"]
+
+logger = logging.getLogger(__name__)
 
 
 def read_frames(dataset: str | os.PathLike[str], *, columns: Sequence[str] | None = None) -> Any:
@@ -78,6 +81,16 @@ class Run:
     def complete(self) -> bool:
         """Whether the run finished (``status == "complete"``); a partial run is still readable."""
         return self.metadata.get("status") == "complete"
+
+    def warn_if_unfinished(self, doing: str) -> None:
+        """Log that the run has not finished (running, or stopped) before ``doing`` its frames."""
+        if not self.complete:
+            logger.warning(
+                "%s: the run has not finished (it is running, or was stopped: analyze with "
+                "--resume finishes it); %s the frames written so far",
+                self.output,
+                doing,
+            )
 
     @property
     def classes(self) -> tuple[str, ...]:

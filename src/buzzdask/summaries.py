@@ -262,6 +262,7 @@ def summarize(
     """
     run = output if isinstance(output, Run) else open_run(output)
     settings = resolve_summary(run, bin=bin, by=by, precision=precision, thresholds=thresholds)
+    run.warn_if_unfinished("summarizing")
     paths = summary_paths(dest if dest is not None else run.output / "summaries", settings.label)
     if write and not overwrite:
         _refuse_existing(paths)
