@@ -20,7 +20,7 @@ import pytest
 
 import buzzdask
 from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
-from buzzdask.cli import EXIT_INTERRUPTED
+from buzzdask.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from buzzdask.write import OutputLayout
 from tests.conftest import (
     BUZZDASK,
@@ -723,10 +723,20 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
     _assert_same_frames(resumed, reference)
 
 
-def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(kill_corpus, tmp_path):
+@pytest.mark.parametrize(
+    ("signal_number", "exit_code", "said"),
+    [
+        (signal.SIGINT, EXIT_INTERRUPTED, "interrupted"),
+        (signal.SIGTERM, EXIT_TERMINATED, "stopped by SIGTERM (a job's time limit, or scancel)"),
+    ],
+)
+def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
+    kill_corpus, tmp_path, signal_number, exit_code, said
+):
     """Ctrl-C (SIGINT to the command's whole process group, as a terminal sends it: its
-    workers and ffmpeg too) with chunks written and chunks to go: the command says what it
-    left, without a traceback, and exits 130; --resume finishes the output exactly once."""
+    workers and ffmpeg too), or SIGTERM to the group (as SLURM sends it to a job's processes at
+    its time limit), with chunks written and chunks to go: the command says what it left,
+    without a traceback, and exits 130 (143); --resume finishes the output exactly once."""
     audio, options, reference = kill_corpus
     output = tmp_path / "out"
     command = [
@@ -741,12 +751,12 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(kill_cor
         command,
         output=output,
         total=KILL_CHUNKS,
-        signal_number=signal.SIGINT,
+        signal_number=signal_number,
         whole_group=True,
     )
     stderr = done.stderr
-    assert done.returncode == EXIT_INTERRUPTED, stderr
-    assert "buzzdask: interrupted; what was written is kept" in stderr
+    assert done.returncode == exit_code, stderr
+    assert f"buzzdask: {said}; what was written is kept" in stderr
     assert "Traceback" not in stderr
 
     journaled = len(OutputLayout(output).read_journal())

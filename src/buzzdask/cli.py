@@ -15,7 +15,9 @@ import functools
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec
 
@@ -27,8 +29,17 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command ended by SIGINT (Ctrl-C)
+EXIT_TERMINATED = 128 + 15  # ... and by SIGTERM (SLURM at a job's time limit, scancel)
 
 _P = ParamSpec("_P")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt: the command stops the same way."""
+
+
+def _terminate(signal_number: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
@@ -36,24 +47,37 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
 
     The error is printed as ``buzzdask: error: <message>`` on stderr, without a traceback, and
     the command returns :data:`EXIT_ERROR`; Ctrl-C says what it left and returns
-    :data:`EXIT_INTERRUPTED`.
+    :data:`EXIT_INTERRUPTED`. SIGTERM (what SLURM sends at a job's time limit, and ``scancel``)
+    stops it as Ctrl-C does, says so in the job's log and returns :data:`EXIT_TERMINATED`.
     """
 
     @functools.wraps(command)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> int:
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
         try:
             return command(*args, **kwargs)
         except BuzzdaskError as error:
             print(f"buzzdask: error: {_in_flags(error)}", file=sys.stderr)
             return EXIT_ERROR
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            terminated = isinstance(stop, _Terminated)
             # Each partition and journal line is written whole: what was written stays valid.
             print(
-                "\nbuzzdask: interrupted; what was written is kept (an analysis: the same "
-                "command with --resume finishes it)",
+                "\nbuzzdask: "
+                + (
+                    "stopped by SIGTERM (a job's time limit, or scancel)"
+                    if terminated
+                    else "interrupted"
+                )
+                + "; what was written is kept (an analysis finishes with the same command and "
+                "--resume)",
                 file=sys.stderr,
             )
-            return EXIT_INTERRUPTED
+            return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return run
 
