@@ -196,6 +196,23 @@ def test_a_file_changed_after_its_probe_is_said_so(
     assert (raised.value.path, raised.value.reason, raised.value.stderr) == (str(path), reason, "")
 
 
+def test_an_ffmpeg_killed_mid_decode_says_by_what(make_audio, tmp_path: Path) -> None:
+    """The kernel's out-of-memory killer leaves ffmpeg no last words: the error names the signal."""
+    path = make_audio("a.mp3", n_samples=16000 * 3)
+    info = probe_audio(path)
+    killed = tmp_path / "ffmpeg"
+    killed.write_text("#!/bin/sh\nkill -KILL $$\n")
+    killed.chmod(0o755)
+    with pytest.raises(DecodeError) as raised:
+        decode_chunk(
+            info,
+            plan_chunks(info, spec(), frames_per_chunk=2)[0],
+            spec=spec(),
+            ffmpeg_cmd=str(killed),
+        )
+    assert raised.value.reason == "ffmpeg was killed by SIGKILL (out of memory?)"
+
+
 def _generated_wav(path: Path, *, codec: str, channels: int, rate: int, n_samples: int) -> Path:
     subprocess.run(
         [

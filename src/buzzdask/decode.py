@@ -35,6 +35,7 @@ import io
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import tempfile
@@ -260,17 +261,30 @@ def readable_stat(path: str) -> os.stat_result:
     return stat
 
 
-def _decode_failure(path: str, messages: str) -> DecodeError:
+def _decode_failure(path: str, messages: str, returncode: int) -> DecodeError:
     """The error for a failed ffmpeg: the file's own problem where it has one now.
 
     A file moved, deleted or emptied after it was probed (a sync tool, a scratch purge, a
-    transfer starting over) is said so, not as a decoding failure.
+    transfer starting over) is said so, not as a decoding failure; an ffmpeg killed by a
+    signal (the kernel's out-of-memory killer, a job's end) says which, having written nothing
+    about it.
     """
     try:
         readable_stat(path)
     except DecodeError as problem:
         return problem
+    if returncode < 0:
+        name = _signal_name(-returncode)
+        cause = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        return DecodeError(path, f"ffmpeg was killed by {name}{cause}", messages)
     return DecodeError(path, "ffmpeg failed to decode", messages)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _ffprobe_stream(path: str, ffprobe: str) -> _Stream:
@@ -807,7 +821,7 @@ def _decode_to_file(info: AudioInfo, target: str, *, sample_rate: int, ffmpeg_cm
             raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
         messages = _tail_of_file(stderr_file)
     if returncode != 0:
-        raise _decode_failure(info.path, messages)
+        raise _decode_failure(info.path, messages, returncode)
     return messages
 
 
@@ -887,7 +901,7 @@ def _run_ffmpeg(
             returncode = process.wait()
         messages = _tail_of_file(stderr_file)
     if returncode != 0:
-        raise _decode_failure(info.path, messages)
+        raise _decode_failure(info.path, messages, returncode)
     return samples, messages
 
 
