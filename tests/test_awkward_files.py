@@ -339,3 +339,37 @@ def test_decoded_copy_failure_is_reported_by_every_waiting_chunk(tmp_path: Path)
     assert len(calls) == 1
     assert pcm_cache.remove("k", directory=str(tmp_path))
     assert list((tmp_path / "buzzdask-pcm").iterdir()) == []
+
+
+# -- containers that declare their length -------------------------------------------------------
+def test_flac_and_m4a_cut_short_say_so(run, make_audio, tmp_path: Path) -> None:
+    """A FLAC's STREAMINFO and an MP4's moov declare the length: a copy cut short decodes what
+    it holds, in frames at their true times, with one row saying how much is missing."""
+    audio = tmp_path / "audio"
+    for name in ("whole.flac", "cut.flac"):
+        make_audio(name, n_samples=12 * 16000, seed=1)
+    for name in ("whole.m4a", "cut.m4a"):  # moov first, as phones write it: readable when cut
+        source = make_audio(f".{name}.wav", n_samples=12 * 16000, seed=2)
+        subprocess.run(
+            [
+                *("ffmpeg", "-v", "error", "-y", "-i", str(source), "-c:a", "aac"),
+                *("-movflags", "+faststart", str(audio / name)),
+            ],
+            check=True,
+        )
+        source.unlink()
+    for name in ("cut.flac", "cut.m4a"):
+        data = (audio / name).read_bytes()
+        (audio / name).write_bytes(data[: len(data) * 4 // 10])
+    result = run(audio, chunk_seconds=4 * HOP_S)
+    errors = result.errors
+    assert set(errors["file"]) == {"cut.flac", "cut.m4a"} and errors["kept"].all(), errors
+    short = errors[errors["reason"].str.startswith("decoded short")].set_index("file")["reason"]
+    for name in ("cut.flac", "cut.m4a"):  # one such row each, beside ffmpeg's damage rows
+        assert short[name].startswith("decoded short: its header declares 12.0 s, decoding gave ")
+        assert short[name].endswith(" s (cut short or damaged; analysed what it holds)")
+    frames = result.to_pandas()
+    for name in ("cut.flac", "cut.m4a"):
+        starts = frames.loc[frames["file"] == name, "start"].sort_values().to_numpy()
+        assert 2 <= len(starts) <= 7  # about 40 % of the 12 frames
+        np.testing.assert_allclose(starts, np.arange(len(starts)) * HOP_S)

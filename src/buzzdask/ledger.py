@@ -13,7 +13,14 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from buzzdask.decode import AudioInfo, ChunkPlan, chunks_after, expected_frames, plan_chunks
+from buzzdask.decode import (
+    AudioInfo,
+    ChunkPlan,
+    chunks_after,
+    estimated_frames,
+    expected_frames,
+    plan_chunks,
+)
 from buzzdask.errors import DecodeError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
@@ -30,6 +37,9 @@ __all__ = ["FileLedger", "FileState", "HeadOutput", "describe"]
 #: estimate is not read one chunk at a time, and at most this many chunks past its real end
 #: (cheap: they decode nothing) are asked for.
 MOST_FOLLOW_ONS = 8
+#: Codecs whose container declares the length exactly (FLAC's STREAMINFO, an MP4's moov): one
+#: that decodes a frame or more shorter was cut short (or lost audio) after that was written.
+DECLARED_LENGTH_CODECS = ("flac", "alac", "aac")
 
 
 @dataclass
@@ -416,7 +426,24 @@ class FileLedger:
             cut = _cut_short(state.info) if state.info is not None else ""
             reason = f"audio shorter than one frame ({seconds:g} s)" + (f"; {cut}" if cut else "")
             self._fail(state, None, "decode", reason, "")
+        elif not state.failed and state.info is not None:
+            self._check_decoded_length(state, state.info)
         self.progress.finished(state.input.relative, failed=state.failed)
+
+    def _check_decoded_length(self, state: FileState, info: AudioInfo) -> None:
+        """A row for a file whose container declares more audio than it decoded to."""
+        declared = estimated_frames(info, self.spec)
+        # A frame of slack: encoders' priming and padding samples (AAC: up to 2112).
+        if info.codec not in DECLARED_LENGTH_CODECS or declared is None:
+            return
+        if state.frames + 1 >= declared:
+            return
+        relative = state.input.relative
+        reason = (
+            f"decoded short: its header declares {info.duration_s or 0.0:.1f} s, decoding gave "
+            f"{self._seconds(state.frames):.1f} s (cut short or damaged; analysed what it holds)"
+        )
+        self._row(relative, None, "decode", reason, "", kept=True, line=f"{relative}: {reason}")
 
     def _seconds(self, n_frames: int) -> float:
         return n_frames * self.spec.hop_length / self.spec.sample_rate
