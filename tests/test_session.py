@@ -6,8 +6,11 @@ pools held to one thread where the workers are threads of this process."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
+import warnings
+from dataclasses import replace
 
 import dask
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -104,6 +107,20 @@ def test_a_local_cluster_of_threads_runs_native_pools_on_one_thread() -> None:
         with connect(None, local=_settings(threads_per_worker=1), processes=True) as client:
             assert set(client.run(_blas_threads).values()) == {frozenset({1})}
             assert _blas_threads() == before
+
+
+def test_a_dashboard_port_in_use_is_no_warning() -> None:
+    # A shared login node: another user's cluster holds the port; the dashboard line gives
+    # the one Dask picks instead.
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = replace(_settings(), dashboard_address=f":{port}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            with connect(None, local=settings, processes=False) as client:
+                assert client.dashboard_link and f":{port}/" not in client.dashboard_link
 
 
 #: Modules a worker process never needs: the client's planning and extras, pandas, and Keras.

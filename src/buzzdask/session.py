@@ -16,6 +16,7 @@ import platform
 import resource
 import sys
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -112,7 +113,10 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
     n_workers = (settings.n_workers or 1) if processes else 1
     # Only where every worker will hold a scorer: a decode-only worker never needs TensorFlow.
     all_score = settings.scorers is None or settings.scorers >= n_workers
-    with lean_dask():
+    with lean_dask(), warnings.catch_warnings():
+        # Taken by another cluster (a shared login node): Dask picks a free port, and the
+        # dashboard line that follows gives it; its three-line warning only alarms.
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
