@@ -665,28 +665,35 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
 @requires_ffmpeg
 @requires_slurm
 @pytest.mark.slurm
-@pytest.mark.parametrize("victim", ["buzzdask-gpu", "buzzdask-cpu"])
-def test_scancel_a_worker_job_mid_run_loses_nothing(local_slurm, slurm_corpus, tmp_path, victim):
-    """scancel the job holding the actor (or a decoding one) mid-run: a replacement job is
-    submitted, the actor is re-created on it, and the same run finishes exactly once."""
+@pytest.mark.parametrize(
+    "victims",
+    [("buzzdask-gpu",), ("buzzdask-cpu",), ("buzzdask-gpu", "buzzdask-cpu")],
+    ids=["gpu", "cpu", "both"],
+)
+def test_scancel_a_worker_job_mid_run_loses_nothing(local_slurm, slurm_corpus, tmp_path, victims):
+    """scancel the job holding the actor (or a decoding one, or both at once, as a walltime
+    ends jobs started together) mid-run: replacement jobs are submitted, the actor is
+    re-created, decode tasks placed on the lost worker go to the new ones, and the same run
+    finishes exactly once."""
     audio, options, reference = slurm_corpus
     scores = tmp_path / "out" / "scores"
     # Replace lost workers quickly (default 15 s) so the test stays short.
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
         client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
         try:
-            (job,) = _job_ids(victim)
+            jobs = [job for victim in victims for job in _job_ids(victim)]
+            assert len(jobs) == len(victims)
 
             killer = when_scoring_started(
-                scores, lambda: subprocess.run(["scancel", job], check=True)
+                scores, lambda: subprocess.run(["scancel", *jobs], check=True)
             )
             result = buzzdask.analyze(audio, output=tmp_path / "out", client=client, **options)
             killer.join()
-            assert job not in _job_ids(victim)
+            assert not set(jobs) & {j for v in victims for j in _job_ids(v)}
         finally:
             client.shutdown()
     _same_frames(result, reference)
-    if victim == "buzzdask-gpu":
+    if "buzzdask-gpu" in victims:
         assert result.summary["scorer_restarts"] == 1
 
 

@@ -18,7 +18,7 @@ from distributed import Client, Future, wait
 
 from buzzdask.errors import BuzzdaskError, ScorerError, ScorerMisplacedError
 from buzzdask.frames import FrameSpec
-from buzzdask.progress import logger
+from buzzdask.progress import format_count, logger
 from buzzdask.score import submit_scorer
 from buzzdask.session import (
     has_gpu,
@@ -30,10 +30,43 @@ from buzzdask.session import (
 )
 from buzzdask.settings import Settings
 
-__all__ = ["REFRESH_EVERY_S", "ScorerOptions", "ScorerPool", "decode_workers"]
+__all__ = [
+    "REFRESH_EVERY_S",
+    "ScorerOptions",
+    "ScorerPool",
+    "decode_workers",
+    "free_stranded_tasks",
+]
 
 #: Seconds between looks for workers that joined (to hold a scorer) or left.
 REFRESH_EVERY_S = 5.0
+
+
+def free_stranded_tasks(dask_scheduler: Any) -> int:
+    """Free the tasks placed loosely on workers that have all left to run on any worker.
+
+    Run on the scheduler (``Client.run_on_scheduler``). Dask (2026.8) offers a worker that
+    joins only the ``no-worker`` tasks whose worker restrictions name it, loose ones
+    (``allow_other_workers``) included: when every decode worker went at once (SLURM jobs at
+    their time limit) and replacements joined, the decode tasks placed on the lost ones waited
+    for them forever. Returns how many were freed.
+    """
+    present = dask_scheduler.workers.keys()
+    stranded = [
+        task
+        for task in dask_scheduler.unrunnable
+        if task.loose_restrictions
+        and task.worker_restrictions
+        and not task.worker_restrictions & present
+    ]
+    for task in stranded:
+        task.worker_restrictions = None
+    if stranded:
+        dask_scheduler.transitions(
+            {task.key: "processing" for task in stranded},
+            stimulus_id=f"buzzdask-free-stranded-{time.time()}",
+        )
+    return len(stranded)
 
 
 @dataclass(frozen=True)
@@ -155,6 +188,8 @@ class ScorerPool:
         self.gpu = False
         self.decode_workers: list[str] | None = None
         self.decode_threads = 1
+        self._workers_seen: set[str] = set()
+        self._workers_left = False
         self.restarts = 0
         self.lost = 0
         self.tensorflow_version = "unknown"
@@ -321,6 +356,17 @@ class ScorerPool:
         )
         decoding = self.decode_workers if self.decode_workers is not None else list(workers)
         self.decode_threads = max(1, sum(int(workers[a].get("nthreads", 1)) for a in decoding))
+        # Once any worker has left, at each look: tasks may be stranded after it (a decode task
+        # that became ready while no worker was left).
+        self._workers_left = self._workers_left or bool(self._workers_seen - set(workers))
+        self._workers_seen = set(workers)
+        if self._workers_left:
+            freed = self.client.run_on_scheduler(free_stranded_tasks)
+            if freed:
+                logger.warning(
+                    "%s placed on workers that have all left go to the others",
+                    format_count(freed, "task"),
+                )
 
     def decodes(self, address: str) -> bool:
         """Whether the worker ``address`` takes decode tasks (as of the last look)."""
