@@ -49,7 +49,8 @@ def free_stranded_tasks(dask_scheduler: Any) -> int:
     joins only the ``no-worker`` tasks whose worker restrictions name it, loose ones
     (``allow_other_workers``) included: when every decode worker went at once (SLURM jobs at
     their time limit) and replacements joined, the decode tasks placed on the lost ones waited
-    for them forever. Returns how many were freed.
+    for them forever (strict restrictions do so by design: dask/distributed#7346). Returns
+    how many were freed.
     """
     present = dask_scheduler.workers.keys()
     stranded = [
