@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -724,23 +725,38 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("signal_number", "exit_code", "said"),
+    ("launcher", "signal_number", "exit_code", "said"),
     [
-        (signal.SIGINT, EXIT_INTERRUPTED, "interrupted"),
-        (signal.SIGTERM, EXIT_TERMINATED, "stopped by SIGTERM (a job's time limit, or scancel)"),
+        ((BUZZDASK,), signal.SIGINT, EXIT_INTERRUPTED, "interrupted"),
+        (
+            (BUZZDASK,),
+            signal.SIGTERM,
+            EXIT_TERMINATED,
+            "stopped by SIGTERM (a job's time limit, or scancel)",
+        ),
+        # Its cluster module imports dask_jobqueue, whose import took Ctrl-C over (exit 0).
+        (
+            (sys.executable, "-m", "buzzdask.cluster"),
+            signal.SIGINT,
+            EXIT_INTERRUPTED,
+            "interrupted",
+        ),
     ],
+    ids=["sigint", "sigterm", "cluster-sigint"],
 )
 def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
-    kill_corpus, tmp_path, signal_number, exit_code, said
+    kill_corpus, tmp_path, launcher, signal_number, exit_code, said
 ):
     """Ctrl-C (SIGINT to the command's whole process group, as a terminal sends it: its
     workers and ffmpeg too), or SIGTERM to the group (as SLURM sends it to a job's processes at
     its time limit), with chunks written and chunks to go: the command says what it left,
-    without a traceback, and exits 130 (143); --resume finishes the output exactly once."""
+    without a traceback, and exits 130 (143); --resume finishes the output exactly once. The
+    same through ``python -m buzzdask.cluster ... analyze`` (a local cluster)."""
     audio, options, reference = kill_corpus
     output = tmp_path / "out"
     command = [
-        *(BUZZDASK, "analyze", str(audio), "--output", str(output), "--no-progress"),
+        *launcher,
+        *("analyze", str(audio), "--output", str(output), "--no-progress"),
         *("--model", str(options["model"]), "--embedder", options["embedder"]),
         *("--chunk-seconds", "1", "--batch-frames", str(KILL_PACING["batch_frames"])),
         *("--memory-budget", str(KILL_PACING["memory_budget"])),

@@ -1016,3 +1016,14 @@ def test_cluster_package_is_importable_without_tensorflow():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
     assert Path(buzzdask.cluster.__file__).parent.name == "cluster"
+
+
+def test_importing_the_slurm_cluster_leaves_ctrl_c_alone():
+    # dask_jobqueue.runner sets SIGINT to sys.exit() as it is imported: Ctrl-C then ended a
+    # run with exit code 0 and no word, and a notebook's "interrupt kernel" would end it.
+    probe = (
+        "import signal, buzzdask.cluster.slurm, buzzdask.cluster.batch, dask_jobqueue.runner; "
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.strip() == "True", done.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -382,10 +383,10 @@ def run_in_job(
         The client task: the ``buzzdask`` command's exit code. Other tasks return 0 once the
         client has finished and closed the scheduler.
     """
-    from dask_jobqueue.slurm import SLURMRunner
     from distributed import Client
 
     from buzzdask import cli
+    from buzzdask.cluster._jobqueue import SLURMRunner
     from buzzdask.dashboard import local_dashboard_lines
     from buzzdask.session import lean_dask
 
@@ -417,6 +418,9 @@ def run_in_job(
         os.environ.get("TMPDIR") or os.environ.get("SLURM_SUBMIT_DIR", "."),
         f".buzzdask-scheduler-{job_id}.json",
     )
+    # The runner stops its scheduler and worker tasks by sending itself SIGINT, to this handler
+    # (dask_jobqueue.runner's, which buzzdask.cluster._jobqueue takes back at import).
+    signal.signal(signal.SIGINT, lambda *_: sys.exit())
     try:
         with (
             lean_dask(),  # this task's scheduler (rank 0) or worker

@@ -16,13 +16,12 @@ from typing import Any
 
 import dask.config
 from dask.utils import parse_timedelta
-from dask_jobqueue import SLURMCluster
-from dask_jobqueue.slurm import SLURMJob
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from tornado.ioloop import PeriodicCallback
 
 from buzzdask import preload
+from buzzdask.cluster._jobqueue import SLURMCluster, SLURMJob
 from buzzdask.errors import ClusterError
 from buzzdask.session import worker_environment
 
