@@ -196,6 +196,29 @@ def test_job_script_overrides_from_keywords_and_dask_config():
     assert "#SBATCH -p gpu" in scripts["gpu"]  # the GPU jobs keep their own partition
 
 
+@pytest.mark.parametrize(
+    ("walltime", "lifetime"),
+    [
+        (None, "--lifetime 55m --lifetime-stagger 4m"),  # the configuration's, under 1 h
+        ("00:30:00", "--lifetime 25m --lifetime-stagger 4m"),
+        ("12:00:00", "--lifetime 715m --lifetime-stagger 4m"),
+        ("1-00:00:00", "--lifetime 1435m --lifetime-stagger 4m"),
+        ("12", "--lifetime 10m --lifetime-stagger 96s"),  # minutes: a sixth of it to spare
+    ],
+)
+def test_workers_retire_before_the_walltime_given(walltime, lifetime):
+    # Workers that outlive their job's walltime are killed all at once, not retired in turn.
+    scripts = job_scripts("osc-cardinal", account="PAS9", walltime=walltime)
+    for script in scripts.values():
+        assert lifetime in script
+        assert f"#SBATCH -t {walltime or '01:00:00'}" in script
+
+
+def test_a_walltime_slurm_cannot_read_is_refused():
+    with pytest.raises(ParameterError, match=r"walltime='1h' is not a SLURM time limit"):
+        job_scripts("osc-cardinal", account="PAS9", walltime="1h")
+
+
 def test_batch_script_for_one_job_mode(capsys):
     command = ["analyze", "audio dir/", "--model", "general_v3", "--output", "results/"]
     code = cluster_main(

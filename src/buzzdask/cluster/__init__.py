@@ -106,7 +106,7 @@ def start(
         return Client(start_local_cluster(settings.local_cluster))
     _refuse_whole_node(entry)
     options.require_account(entry, ("cpu", "gpu") if gpus else ("cpu",))
-    cpu_job_kwargs = options.overrides("cpu")
+    cpu_job_kwargs = options.overrides("cpu", section=entry["cpu-config"])
     if not gpus:  # every CPU worker holds a scorer, as the GPU workers otherwise do
         cpu_job_kwargs["worker_extra_args"] = scorer_worker_args(
             entry["cpu-config"], cpu_job_kwargs.get("worker_extra_args")
@@ -115,7 +115,7 @@ def start(
         slurm = BuzzdaskSLURMCluster(
             config_name=entry["cpu-config"],
             gpu_config_name=entry["gpu-config"],
-            gpu_job_kwargs=options.overrides("gpu"),
+            gpu_job_kwargs=options.overrides("gpu", section=entry["gpu-config"]),
             **cpu_job_kwargs,
         )
     try:
@@ -165,7 +165,7 @@ def job_scripts(
     kinds: tuple[JobKind, ...] = ("cpu",) if gpus == 0 else ("cpu", "gpu")
     scripts: dict[str, str] = {}
     for kind in kinds:
-        overrides = options.overrides(kind)
+        overrides = options.overrides(kind, section=entry[f"{kind}-config"])
         if options.missing_accounts(entry, (kind,)):
             overrides["account"] = ACCOUNT_PLACEHOLDER
         if kind == "gpu" or gpus == 0:  # the scorers' jobs, as start submits them

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,13 +17,65 @@ import dask.config
 
 from buzzdask.errors import ParameterError
 
-__all__ = ["ACCOUNT_PLACEHOLDER", "JobOptions"]
+__all__ = ["ACCOUNT_PLACEHOLDER", "JobOptions", "lifetime_within", "walltime_seconds"]
 
 JobKind = Literal["cpu", "gpu"]
 
 # What a printed job script shows for a missing account: sbatch would refuse it, not charge a
 # default project.
 ACCOUNT_PLACEHOLDER = "<PROJECT>"
+
+
+def walltime_seconds(walltime: str) -> int:
+    """Seconds of a SLURM time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``.
+
+    Raises
+    ------
+    ParameterError
+        If ``walltime`` is none of these.
+    """
+    days, _, clock = walltime.rpartition("-")
+    try:
+        fields = [int(part) for part in clock.split(":")]
+        day_s = int(days) * 86400 if days else 0
+    except ValueError:
+        fields, day_s = [], 0
+    # Without days the fields are [[HH:]MM:]SS read from the minutes; with days, HH[:MM[:SS]].
+    units = (3600, 60, 1) if days else {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}.get(len(fields))
+    if not fields or units is None or len(fields) > len(units) or min(fields) < 0:
+        raise ParameterError(
+            f"walltime={walltime!r} is not a SLURM time limit such as '01:00:00' (HH:MM:SS), "
+            "'90' (minutes) or '1-12:00:00' (days-HH:MM:SS)"
+        )
+    return day_s + sum(value * unit for value, unit in zip(fields, units, strict=False))
+
+
+def lifetime_within(args: Sequence[str], walltime: str) -> list[str]:
+    """Worker arguments whose ``--lifetime`` (and stagger) end before ``walltime``.
+
+    The configurations retire workers at 55 of a job's 60 minutes, give or take 2 (a stagger of
+    4): so the same margin below any walltime, a sixth of it for short ones. Arguments without
+    ``--lifetime`` are returned as they are.
+    """
+    args = list(args)
+    if "--lifetime" not in args:
+        return args
+    limit_s = walltime_seconds(walltime)
+    margin_s = min(300, limit_s // 6)
+    fitted = {
+        "--lifetime": _duration(limit_s - margin_s),
+        "--lifetime-stagger": _duration(margin_s * 4 // 5),
+    }
+    for flag, value in fitted.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
 
 def _option(
@@ -60,7 +112,8 @@ class JobOptions:
     account : str, optional
         SLURM account (OSC project, e.g. ``"PAS1234"``) of every job.
     walltime : str, optional
-        ``HH:MM:SS`` of every job. Keep ``--lifetime`` in the configuration below it.
+        ``HH:MM:SS`` of every job. Workers given ``--lifetime`` (the OSC configurations)
+        retire before it (:func:`lifetime_within`).
     queue, gpu_queue : str, optional
         Partitions of the CPU and of the GPU jobs.
     cores : int > 0, optional
@@ -83,13 +136,16 @@ class JobOptions:
     job_kwargs: Mapping[str, Any] | None = _option(None, jobs=())
     gpu_job_kwargs: Mapping[str, Any] | None = _option(None, jobs=())
 
-    def overrides(self, kind: JobKind) -> dict[str, Any]:
+    def overrides(self, kind: JobKind, *, section: str | None = None) -> dict[str, Any]:
         """The ``jobqueue`` keywords of the ``kind`` worker jobs that these options set.
 
         Parameters
         ----------
         kind : {"cpu", "gpu"}
             CPU (decode) or GPU (scorer) worker jobs.
+        section : str, optional
+            Their ``jobqueue.<section>``: with ``walltime`` set, its workers' ``--lifetime``
+            is fitted below it (:func:`lifetime_within`).
 
         Returns
         -------
@@ -102,7 +158,14 @@ class JobOptions:
             if kind in option.metadata["jobs"]
         }
         extra = self.job_kwargs if kind == "cpu" else self.gpu_job_kwargs
-        return {k: v for k, v in {**chosen, **(extra or {})}.items() if v is not None}
+        overrides = {k: v for k, v in {**chosen, **(extra or {})}.items() if v is not None}
+        if "walltime" in overrides and section is not None:
+            args = overrides.get("worker_extra_args") or dask.config.get(
+                f"jobqueue.{section}.worker-extra-args", None
+            )
+            if args and "--lifetime" in args:
+                overrides["worker_extra_args"] = lifetime_within(args, overrides["walltime"])
+        return overrides
 
     def missing_accounts(
         self, entry: Mapping[str, Any], kinds: Iterable[JobKind] = ("cpu", "gpu")
