@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 import buzzdask
 from buzzdask import ClusterError, ParameterError
+from buzzdask.cli import EXIT_ERROR
 from buzzdask.cluster import available_configs, job_scripts, load_cluster_config, start
 from buzzdask.cluster.__main__ import main as cluster_main
 from buzzdask.cluster.batch import batch_script
@@ -42,6 +44,7 @@ from tests.conftest import (
     run_batch_job,
     wait_until,
     when_scoring_started,
+    write_wav,
 )
 from tests.test_console import NOISE
 
@@ -231,6 +234,8 @@ def test_batch_script_for_one_job_mode(capsys):
     assert code == 0
     assert "#SBATCH -A PAS1234" in script and "#SBATCH -p gpu" in script
     assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --nodes=1" in script
+    # Its relative paths ("audio dir/") mean what they meant where it was printed.
+    assert f"#SBATCH --chdir={Path.cwd()}\n" in script
     # One core for scheduler and client, 8 per GPU worker, the CPU workers' 24 each (they fit):
     # 1 + 2 x 8 + 3 x 24 = 89 of the node's 96; 2 GiB + 2 x 72 GiB + 3 x 116 GiB of memory.
     assert "#SBATCH --ntasks=1\n#SBATCH --cpus-per-task=89\n" in script
@@ -277,11 +282,38 @@ def test_print_job_script_submits_nothing(capsys):
     assert "# ---- gpu worker job ----" not in out and "--preload buzzdask.preload" in out
 
 
-def test_command_line_checks_analyze_options_before_submitting(capsys):
+def test_command_line_checks_analyze_options_before_submitting(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         cluster_main(["--config", "local-slurm", "analyze", "audio/"])  # no --model/--output
     assert exit_.value.code == 2
     assert "--model" in capsys.readouterr().err
+    # Typos and a rerun without --resume: refused before any job waits in a queue (no SLURM
+    # runs here; starting one would fail otherwise).
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    write_wav(audio / "a.wav", np.zeros(16000), 16000)
+    model = tmp_path / "model_general_v3"
+    model.mkdir()
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "buzzdask.json").write_text("{}")
+    (done / "journal.jsonl").write_text('{"file": "a.wav", "chunk": 0, "frames": 1}\n')
+    cases = {
+        "input path(s) not found: ": [str(tmp_path / "adio"), "--model", str(model)],
+        "no audio files in ": [str(model), "--model", str(model)],
+        "model 'general_v2' not found": [str(audio), "--model", "general_v2"],
+        "already holds results (1 chunk done); pass --resume": [
+            *(str(audio), "--model", str(model), "--output", str(done)),
+        ],
+    }
+    for message, arguments in cases.items():
+        command = ["analyze", *arguments]
+        if "--output" not in arguments:
+            command += ["--output", str(tmp_path / "out")]
+        assert cluster_main(["--config", "local-slurm", *command]) == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert "scheduler at" not in err
 
 
 # -- OSC's documented nodes, accounts ---------------------------------------------------------
@@ -455,6 +487,7 @@ def test_whole_cardinal_gpu_node_in_one_batch_job(capsys):
         "#SBATCH --cpus-per-task=96\n"
         "#SBATCH --mem=884736M\n"
         "#SBATCH --gpus-per-node=4\n"
+        f"#SBATCH --chdir={Path.cwd()}\n"
         f"#SBATCH -o {logs}/buzzdask-%j.out\n"
         + "".join(f"{line}\n" for line in worker_exports())
         + "unset SLURM_MEM_PER_CPU SLURM_MEM_PER_GPU\n"

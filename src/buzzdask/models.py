@@ -29,6 +29,7 @@ __all__ = [
     "ModelSpec",
     "directory_sha256",
     "feed_file",
+    "find_model_dir",
     "head_weights",
     "load_embedder",
     "load_head",
@@ -232,7 +233,7 @@ def resolve_model(
         If the directory is missing or is not a buzzdetect model.
     """
     settings = settings or load_settings()
-    path = _find_model_dir(model, settings.model_dirs if search_dirs is None else search_dirs)
+    path = find_model_dir(model, settings.model_dirs if search_dirs is None else search_dirs)
     config_path = path / CONFIG_NAME
     try:
         model_config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -268,7 +269,14 @@ def resolve_model(
     )
 
 
-def _find_model_dir(model: str | os.PathLike[str], search_dirs: Sequence[Any]) -> Path:
+def find_model_dir(model: str | os.PathLike[str], search_dirs: Sequence[Any]) -> Path:
+    """The directory of ``model``: a path, or a name (``general_v3``) under ``search_dirs``.
+
+    Raises
+    ------
+    ModelError
+        If there is none.
+    """
     direct = Path(model).expanduser()
     if direct.is_dir():
         return direct.resolve()

@@ -64,6 +64,7 @@ __all__ = [
     "output_full_error",
     "partition_problem",
     "prepare_output",
+    "refuse_results",
     "write_errors",
     "utc_now",
     "write_json",
@@ -482,6 +483,19 @@ class OutputConflict:
         return self.render(PYTHON_WORDS)
 
 
+def refuse_results(layout: OutputLayout) -> None:
+    """Refuse an output that holds an earlier run's results (a run without resume or new).
+
+    Raises
+    ------
+    OutputConflictError
+        Its argument an :class:`OutputConflict` that names the chunks and the ways on.
+    """
+    if layout.metadata.exists() and layout.holds_chunks():
+        chunks = len(layout.read_journal())
+        raise OutputConflictError(OutputConflict(layout.root, "holds results", chunks=chunks))
+
+
 def prepare_output(
     output: str | os.PathLike[str],
     *,
@@ -549,8 +563,7 @@ def prepare_output(
         )
         return layout
     if on_conflict == "error":
-        chunks = len(layout.read_journal())
-        raise OutputConflictError(OutputConflict(layout.root, "holds results", chunks=chunks))
+        refuse_results(layout)
     previous = json.loads(layout.metadata.read_text(encoding="utf-8"))
     before = previous.get("fingerprint", {})
     differences = tuple(

@@ -139,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return EXIT_OK
+    if args.command:
+        _check_before_jobs(analyze)
     if not gpus:
         print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")
     client = start(args.config, gpus=gpus, cpu_workers=cpu_workers, timeout=args.timeout, **options)
@@ -155,6 +157,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     finally:
         client.shutdown()
+
+
+def _check_before_jobs(analyze: argparse.Namespace) -> None:
+    """Refuse what ``analyze`` would refuse at once, before any job waits in a queue.
+
+    Hours, on a GPU partition: inputs that are missing or hold no audio, a model not found, an
+    output holding results without ``--resume`` or ``--new``.
+    """
+    from buzzdask.inputs import scan, user_path
+    from buzzdask.models import find_model_dir
+    from buzzdask.settings import load_settings
+    from buzzdask.write import OutputLayout, refuse_results
+
+    settings = load_settings()
+    found = scan(analyze.inputs, extensions=settings.extensions)
+    if not analyze.watch:  # a watched folder may fill later
+        found.require_audio()
+    for model in analyze.model:
+        find_model_dir(model, settings.model_dirs)
+    if not (analyze.resume or analyze.new) and len(analyze.model) == 1:
+        refuse_results(OutputLayout(user_path(analyze.output)))
 
 
 def _wait_for_stop() -> None:

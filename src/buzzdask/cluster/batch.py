@@ -335,6 +335,9 @@ def one_node_job_head(
         f"#SBATCH --cpus-per-task={cores}",
         f"#SBATCH --mem={memory // 2**20}M",
         *([f"#SBATCH --gpus-per-node={gpus}"] if gpus else []),
+        # Where it was printed: the command's relative paths mean what they meant there,
+        # wherever sbatch is run from.
+        f"#SBATCH --chdir={shlex.quote(os.getcwd())}",
     ]
     if section["log-directory"]:
         logs = os.path.abspath(os.path.expanduser(section["log-directory"]))
