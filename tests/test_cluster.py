@@ -287,6 +287,11 @@ def test_command_line_checks_analyze_options_before_submitting(capsys, tmp_path)
         cluster_main(["--config", "local-slurm", "analyze", "audio/"])  # no --model/--output
     assert exit_.value.code == 2
     assert "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cluster_main(["--config", "local-slurm", "analyze", "audio/", "--gpus", "1"])
+    assert "--gpus is an option of python -m buzzdask.cluster: give it before 'analyze'" in (
+        capsys.readouterr().err
+    )
     # Typos and a rerun without --resume: refused before any job waits in a queue (no SLURM
     # runs here; starting one would fail otherwise).
     audio = tmp_path / "audio"

@@ -96,6 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     verbosity = 0
     if args.command:  # check analyze's options before any job is submitted
+        own = {flag for action in parser._actions for flag in action.option_strings} - {
+            "-h",
+            "--help",
+        }
+        misplaced = [word for word in args.command if word.split("=")[0] in own]
+        if misplaced:
+            parser.error(
+                f"{misplaced[0].split('=')[0]} is an option of python -m buzzdask.cluster: "
+                "give it before 'analyze'"
+            )
         analyze = cli.build_parser().parse_args(args.command)
         verbosity = 2 if analyze.debug else 1 if analyze.verbose else 0
     quiet_environment(verbosity)  # before the cluster starts: its chatter too
