@@ -187,6 +187,13 @@ def test_no_audio_in_python_is_an_input_error(tmp_path, tiny_model, tiny_embedde
             tmp_path / "audio", tiny_model, output=tmp_path / "out", embedder=str(tiny_embedder)
         )
     assert not (tmp_path / "out").exists()
+    # Only a link whose recording is gone (unmounted card): said at once, no cluster started.
+    (tmp_path / "audio" / "rec.wav").symlink_to(tmp_path / "card" / "rec.wav")
+    with pytest.raises(InputError, match=r"no readable audio file in .*: rec\.wav: broken symlink"):
+        buzzdask.analyze(
+            tmp_path / "audio", tiny_model, output=tmp_path / "out", embedder=str(tiny_embedder)
+        )
+    assert not (tmp_path / "out").exists()
 
 
 @requires_ffmpeg

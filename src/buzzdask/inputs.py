@@ -117,7 +117,7 @@ class Discovery:
         return [item for item in self.skipped if item.reason not in _QUIET]
 
     def require_audio(self) -> None:
-        """Raise :class:`InputError` when no audio file was found, saying where and why.
+        """Raise :class:`InputError` when no (readable) audio file was found, saying where and why.
 
         Raises
         ------
@@ -125,8 +125,15 @@ class Discovery:
             Naming the paths looked in, the suffixes taken (``buzzdask.extensions``) and what
             was skipped, with the fix.
         """
-        if self.files:
+        if any(file.problem is None for file in self.files):
             return
+        if self.files:  # every one a broken link or a loop: nothing for a cluster to start on
+            problems = [f"{file.relative}: {file.problem}" for file in self.files]
+            raise InputError(
+                f"no readable audio file in {', '.join(self.paths)}: "
+                + "; ".join(problems[:_SHOWN])
+                + ("; ..." if len(problems) > _SHOWN else "")
+            )
         skipped = f"; {describe_skipped(self.skipped)}" if self.skipped else "; they hold no files"
         raise InputError(
             f"no audio files in {', '.join(self.paths)} (looked for "
