@@ -110,7 +110,7 @@ def test_osc_job_scripts(name):
         assert "#SBATCH -A PAS1234" in script
         assert "#SBATCH -t 02:00:00" in script
         assert "--local-directory $TMPDIR" in script
-        assert "--lifetime 55m --lifetime-stagger 4m" in script
+        assert "--lifetime 115m --lifetime-stagger 4m" in script
         assert "module load" not in script  # ffmpeg comes from PATH or the imageio-ffmpeg wheel
         assert "#SBATCH -e buzzdask-logs/" in script
         assert f"{sys.executable} -m distributed.cli.dask_worker" in script
@@ -268,10 +268,13 @@ def test_unknown_configuration_names_the_available_ones():
         job_scripts("local")
 
 
-def test_print_job_script_submits_nothing(capsys):
+def test_print_job_script_submits_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     pitzer = ["--config", "osc-pitzer", "--account", "PAS1234", "--print-job-script"]
     assert cluster_main([*pitzer, "--gpus", "2"]) == 0
     out = capsys.readouterr().out
+    assert "#SBATCH -e buzzdask-logs/buzzdask-cpu-" in out
+    assert not list(tmp_path.iterdir())  # nor makes the log directory it names
     assert "# ---- cpu worker job ----" in out and "# ---- gpu worker job ----" in out
     assert out.count("#SBATCH -A PAS1234") == 2
     assert out.count("--preload buzzdask.preload") == 1  # the GPU job's scorer

@@ -7,7 +7,9 @@ the same kind for every worker that leaves, so a run longer than one walltime co
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import subprocess
 import time
@@ -160,9 +162,17 @@ def job_script(config_name: str, **job_kwargs: Any) -> str:
     **job_kwargs
         Overrides of that section (``account``, ``walltime``, ``cores``...).
     """
-    return _Job(
+    logs = job_kwargs.get("log_directory") or dask.config.get(
+        f"jobqueue.{config_name}.log-directory", None
+    )
+    made = logs is not None and not os.path.exists(logs)
+    script = _Job(
         scheduler=SCHEDULER_PLACEHOLDER, name="buzzdask", config_name=config_name, **job_kwargs
     ).job_script()
+    if made:  # dask-jobqueue makes it as it defines a job; a script only read needs none
+        with contextlib.suppress(OSError):
+            os.rmdir(logs)
+    return script
 
 
 class _DecodeWorkersAdaptive(Adaptive):
