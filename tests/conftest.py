@@ -444,6 +444,12 @@ def make_audio(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+_SIGINT_AS_IN_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def signal_client_mid_run(
     command: Sequence[str],
     *,
@@ -461,7 +467,13 @@ def signal_client_mid_run(
     """
     env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
     process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        # As a terminal starts a command: Ctrl-C not ignored, whatever this test run inherited
+        # (a shell's background job ignores it, and its children with it); exec keeps the pid.
+        [sys.executable, "-c", _SIGINT_AS_IN_A_TERMINAL, *command],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     journal = output / "journal.jsonl"
     with MidRunKiller(

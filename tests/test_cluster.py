@@ -1086,7 +1086,8 @@ def test_importing_the_slurm_cluster_leaves_ctrl_c_alone():
     # dask_jobqueue.runner sets SIGINT to sys.exit() as it is imported: Ctrl-C then ended a
     # run with exit code 0 and no word, and a notebook's "interrupt kernel" would end it.
     probe = (
-        "import signal, buzzdask.cluster.slurm, buzzdask.cluster.batch, dask_jobqueue.runner; "
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "import buzzdask.cluster.slurm, buzzdask.cluster.batch, dask_jobqueue.runner; "
         "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

@@ -21,7 +21,7 @@ from buzzdask.cluster.configs import (
     load_slurm_config,
     worker_counts,
 )
-from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobKind, JobOptions
+from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions, job_kinds
 from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script, scorer_worker_args
 from buzzdask.dashboard import local_dashboard_lines
 from buzzdask.errors import ParameterError
@@ -105,7 +105,7 @@ def start(
             )
         return Client(start_local_cluster(settings.local_cluster))
     _refuse_whole_node(entry)
-    options.require_account(entry, ("cpu", "gpu") if gpus else ("cpu",))
+    options.require_account(entry, job_kinds(gpus))
     cpu_job_kwargs = options.overrides("cpu", section=entry["cpu-config"])
     if not gpus:  # every CPU worker holds a scorer, as the GPU workers otherwise do
         cpu_job_kwargs["worker_extra_args"] = scorer_worker_args(
@@ -162,7 +162,7 @@ def job_scripts(
     options = JobOptions(**job_options)
     entry = load_slurm_config(name)
     _refuse_whole_node(entry)
-    kinds: tuple[JobKind, ...] = ("cpu",) if gpus == 0 else ("cpu", "gpu")
+    kinds = job_kinds(gpus)
     scripts: dict[str, str] = {}
     for kind in kinds:
         overrides = options.overrides(kind, section=entry[f"{kind}-config"])

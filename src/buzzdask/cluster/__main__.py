@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dask.utils import parse_bytes
 
 from buzzdask.cli import EXIT_OK, reports_errors
-from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions
+from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions, job_kinds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return EXIT_OK
     if args.command:
+        # The account first, as start() checks it; then what analyze would refuse.
+        JobOptions(**options).require_account(entry, job_kinds(gpus))
         _check_before_jobs(analyze)
     if not gpus:
         print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")

@@ -17,13 +17,24 @@ import dask.config
 
 from buzzdask.errors import ParameterError
 
-__all__ = ["ACCOUNT_PLACEHOLDER", "JobOptions", "lifetime_within", "walltime_seconds"]
+__all__ = [
+    "ACCOUNT_PLACEHOLDER",
+    "JobOptions",
+    "job_kinds",
+    "lifetime_within",
+    "walltime_seconds",
+]
 
 JobKind = Literal["cpu", "gpu"]
 
 # What a printed job script shows for a missing account: sbatch would refuse it, not charge a
 # default project.
 ACCOUNT_PLACEHOLDER = "<PROJECT>"
+
+
+def job_kinds(gpus: int | None) -> tuple[JobKind, ...]:
+    """The worker jobs a run submits: CPU jobs, and GPU jobs unless ``gpus`` is 0."""
+    return ("cpu",) if gpus == 0 else ("cpu", "gpu")
 
 
 def walltime_seconds(walltime: str) -> int:
