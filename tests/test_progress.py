@@ -9,6 +9,17 @@ from buzzdask.dashboard_page import render_page
 from buzzdask.progress import Progress, format_audio, format_count, format_factor
 
 
+def test_a_run_that_ends_early_is_stopped_not_finished():
+    # Ctrl-C, a scorer that cannot be replaced: the dashboard page must not say "finished".
+    published = []
+    progress = Progress(enabled=False, verbose=False, files=2, publish=published.append)
+    progress.expect("a.wav", 60.0)
+    progress.advance("a.wav", 30.0)
+    progress.close(stopped=True)
+    assert published[-1]["status"] == "stopped"
+    assert "&mdash; stopped</h2>" in render_page([{**published[-1], "output": "out"}])
+
+
 def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
     published = []
     progress = Progress(enabled=True, verbose=False, files=3, publish=published.append)

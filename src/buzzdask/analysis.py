@@ -631,8 +631,10 @@ def _run(
     inputs.feed(pipeline, ledger, states)
     try:
         pipeline.run()
-    finally:  # the bar and the dashboard page end with the run, however it ends
-        ledger.progress.close()
+    except BaseException:  # the bar and the dashboard page end with the run, however it ends
+        ledger.progress.close(stopped=True)
+        raise
+    ledger.progress.close()
     pool.refresh(finished=True)
     return pool, pipeline
 

@@ -154,6 +154,7 @@ class Progress:
         self._publish_interval_s = publish_interval_s
         self._published = 0.0
         self._closed = False
+        self._status = "running"
         self._lines = enabled and not _interactive()
         self._line_shown = time.monotonic()
         self._bar = tqdm(
@@ -259,7 +260,7 @@ class Progress:
         """The numbers of the dashboard page (plain JSON types)."""
         elapsed = time.monotonic() - self._started
         return {
-            "status": "finished" if self._closed else "running",
+            "status": self._status,
             "started": self._started_wall,
             "elapsed_s": elapsed,
             "files": self.files_total,
@@ -281,9 +282,14 @@ class Progress:
             "errors": list(self._errors),
         }
 
-    def close(self) -> None:
-        """End the bar at exactly the audio analysed, publish the last numbers, clean up."""
+    def close(self, *, stopped: bool = False) -> None:
+        """End the bar at exactly the audio analysed, publish the last numbers, clean up.
+
+        ``stopped``: the run ended before its work did (an error, Ctrl-C); the dashboard page
+        says ``"stopped"``, not ``"finished"``.
+        """
         self._closed = True
+        self._status = "stopped" if stopped else "finished"
         self._bar.total = self.audio_done_s
         self._bar.n = self.audio_done_s
         self._bar.set_description_str(self.describe(), refresh=False)
