@@ -296,7 +296,11 @@ def test_errors_before_anything_is_written(tree_run, tmp_path):
         buzzdask.export(
             tree_run.output, format="buzzdetect", tz="Mars/Olympus", dest=tmp_path / "x"
         )
-    with pytest.raises(ParameterError, match="time_format, read_metadata applies to format='csv'"):
+    with pytest.raises(
+        ParameterError,
+        match=r"time_format, read_metadata applies to format='csv' only, not 'raven' "
+        r"\(CLI: --time-format, --no-metadata\)",
+    ):
         buzzdask.export(
             tree_run.output,
             format="raven",

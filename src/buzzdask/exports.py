@@ -386,14 +386,19 @@ def export(
     return ExportResult(format=format, dest=target, files=files, thresholds=chosen, untimed=untimed)
 
 
+#: Export keywords whose flag is not their name in dashes.
+_FLAGS = {"read_metadata": "--no-metadata"}
+
+
 def _refuse_unused_options(format: str, **options_of: dict[str, object]) -> None:
     """An option given to a format that does not use it is an error, not silently nothing."""
     for owner, options in options_of.items():
         given = [name for name, value in options.items() if value not in (None, False)]
         if given and format != owner:
+            flags = [_FLAGS.get(name, "--" + name.replace("_", "-")) for name in given]
             raise ParameterError(
                 f"{', '.join(given)} applies to format={owner!r} only, not {format!r} "
-                f"(CLI: --{given[0].replace('_', '-')})"
+                f"(CLI: {', '.join(flags)})"
             )
 
 
