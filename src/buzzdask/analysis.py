@@ -749,7 +749,7 @@ def _metadata(
         "preprocessing": PREPROCESSING,
         "classes": list(model.classes),
         "sample_rate": spec.sample_rate,
-        "frame_length_s": spec.frame_length / spec.sample_rate,
+        "frame_length_s": spec.frame_length_s,
         "frame_hop_s": spec.hop_length / spec.sample_rate,
         "frame_context_s": spec.context / spec.sample_rate,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,

@@ -94,6 +94,11 @@ class FrameSpec:
         )
 
     @property
+    def frame_length_s(self) -> float:
+        """One frame's duration [s]."""
+        return self.frame_length / self.sample_rate
+
+    @property
     def window(self) -> int:
         """Samples one frame reads: ``frame_length + context``."""
         return self.frame_length + self.context

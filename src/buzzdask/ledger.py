@@ -136,7 +136,7 @@ class FileLedger:
             self.progress.finished(relative, failed=True)
             return []
         cut = _cut_short(answer)
-        if cut and (answer.duration_s or 0.0) >= self.spec.frame_length / self.spec.sample_rate:
+        if cut and (answer.duration_s or 0.0) >= self.spec.frame_length_s:
             # Kept, as damaged audio is: the frames it holds are real; the row says what is not.
             # (Less than a frame fails below, and says it was cut.)
             reason = f"{cut} (analysed what it holds)"
@@ -422,7 +422,7 @@ class FileLedger:
         if state.chunks_done < state.chunks:
             return
         if not state.failed and state.frames == 0:
-            seconds = self.spec.frame_length / self.spec.sample_rate
+            seconds = self.spec.frame_length_s
             cut = _cut_short(state.info) if state.info is not None else ""
             reason = f"audio shorter than one frame ({seconds:g} s)" + (f"; {cut}" if cut else "")
             self._fail(state, None, "decode", reason, "")
@@ -433,9 +433,9 @@ class FileLedger:
     def _check_decoded_length(self, state: FileState, info: AudioInfo) -> None:
         """A row for a file whose container declares more audio than it decoded to."""
         declared = estimated_frames(info, self.spec)
-        # A frame of slack: encoders' priming and padding samples (AAC: up to 2112).
         if info.codec not in DECLARED_LENGTH_CODECS or declared is None:
             return
+        # A frame of slack: encoders' priming and padding samples (AAC: up to 2112).
         if state.frames + 1 >= declared:
             return
         relative = state.input.relative

@@ -702,7 +702,7 @@ def frames_table(
     columns: dict[str, pa.Array] = {
         "file": repeated_string(relative, n_frames),
         "start": numeric_array(start, np.float64),
-        "end": numeric_array(start + spec.frame_length / spec.sample_rate, np.float64),
+        "end": numeric_array(start + spec.frame_length_s, np.float64),
     }
     activations = np.asarray(activations, dtype=np.float32).reshape(n_frames, len(classes))
     for column, name in enumerate(classes):

@@ -267,7 +267,7 @@ def _metadata(
         "settings": {k: v for k, v in inputs.settings.items() if k != "classes"},
         "embedder": asdict(inputs.embedder),
         "preprocessing": PREPROCESSING,
-        "frame_length_s": spec.frame_length / spec.sample_rate,
+        "frame_length_s": spec.frame_length_s,
         "frame_hop_s": spec.hop_length / spec.sample_rate,
         "frame_context_s": spec.context / spec.sample_rate,
         "embedding_cache": {"directory": str(inputs.cache.directory), **cache_stats},
