@@ -153,8 +153,7 @@ class Progress:
         self._publish = publish
         self._publish_interval_s = publish_interval_s
         self._published = 0.0
-        self._closed = False
-        self._status = "running"
+        self._status = "running"  # then "finished" or "stopped" (closed)
         self._lines = enabled and not _interactive()
         self._line_shown = time.monotonic()
         self._bar = tqdm(
@@ -220,7 +219,7 @@ class Progress:
     @property
     def audio_expected_s(self) -> float:
         """The run's audio: estimates for files not yet finished, the truth for the others."""
-        if self._closed:  # exactly, without the sums' rounding
+        if self._status != "running":  # closed: exactly, without the sums' rounding
             return self.audio_done_s
         return max(self._expected_total, self.audio_done_s)
 
@@ -247,7 +246,7 @@ class Progress:
         """The text beside the bar: files, audio, realtime factor and time left."""
         total = self.audio_expected_s
         failed = f" ({self.files_failed} failed)" if self.files_failed else ""
-        eta = None if self._closed else self.eta_s()
+        eta = None if self._status != "running" else self.eta_s()
         left = "" if eta is None else f", {_duration(eta)} left"
         return (
             f"{self.files_done}/{self.files_total} files{failed}, "
@@ -288,7 +287,6 @@ class Progress:
         ``stopped``: the run ended before its work did (an error, Ctrl-C); the dashboard page
         says ``"stopped"``, not ``"finished"``.
         """
-        self._closed = True
         self._status = "stopped" if stopped else "finished"
         self._bar.total = self.audio_done_s
         self._bar.n = self.audio_done_s
