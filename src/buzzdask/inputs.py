@@ -20,6 +20,7 @@ __all__ = [
     "Skipped",
     "describe_skipped",
     "discover",
+    "first_names",
     "named_from",
     "scan",
     "user_path",
@@ -131,8 +132,7 @@ class Discovery:
             problems = [f"{file.relative}: {file.problem}" for file in self.files]
             raise InputError(
                 f"no readable audio file in {', '.join(self.paths)}: "
-                + "; ".join(problems[:_SHOWN])
-                + ("; ..." if len(problems) > _SHOWN else "")
+                + first_names(problems, shown=_SHOWN, separator="; ")
             )
         skipped = f"; {describe_skipped(self.skipped)}" if self.skipped else "; they hold no files"
         raise InputError(
@@ -141,6 +141,11 @@ class Discovery:
             f"{skipped}. Give the directory that holds the recordings, or add their suffix to "
             'buzzdask.extensions (e.g. DASK_BUZZDASK__EXTENSIONS=\'[".wav", ".mp3"]\')'
         )
+
+
+def first_names(names: Sequence[str], *, shown: int, separator: str = ", ") -> str:
+    """The first ``shown`` of ``names``, then ``...`` where there are more: ``"a, b, ..."``."""
+    return separator.join([*names[:shown], *(["..."] if len(names) > shown else [])])
 
 
 def describe_skipped(skipped: Sequence[Skipped]) -> str:
@@ -152,8 +157,7 @@ def describe_skipped(skipped: Sequence[Skipped]) -> str:
     for item in skipped:
         by_reason.setdefault(item.reason, []).append(item.relative)
     parts = [
-        f"{len(names)} {reason} ({', '.join(names[:_SHOWN])}"
-        + (", ...)" if len(names) > _SHOWN else ")")
+        f"{len(names)} {reason} ({first_names(names, shown=_SHOWN)})"
         for reason, names in sorted(by_reason.items(), key=lambda item: -len(item[1]))
     ]
     return f"{len(skipped)} skipped: {', '.join(parts)}"

@@ -40,6 +40,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from buzzdask.errors import ParameterError
+from buzzdask.inputs import first_names
 
 __all__ = [
     "DEFAULT_TIME_FORMATS",
@@ -422,8 +423,7 @@ def _clock(time: datetime) -> str:
 def _warn_mixed_clocks(clocks: dict[str, list[str]]) -> None:
     """Without a time zone, starts written in different zones are not on one clock: say so."""
     groups = [
-        f"{len(files)} {clock or 'with no zone'} ({', '.join(files[:2])}"
-        + (", ...)" if len(files) > 2 else ")")
+        f"{len(files)} {clock or 'with no zone'} ({first_names(files, shown=2)})"
         for clock, files in sorted(clocks.items(), key=lambda item: -len(item[1]))
     ]
     logger.warning(
