@@ -406,6 +406,7 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from buzzdask.exports import export
+    from buzzdask.inputs import first_names
 
     result = export(
         args.output,
@@ -429,8 +430,7 @@ def _export(args: argparse.Namespace) -> int:
     if result.untimed:
         print(
             f"buzzdask: no start time for {len(result.untimed)} recording(s), time left blank: "
-            + ", ".join(result.untimed[:5])
-            + (" ..." if len(result.untimed) > 5 else ""),
+            + first_names(result.untimed, shown=5),
             file=sys.stderr,
         )
     return EXIT_OK

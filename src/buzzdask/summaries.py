@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
-from buzzdask.inputs import user_path
+from buzzdask.inputs import first_names, user_path
 from buzzdask.recording_time import TimeFormat, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import COMPARISON, choose_thresholds, detected
@@ -279,7 +279,7 @@ def summarize(
         logger.warning(
             "%d recording(s) without a known start time, binned by offset from the file start: %s",
             len(untimed),
-            ", ".join(untimed[:10]) + (" ..." if len(untimed) > 10 else ""),
+            first_names(untimed, shown=10),
         )
     table.attrs.update(
         untimed_files=untimed,

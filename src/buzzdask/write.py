@@ -38,7 +38,7 @@ from dask.utils import format_bytes
 
 from buzzdask.errors import OutputConflictError, OutputFullError, ParameterError
 from buzzdask.frames import FrameSpec
-from buzzdask.inputs import user_path
+from buzzdask.inputs import first_names, user_path
 from buzzdask.progress import format_audio, format_count
 from buzzdask.thresholds import detected
 
@@ -445,11 +445,10 @@ class OutputConflict:
                 f"choose an empty or new directory as {words.output}"
             )
         if self.reason == "holds other files":
-            shown = ", ".join(self.others[:5]) + (" ..." if len(self.others) > 5 else "")
             return (
-                f"output {self.output} holds other files ({shown}); a run of several models "
-                f"writes one directory per model there: choose an empty or new directory as "
-                f"{words.output}"
+                f"output {self.output} holds other files ({first_names(self.others, shown=5)}); "
+                "a run of several models writes one directory per model there: choose an empty "
+                f"or new directory as {words.output}"
             )
         if self.reason == "in use":
             return (
