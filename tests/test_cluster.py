@@ -34,6 +34,7 @@ from buzzdask.cluster.__main__ import main as cluster_main
 from buzzdask.cluster.batch import batch_script
 from buzzdask.cluster.configs import NodeSize, node_size
 from buzzdask.cluster.slurm import worker_exports
+from buzzdask.dashboard import page_link
 from buzzdask.session import LEAN_DASK, worker_environment
 from tests.conftest import (
     BLAS_THREADS_REPORT,
@@ -1069,6 +1070,12 @@ def test_local_configuration_starts_a_local_cluster():
         client = start("local")
     try:
         assert len(client.scheduler_info()["workers"]) == 3  # the scorer's and two decoding
+        # The buzzdask page printed with the dashboard's address is there before any run.
+        page = page_link(client.dashboard_link)
+        with urllib.request.urlopen(page, timeout=30) as answer:
+            assert "No buzzdask run on this cluster yet" in answer.read().decode()
+        with urllib.request.urlopen(f"{page}/status.json", timeout=30) as answer:
+            assert json.load(answer) == {"runs": []}
     finally:
         client.shutdown()
     with pytest.raises(ParameterError, match="gpus=1"):

@@ -25,7 +25,7 @@ from buzzdask.progress import format_audio, format_factor
 if TYPE_CHECKING:
     from distributed import Client, Scheduler
 
-__all__ = ["METADATA_KEY", "ROUTE", "DashboardPage", "RunPublisher", "render_page"]
+__all__ = ["METADATA_KEY", "ROUTE", "DashboardPage", "RunPublisher", "add_page", "render_page"]
 
 METADATA_KEY = "buzzdask-runs"
 _RELOAD_S = 2
@@ -76,6 +76,18 @@ class DashboardPage(SchedulerPlugin):
         application.buzzdask_page = True
 
 
+def add_page(client: Client) -> None:
+    """Add the buzzdask page to the dashboard of ``client``'s scheduler (once per scheduler).
+
+    Each run adds it; a cluster buzzdask starts adds it at once, so that the link printed with
+    the dashboard's address leads to a page (no run yet) before the first run, not to a 404.
+    """
+    try:
+        client.register_plugin(DashboardPage())
+    except Exception as error:  # the runs go on without their page
+        logger.warning("no buzzdask page in the dashboard: %s", error)
+
+
 class RunPublisher:
     """Publishes one run's numbers to the scheduler, for the page.
 
@@ -90,14 +102,14 @@ class RunPublisher:
         self.client = client
         self.run = dict(run)
         self.key = f"{run['output']}@{time.time():.3f}"
+        add_page(client)
         try:
-            client.register_plugin(DashboardPage())
             runs = client.get_metadata([METADATA_KEY], default={})
             if len(runs) >= _RUNS_KEPT:
                 newest = sorted(runs, key=lambda key: runs[key].get("started", 0))[-_RUNS_KEPT:]
                 client.set_metadata([METADATA_KEY], {key: runs[key] for key in newest})
-        except Exception as error:  # the run goes on without its page
-            logger.warning("no buzzdask page in the dashboard: %s", error)
+        except Exception as error:  # the page then shows every earlier run
+            logger.warning("could not drop earlier runs from the buzzdask page: %s", error)
 
     def __call__(self, snapshot: Mapping[str, Any]) -> None:
         """Send ``snapshot`` (``Progress.snapshot()``) as the run's current state."""

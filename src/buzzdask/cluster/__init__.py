@@ -24,6 +24,7 @@ from buzzdask.cluster.configs import (
 from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions, job_kinds
 from buzzdask.cluster.slurm import BuzzdaskSLURMCluster, job_script, scorer_worker_args
 from buzzdask.dashboard import local_dashboard_lines
+from buzzdask.dashboard_page import add_page
 from buzzdask.errors import ParameterError
 from buzzdask.session import lean_dask, start_local_cluster
 from buzzdask.settings import load_settings
@@ -72,6 +73,7 @@ def start(
     -------
     distributed.Client
         Connected to the new cluster (``client.cluster``); ``client.shutdown()`` stops it.
+        Its dashboard has the buzzdask page already (:func:`~buzzdask.dashboard_page.add_page`).
 
     Raises
     ------
@@ -103,7 +105,7 @@ def start(
             raise ParameterError(
                 f"gpus={gpus}: a local cluster uses this machine's GPU, if any, by itself"
             )
-        return Client(start_local_cluster(settings.local_cluster))
+        return _with_page(Client(start_local_cluster(settings.local_cluster)))
     _refuse_whole_node(entry)
     options.require_account(entry, job_kinds(gpus))
     cpu_job_kwargs = options.overrides("cpu", section=entry["cpu-config"])
@@ -127,7 +129,12 @@ def start(
     except BaseException:
         slurm.close()
         raise
-    return Client(slurm)
+    return _with_page(Client(slurm))
+
+
+def _with_page(client: Client) -> Client:
+    add_page(client)
+    return client
 
 
 def job_scripts(
