@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -320,6 +321,77 @@ def test_missing_or_damaged_part_fails_its_file_only(
     assert not b_starts & {0.0, 0.96}
 
 
+def test_store_damaged_where_it_is_first_read(
+    corpus, new_head, dask_client, tiny_embedder, tmp_path
+):
+    """The part the store's embedding size is read from is damaged: its chunk fails, named by
+    its path with the way to store it anew, and every other chunk is scored."""
+    store = tmp_path / "store"
+    shutil.copytree(corpus.store, store)
+    (kept,) = [p for p in store.iterdir() if p.is_dir()]
+    first = next(kept.glob("*/part-*.parquet"))  # what EmbeddingStore.embedding_size reads
+    first.write_bytes(b"not parquet")
+    result = rescore(store, new_head, tmp_path / "re", dask_client, tiny_embedder)
+    (reason,) = result.errors["reason"]
+    assert f"stored embeddings {first} cannot be read" in reason
+    assert "--keep-embeddings" in reason
+    assert result.summary["chunks_written"] == corpus.fresh.summary["chunks_written"] - 1
+
+
+def test_store_at_two_hops_rescores_either_offline(
+    corpus, new_head, tiny_model, dask_client, tmp_path
+):
+    """Analyses at two hops kept into one store: the hop chooses the set, its own record still
+    gives the embedder (never loaded: no TF Hub), and a resume finds the same settings."""
+    store = tmp_path / "store"
+    shutil.copytree(corpus.store, store)
+    options = {**corpus.options, "frame_hop_s": 0.48}
+    half = buzzdask.analyze(
+        corpus.audio / "site1",
+        tiny_model,
+        output=tmp_path / "half",
+        keep_embeddings=store,
+        **options,
+    )
+    assert half.ok, half.errors
+    output = tmp_path / "re"
+    nowhere = {"buzzdask.embedders.yamnet_k2.handle": str(tmp_path / "nowhere")}
+    run = {"output": output, "client": dask_client, "progress": False}
+    with dask.config.set(nowhere):
+        with pytest.raises(ModelError, match=r"frame hops 0\.48 s and 0\.96 s: choose one"):
+            buzzdask.rescore(store, new_head, **run)
+        with pytest.raises(ModelError, match=r"0\.48 s and 0\.96 s, none at 0\.72 s"):
+            buzzdask.rescore(store, new_head, frame_hop_s=0.72, **run)
+        result = buzzdask.rescore(store, new_head, frame_hop_s=0.96, **run)
+        assert result.ok, result.errors
+        assert_same_output(output, corpus.fresh.output)
+        again = buzzdask.rescore(store, new_head, frame_hop_s=0.96, on_conflict="resume", **run)
+    assert again.ok and again.summary["chunks_written"] == 0
+
+
+def test_audio_stored_under_two_names_is_rescored_once(
+    corpus, new_head, tiny_model, dask_client, tiny_embedder, tmp_path, caplog
+):
+    """A folder analysed on its own, then with its parent (a.wav, then site1/a.wav): the same
+    audio under two names in the catalog is scored once, under its latest name."""
+    store = tmp_path / "store"
+    for audio in (corpus.audio / "site1", corpus.audio):
+        kept = buzzdask.analyze(
+            audio,
+            tiny_model,
+            output=tmp_path / audio.name,
+            keep_embeddings=store,
+            **corpus.options,
+        )
+        assert kept.ok, kept.errors
+    with caplog.at_level(logging.WARNING, logger="buzzdask.store"):
+        result = rescore(store, new_head, tmp_path / "re", dask_client, tiny_embedder)
+    assert "holds the audio of site1/a.wav under earlier names too (a.wav)" in caplog.text
+    assert result.ok, result.errors
+    assert sorted(result.to_pandas().file.unique()) == ["c.mp3", "site1/a.wav", "site2/b.flac"]
+    assert_same_output(result.output, corpus.fresh.output)
+
+
 def test_resume_and_conflicts(corpus, new_head, dask_client, tiny_embedder, tmp_path):
     output = tmp_path / "re"
     first = rescore(corpus.store, new_head, output, dask_client, tiny_embedder)
@@ -462,7 +534,9 @@ def labelled_recording(seed: int) -> tuple[np.ndarray, list[tuple[float, float]]
     return np.clip(np.concatenate(pieces), -0.99, 0.99), tones
 
 
-def test_training_and_analysis_share_the_store(dask_client, tiny_embedder, tiny_model, tmp_path):
+def test_training_and_analysis_share_the_store(
+    dask_client, tiny_embedder, tiny_model, tmp_path, caplog
+):
     """What an analysis kept, a training does not embed again; and the reverse."""
     labelled, ambient, ambient2 = (tmp_path / name for name in ("labelled", "ambient", "ambient2"))
     for folder in (labelled, ambient, ambient2):
@@ -523,6 +597,22 @@ def test_training_and_analysis_share_the_store(dask_client, tiny_embedder, tiny_
     fresh = buzzdask.analyze(ambient2, tiny_model, output=tmp_path / "fresh", **analysis)
     assert_same_frames(from_cache.to_pandas(), fresh.to_pandas())
     assert len(fresh.to_pandas()) == 5
+
+    # Damaged parts are frames the cache lacks: embedded again, with a warning, not a crash.
+    damaged = list(cache.glob(f"*/{file_sha256(ambient2 / 'quiet2.wav')}/part-*.parquet"))
+    assert damaged
+    for part in damaged:
+        part.write_bytes(b"not parquet")
+    with caplog.at_level(logging.WARNING, logger="buzzdask.store"):
+        third = buzzdask.train(
+            labels,
+            labelled,
+            output=tmp_path / "model_3",
+            ambient_dirs=[ambient, ambient2],
+            **training,
+        )
+    assert third.summary["embedding_cache"]["frames_embedded"] == 5
+    assert f"stored embeddings {damaged[0]} cannot be read" in caplog.text
 
 
 # -- kills -------------------------------------------------------------------------------------

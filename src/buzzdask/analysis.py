@@ -712,7 +712,10 @@ def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
     }
     if plan.ffmpeg is None:  # a re-scoring: what was decoded, the store says
         assert plan.store is not None
-        return {**fingerprint, "embeddings": str(plan.store.directory)}
+        # Its embedder is never loaded: the handle given, or the store's own set, names the
+        # same embeddings (its content hash and the set tell them).
+        embeddings = {"embedder": model.embedder.name, "embeddings": str(plan.store.directory)}
+        return {**fingerprint, **embeddings}
     return {
         **fingerprint,
         # Builds differ in duration estimates (chunk plans) and AAC's last samples; so do the

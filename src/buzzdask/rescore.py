@@ -68,10 +68,10 @@ def rescore(
     embedder : str, optional
         The embedder handle the analysis used (it is not loaded: its content hash finds the
         store's embeddings). Default: the store's record of its embedder, where it holds one
-        set of embeddings (:func:`~buzzdask.store.stored_embedder`); else the configured one.
+        set at the hop (:func:`~buzzdask.store.stored_embedder`); else the configured one.
     frame_hop_s : float > 0 [s], optional
-        The hop the analysis used (default: the store's, where it holds one set; else one
-        whole frame).
+        The hop the analysis used; needed only where the store holds embeddings at several
+        (default: the store's hop).
     thresholds, precision
         As for :func:`buzzdask.analyze`.
     on_conflict : {"error", "resume", "new"}, default: "error"
@@ -93,7 +93,8 @@ def rescore(
     ------
     ModelError
         If the store holds no embeddings of the models' embedder, preprocessing and frame hop
-        (it names what it holds), or the models do not share one embedder.
+        (it names what it holds), or the models do not share one embedder; if it holds
+        embeddings at several hops and ``frame_hop_s`` is not given.
     InputError
         If the store's catalog names no file.
     OutputConflictError, ParameterError
@@ -109,12 +110,12 @@ def rescore(
     store = find_store(store)  # before the embedder: a path without a store says so first
     settings = load_settings(memory_budget=memory_budget, batch_frames=batch_frames)
     # The store's own record of its embedder, which is never loaded: no TF Hub, no download.
-    stored = stored_embedder(store) if embedder is None else None
+    stored = stored_embedder(store, frame_hop_s=frame_hop_s) if embedder is None else None
     plan = plan_run(
         model,
         settings,
         embedder=embedder if stored is None else stored[0],
-        frame_hop_s=stored[1] if stored is not None and frame_hop_s is None else frame_hop_s,
+        frame_hop_s=stored[1] if stored is not None else frame_hop_s,
         thresholds=thresholds,
         precision=precision,
         ffmpeg=None,

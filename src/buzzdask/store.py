@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 from buzzdask.decode import PREPROCESSING
 from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
-from buzzdask.inputs import user_path
+from buzzdask.inputs import first_names, user_path
 from buzzdask.models import EmbedderSpec, feed_file
 from buzzdask.write import KEPT_EMBEDDINGS, numeric_array, write_json, write_table
 
@@ -61,6 +62,8 @@ _FORMAT = 2
 _PART = re.compile(r"part-(\d{9})-(\d{6})(-end)?\.parquet$")
 _SETTINGS = "settings.json"
 _CATALOG = "catalog.jsonl"
+logger = logging.getLogger(__name__)
+
 #: The codec a re-scoring's inputs give: embeddings, read from the store, never decoded.
 STORED_CODEC = "stored embeddings"
 
@@ -220,7 +223,11 @@ class EmbeddingStore:
         frames: list[np.ndarray] = []
         embeddings: list[np.ndarray] = []
         for part in self._parts(audio_sha256):
-            part_frames, part_embeddings = _read_part(part.path)
+            try:
+                part_frames, part_embeddings = _read_part(part.path)
+            except ModelError as error:  # its frames are missing: embedded again
+                logger.warning("%s", error)
+                continue
             frames.append(part_frames)
             embeddings.append(part_embeddings)
         file_frames = self.file_frames(audio_sha256)
@@ -255,15 +262,18 @@ class EmbeddingStore:
     def catalog(self) -> dict[str, list[dict[str, Any]]]:
         """The chunks an analysis stored, by file name, in chunk order.
 
-        A name's latest audio (by the last line naming it) replaces any earlier one. Analyses
-        with other chunk lengths chunk a file differently: the chunks of one of them are given,
-        the one that stored the most frames (of equals, the latest), never a mix that would
-        give frames twice.
+        A name's latest audio (by the last line naming it) replaces any earlier one, and audio
+        stored under several names (moved, renamed, or analysed from another folder) is given
+        once, under the latest (a warning names the others). Analyses with other chunk lengths
+        chunk a file differently: the chunks of one of them are given, the one that stored the
+        most frames (of equals, the latest), never a mix that would give frames twice.
         """
         # name -> (audio sha256, {frames per chunk -> {chunk index -> entry}}, latest last)
         files: dict[str, tuple[str, dict[int, dict[int, dict[str, Any]]]]] = {}
+        latest_line: dict[str, int] = {}
         if self.catalog_path.exists():
-            for line in self.catalog_path.read_text(encoding="utf-8").splitlines():
+            lines = self.catalog_path.read_text(encoding="utf-8").splitlines()
+            for number, line in enumerate(lines):
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:  # a last line cut short by a kill
@@ -272,15 +282,28 @@ class EmbeddingStore:
                 if known is None or known[0] != entry["sha256"]:
                     # New, or the file changed and was analysed again.
                     known = files[entry["file"]] = (entry["sha256"], {})
+                latest_line[entry["file"]] = number
                 chunkings = known[1]
                 per_chunk = int(entry["frames_per_chunk"])
                 chunks = chunkings.pop(per_chunk, {})
                 chunks[int(entry["chunk"])] = entry
                 chunkings[per_chunk] = chunks
+        names: dict[str, list[str]] = {}  # audio sha256 -> its names, the latest first
+        for name in sorted(files, key=latest_line.__getitem__, reverse=True):
+            names.setdefault(files[name][0], []).append(name)
+        for latest, *earlier in names.values():
+            if earlier:
+                logger.warning(
+                    "%s holds the audio of %s under earlier names too (%s): given once, as %s",
+                    self.directory,
+                    latest,
+                    first_names(earlier, shown=3),
+                    latest,
+                )
         catalog = {}
-        for name, (_, chunkings) in sorted(files.items()):
+        for name in sorted(latest for latest, *_ in names.values()):
             chunks = max(
-                reversed(chunkings.values()),
+                reversed(files[name][1].values()),
                 key=lambda c: sum(int(e["frames"]) for e in c.values()),
             )
             catalog[name] = [chunks[i] for i in sorted(chunks)]
@@ -297,16 +320,19 @@ class EmbeddingStore:
         ]
 
     def embedding_size(self) -> int:
-        """Values per stored embedding (from the first part's schema).
+        """Values per stored embedding (from the first readable part's schema).
 
         Raises
         ------
         ModelError
-            If the store holds no part.
+            If the store holds no readable part.
         """
         for part in self.directory.glob("*/part-*.parquet"):
-            return int(pq.read_schema(part).field("embedding").type.list_size)
-        raise ModelError(f"{self.directory} holds no embeddings")
+            try:
+                return int(pq.read_schema(part).field("embedding").type.list_size)
+            except (OSError, pa.ArrowException, KeyError):  # damaged: its chunks fail alone
+                continue
+        raise ModelError(f"{self.directory} holds no readable embeddings")
 
     def ref(self, audio_sha256: str, first_frame: int, n_frames: int | None) -> StoredRef:
         """What :func:`load_stored` needs to read these frames back on a worker."""
@@ -384,8 +410,10 @@ def _no_catalog(root: Path) -> ModelError:
     )
 
 
-def stored_embedder(root: str | os.PathLike[str]) -> tuple[EmbedderSpec, float] | None:
-    """The embedder and frame hop of the embeddings under ``root``, where it holds one set.
+def stored_embedder(
+    root: str | os.PathLike[str], *, frame_hop_s: float | None = None
+) -> tuple[EmbedderSpec, float] | None:
+    """The embedder and frame hop of the embeddings under ``root``: its one set at that hop.
 
     A re-scoring never loads the embedder: the store's record of it (name, content hash,
     frame geometry) is all it needs, on a machine without the embedder or TF Hub.
@@ -394,28 +422,53 @@ def stored_embedder(root: str | os.PathLike[str]) -> tuple[EmbedderSpec, float] 
     ----------
     root : path-like
         A store (:func:`find_store`).
+    frame_hop_s : float > 0 [s], optional
+        The hop wanted; without it, the store's, where all its sets share one.
 
     Returns
     -------
     (EmbedderSpec, float [s]) or None
         The embedder, its ``handle`` the set's directory (never loaded), and the hop; ``None``
-        where ``root`` holds several sets, or one of another format or preprocessing
-        (:func:`open_store` then says what it holds).
+        where ``root`` holds no set of this format and preprocessing, or sets of several
+        embedders at that hop (the embedder given then chooses; :func:`open_store` says what
+        it holds when none fits).
+
+    Raises
+    ------
+    ModelError
+        Where ``root`` holds sets at several hops and none is wanted, or none at the hop wanted
+        (both name the hops it holds).
     """
-    sets = [
-        path
-        for path in sorted(Path(root).glob(f"*/{_SETTINGS}"))
-        if (path.parent / _CATALOG).exists()
-    ]
+    sets = []
+    for path in sorted(Path(root).glob(f"*/{_SETTINGS}")):
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        current = (settings.get("format"), settings.get("preprocessing")) == (
+            _FORMAT,
+            PREPROCESSING,
+        )
+        if current and (path.parent / _CATALOG).exists():
+            sets.append((path.parent, settings))
+    held = sorted({settings["frame_hop"] / settings["sample_rate"] for _, settings in sets})
+    if frame_hop_s is not None:
+        sets = [
+            (directory, settings)
+            for directory, settings in sets
+            if round(frame_hop_s * settings["sample_rate"]) == settings["frame_hop"]
+        ]
+    if held and (not sets or (frame_hop_s is None and len(held) > 1)):
+        hops = " and ".join(f"{hop:g} s" for hop in held)
+        wanted = "" if frame_hop_s is None else f", none at {frame_hop_s:g} s"
+        raise ModelError(
+            f"{root} holds embeddings at frame hops {hops}{wanted}: choose one with "
+            "frame_hop_s (--framehop)"
+        )
     if len(sets) != 1:
         return None
-    settings = json.loads(sets[0].read_text(encoding="utf-8"))
-    if (settings.get("format"), settings.get("preprocessing")) != (_FORMAT, PREPROCESSING):
-        return None
+    directory, settings = sets[0]
     rate = int(settings["sample_rate"])
     embedder = EmbedderSpec(
         name=str(settings["embedder"]),
-        handle=str(sets[0].parent.absolute()),
+        handle=str(directory.absolute()),
         sample_rate=rate,
         frame_length_s=settings["frame_length"] / rate,
         frame_context_s=settings["frame_context"] / rate,
@@ -470,8 +523,15 @@ def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Read as one Parquet file, not through ``pq.read_table``'s dataset layer: 0.57 against 1.2
     CPU-ms per part here, which a re-scoring of many short recordings pays once per file.
     """
-    with pq.ParquetFile(path) as part:
-        table = part.read()
+    try:
+        with pq.ParquetFile(path) as part:
+            table = part.read()
+    except (OSError, pa.ArrowException) as error:
+        raise ModelError(
+            f"stored embeddings {path} cannot be read ({error}); analysing its recording "
+            "again with keep_embeddings (--keep-embeddings) pointing at this store stores them "
+            "anew"
+        ) from error
     column = table.column("embedding").combine_chunks()
     rows = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
     return table.column("frame").to_numpy(), rows
