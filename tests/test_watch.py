@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 
 import dask
 import pandas as pd
 import pytest
 
 import buzzdask
-from buzzdask import InputError, watch
+from buzzdask import InputError, ModelError, OutputConflictError, watch
 from buzzdask.cli import EXIT_OK, EXIT_USAGE
 from buzzdask.rclone import transfer
 from tests.conftest import BUZZDASK, assert_same_frames, requires_ffmpeg, requires_rclone
@@ -104,9 +105,120 @@ def test_idle_timeout_ends_a_watch_without_marker(
             tiny_model,
             output=tmp_path / "out2",
             client=dask_client,
+            embedder=str(tiny_embedder),
             poll_seconds=0.1,
             idle_timeout_s=0.3,
         )
+
+
+def _once_written(path, then) -> threading.Thread:
+    """Run ``then()`` in a thread once ``path`` exists (a file the watch's first pass writes)."""
+
+    def wait_then() -> None:
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        then()
+
+    thread = threading.Thread(target=wait_then)
+    thread.start()
+    return thread
+
+
+def test_files_gone_or_rewritten_between_passes(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+):
+    """A file that failed and was then removed is no failure of the watch; a file analysed,
+    then rewritten longer, counts once in the watch's frames and audio (as in its dataset)."""
+    audio, output = tmp_path / "audio", tmp_path / "out"
+    make_audio("a.wav", n_samples=2 * FRAME)
+    (audio / "junk.mp3").write_text("not audio\n" * 100)
+
+    def change() -> None:
+        (audio / "junk.mp3").unlink()
+        make_audio("a.wav", n_samples=4 * FRAME, seed=1)
+        (audio / ".transfer-complete").write_text("{}\n")
+
+    changing = _once_written(output / "errors.parquet", change)  # the first pass's end
+    try:
+        watched = watch(
+            audio,
+            tiny_model,
+            output=output,
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            poll_seconds=0.1,
+            idle_timeout_s=60,
+            progress=False,
+        )
+    finally:
+        changing.join()
+    assert len(watched.summary["watch"]["passes"]) == 2
+    assert watched.ok and watched.errors.empty, watched.errors
+    assert pd.read_parquet(output / "errors.parquet").empty
+    assert len(watched.to_pandas()) == watched.summary["frames"] == 4
+    assert watched.summary["audio_hours"] == pytest.approx(4 * 0.96 / 3600)
+
+
+def test_marker_left_by_an_earlier_transfer(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys
+):
+    """The watch says the marker is there already; a transfer that starts during the first
+    pass removes it, and the watch follows that transfer to its own marker."""
+    audio, output = tmp_path / "audio", tmp_path / "out"
+    make_audio("old.wav", n_samples=20 * FRAME)
+    marker = audio / ".transfer-complete"
+    marker.write_text("{}\n")
+
+    def new_transfer() -> None:
+        marker.unlink()  # as buzzdask.rclone.transfer does first
+        make_audio("new.wav", n_samples=3 * FRAME, seed=1)
+        time.sleep(0.5)
+        marker.write_text("{}\n")
+
+    # During the first pass: its first chunk is written, 19 are still to come.
+    arriving = _once_written(output / "journal.jsonl", new_transfer)
+    try:
+        watched = watch(
+            audio,
+            tiny_model,
+            output=output,
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            chunk_seconds=1.0,
+            poll_seconds=0.1,
+            idle_timeout_s=60,
+        )
+    finally:
+        arriving.join()
+    assert watched.summary["watch"]["stopped"] == "marker"
+    assert sorted(watched.to_pandas().file.unique()) == ["new.wav", "old.wav"]
+    out = capsys.readouterr().out
+    assert f"buzzdask: {marker} is there already (written " in out
+    assert f"buzzdask: the watch ended: {marker} says the transfer is complete" in out
+
+
+def test_what_the_first_pass_would_refuse_is_refused_before_the_watch(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys
+):
+    """Before a cluster starts or any file arrives: a model not found, an output that holds
+    results (an earlier watch, restarted without resume)."""
+    options = {"poll_seconds": 0.1, "idle_timeout_s": 600, "embedder": str(tiny_embedder)}
+    with pytest.raises(ModelError, match="model_tpyo"):
+        watch(tmp_path / "empty", "model_tpyo", output=tmp_path / "o", **options)
+    make_audio("a.wav", n_samples=2 * FRAME)
+    done = buzzdask.analyze(
+        tmp_path / "audio",
+        tiny_model,
+        output=tmp_path / "o",
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        progress=False,
+    )
+    assert done.ok
+    with pytest.raises(OutputConflictError, match="already holds results"):
+        watch(tmp_path / "empty", tiny_model, output=tmp_path / "o", **options)
+    assert "started a local Dask cluster" not in capsys.readouterr().out
 
 
 def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path):

@@ -20,19 +20,28 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from distributed import Client
 
-from buzzdask.analysis import AnalysisResult, analyze
+from buzzdask.analysis import AnalysisResult, analyze, plan_run
 from buzzdask.errors import InputError, ParameterError
+from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
 from buzzdask.progress import logger
 from buzzdask.session import connect
 from buzzdask.settings import load_settings
-from buzzdask.write import OnConflict, OutputLayout, errors_table, write_errors, write_json
+from buzzdask.write import (
+    OnConflict,
+    OutputLayout,
+    errors_table,
+    refuse_results,
+    write_errors,
+    write_json,
+)
 
 __all__ = ["watch"]
 
@@ -81,8 +90,10 @@ def watch(
     -------
     AnalysisResult
         The output of all passes. ``errors`` holds each file's rows from the last pass that
-        worked on it. ``summary`` adds up the passes (``chunks_written``, ``frames``,
-        ``audio_hours``; ``wall_seconds`` from the start of the watch) and has a ``watch`` entry:
+        worked on it, for files still there. ``summary`` has what the watch added to the output
+        (``frames``, ``audio_hours``: a file analysed while it grew counts once), the chunks the
+        passes wrote (``chunks_written``), ``wall_seconds`` from the start of the watch, and a
+        ``watch`` entry:
         ``stopped`` (``"marker"`` or ``"idle timeout"``) and ``passes`` (per pass: ``files``,
         ``chunks_written``, ``wall_seconds``).
 
@@ -93,7 +104,9 @@ def watch(
     ParameterError
         If ``directory`` is not one directory or a timing is not positive.
     BuzzdaskError
-        Whatever the first pass of :func:`buzzdask.analyze` raises before any work.
+        Whatever the first pass of :func:`buzzdask.analyze` raises before any work: a model not
+        found, an embedder out of reach, an output holding results (without ``on_conflict``)
+        are refused before the watch starts, not when the first file arrives.
 
     Notes
     -----
@@ -124,6 +137,9 @@ def watch(
         raise ParameterError(f"watch needs a directory; {root} is not one")
     marker_path = root / settings.watch.marker
     extensions = list(settings.extensions)
+    _check_first_pass(model, output=output, on_conflict=on_conflict, options=analyze_options)
+    if analyze_options.get("progress", True):
+        _announce(root, marker_path, poll=poll, idle=idle)
 
     with connect(client, local=settings.local_cluster) as connected:
         passes = _Passes(root, model, output, connected, on_conflict, analyze_options)
@@ -152,9 +168,11 @@ def watch(
                 and worth_a_pass
                 and (stable or stopped)
             ):
-                passes.run(len(snapshot))
+                passes.run(snapshot)
                 analysed = snapshot
                 last_change = time.monotonic()  # busy analysing is not idle
+                if stopped == "marker" and not marker_path.exists():
+                    stopped = None  # a transfer began during the pass: its marker is gone
                 if not stopped:
                     continue  # look again at once: files may have arrived during the pass
             if stopped:
@@ -162,7 +180,61 @@ def watch(
             time.sleep(poll)
     if not passes.results:
         raise InputError(f"{root} did not appear before the watch ended ({stopped})")
+    if analyze_options.get("progress", True):
+        print(f"buzzdask: the watch ended: {_ENDED[stopped].format(marker=marker_path)}")
     return passes.combine(stopped=stopped, wall=time.monotonic() - started)
+
+
+_ENDED = {
+    "marker": "{marker} says the transfer is complete",
+    "idle timeout": "no new or changed file within the idle timeout",
+}
+
+
+def _check_first_pass(
+    model: str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str],
+    on_conflict: OnConflict,
+    options: dict[str, Any],
+) -> None:
+    """Refuse at once what the first pass would refuse before any work.
+
+    A model not found, an embedder out of reach, a threshold for no class, an output that holds
+    results: found before the cluster starts and the first file arrives (hours later, perhaps,
+    on a SLURM allocation), as a plain analysis finds them.
+    """
+    settings = load_settings(chunk_seconds=options.get("chunk_seconds"))
+    plan_run(
+        model,
+        settings,
+        embedder=options.get("embedder"),
+        frame_hop_s=options.get("frame_hop_s"),
+        thresholds=options.get("thresholds"),
+        precision=options.get("precision"),
+        ffmpeg=find_ffmpeg(ffmpeg=settings.ffmpeg, ffprobe=settings.ffprobe),
+        store=False,
+        output=output,
+    )
+    if on_conflict == "error":
+        refuse_results(OutputLayout(user_path(output)))
+
+
+def _announce(root: Path, marker: Path, *, poll: float, idle: float) -> None:
+    """What the watch waits for, and what ends it (a marker already there ends it at once)."""
+    ends = f"at {marker.name}, which buzzdask transfer writes after its last file"
+    if math.isfinite(idle):
+        ends += f", or after {idle:g} s without a new or changed file"
+    print(
+        f"buzzdask: watching {root}: a file is analysed once unchanged between two looks "
+        f"{poll:g} s apart; the watch ends {ends}"
+    )
+    if marker.exists():
+        written = datetime.fromtimestamp(marker.stat().st_mtime).isoformat(" ", "seconds")
+        print(
+            f"buzzdask: {marker} is there already (written {written}): the watch analyses what "
+            "is there and ends, unless a transfer starts meanwhile (it removes the marker)"
+        )
 
 
 class _Passes:
@@ -185,10 +257,15 @@ class _Passes:
         self.options = options
         self.results: list[AnalysisResult] = []
         self.errors: dict[str, pd.DataFrame] = {}
+        # Frames in the output before the first pass (a watch resuming an earlier one).
+        self.frames_before = 0
 
-    def run(self, n_files: int) -> None:
+    def run(self, snapshot: _Snapshot) -> None:
+        """One pass over the files of ``snapshot``; errors of files no longer there are dropped."""
+        if not self.results:
+            self.frames_before = _frames(self.output) if self.on_conflict == "resume" else 0
         entries_before = len(OutputLayout(self.output).journal_entries())
-        logger.info("watch: pass %d over %d files", len(self.results) + 1, n_files)
+        logger.info("watch: pass %d over %d files", len(self.results) + 1, len(snapshot))
         result = analyze(
             self.root,
             self.model,
@@ -204,6 +281,8 @@ class _Passes:
         written = {entry["file"] for entry in new_entries}
         for file in written | set(result.errors.file):
             self.errors[file] = result.errors[result.errors.file == file]
+        # Gone (removed, renamed mid-pass): a failure there is no longer news.
+        self.errors = {file: rows for file, rows in self.errors.items() if file in snapshot}
         self.results.append(result)
 
     def combine(self, *, stopped: str, wall: float) -> AnalysisResult:
@@ -217,12 +296,15 @@ class _Passes:
             else errors_table([])
         )
         summaries = [result.summary for result in self.results]
-        audio_hours = sum(s["audio_hours"] for s in summaries)
+        # What the watch added to the output: a file analysed while it grew, then again whole,
+        # counts once.
+        frames = _frames(last.output) - self.frames_before
+        audio_hours = frames * last.metadata["frame_hop_s"] / 3600
         summary = {
             **last.summary,
             "chunks_written": sum(s["chunks_written"] for s in summaries),
             "chunks_skipped_resume": summaries[0]["chunks_skipped_resume"],
-            "frames": sum(s["frames"] for s in summaries),
+            "frames": frames,
             "audio_hours": audio_hours,
             "wall_seconds": wall,
             "realtime_factor": audio_hours * 3600 / wall if wall > 0 else None,
@@ -252,6 +334,11 @@ class _Passes:
             errors=table,
             metadata=metadata,
         )
+
+
+def _frames(output: str | os.PathLike[str]) -> int:
+    """Frames the output's results hold (its journal's chunks)."""
+    return sum(int(entry["frames"]) for entry in OutputLayout(output).read_journal().values())
 
 
 def _snapshot(root: Path, extensions: list[str]) -> _Snapshot | None:
