@@ -18,6 +18,7 @@ from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.decode import AudioInfo
 from buzzdask.models import load_head, resolve_embedder, resolve_model
 from buzzdask.store import EmbeddingStore
+from buzzdask.thresholds import thresholds_for_precision
 from buzzdask.training import precision_recall
 from buzzdask.training.labels import TrainingFile, want_frames
 from tests.conftest import BUZZDASK, requires_ffmpeg, write_wav
@@ -200,6 +201,15 @@ def test_head_separates_the_classes_on_the_held_out_group(trained):
     )
     curves = pd.read_csv(first.output / "evaluation.csv")
     assert set(curves["class"]) == set(first.classes)
+    # ins_buzz's curve as buzzdetect writes its test metrics: precision= reads them.
+    metrics = pd.read_csv(first.output / "tests" / "metrics.csv")
+    assert list(metrics.columns) == ["threshold", "precision", "sensitivity", "fpr"]
+    buzz = curves[curves["class"] == "ins_buzz"].reset_index(drop=True)
+    np.testing.assert_array_equal(metrics["threshold"], buzz["threshold"])
+    np.testing.assert_array_equal(metrics["sensitivity"], buzz["recall"])
+    asked = float(metrics.loc[metrics["precision"] < 1, "precision"].max())
+    expected = metrics.loc[(metrics["precision"] - asked).abs() <= 0.005, "threshold"].mean()
+    assert thresholds_for_precision(first.output, asked) == {"ins_buzz": expected}
 
 
 def test_analyze_runs_with_the_trained_model(trained, dataset, dask_client, tiny_embedder):
@@ -370,6 +380,9 @@ def test_precision_recall_counts_detections_at_or_above_each_threshold():
     assert list(curve["precision"]) == [1.0, 0.5, 2 / 3, 0.5]
     assert list(curve["recall"]) == [0.5, 0.5, 1.0, 1.0]
     assert list(curve["fpr"]) == [0.0, 0.5, 0.5, 1.0]
+    # Without a negative frame nothing can be detected falsely: no precision is measured.
+    only_positives = precision_recall(activations, np.ones(4, bool))
+    assert only_positives["precision"].isna().all() and only_positives["fpr"].isna().all()
 
 
 def test_embedding_cache_keys_and_file_end(tmp_path, tiny_embedder):

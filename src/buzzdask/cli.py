@@ -717,6 +717,7 @@ def _transfer(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from buzzdask import train
     from buzzdask.logs import configure_console
+    from buzzdask.progress import format_count
 
     # Before the workers start, or TensorFlow loads here to fit the head.
     configure_console(0)
@@ -737,7 +738,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     summary, cache = result.summary, result.summary["embedding_cache"]
     print(
-        f"buzzdask: trained {len(result.classes)} classes on {summary['frames_train']} frames "
+        f"buzzdask: trained {format_count(len(result.classes), 'class', 'classes')} on "
+        f"{summary['frames_train']} frames "
         f"({summary['frames_holdout']} held out), {summary['epochs']} epochs, "
         f"{cache['frames_cached']} frames from the cache, {cache['frames_embedded']} embedded "
         f"-> {result.output}"
@@ -746,6 +748,11 @@ def _train(args: argparse.Namespace) -> int:
     for row in result.evaluation.to_dict(orient="records"):
         if not row["positives"]:
             said = "no frames of it in the held-out groups to measure it on"
+        elif not row["negatives"]:
+            said = (
+                "no held-out frame without it, so no precision to measure: add audio without "
+                "it (--ambient DIR, --unlabeled-ambient N)"
+            )
         elif row["threshold"] != row["threshold"]:  # NaN: no threshold reaches the target
             said = (
                 f"no threshold reaches precision {target:g} on its {row['positives']} frames "

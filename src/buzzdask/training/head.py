@@ -163,8 +163,9 @@ def precision_recall(
     Returns
     -------
     pandas.DataFrame
-        ``threshold`` (descending), ``precision`` (NaN where nothing is detected), ``recall``,
-        ``fpr`` (NaN without positives or negatives).
+        ``threshold`` (descending), ``precision`` (NaN where nothing is detected, and
+        everywhere without negatives: with no frame to detect falsely, it measures nothing),
+        ``recall``, ``fpr`` (NaN without positives or negatives).
     """
     activations = np.asarray(activations, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
@@ -177,7 +178,9 @@ def precision_recall(
         return pd.DataFrame(
             {
                 "threshold": thresholds,
-                "precision": np.where(tp + fp > 0, tp / (tp + fp), np.nan),
+                "precision": np.where(
+                    (tp + fp > 0) & (len(scores_neg) > 0), tp / (tp + fp), np.nan
+                ),
                 "recall": tp / len(scores_pos) if len(scores_pos) else np.nan,
                 "fpr": fp / len(scores_neg) if len(scores_neg) else np.nan,
             }

@@ -4,7 +4,9 @@
 :func:`buzzdask.analyze` reads), ``weights.csv`` (frames and weight per class), ``history.csv``
 and ``history.json`` (one row per epoch), ``training.json`` (inputs with content hashes, groups,
 counts, settings, versions, times) and ``evaluation.csv`` / ``evaluation.json`` (held-out
-precision and recall), and returns the same as a :class:`TrainingResult`. What a training works
+precision and recall; for an ``ins_buzz`` class also ``tests/metrics.csv``, buzzdetect's table,
+so that ``precision=`` chooses a threshold as for the lab's models), and returns the same as a
+:class:`TrainingResult`. What a training works
 on, :class:`TrainingInputs` and :class:`TrainingSet`, is defined here, beside the records that
 describe it, so that :mod:`~buzzdask.training.trainer` and this module share it without a cycle.
 """
@@ -28,6 +30,7 @@ from buzzdask.models import CONFIG_NAME, EmbedderSpec
 from buzzdask.session import package_versions
 from buzzdask.settings import Settings
 from buzzdask.store import EmbeddingStore, file_sha256
+from buzzdask.thresholds import METRICS_CLASS, METRICS_PATH
 from buzzdask.training.head import DIGITS
 from buzzdask.training.labels import TrainingFile, as_list, class_counts
 from buzzdask.write import utc_now, write_json
@@ -313,6 +316,11 @@ def _write_files(
     write_json(directory / "history.json", history.to_dict(orient="list"))
     write_json(directory / "training.json", metadata)
     curves.to_csv(directory / "evaluation.csv", index=False)
+    if METRICS_CLASS in classes:  # buzzdetect's test metrics: --precision reads them
+        buzz = curves[curves["class"] == METRICS_CLASS].rename(columns={"recall": "sensitivity"})
+        metrics = directory / METRICS_PATH
+        metrics.parent.mkdir(exist_ok=True)
+        buzz[["threshold", "precision", "sensitivity", "fpr"]].to_csv(metrics, index=False)
     write_json(
         directory / "evaluation.json",
         {
