@@ -329,6 +329,17 @@ def test_label_naming_a_missing_or_unreadable_file(train_with, dataset, tmp_path
         train_with(labels)
 
 
+def test_output_that_cannot_be_created_is_refused_before_embedding(
+    dataset, dask_client, tiny_embedder, tmp_path
+):
+    a_file = tmp_path / "labels.csv"
+    a_file.write_text("a file, not a folder\n")
+    options = train_options(dataset, dask_client, tiny_embedder)
+    audio = [dataset / "audio" / "2023", dataset / "audio" / "2024"]
+    with pytest.raises(OutputConflictError, match=r"cannot create output .*labels\.csv/model"):
+        buzzdask.train(dataset / "labels.csv", audio, output=a_file / "model", **options)
+
+
 def test_label_past_the_end_of_its_file(train_with, dataset):
     labels = labels_table(dataset)
     labels.loc[5, "end"] = 30.0

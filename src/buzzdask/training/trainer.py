@@ -9,6 +9,7 @@ rest, beside the head), and moves the finished model directory into place.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -297,6 +298,15 @@ def _check_output(output: str | os.PathLike[str]) -> Path:
         raise OutputConflictError(
             f"output {path} already exists and is not an empty directory; choose a new one"
         )
+    # The model is written beside it, then renamed into place: found now, not after the fit.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as error:
+        raise OutputConflictError(
+            f"cannot create output {path} ({error.strerror or error}); choose another output"
+        ) from None
     return path
 
 
