@@ -57,6 +57,18 @@ def test_init_creates_the_documented_layout(tmp_path) -> None:
     assert again.returncode == EXIT_OK, again.stderr
     already = "has the project layout already: nothing created"
     assert again.stdout == f"{tmp_path / 'project'} {already}\n"
+    # A file where a folder goes, a path under a file, an empty path: one line each, exit 1.
+    (tmp_path / "p2").mkdir()
+    (tmp_path / "p2" / "audio_in").write_text("")
+    (tmp_path / "afile").write_text("")
+    for path, said in [
+        (tmp_path / "p2", f"{tmp_path / 'p2'}: {tmp_path / 'p2' / 'audio_in'}: File exists"),
+        (tmp_path / "afile", f"{tmp_path / 'afile'}: {tmp_path / 'afile'}"),
+        ("", "the project directory is an empty path"),
+    ]:
+        refused = buzzdask_cli("init", str(path))
+        assert refused.returncode == EXIT_ERROR
+        assert "Traceback" not in refused.stderr and said in refused.stderr, refused.stderr
 
 
 @requires_ffmpeg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.inputs import user_path
 
 __all__ = ["init_project"]
@@ -47,14 +48,29 @@ def init_project(directory: str | os.PathLike[str]) -> list[Path]:
     -------
     list of Path
         The READMEs created (empty when everything existed).
+
+    Raises
+    ------
+    ParameterError
+        For an empty path (an unset shell variable), which would mean the current directory.
+    OutputConflictError
+        Where a folder cannot be made (a file in its place, no permission): which, and why.
     """
+    if not os.fspath(directory).strip():
+        raise ParameterError("the project directory is an empty path; name it ('.' for here)")
     root = user_path(directory)
     created = []
     for name, text in LAYOUT.items():
         folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
         readme = folder / "README.md"
-        if not readme.exists():
-            readme.write_text(f"# {name}/\n\n{text}", encoding="utf-8")
-            created.append(readme)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not readme.exists():
+                readme.write_text(f"# {name}/\n\n{text}", encoding="utf-8")
+                created.append(readme)
+        except OSError as error:
+            where = Path(error.filename) if error.filename else folder
+            raise OutputConflictError(
+                f"cannot create the project layout in {root}: {where}: {error.strerror or error}"
+            ) from None
     return created

@@ -1,7 +1,7 @@
 """Start a buzzdask cluster from a configuration of ``cluster_configs/``.
 
 >>> client = buzzdask.cluster.start("osc-cardinal", account="PAS1234", gpus=2, cpu_workers=8)
->>> buzzdask.analyze("field_audio/", "general_v3", output="results/", client=client)
+>>> buzzdask.analyze("audio_in/", "general_v3", output="results/2024", client=client)
 >>> client.shutdown()  # cancels the worker jobs
 
 ``python -m buzzdask.cluster`` does the same from a shell (see :mod:`buzzdask.cluster.__main__`).
