@@ -444,7 +444,7 @@ def make_audio(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-_SIGINT_AS_IN_A_TERMINAL = (
+SIGINT_AS_IN_A_TERMINAL = (
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
     "os.execv(sys.argv[1], sys.argv[1:])"
 )
@@ -469,7 +469,7 @@ def signal_client_mid_run(
     process = subprocess.Popen(
         # As a terminal starts a command: Ctrl-C not ignored, whatever this test run inherited
         # (a shell's background job ignores it, and its children with it); exec keeps the pid.
-        [sys.executable, "-c", _SIGINT_AS_IN_A_TERMINAL, *command],
+        [sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL, *command],
         stderr=subprocess.PIPE,
         text=True,
         env=env,

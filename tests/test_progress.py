@@ -17,6 +17,9 @@ def test_a_run_that_ends_early_is_stopped_not_finished():
     progress.advance("a.wav", 30.0)
     progress.close(stopped=True)
     assert published[-1]["status"] == "stopped"
+    # The bar and its line stay at the share done, not 100 % of what was done.
+    assert published[-1]["audio_expected_s"] == 60.0 and published[-1]["audio_left_s"] == 30.0
+    assert progress.describe().startswith("0/2 files, 30 s/60 s audio, ")
     assert "&mdash; stopped</h2>" in render_page([{**published[-1], "output": "out"}])
 
 

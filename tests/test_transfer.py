@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,19 @@ import pytest
 from dask.utils import format_bytes
 
 from buzzdask import DecodeError, ParameterError, probe_audio
-from buzzdask.cli import EXIT_ERROR, EXIT_OK
+from buzzdask.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from buzzdask.decode import decode_chunk, plan_chunks
 from buzzdask.inputs import discover
 from buzzdask.rclone import INCOMING, MANIFEST, TransferError, transfer, upload
 from buzzdask.settings import load_settings
 from buzzdask.staging import decode_chunk_staged, staged
-from tests.conftest import BUZZDASK, requires_ffmpeg, requires_rclone, wait_until
+from tests.conftest import (
+    BUZZDASK,
+    SIGINT_AS_IN_A_TERMINAL,
+    requires_ffmpeg,
+    requires_rclone,
+    wait_until,
+)
 from tests.test_frames import spec
 
 pytestmark = [requires_rclone, requires_ffmpeg]
@@ -32,10 +39,15 @@ def same_bytes(a: Path, b: Path) -> bool:
     return a.read_bytes() == b.read_bytes()
 
 
-def cli(*args: str, flags: tuple[str, ...], **popen: object) -> subprocess.Popen[str]:
+def cli(
+    *args: str, flags: tuple[str, ...], as_in_a_terminal: bool = False, **popen: object
+) -> subprocess.Popen[str]:
     environment = {**os.environ, "DASK_BUZZDASK__TRANSFER__RCLONE_FLAGS": json.dumps(list(flags))}
+    # With SIGINT at its default, as a terminal starts a command (a background run of the tests
+    # would hand it down ignored).
+    start = [sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL] if as_in_a_terminal else []
     return subprocess.Popen(
-        [BUZZDASK, *args],
+        [*start, BUZZDASK, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -153,6 +165,34 @@ def test_killed_transfer_never_shows_half_a_file(rclone_remote, make_audio, tmp_
     assert finished.files == ["b_large.wav"] and finished.skipped == ["a_small.wav"]
     assert same_bytes(dest / "b_large.wav", remote / "b_large.wav")
     assert finished.marker.exists()
+
+
+def test_interrupted_transfer_says_how_to_finish(rclone_remote, make_audio, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group): exit 130, and the way on is a transfer's,
+    not an analysis' --resume."""
+    remote = rclone_remote.root / "interrupted"
+    make_audio("b_large.wav", n_samples=100 * FRAME, seed=1, directory=remote)
+    dest = tmp_path / "dest"
+    slow = (*rclone_remote.flags, "--bwlimit", "400k")
+    running = cli(
+        "transfer", "sharepoint:interrupted", str(dest), flags=slow, start_new_session=True,
+        as_in_a_terminal=True,
+    )  # fmt: skip
+    partial = dest / INCOMING / "b_large.wav"
+    try:
+        wait_until(
+            lambda: partial.exists() and partial.stat().st_size > 0,
+            timeout_s=60,
+            failure=f"nothing of {partial.name} arrived",
+            interval_s=0.025,
+        )
+        os.killpg(running.pid, signal.SIGINT)
+    finally:
+        _, stderr = running.communicate(timeout=60)
+    assert running.returncode == EXIT_INTERRUPTED, stderr
+    assert "interrupted; the files copied so far are kept: the same command again" in stderr
+    assert "--resume" not in stderr
+    assert not discover(dest, extensions=EXTENSIONS)[1]
 
 
 def test_upload_sends_results_back(rclone_remote, tmp_path):

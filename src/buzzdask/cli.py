@@ -42,6 +42,22 @@ def _terminate(signal_number: int, frame: Any) -> None:
     raise _Terminated
 
 
+# What a command stopped midway leaves, and how to go on; set by main() once it knows its command.
+_AFTER_STOP = {
+    "analyze": "what was written is kept: finish the run with the same command and --resume",
+    "transfer": (
+        "the files copied so far are kept: the same command again finishes the transfer "
+        "(they are not copied again)"
+    ),
+    "train": (
+        "no model is written until a training ends; the embeddings made so far are kept in its "
+        "cache, and the next training reuses them"
+    ),
+}
+_AFTER_STOP["rescore"] = _AFTER_STOP["analyze"]
+_stopping: dict[str, str] = {}
+
+
 def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
     """Wrap a command so that a :class:`~buzzdask.errors.BuzzdaskError` or Ctrl-C ends it cleanly.
 
@@ -63,6 +79,7 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
         except KeyboardInterrupt as stop:
             terminated = isinstance(stop, _Terminated)
             # Each partition and journal line is written whole: what was written stays valid.
+            after = _stopping.get("after")
             print(
                 "\nbuzzdask: "
                 + (
@@ -70,8 +87,7 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
                     if terminated
                     else "interrupted"
                 )
-                + "; what was written is kept (an analysis finishes with the same command and "
-                "--resume)",
+                + (f"; {after}" if after else ""),
                 file=sys.stderr,
             )
             return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
@@ -583,6 +599,8 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     (``python -m buzzdask.cluster ... analyze ...`` passes the SLURM cluster's client).
     """
     args = build_parser().parse_args(argv)
+    if args.command in _AFTER_STOP:
+        _stopping["after"] = _AFTER_STOP[args.command]
     # The command's process ends when it returns: its last garbage collection would only delay
     # the exit (0.3 s with pandas, Dask and pyarrow loaded).
     skip_final_collection()

@@ -219,7 +219,7 @@ class Progress:
     @property
     def audio_expected_s(self) -> float:
         """The run's audio: estimates for files not yet finished, the truth for the others."""
-        if self._status != "running":  # closed: exactly, without the sums' rounding
+        if self._status == "finished":  # exactly, without the sums' rounding
             return self.audio_done_s
         return max(self._expected_total, self.audio_done_s)
 
@@ -282,13 +282,13 @@ class Progress:
         }
 
     def close(self, *, stopped: bool = False) -> None:
-        """End the bar at exactly the audio analysed, publish the last numbers, clean up.
+        """End the bar at the audio analysed, publish the last numbers, clean up.
 
-        ``stopped``: the run ended before its work did (an error, Ctrl-C); the dashboard page
-        says ``"stopped"``, not ``"finished"``.
+        ``stopped``: the run ended before its work did (an error, Ctrl-C); the bar stays at the
+        share done (not 100 %) and the dashboard page says ``"stopped"``, not ``"finished"``.
         """
         self._status = "stopped" if stopped else "finished"
-        self._bar.total = self.audio_done_s
+        self._bar.total = self.audio_expected_s
         self._bar.n = self.audio_done_s
         self._bar.set_description_str(self.describe(), refresh=False)
         self._bar.refresh()
