@@ -210,7 +210,7 @@ def test_upload_sends_results_back(rclone_remote, tmp_path):
         upload(results, "wrongpass:uploads/run1", rclone_flags=rclone_remote.flags)
 
 
-def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path):
+def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path, monkeypatch):
     make_audio("x.wav", n_samples=FRAME, directory=rclone_remote.root / "cli")
     flags = rclone_remote.flags
     done = cli("transfer", "sharepoint:cli", str(tmp_path / "d"), flags=flags)
@@ -228,6 +228,21 @@ def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path):
     stdout, stderr = refused.communicate(timeout=120)
     assert refused.returncode == EXIT_ERROR
     assert stderr.startswith("buzzdask: error: cannot list wrongpass:cli: authentication failed")
+
+    # Results sent the wrong way: swapped arguments, or --upload forgotten; an upload to a
+    # local folder. Refused, nothing copied into a folder named after the remote.
+    monkeypatch.chdir(tmp_path)
+    for args, said in [
+        (["transfer", "d", "sharepoint:cli-back2"], "is an rclone remote, and transfer copies"),
+        (["transfer", "--upload", "d", "elsewhere"], "is not on a configured rclone remote"),
+    ]:
+        wrong = cli(*args, flags=flags)
+        stdout, stderr = wrong.communicate(timeout=120)
+        assert wrong.returncode == EXIT_ERROR and said in stderr, stderr
+    assert (
+        not (tmp_path / "sharepoint:cli-back2").exists() and not (tmp_path / "elsewhere").exists()
+    )
+    assert not (rclone_remote.root / "cli-back2").exists()
 
 
 def test_staged_decode_equals_in_place_and_cleans_up(make_audio, tmp_path, dask_client):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -154,6 +155,12 @@ def transfer(
     )
     size = settings.transfer.batch_size
     runner = _Rclone(settings.transfer)
+    if _remote_name(destination) in runner.remotes():  # the arguments swapped, or no --upload
+        raise ParameterError(
+            f"destination {os.fspath(destination)} is an rclone remote, and transfer copies from "
+            "a remote into a local folder; to send a local folder to the remote, upload it "
+            f"(buzzdask transfer --upload FOLDER {os.fspath(destination)})"
+        )
     suffixes = {e.lower() for e in settings.extensions}
     target = user_path(destination)
     target.mkdir(parents=True, exist_ok=True)
@@ -233,6 +240,12 @@ def upload(
         raise ParameterError(f"upload source {local} is not a directory")
     settings = load_settings(transfer={"rclone": rclone, "rclone_flags": rclone_flags})
     runner = _Rclone(settings.transfer)
+    if _remote_name(destination) not in runner.remotes():
+        raise ParameterError(
+            f"upload destination {destination} is not on a configured rclone remote "
+            "(REMOTE:path, a REMOTE that `rclone listremotes` names); to copy into a local "
+            "folder, copy it"
+        )
     runner.run(["copy", os.fspath(local), destination], what=f"upload to {destination}")
     files = sorted(p for p in local.rglob("*") if p.is_file())
     return TransferResult(
@@ -250,6 +263,11 @@ class _Rclone:
     def __init__(self, settings: TransferSettings) -> None:
         self.executable = settings.rclone
         self.flags = list(settings.rclone_flags)
+
+    def remotes(self) -> set[str]:
+        """The names of the remotes rclone has configured (``rclone listremotes``)."""
+        done = self.run(["listremotes"], what="list the configured remotes")
+        return {line.strip().rstrip(":") for line in done.stdout.splitlines() if line.strip()}
 
     def list_files(self, source: str) -> list[dict[str, Any]]:
         done = self.run(
@@ -294,6 +312,12 @@ class _Rclone:
                 stderr=done.stderr.strip()[-600:],
             )
         return done
+
+
+def _remote_name(location: str | os.PathLike[str]) -> str | None:
+    """The remote of an rclone location (``teams`` for ``teams:Results``); None for a path."""
+    match = re.match(r"([\w.\- ]+):", os.fspath(location))
+    return match.group(1) if match else None
 
 
 def _copy_batch(
