@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -49,6 +50,9 @@ _COPY_OPTIONS = ("spec", "margin_s", "seekable_codecs")  # what decides the deco
 _STAGE_LOCK = threading.Lock()
 _COPIES: OrderedDict[tuple[str, int, int], _Copy] = OrderedDict()
 _STAGE_DIRS: dict[str, str] = {}
+# (directory, reason) already warned of in this process: one line each, not one per chunk.
+_WARNED: set[tuple[str, str]] = set()
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -149,7 +153,8 @@ def decode_chunk_staged(
     Raises
     ------
     DecodeError
-        Naming the original file: ffmpeg failed, or the local copy could not be made.
+        Naming the original file: ffmpeg failed. A copy that cannot be made is no error: the
+        chunk is decoded in place, with one warning per worker for each reason.
     """
     copy_options = {k: decode_options[k] for k in _COPY_OPTIONS if k in decode_options}
     if uses_decoded_copy(info, plan, **copy_options):
@@ -163,9 +168,17 @@ def decode_chunk_staged(
     except OSError as error:
         # The original's own problem first: moved or deleted since its probe.
         readable_stat(info.path)
-        raise DecodeError(
-            info.path, f"cannot stage a copy on node-local disk: {error.strerror or error}"
-        ) from None
+        # Staging only spares the shared file system: without a copy (a local directory that
+        # cannot be made, a full local disk), the chunk is read in place, to the same samples.
+        where = staging_directory or "$TMPDIR"
+        problem = (where, error.strerror or str(error))
+        if problem not in _WARNED:
+            _WARNED.add(problem)
+            logger.warning(
+                "cannot stage copies in %s (%s): reading files in place (buzzdask.staging)",
+                *problem,
+            )
+        return decode_chunk(info, plan, **decode_options)
 
 
 def _stage_directory(directory: str | None) -> str:
