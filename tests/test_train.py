@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from buzzdask.models import load_head, resolve_embedder, resolve_model
 from buzzdask.store import EmbeddingStore
 from buzzdask.thresholds import thresholds_for_precision
 from buzzdask.training import precision_recall
-from buzzdask.training.labels import TrainingFile, want_frames
+from buzzdask.training.labels import TrainingFile, holdout_groups, want_frames
 from tests.conftest import BUZZDASK, requires_ffmpeg, write_wav
 from tests.test_cli import buzzdask_cli
 
@@ -340,6 +341,41 @@ def test_output_that_cannot_be_created_is_refused_before_embedding(
         buzzdask.train(dataset / "labels.csv", audio, output=a_file / "model", **options)
 
 
+def test_files_without_frames_and_audio_given_twice_are_named(
+    dataset, dask_client, tiny_embedder, tmp_path, caplog
+):
+    """A labelled file shorter than a frame is named and left out, and its group is never the one
+    held out (it would hold out nothing); the same audio under two names is named."""
+    extra = tmp_path / "2025"
+    extra.mkdir()
+    write_wav(
+        extra / "siteD_1.wav", 0.003 * np.random.default_rng(7).standard_normal(RATE // 2), RATE
+    )
+    shutil.copy(dataset / "audio" / "2023" / "siteA_1.wav", extra / "siteE_1.wav")
+    labels = labels_table(dataset)
+    again = labels[labels["file"] == "siteA_1.wav"].assign(file="siteE_1.wav", group="siteE")
+    short = {"file": "siteD_1.wav", "start": 0.0, "end": 0.5, "label": "ins_buzz", "group": "siteD"}
+    labels = pd.concat([labels, again, pd.DataFrame([short])], ignore_index=True)
+    groups = ["ambient", "siteA", "siteB", "siteC", "siteD", "siteE"]
+    # A seed whose draw among all six groups would hold out siteD alone.
+    seed = next(
+        s
+        for s in range(100)
+        if holdout_groups(groups, {"holdout": None, "holdout_fraction": 0.2, "seed": s})
+        == ["siteD"]
+    )
+    options = {
+        **train_options(dataset, dask_client, tiny_embedder),
+        **{"holdout": None, "seed": seed, "epochs": 2},
+    }
+    audio = [dataset / "audio" / "2023", dataset / "audio" / "2024", extra]
+    with caplog.at_level(logging.WARNING, logger="buzzdask.training"):
+        result = buzzdask.train(labels, audio, output=tmp_path / "model", **options)
+    assert "siteD" not in result.metadata["holdout_groups"]
+    assert "1 file give(s) no frame to train on" in caplog.text and "siteD_1.wav" in caplog.text
+    assert "the same audio is in siteA_1.wav and siteE_1.wav (groups siteA, siteE)" in caplog.text
+
+
 def test_label_past_the_end_of_its_file(train_with, dataset):
     labels = labels_table(dataset)
     labels.loc[5, "end"] = 30.0
@@ -373,6 +409,10 @@ def test_bad_labels_tables(train_with, dataset, tmp_path):
         train_with(csv)
     with pytest.raises(ParameterError, match=r"holdout=\['siteQ'\] must name some"):
         train_with(labels, holdout=["siteQ"])
+    twice = labels.copy()
+    twice.loc[1, "label"] = "Ins Buzz"  # ins_buzz spelt another way
+    with pytest.raises(ParameterError, match=r"labels 'Ins Buzz' \(labels row 1\) and 'ins_buzz' "):
+        train_with(twice)
     with pytest.raises(ParameterError, match=r"labels \['mech_noise'\] are not in classes"):
         train_with(labels, classes=["ins_buzz", "ambient"])
     (tmp_path / "model").mkdir()

@@ -13,6 +13,7 @@ file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,11 +142,37 @@ def read_labels(
             raise ParameterError(f"labels: {reason} in {cite_rows(table[bad])}")
     table["file"] = table["file"].astype(str).str.strip()
     table["label"] = table["label"].astype(str).str.strip()
+    _refuse_labels_alike(table)
     columns = [*LABEL_COLUMNS, "row"]
     if group_column in table.columns:
         table["group"] = table[group_column].astype("string").str.strip()
         columns.append("group")
     return table[columns].reset_index(drop=True)
+
+
+def _refuse_labels_alike(table: pd.DataFrame) -> None:
+    """Labels spelt two ways ("Ambient", "ambient"; "ins buzz", "ins_buzz") would be two classes.
+
+    Raises
+    ------
+    ParameterError
+        Naming each spelling and its first rows.
+    """
+    spellings: dict[str, list[str]] = {}
+    for label in table["label"].unique():
+        spellings.setdefault(re.sub(r"[\s_-]+", "_", label.casefold()), []).append(label)
+    alike = [sorted(names) for names in spellings.values() if len(names) > 1]
+    if alike:
+        described = "; ".join(
+            " and ".join(
+                f"{name!r} ({cite_rows(table[table['label'] == name], most=2)})" for name in names
+            )
+            for names in alike
+        )
+        raise ParameterError(
+            f"labels {described} differ only in case or spacing, so they would train as "
+            "different classes: spell each class one way"
+        )
 
 
 def cite_rows(table: pd.DataFrame, *, most: int = 5) -> str:

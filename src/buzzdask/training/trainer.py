@@ -10,6 +10,7 @@ rest, beside the head), and moves the finished model directory into place.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import time
@@ -24,9 +25,10 @@ from distributed import Client
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
-from buzzdask.inputs import user_path
+from buzzdask.inputs import first_names, user_path
 from buzzdask.logs import quiet_workers
 from buzzdask.models import resolve_embedder
+from buzzdask.progress import format_count
 from buzzdask.session import connect
 from buzzdask.settings import Settings, load_settings
 from buzzdask.store import EmbeddingStore
@@ -46,6 +48,8 @@ from buzzdask.training.labels import (
 )
 from buzzdask.training.records import TrainingInputs, TrainingResult, TrainingSet, write_records
 from buzzdask.write import utc_now
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["train"]
 
@@ -324,6 +328,7 @@ def _embed_on_cluster(client: Client | str | None, inputs: TrainingInputs) -> di
         check_label_ends(inputs.files)
         for item in inputs.files:
             want_frames(item, inputs.spec, inputs.classes, inputs.settings)
+        _warn_of_odd_files(inputs.files)
         # The checks of the frames embedded, on the frames wanted, before minutes of
         # embedding: those embedded can only be fewer (a file shorter than its header said).
         if not any(len(item.frames) for item in inputs.files):
@@ -379,7 +384,8 @@ def _folds(
     ParameterError
         If a class has no frames in the training folds, or the held-out groups have none.
     """
-    held_out = holdout_groups(sorted({f.group for f in inputs.files}), inputs.settings)
+    # Drawn from the groups that have frames: one of only files too short would hold out nothing.
+    held_out = holdout_groups(sorted(set(frame_groups.tolist())), inputs.settings)
     in_holdout = np.isin(frame_groups, held_out)
     counts = {
         "train": class_counts(y[~in_holdout], inputs.classes),
@@ -394,6 +400,32 @@ def _folds(
     if not in_holdout.any():
         raise ParameterError(f"the held-out groups {held_out} have no frames")
     return held_out, in_holdout, counts
+
+
+def _warn_of_odd_files(files: Sequence[TrainingFile]) -> None:
+    """Warn of files that give no frame, and of the same audio under two names.
+
+    The same audio in both folds would score the held-out groups on audio the head was trained on.
+    """
+    empty = [item.name for item in files if not len(item.frames)]
+    if empty:
+        logger.warning(
+            "%s give(s) no frame to train on (shorter than one frame, or their labels are): "
+            "left out: %s",
+            format_count(len(empty), "file"),
+            first_names(empty, shown=5),
+        )
+    by_audio: dict[str, list[TrainingFile]] = {}
+    for item in files:
+        by_audio.setdefault(item.sha256, []).append(item)
+    for same in by_audio.values():
+        if len(same) > 1:
+            logger.warning(
+                "the same audio is in %s (groups %s): if they fall in different folds, the "
+                "evaluation scores audio the head was trained on",
+                " and ".join(item.name for item in same),
+                ", ".join(sorted({item.group for item in same})),
+            )
 
 
 def _groups_of(item: TrainingFile, n_frames: int) -> np.ndarray:
