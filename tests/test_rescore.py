@@ -27,11 +27,12 @@ from distributed import get_task_stream
 
 import buzzdask
 from buzzdask import ModelError, OutputConflictError
-from buzzdask.cli import EXIT_OK, main
+from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
 from buzzdask.models import resolve_embedder
 from buzzdask.store import EmbeddingStore, file_sha256
 from buzzdask.write import PARTITION_GLOB, OutputLayout
 from tests.conftest import (
+    BUZZDASK,
     MidRunKiller,
     assert_same_frames,
     kill_client_mid_run,
@@ -749,6 +750,28 @@ def test_cli_two_models_keep_embeddings_then_rescore(
     assert code == EXIT_OK
     assert "3/3 files" in capsys.readouterr().out
     assert_same_output(tmp_path / "re", corpus.fresh.output)
+
+
+def test_cli_rescore_with_a_broken_head_says_so_in_one_line(corpus, new_head, tmp_path):
+    """Its workers are threads of the command's process (no --scheduler): the scorer's failure is
+    the command's one error line, not Dask's task dump and traceback before it."""
+    broken = tmp_path / "model_broken"
+    shutil.copytree(new_head, broken)
+    config = json.loads((broken / "config_model.json").read_text())
+    config["classes"] = [*config["classes"], "extra"]  # the head gives two outputs
+    (broken / "config_model.json").write_text(json.dumps(config))
+    done = subprocess.run(
+        [
+            *(BUZZDASK, "rescore", str(corpus.store), "--model", str(broken)),
+            *("--output", str(tmp_path / "re"), "--no-progress"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == EXIT_ERROR
+    assert "gives 2 outputs but its config lists 3 classes" in done.stderr
+    assert "Compute Failed" not in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_the_store_keys_audio_by_the_sha256_of_its_bytes(tmp_path):

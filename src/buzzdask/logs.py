@@ -85,6 +85,26 @@ def quiet_environment(verbosity: int | None = None) -> None:
         logging.getLogger(name).setLevel(_THIRD_PARTY_LEVEL[verbosity])
     for name in _UNACTIONABLE:
         logging.getLogger(name).setLevel(logging.ERROR if verbosity < 2 else logging.NOTSET)
+    worker_lines = logging.getLogger("distributed.worker")
+    if verbosity < 2:
+        worker_lines.addFilter(_TASK_FAILURES)  # once: a Filterer keeps one of each
+    else:
+        worker_lines.removeFilter(_TASK_FAILURES)
+
+
+class _TaskFailures(logging.Filter):
+    """Drop Dask's "Compute Failed" lines, a traceback each, where workers log to this process.
+
+    Workers that are threads of this process (a re-scoring's local cluster) log there: each
+    failed task is buzzdask's to report, once and in words (a row in the errors, or the run's
+    error), not as Dask's task dump before it. ``--debug`` keeps them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+_TASK_FAILURES = _TaskFailures()
 
 
 def configure_console(verbosity: int) -> None:
