@@ -432,6 +432,36 @@ def test_resume_and_conflicts(corpus, new_head, dask_client, tiny_embedder, tmp_
     assert_same_output(elsewhere.output, corpus.fresh.output)
 
 
+def test_outputs_of_the_other_kind_of_run_are_named(
+    corpus, new_head, tiny_model, dask_client, tiny_embedder, tmp_path
+):
+    """A several-models output given whole; an analysis' output resumed by a re-scoring, and a
+    re-scoring's by an analysis: each refusal says what the output is, not 'settings differ'."""
+    both = buzzdask.analyze(
+        corpus.audio / "site1", [tiny_model, new_head], output=tmp_path / "both", **corpus.options
+    )
+    assert all(result.ok for result in both.values())
+    with pytest.raises(
+        OutputConflictError, match=r"holds the outputs of a run of several models \(model_new, "
+    ):
+        rescore(corpus.store, new_head, tmp_path / "both", dask_client, tiny_embedder)
+    with pytest.raises(OutputConflictError, match="holds an analysis's results, which only an"):
+        rescore(
+            corpus.store,
+            new_head,
+            tmp_path / "both" / "model_new",
+            dask_client,
+            tiny_embedder,
+            on_conflict="resume",
+        )
+    rescored = rescore(corpus.store, new_head, tmp_path / "re", dask_client, tiny_embedder)
+    assert rescored.ok
+    with pytest.raises(OutputConflictError, match="holds a re-scoring's results, which only a"):
+        buzzdask.analyze(
+            corpus.audio, new_head, output=tmp_path / "re", on_conflict="resume", **corpus.options
+        )
+
+
 def test_analysis_reads_what_the_store_holds(corpus, tiny_model, tmp_path):
     """Analysing again with the same store decodes only what it lacks: here one new file."""
     audio = tmp_path / "audio"

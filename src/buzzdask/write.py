@@ -412,7 +412,8 @@ class OutputConflict:
         After how long without a sign of life another host's lock is taken over (``"in use"``).
     others : tuple of str
         What the output holds that a run of several models does not write there
-        (``"holds other files"``).
+        (``"holds other files"``); or the models' outputs of such a run in it (``"not
+        buzzdask"``: one of them is the output to give).
     problem : str
         Why the system refused to create it (``"cannot create"``): a missing or read-only
         parent, no permission.
@@ -439,6 +440,12 @@ class OutputConflict:
                 f"cannot create output {self.output} ({self.problem}); "
                 f"choose another {words.output}"
             )
+        if self.reason == "not buzzdask" and self.others:
+            return (
+                f"output {self.output} holds the outputs of a run of several models "
+                f"({first_names(self.others, shown=5)}): give one of them as {words.output} to "
+                f"resume it or follow it, or choose an empty or new directory"
+            )
         if self.reason == "not buzzdask":
             return (
                 f"output {self.output} is not empty and holds no buzzdask results; "
@@ -463,6 +470,21 @@ class OutputConflict:
                 f"output {self.output} already holds results ({done} done); pass "
                 f"{words.resume} to finish that run, {words.new} to write to a new timestamped "
                 f"directory, or choose another {words.output}"
+            )
+        # What only one kind of run records: an analysis its ffmpeg, a re-scoring its store.
+        before = {key: earlier for key, earlier, _ in self.differences}
+        earlier_run = (
+            "an analysis"
+            if "embeddings" in before and before["embeddings"] is None
+            else "a re-scoring"
+            if "ffmpeg_version" in before and before["ffmpeg_version"] is None
+            else None
+        )
+        if earlier_run is not None:
+            return (
+                f"cannot resume into {self.output}: it holds {earlier_run}'s results, which "
+                f"only {earlier_run} resumes; pass {words.new} instead of {words.resume} to "
+                f"write to a new directory, or choose another {words.output}"
             )
         differing = "; ".join(
             f"{key}: {before!r} before, {now!r} now" for key, before, now in self.differences
@@ -553,7 +575,8 @@ def prepare_output(
     if on_conflict == "new":
         return OutputLayout(new_sibling(layout.root))
     if not layout.metadata.exists():
-        raise OutputConflictError(OutputConflict(layout.root, "not buzzdask"))
+        heads = sorted(p.name for p in layout.root.iterdir() if OutputLayout(p).metadata.is_file())
+        raise OutputConflictError(OutputConflict(layout.root, "not buzzdask", others=tuple(heads)))
     if not layout.holds_chunks():
         logger.warning(
             "reusing %s: the run that created it wrote no chunk, so nothing in it depends on "
