@@ -150,3 +150,21 @@ def test_the_command_imports_numpy_with_one_blas_thread(tmp_path) -> None:
     assert blas_threads() == "[1]"
     if len(os.sched_getaffinity(0)) > 1:
         assert blas_threads(OPENBLAS_NUM_THREADS="2") == "[2]"
+
+
+def test_messages_name_the_flags_given(tmp_path, make_audio, tiny_model, tiny_embedder) -> None:
+    """A value refused by the library is named by the flag that gave it, not the keyword."""
+    audio = make_audio("a.wav", n_samples=2 * FRAME)
+    analyze = ["analyze", str(audio), "--model", str(tiny_model), "--embedder", str(tiny_embedder)]
+    analyze += ["--output", str(tmp_path / "out")]
+    for extra, said in [
+        (["--chunk-seconds", "0"], "--chunk-seconds 0.0 must be a number > 0"),
+        (["--memory-budget", "lots"], "--memory-budget 'lots' must be a size > 0"),
+        (["--framehop", "0.0961"], "--framehop 0.0961 s is not a whole number of samples at "),
+    ]:
+        done = buzzdask_cli(*analyze, *extra)
+        assert done.returncode == EXIT_ERROR
+        assert done.stderr.startswith(f"buzzdask: error: {said}"), done.stderr
+    assert "(1537.6 samples)" in done.stderr
+    transfer = buzzdask_cli("transfer", "x:", str(tmp_path / "d"), "--batch-size", "0")
+    assert transfer.stderr.startswith("buzzdask: error: --batch-size 0 must be"), transfer.stderr

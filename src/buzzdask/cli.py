@@ -14,6 +14,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -116,8 +117,26 @@ def _flag(name: str, value: Any) -> str:
     return f"{_FLAGS.get(name, name)} {shlex.quote(str(value))}"
 
 
+# The keywords (and the settings they set) that library messages start with ("chunk_seconds=0.0
+# must be ..."), as the commands' flags spell them.
+_MESSAGE_FLAGS = {
+    **_FLAGS,
+    "memory_budget": "--memory-budget",
+    "batch_frames": "--batch-frames",
+    "watch.poll_seconds": "--poll",
+    "watch.idle_timeout_seconds": "--idle-timeout",
+    "transfer.batch_size": "--batch-size",
+    "train.epochs": "--epochs",
+    "train.frame_hop_seconds": "--framehop",
+    "holdout": "--holdout",
+    "audio_dirs": "AUDIO_DIR",
+    "ambient_dirs": "--ambient",
+    "unlabeled_ambient": "--unlabeled-ambient",
+}
+
+
 def _in_flags(error: BuzzdaskError) -> str:
-    """The message, naming flags where it names the ways on (an output conflict)."""
+    """The message, naming flags where it names the ways on, or starts with a keyword."""
     if isinstance(error, OutputConflictError):
         from buzzdask.write import OutputConflict, Vocabulary
 
@@ -125,7 +144,12 @@ def _in_flags(error: BuzzdaskError) -> str:
         if isinstance(conflict, OutputConflict):
             words = Vocabulary(resume="--resume", new="--new", output="--output", option=_flag)
             return conflict.render(words)
-    return str(error)
+    text = str(error)
+    keyword = re.match(r"([\w.]+)([=:]) ?", text)
+    if keyword and keyword.group(1) in _MESSAGE_FLAGS:
+        flag = _MESSAGE_FLAGS[keyword.group(1)]
+        return f"{flag}{' ' if keyword.group(2) == '=' else ': '}{text[keyword.end() :]}"
+    return text
 
 
 def _threshold(text: str) -> tuple[str, float]:

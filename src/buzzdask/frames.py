@@ -40,7 +40,7 @@ def seconds_to_samples(seconds: float, sample_rate: int, *, name: str) -> int:
     if seconds < 0 or abs(exact - samples) > 1e-6:
         raise ParameterError(
             f"{name}={seconds!r} s is not a whole number of samples at {sample_rate} Hz "
-            f"({exact!r} samples); use a multiple of 1/{sample_rate} s"
+            f"({exact:.6g} samples); use a multiple of 1/{sample_rate} s"
         )
     return samples
 
