@@ -238,3 +238,7 @@ def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path)
     )
     assert twice.returncode == EXIT_USAGE
     assert "exactly one INPUT directory" in twice.stderr
+    without = [a for a in arguments if a != "--watch"]  # --poll is still there
+    no_watch = subprocess.run(without, capture_output=True, text=True)
+    assert no_watch.returncode == EXIT_USAGE
+    assert "--poll applies to --watch only" in no_watch.stderr

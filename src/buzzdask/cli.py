@@ -661,6 +661,9 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
             build_parser().error("--watch takes exactly one INPUT directory")
         if len(args.model) != 1:
             build_parser().error("--watch takes one --model")
+    elif args.command == "analyze" and (args.poll is not None or args.idle_timeout is not None):
+        given = "--poll" if args.poll is not None else "--idle-timeout"
+        build_parser().error(f"{given} applies to --watch only: add --watch, or leave it out")
     from buzzdask.logs import configure_console
 
     # Before anything loads TensorFlow or starts workers, which inherit it.
