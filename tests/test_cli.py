@@ -168,3 +168,13 @@ def test_messages_name_the_flags_given(tmp_path, make_audio, tiny_model, tiny_em
     assert "(1537.6 samples)" in done.stderr
     transfer = buzzdask_cli("transfer", "x:", str(tmp_path / "d"), "--batch-size", "0")
     assert transfer.stderr.startswith("buzzdask: error: --batch-size 0 must be"), transfer.stderr
+
+
+def test_a_model_not_found_names_where_it_was_looked_for(tmp_path, make_audio) -> None:
+    """The default model-dirs, "models", is named as the folder it is here."""
+    audio = make_audio("a.wav", n_samples=2 * FRAME)
+    done = buzzdask_cli("analyze", str(audio), "--model", "nosuch", "--output", "o", cwd=tmp_path)
+    assert done.returncode == EXIT_ERROR
+    assert f"model 'nosuch' not found: not a directory, nor in ['{tmp_path / 'models'}']" in (
+        done.stderr
+    )

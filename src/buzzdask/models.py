@@ -285,8 +285,10 @@ def find_model_dir(model: str | os.PathLike[str], search_dirs: Sequence[Any]) ->
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
+    # Absolute: the default "models" is the current directory's, which a batch job may not share.
+    searched = [str(Path(d).expanduser().absolute()) for d in search_dirs]
     raise ModelError(
-        f"model {name!r} not found: not a directory, nor in {[str(d) for d in search_dirs]} "
+        f"model {name!r} not found: not a directory, nor in {searched} "
         f"(set buzzdask.model-dirs or give the model's path)"
     )
 
