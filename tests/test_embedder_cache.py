@@ -145,6 +145,10 @@ def test_embedder_fetch_reports_a_cached_copy(tmp_path: Path, tiny_embedder: Pat
     assert f"buzzdask.embedders.yamnet_k2.handle: {path}" in done.stdout
     # The embedder's name, as the models' configs say it, fetches its configured handle.
     assert buzzdask_cli("embedder", "fetch", "yamnet_k2", env=env).stdout == done.stdout
+    # A name it is not: the names it knows, not "yamnet is not a directory".
+    unknown = buzzdask_cli("embedder", "fetch", "yamnet", env=env)
+    assert unknown.returncode == EXIT_ERROR
+    assert "'yamnet' is neither a TF Hub URL, nor an embedder's name (yamnet_k2)" in unknown.stderr
 
 
 def test_embedder_fetch_offline_fails_with_one_line(tmp_path: Path) -> None:

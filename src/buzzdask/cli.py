@@ -813,12 +813,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _embedder(args: argparse.Namespace) -> int:
+    from buzzdask.embedders import is_remote
+    from buzzdask.errors import ParameterError
     from buzzdask.models import resolve_embedder
     from buzzdask.settings import load_settings
 
     name, handle = args.name, args.handle
-    if handle in load_settings().embedders and not os.path.exists(handle):
+    known = load_settings().embedders
+    if handle in known and not os.path.exists(handle):
         name, handle = handle, None  # an embedder's name (`fetch yamnet_k2`): its handle
+    elif handle is not None and not is_remote(handle) and not os.path.exists(handle):
+        raise ParameterError(
+            f"{handle!r} is neither a TF Hub URL, nor an embedder's name "
+            f"({', '.join(known)}), nor a directory"
+        )
     spec = resolve_embedder(name, handle=handle, fetching=True)
     print(f"buzzdask: embedder {spec.source or spec.handle} is in {spec.handle}")
     print(
