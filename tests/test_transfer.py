@@ -71,6 +71,7 @@ def test_batches_arrive_whole_with_a_manifest(rclone_remote, make_audio, tmp_pat
     dest = tmp_path / "dest"
     assert result.files == ["site1/a.wav", "site1/b.mp3", "site2/c.wav"]
     assert result.batches == 2 and result.skipped == []
+    assert result.left_out == ["notes.txt", "site1/.hidden.wav"]
     assert result.bytes == sum((remote / name).stat().st_size for name in result.files)
     for name in result.files:
         assert same_bytes(dest / name, remote / name)
@@ -213,12 +214,15 @@ def test_upload_sends_results_back(rclone_remote, tmp_path):
 
 def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path, monkeypatch):
     make_audio("x.wav", n_samples=FRAME, directory=rclone_remote.root / "cli")
+    (rclone_remote.root / "cli" / "notes.txt").write_text("not audio\n")
     flags = rclone_remote.flags
     done = cli("transfer", "sharepoint:cli", str(tmp_path / "d"), flags=flags)
     stdout, stderr = done.communicate(timeout=120)
     assert done.returncode == EXIT_OK, stderr
     size = format_bytes((tmp_path / "d" / "x.wav").stat().st_size)
     assert stdout.startswith(f"buzzdask: 1 file ({size}) in 1 batch -> "), stdout
+    assert stdout.endswith("; left out (not audio, or hidden): notes.txt\n"), stdout
+    assert "buzzdask: transfer batch 1/1: 1 file arrived" in stderr  # as each batch lands
 
     back = cli("transfer", "--upload", str(tmp_path / "d"), "sharepoint:cli-back", flags=flags)
     stdout, stderr = back.communicate(timeout=120)

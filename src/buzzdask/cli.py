@@ -633,8 +633,9 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         from buzzdask.progress import console_lines
 
         # The library's warnings (a recording without a start time, damaged training audio)
-        # as the command's own lines, not Python's bare last-resort ones.
-        console_lines(logging.WARNING)
+        # as the command's own lines, not Python's bare last-resort ones; a transfer's batches
+        # as they land (hours, for a season).
+        console_lines(logging.INFO if args.command == "transfer" else logging.WARNING)
     if args.command == "init":
         from buzzdask.project import init_project
 
@@ -744,6 +745,7 @@ def _report(result: Any) -> int:
 def _transfer(args: argparse.Namespace) -> int:
     from dask.utils import format_bytes
 
+    from buzzdask.inputs import first_names
     from buzzdask.progress import format_count
     from buzzdask.rclone import transfer, upload
 
@@ -751,10 +753,16 @@ def _transfer(args: argparse.Namespace) -> int:
         result = upload(args.source, args.destination)
     else:
         result = transfer(args.source, args.destination, batch_size=args.batch_size)
+    left_out = result.left_out
     print(
         f"buzzdask: {format_count(len(result.files), 'file')} ({format_bytes(result.bytes)}) in "
         f"{format_count(result.batches, 'batch', 'batches')} -> {result.destination}"
         + (f"; {len(result.skipped)} already there" if result.skipped else "")
+        + (
+            f"; left out (not audio, or hidden): {first_names(left_out, shown=3)}"
+            if left_out
+            else ""
+        )
     )
     return EXIT_OK
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from buzzdask.errors import ParameterError, TransferError
 from buzzdask.inputs import user_path
-from buzzdask.progress import logger
+from buzzdask.progress import format_count, logger
 from buzzdask.settings import TransferSettings, load_settings
 from buzzdask.write import utc_now
 
@@ -88,6 +88,9 @@ class TransferResult:
         Files copied by this call, relative to the source, ``/``-separated, in arrival order.
     skipped : list of str
         Files already at the destination with the same size (downloads only).
+    left_out : list of str
+        Files of the source not copied: other suffixes than the audio ones, hidden names
+        (downloads only).
     bytes : int
         Bytes copied.
     batches : int
@@ -102,6 +105,7 @@ class TransferResult:
     destination: str
     files: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
     bytes: int = 0
     batches: int = 0
     manifest: Path | None = None
@@ -176,6 +180,7 @@ def transfer(
         if PurePosixPath(relative).suffix.lower() not in suffixes or any(
             part.startswith(".") for part in PurePosixPath(relative).parts
         ):
+            result.left_out.append(relative)
             continue
         here = target.joinpath(*PurePosixPath(relative).parts)
         if here.is_file() and here.stat().st_size == entry["Size"]:
@@ -189,7 +194,12 @@ def transfer(
         result.files += [entry["file"] for entry in arrived]
         result.bytes += sum(entry["size"] for entry in arrived)
         result.batches += 1
-        logger.info("transfer batch %d/%d: %d files arrived", number, len(batches), len(batch))
+        logger.info(
+            "transfer batch %d/%d: %s arrived",
+            number,
+            len(batches),
+            format_count(len(batch), "file"),
+        )
     shutil.rmtree(target / INCOMING, ignore_errors=True)
     marker.write_text(
         json.dumps(
@@ -339,7 +349,9 @@ def _copy_batch(
         if actual != expected:
             raise TransferError(
                 f"{relative}: rclone finished but the copy holds {actual} of {expected} "
-                f"bytes; it stays hidden in {incoming} and is not analysed",
+                f"bytes (changed on the remote while it was copied?); it stays hidden in "
+                f"{incoming} and is not analysed: run the transfer again to copy it and the "
+                "files after it (those already here are not copied again)",
                 reason="incomplete file",
             )
         final = target.joinpath(*parts)
