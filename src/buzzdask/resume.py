@@ -243,11 +243,22 @@ def _version(path: Path) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
+def _remove_empty(folder: Path, *, stop: Path) -> None:
+    """Remove ``folder`` and its parents below ``stop`` while empty (a vanished recording's)."""
+    while stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another recording's, or a partition trusted
+            return
+        folder = folder.parent
+
+
 def _remove_untrusted(layout: OutputLayout, trusted: set[Path]) -> int:
     """Remove every partition file but the ``trusted`` (verified); how many there were."""
     untrusted = [path for path in layout.partitions() if path not in trusted]
     for path in untrusted:
         path.unlink(missing_ok=True)
+        _remove_empty(path.parent, stop=layout.scores)
     if untrusted:
         logger.info(
             "resume: removed %d partition files the journal does not vouch for", len(untrusted)
