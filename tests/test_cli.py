@@ -101,13 +101,13 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     assert "warning: cut.wav: cut short: its header declares 3.8 s" in done.stderr
     assert re.search(r"warning: damaged.mp3 chunk \d+: ffmpeg reported damaged audio", done.stderr)
     assert "failed: cut.wav" not in done.stderr and "failed: damaged" not in done.stderr
-    assert "buzzdask: 3/5 files, " in done.stdout
+    assert "buzzdask: 3/5 files (2 failed), " in done.stdout
     frame = pd.read_parquet(tmp_path / "out" / "scores")
     assert len(frame) > 3 and "detection_ins_buzz" in frame
     assert len(frame[frame.file == "a.wav"]) == 3
 
     finished = buzzdask_cli(*args, "--resume")
-    assert "buzzdask: 3/5 files, nothing left to analyse (" in finished.stdout
+    assert "buzzdask: 3/5 files (2 failed), nothing left to analyse (" in finished.stdout
 
     conflict = buzzdask_cli(*args)
     assert conflict.returncode == EXIT_ERROR

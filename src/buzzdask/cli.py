@@ -729,7 +729,11 @@ def _report(result: Any) -> int:
             f"in {summary['wall_seconds']:.1f} s "
             f"({format_factor(summary['realtime_factor'])} realtime)"
         )
-    print(f"buzzdask: {summary['files_done']}/{summary['files']} files, {work} -> {result.dataset}")
+    failed = f" ({summary['files_failed']} failed)" if summary["files_failed"] else ""
+    print(
+        f"buzzdask: {summary['files_done']}/{summary['files']} files{failed}, {work} "
+        f"-> {result.dataset}"
+    )
     for row in result.errors.head(PROBLEMS_SHOWN).itertuples():
         chunk = "" if pd.isna(row.chunk) else f" chunk {row.chunk}"
         # A kept row's frames are written (damaged audio, a file cut short): not a failure.
