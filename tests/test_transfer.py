@@ -136,15 +136,15 @@ def test_bad_options_and_missing_rclone(tmp_path):
     assert caught.value.reason == "rclone missing"
 
 
-def test_killed_transfer_never_shows_half_a_file(rclone_remote, make_audio, tmp_path):
-    remote = rclone_remote.root / "killed"
-    make_audio("a_small.wav", n_samples=FRAME, directory=remote)
-    make_audio("b_large.wav", n_samples=100 * FRAME, seed=1, directory=remote)  # about 3 MB
-    dest = tmp_path / "dest"
+def _signal_mid_copy(
+    rclone_remote, folder: str, dest: Path, signal_number: int, *options: str
+) -> tuple[int, str]:
+    """``buzzdask transfer`` of ``folder`` (slowly), signalled as part of ``b_large.wav`` is in;
+    its exit code and stderr. SIGINT goes as a terminal sends it, to the process group."""
     slow = (*rclone_remote.flags, "--bwlimit", "400k")
     running = cli(
-        "transfer", "sharepoint:killed", str(dest), "--batch-size", "1", flags=slow,
-        start_new_session=True,
+        "transfer", f"sharepoint:{folder}", str(dest), *options, flags=slow,
+        start_new_session=True, as_in_a_terminal=True,
     )  # fmt: skip
     partial = dest / INCOMING / "b_large.wav"
     try:
@@ -154,9 +154,19 @@ def test_killed_transfer_never_shows_half_a_file(rclone_remote, make_audio, tmp_
             failure=f"nothing of {partial.name} arrived",
             interval_s=0.025,
         )
-        os.killpg(running.pid, signal.SIGKILL)
+        os.killpg(running.pid, signal_number)
     finally:
-        running.communicate()
+        _, stderr = running.communicate(timeout=60)
+    return running.returncode, stderr
+
+
+def test_killed_transfer_never_shows_half_a_file(rclone_remote, make_audio, tmp_path):
+    remote = rclone_remote.root / "killed"
+    make_audio("a_small.wav", n_samples=FRAME, directory=remote)
+    make_audio("b_large.wav", n_samples=100 * FRAME, seed=1, directory=remote)  # about 3 MB
+    dest = tmp_path / "dest"
+    _signal_mid_copy(rclone_remote, "killed", dest, signal.SIGKILL, "--batch-size", "1")
+    partial = dest / INCOMING / "b_large.wav"
     assert 0 < partial.stat().st_size < (remote / "b_large.wav").stat().st_size
     visible = discover(dest, extensions=EXTENSIONS)[1]
     assert [f.relative for f in visible] == ["a_small.wav"]
@@ -175,23 +185,8 @@ def test_interrupted_transfer_says_how_to_finish(rclone_remote, make_audio, tmp_
     remote = rclone_remote.root / "interrupted"
     make_audio("b_large.wav", n_samples=100 * FRAME, seed=1, directory=remote)
     dest = tmp_path / "dest"
-    slow = (*rclone_remote.flags, "--bwlimit", "400k")
-    running = cli(
-        "transfer", "sharepoint:interrupted", str(dest), flags=slow, start_new_session=True,
-        as_in_a_terminal=True,
-    )  # fmt: skip
-    partial = dest / INCOMING / "b_large.wav"
-    try:
-        wait_until(
-            lambda: partial.exists() and partial.stat().st_size > 0,
-            timeout_s=60,
-            failure=f"nothing of {partial.name} arrived",
-            interval_s=0.025,
-        )
-        os.killpg(running.pid, signal.SIGINT)
-    finally:
-        _, stderr = running.communicate(timeout=60)
-    assert running.returncode == EXIT_INTERRUPTED, stderr
+    returncode, stderr = _signal_mid_copy(rclone_remote, "interrupted", dest, signal.SIGINT)
+    assert returncode == EXIT_INTERRUPTED, stderr
     assert "interrupted; the files copied so far are kept: the same command again" in stderr
     assert "--resume" not in stderr
     assert not discover(dest, extensions=EXTENSIONS)[1]

@@ -111,8 +111,9 @@ def test_idle_timeout_ends_a_watch_without_marker(
         )
 
 
-def _once_written(path, then) -> threading.Thread:
-    """Run ``then()`` in a thread once ``path`` exists (a file the watch's first pass writes)."""
+def _watch_while(path, then, audio, model, **options):
+    """Watch ``audio``; in a thread, ``then()`` once ``path`` exists (a file the first pass
+    writes)."""
 
     def wait_then() -> None:
         deadline = time.monotonic() + 120
@@ -122,7 +123,10 @@ def _once_written(path, then) -> threading.Thread:
 
     thread = threading.Thread(target=wait_then)
     thread.start()
-    return thread
+    try:
+        return watch(audio, model, poll_seconds=0.1, idle_timeout_s=60, **options)
+    finally:
+        thread.join()
 
 
 def test_files_gone_or_rewritten_between_passes(
@@ -139,20 +143,16 @@ def test_files_gone_or_rewritten_between_passes(
         make_audio("a.wav", n_samples=4 * FRAME, seed=1)
         (audio / ".transfer-complete").write_text("{}\n")
 
-    changing = _once_written(output / "errors.parquet", change)  # the first pass's end
-    try:
-        watched = watch(
-            audio,
-            tiny_model,
-            output=output,
-            client=dask_client,
-            embedder=str(tiny_embedder),
-            poll_seconds=0.1,
-            idle_timeout_s=60,
-            progress=False,
-        )
-    finally:
-        changing.join()
+    watched = _watch_while(
+        output / "errors.parquet",  # the first pass's end
+        change,
+        audio,
+        tiny_model,
+        output=output,
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        progress=False,
+    )
     assert len(watched.summary["watch"]["passes"]) == 2
     assert watched.ok and watched.errors.empty, watched.errors
     assert pd.read_parquet(output / "errors.parquet").empty
@@ -176,21 +176,16 @@ def test_marker_left_by_an_earlier_transfer(
         time.sleep(0.5)
         marker.write_text("{}\n")
 
-    # During the first pass: its first chunk is written, 19 are still to come.
-    arriving = _once_written(output / "journal.jsonl", new_transfer)
-    try:
-        watched = watch(
-            audio,
-            tiny_model,
-            output=output,
-            client=dask_client,
-            embedder=str(tiny_embedder),
-            chunk_seconds=1.0,
-            poll_seconds=0.1,
-            idle_timeout_s=60,
-        )
-    finally:
-        arriving.join()
+    watched = _watch_while(
+        output / "journal.jsonl",  # during the first pass: one chunk written, 19 to come
+        new_transfer,
+        audio,
+        tiny_model,
+        output=output,
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        chunk_seconds=1.0,
+    )
     assert watched.summary["watch"]["stopped"] == "marker"
     assert sorted(watched.to_pandas().file.unique()) == ["new.wav", "old.wav"]
     out = capsys.readouterr().out
