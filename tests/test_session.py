@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -18,7 +19,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from buzzdask.logs import WorkerLogging
 from buzzdask.session import connect, start_local_cluster, worker_environment
 from buzzdask.settings import LocalClusterSettings
-from tests.conftest import in_a_fresh_interpreter, wait_until
+from tests.conftest import in_a_fresh_interpreter, wait_until, write_audio
 
 
 def _settings(**changes: object) -> LocalClusterSettings:
@@ -204,3 +205,60 @@ def test_the_command_line_skips_the_final_collection_at_exit(tmp_path) -> None:
     *created, witness = done
     assert witness == "frozen True"
     assert created[0] == f"created {tmp_path / 'audio_in' / 'README.md'}"
+
+
+# A notebook's own cluster and client (not the default one), used for a run and then for its
+# own work; a run interrupted as a notebook interrupts (SIGINT in the kernel's main thread),
+# its traceback kept as the notebook keeps its last.
+_OWN_CLUSTER = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from distributed import Client, LocalCluster
+import buzzdask
+
+
+def talk():
+    print("WORKER AFTER THE RUN", file=sys.stderr, flush=True)
+
+
+def interrupt_once(journal):
+    while not journal.exists():
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+if __name__ == "__main__":
+    audio, model, embedder, out = sys.argv[1:5]
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None)
+    client = Client(cluster, set_as_default=False)
+    options = {"client": client, "embedder": embedder, "progress": False}
+    print("finished", buzzdask.analyze(audio, model, output=f"{out}/a", **options).ok)
+    client.submit(talk, pure=False).result()
+    threading.Thread(target=interrupt_once, args=(Path(f"{out}/b/journal.jsonl"),)).start()
+    try:
+        buzzdask.analyze(audio, model, output=f"{out}/b", chunk_seconds=1.0, **options)
+    except KeyboardInterrupt:
+        kept = sys.exc_info()[2]
+        print("interrupted")
+    time.sleep(1)
+    print("held", sorted(key for keys in client.has_what().values() for key in keys))
+    client.close()
+    cluster.close()
+"""
+
+
+def test_a_users_own_cluster_is_left_as_it_was(tiny_model, tiny_embedder, tmp_path) -> None:
+    """A client that is not the default one runs; its workers' stderr stays the user's; an
+    interrupted run leaves no decoded audio, task or scorer on the cluster."""
+    audio = write_audio(tmp_path, "a.wav", n_samples=40 * 15360)
+    script = tmp_path / "own_cluster.py"
+    script.write_text(_OWN_CLUSTER)
+    done = subprocess.run(
+        [sys.executable, script, audio, tiny_model, tiny_embedder, tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout.splitlines() == ["finished True", "interrupted", "held []"], done.stderr
+    assert "WORKER AFTER THE RUN" in done.stderr
+    assert "WORKER AFTER THE RUN" not in (tmp_path / "out" / "a" / "buzzdask.log").read_text()

@@ -8,7 +8,7 @@ Verbosity, the same in every process (client, local and SLURM workers):
   but for warnings that ask nothing of a user (bokeh's about the dashboard's hosts).
 - 2 (``--debug``): everything, at INFO and below.
 
-Below 2, the workers of a LocalCluster in this process send their stderr (TensorFlow's C++ lines
+Below 2, the workers of a local cluster buzzdask started send their stderr (TensorFlow's C++ lines
 as it loads: oneDNN, ``cudart_stub``) to the run's log instead of the console; where there is
 no run's log (training), they keep those lines off the console (:func:`quiet_workers`).
 
@@ -26,13 +26,13 @@ import multiprocessing
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from distributed import LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from buzzdask import preload
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
 __all__ = [
+    "STARTED_CLUSTERS",
     "WorkerLogging",
     "check_main_guard",
     "configure_console",
@@ -66,6 +67,9 @@ _BUZZDASK_LEVEL = (logging.WARNING, logging.INFO, logging.DEBUG)
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s%(where)s: %(message)s"
 
 _configured: list[int] = []  # the verbosity configure_console chose, if it ran
+#: The local clusters buzzdask started in this process: their workers' stderr is the run's to
+#: route (a cluster of the caller's own is left as it was).
+STARTED_CLUSTERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def quiet_environment(verbosity: int | None = None) -> None:
@@ -222,8 +226,9 @@ def run_log(
 
     Notes
     -----
-    Workers of a ``LocalCluster`` started in this process write to this process's console:
-    but with ``--debug``, their stderr goes to ``path`` too (TensorFlow's C++ lines).
+    Workers of a local cluster buzzdask started (:data:`STARTED_CLUSTERS`) write to this
+    process's console: but with ``--debug``, their stderr goes to ``path`` too (TensorFlow's
+    C++ lines). A cluster of the caller's own is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = _RunLogFile(path, encoding="utf-8")
@@ -231,14 +236,17 @@ def run_log(
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     handler.addFilter(_WhereFilter())
     handlers: list[logging.Handler] = [handler]
-    if not logger.handlers:  # the console that the logger's last resort would have been
+    # The console that the logger's last resort would have been; not beside a handler of the
+    # caller's own (a notebook's logging.basicConfig), which would print each line twice.
+    if not logger.hasHandlers():
         handlers.append(TqdmHandler(level=_BUZZDASK_LEVEL[int(verbose)]))
         handlers[-1].setFormatter(logging.Formatter("buzzdask: %(message)s"))
     old_level = logger.level
     logger.setLevel(min(logging.INFO, old_level or logging.WARNING))
     for added in handlers:
         logger.addHandler(added)
-    local = isinstance(getattr(client, "cluster", None), LocalCluster)
+    # Only a cluster buzzdask started: a user's own keeps its workers' stderr where it was.
+    local = getattr(client, "cluster", None) in STARTED_CLUSTERS
     quiet = local and not (_configured and _configured[-1] == 2)
     # Workers in this process (a cluster of threads) log through these handlers already.
     if not str(getattr(client.scheduler, "address", "")).startswith("inproc://"):
@@ -278,7 +286,7 @@ def quiet_workers(client: Client, *, timeout_s: float) -> None:
     """
     if str(getattr(client.scheduler, "address", "")).startswith("inproc://"):
         return  # workers in this process: its own settings apply
-    local = isinstance(getattr(client, "cluster", None), LocalCluster)
+    local = getattr(client, "cluster", None) in STARTED_CLUSTERS
     plugin = WorkerLogging(console=local and preload.console_is_stderr.is_set())
     _on_every_worker(timeout_s, functools.partial(client.register_plugin, plugin))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import traceback
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -490,7 +491,8 @@ class ChunkPipeline:
         self.score_attempts = score_attempts
         self.on_result = on_result
         self.on_failure = on_failure
-        self._pending = as_completed()
+        # On the run's client's loop: it need not be the default client (set_as_default=False).
+        self._pending = as_completed(loop=client.loop)
         self._handlers: dict[Any, Callable[[Future], None]] = {}  # by task key
         self._todo: deque[ChunkJob] = deque()
         self._decoded: deque[tuple[ChunkJob, Future]] = deque()
@@ -572,17 +574,42 @@ class ChunkPipeline:
         self._todo.append(job)
 
     def run(self) -> None:
-        """Until every submitted task and enqueued chunk is done."""
-        self._track_actors(self.pool.starting)
-        self._submit_more()
-        for future in self._pending:
-            self._handlers.pop(future.key)(future)
-            del future
-            self._track_actors(self.pool.refresh())
+        """Until every submitted task and enqueued chunk is done.
+
+        Interrupted (Ctrl-C, a notebook's interrupt), it lets go of every task and scorer
+        before the exception leaves: the traceback a notebook keeps holds this pipeline, and
+        with it decoded audio and the scorers' models on the cluster.
+        """
+        future: Future | None = None
+        try:
+            self._track_actors(self.pool.starting)
             self._submit_more()
-            if self.pool.deferred and self.pool.scorers and self._a_group_waits():
-                # The first scorer is up and a whole score task still waits: the others pay off.
-                self._track_actors(self.pool.start_deferred())
+            for future in self._pending:
+                self._handlers.pop(future.key)(future)
+                del future
+                self._track_actors(self.pool.refresh())
+                self._submit_more()
+                if self.pool.deferred and self.pool.scorers and self._a_group_waits():
+                    # The first scorer is up and a whole score task waits: the others pay off.
+                    self._track_actors(self.pool.start_deferred())
+        except BaseException as error:
+            # This frame, and the finished ones it called, stay in the traceback (a notebook
+            # keeps the last one): without their futures.
+            future = None  # noqa: F841 (a local the traceback holds, not one to use)
+            traceback.clear_frames(error.__traceback__)
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        futures = [*self._pending.futures, *(future for _, future in self._decoded)]
+        self._pending.clear()
+        self._decoded.clear()
+        self._handlers.clear()
+        self.pool.release()
+        try:
+            self.client.cancel(futures)
+        except Exception as error:  # a client already closing: its futures go with it
+            logger.debug("could not cancel the run's tasks: %s", error)
 
     # -- tracking ----------------------------------------------------------------------------
     def _track(self, future: Future, then: Callable[[Future], None]) -> None:

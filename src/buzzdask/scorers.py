@@ -234,6 +234,13 @@ class ScorerPool:
             score_slots=settings.score_tasks_per_actor,
         )
 
+    def release(self) -> None:
+        """Let go of every actor (an interrupted run): each leaves its worker with its model."""
+        self.scorers.clear()
+        self.starting.clear()
+        self._actor_futures.clear()
+        self.deferred.clear()
+
     # -- start -------------------------------------------------------------------------------
     def start(self, *, on_ready: Callable[[], None] | None = None) -> dict[str, Future]:
         """Submit one actor per GPU worker, else one now and the other CPU workers' later.

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 from tornado import web
 
 from buzzdask.dashboard import local_dashboard_lines
-from buzzdask.logs import check_main_guard, quiet_environment
+from buzzdask.logs import STARTED_CLUSTERS, check_main_guard, quiet_environment
 from buzzdask.preload import MODULE as SCORER_PRELOAD_MODULE
 from buzzdask.settings import LocalClusterSettings
 
@@ -126,6 +126,7 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
             scheduler_kwargs={"dashboard": False},
             preload=[SCORER_PRELOAD_MODULE] if processes and all_score else [],
         )
+    STARTED_CLUSTERS.add(cluster)
     if settings.dashboard_address is not None:
         _DashboardPages(cluster).build_on_first_visit()
     return cluster
