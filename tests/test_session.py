@@ -262,3 +262,30 @@ def test_a_users_own_cluster_is_left_as_it_was(tiny_model, tiny_embedder, tmp_pa
     assert done.stdout.splitlines() == ["finished True", "interrupted", "held []"], done.stderr
     assert "WORKER AFTER THE RUN" in done.stderr
     assert "WORKER AFTER THE RUN" not in (tmp_path / "out" / "a" / "buzzdask.log").read_text()
+
+
+_LOGGING_CONFIGURED = """
+import logging, sys
+import buzzdask
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    audio, model, embedder, out = sys.argv[1:5]
+    buzzdask.analyze(audio, model, output=out, embedder=embedder, progress=False)
+"""
+
+
+def test_a_notebooks_own_logging_gets_each_line_once(tiny_model, tiny_embedder, tmp_path) -> None:
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "empty.wav").write_bytes(b"")
+    write_audio(tmp_path / "audio", "a.wav", n_samples=2 * 15360)
+    script = tmp_path / "configured.py"
+    script.write_text(_LOGGING_CONFIGURED)
+    done = subprocess.run(
+        [sys.executable, script, tmp_path / "audio", tiny_model, tiny_embedder, tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("empty.wav: empty file") == 1, done.stderr
