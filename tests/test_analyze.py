@@ -327,6 +327,8 @@ def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):
         run(None)
     with pytest.raises(InputError, match=r"must be paths \(str or pathlib.Path\), not 3"):
         run([tmp_path / "audio", 3])
+    with pytest.raises(InputError, match="an input path is empty"):
+        run("")  # os.environ.get("AUDIO", ""): not the current directory
     with pytest.raises(ModelError, match="not found"):
         run(tmp_path / "audio", model=tmp_path / "no_model")
     with pytest.raises(ParameterError, match="unknown class"):

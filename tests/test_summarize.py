@@ -123,6 +123,9 @@ def test_bins_match_plain_pandas(lab_run, tmp_path, by):
     assert_bins(table, expected_bins(frames, width="1min", by=by, thresholds=thresholds))
     assert table["frames"].sum() == len(frames)
     assert table.attrs["untimed_files"] == ["siteB/notime.wav"]
+    if by is None:  # "all", as the command line spells it, is the same
+        everything = summarize(output, bin="1min", by="all", thresholds=thresholds, write=False)
+        pd.testing.assert_frame_equal(everything, table)
 
 
 def test_bins_semantics(lab_run, tmp_path):

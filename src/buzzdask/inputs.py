@@ -184,7 +184,8 @@ def scan(
     Raises
     ------
     InputError
-        If an input path does not exist, nothing is given, or an input is not a path.
+        If an input path does not exist or is empty, nothing is given, or an input is not a
+        path.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -194,6 +195,9 @@ def scan(
     wrong = [p for p in paths if not isinstance(p, (str, os.PathLike))]
     if wrong:
         raise InputError(f"inputs must be paths (str or pathlib.Path), not {wrong[0]!r}")
+    if any(not os.fspath(p).strip() for p in paths):
+        # os.environ.get("AUDIO", "") unset: the current directory, walked whole, is no input.
+        raise InputError("an input path is empty; name the recordings' folder ('.' for here)")
     absolute = [str(user_path(p)) for p in paths]
     if not absolute:
         raise InputError("no input paths given")

@@ -141,14 +141,14 @@ def _width_label(width: pd.Timedelta) -> str:
 
 
 def _levels(by: By) -> tuple[tuple[str, ...], tuple[int, ...], bool]:
-    if by is None:
+    if by is None or by == "all":  # "all", as the command line spells it
         return (), (), False
     if isinstance(by, str):
         if by == "file":
             return ("file",), (), True
         raise ParameterError(
             f"by={by!r} must be 'file', a folder level (1 = the top folder), a list of levels, "
-            "or None"
+            "or 'all' (None)"
         )
     levels = (by,) if isinstance(by, (int, np.integer)) else tuple(by)
     if not levels or not all(
@@ -218,9 +218,10 @@ def summarize(
         An analysis output (finished or partial).
     bin : str or timedelta, default: "5min"
         Bin width (``"5min"``, ``"1h"``...).
-    by : int, sequence of int, "file" or None, default: "file"
+    by : int, sequence of int, "file", "all" or None, default: "file"
         Groups: folder level(s) of the relative path (``1`` = top folder, e.g. the site),
-        each recording alone, or everything together (untimed files then share offset bins).
+        each recording alone, or everything together (``"all"`` or None; untimed files then
+        share offset bins).
     precision : float in (0, 1), optional
         Thresholds from the model's test metrics (:func:`buzzdask.thresholds.choose_thresholds`).
     thresholds : mapping of class -> float, optional
