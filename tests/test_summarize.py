@@ -327,6 +327,7 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
     assert table["frames"].sum() == len(frames)
     assert [m for m in caplog.messages if "not finished" in m] == [
         f"{partial}: the run has not finished (it is running, or was stopped: analyze with "
-        f"--resume finishes it); {doing} the frames written so far"
+        f"--resume, on_conflict='resume' in Python, finishes it); {doing} the frames written "
+        "so far"
         for doing in ("summarizing", "exporting")
     ]

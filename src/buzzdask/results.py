@@ -87,7 +87,8 @@ class Run:
         if not self.complete:
             logger.warning(
                 "%s: the run has not finished (it is running, or was stopped: analyze with "
-                "--resume finishes it); %s the frames written so far",
+                "--resume, on_conflict='resume' in Python, finishes it); %s the frames written "
+                "so far",
                 self.output,
                 doing,
             )
