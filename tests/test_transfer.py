@@ -19,7 +19,7 @@ from buzzdask import DecodeError, ParameterError, probe_audio
 from buzzdask.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from buzzdask.decode import decode_chunk, plan_chunks
 from buzzdask.inputs import discover
-from buzzdask.rclone import INCOMING, MANIFEST, TransferError, transfer, upload
+from buzzdask.rclone import FAILED_MARKER, INCOMING, MANIFEST, TransferError, transfer, upload
 from buzzdask.settings import load_settings
 from buzzdask.staging import decode_chunk_staged, staged
 from tests.conftest import (
@@ -125,7 +125,10 @@ def test_remote_problems_are_named(rclone_remote, tmp_path, source, reason, mess
     with pytest.raises(TransferError, match=said) as caught:
         transfer(source, tmp_path / "dest", rclone_flags=rclone_remote.flags)
     assert caught.value.reason == reason
-    assert not any((tmp_path / "dest").rglob("*.*"))
+    # Nothing copied; what stopped it is said to a watch of the destination.
+    written = list((tmp_path / "dest").rglob("*"))
+    assert [path.name for path in written] == [FAILED_MARKER]
+    assert f"{reason}; {message}" in json.loads(written[0].read_text())["stopped"]
 
 
 def test_bad_options_and_missing_rclone(tmp_path):
@@ -190,6 +193,9 @@ def test_interrupted_transfer_says_how_to_finish(rclone_remote, make_audio, tmp_
     assert "interrupted; the files copied so far are kept: the same command again" in stderr
     assert "--resume" not in stderr
     assert not discover(dest, extensions=EXTENSIONS)[1]
+    # A watch of the destination ends there, not after its idle timeout.
+    assert json.loads((dest / FAILED_MARKER).read_text())["stopped"] == "interrupted"
+    assert not (dest / ".transfer-complete").exists()
 
 
 def test_upload_sends_results_back(rclone_remote, tmp_path):

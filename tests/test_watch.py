@@ -14,7 +14,7 @@ import pytest
 import buzzdask
 from buzzdask import InputError, ModelError, OutputConflictError, watch
 from buzzdask.cli import EXIT_OK, EXIT_USAGE
-from buzzdask.rclone import transfer
+from buzzdask.rclone import FAILED_MARKER, transfer
 from tests.conftest import BUZZDASK, assert_same_frames, requires_ffmpeg, requires_rclone
 
 pytestmark = [requires_ffmpeg, requires_rclone]
@@ -191,6 +191,28 @@ def test_marker_left_by_an_earlier_transfer(
     out = capsys.readouterr().out
     assert f"buzzdask: {marker} is there already (written " in out
     assert f"buzzdask: the watch ended: {marker} says the transfer is complete" in out
+
+
+def test_a_transfer_that_stopped_short_ends_the_watch(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys
+):
+    """What arrived is analysed, and the watch ends: not after its idle timeout (an hour)."""
+    make_audio("a.wav", n_samples=2 * FRAME)
+    failed = tmp_path / "audio" / FAILED_MARKER
+    failed.write_text(json.dumps({"stopped": "cannot copy from teams:R: remote unreachable"}))
+    watched = watch(
+        tmp_path / "audio",
+        tiny_model,
+        output=tmp_path / "out",
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        poll_seconds=0.1,
+        idle_timeout_s=3600,
+    )
+    assert watched.summary["watch"]["stopped"] == "transfer failed"
+    assert len(watched.to_pandas()) == 2
+    said = capsys.readouterr().out
+    assert f"the watch ended: {failed} says the transfer stopped short (cannot copy " in said
 
 
 def test_what_the_first_pass_would_refuse_is_refused_before_the_watch(

@@ -31,6 +31,7 @@ from buzzdask.settings import TransferSettings, load_settings
 from buzzdask.write import utc_now
 
 __all__ = [
+    "FAILED_MARKER",
     "INCOMING",
     "MANIFEST",
     "TransferError",
@@ -41,6 +42,9 @@ __all__ = [
 
 INCOMING = ".buzzdask-incoming"
 MANIFEST = ".buzzdask-transfer.jsonl"
+#: Written where a transfer stopped short (an error, Ctrl-C): a watch ends at it, as at the
+#: transfer-complete marker, instead of waiting out its idle timeout.
+FAILED_MARKER = ".transfer-failed"
 
 # What rclone prints, in words a user can act on (first match wins).
 _DIAGNOSES = (
@@ -149,7 +153,8 @@ def transfer(
         The remote is not configured, refuses the credentials, cannot be reached or lacks the
         path; rclone fails; or a copied file is not the size the remote listed. Files of the
         failed batch stay hidden in ``DEST/.buzzdask-incoming/``, and running the transfer again
-        copies only what is missing.
+        copies only what is missing. A transfer that stops short (this, or Ctrl-C) writes
+        ``DEST/.transfer-failed`` (:data:`FAILED_MARKER`): a watch ends there.
     ParameterError
         If ``batch_size`` is not a positive integer.
     """
@@ -169,11 +174,37 @@ def transfer(
     target = user_path(destination)
     target.mkdir(parents=True, exist_ok=True)
     marker = target / settings.watch.marker
-    marker.unlink(missing_ok=True)  # a new transfer: analyses watching must wait for its end
+    # A new transfer: analyses watching must wait for its end.
+    marker.unlink(missing_ok=True)
+    (target / FAILED_MARKER).unlink(missing_ok=True)
     result = TransferResult(
         source=source, destination=os.fspath(target), manifest=target / MANIFEST, marker=marker
     )
+    try:
+        _copy_all(runner, source, target, result, suffixes=suffixes, batch_size=size)
+    except BaseException as error:
+        stopped = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+        _write_marker(target / FAILED_MARKER, source=source, stopped=stopped)
+        raise
+    shutil.rmtree(target / INCOMING, ignore_errors=True)
+    _write_marker(marker, source=source, files=len(result.files) + len(result.skipped))
+    return result
 
+
+def _write_marker(path: Path, **facts: Any) -> None:
+    path.write_text(json.dumps({**facts, "finished": utc_now()}) + "\n", encoding="utf-8")
+
+
+def _copy_all(
+    runner: _Rclone,
+    source: str,
+    target: Path,
+    result: TransferResult,
+    *,
+    suffixes: set[str],
+    batch_size: int,
+) -> None:
+    """List ``source``, then copy its audio files missing at ``target`` in batches."""
     wanted: list[tuple[str, int]] = []
     for entry in sorted(runner.list_files(source), key=lambda entry: str(entry["Path"])):
         relative = _safe_relative(entry["Path"])
@@ -187,7 +218,7 @@ def transfer(
             result.skipped.append(relative)
         else:
             wanted.append((relative, int(entry["Size"])))
-    batches = [wanted[i : i + size] for i in range(0, len(wanted), size)]
+    batches = [wanted[i : i + batch_size] for i in range(0, len(wanted), batch_size)]
     for number, batch in enumerate(batches, start=1):
         arrived = _copy_batch(runner, source, batch, target=target, number=number)
         _append_lines(target / MANIFEST, arrived)
@@ -200,19 +231,6 @@ def transfer(
             len(batches),
             format_count(len(batch), "file"),
         )
-    shutil.rmtree(target / INCOMING, ignore_errors=True)
-    marker.write_text(
-        json.dumps(
-            {
-                "source": source,
-                "files": len(result.files) + len(result.skipped),
-                "finished": utc_now(),
-            }
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    return result
 
 
 def upload(

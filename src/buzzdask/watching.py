@@ -10,12 +10,14 @@ whole, so every pass computes the same root and the same relative names.
 A file counts as complete when it is unchanged between two looks, or once the transfer-complete
 marker is there. Files that :func:`buzzdask.rclone.transfer` is still copying are hidden
 (``.buzzdask-incoming/``), and newer rclone versions write ``*.partial`` names; an analysis skips
-both. The watch ends at the marker (written by the transfer after its last file) or after
+both. The watch ends at the marker (written by the transfer after its last file), at the one a
+transfer that stopped short writes (:data:`buzzdask.rclone.FAILED_MARKER`), or after
 ``idle_timeout_s`` without new files.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -32,6 +34,7 @@ from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
 from buzzdask.progress import logger
+from buzzdask.rclone import FAILED_MARKER
 from buzzdask.session import connect
 from buzzdask.settings import load_settings
 from buzzdask.write import (
@@ -93,9 +96,8 @@ def watch(
         worked on it, for files still there. ``summary`` has what the watch added to the output
         (``frames``, ``audio_hours``: a file analysed while it grew counts once), the chunks the
         passes wrote (``chunks_written``), ``wall_seconds`` from the start of the watch, and a
-        ``watch`` entry:
-        ``stopped`` (``"marker"`` or ``"idle timeout"``) and ``passes`` (per pass: ``files``,
-        ``chunks_written``, ``wall_seconds``).
+        ``watch`` entry: ``stopped`` (``"marker"``, ``"transfer failed"`` or ``"idle
+        timeout"``) and ``passes`` (per pass: ``files``, ``chunks_written``, ``wall_seconds``).
 
     Raises
     ------
@@ -148,7 +150,8 @@ def watch(
         analysed: _Snapshot | None = None
         last_change = time.monotonic()
         while True:
-            finished = marker_path.exists()  # before the listing: the marker comes last
+            # Before the listing: the markers come last.
+            finished, failed = marker_path.exists(), (root / FAILED_MARKER).exists()
             snapshot = _snapshot(root, extensions)
             if snapshot != previous:
                 last_change = time.monotonic()
@@ -156,6 +159,8 @@ def watch(
             stopped = (
                 "marker"
                 if finished
+                else "transfer failed"
+                if failed
                 else "idle timeout"
                 if time.monotonic() - last_change >= idle
                 else None
@@ -171,7 +176,8 @@ def watch(
                 passes.run(snapshot)
                 analysed = snapshot
                 last_change = time.monotonic()  # busy analysing is not idle
-                if stopped == "marker" and not marker_path.exists():
+                ended_by = {"marker": marker_path, "transfer failed": root / FAILED_MARKER}
+                if stopped in ended_by and not ended_by[stopped].exists():
                     stopped = None  # a transfer began during the pass: its marker is gone
                 if not stopped:
                     continue  # look again at once: files may have arrived during the pass
@@ -181,14 +187,25 @@ def watch(
     if not passes.results:
         raise InputError(f"{root} did not appear before the watch ended ({stopped})")
     if analyze_options.get("progress", True):
-        print(f"buzzdask: the watch ended: {_ENDED[stopped].format(marker=marker_path)}")
+        print(f"buzzdask: the watch ended: {_ended(stopped, root=root, marker=marker_path)}")
     return passes.combine(stopped=stopped, wall=time.monotonic() - started)
 
 
-_ENDED = {
-    "marker": "{marker} says the transfer is complete",
-    "idle timeout": "no new or changed file within the idle timeout",
-}
+def _ended(stopped: str, *, root: Path, marker: Path) -> str:
+    """Why the watch ended, in words."""
+    if stopped == "marker":
+        return f"{marker} says the transfer is complete"
+    if stopped == "transfer failed":
+        failed = root / FAILED_MARKER
+        try:
+            why = json.loads(failed.read_text(encoding="utf-8")).get("stopped", "")
+        except (OSError, ValueError):
+            why = ""
+        return (
+            f"{failed} says the transfer stopped short{f' ({why})' if why else ''}: what "
+            "arrived is analysed; run the transfer again, and the watch with --resume"
+        )
+    return "no new or changed file within the idle timeout"
 
 
 def _check_first_pass(
