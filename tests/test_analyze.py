@@ -302,6 +302,41 @@ def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
     assert_same_frames(resumed.to_pandas(), complete.to_pandas())
 
 
+def test_an_ffmpeg_stopped_mid_decode_is_decoded_again(run, make_audio, tmp_path, caplog):
+    """A job's end or a Ctrl-C that reaches only the workers stops a decoding ffmpeg (it exits
+    255 and says nothing): not the file's fault, so the chunk is decoded again, not failed."""
+    import dask
+
+    from buzzdask.ffmpeg_tools import find_ffmpeg
+
+    make_audio("a.mp3", n_samples=6 * FRAME)
+    make_audio("b.mp3", n_samples=4 * FRAME, seed=1)
+    complete = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "complete")
+    tools = find_ffmpeg()
+    stopped = tmp_path / "stopped"
+    wrapper = tmp_path / "ffmpeg"
+    # The real ffmpeg; its first decode (-i), read at the audio's pace, gets a SIGTERM.
+    wrapper.write_text(
+        f'#!/bin/sh\ncase " $* " in *" -i "*) ;; *) exec {tools.ffmpeg} "$@" ;; esac\n'
+        f"if mkdir {stopped} 2>/dev/null; then\n"
+        f'  {tools.ffmpeg} -re "$@" & pid=$!\n  sleep 0.5\n  kill -TERM $pid\n'
+        "  wait $pid\n  exit $?\nfi\n"
+        f'exec {tools.ffmpeg} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    with (
+        dask.config.set({"buzzdask.ffmpeg": str(wrapper), "buzzdask.ffprobe": tools.ffprobe}),
+        caplog.at_level(logging.WARNING, logger="buzzdask"),
+    ):
+        result = run(tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "out")
+    assert stopped.exists()
+    assert result.ok, result.errors
+    assert "ffmpeg was stopped by SIGINT or SIGTERM (Ctrl-C, a job's end); decoding it again" in (
+        caplog.text
+    )
+    assert_same_frames(result.to_pandas(), complete.to_pandas())
+
+
 def test_paths_from_a_notebook_expand_home_as_pandas_does(run, make_audio, tmp_path, monkeypatch):
     """``"~/..."`` is the user's home (a folder named ``~`` before), and ``..`` is taken off."""
     monkeypatch.setenv("HOME", str(tmp_path))

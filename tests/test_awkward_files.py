@@ -341,6 +341,30 @@ def test_decoded_copy_failure_is_reported_by_every_waiting_chunk(tmp_path: Path)
     assert list((tmp_path / "buzzdask-pcm").iterdir()) == []
 
 
+def test_a_decoded_copy_whose_ffmpeg_was_stopped_is_made_again(tmp_path: Path) -> None:
+    """A stopped ffmpeg (a job's end) is not the file's fault: the next chunk tries again."""
+    from buzzdask import pcm_cache
+    from buzzdask.errors import DecoderStopped
+
+    def stopped(target: str) -> str:
+        raise DecoderStopped("x.m4a", "ffmpeg was stopped by SIGINT or SIGTERM")
+
+    def decodes(target: str) -> str:
+        np.arange(10, dtype=np.float32).tofile(target)
+        return ""
+
+    with pytest.raises(DecoderStopped):
+        pcm_cache.read_span(
+            "k", directory=str(tmp_path), start=0, stop=10, make=stopped, size_hint=None
+        )
+    answer = pcm_cache.read_span(
+        "k", directory=str(tmp_path), start=0, stop=10, make=decodes, size_hint=None
+    )
+    assert answer is not None
+    np.testing.assert_array_equal(answer[0], np.arange(10, dtype=np.float32))
+    assert pcm_cache.remove("k", directory=str(tmp_path))
+
+
 # -- containers that declare their length -------------------------------------------------------
 def test_flac_and_m4a_cut_short_say_so(run, make_audio, tmp_path: Path) -> None:
     """A FLAC's STREAMINFO and an MP4's moov declare the length: a copy cut short decodes what

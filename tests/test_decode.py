@@ -213,6 +213,30 @@ def test_an_ffmpeg_killed_mid_decode_says_by_what(make_audio, tmp_path: Path) ->
     assert raised.value.reason == "ffmpeg was killed by SIGKILL (out of memory?)"
 
 
+@pytest.mark.parametrize("signal_name", ["INT", "TERM"])
+def test_an_ffmpeg_stopped_by_a_signal_is_not_the_files_fault(
+    make_audio, tmp_path: Path, signal_name: str
+) -> None:
+    """ffmpeg catches SIGINT and SIGTERM (a job's end) and exits 255 without a word about it."""
+    path = make_audio("a.mp3", n_samples=16000 * 3)
+    info = probe_audio(path)
+    stopped = tmp_path / "ffmpeg"
+    # The real ffmpeg, reading at the audio's own pace (-re) so that it is still decoding.
+    stopped.write_text(
+        f'#!/bin/sh\nffmpeg -re "$@" & pid=$!\nsleep 0.5\nkill -{signal_name} $pid\n'
+        "wait $pid\nexit $?\n"
+    )
+    stopped.chmod(0o755)
+    with pytest.raises(DecodeError) as raised:
+        decode_chunk(
+            info,
+            plan_chunks(info, spec(), frames_per_chunk=3)[0],
+            spec=spec(),
+            ffmpeg_cmd=str(stopped),
+        )
+    assert raised.value.reason == "ffmpeg was stopped by SIGINT or SIGTERM (Ctrl-C, a job's end)"
+
+
 def _generated_wav(path: Path, *, codec: str, channels: int, rate: int, n_samples: int) -> Path:
     subprocess.run(
         [

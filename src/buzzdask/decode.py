@@ -51,7 +51,7 @@ import soxr
 
 from buzzdask import pcm_cache
 from buzzdask.buffers import ReusedArrays, aligned_empty
-from buzzdask.errors import DecodeError
+from buzzdask.errors import DecodeError, DecoderStopped
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
 from buzzdask.mp3 import Mp3Header, read_mp3_header
@@ -261,6 +261,11 @@ def readable_stat(path: str) -> os.stat_result:
     return stat
 
 
+#: ffmpeg's exit status when it stops on SIGINT or SIGTERM (it catches both, and says nothing
+#: of it at ``-loglevel error``).
+_FFMPEG_SIGNALLED = 255
+
+
 def _decode_failure(path: str, messages: str, returncode: int) -> DecodeError:
     """The error for a failed ffmpeg: the file's own problem where it has one now.
 
@@ -276,7 +281,11 @@ def _decode_failure(path: str, messages: str, returncode: int) -> DecodeError:
     if returncode < 0:
         name = _signal_name(-returncode)
         cause = " (out of memory?)" if -returncode == signal.SIGKILL else ""
-        return DecodeError(path, f"ffmpeg was killed by {name}{cause}", messages)
+        return DecoderStopped(path, f"ffmpeg was killed by {name}{cause}", messages)
+    if returncode == _FFMPEG_SIGNALLED and not messages:
+        # What a job's end (SIGTERM to every process of a SLURM job) or a Ctrl-C that reached
+        # the workers leaves, though the file itself decodes.
+        return DecoderStopped(path, "ffmpeg was stopped by SIGINT or SIGTERM (Ctrl-C, a job's end)")
     return DecodeError(path, "ffmpeg failed to decode", messages)
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "BuzzdaskWarning",
     "ClusterError",
     "DecodeError",
+    "DecoderStopped",
     "InputError",
     "ModelError",
     "OutputConflictError",
@@ -98,6 +99,15 @@ class DecodeError(BuzzdaskError, RuntimeError):
     def __reduce__(self) -> tuple[type[DecodeError], tuple[str, str, str]]:
         # Sent between Dask workers and the client: keep the fields, not just the message.
         return (type(self), (self.path, self.reason, self.stderr))
+
+
+class DecoderStopped(DecodeError):
+    """ffmpeg was stopped by a signal while it decoded: not the file's fault.
+
+    A job's end (SLURM signals every process of the job), a Ctrl-C that reached the workers,
+    the out-of-memory killer. The run decodes the chunk again, elsewhere if its worker is
+    going, up to ``buzzdask.score-attempts`` times.
+    """
 
 
 class BuzzdaskWarning(RuntimeWarning):

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from buzzdask.errors import DecodeError
+from buzzdask.errors import DecodeError, DecoderStopped
 
 __all__ = ["copy_directory", "read_span", "remove"]
 
@@ -166,7 +166,8 @@ def _make(stem: str, make: Callable[[str], str]) -> str:
     try:
         messages = make(stem + ".partial")
     except DecodeError as error:
-        _write_failure(stem, error)
+        if not isinstance(error, DecoderStopped):  # not the file's: the next try makes it
+            _write_failure(stem, error)
         with contextlib.suppress(FileNotFoundError):
             os.remove(stem + ".partial")
         raise

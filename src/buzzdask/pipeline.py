@@ -35,7 +35,7 @@ from buzzdask.decode import (
     release_decoded_copy,
     seeks_exactly,
 )
-from buzzdask.errors import DecodeError, as_task_answer, without_chain
+from buzzdask.errors import DecodeError, DecoderStopped, as_task_answer, without_chain
 from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
@@ -82,7 +82,7 @@ class ChunkJob:
     owner : object
         The caller's record of the file (given back in ``on_result`` and ``on_failure``).
     attempts : int
-        Score tasks of this chunk whose scorer was lost.
+        Tries of this chunk that a lost scorer or a stopped ffmpeg ended.
     scorer : str or None
         The address of the scorer that scored it (set before ``on_result``).
     stored : StoredRef or None
@@ -435,7 +435,8 @@ class ChunkPipeline:
     tasks_per_scorer : int > 0
         Score tasks queued per actor, so transfers overlap scoring.
     score_attempts : int > 0
-        Scorers a chunk may lose before it is reported failed.
+        Scorers a chunk may lose, or ffmpegs stopped by a signal as they decode it, before it
+        is reported failed.
     on_result : callable
         ``on_result(job, result)`` for each scored chunk, ``result`` one item of ``score``'s list.
         It may return more chunks of the file to decode (its audio went on past the estimate).
@@ -810,6 +811,12 @@ class ChunkPipeline:
             job.stored = None
             self._todo.appendleft(job)
             return
+        if isinstance(error, DecoderStopped):
+            job.attempts += 1
+            if job.attempts < self.score_attempts:
+                logger.warning("%s: %s; decoding it again", job.label, error.reason)
+                self._todo.appendleft(job)
+                return
         # A chunk read back from the embedding store was not decoded: its stage is "load".
         stage = "decode" if job.stored is None else "load"
         self.on_failure(job, error, stage)

@@ -358,7 +358,8 @@ class Settings:
     score_tasks_per_actor : int >= 1 [tasks]
         Score tasks queued per scorer actor, so transfers overlap scoring.
     score_attempts : int >= 1 [attempts]
-        Times a chunk is sent to a scorer whose worker then dies before it is reported failed.
+        Times a chunk is sent to a scorer whose worker then dies (or decoded by an ffmpeg then
+        stopped by a signal) before it is reported failed.
     lock_stale_seconds : float > 0 [s]
         A lock on an output whose holder on another host has not touched it for this long is
         taken over (:mod:`buzzdask.lock`).
