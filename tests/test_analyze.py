@@ -350,6 +350,8 @@ def test_paths_from_a_notebook_expand_home_as_pandas_does(run, make_audio, tmp_p
     written = [Path(path) for path in table.attrs["paths"].values()]
     assert written and all(path.parent == tmp_path / "summaries" for path in written)
     assert not (tmp_path / "~").exists() and not Path("~").exists()
+    assert buzzdask.probe_audio("~/audio/site/a.wav").duration_s == 2 * FRAME / 16000
+    assert len(buzzdask.decode_file("~/audio/site/a.wav", sample_rate=16000)) == 2 * FRAME
 
 
 def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):

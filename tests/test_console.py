@@ -99,6 +99,7 @@ def test_a_script_without_main_guard_gets_one_line(tmp_path, make_audio, tiny_mo
     fix = [line for line in done.stderr.splitlines() if '__name__ == "__main__"' in line]
     assert len(fix) == 1 and str(script) in fix[0], done.stderr
     assert len(done.stderr.splitlines()) < 30, done.stderr
+    assert not (tmp_path / "out").exists()  # no empty output left behind
 
 
 @requires_ffmpeg

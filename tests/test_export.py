@@ -535,6 +535,11 @@ def test_cli_export(tree_run, tmp_path, capsys):
     assert "no start time for 1 recording(s), time left blank: mustard/am1/notes.wav" in (
         capsys.readouterr().err
     )
+    # Bad values are named by their flags, as the command line spells them.
+    for flag, value in (("--time-format", "230809"), ("--tz", "Mars/Olympus")):
+        command = ["export", str(tree_run.output), "--format", "csv", flag, value]
+        assert main([*command, "--dest", str(tmp_path / "bad")]) == EXIT_ERROR
+        assert capsys.readouterr().err.startswith(f"buzzdask: error: {flag} '{value}' ")
     with pytest.raises(SystemExit):
         main(
             [

@@ -782,6 +782,27 @@ def test_cli_two_models_keep_embeddings_then_rescore(
     assert_same_output(tmp_path / "re", corpus.fresh.output)
 
 
+def test_cli_rescore_prints_no_chunk_lines_without_v(corpus, new_head, tmp_path):
+    """Its workers are threads of the command's process, where loading a SavedModel head without
+    a fingerprint (one saved by a TensorFlow older than 2.12) makes TensorFlow log, through
+    ``logging.basicConfig``: the chunks' INFO lines stay in the run's log all the same."""
+    head = tmp_path / "model_unprinted"
+    shutil.copytree(new_head, head)
+    (head / "fingerprint.pb").unlink()
+    done = subprocess.run(
+        [
+            *(BUZZDASK, "rescore", str(corpus.store), "--model", str(head)),
+            *("--output", str(tmp_path / "re"), "--no-progress"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "scoring " not in done.stderr and "INFO" not in done.stderr, done.stderr
+    assert "buzzdask: scoring " in (tmp_path / "re" / "buzzdask.log").read_text()
+
+
 def test_cli_rescore_with_a_broken_head_says_so_in_one_line(corpus, new_head, tmp_path):
     """Its workers are threads of the command's process (no --scheduler): the scorer's failure is
     the command's one error line, not Dask's task dump and traceback before it."""

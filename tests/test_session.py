@@ -183,6 +183,13 @@ def test_importing_buzzdask_leaves_its_public_names_to_first_use() -> None:
         assert getattr(buzzdask, name) is not None, name
     assert set(buzzdask.__all__) <= set(dir(buzzdask))
     assert buzzdask.analyze is __import__("buzzdask.analysis").analysis.analyze
+    # The modules the README names after `import buzzdask` alone.
+    names = (
+        "import buzzdask; print(buzzdask.settings.load_settings().chunk_seconds, buzzdask.cluster)"
+    )
+    assert in_a_fresh_interpreter(names, timeout=120)[0].startswith(
+        "600.0 <module 'buzzdask.cluster'"
+    )
 
 
 def _exit_with_a_witness(code: str) -> list[str]:

@@ -72,6 +72,9 @@ _LAZY_NAMES: dict[str, str] = {
     "watch": "buzzdask.watching",
 }
 
+#: Modules the README names as ``buzzdask.<module>`` (``buzzdask.settings.load_settings``).
+_SUBMODULES = ("cluster", "settings")
+
 try:
     __version__ = version("buzzdask")
 except PackageNotFoundError:  # running from a source tree without installing
@@ -128,8 +131,8 @@ def __getattr__(name: str) -> object:
     # Each public name's module is imported when the name is first used (PEP 562), and
     # buzzdask.cluster (dask-jobqueue) likewise: `import buzzdask` stays light. A worker process
     # imports only what its tasks use: not the client's planning, exports, plots or training.
-    if name == "cluster":
-        return importlib.import_module("buzzdask.cluster")
+    if name in _SUBMODULES:
+        return importlib.import_module(f"buzzdask.{name}")
     module = _LAZY_NAMES.get(name)
     if module is None:
         raise AttributeError(f"module 'buzzdask' has no attribute {name!r}")
@@ -139,4 +142,4 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES, "cluster"})
+    return sorted({*globals(), *_LAZY_NAMES, *_SUBMODULES})

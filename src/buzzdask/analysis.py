@@ -18,6 +18,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -217,7 +218,8 @@ def analyze(
     memory_budget : int or str, optional
         Most decoded audio in flight, in bytes or as ``"1GiB"``.
     batch_frames : int > 0, optional
-        Most frames per embedder call.
+        Most frames per score task and per embedder call (on a CPU, calls hold at most
+        ``buzzdask.cpu-call-frames``).
     progress : bool, default: True
         Show a progress bar of audio hours.
     verbose : bool, default: False
@@ -233,6 +235,8 @@ def analyze(
     InputError, ModelError, ParameterError, OutputConflictError
         Before any result is written, for a missing input, an unusable model (or models on
         different embedders), a bad option or an output that already holds results.
+    ScorerError
+        When no scorer can start (its model does not load on the workers).
 
     See Also
     --------
@@ -400,12 +404,14 @@ def run_plan(
     output = user_path(output)  # once: the lock, the checks and the layouts take it as it is
     if on_conflict != "new":  # a new run goes elsewhere when another holds the output
         refuse_if_in_use(output, stale_s=settings.lock_stale_seconds)
+    existed = output.exists()
     root, layouts = _prepare_outputs(plan, output, on_conflict, fingerprints)
     if plan.store_in_output:
         store = EmbeddingStore(root / KEPT_EMBEDDINGS, embedder=plan.embedder, spec=plan.spec)
         plan = replace(plan, store=store)
     started = utc_now()
     with (
+        _removed_if_left_empty(root, made=root != output or not existed),
         OutputLock(root, started=started, stale_s=settings.lock_stale_seconds),
         # A re-scoring decodes nothing: its local cluster is threads in this process.
         connect(
@@ -536,6 +542,21 @@ def _named_from(inputs: RunInputs, root: str) -> RunInputs:
         files=named_from(inputs.files, root),
         described={**inputs.described, "root": root},
     )
+
+
+@contextmanager
+def _removed_if_left_empty(root: Path, *, made: bool) -> Iterator[None]:
+    """Remove ``root``, made for this run, if the run left it empty.
+
+    A run that stops before it writes anything (its cluster cannot start: a script without a
+    ``__main__`` guard) then leaves no empty output behind.
+    """
+    try:
+        yield
+    finally:
+        if made:
+            with suppress(OSError):  # not empty: it holds the run's log, or results
+                root.rmdir()
 
 
 def _prepare_outputs(

@@ -132,6 +132,8 @@ _MESSAGE_FLAGS = {
     "audio_dirs": "AUDIO_DIR",
     "ambient_dirs": "--ambient",
     "unlabeled_ambient": "--unlabeled-ambient",
+    "time_format": "--time-format",
+    "tz": "--tz",
 }
 
 
@@ -245,7 +247,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = Fals
         "--memory-budget", metavar="BYTES", help="decoded audio in flight, e.g. 2GiB (default 1GiB)"
     )
     parser.add_argument(
-        "--batch-frames", type=int, metavar="N", help="frames per embedder call (default 512)"
+        "--batch-frames",
+        type=int,
+        metavar="N",
+        help=(
+            "frames per score task and embedder call (default 512; on a CPU, calls of at most"
+            " buzzdask.cpu-call-frames)"
+        ),
     )
     parser.add_argument(
         "--scheduler",

@@ -241,6 +241,12 @@ def run_log(
     if not logger.hasHandlers():
         handlers.append(TqdmHandler(level=_BUZZDASK_LEVEL[int(verbose)]))
         handlers[-1].setFormatter(logging.Formatter("buzzdask: %(message)s"))
+    old_propagate = logger.propagate
+    if not logging.getLogger().handlers:
+        # Not to a root handler that appears during the run: TensorFlow's first log line
+        # (loading a SavedModel in this process, where a re-scoring's workers are threads)
+        # calls logging.basicConfig, which then printed every INFO line as "INFO:buzzdask:...".
+        logger.propagate = False
     old_level = logger.level
     logger.setLevel(min(logging.INFO, old_level or logging.WARNING))
     for added in handlers:
@@ -269,6 +275,7 @@ def run_log(
         for added in handlers:
             logger.removeHandler(added)
         logger.setLevel(old_level)
+        logger.propagate = old_propagate
         handler.close()
 
 
