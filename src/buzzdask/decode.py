@@ -199,7 +199,7 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
     DecodeError
         If the file is empty, unreadable, not audio, or has no audio stream.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))  # "~/..." as pandas and the shell take it
     stat = readable_stat(path)
     header: WavHeader | Mp3Header | None = read_wav_header(path) or read_mp3_header(path)
     if header is not None:  # most field recordings: no process to start
@@ -844,23 +844,38 @@ def _command(
     input_seek: bool = True,
     ffmpeg_cmd: str,
 ) -> list[str]:
-    """The ffmpeg command decoding ``info.path`` with the preprocessing chain to ``target``."""
+    """The ffmpeg command decoding ``info.path`` with the preprocessing chain to ``target``.
+
+    With ``input_seek``, ffmpeg seeks to ``start`` in the input; without, it decodes from the
+    start and keeps the samples from ``start`` on by their count (``atrim``), as a whole-file
+    decode's samples are sliced: not by their timestamps (``-ss`` on the output), which a stream
+    whose timestamps jump (a looped or re-encoded AAC) puts elsewhere, shifting every later
+    chunk.
+    """
     seek: dict[str, str] = {}
-    if start > 0:
-        seek["ss"] = _timestamp(start)
-    if duration is not None:
-        seek["t"] = _timestamp(duration, round_up=True)
+    filters = preprocess_filters(info.channels, sample_rate)
+    if input_seek:
+        if start > 0:
+            seek["ss"] = _timestamp(start)
+        if duration is not None:
+            seek["t"] = _timestamp(duration, round_up=True)
+    else:
+        first = math.ceil(start * sample_rate)
+        trim = [f"start_sample={first}"] if first else []
+        if duration is not None:
+            trim.append(f"end_sample={first + math.ceil(duration * sample_rate)}")
+        if trim:
+            filters += ",atrim=" + ":".join(trim)
     output = (
-        ffmpeg.input(info.path, **(seek if input_seek else {}))
+        ffmpeg.input(info.path, **seek)
         .output(
             target,
             map="0:a:0",
-            af=preprocess_filters(info.channels, sample_rate),
+            af=filters,
             format="f32le",
             acodec="pcm_f32le",
             # Whole 32 KiB writes rather than one per 4 KiB packet: 7x fewer reads and wake-ups.
             flush_packets=0,
-            **({} if input_seek else seek),
         )
         .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-y")
     )
