@@ -869,6 +869,62 @@ def test_odd_rates_and_channel_counts_are_analysed(
     np.testing.assert_allclose(activations(frame), independent, atol=3e-4, rtol=0)
 
 
+def _as_any_user() -> list[str]:
+    """The command prefix under which file modes apply: as root, without the capabilities that
+    let it ignore them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot drop the DAC capabilities")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
+
+
+@pytest.mark.parametrize("case", ["output read-only", "journal read-only", "new beside"])
+def test_an_output_that_cannot_be_written_is_one_line(
+    run, make_audio, tmp_path, tiny_embedder, tiny_model, case
+):
+    """A labmate's results, a read-only mount: one line naming the output and why, not a
+    traceback; and nothing started."""
+    make_audio("a.wav", n_samples=3 * FRAME)
+    output = tmp_path / "shared" / "out"
+    if case == "output read-only":
+        output.mkdir(parents=True)
+        locked = output
+    else:
+        run(tmp_path / "audio", output=output)
+        locked = output / "journal.jsonl" if case == "journal read-only" else output.parent
+    mode = locked.stat().st_mode
+    locked.chmod(0o555 if locked.is_dir() else 0o444)
+    flag = {"journal read-only": "--resume", "new beside": "--new"}.get(case, "--no-progress")
+    command = [
+        *_as_any_user(),
+        *(BUZZDASK, "analyze", str(tmp_path / "audio"), "--output", str(output), flag),
+        *("--model", str(tiny_model), "--embedder", str(tiny_embedder), "--no-progress"),
+    ]
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        locked.chmod(mode)  # so pytest can clean up
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "error:" in line]
+    if case == "new beside":
+        assert line.startswith(f"buzzdask: error: cannot create output {output}-"), line
+        assert line.endswith("(Permission denied); choose another --output"), line
+    else:
+        problem = (
+            "journal.jsonl: Permission denied"
+            if case != "output read-only"
+            else ("Permission denied")
+        )
+        assert line == (
+            f"buzzdask: error: cannot write in output {output} ({problem}); give yourself "
+            "write access to it or choose another --output"
+        )
+
+
 def test_unreadable_file_and_folder_are_reported(make_audio, tmp_path, tiny_embedder, tiny_model):
     """Permissions: a file and a folder the user may not read are reported, the rest finish.
 
@@ -879,14 +935,8 @@ def test_unreadable_file_and_folder_are_reported(make_audio, tmp_path, tiny_embe
     make_audio("locked.wav", n_samples=3 * FRAME, seed=1).chmod(0)
     make_audio("closed/inner.wav", n_samples=3 * FRAME, seed=2)
     (tmp_path / "audio" / "closed").chmod(0)
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot drop the DAC capabilities")
-        drop = "-dac_override,-dac_read_search"
-        prefix = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
     command = [
-        *prefix,
+        *_as_any_user(),
         *(BUZZDASK, "analyze", str(tmp_path / "audio")),
         *("--model", str(tiny_model), "--embedder", str(tiny_embedder)),
         *("--output", str(tmp_path / "out"), "--no-progress"),

@@ -395,6 +395,37 @@ def test_a_decoded_copy_whose_ffmpeg_was_stopped_is_made_again(tmp_path: Path) -
     assert pcm_cache.remove("k", directory=str(tmp_path))
 
 
+@pytest.mark.parametrize("channels", [1, 4])  # read in process; decoded by ffmpeg
+def test_nan_or_infinite_samples_fail_their_chunk(run, tmp_path: Path, channels: int) -> None:
+    """Float audio holding a NaN (or an infinity) is not scored as if it held sound: its chunk
+    is reported, saying where, and the file's other chunks are scored."""
+    rate, n = 16000, 8 * 15360
+    samples = np.repeat(field_like(n, rate)[:, :1], channels, axis=1).astype("<f4")
+    samples[3 * rate, 0] = np.nan  # at 3 s: the second chunk of two frames
+    samples[int(6.0 * rate) :, :] = np.inf  # the fourth chunk on
+    raw = tmp_path / "samples.f32"
+    samples.tofile(raw)
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    subprocess.run(
+        [
+            *("ffmpeg", "-v", "error", "-f", "f32le", "-ar", str(rate), "-ac", str(channels)),
+            *("-i", str(raw), "-c:a", "pcm_f32le", str(audio / "float.wav")),
+        ],
+        check=True,
+    )
+    result = run(audio, chunk_seconds=2 * HOP_S)
+    errors = result.errors.set_index("chunk")
+    assert sorted(errors.index) == [1, 3], errors
+    assert errors.loc[1, "reason"].startswith("NaN or infinite samples from 3.00 s on")
+    assert errors.loc[3, "reason"].startswith("NaN or infinite samples from 6.00 s on")
+    assert errors.loc[1, "reason"].endswith(
+        " s on (damaged float audio, or a sample format ffmpeg misreads): not scored"
+    )
+    starts = result.to_pandas()["start"].to_numpy()
+    np.testing.assert_allclose(starts, np.array([0, 1, 4, 5]) * HOP_S)
+
+
 # -- containers that declare their length -------------------------------------------------------
 def test_flac_and_m4a_cut_short_say_so(run, make_audio, tmp_path: Path) -> None:
     """A FLAC's STREAMINFO and an MP4's moov declare the length: a copy cut short decodes what

@@ -609,7 +609,8 @@ def decode_chunk(
             size_hint=None if info.duration_s is None else 4 * math.ceil(info.duration_s * rate),
         )
         if copied is not None:
-            return _chunk_of(copied[0], chunk, spec=spec, stop=stop, messages=copied[1])
+            from_copy = _chunk_of(copied[0], chunk, spec=spec, stop=stop, messages=copied[1])
+            return _finite(info, from_copy, spec=spec)
     margin = round(margin_s * rate)
     input_seek = header is not None or seeks_exactly(info.codec, seekable_codecs)
     # Start on an instant that is a whole number of input samples, output samples and
@@ -638,7 +639,36 @@ def decode_chunk(
             empty=_DECODED.empty,
         )
     samples = decoded[first_sample - start : None if stop is None else stop - start]
-    return _chunk_of(samples, chunk, spec=spec, stop=stop, messages=messages)
+    result = _chunk_of(samples, chunk, spec=spec, stop=stop, messages=messages)
+    if header is not None and _INTEGER_PCM.match(info.codec):
+        return result  # integer samples, read here, resample to finite ones only
+    return _finite(info, result, spec=spec)
+
+
+#: Codecs of integer samples (``pcm_s16le``, ``pcm_u8``...), as probed.
+_INTEGER_PCM = re.compile(r"pcm_[su]\d")
+
+
+def _finite(info: AudioInfo, decoded: DecodedChunk, *, spec: FrameSpec) -> DecodedChunk:
+    """``decoded``, if its samples are all finite; else the :class:`DecodeError` saying where.
+
+    A NaN or an infinity (damaged float audio, or a sample format ffmpeg reads as another:
+    a WAVE_FORMAT_EXTENSIBLE header of 24 valid bits in 32) reaches YAMNet's log-mel front end
+    as a constant: the frame would be scored as if it held audio.
+    """
+    samples = decoded.samples
+    # One pass, vectorised: a sum is finite where every sample is (but for sums past 3e38).
+    if math.isfinite(np.add.reduce(samples)):
+        return decoded
+    bad = np.flatnonzero(~np.isfinite(samples))
+    if not bad.size:
+        return decoded
+    first = decoded.first_frame * spec.hop_length + int(bad[0])
+    raise DecodeError(
+        info.path,
+        f"NaN or infinite samples from {first / spec.sample_rate:.2f} s on (damaged float audio, "
+        "or a sample format ffmpeg misreads): not scored",
+    )
 
 
 def _in_process_header(info: AudioInfo) -> WavHeader | None:

@@ -441,7 +441,8 @@ class FileLedger:
         relative = state.input.relative
         reason = (
             f"decoded short: its header declares {info.duration_s or 0.0:.1f} s, decoding gave "
-            f"{self._seconds(state.frames):.1f} s (cut short or damaged; analysed what it holds)"
+            f"{state.frames} frames ({self._seconds(state.frames):.1f} s; cut short or damaged; "
+            "analysed what it holds)"
         )
         self._row(relative, None, "decode", reason, "", kept=True, line=f"{relative}: {reason}")
 

@@ -136,7 +136,8 @@ class OutputLock:
     Raises
     ------
     OutputConflictError
-        From ``__enter__``: a live run holds ``root`` (reason ``"in use"``, naming it).
+        From ``__enter__``: a live run holds ``root`` (reason ``"in use"``, naming it), or
+        ``root`` cannot be created or written in (``"cannot create"``, ``"cannot write"``).
     """
 
     def __init__(self, root: Path, *, started: str, stale_s: float) -> None:
@@ -149,9 +150,18 @@ class OutputLock:
         self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> OutputLock:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a new sibling (--new) beside a read-only output
+            refused = OutputConflict(self.root, "cannot create", problem=error.strerror or "")
+            raise OutputConflictError(refused) from None
         for _ in range(10):
-            if self._create():
+            try:
+                created = self._create()
+            except OSError as error:  # a read-only mount, another user's results
+                refused = OutputConflict(self.root, "cannot write", problem=error.strerror or "")
+                raise OutputConflictError(refused) from None
+            if created:
                 break
             holder = current_holder(self.root)
             if holder is None:

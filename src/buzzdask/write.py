@@ -77,6 +77,7 @@ OnConflict = Literal["error", "resume", "new"]
 ConflictReason = Literal[
     "not a directory",
     "cannot create",
+    "cannot write",
     "not buzzdask",
     "holds results",
     "settings differ",
@@ -176,7 +177,14 @@ class OutputLayout:
         """Cut a last line a kill left unfinished, so that the next line starts on its own."""
         if not self.journal.exists():
             return
-        with self.journal.open("rb+") as stream:
+        try:
+            stream = self.journal.open("rb+")
+        except OSError as error:  # read-only: a resume could not journal what it does
+            problem = f"{self.journal.name}: {error.strerror}"
+            raise OutputConflictError(
+                OutputConflict(self.root, "cannot write", problem=problem)
+            ) from None
+        with stream:
             content = stream.read()
             if not content or content.endswith(b"\n"):
                 return
@@ -396,9 +404,9 @@ class OutputConflict:
     ----------
     output : Path
     reason : str
-        One of :data:`ConflictReason`: ``"not a directory"``, ``"cannot create"``, ``"not
-        buzzdask"``, ``"holds results"``, ``"settings differ"``, ``"in use"``, ``"holds other
-        files"``.
+        One of :data:`ConflictReason`: ``"not a directory"``, ``"cannot create"``, ``"cannot
+        write"``, ``"not buzzdask"``, ``"holds results"``, ``"settings differ"``, ``"in use"``,
+        ``"holds other files"``.
     chunks : int
         Chunks the earlier run journalled.
     differences : tuple of (key, before, now)
@@ -415,8 +423,9 @@ class OutputConflict:
         (``"holds other files"``); or the models' outputs of such a run in it (``"not
         buzzdask"``: one of them is the output to give).
     problem : str
-        Why the system refused to create it (``"cannot create"``): a missing or read-only
-        parent, no permission.
+        Why the system refused to create it (``"cannot create"``: a missing or read-only
+        parent, no permission) or to write in it (``"cannot write"``: a read-only mount, another
+        user's results; the file it could not write first where it is not the directory).
     """
 
     output: Path
@@ -439,6 +448,11 @@ class OutputConflict:
             return (
                 f"cannot create output {self.output} ({self.problem}); "
                 f"choose another {words.output}"
+            )
+        if self.reason == "cannot write":
+            return (
+                f"cannot write in output {self.output} ({self.problem}); give yourself write "
+                f"access to it or choose another {words.output}"
             )
         if self.reason == "not buzzdask" and self.others:
             return (
