@@ -337,6 +337,33 @@ def test_an_ffmpeg_stopped_mid_decode_is_decoded_again(run, make_audio, tmp_path
     assert_same_frames(result.to_pandas(), complete.to_pandas())
 
 
+def test_a_file_failing_in_every_chunk_is_one_console_line(run, make_audio, tmp_path, caplog):
+    """Each chunk is a row, but the same reason for the same file is shown once (a file
+    deleted mid-run had filled the console's 20 lines alone)."""
+    import dask
+
+    from buzzdask.ffmpeg_tools import find_ffmpeg
+
+    make_audio("good.mp3", n_samples=6 * FRAME)
+    make_audio("bad.mp3", n_samples=6 * FRAME, seed=1)
+    tools = find_ffmpeg()
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text(
+        f'#!/bin/sh\ncase "$*" in *bad.mp3*) exit 1 ;; esac\nexec {tools.ffmpeg} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    with (
+        dask.config.set({"buzzdask.ffmpeg": str(wrapper), "buzzdask.ffprobe": tools.ffprobe}),
+        caplog.at_level(logging.INFO, logger="buzzdask"),
+    ):
+        result = run(tmp_path / "audio", chunk_seconds=2.0)
+    assert sorted(result.errors["chunk"]) == [0, 1, 2]
+    assert set(result.errors["reason"]) == {"ffmpeg failed to decode"}
+    said = [r for r in caplog.records if r.getMessage().startswith("failed: bad.mp3")]
+    assert [r.levelno for r in said].count(logging.WARNING) == 1 and len(said) == 3
+    assert result.summary["files_done"] == 1
+
+
 def test_paths_from_a_notebook_expand_home_as_pandas_does(run, make_audio, tmp_path, monkeypatch):
     """``"~/..."`` is the user's home (a folder named ``~`` before), and ``..`` is taken off."""
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -350,6 +377,7 @@ def test_paths_from_a_notebook_expand_home_as_pandas_does(run, make_audio, tmp_p
     written = [Path(path) for path in table.attrs["paths"].values()]
     assert written and all(path.parent == tmp_path / "summaries" for path in written)
     assert not (tmp_path / "~").exists() and not Path("~").exists()
+    assert result.metadata["inputs"]["paths"] == [str(tmp_path / "audio")]  # as it resolved
     assert buzzdask.probe_audio("~/audio/site/a.wav").duration_s == 2 * FRAME / 16000
     assert len(buzzdask.decode_file("~/audio/site/a.wav", sample_rate=16000)) == 2 * FRAME
 

@@ -99,7 +99,8 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     # Files whose frames are written all the same are warned about, not called failed; a
     # chunk's number reads as one.
     assert "warning: cut.wav: cut short: its header declares 3.8 s" in done.stderr
-    assert re.search(r"warning: damaged.mp3 chunk \d+: ffmpeg reported damaged audio", done.stderr)
+    damaged = r"warning: damaged.mp3 chunks? \d+(, \d+)*: ffmpeg reported damaged audio"
+    assert re.search(damaged, done.stderr)
     assert "failed: cut.wav" not in done.stderr and "failed: damaged" not in done.stderr
     assert "buzzdask: 3/5 files (2 failed), " in done.stdout
     frame = pd.read_parquet(tmp_path / "out" / "scores")
@@ -126,6 +127,15 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     assert nowhere.stderr.endswith(
         f"buzzdask: error: cannot create output {under_a_file} (Not a directory); "
         "choose another --output\n"
+    )
+    # A link to a folder that is gone (an unmounted scratch space): said so.
+    dangling = tmp_path / "linked-out"
+    dangling.symlink_to(tmp_path / "unmounted" / "out")
+    gone = buzzdask_cli(*args[:6], "--output", str(dangling))
+    assert gone.returncode == EXIT_ERROR
+    assert gone.stderr.endswith(
+        f"buzzdask: error: cannot create output {dangling} (a link to "
+        f"{tmp_path / 'unmounted' / 'out'}, which does not exist); choose another --output\n"
     )
 
 

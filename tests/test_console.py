@@ -123,6 +123,33 @@ def test_a_run_ends_with_the_first_problems_and_where_the_rest_are(
 
 
 @requires_ffmpeg
+def test_a_file_failing_in_every_chunk_is_one_line(
+    tmp_path, make_audio, tiny_model, tiny_embedder, monkeypatch
+) -> None:
+    """Its chunks are rows of their own, but one line on the console, as it happens and at
+    the end: a file deleted mid-run had filled the console's lines alone."""
+    from buzzdask.ffmpeg_tools import find_ffmpeg
+
+    make_audio("good.mp3", n_samples=6 * 15360)
+    make_audio("bad.mp3", n_samples=6 * 15360, seed=1)
+    tools = find_ffmpeg()
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text(
+        f'#!/bin/sh\ncase "$*" in *bad.mp3*) exit 1 ;; esac\nexec {tools.ffmpeg} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("DASK_BUZZDASK__FFMPEG", str(wrapper))
+    monkeypatch.setenv("DASK_BUZZDASK__FFPROBE", tools.ffprobe or "")
+    done = _analyze(tmp_path, tiny_model, tiny_embedder, "--chunk-seconds", "2")
+    assert done.returncode == EXIT_FILES_FAILED, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "bad.mp3" in line]
+    assert len(lines) == 2, done.stderr  # the first chunk to fail, then all at the end
+    assert re.fullmatch(r"buzzdask: failed: bad.mp3 chunk \d: ffmpeg failed to decode", lines[0])
+    assert lines[1] == "buzzdask: failed: bad.mp3 chunks 0, 1, 2: ffmpeg failed to decode"
+    assert len(pd.read_parquet(tmp_path / "out" / "errors.parquet")) == 3
+
+
+@requires_ffmpeg
 def test_a_rescoring_in_the_commands_process_is_as_quiet(
     tmp_path, make_audio, tiny_model, tiny_embedder
 ):

@@ -276,7 +276,8 @@ def analyze(
     inputs = RunInputs(
         root=found.root,
         files=found.files,
-        described={"root": found.root, "paths": [os.fspath(p) for p in given]},
+        # Absolute: a resume from another working directory still says where they were.
+        described={"root": found.root, "paths": [str(user_path(p)) for p in given]},
         feed=functools.partial(_probe_files, plan),
         n_skipped=len(found.visible_skipped),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
 import os
 import re
@@ -724,6 +725,7 @@ def _report(result: Any) -> int:
     """Print a run's one-line summary and its problems; its exit code."""
     import pandas as pd
 
+    from buzzdask.inputs import first_names
     from buzzdask.progress import PROBLEMS_SHOWN, format_audio, format_count, format_factor
     from buzzdask.write import OutputLayout
 
@@ -742,15 +744,22 @@ def _report(result: Any) -> int:
         f"buzzdask: {summary['files_done']}/{summary['files']} files{failed}, {work} "
         f"-> {result.dataset}"
     )
-    for row in result.errors.head(PROBLEMS_SHOWN).itertuples():
-        chunk = "" if pd.isna(row.chunk) else f" chunk {row.chunk}"
+    # One line for the chunks of a file that failed for the same reason (a file deleted mid-run).
+    said = 0
+    rows = result.errors.groupby(["file", "reason", "kept"], sort=False, dropna=False)["chunk"]
+    for (file, reason, kept), chunks in itertools.islice(rows, PROBLEMS_SHOWN):
+        numbers = [str(chunk) for chunk in sorted(chunk for chunk in chunks if not pd.isna(chunk))]
+        where = ""
+        if numbers:
+            where = f" chunk{'s' if len(numbers) > 1 else ''} {first_names(numbers, shown=5)}"
         # A kept row's frames are written (damaged audio, a file cut short): not a failure.
-        label = "warning" if row.kept else "failed"
-        print(f"buzzdask: {label}: {row.file}{chunk}: {row.reason}", file=sys.stderr)
-    if len(result.errors) > PROBLEMS_SHOWN:
-        more = len(result.errors) - PROBLEMS_SHOWN
-        where = OutputLayout(result.output).errors
-        print(f"buzzdask: ... and {more} more, every one in {where}", file=sys.stderr)
+        label = "warning" if kept else "failed"
+        print(f"buzzdask: {label}: {file}{where}: {reason}", file=sys.stderr)
+        said += len(chunks)
+    if len(result.errors) > said:
+        more = len(result.errors) - said
+        every = OutputLayout(result.output).errors
+        print(f"buzzdask: ... and {more} more, every one in {every}", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_FILES_FAILED
 
 

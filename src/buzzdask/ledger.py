@@ -114,6 +114,8 @@ class FileLedger:
         self.progress = progress
         self.files: dict[str, FileState] = {}
         self.errors: list[dict[str, Any]] = []
+        self._lines_shown = 0
+        self._said: set[tuple[str, str]] = set()  # (file, reason) of the lines shown
         self.frames_written = 0
         self.chunks_written = 0
         self.chunks_skipped = 0
@@ -395,12 +397,18 @@ class FileLedger:
         ``kept``: the frames were written all the same (damaged audio, a file cut short). The
         first :data:`~buzzdask.progress.PROBLEMS_SHOWN` lines are warnings, on the console as
         they happen; the others go to the run's log only (INFO), so that a folder of ten
-        thousand bad files does not bury the console.
+        thousand bad files does not bury the console. So does the line of another chunk of a
+        file that a shown line gave the same reason for (a file deleted mid-run).
         """
-        if len(self.errors) < PROBLEMS_SHOWN:
+        if (file, reason) in self._said:
+            logger.info("%s", line)
+        elif self._lines_shown < PROBLEMS_SHOWN:
+            self._lines_shown += 1
+            self._said.add((file, reason))
             logger.warning("%s", line)
         else:
-            if len(self.errors) == PROBLEMS_SHOWN:
+            if self._lines_shown == PROBLEMS_SHOWN:
+                self._lines_shown += 1
                 logger.warning(
                     "more than %d problems: the others go to the run's log (buzzdask.log) as "
                     "they happen, not here; errors.parquet lists every one when the run ends",

@@ -576,7 +576,10 @@ def prepare_output(
         try:
             layout.root.mkdir(parents=True)
         except OSError as error:
-            refused = OutputConflict(layout.root, "cannot create", problem=error.strerror or "")
+            problem = error.strerror or ""
+            if layout.root.is_symlink():  # mkdir's "File exists" would say nothing of it
+                problem = f"a link to {os.readlink(layout.root)}, which does not exist"
+            refused = OutputConflict(layout.root, "cannot create", problem=problem)
             raise OutputConflictError(refused) from None
     # The run's log alone (a run that stopped before its metadata) holds no results; nor does
     # a lock, which the caller has checked (a new run goes elsewhere rather than wait on it).
