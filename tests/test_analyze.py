@@ -300,6 +300,10 @@ def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
     )
     assert resumed.summary["chunks_written"] == 2
     assert_same_frames(resumed.to_pandas(), complete.to_pandas())
+    # Each invocation starts its lines in the run's log: which one wrote what is told apart.
+    log = (partial.output / "buzzdask.log").read_text()
+    assert log.count("buzzdask.analysis: starting an analysis on ") == 1
+    assert log.count("buzzdask.analysis: resuming an analysis on ") == 1
 
 
 def test_an_ffmpeg_stopped_mid_decode_is_decoded_again(run, make_audio, tmp_path, caplog):
@@ -841,6 +845,10 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
     assert done.returncode == exit_code, stderr
     assert f"buzzdask: {said}; what was written is kept" in stderr
     assert "Traceback" not in stderr
+    # The run's log says it was stopped, not that it failed.
+    log = (output / "buzzdask.log").read_text()
+    stop = "SIGTERM" if signal_number == signal.SIGTERM else "Ctrl-C"
+    assert f"WARNING buzzdask: run interrupted ({stop})" in log and "run failed" not in log, log
 
     journaled = len(OutputLayout(output).read_journal())
     assert 1 <= journaled < KILL_CHUNKS

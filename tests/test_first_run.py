@@ -133,7 +133,7 @@ def test_a_failed_start_leaves_an_output_the_right_command_reuses(
         *args, "--model", str(tiny_model), "--resume", "--threshold", "ins_buzz=1"
     )
     assert differ.returncode == EXIT_ERROR
-    assert "frames_per_chunk: 1 before, 625 now" in differ.stderr
+    assert "chunk_seconds: 0.96 before, 600.0 now" in differ.stderr
     assert "thresholds: {} before, {'ins_buzz': 1.0} now" in differ.stderr
     assert "pass --new instead of --resume" in differ.stderr
     assert "--chunk-seconds 0.96 no --threshold" in differ.stderr

@@ -427,6 +427,14 @@ def run_plan(
     ):
         # Off the start's critical path: pandas (0.2 s) only makes the results' tables.
         import_in_background("pandas")
+        # Each invocation's first line in the log: a resumed output's log tells them apart.
+        logger.info(
+            "%s %s on %s (scheduler %s)",
+            "resuming" if on_conflict == "resume" else "starting",
+            "a re-scoring" if plan.ffmpeg is None else "an analysis",
+            platform.node(),
+            getattr(connected.scheduler, "address", "?"),
+        )
         if on_conflict == "resume" and inputs.versions is None:
             inputs = _named_from(
                 inputs, resume_root(layouts, [f.path for f in inputs.files], root=inputs.root)

@@ -41,7 +41,7 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _terminate(signal_number: int, frame: Any) -> None:
-    raise _Terminated
+    raise _Terminated("SIGTERM")  # the run's log says so
 
 
 # What a command stopped midway leaves, and how to go on; set by main() once it knows its command.

@@ -264,6 +264,14 @@ def run_log(
         )
     try:
         yield
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
+        why = str(stop) or "Ctrl-C"
+        handler.handle(
+            logger.makeRecord(
+                logger.name, logging.WARNING, __file__, 0, "run interrupted (%s)", (why,), None
+            )
+        )
+        raise
     except BaseException as error:
         handler.handle(
             logger.makeRecord(

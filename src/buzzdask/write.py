@@ -531,6 +531,15 @@ def refuse_results(layout: OutputLayout) -> None:
         raise OutputConflictError(OutputConflict(layout.root, "holds results", chunks=chunks))
 
 
+def _chunk_seconds(fingerprint: Mapping[str, Any]) -> float | None:
+    """A fingerprint's chunk length [s], from its frames per chunk and hop."""
+    try:
+        hop_s = fingerprint["frame_hop"] / fingerprint["sample_rate"]
+        return round(fingerprint["frames_per_chunk"] * hop_s, 6)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 def prepare_output(
     output: str | os.PathLike[str],
     *,
@@ -606,7 +615,11 @@ def prepare_output(
     previous = json.loads(layout.metadata.read_text(encoding="utf-8"))
     before = previous.get("fingerprint", {})
     differences = tuple(
-        (key, before.get(key), value)
+        # Chunks in seconds, as the caller gives them: "frames_per_chunk: 2 before, 7 now"
+        # read as the seconds just typed.
+        ("chunk_seconds", _chunk_seconds(before), _chunk_seconds(fingerprint))
+        if key == "frames_per_chunk"
+        else (key, before.get(key), value)
         for key, value in fingerprint.items()
         if before.get(key) != value
     )

@@ -27,6 +27,8 @@ from buzzdask.cluster._jobqueue import SLURMCluster, SLURMJob
 from buzzdask.errors import ClusterError
 from buzzdask.session import worker_environment
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "LMOD_INIT",
     "SCORER_PRELOAD",
@@ -330,11 +332,16 @@ class BuzzdaskSLURMCluster(SLURMCluster):
     def wait_for_workers_by_kind(self, *, gpus: int, cpu_workers: int, timeout: float) -> None:
         """Block until ``gpus`` GPU workers and ``cpu_workers`` CPU workers have arrived.
 
+        After ``timeout`` seconds, a run that has some of each kind it asked for goes on with
+        them, with a warning naming each job still missing (a busy cluster: they join the run
+        when SLURM starts them).
+
         Raises
         ------
         ClusterError
             At once with sbatch's own message if it rejected a job; after ``timeout`` seconds
-            with each missing job's squeue state and log file.
+            with each missing job's squeue state and log file, when no worker of a kind asked
+            for has arrived.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -351,10 +358,19 @@ class BuzzdaskSLURMCluster(SLURMCluster):
             if have_gpu >= gpus and have_cpu >= cpu_workers:
                 return
             if time.monotonic() > deadline:
-                raise ClusterError(
+                arrived = (
                     f"after {timeout:g} s, {have_gpu}/{gpus} GPU and {have_cpu}/{cpu_workers} "
-                    "CPU workers have arrived. Jobs:\n" + self._job_report()
+                    "CPU workers have arrived"
                 )
+                if (have_gpu or not gpus) and have_cpu:
+                    logger.warning(
+                        "%s: going on with them; the others join the run once SLURM starts "
+                        "them. Jobs:\n%s",
+                        arrived,
+                        self._job_report(),
+                    )
+                    return
+                raise ClusterError(f"{arrived}. Jobs:\n" + self._job_report())
             time.sleep(0.5)
 
     def _arrived(self) -> tuple[int, int]:
