@@ -300,6 +300,10 @@ def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
     )
     assert resumed.summary["chunks_written"] == 2
     assert_same_frames(resumed.to_pandas(), complete.to_pandas())
+    # buzzdask.json keeps the invocation before, as it had recorded itself.
+    [earlier] = resumed.metadata["earlier_runs"]
+    assert earlier["status"] == "complete" and earlier["started"] == partial.metadata["started"]
+    assert earlier["chunks_written"] == partial.summary["chunks_written"]
     # Each invocation starts its lines in the run's log: which one wrote what is told apart.
     log = (partial.output / "buzzdask.log").read_text()
     assert log.count("buzzdask.analysis: starting an analysis on ") == 1

@@ -37,7 +37,7 @@ from buzzdask.logs import quiet_environment, run_log
 from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
 from buzzdask.pipeline import ChunkPipeline, outcome, probe_task
 from buzzdask.progress import Progress
-from buzzdask.resume import ResumeCheck, check_resume, resume_root
+from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import connect, package_versions, peak_rss_by_worker, task_key
@@ -443,6 +443,9 @@ def run_plan(
             _metadata(plan, i, inputs=inputs.described, n_files=len(inputs.files), started=started)
             for i in range(len(plan.models))
         ]
+        if on_conflict == "resume":  # read before this run writes its own
+            for layout, meta in zip(layouts, metadata, strict=True):
+                meta["earlier_runs"] = earlier_runs(layout)
         resumed = [
             check_resume(layout, fingerprint=fp, input_root=inputs.root, versions=inputs.versions)
             if on_conflict == "resume"
