@@ -20,6 +20,7 @@ from buzzdask.decode import (
     plan_chunks,
     preprocess_filters,
 )
+from buzzdask.errors import DecoderStopped
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from tests.conftest import field_like, requires_ffmpeg, write_wav
 from tests.test_frames import spec
@@ -196,45 +197,42 @@ def test_a_file_changed_after_its_probe_is_said_so(
     assert (raised.value.path, raised.value.reason, raised.value.stderr) == (str(path), reason, "")
 
 
-def test_an_ffmpeg_killed_mid_decode_says_by_what(make_audio, tmp_path: Path) -> None:
-    """The kernel's out-of-memory killer leaves ffmpeg no last words: the error names the signal."""
-    path = make_audio("a.mp3", n_samples=16000 * 3)
-    info = probe_audio(path)
-    killed = tmp_path / "ffmpeg"
-    killed.write_text("#!/bin/sh\nkill -KILL $$\n")
-    killed.chmod(0o755)
-    with pytest.raises(DecodeError) as raised:
-        decode_chunk(
-            info,
-            plan_chunks(info, spec(), frames_per_chunk=2)[0],
-            spec=spec(),
-            ffmpeg_cmd=str(killed),
-        )
-    assert raised.value.reason == "ffmpeg was killed by SIGKILL (out of memory?)"
+# The real ffmpeg, reading at the audio's own pace (-re) so that it is still decoding.
+_SIGNALLED_FFMPEG = (
+    '#!/bin/sh\nffmpeg -re "$@" & pid=$!\nsleep 0.5\nkill -{signal} $pid\nwait $pid\nexit $?\n'
+)
 
 
-@pytest.mark.parametrize("signal_name", ["INT", "TERM"])
-def test_an_ffmpeg_stopped_by_a_signal_is_not_the_files_fault(
-    make_audio, tmp_path: Path, signal_name: str
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        # The kernel's out-of-memory killer leaves ffmpeg no last words.
+        ("#!/bin/sh\nkill -KILL $$\n", "ffmpeg was killed by SIGKILL (out of memory?)"),
+        # ffmpeg catches SIGINT and SIGTERM (a job's end) and exits 255 without a word.
+        *[
+            (_SIGNALLED_FFMPEG.format(signal=name), "ffmpeg was stopped by SIGINT or SIGTERM")
+            for name in ("INT", "TERM")
+        ],
+    ],
+    ids=["SIGKILL", "SIGINT", "SIGTERM"],
+)
+def test_an_ffmpeg_stopped_by_a_signal_says_so(
+    make_audio, tmp_path: Path, script: str, reason: str
 ) -> None:
-    """ffmpeg catches SIGINT and SIGTERM (a job's end) and exits 255 without a word about it."""
+    """Not the file's fault: the error names the signal, as one the run decodes again."""
     path = make_audio("a.mp3", n_samples=16000 * 3)
     info = probe_audio(path)
     stopped = tmp_path / "ffmpeg"
-    # The real ffmpeg, reading at the audio's own pace (-re) so that it is still decoding.
-    stopped.write_text(
-        f'#!/bin/sh\nffmpeg -re "$@" & pid=$!\nsleep 0.5\nkill -{signal_name} $pid\n'
-        "wait $pid\nexit $?\n"
-    )
+    stopped.write_text(script)
     stopped.chmod(0o755)
-    with pytest.raises(DecodeError) as raised:
+    with pytest.raises(DecoderStopped) as raised:
         decode_chunk(
             info,
             plan_chunks(info, spec(), frames_per_chunk=3)[0],
             spec=spec(),
             ffmpeg_cmd=str(stopped),
         )
-    assert raised.value.reason == "ffmpeg was stopped by SIGINT or SIGTERM (Ctrl-C, a job's end)"
+    assert raised.value.reason.startswith(reason)
 
 
 def _generated_wav(path: Path, *, codec: str, channels: int, rate: int, n_samples: int) -> Path:
