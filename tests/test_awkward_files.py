@@ -10,9 +10,11 @@ chunk: the same frames, starts exact, none lost or read twice.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import resource
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +289,7 @@ def test_unseekable_codec_is_decoded_once(
 
 @pytest.mark.parametrize(("suffix", "codec"), [(".m4a", "aac"), (".ogg", "libvorbis")])
 def test_without_room_for_a_copy_chunks_are_the_whole_files_samples(
-    make_audio, tmp_path: Path, suffix: str, codec: str
+    make_audio, tmp_path: Path, suffix: str, codec: str, caplog
 ) -> None:
     """A recording looped and re-encoded: its timestamps jump, and its decoded samples number
     fewer than its timestamps say. Chunks decoded from the start (no room for a decoded copy)
@@ -308,11 +310,55 @@ def test_without_room_for_a_copy_chunks_are_the_whole_files_samples(
     no_room.write_text("")  # the copies' directory cannot be made under it
     plans = plan_chunks(info, spec(), frames_per_chunk=10)
     assert len(plans) >= 4
-    for plan in plans:
-        decoded = decode_chunk(info, plan, spec=spec(), copy_directory=str(no_room / "copies"))
-        first = plan.first_frame * spec().hop_length
-        np.testing.assert_array_equal(decoded.samples, whole[first : first + len(decoded.samples)])
-        assert decoded.n_frames == min(10, spec().n_complete_frames(len(whole) - first))
+    with caplog.at_level(logging.INFO, logger="buzzdask"):
+        for plan in plans:
+            decoded = decode_chunk(info, plan, spec=spec(), copy_directory=str(no_room / "copies"))
+            first = plan.first_frame * spec().hop_length
+            got = decoded.samples
+            np.testing.assert_array_equal(got, whole[first : first + len(got)])
+            assert decoded.n_frames == min(10, spec().n_complete_frames(len(whole) - first))
+        # Said once for the file, with why: each chunk costs a decode from the start.
+        [said] = [r for r in caplog.records if "no decoded copy" in r.getMessage()]
+        assert said.levelno == logging.WARNING
+        assert said.getMessage().startswith(f"{path}: no decoded copy in {no_room / 'copies'}")
+        assert "(Not a directory): each of its chunks is decoded from the file's start" in (
+            said.getMessage()
+        )
+        # With room, the copy is made, and -v says so (its first chunk waits for it).
+        decode_chunk(info, plans[1], spec=spec(), copy_directory=str(tmp_path / "room"))
+    [making] = [r for r in caplog.records if "whole into a node-local copy" in r.getMessage()]
+    assert making.getMessage().startswith(f"decoding {path} whole into a node-local copy of ")
+
+
+def test_copies_left_by_a_worker_killed_with_its_run_are_removed(make_audio, tmp_path) -> None:
+    """A worker ended by Dask's os._exit (its client killed) runs no atexit and leaves its
+    decoded copy; the next copy made on the node removes it."""
+    first = make_audio("first.m4a", n_samples=44100 * 6, rate=44100, channels=2)
+    second = make_audio("second.m4a", n_samples=44100 * 6, rate=44100, channels=2, seed=1)
+    node = tmp_path / "node"
+    made_then_killed = (
+        "import os, sys\n"
+        "from buzzdask.decode import decode_chunk, plan_chunks, probe_audio\n"
+        "from buzzdask.frames import FrameSpec\n"
+        "spec = FrameSpec.from_seconds(sample_rate=16000, frame_length_s=0.96, frame_hop_s=0.96,"
+        " context_s=0.015)\n"
+        "info = probe_audio(sys.argv[1])\n"
+        "plan = plan_chunks(info, spec, frames_per_chunk=2)[1]\n"
+        "decode_chunk(info, plan, spec=spec, copy_directory=sys.argv[2])\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", made_then_killed, str(first), str(node)], check=True)
+    left = sorted(p.name for p in node.rglob("*") if p.is_file())
+    assert [name for name in left if name.endswith(".f32")], left  # the copy outlived its maker
+    info = probe_audio(second)
+    decode_chunk(
+        info,
+        plan_chunks(info, spec(), frames_per_chunk=2)[1],
+        spec=spec(),
+        copy_directory=str(node),
+    )
+    stems = {p.name.split(".")[0] for p in node.rglob("*") if p.is_file()}
+    assert len(stems) == 1 and not set(left) & {p.name for p in node.rglob("*")}, (left, stems)
 
 
 def _decode_chunks(args: tuple[str, list[ChunkPlan], str]) -> tuple[list[np.ndarray], float]:

@@ -32,6 +32,7 @@ import fnmatch
 import functools
 import hashlib
 import io
+import logging
 import math
 import os
 import re
@@ -48,6 +49,7 @@ from typing import BinaryIO
 import ffmpeg
 import numpy as np
 import soxr
+from dask.utils import format_bytes
 
 from buzzdask import pcm_cache
 from buzzdask.buffers import ReusedArrays, aligned_empty
@@ -77,6 +79,8 @@ __all__ = [
     "seeks_exactly",
     "uses_decoded_copy",
 ]
+
+logger = logging.getLogger(__name__)
 
 _SEEKABLE = ("mp3", "flac", "pcm_*")  # decode_chunk's default; runs take buzzdask.seekable-codecs
 _STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
@@ -607,6 +611,7 @@ def decode_chunk(
             stop=stop,
             make=functools.partial(_decode_to_file, info, sample_rate=rate, ffmpeg_cmd=ffmpeg_cmd),
             size_hint=None if info.duration_s is None else 4 * math.ceil(info.duration_s * rate),
+            name=info.path,
         )
         if copied is not None:
             from_copy = _chunk_of(copied[0], chunk, spec=spec, stop=stop, messages=copied[1])
@@ -850,6 +855,18 @@ def _copy_key(info: AudioInfo, *, sample_rate: int, ffmpeg_cmd: str) -> str:
 
 def _decode_to_file(info: AudioInfo, target: str, *, sample_rate: int, ffmpeg_cmd: str) -> str:
     """Decode the whole file to raw float32 at ``target`` (ffmpeg writes it); its messages."""
+    # Its first chunk waits for the whole file (minutes for hours of AAC): -v says why.
+    size = (
+        ""
+        if info.duration_s is None
+        else f" of {format_bytes(round(4 * sample_rate * info.duration_s))}"
+    )
+    logger.info(
+        "decoding %s whole into a node-local copy%s, which its chunks are read from: "
+        "its codec cannot seek exactly",
+        info.path,
+        size,
+    )
     command = _command(info, target, sample_rate=sample_rate, ffmpeg_cmd=ffmpeg_cmd)
     with tempfile.TemporaryFile() as stderr_file:
         try:

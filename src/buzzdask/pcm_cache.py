@@ -25,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -34,6 +35,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import psutil
+from dask.utils import format_bytes
 
 from buzzdask.errors import DecodeError, DecoderStopped
 
@@ -44,6 +47,9 @@ _POLL_S = (0.02, 0.25)  # first and longest wait between looks at a copy another
 _SUFFIXES = (".f32", ".partial", ".failed", ".lock")
 _MADE_HERE: set[str] = set()  # stems of the copies this process made (removed at exit)
 _MADE_LOCK = threading.Lock()
+_NOT_MADE: set[str] = set()  # stems of the copies this process found no room for (said once)
+
+logger = logging.getLogger(__name__)
 
 
 def copy_directory(directory: str | None) -> str:
@@ -67,6 +73,7 @@ def read_span(
     stop: int | None,
     make: Callable[[str], str],
     size_hint: int | None = None,
+    name: str = "",
 ) -> tuple[np.ndarray, str] | None:
     """Samples ``start ... stop - 1`` of the node's decoded copy ``key``, made once if need be.
 
@@ -84,6 +91,8 @@ def read_span(
         raises :class:`~buzzdask.errors.DecodeError` if it cannot.
     size_hint : int, optional [bytes]
         The copy's expected size: when the disk has less room than that, no copy is made.
+    name : str, optional
+        The file, for the warning (once per file and process) that no copy can be made.
 
     Returns
     -------
@@ -101,7 +110,8 @@ def read_span(
     stem = os.path.join(copy_directory(directory), key)
     try:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
-    except OSError:
+    except OSError as error:
+        _no_copy(stem, name, error.strerror or str(error))
         return None
     wait = _POLL_S[0]
     while True:
@@ -115,7 +125,11 @@ def read_span(
             if mine:
                 if os.path.exists(stem + ".f32") or os.path.exists(stem + ".failed"):
                     continue  # made (or failed) between the look above and the lock
-                if size_hint is not None and _free_bytes(stem) < size_hint * 1.1:
+                _remove_dead_copies(os.path.dirname(stem), keep=stem)
+                free = _free_bytes(stem)
+                if size_hint is not None and free < size_hint * 1.1:
+                    room = f"{format_bytes(free)} free, {format_bytes(size_hint)} needed"
+                    _no_copy(stem, name, room)
                     return None
                 messages = _make(stem, make)
                 samples = _read_file(stem + ".f32", start, stop, complete=True)
@@ -155,6 +169,33 @@ def _remove_stem(stem: str) -> bool:
     with _MADE_LOCK:
         _MADE_HERE.discard(stem)
     return True
+
+
+def _remove_dead_copies(directory: str, *, keep: str) -> None:
+    """Remove the copies whose maker on this host is gone, but ``keep``'s.
+
+    A worker killed with its run (its client killed: Dask ends it with ``os._exit``, and no
+    ``atexit`` runs) leaves its copies, 230 MB per audio hour, which no later run would ask
+    for under the same key. Looked for before a copy is made, so they do not take its room. A
+    copy a live task still makes (its lock held) stays.
+    """
+    host = socket.gethostname()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        stem = os.path.join(directory, name.removesuffix(".lock"))
+        if not name.endswith(".lock") or stem == keep:
+            continue
+        try:
+            with open(stem + ".lock", encoding="utf-8") as file:
+                maker_host, _, pid = file.read().strip().partition(" ")
+        except OSError:
+            continue
+        if maker_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            with contextlib.suppress(OSError):
+                _remove_stem(stem)
 
 
 def _make(stem: str, make: Callable[[str], str]) -> str:
@@ -253,6 +294,25 @@ def _write_failure(stem: str, error: DecodeError) -> None:
         with open(stem + ".failed.tmp", "w", encoding="utf-8") as file:
             json.dump(record, file)
         os.replace(stem + ".failed.tmp", stem + ".failed")
+
+
+def _no_copy(stem: str, name: str, why: str) -> None:
+    """Say, once per file and process, why the file's chunks are decoded from its start.
+
+    Each chunk then costs a decode from the start of the file, which a long file makes dear
+    (a 6-hour file: about twenty times the CPU): the user learns where room would help.
+    """
+    with _MADE_LOCK:
+        if stem in _NOT_MADE:
+            return
+        _NOT_MADE.add(stem)
+    logger.warning(
+        "%s: no decoded copy in %s (%s): each of its chunks is decoded from the file's start "
+        "(the same samples, slower; buzzdask.staging.directory or TMPDIR choose the place)",
+        name or os.path.basename(stem),
+        os.path.dirname(stem),
+        why,
+    )
 
 
 def _free_bytes(stem: str) -> int:
