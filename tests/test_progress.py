@@ -103,6 +103,27 @@ def test_resumed_audio_counts_as_done_but_not_in_the_realtime_factor():
     assert progress.realtime_factor is None and progress.eta_s() is None
 
 
+def test_time_left_is_read_from_the_rate_after_the_start_up(monkeypatch):
+    """A long AAC's first chunk waits a minute for its whole decoded copy: the time left is
+    read from the rate once chunks flow, not from one that counts that minute."""
+    now = [1000.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: now[0])
+    progress = Progress(enabled=False, verbose=False, files=1)
+    progress.expect("six_hours.m4a", 6 * 3600.0)
+    now[0] += 60.0  # the copy, then the first 10-minute chunk
+    progress.advance("six_hours.m4a", 600.0)
+    now[0] += 2.0  # too soon after it to tell: the rate so far
+    progress.advance("six_hours.m4a", 600.0)
+    assert progress.eta_s() == pytest.approx((6 * 3600 - 1200) / (1200 / 62))
+    for _ in range(4):  # then a chunk a second
+        now[0] += 1.0
+        progress.advance("six_hours.m4a", 600.0)
+    # 3000 s of audio in the 6 s since the first chunk: 36 s left, not the 5 min of the
+    # rate since the start.
+    assert progress.eta_s() == pytest.approx((6 * 3600 - 3600) * 6 / 3000)
+    assert progress.realtime_factor == pytest.approx(3600 / 66)  # the run's own, start-up in
+
+
 @pytest.mark.parametrize(
     ("seconds", "total", "text"),
     [

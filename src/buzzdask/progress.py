@@ -19,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 __all__ = [
+    "ETA_SETTLE_S",
     "PROBLEMS_SHOWN",
     "PROGRESS_LINE_INTERVAL_S",
     "Progress",
@@ -37,6 +38,9 @@ PROBLEMS_SHOWN = 20
 
 #: Seconds between progress lines where stderr is a file (a batch job's log), not a terminal.
 PROGRESS_LINE_INTERVAL_S = 60.0
+#: Seconds of steady running after the first audio is written before the time left is read
+#: from them alone: the start-up (a minute, for a long AAC decoded whole first) left out.
+ETA_SETTLE_S = 5.0
 
 # Latest errors kept for the dashboard page, and the realtime-factor history's length.
 _ERRORS_KEPT = 20
@@ -139,6 +143,9 @@ class Progress:
         self.files_failed = 0
         self.audio_done_s = 0.0
         self.audio_skipped_s = 0.0  # done by an earlier run (resume): not in the rate
+        # When this run first wrote audio, and how much it had then: the time left is read
+        # from the rate since, without the start-up's seconds (cluster, TensorFlow, a copy).
+        self._first_written: tuple[float, float] | None = None
         self._expected: dict[str, float] = {}
         # Their sum, kept as they change: summed at every event, a run of 20,000 files spent
         # 12 CPU-s here (the sum's cost grows with the files, and so do the events).
@@ -192,6 +199,8 @@ class Progress:
         self.audio_done_s += audio_s
         if resumed:
             self.audio_skipped_s += audio_s
+        elif self._first_written is None:
+            self._first_written = (time.monotonic(), self.audio_done_s - self.audio_skipped_s)
         if scorer is not None:
             self._scorer_frames[scorer] += frames
         self._show(update=audio_s)
@@ -236,7 +245,16 @@ class Progress:
         return analysed / elapsed if elapsed > 0 and analysed > 0 else None
 
     def eta_s(self) -> float | None:
-        """Seconds left at the realtime factor so far."""
+        """Seconds left at the rate since this run first wrote audio.
+
+        Once that rate has :data:`ETA_SETTLE_S` behind it; before, the realtime factor so far.
+        """
+        if self._first_written is not None:
+            since, written = self._first_written
+            elapsed = time.monotonic() - since
+            analysed = self.audio_done_s - self.audio_skipped_s - written
+            if elapsed >= ETA_SETTLE_S and analysed > 0:
+                return self.audio_left_s * elapsed / analysed
         factor = self.realtime_factor
         if not factor:
             return None
