@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -9,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from buzzdask.decode import _ffprobe_stream, probe_audio
+from buzzdask.decode import _ffprobe_stream, decode_file, probe_audio
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.wav import iter_wav_samples, read_wav_header
-from tests.conftest import requires_ffmpeg
+from tests.conftest import field_like, requires_ffmpeg
 
 pytestmark = requires_ffmpeg
 N_SAMPLES = 7 * 48000 + 321
@@ -76,6 +77,37 @@ def test_a_wav_cut_short_has_its_real_length(tmp_path: Path) -> None:
     )
     path.write_bytes(whole)
     assert read_wav_header(path) == replace(header, n_samples=N_SAMPLES, declared_samples=None)
+
+
+def _s24_in_s32_wav(path: Path, samples: np.ndarray, rate: int, *, extensible: bool) -> Path:
+    """24-bit values in 32-bit words, behind a WAVE_FORMAT_EXTENSIBLE header that says so (24
+    valid bits), or a plain one (32-bit PCM)."""
+    channels = samples.shape[1]
+    data = (np.round(samples * 2**23).astype("<i4") << 8).tobytes()
+    align = 4 * channels
+    if extensible:
+        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, channels, rate, rate * align, align, 32, 22, 24, 0)
+        fmt += struct.pack("<H", 1) + bytes.fromhex("000000001000800000aa00389b71")  # PCM
+    else:
+        fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * align, align, 32)
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_24_valid_bits_in_32_are_read_here_whatever_the_channels(tmp_path, channels) -> None:
+    """ffmpeg reads such a header as 24-bit float (NaNs and noise): the file is read in process
+    for any channel count, to the samples ffmpeg gives the same values under a plain header."""
+    samples = np.repeat(field_like(3 * 44100, 44100)[:, :1], channels, axis=1) * 0.5
+    extensible = _s24_in_s32_wav(tmp_path / "ext.wav", samples, 44100, extensible=True)
+    plain = _s24_in_s32_wav(tmp_path / "plain.wav", samples, 44100, extensible=False)
+    header = read_wav_header(extensible)
+    assert header is not None and (header.codec, header.valid_bits) == ("pcm_s32le", 24)
+    got = decode_file(extensible, sample_rate=16000)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, decode_file(plain, sample_rate=16000), atol=1e-6)
 
 
 def _ffmpeg_floats(path: Path, channels: int) -> np.ndarray:

@@ -679,9 +679,10 @@ def _finite(info: AudioInfo, decoded: DecodedChunk, *, spec: FrameSpec) -> Decod
 def _in_process_header(info: AudioInfo) -> WavHeader | None:
     """The WAV header of a file decoded in process: PCM of one or two channels, as probed.
 
-    More channels go through ffmpeg, whose ``pan`` sums them in an order of its own.
+    More channels go through ffmpeg, whose ``pan`` sums them in an order of its own; but not
+    where ffmpeg misreads the samples (24 valid bits in 32: :attr:`WavHeader.valid_bits`).
     """
-    if not info.codec.startswith("pcm_") or info.channels > 2:
+    if not info.codec.startswith("pcm_"):
         return None
     header = read_wav_header(info.path)
     if header is None or (header.codec, header.sample_rate, header.channels) != (
@@ -690,7 +691,7 @@ def _in_process_header(info: AudioInfo) -> WavHeader | None:
         info.channels,
     ):
         return None
-    return header
+    return header if info.channels <= 2 or header.valid_bits is not None else None
 
 
 def _decode_wav(

@@ -55,6 +55,10 @@ class WavHeader:
     declared_samples : int or None
         Samples per channel the data chunk declares, where the file holds fewer (a copy or a
         recording cut short); ``None`` when it holds them all.
+    valid_bits : int or None
+        Bits of each sample that hold audio, where a WAVE_FORMAT_EXTENSIBLE header says fewer
+        than are stored (24 in 32); ``None`` otherwise. ffmpeg reads such a file as 24-bit
+        float (``pcm_f24le``): only this module reads it right.
     """
 
     codec: str
@@ -63,6 +67,7 @@ class WavHeader:
     n_samples: int
     data_offset: int = 0
     declared_samples: int | None = None
+    valid_bits: int | None = None
 
     @property
     def duration_s(self) -> float:
@@ -106,8 +111,10 @@ def read_wav_header(path: str | os.PathLike[str]) -> WavHeader | None:
         if chunk_id == b"fmt " and chunk_size >= _FMT.size and body + chunk_size <= len(head):
             fmt = _FMT.unpack_from(head, body)
             if fmt[0] == _EXTENSIBLE and chunk_size >= 26:
-                # The real format is the first two bytes of the sub-format GUID.
-                fmt = (struct.unpack_from("<H", head, body + 24)[0], *fmt[1:])
+                # The real format is the first two bytes of the sub-format GUID; the bits that
+                # hold audio come after the size of the extension.
+                valid_bits = struct.unpack_from("<H", head, body + 18)[0]
+                fmt = (struct.unpack_from("<H", head, body + 24)[0], *fmt[1:], valid_bits)
         elif chunk_id == b"data":
             if chunk_size in (0, 0xFFFFFFFF):  # a writer that never came back to fill it in
                 return None
@@ -122,7 +129,7 @@ def _header(
     """The header from a ``fmt `` chunk's fields, the data chunk's length and the bytes after it."""
     if fmt is None:
         return None
-    format_tag, channels, sample_rate, _, block_align, bits = fmt
+    format_tag, channels, sample_rate, _, block_align, bits, *extensible = fmt
     codec = _CODECS.get((format_tag, bits))
     if codec is None or channels <= 0 or sample_rate <= 0 or block_align != channels * bits // 8:
         return None
@@ -135,6 +142,7 @@ def _header(
         n_samples=held,
         data_offset=data_offset,
         declared_samples=declared if declared > held else None,
+        valid_bits=extensible[0] if extensible and 0 < extensible[0] < bits else None,
     )
 
 
