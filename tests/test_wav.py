@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from buzzdask.decode import _ffprobe_stream, decode_file, probe_audio
+from buzzdask.decode import _ffprobe_stream, decode_chunk, decode_file, plan_chunks, probe_audio
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.wav import iter_wav_samples, read_wav_header
 from tests.conftest import field_like, requires_ffmpeg
+from tests.test_frames import spec
 
 pytestmark = requires_ffmpeg
 N_SAMPLES = 7 * 48000 + 321
@@ -108,6 +109,29 @@ def test_24_valid_bits_in_32_are_read_here_whatever_the_channels(tmp_path, chann
     got = decode_file(extensible, sample_rate=16000)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, decode_file(plain, sample_rate=16000), atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_wav_past_4_gib_whose_size_wrapped_is_read_whole(tmp_path, channels) -> None:
+    """A writer that kept the data size in 32 bits: the file holds 4 GiB more than it says.
+    (A sparse file: its audio is silence, and takes no disk.)"""
+    rate, align = 48000, 2 * channels
+    true_bytes = 2**32 + rate * align * 10  # ten seconds past the wrap
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * align, align, 16)
+    head = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt
+    head += b"data" + struct.pack("<I", true_bytes % 2**32)
+    path = tmp_path / "long.wav"
+    with path.open("wb") as file:
+        file.write(b"RIFF" + struct.pack("<I", (len(head) + true_bytes) % 2**32) + head)
+        file.truncate(8 + len(head) + true_bytes)
+    info = probe_audio(path)
+    assert info.duration_s == pytest.approx(true_bytes / align / rate)
+    header = read_wav_header(path)
+    assert header is not None and header.wrapped and header.declared_samples is None
+    last = plan_chunks(info, spec(), frames_per_chunk=4)[-1]  # read in process, past the wrap
+    decoded = decode_chunk(info, last, spec=spec())
+    frames = spec().n_complete_frames(true_bytes // align // 3)  # at 16 kHz
+    assert decoded.first_frame + decoded.n_frames == frames and not decoded.samples.any()
 
 
 def _ffmpeg_floats(path: Path, channels: int) -> np.ndarray:

@@ -680,7 +680,7 @@ def _in_process_header(info: AudioInfo) -> WavHeader | None:
     """The WAV header of a file decoded in process: PCM of one or two channels, as probed.
 
     More channels go through ffmpeg, whose ``pan`` sums them in an order of its own; but not
-    where ffmpeg misreads the samples (24 valid bits in 32: :attr:`WavHeader.valid_bits`).
+    where ffmpeg misreads the file (:attr:`WavHeader.ffmpeg_misreads`).
     """
     if not info.codec.startswith("pcm_"):
         return None
@@ -691,7 +691,7 @@ def _in_process_header(info: AudioInfo) -> WavHeader | None:
         info.channels,
     ):
         return None
-    return header if info.channels <= 2 or header.valid_bits is not None else None
+    return header if info.channels <= 2 or header.ffmpeg_misreads else None
 
 
 def _decode_wav(

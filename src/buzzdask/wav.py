@@ -59,6 +59,9 @@ class WavHeader:
         Bits of each sample that hold audio, where a WAVE_FORMAT_EXTENSIBLE header says fewer
         than are stored (24 in 32); ``None`` otherwise. ffmpeg reads such a file as 24-bit
         float (``pcm_f24le``): only this module reads it right.
+    wrapped : bool
+        The data chunk's 32-bit size wrapped past 4 GiB (its writer kept only the low bits):
+        ``n_samples`` counts what the file holds, which ffmpeg would cut at the size written.
     """
 
     codec: str
@@ -68,11 +71,21 @@ class WavHeader:
     data_offset: int = 0
     declared_samples: int | None = None
     valid_bits: int | None = None
+    wrapped: bool = False
 
     @property
     def duration_s(self) -> float:
         """``n_samples / sample_rate`` [s]."""
         return self.n_samples / self.sample_rate
+
+    @property
+    def ffmpeg_misreads(self) -> bool:
+        """Whether ffmpeg would decode other samples than these.
+
+        :attr:`valid_bits`, :attr:`wrapped`: the file is then read in process, whatever its
+        channel count.
+        """
+        return self.valid_bits is not None or self.wrapped
 
     @property
     def declared_duration_s(self) -> float | None:
@@ -133,6 +146,10 @@ def _header(
     codec = _CODECS.get((format_tag, bits))
     if codec is None or channels <= 0 or sample_rate <= 0 or block_align != channels * bits // 8:
         return None
+    # A size kept in 32 bits by its writer wraps past 4 GiB: the file holds 4 GiB (or 8...)
+    # more than it says. Where it does, the size is what it holds, to the wrap.
+    wraps = max(held_bytes - data_bytes, 0) // 2**32
+    data_bytes += wraps * 2**32
     declared = data_bytes // block_align
     held = max(min(data_bytes, held_bytes), 0) // block_align
     return WavHeader(
@@ -143,6 +160,7 @@ def _header(
         data_offset=data_offset,
         declared_samples=declared if declared > held else None,
         valid_bits=extensible[0] if extensible and 0 < extensible[0] < bits else None,
+        wrapped=wraps > 0,
     )
 
 
