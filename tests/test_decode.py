@@ -204,35 +204,39 @@ _SIGNALLED_FFMPEG = (
 
 
 @pytest.mark.parametrize(
-    ("script", "reason"),
+    ("script", "reason", "stopped"),
     [
         # The kernel's out-of-memory killer leaves ffmpeg no last words.
-        ("#!/bin/sh\nkill -KILL $$\n", "ffmpeg was killed by SIGKILL (out of memory?)"),
+        ("#!/bin/sh\nkill -KILL $$\n", "ffmpeg was killed by SIGKILL (out of memory?)", True),
         # ffmpeg catches SIGINT and SIGTERM (a job's end) and exits 255 without a word.
         *[
-            (_SIGNALLED_FFMPEG.format(signal=name), "ffmpeg was stopped by SIGINT or SIGTERM")
+            (_SIGNALLED_FFMPEG.format(signal=name), "ffmpeg was stopped by SIGINT or SIGTERM", True)
             for name in ("INT", "TERM")
         ],
+        # A crash, which the file may cause: not decoded again.
+        ("#!/bin/sh\nkill -SEGV $$\n", "ffmpeg was killed by SIGSEGV", False),
     ],
-    ids=["SIGKILL", "SIGINT", "SIGTERM"],
+    ids=["SIGKILL", "SIGINT", "SIGTERM", "SIGSEGV"],
 )
 def test_an_ffmpeg_stopped_by_a_signal_says_so(
-    make_audio, tmp_path: Path, script: str, reason: str
+    make_audio, tmp_path: Path, script: str, reason: str, stopped: bool
 ) -> None:
-    """Not the file's fault: the error names the signal, as one the run decodes again."""
+    """The error names the signal; stopped from outside, it is not the file's fault (the run
+    decodes it again)."""
     path = make_audio("a.mp3", n_samples=16000 * 3)
     info = probe_audio(path)
-    stopped = tmp_path / "ffmpeg"
-    stopped.write_text(script)
-    stopped.chmod(0o755)
-    with pytest.raises(DecoderStopped) as raised:
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text(script)
+    wrapper.chmod(0o755)
+    with pytest.raises(DecodeError) as raised:
         decode_chunk(
             info,
             plan_chunks(info, spec(), frames_per_chunk=3)[0],
             spec=spec(),
-            ffmpeg_cmd=str(stopped),
+            ffmpeg_cmd=str(wrapper),
         )
     assert raised.value.reason.startswith(reason)
+    assert isinstance(raised.value, DecoderStopped) == stopped
 
 
 def _generated_wav(path: Path, *, codec: str, channels: int, rate: int, n_samples: int) -> Path:

@@ -6,6 +6,7 @@ The resumed run is compared frame by frame with an independent uninterrupted run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,3 +89,19 @@ def test_disk_full_mid_run_then_resume(run, make_audio, tmp_path, small_disk):
     assert not frame.duplicated(["file", "start"]).any()
     assert_same_frames(frame, reference.to_pandas())
     assert len(buzzdask.open_run(output).frames()) == len(frame)
+
+
+def test_an_output_on_a_full_disk_says_so_before_any_work(small_disk, tmp_path):
+    """Its lock cannot be written: the advice is room, not permissions."""
+    from buzzdask import OutputConflictError
+    from buzzdask.lock import OutputLock
+
+    _mount(small_disk, 4 * PAGE)
+    filler = small_disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as stream:
+        stream.write(b"x" * (8 * PAGE))
+    with (
+        pytest.raises(OutputConflictError, match=r"No space left on device.*free some space"),
+        OutputLock(small_disk / "out", started="now", stale_s=120),
+    ):
+        pass

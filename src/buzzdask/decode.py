@@ -268,6 +268,9 @@ def readable_stat(path: str) -> os.stat_result:
 #: ffmpeg's exit status when it stops on SIGINT or SIGTERM (it catches both, and says nothing
 #: of it at ``-loglevel error``).
 _FFMPEG_SIGNALLED = 255
+#: Signals that stop ffmpeg from outside (a job's end, Ctrl-C, the out-of-memory killer, a
+#: closed terminal), unlike those of a crash (SIGSEGV, SIGABRT...), which the file may cause.
+_STOPPING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGHUP})
 
 
 def _decode_failure(path: str, messages: str, returncode: int) -> DecodeError:
@@ -285,7 +288,11 @@ def _decode_failure(path: str, messages: str, returncode: int) -> DecodeError:
     if returncode < 0:
         name = _signal_name(-returncode)
         cause = " (out of memory?)" if -returncode == signal.SIGKILL else ""
-        return DecoderStopped(path, f"ffmpeg was killed by {name}{cause}", messages)
+        # Stopped from outside, it decodes next time; a crash (SIGSEGV...) would crash again.
+        stopped = -returncode in _STOPPING_SIGNALS
+        return (DecoderStopped if stopped else DecodeError)(
+            path, f"ffmpeg was killed by {name}{cause}", messages
+        )
     if returncode == _FFMPEG_SIGNALLED and not messages:
         # What a job's end (SIGTERM to every process of a SLURM job) or a Ctrl-C that reached
         # the workers leaves, though the file itself decodes.

@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from stat import S_ISREG
 
 import numpy as np
 import psutil
@@ -172,12 +173,13 @@ def _remove_stem(stem: str) -> bool:
 
 
 def _remove_dead_copies(directory: str, *, keep: str) -> None:
-    """Remove the copies whose maker on this host is gone, but ``keep``'s.
+    """Remove the copies whose last holder of their lock on this host is gone, but ``keep``'s.
 
     A worker killed with its run (its client killed: Dask ends it with ``os._exit``, and no
     ``atexit`` runs) leaves its copies, 230 MB per audio hour, which no later run would ask
     for under the same key. Looked for before a copy is made, so they do not take its room. A
-    copy a live task still makes (its lock held) stays.
+    copy a live task still makes (its lock held) stays; one that a live run still reads, whose
+    maker alone died, is made again by the task that next needs it (the same samples).
     """
     host = socket.gethostname()
     try:
@@ -189,9 +191,11 @@ def _remove_dead_copies(directory: str, *, keep: str) -> None:
         if not name.endswith(".lock") or stem == keep:
             continue
         try:
+            if not S_ISREG(os.lstat(stem + ".lock").st_mode):  # a FIFO would block the read
+                continue
             with open(stem + ".lock", encoding="utf-8") as file:
                 maker_host, _, pid = file.read().strip().partition(" ")
-        except OSError:
+        except (OSError, ValueError):  # gone meanwhile, or not one of ours
             continue
         if maker_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
             with contextlib.suppress(OSError):

@@ -82,10 +82,10 @@ class WavHeader:
     def ffmpeg_misreads(self) -> bool:
         """Whether ffmpeg would decode other samples than these.
 
-        :attr:`valid_bits`, :attr:`wrapped`: the file is then read in process, whatever its
-        channel count.
+        24 valid bits in 32 (:attr:`valid_bits`), which it reads as 24-bit float, or a size
+        that :attr:`wrapped`: the file is then read in process, whatever its channel count.
         """
-        return self.valid_bits is not None or self.wrapped
+        return (self.codec, self.valid_bits) == ("pcm_s32le", 24) or self.wrapped
 
     @property
     def declared_duration_s(self) -> float | None:

@@ -450,9 +450,11 @@ class OutputConflict:
                 f"choose another {words.output}"
             )
         if self.reason == "cannot write":
+            full = self.problem.endswith(os.strerror(errno.ENOSPC))
+            fix = "free some space on its disk" if full else "give yourself write access to it"
             return (
-                f"cannot write in output {self.output} ({self.problem}); give yourself write "
-                f"access to it or choose another {words.output}"
+                f"cannot write in output {self.output} ({self.problem}); {fix} or choose "
+                f"another {words.output}"
             )
         if self.reason == "not buzzdask" and self.others:
             return (
