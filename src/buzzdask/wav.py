@@ -57,8 +57,8 @@ class WavHeader:
         recording cut short); ``None`` when it holds them all.
     valid_bits : int or None
         Bits of each sample that hold audio, where a WAVE_FORMAT_EXTENSIBLE header says fewer
-        than are stored (24 in 32); ``None`` otherwise. ffmpeg reads such a file as 24-bit
-        float (``pcm_f24le``): only this module reads it right.
+        than are stored (24 in 32, 20 in 24); ``None`` otherwise. ffmpeg reads 24 in 32 as
+        24-bit float (``pcm_f24le``): only this module reads that right.
     wrapped : bool
         The data chunk's 32-bit size wrapped past 4 GiB (its writer kept only the low bits):
         ``n_samples`` counts what the file holds, which ffmpeg would cut at the size written.
