@@ -361,6 +361,18 @@ def run_benchmark(module: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def ffmpeg_failing_on(directory: Path, name: str) -> Path:
+    """An executable ``directory/ffmpeg``: the real ffmpeg, but for any command naming ``name``,
+    which it fails (exit 1, no message) as a file ffmpeg cannot decode would."""
+    from buzzdask.ffmpeg_tools import find_ffmpeg
+
+    wrapper = directory / "ffmpeg"
+    real = find_ffmpeg().ffmpeg
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *{name}*) exit 1 ;; esac\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
     """16-bit PCM WAV; ``samples`` has shape (n,) or (n, channels) in [-1, 1]."""
     data = np.asarray(samples, dtype=np.float64)

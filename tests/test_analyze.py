@@ -28,6 +28,7 @@ from tests.conftest import (
     CLASSES,
     MidRunKiller,
     assert_same_frames,
+    ffmpeg_failing_on,
     kill_client_mid_run,
     requires_ffmpeg,
     signal_client_mid_run,
@@ -355,11 +356,7 @@ def test_a_file_failing_in_every_chunk_is_one_console_line(run, make_audio, tmp_
     make_audio("good.mp3", n_samples=6 * FRAME)
     make_audio("bad.mp3", n_samples=6 * FRAME, seed=1)
     tools = find_ffmpeg()
-    wrapper = tmp_path / "ffmpeg"
-    wrapper.write_text(
-        f'#!/bin/sh\ncase "$*" in *bad.mp3*) exit 1 ;; esac\nexec {tools.ffmpeg} "$@"\n'
-    )
-    wrapper.chmod(0o755)
+    wrapper = ffmpeg_failing_on(tmp_path, "bad.mp3")
     with (
         dask.config.set({"buzzdask.ffmpeg": str(wrapper), "buzzdask.ffprobe": tools.ffprobe}),
         caplog.at_level(logging.INFO, logger="buzzdask"),

@@ -13,7 +13,7 @@ import pandas as pd
 
 from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
 from buzzdask.progress import PROBLEMS_SHOWN
-from tests.conftest import requires_ffmpeg
+from tests.conftest import ffmpeg_failing_on, requires_ffmpeg
 from tests.test_cli import buzzdask_cli
 
 # What TensorFlow, absl, CUDA and Dask print when nothing silences them.
@@ -133,11 +133,7 @@ def test_a_file_failing_in_every_chunk_is_one_line(
     make_audio("good.mp3", n_samples=6 * 15360)
     make_audio("bad.mp3", n_samples=6 * 15360, seed=1)
     tools = find_ffmpeg()
-    wrapper = tmp_path / "ffmpeg"
-    wrapper.write_text(
-        f'#!/bin/sh\ncase "$*" in *bad.mp3*) exit 1 ;; esac\nexec {tools.ffmpeg} "$@"\n'
-    )
-    wrapper.chmod(0o755)
+    wrapper = ffmpeg_failing_on(tmp_path, "bad.mp3")
     monkeypatch.setenv("DASK_BUZZDASK__FFMPEG", str(wrapper))
     monkeypatch.setenv("DASK_BUZZDASK__FFPROBE", tools.ffprobe or "")
     done = _analyze(tmp_path, tiny_model, tiny_embedder, "--chunk-seconds", "2")
