@@ -149,6 +149,11 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     os.symlink(audio / "loop_a.wav", audio / "loop_b.wav")
     (audio / "sub").mkdir()
     os.symlink(audio, audio / "sub" / "back_to_top")  # a directory loop
+    # A name from an old memory card (latin-1 bytes): no text for a Parquet column or a log.
+    (audio / os.fsdecode(b"caf\xe9.wav")).write_bytes((audio / "good.wav").read_bytes())
+    # Folders pandas and pyarrow take for metadata ("_..."): the result reads them all the same.
+    (audio / "_pilot").mkdir()
+    (audio / "_pilot" / "good.wav").write_bytes((audio / "good.wav").read_bytes())
 
     result = run(audio)
 
@@ -166,6 +171,7 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
         "cut.wav",
         "stub.wav",
         "damaged.mp3",
+        "caf\\xe9.wav",
     }
     # One row a file: cut to less than a frame is a failure that says it was cut, not a
     # "kept" row beside a failed one.
@@ -180,6 +186,7 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert "cannot read it as audio" in errors.loc["not_audio.mp3", "reason"]
     assert "broken symlink" in errors.loc["broken_link.wav", "reason"]
     assert errors.loc["loop_a.wav", "reason"] == "symlink loop"
+    assert errors.loc["caf\\xe9.wav", "reason"].startswith("its name is not UTF-8 text")
     # Files cut short are analysed, with a row that says so (their headers declare more).
     assert errors.loc["truncated.mp3", "reason"].startswith(
         "cut short: its header declares 10.0 s, the file holds 6.0 s"
@@ -196,11 +203,19 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert set(errors.index[errors.kept]) == {"truncated.mp3", "cut.wav", "damaged.mp3"}
     frame = result.to_pandas()
     # A copy cut short keeps the frames it holds (about 6 of 10 s); the rest are not invented.
-    assert set(frame.file) == {"good.wav", "good.mp3", "truncated.mp3", "cut.wav", "damaged.mp3"}
+    assert set(frame.file) == {
+        "good.wav",
+        "good.mp3",
+        "truncated.mp3",
+        "cut.wav",
+        "damaged.mp3",
+        "_pilot/good.wav",
+    }
+    assert len(frame) == len(result.to_dask())
     assert (frame.file == "cut.wav").sum() == 4  # the header's 44 bytes short of a fifth
     assert 4 <= (frame.file == "truncated.mp3").sum() <= 7
     assert 3 <= (frame.file == "damaged.mp3").sum() <= 4
-    assert result.summary["files_failed"] == 9
+    assert result.summary["files_failed"] == 10
     assert result.summary["files_skipped"] == 1  # sub/back_to_top: the input folder, walked once
     # The table on disk is the result's, typed alike (a chunk is 3, not 3.0, beside a null).
     on_disk = pd.read_parquet(result.output / "errors.parquet")
@@ -385,6 +400,10 @@ def test_paths_from_a_notebook_expand_home_as_pandas_does(run, make_audio, tmp_p
     assert result.metadata["inputs"]["paths"] == [str(tmp_path / "audio")]  # as it resolved
     assert buzzdask.probe_audio("~/audio/site/a.wav").duration_s == 2 * FRAME / 16000
     assert len(buzzdask.decode_file("~/audio/site/a.wav", sample_rate=16000)) == 2 * FRAME
+    # An output folder named with what fsspec reads as URL chaining or a glob is a folder.
+    odd = Path(shutil.copytree(result.output, tmp_path / "run::2024 [*]"))
+    assert len(buzzdask.open_run(odd).frames().compute()) == 2
+    assert buzzdask.summarize(odd, thresholds={"ins_buzz": 0.0}, dest=tmp_path / "s2").shape[0]
 
 
 def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):

@@ -103,6 +103,26 @@ def test_configurations_extending_each_other_in_a_loop_are_refused(tmp_path):
         load_cluster_config(tmp_path / "a.yaml")
 
 
+def test_a_copied_configuration_with_a_typo_is_refused(tmp_path):
+    # A lab's copy of osc-cardinal.yaml, renamed as the README says, with one key misspelt:
+    # its account rule would be gone without a word. (Each copy its own name: dask.config
+    # keeps the entries registered.)
+    original = available_configs()["osc-cardinal"].read_text()
+
+    def copy(name: str, old: str = "", new: str = "") -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(original.replace("osc-cardinal:", f"{name}:", 1).replace(old, new))
+        return path
+
+    with pytest.raises(ParameterError, match=r"unknown key 'acount-required' \(did you mean "):
+        load_cluster_config(copy("lab1", "account-required:", "acount-required:"))
+    with pytest.raises(ParameterError, match=r"'cpu-confg' \(did you mean 'cpu-config'\?\)"):
+        load_cluster_config(copy("lab2", "cpu-config:", "cpu-confg:"))
+    with pytest.raises(ParameterError, match=r"lab4 .*lab4\.yaml\) needs cpu-config: the"):
+        load_cluster_config(copy("lab4", "      cpu-config: osc-cardinal\n", ""))
+    assert load_cluster_config(copy("lab3"))["account-required"] is True
+
+
 @pytest.mark.parametrize("name", sorted(OSC))
 def test_osc_job_scripts(name):
     scripts = job_scripts(name, account="PAS1234", walltime="02:00:00")
@@ -251,6 +271,32 @@ def test_batch_script_for_one_job_mode(capsys):
         "--worker-memory 73728MiB,118784MiB analyze 'audio dir/' --model general_v3 "
         "--output results/"
     )
+
+
+def test_impossible_job_options_are_refused_before_a_script_is_printed(capsys):
+    pitzer = ["--config", "osc-pitzer", "--account", "PAS1234"]
+    cases = {
+        "gpus=-1 (--gpus) must be >= 0": ["--gpus", "-1", "--print-job-script"],
+        "cpu_workers=-1 (--cpu-workers) must be >= 0": [
+            *("--cpu-workers", "-1", "--print-job-script"),
+        ],
+        "cores=0 (--cores) must be an integer >= 1": ["--cores", "0", "--print-job-script"],
+        "memory='10GiBs' (--memory) must be a size": ["--memory", "10GiBs", "--print-job-script"],
+        "walltime='1 hour' is not a SLURM time limit": [
+            *("--walltime", "1 hour", "--print-job-script"),
+        ],
+        # The analysis' own values, before its script goes to sbatch.
+        "--chunk-seconds": ["--print-batch-script", *ANALYZE, "--chunk-seconds", "-1"],
+        "--memory-budget": ["--print-batch-script", *ANALYZE, "--memory-budget", ""],
+    }
+    for message, arguments in cases.items():
+        assert cluster_main([*pitzer, *arguments]) == EXIT_ERROR, message
+        captured = capsys.readouterr()
+        assert message in captured.err, captured.err
+        assert "#SBATCH" not in captured.out
+    with pytest.raises(SystemExit):
+        cluster_main([*pitzer, "--timeout", "-5", "--print-job-script"])
+    assert "--timeout -5: give the seconds to wait, > 0" in capsys.readouterr().err
 
 
 def test_unknown_configuration_names_the_available_ones():

@@ -326,6 +326,15 @@ def test_errors_before_anything_is_written(tree_run, tmp_path):
         buzzdask.open_run(tmp_path / "missing")
 
 
+def test_recording_names_too_long_for_an_export_file_are_refused_first():
+    from buzzdask.exports import _check_unique, buzzdetect_name
+
+    fits = "site/" + "蜂" * 80 + ".wav"  # "蜂" * 80 + "_buzzdetect.csv": 255 bytes
+    _check_unique([fits], buzzdetect_name)
+    with pytest.raises(ParameterError, match=r"would export to a file name of 258 bytes, more"):
+        _check_unique([fits, "site/" + "蜂" * 81 + ".wav"], buzzdetect_name)
+
+
 def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):
     dest = tmp_path / "again"
     first = buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
@@ -371,6 +380,14 @@ def test_combined_csv_has_times_where_known(tree_run, tmp_path):
         times = pd.to_datetime(rows["time"])
         assert (times == start + pd.to_timedelta(rows["start"], "s")).all()
     assert (table.loc[table["file"] == "mustard/am1/notes.wav", "time"] == "").all()
+    # With no start known at all, the column is still there, blank.
+    untimed = buzzdask.export(
+        tree_run.output, format="csv", dest=tmp_path / "untimed", time_format="%Y-%j-X"
+    )
+    assert len(untimed.untimed) == len(STARTS) + 1
+    table = pd.read_csv(untimed.files[0], keep_default_na=False)
+    assert list(table.columns)[:4] == ["file", "start", "end", "time"]
+    assert (table["time"] == "").all()
 
 
 def plain_events(frame: pd.DataFrame, threshold: float, *, gap: int, least: int) -> list[tuple]:
@@ -565,3 +582,16 @@ def test_testbuzz_exports_like_buzzdetect(run, shared_dir, tmp_path):
         assert written[f"activation_{name}"].tolist() == [
             as_buzzdetect(a) for a in frames[f"activation_{name}"]
         ]
+
+
+def test_combined_csv_times_are_exact_at_a_hop_finer_than_buzzdetects_decimals(
+    run, make_audio, tmp_path
+):
+    make_audio("a.wav", n_samples=3 * 16000)
+    result = run(tmp_path / "audio", frame_hop_s=0.125)
+    written = buzzdask.export(result.output, format="csv", dest=tmp_path / "csv")
+    table = pd.read_csv(written.files[0])
+    frames = result.to_pandas()
+    assert table["start"].tolist() == pytest.approx(frames["start"].tolist(), abs=1e-9)
+    assert table["start"].iloc[1] == 0.125  # not 0.12
+    assert (table["end"] - table["start"]).tolist() == pytest.approx([0.96] * len(table))

@@ -246,3 +246,27 @@ def test_a_folder_reached_twice_is_walked_once_by_its_own_path(tmp_path):
         "2 skipped: 1 link to the input folder, walked once (by_site/back/), "
         "1 link to 2026-06-01/, walked once (by_site/siteA/)"
     )
+
+
+def test_the_same_recording_by_two_paths_is_analysed_once_by_its_own(tmp_path):
+    # A link to a recording beside the others, a folder given again through a link to it, a
+    # folder inside another given too: each file once, under its own name; the links listed.
+    audio = tmp_path / "audio"
+    for site in ("siteA", "siteB"):
+        (audio / site).mkdir(parents=True)
+        (audio / site / "rec.mp3").write_bytes(b"ID3" + site.encode())
+    (audio / "siteB" / "from_A.mp3").symlink_to(audio / "siteA" / "rec.mp3")
+    (audio / "siteA_alias").symlink_to(audio / "siteA", target_is_directory=True)
+    (tmp_path / "audio_link").symlink_to(audio, target_is_directory=True)
+    given = [audio / "siteA_alias", audio, audio / "siteB", tmp_path / "audio_link" / "siteB"]
+    found = scan(given, extensions=[".mp3"])
+    assert found.root == str(tmp_path)
+    assert [f.relative for f in found.files] == ["audio/siteA/rec.mp3", "audio/siteB/rec.mp3"]
+    assert [(s.relative, s.reason) for s in found.skipped] == [
+        ("audio/siteA_alias/", "link to audio/siteA/, walked once"),
+        ("audio/siteB/from_A.mp3", "link to audio/siteA/rec.mp3, analysed once"),
+        ("audio_link/siteB/", "link to audio/siteB/, walked once"),
+    ]
+    # Named alone, a link is analysed by its name: there is no other path to prefer.
+    alone = scan(audio / "siteB" / "from_A.mp3", extensions=[".mp3"])
+    assert [f.relative for f in alone.files] == ["from_A.mp3"] and not alone.skipped

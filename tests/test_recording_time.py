@@ -252,3 +252,59 @@ def test_starts_on_different_clocks_are_warned_of_without_a_zone(tmp_path, caplo
         zoned = recording_starts(names, root=tmp_path, tz="America/New_York")
         recording_starts(["moth.WAV"], root=tmp_path)
     assert zoned["start"].nunique() == 1 and not caplog.messages
+
+
+def test_audio_out_of_reach_is_timed_by_name_with_a_warning(tmp_path, caplog):
+    # Results copied off the cluster without the audio: the names are all that is left, and
+    # an AudioMoth left at UTC names its files in UTC while its comment says so: say it.
+    add_metadata(
+        _wav(tmp_path / "20240601_093000.WAV"),
+        comment=audiomoth_comment("09:30:00 01/06/2024", "UTC"),
+    )
+    with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
+        here = recording_starts(["20240601_093000.WAV"], root=tmp_path, tz="America/New_York")
+    assert here["start"].iloc[0] == pd.Timestamp("2024-06-01 05:30", tz="America/New_York")
+    assert not caplog.messages
+    with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
+        moved = recording_starts(
+            ["20240601_093000.WAV", "notime.wav", "230809_0600.mp3"],
+            root=tmp_path / "moved",
+            tz="America/New_York",
+        )
+    assert moved["start"].iloc[0] == pd.Timestamp("2024-06-01 09:30", tz="America/New_York")
+    assert moved["source"].iloc[0] == "name %Y%m%d_%H%M%S"
+    (message,) = caplog.messages
+    assert message.startswith("2 WAV recording(s) could not be read for the start time in their")
+    assert "20240601_093000.WAV (No such file or directory); notime.wav (No such" in message
+    assert "Run this where the audio is" in message
+    assert "230809_0600.mp3" not in message  # no metadata is read from an MP3 anyway
+
+
+def test_metadata_and_name_that_disagree_are_warned_of(tmp_path, caplog):
+    add_metadata(
+        _wav(tmp_path / "20240601_060000.WAV"),
+        comment=audiomoth_comment("06:10:00 01/06/2024", "UTC+1"),
+    )
+    add_metadata(
+        _wav(tmp_path / "20240601_070000.WAV"),  # seconds apart: the same clock
+        comment=audiomoth_comment("07:00:30 01/06/2024", "UTC+1"),
+    )
+    names = ["20240601_060000.WAV", "20240601_070000.WAV"]
+    with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
+        table = recording_starts(names, root=tmp_path)
+    assert (
+        table["start"].tolist()
+        == pd.to_datetime(["2024-06-01 06:10", "2024-06-01 07:00:30"], format="ISO8601").tolist()
+    )
+    (message,) = caplog.messages
+    assert message == (
+        "1 recording(s) whose metadata and name give different start times, the metadata's "
+        "taken: 20240601_060000.WAV (AudioMoth comment 2024-06-01 06:10:00, name 2024-06-01 "
+        "06:00:00). buzzr, which reads names, bins them at the names' times; give "
+        "--time-format (time_format=) to take the names' instead"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
+        recording_starts(names, root=tmp_path, time_format="%Y%m%d_%H%M%S")
+        recording_starts(names, root=tmp_path, read_metadata=False)
+    assert not caplog.messages

@@ -187,3 +187,19 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     assert json.loads((out / "buzzdask.json").read_text())["inputs"]["root"] == str(moved)
     assert "now under" in (out / "buzzdask.log").read_text()
     _assert_vouched_for(out)
+
+
+def test_a_resume_with_another_decode_margin_is_refused(run, make_audio, tmp_path):
+    """Less margin than the default lets chunk edges show in the scores: never mixed."""
+    import dask
+
+    make_audio("a.wav", n_samples=4 * FRAME)
+    first = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "out")
+    assert "decode_margin_s" not in first.metadata["fingerprint"]  # the default: as before
+    with dask.config.set({"buzzdask.decode-margin-seconds": 0.0}):
+        with pytest.raises(OutputConflictError, match=r"decode_margin_s: None before, 0\.0 now"):
+            run(
+                tmp_path / "audio", chunk_seconds=CHUNK_S, output=first.output, on_conflict="resume"
+            )
+        thin = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "thin")
+    assert thin.metadata["fingerprint"]["decode_margin_s"] == 0.0

@@ -14,8 +14,10 @@ import warnings
 from dataclasses import replace
 
 import dask
+import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from buzzdask import ParameterError
 from buzzdask.logs import WorkerLogging
 from buzzdask.session import connect, start_local_cluster, worker_environment
 from buzzdask.settings import LocalClusterSettings
@@ -296,3 +298,14 @@ def test_a_notebooks_own_logging_gets_each_line_once(tiny_model, tiny_embedder, 
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("empty.wav: empty file") == 1, done.stderr
+
+
+def test_a_client_that_is_no_client_nor_address_is_refused():
+    cases = {
+        123: r"client=123 must be a distributed\.Client, a scheduler address",
+        "": r"the scheduler address is empty",
+        "abc": r"scheduler address 'abc': missing port number",
+    }
+    for client, message in cases.items():
+        with pytest.raises(ParameterError, match=message), connect(client, local=_settings()):
+            pass

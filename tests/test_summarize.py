@@ -8,6 +8,7 @@ any time; every binned table is checked against a plain pandas computation on al
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -331,3 +332,18 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
         "so far"
         for doing in ("summarizing", "exporting")
     ]
+
+
+def test_plot_file_names_are_one_per_recording():
+    from buzzdask.plots import _file_parts
+
+    long = "site/" + "x" * 240 + ".wav"
+    parts = _file_parts(["蜜蜂/1.wav", "花园/1.wav", "site/a.wav", "site_a.wav", "b.wav", long])
+    assert parts["蜜蜂/1.wav"] == "蜜蜂_1.wav" and parts["花园/1.wav"] == "花园_1.wav"
+    assert parts["b.wav"] == "b.wav"
+    # Two names that would write one file, and one too long for a file name: a hash each.
+    assert re.fullmatch(r"site_a\.wav-[0-9a-f]{8}", parts["site/a.wav"])
+    assert re.fullmatch(r"site_a\.wav-[0-9a-f]{8}", parts["site_a.wav"])
+    assert parts["site/a.wav"] != parts["site_a.wav"]
+    assert re.fullmatch(r"site_x+-[0-9a-f]{8}", parts[long]) and len(parts[long]) == 160
+    assert len(set(parts.values())) == len(parts)

@@ -165,3 +165,14 @@ def test_atomic_path_leaves_nothing_behind_when_its_block_fails(tmp_path) -> Non
         temporary.write_bytes(b"half")
         raise RuntimeError("a full disk")
     assert target.read_bytes() == b"kept" and os.listdir(target.parent) == ["x.parquet"]
+    # A name that just fits (a long recording's export): its temporary name fits too.
+    longest = tmp_path / ("蜂" * 80 + "_buzzdetect.csv")  # 255 bytes
+    with atomic_path(longest) as temporary:
+        temporary.write_bytes(b"start\n")
+    assert longest.read_bytes() == b"start\n"
+    # Too long: the file system's error, not one from removing the temporary file.
+    with (
+        pytest.raises(OSError, match="File name too long"),
+        atomic_path(longest.with_suffix(".csvx")) as temporary,
+    ):
+        temporary.write_bytes(b"start\n")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from distributed import Client
 
+from buzzdask.config import DEFAULTS
 from buzzdask.dashboard_page import RunPublisher
 from buzzdask.decode import PREPROCESSING, decode_chunk
 from buzzdask.errors import ModelError, ParameterError
@@ -107,8 +108,9 @@ class AnalysisResult:
         """All frames, sorted by file and start."""
         import pandas as pd
 
-        # No hive partitioning: an input folder named "site=A" is a name, not a column.
-        frame = pd.read_parquet(self.dataset, partitioning=None)
+        # No hive partitioning: an input folder named "site=A" is a name, not a column; and
+        # "_pilot/" is a recording's folder, not metadata (pyarrow skips "_" and "." by default).
+        frame = pd.read_parquet(self.dataset, partitioning=None, ignore_prefixes=["."])
         return frame.sort_values(["file", "start"], ignore_index=True)
 
     def to_dask(self) -> Any:
@@ -749,13 +751,18 @@ def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
         # same embeddings (its content hash and the set tell them).
         embeddings = {"embedder": model.embedder.name, "embeddings": str(plan.store.directory)}
         return {**fingerprint, **embeddings}
-    return {
-        **fingerprint,
+    decoding: dict[str, Any] = {
         # Builds differ in duration estimates (chunk plans) and AAC's last samples; so do the
         # probes (an MP3's header and ffprobe differ where a LAME header trims the padding).
         "ffmpeg_version": plan.ffmpeg.version,
         "probe": "MP3 headers, else " + ("ffprobe" if plan.ffmpeg.ffprobe else "ffmpeg"),
     }
+    margin_s = plan.settings.decode_margin_seconds
+    if margin_s != DEFAULTS["buzzdask"]["decode-margin-seconds"]:
+        # Less margin lets the chunks' edges show in the scores: a resume must not mix margins.
+        # Left out at the default, which the outputs written before it counted here all used.
+        decoding["decode_margin_s"] = margin_s
+    return {**fingerprint, **decoding}
 
 
 def _options(plan: _Plan, index: int) -> dict[str, Any]:

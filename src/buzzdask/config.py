@@ -18,4 +18,6 @@ import yaml
 DEFAULTS_PATH = Path(__file__).with_name("buzzdask.yaml")
 
 with DEFAULTS_PATH.open(encoding="utf-8") as _file:
-    dask.config.update_defaults(yaml.safe_load(_file))
+    #: The defaults as ``buzzdask.yaml`` holds them (read-only: ``dask.config`` has its own copy).
+    DEFAULTS = yaml.safe_load(_file)
+dask.config.update_defaults(DEFAULTS)

@@ -60,7 +60,8 @@ class InputFile:
         Path relative to the inputs' common root, ``/``-separated: the ``file`` column and
         the partition's place under the output.
     problem : str or None
-        Why it cannot be read (broken symlink, symlink loop), reported per file.
+        Why it cannot be read (broken symlink, symlink loop, a name that is not UTF-8),
+        reported per file.
     """
 
     path: str
@@ -209,13 +210,17 @@ def scan(
     root = tops[0] if len(tops) == 1 else os.path.commonpath(tops)
     found: dict[str, InputFile] = {}
     skipped: dict[str, Skipped] = {}
-    for path in absolute:
-        if os.path.isdir(path):
-            for file, problem in _walk(path, suffixes, skipped=skipped, root=root):
-                _add(found, root, file, problem)
-        else:
-            problem = None if os.path.exists(path) else _dangling(path)
-            _add(found, root, path, problem)
+    directories = [path for path in absolute if os.path.isdir(path)]
+    reached = [
+        *_walk(directories, suffixes, skipped=skipped, root=root),
+        *(
+            (path, None if os.path.exists(path) else _dangling(path), os.path.islink(path))
+            for path in absolute
+            if path not in directories
+        ),
+    ]
+    for path, problem in _once(reached, skipped=skipped, root=root):
+        _add(found, root, path, problem)
     return Discovery(
         paths=tuple(absolute),
         root=root,
@@ -253,23 +258,49 @@ def _add(found: dict[str, InputFile], root: str, path: str, problem: str | None)
     relative = PurePosixPath(Path(os.path.relpath(path, root)).as_posix())
     if relative.is_absolute() or ".." in relative.parts:
         raise InputError(f"{path} is outside the input root {root}")
-    found.setdefault(str(relative), InputFile(path=path, relative=str(relative), problem=problem))
+    name = _text(str(relative))
+    if name != str(relative):
+        # Its name could go into no Parquet column, log or Dask message: one file's error.
+        problem = problem or _NOT_UTF8
+    found.setdefault(name, InputFile(path=path, relative=name, problem=problem))
+
+
+_NOT_UTF8 = (
+    "its name is not UTF-8 text (an old memory card's or a zip's encoding): rename it, "
+    "e.g. with convmv -f latin1 -t utf8 --notest"
+)
+
+
+def _text(name: str) -> str:
+    r"""``name`` as text: bytes that are not UTF-8 (``os`` keeps them as surrogates) as ``\xe9``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _walk(
-    top: str, suffixes: set[str], *, skipped: dict[str, Skipped], root: str
-) -> Iterable[tuple[str, str | None]]:
-    """Audio files under ``top`` (with a problem or None); the rest goes into ``skipped``.
+    tops: Sequence[str], suffixes: set[str], *, skipped: dict[str, Skipped], root: str
+) -> Iterable[tuple[str, str | None, bool]]:
+    """Audio files under the folders ``tops``: ``(path, problem or None, through a link)``.
 
-    A folder reached twice (a symlink to a folder walked already, or a loop) is walked once,
-    by its own path where it has one: folders reached through a symlink are walked last.
+    The rest goes into ``skipped``.
+
+    A folder reached twice (a symlink to a folder walked already, a loop, or an input folder
+    inside another by a link) is walked once, by its own path where it has one: folders reached
+    through a symlink are walked last.
     """
     walked: dict[str, str] = {}  # real path -> the path it was walked by
-    stacks: tuple[list[str], list[str]] = ([top], [])  # own paths, paths through a symlink
+    stacks: tuple[list[str], list[str]] = ([], [])  # own paths, paths through a symlink
+    real_root = os.path.realpath(root)
+    for top in reversed(tops):  # popped last first: the inputs in the order given
+        own = os.path.realpath(top) == os.path.normpath(
+            os.path.join(real_root, os.path.relpath(top, root))
+        )
+        stacks[not own].append(top)
     while any(stacks):
         through_link = not stacks[0]
         directory = stacks[through_link].pop()
         real = os.path.realpath(directory)
+        if walked.get(real) == directory:  # an input folder inside another, or given twice
+            continue
         if real in walked:
             first = Path(os.path.relpath(walked[real], root)).as_posix()
             alias = f"link to {'the input folder' if first == '.' else first + '/'}, walked once"
@@ -279,11 +310,11 @@ def _walk(
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as error:
-            yield directory, f"cannot list directory: {error.strerror}"
+            yield directory, f"cannot list directory: {error.strerror}", through_link
             continue
         # Known from its listing, at no cost of its own (a stat per folder is a round trip on
         # a parallel file system); a folder named as an input is walked whatever it holds.
-        if directory != top and any(entry.name in _OUTPUT_MARKERS for entry in entries):
+        if directory not in tops and any(entry.name in _OUTPUT_MARKERS for entry in entries):
             _skip(skipped, root, directory, "buzzdask output", is_dir=True)
             continue
         for entry in entries:
@@ -297,9 +328,30 @@ def _walk(
             elif is_dir:
                 stacks[through_link or entry.is_symlink()].append(entry.path)
             elif entry.is_symlink() and not os.path.exists(entry.path):
-                yield entry.path, _dangling(entry.path)
+                yield entry.path, _dangling(entry.path), True
             elif entry.is_file(follow_symlinks=True):
-                yield entry.path, None
+                yield entry.path, None, through_link or entry.is_symlink()
+
+
+def _once(
+    reached: Iterable[tuple[str, str | None, bool]], *, skipped: dict[str, Skipped], root: str
+) -> list[tuple[str, str | None]]:
+    """Each file once, by its own path where it has one; the other paths listed as skipped.
+
+    A link to a file analysed already (or the same folder given by two paths) would score the
+    same audio twice, under two names.
+    """
+    chosen: dict[str, tuple[str, str | None, bool]] = {}
+    for path, problem, through_link in reached:
+        key = os.path.realpath(path) if problem is None else path
+        first = chosen.setdefault(key, (path, problem, through_link))
+        if first[0] == path:
+            continue
+        kept, other = (path, first[0]) if first[2] and not through_link else (first[0], path)
+        chosen[key] = (path, problem, through_link) if kept == path else first
+        analysed = Path(os.path.relpath(kept, root)).as_posix()
+        _skip(skipped, root, other, f"link to {analysed}, analysed once", is_dir=False)
+    return [(path, problem) for path, problem, _ in chosen.values()]
 
 
 def _skip_reason(name: str, *, is_dir: bool, suffixes: set[str]) -> str | None:
@@ -317,7 +369,7 @@ def _skip_reason(name: str, *, is_dir: bool, suffixes: set[str]) -> str | None:
 
 
 def _skip(skipped: dict[str, Skipped], root: str, path: str, reason: str, *, is_dir: bool) -> None:
-    relative = Path(os.path.relpath(path, root)).as_posix() + ("/" if is_dir else "")
+    relative = _text(Path(os.path.relpath(path, root)).as_posix()) + ("/" if is_dir else "")
     skipped.setdefault(relative, Skipped(relative=relative, reason=reason))
 
 

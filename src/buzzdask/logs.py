@@ -231,7 +231,8 @@ def run_log(
     C++ lines). A cluster of the caller's own is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = _RunLogFile(path, encoding="utf-8")
+    # A name that is not UTF-8 (an old card's) is written escaped, not the end of the log.
+    handler = _RunLogFile(path, encoding="utf-8", errors="backslashreplace")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     handler.addFilter(_WhereFilter())

@@ -8,8 +8,10 @@ notebook, in a batch job and on a compute node. matplotlib is imported only when
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -280,10 +282,11 @@ def plot_run(
             f"column, e.g. {', '.join(map(repr, meant))}"
         )
     planned: dict[Path, tuple[str, str]] = {}
+    parts = _file_parts(chosen)
     for name in settings.thresholds:
         planned[folder / f"detection-rate-{_safe(name)}-{settings.label}.png"] = ("daily", name)
         for recording in chosen:
-            planned[folder / f"activation-{_safe(recording)}-{_safe(name)}.png"] = (
+            planned[folder / f"activation-{parts[recording]}-{_safe(name)}.png"] = (
                 recording,
                 name,
             )
@@ -322,5 +325,29 @@ def plot_run(
 
 
 def _safe(text: str) -> str:
-    """A recording's relative name as part of a file name (``site/a.wav`` -> ``site_a.wav``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "recording"
+    """A name as part of a file name: ``site/a.wav`` -> ``site_a.wav``.
+
+    Letters of any script stay (``蜜蜂/1.wav`` -> ``蜜蜂_1.wav``).
+    """
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "recording"
+
+
+def _file_parts(recordings: Sequence[str]) -> dict[str, str]:
+    """Each recording's part of its plots' file names, one of its own.
+
+    Names that would write the same file (``site/a.wav`` and ``site_a.wav``), or one too long
+    for a file name, take a short hash of the whole name, so no plot replaces another.
+    """
+    parts = {recording: _safe(recording) for recording in recordings}
+    counts = Counter(parts.values())
+    for recording, part in parts.items():
+        if counts[part] > 1 or len(part.encode()) > _LONGEST_PART:
+            digest = hashlib.sha1(recording.encode(), usedforsecurity=False).hexdigest()[:8]
+            shortened = part.encode()[: _LONGEST_PART - 9].decode(errors="ignore")
+            parts[recording] = f"{shortened}-{digest}"
+    return parts
+
+
+# Bytes of a recording's name in a plot's file name: the rest ("activation-", the class, ".png")
+# stays within the 255 bytes of a file name.
+_LONGEST_PART = 160

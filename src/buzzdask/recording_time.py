@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -93,6 +94,8 @@ _AUDIOMOTH = re.compile(
     r"\(UTC(?:(?P<sign>[+-])(?P<oh>\d{1,2})(?::(?P<om>\d{2}))?)?\)"
 )
 _METADATA_LIMIT = 1 << 20  # a comment or GUANO chunk bigger than 1 MiB is not metadata
+# Names carry minutes at least; a name and metadata this far apart are two different clocks.
+_DISAGREEMENT = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,10 @@ def start_from_metadata(
         IANA time zone; default naive clock time as written.
     """
     _check_tz(tz)
-    time, _ = _metadata_time(Path(path))
+    try:
+        time, _ = _metadata_time(Path(path))
+    except OSError:
+        return None
     return None if time is None else _in_zone(time, tz)[0]
 
 
@@ -387,17 +393,40 @@ def recording_starts(
     sources: list[str | None] = []
     problems: list[str | None] = []
     clocks: dict[str, list[str]] = {}
+    unread: list[str] = []
+    disagreeing: list[str] = []
     for name in names:
         path = Path(root) / name if root is not None else Path(name)
-        time, source, problem = _start(name, path, parser, read_metadata=read_metadata)
-        if time is not None:
-            clocks.setdefault(_clock(time), []).append(name)
-        start, lost = (None, "") if time is None else _in_zone(time, tz)
+        found = _start(name, path, parser, read_metadata=read_metadata)
+        if found.time is not None:
+            clocks.setdefault(_clock(found.time), []).append(name)
+        if found.unread:
+            unread.append(f"{name} ({found.unread})")
+        if found.disagreement:
+            disagreeing.append(f"{name} ({found.disagreement})")
+        start, lost = (None, "") if found.time is None else _in_zone(found.time, tz)
         starts.append(start)
-        sources.append(source if start is not None else None)
-        problems.append(None if start is not None else (lost or problem))
+        sources.append(found.source if start is not None else None)
+        problems.append(None if start is not None else (lost or found.problem))
     if tz is None and len(clocks) > 1:
         _warn_mixed_clocks(clocks)
+    if unread:
+        logger.warning(
+            "%d WAV recording(s) could not be read for the start time in their metadata "
+            "(AudioMoth comment, GUANO), so they are timed by their names alone, which may say "
+            "another time: %s. Run this where the audio is (the run's input folder, as "
+            "analysed) for the times their recorders wrote",
+            len(unread),
+            first_names(unread, shown=3, separator="; "),
+        )
+    if disagreeing:
+        logger.warning(
+            "%d recording(s) whose metadata and name give different start times, the "
+            "metadata's taken: %s. buzzr, which reads names, bins them at the names' times; "
+            "give --time-format (time_format=) to take the names' instead",
+            len(disagreeing),
+            first_names(disagreeing, shown=3, separator="; "),
+        )
     dtype = "datetime64[ns]" if tz is None else pd.DatetimeTZDtype("ns", tz)
     return pd.DataFrame(
         {
@@ -434,32 +463,55 @@ def _warn_mixed_clocks(clocks: dict[str, list[str]]) -> None:
     )
 
 
-def _start(
-    name: str, path: Path, parser: TimeParser, *, read_metadata: bool
-) -> tuple[datetime | None, str | None, str]:
+class _Found(NamedTuple):
+    """A recording's start as :func:`_start` found it, and what a user should hear about."""
+
+    time: datetime | None
+    source: str | None
+    problem: str  # why there is no start
+    unread: str = ""  # why a WAV's metadata could not be read
+    disagreement: str = ""  # the name's and the metadata's starts, where they differ
+
+
+def _start(name: str, path: Path, parser: TimeParser, *, read_metadata: bool) -> _Found:
     from_name, how = parser.parse(name)
     if parser.explicit and from_name is not None:
-        return from_name, how, ""
+        return _Found(from_name, how, "")
     if read_metadata:
-        from_metadata, source = _metadata_time(path)
+        try:
+            from_metadata, source = _metadata_time(path)
+        except OSError as error:
+            # Moved, unmounted or copied off without the audio: the name alone may be off by
+            # the recorder's time zone or clock correction, so the caller says so.
+            unread = error.strerror or type(error).__name__
+            if from_name is not None:
+                return _Found(from_name, how, "", unread=unread)
+            return _Found(None, None, how, unread=unread)
         if from_metadata is not None:
-            return from_metadata, source, ""
+            naive = from_metadata.replace(tzinfo=None)
+            if from_name is not None and abs(naive - from_name) >= _DISAGREEMENT:
+                said = f"{source} {naive:%Y-%m-%d %H:%M:%S}, name {from_name:%Y-%m-%d %H:%M:%S}"
+                return _Found(from_metadata, source, "", disagreement=said)
+            return _Found(from_metadata, source, "")
     if from_name is not None:
-        return from_name, how, ""
-    return None, None, how
+        return _Found(from_name, how, "")
+    return _Found(None, None, how)
 
 
 # -- WAV metadata --------------------------------------------------------------------------------
 
 
 def _metadata_time(path: Path) -> tuple[datetime | None, str]:
-    """AudioMoth's comment or GUANO's timestamp, from the chunks of a RIFF/WAVE file."""
+    """AudioMoth's comment or GUANO's timestamp, from the chunks of a RIFF/WAVE file.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    """
     if path.suffix.lower() not in (".wav", ".wave"):
         return None, ""
-    try:
-        chunks = _text_chunks(path)
-    except OSError:
-        return None, ""
+    chunks = _text_chunks(path)
     comment = chunks.get("ICMT")
     if comment:
         time = _audiomoth_time(comment)

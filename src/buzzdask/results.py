@@ -7,6 +7,7 @@ plots all start here, so each reads the output the same way.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -42,12 +43,16 @@ def read_frames(dataset: str | os.PathLike[str], *, columns: Sequence[str] | Non
         ``detection_<class>`` (bool); rows in no particular order across partitions.
     """
     import dask.dataframe as dd
+    from fsspec.implementations.local import LocalFileSystem
 
-    # No hive partitioning: an input folder named "site=A" is a name, not a column.
+    # No hive partitioning: an input folder named "site=A" is a name, not a column. A local
+    # file system given and glob characters escaped, the path is a path: "::" in it chains no
+    # URLs and "*" or "[x]" globs nothing.
     return dd.read_parquet(
-        os.fspath(dataset),
+        glob.escape(os.fspath(dataset)),
         columns=list(columns) if columns is not None else None,
         dataset={"partitioning": None},
+        filesystem=LocalFileSystem(),
     )
 
 

@@ -26,11 +26,12 @@ from typing import Any
 import dask
 import distributed
 from distributed import Client, LocalCluster
-from distributed.comm import get_address_host
+from distributed.comm import get_address_host, parse_address
 from threadpoolctl import threadpool_limits
 from tornado import web
 
 from buzzdask.dashboard import local_dashboard_lines
+from buzzdask.errors import ParameterError
 from buzzdask.logs import STARTED_CLUSTERS, check_main_guard, quiet_environment
 from buzzdask.preload import MODULE as SCORER_PRELOAD_MODULE
 from buzzdask.settings import LocalClusterSettings
@@ -72,8 +73,13 @@ def connect(
     if isinstance(client, Client):
         yield client
     elif isinstance(client, str):
-        with Client(client) as connected:
+        with _connected(client) as connected:
             yield connected
+    elif client is not None:
+        raise ParameterError(
+            f"client={client!r} must be a distributed.Client, a scheduler address such as "
+            "'tcp://10.0.0.5:8786', or None (a local cluster)"
+        )
     else:
         with (
             start_local_cluster(local, processes=processes) as cluster,
@@ -85,6 +91,22 @@ def connect(
                 for line in local_dashboard_lines(started):
                     print(f"buzzdask: {line}")
             yield started
+
+
+def _connected(address: str) -> Client:
+    """A client of the scheduler at ``address``; an address that is none, a ParameterError."""
+    if not address.strip():
+        raise ParameterError(
+            "the scheduler address is empty: give one such as 'tcp://10.0.0.5:8786' "
+            "(--scheduler, client=), or none for a local cluster"
+        )
+    # Read before a Client is made: a Client that fails to start leaves its threads behind.
+    try:
+        if parse_address(address)[0] != "inproc":  # another process' has no host to read
+            get_address_host(address)
+    except ValueError as error:  # "missing port number", an unknown protocol
+        raise ParameterError(f"scheduler address {address!r}: {error}") from None
+    return Client(address)
 
 
 def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = True) -> LocalCluster:

@@ -31,6 +31,7 @@ from buzzdask import config  # noqa: F401  (registers buzzdask.yaml's defaults i
 from buzzdask.errors import ParameterError
 
 __all__ = [
+    "byte_count",
     "load_settings",
     "EmbedderSettings",
     "LocalClusterSettings",
@@ -100,11 +101,18 @@ def _whole(minimum: int, unit: str = "") -> _Check:
     return check
 
 
-def _size(value: Any) -> int:
+def byte_count(value: Any) -> int:
+    """``value`` in bytes (an integer, or text such as ``"32GiB"``); 0 where it is no size."""
+    # parse_bytes reads "" and "GiB" as one of the unit, and int(inf) overflows.
+    unitless = isinstance(value, str) and not any(char.isdigit() for char in value)
     try:
-        size = 0 if isinstance(value, bool) else parse_bytes(value)
-    except (AttributeError, TypeError, ValueError):  # parse_bytes(None) is an AttributeError
-        size = 0
+        return 0 if isinstance(value, bool) or unitless else parse_bytes(value)
+    except (AttributeError, TypeError, ValueError, OverflowError):  # None: AttributeError
+        return 0
+
+
+def _size(value: Any) -> int:
+    size = byte_count(value)
     if size <= 0:
         raise _Invalid("a size > 0: an integer or a string such as '1GiB' [bytes]")
     return size
@@ -120,7 +128,9 @@ def _address(value: Any) -> str:
     # distributed also takes a bare port, as DASK_..._DASHBOARD_ADDRESS=8787 arrives.
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**16:
         return f":{value}"
-    if not isinstance(value, str) or not value:
+    # "abc" would only fail as the cluster starts, with a traceback: a port is what it needs.
+    port = value.rpartition(":")[2] if isinstance(value, str) else ""
+    if not (port.isdigit() and int(port) < 2**16 and not any(c.isspace() for c in value)):
         raise _Invalid("an address such as ':8787' or a port")
     return value
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -102,6 +102,8 @@ ERROR_COLUMNS = list(_ERROR_TYPES)
 KEPT_EMBEDDINGS = "embeddings"
 #: The names :meth:`OutputLayout.partition` gives partitions.
 PARTITION_GLOB = "chunk-*.parquet"
+#: Bytes in a file's name on Linux file systems (ext4, XFS, Lustre, GPFS).
+NAME_MAX = 255
 
 
 class OutputLayout:
@@ -814,12 +816,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
     A reader never sees half a file, and a failed write (a full disk) leaves nothing behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # Its name cut to fit where the name itself just fits (a long recording's export).
+    hidden = path.name.encode()[: NAME_MAX - 38].decode(errors="ignore")
+    temporary = path.with_name(f".{hidden}.{uuid.uuid4().hex}.tmp")
     try:
         yield temporary
         os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        with suppress(OSError):  # the error that matters is the one raised
+            temporary.unlink(missing_ok=True)
         raise
 
 

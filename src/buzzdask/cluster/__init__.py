@@ -91,8 +91,8 @@ def start(
     options = JobOptions(**job_options)
     entry = load_cluster_config(name)
     gpus, cpu_workers = worker_counts(entry, gpus=gpus, cpu_workers=cpu_workers)
-    if gpus < 0 or cpu_workers < 1:
-        raise ParameterError(f"gpus={gpus} must be >= 0 and cpu_workers={cpu_workers} >= 1")
+    if cpu_workers < 1:  # a batch job's GPU workers decode too; these jobs' do not
+        raise ParameterError(f"cpu_workers={cpu_workers} (--cpu-workers) must be >= 1")
     local = {
         "n_workers": 1 + cpu_workers,
         "threads_per_worker": entry.get("threads-per-worker"),

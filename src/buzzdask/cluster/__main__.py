@@ -19,11 +19,15 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from dask.utils import parse_bytes
 
 from buzzdask.cli import EXIT_OK, reports_errors
 from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions, job_kinds
+
+if TYPE_CHECKING:
+    from buzzdask.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         analyze = cli.build_parser().parse_args(args.command)
         verbosity = 2 if analyze.debug else 1 if analyze.verbose else 0
     quiet_environment(verbosity)  # before the cluster starts: its chatter too
+    if args.timeout is not None and not args.timeout > 0:
+        parser.error(f"--timeout {args.timeout:g}: give the seconds to wait, > 0")
     options = JobOptions.keywords(args)
     # Its buzzdask.* keys (check-gpus) hold here, in a batch job's tasks too; its entry names
     # the dashboard proxy and may give the worker counts (a layout such as osc-cardinal-node).
@@ -132,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             parser.error("--print-batch-script needs the analyze ... command to run")
         from buzzdask.cluster.batch import batch_script
+
+        _analyze_settings(analyze)  # the script goes to sbatch next: refuse a bad value now
 
         script = batch_script(
             args.config, args.command, gpus=gpus, cpu_workers=cpu_workers, **options
@@ -174,15 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check_before_jobs(analyze: argparse.Namespace) -> None:
     """Refuse what ``analyze`` would refuse at once, before any job waits in a queue.
 
-    Hours, on a GPU partition: inputs that are missing or hold no audio, a model not found, an
-    output holding results without ``--resume`` or ``--new``.
+    Hours, on a GPU partition: a bad setting or option value, inputs that are missing or hold
+    no audio, a model not found, an output holding results without ``--resume`` or ``--new``.
     """
     from buzzdask.inputs import scan, user_path
     from buzzdask.models import find_model_dir
-    from buzzdask.settings import load_settings
     from buzzdask.write import OutputLayout, refuse_results
 
-    settings = load_settings()
+    settings = _analyze_settings(analyze)
     found = scan(analyze.inputs, extensions=settings.extensions)
     if not analyze.watch:  # a watched folder may fill later
         found.require_audio()
@@ -190,6 +197,17 @@ def _check_before_jobs(analyze: argparse.Namespace) -> None:
         find_model_dir(model, settings.model_dirs)
     if not (analyze.resume or analyze.new) and len(analyze.model) == 1:
         refuse_results(OutputLayout(user_path(analyze.output)))
+
+
+def _analyze_settings(analyze: argparse.Namespace) -> Settings:
+    """The settings ``analyze`` would run with, checked (a bad value or flag: ParameterError)."""
+    from buzzdask.settings import load_settings
+
+    return load_settings(
+        chunk_seconds=analyze.chunk_seconds,
+        memory_budget=analyze.memory_budget,
+        batch_frames=analyze.batch_frames,
+    )
 
 
 def _wait_for_stop() -> None:

@@ -165,7 +165,46 @@ def load_cluster_config(
             )
         base = load_cluster_config(entry["extends"], extended_by=chain)
     dask.config.update_defaults(data)
-    return {**base, "name": path.stem, **dask.config.get(f"buzzdask.clusters.{path.stem}")}
+    merged = {**base, "name": path.stem, **dask.config.get(f"buzzdask.clusters.{path.stem}")}
+    _check_entry(merged, path)
+    return merged
+
+
+# The keys of a buzzdask.clusters.<name> entry: a misspelt one ("acount-required") would drop
+# its rule without a word.
+ENTRY_KEYS = frozenset(
+    {
+        "kind",
+        "extends",
+        "cpu-config",
+        "gpu-config",
+        "account-required",
+        "nodes",
+        "login-host",
+        "dashboard-proxy",
+        "dashboard-address",
+        "gpus",
+        "cpu-workers",
+        "threads-per-worker",
+        "whole-node",
+    }
+)
+
+
+def _check_entry(entry: Mapping[str, Any], path: Path) -> None:
+    where = f"buzzdask.clusters.{entry['name']} ({path})"
+    for key in sorted(set(entry) - ENTRY_KEYS - {"name"}):
+        meant = difflib.get_close_matches(key, ENTRY_KEYS, n=1)
+        hint = f" (did you mean {meant[0]!r}?)" if meant else ""
+        raise ParameterError(
+            f"{where}: unknown key {key!r}{hint}; known: {', '.join(sorted(ENTRY_KEYS))}"
+        )
+    if entry["kind"] == "slurm":
+        missing = [key for key in ("cpu-config", "gpu-config") if not entry.get(key)]
+        if missing:
+            raise ParameterError(
+                f"{where} needs {' and '.join(missing)}: the jobqueue sections of its jobs"
+            )
 
 
 def load_slurm_config(name: str | os.PathLike[str]) -> dict[str, Any]:
@@ -219,8 +258,15 @@ def worker_counts(
     -------
     tuple of int
         ``(gpus, cpu_workers)``.
+
+    Raises
+    ------
+    ParameterError
+        A negative count.
     """
-    return (
-        int(entry.get("gpus", 0)) if gpus is None else gpus,
-        int(entry.get("cpu-workers", 1)) if cpu_workers is None else cpu_workers,
-    )
+    chosen_gpus = int(entry.get("gpus", 0)) if gpus is None else gpus
+    chosen_cpu = int(entry.get("cpu-workers", 1)) if cpu_workers is None else cpu_workers
+    for name, count in (("gpus", chosen_gpus), ("cpu_workers", chosen_cpu)):
+        if count < 0:
+            raise ParameterError(f"{name}={count} (--{name.replace('_', '-')}) must be >= 0")
+    return chosen_gpus, chosen_cpu

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import dask.config
 
 from buzzdask.errors import ParameterError
+from buzzdask.settings import byte_count
 
 __all__ = [
     "ACCOUNT_PLACEHOLDER",
@@ -146,6 +147,18 @@ class JobOptions:
     log_directory: str | None = _option("where the jobs' logs go")
     job_kwargs: Mapping[str, Any] | None = _option(None, jobs=())
     gpu_job_kwargs: Mapping[str, Any] | None = _option(None, jobs=())
+
+    def __post_init__(self) -> None:
+        # Checked as given, before a job script is written: sbatch would take "--cpus-per-task=0"
+        # or a memory it cannot read only to fail later, in the queue.
+        if self.cores is not None and (isinstance(self.cores, bool) or self.cores < 1):
+            raise ParameterError(f"cores={self.cores!r} (--cores) must be an integer >= 1")
+        if self.memory is not None and byte_count(self.memory) < 1:
+            raise ParameterError(
+                f"memory={self.memory!r} (--memory) must be a size such as '32GiB'"
+            )
+        if self.walltime is not None:
+            walltime_seconds(self.walltime)
 
     def overrides(self, kind: JobKind, *, section: str | None = None) -> dict[str, Any]:
         """The ``jobqueue`` keywords of the ``kind`` worker jobs that these options set.
