@@ -167,6 +167,10 @@ def test_ledger_adds_chunks_while_the_last_comes_back_full(tmp_path: Path) -> No
         assert all(m.plan.n_frames == 2 for m in more)
         if more:
             batches.append(len(more))
+            # The total reaches the end of every chunk queued: the bar is not at 100 % while
+            # they are scored.
+            queued_end_s = (more[-1].plan.first_frame + 2) * seconds_per_frame
+            assert ledger.progress.audio_expected_s == pytest.approx(queued_end_s)
         todo += more
         if todo:
             assert ledger.progress.files_done == 0  # not done while chunks follow

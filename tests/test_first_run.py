@@ -264,9 +264,28 @@ def test_the_same_recording_by_two_paths_is_analysed_once_by_its_own(tmp_path):
     assert [f.relative for f in found.files] == ["audio/siteA/rec.mp3", "audio/siteB/rec.mp3"]
     assert [(s.relative, s.reason) for s in found.skipped] == [
         ("audio/siteA_alias/", "link to audio/siteA/, walked once"),
-        ("audio/siteB/from_A.mp3", "link to audio/siteA/rec.mp3, analysed once"),
+        ("audio/siteB/from_A.mp3", "link to a recording analysed under another name"),
         ("audio_link/siteB/", "link to audio/siteB/, walked once"),
     ]
+    # Whatever the inputs' order, and where each path goes through a link: the path with
+    # the fewest links (a folder reached through one beats a file that is one), then the name.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "fav.mp3").symlink_to(audio / "siteA" / "rec.mp3")
+    for given in (
+        [tmp_path / "notes", tmp_path / "audio_link" / "siteA"],
+        [tmp_path / "audio_link" / "siteA", tmp_path / "notes"],
+    ):
+        found = scan(given, extensions=[".mp3"])
+        assert [f.relative for f in found.files] == ["audio_link/siteA/rec.mp3"]
+        assert [s.relative for s in found.skipped] == ["notes/fav.mp3"]
+    # Two links alike: the first by name, and the other is said to be skipped.
+    for name in ("l2.mp3", "l1.mp3"):
+        (tmp_path / "notes" / name).symlink_to(audio / "siteB" / "rec.mp3")
+    found = scan(tmp_path / "notes", extensions=[".mp3"])
+    assert [f.relative for f in found.files] == ["fav.mp3", "l1.mp3"]
+    assert describe_skipped(found.skipped) == (
+        "1 skipped: 1 link to a recording analysed under another name (l2.mp3)"
+    )
     # Named alone, a link is analysed by its name: there is no other path to prefer.
     alone = scan(audio / "siteB" / "from_A.mp3", extensions=[".mp3"])
     assert [f.relative for f in alone.files] == ["from_A.mp3"] and not alone.skipped

@@ -142,7 +142,15 @@ def test_audio_reads_well_from_seconds_to_thousands_of_hours(seconds, total, tex
 
 @pytest.mark.parametrize(
     ("factor", "text"),
-    [(0.4213, "0.42x"), (1.0, "1.00x"), (12.34, "12.3x"), (291.6, "292x"), (4321.0, "4,321x")],
+    [
+        (0.4213, "0.42x"),
+        (1.0, "1.00x"),
+        (9.996, "10.0x"),
+        (12.34, "12.3x"),
+        (99.96, "100x"),
+        (291.6, "292x"),
+        (4321.0, "4,321x"),
+    ],
 )
 def test_realtime_factor_has_three_significant_figures_at_most(factor, text):
     assert format_factor(factor) == text
@@ -164,3 +172,18 @@ def test_page_escapes_what_it_shows():
     assert "<script>alert" not in page and "&lt;script&gt;" in page
     assert "not audio &amp; worse" in page and "/runs/a&lt;b&gt;" in page
     assert "No buzzdask run" in render_page([])
+
+
+def test_page_of_a_stopped_run_gives_no_time_left_and_its_chart_its_own_span():
+    from buzzdask.dashboard_page import _sparkline
+
+    progress = Progress(enabled=False, verbose=False, files=2)
+    progress.expect("a.wav", 600.0)
+    progress.expect("b.wav", 600.0)
+    progress.advance("a.wav", 600.0)
+    progress.close(stopped=True)
+    assert progress.snapshot()["status"] == "stopped"
+    assert progress.snapshot()["eta_s"] is None
+    # The history kept is the last points of a long run: its axis starts where they do.
+    chart = _sparkline([[6602.0, 310.0], [7200.0, 320.0]])
+    assert ">6,602 s</text>" in chart and ">0 s</text>" not in chart

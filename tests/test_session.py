@@ -309,3 +309,21 @@ def test_a_client_that_is_no_client_nor_address_is_refused():
     for client, message in cases.items():
         with pytest.raises(ParameterError, match=message), connect(client, local=_settings()):
             pass
+
+
+def test_signals_as_a_cluster_starts_or_closes_wait_for_it():
+    import signal
+
+    from buzzdask.session import signals_deferred
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # delivered meanwhile: held
+        reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Stopping already: the second Ctrl-C is dropped, the close goes on to its end.
+    with signals_deferred(stopping=True):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)

@@ -48,6 +48,7 @@ from buzzdask.store import EmbeddingStore
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, require_mapping
 from buzzdask.write import (
     KEPT_EMBEDDINGS,
+    PARTITION_BEING_WRITTEN,
     OnConflict,
     OutputLayout,
     PartitionWriter,
@@ -109,8 +110,11 @@ class AnalysisResult:
         import pandas as pd
 
         # No hive partitioning: an input folder named "site=A" is a name, not a column; and
-        # "_pilot/" is a recording's folder, not metadata (pyarrow skips "_" and "." by default).
-        frame = pd.read_parquet(self.dataset, partitioning=None, ignore_prefixes=["."])
+        # "_pilot/" or ".x/" is a recording's folder, not metadata (pyarrow skips names starting
+        # with "_" or "." by default): only partitions being written are left out.
+        frame = pd.read_parquet(
+            self.dataset, partitioning=None, ignore_prefixes=[PARTITION_BEING_WRITTEN]
+        )
         return frame.sort_values(["file", "start"], ignore_index=True)
 
     def to_dask(self) -> Any:
@@ -261,7 +265,7 @@ def analyze(
     found.require_audio()
     if found.visible_skipped:  # hidden names (.DS_Store, a watch's marker) are not news
         logger.warning(
-            "not audio under %s: %s", found.root, describe_skipped(found.visible_skipped)
+            "not analysed under %s: %s", found.root, describe_skipped(found.visible_skipped)
         )
     plan = plan_run(
         model,

@@ -194,7 +194,7 @@ def _sparkline(history: list[list[float]], *, width: int = 600, height: int = 12
     return (
         f"<svg width='{width}' height='{height + 20}' role='img'>"
         f"<polyline fill='none' stroke='#1f77b4' stroke-width='2' points='{points}'/>"
-        f"<text x='0' y='{height + 16}' font-size='12'>0 s</text>"
+        f"<text x='0' y='{height + 16}' font-size='12'>{min(xs):,.0f} s</text>"
         f"<text x='{width - 120}' y='{height + 16}' font-size='12'>{max(xs):,.0f} s, "
         f"peak {format_factor(y_top)}</text></svg>"
     )

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from buzzdask.errors import InputError
 
@@ -211,16 +212,24 @@ def scan(
     found: dict[str, InputFile] = {}
     skipped: dict[str, Skipped] = {}
     directories = [path for path in absolute if os.path.isdir(path)]
+    real_root = os.path.realpath(root)
     reached = [
         *_walk(directories, suffixes, skipped=skipped, root=root),
         *(
-            (path, None if os.path.exists(path) else _dangling(path), os.path.islink(path))
+            _Reached(
+                path,
+                None,
+                (os.path.islink(path), not _own(os.path.dirname(path), root, real_root)),
+                os.path.realpath(path),
+            )
+            if os.path.exists(path)
+            else _Reached(path, _dangling(path), (True, True), path)
             for path in absolute
-            if path not in directories
+            if not os.path.isdir(path)
         ),
     ]
-    for path, problem in _once(reached, skipped=skipped, root=root):
-        _add(found, root, path, problem)
+    for file in _once(reached, skipped=skipped, root=root):
+        _add(found, root, file.path, file.problem)
     return Discovery(
         paths=tuple(absolute),
         root=root,
@@ -276,12 +285,27 @@ def _text(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+class _Reached(NamedTuple):
+    """A file found under the inputs, or named as one."""
+
+    path: str
+    problem: str | None
+    # (a symbolic link itself, in a folder reached through one): the lowest is its own path
+    links: tuple[bool, bool]
+    real: str  # its path with no link in it (``path`` where there is a problem)
+
+
+def _own(directory: str, root: str, real_root: str) -> bool:
+    """Whether ``directory`` is reached from the inputs' root through no symbolic link."""
+    return os.path.realpath(directory) == os.path.normpath(
+        os.path.join(real_root, os.path.relpath(directory, root))
+    )
+
+
 def _walk(
     tops: Sequence[str], suffixes: set[str], *, skipped: dict[str, Skipped], root: str
-) -> Iterable[tuple[str, str | None, bool]]:
-    """Audio files under the folders ``tops``: ``(path, problem or None, through a link)``.
-
-    The rest goes into ``skipped``.
+) -> Iterable[_Reached]:
+    """Audio files under the folders ``tops``; the rest goes into ``skipped``.
 
     A folder reached twice (a symlink to a folder walked already, a loop, or an input folder
     inside another by a link) is walked once, by its own path where it has one: folders reached
@@ -291,10 +315,8 @@ def _walk(
     stacks: tuple[list[str], list[str]] = ([], [])  # own paths, paths through a symlink
     real_root = os.path.realpath(root)
     for top in reversed(tops):  # popped last first: the inputs in the order given
-        own = os.path.realpath(top) == os.path.normpath(
-            os.path.join(real_root, os.path.relpath(top, root))
-        )
-        stacks[not own].append(top)
+        stacks[not _own(top, root, real_root)].append(top)
+    inputs = set(tops)
     while any(stacks):
         through_link = not stacks[0]
         directory = stacks[through_link].pop()
@@ -310,11 +332,12 @@ def _walk(
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as error:
-            yield directory, f"cannot list directory: {error.strerror}", through_link
+            problem = f"cannot list directory: {error.strerror}"
+            yield _Reached(directory, problem, (False, through_link), directory)
             continue
         # Known from its listing, at no cost of its own (a stat per folder is a round trip on
         # a parallel file system); a folder named as an input is walked whatever it holds.
-        if directory not in tops and any(entry.name in _OUTPUT_MARKERS for entry in entries):
+        if directory not in inputs and any(entry.name in _OUTPUT_MARKERS for entry in entries):
             _skip(skipped, root, directory, "buzzdask output", is_dir=True)
             continue
         for entry in entries:
@@ -328,30 +351,39 @@ def _walk(
             elif is_dir:
                 stacks[through_link or entry.is_symlink()].append(entry.path)
             elif entry.is_symlink() and not os.path.exists(entry.path):
-                yield entry.path, _dangling(entry.path), True
-            elif entry.is_file(follow_symlinks=True):
-                yield entry.path, None, through_link or entry.is_symlink()
+                yield _Reached(entry.path, _dangling(entry.path), (True, through_link), entry.path)
+            elif entry.is_file() and entry.is_symlink():
+                real_file = os.path.realpath(entry.path)
+                yield _Reached(entry.path, None, (True, through_link), real_file)
+            elif entry.is_file():
+                # Its folder's real path is known: no lstat of each of its parents per file,
+                # each a round trip on a parallel file system.
+                real_file = os.path.join(real, entry.name)
+                yield _Reached(entry.path, None, (False, through_link), real_file)
 
 
-def _once(
-    reached: Iterable[tuple[str, str | None, bool]], *, skipped: dict[str, Skipped], root: str
-) -> list[tuple[str, str | None]]:
+def _once(reached: Iterable[_Reached], *, skipped: dict[str, Skipped], root: str) -> list[_Reached]:
     """Each file once, by its own path where it has one; the other paths listed as skipped.
 
     A link to a file analysed already (or the same folder given by two paths) would score the
-    same audio twice, under two names.
+    same audio twice, under two names. Of paths alike in links, the first by name is kept,
+    whatever the order of the inputs.
     """
-    chosen: dict[str, tuple[str, str | None, bool]] = {}
-    for path, problem, through_link in reached:
-        key = os.path.realpath(path) if problem is None else path
-        first = chosen.setdefault(key, (path, problem, through_link))
-        if first[0] == path:
-            continue
-        kept, other = (path, first[0]) if first[2] and not through_link else (first[0], path)
-        chosen[key] = (path, problem, through_link) if kept == path else first
-        analysed = Path(os.path.relpath(kept, root)).as_posix()
-        _skip(skipped, root, other, f"link to {analysed}, analysed once", is_dir=False)
-    return [(path, problem) for path, problem, _ in chosen.values()]
+    by_real: dict[str, list[_Reached]] = {}
+    for file in reached:
+        by_real.setdefault(file.real, []).append(file)
+    kept = []
+    for paths in by_real.values():
+        first, *others = sorted(paths, key=lambda file: (file.links, file.path))
+        kept.append(first)
+        for other in others:
+            if other.path != first.path:  # the same path given twice is no link
+                _skip(skipped, root, other.path, _LINKED_RECORDING, is_dir=False)
+    return kept
+
+
+# Why a link to a recording is skipped (its name in ``describe_skipped``'s groups).
+_LINKED_RECORDING = "link to a recording analysed under another name"
 
 
 def _skip_reason(name: str, *, is_dir: bool, suffixes: set[str]) -> str | None:

@@ -216,7 +216,10 @@ class FileLedger:
             if not more:
                 break
             state.chunks += len(more)
-            reached = self._seconds(more[0].first_frame + (more[0].n_frames or 0))
+            # Up to the end of the chunks queued (those past the audio come back empty and the
+            # total shrinks then): not their first, which held the bar at 100 % for hours of a
+            # day-long file estimated at a few.
+            reached = self._seconds(more[-1].first_frame + (more[-1].n_frames or 0))
             logger.info(
                 "%s goes on past its estimated duration (%.1f s): %d more chunks",
                 state.input.relative,

@@ -22,7 +22,7 @@ import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.inputs import user_path
-from buzzdask.recording_time import TimeFormat, recording_starts
+from buzzdask.recording_time import TimeFormat, recording_starts, said_once
 from buzzdask.results import Run, open_run
 from buzzdask.summaries import By, resolve_summary, summarize
 from buzzdask.thresholds import detected
@@ -307,6 +307,22 @@ def plot_run(
         read_metadata=read_metadata,
     )
     folder.mkdir(parents=True, exist_ok=True)
+    # The summary has said what it had to about start times; each plot would say it again.
+    with said_once():
+        _draw(planned, run, summary, settings.thresholds, time_format, tz, read_metadata, dpi)
+    return list(planned)
+
+
+def _draw(
+    planned: Mapping[Path, tuple[str, str]],
+    run: Run,
+    summary: pd.DataFrame,
+    thresholds: Mapping[str, float],
+    time_format: TimeFormat | None,
+    tz: str | None,
+    read_metadata: bool,
+    dpi: int,
+) -> None:
     for path, (what, name) in planned.items():
         if what == "daily":
             figure = plot_daily_activity(summary, class_name=name)
@@ -315,13 +331,12 @@ def plot_run(
                 run,
                 what,
                 class_name=name,
-                thresholds=settings.thresholds,
+                thresholds=thresholds,
                 time_format=time_format,
                 tz=tz,
                 read_metadata=read_metadata,
             )
         figure.savefig(path, dpi=dpi)
-    return list(planned)
 
 
 def _safe(text: str) -> str:

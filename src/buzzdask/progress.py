@@ -102,9 +102,10 @@ def format_factor(factor: float | None) -> str:
     """
     if factor is None:
         return "-"
-    if factor < 10:
+    # Compared as rounded: 99.96 is "100x", not "100.0x".
+    if round(factor, 2) < 10:
         return f"{factor:.2f}x"
-    if factor < 100:
+    if round(factor, 1) < 100:
         return f"{factor:.1f}x"
     return f"{factor:,.0f}x"
 
@@ -287,7 +288,7 @@ class Progress:
             "audio_expected_s": self.audio_expected_s,
             "audio_left_s": max(self.audio_expected_s - self.audio_done_s, 0.0),
             "realtime_factor": self.realtime_factor,
-            "eta_s": self.eta_s(),
+            "eta_s": self.eta_s() if self._status == "running" else None,
             "history": [list(point) for point in self._history],
             "scorers": {
                 address: {

@@ -32,7 +32,8 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
@@ -435,6 +436,17 @@ def recording_starts(
             "problem": pd.Series(problems, dtype="string"),
         }
     ).set_axis(pd.Index(names, name="file", dtype="string"))
+
+
+@contextmanager
+def said_once() -> Iterator[None]:
+    """Within the block, start times' warnings are not logged (a caller has logged them once)."""
+    quiet = logging.Filter(f"{logger.name}.none")  # passes no record of this logger
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _clock(time: datetime) -> str:

@@ -14,13 +14,15 @@ import logging
 import os
 import platform
 import resource
+import signal
 import sys
+import threading
 import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import dask
@@ -81,16 +83,50 @@ def connect(
             "'tcp://10.0.0.5:8786', or None (a local cluster)"
         )
     else:
-        with (
-            start_local_cluster(local, processes=processes) as cluster,
-            Client(cluster) as started,
-            nullcontext() if processes else threadpool_limits(limits=1),
-        ):
+        stack = ExitStack()
+        try:
+            # A Ctrl-C (or SIGTERM) as the cluster starts takes effect once it is up, so that
+            # it is closed whole: cut off half-started, Dask's exit hook printed tracebacks.
+            with signals_deferred():
+                cluster = stack.enter_context(start_local_cluster(local, processes=processes))
+                started = stack.enter_context(Client(cluster))
+            stack.enter_context(nullcontext() if processes else threadpool_limits(limits=1))
             print("buzzdask: started a local Dask cluster")
             if local.dashboard_address is not None:
                 for line in local_dashboard_lines(started):
                     print(f"buzzdask: {line}")
             yield started
+        finally:
+            # A second Ctrl-C while it closes would leave it to Dask's exit hook (10 s).
+            with signals_deferred(stopping=sys.exc_info()[1] is not None):
+                stack.close()
+
+
+@contextmanager
+def signals_deferred(*, stopping: bool = False) -> Iterator[None]:
+    """SIGINT and SIGTERM held until the block ends, then delivered (in the main thread).
+
+    Parameters
+    ----------
+    stopping : bool, default: False
+        The process is stopping already (an exception is on its way): a signal that came
+        meanwhile is dropped, not delivered again.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    held = {number: handler for number, handler in previous.items() if handler is not None}
+    for number in held:
+        signal.signal(number, lambda number, _frame: received.append(number))
+    try:
+        yield
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
+        if received and not stopping:
+            signal.raise_signal(received[0])
 
 
 def _connected(address: str) -> Client:

@@ -102,6 +102,8 @@ ERROR_COLUMNS = list(_ERROR_TYPES)
 KEPT_EMBEDDINGS = "embeddings"
 #: The names :meth:`OutputLayout.partition` gives partitions.
 PARTITION_GLOB = "chunk-*.parquet"
+#: How a partition being written starts its name (:func:`atomic_path`'s hidden temporary).
+PARTITION_BEING_WRITTEN = ".chunk-"
 #: Bytes in a file's name on Linux file systems (ext4, XFS, Lustre, GPFS).
 NAME_MAX = 255
 
@@ -505,7 +507,8 @@ class OutputConflict:
                 f"write to a new directory, or choose another {words.output}"
             )
         differing = "; ".join(
-            f"{key}: {before!r} before, {now!r} now" for key, before, now in self.differences
+            f"{key}: {_recorded(earlier)} before, {_recorded(now)} now"
+            for key, earlier, now in self.differences
         )
         settings = words.separator.join(words.option(name, value) for name, value in self.earlier)
         back = (
@@ -513,6 +516,11 @@ class OutputConflict:
             if self.earlier
             else "resume with the earlier model, embedder, buzzdask and ffmpeg"
         )
+        if "decode_margin_s" in before:  # a setting, not an option: named as one
+            back += (
+                " and buzzdask.decode-margin-seconds as it was (the default, 0.5, where not "
+                "recorded)"
+            )
         return (
             f"cannot resume into {self.output}: settings differ ({differing}); either pass "
             f"{words.new} instead of {words.resume} to write to a new directory, or {back}"
@@ -520,6 +528,11 @@ class OutputConflict:
 
     def __str__(self) -> str:
         return self.render(PYTHON_WORDS)
+
+
+def _recorded(value: Any) -> str:
+    """A fingerprint's value in a message; one the earlier run did not record, said so."""
+    return "not recorded" if value is None else repr(value)
 
 
 def refuse_results(layout: OutputLayout) -> None:
