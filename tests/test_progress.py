@@ -187,3 +187,17 @@ def test_page_of_a_stopped_run_gives_no_time_left_and_its_chart_its_own_span():
     # The history kept is the last points of a long run: its axis starts where they do.
     chart = _sparkline([[6602.0, 310.0], [7200.0, 320.0]])
     assert ">6,602 s</text>" in chart and ">0 s</text>" not in chart
+
+
+def test_file_names_with_control_characters_stay_on_one_line():
+    import logging
+
+    from buzzdask.progress import OneLineFormatter, one_line
+
+    name = "good\nline\r\x1b[31m\tred.wav"
+    assert one_line(f"failed: {name}") == "failed: good\\nline\\r\\x1b[31m\tred.wav"
+    record = logging.LogRecord("buzzdask", logging.WARNING, "x", 1, "failed: %s", (name,), None)
+    assert OneLineFormatter("buzzdask: %(message)s").format(record) == (
+        "buzzdask: failed: good\\nline\\r\\x1b[31m\tred.wav"
+    )
+    assert one_line("snow: café, 蜂.wav") == "snow: café, 蜂.wav"  # letters are no controls

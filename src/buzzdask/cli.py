@@ -83,7 +83,9 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
             # Each partition and journal line is written whole: what was written stays valid.
             after = _stopping.get("after")
             print(
-                "\nbuzzdask: "
+                # Off the bar's line in a terminal; no blank line in a job's log.
+                ("\n" if sys.stderr.isatty() else "")
+                + "buzzdask: "
                 + (
                     "stopped by SIGTERM (a job's time limit, or scancel)"
                     if terminated
@@ -726,7 +728,13 @@ def _report(result: Any) -> int:
     import pandas as pd
 
     from buzzdask.inputs import first_names
-    from buzzdask.progress import PROBLEMS_SHOWN, format_audio, format_count, format_factor
+    from buzzdask.progress import (
+        PROBLEMS_SHOWN,
+        format_audio,
+        format_count,
+        format_factor,
+        one_line,
+    )
     from buzzdask.write import OutputLayout
 
     summary = result.summary
@@ -754,7 +762,7 @@ def _report(result: Any) -> int:
             where = f" chunk{'s' if len(numbers) > 1 else ''} {first_names(numbers, shown=5)}"
         # A kept row's frames are written (damaged audio, a file cut short): not a failure.
         label = "warning" if kept else "failed"
-        print(f"buzzdask: {label}: {file}{where}: {reason}", file=sys.stderr)
+        print(one_line(f"buzzdask: {label}: {file}{where}: {reason}"), file=sys.stderr)
         said += len(chunks)
     if len(result.errors) > said:
         more = len(result.errors) - said

@@ -37,7 +37,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from buzzdask import preload
 from buzzdask.errors import BuzzdaskError
-from buzzdask.progress import TqdmHandler, console_lines, logger
+from buzzdask.progress import OneLineFormatter, TqdmHandler, console_lines, logger
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -234,14 +234,14 @@ def run_log(
     # A name that is not UTF-8 (an old card's) is written escaped, not the end of the log.
     handler = _RunLogFile(path, encoding="utf-8", errors="backslashreplace")
     handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    handler.setFormatter(OneLineFormatter(_FILE_FORMAT))
     handler.addFilter(_WhereFilter())
     handlers: list[logging.Handler] = [handler]
     # The console that the logger's last resort would have been; not beside a handler of the
     # caller's own (a notebook's logging.basicConfig), which would print each line twice.
     if not logger.hasHandlers():
         handlers.append(TqdmHandler(level=_BUZZDASK_LEVEL[int(verbose)]))
-        handlers[-1].setFormatter(logging.Formatter("buzzdask: %(message)s"))
+        handlers[-1].setFormatter(OneLineFormatter("buzzdask: %(message)s"))
     old_propagate = logger.propagate
     if not logging.getLogger().handlers:
         # Not to a root handler that appears during the run: TensorFlow's first log line

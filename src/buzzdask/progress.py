@@ -55,6 +55,29 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+# C0 controls but the tab, DEL and C1: a file name holding a newline or an escape sequence
+# would split a log line or recolour the terminal.
+_CONTROLS = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if code != 0x09
+} | {0x0A: "\\n", 0x0D: "\\r"}
+
+
+def one_line(text: str) -> str:
+    r"""``text`` with its control characters escaped (``"a\nb"`` -> ``"a\\nb"``)."""
+    return text.translate(_CONTROLS)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, its control characters escaped (:func:`one_line`).
+
+    A traceback, which follows the message, keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
 def console_lines(level: int) -> None:
     """Lines of the buzzdask loggers from ``level`` up on the console, as ``buzzdask: ...``.
 
@@ -64,7 +87,7 @@ def console_lines(level: int) -> None:
     for old in [h for h in logger.handlers if isinstance(h, TqdmHandler)]:
         logger.removeHandler(old)
     handler = TqdmHandler(level=level)
-    handler.setFormatter(logging.Formatter("buzzdask: %(message)s"))
+    handler.setFormatter(OneLineFormatter("buzzdask: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
 
@@ -176,7 +199,7 @@ class Progress:
             logger.setLevel(logging.INFO)
             if not logger.handlers:
                 self._handler = TqdmHandler()
-                self._handler.setFormatter(logging.Formatter("%(message)s"))
+                self._handler.setFormatter(OneLineFormatter("%(message)s"))
                 logger.addHandler(self._handler)
         self._show()
 
