@@ -869,6 +869,10 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
     log = (output / "buzzdask.log").read_text()
     stop = "SIGTERM" if signal_number == signal.SIGTERM else "Ctrl-C"
     assert f"WARNING buzzdask: run interrupted ({stop})" in log and "run failed" not in log, log
+    # And its buzzdask.json: interrupted, not "running" as a run killed outright stays.
+    stopped = json.loads((output / "buzzdask.json").read_text())
+    assert (stopped["status"], stopped["stopped_by"]) == ("interrupted", stop)
+    assert stopped["finished"] >= stopped["started"]
 
     journaled = len(OutputLayout(output).read_journal())
     assert 1 <= journaled < KILL_CHUNKS
@@ -876,6 +880,9 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
     resumed = buzzdask.analyze(audio, output=output, on_conflict="resume", **options)
     assert resumed.ok, resumed.errors
     assert resumed.summary["chunks_skipped_resume"] == journaled
+    (earlier,) = resumed.metadata["earlier_runs"]
+    assert (earlier["status"], earlier["stopped_by"]) == ("interrupted", stop)
+    assert "stopped_by" not in resumed.metadata  # this run finished
     _assert_same_frames(resumed, reference)
 
 

@@ -490,20 +490,24 @@ def run_plan(
             for layout, meta in zip(layouts, metadata, strict=True):
                 write_json(layout.metadata, meta)
 
-        with ledger.stops_when_output_full():
-            pool, pipeline = _run(
-                connected,
-                plan,
-                ledger,
-                inputs,
-                on_scorer_ready=scorer_ready,
-                # The local cluster started here has its own (a laptop holds one model).
-                scorer_workers=(
-                    settings.local_cluster.scorers
-                    if client is None
-                    else settings.cpu_scorer_workers
-                ),
-            )
+        try:
+            with ledger.stops_when_output_full():
+                pool, pipeline = _run(
+                    connected,
+                    plan,
+                    ledger,
+                    inputs,
+                    on_scorer_ready=scorer_ready,
+                    # The local cluster started here has its own (a laptop holds one model).
+                    scorer_workers=(
+                        settings.local_cluster.scorers
+                        if client is None
+                        else settings.cpu_scorer_workers
+                    ),
+                )
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
+            _say_interrupted(layouts, metadata, str(stop) or "Ctrl-C")
+            raise
         run_stats = {
             "peak_rss_bytes": peak_rss_by_worker(connected, timeout_s=settings.scorer_ping_seconds),
             "peak_decoded_bytes_in_flight": pipeline.budget.peak_bytes,
@@ -537,6 +541,21 @@ def run_plan(
             metadata=meta,
         )
     return results if plan.several else results[plan.models[0].name]
+
+
+def _say_interrupted(
+    layouts: Sequence[OutputLayout], metadata: Sequence[dict[str, Any]], why: str
+) -> None:
+    """Mark the outputs a stopped run had started as ``"interrupted"``, with when and why.
+
+    So that a resume's ``earlier_runs`` tells a run stopped by Ctrl-C or SIGTERM from one
+    killed outright (still ``"running"``). Outputs the run had not started are left alone.
+    """
+    for layout, meta in zip(layouts, metadata, strict=True):
+        if layout.metadata.exists():
+            meta.update(status="interrupted", finished=utc_now(), stopped_by=why)
+            with suppress(OSError):  # a full or gone disk: the stop is what matters now
+                write_json(layout.metadata, meta)
 
 
 def import_in_background(module: str) -> None:

@@ -66,7 +66,7 @@ class Run:
         The output directory (absolute).
     metadata : dict
         ``buzzdask.json`` as written by :func:`buzzdask.analyze` (``status`` is ``"running"``
-        until the run finishes).
+        until the run finishes, ``"interrupted"`` where Ctrl-C or SIGTERM stopped it).
     """
 
     output: Path

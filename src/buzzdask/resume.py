@@ -135,16 +135,19 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
 def earlier_runs(layout: OutputLayout) -> list[dict[str, Any]]:
     """The invocations that wrote ``layout`` before a resume, oldest first.
 
-    Each: its ``started``, ``finished`` (``None``: it was killed), ``status``, ``host`` and
-    its summary's ``chunks_written``, ``frames`` and ``wall_seconds`` (``None`` where it never
-    wrote one), taken from the ``buzzdask.json`` this resume replaces.
+    Each: its ``started``, ``finished`` (``None``: it was killed), ``status`` (``"interrupted"``
+    by Ctrl-C or SIGTERM: ``stopped_by`` says which), ``host`` and its summary's
+    ``chunks_written``, ``frames`` and ``wall_seconds`` (``None`` where it never wrote one),
+    taken from the ``buzzdask.json`` this resume replaces.
     """
     try:
         previous = json.loads(layout.metadata.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     summary = previous.get("summary") or {}
-    last = {key: previous.get(key) for key in ("started", "finished", "status", "host")}
+    last = {
+        key: previous.get(key) for key in ("started", "finished", "status", "stopped_by", "host")
+    }
     last.update({key: summary.get(key) for key in ("chunks_written", "frames", "wall_seconds")})
     return [*previous.get("earlier_runs", []), last]
 
