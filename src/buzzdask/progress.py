@@ -269,10 +269,12 @@ class Progress:
         return analysed / elapsed if elapsed > 0 and analysed > 0 else None
 
     def eta_s(self) -> float | None:
-        """Seconds left at the rate since this run first wrote audio.
+        """Seconds left at the rate since this run first wrote audio; None once it has ended.
 
         Once that rate has :data:`ETA_SETTLE_S` behind it; before, the realtime factor so far.
         """
+        if self._status != "running":  # finished, or stopped: nothing is left to wait for
+            return None
         if self._first_written is not None:
             since, written = self._first_written
             elapsed = time.monotonic() - since
@@ -288,7 +290,7 @@ class Progress:
         """The text beside the bar: files, audio, realtime factor and time left."""
         total = self.audio_expected_s
         failed = f" ({self.files_failed} failed)" if self.files_failed else ""
-        eta = None if self._status != "running" else self.eta_s()
+        eta = self.eta_s()
         left = "" if eta is None else f", {_duration(eta)} left"
         return (
             f"{self.files_done}/{self.files_total} files{failed}, "
@@ -311,7 +313,7 @@ class Progress:
             "audio_expected_s": self.audio_expected_s,
             "audio_left_s": max(self.audio_expected_s - self.audio_done_s, 0.0),
             "realtime_factor": self.realtime_factor,
-            "eta_s": self.eta_s() if self._status == "running" else None,
+            "eta_s": self.eta_s(),
             "history": [list(point) for point in self._history],
             "scorers": {
                 address: {

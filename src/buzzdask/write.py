@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dask.utils import format_bytes
 
+from buzzdask.config import DEFAULTS
 from buzzdask.errors import OutputConflictError, OutputFullError, ParameterError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import first_names, user_path
@@ -517,9 +518,10 @@ class OutputConflict:
             else "resume with the earlier model, embedder, buzzdask and ffmpeg"
         )
         if "decode_margin_s" in before:  # a setting, not an option: named as one
+            default = DEFAULTS["buzzdask"]["decode-margin-seconds"]
             back += (
-                " and buzzdask.decode-margin-seconds as it was (the default, 0.5, where not "
-                "recorded)"
+                f" and buzzdask.decode-margin-seconds as it was (the default, {default}, where "
+                "not recorded)"
             )
         return (
             f"cannot resume into {self.output}: settings differ ({differing}); either pass "
@@ -830,8 +832,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     # Its name cut to fit where the name itself just fits (a long recording's export).
-    hidden = path.name.encode()[: NAME_MAX - 38].decode(errors="ignore")
-    temporary = path.with_name(f".{hidden}.{uuid.uuid4().hex}.tmp")
+    suffix = f".{uuid.uuid4().hex}.tmp"
+    hidden = path.name.encode()[: NAME_MAX - 1 - len(suffix)].decode(errors="ignore")
+    temporary = path.with_name(f".{hidden}{suffix}")
     try:
         yield temporary
         os.replace(temporary, path)
