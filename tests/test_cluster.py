@@ -273,6 +273,24 @@ def test_batch_script_for_one_job_mode(capsys):
     )
 
 
+def test_a_batch_script_whose_job_would_stop_at_once_is_printed_with_a_warning(capsys, tmp_path):
+    # The job runs where the script was printed (--chdir): what is missing here stops it as it
+    # starts, after its wait in the queue.
+    config = ["--config", "osc-cardinal", "--account", "PAS1234", "--print-batch-script"]
+    assert cluster_main([*config, *ANALYZE]) == 0
+    captured = capsys.readouterr()
+    assert "#SBATCH" in captured.out
+    assert "warning: the job would stop at its start: input path(s) not found" in captured.err
+    assert str(tmp_path / "audio") in captured.err
+    (tmp_path / "audio").mkdir()
+    write_wav(tmp_path / "audio" / "a.wav", np.zeros(16000), 16000)
+    assert cluster_main([*config, *ANALYZE]) == 0
+    assert "model 'general_v3' not found" in capsys.readouterr().err
+    (tmp_path / "models" / "model_general_v3").mkdir(parents=True)
+    assert cluster_main([*config, *ANALYZE]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_impossible_job_options_are_refused_before_a_script_is_printed(capsys):
     pitzer = ["--config", "osc-pitzer", "--account", "PAS1234"]
     cases = {

@@ -25,6 +25,7 @@ from dask.utils import parse_bytes
 
 from buzzdask.cli import EXIT_OK, reports_errors
 from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions, job_kinds
+from buzzdask.errors import InputError, ModelError
 
 if TYPE_CHECKING:
     from buzzdask.settings import Settings
@@ -139,8 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--print-batch-script needs the analyze ... command to run")
         from buzzdask.cluster.batch import batch_script
 
-        _analyze_settings(analyze)  # the script goes to sbatch next: refuse a bad value now
-
+        # The script goes to sbatch next: refuse a bad value now.
+        settings = _analyze_settings(analyze)
+        try:
+            _check_sources(analyze, settings)
+        except (InputError, ModelError) as error:
+            # Only a warning: the script may be printed to be read, or before the audio arrives.
+            # The job runs from here (--chdir) and would stop on this as it starts.
+            print(f"buzzdask: warning: the job would stop at its start: {error}", file=sys.stderr)
         script = batch_script(
             args.config, args.command, gpus=gpus, cpu_workers=cpu_workers, **options
         )
@@ -185,18 +192,24 @@ def _check_before_jobs(analyze: argparse.Namespace) -> None:
     Hours, on a GPU partition: a bad setting or option value, inputs that are missing or hold
     no audio, a model not found, an output holding results without ``--resume`` or ``--new``.
     """
-    from buzzdask.inputs import scan, user_path
-    from buzzdask.models import find_model_dir
+    from buzzdask.inputs import user_path
     from buzzdask.write import OutputLayout, refuse_results
 
-    settings = _analyze_settings(analyze)
+    _check_sources(analyze, _analyze_settings(analyze))
+    if not (analyze.resume or analyze.new) and len(analyze.model) == 1:
+        refuse_results(OutputLayout(user_path(analyze.output)))
+
+
+def _check_sources(analyze: argparse.Namespace, settings: Settings) -> None:
+    """Refuse inputs that are missing or hold no audio, and a model not found (from here)."""
+    from buzzdask.inputs import scan
+    from buzzdask.models import find_model_dir
+
     found = scan(analyze.inputs, extensions=settings.extensions)
     if not analyze.watch:  # a watched folder may fill later
         found.require_audio()
     for model in analyze.model:
         find_model_dir(model, settings.model_dirs)
-    if not (analyze.resume or analyze.new) and len(analyze.model) == 1:
-        refuse_results(OutputLayout(user_path(analyze.output)))
 
 
 def _analyze_settings(analyze: argparse.Namespace) -> Settings:
