@@ -238,6 +238,23 @@ def test_workers_retire_before_the_walltime_given(walltime, lifetime):
         assert f"#SBATCH -t {walltime or '01:00:00'}" in script
 
 
+def test_paths_with_spaces_are_quoted_in_the_job_scripts(monkeypatch, tmp_path, capsys):
+    # A venv or project folder with a space ("My Project"): dask-jobqueue writes the Python
+    # unquoted (every worker job failed to start, and the client waited for them).
+    monkeypatch.setattr(sys, "executable", "/fs/ess/PAS1/My Project/.venv/bin/python")
+    scripts = job_scripts("osc-cardinal", account="PAS9", gpus=1)
+    for script in scripts.values():
+        assert "\n'/fs/ess/PAS1/My Project/.venv/bin/python' -m distributed.cli." in script
+    project = tmp_path / "My Project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    command = ["--config", "osc-cardinal", "--account", "PAS9", "--print-batch-script", *ANALYZE]
+    assert cluster_main(command) == 0
+    script = capsys.readouterr().out
+    assert f"#SBATCH --chdir='{project}'\n" in script
+    assert f"#SBATCH -o '{project}/buzzdask-logs/buzzdask-%j.out'\n" in script
+
+
 def test_a_walltime_slurm_cannot_read_is_refused():
     with pytest.raises(ParameterError, match=r"walltime='1h' is not a SLURM time limit"):
         job_scripts("osc-cardinal", account="PAS9", walltime="1h")

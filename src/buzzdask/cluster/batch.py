@@ -342,7 +342,7 @@ def one_node_job_head(
     if section["log-directory"]:
         logs = os.path.abspath(os.path.expanduser(section["log-directory"]))
         os.makedirs(logs, exist_ok=True)
-        lines.append(f"#SBATCH -o {logs}/{job_name}-%j.out")
+        lines.append(f"#SBATCH -o {shlex.quote(f'{logs}/{job_name}-%j.out')}")
     return [
         *lines,
         # The workers' settings, and Lmod for a prologue's module lines, as in a worker job.

@@ -16,6 +16,7 @@ system's sections and node sizes instead of copying them.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Mapping
@@ -80,16 +81,53 @@ def config_dirs() -> list[Path]:
     """Directories searched for ``<name>.yaml``, first match wins.
 
     ``buzzdask.cluster-config-dirs``, then ``./cluster_configs``, then the source tree's
-    ``cluster_configs/`` (an editable install), then ``<prefix>/share/buzzdask/cluster_configs``
-    (a wheel install).
+    ``cluster_configs/`` (a checkout, an editable install), then where pip put the wheel's
+    (``<scheme>/share/buzzdask/cluster_configs``: a venv's, ``--user``'s, ``--prefix``'s,
+    ``--target``'s, ``/usr/local``'s).
     """
     own = [Path(os.path.expanduser(d)) for d in load_settings().cluster_config_dirs]
-    return [
-        *own,
-        Path.cwd() / "cluster_configs",
-        Path(__file__).resolve().parents[3] / "cluster_configs",
-        Path(sys.prefix) / "share" / "buzzdask" / "cluster_configs",
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parents[1]
+    # Guesses about the installation: only those that are there.
+    installed = [
+        *_recorded_config_dirs(),
+        # pip --target leaves share/ beside the package and out of its record.
+        package.parent / _SHARED_CONFIGS,
+        Path(sys.prefix) / _SHARED_CONFIGS,
     ]
+    installed = [directory for directory in installed if directory.is_dir()]
+    return list(
+        dict.fromkeys(
+            [
+                *own,
+                Path.cwd() / "cluster_configs",
+                *(
+                    [checkout / "cluster_configs"]
+                    if (checkout / "pyproject.toml").is_file()
+                    else []
+                ),
+                *installed,
+            ]
+        )
+    )
+
+
+#: Where the wheel's ``cluster_configs/*.yaml`` go, under an installation scheme's data directory.
+_SHARED_CONFIGS = Path("share", "buzzdask", "cluster_configs")
+
+
+def _recorded_config_dirs() -> list[Path]:
+    """The folders of the wheel's configurations, as pip recorded them at installation."""
+    try:
+        files = importlib.metadata.distribution("buzzdask").files or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return []
+    found = {
+        Path(os.path.normpath(file.locate())).parent
+        for file in files
+        if file.suffix == ".yaml" and Path(file).parent.parts[-3:] == _SHARED_CONFIGS.parts
+    }
+    return sorted(found)
 
 
 def _did_you_mean(name: str, configs: Mapping[str, Path]) -> str:

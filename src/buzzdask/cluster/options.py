@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -169,7 +171,8 @@ class JobOptions:
             CPU (decode) or GPU (scorer) worker jobs.
         section : str, optional
             Their ``jobqueue.<section>``: with ``walltime`` set, its workers' ``--lifetime``
-            is fitted below it (:func:`lifetime_within`).
+            is fitted below it (:func:`lifetime_within`); where it gives no ``python``, this
+            one, quoted for the job script.
 
         Returns
         -------
@@ -183,6 +186,10 @@ class JobOptions:
         }
         extra = self.job_kwargs if kind == "cpu" else self.gpu_job_kwargs
         overrides = {k: v for k, v in {**chosen, **(extra or {})}.items() if v is not None}
+        if section is not None and dask.config.get(f"jobqueue.{section}.python", None) is None:
+            # dask-jobqueue would write this Python into the job script unquoted: a venv in a
+            # folder with a space ("My Project") would be cut there, and no worker would start.
+            overrides.setdefault("python", shlex.quote(sys.executable))
         if "walltime" in overrides and section is not None:
             args = overrides.get("worker_extra_args") or dask.config.get(
                 f"jobqueue.{section}.worker-extra-args", None
