@@ -158,6 +158,8 @@ def test_rescore_equals_a_fresh_analysis(corpus, new_head, dask_client, tiny_emb
     assert pd.read_parquet(result.output / "errors.parquet").empty
     assert len(dd.read_parquet(result.dataset).compute()) == summary["frames"]
     assert run.recordings() == ["c.mp3", "site1/a.wav", "site2/b.flac"]
+    # Named from the audio's folder, not the store's: start times come from its metadata.
+    assert run.input_root == corpus.audio and metadata["inputs"]["store"] == str(store.directory)
     # The store is read, never written: its catalog does not grow with each re-scoring.
     assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in corpus.store.rglob("*")} == before
 

@@ -294,6 +294,7 @@ class FileLedger:
                 [
                     {
                         "file": relative,
+                        "path": state.input.path,
                         "sha256": sha256,
                         "size": state.info.size_bytes,
                         "mtime_ns": state.info.mtime_ns,

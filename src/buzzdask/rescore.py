@@ -140,7 +140,12 @@ def rescore(
     inputs = RunInputs(
         root=str(kept.root),
         files=files,
-        described={"root": str(kept.root), "store": str(kept.directory)},
+        # The run's recordings are named from the audio's folder, where the results' start
+        # times are read from their metadata (exports, summaries, plots).
+        described={
+            "root": _analysed_root(catalog) or str(kept.root),
+            "store": str(kept.directory),
+        },
         feed=functools.partial(_feed, kept, catalog),
         versions=functools.partial(_version, catalog),
     )
@@ -154,6 +159,21 @@ def rescore(
         verbose=verbose,
         started_wall=started_wall,
     )
+
+
+def _analysed_root(catalog: Mapping[str, list[dict[str, Any]]]) -> str | None:
+    """The folder the stored recordings were analysed from: their names are relative to it.
+
+    ``None`` for recordings analysed from different folders, or catalog lines written before
+    they held the audio's ``path``.
+    """
+    roots = set()
+    for name, entries in catalog.items():
+        path, suffix = entries[0].get("path"), f"/{name}"
+        if not isinstance(path, str) or not path.endswith(suffix):
+            return None
+        roots.add(path.removesuffix(suffix) or "/")
+    return roots.pop() if len(roots) == 1 else None
 
 
 def _feed(

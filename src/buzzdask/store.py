@@ -208,8 +208,9 @@ class EmbeddingStore:
     def record(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """Add catalog lines for chunks whose parts are in place.
 
-        Each names the audio (``file``, ``sha256``, ``size``, ``mtime_ns``, ``duration_s``) and
-        the chunk (``chunk``, ``first_frame``, ``frames``, ``frames_per_chunk``).
+        Each names the audio (``file``, its relative name; ``path``, where it was analysed;
+        ``sha256``, ``size``, ``mtime_ns``, ``duration_s``) and the chunk (``chunk``,
+        ``first_frame``, ``frames``, ``frames_per_chunk``).
         """
         lines = "".join(json.dumps(dict(entry), sort_keys=True) + "\n" for entry in entries)
         if lines:
