@@ -886,6 +886,40 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
     _assert_same_frames(resumed, reference)
 
 
+def test_a_stop_as_the_run_ends_waits_for_its_results(
+    dask_client, make_audio, tiny_model, tiny_embedder, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM (a job's time limit) once every chunk is written, as the run closes: its
+    summary, errors table and status are written before the command stops (it said "running",
+    as a run killed outright, with no errors table)."""
+    from buzzdask import analysis
+    from buzzdask.cli import main
+
+    audio = make_audio("a.wav", n_samples=3 * FRAME)
+    measured = analysis.peak_rss_by_worker
+
+    def stopped_meanwhile(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "peak_rss_by_worker", stopped_meanwhile)
+    output = tmp_path / "out"
+    code = main(
+        [
+            *("analyze", str(audio), "--model", str(tiny_model), "--output", str(output)),
+            *("--embedder", str(tiny_embedder), "--no-progress", "--chunk-seconds", "1"),
+            *("--scheduler", dask_client.scheduler.address),
+        ]
+    )
+    assert code == EXIT_TERMINATED  # the stop still stops the command
+    assert "SIGTERM came as the run ended: the stop waited for its results (it is complete)" in (
+        capsys.readouterr().err
+    )
+    metadata = json.loads((output / "buzzdask.json").read_text())
+    assert metadata["status"] == "complete" and metadata["summary"]["frames"] == 3
+    assert "stopped_by" not in metadata and (output / "errors.parquet").exists()
+
+
 def test_node_local_staging_gives_the_same_frames(run, make_audio, tmp_path):
     """With staging, each decode reads a copy on the worker's local disk: same frames."""
     import dask

@@ -188,3 +188,23 @@ def test_a_model_not_found_names_where_it_was_looked_for(tmp_path, make_audio) -
     assert f"model 'nosuch' not found: not a directory, nor in ['{tmp_path / 'models'}']" in (
         done.stderr
     )
+
+
+def test_an_input_taken_as_the_embedding_store_is_refused(tmp_path, make_audio) -> None:
+    """``--keep-embeddings a/ b/``: argparse reads a/ as the store (its value is optional)."""
+    first = make_audio("a/x.wav", n_samples=2 * FRAME).parent
+    second = make_audio("b/y.wav", n_samples=2 * FRAME).parent
+    output = tmp_path / "out"
+    done = buzzdask_cli(
+        "analyze",
+        "--keep-embeddings",
+        str(first),
+        str(second),
+        "--model",
+        "m",
+        "--output",
+        str(output),
+    )
+    assert done.returncode == 2
+    assert f"--keep-embeddings {first}: {first} holds audio, so it is an INPUT" in done.stderr
+    assert sorted(p.name for p in first.iterdir()) == ["x.wav"] and not output.exists()

@@ -20,7 +20,7 @@ from buzzdask.decode import (
     plan_chunks,
     preprocess_filters,
 )
-from buzzdask.errors import DecoderStopped
+from buzzdask.errors import DecoderStopped, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from tests.conftest import field_like, requires_ffmpeg, write_wav
 from tests.test_frames import spec
@@ -35,6 +35,15 @@ def relative_rms(a: np.ndarray, b: np.ndarray) -> float:
 def soxr_mean(channels: np.ndarray, rate: int) -> np.ndarray:
     soxr = pytest.importorskip("soxr")
     return soxr.resample(channels.mean(axis=1), rate, 16000, quality="HQ").astype(np.float32)
+
+
+def test_a_sample_rate_that_is_not_a_whole_positive_number_is_refused(tmp_path: Path) -> None:
+    # Before: ZeroDivisionError, soxr's ValueError or a TypeError, after the file was probed.
+    path = write_wav(tmp_path / "x.wav", np.zeros(800), 8000)
+    for rate in (0, -1, 16000.5, True):
+        with pytest.raises(ParameterError, match=rf"sample_rate={rate!r} must be a whole number"):
+            decode_file(path, sample_rate=rate)  # type: ignore[arg-type]
+    assert len(decode_file(path, sample_rate=np.int64(16000))) == 1600
 
 
 @pytest.mark.parametrize(

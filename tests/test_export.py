@@ -322,6 +322,11 @@ def test_errors_before_anything_is_written(tree_run, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(InputError, match="not a buzzdask output"):
         buzzdask.export(tmp_path, format="csv")
+    # Every file failed (or none is written yet): as Run.frames, summarize and plot say it.
+    unscored = tmp_path / "unscored"
+    shutil.copytree(tree_run.output, unscored, ignore=shutil.ignore_patterns("*.parquet"))
+    with pytest.raises(InputError, match="holds no scored frames yet: nothing to export"):
+        buzzdask.export(unscored, format="csv", dest=tmp_path / "x")
     with pytest.raises(InputError, match="does not exist"):
         buzzdask.open_run(tmp_path / "missing")
 

@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import platform
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,7 +42,13 @@ from buzzdask.progress import Progress
 from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
-from buzzdask.session import connect, package_versions, peak_rss_by_worker, task_key
+from buzzdask.session import (
+    connect,
+    package_versions,
+    peak_rss_by_worker,
+    signals_deferred,
+    task_key,
+)
 from buzzdask.settings import Settings, load_settings
 from buzzdask.staging import decode_chunk_staged
 from buzzdask.store import EmbeddingStore
@@ -102,7 +109,11 @@ class AnalysisResult:
 
     @property
     def ok(self) -> bool:
-        """True when every file was analysed without error."""
+        """True when ``errors`` is empty: no file failed, none was damaged or cut short.
+
+        A damaged or cut-short file's frames are written (its ``kept`` rows, warnings); it
+        still makes ``ok`` False, and the command's exit code 3, so that a script notices.
+        """
         return self.errors.empty
 
     def to_pandas(self) -> pd.DataFrame:
@@ -207,6 +218,7 @@ def analyze(
         ``start[i] = i * frame_hop_s``.
     chunk_seconds : float > 0 [s], optional
         Audio per decode task, rounded down to whole hops. Results do not depend on it.
+        Default: ``buzzdask.chunk-seconds`` (600).
     thresholds : mapping of class -> float, optional
         Adds ``detection_<class>`` columns: ``activation > threshold``, as buzzdetect and buzzr.
         With several models, each takes the classes it has.
@@ -222,10 +234,11 @@ def analyze(
         one). Chunks the store already holds are read from it instead of decoded and embedded;
         :func:`buzzdask.rescore` scores the store with another head without the audio.
     memory_budget : int or str, optional
-        Most decoded audio in flight, in bytes or as ``"1GiB"``.
+        Most decoded audio in flight, in bytes or as ``"1GiB"``. Default:
+        ``buzzdask.memory-budget`` (1 GiB).
     batch_frames : int > 0, optional
         Most frames per score task and per embedder call (on a CPU, calls hold at most
-        ``buzzdask.cpu-call-frames``).
+        ``buzzdask.cpu-call-frames``). Default: ``buzzdask.batch-frames`` (512).
     progress : bool, default: True
         Show a progress bar of audio hours.
     verbose : bool, default: False
@@ -243,6 +256,10 @@ def analyze(
         different embedders), a bad option or an output that already holds results.
     ScorerError
         When no scorer can start (its model does not load on the workers).
+    BuzzdaskError
+        Called at the top level of a script run as ``python script.py``: the local cluster's
+        worker processes start by importing the script again, so the call must be under
+        ``if __name__ == "__main__":`` (not needed in a notebook or with ``client``).
 
     See Also
     --------
@@ -417,130 +434,149 @@ def run_plan(
         store = EmbeddingStore(root / KEPT_EMBEDDINGS, embedder=plan.embedder, spec=plan.spec)
         plan = replace(plan, store=store)
     started = utc_now()
-    with (
-        _removed_if_left_empty(root, made=root != output or not existed),
-        OutputLock(root, started=started, stale_s=settings.lock_stale_seconds),
-        # A re-scoring decodes nothing: its local cluster is threads in this process.
-        connect(
-            client, local=settings.local_cluster, processes=plan.ffmpeg is not None
-        ) as connected,
-        run_log(
-            root / "buzzdask.log",
-            connected,
-            timeout_s=settings.scorer_ping_seconds,
-            verbose=verbose,
-        ),
-    ):
-        # Off the start's critical path: pandas (0.2 s) only makes the results' tables.
-        import_in_background("pandas")
-        # Each invocation's first line in the log: a resumed output's log tells them apart.
-        logger.info(
-            "%s %s on %s (scheduler %s)",
-            "resuming" if on_conflict == "resume" else "starting",
-            "a re-scoring" if plan.ffmpeg is None else "an analysis",
-            platform.node(),
-            getattr(connected.scheduler, "address", "?"),
-        )
-        if on_conflict == "resume" and inputs.versions is None:
-            inputs = _named_from(
-                inputs, resume_root(layouts, [f.path for f in inputs.files], root=inputs.root)
-            )
-        metadata = [
-            _metadata(plan, i, inputs=inputs.described, n_files=len(inputs.files), started=started)
-            for i in range(len(plan.models))
-        ]
-        if on_conflict == "resume":  # read before this run writes its own
-            for layout, meta in zip(layouts, metadata, strict=True):
-                meta["earlier_runs"] = earlier_runs(layout)
-        resumed = [
-            check_resume(layout, fingerprint=fp, input_root=inputs.root, versions=inputs.versions)
-            if on_conflict == "resume"
-            else ResumeCheck()
-            for layout, fp in zip(layouts, fingerprints, strict=True)
-        ]
-        ledger = FileLedger(
-            heads=[
-                HeadOutput(layout, _writer(plan, i, layout, meta), check.done)
-                for i, (layout, meta, check) in enumerate(
-                    zip(layouts, metadata, resumed, strict=True)
-                )
-            ],
-            spec=plan.spec,
-            frames_per_chunk=plan.frames_per_chunk,
-            progress=Progress(
-                enabled=progress,
+    ending = ExitStack()  # outermost: holds a stop that comes once every chunk is written
+    with ending:
+        with (
+            _removed_if_left_empty(root, made=root != output or not existed),
+            OutputLock(root, started=started, stale_s=settings.lock_stale_seconds),
+            # A re-scoring decodes nothing: its local cluster is threads in this process.
+            connect(
+                client, local=settings.local_cluster, processes=plan.ffmpeg is not None
+            ) as connected,
+            run_log(
+                root / "buzzdask.log",
+                connected,
+                timeout_s=settings.scorer_ping_seconds,
                 verbose=verbose,
-                files=len(inputs.files),
-                publish=RunPublisher(
-                    connected,
-                    {
-                        "output": str(root),
-                        "model": ", ".join(m.name for m in plan.models),
-                        "host": platform.node(),
-                    },
-                ),
             ),
-            store=plan.store,
-            exact_plans=plan.ffmpeg is None,
-        )
-
-        def scorer_ready() -> None:
-            # buzzdask.json once a scorer has loaded the model: a run that cannot start leaves
-            # nothing but its log in the output.
-            for layout, meta in zip(layouts, metadata, strict=True):
-                write_json(layout.metadata, meta)
-
-        try:
-            with ledger.stops_when_output_full():
-                pool, pipeline = _run(
-                    connected,
-                    plan,
-                    ledger,
-                    inputs,
-                    on_scorer_ready=scorer_ready,
-                    # The local cluster started here has its own (a laptop holds one model).
-                    scorer_workers=(
-                        settings.local_cluster.scorers
-                        if client is None
-                        else settings.cpu_scorer_workers
-                    ),
+        ):
+            # Off the start's critical path: pandas (0.2 s) only makes the results' tables.
+            import_in_background("pandas")
+            # Each invocation's first line in the log: a resumed output's log tells them apart.
+            logger.info(
+                "%s %s on %s (scheduler %s)",
+                "resuming" if on_conflict == "resume" else "starting",
+                "a re-scoring" if plan.ffmpeg is None else "an analysis",
+                platform.node(),
+                getattr(connected.scheduler, "address", "?"),
+            )
+            if on_conflict == "resume" and inputs.versions is None:
+                inputs = _named_from(
+                    inputs, resume_root(layouts, [f.path for f in inputs.files], root=inputs.root)
                 )
-        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
-            _say_interrupted(layouts, metadata, str(stop) or "Ctrl-C")
-            raise
-        run_stats = {
-            "peak_rss_bytes": peak_rss_by_worker(connected, timeout_s=settings.scorer_ping_seconds),
-            "peak_decoded_bytes_in_flight": pipeline.budget.peak_bytes,
-            "chunks_resent": pipeline.resent,
-            "scorers": pool.stats(),
-            "scorer_restarts": pool.restarts,
-            "scorers_lost": pool.lost,
-        }
-    wall = time.perf_counter() - started_wall
-    results = {}
-    for layout, meta, check, model in zip(layouts, metadata, resumed, plan.models, strict=True):
-        summary = _summary(
-            ledger,
-            plan,
-            n_files=len(inputs.files),
-            n_skipped=inputs.n_skipped,
-            wall=wall,
-            resume=check.as_summary(),
-            **run_stats,
-        )
-        meta["versions"]["tensorflow"] = pool.tensorflow_version
-        meta.update(status="complete", finished=utc_now(), summary=summary)
-        with ledger.stops_when_output_full():
-            write_errors(layout.errors, ledger.errors)
-            write_json(layout.metadata, meta)
-        results[model.name] = AnalysisResult(
-            output=layout.root,
-            dataset=layout.scores,
-            summary=summary,
-            errors=errors_table(ledger.errors),
-            metadata=meta,
-        )
-    return results if plan.several else results[plan.models[0].name]
+            metadata = [
+                _metadata(
+                    plan, i, inputs=inputs.described, n_files=len(inputs.files), started=started
+                )
+                for i in range(len(plan.models))
+            ]
+            if on_conflict == "resume":  # read before this run writes its own
+                for layout, meta in zip(layouts, metadata, strict=True):
+                    meta["earlier_runs"] = earlier_runs(layout)
+            resumed = [
+                check_resume(
+                    layout, fingerprint=fp, input_root=inputs.root, versions=inputs.versions
+                )
+                if on_conflict == "resume"
+                else ResumeCheck()
+                for layout, fp in zip(layouts, fingerprints, strict=True)
+            ]
+            ledger = FileLedger(
+                heads=[
+                    HeadOutput(layout, _writer(plan, i, layout, meta), check.done)
+                    for i, (layout, meta, check) in enumerate(
+                        zip(layouts, metadata, resumed, strict=True)
+                    )
+                ],
+                spec=plan.spec,
+                frames_per_chunk=plan.frames_per_chunk,
+                progress=Progress(
+                    enabled=progress,
+                    verbose=verbose,
+                    files=len(inputs.files),
+                    publish=RunPublisher(
+                        connected,
+                        {
+                            "output": str(root),
+                            "model": ", ".join(m.name for m in plan.models),
+                            "host": platform.node(),
+                        },
+                    ),
+                ),
+                store=plan.store,
+                exact_plans=plan.ffmpeg is None,
+            )
+
+            def scorer_ready() -> None:
+                # buzzdask.json once a scorer has loaded the model: a run that cannot start leaves
+                # nothing but its log in the output.
+                for layout, meta in zip(layouts, metadata, strict=True):
+                    write_json(layout.metadata, meta)
+
+            try:
+                with ledger.stops_when_output_full():
+                    pool, pipeline = _run(
+                        connected,
+                        plan,
+                        ledger,
+                        inputs,
+                        on_scorer_ready=scorer_ready,
+                        # The local cluster started here has its own (a laptop holds one model).
+                        scorer_workers=(
+                            settings.local_cluster.scorers
+                            if client is None
+                            else settings.cpu_scorer_workers
+                        ),
+                    )
+            except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
+                _say_interrupted(layouts, metadata, str(stop) or "Ctrl-C")
+                raise
+            # Every chunk is written: a stop now (SIGTERM at a job's time limit, Ctrl-C) waits
+            # for the run's end, so that its summary, errors table and "complete" are written
+            # too; it stops the command (a watch, a notebook's loop of runs) after that.
+            stops_at_the_end = ending.enter_context(signals_deferred())
+            run_stats = {
+                "peak_rss_bytes": peak_rss_by_worker(
+                    connected, timeout_s=settings.scorer_ping_seconds
+                ),
+                "peak_decoded_bytes_in_flight": pipeline.budget.peak_bytes,
+                "chunks_resent": pipeline.resent,
+                "scorers": pool.stats(),
+                "scorer_restarts": pool.restarts,
+                "scorers_lost": pool.lost,
+            }
+        wall = time.perf_counter() - started_wall
+        results = {}
+        for layout, meta, check, model in zip(layouts, metadata, resumed, plan.models, strict=True):
+            summary = _summary(
+                ledger,
+                plan,
+                n_files=len(inputs.files),
+                n_skipped=inputs.n_skipped,
+                wall=wall,
+                resume=check.as_summary(),
+                **run_stats,
+            )
+            meta["versions"]["tensorflow"] = pool.tensorflow_version
+            meta.update(status="complete", finished=utc_now(), summary=summary)
+            with ledger.stops_when_output_full():
+                write_errors(layout.errors, ledger.errors)
+                write_json(layout.metadata, meta)
+            results[model.name] = AnalysisResult(
+                output=layout.root,
+                dataset=layout.scores,
+                summary=summary,
+                errors=errors_table(ledger.errors),
+                metadata=meta,
+            )
+        if stops_at_the_end:
+            logger.warning(
+                "%s came as the run ended: the stop waited for its results (it is complete)",
+                "Ctrl-C"
+                if stops_at_the_end[0] == signal.SIGINT
+                else signal.Signals(stops_at_the_end[0]).name,
+            )
+        return results if plan.several else results[plan.models[0].name]
 
 
 def _say_interrupted(

@@ -4,8 +4,7 @@ Commands: ``analyze`` (``--watch``), ``init``, ``transfer``, ``train``, ``embedd
 ``export``, ``summarize``, ``plot``;
 ``--version``.
 
-Exit codes: 0 everything analysed; 1 nothing could start (bad input path, model, option or an
-output that already holds results); 2 usage error; 3 the run finished but some files failed.
+Exit codes: see :data:`EXIT_CODES` (``buzzdask --help`` lists them).
 """
 
 from __future__ import annotations
@@ -32,6 +31,17 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 128 + 2  # the shell's code for a command ended by SIGINT (Ctrl-C)
 EXIT_TERMINATED = 128 + 15  # ... and by SIGTERM (SLURM at a job's time limit, scancel)
+#: What each exit code means, as ``buzzdask --help`` and the README's table say it.
+EXIT_CODES = {
+    EXIT_OK: "done, and the errors table is empty",
+    EXIT_ERROR: "nothing could start (a bad input path, model, option, an output in the way), "
+    "or the run stopped on an error of its own; what was written is kept",
+    EXIT_USAGE: "usage error",
+    EXIT_FILES_FAILED: "the run finished, but errors.parquet has rows: files failed, or were "
+    "damaged or cut short (their frames written)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C): what was written is kept, --resume finishes it",
+    EXIT_TERMINATED: "stopped by SIGTERM (a SLURM time limit, scancel): as 130",
+}
 
 _P = ParamSpec("_P")
 
@@ -174,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     from buzzdask import __version__
 
     parser = argparse.ArgumentParser(
-        prog="buzzdask", description="Find bee buzzing in field audio with Dask."
+        prog="buzzdask",
+        description="Find bee buzzing in field audio with Dask.",
+        epilog="exit codes: "
+        + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()),
     )
     parser.add_argument("--version", action="version", version=f"buzzdask {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -442,12 +455,24 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--classes", type=_classes, metavar="A,B", help="only these classes (default: all)"
     )
-    _add_detection_options(export, threshold_help="detections: activation > VALUE; repeatable")
-    export.add_argument(
-        "--gap-frames", type=int, default=0, metavar="N", help="raven: gap inside an event"
+    _add_detection_options(
+        export,
+        threshold_help="detections: activation > VALUE; repeatable (default for csv and raven: "
+        "the run's own thresholds; buzzdetect: activations only)",
     )
     export.add_argument(
-        "--min-frames", type=int, default=1, metavar="N", help="raven: shortest event"
+        "--gap-frames",
+        type=int,
+        default=0,
+        metavar="N",
+        help="raven: most frames below the threshold bridged inside one event (default 0)",
+    )
+    export.add_argument(
+        "--min-frames",
+        type=int,
+        default=1,
+        metavar="N",
+        help="raven: fewest frames of an event (default 1)",
     )
     _add_start_time_options(export, applies_to="csv: ")
     export.add_argument(
@@ -517,7 +542,8 @@ def _add_binning_options(parser: argparse.ArgumentParser, *, by_default: str) ->
         default=_by(by_default),
         metavar="LEVEL|file|all",
         help="groups: a folder level of the recordings' paths (1 = top folder, e.g. the site; "
-        f"1,2 for two levels), file, or all (default {by_default})",
+        f"1,2 for two levels; '.' for a recording with no folder there), file, or all "
+        f"(default {by_default})",
     )
     _add_detection_options(
         parser,
@@ -676,6 +702,8 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     elif args.command == "analyze" and (args.poll is not None or args.idle_timeout is not None):
         given = "--poll" if args.poll is not None else "--idle-timeout"
         build_parser().error(f"{given} applies to --watch only: add --watch, or leave it out")
+    if args.command == "analyze" and isinstance(args.keep_embeddings, str):
+        _refuse_audio_as_store(args.keep_embeddings)
     from buzzdask.logs import configure_console
 
     # Before anything loads TensorFlow or starts workers, which inherit it.
@@ -721,6 +749,23 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         )
     results = result if isinstance(result, dict) else {"": result}
     return max(_report(one) for one in results.values())
+
+
+def _refuse_audio_as_store(store: str) -> None:
+    """Refuse ``--keep-embeddings STORE`` where STORE holds audio: an INPUT taken as the store.
+
+    ``analyze --keep-embeddings audio_a/ audio_b/ ...`` reads ``audio_a/`` as the store (the
+    option's value is optional), which would leave it unanalysed and write embeddings into it.
+    """
+    from buzzdask.inputs import scan
+    from buzzdask.settings import load_settings
+
+    if os.path.exists(store) and scan([store], extensions=load_settings().extensions).files:
+        build_parser().error(
+            f"--keep-embeddings {store}: {store} holds audio, so it is an INPUT, not an "
+            "embedding store: put --keep-embeddings after the inputs, or give its store as "
+            "--keep-embeddings=STORE"
+        )
 
 
 def _report(result: Any) -> int:

@@ -43,6 +43,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from numbers import Integral
 from stat import S_ISREG
 from typing import BinaryIO
 
@@ -53,7 +54,7 @@ from dask.utils import format_bytes
 
 from buzzdask import pcm_cache
 from buzzdask.buffers import ReusedArrays, aligned_empty
-from buzzdask.errors import DecodeError, DecoderStopped
+from buzzdask.errors import DecodeError, DecoderStopped, ParameterError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
 from buzzdask.mp3 import Mp3Header, read_mp3_header
@@ -545,7 +546,16 @@ def decode_file(
     Returns
     -------
     np.ndarray [shape=(n_samples,), dtype=float32]
+
+    Raises
+    ------
+    ParameterError
+        ``sample_rate`` is not a whole number > 0.
+    DecodeError
+        The file is missing, empty, holds no audio stream, or ffmpeg cannot decode it.
     """
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, Integral) or sample_rate <= 0:
+        raise ParameterError(f"sample_rate={sample_rate!r} must be a whole number of Hz > 0")
     info = probe_audio(path, tools=tools)
     header = _in_process_header(info)
     if header is not None:

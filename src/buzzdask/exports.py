@@ -41,7 +41,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import pandas as pd
 
-from buzzdask.errors import OutputConflictError, ParameterError
+from buzzdask.errors import InputError, OutputConflictError, ParameterError
 from buzzdask.events import stored_recording_events
 from buzzdask.inputs import user_path
 from buzzdask.results import Run, open_run
@@ -343,7 +343,7 @@ def export(
     run = open_run(output)
     recordings = run.recordings()
     if not recordings:
-        raise ParameterError(f"{run.output} holds no scored frames yet: nothing to export")
+        raise InputError(f"{run.output} holds no scored frames yet: nothing to export")
     run.warn_if_unfinished("exporting")
     selected = _selected_classes(run, classes)
     choice = choose_thresholds(

@@ -206,7 +206,11 @@ def resolve_model(
     search_dirs: Sequence[str | os.PathLike[str]] | None = None,
     settings: Settings | None = None,
 ) -> ModelSpec:
-    """Find a model directory by path or name and read its configuration.
+    """Find a model directory by path or name, read its configuration, resolve its embedder.
+
+    Resolving the embedder makes it ready to load: a TF Hub handle (the configured one unless
+    ``embedder`` is given) is downloaded into the cache here, on the client, the first time;
+    offline, give a local SavedModel directory as ``embedder``.
 
     Parameters
     ----------
@@ -230,7 +234,8 @@ def resolve_model(
     Raises
     ------
     ModelError
-        If the directory is missing or is not a buzzdetect model.
+        If the directory is missing or is not a buzzdetect model, or its embedder cannot be
+        found or downloaded.
     """
     settings = settings or load_settings()
     path = find_model_dir(model, settings.model_dirs if search_dirs is None else search_dirs)

@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -243,7 +244,10 @@ def plot_run(
     ``detection-rate-<class>-<label>.png`` per thresholded class (:func:`plot_daily_activity`
     of ``summarize(output, bin=bin, by=by, ...)``; ``label`` as the summary's, e.g.
     ``bins-5min-by-level_1``) and ``activation-<recording>-<class>.png`` per recording asked
-    for (default: the first recording) and thresholded class (:func:`plot_activation`).
+    for (default: the first recording) and thresholded class (:func:`plot_activation`);
+    ``<recording>`` is its relative name, extension kept, with ``/`` and other characters
+    unsafe in a file name as ``_`` (``activation-siteA_0601.mp3-ins_buzz.png``), and a short
+    hash added where two names would meet or one is too long.
 
     Parameters
     ----------
@@ -264,9 +268,15 @@ def plot_run(
 
     Raises
     ------
+    InputError
+        ``output`` is not a buzzdask output, or holds no scores yet.
+    ParameterError
+        A bad option (``dpi``, ``bin``, ``by``...) or a recording without scores.
     OutputConflictError
         A file exists and ``overwrite`` is False (checked before anything is drawn).
     """
+    if isinstance(dpi, bool) or not isinstance(dpi, Integral) or dpi <= 0:
+        raise ParameterError(f"dpi={dpi!r} must be a whole number > 0")
     run = output if isinstance(output, Run) else open_run(output)
     settings = resolve_summary(run, bin=bin, by=by, precision=precision, thresholds=thresholds)
     folder = user_path(dest) if dest is not None else run.output / "summaries"

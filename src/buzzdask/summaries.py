@@ -221,7 +221,8 @@ def summarize(
     by : int, sequence of int, "file", "all" or None, default: "file"
         Groups: folder level(s) of the relative path (``1`` = top folder, e.g. the site),
         each recording alone, or everything together (``"all"`` or None; untimed files then
-        share offset bins).
+        share offset bins). A recording with no folder at a level (directly in the input
+        folder, or a level deeper than its path) is in the group ``"."`` there.
     precision : float in (0, 1), optional
         Thresholds from the model's test metrics (:func:`buzzdask.thresholds.choose_thresholds`).
     thresholds : mapping of class -> float, optional

@@ -312,12 +312,32 @@ def resolve_thresholds(
     precision: float | None = None,
     thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Thresholds per class from ``precision`` or ``thresholds`` (see :func:`choose_thresholds`).
+    """Thresholds per class from ``precision`` or ``thresholds``, checked.
+
+    Parameters
+    ----------
+    model_dir : path-like
+        The model directory (its ``tests/metrics.csv`` serves ``precision``).
+    classes : sequence of str
+        The model's classes, all of them (``resolve_model(...).classes``): a class asked
+        for that is not among them is refused.
+    precision : float in (0, 1), optional
+        Thresholds from the model's test metrics (:func:`thresholds_for_precision`).
+    thresholds : mapping of class -> float, optional
+        Thresholds given directly. At most one of ``precision`` and ``thresholds``.
 
     Returns
     -------
     dict of class -> float
         In the model's class order; empty when neither is given.
+
+    Raises
+    ------
+    ParameterError
+        Both given, a class the model lacks, a threshold that is not a finite number, or a
+        precision outside (0, 1) or one the metrics cannot give.
+    ModelError
+        ``precision`` for a model without ``tests/metrics.csv``.
     """
     return choose_thresholds(
         model_dir=model_dir, classes=classes, precision=precision, thresholds=thresholds
