@@ -353,6 +353,34 @@ def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):
     assert not list(dest.rglob(".*.tmp"))
 
 
+def test_a_stopped_export_is_said_to_be_unfinished(tree_run, tmp_path, monkeypatch):
+    # Each file is written whole, but a stop (Ctrl-C, a kill) leaves some of them: a set that
+    # looks finished. The next export says it is not.
+    from buzzdask import exports
+
+    dest = tmp_path / "cut"
+    table = exports.buzzdetect_table
+    calls = []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return table(*args, **kwargs)
+
+    monkeypatch.setattr(exports, "buzzdetect_table", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
+    monkeypatch.setattr(exports, "buzzdetect_table", table)
+    with pytest.raises(OutputConflictError, match=rf"into {re.escape(str(dest))} stopped before"):
+        buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
+    done = buzzdask.export(tree_run.output, format="buzzdetect", dest=dest, overwrite=True)
+    assert sorted(p for p in dest.rglob("*") if p.is_file()) == sorted(done.files)
+    with pytest.raises(OutputConflictError) as finished:
+        buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
+    assert "stopped before" not in str(finished.value)
+
+
 def test_combined_csv_has_times_where_known(tree_run, tmp_path):
     frames = frames_of(tree_run)
     threshold = a_rounded_threshold(frames)

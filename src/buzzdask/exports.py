@@ -34,6 +34,7 @@ import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
@@ -70,6 +71,8 @@ BUZZDETECT_TAG = "_buzzdetect"
 ACTIVATION_PREFIX = "activation_"
 DETECTION_PREFIX = "detections_"
 COMBINED_NAME = "frames.csv"
+#: In an export's folder while its files are written: left behind, it marks a stopped export.
+UNFINISHED = ".buzzdask-export-unfinished"
 RAVEN_SUFFIX = ".Table.1.selections.txt"
 RAVEN_COLUMNS = [
     "Selection",
@@ -236,14 +239,32 @@ def _selected_classes(run: Run, classes: Sequence[str] | str | None) -> list[str
     return [name for name in run.classes if name in asked]  # model order
 
 
-def _check_free(targets: Sequence[Path], *, overwrite: bool) -> None:
+def _check_free(targets: Sequence[Path], *, dest: Path, overwrite: bool) -> None:
     existing = [path for path in targets if path.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        why = ""
+        if (dest / UNFINISHED).exists():
+            why = f": an earlier export into {dest} stopped before it finished"
         raise OutputConflictError(
-            f"export file {existing[0]} already exists{more}; pass overwrite=True "
+            f"export file {existing[0]} already exists{more}{why}; pass overwrite=True "
             f"(--overwrite) to replace the export, or choose another dest (--dest)"
         )
+
+
+@contextmanager
+def _files_written(targets: Sequence[Path], dest: Path, *, overwrite: bool) -> Iterator[None]:
+    """Check that ``targets`` are free, then mark ``dest`` unfinished until they are written.
+
+    Each file is written whole, but a stopped export would leave some of them: its marker
+    tells the next export that the set is not complete.
+    """
+    _check_free(targets, dest=dest, overwrite=overwrite)
+    dest.mkdir(parents=True, exist_ok=True)
+    marker = dest / UNFINISHED
+    marker.touch()
+    yield
+    marker.unlink()
 
 
 def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath]) -> None:
@@ -433,18 +454,18 @@ def _export_buzzdetect(
 ) -> tuple[list[Path], list[str]]:
     _check_unique(recordings, buzzdetect_name)
     targets = [dest.joinpath(*buzzdetect_name(relative).parts) for relative in recordings]
-    _check_free(targets, overwrite=overwrite)
     needed = list(thresholds) if thresholds else list(classes)
     columns = ["start", *(f"{ACTIVATION_PREFIX}{name}" for name in needed)]
-    for relative, path in zip(recordings, targets, strict=True):
-        table = buzzdetect_table(
-            run.recording_frames(relative, columns=columns),
-            classes=classes,
-            thresholds=thresholds,
-            digits_results=run.digits_results,
-            frame_length_s=run.frame_length_s,
-        )
-        _write_text(path, [_csv_text(table)])
+    with _files_written(targets, dest, overwrite=overwrite):
+        for relative, path in zip(recordings, targets, strict=True):
+            table = buzzdetect_table(
+                run.recording_frames(relative, columns=columns),
+                classes=classes,
+                thresholds=thresholds,
+                digits_results=run.digits_results,
+                frame_length_s=run.frame_length_s,
+            )
+            _write_text(path, [_csv_text(table)])
     return targets, []
 
 
@@ -485,7 +506,7 @@ def _export_csv(
     **_: Any,
 ) -> tuple[list[Path], list[str]]:
     path = dest / COMBINED_NAME
-    _check_free([path], overwrite=overwrite)
+    _check_free([path], dest=dest, overwrite=overwrite)
     starts = _starts(run, recordings, time_format=time_format, tz=tz, read_metadata=read_metadata)
     untimed = [name for name in recordings if starts.get(name) is None]
     # buzzdetect's decimals, and the hop's where it has more (0.125 s): start and end exact.
@@ -538,28 +559,41 @@ def _export_raven(
 ) -> tuple[list[Path], list[str]]:
     _check_unique(recordings, raven_name)
     targets = [dest.joinpath(*raven_name(relative).parts) for relative in recordings]
-    _check_free(targets, overwrite=overwrite)
     nyquist = run.sample_rate / 2  # the embedder hears nothing above it
-    for relative, path in zip(recordings, targets, strict=True):
-        events = stored_recording_events(
-            run, relative, thresholds, gap_frames=gap_frames, min_frames=min_frames
-        ).sort_values(["start", "class"], kind="stable", ignore_index=True)
-        digits = run.digits_results
-        table = pd.DataFrame(
-            {
-                "Selection": np.arange(1, len(events) + 1),
-                "View": "Spectrogram 1",
-                "Channel": 1,
-                "Begin Time (s)": np.round(events["start"].to_numpy(), RAVEN_TIME_DECIMALS),
-                "End Time (s)": np.round(events["end"].to_numpy(), RAVEN_TIME_DECIMALS),
-                "Low Freq (Hz)": 0.0,
-                "High Freq (Hz)": float(nyquist),
-                "Class": events["class"].astype(str).to_numpy(),
-                "Peak Activation": [_raven_value(v, digits) for v in events["peak_activation"]],
-                "Mean Activation": [_raven_value(v, digits) for v in events["mean_activation"]],
-                "Frames": events["frames"].to_numpy(),
-            },
-            columns=RAVEN_COLUMNS,
-        )
-        _write_text(path, [_csv_text(table, sep="\t")])
+    with _files_written(targets, dest, overwrite=overwrite):
+        for relative, path in zip(recordings, targets, strict=True):
+            _write_raven(run, relative, path, thresholds, gap_frames, min_frames, nyquist)
     return targets, []
+
+
+def _write_raven(
+    run: Run,
+    relative: str,
+    path: Path,
+    thresholds: Mapping[str, float],
+    gap_frames: int,
+    min_frames: int,
+    nyquist: float,
+) -> None:
+    """One recording's Raven selection table."""
+    events = stored_recording_events(
+        run, relative, thresholds, gap_frames=gap_frames, min_frames=min_frames
+    ).sort_values(["start", "class"], kind="stable", ignore_index=True)
+    digits = run.digits_results
+    table = pd.DataFrame(
+        {
+            "Selection": np.arange(1, len(events) + 1),
+            "View": "Spectrogram 1",
+            "Channel": 1,
+            "Begin Time (s)": np.round(events["start"].to_numpy(), RAVEN_TIME_DECIMALS),
+            "End Time (s)": np.round(events["end"].to_numpy(), RAVEN_TIME_DECIMALS),
+            "Low Freq (Hz)": 0.0,
+            "High Freq (Hz)": float(nyquist),
+            "Class": events["class"].astype(str).to_numpy(),
+            "Peak Activation": [_raven_value(v, digits) for v in events["peak_activation"]],
+            "Mean Activation": [_raven_value(v, digits) for v in events["mean_activation"]],
+            "Frames": events["frames"].to_numpy(),
+        },
+        columns=RAVEN_COLUMNS,
+    )
+    _write_text(path, [_csv_text(table, sep="\t")])
