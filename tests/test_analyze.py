@@ -886,12 +886,12 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
     _assert_same_frames(resumed, reference)
 
 
-def test_a_stop_as_the_run_ends_waits_for_its_results(
+def test_a_stop_as_the_run_ends_is_recorded_as_a_stop(
     dask_client, make_audio, tiny_model, tiny_embedder, tmp_path, monkeypatch, capsys
 ):
     """SIGTERM (a job's time limit) once every chunk is written, as the run closes: its
-    summary, errors table and status are written before the command stops (it said "running",
-    as a run killed outright, with no errors table)."""
+    buzzdask.json says it was stopped (it said "running", as a run killed outright), and a
+    resume completes it."""
     from buzzdask import analysis
     from buzzdask.cli import main
 
@@ -904,20 +904,19 @@ def test_a_stop_as_the_run_ends_waits_for_its_results(
 
     monkeypatch.setattr(analysis, "peak_rss_by_worker", stopped_meanwhile)
     output = tmp_path / "out"
-    code = main(
-        [
-            *("analyze", str(audio), "--model", str(tiny_model), "--output", str(output)),
-            *("--embedder", str(tiny_embedder), "--no-progress", "--chunk-seconds", "1"),
-            *("--scheduler", dask_client.scheduler.address),
-        ]
-    )
-    assert code == EXIT_TERMINATED  # the stop still stops the command
-    assert "SIGTERM came as the run ended: the stop waited for its results (it is complete)" in (
-        capsys.readouterr().err
-    )
+    command = [
+        *("analyze", str(audio), "--model", str(tiny_model), "--output", str(output)),
+        *("--embedder", str(tiny_embedder), "--no-progress", "--chunk-seconds", "1"),
+        *("--scheduler", dask_client.scheduler.address),
+    ]
+    assert main(command) == EXIT_TERMINATED
+    assert "stopped by SIGTERM" in capsys.readouterr().err
     metadata = json.loads((output / "buzzdask.json").read_text())
-    assert metadata["status"] == "complete" and metadata["summary"]["frames"] == 3
-    assert "stopped_by" not in metadata and (output / "errors.parquet").exists()
+    assert (metadata["status"], metadata["stopped_by"]) == ("interrupted", "SIGTERM")
+    monkeypatch.setattr(analysis, "peak_rss_by_worker", measured)
+    assert main([*command, "--resume"]) == 0
+    assert "nothing left to analyse (3 chunks written before)" in capsys.readouterr().out
+    assert json.loads((output / "buzzdask.json").read_text())["status"] == "complete"
 
 
 def test_node_local_staging_gives_the_same_frames(run, make_audio, tmp_path):

@@ -206,5 +206,12 @@ def test_an_input_taken_as_the_embedding_store_is_refused(tmp_path, make_audio) 
         str(output),
     )
     assert done.returncode == 2
-    assert f"--keep-embeddings {first}: {first} holds audio, so it is an INPUT" in done.stderr
+    assert f"--keep-embeddings {first}: {first} holds audio, so it was taken for an" in (
+        done.stderr
+    )
     assert sorted(p.name for p in first.iterdir()) == ["x.wav"] and not output.exists()
+    # Written with "=", the store is meant (a project folder holding audio, say): taken as is.
+    meant = buzzdask_cli(
+        "analyze", f"--keep-embeddings={first}", str(second), "--model", "m", "--output", "o"
+    )
+    assert meant.returncode == EXIT_ERROR and "model 'm' not found" in meant.stderr

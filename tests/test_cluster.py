@@ -306,6 +306,14 @@ def test_a_batch_script_whose_job_would_stop_at_once_is_printed_with_a_warning(c
     (tmp_path / "models" / "model_general_v3").mkdir(parents=True)
     assert cluster_main([*config, *ANALYZE]) == 0
     assert capsys.readouterr().err == ""
+    # A watched folder may be made later (by a transfer): the job waits for it.
+    watch = ["analyze", "--watch", "incoming/", "--model", "general_v3", "--output", "r/"]
+    assert cluster_main([*config, *watch]) == 0
+    assert capsys.readouterr().err == ""
+    # An INPUT taken as --keep-embeddings' store is refused here too, not at the job's start.
+    misread = ["analyze", "--keep-embeddings", "audio/", "more/", "--model", "general_v3"]
+    assert cluster_main([*config, *misread, "--output", "r/"]) == EXIT_ERROR
+    assert "--keep-embeddings audio/: audio/ holds audio" in capsys.readouterr().err
 
 
 def test_impossible_job_options_are_refused_before_a_script_is_printed(capsys):

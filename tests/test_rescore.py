@@ -835,3 +835,20 @@ def test_the_store_keys_audio_by_the_sha256_of_its_bytes(tmp_path):
     (tmp_path / "empty.bin").write_bytes(b"")
     assert file_sha256(tmp_path / "audio.bin") == hashlib.sha256(content).hexdigest()
     assert file_sha256(tmp_path / "empty.bin") == hashlib.sha256(b"").hexdigest()
+
+
+def test_the_audio_folder_of_a_store_is_known_only_where_its_catalog_tells_one():
+    from buzzdask.rescore import _analysed_root
+
+    def line(name: str, path: str | None) -> dict:
+        return {"file": name, **({"path": path} if path is not None else {})}
+
+    one = {"a.wav": [line("a.wav", "/fs/x/a.wav")], "s/b.wav": [line("s/b.wav", "/fs/x/s/b.wav")]}
+    assert _analysed_root(one) == "/fs/x"
+    assert _analysed_root({"a.wav": [line("a.wav", "/a.wav")]}) == "/"
+    # Analysed from two folders (names relative to each), or lines written before paths were:
+    # the store's own folder, as before.
+    two = {"a.wav": [line("a.wav", "/fs/x/a.wav")], "b.wav": [line("b.wav", "/fs/y/b.wav")]}
+    assert _analysed_root(two) is None
+    assert _analysed_root({"a.wav": [line("a.wav", None)]}) is None
+    assert _analysed_root({"a.wav": [line("a.wav", "/fs/x/other.wav")]}) is None

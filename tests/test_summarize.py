@@ -303,7 +303,7 @@ def test_plots(lab_run, tmp_path, capsys):
     with pytest.raises(ParameterError, match=r"as in its file column, e\.g\. 'siteB/notime\.wav'"):
         plot_run(output, thresholds={"ins_buzz": threshold}, recordings=["notime.wav"])
     # Before anything is summarized or any folder made (matplotlib's ValueError came last).
-    with pytest.raises(ParameterError, match=r"dpi=0 must be a whole number > 0"):
+    with pytest.raises(ParameterError, match=r"dpi=0 must be a number > 0"):
         plot_run(output, thresholds={"ins_buzz": threshold}, dpi=0, dest=tmp_path / "none")
     assert not (tmp_path / "none").exists()
     # The command: every recording asked for, into the summaries folder by default.

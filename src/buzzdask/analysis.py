@@ -15,11 +15,10 @@ import json
 import logging
 import os
 import platform
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,13 +41,7 @@ from buzzdask.progress import Progress
 from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
-from buzzdask.session import (
-    connect,
-    package_versions,
-    peak_rss_by_worker,
-    signals_deferred,
-    task_key,
-)
+from buzzdask.session import connect, package_versions, peak_rss_by_worker, task_key
 from buzzdask.settings import Settings, load_settings
 from buzzdask.staging import decode_chunk_staged
 from buzzdask.store import EmbeddingStore
@@ -434,8 +427,8 @@ def run_plan(
         store = EmbeddingStore(root / KEPT_EMBEDDINGS, embedder=plan.embedder, spec=plan.spec)
         plan = replace(plan, store=store)
     started = utc_now()
-    ending = ExitStack()  # outermost: holds a stop that comes once every chunk is written
-    with ending:
+    metadata: list[dict[str, Any]] = []  # the outputs' buzzdask.json, once planned
+    try:
         with (
             _removed_if_left_empty(root, made=root != output or not existed),
             OutputLock(root, started=started, stale_s=settings.lock_stale_seconds),
@@ -513,28 +506,20 @@ def run_plan(
                 for layout, meta in zip(layouts, metadata, strict=True):
                     write_json(layout.metadata, meta)
 
-            try:
-                with ledger.stops_when_output_full():
-                    pool, pipeline = _run(
-                        connected,
-                        plan,
-                        ledger,
-                        inputs,
-                        on_scorer_ready=scorer_ready,
-                        # The local cluster started here has its own (a laptop holds one model).
-                        scorer_workers=(
-                            settings.local_cluster.scorers
-                            if client is None
-                            else settings.cpu_scorer_workers
-                        ),
-                    )
-            except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
-                _say_interrupted(layouts, metadata, str(stop) or "Ctrl-C")
-                raise
-            # Every chunk is written: a stop now (SIGTERM at a job's time limit, Ctrl-C) waits
-            # for the run's end, so that its summary, errors table and "complete" are written
-            # too; it stops the command (a watch, a notebook's loop of runs) after that.
-            stops_at_the_end = ending.enter_context(signals_deferred())
+            with ledger.stops_when_output_full():
+                pool, pipeline = _run(
+                    connected,
+                    plan,
+                    ledger,
+                    inputs,
+                    on_scorer_ready=scorer_ready,
+                    # The local cluster started here has its own (a laptop holds one model).
+                    scorer_workers=(
+                        settings.local_cluster.scorers
+                        if client is None
+                        else settings.cpu_scorer_workers
+                    ),
+                )
             run_stats = {
                 "peak_rss_bytes": peak_rss_by_worker(
                     connected, timeout_s=settings.scorer_ping_seconds
@@ -569,14 +554,11 @@ def run_plan(
                 errors=errors_table(ledger.errors),
                 metadata=meta,
             )
-        if stops_at_the_end:
-            logger.warning(
-                "%s came as the run ended: the stop waited for its results (it is complete)",
-                "Ctrl-C"
-                if stops_at_the_end[0] == signal.SIGINT
-                else signal.Signals(stops_at_the_end[0]).name,
-            )
-        return results if plan.several else results[plan.models[0].name]
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
+        # Up to the last write: a stop as the cluster closes or the summary is written too.
+        _say_interrupted(layouts, metadata, str(stop) or "Ctrl-C")
+        raise
+    return results if plan.several else results[plan.models[0].name]
 
 
 def _say_interrupted(
@@ -585,13 +567,24 @@ def _say_interrupted(
     """Mark the outputs a stopped run had started as ``"interrupted"``, with when and why.
 
     So that a resume's ``earlier_runs`` tells a run stopped by Ctrl-C or SIGTERM from one
-    killed outright (still ``"running"``). Outputs the run had not started are left alone.
+    killed outright (still ``"running"``). Outputs the run had not started (no metadata yet,
+    no ``buzzdask.json``), or had finished already (one head of several), are left alone.
     """
+    if not metadata:
+        return
     for layout, meta in zip(layouts, metadata, strict=True):
-        if layout.metadata.exists():
+        if layout.metadata.exists() and _written_status(layout) != "complete":
             meta.update(status="interrupted", finished=utc_now(), stopped_by=why)
             with suppress(OSError):  # a full or gone disk: the stop is what matters now
                 write_json(layout.metadata, meta)
+
+
+def _written_status(layout: OutputLayout) -> str | None:
+    """The status in an output's ``buzzdask.json`` as written (None: unreadable)."""
+    try:
+        return json.loads(layout.metadata.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def import_in_background(module: str) -> None:

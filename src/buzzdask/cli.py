@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec
 
-from buzzdask.errors import BuzzdaskError, OutputConflictError
+from buzzdask.errors import BuzzdaskError, OutputConflictError, ParameterError
 from buzzdask.preload import skip_final_collection
 
 if TYPE_CHECKING:
@@ -702,8 +702,11 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     elif args.command == "analyze" and (args.poll is not None or args.idle_timeout is not None):
         given = "--poll" if args.poll is not None else "--idle-timeout"
         build_parser().error(f"{given} applies to --watch only: add --watch, or leave it out")
-    if args.command == "analyze" and isinstance(args.keep_embeddings, str):
-        _refuse_audio_as_store(args.keep_embeddings)
+    if args.command == "analyze":
+        try:
+            refuse_an_input_as_the_store(args, sys.argv[1:] if argv is None else argv)
+        except BuzzdaskError as error:
+            build_parser().error(str(error))
     from buzzdask.logs import configure_console
 
     # Before anything loads TensorFlow or starts workers, which inherit it.
@@ -751,20 +754,36 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     return max(_report(one) for one in results.values())
 
 
-def _refuse_audio_as_store(store: str) -> None:
+def refuse_an_input_as_the_store(analyze: argparse.Namespace, argv: Sequence[str]) -> None:
     """Refuse ``--keep-embeddings STORE`` where STORE holds audio: an INPUT taken as the store.
 
     ``analyze --keep-embeddings audio_a/ audio_b/ ...`` reads ``audio_a/`` as the store (the
     option's value is optional), which would leave it unanalysed and write embeddings into it.
+    ``--keep-embeddings=STORE`` says the store is meant: it is taken as given.
+
+    Parameters
+    ----------
+    analyze : argparse.Namespace
+        The parsed ``analyze`` command.
+    argv : sequence of str
+        Its words, as given.
+
+    Raises
+    ------
+    ParameterError
+        If STORE holds audio and was given as a word of its own.
     """
     from buzzdask.inputs import scan
     from buzzdask.settings import load_settings
 
+    store = analyze.keep_embeddings
+    if not isinstance(store, str) or any(w.startswith("--keep") and "=" in w for w in argv):
+        return
     if os.path.exists(store) and scan([store], extensions=load_settings().extensions).files:
-        build_parser().error(
-            f"--keep-embeddings {store}: {store} holds audio, so it is an INPUT, not an "
-            "embedding store: put --keep-embeddings after the inputs, or give its store as "
-            "--keep-embeddings=STORE"
+        raise ParameterError(
+            f"--keep-embeddings {store}: {store} holds audio, so it was taken for an INPUT "
+            "given after the option: put --keep-embeddings after the inputs, or write "
+            f"--keep-embeddings={store} if it is the embedding store"
         )
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from numbers import Integral
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -236,7 +237,7 @@ def plot_run(
     time_format: TimeFormat | None = None,
     tz: str | None = None,
     read_metadata: bool = True,
-    dpi: int = 120,
+    dpi: float = 120,
 ) -> list[Path]:
     """Write a run's pictures as PNG files (what ``buzzdask plot`` does).
 
@@ -259,7 +260,7 @@ def plot_run(
     dest : path-like, optional
     overwrite : bool, default: False
         Replace existing PNG files of the same names; otherwise they are an error.
-    dpi : int > 0, default: 120
+    dpi : float > 0, default: 120
 
     Returns
     -------
@@ -275,8 +276,8 @@ def plot_run(
     OutputConflictError
         A file exists and ``overwrite`` is False (checked before anything is drawn).
     """
-    if isinstance(dpi, bool) or not isinstance(dpi, Integral) or dpi <= 0:
-        raise ParameterError(f"dpi={dpi!r} must be a whole number > 0")
+    if isinstance(dpi, bool) or not isinstance(dpi, Real) or not 0 < dpi < math.inf:
+        raise ParameterError(f"dpi={dpi!r} must be a number > 0")
     run = output if isinstance(output, Run) else open_run(output)
     settings = resolve_summary(run, bin=bin, by=by, precision=precision, thresholds=thresholds)
     folder = user_path(dest) if dest is not None else run.output / "summaries"
@@ -331,7 +332,7 @@ def _draw(
     time_format: TimeFormat | None,
     tz: str | None,
     read_metadata: bool,
-    dpi: int,
+    dpi: float,
 ) -> None:
     for path, (what, name) in planned.items():
         if what == "daily":

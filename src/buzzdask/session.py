@@ -103,30 +103,25 @@ def connect(
 
 
 @contextmanager
-def signals_deferred(*, stopping: bool = False) -> Iterator[list[int]]:
+def signals_deferred(*, stopping: bool = False) -> Iterator[None]:
     """SIGINT and SIGTERM held until the block ends, then delivered (in the main thread).
 
     Parameters
     ----------
     stopping : bool, default: False
-        The process is stopping already (an exception is on its way), or its work is done: a
-        signal that came meanwhile is dropped, not delivered again.
-
-    Yields
-    ------
-    list of int
-        The signals received so far, in order (always empty outside the main thread).
+        The process is stopping already (an exception is on its way): a signal that came
+        meanwhile is dropped, not delivered again.
     """
-    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield received
+        yield
         return
+    received: list[int] = []
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     held = {number: handler for number, handler in previous.items() if handler is not None}
     for number in held:
         signal.signal(number, lambda number, _frame: received.append(number))
     try:
-        yield received
+        yield
     finally:
         for number, handler in held.items():
             signal.signal(number, handler)

@@ -15,6 +15,7 @@ job (scheduler, client and workers as its tasks: see :mod:`buzzdask.cluster.batc
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The script goes to sbatch next: refuse a bad value now.
         settings = _analyze_settings(analyze)
         try:
-            _check_sources(analyze, settings)
+            _check_sources(analyze, settings, args.command)
         except (InputError, ModelError) as error:
             # Only a warning: the script may be printed to be read, or before the audio arrives.
             # The job runs from here (--chdir) and would stop on this as it starts.
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command:
         # The account first, as start() checks it; then what analyze would refuse.
         JobOptions(**options).require_account(entry, job_kinds(gpus))
-        _check_before_jobs(analyze)
+        _check_before_jobs(analyze, args.command)
     if not gpus:
         print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")
     client = start(args.config, gpus=gpus, cpu_workers=cpu_workers, timeout=args.timeout, **options)
@@ -186,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         client.shutdown()
 
 
-def _check_before_jobs(analyze: argparse.Namespace) -> None:
-    """Refuse what ``analyze`` would refuse at once, before any job waits in a queue.
+def _check_before_jobs(analyze: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Refuse what ``analyze`` (its words ``argv``) would refuse at once, before any job waits.
 
     Hours, on a GPU partition: a bad setting or option value, inputs that are missing or hold
     no audio, a model not found, an output holding results without ``--resume`` or ``--new``.
@@ -195,19 +196,27 @@ def _check_before_jobs(analyze: argparse.Namespace) -> None:
     from buzzdask.inputs import user_path
     from buzzdask.write import OutputLayout, refuse_results
 
-    _check_sources(analyze, _analyze_settings(analyze))
+    _check_sources(analyze, _analyze_settings(analyze), argv)
     if not (analyze.resume or analyze.new) and len(analyze.model) == 1:
         refuse_results(OutputLayout(user_path(analyze.output)))
 
 
-def _check_sources(analyze: argparse.Namespace, settings: Settings) -> None:
-    """Refuse inputs that are missing or hold no audio, and a model not found (from here)."""
+def _check_sources(analyze: argparse.Namespace, settings: Settings, argv: Sequence[str]) -> None:
+    """Refuse inputs that are missing or hold no audio, and a model not found (from here).
+
+    Also an INPUT taken as the store of ``--keep-embeddings``
+    (:func:`buzzdask.cli.refuse_an_input_as_the_store`).
+    """
+    from buzzdask import cli
     from buzzdask.inputs import scan
     from buzzdask.models import find_model_dir
 
-    found = scan(analyze.inputs, extensions=settings.extensions)
-    if not analyze.watch:  # a watched folder may fill later
-        found.require_audio()
+    cli.refuse_an_input_as_the_store(analyze, argv)
+    # A watched folder may be made and filled later (a transfer makes it).
+    if not (analyze.watch and not os.path.exists(analyze.inputs[0])):
+        found = scan(analyze.inputs, extensions=settings.extensions)
+        if not analyze.watch:
+            found.require_audio()
     for model in analyze.model:
         find_model_dir(model, settings.model_dirs)
 
