@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 
 import buzzdask
 from buzzdask import InputError, ModelError, OutputConflictError, watch
-from buzzdask.cli import EXIT_OK, EXIT_USAGE
+from buzzdask.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from buzzdask.rclone import FAILED_MARKER, transfer
 from tests.conftest import BUZZDASK, assert_same_frames, requires_ffmpeg, requires_rclone
 
@@ -248,6 +249,8 @@ def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path)
     done = subprocess.run(arguments, capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_OK, done.stderr
     assert "1/1 files" in done.stdout
+    # Without the bar too (a job's log): what the watch waits for, and why it ended.
+    assert "buzzdask: watching " in done.stdout and "buzzdask: the watch ended: " in done.stdout
     assert len(pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)) == 2
 
     twice = subprocess.run(
@@ -259,3 +262,79 @@ def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path)
     no_watch = subprocess.run(without, capture_output=True, text=True)
     assert no_watch.returncode == EXIT_USAGE
     assert "--poll applies to --watch only" in no_watch.stderr
+
+
+def test_a_file_still_being_copied_holds_back_no_other(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+):
+    """``cp``/``scp`` straight to the name: the file grows at every look. A file already whole
+    beside it is analysed meanwhile (it waited for the whole folder to settle)."""
+    audio = tmp_path / "audio"
+    make_audio("whole.wav", n_samples=2 * FRAME)
+    data = make_audio("growing.wav", n_samples=8 * FRAME, directory=tmp_path / "src").read_bytes()
+    output = tmp_path / "out"
+    analysed_while_copying: list[bool] = []
+
+    def copy_slowly() -> None:
+        piece = len(data) // 250 + 1  # about 10 s, a piece between any two looks
+        with (audio / "growing.wav").open("wb") as stream:
+            for start in range(0, len(data), piece):
+                stream.write(data[start : start + piece])
+                stream.flush()
+                time.sleep(0.04)
+                journal = output / "journal.jsonl"
+                if journal.exists() and '"whole.wav"' in journal.read_text():
+                    analysed_while_copying.append(True)
+
+    copying = threading.Thread(target=copy_slowly)
+    copying.start()
+    try:
+        watched = watch(
+            audio,
+            tiny_model,
+            output=output,
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            chunk_seconds=1.0,
+            poll_seconds=0.1,
+            idle_timeout_s=2,
+            progress=False,
+        )
+    finally:
+        copying.join()
+    assert analysed_while_copying
+    one_shot = buzzdask.analyze(
+        audio,
+        tiny_model,
+        output=tmp_path / "one_shot",
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        chunk_seconds=1.0,
+        progress=False,
+    )
+    assert_same_frames(watched.to_pandas(), one_shot.to_pandas())
+    assert watched.errors.empty, watched.errors
+
+
+def test_a_watch_stopped_between_passes_says_so(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+):
+    """Each pass ends "complete"; Ctrl-C while the watch waits for more files leaves the
+    output "interrupted" (it stayed "complete", whatever was still on its way)."""
+    make_audio("a.wav", n_samples=2 * FRAME)
+    output = tmp_path / "out"
+    arguments = [BUZZDASK, "analyze", str(tmp_path / "audio"), "--watch", "--poll", "0.1"]
+    arguments += ["--model", str(tiny_model), "--embedder", str(tiny_embedder)]
+    arguments += ["--output", str(output), "--scheduler", dask_client.scheduler.address]
+    watching = subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metadata = output / "buzzdask.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        metadata.exists() and json.loads(metadata.read_text())["status"] == "complete"
+    ):
+        time.sleep(0.1)
+    watching.send_signal(signal.SIGINT)
+    _, stderr = watching.communicate(timeout=120)
+    assert watching.returncode == EXIT_INTERRUPTED, stderr
+    stopped = json.loads(metadata.read_text())
+    assert (stopped["status"], stopped["stopped_by"]) == ("interrupted", "Ctrl-C")

@@ -579,6 +579,19 @@ def _say_interrupted(
                 write_json(layout.metadata, meta)
 
 
+def say_stopped_after_the_end(layout: OutputLayout, why: str) -> None:
+    """Mark an output whose run had ended ``"complete"`` as ``"interrupted"`` by ``why``.
+
+    A watch stopped between its passes: each pass ended complete, the watch did not.
+    """
+    if _written_status(layout) != "complete":
+        return  # stopped during a pass, which said so; or nothing written yet
+    metadata = json.loads(layout.metadata.read_text(encoding="utf-8"))
+    metadata.update(status="interrupted", finished=utc_now(), stopped_by=why)
+    with suppress(OSError):  # a full or gone disk: the stop is what matters now
+        write_json(layout.metadata, metadata)
+
+
 def _written_status(layout: OutputLayout) -> str | None:
     """The status in an output's ``buzzdask.json`` as written (None: unreadable)."""
     try:

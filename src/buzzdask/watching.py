@@ -8,7 +8,10 @@ and the rows equal those of one analysis of the finished directory. The director
 whole, so every pass computes the same root and the same relative names.
 
 A file counts as complete when it is unchanged between two looks, or once the transfer-complete
-marker is there. Files that :func:`buzzdask.rclone.transfer` is still copying are hidden
+marker is there. A pass starts as soon as one file is complete and not analysed as it is now,
+whatever the others do: a file still copied straight to its name (``cp``, ``scp``) holds back
+no other, and is analysed as far as it goes, then again once it changed. Files that
+:func:`buzzdask.rclone.transfer` is still copying are hidden
 (``.buzzdask-incoming/``), and newer rclone versions write ``*.partial`` names; an analysis skips
 both. The watch ends at the marker (written by the transfer after its last file), at the one a
 transfer that stopped short writes (:data:`buzzdask.rclone.FAILED_MARKER`), or after
@@ -21,7 +24,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from typing import Any
 import pandas as pd
 from distributed import Client
 
-from buzzdask.analysis import AnalysisResult, analyze, plan_run
+from buzzdask.analysis import AnalysisResult, analyze, plan_run, say_stopped_after_the_end
 from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
@@ -140,55 +144,99 @@ def watch(
     marker_path = root / settings.watch.marker
     extensions = list(settings.extensions)
     _check_first_pass(model, output=output, on_conflict=on_conflict, options=analyze_options)
-    if analyze_options.get("progress", True):
-        _announce(root, marker_path, poll=poll, idle=idle)
+    # Without the bar too (--no-progress in a job's log): what the watch waits for, why it ended.
+    _announce(root, marker_path, poll=poll, idle=idle)
 
     with connect(client, local=settings.local_cluster) as connected:
         passes = _Passes(root, model, output, connected, on_conflict, analyze_options)
-        previous: _Snapshot | None = None
-        stopped: str | None = None
-        analysed: _Snapshot | None = None
-        last_change = time.monotonic()
-        while True:
-            # Before the listing: the markers come last.
-            finished, failed = marker_path.exists(), (root / FAILED_MARKER).exists()
-            snapshot = _snapshot(root, extensions)
-            if snapshot != previous:
-                last_change = time.monotonic()
-            stable, previous = snapshot == previous, snapshot
-            stopped = (
-                "marker"
-                if finished
-                else "transfer failed"
-                if failed
-                else "idle timeout"
-                if time.monotonic() - last_change >= idle
-                else None
-            )
-            # Nothing to analyse yet is not a pass, unless the watch ends with nothing done.
-            worth_a_pass = bool(snapshot) or (stopped is not None and not passes.results)
-            if (
-                snapshot is not None
-                and snapshot != analysed
-                and worth_a_pass
-                and (stable or stopped)
-            ):
-                passes.run(snapshot)
-                analysed = snapshot
-                last_change = time.monotonic()  # busy analysing is not idle
-                ended_by = {"marker": marker_path, "transfer failed": root / FAILED_MARKER}
-                if stopped in ended_by and not ended_by[stopped].exists():
-                    stopped = None  # a transfer began during the pass: its marker is gone
-                if not stopped:
-                    continue  # look again at once: files may have arrived during the pass
-            if stopped:
-                break
-            time.sleep(poll)
+        with _stop_recorded(passes):
+            stopped = _watch_passes(root, marker_path, extensions, passes, poll=poll, idle=idle)
     if not passes.results:
         raise InputError(f"{root} did not appear before the watch ended ({stopped})")
-    if analyze_options.get("progress", True):
-        print(f"buzzdask: the watch ended: {_ended(stopped, root=root, marker=marker_path)}")
+    print(f"buzzdask: the watch ended: {_ended(stopped, root=root, marker=marker_path)}")
     return passes.combine(stopped=stopped, wall=time.monotonic() - started)
+
+
+@contextmanager
+def _stop_recorded(passes: _Passes) -> Iterator[None]:
+    """A stop between passes (Ctrl-C, SIGTERM) said in the output's ``buzzdask.json``.
+
+    Each pass marks its output complete as it ends; stopped between passes, the watch is not
+    (files may be cut short, or on their way): ``"interrupted"``, as a stop during a pass says.
+    """
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        if passes.results:
+            say_stopped_after_the_end(OutputLayout(passes.output), str(stop) or "Ctrl-C")
+        raise
+
+
+def _watch_passes(
+    root: Path,
+    marker_path: Path,
+    extensions: list[str],
+    passes: _Passes,
+    *,
+    poll: float,
+    idle: float,
+) -> str:
+    """Look, and analyse in passes, until something ends the watch; return what did."""
+    previous: _Snapshot | None = None
+    analysed: _Snapshot | None = None
+    last_change = time.monotonic()
+    while True:
+        # Before the listing: the markers come last.
+        finished, failed = marker_path.exists(), (root / FAILED_MARKER).exists()
+        snapshot = _snapshot(root, extensions)
+        if snapshot != previous:
+            last_change = time.monotonic()
+        stable, previous_look, previous = snapshot == previous, previous, snapshot
+        stopped = (
+            "marker"
+            if finished
+            else "transfer failed"
+            if failed
+            else "idle timeout"
+            if time.monotonic() - last_change >= idle
+            else None
+        )
+        # Nothing to analyse yet is not a pass, unless the watch ends with nothing done.
+        worth_a_pass = bool(snapshot) or (stopped is not None and not passes.results)
+        if (
+            snapshot is not None
+            and snapshot != analysed
+            and worth_a_pass
+            and (stable or stopped or _settled_anew(snapshot, previous_look, analysed))
+        ):
+            passes.run(snapshot)
+            analysed = snapshot
+            last_change = time.monotonic()  # busy analysing is not idle
+            ended_by = {"marker": marker_path, "transfer failed": root / FAILED_MARKER}
+            if stopped in ended_by and not ended_by[stopped].exists():
+                stopped = None  # a transfer began during the pass: its marker is gone
+            if not stopped:
+                continue  # look again at once: files may have arrived during the pass
+        if stopped:
+            return stopped
+        time.sleep(poll)
+
+
+def _settled_anew(
+    snapshot: _Snapshot, previous: _Snapshot | None, analysed: _Snapshot | None
+) -> bool:
+    """Whether a file is unchanged between two looks and not analysed as it is now.
+
+    A pass waits for no other file: one copied straight to its name (``cp``, ``scp``) while
+    the rest of a folder arrives does not hold back the files already whole.
+    """
+    return any(
+        state is not None
+        and previous is not None
+        and previous.get(name) == state
+        and (analysed or {}).get(name) != state
+        for name, state in snapshot.items()
+    )
 
 
 def _ended(stopped: str, *, root: Path, marker: Path) -> str:
