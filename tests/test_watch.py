@@ -286,6 +286,7 @@ def test_a_file_still_being_copied_holds_back_no_other(
                 if journal.exists() and '"whole.wav"' in journal.read_text():
                     analysed_while_copying.append(True)
 
+    options = {"client": dask_client, "embedder": str(tiny_embedder), "chunk_seconds": 1.0}
     copying = threading.Thread(target=copy_slowly)
     copying.start()
     try:
@@ -293,24 +294,16 @@ def test_a_file_still_being_copied_holds_back_no_other(
             audio,
             tiny_model,
             output=output,
-            client=dask_client,
-            embedder=str(tiny_embedder),
-            chunk_seconds=1.0,
             poll_seconds=0.1,
             idle_timeout_s=2,
             progress=False,
+            **options,
         )
     finally:
         copying.join()
     assert analysed_while_copying
     one_shot = buzzdask.analyze(
-        audio,
-        tiny_model,
-        output=tmp_path / "one_shot",
-        client=dask_client,
-        embedder=str(tiny_embedder),
-        chunk_seconds=1.0,
-        progress=False,
+        audio, tiny_model, output=tmp_path / "one_shot", progress=False, **options
     )
     assert_same_frames(watched.to_pandas(), one_shot.to_pandas())
     assert watched.errors.empty, watched.errors
