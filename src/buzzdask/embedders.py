@@ -21,6 +21,7 @@ import re
 import socket
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def _download(handle: str, cache: Path) -> Path:
     # tensorflow_hub reads its cache and format from the environment at each call; the
     # compressed format is the one that downloads (the other reads from GCS at load time).
     variables = {_CACHE_VARIABLE: str(cache), _FORMAT_VARIABLE: "COMPRESSED"}
-    with _environment(variables), _socket_timeout(_NETWORK_TIMEOUT_S):
+    with _environment(variables), _socket_timeout(_NETWORK_TIMEOUT_S), warnings.catch_warnings():
+        # Its import of pkg_resources (setuptools' notice that the API is deprecated): not ours.
+        warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
         import tensorflow_hub as hub
 
         return Path(hub.resolve(handle))
