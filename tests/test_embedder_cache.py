@@ -24,7 +24,7 @@ import pytest
 import buzzdask
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.embedders import cache_directory, cached_path, saved_model_problem
-from buzzdask.errors import ModelError
+from buzzdask.errors import ModelError, ParameterError
 from buzzdask.models import directory_sha256, resolve_embedder
 from buzzdask.settings import load_settings
 from tests.conftest import BUZZDASK, requires_ffmpeg
@@ -161,6 +161,23 @@ def test_embedder_fetch_offline_fails_with_one_line(tmp_path: Path) -> None:
     # Not the advice to run the command that just failed.
     assert "; run the fetch on a machine with internet (an OSC login node)" in done.stderr
     assert "embedder fetch" not in done.stderr
+
+
+def test_an_empty_embedder_is_refused_not_taken_for_the_configured_one(
+    tmp_path: Path, make_audio, tiny_model: Path
+) -> None:
+    # `--embedder "$EMBEDDER"` with the variable unset: it meant the configured TF Hub URL.
+    for handle in ("", "  "):
+        with pytest.raises(ParameterError, match=r"embedder='\s*' is empty: give a TF Hub URL"):
+            resolve_embedder("yamnet_k2", handle=handle)
+    audio = make_audio("a.wav", n_samples=16000)
+    command = [BUZZDASK, "analyze", str(audio), "--model", str(tiny_model), "--embedder", ""]
+    done = subprocess.run(
+        [*command, "--output", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert done.returncode == EXIT_ERROR, done.stderr
+    assert done.stderr.startswith("buzzdask: error: --embedder '' is empty: give a TF Hub URL")
+    assert not (tmp_path / "out").exists()
 
 
 def test_incomplete_copy_is_refused(hub_cache: Path, tiny_embedder: Path) -> None:

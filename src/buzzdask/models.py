@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from buzzdask.embedders import is_remote, local_embedder
-from buzzdask.errors import ModelError
+from buzzdask.errors import ModelError, ParameterError
 from buzzdask.frames import FrameSpec
 from buzzdask.settings import Settings, load_settings
 
@@ -174,10 +174,17 @@ def resolve_embedder(
 
     Raises
     ------
+    ParameterError
+        If ``handle`` is empty (it would have meant the configured one, silently).
     ModelError
         If the name is unknown, or the handle is not a complete SavedModel directory and cannot
         be downloaded (one line naming the handle, the cause and the fix).
     """
+    if handle is not None and not str(handle).strip():
+        raise ParameterError(
+            f"embedder={handle!r} is empty: give a TF Hub URL or a SavedModel directory, or "
+            f"leave it out for the configured one (buzzdask.embedders.{name}.handle)"
+        )
     settings = settings or load_settings()
     known = settings.embedders
     if name not in known:
