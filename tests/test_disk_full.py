@@ -68,11 +68,11 @@ def test_disk_full_mid_run_then_resume(run, make_audio, tmp_path, small_disk):
     assert "more is needed for the" in message and "of audio left" in message
     assert "--resume, or on_conflict='resume'" in message
 
-    # Nothing half written: every partition whole, no temporary file, whole journal lines that
-    # vouch only for partitions in place.
+    # Nothing half written: every partition whole, whole journal lines that vouch only for
+    # partitions in place. (A worker stopped as the cluster closed, while it wrote, may leave
+    # a hidden temporary file: readers skip it, and the resume removes it.)
     layout = OutputLayout(output)
     written = list(layout.scores.rglob("*"))
-    assert not [path for path in written if path.name.endswith(".tmp")]
     on_disk = [path for path in written if path.suffix == ".parquet"]
     assert 0 < len(on_disk) < len(partitions)
     for path in on_disk:
@@ -89,6 +89,7 @@ def test_disk_full_mid_run_then_resume(run, make_audio, tmp_path, small_disk):
     assert not frame.duplicated(["file", "start"]).any()
     assert_same_frames(frame, reference.to_pandas())
     assert len(buzzdask.open_run(output).frames()) == len(frame)
+    assert not [path for path in layout.scores.rglob("*") if path.name.endswith(".tmp")]
 
 
 def test_an_output_on_a_full_disk_says_so_before_any_work(small_disk, tmp_path):

@@ -167,7 +167,7 @@ def _stop_recorded(passes: _Passes) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as stop:
-        if passes.results:
+        if passes.started:  # its output's status, "complete" as a pass ends, is the watch's
             say_stopped_after_the_end(OutputLayout(passes.output), str(stop) or "Ctrl-C")
         raise
 
@@ -324,6 +324,7 @@ class _Passes:
         self.errors: dict[str, pd.DataFrame] = {}
         # Frames in the output before the first pass (a watch resuming an earlier one).
         self.frames_before = 0
+        self.started = False  # a pass began: from its end on, a stop is the watch's to say
 
     def run(self, snapshot: _Snapshot) -> None:
         """One pass over the files of ``snapshot``; errors of files no longer there are dropped."""
@@ -331,6 +332,7 @@ class _Passes:
             self.frames_before = _frames(self.output) if self.on_conflict == "resume" else 0
         entries_before = len(OutputLayout(self.output).journal_entries())
         logger.info("watch: pass %d over %d files", len(self.results) + 1, len(snapshot))
+        self.started = True
         result = analyze(
             self.root,
             self.model,
