@@ -161,11 +161,13 @@ def test_files_gone_or_rewritten_between_passes(
     assert watched.summary["audio_hours"] == pytest.approx(4 * 0.96 / 3600)
 
 
+@pytest.mark.parametrize("transfer_s", [0.5, 0.0], ids=["past-the-pass", "within-the-pass"])
 def test_marker_left_by_an_earlier_transfer(
-    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys, transfer_s
 ):
     """The watch says the marker is there already; a transfer that starts during the first
-    pass removes it, and the watch follows that transfer to its own marker."""
+    pass removes it, and the watch follows that transfer to its own marker (written again
+    before the pass ended, for a short transfer: new, not the one the pass began with)."""
     audio, output = tmp_path / "audio", tmp_path / "out"
     make_audio("old.wav", n_samples=20 * FRAME)
     marker = audio / ".transfer-complete"
@@ -174,7 +176,7 @@ def test_marker_left_by_an_earlier_transfer(
     def new_transfer() -> None:
         marker.unlink()  # as buzzdask.rclone.transfer does first
         make_audio("new.wav", n_samples=3 * FRAME, seed=1)
-        time.sleep(0.5)
+        time.sleep(transfer_s)
         marker.write_text("{}\n")
 
     watched = _watch_while(

@@ -187,7 +187,9 @@ def _watch_passes(
     last_change = time.monotonic()
     while True:
         # Before the listing: the markers come last.
-        finished, failed = marker_path.exists(), (root / FAILED_MARKER).exists()
+        ended_by = {"marker": marker_path, "transfer failed": root / FAILED_MARKER}
+        markers = {reason: _file_state(path) for reason, path in ended_by.items()}
+        finished, failed = markers["marker"] is not None, markers["transfer failed"] is not None
         snapshot = _snapshot(root, extensions)
         if snapshot != previous:
             last_change = time.monotonic()
@@ -212,14 +214,24 @@ def _watch_passes(
             passes.run(snapshot)
             analysed = snapshot
             last_change = time.monotonic()  # busy analysing is not idle
-            ended_by = {"marker": marker_path, "transfer failed": root / FAILED_MARKER}
-            if stopped in ended_by and not ended_by[stopped].exists():
-                stopped = None  # a transfer began during the pass: its marker is gone
+            if stopped in ended_by and _file_state(ended_by[stopped]) != markers[stopped]:
+                # A transfer began during the pass: its marker is gone, or new (a short
+                # transfer that ended meanwhile): what it brought is not analysed yet.
+                stopped = None
             if not stopped:
                 continue  # look again at once: files may have arrived during the pass
         if stopped:
             return stopped
         time.sleep(poll)
+
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    """A file's identity and modification time; None when it is not there."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_mtime_ns
 
 
 def _settled_anew(
