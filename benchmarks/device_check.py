@@ -361,33 +361,35 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     sizes = _sizes(args.quick)
-    work = Path(tempfile.mkdtemp(prefix="buzzdask-device-"))
-    generated = build_corpus(sizes["corpus_hours"], work / "corpus", jobs=cores())
-    corpus = [str(p) for p in generated if p.suffix == ".mp3"]  # what the lab's recorders write
-    scaling = decode_scaling(
-        corpus,
-        process_counts=_process_counts(cores()),
-        chunks_per_process=sizes["chunks_per_process"],
-    )
-    record["decode_scaling"] = scaling
-    record["loopback"] = loopback_transfer(
-        arrays=sizes["loopback_arrays"], seconds_per_array=sizes["loopback_seconds"]
-    )
-    gpu_rate = None
-    if not args.without_tensorflow:
-        # The corpus' first file is a stereo 44.1 kHz MP3 (benchmarks.corpus.PATTERN).
-        stereo = build_corpus(sizes["stereo_hours"], work / "stereo", jobs=cores())[0]
-        files = [str(args.shared / SHARED_RECORDING), str(stereo)]
-        record["fidelity"] = fidelity(args.shared, files)
-        record["batch_sweep"] = batch_sweep(args.shared, sizes["batches"], sizes["frames"])
-        run = analyze_on_node(args.shared, corpus, gpu=gpu, out=work / "results")
-        bound = scaling["audio_s_per_cpu_s_one_process"] * cores()
-        record["analyze"] = {
-            **run,
-            "decode_bound_rtf": bound,
-            "fraction_of_bound": run["realtime_factor"] / bound,
-        }
-        gpu_rate = max(record["batch_sweep"]["frames_per_second"].values()) * 0.96  # audio s/s
+    # The generated corpora and results go with the check: hours of MP3 on a node's /tmp.
+    with tempfile.TemporaryDirectory(prefix="buzzdask-device-") as scratch:
+        work = Path(scratch)
+        generated = build_corpus(sizes["corpus_hours"], work / "corpus", jobs=cores())
+        corpus = [str(p) for p in generated if p.suffix == ".mp3"]  # what the lab's recorders write
+        scaling = decode_scaling(
+            corpus,
+            process_counts=_process_counts(cores()),
+            chunks_per_process=sizes["chunks_per_process"],
+        )
+        record["decode_scaling"] = scaling
+        record["loopback"] = loopback_transfer(
+            arrays=sizes["loopback_arrays"], seconds_per_array=sizes["loopback_seconds"]
+        )
+        gpu_rate = None
+        if not args.without_tensorflow:
+            # The corpus' first file is a stereo 44.1 kHz MP3 (benchmarks.corpus.PATTERN).
+            stereo = build_corpus(sizes["stereo_hours"], work / "stereo", jobs=cores())[0]
+            files = [str(args.shared / SHARED_RECORDING), str(stereo)]
+            record["fidelity"] = fidelity(args.shared, files)
+            record["batch_sweep"] = batch_sweep(args.shared, sizes["batches"], sizes["frames"])
+            run = analyze_on_node(args.shared, corpus, gpu=gpu, out=work / "results")
+            bound = scaling["audio_s_per_cpu_s_one_process"] * cores()
+            record["analyze"] = {
+                **run,
+                "decode_bound_rtf": bound,
+                "fraction_of_bound": run["realtime_factor"] / bound,
+            }
+            gpu_rate = max(record["batch_sweep"]["frames_per_second"].values()) * 0.96  # audio s/s
     record["projection"] = projection(
         scaling,
         record["loopback"],

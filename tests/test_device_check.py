@@ -21,10 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [requires_ffmpeg, requires_shared, pytest.mark.shared_data]
 
 
-def _device_check(*args: str, shared: Path) -> subprocess.CompletedProcess[str]:
+def _device_check(*args: str, shared: Path, scratch: Path) -> subprocess.CompletedProcess[str]:
+    """Run the check with its temporary files under ``scratch`` (made here)."""
+    scratch.mkdir()
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.device_check", "--shared", str(shared), *args],
         cwd=REPO,
+        env={**os.environ, "TMPDIR": str(scratch)},
         capture_output=True,
         text=True,
         timeout=900,
@@ -33,8 +36,12 @@ def _device_check(*args: str, shared: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_dry_run_on_the_cpu_writes_the_whole_record(shared_dir, tmp_path):
-    done = _device_check("--allow-cpu", "--quick", "--out", str(tmp_path), shared=shared_dir)
+    scratch = tmp_path / "tmp"
+    done = _device_check(
+        "--allow-cpu", "--quick", "--out", str(tmp_path), shared=shared_dir, scratch=scratch
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(scratch.glob("buzzdask-*"))  # the generated corpora went with the check
     (path,) = tmp_path.glob("*-device-cpu.json")
     record = json.loads(path.read_text())
     fidelity = record["fidelity"]
@@ -90,6 +97,8 @@ def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(share
     for hidden in ("tensorflow", "dask_jobqueue"):
         (no_tensorflow / f"{hidden}.py").write_text(f"raise ImportError('no {hidden} here')\n")
     out = tmp_path / "out"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     done = subprocess.run(
         ["bash", "benchmarks/device-check", "--quick"],
         cwd=REPO,
@@ -99,6 +108,7 @@ def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(share
             "PYTHONPATH": str(no_tensorflow),
             "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # nothing listens on the discard port
             "OUT": str(out),
+            "TMPDIR": str(scratch),
             "BUZZDASK_SHARED_DIR": str(shared_dir),
             "PATH": _path_without_ffmpeg(tmp_path / "bin"),
         },
@@ -109,6 +119,7 @@ def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(share
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no TensorFlow and no package index" in done.stderr
     assert "no ffmpeg on PATH: using " in done.stderr and "imageio_ffmpeg" in done.stderr
+    assert not list(scratch.glob("buzzdask-*"))
     (path,) = out.glob("*-device-decode.json")
     record = json.loads(path.read_text())
     assert "tensorflow" not in record and "fidelity" not in record
@@ -118,10 +129,11 @@ def test_without_tensorflow_or_a_package_index_it_measures_the_decode_side(share
 
 
 def test_without_a_gpu_it_stops_and_says_so(shared_dir, tmp_path):
-    done = _device_check("--out", str(tmp_path), shared=shared_dir)
+    out = tmp_path / "out"
+    done = _device_check("--out", str(out), shared=shared_dir, scratch=tmp_path / "tmp")
     assert done.returncode == 2
     assert "sees no GPU" in done.stderr
-    assert not list(tmp_path.iterdir())
+    assert not out.exists() and not list((tmp_path / "tmp").glob("buzzdask-*"))
 
 
 def _print_batch_script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

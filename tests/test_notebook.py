@@ -12,10 +12,11 @@ pytestmark = [requires_ffmpeg, requires_shared, pytest.mark.shared_data, pytest.
 @pytest.mark.parametrize(
     "notebook", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.name
 )
-def test_notebook_executes(notebook: Path, monkeypatch, shared_dir) -> None:
+def test_notebook_executes(notebook: Path, monkeypatch, shared_dir, tmp_path) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("BUZZDASK_SHARED_DIR", str(shared_dir))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's results, not left in /tmp
     monkeypatch.setenv("MPLBACKEND", "Agg")
     book = nbformat.read(notebook, as_version=4)
     nbclient.NotebookClient(
