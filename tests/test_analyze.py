@@ -406,6 +406,13 @@ def test_paths_from_a_notebook_expand_home_as_pandas_does(run, make_audio, tmp_p
     assert buzzdask.summarize(odd, thresholds={"ins_buzz": 0.0}, dest=tmp_path / "s2").shape[0]
 
 
+def test_inputs_given_as_a_generator_are_recorded(run, make_audio, tmp_path):
+    files = [str(make_audio(name, n_samples=2 * FRAME)) for name in ("a.wav", "b.wav")]
+    result = run((tmp_path / "audio").glob("*.wav"))  # scanned, then recorded: used up once
+    assert sorted(result.metadata["inputs"]["paths"]) == files
+    assert result.summary["files_done"] == 2
+
+
 def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):
     from tests.model_fixtures import build_tiny_head
 
@@ -420,6 +427,14 @@ def test_errors_before_any_work(run, make_audio, tmp_path, tiny_embedder):
         run("")  # os.environ.get("AUDIO", ""): not the current directory
     with pytest.raises(ModelError, match="not found"):
         run(tmp_path / "audio", model=tmp_path / "no_model")
+    with pytest.raises(ParameterError, match="keep_embeddings='' is empty"):
+        run(tmp_path / "audio", keep_embeddings="")
+    with pytest.raises(ParameterError, match="keep_embeddings=None must be True, False or a"):
+        run(tmp_path / "audio", keep_embeddings=None)
+    with pytest.raises(ParameterError, match=r"model must be a model directory .* not NoneType"):
+        buzzdask.analyze(tmp_path / "audio", None, output=tmp_path / "o", progress=False)
+    with pytest.raises(ParameterError, match="output='' is empty"):
+        buzzdask.analyze(tmp_path / "audio", tmp_path / "no_model", output="", progress=False)
     with pytest.raises(ParameterError, match="unknown class"):
         run(tmp_path / "audio", thresholds={"frog": 0.0})
     with pytest.raises(ParameterError, match=r"thresholds=0\.5 must map class names"):
@@ -567,6 +582,47 @@ def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_pat
     assert (summary["scorers_lost"], summary["scorer_restarts"]) == (1, 1)
     assert target not in {s["worker"] for s in summary["scorers"]}
     _assert_same_frames(result, reference)
+
+
+def test_a_cluster_closed_mid_run_is_said_and_recorded_and_a_resume_finishes(kill_corpus, tmp_path):
+    """The user's cluster goes (closed from the notebook, its SLURM job ended) while the run
+    writes: a ClusterError that says so, the output marked failed, and a resume completes it."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from buzzdask import ClusterError
+
+    audio, options, reference = kill_corpus
+    scores = tmp_path / "out" / "scores"
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+
+        def close_once_a_partition_lands() -> None:
+            wait_until(
+                lambda: any(scores.rglob("*.parquet")),
+                timeout_s=120,
+                failure="no partition written",
+                interval_s=0.01,
+            )
+            cluster.close()
+
+        closer = threading.Thread(target=close_once_a_partition_lands, daemon=True)
+        closer.start()
+        with pytest.raises(ClusterError, match="the Dask scheduler is gone"):
+            buzzdask.analyze(
+                audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
+            )
+        closer.join()
+    metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())
+    assert metadata["status"] == "failed"
+    assert metadata["stopped_by"].startswith("ClusterError: the Dask scheduler is gone")
+    resumed = buzzdask.analyze(audio, output=tmp_path / "out", on_conflict="resume", **options)
+    assert resumed.ok and resumed.summary["chunks_skipped_resume"] >= 1
+    assert resumed.metadata["earlier_runs"][-1]["status"] == "failed"
+    _assert_same_frames(resumed, reference)
 
 
 class _Latch:

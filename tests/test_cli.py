@@ -10,10 +10,11 @@ import sys
 import pandas as pd
 
 import buzzdask
-from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
+from buzzdask.cli import EXIT_CODES, EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
 from tests.conftest import (
     BLAS_THREADS_REPORT,
     BUZZDASK,
+    REPO,
     in_a_fresh_interpreter,
     requires_ffmpeg,
     zero_a_stretch,
@@ -46,6 +47,12 @@ def test_version() -> None:
         [sys.executable, "-m", "buzzdask", "--version"], capture_output=True, text=True
     )
     assert as_module.stdout == done.stdout
+
+
+def test_the_readme_lists_the_exit_codes_the_command_has() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| exit code | meaning |") :].split("\n\n", 1)[0]
+    assert [int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)] == list(EXIT_CODES)
 
 
 def test_init_creates_the_documented_layout(tmp_path) -> None:
@@ -170,14 +177,32 @@ def test_messages_name_the_flags_given(tmp_path, make_audio, tiny_model, tiny_em
     for extra, said in [
         (["--chunk-seconds", "0"], "--chunk-seconds 0.0 must be a number > 0"),
         (["--memory-budget", "lots"], "--memory-budget 'lots' must be a size > 0"),
+        # "$OUT" unset: not the working directory, written into without a word
+        (["--output", ""], "--output '' is empty"),
+        (["--keep-embeddings="], "--keep-embeddings '' is empty"),
         (["--framehop", "0.0961"], "--framehop 0.0961 s is not a whole number of samples at "),
     ]:
-        done = buzzdask_cli(*analyze, *extra)
+        done = buzzdask_cli(*analyze, *extra, cwd=tmp_path)
         assert done.returncode == EXIT_ERROR
         assert done.stderr.startswith(f"buzzdask: error: {said}"), done.stderr
     assert "(1537.6 samples)" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio"]  # nothing written here
     transfer = buzzdask_cli("transfer", "x:", str(tmp_path / "d"), "--batch-size", "0")
     assert transfer.stderr.startswith("buzzdask: error: --batch-size 0 must be"), transfer.stderr
+
+
+def test_a_hop_longer_than_a_frame_is_warned_of(tmp_path, make_audio, tiny_model, tiny_embedder):
+    """buzzdetect's --framehop_prop 1 typed as --framehop 1: 40 ms unscored after each frame."""
+    audio = make_audio("a.wav", n_samples=3 * FRAME)
+    done = buzzdask_cli(
+        *("analyze", str(audio), "--model", str(tiny_model), "--embedder", str(tiny_embedder)),
+        *("--output", str(tmp_path / "out"), "--framehop", "1", "--no-progress"),
+    )
+    assert done.returncode == EXIT_OK, done.stderr
+    assert (
+        "the frame hop, 1 s, is longer than a frame (0.96 s): 0.04 s after each frame are never "
+        "scored (buzzdetect's framehop_prop 1 is a hop of 0.96 s, 0.5 of 0.48 s)"
+    ) in done.stderr
 
 
 def test_a_model_not_found_names_where_it_was_looked_for(tmp_path, make_audio) -> None:

@@ -36,7 +36,7 @@ def test_inexact_hop_is_refused_with_its_name() -> None:
         spec(0.12345)
 
 
-@pytest.mark.parametrize("hop_s", [0.0, -0.96, float("nan"), "0.48", True])
+@pytest.mark.parametrize("hop_s", [0.0, -0.96, float("nan"), float("inf"), "0.48", True])
 def test_a_hop_of_nothing_is_refused_as_options_are(hop_s: float) -> None:
     message = re.escape(f"frame_hop_s={hop_s!r} must be a number > 0 [s]")
     with pytest.raises(ParameterError, match=f"^{message}$"):

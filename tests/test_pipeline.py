@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copyreg
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -304,6 +305,27 @@ class _CommandFailed(Exception):
 
 def _fails(*_: object, **__: object) -> None:
     raise _CommandFailed("ffmpeg", b"no such filter")
+
+
+def test_a_file_gone_between_probe_and_hash_is_its_own_error(
+    make_audio, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Embeddings kept: a file moved after its probe (a sync tool) fails alone, not its batch."""
+    import buzzdask.pipeline
+
+    paths = [str(make_audio(f"{index}.wav", n_samples=2 * 15360)) for index in range(3)]
+
+    def probe_then_move(path: str, **options: object) -> object:
+        info = probe_audio(path, **options)
+        if path == paths[1]:
+            os.rename(path, path + ".moved")
+        return info
+
+    monkeypatch.setattr(buzzdask.pipeline, "probe_audio", probe_then_move)
+    answers = probe_task(paths, find_ffmpeg(), True)
+    assert isinstance(answers[1], DecodeError)
+    assert str(answers[1]).endswith("1.wav: cannot read the file: No such file or directory")
+    assert [len(answers[i].sha256 or "") for i in (0, 2)] == [64, 64]
 
 
 @requires_ffmpeg

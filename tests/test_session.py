@@ -112,6 +112,20 @@ def test_a_local_cluster_of_threads_runs_native_pools_on_one_thread() -> None:
             assert _blas_threads() == before
 
 
+def test_a_local_cluster_takes_the_cores_this_process_may_use() -> None:
+    """A SLURM job (an OnDemand notebook) given 1 core of a node: a thread, not one per core."""
+    script = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from buzzdask.session import start_local_cluster\n"
+        "from buzzdask.settings import LocalClusterSettings\n"
+        "settings = LocalClusterSettings(n_workers=None, threads_per_worker=None, scorers=1,"
+        " dashboard_address=None)\n"
+        "with start_local_cluster(settings, processes=False) as cluster:\n"
+        "    print([w.nthreads for w in cluster.scheduler.workers.values()], os.cpu_count() > 1)"
+    )
+    assert in_a_fresh_interpreter(script)[-1] == "[1] True"
+
+
 def test_a_dashboard_port_in_use_is_no_warning() -> None:
     # A shared login node: another user's cluster holds the port; the dashboard line gives
     # the one Dask picks instead.

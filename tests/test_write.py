@@ -3,7 +3,10 @@ their paths stay inside the output and cost few file system calls."""
 
 import json
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +22,7 @@ from buzzdask.write import (
     bool_array,
     frames_table,
     numeric_array,
+    prepare_output,
     repeated_string,
 )
 from tests.conftest import in_a_fresh_interpreter
@@ -176,3 +180,40 @@ def test_atomic_path_leaves_nothing_behind_when_its_block_fails(tmp_path) -> Non
         atomic_path(longest.with_suffix(".csvx")) as temporary,
     ):
         temporary.write_bytes(b"start\n")
+
+
+def test_a_journal_line_the_disk_cannot_hold_is_taken_back(tmp_path) -> None:
+    """A full disk mid-line (here a file size limit: EFBIG, as ENOSPC) leaves whole lines only."""
+    script = f"""
+import errno, resource, signal
+from buzzdask.write import OutputLayout
+layout = OutputLayout({str(tmp_path)!r})
+layout.record_chunk("a.wav", 0, frames=31, size=100, mtime_ns=1)
+before = layout.journal.read_bytes()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 20, resource.RLIM_INFINITY))
+try:
+    layout.record_chunk("b.wav", 0, frames=31, size=100, mtime_ns=1)
+except OSError as error:
+    print(errno.errorcode[error.errno])
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print(layout.journal.read_bytes() == before)
+"""
+    assert in_a_fresh_interpreter(script) == ["EFBIG", "True"]
+
+
+def test_runs_started_together_with_new_get_an_output_each(tmp_path) -> None:
+    """A SLURM array's tasks, each ``--output results/run --new``, start in the same second."""
+    output = tmp_path / "results" / "run"
+    output.mkdir(parents=True)
+    (output / "buzzdask.json").write_text("{}")  # an earlier run's
+    barrier = threading.Barrier(8)
+
+    def start() -> Path:
+        barrier.wait()
+        return prepare_output(output, on_conflict="new", fingerprint={}, options={}).root
+
+    with ThreadPoolExecutor(8) as pool:
+        roots = list(pool.map(lambda _: start(), range(8)))
+    assert len(set(roots)) == 8 and all(root.is_dir() for root in roots)
+    assert {root.parent for root in roots} == {output.parent}

@@ -17,11 +17,11 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from distributed import Client
 
@@ -288,12 +288,12 @@ def analyze(
         store=keep_embeddings,
         output=output,
     )
-    given = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     inputs = RunInputs(
         root=found.root,
         files=found.files,
-        # Absolute: a resume from another working directory still says where they were.
-        described={"root": found.root, "paths": [str(user_path(p)) for p in given]},
+        # Absolute: a resume from another working directory still says where they were. As
+        # scan read them: paths given as a generator (Path.glob) are used up.
+        described={"root": found.root, "paths": list(found.paths)},
         feed=functools.partial(_probe_files, plan),
         n_skipped=len(found.visible_skipped),
     )
@@ -328,18 +328,42 @@ def plan_run(
     ModelError
         If the models do not share one embedder (naming each model's), or two have one name.
     ParameterError
-        A threshold for a class no model has.
+        A threshold for a class no model has; an output or store that is no path, or empty.
     """
-    given: list[str | os.PathLike[str]] = (
-        [model] if isinstance(model, (str, os.PathLike)) else list(model)
+    # Both before the models load: an unset shell variable, not the working directory.
+    output = user_path(output, what="output")
+    if not isinstance(store, (bool, str, os.PathLike, EmbeddingStore)):
+        raise ParameterError(f"keep_embeddings={store!r} must be True, False or a folder")
+    store_root = (
+        None
+        if isinstance(store, (bool, EmbeddingStore))
+        else user_path(store, what="keep_embeddings")
     )
     several = not isinstance(model, (str, os.PathLike))
+    items: list[object] = list(model) if several and isinstance(model, Iterable) else [model]
+    given = [m for m in items if isinstance(m, (str, os.PathLike))]
+    if len(given) != len(items):
+        wrong = next(m for m in items if not isinstance(m, (str, os.PathLike)))
+        raise ParameterError(
+            "model must be a model directory or its name (str or pathlib.Path), or a list of "
+            f"them, not {type(wrong).__name__}"
+        )
     if not given:
         raise ParameterError("no model given")
     require_mapping(thresholds)  # before the embedder loads (or downloads)
     models = tuple(resolve_model(m, embedder=embedder, settings=settings) for m in given)
     _check_models(models)
     spec = models[0].embedder.frame_spec(frame_hop_s)
+    if spec.hop_length > spec.frame_length:  # allowed (a sparse survey), but seldom meant
+        logger.warning(
+            "the frame hop, %g s, is longer than a frame (%g s): %g s after each frame are "
+            "never scored (buzzdetect's framehop_prop 1 is a hop of %g s, 0.5 of %g s)",
+            spec.hop_s,
+            spec.frame_length_s,
+            spec.hop_s - spec.frame_length_s,
+            spec.frame_length_s,
+            spec.frame_length_s / 2,
+        )
     known = {name for m in models for name in m.classes}
     unknown = sorted(set(thresholds or {}) - known)
     if unknown:
@@ -363,7 +387,7 @@ def plan_run(
         kept = None
     else:
         # True: in the output, once it is known (on_conflict="new" may choose another).
-        root = Path(output) / KEPT_EMBEDDINGS if store is True else Path(store)
+        root = output / KEPT_EMBEDDINGS if store_root is None else store_root
         kept = EmbeddingStore(root, embedder=models[0].embedder, spec=spec)
     return _Plan(
         models=models,
@@ -556,25 +580,32 @@ def run_plan(
             )
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
         # Up to the last write: a stop as the cluster closes or the summary is written too.
-        _say_interrupted(layouts, metadata, str(stop) or "Ctrl-C")
+        _say_stopped(layouts, metadata, "interrupted", str(stop) or "Ctrl-C")
+        raise
+    except Exception as error:  # its own (the output's disk full, every scorer lost)
+        _say_stopped(layouts, metadata, "failed", f"{type(error).__name__}: {error}")
         raise
     return results if plan.several else results[plan.models[0].name]
 
 
-def _say_interrupted(
-    layouts: Sequence[OutputLayout], metadata: Sequence[dict[str, Any]], why: str
+def _say_stopped(
+    layouts: Sequence[OutputLayout],
+    metadata: Sequence[dict[str, Any]],
+    status: Literal["interrupted", "failed"],
+    why: str,
 ) -> None:
-    """Mark the outputs a stopped run had started as ``"interrupted"``, with when and why.
+    """Mark the outputs a stopped run had started with ``status``, and when and why.
 
-    So that a resume's ``earlier_runs`` tells a run stopped by Ctrl-C or SIGTERM from one
-    killed outright (still ``"running"``). Outputs the run had not started (no metadata yet,
-    no ``buzzdask.json``), or had finished already (one head of several), are left alone.
+    So that a resume's ``earlier_runs`` tells a run stopped by Ctrl-C or SIGTERM
+    (``"interrupted"``) or by an error (``"failed"``) from one killed outright (still
+    ``"running"``). Outputs the run had not started (no metadata yet, no ``buzzdask.json``),
+    or had finished already (one head of several), are left alone.
     """
     if not metadata:
         return
     for layout, meta in zip(layouts, metadata, strict=True):
         if layout.metadata.exists() and _written_status(layout) != "complete":
-            meta.update(status="interrupted", finished=utc_now(), stopped_by=why)
+            meta.update(status=status, finished=utc_now(), stopped_by=why)
             with suppress(OSError):  # a full or gone disk: the stop is what matters now
                 write_json(layout.metadata, meta)
 
@@ -836,7 +867,7 @@ def _options(plan: _Plan, index: int) -> dict[str, Any]:
     return {
         "model": str(model.path),
         "embedder": model.embedder.handle,
-        "frame_hop_s": spec.hop_length / spec.sample_rate,
+        "frame_hop_s": spec.hop_s,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
         "thresholds": dict(sorted(plan.thresholds[index].values.items())),
         "precision": plan.thresholds[index].precision,
@@ -858,7 +889,7 @@ def _metadata(
         "classes": list(model.classes),
         "sample_rate": spec.sample_rate,
         "frame_length_s": spec.frame_length_s,
-        "frame_hop_s": spec.hop_length / spec.sample_rate,
+        "frame_hop_s": spec.hop_s,
         "frame_context_s": spec.context / spec.sample_rate,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
         # The values, how they compare, and the precision and metrics rows they came from.

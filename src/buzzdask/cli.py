@@ -134,6 +134,8 @@ def _flag(name: str, value: Any) -> str:
 # must be ..."), as the commands' flags spell them.
 _MESSAGE_FLAGS = {
     **_FLAGS,
+    "output": "--output",
+    "keep_embeddings": "--keep-embeddings",
     "memory_budget": "--memory-budget",
     "batch_frames": "--batch-frames",
     "watch.poll_seconds": "--poll",
@@ -245,7 +247,8 @@ def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = Fals
         type=float,
         metavar="SECONDS",
         help="seconds between frame starts "
-        + (stores.strip() if from_store else "(default: one frame, 0.96)"),
+        + (stores.strip() if from_store else "(default: one frame, 0.96)")
+        + "; buzzdetect's --framehop_prop 1 is 0.96 s, 0.5 is 0.48 s",
     )
     _add_detection_options(
         parser, threshold_help="add a detection_CLASS column (activation > VALUE); repeatable"

@@ -71,7 +71,7 @@ class ScorerMisplacedError(ScorerError):
 
 
 class ClusterError(BuzzdaskError, RuntimeError):
-    """Cluster workers could not be started: a job rejected by the scheduler or never running."""
+    """Cluster workers could not start (a job rejected or never running), or the run lost them."""
 
 
 class DecodeError(BuzzdaskError, RuntimeError):

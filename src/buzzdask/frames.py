@@ -6,6 +6,7 @@ All positions are integers in samples at the embedder's sample rate, so frame st
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ class FrameSpec:
         """Build a spec from durations in seconds (each must be a whole number of samples)."""
         # A user's option: said as the other options are (a string from a notebook too).
         real = isinstance(frame_hop_s, numbers.Real) and not isinstance(frame_hop_s, bool)
-        if not real or not frame_hop_s > 0:
+        if not real or not 0 < frame_hop_s < math.inf:
             raise ParameterError(f"frame_hop_s={frame_hop_s!r} must be a number > 0 [s]")
         return cls(
             sample_rate=sample_rate,
@@ -97,6 +98,11 @@ class FrameSpec:
     def frame_length_s(self) -> float:
         """One frame's duration [s]."""
         return self.frame_length / self.sample_rate
+
+    @property
+    def hop_s(self) -> float:
+        """Distance between frame starts [s]: ``start[i] = i * hop_s``."""
+        return self.hop_length / self.sample_rate
 
     @property
     def window(self) -> int:

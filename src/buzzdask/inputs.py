@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from buzzdask.errors import InputError
+from buzzdask.errors import InputError, ParameterError
 
 __all__ = [
     "Discovery",
@@ -40,13 +40,30 @@ _OUTPUT_MARKERS = ("buzzdask.json", "buzzdask.log")
 _QUIET = ("hidden", "readme", "buzzdask output")
 
 
-def user_path(path: str | os.PathLike[str]) -> Path:
+def user_path(path: str | os.PathLike[str], *, what: str = "path") -> Path:
     """A path the user gave, absolute: ``~`` expanded, ``..`` taken off as the shell does.
 
     From a notebook, ``output="~/results/run1"`` is the user's home, as for pandas: not a
     folder named ``~`` in the working directory.
+
+    Parameters
+    ----------
+    path : str or path-like
+    what : str
+        The keyword it came as, for the messages.
+
+    Raises
+    ------
+    ParameterError
+        If ``path`` is not a path, or is empty: ``--output "$OUT"`` with ``OUT`` unset would
+        otherwise mean the working directory, written into without a word.
     """
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    if not isinstance(path, (str, os.PathLike)):
+        raise ParameterError(f"{what}={path!r} must be a path (str or pathlib.Path)")
+    text = os.fspath(path)
+    if not text.strip():
+        raise ParameterError(f"{what}={text!r} is empty: name a folder ('.' for this one)")
+    return Path(os.path.abspath(os.path.expanduser(text)))
 
 
 @dataclass(frozen=True)

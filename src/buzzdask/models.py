@@ -11,17 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from buzzdask.embedders import is_remote, local_embedder
+from buzzdask.embedders import is_remote, local_embedder, saved_model_problem
 from buzzdask.errors import ModelError, ParameterError
 from buzzdask.frames import FrameSpec
-from buzzdask.settings import Settings, load_settings
+from buzzdask.settings import EmbedderSettings, Settings, load_settings
 
 __all__ = [
     "HEAD_WEIGHTS",
@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config_model.json"
+#: The same JSON under the name buzzdetect's trainer gave it until 2025 (and its analyzer read).
+EARLIER_CONFIG_NAME = "config_model.txt"
 #: A dense head's weights as NumPy arrays, beside its SavedModel (``buzzdask train`` writes it).
 HEAD_WEIGHTS = "head_weights.npz"
 # What the weights are checked against: the SavedModel they were read from.
@@ -189,8 +191,7 @@ def resolve_embedder(
     known = settings.embedders
     if name not in known:
         raise ModelError(
-            f"unknown embedder {name!r}; known: {sorted(known)} "
-            f"(add it under buzzdask.embedders in the dask config)"
+            f"unknown embedder {name!r}; known: {sorted(known)}. {_how_to_add(name, known)}"
         )
     configured = known[name]
     given = str(handle or configured.handle)
@@ -203,6 +204,25 @@ def resolve_embedder(
         frame_context_s=configured.frame_context_seconds,
         sha256=directory_sha256(path),
         source=given if is_remote(given) else None,
+    )
+
+
+def _how_to_add(name: str, known: Mapping[str, EmbedderSettings]) -> str:
+    """Where and what to add for an embedder buzzdask does not know, from a known one's."""
+    like = "yamnet_k2" if "yamnet_k2" in known else min(known, default=None)
+    keys = "handle: ..., sample-rate: ..., frame-length-seconds: ..., frame-context-seconds: ..."
+    if like is not None:
+        spec = known[like]
+        keys = (
+            f"handle: {spec.handle}, sample-rate: {spec.sample_rate}, frame-length-seconds: "
+            f"{spec.frame_length_seconds}, frame-context-seconds: {spec.frame_context_seconds}"
+        )
+    earlier = " (buzzdetect's models before 2025-09 name TF Hub's YAMNet 'yamnet')"
+    return (
+        "Add it under buzzdask.embedders in the dask config (~/.config/dask/buzzdask.yaml)"
+        + (f", e.g. with {like}'s settings" if like else "")
+        + f": buzzdask: {{embedders: {{{name}: {{{keys}}}}}}}"
+        + (earlier if name == "yamnet" else "")
     )
 
 
@@ -247,23 +267,36 @@ def resolve_model(
     settings = settings or load_settings()
     path = find_model_dir(model, settings.model_dirs if search_dirs is None else search_dirs)
     config_path = path / CONFIG_NAME
+    if not config_path.is_file() and (path / EARLIER_CONFIG_NAME).is_file():
+        config_path = path / EARLIER_CONFIG_NAME
     try:
         model_config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelError(f"{path} is not a buzzdetect model: no {CONFIG_NAME}") from None
+        raise ModelError(
+            f"{path} is not a buzzdetect model: no {CONFIG_NAME} (nor {EARLIER_CONFIG_NAME})"
+        ) from None
     except json.JSONDecodeError as error:
         raise ModelError(f"{config_path}: invalid JSON ({error})") from None
+    if not isinstance(model_config, dict):
+        raise ModelError(f"{config_path}: not a JSON object of the model's settings")
     classes = model_config.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ModelError(f"{config_path}: 'classes' must be a non-empty list of names")
     if len(set(classes)) != len(classes):
         raise ModelError(f"{config_path}: duplicate class names in {classes}")
-    if "embeddername" not in model_config:
-        raise ModelError(f"{config_path}: no 'embeddername'")
-    if not (path / "saved_model.pb").is_file():
-        raise ModelError(f"{path} has no saved_model.pb: the head must be a TF SavedModel there")
+    # buzzdetect read its earlier models' "embedder" as "embeddername".
+    embedder_name = model_config.get("embeddername", model_config.get("embedder"))
+    if not isinstance(embedder_name, str) or not embedder_name:
+        raise ModelError(f"{config_path}: no 'embeddername' (the embedder's name, e.g. yamnet_k2)")
+    if problem := saved_model_problem(path):
+        raise ModelError(_head_problem(path, problem))
     digits = model_config.get("digits_results")
-    embedder_name = str(model_config["embeddername"])
+    whole = isinstance(digits, int) and not isinstance(digits, bool) and digits >= 0
+    if digits is not None and not whole:
+        raise ModelError(
+            f"{config_path}: 'digits_results' {digits!r} must be a whole number >= 0 (the "
+            "decimals results keep) or absent (all of them)"
+        )
     if not isinstance(embedder, EmbedderSpec):
         embedder = resolve_embedder(embedder_name, handle=embedder, settings=settings)
     elif embedder.name != embedder_name:
@@ -276,8 +309,19 @@ def resolve_model(
         path=str(path),
         classes=tuple(classes),
         embedder=embedder,
-        digits_results=int(digits) if digits is not None else None,
-        sha256=directory_sha256(path, names=[CONFIG_NAME, "saved_model.pb", "variables"]),
+        digits_results=digits,
+        sha256=directory_sha256(path, names=[config_path.name, "saved_model.pb", "variables"]),
+    )
+
+
+def _head_problem(path: Path, problem: str) -> str:
+    """Why the head in ``path`` cannot load, and how to make one from a Keras file there."""
+    keras = sorted(p.name for p in path.iterdir() if p.suffix in (".keras", ".h5"))
+    if not keras:
+        return f"the head must be a TF SavedModel: {problem}"
+    return (
+        f"the head must be a TF SavedModel: {problem}; {path} holds {keras[0]}, which can be "
+        f"exported as one: keras.models.load_model('{path / keras[0]}').export('{path}')"
     )
 
 
@@ -408,9 +452,19 @@ def _saved_model_head(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], in
     import tensorflow as tf
 
     try:
-        signature = tf.saved_model.load(path).signatures["serving_default"]
-    except (OSError, KeyError, ValueError) as error:
-        raise ModelError(f"cannot load the head SavedModel in {path}: {error}") from error
+        signatures = tf.saved_model.load(path).signatures
+    except Exception as error:  # a damaged copy: OSError, ValueError, IndexError...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelError(
+            f"cannot load the head SavedModel in {path} ({type(error).__name__}: {reason}): a "
+            "copy cut short? Copy the model directory again"
+        ) from error
+    if "serving_default" not in signatures:
+        raise ModelError(
+            f"head in {path}: no serving_default signature (it has {sorted(signatures)}); "
+            "export the head with one"
+        )
+    signature = signatures["serving_default"]
     inputs = signature.structured_input_signature[1]
     outputs = signature.structured_outputs
     if len(inputs) != 1 or len(outputs) != 1:

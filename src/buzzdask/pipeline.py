@@ -315,10 +315,20 @@ def probe_task(
     for path in paths:
         try:
             info = probe_audio(path, tools=tools)
-            answers.append(replace(info, sha256=file_sha256(path)) if content_hash else info)
+            if content_hash:
+                info = replace(info, sha256=_content_hash(path))
+            answers.append(info)
         except DecodeError as error:
             answers.append(without_chain(error))
     return answers
+
+
+def _content_hash(path: str) -> str:
+    """The file's SHA-256; a file gone or unreadable since its probe is that file's error."""
+    try:
+        return file_sha256(path)
+    except OSError as error:  # moved by a sync tool meanwhile: not its batch's 31 others
+        raise DecodeError(path, f"cannot read the file: {error.strerror}") from None
 
 
 def decode_several(

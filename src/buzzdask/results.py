@@ -66,7 +66,8 @@ class Run:
         The output directory (absolute).
     metadata : dict
         ``buzzdask.json`` as written by :func:`buzzdask.analyze` (``status`` is ``"running"``
-        until the run finishes, ``"interrupted"`` where Ctrl-C or SIGTERM stopped it).
+        until the run finishes, ``"interrupted"`` where Ctrl-C or SIGTERM stopped it,
+        ``"failed"`` where an error did).
     """
 
     output: Path

@@ -136,9 +136,9 @@ def earlier_runs(layout: OutputLayout) -> list[dict[str, Any]]:
     """The invocations that wrote ``layout`` before a resume, oldest first.
 
     Each: its ``started``, ``finished`` (``None``: it was killed), ``status`` (``"interrupted"``
-    by Ctrl-C or SIGTERM: ``stopped_by`` says which), ``host`` and its summary's
-    ``chunks_written``, ``frames`` and ``wall_seconds`` (``None`` where it never wrote one),
-    taken from the ``buzzdask.json`` this resume replaces.
+    by Ctrl-C or SIGTERM, ``"failed"`` by an error: ``stopped_by`` says which), ``host`` and
+    its summary's ``chunks_written``, ``frames`` and ``wall_seconds`` (``None`` where it never
+    wrote one), taken from the ``buzzdask.json`` this resume replaces.
     """
     try:
         previous = json.loads(layout.metadata.read_text(encoding="utf-8"))

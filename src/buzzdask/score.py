@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import dask.system
 import numpy as np
 from distributed import Client, Future, Worker, WorkerPlugin, get_worker, secede
 from distributed.utils import sync
@@ -220,7 +221,7 @@ class Scorer:
 
             on_gpu = bool(gpus or tf.config.list_physical_devices("GPU"))
             threads = embedder_threads(
-                cores=max(1, len(os.sched_getaffinity(0)) // share_cores),
+                cores=max(1, dask.system.cpu_count() // share_cores),
                 batch_frames=batch_frames,
                 intra_op_threads=intra_op_threads,
                 inter_op_threads=inter_op_threads,

@@ -23,6 +23,7 @@ from buzzdask.score import submit_scorer
 from buzzdask.session import (
     has_gpu,
     is_running,
+    live_workers,
     scorer_hosts,
     scorers_per_host,
     task_key,
@@ -356,7 +357,7 @@ class ScorerPool:
 
     # -- placement ---------------------------------------------------------------------------
     def _live_workers(self) -> dict[str, Any]:
-        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+        return live_workers(self.client)
 
     def _update_decode_workers(self, workers: Mapping[str, Any]) -> None:
         self.decode_workers = decode_workers(

@@ -11,7 +11,6 @@ import functools
 import importlib
 import importlib.metadata
 import logging
-import os
 import platform
 import resource
 import signal
@@ -33,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from tornado import web
 
 from buzzdask.dashboard import local_dashboard_lines
-from buzzdask.errors import ParameterError
+from buzzdask.errors import ClusterError, ParameterError
 from buzzdask.logs import STARTED_CLUSTERS, check_main_guard, quiet_environment
 from buzzdask.preload import MODULE as SCORER_PRELOAD_MODULE
 from buzzdask.settings import LocalClusterSettings
@@ -43,6 +42,7 @@ __all__ = [
     "has_gpu",
     "is_running",
     "lean_dask",
+    "live_workers",
     "package_versions",
     "peak_rss_by_worker",
     "scorer_hosts",
@@ -177,7 +177,8 @@ def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = Tru
         warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
         cluster = LocalCluster(
             n_workers=n_workers,
-            threads_per_worker=settings.threads_per_worker or os.cpu_count() or 1,
+            # The cores this process may use (a SLURM job's share of a node), not the node's.
+            threads_per_worker=settings.threads_per_worker or dask.system.cpu_count(),
             processes=processes,
             dashboard_address=settings.dashboard_address,
             # The dashboard's server listens at once; its pages come on the first visit.
@@ -373,6 +374,24 @@ def task_key(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def live_workers(client: Client) -> dict[str, dict[str, Any]]:
+    """The scheduler's workers now, by address (``scheduler_info()["workers"]``).
+
+    Raises
+    ------
+    ClusterError
+        If the scheduler is gone (its cluster closed, its job ended): a client that lost it
+        answers with nothing.
+    """
+    info = client.scheduler_info(n_workers=-1)
+    if "workers" not in info:
+        raise ClusterError(
+            "the Dask scheduler is gone (its cluster closed, or its job ended); what was written "
+            "is kept: resume to finish"
+        )
+    return dict(info["workers"])
+
+
 def peak_rss_by_worker(client: Client, *, timeout_s: float) -> dict[str, int]:
     """Peak resident memory of each worker process [bytes] (ffmpeg runs in its own processes).
 
@@ -383,7 +402,7 @@ def peak_rss_by_worker(client: Client, *, timeout_s: float) -> dict[str, int]:
         return client.run(_peak_rss_bytes, on_error="ignore", callback_timeout=timeout_s)
     except TimeoutError:
         pass  # one worker holds the whole broadcast up: each is asked alone, all at once
-    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    workers = list(live_workers(client))
     ask = functools.partial(_peak_rss_of, client, timeout_s=timeout_s)
     with ThreadPoolExecutor(max_workers=max(1, min(len(workers), 32))) as pool:
         answers = dict(zip(workers, pool.map(ask, workers), strict=True))

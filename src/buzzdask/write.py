@@ -261,14 +261,17 @@ class OutputLayout:
             return
         if not entries:
             return
-        with self.journal.open("a", encoding="utf-8") as stream:
-            end = stream.tell()
+        lines = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
+        # Unbuffered: a text stream's truncate flushes its buffer first, which fails again.
+        with self.journal.open("ab", buffering=0) as stream:
+            end = stream.seek(0, os.SEEK_END)
             try:
-                stream.write("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
-                stream.flush()
+                left = memoryview(lines.encode("utf-8"))
+                while left:
+                    left = left[stream.write(left) :]
                 os.fsync(stream.fileno())
             except OSError:
-                stream.truncate(end)
+                os.ftruncate(stream.fileno(), end)
                 raise
 
     @contextmanager
@@ -604,11 +607,17 @@ def prepare_output(
         try:
             layout.root.mkdir(parents=True)
         except OSError as error:
-            problem = error.strerror or ""
-            if layout.root.is_symlink():  # mkdir's "File exists" would say nothing of it
-                problem = f"a link to {os.readlink(layout.root)}, which does not exist"
-            refused = OutputConflict(layout.root, "cannot create", problem=problem)
-            raise OutputConflictError(refused) from None
+            made_meanwhile = isinstance(error, FileExistsError) and not layout.root.is_symlink()
+            if not made_meanwhile:
+                problem = error.strerror or ""
+                if layout.root.is_symlink():  # mkdir's "File exists" would say nothing of it
+                    problem = f"a link to {os.readlink(layout.root)}, which does not exist"
+                refused = OutputConflict(layout.root, "cannot create", problem=problem)
+                raise OutputConflictError(refused) from None
+            # By another run (a SLURM array's tasks start together): what it holds is judged
+            # below, and by the lock.
+            if on_conflict == "new":
+                return OutputLayout(new_sibling(layout.root))
     # The run's log alone (a run that stopped before its metadata) holds no results; nor does
     # a lock, which the caller has checked (a new run goes elsewhere rather than wait on it).
     holds_anything = layout.root.is_dir() and any(
@@ -658,14 +667,30 @@ def prepare_output(
 
 
 def new_sibling(root: Path) -> Path:
-    """A directory beside ``root`` that does not exist yet, named with the time."""
+    """A new directory beside ``root``, named with the time, made here.
+
+    Made, not only named: runs started in the same second (a SLURM array's tasks, each with
+    ``--new``) get one each.
+
+    Raises
+    ------
+    OutputConflictError
+        ``"cannot create"``: the parent is read-only, say.
+    """
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     candidate = root.with_name(f"{root.name}-{stamp}")
     counter = 1
-    while candidate.exists():
-        candidate = root.with_name(f"{root.name}-{stamp}-{counter}")
-        counter += 1
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            candidate = root.with_name(f"{root.name}-{stamp}-{counter}")
+            counter += 1
+            continue
+        except OSError as error:
+            refused = OutputConflict(candidate, "cannot create", problem=error.strerror or "")
+            raise OutputConflictError(refused) from None
+        return candidate
 
 
 def check_run_directory(root: Path, *, names: Iterable[str]) -> None:

@@ -271,7 +271,7 @@ def _metadata(
         "embedder": asdict(inputs.embedder),
         "preprocessing": PREPROCESSING,
         "frame_length_s": spec.frame_length_s,
-        "frame_hop_s": spec.hop_length / spec.sample_rate,
+        "frame_hop_s": spec.hop_s,
         "frame_context_s": spec.context / spec.sample_rate,
         "embedding_cache": {"directory": str(inputs.cache.directory), **cache_stats},
         "versions": {**package_versions(), **tf_versions},

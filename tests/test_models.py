@@ -1,0 +1,115 @@
+"""Model directories as the lab has them: buzzdetect's earlier layouts, and damaged copies."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import dask
+import pytest
+import yaml
+
+from buzzdask.errors import ModelError
+from buzzdask.models import load_head, resolve_model
+from tests.conftest import CLASSES
+
+
+@pytest.fixture
+def copy_of(tiny_model, tmp_path):
+    """A copy of the tiny model, its ``config_model.json`` changed by ``edit``."""
+
+    def copy(name: str, edit=None) -> Path:
+        model = Path(shutil.copytree(tiny_model, tmp_path / name))
+        if edit is not None:
+            config = json.loads((model / "config_model.json").read_text())
+            edit(config)
+            (model / "config_model.json").write_text(json.dumps(config))
+        return model
+
+    return copy
+
+
+def test_earlier_buzzdetect_layouts_load_as_the_current_one(copy_of, tiny_embedder):
+    current = resolve_model(copy_of("current"), embedder=str(tiny_embedder))
+    # Its trainer wrote config_model.txt until 2025, and "embedder" before "embeddername".
+    earlier = copy_of("earlier", lambda c: c.update(embedder=c.pop("embeddername")))
+    (earlier / "config_model.json").rename(earlier / "config_model.txt")
+    loaded = resolve_model(earlier, embedder=str(tiny_embedder))
+    assert (loaded.classes, loaded.embedder) == (current.classes, current.embedder)
+    assert loaded.digits_results == current.digits_results
+
+
+def test_an_unknown_embedder_is_refused_with_the_configuration_to_add(copy_of, tiny_embedder):
+    model = copy_of("old", lambda c: c.update(embeddername="yamnet"))
+    with pytest.raises(ModelError, match="unknown embedder 'yamnet'") as refused:
+        resolve_model(model, embedder=str(tiny_embedder))
+    message = str(refused.value)
+    assert "buzzdetect's models before 2025-09 name TF Hub's YAMNet 'yamnet'" in message
+    # The configuration the message gives, pasted into a config file, is the fix.
+    (snippet,) = re.findall(r"(buzzdask: \{embedders: .*\}\}\})", message)
+    as_read = dask.config.update(copy.deepcopy(dask.config.config), yaml.safe_load(snippet))
+    with dask.config.set(as_read):
+        loaded = resolve_model(model, embedder=str(tiny_embedder))
+    assert loaded.embedder.name == "yamnet" and loaded.classes == tuple(CLASSES)
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda m: (m / "variables" / "variables.index").unlink(), "lacks variables.index"),
+        (lambda m: (m / "saved_model.pb").write_bytes(b""), "no saved_model.pb"),
+        (lambda m: shutil.rmtree(m / "variables"), None),  # a SavedModel of constants could
+    ],
+    ids=["no-index", "empty-graph", "no-variables"],
+)
+def test_a_head_copied_short_is_refused_before_anything_starts(copy_of, damage, said):
+    model = copy_of("cut")
+    damage(model)
+    if said is None:  # passes the look at its files; TensorFlow's load says, with the path
+        with pytest.raises(ModelError, match=f"cannot load the head SavedModel in {model}"):
+            load_head(str(model))
+        return
+    with pytest.raises(ModelError, match=f"the head must be a TF SavedModel: .*{said}"):
+        resolve_model(model)
+
+
+def test_a_damaged_variables_shard_is_a_model_error_naming_the_head(copy_of):
+    model = copy_of("truncated")
+    (shard,) = (model / "variables").glob("variables.data-*")
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ModelError, match=f"cannot load the head SavedModel in {model} .*cut short"):
+        load_head(str(model))
+
+
+def test_a_keras_file_head_is_refused_with_the_export_that_makes_it_a_savedmodel(tmp_path):
+    model = tmp_path / "keras_head"
+    model.mkdir()
+    (model / "config_model.json").write_text(json.dumps({"classes": ["a"], "embeddername": "x"}))
+    (model / "model.keras").write_bytes(b"PK")
+    with pytest.raises(ModelError) as refused:
+        resolve_model(model)
+    assert f"keras.models.load_model('{model / 'model.keras'}').export('{model}')" in str(
+        refused.value
+    )
+
+
+def test_a_head_without_serving_default_says_what_it_has(tmp_path):
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.predict = tf.function(
+        lambda x: {"dense": x[:, :2]}, input_signature=[tf.TensorSpec([None, 1024], tf.float32)]
+    )
+    tf.saved_model.save(module, str(tmp_path / "head"), signatures={"predict": module.predict})
+    with pytest.raises(ModelError, match=r"no serving_default signature \(it has \['predict'\]\)"):
+        load_head(str(tmp_path / "head"))
+
+
+@pytest.mark.parametrize("digits", ["two", -1, 2.5, True])
+def test_digits_results_must_be_a_whole_number(copy_of, tiny_embedder, digits):
+    model = copy_of("digits", lambda c: c.update(digits_results=digits))
+    with pytest.raises(ModelError, match=f"'digits_results' {re.escape(repr(digits))} must be"):
+        resolve_model(model, embedder=str(tiny_embedder))
