@@ -522,6 +522,8 @@ def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim, cpu_
             result = buzzdask.analyze(
                 audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
             )
+        # Nothing of the run's left on the user's cluster: a scorer's model, a decoded chunk.
+        wait_until(lambda: not client.futures, timeout_s=10, failure=lambda: str(client.futures))
     assert killer.kill is not None and killer.kill.tasks
     assert 0 < killer.kill.written < KILL_CHUNKS
     assert result.ok, result.errors
@@ -623,6 +625,51 @@ def test_a_cluster_closed_mid_run_is_said_and_recorded_and_a_resume_finishes(kil
     assert resumed.ok and resumed.summary["chunks_skipped_resume"] >= 1
     assert resumed.metadata["earlier_runs"][-1]["status"] == "failed"
     _assert_same_frames(resumed, reference)
+
+
+def test_one_run_at_a_time_on_a_users_client(kill_corpus, tmp_path):
+    """A second run on the client while one runs (a notebook's two threads) is refused at once,
+    and leaves no output; an asynchronous client is refused too."""
+    import asyncio
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    audio, options, reference = kill_corpus
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        results: list[object] = []
+        first = threading.Thread(
+            target=lambda: results.append(
+                buzzdask.analyze(
+                    audio, output=tmp_path / "first", client=client, **options, **KILL_PACING
+                )
+            )
+        )
+        first.start()
+        wait_until(
+            (tmp_path / "first" / "journal.jsonl").exists, timeout_s=120, failure="no journal"
+        )
+        with pytest.raises(ParameterError, match="another buzzdask run is on this client now"):
+            buzzdask.analyze(audio, output=tmp_path / "second", client=client, **options)
+        first.join()
+        assert not (tmp_path / "second").exists()
+        _assert_same_frames(results[0], reference)
+        # The client is free again once the run ends.
+        again = buzzdask.analyze(audio, output=tmp_path / "again", client=client, **options)
+        assert again.ok
+
+    async def asynchronous() -> None:
+        async with Client(cluster_address, asynchronous=True) as async_client:
+            with pytest.raises(ParameterError, match=r"client is asynchronous"):
+                buzzdask.analyze(audio, output=tmp_path / "async", client=async_client, **options)
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        cluster_address = cluster.scheduler_address
+        asyncio.run(asynchronous())
+    assert not (tmp_path / "async").exists()
 
 
 class _Latch:

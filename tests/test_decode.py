@@ -1,5 +1,6 @@
 """Decoding reproduces buzzdetect's preprocessing, and chunked decodes equal the whole file."""
 
+import functools
 import io
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from buzzdask.decode import (
 )
 from buzzdask.errors import DecoderStopped, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
+from buzzdask.staging import decode_chunk_staged
 from tests.conftest import field_like, requires_ffmpeg, write_wav
 from tests.test_frames import spec
 
@@ -227,24 +229,30 @@ _SIGNALLED_FFMPEG = (
     ],
     ids=["SIGKILL", "SIGINT", "SIGTERM", "SIGSEGV"],
 )
+@pytest.mark.parametrize("staged", [False, True], ids=["in-place", "staged"])
 def test_an_ffmpeg_stopped_by_a_signal_says_so(
-    make_audio, tmp_path: Path, script: str, reason: str, stopped: bool
+    make_audio, tmp_path: Path, script: str, reason: str, stopped: bool, staged: bool
 ) -> None:
     """The error names the signal; stopped from outside, it is not the file's fault (the run
-    decodes it again)."""
+    decodes it again), from a node-local copy too."""
     path = make_audio("a.mp3", n_samples=16000 * 3)
     info = probe_audio(path)
     wrapper = tmp_path / "ffmpeg"
     wrapper.write_text(script)
     wrapper.chmod(0o755)
+    decode = (
+        functools.partial(decode_chunk_staged, staging_directory=str(tmp_path / "local"))
+        if staged
+        else decode_chunk
+    )
     with pytest.raises(DecodeError) as raised:
-        decode_chunk(
+        decode(
             info,
             plan_chunks(info, spec(), frames_per_chunk=3)[0],
             spec=spec(),
             ffmpeg_cmd=str(wrapper),
         )
-    assert raised.value.reason.startswith(reason)
+    assert raised.value.path == str(path) and raised.value.reason.startswith(reason)
     assert isinstance(raised.value, DecoderStopped) == stopped
 
 

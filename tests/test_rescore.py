@@ -852,3 +852,28 @@ def test_the_audio_folder_of_a_store_is_known_only_where_its_catalog_tells_one()
     assert _analysed_root(two) is None
     assert _analysed_root({"a.wav": [line("a.wav", None)]}) is None
     assert _analysed_root({"a.wav": [line("a.wav", "/fs/x/other.wav")]}) is None
+
+
+def test_a_catalog_line_cut_short_loses_only_itself(tiny_embedder, tmp_path):
+    """A kill (or a full disk) mid-line: the lines appended after it are read, not glued to it
+    and skipped with it (a re-scoring would have lacked those chunks without a word)."""
+    from buzzdask.frames import FrameSpec
+
+    embedder = resolve_embedder("yamnet_k2", handle=str(tiny_embedder))
+    store = EmbeddingStore(
+        tmp_path / "store", embedder=embedder, spec=FrameSpec(16000, 15360, 15360, 240)
+    )
+
+    def line(chunk: int) -> dict[str, object]:
+        return {
+            **{"file": "site/rec.wav", "path": "/audio/site/rec.wav", "sha256": "a" * 64},
+            **{"size": 1, "mtime_ns": 1, "duration_s": 30.0, "chunk": chunk},
+            **{"first_frame": 10 * chunk, "frames": 10, "frames_per_chunk": 10},
+        }
+
+    store.record([line(0)])
+    with store.catalog_path.open("a") as catalog:  # killed while it wrote chunk 1's line
+        catalog.write(json.dumps(line(1))[:40])
+    store.record([line(1)])
+    store.record([line(2)])
+    assert [entry["chunk"] for entry in store.catalog()["site/rec.wav"]] == [0, 1, 2]

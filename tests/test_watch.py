@@ -169,7 +169,7 @@ def test_marker_left_by_an_earlier_transfer(
     pass removes it, and the watch follows that transfer to its own marker (written again
     before the pass ended, for a short transfer: new, not the one the pass began with)."""
     audio, output = tmp_path / "audio", tmp_path / "out"
-    make_audio("old.wav", n_samples=20 * FRAME)
+    make_audio("old.wav", n_samples=40 * FRAME)
     marker = audio / ".transfer-complete"
     marker.write_text("{}\n")
 
@@ -180,7 +180,9 @@ def test_marker_left_by_an_earlier_transfer(
         marker.write_text("{}\n")
 
     watched = _watch_while(
-        output / "journal.jsonl",  # during the first pass: one chunk written, 19 to come
+        # During the first pass: its first score task's chunks written, 19 more tasks to come
+        # (in one task, the whole pass could end before the transfer starts).
+        output / "journal.jsonl",
         new_transfer,
         audio,
         tiny_model,
@@ -188,6 +190,7 @@ def test_marker_left_by_an_earlier_transfer(
         client=dask_client,
         embedder=str(tiny_embedder),
         chunk_seconds=1.0,
+        batch_frames=2,
     )
     assert watched.summary["watch"]["stopped"] == "marker"
     assert sorted(watched.to_pandas().file.unique()) == ["new.wav", "old.wav"]
@@ -215,6 +218,9 @@ def test_a_transfer_that_stopped_short_ends_the_watch(
     assert watched.summary["watch"]["stopped"] == "transfer failed"
     assert len(watched.to_pandas()) == 2
     said = capsys.readouterr().out
+    # Said as the watch starts too: a failed transfer's mark left from an earlier one.
+    assert f"buzzdask: {failed} is there already (written " in said
+    assert "the mark of a transfer failed): the watch analyses what is there and ends" in said
     assert f"the watch ended: {failed} says the transfer stopped short (cannot copy " in said
 
 
@@ -222,7 +228,7 @@ def test_what_the_first_pass_would_refuse_is_refused_before_the_watch(
     make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys
 ):
     """Before a cluster starts or any file arrives: a model not found, an output that holds
-    results (an earlier watch, restarted without resume)."""
+    results (an earlier watch, restarted without resume), a resume with other settings."""
     options = {"poll_seconds": 0.1, "idle_timeout_s": 600, "embedder": str(tiny_embedder)}
     with pytest.raises(ModelError, match="model_tpyo"):
         watch(tmp_path / "empty", "model_tpyo", output=tmp_path / "o", **options)
@@ -238,6 +244,16 @@ def test_what_the_first_pass_would_refuse_is_refused_before_the_watch(
     assert done.ok
     with pytest.raises(OutputConflictError, match="already holds results"):
         watch(tmp_path / "empty", tiny_model, output=tmp_path / "o", **options)
+    # A resume of it with other settings, restarted by a job script edited meanwhile.
+    with pytest.raises(OutputConflictError, match=r"settings differ \(chunk_seconds: 600"):
+        watch(
+            tmp_path / "empty",
+            tiny_model,
+            output=tmp_path / "o",
+            on_conflict="resume",
+            chunk_seconds=300.0,
+            **options,
+        )
     assert "started a local Dask cluster" not in capsys.readouterr().out
 
 

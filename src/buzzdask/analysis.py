@@ -64,7 +64,17 @@ from buzzdask.write import (
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["AnalysisResult", "RunInputs", "analyze", "plan_run", "run_plan"]
+__all__ = [
+    "AnalysisResult",
+    "RunInputs",
+    "analyze",
+    "import_in_background",
+    "plan_run",
+    "probe_batches",
+    "refuse_other_settings",
+    "run_plan",
+    "say_stopped_after_the_end",
+]
 
 logger = logging.getLogger(__name__)
 _Item = TypeVar("_Item")
@@ -554,6 +564,9 @@ def run_plan(
                 "scorer_restarts": pool.restarts,
                 "scorers_lost": pool.lost,
             }
+            # Now, not when a collection finds them: the actors' models on a user's own
+            # cluster (Dask's actor handles hold themselves in a cycle once called).
+            pool.release()
         wall = time.perf_counter() - started_wall
         results = {}
         for layout, meta, check, model in zip(layouts, metadata, resumed, plan.models, strict=True):
@@ -822,6 +835,28 @@ def _decoder(settings: Settings) -> Any:
     )
 
 
+def refuse_other_settings(plan: _Plan, output: str | os.PathLike[str]) -> None:
+    """Refuse now what a resume into ``output`` would refuse as it starts: other settings.
+
+    For a watch, whose first pass may come hours later. Outputs of several models, and an
+    output with no chunk yet, are left to the pass.
+
+    Raises
+    ------
+    OutputConflictError
+        ``"settings differ"``, naming each difference and both ways on.
+    """
+    layout = OutputLayout(user_path(output))
+    if plan.several or not (layout.metadata.is_file() and layout.holds_chunks()):
+        return
+    prepare_output(
+        layout.root,
+        on_conflict="resume",
+        fingerprint=_fingerprint(plan, 0),
+        options=_options(plan, 0),
+    )
+
+
 def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
     """The settings that change model ``index``'s results: a resume must match them."""
     from buzzdask import __version__
@@ -866,7 +901,8 @@ def _options(plan: _Plan, index: int) -> dict[str, Any]:
     spec, model = plan.spec, plan.models[index]
     return {
         "model": str(model.path),
-        "embedder": model.embedder.handle,
+        # The URL, not this machine's cache of it: what a resume elsewhere is told to pass.
+        "embedder": model.embedder.source or model.embedder.handle,
         "frame_hop_s": spec.hop_s,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
         "thresholds": dict(sorted(plan.thresholds[index].values.items())),

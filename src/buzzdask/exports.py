@@ -31,6 +31,7 @@ recording, never the dataset. Nothing is written if any target already exists (u
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,7 +48,7 @@ from buzzdask.events import stored_recording_events
 from buzzdask.inputs import user_path
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
-from buzzdask.write import NAME_MAX, atomic_path
+from buzzdask.write import NAME_MAX, atomic_path, write_json
 
 __all__ = [
     "BUZZDETECT_TAG",
@@ -73,6 +74,8 @@ DETECTION_PREFIX = "detections_"
 COMBINED_NAME = "frames.csv"
 #: In an export's folder while its files are written: left behind, it marks a stopped export.
 UNFINISHED = ".buzzdask-export-unfinished"
+#: The files the exports into a ``dest`` wrote, by run (JSON), in that ``dest``.
+WRITTEN = ".buzzdask-export.json"
 RAVEN_SUFFIX = ".Table.1.selections.txt"
 RAVEN_COLUMNS = [
     "Selection",
@@ -253,18 +256,47 @@ def _check_free(targets: Sequence[Path], *, dest: Path, overwrite: bool) -> None
 
 
 @contextmanager
-def _files_written(targets: Sequence[Path], dest: Path, *, overwrite: bool) -> Iterator[None]:
+def _files_written(
+    targets: Sequence[Path], dest: Path, *, overwrite: bool, run: Run
+) -> Iterator[None]:
     """Check that ``targets`` are free, then mark ``dest`` unfinished until they are written.
 
     Each file is written whole, but a stopped export would leave some of them: its marker
-    tells the next export that the set is not complete.
+    tells the next export that the set is not complete. The set is listed in ``dest``
+    (:data:`WRITTEN`): an export of the same run that replaces it (``overwrite``) removes the
+    files of recordings no longer in the results (a resume redid them under other names, the
+    input was cut), which buzzr would otherwise still read; another run's are left alone.
     """
     _check_free(targets, dest=dest, overwrite=overwrite)
     dest.mkdir(parents=True, exist_ok=True)
+    listed = _listed(dest)
+    earlier = {dest / name for name in listed.get(str(run.output), []) if ".." not in name}
+    stale = earlier - set(targets) if overwrite else set()
     marker = dest / UNFINISHED
     marker.touch()
     yield
+    for path in sorted(stale):
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info(
+            "removed %d file(s) of the earlier export of recordings no longer in %s",
+            len(stale),
+            run.output,
+        )
+    listed[str(run.output)] = [p.relative_to(dest).as_posix() for p in targets]
+    write_json(dest / WRITTEN, listed)
     marker.unlink()
+
+
+def _listed(dest: Path) -> dict[str, list[str]]:
+    """The files each run's export into ``dest`` wrote, by the run's output directory."""
+    try:
+        listed = json.loads((dest / WRITTEN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(listed, dict):
+        return {}
+    return {str(k): [str(n) for n in v] for k, v in listed.items() if isinstance(v, list)}
 
 
 def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath]) -> None:
@@ -456,7 +488,7 @@ def _export_buzzdetect(
     targets = [dest.joinpath(*buzzdetect_name(relative).parts) for relative in recordings]
     needed = list(thresholds) if thresholds else list(classes)
     columns = ["start", *(f"{ACTIVATION_PREFIX}{name}" for name in needed)]
-    with _files_written(targets, dest, overwrite=overwrite):
+    with _files_written(targets, dest, overwrite=overwrite, run=run):
         for relative, path in zip(recordings, targets, strict=True):
             table = buzzdetect_table(
                 run.recording_frames(relative, columns=columns),
@@ -560,7 +592,7 @@ def _export_raven(
     _check_unique(recordings, raven_name)
     targets = [dest.joinpath(*raven_name(relative).parts) for relative in recordings]
     nyquist = run.sample_rate / 2  # the embedder hears nothing above it
-    with _files_written(targets, dest, overwrite=overwrite):
+    with _files_written(targets, dest, overwrite=overwrite, run=run):
         for relative, path in zip(recordings, targets, strict=True):
             _write_raven(run, relative, path, thresholds, gap_frames, min_frames, nyquist)
     return targets, []

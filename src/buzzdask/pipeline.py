@@ -415,9 +415,13 @@ def outcome(future: Future) -> Any:
     recomputes it, which may fail: that is an outcome too, reported per chunk.
     """
     try:
-        return future.result()
+        # Not raised: a raise would add this frame, which holds the future, to the error that
+        # the future's own state keeps (a lost scorer's chunks and actors stayed on a user's
+        # cluster with it, until the client closed).
+        error = future.exception()
+        return future.result() if error is None else error
     except Exception as error:
-        return error
+        return error.with_traceback(None)
 
 
 class ChunkPipeline:

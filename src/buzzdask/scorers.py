@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,11 +237,20 @@ class ScorerPool:
         )
 
     def release(self) -> None:
-        """Let go of every actor (an interrupted run): each leaves its worker with its model."""
+        """Let go of every actor, at a run's end or its interruption; each takes its model.
+
+        Cancelled, not only forgotten: a handle Dask's actor made for a call holds itself in
+        a reference cycle, which would keep a model on a user's own cluster until Python's
+        collector ran.
+        """
+        futures = [*self._actor_futures.values(), *self.starting.values()]
         self.scorers.clear()
         self.starting.clear()
         self._actor_futures.clear()
         self.deferred.clear()
+        if futures:
+            with suppress(Exception):  # a client closing, or gone: its actors go with it
+                self.client.cancel(futures)
 
     # -- start -------------------------------------------------------------------------------
     def start(self, *, on_ready: Callable[[], None] | None = None) -> dict[str, Future]:

@@ -73,7 +73,8 @@ def connect(
     9.9-10.4 with one thread, on two cores.
     """
     if isinstance(client, Client):
-        yield client
+        with _one_run_at_a_time(client):
+            yield client
     elif isinstance(client, str):
         with _connected(client) as connected:
             yield connected
@@ -100,6 +101,40 @@ def connect(
             # A second Ctrl-C while it closes would leave it to Dask's exit hook (10 s).
             with signals_deferred(stopping=sys.exc_info()[1] is not None):
                 stack.close()
+
+
+#: The user's clients a run of this process is on, with the thread it runs in and how deep
+#: (a watch's passes run on the client the watch holds): two runs on one client at once took
+#: each other's scorers, and a worker with them.
+_CLIENTS_IN_USE: dict[int, tuple[int, int]] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_run_at_a_time(client: Client) -> Iterator[None]:
+    """Hold ``client`` for one run; refuse an asynchronous client, and a second run at once."""
+    if client.asynchronous:
+        raise ParameterError(
+            "client is asynchronous (Client(asynchronous=True)), which buzzdask cannot wait on: "
+            "give a client made without asynchronous=True, or a scheduler address"
+        )
+    thread = threading.get_ident()
+    with _CLIENTS_LOCK:
+        holder, depth = _CLIENTS_IN_USE.get(id(client), (thread, 0))
+        if holder != thread:
+            raise ParameterError(
+                "another buzzdask run is on this client now (from another thread): run them one "
+                "after the other, or give each a client of its own cluster"
+            )
+        _CLIENTS_IN_USE[id(client)] = (thread, depth + 1)
+    try:
+        yield
+    finally:
+        with _CLIENTS_LOCK:
+            if depth:
+                _CLIENTS_IN_USE[id(client)] = (thread, depth)
+            else:
+                del _CLIENTS_IN_USE[id(client)]
 
 
 @contextmanager

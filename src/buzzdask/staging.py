@@ -163,8 +163,8 @@ def decode_chunk_staged(
         with staged(info.path, directory=staging_directory, keep_files=keep_files) as local:
             try:
                 return decode_chunk(dataclasses.replace(info, path=local), plan, **decode_options)
-            except DecodeError as error:
-                raise DecodeError(info.path, error.reason, error.stderr) from None
+            except DecodeError as error:  # of the copy: said of the file, of the same kind
+                raise type(error)(info.path, error.reason, error.stderr) from None
     except OSError as error:
         # The original's own problem first: moved or deleted since its probe.
         readable_stat(info.path)

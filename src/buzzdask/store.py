@@ -43,7 +43,13 @@ from buzzdask.errors import ModelError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import first_names, user_path
 from buzzdask.models import EmbedderSpec, feed_file
-from buzzdask.write import KEPT_EMBEDDINGS, numeric_array, write_json, write_table
+from buzzdask.write import (
+    KEPT_EMBEDDINGS,
+    append_json_lines,
+    numeric_array,
+    write_json,
+    write_table,
+)
 
 __all__ = [
     "STORED_CODEC",
@@ -212,11 +218,12 @@ class EmbeddingStore:
         ``sha256``, ``size``, ``mtime_ns``, ``duration_s``) and the chunk (``chunk``,
         ``first_frame``, ``frames``, ``frames_per_chunk``).
         """
-        lines = "".join(json.dumps(dict(entry), sort_keys=True) + "\n" for entry in entries)
-        if lines:
+        entries = list(entries)
+        if entries:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with self.catalog_path.open("a", encoding="utf-8") as stream:
-                stream.write(lines)
+            # Synced before the journal vouches for the chunks: after a crash, a resume redoes
+            # no chunk whose catalog line was lost, and a re-scoring would miss it.
+            append_json_lines(self.catalog_path, entries, sync=True)
 
     # -- reading -----------------------------------------------------------------------------
     def load(self, audio_sha256: str) -> CachedEmbeddings:

@@ -33,7 +33,13 @@ from typing import Any
 import pandas as pd
 from distributed import Client
 
-from buzzdask.analysis import AnalysisResult, analyze, plan_run, say_stopped_after_the_end
+from buzzdask.analysis import (
+    AnalysisResult,
+    analyze,
+    plan_run,
+    refuse_other_settings,
+    say_stopped_after_the_end,
+)
 from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
@@ -278,11 +284,11 @@ def _check_first_pass(
     """Refuse at once what the first pass would refuse before any work.
 
     A model not found, an embedder out of reach, a threshold for no class, an output that holds
-    results: found before the cluster starts and the first file arrives (hours later, perhaps,
-    on a SLURM allocation), as a plain analysis finds them.
+    results, a resume with other settings: found before the cluster starts and the first file
+    arrives (hours later, perhaps, on a SLURM allocation), as a plain analysis finds them.
     """
     settings = load_settings(chunk_seconds=options.get("chunk_seconds"))
-    plan_run(
+    plan = plan_run(
         model,
         settings,
         embedder=options.get("embedder"),
@@ -295,6 +301,8 @@ def _check_first_pass(
     )
     if on_conflict == "error":
         refuse_results(OutputLayout(user_path(output)))
+    elif on_conflict == "resume":
+        refuse_other_settings(plan, output)
 
 
 def _announce(root: Path, marker: Path, *, poll: float, idle: float) -> None:
@@ -306,12 +314,14 @@ def _announce(root: Path, marker: Path, *, poll: float, idle: float) -> None:
         f"buzzdask: watching {root}: a file is analysed once unchanged between two looks "
         f"{poll:g} s apart; the watch ends {ends}"
     )
-    if marker.exists():
-        written = datetime.fromtimestamp(marker.stat().st_mtime).isoformat(" ", "seconds")
-        print(
-            f"buzzdask: {marker} is there already (written {written}): the watch analyses what "
-            "is there and ends, unless a transfer starts meanwhile (it removes the marker)"
-        )
+    for found, said in ((marker, ""), (root / FAILED_MARKER, ", the mark of a transfer failed")):
+        if found.exists():
+            written = datetime.fromtimestamp(found.stat().st_mtime).isoformat(" ", "seconds")
+            print(
+                f"buzzdask: {found} is there already (written {written}{said}): the watch "
+                "analyses what is there and ends, unless a transfer starts meanwhile (it "
+                "removes the marker)"
+            )
 
 
 class _Passes:

@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,7 @@ __all__ = [
     "ERROR_COLUMNS",
     "KEPT_EMBEDDINGS",
     "PARTITION_GLOB",
+    "append_json_lines",
     "atomic_path",
     "check_run_directory",
     "errors_table",
@@ -261,18 +262,7 @@ class OutputLayout:
             return
         if not entries:
             return
-        lines = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
-        # Unbuffered: a text stream's truncate flushes its buffer first, which fails again.
-        with self.journal.open("ab", buffering=0) as stream:
-            end = stream.seek(0, os.SEEK_END)
-            try:
-                left = memoryview(lines.encode("utf-8"))
-                while left:
-                    left = left[stream.write(left) :]
-                os.fsync(stream.fileno())
-            except OSError:
-                os.ftruncate(stream.fileno(), end)
-                raise
+        append_json_lines(self.journal, entries, sync=True)
 
     @contextmanager
     def journal_held(self) -> Iterator[None]:
@@ -594,10 +584,8 @@ def prepare_output(
         ``on_conflict="error"``, or holds something that is not a buzzdask output, or a
         resume's settings differ (the message names each difference and both ways on).
     """
-    if on_conflict not in ("error", "resume", "new"):
-        raise ParameterError(
-            f"on_conflict={on_conflict!r} is not one of ('error', 'resume', 'new')"
-        )
+    if on_conflict not in get_args(OnConflict):
+        raise ParameterError(f"on_conflict={on_conflict!r} is not one of {get_args(OnConflict)}")
     layout = OutputLayout(output)
     if layout.root.exists() and not layout.root.is_dir():
         raise OutputConflictError(OutputConflict(layout.root, "not a directory"))
@@ -664,6 +652,31 @@ def prepare_output(
             )
         )
     return layout
+
+
+def append_json_lines(path: Path, entries: Iterable[Mapping[str, Any]], *, sync: bool) -> None:
+    """Append one JSON line per entry: all of them whole, or none.
+
+    A last line a kill left unfinished is ended first, so that the new lines start on their
+    own (readers skip the cut one) instead of being glued to it and lost with it. What cannot
+    be written whole (the disk filled) is taken back. ``sync``: ``fsync`` before returning.
+    """
+    lines = "".join(json.dumps(dict(entry), sort_keys=True) + "\n" for entry in entries)
+    if not lines:
+        return
+    # Unbuffered: a text stream's truncate flushes its buffer first, which fails again.
+    with path.open("ab+", buffering=0) as stream:
+        end = stream.seek(0, os.SEEK_END)
+        cut = end > 0 and os.pread(stream.fileno(), 1, end - 1) != b"\n"
+        try:
+            left = memoryview(("\n" if cut else "").encode() + lines.encode("utf-8"))
+            while left:
+                left = left[stream.write(left) :]
+            if sync:
+                os.fsync(stream.fileno())
+        except OSError:
+            os.ftruncate(stream.fileno(), end)
+            raise
 
 
 def new_sibling(root: Path) -> Path:
