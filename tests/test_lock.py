@@ -142,6 +142,41 @@ def test_the_holder_keeps_its_lock_alive(tmp_path):
         assert time.time() - lock.path.stat().st_mtime < 0.4
 
 
+def test_a_holder_taken_over_stops_keeping_the_lock_fresh(tmp_path, caplog):
+    """Stalled past stale_s (a suspended job), its lock was taken over by another host's run:
+    it warns, and no longer touches that run's lock (which would hide the new holder's end)."""
+    with (
+        caplog.at_level(logging.WARNING, logger="buzzdask"),
+        OutputLock(tmp_path, started="now", stale_s=0.4),
+    ):
+        taken = _lock_file(tmp_path, host=OTHER_NODE, pid=1, age_s=0.0)
+        wait_until(
+            lambda: "now held by another run (host c0312" in caplog.text,
+            timeout_s=5,
+            failure="no warning",
+        )
+        touched = taken.stat().st_mtime
+        time.sleep(0.3)  # three of its heartbeats
+        assert taken.stat().st_mtime == touched
+    assert json.loads(taken.read_text())["token"] == "theirs"  # left to its holder
+
+
+def test_a_lock_made_whose_link_answer_was_lost_is_held(tmp_path, monkeypatch):
+    """NFS: the hard link was made, but the reply was lost, and the retry says it exists."""
+    from buzzdask import lock as lock_module
+
+    real_link = os.link
+
+    def link_then_lose_the_reply(source: str, target: str) -> None:
+        real_link(source, target)
+        raise FileExistsError(target)
+
+    monkeypatch.setattr(lock_module.os, "link", link_then_lose_the_reply)
+    with OutputLock(tmp_path, started="now", stale_s=60) as lock:
+        assert json.loads(lock.path.read_text())["token"] == lock.token
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
 def _contend(root: str, results: multiprocessing.Queue, ready: Any, tried: Any) -> None:
     ready.wait(60)  # both started: they contend at the same moment, however slow a spawn is
     try:

@@ -206,3 +206,23 @@ def test_a_resume_with_another_decode_margin_is_refused(run, make_audio, tmp_pat
             )
         thin = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "thin")
     assert thin.metadata["fingerprint"]["decode_margin_s"] == 0.0
+
+
+def test_a_resume_looks_at_each_input_once(tmp_path):
+    """Not once per journalled chunk: a 24-hour file has 144, each a stat on /fs/scratch, and
+    a file changing meanwhile would have its chunks judged against different versions."""
+    from buzzdask.resume import check_resume
+
+    layout = OutputLayout(tmp_path / "out")
+    layout.root.mkdir()
+    for name in ("a.wav", "b.wav"):
+        for index in range(5):
+            layout.record_chunk(name, index, frames=0, size=1, mtime_ns=1)
+    looked: list[str] = []
+
+    def versions(relative: str) -> tuple[int, int]:
+        looked.append(relative)
+        return (1, 1)
+
+    check = check_resume(layout, fingerprint={}, input_root=tmp_path, versions=versions)
+    assert sorted(looked) == ["a.wav", "b.wav"] and len(check.done) == 10

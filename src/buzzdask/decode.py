@@ -1,8 +1,9 @@
 """Decoding audio: probe, plan frame-aligned chunks, decode a chunk sample-exactly.
 
 The executables are those of :func:`buzzdask.ffmpeg_tools.find_ffmpeg`: given by the caller (the
-client resolves them once for a run), or found on this machine. A plain WAV or MP3 is probed
-in process, from its header (:mod:`buzzdask.wav`, :mod:`buzzdask.mp3`); other files by ffprobe,
+client resolves them once for a run), or found on this machine. A plain WAV, or an MP3 with a
+Xing/Info header, is probed in process, from its header (:mod:`buzzdask.wav`,
+:mod:`buzzdask.mp3`); other files by ffprobe,
 or without ffprobe (the ``imageio-ffmpeg`` wheel has none) from ffmpeg's own report of its input.
 
 The samples handed to the embedder are made exactly as buzzdetect's training pipeline made them:
@@ -610,7 +611,9 @@ def decode_chunk(
     Raises
     ------
     DecodeError
-        If ffmpeg fails.
+        If ffmpeg fails, the file cannot be read (gone, moved, emptied since its probe), or the
+        audio holds samples that are not finite numbers. :class:`DecoderStopped`, a subclass,
+        if ffmpeg was stopped by a signal from outside (a job's end): not the file's fault.
     """
     rate = spec.sample_rate
     first_sample = chunk.first_frame * spec.hop_length

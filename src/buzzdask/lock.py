@@ -166,6 +166,8 @@ class OutputLock:
             holder = current_holder(self.root)
             if holder is None:
                 continue  # released meanwhile
+            if holder.token == self.token:
+                break  # NFS: the link was made, but its reply was lost and the retry refused
             if holder.is_alive(stale_s=self.stale_s):
                 raise _in_use(self.root, holder, stale_s=self.stale_s)
             self._set_aside(holder)
@@ -257,6 +259,18 @@ class OutputLock:
 
     def _touch(self) -> None:
         while not self._stop.wait(self.stale_s / 4):
+            holder = current_holder(self.root)
+            if holder is not None and holder.token != self.token:
+                # Taken over while this process was stalled past stale_s (a suspended job, a
+                # node hung on its file system): the new holder's lock is not this one's to
+                # keep fresh.
+                logger.warning(
+                    "%s: the output's lock is now held by another run (%s); this run goes on, "
+                    "but both write there: stop one of them",
+                    self.root,
+                    holder.describe(),
+                )
+                return
             try:
                 os.utime(self.path)
             except OSError:  # the output vanished or filled up; the run reports that itself

@@ -197,7 +197,9 @@ def check_resume(
     layout.repair_journal()
     journal = layout.read_journal()
     version_of = versions or (lambda relative: _version(Path(input_root, relative)))
-    current = {relative: version_of(relative) for relative, _ in journal}
+    # One look per file, not per chunk: a 24-hour file's 144 on a parallel file system, and
+    # its chunks all judged against the same version.
+    current = {relative: version_of(relative) for relative in dict.fromkeys(r for r, _ in journal)}
     check = ResumeCheck()
     rejected: dict[tuple[str, int], str] = {}
     to_verify = []
