@@ -24,6 +24,7 @@ from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
 from buzzdask.events import recording_events, run_events
 from buzzdask.exports import RAVEN_COLUMNS
+from buzzdask.summaries import summarize
 from tests.conftest import CLASSES, field_like, requires_ffmpeg, requires_shared, write_wav
 
 pytestmark = requires_ffmpeg
@@ -281,6 +282,16 @@ def test_precision_export_uses_the_models_metrics(run, make_audio, tiny_model, t
     with pytest.raises(ParameterError, match="either precision or thresholds"):
         buzzdask.export(result.output, format="csv", precision=0.95, thresholds={"ins_buzz": 0.0})
 
+    # Results copied to a laptop: the run's model path is not there; --model names the copy.
+    moved = model.rename(tmp_path / "model_copied")
+    with pytest.raises(ModelError, match=r"directory .*model_with_metrics not found.*--model"):
+        summarize(result.output, precision=0.95, write=False)
+    summary = summarize(result.output, precision=0.95, model=moved, write=False)
+    assert summary.attrs["thresholds"] == {"ins_buzz": pytest.approx(threshold)}
+    argv = ["--precision", "0.95", "--model", str(moved)]
+    assert main(["export", str(result.output), "--format", "raven", *argv]) == EXIT_OK
+    assert main(["plot", str(result.output), "--dest", str(tmp_path / "plots"), *argv]) == EXIT_OK
+
 
 def test_errors_before_anything_is_written(tree_run, tmp_path):
     with pytest.raises(ModelError, match=r"no test metrics \(.*tests/metrics\.csv not found\)"):
@@ -507,6 +518,11 @@ def test_events_equal_a_plain_computation(tree_run, gap, least):
             else:
                 assert pd.isna(row.time)
     assert len(events) > 0
+    # recording_starts' column, a Series, serves as well as a mapping.
+    as_series = run_events(
+        run, {"ins_buzz": threshold}, gap_frames=gap, min_frames=least, starts=pd.Series(starts)
+    )
+    pd.testing.assert_frame_equal(as_series, events)
     # Starts in a time zone: the untimed recording's NaT share it (one datetime column).
     zoned = {name: start.tz_localize("America/New_York") for name, start in starts.items()}
     events = run_events(run, {"ins_buzz": threshold}, gap_frames=gap, starts=zoned)

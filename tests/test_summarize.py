@@ -127,6 +127,9 @@ def test_bins_match_plain_pandas(lab_run, tmp_path, by):
     if by is None:  # "all", as the command line spells it, is the same
         everything = summarize(output, bin="1min", by="all", thresholds=thresholds, write=False)
         pd.testing.assert_frame_equal(everything, table)
+    if by == [1, 2]:  # a level given twice counts once (it crashed)
+        twice = summarize(output, bin="1min", by=[1, 2, 1], thresholds=thresholds, write=False)
+        pd.testing.assert_frame_equal(twice, table)
 
 
 def test_bins_semantics(lab_run, tmp_path):
@@ -236,6 +239,10 @@ def test_files_written_and_never_overwritten_silently(lab_run, tmp_path):
         ({}, "no thresholds"),
         ({"thresholds": {"ins_buzz": 0.0}, "tz": "Nowhere/Land"}, "not a time zone"),
         ({"thresholds": {"ins_buzz": 0.0}, "time_format": "%y%Q"}, "%Q is not supported"),
+        # No date: every recording on 1900-01-01, "2024" read as 20:24.
+        ({"thresholds": {"ins_buzz": 0.0}, "time_format": "%H%M"}, "names no date"),
+        ({"thresholds": {"ins_buzz": 0.0}, "time_format": "%y%d_%H"}, "names no date"),
+        ({"thresholds": {"ins_buzz": 0.0}, "bin": "inf"}, "must be a positive duration"),
     ],
 )
 def test_bad_options_fail_before_reading(lab_run, options, message):
@@ -281,6 +288,24 @@ def test_plots(lab_run, tmp_path, capsys):
         "siteC",
     ]
     assert "not shown" in axes.get_title()  # the untimed file's bins
+    # Recorders on at dawn and dusk only: the line breaks over the hours between, and a
+    # folder named "_control" keeps its place in the legend (matplotlib drops "_" labels).
+    day = pd.Timestamp("2024-06-01")
+    hours = [5, 5.25, 5.5, 18, 18.25]
+    crafted = pd.DataFrame(
+        {
+            "level_1": ["_control"] * 5 + ["siteA"] * 5,
+            "bin_datetime": [day + pd.Timedelta(hours=h) for h in hours] * 2,
+            "bin_filetime": np.nan,
+            "frames": 10,
+            "detections_ins_buzz": [1, 2, 3, 4, 5] * 2,
+        }
+    )
+    crafted["detectionrate_ins_buzz"] = crafted["detections_ins_buzz"] / crafted["frames"]
+    (axes,) = plot_daily_activity(crafted).axes
+    for line in axes.get_lines():
+        assert np.isnan(line.get_xdata()).tolist() == [False] * 3 + [True] + [False] * 2
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["_control", "siteA"]
     untimed = plot_daily_activity(summary[summary["bin_datetime"].isna()])
     assert untimed.axes[0].get_xlabel().startswith("time since the start of the file (s")
     activation = plot_activation(

@@ -206,8 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_detection_options(parser: argparse.ArgumentParser, *, threshold_help: str) -> None:
-    """``--threshold CLASS=VALUE ...`` or ``--precision P``: the thresholds of detections."""
+def _add_detection_options(
+    parser: argparse.ArgumentParser, *, threshold_help: str, of_a_run: bool = False
+) -> None:
+    """``--threshold CLASS=VALUE ...`` or ``--precision P``: the thresholds of detections.
+
+    ``of_a_run``: the command reads a run's results, and ``--model`` names the model whose
+    metrics serve ``--precision`` where the run's is not reachable (results copied elsewhere).
+    """
     detection = parser.add_mutually_exclusive_group()
     detection.add_argument(
         "--threshold",
@@ -224,6 +230,13 @@ def _add_detection_options(parser: argparse.ArgumentParser, *, threshold_help: s
         help="thresholds from the model's tests/metrics.csv for this precision (e.g. 0.95), "
         "as buzzdetect computes them; instead of --threshold",
     )
+    if of_a_run:
+        parser.add_argument(
+            "--model",
+            metavar="DIR",
+            help="the model directory whose tests/metrics.csv serves --precision (default: "
+            "the run's, as its buzzdask.json records it)",
+        )
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = False) -> None:
@@ -462,6 +475,7 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
         export,
         threshold_help="detections: activation > VALUE; repeatable (default for csv and raven: "
         "the run's own thresholds; buzzdetect: activations only)",
+        of_a_run=True,
     )
     export.add_argument(
         "--gap-frames",
@@ -494,6 +508,7 @@ def _export(args: argparse.Namespace) -> int:
         classes=args.classes,
         precision=args.precision,
         thresholds=dict(args.threshold),
+        model=args.model,
         gap_frames=args.gap_frames,
         min_frames=args.min_frames,
         time_format=args.time_format,
@@ -552,6 +567,7 @@ def _add_binning_options(parser: argparse.ArgumentParser, *, by_default: str) ->
         parser,
         threshold_help="detections: activation > VALUE; repeatable "
         "(default: the run's own thresholds)",
+        of_a_run=True,
     )
     parser.add_argument(
         "--dest", metavar="DIR", help="where the files go (default OUTPUT/summaries)"
@@ -611,6 +627,7 @@ def _binning(args: argparse.Namespace) -> dict[str, Any]:
         "by": args.by,
         "precision": args.precision,
         "thresholds": dict(args.threshold) or None,
+        "model": args.model,
         "dest": args.dest,
         "overwrite": args.overwrite,
         "time_format": args.time_format,

@@ -211,7 +211,7 @@ def run_events(
     gap_frames: int = 0,
     min_frames: int = 1,
     recordings: Sequence[str] | None = None,
-    starts: Mapping[str, pd.Timestamp | None] | None = None,
+    starts: Mapping[str, pd.Timestamp | None] | pd.Series | None = None,
 ) -> pd.DataFrame:
     """Detection events of every recording of a run, read one recording at a time.
 
@@ -225,8 +225,9 @@ def run_events(
         As in :func:`recording_events`.
     recordings : sequence of str, optional
         Only these recordings (relative names); default all with scores.
-    starts : mapping of relative name -> pandas.Timestamp, optional
-        Recording start times (:func:`buzzdask.recording_time.recording_starts`): fill ``time``.
+    starts : mapping or pandas.Series of relative name -> pandas.Timestamp, optional
+        Recording start times (the ``start`` column of
+        :func:`buzzdask.recording_time.recording_starts`): fill ``time``.
 
     Returns
     -------
@@ -237,7 +238,8 @@ def run_events(
     unknown = sorted(set(thresholds) - set(run.classes))
     if unknown:
         raise ParameterError(f"unknown class(es) {unknown}; the run's classes are {run.classes}")
-    known = {name: _known(start) for name, start in (starts or {}).items()}
+    # A mapping or recording_starts' Series: no truth value asked of either.
+    known = {name: _known(start) for name, start in ({} if starts is None else starts).items()}
     # Untimed recordings' NaT take the zone of the timed ones: one datetime column, not objects.
     zone = next((start.tz for start in known.values() if start is not None and start.tz), None)
     pieces = [

@@ -109,11 +109,14 @@ def plot_daily_activity(
     figure = Figure(figsize=(8, 4), layout="constrained")
     axes = figure.add_subplot()
     lines = pooled.groupby(groups, sort=True) if groups else [("all recordings", pooled)]
-    count = 0
+    step = _bin_step(pooled["_x"])
+    handles, texts = [], []
     for label, line in lines:
         text = " / ".join(map(str, label)) if isinstance(label, tuple) else str(label)
-        axes.plot(line["_x"], line["rate"], marker=".", linewidth=1, label=text)
-        count += 1
+        x, rate = _broken_at_gaps(line["_x"], line["rate"], step)
+        (handle,) = axes.plot(x, rate, marker=".", linewidth=1, label=text)
+        handles.append(handle)
+        texts.append(text)
     if len(timed):
         axes.set_xlim(0, 24)
         axes.set_xticks(np.arange(0, 25, 3))
@@ -127,10 +130,28 @@ def plot_daily_activity(
     if untimed_rows and len(timed):
         heading += f"\n({untimed_rows} bin(s) of recordings without a start time not shown)"
     axes.set_title(heading, fontsize="medium")
-    if 1 < count <= _MAX_LEGEND:
-        axes.legend(fontsize="small")
+    if 1 < len(handles) <= _MAX_LEGEND:
+        # Given explicitly: matplotlib leaves out labels starting with "_" (a folder "_old").
+        axes.legend(handles, texts, fontsize="small")
     axes.grid(alpha=0.3)
     return figure
+
+
+def _bin_step(x: pd.Series) -> float:
+    """The width of the pooled bins on the x axis: the smallest distance between two."""
+    distances = np.diff(np.unique(x.to_numpy(dtype=np.float64)))
+    return float(distances.min()) if len(distances) else math.inf
+
+
+def _broken_at_gaps(x: pd.Series, y: pd.Series, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """``x``, ``y`` with a NaN point wherever bins are missing, so the line breaks there.
+
+    A bin with no frames is no row of the summary: without the break, a line drawn from 07:00
+    to 18:00 would show rates over hours nothing recorded.
+    """
+    x_values, y_values = x.to_numpy(dtype=np.float64), y.to_numpy(dtype=np.float64)
+    gaps = np.flatnonzero(np.diff(x_values) > 1.5 * step) + 1
+    return (np.insert(x_values, gaps, np.nan), np.insert(y_values, gaps, np.nan))
 
 
 def plot_activation(
@@ -140,6 +161,7 @@ def plot_activation(
     class_name: str | None = None,
     precision: float | None = None,
     thresholds: Mapping[str, float] | None = None,
+    model: str | os.PathLike[str] | None = None,
     time_format: TimeFormat | None = None,
     tz: str | None = None,
     read_metadata: bool = True,
@@ -153,7 +175,7 @@ def plot_activation(
         Its relative name, as in the ``file`` column.
     class_name : str, optional
         Default: the first thresholded class, else the model's first class.
-    precision, thresholds : optional
+    precision, thresholds, model : optional
         As in :func:`buzzdask.summaries.summarize`; default the run's own thresholds. Without
         any, no threshold is drawn.
     time_format, tz, read_metadata : optional
@@ -167,7 +189,7 @@ def plot_activation(
     from matplotlib.figure import Figure
 
     run = output if isinstance(output, Run) else open_run(output)
-    values = _thresholds(run, precision=precision, thresholds=thresholds)
+    values = _thresholds(run, precision=precision, thresholds=thresholds, model=model)
     name = class_name or (next(iter(values)) if values else run.classes[0])
     if name not in run.classes:
         raise ParameterError(f"class_name={name!r} is not a class of the run: {run.classes}")
@@ -215,12 +237,16 @@ def plot_activation(
 
 
 def _thresholds(
-    run: Run, *, precision: float | None, thresholds: Mapping[str, float] | None
+    run: Run,
+    *,
+    precision: float | None,
+    thresholds: Mapping[str, float] | None,
+    model: str | os.PathLike[str] | None = None,
 ) -> dict[str, float]:
     if precision is None and not thresholds and not run.thresholds:
         return {}
     return resolve_summary(
-        run, bin="1min", by=None, precision=precision, thresholds=thresholds
+        run, bin="1min", by=None, precision=precision, thresholds=thresholds, model=model
     ).thresholds
 
 
@@ -231,6 +257,7 @@ def plot_run(
     by: By = 1,
     precision: float | None = None,
     thresholds: Mapping[str, float] | None = None,
+    model: str | os.PathLike[str] | None = None,
     recordings: Sequence[str] | None = None,
     dest: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -253,7 +280,7 @@ def plot_run(
     Parameters
     ----------
     output : path-like or Run
-    bin, by, precision, thresholds, time_format, tz, read_metadata
+    bin, by, precision, thresholds, model, time_format, tz, read_metadata
         As in :func:`buzzdask.summaries.summarize` (``by`` defaults to the top folder, ``1``).
     recordings : sequence of str, optional
         Relative names whose activation is drawn.
@@ -279,7 +306,9 @@ def plot_run(
     if isinstance(dpi, bool) or not isinstance(dpi, Real) or not 0 < dpi < math.inf:
         raise ParameterError(f"dpi={dpi!r} must be a number > 0")
     run = output if isinstance(output, Run) else open_run(output)
-    settings = resolve_summary(run, bin=bin, by=by, precision=precision, thresholds=thresholds)
+    settings = resolve_summary(
+        run, bin=bin, by=by, precision=precision, thresholds=thresholds, model=model
+    )
     folder = user_path(dest) if dest is not None else run.output / "summaries"
     chosen = list(recordings) if recordings is not None else run.recordings()[:1]
     known = run.recordings()

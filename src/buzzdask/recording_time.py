@@ -201,6 +201,13 @@ def _compile(time_format: str, *, bounded: bool) -> _NamePattern:
             )
         parts.append(_DIRECTIVES[code])
         position = directive.end()
+    codes = set(re.findall(r"%(.?)", time_format))
+    if not (codes & {"Y", "y"} and ("j" in codes or ("d" in codes and codes & {"m", "b", "B"}))):
+        # strptime would give each time without a date on 1900-01-01, binned on that day.
+        raise ParameterError(
+            f"time_format={time_format!r} names no date: it needs a year (%Y or %y) and a "
+            "month and day (%m%d) or a day of the year (%j), e.g. '%y%m%d_%H%M'"
+        )
     parts.append(re.escape(time_format[position:]))
     pattern = "".join(parts)
     if bounded:

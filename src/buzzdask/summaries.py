@@ -104,6 +104,8 @@ def bin_width(bin: str | timedelta | pd.Timedelta) -> pd.Timedelta:
     Timedelta('0 days 00:05:00')
     """
     if isinstance(bin, (int, float)) or (isinstance(bin, str) and _is_number(bin)):
+        if not np.isfinite(float(bin)):
+            raise ParameterError(f"bin={bin!r} must be a positive duration, e.g. '5min'")
         # pandas reads a bare number as nanoseconds; buzzr's binwidth is a number of minutes.
         raise ParameterError(
             f"bin={bin!r} has no unit: give one, e.g. '{bin}min' (buzzr's binwidth is in "
@@ -156,7 +158,7 @@ def _levels(by: By) -> tuple[tuple[str, ...], tuple[int, ...], bool]:
         for level in levels
     ):
         raise ParameterError(f"by={by!r}: folder levels are integers >= 1 (1 = the top folder)")
-    levels = tuple(int(level) for level in levels)
+    levels = tuple(dict.fromkeys(int(level) for level in levels))  # "1,1": level 1 once
     return tuple(f"level_{level}" for level in levels), levels, False
 
 
@@ -203,6 +205,7 @@ def summarize(
     by: By = "file",
     precision: float | None = None,
     thresholds: Mapping[str, float] | None = None,
+    model: str | os.PathLike[str] | None = None,
     dest: str | os.PathLike[str] | None = None,
     write: bool = True,
     overwrite: bool = False,
@@ -228,6 +231,9 @@ def summarize(
     thresholds : mapping of class -> float, optional
         Thresholds per class. Without ``precision`` or ``thresholds``, those the run was
         analysed with.
+    model : path-like, optional
+        The model directory whose metrics serve ``precision``; default the run's, as recorded
+        (give it where the results were copied to another machine).
     dest : path-like, optional
         Folder for the files; default ``<output>/summaries``.
     write : bool, default: True
@@ -263,7 +269,9 @@ def summarize(
         The files exist and ``overwrite`` is False.
     """
     run = output if isinstance(output, Run) else open_run(output)
-    settings = resolve_summary(run, bin=bin, by=by, precision=precision, thresholds=thresholds)
+    settings = resolve_summary(
+        run, bin=bin, by=by, precision=precision, thresholds=thresholds, model=model
+    )
     run.warn_if_unfinished("summarizing")
     paths = summary_paths(dest if dest is not None else run.output / "summaries", settings.label)
     if write and not overwrite:
@@ -302,8 +310,12 @@ def resolve_summary(
     by: By,
     precision: float | None,
     thresholds: Mapping[str, float] | None,
+    model: str | os.PathLike[str] | None = None,
 ) -> Summary:
-    """Check a summary's options against the run; nothing is read but its metadata."""
+    """Check a summary's options against the run; nothing is read but metadata.
+
+    The metrics of ``model`` (default the run's) serve a ``precision``.
+    """
     width = bin_width(bin)
     columns, levels, by_file = _levels(by)
     if precision is None and not thresholds:
@@ -316,7 +328,7 @@ def resolve_summary(
             )
     else:
         values = choose_thresholds(
-            model_dir=run.model_path,
+            model_dir=model if model is not None else run.model_path,
             classes=run.classes,
             precision=precision,
             thresholds=thresholds,

@@ -120,6 +120,13 @@ def _read_metrics(model_dir: str | os.PathLike[str]) -> tuple[Path, pd.DataFrame
     import pandas as pd  # here: workers import this module, never this function
 
     path = Path(model_dir) / METRICS_PATH
+    if not Path(model_dir).is_dir():
+        # A run's recorded model, on the machine it ran on (results copied elsewhere).
+        raise ModelError(
+            f"model directory {Path(model_dir)} not found, so no threshold can be taken from "
+            "its test metrics; give the model directory as it is here (model=..., --model DIR) "
+            f"or thresholds per class (--threshold {METRICS_CLASS}=-1.2)"
+        )
     try:
         metrics = pd.read_csv(path)
     except FileNotFoundError:
