@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
 import shutil
 import subprocess
+import sys
+import types
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -21,7 +25,13 @@ from buzzdask.models import load_head, resolve_embedder, resolve_model
 from buzzdask.store import EmbeddingStore
 from buzzdask.thresholds import thresholds_for_precision
 from buzzdask.training import precision_recall
-from buzzdask.training.labels import TrainingFile, holdout_groups, want_frames
+from buzzdask.training.labels import (
+    TrainingFile,
+    class_list,
+    holdout_groups,
+    read_labels,
+    want_frames,
+)
 from tests.conftest import BUZZDASK, requires_ffmpeg, write_wav
 from tests.test_cli import buzzdask_cli
 
@@ -130,6 +140,21 @@ def test_model_directory_is_a_buzzdetect_model(trained, tiny_embedder):
     assert {"saved_model.pb", "variables", "weights.csv", "history.csv", "history.json"} <= names
     assert {"training.json", "evaluation.csv", "evaluation.json"} <= names
     assert not any(name.endswith(".pickle") for name in names)
+    # buzzdetect loads a model through its model.py (its GUI lists only folders with one): a
+    # BaseModel subclass named after its folder, renamed copies included. buzzdetect's own
+    # modules stand in as the two names model.py imports.
+    stand_in = {
+        "src": types.ModuleType("src"),
+        "src.config": types.SimpleNamespace(DIR_MODELS=str(first.output.parent)),
+        "src.inference.models": types.SimpleNamespace(BaseModel=type("BaseModel", (), {})),
+    }
+    with mock.patch.dict(sys.modules, stand_in):
+        spec = importlib.util.spec_from_file_location("model", first.output / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    assert module.TrainedHead.modelname == first.output.name
+    assert module.TrainedHead.embeddername == "yamnet_k2"
+    assert module.TrainedHead.digits_results == config["digits_results"]
 
 
 def test_trained_head_scores_the_same_without_tensorflow(trained, tmp_path):
@@ -356,8 +381,8 @@ def test_files_without_frames_and_audio_given_twice_are_named(
     again = labels[labels["file"] == "siteA_1.wav"].assign(file="siteE_1.wav", group="siteE")
     short = {"file": "siteD_1.wav", "start": 0.0, "end": 0.5, "label": "ins_buzz", "group": "siteD"}
     labels = pd.concat([labels, again, pd.DataFrame([short])], ignore_index=True)
-    groups = ["ambient", "siteA", "siteB", "siteC", "siteD", "siteE"]
-    # A seed whose draw among all six groups would hold out siteD alone.
+    groups = ["siteA", "siteB", "siteC", "siteD", "siteE"]
+    # A seed whose draw among the five groups of labelled audio would hold out siteD alone.
     seed = next(
         s
         for s in range(100)
@@ -374,6 +399,81 @@ def test_files_without_frames_and_audio_given_twice_are_named(
     assert "siteD" not in result.metadata["holdout_groups"]
     assert "1 file give(s) no frame to train on" in caplog.text and "siteD_1.wav" in caplog.text
     assert "the same audio is in siteA_1.wav and siteE_1.wav (groups siteA, siteE)" in caplog.text
+
+
+def test_the_drawn_holdout_is_never_an_ambient_folder(train_with, dataset):
+    # A seed whose draw among every group would hold out the ambient folder, the only source
+    # of ambient frames: training stopped with "class(es) ['ambient'] have no frames".
+    groups = ["ambient", "siteA", "siteB", "siteC"]
+    seed = next(
+        s
+        for s in range(100)
+        if holdout_groups(groups, {"holdout": None, "holdout_fraction": 0.2, "seed": s})
+        == ["ambient"]
+    )
+    result = train_with(labels_table(dataset), holdout=None, seed=seed, epochs=2)
+    assert result.metadata["holdout_groups"] in (["siteA"], ["siteB"], ["siteC"])
+
+
+def test_a_class_on_every_frame_is_refused_before_embedding(train_with, dataset):
+    # Only ins_buzz labelled, no ambient audio: every training frame is positive and the head
+    # would learn a constant. holdout given as one name (it was split into letters).
+    labels = labels_table(dataset)
+    only_buzz = labels[labels["label"] == "ins_buzz"]
+    with pytest.raises(ParameterError, match=r"\['ins_buzz'\] are on every training frame"):
+        train_with(only_buzz, ambient_dirs=[], unlabeled_ambient=0, holdout="siteC")
+
+
+def test_output_filled_while_training_keeps_the_model(train_with, dataset, tmp_path, monkeypatch):
+    # Another training (a resubmitted job) fills --output while this one fits: the finished
+    # model was deleted with a raw OSError.
+    from buzzdask.training import trainer
+
+    fit = trainer._fit_into
+
+    def fit_while_another_fills(*args, **kwargs):
+        result = fit(*args, **kwargs)
+        (tmp_path / "model").mkdir(exist_ok=True)
+        (tmp_path / "model" / "saved_model.pb").write_bytes(b"another training's")
+        return result
+
+    monkeypatch.setattr(trainer, "_fit_into", fit_while_another_fills)
+    with pytest.raises(OutputConflictError, match="filled while this training ran") as refused:
+        train_with(labels_table(dataset), epochs=2)
+    (kept,) = tmp_path.glob("model-*")
+    assert str(kept) in str(refused.value) and (kept / "config_model.json").is_file()
+    assert (tmp_path / "model" / "saved_model.pb").read_bytes() == b"another training's"
+
+
+def test_labels_are_read_as_written(tmp_path):
+    # pandas read "None"/"NA" as missing (refused: "no label") and groups "01" as 1.
+    path = tmp_path / "labels.csv"
+    path.write_text(
+        "file,start,end,label,group\n"
+        "a.wav,0,1,None,01\nb.wav,0,1,ins_buzz,NA\nc.wav,0,1,ins_buzz,\n"
+    )
+    table = read_labels(path)
+    assert table["label"].tolist() == ["None", "ins_buzz", "ins_buzz"]
+    assert table["group"].tolist()[:2] == ["01", "NA"] and pd.isna(table["group"][2])
+    # A label spelt like the ambient class would have trained as a second ambient class.
+    path.write_text("file,start,end,label\na.wav,0,1,Ambient\nb.wav,0,1,ins_buzz\n")
+    table = read_labels(path)
+    with pytest.raises(ParameterError, match=r"\['Ambient'\] .*line 2.* ambient class 'ambient'"):
+        class_list(None, ["Ambient", "ins_buzz"], table, ambient="ambient")
+
+
+def test_training_says_when_precision_will_find_no_metrics_row(tmp_path):
+    from buzzdask.cli import _precision_row_missing
+
+    (tmp_path / "tests").mkdir()
+    # A small held-out set: precision jumps from 0.92 to 1 (buzzdetect's rule takes +-0.005).
+    (tmp_path / "tests" / "metrics.csv").write_text(
+        "threshold,precision,sensitivity,fpr\n0.5,1.0,0.2,0\n0.41,0.923,0.3,0.02\n"
+    )
+    row = {"class": "ins_buzz", "threshold": 0.5}
+    assert "--threshold ins_buzz=0.5" in _precision_row_missing(tmp_path, row, 0.95)
+    assert _precision_row_missing(tmp_path, row, 0.92) == ""
+    assert _precision_row_missing(tmp_path, {**row, "class": "mech_noise"}, 0.95) == ""
 
 
 def test_label_past_the_end_of_its_file(train_with, dataset):

@@ -928,9 +928,29 @@ def _train(args: argparse.Namespace) -> int:
             said = (
                 f"threshold {row['threshold']:g} gives precision {row['precision']:.2f}, "
                 f"recall {row['recall']:.2f} on the held-out groups"
-            )
+            ) + _precision_row_missing(result.output, row, target)
         print(f"buzzdask: {row['class']}: {said}")
     return EXIT_OK
+
+
+def _precision_row_missing(model: os.PathLike[str], row: dict[str, Any], target: float) -> str:
+    """What to analyse with where ``--precision target`` will find no metrics row for the class.
+
+    buzzdetect's rule takes rows within 0.005 of the precision; a small held-out set may give
+    none (0.92, then 1.0), though a threshold reaches it.
+    """
+    from buzzdask.thresholds import METRICS_CLASS, thresholds_for_precision
+
+    if row["class"] != METRICS_CLASS:
+        return ""
+    try:
+        thresholds_for_precision(model, target)
+    except ParameterError:
+        return (
+            f"; analyze --precision {target:g} finds no tests/metrics.csv row near it on so "
+            f"few held-out frames: analyze with --threshold {METRICS_CLASS}={row['threshold']:g}"
+        )
+    return ""
 
 
 def _embedder(args: argparse.Namespace) -> int:

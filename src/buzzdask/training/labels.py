@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,8 @@ def read_labels(
         path = Path(labels)
         if not path.is_file():
             raise InputError(f"labels file not found: {path}")
-        table = pd.read_csv(path, dtype={"file": str, "label": str})
+        # Names as written: "None", "NA" or "01" are a label or a group, not missing or 1.
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
         # Line numbers as an editor shows them: the header is line 1.
         table["row"] = [f"{path.name} line {i + 2}" for i in range(len(table))]
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
@@ -145,7 +146,8 @@ def read_labels(
     _refuse_labels_alike(table)
     columns = [*LABEL_COLUMNS, "row"]
     if group_column in table.columns:
-        table["group"] = table[group_column].astype("string").str.strip()
+        group = table[group_column].astype("string").str.strip()
+        table["group"] = group.mask(group == "")  # an empty cell: the file's folder
         columns.append("group")
     return table[columns].reset_index(drop=True)
 
@@ -160,7 +162,7 @@ def _refuse_labels_alike(table: pd.DataFrame) -> None:
     """
     spellings: dict[str, list[str]] = {}
     for label in table["label"].unique():
-        spellings.setdefault(re.sub(r"[\s_-]+", "_", label.casefold()), []).append(label)
+        spellings.setdefault(_spelling(label), []).append(label)
     alike = [sorted(names) for names in spellings.values() if len(names) > 1]
     if alike:
         described = "; ".join(
@@ -173,6 +175,11 @@ def _refuse_labels_alike(table: pd.DataFrame) -> None:
             f"labels {described} differ only in case or spacing, so they would train as "
             "different classes: spell each class one way"
         )
+
+
+def _spelling(label: str) -> str:
+    """A label with case and spacing left out: what tells two spellings of one class."""
+    return re.sub(r"[\s_-]+", "_", label.casefold())
 
 
 def cite_rows(table: pd.DataFrame, *, most: int = 5) -> str:
@@ -306,8 +313,20 @@ def class_list(
     Raises
     ------
     ParameterError
-        If ``given`` is empty or repeats a name, misses a label, or misses ``ambient``.
+        If ``given`` is empty or repeats a name, misses a label, or misses ``ambient``; or a
+        label is ``ambient`` spelt another way.
     """
+    alike = [
+        label
+        for label in labelled
+        if ambient is not None and label != ambient and _spelling(label) == _spelling(ambient)
+    ]
+    if alike:
+        raise ParameterError(
+            f"labels {alike} ({cite_rows(table[table['label'].isin(alike)], most=2)}) differ "
+            f"from the ambient class {ambient!r} only in case or spacing, so they would train "
+            f"as a second ambient class: spell them {ambient!r}"
+        )
     if given is None:
         extra = [ambient] if ambient is not None and ambient not in labelled else []
         return [*labelled, *extra]
@@ -390,11 +409,15 @@ def want_frames(
     item.targets = targets[item.frames]
 
 
-def holdout_groups(groups: list[str], settings: Mapping[str, Any]) -> list[str]:
+def holdout_groups(
+    groups: list[str], settings: Mapping[str, Any], *, drawable: Collection[str] | None = None
+) -> list[str]:
     """The groups held out for early stopping and evaluation, sorted.
 
-    ``settings["holdout"]`` when given, else ``round(holdout_fraction * len(groups))`` groups
-    (at least one, never all) drawn with ``settings["seed"]``.
+    ``settings["holdout"]`` when given, else ``round(holdout_fraction * n)`` of the ``n``
+    ``drawable`` groups (default all; at least one, never all) drawn with ``settings["seed"]``.
+    The trainer leaves out groups of ambient folders only: held out, the ambient class they
+    bring would have no frame to train on.
 
     Raises
     ------
@@ -410,14 +433,16 @@ def holdout_groups(groups: list[str], settings: Mapping[str, Any]) -> list[str]:
                 + (f" (unknown: {unknown})" if unknown else "")
             )
         return held
-    if len(groups) < 2:
+    pool = groups if drawable is None else [group for group in groups if group in drawable]
+    if len(pool) < 2:
         raise ParameterError(
-            f"only one group ({groups}): a group must be held out for early stopping and "
-            "evaluation; add a group column to the labels or put the audio in several folders"
+            f"only one group of labelled audio ({pool}; ambient folders always train): a group "
+            "must be held out for early stopping and evaluation; add a group column to the "
+            "labels or put the audio in several folders"
         )
-    n_held = min(len(groups) - 1, max(1, round(settings["holdout_fraction"] * len(groups))))
-    order = np.random.default_rng(settings["seed"]).permutation(len(groups))
-    return sorted(groups[i] for i in order[:n_held])
+    n_held = min(len(pool) - 1, max(1, round(settings["holdout_fraction"] * len(pool))))
+    order = np.random.default_rng(settings["seed"]).permutation(len(pool))
+    return sorted(pool[i] for i in order[:n_held])
 
 
 def class_counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:

@@ -1,13 +1,13 @@
 """A training's records: the result it returns and the files it writes beside the head.
 
 :func:`write_records` writes into the model directory ``config_model.json`` (what
-:func:`buzzdask.analyze` reads), ``weights.csv`` (frames and weight per class), ``history.csv``
-and ``history.json`` (one row per epoch), ``training.json`` (inputs with content hashes, groups,
-counts, settings, versions, times) and ``evaluation.csv`` / ``evaluation.json`` (held-out
-precision and recall; for an ``ins_buzz`` class also ``tests/metrics.csv``, buzzdetect's table,
-so that ``precision=`` chooses a threshold as for the lab's models), and returns the same as a
-:class:`TrainingResult`. What a training works
-on, :class:`TrainingInputs` and :class:`TrainingSet`, is defined here, beside the records that
+:func:`buzzdask.analyze` reads), ``model.py`` (how buzzdetect loads it), ``weights.csv``
+(frames and weight per class), ``history.csv`` and ``history.json`` (one row per epoch),
+``training.json`` (inputs with content hashes, groups, counts, settings, versions, times) and
+``evaluation.csv`` / ``evaluation.json`` (held-out precision and recall; for an ``ins_buzz``
+class also ``tests/metrics.csv``, buzzdetect's table, so that ``precision=`` chooses a threshold
+as for the lab's models), and returns the same as a :class:`TrainingResult`. What a training
+works on, :class:`TrainingInputs` and :class:`TrainingSet`, is defined here, beside the records that
 describe it, so that :mod:`~buzzdask.training.trainer` and this module share it without a cycle.
 """
 
@@ -279,6 +279,35 @@ def _metadata(
     }
 
 
+#: buzzdetect loads a model through its ``model.py`` (a ``BaseModel`` subclass; its GUI lists only
+#: folders with one): model_general_v3's, with the folder's own name, so that a renamed copy loads.
+BUZZDETECT_MODEL_PY = """\
+\"\"\"How buzzdetect loads this head (written by buzzdask train, as model_general_v3's).\"\"\"
+import os
+
+import src.config as cfg
+from src.inference.models import BaseModel
+
+
+class TrainedHead(BaseModel):
+    modelname = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
+    embeddername = {embedder_name!r}
+    digits_results = {digits!r}
+
+    def initialize(self):
+        self.embedder.initialize()
+
+        from keras.layers import TFSMLayer
+
+        dir_model = os.path.abspath(os.path.join(cfg.DIR_MODELS, self.modelname))
+        self.model = TFSMLayer(dir_model, call_endpoint="serving_default")
+
+    def predict(self, audiosamples):
+        embeddings = self.embedder.embed(audiosamples)
+        return self.model(embeddings)["dense"]
+"""
+
+
 def _write_files(
     directory: Path,
     *,
@@ -293,7 +322,7 @@ def _write_files(
     metadata: Mapping[str, Any],
     target_precision: float,
 ) -> None:
-    """config_model.json, weights.csv, history, training.json and evaluation beside the head."""
+    """config_model.json, model.py, weights.csv, history, training.json and evaluation."""
     write_json(
         directory / CONFIG_NAME,
         {
@@ -303,6 +332,9 @@ def _write_files(
             "size_batch": batch_size,
             "trainer": f"buzzdask {metadata['versions']['buzzdask']}",
         },
+    )
+    (directory / "model.py").write_text(
+        BUZZDETECT_MODEL_PY.format(embedder_name=embedder_name, digits=DIGITS), encoding="utf-8"
     )
     pd.DataFrame(
         {

@@ -36,6 +36,7 @@ from buzzdask.training.embed import embed_missing, inspect_files
 from buzzdask.training.head import evaluate, fit_and_save
 from buzzdask.training.labels import (
     TrainingFile,
+    as_list,
     check_label_ends,
     class_counts,
     class_list,
@@ -47,7 +48,7 @@ from buzzdask.training.labels import (
     want_frames,
 )
 from buzzdask.training.records import TrainingInputs, TrainingResult, TrainingSet, write_records
-from buzzdask.write import utc_now
+from buzzdask.write import new_sibling, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +236,19 @@ def train(
             started_wall=started_wall,
         )
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        if output_path.is_dir():
-            output_path.rmdir()  # empty (checked before any work); replaced by the new model
-        os.replace(temporary, output_path)
+        try:
+            if output_path.is_dir():
+                output_path.rmdir()  # empty (checked before any work); the new model replaces it
+            os.replace(temporary, output_path)
+        except OSError as error:
+            # Filled meanwhile (another training to the same folder, a resubmitted job): the
+            # finished model is kept beside it, not thrown away.
+            kept = new_sibling(output_path)
+            os.replace(temporary, kept)
+            raise OutputConflictError(
+                f"{output_path} was filled while this training ran ({error.strerror}); the "
+                f"trained model is in {kept}"
+            ) from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return result
@@ -355,7 +366,8 @@ def _training_set(inputs: TrainingInputs) -> TrainingSet:
     Raises
     ------
     ParameterError
-        If a class has no frames in the training folds, or the held-out groups have none.
+        If a class has no frames in the training folds or is on all of them, or the held-out
+        groups have none.
     """
     x, y, frame_groups, frame_files = _assemble(inputs.files, inputs.cache)
     held_out, in_holdout, counts = _folds(inputs, y, frame_groups)
@@ -385,7 +397,10 @@ def _folds(
         If a class has no frames in the training folds, or the held-out groups have none.
     """
     # Drawn from the groups that have frames: one of only files too short would hold out nothing.
-    held_out = holdout_groups(sorted(set(frame_groups.tolist())), inputs.settings)
+    labelled = {item.group for item in inputs.files if not item.all_ambient}
+    held_out = holdout_groups(
+        sorted(set(frame_groups.tolist())), inputs.settings, drawable=labelled
+    )
     in_holdout = np.isin(frame_groups, held_out)
     counts = {
         "train": class_counts(y[~in_holdout], inputs.classes),
@@ -396,6 +411,13 @@ def _folds(
         raise ParameterError(
             f"class(es) {empty} have no frames outside the held-out groups {held_out}; "
             "label more audio or hold out other groups"
+        )
+    everywhere = [c for c, n in counts["train"].items() if n == (~in_holdout).sum()]
+    if everywhere:
+        # A head learns nothing from a class on every frame: it scores it high everywhere.
+        raise ParameterError(
+            f"class(es) {everywhere} are on every training frame, so there is nothing to tell "
+            "them from: add audio without them (--ambient DIR, --unlabeled-ambient N)"
         )
     if not in_holdout.any():
         raise ParameterError(f"the held-out groups {held_out} have no frames")
@@ -530,6 +552,7 @@ def _settings(base: Settings, **given: Any) -> dict[str, Any]:
     train = base.with_overrides(train=overrides).train
     settings: dict[str, Any] = {k: getattr(train, field) for k, field in _KEYWORDS.items()}
     settings["hidden_units"] = list(train.hidden_units)
-    settings["holdout"] = None if given["holdout"] is None else list(given["holdout"])
-    settings["classes"] = given["classes"]
+    # One name alone is a group or a class, not its letters.
+    for key in ("holdout", "classes"):
+        settings[key] = None if given[key] is None else [str(v) for v in as_list(given[key])]
     return settings
