@@ -9,6 +9,7 @@ chunk: the same frames, starts exact, none lost or read twice.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
@@ -425,6 +426,41 @@ def test_decoded_copy_failure_is_reported_by_every_waiting_chunk(tmp_path: Path)
     assert len(calls) == 1
     assert pcm_cache.remove("k", directory=str(tmp_path))
     assert list((tmp_path / "buzzdask-pcm").iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a full disk)")
+def test_a_disk_filled_while_a_copy_is_made_fails_no_file(tmp_path: Path, caplog) -> None:
+    """Copies made side by side can fill the disk: the chunk is decoded directly instead (a
+    file failed, and its recorded failure failed the file's every later chunk on the node)."""
+    from buzzdask import decode, pcm_cache
+    from buzzdask.ffmpeg_tools import find_ffmpeg
+
+    path = tmp_path / "x.m4a"
+    subprocess.run(
+        [*("ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=3:r=44100", str(path))],
+        check=True,
+    )
+    info = probe_audio(path)
+    # decode.py's own maker (real ffmpeg); 3 s of copy fill ffmpeg's buffer only at its end,
+    # where ffmpeg 5.1 exits 0 though the write failed.
+    make = functools.partial(
+        decode._decode_to_file, info, sample_rate=16000, ffmpeg_cmd=find_ffmpeg().ffmpeg
+    )
+    stem = tmp_path / "buzzdask-pcm" / "k"
+    stem.parent.mkdir()
+    (tmp_path / "buzzdask-pcm" / "k.partial").symlink_to("/dev/full")  # writes: ENOSPC
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        answer = pcm_cache.read_span(
+            "k", directory=str(tmp_path), start=0, stop=10, make=make, name=str(path)
+        )
+    assert answer is None  # the caller decodes the chunk directly
+    assert f"{path}: no decoded copy" in caplog.text and "no space left on device" in caplog.text
+    assert not (stem.parent / "k.failed").exists() and not (stem.parent / "k.f32").exists()
+    # Room again: the next chunk makes the copy, the whole file's samples.
+    answer = pcm_cache.read_span("k", directory=str(tmp_path), start=0, stop=None, make=make)
+    assert answer is not None
+    np.testing.assert_array_equal(answer[0], decode_file(path, sample_rate=16000))
+    assert pcm_cache.remove("k", directory=str(tmp_path))
 
 
 def test_a_decoded_copy_whose_ffmpeg_was_stopped_is_made_again(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ def test_defaults_are_the_yaml() -> None:
     assert settings.chunk_seconds == 600.0
     assert settings.memory_budget == 2**30
     assert settings.seekable_codecs == ("mp3", "flac", "wavpack", "pcm_*")
+    assert decode_chunk_default("seekable_codecs") == settings.seekable_codecs  # one list
     assert settings.watch.idle_timeout_seconds == 3600.0
     assert settings.embedders["yamnet_k2"].sample_rate == 16000
     assert settings.train.hidden_units == ()
@@ -307,3 +308,12 @@ def test_cluster_configurations_are_not_settings() -> None:
         settings = load_settings()
     assert isinstance(settings, Settings)
     assert not hasattr(settings, "clusters")
+
+
+def decode_chunk_default(name: str):
+    """The default of a decode_chunk option (which a chunk decoded outside a run uses)."""
+    import inspect
+
+    from buzzdask.decode import decode_chunk
+
+    return inspect.signature(decode_chunk).parameters[name].default

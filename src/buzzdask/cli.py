@@ -906,7 +906,7 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"buzzdask: trained {format_count(len(result.classes), 'class', 'classes')} on "
         f"{summary['frames_train']} frames "
-        f"({summary['frames_holdout']} held out), {summary['epochs']} epochs, "
+        f"({summary['frames_holdout']} held out), {format_count(summary['epochs'], 'epoch')}, "
         f"{cache['frames_cached']} frames from the cache, {cache['frames_embedded']} embedded "
         f"-> {result.output}"
     )

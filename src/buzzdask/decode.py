@@ -84,7 +84,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SEEKABLE = ("mp3", "flac", "pcm_*")  # decode_chunk's default; runs take buzzdask.seekable-codecs
+# decode_chunk's default, buzzdask.seekable-codecs' too (which runs take).
+_SEEKABLE = ("mp3", "flac", "wavpack", "pcm_*")
 _STDERR_TAIL = 600  # characters of ffmpeg's message kept in errors
 _PIPE_BYTES = 1 << 20  # ffmpeg stdout pipe capacity asked for (Linux allows 1 MiB unprivileged)
 
@@ -897,7 +898,9 @@ def _decode_to_file(info: AudioInfo, target: str, *, sample_rate: int, ffmpeg_cm
         except OSError as error:
             raise DecodeError(info.path, f"cannot run {ffmpeg_cmd!r}: {error}") from None
         messages = _tail_of_file(stderr_file)
-    if returncode != 0:
+    # ffmpeg 5.1 exits 0 when its last write, at the trailer, fails (the disk filled at the
+    # end): the copy would be short by up to its 32 KiB buffer, and frames silently lost.
+    if returncode != 0 or "Error writing trailer" in messages:
         raise _decode_failure(info.path, messages, returncode)
     return messages
 

@@ -45,7 +45,10 @@ __all__ = ["copy_directory", "read_span", "remove"]
 
 _SAMPLE_BYTES = 4  # float32
 _POLL_S = (0.02, 0.25)  # first and longest wait between looks at a copy another task makes
-_SUFFIXES = (".f32", ".partial", ".failed", ".lock")
+_SUFFIXES = (".f32", ".partial", ".failed", ".failed.tmp", ".lock")
+# What ffmpeg says when the copy's own disk fills (copies made side by side): no fault of
+# the file, whose chunks are then decoded directly.
+_DISK_FULL = ("No space left on device", "Disk quota exceeded")
 _MADE_HERE: set[str] = set()  # stems of the copies this process made (removed at exit)
 _MADE_LOCK = threading.Lock()
 _NOT_MADE: set[str] = set()  # stems of the copies this process found no room for (said once)
@@ -132,7 +135,11 @@ def read_span(
                     room = f"{format_bytes(free)} free, {format_bytes(size_hint)} needed"
                     _no_copy(stem, name, room)
                     return None
-                messages = _make(stem, make)
+                try:
+                    messages = _make(stem, make)
+                except _DiskFull as full:
+                    _no_copy(stem, name, str(full))
+                    return None
                 samples = _read_file(stem + ".f32", start, stop, complete=True)
                 if samples is None:  # removed at once by a run that finished with this file
                     continue
@@ -202,8 +209,20 @@ def _remove_dead_copies(directory: str, *, keep: str) -> None:
                 _remove_stem(stem)
 
 
+class _DiskFull(Exception):
+    """The copy's disk filled while it was made: the file is not at fault."""
+
+
 def _make(stem: str, make: Callable[[str], str]) -> str:
-    """Make the copy under the lock: ``.partial`` then renamed; ``.failed`` if ``make`` fails."""
+    """Make the copy under the lock: ``.partial`` then renamed; ``.failed`` if ``make`` fails.
+
+    Raises
+    ------
+    DecodeError
+        ``make``'s.
+    _DiskFull
+        Where ``make`` failed for want of room.
+    """
     with _MADE_LOCK:
         if not _MADE_HERE:
             atexit.register(_remove_made_here)
@@ -211,10 +230,13 @@ def _make(stem: str, make: Callable[[str], str]) -> str:
     try:
         messages = make(stem + ".partial")
     except DecodeError as error:
-        if not isinstance(error, DecoderStopped):  # not the file's: the next try makes it
-            _write_failure(stem, error)
         with contextlib.suppress(FileNotFoundError):
             os.remove(stem + ".partial")
+        full = next((text for text in _DISK_FULL if text in error.stderr), None)
+        if full is not None:
+            raise _DiskFull(f"{full.lower()} while it was made") from None
+        if not isinstance(error, DecoderStopped):  # not the file's: the next try makes it
+            _write_failure(stem, error)
         raise
     # Rename (atomic): a reader never takes a copy still being written for a complete one.
     with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the caller looks again
@@ -294,10 +316,13 @@ def _failure(stem: str) -> DecodeError | None:
 
 def _write_failure(stem: str, error: DecodeError) -> None:
     record = {"path": error.path, "reason": error.reason, "stderr": error.stderr}
-    with contextlib.suppress(OSError):
+    try:
         with open(stem + ".failed.tmp", "w", encoding="utf-8") as file:
             json.dump(record, file)
         os.replace(stem + ".failed.tmp", stem + ".failed")
+    except OSError:  # unrecorded, the next chunk tries again; no half record left behind
+        with contextlib.suppress(OSError):
+            os.remove(stem + ".failed.tmp")
 
 
 def _no_copy(stem: str, name: str, why: str) -> None:
