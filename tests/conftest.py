@@ -519,11 +519,13 @@ requires_slurm = _require(
 )
 
 
-def run_batch_job(script: str, directory: Path, *, cwd: Path | None = None) -> str:
+def run_batch_job(
+    script: str, directory: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> str:
     """Submit ``script`` (written to ``directory/job.sh``) with ``sbatch --wait``; its log.
 
-    Submitted from ``cwd`` (default: this process's directory); fails the test, with the log's
-    end, unless the job succeeds within 600 s.
+    Submitted from ``cwd`` (default: this process's directory) with ``env`` (default: this
+    process's); fails the test, with the log's end, unless the job succeeds within 600 s.
     """
     path, log = directory / "job.sh", directory / "job.out"
     path.write_text(script)
@@ -533,6 +535,7 @@ def run_batch_job(script: str, directory: Path, *, cwd: Path | None = None) -> s
         text=True,
         timeout=600,
         cwd=cwd,
+        env=env,
     )
     output = log.read_text() if log.exists() else done.stderr
     assert done.returncode == 0, output[-3000:]

@@ -32,7 +32,7 @@ from buzzdask.cli import EXIT_ERROR
 from buzzdask.cluster import available_configs, job_scripts, load_cluster_config, start
 from buzzdask.cluster.__main__ import main as cluster_main
 from buzzdask.cluster.batch import batch_script
-from buzzdask.cluster.configs import NodeSize, node_size
+from buzzdask.cluster.configs import NodeSize, node_size, worker_counts
 from buzzdask.cluster.slurm import worker_exports
 from buzzdask.dashboard import page_link
 from buzzdask.session import LEAN_DASK, worker_environment
@@ -121,6 +121,43 @@ def test_a_copied_configuration_with_a_typo_is_refused(tmp_path):
     with pytest.raises(ParameterError, match=r"lab4 .*lab4\.yaml\) needs cpu-config: the"):
         load_cluster_config(copy("lab4", "      cpu-config: osc-cardinal\n", ""))
     assert load_cluster_config(copy("lab3"))["account-required"] is True
+
+
+def test_entry_keys_with_underscores_nodes_extended_values_checked(tmp_path):
+    # A variable name cannot hold "-": DASK_BUZZDASK__CLUSTERS__<NAME>__CPU_WORKERS gave
+    # "unknown key 'cpu_workers' (did you mean 'cpu-workers'?)".
+    variable = {"DASK_BUZZDASK__CLUSTERS__OSC_CARDINAL_NODE__CPU_WORKERS": "7"}
+    done = subprocess.run(
+        [*(sys.executable, "-m", "buzzdask.cluster", "--config", "osc-cardinal-node"),
+         *("--account", "PAS1", "--print-batch-script", *ANALYZE)],
+        env={**os.environ, **variable}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "srun --ntasks=13 " in done.stdout and "--worker-threads 8,9 " in done.stdout
+
+    def layout(name: str, **keys: Any) -> dict[str, Any]:
+        path = tmp_path / f"{name}.yaml"
+        entry = {"kind": "slurm", "extends": "osc-pitzer", **keys}
+        path.write_text(yaml.safe_dump({"buzzdask": {"clusters": {name: entry}}}))
+        return load_cluster_config(path)
+
+    # The node of another partition added, as the README says: Pitzer's own nodes stay.
+    exp = {"cores": 48, "memory": "300GiB", "memory_per_core": "6GiB", "gpus": 2}
+    entry = layout("my-pitzer", nodes={"gpu-exp": exp})
+    assert node_size(entry, "gpu") == node_size(load_cluster_config("osc-pitzer"), "gpu")
+    assert node_size(entry, "gpu-exp").memory_per_core == 6 * 2**30
+    assert worker_counts(layout("nulls", gpus=None, **{"cpu-workers": None})) == (0, 1)
+    for number, (keys, message) in enumerate(
+        [
+            ({"gpus": "two"}, "gpus: 'two' must be a whole number >= 0"),
+            ({"gpus": 1.7}, "gpus: 1.7 must be a whole number >= 0"),
+            ({"threads-per-worker": 0}, "threads-per-worker: 0 must be a whole number >= 1"),
+            ({"whole-node": "yes"}, "whole-node: 'yes' must be true or false"),
+            ({"nodes": {"x": {"cores": 4, "memory": "8GiB"}}}, "x lacks memory-per-core"),
+        ]
+    ):
+        with pytest.raises(ParameterError, match=re.escape(message)):
+            layout(f"bad{number}", **keys)
 
 
 @pytest.mark.parametrize("name", sorted(OSC))
@@ -218,6 +255,13 @@ def test_job_script_overrides_from_keywords_and_dask_config():
     assert "#SBATCH -p debug-cpu" in scripts["cpu"] and "#SBATCH --mem=16G" in scripts["cpu"]
     assert "#SBATCH --mail-type=END" in scripts["cpu"]
     assert "#SBATCH -p gpu" in scripts["gpu"]  # the GPU jobs keep their own partition
+    # The one-job script keeps a section's directives (they were dropped), less those it sets
+    # for the whole node itself.
+    extra = ["--gpus-per-node=1", "--constraint=48core", "--mail-type=END"]
+    with dask.config.set({"jobqueue.osc-pitzer-gpu.job-extra-directives": extra}):
+        script = batch_script("osc-pitzer", ANALYZE, account="PAS9", gpus=1, cpu_workers=1)
+    assert "#SBATCH --constraint=48core\n#SBATCH --mail-type=END\n" in script
+    assert script.count("--gpus-per-node") == 1
 
 
 @pytest.mark.parametrize(
@@ -236,6 +280,12 @@ def test_workers_retire_before_the_walltime_given(walltime, lifetime):
     for script in scripts.values():
         assert lifetime in script
         assert f"#SBATCH -t {walltime or '01:00:00'}" in script
+    # A walltime from the configuration (a user's jobqueue.yaml) moves it too: 4-hour jobs'
+    # workers retired at 55 minutes, and a new job went into the queue every hour.
+    if walltime is not None:
+        with dask.config.set({"jobqueue.osc-cardinal-gpu.walltime": walltime}):
+            gpu = job_scripts("osc-cardinal", account="PAS9", gpus=1)["gpu"]
+        assert lifetime in gpu and f"#SBATCH -t {walltime}" in gpu
 
 
 def test_paths_with_spaces_are_quoted_in_the_job_scripts(monkeypatch, tmp_path, capsys):
@@ -245,6 +295,11 @@ def test_paths_with_spaces_are_quoted_in_the_job_scripts(monkeypatch, tmp_path, 
     scripts = job_scripts("osc-cardinal", account="PAS9", gpus=1)
     for script in scripts.values():
         assert "\n'/fs/ess/PAS1/My Project/.venv/bin/python' -m distributed.cli." in script
+    # Their logs too, "~" expanded; a script only printed leaves no folder behind.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    script = job_scripts("osc-cardinal", account="PAS9", log_directory="~/my logs/a")["cpu"]
+    assert f"#SBATCH -e '{tmp_path}/my logs/a/buzzdask-cpu-%J.err'\n" in script
+    assert not (tmp_path / "my logs").exists() and not (tmp_path / "~").exists()
     project = tmp_path / "My Project"
     project.mkdir()
     monkeypatch.chdir(project)
@@ -327,6 +382,15 @@ def test_impossible_job_options_are_refused_before_a_script_is_printed(capsys):
         "memory='10GiBs' (--memory) must be a size": ["--memory", "10GiBs", "--print-job-script"],
         "walltime='1 hour' is not a SLURM time limit": [
             *("--walltime", "1 hour", "--print-job-script"),
+        ],
+        # Read as 5 minutes, while sbatch took it as years.
+        "walltime='-5' is not a SLURM time limit": ["--walltime=-5", "--print-job-script"],
+        # Bytes to Dask: dask-jobqueue's traceback, or a worker limit of 0 (none) in a batch.
+        "memory='32' (--memory) must be a size with its unit": [
+            *("--memory", "32", "--print-job-script"),
+        ],
+        "memory='500KiB' (--memory) must be a size with its unit, at least 1.00 GiB": [
+            *("--memory", "500KiB", "--print-batch-script", *ANALYZE),
         ],
         # The analysis' own values, before its script goes to sbatch.
         "--chunk-seconds": ["--print-batch-script", *ANALYZE, "--chunk-seconds", "-1"],
@@ -1028,12 +1092,16 @@ def test_workers_that_never_arrive_time_out_with_state_and_log(local_slurm, tmp_
 @pytest.mark.slurm
 def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path):
     audio, options, reference = slurm_corpus
+    # "~/my logs": dask-jobqueue made ./~ and wrote "#SBATCH -e ~/my logs/..." (sbatch refused).
     command = [
         *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm"),
-        *("--gpus", "1", "--cpu-workers", "1", "--log-directory", str(tmp_path / "logs")),
+        *("--gpus", "1", "--cpu-workers", "1", "--log-directory", "~/my logs"),
         *_analyze_command(audio, options, tmp_path / "out"),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    home = {**os.environ, "HOME": str(tmp_path)}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=home
+    )
     assert done.returncode == 0, done.stderr
     assert "buzzdask: scheduler at tcp://127.0.0.1:" in done.stdout
     assert "dashboard: http://" in done.stdout
@@ -1041,8 +1109,9 @@ def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path
     assert_same_frames(_read_scores(tmp_path / "out"), reference)
     # Quiet on the console; the workers' chatter is in their job logs, their lines in the run's.
     assert not NOISE.search(done.stderr), done.stderr
-    job_logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("buzzdask-gpu-*.err"))
+    job_logs = "".join(p.read_text() for p in (tmp_path / "my logs").glob("buzzdask-gpu-*.err"))
     assert "Start worker" in job_logs
+    assert not (tmp_path / "~").exists()
     run_log = (tmp_path / "out" / "buzzdask.log").read_text()
     assert "written f0.wav" in run_log
     _assert_no_jobs_left()
@@ -1054,6 +1123,11 @@ def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path
 def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus, tmp_path):
     audio, options, reference = slurm_corpus
     analyze = _analyze_command(audio, options, tmp_path / "out")
+    # The embedder from a setting, and sbatch under OnDemand's SBATCH_EXPORT=NONE: the job
+    # started without the setting it was checked with, and failed to reach TF Hub.
+    embedder = analyze.index("--embedder")
+    del analyze[embedder : embedder + 2]
+    setting = {"DASK_BUZZDASK__EMBEDDERS__YAMNET_K2__HANDLE": options["embedder"]}
     printed = subprocess.run(
         [
             *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm"),
@@ -1062,8 +1136,10 @@ def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, **setting},
     )
-    assert "3/3 files" in run_batch_job(printed.stdout, tmp_path)
+    no_export = {**os.environ, "SBATCH_EXPORT": "NONE"}
+    assert "3/3 files" in run_batch_job(printed.stdout, tmp_path, env=no_export)
     assert_same_frames(_read_scores(tmp_path / "out"), reference)
     # The actor went to the GPU task (rank 2), as in the cluster mode.
     metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())

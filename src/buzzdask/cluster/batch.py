@@ -16,6 +16,7 @@ from a decode worker to a scorer through the kernel, never a network interface.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import sys
@@ -297,13 +298,22 @@ def job_section(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     return section
 
 
+# Directives of a worker job's section that one_node_job_head sets for the whole node itself.
+_SET_ABOVE = (
+    r"(-[JpAtNnco]\b|--(job-name|partition|account|time|nodes|ntasks|cpus-per-task|mem|"
+    r"mem-per-cpu|gpus|gpus-per-node|gres|chdir|output|error)\b)"
+)
+
+
 def one_node_job_head(
     section: Mapping[str, Any], *, job_name: str, cores: int, memory: int, gpus: int
 ) -> list[str]:
     """An sbatch script's lines up to its command: one task of ``cores`` on one node.
 
-    Its directives (partition, account, walltime and log directory from ``section``), then the
-    workers' environment and ``section``'s prologue (:func:`~buzzdask.cluster.slurm.job_prologue`).
+    Its directives (partition, account, walltime, log directory and the other
+    ``job-extra-directives`` from ``section``), then the ``DASK_*`` settings of this process,
+    the workers' environment and ``section``'s prologue
+    (:func:`~buzzdask.cluster.slurm.job_prologue`).
     The log directory is made now, as an absolute path, since SLURM opens the log before the
     script runs and fails silently on a missing directory.
 
@@ -343,8 +353,22 @@ def one_node_job_head(
         logs = os.path.abspath(os.path.expanduser(section["log-directory"]))
         os.makedirs(logs, exist_ok=True)
         lines.append(f"#SBATCH -o {shlex.quote(f'{logs}/{job_name}-%j.out')}")
+    # The section's own (a --qos, --constraint, --mail-type the site needs), less those of
+    # the one task on one node set above.
+    lines += [
+        f"#SBATCH {directive}"
+        for directive in section.get("job-extra-directives") or []
+        if not re.match(_SET_ABOVE, directive.strip())
+    ]
     return [
         *lines,
+        # The settings it was checked with: sbatch under SBATCH_EXPORT=NONE (OnDemand sets it)
+        # starts the job without them, and the variable beats any #SBATCH --export line.
+        *(
+            f"export {name}={shlex.quote(value)}"
+            for name, value in sorted(os.environ.items())
+            if name.startswith("DASK_")
+        ),
         # The workers' settings, and Lmod for a prologue's module lines, as in a worker job.
         *job_prologue(section["job-script-prologue"]),
         # A job submitted from a notebook's job (OnDemand Jupyter) inherits its SLURM_* variables:

@@ -203,9 +203,35 @@ def load_cluster_config(
             )
         base = load_cluster_config(entry["extends"], extended_by=chain)
     dask.config.update_defaults(data)
-    merged = {**base, "name": path.stem, **dask.config.get(f"buzzdask.clusters.{path.stem}")}
+    own = _canonical(dask.config.get(f"buzzdask.clusters.{path.stem}"))
+    merged = {**base, "name": path.stem, **own}
+    # A layout adding the node of another partition keeps its system's nodes.
+    merged["nodes"] = {**(base.get("nodes") or {}), **(own.get("nodes") or {})}
     _check_entry(merged, path)
     return merged
+
+
+def _canonical(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry with its keys spelt as the files spell them, with ``-``.
+
+    A ``DASK_BUZZDASK__CLUSTERS__<NAME>__CPU_WORKERS`` variable (names cannot hold ``-``) or a
+    user's YAML with ``cpu_workers`` gives ``_``, which ``dask.config`` keeps as given. A node's
+    keys too; partition names are left as they are.
+    """
+    canonical: dict[str, Any] = {}
+    for key, value in entry.items():
+        name = str(key).replace("_", "-")
+        if name == "nodes" and isinstance(value, Mapping):
+            value = {
+                partition: (
+                    {str(k).replace("_", "-"): v for k, v in size.items()}
+                    if isinstance(size, Mapping)
+                    else size
+                )
+                for partition, size in value.items()
+            }
+        canonical[name] = value
+    return canonical
 
 
 # The keys of a buzzdask.clusters.<name> entry: a misspelt one ("acount-required") would drop
@@ -237,6 +263,22 @@ def _check_entry(entry: Mapping[str, Any], path: Path) -> None:
         raise ParameterError(
             f"{where}: unknown key {key!r}{hint}; known: {', '.join(sorted(ENTRY_KEYS))}"
         )
+    for key, least in (("gpus", 0), ("cpu-workers", 0), ("threads-per-worker", 1)):
+        value = entry.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            raise ParameterError(f"{where}: {key}: {value!r} must be a whole number >= {least}")
+    for key in ("whole-node", "account-required"):
+        if entry.get(key) is not None and not isinstance(entry[key], bool):
+            raise ParameterError(f"{where}: {key}: {entry[key]!r} must be true or false")
+    for partition, size in (entry.get("nodes") or {}).items():
+        lacking = [k for k in ("cores", "memory", "memory-per-core") if k not in (size or {})]
+        if lacking:
+            raise ParameterError(
+                f"{where}: nodes: {partition} lacks {', '.join(lacking)} (a node is given by "
+                "cores, memory, memory-per-core and gpus; see cluster_configs/osc-nodes.yaml)"
+            )
     if entry["kind"] == "slurm":
         missing = [key for key in ("cpu-config", "gpu-config") if not entry.get(key)]
         if missing:
@@ -302,8 +344,10 @@ def worker_counts(
     ParameterError
         A negative count.
     """
-    chosen_gpus = int(entry.get("gpus", 0)) if gpus is None else gpus
-    chosen_cpu = int(entry.get("cpu-workers", 1)) if cpu_workers is None else cpu_workers
+    # A null in the entry is no count: the default.
+    chosen_gpus = (entry.get("gpus") or 0) if gpus is None else gpus
+    chosen_cpu = cpu_workers if cpu_workers is not None else entry.get("cpu-workers")
+    chosen_cpu = 1 if chosen_cpu is None else chosen_cpu
     for name, count in (("gpus", chosen_gpus), ("cpu_workers", chosen_cpu)):
         if count < 0:
             raise ParameterError(f"{name}={count} (--{name.replace('_', '-')}) must be >= 0")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import dask.config
+from dask.utils import format_bytes
 
 from buzzdask.errors import ParameterError
 from buzzdask.settings import byte_count
@@ -40,6 +41,11 @@ def job_kinds(gpus: int | None) -> tuple[JobKind, ...]:
     return ("cpu",) if gpus == 0 else ("cpu", "gpu")
 
 
+#: Least memory of a worker job: a worker with its chunks in flight (a scorer's TensorFlow,
+#: about 1 GB, takes more).
+_LEAST_JOB_MEMORY = 2**30
+
+
 def walltime_seconds(walltime: str) -> int:
     """Seconds of a SLURM time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``.
 
@@ -54,6 +60,8 @@ def walltime_seconds(walltime: str) -> int:
         day_s = int(days) * 86400 if days else 0
     except ValueError:
         fields, day_s = [], 0
+    if walltime.startswith("-"):  # "-5": no day count, and no time either
+        fields = []
     # Without days the fields are [[HH:]MM:]SS read from the minutes; with days, HH[:MM[:SS]].
     units = (3600, 60, 1) if days else {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}.get(len(fields))
     if not fields or units is None or len(fields) > len(units) or min(fields) < 0:
@@ -155,9 +163,13 @@ class JobOptions:
         # or a memory it cannot read only to fail later, in the queue.
         if self.cores is not None and (isinstance(self.cores, bool) or self.cores < 1):
             raise ParameterError(f"cores={self.cores!r} (--cores) must be an integer >= 1")
-        if self.memory is not None and byte_count(self.memory) < 1:
+        if self.memory is not None and (
+            str(self.memory).strip().isdigit() or byte_count(self.memory) < _LEAST_JOB_MEMORY
+        ):
+            # A bare number is bytes to Dask (and a traceback in dask-jobqueue); "32" meant GB.
             raise ParameterError(
-                f"memory={self.memory!r} (--memory) must be a size such as '32GiB'"
+                f"memory={self.memory!r} (--memory) must be a size with its unit, at least "
+                f"{format_bytes(_LEAST_JOB_MEMORY)}, such as '32GiB'"
             )
         if self.walltime is not None:
             walltime_seconds(self.walltime)
@@ -190,12 +202,17 @@ class JobOptions:
             # dask-jobqueue would write this Python into the job script unquoted: a venv in a
             # folder with a space ("My Project") would be cut there, and no worker would start.
             overrides.setdefault("python", shlex.quote(sys.executable))
-        if "walltime" in overrides and section is not None:
+        if section is not None:
+            # Given or configured (a user's jobqueue.yaml): workers of 4-hour jobs retiring
+            # at 55 minutes would send a new job into the queue every hour.
+            walltime = overrides.get("walltime") or dask.config.get(
+                f"jobqueue.{section}.walltime", None
+            )
             args = overrides.get("worker_extra_args") or dask.config.get(
                 f"jobqueue.{section}.worker-extra-args", None
             )
-            if args and "--lifetime" in args:
-                overrides["worker_extra_args"] = lifetime_within(args, overrides["walltime"])
+            if walltime and args and "--lifetime" in args:
+                overrides["worker_extra_args"] = lifetime_within(args, str(walltime))
         return overrides
 
     def missing_accounts(

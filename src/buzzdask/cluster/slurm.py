@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -63,8 +64,19 @@ class _Job(SLURMJob):
     submit_error: Exception | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        logs = log_directory(kwargs.get("config_name") or self.config_name, kwargs)
+        if logs is not None:
+            kwargs["log_directory"] = logs
         super().__init__(*args, **kwargs)
         self._job_script_prologue = job_prologue(self._job_script_prologue)
+        if logs is not None and self.job_header:
+            # dask-jobqueue writes the path unquoted: sbatch refused "logs dir/..." in a line.
+            name = self.job_name or "worker"
+            for flag, suffix in (("-e", "err"), ("-o", "out")):
+                path = f"{logs}/{name}-%J.{suffix}"
+                self.job_header = self.job_header.replace(
+                    f"#SBATCH {flag} {path}\n", f"#SBATCH {flag} {shlex.quote(path)}\n"
+                )
 
     async def start(self) -> None:
         try:
@@ -75,6 +87,18 @@ class _Job(SLURMJob):
             # Reported in one line (BuzzdaskSLURMCluster.wait_for_workers_by_kind).
             error.__dict__[_REPORTED] = True
             raise
+
+
+def log_directory(config_name: str, job_kwargs: Mapping[str, Any]) -> str | None:
+    """Where a worker job's logs go, ``~`` expanded.
+
+    dask-jobqueue takes ``~/logs`` (``--log-directory=~/logs``, or a ``jobqueue.yaml``'s) as a
+    folder named ``~`` in the working directory, and made it there.
+    """
+    logs = job_kwargs.get("log_directory") or dask.config.get(
+        f"jobqueue.{config_name}.log-directory", None
+    )
+    return None if logs is None else os.path.expanduser(str(logs))
 
 
 _REPORTED = "_buzzdask_reported"  # the mark on an error buzzdask reports itself
@@ -164,17 +188,20 @@ def job_script(config_name: str, **job_kwargs: Any) -> str:
     **job_kwargs
         Overrides of that section (``account``, ``walltime``, ``cores``...).
     """
-    logs = job_kwargs.get("log_directory") or dask.config.get(
-        f"jobqueue.{config_name}.log-directory", None
-    )
-    made = logs is not None and not os.path.exists(logs)
-    script = _Job(
-        scheduler=SCHEDULER_PLACEHOLDER, name="buzzdask", config_name=config_name, **job_kwargs
-    ).job_script()
-    if made:  # dask-jobqueue makes it as it defines a job; a script only read needs none
+    logs = log_directory(config_name, job_kwargs)
+    # dask-jobqueue makes the folder as it defines a job; a script only read needs none.
+    made = []
+    while logs is not None and logs and not os.path.exists(logs):
+        made.append(logs)
+        logs = os.path.dirname(logs.rstrip("/")) or None
+    try:
+        return _Job(
+            scheduler=SCHEDULER_PLACEHOLDER, name="buzzdask", config_name=config_name, **job_kwargs
+        ).job_script()
+    finally:
         with contextlib.suppress(OSError):
-            os.rmdir(logs)
-    return script
+            for folder in made:  # the deepest first
+                os.rmdir(folder)
 
 
 class _DecodeWorkersAdaptive(Adaptive):
