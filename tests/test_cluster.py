@@ -1085,6 +1085,16 @@ def test_workers_that_never_arrive_time_out_with_state_and_log(local_slurm, tmp_
     with pytest.raises(ClusterError, match=r"(?s)0/1 GPU and 0/1 CPU workers have arrived\."):
         start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(logs), timeout=0.1)
     _assert_no_jobs_left()
+    # A job that ends at once (a prologue that fails on the compute node) is said within
+    # seconds, not after the timeout (30 minutes by default).
+    began = time.monotonic()
+    with (
+        dask.config.set({"jobqueue.local-slurm.job-script-prologue": ["exit 3"]}),
+        pytest.raises(ClusterError, match=r"(?s)every CPU worker job ended before its worker"),
+    ):
+        start("local-slurm", gpus=0, cpu_workers=1, log_directory=str(logs), timeout=300)
+    assert time.monotonic() - began < 60
+    _assert_no_jobs_left()
 
 
 @requires_ffmpeg

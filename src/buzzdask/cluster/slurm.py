@@ -101,6 +101,7 @@ def log_directory(config_name: str, job_kwargs: Mapping[str, Any]) -> str | None
     return None if logs is None else os.path.expanduser(str(logs))
 
 
+_ENDED_LOOK_S = 10.0  # between looks for jobs that ended before their worker arrived
 _REPORTED = "_buzzdask_reported"  # the mark on an error buzzdask reports itself
 
 
@@ -371,7 +372,11 @@ class BuzzdaskSLURMCluster(SLURMCluster):
             for has arrived.
         """
         deadline = time.monotonic() + timeout
+        next_look = time.monotonic() + _ENDED_LOOK_S
         while True:
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + _ENDED_LOOK_S
+                self._refuse_kinds_whose_jobs_all_ended(gpus=gpus, cpu_workers=cpu_workers)
             rejected = [
                 (name, job.submit_error)
                 for name, job in list(self.workers.items())
@@ -400,6 +405,31 @@ class BuzzdaskSLURMCluster(SLURMCluster):
                 raise ClusterError(f"{arrived}. Jobs:\n" + self._job_report())
             time.sleep(0.5)
 
+    def _refuse_kinds_whose_jobs_all_ended(self, *, gpus: int, cpu_workers: int) -> None:
+        """Raise where every job of a kind asked for ended before any of its workers arrived.
+
+        A job that cannot start its worker (a prologue that fails, a venv the compute node
+        cannot see) ends in a second; waiting out the timeout (30 minutes) would say nothing.
+        """
+        have_gpu, have_cpu = self._arrived()
+        for kind, wanted, have in (("GPU", gpus, have_gpu), ("CPU", cpu_workers, have_cpu)):
+            names = [
+                name
+                for name in self.workers
+                if (name in self._gpu_names) == (kind == "GPU")
+                and getattr(self.workers[name], "job_id", None)
+            ]
+            if not wanted or have or not names:
+                continue
+            ids = [self.workers[name].job_id for name in names]
+            queued = _queued_job_ids(ids)
+            if queued is not None and not queued & set(ids):
+                raise ClusterError(
+                    f"every {kind} worker job ended before its worker started (a job script "
+                    "prologue that fails, a Python or venv the compute node cannot see?). "
+                    "Jobs:\n" + self._job_report()
+                )
+
     def _arrived(self) -> tuple[int, int]:
         workers = self.scheduler_info.get("workers", {}).values()
         gpu = sum(1 for w in workers if w.get("resources", {}).get("GPU", 0) > 0)
@@ -423,6 +453,42 @@ def _stderr(error: Exception) -> str:
     text = str(error)
     match = re.search(r"stderr:\s*(.*)", text, flags=re.DOTALL)
     return (match.group(1) if match else text).strip()
+
+
+def _queued_job_ids(job_ids: Sequence[str]) -> set[str] | None:
+    """Those of ``job_ids`` SLURM still holds (pending or running); None if squeue fails."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        return None  # squeue itself failed: nothing known
+    # squeue lists a job named by its id for a while after it ended (MinJobAge).
+    listed = (line.split() for line in out.stdout.splitlines())
+    return {fields[0] for fields in listed if len(fields) == 2 and fields[1] not in _ENDED}
+
+
+#: SLURM's job states of a job that ended, or is ending.
+_ENDED = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "COMPLETING",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    }
+)
 
 
 def _squeue_state(job_id: str) -> str:
