@@ -13,9 +13,11 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -1256,11 +1258,17 @@ def test_command_line_holds_the_cluster_for_a_notebook(local_slurm, slurm_corpus
 
 def test_local_configuration_starts_a_local_cluster():
     assert load_cluster_config("local")["cpu-workers"] == 1  # cluster_configs/local.yaml
-    local = {"dashboard-address": ":0", "cpu-workers": 2}
-    with dask.config.set({f"buzzdask.clusters.local.{k}": v for k, v in local.items()}):
+    # The dashboard's address is the local cluster setting's (the entry's ":8787" beat a
+    # user's DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS).
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    local = {"local-cluster.dashboard-address": f":{port}", "clusters.local.cpu-workers": 2}
+    with dask.config.set({f"buzzdask.{key}": value for key, value in local.items()}):
         client = start("local")
     try:
         assert len(client.scheduler_info()["workers"]) == 3  # the scorer's and two decoding
+        assert urllib.parse.urlsplit(client.dashboard_link).port == port
         # The buzzdask page printed with the dashboard's address is there before any run.
         page = page_link(client.dashboard_link)
         with urllib.request.urlopen(page, timeout=30) as answer:
