@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -100,6 +101,17 @@ def test_a_script_without_main_guard_gets_one_line(tmp_path, make_audio, tiny_mo
     assert len(fix) == 1 and str(script) in fix[0], done.stderr
     assert len(done.stderr.splitlines()) < 30, done.stderr
     assert not (tmp_path / "out").exists()  # no empty output left behind
+
+
+def test_a_main_guard_with_more_conditions_is_one():
+    # "if __name__ == '__main__' and args:" was refused as no guard.
+    from buzzdask.logs import _guards
+
+    tree = ast.parse(
+        'if __name__ == "__main__" and len(sys.argv) > 1:\n    main()\n'
+        'if __name__ != "__main__":\n    other()\n'
+    )
+    assert _guards(tree.body[0], 2) and not _guards(tree.body[1], 4)
 
 
 @requires_ffmpeg

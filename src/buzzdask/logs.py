@@ -382,11 +382,20 @@ _GUARD_FIX = (
 
 
 def _guards(node: ast.stmt, line: int) -> bool:
-    """Whether ``node`` is ``if __name__ == "__main__":`` and holds source line ``line``."""
-    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+    """Whether ``node`` is an ``if`` testing ``__name__ == "__main__"`` that holds ``line``.
+
+    The comparison may be part of the test (``if __name__ == "__main__" and args:``).
+    """
+    if not isinstance(node, ast.If):
         return False
-    sides = [node.test.left, *node.test.comparators]
+    inside = node.lineno <= line <= (node.end_lineno or node.lineno)
+    return inside and any(_is_main_test(test) for test in ast.walk(node.test))
+
+
+def _is_main_test(test: ast.AST) -> bool:
+    if not isinstance(test, ast.Compare) or not all(isinstance(op, ast.Eq) for op in test.ops):
+        return False
+    sides = [test.left, *test.comparators]
     names = {s.id for s in sides if isinstance(s, ast.Name)}
     values = {s.value for s in sides if isinstance(s, ast.Constant)}
-    inside = node.lineno <= line <= (node.end_lineno or node.lineno)
-    return names == {"__name__"} and values == {"__main__"} and inside
+    return names == {"__name__"} and values == {"__main__"}
