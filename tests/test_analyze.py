@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import buzzdask
-from buzzdask import InputError, ModelError, OutputConflictError, ParameterError
+from buzzdask import ClusterError, InputError, ModelError, OutputConflictError, ParameterError
 from buzzdask.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from buzzdask.write import OutputLayout
 from tests.conftest import (
@@ -785,6 +786,28 @@ def test_a_stopped_worker_holds_up_neither_the_start_nor_the_end_of_a_run(kill_c
     assert "a worker has not answered for 1 s" in log
     assert f"no answer within 1 s from {stopped}: peak memory left out" in log
     _assert_same_frames(result, reference)
+
+
+def test_a_cluster_without_workers_is_said_so(make_audio, tmp_path, tiny_embedder, tiny_model):
+    """Its jobs still queued: a ClusterError after scorer-restart-seconds (Dask's own
+    WorkerStartTimeoutError after a fixed 300 s)."""
+    from distributed import Client, LocalCluster
+
+    make_audio("a.wav", n_samples=3 * 15360)
+    with (
+        dask.config.set({"buzzdask.scorer-restart-seconds": 2}),
+        LocalCluster(n_workers=0, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+        pytest.raises(ClusterError, match=r"no worker joined the cluster at tcp://.* within 2 s"),
+    ):
+        buzzdask.analyze(
+            tmp_path / "audio",
+            tiny_model,
+            output=tmp_path / "out",
+            client=client,
+            embedder=str(tiny_embedder),
+            progress=False,
+        )
 
 
 def test_a_stopped_scorer_is_reported_not_waited_for(tiny_embedder, tiny_model):

@@ -23,7 +23,12 @@ import pytest
 
 import buzzdask
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
-from buzzdask.embedders import cache_directory, cached_path, saved_model_problem
+from buzzdask.embedders import (
+    cache_directory,
+    cached_path,
+    local_embedder,
+    saved_model_problem,
+)
 from buzzdask.errors import ModelError, ParameterError
 from buzzdask.models import directory_sha256, resolve_embedder
 from buzzdask.settings import load_settings
@@ -149,6 +154,18 @@ def test_embedder_fetch_reports_a_cached_copy(tmp_path: Path, tiny_embedder: Pat
     unknown = buzzdask_cli("embedder", "fetch", "yamnet", env=env)
     assert unknown.returncode == EXIT_ERROR
     assert "'yamnet' is neither a TF Hub URL, nor an embedder's name (yamnet_k2)" in unknown.stderr
+    # A directory as a file:// URL, a space in it written %20 (Path.as_uri's way): it was
+    # read with the %20, and fetch refused it as no directory.
+    spaced = tmp_path / "my yamnet"
+    spaced.symlink_to(tiny_embedder, target_is_directory=True)
+    done = buzzdask_cli("embedder", "fetch", spaced.as_uri(), env=env)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert f"is in {tiny_embedder.resolve()}" in done.stdout
+    assert local_embedder(spaced.as_uri(), name="yamnet_k2", settings=load_settings()) == (
+        tiny_embedder.resolve()
+    )
+    with pytest.raises(ModelError, match=r"a file:// URL names an absolute path"):
+        local_embedder("file://my yamnet", name="yamnet_k2", settings=load_settings())
 
 
 def test_embedder_fetch_offline_fails_with_one_line(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -336,10 +337,24 @@ def test_errors_before_anything_is_written(tree_run, tmp_path):
     # Every file failed (or none is written yet): as Run.frames, summarize and plot say it.
     unscored = tmp_path / "unscored"
     shutil.copytree(tree_run.output, unscored, ignore=shutil.ignore_patterns("*.parquet"))
+    with pytest.raises(InputError, match="holds no scored frames: nothing to export"):
+        buzzdask.export(unscored, format="csv", dest=tmp_path / "x")  # finished: no "yet"
+    metadata = json.loads((unscored / "buzzdask.json").read_text())
+    (unscored / "buzzdask.json").write_text(json.dumps({**metadata, "status": "running"}))
     with pytest.raises(InputError, match="holds no scored frames yet: nothing to export"):
         buzzdask.export(unscored, format="csv", dest=tmp_path / "x")
     with pytest.raises(InputError, match="does not exist"):
         buzzdask.open_run(tmp_path / "missing")
+    # Metadata that is no text (a traceback's UnicodeDecodeError), and a run stopped before
+    # its first chunk (only its log): said so, not "pass the directory given to analyze".
+    (unscored / "buzzdask.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(InputError, match=r"buzzdask\.json: invalid JSON"):
+        buzzdask.open_run(unscored)
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "buzzdask.log").write_text("buzzdask: stopped by SIGTERM\n")
+    with pytest.raises(InputError, match="its run stopped before it wrote any"):
+        buzzdask.open_run(stopped)
 
 
 def test_recording_names_too_long_for_an_export_file_are_refused_first():

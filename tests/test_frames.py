@@ -50,6 +50,14 @@ def test_chunks_are_whole_hops(seconds: float, frames: int) -> None:
     assert spec().frames_per_chunk(seconds) == frames
 
 
+@pytest.mark.parametrize("hop_s", [0.48, 0.096, 0.96])
+def test_chunks_of_a_whole_number_of_hops_keep_every_hop(hop_s: float) -> None:
+    # --chunk-seconds 32.16 (67 hops of 0.48 s) gave 66: the product in floats is a hair short.
+    assert [spec(hop_s).frames_per_chunk(round(k * hop_s, 6)) for k in range(1, 3001)] == list(
+        range(1, 3001)
+    )
+
+
 def test_chunk_seconds_must_be_positive() -> None:
     with pytest.raises(ParameterError, match="chunk_seconds"):
         spec().frames_per_chunk(0)

@@ -17,7 +17,7 @@ import dask
 import numpy as np
 import pytest
 from dask.typing import Key
-from distributed import Client, LocalCluster, Scheduler, SchedulerPlugin
+from distributed import Client, LocalCluster, Scheduler, SchedulerPlugin, wait
 
 import buzzdask
 from buzzdask import ScorerError
@@ -85,6 +85,55 @@ def test_worker_declaring_a_gpu_tensorflow_cannot_see_stops_the_run(
     assert len(errors) == 1
     assert re.search(GPU_MISMATCH, errors[0])
     assert not list((tmp_path / "cli").rglob("*.parquet"))
+
+
+def test_a_worker_joining_mid_run_with_a_gpu_tensorflow_cannot_see_is_left_out(
+    tiny_embedder, tiny_model, caplog
+):
+    """A replacement GPU job on a node whose GPU TensorFlow cannot see stopped the whole run,
+    though its scorers worked: once one is up, the newcomer alone is left out."""
+    from buzzdask.models import resolve_model
+    from buzzdask.scorers import ScorerPool
+    from buzzdask.settings import load_settings
+
+    model = resolve_model(tiny_model, embedder=str(tiny_embedder))
+    with (
+        dask.config.set({"buzzdask.check-gpus": True}),
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        pool = ScorerPool.from_settings(
+            client,
+            load_settings(),
+            head_path=model.path,
+            embedder_handle=model.embedder.handle,
+            spec=model.embedder.frame_spec(),
+            n_classes=len(model.classes),
+            key_prefix="scorer",
+            cpu_scorer_workers=None,
+        )
+        ((first, future),) = pool.start().items()
+        future.result(timeout=120)
+        pool.started(first)
+        joined = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address),
+                *("--nthreads", "1", "--resources", "GPU=1", "--no-dashboard"),
+            ]
+        )
+        try:
+            client.wait_for_workers(2, timeout=120)
+            pool._next_refresh = 0.0  # its look at the cluster now, not in a few seconds
+            ((address, future),) = pool.refresh().items()
+            wait(future, timeout=120)
+            with caplog.at_level("WARNING", logger="buzzdask"):
+                assert pool.started(address) == {}
+        finally:
+            pool.release()
+            joined.terminate()
+            joined.wait(timeout=60)
+    assert list(pool.scorers) == [] and address != first  # released; the first one scored
+    assert re.search(f"no scorer on {address} .*" + GPU_MISMATCH, caplog.text), caplog.text
 
 
 def _tensor_float_32() -> bool:

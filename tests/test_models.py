@@ -14,7 +14,7 @@ import yaml
 
 from buzzdask.errors import ModelError
 from buzzdask.models import load_head, resolve_model
-from tests.conftest import CLASSES
+from tests.conftest import CLASSES, requires_ffmpeg
 
 
 @pytest.fixture
@@ -113,3 +113,23 @@ def test_digits_results_must_be_a_whole_number(copy_of, tiny_embedder, digits):
     model = copy_of("digits", lambda c: c.update(digits_results=digits))
     with pytest.raises(ModelError, match=f"'digits_results' {re.escape(repr(digits))} must be"):
         resolve_model(model, embedder=str(tiny_embedder))
+
+
+@requires_ffmpeg
+def test_a_head_given_as_the_embedder_is_a_model_error_naming_it(
+    make_audio, tmp_path, dask_client, tiny_model
+):
+    # A SavedModel that embeds nothing: TensorFlow's "Could not find matching concrete
+    # function" over many lines, without the embedder's name.
+    import buzzdask
+
+    make_audio("a.wav", n_samples=3 * 15360)
+    with pytest.raises(ModelError, match=rf"embedder '{re.escape(str(tiny_model))}' cannot embed"):
+        buzzdask.analyze(
+            tmp_path / "audio",
+            tiny_model,
+            output=tmp_path / "out",
+            client=dask_client,
+            embedder=str(tiny_model),
+            progress=False,
+        )

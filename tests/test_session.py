@@ -15,9 +15,10 @@ from dataclasses import replace
 
 import dask
 import pytest
+from distributed import Client, LocalCluster
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from buzzdask import ParameterError
+from buzzdask import ClusterError, ParameterError
 from buzzdask.logs import WorkerLogging
 from buzzdask.session import connect, start_local_cluster, worker_environment
 from buzzdask.settings import LocalClusterSettings
@@ -322,6 +323,29 @@ def test_a_client_that_is_no_client_nor_address_is_refused():
     }
     for client, message in cases.items():
         with pytest.raises(ParameterError, match=message), connect(client, local=_settings()):
+            pass
+    # A client whose cluster was closed (a notebook's cluster cell run again).
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        closed = Client(cluster)
+    try:
+        with (
+            pytest.raises(ClusterError, match="the client given is closed: its cluster was"),
+            connect(closed, local=_settings()),
+        ):
+            pass
+    finally:
+        closed.close()
+    # Nothing there, or a TLS address without TLS: a traceback of Dask's, after 30 s.
+    unreachable = {
+        "tcp://127.0.0.1:1": r"cannot reach the scheduler at tcp://127\.0\.0\.1:1: .*is it running",
+        "tls://127.0.0.1:1": r"cannot reach the scheduler at tls://127\.0\.0\.1:1: ",
+    }
+    for client, message in unreachable.items():
+        with (
+            dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
+            pytest.raises(ClusterError, match=message),
+            connect(client, local=_settings()),
+        ):
             pass
 
 

@@ -26,6 +26,8 @@ from buzzdask.errors import BuzzdaskError, OutputConflictError, ParameterError
 from buzzdask.preload import skip_final_collection
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from distributed import Client
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FILES_FAILED = 0, 1, 2, 3
@@ -953,8 +955,12 @@ def _precision_row_missing(model: os.PathLike[str], row: dict[str, Any], target:
     return ""
 
 
+def _exists(path: Path | None) -> bool:
+    return path is not None and path.exists()
+
+
 def _embedder(args: argparse.Namespace) -> int:
-    from buzzdask.embedders import is_remote
+    from buzzdask.embedders import is_remote, local_path
     from buzzdask.errors import ParameterError
     from buzzdask.models import resolve_embedder
     from buzzdask.settings import load_settings
@@ -963,7 +969,7 @@ def _embedder(args: argparse.Namespace) -> int:
     known = load_settings().embedders
     if handle in known and not os.path.exists(handle):
         name, handle = handle, None  # an embedder's name (`fetch yamnet_k2`): its handle
-    elif handle is not None and not is_remote(handle) and not os.path.exists(handle):
+    elif handle is not None and not is_remote(handle) and not _exists(local_path(handle)):
         raise ParameterError(
             f"{handle!r} is neither a TF Hub URL, nor an embedder's name "
             f"({', '.join(known)}), nor a directory"

@@ -89,6 +89,21 @@ def is_remote(handle: str) -> bool:
     return "://" in handle and urllib.parse.urlsplit(handle).scheme != "file"
 
 
+def local_path(handle: str) -> Path | None:
+    """The directory a local handle names: a path, or a ``file://`` URL decoded.
+
+    ``file:///fs/my%20yamnet`` is ``/fs/my yamnet`` (``Path.as_uri`` writes a space so);
+    ``file://localhost/...`` as well. ``None`` for a ``file://`` URL without an absolute path
+    (``file://my yamnet``).
+    """
+    if "://" not in handle:
+        return Path(handle).expanduser()
+    parts = urllib.parse.urlsplit(handle)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        return None
+    return Path(urllib.request.url2pathname(parts.path))
+
+
 def local_embedder(handle: str, *, name: str, settings: Settings, fetching: bool = False) -> Path:
     """The local SavedModel directory for an embedder handle, downloading a URL once.
 
@@ -116,11 +131,18 @@ def local_embedder(handle: str, *, name: str, settings: Settings, fetching: bool
         One line: ``cannot load embedder '<handle>': <cause>; <fix>``.
     """
     if not is_remote(handle):
-        path = Path(urllib.parse.urlsplit(handle).path if "://" in handle else handle).expanduser()
-        problem = saved_model_problem(path)
-        if problem:
-            raise _cannot_load(handle, problem, name=name, fix=None)
-        return path.resolve()
+        local = local_path(handle)
+        if local is None:
+            raise _cannot_load(
+                handle,
+                "a file:// URL names an absolute path (file:///fs/ess/PAS1234/yamnet)",
+                name=name,
+                fix=None,
+            )
+        missing = saved_model_problem(local)
+        if missing:
+            raise _cannot_load(handle, missing, name=name, fix=None)
+        return local.resolve()
     cache = cache_directory(settings)
     path = cached_path(handle, cache)
     if not path.exists():

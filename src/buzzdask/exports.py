@@ -396,7 +396,10 @@ def export(
     run = open_run(output)
     recordings = run.recordings()
     if not recordings:
-        raise InputError(f"{run.output} holds no scored frames yet: nothing to export")
+        raise InputError(
+            f"{run.output} holds no scored frames{'' if run.complete else ' yet'}: nothing to "
+            "export"
+        )
     run.warn_if_unfinished("exporting")
     selected = _selected_classes(run, classes)
     choice = choose_thresholds(

@@ -127,4 +127,5 @@ class FrameSpec:
         """Whole hops in ``chunk_seconds`` (at least one), so chunks start on frame starts."""
         if chunk_seconds <= 0:
             raise ParameterError(f"chunk_seconds={chunk_seconds!r} must be > 0")
-        return max(1, int(chunk_seconds * self.sample_rate) // self.hop_length)
+        # Rounded, not cut: 32.16 s (67 hops of 0.48 s) is 514559.99... samples in floats.
+        return max(1, round(chunk_seconds * self.sample_rate) // self.hop_length)

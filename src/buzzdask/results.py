@@ -172,7 +172,11 @@ class Run:
             If the run has not written any partition yet.
         """
         if not self.recordings():
-            raise InputError(f"{self.output} holds no scored frames yet (nothing under scores/)")
+            # Finished without any: every input shorter than a frame, or failed.
+            raise InputError(
+                f"{self.output} holds no scored frames{'' if self.complete else ' yet'} "
+                "(nothing under scores/)"
+            )
         return read_frames(self.dataset, columns=columns)
 
     def recording_frames(
@@ -250,12 +254,19 @@ def open_run(output: str | os.PathLike[str]) -> Run:
                 f"{layout.root} holds the outputs of several models: open one of "
                 f"{', '.join(str(layout.root / name) for name in heads)}"
             ) from None
+        if (layout.root / "buzzdask.log").is_file():  # stopped before its first chunk
+            raise InputError(
+                f"{layout.root} holds no results: its run stopped before it wrote any (its "
+                "buzzdask.log says why); analyze again into it"
+            ) from None
         raise InputError(
             f"{layout.root} is not a buzzdask output: no buzzdask.json (pass the directory "
             f"given to analyze as output)"
         ) from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{layout.metadata}: invalid JSON ({error})") from None
+    except OSError as error:  # a colleague's results, not readable to you
+        raise InputError(f"cannot read {layout.metadata}: {error.strerror or error}") from None
     required = ("classes", "model", "frame_hop_s", "frame_length_s", "inputs")
     missing = [key for key in required if not isinstance(metadata, dict) or key not in metadata]
     if missing:

@@ -292,7 +292,15 @@ class Scorer:
     def _measure_embedder(self, handle: str) -> int:
         """Check the embedder gives one frame per window; its embedding size and patch hop."""
         spec = self.spec
-        one = self._embed(np.zeros(spec.window, np.float32))
+        try:
+            one = self._embed(np.zeros(spec.window, np.float32))
+        except Exception as error:  # no (waveform) -> (scores, embeddings, ...) call: a head?
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ModelError(
+                f"embedder {handle!r} cannot embed audio ({type(error).__name__}: "
+                f"{first_line}); an embedder takes a waveform and returns embeddings, as "
+                "YAMNet does: is it a model's head, or another SavedModel?"
+            ) from None
         if one.shape[0] != 1:
             raise ModelError(
                 f"embedder {handle!r} gives {one.shape[0]} frames for one "

@@ -17,7 +17,7 @@ from typing import Any
 
 from distributed import Client, Future, wait
 
-from buzzdask.errors import BuzzdaskError, ScorerError, ScorerMisplacedError
+from buzzdask.errors import BuzzdaskError, ClusterError, ScorerError, ScorerMisplacedError
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import format_count, logger
 from buzzdask.score import submit_scorer
@@ -265,8 +265,15 @@ class ScorerPool:
         """
         self._on_ready = on_ready
         workers = self._live_workers()
-        if not workers:
-            self.client.wait_for_workers(1, timeout=300)
+        if not workers:  # a cluster whose jobs are still queued
+            try:
+                self.client.wait_for_workers(1, timeout=self.restart_seconds)
+            except TimeoutError:
+                raise ClusterError(
+                    f"no worker joined the cluster at {self.client.scheduler_info()['address']} "
+                    f"within {self.restart_seconds:g} s (buzzdask.scorer-restart-seconds): start "
+                    "some (dask worker ADDRESS), or see why its jobs wait (squeue -u $USER)"
+                ) from None
             workers = self._live_workers()
         hosts = scorer_hosts(workers, cpu_workers=self.cpu_scorer_workers)
         self.gpu = has_gpu(workers[hosts[0]])
@@ -337,9 +344,10 @@ class ScorerPool:
         Raises
         ------
         ModelError
-            From the actor's construction: the model cannot be used anywhere.
+            From the actor's construction, before any scorer is up: the model cannot be used.
         ScorerError
-            If it was the last scorer and it could not start.
+            If it was the last scorer and it could not start, or a worker declares GPUs that
+            TensorFlow does not see before any scorer is up.
         """
         future = self.starting.pop(address)
         try:
@@ -350,7 +358,10 @@ class ScorerPool:
                 self._forget(address)
                 return self._go_on_without(address)
             self._actor_futures.pop(address, None)
-            if isinstance(error, BuzzdaskError):
+            # The model or a declared GPU refused before any scorer was up: refused for the
+            # run. Once one is (a worker joining mid-run on a node without a visible GPU, or
+            # that cannot read the model), it is that worker's problem.
+            if isinstance(error, BuzzdaskError) and not self.scorers:
                 raise
             if not (self.scorers or self.starting):
                 raise ScorerError(f"could not start the scorer on {address}: {error}") from error

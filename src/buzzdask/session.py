@@ -73,6 +73,13 @@ def connect(
     9.9-10.4 with one thread, on two cores.
     """
     if isinstance(client, Client):
+        if client.status in ("closing", "closed"):
+            # Its cluster closed (a notebook's cluster cell run again, a scheduler job that
+            # ended): Dask's own errors said so in its internals' words.
+            raise ClusterError(
+                f"the client given is {client.status}: its cluster was closed or lost; start "
+                "one again and pass its new client"
+            )
         with _one_run_at_a_time(client):
             yield client
     elif isinstance(client, str):
@@ -177,7 +184,13 @@ def _connected(address: str) -> Client:
             get_address_host(address)
     except ValueError as error:  # "missing port number", an unknown protocol
         raise ParameterError(f"scheduler address {address!r}: {error}") from None
-    return Client(address)
+    try:
+        return Client(address)
+    except (OSError, TypeError) as error:  # nothing there (a timeout); tls:// without TLS
+        raise ClusterError(
+            f"cannot reach the scheduler at {address}: {error} (is it running, and is this "
+            "its address? `python -m buzzdask.cluster` prints it)"
+        ) from None
 
 
 def start_local_cluster(settings: LocalClusterSettings, *, processes: bool = True) -> LocalCluster:
