@@ -1242,7 +1242,10 @@ def test_command_line_holds_the_cluster_for_a_notebook(local_slurm, slurm_corpus
             lines.append(line)
             if "scheduler at" in line:
                 break
-        assert "scorers run on the CPU workers" in "".join(lines)
+        # No --gpus given (local-slurm's default is none): not said as if typed.
+        assert "no GPU workers (add --gpus N for GPU workers): scorers run on the CPU" in "".join(
+            lines
+        )
         address = lines[-1].split("scheduler at ")[1].strip()
         with Client(address) as client:
             # Without GPU workers each CPU worker may hold a scorer: each preloads TensorFlow.

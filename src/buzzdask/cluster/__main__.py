@@ -169,8 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The account first, as start() checks it; then what analyze would refuse.
         JobOptions(**options).require_account(entry, job_kinds(gpus))
         _check_before_jobs(analyze, args.command)
-    if not gpus:
-        print("buzzdask: no GPU workers (--gpus 0): scorers run on the CPU workers")
+    if not gpus and entry["kind"] == "slurm":  # a local cluster has no GPU workers to ask for
+        given = "--gpus 0" if args.gpus is not None else "add --gpus N for GPU workers"
+        print(f"buzzdask: no GPU workers ({given}): scorers run on the CPU workers")
     client = start(args.config, gpus=gpus, cpu_workers=cpu_workers, timeout=args.timeout, **options)
     try:
         assert client.scheduler is not None  # connected
