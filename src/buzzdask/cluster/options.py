@@ -204,9 +204,12 @@ class JobOptions:
             overrides.setdefault("python", shlex.quote(sys.executable))
         if section is not None:
             # Given or configured (a user's jobqueue.yaml): workers of 4-hour jobs retiring
-            # at 55 minutes would send a new job into the queue every hour.
-            walltime = overrides.get("walltime") or dask.config.get(
-                f"jobqueue.{section}.walltime", None
+            # at 55 minutes would send a new job into the queue every hour. A lifetime given
+            # with the job's own arguments stays, unless a walltime is given too.
+            walltime = overrides.get("walltime") or (
+                None
+                if "worker_extra_args" in overrides
+                else dask.config.get(f"jobqueue.{section}.walltime", None)
             )
             args = overrides.get("worker_extra_args") or dask.config.get(
                 f"jobqueue.{section}.worker-extra-args", None
