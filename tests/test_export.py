@@ -242,7 +242,7 @@ def test_precision_threshold_equals_buzzdetect_on_general_v3(shared_dir):
         buzzdask.thresholds_for_precision(model, 0.95, classes=["mech_plane"])
 
 
-def test_precision_export_uses_the_models_metrics(run, make_audio, tiny_model, tmp_path):
+def test_precision_export_uses_the_models_metrics(run, make_audio, tiny_model, tmp_path, caplog):
     model = tmp_path / "model_with_metrics"
     shutil.copytree(tiny_model, model)
     result = run(make_audio("site/230809_0600.wav", n_samples=8 * FRAME), model=model)
@@ -289,6 +289,15 @@ def test_precision_export_uses_the_models_metrics(run, make_audio, tiny_model, t
         summarize(result.output, precision=0.95, write=False)
     summary = summarize(result.output, precision=0.95, model=moved, write=False)
     assert summary.attrs["thresholds"] == {"ins_buzz": pytest.approx(threshold)}
+    with pytest.raises(ParameterError, match=r"model=.* \(--model\) names the model whose"):
+        summarize(result.output, model=moved, write=False)  # it served nothing, silently
+    # Another model's metrics: said, since they describe another head.
+    other = tmp_path / "other_model"
+    shutil.copytree(moved, other)
+    (other / "variables" / "variables.index").write_bytes(b"another head")
+    with caplog.at_level("WARNING", logger="buzzdask"):
+        summarize(result.output, precision=0.95, model=other, write=False)
+    assert f"{other} is not the model {result.output} was analysed with" in caplog.text
     argv = ["--precision", "0.95", "--model", str(moved)]
     assert main(["export", str(result.output), "--format", "raven", *argv]) == EXIT_OK
     assert main(["plot", str(result.output), "--dest", str(tmp_path / "plots"), *argv]) == EXIT_OK

@@ -133,6 +133,7 @@ def test_a_worker_joining_mid_run_with_a_gpu_tensorflow_cannot_see_is_left_out(
             joined.terminate()
             joined.wait(timeout=60)
     assert list(pool.scorers) == [] and address != first  # released; the first one scored
+    assert pool.restarts == 0  # no scorer started on the newcomer (it counted one)
     assert re.search(f"no scorer on {address} .*" + GPU_MISMATCH, caplog.text), caplog.text
 
 

@@ -403,7 +403,7 @@ def export(
     run.warn_if_unfinished("exporting")
     selected = _selected_classes(run, classes)
     choice = choose_thresholds(
-        model_dir=model if model is not None else run.model_path,
+        model_dir=run.metrics_model(model, precision=precision),
         classes=run.classes,
         precision=precision,
         thresholds=thresholds,

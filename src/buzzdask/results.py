@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from buzzdask.errors import InputError
+from buzzdask.errors import InputError, ParameterError
 from buzzdask.write import PARTITION_GLOB, OutputLayout
 
 __all__ = ["Run", "open_run", "read_frames"]
@@ -113,6 +113,41 @@ class Run:
     def model_path(self) -> Path:
         """The model directory the run used (it may since have moved)."""
         return Path(self.metadata["model"]["path"])
+
+    def metrics_model(
+        self, model: str | os.PathLike[str] | None, *, precision: float | None
+    ) -> Path:
+        """The model directory whose test metrics serve ``precision``: ``model``, else the run's.
+
+        A ``model`` other than the one the run recorded (its content hash differs) is warned
+        of: its metrics describe another head.
+
+        Raises
+        ------
+        ParameterError
+            ``model`` given without a ``precision``, which alone reads it.
+        """
+        from buzzdask.models import CONFIG_NAME, EARLIER_CONFIG_NAME, directory_sha256
+
+        if model is None:
+            return self.model_path
+        if precision is None:
+            raise ParameterError(
+                f"model={os.fspath(model)!r} (--model) names the model whose test metrics serve "
+                "precision= (--precision), and no precision is given"
+            )
+        path = Path(model).expanduser()
+        config = next((n for n in (CONFIG_NAME, EARLIER_CONFIG_NAME) if (path / n).is_file()), "")
+        recorded = self.metadata["model"].get("sha256")
+        names = [config, "saved_model.pb", "variables"]
+        if recorded and config and directory_sha256(path, names=names) != recorded:
+            logger.warning(
+                "%s is not the model %s was analysed with (its content differs from the one "
+                "its buzzdask.json records): its test metrics describe another head",
+                path,
+                self.output,
+            )
+        return path
 
     @property
     def digits_results(self) -> int | None:

@@ -194,6 +194,7 @@ class ScorerPool:
         self._workers_seen: set[str] = set()
         self._workers_left = False
         self.restarts = 0
+        self._restarting: set[str] = set()  # submitted as restarts: counted once they are up
         self.lost = 0
         self.tensorflow_version = "unknown"
         self._on_ready: Callable[[], None] | None = None
@@ -350,6 +351,8 @@ class ScorerPool:
             TensorFlow does not see before any scorer is up.
         """
         future = self.starting.pop(address)
+        restart = address in self._restarting
+        self._restarting.discard(address)
         try:
             actor = future.result()
         except Exception as error:
@@ -368,6 +371,7 @@ class ScorerPool:
             logger.warning("no scorer on %s (%s): the others go on", address, error)
             return {}
         self.scorers[address] = actor
+        self.restarts += restart
         if self._on_ready is not None:
             ready, self._on_ready = self._on_ready, None
             ready()
@@ -466,7 +470,7 @@ class ScorerPool:
             return {}
         workers, host = self._wait_for_replacement(address)
         logger.warning("scorer on %s was lost: restarting it on %s", address, host)
-        self.restarts += 1
+        self._restarting.add(host)
         futures = self._submit([host], workers)
         self._update_decode_workers(workers)
         return futures
@@ -522,7 +526,7 @@ class ScorerPool:
         futures = self._submit(new, workers) if new else {}
         if new:
             logger.info("starting scorers on workers that joined: %s", ", ".join(new))
-            self.restarts += len(new)
+            self._restarting.update(new)
         # CPU workers that joined a GPU run (scale, adapt, replacements) decode too.
         self._update_decode_workers(workers)
         return futures

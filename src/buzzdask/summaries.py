@@ -318,6 +318,7 @@ def resolve_summary(
     """
     width = bin_width(bin)
     columns, levels, by_file = _levels(by)
+    metrics = run.metrics_model(model, precision=precision)
     if precision is None and not thresholds:
         values = run.thresholds
         if not values:
@@ -328,7 +329,7 @@ def resolve_summary(
             )
     else:
         values = choose_thresholds(
-            model_dir=model if model is not None else run.model_path,
+            model_dir=metrics,
             classes=run.classes,
             precision=precision,
             thresholds=thresholds,
