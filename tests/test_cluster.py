@@ -259,11 +259,23 @@ def test_job_script_overrides_from_keywords_and_dask_config():
     assert "#SBATCH -p gpu" in scripts["gpu"]  # the GPU jobs keep their own partition
     # The one-job script keeps a section's directives (they were dropped), less those it sets
     # for the whole node itself.
-    extra = ["--gpus-per-node=1", "--constraint=48core", "--mail-type=END"]
-    with dask.config.set({"jobqueue.osc-pitzer-gpu.job-extra-directives": extra}):
-        script = batch_script("osc-pitzer", ANALYZE, account="PAS9", gpus=1, cpu_workers=1)
-    assert "#SBATCH --constraint=48core\n#SBATCH --mail-type=END\n" in script
-    assert script.count("--gpus-per-node") == 1
+    # From a DASK_JOBQUEUE__... variable, which dask.config keeps spelt with "_".
+    extra = '["--gpus-per-node=1", "-G 1", "-n4", "--constraint=48core", "--mail-type=END"]'
+    printed = subprocess.run(
+        [*(sys.executable, "-m", "buzzdask.cluster", "--config", "osc-pitzer"),
+         *("--account", "PAS9", "--gpus", "1", "--cpu-workers", "1", "--print-batch-script"),
+         *ANALYZE],
+        env={**os.environ, "DASK_JOBQUEUE__OSC_PITZER_GPU__JOB_EXTRA_DIRECTIVES": extra},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    script = printed.stdout
+    assert "#SBATCH --constraint=48core\n#SBATCH --mail-type=END\n" in script, printed.stderr
+    directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert sum("--gpus-per-node" in line for line in directives) == 1
+    assert not {"#SBATCH -G 1", "#SBATCH -n4"} & set(directives)
+    # And the variable itself, for a job started without the environment.
+    variable = "DASK_JOBQUEUE__OSC_PITZER_GPU__JOB_EXTRA_DIRECTIVES"
+    assert f"export {variable}={shlex.quote(extra)}\n" in script
 
 
 @pytest.mark.parametrize(
@@ -627,7 +639,9 @@ def test_local_slurm_needs_no_account():
 # -- one whole GPU node in one batch job -------------------------------------------------------
 
 
-def test_whole_cardinal_gpu_node_in_one_batch_job(capsys):
+def test_whole_cardinal_gpu_node_in_one_batch_job(capsys, monkeypatch):
+    for name in [name for name in os.environ if name.startswith("DASK_")]:
+        monkeypatch.delenv(name)  # they would be written into the script
     code = cluster_main(
         [
             *("--config", "osc-cardinal-node", "--account", "PAS1234", "--print-batch-script"),

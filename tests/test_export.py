@@ -362,7 +362,7 @@ def test_errors_before_anything_is_written(tree_run, tmp_path):
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     (stopped / "buzzdask.log").write_text("buzzdask: stopped by SIGTERM\n")
-    with pytest.raises(InputError, match="its run stopped before it wrote any"):
+    with pytest.raises(InputError, match="its run is starting, or stopped before it wrote any"):
         buzzdask.open_run(stopped)
 
 

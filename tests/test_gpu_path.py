@@ -128,6 +128,8 @@ def test_a_worker_joining_mid_run_with_a_gpu_tensorflow_cannot_see_is_left_out(
             wait(future, timeout=120)
             with caplog.at_level("WARNING", logger="buzzdask"):
                 assert pool.started(address) == {}
+            pool._next_refresh = 0.0
+            assert pool.refresh() == {}  # not tried again at each look (every 5 s)
         finally:
             pool.release()
             joined.terminate()

@@ -306,6 +306,14 @@ def test_plots(lab_run, tmp_path, capsys):
     for line in axes.get_lines():
         assert np.isnan(line.get_xdata()).tolist() == [False] * 3 + [True] + [False] * 2
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["_control", "siteA"]
+    # 7-minute bins on two days fall at other clock times each day: no break between them.
+    seven = [pd.Timestamp(day) + pd.Timedelta(minutes=7 * k) for day in ("2024-06-01 06:00",
+             "2024-06-02 06:00") for k in range(20)]  # fmt: skip
+    bins = pd.DataFrame({"bin_datetime": pd.to_datetime(seven), "bin_filetime": np.nan})
+    bins = bins.assign(frames=10, detections_ins_buzz=1, detectionrate_ins_buzz=0.1)
+    bins.attrs["bin"] = "7min"
+    (axes,) = plot_daily_activity(bins).axes
+    assert not np.isnan(axes.get_lines()[0].get_xdata()).any()
     untimed = plot_daily_activity(summary[summary["bin_datetime"].isna()])
     assert untimed.axes[0].get_xlabel().startswith("time since the start of the file (s")
     activation = plot_activation(

@@ -401,7 +401,9 @@ def test_files_without_frames_and_audio_given_twice_are_named(
     assert "the same audio is in siteA_1.wav and siteE_1.wav (groups siteA, siteE)" in caplog.text
 
 
-def test_the_drawn_holdout_is_never_an_ambient_folder(train_with, dataset):
+def test_the_drawn_holdout_is_never_an_ambient_folder(
+    train_with, dataset, dask_client, tiny_embedder, tmp_path
+):
     # A seed whose draw among every group would hold out the ambient folder, the only source
     # of ambient frames: training stopped with "class(es) ['ambient'] have no frames".
     groups = ["ambient", "siteA", "siteB", "siteC"]
@@ -413,6 +415,17 @@ def test_the_drawn_holdout_is_never_an_ambient_folder(train_with, dataset):
     )
     result = train_with(labels_table(dataset), holdout=None, seed=seed, epochs=2)
     assert result.metadata["holdout_groups"] in (["siteA"], ["siteB"], ["siteC"])
+    # Labelled files inside an ambient folder (the rest of each recording counts as ambient)
+    # are labelled audio: their groups are drawn from (none was, and training stopped).
+    audio = [dataset / "audio" / "2023", dataset / "audio" / "2024"]
+    options = {**train_options(dataset, dask_client, tiny_embedder), "holdout": None, "epochs": 2}
+    result = buzzdask.train(
+        labels_table(dataset),
+        audio,
+        output=tmp_path / "inside",
+        **{**options, "ambient_dirs": audio},
+    )
+    assert len(result.metadata["holdout_groups"]) == 1
 
 
 def test_a_class_on_every_frame_is_refused_before_embedding(train_with, dataset):

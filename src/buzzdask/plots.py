@@ -93,13 +93,13 @@ def plot_daily_activity(
         x = clock.hour + clock.minute / 60 + clock.second / 3600
         zone = getattr(timed["bin_datetime"].dt, "tz", None)
         xlabel = f"time of day (h{', ' + str(zone) if zone is not None else ''})"
-        rows = timed
+        rows, unit_s = timed, 3600
     else:
         span = float(summary["bin_filetime"].max()) if len(summary) else 0.0
         unit, size = ("s", 1) if span < 600 else ("min", 60) if span < 3 * 3600 else ("h", 3600)
         x = summary["bin_filetime"] / size
         xlabel = f"time since the start of the file ({unit}; no start times known)"
-        rows = summary
+        rows, unit_s = summary, size
     data = rows.assign(_x=x.to_numpy())
     keys = [*groups, "_x"] if groups else ["_x"]
     pooled = data.groupby(keys, sort=True, dropna=False)[["frames", detections]].sum()
@@ -109,7 +109,10 @@ def plot_daily_activity(
     figure = Figure(figsize=(8, 4), layout="constrained")
     axes = figure.add_subplot()
     lines = pooled.groupby(groups, sort=True) if groups else [("all recordings", pooled)]
-    step = _bin_step(pooled["_x"])
+    # The bin width, where the summary says it: bins of 7 minutes fall at other clock times
+    # each day, closer together pooled than one bin.
+    width = summary.attrs.get("bin")
+    step = pd.Timedelta(width).total_seconds() / unit_s if width else _bin_step(pooled["_x"])
     handles, texts = [], []
     for label, line in lines:
         text = " / ".join(map(str, label)) if isinstance(label, tuple) else str(label)
@@ -138,7 +141,7 @@ def plot_daily_activity(
 
 
 def _bin_step(x: pd.Series) -> float:
-    """The width of the pooled bins on the x axis: the smallest distance between two."""
+    """The width of the pooled bins on the x axis, guessed: the smallest distance between two."""
     distances = np.diff(np.unique(x.to_numpy(dtype=np.float64)))
     return float(distances.min()) if len(distances) else math.inf
 

@@ -133,8 +133,8 @@ class Run:
             return self.model_path
         if precision is None:
             raise ParameterError(
-                f"model={os.fspath(model)!r} (--model) names the model whose test metrics serve "
-                "precision= (--precision), and no precision is given"
+                f"the model directory {os.fspath(model)} serves the test metrics of a precision "
+                "(--precision), and no precision is given"
             )
         path = Path(model).expanduser()
         config = next((n for n in (CONFIG_NAME, EARLIER_CONFIG_NAME) if (path / n).is_file()), "")
@@ -291,8 +291,8 @@ def open_run(output: str | os.PathLike[str]) -> Run:
             ) from None
         if (layout.root / "buzzdask.log").is_file():  # stopped before its first chunk
             raise InputError(
-                f"{layout.root} holds no results: its run stopped before it wrote any (its "
-                "buzzdask.log says why); analyze again into it"
+                f"{layout.root} holds no results yet: its run is starting, or stopped before it "
+                "wrote any (its buzzdask.log says which)"
             ) from None
         raise InputError(
             f"{layout.root} is not a buzzdask output: no buzzdask.json (pass the directory "

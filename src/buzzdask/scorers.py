@@ -195,6 +195,7 @@ class ScorerPool:
         self._workers_left = False
         self.restarts = 0
         self._restarting: set[str] = set()  # submitted as restarts: counted once they are up
+        self._refused: set[str] = set()  # workers a scorer could not start on: not tried again
         self.lost = 0
         self.tensorflow_version = "unknown"
         self._on_ready: Callable[[], None] | None = None
@@ -369,6 +370,7 @@ class ScorerPool:
             if not (self.scorers or self.starting):
                 raise ScorerError(f"could not start the scorer on {address}: {error}") from error
             logger.warning("no scorer on %s (%s): the others go on", address, error)
+            self._refused.add(address)  # or each look at the cluster would try it again
             return {}
         self.scorers[address] = actor
         self.restarts += restart
@@ -533,7 +535,7 @@ class ScorerPool:
 
     def _joined(self, workers: Mapping[str, Any]) -> list[str]:
         """Workers without an actor that should get one."""
-        taken = {*self.scorers, *self.starting, *self.deferred}
+        taken = {*self.scorers, *self.starting, *self.deferred, *self._refused}
         # Not a paused worker (its memory is full): Dask would run the actor's task elsewhere.
         free = [a for a in sorted(workers) if a not in taken and is_running(workers[a])]
         if self.gpu:

@@ -293,14 +293,18 @@ def batch_script(
 
 def job_section(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``jobqueue.<name>`` with :meth:`JobOptions.overrides` (underscored keywords) applied."""
-    section = dict(dask.config.get(f"jobqueue.{name}"))
+    # Keys as the files spell them: a DASK_JOBQUEUE__... variable or a YAML written with "_"
+    # gives job_extra_directives, which dask.config keeps as given.
+    section = {
+        key.replace("_", "-"): value for key, value in dask.config.get(f"jobqueue.{name}").items()
+    }
     section.update({key.replace("_", "-"): value for key, value in overrides.items()})
     return section
 
 
 # Directives of a worker job's section that one_node_job_head sets for the whole node itself.
 _SET_ABOVE = (
-    r"(-[JpAtNnco]\b|--(job-name|partition|account|time|nodes|ntasks|cpus-per-task|mem|"
+    r"(-[JpAtNncoeG](?![A-Za-z-])|--(job-name|partition|account|time|nodes|ntasks|cpus-per-task|mem|"
     r"mem-per-cpu|gpus|gpus-per-node|gres|chdir|output|error)\b)"
 )
 

@@ -436,9 +436,9 @@ def holdout_groups(
     pool = groups if drawable is None else [group for group in groups if group in drawable]
     if len(pool) < 2:
         raise ParameterError(
-            f"only one group of labelled audio ({pool}; ambient folders always train): a group "
-            "must be held out for early stopping and evaluation; add a group column to the "
-            "labels or put the audio in several folders"
+            f"{len(pool)} group(s) of labelled audio ({pool}; ambient folders always train): "
+            "a group must be held out for early stopping and evaluation; add a group column "
+            "to the labels or put the audio in several folders"
         )
     n_held = min(len(pool) - 1, max(1, round(settings["holdout_fraction"] * len(pool))))
     order = np.random.default_rng(settings["seed"]).permutation(len(pool))

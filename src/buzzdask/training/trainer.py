@@ -397,7 +397,8 @@ def _folds(
         If a class has no frames in the training folds, or the held-out groups have none.
     """
     # Drawn from the groups that have frames: one of only files too short would hold out nothing.
-    labelled = {item.group for item in inputs.files if not item.all_ambient}
+    # Labelled: with segments of the labels, wherever the file is (an ambient folder too).
+    labelled = {item.group for item in inputs.files if len(item.segments) or not item.all_ambient}
     held_out = holdout_groups(
         sorted(set(frame_groups.tolist())), inputs.settings, drawable=labelled
     )
