@@ -266,9 +266,7 @@ def resolve_model(
     """
     settings = settings or load_settings()
     path = find_model_dir(model, settings.model_dirs if search_dirs is None else search_dirs)
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file() and (path / EARLIER_CONFIG_NAME).is_file():
-        config_path = path / EARLIER_CONFIG_NAME
+    config_path = model_config_path(path)
     try:
         model_config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -310,8 +308,21 @@ def resolve_model(
         classes=tuple(classes),
         embedder=embedder,
         digits_results=digits,
-        sha256=directory_sha256(path, names=[config_path.name, "saved_model.pb", "variables"]),
+        sha256=model_sha256(path),
     )
+
+
+def model_config_path(path: Path) -> Path:
+    """A model directory's ``config_model.json``, else an earlier buzzdetect's ``.txt`` there."""
+    if not (path / CONFIG_NAME).is_file() and (path / EARLIER_CONFIG_NAME).is_file():
+        return path / EARLIER_CONFIG_NAME
+    return path / CONFIG_NAME
+
+
+def model_sha256(path: Path) -> str:
+    """The hash a run records of its model: its configuration and head (not its tests/)."""
+    names = [model_config_path(path).name, *_SAVED_MODEL_FILES]
+    return directory_sha256(path, names=names)
 
 
 def _head_problem(path: Path, problem: str) -> str:

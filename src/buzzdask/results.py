@@ -127,7 +127,7 @@ class Run:
         ParameterError
             ``model`` given without a ``precision``, which alone reads it.
         """
-        from buzzdask.models import CONFIG_NAME, EARLIER_CONFIG_NAME, directory_sha256
+        from buzzdask.models import model_config_path, model_sha256
 
         if model is None:
             return self.model_path
@@ -137,10 +137,8 @@ class Run:
                 "(--precision), and no precision is given"
             )
         path = Path(model).expanduser()
-        config = next((n for n in (CONFIG_NAME, EARLIER_CONFIG_NAME) if (path / n).is_file()), "")
         recorded = self.metadata["model"].get("sha256")
-        names = [config, "saved_model.pb", "variables"]
-        if recorded and config and directory_sha256(path, names=names) != recorded:
+        if recorded and model_config_path(path).is_file() and model_sha256(path) != recorded:
             logger.warning(
                 "%s is not the model %s was analysed with (its content differs from the one "
                 "its buzzdask.json records): its test metrics describe another head",

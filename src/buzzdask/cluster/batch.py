@@ -28,7 +28,13 @@ import dask.config
 from dask.utils import format_bytes, parse_bytes
 
 from buzzdask import preload
-from buzzdask.cluster.configs import NodeSize, load_slurm_config, node_size, worker_counts
+from buzzdask.cluster.configs import (
+    NodeSize,
+    hyphenated,
+    load_slurm_config,
+    node_size,
+    worker_counts,
+)
 from buzzdask.cluster.options import JobOptions
 from buzzdask.cluster.slurm import job_prologue
 from buzzdask.errors import ParameterError
@@ -293,13 +299,8 @@ def batch_script(
 
 def job_section(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``jobqueue.<name>`` with :meth:`JobOptions.overrides` (underscored keywords) applied."""
-    # Keys as the files spell them: a DASK_JOBQUEUE__... variable or a YAML written with "_"
-    # gives job_extra_directives, which dask.config keeps as given.
-    section = {
-        key.replace("_", "-"): value for key, value in dask.config.get(f"jobqueue.{name}").items()
-    }
-    section.update({key.replace("_", "-"): value for key, value in overrides.items()})
-    return section
+    # A DASK_JOBQUEUE__... variable gives job_extra_directives, kept so by dask.config.
+    return {**hyphenated(dask.config.get(f"jobqueue.{name}")), **hyphenated(overrides)}
 
 
 # Directives of a worker job's section that one_node_job_head sets for the whole node itself.

@@ -35,6 +35,7 @@ __all__ = [
     "NodeSize",
     "available_configs",
     "config_dirs",
+    "hyphenated",
     "load_cluster_config",
     "load_slurm_config",
     "node_size",
@@ -211,26 +212,24 @@ def load_cluster_config(
     return merged
 
 
-def _canonical(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """An entry with its keys spelt as the files spell them, with ``-``.
+def hyphenated(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """``mapping`` with its keys spelt as the files spell them, with ``-``.
 
-    A ``DASK_BUZZDASK__CLUSTERS__<NAME>__CPU_WORKERS`` variable (names cannot hold ``-``) or a
-    user's YAML with ``cpu_workers`` gives ``_``, which ``dask.config`` keeps as given. A node's
-    keys too; partition names are left as they are.
+    A ``DASK_..._CPU_WORKERS`` variable (names cannot hold ``-``) or a user's YAML written with
+    ``cpu_workers`` gives ``_``, which ``dask.config`` keeps as given.
     """
-    canonical: dict[str, Any] = {}
-    for key, value in entry.items():
-        name = str(key).replace("_", "-")
-        if name == "nodes" and isinstance(value, Mapping):
-            value = {
-                partition: (
-                    {str(k).replace("_", "-"): v for k, v in size.items()}
-                    if isinstance(size, Mapping)
-                    else size
-                )
-                for partition, size in value.items()
-            }
-        canonical[name] = value
+    return {str(key).replace("_", "-"): value for key, value in mapping.items()}
+
+
+def _canonical(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry :func:`hyphenated`, its nodes' keys too; partition names left as they are."""
+    canonical = hyphenated(entry)
+    nodes = canonical.get("nodes")
+    if isinstance(nodes, Mapping):
+        canonical["nodes"] = {
+            partition: hyphenated(size) if isinstance(size, Mapping) else size
+            for partition, size in nodes.items()
+        }
     return canonical
 
 

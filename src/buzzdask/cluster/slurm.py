@@ -455,15 +455,22 @@ def _stderr(error: Exception) -> str:
     return (match.group(1) if match else text).strip()
 
 
+def _squeue(job_ids: Sequence[str], output_format: str) -> subprocess.CompletedProcess[str]:
+    """``squeue``'s lines for ``job_ids`` in ``output_format``.
+
+    Raises
+    ------
+    OSError, subprocess.TimeoutExpired
+        Where squeue cannot be run, or does not answer within 30 s.
+    """
+    command = ["squeue", "-h", "-j", ",".join(job_ids), "-o", output_format]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
 def _queued_job_ids(job_ids: Sequence[str]) -> set[str] | None:
     """Those of ``job_ids`` SLURM still holds (pending or running); None if squeue fails."""
     try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        out = _squeue(job_ids, "%i %T")
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0 and "Invalid job id" not in out.stderr:
@@ -494,12 +501,7 @@ _ENDED = frozenset(
 def _squeue_state(job_id: str) -> str:
     """``PENDING (Resources)``-like state of a job, or why it cannot be had."""
     try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%T|%r"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        out = _squeue([job_id], "%T|%r")
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"state unknown ({error})"
     state, _, reason = out.stdout.strip().partition("|")
