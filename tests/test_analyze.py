@@ -934,6 +934,16 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
     assert 0 < written < KILL_CHUNKS
     journaled = len(OutputLayout(output).read_journal())
     assert journaled >= 1
+    # Exported meanwhile for buzzr: a recording not analysed to its end is buzzdetect's
+    # partial result (which buzzr leaves out by default), never a whole one.
+    exported = buzzdask.export(output, format="buzzdetect").files
+    lengths = reference.to_pandas().groupby("file").size()
+    partial = [path for path in exported if path.name.endswith("_buzzpart.csv")]
+    assert partial
+    for path in exported:
+        rows = len(pd.read_csv(path))
+        if path not in partial:
+            assert rows == lengths[path.name.replace("_buzzdetect.csv", ".wav")]
 
     resumed = buzzdask.analyze(audio, output=output, on_conflict="resume", **options)
     assert resumed.ok, resumed.errors
@@ -941,6 +951,11 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
     # journaled when the client died is scored again (its partition replaced atomically).
     assert resumed.summary["chunks_skipped_resume"] == journaled
     _assert_same_frames(resumed, reference)
+    # The export replaced: every recording whole, the partial files gone.
+    replaced = buzzdask.export(output, format="buzzdetect", overwrite=True).files
+    assert sorted(p.name for p in replaced[0].parent.glob("*.csv")) == [
+        f"f{seed}_buzzdetect.csv" for seed in range(3)
+    ]
 
 
 @pytest.mark.parametrize(

@@ -120,7 +120,8 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     conflict = buzzdask_cli(*args)
     assert conflict.returncode == EXIT_ERROR
     assert "already holds results" in conflict.stderr
-    assert "pass --resume to finish that run, --new to write" in conflict.stderr
+    assert "already holds results of a finished run (" in conflict.stderr
+    assert "); pass --new to write to a new timestamped directory" in conflict.stderr
 
     bad_threshold = buzzdask_cli(*args[:-3], "--threshold", "ins_buzz")
     assert bad_threshold.returncode == 2

@@ -478,7 +478,7 @@ def test_command_line_checks_analyze_options_before_submitting(capsys, tmp_path)
         "input path(s) not found: ": [str(tmp_path / "adio"), "--model", str(model)],
         "no audio files in ": [str(model), "--model", str(model)],
         "model 'general_v2' not found": [str(audio), "--model", "general_v2"],
-        "already holds results (1 chunk done); pass --resume": [
+        "already holds results of an unfinished run (1 chunk done); pass --resume": [
             *(str(audio), "--model", str(model), "--output", str(done)),
         ],
     }

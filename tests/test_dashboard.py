@@ -343,6 +343,8 @@ def test_buzzdask_page_shows_the_run_live_on_a_local_cluster(
     assert str(output) in page and "finished" in page and "broken.wav" in page
     assert "<svg" in page  # the realtime factor over time
     assert "href='status'" in page  # relative: it stays under OnDemand's /rnode/ prefix
+    with urllib.request.urlopen(f"{base}/buzzdask/", timeout=10) as answer:
+        assert answer.url == f"{base}/buzzdask"  # where that link leads to the dashboard
 
 
 def test_the_scheduler_keeps_only_the_latest_runs(dask_client):

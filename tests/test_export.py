@@ -408,6 +408,52 @@ def test_an_export_replaced_leaves_no_recording_the_results_lost(run, make_audio
     assert exported == ["a_buzzdetect.csv", "c_buzzdetect.csv"]
 
 
+def test_a_moved_output_still_replaces_its_own_export(run, make_audio, tmp_path):
+    """The export's list names the run relative to it: after the output (its export inside)
+    is moved, as from the cluster to a laptop, the replaced export still drops the files of
+    recordings no longer in the results. Without --overwrite, their being there is a conflict."""
+    for name in ("a.wav", "b.wav"):
+        make_audio(name, n_samples=2 * 15360)
+    result = run(tmp_path / "audio")
+    buzzdask.export(result.output, format="buzzdetect")
+    (tmp_path / "audio" / "b.wav").unlink()
+    run(tmp_path / "audio", on_conflict="resume")
+    moved = tmp_path / "copied_off_the_cluster"
+    shutil.move(result.output, moved)
+    dest = moved / "export" / "buzzdetect"
+    (dest / "a_buzzdetect.csv").unlink()  # the conflict left: b's file, not a target now
+    with pytest.raises(OutputConflictError, match=r"b_buzzdetect\.csv already exists"):
+        buzzdask.export(moved, format="buzzdetect")
+    buzzdask.export(moved, format="buzzdetect", overwrite=True)
+    assert sorted(p.name for p in dest.glob("*.csv")) == ["a_buzzdetect.csv"]
+
+
+def test_another_runs_export_is_never_replaced(run, make_audio, tmp_path, caplog):
+    """Runs of two site folders both hold 20240612_053000.wav (names start at the folder a run
+    analysed): the second export into the first's folder is refused, --overwrite or not, since
+    buzzr would read one site's frames as the other's. Once the first run's output is gone, its
+    claim goes with it. An input that failed without frames is said, as it has no file."""
+    for seed, site in enumerate(("siteA", "siteB")):
+        make_audio("20240612_053000.wav", n_samples=2 * 15360, seed=seed, directory=tmp_path / site)
+    (tmp_path / "siteB" / "20240612_060000.wav").write_text("not audio\n")
+    first = run(tmp_path / "siteA", output=tmp_path / "outA")
+    second = run(tmp_path / "siteB", output=tmp_path / "outB")
+    dest = tmp_path / "for_buzzr"
+    buzzdask.export(first.output, format="buzzdetect", dest=dest)
+    mine = (dest / "20240612_053000_buzzdetect.csv").read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(OutputConflictError, match=r"holds the export of another run, .*outA"):
+            buzzdask.export(second.output, format="buzzdetect", dest=dest, overwrite=overwrite)
+    assert (dest / "20240612_053000_buzzdetect.csv").read_bytes() == mine
+
+    shutil.rmtree(first.output)
+    with caplog.at_level("WARNING", logger="buzzdask"):
+        buzzdask.export(second.output, format="buzzdetect", dest=dest, overwrite=True)
+    assert (dest / "20240612_053000_buzzdetect.csv").read_bytes() != mine
+    assert "1 input file(s) failed before any frame was written" in caplog.text
+    assert "20240612_060000.wav" in caplog.text
+
+
 def test_a_stopped_export_is_said_to_be_unfinished(tree_run, tmp_path, monkeypatch):
     # Each file is written whole, but a stop (Ctrl-C, a kill) leaves some of them: a set that
     # looks finished. The next export says it is not.

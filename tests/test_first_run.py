@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -125,7 +126,7 @@ def test_a_failed_start_leaves_an_output_the_right_command_reuses(
 
     again = buzzdask_cli(*args, "--model", str(tiny_model), "--chunk-seconds", "1")
     assert again.returncode == EXIT_ERROR
-    assert "already holds results (3 chunks done)" in again.stderr
+    assert "already holds results of a finished run (3 chunks); pass --new" in again.stderr
     assert "--resume" in again.stderr and "--new" in again.stderr and "--output" in again.stderr
     assert "on_conflict" not in again.stderr
 
@@ -246,6 +247,18 @@ def test_a_folder_reached_twice_is_walked_once_by_its_own_path(tmp_path):
         "2 skipped: 1 link to the input folder, walked once (by_site/back/), "
         "1 link to 2026-06-01/, walked once (by_site/siteA/)"
     )
+
+
+def test_a_pipe_named_like_audio_in_a_folder_is_reported(tmp_path):
+    # As when it is named itself: not left out without a word.
+    (tmp_path / "audio").mkdir()
+    os.mkfifo(tmp_path / "audio" / "pipe.mp3")
+    (tmp_path / "audio" / "pipe_link.mp3").symlink_to(tmp_path / "audio" / "pipe.mp3")
+    found = scan(tmp_path / "audio", extensions=[".mp3"])
+    assert [(f.relative, f.problem) for f in found.files] == [
+        ("pipe.mp3", "not a regular file"),
+        ("pipe_link.mp3", "not a regular file"),
+    ]
 
 
 def test_the_same_recording_by_two_paths_is_analysed_once_by_its_own(tmp_path):

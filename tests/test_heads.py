@@ -247,6 +247,8 @@ def test_a_list_of_models_errors_before_any_work(
     twin = build_tiny_head(tmp_path / "elsewhere" / "model_tiny", classes=CLASSES, seed=3)
     with pytest.raises(ModelError, match=r"two models are named 'model_tiny'"):
         run(one_file, model=[tiny_model, twin], output=tmp_path / "twins")
+    with pytest.raises(ModelError, match=r"model_tiny is given twice .*: give it once"):
+        run(one_file, model=[tiny_model, f"{tiny_model}/"], output=tmp_path / "twins")
     assert not (tmp_path / "twins").exists()
     with pytest.raises(ParameterError, match="no model given"):
         buzzdask.analyze(one_file, [], output=tmp_path / "none", embedder=str(tiny_embedder))

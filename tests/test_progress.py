@@ -75,6 +75,15 @@ def test_a_log_gets_a_line_a_minute_not_a_bar(capsys, monkeypatch):
     assert shown[-2:] == ["buzzdask:  50%| 1/2 files", "buzzdask: 100%| 2/2 files"], lines
 
 
+def test_a_run_whose_every_file_failed_ends_at_100_percent(capsys):
+    # A log's last line: the run is done, none of its audio was there to analyse.
+    progress = Progress(enabled=True, verbose=False, files=1)
+    progress.error("a.txt", "ffprobe cannot read it as audio")
+    progress.finished("a.txt", failed=True)
+    progress.close()
+    assert capsys.readouterr().err.splitlines()[-1].startswith("buzzdask: 100%| 1/1 files")
+
+
 def test_a_failed_file_takes_its_unanalysed_audio_out_of_the_total():
     progress = Progress(enabled=False, verbose=False, files=2)
     progress.expect("a.wav", 600.0)

@@ -324,6 +324,41 @@ def test_missing_or_damaged_part_fails_its_file_only(
     assert not b_starts & {0.0, 0.96}
 
 
+def test_store_of_a_stopped_analysis_is_not_rescored_as_whole(
+    corpus, new_head, dask_client, tiny_embedder, tmp_path
+):
+    """What an analysis killed before a.wav's last chunk leaves: its part and catalog line
+    missing. The re-scoring scores what is there and reports the file (stage "load"), so the
+    run and its buzzr export do not pass it off as whole. Given the store's own folder, as
+    the re-scoring records it, the store is found."""
+    store = tmp_path / "store"
+    shutil.copytree(corpus.store, store)
+    (kept,) = [p for p in store.iterdir() if p.is_dir()]
+    a_sha = file_sha256(corpus.audio / "site1" / "a.wav")
+    (last,) = kept.glob(f"{a_sha}/part-000000004-*.parquet")  # chunk 2: frames 4, 5
+    last.unlink()
+    catalog = kept / "catalog.jsonl"
+    lines = catalog.read_text().splitlines(keepends=True)
+    entries = [json.loads(line) for line in lines]
+    gone = [(e["file"], e["chunk"]) == ("site1/a.wav", 2) for e in entries]
+    assert sum(gone) == 1
+    catalog.write_text("".join(line for line, drop in zip(lines, gone, strict=True) if not drop))
+    result = rescore(kept, new_head, tmp_path / "re", dask_client, tiny_embedder)
+    assert result.metadata["inputs"]["store"] == str(kept)
+    (row,) = result.errors.itertuples()
+    assert (row.file, row.stage, row.kept) == ("site1/a.wav", "load", False)
+    assert "its frames from 4 on were never stored" in row.reason
+    assert result.summary["files_failed"] == 1
+    frame = result.to_pandas()
+    assert sorted(frame.start[frame.file == "site1/a.wav"].round(2)) == [0.0, 0.96, 1.92, 2.88]
+    exported = buzzdask.export(result.output, format="buzzdetect").files
+    assert sorted(p.name for p in exported) == [
+        "a_buzzpart.csv",
+        "b_buzzdetect.csv",
+        "c_buzzdetect.csv",
+    ]
+
+
 def test_store_damaged_where_it_is_first_read(
     corpus, new_head, dask_client, tiny_embedder, tmp_path
 ):
@@ -443,9 +478,7 @@ def test_outputs_of_the_other_kind_of_run_are_named(
         corpus.audio / "site1", [tiny_model, new_head], output=tmp_path / "both", **corpus.options
     )
     assert all(result.ok for result in both.values())
-    with pytest.raises(
-        OutputConflictError, match=r"holds the outputs of a run of several models \(model_new, "
-    ):
+    with pytest.raises(OutputConflictError, match=r"holds buzzdask outputs \(model_new, "):
         rescore(corpus.store, new_head, tmp_path / "both", dask_client, tiny_embedder)
     with pytest.raises(OutputConflictError, match="holds an analysis's results, which only an"):
         rescore(

@@ -116,11 +116,11 @@ def test_resume_after_inputs_changed_or_vanished(run, make_audio, tmp_path):
 
 def test_journal_lines_held_in_a_block_are_written_together_as_it_ends(tmp_path):
     layout = OutputLayout(tmp_path)
-    layout.record_chunk("a.wav", 0, frames=2, size=10, mtime_ns=1)
+    layout.record_chunk("a.wav", 0, frames=2, size=10, mtime_ns=1, ends=False)
     with pytest.raises(RuntimeError, match="a result went wrong"), layout.journal_held():
-        layout.record_chunk("a.wav", 1, frames=2, size=10, mtime_ns=1)
+        layout.record_chunk("a.wav", 1, frames=2, size=10, mtime_ns=1, ends=True)
         with layout.journal_held():  # inside another: held for the outer block
-            layout.record_chunk("b.wav", 0, frames=1, size=20, mtime_ns=2)
+            layout.record_chunk("b.wav", 0, frames=1, size=20, mtime_ns=2, ends=True)
         assert set(layout.read_journal()) == {("a.wav", 0)}
         layout.record_removed([("a.wav", 0)])
         raise RuntimeError("a result went wrong")
@@ -162,15 +162,27 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     paths = [audio / "siteA", audio / "siteB"]
     complete = run(paths, chunk_seconds=CHUNK_S, output=tmp_path / "complete")
     out = run(paths, chunk_seconds=CHUNK_S, output=tmp_path / "out").output
-    names = ["siteA/a.wav", "siteB/b.wav"]
 
-    # One folder of the two: named from the earlier root (not "a.wav"), the other one kept.
+    # One folder of the two: named from the earlier root (not "a.wav"), the other one kept,
+    # even where it changed since (copied again from the card): not this resume's to judge.
+    os.utime(audio / "siteB" / "b.wav", ns=(1, 1))
     resumed = run(audio / "siteA", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
-    assert resumed.ok and resumed.summary["resume"]["chunks_trusted"] == 4
-    assert sorted(resumed.to_pandas()["file"].unique()) == names
+    # siteA's chunks checked and trusted; siteB's kept as they are, not judged.
+    assert resumed.ok and resumed.summary["resume"]["chunks_trusted"] == 2
+    assert resumed.summary["resume"]["files_changed"] == 0
+    assert_same_frames(resumed.to_pandas(), complete.to_pandas())
     again = run(audio / "siteB", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
     assert again.summary["resume"]["files_vanished"] == 0
+    assert again.summary["resume"]["files_changed"] == 1
     assert_same_frames(again.to_pandas(), complete.to_pandas())
+
+    # Another season's folder sharing a name (siteA/a.wav, other audio) is not where the
+    # recordings moved: refused, and the results stay.
+    make_audio("a.wav", directory=tmp_path / "season2025" / "siteA", n_samples=2 * FRAME, seed=5)
+    make_audio("c.wav", directory=tmp_path / "season2025" / "siteC", n_samples=2 * FRAME)
+    with pytest.raises(OutputConflictError, match="it is not under"):
+        run(tmp_path / "season2025", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    assert_same_frames(again.to_pandas(), complete.to_pandas())  # read from disk again
 
     # A file outside the earlier root would rename every recording: refused before any work.
     elsewhere = make_audio("c.wav", directory=tmp_path / "card2", n_samples=2 * FRAME)
@@ -217,12 +229,32 @@ def test_a_resume_looks_at_each_input_once(tmp_path):
     layout.root.mkdir()
     for name in ("a.wav", "b.wav"):
         for index in range(5):
-            layout.record_chunk(name, index, frames=0, size=1, mtime_ns=1)
+            layout.record_chunk(name, index, frames=0, size=1, mtime_ns=1, ends=True)
     looked: list[str] = []
 
     def versions(relative: str) -> tuple[int, int]:
         looked.append(relative)
         return (1, 1)
 
-    check = check_resume(layout, fingerprint={}, input_root=tmp_path, versions=versions)
+    check = check_resume(
+        layout, fingerprint={}, input_root=tmp_path, given={"a.wav", "b.wav"}, versions=versions
+    )
     assert sorted(looked) == ["a.wav", "b.wav"] and len(check.done) == 10
+
+
+def test_a_damaged_or_missing_metadata_file_is_said_so(run, make_audio, tmp_path):
+    """A buzzdask.json cut short (a copy) or deleted beside its results: one message with the
+    ways on, not a traceback, nor "holds no buzzdask results"; nothing removed."""
+    make_audio("a.wav", n_samples=2 * FRAME)
+    out = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "out").output
+    metadata = out / "buzzdask.json"
+    kept = metadata.read_text()
+    metadata.write_text(kept[:40])
+    for on_conflict in ("error", "resume"):
+        with pytest.raises(OutputConflictError, match=r"buzzdask.json cannot be read \("):
+            run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=out, on_conflict=on_conflict)
+    metadata.unlink()
+    with pytest.raises(OutputConflictError, match=r"buzzdask\.json is missing .*on_conflict='new'"):
+        run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    metadata.write_text(kept)
+    assert run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=out, on_conflict="resume").ok

@@ -7,8 +7,10 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,17 @@ def test_batches_arrive_whole_with_a_manifest(rclone_remote, make_audio, tmp_pat
     assert again.files == [] and again.batches == 0
     assert again.skipped == result.files and again.marker.exists()
 
+    # A recording replaced on the remote by one of the same size (a corrected upload) comes
+    # again; the others do not.
+    replaced = remote / "site1" / "a.wav"
+    size = replaced.stat().st_size
+    make_audio("site1/a.wav", n_samples=2 * FRAME, seed=9, directory=remote)
+    assert replaced.stat().st_size == size and not same_bytes(dest / "site1/a.wav", replaced)
+    later = replaced.stat().st_mtime + 3600
+    os.utime(replaced, (later, later))
+    third = transfer("sharepoint:batches", dest, batch_size=2, rclone_flags=rclone_remote.flags)
+    assert third.files == ["site1/a.wav"] and same_bytes(dest / "site1/a.wav", replaced)
+
 
 @pytest.mark.parametrize(
     ("stderr", "reason"),
@@ -140,10 +153,16 @@ def test_bad_options_and_missing_rclone(tmp_path):
 
 
 def _signal_mid_copy(
-    rclone_remote, folder: str, dest: Path, signal_number: int, *options: str
+    rclone_remote,
+    folder: str,
+    dest: Path,
+    signal_number: int,
+    *options: str,
+    meanwhile: Callable[[], None] = lambda: None,
 ) -> tuple[int, str]:
-    """``buzzdask transfer`` of ``folder`` (slowly), signalled as part of ``b_large.wav`` is in;
-    its exit code and stderr. SIGINT goes as a terminal sends it, to the process group."""
+    """``buzzdask transfer`` of ``folder`` (slowly), signalled as part of ``b_large.wav`` is in
+    (after ``meanwhile()``); its exit code and stderr. SIGINT goes as a terminal sends it, to
+    the process group."""
     slow = (*rclone_remote.flags, "--bwlimit", "400k")
     running = cli(
         "transfer", f"sharepoint:{folder}", str(dest), *options, flags=slow,
@@ -157,10 +176,34 @@ def _signal_mid_copy(
             failure=f"nothing of {partial.name} arrived",
             interval_s=0.025,
         )
+        meanwhile()
         os.killpg(running.pid, signal_number)
     finally:
         _, stderr = running.communicate(timeout=60)
     return running.returncode, stderr
+
+
+def test_a_second_transfer_into_the_same_folder_is_refused(rclone_remote, make_audio, tmp_path):
+    """Two transfers into one folder (a scrontab's beside a manual one) would both copy every
+    file into its hidden folder: the second is refused, naming the first, and touches nothing."""
+    remote = rclone_remote.root / "twice"
+    make_audio("b_large.wav", n_samples=100 * FRAME, seed=1, directory=remote)
+    dest = tmp_path / "dest"
+
+    def refused() -> None:
+        with pytest.raises(TransferError, match="being filled by another transfer") as caught:
+            transfer("sharepoint:twice", dest, rclone_flags=rclone_remote.flags)
+        assert caught.value.reason == "destination in use"
+        assert f"(host {socket.gethostname()}, pid " in str(caught.value)
+
+    returncode, _ = _signal_mid_copy(
+        rclone_remote, "twice", dest, signal.SIGKILL, meanwhile=refused
+    )
+    assert returncode == -signal.SIGKILL
+    assert not (dest / FAILED_MARKER).exists()  # the refused one wrote no marker either
+    # The first one killed: its lock is a dead process's, taken over.
+    finished = transfer("sharepoint:twice", dest, rclone_flags=rclone_remote.flags)
+    assert finished.files == ["b_large.wav"]
 
 
 def test_killed_transfer_never_shows_half_a_file(rclone_remote, make_audio, tmp_path):
@@ -260,7 +303,7 @@ def test_staged_decode_equals_in_place_and_cleans_up(make_audio, tmp_path, dask_
     local.mkdir()
 
     def staged_files() -> list[Path]:
-        return [p for p in local.rglob("*") if p.is_file()]
+        return [p for p in local.rglob("*") if p.is_file() and p.name != ".owner"]
 
     for plan in plans:
         expected = decode_chunk(info, plan, spec=frame_spec)
@@ -306,3 +349,25 @@ def test_staged_decode_equals_in_place_and_cleans_up(make_audio, tmp_path, dask_
     path.unlink()
     with pytest.raises(DecodeError, match="cannot read the file: No such file"):
         decode_chunk_staged(info, plans[0], spec=frame_spec, staging_directory=str(local))
+
+
+def test_copies_of_a_worker_that_did_not_exit_cleanly_are_removed(make_audio, tmp_path):
+    """A worker ended without its atexit (a nanny's kill as a notebook's cluster closes, a
+    killed job) leaves its staged copy; the next worker to stage on the host removes it."""
+    path = make_audio("a.wav", n_samples=FRAME)
+    local = tmp_path / "node_local"
+    left_behind = (
+        "import os, sys\n"
+        "from buzzdask.staging import staged\n"
+        "with staged(sys.argv[1], directory=sys.argv[2], keep_files=1):\n"
+        "    pass\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", left_behind, str(path), str(local)], check=True)
+    (dead,) = local.iterdir()
+    assert [p.name for p in dead.iterdir() if p.suffix == ".wav"], "its copy outlived it"
+    stranger = local / "buzzdask-stage-not-ours"
+    stranger.mkdir()  # no owner file: left alone
+    with staged(path, directory=str(local)) as copy:
+        assert same_bytes(Path(copy), path)
+    assert not dead.exists() and stranger.exists()

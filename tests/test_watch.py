@@ -14,7 +14,7 @@ import pytest
 
 import buzzdask
 from buzzdask import InputError, ModelError, OutputConflictError, watch
-from buzzdask.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from buzzdask.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from buzzdask.rclone import FAILED_MARKER, transfer
 from tests.conftest import BUZZDASK, assert_same_frames, requires_ffmpeg, requires_rclone
 
@@ -80,6 +80,39 @@ def test_files_arriving_during_the_analysis_give_the_one_shot_rows(
     assert list(on_disk.file) == ["a_bad.mp3"]
     metadata = json.loads((watched.output / "buzzdask.json").read_text())
     assert metadata["summary"]["watch"]["passes"] == passes
+
+
+def test_a_batch_still_copying_is_not_idleness(
+    rclone_remote, make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+):
+    """The transfer hides a batch until it is whole; one that takes longer than the idle
+    timeout to copy does not end the watch with the results part-way."""
+    remote = rclone_remote.root / "slow"
+    for seed, name in enumerate(["a.wav", "b.wav"]):
+        make_audio(name, n_samples=6 * FRAME, seed=seed, directory=remote)  # 184 kB each
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    arriving = threading.Thread(
+        target=transfer,
+        args=("sharepoint:slow", dest),
+        kwargs={"batch_size": 2, "rclone_flags": (*rclone_remote.flags, "--bwlimit", "50k")},
+    )
+    arriving.start()
+    try:
+        watched = watch(
+            dest,
+            tiny_model,
+            output=tmp_path / "watched",
+            client=dask_client,
+            poll_seconds=0.2,
+            idle_timeout_s=2,
+            embedder=str(tiny_embedder),
+            progress=False,
+        )
+    finally:
+        arriving.join()
+    assert watched.summary["watch"]["stopped"] == "marker"
+    assert len(watched.to_pandas()) == 12
 
 
 def test_idle_timeout_ends_a_watch_without_marker(
@@ -280,6 +313,13 @@ def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path)
     no_watch = subprocess.run(without, capture_output=True, text=True)
     assert no_watch.returncode == EXIT_USAGE
     assert "--poll applies to --watch only" in no_watch.stderr
+
+    # Ended by a transfer that stopped short: a script must not take it for the whole set.
+    (tmp_path / "audio" / ".transfer-complete").unlink()
+    (tmp_path / "audio" / FAILED_MARKER).write_text('{"stopped": "interrupted"}\n')
+    short = subprocess.run([*arguments, "--resume"], capture_output=True, text=True, timeout=300)
+    assert short.returncode == EXIT_ERROR, short.stderr
+    assert "transfer" in short.stdout
 
 
 def test_a_file_still_being_copied_holds_back_no_other(

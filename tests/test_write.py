@@ -188,12 +188,12 @@ def test_a_journal_line_the_disk_cannot_hold_is_taken_back(tmp_path) -> None:
 import errno, resource, signal
 from buzzdask.write import OutputLayout
 layout = OutputLayout({str(tmp_path)!r})
-layout.record_chunk("a.wav", 0, frames=31, size=100, mtime_ns=1)
+layout.record_chunk("a.wav", 0, frames=31, size=100, mtime_ns=1, ends=True)
 before = layout.journal.read_bytes()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
 resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 20, resource.RLIM_INFINITY))
 try:
-    layout.record_chunk("b.wav", 0, frames=31, size=100, mtime_ns=1)
+    layout.record_chunk("b.wav", 0, frames=31, size=100, mtime_ns=1, ends=True)
 except OSError as error:
     print(errno.errorcode[error.errno])
 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))

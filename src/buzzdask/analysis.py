@@ -429,9 +429,12 @@ def _check_models(models: Sequence[ModelSpec]) -> None:
     names = [m.name for m in models]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
+        paths = [m.path for m in models if m.name == twice[0]]
+        if len({os.path.realpath(path) for path in paths}) == 1:
+            raise ModelError(f"the model {paths[0]} is given twice ({paths}): give it once")
         raise ModelError(
-            f"two models are named {twice[0]!r} ({[m.path for m in models if m.name in twice]}); "
-            "each model's results go to output/<name>: rename one directory"
+            f"two models are named {twice[0]!r} ({paths}); each model's results go to "
+            "output/<name>: rename one directory"
         )
 
 
@@ -502,7 +505,11 @@ def run_plan(
                     meta["earlier_runs"] = earlier_runs(layout)
             resumed = [
                 check_resume(
-                    layout, fingerprint=fp, input_root=inputs.root, versions=inputs.versions
+                    layout,
+                    fingerprint=fp,
+                    input_root=inputs.root,
+                    given={f.relative for f in inputs.files},
+                    versions=inputs.versions,
                 )
                 if on_conflict == "resume"
                 else ResumeCheck()

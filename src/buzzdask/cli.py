@@ -37,7 +37,8 @@ EXIT_TERMINATED = 128 + 15  # ... and by SIGTERM (SLURM at a job's time limit, s
 EXIT_CODES = {
     EXIT_OK: "done, and the errors table is empty",
     EXIT_ERROR: "nothing could start (a bad input path, model, option, an output in the way), "
-    "or the run stopped on an error of its own; what was written is kept",
+    "or the run stopped on an error of its own, or a --watch ended on a transfer that stopped "
+    "short; what was written is kept",
     EXIT_USAGE: "usage error",
     EXIT_FILES_FAILED: "the run finished, but errors.parquet has rows: files failed, or were "
     "damaged or cut short (their frames written)",
@@ -773,7 +774,10 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
             **options,
         )
     results = result if isinstance(result, dict) else {"": result}
-    return max(_report(one) for one in results.values())
+    code = max(_report(one) for one in results.values())
+    if getattr(args, "watch", False) and result.summary["watch"]["stopped"] == "transfer failed":
+        return EXIT_ERROR  # what arrived is analysed, but not all that was meant to
+    return code
 
 
 def refuse_an_input_as_the_store(analyze: argparse.Namespace, argv: Sequence[str]) -> None:

@@ -47,6 +47,11 @@ class _PageHandler(web.RequestHandler):
         self.scheduler = scheduler
 
     def get(self) -> None:
+        if self.request.path.endswith("/"):
+            # To the page's own address: its links are relative to it (they stay under a
+            # proxy's prefix, OnDemand's /rnode/...), and from ".../buzzdask/" they missed.
+            self.redirect(f"../{ROUTE.rsplit('/', 1)[-1]}")
+            return
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.write(render_page(_runs(self.scheduler)[:_RUNS_SHOWN]))
 

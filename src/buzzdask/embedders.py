@@ -216,7 +216,10 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 def _cannot_load(handle: str, cause: str, *, name: str, fix: str | None) -> ModelError:
     key = f"buzzdask.embedders.{name}.handle"
-    local = f"give a local SavedModel copy with --embedder PATH (Python: embedder=PATH) or {key}"
+    local = (
+        "give the analysis a local SavedModel copy (`buzzdask analyze --embedder PATH`, Python: "
+        f"embedder=PATH) or set {key}"
+    )
     if fix == "fetch":
         advice = (
             f"on a machine with internet (an OSC login node), run `buzzdask embedder fetch "

@@ -123,7 +123,8 @@ class TransferError(BuzzdaskError, RuntimeError):
         What went wrong and what to do about it.
     reason : str
         ``"remote not configured"``, ``"authentication failed"``, ``"remote unreachable"``,
-        ``"not found"``, ``"incomplete file"``, ``"rclone missing"`` or ``"rclone failed"``.
+        ``"not found"``, ``"incomplete file"``, ``"rclone missing"``, ``"rclone failed"`` or
+        ``"destination in use"`` (another transfer fills it).
     stderr : str, optional
         The tail of rclone's own message.
     """

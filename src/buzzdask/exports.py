@@ -45,13 +45,14 @@ import pandas as pd
 
 from buzzdask.errors import InputError, OutputConflictError, ParameterError
 from buzzdask.events import stored_recording_events
-from buzzdask.inputs import user_path
+from buzzdask.inputs import first_names, user_path
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
 from buzzdask.write import NAME_MAX, atomic_path, write_json
 
 __all__ = [
     "BUZZDETECT_TAG",
+    "BUZZPART_TAG",
     "RAVEN_COLUMNS",
     "ExportFormat",
     "ExportResult",
@@ -69,6 +70,8 @@ FORMATS: tuple[str, ...] = get_args(ExportFormat)
 # buzzdetect's src/config.py: SUFFIX_RESULT_COMPLETE and PREFIX_COLUMN_DETECTION; buzzr's
 # VARIABLES.R: TAG_RESULTS and PREFIX_DETECTION (the plural is what both read and write).
 BUZZDETECT_TAG = "_buzzdetect"
+# buzzdetect's SUFFIX_RESULT_PARTIAL, buzzr's TAG_PARTIAL: a recording not analysed to its end.
+BUZZPART_TAG = "_buzzpart"
 ACTIVATION_PREFIX = "activation_"
 DETECTION_PREFIX = "detections_"
 COMBINED_NAME = "frames.csv"
@@ -117,14 +120,19 @@ class ExportResult:
     untimed: list[str] = field(default_factory=list)
 
 
-def buzzdetect_name(relative: str) -> PurePosixPath:
+def buzzdetect_name(relative: str, *, partial: bool = False) -> PurePosixPath:
     """A recording's buzzdetect result file, relative to the export (extension dropped).
+
+    ``partial``: a recording not analysed to its end gets buzzdetect's name for a partial
+    result, which buzzr's ``read_directory`` leaves out unless ``include_partial = TRUE``.
 
     >>> buzzdetect_name("soybean/9/230809_0000.mp3").as_posix()
     'soybean/9/230809_0000_buzzdetect.csv'
+    >>> buzzdetect_name("soybean/9/230809_0000.mp3", partial=True).as_posix()
+    'soybean/9/230809_0000_buzzpart.csv'
     """
     path = PurePosixPath(relative)
-    return path.with_name(path.stem + BUZZDETECT_TAG + ".csv")
+    return path.with_name(path.stem + (BUZZPART_TAG if partial else BUZZDETECT_TAG) + ".csv")
 
 
 def raven_name(relative: str) -> PurePosixPath:
@@ -242,8 +250,11 @@ def _selected_classes(run: Run, classes: Sequence[str] | str | None) -> list[str
     return [name for name in run.classes if name in asked]  # model order
 
 
-def _check_free(targets: Sequence[Path], *, dest: Path, overwrite: bool) -> None:
-    existing = [path for path in targets if path.exists()]
+def _check_free(
+    targets: Sequence[Path], *, dest: Path, overwrite: bool, earlier: Sequence[Path] = ()
+) -> None:
+    """Refuse, unless ``overwrite``, when a target or a file of ``earlier`` exists."""
+    existing = [path for path in [*targets, *earlier] if path.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         why = ""
@@ -263,29 +274,56 @@ def _files_written(
 
     Each file is written whole, but a stopped export would leave some of them: its marker
     tells the next export that the set is not complete. The set is listed in ``dest``
-    (:data:`WRITTEN`): an export of the same run that replaces it (``overwrite``) removes the
-    files of recordings no longer in the results (a resume redid them under other names, the
-    input was cut), which buzzr would otherwise still read; another run's are left alone.
+    (:data:`WRITTEN`), by run: an export of the same run that replaces it (``overwrite``)
+    removes the files no longer among its targets (a resume redid recordings under other
+    names, finished a partial one, the input was cut), which buzzr would otherwise still read,
+    and without ``overwrite`` their being there is a conflict. A file another run's export
+    wrote is never replaced: both runs' recordings would go by one name. Runs are listed by
+    their output directory relative to ``dest``, so that an output moved or copied with its
+    export inside is still the same run.
     """
-    _check_free(targets, dest=dest, overwrite=overwrite)
-    dest.mkdir(parents=True, exist_ok=True)
     listed = _listed(dest)
-    earlier = {dest / name for name in listed.get(str(run.output), []) if ".." not in name}
-    stale = earlier - set(targets) if overwrite else set()
+    here = os.path.realpath(run.output)
+    mine = [key for key in listed if os.path.realpath(dest / key) == here]
+    earlier = {dest / name for key in mine for name in listed[key] if ".." not in name}
+    _check_not_others(targets, dest=dest, listed=listed, mine=mine)
+    _check_free(targets, dest=dest, overwrite=overwrite, earlier=sorted(earlier - set(targets)))
+    dest.mkdir(parents=True, exist_ok=True)
     marker = dest / UNFINISHED
     marker.touch()
     yield
-    for path in sorted(stale):
+    for path in sorted(earlier - set(targets)):
         path.unlink(missing_ok=True)
-    if stale:
+    if earlier - set(targets):
         logger.info(
-            "removed %d file(s) of the earlier export of recordings no longer in %s",
-            len(stale),
+            "removed the file(s) of the earlier export of recordings no longer exported "
+            "under those names from %s",
             run.output,
         )
-    listed[str(run.output)] = [p.relative_to(dest).as_posix() for p in targets]
+    for key in mine:
+        del listed[key]
+    listed[os.path.relpath(run.output, dest)] = [p.relative_to(dest).as_posix() for p in targets]
     write_json(dest / WRITTEN, listed)
     marker.unlink()
+
+
+def _check_not_others(
+    targets: Sequence[Path], *, dest: Path, listed: Mapping[str, list[str]], mine: Sequence[str]
+) -> None:
+    """Refuse targets another run's export wrote, where that run's output is still there."""
+    names = {path.relative_to(dest).as_posix() for path in targets}
+    for key, files in listed.items():
+        taken = sorted(names.intersection(files))
+        other = dest / key
+        if key in mine or not taken or not (other / "buzzdask.json").exists():
+            continue
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise OutputConflictError(
+            f"export file {dest / taken[0]}{more} holds the export of another run, "
+            f"{os.path.normpath(other)}: recordings of both runs would go by one name (each "
+            "run's names start at the folder it analysed), and overwrite=True (--overwrite) "
+            "does not replace another run's files; export each run into its own dest (--dest)"
+        )
 
 
 def _listed(dest: Path) -> dict[str, list[str]]:
@@ -401,6 +439,15 @@ def export(
             "export"
         )
     run.warn_if_unfinished("exporting")
+    without_frames = sorted(set(run.failed_recordings()).difference(recordings))
+    if without_frames:
+        logger.warning(
+            "%d input file(s) failed before any frame was written and have nothing to export "
+            "(%s says why): %s",
+            len(without_frames),
+            run.layout.errors,
+            first_names(without_frames, shown=5),
+        )
     selected = _selected_classes(run, classes)
     choice = choose_thresholds(
         model_dir=run.metrics_model(model, precision=precision),
@@ -488,7 +535,19 @@ def _export_buzzdetect(
     **_: Any,
 ) -> tuple[list[Path], list[str]]:
     _check_unique(recordings, buzzdetect_name)
-    targets = [dest.joinpath(*buzzdetect_name(relative).parts) for relative in recordings]
+    unfinished = set(run.unfinished_recordings())
+    if unfinished:
+        logger.warning(
+            "%d recording(s) not analysed to their end are exported as partial results "
+            "(<name>%s.csv, which buzzr reads only with include_partial = TRUE): %s",
+            len(unfinished),
+            BUZZPART_TAG,
+            first_names(sorted(unfinished), shown=5),
+        )
+    targets = [
+        dest.joinpath(*buzzdetect_name(relative, partial=relative in unfinished).parts)
+        for relative in recordings
+    ]
     needed = list(thresholds) if thresholds else list(classes)
     columns = ["start", *(f"{ACTIVATION_PREFIX}{name}" for name in needed)]
     with _files_written(targets, dest, overwrite=overwrite, run=run):

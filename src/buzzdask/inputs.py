@@ -158,7 +158,8 @@ class Discovery:
             f"no audio files in {', '.join(self.paths)} (looked for "
             f"{' '.join(self.suffixes)}, from buzzdask.extensions, in every subdirectory)"
             f"{skipped}. Give the directory that holds the recordings, or add their suffix to "
-            'buzzdask.extensions (e.g. DASK_BUZZDASK__EXTENSIONS=\'[".wav", ".mp3"]\')'
+            "buzzdask.extensions, a list that replaces the default: name every suffix wanted "
+            '(e.g. DASK_BUZZDASK__EXTENSIONS=\'[".wav", ".mp3", ".wv"]\')'
         )
 
 
@@ -377,6 +378,9 @@ def _walk(
                 # each a round trip on a parallel file system.
                 real_file = os.path.join(real, entry.name)
                 yield _Reached(entry.path, None, (False, through_link), real_file)
+            else:  # a FIFO, socket or device with an audio suffix: said, as when named
+                links = (entry.is_symlink(), through_link)
+                yield _Reached(entry.path, "not a regular file", links, entry.path)
 
 
 def _once(reached: Iterable[_Reached], *, skipped: dict[str, Skipped], root: str) -> list[_Reached]:

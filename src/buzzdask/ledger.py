@@ -278,13 +278,19 @@ class FileLedger:
         state: FileState = job.owner
         relative = state.input.relative
         assert state.info is not None
+        # The audio ended in it (it came back short of its plan), or a re-scoring's catalog
+        # says it is the file's last: what tells an export that the file is whole.
+        plan = job.plan
+        ends = plan.n_frames is None or n_frames != plan.n_frames
         for head in self.heads:
             head.layout.record_chunk(
                 relative,
-                job.plan.index,
+                plan.index,
                 frames=n_frames,
                 size=state.info.size_bytes,
                 mtime_ns=state.info.mtime_ns,
+                ends=ends
+                or (self.exact_plans and not state.failed and plan.index == state.chunks - 1),
                 damaged=messages,
             )
         # A re-scoring's chunks came from the catalog: it reads the store, never adds to it.
@@ -318,6 +324,13 @@ class FileLedger:
         self.progress.advance(relative, self._seconds(n_frames), scorer=job.scorer, frames=n_frames)
         self._maybe_finished(state)
         return more
+
+    def file_failed(self, state: FileState, stage: str, reason: str) -> None:
+        """Report a whole file's problem that does not stop its chunks: the file is failed.
+
+        A re-scoring's store that lacks some of its chunks, for instance.
+        """
+        self._fail(state, None, stage, reason, "")
 
     def chunk_failed(self, job: ChunkJob, error: BaseException, stage: str) -> None:
         """A chunk could not be decoded or scored: its file is reported failed.

@@ -355,7 +355,10 @@ class Progress:
         """The bar's numbers as one line of the log."""
         self._line_shown = time.monotonic()
         total = self.audio_expected_s
-        percent = 100 * min(self.audio_done_s / total, 1.0) if total else 0.0
+        if total:
+            percent = 100 * min(self.audio_done_s / total, 1.0)
+        else:  # every file failed before any audio: a finished run is done all the same
+            percent = 100.0 if self._status == "finished" else 0.0
         print(f"buzzdask: {percent:3.0f}%| {self.describe()}", file=sys.stderr, flush=True)
 
     def _send(self, *, force: bool = False) -> None:

@@ -19,12 +19,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from buzzdask.errors import ParameterError, TransferError
+from buzzdask.errors import OutputConflictError, ParameterError, TransferError
 from buzzdask.inputs import user_path
 from buzzdask.progress import format_count, logger
 from buzzdask.settings import TransferSettings, load_settings
@@ -173,22 +175,49 @@ def transfer(
     suffixes = {e.lower() for e in settings.extensions}
     target = user_path(destination)
     target.mkdir(parents=True, exist_ok=True)
-    marker = target / settings.watch.marker
-    # A new transfer: analyses watching must wait for its end.
-    marker.unlink(missing_ok=True)
-    (target / FAILED_MARKER).unlink(missing_ok=True)
-    result = TransferResult(
-        source=source, destination=os.fspath(target), manifest=target / MANIFEST, marker=marker
-    )
-    try:
-        _copy_all(runner, source, target, result, suffixes=suffixes, batch_size=size)
-    except BaseException as error:
-        stopped = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
-        _write_marker(target / FAILED_MARKER, source=source, stopped=stopped)
-        raise
-    shutil.rmtree(target / INCOMING, ignore_errors=True)
-    _write_marker(marker, source=source, files=len(result.files) + len(result.skipped))
+    with _held(target, stale_s=settings.lock_stale_seconds):
+        marker = target / settings.watch.marker
+        # A new transfer: analyses watching must wait for its end.
+        marker.unlink(missing_ok=True)
+        (target / FAILED_MARKER).unlink(missing_ok=True)
+        result = TransferResult(
+            source=source, destination=os.fspath(target), manifest=target / MANIFEST, marker=marker
+        )
+        try:
+            _copy_all(runner, source, target, result, suffixes=suffixes, batch_size=size)
+        except BaseException as error:
+            stopped = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+            _write_marker(target / FAILED_MARKER, source=source, stopped=stopped)
+            raise
+        shutil.rmtree(target / INCOMING, ignore_errors=True)
+        _write_marker(marker, source=source, files=len(result.files) + len(result.skipped))
     return result
+
+
+@contextmanager
+def _held(target: Path, *, stale_s: float) -> Iterator[None]:
+    """One transfer at a time into ``target`` (an hourly scrontab's beside a manual one).
+
+    Both would copy every file into the same hidden folder, where one renames what the other
+    is still writing; the same lock as an analysis output's (:class:`buzzdask.lock.OutputLock`).
+    """
+    from buzzdask.lock import OutputLock, current_holder
+
+    lock = OutputLock(target, started=utc_now(), stale_s=stale_s)
+    try:
+        lock.__enter__()
+    except OutputConflictError:
+        holder = current_holder(target)
+        raise TransferError(
+            f"{target} is being filled by another transfer "
+            f"({holder.describe() if holder else 'another process'}): let it finish (a watch "
+            "analyses what it brings), or stop it and run this one again",
+            reason="destination in use",
+        ) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _write_marker(path: Path, **facts: Any) -> None:
@@ -214,7 +243,7 @@ def _copy_all(
             result.left_out.append(relative)
             continue
         here = target.joinpath(*PurePosixPath(relative).parts)
-        if here.is_file() and here.stat().st_size == entry["Size"]:
+        if here.is_file() and _same_version(here.stat(), entry):
             result.skipped.append(relative)
         else:
             wanted.append((relative, int(entry["Size"])))
@@ -231,6 +260,27 @@ def _copy_all(
             len(batches),
             format_count(len(batch), "file"),
         )
+
+
+#: rclone's ModTime: RFC 3339, up to nanoseconds (more digits than Python's parser takes).
+_MOD_TIME = re.compile(r"(?P<second>[\d-]+T[\d:]+)(?P<fraction>\.\d+)?(?P<zone>Z|[+-][\d:]+)$")
+
+
+def _same_version(local: os.stat_result, entry: dict[str, Any]) -> bool:
+    """Whether a file at the destination is the remote's: the same size and modification time.
+
+    Times to the second (rclone gives a copy the remote's): a recording replaced on the remote
+    is copied again although it has the same size (AudioMoth's all have one).
+    """
+    if local.st_size != int(entry["Size"]):
+        return False
+    match = _MOD_TIME.match(str(entry.get("ModTime", "")))
+    if match is None:  # no time from this remote: the size alone
+        return True
+    zone = "+00:00" if match["zone"] == "Z" else match["zone"]
+    remote_s = datetime.fromisoformat(match["second"] + zone).timestamp()
+    remote_s += float(match["fraction"] or 0.0)
+    return abs(local.st_mtime_ns / 1e9 - remote_s) < 1.0
 
 
 def upload(

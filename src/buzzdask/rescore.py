@@ -199,6 +199,9 @@ def _feed(
         plans = [
             ChunkPlan(int(e["chunk"]), int(e["first_frame"]), int(e["frames"])) for e in entries
         ]
+        short = _stored_short(store, entries)
+        if short:  # its frames that are stored are scored all the same
+            ledger.file_failed(state, "load", short)
         for job in ledger.planned(state, info, plans):
             if job.stored is None:
                 last = job.plan.first_frame + (job.plan.n_frames or 1) - 1
@@ -209,6 +212,30 @@ def _feed(
                 ledger.chunk_failed(job, missing, "load")
             else:
                 pipeline.enqueue(job)
+
+
+def _stored_short(store: EmbeddingStore, entries: Sequence[Mapping[str, Any]]) -> str:
+    """Why a file's stored chunks are not all of its audio, or ``""`` where they are.
+
+    The analysis that kept them was stopped, or some of its chunks failed: a re-scoring of what
+    is there alone would look whole.
+    """
+    indices = {int(entry["chunk"]) for entry in entries}
+    missing = sorted(set(range(max(indices) + 1)) - indices)
+    total = store.file_frames(str(entries[0]["sha256"]))
+    reached = max(int(entry["first_frame"]) + int(entry["frames"]) for entry in entries)
+    if not missing and total is not None and reached >= total:
+        return ""
+    what = (
+        f"chunk(s) {', '.join(map(str, missing))} of it"
+        if missing
+        else f"its frames from {reached} on"
+    )
+    return (
+        f"its stored embeddings are not all of its audio: {what} were never stored (the "
+        "analysis that kept them was stopped, or failed there); finish that analysis "
+        "(--resume, with --keep-embeddings), then rescore with --resume"
+    )
 
 
 def _version(catalog: Mapping[str, list[dict[str, Any]]], name: str) -> tuple[int, int] | None:

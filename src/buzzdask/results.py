@@ -192,6 +192,43 @@ class Run:
         }
         return sorted(names)
 
+    def failed_recordings(self) -> list[str]:
+        """Input files a problem stopped (``errors.parquet`` rows with ``kept`` false), sorted.
+
+        Some of them have frames (a later chunk failed, the file was deleted mid-run), most
+        none. Empty while the run has not written its errors table.
+        """
+        path = self.layout.errors
+        if not path.exists():
+            return []
+        errors = pd.read_parquet(path, columns=["file", "kept"])
+        return sorted(set(errors.loc[~errors["kept"].astype(bool), "file"]))
+
+    def unfinished_recordings(self) -> list[str]:
+        """Recordings with frames written but not all their audio scored, sorted.
+
+        Those a problem stopped (:meth:`failed_recordings`) and, in a run that has not
+        finished, those whose journal does not reach their end: chunks ``0..k`` all written,
+        the audio ending in chunk ``k``. (Journals written before they said where the audio ended:
+        chunk ``k`` short of a whole chunk of frames, which only a file's last is; a file
+        ending exactly on a chunk's end then counts as unfinished.)
+        """
+        with_frames = set(self.recordings())
+        unfinished = with_frames.intersection(self.failed_recordings())
+        if self.complete:
+            return sorted(unfinished)
+        frames_per_chunk = self.metadata.get("fingerprint", {}).get("frames_per_chunk", 0)
+        chunks_of: dict[str, dict[int, dict[str, Any]]] = {}
+        for (relative, index), entry in self.layout.read_journal().items():
+            chunks_of.setdefault(relative, {})[index] = entry
+        for relative in with_frames:
+            chunks = chunks_of.get(relative, {})
+            last = chunks.get(len(chunks) - 1, {})  # chunks 0..k all there: the k-th
+            ends = last.get("ends", int(last.get("frames", frames_per_chunk)) < frames_per_chunk)
+            if not (last and max(chunks) == len(chunks) - 1 and ends):
+                unfinished.add(relative)
+        return sorted(unfinished)
+
     def partitions(self, relative: str) -> list[Path]:
         """The partition files of one recording, in chunk order."""
         return sorted(self._recording_dir(relative).glob(PARTITION_GLOB))

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -114,7 +114,11 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
         if all(_under(path, earlier_root) for path in paths):
             return str(earlier_root)
         moved = _moved_to(paths, names)
-        if moved is not None and all(_under(path, moved) for path in paths):
+        if (
+            moved is not None
+            and all(_under(path, moved) for path in paths)
+            and _holds_most(moved, layout.read_journal())
+        ):
             logger.warning(
                 "resume: the earlier run's recordings are now under %s (it read them under %s)",
                 moved,
@@ -168,11 +172,27 @@ def _moved_to(paths: Sequence[str], names: set[str]) -> str | None:
     return folders.most_common(1)[0][0] if folders else None
 
 
+def _holds_most(folder: str, journal: Mapping[tuple[str, int], Mapping[str, Any]]) -> bool:
+    """Whether most of the earlier run's recordings are in ``folder``, each of its earlier size.
+
+    The earlier recordings moved there (a scratch copy, another mount), not another season's
+    folder that shares a few of their names (``siteA/rec1.mp3``): resumed from that, the
+    earlier results would be taken for changed or gone and removed.
+    """
+    sizes = {name: entry.get("size") for (name, _), entry in journal.items()}
+    found = 0
+    for name, size in sizes.items():
+        version = _version(Path(folder, name))
+        found += version is not None and version[0] == size
+    return 2 * found > len(sizes)
+
+
 def check_resume(
     layout: OutputLayout,
     *,
     fingerprint: Mapping[str, Any],
     input_root: str | os.PathLike[str],
+    given: Collection[str],
     versions: Callable[[str], tuple[int, int] | None] | None = None,
 ) -> ResumeCheck:
     """Check every journalled chunk of ``layout``; remove what cannot be trusted.
@@ -186,6 +206,10 @@ def check_resume(
     input_root : path-like
         This run's input directory, which the journal's file names are relative to
         (:func:`resume_root`).
+    given : collection of str
+        This run's input files, by those names. The chunks of a journalled file not among them
+        (a resume naming one folder of the run's) are kept as they are, unchecked, unless the
+        file is gone.
     versions : callable, optional
         ``versions(name)``: an input's (size, modification time) now, ``None`` if gone. Default:
         the file's under the input directory (a re-scoring asks its store's catalog).
@@ -203,10 +227,14 @@ def check_resume(
     check = ResumeCheck()
     rejected: dict[tuple[str, int], str] = {}
     to_verify = []
+    trusted: set[Path] = set()
     for key, entry in journal.items():
         version = current[key[0]]
         if version is None:
             rejected[key] = "vanished"
+        elif key[0] not in given:  # not this run's to judge: its partition stays
+            if entry["frames"]:
+                trusted.add(layout.partition(*key))
         elif version != (entry.get("size"), entry.get("mtime_ns")):
             rejected[key] = "changed"
         elif entry["frames"]:
@@ -227,7 +255,6 @@ def check_resume(
     # that way, 10.9-11.2 s this way.
     per_task = max(1, -(-len(to_verify) // (_READERS * _TASKS_PER_READER)))
     batches = [to_verify[i : i + per_task] for i in range(0, len(to_verify), per_task)]
-    trusted: set[Path] = set()
     with ThreadPoolExecutor(_READERS) as pool:
         problems = itertools.chain.from_iterable(pool.map(problems_of, batches))
         for key, (path, problem) in zip(to_verify, problems, strict=True):

@@ -14,6 +14,8 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
+import stat
 import tempfile
 import threading
 import uuid
@@ -22,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 from buzzdask.decode import (
     AudioInfo,
@@ -50,6 +54,9 @@ _COPY_OPTIONS = ("spec", "margin_s", "seekable_codecs")  # what decides the deco
 _STAGE_LOCK = threading.Lock()
 _COPIES: OrderedDict[tuple[str, int, int], _Copy] = OrderedDict()
 _STAGE_DIRS: dict[str, str] = {}
+_STAGE_PREFIX = "buzzdask-stage-"
+#: In each stage directory: the host and process id of the worker that made it.
+_OWNER = ".owner"
 # (directory, reason) already warned of in this process: one line each, not one per chunk.
 _WARNED: set[tuple[str, str]] = set()
 logger = logging.getLogger(__name__)
@@ -182,14 +189,42 @@ def decode_chunk_staged(
 
 
 def _stage_directory(directory: str | None) -> str:
-    """The calling process' own directory under ``directory`` (made once, removed at exit)."""
+    """The calling process' own directory under ``directory`` (made once, removed at exit).
+
+    A worker that does not exit by itself (a nanny's kill when the worker is slow to close,
+    as a notebook's own cluster closing; a killed job) runs no ``atexit``: the directories of
+    this host's processes that are gone are removed as a new one is made.
+    """
     base = directory or os.environ.get("TMPDIR") or tempfile.gettempdir()
     if base not in _STAGE_DIRS or not os.path.isdir(_STAGE_DIRS[base]):
         os.makedirs(base, exist_ok=True)  # a configured directory may not exist yet
-        private = tempfile.mkdtemp(prefix=f"buzzdask-stage-{os.getpid()}-", dir=base)
+        _remove_dead_stage_dirs(base)
+        private = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=base)
+        with open(os.path.join(private, _OWNER), "w", encoding="utf-8") as owner:
+            owner.write(f"{socket.gethostname()} {os.getpid()}\n")
         atexit.register(shutil.rmtree, private, ignore_errors=True)
         _STAGE_DIRS[base] = private
     return _STAGE_DIRS[base]
+
+
+def _remove_dead_stage_dirs(base: str) -> None:
+    """Remove the stage directories under ``base`` whose process on this host is gone."""
+    host = socket.gethostname()
+    try:
+        names = [name for name in os.listdir(base) if name.startswith(_STAGE_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        owner = os.path.join(base, name, _OWNER)
+        try:
+            if not stat.S_ISREG(os.lstat(owner).st_mode):
+                continue
+            with open(owner, encoding="utf-8") as file:
+                maker_host, _, pid = file.read().strip().partition(" ")
+        except (OSError, ValueError):  # not one of ours, or gone meanwhile
+            continue
+        if maker_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 
 def _remove(path: str) -> None:

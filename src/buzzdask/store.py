@@ -405,7 +405,12 @@ def find_store(path: str | os.PathLike[str]) -> Path:
         If neither holds embeddings an analysis stored (a catalog).
     """
     given = user_path(path)
-    for root in (given, given / KEPT_EMBEDDINGS):
+    roots = [given, given / KEPT_EMBEDDINGS]
+    if (given / _CATALOG).is_file():  # one set of the store (a re-scoring records its path)
+        roots.append(given.parent)
+    if (given / "buzzdask.json").is_file():  # one model's output of a run of several
+        roots.append(given.parent / KEPT_EMBEDDINGS)
+    for root in roots:
         if any(root.glob(f"*/{_CATALOG}")):
             return root
     raise _no_catalog(given / KEPT_EMBEDDINGS if (given / KEPT_EMBEDDINGS).is_dir() else given)

@@ -44,7 +44,7 @@ from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
 from buzzdask.progress import logger
-from buzzdask.rclone import FAILED_MARKER
+from buzzdask.rclone import FAILED_MARKER, INCOMING
 from buzzdask.session import connect
 from buzzdask.settings import load_settings
 from buzzdask.write import (
@@ -190,6 +190,7 @@ def _watch_passes(
     """Look, and analyse in passes, until something ends the watch; return what did."""
     previous: _Snapshot | None = None
     analysed: _Snapshot | None = None
+    copying: list[tuple[str, int, int]] = []
     last_change = time.monotonic()
     while True:
         # Before the listing: the markers come last.
@@ -197,7 +198,10 @@ def _watch_passes(
         markers = {reason: _file_state(path) for reason, path in ended_by.items()}
         finished, failed = markers["marker"] is not None, markers["transfer failed"] is not None
         snapshot = _snapshot(root, extensions)
-        if snapshot != previous:
+        # A batch being copied is hidden until whole, maybe for longer than the idle timeout
+        # (twenty day-long WAVs from a throttled SharePoint): its growth is not idleness.
+        copying, was_copying = _being_copied(root), copying
+        if snapshot != previous or copying != was_copying:
             last_change = time.monotonic()
         stable, previous_look, previous = snapshot == previous, previous, snapshot
         stopped = (
@@ -229,6 +233,20 @@ def _watch_passes(
         if stopped:
             return stopped
         time.sleep(poll)
+
+
+def _being_copied(root: Path) -> list[tuple[str, int, int]]:
+    """What ``buzzdask transfer`` is copying into ``root``: name, size, modification time."""
+    found = []
+    for folder, _, names in os.walk(root / INCOMING):
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                status = os.stat(path)
+            except OSError:  # renamed into place meanwhile
+                continue
+            found.append((path, status.st_size, status.st_mtime_ns))
+    return sorted(found)
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:

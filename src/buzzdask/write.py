@@ -85,6 +85,7 @@ ConflictReason = Literal[
     "settings differ",
     "in use",
     "holds other files",
+    "metadata unreadable",
 ]
 # The lock file of buzzdask.lock (and the name a stale one is set aside under): no results.
 _LOCK_PREFIX = ".buzzdask.lock"
@@ -227,13 +228,15 @@ class OutputLayout:
         frames: int,
         size: int,
         mtime_ns: int,
+        ends: bool,
         damaged: str = "",
     ) -> None:
         """Journal one finished chunk whose partition (if it has frames) is in place.
 
         ``size`` and ``mtime_ns`` identify the input's version: a resume redoes the chunk when
-        the file has changed since. ``damaged``: what ffmpeg reported of damaged audio in the
-        chunk, kept for the errors table of a run that resumes this one.
+        the file has changed since. ``ends``: the file's audio ended in this chunk (or before
+        it). ``damaged``: what ffmpeg reported of damaged audio in the chunk, kept for the
+        errors table of a run that resumes this one.
         """
         entry = {
             "file": relative,
@@ -241,6 +244,7 @@ class OutputLayout:
             "frames": frames,
             "size": size,
             "mtime_ns": mtime_ns,
+            "ends": ends,
         }
         self.append_journal({**entry, "damaged": damaged} if damaged else entry)
 
@@ -404,9 +408,11 @@ class OutputConflict:
     reason : str
         One of :data:`ConflictReason`: ``"not a directory"``, ``"cannot create"``, ``"cannot
         write"``, ``"not buzzdask"``, ``"holds results"``, ``"settings differ"``, ``"in use"``,
-        ``"holds other files"``.
+        ``"holds other files"``, ``"metadata unreadable"``.
     chunks : int
         Chunks the earlier run journalled.
+    finished : bool
+        Whether that run finished (``"holds results"``).
     differences : tuple of (key, before, now)
         Fingerprint entries that differ (``"settings differ"``).
     earlier : tuple of (option, value)
@@ -429,6 +435,7 @@ class OutputConflict:
     output: Path
     reason: ConflictReason
     chunks: int = 0
+    finished: bool = False
     differences: tuple[tuple[str, Any, Any], ...] = ()
     earlier: tuple[tuple[str, Any], ...] = ()
     holder: str = ""
@@ -454,11 +461,19 @@ class OutputConflict:
                 f"cannot write in output {self.output} ({self.problem}); {fix} or choose "
                 f"another {words.output}"
             )
+        if self.reason == "metadata unreadable":
+            return (
+                f"output {self.output} holds results, but its buzzdask.json {self.problem} (a "
+                "copy cut short, an edit, a deletion?): put back the buzzdask.json of the run "
+                f"that wrote it, or pass {words.new} to write to a new timestamped directory "
+                "(nothing here is removed)"
+            )
         if self.reason == "not buzzdask" and self.others:
             return (
-                f"output {self.output} holds the outputs of a run of several models "
-                f"({first_names(self.others, shown=5)}): give one of them as {words.output} to "
-                f"resume it or follow it, or choose an empty or new directory"
+                f"output {self.output} holds buzzdask outputs "
+                f"({first_names(self.others, shown=5)}: earlier runs, or the models of a run "
+                f"of several): give one of them as {words.output} to resume it or follow it, or "
+                "choose an empty or new directory, such as a new one inside it"
             )
         if self.reason == "not buzzdask":
             return (
@@ -478,12 +493,19 @@ class OutputConflict:
                 f"over by the next run: at once on its own host, from another host after "
                 f"{self.stale_s:g} s without a sign of life (buzzdask.lock-stale-seconds)"
             )
+        if self.reason == "holds results" and self.finished:
+            done = format_count(self.chunks, "chunk")
+            return (
+                f"output {self.output} already holds results of a finished run ({done}); "
+                f"pass {words.new} to write to a new timestamped directory, or choose another "
+                f"{words.output} ({words.resume} adds only what it lacks: new files, a model)"
+            )
         if self.reason == "holds results":
             done = format_count(self.chunks, "chunk")
             return (
-                f"output {self.output} already holds results ({done} done); pass "
-                f"{words.resume} to finish that run, {words.new} to write to a new timestamped "
-                f"directory, or choose another {words.output}"
+                f"output {self.output} already holds results of an unfinished run ({done} "
+                f"done); pass {words.resume} to finish that run, {words.new} to write to a new "
+                f"timestamped directory, or choose another {words.output}"
             )
         # What only one kind of run records: an analysis its ffmpeg, a re-scoring its store.
         before = {key: earlier for key, earlier, _ in self.differences}
@@ -540,7 +562,13 @@ def refuse_results(layout: OutputLayout) -> None:
     """
     if layout.metadata.exists() and layout.holds_chunks():
         chunks = len(layout.read_journal())
-        raise OutputConflictError(OutputConflict(layout.root, "holds results", chunks=chunks))
+        try:
+            finished = json.loads(layout.metadata.read_text())["status"] == "complete"
+        except (OSError, ValueError, KeyError, TypeError):
+            finished = False
+        raise OutputConflictError(
+            OutputConflict(layout.root, "holds results", chunks=chunks, finished=finished)
+        )
 
 
 def _chunk_seconds(fingerprint: Mapping[str, Any]) -> float | None:
@@ -616,9 +644,23 @@ def prepare_output(
         return layout
     if on_conflict == "new":
         return OutputLayout(new_sibling(layout.root))
+    if not layout.metadata.exists() and layout.journal.exists():
+        problem = "is missing"
+        raise OutputConflictError(
+            OutputConflict(layout.root, "metadata unreadable", problem=problem)
+        )
     if not layout.metadata.exists():
         heads = sorted(p.name for p in layout.root.iterdir() if OutputLayout(p).metadata.is_file())
         raise OutputConflictError(OutputConflict(layout.root, "not buzzdask", others=tuple(heads)))
+    try:
+        previous = json.loads(layout.metadata.read_text(encoding="utf-8"))
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        problem = f"cannot be read ({error})"
+        raise OutputConflictError(
+            OutputConflict(layout.root, "metadata unreadable", problem=problem)
+        ) from None
     if not layout.holds_chunks():
         logger.warning(
             "reusing %s: the run that created it wrote no chunk, so nothing in it depends on "
@@ -628,7 +670,6 @@ def prepare_output(
         return layout
     if on_conflict == "error":
         refuse_results(layout)
-    previous = json.loads(layout.metadata.read_text(encoding="utf-8"))
     before = previous.get("fingerprint", {})
     differences = tuple(
         # Chunks in seconds, as the caller gives them: "frames_per_chunk: 2 before, 7 now"
