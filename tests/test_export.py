@@ -439,11 +439,16 @@ def test_another_runs_export_is_never_replaced(run, make_audio, tmp_path, caplog
     first = run(tmp_path / "siteA", output=tmp_path / "outA")
     second = run(tmp_path / "siteB", output=tmp_path / "outB")
     dest = tmp_path / "for_buzzr"
-    buzzdask.export(first.output, format="buzzdetect", dest=dest)
+    dest.mkdir()
+    # The same folder by a link at another depth (macOS's /tmp, a home linked to /fs/ess).
+    linked = tmp_path / "home" / "me" / "for_buzzr"
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(dest, target_is_directory=True)
+    buzzdask.export(first.output, format="buzzdetect", dest=linked)
     mine = (dest / "20240612_053000_buzzdetect.csv").read_bytes()
-    for overwrite in (False, True):
+    for overwrite, into in ((False, dest), (True, dest), (True, linked)):
         with pytest.raises(OutputConflictError, match=r"holds the export of another run, .*outA"):
-            buzzdask.export(second.output, format="buzzdetect", dest=dest, overwrite=overwrite)
+            buzzdask.export(second.output, format="buzzdetect", dest=into, overwrite=overwrite)
     assert (dest / "20240612_053000_buzzdetect.csv").read_bytes() == mine
 
     shutil.rmtree(first.output)

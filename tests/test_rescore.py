@@ -807,7 +807,8 @@ def test_cli_two_models_keep_embeddings_then_rescore(
 
     code = main(
         [
-            *("rescore", str(output / "embeddings")),  # no --embedder: the store's
+            # One model's output of the two: the store it recorded. No --embedder: the store's.
+            *("rescore", str(output / "model_tiny")),
             *("--model", str(new_head), "--output", str(tmp_path / "re"), "--no-progress"),
         ],
         client=dask_client,
@@ -815,6 +816,17 @@ def test_cli_two_models_keep_embeddings_then_rescore(
     assert code == EXIT_OK
     assert "3/3 files" in capsys.readouterr().out
     assert_same_output(tmp_path / "re", corpus.fresh.output)
+
+
+def test_an_output_that_kept_no_embeddings_is_no_store(corpus, tmp_path):
+    """Beside another run's store (a project's results/): not taken for this run's."""
+    from buzzdask.store import find_store
+
+    shutil.copytree(corpus.fresh.output, tmp_path / "project" / "run1")
+    shutil.copytree(corpus.store, tmp_path / "project" / "embeddings")
+    with pytest.raises(ModelError, match="holds no embeddings an analysis stored"):
+        find_store(tmp_path / "project" / "run1")
+    assert find_store(corpus.kept.output) == corpus.store
 
 
 def test_cli_rescore_prints_no_chunk_lines_without_v(corpus, new_head, tmp_path):

@@ -180,7 +180,7 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     # recordings moved: refused, and the results stay.
     make_audio("a.wav", directory=tmp_path / "season2025" / "siteA", n_samples=2 * FRAME, seed=5)
     make_audio("c.wav", directory=tmp_path / "season2025" / "siteC", n_samples=2 * FRAME)
-    with pytest.raises(OutputConflictError, match="it is not under"):
+    with pytest.raises(OutputConflictError, match=r"it is not under .* not of their earlier"):
         run(tmp_path / "season2025", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
     assert_same_frames(again.to_pandas(), complete.to_pandas())  # read from disk again
 
@@ -189,7 +189,12 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     with pytest.raises(OutputConflictError, match=r"c\.wav: it is not under .*audio, the folder"):
         run([*paths, elsewhere], chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
 
-    # The inputs moved (a scratch copy, another mount): matched by their earlier names.
+    # The inputs moved (a scratch copy, another mount): matched by their earlier names, also
+    # where only part of them are there.
+    partial = tmp_path / "partial_copy"
+    shutil.copytree(audio / "siteA", partial / "siteA")
+    resumed = run(partial / "siteA", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    assert resumed.ok and resumed.summary["resume"]["files_vanished"] == 0
     moved = tmp_path / "moved"
     audio.rename(moved)
     resumed = run(moved, chunk_seconds=CHUNK_S, output=out, on_conflict="resume")

@@ -27,6 +27,21 @@ def journal_keys(output) -> list[tuple[str, int]]:
     return [(entry["file"], entry["chunk"]) for entry in map(json.loads, lines)]
 
 
+def _watch_a_transfer(rclone_remote, folder, dest, rate, model, output, **options):
+    """Watch ``dest`` while, in a thread, ``folder`` of the remote is transferred into it at
+    ``rate`` (rclone's --bwlimit), two files a batch."""
+    arriving = threading.Thread(
+        target=transfer,
+        args=(f"sharepoint:{folder}", dest),
+        kwargs={"batch_size": 2, "rclone_flags": (*rclone_remote.flags, "--bwlimit", rate)},
+    )
+    arriving.start()
+    try:
+        return watch(dest, model, output=output, poll_seconds=0.2, **options)
+    finally:
+        arriving.join()
+
+
 def test_files_arriving_during_the_analysis_give_the_one_shot_rows(
     rclone_remote, make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
 ):
@@ -42,24 +57,10 @@ def test_files_arriving_during_the_analysis_give_the_one_shot_rows(
     options = {"embedder": str(tiny_embedder), "chunk_seconds": 1.0, "progress": False}
 
     # About 100 kB per file at 60 kB/s, two files per batch: batches land seconds apart.
-    arriving = threading.Thread(
-        target=transfer,
-        args=("sharepoint:arriving", dest),
-        kwargs={"batch_size": 2, "rclone_flags": (*rclone_remote.flags, "--bwlimit", "60k")},
-    )
-    arriving.start()
-    try:
-        watched = watch(
-            dest,
-            tiny_model,
-            output=tmp_path / "watched",
-            client=dask_client,
-            poll_seconds=0.2,
-            idle_timeout_s=60,
-            **options,
-        )
-    finally:
-        arriving.join()
+    watched = _watch_a_transfer(
+        rclone_remote, "arriving", dest, "60k", tiny_model, tmp_path / "watched",
+        client=dask_client, idle_timeout_s=60, **options,
+    )  # fmt: skip
     one_shot = buzzdask.analyze(
         dest, tiny_model, output=tmp_path / "one_shot", client=dask_client, **options
     )
@@ -92,25 +93,10 @@ def test_a_batch_still_copying_is_not_idleness(
         make_audio(name, n_samples=6 * FRAME, seed=seed, directory=remote)  # 184 kB each
     dest = tmp_path / "dest"
     dest.mkdir()
-    arriving = threading.Thread(
-        target=transfer,
-        args=("sharepoint:slow", dest),
-        kwargs={"batch_size": 2, "rclone_flags": (*rclone_remote.flags, "--bwlimit", "50k")},
-    )
-    arriving.start()
-    try:
-        watched = watch(
-            dest,
-            tiny_model,
-            output=tmp_path / "watched",
-            client=dask_client,
-            poll_seconds=0.2,
-            idle_timeout_s=2,
-            embedder=str(tiny_embedder),
-            progress=False,
-        )
-    finally:
-        arriving.join()
+    watched = _watch_a_transfer(
+        rclone_remote, "slow", dest, "50k", tiny_model, tmp_path / "watched",
+        client=dask_client, idle_timeout_s=2, embedder=str(tiny_embedder), progress=False,
+    )  # fmt: skip
     assert watched.summary["watch"]["stopped"] == "marker"
     assert len(watched.to_pandas()) == 12
 

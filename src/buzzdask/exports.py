@@ -284,7 +284,7 @@ def _files_written(
     """
     listed = _listed(dest)
     here = os.path.realpath(run.output)
-    mine = [key for key in listed if os.path.realpath(dest / key) == here]
+    mine = [key for key in listed if _listed_run(dest, key) == here]
     earlier = {dest / name for key in mine for name in listed[key] if ".." not in name}
     _check_not_others(targets, dest=dest, listed=listed, mine=mine)
     _check_free(targets, dest=dest, overwrite=overwrite, earlier=sorted(earlier - set(targets)))
@@ -302,7 +302,9 @@ def _files_written(
         )
     for key in mine:
         del listed[key]
-    listed[os.path.relpath(run.output, dest)] = [p.relative_to(dest).as_posix() for p in targets]
+    # Both real: ".." in a key must climb out of dest's real folder, not out of a link to it.
+    key = os.path.relpath(here, os.path.realpath(dest))
+    listed[key] = [p.relative_to(dest).as_posix() for p in targets]
     write_json(dest / WRITTEN, listed)
     marker.unlink()
 
@@ -310,20 +312,38 @@ def _files_written(
 def _check_not_others(
     targets: Sequence[Path], *, dest: Path, listed: Mapping[str, list[str]], mine: Sequence[str]
 ) -> None:
-    """Refuse targets another run's export wrote, where that run's output is still there."""
-    names = {path.relative_to(dest).as_posix() for path in targets}
+    """Refuse targets another run's export wrote, where that run's output is still there.
+
+    A recording's partial and whole result (``_buzzpart``, ``_buzzdetect``) are one name to
+    buzzr, which reads both with ``include_partial = TRUE``.
+    """
+    names = {_one_name(path.relative_to(dest).as_posix()): path for path in targets}
     for key, files in listed.items():
-        taken = sorted(names.intersection(files))
-        other = dest / key
-        if key in mine or not taken or not (other / "buzzdask.json").exists():
+        taken = sorted(
+            names[name].relative_to(dest).as_posix()
+            for name in names.keys() & {_one_name(file) for file in files}
+        )
+        other = _listed_run(dest, key)
+        if key in mine or not taken or not os.path.exists(os.path.join(other, "buzzdask.json")):
             continue
         more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
         raise OutputConflictError(
             f"export file {dest / taken[0]}{more} holds the export of another run, "
-            f"{os.path.normpath(other)}: recordings of both runs would go by one name (each "
+            f"{other}: recordings of both runs would go by one name (each "
             "run's names start at the folder it analysed), and overwrite=True (--overwrite) "
             "does not replace another run's files; export each run into its own dest (--dest)"
         )
+
+
+def _one_name(name: str) -> str:
+    """An export file's name with a partial result named as the whole one."""
+    partial = f"{BUZZPART_TAG}.csv"
+    return name.removesuffix(partial) + f"{BUZZDETECT_TAG}.csv" if name.endswith(partial) else name
+
+
+def _listed_run(dest: Path, key: str) -> str:
+    """The real path of a run listed in ``dest``'s :data:`WRITTEN` (relative, or absolute)."""
+    return os.path.realpath(os.path.join(os.path.realpath(dest), key))
 
 
 def _listed(dest: Path) -> dict[str, list[str]]:

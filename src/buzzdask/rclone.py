@@ -269,8 +269,8 @@ _MOD_TIME = re.compile(r"(?P<second>[\d-]+T[\d:]+)(?P<fraction>\.\d+)?(?P<zone>Z
 def _same_version(local: os.stat_result, entry: dict[str, Any]) -> bool:
     """Whether a file at the destination is the remote's: the same size and modification time.
 
-    Times to the second (rclone gives a copy the remote's): a recording replaced on the remote
-    is copied again although it has the same size (AudioMoth's all have one).
+    Times to 2 s (rclone gives a copy the remote's; FAT keeps 2 s): a recording replaced on
+    the remote is copied again although it has the same size (AudioMoth's all have one).
     """
     if local.st_size != int(entry["Size"]):
         return False
@@ -280,7 +280,7 @@ def _same_version(local: os.stat_result, entry: dict[str, Any]) -> bool:
     zone = "+00:00" if match["zone"] == "Z" else match["zone"]
     remote_s = datetime.fromisoformat(match["second"] + zone).timestamp()
     remote_s += float(match["fraction"] or 0.0)
-    return abs(local.st_mtime_ns / 1e9 - remote_s) < 1.0
+    return abs(local.st_mtime_ns / 1e9 - remote_s) <= 2.0  # FAT's times are to 2 s
 
 
 def upload(

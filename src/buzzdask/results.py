@@ -207,16 +207,15 @@ class Run:
     def unfinished_recordings(self) -> list[str]:
         """Recordings with frames written but not all their audio scored, sorted.
 
-        Those a problem stopped (:meth:`failed_recordings`) and, in a run that has not
-        finished, those whose journal does not reach their end: chunks ``0..k`` all written,
-        the audio ending in chunk ``k``. (Journals written before they said where the audio ended:
-        chunk ``k`` short of a whole chunk of frames, which only a file's last is; a file
-        ending exactly on a chunk's end then counts as unfinished.)
+        Those a problem stopped (:meth:`failed_recordings`) and those whose journal does not
+        reach their end: chunks ``0..k`` all written, the audio ending in chunk ``k``. A run
+        "complete" has not finished every file it holds where its last resume named only some
+        of its folders. (Journals written before they said where the audio ended: in a run not
+        finished, chunk ``k`` short of a whole chunk of frames, which only a file's last is; a
+        file ending exactly on a chunk's end then counts as unfinished.)
         """
         with_frames = set(self.recordings())
         unfinished = with_frames.intersection(self.failed_recordings())
-        if self.complete:
-            return sorted(unfinished)
         frames_per_chunk = self.metadata.get("fingerprint", {}).get("frames_per_chunk", 0)
         chunks_of: dict[str, dict[int, dict[str, Any]]] = {}
         for (relative, index), entry in self.layout.read_journal().items():
@@ -224,8 +223,9 @@ class Run:
         for relative in with_frames:
             chunks = chunks_of.get(relative, {})
             last = chunks.get(len(chunks) - 1, {})  # chunks 0..k all there: the k-th
-            ends = last.get("ends", int(last.get("frames", frames_per_chunk)) < frames_per_chunk)
-            if not (last and max(chunks) == len(chunks) - 1 and ends):
+            # Older journals: a finished run's files are whole (a resume then judged them all).
+            short = self.complete or int(last.get("frames", frames_per_chunk)) < frames_per_chunk
+            if not (last and max(chunks) == len(chunks) - 1 and last.get("ends", short)):
                 unfinished.add(relative)
         return sorted(unfinished)
 

@@ -117,7 +117,7 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
         if (
             moved is not None
             and all(_under(path, moved) for path in paths)
-            and _holds_most(moved, layout.read_journal())
+            and _moved_there(moved, layout.read_journal(), paths)
         ):
             logger.warning(
                 "resume: the earlier run's recordings are now under %s (it read them under %s)",
@@ -126,12 +126,18 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
             )
             return moved
         outside = next(path for path in paths if not _under(path, earlier_root))
+        not_moved = (
+            f" (the files under {moved} named as earlier recordings are mostly not of their "
+            "earlier sizes: other recordings, not those moved)"
+            if moved is not None
+            else ""
+        )
         raise OutputConflictError(
             f"cannot resume {layout.root} with {outside}: it is not under {earlier_root}, the "
-            f"folder the earlier run named its {format_count(len(names), 'recording')} from, "
-            "so recordings would be named anew and analysed twice. Resume with inputs under "
-            f"{earlier_root} (or the folder it was moved to), and analyse the others into "
-            "another output"
+            f"folder the earlier run named its {format_count(len(names), 'recording')} from"
+            f"{not_moved}, so recordings would be named anew and analysed twice. Resume with "
+            f"inputs under {earlier_root} (or the folder it was moved to), and analyse the "
+            "others into another output"
         )
     return root
 
@@ -172,19 +178,25 @@ def _moved_to(paths: Sequence[str], names: set[str]) -> str | None:
     return folders.most_common(1)[0][0] if folders else None
 
 
-def _holds_most(folder: str, journal: Mapping[tuple[str, int], Mapping[str, Any]]) -> bool:
-    """Whether most of the earlier run's recordings are in ``folder``, each of its earlier size.
+def _moved_there(
+    folder: str, journal: Mapping[tuple[str, int], Mapping[str, Any]], paths: Sequence[str]
+) -> bool:
+    """Whether the inputs found by earlier names under ``folder`` are mostly the earlier files.
 
-    The earlier recordings moved there (a scratch copy, another mount), not another season's
-    folder that shares a few of their names (``siteA/rec1.mp3``): resumed from that, the
-    earlier results would be taken for changed or gone and removed.
+    Each of its earlier size: the recordings moved there (a scratch copy, all or part of it,
+    another mount), not another season's folder that shares a few of their names
+    (``siteA/rec1.mp3``), which resumed from would have the earlier results taken for changed
+    or gone and removed.
     """
     sizes = {name: entry.get("size") for (name, _), entry in journal.items()}
-    found = 0
-    for name, size in sizes.items():
-        version = _version(Path(folder, name))
-        found += version is not None and version[0] == size
-    return 2 * found > len(sizes)
+    matched = same = 0
+    for path in paths:
+        name = Path(os.path.relpath(path, folder)).as_posix()
+        if name in sizes:
+            matched += 1
+            version = _version(Path(path))
+            same += version is not None and version[0] == sizes[name]
+    return 2 * same > matched
 
 
 def check_resume(
@@ -209,7 +221,8 @@ def check_resume(
     given : collection of str
         This run's input files, by those names. The chunks of a journalled file not among them
         (a resume naming one folder of the run's) are kept as they are, unchecked, unless the
-        file is gone.
+        file is gone: where the recordings moved since (``input_root`` is not the earlier
+        run's), even then (a copy of part of them).
     versions : callable, optional
         ``versions(name)``: an input's (size, modification time) now, ``None`` if gone. Default:
         the file's under the input directory (a re-scoring asks its store's catalog).
@@ -220,6 +233,7 @@ def check_resume(
     """
     layout.repair_journal()
     journal = layout.read_journal()
+    moved = _earlier_root(layout) not in (None, os.path.normpath(input_root))
     version_of = versions or (lambda relative: _version(Path(input_root, relative)))
     # One look per file, not per chunk: a 24-hour file's 144 on a parallel file system, and
     # its chunks all judged against the same version.
@@ -230,11 +244,13 @@ def check_resume(
     trusted: set[Path] = set()
     for key, entry in journal.items():
         version = current[key[0]]
-        if version is None:
-            rejected[key] = "vanished"
-        elif key[0] not in given:  # not this run's to judge: its partition stays
+        if key[0] not in given and (version is not None or moved):
+            # Not this run's to judge (a resume naming some folders, or part of a copy the
+            # recordings moved to): its partition stays.
             if entry["frames"]:
                 trusted.add(layout.partition(*key))
+        elif version is None:
+            rejected[key] = "vanished"
         elif version != (entry.get("size"), entry.get("mtime_ns")):
             rejected[key] = "changed"
         elif entry["frames"]:
@@ -281,6 +297,15 @@ def check_resume(
     check.partitions_removed = _remove_untrusted(layout, trusted)
     layout.record_removed(rejected)
     return check
+
+
+def _earlier_root(layout: OutputLayout) -> str | None:
+    """The input folder the earlier run recorded, normalised; ``None`` if unknown."""
+    try:
+        root = json.loads(layout.metadata.read_text(encoding="utf-8"))["inputs"]["root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return os.path.normpath(root) if isinstance(root, str) else None
 
 
 def _version(path: Path) -> tuple[int, int] | None:

@@ -408,12 +408,23 @@ def find_store(path: str | os.PathLike[str]) -> Path:
     roots = [given, given / KEPT_EMBEDDINGS]
     if (given / _CATALOG).is_file():  # one set of the store (a re-scoring records its path)
         roots.append(given.parent)
-    if (given / "buzzdask.json").is_file():  # one model's output of a run of several
-        roots.append(given.parent / KEPT_EMBEDDINGS)
+    kept = _kept_by(given)
+    if kept is not None:  # an analysis' output: the store it recorded (one model's of several)
+        roots.append(kept.parent)
     for root in roots:
         if any(root.glob(f"*/{_CATALOG}")):
             return root
     raise _no_catalog(given / KEPT_EMBEDDINGS if (given / KEPT_EMBEDDINGS).is_dir() else given)
+
+
+def _kept_by(output: Path) -> Path | None:
+    """The store set an analysis output recorded keeping its embeddings in, if it did."""
+    try:
+        recorded = json.loads((output / "buzzdask.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kept = recorded.get("embeddings") if isinstance(recorded, dict) else None
+    return Path(kept) if isinstance(kept, str) else None
 
 
 def _no_catalog(root: Path) -> ModelError:

@@ -498,7 +498,8 @@ class OutputConflict:
             return (
                 f"output {self.output} already holds results of a finished run ({done}); "
                 f"pass {words.new} to write to a new timestamped directory, or choose another "
-                f"{words.output} ({words.resume} adds only what it lacks: new files, a model)"
+                f"{words.output} ({words.resume} adds only what it lacks: new files, files "
+                "that failed, a model)"
             )
         if self.reason == "holds results":
             done = format_count(self.chunks, "chunk")
@@ -652,6 +653,13 @@ def prepare_output(
     if not layout.metadata.exists():
         heads = sorted(p.name for p in layout.root.iterdir() if OutputLayout(p).metadata.is_file())
         raise OutputConflictError(OutputConflict(layout.root, "not buzzdask", others=tuple(heads)))
+    if not layout.holds_chunks():
+        logger.warning(
+            "reusing %s: the run that created it wrote no chunk, so nothing in it depends on "
+            "its settings",
+            layout.root,
+        )
+        return layout
     try:
         previous = json.loads(layout.metadata.read_text(encoding="utf-8"))
         if not isinstance(previous, dict):
@@ -661,13 +669,6 @@ def prepare_output(
         raise OutputConflictError(
             OutputConflict(layout.root, "metadata unreadable", problem=problem)
         ) from None
-    if not layout.holds_chunks():
-        logger.warning(
-            "reusing %s: the run that created it wrote no chunk, so nothing in it depends on "
-            "its settings",
-            layout.root,
-        )
-        return layout
     if on_conflict == "error":
         refuse_results(layout)
     before = previous.get("fingerprint", {})
