@@ -949,6 +949,8 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
 
     partial = partial_exported(overwrite=False)
     assert partial
+    outside = tmp_path / "for_buzzr"  # a folder of exports for buzzr, beside the output
+    buzzdask.export(output, format="buzzdetect", dest=outside)
     # A resume given one recording (a whole one where there is one) marks the run complete;
     # the partial ones it did not name stay partial for buzzr.
     names = {path.name.split("_buzz")[0] for path in partial}
@@ -966,9 +968,12 @@ def test_client_killed_mid_run_resume_completes(kill_corpus, tmp_path):
     _assert_same_frames(resumed, reference)
     # The export replaced: every recording whole, the partial files gone.
     replaced = buzzdask.export(output, format="buzzdetect", overwrite=True).files
-    assert sorted(p.name for p in replaced[0].parent.glob("*.csv")) == [
-        f"f{seed}_buzzdetect.csv" for seed in range(3)
-    ]
+    whole = [f"f{seed}_buzzdetect.csv" for seed in range(3)]
+    assert sorted(p.name for p in replaced[0].parent.glob("*.csv")) == whole
+    # Moved (copied off the cluster) and exported again beside it: the partial files go.
+    moved = output.rename(tmp_path / "moved")
+    buzzdask.export(moved, format="buzzdetect", dest=outside, overwrite=True)
+    assert sorted(p.name for p in outside.glob("*.csv")) == whole
 
 
 @pytest.mark.parametrize(

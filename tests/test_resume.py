@@ -175,6 +175,12 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     assert again.summary["resume"]["files_vanished"] == 0
     assert again.summary["resume"]["files_changed"] == 1
     assert_same_frames(again.to_pandas(), complete.to_pandas())
+    # Nor gone: siteB's audio archived (or purged from scratch) while siteA is finished.
+    (audio / "siteB").rename(tmp_path / "archived")
+    resumed = run(audio / "siteA", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    assert resumed.summary["resume"]["files_vanished"] == 0
+    assert_same_frames(resumed.to_pandas(), complete.to_pandas())
+    (tmp_path / "archived").rename(audio / "siteB")
 
     # Another season's folder sharing a name (siteA/a.wav, other audio) is not where the
     # recordings moved: refused, and the results stay.
@@ -182,6 +188,11 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     make_audio("c.wav", directory=tmp_path / "season2025" / "siteC", n_samples=2 * FRAME)
     with pytest.raises(OutputConflictError, match=r"it is not under .* not of their earlier"):
         run(tmp_path / "season2025", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    # Nor where a recorder's files all have one size: the earlier ones are still in place.
+    for name, samples in (("siteA/a.wav", 4 * FRAME), ("siteB/b.wav", 3 * FRAME)):
+        make_audio(name, directory=tmp_path / "season2026", n_samples=samples, seed=7)
+    with pytest.raises(OutputConflictError, match=r"of other times than the earlier recordings"):
+        run(tmp_path / "season2026", chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
     assert_same_frames(again.to_pandas(), complete.to_pandas())  # read from disk again
 
     # A file outside the earlier root would rename every recording: refused before any work.
@@ -204,6 +215,11 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     assert json.loads((out / "buzzdask.json").read_text())["inputs"]["root"] == str(moved)
     assert "now under" in (out / "buzzdask.log").read_text()
     _assert_vouched_for(out)
+    # Gone where they are now, and named: gone from the results, as a fresh run would have it.
+    (moved / "siteB" / "b.wav").unlink()
+    resumed = run(moved, chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+    assert resumed.summary["resume"]["files_vanished"] == 1
+    assert list(resumed.to_pandas()["file"].unique()) == ["siteA/a.wav"]
 
 
 def test_a_resume_with_another_decode_margin_is_refused(run, make_audio, tmp_path):
@@ -241,9 +257,7 @@ def test_a_resume_looks_at_each_input_once(tmp_path):
         looked.append(relative)
         return (1, 1)
 
-    check = check_resume(
-        layout, fingerprint={}, input_root=tmp_path, given={"a.wav", "b.wav"}, versions=versions
-    )
+    check = check_resume(layout, fingerprint={}, input_root=tmp_path, versions=versions)
     assert sorted(looked) == ["a.wav", "b.wav"] and len(check.done) == 10
 
 

@@ -101,6 +101,43 @@ def test_a_batch_still_copying_is_not_idleness(
     assert len(watched.to_pandas()) == 12
 
 
+def test_a_transfer_still_running_is_not_idleness(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+):
+    """rclone may wait before it writes anything (listing a large remote, throttled,
+    retrying): while the transfer holds its destination, the idle timeout does not run."""
+    from buzzdask.lock import OutputLock
+
+    dest = tmp_path / "dest"
+    held = threading.Event()
+
+    def a_transfer_that_waits() -> None:
+        with OutputLock(dest, started="now", stale_s=120):
+            held.set()
+            time.sleep(3)
+            make_audio("a.wav", n_samples=2 * FRAME, directory=dest)
+            (dest / ".transfer-complete").write_text("{}\n")
+
+    waiting = threading.Thread(target=a_transfer_that_waits)
+    waiting.start()
+    held.wait(30)
+    try:
+        watched = watch(
+            dest,
+            tiny_model,
+            output=tmp_path / "out",
+            client=dask_client,
+            poll_seconds=0.1,
+            idle_timeout_s=1,
+            embedder=str(tiny_embedder),
+            progress=False,
+        )
+    finally:
+        waiting.join()
+    assert watched.summary["watch"]["stopped"] == "marker"
+    assert len(watched.to_pandas()) == 2
+
+
 def test_idle_timeout_ends_a_watch_without_marker(
     make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
 ):

@@ -508,7 +508,8 @@ def run_plan(
                     layout,
                     fingerprint=fp,
                     input_root=inputs.root,
-                    given={f.relative for f in inputs.files},
+                    # A re-scoring's inputs are its store's catalog: all of it is the run's.
+                    named=inputs.described["paths"] if inputs.versions is None else None,
                     versions=inputs.versions,
                 )
                 if on_conflict == "resume"

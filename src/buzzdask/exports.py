@@ -80,6 +80,8 @@ UNFINISHED = ".buzzdask-export-unfinished"
 #: The files the exports into a ``dest`` wrote, by run (JSON), in that ``dest``.
 WRITTEN = ".buzzdask-export.json"
 RAVEN_SUFFIX = ".Table.1.selections.txt"
+#: What makes a directory a run's output (a listed run without it has moved, or is gone).
+RUN_FILE = "buzzdask.json"
 RAVEN_COLUMNS = [
     "Selection",
     "View",
@@ -280,12 +282,24 @@ def _files_written(
     and without ``overwrite`` their being there is a conflict. A file another run's export
     wrote is never replaced: both runs' recordings would go by one name. Runs are listed by
     their output directory relative to ``dest``, so that an output moved or copied with its
-    export inside is still the same run.
+    export inside is still the same run. A listed run whose output is no longer there (moved
+    elsewhere) claims nothing: its files of the recordings exported now go as this run's do.
     """
     listed = _listed(dest)
     here = os.path.realpath(run.output)
     mine = [key for key in listed if _listed_run(dest, key) == here]
-    earlier = {dest / name for key in mine for name in listed[key] if ".." not in name}
+    names = {_one_name(path.relative_to(dest).as_posix()) for path in targets}
+    gone = {
+        key: [name for name in files if _one_name(name) in names]
+        for key, files in listed.items()
+        if key not in mine and not os.path.exists(os.path.join(_listed_run(dest, key), RUN_FILE))
+    }
+    earlier = {
+        dest / name
+        for files in [*(listed[key] for key in mine), *gone.values()]
+        for name in files
+        if ".." not in name
+    }
     _check_not_others(targets, dest=dest, listed=listed, mine=mine)
     _check_free(targets, dest=dest, overwrite=overwrite, earlier=sorted(earlier - set(targets)))
     dest.mkdir(parents=True, exist_ok=True)
@@ -302,6 +316,10 @@ def _files_written(
         )
     for key in mine:
         del listed[key]
+    for key, superseded in gone.items():
+        listed[key] = [name for name in listed[key] if name not in superseded]
+        if not listed[key]:
+            del listed[key]
     # Both real: ".." in a key must climb out of dest's real folder, not out of a link to it.
     key = os.path.relpath(here, os.path.realpath(dest))
     listed[key] = [p.relative_to(dest).as_posix() for p in targets]
@@ -324,7 +342,7 @@ def _check_not_others(
             for name in names.keys() & {_one_name(file) for file in files}
         )
         other = _listed_run(dest, key)
-        if key in mine or not taken or not os.path.exists(os.path.join(other, "buzzdask.json")):
+        if key in mine or not taken or not os.path.exists(os.path.join(other, RUN_FILE)):
             continue
         more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
         raise OutputConflictError(

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -114,11 +114,12 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
         if all(_under(path, earlier_root) for path in paths):
             return str(earlier_root)
         moved = _moved_to(paths, names)
-        if (
-            moved is not None
-            and all(_under(path, moved) for path in paths)
-            and _moved_there(moved, layout.read_journal(), paths)
-        ):
+        not_moved = (
+            _not_moved_there(moved, earlier_root, layout.read_journal(), paths)
+            if moved is not None and all(_under(path, moved) for path in paths)
+            else "not all there"
+        )
+        if moved is not None and not not_moved:
             logger.warning(
                 "resume: the earlier run's recordings are now under %s (it read them under %s)",
                 moved,
@@ -126,16 +127,16 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
             )
             return moved
         outside = next(path for path in paths if not _under(path, earlier_root))
-        not_moved = (
-            f" (the files under {moved} named as earlier recordings are mostly not of their "
-            "earlier sizes: other recordings, not those moved)"
-            if moved is not None
+        why = (
+            f" (the files under {moved} named as earlier recordings are {not_moved}, not the "
+            "earlier ones moved)"
+            if moved is not None and not_moved != "not all there"
             else ""
         )
         raise OutputConflictError(
             f"cannot resume {layout.root} with {outside}: it is not under {earlier_root}, the "
             f"folder the earlier run named its {format_count(len(names), 'recording')} from"
-            f"{not_moved}, so recordings would be named anew and analysed twice. Resume with "
+            f"{why}, so recordings would be named anew and analysed twice. Resume with "
             f"inputs under {earlier_root} (or the folder it was moved to), and analyse the "
             "others into another output"
         )
@@ -178,25 +179,43 @@ def _moved_to(paths: Sequence[str], names: set[str]) -> str | None:
     return folders.most_common(1)[0][0] if folders else None
 
 
-def _moved_there(
-    folder: str, journal: Mapping[tuple[str, int], Mapping[str, Any]], paths: Sequence[str]
-) -> bool:
-    """Whether the inputs found by earlier names under ``folder`` are mostly the earlier files.
+def _not_moved_there(
+    folder: str,
+    earlier_root: str,
+    journal: Mapping[tuple[str, int], Mapping[str, Any]],
+    paths: Sequence[str],
+) -> str:
+    """Why the inputs found by earlier names under ``folder`` are not the earlier ones, or "".
 
-    Each of its earlier size: the recordings moved there (a scratch copy, all or part of it,
-    another mount), not another season's folder that shares a few of their names
-    (``siteA/rec1.mp3``), which resumed from would have the earlier results taken for changed
-    or gone and removed.
+    ``""`` where they are the earlier recordings moved there (a move, or a scratch copy of all
+    or part of them). Another season's folder that shares their names (``siteA/REC0001.WAV``),
+    resumed from, would have the earlier results taken for changed or gone and replaced. Its
+    files differ in size; where a recorder's files all have one size, in time, while the
+    earlier recordings are still where they were, unchanged (a copy keeps them: ``cp -a``,
+    ``rsync -a``).
     """
-    sizes = {name: entry.get("size") for (name, _), entry in journal.items()}
-    matched = same = 0
+    versions = {
+        name: (entry.get("size"), entry.get("mtime_ns")) for (name, _), entry in journal.items()
+    }
+    matched = same_size = same_version = intact = 0
     for path in paths:
         name = Path(os.path.relpath(path, folder)).as_posix()
-        if name in sizes:
-            matched += 1
-            version = _version(Path(path))
-            same += version is not None and version[0] == sizes[name]
-    return 2 * same > matched
+        if name not in versions:
+            continue
+        matched += 1
+        now = _version(Path(path))
+        same_size += now is not None and now[0] == versions[name][0]
+        same_version += now == versions[name]
+        intact += _version(Path(earlier_root, name)) == versions[name]
+    if 2 * same_size <= matched:
+        return "mostly not of their earlier sizes: other recordings"
+    if 2 * intact > matched and 2 * same_version <= matched:
+        return (
+            f"of other times than the earlier recordings, which are still under {earlier_root} "
+            "unchanged: other recordings (or a copy that did not keep the times: copy with "
+            "cp -a or rsync -a)"
+        )
+    return ""
 
 
 def check_resume(
@@ -204,7 +223,7 @@ def check_resume(
     *,
     fingerprint: Mapping[str, Any],
     input_root: str | os.PathLike[str],
-    given: Collection[str],
+    named: Sequence[str] | None = None,
     versions: Callable[[str], tuple[int, int] | None] | None = None,
 ) -> ResumeCheck:
     """Check every journalled chunk of ``layout``; remove what cannot be trusted.
@@ -218,11 +237,10 @@ def check_resume(
     input_root : path-like
         This run's input directory, which the journal's file names are relative to
         (:func:`resume_root`).
-    given : collection of str
-        This run's input files, by those names. The chunks of a journalled file not among them
-        (a resume naming one folder of the run's) are kept as they are, unchecked, unless the
-        file is gone: where the recordings moved since (``input_root`` is not the earlier
-        run's), even then (a copy of part of them).
+    named : sequence of str, optional
+        The input paths this run was given (absolute). A journalled file outside all of them
+        (a resume naming one folder of the run's) is not this run's to judge: its chunks are
+        kept as they are, changed or gone. Default: every journalled file is this run's.
     versions : callable, optional
         ``versions(name)``: an input's (size, modification time) now, ``None`` if gone. Default:
         the file's under the input directory (a re-scoring asks its store's catalog).
@@ -233,7 +251,11 @@ def check_resume(
     """
     layout.repair_journal()
     journal = layout.read_journal()
-    moved = _earlier_root(layout) not in (None, os.path.normpath(input_root))
+
+    def in_scope(relative: str) -> bool:
+        path = os.path.join(input_root, relative)
+        return named is None or any(_under(path, given) for given in named)
+
     version_of = versions or (lambda relative: _version(Path(input_root, relative)))
     # One look per file, not per chunk: a 24-hour file's 144 on a parallel file system, and
     # its chunks all judged against the same version.
@@ -244,9 +266,7 @@ def check_resume(
     trusted: set[Path] = set()
     for key, entry in journal.items():
         version = current[key[0]]
-        if key[0] not in given and (version is not None or moved):
-            # Not this run's to judge (a resume naming some folders, or part of a copy the
-            # recordings moved to): its partition stays.
+        if not in_scope(key[0]):  # not this run's to judge: its partition stays
             if entry["frames"]:
                 trusted.add(layout.partition(*key))
         elif version is None:
@@ -297,15 +317,6 @@ def check_resume(
     check.partitions_removed = _remove_untrusted(layout, trusted)
     layout.record_removed(rejected)
     return check
-
-
-def _earlier_root(layout: OutputLayout) -> str | None:
-    """The input folder the earlier run recorded, normalised; ``None`` if unknown."""
-    try:
-        root = json.loads(layout.metadata.read_text(encoding="utf-8"))["inputs"]["root"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return os.path.normpath(root) if isinstance(root, str) else None
 
 
 def _version(path: Path) -> tuple[int, int] | None:

@@ -43,6 +43,7 @@ from buzzdask.analysis import (
 from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
+from buzzdask.lock import current_holder
 from buzzdask.progress import logger
 from buzzdask.rclone import FAILED_MARKER, INCOMING
 from buzzdask.session import connect
@@ -156,7 +157,15 @@ def watch(
     with connect(client, local=settings.local_cluster) as connected:
         passes = _Passes(root, model, output, connected, on_conflict, analyze_options)
         with _stop_recorded(passes):
-            stopped = _watch_passes(root, marker_path, extensions, passes, poll=poll, idle=idle)
+            stopped = _watch_passes(
+                root,
+                marker_path,
+                extensions,
+                passes,
+                poll=poll,
+                idle=idle,
+                lock_stale_s=settings.lock_stale_seconds,
+            )
     if not passes.results:
         raise InputError(f"{root} did not appear before the watch ended ({stopped})")
     print(f"buzzdask: the watch ended: {_ended(stopped, root=root, marker=marker_path)}")
@@ -186,6 +195,7 @@ def _watch_passes(
     *,
     poll: float,
     idle: float,
+    lock_stale_s: float,
 ) -> str:
     """Look, and analyse in passes, until something ends the watch; return what did."""
     previous: _Snapshot | None = None
@@ -199,9 +209,10 @@ def _watch_passes(
         finished, failed = markers["marker"] is not None, markers["transfer failed"] is not None
         snapshot = _snapshot(root, extensions)
         # A batch being copied is hidden until whole, maybe for longer than the idle timeout
-        # (twenty day-long WAVs from a throttled SharePoint): its growth is not idleness.
+        # (twenty day-long WAVs from a throttled SharePoint), and rclone may wait before it
+        # writes (listing, throttled, retrying): while a transfer runs, the watch is not idle.
         copying, was_copying = _being_copied(root), copying
-        if snapshot != previous or copying != was_copying:
+        if snapshot != previous or copying != was_copying or _transfer_running(root, lock_stale_s):
             last_change = time.monotonic()
         stable, previous_look, previous = snapshot == previous, previous, snapshot
         stopped = (
@@ -233,6 +244,12 @@ def _watch_passes(
         if stopped:
             return stopped
         time.sleep(poll)
+
+
+def _transfer_running(root: Path, stale_s: float) -> bool:
+    """Whether a live ``buzzdask transfer`` holds ``root`` (:func:`buzzdask.rclone.transfer`)."""
+    holder = current_holder(root)
+    return holder is not None and holder.is_alive(stale_s=stale_s)
 
 
 def _being_copied(root: Path) -> list[tuple[str, int, int]]:
