@@ -114,25 +114,21 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
         if all(_under(path, earlier_root) for path in paths):
             return str(earlier_root)
         moved = _moved_to(paths, names)
-        not_moved = (
-            _not_moved_there(moved, earlier_root, layout.read_journal(), paths)
-            if moved is not None and all(_under(path, moved) for path in paths)
-            else "not all there"
-        )
-        if moved is not None and not not_moved:
-            logger.warning(
-                "resume: the earlier run's recordings are now under %s (it read them under %s)",
-                moved,
-                earlier_root,
+        why = ""
+        if moved is not None and all(_under(path, moved) for path in paths):
+            not_moved = _not_moved_there(moved, earlier_root, layout.read_journal(), paths)
+            if not not_moved:
+                logger.warning(
+                    "resume: the earlier run's recordings are now under %s (it read them under %s)",
+                    moved,
+                    earlier_root,
+                )
+                return moved
+            why = (
+                f" (the files under {moved} named as earlier recordings are {not_moved}, not "
+                "the earlier ones moved)"
             )
-            return moved
         outside = next(path for path in paths if not _under(path, earlier_root))
-        why = (
-            f" (the files under {moved} named as earlier recordings are {not_moved}, not the "
-            "earlier ones moved)"
-            if moved is not None and not_moved != "not all there"
-            else ""
-        )
         raise OutputConflictError(
             f"cannot resume {layout.root} with {outside}: it is not under {earlier_root}, the "
             f"folder the earlier run named its {format_count(len(names), 'recording')} from"
