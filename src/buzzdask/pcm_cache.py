@@ -41,7 +41,7 @@ from dask.utils import format_bytes
 
 from buzzdask.errors import DecodeError, DecoderStopped
 
-__all__ = ["copy_directory", "read_span", "remove"]
+__all__ = ["copy_directory", "made_by_a_gone_process", "maker_line", "read_span", "remove"]
 
 _SAMPLE_BYTES = 4  # float32
 _POLL_S = (0.02, 0.25)  # first and longest wait between looks at a copy another task makes
@@ -188,25 +188,36 @@ def _remove_dead_copies(directory: str, *, keep: str) -> None:
     copy a live task still makes (its lock held) stays; one that a live run still reads, whose
     maker alone died, is made again by the task that next needs it (the same samples).
     """
-    host = socket.gethostname()
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
         stem = os.path.join(directory, name.removesuffix(".lock"))
-        if not name.endswith(".lock") or stem == keep:
-            continue
-        try:
-            if not S_ISREG(os.lstat(stem + ".lock").st_mode):  # a FIFO would block the read
-                continue
-            with open(stem + ".lock", encoding="utf-8") as file:
-                maker_host, _, pid = file.read().strip().partition(" ")
-        except (OSError, ValueError):  # gone meanwhile, or not one of ours
-            continue
-        if maker_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if name.endswith(".lock") and stem != keep and made_by_a_gone_process(stem + ".lock"):
             with contextlib.suppress(OSError):
                 _remove_stem(stem)
+
+
+def maker_line() -> str:
+    """What a file this process makes says of its maker: its host and process id, a line."""
+    return f"{socket.gethostname()} {os.getpid()}\n"
+
+
+def made_by_a_gone_process(path: str) -> bool:
+    """Whether ``path`` holds a :func:`maker_line` of this host whose process is gone.
+
+    ``False`` for what is not a regular file (a FIFO's read would block), not one of ours, or
+    gone meanwhile.
+    """
+    try:
+        if not S_ISREG(os.lstat(path).st_mode):
+            return False
+        with open(path, encoding="utf-8") as file:
+            maker_host, _, pid = file.read().strip().partition(" ")
+    except (OSError, ValueError):
+        return False
+    return maker_host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 class _DiskFull(Exception):
@@ -298,7 +309,7 @@ def _exclusive(path: str) -> Iterator[bool]:
             linked = False
         if linked:
             os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            os.write(descriptor, maker_line().encode())
         yield linked
     finally:
         os.close(descriptor)  # releases the flock

@@ -108,7 +108,8 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
         earlier = json.loads(layout.metadata.read_text(encoding="utf-8"))
         earlier_root = earlier.get("inputs", {}).get("root")
         layout.repair_journal()
-        names = {name for name, _ in layout.read_journal()}
+        journal = layout.read_journal()
+        names = {name for name, _ in journal}
         if earlier_root is None or earlier_root == root or not names:
             continue
         if all(_under(path, earlier_root) for path in paths):
@@ -116,7 +117,7 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
         moved = _moved_to(paths, names)
         why = ""
         if moved is not None and all(_under(path, moved) for path in paths):
-            not_moved = _not_moved_there(moved, earlier_root, layout.read_journal(), paths)
+            not_moved = _not_moved_there(moved, earlier_root, journal, paths)
             if not not_moved:
                 logger.warning(
                     "resume: the earlier run's recordings are now under %s (it read them under %s)",
@@ -254,18 +255,20 @@ def check_resume(
 
     version_of = versions or (lambda relative: _version(Path(input_root, relative)))
     # One look per file, not per chunk: a 24-hour file's 144 on a parallel file system, and
-    # its chunks all judged against the same version.
-    current = {relative: version_of(relative) for relative in dict.fromkeys(r for r, _ in journal)}
+    # its chunks all judged against the same version; none at files not this run's to judge.
+    scope = {relative: in_scope(relative) for relative in dict.fromkeys(r for r, _ in journal)}
+    current = {relative: version_of(relative) for relative, mine in scope.items() if mine}
     check = ResumeCheck()
     rejected: dict[tuple[str, int], str] = {}
     to_verify = []
     trusted: set[Path] = set()
     for key, entry in journal.items():
-        version = current[key[0]]
-        if not in_scope(key[0]):  # not this run's to judge: its partition stays
+        if not scope[key[0]]:  # not this run's to judge: its partition stays
             if entry["frames"]:
                 trusted.add(layout.partition(*key))
-        elif version is None:
+            continue
+        version = current[key[0]]
+        if version is None:
             rejected[key] = "vanished"
         elif version != (entry.get("size"), entry.get("mtime_ns")):
             rejected[key] = "changed"

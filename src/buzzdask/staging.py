@@ -14,8 +14,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import socket
-import stat
 import tempfile
 import threading
 import uuid
@@ -24,8 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-
-import psutil
 
 from buzzdask.decode import (
     AudioInfo,
@@ -36,6 +32,7 @@ from buzzdask.decode import (
     uses_decoded_copy,
 )
 from buzzdask.errors import DecodeError
+from buzzdask.pcm_cache import made_by_a_gone_process, maker_line
 
 __all__ = ["decode_chunk_staged", "staged"]
 
@@ -201,7 +198,7 @@ def _stage_directory(directory: str | None) -> str:
         _remove_dead_stage_dirs(base)
         private = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=base)
         with open(os.path.join(private, _OWNER), "w", encoding="utf-8") as owner:
-            owner.write(f"{socket.gethostname()} {os.getpid()}\n")
+            owner.write(maker_line())
         atexit.register(shutil.rmtree, private, ignore_errors=True)
         _STAGE_DIRS[base] = private
     return _STAGE_DIRS[base]
@@ -209,21 +206,12 @@ def _stage_directory(directory: str | None) -> str:
 
 def _remove_dead_stage_dirs(base: str) -> None:
     """Remove the stage directories under ``base`` whose process on this host is gone."""
-    host = socket.gethostname()
     try:
         names = [name for name in os.listdir(base) if name.startswith(_STAGE_PREFIX)]
     except OSError:
         return
     for name in names:
-        owner = os.path.join(base, name, _OWNER)
-        try:
-            if not stat.S_ISREG(os.lstat(owner).st_mode):
-                continue
-            with open(owner, encoding="utf-8") as file:
-                maker_host, _, pid = file.read().strip().partition(" ")
-        except (OSError, ValueError):  # not one of ours, or gone meanwhile
-            continue
-        if maker_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if made_by_a_gone_process(os.path.join(base, name, _OWNER)):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 
