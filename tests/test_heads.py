@@ -279,6 +279,50 @@ def test_a_list_of_models_errors_before_any_work(
     assert not (tmp_path / "watched").exists()
 
 
+def test_each_head_takes_thresholds_named_for_it(one_file, run, tiny_model, tmp_path):
+    """Heads trained apart score on scales of their own: one bare number for both is refused."""
+    from tests.model_fixtures import build_tiny_head
+
+    twin = build_tiny_head(tmp_path / "heads" / "model_twin", classes=CLASSES, seed=3)
+    models = [tiny_model, twin]
+    with pytest.raises(
+        ParameterError,
+        match=r"'ins_buzz' \(model_tiny and model_twin\).*"
+        r"as MODEL/CLASS \(e\.g\. 'model_tiny/ins_buzz'\)",
+    ):
+        run(one_file, model=models, output=tmp_path / "bare", thresholds={"ins_buzz": 0.4})
+    with pytest.raises(ParameterError, match=r"unknown class\(es\) \['model_other/ins_buzz'\]"):
+        run(
+            one_file, model=models, output=tmp_path / "bare", thresholds={"model_other/ins_buzz": 0}
+        )
+    assert not (tmp_path / "bare").exists()
+
+    results = run(
+        one_file,
+        model=models,
+        output=tmp_path / "named",
+        thresholds={
+            "model_tiny/ins_buzz": 0.4,
+            "model_twin/ins_buzz": -1.2,
+            "model_twin/mech_plane": 2,
+        },
+    )
+    thresholds = {name: buzzdask.open_run(r.output).thresholds for name, r in results.items()}
+    assert thresholds == {
+        "model_tiny": {"ins_buzz": 0.4},
+        "model_twin": {"ins_buzz": -1.2, "mech_plane": 2.0},
+    }
+    for name, result in results.items():
+        table = result.to_pandas()
+        for class_name, value in thresholds[name].items():
+            assert (
+                table[f"detection_{class_name}"] == (table[f"activation_{class_name}"] > value)
+            ).all()
+        assert [c for c in table if c.startswith("detection_")] == [
+            f"detection_{c}" for c in thresholds[name]
+        ], name
+
+
 def test_a_run_of_two_heads_resumes_as_one(one_file, run, make_audio, tiny_model, tmp_path):
     """Both heads' outputs are checked; a chunk one head lacks is scored again for both."""
     from tests.model_fixtures import build_tiny_head

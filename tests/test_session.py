@@ -293,26 +293,34 @@ import logging, sys
 import buzzdask
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    audio, model, embedder, out = sys.argv[1:5]
+    audio, model, embedder, out, level = sys.argv[1:6]
+    logging.basicConfig(level=level)
     buzzdask.analyze(audio, model, output=out, embedder=embedder, progress=False)
 """
 
 
-def test_a_notebooks_own_logging_gets_each_line_once(tiny_model, tiny_embedder, tmp_path) -> None:
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+def test_a_notebooks_own_logging_gets_each_line_once(
+    tiny_model, tiny_embedder, tmp_path, level
+) -> None:
+    """Each line once, and only those of the level the notebook asked for (a training's save
+    configures logging as ``basicConfig()`` does): the run's INFO lines are for its log file."""
     (tmp_path / "audio").mkdir()
     (tmp_path / "audio" / "empty.wav").write_bytes(b"")
     write_audio(tmp_path / "audio", "a.wav", n_samples=2 * 15360)
     script = tmp_path / "configured.py"
     script.write_text(_LOGGING_CONFIGURED)
+    out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, script, tmp_path / "audio", tiny_model, tiny_embedder, tmp_path / "out"],
+        [sys.executable, script, tmp_path / "audio", tiny_model, tiny_embedder, out, level],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("empty.wav: empty file") == 1, done.stderr
+    assert done.stderr.count("decoding a.wav") == (level == "INFO"), done.stderr
+    assert "buzzdask: decoding a.wav" in (out / "buzzdask.log").read_text()
 
 
 def test_a_client_that_is_no_client_nor_address_is_refused():

@@ -22,7 +22,7 @@ from buzzdask import FrameSpec, InputError, OutputConflictError, ParameterError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.decode import AudioInfo
 from buzzdask.models import load_head, resolve_embedder, resolve_model
-from buzzdask.store import EmbeddingStore
+from buzzdask.store import EmbeddingStore, file_sha256
 from buzzdask.thresholds import thresholds_for_precision
 from buzzdask.training import precision_recall
 from buzzdask.training.labels import (
@@ -397,7 +397,7 @@ def test_files_without_frames_and_audio_given_twice_are_named(
     with caplog.at_level(logging.WARNING, logger="buzzdask.training"):
         result = buzzdask.train(labels, audio, output=tmp_path / "model", **options)
     assert "siteD" not in result.metadata["holdout_groups"]
-    assert "1 file give(s) no frame to train on" in caplog.text and "siteD_1.wav" in caplog.text
+    assert "1 file gives no frame to train on" in caplog.text and "siteD_1.wav" in caplog.text
     assert "the same audio is in siteA_1.wav and siteE_1.wav (groups siteA, siteE)" in caplog.text
 
 
@@ -582,3 +582,92 @@ def test_frames_carry_the_labels_they_overlap_enough():
     want_frames(labelled, spec, ["buzz", "noise", "ambient"], settings)  # 2 of 8-10 drawn
     assert list(labelled.frames[:4]) == [2, 3, 5, 6] and set(labelled.frames[4:]) < {8, 9, 10}
     assert labelled.targets[4:, 2].all() and len(labelled.frames) == 6
+
+
+def test_labels_of_several_annotators_are_read_as_one_table(tmp_path):
+    # --labels given twice kept only the last file, and one annotator's classes were gone.
+    alice, bob = tmp_path / "alice" / "labels.csv", tmp_path / "bob" / "labels.csv"
+    alice.parent.mkdir()
+    bob.parent.mkdir()
+    alice.write_text("file,start,end,label,group\na.wav,0,1,ins_buzz,siteA\n")
+    bob.write_text("file,start,end,label\nb.wav,0,1,mech_noise\nb.wav,2,3,ins_buzz\n")
+    table = read_labels([alice, bob])
+    assert table["label"].tolist() == ["ins_buzz", "mech_noise", "ins_buzz"]
+    assert table["group"].tolist()[0] == "siteA" and table["group"][1:].isna().all()
+    assert table["row"].tolist() == [f"{alice} line 2", f"{bob} line 2", f"{bob} line 3"]
+    bob.write_text("file,start,end,label\nb.wav,3,2,mech_noise\n")
+    with pytest.raises(ParameterError, match=rf"end <= start in {re.escape(str(bob))} line 2"):
+        read_labels([alice, bob])
+    args = ["train", "audio", "--labels", "a.csv", "--labels", "b.csv", "--output", "m"]
+    assert buzzdask.cli.build_parser().parse_args(args).labels == ["a.csv", "b.csv"]
+
+
+def test_training_on_two_labels_files_records_both(train_with, dataset, tmp_path):
+    labels = labels_table(dataset)
+    paths = [tmp_path / "2023.csv", tmp_path / "2024.csv"]
+    in_2023 = labels["file"].str.startswith("siteA")
+    labels[in_2023].to_csv(paths[0], index=False)
+    labels[~in_2023].drop(columns="group").to_csv(paths[1], index=False)
+    # The second file's rows are in the group of their folder: it has no group column.
+    result = train_with(paths, epochs=2, holdout=["2024"])
+    assert result.metadata["labels"] == {
+        "path": [str(path) for path in paths],
+        "sha256": [file_sha256(path) for path in paths],
+        "rows": len(labels),
+    }
+    assert {f["group"] for f in result.metadata["files"]} == {"siteA", "2024", "ambient"}
+
+
+def test_the_drawn_holdout_leaves_every_class_frames_to_train_on(train_with, dataset):
+    # mech_noise labelled in siteA only, a seed whose draw holds out siteA: training stopped
+    # with "class(es) ['mech_noise'] have no frames outside the held-out groups".
+    labels = labels_table(dataset)
+    labels = labels[(labels["label"] == "ins_buzz") | (labels["group"] == "siteA")]
+    groups = ["siteA", "siteB", "siteC"]
+    seed = next(
+        s
+        for s in range(100)
+        if holdout_groups(groups, {"holdout": None, "holdout_fraction": 0.2, "seed": s})
+        == ["siteA"]
+    )
+    result = train_with(labels, holdout=None, seed=seed, epochs=2)
+    assert result.metadata["holdout_groups"] in (["siteB"], ["siteC"])
+    settings = {"holdout": None, "holdout_fraction": 0.5, "seed": seed}
+    # Drawn as before where every group may go; refused, saying why, where none may.
+    assert holdout_groups(groups, settings, class_groups={"a": set(groups)}) == holdout_groups(
+        groups, settings
+    )
+    with pytest.raises(ParameterError, match=r"no group of .* can be held out: .*a: siteA; b: si"):
+        holdout_groups(groups[:2], settings, class_groups={"a": {"siteA"}, "b": {"siteB"}})
+
+
+def test_a_class_without_frames_and_an_unreadable_ambient_file(
+    dataset, dask_client, tiny_embedder, tmp_path, caplog
+):
+    # A class whose only file is shorter than a frame was blamed on the held-out groups; one
+    # damaged file in a folder of everything ambient stopped the training.
+    extra = tmp_path / "2025"
+    extra.mkdir()
+    write_wav(extra / "frog.wav", np.zeros(RATE // 2), RATE)
+    labels = labels_table(dataset)
+    frog = {"file": "frog.wav", "start": 0.0, "end": 0.5, "label": "frog", "group": "siteA"}
+    options = {**train_options(dataset, dask_client, tiny_embedder), "epochs": 2}
+    audio = [dataset / "audio" / "2023", dataset / "audio" / "2024", extra]
+    with pytest.raises(ParameterError, match=r"\['frog'\] have no frames to train on: their"):
+        buzzdask.train(
+            pd.concat([labels, pd.DataFrame([frog])], ignore_index=True),
+            audio,
+            output=tmp_path / "frogs",
+            **options,
+        )
+    ambient = tmp_path / "ambient"
+    shutil.copytree(dataset / "audio" / "ambient", ambient)
+    (ambient / "broken.wav").write_text("not audio")
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        result = buzzdask.train(
+            labels, audio, output=tmp_path / "model", **{**options, "ambient_dirs": [ambient]}
+        )
+    assert re.search(
+        r"1 file of the ambient folders cannot be read, left out: broken\.wav: ", caplog.text
+    )
+    assert "broken.wav" not in json.dumps(result.metadata["files"])

@@ -45,7 +45,12 @@ from buzzdask.session import connect, package_versions, peak_rss_by_worker, task
 from buzzdask.settings import Settings, load_settings
 from buzzdask.staging import decode_chunk_staged
 from buzzdask.store import EmbeddingStore
-from buzzdask.thresholds import ThresholdChoice, choose_thresholds, require_mapping
+from buzzdask.thresholds import (
+    ThresholdChoice,
+    choose_thresholds,
+    require_mapping,
+    thresholds_by_model,
+)
 from buzzdask.write import (
     KEPT_EMBEDDINGS,
     PARTITION_BEING_WRITTEN,
@@ -224,7 +229,9 @@ def analyze(
         Default: ``buzzdask.chunk-seconds`` (600).
     thresholds : mapping of class -> float, optional
         Adds ``detection_<class>`` columns: ``activation > threshold``, as buzzdetect and buzzr.
-        With several models, each takes the classes it has.
+        With several models, each takes the classes it has; a class that several have is
+        named with its model, ``{"model_lab/ins_buzz": 0.4}`` (heads trained apart put their
+        activations on scales of their own).
     precision : float in (0, 1), optional
         Instead of ``thresholds``: the thresholds the model's ``tests/metrics.csv`` gives for
         this precision, as buzzdetect computes them (:func:`buzzdask.thresholds_for_precision`).
@@ -374,19 +381,10 @@ def plan_run(
             spec.frame_length_s,
             spec.frame_length_s / 2,
         )
-    known = {name for m in models for name in m.classes}
-    unknown = sorted(set(thresholds or {}) - known)
-    if unknown:
-        raise ParameterError(
-            f"thresholds for unknown class(es) {unknown}; the models' classes are "
-            + "; ".join(f"{m.name}: {list(m.classes)}" for m in models)
-        )
+    shares = thresholds_by_model(thresholds, {m.name: m.classes for m in models})
     choices = tuple(
         choose_thresholds(
-            model_dir=m.path,
-            classes=m.classes,
-            precision=precision,
-            thresholds={k: v for k, v in (thresholds or {}).items() if k in m.classes},
+            model_dir=m.path, classes=m.classes, precision=precision, thresholds=shares[m.name]
         )
         for m in models
     )

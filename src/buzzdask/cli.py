@@ -267,7 +267,9 @@ def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = Fals
         + "; buzzdetect's --framehop_prop 1 is 0.96 s, 0.5 is 0.48 s",
     )
     _add_detection_options(
-        parser, threshold_help="add a detection_CLASS column (activation > VALUE); repeatable"
+        parser,
+        threshold_help="add a detection_CLASS column (activation > VALUE); repeatable; with "
+        "several --model, MODEL/CLASS=VALUE for a class that more than one has",
     )
     conflict = parser.add_mutually_exclusive_group()
     conflict.add_argument(
@@ -391,7 +393,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "audio_dirs", nargs="+", metavar="AUDIO_DIR", help="directories the labels' files are in"
     )
     train.add_argument(
-        "--labels", required=True, help="CSV of labelled segments: file,start,end,label[,group]"
+        "--labels",
+        required=True,
+        action="append",
+        help="CSV of labelled segments: file,start,end,label[,group]; repeatable (one per "
+        "annotator: read as one table)",
     )
     train.add_argument("--output", required=True, help="model directory to write (new or empty)")
     train.add_argument(
@@ -895,7 +901,7 @@ def _train(args: argparse.Namespace) -> int:
     configure_console(0)
 
     result = train(
-        args.labels,
+        args.labels[0] if len(args.labels) == 1 else args.labels,
         args.audio_dirs,
         output=args.output,
         client=args.scheduler,

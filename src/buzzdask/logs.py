@@ -198,6 +198,13 @@ class _RunLogFile(logging.FileHandler):
             self.failed = True
 
 
+class _ToRoot(logging.Handler):
+    """Hands records on to the root logger's handlers, as propagation would, from its level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
 @contextmanager
 def run_log(
     path: Path, client: Client, *, timeout_s: float, verbose: bool = False
@@ -243,12 +250,17 @@ def run_log(
         handlers.append(TqdmHandler(level=_BUZZDASK_LEVEL[int(verbose)]))
         handlers[-1].setFormatter(OneLineFormatter("buzzdask: %(message)s"))
     old_propagate = logger.propagate
-    if not logging.getLogger().handlers:
-        # Not to a root handler that appears during the run: TensorFlow's first log line
-        # (loading a SavedModel in this process, where a re-scoring's workers are threads)
-        # calls logging.basicConfig, which then printed every INFO line as "INFO:buzzdask:...".
-        logger.propagate = False
     old_level = logger.level
+    if old_propagate:
+        # The logger goes to INFO for the run's file. Only what the caller's root handlers
+        # showed before (a notebook's logging.basicConfig: warnings) reaches them, and none
+        # reaches a root handler that appears during the run: TensorFlow's first log line
+        # (a SavedModel loaded in this process: a re-scoring's threads, a training's save)
+        # calls logging.basicConfig, which then printed every line as "INFO:buzzdask:...".
+        logger.propagate = False
+        if logging.getLogger().handlers:
+            shown = logger.getEffectiveLevel()
+            handlers.append(_ToRoot(level=min(shown, _BUZZDASK_LEVEL[int(verbose)])))
     logger.setLevel(min(logging.INFO, old_level or logging.WARNING))
     for added in handlers:
         logger.addHandler(added)

@@ -38,6 +38,7 @@ __all__ = [
     "detected",
     "require_mapping",
     "resolve_thresholds",
+    "thresholds_by_model",
     "thresholds_for_precision",
 ]
 
@@ -241,6 +242,64 @@ def require_mapping(thresholds: object) -> None:
             f"thresholds={thresholds!r} must map class names to activations, "
             "e.g. {'ins_buzz': -1.2}"
         )
+
+
+def thresholds_by_model(
+    thresholds: Mapping[str, float] | None, models: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, float]]:
+    """Each model's share of one run's thresholds, keyed ``CLASS`` or ``MODEL/CLASS``.
+
+    Parameters
+    ----------
+    thresholds : mapping of str -> float, optional
+        ``{"ins_buzz": -1.2}``; with several models, ``{"model_lab/ins_buzz": 0.4}`` for one of
+        them.
+    models : mapping of str -> sequence of str
+        Each model's name and classes, in the run's order.
+
+    Returns
+    -------
+    dict of str -> dict of str -> float
+        Per model name, its classes' thresholds as given (unchecked values).
+
+    Raises
+    ------
+    ParameterError
+        A class no model has, a model the run lacks, or a bare class that several models have:
+        heads trained apart put their activations on scales of their own (buzzdetect's
+        ``ins_buzz`` at -1.2 is another head's 0.4), so one number for both is a mistake.
+    """
+    require_mapping(thresholds)
+    shares: dict[str, dict[str, float]] = {name: {} for name in models}
+    unknown: list[str] = []
+    shared: dict[str, list[str]] = {}
+    for key, value in (thresholds or {}).items():
+        model_name, _, class_name = key.rpartition("/")
+        owners = [
+            name
+            for name, classes in models.items()
+            if class_name in classes and model_name in ("", name)
+        ]
+        if not owners:
+            unknown.append(key)
+        elif len(owners) > 1:
+            shared[key] = owners
+        else:
+            shares[owners[0]][class_name] = value
+    if unknown:
+        raise ParameterError(
+            f"thresholds for unknown class(es) {sorted(unknown)}; the models' classes are "
+            + "; ".join(f"{name}: {list(classes)}" for name, classes in models.items())
+        )
+    if shared:
+        key, owners = next(iter(shared.items()))
+        raise ParameterError(
+            "thresholds for class(es) of several models: "
+            + ", ".join(f"{k!r} ({' and '.join(o)})" for k, o in shared.items())
+            + "; heads trained apart put their activations on scales of their own, so name "
+            f"each one's model, as MODEL/CLASS (e.g. '{owners[0]}/{key}')"
+        )
+    return shares
 
 
 def choose_thresholds(

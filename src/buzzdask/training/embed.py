@@ -28,7 +28,7 @@ from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.models import EmbedderSpec
 from buzzdask.pipeline import ChunkJob, ChunkPipeline, chunk_label
-from buzzdask.progress import logger
+from buzzdask.progress import format_count, logger
 from buzzdask.score import embed_chunks
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import task_key
@@ -50,10 +50,14 @@ def _inspect(path: str, *, tools: FFmpegTools) -> tuple[AudioInfo, str] | Decode
 def inspect_files(client: Client, files: list[TrainingFile], *, tools: FFmpegTools) -> None:
     """Probe and hash every file on the cluster; set each file's ``info`` and ``sha256``.
 
+    A file of an ambient folder that no label names and that cannot be read is taken out of
+    ``files``, with a warning naming it: a folder of everything ambient holds what it holds.
+
     Raises
     ------
     InputError
-        Naming every file that cannot be probed or gives no duration estimate (and its label rows).
+        Naming every labelled file that cannot be probed or gives no duration estimate (and
+        its label rows).
     """
     futures = [
         client.submit(
@@ -65,17 +69,30 @@ def inspect_files(client: Client, files: list[TrainingFile], *, tools: FFmpegToo
         )
         for f in files
     ]
-    unreadable = []
+    unreadable: list[str] = []
+    skipped: list[str] = []
     for item, answer in zip(files, client.gather(futures), strict=True):
         if isinstance(answer, DecodeError):
-            where = f" ({cite_rows(item.segments)})" if len(item.segments) else ""
-            unreadable.append(f"{item.name}: {answer.reason}{where}")
+            problem = answer.reason
+        elif answer[0].duration_s is None:
+            problem = "no duration estimate (the file gives none)"
+        else:
+            item.info, item.sha256 = answer
             continue
-        item.info, item.sha256 = answer
-        if item.info.duration_s is None:
-            unreadable.append(f"{item.name}: no duration estimate (the file gives none)")
+        if item.all_ambient and not len(item.segments):
+            skipped.append(f"{item.name}: {problem}")
+        else:
+            where = f" ({cite_rows(item.segments)})" if len(item.segments) else ""
+            unreadable.append(f"{item.name}: {problem}{where}")
     if unreadable:
         raise InputError(f"cannot train on unreadable audio: {'; '.join(unreadable)}")
+    if skipped:
+        logger.warning(
+            "%s of the ambient folders cannot be read, left out: %s",
+            format_count(len(skipped), "file"),
+            "; ".join(skipped),
+        )
+        files[:] = [item for item in files if item.info is not None]
 
 
 def embed_missing(

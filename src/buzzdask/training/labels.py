@@ -17,7 +17,7 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from buzzdask.inputs import discover, user_path
 
 __all__ = [
     "LABEL_COLUMNS",
+    "Labels",
     "TrainingFile",
     "as_list",
     "check_label_ends",
@@ -39,12 +40,15 @@ __all__ = [
     "collect_files",
     "directories",
     "holdout_groups",
+    "label_paths",
     "read_labels",
     "want_frames",
 ]
 
 #: Columns every labels table must have; ``start`` and ``end`` in seconds from the file's start.
 LABEL_COLUMNS = ("file", "start", "end", "label")
+#: A labels CSV, several (one per annotator: read as one table), or the table itself.
+Labels: TypeAlias = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | pd.DataFrame
 _END_TOLERANCE_S = 0.05  # a label may end this far past ffprobe's duration estimate
 
 
@@ -85,16 +89,15 @@ class TrainingFile:
     targets: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))
 
 
-def read_labels(
-    labels: str | os.PathLike[str] | pd.DataFrame, *, group_column: str = "group"
-) -> pd.DataFrame:
+def read_labels(labels: Labels, *, group_column: str = "group") -> pd.DataFrame:
     """Read and check a labels table.
 
     Parameters
     ----------
-    labels : path-like or pandas.DataFrame
+    labels : path-like, sequence of path-like, or pandas.DataFrame
         CSV with columns ``file``, ``start`` [s], ``end`` [s], ``label`` (and optionally
-        ``group_column``), or the same as a table.
+        ``group_column``), several (their rows in one table; a group cell one lacks is empty),
+        or the same as a table.
     group_column : str
         Name of the optional group column.
 
@@ -116,13 +119,14 @@ def read_labels(
         table = labels.copy()
         table["row"] = [f"labels row {i}" for i in table.index]
     else:
-        path = Path(labels)
-        if not path.is_file():
-            raise InputError(f"labels file not found: {path}")
-        # Names as written: "None", "NA" or "01" are a label or a group, not missing or 1.
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        # Line numbers as an editor shows them: the header is line 1.
-        table["row"] = [f"{path.name} line {i + 2}" for i in range(len(table))]
+        paths = label_paths(labels)
+        if not paths:
+            raise ParameterError("no labels file given")
+        # One file's rows are cited by its name; several files' by their paths as given.
+        table = pd.concat(
+            [_read_csv(path, name=path.name if len(paths) == 1 else str(path)) for path in paths],
+            ignore_index=True,
+        )
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
     if missing:
         raise ParameterError(
@@ -147,9 +151,28 @@ def read_labels(
     columns = [*LABEL_COLUMNS, "row"]
     if group_column in table.columns:
         group = table[group_column].astype("string").str.strip()
-        table["group"] = group.mask(group == "")  # an empty cell: the file's folder
+        # An empty cell, or one of a file without the column: the file's folder.
+        table["group"] = group.mask(group.fillna("") == "")
         columns.append("group")
     return table[columns].reset_index(drop=True)
+
+
+def label_paths(labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The labels CSVs given: one path, or a sequence of them."""
+    if isinstance(labels, (str, os.PathLike)):
+        return [Path(labels)]
+    return [Path(path) for path in labels]
+
+
+def _read_csv(path: Path, *, name: str) -> pd.DataFrame:
+    """One labels CSV as text, with ``row`` naming each line (``"labels.csv line 5"``)."""
+    if not path.is_file():
+        raise InputError(f"labels file not found: {path}")
+    # Names as written: "None", "NA" or "01" are a label or a group, not missing or 1.
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    # Line numbers as an editor shows them: the header is line 1.
+    table["row"] = [f"{name} line {i + 2}" for i in range(len(table))]
+    return table
 
 
 def _refuse_labels_alike(table: pd.DataFrame) -> None:
@@ -410,29 +433,35 @@ def want_frames(
 
 
 def holdout_groups(
-    groups: list[str], settings: Mapping[str, Any], *, drawable: Collection[str] | None = None
+    groups: list[str],
+    settings: Mapping[str, Any],
+    *,
+    drawable: Collection[str] | None = None,
+    class_groups: Mapping[str, Collection[str]] | None = None,
 ) -> list[str]:
     """The groups held out for early stopping and evaluation, sorted.
 
     ``settings["holdout"]`` when given, else ``round(holdout_fraction * n)`` of the ``n``
     ``drawable`` groups (default all; at least one, never all) drawn with ``settings["seed"]``.
     The trainer leaves out groups of ambient folders only: held out, the ambient class they
-    bring would have no frame to train on.
+    bring would have no frame to train on. Likewise a draw passes over a group whose absence
+    would leave a class of ``class_groups`` (class -> the groups with its frames) with none.
 
     Raises
     ------
     ParameterError
-        If ``holdout`` names an unknown group, none or all of them, or there is one group only.
+        If ``holdout`` names an unknown group, none or all of them, there is one group only,
+        or every group drawable holds the last frames of a class.
     """
     if settings["holdout"] is not None:
-        held = sorted(str(g) for g in settings["holdout"])
-        unknown = sorted(set(held) - set(groups))
-        if unknown or not held or len(held) >= len(groups):
+        named = sorted(str(g) for g in settings["holdout"])
+        unknown = sorted(set(named) - set(groups))
+        if unknown or not named or len(named) >= len(groups):
             raise ParameterError(
-                f"holdout={held} must name some, not all, of the groups {groups}"
+                f"holdout={named} must name some, not all, of the groups {groups}"
                 + (f" (unknown: {unknown})" if unknown else "")
             )
-        return held
+        return named
     pool = groups if drawable is None else [group for group in groups if group in drawable]
     if len(pool) < 2:
         raise ParameterError(
@@ -441,8 +470,26 @@ def holdout_groups(
             "to the labels or put the audio in several folders"
         )
     n_held = min(len(pool) - 1, max(1, round(settings["holdout_fraction"] * len(pool))))
-    order = np.random.default_rng(settings["seed"]).permutation(len(pool))
-    return sorted(pool[i] for i in order[:n_held])
+    held: list[str] = []
+    for index in np.random.default_rng(settings["seed"]).permutation(len(pool)):
+        trial = {*held, pool[index]}
+        if all(set(owners) - trial for owners in (class_groups or {}).values()):
+            held.append(pool[index])
+        if len(held) == n_held:
+            break
+    if not held:
+        sole = "; ".join(
+            f"{name}: {sorted(owners)[0]}"
+            for name, owners in (class_groups or {}).items()
+            if len(owners) == 1
+        )
+        raise ParameterError(
+            f"no group of {pool} can be held out: each holds all the frames of a class "
+            f"({sole}), which would then have none to train on. Groups are the folders that "
+            "hold the files unless the labels have a group column: label the class in more "
+            "groups, or give the files groups of their own"
+        )
+    return sorted(held)
 
 
 def class_counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:

@@ -32,7 +32,7 @@ from buzzdask.settings import Settings
 from buzzdask.store import EmbeddingStore, file_sha256
 from buzzdask.thresholds import METRICS_CLASS, METRICS_PATH
 from buzzdask.training.head import DIGITS
-from buzzdask.training.labels import TrainingFile, as_list, class_counts
+from buzzdask.training.labels import Labels, TrainingFile, as_list, class_counts, label_paths
 from buzzdask.write import utc_now, write_json
 
 __all__ = ["TrainingInputs", "TrainingResult", "TrainingSet", "write_records"]
@@ -79,7 +79,7 @@ class TrainingInputs:
 
     Attributes
     ----------
-    labels : path-like or pandas.DataFrame
+    labels : path-like, sequence of path-like, or pandas.DataFrame
         As given to :func:`~buzzdask.training.train` (recorded in ``training.json``).
     audio_dirs : path-like or sequence of path-like
         As given.
@@ -107,7 +107,7 @@ class TrainingInputs:
         Everything but the training keywords (``settings``).
     """
 
-    labels: str | os.PathLike[str] | pd.DataFrame
+    labels: Labels
     audio_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     ambient_dirs: Sequence[str | os.PathLike[str]]
     table: pd.DataFrame
@@ -390,7 +390,13 @@ def _file_record(
     }
 
 
-def _labels_source(labels: Any, table: pd.DataFrame) -> dict[str, Any]:
+def _labels_source(labels: Labels, table: pd.DataFrame) -> dict[str, Any]:
+    """The labels file's path and hash (several files: a list of each), and the rows read."""
     if isinstance(labels, pd.DataFrame):
         return {"path": None, "sha256": None, "rows": len(table)}
-    return {"path": str(Path(labels).absolute()), "sha256": file_sha256(labels), "rows": len(table)}
+    paths = label_paths(labels)
+    where = [str(path.absolute()) for path in paths]
+    hashes = [file_sha256(path) for path in paths]
+    if isinstance(labels, (str, os.PathLike)):
+        return {"path": where[0], "sha256": hashes[0], "rows": len(table)}
+    return {"path": where, "sha256": hashes, "rows": len(table)}

@@ -35,6 +35,7 @@ from buzzdask.store import EmbeddingStore
 from buzzdask.training.embed import embed_missing, inspect_files
 from buzzdask.training.head import evaluate, fit_and_save
 from buzzdask.training.labels import (
+    Labels,
     TrainingFile,
     as_list,
     check_label_ends,
@@ -44,6 +45,7 @@ from buzzdask.training.labels import (
     collect_files,
     directories,
     holdout_groups,
+    label_paths,
     read_labels,
     want_frames,
 )
@@ -58,7 +60,7 @@ _NO_FRAMES = "no labelled frame lies inside its audio; check the labels' times"
 
 
 def train(
-    labels: str | os.PathLike[str] | pd.DataFrame,
+    labels: Labels,
     audio_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     output: str | os.PathLike[str],
@@ -94,10 +96,10 @@ def train(
 
     Parameters
     ----------
-    labels : path-like or pandas.DataFrame
+    labels : path-like, sequence of path-like, or pandas.DataFrame
         CSV (or table) of labelled segments, one row each: ``file`` (relative to one of
         ``audio_dirs``, or absolute), ``start`` and ``end`` [s], ``label``; optionally a group
-        column (see ``group_column``).
+        column (see ``group_column``). Several CSVs (one per annotator) train as one table.
     audio_dirs : path-like or sequence of path-like
         Directories the ``file`` names are looked up in; a name found in two is an error.
     output : path-like
@@ -186,7 +188,9 @@ def train(
     started_wall = time.perf_counter()
     started = utc_now()
     if not isinstance(labels, pd.DataFrame):
-        labels = user_path(labels)  # read here, and hashed into the records at the end
+        # Read here, and hashed into the records at the end.
+        paths = [user_path(path) for path in label_paths(labels)]
+        labels = paths[0] if len(paths) == 1 else paths
     base = load_settings(
         chunk_seconds=chunk_seconds,
         memory_budget=memory_budget,
@@ -255,7 +259,7 @@ def train(
 
 
 def _resolve(
-    labels: str | os.PathLike[str] | pd.DataFrame,
+    labels: Labels,
     audio_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     ambient_dirs: Sequence[str | os.PathLike[str]],
@@ -399,8 +403,20 @@ def _folds(
     # Drawn from the groups that have frames: one of only files too short would hold out nothing.
     # Labelled: with segments of the labels, wherever the file is (an ambient folder too).
     labelled = {item.group for item in inputs.files if len(item.segments) or not item.all_ambient}
+    frameless = [c for c, n in class_counts(y, inputs.classes).items() if n == 0]
+    if frameless:
+        raise ParameterError(
+            f"class(es) {frameless} have no frames to train on: their files give none (see the "
+            "files left out above); label the class in more audio"
+        )
     held_out = holdout_groups(
-        sorted(set(frame_groups.tolist())), inputs.settings, drawable=labelled
+        sorted(set(frame_groups.tolist())),
+        inputs.settings,
+        drawable=labelled,
+        class_groups={
+            name: set(frame_groups[y[:, column] > 0].tolist())
+            for column, name in enumerate(inputs.classes)
+        },
     )
     in_holdout = np.isin(frame_groups, held_out)
     counts = {
@@ -433,9 +449,8 @@ def _warn_of_odd_files(files: Sequence[TrainingFile]) -> None:
     empty = [item.name for item in files if not len(item.frames)]
     if empty:
         logger.warning(
-            "%s give(s) no frame to train on (shorter than one frame, or their labels are): "
-            "left out: %s",
-            format_count(len(empty), "file"),
+            "%s no frame to train on (shorter than one frame, or their labels are): left out: %s",
+            format_count(len(empty), "file") + (" gives" if len(empty) == 1 else " give"),
             first_names(empty, shown=5),
         )
     by_audio: dict[str, list[TrainingFile]] = {}
