@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -519,6 +520,27 @@ def test_nan_or_infinite_samples_fail_their_chunk(run, tmp_path: Path, channels:
 
 
 # -- containers that declare their length -------------------------------------------------------
+def test_a_flac_damaged_inside_says_where_frames_were_lost(run, make_audio, tmp_path) -> None:
+    """ffmpeg drops a FLAC's damaged stretch without a word: the chunk holding it comes back
+    short while the chunks after it decode, which is no end of the audio but a gap."""
+    flac = make_audio("damaged.flac", n_samples=30 * 44100, rate=44100, channels=2, seed=5)
+    data = bytearray(flac.read_bytes())
+    middle = len(data) // 2  # 15 s in: inside chunk 1 of 10 s chunks
+    data[middle : middle + 40_000] = np.random.default_rng(0).bytes(40_000)
+    flac.write_bytes(bytes(data))
+    result = run(flac.parent, chunk_seconds=10.0)
+    gaps = result.errors[result.errors["reason"].str.startswith("decoded short inside the file")]
+    assert gaps["chunk"].tolist() == [1] and gaps["kept"].all(), result.errors
+    assert re.fullmatch(
+        r"decoded short inside the file: chunk 1 gave \d+ of its 10 frames while audio after it "
+        r"decoded \(damaged audio the decoder dropped: its frames after the damage sit up to "
+        r"\d\.\d\d s early; analysed what it holds\)",
+        gaps["reason"].iloc[0],
+    )
+    frames = result.to_pandas()
+    assert (frames["start"] >= 20.0).any()  # the chunk after the gap was scored
+
+
 def test_flac_and_m4a_cut_short_say_so(run, make_audio, tmp_path: Path) -> None:
     """A FLAC's STREAMINFO and an MP4's moov declare the length: a copy cut short decodes what
     it holds, in frames at their true times, with one row saying how much is missing."""

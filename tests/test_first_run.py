@@ -75,6 +75,17 @@ def test_other_files_beside_audio_are_counted(run, make_audio, tmp_path, caplog)
     assert "1 skipped: 1 other suffix (field notes.txt)" in caplog.text
 
 
+def test_a_file_named_beside_its_folder_is_not_skipped(tmp_path):
+    # A video named on the command line with its folder was analysed, and also reported as
+    # "not analysed ... 1 skipped: 1 other suffix" (and counted in files_skipped).
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "camera.mp4").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("rain")
+    found = scan([tmp_path, tmp_path / "camera.mp4"], extensions=[".wav"])
+    assert [f.relative for f in found.files] == ["a.wav", "camera.mp4"]
+    assert [s.relative for s in found.skipped] == ["notes.txt"]
+
+
 @requires_ffmpeg
 def test_results_written_among_the_inputs_are_not_news(
     run, make_audio, tiny_model, tmp_path, caplog

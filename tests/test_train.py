@@ -671,3 +671,21 @@ def test_a_class_without_frames_and_an_unreadable_ambient_file(
         r"1 file of the ambient folders cannot be read, left out: broken\.wav: ", caplog.text
     )
     assert "broken.wav" not in json.dumps(result.metadata["files"])
+
+
+def test_holdout_and_ambiguous_names_are_refused_before_the_cluster(dataset, tmp_path):
+    # No scheduler listens at the address: refusals that come first never try to reach it.
+    options = {"client": "tcp://127.0.0.1:9", "cache_dir": tmp_path / "cache"}
+    audio = [dataset / "audio" / "2023", dataset / "audio" / "2024"]
+    labels = labels_table(dataset)
+    with pytest.raises(ParameterError, match=r"holdout=\['siteZ'\] must name .*unknown"):
+        buzzdask.train(labels, audio, output=tmp_path / "m", holdout=["siteZ"], **options)
+    again = tmp_path / "copy"
+    again.mkdir()
+    shutil.copy(dataset / "audio" / "2023" / "siteA_1.wav", again)
+    with pytest.raises(
+        ParameterError,
+        match=r"several audio_dirs: 'siteA_1\.wav' \(labels rows? [0-9, ]+.*: .*2023/siteA_1\.wav, "
+        r".*copy/siteA_1\.wav\); write their absolute paths",
+    ):
+        buzzdask.train(labels, [*audio, again], output=tmp_path / "m", **options)

@@ -248,6 +248,8 @@ def scan(
     ]
     for file in _once(reached, skipped=skipped, root=root):
         _add(found, root, file.path, file.problem)
+    for name in found:  # named on its own, whatever its suffix: analysed, not skipped
+        skipped.pop(name, None)
     return Discovery(
         paths=tuple(absolute),
         root=root,

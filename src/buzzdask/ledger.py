@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from buzzdask.decode import (
@@ -52,6 +52,10 @@ class FileState:
     chunks_done: int = 0
     frames: int = 0
     failed: bool = False
+    #: Chunks that came back short of their plan, with (frames, planned frames).
+    short_chunks: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: The last chunk that gave frames (-1: none yet).
+    last_chunk_with_frames: int = -1
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,10 @@ class FileLedger:
         # says it is the file's last: what tells an export that the file is whole.
         plan = job.plan
         ends = plan.n_frames is None or n_frames != plan.n_frames
+        if plan.n_frames is not None and n_frames < plan.n_frames:
+            state.short_chunks[plan.index] = (n_frames, plan.n_frames)
+        if n_frames:
+            state.last_chunk_with_frames = max(state.last_chunk_with_frames, plan.index)
         for head in self.heads:
             head.layout.record_chunk(
                 relative,
@@ -452,8 +460,29 @@ class FileLedger:
             reason = f"audio shorter than one frame ({seconds:g} s)" + (f"; {cut}" if cut else "")
             self._fail(state, None, "decode", reason, "")
         elif not state.failed and state.info is not None:
+            self._check_gaps(state)
             self._check_decoded_length(state, state.info)
         self.progress.finished(state.input.relative, failed=state.failed)
+
+    def _check_gaps(self, state: FileState) -> None:
+        """A row per chunk that came back short while audio after it decoded.
+
+        Not the end of the audio, then, but damage inside it that the decoder dropped (a FLAC's,
+        of which ffmpeg says nothing): that chunk's frames after the damage sit early.
+        """
+        relative = state.input.relative
+        for index, (frames, planned) in sorted(state.short_chunks.items()):
+            if index >= state.last_chunk_with_frames:
+                continue
+            reason = (
+                f"decoded short inside the file: chunk {index} gave {frames} of its {planned} "
+                "frames while audio after it decoded (damaged audio the decoder dropped: its "
+                f"frames after the damage sit up to {self._seconds(planned - frames):.2f} s "
+                "early; analysed what it holds)"
+            )
+            self._row(
+                relative, index, "decode", reason, "", kept=True, line=f"{relative}: {reason}"
+            )
 
     def _check_decoded_length(self, state: FileState, info: AudioInfo) -> None:
         """A row for a file whose container declares more audio than it decoded to."""

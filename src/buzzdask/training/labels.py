@@ -264,7 +264,7 @@ def collect_files(
             missing.append(f"{name!r} ({cite_rows(segments)})")
             continue
         if len(found) > 1:
-            ambiguous.append(f"{name!r} ({', '.join(map(str, found))})")
+            ambiguous.append(f"{name!r} ({cite_rows(segments)}: {', '.join(map(str, found))})")
             continue
         groups = set(segments["group"].dropna()) if "group" in segments else set()
         if len(groups) > 1:
@@ -280,7 +280,7 @@ def collect_files(
     if ambiguous:
         raise ParameterError(
             f"labels name files found in several audio_dirs: {'; '.join(ambiguous)}; "
-            "give a path that tells them apart"
+            "write their absolute paths in the labels"
         )
     if mixed:
         raise ParameterError(f"one file, several {group_column!r} values: {'; '.join(mixed)}")

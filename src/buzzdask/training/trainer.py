@@ -290,6 +290,8 @@ def _resolve(
         if any(f.all_ambient for f in files) or settings["unlabeled_ambient"] > 0
         else None,
     )
+    if settings["holdout"] is not None:  # names checked before the cluster starts
+        holdout_groups(sorted({item.group for item in files}), settings)
     output_path = _check_output(output)
     spec_embedder = resolve_embedder(embedder_name, handle=embedder, settings=base)
     spec = spec_embedder.frame_spec(settings["frame_hop_s"])
