@@ -278,6 +278,21 @@ def test_job_script_overrides_from_keywords_and_dask_config():
     assert f"export {variable}={shlex.quote(extra)}\n" in script
 
 
+def test_cores_given_alone_bring_their_share_of_memory():
+    # --cores 4 kept the section's 116 GiB, sized for 24 cores: OSC charges a job for the
+    # cores its memory would take beyond the partition's default (4956 MiB each on Cardinal).
+    scripts = {
+        cores: job_scripts("osc-cardinal", account="PAS9", gpus=0, cores=cores)["cpu"]
+        for cores in (4, 1, 24, 48)
+    }
+    memory = {cores: re.search(r"#SBATCH --mem=(\d+)G", s).group(1) for cores, s in scripts.items()}
+    assert memory == {4: "19", 1: "4", 24: "116", 48: "232"}
+    for cores, gib in memory.items():
+        assert int(gib) * 1024 <= cores * 4956
+    given = job_scripts("osc-cardinal", account="PAS9", gpus=0, cores=4, memory="8GiB")["cpu"]
+    assert "#SBATCH --mem=8G" in given  # a memory given is the job's
+
+
 @pytest.mark.parametrize(
     ("walltime", "lifetime"),
     [
@@ -1067,6 +1082,30 @@ def test_worker_reaching_its_lifetime_gets_a_new_job(local_slurm, tmp_path):
 
 @requires_slurm
 @pytest.mark.slurm
+def test_a_cluster_started_again_closes_the_earlier_one(local_slurm, tmp_path, caplog):
+    # A notebook cell run again left the first cluster's jobs queued, each replaced as it
+    # ended, for as long as the kernel lived.
+    first = start("local-slurm", gpus=0, cpu_workers=1, log_directory=str(tmp_path / "logs"))
+    first_jobs = _job_ids("buzzdask-cpu")
+    second = start("local-slurm", gpus=0, cpu_workers=1, log_directory=str(tmp_path / "logs"))
+    try:
+        assert first.cluster.status.name in ("closing", "closed")
+        assert f"left running (job {first_jobs[0]})" in caplog.text
+        wait_until(
+            lambda: not set(first_jobs) & set(_job_ids("buzzdask-cpu")),
+            timeout_s=30,
+            failure="the first cluster's job was left queued",
+            interval_s=0.5,
+        )
+        assert second.submit(sum, [1, 2]).result(timeout=60) == 3
+    finally:
+        second.shutdown()
+        first.close()
+    _assert_no_jobs_left()
+
+
+@requires_slurm
+@pytest.mark.slurm
 def test_rejected_job_reports_sbatch_message(local_slurm, tmp_path, caplog):
     started = time.monotonic()
     with pytest.raises(ClusterError, match="sbatch rejected the CPU worker job: sbatch: error"):
@@ -1078,9 +1117,13 @@ def test_rejected_job_reports_sbatch_message(local_slurm, tmp_path, caplog):
 
 @requires_slurm
 @pytest.mark.slurm
-def test_workers_that_never_arrive_time_out_with_state_and_log(local_slurm, tmp_path, caplog):
+def test_workers_that_never_arrive_time_out_with_state_and_log(
+    local_slurm, tmp_path, caplog, monkeypatch
+):
     # Three GPU jobs on a node with two GPUs: the third stays PENDING. The run goes on with
-    # the two (a busy cluster), saying which job is missing and why.
+    # the two (a busy cluster), saying which job is missing and why; and while it waits, it
+    # says so (30 s, then every 5 minutes: the queue may hold jobs for half an hour).
+    monkeypatch.setattr(buzzdask.cluster.slurm, "_WAITING_SAID_S", (8.0, 300.0))
     logs = tmp_path / "logs"
     try:
         client = start("local-slurm", gpus=3, cpu_workers=1, log_directory=str(logs), timeout=20)
@@ -1091,6 +1134,8 @@ def test_workers_that_never_arrive_time_out_with_state_and_log(local_slurm, tmp_
         assert re.search(expected, str(error)), error
     else:
         expected = r"(?s)[12]/3 GPU and 1/1 CPU workers have arrived: going on with them.*PEND"
+        waiting = r"(?s)waiting for the worker jobs: [0-2]/3 GPU and [01]/1 CPU workers after 8 s"
+        assert re.search(waiting + r" \(waiting up to 20 s\)\. Jobs:\n.*PEND", caplog.text)
         try:
             assert re.search(expected + r".*logs/buzzdask-gpu", caplog.text), caplog.text
             assert len(client.scheduler_info()["workers"]) >= 2
@@ -1129,6 +1174,8 @@ def test_command_line_runs_analysis_on_slurm(local_slurm, slurm_corpus, tmp_path
         command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=home
     )
     assert done.returncode == 0, done.stderr
+    # Said before the wait for the queue, which may be long: not a silent console meanwhile.
+    assert "buzzdask: submitting 1 GPU and 1 CPU worker job(s) (local-slurm)" in done.stdout
     assert "buzzdask: scheduler at tcp://127.0.0.1:" in done.stdout
     assert "dashboard: http://" in done.stdout
     assert "3/3 files" in done.stdout

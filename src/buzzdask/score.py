@@ -693,7 +693,8 @@ def prepare_devices(tf: Any, *, gpus: int, worker: str) -> str:
             f"sees {len(visible)} GPU(s) {[d.name for d in visible]} with CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}; install TensorFlow with CUDA "
             "in the workers' environment (pip install 'buzzdask[gpu]') or start the worker "
-            "without --resources GPU"
+            "without --resources GPU (a test cluster's GPUs that are no GPUs: "
+            "DASK_BUZZDASK__CHECK_GPUS=false where the run starts, as local-slurm sets it)"
         )
     for device in visible:
         try:

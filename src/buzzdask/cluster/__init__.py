@@ -9,11 +9,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from distributed import Client
+from distributed.core import Status
 
 from buzzdask.cluster.configs import (
     available_configs,
@@ -28,6 +31,11 @@ from buzzdask.dashboard_page import add_page
 from buzzdask.errors import ParameterError
 from buzzdask.session import lean_dask, start_local_cluster
 from buzzdask.settings import load_settings
+
+logger = logging.getLogger(__name__)
+
+#: The SLURM clusters :func:`start` made in this process (the keepalive holds each alive).
+_STARTED: weakref.WeakSet[BuzzdaskSLURMCluster] = weakref.WeakSet()
 
 __all__ = [
     "BuzzdaskSLURMCluster",
@@ -74,6 +82,9 @@ def start(
     distributed.Client
         Connected to the new cluster (``client.cluster``); ``client.shutdown()`` stops it.
         Its dashboard has the buzzdask page already (:func:`~buzzdask.dashboard_page.add_page`).
+        A SLURM cluster an earlier ``start`` in this process left running is closed first, with
+        a warning: a notebook cell run again would otherwise leave its jobs in the queue, each
+        one replaced as it ends, for as long as the kernel lives.
 
     Raises
     ------
@@ -113,6 +124,7 @@ def start(
         cpu_job_kwargs["worker_extra_args"] = scorer_worker_args(
             entry["cpu-config"], cpu_job_kwargs.get("worker_extra_args")
         )
+    _close_earlier_clusters()
     with lean_dask():  # the scheduler runs here, in this process
         slurm = BuzzdaskSLURMCluster(
             config_name=entry["cpu-config"],
@@ -129,7 +141,29 @@ def start(
     except BaseException:
         slurm.close()
         raise
+    _STARTED.add(slurm)
     return _with_page(Client(slurm))
+
+
+def _close_earlier_clusters() -> None:
+    """Close the SLURM clusters earlier :func:`start` calls in this process left running."""
+    for earlier in list(_STARTED):
+        _STARTED.discard(earlier)
+        if earlier.status in (Status.closing, Status.closed):
+            continue
+        logger.warning(
+            "closing the SLURM cluster an earlier buzzdask.cluster.start() in this process "
+            "left running (%s): one at a time, or its jobs would stay queued as long as this "
+            "process lives",
+            ", ".join(f"job {job_id}" for job_id in _job_ids(earlier)) or "no job",
+        )
+        earlier.close()
+
+
+def _job_ids(cluster: BuzzdaskSLURMCluster) -> list[str]:
+    return sorted(
+        str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)
+    )
 
 
 def _with_page(client: Client) -> Client:

@@ -15,6 +15,7 @@ job (scheduler, client and workers as its tasks: see :mod:`buzzdask.cluster.batc
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from dask.utils import parse_bytes
 from buzzdask.cli import EXIT_OK, reports_errors
 from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions, job_kinds
 from buzzdask.errors import InputError, ModelError
+from buzzdask.progress import console_lines
 
 if TYPE_CHECKING:
     from buzzdask.settings import Settings
@@ -172,6 +174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not gpus and entry["kind"] == "slurm":  # a local cluster has no GPU workers to ask for
         given = "--gpus 0" if args.gpus is not None else "add --gpus N for GPU workers"
         print(f"buzzdask: no GPU workers ({given}): scorers run on the CPU workers")
+    if entry["kind"] == "slurm":
+        # The queue may hold the jobs for minutes: not a silent console meanwhile. The
+        # warnings of the wait (the jobs' states) go to it as buzzdask's lines.
+        console_lines(logging.WARNING)
+        wanted = f"{gpus} GPU and {cpu_workers} CPU" if gpus else f"{cpu_workers} CPU"
+        print(
+            f"buzzdask: submitting {wanted} worker job(s) ({args.config}); their workers join "
+            "when SLURM starts them (squeue -u $USER)",
+            flush=True,
+        )
     client = start(args.config, gpus=gpus, cpu_workers=cpu_workers, timeout=args.timeout, **options)
     try:
         assert client.scheduler is not None  # connected

@@ -46,6 +46,21 @@ def job_kinds(gpus: int | None) -> tuple[JobKind, ...]:
 _LEAST_JOB_MEMORY = 2**30
 
 
+def _memory_for_cores(section: str, cores: int | None) -> str | None:
+    """A CPU job's memory for ``cores`` other than its section's: the section's per core.
+
+    Whole GiB, rounded down, as sbatch's ``--mem`` reads them: at most the share the section's
+    memory gives each of its cores (the OSC sections' lie within their partition's default).
+    ``None`` where ``cores`` is the section's own, or the section gives no sizes.
+    """
+    configured_cores = dask.config.get(f"jobqueue.{section}.cores", None)
+    configured_memory = dask.config.get(f"jobqueue.{section}.memory", None)
+    if cores is None or not configured_cores or not configured_memory or cores == configured_cores:
+        return None
+    gib = byte_count(configured_memory) * cores // configured_cores // 2**30
+    return f"{max(gib, _LEAST_JOB_MEMORY // 2**30)}GiB"
+
+
 def walltime_seconds(walltime: str) -> int:
     """Seconds of a SLURM time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``.
 
@@ -139,7 +154,9 @@ class JobOptions:
     queue, gpu_queue : str, optional
         Partitions of the CPU and of the GPU jobs.
     cores : int > 0, optional
-        Cores of each CPU job.
+        Cores of each CPU job. Without ``memory``, the section's memory goes with them, in
+        whole GiB: its memory per core (within the partition's default: SLURM charges the
+        cores a job's memory would take otherwise).
     memory : str, optional
         Memory of each CPU job (``"32GiB"``).
     log_directory : str, optional
@@ -198,6 +215,10 @@ class JobOptions:
         }
         extra = self.job_kwargs if kind == "cpu" else self.gpu_job_kwargs
         overrides = {k: v for k, v in {**chosen, **(extra or {})}.items() if v is not None}
+        if kind == "cpu" and section is not None and "memory" not in overrides:
+            memory = _memory_for_cores(section, overrides.get("cores"))
+            if memory is not None:
+                overrides["memory"] = memory
         if section is not None and dask.config.get(f"jobqueue.{section}.python", None) is None:
             # dask-jobqueue would write this Python into the job script unquoted: a venv in a
             # folder with a space ("My Project") would be cut there, and no worker would start.

@@ -102,6 +102,9 @@ def log_directory(config_name: str, job_kwargs: Mapping[str, Any]) -> str | None
 
 
 _ENDED_LOOK_S = 10.0  # between looks for jobs that ended before their worker arrived
+# When a start still waiting for its workers says so (a queued job: minutes on a busy cluster,
+# with nothing on the console otherwise), then how often again [s].
+_WAITING_SAID_S = (30.0, 300.0)
 _REPORTED = "_buzzdask_reported"  # the mark on an error buzzdask reports itself
 
 
@@ -371,12 +374,28 @@ class BuzzdaskSLURMCluster(SLURMCluster):
             with each missing job's squeue state and log file, when no worker of a kind asked
             for has arrived.
         """
-        deadline = time.monotonic() + timeout
-        next_look = time.monotonic() + _ENDED_LOOK_S
+        began = time.monotonic()
+        deadline = began + timeout
+        next_look = began + _ENDED_LOOK_S
+        next_said = began + _WAITING_SAID_S[0]
         while True:
             if time.monotonic() >= next_look:
                 next_look = time.monotonic() + _ENDED_LOOK_S
                 self._refuse_kinds_whose_jobs_all_ended(gpus=gpus, cpu_workers=cpu_workers)
+            if next_said <= time.monotonic() < deadline:
+                next_said = time.monotonic() + _WAITING_SAID_S[1]
+                have_gpu, have_cpu = self._arrived()
+                logger.warning(
+                    "waiting for the worker jobs: %d/%d GPU and %d/%d CPU workers after %.0f s "
+                    "(waiting up to %g s). Jobs:\n%s",
+                    have_gpu,
+                    gpus,
+                    have_cpu,
+                    cpu_workers,
+                    time.monotonic() - began,
+                    timeout,
+                    self._job_report(),
+                )
             rejected = [
                 (name, job.submit_error)
                 for name, job in list(self.workers.items())
