@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import buzzdask
+from buzzdask import pcm_cache
 from buzzdask.decode import (
     AudioInfo,
     ChunkPlan,
@@ -337,6 +338,24 @@ def test_without_room_for_a_copy_chunks_are_the_whole_files_samples(
     assert making.getMessage().startswith(f"decoding {path} whole into a node-local copy of ")
 
 
+def test_a_copy_no_task_here_can_lock_is_not_waited_for(tmp_path: Path, caplog) -> None:
+    """A lock that cannot be opened (another user's folder; here, a directory in its place)
+    read as one held by a task making the copy: each chunk waited for it, forever, silently."""
+    copies = Path(pcm_cache.copy_directory(str(tmp_path)))
+    (copies / "key.lock").mkdir(parents=True)
+    made: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        for start in (0, 100):
+            span = pcm_cache.read_span(
+                "key", directory=str(tmp_path), start=start, stop=start + 100,
+                make=made.append, name="long.m4a",
+            )  # fmt: skip
+            assert span is None  # the caller decodes its chunk from the file's start
+    assert not made
+    [said] = [r.getMessage() for r in caplog.records if "no decoded copy" in r.getMessage()]
+    assert said.startswith(f"long.m4a: no decoded copy in {copies} (Is a directory): each")
+
+
 def test_copies_left_by_a_worker_killed_with_its_run_are_removed(make_audio, tmp_path) -> None:
     """A worker ended by Dask's os._exit (its client killed) runs no atexit and leaves its
     decoded copy; the next copy made on the node removes it."""
@@ -410,7 +429,6 @@ def test_processes_share_one_decoded_copy_per_node(make_audio, tmp_path: Path) -
 
 def test_decoded_copy_failure_is_reported_by_every_waiting_chunk(tmp_path: Path) -> None:
     """A file ffmpeg cannot decode: the chunk that tried and those after it get the error."""
-    from buzzdask import pcm_cache
     from buzzdask.errors import DecodeError
 
     calls: list[str] = []

@@ -106,3 +106,6 @@ def test_an_output_on_a_full_disk_says_so_before_any_work(small_disk, tmp_path):
         OutputLock(small_disk / "out", started="now", stale_s=120),
     ):
         pass
+    # Nothing of the lock left behind (an empty .new file kept the output folder from being
+    # removed as left empty).
+    assert [p.name for p in small_disk.rglob("*") if p.is_file()] == ["filler"]

@@ -203,8 +203,10 @@ class OutputLock:
             "token": self.token,
         }
         written = self.path.with_name(f"{LOCK_NAME}.{self.token}.new")
-        written.write_text(json.dumps(entry), encoding="utf-8")
         try:
+            # In the try: a disk too full to write it would leave it, and the output folder
+            # it may have been made in could not be removed as left empty.
+            written.write_text(json.dumps(entry), encoding="utf-8")
             os.link(written, path)
             return True
         except FileExistsError:

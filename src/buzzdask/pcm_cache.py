@@ -114,6 +114,9 @@ def read_span(
     stem = os.path.join(copy_directory(directory), key)
     try:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
+        # A lock no task here can open (a folder another user made, a read-only file system)
+        # reads as one held by another task: waiting for its copy would never end.
+        os.close(os.open(stem + ".lock", os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as error:
         _no_copy(stem, name, error.strerror or str(error))
         return None
