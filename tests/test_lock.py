@@ -122,7 +122,7 @@ def test_another_hosts_lock_holds_until_it_goes_stale(run, make_audio, tmp_path,
     with caplog.at_level(logging.WARNING, logger="buzzdask"):
         result = run(tmp_path / "audio", output=out)
     assert result.ok
-    assert "last sign of life 200 s ago" in caplog.text
+    assert "its lock last refreshed 200 s ago" in caplog.text
 
 
 def test_a_lock_cut_short_is_taken_over(tmp_path, caplog):

@@ -253,7 +253,7 @@ class OutputLock:
         finally:
             guard.unlink(missing_ok=True)
         logger.warning(
-            "took over %s from a run that is gone (%s; last sign of life %.0f s ago)",
+            "took over %s from a run that is gone (%s; its lock last refreshed %.0f s ago)",
             self.root,
             holder.describe(),
             holder.age_s,
