@@ -546,7 +546,8 @@ def test_a_flac_damaged_inside_says_where_frames_were_lost(run, make_audio, tmp_
     middle = len(data) // 2  # 15 s in: inside chunk 1 of 10 s chunks
     data[middle : middle + 40_000] = np.random.default_rng(0).bytes(40_000)
     flac.write_bytes(bytes(data))
-    result = run(flac.parent, chunk_seconds=10.0)
+    store = tmp_path / "store"
+    result = run(flac.parent, chunk_seconds=10.0, keep_embeddings=store)
     gaps = result.errors[result.errors["reason"].str.startswith("decoded short inside the file")]
     assert gaps["chunk"].tolist() == [1] and gaps["kept"].all(), result.errors
     assert re.fullmatch(
@@ -557,6 +558,14 @@ def test_a_flac_damaged_inside_says_where_frames_were_lost(run, make_audio, tmp_
     )
     frames = result.to_pandas()
     assert (frames["start"] >= 20.0).any()  # the chunk after the gap was scored
+    # A resume that finds the chunks written says so again; a run served by the store it kept
+    # took the short chunk for the end of the audio, and lost every frame after it.
+    again = run(flac.parent, chunk_seconds=10.0, on_conflict="resume", output=result.output)
+    assert again.errors["reason"].tolist() == result.errors["reason"].tolist()
+    stored = run(flac.parent, chunk_seconds=10.0, keep_embeddings=store, output=tmp_path / "re")
+    assert stored.summary["chunks_from_store"] == 4
+    assert stored.errors["reason"].tolist() == result.errors["reason"].tolist()
+    assert_same_frames(stored.to_pandas(), frames)
 
 
 def test_flac_and_m4a_cut_short_say_so(run, make_audio, tmp_path: Path) -> None:

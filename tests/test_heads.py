@@ -312,6 +312,17 @@ def test_each_head_takes_thresholds_named_for_it(one_file, run, tiny_model, tmp_
         "model_tiny": {"ins_buzz": 0.4},
         "model_twin": {"ins_buzz": -1.2, "mech_plane": 2.0},
     }
+    # A resume with other thresholds is told the earlier ones of every head, named so.
+    with pytest.raises(OutputConflictError) as refused:
+        run(
+            one_file,
+            model=models,
+            output=tmp_path / "named",
+            on_conflict="resume",
+            thresholds={"model_tiny/ins_buzz": 0.5, "model_twin/ins_buzz": -1.2},
+        )
+    assert "'model_tiny/ins_buzz': 0.4" in str(refused.value)
+    assert "'model_twin/ins_buzz': -1.2, 'model_twin/mech_plane': 2.0" in str(refused.value)
     for name, result in results.items():
         table = result.to_pandas()
         for class_name, value in thresholds[name].items():
@@ -321,6 +332,22 @@ def test_each_head_takes_thresholds_named_for_it(one_file, run, tiny_model, tmp_
         assert [c for c in table if c.startswith("detection_")] == [
             f"detection_{c}" for c in thresholds[name]
         ], name
+
+
+def test_threshold_keys_a_class_with_a_slash_and_one_given_twice():
+    from buzzdask.thresholds import thresholds_by_model
+
+    models = {"model_a": ["ins_buzz", "bee/fly"], "model_b": ["ins_buzz"]}
+    given = {"bee/fly": 1.0, "model_a/ins_buzz": 2.0, "model_b/ins_buzz": 3.0}
+    assert thresholds_by_model(given, models) == {
+        "model_a": {"bee/fly": 1.0, "ins_buzz": 2.0},
+        "model_b": {"ins_buzz": 3.0},
+    }
+    assert thresholds_by_model({"model_a/bee/fly": 1.0}, models)["model_a"] == {"bee/fly": 1.0}
+    with pytest.raises(ParameterError, match=r"given twice for model_a/ins_buzz \(as CLASS and"):
+        thresholds_by_model({"ins_buzz": 1.0, "model_a/ins_buzz": 2.0}, {"model_a": ["ins_buzz"]})
+    with pytest.raises(ParameterError, match=r"unknown class\(es\) \['/ins_buzz'\]"):
+        thresholds_by_model({"/ins_buzz": 1.0}, models)
 
 
 def test_a_run_of_two_heads_resumes_as_one(one_file, run, make_audio, tiny_model, tmp_path):

@@ -584,7 +584,7 @@ def test_frames_carry_the_labels_they_overlap_enough():
     assert labelled.targets[4:, 2].all() and len(labelled.frames) == 6
 
 
-def test_labels_of_several_annotators_are_read_as_one_table(tmp_path):
+def test_labels_of_several_annotators_are_read_as_one_table(tmp_path, caplog):
     # --labels given twice kept only the last file, and one annotator's classes were gone.
     alice, bob = tmp_path / "alice" / "labels.csv", tmp_path / "bob" / "labels.csv"
     alice.parent.mkdir()
@@ -598,6 +598,15 @@ def test_labels_of_several_annotators_are_read_as_one_table(tmp_path):
     bob.write_text("file,start,end,label\nb.wav,3,2,mech_noise\n")
     with pytest.raises(ParameterError, match=rf"end <= start in {re.escape(str(bob))} line 2"):
         read_labels([alice, bob])
+    with pytest.raises(ParameterError, match=r"labels file\(s\) given twice: .*alice/labels\.csv"):
+        read_labels([alice, bob, alice.parent / "." / "labels.csv"])
+    # One annotator's groups, and the other's folders: said, as a site could fall in both folds.
+    bob.write_text("file,start,end,label\nb.wav,0,1,mech_noise\n")
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        read_labels([alice, bob])
+    assert (
+        f"labels {bob} have no 'group' column, unlike {alice}: their files' groups" in caplog.text
+    )
     args = ["train", "audio", "--labels", "a.csv", "--labels", "b.csv", "--output", "m"]
     assert buzzdask.cli.build_parser().parse_args(args).labels == ["a.csv", "b.csv"]
 

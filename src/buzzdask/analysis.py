@@ -911,7 +911,13 @@ def _options(plan: _Plan, index: int) -> dict[str, Any]:
         "embedder": model.embedder.source or model.embedder.handle,
         "frame_hop_s": spec.hop_s,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
-        "thresholds": dict(sorted(plan.thresholds[index].values.items())),
+        # Every head's, named with its model, where several share the run: a resume passes
+        # them all, and a bare class two heads have is refused.
+        "thresholds": {
+            f"{plan.models[i].name}/{name}" if plan.several else name: value
+            for i in (range(len(plan.models)) if plan.several else [index])
+            for name, value in sorted(plan.thresholds[i].values.items())
+        },
         "precision": plan.thresholds[index].precision,
     }
 

@@ -195,6 +195,7 @@ class FileLedger:
             self._damaged(relative, plan.index, label, damaged)
         self.chunks_skipped += 1
         self.progress.advance(relative, self._seconds(frames), resumed=True)
+        _note_frames(state, plan, frames)  # a gap it left is this run's row too
         state.chunks_done += 1
         state.frames += frames
         return None
@@ -286,10 +287,7 @@ class FileLedger:
         # says it is the file's last: what tells an export that the file is whole.
         plan = job.plan
         ends = plan.n_frames is None or n_frames != plan.n_frames
-        if plan.n_frames is not None and n_frames < plan.n_frames:
-            state.short_chunks[plan.index] = (n_frames, plan.n_frames)
-        if n_frames:
-            state.last_chunk_with_frames = max(state.last_chunk_with_frames, plan.index)
+        _note_frames(state, plan, n_frames)
         for head in self.heads:
             head.layout.record_chunk(
                 relative,
@@ -502,6 +500,14 @@ class FileLedger:
 
     def _seconds(self, n_frames: int) -> float:
         return n_frames * self.spec.hop_length / self.spec.sample_rate
+
+
+def _note_frames(state: FileState, plan: ChunkPlan, n_frames: int) -> None:
+    """Keep what :meth:`FileLedger._check_gaps` needs of a chunk that came back (or was written)."""
+    if plan.n_frames is not None and n_frames < plan.n_frames:
+        state.short_chunks[plan.index] = (n_frames, plan.n_frames)
+    if n_frames:
+        state.last_chunk_with_frames = max(state.last_chunk_with_frames, plan.index)
 
 
 def _cut_short(info: AudioInfo) -> str:

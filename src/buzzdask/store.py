@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,7 +249,7 @@ class EmbeddingStore:
 
     def file_frames(self, audio_sha256: str) -> int | None:
         """The audio's number of frames, once a decode reached its end (from part names)."""
-        ends = [p.first + p.n_frames for p in self._parts(audio_sha256) if p.at_end]
+        ends = _audio_ends(self._parts(audio_sha256))
         return min(ends) if ends else None
 
     def frames_of(self, audio_sha256: str, first_frame: int, n_frames: int) -> int | None:
@@ -258,8 +258,7 @@ class EmbeddingStore:
         Read from the parts' names, not their contents; ``None`` when some are not stored.
         """
         parts = self._parts(audio_sha256)
-        ends = [p.first + p.n_frames for p in parts if p.at_end]
-        stop = min([first_frame + n_frames, *ends])
+        stop = _stop(parts, first_frame, first_frame + n_frames)
         covered = first_frame
         for part in sorted(parts, key=lambda p: p.first):
             if part.first > covered:
@@ -318,14 +317,7 @@ class EmbeddingStore:
         return catalog
 
     def _parts(self, audio_sha256: str) -> list[_Part]:
-        folder = self.directory / audio_sha256
-        if not folder.is_dir():
-            return []
-        return [
-            _Part(folder / m.group(0), int(m.group(1)), int(m.group(2)), bool(m.group(3)))
-            for path in folder.iterdir()
-            if (m := _PART.fullmatch(path.name))
-        ]
+        return _parts_in(self.directory / audio_sha256)
 
     def embedding_size(self) -> int:
         """Values per stored embedding (from the first readable part's schema).
@@ -364,18 +356,14 @@ def load_stored(ref: StoredRef) -> StoredChunk:
         If a frame is not stored (a part removed since the run was planned).
     """
     folder = Path(ref.directory) / ref.audio_sha256
-    stop = ref.first_frame + (ref.n_frames if ref.n_frames is not None else 1 << 62)
+    parts = sorted(_parts_in(folder), key=lambda part: part.path.name)
+    asked = ref.first_frame + (ref.n_frames if ref.n_frames is not None else 1 << 62)
+    stop = _stop(parts, ref.first_frame, asked)
     frames: list[np.ndarray] = []
     rows: list[np.ndarray] = []
-    for path in sorted(folder.glob("part-*.parquet")):
-        match = _PART.fullmatch(path.name)
-        if match is None:
-            continue
-        first, count, at_end = int(match.group(1)), int(match.group(2)), bool(match.group(3))
-        if at_end:
-            stop = min(stop, first + count)
-        if first < stop and first + count > ref.first_frame and count:
-            part_frames, part_rows = _read_part(path)
+    for part in parts:
+        if part.first < stop and part.first + part.n_frames > ref.first_frame and part.n_frames:
+            part_frames, part_rows = _read_part(part.path)
             frames.append(part_frames)
             rows.append(part_rows)
     wanted = np.arange(ref.first_frame, max(ref.first_frame, stop), dtype=np.int64)
@@ -559,3 +547,38 @@ def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
     column = table.column("embedding").combine_chunks()
     rows = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
     return table.column("frame").to_numpy(), rows
+
+
+def _parts_in(folder: Path) -> list[_Part]:
+    """The parts stored for one audio (its folder), from their names."""
+    if not folder.is_dir():
+        return []
+    return [
+        _Part(folder / m.group(0), int(m.group(1)), int(m.group(2)), bool(m.group(3)))
+        for path in folder.iterdir()
+        if (m := _PART.fullmatch(path.name))
+    ]
+
+
+def _stop(parts: Sequence[_Part], first_frame: int, stop: int) -> int:
+    """Where frames ``first_frame ... stop - 1`` end: at the audio's end, if it comes first.
+
+    That end is where a decode of these frames ended (an ``-end`` part among them), or one of
+    the audio's (:func:`_audio_ends`).
+    """
+    own = [p.first + p.n_frames for p in parts if p.at_end and first_frame <= p.first < stop]
+    return min([stop, *_audio_ends(parts), *own])
+
+
+def _audio_ends(parts: Sequence[_Part]) -> list[int]:
+    """Where decodes found the audio's end: each ``-end`` part's, but not one with audio after.
+
+    Audio stored after it says it was no end: a chunk that came back short of damage its
+    decoder dropped (a FLAC's), and the chunks after it decoded.
+    """
+    last_start = max((part.first for part in parts if part.n_frames), default=-1)
+    return [
+        part.first + part.n_frames
+        for part in parts
+        if part.at_end and part.first + part.n_frames > last_start
+    ]

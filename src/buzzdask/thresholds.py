@@ -273,23 +273,31 @@ def thresholds_by_model(
     shares: dict[str, dict[str, float]] = {name: {} for name in models}
     unknown: list[str] = []
     shared: dict[str, list[str]] = {}
+    twice: list[str] = []
     for key, value in (thresholds or {}).items():
-        model_name, _, class_name = key.rpartition("/")
-        owners = [
-            name
-            for name, classes in models.items()
-            if class_name in classes and model_name in ("", name)
-        ]
+        # A class first, whole (a trained class may hold "/"); else MODEL/CLASS.
+        class_name = key
+        owners = [name for name, classes in models.items() if key in classes]
+        model_name, slash, rest = key.partition("/")
+        if not owners and slash and rest in models.get(model_name, ()):
+            class_name, owners = rest, [model_name]
         if not owners:
             unknown.append(key)
         elif len(owners) > 1:
             shared[key] = owners
+        elif class_name in shares[owners[0]]:
+            twice.append(f"{owners[0]}/{class_name}")
         else:
             shares[owners[0]][class_name] = value
     if unknown:
         raise ParameterError(
             f"thresholds for unknown class(es) {sorted(unknown)}; the models' classes are "
             + "; ".join(f"{name}: {list(classes)}" for name, classes in models.items())
+        )
+    if twice:
+        raise ParameterError(
+            f"thresholds given twice for {', '.join(twice)} (as CLASS and as MODEL/CLASS): "
+            "give each once"
         )
     if shared:
         key, owners = next(iter(shared.items()))

@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if entry["kind"] == "slurm":
         # The queue may hold the jobs for minutes: not a silent console meanwhile. The
         # warnings of the wait (the jobs' states) go to it as buzzdask's lines.
-        console_lines(logging.WARNING)
+        console_lines((logging.WARNING, logging.INFO, logging.DEBUG)[verbosity])
         wanted = f"{gpus} GPU and {cpu_workers} CPU" if gpus else f"{cpu_workers} CPU"
         print(
             f"buzzdask: submitting {wanted} worker job(s) ({args.config}); their workers join "

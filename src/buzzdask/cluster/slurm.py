@@ -386,10 +386,9 @@ class BuzzdaskSLURMCluster(SLURMCluster):
                 next_said = time.monotonic() + _WAITING_SAID_S[1]
                 have_gpu, have_cpu = self._arrived()
                 logger.warning(
-                    "waiting for the worker jobs: %d/%d GPU and %d/%d CPU workers after %.0f s "
-                    "(waiting up to %g s). Jobs:\n%s",
-                    have_gpu,
-                    gpus,
+                    "waiting for the worker jobs: %s%d/%d CPU workers after %.0f s (waiting up "
+                    "to %g s). Jobs:\n%s",
+                    f"{have_gpu}/{gpus} GPU and " if gpus else "",
                     have_cpu,
                     cpu_workers,
                     time.monotonic() - began,

@@ -12,6 +12,7 @@ file.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -44,6 +45,8 @@ __all__ = [
     "read_labels",
     "want_frames",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Columns every labels table must have; ``start`` and ``end`` in seconds from the file's start.
 LABEL_COLUMNS = ("file", "start", "end", "label")
@@ -122,11 +125,25 @@ def read_labels(labels: Labels, *, group_column: str = "group") -> pd.DataFrame:
         paths = label_paths(labels)
         if not paths:
             raise ParameterError("no labels file given")
-        # One file's rows are cited by its name; several files' by their paths as given.
-        table = pd.concat(
-            [_read_csv(path, name=path.name if len(paths) == 1 else str(path)) for path in paths],
-            ignore_index=True,
+        again = sorted(
+            {str(p) for p in paths if [q.resolve() for q in paths].count(p.resolve()) > 1}
         )
+        if again:
+            raise ParameterError(f"labels file(s) given twice: {', '.join(again)}")
+        # One file's rows are cited by its name; several files' by their paths as given.
+        tables = [
+            _read_csv(path, name=path.name if len(paths) == 1 else str(path)) for path in paths
+        ]
+        grouped = [group_column in t.columns for t in tables]
+        if any(grouped) and not all(grouped):
+            logger.warning(
+                "labels %s have no %r column, unlike %s: their files' groups are the folders "
+                "that hold them (a site labelled in both could then train and be held out)",
+                ", ".join(str(p) for p, g in zip(paths, grouped, strict=True) if not g),
+                group_column,
+                ", ".join(str(p) for p, g in zip(paths, grouped, strict=True) if g),
+            )
+        table = pd.concat(tables, ignore_index=True)
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
     if missing:
         raise ParameterError(
