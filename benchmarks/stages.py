@@ -40,6 +40,7 @@ from buzzdask.decode import (
 )
 from buzzdask.frames import FrameSpec
 from buzzdask.models import ModelSpec, resolve_model
+from buzzdask.session import peak_rss_bytes
 from buzzdask.settings import load_settings
 from buzzdask.write import frames_table, write_table
 
@@ -410,7 +411,7 @@ def baseline(params: dict[str, Any]) -> dict[str, Any]:
         record["audio_s"] = n_frames * spec.hop_length / spec.sample_rate
     record["split_s"] = split
     record["frames"] = n_frames
-    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record["peak_rss_bytes"] = peak_rss_bytes()
     return record
 
 

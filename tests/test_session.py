@@ -373,3 +373,15 @@ def test_signals_as_a_cluster_starts_or_closes_wait_for_it():
     with signals_deferred(stopping=True):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
+
+
+def test_peak_rss_is_in_bytes_on_linux_and_macos(monkeypatch) -> None:
+    """``ru_maxrss`` is kilobytes on Linux, bytes on macOS (which cannot run here: its word)."""
+    import resource
+
+    from buzzdask.session import peak_rss_bytes
+
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert 0.5 * kilobytes * 1024 < peak_rss_bytes() < 2 * kilobytes * 1024
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert 0.5 * kilobytes < peak_rss_bytes() < 2 * kilobytes

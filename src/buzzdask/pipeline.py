@@ -515,6 +515,7 @@ class ChunkPipeline:
         self._open: Counter[str] = Counter()  # chunks enqueued and not yet done with, per file
         # Whether a decode task and a score task were submitted.
         self._decode_sent = False
+        self._said_under_one_chunk = False
         self._score_sent = False
         self._decoding = 0  # decode (and load) tasks out
         # The run's first score task is out, on a worker that decodes.
@@ -541,15 +542,6 @@ class ChunkPipeline:
         """A pipeline with the budget, batching, decoding and retry settings of a run."""
         # A file's last planned chunk holds one frame more (decode.plan_chunks).
         chunk_bytes = chunk_nbytes(spec, frames_per_chunk + 1, settings.decode_margin_seconds)
-        if settings.memory_budget < chunk_bytes:
-            logger.warning(
-                "memory budget %s holds less than one chunk of decoded audio (%s for %g s): "
-                "chunks go one at a time, decoding waits on scoring; raise memory-budget or "
-                "lower chunk-seconds",
-                format_bytes(settings.memory_budget),
-                format_bytes(chunk_bytes),
-                frames_per_chunk * spec.hop_length / spec.sample_rate,
-            )
         return cls(
             client,
             pool,
@@ -700,10 +692,26 @@ class ChunkPipeline:
             )
             jobs = [self._todo.popleft()]
             self.budget.take(nbytes)
+            if nbytes > self.budget.limit_bytes:
+                self._budget_under_one_chunk(jobs[0], nbytes)
             while len(jobs) < most and self.budget.admits(nbytes := self._nbytes(self._todo[0])):
                 jobs.append(self._todo.popleft())
                 self.budget.take(nbytes)
             self._decode(jobs)
+
+    def _budget_under_one_chunk(self, job: ChunkJob, nbytes: int) -> None:
+        """Say, once, that a chunk came that the budget cannot hold: it goes alone."""
+        if self._said_under_one_chunk:
+            return
+        self._said_under_one_chunk = True
+        logger.warning(
+            "memory budget %s holds less than one chunk of decoded audio (%s for %s): chunks "
+            "go one at a time, decoding waits on scoring; raise memory-budget or lower "
+            "chunk-seconds",
+            format_bytes(self.budget.limit_bytes),
+            format_bytes(nbytes),
+            job.label,
+        )
 
     def _decode(self, jobs: list[ChunkJob]) -> None:
         self._decode_sent = True

@@ -45,6 +45,7 @@ __all__ = [
     "live_workers",
     "package_versions",
     "peak_rss_by_worker",
+    "peak_rss_bytes",
     "scorer_hosts",
     "scorers_per_host",
     "start_local_cluster",
@@ -447,7 +448,7 @@ def peak_rss_by_worker(client: Client, *, timeout_s: float) -> dict[str, int]:
     a suspended job, a node hung on its file system), has no answer; the others still report.
     """
     try:
-        return client.run(_peak_rss_bytes, on_error="ignore", callback_timeout=timeout_s)
+        return client.run(peak_rss_bytes, on_error="ignore", callback_timeout=timeout_s)
     except TimeoutError:
         pass  # one worker holds the whole broadcast up: each is asked alone, all at once
     workers = list(live_workers(client))
@@ -465,16 +466,20 @@ def peak_rss_by_worker(client: Client, *, timeout_s: float) -> dict[str, int]:
 def _peak_rss_of(client: Client, address: str, *, timeout_s: float) -> int | None:
     try:
         answer = client.run(
-            _peak_rss_bytes, workers=[address], on_error="ignore", callback_timeout=timeout_s
+            peak_rss_bytes, workers=[address], on_error="ignore", callback_timeout=timeout_s
         )
     except TimeoutError:
         return None
     return answer.get(address)
 
 
-def _peak_rss_bytes() -> int:
-    # Run on a worker: a function of this module, which the workers import anyway.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss_bytes() -> int:
+    """Peak resident memory of the process that runs it [bytes] (a worker's, run there).
+
+    ``ru_maxrss`` counts kilobytes on Linux, bytes on macOS.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def tensorflow_version() -> str:
