@@ -568,6 +568,32 @@ def test_a_flac_damaged_inside_says_where_frames_were_lost(run, make_audio, tmp_
     assert_same_frames(stored.to_pandas(), frames)
 
 
+def test_a_short_chunk_in_a_store_is_no_end_of_the_audio(tmp_path, tiny_embedder) -> None:
+    """A chunk that came back short is stored as ending the audio (``-end``): damage a decoder
+    dropped ends it too. The frames after it are served only where a decode of them says so:
+    a run killed after such a chunk, resumed with the store, served the rest as empty."""
+    from buzzdask.models import resolve_embedder
+    from buzzdask.store import EmbeddingStore
+
+    embedder = resolve_embedder("yamnet_k2", handle=str(tiny_embedder))
+    store = EmbeddingStore(tmp_path, embedder=embedder, spec=embedder.frame_spec())
+    rows = np.ones((10, 4), np.float32)
+    store.store("flac", 0, rows, at_end=False)
+    store.store("flac", 10, rows[:9], at_end=True)  # the damaged chunk
+    assert store.frames_of("flac", 10, 10) == 9  # its own decode's end
+    assert store.frames_of("flac", 20, 10) is None  # unknown: decoded again
+    store.store("flac", 20, rows, at_end=False)
+    store.store("flac", 30, rows[:1], at_end=True)
+    assert [store.frames_of("flac", first, 10) for first in (0, 10, 20, 30)] == [10, 9, 10, 1]
+    assert store.file_frames("flac") == 31
+    # Chunked otherwise (one chunk of the whole file), the stored frames have a hole: decode.
+    assert store.frames_of("flac", 0, 1000) is None
+    # Past an end whose decodes reached it (an over-estimated MP3): served as empty.
+    store.store("mp3", 0, rows[:4], at_end=True)
+    store.store("mp3", 10, rows[:0], at_end=True)
+    assert store.frames_of("mp3", 10, 10) == 0 and store.file_frames("mp3") == 4
+
+
 def test_flac_and_m4a_cut_short_say_so(run, make_audio, tmp_path: Path) -> None:
     """A FLAC's STREAMINFO and an MP4's moov declare the length: a copy cut short decodes what
     it holds, in frames at their true times, with one row saying how much is missing."""

@@ -704,13 +704,15 @@ class ChunkPipeline:
         if self._said_under_one_chunk:
             return
         self._said_under_one_chunk = True
+        # Stored embeddings count as the decoded audio they stand for: no chunk-seconds there.
+        stored = job.stored is not None or job.info.codec == STORED_CODEC
         logger.warning(
             "memory budget %s holds less than one chunk of decoded audio (%s for %s): chunks "
-            "go one at a time, decoding waits on scoring; raise memory-budget or lower "
-            "chunk-seconds",
+            "go one at a time, decoding waits on scoring; raise memory-budget%s",
             format_bytes(self.budget.limit_bytes),
             format_bytes(nbytes),
             job.label,
+            "" if stored else " or lower chunk-seconds",
         )
 
     def _decode(self, jobs: list[ChunkJob]) -> None:

@@ -259,6 +259,10 @@ class EmbeddingStore:
         """
         parts = self._parts(audio_sha256)
         stop = _stop(parts, first_frame, first_frame + n_frames)
+        if stop <= first_frame and not any(part.first == first_frame for part in parts):
+            # An end before these frames, and no decode of them: the run that stored it may
+            # have stopped there (killed after a short chunk, which may be damage, no end).
+            return None
         covered = first_frame
         for part in sorted(parts, key=lambda p: p.first):
             if part.first > covered:
@@ -563,10 +567,10 @@ def _parts_in(folder: Path) -> list[_Part]:
 def _stop(parts: Sequence[_Part], first_frame: int, stop: int) -> int:
     """Where frames ``first_frame ... stop - 1`` end: at the audio's end, if it comes first.
 
-    That end is where a decode of these frames ended (an ``-end`` part among them), or one of
-    the audio's (:func:`_audio_ends`).
+    That end is where a decode of these frames, chunked as asked, ended (an ``-end`` part
+    starting at ``first_frame``), or one of the audio's (:func:`_audio_ends`).
     """
-    own = [p.first + p.n_frames for p in parts if p.at_end and first_frame <= p.first < stop]
+    own = [p.first + p.n_frames for p in parts if p.at_end and p.first == first_frame]
     return min([stop, *_audio_ends(parts), *own])
 
 

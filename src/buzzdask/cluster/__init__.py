@@ -82,9 +82,9 @@ def start(
     distributed.Client
         Connected to the new cluster (``client.cluster``); ``client.shutdown()`` stops it.
         Its dashboard has the buzzdask page already (:func:`~buzzdask.dashboard_page.add_page`).
-        A SLURM cluster an earlier ``start`` in this process left running is closed once this
-        one runs, with a warning: a notebook cell run again would otherwise leave its jobs in
-        the queue, each one replaced as it ends, for as long as the kernel lives.
+        A SLURM cluster an earlier ``start`` in this process left running is closed first, with
+        a warning: a notebook cell run again would otherwise leave its jobs in the queue, each
+        one replaced as it ends, for as long as the kernel lives.
 
     Raises
     ------
@@ -124,6 +124,9 @@ def start(
         cpu_job_kwargs["worker_extra_args"] = scorer_worker_args(
             entry["cpu-config"], cpu_job_kwargs.get("worker_extra_args")
         )
+    # First: its jobs could hold what the new ones need (a per-user GPU limit) and keep them
+    # queued. A start that then fails leaves none: the cell is run again, fixed.
+    _close_earlier_clusters()
     with lean_dask():  # the scheduler runs here, in this process
         slurm = BuzzdaskSLURMCluster(
             config_name=entry["cpu-config"],
@@ -140,8 +143,6 @@ def start(
     except BaseException:
         slurm.close()
         raise
-    # Once this one runs: a start that fails (a mistyped queue) leaves the earlier one be.
-    _close_earlier_clusters()
     _STARTED.add(slurm)
     return _with_page(Client(slurm))
 
