@@ -73,6 +73,9 @@ def test_other_files_beside_audio_are_counted(run, make_audio, tmp_path, caplog)
     assert result.ok and len(result.to_pandas()) == 2
     assert result.summary["files_skipped"] == 1
     assert "1 skipped: 1 other suffix (field notes.txt)" in caplog.text
+    # Said before the run's log opened: its log keeps it too.
+    log = (result.output / "buzzdask.log").read_text()
+    assert f"not analysed under {tmp_path / 'audio'}: 1 skipped: 1 other suffix (field" in log
 
 
 def test_a_file_named_beside_its_folder_is_not_skipped(tmp_path):

@@ -105,6 +105,10 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(
     assert result.ok and len(result.to_pandas()) == 3
     assert f"took over {out} from a run that is gone (host {platform.node()}" in caplog.text
     assert not (out / LOCK_NAME).exists()
+    # Said before the run's log opened: the log has it too, after the run's first line.
+    log = (out / "buzzdask.log").read_text().splitlines()
+    assert "starting an analysis" in log[0]
+    assert f"took over {out} from a run that is gone (host {platform.node()}" in log[1]
 
 
 @requires_ffmpeg

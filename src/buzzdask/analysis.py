@@ -183,6 +183,8 @@ class RunInputs:
     feed: Callable[[ChunkPipeline, FileLedger, list[FileState]], None]
     n_skipped: int = 0
     versions: Callable[[str], tuple[int, int] | None] | None = None
+    #: Warnings given before the run's log opened, for it too (files skipped).
+    said_before: tuple[str, ...] = ()
 
 
 def analyze(
@@ -290,10 +292,10 @@ def analyze(
     # Inputs first: a mistyped or empty folder is reported in a second, before any model loads.
     found = scan(paths, extensions=settings.extensions)
     found.require_audio()
+    said: tuple[str, ...] = ()
     if found.visible_skipped:  # hidden names (.DS_Store, a watch's marker) are not news
-        logger.warning(
-            "not analysed under %s: %s", found.root, describe_skipped(found.visible_skipped)
-        )
+        said = (f"not analysed under {found.root}: {describe_skipped(found.visible_skipped)}",)
+        logger.warning("%s", said[0])
     plan = plan_run(
         model,
         settings,
@@ -313,6 +315,7 @@ def analyze(
         described={"root": found.root, "paths": list(found.paths)},
         feed=functools.partial(_probe_files, plan),
         n_skipped=len(found.visible_skipped),
+        said_before=said,
     )
     return run_plan(
         plan,
@@ -463,10 +466,11 @@ def run_plan(
         plan = replace(plan, store=store)
     started = utc_now()
     metadata: list[dict[str, Any]] = []  # the outputs' buzzdask.json, once planned
+    lock = OutputLock(root, started=started, stale_s=settings.lock_stale_seconds)
     try:
         with (
             _removed_if_left_empty(root, made=root != output or not existed),
-            OutputLock(root, started=started, stale_s=settings.lock_stale_seconds),
+            lock,
             # A re-scoring decodes nothing: its local cluster is threads in this process.
             connect(
                 client, local=settings.local_cluster, processes=plan.ffmpeg is not None
@@ -476,7 +480,7 @@ def run_plan(
                 connected,
                 timeout_s=settings.scorer_ping_seconds,
                 verbose=verbose,
-            ),
+            ) as run_file,
         ):
             # Off the start's critical path: pandas (0.2 s) only makes the results' tables.
             import_in_background("pandas")
@@ -488,6 +492,11 @@ def run_plan(
                 platform.node(),
                 getattr(connected.scheduler, "address", "?"),
             )
+            # On the console already; the log keeps them too.
+            for line in (*inputs.said_before, *filter(None, [lock.took_over])):
+                run_file.handle(
+                    logger.makeRecord(logger.name, logging.WARNING, __file__, 0, line, (), None)
+                )
             if on_conflict == "resume" and inputs.versions is None:
                 inputs = _named_from(
                     inputs, resume_root(layouts, [f.path for f in inputs.files], root=inputs.root)

@@ -148,6 +148,8 @@ class OutputLock:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        #: The warning of a takeover from a dead run, where this lock made one.
+        self.took_over: str | None = None
 
     def __enter__(self) -> OutputLock:
         try:
@@ -252,12 +254,11 @@ class OutputLock:
             aside.unlink(missing_ok=True)
         finally:
             guard.unlink(missing_ok=True)
-        logger.warning(
-            "took over %s from a run that is gone (%s; its lock last refreshed %.0f s ago)",
-            self.root,
-            holder.describe(),
-            holder.age_s,
+        self.took_over = (
+            f"took over {self.root} from a run that is gone ({holder.describe()}; its lock last "
+            f"refreshed {holder.age_s:.0f} s ago)"
         )
+        logger.warning("%s", self.took_over)
 
     def _touch(self) -> None:
         while not self._stop.wait(self.stale_s / 4):

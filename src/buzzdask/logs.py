@@ -208,7 +208,7 @@ class _ToRoot(logging.Handler):
 @contextmanager
 def run_log(
     path: Path, client: Client, *, timeout_s: float, verbose: bool = False
-) -> Iterator[None]:
+) -> Iterator[logging.Handler]:
     """Log the run into ``path``: the client's buzzdask lines and the workers' (forwarded).
 
     Workers' lines are forwarded as they are logged (``Client.forward_logging``), not fetched at
@@ -230,6 +230,11 @@ def run_log(
     verbose : bool, default: False
         With no console handler configured (the Python API), show buzzdask's INFO lines on
         stderr for the run, not only its warnings.
+
+    Yields
+    ------
+    logging.Handler
+        The log file's: lines said before it opened go to it alone (they were on the console).
 
     Notes
     -----
@@ -276,7 +281,7 @@ def run_log(
             functools.partial(client.forward_logging, "buzzdask", level=logging.INFO),
         )
     try:
-        yield
+        yield handler
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
         why = str(stop) or "Ctrl-C"
         handler.handle(
