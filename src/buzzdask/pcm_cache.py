@@ -114,9 +114,6 @@ def read_span(
     stem = os.path.join(copy_directory(directory), key)
     try:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
-        # A lock no task here can open (a folder another user made, a read-only file system)
-        # reads as one held by another task: waiting for its copy would never end.
-        os.close(os.open(stem + ".lock", os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as error:
         _no_copy(stem, name, error.strerror or str(error))
         return None
@@ -128,7 +125,14 @@ def read_span(
         failure = _failure(stem)
         if failure is not None:
             raise failure
-        with _exclusive(stem + ".lock") as mine:
+        try:
+            descriptor = _open_lock(stem + ".lock")
+        except OSError as error:
+            # A lock no task here can open (a folder another user made, a read-only file
+            # system) is not one another task holds: waiting for its copy would never end.
+            _no_copy(stem, name, error.strerror or str(error))
+            return None
+        with _exclusive(stem + ".lock", descriptor) as mine:
             if mine:
                 if os.path.exists(stem + ".f32") or os.path.exists(stem + ".failed"):
                     continue  # made (or failed) between the look above and the lock
@@ -171,7 +175,11 @@ def remove(key: str, *, directory: str | None) -> bool:
 def _remove_stem(stem: str) -> bool:
     if not os.path.exists(stem + ".lock"):
         return True
-    with _exclusive(stem + ".lock") as mine:
+    try:
+        descriptor = _open_lock(stem + ".lock")
+    except OSError:  # not this process's to remove
+        return False
+    with _exclusive(stem + ".lock", descriptor) as mine:
         if not mine:
             return False
         for suffix in _SUFFIXES:  # the lock last, while held: a late maker then sees it gone
@@ -286,18 +294,19 @@ def _read_file(path: str, start: int, stop: int | None, *, complete: bool) -> np
         os.close(descriptor)
 
 
+def _open_lock(path: str) -> int:
+    """``path`` opened (made if need be) to be locked with :func:`_exclusive`."""
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
 @contextlib.contextmanager
-def _exclusive(path: str) -> Iterator[bool]:
+def _exclusive(path: str, descriptor: int) -> Iterator[bool]:
     """Hold ``path``'s exclusive ``flock`` for the block if it is free; yield whether it was.
 
-    A lock file removed by :func:`remove` while this waited on it is not a lock any more:
-    the inode locked must still be the one the path names.
+    ``descriptor`` is ``path`` opened (:func:`_open_lock`), closed here. A lock file removed
+    by :func:`remove` while this waited on it is not a lock any more: the inode locked must
+    still be the one the path names.
     """
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield False
-        return
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
