@@ -125,8 +125,9 @@ def read_labels(labels: Labels, *, group_column: str = "group") -> pd.DataFrame:
         paths = label_paths(labels)
         if not paths:
             raise ParameterError("no labels file given")
+        resolved = [path.resolve() for path in paths]
         again = sorted(
-            {str(p) for p in paths if [q.resolve() for q in paths].count(p.resolve()) > 1}
+            {str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1}
         )
         if again:
             raise ParameterError(f"labels file(s) given twice: {', '.join(again)}")
