@@ -711,6 +711,30 @@ def test_cli_export(tree_run, tmp_path, capsys):
         )
 
 
+def test_cli_classes_of_a_run_with_thresholds(run, make_audio, tmp_path, capsys):
+    """--classes picks among a run's own thresholds (the CLI gave {} for none, taken as given);
+    a class without a threshold in a detections export, or given twice, is refused."""
+    make_audio("a.wav", n_samples=3 * 15360)
+    result = run(tmp_path / "audio", thresholds={"ins_buzz": 0.0, "mech_plane": 0.0})
+    output = str(result.output)
+    for format in ("csv", "raven"):
+        dest = tmp_path / format
+        argv = ["export", output, "--format", format, "--classes", "ins_buzz"]
+        assert main([*argv, "--dest", str(dest)]) == EXIT_OK, capsys.readouterr().err
+    assert "detections_ins_buzz" in pd.read_csv(tmp_path / "csv" / "frames.csv").columns
+    assert "detections_mech_plane" not in pd.read_csv(tmp_path / "csv" / "frames.csv").columns
+    argv = ["export", output, "--format", "buzzdetect", "--classes", "ins_buzz,mech_plane"]
+    code = main([*argv, "--threshold", "ins_buzz=0", "--dest", str(tmp_path / "detections")])
+    assert code == EXIT_ERROR
+    refused = capsys.readouterr().err
+    assert "error: no threshold for ['mech_plane'], asked in " in refused
+    assert "writes detections only" in refused
+    assert not (tmp_path / "detections").exists()
+    with pytest.raises(SystemExit):
+        main(["summarize", output, "--threshold", "ins_buzz=0", "--threshold", "ins_buzz=5"])
+    assert "--threshold ins_buzz given twice (0 and 5)" in capsys.readouterr().err
+
+
 @pytest.mark.shared_data
 @requires_shared
 def test_testbuzz_exports_like_buzzdetect(run, shared_dir, tmp_path):

@@ -138,6 +138,11 @@ def test_time_zone_localizes_names_and_rejects_unknown_zones():
         recording_starts(["x.wav"], tz="america/newyork")
     with pytest.raises(ParameterError, match=r"'UTC-4' is not .*a fixed offset: 'UTC-04:00'"):
         recording_starts(["x.wav"], tz="UTC-4")
+    # Not 'GMT-0' (UTC), the closest spelling; a number is not read as seconds east of UTC.
+    with pytest.raises(ParameterError, match=r"'GMT-5' is not a time zone \(did you mean 'UTC-05"):
+        recording_starts(["x.wav"], tz="GMT-5")
+    with pytest.raises(ParameterError, match=r"tz=-5 is not a time zone's name"):
+        recording_starts(["x.wav"], tz=-5)  # type: ignore[arg-type]
     assert start_from_name("20240601_053000.WAV", tz="UTC-04:00") == pd.Timestamp(
         "2024-06-01 05:30-04:00"
     )

@@ -8,6 +8,7 @@ any time; every binned table is checked against a plain pandas computation on al
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -176,7 +177,7 @@ def test_bins_semantics(lab_run, tmp_path):
     assert in_six["file"].nunique() == 2
 
 
-def test_time_zone_and_the_runs_own_thresholds(lab_run, tmp_path, dask_client, tiny_model):
+def test_time_zone_and_the_runs_own_thresholds(lab_run, tmp_path, dask_client, tiny_model, caplog):
     output, frames, threshold = lab_run
     thresholds = {"ins_buzz": threshold}
     zoned = summarize(
@@ -187,6 +188,11 @@ def test_time_zone_and_the_runs_own_thresholds(lab_run, tmp_path, dask_client, t
         zoned,
         expected_bins(frames, width="5min", by=1, thresholds=thresholds, tz="America/New_York"),
     )
+    # Day bins in a zone start at midnight UTC, as buzzr's; a zone without summer time.
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        summarize(output, bin="1d", by=1, thresholds=thresholds, tz="EST", write=False)
+    assert "bins of 1d are counted from 1970-01-01 UTC, as buzzr's are" in caplog.text
+    assert "tz='EST' is a fixed offset all year" in caplog.text
     # The AudioMoth comment said UTC-4 (EDT): its clock time is kept, now as New York time.
     naive = summarize(output, bin="5min", by=1, thresholds=thresholds, write=False)
     timed = naive["bin_datetime"].notna()
@@ -262,6 +268,9 @@ def test_cli_summarize(lab_run, tmp_path, capsys):
     # The summary's warning, once, as one of the command's lines.
     untimed = "buzzdask: 1 recording(s) without a known start time, binned by offset"
     assert untimed in err and err.count("siteB/notime.wav") == 1
+    # Each one's reason, and where all of them are listed.
+    assert "siteB/notime.wav (no time in the name" in err
+    assert "(each one's reason: " in err and "bins-1min-by-level_1-level_2-files.csv)" in err
     written = pd.read_parquet(dest / "bins-1min-by-level_1-level_2.parquet")
     assert_bins(
         written,
@@ -269,6 +278,9 @@ def test_cli_summarize(lab_run, tmp_path, capsys):
     )
     assert main(argv) == EXIT_ERROR  # exists: refused
     assert "--overwrite" in capsys.readouterr().err
+    # A mistyped zone is said first, not after --overwrite was added for nothing.
+    assert main([*argv, "--tz", "America/New_Yrok"]) == EXIT_ERROR
+    assert "--overwrite" not in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == EXIT_OK
 
 

@@ -184,6 +184,27 @@ def _threshold(text: str) -> tuple[str, float]:
         ) from None
 
 
+class _Thresholds(argparse.Action):
+    """``--threshold CLASS=VALUE``, repeatable, into a dict; a class given twice is refused.
+
+    A second value for one class is far more often a typo than an intended override.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        name, value = values
+        given = dict(getattr(namespace, self.dest) or {})
+        if name in given:
+            parser.error(f"{option_string} {name} given twice ({given[name]:g} and {value:g})")
+        given[name] = value
+        setattr(namespace, self.dest, given)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to document every flag in the README)."""
     from buzzdask import __version__
@@ -221,8 +242,8 @@ def _add_detection_options(
     detection.add_argument(
         "--threshold",
         type=_threshold,
-        action="append",
-        default=[],
+        action=_Thresholds,
+        default={},
         metavar="CLASS=VALUE",
         help=threshold_help,
     )
@@ -516,7 +537,7 @@ def _export(args: argparse.Namespace) -> int:
         dest=args.dest,
         classes=args.classes,
         precision=args.precision,
-        thresholds=dict(args.threshold),
+        thresholds=args.threshold,
         model=args.model,
         gap_frames=args.gap_frames,
         min_frames=args.min_frames,
@@ -569,7 +590,7 @@ def _add_binning_options(parser: argparse.ArgumentParser, *, by_default: str) ->
         default=_by(by_default),
         metavar="LEVEL|file|all",
         help="groups: a folder level of the recordings' paths (1 = top folder, e.g. the site; "
-        f"1,2 for two levels; '.' for a recording with no folder there), file, or all "
+        f"1,2 for two levels; a recording with no folder there is in group '.'), file, or all "
         f"(default {by_default})",
     )
     _add_detection_options(
@@ -635,7 +656,7 @@ def _binning(args: argparse.Namespace) -> dict[str, Any]:
         "bin": args.bin,
         "by": args.by,
         "precision": args.precision,
-        "thresholds": dict(args.threshold) or None,
+        "thresholds": args.threshold or None,
         "model": args.model,
         "dest": args.dest,
         "overwrite": args.overwrite,
@@ -749,7 +770,7 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         "client": client if client is not None else args.scheduler,
         "embedder": args.embedder,
         "frame_hop_s": args.framehop,
-        "thresholds": dict(args.threshold),
+        "thresholds": args.threshold,
         "precision": args.precision,
         "on_conflict": "resume" if args.resume else "new" if args.new else "error",
         "memory_budget": args.memory_budget,

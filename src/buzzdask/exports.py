@@ -46,6 +46,7 @@ import pandas as pd
 from buzzdask.errors import InputError, OutputConflictError, ParameterError
 from buzzdask.events import stored_recording_events
 from buzzdask.inputs import first_names, user_path
+from buzzdask.recording_time import check_start_options, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
 from buzzdask.write import NAME_MAX, atomic_path, write_json
@@ -469,6 +470,7 @@ def export(
         csv={"time_format": time_format, "tz": tz, "read_metadata": not read_metadata},
         raven={"gap_frames": gap_frames != 0, "min_frames": min_frames != 1},
     )
+    check_start_options(time_format=time_format, tz=tz)
     run = open_run(output)
     recordings = run.recordings()
     if not recordings:
@@ -502,10 +504,19 @@ def export(
     if selected is not None and values:
         values = {name: value for name, value in values.items() if name in selected}
         left_out = [name for name in choice.values if name not in values]
-        if left_out and (precision is not None or thresholds is not None):
+        # The run's own thresholds of classes left out are simply not used; given ones are.
+        if left_out and (precision is not None or thresholds):
             raise ParameterError(
                 f"thresholds for {left_out}, not among the classes exported ({selected}): "
                 "add them to classes= (--classes) or leave their thresholds out"
+            )
+        unthresholded = [name for name in selected if name not in values]
+        if values and unthresholded and format == "buzzdetect":
+            # buzzdetect's detection mode writes detections only: such a class would vanish.
+            raise ParameterError(
+                f"no threshold for {unthresholded}, asked in classes= (--classes): a buzzdetect "
+                "export with thresholds writes detections only; give their thresholds too or "
+                "leave them out of classes"
             )
         if not values and format != "csv":
             raise ParameterError(
@@ -609,8 +620,6 @@ def _starts(
     tz: str | None,
     read_metadata: bool,
 ) -> dict[str, pd.Timestamp | None]:
-    from buzzdask.recording_time import recording_starts
-
     table = recording_starts(
         recordings,
         root=run.input_root,

@@ -24,7 +24,12 @@ import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.inputs import user_path
-from buzzdask.recording_time import TimeFormat, recording_starts, said_once
+from buzzdask.recording_time import (
+    TimeFormat,
+    check_start_options,
+    recording_starts,
+    said_once,
+)
 from buzzdask.results import Run, open_run
 from buzzdask.summaries import By, resolve_summary, summarize
 from buzzdask.thresholds import detected
@@ -308,6 +313,7 @@ def plot_run(
     """
     if isinstance(dpi, bool) or not isinstance(dpi, Real) or not 0 < dpi < math.inf:
         raise ParameterError(f"dpi={dpi!r} must be a number > 0")
+    check_start_options(time_format=time_format, tz=tz)
     run = output if isinstance(output, Run) else open_run(output)
     settings = resolve_summary(
         run, bin=bin, by=by, precision=precision, thresholds=thresholds, model=model

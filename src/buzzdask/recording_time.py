@@ -235,22 +235,62 @@ def _read_match(match: re.Match[str], pattern: _NamePattern) -> datetime | None:
         return None
 
 
-def _check_tz(tz: str | None) -> None:
+#: Zone names that are fixed offsets all year, though named like the regions' clocks.
+_WITHOUT_SUMMER_TIME = {
+    "EST": "America/New_York",
+    "MST": "America/Denver",
+    "HST": "Pacific/Honolulu",
+}
+
+#: ``GMT-5`` and the like: POSIX names, whose sign is the reverse of the offset's.
+_POSIX_OFFSET = re.compile(r"(?i)(?:gmt|utc)([+-])0?(\d{1,2})")
+
+
+def check_tz(tz: str | None) -> None:
+    """Refuse a ``tz`` that is not a time zone's name, before anything is read.
+
+    Raises
+    ------
+    ParameterError
+        ``tz`` is not a string (pandas would take a number for seconds east of UTC), or no zone.
+    """
     if tz is None:
         return
+    if not isinstance(tz, str):
+        raise ParameterError(
+            f"tz={tz!r} is not a time zone's name: use an IANA name such as 'America/New_York' "
+            "or 'UTC' (a fixed offset: 'UTC-04:00')"
+        )
     try:
         pd.Timestamp("2000-01-01").tz_localize(tz)
     except Exception:  # zoneinfo and pandas raise several kinds, none of them telling
         raise ParameterError(
-            f"tz={tz!r} is not a time zone{_closest_zones(str(tz))}; use an IANA name such as "
+            f"tz={tz!r} is not a time zone{_closest_zones(tz)}; use an IANA name such as "
             "'America/New_York' or 'UTC' (a fixed offset: 'UTC-04:00')"
         ) from None
+
+
+def check_start_options(*, time_format: TimeFormat | None, tz: str | None) -> None:
+    """Refuse a bad ``time_format`` or ``tz`` before a command reads or refuses anything else.
+
+    Raises
+    ------
+    ParameterError
+        As :class:`TimeParser` and :func:`check_tz` do.
+    """
+    TimeParser(time_format)
+    check_tz(tz)
 
 
 def _closest_zones(name: str) -> str:
     """``" (did you mean 'America/New_York'?)"`` for a misspelled zone name, else ``""``."""
     import zoneinfo
 
+    posix = _POSIX_OFFSET.fullmatch(name)
+    if posix:
+        # Not 'GMT-0' (UTC), which the spelling is closest to.
+        sign, hours = posix.groups()
+        return f" (did you mean 'UTC{sign}{int(hours):02d}:00', or better the recorders' region?)"
     zones = {zone.lower(): zone for zone in zoneinfo.available_timezones()}
     key = name.lower().replace(" ", "_")
     meant = [zones[key]] if key in zones else []
@@ -295,7 +335,7 @@ def start_from_name(
     >>> start_from_name("site-A_0600.wav") is None
     True
     """
-    _check_tz(tz)
+    check_tz(tz)
     time, _ = TimeParser(time_format).parse(name)
     return None if time is None else _in_zone(time, tz)[0]
 
@@ -313,7 +353,7 @@ def start_from_metadata(
     tz : str, optional
         IANA time zone; default naive clock time as written.
     """
-    _check_tz(tz)
+    check_tz(tz)
     try:
         time, _ = _metadata_time(Path(path))
     except OSError:
@@ -394,7 +434,15 @@ def recording_starts(
     ParameterError
         A bad ``time_format`` or ``tz``.
     """
-    _check_tz(tz)
+    check_tz(tz)
+    if tz in _WITHOUT_SUMMER_TIME:
+        logger.warning(
+            "tz=%r is a fixed offset all year, without daylight saving time: recordings of the "
+            "summer months come out an hour off their local clock; for the region's clock, "
+            "give e.g. %r",
+            tz,
+            _WITHOUT_SUMMER_TIME[tz],
+        )
     parser = TimeParser(time_format)
     names = list(names)
     starts: list[pd.Timestamp | None] = []

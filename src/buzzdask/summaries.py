@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,7 +37,7 @@ import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.inputs import first_names, user_path
-from buzzdask.recording_time import TimeFormat, recording_starts
+from buzzdask.recording_time import TimeFormat, check_start_options, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import COMPARISON, choose_thresholds, detected
 
@@ -89,6 +90,9 @@ class Summary:
         return f"bins-{_width_label(self.width)}{grouping}"
 
 
+_DAY_UNIT = re.compile(r"(\d)\s*d(?![a-z])")
+
+
 def bin_width(bin: str | timedelta | pd.Timedelta) -> pd.Timedelta:
     """A bin width from ``"5min"``, ``"1h"``, ``"90s"`` or a timedelta.
 
@@ -112,7 +116,8 @@ def bin_width(bin: str | timedelta | pd.Timedelta) -> pd.Timedelta:
             "minutes), '30s' or '1h'"
         )
     try:
-        width = pd.Timedelta(bin)
+        # buzzr's and the README's "1d": pandas 3 deprecates the lower-case day unit.
+        width = pd.Timedelta(_DAY_UNIT.sub(r"\1D", bin) if isinstance(bin, str) else bin)
     except (ValueError, TypeError):
         raise ParameterError(
             f"bin={bin!r} is not a duration; use e.g. '5min', '20min', '1h', '30s'"
@@ -268,6 +273,7 @@ def summarize(
     OutputConflictError
         The files exist and ``overwrite`` is False.
     """
+    check_start_options(time_format=time_format, tz=tz)
     run = output if isinstance(output, Run) else open_run(output)
     settings = resolve_summary(
         run, bin=bin, by=by, precision=precision, thresholds=thresholds, model=model
@@ -287,9 +293,23 @@ def summarize(
     untimed = starts.index[starts["start"].isna()].tolist()
     if untimed:
         logger.warning(
-            "%d recording(s) without a known start time, binned by offset from the file start: %s",
+            "%d recording(s) without a known start time, binned by offset from the file "
+            "start: %s%s",
             len(untimed),
-            first_names(untimed, shown=10),
+            first_names(
+                [f"{name} ({starts.at[name, 'problem']})" for name in untimed],
+                shown=10,
+                separator="; ",
+            ),
+            f" (each one's reason: {paths['files']})" if write else "",
+        )
+    if tz is not None and settings.width > pd.Timedelta(hours=1):
+        # As buzzr's: counted from 1970-01-01 UTC, so a zone's days start at its offset.
+        logger.warning(
+            "bins of %s are counted from 1970-01-01 UTC, as buzzr's are, not from local "
+            "midnight in %s: for local days, use 1h bins and sum them by date",
+            _width_label(settings.width),
+            tz,
         )
     table.attrs.update(
         untimed_files=untimed,
