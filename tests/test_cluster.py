@@ -293,6 +293,17 @@ def test_cores_given_alone_bring_their_share_of_memory():
     assert "#SBATCH --mem=8G" in given  # a memory given is the job's
 
 
+def test_cores_given_alone_size_the_batch_scripts_cpu_workers_too(capsys):
+    # It kept their section's 116 GiB on 4 cores: a job charged as about twice its cores.
+    command = ["--config", "osc-cardinal", "--account", "PAS9", "--cores", "4"]
+    assert cluster_main([*command, "--print-batch-script", *ANALYZE]) == 0
+    script = capsys.readouterr().out
+    # One core and 2 GiB for scheduler and client; the CPU worker's 19 GiB of its 4 cores.
+    assert "#SBATCH --cpus-per-task=5\n" in script
+    assert f"#SBATCH --mem={(2 + 19) * 1024}M" in script
+    assert "--worker-memory 73728MiB,19456MiB " in script
+
+
 @pytest.mark.parametrize(
     ("walltime", "lifetime"),
     [

@@ -264,7 +264,9 @@ def batch_script(
         )
     gpus, cpu_workers = worker_counts(entry, gpus=gpus, cpu_workers=cpu_workers)
     options.require_account(entry, ("gpu",) if gpus else ("cpu",))
-    cpu = job_section(entry["cpu-config"], options.overrides("cpu"))
+    cpu_overrides = options.overrides("cpu")
+    cpu_overrides.update(options.sized_memory(entry["cpu-config"], cpu_overrides))
+    cpu = job_section(entry["cpu-config"], cpu_overrides)
     gpu = job_section(entry["gpu-config"], options.overrides("gpu"))
     main = gpu if gpus else cpu
     plan = plan_batch_job(

@@ -191,6 +191,18 @@ class JobOptions:
         if self.walltime is not None:
             walltime_seconds(self.walltime)
 
+    @staticmethod
+    def sized_memory(section: str, overrides: Mapping[str, Any]) -> dict[str, str]:
+        """``{"memory": ...}`` for CPU jobs of ``--cores`` without ``--memory``, else ``{}``.
+
+        Their section's memory per core (:func:`_memory_for_cores`): the section's whole
+        memory on fewer cores would be charged by OSC as more cores.
+        """
+        if "memory" in overrides:
+            return {}
+        memory = _memory_for_cores(section, overrides.get("cores"))
+        return {} if memory is None else {"memory": memory}
+
     def overrides(self, kind: JobKind, *, section: str | None = None) -> dict[str, Any]:
         """The ``jobqueue`` keywords of the ``kind`` worker jobs that these options set.
 
@@ -215,10 +227,8 @@ class JobOptions:
         }
         extra = self.job_kwargs if kind == "cpu" else self.gpu_job_kwargs
         overrides = {k: v for k, v in {**chosen, **(extra or {})}.items() if v is not None}
-        if kind == "cpu" and section is not None and "memory" not in overrides:
-            memory = _memory_for_cores(section, overrides.get("cores"))
-            if memory is not None:
-                overrides["memory"] = memory
+        if kind == "cpu" and section is not None:
+            overrides.update(self.sized_memory(section, overrides))
         if section is not None and dask.config.get(f"jobqueue.{section}.python", None) is None:
             # dask-jobqueue would write this Python into the job script unquoted: a venv in a
             # folder with a space ("My Project") would be cut there, and no worker would start.
