@@ -268,6 +268,31 @@ def test_a_misspelt_key_in_a_yaml_file_is_caught(
         load_settings()
 
 
+def test_what_dasks_merge_would_hide_is_caught(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A plain value where a section goes was replaced by the section's defaults; keys outside
+    buzzdask: were never read. Both came from the user's own files and variables."""
+    monkeypatch.setattr(dask.config, "paths", [str(tmp_path)])
+    monkeypatch.setenv("DASK_BUZZDASK__STAGING", "true")
+    with pytest.raises(
+        ParameterError,
+        match=r"^buzzdask\.staging=True must be a mapping of settings \(set in a YAML file "
+        r"under ~/\.config/dask/, a DASK_BUZZDASK__STAGING variable",
+    ):
+        load_settings()
+    monkeypatch.delenv("DASK_BUZZDASK__STAGING")
+    monkeypatch.setenv("DASK_BUZZDASK_CHUNK_SECONDS", "3")  # one underscore
+    (tmp_path / "mine.yaml").write_text("chunk-seconds: 3\nbuzzdsak:\n  batch-frames: 9\n")
+    with pytest.raises(ParameterError) as refused:
+        load_settings()
+    for key in ("buzzdask_chunk_seconds", "chunk-seconds", "buzzdsak"):
+        assert f"'{key}' at the top of the configuration" in str(refused.value)
+    assert "buzzdask's keys go under 'buzzdask:' (variables: DASK_BUZZDASK__KEY)" in str(
+        refused.value
+    )
+
+
 def test_every_problem_is_reported_at_once() -> None:
     given = {"buzzdask.chunk-secondz": 1, "buzzdask.batch-frames": 0, "buzzdask.train.seed": -1}
     with dask.config.set(given), pytest.raises(ParameterError) as error:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import dask.config
 from dask.utils import parse_bytes
 
-from buzzdask import config  # noqa: F401  (registers buzzdask.yaml's defaults in dask.config)
+from buzzdask import config  # registers buzzdask.yaml's defaults in dask.config
 from buzzdask.errors import ParameterError
 
 __all__ = [
@@ -496,8 +496,52 @@ def load_settings(**overrides: Any) -> Settings:
         where the key can come from), missing key or value breaking its rule (naming the key,
         the value, the rule and its unit), in one message; or for a bad keyword.
     """
+    _check_sources()
     settings = _apply(Settings, None, dask.config.get("buzzdask"), (), keyword=False)
     return settings.with_overrides(**overrides)
+
+
+def _check_sources() -> None:
+    """What a user's YAML files and variables say that ``dask.config.get`` no longer shows.
+
+    Dask merges the defaults over them: a plain value where a section goes (``staging: true``)
+    is replaced by the section's defaults, and keys outside ``buzzdask:`` (``chunk-seconds``
+    at the top, ``buzzdsak:``, ``DASK_BUZZDASK_CHUNK_SECONDS``) are never read.
+    """
+    # The YAML files and DASK_* variables, without defaults (paths read now: its default is
+    # bound at import).
+    given = dask.config.collect(paths=dask.config.paths)
+    problems = _sections_replaced(given.get("buzzdask", {}), config.DEFAULTS["buzzdask"], ())
+    ours = set(config.DEFAULTS["buzzdask"])
+    for key in given:
+        name = str(key).lower().replace("_", "-")
+        if name != "buzzdask" and (
+            name.startswith("buzzdask")
+            or name in ours
+            or difflib.get_close_matches(name, ["buzzdask"], cutoff=0.75)
+        ):
+            problems.append(
+                f"{key!r} at the top of the configuration (a YAML file under ~/.config/dask/ or "
+                "a DASK_* variable) is not read: buzzdask's keys go under 'buzzdask:' "
+                "(variables: DASK_BUZZDASK__KEY)"
+            )
+    if problems:
+        raise ParameterError("; ".join(problems))
+
+
+def _sections_replaced(given: Any, defaults: Mapping[str, Any], path: tuple[str, ...]) -> list[str]:
+    """``buzzdask.<path>`` given as a plain value where ``defaults`` is a section, recursively."""
+    if not isinstance(given, Mapping):
+        return [
+            f"{_label(path, False)}={given!r} must be a mapping of settings{_source(path, False)}"
+        ]
+    spelled = {str(key).replace("_", "-"): value for key, value in given.items()}
+    return [
+        problem
+        for key, default in defaults.items()
+        if isinstance(default, Mapping) and key in spelled
+        for problem in _sections_replaced(spelled[key], default, (*path, key))
+    ]
 
 
 class _FrozenMapping(Mapping[str, Any]):
