@@ -430,6 +430,30 @@ def test_audio_stored_under_two_names_is_rescored_once(
     assert_same_output(result.output, corpus.fresh.output)
 
 
+def test_copies_of_one_recording_in_an_analysis_are_each_rescored(
+    corpus, new_head, tiny_model, dask_client, tiny_embedder, tmp_path, caplog
+):
+    """An SD card dumped in two folders: the analysis gives each copy; so does its re-scoring
+    (it gave one of them, the one whose chunk the catalog named last)."""
+    audio = tmp_path / "audio"
+    for name in ("site1/a.wav", "backup/a.wav", "b.wav"):
+        (audio / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(corpus.audio / "site1" / "a.wav", audio / name)
+    kept = buzzdask.analyze(
+        audio, tiny_model, output=tmp_path / "kept", keep_embeddings=True, **corpus.options
+    )
+    assert kept.ok, kept.errors
+    with caplog.at_level(logging.WARNING, logger="buzzdask.store"):
+        result = rescore(
+            tmp_path / "kept" / "embeddings", new_head, tmp_path / "re", dask_client, tiny_embedder
+        )
+    assert "under earlier names" not in caplog.text
+    assert result.ok, result.errors
+    frames = result.to_pandas()
+    assert sorted(frames.file.unique()) == ["b.wav", "backup/a.wav", "site1/a.wav"]
+    assert frames.groupby("file").size().nunique() == 1  # each whole
+
+
 def test_resume_and_conflicts(corpus, new_head, dask_client, tiny_embedder, tmp_path):
     output = tmp_path / "re"
     first = rescore(corpus.store, new_head, output, dask_client, tiny_embedder)

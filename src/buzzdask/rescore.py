@@ -9,6 +9,7 @@ journal, resume and conflict checks (:func:`buzzdask.analysis.run_plan`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -21,13 +22,14 @@ from distributed import Client
 
 from buzzdask.analysis import RunInputs, plan_run, run_plan
 from buzzdask.decode import AudioInfo, ChunkPlan
-from buzzdask.errors import InputError, ModelError
+from buzzdask.errors import BuzzdaskError, InputError, ModelError
 from buzzdask.inputs import InputFile
 from buzzdask.ledger import FileLedger, FileState
 from buzzdask.logs import quiet_environment
 from buzzdask.models import head_weights
 from buzzdask.pipeline import ChunkPipeline
 from buzzdask.preload import import_tensorflow
+from buzzdask.results import open_run
 from buzzdask.settings import load_settings
 from buzzdask.store import STORED_CODEC, EmbeddingStore, find_store, open_store, stored_embedder
 from buzzdask.write import OnConflict
@@ -128,7 +130,7 @@ def rescore(
         # the cluster are opened.
         threading.Thread(target=import_tensorflow, name="import-tensorflow").start()
     kept = open_store(store, embedder=plan.embedder, spec=plan.spec)
-    catalog = kept.catalog()
+    catalog = kept.catalog(recordings=_analysed_recordings(kept))
     if not catalog:
         raise InputError(f"the catalog of {kept.directory} names no file: nothing to re-score")
     first = next(iter(catalog.values()))[0]
@@ -159,6 +161,25 @@ def rescore(
         verbose=verbose,
         started_wall=started_wall,
     )
+
+
+def _analysed_recordings(store: EmbeddingStore) -> set[str]:
+    """The recordings of the analysis whose output holds ``store`` (``OUTPUT/embeddings``).
+
+    Its copies of one recording (an SD card dumped in two folders) are each a recording of
+    its results: a re-scoring gives each, where a name the analysis no longer has (a file
+    since renamed) folds into the latest. Empty for a store of its own (a training's cache).
+    """
+    owner = store.root.parent
+    if store.root.name != "embeddings" or not owner.is_dir():
+        return set()
+    recordings: set[str] = set()
+    # One head's output is OUTPUT itself; several heads' are OUTPUT/<model name>.
+    for output in (owner, *(path for path in owner.iterdir() if path.is_dir())):
+        if (output / "buzzdask.json").is_file():
+            with contextlib.suppress(BuzzdaskError):
+                recordings.update(open_run(output).recordings())
+    return recordings
 
 
 def _analysed_root(catalog: Mapping[str, list[dict[str, Any]]]) -> str | None:

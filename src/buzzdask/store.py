@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,14 +270,16 @@ class EmbeddingStore:
             covered = max(covered, part.first + part.n_frames)
         return max(0, stop - first_frame) if covered >= stop else None
 
-    def catalog(self) -> dict[str, list[dict[str, Any]]]:
+    def catalog(self, *, recordings: Collection[str] = ()) -> dict[str, list[dict[str, Any]]]:
         """The chunks an analysis stored, by file name, in chunk order.
 
         A name's latest audio (by the last line naming it) replaces any earlier one, and audio
         stored under several names (moved, renamed, or analysed from another folder) is given
-        once, under the latest (a warning names the others). Analyses with other chunk lengths
-        chunk a file differently: the chunks of one of them are given, the one that stored the
-        most frames (of equals, the latest), never a mix that would give frames twice.
+        once, under the latest (a warning names the others), except the names in
+        ``recordings``: an analysis's own inputs, copies of one recording among them, are each
+        given. Analyses with other chunk lengths chunk a file differently: the chunks of one of
+        them are given, the one that stored the most frames (of equals, the latest), never a
+        mix that would give frames twice.
         """
         # name -> (audio sha256, {frames per chunk -> {chunk index -> entry}}, latest last)
         files: dict[str, tuple[str, dict[int, dict[int, dict[str, Any]]]]] = {}
@@ -302,17 +304,21 @@ class EmbeddingStore:
         names: dict[str, list[str]] = {}  # audio sha256 -> its names, the latest first
         for name in sorted(files, key=latest_line.__getitem__, reverse=True):
             names.setdefault(files[name][0], []).append(name)
-        for latest, *earlier in names.values():
+        given: list[str] = []
+        for all_names in names.values():
+            own = [name for name in all_names if name in recordings] or all_names[:1]
+            earlier = [name for name in all_names if name not in own]
+            given.extend(own)
             if earlier:
                 logger.warning(
                     "%s holds the audio of %s under earlier names too (%s): given once, as %s",
                     self.directory,
-                    latest,
+                    own[0],
                     first_names(earlier, shown=3),
-                    latest,
+                    own[0],
                 )
         catalog = {}
-        for name in sorted(latest for latest, *_ in names.values()):
+        for name in sorted(given):
             chunks = max(
                 reversed(files[name][1].values()),
                 key=lambda c: sum(int(e["frames"]) for e in c.values()),
