@@ -375,6 +375,23 @@ def test_recording_names_too_long_for_an_export_file_are_refused_first():
         _check_unique([fits, "site/" + "蜂" * 81 + ".wav"], buzzdetect_name)
 
 
+@pytest.mark.parametrize(
+    "other",
+    [
+        "site/rec.wav",  # buzzdetect drops the extension
+        "site/Rec.mp3",  # one file where letter case is not told apart (macOS, Windows)
+        "site/re\u0301c.mp3",  # "réc" decomposed (NFD, as macOS spells it) beside composed
+    ],
+)
+def test_recordings_that_would_share_an_export_file_are_refused_first(other):
+    from buzzdask.exports import _check_unique, buzzdetect_name
+
+    first = "site/r\u00e9c.mp3" if "\u0301" in other else "site/rec.mp3"
+    _check_unique([first, "site/rec2.mp3"], buzzdetect_name)
+    with pytest.raises(ParameterError, match=r"would both export to .*rename one and analyse"):
+        _check_unique([first, other], buzzdetect_name)
+
+
 def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):
     dest = tmp_path / "again"
     first = buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)

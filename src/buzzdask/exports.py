@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -377,8 +378,9 @@ def _listed(dest: Path) -> dict[str, list[str]]:
 
 
 def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath]) -> None:
-    # buzzdetect drops the extension: a.wav and a.mp3 would write the same file.
-    seen: dict[PurePosixPath, str] = {}
+    # buzzdetect drops the extension: a.wav and a.mp3 would write the same file; so would
+    # Rec.mp3 and rec.mp3 on macOS, Windows and OneDrive (case-blind, Unicode-normalizing).
+    seen: dict[str, str] = {}
     for relative in recordings:
         target = name(relative)
         if len(target.name.encode()) > NAME_MAX:
@@ -387,12 +389,15 @@ def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath
                 f"more than a file system takes ({NAME_MAX}): rename the recording and analyse "
                 "it again, or export --format csv (one file for all)"
             )
-        if target in seen:
+        key = unicodedata.normalize("NFC", str(target)).casefold()
+        if key in seen:
             raise ParameterError(
-                f"{seen[target]!r} and {relative!r} would both export to {target} (names that "
-                f"differ only in extension); export them from separate runs or rename one"
+                f"{seen[key]!r} and {relative!r} would both export to {target} (names that "
+                "differ only in extension or letter case, one file on macOS, Windows and "
+                "OneDrive): rename one and analyse again with --resume (only it is redone), or "
+                "export them from separate runs"
             )
-        seen[target] = relative
+        seen[key] = relative
 
 
 def export(
