@@ -125,6 +125,24 @@ def test_a_copied_configuration_with_a_typo_is_refused(tmp_path):
     assert load_cluster_config(copy("lab3"))["account-required"] is True
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"memory": 32}, r"memory: 32 must be a size with its unit, at least 1 GiB"),
+        ({"memroy": "32GiB"}, r"unknown key 'memroy' \(did you mean 'memory'\?\)"),
+        ({"cores": "abc"}, r"cores: 'abc' must be a whole number >= 1"),
+    ],
+)
+def test_a_users_jobqueue_override_is_checked(override, message):
+    # As ~/.config/dask/jobqueue.yaml gives them: a traceback of dask-jobqueue's ("not all
+    # arguments converted"), a job with --mem=2048M, or a key ignored without a word.
+    with dask.config.set({f"jobqueue.osc-cardinal.{k}": v for k, v in override.items()}):
+        with pytest.raises(ParameterError, match=r"^jobqueue\.osc-cardinal \(of osc-cardinal; "):
+            job_scripts("osc-cardinal", account="PAS9")
+        with pytest.raises(ParameterError, match=message):
+            job_scripts("osc-cardinal", account="PAS9")
+
+
 def test_entry_keys_with_underscores_nodes_extended_values_checked(tmp_path):
     # A variable name cannot hold "-": DASK_BUZZDASK__CLUSTERS__<NAME>__CPU_WORKERS gave
     # "unknown key 'cpu_workers' (did you mean 'cpu-workers'?)".

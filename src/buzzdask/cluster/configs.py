@@ -29,7 +29,7 @@ import yaml
 from dask.utils import parse_bytes
 
 from buzzdask.errors import ParameterError
-from buzzdask.settings import load_settings
+from buzzdask.settings import byte_count, load_settings
 
 __all__ = [
     "NodeSize",
@@ -297,7 +297,39 @@ def load_slurm_config(name: str | os.PathLike[str]) -> dict[str, Any]:
     entry = load_cluster_config(name)
     if entry["kind"] != "slurm":
         raise ParameterError(f"{entry['name']!r} is a {entry['kind']} cluster: it has no jobs")
+    for section in (entry["cpu-config"], entry["gpu-config"]):
+        _check_job_section(section, entry)
     return entry
+
+
+def _check_job_section(section: str, entry: Mapping[str, Any]) -> None:
+    """``jobqueue.<section>`` as merged from the configuration and a user's own files.
+
+    A user's ``~/.config/dask/jobqueue.yaml`` overrides its keys: a misspelt one (``memroy``)
+    would be ignored, and a bare ``memory: 32`` (bytes to Dask) or ``cores: abc`` would end
+    in a traceback of dask-jobqueue's, or a job with no memory.
+    """
+    import buzzdask.cluster._jobqueue  # noqa: F401  (registers dask-jobqueue's jobqueue.slurm)
+
+    known = set(hyphenated(dask.config.get("jobqueue.slurm", {})))
+    given = hyphenated(dask.config.get(f"jobqueue.{section}", {}) or {})
+    where = (
+        f"jobqueue.{section} (of {entry['name']}; a user's ~/.config/dask/*.yaml or "
+        "DASK_JOBQUEUE__ variables override it)"
+    )
+    for key in sorted(set(given) - known):
+        meant = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {meant[0]!r}?)" if meant else ""
+        raise ParameterError(f"{where}: unknown key {key!r}{hint}")
+    cores, memory = given.get("cores"), given.get("memory")
+    if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
+        raise ParameterError(f"{where}: cores: {cores!r} must be a whole number >= 1")
+    if memory is not None and (str(memory).strip().isdigit() or byte_count(memory) < 2**30):
+        # A bare number is bytes to Dask; "32" meant GB.
+        raise ParameterError(
+            f"{where}: memory: {memory!r} must be a size with its unit, at least 1 GiB, such "
+            "as '32GiB'"
+        )
 
 
 def node_size(entry: Mapping[str, Any], partition: str | None) -> NodeSize | None:
