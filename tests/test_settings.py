@@ -108,6 +108,11 @@ def test_spellings_the_configuration_can_arrive_in() -> None:
     assert settings.staging.enabled is True
     assert settings.model_dirs == ("models", "/fs/models")
     assert settings.local_cluster.dashboard_address == ":8787"
+    with dask.config.set({"buzzdask.local-cluster.dashboard-address": "8790"}):  # YAML's '8790'
+        assert load_settings().local_cluster.dashboard_address == ":8790"
+
+
+_ADDRESS = "an address such as ':8787' or 'localhost:8787' (no URL), or a port, or null"
 
 
 @pytest.mark.parametrize(
@@ -138,8 +143,9 @@ def test_spellings_the_configuration_can_arrive_in() -> None:
         ("watch.idle-timeout-seconds", -1, "a number > 0 [s], or null (stop only at the marker)"),
         ("staging.enabled", "maybe", "true or false"),
         ("staging.keep-files", -1, "an integer >= 0 [files]"),
-        ("local-cluster.dashboard-address", -1, "an address such as ':8787' or a port, or null"),
-        ("local-cluster.dashboard-address", "abc", "an address such as ':8787' or a port, or null"),
+        ("local-cluster.dashboard-address", -1, _ADDRESS),
+        ("local-cluster.dashboard-address", "abc", _ADDRESS),
+        ("local-cluster.dashboard-address", "http://localhost:8791", _ADDRESS),  # a URL
         ("embedders.yamnet_k2.sample-rate", 0, "an integer >= 1 [Hz]"),
         ("embedders.yamnet_k2.frame-context-seconds", -0.01, "a number >= 0 [s]"),
         ("train.holdout-fraction", 1.0, "a number in (0, 1)"),

@@ -128,10 +128,18 @@ def _address(value: Any) -> str:
     # distributed also takes a bare port, as DASK_..._DASHBOARD_ADDRESS=8787 arrives.
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**16:
         return f":{value}"
-    # "abc" would only fail as the cluster starts, with a traceback: a port is what it needs.
-    port = value.rpartition(":")[2] if isinstance(value, str) else ""
-    if not (port.isdigit() and int(port) < 2**16 and not any(c.isspace() for c in value)):
-        raise _Invalid("an address such as ':8787' or a port")
+    if isinstance(value, str) and value.isdigit():
+        value = f":{value}"  # a port quoted in YAML
+    # "abc" or a URL ("http://host:8787") would only fail as the cluster starts, with a
+    # traceback: [host]:port is what it needs.
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not (
+        port.isdigit()
+        and int(port) < 2**16
+        and not any(c.isspace() or c == "/" for c in host)
+        and not any(c.isspace() for c in port)
+    ):
+        raise _Invalid("an address such as ':8787' or 'localhost:8787' (no URL), or a port")
     return value
 
 
