@@ -176,7 +176,7 @@ def test_messages_name_the_flags_given(tmp_path, make_audio, tiny_model, tiny_em
     analyze = ["analyze", str(audio), "--model", str(tiny_model), "--embedder", str(tiny_embedder)]
     analyze += ["--output", str(tmp_path / "out")]
     for extra, said in [
-        (["--chunk-seconds", "0"], "--chunk-seconds 0.0 must be a number > 0"),
+        (["--chunk-seconds", "0"], "--chunk-seconds 0.0 must be a number in (0, 86400]"),
         (["--memory-budget", "lots"], "--memory-budget 'lots' must be a size > 0"),
         # "$OUT" unset: not the working directory, written into without a word
         (["--output", ""], "--output '' is empty"),

@@ -118,9 +118,10 @@ _ADDRESS = "an address such as ':8787' or 'localhost:8787' (no URL), or a port, 
 @pytest.mark.parametrize(
     ("key", "value", "rule"),
     [
-        ("chunk-seconds", -1, "a number > 0 [s]"),
-        ("chunk-seconds", "soon", "a number > 0 [s]"),
-        ("chunk-seconds", True, "a number > 0 [s]"),
+        ("chunk-seconds", -1, "a number in (0, 86400] [s]"),
+        ("chunk-seconds", "soon", "a number in (0, 86400] [s]"),
+        ("chunk-seconds", True, "a number in (0, 86400] [s]"),
+        ("chunk-seconds", 1e9, "a number in (0, 86400] [s]"),  # 58 TiB each: MemoryError
         ("scorer-ping-seconds", float("inf"), "a number > 0 [s]"),
         ("decode-margin-seconds", -0.1, "a number >= 0 [s]"),
         ("memory-budget", "lots", "a size > 0: an integer or a string such as '1GiB' [bytes]"),
@@ -167,7 +168,9 @@ def test_bad_values_name_key_value_and_rule(key: str, value: Any, rule: str) -> 
 
 
 def test_bad_keyword_values_name_the_keyword() -> None:
-    with pytest.raises(ParameterError, match=r"^chunk_seconds=0 must be a number > 0 \[s\]$"):
+    with pytest.raises(
+        ParameterError, match=r"^chunk_seconds=0 must be a number in \(0, 86400\] \[s\]$"
+    ):
         load_settings(chunk_seconds=0)
     with pytest.raises(ParameterError, match=r"^memory_budget='-1GiB' must be a size > 0"):
         load_settings(memory_budget="-1GiB")

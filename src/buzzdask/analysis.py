@@ -226,7 +226,7 @@ def analyze(
     frame_hop_s : float > 0 [s], optional
         Distance between frame starts; default one whole frame (0.96 s for YAMNet).
         ``start[i] = i * frame_hop_s``.
-    chunk_seconds : float > 0 [s], optional
+    chunk_seconds : float in (0, 86400] [s], optional
         Audio per decode task, rounded down to whole hops. Results do not depend on it.
         Default: ``buzzdask.chunk-seconds`` (600).
     thresholds : mapping of class -> float, optional

@@ -151,7 +151,7 @@ def train(
         The evaluation reports, per class, the lowest threshold reaching this precision.
     cache_dir : path-like, optional
         The embedding cache (:mod:`buzzdask.store`).
-    chunk_seconds : float > 0 [s], optional
+    chunk_seconds : float in (0, 86400] [s], optional
         Most audio per decode task.
     memory_budget : int or str, optional
         Most decoded audio in flight.
