@@ -286,6 +286,11 @@ def test_a_users_own_cluster_is_left_as_it_was(tiny_model, tiny_embedder, tmp_pa
     assert done.stdout.splitlines() == ["finished True", "interrupted", "held []"], done.stderr
     assert "WORKER AFTER THE RUN" in done.stderr
     assert "WORKER AFTER THE RUN" not in (tmp_path / "out" / "a" / "buzzdask.log").read_text()
+    # The cell says what the interrupt left, as the command line does (the log alone did).
+    assert (
+        "buzzdask: interrupted (Ctrl-C): what was written is kept; the same call with "
+        "on_conflict='resume' finishes the run"
+    ) in done.stderr
 
 
 _LOGGING_CONFIGURED = """

@@ -291,6 +291,8 @@ def test_plots(lab_run, tmp_path, capsys):
     summary = summarize(output, bin="1min", by=1, thresholds={"ins_buzz": threshold}, write=False)
     figure = plot_daily_activity(summary)
     assert isinstance(figure, Figure)
+    # A notebook cell whose value it is shows it, without pyplot or %matplotlib inline.
+    assert figure._repr_png_().startswith(b"\x89PNG")
     (axes,) = figure.axes
     # One line per site folder (the top-level file is the "." group).
     assert sorted(line.get_label() for line in axes.get_lines()) == [
@@ -335,6 +337,7 @@ def test_plots(lab_run, tmp_path, capsys):
     )
     labels = [line.get_label() for line in activation.axes[0].get_lines()]
     assert f"threshold {threshold:g}" in labels
+    assert activation._repr_png_().startswith(b"\x89PNG")
     written = plot_run(output, bin="1min", thresholds={"ins_buzz": threshold}, dest=tmp_path)
     assert sorted(path.name for path in written) == [
         "activation-loose_20240601_053000.wav-ins_buzz.png",

@@ -289,6 +289,19 @@ def run_log(
                 logger.name, logging.WARNING, __file__, 0, "run interrupted (%s)", (why,), None
             )
         )
+        if not _configured:  # the Python API (a notebook's Interrupt): the CLI says it itself
+            said = logger.makeRecord(
+                logger.name,
+                logging.WARNING,
+                __file__,
+                0,
+                "interrupted (%s): what was written is kept; the same call with "
+                "on_conflict='resume' finishes the run",
+                (why,),
+                None,
+            )
+            for console in handlers[1:]:
+                console.handle(said)
         raise
     except BaseException as error:
         handler.handle(

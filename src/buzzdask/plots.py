@@ -3,15 +3,18 @@
 Figures are built with matplotlib's object interface (:class:`matplotlib.figure.Figure`, no
 ``pyplot``): nothing touches a display or a global figure list, so they draw the same in a
 notebook, in a batch job and on a compute node. matplotlib is imported only when a plot is made.
+Each shows itself as a PNG where it is a notebook cell's value, ``%matplotlib inline`` or not.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import math
 import os
 import re
+import types
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -111,7 +114,7 @@ def plot_daily_activity(
     pooled["rate"] = pooled[detections] / pooled["frames"]
     pooled = pooled.reset_index()
 
-    figure = Figure(figsize=(8, 4), layout="constrained")
+    figure = _shown_in_notebooks(Figure(figsize=(8, 4), layout="constrained"))
     axes = figure.add_subplot()
     lines = pooled.groupby(groups, sort=True) if groups else [("all recordings", pooled)]
     # The bin width, where the summary says it: bins of 7 minutes fall at other clock times
@@ -160,6 +163,22 @@ def _broken_at_gaps(x: pd.Series, y: pd.Series, step: float) -> tuple[np.ndarray
     x_values, y_values = x.to_numpy(dtype=np.float64), y.to_numpy(dtype=np.float64)
     gaps = np.flatnonzero(np.diff(x_values) > 1.5 * step) + 1
     return (np.insert(x_values, gaps, np.nan), np.insert(y_values, gaps, np.nan))
+
+
+def _shown_in_notebooks(figure: Figure) -> Figure:
+    """``figure``, shown as a PNG where it is a notebook cell's value (IPython's ``_repr_png_``).
+
+    Without pyplot nothing registers a Figure's picture with the notebook (``%matplotlib
+    inline`` does): a cell showed ``<Figure size 800x400 with 1 Axes>`` alone.
+    """
+    figure._repr_png_ = types.MethodType(_png, figure)  # type: ignore[attr-defined]
+    return figure
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def plot_activation(
@@ -218,7 +237,7 @@ def plot_activation(
         x = origin + pd.to_timedelta(frames["start"], unit="s")
         xlabel = f"time{' (' + str(tz) + ')' if tz else ''}"
 
-    figure = Figure(figsize=(9, 3.5), layout="constrained")
+    figure = _shown_in_notebooks(Figure(figsize=(9, 3.5), layout="constrained"))
     axes = figure.add_subplot()
     axes.plot(x, frames[column], linewidth=0.8, color="0.3", label=column)
     threshold = values.get(name)
