@@ -107,13 +107,21 @@ class AnalysisResult:
         detail, kept).
     metadata : dict
         The run metadata written to ``buzzdask.json``.
+
+    Notes
+    -----
+    It is path-like (:func:`os.fspath` gives ``output``): ``buzzdask.summarize(result, ...)``,
+    ``export`` and ``plot_run`` take it where they take the output directory.
     """
 
     output: Path
     dataset: Path
     summary: dict[str, Any]
-    errors: pd.DataFrame
+    errors: pd.DataFrame = field(repr=False)  # a notebook cell's value: the table is .errors
     metadata: dict[str, Any] = field(repr=False)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.output)
 
     @property
     def ok(self) -> bool:
