@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import wave
 
 import numpy as np
@@ -15,7 +16,7 @@ from buzzdask.recording_time import (
     start_from_metadata,
     start_from_name,
 )
-from tests.conftest import write_wav
+from tests.conftest import requires_ffmpeg, write_wav
 from tests.wav_metadata import add_metadata, audiomoth_comment
 
 
@@ -173,6 +174,47 @@ def test_audiomoth_comment(tmp_path, zone, clock, expected_naive, expected_utc):
     assert source == "AudioMoth comment"
 
 
+@requires_ffmpeg
+def test_a_flac_made_from_an_audiomoth_wav_keeps_its_start(tmp_path):
+    """AudioMoth WAVs compressed to FLAC (ffmpeg writes the comment as DESCRIPTION; the flac
+    tool, with --tag, as COMMENT): their names are UTC, and were read as local clock time."""
+    wav = add_metadata(
+        _wav(tmp_path / "20241103_055900.WAV"),
+        comment=audiomoth_comment("05:59:00 03/11/2024", "UTC"),
+    )
+    flac = tmp_path / "20241103_055900.flac"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", wav, flac], check=True)
+    assert b"DESCRIPTION=Recorded at 05:59:00" in flac.read_bytes()[:4096]
+    starts = recording_starts([flac.name], root=tmp_path, tz="America/New_York")
+    # 01:59 EDT, the first of the night's two 01:59s, as the name alone (05:59 EST) was not.
+    assert starts["start"].iloc[0] == pd.Timestamp("2024-11-03 05:59", tz="UTC")
+    assert starts["source"].iloc[0] == "AudioMoth comment"
+    # A COMMENT field, a FLAC without one, and a file that only carries the suffix.
+    tagged = tmp_path / "tagged.flac"
+    comment = audiomoth_comment("04:00:00 01/06/2024", "UTC-4")
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-i",
+            wav,
+            "-map_metadata",
+            "-1",
+            "-metadata",
+            f"comment={comment}",
+            tagged,
+        ],
+        check=True,
+    )
+    assert start_from_metadata(tagged) == pd.Timestamp("2024-06-01 04:00")
+    bare = tmp_path / "bare.flac"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", wav, "-map_metadata", "-1", bare], check=True)
+    assert start_from_metadata(bare) is None
+    (tmp_path / "text.flac").write_text("not audio")
+    assert start_from_metadata(tmp_path / "text.flac") is None
+
+
 @pytest.mark.parametrize(
     ("stamp", "expected_naive", "expected_ny"),
     [
@@ -279,7 +321,7 @@ def test_audio_out_of_reach_is_timed_by_name_with_a_warning(tmp_path, caplog):
     assert moved["start"].iloc[0] == pd.Timestamp("2024-06-01 09:30", tz="America/New_York")
     assert moved["source"].iloc[0] == "name %Y%m%d_%H%M%S"
     (message,) = caplog.messages
-    assert message.startswith("2 WAV recording(s) could not be read for the start time in their")
+    assert message.startswith("2 WAV or FLAC recording(s) could not be read for the start time")
     assert "20240601_093000.WAV (No such file or directory); notime.wav (No such" in message
     assert "Run this where the audio is" in message
     assert "230809_0600.mp3" not in message  # no metadata is read from an MP3 anyway

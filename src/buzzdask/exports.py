@@ -449,7 +449,8 @@ def export(
     tz : str, optional
         ``"csv"``: IANA time zone of the recording times; default naive local clock time.
     read_metadata : bool, default: True
-        ``"csv"``: read start times from AudioMoth comments and GUANO timestamps of WAV files.
+        ``"csv"``: read start times from AudioMoth comments and GUANO timestamps of WAV files
+        (and the comments of FLAC files made from them).
     overwrite : bool, default: False
         Replace export files that already exist (otherwise an error, before writing anything).
 

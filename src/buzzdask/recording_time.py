@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -345,7 +345,8 @@ def start_from_metadata(
 ) -> pd.Timestamp | None:
     """The start time a WAV file's own metadata states (AudioMoth comment or GUANO), or None.
 
-    Anything that is not a readable RIFF/WAVE file gives None.
+    A FLAC's comment counts as a WAV's (a FLAC made from an AudioMoth WAV keeps it). Anything
+    else, or a file that cannot be read, gives None.
 
     Parameters
     ----------
@@ -383,7 +384,7 @@ def recording_start(
     tz : str, optional
         IANA time zone, e.g. ``"America/New_York"``; default naive local clock time.
     read_metadata : bool, default: True
-        Read the AudioMoth comment or GUANO timestamp of a WAV file.
+        Read the AudioMoth comment or GUANO timestamp of a WAV file (a FLAC's comment).
 
     Returns
     -------
@@ -468,7 +469,7 @@ def recording_starts(
         _warn_mixed_clocks(clocks)
     if unread:
         logger.warning(
-            "%d WAV recording(s) could not be read for the start time in their metadata "
+            "%d WAV or FLAC recording(s) could not be read for the start time in their metadata "
             "(AudioMoth comment, GUANO), so they are timed by their names alone, which may say "
             "another time: %s. Run this where the audio is (the run's input folder, as "
             "analysed) for the times their recorders wrote",
@@ -569,16 +570,19 @@ def _start(name: str, path: Path, parser: TimeParser, *, read_metadata: bool) ->
 
 
 def _metadata_time(path: Path) -> tuple[datetime | None, str]:
-    """AudioMoth's comment or GUANO's timestamp, from the chunks of a RIFF/WAVE file.
+    """AudioMoth's comment or GUANO's timestamp of a RIFF/WAVE file, or a FLAC's comment.
+
+    A FLAC made from an AudioMoth WAV keeps its comment (ffmpeg copies it).
 
     Raises
     ------
     OSError
         The file cannot be read.
     """
-    if path.suffix.lower() not in (".wav", ".wave"):
+    reader = _METADATA_READERS.get(path.suffix.lower())
+    if reader is None:
         return None, ""
-    chunks = _text_chunks(path)
+    chunks = reader(path)
     comment = chunks.get("ICMT")
     if comment:
         time = _audiomoth_time(comment)
@@ -619,6 +623,43 @@ def _text_chunks(path: Path) -> dict[str, str]:
                 stream.seek(padded, os.SEEK_CUR)
 
 
+def _flac_comments(path: Path) -> dict[str, str]:
+    """A FLAC file's ``COMMENT`` (or ``DESCRIPTION``, as ffmpeg writes a WAV's), as ``ICMT``.
+
+    From the Vorbis comment block, among the metadata blocks before the audio.
+    """
+    with path.open("rb") as stream:
+        if stream.read(4) != b"fLaC":
+            return {}
+        while True:
+            head = stream.read(4)
+            if len(head) < 4:
+                return {}
+            size = int.from_bytes(head[1:], "big")
+            if head[0] & 0x7F == _VORBIS_COMMENT and size <= _METADATA_LIMIT:
+                return _vorbis_comment(stream.read(size))
+            if head[0] & 0x80:  # the last metadata block: the audio follows
+                return {}
+            stream.seek(size, os.SEEK_CUR)
+
+
+def _vorbis_comment(body: bytes) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    try:
+        position = 4 + struct.unpack_from("<I", body)[0]  # past the vendor string
+        (count,) = struct.unpack_from("<I", body, position)
+        position += 4
+        for _ in range(count):
+            (size,) = struct.unpack_from("<I", body, position)
+            name, _, value = body[position + 4 : position + 4 + size].partition(b"=")
+            fields.setdefault(name.decode("ascii", "replace").upper(), _decode(value))
+            position += 4 + size
+    except struct.error:  # cut short: what was read
+        pass
+    comment = fields.get("COMMENT") or fields.get("DESCRIPTION")
+    return {"ICMT": comment} if comment else {}
+
+
 def _info_chunk(body: bytes) -> dict[str, str]:
     found: dict[str, str] = {}
     if body[:4] != b"INFO":
@@ -633,6 +674,15 @@ def _info_chunk(body: bytes) -> dict[str, str]:
             found["ICMT"] = _decode(body[position + 8 : position + 8 + size])
         position += 8 + size + (size & 1)
     return found
+
+
+_VORBIS_COMMENT = 4  # FLAC's metadata block type
+
+_METADATA_READERS: dict[str, Callable[[Path], dict[str, str]]] = {
+    ".wav": _text_chunks,
+    ".wave": _text_chunks,
+    ".flac": _flac_comments,
+}
 
 
 def _decode(raw: bytes) -> str:
