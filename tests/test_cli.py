@@ -190,6 +190,11 @@ def test_messages_name_the_flags_given(tmp_path, make_audio, tiny_model, tiny_em
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audio"]  # nothing written here
     transfer = buzzdask_cli("transfer", "x:", str(tmp_path / "d"), "--batch-size", "0")
     assert transfer.stderr.startswith("buzzdask: error: --batch-size 0 must be"), transfer.stderr
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,start,end,classification\na.wav,0,1,ins_buzz\n")
+    train = ["train", str(audio.parent), "--labels", str(labels), "--output", str(tmp_path / "m")]
+    seed = buzzdask_cli(*train, "--seed", "-1")
+    assert seed.stderr.startswith("buzzdask: error: --seed -1 must be"), seed.stderr
 
 
 def test_a_hop_longer_than_a_frame_is_warned_of(tmp_path, make_audio, tiny_model, tiny_embedder):

@@ -450,6 +450,8 @@ def test_impossible_job_options_are_refused_before_a_script_is_printed(capsys):
         "memory='500KiB' (--memory) must be a size with its unit, at least 1.00 GiB": [
             *("--memory", "500KiB", "--print-batch-script", *ANALYZE),
         ],
+        # "--queue $PARTITION" with it unset: "#SBATCH -p " printed, refused in the queue.
+        "queue='' (--queue) is empty": ["--queue", "", "--print-job-script"],
         # The analysis' own values, before its script goes to sbatch.
         "--chunk-seconds": ["--print-batch-script", *ANALYZE, "--chunk-seconds", "-1"],
         "--memory-budget": ["--print-batch-script", *ANALYZE, "--memory-budget", ""],

@@ -238,6 +238,7 @@ def test_files_written_and_never_overwritten_silently(lab_run, tmp_path):
         ({"bin": "-5min"}, "must be a positive duration"),
         ({"bin": "5"}, r"bin='5' has no unit: give one, e.g. '5min' \(buzzr's binwidth"),
         ({"bin": 20}, "bin=20 has no unit"),
+        ({"bin": "0"}, r"bin='0' must be a positive duration"),  # not "e.g. '0min'"
         ({"by": "site"}, "must be 'file', a folder level"),
         ({"by": 0}, "folder levels are integers >= 1"),
         ({"thresholds": {"wasp": 1.0}}, "unknown class"),

@@ -108,7 +108,7 @@ def bin_width(bin: str | timedelta | pd.Timedelta) -> pd.Timedelta:
     Timedelta('0 days 00:05:00')
     """
     if isinstance(bin, (int, float)) or (isinstance(bin, str) and _is_number(bin)):
-        if not np.isfinite(float(bin)):
+        if not np.isfinite(float(bin)) or float(bin) <= 0:
             raise ParameterError(f"bin={bin!r} must be a positive duration, e.g. '5min'")
         # pandas reads a bare number as nanoseconds; buzzr's binwidth is a number of minutes.
         raise ParameterError(

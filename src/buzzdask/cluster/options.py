@@ -190,6 +190,12 @@ class JobOptions:
             )
         if self.walltime is not None:
             walltime_seconds(self.walltime)
+        for name in ("account", "queue", "gpu_queue", "log_directory"):
+            value = getattr(self, name)
+            # "--queue $PARTITION" with it unset: "#SBATCH -p " and the job refused in the queue.
+            if value is not None and not str(value).strip():
+                flag = "--" + name.replace("_", "-")
+                raise ParameterError(f"{name}={value!r} ({flag}) is empty")
 
     @staticmethod
     def sized_memory(section: str, overrides: Mapping[str, Any]) -> dict[str, str]:
