@@ -31,7 +31,14 @@ from buzzdask.decode import PREPROCESSING, decode_chunk
 from buzzdask.errors import ModelError, ParameterError
 from buzzdask.ffmpeg_tools import FFmpegTools, find_ffmpeg
 from buzzdask.frames import FrameSpec
-from buzzdask.inputs import InputFile, describe_skipped, named_from, scan, user_path
+from buzzdask.inputs import (
+    InputFile,
+    describe_skipped,
+    first_names,
+    named_from,
+    scan,
+    user_path,
+)
 from buzzdask.ledger import FileLedger, FileState, HeadOutput
 from buzzdask.lock import OutputLock, refuse_if_in_use
 from buzzdask.logs import quiet_environment, run_log
@@ -303,7 +310,17 @@ def analyze(
     said: tuple[str, ...] = ()
     if found.visible_skipped:  # hidden names (.DS_Store, a watch's marker) are not news
         said = (f"not analysed under {found.root}: {describe_skipped(found.visible_skipped)}",)
-        logger.warning("%s", said[0])
+    misread = [item.relative for item in found.files if _misread_as_parquet(item.relative)]
+    if misread:
+        said += (
+            f"{len(misread)} recording(s) whose names plain Parquet readers misread "
+            f"({first_names(misread, shown=3)}): pd.read_parquet and dd.read_parquet take a "
+            "'key=value' name for a column and leave out names starting with '_' or '.'; read "
+            "the results with result.to_pandas(), to_dask() or buzzdask.open_run(output)"
+            ".frames() (README: Reading results)",
+        )
+    for line in said:
+        logger.warning("%s", line)
     plan = plan_run(
         model,
         settings,
@@ -445,6 +462,15 @@ def _check_models(models: Sequence[ModelSpec]) -> None:
             f"two models are named {twice[0]!r} ({paths}); each model's results go to "
             "output/<name>: rename one directory"
         )
+
+
+def _misread_as_parquet(relative: str) -> bool:
+    """Whether a recording's folder under ``scores/`` is one pyarrow's defaults misread.
+
+    Its name and each folder above it are folders of the dataset: ``site=A`` is read as a hive
+    partition (a column), and names starting with ``_`` or ``.`` are skipped as metadata.
+    """
+    return any("=" in part or part.startswith(("_", ".")) for part in relative.split("/"))
 
 
 def run_plan(
