@@ -290,7 +290,7 @@ def test_a_budget_under_one_chunk_warns_and_goes_one_at_a_time(run, make_audio, 
     assert short.ok and "holds less than one chunk" not in caplog.text
 
 
-def test_conflict_is_detected_before_work(run, make_audio, tmp_path):
+def test_conflict_is_detected_before_work(run, make_audio, tmp_path, caplog):
     make_audio("a.wav", n_samples=3 * FRAME)
     first = run(tmp_path / "audio", chunk_seconds=1.0)
     before = {p: p.stat().st_mtime_ns for p in first.output.rglob("*")}
@@ -306,9 +306,19 @@ def test_conflict_is_detected_before_work(run, make_audio, tmp_path):
     with pytest.raises(OutputConflictError, match="thresholds"):
         run(tmp_path / "audio", chunk_seconds=1.0, on_conflict="resume", thresholds={"ins_buzz": 1})
 
-    fresh = run(tmp_path / "audio", chunk_seconds=1.0, on_conflict="new")
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        fresh = run(tmp_path / "audio", chunk_seconds=1.0, on_conflict="new")
     assert fresh.output != first.output and fresh.output.name.startswith("results-")
     assert_same_frames(fresh.to_pandas(), first.to_pandas())
+    # Where it went, should it stop before its result says: a resume names that directory.
+    assert f"writing to {fresh.output} ({first.output} holds an earlier run)" in caplog.text
+    assert "holds an earlier run" in (fresh.output / "buzzdask.log").read_text()
+    # The command line's advice after a stop: not the same command (--new again).
+    from buzzdask import cli
+
+    args = ["analyze", str(tmp_path / "none"), "--model", "m", "--output", "o", "--new"]
+    assert cli.main(args) == cli.EXIT_ERROR
+    assert "with --resume and --output set to the new directory" in cli._stopping["after"]
 
 
 def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):

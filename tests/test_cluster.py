@@ -143,6 +143,11 @@ def test_a_users_jobqueue_override_is_checked(override, message):
             job_scripts("osc-cardinal", account="PAS9")
 
 
+def test_a_users_jobqueue_memory_in_bytes_is_a_size():
+    with dask.config.set({"jobqueue.osc-cardinal.memory": 34359738368}):  # 32 GiB
+        assert "#SBATCH --mem=32G" in job_scripts("osc-cardinal", account="PAS9")["cpu"]
+
+
 def test_entry_keys_with_underscores_nodes_extended_values_checked(tmp_path):
     # A variable name cannot hold "-": DASK_BUZZDASK__CLUSTERS__<NAME>__CPU_WORKERS gave
     # "unknown key 'cpu_workers' (did you mean 'cpu-workers'?)".

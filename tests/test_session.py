@@ -288,8 +288,9 @@ def test_a_users_own_cluster_is_left_as_it_was(tiny_model, tiny_embedder, tmp_pa
     assert "WORKER AFTER THE RUN" not in (tmp_path / "out" / "a" / "buzzdask.log").read_text()
     # The cell says what the interrupt left, as the command line does (the log alone did).
     assert (
-        "buzzdask: interrupted (Ctrl-C): what was written is kept; the same call with "
-        "on_conflict='resume' finishes the run"
+        f"buzzdask: interrupted (Ctrl-C): what was written to {tmp_path / 'out' / 'b'} is kept; "
+        f"the same call with output='{tmp_path / 'out' / 'b'}' and on_conflict='resume' "
+        "finishes the run"
     ) in done.stderr
 
 

@@ -291,6 +291,16 @@ def test_what_dasks_merge_would_hide_is_caught(
     ):
         load_settings()
     monkeypatch.delenv("DASK_BUZZDASK__STAGING")
+    # An embedder given as its handle alone (the handle stayed TF Hub's), either spelling.
+    for name in ("yamnet_k2", "yamnet-k2"):
+        (tmp_path / "mine.yaml").write_text(f"buzzdask:\n  embedders:\n    {name}: /data/y\n")
+        with pytest.raises(ParameterError, match=r"embedders\.yamnet_k2='/data/y' must be a"):
+            load_settings()
+    # Sections whose keys are all commented out are the defaults, as meant.
+    (tmp_path / "mine.yaml").write_text("buzzdask:\n  # chunk-seconds: 3\n")
+    assert load_settings().chunk_seconds == 600.0
+    (tmp_path / "mine.yaml").write_text("buzzdask:\n  local-cluster:\n  embedders:\n")
+    assert load_settings().chunk_seconds == 600.0
     monkeypatch.setenv("DASK_BUZZDASK_CHUNK_SECONDS", "3")  # one underscore
     (tmp_path / "mine.yaml").write_text("chunk-seconds: 3\nbuzzdsak:\n  batch-frames: 9\n")
     with pytest.raises(ParameterError) as refused:

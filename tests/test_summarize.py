@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 import subprocess
@@ -193,6 +194,10 @@ def test_time_zone_and_the_runs_own_thresholds(lab_run, tmp_path, dask_client, t
         summarize(output, bin="1d", by=1, thresholds=thresholds, tz="EST", write=False)
     assert "bins of 1d are counted from 1970-01-01 UTC, as buzzr's are" in caplog.text
     assert "tz='EST' is a fixed offset all year" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        summarize(output, bin="1d", by=1, thresholds=thresholds, tz="UTC", write=False)
+    assert "counted from 1970-01-01 UTC" not in caplog.text  # its midnight is UTC's
     # The AudioMoth comment said UTC-4 (EDT): its clock time is kept, now as New York time.
     naive = summarize(output, bin="5min", by=1, thresholds=thresholds, write=False)
     timed = naive["bin_datetime"].notna()
@@ -339,6 +344,8 @@ def test_plots(lab_run, tmp_path, capsys):
     labels = [line.get_label() for line in activation.axes[0].get_lines()]
     assert f"threshold {threshold:g}" in labels
     assert activation._repr_png_().startswith(b"\x89PNG")
+    # Built in a Dask task or a process pool, a figure pickles and comes back whole.
+    assert pickle.loads(pickle.dumps(activation))._repr_png_().startswith(b"\x89PNG")
     written = plot_run(output, bin="1min", thresholds={"ins_buzz": threshold}, dest=tmp_path)
     assert sorted(path.name for path in written) == [
         "activation-loose_20240601_053000.wav-ins_buzz.png",

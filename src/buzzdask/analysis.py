@@ -526,6 +526,8 @@ def run_plan(
                 platform.node(),
                 getattr(connected.scheduler, "address", "?"),
             )
+            if root != output:  # on_conflict="new": where to resume it from, if it stops
+                logger.warning("writing to %s (%s holds an earlier run)", root, output)
             # On the console already; the log keeps them too.
             for line in (*inputs.said_before, *filter(None, [lock.took_over])):
                 run_file.handle(

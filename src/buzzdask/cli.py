@@ -716,6 +716,11 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
     args = build_parser().parse_args(argv)
     if args.command in _AFTER_STOP:
         _stopping["after"] = _AFTER_STOP[args.command]
+        if getattr(args, "new", False):  # not the same command: it would start yet another
+            _stopping["after"] = (
+                "what was written is kept: finish the run with --resume and --output set to "
+                "the new directory it wrote to (named above), instead of --new"
+            )
     # The command's process ends when it returns: its last garbage collection would only delay
     # the exit (0.3 s with pandas, Dask and pyarrow loaded).
     skip_final_collection()

@@ -378,9 +378,12 @@ def _listed(dest: Path) -> dict[str, list[str]]:
 
 
 def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath]) -> None:
-    # buzzdetect drops the extension: a.wav and a.mp3 would write the same file; so would
-    # Rec.mp3 and rec.mp3 on macOS, Windows and OneDrive (case-blind, Unicode-normalizing).
-    seen: dict[str, str] = {}
+    # buzzdetect drops the extension: a.wav and a.mp3 would write the same file.
+    seen: dict[PurePosixPath, str] = {}
+    # Rec.mp3 and rec.mp3 write two files here, one where the export is copied to macOS,
+    # Windows or OneDrive (case-blind, Unicode-normalizing): said, not refused.
+    folded: dict[str, str] = {}
+    meeting: list[str] = []
     for relative in recordings:
         target = name(relative)
         if len(target.name.encode()) > NAME_MAX:
@@ -389,15 +392,27 @@ def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath
                 f"more than a file system takes ({NAME_MAX}): rename the recording and analyse "
                 "it again, or export --format csv (one file for all)"
             )
-        key = unicodedata.normalize("NFC", str(target)).casefold()
-        if key in seen:
+        if target in seen:
             raise ParameterError(
-                f"{seen[key]!r} and {relative!r} would both export to {target} (names that "
-                "differ only in extension or letter case, one file on macOS, Windows and "
-                "OneDrive): rename one and analyse again with --resume (only it is redone), or "
-                "export them from separate runs"
+                f"{seen[target]!r} and {relative!r} would both export to {target} (names that "
+                "differ only in extension): rename one and analyse again with --resume (only "
+                "it is redone), export them from separate runs, or export --format csv (one "
+                "file for all)"
             )
-        seen[key] = relative
+        seen[target] = relative
+        key = unicodedata.normalize("NFC", str(target)).lower()
+        if key in folded:
+            meeting.append(f"{folded[key]} and {relative}")
+        folded[key] = relative
+    if meeting:
+        logger.warning(
+            "%d pair(s) of recordings export to files whose names differ only in letter case "
+            "or Unicode spelling: %s. Copied to macOS, Windows or OneDrive, one file of each "
+            "pair replaces the other; rename one and analyse again with --resume (only it is "
+            "redone) if the export goes there",
+            len(meeting),
+            first_names(meeting, shown=3, separator="; "),
+        )
 
 
 def export(

@@ -295,9 +295,9 @@ def run_log(
                 logging.WARNING,
                 __file__,
                 0,
-                "interrupted (%s): what was written is kept; the same call with "
-                "on_conflict='resume' finishes the run",
-                (why,),
+                "interrupted (%s): what was written to %s is kept; the same call with "
+                "output=%r and on_conflict='resume' finishes the run",
+                (why, path.parent, str(path.parent)),
                 None,
             )
             for console in handlers[1:]:

@@ -14,7 +14,6 @@ import io
 import math
 import os
 import re
-import types
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -171,14 +170,20 @@ def _shown_in_notebooks(figure: Figure) -> Figure:
     Without pyplot nothing registers a Figure's picture with the notebook (``%matplotlib
     inline`` does): a cell showed ``<Figure size 800x400 with 1 Axes>`` alone.
     """
-    figure._repr_png_ = types.MethodType(_png, figure)  # type: ignore[attr-defined]
+    figure._repr_png_ = _PNG(figure)  # type: ignore[attr-defined]
     return figure
 
 
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+class _PNG:
+    """A figure's PNG bytes, when called; a class of this module, so the figure still pickles."""
+
+    def __init__(self, figure: Figure) -> None:
+        self.figure = figure
+
+    def __call__(self) -> bytes:
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png")
+        return buffer.getvalue()
 
 
 def plot_activation(

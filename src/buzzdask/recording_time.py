@@ -35,7 +35,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -247,14 +247,15 @@ _POSIX_OFFSET = re.compile(r"(?i)(?:gmt|utc)([+-])0?(\d{1,2})")
 
 
 def check_tz(tz: str | None) -> None:
-    """Refuse a ``tz`` that is not a time zone's name, before anything is read.
+    """Refuse a ``tz`` that is not a time zone, before anything is read.
 
     Raises
     ------
     ParameterError
-        ``tz`` is not a string (pandas would take a number for seconds east of UTC), or no zone.
+        ``tz`` is neither a zone's name nor a :class:`datetime.tzinfo` (pandas would take a
+        number for seconds east of UTC), or names no zone.
     """
-    if tz is None:
+    if tz is None or isinstance(tz, tzinfo):
         return
     if not isinstance(tz, str):
         raise ParameterError(
@@ -287,7 +288,7 @@ def _closest_zones(name: str) -> str:
     import zoneinfo
 
     posix = _POSIX_OFFSET.fullmatch(name)
-    if posix:
+    if posix and int(posix.group(2)) <= 14:  # offsets run from -12 to +14 hours
         # Not 'GMT-0' (UTC), which the spelling is closest to.
         sign, hours = posix.groups()
         return f" (did you mean 'UTC{sign}{int(hours):02d}:00', or better the recorders' region?)"

@@ -541,6 +541,8 @@ def _check_sources() -> None:
 
 def _sections_replaced(given: Any, defaults: Mapping[str, Any], path: tuple[str, ...]) -> list[str]:
     """``buzzdask.<path>`` given as a plain value where ``defaults`` is a section, recursively."""
+    if given is None:  # a section whose keys are all commented out: the defaults, as meant
+        return []
     if not isinstance(given, Mapping):
         return [
             f"{_label(path, False)}={given!r} must be a mapping of settings{_source(path, False)}"
@@ -549,8 +551,10 @@ def _sections_replaced(given: Any, defaults: Mapping[str, Any], path: tuple[str,
     return [
         problem
         for key, default in defaults.items()
-        if isinstance(default, Mapping) and key in spelled
-        for problem in _sections_replaced(spelled[key], default, (*path, key))
+        if isinstance(default, Mapping) and str(key).replace("_", "-") in spelled
+        for problem in _sections_replaced(
+            spelled[str(key).replace("_", "-")], default, (*path, key)
+        )
     ]
 
 

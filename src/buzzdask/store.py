@@ -311,11 +311,11 @@ class EmbeddingStore:
             given.extend(own)
             if earlier:
                 logger.warning(
-                    "%s holds the audio of %s under earlier names too (%s): given once, as %s",
+                    "%s holds the audio of %s under earlier names too (%s): given as %s only",
                     self.directory,
                     own[0],
                     first_names(earlier, shown=3),
-                    own[0],
+                    first_names(own, shown=3),
                 )
         catalog = {}
         for name in sorted(given):

@@ -129,6 +129,11 @@ def bin_width(bin: str | timedelta | pd.Timedelta) -> pd.Timedelta:
     return width
 
 
+def _off_utc(tz: Any) -> bool:
+    """Whether ``tz``'s clock is off UTC in winter or summer (in UTC, midnight is midnight)."""
+    return any(pd.Timestamp(day, tz=tz).utcoffset() for day in ("2024-01-15", "2024-07-15"))
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -303,7 +308,7 @@ def summarize(
             ),
             f" (each one's reason: {paths['files']})" if write else "",
         )
-    if tz is not None and settings.width > pd.Timedelta(hours=1):
+    if tz is not None and settings.width > pd.Timedelta(hours=1) and _off_utc(tz):
         # As buzzr's: counted from 1970-01-01 UTC, so a zone's days start at its offset.
         logger.warning(
             "bins of %s are counted from 1970-01-01 UTC, as buzzr's are, not from local "

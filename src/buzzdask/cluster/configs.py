@@ -302,6 +302,10 @@ def load_slurm_config(name: str | os.PathLike[str]) -> dict[str, Any]:
     return entry
 
 
+#: ``jobqueue`` keys dask-jobqueue reads though its defaults no longer hold them (it warns).
+_OLD_JOB_KEYS = {"project", "header-skip"}
+
+
 def _check_job_section(section: str, entry: Mapping[str, Any]) -> None:
     """``jobqueue.<section>`` as merged from the configuration and a user's own files.
 
@@ -311,7 +315,8 @@ def _check_job_section(section: str, entry: Mapping[str, Any]) -> None:
     """
     import buzzdask.cluster._jobqueue  # noqa: F401  (registers dask-jobqueue's jobqueue.slurm)
 
-    known = set(hyphenated(dask.config.get("jobqueue.slurm", {})))
+    # Its defaults' keys, and those it still reads under their old names.
+    known = set(hyphenated(dask.config.get("jobqueue.slurm", {}))) | _OLD_JOB_KEYS
     given = hyphenated(dask.config.get(f"jobqueue.{section}", {}) or {})
     where = (
         f"jobqueue.{section} (of {entry['name']}; a user's ~/.config/dask/*.yaml or "
@@ -324,8 +329,8 @@ def _check_job_section(section: str, entry: Mapping[str, Any]) -> None:
     cores, memory = given.get("cores"), given.get("memory")
     if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
         raise ParameterError(f"{where}: cores: {cores!r} must be a whole number >= 1")
-    if memory is not None and (str(memory).strip().isdigit() or byte_count(memory) < 2**30):
-        # A bare number is bytes to Dask; "32" meant GB.
+    if memory is not None and byte_count(memory) < 2**30:
+        # A bare number is bytes to Dask: "32" meant GB (34359738368 is 32 GiB, and fine).
         raise ParameterError(
             f"{where}: memory: {memory!r} must be a size with its unit, at least 1 GiB, such "
             "as '32GiB'"
