@@ -318,7 +318,7 @@ def test_conflict_is_detected_before_work(run, make_audio, tmp_path, caplog):
 
     args = ["analyze", str(tmp_path / "none"), "--model", "m", "--output", "o", "--new"]
     assert cli.main(args) == cli.EXIT_ERROR
-    assert "with --resume and --output set to the new directory" in cli._stopping["after"]
+    assert "with --resume and --output set to the directory named above" in cli._stopping["after"]
 
 
 def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):

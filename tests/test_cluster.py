@@ -128,7 +128,10 @@ def test_a_copied_configuration_with_a_typo_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"memory": 32}, r"memory: 32 must be a size with its unit, at least 1 GiB"),
+        ({"memory": 32}, r"memory: 32 must be at least 1 GiB, given with its unit"),
+        ({"memory": None}, r"memory: None must be at least 1 GiB"),  # "memory:" left empty
+        # Still read by dask-jobqueue, not by buzzdask's account check or one-job script.
+        ({"project": "PAS9"}, r"'project' is dask-jobqueue's old name of 'account': rename"),
         ({"memroy": "32GiB"}, r"unknown key 'memroy' \(did you mean 'memory'\?\)"),
         ({"cores": "abc"}, r"cores: 'abc' must be a whole number >= 1"),
     ],

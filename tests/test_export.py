@@ -371,29 +371,35 @@ def test_recording_names_too_long_for_an_export_file_are_refused_first():
     from buzzdask.exports import _check_unique, buzzdetect_name
 
     fits = "site/" + "蜂" * 80 + ".wav"  # "蜂" * 80 + "_buzzdetect.csv": 255 bytes
-    _check_unique([fits], buzzdetect_name)
+    _check_unique([fits], buzzdetect_name, Path("."))
     with pytest.raises(ParameterError, match=r"would export to a file name of 258 bytes, more"):
-        _check_unique([fits, "site/" + "蜂" * 81 + ".wav"], buzzdetect_name)
+        _check_unique([fits, "site/" + "蜂" * 81 + ".wav"], buzzdetect_name, Path("."))
 
 
-def test_recordings_that_would_share_an_export_file(caplog):
+def test_recordings_that_would_share_an_export_file(caplog, tmp_path, monkeypatch):
+    from buzzdask import exports
     from buzzdask.exports import _check_unique, buzzdetect_name
 
-    _check_unique(["site/rec.mp3", "site/rec2.mp3"], buzzdetect_name)
+    _check_unique(["site/rec.mp3", "site/rec2.mp3"], buzzdetect_name, tmp_path)
     # buzzdetect drops the extension: one file here too, refused before anything is written.
     with pytest.raises(ParameterError, match=r"would both export to .*rename one and analyse"):
-        _check_unique(["site/rec.mp3", "site/rec.wav"], buzzdetect_name)
-    # Two files here, one on macOS, Windows or OneDrive: said. "réc" composed and decomposed
-    # (NFD, as macOS spells names) too; "ß" is not "ss" there.
+        _check_unique(["site/rec.mp3", "site/rec.wav"], buzzdetect_name, tmp_path)
+    # Two files here (this file system tells case), one on macOS, Windows or OneDrive: said.
+    # "réc" composed and decomposed (NFD, as macOS spells names) too; "ß" is not "ss" there.
+    names = ["site/rec.mp3", "site/Rec.mp3", "r\u00e9c.mp3", "re\u0301c.mp3", "ß.mp3", "ss.mp3"]
+    assert not exports._case_blind(tmp_path / "not" / "yet")  # probed where it exists
+    assert not list(tmp_path.iterdir())  # the probe is gone
     with caplog.at_level(logging.WARNING, logger="buzzdask.exports"):
-        _check_unique(
-            ["site/rec.mp3", "site/Rec.mp3", "r\u00e9c.mp3", "re\u0301c.mp3", "ß.mp3", "ss.mp3"],
-            buzzdetect_name,
-        )
+        _check_unique(names, buzzdetect_name, tmp_path)
     assert "2 pair(s) of recordings export to files whose names differ only in letter case" in (
         caplog.text
     )
     assert "site/rec.mp3 and site/Rec.mp3; r\u00e9c.mp3 and re\u0301c.mp3." in caplog.text
+    # Exported onto a case-blind disk (a Mac's, an exFAT card: none can be made here), one
+    # would replace the other: refused.
+    monkeypatch.setattr(exports, "_case_blind", lambda folder: True)
+    with pytest.raises(ParameterError, match=r"differ only in letter case, which .* does not"):
+        _check_unique(names, buzzdetect_name, tmp_path)
 
 
 def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):

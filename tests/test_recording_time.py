@@ -6,6 +6,7 @@ import subprocess
 import wave
 import zoneinfo
 
+import dateutil.tz
 import numpy as np
 import pandas as pd
 import pytest
@@ -147,10 +148,14 @@ def test_time_zone_localizes_names_and_rejects_unknown_zones():
         recording_starts(["x.wav"], tz=-5)  # type: ignore[arg-type]
     with pytest.raises(ParameterError, match=r"'GMT-99' is not a time zone; use"):
         recording_starts(["x.wav"], tz="GMT-99")  # no zone is 99 hours off: no suggestion
+    with pytest.raises(
+        ParameterError, match=r"'GMT\+5:30' is not a time zone \(did you mean 'UTC\+05:30'"
+    ):
+        recording_starts(["x.wav"], tz="GMT+5:30")
     # A zone object, as a notebook may hold one, is a zone.
-    zone = zoneinfo.ZoneInfo("America/New_York")
-    (start,) = recording_starts(["20240601_053000.WAV"], tz=zone, read_metadata=False)["start"]
-    assert start == pd.Timestamp("2024-06-01 05:30", tz="America/New_York")
+    for zone in (zoneinfo.ZoneInfo("America/New_York"), dateutil.tz.gettz("America/New_York")):
+        (start,) = recording_starts(["20240601_053000.WAV"], tz=zone, read_metadata=False)["start"]
+        assert start == pd.Timestamp("2024-06-01 05:30", tz="America/New_York")
     assert start_from_name("20240601_053000.WAV", tz="UTC-04:00") == pd.Timestamp(
         "2024-06-01 05:30-04:00"
     )

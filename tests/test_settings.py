@@ -301,6 +301,15 @@ def test_what_dasks_merge_would_hide_is_caught(
     assert load_settings().chunk_seconds == 600.0
     (tmp_path / "mine.yaml").write_text("buzzdask:\n  local-cluster:\n  embedders:\n")
     assert load_settings().chunk_seconds == 600.0
+    # Also once dask.config.refresh() read the file over the defaults (None replaced them).
+    (tmp_path / "mine.yaml").write_text(
+        "buzzdask:\n  chunk-seconds: 300\n  staging:\n  embedders:\n    yamnet_k2:\n"
+    )
+    dask.config.refresh(paths=[str(tmp_path)], env={})
+    settings = load_settings()
+    assert settings.chunk_seconds == 300.0  # the file was read
+    assert settings.staging.enabled is False
+    assert settings.embedders["yamnet_k2"].sample_rate == 16000
     monkeypatch.setenv("DASK_BUZZDASK_CHUNK_SECONDS", "3")  # one underscore
     (tmp_path / "mine.yaml").write_text("chunk-seconds: 3\nbuzzdsak:\n  batch-frames: 9\n")
     with pytest.raises(ParameterError) as refused:

@@ -499,6 +499,11 @@ def run_plan(
         store = EmbeddingStore(root / KEPT_EMBEDDINGS, embedder=plan.embedder, spec=plan.spec)
         plan = replace(plan, store=store)
     started = utc_now()
+    # on_conflict="new": where to resume it from, should it stop (said before the cluster,
+    # which may wait in a queue, starts).
+    elsewhere = f"writing to {root} ({output} holds an earlier run)" if root != output else None
+    if elsewhere:
+        logger.warning("%s", elsewhere)
     metadata: list[dict[str, Any]] = []  # the outputs' buzzdask.json, once planned
     lock = OutputLock(root, started=started, stale_s=settings.lock_stale_seconds)
     try:
@@ -526,10 +531,8 @@ def run_plan(
                 platform.node(),
                 getattr(connected.scheduler, "address", "?"),
             )
-            if root != output:  # on_conflict="new": where to resume it from, if it stops
-                logger.warning("writing to %s (%s holds an earlier run)", root, output)
             # On the console already; the log keeps them too.
-            for line in (*inputs.said_before, *filter(None, [lock.took_over])):
+            for line in (*inputs.said_before, *filter(None, [lock.took_over, elsewhere])):
                 run_file.handle(
                     logger.makeRecord(logger.name, logging.WARNING, __file__, 0, line, (), None)
                 )

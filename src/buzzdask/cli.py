@@ -719,7 +719,8 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
         if getattr(args, "new", False):  # not the same command: it would start yet another
             _stopping["after"] = (
                 "what was written is kept: finish the run with --resume and --output set to "
-                "the new directory it wrote to (named above), instead of --new"
+                'the directory named above ("writing to ..."), instead of --new; with none '
+                "named, nothing was written: run the same command again"
             )
     # The command's process ends when it returns: its last garbage collection would only delay
     # the exit (0.3 s with pandas, Dask and pyarrow loaded).

@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -377,11 +378,17 @@ def _listed(dest: Path) -> dict[str, list[str]]:
     return {str(k): [str(n) for n in v] for k, v in listed.items() if isinstance(v, list)}
 
 
-def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath]) -> None:
-    # buzzdetect drops the extension: a.wav and a.mp3 would write the same file.
+def _check_unique(
+    recordings: Sequence[str], name: Callable[[str], PurePosixPath], dest: Path
+) -> None:
+    """Refuse recordings that would write one export file in ``dest``, before any is written.
+
+    buzzdetect drops the extension (``a.wav`` and ``a.mp3``). Names that differ only in letter
+    case or Unicode spelling (``Rec.mp3``, ``rec.mp3``) are one file where ``dest`` is
+    case-blind (macOS, Windows): refused there, and said elsewhere, where they are two files
+    until the export is copied to such a disk or OneDrive.
+    """
     seen: dict[PurePosixPath, str] = {}
-    # Rec.mp3 and rec.mp3 write two files here, one where the export is copied to macOS,
-    # Windows or OneDrive (case-blind, Unicode-normalizing): said, not refused.
     folded: dict[str, str] = {}
     meeting: list[str] = []
     for relative in recordings:
@@ -392,18 +399,16 @@ def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath
                 f"more than a file system takes ({NAME_MAX}): rename the recording and analyse "
                 "it again, or export --format csv (one file for all)"
             )
-        if target in seen:
-            raise ParameterError(
-                f"{seen[target]!r} and {relative!r} would both export to {target} (names that "
-                "differ only in extension): rename one and analyse again with --resume (only "
-                "it is redone), export them from separate runs, or export --format csv (one "
-                "file for all)"
-            )
-        seen[target] = relative
         key = unicodedata.normalize("NFC", str(target)).lower()
         if key in folded:
             meeting.append(f"{folded[key]} and {relative}")
         folded[key] = relative
+        if target in seen:
+            _refuse_shared(seen[target], relative, target, "in extension")
+        seen[target] = relative
+    if meeting and _case_blind(dest):
+        first, _, second = meeting[0].partition(" and ")
+        _refuse_shared(first, second, name(second), f"in letter case, which {dest} does not tell")
     if meeting:
         logger.warning(
             "%d pair(s) of recordings export to files whose names differ only in letter case "
@@ -413,6 +418,27 @@ def _check_unique(recordings: Sequence[str], name: Callable[[str], PurePosixPath
             len(meeting),
             first_names(meeting, shown=3, separator="; "),
         )
+
+
+def _refuse_shared(first: str, second: str, target: PurePosixPath, differing: str) -> None:
+    raise ParameterError(
+        f"{first!r} and {second!r} would both export to {target} (names that differ only "
+        f"{differing}): rename one and analyse again with --resume (only it is redone), export "
+        "them from separate runs, or export --format csv (one file for all)"
+    )
+
+
+def _case_blind(folder: Path) -> bool:
+    """Whether names in ``folder`` (or the nearest folder above it that exists) ignore case."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    if existing is None:
+        return False
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".buzzdask-Case-", dir=existing) as probe:
+            swapped = Path(probe.name).with_name(Path(probe.name).name.swapcase())
+            return swapped.exists()
+    except OSError:  # not writable: the export will say so
+        return False
 
 
 def export(
@@ -604,7 +630,7 @@ def _export_buzzdetect(
     overwrite: bool,
     **_: Any,
 ) -> tuple[list[Path], list[str]]:
-    _check_unique(recordings, buzzdetect_name)
+    _check_unique(recordings, buzzdetect_name, dest)
     unfinished = set(run.unfinished_recordings())
     if unfinished:
         logger.warning(
@@ -719,7 +745,7 @@ def _export_raven(
     min_frames: int,
     **_: Any,
 ) -> tuple[list[Path], list[str]]:
-    _check_unique(recordings, raven_name)
+    _check_unique(recordings, raven_name, dest)
     targets = [dest.joinpath(*raven_name(relative).parts) for relative in recordings]
     nyquist = run.sample_rate / 2  # the embedder hears nothing above it
     with _files_written(targets, dest, overwrite=overwrite, run=run):

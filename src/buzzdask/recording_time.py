@@ -243,7 +243,7 @@ _WITHOUT_SUMMER_TIME = {
 }
 
 #: ``GMT-5`` and the like: POSIX names, whose sign is the reverse of the offset's.
-_POSIX_OFFSET = re.compile(r"(?i)(?:gmt|utc)([+-])0?(\d{1,2})")
+_POSIX_OFFSET = re.compile(r"(?i)(?:gmt|utc)([+-])(\d{1,2}):?(\d\d)?")
 
 
 def check_tz(tz: str | None) -> None:
@@ -288,10 +288,10 @@ def _closest_zones(name: str) -> str:
     import zoneinfo
 
     posix = _POSIX_OFFSET.fullmatch(name)
-    if posix and int(posix.group(2)) <= 14:  # offsets run from -12 to +14 hours
+    if posix and int(posix[2]) <= (12 if posix[1] == "-" else 14):  # the zones' offsets
         # Not 'GMT-0' (UTC), which the spelling is closest to.
-        sign, hours = posix.groups()
-        return f" (did you mean 'UTC{sign}{int(hours):02d}:00', or better the recorders' region?)"
+        offset = f"UTC{posix[1]}{int(posix[2]):02d}:{posix[3] or '00'}"
+        return f" (did you mean {offset!r}, or better the recorders' region?)"
     zones = {zone.lower(): zone for zone in zoneinfo.available_timezones()}
     key = name.lower().replace(" ", "_")
     meant = [zones[key]] if key in zones else []
@@ -437,7 +437,7 @@ def recording_starts(
         A bad ``time_format`` or ``tz``.
     """
     check_tz(tz)
-    if tz in _WITHOUT_SUMMER_TIME:
+    if isinstance(tz, str) and tz in _WITHOUT_SUMMER_TIME:  # a zone object may not hash
         logger.warning(
             "tz=%r is a fixed offset all year, without daylight saving time: recordings of the "
             "summer months come out an hour off their local clock; for the region's clock, "

@@ -595,12 +595,27 @@ def _source(path: tuple[str, ...], keyword: bool) -> str:
 
 
 def _mapping(given: Any, path: tuple[str, ...], keyword: bool) -> Mapping[Any, Any]:
+    if given is None and not keyword:
+        # A section whose keys are all commented out, after dask.config.refresh() (at import,
+        # dask's merge fills it with the defaults): its defaults.
+        return _defaults_at(path)
     if not isinstance(given, Mapping):
         raise ParameterError(
             f"{_label(path, keyword)}={given!r} must be a mapping of settings"
             f"{_source(path, keyword)}"
         )
     return given
+
+
+def _defaults_at(path: tuple[str, ...]) -> Mapping[str, Any]:
+    """The section ``buzzdask.<path>`` of ``buzzdask.yaml``; empty where it has none."""
+    node: Any = config.DEFAULTS["buzzdask"]
+    for part in path:
+        spelled = {str(k).replace("_", "-"): v for k, v in node.items()}
+        node = spelled.get(part.replace("_", "-"))
+        if not isinstance(node, Mapping):
+            return {}
+    return node
 
 
 def _apply(

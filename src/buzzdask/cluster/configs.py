@@ -302,8 +302,8 @@ def load_slurm_config(name: str | os.PathLike[str]) -> dict[str, Any]:
     return entry
 
 
-#: ``jobqueue`` keys dask-jobqueue reads though its defaults no longer hold them (it warns).
-_OLD_JOB_KEYS = {"project", "header-skip"}
+#: ``jobqueue`` keys dask-jobqueue renamed, and still reads (it warns).
+_RENAMED_JOB_KEYS = {"project": "account", "header-skip": "job-directives-skip"}
 
 
 def _check_job_section(section: str, entry: Mapping[str, Any]) -> None:
@@ -315,25 +315,31 @@ def _check_job_section(section: str, entry: Mapping[str, Any]) -> None:
     """
     import buzzdask.cluster._jobqueue  # noqa: F401  (registers dask-jobqueue's jobqueue.slurm)
 
-    # Its defaults' keys, and those it still reads under their old names.
-    known = set(hyphenated(dask.config.get("jobqueue.slurm", {}))) | _OLD_JOB_KEYS
+    known = set(hyphenated(dask.config.get("jobqueue.slurm", {})))
     given = hyphenated(dask.config.get(f"jobqueue.{section}", {}) or {})
     where = (
         f"jobqueue.{section} (of {entry['name']}; a user's ~/.config/dask/*.yaml or "
         "DASK_JOBQUEUE__ variables override it)"
     )
+    for key in sorted(set(given) & set(_RENAMED_JOB_KEYS)):
+        # dask-jobqueue still reads them (and warns); buzzdask's checks and one-job scripts
+        # read the new names only.
+        raise ParameterError(
+            f"{where}: {key!r} is dask-jobqueue's old name of {_RENAMED_JOB_KEYS[key]!r}: rename it"
+        )
     for key in sorted(set(given) - known):
         meant = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {meant[0]!r}?)" if meant else ""
         raise ParameterError(f"{where}: unknown key {key!r}{hint}")
     cores, memory = given.get("cores"), given.get("memory")
-    if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
+    # Left empty ("memory:"), a key is None: dask-jobqueue's own error, without the section.
+    if "cores" in given and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
         raise ParameterError(f"{where}: cores: {cores!r} must be a whole number >= 1")
-    if memory is not None and byte_count(memory) < 2**30:
+    if "memory" in given and byte_count(memory) < 2**30:
         # A bare number is bytes to Dask: "32" meant GB (34359738368 is 32 GiB, and fine).
         raise ParameterError(
-            f"{where}: memory: {memory!r} must be a size with its unit, at least 1 GiB, such "
-            "as '32GiB'"
+            f"{where}: memory: {memory!r} must be at least 1 GiB, given with its unit, such "
+            "as '32GiB' (a bare 32 is 32 bytes)"
         )
 
 
