@@ -390,7 +390,7 @@ def _check_unique(
     """
     seen: dict[PurePosixPath, str] = {}
     folded: dict[str, str] = {}
-    meeting: list[str] = []
+    meeting: list[tuple[str, str]] = []
     for relative in recordings:
         target = name(relative)
         if len(target.name.encode()) > NAME_MAX:
@@ -401,13 +401,13 @@ def _check_unique(
             )
         key = unicodedata.normalize("NFC", str(target)).lower()
         if key in folded:
-            meeting.append(f"{folded[key]} and {relative}")
+            meeting.append((folded[key], relative))
         folded[key] = relative
         if target in seen:
             _refuse_shared(seen[target], relative, target, "in extension")
         seen[target] = relative
     if meeting and _case_blind(dest):
-        first, _, second = meeting[0].partition(" and ")
+        first, second = meeting[0]
         _refuse_shared(first, second, name(second), f"in letter case, which {dest} does not tell")
     if meeting:
         logger.warning(
@@ -416,7 +416,7 @@ def _check_unique(
             "pair replaces the other; rename one and analyse again with --resume (only it is "
             "redone) if the export goes there",
             len(meeting),
-            first_names(meeting, shown=3, separator="; "),
+            first_names([f"{a} and {b}" for a, b in meeting], shown=3, separator="; "),
         )
 
 
