@@ -246,3 +246,13 @@ def test_an_input_taken_as_the_embedding_store_is_refused(tmp_path, make_audio) 
         "analyze", f"--keep-embeddings={first}", str(second), "--model", "m", "--output", "o"
     )
     assert meant.returncode == EXIT_ERROR and "model 'm' not found" in meant.stderr
+
+
+def test_threshold_of_a_model_named_with_an_equals_sign():
+    """A head's folder may be named site=A: the value follows the last "=" (a number has none)."""
+    from buzzdask.cli import build_parser
+
+    given = ["analyze", "a.wav", "--model", "m", "--output", "o"]
+    given += ["--threshold", "site=A/ins_buzz=0.1", "--threshold", "ins_buzz=-1.2"]
+    parsed = build_parser().parse_args(given)
+    assert parsed.threshold == {"site=A/ins_buzz": 0.1, "ins_buzz": -1.2}

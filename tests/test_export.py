@@ -220,7 +220,7 @@ def test_detection_mode_writes_buzzdetect_detections(tree_run):
 
 @pytest.mark.shared_data
 @requires_shared
-def test_precision_threshold_equals_buzzdetect_on_general_v3(shared_dir):
+def test_precision_threshold_equals_buzzdetect_on_general_v3(shared_dir, monkeypatch):
     if not (shared_dir / GENERAL_V3_METRICS).is_file():
         pytest.skip(f"{shared_dir / GENERAL_V3_METRICS} not found")
     model = shared_dir / GENERAL_V3_METRICS.parents[1]
@@ -241,6 +241,12 @@ def test_precision_threshold_equals_buzzdetect_on_general_v3(shared_dir):
             buzzdask.thresholds_for_precision(model, bad)  # type: ignore[arg-type]
     with pytest.raises(ParameterError, match=r"ins_buzz.* only"):
         buzzdask.thresholds_for_precision(model, 0.95, classes=["mech_plane"])
+    # A notebook's "~/models/..." and one class as text (read as ['i', 'n', 's', ...]).
+    monkeypatch.setenv("HOME", str(model.parent))
+    expected = buzzdask.thresholds_for_precision(model, 0.95)
+    assert (
+        buzzdask.thresholds_for_precision(f"~/{model.name}", 0.95, classes="ins_buzz") == expected
+    )
 
 
 def test_precision_export_uses_the_models_metrics(run, make_audio, tiny_model, tmp_path, caplog):
@@ -477,6 +483,15 @@ def test_another_runs_export_is_never_replaced(run, make_audio, tmp_path, caplog
         with pytest.raises(OutputConflictError, match=r"holds the export of another run, .*outA"):
             buzzdask.export(second.output, format="buzzdetect", dest=into, overwrite=overwrite)
     assert (dest / "20240612_053000_buzzdetect.csv").read_bytes() == mine
+    # One frames.csv for both (two heads compared in one folder): --overwrite replaced it.
+    buzzdask.export(first.output, format="csv", dest=dest)
+    buzzdask.export(first.output, format="csv", dest=dest, overwrite=True)  # its CSVs stay
+    assert (dest / "20240612_053000_buzzdetect.csv").read_bytes() == mine
+    combined = (dest / "frames.csv").read_bytes()
+    with pytest.raises(OutputConflictError, match=r"holds the export of another run, .*outA"):
+        buzzdask.export(second.output, format="csv", dest=dest, overwrite=True)
+    assert (dest / "frames.csv").read_bytes() == combined
+    (dest / "frames.csv").unlink()
 
     shutil.rmtree(first.output)
     with caplog.at_level("WARNING", logger="buzzdask"):
@@ -753,6 +768,27 @@ def test_cli_classes_of_a_run_with_thresholds(run, make_audio, tmp_path, capsys)
         assert main([*argv, "--dest", str(dest)]) == EXIT_OK, capsys.readouterr().err
     assert "detections_ins_buzz" in pd.read_csv(tmp_path / "csv" / "frames.csv").columns
     assert "detections_mech_plane" not in pd.read_csv(tmp_path / "csv" / "frames.csv").columns
+    # Repeated, as --threshold is: both (the second alone was kept).
+    argv = ["export", output, "--format", "buzzdetect", "--classes", "ins_buzz"]
+    assert main([*argv, "--classes", "mech_plane", "--dest", str(tmp_path / "two")]) == EXIT_OK
+    (written,) = (tmp_path / "two").rglob("*_buzzdetect.csv")
+    assert pd.read_csv(written).columns.tolist() == [
+        "start",
+        "activation_ins_buzz",
+        "activation_mech_plane",
+    ]
+    # MODEL/CLASS, as analyze takes it with several heads, for this run's own model: its class.
+    for threshold in ("model_tiny/ins_buzz=0", "ins_buzz=0"):
+        argv = ["export", output, "--format", "csv", "--threshold", threshold, "--overwrite"]
+        assert main([*argv, "--dest", str(tmp_path / "named")]) == EXIT_OK
+        assert "detections_ins_buzz" in pd.read_csv(tmp_path / "named" / "frames.csv").columns
+    named = buzzdask.summarize(
+        output, bin="1min", by="all", write=False, thresholds={"model_tiny/ins_buzz": 0.0}
+    )
+    assert named.attrs["thresholds"] == {"ins_buzz": 0.0}
+    assert named.attrs["model"] == "model_tiny"  # which head: the files do not say otherwise
+    with pytest.raises(ParameterError, match=r"unknown class\(es\) \['other/ins_buzz'\]"):
+        buzzdask.summarize(output, bin="1min", write=False, thresholds={"other/ins_buzz": 0.0})
     argv = ["export", output, "--format", "buzzdetect", "--classes", "ins_buzz,mech_plane"]
     code = main([*argv, "--threshold", "ins_buzz=0", "--dest", str(tmp_path / "detections")])
     assert code == EXIT_ERROR

@@ -9,6 +9,7 @@ The errors a list of models can meet are refused before any work, with tiny real
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -249,6 +250,16 @@ def test_a_list_of_models_errors_before_any_work(
         run(one_file, model=[tiny_model, twin], output=tmp_path / "twins")
     with pytest.raises(ModelError, match=r"model_tiny is given twice .*: give it once"):
         run(one_file, model=[tiny_model, f"{tiny_model}/"], output=tmp_path / "twins")
+    # output/<name> is the run's own (its log: a traceback; its kept embeddings: mixed in), or
+    # one folder where the disk ignores case.
+    for name, said in [
+        ("embeddings", "named 'embeddings', which the output of several models keeps"),
+        ("buzzdask.log", "named 'buzzdask.log', which the output of several models keeps"),
+        ("Model_Tiny", r"\['model_tiny', 'Model_Tiny'\] differ only in letter case"),
+    ]:
+        odd = shutil.copytree(tiny_model, tmp_path / "odd" / name)
+        with pytest.raises(ModelError, match=said):
+            run(one_file, model=[tiny_model, odd], output=tmp_path / "twins")
     assert not (tmp_path / "twins").exists()
     with pytest.raises(ParameterError, match="no model given"):
         buzzdask.analyze(one_file, [], output=tmp_path / "none", embedder=str(tiny_embedder))

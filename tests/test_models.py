@@ -42,6 +42,13 @@ def test_earlier_buzzdetect_layouts_load_as_the_current_one(copy_of, tiny_embedd
     assert loaded.digits_results == current.digits_results
 
 
+def test_a_name_is_found_in_one_search_directory_given_as_text(copy_of, tiny_embedder, tmp_path):
+    copy_of("model_lab")
+    for search_dirs in (str(tmp_path), tmp_path):  # one folder, not a list of its characters
+        found = resolve_model("lab", search_dirs=search_dirs, embedder=str(tiny_embedder))
+        assert found.path == str(tmp_path / "model_lab")
+
+
 def test_an_unknown_embedder_is_refused_with_the_configuration_to_add(copy_of, tiny_embedder):
     model = copy_of("old", lambda c: c.update(embeddername="yamnet"))
     with pytest.raises(ModelError, match="unknown embedder 'yamnet'") as refused:

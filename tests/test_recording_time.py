@@ -272,7 +272,7 @@ def test_unreadable_or_plain_files_fall_back_to_the_name(tmp_path):
     assert start_from_metadata(broken) is None
 
 
-def test_recording_starts_reads_metadata_under_root(tmp_path):
+def test_recording_starts_reads_metadata_under_root(tmp_path, monkeypatch):
     (tmp_path / "siteC").mkdir()
     add_metadata(
         _wav(tmp_path / "siteC" / "rec.wav"),
@@ -288,6 +288,11 @@ def test_recording_starts_reads_metadata_under_root(tmp_path):
     assert pd.isna(table["start"].iloc[2])
     assert table["source"].tolist()[:2] == ["AudioMoth comment", "name %y%m%d_%H%M"]
     assert pd.isna(table["source"].iloc[2])
+    # From a notebook: a root under "~" (its metadata went unread), one name as text.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    one = recording_starts("siteC/rec.wav", root="~")
+    assert one["start"].tolist() == [pd.Timestamp("2024-06-02 06:00")]
+    assert one["source"].tolist() == ["AudioMoth comment"]
 
 
 def test_starts_on_different_clocks_are_warned_of_without_a_zone(tmp_path, caplog):

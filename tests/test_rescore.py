@@ -26,7 +26,7 @@ import pytest
 from distributed import get_task_stream
 
 import buzzdask
-from buzzdask import ModelError, OutputConflictError
+from buzzdask import InputError, ModelError, OutputConflictError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
 from buzzdask.models import resolve_embedder
 from buzzdask.store import EmbeddingStore, file_sha256
@@ -283,9 +283,10 @@ def test_store_of_another_embedder_hop_or_preprocessing_is_refused(
     with pytest.raises(ModelError, match=r"first channel, linear resampling.*, not of "):
         rescore(copy, new_head, output, dask_client, tiny_embedder)
 
-    for nothing in (tmp_path / "no_such_store", corpus.audio):
-        with pytest.raises(ModelError, match=r"holds no embeddings an analysis stored"):
-            rescore(nothing, new_head, output, dask_client, tiny_embedder)
+    with pytest.raises(ModelError, match=r"holds no embeddings an analysis stored"):
+        rescore(corpus.audio, new_head, output, dask_client, tiny_embedder)
+    with pytest.raises(InputError, match=r"no_such_store does not exist: give the output"):
+        rescore(tmp_path / "no_such_store", new_head, output, dask_client, tiny_embedder)
     assert not output.exists()
 
 

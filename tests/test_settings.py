@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.config
+import numpy as np
 import pytest
 import yaml
 from dask.utils import parse_bytes
@@ -82,6 +83,12 @@ def test_keyword_overrides() -> None:
     assert settings.chunk_seconds == 300.0  # the keyword beats the configuration
     assert settings.memory_budget == 2 * 2**30
     assert settings.batch_frames == 64  # None: not given
+    # Numbers out of NumPy (a DataFrame's int64): numbers, exactly.
+    counted = load_settings(
+        batch_frames=np.int64(32), memory_budget=np.int64(2**40 + 1), chunk_seconds=np.float32(60)
+    )
+    assert (counted.batch_frames, counted.memory_budget) == (32, 2**40 + 1)
+    assert counted.chunk_seconds == 60.0
 
     trained = settings.with_overrides(train={"epochs": 5, "patience": None})
     assert (trained.train.epochs, trained.train.patience) == (5, 10)

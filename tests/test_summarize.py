@@ -308,6 +308,7 @@ def test_plots(lab_run, tmp_path, capsys):
         "siteC",
     ]
     assert "not shown" in axes.get_title()  # the untimed file's bins
+    assert f"ins_buzz ({summary.attrs['model']}): detections" in axes.get_title()  # which head
     # Recorders on at dawn and dusk only: the line breaks over the hours between, and a
     # folder named "_control" keeps its place in the legend (matplotlib drops "_" labels).
     day = pd.Timestamp("2024-06-01")
@@ -326,6 +327,17 @@ def test_plots(lab_run, tmp_path, capsys):
     for line in axes.get_lines():
         assert np.isnan(line.get_xdata()).tolist() == [False] * 3 + [True] + [False] * 2
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["_control", "siteA"]
+    # Its CSV read back in a new session: text, with a summer's and a winter's offset. The clock
+    # times the text says are drawn (a raw pandas error came).
+    text = [
+        f"{time:%Y-%m-%d %H:%M:%S}{offset}"
+        for time, offset in zip(crafted["bin_datetime"], ["-04:00", "-05:00"] * 5, strict=True)
+    ]
+    (read_back,) = plot_daily_activity(crafted.assign(bin_datetime=text)).axes
+    for drawn, expected in zip(read_back.get_lines(), axes.get_lines(), strict=True):
+        np.testing.assert_array_equal(drawn.get_xdata(), expected.get_xdata())
+    with pytest.raises(ParameterError, match=r"bin_datetime column holds no times .*'noon'"):
+        plot_daily_activity(crafted.assign(bin_datetime="noon"))
     # 7-minute bins on two days fall at other clock times each day: no break between them.
     seven = [pd.Timestamp(day) + pd.Timedelta(minutes=7 * k) for day in ("2024-06-01 06:00",
              "2024-06-02 06:00") for k in range(20)]  # fmt: skip
@@ -358,6 +370,8 @@ def test_plots(lab_run, tmp_path, capsys):
     # A recording named without its folders: the names it has, the closest first.
     with pytest.raises(ParameterError, match=r"as in its file column, e\.g\. 'siteB/notime\.wav'"):
         plot_run(output, thresholds={"ins_buzz": threshold}, recordings=["notime.wav"])
+    with pytest.raises(ParameterError, match=r"recordings \['notime\.wav'\] have no"):
+        plot_run(output, thresholds={"ins_buzz": threshold}, recordings="notime.wav")
     # Before anything is summarized or any folder made (matplotlib's ValueError came last).
     with pytest.raises(ParameterError, match=r"dpi=0 must be a number > 0"):
         plot_run(output, thresholds={"ins_buzz": threshold}, dpi=0, dest=tmp_path / "none")

@@ -254,6 +254,10 @@ def test_upload_sends_results_back(rclone_remote, tmp_path):
         assert same_bytes(rclone_remote.root / "uploads" / "run1" / name, results / name)
     with pytest.raises(TransferError, match="authentication failed; refresh the credentials"):
         upload(results, "wrongpass:uploads/run1", rclone_flags=rclone_remote.flags)
+    # Caught by what catches a transfer's unconfigured remote.
+    with pytest.raises(TransferError, match="remote not configured") as unknown:
+        upload(results, "nosuch:uploads/run1", rclone_flags=rclone_remote.flags)
+    assert unknown.value.reason == "remote not configured"
 
 
 def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path, monkeypatch):
@@ -283,7 +287,8 @@ def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     for args, said in [
         (["transfer", "d", "sharepoint:cli-back2"], "is an rclone remote, and transfer copies"),
-        (["transfer", "--upload", "d", "elsewhere"], "is not on a configured rclone remote"),
+        (["transfer", "--upload", "d", "elsewhere"], "is not on an rclone remote"),
+        (["transfer", "--upload", "d", "nosuch:x"], "nosuch:x: remote not configured"),
     ]:
         wrong = cli(*args, flags=flags)
         stdout, stderr = wrong.communicate(timeout=120)

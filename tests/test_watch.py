@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import buzzdask
-from buzzdask import InputError, ModelError, OutputConflictError, watch
+from buzzdask import InputError, ModelError, OutputConflictError, ParameterError, watch
 from buzzdask.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from buzzdask.rclone import FAILED_MARKER, transfer
 from tests.conftest import BUZZDASK, assert_same_frames, requires_ffmpeg, requires_rclone
@@ -310,6 +310,9 @@ def test_what_the_first_pass_would_refuse_is_refused_before_the_watch(
             chunk_seconds=300.0,
             **options,
         )
+    # A misspelt option of analyze: said before the watch starts, not after its first pass.
+    with pytest.raises(ParameterError, match=r"analyze does not take: \['framehop'\]"):
+        watch(tmp_path / "empty", tiny_model, output=tmp_path / "new", framehop=0.48, **options)
     assert "started a local Dask cluster" not in capsys.readouterr().out
 
 

@@ -66,6 +66,7 @@ from buzzdask.write import (
     PartitionWriter,
     check_run_directory,
     errors_table,
+    is_run_directory_entry,
     new_sibling,
     prepare_output,
     utc_now,
@@ -283,6 +284,9 @@ def analyze(
         different embedders), a bad option or an output that already holds results.
     ScorerError
         When no scorer can start (its model does not load on the workers).
+    ClusterError
+        When the cluster cannot be reached (``client`` an address that does not answer in
+        30 s) or has no workers.
     BuzzdaskError
         Called at the top level of a script run as ``python script.py``: the local cluster's
         worker processes start by importing the script again, so the call must be under
@@ -397,7 +401,7 @@ def plan_run(
         raise ParameterError("no model given")
     require_mapping(thresholds)  # before the embedder loads (or downloads)
     models = tuple(resolve_model(m, embedder=embedder, settings=settings) for m in given)
-    _check_models(models)
+    _check_models(models, several=several)
     spec = models[0].embedder.frame_spec(frame_hop_s)
     if spec.hop_length > spec.frame_length:  # allowed (a sparse survey), but seldom meant
         logger.warning(
@@ -439,8 +443,13 @@ def plan_run(
     )
 
 
-def _check_models(models: Sequence[ModelSpec]) -> None:
-    """Several heads must share one embedder (their scorer embeds once) and have distinct names."""
+def _check_models(models: Sequence[ModelSpec], *, several: bool) -> None:
+    """Several heads must share one embedder (their scorer embeds once) and have distinct names.
+
+    Their results go to ``output/<name>``: a name the run keeps for itself (its log, kept
+    embeddings) is refused, and so are names differing only in letter case, one folder where
+    the disk ignores case (a Mac's, exFAT) and once copied there.
+    """
     embedders = {(m.embedder.name, m.embedder.sha256, m.embedder.handle) for m in models}
     if len(embedders) > 1:
         raise ModelError(
@@ -461,6 +470,23 @@ def _check_models(models: Sequence[ModelSpec]) -> None:
         raise ModelError(
             f"two models are named {twice[0]!r} ({paths}); each model's results go to "
             "output/<name>: rename one directory"
+        )
+    if not several:
+        return  # one model's results are the output itself
+    for model in models:
+        if is_run_directory_entry(model.name):
+            raise ModelError(
+                f"the model {model.path} is named {model.name!r}, which the output of several "
+                "models keeps for itself (its results go to output/<name>): rename its directory"
+            )
+    by_case: dict[str, list[str]] = {}
+    for name in names:
+        by_case.setdefault(name.casefold(), []).append(name)
+    alike = next((spellings for spellings in by_case.values() if len(spellings) > 1), None)
+    if alike:
+        raise ModelError(
+            f"the models {alike} differ only in letter case: their output/<name> folders are one "
+            "where the disk ignores case (a Mac's, exFAT, once copied there): rename one directory"
         )
 
 

@@ -177,7 +177,8 @@ def _in_flags(error: BuzzdaskError) -> str:
 
 
 def _threshold(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
+    # The last "=": a model's name may hold one ("site=A/ins_buzz=-1.2"), a number never does.
+    name, sep, value = text.rpartition("=")
     try:
         if not sep or not name:
             raise ValueError
@@ -503,7 +504,11 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--dest", metavar="DIR", help="default: OUTPUT/export/FORMAT")
     export.add_argument(
-        "--classes", type=_classes, metavar="A,B", help="only these classes (default: all)"
+        "--classes",
+        type=_classes,
+        action="extend",
+        metavar="A,B",
+        help="only these classes (default: all); repeatable",
     )
     _add_detection_options(
         export,

@@ -557,7 +557,7 @@ def decode_file(
         The file is missing, empty, holds no audio stream, or ffmpeg cannot decode it.
     """
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, Integral) or sample_rate <= 0:
-        raise ParameterError(f"sample_rate={sample_rate!r} must be a whole number of Hz > 0")
+        raise ParameterError(f"sample_rate={sample_rate!r} must be an integer > 0 [Hz]")
     info = probe_audio(path, tools=tools)
     header = _in_process_header(info)
     if header is not None:

@@ -47,7 +47,7 @@ import pandas as pd
 
 from buzzdask.errors import InputError, OutputConflictError, ParameterError
 from buzzdask.events import stored_recording_events
-from buzzdask.inputs import first_names, user_path
+from buzzdask.inputs import as_list, first_names, user_path
 from buzzdask.recording_time import check_start_options, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
@@ -246,7 +246,7 @@ def _write_text(path: Path, chunks: Iterator[str] | Sequence[str]) -> None:
 def _selected_classes(run: Run, classes: Sequence[str] | str | None) -> list[str] | None:
     if classes is None:
         return None
-    asked = [classes] if isinstance(classes, str) else list(classes)
+    asked = as_list(classes)
     unknown = [name for name in asked if name not in run.classes]
     if unknown or not asked:
         raise ParameterError(
@@ -283,7 +283,8 @@ def _files_written(
     removes the files no longer among its targets (a resume redid recordings under other
     names, finished a partial one, the input was cut), which buzzr would otherwise still read,
     and without ``overwrite`` their being there is a conflict. A file another run's export
-    wrote is never replaced: both runs' recordings would go by one name. Runs are listed by
+    wrote is never replaced: both runs' recordings would go by one name; nor is one of another
+    format of the same run (its CSVs beside its Raven tables). Runs are listed by
     their output directory relative to ``dest``, so that an output moved or copied with its
     export inside is still the same run. A listed run whose output is no longer there (moved
     elsewhere) claims nothing: its files of the recordings exported now go as this run's do.
@@ -292,6 +293,7 @@ def _files_written(
     here = os.path.realpath(run.output)
     mine = [key for key in listed if _listed_run(dest, key) == here]
     names = {_one_name(path.relative_to(dest).as_posix()) for path in targets}
+    formats = {_format_of(path.name) for path in targets}
     gone = {
         key: [name for name in files if _one_name(name) in names]
         for key, files in listed.items()
@@ -301,7 +303,7 @@ def _files_written(
         dest / name
         for files in [*(listed[key] for key in mine), *gone.values()]
         for name in files
-        if ".." not in name
+        if ".." not in name and _format_of(name) in formats
     }
     _check_not_others(targets, dest=dest, listed=listed, mine=mine)
     _check_free(targets, dest=dest, overwrite=overwrite, earlier=sorted(earlier - set(targets)))
@@ -317,6 +319,7 @@ def _files_written(
             "under those names from %s",
             run.output,
         )
+    others = [name for key in mine for name in listed[key] if _format_of(name) not in formats]
     for key in mine:
         del listed[key]
     for key, superseded in gone.items():
@@ -325,7 +328,7 @@ def _files_written(
             del listed[key]
     # Both real: ".." in a key must climb out of dest's real folder, not out of a link to it.
     key = os.path.relpath(here, os.path.realpath(dest))
-    listed[key] = [p.relative_to(dest).as_posix() for p in targets]
+    listed[key] = [*others, *(p.relative_to(dest).as_posix() for p in targets)]
     write_json(dest / WRITTEN, listed)
     marker.unlink()
 
@@ -354,6 +357,15 @@ def _check_not_others(
             "run's names start at the folder it analysed), and overwrite=True (--overwrite) "
             "does not replace another run's files; export each run into its own dest (--dest)"
         )
+
+
+def _format_of(name: str) -> str:
+    """The format whose export wrote the file ``name``."""
+    if name.endswith(RAVEN_SUFFIX):
+        return "raven"
+    if name.endswith((f"{BUZZDETECT_TAG}.csv", f"{BUZZPART_TAG}.csv")):
+        return "buzzdetect"
+    return "csv"
 
 
 def _one_name(name: str) -> str:
@@ -541,6 +553,7 @@ def export(
         classes=run.classes,
         precision=precision,
         thresholds=thresholds,
+        model_name=run.model["name"],
     )
     if choice.source == "none" and format != "buzzdetect" and run.thresholds:
         choice = ThresholdChoice(
@@ -694,40 +707,48 @@ def _export_csv(
     **_: Any,
 ) -> tuple[list[Path], list[str]]:
     path = dest / COMBINED_NAME
-    _check_free([path], dest=dest, overwrite=overwrite)
-    starts = _starts(run, recordings, time_format=time_format, tz=tz, read_metadata=read_metadata)
-    untimed = [name for name in recordings if starts.get(name) is None]
+    with _files_written([path], dest, overwrite=overwrite, run=run):
+        starts = _starts(
+            run, recordings, time_format=time_format, tz=tz, read_metadata=read_metadata
+        )
+        _write_text(path, _combined_csv(run, recordings, starts, classes, thresholds))
+    return [path], [name for name in recordings if starts.get(name) is None]
+
+
+def _combined_csv(
+    run: Run,
+    recordings: Sequence[str],
+    starts: Mapping[str, pd.Timestamp | None],
+    classes: Sequence[str],
+    thresholds: Mapping[str, float],
+) -> Iterator[str]:
+    """``frames.csv``'s text, a recording at a time."""
     # buzzdetect's decimals, and the hop's where it has more (0.125 s): start and end exact.
     digits = max(time_digits(run.frame_length_s), time_digits(run.frame_hop_s))
     needed = [name for name in run.classes if name in classes or name in thresholds]
     columns = ["file", "start", "end", *(f"{ACTIVATION_PREFIX}{name}" for name in needed)]
-
-    def pieces() -> Iterator[str]:
-        for number, relative in enumerate(recordings):
-            frames = run.recording_frames(relative, columns=columns)
-            table: dict[str, Any] = {
-                "file": frames["file"].astype("string"),
-                "start": np.round(frames["start"].to_numpy(np.float64), digits),
-                "end": np.round(frames["end"].to_numpy(np.float64), digits),
-            }
-            # Blank where the start is unknown, even for every recording: the columns stay
-            # the documented ones whatever the names.
-            start = starts.get(relative)
-            table["time"] = (
-                start + pd.to_timedelta(frames["start"].to_numpy(np.float64), unit="s")
-                if start is not None
-                else pd.Series(pd.NaT, index=frames.index)
-            )
-            kept = [f"{ACTIVATION_PREFIX}{name}" for name in classes]
-            values = _buzzdetect_values(frames[kept].to_numpy(), run.digits_results)
-            table.update(zip(kept, values.T, strict=True))
-            for name, threshold in thresholds.items():
-                hits = detected(frames[f"{ACTIVATION_PREFIX}{name}"].to_numpy(), threshold)
-                table[f"{DETECTION_PREFIX}{name}"] = hits.astype(np.int64)
-            yield _csv_text(pd.DataFrame(table), header=number == 0)
-
-    _write_text(path, pieces())
-    return [path], untimed
+    for number, relative in enumerate(recordings):
+        frames = run.recording_frames(relative, columns=columns)
+        table: dict[str, Any] = {
+            "file": frames["file"].astype("string"),
+            "start": np.round(frames["start"].to_numpy(np.float64), digits),
+            "end": np.round(frames["end"].to_numpy(np.float64), digits),
+        }
+        # Blank where the start is unknown, even for every recording: the columns stay the
+        # documented ones whatever the names.
+        start = starts.get(relative)
+        table["time"] = (
+            start + pd.to_timedelta(frames["start"].to_numpy(np.float64), unit="s")
+            if start is not None
+            else pd.Series(pd.NaT, index=frames.index)
+        )
+        kept = [f"{ACTIVATION_PREFIX}{name}" for name in classes]
+        values = _buzzdetect_values(frames[kept].to_numpy(), run.digits_results)
+        table.update(zip(kept, values.T, strict=True))
+        for name, threshold in thresholds.items():
+            hits = detected(frames[f"{ACTIVATION_PREFIX}{name}"].to_numpy(), threshold)
+            table[f"{DETECTION_PREFIX}{name}"] = hits.astype(np.int64)
+        yield _csv_text(pd.DataFrame(table), header=number == 0)
 
 
 def _raven_value(value: float, digits: int | None) -> float:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from buzzdask.errors import InputError, ParameterError
 
@@ -19,6 +19,7 @@ __all__ = [
     "Discovery",
     "InputFile",
     "Skipped",
+    "as_list",
     "describe_skipped",
     "discover",
     "first_names",
@@ -38,6 +39,11 @@ _OUTPUT_MARKERS = ("buzzdask.json", "buzzdask.log")
 #: Skipped without a word when there is audio beside them: results written among the inputs
 #: (``--output`` inside the input folder) would otherwise be listed on every resume.
 _QUIET = ("hidden", "readme", "buzzdask output")
+
+
+def as_list(items: Any) -> list[Any]:
+    """One name or path, or a sequence of them, as a list (never a string's characters)."""
+    return [items] if isinstance(items, (str, os.PathLike)) else list(items)
 
 
 def user_path(path: str | os.PathLike[str], *, what: str = "path") -> Path:

@@ -21,6 +21,7 @@ import numpy as np
 from buzzdask.embedders import is_remote, local_embedder, saved_model_problem
 from buzzdask.errors import ModelError, ParameterError
 from buzzdask.frames import FrameSpec
+from buzzdask.inputs import as_list
 from buzzdask.settings import EmbedderSettings, Settings, load_settings
 
 __all__ = [
@@ -230,7 +231,7 @@ def resolve_model(
     model: str | os.PathLike[str],
     *,
     embedder: str | EmbedderSpec | None = None,
-    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    search_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     settings: Settings | None = None,
 ) -> ModelSpec:
     """Find a model directory by path or name, read its configuration, resolve its embedder.
@@ -249,7 +250,7 @@ def resolve_model(
         is downloaded into the cache here, on the client. Or the embedder itself, resolved
         already (a store's, :func:`~buzzdask.store.stored_embedder`): the model's must have its
         name.
-    search_dirs : sequence of path-like, optional
+    search_dirs : path-like or sequence of path-like, optional
         Where names are looked up; default ``buzzdask.model-dirs``.
     settings : Settings, optional
         The run's settings (default: :func:`~buzzdask.settings.load_settings`).
@@ -336,7 +337,9 @@ def _head_problem(path: Path, problem: str) -> str:
     )
 
 
-def find_model_dir(model: str | os.PathLike[str], search_dirs: Sequence[Any]) -> Path:
+def find_model_dir(
+    model: str | os.PathLike[str], search_dirs: str | os.PathLike[str] | Sequence[Any]
+) -> Path:
     """The directory of ``model``: a path, or a name (``general_v3``) under ``search_dirs``.
 
     Raises
@@ -347,6 +350,7 @@ def find_model_dir(model: str | os.PathLike[str], search_dirs: Sequence[Any]) ->
     direct = Path(model).expanduser()
     if direct.is_dir():
         return direct.resolve()
+    search_dirs = as_list(search_dirs)
     name = str(model)
     candidates = [Path(d).expanduser() / n for d in search_dirs for n in (name, f"model_{name}")]
     for candidate in candidates:

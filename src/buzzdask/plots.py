@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
-from buzzdask.inputs import user_path
+from buzzdask.inputs import as_list, user_path
 from buzzdask.recording_time import (
     TimeFormat,
     check_start_options,
@@ -66,6 +66,28 @@ def _rate_class(summary: pd.DataFrame, class_name: str | None) -> str:
     return class_name
 
 
+#: A time's UTC offset as a summary's CSV writes it (``2024-06-01 06:00:00-04:00``).
+_OFFSET = r"(?:[+-]\d\d:?\d\d|Z)$"
+
+
+def _as_times(column: pd.Series) -> pd.Series:
+    """``bin_datetime`` as times; from text (a CSV read back), the clock time it writes.
+
+    The offset is left off: a summer's and a winter's (-04:00, -05:00) share no column, and
+    the clock time is what is drawn.
+    """
+    if pd.api.types.is_datetime64_any_dtype(column):
+        return column
+    try:
+        text = column.astype("string").str.replace(_OFFSET, "", regex=True)
+        return pd.to_datetime(text, format="ISO8601")
+    except (ValueError, TypeError):
+        raise ParameterError(
+            "the summary's bin_datetime column holds no times (it reads "
+            f"{column.dropna().iloc[0]!r})"
+        ) from None
+
+
 def plot_daily_activity(
     summary: pd.DataFrame, *, class_name: str | None = None, title: str | None = None
 ) -> Figure:
@@ -79,7 +101,8 @@ def plot_daily_activity(
     Parameters
     ----------
     summary : pandas.DataFrame
-        A table from :func:`buzzdask.summaries.summarize`.
+        A table from :func:`buzzdask.summaries.summarize`, or its CSV read back
+        (``pd.read_csv``).
     class_name : str, optional
         The class whose rate is drawn; default the summary's first.
     title : str, optional
@@ -90,6 +113,7 @@ def plot_daily_activity(
     """
     from matplotlib.figure import Figure
 
+    summary = summary.assign(bin_datetime=_as_times(summary["bin_datetime"]))
     name = _rate_class(summary, class_name)
     detections = f"detections_{name}"
     groups = _group_columns(summary)
@@ -134,8 +158,11 @@ def plot_daily_activity(
     axes.set_xlabel(xlabel)
     axes.set_ylabel(f"detection rate, {name}")
     span_text = "over the day" if len(timed) else "over the recording"
-    heading = title or f"{name}: detections per frame {span_text}" + (
-        f", by {', '.join(groups)}" if groups else ""
+    model = summary.attrs.get("model")
+    heading = (
+        title
+        or f"{name}{f' ({model})' if model else ''}: detections per frame {span_text}"
+        + (f", by {', '.join(groups)}" if groups else "")
     )
     if untimed_rows and len(timed):
         heading += f"\n({untimed_rows} bin(s) of recordings without a start time not shown)"
@@ -217,6 +244,13 @@ def plot_activation(
     Returns
     -------
     matplotlib.figure.Figure
+
+    Raises
+    ------
+    InputError
+        If ``recording`` has no scores in the run (its names are as in the ``file`` column).
+    ParameterError
+        A class the run lacks, or thresholds as :func:`buzzdask.summaries.summarize` refuses.
     """
     from matplotlib.figure import Figure
 
@@ -260,7 +294,7 @@ def plot_activation(
         )
     axes.set_xlabel(xlabel)
     axes.set_ylabel(column)
-    axes.set_title(f"{recording}: {name} per frame", fontsize="medium")
+    axes.set_title(f"{recording}: {name} ({run.model['name']}) per frame", fontsize="medium")
     axes.legend(fontsize="small", loc="upper right")
     axes.grid(alpha=0.3)
     if not pd.isna(origin):
@@ -290,7 +324,7 @@ def plot_run(
     precision: float | None = None,
     thresholds: Mapping[str, float] | None = None,
     model: str | os.PathLike[str] | None = None,
-    recordings: Sequence[str] | None = None,
+    recordings: str | Sequence[str] | None = None,
     dest: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     time_format: TimeFormat | None = None,
@@ -314,7 +348,7 @@ def plot_run(
     output : path-like or Run
     bin, by, precision, thresholds, model, time_format, tz, read_metadata
         As in :func:`buzzdask.summaries.summarize` (``by`` defaults to the top folder, ``1``).
-    recordings : sequence of str, optional
+    recordings : str or sequence of str, optional
         Relative names whose activation is drawn.
     dest : path-like, optional
     overwrite : bool, default: False
@@ -343,7 +377,7 @@ def plot_run(
         run, bin=bin, by=by, precision=precision, thresholds=thresholds, model=model
     )
     folder = user_path(dest) if dest is not None else run.output / "summaries"
-    chosen = list(recordings) if recordings is not None else run.recordings()[:1]
+    chosen = as_list(recordings) if recordings is not None else run.recordings()[:1]
     known = run.recordings()
     scored = set(known)
     missing = [name for name in chosen if name not in scored]

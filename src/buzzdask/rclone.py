@@ -309,20 +309,27 @@ def upload(
     Raises
     ------
     ParameterError
-        If ``source`` is not a directory.
+        If ``source`` is not a directory, or ``destination`` not on a remote.
     TransferError
-        As for :func:`transfer`.
+        As for :func:`transfer` (``reason="remote not configured"`` for a remote rclone does
+        not list).
     """
     local = user_path(source)
     if not local.is_dir():
         raise ParameterError(f"upload source {local} is not a directory")
     settings = load_settings(transfer={"rclone": rclone, "rclone_flags": rclone_flags})
     runner = _Rclone(settings.transfer)
-    if _remote_name(destination) not in runner.remotes():
+    remote = _remote_name(destination)
+    if remote is None:
         raise ParameterError(
-            f"upload destination {destination} is not on a configured rclone remote "
-            "(REMOTE:path, a REMOTE that `rclone listremotes` names); to copy into a local "
-            "folder, copy it"
+            f"upload destination {destination} is not on an rclone remote (REMOTE:path); to "
+            "copy into a local folder, copy it"
+        )
+    if remote not in runner.remotes():
+        raise TransferError(
+            f"cannot upload to {destination}: remote not configured (`rclone listremotes` does "
+            f"not name {remote!r}); {_DIAGNOSES[0][2]}",
+            reason=_DIAGNOSES[0][0],
         )
     runner.run(["copy", os.fspath(local), destination], what=f"upload to {destination}")
     files = sorted(p for p in local.rglob("*") if p.is_file())

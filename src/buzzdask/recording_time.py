@@ -42,7 +42,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from buzzdask.errors import ParameterError
-from buzzdask.inputs import first_names
+from buzzdask.inputs import as_list, first_names
 
 __all__ = [
     "DEFAULT_TIME_FORMATS",
@@ -405,7 +405,7 @@ def recording_start(
 
 
 def recording_starts(
-    names: Iterable[str],
+    names: str | Iterable[str],
     *,
     root: str | os.PathLike[str] | None = None,
     time_format: TimeFormat | None = None,
@@ -416,8 +416,9 @@ def recording_starts(
 
     Parameters
     ----------
-    names : iterable of str
-        File names or paths; with ``root``, paths relative to it (the ``file`` column of a run).
+    names : str or iterable of str
+        A file name or path, or several; with ``root``, paths relative to it (the ``file``
+        column of a run).
     root : path-like, optional
         Where the relative ``names`` are, to read their metadata. Files that are not there are
         timed by name alone.
@@ -446,7 +447,7 @@ def recording_starts(
             _WITHOUT_SUMMER_TIME[tz],
         )
     parser = TimeParser(time_format)
-    names = list(names)
+    names = as_list(names)
     starts: list[pd.Timestamp | None] = []
     sources: list[str | None] = []
     problems: list[str | None] = []
@@ -454,7 +455,7 @@ def recording_starts(
     unread: list[str] = []
     disagreeing: list[str] = []
     for name in names:
-        path = Path(root) / name if root is not None else Path(name)
+        path = (Path(root) / name if root is not None else Path(name)).expanduser()
         found = _start(name, path, parser, read_metadata=read_metadata)
         if found.time is not None:
             clocks.setdefault(_clock(found.time), []).append(name)

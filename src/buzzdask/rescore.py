@@ -98,7 +98,7 @@ def rescore(
         (it names what it holds), or the models do not share one embedder; if it holds
         embeddings at several hops and ``frame_hop_s`` is not given.
     InputError
-        If the store's catalog names no file.
+        If ``store`` does not exist, or its catalog names no file.
     OutputConflictError, ParameterError
         As for :func:`buzzdask.analyze`, before any work.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -68,17 +69,23 @@ _RANGES: dict[str, Callable[[float], bool]] = {
 
 
 def _to_number(value: Any, *, whole: bool) -> float | int | None:
-    """``value`` as a number, or None: never a bool; strings as PyYAML leaves ``1e-3``."""
+    """``value`` as a number, or None: never a bool; strings as PyYAML leaves ``1e-3``.
+
+    NumPy's numbers (``np.int64`` out of a DataFrame) are numbers too.
+    """
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
+    if whole and isinstance(value, numbers.Integral):
+        return int(value)  # exact, however large
+    number = float(value)
     if whole:
-        return int(value) if float(value).is_integer() else None
-    return float(value)
+        return int(number) if number.is_integer() else None
+    return number
 
 
 def _real(rule: str, unit: str = "") -> _Check:
@@ -107,6 +114,8 @@ def byte_count(value: Any) -> int:
     """``value`` in bytes (an integer, or text such as ``"32GiB"``); 0 where it is no size."""
     # parse_bytes reads "" and "GiB" as one of the unit, and int(inf) overflows.
     unitless = isinstance(value, str) and not any(char.isdigit() for char in value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # parse_bytes takes int, not np.int64
     try:
         return 0 if isinstance(value, bool) or unitless else parse_bytes(value)
     except (AttributeError, TypeError, ValueError, OverflowError):  # None: AttributeError

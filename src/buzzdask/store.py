@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from buzzdask.decode import PREPROCESSING
-from buzzdask.errors import ModelError
+from buzzdask.errors import InputError, ModelError
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import first_names, user_path
 from buzzdask.models import EmbedderSpec, feed_file
@@ -399,10 +399,17 @@ def find_store(path: str | os.PathLike[str]) -> Path:
 
     Raises
     ------
+    InputError
+        If ``path`` does not exist.
     ModelError
-        If neither holds embeddings an analysis stored (a catalog).
+        If it holds no embeddings an analysis stored (a catalog).
     """
     given = user_path(path)
+    if not given.exists():
+        raise InputError(
+            f"{given} does not exist: give the output directory of an analysis that kept its "
+            "embeddings, or an embedding store"
+        )
     roots = [given, given / KEPT_EMBEDDINGS]
     if (given / _CATALOG).is_file():  # one set of the store (a re-scoring records its path)
         roots.append(given.parent)

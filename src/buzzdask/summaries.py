@@ -317,6 +317,8 @@ def summarize(
             tz,
         )
     table.attrs.update(
+        # Which head: its files' names and columns are the same for every head.
+        model=run.model["name"],
         untimed_files=untimed,
         thresholds=dict(settings.thresholds),
         bin=_width_label(settings.width),
@@ -358,6 +360,7 @@ def resolve_summary(
             classes=run.classes,
             precision=precision,
             thresholds=thresholds,
+            model_name=run.model["name"],
         ).values
     return Summary(
         width=width,
@@ -509,6 +512,7 @@ def _write(
     from buzzdask.write import write_table
 
     record = {
+        "model": table.attrs.get("model"),
         "bin": _width_label(settings.width),
         "by": list(settings.group_columns),
         "thresholds": settings.thresholds,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from buzzdask.errors import ModelError, ParameterError
+from buzzdask.inputs import as_list
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -120,11 +121,12 @@ class ThresholdChoice:
 def _read_metrics(model_dir: str | os.PathLike[str]) -> tuple[Path, pd.DataFrame]:
     import pandas as pd  # here: workers import this module, never this function
 
-    path = Path(model_dir) / METRICS_PATH
-    if not Path(model_dir).is_dir():
+    model_dir = Path(model_dir).expanduser()
+    path = model_dir / METRICS_PATH
+    if not model_dir.is_dir():
         # A run's recorded model, on the machine it ran on (results copied elsewhere).
         raise ModelError(
-            f"model directory {Path(model_dir)} not found, so no threshold can be taken from "
+            f"model directory {model_dir} not found, so no threshold can be taken from "
             "its test metrics; give the model directory as it is here (model=..., --model DIR) "
             f"or thresholds per class (--threshold {METRICS_CLASS}=-1.2)"
         )
@@ -159,7 +161,7 @@ def _precision_choice(
     model_dir: str | os.PathLike[str], precision: Any, *, classes: Sequence[str] | None
 ) -> ThresholdChoice:
     asked = _check_precision(precision)
-    wanted = list(classes) if classes is not None else [METRICS_CLASS]
+    wanted = as_list(classes) if classes is not None else [METRICS_CLASS]
     others = [name for name in wanted if name != METRICS_CLASS]
     if others:
         raise ParameterError(
@@ -193,7 +195,10 @@ def _precision_choice(
 
 
 def thresholds_for_precision(
-    model_dir: str | os.PathLike[str], precision: float, *, classes: Sequence[str] | None = None
+    model_dir: str | os.PathLike[str],
+    precision: float,
+    *,
+    classes: str | Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Thresholds that give ``precision`` on the model's test set, as buzzdetect computes them.
 
@@ -206,7 +211,7 @@ def thresholds_for_precision(
         A buzzdetect model directory.
     precision : float in (0, 1)
         The target precision (``0.95``).
-    classes : sequence of str, optional
+    classes : str or sequence of str, optional
         The classes to threshold; the metrics describe ``ins_buzz`` only (the default).
 
     Returns
@@ -316,6 +321,7 @@ def choose_thresholds(
     classes: Sequence[str],
     precision: float | None = None,
     thresholds: Mapping[str, float] | None = None,
+    model_name: str | None = None,
 ) -> ThresholdChoice:
     """The thresholds a command was asked for, checked before any work starts.
 
@@ -329,6 +335,9 @@ def choose_thresholds(
         Thresholds from the model's test metrics (:func:`thresholds_for_precision`).
     thresholds : mapping of class -> float, optional
         Thresholds given directly. At most one of ``precision`` and ``thresholds``.
+    model_name : str, optional
+        The model's name: a threshold keyed ``MODEL/CLASS`` with it, as an analysis of
+        several models takes them, is its class's.
 
     Returns
     -------
@@ -349,7 +358,7 @@ def choose_thresholds(
             "give either precision or thresholds, not both "
             f"(precision={precision!r}, thresholds={dict(thresholds)!r})"
         )
-    known = list(classes)
+    known = as_list(classes)
     if precision is not None:
         if METRICS_CLASS not in known:
             raise ModelError(
@@ -359,6 +368,8 @@ def choose_thresholds(
         return _precision_choice(model_dir, precision, classes=None)
     if not thresholds:
         return ThresholdChoice()
+    if model_name is not None:
+        thresholds = thresholds_by_model(thresholds, {model_name: known})[model_name]
     unknown = sorted(set(thresholds) - set(known))
     if unknown:
         raise ParameterError(
@@ -382,7 +393,7 @@ def choose_thresholds(
 def resolve_thresholds(
     *,
     model_dir: str | os.PathLike[str],
-    classes: Sequence[str],
+    classes: str | Sequence[str],
     precision: float | None = None,
     thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
@@ -392,7 +403,7 @@ def resolve_thresholds(
     ----------
     model_dir : path-like
         The model directory (its ``tests/metrics.csv`` serves ``precision``).
-    classes : sequence of str
+    classes : str or sequence of str
         The model's classes, all of them (``resolve_model(...).classes``): a class asked
         for that is not among them is refused.
     precision : float in (0, 1), optional

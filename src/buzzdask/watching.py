@@ -20,6 +20,7 @@ transfer that stopped short writes (:data:`buzzdask.rclone.FAILED_MARKER`), or a
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -96,7 +97,8 @@ def watch(
         Time between looks. Default ``buzzdask.watch.poll-seconds``.
     idle_timeout_s : float > 0 [s], optional
         End after this long without new or changed files (``math.inf``: only the marker ends
-        it). Default ``buzzdask.watch.idle-timeout-seconds`` (null there: only the marker).
+        it). Default ``buzzdask.watch.idle-timeout-seconds`` (3600; set it to null for only
+        the marker).
     **analyze_options
         The other keywords of :func:`buzzdask.analyze` (embedder, chunk_seconds, thresholds...).
 
@@ -322,6 +324,14 @@ def _check_first_pass(
     results, a resume with other settings: found before the cluster starts and the first file
     arrives (hours later, perhaps, on a SLURM allocation), as a plain analysis finds them.
     """
+    # What each pass gives analyze itself is not an option here.
+    accepted = set(inspect.signature(analyze).parameters) - {"paths", "model", "output", "client"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ParameterError(
+            f"watch() got option(s) analyze does not take: {unknown}; it takes "
+            f"{sorted(accepted - {'on_conflict'})}"
+        )
     settings = load_settings(chunk_seconds=options.get("chunk_seconds"))
     plan = plan_run(
         model,

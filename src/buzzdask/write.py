@@ -54,6 +54,7 @@ __all__ = [
     "atomic_path",
     "check_run_directory",
     "errors_table",
+    "is_run_directory_entry",
     "new_sibling",
     "PYTHON_WORDS",
     "OnConflict",
@@ -499,7 +500,7 @@ class OutputConflict:
                 f"output {self.output} already holds results of a finished run ({done}); "
                 f"pass {words.new} to write to a new timestamped directory, or choose another "
                 f"{words.output} ({words.resume} adds only what it lacks: new files, files "
-                "that failed, a model)"
+                "that failed, and a model to an output of several)"
             )
         if self.reason == "holds results":
             done = format_count(self.chunks, "chunk")
@@ -748,6 +749,15 @@ def new_sibling(root: Path) -> Path:
         return candidate
 
 
+def is_run_directory_entry(name: str) -> bool:
+    """Whether a run of several models keeps ``name`` in its output for itself, not a model's.
+
+    Its log, its lock and the kept embeddings: a model of that name could not have its
+    ``root/<name>`` there.
+    """
+    return name in (KEPT_EMBEDDINGS, "buzzdask.log") or name.startswith(_LOCK_PREFIX)
+
+
 def check_run_directory(root: Path, *, names: Iterable[str]) -> None:
     """Refuse a run of several models in ``root`` if it holds anything but such a run's.
 
@@ -763,11 +773,10 @@ def check_run_directory(root: Path, *, names: Iterable[str]) -> None:
         raise OutputConflictError(OutputConflict(root, "not a directory"))
     if not root.is_dir():
         return
-    allowed = {*names, KEPT_EMBEDDINGS, "buzzdask.log"}
     others = sorted(
         path.name
         for path in root.iterdir()
-        if path.name not in allowed and not path.name.startswith(_LOCK_PREFIX)
+        if path.name not in names and not is_run_directory_entry(path.name)
     )
     if others:
         raise OutputConflictError(OutputConflict(root, "holds other files", others=tuple(others)))

@@ -26,13 +26,12 @@ import pandas as pd
 from buzzdask.decode import AudioInfo
 from buzzdask.errors import InputError, ParameterError
 from buzzdask.frames import FrameSpec
-from buzzdask.inputs import discover, user_path
+from buzzdask.inputs import as_list, discover, user_path
 
 __all__ = [
     "LABEL_COLUMNS",
     "Labels",
     "TrainingFile",
-    "as_list",
     "check_label_ends",
     "cite_rows",
     "class_counts",
@@ -236,11 +235,6 @@ def cite_rows(table: pd.DataFrame, *, most: int = 5) -> str:
     rows = list(table["row"])
     more = f" and {len(rows) - most} more" if len(rows) > most else ""
     return ", ".join(rows[:most]) + more
-
-
-def as_list(paths: Any) -> list[Any]:
-    """One path, or a sequence of them, as a list."""
-    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
 def directories(paths: Any, name: str) -> list[Path]:

@@ -26,13 +26,14 @@ import pandas as pd
 
 from buzzdask.decode import PREPROCESSING
 from buzzdask.frames import FrameSpec
+from buzzdask.inputs import as_list
 from buzzdask.models import CONFIG_NAME, EmbedderSpec
 from buzzdask.session import package_versions
 from buzzdask.settings import Settings
 from buzzdask.store import EmbeddingStore, file_sha256
 from buzzdask.thresholds import METRICS_CLASS, METRICS_PATH
 from buzzdask.training.head import DIGITS
-from buzzdask.training.labels import Labels, TrainingFile, as_list, class_counts, label_paths
+from buzzdask.training.labels import Labels, TrainingFile, class_counts, label_paths
 from buzzdask.write import utc_now, write_json
 
 __all__ = ["TrainingInputs", "TrainingResult", "TrainingSet", "write_records"]

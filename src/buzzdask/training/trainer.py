@@ -25,7 +25,7 @@ from distributed import Client
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
-from buzzdask.inputs import first_names, user_path
+from buzzdask.inputs import as_list, first_names, user_path
 from buzzdask.logs import quiet_workers
 from buzzdask.models import resolve_embedder
 from buzzdask.progress import format_count
@@ -37,7 +37,6 @@ from buzzdask.training.head import evaluate, fit_and_save
 from buzzdask.training.labels import (
     Labels,
     TrainingFile,
-    as_list,
     check_label_ends,
     class_counts,
     class_list,
