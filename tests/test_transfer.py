@@ -150,6 +150,10 @@ def test_bad_options_and_missing_rclone(tmp_path):
     with pytest.raises(TransferError, match="not found") as caught:
         transfer("sharepoint:", tmp_path / "dest", rclone="no-such-rclone")
     assert caught.value.reason == "rclone missing"
+    # Said to a watch of the destination (`module load rclone` forgotten in its job): it ended
+    # only at its idle timeout.
+    stopped = json.loads((tmp_path / "dest" / FAILED_MARKER).read_text())["stopped"]
+    assert "no-such-rclone" in stopped
 
 
 def _signal_mid_copy(
@@ -289,13 +293,15 @@ def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path, monkeypatc
         (["transfer", "d", "sharepoint:cli-back2"], "is an rclone remote, and transfer copies"),
         (["transfer", "--upload", "d", "elsewhere"], "is not on an rclone remote"),
         (["transfer", "--upload", "d", "nosuch:x"], "nosuch:x: remote not configured"),
+        # A remote rclone lacks (misspelt, not set up yet): a local folder "Sharepoint:cli" was
+        # filled, and said to be sent.
+        (["transfer", "d", "Sharepoint:cli"], "which rclone does not have (its remotes: "),
     ]:
         wrong = cli(*args, flags=flags)
         stdout, stderr = wrong.communicate(timeout=120)
         assert wrong.returncode == EXIT_ERROR and said in stderr, stderr
-    assert (
-        not (tmp_path / "sharepoint:cli-back2").exists() and not (tmp_path / "elsewhere").exists()
-    )
+    assert not [path for path in tmp_path.iterdir() if ":" in path.name]
+    assert not (tmp_path / "elsewhere").exists()
     assert not (rclone_remote.root / "cli-back2").exists()
 
 

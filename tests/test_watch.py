@@ -168,17 +168,60 @@ def test_idle_timeout_ends_a_watch_without_marker(
         )
 
 
+def test_a_watch_holds_its_output_between_passes(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, caplog
+):
+    """Its output says complete after each pass; between passes a second run (a job
+    resubmitted) was let in, and an export took half-copied files as whole recordings."""
+    from buzzdask.lock import current_holder
+
+    audio, output = tmp_path / "audio", tmp_path / "out"
+    make_audio("a.wav", n_samples=2 * FRAME)
+    options = {"client": dask_client, "embedder": str(tiny_embedder), "progress": False}
+    seen: dict[str, object] = {}
+
+    def between_passes() -> None:
+        try:
+            buzzdask.analyze(audio, tiny_model, output=output, on_conflict="resume", **options)
+        except OutputConflictError as refused:
+            seen["refused"] = str(refused)
+        with caplog.at_level("WARNING", logger="buzzdask"):
+            buzzdask.export(output, format="csv", dest=tmp_path / "csv")
+        make_audio("b.wav", n_samples=2 * FRAME, seed=1)
+        (audio / ".transfer-complete").touch()
+
+    def first_pass_done() -> bool:
+        metadata = output / "buzzdask.json"
+        return metadata.is_file() and json.loads(metadata.read_text())["status"] == "complete"
+
+    thread = threading.Thread(target=lambda: _when(first_pass_done, between_passes))
+    thread.start()
+    try:
+        watched = watch(audio, tiny_model, output=output, poll_seconds=0.1, **options)
+    finally:
+        thread.join()
+    assert watched.summary["watch"]["stopped"] == "marker"
+    assert "is in use by another buzzdask run" in str(seen["refused"])
+    assert "a run still writes to it" in caplog.text
+    assert current_holder(output) is None  # let go as the watch ended
+    # The watch's own pass took its hold as its own: the file arriving later is analysed.
+    assert len(watched.summary["watch"]["passes"]) == 2
+    assert len(watched.to_pandas()) == 4
+
+
+def _when(condition, then) -> None:
+    """``then()`` once ``condition()`` holds (two minutes at most)."""
+    deadline = time.monotonic() + 120
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    then()
+
+
 def _watch_while(path, then, audio, model, **options):
     """Watch ``audio``; in a thread, ``then()`` once ``path`` exists (a file the first pass
     writes)."""
 
-    def wait_then() -> None:
-        deadline = time.monotonic() + 120
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        then()
-
-    thread = threading.Thread(target=wait_then)
+    thread = threading.Thread(target=lambda: _when(path.exists, then))
     thread.start()
     try:
         return watch(audio, model, poll_seconds=0.1, idle_timeout_s=60, **options)

@@ -105,14 +105,32 @@ def current_holder(root: Path) -> LockHolder | None:
         return LockHolder("?", -1, "?", 0.0, "", float("inf"))
 
 
+#: The tokens of the locks this thread holds, by their output's real path: a run inside a hold
+#: of its own thread takes it as its own (a watch holds its output between passes, and each
+#: pass's analysis holds it again).
+_held = threading.local()
+
+
+def _tokens_here() -> dict[str, str]:
+    if not hasattr(_held, "tokens"):
+        _held.tokens = {}
+    tokens: dict[str, str] = _held.tokens
+    return tokens
+
+
+def _held_here(root: Path, holder: LockHolder | None) -> bool:
+    """Whether ``holder`` of ``root`` is a lock this thread holds."""
+    return holder is not None and _tokens_here().get(os.path.realpath(root)) == holder.token
+
+
 def refuse_if_in_use(root: Path, *, stale_s: float) -> None:
     """Raise ``OutputConflictError`` ("in use") if a live run holds ``root``.
 
     Checked before an output's other conflicts, so that a second run hears that another is
-    writing there, not that the output holds results.
+    writing there, not that the output holds results. A hold of this thread is no conflict.
     """
     holder = current_holder(root)
-    if holder is not None and holder.is_alive(stale_s=stale_s):
+    if holder is not None and holder.is_alive(stale_s=stale_s) and not _held_here(root, holder):
         raise _in_use(root, holder, stale_s=stale_s)
 
 
@@ -150,8 +168,13 @@ class OutputLock:
         self._heartbeat: threading.Thread | None = None
         #: The warning of a takeover from a dead run, where this lock made one.
         self.took_over: str | None = None
+        # Entered inside a hold of this thread: that one's, left as it is.
+        self._nested = False
 
     def __enter__(self) -> OutputLock:
+        if _held_here(self.root, current_holder(self.root)):
+            self._nested = True
+            return self
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a new sibling (--new) beside a read-only output
@@ -179,6 +202,7 @@ class OutputLock:
             target=self._touch, name="buzzdask-output-lock", daemon=True
         )
         self._heartbeat.start()
+        _tokens_here()[os.path.realpath(self.root)] = self.token
         return self
 
     def __exit__(
@@ -187,6 +211,9 @@ class OutputLock:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self._nested:
+            return
+        _tokens_here().pop(os.path.realpath(self.root), None)
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()

@@ -166,14 +166,16 @@ def transfer(
     )
     size = settings.transfer.batch_size
     runner = _Rclone(settings.transfer)
-    if _remote_name(destination) in runner.remotes():  # the arguments swapped, or no --upload
-        raise ParameterError(
-            f"destination {os.fspath(destination)} is an rclone remote, and transfer copies from "
-            "a remote into a local folder; to send a local folder to the remote, upload it "
-            f"(buzzdask transfer --upload FOLDER {os.fspath(destination)})"
-        )
-    suffixes = {e.lower() for e in settings.extensions}
     target = user_path(destination)
+    try:
+        remotes = runner.remotes()
+    except BaseException as error:
+        if _remote_name(destination) is None:  # a watch on it ends now, not at its idle timeout
+            target.mkdir(parents=True, exist_ok=True)
+            _write_marker(target / FAILED_MARKER, source=source, stopped=_stopped(error))
+        raise
+    _check_destination(destination, target, remotes)
+    suffixes = {e.lower() for e in settings.extensions}
     target.mkdir(parents=True, exist_ok=True)
     with _held(target, stale_s=settings.lock_stale_seconds):
         marker = target / settings.watch.marker
@@ -186,8 +188,7 @@ def transfer(
         try:
             _copy_all(runner, source, target, result, suffixes=suffixes, batch_size=size)
         except BaseException as error:
-            stopped = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
-            _write_marker(target / FAILED_MARKER, source=source, stopped=stopped)
+            _write_marker(target / FAILED_MARKER, source=source, stopped=_stopped(error))
             raise
         shutil.rmtree(target / INCOMING, ignore_errors=True)
         _write_marker(marker, source=source, files=len(result.files) + len(result.skipped))
@@ -218,6 +219,37 @@ def _held(target: Path, *, stale_s: float) -> Iterator[None]:
         yield
     finally:
         lock.__exit__(None, None, None)
+
+
+def _check_destination(
+    destination: str | os.PathLike[str], target: Path, remotes: set[str]
+) -> None:
+    """Refuse a transfer's destination that is, or looks like, an rclone remote.
+
+    The arguments swapped, ``--upload`` forgotten: results would be copied into a local folder
+    named ``teams:General/...``, said to be sent. A remote rclone does not know (``Teams:`` for
+    ``teams:``, one not set up yet) is refused too, unless that local folder exists already.
+    """
+    remote = _remote_name(destination)
+    if remote in remotes:
+        raise ParameterError(
+            f"destination {os.fspath(destination)} is an rclone remote, and transfer copies from "
+            "a remote into a local folder; to send a local folder to the remote, upload it "
+            f"(buzzdask transfer --upload FOLDER {os.fspath(destination)})"
+        )
+    if remote is not None and not target.exists():
+        known = ", ".join(sorted(f"{name}:" for name in remotes)) or "none"
+        raise ParameterError(
+            f"destination {os.fspath(destination)} reads as an rclone remote, {remote}:, which "
+            f"rclone does not have (its remotes: {known}); transfer copies into a local folder "
+            "(to send one to a remote, transfer --upload FOLDER REMOTE:path; for a local folder "
+            f"with a colon in its name, write ./{os.fspath(destination)})"
+        )
+
+
+def _stopped(error: BaseException) -> str:
+    """Why a transfer stopped, for its failed marker."""
+    return "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
 
 
 def _write_marker(path: Path, **facts: Any) -> None:

@@ -89,8 +89,26 @@ class Run:
         return self.metadata.get("status") == "complete"
 
     def warn_if_unfinished(self, doing: str) -> None:
-        """Log that the run has not finished (running, or stopped) before ``doing`` its frames."""
-        if not self.complete:
+        """Log that the run has not finished (running, or stopped) before ``doing`` its frames.
+
+        A watch between passes has marked its output complete, but holds it: files may still
+        be on their way, or cut short.
+        """
+        from buzzdask.lock import current_holder
+        from buzzdask.settings import load_settings
+
+        holder = current_holder(self.output)
+        stale_s = load_settings().lock_stale_seconds
+        if self.complete and holder is not None and holder.is_alive(stale_s=stale_s):
+            logger.warning(
+                "%s: a run still writes to it (%s; a watch between its passes, or a resume); "
+                "%s the frames written so far, of recordings that may be cut short or not "
+                "there yet",
+                self.output,
+                holder.describe(),
+                doing,
+            )
+        elif not self.complete:
             logger.warning(
                 "%s: the run has not finished (it is running, or was stopped: analyze with "
                 "--resume, on_conflict='resume' in Python, finishes it); %s the frames written "

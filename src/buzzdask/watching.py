@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from buzzdask.analysis import (
 from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
-from buzzdask.lock import current_holder
+from buzzdask.lock import OutputLock, current_holder
 from buzzdask.progress import logger
 from buzzdask.rclone import FAILED_MARKER, INCOMING
 from buzzdask.session import connect
@@ -54,6 +54,7 @@ from buzzdask.write import (
     OutputLayout,
     errors_table,
     refuse_results,
+    utc_now,
     write_errors,
     write_json,
 )
@@ -156,8 +157,9 @@ def watch(
     # Without the bar too (--no-progress in a job's log): what the watch waits for, why it ended.
     _announce(root, marker_path, poll=poll, idle=idle)
 
-    with connect(client, local=settings.local_cluster) as connected:
+    with connect(client, local=settings.local_cluster) as connected, ExitStack() as hold:
         passes = _Passes(root, model, output, connected, on_conflict, analyze_options)
+        passes.hold_output(hold, stale_s=settings.lock_stale_seconds)
         with _stop_recorded(passes):
             stopped = _watch_passes(
                 root,
@@ -392,6 +394,17 @@ class _Passes:
         # Frames in the output before the first pass (a watch resuming an earlier one).
         self.frames_before = 0
         self.started = False  # a pass began: from its end on, a stop is the watch's to say
+        self._hold: ExitStack | None = None
+        self._stale_s = 0.0
+        self._holding = False
+
+    def hold_output(self, hold: ExitStack, *, stale_s: float) -> None:
+        """Hold the output's lock in ``hold`` from the first pass's end on.
+
+        Between passes, another run (a job resubmitted) is then refused, and an export hears
+        that this one still writes (its files may be cut short, or on their way).
+        """
+        self._hold, self._stale_s = hold, stale_s
 
     def run(self, snapshot: _Snapshot) -> None:
         """One pass over the files of ``snapshot``; errors of files no longer there are dropped."""
@@ -411,6 +424,11 @@ class _Passes:
         if result.output != OutputLayout(self.output).root:  # on_conflict="new" chose a sibling
             entries_before = 0
         self.output, self.on_conflict = result.output, "resume"
+        if self._hold is not None and not self._holding:
+            self._hold.enter_context(
+                OutputLock(result.output, started=utc_now(), stale_s=self._stale_s)
+            )
+            self._holding = True
         new_entries = OutputLayout(result.output).journal_entries()[entries_before:]
         written = {entry["file"] for entry in new_entries}
         for file in written | set(result.errors.file):
