@@ -408,6 +408,20 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
     ]
 
 
+def test_plots_of_classes_named_alike_are_one_each(run, make_audio, tmp_path):
+    """A trained head's classes bee/fly and bee_fly: one file name, and one class's plots were
+    gone without a word."""
+    from tests.model_fixtures import build_tiny_head
+
+    head = build_tiny_head(tmp_path / "model_flies", classes=["bee/fly", "bee_fly"], seed=2)
+    make_audio("20240601_060000.wav", n_samples=3 * 15360)
+    thresholds = {"bee/fly": 0.0, "bee_fly": 0.0}
+    result = run(tmp_path / "audio", model=head, thresholds=thresholds)
+    written = plot_run(result, bin="1min", dest=tmp_path / "plots")
+    assert len(written) == len(set(written)) == 4
+    assert all(path.is_file() for path in written)
+
+
 def test_plot_file_names_are_one_per_recording():
     from buzzdask.plots import _file_parts
 

@@ -389,11 +389,11 @@ def plot_run(
             f"column, e.g. {', '.join(map(repr, meant))}"
         )
     planned: dict[Path, tuple[str, str]] = {}
-    parts = _file_parts(chosen)
+    parts, classes = _file_parts(chosen), _file_parts(list(settings.thresholds))
     for name in settings.thresholds:
-        planned[folder / f"detection-rate-{_safe(name)}-{settings.label}.png"] = ("daily", name)
+        planned[folder / f"detection-rate-{classes[name]}-{settings.label}.png"] = ("daily", name)
         for recording in chosen:
-            planned[folder / f"activation-{parts[recording]}-{_safe(name)}.png"] = (
+            planned[folder / f"activation-{parts[recording]}-{classes[name]}.png"] = (
                 recording,
                 name,
             )
@@ -454,19 +454,20 @@ def _safe(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text).strip("_") or "recording"
 
 
-def _file_parts(recordings: Sequence[str]) -> dict[str, str]:
-    """Each recording's part of its plots' file names, one of its own.
+def _file_parts(names: Sequence[str]) -> dict[str, str]:
+    """Each name's (a recording's, a class's) part of its plots' file names, one of its own.
 
-    Names that would write the same file (``site/a.wav`` and ``site_a.wav``), or one too long
-    for a file name, take a short hash of the whole name, so no plot replaces another.
+    Names that would write the same file (``site/a.wav`` and ``site_a.wav``, classes ``bee/fly``
+    and ``bee_fly``), or one too long for a file name, take a short hash of the whole name, so
+    no plot replaces another.
     """
-    parts = {recording: _safe(recording) for recording in recordings}
+    parts = {name: _safe(name) for name in names}
     counts = Counter(parts.values())
-    for recording, part in parts.items():
+    for name, part in parts.items():
         if counts[part] > 1 or len(part.encode()) > _LONGEST_PART:
-            digest = hashlib.sha1(recording.encode(), usedforsecurity=False).hexdigest()[:8]
+            digest = hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()[:8]
             shortened = part.encode()[: _LONGEST_PART - 9].decode(errors="ignore")
-            parts[recording] = f"{shortened}-{digest}"
+            parts[name] = f"{shortened}-{digest}"
     return parts
 
 

@@ -490,10 +490,14 @@ class ScorerPool:
                 return workers, candidates[-1]
             if time.monotonic() > deadline:
                 kind = "GPU worker" if self.gpu else "worker"
+                after = (
+                    "run the training again: the embeddings made so far are in its cache"
+                    if self.options.head_path is None  # an embedder alone: a training's
+                    else "finish the run with a resume (--resume; in Python on_conflict='resume')"
+                )
                 raise ScorerError(
                     f"the scorer on {address} was lost and no {kind} was free to replace it "
-                    "within buzzdask.scorer-restart-seconds; finish the run with a resume "
-                    "(--resume; in Python on_conflict='resume')"
+                    f"within buzzdask.scorer-restart-seconds; {after}"
                 )
             time.sleep(1.0)
 

@@ -40,12 +40,14 @@ from buzzdask.settings import LocalClusterSettings
 __all__ = [
     "connect",
     "has_gpu",
+    "interrupt_seen",
     "is_running",
     "lean_dask",
     "live_workers",
     "package_versions",
     "peak_rss_by_worker",
     "peak_rss_bytes",
+    "raise_if_interrupted",
     "scorer_hosts",
     "scorers_per_host",
     "start_local_cluster",
@@ -55,6 +57,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Set by the command line's Ctrl-C handler: Python drops a KeyboardInterrupt raised inside a
+#: finaliser (a Dask future's ``__del__``), and a training stopped there went on to write its
+#: model. Cleared as a command starts.
+interrupt_seen = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that Python dropped where it was raised."""
+    if interrupt_seen.is_set():
+        raise KeyboardInterrupt
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from buzzdask.inputs import as_list, first_names, user_path
 from buzzdask.logs import quiet_workers
 from buzzdask.models import resolve_embedder
 from buzzdask.progress import format_count
-from buzzdask.session import connect
+from buzzdask.session import connect, raise_if_interrupted
 from buzzdask.settings import Settings, load_settings
 from buzzdask.store import EmbeddingStore
 from buzzdask.training.embed import embed_missing, inspect_files
@@ -238,6 +238,7 @@ def train(
             started=started,
             started_wall=started_wall,
         )
+        raise_if_interrupted()  # a Ctrl-C Python dropped: no model, as for any other
         output_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if output_path.is_dir():
