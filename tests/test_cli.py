@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 
 import buzzdask
 from buzzdask.cli import EXIT_CODES, EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
@@ -257,25 +256,3 @@ def test_threshold_of_a_model_named_with_an_equals_sign():
     given += ["--threshold", "site=A/ins_buzz=0.1", "--threshold", "ins_buzz=-1.2"]
     parsed = build_parser().parse_args(given)
     assert parsed.threshold == {"site=A/ins_buzz": 0.1, "ins_buzz": -1.2}
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_ctrl_c_python_drops_still_stops_the_command(capsys):
-    """Raised inside a finaliser (a Dask future's __del__), Python drops the KeyboardInterrupt:
-    a training went on to write its model and exit 0."""
-    import signal
-
-    from buzzdask.cli import EXIT_INTERRUPTED, reports_errors
-
-    class Finalised:
-        def __del__(self) -> None:
-            signal.raise_signal(signal.SIGINT)
-
-    @reports_errors
-    def command() -> int:
-        Finalised()  # collected at once: the interrupt lands in its __del__
-        return EXIT_OK
-
-    assert command() == EXIT_INTERRUPTED
-    assert "buzzdask: interrupted" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -255,6 +255,7 @@ def test_a_list_of_models_errors_before_any_work(
     for name, said in [
         ("embeddings", "named 'embeddings', which the output of several models keeps"),
         ("buzzdask.log", "named 'buzzdask.log', which the output of several models keeps"),
+        ("Embeddings", "named 'Embeddings', which the output of several models keeps"),
         ("Model_Tiny", r"\['model_tiny', 'Model_Tiny'\] differ only in letter case"),
     ]:
         odd = shutil.copytree(tiny_model, tmp_path / "odd" / name)

@@ -293,6 +293,9 @@ def test_recording_starts_reads_metadata_under_root(tmp_path, monkeypatch):
     one = recording_starts("siteC/rec.wav", root="~")
     assert one["start"].tolist() == [pd.Timestamp("2024-06-02 06:00")]
     assert one["source"].tolist() == ["AudioMoth comment"]
+    # A name starting with "~" that is no home (Path.expanduser raised): timed by its name.
+    odd = recording_starts(["~20240601_060000.wav"])
+    assert odd["start"].tolist() == [pd.Timestamp("2024-06-01 06:00")]
 
 
 def test_starts_on_different_clocks_are_warned_of_without_a_zone(tmp_path, caplog):

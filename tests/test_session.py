@@ -6,6 +6,7 @@ pools held to one thread where the workers are threads of this process."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -391,3 +392,33 @@ def test_peak_rss_is_in_bytes_on_linux_and_macos(monkeypatch) -> None:
     assert 0.5 * kilobytes * 1024 < peak_rss_bytes() < 2 * kilobytes * 1024
     monkeypatch.setattr(sys, "platform", "darwin")
     assert 0.5 * kilobytes < peak_rss_bytes() < 2 * kilobytes
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_python_drops_is_raised_at_the_check(number):
+    """Raised inside a finaliser (a Dask future's __del__), Python drops the exception: a
+    training went on to write its model and exit 0. The handler it had raises it again."""
+    from buzzdask.session import stops_remembered
+
+    class Stop(Exception):
+        pass
+
+    def stopping(signal_number, frame):
+        raise Stop(signal_number)
+
+    class Finalised:
+        def __del__(self) -> None:
+            signal.raise_signal(number)
+
+    before = signal.signal(number, stopping)
+    try:
+        with stops_remembered() as raise_if_stopped:
+            Finalised()  # collected at once: the signal's exception lands in its __del__
+            with pytest.raises(Stop):
+                raise_if_stopped()
+        assert signal.getsignal(number) is stopping
+        with stops_remembered() as raise_if_stopped:
+            raise_if_stopped()  # nothing came: nothing raised
+    finally:
+        signal.signal(number, before)

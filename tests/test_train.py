@@ -510,6 +510,11 @@ def test_bad_labels_tables(train_with, dataset, tmp_path):
     labels = labels_table(dataset)
     with pytest.raises(ParameterError, match=r"lack column\(s\) \['label'\]"):
         train_with(labels.drop(columns="label"))
+    # Saved by Excel in a German locale: one column, read whole.
+    semicolons = tmp_path / "semicolons.csv"
+    labels.to_csv(semicolons, sep=";", index=False)
+    with pytest.raises(ParameterError, match=r"not separated by commas: save it as CSV"):
+        train_with(semicolons)
     flipped = labels.copy()
     flipped.loc[2, "end"] = flipped.loc[2, "start"]
     with pytest.raises(ParameterError, match=r"end <= start in labels row 2"):

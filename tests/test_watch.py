@@ -190,11 +190,18 @@ def test_a_watch_holds_its_output_between_passes(
         make_audio("b.wav", n_samples=2 * FRAME, seed=1)
         (audio / ".transfer-complete").touch()
 
-    def first_pass_done() -> bool:
-        metadata = output / "buzzdask.json"
-        return metadata.is_file() and json.loads(metadata.read_text())["status"] == "complete"
+    passes_locks: set[str] = set()
 
-    thread = threading.Thread(target=lambda: _when(first_pass_done, between_passes))
+    def held_after_the_first_pass() -> bool:
+        metadata, holder = output / "buzzdask.json", current_holder(output)
+        if holder is None or not metadata.is_file():
+            return False
+        if json.loads(metadata.read_text())["status"] != "complete":
+            passes_locks.add(holder.token)
+            return False
+        return holder.token not in passes_locks  # the watch's hold, not the pass's own lock
+
+    thread = threading.Thread(target=lambda: _when(held_after_the_first_pass, between_passes))
     thread.start()
     try:
         watched = watch(audio, tiny_model, output=output, poll_seconds=0.1, **options)
@@ -321,6 +328,18 @@ def test_a_transfer_that_stopped_short_ends_the_watch(
     assert f"buzzdask: {failed} is there already (written " in said
     assert "the mark of a transfer failed): the watch analyses what is there and ends" in said
     assert f"the watch ended: {failed} says the transfer stopped short (cannot copy " in said
+    # Before any file arrived (Ctrl-C in the first batch): why, not "no audio files there".
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / FAILED_MARKER).write_text(json.dumps({"stopped": "interrupted"}))
+    with pytest.raises(InputError, match=r"before any file arrived: .* short \(interrupted\): run"):
+        watch(
+            tmp_path / "empty",
+            tiny_model,
+            output=tmp_path / "out2",
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            poll_seconds=0.1,
+        )
 
 
 def test_what_the_first_pass_would_refuse_is_refused_before_the_watch(

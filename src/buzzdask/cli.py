@@ -57,13 +57,6 @@ def _terminate(signal_number: int, frame: Any) -> None:
     raise _Terminated("SIGTERM")  # the run's log says so
 
 
-def _interrupt(signal_number: int, frame: Any) -> None:
-    from buzzdask.session import interrupt_seen
-
-    interrupt_seen.set()  # said even where the KeyboardInterrupt is dropped (a finaliser)
-    signal.default_int_handler(signal_number, frame)
-
-
 # What a command stopped midway leaves, and how to go on; set by main() once it knows its command.
 _AFTER_STOP = {
     "analyze": "what was written is kept: finish the run with the same command and --resume",
@@ -91,16 +84,10 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
 
     @functools.wraps(command)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> int:
-        from buzzdask.session import interrupt_seen, raise_if_interrupted
-
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
-        previous_int = signal.signal(signal.SIGINT, _interrupt) if in_main else None
-        interrupt_seen.clear()
         try:
-            code = command(*args, **kwargs)
-            raise_if_interrupted()
-            return code
+            return command(*args, **kwargs)
         except BuzzdaskError as error:
             print(f"buzzdask: error: {_in_flags(error)}", file=sys.stderr)
             return EXIT_ERROR
@@ -124,8 +111,6 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            if previous_int is not None:
-                signal.signal(signal.SIGINT, previous_int)
 
     return run
 

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -29,7 +29,7 @@ from typing import Any
 from buzzdask.errors import OutputConflictError, ParameterError, TransferError
 from buzzdask.inputs import user_path
 from buzzdask.progress import format_count, logger
-from buzzdask.settings import TransferSettings, load_settings
+from buzzdask.settings import Settings, TransferSettings, load_settings
 from buzzdask.write import utc_now
 
 __all__ = [
@@ -170,9 +170,11 @@ def transfer(
     try:
         remotes = runner.remotes()
     except BaseException as error:
-        if _remote_name(destination) is None:  # a watch on it ends now, not at its idle timeout
-            target.mkdir(parents=True, exist_ok=True)
-            _write_marker(target / FAILED_MARKER, source=source, stopped=_stopped(error))
+        # A watch on it ends now, not at its idle timeout; unless another transfer fills it.
+        if _remote_name(destination) is None and not _filled_by_another(target, settings):
+            with suppress(OSError):  # this error is the one to say
+                target.mkdir(parents=True, exist_ok=True)
+                _write_marker(target / FAILED_MARKER, source=source, stopped=_stopped(error))
         raise
     _check_destination(destination, target, remotes)
     suffixes = {e.lower() for e in settings.extensions}
@@ -245,6 +247,13 @@ def _check_destination(
             "(to send one to a remote, transfer --upload FOLDER REMOTE:path; for a local folder "
             f"with a colon in its name, write ./{os.fspath(destination)})"
         )
+
+
+def _filled_by_another(target: Path, settings: Settings) -> bool:
+    from buzzdask.lock import current_holder
+
+    holder = current_holder(target)
+    return holder is not None and holder.is_alive(stale_s=settings.lock_stale_seconds)
 
 
 def _stopped(error: BaseException) -> str:

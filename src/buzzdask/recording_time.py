@@ -455,7 +455,8 @@ def recording_starts(
     unread: list[str] = []
     disagreeing: list[str] = []
     for name in names:
-        path = (Path(root) / name if root is not None else Path(name)).expanduser()
+        # os.path's: a name such as "~20240601_0600.wav" stays itself (Path's raises).
+        path = Path(os.path.expanduser(Path(root) / name if root is not None else name))
         found = _start(name, path, parser, read_metadata=read_metadata)
         if found.time is not None:
             clocks.setdefault(_clock(found.time), []).append(name)

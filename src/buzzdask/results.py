@@ -97,7 +97,10 @@ class Run:
         from buzzdask.lock import current_holder
         from buzzdask.settings import load_settings
 
-        holder = current_holder(self.output)
+        # One head's of several: their run holds the output above it.
+        above = self.output.parent
+        several = (above / "buzzdask.log").is_file() and not (above / "buzzdask.json").exists()
+        holder = current_holder(above if several else self.output)
         stale_s = load_settings().lock_stale_seconds
         if self.complete and holder is not None and holder.is_alive(stale_s=stale_s):
             logger.warning(

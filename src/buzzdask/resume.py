@@ -345,6 +345,8 @@ def _remove_untrusted(layout: OutputLayout, trusted: set[Path]) -> int:
         _remove_empty(path.parent, stop=layout.scores)
     if untrusted:
         logger.info(
-            "resume: removed %d partition files the journal does not vouch for", len(untrusted)
+            "resume: removed %s the journal does not vouch for (of chunks done again, or cut "
+            "short by the stop)",
+            format_count(len(untrusted), "partition file"),
         )
     return len(untrusted)

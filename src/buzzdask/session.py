@@ -19,7 +19,7 @@ import threading
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
@@ -40,14 +40,12 @@ from buzzdask.settings import LocalClusterSettings
 __all__ = [
     "connect",
     "has_gpu",
-    "interrupt_seen",
     "is_running",
     "lean_dask",
     "live_workers",
     "package_versions",
     "peak_rss_by_worker",
     "peak_rss_bytes",
-    "raise_if_interrupted",
     "scorer_hosts",
     "scorers_per_host",
     "start_local_cluster",
@@ -57,17 +55,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Set by the command line's Ctrl-C handler: Python drops a KeyboardInterrupt raised inside a
-#: finaliser (a Dask future's ``__del__``), and a training stopped there went on to write its
-#: model. Cleared as a command starts.
-interrupt_seen = threading.Event()
-
-
-def raise_if_interrupted() -> None:
-    """Raise the KeyboardInterrupt of a Ctrl-C that Python dropped where it was raised."""
-    if interrupt_seen.is_set():
-        raise KeyboardInterrupt
 
 
 @contextmanager
@@ -156,6 +143,43 @@ def _one_run_at_a_time(client: Client) -> Iterator[None]:
                 _CLIENTS_IN_USE[id(client)] = (thread, depth)
             else:
                 del _CLIENTS_IN_USE[id(client)]
+
+
+@contextmanager
+def stops_remembered() -> Iterator[Callable[[], None]]:
+    """Ctrl-C and SIGTERM remembered as they come; yields a check that raises one Python dropped.
+
+    Python drops an exception raised inside a finaliser (a Dask future's ``__del__``): a
+    training stopped there went on to write its model. The check, called before anything is
+    written for good, delivers the signal again to the handler it had (Ctrl-C's
+    KeyboardInterrupt, the command line's SIGTERM). Only in the main thread, and only for
+    signals handled in Python (an ignored one stays ignored).
+    """
+    received: list[int] = []
+    previous: dict[int, Callable[[int, Any], Any]] = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(number)
+            if callable(handler):
+                previous[number] = handler
+                signal.signal(number, functools.partial(_remembered, received, handler))
+
+    def raise_if_stopped() -> None:
+        if received:
+            signal.raise_signal(received[0])
+
+    try:
+        yield raise_if_stopped
+    finally:
+        for held, handler in previous.items():
+            signal.signal(held, handler)
+
+
+def _remembered(
+    received: list[int], handler: Callable[[int, Any], Any], number: int, frame: Any
+) -> None:
+    received.append(number)
+    handler(number, frame)
 
 
 @contextmanager

@@ -170,9 +170,13 @@ def watch(
                 idle=idle,
                 lock_stale_s=settings.lock_stale_seconds,
             )
+    if not passes.results and stopped == "transfer failed":
+        said = _ended(stopped, root=root, marker=marker_path)
+        raise InputError(f"the watch ended before any file arrived: {said}")
     if not passes.results:
         raise InputError(f"{root} did not appear before the watch ended ({stopped})")
-    print(f"buzzdask: the watch ended: {_ended(stopped, root=root, marker=marker_path)}")
+    said = _ended(stopped, root=root, marker=marker_path, analysed=True)
+    print(f"buzzdask: the watch ended: {said}")
     return passes.combine(stopped=stopped, wall=time.monotonic() - started)
 
 
@@ -228,8 +232,10 @@ def _watch_passes(
             if time.monotonic() - last_change >= idle
             else None
         )
-        # Nothing to analyse yet is not a pass, unless the watch ends with nothing done.
-        worth_a_pass = bool(snapshot) or (stopped is not None and not passes.results)
+        # Nothing to analyse yet is not a pass, unless the watch ends with nothing done (to
+        # say there is no audio there), except where the transfer stopped short: it says why.
+        ended_empty = stopped not in (None, "transfer failed") and not passes.results
+        worth_a_pass = bool(snapshot) or ended_empty
         if (
             snapshot is not None
             and snapshot != analysed
@@ -296,8 +302,8 @@ def _settled_anew(
     )
 
 
-def _ended(stopped: str, *, root: Path, marker: Path) -> str:
-    """Why the watch ended, in words."""
+def _ended(stopped: str, *, root: Path, marker: Path, analysed: bool = False) -> str:
+    """Why the watch ended, in words; ``analysed``: after a pass."""
     if stopped == "marker":
         return f"{marker} says the transfer is complete"
     if stopped == "transfer failed":
@@ -306,10 +312,12 @@ def _ended(stopped: str, *, root: Path, marker: Path) -> str:
             why = json.loads(failed.read_text(encoding="utf-8")).get("stopped", "")
         except (OSError, ValueError):
             why = ""
-        return (
-            f"{failed} says the transfer stopped short{f' ({why})' if why else ''}: what "
-            "arrived is analysed; run the transfer again, and the watch with --resume"
+        after = (
+            "what arrived is analysed; run the transfer again, and the watch with --resume"
+            if analysed
+            else "run the transfer again, and the watch"
         )
+        return f"{failed} says the transfer stopped short{f' ({why})' if why else ''}: {after}"
     return "no new or changed file within the idle timeout"
 
 

@@ -146,9 +146,13 @@ def read_labels(labels: Labels, *, group_column: str = "group") -> pd.DataFrame:
         table = pd.concat(tables, ignore_index=True)
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
     if missing:
+        found = [c for c in table.columns if c != "row"]
+        # Excel in a German or French locale saves "CSV" with semicolons.
+        separated = len(found) == 1 and any(mark in str(found[0]) for mark in ";\t")
         raise ParameterError(
             f"labels lack column(s) {missing}; required: {list(LABEL_COLUMNS)} "
-            f"(optional: {group_column!r}), found: {[c for c in table.columns if c != 'row']}"
+            f"(optional: {group_column!r}), found: {found}"
+            + ("; its columns are not separated by commas: save it as CSV (comma)" * separated)
         )
     for column in ("start", "end"):
         table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)

@@ -29,7 +29,7 @@ from buzzdask.inputs import as_list, first_names, user_path
 from buzzdask.logs import quiet_workers
 from buzzdask.models import resolve_embedder
 from buzzdask.progress import format_count
-from buzzdask.session import connect, raise_if_interrupted
+from buzzdask.session import connect, stops_remembered
 from buzzdask.settings import Settings, load_settings
 from buzzdask.store import EmbeddingStore
 from buzzdask.training.embed import embed_missing, inspect_files
@@ -225,36 +225,37 @@ def train(
         embedder=embedder,
         base=base,
     )
-    cache_stats = _embed_on_cluster(client, inputs)
-    data = _training_set(inputs)
-    output_path = inputs.output
-    temporary = output_path.with_name(f".{output_path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        result = _fit_into(
-            temporary,
-            inputs,
-            data,
-            cache_stats=cache_stats,
-            started=started,
-            started_wall=started_wall,
-        )
-        raise_if_interrupted()  # a Ctrl-C Python dropped: no model, as for any other
-        output_path.parent.mkdir(parents=True, exist_ok=True)
+    with stops_remembered() as raise_if_stopped:
+        cache_stats = _embed_on_cluster(client, inputs)
+        data = _training_set(inputs)
+        output_path = inputs.output
+        temporary = output_path.with_name(f".{output_path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            if output_path.is_dir():
-                output_path.rmdir()  # empty (checked before any work); the new model replaces it
-            os.replace(temporary, output_path)
-        except OSError as error:
-            # Filled meanwhile (another training to the same folder, a resubmitted job): the
-            # finished model is kept beside it, not thrown away.
-            kept = new_sibling(output_path)
-            os.replace(temporary, kept)
-            raise OutputConflictError(
-                f"{output_path} was filled while this training ran ({error.strerror}); the "
-                f"trained model is in {kept}"
-            ) from None
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+            result = _fit_into(
+                temporary,
+                inputs,
+                data,
+                cache_stats=cache_stats,
+                started=started,
+                started_wall=started_wall,
+            )
+            raise_if_stopped()  # a Ctrl-C or SIGTERM Python dropped: no model, as for any other
+            output_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if output_path.is_dir():  # empty (checked before any work): the model replaces it
+                    output_path.rmdir()
+                os.replace(temporary, output_path)
+            except OSError as error:
+                # Filled meanwhile (another training to the same folder, a resubmitted job):
+                # the finished model is kept beside it, not thrown away.
+                kept = new_sibling(output_path)
+                os.replace(temporary, kept)
+                raise OutputConflictError(
+                    f"{output_path} was filled while this training ran ({error.strerror}); the "
+                    f"trained model is in {kept}"
+                ) from None
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
     return result
 
 
