@@ -271,6 +271,10 @@ def test_a_list_of_models_errors_before_any_work(
     (busy / "notes.txt").write_text("field notes")
     with pytest.raises(OutputConflictError, match=r"holds other files \(notes\.txt\)"):
         run(one_file, model=[tiny_model], output=busy)
+    # The user's own, not the run's embeddings (which a Mac's disk would take it for).
+    (tmp_path / "theirs" / "Embeddings").mkdir(parents=True)
+    with pytest.raises(OutputConflictError, match=r"holds other files \(Embeddings\)"):
+        run(one_file, model=[tiny_model], output=tmp_path / "theirs", keep_embeddings=True)
     # A one-model output is not taken for a run of several either.
     single = run(one_file, output=tmp_path / "single")
     before = {p: p.stat().st_mtime_ns for p in single.output.rglob("*")}

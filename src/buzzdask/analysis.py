@@ -474,7 +474,8 @@ def _check_models(models: Sequence[ModelSpec], *, several: bool) -> None:
     if not several:
         return  # one model's results are the output itself
     for model in models:
-        if is_run_directory_entry(model.name):
+        # The run's own entries are lower case: "Embeddings" is theirs where case is ignored.
+        if is_run_directory_entry(model.name.casefold()):
             raise ModelError(
                 f"the model {model.path} is named {model.name!r}, which the output of several "
                 "models keeps for itself (its results go to output/<name>): rename its directory"

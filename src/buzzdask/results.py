@@ -100,9 +100,10 @@ class Run:
         # One head's of several: their run holds the output above it.
         above = self.output.parent
         several = (above / "buzzdask.log").is_file() and not (above / "buzzdask.json").exists()
-        holder = current_holder(above if several else self.output)
         stale_s = load_settings().lock_stale_seconds
-        if self.complete and holder is not None and holder.is_alive(stale_s=stale_s):
+        holders = [current_holder(root) for root in (self.output, *[above] * several)]
+        holder = next((h for h in holders if h is not None and h.is_alive(stale_s=stale_s)), None)
+        if self.complete and holder is not None:
             logger.warning(
                 "%s: a run still writes to it (%s; a watch between its passes, or a resume); "
                 "%s the frames written so far, of recordings that may be cut short or not "

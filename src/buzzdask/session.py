@@ -150,10 +150,10 @@ def stops_remembered() -> Iterator[Callable[[], None]]:
     """Ctrl-C and SIGTERM remembered as they come; yields a check that raises one Python dropped.
 
     Python drops an exception raised inside a finaliser (a Dask future's ``__del__``): a
-    training stopped there went on to write its model. The check, called before anything is
-    written for good, delivers the signal again to the handler it had (Ctrl-C's
-    KeyboardInterrupt, the command line's SIGTERM). Only in the main thread, and only for
-    signals handled in Python (an ignored one stays ignored).
+    training stopped there went on to write its model. The check, called before the model is
+    written (and wherever stopping early saves work), calls again the handler the signal had
+    (Ctrl-C's KeyboardInterrupt, the command line's SIGTERM). Only in the main thread, and
+    only for signals handled in Python (an ignored one stays ignored).
     """
     received: list[int] = []
     previous: dict[int, Callable[[int, Any], Any]] = {}
@@ -166,7 +166,7 @@ def stops_remembered() -> Iterator[Callable[[], None]]:
 
     def raise_if_stopped() -> None:
         if received:
-            signal.raise_signal(received[0])
+            previous[received[0]](received[0], None)
 
     try:
         yield raise_if_stopped

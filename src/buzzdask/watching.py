@@ -116,9 +116,11 @@ def watch(
     Raises
     ------
     InputError
-        If ``directory`` has not appeared when the watch ends.
+        If ``directory`` has not appeared when the watch ends, or a transfer into it stopped
+        short before any file arrived.
     ParameterError
-        If ``directory`` is not one directory or a timing is not positive.
+        If ``directory`` is not one directory or a timing is not positive, or an option is
+        not one of analyze's.
     BuzzdaskError
         Whatever the first pass of :func:`buzzdask.analyze` raises before any work: a model not
         found, an embedder out of reach, an output holding results (without ``on_conflict``)

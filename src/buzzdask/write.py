@@ -755,8 +755,7 @@ def is_run_directory_entry(name: str) -> bool:
     Its log, its lock and the kept embeddings: a model of that name could not have its
     ``root/<name>`` there.
     """
-    folded = name.casefold()  # one folder where the disk ignores case
-    return folded in (KEPT_EMBEDDINGS, "buzzdask.log") or folded.startswith(_LOCK_PREFIX)
+    return name in (KEPT_EMBEDDINGS, "buzzdask.log") or name.startswith(_LOCK_PREFIX)
 
 
 def check_run_directory(root: Path, *, names: Iterable[str]) -> None:

@@ -227,6 +227,7 @@ def train(
     )
     with stops_remembered() as raise_if_stopped:
         cache_stats = _embed_on_cluster(client, inputs)
+        raise_if_stopped()  # dropped as the embedding's futures went: not after every epoch
         data = _training_set(inputs)
         output_path = inputs.output
         temporary = output_path.with_name(f".{output_path.name}.{uuid.uuid4().hex[:8]}.tmp")
