@@ -318,10 +318,10 @@ def analyze(
     if misread:
         said += (
             f"{len(misread)} recording(s) whose names plain Parquet readers misread "
-            f"({first_names(misread, shown=3)}): pd.read_parquet and dd.read_parquet take a "
-            "'key=value' name for a column and leave out names starting with '_' or '.'; read "
-            "the results with result.to_pandas(), to_dask() or buzzdask.open_run(output)"
-            ".frames() (README: Reading results)",
+            f"({first_names(misread, shown=3)}): pd.read_parquet takes a 'key=value' name for a "
+            "column (dd.read_parquet fails where some are) and leaves out names starting with "
+            "'_' or '.'; read the results with result.to_pandas(), to_dask() or "
+            "buzzdask.open_run(output).frames() (README: Reading results)",
         )
     for line in said:
         logger.warning("%s", line)

@@ -380,7 +380,7 @@ def _add_watch_options(analyze: argparse.ArgumentParser) -> None:
         "--idle-timeout",
         type=float,
         metavar="SECONDS",
-        help="with --watch: stop after this long without new files (default 3600)",
+        help="with --watch: stop after this long without new or changed files (default 3600)",
     )
     analyze.add_argument(
         "--poll",
