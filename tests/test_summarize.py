@@ -324,6 +324,7 @@ def test_plots(lab_run, tmp_path, capsys):
     )
     crafted["detectionrate_ins_buzz"] = crafted["detections_ins_buzz"] / crafted["frames"]
     (axes,) = plot_daily_activity(crafted).axes
+    assert axes.get_ylim() == (0, pytest.approx(0.55))  # the highest rate, 0.5, not at the edge
     for line in axes.get_lines():
         assert np.isnan(line.get_xdata()).tolist() == [False] * 3 + [True] + [False] * 2
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["_control", "siteA"]

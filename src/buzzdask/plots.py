@@ -154,7 +154,10 @@ def plot_daily_activity(
     if len(timed):
         axes.set_xlim(0, 24)
         axes.set_xticks(np.arange(0, 25, 3))
-    axes.set_ylim(bottom=0)
+    # From 0, with room above the highest point (autoscaling a narrow band, 0.65-0.68, left it
+    # half cut off at the top edge).
+    highest = float(np.nan_to_num(pooled["rate"].max()))
+    axes.set_ylim(0, min(1.05, highest * 1.1) if highest > 0 else 1.0)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(f"detection rate, {name}")
     span_text = "over the day" if len(timed) else "over the recording"
