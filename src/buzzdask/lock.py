@@ -36,7 +36,14 @@ import psutil
 from buzzdask.errors import OutputConflictError
 from buzzdask.write import OutputConflict
 
-__all__ = ["LOCK_NAME", "LockHolder", "OutputLock", "current_holder", "refuse_if_in_use"]
+__all__ = [
+    "LOCK_NAME",
+    "LockHolder",
+    "OutputLock",
+    "current_holder",
+    "live_holder",
+    "refuse_if_in_use",
+]
 
 LOCK_NAME = ".buzzdask.lock"
 # Seconds after which a takeover guard is a dead contender's: a takeover takes milliseconds.
@@ -123,14 +130,20 @@ def _held_here(root: Path, holder: LockHolder | None) -> bool:
     return holder is not None and _tokens_here().get(os.path.realpath(root)) == holder.token
 
 
+def live_holder(root: Path, *, stale_s: float) -> LockHolder | None:
+    """The holder of ``root`` if it may still be running (:meth:`LockHolder.is_alive`)."""
+    holder = current_holder(root)
+    return holder if holder is not None and holder.is_alive(stale_s=stale_s) else None
+
+
 def refuse_if_in_use(root: Path, *, stale_s: float) -> None:
     """Raise ``OutputConflictError`` ("in use") if a live run holds ``root``.
 
     Checked before an output's other conflicts, so that a second run hears that another is
     writing there, not that the output holds results. A hold of this thread is no conflict.
     """
-    holder = current_holder(root)
-    if holder is not None and holder.is_alive(stale_s=stale_s) and not _held_here(root, holder):
+    holder = live_holder(root, stale_s=stale_s)
+    if holder is not None and not _held_here(root, holder):
         raise _in_use(root, holder, stale_s=stale_s)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from buzzdask.errors import OutputConflictError, ParameterError, TransferError
 from buzzdask.inputs import user_path
 from buzzdask.progress import format_count, logger
-from buzzdask.settings import Settings, TransferSettings, load_settings
+from buzzdask.settings import TransferSettings, load_settings
 from buzzdask.write import utc_now
 
 __all__ = [
@@ -171,7 +171,10 @@ def transfer(
         remotes = runner.remotes()
     except BaseException as error:
         # A watch on it ends now, not at its idle timeout; unless another transfer fills it.
-        if _remote_name(destination) is None and not _filled_by_another(target, settings):
+        from buzzdask.lock import live_holder
+
+        filled = live_holder(target, stale_s=settings.lock_stale_seconds)  # by another transfer
+        if _remote_name(destination) is None and filled is None:
             with suppress(OSError):  # this error is the one to say
                 target.mkdir(parents=True, exist_ok=True)
                 _write_marker(target / FAILED_MARKER, source=source, stopped=_stopped(error))
@@ -247,13 +250,6 @@ def _check_destination(
             "(to send one to a remote, transfer --upload FOLDER REMOTE:path; for a local folder "
             f"with a colon in its name, write ./{os.fspath(destination)})"
         )
-
-
-def _filled_by_another(target: Path, settings: Settings) -> bool:
-    from buzzdask.lock import current_holder
-
-    holder = current_holder(target)
-    return holder is not None and holder.is_alive(stale_s=settings.lock_stale_seconds)
 
 
 def _stopped(error: BaseException) -> str:

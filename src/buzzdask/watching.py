@@ -44,7 +44,7 @@ from buzzdask.analysis import (
 from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
-from buzzdask.lock import OutputLock, current_holder
+from buzzdask.lock import OutputLock, live_holder
 from buzzdask.progress import logger
 from buzzdask.rclone import FAILED_MARKER, INCOMING
 from buzzdask.session import connect
@@ -260,8 +260,7 @@ def _watch_passes(
 
 def _transfer_running(root: Path, stale_s: float) -> bool:
     """Whether a live ``buzzdask transfer`` holds ``root`` (:func:`buzzdask.rclone.transfer`)."""
-    holder = current_holder(root)
-    return holder is not None and holder.is_alive(stale_s=stale_s)
+    return live_holder(root, stale_s=stale_s) is not None
 
 
 def _being_copied(root: Path) -> list[tuple[str, int, int]]:
