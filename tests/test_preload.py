@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
+import subprocess
 import sys
 
 import pytest
@@ -105,6 +106,27 @@ def test_a_worker_preload_leaves_tensorflow_out_of_later_collections():
     assert in_a_fresh_interpreter(script) == ["True True True"]
     plain = "import gc\nfrom buzzdask.preload import import_tensorflow\nimport_tensorflow()\n"
     assert in_a_fresh_interpreter(plain + "print(gc.get_freeze_count())\n") == ["0"]
+
+
+def test_a_log_that_takes_descriptor_2_during_the_import_keeps_it(tmp_path):
+    """A watch's workers load TensorFlow before its first pass's log takes their descriptor 2
+    (the pass may begin as they load): the console, given back after the import, kept every
+    later line of theirs off the log."""
+    log = tmp_path / "buzzdask.log"
+    script = (
+        "import os, sys\n"
+        "from buzzdask import preload\n"
+        "preload.console_is_stderr.set()\n"
+        "with preload._native_start_off_console():\n"
+        "    os.write(2, b'I0000 00:00 port.cc:153] oneDNN custom operations are on\\n')\n"
+        f"    os.dup2(os.open({str(log)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND), 2)\n"
+        "os.write(2, b'after the import\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stderr == ""
+    assert log.read_text() == "after the import\n"
 
 
 #: Run in a fresh interpreter: TensorFlow imported lean or whole (``sys.argv``-free: the mode is

@@ -150,7 +150,9 @@ def _native_start_off_console() -> Iterator[None]:
 
     Only where :data:`console_is_stderr` is set and TensorFlow is not imported yet: file
     descriptor 2 then goes to a temporary file during the block, and whatever else was written
-    there meanwhile (this process's own lines, an error) goes to the console after it.
+    there meanwhile (this process's own lines, an error) goes to the console after it. Where
+    the run's logging sent descriptor 2 to its log meanwhile (a watch's first pass began), it
+    stays there, and those lines go to the log.
     """
     if not console_is_stderr.is_set() or "tensorflow" in sys.modules:
         yield
@@ -163,7 +165,8 @@ def _native_start_off_console() -> Iterator[None]:
             yield
         finally:
             sys.stderr.flush()
-            os.dup2(console, 2)
+            if os.path.sameopenfile(2, caught.fileno()):
+                os.dup2(console, 2)
             os.close(console)
             caught.seek(0)
             others = b"".join(line for line in caught if not _NATIVE_START_LINE.match(line))

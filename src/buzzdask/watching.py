@@ -45,6 +45,7 @@ from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
 from buzzdask.lock import OutputLock, live_holder
+from buzzdask.logs import quiet_workers
 from buzzdask.progress import logger
 from buzzdask.rclone import FAILED_MARKER, INCOMING
 from buzzdask.session import connect
@@ -160,6 +161,9 @@ def watch(
     _announce(root, marker_path, poll=poll, idle=idle)
 
     with connect(client, local=settings.local_cluster) as connected, ExitStack() as hold:
+        # Before the first pass's run log: TensorFlow loads on the workers meanwhile, and its
+        # start-up lines are kept off the console as a pass's are.
+        quiet_workers(connected, timeout_s=settings.scorer_ping_seconds)
         passes = _Passes(root, model, output, connected, on_conflict, analyze_options)
         passes.hold_output(hold, stale_s=settings.lock_stale_seconds)
         with _stop_recorded(passes):
