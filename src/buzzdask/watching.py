@@ -409,7 +409,6 @@ class _Passes:
         self.started = False  # a pass began: from its end on, a stop is the watch's to say
         self._hold: ExitStack | None = None
         self._stale_s = 0.0
-        self._holding = False
 
     def hold_output(self, hold: ExitStack, *, stale_s: float) -> None:
         """Hold the output's lock in ``hold`` from the first pass's end on.
@@ -437,11 +436,10 @@ class _Passes:
         if result.output != OutputLayout(self.output).root:  # on_conflict="new" chose a sibling
             entries_before = 0
         self.output, self.on_conflict = result.output, "resume"
-        if self._hold is not None and not self._holding:
+        if self._hold is not None and not self.results:  # the first pass's end
             self._hold.enter_context(
                 OutputLock(result.output, started=utc_now(), stale_s=self._stale_s)
             )
-            self._holding = True
         new_entries = OutputLayout(result.output).journal_entries()[entries_before:]
         written = {entry["file"] for entry in new_entries}
         for file in written | set(result.errors.file):
