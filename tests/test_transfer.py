@@ -126,10 +126,18 @@ def test_rclone_messages_are_read_by_their_words(stderr: str, reason: str) -> No
 @pytest.mark.parametrize(
     ("source", "reason", "message"),
     [
-        ("wrongpass:", "authentication failed", "refresh the credentials with `rclone config"),
+        (
+            "wrongpass:",
+            "authentication failed",
+            "refresh the credentials with `rclone config reconnect wrongpass:`",
+        ),
         ("offline:", "remote unreachable", "check the network (OSC compute nodes have none"),
         ("teams:Recordings", "remote not configured", "set it up with `rclone config`"),
-        ("sharepoint:no/such/folder", "not found", "check the path (`rclone lsd REMOTE:`"),
+        (
+            "sharepoint:no/such/folder",
+            "not found",
+            "check the path (`rclone lsd sharepoint:` lists",
+        ),
     ],
 )
 def test_remote_problems_are_named(rclone_remote, tmp_path, source, reason, message):

@@ -155,6 +155,13 @@ def test_idle_timeout_ends_a_watch_without_marker(
     assert watched.summary["watch"]["stopped"] == "idle timeout"
     assert len(watched.summary["watch"]["passes"]) == 1
     assert len(watched.to_pandas()) == 2
+    # Its speed is the analysis's: the idle wait before the end is not in it.
+    summary = watched.summary
+    assert summary["analysing_seconds"] == summary["watch"]["passes"][0]["wall_seconds"]
+    assert summary["wall_seconds"] >= summary["analysing_seconds"] + 0.5
+    assert summary["realtime_factor"] == pytest.approx(
+        summary["audio_hours"] * 3600 / summary["analysing_seconds"]
+    )
 
     with pytest.raises(InputError, match="did not appear"):
         watch(
@@ -387,7 +394,7 @@ def test_cli_watch(make_audio, dask_client, tiny_embedder, tiny_model, tmp_path)
     arguments += ["--scheduler", dask_client.scheduler.address]
     done = subprocess.run(arguments, capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_OK, done.stderr
-    assert "1/1 files" in done.stdout
+    assert "1/1 files" in done.stdout and " s of it analysing (" in done.stdout
     # Without the bar too (a job's log): what the watch waits for, and why it ended.
     assert "buzzdask: watching " in done.stdout and "buzzdask: the watch ended: " in done.stdout
     assert len(pd.read_parquet(tmp_path / "out" / "scores", partitioning=None)) == 2

@@ -874,9 +874,12 @@ def _report(result: Any) -> int:
     if summary["chunks_written"] == 0 and done_before:  # a resume of a finished run
         work = f"nothing left to analyse ({format_count(done_before, 'chunk')} written before)"
     else:
+        # A watch's wall time is mostly waiting for files: its speed is over its passes.
+        analysing = summary.get("analysing_seconds")
+        busy = "" if analysing is None else f", {analysing:.1f} s of it analysing"
         work = (
             f"{format_audio(summary['audio_hours'] * 3600)} of audio "
-            f"in {summary['wall_seconds']:.1f} s "
+            f"in {summary['wall_seconds']:.1f} s{busy} "
             f"({format_factor(summary['realtime_factor'])} realtime)"
         )
     failed = f" ({summary['files_failed']} failed)" if summary["files_failed"] else ""

@@ -427,7 +427,8 @@ class _Rclone:
                 reason="rclone missing",
             ) from None
         if done.returncode != 0:
-            reason, advice = _diagnose(done.stderr)
+            remotes = [name for name in map(_remote_name, arguments) if name]
+            reason, advice = _diagnose(done.stderr, remote=remotes[0] if remotes else None)
             raise TransferError(
                 f"cannot {what}: {reason}; {advice}",
                 reason=reason,
@@ -473,11 +474,12 @@ def _copy_batch(
     return arrived
 
 
-def _diagnose(stderr: str) -> tuple[str, str]:
+def _diagnose(stderr: str, *, remote: str | None = None) -> tuple[str, str]:
     text = stderr.lower()
     for reason, needles, advice in _DIAGNOSES:
         if any(needle in text for needle in needles):
-            return reason, advice
+            # The advice's commands, ready to paste: the remote's own name for REMOTE.
+            return reason, advice if remote is None else advice.replace("REMOTE:", f"{remote}:")
     return "rclone failed", "see rclone's message"
 
 

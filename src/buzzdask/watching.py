@@ -110,9 +110,11 @@ def watch(
         The output of all passes. ``errors`` holds each file's rows from the last pass that
         worked on it, for files still there. ``summary`` has what the watch added to the output
         (``frames``, ``audio_hours``: a file analysed while it grew counts once), the chunks the
-        passes wrote (``chunks_written``), ``wall_seconds`` from the start of the watch, and a
-        ``watch`` entry: ``stopped`` (``"marker"``, ``"transfer failed"`` or ``"idle
-        timeout"``) and ``passes`` (per pass: ``files``, ``chunks_written``, ``wall_seconds``).
+        passes wrote (``chunks_written``), ``wall_seconds`` from the start of the watch,
+        ``analysing_seconds`` (the passes' time, without the waits for files) and the
+        ``realtime_factor`` over it, and a ``watch`` entry: ``stopped`` (``"marker"``,
+        ``"transfer failed"`` or ``"idle timeout"``) and ``passes`` (per pass: ``files``,
+        ``chunks_written``, ``wall_seconds``).
 
     Raises
     ------
@@ -463,6 +465,8 @@ class _Passes:
         # counts once.
         frames = _frames(last.output) - self.frames_before
         audio_hours = frames * last.metadata["frame_hop_s"] / 3600
+        # The speed of the analysis, not of the arrivals: waiting for files is not counted.
+        analysing = sum(s["wall_seconds"] for s in summaries)
         summary = {
             **last.summary,
             "chunks_written": sum(s["chunks_written"] for s in summaries),
@@ -470,7 +474,8 @@ class _Passes:
             "frames": frames,
             "audio_hours": audio_hours,
             "wall_seconds": wall,
-            "realtime_factor": audio_hours * 3600 / wall if wall > 0 else None,
+            "analysing_seconds": analysing,
+            "realtime_factor": audio_hours * 3600 / analysing if analysing > 0 else None,
             "peak_decoded_bytes_in_flight": max(
                 s["peak_decoded_bytes_in_flight"] for s in summaries
             ),
