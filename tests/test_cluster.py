@@ -123,6 +123,14 @@ def test_a_copied_configuration_with_a_typo_is_refused(tmp_path):
     with pytest.raises(ParameterError, match=r"lab4 .*lab4\.yaml\) needs cpu-config: the"):
         load_cluster_config(copy("lab4", "      cpu-config: osc-cardinal\n", ""))
     assert load_cluster_config(copy("lab3"))["account-required"] is True
+    # An edit that breaks the YAML (a bracket left open) or its shape: the file and the line.
+    with pytest.raises(
+        ParameterError, match=r"(?s)lab5\.yaml is not valid YAML: .*lab5\.yaml\", line"
+    ):
+        load_cluster_config(copy("lab5", "cores: 96", "cores: [96"))
+    (tmp_path / "lab6.yaml").write_text("- a list\n")
+    with pytest.raises(ParameterError, match=r"lab6\.yaml needs a buzzdask\.clusters\.lab6 entry"):
+        load_cluster_config(tmp_path / "lab6.yaml")
 
 
 @pytest.mark.parametrize(

@@ -188,8 +188,14 @@ def load_cluster_config(
         path = configs[str(name)]
     elif not path.is_file():
         raise ParameterError(f"cluster configuration file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
-    entry = data.get("buzzdask", {}).get("clusters", {}).get(path.stem)
+    try:
+        with path.open(encoding="utf-8") as stream:  # YAML's marks then name the file
+            data = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as error:  # an edited copy: where, in YAML's words, not a traceback
+        raise ParameterError(f"cluster configuration {path} is not valid YAML: {error}") from None
+    section = data.get("buzzdask") if isinstance(data, dict) else None
+    clusters = section.get("clusters") if isinstance(section, dict) else None
+    entry = clusters.get(path.stem) if isinstance(clusters, dict) else None
     if not isinstance(entry, dict) or entry.get("kind") not in ("slurm", "local"):
         raise ParameterError(
             f"{path} needs a buzzdask.clusters.{path.stem} entry with kind: slurm or local"
