@@ -441,6 +441,17 @@ def test_an_export_replaced_leaves_no_recording_the_results_lost(run, make_audio
     assert exported == ["a_buzzdetect.csv", "c_buzzdetect.csv"]
 
 
+def test_week_two_export_says_what_it_would_add(run, make_audio, tmp_path):
+    """A season's second export: refused (its files are there), saying new recordings wait."""
+    make_audio("a.wav", n_samples=2 * 15360)
+    result = run(tmp_path / "audio")
+    buzzdask.export(result.output, format="buzzdetect")
+    make_audio("b.wav", n_samples=2 * 15360, seed=1)
+    run(tmp_path / "audio", on_conflict="resume")
+    with pytest.raises(OutputConflictError, match=r"already exists; 1 of the 2 files would be new"):
+        buzzdask.export(result.output, format="buzzdetect")
+
+
 def test_a_moved_output_still_replaces_its_own_export(run, make_audio, tmp_path):
     """The export's list names the run relative to it: after the output (its export inside)
     is moved, as from the cluster to a laptop, the replaced export still drops the files of

@@ -265,8 +265,11 @@ def _check_free(
         why = ""
         if (dest / UNFINISHED).exists():
             why = f": an earlier export into {dest} stopped before it finished"
+        # Week 2 of a season: what the refusal holds back is the new recordings.
+        new = sum(not path.exists() for path in targets)
+        adds = f"; {new} of the {len(targets)} files would be new" if new else ""
         raise OutputConflictError(
-            f"export file {existing[0]} already exists{more}{why}; pass overwrite=True "
+            f"export file {existing[0]} already exists{more}{why}{adds}; pass overwrite=True "
             f"(--overwrite) to replace the export, or choose another dest (--dest)"
         )
 
