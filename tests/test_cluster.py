@@ -37,6 +37,7 @@ from buzzdask.cluster.batch import batch_script
 from buzzdask.cluster.configs import NodeSize, node_size, worker_counts
 from buzzdask.cluster.slurm import worker_exports
 from buzzdask.dashboard import page_link
+from buzzdask.lock import LOCK_NAME
 from buzzdask.session import LEAN_DASK, worker_environment
 from tests.conftest import (
     BLAS_THREADS_REPORT,
@@ -536,7 +537,17 @@ def test_command_line_checks_analyze_options_before_submitting(capsys, tmp_path)
     done.mkdir()
     (done / "buzzdask.json").write_text("{}")
     (done / "journal.jsonl").write_text('{"file": "a.wav", "chunk": 0, "frames": 1}\n')
+    # A watch job on a compute node holds this one: even a resume would wait for its jobs
+    # first, then be refused.
+    held = tmp_path / "held"
+    held.mkdir()
+    holder = {"host": "c0312.cardinal.osc.edu", "pid": 4242, "started": "2026-06-01T05:30:00"}
+    holder |= {"process_started": 0.0, "token": "x"}
+    (held / LOCK_NAME).write_text(json.dumps(holder))
     cases = {
+        "is in use by another buzzdask run (host c0312.cardinal.osc.edu, pid 4242": [
+            *(str(audio), "--model", str(model), "--output", str(held), "--resume"),
+        ],
         "input path(s) not found: ": [str(tmp_path / "adio"), "--model", str(model)],
         "no audio files in ": [str(model), "--model", str(model)],
         "model 'general_v2' not found": [str(audio), "--model", "general_v2"],
@@ -1189,6 +1200,10 @@ def test_workers_that_never_arrive_time_out_with_state_and_log(
         finally:
             client.shutdown()
             client.close()
+    # One line per record, one per job: the console escapes a line break (a job's log said
+    # "Jobs:\n  ...-cpu-0: job 30 PENDING").
+    said = [record.getMessage() for record in caplog.records if record.name.startswith("buzzdask")]
+    assert said and not [message for message in said if "\n" in message], said
     # No worker at all by the timeout: the start fails, naming the jobs, and cancels them.
     with pytest.raises(ClusterError, match=r"(?s)0/1 GPU and 0/1 CPU workers have arrived\."):
         start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(logs), timeout=0.1)
@@ -1264,6 +1279,66 @@ def test_batch_script_runs_the_analysis_inside_one_job(local_slurm, slurm_corpus
     # The actor went to the GPU task (rank 2), as in the cluster mode.
     metadata = json.loads((tmp_path / "out" / "buzzdask.json").read_text())
     assert metadata["summary"]["scorers"][0]["gpu_worker"] is True
+
+
+@requires_ffmpeg
+@requires_slurm
+@pytest.mark.slurm
+def test_a_batch_job_whose_client_is_killed_ends(local_slurm, slurm_corpus, tmp_path):
+    """The client task killed outright (by the OOM killer, say) cannot stop the other tasks:
+    they end the job once it has been gone for client-lost-seconds, not at the walltime."""
+    audio, options, _ = slurm_corpus
+    output = tmp_path / "out"
+    # A watch: its client holds the output (its pid in the lock) and waits for more files.
+    watch = [*_analyze_command(audio, options, output), "--watch", "--idle-timeout", "600"]
+    printed = subprocess.run(
+        [
+            *(sys.executable, "-m", "buzzdask.cluster", "--config", "local-slurm"),
+            *("--gpus", "0", "--cpu-workers", "1", "--print-batch-script", *watch),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DASK_BUZZDASK__CLIENT_LOST_SECONDS": "3"},
+    )
+    (tmp_path / "job.sh").write_text(printed.stdout)
+    log = tmp_path / "job.out"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "-o", str(log), str(tmp_path / "job.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job_id = submitted.stdout.strip().split(";")[0]
+
+    def running() -> bool:
+        states = ["squeue", "-h", "-j", job_id, "-t", "PENDING,RUNNING,COMPLETING", "-o", "%T"]
+        return bool(subprocess.run(states, capture_output=True, text=True).stdout.strip())
+
+    def first_pass_written() -> bool:
+        journal = output / "journal.jsonl"
+        lines = journal.read_text().splitlines() if journal.exists() else []
+        return sum(json.loads(line)["frames"] for line in lines) == 90
+
+    try:
+        wait_until(
+            first_pass_written,
+            timeout_s=300,
+            failure=lambda: "the watch's first pass never ended: " + (log.read_text()[-2000:]),
+            interval_s=0.5,
+        )
+        client_pid = json.loads((output / LOCK_NAME).read_text())["pid"]
+        os.kill(client_pid, signal.SIGKILL)
+        wait_until(
+            lambda: not running(),
+            timeout_s=90,
+            failure=lambda: "the job went on without its client: " + log.read_text()[-2000:],
+            interval_s=1.0,
+        )
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    assert "the job's client task has been gone for 3 s (killed?)" in log.read_text()
+    assert len(_read_scores(output)) == 90  # what the first pass wrote is kept
 
 
 @requires_ffmpeg

@@ -425,6 +425,9 @@ class Settings:
         Extra directories searched first for cluster configurations (``<name>.yaml``).
     cluster_wait_seconds : float > 0 [s]
         Time ``buzzdask.cluster.start`` waits for its worker jobs (queue time included).
+    client_lost_seconds : float > 0 [s]
+        Time a one-batch job's scheduler and workers wait for its client task to come back
+        once it is gone without stopping them (killed), before they end the job.
     tf_intra_op_threads, tf_inter_op_threads : int >= 1 or None
         TensorFlow threads in the scorer; None: TensorFlow's default.
     check_gpus : bool
@@ -463,6 +466,7 @@ class Settings:
     staging: StagingSettings = field(metadata={"section": StagingSettings})
     cluster_config_dirs: tuple[str, ...] = field(metadata=_rule(_texts))
     cluster_wait_seconds: float = field(metadata=_rule(_real("> 0", "s")))
+    client_lost_seconds: float = field(metadata=_rule(_real("> 0", "s")))
     tf_intra_op_threads: int | None = field(
         metadata=_rule(_optional(_whole(1), "TensorFlow's default"))
     )

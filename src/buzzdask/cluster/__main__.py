@@ -204,14 +204,20 @@ def _check_before_jobs(analyze: argparse.Namespace, argv: Sequence[str]) -> None
     """Refuse what ``analyze`` (its words ``argv``) would refuse at once, before any job waits.
 
     Hours, on a GPU partition: a bad setting or option value, inputs that are missing or hold
-    no audio, a model not found, an output holding results without ``--resume`` or ``--new``.
+    no audio, a model not found, an output another live run holds (a watch job), an output
+    holding results without ``--resume`` or ``--new``.
     """
     from buzzdask.inputs import user_path
+    from buzzdask.lock import refuse_if_in_use
     from buzzdask.write import OutputLayout, refuse_results
 
-    _check_sources(analyze, _analyze_settings(analyze), argv)
+    settings = _analyze_settings(analyze)
+    _check_sources(analyze, settings, argv)
+    output = user_path(analyze.output)
+    if not analyze.new:  # --new writes beside a held output, as analyze does
+        refuse_if_in_use(output, stale_s=settings.lock_stale_seconds)
     if not (analyze.resume or analyze.new) and len(analyze.model) == 1:
-        refuse_results(OutputLayout(user_path(analyze.output)))
+        refuse_results(OutputLayout(output))
 
 
 def _check_sources(analyze: argparse.Namespace, settings: Settings, argv: Sequence[str]) -> None:

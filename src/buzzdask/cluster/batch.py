@@ -15,17 +15,19 @@ from a decode worker to a scorer through the kernel, never a network interface.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shlex
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import dask.config
 from dask.utils import format_bytes, parse_bytes
+from distributed import Scheduler, SchedulerPlugin, Status
 
 from buzzdask import preload
 from buzzdask.cluster.configs import (
@@ -38,9 +40,11 @@ from buzzdask.cluster.configs import (
 from buzzdask.cluster.options import JobOptions
 from buzzdask.cluster.slurm import job_prologue
 from buzzdask.errors import ParameterError
+from buzzdask.settings import load_settings
 
 __all__ = [
     "BatchPlan",
+    "EndsWithItsClient",
     "WorkerShare",
     "batch_script",
     "job_section",
@@ -57,6 +61,8 @@ RESERVED_MEMORY = 2 * 2**30  # [bytes]
 # loopback keeps them (unauthenticated) off the network. The dashboard (":0") listens everywhere,
 # for OnDemand's proxy and ssh tunnels.
 LOOPBACK = "127.0.0.1"
+# The name of the client task's Client: its id, on the scheduler, starts "Client-<name>-".
+JOB_CLIENT_NAME = "buzzdask-job"
 
 
 @dataclass(frozen=True)
@@ -387,6 +393,50 @@ def one_node_job_head(
     ]
 
 
+class EndsWithItsClient(SchedulerPlugin):
+    """The scheduler task of a one-batch job ends some time after the job's client is gone.
+
+    The client task stops the others itself when it ends; killed outright (the OOM killer, a
+    ``kill -9``), it cannot, and the scheduler and worker tasks would hold the node (and its
+    GPUs) until the walltime. Once the client named :data:`JOB_CLIENT_NAME` has left for
+    ``grace_s`` (time to reconnect after a blip), the scheduler closes, and its workers with it.
+
+    Parameters
+    ----------
+    grace_s : float > 0 [s]
+        ``buzzdask.client-lost-seconds``.
+    """
+
+    name = "buzzdask-ends-with-its-client"
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._closing: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def _job_clients(clients: Iterable[str]) -> list[str]:
+        prefix = f"Client-{JOB_CLIENT_NAME}-"
+        return [client for client in clients if client.startswith(prefix)]
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        """Look again in ``grace_s`` when the job's client has left."""
+        if self._job_clients([client]):
+            asyncio.get_running_loop().call_later(self.grace_s, self._end_if_gone, scheduler)
+
+    def _end_if_gone(self, scheduler: Scheduler) -> None:
+        if not self._job_clients(scheduler.clients) and scheduler.status == Status.running:
+            print(
+                f"buzzdask: the job's client task has been gone for {self.grace_s:g} s (killed?): "
+                "the scheduler and worker tasks end",
+                file=sys.stderr,
+                flush=True,
+            )
+            # Kept: the loop holds only a weak reference to a task.
+            self._closing = asyncio.ensure_future(
+                scheduler.close(reason="buzzdask: the job's client is gone")
+            )
+
+
 def run_in_job(
     command: Sequence[str],
     *,
@@ -461,10 +511,14 @@ def run_in_job(
             SLURMRunner(
                 scheduler_file=scheduler_file,
                 worker_options=worker_options,
-                # A free port: other jobs' dashboards may share the node.
-                scheduler_options={"dashboard_address": ":0", "host": LOOPBACK},
+                scheduler_options={
+                    # A free port: other jobs' dashboards may share the node.
+                    "dashboard_address": ":0",
+                    "host": LOOPBACK,
+                    "plugins": [EndsWithItsClient(load_settings().client_lost_seconds)],
+                },
             ) as runner,
-            Client(runner) as client,
+            Client(runner, name=JOB_CLIENT_NAME) as client,
         ):
             client.wait_for_workers(runner.n_workers)  # tasks minus scheduler and client
             print(f"buzzdask: job {job_id}, scheduler at {runner.scheduler_address}", flush=True)

@@ -385,15 +385,14 @@ class BuzzdaskSLURMCluster(SLURMCluster):
             if next_said <= time.monotonic() < deadline:
                 next_said = time.monotonic() + _WAITING_SAID_S[1]
                 have_gpu, have_cpu = self._arrived()
-                logger.warning(
+                self._warn_with_jobs(
                     "waiting for the worker jobs: %s%d/%d CPU workers after %.0f s (waiting up "
-                    "to %g s). Jobs:\n%s",
+                    "to %g s). Jobs:",
                     f"{have_gpu}/{gpus} GPU and " if gpus else "",
                     have_cpu,
                     cpu_workers,
                     time.monotonic() - began,
                     timeout,
-                    self._job_report(),
                 )
             rejected = [
                 (name, job.submit_error)
@@ -413,11 +412,10 @@ class BuzzdaskSLURMCluster(SLURMCluster):
                     "CPU workers have arrived"
                 )
                 if (have_gpu or not gpus) and have_cpu:
-                    logger.warning(
+                    self._warn_with_jobs(
                         "%s: going on with them; the others join the run once SLURM starts "
-                        "them. Jobs:\n%s",
+                        "them. Jobs:",
                         arrived,
-                        self._job_report(),
                     )
                     return
                 raise ClusterError(f"{arrived}. Jobs:\n" + self._job_report())
@@ -452,6 +450,15 @@ class BuzzdaskSLURMCluster(SLURMCluster):
         workers = self.scheduler_info.get("workers", {}).values()
         gpu = sum(1 for w in workers if w.get("resources", {}).get("GPU", 0) > 0)
         return gpu, len(workers) - gpu
+
+    def _warn_with_jobs(self, message: str, *args: Any) -> None:
+        """``message``, then each job's line as a record of its own.
+
+        The console writes each record on one line (:class:`buzzdask.progress.OneLineFormatter`).
+        """
+        logger.warning(message, *args)
+        for line in self._job_report().splitlines():
+            logger.warning("%s", line)
 
     def _job_report(self) -> str:
         lines = []
