@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import buzzdask
-from buzzdask import FrameSpec, InputError, OutputConflictError, ParameterError
+from buzzdask import FrameSpec, InputError, ModelError, OutputConflictError, ParameterError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.decode import AudioInfo
 from buzzdask.models import load_head, resolve_embedder, resolve_model
@@ -487,6 +487,16 @@ def test_training_says_when_precision_will_find_no_metrics_row(tmp_path):
     assert "--threshold ins_buzz=0.5" in _precision_row_missing(tmp_path, row, 0.95)
     assert _precision_row_missing(tmp_path, row, 0.92) == ""
     assert _precision_row_missing(tmp_path, {**row, "class": "mech_noise"}, 0.95) == ""
+
+
+def test_precision_of_a_head_whose_metrics_measure_none_is_refused(tmp_path):
+    """No held-out frame without the class: train writes metrics.csv with no precision."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "metrics.csv").write_text(
+        "threshold,precision,sensitivity,fpr\n0.5,,0.2,\n0.41,,0.3,\n"
+    )
+    with pytest.raises(ModelError, match=r"measures no precision .* give thresholds instead"):
+        thresholds_for_precision(tmp_path, 0.95)
 
 
 def test_label_past_the_end_of_its_file(train_with, dataset):

@@ -174,6 +174,12 @@ def _precision_choice(
     rows = metrics[delta <= PRECISION_TOLERANCE / 2]
     if rows.empty:
         precisions = np.sort(metrics["precision"].dropna().unique())
+        if not precisions.size:
+            # A trained head whose held-out frames had no negative (train said so).
+            raise ModelError(
+                f"{path} measures no precision (its precision column is empty: the training "
+                f"held out no frame without {METRICS_CLASS!r}); give thresholds instead"
+            )
         nearest = precisions[np.argsort(np.abs(precisions - asked), kind="stable")[:4]]
         raise ParameterError(
             f"precision={asked} is not in {path} (no row within ±{PRECISION_TOLERANCE / 2}); its "
