@@ -206,6 +206,32 @@ def test_rescore_with_numpy_heads_needs_no_tensorflow(corpus, new_head, tiny_emb
     assert metadata["summary"]["scorers"][0]["device"] == "CPU (NumPy heads)"
 
 
+def test_a_resume_keeps_the_embeddings_as_the_run_did(corpus, tiny_model, tmp_path, capsys):
+    """A resume without --keep-embeddings left the store short of every chunk it did (and
+    the output no longer named it), one with it added a store short of the earlier chunks:
+    both refused before any work, naming the earlier way."""
+    audio = corpus.audio / "site1"
+    kept, plain = tmp_path / "kept", tmp_path / "plain"
+    options = {**corpus.options, "on_conflict": "resume"}
+    assert buzzdask.analyze(audio, tiny_model, output=kept, keep_embeddings=True, **options).ok
+    assert buzzdask.analyze(audio, tiny_model, output=plain, **options).ok
+    before = {path: path.stat().st_mtime_ns for path in kept.rglob("*")}
+    with pytest.raises(
+        OutputConflictError,
+        match=r"keep_embeddings: True before, False now\); .*keep_embeddings=True",
+    ):
+        buzzdask.analyze(audio, tiny_model, output=kept, **options)
+    assert {path: path.stat().st_mtime_ns for path in kept.rglob("*")} == before
+    added = [
+        *("analyze", str(audio), "--model", str(tiny_model), "--output", str(plain)),
+        *("--embedder", str(options["embedder"]), "--resume", "--keep-embeddings"),
+        *("--chunk-seconds", str(options["chunk_seconds"]), "--no-progress"),
+    ]
+    assert main(added) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "keep_embeddings: False before, True now" in err and "no --keep-embeddings" in err
+
+
 def test_rescore_takes_the_embedder_and_hop_the_store_records(
     corpus, new_head, tiny_model, dask_client, tiny_embedder, tmp_path
 ):

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -125,11 +125,23 @@ class AnalysisResult:
     output: Path
     dataset: Path
     summary: dict[str, Any]
-    errors: pd.DataFrame = field(repr=False)  # a notebook cell's value: the table is .errors
-    metadata: dict[str, Any] = field(repr=False)
+    errors: pd.DataFrame
+    metadata: dict[str, Any]
 
     def __fspath__(self) -> str:
         return os.fspath(self.output)
+
+    def __repr__(self) -> str:
+        # A notebook cell's value: what was done, not the summary's every counter.
+        summary = self.summary
+        failed = summary.get("files_failed")
+        files = f"{summary.get('files_done')}/{summary.get('files')} files"
+        return (
+            f"AnalysisResult(output={os.fspath(self.output)!r}: {files}"
+            f"{f' ({failed} failed)' if failed else ''}, {summary.get('frames')} frames, "
+            f"{len(self.errors)} error row{'' if len(self.errors) == 1 else 's'}; "
+            ".summary, .errors, .to_pandas())"
+        )
 
     @property
     def ok(self) -> bool:
@@ -994,6 +1006,13 @@ def _options(plan: _Plan, index: int) -> dict[str, Any]:
             for name, value in sorted(plan.thresholds[i].values.items())
         },
         "precision": plan.thresholds[index].precision,
+        # Where the embeddings are kept (True: in the output); a resume must keep them alike,
+        # or the store would lack the chunks of one of the runs (a re-scoring's is its source).
+        "keep_embeddings": (
+            False
+            if plan.store is None or plan.ffmpeg is None
+            else plan.store_in_output or str(plan.store.directory)
+        ),
     }
 
 

@@ -122,12 +122,15 @@ _FLAGS = {
     "frame_hop_s": "--framehop",
     "chunk_seconds": "--chunk-seconds",
     "precision": "--precision",
+    "keep_embeddings": "--keep-embeddings",
 }
 
 
 def _flag(name: str, value: Any) -> str:
     if name == "thresholds":
         return " ".join(f"--threshold {k}={v}" for k, v in value.items()) or "no --threshold"
+    if name == "keep_embeddings" and isinstance(value, bool):
+        return "--keep-embeddings" if value else "no --keep-embeddings"
     if value is None:
         return f"no {_FLAGS.get(name, name)}"
     return f"{_FLAGS.get(name, name)} {shlex.quote(str(value))}"
@@ -138,7 +141,6 @@ def _flag(name: str, value: Any) -> str:
 _MESSAGE_FLAGS = {
     **_FLAGS,
     "output": "--output",
-    "keep_embeddings": "--keep-embeddings",
     "memory_budget": "--memory-budget",
     "batch_frames": "--batch-frames",
     "watch.poll_seconds": "--poll",

@@ -682,8 +682,12 @@ def prepare_output(
         for key, value in fingerprint.items()
         if before.get(key) != value
     )
+    earlier = previous.get("options", {})
+    kept_before, kept_now = earlier.get("keep_embeddings"), options.get("keep_embeddings")
+    if None not in (kept_before, kept_now) and bool(kept_before) != bool(kept_now):
+        # Not a setting of the results: their store (left out of earlier runs' records).
+        differences += (("keep_embeddings", kept_before, kept_now),)
     if differences:
-        earlier = previous.get("options", {})
         raise OutputConflictError(
             OutputConflict(
                 layout.root,
