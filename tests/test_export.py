@@ -772,12 +772,20 @@ def test_cli_classes_of_a_run_with_thresholds(run, make_audio, tmp_path, capsys)
     output = str(result.output)
     # A notebook passes the result itself where the output goes (it is path-like).
     assert buzzdask.summarize(result, bin="1min", by="all", write=False)["frames"].sum() == 3
-    assert "errors=" not in repr(result)  # a cell's value: not the whole table
+    # A cell's value: what was done, in a line, not the whole table and summary.
+    assert repr(result) == (
+        f"AnalysisResult(output={str(result.output)!r}: 1/1 files, 3 frames, 0 error rows; "
+        ".summary, .errors, .to_pandas())"
+    )
     for format in ("csv", "raven"):
         dest = tmp_path / format
         argv = ["export", output, "--format", format, "--classes", "ins_buzz"]
         assert main([*argv, "--dest", str(dest)]) == EXIT_OK, capsys.readouterr().err
     assert "detections_ins_buzz" in pd.read_csv(tmp_path / "csv" / "frames.csv").columns
+    exported = buzzdask.export(result, format="buzzdetect", dest=tmp_path / "bd")
+    assert repr(exported) == (
+        f"ExportResult(buzzdetect: 1 file in {str(tmp_path / 'bd')!r}, no thresholds)"
+    )
     assert "detections_mech_plane" not in pd.read_csv(tmp_path / "csv" / "frames.csv").columns
     # Repeated, as --threshold is: both (the second alone was kept).
     argv = ["export", output, "--format", "buzzdetect", "--classes", "ins_buzz"]

@@ -124,6 +124,17 @@ class ExportResult:
     thresholds: ThresholdChoice
     untimed: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        # A notebook cell's value: not every file's path.
+        chosen = self.thresholds.values
+        thresholds = f"thresholds {chosen}" if chosen else "no thresholds"
+        untimed = f", {len(self.untimed)} untimed" if self.untimed else ""
+        return (
+            f"ExportResult({self.format}: {len(self.files)} file"
+            f"{'' if len(self.files) == 1 else 's'} in {os.fspath(self.dest)!r}, "
+            f"{thresholds}{untimed})"
+        )
+
 
 def buzzdetect_name(relative: str, *, partial: bool = False) -> PurePosixPath:
     """A recording's buzzdetect result file, relative to the export (extension dropped).
