@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import _thread
 import json
+import shutil
 import signal
 import subprocess
 import threading
@@ -16,7 +18,13 @@ import buzzdask
 from buzzdask import InputError, ModelError, OutputConflictError, ParameterError, watch
 from buzzdask.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from buzzdask.rclone import FAILED_MARKER, transfer
-from tests.conftest import BUZZDASK, assert_same_frames, requires_ffmpeg, requires_rclone
+from tests.conftest import (
+    BUZZDASK,
+    assert_same_frames,
+    requires_ffmpeg,
+    requires_rclone,
+    wait_until,
+)
 
 pytestmark = [requires_ffmpeg, requires_rclone]
 FRAME = 15360
@@ -463,7 +471,7 @@ def test_a_file_still_being_copied_holds_back_no_other(
 
 
 def test_a_watch_stopped_between_passes_says_so(
-    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys
 ):
     """Each pass ends "complete"; Ctrl-C while the watch waits for more files leaves the
     output "interrupted" (it stayed "complete", whatever was still on its way)."""
@@ -484,3 +492,33 @@ def test_a_watch_stopped_between_passes_says_so(
     assert watching.returncode == EXIT_INTERRUPTED, stderr
     stopped = json.loads(metadata.read_text())
     assert (stopped["status"], stopped["stopped_by"]) == ("interrupted", "Ctrl-C")
+
+    # In Python (a notebook's Interrupt between passes): the way on is said, as a pass says it.
+    def interrupt_once_complete() -> None:
+        wait_until(
+            lambda: metadata.exists() and json.loads(metadata.read_text())["status"] == "complete",
+            timeout_s=120,
+            failure="the first pass never ended",
+        )
+        time.sleep(0.3)  # waiting for more files now
+        _thread.interrupt_main()
+
+    shutil.rmtree(output)
+    interrupter = threading.Thread(target=interrupt_once_complete, daemon=True)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        watch(
+            tmp_path / "audio",
+            tiny_model,
+            output=output,
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            poll_seconds=0.1,
+            idle_timeout_s=120,  # not an hour, should the interrupt never come
+            progress=False,
+        )
+    interrupter.join()
+    assert json.loads(metadata.read_text())["status"] == "interrupted"
+    said = capsys.readouterr().err
+    assert "the watch was interrupted (Ctrl-C) between passes: what was written to " in said
+    assert f"output={str(output)!r} and on_conflict='resume' goes on" in said

@@ -716,17 +716,19 @@ def _say_stopped(
                 write_json(layout.metadata, meta)
 
 
-def say_stopped_after_the_end(layout: OutputLayout, why: str) -> None:
+def say_stopped_after_the_end(layout: OutputLayout, why: str) -> bool:
     """Mark an output whose run had ended ``"complete"`` as ``"interrupted"`` by ``why``.
 
-    A watch stopped between its passes: each pass ended complete, the watch did not.
+    A watch stopped between its passes: each pass ended complete, the watch did not. Returns
+    whether it did (not for a stop during a pass, which said so, or before anything was written).
     """
     if _written_status(layout) != "complete":
-        return  # stopped during a pass, which said so; or nothing written yet
+        return False
     metadata = json.loads(layout.metadata.read_text(encoding="utf-8"))
     metadata.update(status="interrupted", finished=utc_now(), stopped_by=why)
     with suppress(OSError):  # a full or gone disk: the stop is what matters now
         write_json(layout.metadata, metadata)
+    return True
 
 
 def _written_status(layout: OutputLayout) -> str | None:

@@ -111,6 +111,14 @@ class _TaskFailures(logging.Filter):
 _TASK_FAILURES = _TaskFailures()
 
 
+def console_configured() -> bool:
+    """Whether the command line set up the console (:func:`configure_console`).
+
+    Its commands say a stop themselves; the Python API's calls say it in their own words.
+    """
+    return bool(_configured)
+
+
 def configure_console(verbosity: int) -> None:
     """The command line's console: buzzdask's lines at ``verbosity``, the others quiet.
 

@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -45,7 +46,7 @@ from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
 from buzzdask.lock import OutputLock, live_holder
-from buzzdask.logs import quiet_workers
+from buzzdask.logs import console_configured, quiet_workers
 from buzzdask.progress import logger
 from buzzdask.rclone import FAILED_MARKER, INCOMING
 from buzzdask.session import connect
@@ -199,7 +200,17 @@ def _stop_recorded(passes: _Passes) -> Iterator[None]:
         yield
     except KeyboardInterrupt as stop:
         if passes.started:  # its output's status, "complete" as a pass ends, is the watch's
-            say_stopped_after_the_end(OutputLayout(passes.output), str(stop) or "Ctrl-C")
+            why = str(stop) or "Ctrl-C"
+            if say_stopped_after_the_end(OutputLayout(passes.output), why) and not (
+                console_configured()
+            ):
+                # A notebook's Interrupt between passes: the way on, as a pass would say it.
+                print(
+                    f"buzzdask: the watch was interrupted ({why}) between passes: what was "
+                    f"written to {passes.output} is kept; the same call with "
+                    f"output={os.fspath(passes.output)!r} and on_conflict='resume' goes on",
+                    file=sys.stderr,
+                )
         raise
 
 
