@@ -10,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -563,13 +565,28 @@ def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim, cpu_
     _assert_same_frames(result, reference)
 
 
+def _kill_once(pid: int, ready: Callable[[], bool]) -> tuple[threading.Thread, threading.Event]:
+    """SIGKILL ``pid`` from a thread as soon as ``ready()``; the thread and its "killed" event
+    (set it to stop the thread without a kill)."""
+    killed = threading.Event()
+
+    def kill_when_ready() -> None:
+        while not killed.is_set():
+            if ready():
+                os.kill(pid, signal.SIGKILL)
+                killed.set()
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_when_ready, daemon=True)
+    killer.start()
+    return killer, killed
+
+
 def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_path):
     """SIGKILL the worker of the only scorer while the scorer is still loading (before any
     chunk could be scored): the run starts one on a live worker and finishes, every frame
     exactly once, instead of waiting for the dead worker."""
-    import signal
-    import threading
-
     import dask
     from distributed import Client, LocalCluster
 
@@ -582,19 +599,13 @@ def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_pat
         # The one scorer goes to the first worker in address order.
         target = sorted(client.scheduler_info()["workers"])[0]
         pid = client.run(os.getpid, workers=[target])[target]
-        killed = threading.Event()
-
-        def kill_while_loading() -> None:
-            while not killed.is_set():
-                keys = client.processing(workers=[target]).get(target, [])
-                if any(key.startswith("scorer-") for key in keys):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.set()
-                    return
-                time.sleep(0.01)
-
-        killer = threading.Thread(target=kill_while_loading, daemon=True)
-        killer.start()
+        killer, killed = _kill_once(
+            pid,
+            lambda: any(
+                key.startswith("scorer-")
+                for key in client.processing(workers=[target]).get(target, [])
+            ),
+        )
         result = buzzdask.analyze(
             audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
         )
@@ -613,9 +624,6 @@ def test_the_only_worker_killed_as_scoring_starts_loses_nothing(kill_corpus, tmp
     decoded audio and the scorer): its nanny starts another, the scorer starts there, and the
     run finishes, every frame once. The score task had the lost actor as a dependency, and
     Dask left it waiting on it for good: the run hung without a word."""
-    import signal
-    import threading
-
     from distributed import Client, LocalCluster
 
     audio, options, reference = kill_corpus
@@ -629,18 +637,7 @@ def test_the_only_worker_killed_as_scoring_starts_loses_nothing(kill_corpus, tmp
     ):
         (target,) = client.scheduler_info()["workers"]
         pid = client.run(os.getpid)[target]
-        killed = threading.Event()
-
-        def kill_once_scoring() -> None:
-            while not killed.is_set():
-                if client.run_on_scheduler(score_sent):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.set()
-                    return
-                time.sleep(0.02)
-
-        killer = threading.Thread(target=kill_once_scoring, daemon=True)
-        killer.start()
+        killer, killed = _kill_once(pid, lambda: client.run_on_scheduler(score_sent))
         result = buzzdask.analyze(
             audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
         )
