@@ -560,7 +560,13 @@ def test_a_flac_damaged_inside_says_where_frames_were_lost(run, make_audio, tmp_
     assert (frames["start"] >= 20.0).any()  # the chunk after the gap was scored
     # A resume that finds the chunks written says so again; a run served by the store it kept
     # took the short chunk for the end of the audio, and lost every frame after it.
-    again = run(flac.parent, chunk_seconds=10.0, on_conflict="resume", output=result.output)
+    again = run(
+        flac.parent,
+        chunk_seconds=10.0,
+        keep_embeddings=store,
+        on_conflict="resume",
+        output=result.output,
+    )
     assert again.errors["reason"].tolist() == result.errors["reason"].tolist()
     stored = run(flac.parent, chunk_seconds=10.0, keep_embeddings=store, output=tmp_path / "re")
     assert stored.summary["chunks_from_store"] == 4

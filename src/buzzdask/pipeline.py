@@ -351,25 +351,9 @@ def decode_several(
     return decoded
 
 
-class ScorerRef:
-    """A scorer actor's handle, passed to a score task as a value and not as a dependency.
-
-    Given as an argument, the actor makes its key a dependency of the task. When the actor's
-    worker dies the key errs, and Dask (2026.8) sends a task then waiting on it (for its
-    decoded audio, recomputed after the same death) back to waiting for good: the run hung.
-    Held in this, the actor is no dependency: the task runs, finds the actor gone and fails,
-    and its chunks go to the scorer that replaces it.
-    """
-
-    __slots__ = ("actor",)
-
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
-
-
 def score_picked(
     score: Callable[..., list[Any]],
-    scorer: ScorerRef,
+    scorer: Any,
     *decoded: Any,
     picks: Sequence[tuple[int, int | None]],
     per_chunk: Mapping[str, Sequence[Any]],
@@ -380,7 +364,7 @@ def score_picked(
     ----------
     score : callable
         The pipeline's ``score``.
-    scorer : ScorerRef
+    scorer : actor
     *decoded : DecodedChunk, StoredChunk or list
         The decode tasks' results; a list from :func:`decode_several`.
     picks : sequence of (int, int or None)
@@ -400,7 +384,7 @@ def score_picked(
     good = [i for i, chunk in enumerate(chunks) if not isinstance(chunk, Exception)]
     if good:
         keywords = {name: [values[i] for i in good] for name, values in per_chunk.items()}
-        scored = score(scorer.actor, *[chunks[i] for i in good], **keywords)
+        scored = score(scorer, *[chunks[i] for i in good], **keywords)
         for i, result in zip(good, scored, strict=True):
             results[i] = result
     return results
@@ -792,7 +776,7 @@ class ChunkPipeline:
         future = self.client.submit(
             score_picked,
             self.score,
-            ScorerRef(self.pool.scorers[address]),
+            self.pool.scorers[address],
             *futures,
             picks=[(task[f.key], job.slot) for job, f in group],
             per_chunk=self.score_keywords([job for job, _ in group]) if self.score_keywords else {},
