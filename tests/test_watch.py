@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 import buzzdask
+import buzzdask.logs
 from buzzdask import InputError, ModelError, OutputConflictError, ParameterError, watch
 from buzzdask.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from buzzdask.rclone import FAILED_MARKER, transfer
@@ -471,7 +472,7 @@ def test_a_file_still_being_copied_holds_back_no_other(
 
 
 def test_a_watch_stopped_between_passes_says_so(
-    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys, monkeypatch
 ):
     """Each pass ends "complete"; Ctrl-C while the watch waits for more files leaves the
     output "interrupted" (it stayed "complete", whatever was still on its way)."""
@@ -504,6 +505,8 @@ def test_a_watch_stopped_between_passes_says_so(
         _thread.interrupt_main()
 
     shutil.rmtree(output)
+    # As in a notebook's kernel: no command of this process has set up the console.
+    monkeypatch.setattr(buzzdask.logs, "_configured", [])
     interrupter = threading.Thread(target=interrupt_once_complete, daemon=True)
     interrupter.start()
     with pytest.raises(KeyboardInterrupt):
