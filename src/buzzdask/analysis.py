@@ -44,7 +44,7 @@ from buzzdask.lock import OutputLock, refuse_if_in_use
 from buzzdask.logs import quiet_environment, run_log
 from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
 from buzzdask.pipeline import ChunkPipeline, outcome, probe_task
-from buzzdask.progress import Progress
+from buzzdask.progress import Progress, format_count
 from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
@@ -139,7 +139,7 @@ class AnalysisResult:
         return (
             f"AnalysisResult(output={os.fspath(self.output)!r}: {files}"
             f"{f' ({failed} failed)' if failed else ''}, {summary.get('frames')} frames, "
-            f"{len(self.errors)} error row{'' if len(self.errors) == 1 else 's'}; "
+            f"{format_count(len(self.errors), 'error row')}; "
             ".summary, .errors, .to_pandas())"
         )
 

@@ -48,6 +48,7 @@ import pandas as pd
 from buzzdask.errors import InputError, OutputConflictError, ParameterError
 from buzzdask.events import stored_recording_events
 from buzzdask.inputs import as_list, first_names, user_path
+from buzzdask.progress import format_count
 from buzzdask.recording_time import check_start_options, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
@@ -130,8 +131,8 @@ class ExportResult:
         thresholds = f"thresholds {chosen}" if chosen else "no thresholds"
         untimed = f", {len(self.untimed)} untimed" if self.untimed else ""
         return (
-            f"ExportResult({self.format}: {len(self.files)} file"
-            f"{'' if len(self.files) == 1 else 's'} in {os.fspath(self.dest)!r}, "
+            f"ExportResult({self.format}: {format_count(len(self.files), 'file')} in "
+            f"{os.fspath(self.dest)!r}, "
             f"{thresholds}{untimed})"
         )
 
