@@ -618,6 +618,36 @@ def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_pat
     _assert_same_frames(result, reference)
 
 
+@pytest.mark.timeout(300)
+def test_the_only_worker_killed_as_scoring_starts_loses_nothing(kill_corpus, tmp_path):
+    """A laptop's one worker SIGKILLed once a score task is sent to it (it waits there for its
+    decoded audio and the scorer): its nanny starts another, the scorer starts there, and the
+    run finishes, every frame once. The score task had the lost actor as a dependency, and
+    Dask left it waiting on it for good: the run hung without a word."""
+    from distributed import Client, LocalCluster
+
+    audio, options, reference = kill_corpus
+
+    def score_sent(dask_scheduler: object) -> bool:
+        return any(str(key).startswith("score-") for key in dask_scheduler.tasks)
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        (target,) = client.scheduler_info()["workers"]
+        pid = client.run(os.getpid)[target]
+        killer, killed = _kill_once(pid, lambda: client.run_on_scheduler(score_sent))
+        result = buzzdask.analyze(
+            audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
+        )
+        assert killed.is_set()
+        killer.join()
+    assert result.ok, result.errors
+    assert result.summary["scorers_lost"] == 1
+    _assert_same_frames(result, reference)
+
+
 def test_a_cluster_closed_mid_run_is_said_and_recorded_and_a_resume_finishes(kill_corpus, tmp_path):
     """The user's cluster goes (closed from the notebook, its SLURM job ended) while the run
     writes: a ClusterError that says so, the output marked failed, and a resume completes it."""
@@ -671,10 +701,14 @@ def test_one_run_at_a_time_on_a_users_client(kill_corpus, tmp_path):
 
     audio, options, reference = kill_corpus
 
+    def stealing_runs(dask_scheduler: object) -> bool:
+        return "stealing" in dask_scheduler.periodic_callbacks  # type: ignore[attr-defined]
+
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
+        assert client.run_on_scheduler(stealing_runs)  # Dask's default
         results: list[object] = []
         first = threading.Thread(
             target=lambda: results.append(
@@ -687,11 +721,15 @@ def test_one_run_at_a_time_on_a_users_client(kill_corpus, tmp_path):
         wait_until(
             (tmp_path / "first" / "journal.jsonl").exists, timeout_s=120, failure="no journal"
         )
+        # Work stealing, on in a user's cluster, is paused while a run holds it: it moved a
+        # scorer being started onto another worker, and Dask then dropped a worker for good.
+        assert not client.run_on_scheduler(stealing_runs)
         with pytest.raises(ParameterError, match="another buzzdask run is on this client now"):
             buzzdask.analyze(audio, output=tmp_path / "second", client=client, **options)
         first.join()
         assert not (tmp_path / "second").exists()
         _assert_same_frames(results[0], reference)
+        assert client.run_on_scheduler(stealing_runs)  # as it was
         # The client is free again once the run ends.
         again = buzzdask.analyze(audio, output=tmp_path / "again", client=client, **options)
         assert again.ok
@@ -820,8 +858,11 @@ def test_a_stopped_worker_holds_up_neither_the_start_nor_the_end_of_a_run(kill_c
     _assert_same_frames(result, reference)
 
 
-def test_a_cluster_without_workers_is_said_so(make_audio, tmp_path, tiny_embedder, tiny_model):
-    """Its jobs still queued: a ClusterError after scorer-restart-seconds (Dask's own
+def test_a_cluster_without_workers_is_said_so(
+    make_audio, tmp_path, tiny_embedder, tiny_model, caplog
+):
+    """Its jobs still queued, or its workers stopped by a notebook's interrupt: said as the
+    wait begins, then a ClusterError after scorer-restart-seconds (Dask's own
     WorkerStartTimeoutError after a fixed 300 s)."""
     from distributed import Client, LocalCluster
 
@@ -840,6 +881,7 @@ def test_a_cluster_without_workers_is_said_so(make_audio, tmp_path, tiny_embedde
             embedder=str(tiny_embedder),
             progress=False,
         )
+    assert "has no worker: waiting up to 2 s for one to join" in caplog.text
 
 
 def test_a_stopped_scorer_is_reported_not_waited_for(tiny_embedder, tiny_model):

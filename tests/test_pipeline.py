@@ -28,6 +28,7 @@ from buzzdask.ledger import describe
 from buzzdask.pipeline import (
     Budget,
     ChunkJob,
+    ScorerRef,
     budget_bytes,
     chunk_label,
     chunk_nbytes,
@@ -367,7 +368,7 @@ def test_score_picked_scores_what_it_names_and_hands_back_decode_errors() -> Non
     several, alone = ["a", failed, "c"], "d"
     results = score_picked(
         score,
-        "actor",
+        ScorerRef("actor"),
         several,
         alone,
         picks=[(0, 2), (1, None), (0, 1), (0, 0)],
@@ -375,7 +376,7 @@ def test_score_picked_scores_what_it_names_and_hands_back_decode_errors() -> Non
     )
     assert results == ["c->C", "d->D", failed, "a->A"]
     assert calls == [("actor", ("c", "d", "a"), ["C", "D", "A"])]
-    assert score_picked(score, "actor", [failed], picks=[(0, 0)], per_chunk={"targets": ["B"]}) == [
-        failed
-    ]
+    assert score_picked(
+        score, ScorerRef("actor"), [failed], picks=[(0, 0)], per_chunk={"targets": ["B"]}
+    ) == [failed]
     assert len(calls) == 1  # nothing left to score: no call

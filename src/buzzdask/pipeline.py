@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 import traceback
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,7 +40,7 @@ from buzzdask.errors import DecodeError, DecoderStopped, as_task_answer, without
 from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
-from buzzdask.scorers import ScorerPool
+from buzzdask.scorers import REFRESH_EVERY_S, ScorerPool
 from buzzdask.session import task_key
 from buzzdask.settings import Settings
 from buzzdask.store import STORED_CODEC, StoredChunk, StoredRef, file_sha256, load_stored
@@ -351,9 +352,25 @@ def decode_several(
     return decoded
 
 
+class ScorerRef:
+    """A scorer actor's handle, passed to a score task as a value and not as a dependency.
+
+    Given as an argument, the actor makes its key a dependency of the task. When the actor's
+    worker dies the key errs, and Dask (2026.8) sends a task then waiting on it (for its
+    decoded audio, recomputed after the same death) back to waiting for good: the run hung.
+    Held in this, the actor is no dependency: the task runs, finds the actor gone and fails,
+    and its chunks go to the scorer that replaces it.
+    """
+
+    __slots__ = ("actor",)
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+
 def score_picked(
     score: Callable[..., list[Any]],
-    scorer: Any,
+    scorer: ScorerRef,
     *decoded: Any,
     picks: Sequence[tuple[int, int | None]],
     per_chunk: Mapping[str, Sequence[Any]],
@@ -364,7 +381,7 @@ def score_picked(
     ----------
     score : callable
         The pipeline's ``score``.
-    scorer : actor
+    scorer : ScorerRef
     *decoded : DecodedChunk, StoredChunk or list
         The decode tasks' results; a list from :func:`decode_several`.
     picks : sequence of (int, int or None)
@@ -384,7 +401,7 @@ def score_picked(
     good = [i for i, chunk in enumerate(chunks) if not isinstance(chunk, Exception)]
     if good:
         keywords = {name: [values[i] for i in good] for name, values in per_chunk.items()}
-        scored = score(scorer, *[chunks[i] for i in good], **keywords)
+        scored = score(scorer.actor, *[chunks[i] for i in good], **keywords)
         for i, result in zip(good, scored, strict=True):
             results[i] = result
     return results
@@ -591,9 +608,13 @@ class ChunkPipeline:
         try:
             self._track_actors(self.pool.starting)
             self._submit_more()
-            for future in self._pending:
-                self._handlers.pop(future.key)(future)
-                del future
+            while not self._pending.is_empty():
+                # Woken without a finished task too: the cluster may have changed under tasks
+                # that can no longer finish (every worker lost at once, see the pool's refresh).
+                future = _next_finished(self._pending, timeout_s=REFRESH_EVERY_S)
+                if future is not None:
+                    self._handlers.pop(future.key)(future)
+                    del future
                 self._track_actors(self.pool.refresh())
                 self._submit_more()
                 if self.pool.deferred and self.pool.scorers and self._a_group_waits():
@@ -602,7 +623,7 @@ class ChunkPipeline:
         except BaseException as error:
             # This frame, and the finished ones it called, stay in the traceback (a notebook
             # keeps the last one): without their futures.
-            future = None  # noqa: F841 (a local the traceback holds, not one to use)
+            future = None  # a local the traceback holds, not one to use
             traceback.clear_frames(error.__traceback__)
             self._release()
             raise
@@ -776,7 +797,7 @@ class ChunkPipeline:
         future = self.client.submit(
             score_picked,
             self.score,
-            self.pool.scorers[address],
+            ScorerRef(self.pool.scorers[address]),
             *futures,
             picks=[(task[f.key], job.slot) for job, f in group],
             per_chunk=self.score_keywords([job for job, _ in group]) if self.score_keywords else {},
@@ -886,6 +907,18 @@ class ChunkPipeline:
             # Each node that decoded the file whole holds a copy (an hour: 230 MB): remove it
             # now, not at the end of the run. Not waited for: it only deletes files.
             self.client.run(_release_copy, job.info, **self.decode_options, wait=False)
+
+
+def _next_finished(pending: as_completed, *, timeout_s: float) -> Future | None:
+    """The next finished future of ``pending``; ``None`` if none finished within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not pending.has_ready():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        with pending.thread_condition:  # notified as a future finishes
+            pending.thread_condition.wait(timeout=min(left, 0.1))
+    return next(pending)
 
 
 def _log_taking(job: ChunkJob) -> None:

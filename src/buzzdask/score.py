@@ -56,6 +56,9 @@ MIN_CALL_PATCHES = 32
 #: Seconds a call waits for a lane before it looks again without being woken (a safety net:
 #: :class:`_TaskEnds` wakes it as a task of its worker stops running).
 LANE_POLL_S = 0.1
+#: Seconds between a score task's looks at whether the scorer of another worker it waits on is
+#: still held (:func:`_call`).
+LOST_SCORER_LOOK_S = 5.0
 
 
 class EmbedderThreads(NamedTuple):
@@ -868,17 +871,25 @@ def _call(scorer: Any, method: str, chunks: list[Any]) -> list[Any]:
 
     Either way the task leaves its worker thread while it waits: for its embedder calls
     (TensorFlow's threads, or the task before it on a GPU) that thread could decode. Through
-    the handle of an actor whose worker died, the call fails only once Dask has run the lost
-    actor's task again (on another worker it refuses: :class:`ScorerMisplacedError`), and
-    that task may be queued on this very worker.
+    the handle of an actor whose worker died, Dask's call waits for the actor to be up again,
+    which a lost actor never is: every :data:`LOST_SCORER_LOOK_S` the task asks the scheduler
+    whether its actor is still held, and fails if not (:class:`ScorerError`).
     """
     try:
         worker = get_worker()
     except ValueError:  # not in a worker: no thread to leave, no actor in process
         worker = None
-    if worker is not None:
-        secede()
-        instance = worker.state.actors.get(scorer.key)
-        if isinstance(instance, Scorer):
-            return getattr(instance, method)(chunks)
-    return getattr(scorer, method)(chunks).result()
+    if worker is None:
+        return getattr(scorer, method)(chunks).result()
+    secede()
+    instance = worker.state.actors.get(scorer.key)
+    if isinstance(instance, Scorer):
+        return getattr(instance, method)(chunks)
+    call = getattr(scorer, method)(chunks)
+    while True:
+        try:
+            return call.result(timeout=LOST_SCORER_LOOK_S)
+        except TimeoutError:
+            held = sync(worker.loop, worker.scheduler.who_has, keys=[scorer.key])
+            if not held.get(scorer.key):
+                raise ScorerError(f"the scorer {scorer.key} was lost with its worker") from None

@@ -267,14 +267,22 @@ class ScorerPool:
         """
         self._on_ready = on_ready
         workers = self._live_workers()
-        if not workers:  # a cluster whose jobs are still queued
+        if not workers:  # a cluster whose jobs are still queued, or whose workers died
+            address = self.client.scheduler_info()["address"]
+            # A notebook's interrupt stops a LocalCluster's workers for good: not a silent wait.
+            logger.warning(
+                "the cluster at %s has no worker: waiting up to %g s for one to join",
+                address,
+                self.restart_seconds,
+            )
             try:
                 self.client.wait_for_workers(1, timeout=self.restart_seconds)
             except TimeoutError:
                 raise ClusterError(
-                    f"no worker joined the cluster at {self.client.scheduler_info()['address']} "
-                    f"within {self.restart_seconds:g} s (buzzdask.scorer-restart-seconds): start "
-                    "some (dask worker ADDRESS), or see why its jobs wait (squeue -u $USER)"
+                    f"no worker joined the cluster at {address} within {self.restart_seconds:g} "
+                    "s (buzzdask.scorer-restart-seconds): start some (dask worker ADDRESS), see "
+                    "why its jobs wait (squeue -u $USER), or start a notebook's LocalCluster "
+                    "again (an interrupt of its kernel stops its workers)"
                 ) from None
             workers = self._live_workers()
         hosts = scorer_hosts(workers, cpu_workers=self.cpu_scorer_workers)
@@ -504,8 +512,13 @@ class ScorerPool:
     def _forget(self, address: str) -> None:
         """Count the actor on ``address`` as lost and release it."""
         self.scorers.pop(address, None)
-        self._actor_futures.pop(address, None)
+        future = self._actor_futures.pop(address, None)
         self.lost += 1
+        if future is not None:
+            # Cancelled, as in release(): a handle of it in a reference cycle would otherwise
+            # keep its key on a user's client.
+            with suppress(Exception):
+                self.client.cancel([future])
 
     # -- follow the cluster ------------------------------------------------------------------
     def refresh(self, *, finished: bool = False) -> dict[str, Future]:

@@ -21,7 +21,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from typing import Any
 
 import dask
@@ -81,10 +81,10 @@ def connect(
                 f"the client given is {client.status}: its cluster was closed or lost; start "
                 "one again and pass its new client"
             )
-        with _one_run_at_a_time(client):
+        with _one_run_at_a_time(client), _no_work_stealing(client):
             yield client
     elif isinstance(client, str):
-        with _connected(client) as connected:
+        with _connected(client) as connected, _no_work_stealing(connected):
             yield connected
     elif client is not None:
         raise ParameterError(
@@ -143,6 +143,38 @@ def _one_run_at_a_time(client: Client) -> Iterator[None]:
                 _CLIENTS_IN_USE[id(client)] = (thread, depth)
             else:
                 del _CLIENTS_IN_USE[id(client)]
+
+
+@contextmanager
+def _no_work_stealing(client: Client) -> Iterator[None]:
+    """Dask's work stealing paused on ``client``'s scheduler while a run holds it.
+
+    Stealing moves a task placed loosely on a busy worker to an idle one. A scorer's actor so
+    moved refuses to start there (:class:`~buzzdask.errors.ScorerMisplacedError`), and Dask
+    (2026.8) then loses track of the actor and drops a worker of the user's cluster for good;
+    decode tasks so moved onto a scorer's worker compete with TensorFlow (:data:`LEAN_DASK`).
+    Started again as the run ends, if it ran before.
+    """
+    paused = client.run_on_scheduler(_pause_stealing)
+    try:
+        yield
+    finally:
+        if paused:
+            with suppress(Exception):  # a cluster closed meanwhile: nothing to start again
+                client.run_on_scheduler(_resume_stealing)
+
+
+async def _pause_stealing(dask_scheduler: Any) -> bool:
+    """Stop the scheduler's work stealing; whether it was running."""
+    stealing = dask_scheduler.extensions.get("stealing")
+    if stealing is None or "stealing" not in dask_scheduler.periodic_callbacks:
+        return False
+    await stealing.stop()
+    return True
+
+
+async def _resume_stealing(dask_scheduler: Any) -> None:
+    await dask_scheduler.extensions["stealing"].start()
 
 
 @contextmanager
