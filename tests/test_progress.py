@@ -84,6 +84,30 @@ def test_a_run_whose_every_file_failed_ends_at_100_percent(capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith("buzzdask: 100%| 1/1 files")
 
 
+@pytest.mark.parametrize(
+    ("failed", "stopped", "style"),
+    [(False, False, "success"), (True, False, "warning"), (False, True, "danger")],
+)
+def test_the_notebook_bar_is_green_only_when_every_file_was_analysed(
+    monkeypatch, failed, stopped, style
+):
+    """tqdm's notebook bar (in Jupyter, tqdm.auto's) ends green once full: a run that
+    finished with a failed file is orange, a stopped one red."""
+    notebook = pytest.importorskip("tqdm.notebook")
+    pytest.importorskip("ipywidgets")
+    monkeypatch.setattr(progress_module, "tqdm", notebook.tqdm)
+    progress = Progress(enabled=True, verbose=False, files=2)
+    progress.expect("a.wav", 60.0)
+    progress.expect("b.wav", 60.0)
+    progress.advance("a.wav", 60.0)
+    progress.finished("a.wav", failed=False)
+    if not stopped:
+        progress.advance("b.wav", 0.0 if failed else 60.0)
+        progress.finished("b.wav", failed=failed)
+    progress.close(stopped=stopped)
+    assert progress._bar.container.children[1].bar_style == style
+
+
 def test_a_failed_file_takes_its_unanalysed_audio_out_of_the_total():
     progress = Progress(enabled=False, verbose=False, files=2)
     progress.expect("a.wav", 600.0)

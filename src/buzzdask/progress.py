@@ -337,6 +337,10 @@ class Progress:
         self._bar.set_description_str(self.describe(), refresh=False)
         self._bar.refresh()
         self._bar.close()
+        if self.files_failed and not stopped and hasattr(self._bar, "disp"):
+            # tqdm's notebook bar turns green once full; with failed files, orange instead (a
+            # stopped run's bar, short of full, is red already).
+            self._bar.disp(bar_style="warning", check_delay=False)
         if self._lines:
             self._line()
         self._send(force=True)
