@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from buzzdask.errors import ParameterError
+from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.frames import FrameSpec
 from buzzdask.thresholds import detected
 from buzzdask.write import (
@@ -23,6 +23,7 @@ from buzzdask.write import (
     frames_table,
     numeric_array,
     prepare_output,
+    refuse_results,
     repeated_string,
 )
 from tests.conftest import in_a_fresh_interpreter
@@ -200,6 +201,16 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM
 print(layout.journal.read_bytes() == before)
 """
     assert in_a_fresh_interpreter(script) == ["EFBIG", "True"]
+
+
+def test_a_run_killed_before_its_first_journal_line_is_refused_as_none_done(tmp_path) -> None:
+    """Its partition is in place but no chunk is journalled: not "0 chunks done"."""
+    layout = OutputLayout(tmp_path / "out")
+    layout.scores.mkdir(parents=True)
+    layout.metadata.write_text(json.dumps({"status": "running"}))
+    (layout.scores / "chunk-000000.parquet").write_bytes(b"")
+    with pytest.raises(OutputConflictError, match=r"an unfinished run \(none done yet\); pass"):
+        refuse_results(layout)
 
 
 def test_runs_started_together_with_new_get_an_output_each(tmp_path) -> None:

@@ -503,10 +503,11 @@ class OutputConflict:
                 "that failed, and a model to an output of several)"
             )
         if self.reason == "holds results":
-            done = format_count(self.chunks, "chunk")
+            # Killed between its first partition and that chunk's journal line: none counts yet.
+            done = f"{format_count(self.chunks, 'chunk')} done" if self.chunks else "none done yet"
             return (
-                f"output {self.output} already holds results of an unfinished run ({done} "
-                f"done); pass {words.resume} to finish that run, {words.new} to write to a new "
+                f"output {self.output} already holds results of an unfinished run ({done}); "
+                f"pass {words.resume} to finish that run, {words.new} to write to a new "
                 f"timestamped directory, or choose another {words.output}"
             )
         # What only one kind of run records: an analysis its ffmpeg, a re-scoring its store.
