@@ -1117,6 +1117,9 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
     assert resumed.summary["chunks_skipped_resume"] == journaled
     (earlier,) = resumed.metadata["earlier_runs"]
     assert (earlier["status"], earlier["stopped_by"]) == ("interrupted", stop)
+    # With what it wrote before the stop (a summary of the stopped run, not "null").
+    assert earlier["chunks_written"] == journaled
+    assert earlier["frames"] > 0 and earlier["wall_seconds"] > 0
     assert "stopped_by" not in resumed.metadata  # this run finished
     _assert_same_frames(resumed, reference)
 

@@ -544,6 +544,7 @@ def run_plan(
     if elsewhere:
         logger.warning("%s", elsewhere)
     metadata: list[dict[str, Any]] = []  # the outputs' buzzdask.json, once planned
+    ledger: FileLedger | None = None  # what the run wrote, once it writes
     lock = OutputLock(root, started=started, stale_s=settings.lock_stale_seconds)
     try:
         with (
@@ -686,12 +687,23 @@ def run_plan(
             )
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
         # Up to the last write: a stop as the cluster closes or the summary is written too.
-        _say_stopped(layouts, metadata, "interrupted", str(stop) or "Ctrl-C")
+        written = _written_before_the_stop(ledger, started_wall)
+        _say_stopped(layouts, metadata, "interrupted", str(stop) or "Ctrl-C", written)
         raise
     except Exception as error:  # its own (the output's disk full, every scorer lost)
-        _say_stopped(layouts, metadata, "failed", f"{type(error).__name__}: {error}")
+        written = _written_before_the_stop(ledger, started_wall)
+        _say_stopped(layouts, metadata, "failed", f"{type(error).__name__}: {error}", written)
         raise
     return results if plan.several else results[plan.models[0].name]
+
+
+def _written_before_the_stop(ledger: FileLedger | None, started_wall: float) -> dict[str, Any]:
+    """A stopped run's ``summary``: the chunks and frames it wrote, and its wall time."""
+    return {
+        "chunks_written": 0 if ledger is None else ledger.chunks_written,
+        "frames": 0 if ledger is None else ledger.frames_written,
+        "wall_seconds": time.perf_counter() - started_wall,
+    }
 
 
 def _say_stopped(
@@ -699,19 +711,21 @@ def _say_stopped(
     metadata: Sequence[dict[str, Any]],
     status: Literal["interrupted", "failed"],
     why: str,
+    written: Mapping[str, Any],
 ) -> None:
-    """Mark the outputs a stopped run had started with ``status``, and when and why.
+    """Mark the outputs a stopped run had started: ``status``, when, why and what was ``written``.
 
-    So that a resume's ``earlier_runs`` tells a run stopped by Ctrl-C or SIGTERM
-    (``"interrupted"``) or by an error (``"failed"``) from one killed outright (still
-    ``"running"``). Outputs the run had not started (no metadata yet, no ``buzzdask.json``),
-    or had finished already (one head of several), are left alone.
+    ``written`` becomes their ``summary``. So that a resume's ``earlier_runs`` tells a run
+    stopped by Ctrl-C or SIGTERM (``"interrupted"``) or by an error (``"failed"``) from one
+    killed outright (still ``"running"``), with its counts. Outputs the run had not started (no
+    metadata yet, no ``buzzdask.json``), or had finished already (one head of several), are
+    left alone.
     """
     if not metadata:
         return
     for layout, meta in zip(layouts, metadata, strict=True):
         if layout.metadata.exists() and _written_status(layout) != "complete":
-            meta.update(status=status, finished=utc_now(), stopped_by=why)
+            meta.update(status=status, finished=utc_now(), stopped_by=why, summary=dict(written))
             with suppress(OSError):  # a full or gone disk: the stop is what matters now
                 write_json(layout.metadata, meta)
 
