@@ -347,6 +347,13 @@ def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
     log = (partial.output / "buzzdask.log").read_text()
     assert log.count("buzzdask.analysis: starting an analysis on ") == 1
     assert log.count("buzzdask.analysis: resuming an analysis on ") == 1
+    # Resume into an output no run has written: a start.
+    fresh = run(
+        tmp_path / "audio", chunk_seconds=2.0, output=tmp_path / "fresh", on_conflict="resume"
+    )
+    assert (
+        "buzzdask.analysis: starting an analysis on " in (fresh.output / "buzzdask.log").read_text()
+    )
 
 
 def test_an_ffmpeg_stopped_mid_decode_is_decoded_again(run, make_audio, tmp_path, caplog):

@@ -566,7 +566,10 @@ def run_plan(
             # Each invocation's first line in the log: a resumed output's log tells them apart.
             logger.info(
                 "%s %s on %s (scheduler %s)",
-                "resuming" if on_conflict == "resume" else "starting",
+                # A resume into an output no run has written is a start.
+                "resuming"
+                if on_conflict == "resume" and any(layout.metadata.exists() for layout in layouts)
+                else "starting",
                 "a re-scoring" if plan.ffmpeg is None else "an analysis",
                 platform.node(),
                 getattr(connected.scheduler, "address", "?"),
