@@ -114,8 +114,16 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     assert len(frame) > 3 and "detection_ins_buzz" in frame
     assert len(frame[frame.file == "a.wav"]) == 3
 
+    make_audio("b.wav", n_samples=2 * FRAME, seed=3)  # arrived since: a resume adds it
+    more = buzzdask_cli(*args, "--resume")
+    # Its audio and speed are its own; what the earlier run wrote is said apart.
+    added = (
+        r"buzzdask: 4/6 files \(2 failed\), 2 s of audio in .*realtime, "
+        r"\d+ chunks written before\)"
+    )
+    assert re.search(added, more.stdout), more.stdout
     finished = buzzdask_cli(*args, "--resume")
-    assert "buzzdask: 3/5 files (2 failed), nothing left to analyse (" in finished.stdout
+    assert "buzzdask: 4/6 files (2 failed), nothing left to analyse (" in finished.stdout
 
     conflict = buzzdask_cli(*args)
     assert conflict.returncode == EXIT_ERROR

@@ -879,10 +879,12 @@ def _report(result: Any) -> int:
         # A watch's wall time is mostly waiting for files: its speed is over its passes.
         analysing = summary.get("analysing_seconds")
         busy = "" if analysing is None else f", {analysing:.1f} s of it analysing"
+        # A resume's audio and speed are its own: what earlier runs wrote is said apart.
+        before = f", {format_count(done_before, 'chunk')} written before" if done_before else ""
         work = (
             f"{format_audio(summary['audio_hours'] * 3600)} of audio "
             f"in {summary['wall_seconds']:.1f} s{busy} "
-            f"({format_factor(summary['realtime_factor'])} realtime)"
+            f"({format_factor(summary['realtime_factor'])} realtime{before})"
         )
     failed = f" ({summary['files_failed']} failed)" if summary["files_failed"] else ""
     print(
