@@ -339,6 +339,9 @@ def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
     )
     assert resumed.summary["chunks_written"] == 2
     assert_same_frames(resumed.to_pandas(), complete.to_pandas())
+    # A notebook cell's value says what the resume wrote and what it found written.
+    skipped = resumed.summary["chunks_skipped_resume"]
+    assert f"2/2 files, 4 frames ({skipped} chunks written before), 0 error rows" in repr(resumed)
     # buzzdask.json keeps the invocation before, as it had recorded itself.
     [earlier] = resumed.metadata["earlier_runs"]
     assert earlier["status"] == "complete" and earlier["started"] == partial.metadata["started"]
