@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.dataframe as dd
@@ -578,11 +579,18 @@ def test_worker_killed_mid_run_loses_nothing(kill_corpus, tmp_path, victim, cpu_
 def _kill_once(pid: int, ready: Callable[[], bool]) -> tuple[threading.Thread, threading.Event]:
     """SIGKILL ``pid`` from a thread as soon as ``ready()``; the thread and its "killed" event
     (set it to stop the thread without a kill)."""
+    return _kill_when(lambda: pid if ready() else None)
+
+
+def _kill_when(victim: Callable[[], int | None]) -> tuple[threading.Thread, threading.Event]:
+    """SIGKILL the process ``victim()`` names from a thread, as soon as it names one; the
+    thread and its "killed" event (set it to stop the thread without a kill)."""
     killed = threading.Event()
 
     def kill_when_ready() -> None:
         while not killed.is_set():
-            if ready():
+            pid = victim()
+            if pid is not None:
                 os.kill(pid, signal.SIGKILL)
                 killed.set()
                 return
@@ -629,11 +637,16 @@ def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_pat
 
 
 @pytest.mark.timeout(300)
-def test_the_only_worker_killed_as_scoring_starts_loses_nothing(kill_corpus, tmp_path):
+@pytest.mark.parametrize("kills", [1, 2], ids=["once", "again-as-its-scorer-loads"])
+def test_the_only_worker_killed_as_scoring_starts_loses_nothing(kill_corpus, tmp_path, kills):
     """A laptop's one worker SIGKILLed once a score task is sent to it (it waits there for its
     decoded audio and the scorer): its nanny starts another, the scorer starts there, and the
     run finishes, every frame once. The score task had the lost actor as a dependency, and
-    Dask left it waiting on it for good: the run hung without a word."""
+    Dask left it waiting on it for good: the run hung without a word.
+
+    Killed again while the new scorer loads (a laptop short of memory): its task, placed on a
+    worker that left with no other there, is one Dask never runs again; it hung the run too,
+    until the wait for it looked at the cluster."""
     from distributed import Client, LocalCluster
 
     audio, options, reference = kill_corpus
@@ -641,20 +654,37 @@ def test_the_only_worker_killed_as_scoring_starts_loses_nothing(kill_corpus, tmp
     def score_sent(dask_scheduler: object) -> bool:
         return any(str(key).startswith("score-") for key in dask_scheduler.tasks)
 
+    def loading_scorers(dask_scheduler: Any) -> list[str]:
+        return [
+            task.processing_on.address
+            for key, task in dask_scheduler.tasks.items()
+            if str(key).startswith("scorer-") and task.processing_on is not None
+        ]
+
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         (target,) = client.scheduler_info()["workers"]
         pid = client.run(os.getpid)[target]
-        killer, killed = _kill_once(pid, lambda: client.run_on_scheduler(score_sent))
+        killers = [_kill_once(pid, lambda: client.run_on_scheduler(score_sent))]
+        if kills == 2:
+
+            def the_next_worker_as_its_scorer_loads() -> int | None:
+                if not killers[0][1].is_set():
+                    return None
+                others = [a for a in client.run_on_scheduler(loading_scorers) if a != target]
+                return client.run(os.getpid, workers=others[:1]).get(others[0]) if others else None
+
+            killers.append(_kill_when(the_next_worker_as_its_scorer_loads))
         result = buzzdask.analyze(
             audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
         )
-        assert killed.is_set()
-        killer.join()
+        for killer, killed in killers:
+            assert killed.is_set()
+            killer.join()
     assert result.ok, result.errors
-    assert result.summary["scorers_lost"] == 1
+    assert result.summary["scorers_lost"] == kills
     _assert_same_frames(result, reference)
 
 

@@ -468,7 +468,17 @@ class ScorerPool:
         # Waited for: chunks are re-sent to it as soon as this returns.
         while futures:
             ((host, future),) = futures.items()
-            wait(future)
+            try:
+                wait(future, timeout=REFRESH_EVERY_S)
+            except TimeoutError:
+                if host not in self._live_workers():
+                    # Its worker died too as the model loaded, with no other there: Dask never
+                    # runs such a task again (no-worker), so it is given up and submitted anew.
+                    self.starting.pop(host, None)
+                    self._restarting.discard(host)
+                    self._forget(host)
+                    futures = self._go_on_without(host)
+                continue
             futures = self.started(host)
 
     def _go_on_without(self, address: str) -> dict[str, Future]:
@@ -534,13 +544,16 @@ class ScorerPool:
             return {}
         self._next_refresh = now + REFRESH_EVERY_S
         workers = self._live_workers()
-        for address in [a for a in self.scorers if a not in workers]:
+        departed = [a for a in self.scorers if a not in workers]
+        for address in departed:
             if finished:
                 self._forget(address)
             else:
                 self.replace(address)
         if finished:
             return {}
+        if departed:  # a replacement waits for its scorer: workers may have come and gone since
+            workers = self._live_workers()
         new = self._joined(workers)
         futures = self._submit(new, workers) if new else {}
         if new:
