@@ -547,7 +547,7 @@ def run_plan(
     if elsewhere:
         logger.warning("%s", elsewhere)
     metadata: list[dict[str, Any]] = []  # the outputs' buzzdask.json, once planned
-    ledger: FileLedger | None = None  # what the run wrote, once it writes
+    resumed: list[ResumeCheck] = []  # what a resume found done, once checked
     lock = OutputLock(root, started=started, stale_s=settings.lock_stale_seconds)
     try:
         with (
@@ -693,21 +693,29 @@ def run_plan(
             )
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as the command raises it
         # Up to the last write: a stop as the cluster closes or the summary is written too.
-        written = _written_before_the_stop(ledger, started_wall)
-        _say_stopped(layouts, metadata, "interrupted", str(stop) or "Ctrl-C", written)
+        why = str(stop) or "Ctrl-C"
+        _say_stopped(layouts, metadata, "interrupted", why, resumed, started_wall)
         raise
     except Exception as error:  # its own (the output's disk full, every scorer lost)
-        written = _written_before_the_stop(ledger, started_wall)
-        _say_stopped(layouts, metadata, "failed", f"{type(error).__name__}: {error}", written)
+        why = f"{type(error).__name__}: {error}"
+        _say_stopped(layouts, metadata, "failed", why, resumed, started_wall)
         raise
     return results if plan.several else results[plan.models[0].name]
 
 
-def _written_before_the_stop(ledger: FileLedger | None, started_wall: float) -> dict[str, Any]:
-    """A stopped run's ``summary``: the chunks and frames it wrote, and its wall time."""
+def _written_before_the_stop(
+    layout: OutputLayout, trusted: Mapping[tuple[str, int], Any], started_wall: float
+) -> dict[str, Any]:
+    """A stopped run's ``summary``: the chunks and frames it journalled, and its wall time.
+
+    Read from the journal, not counted as the run went: a stop lands between a chunk's journal
+    line and its count as readily as anywhere. ``trusted``: what the journal held before (a
+    resume's chunks done).
+    """
+    new = [entry for key, entry in layout.read_journal().items() if key not in trusted]
     return {
-        "chunks_written": 0 if ledger is None else ledger.chunks_written,
-        "frames": 0 if ledger is None else ledger.frames_written,
+        "chunks_written": len(new),
+        "frames": sum(int(entry["frames"]) for entry in new),
         "wall_seconds": time.perf_counter() - started_wall,
     }
 
@@ -717,21 +725,25 @@ def _say_stopped(
     metadata: Sequence[dict[str, Any]],
     status: Literal["interrupted", "failed"],
     why: str,
-    written: Mapping[str, Any],
+    resumed: Sequence[ResumeCheck],
+    started_wall: float,
 ) -> None:
-    """Mark the outputs a stopped run had started: ``status``, when, why and what was ``written``.
+    """Mark the outputs a stopped run had started: ``status``, when, why and what it wrote.
 
-    ``written`` becomes their ``summary``. So that a resume's ``earlier_runs`` tells a run
-    stopped by Ctrl-C or SIGTERM (``"interrupted"``) or by an error (``"failed"``) from one
-    killed outright (still ``"running"``), with its counts. Outputs the run had not started (no
-    metadata yet, no ``buzzdask.json``), or had finished already (one head of several), are
-    left alone.
+    So that a resume's ``earlier_runs`` tells a run stopped by Ctrl-C or SIGTERM
+    (``"interrupted"``) or by an error (``"failed"``) from one killed outright (still
+    ``"running"``), with its counts (its ``summary``: what its journal gained beyond the chunks
+    ``resumed`` found done). Outputs the run had not started (no metadata yet, no
+    ``buzzdask.json``), or had finished already (one head of several), are left alone.
     """
     if not metadata:
         return
-    for layout, meta in zip(layouts, metadata, strict=True):
+    trusted = [check.done for check in resumed] or [{} for _ in layouts]
+    for layout, meta, done in zip(layouts, metadata, trusted, strict=True):
         if layout.metadata.exists() and _written_status(layout) != "complete":
-            meta.update(status=status, finished=utc_now(), stopped_by=why, summary=dict(written))
+            with suppress(OSError, ValueError):  # a gone disk, a journal cut short: no counts
+                meta["summary"] = _written_before_the_stop(layout, done, started_wall)
+            meta.update(status=status, finished=utc_now(), stopped_by=why)
             with suppress(OSError):  # a full or gone disk: the stop is what matters now
                 write_json(layout.metadata, meta)
 
