@@ -36,7 +36,13 @@ from buzzdask.decode import (
     release_decoded_copy,
     seeks_exactly,
 )
-from buzzdask.errors import DecodeError, DecoderStopped, as_task_answer, without_chain
+from buzzdask.errors import (
+    DecodeError,
+    DecoderStopped,
+    ScorerError,
+    as_task_answer,
+    without_chain,
+)
 from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
@@ -870,7 +876,14 @@ class ChunkPipeline:
     def _scored(self, address: str, group: list[tuple[ChunkJob, Future]], future: Future) -> None:
         self._load[address] -= 1
         self._first_score_out = False
-        results = outcome(future)
+        # Finished, then lost with the scorer's worker before it was read: Dask computes it
+        # again, which can wait for good (on decode tasks stranded with dead workers) and would
+        # hold up this loop, which frees them. Its chunks go to the scorer in its place instead.
+        results = (
+            outcome(future)
+            if future.done()
+            else ScorerError(f"the result of {future.key} was lost with its worker")
+        )
         if not isinstance(results, BaseException):
             self.budget.release(sum(self._nbytes(job) for job, _ in group))
             with self.recording():
