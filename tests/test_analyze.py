@@ -342,7 +342,7 @@ def test_resume_finishes_an_interrupted_run(run, make_audio, tmp_path):
     assert_same_frames(resumed.to_pandas(), complete.to_pandas())
     # A notebook cell's value says what the resume wrote and what it found written.
     skipped = resumed.summary["chunks_skipped_resume"]
-    assert f"2/2 files, 4 frames ({skipped} chunks written before), 0 error rows" in repr(resumed)
+    assert f"2/2 files, 4 frames ({skipped} chunks done before), 0 error rows" in repr(resumed)
     # buzzdask.json keeps the invocation before, as it had recorded itself.
     [earlier] = resumed.metadata["earlier_runs"]
     assert earlier["status"] == "complete" and earlier["started"] == partial.metadata["started"]
@@ -1193,7 +1193,7 @@ def test_a_stop_as_the_run_ends_is_recorded_as_a_stop(
     assert (metadata["status"], metadata["stopped_by"]) == ("interrupted", "SIGTERM")
     monkeypatch.setattr(analysis, "peak_rss_by_worker", measured)
     assert main([*command, "--resume"]) == 0
-    assert "nothing left to analyse (3 chunks written before)" in capsys.readouterr().out
+    assert "nothing left to analyse (3 chunks done before)" in capsys.readouterr().out
     assert json.loads((output / "buzzdask.json").read_text())["status"] == "complete"
 
 

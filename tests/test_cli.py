@@ -102,6 +102,7 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     # Each file's own reason, as the command's worker processes send it (no unpickling error).
     assert "failed: broken.mp3: ffprobe cannot read it as audio" in done.stderr
     assert "failed: short.wav: audio shorter than one frame (0.96 s)" in done.stderr
+    assert "written short.wav" not in done.stderr  # no partition: no "0 frames" written
     assert "Failed to deserialize" not in done.stderr
     # Files whose frames are written all the same are warned about, not called failed; a
     # chunk's number reads as one.
@@ -119,7 +120,7 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     # Its audio and speed are its own; what the earlier run wrote is said apart.
     added = (
         r"buzzdask: 4/6 files \(2 failed\), 2 s of audio in .*realtime, "
-        r"\d+ chunks written before\)"
+        r"\d+ chunks done before\)"
     )
     assert re.search(added, more.stdout), more.stdout
     finished = buzzdask_cli(*args, "--resume")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import pandas as pd
 
 from buzzdask.cli import EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
 from buzzdask.progress import PROBLEMS_SHOWN
-from tests.conftest import ffmpeg_failing_on, requires_ffmpeg
+from tests.conftest import BUZZDASK, ffmpeg_failing_on, requires_ffmpeg
 from tests.test_cli import buzzdask_cli
 
 # What TensorFlow, absl, CUDA and Dask print when nothing silences them.
@@ -69,6 +70,30 @@ def test_verbose_shows_the_chunk_lines(tmp_path, make_audio, tiny_model, tiny_em
     assert not TENSORFLOW.search(done.stderr), done.stderr  # that is --debug's
     # bokeh's warning that Dask's dashboard takes connections from any host: nothing to act on.
     assert "bokeh" not in done.stderr, done.stderr
+
+
+@requires_ffmpeg
+def test_a_console_no_one_reads_any_more_does_not_stop_the_run(
+    tmp_path, make_audio, tiny_model, tiny_embedder
+):
+    """``buzzdask analyze ... 2>&1 | head -1``: the run's next line met a closed pipe and the
+    whole run failed on it (BrokenPipeError, exit 1, nothing written)."""
+    make_audio("good.wav", n_samples=16000 * 3)
+    command = shlex.join([
+        BUZZDASK, "analyze", str(tmp_path / "audio"),
+        "--model", str(tiny_model), "--embedder", str(tiny_embedder),
+        "--output", str(tmp_path / "out"), "-v",
+    ])  # fmt: skip
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    done = subprocess.run(
+        ["bash", "-c", f"{command} 2>&1 | head -1; exit ${{PIPESTATUS[0]}}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == EXIT_OK, done.stdout
+    assert done.stdout.count("\n") == 1, done.stdout
+    assert len(pd.read_parquet(tmp_path / "out" / "scores")) == 3
+    # The console's lines went nowhere; the run's log has them all.
+    assert "written good.wav" in (tmp_path / "out" / "buzzdask.log").read_text()
 
 
 @requires_ffmpeg

@@ -138,7 +138,7 @@ class AnalysisResult:
         files = f"{summary.get('files_done')}/{summary.get('files')} files"
         # A resume's frames are its own: what earlier runs wrote is said apart.
         before = summary.get("chunks_skipped_resume")
-        earlier = f" ({format_count(before, 'chunk')} written before)" if before else ""
+        earlier = f" ({format_count(before, 'chunk')} done before)" if before else ""
         return (
             f"AnalysisResult(output={os.fspath(self.output)!r}: {files}"
             f"{f' ({failed} failed)' if failed else ''}, {summary.get('frames')} frames{earlier}, "

@@ -713,13 +713,21 @@ def _one_blas_thread() -> None:
         os.environ.setdefault(name, "1")
 
 
-@reports_errors
 def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> int:
     """Run the command line; return the exit code.
 
     ``client`` is the cluster an ``analyze`` command runs on, overriding ``--scheduler``
-    (``python -m buzzdask.cluster ... analyze ...`` passes the SLURM cluster's client).
+    (``python -m buzzdask.cluster ... analyze ...`` passes the SLURM cluster's client). Its
+    output going unread (``| head``, a closed terminal) does not stop it.
     """
+    from buzzdask.progress import console_outlives_its_reader
+
+    with console_outlives_its_reader():
+        return _run(argv, client=client)
+
+
+@reports_errors
+def _run(argv: Sequence[str] | None, *, client: Client | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in _AFTER_STOP:
         _stopping["after"] = _AFTER_STOP[args.command]
@@ -874,13 +882,13 @@ def _report(result: Any) -> int:
     summary = result.summary
     done_before = summary["chunks_skipped_resume"]
     if summary["chunks_written"] == 0 and done_before:  # a resume of a finished run
-        work = f"nothing left to analyse ({format_count(done_before, 'chunk')} written before)"
+        work = f"nothing left to analyse ({format_count(done_before, 'chunk')} done before)"
     else:
         # A watch's wall time is mostly waiting for files: its speed is over its passes.
         analysing = summary.get("analysing_seconds")
         busy = "" if analysing is None else f", {analysing:.1f} s of it analysing"
         # A resume's audio and speed are its own: what earlier runs wrote is said apart.
-        before = f", {format_count(done_before, 'chunk')} written before" if done_before else ""
+        before = f", {format_count(done_before, 'chunk')} done before" if done_before else ""
         work = (
             f"{format_audio(summary['audio_hours'] * 3600)} of audio "
             f"in {summary['wall_seconds']:.1f} s{busy} "

@@ -318,7 +318,10 @@ class FileLedger:
                     }
                 ]
             )
-        logger.info("written %s: %s", job.label, format_count(n_frames, "frame"))
+        if n_frames:
+            logger.info("written %s: %s", job.label, format_count(n_frames, "frame"))
+        else:  # no partition: "written ...: 0 frames" read as if one were
+            logger.info("no whole frame in %s: nothing written", job.label)
         if messages:
             self._damaged(relative, job.plan.index, job.label, messages)
         self.chunks_written += 1

@@ -138,11 +138,12 @@ def chunk_label(
     """``"<name> [start–end s]"``, in seconds of the file.
 
     ``end`` for an open last chunk, and for one reaching past the file's estimated
-    ``duration_s`` (a one-chunk file reads "[0.00–end s]", not the chunk length).
+    ``duration_s`` (a one-chunk file reads "[0.00–end s]", not the chunk length; so does an
+    empty one's).
     """
     start = plan.first_frame * spec.hop_length / spec.sample_rate
     end = None if plan.n_frames is None else start + spec.span(plan.n_frames) / spec.sample_rate
-    if end is None or (duration_s is not None and start < duration_s < end):
+    if end is None or (duration_s is not None and start <= duration_s < end):
         return f"{name} [{start:.2f}–end s]"
     return f"{name} [{start:.2f}–{end:.2f} s]"
 

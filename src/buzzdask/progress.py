@@ -9,12 +9,16 @@ Dask dashboard shows (:mod:`buzzdask.dashboard_page`).
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
@@ -24,6 +28,7 @@ __all__ = [
     "PROGRESS_LINE_INTERVAL_S",
     "Progress",
     "TqdmHandler",
+    "console_outlives_its_reader",
     "format_audio",
     "format_count",
     "format_factor",
@@ -53,6 +58,65 @@ class TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         """Write the formatted record to stderr, clear of the bar."""
         tqdm.write(self.format(record), file=sys.stderr)
+
+
+#: What writing to a console no one reads any more raises: its pipe's reader ended (``| head``,
+#: a ``tee`` killed with the terminal) or its terminal closed.
+_READER_GONE = (errno.EPIPE, errno.EIO)
+
+
+class _ConsoleStream:
+    """A standard stream whose reader may go while a run goes on (``| head``, a closed terminal).
+
+    The first write that finds no reader points the stream's file descriptor at
+    ``os.devnull``: that write and every later one (Python's own flush at exit too) go nowhere,
+    instead of raising from whichever log line or bar redraw comes next and stopping the run.
+    The run's log (``buzzdask.log``) keeps every line.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as error:
+            self._reader_gone(error)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as error:
+            self._reader_gone(error)
+
+    def _reader_gone(self, error: OSError) -> None:
+        if error.errno not in _READER_GONE:
+            raise error
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), self._stream.fileno())
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding ...
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def console_outlives_its_reader() -> Iterator[None]:
+    """Standard output and error whose reader going away does not stop the command.
+
+    Python raises :class:`BrokenPipeError` on the next write once a pipe's reader has gone:
+    from a log line mid-run, that stopped a whole analysis (``buzzdask analyze ... | head``).
+    Only the process's own streams are wrapped; a notebook's or a test's capture stays as it is.
+    """
+    saved = sys.stdout, sys.stderr
+    if type(sys.stdout) is io.TextIOWrapper:
+        sys.stdout = _ConsoleStream(sys.stdout)
+    if type(sys.stderr) is io.TextIOWrapper:
+        sys.stderr = _ConsoleStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 # C0 controls but the tab, DEL and C1: a file name holding a newline or an escape sequence

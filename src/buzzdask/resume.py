@@ -345,8 +345,8 @@ def _remove_untrusted(layout: OutputLayout, trusted: set[Path]) -> int:
         _remove_empty(path.parent, stop=layout.scores)
     if untrusted:
         logger.info(
-            "resume: removed %s the journal does not vouch for (of chunks done again, or cut "
-            "short by the stop)",
+            "resume: removed %s to be written again (of files changed since, or of chunks cut "
+            "short by the stop: the journal does not vouch for them)",
             format_count(len(untrusted), "partition file"),
         )
     return len(untrusted)

@@ -499,8 +499,8 @@ class OutputConflict:
             return (
                 f"output {self.output} already holds results of a finished run ({done}); "
                 f"pass {words.new} to write to a new timestamped directory, or choose another "
-                f"{words.output} ({words.resume} adds only what it lacks: new files, files "
-                "that failed, and a model to an output of several)"
+                f"{words.output} ({words.resume} adds only what it lacks: new or changed "
+                "files, chunks that failed, and a model to an output of several)"
             )
         if self.reason == "holds results":
             # Killed between its first partition and that chunk's journal line: none counts yet.
