@@ -601,6 +601,19 @@ def _kill_when(victim: Callable[[], int | None]) -> tuple[threading.Thread, thre
     return killer, killed
 
 
+def _score_sent(dask_scheduler: Any) -> bool:
+    return any(str(key).startswith("score-") for key in dask_scheduler.tasks)
+
+
+def _loading_scorers(dask_scheduler: Any) -> list[str]:
+    """Workers of the scorer actors that are still loading."""
+    return [
+        task.processing_on.address
+        for key, task in dask_scheduler.tasks.items()
+        if str(key).startswith("scorer-") and task.processing_on is not None
+    ]
+
+
 def test_worker_killed_while_its_scorer_loads_loses_nothing(kill_corpus, tmp_path):
     """SIGKILL the worker of the only scorer while the scorer is still loading (before any
     chunk could be scored): the run starts one on a live worker and finishes, every frame
@@ -650,30 +663,19 @@ def test_the_only_worker_killed_as_scoring_starts_loses_nothing(kill_corpus, tmp
     from distributed import Client, LocalCluster
 
     audio, options, reference = kill_corpus
-
-    def score_sent(dask_scheduler: object) -> bool:
-        return any(str(key).startswith("score-") for key in dask_scheduler.tasks)
-
-    def loading_scorers(dask_scheduler: Any) -> list[str]:
-        return [
-            task.processing_on.address
-            for key, task in dask_scheduler.tasks.items()
-            if str(key).startswith("scorer-") and task.processing_on is not None
-        ]
-
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         (target,) = client.scheduler_info()["workers"]
         pid = client.run(os.getpid)[target]
-        killers = [_kill_once(pid, lambda: client.run_on_scheduler(score_sent))]
+        killers = [_kill_once(pid, lambda: client.run_on_scheduler(_score_sent))]
         if kills == 2:
 
             def the_next_worker_as_its_scorer_loads() -> int | None:
                 if not killers[0][1].is_set():
                     return None
-                others = [a for a in client.run_on_scheduler(loading_scorers) if a != target]
+                others = [a for a in client.run_on_scheduler(_loading_scorers) if a != target]
                 return client.run(os.getpid, workers=others[:1]).get(others[0]) if others else None
 
             killers.append(_kill_when(the_next_worker_as_its_scorer_loads))
@@ -685,6 +687,44 @@ def test_the_only_worker_killed_as_scoring_starts_loses_nothing(kill_corpus, tmp
             killer.join()
     assert result.ok, result.errors
     assert result.summary["scorers_lost"] == kills
+    _assert_same_frames(result, reference)
+
+
+@pytest.mark.timeout(300)
+def test_both_scorers_killed_at_once_are_said_lost_together(kill_corpus, tmp_path):
+    """Both workers of a cluster SIGKILLed at once, each with a scorer (as when a SLURM job of
+    several workers is cancelled): the first loss said "1 other scorer(s) go on" of the scorer
+    lost with it. Both are said lost together, one is restarted, and the run finishes, every
+    frame once."""
+    from distributed import Client, LocalCluster
+
+    audio, options, reference = kill_corpus
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        pids = list(client.run(os.getpid).values())
+
+        def both_once_scoring() -> int | None:
+            up = client.run_on_scheduler(_score_sent) and not client.run_on_scheduler(
+                _loading_scorers
+            )
+            if not up:
+                return None
+            os.kill(pids[0], signal.SIGKILL)
+            return pids[1]
+
+        killer, killed = _kill_when(both_once_scoring)
+        result = buzzdask.analyze(
+            audio, output=tmp_path / "out", client=client, **options, **KILL_PACING
+        )
+        assert killed.is_set()
+        killer.join()
+    assert result.ok, result.errors
+    assert result.summary["scorers_lost"] == 2
+    log = (tmp_path / "out" / "buzzdask.log").read_text()
+    assert "other scorer(s) go on" not in log, log
+    assert re.search(r"scorers on \S+, \S+ were lost: restarting one on ", log), log
     _assert_same_frames(result, reference)
 
 

@@ -483,13 +483,21 @@ class ScorerPool:
 
     def _go_on_without(self, address: str) -> dict[str, Future]:
         """The actor submitted in place of the lost one on ``address`` if it was the last."""
+        workers = self._live_workers()
+        # Scorers whose workers left with it (a job of several workers cancelled, a node down)
+        # are lost too: not "other scorers" that go on.
+        lost = [address, *(other for other in self.scorers if other not in workers)]
+        for other in lost[1:]:
+            self._forget(other)
+        one = len(lost) == 1
+        said = f"scorer on {address} was" if one else f"scorers on {', '.join(lost)} were"
         if self.scorers or self.starting:
             others = len(self.scorers) + len(self.starting)
-            logger.warning("scorer on %s was lost: %d other scorer(s) go on", address, others)
-            self._update_decode_workers(self._live_workers())
+            logger.warning("%s lost: %d other scorer(s) go on", said, others)
+            self._update_decode_workers(workers)
             return {}
         workers, host = self._wait_for_replacement(address)
-        logger.warning("scorer on %s was lost: restarting it on %s", address, host)
+        logger.warning("%s lost: restarting %s on %s", said, "it" if one else "one", host)
         self._restarting.add(host)
         futures = self._submit([host], workers)
         self._update_decode_workers(workers)
@@ -548,7 +556,7 @@ class ScorerPool:
         for address in departed:
             if finished:
                 self._forget(address)
-            else:
+            elif address in self.scorers:  # not forgotten with one replaced before it
                 self.replace(address)
         if finished:
             return {}
