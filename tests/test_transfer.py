@@ -21,9 +21,11 @@ from buzzdask import DecodeError, ParameterError, probe_audio
 from buzzdask.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from buzzdask.decode import decode_chunk, plan_chunks
 from buzzdask.inputs import discover
+from buzzdask.lock import OutputLock
 from buzzdask.rclone import FAILED_MARKER, INCOMING, MANIFEST, TransferError, transfer, upload
 from buzzdask.settings import load_settings
 from buzzdask.staging import decode_chunk_staged, staged
+from buzzdask.write import utc_now
 from tests.conftest import (
     BUZZDASK,
     SIGINT_AS_IN_A_TERMINAL,
@@ -253,15 +255,25 @@ def test_interrupted_transfer_says_how_to_finish(rclone_remote, make_audio, tmp_
     assert not (dest / ".transfer-complete").exists()
 
 
-def test_upload_sends_results_back(rclone_remote, tmp_path):
+def test_upload_sends_results_back(rclone_remote, tmp_path, caplog):
+    """Sent while a run (a watch between its passes) still writes there: said, as an export
+    says it, and its lock is not sent (it would name a run on a host the copy is not on)."""
     results = tmp_path / "results" / "run1"
     (results / "scores" / "a.wav").mkdir(parents=True)
-    (results / "buzzdask.json").write_text('{"status": "complete"}\n')
+    metadata = {"status": "complete", "classes": ["ins_buzz"], "model": "model_general_v3"}
+    metadata |= {"frame_hop_s": 0.96, "frame_length_s": 0.96, "inputs": {"root": "audio"}}
+    (results / "buzzdask.json").write_text(json.dumps(metadata))
     (results / "scores" / "a.wav" / "chunk-000000.parquet").write_bytes(os.urandom(5000))
 
-    sent = upload(results, "sharepoint:uploads/run1", rclone_flags=rclone_remote.flags)
+    with (
+        OutputLock(results, started=utc_now(), stale_s=60),
+        caplog.at_level("WARNING", logger="buzzdask"),
+    ):
+        sent = upload(results, "sharepoint:uploads/run1", rclone_flags=rclone_remote.flags)
 
+    assert "run1: a run still writes to it" in caplog.text
     assert sent.files == ["buzzdask.json", "scores/a.wav/chunk-000000.parquet"]
+    assert not list((rclone_remote.root / "uploads").rglob(".buzzdask.lock*"))
     for name in sent.files:
         assert same_bytes(rclone_remote.root / "uploads" / "run1" / name, results / name)
     with pytest.raises(TransferError, match="authentication failed; refresh the credentials"):

@@ -283,6 +283,59 @@ def test_files_gone_or_rewritten_between_passes(
     assert watched.summary["audio_hours"] == pytest.approx(4 * 0.96 / 3600)
 
 
+def test_a_file_failing_in_every_pass_is_said_once(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, caplog
+):
+    """A season's one corrupt file, seen again by each pass of the watch: its failure line was
+    said once a pass, the only lines of a batch job's log, each looking like news."""
+    audio, output = tmp_path / "audio", tmp_path / "out"
+    make_audio("a.wav", n_samples=2 * FRAME)
+    (audio / "junk.mp3").write_text("not audio\n" * 100)
+
+    def arrive() -> None:
+        make_audio("b.wav", n_samples=2 * FRAME, seed=1)
+        (audio / ".transfer-complete").write_text("{}\n")
+
+    with caplog.at_level("WARNING", logger="buzzdask"):
+        watched = _watch_while(
+            output / "errors.parquet",  # the first pass's end
+            arrive,
+            audio,
+            tiny_model,
+            output=output,
+            client=dask_client,
+            embedder=str(tiny_embedder),
+            progress=False,
+        )
+    assert len(watched.summary["watch"]["passes"]) == 2
+    assert list(watched.errors.file) == ["junk.mp3"]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed: junk")]
+    assert len(said) == 1, said
+
+
+def test_a_resumed_watch_counts_what_it_wrote_of_files_replaced_or_removed_since(
+    make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
+):
+    """A recording uploaded again (corrected, same length) and one removed since the earlier
+    run: the watch's frames were the change in the output's size (0, then negative) and its
+    "done before" counted the chunk it redid."""
+    audio, output = tmp_path / "audio", tmp_path / "out"
+    options = {"client": dask_client, "embedder": str(tiny_embedder), "progress": False}
+    for seed, name in enumerate(("a.wav", "b.wav", "c.wav")):
+        make_audio(name, n_samples=3 * FRAME, seed=seed)
+    buzzdask.analyze(audio, tiny_model, output=output, **options)
+    make_audio("b.wav", n_samples=3 * FRAME, seed=7)
+    (audio / "c.wav").unlink()
+    (audio / ".transfer-complete").write_text("{}\n")
+    watched = watch(
+        audio, tiny_model, output=output, on_conflict="resume", poll_seconds=0.1, **options
+    )
+    summary = watched.summary
+    assert (summary["frames"], summary["chunks_skipped_resume"]) == (3, 1)
+    assert summary["audio_hours"] == pytest.approx(3 * 0.96 / 3600)
+    assert len(watched.to_pandas()) == 6
+
+
 @pytest.mark.parametrize("transfer_s", [0.5, 0.0], ids=["past-the-pass", "within-the-pass"])
 def test_marker_left_by_an_earlier_transfer(
     make_audio, dask_client, tiny_embedder, tiny_model, tmp_path, capsys, transfer_s

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from buzzdask.score import ChunkTarget, ChunkWriter
 from buzzdask.store import STORED_CODEC, EmbeddingStore
 from buzzdask.write import OutputLayout, PartitionWriter, is_output_full, output_full_error
 
-__all__ = ["FileLedger", "FileState", "HeadOutput", "describe"]
+__all__ = ["FileLedger", "FileState", "HeadOutput", "ProblemLines", "describe", "problem_lines"]
 
 #: Most chunks added at once after a file's last chunk came back full (its duration estimate was
 #: short). Each time, as many as the file has so far, up to this: a file far longer than its
@@ -40,6 +41,19 @@ MOST_FOLLOW_ONS = 8
 #: Codecs whose container declares the length exactly (FLAC's STREAMINFO, an MP4's moov): one
 #: that decodes a frame or more shorter was cut short (or lost audio) after that was written.
 DECLARED_LENGTH_CODECS = ("flac", "alac", "aac")
+
+
+@dataclass
+class ProblemLines:
+    """The problem lines said on the console: their (file, reason) pairs, and how many."""
+
+    said: set[tuple[str, str]] = field(default_factory=set)
+    shown: int = 0
+
+
+#: Problem lines shared by the analyses of one watch (its passes), where set: a file that fails
+#: in every pass is said once, not once a pass; unset, each analysis says its own.
+problem_lines: ContextVar[ProblemLines | None] = ContextVar("problem_lines", default=None)
 
 
 @dataclass
@@ -118,8 +132,7 @@ class FileLedger:
         self.progress = progress
         self.files: dict[str, FileState] = {}
         self.errors: list[dict[str, Any]] = []
-        self._lines_shown = 0
-        self._said: set[tuple[str, str]] = set()  # (file, reason) of the lines shown
+        self._problems = problem_lines.get() or ProblemLines()
         self.frames_written = 0
         self.chunks_written = 0
         self.chunks_skipped = 0
@@ -426,15 +439,16 @@ class FileLedger:
         thousand bad files does not bury the console. So does the line of another chunk of a
         file that a shown line gave the same reason for (a file deleted mid-run).
         """
-        if (file, reason) in self._said:
+        problems = self._problems
+        if (file, reason) in problems.said:
             logger.info("%s", line)
-        elif self._lines_shown < PROBLEMS_SHOWN:
-            self._lines_shown += 1
-            self._said.add((file, reason))
+        elif problems.shown < PROBLEMS_SHOWN:
+            problems.shown += 1
+            problems.said.add((file, reason))
             logger.warning("%s", line)
         else:
-            if self._lines_shown == PROBLEMS_SHOWN:
-                self._lines_shown += 1
+            if problems.shown == PROBLEMS_SHOWN:
+                problems.shown += 1
                 logger.warning(
                     "more than %d problems: the others go to the run's log (buzzdask.log) as "
                     "they happen, not here; errors.parquet lists every one when the run ends",

@@ -26,8 +26,9 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from buzzdask.errors import OutputConflictError, ParameterError, TransferError
+from buzzdask.errors import BuzzdaskError, OutputConflictError, ParameterError, TransferError
 from buzzdask.inputs import user_path
+from buzzdask.lock import LOCK_NAME
 from buzzdask.progress import format_count, logger
 from buzzdask.settings import TransferSettings, load_settings
 from buzzdask.write import utc_now
@@ -368,8 +369,13 @@ def upload(
             f"not name {remote!r}); {_DIAGNOSES[0][2]}",
             reason=_DIAGNOSES[0][0],
         )
-    runner.run(["copy", os.fspath(local), destination], what=f"upload to {destination}")
-    files = sorted(p for p in local.rglob("*") if p.is_file())
+    _warn_of_runs_not_finished(local)
+    # A run's lock says who writes there, on this cluster: a copy elsewhere holds no run.
+    runner.run(
+        ["copy", "--exclude", f"{LOCK_NAME}*", os.fspath(local), destination],
+        what=f"upload to {destination}",
+    )
+    files = sorted(p for p in local.rglob("*") if p.is_file() and LOCK_NAME not in p.name)
     return TransferResult(
         source=os.fspath(local),
         destination=destination,
@@ -377,6 +383,18 @@ def upload(
         bytes=sum(p.stat().st_size for p in files),
         batches=1,
     )
+
+
+def _warn_of_runs_not_finished(local: Path) -> None:
+    """Say which runs under ``local`` are still written to, or stopped (as an export does)."""
+    from buzzdask.results import open_run
+
+    for metadata in sorted(local.rglob("buzzdask.json")):
+        try:
+            run = open_run(metadata.parent)
+        except BuzzdaskError:  # not a run's (unreadable): sent as any other file
+            continue
+        run.warn_if_unfinished("uploading")
 
 
 class _Rclone:

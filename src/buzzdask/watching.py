@@ -45,6 +45,7 @@ from buzzdask.analysis import (
 from buzzdask.errors import InputError, ParameterError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
+from buzzdask.ledger import ProblemLines, problem_lines
 from buzzdask.lock import OutputLock, live_holder
 from buzzdask.logs import console_configured, quiet_workers
 from buzzdask.progress import logger
@@ -169,16 +170,20 @@ def watch(
         quiet_workers(connected, timeout_s=settings.scorer_ping_seconds)
         passes = _Passes(root, model, output, connected, on_conflict, analyze_options)
         passes.hold_output(hold, stale_s=settings.lock_stale_seconds)
-        with _stop_recorded(passes):
-            stopped = _watch_passes(
-                root,
-                marker_path,
-                extensions,
-                passes,
-                poll=poll,
-                idle=idle,
-                lock_stale_s=settings.lock_stale_seconds,
-            )
+        once_a_watch = problem_lines.set(ProblemLines())
+        try:
+            with _stop_recorded(passes):
+                stopped = _watch_passes(
+                    root,
+                    marker_path,
+                    extensions,
+                    passes,
+                    poll=poll,
+                    idle=idle,
+                    lock_stale_s=settings.lock_stale_seconds,
+                )
+        finally:
+            problem_lines.reset(once_a_watch)
     if not passes.results and stopped == "transfer failed":
         said = _ended(stopped, root=root, marker=marker_path)
         raise InputError(f"the watch ended before any file arrived: {said}")
@@ -417,8 +422,8 @@ class _Passes:
         self.options = options
         self.results: list[AnalysisResult] = []
         self.errors: dict[str, pd.DataFrame] = {}
-        # Frames in the output before the first pass (a watch resuming an earlier one).
-        self.frames_before = 0
+        # The output's chunks before the first pass (a watch resuming an earlier one).
+        self.chunks_before: dict[tuple[str, int], dict[str, Any]] = {}
         self.started = False  # a pass began: from its end on, a stop is the watch's to say
         self._hold: ExitStack | None = None
         self._stale_s = 0.0
@@ -434,7 +439,8 @@ class _Passes:
     def run(self, snapshot: _Snapshot) -> None:
         """One pass over the files of ``snapshot``; errors of files no longer there are dropped."""
         if not self.results:
-            self.frames_before = _frames(self.output) if self.on_conflict == "resume" else 0
+            if self.on_conflict == "resume":
+                self.chunks_before = OutputLayout(self.output).read_journal()
         entries_before = len(OutputLayout(self.output).journal_entries())
         logger.info("watch: pass %d over %d files", len(self.results) + 1, len(snapshot))
         self.started = True
@@ -472,16 +478,19 @@ class _Passes:
             else errors_table([])
         )
         summaries = [result.summary for result in self.results]
-        # What the watch added to the output: a file analysed while it grew, then again whole,
-        # counts once.
-        frames = _frames(last.output) - self.frames_before
+        # What the watch wrote that the output still holds: a file analysed while it grew, then
+        # again whole, counts once; a chunk of a file replaced since, as new; a removed file's,
+        # not at all.
+        chunks = OutputLayout(last.output).read_journal()
+        added = [entry for key, entry in chunks.items() if self.chunks_before.get(key) != entry]
+        frames = sum(int(entry["frames"]) for entry in added)
         audio_hours = frames * last.metadata["frame_hop_s"] / 3600
         # The speed of the analysis, not of the arrivals: waiting for files is not counted.
         analysing = sum(s["wall_seconds"] for s in summaries)
         summary = {
             **last.summary,
             "chunks_written": sum(s["chunks_written"] for s in summaries),
-            "chunks_skipped_resume": summaries[0]["chunks_skipped_resume"],
+            "chunks_skipped_resume": len(chunks) - len(added),
             "frames": frames,
             "audio_hours": audio_hours,
             "wall_seconds": wall,
@@ -513,11 +522,6 @@ class _Passes:
             errors=table,
             metadata=metadata,
         )
-
-
-def _frames(output: str | os.PathLike[str]) -> int:
-    """Frames the output's results hold (its journal's chunks)."""
-    return sum(int(entry["frames"]) for entry in OutputLayout(output).read_journal().values())
 
 
 def _snapshot(root: Path, extensions: list[str]) -> _Snapshot | None:
