@@ -691,19 +691,37 @@ def test_a_class_without_frames_and_an_unreadable_ambient_file(
         result = buzzdask.train(
             labels, audio, output=tmp_path / "model", **{**options, "ambient_dirs": [ambient]}
         )
+    broken = re.escape(str(ambient / "broken.wav"))
     assert re.search(
-        r"1 file of the ambient folders cannot be read, left out: broken\.wav: ", caplog.text
+        rf"1 file of the ambient folders cannot be read, left out: {broken}: ", caplog.text
     )
     assert "broken.wav" not in json.dumps(result.metadata["files"])
 
 
-def test_holdout_and_ambiguous_names_are_refused_before_the_cluster(dataset, tmp_path):
+def test_holdout_and_ambiguous_names_are_refused_before_the_cluster(dataset, tmp_path, caplog):
     # No scheduler listens at the address: refusals that come first never try to reach it.
     options = {"client": "tcp://127.0.0.1:9", "cache_dir": tmp_path / "cache"}
     audio = [dataset / "audio" / "2023", dataset / "audio" / "2024"]
     labels = labels_table(dataset)
     with pytest.raises(ParameterError, match=r"holdout=\['siteZ'\] must name .*unknown"):
         buzzdask.train(labels, audio, output=tmp_path / "m", holdout=["siteZ"], **options)
+    # The ambient folder held out: it trained on no ambient frame, evaluated no other class.
+    # And folders that train on nothing among those given (a typo) are named.
+    (tmp_path / "empty_season").mkdir()
+    (tmp_path / "empty_quiet").mkdir()
+    ambient = {
+        "ambient_dirs": [dataset / "audio" / "ambient", tmp_path / "empty_quiet"],
+        "holdout": ["ambient"],
+    }
+    with (
+        caplog.at_level("WARNING", logger="buzzdask"),
+        pytest.raises(ParameterError, match=r"ambient folders always train: \['ambient'\]"),
+    ):
+        buzzdask.train(
+            labels, [*audio, tmp_path / "empty_season"], output=tmp_path / "m", **ambient, **options
+        )
+    assert "audio_dirs: no file the labels name in " + str(tmp_path / "empty_season") in caplog.text
+    assert "ambient_dirs: no audio file in " + str(tmp_path / "empty_quiet") in caplog.text
     again = tmp_path / "copy"
     again.mkdir()
     shutil.copy(dataset / "audio" / "2023" / "siteA_1.wav", again)

@@ -968,8 +968,8 @@ def _train(args: argparse.Namespace) -> int:
     summary, cache = result.summary, result.summary["embedding_cache"]
     print(
         f"buzzdask: trained {format_count(len(result.classes), 'class', 'classes')} on "
-        f"{summary['frames_train']} frames "
-        f"({summary['frames_holdout']} held out), {format_count(summary['epochs'], 'epoch')}, "
+        f"{summary['frames_train']} frames, {summary['frames_holdout']} more held out, "
+        f"{format_count(summary['epochs'], 'epoch')}, "
         f"{cache['frames_cached']} frames from the cache, {cache['frames_embedded']} embedded "
         f"-> {result.output}"
     )

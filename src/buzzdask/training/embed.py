@@ -80,7 +80,7 @@ def inspect_files(client: Client, files: list[TrainingFile], *, tools: FFmpegToo
             item.info, item.sha256 = answer
             continue
         if item.all_ambient and not len(item.segments):
-            skipped.append(f"{item.name}: {problem}")
+            skipped.append(f"{item.path}: {problem}")  # its name is relative to one of several
         else:
             where = f" ({cite_rows(item.segments)})" if len(item.segments) else ""
             unreadable.append(f"{item.name}: {problem}{where}")

@@ -272,10 +272,15 @@ def collect_files(
         raise ParameterError("audio_dirs is empty: name the directories the labels refer to")
     files: dict[str, TrainingFile] = {}
     missing, ambiguous, mixed = [], [], []
+    used: set[Path] = set()  # the audio_dirs a labelled file was found in
     for name, segments in table.groupby("file", sort=True):
         given = Path(str(name)).expanduser()
-        candidates = [given] if given.is_absolute() else [d / given for d in audio_dirs]
-        found = [p for p in candidates if p.is_file()]
+        if given.is_absolute():
+            found = [given] if given.is_file() else []
+        else:
+            holding = [d for d in audio_dirs if (d / given).is_file()]
+            used.update(holding)
+            found = [d / given for d in holding]
         if not found:
             missing.append(f"{name!r} ({cite_rows(segments)})")
             continue
@@ -300,6 +305,8 @@ def collect_files(
         )
     if mixed:
         raise ParameterError(f"one file, several {group_column!r} values: {'; '.join(mixed)}")
+    unused = [d for d in audio_dirs if d not in used]
+    _warn_of_unused("audio_dirs", unused, "no file the labels name")
     if ambient_dirs:
         _add_ambient_files(files, table, ambient_dirs, extensions=extensions)
     return list(files.values())
@@ -319,6 +326,8 @@ def _add_ambient_files(
         raise InputError(f"ambient_dirs: unreadable: {', '.join(broken)}")
     if not found_ambient:
         raise InputError(f"ambient_dirs: no audio files in {', '.join(map(str, ambient_dirs))}")
+    holding = {d for d in ambient_dirs for f in found_ambient if Path(f.path).is_relative_to(d)}
+    _warn_of_unused("ambient_dirs", [d for d in ambient_dirs if d not in holding], "no audio file")
     for item in found_ambient:
         path = str(Path(item.path).resolve())
         entry = files.setdefault(
@@ -331,6 +340,13 @@ def _add_ambient_files(
             ),
         )
         entry.all_ambient = True
+
+
+def _warn_of_unused(option: str, unused: list[Path], holding: str) -> None:
+    """Say which directories given train on nothing (a typo, or the wrong folder)."""
+    if unused:
+        folders = ", ".join(map(str, unused))
+        logger.warning("%s: %s in %s: nothing there to train on", option, holding, folders)
 
 
 def class_list(
@@ -466,19 +482,22 @@ def holdout_groups(
     Raises
     ------
     ParameterError
-        If ``holdout`` names an unknown group, none or all of them, there is one group only,
-        or every group drawable holds the last frames of a class.
+        If ``holdout`` names an unknown group or one not drawable (an ambient folder's), none
+        or all of the drawable ones, there is one group only, or every group drawable holds the
+        last frames of a class.
     """
+    pool = groups if drawable is None else [group for group in groups if group in drawable]
     if settings["holdout"] is not None:
         named = sorted(str(g) for g in settings["holdout"])
         unknown = sorted(set(named) - set(groups))
-        if unknown or not named or len(named) >= len(groups):
+        ambient = sorted(set(named) - set(pool) - set(unknown))
+        if unknown or ambient or not named or len(named) >= len(pool):
             raise ParameterError(
-                f"holdout={named} must name some, not all, of the groups {groups}"
+                f"holdout={named} must name some, not all, of the groups {pool}"
                 + (f" (unknown: {unknown})" if unknown else "")
+                + (f" (ambient folders always train: {ambient})" if ambient else "")
             )
         return named
-    pool = groups if drawable is None else [group for group in groups if group in drawable]
     if len(pool) < 2:
         raise ParameterError(
             f"{len(pool)} group(s) of labelled audio ({pool}; ambient folders always train): "

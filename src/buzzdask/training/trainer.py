@@ -293,7 +293,7 @@ def _resolve(
         else None,
     )
     if settings["holdout"] is not None:  # names checked before the cluster starts
-        holdout_groups(sorted({item.group for item in files}), settings)
+        holdout_groups(sorted({item.group for item in files}), settings, drawable=_labelled(files))
     output_path = _check_output(output)
     spec_embedder = resolve_embedder(embedder_name, handle=embedder, settings=base)
     spec = spec_embedder.frame_spec(settings["frame_hop_s"])
@@ -313,6 +313,15 @@ def _resolve(
         frames_per_chunk=spec.frames_per_chunk(base.chunk_seconds),
         base=base,
     )
+
+
+def _labelled(files: Sequence[TrainingFile]) -> set[str]:
+    """Groups of labelled audio, the ones a holdout is drawn from; the others always train.
+
+    Labelled: with segments of the labels, wherever the file is (an ambient folder too), or
+    outside the ambient folders.
+    """
+    return {item.group for item in files if len(item.segments) or not item.all_ambient}
 
 
 def _check_output(output: str | os.PathLike[str]) -> Path:
@@ -405,8 +414,7 @@ def _folds(
         If a class has no frames in the training folds, or the held-out groups have none.
     """
     # Drawn from the groups that have frames: one of only files too short would hold out nothing.
-    # Labelled: with segments of the labels, wherever the file is (an ambient folder too).
-    labelled = {item.group for item in inputs.files if len(item.segments) or not item.all_ambient}
+    labelled = _labelled(inputs.files)
     frameless = [c for c, n in class_counts(y, inputs.classes).items() if n == 0]
     if frameless:
         raise ParameterError(
