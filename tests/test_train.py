@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -19,7 +22,7 @@ import pytest
 
 import buzzdask
 from buzzdask import FrameSpec, InputError, ModelError, OutputConflictError, ParameterError
-from buzzdask.cli import EXIT_ERROR, EXIT_OK
+from buzzdask.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from buzzdask.decode import AudioInfo
 from buzzdask.models import load_head, resolve_embedder, resolve_model
 from buzzdask.store import EmbeddingStore, file_sha256
@@ -32,7 +35,13 @@ from buzzdask.training.labels import (
     read_labels,
     want_frames,
 )
-from tests.conftest import BUZZDASK, requires_ffmpeg, write_wav
+from tests.conftest import (
+    BUZZDASK,
+    SIGINT_AS_IN_A_TERMINAL,
+    requires_ffmpeg,
+    wait_until,
+    write_wav,
+)
 from tests.test_cli import buzzdask_cli
 
 RATE = 16000
@@ -324,6 +333,45 @@ def test_cli_train_on_its_own_cluster_keeps_tensorflow_off_the_console(
     assert done.returncode == EXIT_OK, done.stderr
     assert "from the cache, 0 embedded" not in done.stdout  # embedded on its workers
     assert not re.search(r"[EWI]0000|absl::InitializeLog|oneDNN|cudart", done.stderr), done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_cli_train_interrupted_as_in_a_terminal_says_one_line(dataset, tiny_embedder, tmp_path):
+    """Ctrl-C reaches the whole process group, its local cluster's workers too: each worker's
+    traceback of it came before the command's own line (an analysis sends them to its log)."""
+    cache = tmp_path / "cache"
+    command = [
+        BUZZDASK, "train", str(dataset / "audio" / "2023"), str(dataset / "audio" / "2024"),
+        "--labels", str(dataset / "labels.csv"),
+        "--output", str(tmp_path / "model"),
+        "--embedder", str(tiny_embedder),
+        "--holdout", "siteC",
+        "--cache-dir", str(cache),
+    ]  # fmt: skip
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL, *command],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        # Embedding on the workers: they are up, and hold the plugin the run gives them.
+        wait_until(
+            lambda: process.poll() is not None or any(p.is_file() for p in cache.rglob("*")),
+            timeout_s=240,
+            failure="no embedding was cached",
+        )
+        assert process.poll() is None, "the training ended before it could be interrupted"
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.rstrip().endswith("the next training reuses them"), stderr
 
 
 # -- errors, before any training -------------------------------------------------------------

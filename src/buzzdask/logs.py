@@ -10,7 +10,7 @@ Verbosity, the same in every process (client, local and SLURM workers):
 
 Below 2, the workers of a local cluster buzzdask started send their stderr (TensorFlow's C++ lines
 as it loads: oneDNN, ``cudart_stub``) to the run's log instead of the console; where there is
-no run's log (training), they keep those lines off the console (:func:`quiet_workers`).
+no run's log (training), to ``os.devnull`` (:func:`quiet_workers`).
 
 Whatever the verbosity, each run's ``buzzdask.log`` gets buzzdask's INFO lines from the client
 and, forwarded as they happen, from the workers.
@@ -153,27 +153,19 @@ class WorkerLogging(WorkerPlugin):
 
     name = "buzzdask-logging"
 
-    def __init__(self, *, stderr: Path | None = None, console: bool = False) -> None:
+    def __init__(self, *, stderr: Path | None = None) -> None:
         self.environment = {name: os.environ[name] for name in _ENVIRONMENT if name in os.environ}
         self.level = logging.getLogger(_THIRD_PARTY[0]).getEffectiveLevel()
         self.stderr = stderr
-        self.console = console
 
     def setup(self, worker: Any) -> None:
-        """Apply the client's settings in this worker process; send its fd 2 to ``stderr``.
-
-        Without ``stderr``, where ``console`` says fd 2 is the command's console (a local
-        cluster's, with no run log to take it), TensorFlow's native start-up lines are kept off
-        it as in the command's own process (:func:`~buzzdask.preload.import_tensorflow`).
-        """
+        """Apply the client's settings in this worker process; send its fd 2 to ``stderr``."""
         if self.stderr is not None:
             # TensorFlow's C++ logs as its libraries load, before any setting is read
             # (oneDNN, cudart_stub): only the file descriptor can keep it off the console.
             log = os.open(self.stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             os.dup2(log, 2)
             os.close(log)
-        elif self.console:
-            preload.console_is_stderr.set()
         os.environ.update(self.environment)
         for name in _THIRD_PARTY:
             logging.getLogger(name).setLevel(self.level)
@@ -330,7 +322,9 @@ def quiet_workers(client: Client, *, timeout_s: float) -> None:
     """The client's quiet settings on its workers, for work without a run log (training).
 
     The workers of a local cluster share the command's console: below ``--debug`` (where
-    :func:`configure_console` ran), TensorFlow's native start-up lines are kept off it.
+    :func:`configure_console` ran), their stderr goes to ``os.devnull`` instead, as a run's goes
+    to its log: TensorFlow's native start-up lines, and each worker's traceback of the Ctrl-C a
+    terminal sends them too. buzzdask's own lines reach the client all the same (forwarded).
 
     Parameters
     ----------
@@ -341,7 +335,8 @@ def quiet_workers(client: Client, *, timeout_s: float) -> None:
     if str(getattr(client.scheduler, "address", "")).startswith("inproc://"):
         return  # workers in this process: its own settings apply
     local = getattr(client, "cluster", None) in STARTED_CLUSTERS
-    plugin = WorkerLogging(console=local and preload.console_is_stderr.is_set())
+    quiet = local and preload.console_is_stderr.is_set()
+    plugin = WorkerLogging(stderr=Path(os.devnull) if quiet else None)
     _on_every_worker(timeout_s, functools.partial(client.register_plugin, plugin))
 
 
