@@ -9,6 +9,7 @@ chunk: the same frames, starts exact, none lost or read twice.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -37,6 +38,7 @@ from buzzdask.decode import (
     plan_chunks,
     probe_audio,
 )
+from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import InputFile
 from buzzdask.ledger import FileLedger, HeadOutput
@@ -598,6 +600,33 @@ def test_a_short_chunk_in_a_store_is_no_end_of_the_audio(tmp_path, tiny_embedder
     store.store("mp3", 0, rows[:4], at_end=True)
     store.store("mp3", 10, rows[:0], at_end=True)
     assert store.frames_of("mp3", 10, 10) == 0 and store.file_frames("mp3") == 4
+
+
+def test_a_first_audio_stream_shorter_than_its_container_is_not_cut_short(
+    run, make_audio, tmp_path: Path
+) -> None:
+    """Matroska declares no length per stream: the container's is its longest stream's (a
+    second audio stream, a trail camera's video). A first stream shorter than that was said
+    "decoded short ... cut short or damaged", and the run exited 3."""
+    first = make_audio(".first.wav", n_samples=3 * 16000, seed=1)
+    second = make_audio(".second.wav", n_samples=7 * 16000, seed=2)
+    both = tmp_path / "audio" / "two-streams.mka"
+    subprocess.run(
+        [
+            *("ffmpeg", "-v", "error", "-y", "-i", str(first), "-i", str(second)),
+            *("-map", "0:a", "-map", "1:a", "-c:a", "flac", str(both)),
+        ],
+        check=True,
+    )
+    result = run(both)
+    assert result.errors.empty, result.errors
+    assert len(result.to_pandas()) == 3  # the first stream's
+    # Probed with ffprobe or, without one, from ffmpeg's report (the imageio wheel's ffmpeg).
+    tools = find_ffmpeg()
+    for probe_with in (tools, dataclasses.replace(tools, ffprobe=None)):
+        info = probe_audio(both, tools=probe_with)
+        assert info.duration_s == pytest.approx(7.0, abs=0.05)
+        assert not info.duration_is_the_streams
 
 
 def test_flac_and_m4a_cut_short_say_so(run, make_audio, tmp_path: Path) -> None:

@@ -104,6 +104,7 @@ _AUDIO_STREAM = re.compile(
     r"^\s+Stream #0:\d+\S*: Audio: (?P<codec>[^\s,]+)(?P<rest>.*)$", re.MULTILINE
 )
 _RATE_LAYOUT = re.compile(r", (?P<rate>\d+) Hz, (?P<layout>[^,]+)")
+_ANY_STREAM = re.compile(r"^\s+Stream #0:\d+", re.MULTILINE)
 _N_CHANNELS = re.compile(r"^(\d+) channels\b")  # a layout without a name: "3 channels (FL+FR+LFE)"
 
 
@@ -131,6 +132,10 @@ class AudioInfo:
     declared_duration_s : float or None [s]
         What a WAV's or an MP3's header declares, where the file holds less (a copy or a
         recording cut short: ``duration_s`` is what it holds); ``None`` otherwise.
+    duration_is_the_streams : bool
+        Whether ``duration_s`` is the audio stream's own; ``False`` where it is the container's
+        (the longest stream's: a Matroska file with video, or a second audio stream, declares
+        no length per stream), which the audio may fall short of without damage.
     """
 
     path: str
@@ -142,6 +147,7 @@ class AudioInfo:
     mtime_ns: int
     sha256: str | None = None
     declared_duration_s: float | None = None
+    duration_is_the_streams: bool = True
 
 
 @dataclass(frozen=True)
@@ -213,12 +219,13 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
         codec, sample_rate, channels = header.codec, header.sample_rate, header.channels
         duration_s: float | None = header.duration_s
         declared_duration_s = header.declared_duration_s
+        streams = True
     else:
         tools = tools or find_ffmpeg()
-        if tools.ffprobe is not None:
-            codec, sample_rate, channels, duration_s = _ffprobe_stream(path, tools.ffprobe)
-        else:
-            codec, sample_rate, channels, duration_s = _ffmpeg_stream(path, tools.ffmpeg)
+        read = _ffprobe_stream if tools.ffprobe is not None else _ffmpeg_stream
+        codec, sample_rate, channels, duration_s, streams = read(
+            path, tools.ffprobe or tools.ffmpeg
+        )
         declared_duration_s = None
     if sample_rate <= 0 or channels <= 0:
         raise DecodeError(path, f"invalid audio stream ({sample_rate} Hz, {channels} channels)")
@@ -231,10 +238,12 @@ def probe_audio(path: str | os.PathLike[str], *, tools: FFmpegTools | None = Non
         size_bytes=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
         declared_duration_s=declared_duration_s,
+        duration_is_the_streams=streams,
     )
 
 
-_Stream = tuple[str, int, int, float | None]  # codec, sample rate, channels, duration [s]
+# Codec, sample rate, channels, duration [s], and whether that duration is the stream's own.
+_Stream = tuple[str, int, int, float | None, bool]
 
 
 def readable_stat(path: str) -> os.stat_result:
@@ -332,7 +341,8 @@ def _ffprobe_stream(path: str, ffprobe: str) -> _Stream:
         duration_s = float(duration) if duration not in (None, "N/A") else None
     except ValueError:
         duration_s = None
-    return str(stream.get("codec_name", "unknown")), sample_rate, channels, duration_s
+    own = "duration" in stream or len(probe.get("streams", [])) == 1
+    return str(stream.get("codec_name", "unknown")), sample_rate, channels, duration_s, own
 
 
 def _ffmpeg_stream(path: str, ffmpeg_cmd: str) -> _Stream:
@@ -365,7 +375,8 @@ def _ffmpeg_stream(path: str, ffmpeg_cmd: str) -> _Stream:
     duration_s = None
     if duration is not None and duration[1] is not None:
         duration_s = int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3])
-    return stream["codec"], int(rate_layout["rate"]), channels, duration_s
+    own = len(_ANY_STREAM.findall(report)) == 1  # else the container's: the longest stream's
+    return stream["codec"], int(rate_layout["rate"]), channels, duration_s, own
 
 
 def _channel_count(layout: str, ffmpeg_cmd: str) -> int | None:

@@ -502,7 +502,10 @@ class FileLedger:
     def _check_decoded_length(self, state: FileState, info: AudioInfo) -> None:
         """A row for a file whose container declares more audio than it decoded to."""
         declared = estimated_frames(info, self.spec)
-        if info.codec not in DECLARED_LENGTH_CODECS or declared is None:
+        # A container's length (the longest stream's) says nothing of this stream's end.
+        if info.codec not in DECLARED_LENGTH_CODECS or not info.duration_is_the_streams:
+            return
+        if declared is None:
             return
         # A frame of slack: encoders' priming and padding samples (AAC: up to 2112).
         if state.frames + 1 >= declared:
