@@ -309,7 +309,12 @@ def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = Fals
         help="if --output holds results, write to OUTPUT-<time> instead",
     )
     parser.add_argument(
-        "--memory-budget", metavar="BYTES", help="decoded audio in flight, e.g. 2GiB (default 1GiB)"
+        "--memory-budget",
+        metavar="BYTES",
+        help=(
+            "decoded audio in flight, e.g. 2GiB (default 1GiB); TensorFlow and the processes "
+            "take about 1 GiB more, whatever the budget"
+        ),
     )
     parser.add_argument(
         "--batch-frames",

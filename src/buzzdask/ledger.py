@@ -437,8 +437,11 @@ class FileLedger:
         first :data:`~buzzdask.progress.PROBLEMS_SHOWN` lines are warnings, on the console as
         they happen; the others go to the run's log only (INFO), so that a folder of ten
         thousand bad files does not bury the console. So does the line of another chunk of a
-        file that a shown line gave the same reason for (a file deleted mid-run).
+        file that a shown line gave the same reason for (a file deleted mid-run). A kept row's
+        line starts ``warning:``, as its line when the run ends does (a failed one's ``failed:``).
         """
+        if kept:
+            line = f"warning: {line}"
         problems = self._problems
         if (file, reason) in problems.said:
             logger.info("%s", line)
