@@ -151,7 +151,7 @@ def test_a_failed_start_leaves_an_output_the_right_command_reuses(
     assert "chunk_seconds: 0.96 before, 600.0 now" in differ.stderr
     assert "thresholds: {} before, {'ins_buzz': 1.0} now" in differ.stderr
     assert "pass --new instead of --resume" in differ.stderr
-    assert "--chunk-seconds 0.96 no --threshold" in differ.stderr
+    assert "--chunk-seconds 0.96 without --threshold" in differ.stderr
     assert "on_conflict" not in differ.stderr
 
     with pytest.raises(OutputConflictError) as python:

@@ -165,6 +165,20 @@ def test_a_holder_taken_over_stops_keeping_the_lock_fresh(tmp_path, caplog):
     assert json.loads(taken.read_text())["token"] == "theirs"  # left to its holder
 
 
+def test_a_holder_whose_lock_was_taken_and_released_holds_it_again(tmp_path, caplog):
+    """Stalled past stale_s, its lock taken over by a run that has ended since (which removed
+    it): it went on without a lock, unsaid, and a third run could have started there."""
+    with (
+        caplog.at_level(logging.WARNING, logger="buzzdask"),
+        OutputLock(tmp_path, started="now", stale_s=0.4) as lock,
+    ):
+        lock.path.unlink()
+        wait_until(lock.path.exists, timeout_s=5, failure="not held again")
+        assert json.loads(lock.path.read_text())["token"] == lock.token
+        assert "the output's lock was gone" in caplog.text
+    assert not lock.path.exists()
+
+
 def test_a_lock_made_whose_link_answer_was_lost_is_held(tmp_path, monkeypatch):
     """NFS: the hard link was made, but the reply was lost, and the retry says it exists."""
     from buzzdask import lock as lock_module

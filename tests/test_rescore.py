@@ -231,7 +231,7 @@ def test_a_resume_keeps_the_embeddings_as_the_run_did(corpus, tiny_model, tmp_pa
     done = subprocess.run([BUZZDASK, *added], capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_ERROR
     err = done.stderr
-    assert "keep_embeddings: False before, True now" in err and "no --keep-embeddings" in err
+    assert "keep_embeddings: False before, True now" in err and "without --keep-embeddings" in err
 
 
 def test_rescore_takes_the_embedder_and_hop_the_store_records(

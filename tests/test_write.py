@@ -213,6 +213,27 @@ def test_a_run_killed_before_its_first_journal_line_is_refused_as_none_done(tmp_
         refuse_results(layout)
 
 
+def test_a_resume_with_another_hop_names_it_in_seconds(tmp_path) -> None:
+    """ "frame_hop: 15360 before, 7680 now" was in samples, beside a chunk length that had not
+    changed ("chunk_seconds: 0.96 before, 0.96 now"); and the way back read as one phrase
+    ("no --precision --threshold ins_buzz=-1.2")."""
+    from buzzdask.cli import _in_flags
+
+    layout = OutputLayout(tmp_path / "out")
+    layout.root.mkdir()
+    before = {"frame_hop": 15360, "sample_rate": 16000, "frames_per_chunk": 1}
+    earlier = {"thresholds": {"ins_buzz": -1.2}, "precision": None, "frame_hop_s": 0.96}
+    layout.metadata.write_text(json.dumps({"fingerprint": before, "options": earlier}))
+    layout.record_chunk("a.wav", 0, frames=1, size=100, mtime_ns=1, ends=True)
+    now = {"frame_hop": 7680, "sample_rate": 16000, "frames_per_chunk": 2}
+    options = {"thresholds": {}, "precision": 0.95, "frame_hop_s": 0.48}
+    with pytest.raises(OutputConflictError) as refused:
+        prepare_output(layout.root, on_conflict="resume", fingerprint=now, options=options)
+    message = _in_flags(refused.value)
+    assert "settings differ (frame_hop_s: 0.96 before, 0.48 now)" in message
+    assert "(--threshold ins_buzz=-1.2 --framehop 0.96 without --precision)" in message
+
+
 def test_runs_started_together_with_new_get_an_output_each(tmp_path) -> None:
     """A SLURM array's tasks, each ``--output results/run --new``, start in the same second."""
     output = tmp_path / "results" / "run"

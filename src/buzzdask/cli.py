@@ -128,11 +128,11 @@ _FLAGS = {
 
 def _flag(name: str, value: Any) -> str:
     if name == "thresholds":
-        return " ".join(f"--threshold {k}={v}" for k, v in value.items()) or "no --threshold"
+        return " ".join(f"--threshold {k}={v}" for k, v in value.items()) or "without --threshold"
     if name == "keep_embeddings" and isinstance(value, bool):
-        return "--keep-embeddings" if value else "no --keep-embeddings"
+        return "--keep-embeddings" if value else "without --keep-embeddings"
     if value is None:
-        return f"no {_FLAGS.get(name, name)}"
+        return f"without {_FLAGS.get(name, name)}"
     return f"{_FLAGS.get(name, name)} {shlex.quote(str(value))}"
 
 

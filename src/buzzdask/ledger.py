@@ -506,9 +506,8 @@ class FileLedger:
         """A row for a file whose container declares more audio than it decoded to."""
         declared = estimated_frames(info, self.spec)
         # A container's length (the longest stream's) says nothing of this stream's end.
-        if info.codec not in DECLARED_LENGTH_CODECS or not info.duration_is_the_streams:
-            return
-        if declared is None:
+        of_the_stream = info.codec in DECLARED_LENGTH_CODECS and info.duration_is_the_streams
+        if not of_the_stream or declared is None:
             return
         # A frame of slack: encoders' priming and padding samples (AAC: up to 2112).
         if state.frames + 1 >= declared:

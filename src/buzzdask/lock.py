@@ -315,6 +315,16 @@ class OutputLock:
                 )
                 return
             try:
+                if holder is None and self._create():
+                    # Taken over while this process was stalled, by a run that has ended since
+                    # (and removed it), or removed by hand: held again, so that a third run
+                    # waits for this one.
+                    logger.warning(
+                        "%s: the output's lock was gone (taken over while this run was stalled, "
+                        "by a run that has ended since; or removed): this run holds it again and "
+                        "goes on, but another may have written there meanwhile",
+                        self.root,
+                    )
                 os.utime(self.path)
             except OSError:  # the output vanished or filled up; the run reports that itself
                 pass

@@ -529,7 +529,10 @@ class OutputConflict:
             f"{key}: {_recorded(earlier)} before, {_recorded(now)} now"
             for key, earlier, now in self.differences
         )
-        settings = words.separator.join(words.option(name, value) for name, value in self.earlier)
+        # Options left out last: "--threshold ins_buzz=-1.2 without --precision", not
+        # "no --precision --threshold ins_buzz=-1.2".
+        earlier = sorted(self.earlier, key=lambda item: item[1] in (None, False, {}))
+        settings = words.separator.join(words.option(name, value) for name, value in earlier)
         back = (
             f"resume with the earlier settings ({settings})"
             if self.earlier
@@ -574,13 +577,21 @@ def refuse_results(layout: OutputLayout) -> None:
         )
 
 
-def _chunk_seconds(fingerprint: Mapping[str, Any]) -> float | None:
-    """A fingerprint's chunk length [s], from its frames per chunk and hop."""
+def _as_given(key: str, fingerprint: Mapping[str, Any]) -> tuple[str, Any]:
+    """A fingerprint's setting as the caller gives it: chunks and hop in seconds.
+
+    "frames_per_chunk: 2 before, 7 now" and "frame_hop: 15360 before, 7680 now" read as the
+    seconds just typed.
+    """
+    name = {"frames_per_chunk": "chunk_seconds", "frame_hop": "frame_hop_s"}.get(key)
+    if name is None:
+        return key, fingerprint.get(key)
     try:
         hop_s = fingerprint["frame_hop"] / fingerprint["sample_rate"]
-        return round(fingerprint["frames_per_chunk"] * hop_s, 6)
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
+        frames = fingerprint["frames_per_chunk"] if key == "frames_per_chunk" else 1
+        return name, round(frames * hop_s, 6)
+    except (KeyError, TypeError, ZeroDivisionError):  # not recorded
+        return name, None
 
 
 def prepare_output(
@@ -674,15 +685,13 @@ def prepare_output(
     if on_conflict == "error":
         refuse_results(layout)
     before = previous.get("fingerprint", {})
-    differences = tuple(
-        # Chunks in seconds, as the caller gives them: "frames_per_chunk: 2 before, 7 now"
-        # read as the seconds just typed.
-        ("chunk_seconds", _chunk_seconds(before), _chunk_seconds(fingerprint))
-        if key == "frames_per_chunk"
-        else (key, before.get(key), value)
-        for key, value in fingerprint.items()
-        if before.get(key) != value
-    )
+    differences: tuple[tuple[str, Any, Any], ...] = ()
+    for key, value in fingerprint.items():
+        if before.get(key) == value:
+            continue
+        (name, earlier), (_, now) = _as_given(key, before), _as_given(key, fingerprint)
+        if earlier != now or name == key:  # a chunk of the same seconds, in frames of another hop
+            differences += ((name, earlier, now),)
     earlier = previous.get("options", {})
     kept_before, kept_now = earlier.get("keep_embeddings"), options.get("keep_embeddings")
     if None not in (kept_before, kept_now) and bool(kept_before) != bool(kept_now):
