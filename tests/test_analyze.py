@@ -314,8 +314,8 @@ def test_conflict_is_detected_before_work(run, make_audio, tmp_path, caplog):
     assert fresh.output != first.output and fresh.output.name.startswith("results-")
     assert_same_frames(fresh.to_pandas(), first.to_pandas())
     # Where it went, should it stop before its result says: a resume names that directory.
-    assert f"writing to {fresh.output} ({first.output} holds an earlier run)" in caplog.text
-    assert "holds an earlier run" in (fresh.output / "buzzdask.log").read_text()
+    assert f"writing to {fresh.output} (new, beside {first.output}, which" in caplog.text
+    assert "which is not empty" in (fresh.output / "buzzdask.log").read_text()
     # The command line's advice after a stop: not the same command (--new again).
     from buzzdask import cli
 

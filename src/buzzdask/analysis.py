@@ -543,7 +543,9 @@ def run_plan(
     started = utc_now()
     # on_conflict="new": where to resume it from, should it stop (said before the cluster,
     # which may wait in a queue, starts).
-    elsewhere = f"writing to {root} ({output} holds an earlier run)" if root != output else None
+    elsewhere = (
+        f"writing to {root} (new, beside {output}, which is not empty)" if root != output else None
+    )
     if elsewhere:
         logger.warning("%s", elsewhere)
     metadata: list[dict[str, Any]] = []  # the outputs' buzzdask.json, once planned

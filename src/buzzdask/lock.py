@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import platform
 import threading
@@ -77,6 +78,8 @@ class LockHolder:
 
     def describe(self) -> str:
         """``host n0001, pid 4242, since 2026-06-01T05:30:00+00:00``."""
+        if self.pid < 0:  # the lock could not be read
+            return "its lock file empty or cut short: a run killed as it took the output"
         return f"host {self.host}, pid {self.pid}, since {self.started}"
 
     def is_alive(self, *, stale_s: float) -> bool:
@@ -148,7 +151,12 @@ def refuse_if_in_use(root: Path, *, stale_s: float) -> None:
 
 
 def _in_use(root: Path, holder: LockHolder | None, *, stale_s: float) -> OutputConflictError:
-    described = holder.describe() if holder else "another run"
+    # How long ago it last showed life: whether to wait, and how long until a takeover.
+    described = (
+        f"{holder.describe()}; last sign of life {holder.age_s:.0f} s ago"
+        if holder
+        else "another run"
+    )
     return OutputConflictError(OutputConflict(root, "in use", holder=described, stale_s=stale_s))
 
 
@@ -294,9 +302,13 @@ class OutputLock:
             aside.unlink(missing_ok=True)
         finally:
             guard.unlink(missing_ok=True)
+        refreshed = (
+            ""
+            if math.isinf(holder.age_s)
+            else f"; its lock last refreshed {holder.age_s:.0f} s ago"
+        )
         self.took_over = (
-            f"took over {self.root} from a run that is gone ({holder.describe()}; its lock last "
-            f"refreshed {holder.age_s:.0f} s ago)"
+            f"took over {self.root} from a run that is gone ({holder.describe()}{refreshed})"
         )
         logger.warning("%s", self.took_over)
 

@@ -490,7 +490,8 @@ class OutputConflict:
         if self.reason == "in use":
             return (
                 f"output {self.output} is in use by another buzzdask run ({self.holder}); wait "
-                f"for it to end or choose another {words.output}. A dead run's lock is taken "
+                f"for it to end, choose another {words.output}, or pass {words.new} to write to "
+                f"a new directory beside it. A dead run's lock is taken "
                 f"over by the next run: at once on its own host, from another host after "
                 f"{self.stale_s:g} s without a sign of life (buzzdask.lock-stale-seconds)"
             )
