@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pandas as pd
 import psutil
 import pytest
 
+import buzzdask
 from buzzdask import OutputConflictError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.lock import LOCK_NAME, OutputLock
@@ -183,6 +185,40 @@ def test_a_holder_whose_lock_was_taken_and_released_holds_it_again(tmp_path, cap
         assert json.loads(lock.path.read_text())["token"] == lock.token
         assert "the output's lock was gone" in caplog.text
     assert not lock.path.exists()
+
+
+@requires_ffmpeg
+def test_a_record_written_by_a_run_that_took_over_is_kept(
+    make_audio, dask_client, tiny_model, tiny_embedder, tmp_path
+):
+    """A run stalled past stale_s (a suspended job), its output taken over by a resume that
+    finished and wrote its buzzdask.json: the stalled run's own, at its end, replaced that
+    record; it is kept among the earlier runs."""
+    for seed in range(2):
+        make_audio(f"f{seed}.flac", n_samples=20 * FRAME, seed=seed)
+    out = tmp_path / "out"
+    theirs = {"started": "2026-06-01T05:30:00+00:00", "host": OTHER_NODE, "status": "complete"}
+
+    def write_theirs_once_under_way() -> None:
+        wait_until(lambda: (out / "journal.jsonl").exists(), timeout_s=120, failure="no journal")
+        (out / "buzzdask.json").write_text(json.dumps(theirs))
+
+    writer = threading.Thread(target=write_theirs_once_under_way)
+    writer.start()
+    result = buzzdask.analyze(
+        tmp_path / "audio",
+        tiny_model,
+        output=out,
+        client=dask_client,
+        embedder=str(tiny_embedder),
+        chunk_seconds=1.0,
+        progress=False,
+    )
+    writer.join()
+    (earlier,) = result.metadata["earlier_runs"]
+    assert (earlier["started"], earlier["host"]) == (theirs["started"], OTHER_NODE)
+    recorded = json.loads((out / "buzzdask.json").read_text())
+    assert recorded["earlier_runs"] == [earlier] and recorded["status"] == "complete"
 
 
 def test_a_lock_made_whose_link_answer_was_lost_is_held(tmp_path, monkeypatch):

@@ -683,6 +683,10 @@ def run_plan(
             )
             meta["versions"]["tensorflow"] = pool.tensorflow_version
             meta.update(status="complete", finished=utc_now(), summary=summary)
+            if _recorded_by_another_run(layout, meta):
+                # Its lock was taken over while this run stalled (a suspended job), by a run
+                # that has written its record since: kept as an earlier run's, not replaced.
+                meta["earlier_runs"] = earlier_runs(layout)
             with ledger.stops_when_output_full():
                 write_errors(layout.errors, ledger.errors)
                 write_json(layout.metadata, meta)
@@ -983,6 +987,21 @@ def refuse_other_settings(plan: _Plan, output: str | os.PathLike[str]) -> None:
         on_conflict="resume",
         fingerprint=_fingerprint(plan, 0),
         options=_options(plan, 0),
+    )
+
+
+def _recorded_by_another_run(layout: OutputLayout, meta: Mapping[str, Any]) -> bool:
+    """Whether the output's ``buzzdask.json`` is now another run's than ``meta``'s.
+
+    Not one of those it resumed: their record stays there until this run writes its own.
+    """
+    try:
+        recorded = json.loads(layout.metadata.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    known = {(run.get("started"), run.get("host")) for run in [meta, *meta.get("earlier_runs", [])]}
+    return (
+        isinstance(recorded, dict) and (recorded.get("started"), recorded.get("host")) not in known
     )
 
 
