@@ -605,6 +605,14 @@ def _score_sent(dask_scheduler: Any) -> bool:
     return any(str(key).startswith("score-") for key in dask_scheduler.tasks)
 
 
+def _scorers_up(dask_scheduler: Any) -> int:
+    """Scorer actors loaded (their tasks done)."""
+    return sum(
+        str(key).startswith("scorer-") and task.state == "memory"
+        for key, task in dask_scheduler.tasks.items()
+    )
+
+
 def _loading_scorers(dask_scheduler: Any) -> list[str]:
     """Workers of the scorer actors that are still loading."""
     return [
@@ -706,10 +714,7 @@ def test_both_scorers_killed_at_once_are_said_lost_together(kill_corpus, tmp_pat
         pids = list(client.run(os.getpid).values())
 
         def both_once_scoring() -> int | None:
-            up = client.run_on_scheduler(_score_sent) and not client.run_on_scheduler(
-                _loading_scorers
-            )
-            if not up:
+            if not client.run_on_scheduler(_score_sent) or client.run_on_scheduler(_scorers_up) < 2:
                 return None
             os.kill(pids[0], signal.SIGKILL)
             return pids[1]

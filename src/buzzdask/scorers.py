@@ -491,8 +491,9 @@ class ScorerPool:
             self._forget(other)
         one = len(lost) == 1
         said = f"scorer on {address} was" if one else f"scorers on {', '.join(lost)} were"
-        if self.scorers or self.starting:
-            others = len(self.scorers) + len(self.starting)
+        # One still loading on a worker that left is not counted: it will not come up there.
+        others = len(self.scorers) + sum(host in workers for host in self.starting)
+        if others:
             logger.warning("%s lost: %d other scorer(s) go on", said, others)
             self._update_decode_workers(workers)
             return {}
