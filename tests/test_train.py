@@ -476,6 +476,19 @@ def test_the_drawn_holdout_is_never_an_ambient_folder(
     assert len(result.metadata["holdout_groups"]) == 1
 
 
+def test_unlabeled_ambient_drawing_fewer_than_asked_says_so(train_with, dataset, caplog):
+    """Asked for more frames than a file has far from its labels: as many as there are were
+    drawn, and nothing said it (a season labelled whole drew none)."""
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        result = train_with(labels_table(dataset), unlabeled_ambient=1000, epochs=2)
+    assert re.search(
+        r"unlabeled_ambient=1000: \d+ labelled files give fewer ambient frames \(too few are "
+        r"0\.5 s or more from every label; as many as there are were drawn\): ",
+        caplog.text,
+    )
+    assert result.summary["frames_per_class"]["train"]["ambient"] > 0
+
+
 def test_a_class_on_every_frame_is_refused_before_embedding(train_with, dataset):
     # Only ins_buzz labelled, no ambient audio: every training frame is positive and the head
     # would learn a constant. holdout given as one name (it was split into letters).

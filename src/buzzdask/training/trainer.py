@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +357,7 @@ def _embed_on_cluster(client: Client | str | None, inputs: TrainingInputs) -> di
         for item in inputs.files:
             want_frames(item, inputs.spec, inputs.classes, inputs.settings)
         _warn_of_odd_files(inputs.files)
+        _warn_of_short_draws(inputs.files, inputs.classes, inputs.settings)
         # The checks of the frames embedded, on the frames wanted, before minutes of
         # embedding: those embedded can only be fewer (a file shorter than its header said).
         if not any(len(item.frames) for item in inputs.files):
@@ -476,6 +477,31 @@ def _warn_of_odd_files(files: Sequence[TrainingFile]) -> None:
                 " and ".join(item.name for item in same),
                 ", ".join(sorted({item.group for item in same})),
             )
+
+
+def _warn_of_short_draws(
+    files: Sequence[TrainingFile], classes: Sequence[str], settings: Mapping[str, Any]
+) -> None:
+    """Say which labelled files gave fewer ambient frames than ``unlabeled_ambient`` asked.
+
+    Too few of their frames are far enough from every label (a file labelled whole): the draw
+    takes what there is, which the run's numbers alone did not tell.
+    """
+    wanted = settings["unlabeled_ambient"]
+    if not wanted or settings["ambient_class"] not in classes:
+        return
+    column = classes.index(settings["ambient_class"])
+    labelled = [item for item in files if not item.all_ambient and len(item.frames)]
+    short = [item.name for item in labelled if item.targets[:, column].sum() < wanted]
+    if short:
+        logger.warning(
+            "unlabeled_ambient=%d: %s fewer ambient frames (too few are %g s or more from "
+            "every label; as many as there are were drawn): %s",
+            wanted,
+            format_count(len(short), "labelled file") + (" gives" if len(short) == 1 else " give"),
+            settings["ambient_margin_s"],
+            first_names(short, shown=5),
+        )
 
 
 def _groups_of(item: TrainingFile, n_frames: int) -> np.ndarray:
