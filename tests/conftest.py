@@ -462,6 +462,22 @@ SIGINT_AS_IN_A_TERMINAL = (
 )
 
 
+def start_as_in_a_terminal(command: Sequence[str]) -> subprocess.Popen[str]:
+    """Start ``command`` in a session of its own, its stderr piped, as a terminal starts it.
+
+    Ctrl-C not ignored, whatever this test run inherited (a shell's background job ignores it,
+    and its children with it); exec keeps the pid, which leads the session's process group.
+    """
+    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    return subprocess.Popen(
+        [sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL, *command],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
 def signal_client_mid_run(
     command: Sequence[str],
     *,
@@ -477,16 +493,7 @@ def signal_client_mid_run(
     skips it) and before all are, then any of its worker processes left are killed. Returns
     the killer and the finished process, its stderr captured.
     """
-    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
-    process = subprocess.Popen(
-        # As a terminal starts a command: Ctrl-C not ignored, whatever this test run inherited
-        # (a shell's background job ignores it, and its children with it); exec keeps the pid.
-        [sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL, *command],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    process = start_as_in_a_terminal(command)
     journal = output / "journal.jsonl"
     with MidRunKiller(
         process.pid,

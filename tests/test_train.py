@@ -37,8 +37,8 @@ from buzzdask.training.labels import (
 )
 from tests.conftest import (
     BUZZDASK,
-    SIGINT_AS_IN_A_TERMINAL,
     requires_ffmpeg,
+    start_as_in_a_terminal,
     wait_until,
     write_wav,
 )
@@ -348,14 +348,7 @@ def test_cli_train_interrupted_as_in_a_terminal_says_one_line(dataset, tiny_embe
         "--holdout", "siteC",
         "--cache-dir", str(cache),
     ]  # fmt: skip
-    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL, *command],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    process = start_as_in_a_terminal(command)
     try:
         # Embedding on the workers: they are up, and hold the plugin the run gives them.
         wait_until(

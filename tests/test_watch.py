@@ -252,29 +252,37 @@ def _watch_while(path, then, audio, model, **options):
         thread.join()
 
 
+def _watch_a_file_and_junk(make_audio, tmp_path, then, model, client, embedder):
+    """Watch ``tmp_path/audio`` (a.wav, 2 frames, and junk.mp3, not audio) into
+    ``tmp_path/out``; ``then()`` once the first pass has ended."""
+    make_audio("a.wav", n_samples=2 * FRAME)
+    (tmp_path / "audio" / "junk.mp3").write_text("not audio\n" * 100)
+    return _watch_while(
+        tmp_path / "out" / "errors.parquet",  # the first pass's end
+        then,
+        tmp_path / "audio",
+        model,
+        output=tmp_path / "out",
+        client=client,
+        embedder=str(embedder),
+        progress=False,
+    )
+
+
 def test_files_gone_or_rewritten_between_passes(
     make_audio, dask_client, tiny_embedder, tiny_model, tmp_path
 ):
     """A file that failed and was then removed is no failure of the watch; a file analysed,
     then rewritten longer, counts once in the watch's frames and audio (as in its dataset)."""
     audio, output = tmp_path / "audio", tmp_path / "out"
-    make_audio("a.wav", n_samples=2 * FRAME)
-    (audio / "junk.mp3").write_text("not audio\n" * 100)
 
     def change() -> None:
         (audio / "junk.mp3").unlink()
         make_audio("a.wav", n_samples=4 * FRAME, seed=1)
         (audio / ".transfer-complete").write_text("{}\n")
 
-    watched = _watch_while(
-        output / "errors.parquet",  # the first pass's end
-        change,
-        audio,
-        tiny_model,
-        output=output,
-        client=dask_client,
-        embedder=str(tiny_embedder),
-        progress=False,
+    watched = _watch_a_file_and_junk(
+        make_audio, tmp_path, change, tiny_model, dask_client, tiny_embedder
     )
     assert len(watched.summary["watch"]["passes"]) == 2
     assert watched.ok and watched.errors.empty, watched.errors
@@ -288,24 +296,14 @@ def test_a_file_failing_in_every_pass_is_said_once(
 ):
     """A season's one corrupt file, seen again by each pass of the watch: its failure line was
     said once a pass, the only lines of a batch job's log, each looking like news."""
-    audio, output = tmp_path / "audio", tmp_path / "out"
-    make_audio("a.wav", n_samples=2 * FRAME)
-    (audio / "junk.mp3").write_text("not audio\n" * 100)
 
     def arrive() -> None:
         make_audio("b.wav", n_samples=2 * FRAME, seed=1)
-        (audio / ".transfer-complete").write_text("{}\n")
+        (tmp_path / "audio" / ".transfer-complete").write_text("{}\n")
 
     with caplog.at_level("WARNING", logger="buzzdask"):
-        watched = _watch_while(
-            output / "errors.parquet",  # the first pass's end
-            arrive,
-            audio,
-            tiny_model,
-            output=output,
-            client=dask_client,
-            embedder=str(tiny_embedder),
-            progress=False,
+        watched = _watch_a_file_and_junk(
+            make_audio, tmp_path, arrive, tiny_model, dask_client, tiny_embedder
         )
     assert len(watched.summary["watch"]["passes"]) == 2
     assert list(watched.errors.file) == ["junk.mp3"]
