@@ -308,7 +308,9 @@ def test_plots(lab_run, tmp_path, capsys):
         "siteC",
     ]
     assert "not shown" in axes.get_title()  # the untimed file's bins
-    assert f"ins_buzz ({summary.attrs['model']}): detections" in axes.get_title()  # which head
+    # Which head, and which threshold.
+    heading = f"ins_buzz > {threshold:g} ({summary.attrs['model']}): detections"
+    assert heading in axes.get_title()
     # Recorders on at dawn and dusk only: the line breaks over the hours between, and a
     # folder named "_control" keeps its place in the legend (matplotlib drops "_" labels).
     day = pd.Timestamp("2024-06-01")

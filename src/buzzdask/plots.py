@@ -162,9 +162,12 @@ def plot_daily_activity(
     axes.set_ylabel(f"detection rate, {name}")
     span_text = "over the day" if len(timed) else "over the recording"
     model = summary.attrs.get("model")
+    # Which threshold: a PNG beside a summary of another (--dest shared) does not say it.
+    threshold = summary.attrs.get("thresholds", {}).get(name)
+    above = "" if threshold is None else f" > {threshold:g}"
     heading = (
         title
-        or f"{name}{f' ({model})' if model else ''}: detections per frame {span_text}"
+        or f"{name}{above}{f' ({model})' if model else ''}: detections per frame {span_text}"
         + (f", by {', '.join(groups)}" if groups else "")
     )
     if untimed_rows and len(timed):
