@@ -973,19 +973,36 @@ def test_analysis_on_slurm_gpu_and_cpu_workers_matches_local(
 @requires_slurm
 @pytest.mark.slurm
 @pytest.mark.parametrize(
-    "victims",
-    [("buzzdask-gpu",), ("buzzdask-cpu",), ("buzzdask-gpu", "buzzdask-cpu")],
-    ids=["gpu", "cpu", "both"],
+    ("victims", "gpu_processes"),
+    [
+        (("buzzdask-gpu",), 1),
+        (("buzzdask-cpu",), 1),
+        (("buzzdask-gpu", "buzzdask-cpu"), 1),
+        (("buzzdask-gpu",), 2),
+    ],
+    ids=["gpu", "cpu", "both", "gpu-job-of-two-workers"],
 )
-def test_scancel_a_worker_job_mid_run_loses_nothing(local_slurm, slurm_corpus, tmp_path, victims):
+def test_scancel_a_worker_job_mid_run_loses_nothing(
+    local_slurm, slurm_corpus, tmp_path, victims, gpu_processes
+):
     """scancel the job holding the actor (or a decoding one, or both at once, as a walltime
     ends jobs started together) mid-run: replacement jobs are submitted, the actor is
     re-created, decode tasks placed on the lost worker go to the new ones, and the same run
-    finishes exactly once."""
+    finishes exactly once.
+
+    A job of two worker processes (two scorers): Dask forgets a job when a worker of the
+    job's own name leaves, and these are named ``<job>-0`` and ``<job>-1``: no job replaced
+    it, and the run waited out scorer-restart-seconds, silent, then failed."""
     audio, options, reference = slurm_corpus
     scores = tmp_path / "out" / "scores"
     # Replace lost workers quickly (default 15 s) so the test stays short.
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+    two = {
+        f"jobqueue.local-slurm-gpu.{key}": value
+        for key, value in (("processes", 2), ("cores", 2), ("memory", "4GiB"))
+    }
+    with dask.config.set(
+        {"distributed.deploy.lost-worker-timeout": "1s", **(two if gpu_processes == 2 else {})}
+    ):
         client = start("local-slurm", gpus=1, cpu_workers=1, log_directory=str(tmp_path / "logs"))
         try:
             jobs = [job for victim in victims for job in _job_ids(victim)]
@@ -1001,7 +1018,8 @@ def test_scancel_a_worker_job_mid_run_loses_nothing(local_slurm, slurm_corpus, t
             client.shutdown()
     _same_frames(result, reference)
     if "buzzdask-gpu" in victims:
-        assert result.summary["scorer_restarts"] == 1
+        # The replacement job's workers each get a scorer.
+        assert result.summary["scorer_restarts"] == result.summary["scorers_lost"] == gpu_processes
 
 
 @requires_ffmpeg

@@ -497,16 +497,20 @@ class ScorerPool:
             logger.warning("%s lost: %d other scorer(s) go on", said, others)
             self._update_decode_workers(workers)
             return {}
-        workers, host = self._wait_for_replacement(address)
+        workers, host = self._wait_for_replacement(said)
         logger.warning("%s lost: restarting %s on %s", said, "it" if one else "one", host)
         self._restarting.add(host)
         futures = self._submit([host], workers)
         self._update_decode_workers(workers)
         return futures
 
-    def _wait_for_replacement(self, address: str) -> tuple[dict[str, Any], str]:
-        """Live workers and the one to restart the lost scorer on (waits for one to arrive)."""
+    def _wait_for_replacement(self, said: str) -> tuple[dict[str, Any], str]:
+        """Live workers and the one to restart the lost scorer on (waits for one to arrive).
+
+        ``said``: whose loss (``"scorer on ADDRESS was"``), for the lines that say the wait.
+        """
         deadline = time.monotonic() + self.restart_seconds
+        waiting = False
         while True:
             workers = self._live_workers()
             candidates = sorted(
@@ -515,16 +519,25 @@ class ScorerPool:
             if candidates:
                 # Prefer a worker that decodes nothing yet, so decoding keeps its workers.
                 return workers, candidates[-1]
+            kind = "GPU worker" if self.gpu else "worker"
+            if not waiting:  # a job's replacement may wait in the queue: not a silent hang
+                waiting = True
+                logger.warning(
+                    "%s lost: waiting up to %g s for a %s to restart it on "
+                    "(buzzdask.scorer-restart-seconds)",
+                    said,
+                    self.restart_seconds,
+                    kind,
+                )
             if time.monotonic() > deadline:
-                kind = "GPU worker" if self.gpu else "worker"
                 after = (
                     "run the training again: the embeddings made so far are in its cache"
                     if self.options.head_path is None  # an embedder alone: a training's
                     else "finish the run with a resume (--resume; in Python on_conflict='resume')"
                 )
                 raise ScorerError(
-                    f"the scorer on {address} was lost and no {kind} was free to replace it "
-                    f"within buzzdask.scorer-restart-seconds; {after}"
+                    f"the {said} lost and no {kind} came to restart it on within "
+                    f"buzzdask.scorer-restart-seconds; {after}"
                 )
             time.sleep(1.0)
 

@@ -7,6 +7,7 @@ the same kind for every worker that leaves, so a run longer than one walltime co
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -280,6 +281,8 @@ class BuzzdaskSLURMCluster(SLURMCluster):
         self._gpu_spec = {"cls": self.job_cls, "options": gpu_options}
         self._gpu_names: set[str] = set()
         self._gpu_count = 0
+        self._jobs_joined: set[str] = set()  # jobs some worker of which has joined
+        self._jobs_gone_since: dict[str, float] = {}  # ... and none of which is there now
         keepalive = PeriodicCallback(
             self._replace_lost_workers, parse_timedelta(keepalive_interval) * 1000
         )
@@ -350,8 +353,32 @@ class BuzzdaskSLURMCluster(SLURMCluster):
     def _replace_lost_workers(self) -> None:
         # A worker that left (lifetime, walltime, scancel) stays in worker_spec but not in
         # self.workers; correcting the state submits a new job under its name and kind.
-        if self.status == Status.running and set(self.worker_spec) - set(self.workers):
+        if self.status != Status.running:
+            return
+        self._forget_jobs_gone()
+        if set(self.worker_spec) - set(self.workers):
             self._correct_state()
+
+    def _forget_jobs_gone(self) -> None:
+        """Drop from ``self.workers`` the jobs whose workers have all left.
+
+        Dask drops a job when a worker of the job's name leaves: the workers of a job of
+        several processes are named ``<job>-0``, ``<job>-1``, so a cancelled one stayed, and
+        no job ever replaced it (the run waited out ``scorer-restart-seconds``). After
+        ``distributed.deploy.lost-worker-timeout``, as Dask waits for a worker of its own.
+        """
+        present = [str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()]
+        grace_s = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+        now = time.monotonic()
+        for job in list(self.workers):
+            if any(name == job or _numbered(name, job) for name in present):
+                self._jobs_joined.add(job)
+                self._jobs_gone_since.pop(job, None)
+            elif job in self._jobs_joined:  # not one still queued or starting
+                if now - self._jobs_gone_since.setdefault(job, now) >= grace_s:
+                    self._jobs_joined.discard(job)
+                    del self._jobs_gone_since[job]
+                    self._futures.add(asyncio.ensure_future(self.workers.pop(job).close()))
 
     async def _close(self) -> None:
         # SpecCluster closes by scaling to 0, which only counts CPU jobs here.
@@ -471,6 +498,12 @@ class BuzzdaskSLURMCluster(SLURMCluster):
                 log = f"slurm-{job_id}.out in the submitting directory"
             lines.append(f"  {name}: job {job_id} {state}; log: {log}")
         return "\n".join(lines)
+
+
+def _numbered(worker_name: str, job: str) -> bool:
+    """Whether ``worker_name`` is one of a job of several processes' (``<job>-0``, ``<job>-1``)."""
+    number = worker_name.removeprefix(f"{job}-")
+    return number != worker_name and number.isdigit()
 
 
 def _stderr(error: Exception) -> str:
