@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -281,8 +282,11 @@ class BuzzdaskSLURMCluster(SLURMCluster):
         self._gpu_spec = {"cls": self.job_cls, "options": gpu_options}
         self._gpu_names: set[str] = set()
         self._gpu_count = 0
-        self._jobs_joined: set[str] = set()  # jobs some worker of which has joined
-        self._jobs_gone_since: dict[str, float] = {}  # ... and none of which is there now
+        # Jobs some worker of which has joined, by name (a replacement job takes the name of
+        # the one it replaces: the job itself tells them apart), and since when none is there.
+        # Weakly: Dask's check at close that every job it made was closed counts those alive.
+        self._jobs_joined: dict[str, weakref.ref[Any]] = {}
+        self._jobs_gone_since: dict[str, float] = {}
         keepalive = PeriodicCallback(
             self._replace_lost_workers, parse_timedelta(keepalive_interval) * 1000
         )
@@ -370,15 +374,15 @@ class BuzzdaskSLURMCluster(SLURMCluster):
         present = [str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()]
         grace_s = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
         now = time.monotonic()
-        for job in list(self.workers):
-            if any(name == job or _numbered(name, job) for name in present):
-                self._jobs_joined.add(job)
-                self._jobs_gone_since.pop(job, None)
-            elif job in self._jobs_joined:  # not one still queued or starting
-                if now - self._jobs_gone_since.setdefault(job, now) >= grace_s:
-                    self._jobs_joined.discard(job)
-                    del self._jobs_gone_since[job]
-                    self._futures.add(asyncio.ensure_future(self.workers.pop(job).close()))
+        for name, job in list(self.workers.items()):
+            joined = self._jobs_joined.get(name)
+            if any(worker == name or _numbered(worker, name) for worker in present):
+                self._jobs_joined[name] = weakref.ref(job)
+                self._jobs_gone_since.pop(name, None)
+            elif joined is not None and joined() is job:  # not a replacement still queued
+                if now - self._jobs_gone_since.setdefault(name, now) >= grace_s:
+                    del self._jobs_joined[name], self._jobs_gone_since[name]
+                    self._futures.add(asyncio.ensure_future(self.workers.pop(name).close()))
 
     async def _close(self) -> None:
         # SpecCluster closes by scaling to 0, which only counts CPU jobs here.
