@@ -35,7 +35,9 @@ def _mp3(path: Path, *options: str, rate: int = 44100, channels: int = 2) -> Pat
 def _ffprobe(path: Path) -> tuple[str, int, int, float | None]:
     ffprobe = find_ffmpeg().ffprobe
     assert ffprobe is not None
-    return _ffprobe_stream(str(path), ffprobe)
+    codec, rate, channels, duration_s, the_streams = _ffprobe_stream(str(path), ffprobe)
+    assert the_streams  # one stream: the duration is its own
+    return codec, rate, channels, duration_s
 
 
 #: Sample rate, channels and LAME's options: MPEG-1, 2 and 2.5, mono and stereo, CBR and VBR.

@@ -53,7 +53,10 @@ def test_header_says_what_ffprobe_says(tmp_path: Path, codec: str, channels: int
     assert header.n_samples == N_SAMPLES
     ffprobe = find_ffmpeg().ffprobe
     assert ffprobe is not None
-    probed_codec, rate, probed_channels, duration_s = _ffprobe_stream(str(path), ffprobe)
+    probed_codec, rate, probed_channels, duration_s, the_streams = _ffprobe_stream(
+        str(path), ffprobe
+    )
+    assert the_streams
     assert (header.codec, header.sample_rate, header.channels) == (
         probed_codec,
         rate,
