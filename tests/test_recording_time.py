@@ -331,7 +331,14 @@ def test_audio_out_of_reach_is_timed_by_name_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
         here = recording_starts(["20240601_093000.WAV"], root=tmp_path, tz="America/New_York")
     assert here["start"].iloc[0] == pd.Timestamp("2024-06-01 05:30", tz="America/New_York")
-    assert not caplog.messages
+    # buzzr, given the same zone, would read the name's 09:30 as New York's.
+    (message,) = caplog.messages
+    assert message.startswith(
+        "1 recording(s) whose metadata and name give different start times in "
+        "America/New_York, the metadata's taken: 20240601_093000.WAV (AudioMoth comment "
+        "2024-06-01 05:30:00, name 2024-06-01 09:30:00)"
+    )
+    caplog.clear()
     with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
         moved = recording_starts(
             ["20240601_093000.WAV", "notime.wav", "230809_0600.mp3"],

@@ -462,9 +462,16 @@ def recording_starts(
             clocks.setdefault(_clock(found.time), []).append(name)
         if found.unread:
             unread.append(f"{name} ({found.unread})")
-        if found.disagreement:
-            disagreeing.append(f"{name} ({found.disagreement})")
         start, lost = (None, "") if found.time is None else _in_zone(found.time, tz)
+        if start is not None and found.from_name is not None:
+            # Compared where the starts end up: in ``tz``, an AudioMoth on UTC names its files
+            # hours from its comment's local time, and buzzr reads the names in that zone.
+            named, _ = _in_zone(found.from_name, tz)
+            if named is not None and abs(start - named) >= _DISAGREEMENT:
+                disagreeing.append(
+                    f"{name} ({found.source} {start:%Y-%m-%d %H:%M:%S}, "
+                    f"name {named:%Y-%m-%d %H:%M:%S})"
+                )
         starts.append(start)
         sources.append(found.source if start is not None else None)
         problems.append(None if start is not None else (lost or found.problem))
@@ -481,10 +488,11 @@ def recording_starts(
         )
     if disagreeing:
         logger.warning(
-            "%d recording(s) whose metadata and name give different start times, the "
+            "%d recording(s) whose metadata and name give different start times%s, the "
             "metadata's taken: %s. buzzr, which reads names, bins them at the names' times; "
             "give --time-format (time_format=) to take the names' instead",
             len(disagreeing),
+            "" if tz is None else f" in {tz}",
             first_names(disagreeing, shown=3, separator="; "),
         )
     dtype = "datetime64[ns]" if tz is None else pd.DatetimeTZDtype("ns", tz)
@@ -541,7 +549,7 @@ class _Found(NamedTuple):
     source: str | None
     problem: str  # why there is no start
     unread: str = ""  # why a WAV's metadata could not be read
-    disagreement: str = ""  # the name's and the metadata's starts, where they differ
+    from_name: datetime | None = None  # the name's start, where the metadata's was taken
 
 
 def _start(name: str, path: Path, parser: TimeParser, *, read_metadata: bool) -> _Found:
@@ -559,11 +567,7 @@ def _start(name: str, path: Path, parser: TimeParser, *, read_metadata: bool) ->
                 return _Found(from_name, how, "", unread=unread)
             return _Found(None, None, how, unread=unread)
         if from_metadata is not None:
-            naive = from_metadata.replace(tzinfo=None)
-            if from_name is not None and abs(naive - from_name) >= _DISAGREEMENT:
-                said = f"{source} {naive:%Y-%m-%d %H:%M:%S}, name {from_name:%Y-%m-%d %H:%M:%S}"
-                return _Found(from_metadata, source, "", disagreement=said)
-            return _Found(from_metadata, source, "")
+            return _Found(from_metadata, source, "", from_name=from_name)
     if from_name is not None:
         return _Found(from_name, how, "")
     return _Found(None, None, how)
