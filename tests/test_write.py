@@ -234,6 +234,36 @@ def test_a_resume_with_another_hop_names_it_in_seconds(tmp_path) -> None:
     assert "(--threshold ins_buzz=-1.2 --framehop 0.96 without --precision)" in message
 
 
+def test_a_resume_with_other_thresholds_alone_points_to_summarize_export_and_plot(
+    tmp_path,
+) -> None:
+    """A new threshold is no reason to analyse everything again (``--new``)."""
+    layout = OutputLayout(tmp_path / "out")
+    layout.root.mkdir()
+    before = {"frame_hop": 15360, "sample_rate": 16000, "thresholds": {"ins_buzz": -1.2}}
+    earlier = {"thresholds": {"ins_buzz": -1.2}, "precision": None}
+    layout.metadata.write_text(json.dumps({"fingerprint": before, "options": earlier}))
+    layout.record_chunk("a.wav", 0, frames=1, size=100, mtime_ns=1, ends=True)
+    hint = "other thresholds alone need no new analysis: summarize, export and plot take"
+    now = {**before, "thresholds": {"ins_buzz": -1.0}}
+    with pytest.raises(OutputConflictError, match=hint):
+        prepare_output(
+            layout.root,
+            on_conflict="resume",
+            fingerprint=now,
+            options={**earlier, "thresholds": {"ins_buzz": -1.0}},
+        )
+    # With another difference too, a new analysis may be what is meant: no such hint.
+    with pytest.raises(OutputConflictError) as refused:
+        prepare_output(
+            layout.root,
+            on_conflict="resume",
+            fingerprint={**now, "frame_hop": 7680},
+            options={**earlier, "thresholds": {"ins_buzz": -1.0}},
+        )
+    assert hint not in str(refused.value)
+
+
 def test_runs_started_together_with_new_get_an_output_each(tmp_path) -> None:
     """A SLURM array's tasks, each ``--output results/run --new``, start in the same second."""
     output = tmp_path / "results" / "run"

@@ -13,12 +13,17 @@ __all__ = ["init_project"]
 LAYOUT = {
     "audio_in": (
         "Field recordings to analyse (any format ffmpeg reads). Subfolders are kept:\n"
-        "results mirror this tree. Run:\n\n"
-        "    buzzdask analyze audio_in --model models/<model> --output results/<run>\n"
+        "results mirror this tree. Run (-1.2: the lab's ins_buzz threshold for\n"
+        "model_general_v3, about 95 % precision):\n\n"
+        "    buzzdask analyze audio_in --model models/<model> --output results/<run> \\\n"
+        "        --threshold ins_buzz=-1.2\n"
     ),
     "models": (
         "Model directories in buzzdetect's format: config_model.json (classes, embeddername,\n"
-        "digits_results) and the head SavedModel (saved_model.pb, variables/).\n"
+        "digits_results) and the head SavedModel (saved_model.pb, variables/). The lab's\n"
+        "model_general_v3 is the folder models/model_general_v3 of\n"
+        "https://github.com/OSU-Bee-Lab/buzzdetect (copy it here whole); buzzdask train\n"
+        "writes heads of your own.\n"
     ),
     "results": (
         "One directory per analysis: buzzdask.json (metadata), errors.parquet, journal.jsonl\n"

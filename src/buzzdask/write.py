@@ -545,9 +545,17 @@ class OutputConflict:
                 f" and buzzdask.decode-margin-seconds as it was (the default, {default}, where "
                 "not recorded)"
             )
+        # Scores do not depend on thresholds: summaries, exports and plots take their own.
+        rethreshold = (
+            "; other thresholds alone need no new analysis: summarize, export and plot take "
+            "their own on the scores written"
+            if set(before) == {"thresholds"}
+            else ""
+        )
         return (
             f"cannot resume into {self.output}: settings differ ({differing}); either pass "
             f"{words.new} instead of {words.resume} to write to a new directory, or {back}"
+            f"{rethreshold}"
         )
 
     def __str__(self) -> str:
