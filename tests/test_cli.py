@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 import buzzdask
 from buzzdask.cli import EXIT_CODES, EXIT_ERROR, EXIT_FILES_FAILED, EXIT_OK
@@ -47,6 +48,34 @@ def test_version() -> None:
         [sys.executable, "-m", "buzzdask", "--version"], capture_output=True, text=True
     )
     assert as_module.stdout == done.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("buzzdask:\n  chunk-seconds: [3\n  batch-frames: 64\n", "is not valid YAML: while"),
+        ("- a\n", "must hold a mapping at its top level (such as buzzdask: and its keys), not"),
+    ],
+    ids=["malformed", "a-list"],
+)
+def test_a_malformed_dask_config_file_is_one_error_naming_it(tmp_path, content, problem) -> None:
+    """Dask refuses it as it is imported: that was a traceback of 30 lines, from any command."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "mine.yaml").write_text(content)
+    env = {**os.environ, "DASK_CONFIG": str(tmp_path / "config")}
+    output = tmp_path / "out"
+    for args in (["analyze", "a.wav", "--model", "m", "--output", str(output)], ["--version"]):
+        done = subprocess.run(
+            [BUZZDASK, *args], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.returncode == EXIT_ERROR
+        assert done.stderr.startswith(
+            f"buzzdask: error: Dask configuration file {tmp_path / 'config' / 'mine.yaml'} "
+            f"{problem}"
+        )
+        assert "Traceback" not in done.stderr
+        assert done.stderr.rstrip().endswith("reads each YAML file of Dask's configuration)")
+    assert not output.exists()
 
 
 def test_the_readme_lists_the_exit_codes_the_command_has() -> None:

@@ -733,6 +733,9 @@ def main(argv: Sequence[str] | None = None, *, client: Client | None = None) -> 
 
 @reports_errors
 def _run(argv: Sequence[str] | None, *, client: Client | None) -> int:
+    from buzzdask.config import check_dask_config
+
+    check_dask_config()
     args = build_parser().parse_args(argv)
     if args.command in _AFTER_STOP:
         _stopping["after"] = _AFTER_STOP[args.command]
