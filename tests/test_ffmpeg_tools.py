@@ -78,8 +78,14 @@ def test_a_configured_executable_is_checked(tmp_path: Path) -> None:
     # A real executable that is not ffmpeg.
     with pytest.raises(ParameterError, match=r"does not answer as ffmpeg; set it to an ffmpeg"):
         find_ffmpeg(ffmpeg=sys.executable)
+    # Another program as ffprobe (ffmpeg itself, mixed up): every file it probed failed, each
+    # as if it were not audio.
+    for not_ffprobe in (sys.executable, "ffmpeg"):
+        with pytest.raises(ParameterError, match=r"does not answer as ffprobe; set it to an ffp"):
+            find_ffmpeg(ffprobe=not_ffprobe)
     configured = find_ffmpeg(ffmpeg="ffmpeg", ffprobe="ffprobe")
     assert configured.source == "configured" and os.path.isabs(configured.ffmpeg)
+    assert configured.ffprobe == shutil.which("ffprobe")
 
 
 def test_a_missing_configured_ffmpeg_fails_before_any_work(

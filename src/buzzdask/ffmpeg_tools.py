@@ -103,8 +103,21 @@ def _find(ffmpeg: str | None, ffprobe: str | None, path: str) -> FFmpegTools:
         executable, version, source = _automatic(path)
     else:
         executable, version, source = _configured(ffmpeg, path)
-    probe = _beside(executable) if ffprobe is None else _which(ffprobe, "ffprobe", path)
+    probe = _beside(executable) if ffprobe is None else _configured_ffprobe(ffprobe, path)
     return FFmpegTools(ffmpeg=executable, version=version, source=source, ffprobe=probe)
+
+
+def _configured_ffprobe(ffprobe: str, path: str) -> str:
+    """``buzzdask.ffprobe``'s executable, checked: another program there would fail every file
+    it probes, each as if the file were not audio."""
+    executable = _which(ffprobe, "ffprobe", path)
+    answer = _stdout([executable, "-hide_banner", "-version"])
+    if answer is None or answer.split()[:2] != ["ffprobe", "version"]:
+        raise ParameterError(
+            f"buzzdask.ffprobe={ffprobe!r} ({executable}) does not answer as ffprobe; set it to "
+            "an ffprobe, or to null (the one beside ffmpeg, or none: ffmpeg then probes)"
+        )
+    return executable
 
 
 def _configured(ffmpeg: str, path: str) -> tuple[str, str, Source]:
@@ -198,10 +211,15 @@ def _has_soxr(executable: str) -> bool:
 
 
 def _run(executable: str, *arguments: str) -> str | None:
-    """What ``executable`` writes to stdout, or None if it cannot start or fails."""
+    """What ffmpeg ``executable`` writes to stdout, or None if it cannot start or fails."""
+    return _stdout([executable, "-nostdin", "-hide_banner", *arguments])
+
+
+def _stdout(command: list[str]) -> str | None:
+    """What ``command`` writes to stdout, or None if it cannot start or fails."""
     try:
         answer = subprocess.run(
-            [executable, "-nostdin", "-hide_banner", *arguments],
+            command,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=60,
