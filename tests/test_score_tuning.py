@@ -516,3 +516,30 @@ def test_configured_threads_keep_one_embedder_call_at_a_time(
     scorer.score(_chunks())
     assert scorer.parallel_calls == 1
     assert scorer.stats()["embedder_calls"] == 1  # the 50 patches in one batch
+
+
+@pytest.mark.parametrize(
+    ("frame_length", "context"),
+    [(8000, 240), (SPEC.frame_length, 0)],
+    ids=["frames-of-0.5-s", "no-context"],
+)
+@pytest.mark.parametrize("patch_hop", ["whole-hop", "half-hop"])
+def test_a_window_shorter_than_the_embedder_s_is_refused(
+    tiny_embedder: Path,
+    tiny_embedder_halfhop: Path,
+    tiny_model: Path,
+    frame_length: int,
+    context: int,
+    patch_hop: str,
+) -> None:
+    """The embedder pads it to its own and gives one frame all the same: every frame was then
+    scored on other audio than its own, in a run that looked complete."""
+    from buzzdask.errors import ModelError
+
+    embedder = tiny_embedder if patch_hop == "whole-hop" else tiny_embedder_halfhop
+    spec = FrameSpec(SPEC.sample_rate, frame_length, frame_length, context)
+    with pytest.raises(ModelError, match=rf"reads more than {frame_length + context} samples \("):
+        _scorer(str(embedder), str(tiny_model), spec=spec)
+    # As configured by default, both are taken.
+    for embedder in (tiny_embedder, tiny_embedder_halfhop):
+        assert _scorer(str(embedder), str(tiny_model)).native_hop in (7680, 15360)

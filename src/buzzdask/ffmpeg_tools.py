@@ -108,8 +108,10 @@ def _find(ffmpeg: str | None, ffprobe: str | None, path: str) -> FFmpegTools:
 
 
 def _configured_ffprobe(ffprobe: str, path: str) -> str:
-    """``buzzdask.ffprobe``'s executable, checked: another program there would fail every file
-    it probes, each as if the file were not audio."""
+    """``buzzdask.ffprobe``'s executable, checked.
+
+    Another program there would fail every file it probes, each as if the file were not audio.
+    """
     executable = _which(ffprobe, "ffprobe", path)
     answer = _stdout([executable, "-hide_banner", "-version"])
     if answer is None or answer.split()[:2] != ["ffprobe", "version"]:

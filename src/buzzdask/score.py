@@ -310,13 +310,32 @@ class Scorer:
                 f"{spec.window}-sample window; frame length or context is misconfigured"
             )
         # The embedder's own patch hop, measured: patches for a window plus two frames.
-        n_patches = self._embed(np.zeros(spec.window + 2 * spec.frame_length, np.float32)).shape[0]
+        n_patches = self._frames_of(spec.window + 2 * spec.frame_length)
         self.native_hop = (2 * spec.frame_length) // max(1, n_patches - 1)
+        # A window shorter than the embedder's also gives one frame (padded), and each frame's
+        # scores would then be of other audio than its own: the embedder's next frame comes one
+        # sample past its window (padded to whole patches, as YAMNet) or a patch hop past it.
+        if self._frames_of(spec.window + 1) != 2 and (
+            self._frames_of(spec.window + self.native_hop - 1) != 1
+            or self._frames_of(spec.window + self.native_hop) != 2
+        ):
+            raise ModelError(
+                f"embedder {handle!r} reads more than {spec.window} samples "
+                f"({spec.window / spec.sample_rate:g} s at {spec.sample_rate} Hz) for one frame, "
+                "its frame length and context as configured (frame-length-seconds and "
+                "frame-context-seconds of its buzzdask.embedders entry): every frame would be "
+                "scored on other audio than its own; set them to the embedder's (YAMNet: 0.96 "
+                "and 0.015)"
+            )
         # Frames on the patch grid come from one contiguous call; others are scored one by one.
         self._stride = (
             spec.hop_length // self.native_hop if spec.hop_length % self.native_hop == 0 else None
         )
         return int(one.shape[1])
+
+    def _frames_of(self, samples: int) -> int:
+        """Frames the embedder gives for ``samples`` samples of silence."""
+        return int(self._embed(np.zeros(samples, np.float32)).shape[0])
 
     def _embed(self, waveform: np.ndarray) -> np.ndarray:
         assert self._embedder is not None
