@@ -78,6 +78,31 @@ def test_a_malformed_dask_config_file_is_one_error_naming_it(tmp_path, content, 
     assert not output.exists()
 
 
+def test_a_bad_setting_names_the_file_or_variable_that_sets_it(tmp_path) -> None:
+    """Not "a YAML file under ~/.config/dask/" of a key set in DASK_CONFIG's folder."""
+    (tmp_path / "config").mkdir()
+    mine = tmp_path / "config" / "mine.yaml"
+    mine.write_text("buzzdask:\n  chunk_secondz: 3\n  embedders:\n    own:\n      handle: x\n")
+    env = {**os.environ, "DASK_CONFIG": str(tmp_path / "config")}
+    args = [BUZZDASK, "analyze", "a.wav", "--model", "m", "--output", str(tmp_path / "out")]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == EXIT_ERROR
+    lines = done.stderr.splitlines()
+    assert lines[0] == (
+        f"buzzdask: error: unknown setting buzzdask.chunk-secondz (set in {mine}); did you mean "
+        "buzzdask.chunk-seconds?"
+    )
+    # A key missing from a section: the file that holds the section.
+    assert f"buzzdask.embedders.own.sample-rate is missing (set in {mine})" in lines
+    variable = {"DASK_BUZZDASK__BATCH_FRAMES": "0"}
+    done = subprocess.run(args, capture_output=True, text=True, env={**env, **variable})
+    assert (
+        "buzzdask.batch-frames=0 must be an integer >= 1 [frames] (set by the DASK_BUZZDASK__"
+        in (done.stderr)
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_readme_lists_the_exit_codes_the_command_has() -> None:
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("| exit code | meaning |") :].split("\n\n", 1)[0]

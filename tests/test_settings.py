@@ -293,8 +293,8 @@ def test_what_dasks_merge_would_hide_is_caught(
     monkeypatch.setenv("DASK_BUZZDASK__STAGING", "true")
     with pytest.raises(
         ParameterError,
-        match=r"^buzzdask\.staging=True must be a mapping of settings \(set in a YAML file "
-        r"under ~/\.config/dask/, a DASK_BUZZDASK__STAGING variable",
+        match=r"^buzzdask\.staging=True must be a mapping of settings \(set by the "
+        r"DASK_BUZZDASK__STAGING variable\)",
     ):
         load_settings()
     monkeypatch.delenv("DASK_BUZZDASK__STAGING")

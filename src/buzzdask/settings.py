@@ -21,11 +21,13 @@ import dataclasses
 import difflib
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import dask.config
+import yaml
 from dask.utils import parse_bytes
 
 from buzzdask import config  # registers buzzdask.yaml's defaults in dask.config
@@ -600,11 +602,57 @@ def _label(path: tuple[str, ...], keyword: bool) -> str:
 
 
 def _source(path: tuple[str, ...], keyword: bool) -> str:
-    """Where a configuration key comes from, with its environment variable; keywords: nothing."""
+    """Where a configuration key comes from; keywords: nothing.
+
+    Its environment variable, or the YAML files that set it (a missing key's: its section's),
+    else where it can be set.
+    """
     if keyword:
         return ""
     variable = "__".join(("DASK_BUZZDASK", *(p.upper().replace("-", "_") for p in path)))
+    if variable in os.environ:
+        return f" (set by the {variable} variable)"
+    files = _files_setting(("buzzdask", *path)) or _files_setting(("buzzdask", *path[:-1]))
+    if files:
+        return f" (set in {', '.join(files)})"
     return f" (set in {_SOURCES.format(variable=variable)})"
+
+
+def _files_setting(path: tuple[str, ...]) -> list[str]:
+    """Dask's YAML configuration files that hold ``path`` (``-`` and ``_`` alike)."""
+    files = []
+    for place in dask.config.paths:  # directories, or a file (DASK_CONFIG may name one)
+        try:
+            names = [os.path.join(place, name) for name in sorted(os.listdir(place))]
+        except NotADirectoryError:
+            names = [place]
+        except OSError:
+            continue
+        for file in names:
+            if file.endswith((".yaml", ".yml")) and _holds(_yaml_file(file), path):
+                files.append(file)
+    return files
+
+
+def _yaml_file(file: str) -> Any:
+    """A YAML file's content; None where it cannot be read."""
+    try:
+        with open(file, encoding="utf-8") as stream:
+            return yaml.safe_load(stream)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _holds(node: Any, path: tuple[str, ...]) -> bool:
+    """Whether nested mappings ``node`` hold the key ``path`` (``-`` and ``_`` alike)."""
+    for key in path:
+        if not isinstance(node, Mapping):
+            return False
+        keys = {str(name).replace("_", "-"): value for name, value in node.items()}
+        if key.replace("_", "-") not in keys:
+            return False
+        node = keys[key.replace("_", "-")]
+    return True
 
 
 def _mapping(given: Any, path: tuple[str, ...], keyword: bool) -> Mapping[Any, Any]:
