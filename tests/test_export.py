@@ -512,9 +512,12 @@ def test_another_runs_export_is_never_replaced(run, make_audio, tmp_path, caplog
     assert "20240612_060000.wav" in caplog.text
 
 
-def test_a_stopped_export_is_said_to_be_unfinished(tree_run, tmp_path, monkeypatch):
+def test_a_stopped_export_is_said_to_be_unfinished(
+    tree_run, run, make_audio, tmp_path, monkeypatch
+):
     # Each file is written whole, but a stop (Ctrl-C, a kill) leaves some of them: a set that
-    # looks finished. The next export says it is not.
+    # looks finished. The next export says it is not, also after another run's export into the
+    # same folder finished (which cleared the folder's one mark).
     from buzzdask import exports
 
     dest = tmp_path / "cut"
@@ -531,14 +534,101 @@ def test_a_stopped_export_is_said_to_be_unfinished(tree_run, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
     monkeypatch.setattr(exports, "buzzdetect_table", table)
+    make_audio("other_site.wav", n_samples=2 * 15360, directory=tmp_path / "other")
+    other = run(tmp_path / "other", output=tmp_path / "out_other")
+    buzzdask.export(other.output, format="buzzdetect", dest=dest)
     with pytest.raises(OutputConflictError, match=rf"into {re.escape(str(dest))} stopped before"):
         buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
     done = buzzdask.export(tree_run.output, format="buzzdetect", dest=dest, overwrite=True)
     written = [p for p in dest.rglob("*") if p.is_file() and p.name != exports.WRITTEN]
-    assert sorted(written) == sorted(done.files)
+    assert sorted(written) == sorted([*done.files, dest / "other_site_buzzdetect.csv"])
     with pytest.raises(OutputConflictError) as finished:
         buzzdask.export(tree_run.output, format="buzzdetect", dest=dest)
     assert "stopped before" not in str(finished.value)
+
+
+def test_an_interrupted_export_says_what_next(tree_run, tmp_path, monkeypatch, capsys):
+    from buzzdask import exports
+    from buzzdask.cli import EXIT_INTERRUPTED
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exports, "buzzdetect_table", stopped)
+    dest = str(tmp_path / "cut")
+    argv = ["export", str(tree_run.output), "--format", "buzzdetect", "--dest", dest]
+    assert main(argv) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.endswith(
+        "buzzdask: interrupted; each file written is whole, and the folder is marked "
+        "unfinished: the same command with --overwrite exports it all again\n"
+    )
+
+
+def test_a_folder_another_command_writes_in_is_refused(tree_run, tmp_path):
+    """Two exports (summaries, plots) into one folder at once both found it free, then wrote
+    over each other's files: one said it wrote files holding the other's columns."""
+    import threading
+
+    from buzzdask.lock import destination_held
+    from buzzdask.plots import plot_run
+
+    dest = tmp_path / "shared"
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # another command (a thread's lock is not this thread's)
+        with destination_held(dest):
+            taken.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(60)
+        thresholds = {"ins_buzz": 0.5}
+        for write in (
+            lambda: buzzdask.export(tree_run.output, format="csv", dest=dest),
+            lambda: summarize(tree_run.output, bin="1h", thresholds=thresholds, dest=dest),
+            lambda: plot_run(tree_run.output, bin="1h", thresholds=thresholds, dest=dest),
+        ):
+            with pytest.raises(OutputConflictError) as refused:
+                write()
+            assert str(refused.value).startswith(
+                f"{dest} is being written by another buzzdask command (host "
+            )
+            assert str(refused.value).endswith(
+                "): wait for it to end, or choose another dest (--dest)"
+            )
+        assert sorted(p.name for p in dest.iterdir()) == [".buzzdask.lock"]
+    finally:
+        release.set()
+        holder.join()
+    assert list(dest.iterdir()) == []
+
+
+def test_what_a_killed_writer_left_is_cleared_and_a_stopped_plot_leaves_no_file(
+    tree_run, tmp_path, monkeypatch
+):
+    """A PNG cut short by Ctrl-C kept its final name (the next plot took it as done); a kill
+    left a hidden temporary beside frames.csv that no later export removed."""
+    from matplotlib.figure import Figure
+
+    from buzzdask.plots import plot_run
+
+    dest = tmp_path / "pictures"
+    dest.mkdir()
+    left = dest / f".frames.csv.{'0' * 32}.tmp"
+    left.write_text("file,start\n")
+    buzzdask.export(tree_run.output, format="csv", dest=dest)
+    assert not left.exists() and (dest / "frames.csv").is_file()
+
+    def stopped_midway(figure, target, **kwargs):
+        Path(target).write_bytes(b"\x89PNG\r\n\x1a\n")  # the first bytes of a PNG, then a stop
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+        plot_run(tree_run.output, bin="1h", thresholds={"ins_buzz": 0.5}, dest=dest)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([".buzzdask-export.json", "frames.csv"])
 
 
 def test_combined_csv_has_times_where_known(tree_run, tmp_path):

@@ -70,6 +70,13 @@ _AFTER_STOP = {
     ),
 }
 _AFTER_STOP["rescore"] = _AFTER_STOP["analyze"]
+_AFTER_STOP["export"] = (
+    "each file written is whole, and the folder is marked unfinished: the same command with "
+    "--overwrite exports it all again"
+)
+_AFTER_STOP["summarize"] = _AFTER_STOP["plot"] = (
+    "each file written is whole: run the same command again (with --overwrite if it wrote some)"
+)
 _stopping: dict[str, str] = {}
 
 

@@ -48,11 +48,12 @@ import pandas as pd
 from buzzdask.errors import InputError, OutputConflictError, ParameterError
 from buzzdask.events import stored_recording_events
 from buzzdask.inputs import as_list, first_names, user_path
+from buzzdask.lock import destination_held
 from buzzdask.progress import format_count
 from buzzdask.recording_time import check_start_options, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
-from buzzdask.write import NAME_MAX, atomic_path, write_json
+from buzzdask.write import NAME_MAX, atomic_path, remove_stale_temporaries, write_json
 
 __all__ = [
     "BUZZDETECT_TAG",
@@ -268,15 +269,21 @@ def _selected_classes(run: Run, classes: Sequence[str] | str | None) -> list[str
 
 
 def _check_free(
-    targets: Sequence[Path], *, dest: Path, overwrite: bool, earlier: Sequence[Path] = ()
+    targets: Sequence[Path],
+    *,
+    dest: Path,
+    overwrite: bool,
+    earlier: Sequence[Path] = (),
+    stopped: bool = False,
 ) -> None:
-    """Refuse, unless ``overwrite``, when a target or a file of ``earlier`` exists."""
+    """Refuse, unless ``overwrite``, when a target or a file of ``earlier`` exists.
+
+    ``stopped``: the run's earlier export into ``dest`` stopped before it finished.
+    """
     existing = [path for path in [*targets, *earlier] if path.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        why = ""
-        if (dest / UNFINISHED).exists():
-            why = f": an earlier export into {dest} stopped before it finished"
+        why = f": an earlier export into {dest} stopped before it finished" if stopped else ""
         # Week 2 of a season: what the refusal holds back is the new recordings.
         new = sum(not path.exists() for path in targets)
         adds = f"; {new} of the {len(targets)} files would be new" if new else ""
@@ -304,8 +311,18 @@ def _files_written(
     export inside is still the same run. A listed run whose output is no longer there (moved
     elsewhere) claims nothing: its files of the recordings exported now go as this run's do.
     """
+    with destination_held(dest):
+        yield from _files_written_held(targets, dest, overwrite=overwrite, run=run)
+
+
+def _files_written_held(
+    targets: Sequence[Path], dest: Path, *, overwrite: bool, run: Run
+) -> Iterator[None]:
+    """:func:`_files_written`'s work, ``dest`` held: no other export checks it meanwhile."""
     listed = _listed(dest)
     here = os.path.realpath(run.output)
+    # Both real: ".." in a key must climb out of dest's real folder, not out of a link to it.
+    key = os.path.relpath(here, os.path.realpath(dest))
     mine = [key for key in listed if _listed_run(dest, key) == here]
     names = {_one_name(path.relative_to(dest).as_posix()) for path in targets}
     formats = {_format_of(path.name) for path in targets}
@@ -321,10 +338,17 @@ def _files_written(
         if ".." not in name and _format_of(name) in formats
     }
     _check_not_others(targets, dest=dest, listed=listed, mine=mine)
-    _check_free(targets, dest=dest, overwrite=overwrite, earlier=sorted(earlier - set(targets)))
-    dest.mkdir(parents=True, exist_ok=True)
-    marker = dest / UNFINISHED
-    marker.touch()
+    stopped = _unfinished(dest)
+    _check_free(
+        targets,
+        dest=dest,
+        overwrite=overwrite,
+        earlier=sorted(earlier - set(targets)),
+        stopped=stopped is None or key in stopped,
+    )
+    remove_stale_temporaries(targets)
+    # By run: another run's export finishing there says nothing of this one's files.
+    _mark_unfinished(dest, {*(stopped or ()), key})
     yield
     for path in sorted(earlier - set(targets)):
         path.unlink(missing_ok=True)
@@ -341,11 +365,31 @@ def _files_written(
         listed[key] = [name for name in listed[key] if name not in superseded]
         if not listed[key]:
             del listed[key]
-    # Both real: ".." in a key must climb out of dest's real folder, not out of a link to it.
-    key = os.path.relpath(here, os.path.realpath(dest))
     listed[key] = [*others, *(p.relative_to(dest).as_posix() for p in targets)]
     write_json(dest / WRITTEN, listed)
-    marker.unlink()
+    _mark_unfinished(dest, (_unfinished(dest) or set()) - {key})
+
+
+def _unfinished(dest: Path) -> set[str] | None:
+    """The runs whose export into ``dest`` stopped before it finished (:data:`UNFINISHED`).
+
+    None: a marker that names none (an earlier buzzdask's, or cut short): of any run.
+    """
+    try:
+        named = json.loads((dest / UNFINISHED).read_text(encoding="utf-8"))["runs"]
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {str(run) for run in named} if isinstance(named, list) else None
+
+
+def _mark_unfinished(dest: Path, runs: set[str]) -> None:
+    """Name ``runs`` in ``dest``'s :data:`UNFINISHED`; none: remove it."""
+    if runs:
+        write_json(dest / UNFINISHED, {"runs": sorted(runs)})
+    else:
+        (dest / UNFINISHED).unlink(missing_ok=True)
 
 
 def _check_not_others(

@@ -27,6 +27,8 @@ import platform
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,14 +36,16 @@ from typing import Any
 
 import psutil
 
-from buzzdask.errors import OutputConflictError
-from buzzdask.write import OutputConflict
+from buzzdask.errors import BuzzdaskError, OutputConflictError
+from buzzdask.write import OutputConflict, utc_now
 
 __all__ = [
     "LOCK_NAME",
     "LockHolder",
     "OutputLock",
     "current_holder",
+    "destination_held",
+    "held",
     "live_holder",
     "refuse_if_in_use",
 ]
@@ -340,3 +344,55 @@ class OutputLock:
                 os.utime(self.path)
             except OSError:  # the output vanished or filled up; the run reports that itself
                 pass
+
+
+@contextmanager
+def held(root: Path, *, stale_s: float, in_use: Callable[[str], BuzzdaskError]) -> Iterator[None]:
+    """Hold ``root`` with an :class:`OutputLock` for a block (a command writing files there).
+
+    Parameters
+    ----------
+    root : Path
+        The folder (created if missing).
+    stale_s : float > 0 [s]
+        As :class:`OutputLock`'s.
+    in_use : callable (holder) -> BuzzdaskError
+        The error raised where a live process holds ``root``, from that holder in words
+        (``host n0001, pid 4242, since ...``): each command says what it is waiting on.
+
+    Raises
+    ------
+    OutputConflictError
+        ``root`` cannot be created or written in.
+    """
+    lock = OutputLock(root, started=utc_now(), stale_s=stale_s)
+    try:
+        lock.__enter__()
+    except OutputConflictError as error:
+        conflict = error.args[0] if error.args else None
+        if isinstance(conflict, OutputConflict) and conflict.reason != "in use":
+            raise OutputConflictError(f"cannot write in {root} ({conflict.problem})") from None
+        holder = current_holder(root)
+        raise in_use(holder.describe() if holder else "another process") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def destination_held(dest: Path) -> AbstractContextManager[None]:
+    """One command at a time writing files (an export, summaries, plots) into ``dest``.
+
+    Two would both find the folder free, then write over each other's files (a PNG of one
+    with the other's last bytes). Held from the check of what is there to the last file.
+    """
+    from buzzdask.settings import load_settings
+
+    return held(
+        dest,
+        stale_s=load_settings().lock_stale_seconds,
+        in_use=lambda holder: OutputConflictError(
+            f"{dest} is being written by another buzzdask command ({holder}): wait for it to "
+            "end, or choose another dest (--dest)"
+        ),
+    )

@@ -26,6 +26,7 @@ import pandas as pd
 
 from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.inputs import as_list, user_path
+from buzzdask.lock import destination_held
 from buzzdask.recording_time import (
     TimeFormat,
     check_start_options,
@@ -33,8 +34,9 @@ from buzzdask.recording_time import (
     said_once,
 )
 from buzzdask.results import Run, open_run
-from buzzdask.summaries import By, resolve_summary, summarize
+from buzzdask.summaries import By, Summary, resolve_summary, summarize
 from buzzdask.thresholds import detected
+from buzzdask.write import atomic_path, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -403,12 +405,32 @@ def plot_run(
                 recording,
                 name,
             )
+    with destination_held(folder):
+        _refuse_existing(planned, overwrite=overwrite)
+        remove_stale_temporaries(planned)
+        _plot_all(planned, run, by, settings, time_format, tz, read_metadata, dpi)
+    return list(planned)
+
+
+def _refuse_existing(planned: Mapping[Path, Any], *, overwrite: bool) -> None:
     existing = [str(path) for path in planned if path.exists()]
     if existing and not overwrite:
         raise OutputConflictError(
             f"plot files already exist: {', '.join(existing)}; pass overwrite=True "
             "(--overwrite) to replace them, or another dest (--dest)"
         )
+
+
+def _plot_all(
+    planned: Mapping[Path, tuple[str, str]],
+    run: Run,
+    by: By,
+    settings: Summary,
+    time_format: TimeFormat | None,
+    tz: str | None,
+    read_metadata: bool,
+    dpi: float,
+) -> None:
     summary = summarize(
         run,
         bin=settings.width,
@@ -419,11 +441,9 @@ def plot_run(
         tz=tz,
         read_metadata=read_metadata,
     )
-    folder.mkdir(parents=True, exist_ok=True)
     # The summary has said what it had to about start times; each plot would say it again.
     with said_once():
         _draw(planned, run, summary, settings.thresholds, time_format, tz, read_metadata, dpi)
-    return list(planned)
 
 
 def _draw(
@@ -449,7 +469,9 @@ def _draw(
                 tz=tz,
                 read_metadata=read_metadata,
             )
-        figure.savefig(path, dpi=dpi)
+        # Whole or not at all: a stop mid-write left a PNG cut short under its own name.
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=dpi, format="png")
 
 
 def _safe(text: str) -> str:

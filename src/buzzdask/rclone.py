@@ -19,16 +19,16 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from buzzdask.errors import BuzzdaskError, OutputConflictError, ParameterError, TransferError
+from buzzdask.errors import BuzzdaskError, ParameterError, TransferError
 from buzzdask.inputs import user_path
-from buzzdask.lock import LOCK_NAME
+from buzzdask.lock import LOCK_NAME, held
 from buzzdask.progress import format_count, logger
 from buzzdask.settings import TransferSettings, load_settings
 from buzzdask.write import utc_now
@@ -201,30 +201,21 @@ def transfer(
     return result
 
 
-@contextmanager
-def _held(target: Path, *, stale_s: float) -> Iterator[None]:
+def _held(target: Path, *, stale_s: float) -> AbstractContextManager[None]:
     """One transfer at a time into ``target`` (an hourly scrontab's beside a manual one).
 
     Both would copy every file into the same hidden folder, where one renames what the other
-    is still writing; the same lock as an analysis output's (:class:`buzzdask.lock.OutputLock`).
+    is still writing; the same lock as an analysis output's (:func:`buzzdask.lock.held`).
     """
-    from buzzdask.lock import OutputLock, current_holder
-
-    lock = OutputLock(target, started=utc_now(), stale_s=stale_s)
-    try:
-        lock.__enter__()
-    except OutputConflictError:
-        holder = current_holder(target)
-        raise TransferError(
-            f"{target} is being filled by another transfer "
-            f"({holder.describe() if holder else 'another process'}): let it finish (a watch "
+    return held(
+        target,
+        stale_s=stale_s,
+        in_use=lambda holder: TransferError(
+            f"{target} is being filled by another transfer ({holder}): let it finish (a watch "
             "analyses what it brings), or stop it and run this one again",
             reason="destination in use",
-        ) from None
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
+        ),
+    )
 
 
 def _check_destination(

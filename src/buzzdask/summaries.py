@@ -325,7 +325,14 @@ def summarize(
         paths={},
     )
     if write:
-        _write(table, starts, paths, settings=settings, tz=tz, time_format=time_format)
+        from buzzdask.lock import destination_held
+        from buzzdask.write import remove_stale_temporaries
+
+        with destination_held(paths["parquet"].parent):
+            if not overwrite:  # again: another summarize may have written them meanwhile
+                _refuse_existing(paths)
+            remove_stale_temporaries(paths.values())
+            _write(table, starts, paths, settings=settings, tz=tz, time_format=time_format)
         table.attrs["paths"] = {kind: str(path) for kind, path in paths.items()}
     return table
 
@@ -535,7 +542,7 @@ def _write(
 
 def _write_text(path: Path, text: str) -> None:
     """Write atomically (a hidden temporary name, then a rename), as the Parquet files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    from buzzdask.write import atomic_path
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")

@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -954,6 +955,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with suppress(OSError):  # the error that matters is the one raised
             temporary.unlink(missing_ok=True)
         raise
+
+
+#: :func:`atomic_path`'s temporary names: ``.<name>.<32 hex digits>.tmp``.
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{32}\.tmp")
+
+
+def remove_stale_temporaries(paths: Iterable[Path]) -> None:
+    """Remove what :func:`atomic_path` left beside ``paths`` for a writer killed outright.
+
+    Only while holding their folders (:func:`buzzdask.lock.destination_held`): another
+    writer's temporaries would be in use. A folder is listed once, whatever its files.
+    """
+    names: dict[Path, set[str]] = {}
+    for path in paths:
+        names.setdefault(path.parent, set()).add(path.name)
+    for folder, wanted in names.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not there yet
+            continue
+        for entry in entries:
+            left = _TEMPORARY.fullmatch(entry.name)
+            if left is not None and left[1] in wanted:
+                with suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def write_table(table: pa.Table, path: Path) -> None:
