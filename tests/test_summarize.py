@@ -404,11 +404,37 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
         export(partial, format="csv", dest=tmp_path / "csv")
     assert table["frames"].sum() == len(frames)
     assert [m for m in caplog.messages if "not finished" in m] == [
-        f"{partial}: the run has not finished (it is running, or was stopped: analyze with "
-        f"--resume, on_conflict='resume' in Python, finishes it); {doing} the frames written "
-        "so far"
+        f"{partial}: the run has not finished (it was stopped: analyze with --resume, "
+        f"on_conflict='resume' in Python, finishes it); {doing} the frames written so far"
         for doing in ("summarizing", "exporting")
     ]
+    # Still running (its lock's holder alive): a resume would be refused, so none is offered.
+    import threading
+
+    from buzzdask.lock import OutputLock
+
+    caplog.clear()
+    taken, release = threading.Event(), threading.Event()
+
+    def analysing() -> None:
+        with OutputLock(partial, started="2026-06-01T05:30:00+00:00", stale_s=120):
+            taken.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=analysing)
+    holder.start()
+    try:
+        assert taken.wait(60)
+        with caplog.at_level("WARNING", logger="buzzdask"):
+            summarize(partial, thresholds={"ins_buzz": threshold}, write=False)
+    finally:
+        release.set()
+        holder.join()
+    (message,) = [m for m in caplog.messages if str(partial) in m]
+    assert message.startswith(f"{partial}: the run is still running (host ")
+    assert message.endswith(
+        ", since 2026-06-01T05:30:00+00:00); summarizing the frames written so far"
+    )
 
 
 def test_plots_of_classes_named_alike_are_one_each(run, make_audio, tmp_path):

@@ -112,11 +112,17 @@ class Run:
                 holder.describe(),
                 doing,
             )
+        elif not self.complete and holder is not None:
+            logger.warning(
+                "%s: the run is still running (%s); %s the frames written so far",
+                self.output,
+                holder.describe(),
+                doing,
+            )
         elif not self.complete:
             logger.warning(
-                "%s: the run has not finished (it is running, or was stopped: analyze with "
-                "--resume, on_conflict='resume' in Python, finishes it); %s the frames written "
-                "so far",
+                "%s: the run has not finished (it was stopped: analyze with --resume, "
+                "on_conflict='resume' in Python, finishes it); %s the frames written so far",
                 self.output,
                 doing,
             )
