@@ -103,6 +103,17 @@ def test_a_bad_setting_names_the_file_or_variable_that_sets_it(tmp_path) -> None
     assert not (tmp_path / "out").exists()
 
 
+def test_help_gives_the_defaults_as_configured() -> None:
+    """A user's own chunk-seconds in their YAML file or a variable is what a run takes."""
+    env = {**os.environ, "DASK_BUZZDASK__CHUNK_SECONDS": "300", "COLUMNS": "300"}
+    done = subprocess.run(
+        [BUZZDASK, "analyze", "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
+    text = " ".join(done.stdout.split())
+    assert "audio per decode task (default 300: buzzdask.chunk-seconds)" in text
+    assert "(default 512: buzzdask.batch-frames;" in text
+
+
 def test_the_readme_lists_the_exit_codes_the_command_has() -> None:
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("| exit code | meaning |") :].split("\n\n", 1)[0]

@@ -80,6 +80,18 @@ _AFTER_STOP["summarize"] = _AFTER_STOP["plot"] = (
 _stopping: dict[str, str] = {}
 
 
+def default_of(key: str) -> str:
+    """A help text's default: the setting's name and its value as configured now.
+
+    ``"default 600: buzzdask.chunk-seconds"``, or a user's own value where their YAML file or
+    variable sets it (what the command then takes).
+    """
+    import dask.config
+
+    value = dask.config.get(f"buzzdask.{key}", default=None)
+    return f"default {'none' if value is None else value}: buzzdask.{key}"
+
+
 def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
     """Wrap a command so that a :class:`~buzzdask.errors.BuzzdaskError` or Ctrl-C ends it cleanly.
 
@@ -319,8 +331,8 @@ def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = Fals
         "--memory-budget",
         metavar="BYTES",
         help=(
-            "decoded audio in flight, e.g. 2GiB (default 1GiB); TensorFlow and the processes "
-            "take about 1 GiB more, whatever the budget"
+            f"decoded audio in flight, e.g. 2GiB ({default_of('memory-budget')}); TensorFlow and "
+            "the processes take about 1 GiB more, whatever the budget"
         ),
     )
     parser.add_argument(
@@ -328,8 +340,8 @@ def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = Fals
         type=int,
         metavar="N",
         help=(
-            "frames per score task and embedder call (default 512; on a CPU, calls of at most"
-            " buzzdask.cpu-call-frames)"
+            f"frames per score task and embedder call ({default_of('batch-frames')}; on a CPU, "
+            "calls of at most buzzdask.cpu-call-frames)"
         ),
     )
     parser.add_argument(
@@ -356,7 +368,10 @@ def _add_analyze_parser(commands: argparse._SubParsersAction) -> None:
     analyze.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or directories")
     _add_run_options(analyze)
     analyze.add_argument(
-        "--chunk-seconds", type=float, metavar="SECONDS", help="audio per decode task (default 600)"
+        "--chunk-seconds",
+        type=float,
+        metavar="SECONDS",
+        help=f"audio per decode task ({default_of('chunk-seconds')})",
     )
     analyze.add_argument(
         "--keep-embeddings",
@@ -394,13 +409,15 @@ def _add_watch_options(analyze: argparse.ArgumentParser) -> None:
         "--idle-timeout",
         type=float,
         metavar="SECONDS",
-        help="with --watch: stop after this long without new or changed files (default 3600)",
+        help="with --watch: stop after this long without new or changed files "
+        f"({default_of('watch.idle-timeout-seconds')})",
     )
     analyze.add_argument(
         "--poll",
         type=float,
         metavar="SECONDS",
-        help="with --watch: seconds between looks at the input (default 30)",
+        help="with --watch: seconds between looks at the input "
+        f"({default_of('watch.poll-seconds')})",
     )
 
 
@@ -418,7 +435,10 @@ def _add_transfer_parser(commands: argparse._SubParsersAction) -> None:
     )
     transfer.add_argument("destination", help="local directory (with --upload: rclone remote path)")
     transfer.add_argument(
-        "--batch-size", type=int, metavar="N", help="files per rclone call (default 20)"
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help=f"files per rclone call ({default_of('transfer.batch-size')})",
     )
     transfer.add_argument(
         "--upload", action="store_true", help="send the local SOURCE directory to DESTINATION"
@@ -451,7 +471,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--unlabeled-ambient",
         type=int,
         metavar="N",
-        help="unlabeled frames drawn per labelled file as ambient (default 0)",
+        help="unlabeled frames drawn per labelled file as ambient "
+        f"({default_of('train.unlabeled-ambient')})",
     )
     train.add_argument(
         "--holdout",
@@ -464,10 +485,19 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--embedder", help="embedder handle: TF Hub URL or local SavedModel directory"
     )
     train.add_argument(
-        "--framehop", type=float, metavar="SECONDS", help="seconds between frames (default 0.48)"
+        "--framehop",
+        type=float,
+        metavar="SECONDS",
+        help=f"seconds between frames ({default_of('train.frame-hop-seconds')})",
     )
-    train.add_argument("--epochs", type=int, metavar="N", help="most epochs (default 200)")
-    train.add_argument("--seed", type=int, help="seed of the draws and of TensorFlow (default 0)")
+    train.add_argument(
+        "--epochs", type=int, metavar="N", help=f"most epochs ({default_of('train.epochs')})"
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        help=f"seed of the draws and of TensorFlow ({default_of('train.seed')})",
+    )
     train.add_argument(
         "--cache-dir", metavar="DIR", help="embedding cache (default ./embedding-cache)"
     )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from dask.utils import parse_bytes
 
-from buzzdask.cli import EXIT_OK, reports_errors
+from buzzdask.cli import EXIT_OK, default_of, reports_errors
 from buzzdask.cluster.options import ACCOUNT_PLACEHOLDER, JobOptions, job_kinds
 from buzzdask.errors import InputError, ModelError
 from buzzdask.progress import console_lines
@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU decode workers (default: the configuration's cpu-workers, else 1)",
     )
     JobOptions.add_arguments(parser)
-    parser.add_argument("--timeout", type=float, help="seconds to wait for the workers")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help=f"seconds to wait for the workers ({default_of('cluster-wait-seconds')})",
+    )
     parser.add_argument(
         "--print-job-script",
         action="store_true",
