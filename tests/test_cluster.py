@@ -155,6 +155,30 @@ def test_a_users_jobqueue_override_is_checked(override, message):
             job_scripts("osc-cardinal", account="PAS9")
 
 
+def test_a_copied_configuration_s_mistakes_are_named(tmp_path):
+    """A copy under a new name kept its entry's old name ("needs a ... entry" said nothing of
+    what it had); cpu-workers: 0 in a local one passed the file's check, then blamed a flag."""
+    copied = tmp_path / "mylab.yaml"
+    copied.write_text(yaml.safe_dump({"buzzdask": {"clusters": {"mylocal": {"kind": "local"}}}}))
+    with pytest.raises(ParameterError) as refused:
+        load_cluster_config(copied)
+    assert str(refused.value) == (
+        f"{copied} needs a buzzdask.clusters.mylab entry with kind: slurm or local: it has "
+        "buzzdask.clusters.mylocal (an entry is named as its file)"
+    )
+    copied.write_text(yaml.safe_dump({"buzzdask": {"clusters": {"mylab": {"kind": "pbs"}}}}))
+    with pytest.raises(ParameterError, match=r"slurm or local: it has kind: 'pbs'$"):
+        load_cluster_config(copied)
+    entry = {"kind": "local", "cpu-workers": 0}
+    copied.write_text(yaml.safe_dump({"buzzdask": {"clusters": {"mylab": entry}}}))
+    with pytest.raises(ParameterError) as refused:
+        start(copied)
+    assert str(refused.value) == (
+        "cpu-workers: 0 in cluster configuration 'mylab' must be >= 1: a cluster's workers "
+        "without a GPU decode the audio"
+    )
+
+
 def test_a_users_jobqueue_memory_in_bytes_is_a_size():
     with dask.config.set({"jobqueue.osc-cardinal.memory": 34359738368}):  # 32 GiB
         assert "#SBATCH --mem=32G" in job_scripts("osc-cardinal", account="PAS9")["cpu"]

@@ -101,9 +101,17 @@ def start(
     """
     options = JobOptions(**job_options)
     entry = load_cluster_config(name)
+    given = cpu_workers
     gpus, cpu_workers = worker_counts(entry, gpus=gpus, cpu_workers=cpu_workers)
     if cpu_workers < 1:  # a batch job's GPU workers decode too; these jobs' do not
-        raise ParameterError(f"cpu_workers={cpu_workers} (--cpu-workers) must be >= 1")
+        asked = (
+            f"cpu_workers={cpu_workers} (--cpu-workers)"
+            if given is not None
+            else f"cpu-workers: {cpu_workers} in cluster configuration {entry['name']!r}"
+        )
+        raise ParameterError(
+            f"{asked} must be >= 1: a cluster's workers without a GPU decode the audio"
+        )
     local = {
         "n_workers": 1 + cpu_workers,
         "threads_per_worker": entry.get("threads-per-worker"),

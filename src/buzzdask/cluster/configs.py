@@ -197,8 +197,17 @@ def load_cluster_config(
     clusters = section.get("clusters") if isinstance(section, dict) else None
     entry = clusters.get(path.stem) if isinstance(clusters, dict) else None
     if not isinstance(entry, dict) or entry.get("kind") not in ("slurm", "local"):
+        # A copy under a new name keeps its entry's old one; a kind of another scheduler.
+        found = (
+            f": it has kind: {entry.get('kind')!r}"
+            if isinstance(entry, dict)
+            else f": it has buzzdask.clusters.{', '.join(map(str, clusters))} (an entry is "
+            "named as its file)"
+            if isinstance(clusters, dict) and clusters
+            else ""
+        )
         raise ParameterError(
-            f"{path} needs a buzzdask.clusters.{path.stem} entry with kind: slurm or local"
+            f"{path} needs a buzzdask.clusters.{path.stem} entry with kind: slurm or local{found}"
         )
     chain = (*extended_by, path.stem)
     base = {}
