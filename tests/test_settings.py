@@ -137,6 +137,7 @@ _ADDRESS = "an address such as ':8787' or 'localhost:8787' (no URL), or a port, 
         ("memory-budget", "GiB", "a size > 0"),
         ("memory-budget", float("inf"), "a size > 0"),
         ("memory-budget", "1e400", "a size > 0"),
+        ("memory-budget", 1.5, "a size > 0"),  # was 1 byte
         ("batch-frames", 0, "an integer >= 1 [frames]"),
         ("batch-frames", 2.5, "an integer >= 1 [frames]"),
         ("cpu-scorer-workers", 0, "an integer >= 1, or null (every worker)"),

@@ -116,6 +116,8 @@ def byte_count(value: Any) -> int:
     """``value`` in bytes (an integer, or text such as ``"32GiB"``); 0 where it is no size."""
     # parse_bytes reads "" and "GiB" as one of the unit, and int(inf) overflows.
     unitless = isinstance(value, str) and not any(char.isdigit() for char in value)
+    if isinstance(value, float) and not value.is_integer():
+        return 0  # parse_bytes would take 1.5 (a YAML number) as 1 byte
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = int(value)  # parse_bytes takes int, not np.int64
     try:
