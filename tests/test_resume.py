@@ -230,13 +230,16 @@ def test_a_resume_with_another_decode_margin_is_refused(run, make_audio, tmp_pat
     first = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "out")
     assert "decode_margin_s" not in first.metadata["fingerprint"]  # the default: as before
     with dask.config.set({"buzzdask.decode-margin-seconds": 0.0}):
-        with pytest.raises(
-            OutputConflictError,
-            match=r"decode_margin_s: not recorded before, 0\.0 now\); .* buzzdask\.decode-margin",
-        ):
+        with pytest.raises(OutputConflictError) as refused:
             run(
                 tmp_path / "audio", chunk_seconds=CHUNK_S, output=first.output, on_conflict="resume"
             )
+        # Only the margin changed: the default it was is said, and nothing else is asked back.
+        assert str(refused.value).endswith(
+            "settings differ (decode_margin_s: 0.5 (the default) before, 0.0 now); either pass "
+            "on_conflict='new' instead of on_conflict='resume' to write to a new directory, or "
+            "resume with buzzdask.decode-margin-seconds as it was (0.5)"
+        )
         thin = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "thin")
     assert thin.metadata["fingerprint"]["decode_margin_s"] == 0.0
 

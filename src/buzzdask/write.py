@@ -527,8 +527,12 @@ class OutputConflict:
                 f"only {earlier_run} resumes; pass {words.new} instead of {words.resume} to "
                 f"write to a new directory, or choose another {words.output}"
             )
+        margin = DEFAULTS["buzzdask"]["decode-margin-seconds"]
         differing = "; ".join(
-            f"{key}: {_recorded(earlier)} before, {_recorded(now)} now"
+            # A margin at the default is left out of the record: the default it was.
+            f"{key}: {margin!r} (the default) before, {_recorded(now)} now"
+            if key == "decode_margin_s" and earlier is None
+            else f"{key}: {_recorded(earlier)} before, {_recorded(now)} now"
             for key, earlier, now in self.differences
         )
         # Options left out last: "--threshold ins_buzz=-1.2 without --precision", not
@@ -539,13 +543,15 @@ class OutputConflict:
             f"resume with the earlier settings ({settings})"
             if self.earlier
             else "resume with the earlier model, embedder, buzzdask and ffmpeg"
+            if set(before) - {"decode_margin_s"}
+            else "resume"
         )
         if "decode_margin_s" in before:  # a setting, not an option: named as one
-            default = DEFAULTS["buzzdask"]["decode-margin-seconds"]
-            back += (
-                f" and buzzdask.decode-margin-seconds as it was (the default, {default}, where "
-                "not recorded)"
+            earlier_margin = (
+                margin if before["decode_margin_s"] is None else before["decode_margin_s"]
             )
+            joined = " with" if back == "resume" else " and"
+            back += f"{joined} buzzdask.decode-margin-seconds as it was ({earlier_margin!r})"
         # Scores do not depend on thresholds: summaries, exports and plots take their own.
         rethreshold = (
             "; other thresholds alone need no new analysis: summarize, export and plot take "
