@@ -61,3 +61,18 @@ def test_chunks_of_a_whole_number_of_hops_keep_every_hop(hop_s: float) -> None:
 def test_chunk_seconds_must_be_positive() -> None:
     with pytest.raises(ParameterError, match="chunk_seconds"):
         spec().frames_per_chunk(0)
+
+
+def test_an_embedder_s_inexact_frame_is_refused_naming_its_settings() -> None:
+    """A sample-rate of 22050 for YAMNet: 'context_s=0.015 s ...' named no setting."""
+    from buzzdask.models import EmbedderSpec
+
+    embedder = EmbedderSpec("yamnet_k2", "/models/yamnet", 22050, 0.96, 0.015)
+    with pytest.raises(ParameterError) as refused:
+        embedder.frame_spec()
+    assert str(refused.value) == (
+        "buzzdask.embedders.yamnet_k2.frame-context-seconds=0.015 s is not a whole number of "
+        "samples at 22050 Hz (330.75 samples); use a multiple of 1/22050 s, or another "
+        "buzzdask.embedders.yamnet_k2.sample-rate"
+    )
+    assert EmbedderSpec("yamnet_k2", "/m", 16000, 0.96, 0.015).frame_spec().context == 240

@@ -20,7 +20,7 @@ import numpy as np
 
 from buzzdask.embedders import is_remote, local_embedder, saved_model_problem
 from buzzdask.errors import ModelError, ParameterError
-from buzzdask.frames import FrameSpec
+from buzzdask.frames import FrameSpec, seconds_to_samples
 from buzzdask.inputs import as_list
 from buzzdask.settings import EmbedderSettings, Settings, load_settings
 
@@ -84,7 +84,23 @@ class EmbedderSpec:
     source: str | None = None
 
     def frame_spec(self, frame_hop_s: float | None = None) -> FrameSpec:
-        """Frame geometry with hop ``frame_hop_s`` (default: one whole frame)."""
+        """Frame geometry with hop ``frame_hop_s`` (default: one whole frame).
+
+        Raises
+        ------
+        ParameterError
+            The embedder's frame length or context is no whole number of samples at its rate
+            (its ``buzzdask.embedders`` entry named), or ``frame_hop_s`` is not.
+        """
+        entry = f"buzzdask.embedders.{self.name}"
+        for key, seconds in (
+            ("frame-length-seconds", self.frame_length_s),
+            ("frame-context-seconds", self.frame_context_s),
+        ):
+            try:
+                seconds_to_samples(seconds, self.sample_rate, name=f"{entry}.{key}")
+            except ParameterError as error:
+                raise ParameterError(f"{error}, or another {entry}.sample-rate") from None
         return FrameSpec.from_seconds(
             sample_rate=self.sample_rate,
             frame_length_s=self.frame_length_s,
