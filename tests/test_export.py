@@ -564,6 +564,17 @@ def test_an_interrupted_export_says_what_next(tree_run, tmp_path, monkeypatch, c
     )
 
 
+def test_the_command_line_says_its_flags_alone(tree_run, tmp_path, capsys):
+    """'pass overwrite=True (--overwrite) ... another dest (--dest)' in a terminal."""
+    argv = ["export", str(tree_run.output), "--format", "csv", "--dest", str(tmp_path)]
+    assert main(argv) == EXIT_OK
+    assert main(argv) == EXIT_ERROR
+    error = capsys.readouterr().err
+    assert error.endswith("; pass --overwrite to replace the export, or choose another --dest\n")
+    with pytest.raises(OutputConflictError, match=r"pass overwrite=True \(--overwrite\) to"):
+        buzzdask.export(tree_run.output, format="csv", dest=tmp_path)
+
+
 def test_a_folder_another_command_writes_in_is_refused(tree_run, tmp_path):
     """Two exports (summaries, plots) into one folder at once both found it free, then wrote
     over each other's files: one said it wrote files holding the other's columns."""

@@ -189,12 +189,28 @@ def _in_flags(error: BuzzdaskError) -> str:
         if isinstance(conflict, OutputConflict):
             words = Vocabulary(resume="--resume", new="--new", output="--output", option=_flag)
             return conflict.render(words)
-    text = str(error)
+    text = _flags_for_keywords(str(error))
     keyword = re.match(r"([\w.]+)([=:]) ?", text)
     if keyword and keyword.group(1) in _MESSAGE_FLAGS:
         flag = _MESSAGE_FLAGS[keyword.group(1)]
         return f"{flag}{' ' if keyword.group(2) == '=' else ': '}{text[keyword.end() :]}"
     return text
+
+
+def _flags_for_keywords(text: str) -> str:
+    """A library message's ways on, in flags alone.
+
+    ``pass overwrite=True (--overwrite)`` as ``pass --overwrite``, ``another dest (--dest)`` as
+    ``another --dest``: only where the keyword is the flag's (its name, or
+    :data:`_MESSAGE_FLAGS`'s).
+    """
+
+    def flag_alone(found: re.Match[str]) -> str:
+        keyword, flag = found[1], found[2]
+        same = keyword.replace("_", "-") == flag[2:] or _MESSAGE_FLAGS.get(keyword) == flag
+        return flag if same else found[0]
+
+    return re.sub(r"\b(\w+)(?:=[^\s,;)]*)? \((--[\w-]+)\)", flag_alone, text)
 
 
 def _threshold(text: str) -> tuple[str, float]:

@@ -161,8 +161,8 @@ class Run:
             return self.model_path
         if precision is None:
             raise ParameterError(
-                f"the model directory {os.fspath(model)} serves the test metrics of a precision "
-                "(--precision), and no precision is given"
+                f"the model directory {os.fspath(model)} serves the test metrics of a precision, "
+                "and none is given (--precision)"
             )
         path = Path(model).expanduser()
         recorded = self.metadata["model"].get("sha256")
