@@ -18,6 +18,7 @@ import threading
 import time
 import wave
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,27 @@ def assert_same_frames(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
     with timing), at the 1e-6 level; the golden test holds the real model to 7e-6.
     """
     pd.testing.assert_frame_equal(actual, expected, check_exact=False, rtol=0, atol=1e-5)
+
+
+@contextmanager
+def held_by_another_thread(lock: AbstractContextManager[object]) -> Iterator[None]:
+    """Hold ``lock`` (an output's, a folder's) in another thread for the block: to this thread,
+    another command's hold (a lock knows the threads that hold it)."""
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            taken.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(60)
+        yield
+    finally:
+        release.set()
+        holder.join()
 
 
 def when_scoring_started(scores: Path, action: Callable[[], object]) -> threading.Thread:

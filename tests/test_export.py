@@ -27,7 +27,14 @@ from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
 from buzzdask.events import recording_events, run_events
 from buzzdask.exports import RAVEN_COLUMNS
 from buzzdask.summaries import summarize
-from tests.conftest import CLASSES, field_like, requires_ffmpeg, requires_shared, write_wav
+from tests.conftest import (
+    CLASSES,
+    field_like,
+    held_by_another_thread,
+    requires_ffmpeg,
+    requires_shared,
+    write_wav,
+)
 
 pytestmark = requires_ffmpeg
 FRAME = 15360  # samples in one 0.96 s frame at 16 kHz
@@ -578,23 +585,11 @@ def test_the_command_line_says_its_flags_alone(tree_run, tmp_path, capsys):
 def test_a_folder_another_command_writes_in_is_refused(tree_run, tmp_path):
     """Two exports (summaries, plots) into one folder at once both found it free, then wrote
     over each other's files: one said it wrote files holding the other's columns."""
-    import threading
-
     from buzzdask.lock import destination_held
     from buzzdask.plots import plot_run
 
     dest = tmp_path / "shared"
-    taken, release = threading.Event(), threading.Event()
-
-    def hold() -> None:  # another command (a thread's lock is not this thread's)
-        with destination_held(dest):
-            taken.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert taken.wait(60)
+    with held_by_another_thread(destination_held(dest)):
         thresholds = {"ins_buzz": 0.5}
         for write in (
             lambda: buzzdask.export(tree_run.output, format="csv", dest=dest),
@@ -610,9 +605,6 @@ def test_a_folder_another_command_writes_in_is_refused(tree_run, tmp_path):
                 "): wait for it to end, or choose another dest (--dest)"
             )
         assert sorted(p.name for p in dest.iterdir()) == [".buzzdask.lock"]
-    finally:
-        release.set()
-        holder.join()
     assert list(dest.iterdir()) == []
 
 

@@ -23,7 +23,7 @@ from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
 from buzzdask.plots import plot_activation, plot_daily_activity, plot_run
 from buzzdask.results import open_run
 from buzzdask.summaries import summarize
-from tests.conftest import field_like, requires_ffmpeg, write_wav
+from tests.conftest import field_like, held_by_another_thread, requires_ffmpeg, write_wav
 from tests.wav_metadata import add_metadata, audiomoth_comment
 
 pytestmark = requires_ffmpeg
@@ -409,27 +409,12 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
         for doing in ("summarizing", "exporting")
     ]
     # Still running (its lock's holder alive): a resume would be refused, so none is offered.
-    import threading
-
     from buzzdask.lock import OutputLock
 
     caplog.clear()
-    taken, release = threading.Event(), threading.Event()
-
-    def analysing() -> None:
-        with OutputLock(partial, started="2026-06-01T05:30:00+00:00", stale_s=120):
-            taken.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=analysing)
-    holder.start()
-    try:
-        assert taken.wait(60)
-        with caplog.at_level("WARNING", logger="buzzdask"):
-            summarize(partial, thresholds={"ins_buzz": threshold}, write=False)
-    finally:
-        release.set()
-        holder.join()
+    analysing = OutputLock(partial, started="2026-06-01T05:30:00+00:00", stale_s=120)
+    with held_by_another_thread(analysing), caplog.at_level("WARNING", logger="buzzdask"):
+        summarize(partial, thresholds={"ins_buzz": threshold}, write=False)
     (message,) = [m for m in caplog.messages if str(partial) in m]
     assert message.startswith(f"{partial}: the run is still running (host ")
     assert message.endswith(
