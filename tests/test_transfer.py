@@ -276,6 +276,13 @@ def test_upload_sends_results_back(rclone_remote, tmp_path, caplog):
     assert not list((rclone_remote.root / "uploads").rglob(".buzzdask.lock*"))
     for name in sent.files:
         assert same_bytes(rclone_remote.root / "uploads" / "run1" / name, results / name)
+    # Sent again: what the remote has already is not said to be sent (113 files each time).
+    again = upload(results, "sharepoint:uploads/run1", rclone_flags=rclone_remote.flags)
+    assert (again.files, again.skipped, again.bytes) == ([], sent.files, 0)
+    (results / "buzzdask.json").write_text(json.dumps({**metadata, "note": "resumed"}))
+    third = upload(results, "sharepoint:uploads/run1", rclone_flags=rclone_remote.flags)
+    assert third.files == ["buzzdask.json"] and third.skipped == sent.files[1:]
+    assert third.bytes == (results / "buzzdask.json").stat().st_size
     with pytest.raises(TransferError, match="authentication failed; refresh the credentials"):
         upload(results, "wrongpass:uploads/run1", rclone_flags=rclone_remote.flags)
     # Caught by what catches a transfer's unconfigured remote.

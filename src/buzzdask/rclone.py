@@ -94,7 +94,8 @@ class TransferResult:
     files : list of str
         Files copied by this call, relative to the source, ``/``-separated, in arrival order.
     skipped : list of str
-        Files already at the destination with the same size (downloads only).
+        Files already at the destination with the same size (an upload: those rclone did not
+        send again).
     left_out : list of str
         Files of the source not copied: other suffixes than the audio ones, hidden names
         (downloads only).
@@ -362,18 +363,31 @@ def upload(
         )
     _warn_of_runs_not_finished(local)
     # A run's lock says who writes there, on this cluster: a copy elsewhere holds no run.
-    runner.run(
-        ["copy", "--exclude", f"{LOCK_NAME}*", os.fspath(local), destination],
+    # -v: rclone names each file it copies; one the remote has already (same size and time)
+    # is not sent again, and a second upload is not said to send it.
+    done = runner.run(
+        ["copy", "-v", "--exclude", f"{LOCK_NAME}*", os.fspath(local), destination],
         what=f"upload to {destination}",
     )
     files = sorted(p for p in local.rglob("*") if p.is_file() and LOCK_NAME not in p.name)
+    names = [p.relative_to(local).as_posix() for p in files]
+    said = _COPIED.findall(done.stderr)
+    # Neither said (rclone-flags with -q): every file, as rclone was asked to send them all.
+    copied = set(said if said or _NOTHING_COPIED in done.stderr else names)
     return TransferResult(
         source=os.fspath(local),
         destination=destination,
-        files=[p.relative_to(local).as_posix() for p in files],
-        bytes=sum(p.stat().st_size for p in files),
+        files=[name for name in names if name in copied],
+        skipped=[name for name in names if name not in copied],
+        bytes=sum(p.stat().st_size for p, name in zip(files, names, strict=True) if name in copied),
         batches=1,
     )
+
+
+#: A file rclone -v says it copied: ``2026/12/07 12:08:50 INFO  : a/x.txt: Copied (new)``.
+_COPIED = re.compile(r"^\S+ \S+ INFO\s+: (.+): Copied \(", re.M)
+#: What rclone -v says where the remote had every file already.
+_NOTHING_COPIED = "There was nothing to transfer"
 
 
 def _warn_of_runs_not_finished(local: Path) -> None:
