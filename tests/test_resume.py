@@ -99,19 +99,34 @@ def test_resume_after_inputs_changed_or_vanished(run, make_audio, tmp_path):
     fresh = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "fresh")
     assert resumed.ok, resumed.errors
     assert resumed.summary["resume"] == {
-        "chunks_trusted": 2,  # c.wav's
+        "chunks_trusted": 4,  # b.wav's and c.wav's
         "chunks_rejected": 0,
         "files_changed": 1,
         "files_vanished": 1,
-        "partitions_removed": 5,  # a.wav's three, b.wav's two
+        "partitions_removed": 3,  # a.wav's three
     }
     assert resumed.summary["chunks_written"] == 2  # a.wav, as it is now
-    assert_same_frames(resumed.to_pandas(), fresh.to_pandas())
-    assert not (earlier / "scores" / "b.wav").exists()  # its folder too, not left empty
+    # A file not found (purged from scratch, a disk not mounted) keeps its results: a resume
+    # meant to add files removed them for good.
+    frames = resumed.to_pandas()
+    kept = frames[frames["file"] != "b.wav"].reset_index(drop=True)
+    assert_same_frames(kept, fresh.to_pandas())
+    assert frames["file"].value_counts()["b.wav"] == 4
     _assert_vouched_for(earlier)
     log = (earlier / "buzzdask.log").read_text()
     assert "resume: a.wav changed since the earlier run (size or time differ): 3 chunks" in log
-    assert "resume: b.wav is gone since the earlier run: 2 chunks removed" in log
+    assert (
+        f"resume: b.wav is not found under {tmp_path / 'audio'} any more (deleted, purged from "
+        f"scratch, a disk not mounted?): its 2 chunks kept as written; to drop them, delete "
+        f"{earlier / 'scores' / 'b.wav'} and resume"
+    ) in log
+    # Dropped as the message says: its journal lines go too, and the results are the fresh run's.
+    shutil.rmtree(earlier / "scores" / "b.wav")
+    again = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=earlier, on_conflict="resume")
+    assert again.summary["chunks_written"] == 0
+    assert_same_frames(again.to_pandas(), fresh.to_pandas())
+    assert ("b.wav", 0) not in OutputLayout(earlier).read_journal()
+    assert "resume: b.wav chunk 0: " in (earlier / "buzzdask.log").read_text()
 
 
 def test_journal_lines_held_in_a_block_are_written_together_as_it_ends(tmp_path):
@@ -215,11 +230,11 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     assert json.loads((out / "buzzdask.json").read_text())["inputs"]["root"] == str(moved)
     assert "now under" in (out / "buzzdask.log").read_text()
     _assert_vouched_for(out)
-    # Gone where they are now, and named: gone from the results, as a fresh run would have it.
+    # Gone where they are now, and named: their results stay (a purge is no withdrawal).
     (moved / "siteB" / "b.wav").unlink()
     resumed = run(moved, chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
     assert resumed.summary["resume"]["files_vanished"] == 1
-    assert list(resumed.to_pandas()["file"].unique()) == ["siteA/a.wav"]
+    assert list(resumed.to_pandas()["file"].unique()) == ["siteA/a.wav", "siteB/b.wav"]
 
 
 def test_a_resume_with_another_decode_margin_is_refused(run, make_audio, tmp_path):

@@ -440,6 +440,11 @@ def _add_watch_options(analyze: argparse.ArgumentParser) -> None:
 def _add_init_parser(commands: argparse._SubParsersAction) -> None:
     init = commands.add_parser("init", help="create the project directory layout")
     init.add_argument("directory", help="project directory")
+    status = commands.add_parser(
+        "status",
+        help="where a run stands: running, finished, stopped or killed; how far; what next",
+    )
+    status.add_argument("outputs", nargs="+", metavar="OUTPUT", help="a run's output directory")
 
 
 def _add_transfer_parser(commands: argparse._SubParsersAction) -> None:
@@ -817,6 +822,13 @@ def _run(argv: Sequence[str] | None, *, client: Client | None) -> int:
             print(f"created {readme}")
         if not created:
             print(f"{args.directory} has the project layout already: nothing created")
+        return EXIT_OK
+    if args.command == "status":
+        from buzzdask.status import run_status
+
+        for output in args.outputs:
+            for status in run_status(output):
+                print(status.describe())
         return EXIT_OK
     if args.command == "transfer":
         return _transfer(args)

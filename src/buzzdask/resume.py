@@ -53,8 +53,8 @@ class ResumeCheck:
         Journalled chunks analysed again: partition missing, unreadable, short or written with
         other settings.
     changed, vanished : list of str
-        Inputs that changed since the earlier run (analysed again), or are gone (their
-        partitions removed).
+        Inputs that changed since the earlier run (analysed again), or are not found (their
+        chunks kept as written: a scratch purge or an unmounted disk is no withdrawal).
     partitions_removed : int
         Partition files removed: stale, broken, or written by a killed run but never journalled.
     """
@@ -262,6 +262,7 @@ def check_resume(
     rejected: dict[tuple[str, int], str] = {}
     to_verify = []
     trusted: set[Path] = set()
+    vanished: Counter[str] = Counter()
     for key, entry in journal.items():
         if not scope[key[0]]:  # not this run's to judge: its partition stays
             if entry["frames"]:
@@ -269,8 +270,10 @@ def check_resume(
             continue
         version = current[key[0]]
         if version is None:
-            rejected[key] = "vanished"
-        elif version != (entry.get("size"), entry.get("mtime_ns")):
+            # Purged from scratch, on a disk not mounted, deleted: its results are still its
+            # audio's, and were removed for good by a resume that only meant to add files.
+            vanished[key[0]] += 1
+        if version is not None and version != (entry.get("size"), entry.get("mtime_ns")):
             rejected[key] = "changed"
         elif entry["frames"]:
             to_verify.append(key)
@@ -299,20 +302,31 @@ def check_resume(
             else:
                 rejected[key] = problem
                 check.rejected += 1
-                logger.warning("resume: %s chunk %d: %s; analysed again", *key, problem)
-    for reason, files, message in (
-        ("vanished", check.vanished, "is gone since the earlier run: %s removed"),
-        (
-            "changed",
-            check.changed,
-            "changed since the earlier run (size or time differ): %s analysed again",
-        ),
-    ):
-        counts = Counter(relative for (relative, _), why in rejected.items() if why == reason)
-        files.extend(sorted(counts))
-        for relative in files:
-            chunks = format_count(counts[relative], "chunk")
-            logger.warning("resume: %s " + message, relative, chunks)
+                then = (
+                    "dropped (its audio is not found)" if key[0] in vanished else "analysed again"
+                )
+                logger.warning("resume: %s chunk %d: %s; %s", *key, problem, then)
+    check.vanished.extend(sorted(vanished))
+    dropped = Counter(relative for relative, _ in rejected if relative in vanished)
+    for relative in check.vanished:
+        kept = vanished[relative] - dropped[relative]
+        if kept:
+            logger.warning(
+                "resume: %s is not found under %s any more (deleted, purged from scratch, a "
+                "disk not mounted?): its %s kept as written; to drop them, delete %s and resume",
+                relative,
+                input_root,
+                format_count(kept, "chunk"),
+                layout.scores / relative,
+            )
+    changed = Counter(relative for (relative, _), why in rejected.items() if why == "changed")
+    check.changed.extend(sorted(changed))
+    for relative in check.changed:
+        logger.warning(
+            "resume: %s changed since the earlier run (size or time differ): %s analysed again",
+            relative,
+            format_count(changed[relative], "chunk"),
+        )
     check.partitions_removed = _remove_untrusted(layout, trusted)
     layout.record_removed(rejected)
     return check
