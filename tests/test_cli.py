@@ -166,7 +166,7 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     assert "scoring a.wav" in done.stderr
     # Each file's own reason, as the command's worker processes send it (no unpickling error).
     assert "failed: broken.mp3: ffprobe cannot read it as audio" in done.stderr
-    assert "failed: short.wav: audio shorter than one frame (0.96 s)" in done.stderr
+    assert "failed: short.wav: 0.48 s of audio, shorter than one frame (0.96 s)" in done.stderr
     assert "written short.wav" not in done.stderr  # no partition: no "0 frames" written
     assert "Failed to deserialize" not in done.stderr
     # Files whose frames are written all the same are warned about, not called failed; a

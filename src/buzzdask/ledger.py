@@ -8,6 +8,7 @@ file that fails does not stop the others.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -475,7 +476,15 @@ class FileLedger:
         if not state.failed and state.frames == 0:
             seconds = self.spec.frame_length_s
             cut = _cut_short(state.info) if state.info is not None else ""
-            reason = f"audio shorter than one frame ({seconds:g} s)" + (f"; {cut}" if cut else "")
+            # How short, as probed: a 0.95-s file is not an empty one.
+            length = state.info.duration_s if state.info is not None else None
+            # In whole ms, rounded down: 0.96 s less a sample reads 0.959 s, not 0.96 s.
+            held = (
+                f"{math.floor(length * 1000) / 1000:g} s of audio, "
+                if length and not cut
+                else "audio "
+            )
+            reason = f"{held}shorter than one frame ({seconds:g} s)" + (f"; {cut}" if cut else "")
             self._fail(state, None, "decode", reason, "")
         elif not state.failed and state.info is not None:
             self._check_gaps(state)
