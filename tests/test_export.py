@@ -554,6 +554,26 @@ def test_a_stopped_export_is_said_to_be_unfinished(
     assert "stopped before" not in str(finished.value)
 
 
+def test_an_output_renamed_exports_again_under_its_new_name(run, make_audio, tmp_path):
+    """The folder's list named the export by the old name and its unfinished mark stayed: the
+    next export said it had stopped, and a new run at the old name took its files as its own."""
+    from buzzdask import exports
+
+    make_audio("20240612_093000.wav", n_samples=2 * 15360)
+    first = run(tmp_path / "audio", output=tmp_path / "week1")
+    dest = tmp_path / "for_buzzr"
+    buzzdask.export(first.output, format="buzzdetect", dest=dest)
+    renamed = first.output.rename(tmp_path / "week1_sunflower")
+    buzzdask.export(renamed, format="buzzdetect", dest=dest, overwrite=True)
+    assert json.loads((dest / exports.WRITTEN).read_text()) == {
+        "../week1_sunflower": ["20240612_093000_buzzdetect.csv"]
+    }
+    assert not (dest / exports.UNFINISHED).exists()
+    with pytest.raises(OutputConflictError) as refused:
+        buzzdask.export(renamed, format="buzzdetect", dest=dest)
+    assert "stopped before" not in str(refused.value)
+
+
 def test_an_interrupted_export_says_what_next(tree_run, tmp_path, monkeypatch, capsys):
     from buzzdask import exports
     from buzzdask.cli import EXIT_INTERRUPTED

@@ -322,7 +322,7 @@ def _files_written_held(
     listed = _listed(dest)
     here = os.path.realpath(run.output)
     # Both real: ".." in a key must climb out of dest's real folder, not out of a link to it.
-    key = os.path.relpath(here, os.path.realpath(dest))
+    this_run = os.path.relpath(here, os.path.realpath(dest))
     mine = [key for key in listed if _listed_run(dest, key) == here]
     names = {_one_name(path.relative_to(dest).as_posix()) for path in targets}
     formats = {_format_of(path.name) for path in targets}
@@ -344,11 +344,11 @@ def _files_written_held(
         dest=dest,
         overwrite=overwrite,
         earlier=sorted(earlier - set(targets)),
-        stopped=stopped is None or key in stopped,
+        stopped=stopped is None or this_run in stopped,
     )
     remove_stale_temporaries(targets)
     # By run: another run's export finishing there says nothing of this one's files.
-    _mark_unfinished(dest, {*(stopped or ()), key})
+    _mark_unfinished(dest, {*(stopped or ()), this_run})
     yield
     for path in sorted(earlier - set(targets)):
         path.unlink(missing_ok=True)
@@ -365,9 +365,9 @@ def _files_written_held(
         listed[key] = [name for name in listed[key] if name not in superseded]
         if not listed[key]:
             del listed[key]
-    listed[key] = [*others, *(p.relative_to(dest).as_posix() for p in targets)]
+    listed[this_run] = [*others, *(p.relative_to(dest).as_posix() for p in targets)]
     write_json(dest / WRITTEN, listed)
-    _mark_unfinished(dest, (_unfinished(dest) or set()) - {key})
+    _mark_unfinished(dest, (_unfinished(dest) or set()) - {this_run})
 
 
 def _unfinished(dest: Path) -> set[str] | None:
