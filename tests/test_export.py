@@ -429,8 +429,9 @@ def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):
 
 
 def test_an_export_replaced_leaves_no_recording_the_results_lost(run, make_audio, tmp_path):
-    """A resume drops the results of an input since deleted; the export replaced after it drops
-    its file, which buzzr would still read. Another run's files in the same folder stay."""
+    """A resume drops the results of an input since deleted (whose results were deleted as a
+    resume says to); the export replaced after it drops its file, which buzzr would still read.
+    Another run's files in the same folder stay."""
     for name in ("a.wav", "b.wav"):
         make_audio(name, n_samples=2 * 15360)
     make_audio("c.wav", n_samples=2 * 15360, directory=tmp_path / "site2")
@@ -441,6 +442,7 @@ def test_an_export_replaced_leaves_no_recording_the_results_lost(run, make_audio
     buzzdask.export(other.output, format="buzzdetect", dest=dest)
 
     (tmp_path / "audio" / "b.wav").unlink()
+    shutil.rmtree(result.output / "scores" / "b.wav")
     resumed = run(tmp_path / "audio", on_conflict="resume")
     assert buzzdask.open_run(resumed.output).recordings() == ["a.wav"]
     buzzdask.export(result.output, format="buzzdetect", dest=dest, overwrite=True)
@@ -468,6 +470,7 @@ def test_a_moved_output_still_replaces_its_own_export(run, make_audio, tmp_path)
     result = run(tmp_path / "audio")
     buzzdask.export(result.output, format="buzzdetect")
     (tmp_path / "audio" / "b.wav").unlink()
+    shutil.rmtree(result.output / "scores" / "b.wav")  # as a resume says, to drop them
     run(tmp_path / "audio", on_conflict="resume")
     moved = tmp_path / "copied_off_the_cluster"
     shutil.move(result.output, moved)
