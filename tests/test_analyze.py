@@ -139,6 +139,8 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     good = (audio / "good.mp3").read_bytes()
     (audio / "truncated_header.mp3").write_bytes(b"\x00" * 64 + good[len(good) // 2 :][:200])
     os.symlink(audio / "missing.wav", audio / "broken_link.wav")
+    # A site's folder on another disk, not mounted: not "other suffix (siteB)".
+    os.symlink(tmp_path / "unmounted" / "siteB", audio / "siteB")
     (audio / "folder.mp3").mkdir()
     make_audio("zero_samples.wav", n_samples=0)  # a valid header and no audio
     make_audio("long.mp3", n_samples=10 * 44100, rate=44100, channels=2, seed=3)
@@ -169,6 +171,7 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
         "not_audio.mp3",
         "truncated_header.mp3",
         "broken_link.wav",
+        "siteB",
         "zero_samples.wav",
         "loop_a.wav",
         "loop_b.wav",
@@ -193,6 +196,7 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert "empty file" in errors.loc["empty.mp3", "reason"]
     assert "cannot read it as audio" in errors.loc["not_audio.mp3", "reason"]
     assert "broken symlink" in errors.loc["broken_link.wav", "reason"]
+    assert "broken symlink" in errors.loc["siteB", "reason"]
     assert errors.loc["loop_a.wav", "reason"] == "symlink loop"
     assert errors.loc["caf\\xe9.wav", "reason"].startswith("its name is not UTF-8 text")
     # Files cut short are analysed, with a row that says so (their headers declare more).
@@ -223,7 +227,7 @@ def test_bad_files_are_reported_and_the_rest_finish(run, make_audio, tmp_path):
     assert (frame.file == "cut.wav").sum() == 4  # the header's 44 bytes short of a fifth
     assert 4 <= (frame.file == "truncated.mp3").sum() <= 7
     assert 3 <= (frame.file == "damaged.mp3").sum() <= 4
-    assert result.summary["files_failed"] == 10
+    assert result.summary["files_failed"] == 11
     assert result.summary["files_skipped"] == 1  # sub/back_to_top: the input folder, walked once
     # The table on disk is the result's, typed alike (a chunk is 3, not 3.0, beside a null).
     on_disk = pd.read_parquet(result.output / "errors.parquet")

@@ -371,7 +371,14 @@ def _walk(
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:  # a symlink loop (ELOOP): reported below as a file problem
                 is_dir = False
-            reason = _skip_reason(entry.name, is_dir=is_dir, suffixes=suffixes)
+            # A link to nowhere, whatever its name: a site's folder on a disk not mounted was
+            # "other suffix (siteB)", and its recordings missing without a word.
+            broken = entry.is_symlink() and not is_dir and not os.path.exists(entry.path)
+            reason = (
+                _skip_reason(entry.name, is_dir=is_dir, suffixes=suffixes)
+                if not broken or entry.name.startswith(".")
+                else None
+            )
             if reason is not None:
                 _skip(skipped, root, entry.path, reason, is_dir=is_dir)
             elif is_dir:
