@@ -114,7 +114,7 @@ def test_resume_after_inputs_changed_or_vanished(run, make_audio, tmp_path):
     assert frames["file"].value_counts()["b.wav"] == 4
     _assert_vouched_for(earlier)
     log = (earlier / "buzzdask.log").read_text()
-    assert "resume: a.wav changed since the earlier run (size or time differ): 3 chunks" in log
+    assert "resume: a.wav changed since the earlier run (its size differs): 3 chunks" in log
     assert (
         f"resume: b.wav is not found under {tmp_path / 'audio'} any more (deleted, purged from "
         f"scratch, a disk not mounted?): its 2 chunks kept as written; to drop them, delete "
@@ -127,6 +127,13 @@ def test_resume_after_inputs_changed_or_vanished(run, make_audio, tmp_path):
     assert_same_frames(again.to_pandas(), fresh.to_pandas())
     assert ("b.wav", 0) not in OutputLayout(earlier).read_journal()
     assert "resume: b.wav chunk 0: " in (earlier / "buzzdask.log").read_text()
+    # Copied back without its time (cp -r): analysed again, and said why.
+    os.utime(tmp_path / "audio" / "c.wav", ns=(1, 1))
+    run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=earlier, on_conflict="resume")
+    assert (
+        "resume: c.wav changed since the earlier run (its time differs, its size is the same: "
+        "copied without its time? cp -a and rsync -a keep it): 2 chunks analysed again"
+    ) in (earlier / "buzzdask.log").read_text()
 
 
 def test_journal_lines_held_in_a_block_are_written_together_as_it_ends(tmp_path):

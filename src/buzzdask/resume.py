@@ -274,7 +274,7 @@ def check_resume(
             # audio's, and were removed for good by a resume that only meant to add files.
             vanished[key[0]] += 1
         if version is not None and version != (entry.get("size"), entry.get("mtime_ns")):
-            rejected[key] = "changed"
+            rejected[key] = "changed" if version[0] != entry.get("size") else "retimed"
         elif entry["frames"]:
             to_verify.append(key)
         else:
@@ -319,12 +319,22 @@ def check_resume(
                 format_count(kept, "chunk"),
                 layout.scores / relative,
             )
-    changed = Counter(relative for (relative, _), why in rejected.items() if why == "changed")
+    changed = Counter(r for (r, _), why in rejected.items() if why in ("changed", "retimed"))
+    retimed = {r for (r, _), why in rejected.items() if why == "retimed"}
     check.changed.extend(sorted(changed))
     for relative in check.changed:
+        # A same-sized recording may be another (an AudioMoth's hour), so it is analysed again;
+        # but a copy that did not keep the times (cp -r) is the usual reason.
+        what = (
+            "its time differs, its size is the same: copied without its time? cp -a and "
+            "rsync -a keep it"
+            if relative in retimed
+            else "its size differs"
+        )
         logger.warning(
-            "resume: %s changed since the earlier run (size or time differ): %s analysed again",
+            "resume: %s changed since the earlier run (%s): %s analysed again",
             relative,
+            what,
             format_count(changed[relative], "chunk"),
         )
     check.partitions_removed = _remove_untrusted(layout, trusted)
