@@ -428,7 +428,9 @@ def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):
     assert not list(dest.rglob(".*.tmp"))
 
 
-def test_an_export_replaced_leaves_no_recording_the_results_lost(run, make_audio, tmp_path):
+def test_an_export_replaced_leaves_no_recording_the_results_lost(
+    run, make_audio, tmp_path, caplog
+):
     """A resume drops the results of an input since deleted (whose results were deleted as a
     resume says to); the export replaced after it drops its file, which buzzr would still read.
     Another run's files in the same folder stay."""
@@ -445,9 +447,14 @@ def test_an_export_replaced_leaves_no_recording_the_results_lost(run, make_audio
     shutil.rmtree(result.output / "scores" / "b.wav")
     resumed = run(tmp_path / "audio", on_conflict="resume")
     assert buzzdask.open_run(resumed.output).recordings() == ["a.wav"]
-    buzzdask.export(result.output, format="buzzdetect", dest=dest, overwrite=True)
+    with caplog.at_level("WARNING", logger="buzzdask"):
+        buzzdask.export(result.output, format="buzzdetect", dest=dest, overwrite=True)
     exported = sorted(p.name for p in dest.glob("*.csv"))
     assert exported == ["a_buzzdetect.csv", "c_buzzdetect.csv"]
+    assert (
+        f"removed 1 file of the earlier export, of recordings {result.output} no longer holds "
+        "under those names: b_buzzdetect.csv"
+    ) in caplog.messages
 
 
 def test_week_two_export_says_what_it_would_add(run, make_audio, tmp_path):

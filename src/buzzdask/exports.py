@@ -350,13 +350,16 @@ def _files_written_held(
     # By run: another run's export finishing there says nothing of this one's files.
     _mark_unfinished(dest, {*(stopped or ()), this_run})
     yield
-    for path in sorted(earlier - set(targets)):
+    removed = sorted(earlier - set(targets))
+    for path in removed:
         path.unlink(missing_ok=True)
-    if earlier - set(targets):
-        logger.info(
-            "removed the file(s) of the earlier export of recordings no longer exported "
-            "under those names from %s",
+    if removed:  # buzzr would have read them: said where the user sees it
+        logger.warning(
+            "removed %s of the earlier export, of recordings %s no longer holds under those "
+            "names: %s",
+            format_count(len(removed), "file"),
             run.output,
+            first_names([path.relative_to(dest).as_posix() for path in removed], shown=5),
         )
     others = [name for key in mine for name in listed[key] if _format_of(name) not in formats]
     for key in mine:
