@@ -428,9 +428,7 @@ def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):
     assert not list(dest.rglob(".*.tmp"))
 
 
-def test_an_export_replaced_leaves_no_recording_the_results_lost(
-    run, make_audio, tmp_path, caplog
-):
+def test_an_export_replaced_leaves_no_recording_the_results_lost(run, make_audio, tmp_path, caplog):
     """A resume drops the results of an input since deleted (whose results were deleted as a
     resume says to); the export replaced after it drops its file, which buzzr would still read.
     Another run's files in the same folder stay."""

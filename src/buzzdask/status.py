@@ -75,7 +75,7 @@ class RunStatus:
         how = {
             "complete": "complete",
             "running": f"running ({self.holder})",
-            "interrupted": f"interrupted ({self.stopped_by})",
+            "interrupted": f"interrupted ({self.stopped_by})",  # Ctrl-C, SIGTERM
             "failed": f"failed ({self.stopped_by})",
             "stopped": "stopped without a word (killed outright: kill -9, a lost node, a "
             "time limit's last signal; no process holds it)",
@@ -96,7 +96,7 @@ class RunStatus:
             left = {*self.unfinished, *self.failed}
             lines.append(
                 f"  {format_count(len(left), 'file')} not scored to the end (errors.parquet says "
-                f"why): {again} tries them again"
+                f"why): {again} tries {'it' if len(left) == 1 else 'them'} again"
             )
         return "\n".join(lines)
 
