@@ -473,26 +473,27 @@ def test_a_batch_script_whose_job_would_stop_at_once_is_printed_with_a_warning(c
 def test_impossible_job_options_are_refused_before_a_script_is_printed(capsys):
     pitzer = ["--config", "osc-pitzer", "--account", "PAS1234"]
     cases = {
-        "gpus=-1 (--gpus) must be >= 0": ["--gpus", "-1", "--print-job-script"],
-        "cpu_workers=-1 (--cpu-workers) must be >= 0": [
+        # Said in flags, with their values.
+        "--gpus -1 must be >= 0": ["--gpus", "-1", "--print-job-script"],
+        "--cpu-workers -1 must be >= 0": [
             *("--cpu-workers", "-1", "--print-job-script"),
         ],
-        "cores=0 (--cores) must be an integer >= 1": ["--cores", "0", "--print-job-script"],
-        "memory='10GiBs' (--memory) must be a size": ["--memory", "10GiBs", "--print-job-script"],
+        "--cores 0 must be an integer >= 1": ["--cores", "0", "--print-job-script"],
+        "--memory '10GiBs' must be a size": ["--memory", "10GiBs", "--print-job-script"],
         "walltime='1 hour' is not a SLURM time limit": [
             *("--walltime", "1 hour", "--print-job-script"),
         ],
         # Read as 5 minutes, while sbatch took it as years.
         "walltime='-5' is not a SLURM time limit": ["--walltime=-5", "--print-job-script"],
         # Bytes to Dask: dask-jobqueue's traceback, or a worker limit of 0 (none) in a batch.
-        "memory='32' (--memory) must be a size with its unit": [
+        "--memory '32' must be a size with its unit": [
             *("--memory", "32", "--print-job-script"),
         ],
-        "memory='500KiB' (--memory) must be a size with its unit, at least 1.00 GiB": [
+        "--memory '500KiB' must be a size with its unit, at least 1.00 GiB": [
             *("--memory", "500KiB", "--print-batch-script", *ANALYZE),
         ],
         # "--queue $PARTITION" with it unset: "#SBATCH -p " printed, refused in the queue.
-        "queue='' (--queue) is empty": ["--queue", "", "--print-job-script"],
+        "--queue '' is empty": ["--queue", "", "--print-job-script"],
         # The analysis' own values, before its script goes to sbatch.
         "--chunk-seconds": ["--print-batch-script", *ANALYZE, "--chunk-seconds", "-1"],
         "--memory-budget": ["--print-batch-script", *ANALYZE, "--memory-budget", ""],

@@ -198,19 +198,21 @@ def _in_flags(error: BuzzdaskError) -> str:
 
 
 def _flags_for_keywords(text: str) -> str:
-    """A library message's ways on, in flags alone.
+    """A library message's keywords, in flags alone.
 
     ``pass overwrite=True (--overwrite)`` as ``pass --overwrite``, ``another dest (--dest)`` as
-    ``another --dest``: only where the keyword is the flag's (its name, or
-    :data:`_MESSAGE_FLAGS`'s).
+    ``another --dest``, ``gpus=-1 (--gpus)`` as ``--gpus -1``: only where the keyword is the
+    flag's (its name, or :data:`_MESSAGE_FLAGS`'s).
     """
 
     def flag_alone(found: re.Match[str]) -> str:
-        keyword, flag = found[1], found[2]
+        keyword, value, flag = found[1], found[2], found[3]
         same = keyword.replace("_", "-") == flag[2:] or _MESSAGE_FLAGS.get(keyword) == flag
-        return flag if same else found[0]
+        if not same or value == "False":
+            return found[0]
+        return flag if value in (None, "", "True") else f"{flag} {value}"
 
-    return re.sub(r"\b(\w+)(?:=[^\s,;)]*)? \((--[\w-]+)\)", flag_alone, text)
+    return re.sub(r"\b(\w+)(?:=([^\s,;)]*))? \((--[\w-]+)\)", flag_alone, text)
 
 
 def _threshold(text: str) -> tuple[str, float]:
