@@ -40,7 +40,8 @@ def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
     progress.finished("bad.mp3", failed=True)  # failed at its probe: it adds nothing
     progress.close()
 
-    assert (progress.files_done, progress.files_failed) == (3, 1)
+    # As the final line and buzzdask.json count them (the bar said 3/3, the line 2/3).
+    assert (progress.files_done, progress.files_failed) == (2, 1)
     assert progress.audio_expected_s == progress.audio_done_s == 170.0
     last = published[-1]
     assert last["status"] == "finished"
@@ -50,7 +51,7 @@ def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
         "tcp://w2": 41,
     }
     assert last["errors"][0]["file"] == "bad.mp3"
-    assert progress.describe().startswith("3/3 files (1 failed), 2.8 min/2.8 min audio, ")
+    assert progress.describe().startswith("2/3 files (1 failed), 2.8 min/2.8 min audio, ")
     assert "left" not in progress.describe()
 
 
@@ -81,7 +82,8 @@ def test_a_run_whose_every_file_failed_ends_at_100_percent(capsys):
     progress.error("a.txt", "ffprobe cannot read it as audio")
     progress.finished("a.txt", failed=True)
     progress.close()
-    assert capsys.readouterr().err.splitlines()[-1].startswith("buzzdask: 100%| 1/1 files")
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("buzzdask: 100%| 0/1 files (1 failed)")
 
 
 @pytest.mark.parametrize(
@@ -234,3 +236,13 @@ def test_file_names_with_control_characters_stay_on_one_line():
         "buzzdask: failed: good\\nline\\r\\x1b[31m\tred.wav"
     )
     assert one_line("snow: café, 蜂.wav") == "snow: café, 蜂.wav"  # letters are no controls
+
+
+def test_the_realtime_factor_counts_from_the_run_s_start():
+    """The bar said 273x, the final line a moment later 216x: the bar's clock started once the
+    cluster and the model were up, the summary's as analyze() was called."""
+    import time
+
+    progress = Progress(enabled=False, verbose=False, files=1, started=time.monotonic() - 10.0)
+    progress.advance("a.wav", 100.0)
+    assert progress.realtime_factor == pytest.approx(10.0, rel=0.05)

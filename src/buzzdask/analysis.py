@@ -623,6 +623,8 @@ def run_plan(
                     enabled=progress,
                     verbose=verbose,
                     files=len(inputs.files),
+                    # The bar's realtime factor as the summary's: the start-up in it.
+                    started=time.monotonic() - (time.perf_counter() - started_wall),
                     publish=RunPublisher(
                         connected,
                         {

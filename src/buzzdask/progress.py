@@ -215,6 +215,9 @@ class Progress:
         ``publish(snapshot)``, called at most every ``publish_interval_s`` and once at the end:
         the dashboard page's feed.
     publish_interval_s : float >= 0 [s], default: 1.0
+    started : float, optional [s]
+        When the run began (``time.monotonic()``), for its realtime factor: the one the run's
+        summary gives, start-up included. Default: now.
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class Progress:
         files: int = 0,
         publish: Callable[[Mapping[str, Any]], None] | None = None,
         publish_interval_s: float = 1.0,
+        started: float | None = None,
     ) -> None:
         self.files_total = files
         self.files_done = 0
@@ -243,8 +247,8 @@ class Progress:
         self._scorer_frames: Counter[str] = Counter()
         self._errors: deque[dict[str, str]] = deque(maxlen=_ERRORS_KEPT)
         self._history: deque[tuple[float, float]] = deque(maxlen=_HISTORY_KEPT)
-        self._started = time.monotonic()
-        self._started_wall = time.time()
+        self._started = time.monotonic() if started is None else started
+        self._started_wall = time.time() - (time.monotonic() - self._started)
         self._publish = publish
         self._publish_interval_s = publish_interval_s
         self._published = 0.0
@@ -298,7 +302,8 @@ class Progress:
         if name in self._finished:
             return
         self._finished.add(name)
-        self.files_done += 1
+        # Done or failed, as the run's summary counts them: "6/7 files (1 failed)".
+        self.files_done += not failed
         self.files_failed += failed
         self._set_expected(name, self._done.get(name, 0.0))
         self._show()
