@@ -28,6 +28,9 @@ def test_a_finished_run_with_a_failed_file(run, make_audio, tmp_path, capsys):
     make_audio("a.wav", n_samples=5 * FRAME)
     (tmp_path / "audio" / "junk.mp3").write_text("not audio\n")
     result = run(tmp_path / "audio", chunk_seconds=CHUNK_S)
+    # The log's last word says how the run ended (it stopped at the last chunk written).
+    last = (result.output / "buzzdask.log").read_text().splitlines()[-1]
+    assert " INFO buzzdask: finished: 1/2 files (1 failed), 5 s of audio in " in last
     (status,) = run_status(result.output)
     assert (status.state, status.files, status.files_done, status.frames) == ("complete", 2, 1, 5)
     assert status.failed == ["junk.mp3"] and status.command == "analyze"
@@ -36,7 +39,7 @@ def test_a_finished_run_with_a_failed_file(run, make_audio, tmp_path, capsys):
         f"{result.output}: complete\n"
         "  model_tiny: 1 of 2 files done, 1 failed, 5 frames (5 s of audio)\n"
         "  1 file not scored to the end (errors.parquet says why): the same buzzdask analyze "
-        "command with --resume tries it again\n"
+        "command with --resume tries it again (a file that is broken, once fixed or replaced)\n"
     )
 
 

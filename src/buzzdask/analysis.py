@@ -41,10 +41,10 @@ from buzzdask.inputs import (
 )
 from buzzdask.ledger import FileLedger, FileState, HeadOutput
 from buzzdask.lock import OutputLock, refuse_if_in_use
-from buzzdask.logs import quiet_environment, run_log
+from buzzdask.logs import append_to_run_log, quiet_environment, run_log
 from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
 from buzzdask.pipeline import ChunkPipeline, outcome, probe_task
-from buzzdask.progress import Progress, format_count
+from buzzdask.progress import Progress, format_audio, format_count, format_factor
 from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
@@ -708,6 +708,13 @@ def run_plan(
         why = f"{type(error).__name__}: {error}"
         _say_stopped(layouts, metadata, "failed", why, resumed, started_wall)
         raise
+    first = next(iter(results.values())).summary
+    append_to_run_log(
+        root / "buzzdask.log",
+        f"finished: {first['files_done']}/{first['files']} files ({first['files_failed']} "
+        f"failed), {format_audio(first['audio_hours'] * 3600)} of audio in "
+        f"{first['wall_seconds']:.1f} s ({format_factor(first['realtime_factor'])} realtime)",
+    )
     return results if plan.several else results[plan.models[0].name]
 
 

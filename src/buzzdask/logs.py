@@ -28,7 +28,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -203,6 +203,21 @@ class _ToRoot(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         logging.getLogger().handle(record)
+
+
+def append_to_run_log(path: Path, message: str) -> None:
+    """One INFO line at the end of a run's log, once the run's handler is closed.
+
+    Its last word (how it ended), which the command prints after the log's lines.
+    """
+    with suppress(OSError):  # a disk full, the output gone: the command says it anyway
+        handler = _RunLogFile(path, encoding="utf-8", errors="backslashreplace")
+        handler.setFormatter(OneLineFormatter(_FILE_FORMAT))
+        handler.addFilter(_WhereFilter())
+        try:
+            handler.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None))
+        finally:
+            handler.close()
 
 
 @contextmanager

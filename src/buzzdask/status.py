@@ -96,7 +96,8 @@ class RunStatus:
             left = {*self.unfinished, *self.failed}
             lines.append(
                 f"  {format_count(len(left), 'file')} not scored to the end (errors.parquet says "
-                f"why): {again} tries {'it' if len(left) == 1 else 'them'} again"
+                f"why): {again} tries {'it' if len(left) == 1 else 'them'} again (a file that "
+                "is broken, once fixed or replaced)"
             )
         return "\n".join(lines)
 
