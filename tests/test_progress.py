@@ -26,6 +26,8 @@ def test_a_run_that_ends_early_is_stopped_not_finished():
 def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
     published = []
     progress = Progress(enabled=True, verbose=False, files=3, publish=published.append)
+    progress.error("bad.mp3", "ffprobe cannot read it as audio")
+    progress.finished("bad.mp3", failed=True)  # failed at its probe: it adds nothing
     progress.expect("short.mp3", 100.0)  # the probe overestimates: 40 s are really there
     progress.expect("long.mp3", 100.0)  # it underestimates: 130 s
     progress.advance("short.mp3", 40.0, scorer="tcp://w1", frames=41)
@@ -36,8 +38,6 @@ def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
     assert progress.audio_expected_s == 170.0  # never below what is done
     progress.finished("long.mp3", failed=False)
     progress.finished("long.mp3", failed=False)  # once only
-    progress.error("bad.mp3", "ffprobe cannot read it as audio")
-    progress.finished("bad.mp3", failed=True)  # failed at its probe: it adds nothing
     progress.close()
 
     # As the final line and buzzdask.json count them (the bar said 3/3, the line 2/3).
@@ -246,3 +246,16 @@ def test_the_realtime_factor_counts_from_the_run_s_start():
     progress = Progress(enabled=False, verbose=False, files=1, started=time.monotonic() - 10.0)
     progress.advance("a.wav", 100.0)
     assert progress.realtime_factor == pytest.approx(10.0, rel=0.05)
+
+
+def test_files_not_probed_yet_count_as_long_as_the_others():
+    """A resume's finished files come first, each with its chunks done: the bar said 100 %
+    until the other files' probes came back."""
+    progress = Progress(enabled=False, verbose=False, files=4)
+    progress.expect("a.wav", 60.0)
+    progress.advance("a.wav", 60.0, resumed=True)
+    progress.finished("a.wav", failed=False)
+    assert progress.audio_expected_s == 240.0 and progress.audio_left_s == 180.0
+    for name in ("b.wav", "c.wav", "d.wav"):
+        progress.expect(name, 30.0)
+    assert progress.audio_expected_s == 150.0

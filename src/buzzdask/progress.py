@@ -323,12 +323,23 @@ class Progress:
         """The run's audio: estimates for files not yet finished, the truth for the others."""
         if self._status == "finished":  # exactly, without the sums' rounding
             return self.audio_done_s
-        return max(self._expected_total, self.audio_done_s)
+        return max(self._estimated_total(), self.audio_done_s)
 
     @property
     def audio_left_s(self) -> float:
         """Audio not yet done: estimates for files not yet finished (also once closed)."""
-        return max(self._expected_total - self.audio_done_s, 0.0)
+        return max(self._estimated_total() - self.audio_done_s, 0.0)
+
+    def _estimated_total(self) -> float:
+        """The files' durations, with files not yet probed taken as long as the others.
+
+        A resume's finished files come first, each with its chunks done: the bar showed 100 %
+        until the others' probes said how long they are.
+        """
+        heard_of = len(self._expected)
+        if 0 < heard_of < self.files_total and self._status == "running":
+            return self._expected_total * self.files_total / heard_of
+        return self._expected_total
 
     @property
     def realtime_factor(self) -> float | None:
