@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from buzzdask import InputError
+from buzzdask import InputError, OutputConflictError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK, main
 from buzzdask.lock import OutputLock
 from buzzdask.status import run_status
@@ -82,10 +82,31 @@ def test_running_stopped_killed_and_starting(run, make_audio, tmp_path, capsys):
     starting.mkdir()
     (starting / "buzzdask.log").write_text("")
     with held_by_another_thread(OutputLock(starting, started="now", stale_s=120)):
-        with pytest.raises(InputError, match=r"holds no results yet: a run is starting there"):
-            run_status(starting)
-    assert main(["status", str(tmp_path / "nowhere")]) == EXIT_ERROR
-    assert "does not exist" in capsys.readouterr().err
+        (started,) = run_status(starting)
+    assert started.state == "starting"
+    assert started.describe().splitlines()[1] == f"  its log: {starting / 'buzzdask.log'}"
+    with pytest.raises(InputError, match=r"holds no results yet: its run is starting, or"):
+        run_status(starting)
+    # Every output said, one that holds no run too (exit 1).
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "nowhere"), str(output)]) == EXIT_ERROR
+    said = capsys.readouterr()
+    assert "does not exist" in said.err and said.out.startswith(f"{output}: interrupted")
+
+
+def test_an_unfinished_file_whose_audio_is_gone_is_not_said_to_resume(run, make_audio, tmp_path):
+    """A resume keeps its results and cannot finish it: status said a resume would."""
+    make_audio("a.wav", n_samples=5 * FRAME)
+    output = run(tmp_path / "audio", chunk_seconds=CHUNK_S).output
+    OutputLayout(output).record_removed([("a.wav", 2)])  # killed before its last chunk
+    (tmp_path / "audio" / "a.wav").unlink()
+    (status,) = run_status(output)
+    assert status.missing == ["a.wav"]
+    assert status.describe().splitlines()[2:] == [
+        "  1 file not scored to the end whose audio is not found any more (a.wav): no resume "
+        f"finishes it; to drop its results, delete its folder under {output / 'scores'} and "
+        "resume"
+    ]
 
 
 def test_a_run_of_several_heads_says_each(run, make_audio, tmp_path, tiny_model):
@@ -101,3 +122,11 @@ def test_a_run_of_several_heads_says_each(run, make_audio, tmp_path, tiny_model)
         ("model_tiny", "complete", 3),
     ]
     assert set(result) == {"model_tiny", "model_other"}
+    # While the run of both holds their folder: one head is running too, its log the run's;
+    # and a resume of that head alone (it wrote beside the run, each chunk twice) is refused.
+    root = tmp_path / "results"
+    with held_by_another_thread(OutputLock(root, started="now", stale_s=120)):
+        (head,) = run_status(root / "model_other")
+        assert head.state == "running" and head.log == root / "buzzdask.log"
+        with pytest.raises(OutputConflictError, match=rf"output {root} is in use by another"):
+            run(tmp_path / "audio", model=other, output=root / "model_other", on_conflict="resume")

@@ -826,12 +826,7 @@ def _run(argv: Sequence[str] | None, *, client: Client | None) -> int:
             print(f"{args.directory} has the project layout already: nothing created")
         return EXIT_OK
     if args.command == "status":
-        from buzzdask.status import run_status
-
-        for output in args.outputs:
-            for status in run_status(output):
-                print(status.describe())
-        return EXIT_OK
+        return _status(args.outputs)
     if args.command == "transfer":
         return _transfer(args)
     if args.command == "train":
@@ -991,6 +986,23 @@ def _report(result: Any) -> int:
         every = OutputLayout(result.output).errors
         print(f"buzzdask: ... and {more} more, every one in {every}", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_FILES_FAILED
+
+
+def _status(outputs: Sequence[str]) -> int:
+    """Each output's status; one that holds no run is said and the others go on (exit 1)."""
+    from buzzdask.status import run_status
+
+    code = EXIT_OK
+    for output in outputs:
+        try:
+            statuses = run_status(output)
+        except BuzzdaskError as error:
+            print(f"buzzdask: error: {_in_flags(error)}", file=sys.stderr)
+            code = EXIT_ERROR
+            continue
+        for status in statuses:
+            print(status.describe())
+    return code
 
 
 def _transfer(args: argparse.Namespace) -> int:

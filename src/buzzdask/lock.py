@@ -46,6 +46,7 @@ __all__ = [
     "current_holder",
     "destination_held",
     "held",
+    "holder_around",
     "live_holder",
     "refuse_if_in_use",
 ]
@@ -143,15 +144,43 @@ def live_holder(root: Path, *, stale_s: float) -> LockHolder | None:
     return holder if holder is not None and holder.is_alive(stale_s=stale_s) else None
 
 
-def refuse_if_in_use(root: Path, *, stale_s: float) -> None:
-    """Raise ``OutputConflictError`` ("in use") if a live run holds ``root``.
+def holder_around(root: Path, *, stale_s: float) -> tuple[Path, LockHolder] | None:
+    """A live holder of ``root`` or of an output around it, with the folder it holds.
 
-    Checked before an output's other conflicts, so that a second run hears that another is
-    writing there, not that the output holds results. A hold of this thread is no conflict.
+    Around it: the run of several heads ``root`` is one head of, or one of its heads. A hold of
+    this thread is none. A run of several heads holds its folder, and writes each head's
+    output inside it: a resume of one head alone (what ``status`` of that head suggested)
+    wrote into it beside the run, each chunk twice.
     """
-    holder = live_holder(root, stale_s=stale_s)
-    if holder is not None and not _held_here(root, holder):
-        raise _in_use(root, holder, stale_s=stale_s)
+    above = root.parent
+    related = [root]
+    if _of_several_heads(above):
+        related.append(above)
+    if _of_several_heads(root):
+        related.extend(sorted(path.parent for path in root.glob("*/buzzdask.json")))
+    for folder in related:
+        holder = live_holder(folder, stale_s=stale_s)
+        if holder is not None and not _held_here(folder, holder):
+            return folder, holder
+    return None
+
+
+def _of_several_heads(folder: Path) -> bool:
+    """Whether ``folder`` is a run of several heads' (its log, and no run metadata of its own)."""
+    return (folder / "buzzdask.log").is_file() and not (folder / "buzzdask.json").exists()
+
+
+def refuse_if_in_use(root: Path, *, stale_s: float) -> None:
+    """Raise ``OutputConflictError`` ("in use") if a live run holds ``root`` or one around it.
+
+    Around it: the run of several heads ``root`` is one head of, or one of its heads
+    (:func:`holder_around`). Checked before an output's other conflicts, so that a second run
+    hears that another is writing there, not that the output holds results. A hold of this
+    thread is no conflict.
+    """
+    found = holder_around(root, stale_s=stale_s)
+    if found is not None:
+        raise _in_use(found[0], found[1], stale_s=stale_s)
 
 
 def _in_use(root: Path, holder: LockHolder | None, *, stale_s: float) -> OutputConflictError:

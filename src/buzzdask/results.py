@@ -94,15 +94,12 @@ class Run:
         A watch between passes has marked its output complete, but holds it: files may still
         be on their way, or cut short.
         """
-        from buzzdask.lock import live_holder
+        from buzzdask.lock import holder_around
         from buzzdask.settings import load_settings
 
         # One head's of several: their run holds the output above it.
-        above = self.output.parent
-        several = (above / "buzzdask.log").is_file() and not (above / "buzzdask.json").exists()
-        stale_s = load_settings().lock_stale_seconds
-        holders = [live_holder(root, stale_s=stale_s) for root in (self.output, *[above] * several)]
-        holder = next((h for h in holders if h is not None), None)
+        found = holder_around(self.output, stale_s=load_settings().lock_stale_seconds)
+        holder = None if found is None else found[1]
         if self.complete and holder is not None:
             logger.warning(
                 "%s: a run still writes to it (%s; a watch between its passes, or a resume); "

@@ -9,19 +9,20 @@ how far its journal goes, and what to do next.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from buzzdask.errors import InputError
-from buzzdask.lock import LockHolder, live_holder
+from buzzdask.inputs import first_names
+from buzzdask.lock import LockHolder, holder_around
 from buzzdask.progress import format_audio, format_count
 from buzzdask.results import Run, open_run
 from buzzdask.settings import load_settings
 
 __all__ = ["RunStatus", "run_status"]
 
-State = Literal["complete", "running", "interrupted", "failed", "stopped"]
+State = Literal["complete", "running", "interrupted", "failed", "stopped", "starting"]
 
 
 @dataclass(frozen=True)
@@ -31,24 +32,31 @@ class RunStatus:
     Attributes
     ----------
     output : Path
-    state : {"complete", "running", "interrupted", "failed", "stopped"}
+    state : {"complete", "running", "interrupted", "failed", "stopped", "starting"}
         As its ``buzzdask.json`` says, except: ``"running"`` whenever a live process holds the
-        output (a resume, a watch between passes), and ``"stopped"`` where it says
-        ``"running"`` but nothing holds it (killed outright: ``kill -9``, a lost node).
+        output (a resume, a watch between passes, the run of several heads it is one of),
+        ``"stopped"`` where it says ``"running"`` but nothing holds it (killed outright:
+        ``kill -9``, a lost node), and ``"starting"`` for a run that has written nothing yet.
     model : str
-        The model's name.
+        The model's name ("" while starting).
+    log : Path
+        The run's ``buzzdask.log`` (a run of several heads': in the folder above the head's).
     holder : str or None
         The process holding the output (host, pid, since when, last sign of life).
     stopped_by : str or None
         What stopped an ``"interrupted"`` or ``"failed"`` run.
     files : int
-        Input files its last invocation found.
+        Input files: those its last invocation found, or the recordings it holds results of
+        where more (of inputs not found since).
     files_done : int
         Recordings scored to their end.
     unfinished : list of str
         Recordings with frames written, not to their end (to do, or failed midway).
     failed : list of str
         Input files a problem stopped (``errors.parquet``: written as an invocation ends).
+    missing : list of str
+        Of ``unfinished``, those whose audio is not under the run's input folder any more: a
+        resume cannot finish them.
     frames : int
         Frames its journal holds.
     audio_s : float [s]
@@ -60,44 +68,57 @@ class RunStatus:
     output: Path
     state: State
     model: str
-    holder: str | None
-    stopped_by: str | None
-    files: int
-    files_done: int
-    unfinished: list[str]
-    failed: list[str]
-    frames: int
-    audio_s: float
-    command: Literal["analyze", "rescore"]
+    log: Path
+    holder: str | None = None
+    stopped_by: str | None = None
+    files: int = 0
+    files_done: int = 0
+    unfinished: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    frames: int = 0
+    audio_s: float = 0.0
+    command: Literal["analyze", "rescore"] = "analyze"
 
     def describe(self) -> str:
         """One paragraph: the state, how far, and what next."""
         how = {
             "complete": "complete",
             "running": f"running ({self.holder})",
+            "starting": f"starting ({self.holder}); nothing written yet",
             "interrupted": f"interrupted ({self.stopped_by})",  # Ctrl-C, SIGTERM
             "failed": f"failed ({self.stopped_by})",
             "stopped": "stopped without a word (killed outright: kill -9, a lost node, a "
             "time limit's last signal; no process holds it)",
         }[self.state]
-        failed = f", {len(self.failed)} failed" if self.failed else ""
-        lines = [
-            f"{self.output}: {how}",
-            f"  {self.model}: {self.files_done} of {format_count(self.files, 'file')} done"
-            f"{failed}, {format_count(self.frames, 'frame')} "
-            f"({format_audio(self.audio_s)} of audio)",
-        ]
+        lines = [f"{self.output}: {how}"]
+        if self.state != "starting":
+            failed = f", {len(self.failed)} failed" if self.failed else ""
+            lines.append(
+                f"  {self.model}: {self.files_done} of {format_count(self.files, 'file')} done"
+                f"{failed}, {format_count(self.frames, 'frame')} "
+                f"({format_audio(self.audio_s)} of audio)"
+            )
         again = f"the same buzzdask {self.command} command with --resume"
-        if self.state == "running":
-            lines.append(f"  its log: {self.output / 'buzzdask.log'}")
+        left = sorted({*self.unfinished, *self.failed} - set(self.missing))
+        if self.state in ("running", "starting"):
+            lines.append(f"  its log: {self.log}")
         elif self.state != "complete":
             lines.append(f"  next: {again} finishes it")
-        elif self.unfinished or self.failed:
-            left = {*self.unfinished, *self.failed}
+        elif left:
             lines.append(
                 f"  {format_count(len(left), 'file')} not scored to the end (errors.parquet says "
                 f"why): {again} tries {'it' if len(left) == 1 else 'them'} again (a file that "
                 "is broken, once fixed or replaced)"
+            )
+        if self.missing and self.state not in ("running", "starting"):
+            lines.append(
+                f"  {format_count(len(self.missing), 'file')} not scored to the end whose audio "
+                f"is not found any more ({first_names(self.missing, shown=3)}): no resume "
+                f"finishes {'it' if len(self.missing) == 1 else 'them'}; to drop "
+                f"{'its' if len(self.missing) == 1 else 'their'} results, delete "
+                f"{'its folder' if len(self.missing) == 1 else 'their folders'} under "
+                f"{self.output / 'scores'} and resume"
             )
         return "\n".join(lines)
 
@@ -108,7 +129,8 @@ def run_status(output: str | os.PathLike[str]) -> list[RunStatus]:
     Parameters
     ----------
     output : path-like
-        A directory :func:`buzzdask.analyze` (or ``rescore``) wrote.
+        A directory :func:`buzzdask.analyze` (or ``rescore``) wrote, or a folder of such
+        directories (each one's).
 
     Returns
     -------
@@ -117,33 +139,40 @@ def run_status(output: str | os.PathLike[str]) -> list[RunStatus]:
     Raises
     ------
     InputError
-        ``output`` holds no results: not a buzzdask output, or a run that wrote none yet
-        (where a live process holds it, the message names it).
+        ``output`` holds no results, and no run is starting there.
     """
     root = Path(os.path.expanduser(output))
     stale_s = load_settings().lock_stale_seconds
     heads = sorted(path.parent for path in root.glob("*/buzzdask.json"))
     if not (root / "buzzdask.json").exists() and heads:
-        above = live_holder(root, stale_s=stale_s)
-        return [_status(open_run(head), above, stale_s) for head in heads]
+        return [_status(open_run(head), stale_s) for head in heads]
     try:
         run = open_run(root)
     except InputError:
-        holder = live_holder(root, stale_s=stale_s) if root.is_dir() else None
-        if holder is not None:
-            raise InputError(
-                f"{root} holds no results yet: a run is starting there ({holder.describe()}; "
-                f"its log: {root / 'buzzdask.log'})"
-            ) from None
-        raise
-    return [_status(run, None, stale_s)]
+        found = holder_around(root, stale_s=stale_s) if root.is_dir() else None
+        if found is None:
+            raise
+        return [
+            RunStatus(
+                output=root,
+                state="starting",
+                model="",
+                log=root / "buzzdask.log",
+                holder=_said(found[1]),
+            )
+        ]
+    return [_status(run, stale_s)]
 
 
-def _status(run: Run, above: LockHolder | None, stale_s: float) -> RunStatus:
-    holder = live_holder(run.output, stale_s=stale_s) or above
+def _said(holder: LockHolder) -> str:
+    return f"{holder.describe()}; last sign of life {holder.age_s:.0f} s ago"
+
+
+def _status(run: Run, stale_s: float) -> RunStatus:
+    found = holder_around(run.output, stale_s=stale_s)
     recorded = run.metadata.get("status")
     state: State
-    if holder is not None:
+    if found is not None:
         state = "running"
     elif recorded in ("complete", "interrupted", "failed"):
         state = recorded
@@ -151,22 +180,25 @@ def _status(run: Run, above: LockHolder | None, stale_s: float) -> RunStatus:
         state = "stopped"
     frames = sum(int(entry["frames"]) for entry in run.layout.read_journal().values())
     unfinished = run.unfinished_recordings()
+    failed = run.failed_recordings()
+    recordings = set(run.recordings())
+    own_log = run.output / "buzzdask.log"
+    # A re-scoring records the store it read (an analysis keeping embeddings, its own).
+    rescore = "embeddings" in run.metadata.get("fingerprint", {})
     return RunStatus(
         output=run.output,
         state=state,
         model=str(run.model.get("name", "")),
-        holder=(
-            None
-            if holder is None
-            else f"{holder.describe()}; last sign of life {holder.age_s:.0f} s ago"
-        ),
+        # One head's of several: the run's log is in the folder above.
+        log=own_log if own_log.exists() else run.output.parent / "buzzdask.log",
+        holder=None if found is None else _said(found[1]),
         stopped_by=run.metadata.get("stopped_by"),
-        files=int(run.metadata["inputs"].get("files", 0)),
-        files_done=len(set(run.recordings()) - set(unfinished)),
+        files=max(int(run.metadata["inputs"].get("files", 0)), len(recordings | set(failed))),
+        files_done=len(recordings - set(unfinished)),
         unfinished=unfinished,
-        failed=run.failed_recordings(),
+        failed=failed,
+        missing=[] if rescore else [n for n in unfinished if not (run.input_root / n).exists()],
         frames=frames,
         audio_s=frames * run.frame_hop_s,
-        # A re-scoring records the store it read (an analysis keeping embeddings, its own).
-        command="rescore" if "embeddings" in run.metadata.get("fingerprint", {}) else "analyze",
+        command="rescore" if rescore else "analyze",
     )
