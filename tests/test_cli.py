@@ -94,6 +94,10 @@ def test_a_bad_setting_names_the_file_or_variable_that_sets_it(tmp_path) -> None
     )
     # A key missing from a section: the file that holds the section.
     assert f"buzzdask.embedders.own.sample-rate is missing (set in {mine})" in lines
+    # Of two files that set it, the one Dask read last (whose value it took).
+    (tmp_path / "config" / "zz.yaml").write_text("buzzdask:\n  chunk_secondz: 4\n")
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert f"(set in {tmp_path / 'config' / 'zz.yaml'}); did you mean" in done.stderr
     variable = {"DASK_BUZZDASK__BATCH_FRAMES": "0"}
     done = subprocess.run(args, capture_output=True, text=True, env={**env, **variable})
     assert (

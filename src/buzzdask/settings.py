@@ -606,8 +606,8 @@ def _label(path: tuple[str, ...], keyword: bool) -> str:
 def _source(path: tuple[str, ...], keyword: bool) -> str:
     """Where a configuration key comes from; keywords: nothing.
 
-    Its environment variable, or the YAML files that set it (a missing key's: its section's),
-    else where it can be set.
+    Its environment variable, or the YAML file whose value Dask took (a missing key's: its
+    section's), else where it can be set.
     """
     if keyword:
         return ""
@@ -615,8 +615,8 @@ def _source(path: tuple[str, ...], keyword: bool) -> str:
     if variable in os.environ:
         return f" (set by the {variable} variable)"
     files = _files_setting(("buzzdask", *path)) or _files_setting(("buzzdask", *path[:-1]))
-    if files:
-        return f" (set in {', '.join(files)})"
+    if files:  # Dask reads them in order, the last one's value taken
+        return f" (set in {files[-1]})"
     return f" (set in {_SOURCES.format(variable=variable)})"
 
 
