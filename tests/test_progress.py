@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from buzzdask import progress as progress_module
@@ -259,3 +261,30 @@ def test_files_not_probed_yet_count_as_long_as_the_others():
     for name in ("b.wav", "c.wav", "d.wav"):
         progress.expect(name, 30.0)
     assert progress.audio_expected_s == 150.0
+
+
+def test_a_terminal_of_no_width_gets_the_lines_a_log_gets():
+    """tqdm draws nothing in a terminal 0 columns wide (some CI and container pseudo-terminals,
+    `script` without a size): nothing was shown between the dashboard link and the last line."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    ask = "from buzzdask.progress import _interactive; print(_interactive())"
+    main_fd, terminal = pty.openpty()  # a fresh one has no size: 0 rows, 0 columns
+    try:
+        answers = []
+        for rows, columns in ((0, 0), (24, 80)):
+            fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+            done = subprocess.run(
+                [sys.executable, "-c", ask], stderr=terminal, capture_output=False,
+                stdout=subprocess.PIPE, text=True, timeout=60, check=True,
+            )  # fmt: skip
+            answers.append(done.stdout.strip())
+    finally:
+        os.close(main_fd)
+        os.close(terminal)
+    assert answers == ["False", "True"]

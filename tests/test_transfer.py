@@ -307,6 +307,13 @@ def test_cli_transfer_and_upload(rclone_remote, make_audio, tmp_path, monkeypatc
     stdout, stderr = back.communicate(timeout=120)
     assert back.returncode == EXIT_OK, stderr
     assert (rclone_remote.root / "cli-back" / "x.wav").is_file()
+    # An upload is one rclone call: --batch-size was taken without a word.
+    batched = cli(
+        "transfer", "--upload", "--batch-size", "10", str(tmp_path / "d"), "sharepoint:x",
+        flags=flags,
+    )  # fmt: skip
+    stdout, stderr = batched.communicate(timeout=120)
+    assert batched.returncode == 2 and "--batch-size applies to downloads" in stderr
 
     refused = cli("transfer", "wrongpass:cli", str(tmp_path / "e"), flags=flags)
     stdout, stderr = refused.communicate(timeout=120)

@@ -1013,6 +1013,11 @@ def _transfer(args: argparse.Namespace) -> int:
     from buzzdask.rclone import transfer, upload
 
     if args.upload:
+        if args.batch_size is not None:  # taken without a word, as if it did something
+            build_parser().error(
+                "--batch-size applies to downloads (files per rclone call, each batch "
+                "analysable as it lands); an upload is one rclone call"
+            )
         result = upload(args.source, args.destination)
     else:
         result = transfer(args.source, args.destination, batch_size=args.batch_size)

@@ -458,10 +458,22 @@ class Progress:
 
 
 def _interactive() -> bool:
-    """Whether the bar is seen as it redraws: a terminal, or a notebook's widget or output."""
+    """Whether the bar is seen as it redraws: a terminal, or a notebook's widget or output.
+
+    Not a terminal of no width (some CI and container pseudo-terminals): tqdm draws nothing
+    there, and the lines a log gets are what is left to see.
+    """
     widget = any(base.__module__ == "tqdm.notebook" for base in tqdm.__mro__)
     kernel = type(sys.stderr).__module__.startswith("ipykernel")
-    return widget or kernel or sys.stderr.isatty()
+    return widget or kernel or (sys.stderr.isatty() and _columns() > 0)
+
+
+def _columns() -> int:
+    """The width of the terminal stderr is (0 where it has none, or says none)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (a wrapped stream)
+        return 0
 
 
 def _duration(seconds: float) -> str:
