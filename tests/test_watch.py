@@ -289,6 +289,10 @@ def test_files_gone_or_rewritten_between_passes(
     assert pd.read_parquet(output / "errors.parquet").empty
     assert len(watched.to_pandas()) == watched.summary["frames"] == 4
     assert watched.summary["audio_hours"] == pytest.approx(4 * 0.96 / 3600)
+    # Its log tells the passes from resumes, and says how the watch ended.
+    log = (output / "buzzdask.log").read_text().splitlines()
+    assert any(line.endswith("INFO buzzdask: watch: pass 2 over 1 files") for line in log)
+    assert " INFO buzzdask: the watch ended: " in log[-1]
 
 
 def test_a_file_failing_in_every_pass_is_said_once(

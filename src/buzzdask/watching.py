@@ -47,7 +47,7 @@ from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.inputs import discover, user_path
 from buzzdask.ledger import ProblemLines, problem_lines
 from buzzdask.lock import OutputLock, live_holder
-from buzzdask.logs import console_configured, quiet_workers
+from buzzdask.logs import append_to_run_log, console_configured, quiet_workers
 from buzzdask.progress import logger
 from buzzdask.rclone import FAILED_MARKER, INCOMING
 from buzzdask.session import connect
@@ -191,6 +191,8 @@ def watch(
         raise InputError(f"{root} did not appear before the watch ended ({stopped})")
     said = _ended(stopped, root=root, marker=marker_path, analysed=True)
     print(f"buzzdask: the watch ended: {said}")
+    # The log's last word too: each pass's lines read as resumes without it.
+    append_to_run_log(OutputLayout(passes.output).root / "buzzdask.log", f"the watch ended: {said}")
     return passes.combine(stopped=stopped, wall=time.monotonic() - started)
 
 
@@ -442,7 +444,10 @@ class _Passes:
             if self.on_conflict == "resume":
                 self.chunks_before = OutputLayout(self.output).read_journal()
         entries_before = len(OutputLayout(self.output).journal_entries())
-        logger.info("watch: pass %d over %d files", len(self.results) + 1, len(snapshot))
+        said = f"watch: pass {len(self.results) + 1} over {len(snapshot)} files"
+        logger.info("%s", said)
+        if self.results:  # in the run's log too, which the first pass opens (or an earlier run)
+            append_to_run_log(OutputLayout(self.output).root / "buzzdask.log", said)
         self.started = True
         result = analyze(
             self.root,
