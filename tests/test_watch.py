@@ -291,7 +291,7 @@ def test_files_gone_or_rewritten_between_passes(
     assert watched.summary["audio_hours"] == pytest.approx(4 * 0.96 / 3600)
     # Its log tells the passes from resumes, and says how the watch ended.
     log = (output / "buzzdask.log").read_text().splitlines()
-    assert any(line.endswith("INFO buzzdask: watch: pass 2 over 1 files") for line in log)
+    assert any(line.endswith("INFO buzzdask: watch: pass 2 over 1 file") for line in log)
     assert " INFO buzzdask: the watch ended: " in log[-1]
 
 

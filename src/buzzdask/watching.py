@@ -48,7 +48,7 @@ from buzzdask.inputs import discover, user_path
 from buzzdask.ledger import ProblemLines, problem_lines
 from buzzdask.lock import OutputLock, live_holder
 from buzzdask.logs import append_to_run_log, console_configured, quiet_workers
-from buzzdask.progress import logger
+from buzzdask.progress import format_count, logger
 from buzzdask.rclone import FAILED_MARKER, INCOMING
 from buzzdask.session import connect
 from buzzdask.settings import load_settings
@@ -444,7 +444,7 @@ class _Passes:
             if self.on_conflict == "resume":
                 self.chunks_before = OutputLayout(self.output).read_journal()
         entries_before = len(OutputLayout(self.output).journal_entries())
-        said = f"watch: pass {len(self.results) + 1} over {len(snapshot)} files"
+        said = f"watch: pass {len(self.results) + 1} over {format_count(len(snapshot), 'file')}"
         logger.info("%s", said)
         if self.results:  # in the run's log too, which the first pass opens (or an earlier run)
             append_to_run_log(OutputLayout(self.output).root / "buzzdask.log", said)
