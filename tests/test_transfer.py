@@ -29,6 +29,7 @@ from buzzdask.write import utc_now
 from tests.conftest import (
     BUZZDASK,
     SIGINT_AS_IN_A_TERMINAL,
+    held_by_another_thread,
     requires_ffmpeg,
     requires_rclone,
     wait_until,
@@ -266,7 +267,7 @@ def test_upload_sends_results_back(rclone_remote, tmp_path, caplog):
     (results / "scores" / "a.wav" / "chunk-000000.parquet").write_bytes(os.urandom(5000))
 
     with (
-        OutputLock(results, started=utc_now(), stale_s=60),
+        held_by_another_thread(OutputLock(results, started=utc_now(), stale_s=60)),
         caplog.at_level("WARNING", logger="buzzdask"),
     ):
         sent = upload(results, "sharepoint:uploads/run1", rclone_flags=rclone_remote.flags)

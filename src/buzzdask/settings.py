@@ -562,7 +562,8 @@ def _sections_replaced(given: Any, defaults: Mapping[str, Any], path: tuple[str,
         return []
     if not isinstance(given, Mapping):
         return [
-            f"{_label(path, False)}={given!r} must be a mapping of settings{_source(path, False)}"
+            f"{_label(path, False)}={given!r} must be a mapping of settings"
+            f"{_source(path, False, given)}"
         ]
     spelled = {str(key).replace("_", "-"): value for key, value in given.items()}
     return [
@@ -603,7 +604,10 @@ def _label(path: tuple[str, ...], keyword: bool) -> str:
     return ".".join(path) if keyword else ".".join(("buzzdask", *path))
 
 
-def _source(path: tuple[str, ...], keyword: bool) -> str:
+_ANY = object()  # a key's value, where :func:`_source` is not told it
+
+
+def _source(path: tuple[str, ...], keyword: bool, value: Any = _ANY) -> str:
     """Where a configuration key comes from; keywords: nothing.
 
     Its environment variable, or the YAML file whose value Dask took (a missing key's: its
@@ -612,7 +616,10 @@ def _source(path: tuple[str, ...], keyword: bool) -> str:
     if keyword:
         return ""
     variable = "__".join(("DASK_BUZZDASK", *(p.upper().replace("-", "_") for p in path)))
-    if variable in os.environ:
+    # Its value, where told: a variable of another value was overridden (dask.config.set).
+    if variable in os.environ and (
+        value is _ANY or dask.config.interpret_value(os.environ[variable]) == value
+    ):
         return f" (set by the {variable} variable)"
     files = _files_setting(("buzzdask", *path)) or _files_setting(("buzzdask", *path[:-1]))
     if files:  # Dask reads them in order, the last one's value taken
@@ -750,7 +757,7 @@ def _value(
         return spec["check"](value)
     except _Invalid as rule:
         raise ParameterError(
-            f"{_label(path, keyword)}={value!r} must be {rule}{_source(path, keyword)}"
+            f"{_label(path, keyword)}={value!r} must be {rule}{_source(path, keyword, value)}"
         ) from None
 
 
