@@ -490,7 +490,12 @@ def start_as_in_a_terminal(command: Sequence[str]) -> subprocess.Popen[str]:
     Ctrl-C not ignored, whatever this test run inherited (a shell's background job ignores it,
     and its children with it); exec keeps the pid, which leads the session's process group.
     """
-    env = {**os.environ, "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0"}
+    env = {
+        **os.environ,
+        "DASK_BUZZDASK__LOCAL_CLUSTER__DASHBOARD_ADDRESS": ":0",
+        # Each thread's stack on SIGABRT: what a command that hangs waits for (communicate).
+        "PYTHONFAULTHANDLER": "1",
+    }
     return subprocess.Popen(
         [sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL, *command],
         stderr=subprocess.PIPE,
@@ -498,6 +503,20 @@ def start_as_in_a_terminal(command: Sequence[str]) -> subprocess.Popen[str]:
         env=env,
         start_new_session=True,
     )
+
+
+def communicate(process: subprocess.Popen[str], *, timeout_s: float) -> str:
+    """The stderr of ``process`` (from :func:`start_as_in_a_terminal`) once it has ended.
+
+    One still running after ``timeout_s`` [s] hangs: it is aborted, and the test fails with
+    the end of its stderr, where Python's fault handler has put each thread's stack.
+    """
+    try:
+        return process.communicate(timeout=timeout_s)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        stderr = process.communicate(timeout=60)[1]
+        pytest.fail(f"still running after {timeout_s} s; its stacks:\n{stderr[-12000:]}")
 
 
 def signal_client_mid_run(
@@ -525,7 +544,7 @@ def signal_client_mid_run(
         signal_number=signal_number,
         whole_group=whole_group,
     ) as killer:
-        _, stderr = process.communicate(timeout=300)
+        stderr = communicate(process, timeout_s=300)
     with contextlib.suppress(ProcessLookupError):  # none left when its cluster was threads
         os.killpg(process.pid, signal.SIGKILL)  # its local cluster's orphaned worker processes
     assert killer.kill is not None and 0 < killer.kill.written < total

@@ -27,6 +27,7 @@ import pytest
 import buzzdask
 from buzzdask import ClusterError, InputError, ModelError, OutputConflictError, ParameterError
 from buzzdask.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
+from buzzdask.errors import ScorerError
 from buzzdask.write import OutputLayout
 from tests.conftest import (
     BUZZDASK,
@@ -894,6 +895,41 @@ def test_a_score_task_waiting_on_an_actor_elsewhere_leaves_its_worker_thread(tmp
         released.result(timeout=5)
 
 
+def _only_on(address: str) -> int:
+    """A task that fails anywhere but on ``address`` (as a score task run away from its actor)."""
+    from distributed import get_worker
+
+    if get_worker().address != address:
+        raise ScorerError("its scorer was lost with its worker")
+    return 1
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_result_lost_as_it_is_read_is_an_outcome_and_leaves_no_future(attempt) -> None:
+    """A score task finished, then its worker died before the result was read: Dask computes it
+    again, elsewhere, where it fails. That error is the chunk's outcome, and the task's future
+    goes as soon as the loop lets go of it (it stayed on the user's cluster, held by Dask's own
+    frames in a reference cycle, until Python's garbage collector ran). Repeated: the kill and
+    the read race."""
+    from distributed import Client, LocalCluster
+
+    from buzzdask.pipeline import outcome
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        holder = sorted(client.scheduler_info()["workers"])[0]
+        pid = client.run(os.getpid, workers=[holder])[holder]
+        future = client.submit(_only_on, holder, workers=[holder], allow_other_workers=True)
+        wait_until(future.done, timeout_s=60, failure="the task did not finish")
+        os.kill(pid, signal.SIGKILL)
+        result = outcome(future)
+        del future  # the client lets go of its key in its own thread
+        assert isinstance(result, ScorerError), result
+        wait_until(lambda: not client.futures, timeout_s=10, failure=lambda: str(client.futures))
+
+
 def test_the_scorer_starts_on_a_running_worker_not_a_paused_one(kill_corpus, tmp_path):
     """A worker paused (its memory full) as the run starts does not get the scorer: Dask would
     run the actor's task elsewhere, where it refuses to load. The scorer goes to the running
@@ -1217,6 +1253,41 @@ def test_ctrl_c_mid_run_ends_the_command_cleanly_and_a_resume_completes(
     assert earlier["chunks_written"] == journaled
     assert earlier["frames"] > 0 and earlier["wall_seconds"] > 0
     assert "stopped_by" not in resumed.metadata  # this run finished
+    _assert_same_frames(resumed, reference)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_python_drops_in_a_finaliser_still_stops_the_run(
+    kill_corpus, dask_client, tmp_path, monkeypatch
+):
+    """A Ctrl-C that lands as a finaliser runs (a Dask future's ``__del__``, many a second):
+    Python drops its KeyboardInterrupt. A terminal's Ctrl-C ends the local cluster's workers
+    too, and the run went on waiting for them, asleep, for good. It stops at the loop's next
+    turn instead, keeping what it wrote; a resume completes it."""
+    from buzzdask.ledger import FileLedger
+
+    audio, options, reference = kill_corpus
+    scored = FileLedger.scored
+
+    class Finalised:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)
+
+    def interrupted_in_a_finaliser(self, job, result):
+        monkeypatch.setattr(FileLedger, "scored", scored)  # once
+        Finalised()  # collected at once: the KeyboardInterrupt lands in its __del__
+        return scored(self, job, result)
+
+    monkeypatch.setattr(FileLedger, "scored", interrupted_in_a_finaliser)
+    output = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        buzzdask.analyze(audio, output=output, client=dask_client, **options, **KILL_PACING)
+    journaled = len(OutputLayout(output).read_journal())
+    assert 1 <= journaled < KILL_CHUNKS
+    resumed = buzzdask.analyze(
+        audio, output=output, client=dask_client, on_conflict="resume", **options
+    )
+    assert resumed.summary["chunks_skipped_resume"] == journaled
     _assert_same_frames(resumed, reference)
 
 

@@ -37,6 +37,7 @@ from buzzdask.training.labels import (
 )
 from tests.conftest import (
     BUZZDASK,
+    communicate,
     requires_ffmpeg,
     start_as_in_a_terminal,
     wait_until,
@@ -358,7 +359,7 @@ def test_cli_train_interrupted_as_in_a_terminal_says_one_line(dataset, tiny_embe
         )
         assert process.poll() is None, "the training ended before it could be interrupted"
         os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
+        stderr = communicate(process, timeout_s=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

@@ -47,7 +47,7 @@ from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
 from buzzdask.scorers import REFRESH_EVERY_S, ScorerPool
-from buzzdask.session import task_key
+from buzzdask.session import stops_remembered, task_key
 from buzzdask.settings import Settings
 from buzzdask.store import STORED_CODEC, StoredChunk, StoredRef, file_sha256, load_stored
 
@@ -441,9 +441,15 @@ def outcome(future: Future) -> Any:
     try:
         # Not raised: a raise would add this frame, which holds the future, to the error that
         # the future's own state keeps (a lost scorer's chunks and actors stayed on a user's
-        # cluster with it, until the client closed).
+        # cluster with it, until the client closed). Gathered with "skip" for the same reason:
+        # a result lost after it finished is recomputed, and an error of the recompute raised
+        # through Dask's own frames stayed with them in a reference cycle until Python's
+        # garbage collector ran, minutes later, with the future.
         error = future.exception()
-        return future.result() if error is None else error
+        if error is not None:
+            return error
+        gathered = future.client.gather([future], errors="skip")
+        return gathered[0] if gathered else future.exception()
     except Exception as error:
         return error.with_traceback(None)
 
@@ -611,29 +617,33 @@ class ChunkPipeline:
         before the exception leaves: the traceback a notebook keeps holds this pipeline, and
         with it decoded audio and the scorers' models on the cluster.
         """
-        future: Future | None = None
         try:
-            self._track_actors(self.pool.starting)
-            self._submit_more()
-            while not self._pending.is_empty():
-                # Woken without a finished task too: the cluster may have changed under tasks
-                # that can no longer finish (every worker lost at once, see the pool's refresh).
-                future = _next_finished(self._pending, timeout_s=REFRESH_EVERY_S)
-                if future is not None:
-                    self._handlers.pop(future.key)(future)
-                    del future
-                self._track_actors(self.pool.refresh())
-                self._submit_more()
-                if self.pool.deferred and self.pool.scorers and self._a_group_waits():
-                    # The first scorer is up and a whole score task waits: the others pay off.
-                    self._track_actors(self.pool.start_deferred())
+            with stops_remembered() as raise_if_stopped:
+                self._loop(raise_if_stopped)
         except BaseException as error:
-            # This frame, and the finished ones it called, stay in the traceback (a notebook
-            # keeps the last one): without their futures.
-            future = None  # a local the traceback holds, not one to use
+            # The loop's frame, and the finished ones it called, stay in the traceback (a
+            # notebook keeps the last one): without their futures.
             traceback.clear_frames(error.__traceback__)
             self._release()
             raise
+
+    def _loop(self, raise_if_stopped: Callable[[], None]) -> None:
+        self._track_actors(self.pool.starting)
+        self._submit_more()
+        while not self._pending.is_empty():
+            # A Ctrl-C dropped in a future's finaliser: its workers may be gone with it.
+            raise_if_stopped()
+            # Woken without a finished task too: the cluster may have changed under tasks
+            # that can no longer finish (every worker lost at once, see the pool's refresh).
+            future = _next_finished(self._pending, timeout_s=REFRESH_EVERY_S)
+            if future is not None:
+                self._handlers.pop(future.key)(future)
+                del future
+            self._track_actors(self.pool.refresh())
+            self._submit_more()
+            if self.pool.deferred and self.pool.scorers and self._a_group_waits():
+                # The first scorer is up and a whole score task waits: the others pay off.
+                self._track_actors(self.pool.start_deferred())
 
     def _release(self) -> None:
         futures = [*self._pending.futures, *(future for _, future in self._decoded)]

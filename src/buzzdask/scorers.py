@@ -25,6 +25,7 @@ from buzzdask.session import (
     has_gpu,
     is_running,
     live_workers,
+    raise_if_stopped,
     scorer_hosts,
     scorers_per_host,
     task_key,
@@ -467,6 +468,7 @@ class ScorerPool:
         futures = self._go_on_without(address)
         # Waited for: chunks are re-sent to it as soon as this returns.
         while futures:
+            raise_if_stopped()  # a Ctrl-C dropped in a finaliser: the workers may be gone
             ((host, future),) = futures.items()
             try:
                 wait(future, timeout=REFRESH_EVERY_S)
@@ -512,6 +514,7 @@ class ScorerPool:
         deadline = time.monotonic() + self.restart_seconds
         waiting = False
         while True:
+            raise_if_stopped()  # a Ctrl-C dropped in a finaliser ended the workers too
             workers = self._live_workers()
             candidates = sorted(
                 a for a, w in workers.items() if is_running(w) and (not self.gpu or has_gpu(w))

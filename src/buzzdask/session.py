@@ -177,40 +177,54 @@ async def _resume_stealing(dask_scheduler: Any) -> None:
     await dask_scheduler.extensions["stealing"].start()
 
 
+#: The handlers a :func:`stops_remembered` block replaced, and the stops it received.
+_REMEMBERING: dict[int, Callable[[int, Any], Any]] = {}
+_RECEIVED: list[int] = []
+
+
 @contextmanager
 def stops_remembered() -> Iterator[Callable[[], None]]:
-    """Ctrl-C and SIGTERM remembered as they come; yields a check that raises one Python dropped.
+    """Ctrl-C and SIGTERM remembered as they come; yields :func:`raise_if_stopped`.
 
     Python drops an exception raised inside a finaliser (a Dask future's ``__del__``): a
-    training stopped there went on to write its model. The check, called before the model is
-    written (and wherever stopping early saves work), calls again the handler the signal had
-    (Ctrl-C's KeyboardInterrupt, the command line's SIGTERM). Only in the main thread, and
-    only for signals handled in Python (an ignored one stays ignored).
+    training stopped there went on to write its model, and one whose workers the same Ctrl-C
+    had ended waited for them for good. :func:`raise_if_stopped`, called where stopping early
+    saves work and in the loops that wait on the cluster, calls again the handler the signal
+    had (Ctrl-C's KeyboardInterrupt, the command line's SIGTERM). Only in the main thread, and
+    only for signals handled in Python (an ignored one stays ignored); a block inside another
+    is the outer one's.
     """
-    received: list[int] = []
-    previous: dict[int, Callable[[int, Any], Any]] = {}
-    if threading.current_thread() is threading.main_thread():
-        for number in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(number)
-            if callable(handler):
-                previous[number] = handler
-                signal.signal(number, functools.partial(_remembered, received, handler))
-
-    def raise_if_stopped() -> None:
-        if received:
-            previous[received[0]](received[0], None)
-
+    if threading.current_thread() is not threading.main_thread() or _REMEMBERING:
+        yield raise_if_stopped
+        return
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if callable(handler):
+            _REMEMBERING[number] = handler
+            signal.signal(number, functools.partial(_remembered, handler))
     try:
         yield raise_if_stopped
     finally:
-        for held, handler in previous.items():
+        for held, handler in _REMEMBERING.items():
             signal.signal(held, handler)
+        _REMEMBERING.clear()
+        _RECEIVED.clear()
 
 
-def _remembered(
-    received: list[int], handler: Callable[[int, Any], Any], number: int, frame: Any
-) -> None:
-    received.append(number)
+def raise_if_stopped() -> None:
+    """Raise a Ctrl-C or SIGTERM that came in a :func:`stops_remembered` block, once.
+
+    Nothing where none came, outside such a block, or in another thread: a stop not dropped
+    has raised already, and is on its way out past the callers.
+    """
+    if _RECEIVED and threading.current_thread() is threading.main_thread():
+        number = _RECEIVED.pop(0)
+        _RECEIVED.clear()
+        _REMEMBERING[number](number, None)
+
+
+def _remembered(handler: Callable[[int, Any], Any], number: int, frame: Any) -> None:
+    _RECEIVED.append(number)
     handler(number, frame)
 
 
