@@ -192,7 +192,8 @@ def stops_remembered() -> Iterator[Callable[[], None]]:
     saves work and in the loops that wait on the cluster, calls again the handler the signal
     had (Ctrl-C's KeyboardInterrupt, the command line's SIGTERM). Only in the main thread, and
     only for signals handled in Python (an ignored one stays ignored); a block inside another
-    is the outer one's.
+    is the outer one's. The stop dropped is not printed as Python's "Exception ignored in"
+    traceback: it is raised again.
     """
     if threading.current_thread() is not threading.main_thread() or _REMEMBERING:
         yield raise_if_stopped
@@ -202,9 +203,12 @@ def stops_remembered() -> Iterator[Callable[[], None]]:
         if callable(handler):
             _REMEMBERING[number] = handler
             signal.signal(number, functools.partial(_remembered, handler))
+    unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_unless_a_stop, unraisable_hook)
     try:
         yield raise_if_stopped
     finally:
+        sys.unraisablehook = unraisable_hook
         for held, handler in _REMEMBERING.items():
             signal.signal(held, handler)
         _REMEMBERING.clear()
@@ -226,6 +230,12 @@ def raise_if_stopped() -> None:
 def _remembered(handler: Callable[[int, Any], Any], number: int, frame: Any) -> None:
     _RECEIVED.append(number)
     handler(number, frame)
+
+
+def _unless_a_stop(hook: Callable[[Any], object], unraisable: Any) -> None:
+    """``hook(unraisable)``, unless it is a remembered stop's (Ctrl-C's, SIGTERM's)."""
+    if not (_RECEIVED and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+        hook(unraisable)
 
 
 @contextmanager
