@@ -25,6 +25,13 @@ def test_a_run_that_ends_early_is_stopped_not_finished():
     assert "&mdash; stopped</h2>" in render_page([{**published[-1], "output": "out"}])
 
 
+def test_page_gives_the_time_left_as_the_bar_does():
+    # Raw seconds ("7,384 s") read badly for a run of hours.
+    progress = Progress(enabled=False, verbose=False, files=1)
+    page = render_page([{**progress.snapshot(), "output": "out", "eta_s": 7384.2}])
+    assert "<td class=''>2:03:04</td>" in page
+
+
 def test_totals_are_corrected_as_files_finish_and_end_at_the_audio_analysed():
     published = []
     progress = Progress(enabled=True, verbose=False, files=3, publish=published.append)

@@ -20,7 +20,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 
 from buzzdask.dashboard import PAGE_ROUTE as ROUTE
-from buzzdask.progress import format_audio, format_factor
+from buzzdask.progress import format_audio, format_duration, format_factor
 
 if TYPE_CHECKING:
     from distributed import Client, Scheduler
@@ -155,7 +155,7 @@ def _render_run(run: Mapping[str, Any]) -> str:
         ("realtime factor", format_factor(run.get("realtime_factor"))),
         ("files done", f"{run.get('files_done', 0)} / {run.get('files', 0)}"),
         ("files failed", str(failed)),
-        ("time left", "-" if eta is None else f"{eta:,.0f} s"),
+        ("time left", "-" if eta is None else format_duration(eta)),
     ]
     cells = "".join(f"<th>{escape(name)}</th>" for name, _ in numbers)
     values = "".join(

@@ -31,6 +31,7 @@ __all__ = [
     "console_outlives_its_reader",
     "format_audio",
     "format_count",
+    "format_duration",
     "format_factor",
     "logger",
 ]
@@ -371,7 +372,7 @@ class Progress:
         total = self.audio_expected_s
         failed = f" ({self.files_failed} failed)" if self.files_failed else ""
         eta = self.eta_s()
-        left = "" if eta is None else f", {_duration(eta)} left"
+        left = "" if eta is None else f", {format_duration(eta)} left"
         return (
             f"{self.files_done}/{self.files_total} files{failed}, "
             f"{format_audio(self.audio_done_s, total_s=total)}"
@@ -476,8 +477,12 @@ def _columns() -> int:
         return 0
 
 
-def _duration(seconds: float) -> str:
-    """``1:02:03`` or ``2:03``."""
+def format_duration(seconds: float) -> str:
+    """A time span as a clock shows it: ``1:02:03`` or ``2:03``.
+
+    >>> format_duration(3723.4), format_duration(123)
+    ('1:02:03', '2:03')
+    """
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
