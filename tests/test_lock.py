@@ -85,7 +85,9 @@ def test_a_second_run_is_refused_while_the_first_writes(
         _, stderr = first.communicate(timeout=300)
     assert second.returncode == EXIT_ERROR
     assert f"output {out} is in use by another buzzdask run" in second.stderr
-    assert f"host {platform.node()}, pid {first.pid}, since 20" in second.stderr
+    # Which command holds it: a user may have several in as many terminals.
+    holder = f"host {platform.node()}, pid {first.pid} (buzzdask analyze {tmp_path / 'audio'} "
+    assert holder in second.stderr and "...), since 20" in second.stderr
     assert "buzzdask.lock-stale-seconds" in second.stderr
     # Whether to wait: it was alive moments ago; and the way on without waiting.
     assert re.search(r"; last sign of life \d+ s ago\); wait for it to end, ", second.stderr)

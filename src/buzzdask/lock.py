@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import platform
+import shlex
+import sys
 import threading
 import time
 import uuid
@@ -72,6 +74,9 @@ class LockHolder:
         Unique to one acquisition.
     age_s : float
         Seconds since the holder last touched the file.
+    command : str
+        The holding process's command line (``buzzdask export out``); empty in a lock file
+        of a version that did not write it.
     """
 
     host: str
@@ -80,12 +85,14 @@ class LockHolder:
     process_started: float
     token: str
     age_s: float
+    command: str = ""
 
     def describe(self) -> str:
-        """``host n0001, pid 4242, since 2026-06-01T05:30:00+00:00``."""
+        """``host n0001, pid 4242 (buzzdask export out), since 2026-06-01T05:30:00+00:00``."""
         if self.pid < 0:  # the lock could not be read
             return "its lock file empty or cut short: a run killed as it took the output"
-        return f"host {self.host}, pid {self.pid}, since {self.started}"
+        command = f" ({self.command})" if self.command else ""
+        return f"host {self.host}, pid {self.pid}{command}, since {self.started}"
 
     def is_alive(self, *, stale_s: float) -> bool:
         """Whether the holder may still be running (see the module's notes)."""
@@ -96,6 +103,13 @@ class LockHolder:
             return abs(process.create_time() - self.process_started) < 1.0
         except psutil.Error:
             return False
+
+
+def command_line(*, most: int = 160) -> str:
+    """The command line of this process as typed (``buzzdask export out``), cut at ``most``."""
+    words = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    line = " ".join(shlex.quote(word) for word in words)
+    return line if len(line) <= most else f"{line[: most - 3]}..."
 
 
 def current_holder(root: Path) -> LockHolder | None:
@@ -112,6 +126,7 @@ def current_holder(root: Path) -> LockHolder | None:
             process_started=float(entry["process_started"]),
             token=str(entry["token"]),
             age_s=max(age, 0.0),
+            command=str(entry.get("command", "")),
         )
     except FileNotFoundError:
         return None
@@ -284,6 +299,8 @@ class OutputLock:
             "started": self.started,
             "process_started": psutil.Process().create_time(),
             "token": self.token,
+            # Said to whoever it holds off: which of their commands (or a notebook) it is.
+            "command": command_line(),
         }
         written = self.path.with_name(f"{LOCK_NAME}.{self.token}.new")
         try:
