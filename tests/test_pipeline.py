@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copyreg
 import os
+import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from buzzdask.decode import (
     plan_chunks,
     probe_audio,
 )
-from buzzdask.errors import DecodeError
+from buzzdask.errors import DecodeError, ScorerError
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.frames import FrameSpec
 from buzzdask.ledger import describe
@@ -384,3 +385,13 @@ def test_score_picked_scores_what_it_names_and_hands_back_decode_errors() -> Non
         score, ScorerRef("actor"), [failed], picks=[(0, 0)], per_chunk={"targets": ["B"]}
     ) == [failed]
     assert len(calls) == 1  # nothing left to score: no call
+
+
+def test_score_picked_hands_back_a_lost_scorer() -> None:
+    # Raised, each worker logged a "Compute Failed" traceback of it: the loop re-sends the chunks.
+    def score(scorer: str, *chunks: str) -> list[str]:
+        raise ScorerError("the scorer scorer-1 was lost with its worker")
+
+    lost = score_picked(score, ScorerRef("actor"), "a", picks=[(0, None)], per_chunk={})
+    assert isinstance(lost, ScorerError) and lost.__traceback__ is None
+    assert pickle.loads(pickle.dumps(lost)).args == lost.args

@@ -381,7 +381,7 @@ def score_picked(
     *decoded: Any,
     picks: Sequence[tuple[int, int | None]],
     per_chunk: Mapping[str, Sequence[Any]],
-) -> list[Any]:
+) -> list[Any] | ScorerError:
     """Score task: ``score(scorer, *chunks, **per_chunk)`` for the chunks ``picks`` names.
 
     Parameters
@@ -399,16 +399,21 @@ def score_picked(
 
     Returns
     -------
-    list
+    list or ScorerError
         ``score``'s result of each chunk, in order; a chunk whose decoding failed gives its
-        exception instead (it is not scored).
+        exception instead (it is not scored). Its scorer lost, the :class:`ScorerError`:
+        handed back, not raised, as the chunk loop re-sends the chunks (raised, each worker
+        logged Dask's "Compute Failed" traceback of it, on a user's cluster too).
     """
     chunks = [decoded[task] if slot is None else decoded[task][slot] for task, slot in picks]
     results: list[Any] = list(chunks)
     good = [i for i, chunk in enumerate(chunks) if not isinstance(chunk, Exception)]
     if good:
         keywords = {name: [values[i] for i in good] for name, values in per_chunk.items()}
-        scored = score(scorer.actor, *[chunks[i] for i in good], **keywords)
+        try:
+            scored = score(scorer.actor, *[chunks[i] for i in good], **keywords)
+        except ScorerError as error:
+            return without_chain(error)
         for i, result in zip(good, scored, strict=True):
             results[i] = result
     return results
