@@ -1309,6 +1309,7 @@ def test_a_stop_as_the_run_ends_is_recorded_as_a_stop(
     resume completes it."""
     from buzzdask import analysis
     from buzzdask.cli import main
+    from buzzdask.status import run_status
 
     audio = make_audio("a.wav", n_samples=3 * FRAME)
     measured = analysis.peak_rss_by_worker
@@ -1328,6 +1329,10 @@ def test_a_stop_as_the_run_ends_is_recorded_as_a_stop(
     assert "stopped by SIGTERM" in capsys.readouterr().err
     metadata = json.loads((output / "buzzdask.json").read_text())
     assert (metadata["status"], metadata["stopped_by"]) == ("interrupted", "SIGTERM")
+    # Not "--resume finishes it": there is nothing left to analyse.
+    (status,) = run_status(output)
+    said = status.describe()
+    assert "next: the same buzzdask analyze command with --resume records it complete" in said
     monkeypatch.setattr(analysis, "peak_rss_by_worker", measured)
     assert main([*command, "--resume"]) == 0
     assert "nothing left to analyse (3 chunks done before)" in capsys.readouterr().out

@@ -86,8 +86,10 @@ def test_a_second_run_is_refused_while_the_first_writes(
     assert second.returncode == EXIT_ERROR
     assert f"output {out} is in use by another buzzdask run" in second.stderr
     # Which command holds it: a user may have several in as many terminals.
-    holder = f"host {platform.node()}, pid {first.pid} (buzzdask analyze {tmp_path / 'audio'} "
-    assert holder in second.stderr and "...), since 20" in second.stderr
+    holder = f"host {platform.node()}, pid {first.pid}, since 20"
+    command = f'running "buzzdask analyze {tmp_path / "audio"} --model '
+    assert holder in second.stderr and command in second.stderr
+    assert f'..." in {os.getcwd()}; last sign of life' in second.stderr
     assert "buzzdask.lock-stale-seconds" in second.stderr
     # Whether to wait: it was alive moments ago; and the way on without waiting.
     assert re.search(r"; last sign of life \d+ s ago\); wait for it to end, ", second.stderr)
@@ -266,3 +268,23 @@ def test_two_processes_never_both_hold_an_output(tmp_path, existing):
     for process in contenders:
         process.join(60)
     assert sorted(results.get(timeout=5) for _ in contenders) == ["refused", "won"]
+
+
+def test_a_lock_names_the_command_as_typed(monkeypatch) -> None:
+    """What a refusal says holds an output: the command as its user typed it."""
+    import importlib.machinery
+
+    from buzzdask.lock import command_line
+
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__spec__", None)
+    monkeypatch.setattr(sys, "argv", ["/home/me/.venv/bin/buzzdask", "export", "out dir"])
+    assert command_line() == "buzzdask export 'out dir'"
+    assert command_line(most=12) == "buzzdask ..."
+    monkeypatch.setattr(sys, "argv", ["/home/me/run.py", "site_a"])
+    assert command_line() == "python run.py site_a"
+    # python -m buzzdask.cluster: argv[0] is the package's __main__.py
+    spec = importlib.machinery.ModuleSpec("buzzdask.cluster.__main__", None)
+    monkeypatch.setattr(main, "__spec__", spec)
+    monkeypatch.setattr(sys, "argv", ["/x/buzzdask/cluster/__main__.py", "--config", "cardinal"])
+    assert command_line() == "python -m buzzdask.cluster --config cardinal"

@@ -58,9 +58,10 @@ def test_running_stopped_killed_and_starting(run, make_audio, tmp_path, capsys):
     with held_by_another_thread(lock):
         (running,) = run_status(output)
     assert running.state == "running"
-    assert running.holder is not None and ", since 2026-06-01T05:30:00+00:00; last sign" in (
+    assert running.holder is not None and ", since 2026-06-01T05:30:00+00:00, running " in (
         running.holder
     )
+    assert "; last sign of life " in running.holder
     assert running.describe().endswith(f"  its log: {output / 'buzzdask.log'}")
 
     (killed,) = run_status(output)

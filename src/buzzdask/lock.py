@@ -74,9 +74,10 @@ class LockHolder:
         Unique to one acquisition.
     age_s : float
         Seconds since the holder last touched the file.
-    command : str
-        The holding process's command line (``buzzdask export out``); empty in a lock file
-        of a version that did not write it.
+    command, directory : str
+        The holding process's command line (``buzzdask export out``) and the directory it
+        ran in (its relative paths are from there); empty in a lock file of a version that
+        did not write them.
     """
 
     host: str
@@ -86,13 +87,19 @@ class LockHolder:
     token: str
     age_s: float
     command: str = ""
+    directory: str = ""
 
     def describe(self) -> str:
-        """``host n0001, pid 4242 (buzzdask export out), since 2026-06-01T05:30:00+00:00``."""
+        """Who holds it, for a message.
+
+        ``host n0001, pid 4242, since 2026-06-01T05:30:00+00:00, running "buzzdask export out"
+        in /fs/project``.
+        """
         if self.pid < 0:  # the lock could not be read
             return "its lock file empty or cut short: a run killed as it took the output"
-        command = f" ({self.command})" if self.command else ""
-        return f"host {self.host}, pid {self.pid}{command}, since {self.started}"
+        running = f', running "{self.command}"' if self.command else ""
+        where = f" in {self.directory}" if running and self.directory else ""
+        return f"host {self.host}, pid {self.pid}, since {self.started}{running}{where}"
 
     def is_alive(self, *, stale_s: float) -> bool:
         """Whether the holder may still be running (see the module's notes)."""
@@ -107,9 +114,23 @@ class LockHolder:
 
 def command_line(*, most: int = 160) -> str:
     """The command line of this process as typed (``buzzdask export out``), cut at ``most``."""
-    words = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
-    line = " ".join(shlex.quote(word) for word in words)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # python -m PACKAGE: argv[0] is its __main__.py
+        first = ["python", "-m", spec.name.removesuffix(".__main__")]
+    elif sys.argv and sys.argv[0] and sys.argv[0] != "-c":
+        script = Path(sys.argv[0]).name
+        first = ["python", script] if script.endswith(".py") else [script]
+    else:
+        first = ["python", *sys.argv[:1]]
+    line = " ".join(shlex.quote(word) for word in [*first, *sys.argv[1:]])
     return line if len(line) <= most else f"{line[: most - 3]}..."
+
+
+def _working_directory() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # removed under the process
+        return ""
 
 
 def current_holder(root: Path) -> LockHolder | None:
@@ -127,6 +148,7 @@ def current_holder(root: Path) -> LockHolder | None:
             token=str(entry["token"]),
             age_s=max(age, 0.0),
             command=str(entry.get("command", "")),
+            directory=str(entry.get("directory", "")),
         )
     except FileNotFoundError:
         return None
@@ -301,6 +323,7 @@ class OutputLock:
             "token": self.token,
             # Said to whoever it holds off: which of their commands (or a notebook) it is.
             "command": command_line(),
+            "directory": _working_directory(),
         }
         written = self.path.with_name(f"{LOCK_NAME}.{self.token}.new")
         try:

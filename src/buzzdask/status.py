@@ -104,7 +104,12 @@ class RunStatus:
         if self.state in ("running", "starting"):
             lines.append(f"  its log: {self.log}")
         elif self.state != "complete":
-            lines.append(f"  next: {again} finishes it")
+            # Stopped as it closed: every file done, the run not yet recorded complete.
+            done = not left and self.files and self.files_done == self.files
+            lines.append(
+                f"  next: {again} "
+                + ("records it complete (every file is done)" if done else "finishes it")
+            )
         elif left:
             lines.append(
                 f"  {format_count(len(left), 'file')} not scored to the end (errors.parquet says "
