@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -417,9 +418,8 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
         summarize(partial, thresholds={"ins_buzz": threshold}, write=False)
     (message,) = [m for m in caplog.messages if str(partial) in m]
     assert message.startswith(f"{partial}: the run is still running (host ")
-    assert message.endswith(
-        ", since 2026-06-01T05:30:00+00:00); summarizing the frames written so far"
-    )
+    assert ", since 2026-06-01T05:30:00+00:00, running " in message
+    assert message.endswith(f" in {os.getcwd()}); summarizing the frames written so far")
 
 
 def test_plots_of_classes_named_alike_are_one_each(run, make_audio, tmp_path):
