@@ -904,6 +904,19 @@ def _only_on(address: str) -> int:
     return 1
 
 
+def _finished_then_lost(client: Any, *, allow_other_workers: bool) -> Any:
+    """A task of :func:`_only_on` that finished, then lost its worker (SIGKILL) before its
+    result was read."""
+    holder = sorted(client.scheduler_info()["workers"])[0]
+    pid = client.run(os.getpid, workers=[holder])[holder]
+    future = client.submit(
+        _only_on, holder, workers=[holder], allow_other_workers=allow_other_workers
+    )
+    wait_until(future.done, timeout_s=60, failure="the task did not finish")
+    os.kill(pid, signal.SIGKILL)
+    return future
+
+
 @pytest.mark.parametrize("attempt", range(3))
 def test_a_result_lost_as_it_is_read_is_an_outcome_and_leaves_no_future(attempt) -> None:
     """A score task finished, then its worker died before the result was read: Dask computes it
@@ -919,15 +932,31 @@ def test_a_result_lost_as_it_is_read_is_an_outcome_and_leaves_no_future(attempt)
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        holder = sorted(client.scheduler_info()["workers"])[0]
-        pid = client.run(os.getpid, workers=[holder])[holder]
-        future = client.submit(_only_on, holder, workers=[holder], allow_other_workers=True)
-        wait_until(future.done, timeout_s=60, failure="the task did not finish")
-        os.kill(pid, signal.SIGKILL)
+        future = _finished_then_lost(client, allow_other_workers=True)
         result = outcome(future)
         del future  # the client lets go of its key in its own thread
         assert isinstance(result, ScorerError), result
         wait_until(lambda: not client.futures, timeout_s=10, failure=lambda: str(client.futures))
+
+
+def test_a_result_lost_that_cannot_be_computed_again_is_not_waited_for_good() -> None:
+    """A score task runs only beside its actor: lost with the actor's worker as it is read,
+    Dask's recompute waits for that worker for good, and so did the run (CI, a SLURM job of
+    the scorer scancelled). Read with a time limit, the loop gets control back to ask whether
+    the scorer lives (:meth:`ChunkPipeline._results`)."""
+    from distributed import Client, LocalCluster
+
+    from buzzdask.pipeline import outcome
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        future = _finished_then_lost(client, allow_other_workers=False)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            outcome(future, timeout_s=2)
+        assert time.monotonic() - started < 30
 
 
 def test_the_scorer_starts_on_a_running_worker_not_a_paused_one(kill_corpus, tmp_path):

@@ -47,7 +47,7 @@ from buzzdask.ffmpeg_tools import FFmpegTools
 from buzzdask.frames import FrameSpec
 from buzzdask.progress import logger
 from buzzdask.scorers import REFRESH_EVERY_S, ScorerPool
-from buzzdask.session import stops_remembered, task_key
+from buzzdask.session import raise_if_stopped, stops_remembered, task_key
 from buzzdask.settings import Settings
 from buzzdask.store import STORED_CODEC, StoredChunk, StoredRef, file_sha256, load_stored
 
@@ -437,11 +437,17 @@ def split_failed_group(
     return retry, failed
 
 
-def outcome(future: Future) -> Any:
+def outcome(future: Future, *, timeout_s: float | None = None) -> Any:
     """The task's result, or its exception, without raising.
 
     A finished result can still be lost before it is fetched (its worker died); Dask then
     recomputes it, which may fail: that is an outcome too, reported per chunk.
+
+    Raises
+    ------
+    TimeoutError
+        If neither is there within ``timeout_s`` seconds: lost, and computed again, which can
+        wait for good (on an actor that died with the worker).
     """
     try:
         # Not raised: a raise would add this frame, which holds the future, to the error that
@@ -450,13 +456,21 @@ def outcome(future: Future) -> Any:
         # a result lost after it finished is recomputed, and an error of the recompute raised
         # through Dask's own frames stayed with them in a reference cycle until Python's
         # garbage collector ran, minutes later, with the future.
-        error = future.exception()
+        error = future.exception(timeout=timeout_s)
         if error is not None:
             return error
-        gathered = future.client.gather([future], errors="skip")
-        return gathered[0] if gathered else future.exception()
+        client = future.client
+        gathered = client.sync(_gathered, client, future, callback_timeout=timeout_s)
+        return gathered[0] if gathered else future.exception(timeout=timeout_s)
+    except TimeoutError:
+        raise
     except Exception as error:
         return error.with_traceback(None)
+
+
+async def _gathered(client: Client, future: Future) -> list[Any]:
+    # Awaited in the client's loop so that the gather can time out, as ``Future.result`` can.
+    return await client.gather([future], errors="skip", asynchronous=True)
 
 
 class ChunkPipeline:
@@ -623,8 +637,8 @@ class ChunkPipeline:
         with it decoded audio and the scorers' models on the cluster.
         """
         try:
-            with stops_remembered() as raise_if_stopped:
-                self._loop(raise_if_stopped)
+            with stops_remembered():
+                self._loop()
         except BaseException as error:
             # The loop's frame, and the finished ones it called, stay in the traceback (a
             # notebook keeps the last one): without their futures.
@@ -632,7 +646,7 @@ class ChunkPipeline:
             self._release()
             raise
 
-    def _loop(self, raise_if_stopped: Callable[[], None]) -> None:
+    def _loop(self) -> None:
         self._track_actors(self.pool.starting)
         self._submit_more()
         while not self._pending.is_empty():
@@ -892,14 +906,7 @@ class ChunkPipeline:
     def _scored(self, address: str, group: list[tuple[ChunkJob, Future]], future: Future) -> None:
         self._load[address] -= 1
         self._first_score_out = False
-        # Finished, then lost with the scorer's worker before it was read: Dask computes it
-        # again, which can wait for good (on decode tasks stranded with dead workers) and would
-        # hold up this loop, which frees them. Its chunks go to the scorer in its place instead.
-        results = (
-            outcome(future)
-            if future.done()
-            else ScorerError(f"the result of {future.key} was lost with its worker")
-        )
+        results = self._results(address, future)
         if not isinstance(results, BaseException):
             self.budget.release(sum(self._nbytes(job) for job, _ in group))
             with self.recording():
@@ -922,6 +929,25 @@ class ChunkPipeline:
         for job, _ in failed:
             self.on_failure(job, results, "score")
             self._chunk_over(job)
+
+    def _results(self, address: str, future: Future) -> Any:
+        """What the score task on ``address`` returned, or its error, or a :class:`ScorerError`.
+
+        Its result can be lost with the scorer's worker before it is read, or as it is read:
+        Dask then computes it again, which can wait for good (on the actor that died, or on
+        decode tasks stranded with dead workers) and would hold up this loop, which replaces
+        them. Its chunks go to the scorer in its place instead.
+        """
+        lost = ScorerError(f"the result of {future.key} was lost with its worker")
+        if not future.done():
+            return lost
+        while True:
+            try:
+                return outcome(future, timeout_s=self.pool.ping_seconds)
+            except TimeoutError:
+                if self.pool.was_lost(address):
+                    return lost
+                raise_if_stopped()  # a live scorer computes it again: waited for
 
     def _chunk_over(self, job: ChunkJob) -> None:
         """A chunk is scored or failed; after a file's last, its decoded copies go."""

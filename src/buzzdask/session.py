@@ -222,7 +222,7 @@ def raise_if_stopped() -> None:
     has raised already, and is on its way out past the callers.
     """
     if _RECEIVED and threading.current_thread() is threading.main_thread():
-        number = _RECEIVED.pop(0)
+        number = _RECEIVED[0]
         _RECEIVED.clear()
         _REMEMBERING[number](number, None)
 
