@@ -93,7 +93,8 @@ def test_a_second_run_is_refused_while_the_first_writes(
     assert "buzzdask.lock-stale-seconds" in second.stderr
     # Whether to wait: it was alive moments ago; and the way on without waiting.
     assert re.search(r"; last sign of life \d+ s ago\); wait for it to end, ", second.stderr)
-    assert "or pass --new to write to a new directory beside it" in second.stderr
+    # A resume wants that run's results: --new would analyse everything again.
+    assert "then --resume adds what it left (or pass --new to analyse everything" in second.stderr
     assert first.returncode == EXIT_OK, stderr
     journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
     chunks = [(entry["file"], entry["chunk"]) for entry in journal]
@@ -128,8 +129,11 @@ def test_another_hosts_lock_holds_until_it_goes_stale(run, make_audio, tmp_path,
     _lock_file(out, host=OTHER_NODE, pid=os.getpid(), age_s=30)
     with pytest.raises(
         OutputConflictError, match=f"in use by another buzzdask run .host {OTHER_NODE}"
-    ):
+    ) as refused:
         run(tmp_path / "audio", output=out, on_conflict="resume")
+    assert "then on_conflict='resume' adds what it left" in str(refused.value)
+    with pytest.raises(OutputConflictError, match="write to a new directory beside it"):
+        run(tmp_path / "audio", output=out)  # not resuming: another output will do
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
 
     _lock_file(out, host=OTHER_NODE, pid=os.getpid(), age_s=200)  # silent past 120 s

@@ -534,7 +534,9 @@ def run_plan(
     fingerprints = [_fingerprint(plan, i) for i in range(len(plan.models))]
     output = user_path(output)  # once: the lock, the checks and the layouts take it as it is
     if on_conflict != "new":  # a new run goes elsewhere when another holds the output
-        refuse_if_in_use(output, stale_s=settings.lock_stale_seconds)
+        refuse_if_in_use(
+            output, stale_s=settings.lock_stale_seconds, resuming=on_conflict == "resume"
+        )
     existed = output.exists()
     root, layouts = _prepare_outputs(plan, output, on_conflict, fingerprints)
     if plan.store_in_output:

@@ -207,27 +207,30 @@ def _of_several_heads(folder: Path) -> bool:
     return (folder / "buzzdask.log").is_file() and not (folder / "buzzdask.json").exists()
 
 
-def refuse_if_in_use(root: Path, *, stale_s: float) -> None:
+def refuse_if_in_use(root: Path, *, stale_s: float, resuming: bool = False) -> None:
     """Raise ``OutputConflictError`` ("in use") if a live run holds ``root`` or one around it.
 
     Around it: the run of several heads ``root`` is one head of, or one of its heads
     (:func:`holder_around`). Checked before an output's other conflicts, so that a second run
     hears that another is writing there, not that the output holds results. A hold of this
-    thread is no conflict.
+    thread is no conflict. ``resuming``: the run refused was to resume it (the ways on differ).
     """
     found = holder_around(root, stale_s=stale_s)
     if found is not None:
-        raise _in_use(found[0], found[1], stale_s=stale_s)
+        raise _in_use(found[0], found[1], stale_s=stale_s, resuming=resuming)
 
 
-def _in_use(root: Path, holder: LockHolder | None, *, stale_s: float) -> OutputConflictError:
+def _in_use(
+    root: Path, holder: LockHolder | None, *, stale_s: float, resuming: bool = False
+) -> OutputConflictError:
     # How long ago it last showed life: whether to wait, and how long until a takeover.
     described = (
         f"{holder.describe()}; last sign of life {holder.age_s:.0f} s ago"
         if holder
         else "another run"
     )
-    return OutputConflictError(OutputConflict(root, "in use", holder=described, stale_s=stale_s))
+    conflict = OutputConflict(root, "in use", holder=described, stale_s=stale_s, resuming=resuming)
+    return OutputConflictError(conflict)
 
 
 class OutputLock:

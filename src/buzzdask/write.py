@@ -432,6 +432,8 @@ class OutputConflict:
         Why the system refused to create it (``"cannot create"``: a missing or read-only
         parent, no permission) or to write in it (``"cannot write"``: a read-only mount, another
         user's results; the file it could not write first where it is not the directory).
+    resuming : bool
+        Whether the run refused was to resume the output's run (``"in use"``).
     """
 
     output: Path
@@ -444,6 +446,7 @@ class OutputConflict:
     stale_s: float = 0.0
     others: tuple[str, ...] = ()
     problem: str = ""
+    resuming: bool = False
 
     def render(self, words: Vocabulary) -> str:
         """The message, naming the caller's flags or keywords."""
@@ -489,10 +492,17 @@ class OutputConflict:
                 f"or new directory as {words.output}"
             )
         if self.reason == "in use":
+            # A resume wants that run's results: a new directory would analyse it all again.
+            ways_on = (
+                f"wait for it to end, then {words.resume} adds what it left (or pass "
+                f"{words.new} to analyse everything again in a new directory beside it)"
+                if self.resuming
+                else f"wait for it to end, choose another {words.output}, or pass {words.new} "
+                "to write to a new directory beside it"
+            )
             return (
-                f"output {self.output} is in use by another buzzdask run ({self.holder}); wait "
-                f"for it to end, choose another {words.output}, or pass {words.new} to write to "
-                f"a new directory beside it. A dead run's lock is taken "
+                f"output {self.output} is in use by another buzzdask run ({self.holder}); "
+                f"{ways_on}. A dead run's lock is taken "
                 f"over by the next run: at once on its own host, from another host after "
                 f"{self.stale_s:g} s without a sign of life (buzzdask.lock-stale-seconds)"
             )

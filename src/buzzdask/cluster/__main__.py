@@ -219,7 +219,7 @@ def _check_before_jobs(analyze: argparse.Namespace, argv: Sequence[str]) -> None
     _check_sources(analyze, settings, argv)
     output = user_path(analyze.output)
     if not analyze.new:  # --new writes beside a held output, as analyze does
-        refuse_if_in_use(output, stale_s=settings.lock_stale_seconds)
+        refuse_if_in_use(output, stale_s=settings.lock_stale_seconds, resuming=analyze.resume)
     if not (analyze.resume or analyze.new) and len(analyze.model) == 1:
         refuse_results(OutputLayout(output))
 
