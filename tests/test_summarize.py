@@ -17,6 +17,7 @@ import subprocess
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from buzzdask import OutputConflictError, ParameterError, export
@@ -420,6 +421,22 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
     assert message.startswith(f"{partial}: the run is still running (host ")
     assert ", since 2026-06-01T05:30:00+00:00, running " in message
     assert message.endswith(f" in {os.getcwd()}); summarizing the frames written so far")
+    # Its files say which recordings' bins count frames short of their end: the warning is
+    # gone once the terminal is (a recording stopped before its last chunk was journalled).
+    journal = (partial / "journal.jsonl").read_text().splitlines()
+    cut = json.loads(journal[-1])["file"]
+    (partial / "journal.jsonl").write_text("\n".join(journal[:-1]) + "\n")
+    dest = tmp_path / "summaries"
+    table = summarize(partial, thresholds={"ins_buzz": threshold}, dest=dest)
+    listing = pd.read_csv(dest / "bins-5min-by-file-files.csv").set_index("file")
+    assert listing["complete"].to_dict() == {name: name != cut for name in listing.index}
+    record = json.loads(
+        pq.read_schema(dest / "bins-5min-by-file.parquet").metadata[b"buzzdask_summary"]
+    )
+    assert (record["run_complete"], record["unfinished_files"]) == (False, [cut])
+    assert table.attrs["unfinished_files"] == [cut]
+    whole = summarize(output, thresholds={"ins_buzz": threshold}, write=False)
+    assert whole.attrs["run_complete"] and whole.attrs["unfinished_files"] == []
 
 
 def test_plots_of_classes_named_alike_are_one_each(run, make_audio, tmp_path):

@@ -248,8 +248,8 @@ def summarize(
         Folder for the files; default ``<output>/summaries``.
     write : bool, default: True
         Write ``<label>.parquet``, ``<label>.csv`` and ``<label>-files.csv`` (each recording's
-        start, where it came from, or why it is unknown) under ``dest``, where ``label`` is
-        e.g. ``bins-5min-by-level_1``.
+        start, where it came from, or why it is unknown, and whether it is ``complete``: scored
+        to its end) under ``dest``, where ``label`` is e.g. ``bins-5min-by-level_1``.
     overwrite : bool, default: False
         Replace files of the same label; otherwise their presence is an error.
     time_format : str or sequence of str, optional
@@ -266,8 +266,9 @@ def summarize(
         (datetime64[ns], NaT for untimed files), ``bin_filetime`` (float64 [s] from the file's
         start, NaN for timed files), ``frames`` (int64), then per thresholded class
         ``detections_<class>`` (int64) and ``detectionrate_<class>`` (float64), sorted by
-        group and bin. ``attrs``: ``untimed_files`` (list of str), ``thresholds``, ``bin``,
-        ``paths`` (what was written).
+        group and bin. ``attrs``: ``untimed_files`` (list of str), ``run_complete`` (bool),
+        ``unfinished_files`` (list of str: recordings whose frames stop short of their end, a
+        run stopped or a file failed), ``thresholds``, ``bin``, ``paths`` (what was written).
 
     Raises
     ------
@@ -294,6 +295,10 @@ def summarize(
         tz=tz,
         read_metadata=read_metadata,
     )
+    # Bins of a recording not yet scored to its end count only its frames so far: marked in
+    # the files' listing, which outlives the warning said now.
+    unfinished = run.unfinished_recordings()
+    starts["complete"] = ~starts.index.isin(unfinished)
     table = compute_bins(run, settings, starts=starts["start"], tz=tz)
     untimed = starts.index[starts["start"].isna()].tolist()
     if untimed:
@@ -320,6 +325,8 @@ def summarize(
         # Which head: its files' names and columns are the same for every head.
         model=run.model["name"],
         untimed_files=untimed,
+        run_complete=run.complete,
+        unfinished_files=unfinished,
         thresholds=dict(settings.thresholds),
         bin=_width_label(settings.width),
         paths={},
@@ -527,6 +534,8 @@ def _write(
         "tz": tz,
         "time_format": time_format,
         "untimed_files": table.attrs.get("untimed_files", []),
+        "run_complete": table.attrs.get("run_complete"),
+        "unfinished_files": table.attrs.get("unfinished_files", []),
     }
     plain = table.copy()
     plain.attrs = {}
