@@ -166,7 +166,7 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     ]  # fmt: skip
     done = buzzdask_cli(*args)
     assert done.returncode == EXIT_FILES_FAILED, done.stderr
-    assert "decoding a.wav [0.96–1.94 s]" in done.stderr
+    assert "decoding a.wav [0.96–1.92 s]" in done.stderr
     assert "scoring a.wav" in done.stderr
     # Each file's own reason, as the command's worker processes send it (no unpickling error).
     assert "failed: broken.mp3: ffprobe cannot read it as audio" in done.stderr

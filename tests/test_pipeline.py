@@ -216,7 +216,8 @@ def test_failed_group_is_sent_again_only_when_its_scorer_was_lost():
 
 
 def test_chunk_labels_in_seconds_of_the_file():
-    assert chunk_label("x.mp3", ChunkPlan(1, 10, 10), SPEC) == "x.mp3 [9.60–19.21 s]"
+    # The frames' audio: a chunk ends where the next starts (not 15 ms of context past it).
+    assert chunk_label("x.mp3", ChunkPlan(1, 10, 10), SPEC) == "x.mp3 [9.60–19.20 s]"
     assert chunk_label("x.mp3", ChunkPlan(2, 20, None), SPEC) == "x.mp3 [19.20–end s]"
     # A one-chunk file, and an empty one (a WAV's header with no samples), not the chunk length.
     one_chunk = ChunkPlan(0, 0, 625)

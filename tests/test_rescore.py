@@ -590,7 +590,7 @@ def test_analysis_decodes_what_a_damaged_store_cannot_give(corpus, tiny_model, t
     assert again.ok, again.errors
     assert again.summary["chunks_from_store"] == corpus.kept.summary["chunks_written"] - 1
     log = (again.output / "buzzdask.log").read_text()
-    assert "site1/a.wav [0.00–1.94 s]: its stored embeddings cannot be read" in log
+    assert "site1/a.wav [0.00–1.92 s]: its stored embeddings cannot be read" in log
     assert_same_frames(again.to_pandas(), corpus.kept.to_pandas())
     pd.read_parquet(damaged)  # written again whole
 

@@ -137,12 +137,17 @@ def chunk_label(
 ) -> str:
     """``"<name> [start–end s]"``, in seconds of the file.
 
-    ``end`` for an open last chunk, and for one reaching past the file's estimated
-    ``duration_s`` (a one-chunk file reads "[0.00–end s]", not the chunk length; so does an
-    empty one's).
+    The frames' own audio, without the context the embedder reads past the last one: one
+    chunk ends where the next starts. ``end`` for an open last chunk, and for one reaching past
+    the file's estimated ``duration_s`` (a one-chunk file reads "[0.00–end s]", not the chunk
+    length; so does an empty one's).
     """
     start = plan.first_frame * spec.hop_length / spec.sample_rate
-    end = None if plan.n_frames is None else start + spec.span(plan.n_frames) / spec.sample_rate
+    end = (
+        None
+        if plan.n_frames is None
+        else start + (spec.span(plan.n_frames) - spec.context) / spec.sample_rate
+    )
     if end is None or (duration_s is not None and start <= duration_s < end):
         return f"{name} [{start:.2f}–end s]"
     return f"{name} [{start:.2f}–{end:.2f} s]"
