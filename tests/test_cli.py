@@ -59,15 +59,20 @@ def test_version() -> None:
     ids=["malformed", "a-list"],
 )
 def test_a_malformed_dask_config_file_is_one_error_naming_it(tmp_path, content, problem) -> None:
-    """Dask refuses it as it is imported: that was a traceback of 30 lines, from any command."""
+    """Dask refuses it as it is imported: that was a traceback of 30 lines, from any command
+    (``python -m buzzdask.cluster`` imports Dask with its package, before its ``main``)."""
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "mine.yaml").write_text(content)
     env = {**os.environ, "DASK_CONFIG": str(tmp_path / "config")}
     output = tmp_path / "out"
-    for args in (["analyze", "a.wav", "--model", "m", "--output", str(output)], ["--version"]):
-        done = subprocess.run(
-            [BUZZDASK, *args], capture_output=True, text=True, env=env, timeout=120
-        )
+    commands = [
+        [BUZZDASK, "analyze", "a.wav", "--model", "m", "--output", str(output)],
+        [BUZZDASK, "--version"],
+        [sys.executable, "-m", "buzzdask", "--version"],
+        [sys.executable, "-m", "buzzdask.cluster", "--config", "local", "--print-job-script"],
+    ]
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == EXIT_ERROR
         assert done.stderr.startswith(
             f"buzzdask: error: Dask configuration file {tmp_path / 'config' / 'mine.yaml'} "

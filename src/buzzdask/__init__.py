@@ -5,10 +5,11 @@ GPU or CPU scoring worker, and a partitioned Parquet dataset with the run's meta
 """
 
 import importlib
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from buzzdask import config  # noqa: F401  (first: registers the defaults in dask.config)
+from buzzdask import config  # first: registers the defaults in dask.config
 from buzzdask.errors import (
     BuzzdaskError,
     BuzzdaskWarning,
@@ -23,6 +24,12 @@ from buzzdask.errors import (
     ScorerMisplacedError,
     TransferError,
 )
+
+if sys.argv[:1] == ["-m"]:
+    # ``python -m buzzdask.cluster`` (Python imports the packages above a module with argv[0]
+    # "-m"): that package imports Dask before its ``main`` runs, and Dask refuses a malformed
+    # YAML of its configuration with a traceback; said here as the buzzdask command says it.
+    config.exit_if_dask_config_unreadable()
 
 if TYPE_CHECKING:  # what the names below are, for type checkers and editors
     from buzzdask.analysis import AnalysisResult, analyze

@@ -11,6 +11,7 @@ a plain value (workers started elsewhere, such as SLURM jobs, do not see the cli
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -64,3 +65,15 @@ def check_dask_config() -> None:
         f"Dask configuration file {path} {problem}\n(fix or move it: buzzdask, as every Dask "
         "program, reads each YAML file of Dask's configuration)"
     ) from None
+
+
+def exit_if_dask_config_unreadable() -> None:
+    """Exit with :func:`check_dask_config`'s error as the command line says it, if it has one.
+
+    ``buzzdask: error: <message>`` on stderr, exit code 1: for ``python -m buzzdask.cluster``,
+    whose package imports Dask before its ``main`` can catch anything.
+    """
+    try:
+        check_dask_config()
+    except ParameterError as error:
+        sys.exit(f"buzzdask: error: {error}")
