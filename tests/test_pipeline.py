@@ -219,6 +219,8 @@ def test_chunk_labels_in_seconds_of_the_file():
     # The frames' audio: a chunk ends where the next starts (not 15 ms of context past it).
     assert chunk_label("x.mp3", ChunkPlan(1, 10, 10), SPEC) == "x.mp3 [9.60–19.20 s]"
     assert chunk_label("x.mp3", ChunkPlan(2, 20, None), SPEC) == "x.mp3 [19.20–end s]"
+    # A chunk a re-scoring reads that held no whole frame.
+    assert chunk_label("x.mp3", ChunkPlan(2, 20, 0), SPEC) == "x.mp3 [19.20–19.20 s]"
     # A one-chunk file, and an empty one (a WAV's header with no samples), not the chunk length.
     one_chunk = ChunkPlan(0, 0, 625)
     assert chunk_label("x.wav", one_chunk, SPEC, duration_s=3.5) == "x.wav [0.00–end s]"

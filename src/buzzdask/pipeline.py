@@ -146,7 +146,7 @@ def chunk_label(
     end = (
         None
         if plan.n_frames is None
-        else start + (spec.span(plan.n_frames) - spec.context) / spec.sample_rate
+        else start + max(spec.span(plan.n_frames) - spec.context, 0) / spec.sample_rate
     )
     if end is None or (duration_s is not None and start <= duration_s < end):
         return f"{name} [{start:.2f}–end s]"
