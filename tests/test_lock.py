@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ import buzzdask
 from buzzdask import OutputConflictError
 from buzzdask.cli import EXIT_ERROR, EXIT_OK
 from buzzdask.lock import LOCK_NAME, OutputLock
-from tests.conftest import BUZZDASK, requires_ffmpeg, wait_until
+from tests.conftest import BUZZDASK, requires_ffmpeg, requires_slurm, run_batch_job, wait_until
 from tests.test_cli import buzzdask_cli
 
 FRAME = 15360
@@ -292,3 +293,52 @@ def test_a_lock_names_the_command_as_typed(monkeypatch) -> None:
     monkeypatch.setattr(main, "__spec__", spec)
     monkeypatch.setattr(sys, "argv", ["/x/buzzdask/cluster/__main__.py", "--config", "cardinal"])
     assert command_line() == "python -m buzzdask.cluster --config cardinal"
+
+
+@requires_slurm
+def test_a_lock_whose_slurm_job_ended_is_taken_over_at_once(local_slurm, tmp_path, caplog):
+    """A job killed outright (its time limit's SIGKILL, the OOM killer, its node lost) leaves
+    its lock, fresh: the next job, submitted at once on another node, need not wait
+    lock-stale-seconds where SLURM says the job ended."""
+    from buzzdask.slurm_jobs import ended_state
+
+    out = tmp_path / "out"
+    take = f"from buzzdask.lock import OutputLock; OutputLock({str(out)!r}, started='now', "
+    take += "stale_s=120).__enter__(); import os; os._exit(0)"  # gone without releasing it
+    run_batch_job(f"#!/bin/bash\n{shlex.quote(sys.executable)} -c {shlex.quote(take)}\n", tmp_path)
+    entry = json.loads((out / LOCK_NAME).read_text())
+    job = entry["slurm_job"]
+    assert entry["slurm_cluster"] == "localslurm" and job.isdigit()
+    # On another node (this host's holders are asked themselves), touched a moment ago.
+    (out / LOCK_NAME).write_text(json.dumps({**entry, "host": OTHER_NODE}))
+    with (
+        caplog.at_level(logging.WARNING, logger="buzzdask"),
+        OutputLock(out, started="now", stale_s=120) as lock,
+    ):
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    said = f"from a run that is gone (host {OTHER_NODE}, pid {entry['pid']}, SLURM job {job}, "
+    assert said in caplog.text and "; its SLURM job ended: COMPLETED)" in caplog.text
+
+    running = subprocess.run(
+        ["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 300"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    try:
+        # Its job runs: the holder may too (held until stale, as any other host's).
+        (out / LOCK_NAME).write_text(
+            json.dumps({**entry, "host": OTHER_NODE, "slurm_job": running})
+        )
+        with pytest.raises(OutputConflictError, match=f"pid {entry['pid']}, SLURM job {running}, "):
+            OutputLock(out, started="now", stale_s=120).__enter__()
+    finally:
+        subprocess.run(["scancel", running], check=True)
+    wait_until(lambda: ended_state(running, "localslurm") == "CANCELLED", timeout_s=60,
+               failure=f"job {running} did not end")  # fmt: skip
+    # A job of that id on another cluster is not this one: nothing known, held until stale.
+    elsewhere = {**entry, "host": OTHER_NODE, "slurm_job": running, "slurm_cluster": "ascend"}
+    (out / LOCK_NAME).write_text(json.dumps(elsewhere))
+    with pytest.raises(OutputConflictError, match="in use by another buzzdask run"):
+        OutputLock(out, started="now", stale_s=120).__enter__()
+    (out / LOCK_NAME).write_text(json.dumps({**elsewhere, "slurm_cluster": "localslurm"}))
+    with OutputLock(out, started="now", stale_s=120) as lock:
+        assert lock.took_over and lock.took_over.endswith("its SLURM job ended: CANCELLED)")

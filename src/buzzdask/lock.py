@@ -6,19 +6,23 @@ hard-linked to the lock's name, which GPFS and NFS perform atomically on the ser
 ``flock``, which does not reach across nodes on every mount): a contender never sees a lock
 without its holder, which it would take for one a kill cut short. (Without hard links,
 ``O_CREAT | O_EXCL`` does the same but for that moment.) It names its holder (host, pid, the
-process's start time, when the run began), and the holder touches it every ``stale_s / 4``
-seconds.
+process's start time, when the run began, its SLURM job), and the holder touches it every
+``stale_s / 4`` seconds.
 
 A lock is taken over, with a warning, when its holder is known dead: on this host, no process
 with its pid and start time; on another host, no touch for ``stale_s`` seconds (a killed job's
-node cannot be asked). Only the contender holding a second, short-lived lock (the takeover
-guard) may remove a stale file, and only while it is still the one found dead: two runs finding
-the same stale lock do not both take it, nor does one remove the lock the other just took.
+node cannot be asked), or at once where the holder ran in a SLURM job that SLURM here says has
+ended (a job killed outright at its time limit, by the OOM killer or with its node: the next
+job, submitted at once, need not wait ``stale_s``). Only the contender holding a second,
+short-lived lock (the takeover guard) may remove a stale file, and only while it is still the
+one found dead: two runs finding the same stale lock do not both take it, nor does one remove
+the lock the other just took.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -38,6 +42,7 @@ from typing import Any
 
 import psutil
 
+from buzzdask import slurm_jobs
 from buzzdask.errors import BuzzdaskError, OutputConflictError
 from buzzdask.write import OutputConflict, utc_now
 
@@ -78,6 +83,8 @@ class LockHolder:
         The holding process's command line (``buzzdask export out``) and the directory it
         ran in (its relative paths are from there); empty in a lock file of a version that
         did not write them.
+    slurm_job, slurm_cluster : str
+        The SLURM job the holder ran in and its cluster's name; empty outside a job.
     """
 
     host: str
@@ -88,23 +95,33 @@ class LockHolder:
     age_s: float
     command: str = ""
     directory: str = ""
+    slurm_job: str = ""
+    slurm_cluster: str = ""
 
     def describe(self) -> str:
         """Who holds it, for a message.
 
-        ``host n0001, pid 4242, since 2026-06-01T05:30:00+00:00, running "buzzdask export out"
-        in /fs/project``.
+        ``host n0001, pid 4242, SLURM job 123456, since 2026-06-01T05:30:00+00:00, running
+        "buzzdask export out" in /fs/project``.
         """
         if self.pid < 0:  # the lock could not be read
             return "its lock file empty or cut short: a run killed as it took the output"
+        job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
         running = f', running "{self.command}"' if self.command else ""
         where = f" in {self.directory}" if running and self.directory else ""
-        return f"host {self.host}, pid {self.pid}, since {self.started}{running}{where}"
+        return f"host {self.host}, pid {self.pid}{job}, since {self.started}{running}{where}"
+
+    @functools.cached_property
+    def job_ended(self) -> str | None:
+        """The state its SLURM job ended in (``"TIMEOUT"``), where SLURM here says it ended."""
+        if not self.slurm_job or self.host == platform.node():
+            return None  # this host's processes are asked themselves
+        return slurm_jobs.ended_state(self.slurm_job, self.slurm_cluster)
 
     def is_alive(self, *, stale_s: float) -> bool:
         """Whether the holder may still be running (see the module's notes)."""
         if self.host != platform.node():
-            return self.age_s < stale_s
+            return self.age_s < stale_s and self.job_ended is None
         try:
             process = psutil.Process(self.pid)
             return abs(process.create_time() - self.process_started) < 1.0
@@ -149,6 +166,8 @@ def current_holder(root: Path) -> LockHolder | None:
             age_s=max(age, 0.0),
             command=str(entry.get("command", "")),
             directory=str(entry.get("directory", "")),
+            slurm_job=str(entry.get("slurm_job", "")),
+            slurm_cluster=str(entry.get("slurm_cluster", "")),
         )
     except FileNotFoundError:
         return None
@@ -328,6 +347,9 @@ class OutputLock:
             "command": command_line(),
             "directory": _working_directory(),
         }
+        job = slurm_jobs.current_job()
+        if job is not None:  # asked of SLURM by a run that meets it on another node
+            entry["slurm_job"], entry["slurm_cluster"] = job
         written = self.path.with_name(f"{LOCK_NAME}.{self.token}.new")
         try:
             # In the try: a disk too full to write it would leave it, and the output folder
@@ -378,11 +400,12 @@ class OutputLock:
             aside.unlink(missing_ok=True)
         finally:
             guard.unlink(missing_ok=True)
-        refreshed = (
-            ""
-            if math.isinf(holder.age_s)
-            else f"; its lock last refreshed {holder.age_s:.0f} s ago"
-        )
+        if holder.job_ended is not None:
+            refreshed = f"; its SLURM job ended: {holder.job_ended}"
+        elif math.isinf(holder.age_s):
+            refreshed = ""
+        else:
+            refreshed = f"; its lock last refreshed {holder.age_s:.0f} s ago"
         self.took_over = (
             f"took over {self.root} from a run that is gone ({holder.describe()}{refreshed})"
         )

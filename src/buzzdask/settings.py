@@ -395,7 +395,7 @@ class Settings:
         stopped by a signal) before it is reported failed.
     lock_stale_seconds : float > 0 [s]
         A lock on an output whose holder on another host has not touched it for this long is
-        taken over (:mod:`buzzdask.lock`).
+        taken over (at once where SLURM says the holder's job ended: :mod:`buzzdask.lock`).
     scorer_ping_seconds : float > 0 [s]
         Time a failed score task's actor has to answer a ping before it counts as lost; and
         that the run's start and end wait for a worker that does not answer (stopped, hung).

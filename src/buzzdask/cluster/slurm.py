@@ -29,6 +29,7 @@ from buzzdask import preload
 from buzzdask.cluster._jobqueue import SLURMCluster, SLURMJob
 from buzzdask.errors import ClusterError
 from buzzdask.session import worker_environment
+from buzzdask.slurm_jobs import ENDED, ENDING, squeue
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def log_directory(config_name: str, job_kwargs: Mapping[str, Any]) -> str | None
 
 
 _ENDED_LOOK_S = 10.0  # between looks for jobs that ended before their worker arrived
+_ENDED_OR_ENDING = ENDED | {ENDING}  # no worker will come from it
 # When a start still waiting for its workers says so (a queued job: minutes on a busy cluster,
 # with nothing on the console otherwise), then how often again [s].
 _WAITING_SAID_S = (30.0, 300.0)
@@ -517,53 +519,25 @@ def _stderr(error: Exception) -> str:
     return (match.group(1) if match else text).strip()
 
 
-def _squeue(job_ids: Sequence[str], output_format: str) -> subprocess.CompletedProcess[str]:
-    """``squeue``'s lines for ``job_ids`` in ``output_format``.
-
-    Raises
-    ------
-    OSError, subprocess.TimeoutExpired
-        Where squeue cannot be run, or does not answer within 30 s.
-    """
-    command = ["squeue", "-h", "-j", ",".join(job_ids), "-o", output_format]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30)
-
-
 def _queued_job_ids(job_ids: Sequence[str]) -> set[str] | None:
     """Those of ``job_ids`` SLURM still holds (pending or running); None if squeue fails."""
     try:
-        out = _squeue(job_ids, "%i %T")
+        out = squeue(job_ids, ["-o", "%i %T"])
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0 and "Invalid job id" not in out.stderr:
         return None  # squeue itself failed: nothing known
     # squeue lists a job named by its id for a while after it ended (MinJobAge).
     listed = (line.split() for line in out.stdout.splitlines())
-    return {fields[0] for fields in listed if len(fields) == 2 and fields[1] not in _ENDED}
-
-
-#: SLURM's job states of a job that ended, or is ending.
-_ENDED = frozenset(
-    {
-        "BOOT_FAIL",
-        "CANCELLED",
-        "COMPLETED",
-        "COMPLETING",
-        "DEADLINE",
-        "FAILED",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "PREEMPTED",
-        "SPECIAL_EXIT",
-        "TIMEOUT",
+    return {
+        fields[0] for fields in listed if len(fields) == 2 and fields[1] not in _ENDED_OR_ENDING
     }
-)
 
 
 def _squeue_state(job_id: str) -> str:
     """``PENDING (Resources)``-like state of a job, or why it cannot be had."""
     try:
-        out = _squeue([job_id], "%T|%r")
+        out = squeue([job_id], ["-o", "%T|%r"])
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"state unknown ({error})"
     state, _, reason = out.stdout.strip().partition("|")
