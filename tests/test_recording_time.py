@@ -41,6 +41,30 @@ def test_built_in_name_formats(name, expected):
     assert start_from_name(name) == pd.Timestamp(expected)
 
 
+# name, its start in UTC, its source, and its start as written (without a zone).
+_ZONES_AFTER = [
+    ("20260601_235930-0400.wav", "06-02 03:59:30", "%Y%m%d_%H%M%S%z", "06-01 23:59:30"),
+    ("REC_20260601_235930+05:30.wav", "06-01 18:29:30", "%Y%m%d_%H%M%S%z", "06-01 23:59:30"),
+    ("20260602_035930Z.WAV", "06-02 03:59:30", "%Y%m%d_%H%M%SZ", "06-02 03:59:30"),
+    ("20260602_035930_UTC.WAV", "06-02 03:59:30", "%Y%m%d_%H%M%S_UTC", "06-02 03:59:30"),
+    ("260601_2359-0400.mp3", "06-02 03:59", "%y%m%d_%H%M%z", "06-01 23:59"),
+    # No zone: a take number, an offset no zone has, a word that starts with Z.
+    ("20260601_235930-0001.wav", "06-01 23:59:30", "%Y%m%d_%H%M%S", "06-01 23:59:30"),
+    ("20260601_235930-1500.wav", "06-01 23:59:30", "%Y%m%d_%H%M%S", "06-01 23:59:30"),
+    ("20260601_235930Zeta.wav", "06-01 23:59:30", "%Y%m%d_%H%M%S", "06-01 23:59:30"),
+]
+
+
+@pytest.mark.parametrize(("name", "in_utc", "source", "as_written"), _ZONES_AFTER)
+def test_a_zone_written_after_a_built_in_formats_time_is_read(name, in_utc, source, as_written):
+    """Read as --time-format '%Y%m%d_%H%M%S%z' would: not dropped unseen, hours off in a zone."""
+    table = recording_starts([name], tz="UTC", read_metadata=False)
+    assert table["start"].tolist() == [pd.Timestamp(f"2026-{in_utc}", tz="UTC")]
+    assert table["source"].tolist() == [f"name {source}"]
+    # Without a zone, a start is the clock time as written, whatever zone it names.
+    assert start_from_name(name) == pd.Timestamp(f"2026-{as_written}")
+
+
 def test_audiomoth_seconds_are_not_also_read_as_a_sony_name():
     # buzzr warns that %y%m%d_%H%M matches inside "20230809_060030" (06:00, not 06:00:30); the
     # built-in formats only take whole digit runs, so AudioMoth names have one reading.
@@ -130,11 +154,18 @@ def test_time_zone_localizes_names_and_rejects_unknown_zones():
     assert start == pd.Timestamp("2024-06-01 05:30", tz="America/New_York")
     table = recording_starts(["20240601_053000.WAV", "x.wav"], tz="UTC", read_metadata=False)
     assert str(table["start"].dtype) == "datetime64[ns, UTC]"
-    # 02:30 on 10 March 2024 does not exist in New York: no start, with the reason.
-    (problem,) = recording_starts(
-        ["20240310_023000.WAV"], tz="America/New_York", read_metadata=False
+    # 02:30 on 10 March 2024 does not exist in New York, 01:30 on 3 November is there twice:
+    # no start, with which it is (a skipped time is a clock error; a repeated one, ambiguous).
+    skipped, repeated = recording_starts(
+        ["20240310_023000.WAV", "20241103_013000.WAV"], tz="America/New_York", read_metadata=False
     )["problem"]
-    assert "daylight saving" in problem
+    assert skipped == (
+        "2024-03-10 02:30:00 is skipped in America/New_York (its clocks go forward then)"
+    )
+    assert repeated == (
+        "2024-11-03 01:30:00 is repeated in America/New_York (its clocks go back then: which "
+        "is not known)"
+    )
     with pytest.raises(ParameterError, match=r"'Mars/Olympus' is not a time zone; use an IANA"):
         start_from_name("20240601_053000.WAV", tz="Mars/Olympus")
     with pytest.raises(ParameterError, match=r"not a time zone \(did you mean 'America/New_York'"):
@@ -313,12 +344,40 @@ def test_starts_on_different_clocks_are_warned_of_without_a_zone(tmp_path, caplo
     (message,) = caplog.messages
     assert "written on different clocks: 1 UTC (moth.WAV); 1 with no zone (SM4_" in message
     assert "--tz America/New_York" in message
-    # With the zone given, one clock and no warning; nor when every start shares a zone.
+    # What each was written in, listed beside its start (a summary's <label>-files.csv).
+    assert naive["clock"].tolist() == ["UTC", pd.NA]
+    # With the zone given, one clock and no warning; nor when every start shares a zone that
+    # is the recorders' own (UTC-4: an AudioMoth set to the field's standard time).
     caplog.clear()
+    add_metadata(
+        _wav(tmp_path / "local.WAV"), comment=audiomoth_comment("05:30:00 01/06/2024", "UTC-4")
+    )
     with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
         zoned = recording_starts(names, root=tmp_path, tz="America/New_York")
-        recording_starts(["moth.WAV"], root=tmp_path)
+        local = recording_starts(["local.WAV"], root=tmp_path)
     assert zoned["start"].nunique() == 1 and not caplog.messages
+    assert zoned["clock"].tolist() == ["UTC", pd.NA] and local["clock"].tolist() == ["UTC-04:00"]
+
+
+def test_starts_all_written_in_utc_are_warned_of_without_a_zone(tmp_path, caplog):
+    """An AudioMoth left at its default clock, UTC: without --tz its hours of the day are
+    UTC's (bees at 3 a.m. in Ohio), which the user should hear before reading a plot."""
+    add_metadata(
+        _wav(tmp_path / "20240601_093000.WAV"),
+        comment=audiomoth_comment("09:30:00 01/06/2024", "UTC"),
+    )
+    with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
+        naive = recording_starts(["20240601_093000.WAV"], root=tmp_path)
+    assert naive["start"].tolist() == [pd.Timestamp("2024-06-01 09:30")]
+    (message,) = caplog.messages
+    assert message.startswith("recording start times are written in UTC (20240601_093000.WAV)")
+    assert "hours of the day are UTC's, not the field's" in message
+    assert "--tz America/New_York (or --tz UTC to keep UTC)" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="buzzdask.recording_time"):
+        kept = recording_starts(["20240601_093000.WAV"], root=tmp_path, tz="UTC")
+    assert kept["start"].tolist() == [pd.Timestamp("2024-06-01 09:30", tz="UTC")]
+    assert not caplog.messages
 
 
 def test_audio_out_of_reach_is_timed_by_name_with_a_warning(tmp_path, caplog):

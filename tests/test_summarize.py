@@ -230,6 +230,9 @@ def test_files_written_and_never_overwritten_silently(lab_run, tmp_path):
     assert listing.loc["siteC/deep/rec.wav", "source"] == "AudioMoth comment"
     assert listing.loc["siteB/230809_0600.mp3", "source"] == "name %y%m%d_%H%M"
     assert listing.loc["siteB/notime.wav", "problem"] == "no time in the name"
+    # The zone each start was written in: the comment's, none for a name without one.
+    assert listing.loc["siteC/deep/rec.wav", "clock"] == "UTC-04:00"
+    assert pd.isna(listing.loc["siteB/230809_0600.mp3", "clock"])
     with pytest.raises(OutputConflictError, match="overwrite=True"):
         summarize(output, bin="2min", by=1, thresholds={"ins_buzz": threshold}, dest=dest)
     summarize(output, bin="2min", by=1, thresholds={"ins_buzz": 0.0}, dest=dest, overwrite=True)

@@ -12,14 +12,17 @@ Three sources, each only trusted when it says exactly one time:
   the lab's Sony recorders ``230809_0000`` (``%y%m%d_%H%M``, buzzr's example format) and
   ``2023-08-09_00-00-00`` (``%Y-%m-%d_%H-%M-%S``, from buzzr's time vignette). These built-in
   formats only match whole digit runs, so AudioMoth's ``20230809_060030`` is not also read as
-  Sony's ``230809_0600``. A user's ``time_format`` is searched anywhere in the name, as buzzr does.
+  Sony's ``230809_0600``. A zone written right after their time (``20240601_053000-0400``,
+  ``...Z``, ``..._UTC``) is read with it. A user's ``time_format`` is searched anywhere in the
+  name, as buzzr does.
 
 A name that no format matches, or that two formats read as different times, has no start
 (``None``; buzzr returns ``NA`` with a warning): callers list such files, nothing is guessed.
 
 Time zones: by default times are **naive local clock times**, as recorders write them (metadata
 that carries an offset gives its own clock reading; where recordings' starts are written in
-different zones, :func:`recording_starts` warns that they are not on one clock). With ``tz``
+different zones, :func:`recording_starts` warns that they are not on one clock; where all are
+written in UTC, an AudioMoth's default, it warns that the hours of the day are UTC's). With ``tz``
 (e.g. ``"America/New_York"``) naive times are localized to that zone and times with an offset
 are converted to it; a clock time that the zone skips or repeats (daylight saving changes) then
 has no start.
@@ -157,8 +160,11 @@ class TimeParser:
             if match is None:
                 continue
             time = _read_match(match, pattern)
+            label = pattern.label
+            if time is not None and not self.explicit:
+                time, label = _with_zone_after(time, label, stem[match.end() :])
             if time is not None:
-                found.setdefault(time, pattern.label)
+                found.setdefault(time, label)
             else:
                 impossible.append(f"{match.group(0)!r} as {pattern.label} is no real time")
         if not found:
@@ -213,6 +219,31 @@ def _compile(time_format: str, *, bounded: bool) -> _NamePattern:
     if bounded:
         pattern = rf"(?<!\d){pattern}(?!\d)"
     return _NamePattern(label=time_format, regex=re.compile(pattern), strptime=time_format)
+
+
+#: A zone written right after a built-in format's time: ``Z``, ``_UTC``, ``-0400``, ``+05:30``.
+_ZONE_AFTER = re.compile(
+    r"(?:(?P<utc>Z|[_-]?UTC)|(?P<sign>[+-])(?P<hours>\d{2}):?(?P<minutes>00|30|45))"
+    r"(?![A-Za-z0-9])"
+)
+
+
+def _with_zone_after(time: datetime, label: str, rest: str) -> tuple[datetime, str]:
+    """``time`` in the zone written right after it in a name (``20240601_053000-0400``).
+
+    Read by the built-in formats, which would otherwise drop it unseen; a user's
+    ``time_format`` says itself whether its names carry one (``%z``).
+    """
+    zone = _ZONE_AFTER.match(rest)
+    if zone is None:
+        return time, label
+    if zone["utc"]:
+        return time.replace(tzinfo=timezone.utc), f"{label}{zone['utc']}"
+    offset = timedelta(hours=int(zone["hours"]), minutes=int(zone["minutes"]))
+    if offset > timedelta(hours=14):  # no zone is further from UTC: not an offset
+        return time, label
+    sign = -1 if zone["sign"] == "-" else 1
+    return time.replace(tzinfo=timezone(sign * offset)), f"{label}%z"
 
 
 def _read_match(match: re.Match[str], pattern: _NamePattern) -> datetime | None:
@@ -309,7 +340,11 @@ def _in_zone(time: datetime, tz: str | None) -> tuple[pd.Timestamp | None, str]:
         return stamp.tz_convert(tz), ""
     localized = stamp.tz_localize(tz, ambiguous="NaT", nonexistent="NaT")
     if pd.isna(localized):
-        return None, f"{stamp} is skipped or repeated in {tz} (daylight saving change)"
+        # Which of the two tells a user how to fix the names: a skipped time is a clock error.
+        skipped = pd.isna(stamp.tz_localize(tz, ambiguous=True, nonexistent="NaT"))
+        if skipped:
+            return None, f"{stamp} is skipped in {tz} (its clocks go forward then)"
+        return None, f"{stamp} is repeated in {tz} (its clocks go back then: which is not known)"
     return localized, ""
 
 
@@ -430,7 +465,9 @@ def recording_starts(
     pandas.DataFrame
         Index ``file`` (the names as given); columns ``start`` (datetime64[ns], naive or in
         ``tz``; NaT when unknown), ``source`` (``"AudioMoth comment"``, ``"GUANO Timestamp"``,
-        ``"name <format>"``; missing when unknown) and ``problem`` (why the start is unknown).
+        ``"name <format>"``; missing when unknown), ``clock`` (the zone the source wrote the
+        start in: ``"UTC"``, ``"UTC-04:00"``; missing where it names none, as most names) and
+        ``problem`` (why the start is unknown).
 
     Raises
     ------
@@ -450,6 +487,7 @@ def recording_starts(
     names = as_list(names)
     starts: list[pd.Timestamp | None] = []
     sources: list[str | None] = []
+    written_in: list[str | None] = []
     problems: list[str | None] = []
     clocks: dict[str, list[str]] = {}
     unread: list[str] = []
@@ -474,9 +512,18 @@ def recording_starts(
                 )
         starts.append(start)
         sources.append(found.source if start is not None else None)
+        clock = _clock(found.time) if found.time is not None and start is not None else ""
+        written_in.append(clock or None)
         problems.append(None if start is not None else (lost or found.problem))
     if tz is None and len(clocks) > 1:
         _warn_mixed_clocks(clocks)
+    elif tz is None and list(clocks) == ["UTC"]:
+        logger.warning(
+            "recording start times are written in UTC (%s): without a time zone (--tz, tz=) "
+            "they are taken as written, so hours of the day are UTC's, not the field's; give "
+            "the recorders' zone, e.g. --tz America/New_York (or --tz UTC to keep UTC)",
+            first_names(clocks["UTC"], shown=2),
+        )
     if unread:
         logger.warning(
             "%d WAV or FLAC recording(s) could not be read for the start time in their metadata "
@@ -500,6 +547,7 @@ def recording_starts(
         {
             "start": pd.Series(starts, dtype=dtype),
             "source": pd.Series(sources, dtype="string"),
+            "clock": pd.Series(written_in, dtype="string"),
             "problem": pd.Series(problems, dtype="string"),
         }
     ).set_axis(pd.Index(names, name="file", dtype="string"))
