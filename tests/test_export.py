@@ -384,26 +384,36 @@ def test_recording_names_too_long_for_an_export_file_are_refused_first():
     from buzzdask.exports import _check_unique, buzzdetect_name
 
     fits = "site/" + "蜂" * 80 + ".wav"  # "蜂" * 80 + "_buzzdetect.csv": 255 bytes
-    _check_unique([fits], buzzdetect_name, Path("."))
+    scores = Path("out/scores")
+    _check_unique([fits], buzzdetect_name, Path("."), scores=scores)
     with pytest.raises(ParameterError, match=r"would export to a file name of 258 bytes, more"):
-        _check_unique([fits, "site/" + "蜂" * 81 + ".wav"], buzzdetect_name, Path("."))
+        _check_unique(
+            [fits, "site/" + "蜂" * 81 + ".wav"], buzzdetect_name, Path("."), scores=scores
+        )
 
 
 def test_recordings_that_would_share_an_export_file(caplog, tmp_path, monkeypatch):
     from buzzdask import exports
     from buzzdask.exports import _check_unique, buzzdetect_name
 
-    _check_unique(["site/rec.mp3", "site/rec2.mp3"], buzzdetect_name, tmp_path)
+    scores = tmp_path / "out" / "scores"
+
+    def check_unique(names: list[str]) -> None:
+        _check_unique(names, buzzdetect_name, tmp_path, scores=scores)
+
+    check_unique(["site/rec.mp3", "site/rec2.mp3"])
     # buzzdetect drops the extension: one file here too, refused before anything is written.
-    with pytest.raises(ParameterError, match=r"would both export to .*rename one and analyse"):
-        _check_unique(["site/rec.mp3", "site/rec.wav"], buzzdetect_name, tmp_path)
+    # (How to rename one is tried end to end below.)
+    advice = rf"rename 'site/rec.wav', delete its results under its old name \({scores}/site/"
+    with pytest.raises(ParameterError, match=rf"would both export to .*: {advice}rec.wav\) and"):
+        check_unique(["site/rec.mp3", "site/rec.wav"])
     # Two files here (this file system tells case), one on macOS, Windows or OneDrive: said.
     # "réc" composed and decomposed (NFD, as macOS spells names) too; "ß" is not "ss" there.
     names = ["site/rec.mp3", "site/Rec.mp3", "r\u00e9c.mp3", "re\u0301c.mp3", "ß.mp3", "ss.mp3"]
     assert not exports._case_blind(tmp_path / "not" / "yet")  # probed where it exists
     assert not list(tmp_path.iterdir())  # the probe is gone
     with caplog.at_level(logging.WARNING, logger="buzzdask.exports"):
-        _check_unique(names, buzzdetect_name, tmp_path)
+        check_unique(names)
     assert "2 pair(s) of recordings export to files whose names differ only in letter case" in (
         caplog.text
     )
@@ -412,7 +422,31 @@ def test_recordings_that_would_share_an_export_file(caplog, tmp_path, monkeypatc
     # would replace the other: refused.
     monkeypatch.setattr(exports, "_case_blind", lambda folder: True)
     with pytest.raises(ParameterError, match=r"differ only in letter case, which .* does not"):
-        _check_unique(names, buzzdetect_name, tmp_path)
+        check_unique(names)
+
+
+@requires_ffmpeg
+def test_a_recording_renamed_as_an_export_clash_says_is_exported(run, make_audio, tmp_path):
+    """a.wav and a.mp3 both export to a_buzzdetect.csv: the advice given, followed, works."""
+    make_audio("a.wav", directory=tmp_path / "audio" / "pair", n_samples=3 * FRAME)
+    make_audio("a.mp3", directory=tmp_path / "audio" / "pair", n_samples=3 * FRAME, seed=1)
+    out = tmp_path / "out"
+    run(tmp_path / "audio", output=out)
+    with pytest.raises(
+        ParameterError, match=r"would both export to pair/a_buzzdetect\.csv"
+    ) as told:
+        buzzdask.export(out, format="buzzdetect", dest=tmp_path / "csv")
+    stale = out / "scores" / "pair" / "a.wav"
+    assert f"rename 'pair/a.wav', delete its results under its old name ({stale})" in str(
+        told.value
+    )
+    (tmp_path / "audio" / "pair" / "a.wav").rename(tmp_path / "audio" / "pair" / "a_wav.wav")
+    shutil.rmtree(stale)
+    resumed = run(tmp_path / "audio", output=out, on_conflict="resume")
+    assert resumed.ok and resumed.summary["chunks_written"] == 1  # a_wav.wav alone
+    exported = buzzdask.export(out, format="buzzdetect", dest=tmp_path / "csv")
+    names = sorted(path.relative_to(tmp_path / "csv").as_posix() for path in exported.files)
+    assert names == ["pair/a_buzzdetect.csv", "pair/a_wav_buzzdetect.csv"]
 
 
 def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):

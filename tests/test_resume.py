@@ -244,6 +244,26 @@ def test_resume_keeps_the_earlier_names_whatever_the_inputs_given(run, make_audi
     assert list(resumed.to_pandas()["file"].unique()) == ["siteA/a.wav", "siteB/b.wav"]
 
 
+def test_a_resume_given_a_link_to_a_folder_walked_keeps_its_names(run, make_audio, tmp_path):
+    """The first run walked siteA and skipped the link to it (``latest -> siteA``); a resume
+    given the link names its recordings as the first did: not analysed again as latest/."""
+    audio = tmp_path / "audio"
+    make_audio("a.wav", directory=audio / "siteA", n_samples=4 * FRAME)
+    make_audio("b.wav", directory=audio / "siteB", n_samples=3 * FRAME, seed=1)
+    (audio / "latest").symlink_to("siteA")
+    out = tmp_path / "out"
+    first = run(audio, chunk_seconds=CHUNK_S, output=out)
+    assert sorted(first.to_pandas()["file"].unique()) == ["siteA/a.wav", "siteB/b.wav"]
+    # The link alone (an earlier root above it), and beside the other folder (the same root).
+    for inputs in ([audio / "latest"], [audio / "latest", audio / "siteB"]):
+        resumed = run(inputs, chunk_seconds=CHUNK_S, output=out, on_conflict="resume")
+        assert resumed.ok and resumed.summary["chunks_written"] == 0, inputs
+        assert resumed.summary["resume"]["files_vanished"] == 0
+        assert_same_frames(resumed.to_pandas(), first.to_pandas())
+    assert not (out / "scores" / "latest").exists()
+    _assert_vouched_for(out)
+
+
 def test_a_resume_with_another_decode_margin_is_refused(run, make_audio, tmp_path):
     """Less margin than the default lets chunk edges show in the scores: never mixed."""
     import dask

@@ -45,7 +45,7 @@ from buzzdask.logs import append_to_run_log, quiet_environment, run_log
 from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
 from buzzdask.pipeline import ChunkPipeline, outcome, probe_task
 from buzzdask.progress import Progress, format_audio, format_count, format_factor
-from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, resume_root
+from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, journalled, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
 from buzzdask.session import connect, package_versions, peak_rss_by_worker, task_key
@@ -587,9 +587,9 @@ def run_plan(
                     logger.makeRecord(logger.name, logging.WARNING, __file__, 0, line, (), None)
                 )
             if on_conflict == "resume" and inputs.versions is None:
-                inputs = _named_from(
-                    inputs, resume_root(layouts, [f.path for f in inputs.files], root=inputs.root)
-                )
+                file_paths = [f.path for f in inputs.files]
+                named_root = resume_root(layouts, file_paths, root=inputs.root)
+                inputs = _named_from(inputs, named_root, earlier=journalled(layouts))
             metadata = [
                 _metadata(
                     plan, i, inputs=inputs.described, n_files=len(inputs.files), started=started
@@ -599,6 +599,7 @@ def run_plan(
             if on_conflict == "resume":  # read before this run writes its own
                 for layout, meta in zip(layouts, metadata, strict=True):
                     meta["earlier_runs"] = earlier_runs(layout)
+            run_files = {file.relative for file in inputs.files}
             resumed = [
                 check_resume(
                     layout,
@@ -606,6 +607,7 @@ def run_plan(
                     input_root=inputs.root,
                     # A re-scoring's inputs are its store's catalog: all of it is the run's.
                     named=inputs.described["paths"] if inputs.versions is None else None,
+                    files=run_files,
                     versions=inputs.versions,
                 )
                 if on_conflict == "resume"
@@ -799,14 +801,15 @@ def import_in_background(module: str) -> None:
     ).start()
 
 
-def _named_from(inputs: RunInputs, root: str) -> RunInputs:
-    """``inputs`` named from ``root`` (a resume's: :func:`~buzzdask.resume.resume_root`)."""
-    if root == inputs.root:
-        return inputs
+def _named_from(inputs: RunInputs, root: str, *, earlier: set[str]) -> RunInputs:
+    """``inputs`` named from ``root`` (a resume's: :func:`~buzzdask.resume.resume_root`).
+
+    ``earlier``: the names the earlier run gave (:func:`~buzzdask.inputs.named_from`).
+    """
     return replace(
         inputs,
         root=root,
-        files=named_from(inputs.files, root),
+        files=named_from(inputs.files, root, earlier=earlier),
         described={**inputs.described, "root": root},
     )
 

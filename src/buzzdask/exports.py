@@ -453,9 +453,12 @@ def _listed(dest: Path) -> dict[str, list[str]]:
 
 
 def _check_unique(
-    recordings: Sequence[str], name: Callable[[str], PurePosixPath], dest: Path
+    recordings: Sequence[str], name: Callable[[str], PurePosixPath], dest: Path, *, scores: Path
 ) -> None:
     """Refuse recordings that would write one export file in ``dest``, before any is written.
+
+    ``scores`` is the run's dataset folder: a recording renamed and analysed again by a resume
+    leaves its results under its old name there until they are deleted.
 
     buzzdetect drops the extension (``a.wav`` and ``a.mp3``). Names that differ only in letter
     case or Unicode spelling (``Rec.mp3``, ``rec.mp3``) are one file where ``dest`` is
@@ -470,35 +473,46 @@ def _check_unique(
         if len(target.name.encode()) > NAME_MAX:
             raise ParameterError(
                 f"{relative!r} would export to a file name of {len(target.name.encode())} bytes, "
-                f"more than a file system takes ({NAME_MAX}): rename the recording and analyse "
-                "it again, or export --format csv (one file for all)"
+                f"more than a file system takes ({NAME_MAX}): {_renamed(scores, relative)}, "
+                "or export --format csv (one file for all)"
             )
         key = unicodedata.normalize("NFC", str(target)).lower()
         if key in folded:
             meeting.append((folded[key], relative))
         folded[key] = relative
         if target in seen:
-            _refuse_shared(seen[target], relative, target, "in extension")
+            _refuse_shared(seen[target], relative, target, "in extension", scores=scores)
         seen[target] = relative
     if meeting and _case_blind(dest):
         first, second = meeting[0]
-        _refuse_shared(first, second, name(second), f"in letter case, which {dest} does not tell")
+        differing = f"in letter case, which {dest} does not tell"
+        _refuse_shared(first, second, name(second), differing, scores=scores)
     if meeting:
         logger.warning(
             "%d pair(s) of recordings export to files whose names differ only in letter case "
             "or Unicode spelling: %s. Copied to macOS, Windows or OneDrive, one file of each "
-            "pair replaces the other; rename one and analyse again with --resume (only it is "
-            "redone) if the export goes there",
+            "pair replaces the other; if the export goes there, %s",
             len(meeting),
             first_names([f"{a} and {b}" for a, b in meeting], shown=3, separator="; "),
+            _renamed(scores, meeting[0][1]),
         )
 
 
-def _refuse_shared(first: str, second: str, target: PurePosixPath, differing: str) -> None:
+def _refuse_shared(
+    first: str, second: str, target: PurePosixPath, differing: str, *, scores: Path
+) -> None:
     raise ParameterError(
         f"{first!r} and {second!r} would both export to {target} (names that differ only "
-        f"{differing}): rename one and analyse again with --resume (only it is redone), export "
-        "them from separate runs, or export --format csv (one file for all)"
+        f"{differing}): {_renamed(scores, second)} (or the other), export them from separate "
+        "runs, or export --format csv (one file for all)"
+    )
+
+
+def _renamed(scores: Path, recording: str) -> str:
+    """How to give ``recording`` another name in the run's results (``scores``: its dataset)."""
+    return (
+        f"rename {recording!r}, delete its results under its old name ({scores / recording}) "
+        "and analyse again with --resume (only it is redone)"
     )
 
 
@@ -705,7 +719,7 @@ def _export_buzzdetect(
     overwrite: bool,
     **_: Any,
 ) -> tuple[list[Path], list[str]]:
-    _check_unique(recordings, buzzdetect_name, dest)
+    _check_unique(recordings, buzzdetect_name, dest, scores=run.dataset)
     unfinished = set(run.unfinished_recordings())
     if unfinished:
         logger.warning(
@@ -828,7 +842,7 @@ def _export_raven(
     min_frames: int,
     **_: Any,
 ) -> tuple[list[Path], list[str]]:
-    _check_unique(recordings, raven_name, dest)
+    _check_unique(recordings, raven_name, dest, scores=run.dataset)
     targets = [dest.joinpath(*raven_name(relative).parts) for relative in recordings]
     nyquist = run.sample_rate / 2  # the embedder hears nothing above it
     with _files_written(targets, dest, overwrite=overwrite, run=run):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -281,16 +281,33 @@ def discover(
     return found.root, found.files
 
 
-def named_from(files: Iterable[InputFile], root: str) -> list[InputFile]:
-    """The same files named from ``root``, a folder above them all (a resume's), in name order."""
+def named_from(
+    files: Iterable[InputFile], root: str, *, earlier: Collection[str] = frozenset()
+) -> list[InputFile]:
+    """The same files named from ``root``, a folder above them all (a resume's), in name order.
+
+    ``earlier``: the names an earlier run gave its recordings. A file it does not name, reached
+    through a symbolic link, is named by the path the link leads to where the earlier run named
+    that one (it walked the folder itself; this resume was given the link): not analysed again
+    under a second name.
+    """
     found: dict[str, InputFile] = {}
+    real_root = os.path.realpath(root)
     for file in files:
-        _add(found, root, file.path, file.problem)
+        path = file.path
+        if earlier and file.problem is None and _relative(path, root) not in earlier:
+            own = os.path.join(root, os.path.relpath(os.path.realpath(path), real_root))
+            path = own if _relative(own, root) in earlier else path
+        _add(found, root, path, file.problem)
     return sorted(found.values(), key=lambda f: f.relative)
 
 
+def _relative(path: str, root: str) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
 def _add(found: dict[str, InputFile], root: str, path: str, problem: str | None) -> None:
-    relative = PurePosixPath(Path(os.path.relpath(path, root)).as_posix())
+    relative = PurePosixPath(_relative(path, root))
     if relative.is_absolute() or ".." in relative.parts:
         raise InputError(f"{path} is outside the input root {root}")
     name = _text(str(relative))

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -31,7 +31,7 @@ from buzzdask.errors import OutputConflictError
 from buzzdask.progress import format_count
 from buzzdask.write import OutputLayout, partition_problem
 
-__all__ = ["ResumeCheck", "check_resume", "resume_root"]
+__all__ = ["ResumeCheck", "check_resume", "journalled", "resume_root"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,11 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
     return root
 
 
+def journalled(layouts: Sequence[OutputLayout]) -> set[str]:
+    """The recordings the outputs' journals hold chunks of (relative names, as in ``file``)."""
+    return {name for layout in layouts for name, _ in layout.read_journal()}
+
+
 def earlier_runs(layout: OutputLayout) -> list[dict[str, Any]]:
     """The invocations that wrote ``layout`` before a resume, oldest first.
 
@@ -221,6 +226,7 @@ def check_resume(
     fingerprint: Mapping[str, Any],
     input_root: str | os.PathLike[str],
     named: Sequence[str] | None = None,
+    files: Collection[str] = frozenset(),
     versions: Callable[[str], tuple[int, int] | None] | None = None,
 ) -> ResumeCheck:
     """Check every journalled chunk of ``layout``; remove what cannot be trusted.
@@ -238,6 +244,9 @@ def check_resume(
         The input paths this run was given (absolute). A journalled file outside all of them
         (a resume naming one folder of the run's) is not this run's to judge: its chunks are
         kept as they are, changed or gone. Default: every journalled file is this run's.
+    files : collection of str
+        This run's recordings (relative names): each is this run's to judge, whether or not
+        its path lies under ``named`` (given through a symbolic link to its folder).
     versions : callable, optional
         ``versions(name)``: an input's (size, modification time) now, ``None`` if gone. Default:
         the file's under the input directory (a re-scoring asks its store's catalog).
@@ -251,7 +260,7 @@ def check_resume(
 
     def in_scope(relative: str) -> bool:
         path = os.path.join(input_root, relative)
-        return named is None or any(_under(path, given) for given in named)
+        return named is None or relative in files or any(_under(path, given) for given in named)
 
     version_of = versions or (lambda relative: _version(Path(input_root, relative)))
     # One look per file, not per chunk: a 24-hour file's 144 on a parallel file system, and
