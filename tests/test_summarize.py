@@ -195,11 +195,24 @@ def test_time_zone_and_the_runs_own_thresholds(lab_run, tmp_path, dask_client, t
     with caplog.at_level(logging.WARNING, logger="buzzdask"):
         summarize(output, bin="1d", by=1, thresholds=thresholds, tz="EST", write=False)
     assert "bins of 1d are counted from 1970-01-01 UTC, as buzzr's are" in caplog.text
+    assert "for local days or hours, use 1h bins and sum them" in caplog.text
     assert "tz='EST' is a fixed offset all year" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="buzzdask"):
         summarize(output, bin="1d", by=1, thresholds=thresholds, tz="UTC", write=False)
     assert "counted from 1970-01-01 UTC" not in caplog.text  # its midnight is UTC's
+    # Hours in a half-hour zone start at :30 past (its half hours on its round times).
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        summarize(
+            output, bin="30min", by=1, thresholds=thresholds, tz="America/St_Johns", write=False
+        )
+        assert "counted from 1970-01-01 UTC" not in caplog.text
+        half = summarize(
+            output, bin="1h", by=1, thresholds=thresholds, tz="America/St_Johns", write=False
+        )
+    assert (half["bin_datetime"].dropna().dt.minute == 30).all()
+    assert "not from local midnight in America/St_Johns, so they do not start" in caplog.text
+    assert "use 30min bins and sum them" in caplog.text
     # The AudioMoth comment said UTC-4 (EDT): its clock time is kept, now as New York time.
     naive = summarize(output, bin="5min", by=1, thresholds=thresholds, write=False)
     timed = naive["bin_datetime"].notna()

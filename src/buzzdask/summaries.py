@@ -8,8 +8,9 @@ Semantics, those of buzzr (``call_detections``, ``floor_start``, ``bin``, ``bin_
   (:mod:`buzzdask.recording_time`), ``time = recording start + start`` and
   ``bin_datetime = floor(time / width) * width``, counted from 1970-01-01 00:00 (UTC for times
   in a time zone), as buzzr's ``floor_date(..., "<seconds>aseconds")``: bins of a width dividing
-  an hour start on the clock's round minutes in any whole-hour time zone, and bins of
-  consecutive files of one recorder line up. Otherwise ``bin_filetime = floor(start / width) *
+  an hour start on the clock's round minutes in any whole-hour time zone (a warning says where
+  they do not: days, or hours in a half-hour zone), and bins of consecutive files of one
+  recorder line up. Otherwise ``bin_filetime = floor(start / width) *
   width`` seconds from the start of the file, and the file is listed as untimed;
 - per group and bin: ``frames`` (frames whose start is in the bin), ``detections_<class>`` (their
   detections) and ``detectionrate_<class> = detections_<class> / frames``. Frames of different
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -129,9 +131,19 @@ def bin_width(bin: str | timedelta | pd.Timedelta) -> pd.Timedelta:
     return width
 
 
-def _off_utc(tz: Any) -> bool:
-    """Whether ``tz``'s clock is off UTC in winter or summer (in UTC, midnight is midnight)."""
-    return any(pd.Timestamp(day, tz=tz).utcoffset() for day in ("2024-01-15", "2024-07-15"))
+def _aligned_width(tz: Any, width: pd.Timedelta) -> pd.Timedelta | None:
+    """The widest bins (an hour at most) on ``tz``'s round times, where ``width``'s are not.
+
+    Bins are counted from 1970-01-01 UTC: days start at the zone's offset, hours at :30 past in
+    a half-hour zone, in winter or summer. None where bins of ``width`` start on round times.
+    """
+    offsets = [
+        pd.Timedelta(pd.Timestamp(day, tz=tz).utcoffset()).value
+        for day in ("2024-01-15", "2024-07-15")
+    ]
+    if all(offset % width.value == 0 for offset in offsets):
+        return None
+    return pd.Timedelta(math.gcd(pd.Timedelta(hours=1).value, *offsets))
 
 
 def _is_number(text: str) -> bool:
@@ -313,13 +325,16 @@ def summarize(
             ),
             f" (each one's reason: {paths['files']})" if write else "",
         )
-    if tz is not None and settings.width > pd.Timedelta(hours=1) and _off_utc(tz):
+    aligned = None if tz is None else _aligned_width(tz, settings.width)
+    if aligned is not None:
         # As buzzr's: counted from 1970-01-01 UTC, so a zone's days start at its offset.
         logger.warning(
             "bins of %s are counted from 1970-01-01 UTC, as buzzr's are, not from local "
-            "midnight in %s: for local days, use 1h bins and sum them by date",
+            "midnight in %s, so they do not start on its round times: for local days or hours, "
+            "use %s bins and sum them",
             _width_label(settings.width),
             tz,
+            _width_label(aligned),
         )
     table.attrs.update(
         # Which head: its files' names and columns are the same for every head.
