@@ -38,7 +38,8 @@ def test_a_finished_run_with_a_failed_file(run, make_audio, tmp_path, capsys):
     assert capsys.readouterr().out == (
         f"{result.output}: complete\n"
         "  model_tiny: 1 of 2 files done, 1 failed, 5 frames (5 s of audio)\n"
-        "  1 file not scored to the end (errors.parquet says why): the same buzzdask analyze "
+        "  1 file not scored, or not to the end (errors.parquet says why): the same buzzdask "
+        "analyze "
         "command with --resume tries it again (a file that is broken, once fixed or replaced)\n"
     )
 
@@ -131,3 +132,13 @@ def test_a_run_of_several_heads_says_each(run, make_audio, tmp_path, tiny_model)
         assert head.state == "running" and head.log == root / "buzzdask.log"
         with pytest.raises(OutputConflictError, match=rf"output {root} is in use by another"):
             run(tmp_path / "audio", model=other, output=root / "model_other", on_conflict="resume")
+
+
+def test_a_season_of_files_is_counted_alike_on_both_sides(tmp_path):
+    from buzzdask.status import RunStatus
+
+    status = RunStatus(
+        tmp_path, "interrupted", "model_general_v3", tmp_path / "buzzdask.log",
+        stopped_by="Ctrl-C", files=3004, files_done=3000, frames=6000, audio_s=5760.0,
+    )  # fmt: skip
+    assert "model_general_v3: 3,000 of 3,004 files done, 6,000 frames" in status.describe()

@@ -350,22 +350,20 @@ class Progress:
         return analysed / elapsed if elapsed > 0 and analysed > 0 else None
 
     def eta_s(self) -> float | None:
-        """Seconds left at the rate since this run first wrote audio; None once it has ended.
+        """Seconds left at the rate since this run first wrote audio (None: not known yet).
 
-        Once that rate has :data:`ETA_SETTLE_S` behind it; before, the realtime factor so far.
+        None until that rate has :data:`ETA_SETTLE_S` behind it (the realtime factor so far
+        counts the start-up: 13 hours left, read from a run's first seconds, for a run of 45 s),
+        and once the run has ended.
         """
-        if self._status != "running":  # finished, or stopped: nothing is left to wait for
+        if self._status != "running" or self._first_written is None:
+            return None  # finished or stopped: nothing left to wait for; or nothing to tell
+        since, written = self._first_written
+        elapsed = time.monotonic() - since
+        analysed = self.audio_done_s - self.audio_skipped_s - written
+        if elapsed < ETA_SETTLE_S or analysed <= 0:
             return None
-        if self._first_written is not None:
-            since, written = self._first_written
-            elapsed = time.monotonic() - since
-            analysed = self.audio_done_s - self.audio_skipped_s - written
-            if elapsed >= ETA_SETTLE_S and analysed > 0:
-                return self.audio_left_s * elapsed / analysed
-        factor = self.realtime_factor
-        if not factor:
-            return None
-        return self.audio_left_s / factor
+        return self.audio_left_s * elapsed / analysed
 
     def describe(self) -> str:
         """The text beside the bar: files, audio, realtime factor and time left."""

@@ -95,7 +95,7 @@ class RunStatus:
         if self.state != "starting":
             failed = f", {len(self.failed)} failed" if self.failed else ""
             lines.append(
-                f"  {self.model}: {self.files_done} of {format_count(self.files, 'file')} done"
+                f"  {self.model}: {self.files_done:,} of {format_count(self.files, 'file')} done"
                 f"{failed}, {format_count(self.frames, 'frame')} "
                 f"({format_audio(self.audio_s)} of audio)"
             )
@@ -112,9 +112,9 @@ class RunStatus:
             )
         elif left:
             lines.append(
-                f"  {format_count(len(left), 'file')} not scored to the end (errors.parquet says "
-                f"why): {again} tries {'it' if len(left) == 1 else 'them'} again (a file that "
-                "is broken, once fixed or replaced)"
+                f"  {format_count(len(left), 'file')} not scored, or not to the end "
+                f"(errors.parquet says why): {again} tries {'it' if len(left) == 1 else 'them'} "
+                "again (a file that is broken, once fixed or replaced)"
             )
         if self.missing and self.state not in ("running", "starting"):
             lines.append(
