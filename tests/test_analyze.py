@@ -1521,7 +1521,12 @@ def test_nothing_is_written_outside_the_output(run, make_audio, tmp_path, caplog
         "1 recording(s) whose names plain Parquet readers misread (audio/site=A/räume #1.wav)"
         in caplog.text
     )
-    assert "result.to_pandas(), to_dask() or buzzdask.open_run(output).frames()" in caplog.text
+    assert "result.to_pandas(), to_dask(), buzzdask.open_run(output).frames() or" in caplog.text
+    # The plain reader as the warning gives it: every recording, no column from a name.
+    said = "pd.read_parquet(OUTPUT/'scores', partitioning=None, ignore_prefixes=['.'])"
+    assert said in caplog.text
+    plain = pd.read_parquet(result.dataset, partitioning=None, ignore_prefixes=["."])
+    assert list(plain.columns) == list(result.to_pandas().columns) and len(plain) == 8
     after = {p for p in tmp_path.rglob("*") if "results" not in p.parts}
     assert after == before
     # Names are relative to the inputs' common folder; "-rf .wav" counted once.

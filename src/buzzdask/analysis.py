@@ -335,8 +335,9 @@ def analyze(
             f"{len(misread)} recording(s) whose names plain Parquet readers misread "
             f"({first_names(misread, shown=3)}): pd.read_parquet takes a 'key=value' name for a "
             "column (dd.read_parquet fails where some are) and leaves out names starting with "
-            "'_' or '.'; read the results with result.to_pandas(), to_dask() or "
-            "buzzdask.open_run(output).frames() (README: Reading results)",
+            "'_' or '.'; read the results with result.to_pandas(), to_dask(), "
+            "buzzdask.open_run(output).frames() or pd.read_parquet(OUTPUT/'scores', "
+            "partitioning=None, ignore_prefixes=['.']) (README: Reading results)",
         )
     for line in said:
         logger.warning("%s", line)
