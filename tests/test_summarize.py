@@ -344,7 +344,8 @@ def test_plots(lab_run, tmp_path, capsys):
     )
     crafted["detectionrate_ins_buzz"] = crafted["detections_ins_buzz"] / crafted["frames"]
     (axes,) = plot_daily_activity(crafted).axes
-    assert axes.get_ylim() == (0, pytest.approx(0.55))  # the highest rate, 0.5, not at the edge
+    # The highest rate, 0.5, not at the edge; rates of 0 drawn above the lower one.
+    assert axes.get_ylim() == (pytest.approx(-0.0165), pytest.approx(0.55))
     for line in axes.get_lines():
         assert np.isnan(line.get_xdata()).tolist() == [False] * 3 + [True] + [False] * 2
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["_control", "siteA"]
@@ -453,6 +454,74 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
     assert table.attrs["unfinished_files"] == [cut]
     whole = summarize(output, thresholds={"ins_buzz": threshold}, write=False)
     assert whole.attrs["run_complete"] and whole.attrs["unfinished_files"] == []
+
+
+def test_plots_say_what_they_show(lab_run, tmp_path):
+    """What a PI reads off a figure: a site with no detection is there, at 0; a stopped run's
+    rates are said to be partial; days have no time of day; sites told apart by colour."""
+    output, _, threshold = lab_run
+    thresholds = {"ins_buzz": threshold}
+    day = pd.Timestamp("2024-06-01 06:00")
+    quiet = pd.DataFrame(
+        {"level_1": "siteQ", "bin_datetime": [day, day + pd.Timedelta(hours=1)]}
+    ).assign(bin_filetime=np.nan, frames=10, detections_ins_buzz=0, detectionrate_ins_buzz=0.0)
+    (axes,) = plot_daily_activity(quiet).axes
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["siteQ"]
+    assert axes.get_ylim()[0] < 0  # its points of 0 above the axis' edge
+    # Eleven sites: eleven colours (matplotlib's ten came round again, two sites alike).
+    eleven = pd.concat([quiet.assign(level_1=f"site{k:02d}") for k in range(11)])
+    (axes,) = plot_daily_activity(eleven).axes
+    assert len({line.get_color() for line in axes.get_lines()}) == 11
+    many = pd.concat([quiet.assign(level_1=f"site{k:02d}") for k in range(13)])
+    (axes,) = plot_daily_activity(many).axes
+    assert axes.get_legend() is None and "13 lines, too many to name" in axes.get_title()
+    # Day bins drawn at their start would be buzzing at midnight.
+    with pytest.raises(ParameterError, match=r"bins of 1d have no time of day to draw them at"):
+        plot_run(output, bin="1d", thresholds=thresholds, dest=tmp_path / "days")
+    # Untimed recordings: from 0 to the end of the last bin (a bin at 0 was drawn at +-0.04 s).
+    summary = summarize(output, bin="5min", by=1, thresholds=thresholds, write=False)
+    (axes,) = plot_daily_activity(summary[summary["bin_datetime"].isna()]).axes
+    assert axes.get_xlim() == (0, 300)
+    # A stopped run: the rates, and a recording's activation, of the frames written so far.
+    partial = tmp_path / "partial"
+    shutil.copytree(output, partial)
+    metadata = json.loads((partial / "buzzdask.json").read_text())
+    (partial / "buzzdask.json").write_text(json.dumps({**metadata, "status": "interrupted"}))
+    journal = (partial / "journal.jsonl").read_text().splitlines()
+    cut = json.loads(journal[-1])["file"]
+    (partial / "journal.jsonl").write_text("\n".join(journal[:-1]) + "\n")
+    stopped = summarize(partial, thresholds=thresholds, write=False)
+    (axes,) = plot_daily_activity(stopped).axes
+    said = "(the run has not finished: 1 recording(s) analysed in part; rates of the frames"
+    assert said in axes.get_title()
+    (axes,) = plot_activation(partial, cut, thresholds=thresholds).axes
+    assert "(not analysed to its end: the frames written so far)" in axes.get_title()
+    (axes,) = plot_activation(output, cut, thresholds=thresholds).axes
+    assert "not analysed to its end" not in axes.get_title()
+
+
+def test_a_plot_replaces_only_its_own_run_and_recordings(lab_run, tmp_path):
+    """Two heads' plots into one folder, or site/a.wav's and site_a.wav's in two calls, share
+    file names: --overwrite replaced the other's without a word."""
+    output, _, threshold = lab_run
+    thresholds = {"ins_buzz": threshold}
+    dest = tmp_path / "plots"
+    first = plot_run(output, bin="1min", thresholds=thresholds, dest=dest)
+    # Other bins into the same folder: the first recording's activation, drawn unasked, is
+    # this run's own: drawn again, not in the way.
+    again = plot_run(output, bin="10min", thresholds=thresholds, dest=dest)
+    assert [p.name for p in again if p.name.startswith("activation")] == [
+        p.name for p in first if p.name.startswith("activation")
+    ]
+    other = tmp_path / "other_season"
+    shutil.copytree(output, other)
+    before = {path: path.read_bytes() for path in dest.iterdir()}
+    with pytest.raises(OutputConflictError, match="plot files of another run or recording") as no:
+        plot_run(other, bin="1min", thresholds=thresholds, dest=dest, overwrite=True)
+    assert f"the detection rate, ins_buzz, of {output.resolve()} (" in str(no.value)
+    assert {path: path.read_bytes() for path in dest.iterdir()} == before
+    # Its own, with --overwrite: replaced.
+    plot_run(output, bin="1min", thresholds=thresholds, dest=dest, overwrite=True)
 
 
 def test_plots_of_classes_named_alike_are_one_each(run, make_audio, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -34,7 +35,7 @@ from buzzdask.recording_time import (
     said_once,
 )
 from buzzdask.results import Run, open_run
-from buzzdask.summaries import By, Summary, resolve_summary, summarize
+from buzzdask.summaries import By, Summary, bin_width, resolve_summary, summarize, width_label
 from buzzdask.thresholds import detected
 from buzzdask.write import atomic_path, remove_stale_temporaries
 
@@ -45,6 +46,7 @@ __all__ = ["plot_activation", "plot_daily_activity", "plot_run"]
 
 _SUMMED = ("bin_datetime", "bin_filetime", "frames")
 _MAX_LEGEND = 12  # more groups than this are drawn without a legend
+_DISTINCT_COLOURS = 10  # matplotlib's default cycle
 
 
 def _group_columns(summary: pd.DataFrame) -> list[str]:
@@ -121,6 +123,10 @@ def plot_daily_activity(
     groups = _group_columns(summary)
     timed = summary[summary["bin_datetime"].notna()]
     untimed_rows = len(summary) - len(timed)
+    # The bin width, where the summary says it.
+    width = summary.attrs.get("bin")
+    if width and len(timed):
+        _refuse_days(bin_width(width))
     if len(timed):
         clock = timed["bin_datetime"].dt
         x = clock.hour + clock.minute / 60 + clock.second / 3600
@@ -142,10 +148,10 @@ def plot_daily_activity(
     figure = _shown_in_notebooks(Figure(figsize=(8, 4), layout="constrained"))
     axes = figure.add_subplot()
     lines = pooled.groupby(groups, sort=True) if groups else [("all recordings", pooled)]
-    # The bin width, where the summary says it: bins of 7 minutes fall at other clock times
-    # each day, closer together pooled than one bin.
-    width = summary.attrs.get("bin")
-    step = pd.Timedelta(width).total_seconds() / unit_s if width else _bin_step(pooled["_x"])
+    if len(lines) > _DISTINCT_COLOURS:  # matplotlib's 10 colours came round again
+        axes.set_prop_cycle(color=_many_colours())
+    # Bins of 7 minutes fall at other clock times each day, closer together pooled than one bin.
+    step = bin_width(width).total_seconds() / unit_s if width else _bin_step(pooled["_x"])
     handles, texts = [], []
     for label, line in lines:
         text = " / ".join(map(str, label)) if isinstance(label, tuple) else str(label)
@@ -156,10 +162,14 @@ def plot_daily_activity(
     if len(timed):
         axes.set_xlim(0, 24)
         axes.set_xticks(np.arange(0, 25, 3))
+    else:  # to the end of the last bin (one bin at 0 was drawn from -0.04 to 0.04)
+        last = float(np.nan_to_num(pooled["_x"].max()))
+        axes.set_xlim(0, last + (step if math.isfinite(step) else 1.0))
     # From 0, with room above the highest point (autoscaling a narrow band, 0.65-0.68, left it
-    # half cut off at the top edge).
+    # half cut off at the top edge), and a little below 0: rates of 0 are points on the axis.
     highest = float(np.nan_to_num(pooled["rate"].max()))
-    axes.set_ylim(0, min(1.05, highest * 1.1) if highest > 0 else 1.0)
+    top = min(1.05, highest * 1.1) if highest > 0 else 1.0
+    axes.set_ylim(-0.03 * top, top)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(f"detection rate, {name}")
     span_text = "over the day" if len(timed) else "over the recording"
@@ -174,12 +184,43 @@ def plot_daily_activity(
     )
     if untimed_rows and len(timed):
         heading += f"\n({untimed_rows} bin(s) of recordings without a start time not shown)"
+    if summary.attrs.get("run_complete") is False:
+        # A stopped run's picture is read as the results: say it is not all of them.
+        partial = len(summary.attrs.get("unfinished_files", []))
+        heading += (
+            "\n(the run has not finished: "
+            + (f"{partial} recording(s) analysed in part; " if partial else "")
+            + "rates of the frames written so far)"
+        )
+    if groups and len(handles) > _MAX_LEGEND:
+        heading += f"\n({len(handles)} lines, too many to name: group by a higher folder level)"
     axes.set_title(heading, fontsize="medium")
-    if 1 < len(handles) <= _MAX_LEGEND:
+    if groups and len(handles) <= _MAX_LEGEND:
         # Given explicitly: matplotlib leaves out labels starting with "_" (a folder "_old").
-        axes.legend(handles, texts, fontsize="small")
+        # One group too: its name, and that its rates of 0 are a recorded site's.
+        axes.legend(handles, texts, fontsize="small", loc="best")
     axes.grid(alpha=0.3)
     return figure
+
+
+def _refuse_days(width: pd.Timedelta) -> None:
+    """Refuse bins of a day or more over the time of day.
+
+    Each day's total would be drawn at its bin's start, midnight: read as buzzing at midnight.
+    """
+    if width >= pd.Timedelta(days=1):
+        raise ParameterError(
+            f"bins of {width_label(width)} have no time of day to draw them at: plot bins "
+            "shorter than a day (e.g. 1h); summarize --bin 1d gives the daily totals"
+        )
+
+
+def _many_colours() -> list[Any]:
+    """Twenty colours that tell apart up to :data:`_MAX_LEGEND` lines (matplotlib's tab20)."""
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    return [tab20(index) for index in range(tab20.N)]
 
 
 def _bin_step(x: pd.Series) -> float:
@@ -302,8 +343,11 @@ def plot_activation(
         )
     axes.set_xlabel(xlabel)
     axes.set_ylabel(column)
-    axes.set_title(f"{recording}: {name} ({run.model['name']}) per frame", fontsize="medium")
-    axes.legend(fontsize="small", loc="upper right")
+    heading = f"{recording}: {name} ({run.model['name']}) per frame"
+    if recording in run.unfinished_recordings():
+        heading += "\n(not analysed to its end: the frames written so far)"
+    axes.set_title(heading, fontsize="medium")
+    axes.legend(fontsize="small", loc="best")
     axes.grid(alpha=0.3)
     if not pd.isna(origin):
         figure.autofmt_xdate()
@@ -360,7 +404,9 @@ def plot_run(
         Relative names whose activation is drawn.
     dest : path-like, optional
     overwrite : bool, default: False
-        Replace existing PNG files of the same names; otherwise they are an error.
+        Replace existing PNG files of the same names; otherwise they are an error. A file
+        another run's or recording's plot (its PNG says what it shows) is an error either
+        way; this run's own plot of the first recording, drawn unasked, is drawn again.
     dpi : float > 0, default: 120
 
     Returns
@@ -375,7 +421,8 @@ def plot_run(
     ParameterError
         A bad option (``dpi``, ``bin``, ``by``...) or a recording without scores.
     OutputConflictError
-        A file exists and ``overwrite`` is False (checked before anything is drawn).
+        A file exists and ``overwrite`` is False, or it is another run's or recording's plot
+        (checked before anything is drawn).
     """
     if isinstance(dpi, bool) or not isinstance(dpi, Real) or not 0 < dpi < math.inf:
         raise ParameterError(f"dpi={dpi!r} must be a number > 0")
@@ -384,6 +431,7 @@ def plot_run(
     settings = resolve_summary(
         run, bin=bin, by=by, precision=precision, thresholds=thresholds, model=model
     )
+    _refuse_days(settings.width)
     folder = user_path(dest) if dest is not None else run.output / "summaries"
     chosen = as_list(recordings) if recordings is not None else run.recordings()[:1]
     known = run.recordings()
@@ -405,20 +453,78 @@ def plot_run(
                 recording,
                 name,
             )
+    # The first recording's, drawn unasked: this run's picture of it is drawn again, so that
+    # plotting other bins into the same folder needs no --overwrite.
+    unasked = (
+        set() if recordings is not None else {p for p, (w, _) in planned.items() if w != "daily"}
+    )
     with destination_held(folder):
-        _refuse_existing(planned, overwrite=overwrite)
+        _refuse_existing(planned, run, overwrite=overwrite, unasked=unasked)
         remove_stale_temporaries(planned)
         _plot_all(planned, run, by, settings, time_format, tz, read_metadata, dpi)
     return list(planned)
 
 
-def _refuse_existing(planned: Mapping[Path, Any], *, overwrite: bool) -> None:
-    existing = [str(path) for path in planned if path.exists()]
+#: The PNG text key naming what a plot shows (:func:`_identity`).
+_PNG_KEY = "buzzdask"
+
+
+def _identity(run: Run, what: str, class_name: str) -> dict[str, str]:
+    """What a plot file shows: the run, its head, the recording (or ``"daily"``), the class."""
+    return {
+        "output": str(run.output.resolve()),
+        "model": str(run.model["name"]),
+        "plot": what,
+        "class": class_name,
+    }
+
+
+def _drawn_for(path: Path) -> dict[str, str] | None:
+    """What an existing plot file shows, from its PNG text; None where it does not say."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(_PNG_KEY)
+        drawn = json.loads(text) if text else None
+    except (OSError, ValueError):  # not a PNG, cut short
+        return None
+    return drawn if isinstance(drawn, dict) else None
+
+
+def _refuse_existing(
+    planned: Mapping[Path, tuple[str, str]], run: Run, *, overwrite: bool, unasked: set[Path]
+) -> None:
+    """Refuse plot files in the way of ``planned``, before anything is drawn.
+
+    Another run's or recording's plot always; others unless ``overwrite``, but for this run's
+    own plot of a recording drawn ``unasked``.
+    """
+    drawn = {path: _drawn_for(path) for path in planned if path.exists()}
+    others = [
+        f"{path} ({_described(shown)})"
+        for path, shown in drawn.items()
+        if shown is not None and shown != _identity(run, *planned[path])
+    ]
+    if others:
+        # Names meet (two heads' plots into one --dest, site/a.wav and site_a.wav asked for in
+        # two calls): --overwrite is meant for a run's own earlier pictures.
+        raise OutputConflictError(
+            f"plot files of another run or recording are in the way: {', '.join(others)}; "
+            "they are not replaced, even with overwrite=True (--overwrite): choose another "
+            "dest (--dest)"
+        )
+    existing = [str(path) for path, shown in drawn.items() if path not in unasked or shown is None]
     if existing and not overwrite:
         raise OutputConflictError(
             f"plot files already exist: {', '.join(existing)}; pass overwrite=True "
             "(--overwrite) to replace them, or another dest (--dest)"
         )
+
+
+def _described(shown: Mapping[str, str]) -> str:
+    what = "the detection rate" if shown.get("plot") == "daily" else repr(shown.get("plot"))
+    return f"{what}, {shown.get('class')}, of {shown.get('output')} ({shown.get('model')})"
 
 
 def _plot_all(
@@ -470,8 +576,9 @@ def _draw(
                 read_metadata=read_metadata,
             )
         # Whole or not at all: a stop mid-write left a PNG cut short under its own name.
+        shown = json.dumps(_identity(run, what, name))
         with atomic_path(path) as temporary:
-            figure.savefig(temporary, dpi=dpi, format="png")
+            figure.savefig(temporary, dpi=dpi, format="png", metadata={_PNG_KEY: shown})
 
 
 def _safe(text: str) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "group_values",
     "summarize",
     "summary_paths",
+    "width_label",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Summary:
     def label(self) -> str:
         """File-name stem: ``bins-5min-by-level_1``, ``bins-1h-by-file``, ``bins-5min-all``."""
         grouping = "-by-" + "-".join(self.group_columns) if self.group_columns else "-all"
-        return f"bins-{_width_label(self.width)}{grouping}"
+        return f"bins-{width_label(self.width)}{grouping}"
 
 
 _DAY_UNIT = re.compile(r"(\d)\s*d(?![a-z])")
@@ -154,7 +155,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _width_label(width: pd.Timedelta) -> str:
+def width_label(width: pd.Timedelta) -> str:
+    """A bin width as summaries' file names and records spell it: ``"5min"``, ``"1d"``."""
     seconds, milliseconds = divmod(width.value // 1_000_000, 1000)
     if milliseconds:
         return f"{width.value // 1_000_000}ms"
@@ -332,9 +334,9 @@ def summarize(
             "bins of %s are counted from 1970-01-01 UTC, as buzzr's are, not from local "
             "midnight in %s, so they do not start on its round times: for local days or hours, "
             "use %s bins and sum them",
-            _width_label(settings.width),
+            width_label(settings.width),
             tz,
-            _width_label(aligned),
+            width_label(aligned),
         )
     table.attrs.update(
         # Which head: its files' names and columns are the same for every head.
@@ -343,7 +345,7 @@ def summarize(
         run_complete=run.complete,
         unfinished_files=unfinished,
         thresholds=dict(settings.thresholds),
-        bin=_width_label(settings.width),
+        bin=width_label(settings.width),
         paths={},
     )
     if write:
@@ -542,7 +544,7 @@ def _write(
 
     record = {
         "model": table.attrs.get("model"),
-        "bin": _width_label(settings.width),
+        "bin": width_label(settings.width),
         "by": list(settings.group_columns),
         "thresholds": settings.thresholds,
         "comparison": f"activation {COMPARISON} threshold",
