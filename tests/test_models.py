@@ -103,6 +103,48 @@ def test_a_keras_file_head_is_refused_with_the_export_that_makes_it_a_savedmodel
     )
 
 
+def test_a_weights_only_keras_file_is_refused_with_what_can_load_it(tmp_path):
+    # Model.save_weights: keras.models.load_model of it raised "No model config found".
+    model = tmp_path / "weights_head"
+    model.mkdir()
+    (model / "config_model.json").write_text(json.dumps({"classes": ["a"], "embeddername": "x"}))
+    (model / "model.weights.h5").write_bytes(b"\x89HDF")
+    with pytest.raises(ModelError) as refused:
+        resolve_model(model)
+    said = "holds model.weights.h5, weights only: build the head's Keras model again, then "
+    said += f"model.load_weights('{model / 'model.weights.h5'}') and model.export('{model}')"
+    assert said in str(refused.value)
+
+
+def test_an_empty_class_name_is_refused(copy_of, tiny_embedder):
+    model = copy_of("blank", lambda c: c.update(classes=["ins_buzz", " "]))
+    with pytest.raises(ModelError, match=r"a class has an empty name \(\['ins_buzz', ' '\]\)"):
+        resolve_model(model, embedder=str(tiny_embedder))
+
+
+def test_a_one_class_head_of_one_value_per_frame_scores_one_column(tmp_path):
+    """A Dense(1) head squeezed to shape (n,): buzzdetect reads it as one column."""
+    import numpy as np
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.kernel = tf.Variable(np.linspace(0, 1, 1024, dtype=np.float32)[:, None])
+    module.serve = tf.function(
+        lambda input: {"dense": tf.matmul(input, module.kernel)[:, 0]},
+        input_signature=[tf.TensorSpec([None, 1024], tf.float32, name="input")],
+    )
+    tf.saved_model.save(
+        module, str(tmp_path / "head"), signatures={"serving_default": module.serve}
+    )
+    score, input_size = load_head(str(tmp_path / "head"))
+    embeddings = np.ones((3, 1024), np.float32)
+    activations = score(embeddings)
+    assert input_size == 1024 and activations.shape == (3, 1)
+    np.testing.assert_allclose(
+        activations[:, 0], embeddings @ module.kernel.numpy()[:, 0], rtol=1e-5
+    )
+
+
 def test_a_head_without_serving_default_says_what_it_has(tmp_path):
     import tensorflow as tf
 

@@ -297,6 +297,9 @@ def resolve_model(
     classes = model_config.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ModelError(f"{config_path}: 'classes' must be a non-empty list of names")
+    if not all(name.strip() for name in classes):
+        # Its column would be "activation_", and no --threshold could name it.
+        raise ModelError(f"{config_path}: a class has an empty name ({classes})")
     if len(set(classes)) != len(classes):
         raise ModelError(f"{config_path}: duplicate class names in {classes}")
     # buzzdetect read its earlier models' "embedder" as "embeddername".
@@ -344,7 +347,14 @@ def model_sha256(path: Path) -> str:
 
 def _head_problem(path: Path, problem: str) -> str:
     """Why the head in ``path`` cannot load, and how to make one from a Keras file there."""
-    keras = sorted(p.name for p in path.iterdir() if p.suffix in (".keras", ".h5"))
+    files = sorted(p.name for p in path.iterdir() if p.suffix in (".keras", ".h5"))
+    keras = [name for name in files if not name.endswith(".weights.h5")]
+    if not keras and files:  # Model.save_weights: no architecture to load it into
+        return (
+            f"the head must be a TF SavedModel: {problem}; {path} holds {files[0]}, weights "
+            "only: build the head's Keras model again, then model.load_weights("
+            f"'{path / files[0]}') and model.export('{path}')"
+        )
     if not keras:
         return f"the head must be a TF SavedModel: {problem}"
     return (
@@ -508,6 +518,9 @@ def _saved_model_head(path: str) -> tuple[Callable[[np.ndarray], np.ndarray], in
 
     def score(embeddings: np.ndarray) -> np.ndarray:
         result = signature(**{input_name: tf.constant(embeddings, dtype=tf.float32)})
-        return result[output_name].numpy()
+        activations = result[output_name].numpy()
+        # A one-class head may give one value per frame (a Dense(1) squeezed): one column, as
+        # buzzdetect's DataFrame of it.
+        return activations[:, np.newaxis] if activations.ndim == 1 else activations
 
     return score, int(input_size) if input_size is not None else -1
