@@ -318,8 +318,12 @@ def test_precision_export_uses_the_models_metrics(run, make_audio, tiny_model, t
 
 
 def test_errors_before_anything_is_written(tree_run, tmp_path):
-    with pytest.raises(ModelError, match=r"no test metrics \(.*tests/metrics\.csv not found\)"):
+    with pytest.raises(
+        ModelError, match=r"no test metrics \(.*tests/metrics\.csv not found\)"
+    ) as no:
         buzzdask.export(tree_run.output, format="buzzdetect", precision=0.95, dest=tmp_path / "x")
+    # No value of another head's (model_general_v3's -1.2) offered for this one.
+    assert "(thresholds={'ins_buzz': VALUE} or --threshold ins_buzz=VALUE;" in str(no.value)
     with pytest.raises(ParameterError, match=r"unknown \['ins_bzz'\]"):
         buzzdask.export(tree_run.output, format="csv", classes=["ins_bzz"], dest=tmp_path / "x")
     with pytest.raises(ParameterError, match="Raven export lists detection events"):

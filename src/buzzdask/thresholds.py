@@ -128,15 +128,16 @@ def _read_metrics(model_dir: str | os.PathLike[str]) -> tuple[Path, pd.DataFrame
         raise ModelError(
             f"model directory {model_dir} not found, so no threshold can be taken from "
             "its test metrics; give the model directory as it is here (model=..., --model DIR) "
-            f"or thresholds per class (--threshold {METRICS_CLASS}=-1.2)"
+            f"or thresholds per class (--threshold {METRICS_CLASS}=VALUE, an activation)"
         )
     try:
         metrics = pd.read_csv(path)
     except FileNotFoundError:
         raise ModelError(
             f"model {Path(model_dir)} has no test metrics ({path} not found), so no threshold "
-            f"can be taken from a precision; give thresholds per class instead "
-            f"(thresholds={{'{METRICS_CLASS}': -1.2}} or --threshold {METRICS_CLASS}=-1.2)"
+            f"can be taken from a precision; give thresholds per class instead, activations "
+            f"this head's own tests chose (thresholds={{'{METRICS_CLASS}': VALUE}} or "
+            f"--threshold {METRICS_CLASS}=VALUE; MODEL/{METRICS_CLASS}=VALUE beside other heads)"
         ) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise ModelError(f"{path}: not a readable CSV ({error})") from None
