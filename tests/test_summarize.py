@@ -524,6 +524,19 @@ def test_a_plot_replaces_only_its_own_run_and_recordings(lab_run, tmp_path):
     plot_run(output, bin="1min", thresholds=thresholds, dest=dest, overwrite=True)
 
 
+def test_a_failed_recordings_plot_says_why_it_has_none(run, make_audio, tmp_path):
+    make_audio("20240601_060000.wav", n_samples=3 * 15360)
+    (tmp_path / "audio" / "20240601_070000.WAV").write_text("not audio")
+    result = run(tmp_path / "audio", thresholds={"ins_buzz": 0.0})
+    with pytest.raises(ParameterError) as refused:
+        plot_run(result, recordings=["20240601_070000.WAV"], dest=tmp_path / "plots")
+    # Not "have no scores ... e.g. '20240601_060000.wav'", as a misspelt name hears.
+    assert str(refused.value).startswith(
+        "recordings that failed have no scores to plot (20240601_070000.WAV: "
+    )
+    assert "cannot read it as audio" in str(refused.value)
+
+
 def test_plots_of_classes_named_alike_are_one_each(run, make_audio, tmp_path):
     """A trained head's classes bee/fly and bee_fly: one file name, and one class's plots were
     gone without a word."""
