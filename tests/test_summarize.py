@@ -326,6 +326,7 @@ def test_plots(lab_run, tmp_path, capsys):
         "siteC",
     ]
     assert "not shown" in axes.get_title()  # the untimed file's bins
+    assert axes.get_xlabel() == "time of day (h, as the recorders wrote it)"
     # Which head, and which threshold.
     heading = f"ins_buzz > {threshold:g} ({summary.attrs['model']}): detections"
     assert heading in axes.get_title()
@@ -374,6 +375,9 @@ def test_plots(lab_run, tmp_path, capsys):
         output,
         "siteA/2024-06-01/20240601_055830.WAV",
         thresholds={"ins_buzz": threshold},
+    )
+    assert activation.axes[0].get_xlabel() == (
+        "time (as the recorder wrote it), from 2024-06-01 05:58:30"
     )
     labels = [line.get_label() for line in activation.axes[0].get_lines()]
     assert f"threshold {threshold:g}" in labels

@@ -131,7 +131,8 @@ def plot_daily_activity(
         clock = timed["bin_datetime"].dt
         x = clock.hour + clock.minute / 60 + clock.second / 3600
         zone = getattr(timed["bin_datetime"].dt, "tz", None)
-        xlabel = f"time of day (h{', ' + str(zone) if zone is not None else ''})"
+        # Without a zone, the clock each recorder wrote (UTC for an AudioMoth left at it).
+        xlabel = f"time of day (h, {zone if zone is not None else 'as the recorders wrote it'})"
         rows, unit_s = timed, 3600
     else:
         span = float(summary["bin_filetime"].max()) if len(summary) else 0.0
@@ -323,7 +324,9 @@ def plot_activation(
         xlabel = "seconds from the start of the file"
     else:
         x = origin + pd.to_timedelta(frames["start"], unit="s")
-        xlabel = f"time{' (' + str(tz) + ')' if tz else ''}"
+        # The date too: a recording across midnight ticks 23:59, 00:00 and nothing else.
+        clock = str(tz) if tz else "as the recorder wrote it"
+        xlabel = f"time ({clock}), from {origin:%Y-%m-%d %H:%M:%S}"
 
     figure = _shown_in_notebooks(Figure(figsize=(9, 3.5), layout="constrained"))
     axes = figure.add_subplot()
