@@ -459,6 +459,43 @@ def test_audio_stored_under_two_names_is_rescored_once(
     assert_same_output(result.output, corpus.fresh.output)
 
 
+def test_two_seasons_sharing_a_store_rescore_each_its_own_audio(
+    corpus, tiny_model, dask_client, tiny_embedder, tmp_path, caplog
+):
+    """A second season analysed into the first's store (--keep-embeddings DIR), its files
+    named as the first's (siteA/a1.wav, other audio): each season's re-scoring is its own
+    audio. The first's gave the second's frames under its name, without a word."""
+    for season, samples in (("2024", 5 * FRAME), ("2025", 3 * FRAME)):
+        write_audio(tmp_path / season, "siteA/a1.wav", n_samples=samples, seed=int(season))
+    store = tmp_path / "out2024" / "embeddings"
+    analysed = {
+        season: buzzdask.analyze(
+            tmp_path / season,
+            tiny_model,
+            output=tmp_path / f"out{season}",
+            keep_embeddings=True if season == "2024" else store,
+            **corpus.options,
+        )
+        for season in ("2024", "2025")
+    }
+    assert all(result.ok for result in analysed.values())
+    for season, result in analysed.items():
+        with caplog.at_level(logging.WARNING, logger="buzzdask.store"):
+            again = rescore(
+                result.output, tiny_model, tmp_path / f"re{season}", dask_client, tiny_embedder
+            )
+        assert again.ok, again.errors
+        assert_same_output(again.output, result.output, atol=1e-6)
+    # The store given alone: its own analysis' audio, the other named.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="buzzdask.store"):
+        alone = rescore(store, tiny_model, tmp_path / "re_store", dask_client, tiny_embedder)
+    assert_same_output(alone.output, analysed["2024"].output, atol=1e-6)
+    said = f"siteA/a1.wav: {tmp_path / '2024' / 'siteA' / 'a1.wav'}, not {tmp_path / '2025'}"
+    assert "holds different audio under one name, stored by analyses of different" in caplog.text
+    assert said in caplog.text
+
+
 def test_copies_of_one_recording_in_an_analysis_are_each_rescored(
     corpus, new_head, tiny_model, dask_client, tiny_embedder, tmp_path, caplog
 ):

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from distributed import Client
@@ -23,7 +24,7 @@ from distributed import Client
 from buzzdask.analysis import RunInputs, plan_run, run_plan
 from buzzdask.decode import AudioInfo, ChunkPlan
 from buzzdask.errors import BuzzdaskError, InputError, ModelError
-from buzzdask.inputs import InputFile
+from buzzdask.inputs import InputFile, user_path
 from buzzdask.ledger import FileLedger, FileState
 from buzzdask.logs import quiet_environment
 from buzzdask.models import head_weights
@@ -109,6 +110,7 @@ def rescore(
     """
     started_wall = time.perf_counter()
     quiet_environment()
+    store_given = store
     store = find_store(store)  # before the embedder: a path without a store says so first
     settings = load_settings(memory_budget=memory_budget, batch_frames=batch_frames)
     # The store's own record of its embedder, which is never loaded: no TF Hub, no download.
@@ -130,7 +132,8 @@ def rescore(
         # the cluster are opened.
         threading.Thread(target=import_tensorflow, name="import-tensorflow").start()
     kept = open_store(store, embedder=plan.embedder, spec=plan.spec)
-    catalog = kept.catalog(recordings=_analysed_recordings(kept))
+    recordings, roots = _analysed(kept, given=user_path(store_given))
+    catalog = kept.catalog(recordings=recordings, roots=roots)
     if not catalog:
         raise InputError(f"the catalog of {kept.directory} names no file: nothing to re-score")
     first = next(iter(catalog.values()))[0]
@@ -163,23 +166,29 @@ def rescore(
     )
 
 
-def _analysed_recordings(store: EmbeddingStore) -> set[str]:
-    """The recordings of the analysis whose output holds ``store`` (``OUTPUT/embeddings``).
+def _analysed(store: EmbeddingStore, *, given: Path) -> tuple[set[str], set[str]]:
+    """The recordings of the analysis re-scored, and the folder(s) it analysed them from.
 
-    Its copies of one recording (an SD card dumped in two folders) are each a recording of
-    its results: a re-scoring gives each, where a name the analysis no longer has (a file
-    since renamed) folds into the latest. Empty for a store of its own (a training's cache).
+    That analysis: the output ``given`` (whose store may be shared, ``--keep-embeddings
+    DIR``), else the one whose output holds ``store`` (``OUTPUT/embeddings``). Its copies of
+    one recording (an SD card dumped in two folders) are each a recording of its results: a
+    re-scoring gives each, where a name the analysis no longer has (a file since renamed) folds
+    into the latest. Its folder tells its audio from other analyses' stored under the same
+    names. Both empty for a store of its own (a training's cache).
     """
-    owner = store.root.parent
-    if store.root.name != "embeddings" or not owner.is_dir():
-        return set()
+    owner = given if (given / "buzzdask.json").is_file() else store.root.parent
+    if (owner == store.root.parent and store.root.name != "embeddings") or not owner.is_dir():
+        return set(), set()
     recordings: set[str] = set()
+    roots: set[str] = set()
     # One head's output is OUTPUT itself; several heads' are OUTPUT/<model name>.
     for output in (owner, *(path for path in owner.iterdir() if path.is_dir())):
         if (output / "buzzdask.json").is_file():
-            with contextlib.suppress(BuzzdaskError):
-                recordings.update(open_run(output).recordings())
-    return recordings
+            with contextlib.suppress(BuzzdaskError, KeyError):
+                run = open_run(output)
+                recordings.update(run.recordings())
+                roots.add(str(run.input_root))
+    return recordings, roots
 
 
 def _analysed_root(catalog: Mapping[str, list[dict[str, Any]]]) -> str | None:

@@ -270,20 +270,25 @@ class EmbeddingStore:
             covered = max(covered, part.first + part.n_frames)
         return max(0, stop - first_frame) if covered >= stop else None
 
-    def catalog(self, *, recordings: Collection[str] = ()) -> dict[str, list[dict[str, Any]]]:
+    def catalog(
+        self, *, recordings: Collection[str] = (), roots: Collection[str] = ()
+    ) -> dict[str, list[dict[str, Any]]]:
         """The chunks an analysis stored, by file name, in chunk order.
 
-        A name's latest audio (by the last line naming it) replaces any earlier one, and audio
-        stored under several names (moved, renamed, or analysed from another folder) is given
-        once, under the latest (a warning names the others), except the names in
-        ``recordings``: an analysis's own inputs, copies of one recording among them, are each
-        given. Analyses with other chunk lengths chunk a file differently: the chunks of one of
-        them are given, the one that stored the most frames (of equals, the latest), never a
-        mix that would give frames twice.
+        A name's latest audio (by the last line naming it) replaces any earlier one (the file
+        changed and was analysed again). Where analyses of different folders stored different
+        audio under one name (``siteA/a1.mp3`` of two seasons kept in one store), the audio
+        under one of ``roots`` is given (the re-scored analysis' input folder), else the latest,
+        and a warning names the others. Audio stored under several names (moved, renamed, or
+        analysed from another folder) is given once, under the latest (a warning names the
+        others), except the names in ``recordings``: an analysis's own inputs, copies of one
+        recording among them, are each given. Analyses with other chunk lengths chunk a file
+        differently: the chunks of one of them are given, the one that stored the most frames
+        (of equals, the latest), never a mix that would give frames twice.
         """
-        # name -> (audio sha256, {frames per chunk -> {chunk index -> entry}}, latest last)
-        files: dict[str, tuple[str, dict[int, dict[int, dict[str, Any]]]]] = {}
-        latest_line: dict[str, int] = {}
+        # name -> audio sha256 -> its {frames per chunk -> {chunk index -> entry}}, its path
+        # (where lines record it) and its last line
+        stored: dict[str, dict[str, _Stored]] = {}
         if self.catalog_path.exists():
             lines = self.catalog_path.read_text(encoding="utf-8").splitlines()
             for number, line in enumerate(lines):
@@ -291,16 +296,35 @@ class EmbeddingStore:
                     entry = json.loads(line)
                 except json.JSONDecodeError:  # a last line cut short by a kill
                     continue
-                known = files.get(entry["file"])
-                if known is None or known[0] != entry["sha256"]:
-                    # New, or the file changed and was analysed again.
-                    known = files[entry["file"]] = (entry["sha256"], {})
-                latest_line[entry["file"]] = number
-                chunkings = known[1]
+                audio = stored.setdefault(entry["file"], {}).setdefault(
+                    entry["sha256"], _Stored(chunkings={}, path=None, line=number)
+                )
+                audio.line, audio.path = number, entry.get("path") or audio.path
                 per_chunk = int(entry["frames_per_chunk"])
-                chunks = chunkings.pop(per_chunk, {})
+                chunks = audio.chunkings.pop(per_chunk, {})
                 chunks[int(entry["chunk"])] = entry
-                chunkings[per_chunk] = chunks
+                audio.chunkings[per_chunk] = chunks
+        files: dict[str, tuple[str, dict[int, dict[int, dict[str, Any]]]]] = {}
+        latest_line: dict[str, int] = {}
+        elsewhere: list[str] = []
+        for name, audios in stored.items():
+            latest_first = sorted(audios.items(), key=lambda item: -item[1].line)
+            wanted = {os.path.join(root, name) for root in roots}
+            sha, chosen = next(
+                (item for item in latest_first if item[1].path in wanted), latest_first[0]
+            )
+            files[name], latest_line[name] = (sha, chosen.chunkings), chosen.line
+            others = sorted({a.path for _, a in latest_first if a.path and a.path != chosen.path})
+            if others and chosen.path:
+                elsewhere.append(f"{name}: {chosen.path}, not {first_names(others, shown=2)}")
+        if elsewhere:
+            logger.warning(
+                "%s holds different audio under one name, stored by analyses of different "
+                "folders: given %s. Re-score the others from their own analysis' output, or "
+                "keep each season's embeddings in a store of its own",
+                self.directory,
+                first_names(elsewhere, shown=3, separator="; "),
+            )
         names: dict[str, list[str]] = {}  # audio sha256 -> its names, the latest first
         for name in sorted(files, key=latest_line.__getitem__, reverse=True):
             names.setdefault(files[name][0], []).append(name)
@@ -564,6 +588,15 @@ def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
     column = table.column("embedding").combine_chunks()
     rows = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
     return table.column("frame").to_numpy(), rows
+
+
+@dataclass
+class _Stored:
+    """One audio (by its sha256) a catalog names a file by, as :meth:`catalog` gathers it."""
+
+    chunkings: dict[int, dict[int, dict[str, Any]]]
+    path: str | None
+    line: int
 
 
 def _parts_in(folder: Path) -> list[_Part]:
