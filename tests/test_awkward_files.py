@@ -446,7 +446,8 @@ def test_decoded_copy_failure_is_reported_by_every_waiting_chunk(tmp_path: Path)
             )
     assert len(calls) == 1
     assert pcm_cache.remove("k", directory=str(tmp_path))
-    assert list((tmp_path / "buzzdask-pcm").iterdir()) == []
+    # One folder per user: a shared /tmp's first user's refused the next user's copies.
+    assert list((tmp_path / f"buzzdask-pcm-{os.getuid()}").iterdir()) == []
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a full disk)")
@@ -467,9 +468,9 @@ def test_a_disk_filled_while_a_copy_is_made_fails_no_file(tmp_path: Path, caplog
     make = functools.partial(
         decode._decode_to_file, info, sample_rate=16000, ffmpeg_cmd=find_ffmpeg().ffmpeg
     )
-    stem = tmp_path / "buzzdask-pcm" / "k"
+    stem = tmp_path / f"buzzdask-pcm-{os.getuid()}" / "k"
     stem.parent.mkdir()
-    (tmp_path / "buzzdask-pcm" / "k.partial").symlink_to("/dev/full")  # writes: ENOSPC
+    (stem.parent / "k.partial").symlink_to("/dev/full")  # writes: ENOSPC
     with caplog.at_level(logging.WARNING, logger="buzzdask"):
         answer = pcm_cache.read_span(
             "k", directory=str(tmp_path), start=0, stop=10, make=make, name=str(path)

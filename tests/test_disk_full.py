@@ -109,3 +109,78 @@ def test_an_output_on_a_full_disk_says_so_before_any_work(small_disk, tmp_path):
     # Nothing of the lock left behind (an empty .new file kept the output folder from being
     # removed as left empty).
     assert [p.name for p in small_disk.rglob("*") if p.is_file()] == ["filler"]
+
+
+@pytest.fixture
+def read_only_folders() -> Iterator[list[Path]]:
+    """Folders to mount an empty read-only tmpfs on (a labmate's, for a user who may not write
+    there: root writes anywhere else); unmounted at the end."""
+    mounted: list[Path] = []
+    yield mounted
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _read_only(folder: Path, mounted: list[Path]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], check=True)
+    mounted.append(folder)
+
+
+def test_a_folder_of_the_output_it_may_not_write_stops_the_run(
+    run, make_audio, tmp_path, dask_client, tiny_model, tiny_embedder, read_only_folders
+):
+    """A labmate's folder in a shared output (made with umask 022): writing there is refused.
+    The run stops, saying where and what to do, and resumes once it may: its recordings were
+    failed as broken instead (and any recording whose score task it shared)."""
+    from tests.test_cli import buzzdask_cli
+
+    make_audio("siteA/a.wav", n_samples=3 * FRAME)
+    out = tmp_path / "out"
+    assert run(tmp_path / "audio", output=out).ok
+    make_audio("siteB/b.wav", n_samples=3 * FRAME, seed=1)
+    _read_only(out / "scores" / "siteB" / "b.wav", read_only_folders)
+    args = [
+        "analyze", str(tmp_path / "audio"), "--output", str(out), "--resume", "--no-progress",
+        "--model", str(tiny_model), "--embedder", str(tiny_embedder),
+        "--scheduler", dask_client.scheduler.address,
+    ]  # fmt: skip
+    stopped = buzzdask_cli(*args)
+    assert stopped.returncode == 1, stopped.stderr
+    said = f"buzzdask: error: cannot write in output {out}: {out / 'scores' / 'siteB' / 'b.wav'}/"
+    assert said in stopped.stderr and "Traceback" not in stopped.stderr
+    assert "(Read-only file system; owned by root). Its owner can give the group write " in (
+        stopped.stderr
+    )
+    assert f"(chmod -R g+w {out}; umask 002 in job scripts keeps it so)" in stopped.stderr
+    metadata = json.loads((out / "buzzdask.json").read_text())
+    assert metadata["status"] == "failed"
+    assert metadata["stopped_by"].startswith("OutputPermissionError: cannot write in output")
+    # Not the recording's fault: none is failed as broken.
+    errors = out / "errors.parquet"
+    assert not errors.exists() or pq.read_table(errors).num_rows == 0
+    subprocess.run(["umount", str(out / "scores" / "siteB" / "b.wav")], check=True)
+    read_only_folders.clear()
+    resumed = buzzdask_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    frames = buzzdask.open_run(out).frames().compute()
+    assert sorted(frames.groupby("file").size().items()) == [("siteA/a.wav", 3), ("siteB/b.wav", 3)]
+
+
+def test_a_file_it_may_not_write_is_said_in_one_line(run, make_audio, tmp_path, read_only_folders):
+    """Any write refused (an export's folder a labmate made, a partition a resume removes, a
+    lock it takes over): which file, whose, what to do; not a traceback."""
+    from tests.test_cli import buzzdask_cli
+
+    make_audio("siteA/a.wav", n_samples=3 * FRAME)
+    out = run(tmp_path / "audio", output=tmp_path / "out").output
+    dest = tmp_path / "csv"
+    export = ["export", str(out), "--format", "buzzdetect", "--dest", str(dest)]
+    assert buzzdask_cli(*export).returncode == 0
+    _read_only(dest / "siteA", read_only_folders)  # emptied: as if a labmate had made it
+    refused = buzzdask_cli(*export, "--overwrite")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.startswith(f"buzzdask: error: {dest / 'siteA'}/")
+    assert ": Read-only file system; owned by root: ask its owner for write access (chmod " in (
+        refused.stderr
+    )

@@ -110,6 +110,23 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
         except BuzzdaskError as error:
             print(f"buzzdask: error: {_in_flags(error)}", file=sys.stderr)
             return EXIT_ERROR
+        except OSError as error:
+            # A labmate's file in the way (a partition a resume removes, a log, a lock, an
+            # export's folder), or a read-only mount: which, whose, what to do; no traceback.
+            from pathlib import Path
+
+            from buzzdask.write import owner_said, write_refused
+
+            if not write_refused(error):
+                raise
+            where = os.fsdecode(error.filename) if error.filename is not None else "a file"
+            print(
+                f"buzzdask: error: {where}: {error.strerror}{owner_said(Path(where))}: ask its "
+                "owner for write access (chmod -R g+w on its folder; umask 002 in job scripts "
+                "keeps it so), or write elsewhere (--output, --dest)",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
         except KeyboardInterrupt as stop:
             terminated = isinstance(stop, _Terminated)
             # Each partition and journal line is written whole: what was written stays valid.

@@ -19,6 +19,7 @@ __all__ = [
     "ModelError",
     "OutputConflictError",
     "OutputFullError",
+    "OutputPermissionError",
     "ParameterError",
     "ScorerError",
     "ScorerMisplacedError",
@@ -46,6 +47,13 @@ class ModelError(BuzzdaskError, ValueError):
 
 class OutputConflictError(BuzzdaskError, FileExistsError):
     """The output already holds results and the user did not ask to resume or start anew."""
+
+
+class OutputPermissionError(BuzzdaskError, PermissionError):
+    """The output refuses this user's writes (a labmate's folder): the run stops.
+
+    A resume finishes it once the output's owner gives the group write access.
+    """
 
 
 class OutputFullError(BuzzdaskError, OSError):

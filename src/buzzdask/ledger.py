@@ -30,7 +30,14 @@ from buzzdask.pipeline import ChunkJob, chunk_label
 from buzzdask.progress import PROBLEMS_SHOWN, Progress, format_count, logger
 from buzzdask.score import ChunkTarget, ChunkWriter
 from buzzdask.store import STORED_CODEC, EmbeddingStore
-from buzzdask.write import OutputLayout, PartitionWriter, is_output_full, output_full_error
+from buzzdask.write import (
+    OutputLayout,
+    PartitionWriter,
+    is_output_full,
+    is_output_refused,
+    output_full_error,
+    output_refused_error,
+)
 
 __all__ = ["FileLedger", "FileState", "HeadOutput", "ProblemLines", "describe", "problem_lines"]
 
@@ -362,8 +369,10 @@ class FileLedger:
         (:meth:`stops_when_output_full`), every later chunk would fail the same way. (A full
         node-local disk while decoding, staging or caching a copy, fails only its file.)
         """
-        if stage == "score" and is_output_full(error):
-            raise error
+        if stage == "score" and (
+            is_output_full(error) or is_output_refused(error, self.layout.root)
+        ):
+            raise error  # the output's problem, not the file's: stops the run
         state: FileState = job.owner
         state.chunks_done += 1
         self._fail(state, job.plan.index, stage, *describe(error))
@@ -383,14 +392,18 @@ class FileLedger:
 
     @contextmanager
     def stops_when_output_full(self) -> Iterator[None]:
-        """Turn a full output file system into :class:`~buzzdask.errors.OutputFullError`.
+        """Turn a full output, or a write refused there, into the error that stops the run.
 
-        Raised by a worker writing a partition, or here writing the journal or metadata: the
-        message names the output, the space still needed and how to go on.
+        :class:`~buzzdask.errors.OutputFullError` (the space still needed) and
+        :class:`~buzzdask.errors.OutputPermissionError` (the file, its owner), raised by a worker
+        writing a partition, or here writing the journal or metadata: each names the output and
+        how to go on.
         """
         try:
             yield
         except OSError as error:
+            if is_output_refused(error, self.layout.root):
+                raise output_refused_error(self.layout.root, error) from error
             if not is_output_full(error):
                 raise
             raise output_full_error(

@@ -57,7 +57,11 @@ logger = logging.getLogger(__name__)
 
 
 def copy_directory(directory: str | None) -> str:
-    """Where this node's decoded copies go: ``<directory>/buzzdask-pcm``.
+    """Where this node's decoded copies go: ``<directory>/buzzdask-pcm-<uid>``.
+
+    One folder per user (as Dask's scratch space): in a ``/tmp`` that users share (a login
+    node, an OnDemand desktop), the first user's folder refused the next user's copies, whose
+    long AAC files were then decoded from their start for each chunk, until a reboot.
 
     Parameters
     ----------
@@ -66,7 +70,7 @@ def copy_directory(directory: str | None) -> str:
         local disk), else the system's temporary directory.
     """
     base = directory or os.environ.get("TMPDIR") or tempfile.gettempdir()
-    return os.path.join(base, "buzzdask-pcm")
+    return os.path.join(base, f"buzzdask-pcm-{os.getuid()}")
 
 
 def read_span(

@@ -38,7 +38,12 @@ import pyarrow.parquet as pq
 from dask.utils import format_bytes
 
 from buzzdask.config import DEFAULTS
-from buzzdask.errors import OutputConflictError, OutputFullError, ParameterError
+from buzzdask.errors import (
+    OutputConflictError,
+    OutputFullError,
+    OutputPermissionError,
+    ParameterError,
+)
 from buzzdask.frames import FrameSpec
 from buzzdask.inputs import first_names, user_path
 from buzzdask.progress import format_audio, format_count
@@ -829,6 +834,51 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 def is_output_full(error: BaseException) -> bool:
     """Whether ``error`` (raised here or on a worker) means the file system is full."""
     return isinstance(error, OSError) and error.errno in _FULL
+
+
+#: What a file system says to a user who may not write there (EROFS: mounted read-only).
+_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_refused(error: BaseException) -> bool:
+    """Whether ``error`` is a file system refusing this user (or any: mounted read-only)."""
+    return isinstance(error, OSError) and error.errno in _REFUSED
+
+
+def is_output_refused(error: BaseException, root: Path) -> bool:
+    """Whether ``error`` (raised here or on a worker) is a write refused in the output ``root``."""
+    if not isinstance(error, OSError) or not write_refused(error):
+        return False
+    return error.filename is None or _under(Path(os.fsdecode(error.filename)), root)
+
+
+def _under(path: Path, root: Path) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) == str(
+        Path(os.path.abspath(root))
+    )
+
+
+def owner_said(path: Path) -> str:
+    """``"; owned by alice"`` for the user owning ``path`` (or the folder it was to be in)."""
+    import pwd
+
+    for candidate in (path, path.parent):
+        try:
+            return f"; owned by {pwd.getpwuid(candidate.stat().st_uid).pw_name}"
+        except (OSError, KeyError):
+            continue
+    return ""
+
+
+def output_refused_error(root: Path, error: OSError) -> OutputPermissionError:
+    """What to tell a user who may not write in the output ``root`` (a labmate's)."""
+    where = Path(os.fsdecode(error.filename)) if error.filename is not None else root
+    return OutputPermissionError(
+        f"cannot write in output {root}: {where} ({error.strerror}{owner_said(where)}). Its "
+        f"owner can give the group write access (chmod -R g+w {root}; umask 002 in job "
+        "scripts keeps it so), then finish the run with a resume (--resume, or "
+        "on_conflict='resume'): what was written is checked and kept"
+    )
 
 
 def output_full_error(
