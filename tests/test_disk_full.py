@@ -181,6 +181,6 @@ def test_a_file_it_may_not_write_is_said_in_one_line(run, make_audio, tmp_path, 
     refused = buzzdask_cli(*export, "--overwrite")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert refused.stderr.startswith(f"buzzdask: error: {dest / 'siteA'}/")
-    assert ": Read-only file system; owned by root: ask its owner for write access (chmod " in (
+    assert ": Read-only file system; owned by root: ask its owner for access (chmod -R g+rwX" in (
         refused.stderr
     )

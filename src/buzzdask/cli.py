@@ -122,7 +122,7 @@ def reports_errors(command: Callable[_P, int]) -> Callable[_P, int]:
             where = os.fsdecode(error.filename) if error.filename is not None else "a file"
             print(
                 f"buzzdask: error: {where}: {error.strerror}{owner_said(Path(where))}: ask its "
-                "owner for write access (chmod -R g+w on its folder; umask 002 in job scripts "
+                "owner for access (chmod -R g+rwX on its folder; umask 002 in job scripts "
                 "keeps it so), or write elsewhere (--output, --dest)",
                 file=sys.stderr,
             )
