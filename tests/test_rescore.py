@@ -541,6 +541,14 @@ def test_resume_and_conflicts(corpus, new_head, dask_client, tiny_embedder, tmp_
     assert resumed.summary["chunks_written"] == 2
     assert resumed.summary["chunks_skipped_resume"] == 3 + 3
     assert_same_output(output, corpus.fresh.output)
+    # The store copied elsewhere (to project space, another machine with the results): the
+    # same embeddings, resumed from (its path differed: "settings differ", and the way offered
+    # was an --embedder that is no embedder).
+    copied = tmp_path / "project" / "embeddings"
+    shutil.copytree(corpus.store, copied)
+    again = rescore(copied, new_head, output, dask_client, tiny_embedder, on_conflict="resume")
+    assert again.ok and again.summary["chunks_written"] == 0
+    assert_same_output(output, corpus.fresh.output)
 
     with pytest.raises(OutputConflictError, match="thresholds"):
         rescore(

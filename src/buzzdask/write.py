@@ -317,9 +317,17 @@ def partition_problem(path: Path, *, frames: int, fingerprint: Mapping[str, Any]
         return f"its partition holds {footer.num_rows} frames, the journal says {frames}"
     stored = json.loads((footer.metadata or {}).get(b"buzzdask", b"{}"))
     expected = json.loads(json.dumps(fingerprint, sort_keys=True))
-    if stored.get("fingerprint") != expected:
+    written = stored.get("fingerprint")
+    if not isinstance(written, dict) or not _fingerprints_agree(written, expected):
         return "its partition was written with other settings"
     return None
+
+
+def _fingerprints_agree(before: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
+    """Whether two runs' settings are the same (a re-scoring's store may have moved)."""
+    return before.keys() == now.keys() and all(
+        before[key] == now[key] or _same_store_set(key, before[key], now[key]) for key in now
+    )
 
 
 @dataclass(frozen=True)
@@ -718,7 +726,7 @@ def prepare_output(
     before = previous.get("fingerprint", {})
     differences: tuple[tuple[str, Any, Any], ...] = ()
     for key, value in fingerprint.items():
-        if before.get(key) == value:
+        if before.get(key) == value or _same_store_set(key, before.get(key), value):
             continue
         (name, earlier), (_, now) = _as_given(key, before), _as_given(key, fingerprint)
         if earlier != now or name == key:  # a chunk of the same seconds, in frames of another hop
@@ -740,6 +748,21 @@ def prepare_output(
             )
         )
     return layout
+
+
+def _same_store_set(key: str, before: Any, now: Any) -> bool:
+    """Whether a re-scoring's embeddings are the same store set, moved or copied.
+
+    Its folder is named by what made its embeddings (the embedder, its hop and preprocessing):
+    a store copied to project space, or to another machine with the results, is the same.
+    Which recordings it holds, and their audio's hashes, the resume judges file by file.
+    """
+    return (
+        key == "embeddings"
+        and isinstance(before, str)
+        and isinstance(now, str)
+        and PurePosixPath(before).name == PurePosixPath(now).name
+    )
 
 
 def append_json_lines(path: Path, entries: Iterable[Mapping[str, Any]], *, sync: bool) -> None:
