@@ -459,6 +459,23 @@ def test_audio_stored_under_two_names_is_rescored_once(
     assert_same_output(result.output, corpus.fresh.output)
 
 
+def test_a_store_set_copied_alone_under_another_name_says_so(
+    corpus, new_head, dask_client, tiny_embedder, tmp_path
+):
+    # It said it held embeddings "of embedder X (...), not of embedder X (...)", twice alike.
+    (set_folder,) = [path.parent for path in corpus.store.glob("*/catalog.jsonl")]
+    shutil.copytree(set_folder, tmp_path / "mine" / "justset")
+    with pytest.raises(ModelError) as refused:
+        rescore(
+            tmp_path / "mine" / "justset", new_head, tmp_path / "re", dask_client, tiny_embedder
+        )
+    assert str(refused.value) == (
+        f"{tmp_path / 'mine' / 'justset'} holds these embeddings under another folder name: "
+        f"rename it {set_folder.name} (what a store names it), or copy the store's whole folder "
+        "(embeddings/)"
+    )
+
+
 def test_two_seasons_sharing_a_store_rescore_each_its_own_audio(
     corpus, tiny_model, dask_client, tiny_embedder, tmp_path, caplog
 ):

@@ -545,13 +545,21 @@ def open_store(
     if store.catalog_path.exists():
         return store
     found = []
+    wanted = _describe(store.settings)
     for settings_path in sorted(Path(store.root).glob(f"*/{_SETTINGS}")):
         other = json.loads(settings_path.read_text(encoding="utf-8"))
-        if (settings_path.parent / _CATALOG).exists():
-            found.append(_describe(other))
+        if not (settings_path.parent / _CATALOG).exists():
+            continue
+        if _key(other) == store.directory.name:
+            # The set, copied alone under another name: its name is how it is found.
+            raise ModelError(
+                f"{settings_path.parent} holds these embeddings under another folder name: "
+                f"rename it {store.directory.name} (what a store names it), or copy the "
+                "store's whole folder (embeddings/)"
+            )
+        found.append(_describe(other))
     if not found:
         raise _no_catalog(Path(store.root))
-    wanted = _describe(store.settings)
     raise ModelError(
         f"{store.root} holds embeddings of {'; '.join(found)}, not of {wanted}: re-scoring "
         "needs embeddings made by the model's own embedder, preprocessing and frames"
