@@ -266,7 +266,8 @@ def test_files_written_and_never_overwritten_silently(lab_run, tmp_path):
         ({"by": 0}, "folder levels are integers >= 1"),
         ({"thresholds": {"wasp": 1.0}}, "unknown class"),
         ({"thresholds": 0.5}, "must map class names to activations"),
-        ({}, "no thresholds"),
+        # The run's own class, no other head's value as its own.
+        ({}, r"no thresholds: the run has none of its own; give thresholds=\{'ins_buzz': VALUE"),
         ({"thresholds": {"ins_buzz": 0.0}, "tz": "Nowhere/Land"}, "not a time zone"),
         ({"thresholds": {"ins_buzz": 0.0}, "time_format": "%y%Q"}, "%Q is not supported"),
         # No date: every recording on 1900-01-01, "2024" read as 20:24.

@@ -41,7 +41,7 @@ from buzzdask.errors import OutputConflictError, ParameterError
 from buzzdask.inputs import first_names, user_path
 from buzzdask.recording_time import TimeFormat, check_start_options, recording_starts
 from buzzdask.results import Run, open_run
-from buzzdask.thresholds import COMPARISON, choose_thresholds, detected
+from buzzdask.thresholds import COMPARISON, METRICS_CLASS, choose_thresholds, detected
 
 __all__ = [
     "By",
@@ -380,10 +380,14 @@ def resolve_summary(
     if precision is None and not thresholds:
         values = run.thresholds
         if not values:
+            # Its head's class, and a value its own tests chose: model_general_v3's -1.2
+            # is no other head's.
+            first = METRICS_CLASS if METRICS_CLASS in run.classes else run.classes[0]
             raise ParameterError(
-                "no thresholds: give thresholds={'ins_buzz': -1.2} or precision=0.95 "
-                "(--threshold ins_buzz=-1.2 or --precision 0.95); the run was analysed "
-                "without any"
+                f"no thresholds: the run has none of its own; give thresholds={{'{first}': "
+                f"VALUE}} (--threshold {first}=VALUE), an activation this head's tests chose "
+                "(model_general_v3's ins_buzz: -1.2), or precision=0.95 (--precision 0.95) "
+                "where its model directory holds tests/metrics.csv"
             )
     else:
         values = choose_thresholds(
