@@ -91,29 +91,24 @@ def test_a_damaged_variables_shard_is_a_model_error_naming_the_head(copy_of):
         load_head(str(model))
 
 
-def test_a_keras_file_head_is_refused_with_the_export_that_makes_it_a_savedmodel(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("model.keras", "which can be exported as one: keras.models.load_model('{file}')"
+         ".export('{model}')"),
+        # Model.save_weights: keras.models.load_model of it raised "No model config found".
+        ("model.weights.h5", "weights only: build the head's Keras model again, then "
+         "model.load_weights('{file}') and model.export('{model}')"),
+    ],
+)  # fmt: skip
+def test_a_keras_file_head_is_refused_with_what_makes_it_a_savedmodel(tmp_path, name, said):
     model = tmp_path / "keras_head"
     model.mkdir()
     (model / "config_model.json").write_text(json.dumps({"classes": ["a"], "embeddername": "x"}))
-    (model / "model.keras").write_bytes(b"PK")
+    (model / name).write_bytes(b"PK")
     with pytest.raises(ModelError) as refused:
         resolve_model(model)
-    assert f"keras.models.load_model('{model / 'model.keras'}').export('{model}')" in str(
-        refused.value
-    )
-
-
-def test_a_weights_only_keras_file_is_refused_with_what_can_load_it(tmp_path):
-    # Model.save_weights: keras.models.load_model of it raised "No model config found".
-    model = tmp_path / "weights_head"
-    model.mkdir()
-    (model / "config_model.json").write_text(json.dumps({"classes": ["a"], "embeddername": "x"}))
-    (model / "model.weights.h5").write_bytes(b"\x89HDF")
-    with pytest.raises(ModelError) as refused:
-        resolve_model(model)
-    said = "holds model.weights.h5, weights only: build the head's Keras model again, then "
-    said += f"model.load_weights('{model / 'model.weights.h5'}') and model.export('{model}')"
-    assert said in str(refused.value)
+    assert f"holds {name}, " + said.format(file=model / name, model=model) in str(refused.value)
 
 
 def test_an_empty_class_name_is_refused(copy_of, tiny_embedder):
