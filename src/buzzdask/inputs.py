@@ -86,11 +86,14 @@ class InputFile:
     problem : str or None
         Why it cannot be read (broken symlink, symlink loop, a name that is not UTF-8),
         reported per file.
+    real : str
+        Its path with no symbolic link in it, as the scan that found it knew it ("": not known).
     """
 
     path: str
     relative: str
     problem: str | None = None
+    real: str = ""
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,7 @@ def scan(
         ),
     ]
     for file in _once(reached, skipped=skipped, root=root):
-        _add(found, root, file.path, file.problem)
+        _add(found, root, file.path, file.problem, real=file.real)
     for name in found:  # named on its own, whatever its suffix: analysed, not skipped
         skipped.pop(name, None)
     return Discovery(
@@ -295,10 +298,12 @@ def named_from(
     real_root = os.path.realpath(root)
     for file in files:
         path = file.path
-        if earlier and file.problem is None and _relative(path, root) not in earlier:
-            own = os.path.join(root, os.path.relpath(os.path.realpath(path), real_root))
+        # The scan's resolved path: resolving it again would look at each of its folders (round
+        # trips on a parallel file system), for each new file a watch's resume meets.
+        if file.real and file.real != path and earlier and _relative(path, root) not in earlier:
+            own = os.path.join(root, os.path.relpath(file.real, real_root))
             path = own if _relative(own, root) in earlier else path
-        _add(found, root, path, file.problem)
+        _add(found, root, path, file.problem, real=file.real)
     return sorted(found.values(), key=lambda f: f.relative)
 
 
@@ -306,7 +311,9 @@ def _relative(path: str, root: str) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def _add(found: dict[str, InputFile], root: str, path: str, problem: str | None) -> None:
+def _add(
+    found: dict[str, InputFile], root: str, path: str, problem: str | None, *, real: str
+) -> None:
     relative = PurePosixPath(_relative(path, root))
     if relative.is_absolute() or ".." in relative.parts:
         raise InputError(f"{path} is outside the input root {root}")
@@ -314,7 +321,7 @@ def _add(found: dict[str, InputFile], root: str, path: str, problem: str | None)
     if name != str(relative):
         # Its name could go into no Parquet column, log or Dask message: one file's error.
         problem = problem or _NOT_UTF8
-    found.setdefault(name, InputFile(path=path, relative=name, problem=problem))
+    found.setdefault(name, InputFile(path=path, relative=name, problem=problem, real=real))
 
 
 _NOT_UTF8 = (
