@@ -6,6 +6,7 @@ shared file systems perform atomically); another host's run is stood in for by i
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import multiprocessing
@@ -88,6 +89,8 @@ def test_a_second_run_is_refused_while_the_first_writes(
     assert f"output {out} is in use by another buzzdask run" in second.stderr
     # Which command holds it: a user may have several in as many terminals.
     holder = f"host {platform.node()}, pid {first.pid}, since 20"
+    # Whose: in a lab's shared output, whom to ask.
+    assert re.search(rf"since 20[-0-9T:.+]+, by {getpass.getuser()}, running ", second.stderr)
     command = f'running "buzzdask analyze {tmp_path / "audio"} --model '
     assert holder in second.stderr and command in second.stderr
     assert f'..." in {os.getcwd()}; last sign of life' in second.stderr

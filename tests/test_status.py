@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 
 import pytest
@@ -59,8 +60,10 @@ def test_running_stopped_killed_and_starting(run, make_audio, tmp_path, capsys):
     with held_by_another_thread(lock):
         (running,) = run_status(output)
     assert running.state == "running"
-    assert running.holder is not None and ", since 2026-06-01T05:30:00+00:00, running " in (
-        running.holder
+    assert (
+        running.holder is not None
+        and f", since 2026-06-01T05:30:00+00:00, by {getpass.getuser()}, running "
+        in (running.holder)
     )
     assert "; last sign of life " in running.holder
     assert running.describe().endswith(f"  its log: {output / 'buzzdask.log'}")

@@ -7,6 +7,7 @@ any time; every binned table is checked against a plain pandas computation on al
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -441,7 +442,7 @@ def test_an_unfinished_run_is_said_so(lab_run, tmp_path, caplog):
         summarize(partial, thresholds={"ins_buzz": threshold}, write=False)
     (message,) = [m for m in caplog.messages if str(partial) in m]
     assert message.startswith(f"{partial}: the run is still running (host ")
-    assert ", since 2026-06-01T05:30:00+00:00, running " in message
+    assert f", since 2026-06-01T05:30:00+00:00, by {getpass.getuser()}, running " in message
     assert message.endswith(f" in {os.getcwd()}); summarizing the frames written so far")
     # Its files say which recordings' bins count frames short of their end: the warning is
     # gone once the terminal is (a recording stopped before its last chunk was journalled).

@@ -85,6 +85,8 @@ class LockHolder:
         did not write them.
     slurm_job, slurm_cluster : str
         The SLURM job the holder ran in and its cluster's name; empty outside a job.
+    user : str
+        Who ran it (a lab's shared output: whom to ask); empty in older lock files.
     """
 
     host: str
@@ -97,19 +99,22 @@ class LockHolder:
     directory: str = ""
     slurm_job: str = ""
     slurm_cluster: str = ""
+    user: str = ""
 
     def describe(self) -> str:
         """Who holds it, for a message.
 
-        ``host n0001, pid 4242, SLURM job 123456, since 2026-06-01T05:30:00+00:00, running
-        "buzzdask export out" in /fs/project``.
+        ``host n0001, pid 4242, SLURM job 123456, since 2026-06-01T05:30:00+00:00, by alice,
+        running "buzzdask export out" in /fs/project``.
         """
         if self.pid < 0:  # the lock could not be read
             return "its lock file empty or cut short: a run killed as it took the output"
         job = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
+        user = f", by {self.user}" if self.user else ""
         running = f', running "{self.command}"' if self.command else ""
         where = f" in {self.directory}" if running and self.directory else ""
-        return f"host {self.host}, pid {self.pid}{job}, since {self.started}{running}{where}"
+        since = f"since {self.started}{user}"
+        return f"host {self.host}, pid {self.pid}{job}, {since}{running}{where}"
 
     @functools.cached_property
     def job_ended(self) -> str | None:
@@ -143,6 +148,16 @@ def command_line(*, most: int = 160) -> str:
     return line if len(line) <= most else f"{line[: most - 3]}..."
 
 
+def _user() -> str:
+    """The name of the user running this process (its uid where the system names none)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a container's uid without a passwd entry
+        return str(os.getuid())
+
+
 def _working_directory() -> str:
     try:
         return os.getcwd()
@@ -168,6 +183,7 @@ def current_holder(root: Path) -> LockHolder | None:
             directory=str(entry.get("directory", "")),
             slurm_job=str(entry.get("slurm_job", "")),
             slurm_cluster=str(entry.get("slurm_cluster", "")),
+            user=str(entry.get("user", "")),
         )
     except FileNotFoundError:
         return None
@@ -346,6 +362,7 @@ class OutputLock:
             # Said to whoever it holds off: which of their commands (or a notebook) it is.
             "command": command_line(),
             "directory": _working_directory(),
+            "user": _user(),
         }
         job = slurm_jobs.current_job()
         if job is not None:  # asked of SLURM by a run that meets it on another node
