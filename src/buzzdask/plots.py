@@ -440,13 +440,14 @@ def plot_run(
     known = run.recordings()
     scored = set(known)
     missing = [name for name in chosen if name not in scored]
-    failed = set(missing).intersection(run.failed_recordings())
-    if failed:
-        # Not a misspelling: its reason is in errors.parquet.
-        errors = pd.read_parquet(run.layout.errors, columns=["file", "reason"])
-        reasons = errors[errors["file"].isin(failed)].drop_duplicates("file")
-        said = "; ".join(f"{row.file}: {row.reason}" for row in reasons.itertuples())
-        raise ParameterError(f"recordings that failed have no scores to plot ({said})")
+    if missing and run.layout.errors.exists():
+        # Not a misspelling: its reason is in errors.parquet (as Run.failed_recordings reads it).
+        errors = pd.read_parquet(run.layout.errors, columns=["file", "reason", "kept"])
+        failed = errors["file"].isin(missing) & ~errors["kept"].astype(bool)
+        reasons = errors[failed].drop_duplicates("file")
+        if len(reasons):
+            said = "; ".join(f"{row.file}: {row.reason}" for row in reasons.itertuples())
+            raise ParameterError(f"recordings that failed have no scores to plot ({said})")
     if missing:
         # Names as the file column gives them (relative to the input, with their folders).
         meant = difflib.get_close_matches(missing[0], known, n=3) or known[:3]

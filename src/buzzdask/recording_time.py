@@ -496,8 +496,9 @@ def recording_starts(
         # os.path's: a name such as "~20240601_0600.wav" stays itself (Path's raises).
         path = Path(os.path.expanduser(Path(root) / name if root is not None else name))
         found = _start(name, path, parser, read_metadata=read_metadata)
+        clock = _clock(found.time) if found.time is not None else ""
         if found.time is not None:
-            clocks.setdefault(_clock(found.time), []).append(name)
+            clocks.setdefault(clock, []).append(name)
         if found.unread:
             unread.append(f"{name} ({found.unread})")
         start, lost = (None, "") if found.time is None else _in_zone(found.time, tz)
@@ -512,8 +513,7 @@ def recording_starts(
                 )
         starts.append(start)
         sources.append(found.source if start is not None else None)
-        clock = _clock(found.time) if found.time is not None and start is not None else ""
-        written_in.append(clock or None)
+        written_in.append(clock or None if start is not None else None)
         problems.append(None if start is not None else (lost or found.problem))
     if tz is None and len(clocks) > 1:
         _warn_mixed_clocks(clocks)

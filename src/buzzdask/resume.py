@@ -29,7 +29,7 @@ from typing import Any
 
 from buzzdask.errors import OutputConflictError
 from buzzdask.progress import format_count
-from buzzdask.write import OutputLayout, partition_problem
+from buzzdask.write import OutputLayout, is_under, partition_problem
 
 __all__ = ["ResumeCheck", "check_resume", "journalled", "resume_root"]
 
@@ -112,11 +112,11 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
         names = {name for name, _ in journal}
         if earlier_root is None or earlier_root == root or not names:
             continue
-        if all(_under(path, earlier_root) for path in paths):
+        if all(is_under(path, earlier_root) for path in paths):
             return str(earlier_root)
         moved = _moved_to(paths, names)
         why = ""
-        if moved is not None and all(_under(path, moved) for path in paths):
+        if moved is not None and all(is_under(path, moved) for path in paths):
             not_moved = _not_moved_there(moved, earlier_root, journal, paths)
             if not not_moved:
                 logger.warning(
@@ -129,7 +129,7 @@ def resume_root(layouts: Sequence[OutputLayout], paths: Sequence[str], *, root: 
                 f" (the files under {moved} named as earlier recordings are {not_moved}, not "
                 "the earlier ones moved)"
             )
-        outside = next(path for path in paths if not _under(path, earlier_root))
+        outside = next(path for path in paths if not is_under(path, earlier_root))
         raise OutputConflictError(
             f"cannot resume {layout.root} with {outside}: it is not under {earlier_root}, the "
             f"folder the earlier run named its {format_count(len(names), 'recording')} from"
@@ -163,10 +163,6 @@ def earlier_runs(layout: OutputLayout) -> list[dict[str, Any]]:
     }
     last.update({key: summary.get(key) for key in ("chunks_written", "frames", "wall_seconds")})
     return [*previous.get("earlier_runs", []), last]
-
-
-def _under(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == os.path.normpath(folder)
 
 
 def _moved_to(paths: Sequence[str], names: set[str]) -> str | None:
@@ -260,7 +256,7 @@ def check_resume(
 
     def in_scope(relative: str) -> bool:
         path = os.path.join(input_root, relative)
-        return named is None or relative in files or any(_under(path, given) for given in named)
+        return named is None or relative in files or any(is_under(path, given) for given in named)
 
     version_of = versions or (lambda relative: _version(Path(input_root, relative)))
     # One look per file, not per chunk: a 24-hour file's 144 on a parallel file system, and

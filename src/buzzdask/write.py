@@ -872,13 +872,14 @@ def is_output_refused(error: BaseException, root: Path) -> bool:
     """Whether ``error`` (raised here or on a worker) is a write refused in the output ``root``."""
     if not isinstance(error, OSError) or not write_refused(error):
         return False
-    return error.filename is None or _under(Path(os.fsdecode(error.filename)), root)
+    if error.filename is None:
+        return True
+    return is_under(os.path.abspath(os.fsdecode(error.filename)), os.path.abspath(root))
 
 
-def _under(path: Path, root: Path) -> bool:
-    return os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) == str(
-        Path(os.path.abspath(root))
-    )
+def is_under(path: str, folder: str) -> bool:
+    """Whether the absolute ``path`` is ``folder`` (absolute) or lies under it, by its text."""
+    return os.path.commonpath([path, folder]) == os.path.normpath(folder)
 
 
 def owner_said(path: Path) -> str:
