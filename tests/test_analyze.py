@@ -111,7 +111,7 @@ def test_output_reads_back_everywhere(run, make_audio, tmp_path):
     assert len(dask_frame) == len(pandas_frame) == 5 + 4
     assert len(pd.read_parquet(result.dataset)) == len(pandas_frame)
     assert pandas_frame["activation_ins_buzz"].dtype == np.float32
-    assert (pandas_frame["detection_ins_buzz"] == (pandas_frame["activation_ins_buzz"] >= 0)).all()
+    assert (pandas_frame["detections_ins_buzz"] == (pandas_frame["activation_ins_buzz"] >= 0)).all()
 
     metadata = json.loads((result.output / "buzzdask.json").read_text())
     assert metadata["status"] == "complete"

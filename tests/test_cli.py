@@ -187,7 +187,7 @@ def test_analyze_exit_codes(tmp_path, make_audio, tiny_model, tiny_embedder) -> 
     assert "failed: cut.wav" not in done.stderr and "failed: damaged" not in done.stderr
     assert "buzzdask: 3/5 files (2 failed), " in done.stdout
     frame = pd.read_parquet(tmp_path / "out" / "scores")
-    assert len(frame) > 3 and "detection_ins_buzz" in frame
+    assert len(frame) > 3 and "detections_ins_buzz" in frame
     assert len(frame[frame.file == "a.wav"]) == 3
 
     make_audio("b.wav", n_samples=2 * FRAME, seed=3)  # arrived since: a resume adds it

@@ -283,7 +283,7 @@ def test_precision_export_uses_the_models_metrics(run, make_audio, tiny_model, t
         result.output.parent / "audio", output=tmp_path / "again", model=model, precision=0.95
     )
     frame = again.to_pandas()
-    assert frame["detection_ins_buzz"].tolist() == expected.astype(bool).tolist()
+    assert frame["detections_ins_buzz"].tolist() == expected.astype(bool).tolist()
     recorded = again.metadata["thresholds"]
     assert recorded["values"] == {"ins_buzz": pytest.approx(threshold)}
     assert recorded["precision"] == 0.95 and recorded["comparison"] == "activation > threshold"
@@ -451,6 +451,24 @@ def test_a_recording_renamed_as_an_export_clash_says_is_exported(run, make_audio
     exported = buzzdask.export(out, format="buzzdetect", dest=tmp_path / "csv")
     names = sorted(path.relative_to(tmp_path / "csv").as_posix() for path in exported.files)
     assert names == ["pair/a_buzzdetect.csv", "pair/a_wav_buzzdetect.csv"]
+
+
+def test_a_recording_cut_short_is_exported_and_said_to_be(run, make_audio, tmp_path, caplog):
+    """A recorder that died mid-file: its frames are exported as buzzdetect would, and said."""
+    cut = make_audio("cut.wav", directory=tmp_path / "audio", n_samples=5 * FRAME)
+    make_audio("whole.wav", directory=tmp_path / "audio", n_samples=3 * FRAME, seed=1)
+    cut.write_bytes(cut.read_bytes()[: -2 * 2 * FRAME])  # its last two frames lost
+    out = tmp_path / "out"
+    result = run(tmp_path / "audio", output=out)
+    assert buzzdask.open_run(out).damaged_recordings() == ["cut.wav"]
+    with caplog.at_level(logging.WARNING, logger="buzzdask"):
+        exported = buzzdask.export(out, format="buzzdetect", dest=tmp_path / "csv")
+    assert len(exported.files) == 2
+    assert (
+        f"1 recording(s) were damaged or cut short ({result.output / 'errors.parquet'} says "
+        "how): their exports hold the frames that could be read: cut.wav"
+    ) in caplog.text
+    assert len(pd.read_csv(tmp_path / "csv" / "cut_buzzdetect.csv")) == 3
 
 
 def test_an_existing_export_is_never_overwritten_silently(tree_run, tmp_path):

@@ -343,10 +343,10 @@ def test_each_head_takes_thresholds_named_for_it(one_file, run, tiny_model, tmp_
         table = result.to_pandas()
         for class_name, value in thresholds[name].items():
             assert (
-                table[f"detection_{class_name}"] == (table[f"activation_{class_name}"] > value)
+                table[f"detections_{class_name}"] == (table[f"activation_{class_name}"] > value)
             ).all()
-        assert [c for c in table if c.startswith("detection_")] == [
-            f"detection_{c}" for c in thresholds[name]
+        assert [c for c in table if c.startswith("detections_")] == [
+            f"detections_{c}" for c in thresholds[name]
         ], name
 
 

@@ -268,11 +268,11 @@ def test_analyze_runs_with_the_trained_model(trained, dataset, dask_client, tiny
     for start, end, label in segments:
         if label == "ins_buzz":
             inside_tone |= (frames["start"] >= start) & (frames["end"] <= end)
-    assert frames.loc[inside_tone, "detection_ins_buzz"].all()
+    assert frames.loc[inside_tone, "detections_ins_buzz"].all()
     far = np.ones(len(frames), bool)
     for start, end, _ in segments:
         far &= (frames["end"] <= start) | (frames["start"] >= end)
-    assert not frames.loc[far, "detection_ins_buzz"].any()
+    assert not frames.loc[far, "detections_ins_buzz"].any()
 
 
 def test_second_training_reuses_the_embedding_cache(trained):

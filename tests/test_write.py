@@ -74,7 +74,7 @@ def test_a_partition_equals_the_one_pa_table_makes(tmp_path, n_frames: int) -> N
         expected[f"activation_{name}"] = pa.array(activations[:, column], pa.float32())
     for name, threshold in thresholds.items():
         flags = detected(activations[:, CLASSES.index(name)], threshold)
-        expected[f"detection_{name}"] = pa.array(flags, pa.bool_())
+        expected[f"detections_{name}"] = pa.array(flags, pa.bool_())
     reference = pa.table(expected).replace_schema_metadata(
         {b"buzzdask": json.dumps(metadata, sort_keys=True)}
     )

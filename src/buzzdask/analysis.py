@@ -261,7 +261,7 @@ def analyze(
         Audio per decode task, rounded down to whole hops. Results do not depend on it.
         Default: ``buzzdask.chunk-seconds`` (600).
     thresholds : mapping of class -> float, optional
-        Adds ``detection_<class>`` columns: ``activation > threshold``, as buzzdetect and buzzr.
+        Adds ``detections_<class>`` columns: ``activation > threshold``, as buzzdetect and buzzr.
         With several models, each takes the classes it has; a class that several have is
         named with its model, ``{"model_lab/ins_buzz": 0.4}`` (heads trained apart put their
         activations on scales of their own).

@@ -350,7 +350,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, from_store: bool = Fals
     )
     _add_detection_options(
         parser,
-        threshold_help="add a detection_CLASS column (activation > VALUE); repeatable; with "
+        threshold_help="add a detections_CLASS column (activation > VALUE); repeatable; with "
         "several --model, MODEL/CLASS=VALUE for a class that more than one has",
     )
     conflict = parser.add_mutually_exclusive_group()

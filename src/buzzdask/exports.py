@@ -53,7 +53,14 @@ from buzzdask.progress import format_count
 from buzzdask.recording_time import check_start_options, recording_starts
 from buzzdask.results import Run, open_run
 from buzzdask.thresholds import ThresholdChoice, choose_thresholds, detected
-from buzzdask.write import NAME_MAX, atomic_path, remove_stale_temporaries, write_json
+from buzzdask.write import (
+    ACTIVATION_PREFIX,
+    DETECTION_PREFIX,
+    NAME_MAX,
+    atomic_path,
+    remove_stale_temporaries,
+    write_json,
+)
 
 __all__ = [
     "BUZZDETECT_TAG",
@@ -72,13 +79,10 @@ logger = logging.getLogger(__name__)
 ExportFormat = Literal["buzzdetect", "csv", "raven"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
-# buzzdetect's src/config.py: SUFFIX_RESULT_COMPLETE and PREFIX_COLUMN_DETECTION; buzzr's
-# VARIABLES.R: TAG_RESULTS and PREFIX_DETECTION (the plural is what both read and write).
+# buzzdetect's src/config.py: SUFFIX_RESULT_COMPLETE; buzzr's VARIABLES.R: TAG_RESULTS.
 BUZZDETECT_TAG = "_buzzdetect"
 # buzzdetect's SUFFIX_RESULT_PARTIAL, buzzr's TAG_PARTIAL: a recording not analysed to its end.
 BUZZPART_TAG = "_buzzpart"
-ACTIVATION_PREFIX = "activation_"
-DETECTION_PREFIX = "detections_"
 COMBINED_NAME = "frames.csv"
 #: In an export's folder while its files are written: left behind, it marks a stopped export.
 UNFINISHED = ".buzzdask-export-unfinished"
@@ -622,6 +626,16 @@ def export(
             len(without_frames),
             run.layout.errors,
             first_names(without_frames, shown=5),
+        )
+    damaged = run.damaged_recordings()
+    if damaged:
+        # Exported like the others (as buzzdetect does): only this says they cover less.
+        logger.warning(
+            "%d recording(s) were damaged or cut short (%s says how): their exports hold the "
+            "frames that could be read: %s",
+            len(damaged),
+            run.layout.errors,
+            first_names(damaged, shown=5),
         )
     selected = _selected_classes(run, classes)
     choice = choose_thresholds(

@@ -40,7 +40,7 @@ def read_frames(dataset: str | os.PathLike[str], *, columns: Sequence[str] | Non
     -------
     dask.dataframe.DataFrame
         Columns ``file``, ``start``, ``end`` [s], ``activation_<class>`` (float32) and any
-        ``detection_<class>`` (bool); rows in no particular order across partitions.
+        ``detections_<class>`` (bool); rows in no particular order across partitions.
     """
     import dask.dataframe as dd
     from fsspec.implementations.local import LocalFileSystem
@@ -195,7 +195,7 @@ class Run:
 
     @property
     def thresholds(self) -> dict[str, float]:
-        """The thresholds the run wrote ``detection_<class>`` columns for (may be empty)."""
+        """The thresholds the run wrote ``detections_<class>`` columns for (may be empty)."""
         recorded = self.metadata.get("thresholds") or {}
         # Either {class: value} or a record of their origin holding them under "values".
         if isinstance(recorded.get("values"), dict):
@@ -223,11 +223,23 @@ class Run:
         Some of them have frames (a later chunk failed, the file was deleted mid-run), most
         none. Empty while the run has not written its errors table.
         """
+        return self._with_problems(kept=False)
+
+    def damaged_recordings(self) -> list[str]:
+        """Input files scored despite a problem (``errors.parquet`` rows, ``kept`` true), sorted.
+
+        Damaged audio ffmpeg decoded around, or a file cut short (its header promised more than
+        it holds): their frames are what could be read. Empty while the run has not written
+        its errors table.
+        """
+        return self._with_problems(kept=True)
+
+    def _with_problems(self, *, kept: bool) -> list[str]:
         path = self.layout.errors
         if not path.exists():
             return []
         errors = pd.read_parquet(path, columns=["file", "kept"])
-        return sorted(set(errors.loc[~errors["kept"].astype(bool), "file"]))
+        return sorted(set(errors.loc[errors["kept"].astype(bool) == kept, "file"]))
 
     def unfinished_recordings(self) -> list[str]:
         """Recordings with frames written but not all their audio scored, sorted.

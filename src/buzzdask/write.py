@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "ACTIVATION_PREFIX",
+    "DETECTION_PREFIX",
     "ERROR_COLUMNS",
     "KEPT_EMBEDDINGS",
     "PARTITION_GLOB",
@@ -116,6 +118,10 @@ PARTITION_GLOB = "chunk-*.parquet"
 PARTITION_BEING_WRITTEN = ".chunk-"
 #: Bytes in a file's name on Linux file systems (ext4, XFS, Lustre, GPFS).
 NAME_MAX = 255
+# Score columns are named as buzzdetect (src/config.py: PREFIX_COLUMN_DETECTION) and buzzr
+# (VARIABLES.R: PREFIX_DETECTION) name them: buzzr sums the columns of that plural prefix.
+ACTIVATION_PREFIX = "activation_"
+DETECTION_PREFIX = "detections_"
 
 
 class OutputLayout:
@@ -964,7 +970,7 @@ def frames_table(
         ``end[i] = start[i] + frame_length / sample_rate`` (seconds).
     classes : sequence of str
     thresholds : mapping of class -> float
-        ``detection_<class> = activation_<class> > threshold``
+        ``detections_<class> = activation_<class> > threshold``
         (:func:`buzzdask.thresholds.detected`).
     metadata_json : str
         Run metadata stored in the Parquet schema under ``b"buzzdask"`` (JSON, as
@@ -980,9 +986,9 @@ def frames_table(
     }
     activations = np.asarray(activations, dtype=np.float32).reshape(n_frames, len(classes))
     for column, name in enumerate(classes):
-        columns[f"activation_{name}"] = numeric_array(activations[:, column], np.float32)
+        columns[f"{ACTIVATION_PREFIX}{name}"] = numeric_array(activations[:, column], np.float32)
     for name, threshold in thresholds.items():
-        columns[f"detection_{name}"] = bool_array(
+        columns[f"{DETECTION_PREFIX}{name}"] = bool_array(
             detected(activations[:, list(classes).index(name)], threshold)
         )
     table = pa.table(columns)
