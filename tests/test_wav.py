@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 import subprocess
 from dataclasses import replace
@@ -12,6 +13,7 @@ import pytest
 
 from buzzdask.decode import _ffprobe_stream, decode_chunk, decode_file, plan_chunks, probe_audio
 from buzzdask.ffmpeg_tools import find_ffmpeg
+from buzzdask.ledger import _cut_short
 from buzzdask.wav import iter_wav_samples, read_wav_header
 from tests.conftest import field_like, requires_ffmpeg
 from tests.test_frames import spec
@@ -44,6 +46,7 @@ def _ffmpeg_wav(path: Path, *options: str, rate: int = 48000, channels: int = 1)
         ("pcm_f64le", 2, ()),
         ("pcm_s16le", 6, ()),  # WAVE_FORMAT_EXTENSIBLE
         ("pcm_s16le", 1, ("-metadata", "comment=Recorded at 05:30:00 by AudioMoth 24A")),  # LIST
+        ("pcm_s24le", 2, ("-rf64", "always")),  # RF64: its sizes in a ds64 chunk
     ],
 )
 def test_header_says_what_ffprobe_says(tmp_path: Path, codec: str, channels: int, extra) -> None:
@@ -83,35 +86,58 @@ def test_a_wav_cut_short_has_its_real_length(tmp_path: Path) -> None:
     assert read_wav_header(path) == replace(header, n_samples=N_SAMPLES, declared_samples=None)
 
 
-def _s24_in_s32_wav(path: Path, samples: np.ndarray, rate: int, *, extensible: bool) -> Path:
-    """24-bit values in 32-bit words, behind a WAVE_FORMAT_EXTENSIBLE header that says so (24
-    valid bits), or a plain one (32-bit PCM)."""
+def _bits_in_s32_wav(
+    path: Path,
+    samples: np.ndarray,
+    rate: int,
+    *,
+    valid_bits: int,
+    extensible: bool,
+    before_data: bytes = b"",
+) -> Path:
+    """Values of ``valid_bits`` bits in 32-bit words, behind a WAVE_FORMAT_EXTENSIBLE header
+    that says so, or a plain one (32-bit PCM); ``before_data``: more chunks."""
     channels = samples.shape[1]
-    data = (np.round(samples * 2**23).astype("<i4") << 8).tobytes()
+    words = np.round(samples * 2 ** (valid_bits - 1)).astype("<i4") << (32 - valid_bits)
     align = 4 * channels
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * align, align, 32)
     if extensible:
-        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, channels, rate, rate * align, align, 32, 22, 24, 0)
+        fmt = struct.pack("<H", 0xFFFE) + fmt[2:] + struct.pack("<HHI", 22, valid_bits, 0)
         fmt += struct.pack("<H", 1) + bytes.fromhex("000000001000800000aa00389b71")  # PCM
-    else:
-        fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * align, align, 32)
-    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt
-    body += b"data" + struct.pack("<I", len(data)) + data
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt + before_data
+    body += b"data" + struct.pack("<I", words.nbytes) + words.tobytes()
     path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
     return path
 
 
-@pytest.mark.parametrize("channels", [2, 4])
-def test_24_valid_bits_in_32_are_read_here_whatever_the_channels(tmp_path, channels) -> None:
-    """ffmpeg reads such a header as 24-bit float (NaNs and noise): the file is read in process
-    for any channel count, to the samples ffmpeg gives the same values under a plain header."""
+@pytest.mark.parametrize(
+    ("channels", "valid_bits", "before_data"),
+    [
+        (2, 24, b""),
+        (4, 24, b""),
+        (4, 16, b""),  # ffmpeg: twice as many 16-bit samples
+        (4, 20, b""),
+        # A large bext past the first 64 KiB read: the data chunk is looked for beyond it.
+        (2, 16, b"bext" + struct.pack("<I", 90_001) + bytes(90_002)),
+    ],
+)
+def test_fewer_valid_bits_than_stored_are_read_here_whatever_the_channels(
+    tmp_path, channels, valid_bits, before_data
+) -> None:
+    """ffmpeg takes its codec from the valid bits (24 in 32 as 24-bit float: NaNs and noise;
+    16 in 32 as 16-bit, twice the length): such a file is read in process for any channel
+    count, to the samples ffmpeg gives the same words under a plain header."""
     samples = np.repeat(field_like(3 * 44100, 44100)[:, :1], channels, axis=1) * 0.5
-    extensible = _s24_in_s32_wav(tmp_path / "ext.wav", samples, 44100, extensible=True)
-    plain = _s24_in_s32_wav(tmp_path / "plain.wav", samples, 44100, extensible=False)
+    made = functools.partial(_bits_in_s32_wav, samples=samples, rate=44100, valid_bits=valid_bits)
+    extensible = made(tmp_path / "ext.wav", extensible=True, before_data=before_data)
     header = read_wav_header(extensible)
-    assert header is not None and (header.codec, header.valid_bits) == ("pcm_s32le", 24)
+    assert header is not None and (header.codec, header.valid_bits) == ("pcm_s32le", valid_bits)
+    assert header.ffmpeg_misreads and header.n_samples == 3 * 44100
+    assert probe_audio(extensible).duration_s == 3.0
     got = decode_file(extensible, sample_rate=16000)
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, decode_file(plain, sample_rate=16000), atol=1e-6)
+    expected = decode_file(made(tmp_path / "plain.wav", extensible=False), sample_rate=16000)
+    assert np.isfinite(got).all() and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels", [1, 4])
@@ -176,10 +202,26 @@ def test_samples_in_blocks_are_ffmpegs_floats(
     assert list(iter_wav_samples(path, header, start=len(expected) + 5)) == []  # past the end
 
 
+def test_rf64_is_read_as_riff_is(tmp_path: Path) -> None:
+    """RF64 (a Zoom's or Sound Devices' file past 4 GiB): ffmpeg's floats, a cut said cut."""
+    path = _ffmpeg_wav(tmp_path / "a.wav", "-c:a", "pcm_s24le", "-rf64", "always", channels=2)
+    header = read_wav_header(path)
+    assert header is not None and (header.n_samples, header.declared_samples) == (N_SAMPLES, None)
+    samples = np.concatenate(list(iter_wav_samples(path, header)))
+    np.testing.assert_array_equal(samples, _ffmpeg_floats(path, 2))
+    path.write_bytes(path.read_bytes()[: -2 * 3 * 1000])  # 1,000 samples lost off the end
+    probed = probe_audio(path)
+    assert probed.declared_duration_s == N_SAMPLES / 48000
+    # Said with the decimals that tell the two lengths apart (7.0 of 7.0 s said nothing).
+    assert _cut_short(probed) == "cut short: its header declares 7.01 s, the file holds 6.99 s"
+    cut = read_wav_header(path)
+    assert cut is not None and cut.declared_samples == N_SAMPLES
+    assert cut.n_samples == N_SAMPLES - 1000
+
+
 @pytest.mark.parametrize(
     ("name", "make"),
     [
-        ("rf64", lambda p: _ffmpeg_wav(p, "-c:a", "pcm_s16le", "-rf64", "always")),
         ("adpcm", lambda p: _ffmpeg_wav(p, "-c:a", "adpcm_ms")),
         ("mp3 named .wav", lambda p: _ffmpeg_wav(p, "-c:a", "libmp3lame", "-f", "mp3")),
         ("header only", lambda p: p.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt ")),

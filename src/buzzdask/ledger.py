@@ -558,7 +558,10 @@ def _cut_short(info: AudioInfo) -> str:
     """What a file cut short holds against what its header declares; ``""`` for a whole one."""
     if info.declared_duration_s is None:
         return ""
+    declared, held = info.declared_duration_s, info.duration_s or 0.0
+    # Tenths, or as many more decimals as tell the two apart (39.79 of 39.8 s, not 39.8 of 39.8).
+    decimals = next((d for d in (1, 2, 3) if f"{declared:.{d}f}" != f"{held:.{d}f}"), 6)
     return (
-        f"cut short: its header declares {info.declared_duration_s:.1f} s, "
-        f"the file holds {info.duration_s or 0.0:.1f} s"
+        f"cut short: its header declares {declared:.{decimals}f} s, "
+        f"the file holds {held:.{decimals}f} s"
     )

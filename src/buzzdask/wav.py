@@ -5,8 +5,9 @@ needs: codec, rate, channels and exactly how many samples there are. Reading it 
 microseconds where an ffprobe process costs about 0.05 CPU-seconds, which for a folder of
 30-second recordings is a fifth of the whole per-file cost. Its samples are read the same way
 (:func:`iter_wav_samples`), converted to float exactly as ffmpeg converts them, so a 30-second
-file costs no ffmpeg process either. Anything this module does not recognise (RF64, compressed
-WAV, a damaged header) gives ``None``: the caller asks ffprobe and ffmpeg.
+file costs no ffmpeg process either. RF64 and BW64 (past 4 GiB) are read as RIFF is. Anything
+this module does not recognise (compressed WAV, a damaged header) gives ``None``: the caller
+asks ffprobe and ffmpeg.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,7 +32,8 @@ _CODECS = {
     (_FLOAT, 32): "pcm_f32le",
     (_FLOAT, 64): "pcm_f64le",
 }
-_HEADER_BYTES = 1 << 16  # the chunks before "data" (fmt, LIST/INFO, bext, guan) fit
+_HEADER_BYTES = 1 << 16  # the chunks before "data" (fmt, LIST/INFO, bext, guan) most often fit
+_FORMS = (b"RIFF", b"RF64", b"BW64")
 _FMT = struct.Struct("<HHIIHH")  # format, channels, rate, byte rate, block align, bits
 #: Samples per channel in a block of :func:`iter_wav_samples`: 128 KiB of 16-bit mono. Blocks
 #: of 16 Ki samples cost more CPU per chunk (Python's per-block work); 64 Ki to 256 Ki the same.
@@ -58,7 +60,8 @@ class WavHeader:
     valid_bits : int or None
         Bits of each sample that hold audio, where a WAVE_FORMAT_EXTENSIBLE header says fewer
         than are stored (24 in 32, 20 in 24); ``None`` otherwise. ffmpeg reads 24 in 32 as
-        24-bit float (``pcm_f24le``): only this module reads that right.
+        24-bit float (``pcm_f24le``) and 16 in 32 as twice as many 16-bit samples: only this
+        module reads those right (:attr:`ffmpeg_misreads`).
     wrapped : bool
         The data chunk's 32-bit size wrapped past 4 GiB (its writer kept only the low bits):
         ``n_samples`` counts what the file holds, which ffmpeg would cut at the size written.
@@ -82,10 +85,16 @@ class WavHeader:
     def ffmpeg_misreads(self) -> bool:
         """Whether ffmpeg would decode other samples than these.
 
-        24 valid bits in 32 (:attr:`valid_bits`), which it reads as 24-bit float, or a size
-        that :attr:`wrapped`: the file is then read in process, whatever its channel count.
+        Valid bits (:attr:`valid_bits`) in fewer bytes than each sample is stored in (24 or 16
+        in 32), or a size that :attr:`wrapped`: the file is then read in process, whatever its
+        channel count.
         """
-        return (self.codec, self.valid_bits) == ("pcm_s32le", 24) or self.wrapped
+        if self.valid_bits is None:
+            return self.wrapped
+        stored, count = _STORED[self.codec]
+        # ffmpeg takes its codec from the valid bits: 24 in 32 as 24-bit float, 16 in 32 as
+        # 16-bit samples, twice as many. Where they fill the bytes stored (20 in 24), it is right.
+        return -(-self.valid_bits // 8) < stored.itemsize * count or self.wrapped
 
     @property
     def declared_duration_s(self) -> float | None:
@@ -106,34 +115,58 @@ def read_wav_header(path: str | os.PathLike[str]) -> WavHeader | None:
         ``None`` when the file is not such a WAV or its header is damaged.
     """
     try:
-        with open(path, "rb") as stream:
-            head = stream.read(_HEADER_BYTES)
-            size = os.fstat(stream.fileno()).st_size
+        with open(path, "rb", buffering=0) as stream:
+            return _read_header(stream, os.fstat(stream.fileno()).st_size)
     except OSError:
         return None
-    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+
+
+def _read_header(stream: BinaryIO, size: int) -> WavHeader | None:
+    """:func:`read_wav_header` of an open file of ``size`` bytes."""
+    head, base = stream.read(_HEADER_BYTES), 0  # head: the file's bytes from offset base on
+    if len(head) < 12 or head[:4] not in _FORMS or head[8:12] != b"WAVE":
         return None
     fmt: tuple[int, ...] | None = None
+    data_size_64: int | None = None
     offset = 12
-    while offset + 8 <= len(head):
-        chunk_id, chunk_size = (
-            head[offset : offset + 4],
-            struct.unpack_from("<I", head, offset + 4)[0],
-        )
+    while offset + 8 <= size:
+        if offset + 8 > base + len(head):  # chunks past the first read (a large bext)
+            head, base = _read_at(stream, offset), offset
+        chunk_id = head[offset - base : offset - base + 4]
+        chunk_size = struct.unpack_from("<I", head, offset - base + 4)[0]
         body = offset + 8
-        if chunk_id == b"fmt " and chunk_size >= _FMT.size and body + chunk_size <= len(head):
-            fmt = _FMT.unpack_from(head, body)
-            if fmt[0] == _EXTENSIBLE and chunk_size >= 26:
-                # The real format is the first two bytes of the sub-format GUID; the bits that
-                # hold audio come after the size of the extension.
-                valid_bits = struct.unpack_from("<H", head, body + 18)[0]
-                fmt = (struct.unpack_from("<H", head, body + 24)[0], *fmt[1:], valid_bits)
+        if chunk_id in (b"fmt ", b"ds64") and body + chunk_size > base + len(head):
+            head, base = _read_at(stream, offset), offset
+        whole = body + chunk_size <= base + len(head)
+        if chunk_id == b"fmt " and chunk_size >= _FMT.size and whole:
+            fmt = _fmt(head, body - base, chunk_size)
+        elif chunk_id == b"ds64" and chunk_size >= 24 and whole:
+            # RF64 and BW64 (files past 4 GiB): the data chunk's real size, in 64 bits.
+            data_size_64 = struct.unpack_from("<Q", head, body - base + 8)[0]
         elif chunk_id == b"data":
-            if chunk_size in (0, 0xFFFFFFFF):  # a writer that never came back to fill it in
+            if chunk_size == 0xFFFFFFFF and data_size_64 is not None:
+                chunk_size = data_size_64
+            elif chunk_size in (0, 0xFFFFFFFF):  # a writer that never came back to fill it in
                 return None
             return _header(fmt, data_bytes=chunk_size, held_bytes=size - body, data_offset=body)
         offset = body + chunk_size + (chunk_size & 1)  # chunks are word-aligned
     return None
+
+
+def _read_at(stream: BinaryIO, offset: int) -> bytes:
+    stream.seek(offset)
+    return stream.read(_HEADER_BYTES)
+
+
+def _fmt(head: bytes, at: int, chunk_size: int) -> tuple[int, ...]:
+    """The ``fmt `` chunk's fields at ``at`` (and an extensible header's valid bits)."""
+    fmt = _FMT.unpack_from(head, at)
+    if fmt[0] == _EXTENSIBLE and chunk_size >= 26:
+        # The real format is the first two bytes of the sub-format GUID; the bits that hold
+        # audio come after the size of the extension.
+        valid_bits = struct.unpack_from("<H", head, at + 18)[0]
+        return (struct.unpack_from("<H", head, at + 24)[0], *fmt[1:], valid_bits)
+    return fmt
 
 
 def _header(
