@@ -284,6 +284,33 @@ def test_a_resume_with_another_decode_margin_is_refused(run, make_audio, tmp_pat
         )
         thin = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "thin")
     assert thin.metadata["fingerprint"]["decode_margin_s"] == 0.0
+    # Back at the default (left out of the record now): still another margin than before.
+    with pytest.raises(OutputConflictError) as refused:
+        run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=thin.output, on_conflict="resume")
+    assert "settings differ (decode_margin_s: 0.0 before, 0.5 (the default) now)" in str(
+        refused.value
+    )
+    assert str(refused.value).endswith("resume with buzzdask.decode-margin-seconds as it was (0.0)")
+
+
+def test_a_resume_with_other_seekable_codecs_is_refused(run, make_audio, tmp_path):
+    """AAC seeked instead of decoded whole moved its scores by 0.1: never mixed."""
+    import dask
+
+    make_audio("a.wav", n_samples=4 * FRAME)
+    first = run(tmp_path / "audio", chunk_seconds=CHUNK_S, output=tmp_path / "out")
+    assert "seekable_codecs" not in first.metadata["fingerprint"]
+    with dask.config.set({"buzzdask.seekable-codecs": ["mp3", "flac", "aac"]}):
+        with pytest.raises(OutputConflictError) as refused:
+            run(
+                tmp_path / "audio", chunk_seconds=CHUNK_S, output=first.output, on_conflict="resume"
+            )
+    default = ["mp3", "flac", "wavpack", "pcm_*"]
+    assert str(refused.value).endswith(
+        f"settings differ (seekable_codecs: {default!r} (the default) before, ['mp3', 'flac', "
+        "'aac'] now); either pass on_conflict='new' instead of on_conflict='resume' to write to "
+        f"a new directory, or resume with buzzdask.seekable-codecs as it was ({default!r})"
+    )
 
 
 def test_a_resume_looks_at_each_input_once(tmp_path):

@@ -59,6 +59,7 @@ from buzzdask.thresholds import (
     thresholds_by_model,
 )
 from buzzdask.write import (
+    DECODING_SETTINGS,
     KEPT_EMBEDDINGS,
     PARTITION_BEING_WRITTEN,
     OnConflict,
@@ -1051,11 +1052,14 @@ def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
         "ffmpeg_version": plan.ffmpeg.version,
         "probe": "MP3 headers, else " + ("ffprobe" if plan.ffmpeg.ffprobe else "ffmpeg"),
     }
-    margin_s = plan.settings.decode_margin_seconds
-    if margin_s != DEFAULTS["buzzdask"]["decode-margin-seconds"]:
-        # Less margin lets the chunks' edges show in the scores: a resume must not mix margins.
-        # Left out at the default, which the outputs written before it counted here all used.
-        decoding["decode_margin_s"] = margin_s
+    for key, setting in DECODING_SETTINGS.items():
+        # Less margin lets the chunks' edges show in the scores; AAC seeked, not decoded whole,
+        # moves them by 0.1: a resume must not mix either. Left out at the default, which the
+        # outputs written before they counted here all used.
+        value = getattr(plan.settings, setting.replace("-", "_"))
+        value = list(value) if isinstance(value, tuple) else value
+        if value != DEFAULTS["buzzdask"][setting]:
+            decoding[key] = value
     return {**fingerprint, **decoding}
 
 

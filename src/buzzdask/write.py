@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVATION_PREFIX",
+    "DECODING_SETTINGS",
     "DETECTION_PREFIX",
     "ERROR_COLUMNS",
     "KEPT_EMBEDDINGS",
@@ -120,6 +121,13 @@ PARTITION_BEING_WRITTEN = ".chunk-"
 NAME_MAX = 255
 # Score columns are named as buzzdetect (src/config.py: PREFIX_COLUMN_DETECTION) and buzzr
 # (VARIABLES.R: PREFIX_DETECTION) name them: buzzr sums the columns of that plural prefix.
+#: Fingerprint keys of the decoding settings that change scores (a resume must not mix them),
+#: by their setting's name: recorded only where not at the default, which the outputs written
+#: before they were recorded all used.
+DECODING_SETTINGS = {
+    "decode_margin_s": "decode-margin-seconds",
+    "seekable_codecs": "seekable-codecs",
+}
 ACTIVATION_PREFIX = "activation_"
 DETECTION_PREFIX = "detections_"
 
@@ -556,12 +564,8 @@ class OutputConflict:
                 f"only {earlier_run} resumes; pass {words.new} instead of {words.resume} to "
                 f"write to a new directory, or choose another {words.output}"
             )
-        margin = DEFAULTS["buzzdask"]["decode-margin-seconds"]
         differing = "; ".join(
-            # A margin at the default is left out of the record: the default it was.
-            f"{key}: {margin!r} (the default) before, {_recorded(now)} now"
-            if key == "decode_margin_s" and earlier is None
-            else f"{key}: {_recorded(earlier)} before, {_recorded(now)} now"
+            f"{key}: {_recorded(earlier, key)} before, {_recorded(now, key)} now"
             for key, earlier, now in self.differences
         )
         # Options left out last: "--threshold ins_buzz=-1.2 without --precision", not
@@ -572,15 +576,15 @@ class OutputConflict:
             f"resume with the earlier settings ({settings})"
             if self.earlier
             else "resume with the earlier model, embedder, buzzdask and ffmpeg"
-            if set(before) - {"decode_margin_s"}
+            if set(before) - set(DECODING_SETTINGS)
             else "resume"
         )
-        if "decode_margin_s" in before:  # a setting, not an option: named as one
-            earlier_margin = (
-                margin if before["decode_margin_s"] is None else before["decode_margin_s"]
-            )
+        for key in DECODING_SETTINGS.keys() & before:  # settings, not options: named as such
             joined = " with" if back == "resume" else " and"
-            back += f"{joined} buzzdask.decode-margin-seconds as it was ({earlier_margin!r})"
+            back += (
+                f"{joined} buzzdask.{DECODING_SETTINGS[key]} as it was "
+                f"({_setting(before[key], key)!r})"
+            )
         # Scores do not depend on thresholds: summaries, exports and plots take their own.
         rethreshold = (
             "; other thresholds alone need no new analysis: summarize, export and plot take "
@@ -598,9 +602,19 @@ class OutputConflict:
         return self.render(PYTHON_WORDS)
 
 
-def _recorded(value: Any) -> str:
-    """A fingerprint's value in a message; one the earlier run did not record, said so."""
+def _recorded(value: Any, key: str) -> str:
+    """A fingerprint's value in a message; one the earlier run did not record, said so.
+
+    A decoding setting's absence is its default.
+    """
+    if value is None and key in DECODING_SETTINGS:
+        return f"{_setting(value, key)!r} (the default)"
     return "not recorded" if value is None else repr(value)
+
+
+def _setting(value: Any, key: str) -> Any:
+    """A :data:`DECODING_SETTINGS` key's value: recorded only where it is not the default."""
+    return DEFAULTS["buzzdask"][DECODING_SETTINGS[key]] if value is None else value
 
 
 def refuse_results(layout: OutputLayout) -> None:
@@ -731,7 +745,10 @@ def prepare_output(
         refuse_results(layout)
     before = previous.get("fingerprint", {})
     differences: tuple[tuple[str, Any, Any], ...] = ()
-    for key, value in fingerprint.items():
+    # A decoding setting back at its default is left out of the record now, not before.
+    left_out = [key for key in DECODING_SETTINGS if key in before and key not in fingerprint]
+    for key in [*fingerprint, *left_out]:
+        value = fingerprint.get(key)
         if before.get(key) == value or _same_store_set(key, before.get(key), value):
             continue
         (name, earlier), (_, now) = _as_given(key, before), _as_given(key, fingerprint)
