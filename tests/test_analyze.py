@@ -119,7 +119,10 @@ def test_output_reads_back_everywhere(run, make_audio, tmp_path):
     assert metadata["frame_length_s"] == metadata["frame_hop_s"] == 0.96
     assert metadata["sample_rate"] == 16000
     assert len(metadata["model"]["sha256"]) == 64
-    assert {"buzzdask", "dask", "soxr", "mutagen", "tensorflow"} <= set(metadata["versions"])
+    assert {"buzzdask", "dask", "numpy", "soxr", "mutagen", "tensorflow"} <= set(
+        metadata["versions"]
+    )
+    assert metadata["scoring"]["batch_frames"] == 512  # a setting that moves scores by 1e-6
     assert metadata["started"] <= metadata["finished"]
     schema_metadata = pq.read_schema(next(result.dataset.rglob("*.parquet"))).metadata
     assert (

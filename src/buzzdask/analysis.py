@@ -1108,6 +1108,13 @@ def _metadata(
         "frame_hop_s": spec.hop_s,
         "frame_context_s": spec.context / spec.sample_rate,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
+        # Other calls sum in other orders: scores move by about 1e-6, which these reproduce.
+        "scoring": {
+            "batch_frames": plan.settings.batch_frames,
+            "cpu_call_frames": plan.settings.cpu_call_frames,
+            "tf_intra_op_threads": plan.settings.tf_intra_op_threads,
+            "tf_inter_op_threads": plan.settings.tf_inter_op_threads,
+        },
         # The values, how they compare, and the precision and metrics rows they came from.
         "thresholds": plan.thresholds[index].as_metadata(),
         "versions": package_versions(),

@@ -601,6 +601,7 @@ def package_versions() -> dict[str, str]:
         "buzzdask": __version__,
         "dask": dask.__version__,
         "distributed": distributed.__version__,
+        "numpy": importlib.metadata.version("numpy"),
         # Read without importing pandas (0.2 s), which a decode-only worker never needs.
         "pandas": importlib.metadata.version("pandas"),
         "pyarrow": pyarrow.__version__,

@@ -984,7 +984,7 @@ def frames_table(
         Raw head outputs.
     spec : FrameSpec
         ``start[i] = (first_frame + i) * hop_length / sample_rate``,
-        ``end[i] = start[i] + frame_length / sample_rate`` (seconds).
+        ``end[i] = ((first_frame + i) * hop_length + frame_length) / sample_rate`` (seconds).
     classes : sequence of str
     thresholds : mapping of class -> float
         ``detections_<class> = activation_<class> > threshold``
@@ -999,7 +999,11 @@ def frames_table(
     columns: dict[str, pa.Array] = {
         "file": repeated_string(relative, n_frames),
         "start": numeric_array(start, np.float64),
-        "end": numeric_array(start + spec.frame_length_s, np.float64),
+        # Exact from the sample counts: start + 0.96 gave 9.600000000000001 where the next
+        # frame starts at 9.6, and end == next start compared false.
+        "end": numeric_array(
+            (index * spec.hop_length + spec.frame_length) / spec.sample_rate, np.float64
+        ),
     }
     activations = np.asarray(activations, dtype=np.float32).reshape(n_frames, len(classes))
     for column, name in enumerate(classes):
