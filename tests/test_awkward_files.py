@@ -202,6 +202,20 @@ def test_ledger_adds_chunks_while_the_last_comes_back_full(tmp_path: Path) -> No
     assert state.frames == real_frames and state.chunks_done == state.chunks
 
 
+def test_a_file_probed_long_that_decodes_to_nothing_is_said_damaged(tmp_path: Path) -> None:
+    """Not "19.9 s of audio, shorter than one frame": its probe and its decoder disagree."""
+    info = AudioInfo("a.wav", "pcm_s16le", 48000, 4, 19.896, 1, 1)
+    ledger = _ledger(tmp_path, frames_per_chunk=100, done={})
+    state = ledger.add(InputFile("a.wav", "a.wav"))
+    assert state is not None
+    (job,) = ledger.probed(state, info)
+    ledger.scored(job, (0, 0, ""))
+    assert [error["reason"] for error in ledger.errors] == [
+        "decoded to less than one frame (0.96 s), though probed as 19.9 s of audio: damaged, "
+        "or its header misread"
+    ]
+
+
 # -- MP3s whose duration estimate is wrong --------------------------------------------------------
 @pytest.mark.parametrize(
     ("parts", "estimate"),

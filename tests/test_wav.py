@@ -219,6 +219,31 @@ def test_rf64_is_read_as_riff_is(tmp_path: Path) -> None:
     assert cut.n_samples == N_SAMPLES - 1000
 
 
+@pytest.mark.parametrize("channels", [1, 4])
+def test_an_rf64_its_writer_never_sized_is_read_to_its_end(tmp_path: Path, channels) -> None:
+    """ffmpeg's own RF64 to a pipe (ds64 sizes 0, data 0xFFFFFFFF), as a recorder stopped
+    mid-file leaves one: what it holds, where ffmpeg decodes nothing (any channel count)."""
+    plain = _ffmpeg_wav(tmp_path / "plain.wav", "-c:a", "pcm_s16le", channels=channels)
+    piped = tmp_path / "piped.wav"
+    with piped.open("wb") as out:
+        subprocess.run(
+            [
+                *("ffmpeg", "-v", "error", "-i", str(plain), "-c:a", "pcm_s16le"),
+                *("-rf64", "always", "-f", "wav", "-"),
+            ],
+            stdout=out,
+            check=True,
+        )
+    assert piped.read_bytes()[:4] == b"RF64"
+    header = read_wav_header(piped)
+    assert header is not None and header.rf64 and header.ffmpeg_misreads
+    assert (header.n_samples, header.declared_samples) == (N_SAMPLES, None)
+    assert probe_audio(piped).duration_s == N_SAMPLES / 48000
+    np.testing.assert_array_equal(
+        decode_file(piped, sample_rate=16000), decode_file(plain, sample_rate=16000)
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "make"),
     [

@@ -491,13 +491,18 @@ class FileLedger:
             cut = _cut_short(state.info) if state.info is not None else ""
             # How short, as probed: a 0.95-s file is not an empty one.
             length = state.info.duration_s if state.info is not None else None
-            # In whole ms, rounded down: 0.96 s less a sample reads 0.959 s, not 0.96 s.
-            held = (
-                f"{math.floor(length * 1000) / 1000:g} s of audio, "
-                if length and not cut
-                else "audio "
-            )
-            reason = f"{held}shorter than one frame ({seconds:g} s)" + (f"; {cut}" if cut else "")
+            if length and length >= seconds and not cut:
+                # Probed long enough, decoded to nothing: not a short recording, a damaged one.
+                reason = (
+                    f"decoded to less than one frame ({seconds:g} s), though probed as "
+                    f"{length:.1f} s of audio: damaged, or its header misread"
+                )
+            else:
+                # In whole ms, rounded down: 0.96 s less a sample reads 0.959 s, not 0.96 s.
+                held = f"{math.floor(length * 1000) / 1000:g} s of audio, " if length else "audio "
+                reason = f"{held}shorter than one frame ({seconds:g} s)" + (
+                    f"; {cut}" if cut else ""
+                )
             self._fail(state, None, "decode", reason, "")
         elif not state.failed and state.info is not None:
             self._check_gaps(state)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -65,6 +65,11 @@ class WavHeader:
     wrapped : bool
         The data chunk's 32-bit size wrapped past 4 GiB (its writer kept only the low bits):
         ``n_samples`` counts what the file holds, which ffmpeg would cut at the size written.
+    rf64 : bool
+        An RF64 or BW64 file. ffmpeg takes the sizes of its ``ds64`` chunk only where that is
+        the first chunk, even over a data chunk's own 32-bit size, and decodes nothing where a
+        writer left them 0 (ffmpeg's own RF64 to a pipe): ``n_samples`` is then what the file
+        holds.
     """
 
     codec: str
@@ -75,6 +80,7 @@ class WavHeader:
     declared_samples: int | None = None
     valid_bits: int | None = None
     wrapped: bool = False
+    rf64: bool = False
 
     @property
     def duration_s(self) -> float:
@@ -86,15 +92,17 @@ class WavHeader:
         """Whether ffmpeg would decode other samples than these.
 
         Valid bits (:attr:`valid_bits`) in fewer bytes than each sample is stored in (24 or 16
-        in 32), or a size that :attr:`wrapped`: the file is then read in process, whatever its
-        channel count.
+        in 32), a size that :attr:`wrapped`, or :attr:`rf64`: the file is then read in process,
+        whatever its channel count.
         """
+        if self.wrapped or self.rf64:
+            return True
         if self.valid_bits is None:
-            return self.wrapped
+            return False
         stored, count = _STORED[self.codec]
         # ffmpeg takes its codec from the valid bits: 24 in 32 as 24-bit float, 16 in 32 as
         # 16-bit samples, twice as many. Where they fill the bytes stored (20 in 24), it is right.
-        return -(-self.valid_bits // 8) < stored.itemsize * count or self.wrapped
+        return -(-self.valid_bits // 8) < stored.itemsize * count
 
     @property
     def declared_duration_s(self) -> float | None:
@@ -126,6 +134,7 @@ def _read_header(stream: BinaryIO, size: int) -> WavHeader | None:
     head, base = stream.read(_HEADER_BYTES), 0  # head: the file's bytes from offset base on
     if len(head) < 12 or head[:4] not in _FORMS or head[8:12] != b"WAVE":
         return None
+    rf64 = head[:4] != b"RIFF"
     fmt: tuple[int, ...] | None = None
     data_size_64: int | None = None
     offset = 12
@@ -144,11 +153,13 @@ def _read_header(stream: BinaryIO, size: int) -> WavHeader | None:
             # RF64 and BW64 (files past 4 GiB): the data chunk's real size, in 64 bits.
             data_size_64 = struct.unpack_from("<Q", head, body - base + 8)[0]
         elif chunk_id == b"data":
-            if chunk_size == 0xFFFFFFFF and data_size_64 is not None:
-                chunk_size = data_size_64
+            if rf64 and chunk_size == 0xFFFFFFFF:
+                # Its size in ds64; 0 there (or no ds64): a writer that never came back to it.
+                chunk_size = data_size_64 or size - body
             elif chunk_size in (0, 0xFFFFFFFF):  # a writer that never came back to fill it in
                 return None
-            return _header(fmt, data_bytes=chunk_size, held_bytes=size - body, data_offset=body)
+            header = _header(fmt, data_bytes=chunk_size, held_bytes=size - body, data_offset=body)
+            return header if header is None or not rf64 else replace(header, rf64=True)
         offset = body + chunk_size + (chunk_size & 1)  # chunks are word-aligned
     return None
 
