@@ -100,6 +100,32 @@ def test_equals_whole_file_reference(
         np.testing.assert_allclose(activations(rows), expected, atol=1e-5, rtol=0)
 
 
+def test_a_notebooks_mistakes_in_reading_results_are_said(run, make_audio, tmp_path, tiny_model):
+    """Buzzdask's own errors, not a FileNotFoundError from pyarrow or a KeyError from dask."""
+    make_audio("short.wav", directory=tmp_path / "few", n_samples=FRAME - 1)
+    nothing = run(tmp_path / "few", output=tmp_path / "nothing")
+    for read in (nothing.to_pandas, nothing.to_dask):
+        with pytest.raises(InputError, match=r"holds no scored frames \(nothing under scores/\)"):
+            read()
+    make_audio("a.wav", n_samples=3 * FRAME)
+    result = run(tmp_path / "audio", output=tmp_path / "some")
+    opened = buzzdask.open_run(result.output)
+    shown = f"Run(output={str(result.output)!r}, status='complete', model='model_tiny')"
+    assert repr(opened) == shown
+    assert list(opened.frames(columns="start").compute().columns) == ["start"]  # not s, t, a...
+    with pytest.raises(ParameterError, match=r"columns \['activation_ins_buz'\] are not in"):
+        opened.frames(columns=["activation_ins_buz"])
+    with pytest.raises(ParameterError, match=r"columns \['nope'\] are not in the run's scores"):
+        opened.recording_frames("a.wav", columns=["file", "nope"])
+    with pytest.raises(ParameterError, match="not a str; plot_run\\(output\\) draws"):
+        buzzdask.plot_daily_activity(str(result.output))  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match=r"time_format=5 must be a strptime format"):
+        buzzdask.summarize(result.output, write=False, time_format=5)  # type: ignore[arg-type]
+    config = tiny_model / "config_model.json"
+    with pytest.raises(ModelError, match=f"is a file: give the model's directory.*{tiny_model}"):
+        buzzdask.resolve_model(config)
+
+
 def test_output_reads_back_everywhere(run, make_audio, tmp_path):
     make_audio("site1/a.wav", n_samples=5 * FRAME)
     make_audio("site2/deep/b.flac", n_samples=4 * 44100 + 9, rate=44100, channels=2)

@@ -45,6 +45,7 @@ from buzzdask.logs import append_to_run_log, quiet_environment, run_log
 from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
 from buzzdask.pipeline import ChunkPipeline, outcome, probe_task
 from buzzdask.progress import Progress, format_audio, format_count, format_factor
+from buzzdask.results import open_run
 from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, journalled, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
@@ -157,9 +158,16 @@ class AnalysisResult:
         return self.errors.empty
 
     def to_pandas(self) -> pd.DataFrame:
-        """All frames, sorted by file and start."""
+        """All frames, sorted by file and start.
+
+        Raises
+        ------
+        InputError
+            If the run wrote no frame (every input failed or was shorter than a frame).
+        """
         import pandas as pd
 
+        open_run(self.output).require_scores()
         # No hive partitioning: an input folder named "site=A" is a name, not a column; and
         # "_pilot/" or ".x/" is a recording's folder, not metadata (pyarrow skips names starting
         # with "_" or "." by default): only partitions being written are left out.
@@ -169,10 +177,14 @@ class AnalysisResult:
         return frame.sort_values(["file", "start"], ignore_index=True)
 
     def to_dask(self) -> Any:
-        """All frames as a dask DataFrame (one partition per chunk file)."""
-        from buzzdask.results import read_frames
+        """All frames as a dask DataFrame (one partition per chunk file).
 
-        return read_frames(self.dataset)
+        Raises
+        ------
+        InputError
+            If the run wrote no frame (every input failed or was shorter than a frame).
+        """
+        return open_run(self.output).frames()
 
 
 @dataclass(frozen=True)

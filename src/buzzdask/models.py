@@ -382,6 +382,11 @@ def find_model_dir(
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
+    if direct.is_file():
+        raise ModelError(
+            f"model {name!r} is a file: give the model's directory, the folder that holds it "
+            f"({direct.parent})"
+        )
     # Absolute: the default "models" is the current directory's, which a batch job may not share.
     searched = [str(Path(d).expanduser().absolute()) for d in search_dirs]
     raise ModelError(

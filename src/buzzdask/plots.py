@@ -114,9 +114,25 @@ def plot_daily_activity(
     Returns
     -------
     matplotlib.figure.Figure
+
+    Raises
+    ------
+    ParameterError
+        ``summary`` is no such table (an output's path: :func:`plot_run` takes that), or
+        ``class_name`` is not one of its classes.
     """
     from matplotlib.figure import Figure
 
+    if not isinstance(summary, pd.DataFrame) or "bin_datetime" not in summary:
+        given = (
+            "a DataFrame without a bin_datetime column"
+            if isinstance(summary, pd.DataFrame)
+            else f"a {type(summary).__name__}"
+        )
+        raise ParameterError(
+            f"summary must be a table of summarize(output), not {given}; plot_run(output) "
+            "draws an output's plots"
+        )
     summary = summary.assign(bin_datetime=_as_times(summary["bin_datetime"]))
     name = _rate_class(summary, class_name)
     detections = f"detections_{name}"

@@ -132,6 +132,8 @@ class TimeParser:
             else (time_format,)
             if isinstance(time_format, str)
             else tuple(time_format)
+            if isinstance(time_format, (list, tuple))
+            else ()
         )
         if not formats or not all(isinstance(f, str) and f for f in formats):
             raise ParameterError(

@@ -73,6 +73,11 @@ class Run:
     output: Path
     metadata: dict[str, Any] = field(repr=False)
 
+    def __repr__(self) -> str:
+        # What a notebook wants to see of it: which run, how far it got, which head.
+        status, model = self.metadata.get("status"), self.metadata.get("model", {}).get("name")
+        return f"Run(output={str(self.output)!r}, status={status!r}, model={model!r})"
+
     @property
     def layout(self) -> OutputLayout:
         """The output's paths."""
@@ -270,24 +275,41 @@ class Run:
         """The partition files of one recording, in chunk order."""
         return sorted(self._recording_dir(relative).glob(PARTITION_GLOB))
 
-    def frames(self, columns: Sequence[str] | None = None) -> Any:
+    def require_scores(self) -> None:
+        """Refuse a run that has not written any frame.
+
+        Raises
+        ------
+        InputError
+            If the run has not written any partition yet (or, finished, none at all: every
+            input failed or was shorter than a frame).
+        """
+        if not self.dataset.is_dir() or next(self.dataset.rglob(PARTITION_GLOB), None) is None:
+            raise InputError(
+                f"{self.output} holds no scored frames{'' if self.complete else ' yet'} "
+                "(nothing under scores/)"
+            )
+
+    def frames(self, columns: str | Sequence[str] | None = None) -> Any:
         """Every frame written so far, as a dask DataFrame (see :func:`read_frames`).
+
+        Parameters
+        ----------
+        columns : str or sequence of str, optional
+            Only these columns (default: all).
 
         Raises
         ------
         InputError
             If the run has not written any partition yet.
+        ParameterError
+            A column the run's scores lack.
         """
-        if not self.recordings():
-            # Finished without any: every input shorter than a frame, or failed.
-            raise InputError(
-                f"{self.output} holds no scored frames{'' if self.complete else ' yet'} "
-                "(nothing under scores/)"
-            )
-        return read_frames(self.dataset, columns=columns)
+        self.require_scores()
+        return read_frames(self.dataset, columns=self._columns(columns))
 
     def recording_frames(
-        self, relative: str, *, columns: Sequence[str] | None = None
+        self, relative: str, *, columns: str | Sequence[str] | None = None
     ) -> pd.DataFrame:
         """One recording's frames, read from its own partitions only, sorted by ``start``.
 
@@ -295,7 +317,7 @@ class Run:
         ----------
         relative : str
             The recording's relative name, as in the ``file`` column (``"site/a.wav"``).
-        columns : sequence of str, optional
+        columns : str or sequence of str, optional
             Only these columns (default: all).
 
         Returns
@@ -307,6 +329,8 @@ class Run:
         ------
         InputError
             If no partition of ``relative`` exists.
+        ParameterError
+            A column the run's scores lack.
         """
         import pyarrow.parquet as pq
 
@@ -316,12 +340,28 @@ class Run:
                 f"no scores for {relative!r} in {self.output}; recordings with scores: "
                 f"{_some(self.recordings())}"
             )
-        wanted = list(columns) if columns is not None else None
+        wanted = self._columns(columns, schema_of=paths[0])
         tables = [pq.read_table(path, columns=wanted) for path in paths]
         frame = pd.concat([table.to_pandas() for table in tables], ignore_index=True)
         if "start" in frame.columns:
             frame = frame.sort_values("start", kind="stable", ignore_index=True)
         return frame
+
+    def _columns(
+        self, columns: str | Sequence[str] | None, *, schema_of: Path | None = None
+    ) -> list[str] | None:
+        """``columns`` as a list, each checked against a partition's (``schema_of``'s)."""
+        import pyarrow.parquet as pq
+
+        if columns is None:
+            return None
+        wanted = [columns] if isinstance(columns, str) else list(columns)
+        partition = schema_of or next(self.dataset.rglob(PARTITION_GLOB), None)
+        known = pq.read_schema(partition).names if partition is not None else wanted
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise ParameterError(f"columns {unknown} are not in the run's scores: {known}")
+        return wanted
 
     def _recording_dir(self, relative: str) -> Path:
         parts = PurePosixPath(relative).parts
