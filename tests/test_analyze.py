@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -121,6 +122,12 @@ def test_a_notebooks_mistakes_in_reading_results_are_said(run, make_audio, tmp_p
         buzzdask.plot_daily_activity(str(result.output))  # type: ignore[arg-type]
     with pytest.raises(ParameterError, match=r"time_format=5 must be a strptime format"):
         buzzdask.summarize(result.output, write=False, time_format=5)  # type: ignore[arg-type]
+    (tmp_path / "notes.txt").write_text("field notes")
+    for write in (buzzdask.summarize, functools.partial(buzzdask.export, format="csv")):
+        with pytest.raises(OutputConflictError, match=r"notes\.txt exists and is not a directory"):
+            write(result.output, dest=tmp_path / "notes.txt", thresholds={"ins_buzz": 0.0})
+    with pytest.raises(ParameterError, match=r"^output=5 must be a path"):
+        buzzdask.open_run(5)  # type: ignore[arg-type]
     config = tiny_model / "config_model.json"
     with pytest.raises(ModelError, match=f"is a file: give the model's directory.*{tiny_model}"):
         buzzdask.resolve_model(config)

@@ -477,6 +477,8 @@ def held(root: Path, *, stale_s: float, in_use: Callable[[str], BuzzdaskError]) 
     OutputConflictError
         ``root`` cannot be created or written in.
     """
+    if root.exists() and not root.is_dir():  # not "cannot write in it (File exists)"
+        raise OutputConflictError(f"{root} exists and is not a directory: give a folder")
     lock = OutputLock(root, started=utc_now(), stale_s=stale_s)
     try:
         lock.__enter__()

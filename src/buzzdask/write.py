@@ -142,7 +142,7 @@ class OutputLayout:
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = user_path(root)
+        self.root = user_path(root, what="output")
         self.scores = self.root / "scores"
         self.metadata = self.root / "buzzdask.json"
         self.errors = self.root / "errors.parquet"
