@@ -276,6 +276,9 @@ def test_guano_timestamp(tmp_path, stamp, expected_naive, expected_ny):
         expected_ny, tz="America/New_York"
     )
     assert recording_starts([str(path)])["source"].iloc[0] == "GUANO Timestamp"
+    # A BW64 (the broadcast form past 4 GiB, read for its audio as RIFF is): its start too.
+    path.write_bytes(b"BW64" + path.read_bytes()[4:])
+    assert start_from_metadata(path) == pd.Timestamp(expected_naive)
 
 
 def test_metadata_and_name_precedence(tmp_path):

@@ -307,10 +307,16 @@ def test_a_resume_with_other_seekable_codecs_is_refused(run, make_audio, tmp_pat
             )
     default = ["mp3", "flac", "wavpack", "pcm_*"]
     assert str(refused.value).endswith(
-        f"settings differ (seekable_codecs: {default!r} (the default) before, ['mp3', 'flac', "
-        "'aac'] now); either pass on_conflict='new' instead of on_conflict='resume' to write to "
+        f"settings differ (seekable_codecs: {default!r} (the default) before, ['aac', 'flac', "
+        "'mp3'] now); either pass on_conflict='new' instead of on_conflict='resume' to write to "
         f"a new directory, or resume with buzzdask.seekable-codecs as it was ({default!r})"
     )
+    # The same patterns in another order are the same setting.
+    with dask.config.set({"buzzdask.seekable-codecs": ["pcm_*", "wavpack", "flac", "mp3"]}):
+        resumed = run(
+            tmp_path / "audio", chunk_seconds=CHUNK_S, output=first.output, on_conflict="resume"
+        )
+    assert resumed.ok and resumed.summary["chunks_written"] == 0
 
 
 def test_a_resume_looks_at_each_input_once(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from buzzdask.decode import _ffprobe_stream, decode_chunk, decode_file, plan_chunks, probe_audio
 from buzzdask.ffmpeg_tools import find_ffmpeg
 from buzzdask.ledger import _cut_short
-from buzzdask.wav import iter_wav_samples, read_wav_header
+from buzzdask.wav import WavHeader, iter_wav_samples, read_wav_header
 from tests.conftest import field_like, requires_ffmpeg
 from tests.test_frames import spec
 
@@ -242,6 +242,24 @@ def test_an_rf64_its_writer_never_sized_is_read_to_its_end(tmp_path: Path, chann
     np.testing.assert_array_equal(
         decode_file(piped, sample_rate=16000), decode_file(plain, sample_rate=16000)
     )
+
+
+def test_the_walk_to_the_data_chunk_gives_up_after_so_many_chunks(tmp_path: Path) -> None:
+    """A chain misaligned (an odd chunk without its pad byte, then silence) would be walked 8
+    bytes at a time through the whole file, for each chunk: left to ffprobe after so many."""
+    from buzzdask.wav import MOST_CHUNKS
+
+    path = _ffmpeg_wav(tmp_path / "a.wav", "-c:a", "pcm_s16le")
+    whole = path.read_bytes()
+    data = whole.index(b"data")
+
+    def with_chunks_before_data(count: int) -> WavHeader | None:
+        path.write_bytes(whole[:data] + b"junk\x00\x00\x00\x00" * count + whole[data:])
+        return read_wav_header(path)
+
+    few = with_chunks_before_data(100)
+    assert few is not None and few.n_samples == N_SAMPLES
+    assert with_chunks_before_data(MOST_CHUNKS) is None
 
 
 @pytest.mark.parametrize(

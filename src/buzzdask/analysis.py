@@ -1068,9 +1068,13 @@ def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
         # Less margin lets the chunks' edges show in the scores; AAC seeked, not decoded whole,
         # moves them by 0.1: a resume must not mix either. Left out at the default, which the
         # outputs written before they counted here all used.
-        value = getattr(plan.settings, setting.replace("-", "_"))
-        value = list(value) if isinstance(value, tuple) else value
-        if value != DEFAULTS["buzzdask"][setting]:
+        value, default = (
+            getattr(plan.settings, setting.replace("-", "_")),
+            DEFAULTS["buzzdask"][setting],
+        )
+        if isinstance(value, tuple):  # a set of patterns: their order means nothing
+            value, default = sorted(value), sorted(default)
+        if value != default:
             decoding[key] = value
     return {**fingerprint, **decoding}
 

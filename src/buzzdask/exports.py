@@ -618,7 +618,8 @@ def export(
             "export"
         )
     run.warn_if_unfinished("exporting")
-    without_frames = sorted(set(run.failed_recordings()).difference(recordings))
+    failed = set(run.failed_recordings())
+    without_frames = sorted(failed.difference(recordings))
     if without_frames:
         logger.warning(
             "%d input file(s) failed before any frame was written and have nothing to export "
@@ -627,7 +628,8 @@ def export(
             run.layout.errors,
             first_names(without_frames, shown=5),
         )
-    damaged = run.damaged_recordings()
+    # Those failed besides (a file cut short that then failed to decode) are said above.
+    damaged = sorted(set(run.damaged_recordings()).intersection(recordings) - failed)
     if damaged:
         # Exported like the others (as buzzdetect does): only this says they cover less.
         logger.warning(

@@ -492,14 +492,19 @@ class FileLedger:
             # How short, as probed: a 0.95-s file is not an empty one.
             length = state.info.duration_s if state.info is not None else None
             if length and length >= seconds and not cut:
-                # Probed long enough, decoded to nothing: not a short recording, a damaged one.
+                # Probed long enough, decoded to less: damage, a misread header, or an estimate
+                # (an MP3 without its header's length) too long. Not "1.5 s, shorter than 0.96".
                 reason = (
                     f"decoded to less than one frame ({seconds:g} s), though probed as "
-                    f"{length:.1f} s of audio: damaged, or its header misread"
+                    f"{length:.2f} s of audio"
                 )
             else:
                 # In whole ms, rounded down: 0.96 s less a sample reads 0.959 s, not 0.96 s.
-                held = f"{math.floor(length * 1000) / 1000:g} s of audio, " if length else "audio "
+                held = (
+                    f"{math.floor(length * 1000) / 1000:g} s of audio, "
+                    if length and not cut
+                    else "audio "
+                )
                 reason = f"{held}shorter than one frame ({seconds:g} s)" + (
                     f"; {cut}" if cut else ""
                 )

@@ -46,6 +46,7 @@ import pandas as pd
 
 from buzzdask.errors import ParameterError
 from buzzdask.inputs import as_list, first_names
+from buzzdask.wav import MOST_CHUNKS, RIFF_FORMS
 
 __all__ = [
     "DEFAULT_TIME_FORMATS",
@@ -661,9 +662,9 @@ def _text_chunks(path: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     with path.open("rb") as stream:
         header = stream.read(12)
-        if len(header) < 12 or header[:4] not in (b"RIFF", b"RF64") or header[8:12] != b"WAVE":
+        if len(header) < 12 or header[:4] not in RIFF_FORMS or header[8:12] != b"WAVE":
             return found
-        while True:
+        for _ in range(MOST_CHUNKS):
             head = stream.read(8)
             if len(head) < 8:
                 return found
@@ -678,6 +679,7 @@ def _text_chunks(path: Path) -> dict[str, str]:
                 return found  # RF64's real size is elsewhere: nothing more to find cheaply
             else:
                 stream.seek(padded, os.SEEK_CUR)
+    return found
 
 
 def _flac_comments(path: Path) -> dict[str, str]:

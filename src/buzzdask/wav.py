@@ -20,7 +20,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["BLOCK_SAMPLES", "WavHeader", "iter_wav_samples", "read_wav_header"]
+__all__ = [
+    "BLOCK_SAMPLES",
+    "MOST_CHUNKS",
+    "RIFF_FORMS",
+    "WavHeader",
+    "iter_wav_samples",
+    "read_wav_header",
+]
 
 _PCM, _FLOAT, _EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 #: ffmpeg's codec names, by (format, bits per sample).
@@ -33,7 +40,11 @@ _CODECS = {
     (_FLOAT, 64): "pcm_f64le",
 }
 _HEADER_BYTES = 1 << 16  # the chunks before "data" (fmt, LIST/INFO, bext, guan) most often fit
-_FORMS = (b"RIFF", b"RF64", b"BW64")
+#: The RIFF forms of WAV files: plain, and those past 4 GiB (their sizes in a ds64 chunk).
+RIFF_FORMS = (b"RIFF", b"RF64", b"BW64")
+#: Chunks looked at before "data": a handful in a recorder's file. A chain misaligned by a
+#: writer's missing pad byte would otherwise step 8 bytes at a time through the whole file.
+MOST_CHUNKS = 10_000
 _FMT = struct.Struct("<HHIIHH")  # format, channels, rate, byte rate, block align, bits
 #: Samples per channel in a block of :func:`iter_wav_samples`: 128 KiB of 16-bit mono. Blocks
 #: of 16 Ki samples cost more CPU per chunk (Python's per-block work); 64 Ki to 256 Ki the same.
@@ -125,20 +136,22 @@ def read_wav_header(path: str | os.PathLike[str]) -> WavHeader | None:
     try:
         with open(path, "rb", buffering=0) as stream:
             return _read_header(stream, os.fstat(stream.fileno()).st_size)
-    except OSError:
+    except (OSError, struct.error):  # struct: a file that shrank while it was read
         return None
 
 
 def _read_header(stream: BinaryIO, size: int) -> WavHeader | None:
     """:func:`read_wav_header` of an open file of ``size`` bytes."""
     head, base = stream.read(_HEADER_BYTES), 0  # head: the file's bytes from offset base on
-    if len(head) < 12 or head[:4] not in _FORMS or head[8:12] != b"WAVE":
+    if len(head) < 12 or head[:4] not in RIFF_FORMS or head[8:12] != b"WAVE":
         return None
     rf64 = head[:4] != b"RIFF"
     fmt: tuple[int, ...] | None = None
     data_size_64: int | None = None
     offset = 12
-    while offset + 8 <= size:
+    for _ in range(MOST_CHUNKS):
+        if offset + 8 > size:
+            return None
         if offset + 8 > base + len(head):  # chunks past the first read (a large bext)
             head, base = _read_at(stream, offset), offset
         chunk_id = head[offset - base : offset - base + 4]
