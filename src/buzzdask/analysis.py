@@ -1067,7 +1067,7 @@ def _fingerprint(plan: _Plan, index: int) -> dict[str, Any]:
     for key, setting in DECODING_SETTINGS.items():
         # Less margin lets the chunks' edges show in the scores; AAC seeked, not decoded whole,
         # moves them by 0.1: a resume must not mix either. Left out at the default, which the
-        # outputs written before they counted here all used.
+        # outputs of this version written before they counted here used.
         value, default = (
             getattr(plan.settings, setting.replace("-", "_")),
             DEFAULTS["buzzdask"][setting],
@@ -1124,7 +1124,7 @@ def _metadata(
         "frame_hop_s": spec.hop_s,
         "frame_context_s": spec.context / spec.sample_rate,
         "chunk_seconds": plan.frames_per_chunk * spec.hop_length / spec.sample_rate,
-        # Other calls sum in other orders: scores move by about 1e-6, which these reproduce.
+        # Embedder calls of other sizes sum in other orders: scores move by about 1e-6.
         "scoring": {
             "batch_frames": plan.settings.batch_frames,
             "cpu_call_frames": plan.settings.cpu_call_frames,

@@ -119,15 +119,14 @@ PARTITION_GLOB = "chunk-*.parquet"
 PARTITION_BEING_WRITTEN = ".chunk-"
 #: Bytes in a file's name on Linux file systems (ext4, XFS, Lustre, GPFS).
 NAME_MAX = 255
-# Score columns are named as buzzdetect (src/config.py: PREFIX_COLUMN_DETECTION) and buzzr
-# (VARIABLES.R: PREFIX_DETECTION) name them: buzzr sums the columns of that plural prefix.
 #: Fingerprint keys of the decoding settings that change scores (a resume must not mix them),
-#: by their setting's name: recorded only where not at the default, which the outputs written
-#: before they were recorded all used.
+#: by their setting's name: recorded only where not at the default.
 DECODING_SETTINGS = {
     "decode_margin_s": "decode-margin-seconds",
     "seekable_codecs": "seekable-codecs",
 }
+# Score columns are named as buzzdetect (src/config.py: PREFIX_COLUMN_DETECTION) and buzzr
+# (VARIABLES.R: PREFIX_DETECTION) name them: buzzr sums the columns of that plural prefix.
 ACTIVATION_PREFIX = "activation_"
 DETECTION_PREFIX = "detections_"
 
@@ -579,7 +578,7 @@ class OutputConflict:
             if set(before) - set(DECODING_SETTINGS)
             else "resume"
         )
-        for key in DECODING_SETTINGS.keys() & before:  # settings, not options: named as such
+        for key in [key for key in DECODING_SETTINGS if key in before]:  # named as settings
             joined = " with" if back == "resume" else " and"
             back += (
                 f"{joined} buzzdask.{DECODING_SETTINGS[key]} as it was "
