@@ -45,7 +45,6 @@ from buzzdask.logs import append_to_run_log, quiet_environment, run_log
 from buzzdask.models import EmbedderSpec, ModelSpec, resolve_model
 from buzzdask.pipeline import ChunkPipeline, outcome, probe_task
 from buzzdask.progress import Progress, format_audio, format_count, format_factor
-from buzzdask.results import open_run
 from buzzdask.resume import ResumeCheck, check_resume, earlier_runs, journalled, resume_root
 from buzzdask.score import score_chunks
 from buzzdask.scorers import ScorerPool
@@ -167,6 +166,8 @@ class AnalysisResult:
         """
         import pandas as pd
 
+        from buzzdask.results import open_run  # with pandas: not before the cluster starts
+
         open_run(self.output).require_scores()
         # No hive partitioning: an input folder named "site=A" is a name, not a column; and
         # "_pilot/" or ".x/" is a recording's folder, not metadata (pyarrow skips names starting
@@ -184,6 +185,8 @@ class AnalysisResult:
         InputError
             If the run wrote no frame (every input failed or was shorter than a frame).
         """
+        from buzzdask.results import open_run
+
         return open_run(self.output).frames()
 
 
