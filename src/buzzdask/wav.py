@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -171,8 +171,9 @@ def _read_header(stream: BinaryIO, size: int) -> WavHeader | None:
                 chunk_size = data_size_64 or size - body
             elif chunk_size in (0, 0xFFFFFFFF):  # a writer that never came back to fill it in
                 return None
-            header = _header(fmt, data_bytes=chunk_size, held_bytes=size - body, data_offset=body)
-            return header if header is None or not rf64 else replace(header, rf64=True)
+            return _header(
+                fmt, data_bytes=chunk_size, held_bytes=size - body, data_offset=body, rf64=rf64
+            )
         offset = body + chunk_size + (chunk_size & 1)  # chunks are word-aligned
     return None
 
@@ -194,7 +195,12 @@ def _fmt(head: bytes, at: int, chunk_size: int) -> tuple[int, ...]:
 
 
 def _header(
-    fmt: tuple[int, ...] | None, *, data_bytes: int, held_bytes: int, data_offset: int
+    fmt: tuple[int, ...] | None,
+    *,
+    data_bytes: int,
+    held_bytes: int,
+    data_offset: int,
+    rf64: bool,
 ) -> WavHeader | None:
     """The header from a ``fmt `` chunk's fields, the data chunk's length and the bytes after it."""
     if fmt is None:
@@ -218,6 +224,7 @@ def _header(
         declared_samples=declared if declared > held else None,
         valid_bits=extensible[0] if extensible and 0 < extensible[0] < bits else None,
         wrapped=wraps > 0,
+        rf64=rf64,
     )
 
 
